@@ -1,0 +1,82 @@
+"""`agentnode doctor`: does this host have what the node needs?
+
+The probes live in Rust (`agentnode_core::doctor`) and try each capability for real; this module
+renders their report. The JSON form (`--json`) follows `docs/doctor.schema.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from agentnode import _native
+
+if TYPE_CHECKING:
+    from agentnode.cli import ArgumentParser
+
+__all__ = ["add_parser", "render", "report"]
+
+_STATUS = {"ok": "ok", "missing": "MISSING", "needs_root": "needs root"}
+
+
+def report() -> dict[str, Any]:
+    """Runs every probe and returns the report (a dict following docs/doctor.schema.json)."""
+    result: dict[str, Any] = json.loads(_native.doctor())
+    return result
+
+
+def render(rep: dict[str, Any]) -> str:
+    """The report as a table: feature, status, detail, what to do; then a verdict."""
+    rows = [("FEATURE", "STATUS", "DETAIL", "WHAT TO DO")]
+    for c in rep["checks"]:
+        status = _STATUS[c["status"]] + ("" if c["required"] else " (optional)")
+        rows.append((c["feature"], status, c["detail"], c["fix"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    cols = shutil.get_terminal_size((160, 24)).columns
+    lines = []
+    for r in rows:
+        line = "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3]
+        lines.append(line.rstrip()[: max(cols, 80) * 3])
+    lines.append("")
+    lines.append(verdict(rep))
+    return "\n".join(lines)
+
+
+def verdict(rep: dict[str, Any]) -> str:
+    """One line: ready, or what is missing and what was not tried."""
+    missing = [c["id"] for c in rep["checks"] if c["required"] and c["status"] == "missing"]
+    untried = [c["id"] for c in rep["checks"] if c["required"] and c["status"] == "needs_root"]
+    if rep["ok"]:
+        return f"ready: this host has everything agentnode needs (kernel {rep['kernel']})"
+    parts = []
+    if missing:
+        parts.append("missing: " + ", ".join(missing))
+    if untried:
+        parts.append(f"{len(untried)} required checks need root (run: sudo agentnode doctor)")
+    return "not ready: " + "; ".join(parts)
+
+
+def _run(args: argparse.Namespace) -> int:
+    rep = report()
+    print(json.dumps(rep, indent=2) if args.json else render(rep))
+    return 0 if rep["ok"] else 1
+
+
+def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+    """Registers `agentnode doctor`."""
+    p = sub.add_parser(
+        "doctor",
+        help="check this host for every capability the node needs",
+        description=(
+            "Probe this host by trying each capability for real (cgroups, namespaces, clone3, "
+            "pidfds, seccomp, BPF, networking) and clean up after. Exit 0 when everything "
+            "required works, 1 otherwise. Unprivileged, probes that need root are reported "
+            "as 'needs root'."
+        ),
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the report as JSON (docs/doctor.schema.json)"
+    )
+    p.set_defaults(func=_run)

@@ -1,0 +1,8 @@
+//! BPF objects built from `ebpf/*.bpf.c` by `build.rs` and embedded in the binary, so the node
+//! needs neither clang nor kernel headers at run time.
+//!
+//! Links made here are held by file descriptor and never pinned: when the owner (or the whole
+//! daemon, even on SIGKILL) goes away, the kernel detaches them.
+
+/// The doctor's probe: a pass-all `cgroup_skb/egress` program and a ring buffer map.
+pub static PROBE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.bpf.o"));

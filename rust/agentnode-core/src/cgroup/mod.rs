@@ -1,0 +1,69 @@
+//! cgroups: which layout this host has and where this process sits.
+//!
+//! Linux has two cgroup hierarchies. cgroup v2 (4.5+, "unified") is one tree with controllers
+//! enabled per subtree; it is also where BPF programs attach, where `cgroup.kill` (5.14) and
+//! `cgroup.freeze` (5.2) live, and what `CLONE_INTO_CGROUP` (5.7) targets. cgroup v1 mounts one
+//! tree per controller. A "hybrid" host mounts v1 controllers and an empty cgroup2 tree
+//! (usually at `/sys/fs/cgroup/unified`) that still carries placement, kill, freeze and BPF.
+//!
+//! The layout is read from `/proc/self/mountinfo` and `/proc/self/cgroup`, never guessed from
+//! paths, and every path agentnode uses is under the cgroup this process was started in.
+
+mod layout;
+
+pub use layout::{Hierarchy, Layout, V1Controller};
+
+use std::path::PathBuf;
+
+/// Errors from reading or changing cgroups.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup filesystem is mounted (neither cgroup2 nor any v1 controller in /proc/self/mountinfo)")]
+    NotMounted,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A cgroup directory this process created and removes when dropped (empty by then: the
+/// processes in it have exited and been reaped).
+#[derive(Debug)]
+pub struct OwnedDir {
+    path: PathBuf,
+}
+
+impl OwnedDir {
+    /// Creates `parent/name`, failing if it exists (somebody else's, or a leftover to sweep).
+    pub fn create(parent: &std::path::Path, name: &str) -> std::io::Result<Self> {
+        let path = parent.join(name);
+        std::fs::create_dir(&path)?;
+        Ok(Self { path })
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Writes one cgroup control file in this directory.
+    pub fn write(&self, file: &str, value: &str) -> std::io::Result<()> {
+        std::fs::write(self.path.join(file), value)
+    }
+}
+
+impl Drop for OwnedDir {
+    fn drop(&mut self) {
+        // rmdir is the only way to remove a cgroup; it fails while processes remain, so a
+        // best-effort retry covers the moment between a child's exit and its release.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! agentnode's kernel-facing core. No Python here: `agentnode-py` wraps this crate.
+//!
+//! Rust owns file descriptors, syscalls, cgroups and BPF objects; the Python control plane owns
+//! policy, lifecycle, HTTP and configuration.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod doctor;
+pub mod sys;

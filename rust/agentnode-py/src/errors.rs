@@ -1,0 +1,44 @@
+//! Maps `agentnode-core` errors to the exception classes of `agentnode.errors`, so Python code
+//! catches `agentnode.errors.CgroupError`, never a bare `RuntimeError`.
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+/// Every error that can cross into Python.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    #[error(transparent)]
+    Cgroup(#[from] agentnode_core::cgroup::Error),
+    #[error("cannot encode the result as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl NativeError {
+    /// The class in `agentnode.errors` that this error becomes.
+    fn class_name(&self) -> &'static str {
+        match self {
+            Self::Cgroup(_) => "CgroupError",
+            Self::Json(_) => "AgentnodeError",
+        }
+    }
+}
+
+impl From<NativeError> for PyErr {
+    fn from(err: NativeError) -> Self {
+        let message = err.to_string();
+        Python::attach(|py| {
+            match py
+                .import("agentnode.errors")
+                .and_then(|m| m.getattr(err.class_name()))
+            {
+                Ok(class) => PyErr::from_value(
+                    class
+                        .call1((message,))
+                        .unwrap_or_else(|e| e.into_value(py).into_bound(py).into_any()),
+                ),
+                // agentnode.errors ships in the same wheel; this arm only guards a broken install.
+                Err(_) => PyRuntimeError::new_err(message),
+            }
+        })
+    }
+}
