@@ -9,9 +9,13 @@
 //! The layout is read from `/proc/self/mountinfo` and `/proc/self/cgroup`, never guessed from
 //! paths, and every path agentnode uses is under the cgroup this process was started in.
 
+mod instance;
 mod layout;
+mod manager;
 
+pub use instance::{sweep, Manager, SUBTREE};
 pub use layout::{Hierarchy, Layout, V1Controller};
+pub use manager::{v2_files, CgroupStats, Hybrid, Limits, TaskCgroup, V1_CONTROLLERS, V2};
 
 use std::path::PathBuf;
 
@@ -25,6 +29,23 @@ pub enum Error {
     },
     #[error("no cgroup filesystem is mounted (neither cgroup2 nor any v1 controller in /proc/self/mountinfo)")]
     NotMounted,
+    #[error("cannot create cgroup {path}: {source} (run as root, or run agentnode doctor)")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {value:?} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: std::io::Error,
+    },
+    #[error("this host cannot enforce {what} in {dir} (drop that limit, or enable the controller; see agentnode doctor)")]
+    Unsupported { what: &'static str, dir: PathBuf },
+    #[error("no cgroup2 tree is mounted, so tasks cannot be placed, killed or frozen (mount cgroup2, e.g. at /sys/fs/cgroup/unified)")]
+    NoUnified,
+    #[error("the {controller} cgroup v1 controller is not mounted for this process (mount it, or run agentnode doctor)")]
+    MissingController { controller: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

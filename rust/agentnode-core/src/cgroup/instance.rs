@@ -1,0 +1,264 @@
+//! The per-node-instance subtree `<own cgroup>/agentnode/<instance>` in every hierarchy, and the
+//! start-up sweep that releases what dead instances left behind.
+//!
+//! An instance is named `n<pid>-<starttime>` after the process that owns it, so a sweep can tell
+//! a live instance (never touched) from a dead one (its tasks killed, its dirs removed) even when
+//! the pid has been reused. Parallel node processes therefore never touch each other's cgroups.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::manager::{self, Hybrid, TaskCgroup, V1_CONTROLLERS, V2};
+use super::{Error, Hierarchy, Layout, Limits, Result};
+
+/// The name of the subtree agentnode creates in each hierarchy.
+pub const SUBTREE: &str = "agentnode";
+
+/// The cgroups of one node instance; creates task cgroups and removes its subtree when dropped.
+#[derive(Debug)]
+pub struct Manager {
+    layout: Layout,
+    name: String,
+    unified: PathBuf,
+    v1: Vec<PathBuf>,
+    next: AtomicU64,
+}
+
+/// The identity of process `pid`: its start time in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; fields resume after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn instance_name() -> String {
+    let pid = std::process::id();
+    format!("n{pid}-{}", start_time(pid).unwrap_or(0))
+}
+
+/// Whether the instance named `name` (`n<pid>-<starttime>`) still has its owner running.
+fn is_alive(name: &str) -> bool {
+    let Some((pid, start)) = name
+        .strip_prefix('n')
+        .and_then(|s| s.split_once('-'))
+        .and_then(|(p, s)| Some((p.parse::<u32>().ok()?, s.parse::<u64>().ok()?)))
+    else {
+        return true; // not ours to judge: leave unknown names alone
+    };
+    start_time(pid) == Some(start)
+}
+
+fn ensure_dir(path: &Path) -> Result<()> {
+    // Another instance may rmdir an empty `agentnode` between our mkdir and our use; retry.
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(Error::Create {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+impl Manager {
+    /// Sweeps dead instances' leftovers, then creates this instance's subtree in every hierarchy.
+    pub fn new(hierarchy: &Hierarchy) -> Result<Self> {
+        let unified_base = hierarchy.unified.clone().ok_or(Error::NoUnified)?;
+        let mut v1_bases = Vec::new();
+        if hierarchy.layout == Layout::Hybrid {
+            for c in V1_CONTROLLERS {
+                let dir = hierarchy
+                    .v1_dir(c)
+                    .ok_or(Error::MissingController { controller: c })?;
+                v1_bases.push(dir.join(SUBTREE));
+            }
+        }
+        let unified_sub = unified_base.join(SUBTREE);
+        sweep(&unified_sub, &v1_bases);
+        let name = instance_name();
+        let mut v1 = Vec::new();
+        for base in &v1_bases {
+            v1.push(base.join(&name));
+        }
+        let unified = unified_sub.join(&name);
+        for _ in 0..3 {
+            let made = ensure_dir(&unified_sub)
+                .and_then(|()| ensure_dir(&unified))
+                .and_then(|()| {
+                    v1_bases
+                        .iter()
+                        .zip(&v1)
+                        .try_for_each(|(b, d)| ensure_dir(b).and_then(|()| ensure_dir(d)))
+                });
+            match made {
+                Err(Error::Create { ref source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
+        if hierarchy.layout == Layout::Unified {
+            enable_controllers(&unified_base, &unified_sub);
+            enable_controllers(&unified_sub, &unified);
+        }
+        Ok(Self {
+            layout: hierarchy.layout,
+            name,
+            unified,
+            v1,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// This instance's name (`n<pid>-<starttime>`).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This instance's cgroup2 directory.
+    #[must_use]
+    pub fn unified_dir(&self) -> &Path {
+        &self.unified
+    }
+
+    /// This instance's directories in every hierarchy (cgroup2 first).
+    #[must_use]
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut all = vec![self.unified.clone()];
+        all.extend(self.v1.iter().cloned());
+        all.dedup();
+        all
+    }
+
+    /// Creates a fresh task cgroup with `limits` applied; removed again on any error.
+    pub fn create(&self, limits: &Limits) -> Result<Box<dyn TaskCgroup>> {
+        let name = format!("t{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let task: Box<dyn TaskCgroup> = match self.layout {
+            Layout::Hybrid => Box::new(Hybrid::create(&self.unified, &self.v1, &name)?),
+            _ => Box::new(V2::create(&self.unified, &name)?),
+        };
+        task.apply(limits)?;
+        Ok(task)
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        for dir in self.dirs() {
+            let _ = std::fs::remove_dir(&dir);
+            if let Some(parent) = dir.parent() {
+                // Fails harmlessly while another instance lives under it.
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+fn enable_controllers(parent: &Path, _child: &Path) {
+    let Ok(available) = std::fs::read_to_string(parent.join("cgroup.controllers")) else {
+        return;
+    };
+    for c in available.split_whitespace() {
+        if ["cpu", "memory", "pids", "io"].contains(&c) {
+            // Best effort: a controller the parent cannot delegate shows up later as a clear
+            // "limit not supported" error when a task asks for it.
+            let _ = manager::write(parent, "cgroup.subtree_control", &format!("+{c}"));
+        }
+    }
+}
+
+fn children(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILLs every process listed in a cgroup's `cgroup.procs`.
+fn kill_listed(dir: &Path) {
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+        {
+            // SAFETY: plain syscall; these pids are in a dead instance's cgroup, ours to kill.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn remove_when_empty(dir: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Releases every dead instance under `unified_sub` and `v1_subs`: kills what still runs in its
+/// task cgroups, removes them and the instance dir. Returns how many directories were removed.
+pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf]) -> usize {
+    let mut removed = 0;
+    let mut roots = vec![unified_sub.to_owned()];
+    roots.extend(v1_subs.iter().cloned());
+    roots.dedup();
+    for (i, root) in roots.iter().enumerate() {
+        for inst in children(root) {
+            let name = inst.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.as_deref().is_none_or(is_alive) {
+                continue;
+            }
+            for task in children(&inst) {
+                if i == 0 {
+                    let _ = manager::write(&task, "cgroup.kill", "1");
+                }
+                kill_listed(&task);
+                removed += usize::from(remove_when_empty(&task));
+            }
+            removed += usize::from(remove_when_empty(&inst));
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_follows_pid_and_start_time() {
+        let me = std::process::id();
+        let start = start_time(me).unwrap();
+        assert!(is_alive(&format!("n{me}-{start}")));
+        assert!(!is_alive(&format!("n{me}-{}", start + 1)));
+        assert!(!is_alive("n4194304-1"));
+        assert!(is_alive("somebody-else"));
+    }
+
+    #[test]
+    fn sweep_removes_only_dead_instances() {
+        let root = std::env::temp_dir().join(format!("agentnode-sweep-{}", std::process::id()));
+        let live = root.join(instance_name());
+        let dead = root.join("n4194304-1");
+        std::fs::create_dir_all(live.join("t0")).unwrap();
+        std::fs::create_dir_all(dead.join("t0")).unwrap();
+        assert_eq!(sweep(&root, &[]), 2);
+        assert!(live.join("t0").exists());
+        assert!(!dead.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
