@@ -50,6 +50,11 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Moves `pid` into the cgroup at `dir` (any hierarchy).
+pub fn write_procs(dir: &std::path::Path, pid: libc::pid_t) -> Result<()> {
+    manager::write(dir, "cgroup.procs", &pid.to_string())
+}
+
 /// A cgroup directory this process created and removes when dropped (empty by then: the
 /// processes in it have exited and been reaped).
 #[derive(Debug)]

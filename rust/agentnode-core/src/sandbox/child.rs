@@ -1,0 +1,278 @@
+//! The code that runs in the task between `clone3` and `execve`. It is a copy of a possibly
+//! multi-threaded parent, so it makes raw syscalls only: no allocation, no locks, no panics.
+//! On any failure it writes `(step, errno)` to the error pipe and exits 127; the parent turns
+//! that into a [`super::Error::Setup`] naming the step.
+
+use std::ffi::{c_char, CString};
+use std::os::fd::RawFd;
+use std::ptr::null;
+
+use seccompiler::BpfProgram;
+
+use super::plan::Op;
+
+/// Steps after the filesystem plan (whose steps are its indices).
+pub const STEP_SYNC: u32 = 10_000;
+pub const STEP_NETNS: u32 = 10_001;
+pub const STEP_HOSTNAME: u32 = 10_002;
+pub const STEP_CWD: u32 = 10_003;
+pub const STEP_RLIMIT: u32 = 10_004;
+pub const STEP_STDIO: u32 = 10_005;
+pub const STEP_IDS: u32 = 10_006;
+pub const STEP_CAPS: u32 = 10_007;
+pub const STEP_NNP: u32 = 10_008;
+pub const STEP_SECCOMP: u32 = 10_009;
+pub const STEP_EXEC: u32 = 10_010;
+
+/// Everything the child needs, prepared by the parent.
+pub struct Prepared {
+    pub ops: Vec<Op>,
+    pub sync_read: RawFd,
+    pub sync_write: RawFd,
+    pub err_write: RawFd,
+    pub netns: Option<RawFd>,
+    pub hostname: CString,
+    pub cwd: CString,
+    pub exe: CString,
+    /// Own the strings `argv_ptrs` and `env_ptrs` point into.
+    pub _argv: Vec<CString>,
+    pub _env: Vec<CString>,
+    pub argv_ptrs: Vec<*const c_char>,
+    pub env_ptrs: Vec<*const c_char>,
+    pub stdio: [Option<RawFd>; 3],
+    pub uid: u32,
+    pub gid: u32,
+    pub cap_last: u32,
+    pub nofile: u64,
+    pub seccomp: Vec<BpfProgram>,
+    pub dev_null: CString,
+    pub mask_data: CString,
+    pub tmpfs: CString,
+    pub dot: CString,
+    pub slash: CString,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn opt(c: Option<&CString>) -> *const c_char {
+    c.map_or(null(), |c| c.as_ptr())
+}
+
+unsafe fn fail(fd: RawFd, step: u32) -> ! {
+    // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut buf = [0u8; 8];
+        buf[..4].copy_from_slice(&step.to_ne_bytes());
+        buf[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(fd, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+unsafe fn run_op(p: &Prepared, op: &Op) -> bool {
+    // SAFETY: every pointer comes from a CString that outlives this call.
+    unsafe {
+        match op {
+            Op::Mount {
+                src,
+                dst,
+                fstype,
+                flags,
+                data,
+            } => {
+                libc::mount(
+                    opt(src.as_ref()),
+                    dst.as_ptr(),
+                    opt(fstype.as_ref()),
+                    *flags,
+                    opt(data.as_ref()).cast(),
+                ) == 0
+            }
+            Op::MkDir(path) => {
+                libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
+            }
+            Op::Touch(path) => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                    true
+                } else {
+                    *libc::__errno_location() == libc::EEXIST
+                        || *libc::__errno_location() == libc::EISDIR
+                        || *libc::__errno_location() == libc::EACCES
+                            && libc::access(path.as_ptr(), libc::F_OK) == 0
+                }
+            }
+            Op::Symlink { target, path } => {
+                libc::symlink(target.as_ptr(), path.as_ptr()) == 0
+                    || *libc::__errno_location() == libc::EEXIST
+            }
+            Op::ReadOnly { path, recursive } => {
+                let attr = [libc::MOUNT_ATTR_RDONLY as u64, 0, 0, 0];
+                let flags = if *recursive { libc::AT_RECURSIVE } else { 0 };
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    flags as libc::c_uint,
+                    attr.as_ptr(),
+                    std::mem::size_of_val(&attr),
+                ) == 0
+            }
+            Op::Mask(path) => {
+                if libc::mount(
+                    p.dev_null.as_ptr(),
+                    path.as_ptr(),
+                    null(),
+                    libc::MS_BIND,
+                    null(),
+                ) == 0
+                {
+                    return true;
+                }
+                match *libc::__errno_location() {
+                    libc::ENOENT => true,
+                    _ => {
+                        libc::mount(
+                            p.tmpfs.as_ptr(),
+                            path.as_ptr(),
+                            p.tmpfs.as_ptr(),
+                            libc::MS_RDONLY,
+                            p.mask_data.as_ptr().cast(),
+                        ) == 0
+                    }
+                }
+            }
+            Op::PivotRoot(stage) => {
+                libc::chdir(stage.as_ptr()) == 0
+                    && libc::syscall(libc::SYS_pivot_root, p.dot.as_ptr(), p.dot.as_ptr()) == 0
+                    && libc::umount2(p.dot.as_ptr(), libc::MNT_DETACH) == 0
+                    && libc::chdir(p.slash.as_ptr()) == 0
+            }
+        }
+    }
+}
+
+/// Runs in the child after `clone3`: waits for the parent, builds the sandbox, execs.
+///
+/// # Safety
+/// Call only in a freshly cloned child; never returns.
+pub unsafe fn run(p: &Prepared) -> ! {
+    let err = p.err_write;
+    // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
+    unsafe {
+        libc::close(p.sync_write);
+        // The task dies with the thread that spawned it; the sync read below covers a parent
+        // that died before this line (its write end closes and read returns 0).
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let mut byte = 0u8;
+        if libc::read(p.sync_read, (&raw mut byte).cast(), 1) != 1 {
+            fail(err, STEP_SYNC);
+        }
+        libc::close(p.sync_read);
+        if let Some(fd) = p.netns {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                fail(err, STEP_NETNS);
+            }
+            libc::close(fd);
+        }
+        for (i, op) in p.ops.iter().enumerate() {
+            if !run_op(p, op) {
+                fail(err, i as u32);
+            }
+        }
+        if libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len()) != 0 {
+            fail(err, STEP_HOSTNAME);
+        }
+        if libc::chdir(p.cwd.as_ptr()) != 0 {
+            fail(err, STEP_CWD);
+        }
+        let core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let nofile = libc::rlimit {
+            rlim_cur: p.nofile,
+            rlim_max: p.nofile,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &raw const core) != 0
+            || libc::setrlimit(libc::RLIMIT_NOFILE, &raw const nofile) != 0
+        {
+            fail(err, STEP_RLIMIT);
+        }
+        for (target, fd) in p.stdio.iter().enumerate() {
+            if let Some(fd) = *fd {
+                if libc::dup2(fd, target as RawFd) < 0 {
+                    fail(err, STEP_STDIO);
+                }
+            }
+        }
+        for cap in 0..=p.cap_last {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                fail(err, STEP_CAPS);
+            }
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        if libc::setgroups(0, null()) != 0
+            || libc::setresgid(p.gid, p.gid, p.gid) != 0
+            || libc::setresuid(p.uid, p.uid, p.uid) != 0
+        {
+            fail(err, STEP_IDS);
+        }
+        // A non-zero uid lost its capabilities in setresuid; uid 0 must drop them explicitly.
+        let header = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let data = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) != 0 {
+            fail(err, STEP_CAPS);
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(err, STEP_NNP);
+        }
+        // Everything but stdio closes at exec; the error pipe is already close-on-exec.
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        for prog in &p.seccomp {
+            if seccompiler::apply_filter(prog).is_err() {
+                fail(err, STEP_SECCOMP);
+            }
+        }
+        libc::execve(p.exe.as_ptr(), p.argv_ptrs.as_ptr(), p.env_ptrs.as_ptr());
+        fail(err, STEP_EXEC)
+    }
+}

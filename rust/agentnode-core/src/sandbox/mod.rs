@@ -1,0 +1,366 @@
+//! Isolated task execution: `clone3` straight into the task's cgroup2 node with new pid, mount,
+//! uts, ipc, net and cgroup namespaces (and a user namespace on request), a read-only root
+//! assembled on a staging tmpfs and entered with `pivot_root`, dropped privileges, rlimits and a
+//! default seccomp filter. Needs Linux 5.12+ (`mount_setattr`); `CLONE_INTO_CGROUP` (5.7) is used
+//! when present and replaced by an explicit attach otherwise.
+//!
+//! The parent prepares everything (paths, argv, env, the mount plan, the seccomp programs)
+//! before the fork. The child blocks on a sync pipe until the parent has attached it to its v1
+//! cgroups and written its id maps, then runs [`child::run`], which is async-signal-safe.
+
+mod child;
+mod plan;
+mod seccomp;
+mod task;
+
+pub use seccomp::default_programs as default_seccomp;
+pub use task::{Exit, Task};
+
+use std::ffi::CString;
+use std::io::Read as _;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::cgroup::{self, Manager, TaskCgroup};
+use crate::sys::{self, Forked};
+
+/// Errors from setting up or running a task.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    #[error("command not found: {0:?} (give an absolute path, or install it in the task's root)")]
+    CommandNotFound(String),
+    #[error("{what} {path} {why}")]
+    BadPath {
+        what: &'static str,
+        path: PathBuf,
+        why: &'static str,
+    },
+    #[error("invalid {what}: {why}")]
+    Invalid { what: &'static str, why: String },
+    #[error("cannot build the seccomp filter: {0}")]
+    Seccomp(String),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("task setup failed: cannot {step}: {source} (run agentnode doctor to check namespace and mount support)")]
+    Setup {
+        step: String,
+        source: std::io::Error,
+    },
+    #[error("cannot execute {exe:?} in the task: {source}")]
+    Exec { exe: String, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// A bind mount from the host into the task.
+#[derive(Debug, Clone)]
+pub struct Bind {
+    pub src: PathBuf,
+    pub dest: PathBuf,
+    pub writable: bool,
+}
+
+/// Everything about one task except its limits (which its cgroup carries).
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` strings: the task's whole environment.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub hostname: String,
+    /// The directory whose top-level entries become the task's read-only root (`/`: the host).
+    pub rootfs: PathBuf,
+    /// An empty directory the staging tmpfs is mounted on (in the task's mount namespace only).
+    pub stage: PathBuf,
+    /// Host directory bound read-write at /workspace.
+    pub workspace: Option<PathBuf>,
+    pub binds: Vec<Bind>,
+    pub tmp_size: u64,
+    pub uid: u32,
+    pub gid: u32,
+    /// First host id of the range task ids 0..65536 map to; `None`: no user namespace.
+    pub userns_base: Option<u32>,
+    /// A network namespace to join (a `/run/netns/NAME` path) instead of creating one.
+    pub netns: Option<PathBuf>,
+    /// Descriptors for the task's stdin, stdout, stderr; `None` inherits this process's.
+    pub stdio: [Option<RawFd>; 3],
+    pub nofile: u64,
+    pub seccomp: bool,
+}
+
+/// The `PATH` used to resolve a bare command name inside the task's root.
+pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn resolve(spec: &Spec) -> Result<String> {
+    let cmd = spec
+        .argv
+        .first()
+        .ok_or_else(|| Error::Invalid {
+            what: "command",
+            why: "it is empty (give the command to run after --)".to_owned(),
+        })?
+        .clone();
+    if cmd.contains('/') {
+        return Ok(cmd);
+    }
+    let path = spec
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(SAFE_PATH);
+    for dir in path.split(':').filter(|d| d.starts_with('/')) {
+        let candidate = format!("{dir}/{cmd}");
+        let host = spec.rootfs.join(candidate.trim_start_matches('/'));
+        if let Ok(c) = CString::new(host.as_os_str().as_bytes()) {
+            // SAFETY: valid C string.
+            if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 && host.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(Error::CommandNotFound(cmd))
+}
+
+fn cstrings(items: &[String], what: &'static str) -> Result<Vec<CString>> {
+    items
+        .iter()
+        .map(|s| {
+            CString::new(s.as_bytes()).map_err(|_| Error::Invalid {
+                what,
+                why: format!("{s:?} contains a NUL byte"),
+            })
+        })
+        .collect()
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid out array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io("create a pipe")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh descriptors we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn cap_last() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+}
+
+fn prepare(
+    spec: &Spec,
+    sync: (RawFd, RawFd),
+    err: RawFd,
+    netns: Option<RawFd>,
+) -> Result<child::Prepared> {
+    let exe = resolve(spec)?;
+    if !spec.stage.is_dir() {
+        return Err(Error::BadPath {
+            what: "staging directory",
+            path: spec.stage.clone(),
+            why: "does not exist",
+        });
+    }
+    if let Some(ws) = &spec.workspace {
+        if !ws.is_dir() {
+            return Err(Error::BadPath {
+                what: "workspace",
+                path: ws.clone(),
+                why: "is not a directory",
+            });
+        }
+    }
+    let argv = cstrings(&spec.argv, "argument")?;
+    let env = cstrings(&spec.env, "environment entry")?;
+    let mut argv_ptrs: Vec<_> = argv.iter().map(|c| c.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<_> = env.iter().map(|c| c.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+    let c = |s: &str, what: &'static str| cstrings(&[s.to_owned()], what).map(|mut v| v.remove(0));
+    Ok(child::Prepared {
+        ops: plan::build(spec)?,
+        sync_read: sync.0,
+        sync_write: sync.1,
+        err_write: err,
+        netns,
+        hostname: c(&spec.hostname, "hostname")?,
+        cwd: c(&spec.cwd, "working directory")?,
+        exe: c(&exe, "command")?,
+        _argv: argv,
+        _env: env,
+        argv_ptrs,
+        env_ptrs,
+        stdio: spec.stdio,
+        uid: spec.uid,
+        gid: spec.gid,
+        cap_last: cap_last(),
+        nofile: spec.nofile,
+        seccomp: if spec.seccomp {
+            seccomp::default_programs()?
+        } else {
+            Vec::new()
+        },
+        dev_null: c("/dev/null", "path")?,
+        mask_data: c("size=4k,mode=555", "mount options")?,
+        tmpfs: c("tmpfs", "fs")?,
+        dot: c(".", "path")?,
+        slash: c("/", "path")?,
+    })
+}
+
+fn write_id_maps(pid: libc::pid_t, base: u32) -> Result<()> {
+    let map = format!("0 {base} 65536\n");
+    for file in ["uid_map", "gid_map"] {
+        std::fs::write(format!("/proc/{pid}/{file}"), &map)
+            .map_err(io("write the task's id maps"))?;
+    }
+    Ok(())
+}
+
+fn describe_step(ops: &[plan::Op], step: u32) -> String {
+    match step {
+        child::STEP_SYNC => "wait for the parent".into(),
+        child::STEP_NETNS => "join the network namespace".into(),
+        child::STEP_HOSTNAME => "set the hostname".into(),
+        child::STEP_CWD => "enter the working directory".into(),
+        child::STEP_RLIMIT => "set rlimits".into(),
+        child::STEP_STDIO => "set up stdio".into(),
+        child::STEP_IDS => "switch to the task's uid/gid".into(),
+        child::STEP_CAPS => "drop capabilities".into(),
+        child::STEP_NNP => "set no_new_privs".into(),
+        child::STEP_SECCOMP => "install the seccomp filter".into(),
+        i => ops
+            .get(i as usize)
+            .map_or_else(|| format!("step {i}"), plan::Op::describe),
+    }
+}
+
+/// Starts a task in a fresh cgroup of `manager` with `limits`, isolated as `spec` says.
+/// Returns once the task has exec'd its command; every error leaves nothing behind.
+pub fn spawn(manager: &Manager, limits: &cgroup::Limits, spec: &Spec) -> Result<Task> {
+    let cgroup = manager.create(limits)?;
+    spawn_in(cgroup, spec)
+}
+
+fn spawn_in(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
+    let (sync_r, sync_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let netns = spec
+        .netns
+        .as_ref()
+        .map(|p| {
+            std::fs::File::open(p)
+                .map(OwnedFd::from)
+                .map_err(|_| Error::BadPath {
+                    what: "network namespace",
+                    path: p.clone(),
+                    why: "cannot be opened",
+                })
+        })
+        .transpose()?;
+    let prepared = prepare(
+        spec,
+        (sync_r.as_raw_fd(), sync_w.as_raw_fd()),
+        err_w.as_raw_fd(),
+        netns.as_ref().map(AsRawFd::as_raw_fd),
+    )?;
+    let cg_dir =
+        std::fs::File::open(cgroup.placement()).map_err(io("open the task's cgroup2 directory"))?;
+    let mut flags = (libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWCGROUP) as u64;
+    if spec.netns.is_none() {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
+    if spec.userns_base.is_some() {
+        flags |= libc::CLONE_NEWUSER as u64;
+    }
+    let started = Instant::now();
+    // SAFETY: the child runs child::run only, which is async-signal-safe and never returns.
+    let forked = match unsafe { sys::clone3(flags, Some(cg_dir.as_fd()), true) } {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
+            ) =>
+        {
+            // Kernels before 5.7 lack CLONE_INTO_CGROUP: clone, then attach while the child waits.
+            // SAFETY: as above.
+            let f = unsafe { sys::clone3(flags, None, true) }.map_err(io("clone the task"))?;
+            if let Forked::Parent { pid, .. } = &f {
+                cgroup::write_procs(cgroup.placement(), *pid)?;
+            }
+            f
+        }
+        other => other.map_err(io("clone the task"))?,
+    };
+    let (pid, pidfd) = match forked {
+        // SAFETY: we are the freshly cloned child.
+        Forked::Child => unsafe { child::run(&prepared) },
+        Forked::Parent { pid, pidfd } => (pid, pidfd.expect("CLONE_PIDFD was requested")),
+    };
+    drop(sync_r);
+    drop(err_w);
+    drop(netns);
+    let mut task = Task::new(pid, pidfd, cgroup, started);
+    let released = cgroup_attach_and_release(&task, spec, pid, sync_w);
+    if let Err(e) = released {
+        drop(task); // kills and reaps the child, removes its cgroups
+        return Err(e);
+    }
+    let mut report = Vec::new();
+    let mut err_file = std::fs::File::from(err_r);
+    let _ = err_file.read_to_end(&mut report);
+    if report.len() >= 8 {
+        let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
+        let errno = i32::from_ne_bytes(report[4..8].try_into().unwrap_or_default());
+        let source = std::io::Error::from_raw_os_error(errno);
+        task.reap_blocking();
+        drop(task);
+        return Err(if step == child::STEP_EXEC {
+            Error::Exec {
+                exe: spec.argv[0].clone(),
+                source,
+            }
+        } else {
+            Error::Setup {
+                step: describe_step(&prepared.ops, step),
+                source,
+            }
+        });
+    }
+    Ok(task)
+}
+
+fn cgroup_attach_and_release(
+    task: &Task,
+    spec: &Spec,
+    pid: libc::pid_t,
+    sync_w: OwnedFd,
+) -> Result<()> {
+    task.cgroup().attach(pid)?;
+    if let Some(base) = spec.userns_base {
+        write_id_maps(pid, base)?;
+    }
+    // SAFETY: valid descriptor and one-byte buffer.
+    if unsafe { libc::write(sync_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
+        return Err(io("release the task")(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The filesystem plan: every mount, directory and link the child makes before `pivot_root`,
+//! computed with allocations in the parent so the child only walks a finished list.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::{Bind, Error, Result, Spec};
+
+/// One step the child takes. Every string is ready-made.
+#[derive(Debug)]
+pub enum Op {
+    Mount {
+        src: Option<CString>,
+        dst: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    MkDir(CString),
+    Touch(CString),
+    Symlink {
+        target: CString,
+        path: CString,
+    },
+    /// `mount_setattr(MOUNT_ATTR_RDONLY)`, recursively or not.
+    ReadOnly {
+        path: CString,
+        recursive: bool,
+    },
+    /// Hides a /proc or /sys path as runc does: /dev/null over files, read-only tmpfs over dirs.
+    Mask(CString),
+    PivotRoot(CString),
+}
+
+impl Op {
+    /// What this step does, for the error message when it fails.
+    pub fn describe(&self) -> String {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            Op::Mount {
+                src, dst, fstype, ..
+            } => format!(
+                "mount {} ({}) on {}",
+                src.as_ref().map_or_else(|| "-".to_owned(), s),
+                fstype.as_ref().map_or_else(|| "bind".to_owned(), s),
+                s(dst)
+            ),
+            Op::MkDir(p) => format!("create mount point {}", s(p)),
+            Op::Touch(p) => format!("create file mount point {}", s(p)),
+            Op::Symlink { path, .. } => format!("create symlink {}", s(path)),
+            Op::ReadOnly { path, .. } => format!("make {} read-only", s(path)),
+            Op::Mask(p) => format!("mask {}", s(p)),
+            Op::PivotRoot(p) => format!("pivot_root into {}", s(p)),
+        }
+    }
+}
+
+pub(crate) fn cstr(p: impl AsRef<Path>) -> Result<CString> {
+    CString::new(p.as_ref().as_os_str().as_bytes()).map_err(|_| Error::BadPath {
+        what: "path",
+        path: p.as_ref().to_owned(),
+        why: "contains a NUL byte",
+    })
+}
+
+fn bind(src: &Path, dst: &Path) -> Result<Op> {
+    Ok(Op::Mount {
+        src: Some(cstr(src)?),
+        dst: cstr(dst)?,
+        fstype: None,
+        flags: libc::MS_BIND | libc::MS_REC,
+        data: None,
+    })
+}
+
+fn fs(fstype: &str, dst: &Path, flags: libc::c_ulong, data: &str) -> Result<Op> {
+    Ok(Op::Mount {
+        src: Some(cstr(fstype)?),
+        dst: cstr(dst)?,
+        fstype: Some(cstr(fstype)?),
+        flags,
+        data: (!data.is_empty()).then(|| cstr(data)).transpose()?,
+    })
+}
+
+/// Paths runc masks in /proc and /sys.
+const MASKED: &[&str] = &[
+    "proc/acpi",
+    "proc/asound",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "proc/sysrq-trigger",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+];
+/// Paths runc makes read-only in /proc.
+const READ_ONLY: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys"];
+/// Top-level entries of the root that get fresh file systems instead of the host's.
+const FRESH: &[&str] = &["proc", "sys", "dev", "tmp", "workspace"];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// Builds the plan that turns `spec.stage` into the task's root and pivots into it.
+pub fn build(spec: &Spec) -> Result<Vec<Op>> {
+    let stage = spec.stage.as_path();
+    let at = |rel: &str| stage.join(rel);
+    let mut ops = vec![
+        // Nothing the task mounts may leak back to the host, nor host mounts into the task.
+        Op::Mount {
+            src: None,
+            dst: cstr("/")?,
+            fstype: None,
+            flags: libc::MS_REC | libc::MS_PRIVATE,
+            data: None,
+        },
+        fs("tmpfs", stage, NOSUID_NODEV, "size=1m,mode=755")?,
+    ];
+    let entries = std::fs::read_dir(&spec.rootfs).map_err(|_| Error::BadPath {
+        what: "rootfs",
+        path: spec.rootfs.clone(),
+        why: "is not a readable directory",
+    })?;
+    let mut names: Vec<_> = entries.filter_map(std::result::Result::ok).collect();
+    names.sort_by_key(std::fs::DirEntry::file_name);
+    for entry in names {
+        let name = entry.file_name();
+        if FRESH.iter().any(|f| name.as_bytes() == f.as_bytes()) {
+            continue;
+        }
+        let (src, dst) = (entry.path(), stage.join(&name));
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_symlink() {
+            let target = std::fs::read_link(&src).map_err(|_| Error::BadPath {
+                what: "rootfs entry",
+                path: src.clone(),
+                why: "is an unreadable symlink",
+            })?;
+            ops.push(Op::Symlink {
+                target: cstr(target)?,
+                path: cstr(&dst)?,
+            });
+            continue;
+        }
+        ops.push(if kind.is_dir() {
+            Op::MkDir(cstr(&dst)?)
+        } else {
+            Op::Touch(cstr(&dst)?)
+        });
+        ops.push(bind(&src, &dst)?);
+        ops.push(Op::ReadOnly {
+            path: cstr(&dst)?,
+            recursive: true,
+        });
+    }
+    // /proc: fresh for the new pid namespace, with runc's masks.
+    ops.push(Op::MkDir(cstr(at("proc"))?));
+    ops.push(fs("proc", &at("proc"), NOSUID_NODEV | libc::MS_NOEXEC, "")?);
+    for p in READ_ONLY {
+        ops.push(bind(&at(p), &at(p))?);
+        ops.push(Op::ReadOnly {
+            path: cstr(at(p))?,
+            recursive: true,
+        });
+    }
+    // /sys: read-only, of the task's network namespace.
+    ops.push(Op::MkDir(cstr(at("sys"))?));
+    ops.push(fs(
+        "sysfs",
+        &at("sys"),
+        NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+        "",
+    )?);
+    for p in MASKED {
+        ops.push(Op::Mask(cstr(at(p))?));
+    }
+    // /dev: a small tmpfs with the usual device nodes bound from the host, a private devpts.
+    ops.push(Op::MkDir(cstr(at("dev"))?));
+    ops.push(fs(
+        "tmpfs",
+        &at("dev"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "size=64k,mode=755",
+    )?);
+    for d in DEVICES {
+        ops.push(Op::Touch(cstr(at(&format!("dev/{d}")))?));
+        ops.push(bind(&Path::new("/dev").join(d), &at(&format!("dev/{d}")))?);
+    }
+    ops.push(Op::MkDir(cstr(at("dev/pts"))?));
+    ops.push(fs(
+        "devpts",
+        &at("dev/pts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )?);
+    ops.push(Op::MkDir(cstr(at("dev/shm"))?));
+    ops.push(fs(
+        "tmpfs",
+        &at("dev/shm"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        "size=64m,mode=1777",
+    )?);
+    for (target, link) in [
+        ("pts/ptmx", "dev/ptmx"),
+        ("/proc/self/fd", "dev/fd"),
+        ("/proc/self/fd/0", "dev/stdin"),
+        ("/proc/self/fd/1", "dev/stdout"),
+        ("/proc/self/fd/2", "dev/stderr"),
+    ] {
+        ops.push(Op::Symlink {
+            target: cstr(target)?,
+            path: cstr(at(link))?,
+        });
+    }
+    ops.push(Op::MkDir(cstr(at("tmp"))?));
+    ops.push(fs(
+        "tmpfs",
+        &at("tmp"),
+        NOSUID_NODEV,
+        &format!("size={},mode=1777", spec.tmp_size),
+    )?);
+    if let Some(ws) = &spec.workspace {
+        ops.push(Op::MkDir(cstr(at("workspace"))?));
+        ops.push(bind(ws, &at("workspace"))?);
+    }
+    for b in &spec.binds {
+        push_bind(&mut ops, stage, b)?;
+    }
+    ops.push(Op::ReadOnly {
+        path: cstr(stage)?,
+        recursive: false,
+    });
+    ops.push(Op::PivotRoot(cstr(stage)?));
+    Ok(ops)
+}
+
+fn push_bind(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<()> {
+    let meta = std::fs::metadata(&b.src).map_err(|_| Error::BadPath {
+        what: if b.writable {
+            "--rw source"
+        } else {
+            "--ro source"
+        },
+        path: b.src.clone(),
+        why: "does not exist",
+    })?;
+    if !b.dest.is_absolute() || b.dest.components().any(|c| c.as_os_str() == "..") {
+        return Err(Error::BadPath {
+            what: "bind destination",
+            path: b.dest.clone(),
+            why: "must be an absolute path without '..'",
+        });
+    }
+    let rel = b.dest.strip_prefix("/").unwrap_or(&b.dest);
+    let mut cur = PathBuf::from(stage);
+    let comps: Vec<_> = rel.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        cur.push(c);
+        if i + 1 < comps.len() || meta.is_dir() {
+            ops.push(Op::MkDir(cstr(&cur)?));
+        } else {
+            ops.push(Op::Touch(cstr(&cur)?));
+        }
+    }
+    ops.push(bind(&b.src, &cur)?);
+    if !b.writable {
+        ops.push(Op::ReadOnly {
+            path: cstr(&cur)?,
+            recursive: true,
+        });
+    }
+    Ok(())
+}

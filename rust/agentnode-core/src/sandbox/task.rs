@@ -1,0 +1,241 @@
+//! A running task: waits and signals go through its pidfd (no pid-reuse races), kill and freeze
+//! through its cgroup2 node, so the whole tree is reached, double-forked daemons included.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{io, Result};
+use crate::cgroup::{CgroupStats, TaskCgroup};
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Exit {
+    /// The exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+}
+
+/// A started task. Dropping it kills and reaps whatever still runs and removes its cgroups.
+#[derive(Debug)]
+pub struct Task {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    cgroup: Option<Box<dyn TaskCgroup>>,
+    started: Instant,
+    exit: Option<Exit>,
+    wall: Option<Duration>,
+    last_stats: CgroupStats,
+}
+
+impl Task {
+    pub(super) fn new(
+        pid: libc::pid_t,
+        pidfd: OwnedFd,
+        cgroup: Box<dyn TaskCgroup>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            pid,
+            pidfd,
+            cgroup: Some(cgroup),
+            started,
+            exit: None,
+            wall: None,
+            last_stats: CgroupStats::default(),
+        }
+    }
+
+    pub(super) fn cgroup(&self) -> &dyn TaskCgroup {
+        self.cgroup.as_deref().expect("cgroup lives until reaped")
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// The pidfd: readable when the task's init has exited (for `loop.add_reader`).
+    #[must_use]
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
+    /// The task's cgroup2 directory (for BPF attachment), until it is reaped.
+    #[must_use]
+    pub fn cgroup_dir(&self) -> Option<&Path> {
+        self.cgroup.as_deref().map(TaskCgroup::placement)
+    }
+
+    #[must_use]
+    pub fn exit(&self) -> Option<Exit> {
+        self.exit
+    }
+
+    /// Sends `signal` to the task's init through its pidfd.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        if self.exit.is_some() {
+            return Ok(());
+        }
+        // SAFETY: plain syscall on our pidfd.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(io("signal the task")(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs every process of the task: `cgroup.kill`, or, without it (before 5.14), freeze,
+    /// SIGKILL every listed pid, thaw.
+    pub fn kill(&self) -> Result<()> {
+        let Some(cg) = self.cgroup.as_deref() else {
+            return Ok(());
+        };
+        if cg.kill().is_err() {
+            cg.set_frozen(true)?;
+            if let Ok(procs) = std::fs::read_to_string(cg.placement().join("cgroup.procs")) {
+                for pid in procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+                {
+                    // SAFETY: frozen pids cannot exit and be reused before the thaw below.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            cg.set_frozen(false)?;
+        }
+        Ok(())
+    }
+
+    pub fn set_frozen(&self, frozen: bool) -> Result<()> {
+        if let Some(cg) = self.cgroup.as_deref() {
+            cg.set_frozen(frozen)?;
+        }
+        Ok(())
+    }
+
+    /// Reaps the task if its init has exited; then kills any survivor and removes its cgroups.
+    pub fn try_wait(&mut self) -> Result<Option<Exit>> {
+        if self.exit.is_some() {
+            return Ok(self.exit);
+        }
+        // SAFETY: siginfo is plain data; waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pidfd and out pointer.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd.as_raw_fd() as libc::id_t,
+                &raw mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(io("wait for the task")(e));
+        }
+        // SAFETY: waitid filled a SIGCHLD siginfo, or left si_pid zero when nothing exited.
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return Ok(None);
+        }
+        let exit = if info.si_code == libc::CLD_EXITED {
+            Exit {
+                code: Some(status),
+                signal: None,
+            }
+        } else {
+            Exit {
+                code: None,
+                signal: Some(status),
+            }
+        };
+        self.wall = Some(self.started.elapsed());
+        self.exit = Some(exit);
+        self.release();
+        Ok(Some(exit))
+    }
+
+    /// Waits up to `timeout` (forever when `None`) for the task's init to exit.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(exit) = self.try_wait()? {
+                return Ok(Some(exit));
+            }
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        }
+    }
+
+    pub(super) fn reap_blocking(&mut self) {
+        let _ = self.kill();
+        let _ = self.wait(None);
+    }
+
+    /// Accounting: the cgroup's live figures while it runs, the final ones after.
+    pub fn stats(&mut self) -> (Duration, CgroupStats) {
+        if let Some(cg) = self.cgroup.as_deref() {
+            if let Ok(s) = cg.stats() {
+                self.last_stats = s;
+            }
+        }
+        (
+            self.wall.unwrap_or_else(|| self.started.elapsed()),
+            self.last_stats.clone(),
+        )
+    }
+
+    /// After init is reaped: record final accounting, kill any process that escaped the pid
+    /// namespace's teardown, remove the cgroups.
+    fn release(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            if let Ok(s) = cg.stats() {
+                self.last_stats = s;
+            }
+            let _ = cg.kill();
+            drop(cg);
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            self.reap_blocking();
+        }
+        self.release();
+    }
+}

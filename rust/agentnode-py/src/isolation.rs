@@ -1,0 +1,267 @@
+//! Python bindings for Layer 1: the node's cgroup subtree (`CgroupManager`), `spawn`, and the
+//! task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit reasons) is Python's.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use agentnode_core::cgroup::{Hierarchy, Limits, Manager};
+use agentnode_core::sandbox::{self, Bind, Spec, Task};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::NativeError;
+
+/// This node instance's cgroup subtree; creating it sweeps dead instances' leftovers.
+#[pyclass(module = "agentnode._native", frozen)]
+pub struct CgroupManager {
+    inner: Mutex<Option<Manager>>,
+}
+
+#[pymethods]
+impl CgroupManager {
+    #[new]
+    fn new(py: Python<'_>) -> PyResult<Self> {
+        let m = py
+            .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h)))
+            .map_err(NativeError::from)?;
+        Ok(Self {
+            inner: Mutex::new(Some(m)),
+        })
+    }
+
+    /// The instance name, `n<pid>-<starttime>`.
+    #[getter]
+    fn name(&self) -> String {
+        self.lock()
+            .as_ref()
+            .map(|m| m.name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// This instance's directories in every hierarchy (cgroup2 first).
+    fn dirs(&self) -> Vec<PathBuf> {
+        self.lock().as_ref().map(Manager::dirs).unwrap_or_default()
+    }
+
+    /// Removes the instance's subtree (its tasks must be gone). Idempotent.
+    fn close(&self) {
+        self.lock().take();
+    }
+}
+
+impl CgroupManager {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Manager>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Removes dead instances' cgroups under `unified` and `v1` subtree dirs; returns the count.
+#[pyfunction]
+fn sweep_cgroups(py: Python<'_>, unified: PathBuf, v1: Vec<PathBuf>) -> usize {
+    py.detach(|| agentnode_core::cgroup::sweep(&unified, &v1))
+}
+
+/// A running task (see `agentnode.isolation.Task`).
+#[pyclass(module = "agentnode._native", frozen)]
+pub struct NativeTask {
+    inner: Mutex<Task>,
+    pid: i32,
+    pidfd: i32,
+    cgroup_dir: Option<PathBuf>,
+}
+
+fn exit_tuple(e: sandbox::Exit) -> (Option<i32>, Option<i32>) {
+    (e.code, e.signal)
+}
+
+impl NativeTask {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Task> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[pymethods]
+impl NativeTask {
+    #[getter]
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    #[getter]
+    fn pidfd(&self) -> i32 {
+        self.pidfd
+    }
+
+    /// The task's cgroup2 directory (for BPF attachment).
+    #[getter]
+    fn cgroup_dir(&self) -> Option<PathBuf> {
+        self.cgroup_dir.clone()
+    }
+
+    /// Reaps the task if it has exited: `(code, signal)`, else None.
+    fn try_wait(&self) -> PyResult<Option<(Option<i32>, Option<i32>)>> {
+        let r = self.lock().try_wait().map_err(NativeError::from)?;
+        Ok(r.map(exit_tuple))
+    }
+
+    /// Waits up to `timeout` seconds (None: forever); `(code, signal)` or None on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<(Option<i32>, Option<i32>)>> {
+        let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        let r = py
+            .detach(|| self.lock().wait(timeout))
+            .map_err(NativeError::from)?;
+        Ok(r.map(exit_tuple))
+    }
+
+    /// Sends a signal to the task's init through its pidfd.
+    fn signal(&self, sig: i32) -> PyResult<()> {
+        Ok(self.lock().signal(sig).map_err(NativeError::from)?)
+    }
+
+    /// SIGKILLs every process of the task (cgroup.kill).
+    fn kill(&self) -> PyResult<()> {
+        Ok(self.lock().kill().map_err(NativeError::from)?)
+    }
+
+    fn set_frozen(&self, frozen: bool) -> PyResult<()> {
+        Ok(self.lock().set_frozen(frozen).map_err(NativeError::from)?)
+    }
+
+    /// Accounting as a dict: wall_s and the cgroup figures.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (wall, s) = self.lock().stats();
+        let d = PyDict::new(py);
+        d.set_item("wall_s", wall.as_secs_f64())?;
+        d.set_item("cpu_user_s", s.cpu_user_us as f64 / 1e6)?;
+        d.set_item("cpu_system_s", s.cpu_system_us as f64 / 1e6)?;
+        d.set_item("memory_current", s.memory_current)?;
+        d.set_item("memory_peak", s.memory_peak)?;
+        d.set_item("pids_current", s.pids_current)?;
+        d.set_item("pids_peak", s.pids_peak)?;
+        d.set_item("oom_kills", s.oom_kills)?;
+        d.set_item("pids_limit_hits", s.pids_limit_hits)?;
+        Ok(d)
+    }
+
+    /// Kills and reaps whatever still runs and removes the task's cgroups.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let mut t = self.lock();
+            if t.exit().is_none() {
+                let _ = t.kill();
+                t.wait(None)
+            } else {
+                Ok(None)
+            }
+        })
+        .map_err(NativeError::from)?;
+        Ok(())
+    }
+}
+
+/// Starts an isolated task; returns once it has exec'd its command.
+#[pyfunction]
+#[pyo3(signature = (
+    manager, argv, *, env, cwd, hostname, rootfs, stage, workspace, binds, tmp_size, uid, gid,
+    userns_base, netns, stdio, nofile, seccomp, cpu_quota_us, cpu_period_us, cpu_weight,
+    memory_max, memory_high, swap_max, pids_max
+))]
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    py: Python<'_>,
+    manager: &CgroupManager,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: String,
+    hostname: String,
+    rootfs: PathBuf,
+    stage: PathBuf,
+    workspace: Option<PathBuf>,
+    binds: Vec<(PathBuf, PathBuf, bool)>,
+    tmp_size: u64,
+    uid: u32,
+    gid: u32,
+    userns_base: Option<u32>,
+    netns: Option<PathBuf>,
+    stdio: (Option<i32>, Option<i32>, Option<i32>),
+    nofile: u64,
+    seccomp: bool,
+    cpu_quota_us: Option<u64>,
+    cpu_period_us: u64,
+    cpu_weight: Option<u64>,
+    memory_max: Option<u64>,
+    memory_high: Option<u64>,
+    swap_max: Option<u64>,
+    pids_max: Option<u64>,
+) -> PyResult<NativeTask> {
+    let spec = Spec {
+        argv,
+        env,
+        cwd,
+        hostname,
+        rootfs,
+        stage,
+        workspace,
+        binds: binds
+            .into_iter()
+            .map(|(src, dest, writable)| Bind {
+                src,
+                dest,
+                writable,
+            })
+            .collect(),
+        tmp_size,
+        uid,
+        gid,
+        userns_base,
+        netns,
+        stdio: [stdio.0, stdio.1, stdio.2],
+        nofile,
+        seccomp,
+    };
+    let limits = Limits {
+        cpu_quota_us,
+        cpu_period_us,
+        cpu_weight,
+        memory_max,
+        memory_high,
+        swap_max,
+        pids_max,
+    };
+    // Spawning holds the manager lock only to create the cgroup and fork; the child does not
+    // inherit the lock state in any way that matters (it never touches Rust locks).
+    let task = py
+        .detach(|| {
+            let guard = manager.lock();
+            let m = guard.as_ref().ok_or(sandbox::Error::Invalid {
+                what: "cgroup manager",
+                why: "it is closed".to_owned(),
+            })?;
+            sandbox::spawn(m, &limits, &spec)
+        })
+        .map_err(NativeError::from)?;
+    Ok(NativeTask {
+        pid: task.pid(),
+        pidfd: task.pidfd(),
+        cgroup_dir: task.cgroup_dir().map(PathBuf::from),
+        inner: Mutex::new(task),
+    })
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<CgroupManager>()?;
+    m.add_class::<NativeTask>()?;
+    m.add_function(wrap_pyfunction!(spawn, m)?)?;
+    m.add_function(wrap_pyfunction!(sweep_cgroups, m)?)?;
+    Ok(())
+}
