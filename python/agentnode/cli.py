@@ -13,12 +13,14 @@ from typing import NoReturn
 
 from agentnode import __version__, doctor
 from agentnode.errors import AgentnodeError, UsageError
+from agentnode.isolation import cli as isolation_cli
 
 __all__ = ["ArgumentParser", "main"]
 
 # Each command module contributes its subcommands; later layers add themselves here.
 COMMANDS: list[Callable[[argparse._SubParsersAction[ArgumentParser]], None]] = [
     doctor.add_parser,
+    isolation_cli.add_parser,
 ]
 
 

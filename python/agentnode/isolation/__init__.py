@@ -1,0 +1,34 @@
+"""Layer 1: isolated task execution (namespaces, cgroups, limits, accounting, lifecycle).
+
+`spawn()` starts a command in new pid, mount, uts, ipc, net and cgroup namespaces on a read-only
+root, without capabilities, under a seccomp filter, in its own cgroups; the returned `Task` is
+waited on, signalled, frozen and killed through its pidfd and cgroup2 node.
+"""
+
+from agentnode.isolation.task import (
+    DATA_DIR,
+    USERNS_BASE,
+    ExitReason,
+    Limits,
+    Mount,
+    Result,
+    Stats,
+    Task,
+    spawn,
+)
+from agentnode.isolation.units import format_size, parse_duration, parse_size
+
+__all__ = [
+    "DATA_DIR",
+    "USERNS_BASE",
+    "ExitReason",
+    "Limits",
+    "Mount",
+    "Result",
+    "Stats",
+    "Task",
+    "format_size",
+    "parse_duration",
+    "parse_size",
+    "spawn",
+]

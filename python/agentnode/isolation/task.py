@@ -1,0 +1,447 @@
+"""`spawn()` and the task handle every later layer starts its work through."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+from agentnode import _native
+from agentnode.errors import UsageError
+
+__all__ = [
+    "DATA_DIR",
+    "USERNS_BASE",
+    "ExitReason",
+    "Limits",
+    "Mount",
+    "Result",
+    "Stats",
+    "Task",
+    "spawn",
+]
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Where workspaces and the staging mount point live (override with AGENTNODE_DATA_DIR).
+DATA_DIR = Path(os.environ.get("AGENTNODE_DATA_DIR", "/var/lib/agentnode"))
+#: With a user namespace, task ids 0..65535 map to host ids from here on.
+USERNS_BASE = 100_000
+NOBODY = 65534
+
+Stdio = Literal["inherit", "pipe", "null"] | int | str | os.PathLike[str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """A task's resource limits; None leaves a resource unlimited."""
+
+    cpus: float | None = None
+    cpu_weight: int | None = None
+    memory: int | None = None
+    memory_high: int | None = None
+    swap: int | None = None
+    pids: int | None = None
+    tmp_size: int = 64 << 20
+    timeout: float | None = None
+    nofile: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.cpus is not None and not 0.01 <= self.cpus <= 1024:
+            raise UsageError(f"cpus: {self.cpus} is out of range (0.01 to 1024, e.g. 0.5)")
+        if self.cpu_weight is not None and not 1 <= self.cpu_weight <= 10000:
+            raise UsageError(f"cpu weight: {self.cpu_weight} is out of range (1 to 10000)")
+        if self.pids is not None and self.pids < 1:
+            raise UsageError(f"pids: {self.pids} must be at least 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"timeout: {self.timeout} must be more than zero seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A host path bound into the task (read-only unless `writable`)."""
+
+    src: str
+    dest: str
+    writable: bool = False
+
+
+class ExitReason(enum.Enum):
+    """Why a task ended."""
+
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    OOM = "oom"
+    PIDS = "pids-limit"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Accounting of one task, live or final."""
+
+    wall_s: float
+    cpu_user_s: float
+    cpu_system_s: float
+    memory_current: int
+    memory_peak: int
+    pids_current: int
+    pids_peak: int
+    oom_kills: int
+    pids_limit_hits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """How a task ended, and its final accounting."""
+
+    code: int | None
+    signal: int | None
+    reason: ExitReason
+    stats: Stats = field(repr=False)
+
+    @property
+    def exit_status(self) -> int:
+        """Shell-style status: the code, or 128+N when killed by signal N."""
+        if self.code is not None:
+            return self.code
+        return 128 + (self.signal or 0)
+
+
+_lock = threading.Lock()
+_manager: _native.CgroupManager | None = None
+_live: weakref.WeakSet[Task] = weakref.WeakSet()
+
+
+def _cgroups() -> _native.CgroupManager:
+    global _manager
+    with _lock:
+        if _manager is None:
+            _manager = _native.CgroupManager()
+            atexit.register(_shutdown)
+        return _manager
+
+
+def _shutdown() -> None:
+    """Kills every task still alive and removes this instance's cgroups."""
+    global _manager
+    for task in list(_live):
+        task.close()
+    with _lock:
+        if _manager is not None:
+            _manager.close()
+            _manager = None
+
+
+def _stdio_fd(
+    spec: Stdio, index: int, opened: list[int], parents: list[IO[bytes] | None]
+) -> int | None:
+    if spec == "inherit":
+        return None
+    if spec == "null":
+        fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        opened.append(fd)
+        return fd
+    if spec == "pipe":
+        r, w = os.pipe2(os.O_CLOEXEC)
+        child, parent = (r, w) if index == 0 else (w, r)
+        opened.append(child)
+        parents[index] = os.fdopen(parent, "wb" if index == 0 else "rb", buffering=0)
+        return child
+    if isinstance(spec, int):
+        return spec
+    flags = os.O_RDONLY if index == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(spec, flags | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise UsageError(f"cannot open {os.fspath(spec)!r} for stdio: {e.strerror}") from None
+    opened.append(fd)
+    return fd
+
+
+def _parse_user(user: int | str) -> tuple[int, int]:
+    if isinstance(user, int):
+        return user, user
+    uid, _, gid = user.partition(":")
+    try:
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise UsageError(f"user: {user!r} is not UID[:GID] (example: 1000:1000)") from None
+
+
+_counter = 0
+
+
+def _default_workspace(instance: str) -> Path:
+    global _counter
+    with _lock:
+        _counter += 1
+        n = _counter
+    return DATA_DIR / "workspaces" / f"{instance}-{n}"
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    limits: Limits | None = None,
+    mounts: Sequence[Mount] = (),
+    env: Mapping[str, str] | None = None,
+    cwd: str = "/workspace",
+    user: int | str = NOBODY,
+    userns: bool = False,
+    network: str = "none",
+    rootfs: str | os.PathLike[str] = "/",
+    workspace: str | os.PathLike[str] | None = None,
+    hostname: str = "agentnode",
+    stdin: Stdio = "inherit",
+    stdout: Stdio = "inherit",
+    stderr: Stdio = "inherit",
+    seccomp: bool = True,
+) -> Task:
+    """Starts `argv` isolated (new pid, mount, uts, ipc, net and cgroup namespaces, read-only root,
+    no capabilities, seccomp) in a fresh cgroup with `limits`; returns once it has exec'd.
+
+    `network` is "none" (a fresh namespace with loopback only) or the path of a network
+    namespace to join (`/run/netns/NAME`). The environment holds only PATH, LANG, HOME and `env`.
+    Call from a long-lived thread: the task is SIGKILLed when the spawning thread exits.
+    """
+    limits = limits or Limits()
+    if not argv:
+        raise UsageError("a command is required (e.g. agentnode exec -- /bin/true)")
+    root = Path(rootfs)
+    if not root.is_dir():
+        raise UsageError(f"rootfs {os.fspath(rootfs)!r} is not a directory (give a root file system tree)")
+    for m in mounts:
+        if not os.path.exists(m.src):
+            raise UsageError(f"mount source {m.src!r} does not exist (give an existing host path)")
+        if not m.dest.startswith("/"):
+            raise UsageError(f"mount destination {m.dest!r} must be an absolute path")
+    netns = None if network == "none" else network
+    if netns is not None and not os.path.exists(netns):
+        raise UsageError(f"network {network!r}: give 'none' or an existing network namespace path")
+    uid, gid = _parse_user(user)
+    manager = _cgroups()
+    ws = Path(workspace) if workspace is not None else _default_workspace(manager.name)
+    ws.mkdir(parents=True, exist_ok=True)
+    if workspace is None:
+        os.chown(ws, USERNS_BASE + uid if userns else uid, USERNS_BASE + gid if userns else gid)
+    stage = DATA_DIR / "stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **(env or {})}
+    opened: list[int] = []
+    parents: list[IO[bytes] | None] = [None, None, None]
+    try:
+        fds = tuple(_stdio_fd(s, i, opened, parents) for i, s in enumerate((stdin, stdout, stderr)))
+        native = _native.spawn(
+            manager,
+            list(argv),
+            env=[f"{k}={v}" for k, v in full_env.items()],
+            cwd=cwd,
+            hostname=hostname,
+            rootfs=os.fspath(root),
+            stage=os.fspath(stage),
+            workspace=os.fspath(ws),
+            binds=[(m.src, m.dest, m.writable) for m in mounts],
+            tmp_size=limits.tmp_size,
+            uid=uid,
+            gid=gid,
+            userns_base=USERNS_BASE if userns else None,
+            netns=netns,
+            stdio=(fds[0], fds[1], fds[2]),
+            nofile=limits.nofile,
+            seccomp=seccomp,
+            cpu_quota_us=None if limits.cpus is None else round(limits.cpus * 100_000),
+            cpu_period_us=100_000,
+            cpu_weight=limits.cpu_weight,
+            memory_max=limits.memory,
+            memory_high=limits.memory_high,
+            swap_max=limits.swap,
+            pids_max=limits.pids,
+        )
+    except BaseException:
+        for p in parents:
+            if p is not None:
+                p.close()
+        raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    task = Task(native, limits=limits, workspace=ws, stdio=parents)
+    _live.add(task)
+    return task
+
+
+class Task:
+    """A running isolated task. Use as a context manager, or call `close()`, to be sure it is
+    killed, reaped and its cgroups removed."""
+
+    __slots__ = (
+        "__weakref__",
+        "_deadline",
+        "_native",
+        "_result",
+        "_timed_out",
+        "limits",
+        "stderr",
+        "stdin",
+        "stdout",
+        "workspace",
+    )
+
+    def __init__(
+        self,
+        native: _native.NativeTask,
+        *,
+        limits: Limits,
+        workspace: Path,
+        stdio: list[IO[bytes] | None],
+    ) -> None:
+        self._native = native
+        self.limits = limits
+        self.workspace = workspace
+        self.stdin, self.stdout, self.stderr = stdio
+        self._deadline = None if limits.timeout is None else time.monotonic() + limits.timeout
+        self._timed_out = False
+        self._result: Result | None = None
+
+    @property
+    def pid(self) -> int:
+        """The task's init, as the host sees it."""
+        return self._native.pid
+
+    @property
+    def cgroup_dir(self) -> Path | None:
+        """The task's cgroup2 directory (where egress BPF programs attach); None once reaped."""
+        return self._native.cgroup_dir if self._result is None else None
+
+    @property
+    def result(self) -> Result | None:
+        return self._result
+
+    def _finish(self, exit: tuple[int | None, int | None]) -> Result:
+        if self._result is None:
+            stats = self.stats()
+            code, sig = exit
+            if self._timed_out:
+                reason = ExitReason.TIMEOUT
+            elif stats.oom_kills > 0:
+                reason = ExitReason.OOM
+            elif stats.pids_limit_hits > 0 and code != 0:
+                reason = ExitReason.PIDS
+            elif sig is not None:
+                reason = ExitReason.SIGNALED
+            else:
+                reason = ExitReason.EXITED
+            self._result = Result(code, sig, reason, stats)
+            _live.discard(self)
+        return self._result
+
+    def _time_out(self) -> Result:
+        self._timed_out = True
+        self._native.kill()
+        exit = self._native.wait(None)
+        assert exit is not None
+        return self._finish(exit)
+
+    def wait(self, timeout: float | None = None) -> Result | None:
+        """Waits up to `timeout` seconds (None: until it ends); None if it is still running.
+        Enforces `limits.timeout`, killing the whole task when it passes."""
+        if self._result is not None:
+            return self._result
+        wait_for = timeout
+        if self._deadline is not None:
+            left = max(0.0, self._deadline - time.monotonic())
+            wait_for = left if timeout is None else min(timeout, left)
+        exit = self._native.wait(wait_for)
+        if exit is not None:
+            return self._finish(exit)
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return self._time_out()
+        return None
+
+    async def wait_async(self) -> Result:
+        """Waits without blocking the event loop: the pidfd becomes readable when init exits."""
+        if self._result is not None:
+            return self._result
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = self._native.pidfd
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            left = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(asyncio.shield(ready), left)
+            except TimeoutError:
+                return self._time_out()
+        finally:
+            loop.remove_reader(fd)
+        exit = self._native.try_wait()
+        if exit is None:  # readable means exited; reaping cannot block past this point
+            exit = self._native.wait(None)
+        assert exit is not None
+        return self._finish(exit)
+
+    def signal(self, sig: int) -> None:
+        """Sends `sig` to the task's init (through its pidfd)."""
+        self._native.signal(sig)
+
+    def terminate(self, grace: float = 5.0) -> Result:
+        """SIGTERM to the task's init, then kills the whole task after `grace` seconds."""
+        if self._result is not None:
+            return self._result
+        self._native.signal(signal.SIGTERM)
+        exit = self._native.wait(grace)
+        if exit is None:
+            self._native.kill()
+            exit = self._native.wait(None)
+        assert exit is not None
+        return self._finish(exit)
+
+    def kill(self) -> Result:
+        """SIGKILLs every process of the task and reaps it."""
+        if self._result is not None:
+            return self._result
+        self._native.kill()
+        exit = self._native.wait(None)
+        assert exit is not None
+        return self._finish(exit)
+
+    def freeze(self) -> None:
+        """Stops every process of the task (cgroup.freeze) until `thaw()`."""
+        self._native.set_frozen(True)
+
+    def thaw(self) -> None:
+        self._native.set_frozen(False)
+
+    def stats(self) -> Stats:
+        """Accounting: live while it runs, final after it ended."""
+        if self._result is not None:
+            return self._result.stats
+        return Stats(**self._native.stats())
+
+    def close(self) -> None:
+        """Kills and reaps the task if it still runs, removes its cgroups, closes pipes."""
+        if self._result is None:
+            self.kill()
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> Task:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,46 @@
+"""Parsing of the sizes and durations that limits are given in (`512M`, `2G`, `30s`, `500ms`)."""
+
+from __future__ import annotations
+
+import re
+
+from agentnode.errors import UsageError
+
+__all__ = ["format_size", "parse_duration", "parse_size"]
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_size(text: str, *, option: str) -> int:
+    """Bytes in `text` (`512M`, `2G`, `1.5GiB`, `4096`; units are powers of 1024)."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+        raise UsageError(f"{option}: {text!r} is not a size (examples: 512M, 2G)")
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise UsageError(f"{option}: {text!r} must be more than zero bytes (examples: 512M, 2G)")
+    return value
+
+
+def parse_duration(text: str, *, option: str) -> float:
+    """Seconds in `text` (`30`, `30s`, `500ms`, `5m`, `1h`)."""
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise UsageError(f"{option}: {text!r} is not a duration (examples: 30s, 500ms, 5m)")
+    value = float(m.group(1)) * _TIME_UNITS[(m.group(2) or "s").lower()]
+    if value <= 0:
+        raise UsageError(f"{option}: {text!r} must be longer than zero (examples: 30s, 500ms)")
+    return value
+
+
+def format_size(n: int) -> str:
+    """`n` bytes for people: `64.0MiB`."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f}{unit}" if unit != "B" else f"{n}B"
+        size /= 1024
+    return f"{size:.1f}GiB"
