@@ -267,6 +267,8 @@ def spawn(
             pids_max=limits.pids,
         )
     except BaseException:
+        if workspace is None:
+            ws.rmdir()  # made for this task a moment ago: a failed spawn leaves nothing behind
         for p in parents:
             if p is not None:
                 p.close()

@@ -290,9 +290,21 @@ impl TaskCgroup for Hybrid {
         let pids = self.v1("pids");
         let oom = read(mem, "memory.oom_control").unwrap_or_default();
         let pids_events = read(pids, "pids.events").unwrap_or_default();
+        // usage_user/usage_sys are tick-sampled; cpuacct.usage is exact. Split the exact total
+        // in their proportion so user + system adds up to the real CPU time.
+        let (user, sys) = (
+            read_u64(acct, "cpuacct.usage_user")?,
+            read_u64(acct, "cpuacct.usage_sys")?,
+        );
+        let total = read_u64(acct, "cpuacct.usage")?;
+        let user_ns = if user + sys == 0 {
+            total
+        } else {
+            (u128::from(total) * u128::from(user) / u128::from(user + sys)) as u64
+        };
         Ok(CgroupStats {
-            cpu_user_us: read_u64(acct, "cpuacct.usage_user")? / 1000,
-            cpu_system_us: read_u64(acct, "cpuacct.usage_sys")? / 1000,
+            cpu_user_us: user_ns / 1000,
+            cpu_system_us: (total - user_ns) / 1000,
             memory_current: read_u64(mem, "memory.usage_in_bytes")?,
             memory_peak: read_u64(mem, "memory.max_usage_in_bytes")?,
             pids_current: read_u64(pids, "pids.current")?,

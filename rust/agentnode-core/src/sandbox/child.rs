@@ -40,6 +40,7 @@ pub struct Prepared {
     pub argv_ptrs: Vec<*const c_char>,
     pub env_ptrs: Vec<*const c_char>,
     pub stdio: [Option<RawFd>; 3],
+    pub userns: bool,
     pub uid: u32,
     pub gid: u32,
     pub cap_last: u32,
@@ -179,14 +180,15 @@ pub unsafe fn run(p: &Prepared) -> ! {
     // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
     unsafe {
         libc::close(p.sync_write);
-        // The task dies with the thread that spawned it; the sync read below covers a parent
-        // that died before this line (its write end closes and read returns 0).
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         let mut byte = 0u8;
         if libc::read(p.sync_read, (&raw mut byte).cast(), 1) != 1 {
             fail(err, STEP_SYNC);
         }
-        libc::close(p.sync_read);
+        // In a new user namespace this process is still host root, which the namespace does
+        // not map; become the namespace's root (the mapped host id) before creating any file.
+        if p.userns && (libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0) {
+            fail(err, STEP_IDS);
+        }
         if let Some(fd) = p.netns {
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                 fail(err, STEP_NETNS);
@@ -259,6 +261,18 @@ pub unsafe fn run(p: &Prepared) -> ! {
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail(err, STEP_NNP);
+        }
+        // The task dies with the thread that spawned it. Set after the uid change, which clears
+        // it; the parent holds the sync pipe open until exec, so a hang-up here means it died
+        // before the signal was armed.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let mut pfd = libc::pollfd {
+            fd: p.sync_read,
+            events: 0,
+            revents: 0,
+        };
+        if libc::poll(&raw mut pfd, 1, 0) != 0 {
+            fail(err, STEP_SYNC);
         }
         // Everything but stdio closes at exec; the error pipe is already close-on-exec.
         libc::syscall(

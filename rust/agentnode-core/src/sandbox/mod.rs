@@ -205,6 +205,7 @@ fn prepare(
         argv_ptrs,
         env_ptrs,
         stdio: spec.stdio,
+        userns: spec.userns_base.is_some(),
         uid: spec.uid,
         gid: spec.gid,
         cap_last: cap_last(),
@@ -319,7 +320,7 @@ fn spawn_in(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     drop(err_w);
     drop(netns);
     let mut task = Task::new(pid, pidfd, cgroup, started);
-    let released = cgroup_attach_and_release(&task, spec, pid, sync_w);
+    let released = cgroup_attach_and_release(&task, spec, pid, &sync_w);
     if let Err(e) = released {
         drop(task); // kills and reaps the child, removes its cgroups
         return Err(e);
@@ -327,6 +328,7 @@ fn spawn_in(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     let mut report = Vec::new();
     let mut err_file = std::fs::File::from(err_r);
     let _ = err_file.read_to_end(&mut report);
+    drop(sync_w); // held until exec so the child can tell a dead parent (see child::run)
     if report.len() >= 8 {
         let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(report[4..8].try_into().unwrap_or_default());
@@ -352,7 +354,7 @@ fn cgroup_attach_and_release(
     task: &Task,
     spec: &Spec,
     pid: libc::pid_t,
-    sync_w: OwnedFd,
+    sync_w: &OwnedFd,
 ) -> Result<()> {
     task.cgroup().attach(pid)?;
     if let Some(base) = spec.userns_base {

@@ -1,0 +1,445 @@
+"""Layer 1 isolation, against the real kernel: namespaces, mounts, cgroups, seccomp, lifecycle.
+
+Each test process is its own node instance (`agentnode/n<pid>-<start>`), so the leak checks look
+only at this instance's subtree and at processes these tests can attribute by a unique marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import root_only, run_cli
+
+from agentnode import _native
+from agentnode.errors import SandboxError, UsageError
+from agentnode.isolation import ExitReason, Limits, Mount, Task, parse_duration, parse_size, spawn
+from agentnode.isolation import task as task_mod
+
+pytestmark = root_only
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    d = tmp_path / "ws"
+    d.mkdir()
+    os.chown(d, 65534, 65534)
+    return d
+
+
+def run(argv: list[str], ws: Path, **kw: object) -> tuple[int | None, str, Task]:
+    """Runs argv to completion with stdout and stderr piped; returns (status, output, task)."""
+    t = spawn(argv, workspace=ws, stdout="pipe", stderr="pipe", **kw)  # type: ignore[arg-type]
+    assert t.stdout is not None and t.stderr is not None
+    out = t.stdout.read().decode() + t.stderr.read().decode()
+    res = t.wait(60)
+    assert res is not None
+    t.close()
+    return res.exit_status, out, t
+
+
+def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
+    return run(["sh", "-c", script], ws, **kw)
+
+
+def instance_tasks() -> list[Path]:
+    """Task cgroups that exist under this process's instance, in every hierarchy."""
+    return [t for d in task_mod._cgroups().dirs() if d.exists() for t in d.iterdir() if t.is_dir()]
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker.encode() in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_task_is_pid_one_and_sees_no_host_pid(ws: Path) -> None:
+    status, out, _ = sh("echo $$; ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '", ws)
+    assert status == 0
+    first, pids = out.splitlines()[:2]
+    assert first == "1"
+    assert str(os.getpid()) not in pids.split()
+    assert all(int(p) < 10 for p in pids.split())
+
+
+def test_root_is_read_only_and_only_binds_are_writable(ws: Path, tmp_path: Path) -> None:
+    rw = tmp_path / "rw"
+    ro = tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    os.chmod(rw, 0o777)
+    os.chmod(ro, 0o777)
+    script = (
+        "touch /etc/agentnode-x 2>/dev/null && echo etc-writable; "
+        f"touch {Path.cwd()}/agentnode-x 2>/dev/null && echo host-writable; "
+        "touch /workspace/ok && echo ws-ok; "
+        "touch /data/rw/ok && echo rw-ok; "
+        "touch /data/ro/x 2>/dev/null && echo ro-writable; "
+        "echo $HOME $PATH"
+    )
+    status, out, _ = sh(
+        script,
+        ws,
+        mounts=[Mount(str(rw), "/data/rw", writable=True), Mount(str(ro), "/data/ro")],
+    )
+    assert status == 0, out
+    assert "writable" not in out
+    assert "ws-ok" in out and "rw-ok" in out
+    assert (ws / "ok").exists() and (rw / "ok").exists()
+    assert "/workspace /usr/local/sbin" in out
+
+
+def test_tmp_is_private_and_size_limited(ws: Path) -> None:
+    marker = f"agentnode-{uuid.uuid4().hex}"
+    script = (
+        f"echo x > /tmp/{marker} && echo wrote; "
+        "dd if=/dev/zero of=/tmp/big bs=1k count=2048 2>/dev/null || echo full"
+    )
+    status, out, _ = sh(script, ws, limits=Limits(tmp_size=1 << 20))
+    assert "wrote" in out and "full" in out, out
+    assert not Path("/tmp", marker).exists()
+
+
+def test_masked_proc_paths_and_read_only_proc_sys(ws: Path) -> None:
+    masked = [
+        p
+        for p in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/sysrq-trigger")
+        if os.path.exists(p)
+    ]
+    assert masked
+    script = "".join(f"wc -c < {p}; " for p in masked) + (
+        "(echo 1 > /proc/sys/vm/drop_caches) 2>/dev/null && echo procsys-writable; "
+        "(echo x > /sys/kernel/uevent_helper) 2>/dev/null && echo sys-writable; true"
+    )
+    status, out, _ = sh(script, ws, user=0)
+    assert status == 0
+    assert out.split() == ["0"] * len(masked), out
+
+
+def test_capabilities_dropped_and_no_new_privs(ws: Path) -> None:
+    for user in (65534, 0):
+        status, out, _ = sh("grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status", ws, user=user)
+        fields = dict(line.split(":\t") for line in out.splitlines())
+        assert fields["CapEff"] == fields["CapPrm"] == fields["CapBnd"] == "0000000000000000"
+        assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
+
+
+def test_seccomp_denies_mount_bpf_and_unshare(ws: Path) -> None:
+    probe = textwrap.dedent(
+        """
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        def err(r):
+            return ctypes.get_errno() if r == -1 else 0
+        print("mount", err(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)))
+        print("bpf", err(libc.syscall(321, 0, 0, 0)))
+        print("unshare", err(libc.unshare(0x04000000)))
+        """
+    )
+    status, out, _ = run(["/usr/bin/python3", "-c", probe], ws, user=0)
+    assert status == 0, out
+    got = dict(line.split() for line in out.splitlines())
+    assert got == {"mount": "1", "bpf": "1", "unshare": "1"}  # EPERM
+
+
+def test_no_new_privs_stops_setuid(ws: Path) -> None:
+    shutil.copy("/usr/bin/id", ws / "suid-id")
+    os.chown(ws / "suid-id", 0, 0)
+    os.chmod(ws / "suid-id", 0o4755)
+    status, out, _ = run(["/workspace/suid-id", "-u"], ws)
+    assert status == 0
+    assert out.strip() == "65534"
+
+
+def test_memory_hog_is_oom_killed_and_reported(ws: Path) -> None:
+    t = spawn(
+        ["/usr/bin/python3", "-c", "s = 'x' * (512 << 20)"],
+        workspace=ws,
+        limits=Limits(memory=48 << 20),
+        stderr="null",
+    )
+    res = t.wait(60)
+    assert res is not None
+    assert res.reason is ExitReason.OOM
+    assert res.stats.oom_kills >= 1
+    assert res.signal == signal.SIGKILL
+
+
+def test_fork_bomb_stops_at_pids_limit(ws: Path) -> None:
+    status, out, t = sh(
+        "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done", ws, limits=Limits(pids=16)
+    )
+    assert t.result is not None and t.result.reason is ExitReason.PIDS, out
+    assert t.result.stats.pids_peak <= 16
+    assert subprocess.run(["true"], check=False).returncode == 0  # the host still forks
+
+
+def test_cpus_half_is_enforced(ws: Path) -> None:
+    with spawn(
+        ["sh", "-c", "yes > /dev/null & yes > /dev/null & wait"],
+        workspace=ws,
+        limits=Limits(cpus=0.5),
+    ) as t:
+        time.sleep(0.3)  # past the first period, which runs before throttling starts
+        s0, t0 = t.stats(), time.monotonic()
+        time.sleep(3)
+        s1, t1 = t.stats(), time.monotonic()
+    used = (s1.cpu_user_s + s1.cpu_system_s - s0.cpu_user_s - s0.cpu_system_s) / (t1 - t0)
+    assert 0.425 <= used <= 0.575, used
+
+
+def test_timeout_kills_a_tree_with_a_double_forked_daemon(ws: Path) -> None:
+    marker = f"{1000 + uuid.uuid4().int % 1000}.{os.getpid()}"
+    t = spawn(
+        ["sh", "-c", f"(setsid sh -c 'sleep {marker}' &); sleep {marker}"],
+        workspace=ws,
+        limits=Limits(timeout=0.5),
+    )
+    time.sleep(0.2)
+    assert len(processes_with(f"sleep {marker}")) >= 2
+    res = t.wait()
+    assert res is not None and res.reason is ExitReason.TIMEOUT
+    assert processes_with(f"sleep {marker}") == []
+    assert t.cgroup_dir is None and instance_tasks() == []
+
+
+def test_freeze_stops_progress_and_thaw_resumes(ws: Path) -> None:
+    with spawn(["sh", "-c", "while :; do :; done"], workspace=ws) as t:
+        time.sleep(0.2)
+        t.freeze()
+        time.sleep(0.05)
+        frozen_at = t.stats().cpu_user_s + t.stats().cpu_system_s
+        time.sleep(0.3)
+        still = t.stats().cpu_user_s + t.stats().cpu_system_s
+        assert still - frozen_at < 0.02
+        t.thaw()
+        time.sleep(0.3)
+        assert t.stats().cpu_user_s + t.stats().cpu_system_s > still + 0.05
+    assert t.result is not None and t.result.signal == signal.SIGKILL
+
+
+def test_terminate_gives_grace_then_kills(ws: Path) -> None:
+    t = spawn(["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.01; done"], workspace=ws)
+    time.sleep(0.2)
+    assert t.terminate(grace=5).code == 7
+    # pid 1 without a handler ignores SIGTERM: the whole task is killed after the grace period.
+    t = spawn(["sleep", "100"], workspace=ws)
+    t0 = time.monotonic()
+    res = t.terminate(grace=0.3)
+    assert res.signal == signal.SIGKILL and time.monotonic() - t0 >= 0.3
+
+
+def test_wait_async_polls_the_pidfd(ws: Path) -> None:
+    async def main() -> tuple[int | None, ExitReason]:
+        t = spawn(["sh", "-c", "sleep 0.2; exit 5"], workspace=ws)
+        t2 = spawn(["sleep", "100"], workspace=ws, limits=Limits(timeout=0.3))
+        r1, r2 = await asyncio.gather(t.wait_async(), t2.wait_async())
+        return r1.code, r2.reason
+
+    assert asyncio.run(main()) == (5, ExitReason.TIMEOUT)
+
+
+def test_stdio_to_files_and_env(ws: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.log"
+    t = spawn(["sh", "-c", "echo $A-$HOME; env | cut -d= -f1 | sort | tr '\\n' ' '"], workspace=ws, env={"A": "b"}, stdout=out)
+    assert t.wait(30) is not None
+    assert out.read_text().split() == ["b-/workspace", "A", "HOME", "LANG", "PATH", "PWD"]
+
+
+def test_userns_maps_task_root_to_an_unprivileged_host_id() -> None:
+    # The default workspace is created for and owned by the mapped id.
+    with spawn(["sleep", "100"], user=0, userns=True) as t:
+        time.sleep(0.1)
+        status = Path(f"/proc/{t.pid}/status").read_text()
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid_line.split()[1] == str(task_mod.USERNS_BASE)
+    shutil.rmtree(t.workspace)
+    t = spawn(["sh", "-c", "id -u; touch /etc/x 2>/dev/null || echo ro"], user=0, userns=True, stdout="pipe")
+    assert t.stdout is not None
+    out = t.stdout.read().decode()
+    t.close()
+    shutil.rmtree(t.workspace)
+    assert out.split() == ["0", "ro"]
+
+
+def test_network_is_loopback_only_and_a_netns_can_be_joined(ws: Path) -> None:
+    _, out, _ = sh("cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '", ws)
+    assert out.split() == ["lo"]
+    name = f"agentnode-t{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        path = Path("/run/netns") / name
+        _, out, _ = run(["readlink", "/proc/self/ns/net"], ws, network=str(path))
+        assert out.strip() == f"net:[{os.stat(path).st_ino}]"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def test_task_sits_in_its_v1_and_cgroup2_nodes(ws: Path) -> None:
+    with spawn(["sleep", "100"], workspace=ws) as t:
+        assert t.cgroup_dir is not None
+        lines = Path(f"/proc/{t.pid}/cgroup").read_text()
+        inst = task_mod._cgroups().name
+        assert f"0::/agentnode/{inst}/" in lines
+        assert all(f"agentnode/{inst}/" in line for line in lines.splitlines() if ":memory:" in line or ":pids:" in line)
+
+
+def test_200_cycles_leave_nothing_behind(ws: Path) -> None:
+    before_mounts = Path("/proc/self/mountinfo").read_text()
+    for i in range(200):
+        if i % 20 == 5:
+            with pytest.raises(SandboxError):
+                spawn(["/nonexistent"], workspace=ws)
+        elif i % 20 == 15:
+            with pytest.raises(SandboxError):
+                spawn(["no-such-command-agentnode"], workspace=ws)
+        else:
+            t = spawn(["/bin/true"], workspace=ws)
+            assert t.wait(30) is not None
+    assert instance_tasks() == []
+    assert Path("/proc/self/mountinfo").read_text() == before_mounts
+    children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+    assert children == []
+
+
+PARENT = """
+import sys, time
+from agentnode import _native
+from agentnode.isolation import spawn, task
+t = spawn(["sleep", sys.argv[1]], workspace=sys.argv[2])
+print(task._cgroups().name, flush=True)
+time.sleep(100)
+"""
+
+
+def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) -> None:
+    marker = f"{2000 + uuid.uuid4().int % 1000}.{os.getpid()}"
+    p = subprocess.Popen(
+        [sys.executable, "-c", PARENT, marker, str(ws)], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None
+    instance = p.stdout.readline().strip()
+    p.stdout.close()
+    assert processes_with(f"sleep\0{marker}")
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 5
+    while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert processes_with(f"sleep\0{marker}") == []
+    left = [d.parent / instance for d in task_mod._cgroups().dirs()]
+    assert any(d.exists() for d in left)  # the crash left its cgroups behind...
+    code = "from agentnode import _native; _native.CgroupManager().close()"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert not any(d.exists() for d in left)  # ...and the next start swept them
+
+
+def test_sweep_never_touches_live_instances() -> None:
+    dirs = task_mod._cgroups().dirs()
+    assert _native.sweep_cgroups(dirs[0].parent, [d.parent for d in dirs[1:]]) >= 0
+    assert all(d.exists() for d in dirs)
+
+
+def exec_cli(args: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "agentnode", "exec", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = p.communicate(timeout=60)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), p.pid
+
+
+def assert_nothing_left(pid: int) -> None:
+    for d in task_mod._cgroups().dirs():
+        assert not any(e.name.startswith(f"n{pid}-") for e in d.parent.iterdir())
+    workspaces = task_mod.DATA_DIR / "workspaces"
+    assert not workspaces.exists() or not any(workspaces.glob(f"n{pid}-*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--memory", "12XB", "--", "true"], 2, "--memory: '12XB' is not a size (examples: 512M, 2G)"),
+        (["--timeout", "soon", "--", "true"], 2, "--timeout: 'soon' is not a duration"),
+        (["--cpus", "zero", "--", "true"], 2, "--cpus: 'zero' is not a number"),
+        (["--pids", "0", "--", "true"], 2, "--pids: 0 is out of range"),
+        (["--rootfs", "/nonexistent-agentnode", "--", "true"], 2, "--rootfs: '/nonexistent-agentnode' is not a directory"),
+        (["--ro", "/nonexistent-agentnode", "--", "true"], 2, "--ro: '/nonexistent-agentnode' does not exist"),
+        (["--env", "NOEQUALS", "--", "true"], 2, "--env: 'NOEQUALS' is not K=V"),
+        (["--"], 2, "a command is required"),
+        (["--", "no-such-command-agentnode"], 1, 'command not found: "no-such-command-agentnode"'),
+        (["--", "/etc/passwd"], 1, 'cannot execute "/etc/passwd" in the task: Permission denied'),
+        (["--memory-high", "10M", "--", "true"], 1, "this host cannot enforce memory.high"),
+    ],
+)
+def test_exec_bad_input_is_one_line_and_leaves_nothing(args: list[str], code: int, message: str) -> None:
+    res, pid = exec_cli(args)
+    assert res.returncode == code, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("agentnode: error: ") and message in lines[0], res.stderr
+    assert_nothing_left(pid)
+
+
+def test_exec_exit_statuses(ws: Path) -> None:
+    assert run_cli(["exec", "--workspace", str(ws), "--", "sh", "-c", "exit 3"]).returncode == 3
+    marker = f"{3000 + uuid.uuid4().int % 1000}.{os.getpid()}"
+    p = subprocess.Popen([sys.executable, "-m", "agentnode", "exec", "--workspace", str(ws), "--", "sleep", marker])
+    deadline = time.monotonic() + 10
+    while not (pids := set(processes_with(f"sleep\0{marker}")) - {p.pid}):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(pids.pop(), signal.SIGKILL)
+    assert p.wait(30) == 128 + signal.SIGKILL
+    res = run_cli(["exec", "--workspace", str(ws), "--timeout", "200ms", "--stats", "--json", "--", "sleep", "10"])
+    assert res.returncode == 124
+    assert "agentnode: task killed: timeout after 0.2s" in res.stderr
+    assert '"reason": "timeout"' in res.stderr
+    res = run_cli(["exec", "--workspace", str(ws), "--memory", "32M", "--", "/usr/bin/python3", "-c", "s = 'x' * (256 << 20)"])
+    assert res.returncode == 250
+    assert "task killed: out of memory (memory limit 32.0MiB)" in res.stderr
+
+
+def test_exec_log_dir(tmp_path: Path, ws: Path) -> None:
+    res = run_cli(["exec", "--workspace", str(ws), "--log-dir", str(tmp_path), "--", "sh", "-c", "echo out; echo err >&2"])
+    assert res.returncode == 0
+    assert (tmp_path / "stdout.log").read_text() == "out\n"
+    assert (tmp_path / "stderr.log").read_text() == "err\n"
+
+
+def test_api_bad_input() -> None:
+    with pytest.raises(UsageError, match="a command is required"):
+        spawn([])
+    with pytest.raises(UsageError, match="cpus"):
+        Limits(cpus=0)
+    with pytest.raises(UsageError, match="rootfs"):
+        spawn(["true"], rootfs="/nonexistent-agentnode")
+
+
+def test_units() -> None:
+    assert parse_size("512M", option="x") == 512 << 20
+    assert parse_size("1.5GiB", option="x") == 3 << 29
+    assert parse_size("4096", option="x") == 4096
+    assert parse_duration("500ms", option="x") == 0.5
+    assert parse_duration("2m", option="x") == 120
+    for bad in ("12XB", "", "M", "-1G"):
+        with pytest.raises(UsageError, match="is not a size"):
+            parse_size(bad, option="--memory")
+    with pytest.raises(UsageError, match="more than zero"):
+        parse_size("0", option="--memory")
