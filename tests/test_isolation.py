@@ -18,12 +18,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import root_only, run_cli
 
 from agentnode import _native
 from agentnode.errors import SandboxError, UsageError
 from agentnode.isolation import ExitReason, Limits, Mount, Task, parse_duration, parse_size, spawn
 from agentnode.isolation import task as task_mod
+from conftest import root_only, run_cli
 
 pytestmark = root_only
 
@@ -110,7 +110,7 @@ def test_tmp_is_private_and_size_limited(ws: Path) -> None:
         f"echo x > /tmp/{marker} && echo wrote; "
         "dd if=/dev/zero of=/tmp/big bs=1k count=2048 2>/dev/null || echo full"
     )
-    status, out, _ = sh(script, ws, limits=Limits(tmp_size=1 << 20))
+    _status, out, _ = sh(script, ws, limits=Limits(tmp_size=1 << 20))
     assert "wrote" in out and "full" in out, out
     assert not Path("/tmp", marker).exists()
 
@@ -118,7 +118,13 @@ def test_tmp_is_private_and_size_limited(ws: Path) -> None:
 def test_masked_proc_paths_and_read_only_proc_sys(ws: Path) -> None:
     masked = [
         p
-        for p in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/sysrq-trigger")
+        for p in (
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/timer_list",
+            "/proc/sched_debug",
+            "/proc/sysrq-trigger",
+        )
         if os.path.exists(p)
     ]
     assert masked
@@ -133,7 +139,9 @@ def test_masked_proc_paths_and_read_only_proc_sys(ws: Path) -> None:
 
 def test_capabilities_dropped_and_no_new_privs(ws: Path) -> None:
     for user in (65534, 0):
-        status, out, _ = sh("grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status", ws, user=user)
+        _status, out, _ = sh(
+            "grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status", ws, user=user
+        )
         fields = dict(line.split(":\t") for line in out.splitlines())
         assert fields["CapEff"] == fields["CapPrm"] == fields["CapBnd"] == "0000000000000000"
         assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
@@ -181,7 +189,7 @@ def test_memory_hog_is_oom_killed_and_reported(ws: Path) -> None:
 
 
 def test_fork_bomb_stops_at_pids_limit(ws: Path) -> None:
-    status, out, t = sh(
+    _status, out, t = sh(
         "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done", ws, limits=Limits(pids=16)
     )
     assert t.result is not None and t.result.reason is ExitReason.PIDS, out
@@ -256,7 +264,12 @@ def test_wait_async_polls_the_pidfd(ws: Path) -> None:
 
 def test_stdio_to_files_and_env(ws: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.log"
-    t = spawn(["sh", "-c", "echo $A-$HOME; env | cut -d= -f1 | sort | tr '\\n' ' '"], workspace=ws, env={"A": "b"}, stdout=out)
+    t = spawn(
+        ["sh", "-c", "echo $A-$HOME; env | cut -d= -f1 | sort | tr '\\n' ' '"],
+        workspace=ws,
+        env={"A": "b"},
+        stdout=out,
+    )
     assert t.wait(30) is not None
     assert out.read_text().split() == ["b-/workspace", "A", "HOME", "LANG", "PATH", "PWD"]
 
@@ -269,7 +282,12 @@ def test_userns_maps_task_root_to_an_unprivileged_host_id() -> None:
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1] == str(task_mod.USERNS_BASE)
     shutil.rmtree(t.workspace)
-    t = spawn(["sh", "-c", "id -u; touch /etc/x 2>/dev/null || echo ro"], user=0, userns=True, stdout="pipe")
+    t = spawn(
+        ["sh", "-c", "id -u; touch /etc/x 2>/dev/null || echo ro"],
+        user=0,
+        userns=True,
+        stdout="pipe",
+    )
     assert t.stdout is not None
     out = t.stdout.read().decode()
     t.close()
@@ -296,7 +314,11 @@ def test_task_sits_in_its_v1_and_cgroup2_nodes(ws: Path) -> None:
         lines = Path(f"/proc/{t.pid}/cgroup").read_text()
         inst = task_mod._cgroups().name
         assert f"0::/agentnode/{inst}/" in lines
-        assert all(f"agentnode/{inst}/" in line for line in lines.splitlines() if ":memory:" in line or ":pids:" in line)
+        assert all(
+            f"agentnode/{inst}/" in line
+            for line in lines.splitlines()
+            if ":memory:" in line or ":pids:" in line
+        )
 
 
 def test_200_cycles_leave_nothing_behind(ws: Path) -> None:
@@ -376,12 +398,24 @@ def assert_nothing_left(pid: int) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--memory", "12XB", "--", "true"], 2, "--memory: '12XB' is not a size (examples: 512M, 2G)"),
+        (
+            ["--memory", "12XB", "--", "true"],
+            2,
+            "--memory: '12XB' is not a size (examples: 512M, 2G)",
+        ),
         (["--timeout", "soon", "--", "true"], 2, "--timeout: 'soon' is not a duration"),
         (["--cpus", "zero", "--", "true"], 2, "--cpus: 'zero' is not a number"),
         (["--pids", "0", "--", "true"], 2, "--pids: 0 is out of range"),
-        (["--rootfs", "/nonexistent-agentnode", "--", "true"], 2, "--rootfs: '/nonexistent-agentnode' is not a directory"),
-        (["--ro", "/nonexistent-agentnode", "--", "true"], 2, "--ro: '/nonexistent-agentnode' does not exist"),
+        (
+            ["--rootfs", "/nonexistent-agentnode", "--", "true"],
+            2,
+            "--rootfs: '/nonexistent-agentnode' is not a directory",
+        ),
+        (
+            ["--ro", "/nonexistent-agentnode", "--", "true"],
+            2,
+            "--ro: '/nonexistent-agentnode' does not exist",
+        ),
         (["--env", "NOEQUALS", "--", "true"], 2, "--env: 'NOEQUALS' is not K=V"),
         (["--"], 2, "a command is required"),
         (["--", "no-such-command-agentnode"], 1, 'command not found: "no-such-command-agentnode"'),
@@ -389,35 +423,78 @@ def assert_nothing_left(pid: int) -> None:
         (["--memory-high", "10M", "--", "true"], 1, "this host cannot enforce memory.high"),
     ],
 )
-def test_exec_bad_input_is_one_line_and_leaves_nothing(args: list[str], code: int, message: str) -> None:
+def test_exec_bad_input_is_one_line_and_leaves_nothing(
+    args: list[str], code: int, message: str
+) -> None:
     res, pid = exec_cli(args)
     assert res.returncode == code, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("agentnode: error: ") and message in lines[0], res.stderr
+    assert len(lines) == 1 and lines[0].startswith("agentnode: error: ") and message in lines[0], (
+        res.stderr
+    )
     assert_nothing_left(pid)
 
 
 def test_exec_exit_statuses(ws: Path) -> None:
     assert run_cli(["exec", "--workspace", str(ws), "--", "sh", "-c", "exit 3"]).returncode == 3
     marker = f"{3000 + uuid.uuid4().int % 1000}.{os.getpid()}"
-    p = subprocess.Popen([sys.executable, "-m", "agentnode", "exec", "--workspace", str(ws), "--", "sleep", marker])
+    p = subprocess.Popen(
+        [sys.executable, "-m", "agentnode", "exec", "--workspace", str(ws), "--", "sleep", marker]
+    )
     deadline = time.monotonic() + 10
     while not (pids := set(processes_with(f"sleep\0{marker}")) - {p.pid}):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     os.kill(pids.pop(), signal.SIGKILL)
     assert p.wait(30) == 128 + signal.SIGKILL
-    res = run_cli(["exec", "--workspace", str(ws), "--timeout", "200ms", "--stats", "--json", "--", "sleep", "10"])
+    res = run_cli(
+        [
+            "exec",
+            "--workspace",
+            str(ws),
+            "--timeout",
+            "200ms",
+            "--stats",
+            "--json",
+            "--",
+            "sleep",
+            "10",
+        ]
+    )
     assert res.returncode == 124
     assert "agentnode: task killed: timeout after 0.2s" in res.stderr
     assert '"reason": "timeout"' in res.stderr
-    res = run_cli(["exec", "--workspace", str(ws), "--memory", "32M", "--", "/usr/bin/python3", "-c", "s = 'x' * (256 << 20)"])
+    res = run_cli(
+        [
+            "exec",
+            "--workspace",
+            str(ws),
+            "--memory",
+            "32M",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            "s = 'x' * (256 << 20)",
+        ]
+    )
     assert res.returncode == 250
     assert "task killed: out of memory (memory limit 32.0MiB)" in res.stderr
 
 
 def test_exec_log_dir(tmp_path: Path, ws: Path) -> None:
-    res = run_cli(["exec", "--workspace", str(ws), "--log-dir", str(tmp_path), "--", "sh", "-c", "echo out; echo err >&2"])
+    res = run_cli(
+        [
+            "exec",
+            "--workspace",
+            str(ws),
+            "--log-dir",
+            str(tmp_path),
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2",
+        ]
+    )
     assert res.returncode == 0
     assert (tmp_path / "stdout.log").read_text() == "out\n"
     assert (tmp_path / "stderr.log").read_text() == "err\n"

@@ -1,6 +1,15 @@
 # Hand-written stubs for the Rust extension (rust/agentnode-py); checked by mypy.stubtest.
 
-__all__ = ["__version__", "cgroup_hierarchy", "doctor", "noop"]
+__all__ = [
+    "CgroupManager",
+    "NativeTask",
+    "__version__",
+    "cgroup_hierarchy",
+    "doctor",
+    "noop",
+    "spawn",
+    "sweep_cgroups",
+]
 
 __version__: str
 
@@ -12,3 +21,78 @@ def doctor() -> str:
 
 def cgroup_hierarchy() -> str:
     """This process's cgroup layout and directories, as JSON."""
+
+# --- Layer 1: isolation (rust/agentnode-py/src/isolation.rs) ---
+
+from pathlib import Path  # noqa: E402
+from typing import Any, final  # noqa: E402
+
+@final
+class CgroupManager:
+    """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""
+
+    def __new__(cls) -> CgroupManager: ...
+    @property
+    def name(self) -> str:
+        """The instance name, `n<pid>-<starttime>`."""
+    def dirs(self) -> list[Path]:
+        """This instance's directories in every hierarchy (cgroup2 first)."""
+    def close(self) -> None:
+        """Removes the instance's subtree (its tasks must be gone). Idempotent."""
+
+@final
+class NativeTask:
+    """A running task (see `agentnode.isolation.Task`)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def pidfd(self) -> int: ...
+    @property
+    def cgroup_dir(self) -> Path | None:
+        """The task's cgroup2 directory (for BPF attachment)."""
+    def try_wait(self) -> tuple[int | None, int | None] | None:
+        """Reaps the task if it has exited: `(code, signal)`, else None."""
+    def wait(self, timeout: float | None = None) -> tuple[int | None, int | None] | None:
+        """Waits up to `timeout` seconds (None: forever); `(code, signal)` or None on timeout."""
+    def signal(self, sig: int) -> None:
+        """Sends a signal to the task's init through its pidfd."""
+    def kill(self) -> None:
+        """SIGKILLs every process of the task (cgroup.kill)."""
+    def set_frozen(self, frozen: bool) -> None: ...
+    def stats(self) -> dict[str, Any]:
+        """Accounting as a dict: wall_s and the cgroup figures."""
+    def close(self) -> None:
+        """Kills and reaps whatever still runs and removes the task's cgroups."""
+
+def spawn(
+    manager: CgroupManager,
+    argv: list[str],
+    *,
+    env: list[str],
+    cwd: str,
+    hostname: str,
+    rootfs: str,
+    stage: str,
+    workspace: str | None,
+    binds: list[tuple[str, str, bool]],
+    tmp_size: int,
+    uid: int,
+    gid: int,
+    userns_base: int | None,
+    netns: str | None,
+    stdio: tuple[int | None, int | None, int | None],
+    nofile: int,
+    seccomp: bool,
+    cpu_quota_us: int | None,
+    cpu_period_us: int,
+    cpu_weight: int | None,
+    memory_max: int | None,
+    memory_high: int | None,
+    swap_max: int | None,
+    pids_max: int | None,
+) -> NativeTask:
+    """Starts an isolated task; returns once it has exec'd its command."""
+
+def sweep_cgroups(unified: str | Path, v1: list[str] | list[Path]) -> int:
+    """Removes dead instances' cgroups under `unified` and `v1` subtree dirs; returns the count."""

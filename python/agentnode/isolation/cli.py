@@ -46,13 +46,23 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("--tmp-size", metavar="SIZE", default="64M", help="size of /tmp (default 64M)")
     p.add_argument("--timeout", metavar="DURATION", help="kill the task after this, e.g. 30s")
     p.add_argument("--user", default="65534", metavar="UID[:GID]", help="default 65534 (nobody)")
-    p.add_argument("--userns", action="store_true", help="also isolate users (task root unprivileged)")
-    p.add_argument("--rootfs", default="/", metavar="DIR", help="root file system (default: host, read-only)")
-    p.add_argument("--ro", action="append", default=[], metavar="HOST[:DEST]", help="bind read-only")
-    p.add_argument("--rw", action="append", default=[], metavar="HOST[:DEST]", help="bind read-write")
+    p.add_argument(
+        "--userns", action="store_true", help="also isolate users (task root unprivileged)"
+    )
+    p.add_argument(
+        "--rootfs", default="/", metavar="DIR", help="root file system (default: host, read-only)"
+    )
+    p.add_argument(
+        "--ro", action="append", default=[], metavar="HOST[:DEST]", help="bind read-only"
+    )
+    p.add_argument(
+        "--rw", action="append", default=[], metavar="HOST[:DEST]", help="bind read-write"
+    )
     p.add_argument("--workspace", metavar="DIR", help="host directory mounted at /workspace")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
-    p.add_argument("--cwd", default="/workspace", metavar="DIR", help="working directory in the task")
+    p.add_argument(
+        "--cwd", default="/workspace", metavar="DIR", help="working directory in the task"
+    )
     p.add_argument("--hostname", default="agentnode")
     p.add_argument("--net", default="none", choices=["none"], help="network: none (loopback only)")
     p.add_argument("--log-dir", metavar="DIR", help="write stdout and stderr to files in DIR")
@@ -137,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--env: {item!r} is not K=V")
         env[key] = value
     if not os.path.isdir(args.rootfs):
-        raise UsageError(f"--rootfs: {args.rootfs!r} is not a directory (give a root file system tree)")
+        raise UsageError(
+            f"--rootfs: {args.rootfs!r} is not a directory (give a root file system tree)"
+        )
     if args.workspace is not None and not os.path.isdir(args.workspace):
         raise UsageError(f"--workspace: {args.workspace!r} is not a directory (create it first)")
     stdout: Stdio = "inherit"
@@ -165,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     def forward(signum: int, _frame: FrameType | None) -> None:
         task.signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {
+        s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
     try:
         result = task.wait()
         while result is None:

@@ -218,7 +218,9 @@ def spawn(
         raise UsageError("a command is required (e.g. agentnode exec -- /bin/true)")
     root = Path(rootfs)
     if not root.is_dir():
-        raise UsageError(f"rootfs {os.fspath(rootfs)!r} is not a directory (give a root file system tree)")
+        raise UsageError(
+            f"rootfs {os.fspath(rootfs)!r} is not a directory (give a root file system tree)"
+        )
     for m in mounts:
         if not os.path.exists(m.src):
             raise UsageError(f"mount source {m.src!r} does not exist (give an existing host path)")

@@ -19,8 +19,9 @@ impl NativeError {
     /// The class in `agentnode.errors` that this error becomes.
     fn class_name(&self) -> &'static str {
         match self {
-            Self::Cgroup(_) => "CgroupError",
-            Self::Sandbox(agentnode_core::sandbox::Error::Cgroup(_)) => "CgroupError",
+            Self::Cgroup(_) | Self::Sandbox(agentnode_core::sandbox::Error::Cgroup(_)) => {
+                "CgroupError"
+            }
             Self::Sandbox(_) => "SandboxError",
             Self::Json(_) => "AgentnodeError",
         }

@@ -60,6 +60,7 @@ impl CgroupManager {
 
 /// Removes dead instances' cgroups under `unified` and `v1` subtree dirs; returns the count.
 #[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned values
 fn sweep_cgroups(py: Python<'_>, unified: PathBuf, v1: Vec<PathBuf>) -> usize {
     py.detach(|| agentnode_core::cgroup::sweep(&unified, &v1))
 }
@@ -137,13 +138,19 @@ impl NativeTask {
         Ok(self.lock().set_frozen(frozen).map_err(NativeError::from)?)
     }
 
-    /// Accounting as a dict: wall_s and the cgroup figures.
+    /// Accounting as a dict: `wall_s` and the cgroup figures.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (wall, s) = self.lock().stats();
         let d = PyDict::new(py);
         d.set_item("wall_s", wall.as_secs_f64())?;
-        d.set_item("cpu_user_s", s.cpu_user_us as f64 / 1e6)?;
-        d.set_item("cpu_system_s", s.cpu_system_us as f64 / 1e6)?;
+        d.set_item(
+            "cpu_user_s",
+            Duration::from_micros(s.cpu_user_us).as_secs_f64(),
+        )?;
+        d.set_item(
+            "cpu_system_s",
+            Duration::from_micros(s.cpu_system_us).as_secs_f64(),
+        )?;
         d.set_item("memory_current", s.memory_current)?;
         d.set_item("memory_peak", s.memory_peak)?;
         d.set_item("pids_current", s.pids_current)?;

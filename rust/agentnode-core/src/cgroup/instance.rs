@@ -175,7 +175,7 @@ fn enable_controllers(parent: &Path, _child: &Path) {
 fn children(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|it| {
-            it.filter_map(|e| e.ok())
+            it.filter_map(std::result::Result::ok)
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                 .map(|e| e.path())
                 .collect()

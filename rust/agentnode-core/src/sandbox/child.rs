@@ -126,7 +126,7 @@ unsafe fn run_op(p: &Prepared, op: &Op) -> bool {
                     || *libc::__errno_location() == libc::EEXIST
             }
             Op::ReadOnly { path, recursive } => {
-                let attr = [libc::MOUNT_ATTR_RDONLY as u64, 0, 0, 0];
+                let attr = [libc::MOUNT_ATTR_RDONLY, 0, 0, 0];
                 let flags = if *recursive { libc::AT_RECURSIVE } else { 0 };
                 libc::syscall(
                     libc::SYS_mount_setattr,
@@ -206,6 +206,19 @@ pub unsafe fn run(p: &Prepared) -> ! {
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(err, STEP_CWD);
         }
+        drop_privileges(p);
+        libc::execve(p.exe.as_ptr(), p.argv_ptrs.as_ptr(), p.env_ptrs.as_ptr());
+        fail(err, STEP_EXEC)
+    }
+}
+
+/// rlimits, stdio, capabilities, ids, `no_new_privs`, parent-death signal, seccomp: the last
+/// steps before exec, in the order the kernel requires (bounding set before the uid change,
+/// seccomp after `no_new_privs`).
+unsafe fn drop_privileges(p: &Prepared) {
+    let err = p.err_write;
+    // SAFETY: raw syscalls on values the parent prepared.
+    unsafe {
         let core = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -286,7 +299,5 @@ pub unsafe fn run(p: &Prepared) -> ! {
                 fail(err, STEP_SECCOMP);
             }
         }
-        libc::execve(p.exe.as_ptr(), p.argv_ptrs.as_ptr(), p.env_ptrs.as_ptr());
-        fail(err, STEP_EXEC)
     }
 }

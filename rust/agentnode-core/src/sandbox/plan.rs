@@ -161,6 +161,70 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
             recursive: true,
         });
     }
+    push_kernel_fs(&mut ops, stage)?;
+    ops.push(Op::MkDir(cstr(at("tmp"))?));
+    ops.push(fs(
+        "tmpfs",
+        &at("tmp"),
+        NOSUID_NODEV,
+        &format!("size={},mode=1777", spec.tmp_size),
+    )?);
+    if let Some(ws) = &spec.workspace {
+        ops.push(Op::MkDir(cstr(at("workspace"))?));
+        ops.push(bind(ws, &at("workspace"))?);
+    }
+    for b in &spec.binds {
+        push_bind(&mut ops, stage, b)?;
+    }
+    ops.push(Op::ReadOnly {
+        path: cstr(stage)?,
+        recursive: false,
+    });
+    ops.push(Op::PivotRoot(cstr(stage)?));
+    Ok(ops)
+}
+
+fn push_bind(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<()> {
+    let meta = std::fs::metadata(&b.src).map_err(|_| Error::BadPath {
+        what: if b.writable {
+            "--rw source"
+        } else {
+            "--ro source"
+        },
+        path: b.src.clone(),
+        why: "does not exist",
+    })?;
+    if !b.dest.is_absolute() || b.dest.components().any(|c| c.as_os_str() == "..") {
+        return Err(Error::BadPath {
+            what: "bind destination",
+            path: b.dest.clone(),
+            why: "must be an absolute path without '..'",
+        });
+    }
+    let rel = b.dest.strip_prefix("/").unwrap_or(&b.dest);
+    let mut cur = PathBuf::from(stage);
+    let comps: Vec<_> = rel.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        cur.push(c);
+        if i + 1 < comps.len() || meta.is_dir() {
+            ops.push(Op::MkDir(cstr(&cur)?));
+        } else {
+            ops.push(Op::Touch(cstr(&cur)?));
+        }
+    }
+    ops.push(bind(&b.src, &cur)?);
+    if !b.writable {
+        ops.push(Op::ReadOnly {
+            path: cstr(&cur)?,
+            recursive: true,
+        });
+    }
+    Ok(())
+}
+
+/// Fresh /proc (with runc's masks), read-only /sys, and a minimal /dev.
+fn push_kernel_fs(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
+    let at = |rel: &str| stage.join(rel);
     // /proc: fresh for the new pid namespace, with runc's masks.
     ops.push(Op::MkDir(cstr(at("proc"))?));
     ops.push(fs("proc", &at("proc"), NOSUID_NODEV | libc::MS_NOEXEC, "")?);
@@ -218,63 +282,6 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
         ops.push(Op::Symlink {
             target: cstr(target)?,
             path: cstr(at(link))?,
-        });
-    }
-    ops.push(Op::MkDir(cstr(at("tmp"))?));
-    ops.push(fs(
-        "tmpfs",
-        &at("tmp"),
-        NOSUID_NODEV,
-        &format!("size={},mode=1777", spec.tmp_size),
-    )?);
-    if let Some(ws) = &spec.workspace {
-        ops.push(Op::MkDir(cstr(at("workspace"))?));
-        ops.push(bind(ws, &at("workspace"))?);
-    }
-    for b in &spec.binds {
-        push_bind(&mut ops, stage, b)?;
-    }
-    ops.push(Op::ReadOnly {
-        path: cstr(stage)?,
-        recursive: false,
-    });
-    ops.push(Op::PivotRoot(cstr(stage)?));
-    Ok(ops)
-}
-
-fn push_bind(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<()> {
-    let meta = std::fs::metadata(&b.src).map_err(|_| Error::BadPath {
-        what: if b.writable {
-            "--rw source"
-        } else {
-            "--ro source"
-        },
-        path: b.src.clone(),
-        why: "does not exist",
-    })?;
-    if !b.dest.is_absolute() || b.dest.components().any(|c| c.as_os_str() == "..") {
-        return Err(Error::BadPath {
-            what: "bind destination",
-            path: b.dest.clone(),
-            why: "must be an absolute path without '..'",
-        });
-    }
-    let rel = b.dest.strip_prefix("/").unwrap_or(&b.dest);
-    let mut cur = PathBuf::from(stage);
-    let comps: Vec<_> = rel.components().collect();
-    for (i, c) in comps.iter().enumerate() {
-        cur.push(c);
-        if i + 1 < comps.len() || meta.is_dir() {
-            ops.push(Op::MkDir(cstr(&cur)?));
-        } else {
-            ops.push(Op::Touch(cstr(&cur)?));
-        }
-    }
-    ops.push(bind(&b.src, &cur)?);
-    if !b.writable {
-        ops.push(Op::ReadOnly {
-            path: cstr(&cur)?,
-            recursive: true,
         });
     }
     Ok(())

@@ -146,11 +146,7 @@ mod tests {
                 }
                 let r = libc::unshare(libc::CLONE_NEWUTS);
                 let e = *libc::__errno_location();
-                if r == -1 && e == libc::EPERM {
-                    0
-                } else {
-                    1
-                }
+                i32::from(!(r == -1 && e == libc::EPERM))
             })
         }
         .unwrap();
