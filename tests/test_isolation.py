@@ -56,12 +56,15 @@ def instance_tasks() -> list[Path]:
     return [t for d in task_mod._cgroups().dirs() if d.exists() for t in d.iterdir() if t.is_dir()]
 
 
-def processes_with(marker: str) -> list[int]:
+def processes_with(marker: str, *, exact: bool = False) -> list[int]:
+    """Pids whose command line contains `marker` (or, with `exact`, is `marker` + NUL: a
+    clone that has not exec'd yet still shows its parent's command line, which may contain it)."""
     found = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if marker.encode() in (p / "cmdline").read_bytes():
+                cmdline = (p / "cmdline").read_bytes()
+                if (cmdline == marker.encode() + b"\0") if exact else marker.encode() in cmdline:
                     found.append(int(p.name))
             except OSError:
                 pass
@@ -197,18 +200,36 @@ def test_fork_bomb_stops_at_pids_limit(ws: Path) -> None:
     assert subprocess.run(["true"], check=False).returncode == 0  # the host still forks
 
 
+def cpu_stat(cpu_dir: Path) -> dict[str, int]:
+    return {
+        k: int(v) for k, v in (ln.split() for ln in (cpu_dir / "cpu.stat").read_text().splitlines())
+    }
+
+
 def test_cpus_half_is_enforced(ws: Path) -> None:
     with spawn(
         ["sh", "-c", "yes > /dev/null & yes > /dev/null & wait"],
         workspace=ws,
         limits=Limits(cpus=0.5),
     ) as t:
+        assert t.cgroup_dir is not None
+        cpu_dir = (
+            next(d for d in task_mod._cgroups().dirs() if "/cpu/" in str(d)) / t.cgroup_dir.name
+        )
+        assert (cpu_dir / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert (cpu_dir / "cpu.cfs_period_us").read_text().strip() == "100000"
         time.sleep(0.3)  # past the first period, which runs before throttling starts
-        s0, t0 = t.stats(), time.monotonic()
+        s0, c0, t0 = t.stats(), cpu_stat(cpu_dir), time.monotonic()
         time.sleep(3)
-        s1, t1 = t.stats(), time.monotonic()
+        s1, c1, t1 = t.stats(), cpu_stat(cpu_dir), time.monotonic()
     used = (s1.cpu_user_s + s1.cpu_system_s - s0.cpu_user_s - s0.cpu_system_s) / (t1 - t0)
-    assert 0.425 <= used <= 0.575, used
+    throttled = (c1["nr_throttled"] - c0["nr_throttled"]) / max(
+        1, c1["nr_periods"] - c0["nr_periods"]
+    )
+    assert used <= 0.575, used
+    # The task reaches its quota in every period it is not starved by other load on this shared
+    # 2-core host; where it reached it (throttled periods), it got 0.5 CPU within 15%.
+    assert used >= 0.425 * min(1.0, throttled / 0.9), (used, throttled)
 
 
 def test_timeout_kills_a_tree_with_a_double_forked_daemon(ws: Path) -> None:
@@ -366,7 +387,7 @@ def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) ->
     assert p.stdout is not None
     instance = p.stdout.readline().strip()
     p.stdout.close()
-    assert processes_with(f"sleep\0{marker}")
+    assert processes_with(f"sleep\0{marker}", exact=True)
     p.kill()
     p.wait()
     deadline = time.monotonic() + 5
@@ -451,7 +472,7 @@ def test_exec_exit_statuses(ws: Path) -> None:
         [sys.executable, "-m", "agentnode", "exec", "--workspace", str(ws), "--", "sleep", marker]
     )
     deadline = time.monotonic() + 10
-    while not (pids := set(processes_with(f"sleep\0{marker}")) - {p.pid}):
+    while not (pids := processes_with(f"sleep\0{marker}", exact=True)):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     os.kill(pids.pop(), signal.SIGKILL)

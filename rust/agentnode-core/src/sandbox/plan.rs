@@ -156,13 +156,25 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
             Op::Touch(cstr(&dst)?)
         });
         ops.push(bind(&src, &dst)?);
-        ops.push(Op::ReadOnly {
-            path: cstr(&dst)?,
-            recursive: true,
-        });
     }
+    // Every mount point on the staging tmpfs first, then one recursive read-only pass over the
+    // root and the host binds (about 30 fewer steps than one per entry); the mounts made after
+    // it (/proc, /dev, /tmp, /workspace, --rw) are new and keep their own modes.
+    for fresh in ["proc", "sys", "dev", "tmp"] {
+        ops.push(Op::MkDir(cstr(at(fresh))?));
+    }
+    if spec.workspace.is_some() {
+        ops.push(Op::MkDir(cstr(at("workspace"))?));
+    }
+    let mut bind_points = Vec::new();
+    for b in &spec.binds {
+        bind_points.push(push_bind_point(&mut ops, stage, b)?);
+    }
+    ops.push(Op::ReadOnly {
+        path: cstr(stage)?,
+        recursive: true,
+    });
     push_kernel_fs(&mut ops, stage)?;
-    ops.push(Op::MkDir(cstr(at("tmp"))?));
     ops.push(fs(
         "tmpfs",
         &at("tmp"),
@@ -170,21 +182,23 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
         &format!("size={},mode=1777", spec.tmp_size),
     )?);
     if let Some(ws) = &spec.workspace {
-        ops.push(Op::MkDir(cstr(at("workspace"))?));
         ops.push(bind(ws, &at("workspace"))?);
     }
-    for b in &spec.binds {
-        push_bind(&mut ops, stage, b)?;
+    for (b, point) in spec.binds.iter().zip(&bind_points) {
+        ops.push(bind(&b.src, point)?);
+        if !b.writable {
+            ops.push(Op::ReadOnly {
+                path: cstr(point)?,
+                recursive: true,
+            });
+        }
     }
-    ops.push(Op::ReadOnly {
-        path: cstr(stage)?,
-        recursive: false,
-    });
     ops.push(Op::PivotRoot(cstr(stage)?));
     Ok(ops)
 }
 
-fn push_bind(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<()> {
+/// Creates the mount point chain of a bind and returns where it is.
+fn push_bind_point(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<PathBuf> {
     let meta = std::fs::metadata(&b.src).map_err(|_| Error::BadPath {
         what: if b.writable {
             "--rw source"
@@ -212,21 +226,13 @@ fn push_bind(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<()> {
             ops.push(Op::Touch(cstr(&cur)?));
         }
     }
-    ops.push(bind(&b.src, &cur)?);
-    if !b.writable {
-        ops.push(Op::ReadOnly {
-            path: cstr(&cur)?,
-            recursive: true,
-        });
-    }
-    Ok(())
+    Ok(cur)
 }
 
 /// Fresh /proc (with runc's masks), read-only /sys, and a minimal /dev.
 fn push_kernel_fs(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
     let at = |rel: &str| stage.join(rel);
     // /proc: fresh for the new pid namespace, with runc's masks.
-    ops.push(Op::MkDir(cstr(at("proc"))?));
     ops.push(fs("proc", &at("proc"), NOSUID_NODEV | libc::MS_NOEXEC, "")?);
     for p in READ_ONLY {
         ops.push(bind(&at(p), &at(p))?);
@@ -236,7 +242,6 @@ fn push_kernel_fs(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
         });
     }
     // /sys: read-only, of the task's network namespace.
-    ops.push(Op::MkDir(cstr(at("sys"))?));
     ops.push(fs(
         "sysfs",
         &at("sys"),
@@ -247,7 +252,6 @@ fn push_kernel_fs(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
         ops.push(Op::Mask(cstr(at(p))?));
     }
     // /dev: a small tmpfs with the usual device nodes bound from the host, a private devpts.
-    ops.push(Op::MkDir(cstr(at("dev"))?));
     ops.push(fs(
         "tmpfs",
         &at("dev"),
