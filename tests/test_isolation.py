@@ -319,6 +319,13 @@ def test_userns_maps_task_root_to_an_unprivileged_host_id() -> None:
 def test_network_is_loopback_only_and_a_netns_can_be_joined(ws: Path) -> None:
     _, out, _ = sh("cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '", ws)
     assert out.split() == ["lo"]
+    probe = (
+        "import socket; s = socket.create_server(('127.0.0.1', 0)); "
+        "c = socket.create_connection(s.getsockname()); print('loopback ok'); "
+        "socket.create_connection(('10.255.255.1', 9), timeout=1)"
+    )
+    status, out, _ = run(["/usr/bin/python3", "-c", probe], ws)
+    assert "loopback ok" in out and "Network is unreachable" in out and status == 1, out
     name = f"agentnode-t{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:

@@ -23,6 +23,7 @@ pub const STEP_CAPS: u32 = 10_007;
 pub const STEP_NNP: u32 = 10_008;
 pub const STEP_SECCOMP: u32 = 10_009;
 pub const STEP_EXEC: u32 = 10_010;
+pub const STEP_LOOPBACK: u32 = 10_011;
 
 /// Everything the child needs, prepared by the parent.
 pub struct Prepared {
@@ -45,7 +46,7 @@ pub struct Prepared {
     pub gid: u32,
     pub cap_last: u32,
     pub nofile: u64,
-    pub seccomp: Vec<BpfProgram>,
+    pub seccomp: &'static [BpfProgram],
     pub dev_null: CString,
     pub mask_data: CString,
     pub tmpfs: CString,
@@ -171,6 +172,25 @@ unsafe fn run_op(p: &Prepared, op: &Op) -> bool {
     }
 }
 
+/// Brings up `lo` in the task's fresh network namespace (it starts down): SIOCSIFFLAGS on a
+/// datagram socket, no netlink, nothing allocated.
+unsafe fn loopback_up() -> bool {
+    // SAFETY: ifreq is plain data; socket/ioctl/close are async-signal-safe.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as c_char;
+        req.ifr_name[1] = b'o' as c_char;
+        req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+        let ok = libc::ioctl(fd, libc::SIOCSIFFLAGS, &raw mut req) == 0;
+        libc::close(fd);
+        ok
+    }
+}
+
 /// Runs in the child after `clone3`: waits for the parent, builds the sandbox, execs.
 ///
 /// # Safety
@@ -194,6 +214,9 @@ pub unsafe fn run(p: &Prepared) -> ! {
                 fail(err, STEP_NETNS);
             }
             libc::close(fd);
+        }
+        if p.netns.is_none() && !loopback_up() {
+            fail(err, STEP_LOOPBACK);
         }
         for (i, op) in p.ops.iter().enumerate() {
             if !run_op(p, op) {
@@ -294,7 +317,7 @@ unsafe fn drop_privileges(p: &Prepared) {
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
-        for prog in &p.seccomp {
+        for prog in p.seccomp {
             if seccompiler::apply_filter(prog).is_err() {
                 fail(err, STEP_SECCOMP);
             }

@@ -213,7 +213,7 @@ fn prepare(
         seccomp: if spec.seccomp {
             seccomp::default_programs()?
         } else {
-            Vec::new()
+            &[]
         },
         dev_null: c("/dev/null", "path")?,
         mask_data: c("size=4k,mode=555", "mount options")?,
@@ -244,6 +244,7 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
         child::STEP_CAPS => "drop capabilities".into(),
         child::STEP_NNP => "set no_new_privs".into(),
         child::STEP_SECCOMP => "install the seccomp filter".into(),
+        child::STEP_LOOPBACK => "bring up the loopback interface".into(),
         i => ops
             .get(i as usize)
             .map_or_else(|| format!("step {i}"), plan::Op::describe),

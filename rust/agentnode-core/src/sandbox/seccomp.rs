@@ -92,8 +92,18 @@ fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProg
         .map_err(|e: seccompiler::BackendError| Error::Seccomp(e.to_string()))
 }
 
-/// The default filter as programs to install in order.
-pub fn default_programs() -> Result<Vec<BpfProgram>> {
+/// The default filter, compiled once per process (it never changes), as programs to install
+/// in order.
+pub fn default_programs() -> Result<&'static [BpfProgram]> {
+    static PROGRAMS: std::sync::OnceLock<Vec<BpfProgram>> = std::sync::OnceLock::new();
+    if let Some(p) = PROGRAMS.get() {
+        return Ok(p);
+    }
+    let built = build()?;
+    Ok(PROGRAMS.get_or_init(|| built))
+}
+
+fn build() -> Result<Vec<BpfProgram>> {
     let seccomp = |e: seccompiler::BackendError| Error::Seccomp(e.to_string());
     let mut eperm: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
@@ -139,7 +149,7 @@ mod tests {
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     return 10;
                 }
-                for p in &progs {
+                for p in progs {
                     if seccompiler::apply_filter(p).is_err() {
                         return 11;
                     }
