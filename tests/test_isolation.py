@@ -150,6 +150,21 @@ def test_capabilities_dropped_and_no_new_privs(ws: Path) -> None:
         assert fields["NoNewPrivs"] == "1" and fields["Seccomp"] == "2"
 
 
+def test_listed_capability_is_kept_and_nothing_else(ws: Path) -> None:
+    probe = (
+        "import socket; s = socket.socket(); s.bind(('127.0.0.1', 80)); print('bound 80'); "
+        "print(open('/proc/self/status').read())"
+    )
+    status, out, _ = run(["/usr/bin/python3", "-c", probe], ws, caps=["CAP_NET_BIND_SERVICE"])
+    assert status == 0 and "bound 80" in out, out
+    fields = dict(line.split(":\t") for line in out.splitlines() if ":\t" in line)
+    assert fields["CapEff"] == fields["CapBnd"] == fields["CapAmb"] == f"{1 << 10:016x}"
+    status, out, _ = run(["/usr/bin/python3", "-c", probe], ws)
+    assert status == 1 and "Permission denied" in out
+    with pytest.raises(UsageError, match="CAP_NOPE"):
+        spawn(["true"], caps=["CAP_NOPE"])
+
+
 def test_seccomp_denies_mount_bpf_and_unshare(ws: Path) -> None:
     probe = textwrap.dedent(
         """
@@ -454,6 +469,7 @@ def assert_nothing_left(pid: int) -> None:
             "--ro: '/nonexistent-agentnode' does not exist",
         ),
         (["--env", "NOEQUALS", "--", "true"], 2, "--env: 'NOEQUALS' is not K=V"),
+        (["--cap-add", "CAP_NOPE", "--", "true"], 2, "capability 'CAP_NOPE' is unknown"),
         (["--"], 2, "a command is required"),
         (["--", "no-such-command-agentnode"], 1, 'command not found: "no-such-command-agentnode"'),
         (["--", "/etc/passwd"], 1, 'cannot execute "/etc/passwd" in the task: Permission denied'),

@@ -84,6 +84,7 @@ def spawn(
     stdio: tuple[int | None, int | None, int | None],
     nofile: int,
     seccomp: bool,
+    caps: list[int],
     cpu_quota_us: int | None,
     cpu_period_us: int,
     cpu_weight: int | None,

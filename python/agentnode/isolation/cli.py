@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
         "--userns", action="store_true", help="also isolate users (task root unprivileged)"
     )
     p.add_argument(
+        "--cap-add", action="append", default=[], metavar="CAP", help="keep this capability"
+    )
+    p.add_argument(
         "--rootfs", default="/", metavar="DIR", help="root file system (default: host, read-only)"
     )
     p.add_argument(
@@ -172,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         stdout=stdout,
         stderr=stderr,
+        caps=args.cap_add,
     )
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -19,6 +19,7 @@ from agentnode import _native
 from agentnode.errors import UsageError
 
 __all__ = [
+    "CAPABILITIES",
     "DATA_DIR",
     "USERNS_BASE",
     "ExitReason",
@@ -27,6 +28,7 @@ __all__ = [
     "Result",
     "Stats",
     "Task",
+    "capability_number",
     "spawn",
 ]
 
@@ -36,6 +38,51 @@ DATA_DIR = Path(os.environ.get("AGENTNODE_DATA_DIR", "/var/lib/agentnode"))
 #: With a user namespace, task ids 0..65535 map to host ids from here on.
 USERNS_BASE = 100_000
 NOBODY = 65534
+
+#: Capability names in kernel order (`CAP_` prefix dropped): the index is the number.
+CAPABILITIES = (
+    "chown",
+    "dac_override",
+    "dac_read_search",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "linux_immutable",
+    "net_bind_service",
+    "net_broadcast",
+    "net_admin",
+    "net_raw",
+    "ipc_lock",
+    "ipc_owner",
+    "sys_module",
+    "sys_rawio",
+    "sys_chroot",
+    "sys_ptrace",
+    "sys_pacct",
+    "sys_admin",
+    "sys_boot",
+    "sys_nice",
+    "sys_resource",
+    "sys_time",
+    "sys_tty_config",
+    "mknod",
+    "lease",
+    "audit_write",
+    "audit_control",
+    "setfcap",
+    "mac_override",
+    "mac_admin",
+    "syslog",
+    "wake_alarm",
+    "block_suspend",
+    "audit_read",
+    "perfmon",
+    "bpf",
+    "checkpoint_restore",
+)
 
 Stdio = Literal["inherit", "pipe", "null"] | int | str | os.PathLike[str]
 
@@ -167,6 +214,14 @@ def _stdio_fd(
     return fd
 
 
+def capability_number(name: str) -> int:
+    """`CAP_NET_BIND_SERVICE` (or `net_bind_service`) -> 10."""
+    key = name.lower().removeprefix("cap_")
+    if key not in CAPABILITIES:
+        raise UsageError(f"capability {name!r} is unknown (example: CAP_NET_BIND_SERVICE)")
+    return CAPABILITIES.index(key)
+
+
 def _parse_user(user: int | str) -> tuple[int, int]:
     if isinstance(user, int):
         return user, user
@@ -205,12 +260,15 @@ def spawn(
     stdout: Stdio = "inherit",
     stderr: Stdio = "inherit",
     seccomp: bool = True,
+    caps: Sequence[str] = (),
 ) -> Task:
     """Starts `argv` isolated (new pid, mount, uts, ipc, net and cgroup namespaces, read-only root,
     no capabilities, seccomp) in a fresh cgroup with `limits`; returns once it has exec'd.
 
     `network` is "none" (a fresh namespace with loopback only) or the path of a network
     namespace to join (`/run/netns/NAME`). The environment holds only PATH, LANG, HOME and `env`.
+    Every capability is dropped except `caps` (names like CAP_NET_BIND_SERVICE), which the
+    task keeps (as ambient capabilities when `user` is not 0).
     Call from a long-lived thread: the task is SIGKILLed when the spawning thread exits.
     """
     limits = limits or Limits()
@@ -230,6 +288,7 @@ def spawn(
     if netns is not None and not os.path.exists(netns):
         raise UsageError(f"network {network!r}: give 'none' or an existing network namespace path")
     uid, gid = _parse_user(user)
+    cap_numbers = [capability_number(c) for c in caps]
     manager = _cgroups()
     ws = Path(workspace) if workspace is not None else _default_workspace(manager.name)
     ws.mkdir(parents=True, exist_ok=True)
@@ -260,6 +319,7 @@ def spawn(
             stdio=(fds[0], fds[1], fds[2]),
             nofile=limits.nofile,
             seccomp=seccomp,
+            caps=cap_numbers,
             cpu_quota_us=None if limits.cpus is None else round(limits.cpus * 100_000),
             cpu_period_us=100_000,
             cpu_weight=limits.cpu_weight,

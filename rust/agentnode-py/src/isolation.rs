@@ -180,7 +180,7 @@ impl NativeTask {
 #[pyfunction]
 #[pyo3(signature = (
     manager, argv, *, env, cwd, hostname, rootfs, stage, workspace, binds, tmp_size, uid, gid,
-    userns_base, netns, stdio, nofile, seccomp, cpu_quota_us, cpu_period_us, cpu_weight,
+    userns_base, netns, stdio, nofile, seccomp, caps, cpu_quota_us, cpu_period_us, cpu_weight,
     memory_max, memory_high, swap_max, pids_max
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -203,6 +203,7 @@ fn spawn(
     stdio: (Option<i32>, Option<i32>, Option<i32>),
     nofile: u64,
     seccomp: bool,
+    caps: Vec<u32>,
     cpu_quota_us: Option<u64>,
     cpu_period_us: u64,
     cpu_weight: Option<u64>,
@@ -235,6 +236,7 @@ fn spawn(
         stdio: [stdio.0, stdio.1, stdio.2],
         nofile,
         seccomp,
+        keep_caps: caps,
     };
     let limits = Limits {
         cpu_quota_us,

@@ -45,6 +45,8 @@ pub struct Prepared {
     pub uid: u32,
     pub gid: u32,
     pub cap_last: u32,
+    /// Bit N set: keep capability N.
+    pub keep_caps: u64,
     pub nofile: u64,
     pub seccomp: &'static [BpfProgram],
     pub dev_null: CString,
@@ -262,7 +264,7 @@ unsafe fn drop_privileges(p: &Prepared) {
                 }
             }
         }
-        for cap in 0..=p.cap_last {
+        for cap in (0..=p.cap_last).filter(|c| p.keep_caps & (1u64 << c) == 0) {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
                 && *libc::__errno_location() != libc::EINVAL
             {
@@ -276,24 +278,42 @@ unsafe fn drop_privileges(p: &Prepared) {
             0,
             0,
         );
+        // Kept capabilities must survive the uid change (then exec, as ambient capabilities).
+        if p.keep_caps != 0 && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            fail(err, STEP_CAPS);
+        }
         if libc::setgroups(0, null()) != 0
             || libc::setresgid(p.gid, p.gid, p.gid) != 0
             || libc::setresuid(p.uid, p.uid, p.uid) != 0
         {
             fail(err, STEP_IDS);
         }
-        // A non-zero uid lost its capabilities in setresuid; uid 0 must drop them explicitly.
+        // Exactly the kept capabilities remain (none by default): uid 0 would otherwise keep
+        // all of them, and a non-zero uid with KEEPCAPS keeps its permitted set.
         let header = CapHeader {
             version: 0x2008_0522,
             pid: 0,
         };
-        let data = [CapData {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        }; 2];
+        let (lo, hi) = (p.keep_caps as u32, (p.keep_caps >> 32) as u32);
+        let data = [
+            CapData {
+                effective: lo,
+                permitted: lo,
+                inheritable: lo,
+            },
+            CapData {
+                effective: hi,
+                permitted: hi,
+                inheritable: hi,
+            },
+        ];
         if libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) != 0 {
             fail(err, STEP_CAPS);
+        }
+        for cap in (0..=p.cap_last).filter(|c| p.keep_caps & (1u64 << c) != 0) {
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0 {
+                fail(err, STEP_CAPS);
+            }
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail(err, STEP_NNP);

@@ -97,6 +97,8 @@ pub struct Spec {
     pub stdio: [Option<RawFd>; 3],
     pub nofile: u64,
     pub seccomp: bool,
+    /// Capability numbers (`CAP_NET_BIND_SERVICE` = 10, ...) the task keeps; all others drop.
+    pub keep_caps: Vec<u32>,
 }
 
 /// The `PATH` used to resolve a bare command name inside the task's root.
@@ -161,6 +163,17 @@ fn cap_last() -> u32 {
         .unwrap_or(63)
 }
 
+fn check_caps(caps: &[u32]) -> Result<()> {
+    let last = cap_last();
+    match caps.iter().find(|&&c| c > last) {
+        Some(c) => Err(Error::Invalid {
+            what: "capability",
+            why: format!("{c} is not a capability of this kernel (0 to {last})"),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn prepare(
     spec: &Spec,
     sync: (RawFd, RawFd),
@@ -168,6 +181,7 @@ fn prepare(
     netns: Option<RawFd>,
 ) -> Result<child::Prepared> {
     let exe = resolve(spec)?;
+    check_caps(&spec.keep_caps)?;
     if !spec.stage.is_dir() {
         return Err(Error::BadPath {
             what: "staging directory",
@@ -209,6 +223,7 @@ fn prepare(
         uid: spec.uid,
         gid: spec.gid,
         cap_last: cap_last(),
+        keep_caps: spec.keep_caps.iter().fold(0, |m, c| m | (1u64 << c)),
         nofile: spec.nofile,
         seccomp: if spec.seccomp {
             seccomp::default_programs()?
