@@ -183,6 +183,26 @@ def test_seccomp_denies_mount_bpf_and_unshare(ws: Path) -> None:
     assert got == {"mount": "1", "bpf": "1", "unshare": "1"}  # EPERM
 
 
+def test_escape_attempts_fail(ws: Path) -> None:
+    host = subprocess.Popen(["sleep", "60"])
+    try:
+        script = (
+            "kill -9 -1 2>/dev/null; "
+            "ls -A /sys/fs/cgroup | wc -l; "
+            "(echo 1 > /sys/fs/cgroup/cgroup.procs) 2>/dev/null && echo cgroup-escape; "
+            "(nsenter -t 1 -m true) 2>/dev/null && echo nsenter; "
+            "(chroot / true) 2>/dev/null && echo chroot; "
+            "(mknod /tmp/sda b 8 0) 2>/dev/null && echo mknod; true"
+        )
+        status, out, _ = sh(script, ws, user=0)
+        assert status == 0
+        assert out.split() == ["0"], out
+        assert host.poll() is None  # kill -1 inside reached nothing outside
+    finally:
+        host.kill()
+        host.wait()
+
+
 def test_no_new_privs_stops_setuid(ws: Path) -> None:
     shutil.copy("/usr/bin/id", ws / "suid-id")
     os.chown(ws / "suid-id", 0, 0)
