@@ -51,7 +51,6 @@ fn is_alive(name: &str) -> bool {
 }
 
 fn ensure_dir(path: &Path) -> Result<()> {
-    // Another instance may rmdir an empty `agentnode` between our mkdir and our use; retry.
     match std::fs::create_dir(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -83,27 +82,30 @@ impl Manager {
             v1.push(base.join(&name));
         }
         let unified = unified_sub.join(&name);
+        // Another instance may remove an empty `agentnode` dir between our two mkdirs; retry.
+        let create_all = || {
+            ensure_dir(&unified_sub)?;
+            ensure_dir(&unified)?;
+            v1_bases
+                .iter()
+                .zip(&v1)
+                .try_for_each(|(b, d)| ensure_dir(b).and_then(|()| ensure_dir(d)))
+        };
+        let mut made = create_all();
         for _ in 0..3 {
-            let made = ensure_dir(&unified_sub)
-                .and_then(|()| ensure_dir(&unified))
-                .and_then(|()| {
-                    v1_bases
-                        .iter()
-                        .zip(&v1)
-                        .try_for_each(|(b, d)| ensure_dir(b).and_then(|()| ensure_dir(d)))
-                });
-            match made {
-                Err(Error::Create { ref source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound => {}
-                other => {
-                    other?;
-                    break;
+            match &made {
+                Err(Error::Create { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    made = create_all();
                 }
+                _ => break,
             }
         }
+        made?;
         if hierarchy.layout == Layout::Unified {
-            enable_controllers(&unified_base, &unified_sub);
-            enable_controllers(&unified_sub, &unified);
+            enable_controllers(&unified_base);
+            enable_controllers(&unified_sub);
         }
         Ok(Self {
             layout: hierarchy.layout,
@@ -159,7 +161,8 @@ impl Drop for Manager {
     }
 }
 
-fn enable_controllers(parent: &Path, _child: &Path) {
+/// Delegates cpu, memory, pids and io from `parent` to its children (cgroup v2).
+fn enable_controllers(parent: &Path) {
     let Ok(available) = std::fs::read_to_string(parent.join("cgroup.controllers")) else {
         return;
     };

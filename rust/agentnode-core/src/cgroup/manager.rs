@@ -224,8 +224,8 @@ impl Hybrid {
 
 impl Drop for Hybrid {
     fn drop(&mut self) {
-        // Children before the cgroup2 node is irrelevant; but v1 dirs go first so a sweep that
-        // sees the cgroup2 node gone knows the task is fully released.
+        // v1 dirs go before the cgroup2 node (a field dropped after this), so a cgroup2 node
+        // that is gone means the whole task is released.
         self.owned_v1.clear();
     }
 }
