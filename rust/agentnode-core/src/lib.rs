@@ -6,4 +6,5 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
+pub mod sched;
 pub mod sys;

@@ -9,6 +9,8 @@ use pyo3::prelude::*;
 pub enum NativeError {
     #[error(transparent)]
     Cgroup(#[from] agentnode_core::cgroup::Error),
+    #[error(transparent)]
+    Sched(#[from] agentnode_core::sched::Error),
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -19,6 +21,7 @@ impl NativeError {
         match self {
             Self::Cgroup(_) => "CgroupError",
             Self::Json(_) => "AgentnodeError",
+            Self::Sched(_) => "SchedulerError",
         }
     }
 }
