@@ -1,0 +1,259 @@
+"""The task lifecycle: durable submit, scheduling, transitions, retries, caps and recovery.
+
+Every transition is written to the store before the call returns, so whatever a caller
+acknowledges survives a crash. Queued tasks are fed to the Rust scheduler by their submission
+sequence number; a retried task waits in a delay heap until its backoff has passed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agentnode._native import Scheduler
+from agentnode.errors import QueueFullError, TaskError
+from agentnode.tasks.model import State, Task, TaskSpec
+from agentnode.tasks.retry import RetryPolicy
+from agentnode.tasks.store import TaskStore
+from agentnode.tasks.tokens import new_token, verify_token
+
+__all__ = ["Limits", "TaskManager"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Queue caps and scheduler limits (0: unlimited)."""
+
+    tenant_queue_cap: int = 1000
+    max_queued: int = 10_000
+    tenant_running: int = 0
+    class_running: tuple[tuple[str, int], ...] = ()
+    aging: int = 64
+
+
+class TaskManager:
+    """Owns the store, the scheduler and every task's state. Use from one event loop."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        sync: bool = True,
+    ) -> None:
+        """Opens the store under `root` and recovers its tasks (see `recover`)."""
+        limits = limits or Limits()
+        self.limits = limits
+        self.retry = retry or RetryPolicy()
+        self.store = TaskStore(root, sync=sync)
+        self.scheduler = Scheduler(
+            tenant_limit=limits.tenant_running,
+            class_limits=dict(limits.class_running),
+            aging=limits.aging,
+        )
+        self.tasks: dict[str, Task] = {}
+        self._by_seq: dict[int, str] = {}
+        self._queued: Counter[str] = Counter()
+        self._delayed: list[tuple[float, int]] = []
+        self.recovered_lost: list[str] = []
+        self._recover()
+
+    def _recover(self) -> None:
+        """Reloads every task. Queued ones re-enter the scheduler in submission order; ones that
+        were starting or running when the last process died become lost (and may retry)."""
+        interrupted = []
+        for t in self.store.load():
+            self.tasks[t.id] = t
+            if t.state is State.QUEUED:
+                self._enqueue(t)
+            elif t.state in (State.STARTING, State.RUNNING):
+                interrupted.append(t)
+        now = time.time()
+        for t in interrupted:
+            lost = t.moved(State.LOST, now, reason="the node agent restarted while it ran")
+            self._set(lost)
+            self.store.put_now(lost)
+            self.recovered_lost.append(t.id)
+            self._maybe_retry_now(lost, now)
+
+    def _set(self, t: Task) -> None:
+        self.tasks[t.id] = t
+
+    def _enqueue(self, t: Task) -> None:
+        self._by_seq[t.seq] = t.id
+        self._queued[t.spec.tenant] += 1
+        if t.not_before > time.time():
+            heapq.heappush(self._delayed, (t.not_before, t.seq))
+        else:
+            self._push(t)
+
+    def _push(self, t: Task) -> None:
+        s = t.spec
+        self.scheduler.push(t.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes)
+
+    def _dequeued(self, t: Task) -> None:
+        self._queued[t.spec.tenant] -= 1
+        del self._by_seq[t.seq]
+
+    def get(self, task_id: str) -> Task:
+        try:
+            return self.tasks[task_id]
+        except KeyError:
+            raise TaskError(f"no task {task_id!r} (list tasks to see valid ids)") from None
+
+    def queued_count(self, tenant: str | None = None) -> int:
+        return self._queued[tenant] if tenant else sum(self._queued.values())
+
+    async def submit(self, spec: TaskSpec) -> tuple[Task, str]:
+        """Queues a task durably and returns it with its bearer token (shown only once).
+
+        Raises `QueueFullError` when the tenant is at its cap, or when the node is at
+        `max_queued` and no queued batch task can be shed to make room.
+        """
+        if self._queued[spec.tenant] >= self.limits.tenant_queue_cap:
+            raise QueueFullError(
+                f"tenant {spec.tenant} has {self._queued[spec.tenant]} queued tasks, its cap "
+                f"(retry later or raise tenant_queue_cap)"
+            )
+        shed: list[Task] = []
+        if self.queued_count() >= self.limits.max_queued:
+            victim = self._shed_victim(spec)
+            if victim is None:
+                raise QueueFullError(
+                    f"the node has {self.queued_count()} queued tasks, its cap (retry later)"
+                )
+            shed.append(
+                victim.moved(State.CANCELLED, time.time(), reason="shed under queue pressure")
+            )
+        token, token_hash = new_token()
+        now = time.time()
+        task = Task(
+            id=uuid.uuid4().hex,
+            seq=self.store.next_seq(),
+            spec=spec,
+            token_hash=token_hash,
+            history=((State.QUEUED.value, now),),
+        )
+        await self.store.put(*shed, task)
+        for v in shed:
+            self._drop_queued(v)
+        self._set(task)
+        self._enqueue(task)
+        return task, token
+
+    def _shed_victim(self, incoming: TaskSpec) -> Task | None:
+        """The newest queued batch task, if the incoming task outranks batch."""
+        if incoming.cls == "batch":
+            return None
+        for seq in sorted(self._by_seq, reverse=True):
+            t = self.tasks[self._by_seq[seq]]
+            if t.spec.cls == "batch":
+                return t
+        return None
+
+    def _drop_queued(self, cancelled: Task) -> None:
+        old = self.tasks[cancelled.id]
+        self._set(cancelled)
+        self._dequeued(old)
+        if not any(seq == old.seq for _, seq in self._delayed):
+            self.scheduler.cancel(old.seq)
+        else:
+            self._delayed = [(d, s) for d, s in self._delayed if s != old.seq]
+            heapq.heapify(self._delayed)
+
+    async def next_tasks(
+        self, n: int, *, free_cpu_millis: int, free_memory_bytes: int
+    ) -> list[Task]:
+        """Pops up to `n` tasks that fit the free capacity and marks them starting."""
+        self._release_due()
+        seqs = self.scheduler.pop_many(n, free_cpu_millis, free_memory_bytes)
+        now = time.time()
+        started = []
+        for seq in seqs:
+            t = self.tasks[self._by_seq[seq]]
+            self._dequeued(t)
+            started.append(t.moved(State.STARTING, now))
+        await self.store.put(*started)
+        for t in started:
+            self._set(t)
+        return started
+
+    def _release_due(self) -> None:
+        now = time.time()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq = heapq.heappop(self._delayed)
+            self._push(self.tasks[self._by_seq[seq]])
+
+    async def mark_running(self, task_id: str) -> Task:
+        t = self.get(task_id).moved(State.RUNNING, time.time())
+        await self.store.put(t)
+        self._set(t)
+        return t
+
+    async def finish(self, task_id: str, outcome: State, *, reason: str = "") -> Task:
+        """Records a started task's outcome; a retryable outcome re-queues it after a backoff."""
+        old = self.get(task_id)
+        if outcome not in (
+            State.SUCCEEDED,
+            State.FAILED,
+            State.TIMED_OUT,
+            State.CANCELLED,
+            State.LOST,
+        ):
+            raise TaskError(
+                f"{outcome} is not an outcome (use succeeded, failed, timed_out, cancelled or lost)"
+            )
+        now = time.time()
+        done = old.moved(outcome, now, reason=reason)
+        again = self._retry_of(done, now)
+        await self.store.put(*(x for x in (done, again) if x is not None))
+        self.scheduler.complete(old.seq)
+        self._set(again or done)
+        if again is not None:
+            self._enqueue(again)
+        return again or done
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancels a queued task (a started one is cancelled by `finish(..., CANCELLED)`)."""
+        t = self.get(task_id)
+        if t.state is not State.QUEUED:
+            raise TaskError(
+                f"task {task_id} is {t.state}, not queued (stop it, then finish it as cancelled)"
+            )
+        c = t.moved(State.CANCELLED, time.time(), reason="cancelled by request")
+        await self.store.put(c)
+        self._drop_queued(c)
+        return c
+
+    def _retry_of(self, done: Task, now: float) -> Task | None:
+        if not self.retry.should_retry(done.state, done.attempt):
+            return None
+        return replace(
+            done.moved(State.QUEUED, now),
+            attempt=done.attempt + 1,
+            not_before=now + self.retry.delay(done.attempt),
+        )
+
+    def _maybe_retry_now(self, lost: Task, now: float) -> None:
+        again = self._retry_of(lost, now)
+        if again is not None:
+            self.store.put_now(again)
+            self._set(again)
+            self._enqueue(again)
+
+    def verify(self, task_id: str, token: str) -> bool:
+        """Whether `token` is this task's bearer token (constant-time)."""
+        t = self.tasks.get(task_id)
+        return t is not None and verify_token(token, t.token_hash)
+
+    def checkpoint_env(self, task_id: str) -> dict[str, str]:
+        """The environment a (retried) task gets: AGENTNODE_CHECKPOINT names its checkpoint file."""
+        return {"AGENTNODE_CHECKPOINT": str(self.store.checkpoint_path(self.get(task_id).id))}
+
+    def close(self) -> None:
+        self.store.close()
