@@ -87,8 +87,12 @@ def test_tokens() -> None:
 
 def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
     async def main() -> None:
-        m = TaskManager(tmp_path, retry=RetryPolicy(max_attempts=2, base_s=0.0, max_s=0.0))
+        m = TaskManager(
+            tmp_path, retry=RetryPolicy(max_attempts=2, base_s=0.0, max_s=0.0), sync=True
+        )
         task, token = await m.submit(spec())
+        with pytest.raises(TaskError, match="not started"):
+            await m.finish(task.id, State.CANCELLED)
         assert m.verify(task.id, token) and not m.verify(task.id, "nope")
         assert not m.verify("missing", token)
         [started] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
@@ -162,6 +166,30 @@ def test_tenant_cap_and_batch_shedding(tmp_path: Path) -> None:
         got = await m.next_tasks(10, free_cpu_millis=BIG, free_memory_bytes=BIG)
         assert got[0].id == urgent.id and len(got) == 4
         m.close()
+
+    asyncio.run(main())
+
+
+def test_failed_write_acknowledges_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path)
+        a, _ = await m.submit(spec())
+
+        def disk_full(tasks: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(m.store, "_commit", disk_full)
+        with pytest.raises(TaskError, match="No space left"):
+            await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        with pytest.raises(TaskError, match="No space left"):
+            await m.submit(spec())
+        assert m.get(a.id).state is State.QUEUED and m.queued_count() == 1
+        monkeypatch.undo()
+        [started] = await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert started.id == a.id
+        m.close()
+        with pytest.raises(TaskError, match="closed"):
+            await m.store.put(started)
 
     asyncio.run(main())
 

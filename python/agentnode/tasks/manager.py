@@ -44,7 +44,7 @@ class TaskManager:
         *,
         limits: Limits | None = None,
         retry: RetryPolicy | None = None,
-        sync: bool = True,
+        sync: bool = False,
     ) -> None:
         """Opens the store under `root` and recovers its tasks (see `recover`)."""
         limits = limits or Limits()
@@ -178,7 +178,14 @@ class TaskManager:
             t = self.tasks[self._by_seq[seq]]
             self._dequeued(t)
             started.append(t.moved(State.STARTING, now))
-        await self.store.put(*started)
+        try:
+            await self.store.put(*started)
+        except TaskError:
+            # Not durable, so not started: hand them back (at the end of their tenants' lanes).
+            for t in started:
+                self.scheduler.complete(t.seq)
+                self._enqueue(self.tasks[t.id])
+            raise
         for t in started:
             self._set(t)
         return started
@@ -198,6 +205,10 @@ class TaskManager:
     async def finish(self, task_id: str, outcome: State, *, reason: str = "") -> Task:
         """Records a started task's outcome; a retryable outcome re-queues it after a backoff."""
         old = self.get(task_id)
+        if old.state not in (State.STARTING, State.RUNNING):
+            raise TaskError(
+                f"task {task_id} is {old.state}, not started (use cancel for a queued task)"
+            )
         if outcome not in (
             State.SUCCEEDED,
             State.FAILED,

@@ -3,7 +3,8 @@
 Writes go through one writer thread that commits everything pending as a single WriteBatch
 (group commit), so the event loop never blocks on disk and a burst of transitions costs one
 WAL write. `await put(...)` returns only after the batch holding it is written, so a caller that
-acknowledges after the await never acknowledges something a crash can lose.
+acknowledges after the await never acknowledges something a process crash can lose (with
+`sync=True`, nor a power loss).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ _Item = tuple[list[Task], asyncio.AbstractEventLoop, asyncio.Future[None]]
 class TaskStore:
     """Task records under `root/db`, checkpoints under `root/checkpoints/<task id>`."""
 
-    def __init__(self, root: Path, *, sync: bool = True) -> None:
-        """Opens (creating) the store. `sync` fsyncs each batch, surviving host crashes too."""
+    def __init__(self, root: Path, *, sync: bool = False) -> None:
+        """Opens (creating) the store.
+
+        Every batch reaches RocksDB's write-ahead log in the kernel before `put` returns, which
+        survives a crash or `kill -9` of this process. `sync=True` also fsyncs each batch to
+        survive power loss; rocksdict holds the GIL while it writes, so that stalls the event
+        loop for the fsync, once per batch.
+        """
         self.root = root
         self.checkpoints = root / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -44,6 +51,7 @@ class TaskStore:
         self._wopts.sync = sync
         raw = self._db.get(_SEQ)
         self._seq = int(raw) if raw else 0
+        self._closed = False
         self._pending: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._writer = threading.Thread(
             target=self._write_loop, name="agentnode-store", daemon=True
@@ -57,6 +65,8 @@ class TaskStore:
 
     async def put(self, *tasks: Task) -> None:
         """Persists the task records; returns once they are durable."""
+        if self._closed:
+            raise TaskError(f"the task store at {self.root} is closed (reopen it)")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._pending.put((list(tasks), loop, done))
@@ -131,6 +141,9 @@ class TaskStore:
 
     def close(self) -> None:
         """Finishes pending writes and closes the database."""
+        if self._closed:
+            return
+        self._closed = True
         self._pending.put(None)
         self._writer.join()
         self._db.close()
