@@ -163,6 +163,6 @@ def test_bad_input(call: object, message: str) -> None:
     assert s.queued == 1, "a rejected call changes nothing"
 
 
-def test_negative_id_is_a_type_error() -> None:
+def test_negative_id_is_rejected() -> None:
     with pytest.raises(OverflowError):
         Scheduler().push(-1, "a", "normal")

@@ -66,35 +66,44 @@ class TaskManager:
     def _recover(self) -> None:
         """Reloads every task. Queued ones re-enter the scheduler in submission order; ones that
         were starting or running when the last process died become lost (and may retry)."""
-        interrupted = []
+        queued, interrupted = [], []
         for t in self.store.load():
             self.tasks[t.id] = t
             if t.state is State.QUEUED:
-                self._enqueue(t)
+                queued.append(t)
             elif t.state in (State.STARTING, State.RUNNING):
                 interrupted.append(t)
+        self._enqueue(*queued)
         now = time.time()
+        writes, again = [], []
         for t in interrupted:
             lost = t.moved(State.LOST, now, reason="the node agent restarted while it ran")
-            self._set(lost)
-            self.store.put_now(lost)
             self.recovered_lost.append(t.id)
-            self._maybe_retry_now(lost, now)
+            retry = self._retry_of(lost, now)
+            writes.append(lost)
+            if retry is not None:
+                writes.append(retry)
+                again.append(retry)
+            self._set(retry or lost)
+        if writes:
+            self.store.put_now(*writes)
+        self._enqueue(*again)
 
     def _set(self, t: Task) -> None:
         self.tasks[t.id] = t
 
-    def _enqueue(self, t: Task) -> None:
-        self._by_seq[t.seq] = t.id
-        self._queued[t.spec.tenant] += 1
-        if t.not_before > time.time():
-            heapq.heappush(self._delayed, (t.not_before, t.seq))
-        else:
-            self._push(t)
-
-    def _push(self, t: Task) -> None:
-        s = t.spec
-        self.scheduler.push(t.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes)
+    def _enqueue(self, *tasks: Task) -> None:
+        now = time.time()
+        ready = []
+        for t in tasks:
+            self._by_seq[t.seq] = t.id
+            self._queued[t.spec.tenant] += 1
+            if t.not_before > now:
+                heapq.heappush(self._delayed, (t.not_before, t.seq))
+            else:
+                s = t.spec
+                ready.append((t.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes))
+        self.scheduler.push_many(ready)
 
     def _dequeued(self, t: Task) -> None:
         self._queued[t.spec.tenant] -= 1
@@ -194,7 +203,8 @@ class TaskManager:
         now = time.time()
         while self._delayed and self._delayed[0][0] <= now:
             _, seq = heapq.heappop(self._delayed)
-            self._push(self.tasks[self._by_seq[seq]])
+            s = self.tasks[self._by_seq[seq]].spec
+            self.scheduler.push(seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes)
 
     async def mark_running(self, task_id: str) -> Task:
         t = self.get(task_id).moved(State.RUNNING, time.time())
@@ -249,13 +259,6 @@ class TaskManager:
             attempt=done.attempt + 1,
             not_before=now + self.retry.delay(done.attempt),
         )
-
-    def _maybe_retry_now(self, lost: Task, now: float) -> None:
-        again = self._retry_of(lost, now)
-        if again is not None:
-            self.store.put_now(again)
-            self._set(again)
-            self._enqueue(again)
 
     def verify(self, task_id: str, token: str) -> bool:
         """Whether `token` is this task's bearer token (constant-time)."""
