@@ -98,7 +98,11 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
         [started] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
         assert started.state is State.STARTING
         await m.mark_running(task.id)
+        m.store.write_checkpoint(task.id, b"step 40")
         m.store.write_checkpoint(task.id, b"step 41")
+        assert m.store.read_checkpoint(task.id) == b"step 41"
+        assert m.store.read_checkpoint("other") is None
+        (m.store.checkpoints / "deadbeef1234.tmp").write_bytes(b"half")
         again = await m.finish(task.id, State.FAILED, reason="exit 1")
         assert again.state is State.QUEUED and again.attempt == 2
         env = m.checkpoint_env(task.id)
@@ -127,6 +131,7 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
         m.close()
         reopened = TaskManager(tmp_path)
         assert reopened.get(task.id) == final
+        assert sorted(p.name for p in reopened.store.checkpoints.iterdir()) == [task.id]
         reopened.close()
 
     asyncio.run(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,6 +45,9 @@ class TaskStore:
         self.root = root
         self.checkpoints = root / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        # Half-written checkpoints of a process that died mid-write; the last complete one stays.
+        for stale in self.checkpoints.glob("*.tmp"):
+            stale.unlink()
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         self._db = Rdict(str(root / "db"), opts)
@@ -127,12 +131,16 @@ class TaskStore:
                 f"checkpoint of {len(blob)} bytes exceeds {_MAX_CHECKPOINT} (store less state)"
             )
         path = self.checkpoint_path(task_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(dir=self.checkpoints, prefix=task_id, suffix=".tmp")
+        try:
+            with open(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         return path
 
     def read_checkpoint(self, task_id: str) -> bytes | None:

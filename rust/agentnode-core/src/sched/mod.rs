@@ -59,3 +59,50 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_loses_and_duplicates_nothing_across_threads() {
+        let s = Shared::new(Limits::default());
+        let popped: Vec<Vec<u64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4u64)
+                .map(|k| {
+                    let s = &s;
+                    scope.spawn(move || {
+                        let tenant = format!("t{k}");
+                        let mut got = Vec::new();
+                        for j in 0..5000 {
+                            let class = Class::ALL[(j % 5) as usize];
+                            let task = Task {
+                                id: k * 100_000 + j,
+                                tenant: &tenant,
+                                class,
+                                cpu: 1,
+                                mem: 1,
+                            };
+                            s.lock().push(&task).unwrap();
+                            if let Some(p) = s.lock().pop(u64::MAX, u64::MAX) {
+                                got.push(p.id);
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<u64> = popped.into_iter().flatten().collect();
+        all.extend(
+            s.lock()
+                .pop_many(usize::MAX, u64::MAX, u64::MAX)
+                .iter()
+                .map(|p| p.id),
+        );
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 20_000);
+    }
+}
