@@ -1,6 +1,7 @@
 //! Scheduler throughput in operations per second, a push and a pop counting as one operation
-//! each: the mutex-guarded `Shared` against a single-owner scheduler
-//! thread fed by a channel, the two designs the module docs compare. `cargo bench -p agentnode-core`.
+//! each, for three designs: the shipped mutex-guarded `Shared`; a lock-free inbox (pushes through
+//! a lock-free channel, drained under the lock by whoever pops); and a single-owner scheduler
+//! thread fed by a channel. `cargo bench -p agentnode-core --bench sched`.
 
 #![allow(clippy::cast_precision_loss)] // op counts stay far below 2^52
 
@@ -38,6 +39,46 @@ fn mutex(threads: u64) -> f64 {
                         let mut g = s.lock();
                         let p = g.pop(u64::MAX, u64::MAX).unwrap();
                         g.complete(p.id).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    2.0 * N as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// The lock-free candidate: pushes go through std's lock-free unbounded channel and never take
+/// the lock; a popper takes it, drains the inbox into the scheduler, then pops.
+struct Inbox {
+    tx: mpsc::Sender<u64>,
+    inner: std::sync::Mutex<(mpsc::Receiver<u64>, agentnode_core::sched::Scheduler)>,
+}
+
+fn lock_free_inbox(threads: u64) -> f64 {
+    let (tx, rx) = mpsc::channel();
+    let inbox = Inbox {
+        tx,
+        inner: std::sync::Mutex::new((
+            rx,
+            agentnode_core::sched::Scheduler::new(Limits::default()),
+        )),
+    };
+    let t0 = Instant::now();
+    thread::scope(|scope| {
+        for th in 0..threads {
+            let inbox = &inbox;
+            scope.spawn(move || {
+                let base = th * N;
+                for i in 0..N / threads {
+                    inbox.tx.send(base + i).unwrap();
+                    if i >= 64 {
+                        let mut g = inbox.inner.lock().unwrap();
+                        let (rx, s) = &mut *g;
+                        for id in rx.try_iter() {
+                            s.push(&task(id)).unwrap();
+                        }
+                        let p = s.pop(u64::MAX, u64::MAX).unwrap();
+                        s.complete(p.id).unwrap();
                     }
                 }
             });
@@ -109,8 +150,9 @@ fn batched() -> f64 {
 fn main() {
     for threads in [1, 2] {
         println!(
-            "sched push+pop, {threads} thread(s): mutex {:.2} M ops/s, channel-fed owner {:.2} M ops/s",
+            "sched push+pop, {threads} thread(s): mutex {:.2} M ops/s, lock-free inbox + mutex {:.2} M ops/s, channel-fed owner {:.2} M ops/s",
             mutex(threads) / 1e6,
+            lock_free_inbox(threads) / 1e6,
             channel(threads) / 1e6
         );
     }
