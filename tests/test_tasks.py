@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,30 @@ def test_tenant_cap_and_batch_shedding(tmp_path: Path) -> None:
         assert shed[0].reason == "shed under queue pressure"
         got = await m.next_tasks(10, free_cpu_millis=BIG, free_memory_bytes=BIG)
         assert got[0].id == urgent.id and len(got) == 4
+        m.close()
+
+    asyncio.run(main())
+
+
+def test_backoff_delays_retry_and_cancel_reaches_delayed(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(
+            tmp_path, retry=RetryPolicy(max_attempts=3, base_s=0.2, max_s=0.2, jitter=0)
+        )
+        a, _ = await m.submit(spec())
+        b, _ = await m.submit(spec())
+        for t in await m.next_tasks(2, free_cpu_millis=BIG, free_memory_bytes=BIG):
+            await m.mark_running(t.id)
+            await m.finish(t.id, State.TIMED_OUT)
+        with pytest.raises(TaskError, match="not an outcome"):
+            await m.finish(a.id, State.QUEUED)
+        assert m.get(a.id).not_before > time.time()
+        assert await m.next_tasks(2, free_cpu_millis=BIG, free_memory_bytes=BIG) == []
+        await m.cancel(b.id)
+        await asyncio.sleep(0.25)
+        got = await m.next_tasks(2, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert [t.id for t in got] == [a.id] and got[0].attempt == 2
+        assert m.queued_count() == 0
         m.close()
 
     asyncio.run(main())

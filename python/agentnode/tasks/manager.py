@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agentnode._native import Scheduler
 from agentnode.errors import QueueFullError, TaskError
-from agentnode.tasks.model import State, Task, TaskSpec
+from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
 from agentnode.tasks.store import TaskStore
 from agentnode.tasks.tokens import new_token, verify_token
@@ -215,19 +215,13 @@ class TaskManager:
     async def finish(self, task_id: str, outcome: State, *, reason: str = "") -> Task:
         """Records a started task's outcome; a retryable outcome re-queues it after a backoff."""
         old = self.get(task_id)
+        if outcome not in TERMINAL:
+            raise TaskError(
+                f"{outcome} is not an outcome (use succeeded, failed, timed_out, cancelled or lost)"
+            )
         if old.state not in (State.STARTING, State.RUNNING):
             raise TaskError(
                 f"task {task_id} is {old.state}, not started (use cancel for a queued task)"
-            )
-        if outcome not in (
-            State.SUCCEEDED,
-            State.FAILED,
-            State.TIMED_OUT,
-            State.CANCELLED,
-            State.LOST,
-        ):
-            raise TaskError(
-                f"{outcome} is not an outcome (use succeeded, failed, timed_out, cancelled or lost)"
             )
         now = time.time()
         done = old.moved(outcome, now, reason=reason)
