@@ -200,6 +200,35 @@ def test_backoff_delays_retry_and_cancel_reaches_delayed(tmp_path: Path) -> None
     asyncio.run(main())
 
 
+def test_concurrent_calls_see_each_other(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path, limits=Limits(tenant_queue_cap=5))
+        results = await asyncio.gather(
+            *(m.submit(spec()) for _ in range(8)), return_exceptions=True
+        )
+        assert sum(isinstance(r, QueueFullError) for r in results) == 3
+        assert m.queued_count("acme") == 5
+        [a, *_] = [r[0] for r in results if isinstance(r, tuple)]
+        race = await asyncio.gather(
+            m.cancel(a.id),
+            m.next_tasks(5, free_cpu_millis=BIG, free_memory_bytes=BIG),
+            return_exceptions=True,
+        )
+        started = race[1]
+        assert isinstance(started, list) and a.id not in {t.id for t in started}
+        assert m.get(a.id).state is State.CANCELLED and len(started) == 4
+        t = started[0]
+        await m.mark_running(t.id)
+        twice = await asyncio.gather(
+            m.finish(t.id, State.SUCCEEDED), m.finish(t.id, State.SUCCEEDED), return_exceptions=True
+        )
+        assert sum(isinstance(r, TaskError) for r in twice) == 1
+        assert m.scheduler.running == 3
+        m.close()
+
+    asyncio.run(main())
+
+
 def test_failed_write_acknowledges_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         m = TaskManager(tmp_path)

@@ -1,7 +1,9 @@
 """The task lifecycle: durable submit, scheduling, transitions, retries, caps and recovery.
 
 Every transition is written to the store before the call returns, so whatever a caller
-acknowledges survives a crash. Queued tasks are fed to the Rust scheduler by their submission
+acknowledges survives a crash. The in-memory state changes before the write is awaited (and is
+rolled back if it fails), so concurrent calls on one event loop see each other's moves and a
+second cancel, start or finish of the same task is refused rather than applied twice. Queued tasks are fed to the Rust scheduler by their submission
 sequence number; a retried task waits in a delay heap until its backoff has passed.
 """
 
@@ -129,18 +131,19 @@ class TaskManager:
                 f"tenant {spec.tenant} has {self._queued[spec.tenant]} queued tasks, its cap "
                 f"(retry later or raise tenant_queue_cap)"
             )
-        shed: list[Task] = []
+        victim = None
         if self.queued_count() >= self.limits.max_queued:
             victim = self._shed_victim(spec)
             if victim is None:
                 raise QueueFullError(
                     f"the node has {self.queued_count()} queued tasks, its cap (retry later)"
                 )
-            shed.append(
-                victim.moved(State.CANCELLED, time.time(), reason="shed under queue pressure")
-            )
-        token, token_hash = new_token()
         now = time.time()
+        shed = []
+        if victim is not None:
+            shed.append(victim.moved(State.CANCELLED, now, reason="shed under queue pressure"))
+            self._drop_queued(shed[0])
+        token, token_hash = new_token()
         task = Task(
             id=uuid.uuid4().hex,
             seq=self.store.next_seq(),
@@ -148,9 +151,17 @@ class TaskManager:
             token_hash=token_hash,
             history=((State.QUEUED.value, now),),
         )
-        await self.store.put(*shed, task)
-        for v in shed:
-            self._drop_queued(v)
+        # Hold the slot while the write is in flight, so concurrent submits see the cap.
+        self._queued[spec.tenant] += 1
+        try:
+            await self.store.put(*shed, task)
+        except TaskError:
+            if victim is not None:
+                self._set(victim)
+                self._enqueue(victim)
+            raise
+        finally:
+            self._queued[spec.tenant] -= 1
         self._set(task)
         self._enqueue(task)
         return task, token
@@ -182,21 +193,20 @@ class TaskManager:
         self._release_due()
         seqs = self.scheduler.pop_many(n, free_cpu_millis, free_memory_bytes)
         now = time.time()
-        started = []
-        for seq in seqs:
-            t = self.tasks[self._by_seq[seq]]
+        queued = [self.tasks[self._by_seq[seq]] for seq in seqs]
+        started = [t.moved(State.STARTING, now) for t in queued]
+        for t in started:
             self._dequeued(t)
-            started.append(t.moved(State.STARTING, now))
+            self._set(t)
         try:
             await self.store.put(*started)
         except TaskError:
             # Not durable, so not started: hand them back (at the end of their tenants' lanes).
-            for t in started:
-                self.scheduler.complete(t.seq)
-                self._enqueue(self.tasks[t.id])
+            self.scheduler.complete_many(seqs)
+            for t in queued:
+                self._set(t)
+            self._enqueue(*queued)
             raise
-        for t in started:
-            self._set(t)
         return started
 
     def _release_due(self) -> None:
@@ -207,9 +217,16 @@ class TaskManager:
             self.scheduler.push(seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes)
 
     async def mark_running(self, task_id: str) -> Task:
-        t = self.get(task_id).moved(State.RUNNING, time.time())
-        await self.store.put(t)
+        """Records that a starting task's process runs."""
+        old = self.get(task_id)
+        t = old.moved(State.RUNNING, time.time())
+        # Visible before the await, so a concurrent call sees the new state and is refused.
         self._set(t)
+        try:
+            await self.store.put(t)
+        except TaskError:
+            self._set(old)
+            raise
         return t
 
     async def finish(self, task_id: str, outcome: State, *, reason: str = "") -> Task:
@@ -226,9 +243,13 @@ class TaskManager:
         now = time.time()
         done = old.moved(outcome, now, reason=reason)
         again = self._retry_of(done, now)
-        await self.store.put(*(x for x in (done, again) if x is not None))
-        self.scheduler.complete(old.seq)
         self._set(again or done)
+        try:
+            await self.store.put(*(x for x in (done, again) if x is not None))
+        except TaskError:
+            self._set(old)
+            raise
+        self.scheduler.complete(old.seq)
         if again is not None:
             self._enqueue(again)
         return again or done
@@ -241,8 +262,13 @@ class TaskManager:
                 f"task {task_id} is {t.state}, not queued (stop it, then finish it as cancelled)"
             )
         c = t.moved(State.CANCELLED, time.time(), reason="cancelled by request")
-        await self.store.put(c)
         self._drop_queued(c)
+        try:
+            await self.store.put(c)
+        except TaskError:
+            self._set(t)
+            self._enqueue(t)
+            raise
         return c
 
     def _retry_of(self, done: Task, now: float) -> Task | None:
