@@ -65,11 +65,6 @@ impl Class {
             _ => return Err(Error::UnknownClass(name.to_owned())),
         })
     }
-
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        ["critical", "high", "normal", "low", "batch"][self as usize]
-    }
 }
 
 /// Concurrency limits and aging; 0 means unlimited (or, for `aging`, off).
@@ -175,11 +170,6 @@ impl Scheduler {
             limits,
             ..Self::default()
         }
-    }
-
-    #[must_use]
-    pub fn limits(&self) -> Limits {
-        self.limits
     }
 
     /// Tasks waiting to be popped.
@@ -602,6 +592,6 @@ mod tests {
             Class::parse("urgent"),
             Err(Error::UnknownClass(_))
         ));
-        assert_eq!(Class::parse("batch").unwrap().name(), "batch");
+        assert_eq!(Class::parse("batch").unwrap(), Class::Batch);
     }
 }
