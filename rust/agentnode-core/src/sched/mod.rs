@@ -2,9 +2,10 @@
 //! class, per-tenant and per-class concurrency limits, aging, and admission by free capacity.
 //!
 //! `Scheduler` is a plain single-threaded structure; `Shared` wraps it in a mutex for use from
-//! several threads. `benches/sched.rs` compares three designs: this mutex (15-22 M ops/s on one
-//! and two threads), a lock-free inbox where pushes go through a lock-free channel and poppers
-//! drain it under the lock (12-17 M ops/s: every task is moved twice, and pops still serialise),
+//! several threads. `benches/sched.rs` compares three designs: this mutex (8-22 M ops/s on one
+//! thread, 12-22 M on two), a lock-free inbox where pushes go through a lock-free channel and
+//! poppers drain it under the lock (8-17 M ops/s, never ahead on two threads: every task is
+//! moved twice and pops still serialise),
 //! and a single-owner scheduler thread fed by a channel (~0.2 M ops/s: every pop needs an
 //! answer, so each one pays a thread wake-up). The mutex is the fastest and the simplest.
 //!
