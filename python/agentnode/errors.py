@@ -9,7 +9,10 @@ __all__ = [
     "ConfigError",
     "EgressError",
     "PolicyError",
+    "QueueFullError",
     "SandboxError",
+    "SchedulerError",
+    "TaskError",
     "UsageError",
 ]
 
@@ -40,3 +43,15 @@ class EgressError(AgentnodeError):
 
 class PolicyError(AgentnodeError):
     """An egress or resource policy is invalid."""
+
+
+class SchedulerError(AgentnodeError):
+    """A scheduler call was invalid: unknown class, duplicate or unknown task id, bad weight."""
+
+
+class TaskError(AgentnodeError):
+    """A task operation was invalid: illegal state transition, bad spec, unknown task, bad token."""
+
+
+class QueueFullError(TaskError):
+    """A tenant's queue is at its cap; the daemon answers 429. Retry later or raise the cap."""

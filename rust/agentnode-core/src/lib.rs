@@ -7,4 +7,5 @@ pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
 pub mod sandbox;
+pub mod sched;
 pub mod sys;

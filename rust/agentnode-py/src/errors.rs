@@ -11,6 +11,8 @@ pub enum NativeError {
     Cgroup(#[from] agentnode_core::cgroup::Error),
     #[error(transparent)]
     Sandbox(#[from] agentnode_core::sandbox::Error),
+    #[error(transparent)]
+    Sched(#[from] agentnode_core::sched::Error),
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -24,6 +26,7 @@ impl NativeError {
             }
             Self::Sandbox(_) => "SandboxError",
             Self::Json(_) => "AgentnodeError",
+            Self::Sched(_) => "SchedulerError",
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod errors;
 mod isolation;
+mod sched;
 
 use pyo3::prelude::*;
 
@@ -36,5 +37,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(doctor, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_hierarchy, m)?)?;
     isolation::register(m)?;
+    sched::register(m)?;
     Ok(())
 }

@@ -1,0 +1,293 @@
+"""The task lifecycle: durable submit, scheduling, transitions, retries, caps and recovery.
+
+Every transition is written to the store before the call returns, so whatever a caller
+acknowledges survives a crash. The in-memory state changes before the write is awaited (and is
+rolled back if it fails), so concurrent calls on one event loop see each other's moves and a
+second cancel, start or finish of the same task is refused rather than applied twice. Queued tasks are fed to the Rust scheduler by their submission
+sequence number; a retried task waits in a delay heap until its backoff has passed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agentnode._native import Scheduler
+from agentnode.errors import QueueFullError, TaskError
+from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
+from agentnode.tasks.retry import RetryPolicy
+from agentnode.tasks.store import TaskStore
+from agentnode.tasks.tokens import new_token, verify_token
+
+__all__ = ["Limits", "TaskManager"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Queue caps and scheduler limits (0: unlimited)."""
+
+    tenant_queue_cap: int = 1000
+    max_queued: int = 10_000
+    tenant_running: int = 0
+    class_running: tuple[tuple[str, int], ...] = ()
+    aging: int = 64
+
+
+class TaskManager:
+    """Owns the store, the scheduler and every task's state. Use from one event loop."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        sync: bool = False,
+    ) -> None:
+        """Opens the store under `root` and recovers its tasks (see `recover`)."""
+        limits = limits or Limits()
+        self.limits = limits
+        self.retry = retry or RetryPolicy()
+        self.store = TaskStore(root, sync=sync)
+        self.scheduler = Scheduler(
+            tenant_limit=limits.tenant_running,
+            class_limits=dict(limits.class_running),
+            aging=limits.aging,
+        )
+        self.tasks: dict[str, Task] = {}
+        self._by_seq: dict[int, str] = {}
+        self._queued: Counter[str] = Counter()
+        self._delayed: list[tuple[float, int]] = []
+        self.recovered_lost: list[str] = []
+        self._recover()
+
+    def _recover(self) -> None:
+        """Reloads every task. Queued ones re-enter the scheduler in submission order; ones that
+        were starting or running when the last process died become lost (and may retry)."""
+        queued, interrupted = [], []
+        for t in self.store.load():
+            self.tasks[t.id] = t
+            if t.state is State.QUEUED:
+                queued.append(t)
+            elif t.state in (State.STARTING, State.RUNNING):
+                interrupted.append(t)
+        self._enqueue(*queued)
+        now = time.time()
+        writes, again = [], []
+        for t in interrupted:
+            lost = t.moved(State.LOST, now, reason="the node agent restarted while it ran")
+            self.recovered_lost.append(t.id)
+            retry = self._retry_of(lost, now)
+            writes.append(lost)
+            if retry is not None:
+                writes.append(retry)
+                again.append(retry)
+            self._set(retry or lost)
+        if writes:
+            self.store.put_now(*writes)
+        self._enqueue(*again)
+
+    def _set(self, t: Task) -> None:
+        self.tasks[t.id] = t
+
+    def _enqueue(self, *tasks: Task) -> None:
+        now = time.time()
+        ready = []
+        for t in tasks:
+            self._by_seq[t.seq] = t.id
+            self._queued[t.spec.tenant] += 1
+            if t.not_before > now:
+                heapq.heappush(self._delayed, (t.not_before, t.seq))
+            else:
+                s = t.spec
+                ready.append((t.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes))
+        self.scheduler.push_many(ready)
+
+    def _dequeued(self, t: Task) -> None:
+        self._queued[t.spec.tenant] -= 1
+        del self._by_seq[t.seq]
+
+    def get(self, task_id: str) -> Task:
+        try:
+            return self.tasks[task_id]
+        except KeyError:
+            raise TaskError(f"no task {task_id!r} (list tasks to see valid ids)") from None
+
+    def queued_count(self, tenant: str | None = None) -> int:
+        return self._queued[tenant] if tenant else sum(self._queued.values())
+
+    async def submit(self, spec: TaskSpec) -> tuple[Task, str]:
+        """Queues a task durably and returns it with its bearer token (shown only once).
+
+        Raises `QueueFullError` when the tenant is at its cap, or when the node is at
+        `max_queued` and no queued batch task can be shed to make room.
+        """
+        if self._queued[spec.tenant] >= self.limits.tenant_queue_cap:
+            raise QueueFullError(
+                f"tenant {spec.tenant} has {self._queued[spec.tenant]} queued tasks, its cap "
+                f"(retry later or raise tenant_queue_cap)"
+            )
+        victim = None
+        if self.queued_count() >= self.limits.max_queued:
+            victim = self._shed_victim(spec)
+            if victim is None:
+                raise QueueFullError(
+                    f"the node has {self.queued_count()} queued tasks, its cap (retry later)"
+                )
+        now = time.time()
+        shed = []
+        if victim is not None:
+            shed.append(victim.moved(State.CANCELLED, now, reason="shed under queue pressure"))
+            self._drop_queued(shed[0])
+        token, token_hash = new_token()
+        task = Task(
+            id=uuid.uuid4().hex,
+            seq=self.store.next_seq(),
+            spec=spec,
+            token_hash=token_hash,
+            history=((State.QUEUED.value, now),),
+        )
+        # Hold the slot while the write is in flight, so concurrent submits see the cap.
+        self._queued[spec.tenant] += 1
+        try:
+            await self.store.put(*shed, task)
+        except TaskError:
+            if victim is not None:
+                self._set(victim)
+                self._enqueue(victim)
+            raise
+        finally:
+            self._queued[spec.tenant] -= 1
+        self._set(task)
+        self._enqueue(task)
+        return task, token
+
+    def _shed_victim(self, incoming: TaskSpec) -> Task | None:
+        """The newest queued batch task, if the incoming task outranks batch."""
+        if incoming.cls == "batch":
+            return None
+        for seq in sorted(self._by_seq, reverse=True):
+            t = self.tasks[self._by_seq[seq]]
+            if t.spec.cls == "batch":
+                return t
+        return None
+
+    def _drop_queued(self, cancelled: Task) -> None:
+        old = self.tasks[cancelled.id]
+        self._set(cancelled)
+        self._dequeued(old)
+        if not any(seq == old.seq for _, seq in self._delayed):
+            self.scheduler.cancel(old.seq)
+        else:
+            self._delayed = [(d, s) for d, s in self._delayed if s != old.seq]
+            heapq.heapify(self._delayed)
+
+    async def next_tasks(
+        self, n: int, *, free_cpu_millis: int, free_memory_bytes: int
+    ) -> list[Task]:
+        """Pops up to `n` tasks that fit the free capacity and marks them starting."""
+        self._release_due()
+        seqs = self.scheduler.pop_many(n, free_cpu_millis, free_memory_bytes)
+        now = time.time()
+        queued = [self.tasks[self._by_seq[seq]] for seq in seqs]
+        started = [t.moved(State.STARTING, now) for t in queued]
+        for t in started:
+            self._dequeued(t)
+            self._set(t)
+        try:
+            await self.store.put(*started)
+        except TaskError:
+            # Not durable, so not started: hand them back (at the end of their tenants' lanes).
+            self.scheduler.complete_many(seqs)
+            for t in queued:
+                self._set(t)
+            self._enqueue(*queued)
+            raise
+        return started
+
+    def _release_due(self) -> None:
+        now = time.time()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq = heapq.heappop(self._delayed)
+            s = self.tasks[self._by_seq[seq]].spec
+            self.scheduler.push(seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes)
+
+    async def mark_running(self, task_id: str) -> Task:
+        """Records that a starting task's process runs."""
+        old = self.get(task_id)
+        t = old.moved(State.RUNNING, time.time())
+        # Visible before the await, so a concurrent call sees the new state and is refused.
+        self._set(t)
+        try:
+            await self.store.put(t)
+        except TaskError:
+            self._set(old)
+            raise
+        return t
+
+    async def finish(self, task_id: str, outcome: State, *, reason: str = "") -> Task:
+        """Records a started task's outcome; a retryable outcome re-queues it after a backoff."""
+        old = self.get(task_id)
+        if outcome not in TERMINAL:
+            raise TaskError(
+                f"{outcome} is not an outcome (use succeeded, failed, timed_out, cancelled or lost)"
+            )
+        if old.state not in (State.STARTING, State.RUNNING):
+            raise TaskError(
+                f"task {task_id} is {old.state}, not started (use cancel for a queued task)"
+            )
+        now = time.time()
+        done = old.moved(outcome, now, reason=reason)
+        again = self._retry_of(done, now)
+        self._set(again or done)
+        try:
+            await self.store.put(*(x for x in (done, again) if x is not None))
+        except TaskError:
+            self._set(old)
+            raise
+        self.scheduler.complete(old.seq)
+        if again is not None:
+            self._enqueue(again)
+        return again or done
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancels a queued task (a started one is cancelled by `finish(..., CANCELLED)`)."""
+        t = self.get(task_id)
+        if t.state is not State.QUEUED:
+            raise TaskError(
+                f"task {task_id} is {t.state}, not queued (stop it, then finish it as cancelled)"
+            )
+        c = t.moved(State.CANCELLED, time.time(), reason="cancelled by request")
+        self._drop_queued(c)
+        try:
+            await self.store.put(c)
+        except TaskError:
+            self._set(t)
+            self._enqueue(t)
+            raise
+        return c
+
+    def _retry_of(self, done: Task, now: float) -> Task | None:
+        if not self.retry.should_retry(done.state, done.attempt):
+            return None
+        return replace(
+            done.moved(State.QUEUED, now),
+            attempt=done.attempt + 1,
+            not_before=now + self.retry.delay(done.attempt),
+        )
+
+    def verify(self, task_id: str, token: str) -> bool:
+        """Whether `token` is this task's bearer token (constant-time)."""
+        t = self.tasks.get(task_id)
+        return t is not None and verify_token(token, t.token_hash)
+
+    def checkpoint_env(self, task_id: str) -> dict[str, str]:
+        """The environment a (retried) task gets: AGENTNODE_CHECKPOINT names its checkpoint file."""
+        return {"AGENTNODE_CHECKPOINT": str(self.store.checkpoint_path(self.get(task_id).id))}
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,117 @@
+"""The task record and its state machine.
+
+queued → starting → running → succeeded | failed | timed_out | cancelled | lost. A retry moves a
+failed, timed-out or lost task back to queued with the next attempt number.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from agentnode.errors import TaskError
+
+__all__ = ["CLASSES", "TERMINAL", "State", "Task", "TaskSpec", "check_transition"]
+
+CLASSES = ("critical", "high", "normal", "low", "batch")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class State(enum.StrEnum):
+    """Where a task is in its lifecycle."""
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.CANCELLED, State.LOST})
+
+_NEXT: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.STARTING, State.CANCELLED}),
+    State.STARTING: frozenset({State.RUNNING, State.FAILED, State.CANCELLED, State.LOST}),
+    State.RUNNING: frozenset(
+        {State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.CANCELLED, State.LOST}
+    ),
+    State.FAILED: frozenset({State.QUEUED}),
+    State.TIMED_OUT: frozenset({State.QUEUED}),
+    State.LOST: frozenset({State.QUEUED}),
+    State.SUCCEEDED: frozenset(),
+    State.CANCELLED: frozenset(),
+}
+
+
+def check_transition(task_id: str, old: State, new: State) -> None:
+    """Raises `TaskError` unless `old → new` is a legal move."""
+    if new not in _NEXT[old]:
+        allowed = ", ".join(sorted(_NEXT[old])) or "none, it is final"
+        raise TaskError(f"task {task_id} cannot go from {old} to {new} (allowed: {allowed})")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a client submits: who, how urgent, how big, and the command."""
+
+    tenant: str
+    command: tuple[str, ...]
+    cls: str = "normal"
+    cpu_millis: int = 1000
+    memory_bytes: int = 512 << 20
+    timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not _TENANT.fullmatch(self.tenant):
+            raise TaskError(
+                f"invalid tenant {self.tenant!r} (use 1-128 letters, digits, '_', '.', '-')"
+            )
+        if self.cls not in CLASSES:
+            raise TaskError(f"unknown priority class {self.cls!r} (use {', '.join(CLASSES)})")
+        if not self.command or not all(isinstance(a, str) and a for a in self.command):
+            raise TaskError("command must be a non-empty list of non-empty strings")
+        if self.cpu_millis <= 0 or self.memory_bytes <= 0:
+            raise TaskError("cpu_millis and memory_bytes must be positive (request real resources)")
+        if not self.timeout_s > 0:
+            raise TaskError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task's durable record; every change is a new value written to the store."""
+
+    id: str
+    seq: int
+    spec: TaskSpec
+    state: State = State.QUEUED
+    attempt: int = 1
+    token_hash: str = ""
+    not_before: float = 0.0
+    reason: str = ""
+    history: tuple[tuple[str, float], ...] = field(default=())
+
+    def moved(self, new: State, at: float, **changes: Any) -> Task:
+        """This task in state `new`, after checking the move is legal."""
+        check_transition(self.id, self.state, new)
+        return replace(self, state=new, history=(*self.history, (new.value, at)), **changes)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Task:
+        d = json.loads(raw)
+        spec = d.pop("spec")
+        spec["command"] = tuple(spec["command"])
+        return cls(
+            spec=TaskSpec(**spec),
+            state=State(d.pop("state")),
+            history=tuple((s, t) for s, t in d.pop("history")),
+            **d,
+        )

@@ -1,0 +1,341 @@
+"""The durable task lifecycle: state machine, retries, tokens, store, caps, crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from agentnode.compute import Gpu, gpus, inventory
+from agentnode.errors import ConfigError, QueueFullError, TaskError
+from agentnode.tasks import (
+    Limits,
+    RetryPolicy,
+    State,
+    Task,
+    TaskManager,
+    TaskSpec,
+    hash_token,
+    new_token,
+    verify_token,
+)
+
+BIG = 1 << 62
+
+
+def spec(tenant: str = "acme", cls: str = "normal", **kw: object) -> TaskSpec:
+    return TaskSpec(tenant=tenant, command=("agent", "--run"), cls=cls, **kw)  # type: ignore[arg-type]
+
+
+def test_state_machine_allows_only_legal_moves() -> None:
+    t = Task(id="a1", seq=1, spec=spec())
+    t = t.moved(State.STARTING, 1.0).moved(State.RUNNING, 2.0).moved(State.SUCCEEDED, 3.0)
+    assert [s for s, _ in t.history] == ["starting", "running", "succeeded"]
+    with pytest.raises(TaskError, match="cannot go from succeeded to queued"):
+        t.moved(State.QUEUED, 4.0)
+    with pytest.raises(TaskError, match="cannot go from queued to running"):
+        Task(id="a2", seq=2, spec=spec()).moved(State.RUNNING, 1.0)
+    assert Task.from_json(t.to_json()) == t
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"tenant": "bad tenant"}, "invalid tenant"),
+        ({"cls": "vip"}, "unknown priority class"),
+        ({"cpu_millis": 0}, "must be positive"),
+        ({"timeout_s": -1.0}, "timeout_s"),
+    ],
+)
+def test_bad_spec(kw: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"tenant": "acme", "command": ("x",)}
+    with pytest.raises(TaskError, match=message):
+        TaskSpec(**{**base, **kw})  # type: ignore[arg-type]
+    with pytest.raises(TaskError, match="command"):
+        TaskSpec(tenant="acme", command=())
+
+
+def test_retry_policy_backoff_and_outcomes() -> None:
+    p = RetryPolicy(max_attempts=4, base_s=1.0, max_s=5.0, jitter=0.5)
+    rng = random.Random(7)
+    for attempt, cap in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0)]:
+        d = p.delay(attempt, rng=rng)
+        assert cap * 0.5 <= d <= cap
+    assert p.should_retry(State.FAILED, 3) and not p.should_retry(State.FAILED, 4)
+    assert not p.should_retry(State.CANCELLED, 1)
+    assert not RetryPolicy(retry_on=frozenset({State.LOST})).should_retry(State.TIMED_OUT, 1)
+    with pytest.raises(TaskError, match="only failed"):
+        RetryPolicy(retry_on=frozenset({State.SUCCEEDED}))
+    with pytest.raises(TaskError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+
+
+def test_tokens() -> None:
+    token, stored = new_token()
+    assert stored == hash_token(token) and token not in stored
+    assert verify_token(token, stored)
+    assert not verify_token(token + "x", stored)
+    assert not verify_token(token, "")
+
+
+def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(
+            tmp_path, retry=RetryPolicy(max_attempts=2, base_s=0.0, max_s=0.0), sync=True
+        )
+        task, token = await m.submit(spec())
+        with pytest.raises(TaskError, match="not started"):
+            await m.finish(task.id, State.CANCELLED)
+        assert m.verify(task.id, token) and not m.verify(task.id, "nope")
+        assert not m.verify("missing", token)
+        [started] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert started.state is State.STARTING
+        await m.mark_running(task.id)
+        m.store.write_checkpoint(task.id, b"step 40")
+        m.store.write_checkpoint(task.id, b"step 41")
+        assert m.store.read_checkpoint(task.id) == b"step 41"
+        assert m.store.read_checkpoint("other") is None
+        (m.store.checkpoints / "deadbeef1234.tmp").write_bytes(b"half")
+        again = await m.finish(task.id, State.FAILED, reason="exit 1")
+        assert again.state is State.QUEUED and again.attempt == 2
+        env = m.checkpoint_env(task.id)
+        assert Path(env["AGENTNODE_CHECKPOINT"]).read_bytes() == b"step 41"
+        [second] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        await m.mark_running(second.id)
+        final = await m.finish(task.id, State.FAILED)
+        assert final.state is State.FAILED and final.attempt == 2, "attempts are capped"
+        states = [s for s, _ in final.history]
+        assert states == [
+            "queued",
+            "starting",
+            "running",
+            "failed",
+            "queued",
+            "starting",
+            "running",
+            "failed",
+        ]
+        with pytest.raises(TaskError, match="cannot go from failed to running"):
+            await m.mark_running(task.id)
+        with pytest.raises(TaskError, match="no task"):
+            m.get("zzz")
+        with pytest.raises(TaskError, match="invalid task id"):
+            m.store.checkpoint_path("../etc")
+        m.close()
+        reopened = TaskManager(tmp_path)
+        assert reopened.get(task.id) == final
+        assert sorted(p.name for p in reopened.store.checkpoints.iterdir()) == [task.id]
+        reopened.close()
+
+    asyncio.run(main())
+
+
+def test_capacity_gates_next_tasks_and_cancel(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path, sync=False)
+        big, _ = await m.submit(spec(cpu_millis=4000))
+        small, _ = await m.submit(spec(cls="low", cpu_millis=500))
+        got = await m.next_tasks(4, free_cpu_millis=1000, free_memory_bytes=BIG)
+        assert [t.id for t in got] == [small.id]
+        cancelled = await m.cancel(big.id)
+        assert cancelled.state is State.CANCELLED
+        assert await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG) == []
+        with pytest.raises(TaskError, match="not queued"):
+            await m.cancel(small.id)
+        m.close()
+
+    asyncio.run(main())
+
+
+def test_tenant_cap_and_batch_shedding(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path, limits=Limits(tenant_queue_cap=3, max_queued=4), sync=False)
+        for _ in range(3):
+            await m.submit(spec("a", "batch"))
+        with pytest.raises(QueueFullError, match="tenant a has 3 queued"):
+            await m.submit(spec("a", "batch"))
+        await m.submit(spec("b", "batch"))
+        with pytest.raises(QueueFullError, match="the node has 4 queued"):
+            await m.submit(spec("c", "batch"))
+        urgent, _ = await m.submit(spec("c", "critical"))
+        shed = [t for t in m.tasks.values() if t.state is State.CANCELLED]
+        assert len(shed) == 1 and shed[0].spec.tenant == "b", "the newest batch task is shed"
+        assert shed[0].reason == "shed under queue pressure"
+        got = await m.next_tasks(10, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert got[0].id == urgent.id and len(got) == 4
+        m.close()
+
+    asyncio.run(main())
+
+
+def test_backoff_delays_retry_and_cancel_reaches_delayed(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(
+            tmp_path, retry=RetryPolicy(max_attempts=3, base_s=0.2, max_s=0.2, jitter=0)
+        )
+        a, _ = await m.submit(spec())
+        b, _ = await m.submit(spec())
+        for t in await m.next_tasks(2, free_cpu_millis=BIG, free_memory_bytes=BIG):
+            await m.mark_running(t.id)
+            await m.finish(t.id, State.TIMED_OUT)
+        with pytest.raises(TaskError, match="not an outcome"):
+            await m.finish(a.id, State.QUEUED)
+        assert m.get(a.id).not_before > time.time()
+        assert await m.next_tasks(2, free_cpu_millis=BIG, free_memory_bytes=BIG) == []
+        await m.cancel(b.id)
+        await asyncio.sleep(0.25)
+        got = await m.next_tasks(2, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert [t.id for t in got] == [a.id] and got[0].attempt == 2
+        assert m.queued_count() == 0
+        m.close()
+
+    asyncio.run(main())
+
+
+def test_concurrent_calls_see_each_other(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path, limits=Limits(tenant_queue_cap=5))
+        results = await asyncio.gather(
+            *(m.submit(spec()) for _ in range(8)), return_exceptions=True
+        )
+        assert sum(isinstance(r, QueueFullError) for r in results) == 3
+        assert m.queued_count("acme") == 5
+        [a, *_] = [r[0] for r in results if isinstance(r, tuple)]
+        race = await asyncio.gather(
+            m.cancel(a.id),
+            m.next_tasks(5, free_cpu_millis=BIG, free_memory_bytes=BIG),
+            return_exceptions=True,
+        )
+        started = race[1]
+        assert isinstance(started, list) and a.id not in {t.id for t in started}
+        assert m.get(a.id).state is State.CANCELLED and len(started) == 4
+        t = started[0]
+        await m.mark_running(t.id)
+        twice = await asyncio.gather(
+            m.finish(t.id, State.SUCCEEDED), m.finish(t.id, State.SUCCEEDED), return_exceptions=True
+        )
+        assert sum(isinstance(r, TaskError) for r in twice) == 1
+        assert m.scheduler.running == 3
+        m.close()
+
+    asyncio.run(main())
+
+
+def test_failed_write_acknowledges_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path)
+        a, _ = await m.submit(spec())
+
+        def disk_full(tasks: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(m.store, "_commit", disk_full)
+        with pytest.raises(TaskError, match="No space left"):
+            await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        with pytest.raises(TaskError, match="No space left"):
+            await m.submit(spec())
+        assert m.get(a.id).state is State.QUEUED and m.queued_count() == 1
+        monkeypatch.undo()
+        [started] = await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert started.id == a.id
+        m.close()
+        with pytest.raises(TaskError, match="closed"):
+            await m.store.put(started)
+
+    asyncio.run(main())
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from agentnode.tasks import TaskManager, TaskSpec
+
+    async def main():
+        m = TaskManager(Path(sys.argv[1]))
+        i = 0
+        while True:
+            t, _ = await m.submit(TaskSpec(tenant="t%d" % (i % 3), command=("x",)))
+            print("queued", t.id, flush=True)
+            if i % 4 == 3:
+                for s in await m.next_tasks(1, free_cpu_millis=1 << 40, free_memory_bytes=1 << 40):
+                    await m.mark_running(s.id)
+                    print("running", s.id, flush=True)
+            i += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_recovery_after_sigkill_mid_writes(tmp_path: Path) -> None:
+    acked: list[tuple[str, str]] = []
+    with subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            while len(acked) < 300:
+                line = proc.stdout.readline()
+                assert line, "the writer died early"
+                state, tid = line.split()
+                acked.append((state, tid))
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    async def check() -> None:
+        m = TaskManager(tmp_path, retry=RetryPolicy(max_attempts=2, base_s=0.0, max_s=0.0))
+        for _, tid in acked:
+            assert tid in m.tasks, "an acknowledged task was lost"
+        running = {tid for state, tid in acked if state == "running"}
+        assert running <= set(m.recovered_lost)
+        for tid in running:
+            assert m.get(tid).state is State.QUEUED and m.get(tid).attempt == 2
+        queued_order = [
+            t.id
+            for t in sorted(m.tasks.values(), key=lambda t: t.seq)
+            if t.attempt == 1 and t.state is State.QUEUED
+        ]
+        acked_order = [
+            tid for state, tid in acked if state == "queued" and tid in set(queued_order)
+        ]
+        assert queued_order[: len(acked_order)] == acked_order, "queued tasks keep submission order"
+        popped = await m.next_tasks(10**6, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert len(popped) == len({t.id for t in popped}) == m.queued_count() + len(popped)
+        per_tenant: dict[str, list[int]] = {}
+        for t in popped:
+            if t.attempt == 1:
+                per_tenant.setdefault(t.spec.tenant, []).append(t.seq)
+        assert all(seqs == sorted(seqs) for seqs in per_tenant.values())
+        m.close()
+
+    asyncio.run(check())
+
+
+def test_inventory(tmp_path: Path) -> None:
+    inv = inventory(reserve_cpu_millis=100, reserve_memory_bytes=1 << 20)
+    assert inv.cpu_millis == len(os.sched_getaffinity(0)) * 1000
+    assert inv.allocatable_cpu_millis == inv.cpu_millis - 100
+    assert 0 < inv.allocatable_memory_bytes < inv.memory_bytes
+    with pytest.raises(ConfigError, match="leaves nothing"):
+        inventory(reserve_cpu_millis=10**9)
+    with pytest.raises(ConfigError, match="negative"):
+        inventory(reserve_memory_bytes=-1)
+    fake = tmp_path / "gpus"
+    (fake / "0000:01:00.0").mkdir(parents=True)
+    (fake / "0000:01:00.0" / "information").write_text("Model: \t NVIDIA A100\nIRQ: 1\n")
+    if not os.environ.get("PATH", "") or not any(
+        Path(d, "nvidia-smi").exists() for d in os.environ["PATH"].split(":")
+    ):
+        assert gpus(proc=fake) == (Gpu(0, "NVIDIA A100", 0),)
+    assert gpus(proc=tmp_path / "none") == () or Path("/proc/driver/nvidia").exists()
