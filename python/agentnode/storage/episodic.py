@@ -309,15 +309,16 @@ class EpisodicStore:
         *,
         newest_first: bool,
     ) -> Iterator[Record]:
+        # Only the upper bound goes to RocksDB: rocksdict 0.3.29's set_iterate_lower_bound sets
+        # the upper bound instead, so the lower bound is a seek going forward, a stop going back.
         ro = ReadOptions()
-        ro.set_iterate_lower_bound(lower)
         ro.set_iterate_upper_bound(upper)
         it = self._db.iter(ro)
         if newest_first:
             it.seek_to_last()
         else:
-            it.seek_to_first()
-        while it.valid():
+            it.seek(lower)
+        while it.valid() and it.key() >= lower:
             created, expires, value = msgpack.unpackb(it.value())
             if not expires or expires > now:
                 rid = it.key().rsplit(_SEP, 1)[1].decode()
