@@ -45,7 +45,7 @@ EPISODIC = web.AppKey("episodic", EpisodicStore)
 OBJECTS = web.AppKey("objects", ObjectStore)
 AUTH = web.AppKey("auth", Authenticator)
 MAX_BODY = web.AppKey("max_body", int)
-_PRINCIPAL = "agentnode.principal"
+_PRINCIPAL = web.RequestKey("principal", Principal)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
