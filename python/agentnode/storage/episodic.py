@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
@@ -47,8 +47,7 @@ _END = b"\x01"  # sorts right after _SEP: `prefix + _SEP` .. `prefix + _END` is 
 _Op = tuple[str, bytes, bytes]  # ("put" | "delete" | "delete_range", key, value-or-end)
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One stored record. `expires_ms` is 0 when it has no TTL of its own."""
 
     id: str
@@ -109,6 +108,7 @@ class EpisodicStore:
         self._seq = itertools.count()
         self._last_ns = 0
         self._id_lock = threading.Lock()
+        self._task_keys: dict[tuple[str, str, str], bytes] = {}
         # Ended tasks, cached so that a read costs one RocksDB lookup; the `t` keys are the truth.
         self._ended: dict[bytes, int] = {}
         for key, value in self._db.items(from_key=b"t"):
@@ -147,7 +147,30 @@ class EpisodicStore:
         sync: bool = False,
     ) -> str:
         """Stores one record and returns its id (an existing id is overwritten)."""
-        return self.append_many(tenant, namespace, task, [NewRecord(value, id, ttl)], sync=sync)[0]
+        if ttl is not None or sync:
+            return self.append_many(tenant, namespace, task, [NewRecord(value, id, ttl)], sync=sync)[0]
+        # The common case, without the batch machinery: one record, no TTL, WAL without fsync.
+        task_key = self._task_key(tenant, namespace, task)
+        if task_key in self._ended:
+            raise TaskEndedError(
+                f"task {task!r} in namespace {namespace!r} has ended (append to a new task)"
+            )
+        rid = self.new_id() if id is None else check_id(id)
+        blob = self._pack(_now_ms(), 0, value)
+        self._db.put(b"r" + task_key + _SEP + rid.encode(), blob)  # default: WAL, no fsync
+        return rid
+
+    def _pack(self, now: int, expires: int, value: Any) -> bytes:
+        try:
+            blob: bytes = msgpack.packb([now, expires, value])
+        except (TypeError, ValueError) as e:
+            raise MemoryKeyError(f"record value cannot be stored ({e}; use JSON-like values)") from e
+        if len(blob) > self.max_value_bytes:
+            raise ValueTooLargeError(
+                f"record value is {len(blob)} bytes, over the {self.max_value_bytes}-byte "
+                "limit (store large data in the object store and keep its digest)"
+            )
+        return blob
 
     def append_many(
         self,
@@ -174,17 +197,7 @@ class EpisodicStore:
                 if not rec.ttl > 0:
                     raise MemoryKeyError(f"invalid ttl {rec.ttl!r} (use a number of seconds > 0)")
                 expires = now + int(rec.ttl * 1000)
-            try:
-                blob = msgpack.packb([now, expires, rec.value])
-            except (TypeError, ValueError) as e:
-                raise MemoryKeyError(
-                    f"record value cannot be stored ({e}; use JSON-like values)"
-                ) from e
-            if len(blob) > self.max_value_bytes:
-                raise ValueTooLargeError(
-                    f"record value is {len(blob)} bytes, over the {self.max_value_bytes}-byte "
-                    "limit (store large data in the object store and keep its digest)"
-                )
+            blob = self._pack(now, expires, rec.value)
             key = b"r" + task_key + _SEP + rid.encode()
             ops.append(("put", key, blob))
             if expires:
@@ -313,20 +326,16 @@ class EpisodicStore:
         # the upper bound instead, so the lower bound is a seek going forward, a stop going back.
         ro = ReadOptions()
         ro.set_iterate_upper_bound(upper)
-        it = self._db.iter(ro)
-        if newest_first:
-            it.seek_to_last()
-        else:
-            it.seek(lower)
-        while it.valid() and it.key() >= lower:
-            created, expires, value = msgpack.unpackb(it.value())
+        start = upper if newest_first else lower
+        skip = len(lower) - (len(lower) - lower.rindex(_SEP) - 1)
+        for key, blob in self._db.items(backwards=newest_first, from_key=start, read_opt=ro):
+            if key < lower:
+                return
+            if newest_first and key >= upper:
+                continue
+            created, expires, value = msgpack.unpackb(blob)
             if not expires or expires > now:
-                rid = it.key().rsplit(_SEP, 1)[1].decode()
-                yield Record(rid, namespace, task, value, created, expires)
-            if newest_first:
-                it.prev()
-            else:
-                it.next()
+                yield Record(key[skip:].decode(), namespace, task, value, created, expires)
 
     def list_tasks(self, tenant: str, namespace_prefix: str = "") -> list[tuple[str, str]]:
         """The (namespace, task) pairs of a tenant whose namespace starts with the prefix."""
@@ -352,7 +361,15 @@ class EpisodicStore:
         return ended is None or ended > now
 
     def _task_key(self, tenant: str, namespace: str, task: str) -> bytes:
-        return _enc(check_name("tenant", tenant), check_namespace(namespace), check_name("task", task))
+        # Validated keys are cached: agents write many records to few tasks.
+        cached = self._task_keys.get((tenant, namespace, task))
+        if cached is not None:
+            return cached
+        key = _enc(check_name("tenant", tenant), check_namespace(namespace), check_name("task", task))
+        if len(self._task_keys) >= 4096:
+            self._task_keys.clear()
+        self._task_keys[(tenant, namespace, task)] = key
+        return key
 
     def _bucket_key(self, expires_ms: int) -> bytes:
         return b"x" + (expires_ms // self.bucket_ms + 1).to_bytes(8, "big")
