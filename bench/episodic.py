@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
-from _harness import Bench, percentile
 from rocksdict import Options, Rdict, WriteBatch
 
+from _harness import Bench, percentile
 from agentnode.storage import EpisodicStore, NewRecord
 
 VALUE = {"role": "tool", "text": "x" * 64, "step": 1}

@@ -41,7 +41,10 @@ def test_search_by_prefix_and_filter(store: AgentnodeStore) -> None:
     assert {i.key for i in store.search(("users",))} == {"n1", "n2", "n3"}
     assert {i.key for i in store.search(("users",), filter={"kind": "todo"})} == {"n1", "n3"}
     assert len(store.search(("users",), limit=1, offset=1)) == 1
-    assert store.list_namespaces(prefix=("users",)) == [("users", "alice", "notes"), ("users", "bob")]
+    assert store.list_namespaces(prefix=("users",)) == [
+        ("users", "alice", "notes"),
+        ("users", "bob"),
+    ]
     assert store.list_namespaces(max_depth=1) == [("users",), ("usersx",)]
     assert store.list_namespaces(suffix=("notes",)) == [("users", "alice", "notes")]
 

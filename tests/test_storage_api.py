@@ -23,7 +23,13 @@ from agentnode.errors import (
 from agentnode.sdk import Memory, WorkingMemory
 
 
-def raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+def raw(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, str, bytes]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
@@ -74,13 +80,30 @@ def test_sdk_objects_stream(memory_server, tmp_path) -> None:  # type: ignore[no
 def test_json_and_msgpack_codecs(memory_server) -> None:  # type: ignore[no-untyped-def]
     url, tokens = memory_server
     auth = {"Authorization": f"Bearer {tokens['a']}"}
-    status, ctype, body = raw(url, "POST", "/v1/memory/episodic/ns/t", json.dumps({"value": [1, 2]}).encode(), {**auth, "Content-Type": "application/json"})
+    status, ctype, body = raw(
+        url,
+        "POST",
+        "/v1/memory/episodic/ns/t",
+        json.dumps({"value": [1, 2]}).encode(),
+        {**auth, "Content-Type": "application/json"},
+    )
     assert status == 201 and ctype.startswith("application/json")
     rid = json.loads(body)["ids"][0]
-    status, ctype, body = raw(url, "GET", f"/v1/memory/episodic/ns/t/{rid}", headers={**auth, "Accept": "application/msgpack"})
+    status, ctype, body = raw(
+        url,
+        "GET",
+        f"/v1/memory/episodic/ns/t/{rid}",
+        headers={**auth, "Accept": "application/msgpack"},
+    )
     assert status == 200 and ctype == "application/msgpack"
     assert msgpack.unpackb(body)["value"] == [1, 2]
-    status, _, body = raw(url, "POST", "/v1/memory/episodic/ns/t", msgpack.packb({"value": b"\x00bin"}), {**auth, "Content-Type": "application/msgpack"})
+    status, _, body = raw(
+        url,
+        "POST",
+        "/v1/memory/episodic/ns/t",
+        msgpack.packb({"value": b"\x00bin"}),
+        {**auth, "Content-Type": "application/msgpack"},
+    )
     assert status == 201
 
 
@@ -90,7 +113,13 @@ def test_json_and_msgpack_codecs(memory_server) -> None:  # type: ignore[no-unty
         ("POST", "/v1/memory/episodic/ns/t", b"{not json", 400, "not valid JSON"),
         ("POST", "/v1/memory/episodic/ns/t", b'{"nope": 1}', 400, "'value'"),
         ("POST", "/v1/memory/episodic/bad%20ns/t", b'{"value": 1}', 400, "invalid namespace"),
-        ("POST", "/v1/memory/episodic/ns/t", json.dumps({"value": "x" * 300_000}).encode(), 413, "limit"),
+        (
+            "POST",
+            "/v1/memory/episodic/ns/t",
+            json.dumps({"value": "x" * 300_000}).encode(),
+            413,
+            "limit",
+        ),
         ("GET", "/v1/memory/episodic/ns/t/nosuchid", None, 404, "no record"),
         ("GET", "/v1/memory/episodic/ns/t?limit=abc", None, 400, "not an integer"),
         ("GET", "/v1/objects/missing", None, 404, "no object"),

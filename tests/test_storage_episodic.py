@@ -10,6 +10,11 @@ from agentnode.errors import MemoryKeyError, NotFoundError, TaskEndedError, Valu
 from agentnode.storage import EpisodicStore, NewRecord
 
 
+def stored_keys(store: EpisodicStore, prefix: bytes) -> list[bytes]:
+    """Every raw key under `prefix`: proof that the sweep reclaimed space, not just hid it."""
+    return [k for k, _ in store._db.items() if k.startswith(prefix)]
+
+
 @pytest.fixture
 def store(tmp_path):  # type: ignore[no-untyped-def]
     s = EpisodicStore(tmp_path / "db", bucket_ms=50, max_value_bytes=4096)
@@ -59,10 +64,18 @@ def test_prefix_listing_and_tenant_separation(store: EpisodicStore) -> None:
 
 @pytest.mark.parametrize(
     ("tenant", "namespace", "task", "rid"),
-    [("", "ns", "t", "i"), ("a\x00b", "ns", "t", "i"), ("a", "n s", "t", "i"),
-     ("a", "ns", "t/../x", "i"), ("a", "ns", "t", "id with space"), ("a", "ns:", "t", "i")],
+    [
+        ("", "ns", "t", "i"),
+        ("a\x00b", "ns", "t", "i"),
+        ("a", "n s", "t", "i"),
+        ("a", "ns", "t/../x", "i"),
+        ("a", "ns", "t", "id with space"),
+        ("a", "ns:", "t", "i"),
+    ],
 )
-def test_bad_keys_are_refused(store: EpisodicStore, tenant: str, namespace: str, task: str, rid: str) -> None:
+def test_bad_keys_are_refused(
+    store: EpisodicStore, tenant: str, namespace: str, task: str, rid: str
+) -> None:
     with pytest.raises(MemoryKeyError, match="invalid"):
         store.append(tenant, namespace, task, 1, id=rid)
 
@@ -76,7 +89,7 @@ def test_expired_records_never_returned_and_swept(store: EpisodicStore) -> None:
     assert [r.id for r in store.scan("t", "ns", "task")] == [keep]
     assert store.sweep() == 1
     assert store.sweep() == 0
-    assert [k for k in store._db.keys() if k.startswith(b"x")] == []
+    assert stored_keys(store, b"x") == []
 
 
 def test_ended_task_expires_whole_range(store: EpisodicStore) -> None:
@@ -90,7 +103,7 @@ def test_ended_task_expires_whole_range(store: EpisodicStore) -> None:
     assert store.scan("t", "ns", "done") == []
     assert ("ns", "done") not in store.list_tasks("t")
     store.sweep()
-    assert [k for k in store._db.keys() if b"done" in k] == []
+    assert [k for k in stored_keys(store, b"") if b"done" in k] == []
     assert store.get("t", "ns", "live", other).value == "stays"
 
 
@@ -100,12 +113,12 @@ def test_background_sweeper_and_reopen(tmp_path) -> None:  # type: ignore[no-unt
         s.end_task("t", "ns", "ended", ttl=60)
         s.start_sweeper(interval=0.02)
         deadline = time.monotonic() + 5
-        while [k for k in s._db.keys() if k.startswith(b"r")] and time.monotonic() < deadline:
+        while stored_keys(s, b"r") and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert [k for k in s._db.keys() if k.startswith(b"r")] == []
-    with EpisodicStore(tmp_path / "db") as s:  # the ended task survives a restart
-        with pytest.raises(TaskEndedError):
-            s.append("t", "ns", "ended", 1)
+        assert stored_keys(s, b"r") == []
+    # The ended task survives a restart.
+    with EpisodicStore(tmp_path / "db") as s, pytest.raises(TaskEndedError):
+        s.append("t", "ns", "ended", 1)
 
 
 def test_concurrent_synced_writes_group_commit(store: EpisodicStore) -> None:

@@ -42,9 +42,7 @@ _SCAN_LIMIT = 10_000
 
 def _ns(namespace: tuple[str, ...]) -> str:
     if not namespace or any(not label or ":" in label for label in namespace):
-        raise InvalidNamespaceError(
-            f"namespace {namespace!r} must be non-empty labels without ':'"
-        )
+        raise InvalidNamespaceError(f"namespace {namespace!r} must be non-empty labels without ':'")
     return ":".join(namespace)
 
 
@@ -145,9 +143,7 @@ class AgentnodeStore(BaseStore):
                 if op.filter and any(item.value.get(k) != v for k, v in op.filter.items()):
                     continue
                 found.append(
-                    SearchItem(
-                        namespace, item.key, item.value, item.created_at, item.updated_at
-                    )
+                    SearchItem(namespace, item.key, item.value, item.created_at, item.updated_at)
                 )
         return found[op.offset : op.offset + op.limit]
 

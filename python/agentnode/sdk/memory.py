@@ -75,7 +75,9 @@ class Memory:
         if resp.status >= 400:
             data = resp.read()
             try:
-                problem = msgpack.unpackb(data) if resp.getheader("Content-Type") == _MSGPACK else None
+                problem = (
+                    msgpack.unpackb(data) if resp.getheader("Content-Type") == _MSGPACK else None
+                )
             except ValueError:
                 problem = None
             if problem is None:
@@ -180,7 +182,7 @@ class Memory:
             stream = data
 
             def read_all() -> Iterator[bytes]:
-                while block := stream.read(1 << 16):  # type: ignore[union-attr]
+                while block := stream.read(1 << 16):
                     yield block
 
             chunks = read_all()

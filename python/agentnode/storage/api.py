@@ -91,7 +91,9 @@ def reply(request: web.Request, data: Any, *, status: int = 200) -> web.Response
 async def _guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
     try:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        found = request.config_dict[AUTH].authenticate(token) if scheme == "Bearer" and token else None
+        found = (
+            request.config_dict[AUTH].authenticate(token) if scheme == "Bearer" and token else None
+        )
         if found is None:
             raise AuthError("missing or unknown bearer token (set AGENTNODE_TOKEN)")
         request[_PRINCIPAL] = found
@@ -114,7 +116,7 @@ def _int(request: web.Request, name: str, default: int | None) -> int | None:
 def _new_records(body: Any) -> tuple[list[NewRecord], bool]:
     if not isinstance(body, dict):
         raise MemoryKeyError("body must be an object with 'value' or 'records'")
-    items = body["records"] if "records" in body else [body]
+    items = body.get("records", [body])
     if not isinstance(items, list) or not items:
         raise MemoryKeyError("'records' must be a non-empty list")
     records = []
@@ -262,4 +264,3 @@ def make_app(
     if vectors is not None:
         app.add_subapp("/v1/memory/vectors/", vectors)
     return app
-

@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
-from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
+from rocksdict import ReadOptions, WriteBatch, WriteOptions
 
 from agentnode.errors import MemoryKeyError, NotFoundError, TaskEndedError, ValueTooLargeError
 from agentnode.storage.keys import check_id, check_name, check_namespace
+from agentnode.storage.rocks import open_raw, raw_get, raw_items
 
 __all__ = ["EpisodicStore", "NewRecord", "Record"]
 
@@ -99,9 +100,7 @@ class EpisodicStore:
         self.path = Path(path)
         self.max_value_bytes = max_value_bytes
         self.bucket_ms = bucket_ms
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        self._db = Rdict(str(self.path), opts)
+        self._db = open_raw(self.path)
         self._nosync = WriteOptions()
         self._sync = WriteOptions()
         self._sync.sync = True
@@ -111,7 +110,7 @@ class EpisodicStore:
         self._task_keys: dict[tuple[str, str, str], bytes] = {}
         # Ended tasks, cached so that a read costs one RocksDB lookup; the `t` keys are the truth.
         self._ended: dict[bytes, int] = {}
-        for key, value in self._db.items(from_key=b"t"):
+        for key, value in raw_items(self._db, from_key=b"t"):
             if not key.startswith(b"t"):
                 break
             self._ended[key[1:]] = msgpack.unpackb(value)
@@ -148,7 +147,9 @@ class EpisodicStore:
     ) -> str:
         """Stores one record and returns its id (an existing id is overwritten)."""
         if ttl is not None or sync:
-            return self.append_many(tenant, namespace, task, [NewRecord(value, id, ttl)], sync=sync)[0]
+            return self.append_many(
+                tenant, namespace, task, [NewRecord(value, id, ttl)], sync=sync
+            )[0]
         # The common case, without the batch machinery: one record, no TTL, WAL without fsync.
         task_key = self._task_key(tenant, namespace, task)
         if task_key in self._ended:
@@ -164,7 +165,9 @@ class EpisodicStore:
         try:
             blob: bytes = msgpack.packb([now, expires, value])
         except (TypeError, ValueError) as e:
-            raise MemoryKeyError(f"record value cannot be stored ({e}; use JSON-like values)") from e
+            raise MemoryKeyError(
+                f"record value cannot be stored ({e}; use JSON-like values)"
+            ) from e
         if len(blob) > self.max_value_bytes:
             raise ValueTooLargeError(
                 f"record value is {len(blob)} bytes, over the {self.max_value_bytes}-byte "
@@ -206,7 +209,9 @@ class EpisodicStore:
         self._commit(ops, sync=sync)
         return ids
 
-    def delete(self, tenant: str, namespace: str, task: str, id: str, *, sync: bool = False) -> None:
+    def delete(
+        self, tenant: str, namespace: str, task: str, id: str, *, sync: bool = False
+    ) -> None:
         """Deletes one record; a missing record raises NotFoundError."""
         self.get(tenant, namespace, task, id)
         key = b"r" + self._task_key(tenant, namespace, task) + _SEP + check_id(id).encode()
@@ -223,7 +228,10 @@ class EpisodicStore:
         expires = min(expires, self._ended.get(task_key, expires))
         t_key = b"t" + task_key
         self._commit(
-            [("put", t_key, msgpack.packb(expires)), ("put", self._bucket_key(expires) + t_key, b"")],
+            [
+                ("put", t_key, msgpack.packb(expires)),
+                ("put", self._bucket_key(expires) + t_key, b""),
+            ],
             sync=sync,
         )
         self._ended[task_key] = expires
@@ -278,7 +286,7 @@ class EpisodicStore:
     def get(self, tenant: str, namespace: str, task: str, id: str) -> Record:
         """The record, or NotFoundError if it does not exist or has expired."""
         task_key = self._task_key(tenant, namespace, task)
-        blob = self._db.get(b"r" + task_key + _SEP + check_id(id).encode())
+        blob = raw_get(self._db, b"r" + task_key + _SEP + check_id(id).encode())
         now = _now_ms()
         if blob is None or not self._task_alive(task_key, now):
             raise NotFoundError(f"no record {id!r} in task {task!r} of namespace {namespace!r}")
@@ -305,7 +313,9 @@ class EpisodicStore:
             return []
         base = b"r" + task_key + _SEP
         lower = base + (f"{since_ns:016x}".encode() if since_ns is not None else b"")
-        upper = base + f"{until_ns:016x}".encode() if until_ns is not None else b"r" + task_key + _END
+        upper = (
+            base + f"{until_ns:016x}".encode() if until_ns is not None else b"r" + task_key + _END
+        )
         return list(
             itertools.islice(
                 self._live(lower, upper, namespace, task, now, newest_first=newest_first), limit
@@ -328,7 +338,7 @@ class EpisodicStore:
         ro.set_iterate_upper_bound(upper)
         start = upper if newest_first else lower
         skip = len(lower) - (len(lower) - lower.rindex(_SEP) - 1)
-        for key, blob in self._db.items(backwards=newest_first, from_key=start, read_opt=ro):
+        for key, blob in raw_items(self._db, backwards=newest_first, from_key=start, read_opt=ro):
             if key < lower:
                 return
             if newest_first and key >= upper:
@@ -365,7 +375,9 @@ class EpisodicStore:
         cached = self._task_keys.get((tenant, namespace, task))
         if cached is not None:
             return cached
-        key = _enc(check_name("tenant", tenant), check_namespace(namespace), check_name("task", task))
+        key = _enc(
+            check_name("tenant", tenant), check_namespace(namespace), check_name("task", task)
+        )
         if len(self._task_keys) >= 4096:
             self._task_keys.clear()
         self._task_keys[(tenant, namespace, task)] = key
@@ -385,7 +397,7 @@ class EpisodicStore:
         ops: list[_Op] = []
         ended: list[bytes] = []
         last = b""
-        for key, _ in self._db.items(from_key=b"x", read_opt=ro):
+        for key, _ in raw_items(self._db, from_key=b"x", read_opt=ro):
             target = key[9:]
             if target[:1] == b"t":
                 ops.append(("delete_range", b"r" + target[1:] + _SEP, b"r" + target[1:] + _END))

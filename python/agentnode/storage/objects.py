@@ -27,10 +27,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import msgpack
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import WriteBatch, WriteOptions
 
 from agentnode.errors import NotFoundError, QuotaExceededError, StorageError
 from agentnode.storage.keys import check_name
+from agentnode.storage.rocks import open_raw, raw_get, raw_items
 
 __all__ = ["ObjectInfo", "ObjectStore", "ObjectWriter"]
 
@@ -80,9 +81,7 @@ class ObjectStore:
         # No writer is running yet, so anything in tmp/ was left by a crash.
         for leftover in self._tmp.iterdir():
             leftover.unlink()
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        self._meta = Rdict(str(self.root / "meta"), opts)
+        self._meta = open_raw(self.root / "meta")
         self._sync = WriteOptions()
         self._sync.sync = True
         self._lock = threading.Lock()
@@ -94,11 +93,16 @@ class ObjectStore:
 
     def usage(self, tenant: str) -> int:
         """Bytes the tenant's references hold."""
-        raw = self._meta.get(b"u" + check_name("tenant", tenant).encode())
+        raw = raw_get(self._meta, b"u" + check_name("tenant", tenant).encode())
         return 0 if raw is None else int(msgpack.unpackb(raw))
 
     def _ref_key(self, tenant: str, name: str) -> bytes:
-        return b"n" + check_name("tenant", tenant).encode() + b"\x00" + check_name("object name", name).encode()
+        return (
+            b"n"
+            + check_name("tenant", tenant).encode()
+            + b"\x00"
+            + check_name("object name", name).encode()
+        )
 
     def writer(self, tenant: str, name: str) -> ObjectWriter:
         """Starts a streaming upload of `name`; call `write` per chunk, then `commit` or `abort`."""
@@ -118,7 +122,7 @@ class ObjectStore:
 
     def stat(self, tenant: str, name: str) -> ObjectInfo:
         """The reference `name`, or NotFoundError."""
-        raw = self._meta.get(self._ref_key(tenant, name))
+        raw = raw_get(self._meta, self._ref_key(tenant, name))
         if raw is None:
             raise NotFoundError(f"no object named {name!r}")
         digest, size = msgpack.unpackb(raw)
@@ -140,7 +144,7 @@ class ObjectStore:
         """The tenant's references whose name starts with `prefix`, by name."""
         base = b"n" + check_name("tenant", tenant).encode() + b"\x00"
         found = []
-        for key, raw in self._meta.items(from_key=base + prefix.encode()):
+        for key, raw in raw_items(self._meta, from_key=base + prefix.encode()):
             if not key.startswith(base + prefix.encode()):
                 break
             digest, size = msgpack.unpackb(raw)
@@ -163,7 +167,7 @@ class ObjectStore:
         with self._lock:
             for shard in self._blobs.iterdir():
                 for blob in shard.iterdir():
-                    if self._meta.get(b"c" + blob.name.encode()) is None:
+                    if raw_get(self._meta, b"c" + blob.name.encode()) is None:
                         blob.unlink()
                         removed += 1
         return removed
@@ -176,7 +180,7 @@ class ObjectStore:
         return self._blobs / digest[:2] / digest
 
     def _count(self, digest: str) -> int:
-        raw = self._meta.get(b"c" + digest.encode())
+        raw = raw_get(self._meta, b"c" + digest.encode())
         return 0 if raw is None else int(msgpack.unpackb(raw))
 
     def _unref(self, wb: WriteBatch, tenant: str, digest: str, size: int) -> None:
@@ -218,7 +222,7 @@ class ObjectStore:
             key = self._ref_key(tenant, name)
             usage = self.usage(tenant) + size
             counts = {digest: self._count(digest)}
-            old = self._meta.get(key)
+            old = raw_get(self._meta, key)
             if old is not None:
                 old_digest, old_size = msgpack.unpackb(old)
                 usage -= old_size
