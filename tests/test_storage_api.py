@@ -57,7 +57,8 @@ def test_sdk_episodic_roundtrip(memory_server, monkeypatch) -> None:  # type: ig
         with pytest.raises(TaskEndedError):
             mem.append("notes", "t1", 1)
         time.sleep(0.1)
-        assert mem.scan("notes", "t1") == []
+        with pytest.raises(NotFoundError, match="unknown task"):
+            mem.scan("notes", "t1")
 
 
 def test_sdk_objects_stream(memory_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -123,6 +124,7 @@ def test_json_and_msgpack_codecs(memory_server) -> None:  # type: ignore[no-unty
         ("GET", "/v1/memory/episodic/ns/t/nosuchid", None, 404, "no record"),
         ("GET", "/v1/memory/episodic/ns/t?limit=abc", None, 400, "not an integer"),
         ("GET", "/v1/objects/missing", None, 404, "no object"),
+        ("GET", "/v1/memory/episodic/unknown-ns/t", None, 404, "unknown task"),
     ],
 )
 def test_bad_input_answers_json_error(memory_server, method, path, body, status, says) -> None:  # type: ignore[no-untyped-def]
@@ -148,7 +150,8 @@ def test_tenancy_isolation(memory_server) -> None:  # type: ignore[no-untyped-de
         # Same namespace, task, id and object name: b reaches none of a's data.
         with pytest.raises(NotFoundError):
             b.get("shared-name", "t", rid)
-        assert b.scan("shared-name", "t") == []
+        with pytest.raises(NotFoundError):
+            b.scan("shared-name", "t")
         assert b.tasks() == []
         with pytest.raises(NotFoundError):
             b.delete("shared-name", "t", rid)

@@ -43,6 +43,7 @@ def test_time_range_scan(store: EpisodicStore) -> None:
     second = store.append("t", "ns", "task", 2)
     assert [r.id for r in store.scan("t", "ns", "task", since_ns=middle_ns)] == [second]
     assert [r.id for r in store.scan("t", "ns", "task", until_ns=middle_ns)] == [first]
+    assert store.scan("t", "ns", "task", since_ns=time.time_ns()) == []  # known task, empty range
 
 
 def test_batch_is_atomic_and_validated_first(store: EpisodicStore) -> None:
@@ -50,7 +51,8 @@ def test_batch_is_atomic_and_validated_first(store: EpisodicStore) -> None:
     assert len(store.scan("t", "ns", "task", limit=1000)) == len(ids) == 100
     with pytest.raises(ValueTooLargeError, match="4096-byte limit"):
         store.append_many("t", "ns", "task2", [NewRecord(1), NewRecord("x" * 5000)])
-    assert store.scan("t", "ns", "task2") == []  # nothing half-written
+    with pytest.raises(NotFoundError):  # nothing half-written
+        store.scan("t", "ns", "task2")
 
 
 def test_prefix_listing_and_tenant_separation(store: EpisodicStore) -> None:
@@ -100,7 +102,8 @@ def test_ended_task_expires_whole_range(store: EpisodicStore) -> None:
         store.append("t", "ns", "done", 1)
     assert len(store.scan("t", "ns", "done", limit=100)) == 50  # still within its TTL
     time.sleep(0.12)
-    assert store.scan("t", "ns", "done") == []
+    with pytest.raises(NotFoundError):
+        store.scan("t", "ns", "done")
     assert ("ns", "done") not in store.list_tasks("t")
     store.sweep()
     assert [k for k in stored_keys(store, b"") if b"done" in k] == []

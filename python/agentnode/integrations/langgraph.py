@@ -135,9 +135,12 @@ class AgentnodeStore(BaseStore):
         for namespace in self._namespaces():
             if namespace[: len(prefix)] != prefix:
                 continue
-            records = self._memory.scan(
-                _ns(namespace), self._task, limit=_SCAN_LIMIT, newest_first=False
-            )
+            try:
+                records = self._memory.scan(
+                    _ns(namespace), self._task, limit=_SCAN_LIMIT, newest_first=False
+                )
+            except NotFoundError:  # its last item expired since the listing
+                continue
             for rec in records:
                 item = self._item(namespace, rec)
                 if op.filter and any(item.value.get(k) != v for k, v in op.filter.items()):

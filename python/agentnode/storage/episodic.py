@@ -306,20 +306,30 @@ class EpisodicStore:
         limit: int = 100,
         newest_first: bool = True,
     ) -> list[Record]:
-        """Up to `limit` live records of a task with generated ids in [since_ns, until_ns)."""
+        """Up to `limit` live records of a task with generated ids in [since_ns, until_ns).
+
+        A task with no live records at all (never written, deleted, expired) raises
+        NotFoundError; a known task with nothing in the range gives [].
+        """
         task_key = self._task_key(tenant, namespace, task)
         now = _now_ms()
-        if not self._task_alive(task_key, now):
-            return []
         base = b"r" + task_key + _SEP
+        end = b"r" + task_key + _END
         lower = base + (f"{since_ns:016x}".encode() if since_ns is not None else b"")
-        upper = (
-            base + f"{until_ns:016x}".encode() if until_ns is not None else b"r" + task_key + _END
-        )
-        return list(
-            itertools.islice(
-                self._live(lower, upper, namespace, task, now, newest_first=newest_first), limit
+        upper = base + f"{until_ns:016x}".encode() if until_ns is not None else end
+        found = []
+        if self._task_alive(task_key, now):
+            found = list(
+                itertools.islice(
+                    self._live(lower, upper, namespace, task, now, newest_first=newest_first),
+                    limit,
+                )
             )
+            if found or next(self._live(base, end, namespace, task, now, newest_first=False), None):
+                return found
+        raise NotFoundError(
+            f"unknown task {task!r} in namespace {namespace!r} (no live records; "
+            "list tasks with GET /v1/memory/episodic)"
         )
 
     def _live(
