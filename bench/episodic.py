@@ -21,7 +21,7 @@ import msgpack
 from rocksdict import Options, Rdict, WriteBatch
 
 from _harness import Bench, percentile
-from agentnode.storage import EpisodicStore, NewRecord
+from agentnode.storage.episodic import EpisodicStore, NewRecord
 
 VALUE = {"role": "tool", "text": "x" * 64, "step": 1}
 BATCH = 100

@@ -33,8 +33,10 @@ def memory_server(tmp_path):  # type: ignore[no-untyped-def]
 
     from aiohttp import web
 
-    from agentnode.storage import EpisodicStore, ObjectStore, StaticTokens
     from agentnode.storage.api import make_app
+    from agentnode.storage.episodic import EpisodicStore
+    from agentnode.storage.objects import ObjectStore
+    from agentnode.storage.tenancy import StaticTokens
 
     tokens = {"a": f"tok-a-{os.getpid()}", "b": f"tok-b-{os.getpid()}"}
     episodic = EpisodicStore(tmp_path / "episodic", bucket_ms=100)

@@ -136,7 +136,7 @@ def test_bad_input_answers_json_error(memory_server, method, path, body, status,
 
 
 def test_value_over_record_limit_is_413(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from agentnode.storage import EpisodicStore
+    from agentnode.storage.episodic import EpisodicStore
 
     with EpisodicStore(tmp_path / "db", max_value_bytes=10) as s, pytest.raises(ValueTooLargeError):
         s.append("a", "ns", "t", "more than ten bytes")
@@ -195,3 +195,74 @@ def test_working_memory_is_lru() -> None:
     assert "b" not in wm and wm.get("a") == 1 and len(wm) == 2
     with pytest.raises(ValueError):
         WorkingMemory(maxsize=0)
+
+
+def test_cli_memory_serve(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+    import sys
+
+    tenants = tmp_path / "tenants.json"
+    token = f"cli-token-{os.getpid()}-0123456789"
+    tenants.write_text(json.dumps({"a": {"token": token, "quota": 100}}))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agentnode",
+            "memory",
+            "serve",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--tenants",
+            str(tenants),
+            "--listen",
+            "127.0.0.1:0",
+            "--sweep-interval",
+            "0.1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("agentnode memory: listening on http://127.0.0.1:")
+        with Memory(line.split()[-1], token) as mem:
+            rid = mem.append("ns", "t", {"ok": True}, sync=True)
+            assert mem.get("ns", "t", rid)["value"] == {"ok": True}
+            with pytest.raises(QuotaExceededError):
+                mem.put_object("big", b"x" * 101)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("{", "not valid JSON"),
+        ("{}", "non-empty JSON object"),
+        ('{"a": {"token": "short"}}', "at least 16 characters"),
+        ('{"bad tenant": {"token": "0123456789abcdef"}}', "invalid tenant"),
+        (
+            '{"a": {"token": "0123456789abcdef"}, "b": {"token": "0123456789abcdef"}}',
+            "share a token",
+        ),
+    ],
+)
+def test_cli_memory_serve_bad_config(tmp_path, content, says) -> None:  # type: ignore[no-untyped-def]
+    from conftest import run_cli
+
+    (tmp_path / "t.json").write_text(content)
+    r = run_cli(
+        ["memory", "serve", "--data-dir", str(tmp_path), "--tenants", str(tmp_path / "t.json")]
+    )
+    assert r.returncode == 1 and r.stderr.startswith("agentnode: error: ") and says in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli(
+        ["memory", "serve", "--data-dir", str(tmp_path), "--tenants", "x", "--listen", "nope"]
+    )
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr

@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from agentnode.storage import EpisodicStore
+from agentnode.storage.episodic import EpisodicStore
 
 WRITER = """
 import sys
-from agentnode.storage import EpisodicStore, NewRecord
+from agentnode.storage.episodic import EpisodicStore, NewRecord
 store = EpisodicStore(sys.argv[1])
 i = 0
 while True:

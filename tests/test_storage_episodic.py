@@ -7,7 +7,7 @@ import time
 import pytest
 
 from agentnode.errors import MemoryKeyError, NotFoundError, TaskEndedError, ValueTooLargeError
-from agentnode.storage import EpisodicStore, NewRecord
+from agentnode.storage.episodic import EpisodicStore, NewRecord
 
 
 def stored_keys(store: EpisodicStore, prefix: bytes) -> list[bytes]:

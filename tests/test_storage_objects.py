@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agentnode.errors import MemoryKeyError, NotFoundError, QuotaExceededError
-from agentnode.storage import ObjectStore
+from agentnode.storage.objects import ObjectStore
 
 
 def blobs(root: Path) -> list[Path]:
@@ -62,6 +62,8 @@ def test_quota_stops_upload_and_leaves_nothing(tmp_path: Path) -> None:
     assert [i.name for i in store.list("a")] == ["small"]
     assert list((tmp_path / "tmp").iterdir()) == []
     assert store.usage("a") == 600
+    with pytest.raises(QuotaExceededError):  # the very first chunk already too big
+        store.put("a", "huge", [b"y" * 2000])
     store.put("a", "small", [b"z" * 1000])  # replacing frees the old size first
     store.put("b", "other", [b"x" * 5000])  # quotas are per tenant
     store.close()
@@ -80,7 +82,7 @@ def test_tenants_see_only_their_references(tmp_path: Path) -> None:
 
 WRITER = """
 import sys, itertools
-from agentnode.storage import ObjectStore
+from agentnode.storage.objects import ObjectStore
 store = ObjectStore(sys.argv[1])
 def chunks():
     for i in itertools.count():

@@ -13,12 +13,14 @@ from typing import NoReturn
 
 from agentnode import __version__, doctor
 from agentnode.errors import AgentnodeError, UsageError
+from agentnode.storage import serve as memory_serve
 
 __all__ = ["ArgumentParser", "main"]
 
 # Each command module contributes its subcommands; later layers add themselves here.
 COMMANDS: list[Callable[[argparse._SubParsersAction[ArgumentParser]], None]] = [
     doctor.add_parser,
+    memory_serve.add_parser,
 ]
 
 

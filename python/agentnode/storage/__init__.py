@@ -1,16 +1,6 @@
-"""Layer 3 agent memory: the episodic store, the object store, tenancy, and their HTTP API."""
+"""Layer 3 agent memory: the episodic store (`episodic`), the object store (`objects`), tenancy
+(`tenancy`), the HTTP API (`api`) and its standalone server (`serve`).
 
-from agentnode.storage.episodic import EpisodicStore, NewRecord, Record
-from agentnode.storage.objects import ObjectInfo, ObjectStore
-from agentnode.storage.tenancy import Authenticator, Principal, StaticTokens
-
-__all__ = [
-    "Authenticator",
-    "EpisodicStore",
-    "NewRecord",
-    "ObjectInfo",
-    "ObjectStore",
-    "Principal",
-    "Record",
-    "StaticTokens",
-]
+Nothing is imported here, so that `agentnode` commands that do not touch memory do not pay for
+RocksDB and aiohttp at start-up.
+"""

@@ -317,7 +317,6 @@ class EpisodicStore:
         end = b"r" + task_key + _END
         lower = base + (f"{since_ns:016x}".encode() if since_ns is not None else b"")
         upper = base + f"{until_ns:016x}".encode() if until_ns is not None else end
-        found = []
         if self._task_alive(task_key, now):
             found = list(
                 itertools.islice(
@@ -325,7 +324,8 @@ class EpisodicStore:
                     limit,
                 )
             )
-            if found or next(self._live(base, end, namespace, task, now, newest_first=False), None):
+            anywhere = self._live(base, end, namespace, task, now, newest_first=False)
+            if found or any(True for _ in itertools.islice(anywhere, 1)):
                 return found
         raise NotFoundError(
             f"unknown task {task!r} in namespace {namespace!r} (no live records; "

@@ -208,7 +208,7 @@ class ObjectStore:
 
     def _release(self, tenant: str, n: int) -> None:
         with self._lock:
-            self._writing[tenant] -= n
+            self._writing[tenant] = self._writing.get(tenant, 0) - n
 
     def _install(self, tenant: str, name: str, tmp: Path, digest: str, size: int) -> ObjectInfo:
         final = self._blob_path(digest)
