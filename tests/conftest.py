@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,45 +25,54 @@ def run_cli(
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture
-def memory_server(tmp_path):  # type: ignore[no-untyped-def]
-    """The memory API on loopback in a background event loop, with tenants a and b.
-
-    Yields (url, tokens) where tokens maps tenant to its bearer token.
-    """
+@contextlib.contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """Serves an aiohttp app on 127.0.0.1 (any free port) from a background event loop."""
     import asyncio
     import threading
 
     from aiohttp import web
 
-    from agentnode.storage.api import make_app
-    from agentnode.storage.episodic import EpisodicStore
-    from agentnode.storage.objects import ObjectStore
-    from agentnode.storage.tenancy import StaticTokens
-
-    tokens = {"a": f"tok-a-{os.getpid()}", "b": f"tok-b-{os.getpid()}"}
-    episodic = EpisodicStore(tmp_path / "episodic", bucket_ms=100)
-    objects = ObjectStore(tmp_path / "objects", quotas={"a": 1 << 20, "b": 1 << 20})
-    app = make_app(
-        episodic=episodic,
-        objects=objects,
-        auth=StaticTokens({t: tenant for tenant, t in tokens.items()}),
-        max_body=256 << 10,
-    )
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
     loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{port}", tokens
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+@contextlib.contextmanager
+def memory_stores(path: Path) -> Iterator[tuple[Any, Any]]:
+    """An episodic store (100 ms expiry buckets) and an object store (1 MiB quota) under path."""
+    from agentnode.storage.episodic import EpisodicStore
+    from agentnode.storage.objects import ObjectStore
+
+    episodic = EpisodicStore(path / "episodic", bucket_ms=100)
+    objects = ObjectStore(path / "objects", default_quota=1 << 20)
+    try:
+        yield episodic, objects
+    finally:
         episodic.close()
         objects.close()
+
+
+@pytest.fixture
+def memory_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The memory API on loopback with tenants a and b: yields (url, tenant -> bearer token)."""
+    from agentnode.storage.api import make_app
+    from agentnode.storage.tenancy import StaticTokens
+
+    tokens = {"a": f"tok-a-{os.getpid()}", "b": f"tok-b-{os.getpid()}"}
+    auth = StaticTokens({t: tenant for tenant, t in tokens.items()})
+    with memory_stores(tmp_path) as (episodic, objects):
+        app = make_app(episodic=episodic, objects=objects, auth=auth, max_body=256 << 10)
+        with serve_app(app) as url:
+            yield url, tokens

@@ -266,3 +266,57 @@ def test_cli_memory_serve_bad_config(tmp_path, content, says) -> None:  # type: 
         ["memory", "serve", "--data-dir", str(tmp_path), "--tenants", "x", "--listen", "nope"]
     )
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/memory/episodic/ns/t/abc%00def", 400),  # NUL would split the key
+        ("GET", "/v1/memory/episodic/ns/t%00b/x", 400),
+        ("GET", "/v1/memory/episodic/b%00ns/t/x", 400),  # a tenant boundary smuggled in
+        ("GET", "/v1/objects/..%2F..%2Fetc%2Fpasswd", 400),
+        ("PUT", "/v1/objects/..%2Fescape", 400),
+        ("GET", "/v1/memory/episodic?prefix=%00", 200),  # a prefix only narrows a's own listing
+    ],
+)
+def test_key_smuggling_is_refused(memory_server, method, path, status) -> None:  # type: ignore[no-untyped-def]
+    url, tokens = memory_server
+    with Memory(url, tokens["b"]) as b:
+        b.append("ns", "t", "b's")
+    got, _, body = raw(url, method, path, b"x", {"Authorization": f"Bearer {tokens['a']}"})
+    assert got == status, body
+    if got == 200:
+        assert json.loads(body) == {"tasks": []}
+
+
+def test_task_scoped_credential(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from agentnode.storage.api import make_app
+    from agentnode.storage.tenancy import Principal
+    from conftest import memory_stores, serve_app
+
+    class PerTask:
+        """What the layer 7 daemon will plug in: one token per task."""
+
+        def authenticate(self, token: str) -> Principal | None:
+            return {"tok-t1": Principal("a", "t1"), "tok-t2": Principal("a", "t2")}.get(token)
+
+    with memory_stores(tmp_path) as (episodic, objects):
+        app = make_app(episodic=episodic, objects=objects, auth=PerTask())
+        with serve_app(app) as url, Memory(url, "tok-t1") as t1, Memory(url, "tok-t2") as t2:
+            rid = t1.append("ns", "t1", "mine")
+            t2.append("ns", "t2", "theirs")
+            assert t1.get("ns", "t1", rid)["value"] == "mine"
+            with pytest.raises(AuthError, match="limited to task 't2'"):
+                t2.get("ns", "t1", rid)
+            with pytest.raises(AuthError):
+                t2.append("ns", "t1", "intrusion")
+            with pytest.raises(AuthError):
+                t2.end_task("ns", "t1", ttl=0)
+            assert t1.tasks() == [("ns", "t1")]
+            status, _, _ = raw(
+                url,
+                "GET",
+                f"/v1/memory/episodic/ns/t1/{rid}",
+                headers={"Authorization": "Bearer tok-t2"},
+            )
+            assert status == 403
