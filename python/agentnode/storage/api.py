@@ -127,7 +127,10 @@ def _new_records(body: Any) -> tuple[list[NewRecord], bool]:
         if ttl is not None and not isinstance(ttl, int | float):
             raise MemoryKeyError(f"invalid ttl {ttl!r} (use a number of seconds)")
         records.append(NewRecord(item["value"], item.get("id"), ttl))
-    return records, bool(body.get("sync", False))
+    sync = body.get("sync", False)
+    if not isinstance(sync, bool):
+        raise MemoryKeyError(f"'sync' must be true or false, not {sync!r}")
+    return records, sync
 
 
 async def _append(request: web.Request) -> web.Response:
