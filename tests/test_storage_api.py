@@ -323,3 +323,12 @@ def test_task_scoped_credential(tmp_path) -> None:  # type: ignore[no-untyped-de
                 headers={"Authorization": "Bearer tok-t2"},
             )
             assert status == 403
+
+
+def test_bad_record_in_batch_writes_nothing(memory_server) -> None:  # type: ignore[no-untyped-def]
+    url, tokens = memory_server
+    with Memory(url, tokens["a"]) as mem:
+        with pytest.raises(MemoryKeyError, match="invalid record id"):
+            mem.append_many("ns", "t", [{"value": 1}, {"value": 2, "id": "bad id"}])
+        with pytest.raises(NotFoundError, match="unknown task"):
+            mem.scan("ns", "t")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -43,6 +44,7 @@ from agentnode.storage.rocks import open_raw, raw_get, raw_items
 
 __all__ = ["EpisodicStore", "NewRecord", "Record"]
 
+_log = logging.getLogger(__name__)
 _SEP = b"\x00"
 _END = b"\x01"  # sorts right after _SEP: `prefix + _SEP` .. `prefix + _END` is one subtree
 _Op = tuple[str, bytes, bytes]  # ("put" | "delete" | "delete_range", key, value-or-end)
@@ -431,7 +433,10 @@ class EpisodicStore:
 
         def loop() -> None:
             while not self._stop.wait(interval):
-                self.sweep()
+                try:
+                    self.sweep()
+                except Exception:  # a failed sweep is retried next interval; reads stay correct
+                    _log.exception("episodic expiry sweep failed in %s", self.path)
 
         self._sweeper = threading.Thread(target=loop, name="agentnode-episodic-sweep", daemon=True)
         self._sweeper.start()
