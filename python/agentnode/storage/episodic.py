@@ -132,9 +132,18 @@ class EpisodicStore:
     def new_id(self) -> str:
         """A fresh time-ordered record id."""
         with self._id_lock:
-            now = max(time.time_ns(), self._last_ns)
-            self._last_ns = now
-            return f"{now:016x}{next(self._seq) & 0xFFFFFF:06x}"
+            return f"{self._tick():016x}{next(self._seq) & 0xFFFFFF:06x}"
+
+    def _new_ids(self, n: int) -> list[str]:
+        with self._id_lock:
+            now = self._tick()
+            return [f"{now:016x}{next(self._seq) & 0xFFFFFF:06x}" for _ in range(n)]
+
+    def _tick(self) -> int:
+        # The clock may step back; ids must not, or a scan would misorder them.
+        now = max(time.time_ns(), self._last_ns)
+        self._last_ns = now
+        return now
 
     def append(
         self,
@@ -194,20 +203,20 @@ class EpisodicStore:
             )
         now = _now_ms()
         ops: list[_Op] = []
-        ids: list[str] = []
-        for rec in records:
-            rid = self.new_id() if rec.id is None else check_id(rec.id)
+        ids = self._new_ids(len(records))
+        prefix = b"r" + task_key + _SEP
+        for i, rec in enumerate(records):
+            if rec.id is not None:
+                ids[i] = check_id(rec.id)
             expires = 0
             if rec.ttl is not None:
                 if not rec.ttl > 0:
                     raise MemoryKeyError(f"invalid ttl {rec.ttl!r} (use a number of seconds > 0)")
                 expires = now + int(rec.ttl * 1000)
-            blob = self._pack(now, expires, rec.value)
-            key = b"r" + task_key + _SEP + rid.encode()
-            ops.append(("put", key, blob))
+            key = prefix + ids[i].encode()
+            ops.append(("put", key, self._pack(now, expires, rec.value)))
             if expires:
                 ops.append(("put", self._bucket_key(expires) + key, b""))
-            ids.append(rid)
         self._commit(ops, sync=sync)
         return ids
 
