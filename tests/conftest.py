@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,3 +23,56 @@ def run_cli(
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@contextlib.contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """Serves an aiohttp app on 127.0.0.1 (any free port) from a background event loop."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@contextlib.contextmanager
+def memory_stores(path: Path) -> Iterator[tuple[Any, Any]]:
+    """An episodic store (100 ms expiry buckets) and an object store (1 MiB quota) under path."""
+    from agentnode.storage.episodic import EpisodicStore
+    from agentnode.storage.objects import ObjectStore
+
+    episodic = EpisodicStore(path / "episodic", bucket_ms=100)
+    objects = ObjectStore(path / "objects", default_quota=1 << 20)
+    try:
+        yield episodic, objects
+    finally:
+        episodic.close()
+        objects.close()
+
+
+@pytest.fixture
+def memory_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The memory API on loopback with tenants a and b: yields (url, tenant -> bearer token)."""
+    from agentnode.storage.api import make_app
+    from agentnode.storage.tenancy import StaticTokens
+
+    tokens = {"a": f"tok-a-{os.getpid()}", "b": f"tok-b-{os.getpid()}"}
+    auth = StaticTokens({t: tenant for tenant, t in tokens.items()})
+    with memory_stores(tmp_path) as (episodic, objects):
+        app = make_app(episodic=episodic, objects=objects, auth=auth, max_body=256 << 10)
+        with serve_app(app) as url:
+            yield url, tokens

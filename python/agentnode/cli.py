@@ -14,6 +14,7 @@ from typing import NoReturn
 from agentnode import __version__, doctor
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import cli as isolation_cli
+from agentnode.storage import serve as memory_serve
 
 __all__ = ["ArgumentParser", "main"]
 
@@ -21,6 +22,7 @@ __all__ = ["ArgumentParser", "main"]
 COMMANDS: list[Callable[[argparse._SubParsersAction[ArgumentParser]], None]] = [
     doctor.add_parser,
     isolation_cli.add_parser,
+    memory_serve.add_parser,
 ]
 
 

@@ -5,15 +5,22 @@ Every message says what went wrong and what to do about it, so the CLI can print
 
 __all__ = [
     "AgentnodeError",
+    "AuthError",
     "CgroupError",
     "ConfigError",
     "EgressError",
+    "MemoryKeyError",
+    "NotFoundError",
     "PolicyError",
     "QueueFullError",
+    "QuotaExceededError",
     "SandboxError",
     "SchedulerError",
+    "StorageError",
+    "TaskEndedError",
     "TaskError",
     "UsageError",
+    "ValueTooLargeError",
 ]
 
 
@@ -55,3 +62,42 @@ class TaskError(AgentnodeError):
 
 class QueueFullError(TaskError):
     """A tenant's queue is at its cap; the daemon answers 429. Retry later or raise the cap."""
+class StorageError(AgentnodeError):
+    """Agent memory (episodic records, objects) could not be read or written."""
+
+    #: The HTTP status the memory API answers with when this error reaches a request.
+    status = 400
+
+
+class MemoryKeyError(StorageError):
+    """A tenant, namespace, task, record id or object name is malformed."""
+
+
+class ValueTooLargeError(StorageError):
+    """A record value or request body is larger than the configured limit."""
+
+    status = 413
+
+
+class NotFoundError(StorageError):
+    """The record, object or reference does not exist (or has expired)."""
+
+    status = 404
+
+
+class QuotaExceededError(StorageError):
+    """A tenant's object-store quota would be exceeded; nothing was written."""
+
+    status = 413
+
+
+class TaskEndedError(StorageError):
+    """The task has ended: its records are expiring and it takes no new ones."""
+
+    status = 409
+
+
+class AuthError(StorageError):
+    """The credential is missing, unknown, or not allowed to reach this data."""
+
+    status = 401

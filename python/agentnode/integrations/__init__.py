@@ -1,0 +1,1 @@
+"""Adapters that plug agentnode into agent frameworks (each imports its framework lazily)."""

@@ -1,0 +1,232 @@
+"""`Memory`: the agent-side client of the node's memory API (episodic records and objects).
+
+The endpoint and credential come from the environment the node gives every task
+(`AGENTNODE_URL`, `AGENTNODE_TOKEN`) unless passed explicitly. It speaks msgpack over one
+keep-alive connection and is synchronous on purpose (agents are often plain scripts); one
+`Memory` per thread. Errors are the `agentnode.errors` classes the server named.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any
+from urllib.parse import urlencode, urlsplit
+
+import msgpack
+
+from agentnode import errors
+from agentnode.errors import ConfigError, StorageError
+from agentnode.sdk.working import WorkingMemory
+
+__all__ = ["Memory"]
+
+_MSGPACK = "application/msgpack"
+
+
+class Memory:
+    """Client of the memory API at `url` (default $AGENTNODE_URL) with `token` ($AGENTNODE_TOKEN)."""
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0
+    ) -> None:
+        url = url or os.environ.get("AGENTNODE_URL")
+        token = token or os.environ.get("AGENTNODE_TOKEN")
+        if not url or not token:
+            raise ConfigError(
+                "memory endpoint or token missing (set AGENTNODE_URL and AGENTNODE_TOKEN)"
+            )
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"AGENTNODE_URL {url!r} is not an http://host:port URL")
+        self._host, self._port = parts.hostname, parts.port or 80
+        self._base = parts.path.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": _MSGPACK}
+        self._timeout = timeout
+        self._conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        self._working: dict[str, WorkingMemory] = {}
+
+    # -- transport ------------------------------------------------------------------------------
+
+    def _send(
+        self, method: str, path: str, body: Any = None, *, raw: Iterable[bytes] | None = None
+    ) -> http.client.HTTPResponse:
+        headers = dict(self._headers)
+        payload: bytes | Iterable[bytes] | None = None
+        if raw is not None:
+            headers["Content-Type"] = "application/octet-stream"
+            headers["Transfer-Encoding"] = "chunked"
+            payload = raw
+        elif body is not None:
+            headers["Content-Type"] = _MSGPACK
+            payload = msgpack.packb(body)
+        try:
+            self._conn.request(
+                method, self._base + path, payload, headers, encode_chunked=raw is not None
+            )
+            resp = self._conn.getresponse()
+        except (ConnectionError, http.client.HTTPException, TimeoutError) as e:
+            self._conn.close()
+            raise StorageError(
+                f"memory API at {self._host}:{self._port} unreachable ({e}; is the node running?)"
+            ) from e
+        if resp.status >= 400:
+            data = resp.read()
+            try:
+                problem = (
+                    msgpack.unpackb(data) if resp.getheader("Content-Type") == _MSGPACK else None
+                )
+            except ValueError:
+                problem = None
+            if problem is None:
+                try:
+                    problem = json.loads(data)
+                except ValueError:
+                    problem = {"error": data.decode(errors="replace")}
+            cls = getattr(errors, str(problem.get("kind")), StorageError)
+            if not (isinstance(cls, type) and issubclass(cls, StorageError)):
+                cls = StorageError
+            raise cls(problem.get("error", f"HTTP {resp.status}"))
+        return resp
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        resp = self._send(method, path, body)
+        data = resp.read()
+        return msgpack.unpackb(data) if data else None
+
+    # -- episodic -------------------------------------------------------------------------------
+
+    def append(
+        self,
+        namespace: str,
+        task: str,
+        value: Any,
+        *,
+        id: str | None = None,
+        ttl: float | None = None,
+        sync: bool = False,
+    ) -> str:
+        """Stores a record and returns its id; `sync=True` returns only once it is on disk."""
+        body: dict[str, Any] = {"value": value, "sync": sync}
+        if id is not None:
+            body["id"] = id
+        if ttl is not None:
+            body["ttl"] = ttl
+        ids: list[str] = self._call("POST", f"/v1/memory/episodic/{namespace}/{task}", body)["ids"]
+        return ids[0]
+
+    def append_many(
+        self,
+        namespace: str,
+        task: str,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        sync: bool = False,
+    ) -> list[str]:
+        """Stores records (`{"value", "id"?, "ttl"?}`) atomically; returns their ids."""
+        body = {"records": list(records), "sync": sync}
+        ids: list[str] = self._call("POST", f"/v1/memory/episodic/{namespace}/{task}", body)["ids"]
+        return ids
+
+    def get(self, namespace: str, task: str, id: str) -> dict[str, Any]:
+        """One record (`id`, `value`, `created_ms`, `expires_ms`, …); NotFoundError if gone."""
+        rec: dict[str, Any] = self._call("GET", f"/v1/memory/episodic/{namespace}/{task}/{id}")
+        return rec
+
+    def scan(
+        self,
+        namespace: str,
+        task: str,
+        *,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[dict[str, Any]]:
+        """A task's live records in a time range, newest first unless told otherwise."""
+        q: dict[str, Any] = {"limit": limit, "order": "newest" if newest_first else "oldest"}
+        if since_ns is not None:
+            q["since_ns"] = since_ns
+        if until_ns is not None:
+            q["until_ns"] = until_ns
+        path = f"/v1/memory/episodic/{namespace}/{task}?{urlencode(q)}"
+        records: list[dict[str, Any]] = self._call("GET", path)["records"]
+        return records
+
+    def delete(self, namespace: str, task: str, id: str) -> None:
+        """Deletes a record; NotFoundError if it does not exist."""
+        self._call("DELETE", f"/v1/memory/episodic/{namespace}/{task}/{id}")
+
+    def end_task(self, namespace: str, task: str, *, ttl: float) -> int:
+        """Ends a task: its records expire `ttl` seconds from now. Returns the expiry (ms)."""
+        expires: int = self._call(
+            "POST", f"/v1/memory/episodic/{namespace}/{task}/end", {"ttl": ttl}
+        )["expires_ms"]
+        return expires
+
+    def tasks(self, prefix: str = "") -> list[tuple[str, str]]:
+        """The (namespace, task) pairs holding records, for namespaces starting with `prefix`."""
+        found = self._call("GET", f"/v1/memory/episodic?{urlencode({'prefix': prefix})}")
+        return [(ns, task) for ns, task in found["tasks"]]
+
+    # -- objects --------------------------------------------------------------------------------
+
+    def put_object(self, name: str, data: bytes | IO[bytes] | Iterable[bytes]) -> dict[str, Any]:
+        """Streams `data` to the object store under `name`; returns `{name, digest, size}`."""
+        chunks: Iterable[bytes]
+        if isinstance(data, bytes | bytearray | memoryview):
+            chunks = [bytes(data)]
+        elif hasattr(data, "read"):
+            stream = data
+
+            def read_all() -> Iterator[bytes]:
+                while block := stream.read(1 << 16):
+                    yield block
+
+            chunks = read_all()
+        else:
+            chunks = data
+        resp = self._send("PUT", f"/v1/objects/{name}", raw=chunks)
+        info: dict[str, Any] = msgpack.unpackb(resp.read())
+        return info
+
+    def get_object(self, name: str, *, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+        """The object's content in chunks. Consume it before the next call on this client."""
+        resp = self._send("GET", f"/v1/objects/{name}")
+
+        def chunks() -> Iterator[bytes]:
+            while block := resp.read(chunk_size):
+                yield block
+
+        return chunks()
+
+    def delete_object(self, name: str) -> None:
+        """Drops the reference `name` (the node reclaims unreferenced content)."""
+        self._call("DELETE", f"/v1/objects/{name}")
+
+    def objects(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The tenant's objects whose name starts with `prefix`."""
+        found: list[dict[str, Any]] = self._call(
+            "GET", f"/v1/objects?{urlencode({'prefix': prefix})}"
+        )["objects"]
+        return found
+
+    # -- working memory -------------------------------------------------------------------------
+
+    def working(self, task: str, *, maxsize: int = 256) -> WorkingMemory:
+        """The in-process LRU of `task` (created on first use; see `WorkingMemory`)."""
+        if task not in self._working:
+            self._working[task] = WorkingMemory(maxsize=maxsize)
+        return self._working[task]
+
+    def close(self) -> None:
+        """Closes the connection."""
+        self._conn.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

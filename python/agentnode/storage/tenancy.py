@@ -1,0 +1,46 @@
+"""Who a request acts for. Every memory call is scoped to the tenant its credential maps to.
+
+Today tokens are configured per tenant (`StaticTokens`). The Layer 7 daemon will issue per-task
+tokens: it plugs in as another `Authenticator` that returns a `Principal` with `task` set, and the
+HTTP API then also refuses any task but that one. Tenants never come from the URL or the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from agentnode.storage.keys import check_name
+
+__all__ = ["Authenticator", "Principal", "StaticTokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The tenant a credential acts for, and the one task it is limited to (None: any task)."""
+
+    tenant: str
+    task: str | None = None
+
+
+class Authenticator(Protocol):
+    """Maps a bearer token to a Principal, or None when the token is unknown."""
+
+    def authenticate(self, token: str) -> Principal | None: ...
+
+
+class StaticTokens:
+    """Tokens configured per tenant: `StaticTokens({"token-a": "tenant-a", ...})`."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        # Keyed by digest: a lookup's timing depends on a hash of the token, not on the secret.
+        self._by_digest = {
+            hashlib.sha256(token.encode()).digest(): Principal(check_name("tenant", tenant))
+            for token, tenant in tokens.items()
+        }
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal of `token`, or None."""
+        return self._by_digest.get(hashlib.sha256(token.encode()).digest())
