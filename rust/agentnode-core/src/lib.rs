@@ -7,3 +7,4 @@ pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
 pub mod sys;
+pub mod vector;

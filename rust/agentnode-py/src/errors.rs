@@ -9,6 +9,8 @@ use pyo3::prelude::*;
 pub enum NativeError {
     #[error(transparent)]
     Cgroup(#[from] agentnode_core::cgroup::Error),
+    #[error(transparent)]
+    Vector(#[from] agentnode_core::vector::Error),
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -18,6 +20,7 @@ impl NativeError {
     fn class_name(&self) -> &'static str {
         match self {
             Self::Cgroup(_) => "CgroupError",
+            Self::Vector(_) => "VectorError",
             Self::Json(_) => "AgentnodeError",
         }
     }

@@ -3,6 +3,7 @@
 //! of `agentnode.errors`. Typed in `python/agentnode/_native.pyi`.
 
 mod errors;
+mod vector;
 
 use pyo3::prelude::*;
 
@@ -34,5 +35,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(noop, m)?)?;
     m.add_function(wrap_pyfunction!(doctor, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_hierarchy, m)?)?;
+    vector::register(m)?;
     Ok(())
 }
