@@ -10,7 +10,9 @@ __all__ = [
     "EgressError",
     "PolicyError",
     "SandboxError",
+    "UnknownCollectionError",
     "UsageError",
+    "VectorError",
 ]
 
 
@@ -40,3 +42,11 @@ class EgressError(AgentnodeError):
 
 class PolicyError(AgentnodeError):
     """An egress or resource policy is invalid."""
+
+
+class VectorError(AgentnodeError):
+    """A vector collection rejected input (dimension, key, value, name) or failed to persist."""
+
+
+class UnknownCollectionError(VectorError):
+    """No vector collection has the requested name."""
