@@ -40,7 +40,9 @@ def recall(found: list[list[int]], truth: npt.NDArray[np.int64]) -> float:
     return hits / (k * len(found))
 
 
-def bench_data(n: int, dims: int, nq: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+def bench_data(
+    n: int, dims: int, nq: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """The benchmark's data set and queries: 1000 broad clusters; each query is a data point
     nudged by noise (retrieval asks about things near what is stored)."""
     data = clustered(n, dims, seed=42, clusters=1000, spread=0.8)

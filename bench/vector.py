@@ -9,7 +9,8 @@ against unfiltered.
 
 from __future__ import annotations
 
-import gc
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,11 +18,10 @@ from collections.abc import Callable
 import faiss
 import hnswlib
 import numpy as np
-import psutil
 import usearch.index
+
 from _harness import Bench, percentile
 from _vector_data import bench_data, brute_force, recall
-
 from agentnode._native import VectorCollection
 from agentnode.storage.vectors import VectorStore
 
@@ -29,9 +29,32 @@ K = 10
 EFS = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 
 
-def rss() -> int:
-    gc.collect()
-    return int(psutil.Process().memory_info().rss)
+# Each index is built in a fresh interpreter and its RSS growth measured there, so one library's
+# freed or cached heap cannot hide another's footprint.
+BUILDERS = {
+    "ours": "from agentnode._native import VectorCollection as C\n"
+    "i = C(d, metric='cos'); i.upsert_batch(list(range(n)), x, [('t', '', '', b'')] * n)",
+    "usearch": "import usearch.index as u\n"
+    "i = u.Index(ndim=d, metric='cos', dtype='f32'); i.add(np.arange(n), x, threads=2)",
+    "hnswlib": "import hnswlib\n"
+    "i = hnswlib.Index(space='ip', dim=d); i.init_index(max_elements=n, M=16, ef_construction=128)\n"
+    "i.add_items(x, np.arange(n), num_threads=2)",
+    "faiss": "import faiss\ni = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT); i.add(x)",
+}
+
+
+def memory_mib(lib: str, path: str) -> float:
+    """RSS growth, in MiB, of building `lib`'s index over the array saved at `path`."""
+    code = (
+        "import gc, sys, numpy as np, psutil\n"
+        f"x = np.load({path!r}); n, d = x.shape\n"
+        f"{BUILDERS[lib].split(chr(10))[0]}\n"
+        "gc.collect(); before = psutil.Process().memory_info().rss\n"
+        + "\n".join(BUILDERS[lib].split("\n")[1:])
+        + "\ngc.collect(); print((psutil.Process().memory_info().rss - before) / 2**20)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -60,29 +83,21 @@ def main() -> None:
     print(f"data: {n} x {dims}, {nq} queries, k={K}", flush=True)
 
     # -- build ---------------------------------------------------------------------------
-    m0 = rss()
     ours = VectorCollection(dims, metric="cos")
     labels = [(f"t{t}", "", "", b"") for t in tenants.tolist()]
     t_ours = timed(lambda: ours.upsert_batch(keys.tolist(), data, labels, threads=2))
-    m_ours = rss() - m0
 
-    m0 = rss()
     raw = usearch.index.Index(ndim=dims, metric="cos", dtype="f32")
     t_raw = timed(lambda: raw.add(keys, data, threads=2))
-    m_raw = rss() - m0
 
-    m0 = rss()
     hnsw = hnswlib.Index(space="ip", dim=dims)
     hnsw.init_index(max_elements=n, M=16, ef_construction=128)
     t_hnsw = timed(lambda: hnsw.add_items(data, keys, num_threads=2))
-    m_hnsw = rss() - m0
 
     faiss.omp_set_num_threads(2)
-    m0 = rss()
     fidx = faiss.IndexHNSWFlat(dims, 16, faiss.METRIC_INNER_PRODUCT)
     fidx.hnsw.efConstruction = 128
     t_faiss = timed(lambda: fidx.add(data))
-    m_faiss = rss() - m0
 
     bench.record("build_2_threads", t_ours, t_raw, "s", peer_name="usearch python")
     bench.record("build_2_threads_vs_hnswlib", t_ours, t_hnsw, "s", peer_name="hnswlib")
@@ -112,7 +127,9 @@ def main() -> None:
     r_raw = recall(raw.search(queries, K, threads=2).keys.tolist(), truth)
     print(f"recall@10: ours {r_ours:.4f}, usearch python {r_raw:.4f}", flush=True)
 
-    def tune(set_ef: Callable[[int], None], run: Callable[[], list[list[int]]]) -> tuple[int, float]:
+    def tune(
+        set_ef: Callable[[int], None], run: Callable[[], list[list[int]]]
+    ) -> tuple[int, float]:
         for ef in EFS:
             set_ef(ef)
             r = recall(run(), truth)
@@ -133,27 +150,85 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     lat_f = single_query(lambda q: fidx.search(q[None, :], K), queries)
     faiss.omp_set_num_threads(2)
-    qps = {name: nq / sum(lat) for name, lat in
-           (("ours", lat_ours), ("raw", lat_raw), ("h", lat_h), ("f", lat_f))}
-    bench.record("qps_1_thread", qps["ours"], qps["raw"], "q/s", peer_name="usearch python", higher_is_better=True)
-    bench.record("qps_1_thread_vs_hnswlib", qps["ours"], qps["h"], "q/s", peer_name=f"hnswlib ef={ef_h}", higher_is_better=True)
-    bench.record("qps_1_thread_vs_faiss", qps["ours"], qps["f"], "q/s", peer_name=f"faiss ef={ef_f}", higher_is_better=True)
-    bench.record("p99_1_thread", percentile(lat_ours, 99) * 1e6, percentile(lat_raw, 99) * 1e6, "us", peer_name="usearch python")
-    bench.record("p99_1_thread_vs_hnswlib", percentile(lat_ours, 99) * 1e6, percentile(lat_h, 99) * 1e6, "us", peer_name="hnswlib")
+    qps = {
+        name: nq / sum(lat)
+        for name, lat in (("ours", lat_ours), ("raw", lat_raw), ("h", lat_h), ("f", lat_f))
+    }
+    bench.record(
+        "qps_1_thread",
+        qps["ours"],
+        qps["raw"],
+        "q/s",
+        peer_name="usearch python",
+        higher_is_better=True,
+    )
+    bench.record(
+        "qps_1_thread_vs_hnswlib",
+        qps["ours"],
+        qps["h"],
+        "q/s",
+        peer_name=f"hnswlib ef={ef_h}",
+        higher_is_better=True,
+    )
+    bench.record(
+        "qps_1_thread_vs_faiss",
+        qps["ours"],
+        qps["f"],
+        "q/s",
+        peer_name=f"faiss ef={ef_f}",
+        higher_is_better=True,
+    )
+    bench.record(
+        "p99_1_thread",
+        percentile(lat_ours, 99) * 1e6,
+        percentile(lat_raw, 99) * 1e6,
+        "us",
+        peer_name="usearch python",
+    )
+    bench.record(
+        "p99_1_thread_vs_hnswlib",
+        percentile(lat_ours, 99) * 1e6,
+        percentile(lat_h, 99) * 1e6,
+        "us",
+        peer_name="hnswlib",
+    )
 
     reps = 3 if bench.quick else 5
     b_ours = min(timed(lambda: ours.search_batch(queries, K, threads=2)) for _ in range(reps))
     b_raw = min(timed(lambda: raw.search(queries, K, threads=2)) for _ in range(reps))
     b_h = min(timed(lambda: hnsw.knn_query(queries, K, num_threads=2)) for _ in range(reps))
     b_f = min(timed(lambda: fidx.search(queries, K)) for _ in range(reps))
-    bench.record("qps_2_threads", nq / b_ours, nq / b_raw, "q/s", peer_name="usearch python", higher_is_better=True)
-    bench.record("qps_2_threads_vs_hnswlib", nq / b_ours, nq / b_h, "q/s", peer_name="hnswlib", higher_is_better=True)
-    bench.record("qps_2_threads_vs_faiss", nq / b_ours, nq / b_f, "q/s", peer_name="faiss", higher_is_better=True)
+    bench.record(
+        "qps_2_threads",
+        nq / b_ours,
+        nq / b_raw,
+        "q/s",
+        peer_name="usearch python",
+        higher_is_better=True,
+    )
+    bench.record(
+        "qps_2_threads_vs_hnswlib",
+        nq / b_ours,
+        nq / b_h,
+        "q/s",
+        peer_name="hnswlib",
+        higher_is_better=True,
+    )
+    bench.record(
+        "qps_2_threads_vs_faiss",
+        nq / b_ours,
+        nq / b_f,
+        "q/s",
+        peer_name="faiss",
+        higher_is_better=True,
+    )
 
-    mib = 1 << 20
-    bench.record("memory", m_ours / mib, m_raw / mib, "MiB", peer_name="usearch python")
-    bench.record("memory_vs_hnswlib", m_ours / mib, m_hnsw / mib, "MiB", peer_name="hnswlib")
-    bench.record("memory_vs_faiss", m_ours / mib, m_faiss / mib, "MiB", peer_name="faiss")
+    with tempfile.TemporaryDirectory(prefix="agentnode-bench-vector-") as tmp:
+        np.save(f"{tmp}/data.npy", data)
+        mem = {lib: memory_mib(lib, f"{tmp}/data.npy") for lib in BUILDERS}
+    bench.record("memory", mem["ours"], mem["usearch"], "MiB", peer_name="usearch python")
+    bench.record("memory_vs_hnswlib", mem["ours"], mem["hnswlib"], "MiB", peer_name="hnswlib")
+    bench.record("memory_vs_faiss", mem["ours"], mem["faiss"], "MiB", peer_name="faiss")
 
     # -- filtered: one tenant of ten -------------------------------------------------------
     subset = np.flatnonzero(tenants == 3)
@@ -161,7 +236,14 @@ def main() -> None:
     lat_filt = single_query(lambda q: ours.search(q, K, tenant="t3"), queries)
     r_filt = recall([[k for k, _ in ours.search(q, K, tenant="t3")] for q in queries], sub_truth)
     print(f"filtered recall@10 at 10% selectivity: {r_filt:.4f}", flush=True)
-    bench.record("filtered_10pct_qps", nq / sum(lat_filt), qps["ours"], "q/s", peer_name="ours unfiltered", higher_is_better=True)
+    bench.record(
+        "filtered_10pct_qps",
+        nq / sum(lat_filt),
+        qps["ours"],
+        "q/s",
+        peer_name="ours unfiltered",
+        higher_is_better=True,
+    )
     bench.save()
 
 

@@ -115,7 +115,10 @@ def test_bad_input(tmp_path: Path) -> None:
         coll = store.create_collection("docs", dims=4)
         coll.upsert(1, [0.0, 0.0, 0.0, 1.0], tenant="a")
         cases: list[tuple[object, str]] = [
-            (lambda: coll.upsert(2, [1.0, 2.0, 3.0], tenant="a"), "3 dimensions but the collection expects 4"),
+            (
+                lambda: coll.upsert(2, [1.0, 2.0, 3.0], tenant="a"),
+                "3 dimensions but the collection expects 4",
+            ),
             (lambda: coll.upsert(-1, [0.0] * 4, tenant="a"), "bad key -1"),
             (lambda: coll.upsert(2**64 - 1, [0.0] * 4, tenant="a"), "bad key"),
             (lambda: coll.upsert("x", [0.0] * 4, tenant="a"), "bad key 'x'"),  # type: ignore[arg-type]
@@ -123,8 +126,14 @@ def test_bad_input(tmp_path: Path) -> None:
             (lambda: coll.upsert(2, ["a", 0, 0, 0], tenant="a"), "sequences of numbers"),  # type: ignore[list-item]
             (lambda: coll.upsert(2, np.zeros(4, dtype=np.float64), tenant="a"), "send float32"),
             (lambda: coll.upsert(2, [0.0] * 4, tenant=""), "tenant is empty"),
-            (lambda: coll.upsert_batch([2, 2], np.zeros((2, 4), np.float32), tenant="a"), "repeats a key"),
-            (lambda: coll.upsert_batch([2, 3], np.zeros((3, 4), np.float32), tenant="a"), "2 keys but 3 vectors"),
+            (
+                lambda: coll.upsert_batch([2, 2], np.zeros((2, 4), np.float32), tenant="a"),
+                "repeats a key",
+            ),
+            (
+                lambda: coll.upsert_batch([2, 3], np.zeros((3, 4), np.float32), tenant="a"),
+                "2 keys but 3 vectors",
+            ),
             (lambda: coll.search([0.0] * 5, 1), "5 dimensions"),
             (lambda: coll.search([0.0] * 4, 0), "k must be a positive integer"),
             (lambda: store.create_collection("docs", dims=4), "already exists"),

@@ -1,5 +1,11 @@
 # Hand-written stubs for the Rust extension (rust/agentnode-py); checked by mypy.stubtest.
 
+from collections.abc import Iterable
+from os import PathLike
+from typing import final
+
+from typing_extensions import Buffer
+
 __all__ = ["VectorCollection", "__version__", "cgroup_hierarchy", "doctor", "noop"]
 
 __version__: str
@@ -15,9 +21,7 @@ def cgroup_hierarchy() -> str:
 
 # -- vector (rust/agentnode-py/src/vector.rs) -------------------------------------------------
 
-from collections.abc import Buffer, Iterable
-from os import PathLike
-
+@final
 class VectorCollection:
     """An HNSW vector collection with per-key labels (tenant, namespace, task, payload)."""
 
@@ -51,7 +55,7 @@ class VectorCollection:
     @property
     def memory_usage(self) -> int: ...
     def __len__(self) -> int: ...
-    def __contains__(self, key: int) -> bool: ...
+    def __contains__(self, key: int, /) -> bool: ...
     def label(self, key: int) -> tuple[str, str, str, bytes] | None:
         """`(tenant, namespace, task, payload)` of `key`, or None."""
     def upsert(

@@ -103,11 +103,12 @@ def _check_key(key: object) -> int:
     return key
 
 
-def _floats(vectors: object, *, rows: int, dims: int) -> memoryview:
+def _floats(vectors: object, *, rows: int, dims: int) -> memoryview[Any]:
     """`vectors` as a flat float32 memoryview of `rows * dims` values.
 
     Accepts a float32 buffer (numpy array, `array('f')`) or nested sequences of numbers.
     """
+    view: memoryview[Any]
     try:
         view = memoryview(vectors)  # type: ignore[arg-type]
     except TypeError:
@@ -219,9 +220,9 @@ class Collection:
                 f"batch has {len(keys)} keys but {len(metadata)} metadata entries "
                 "(send one per key or none)"
             )
-        for label, value in (("tenant", tenant), ("namespace", namespace), ("task", task)):
-            if not isinstance(value, str):
-                raise VectorError(f"{label} must be a string, got {type(value).__name__}")
+        for field, text in (("tenant", tenant), ("namespace", namespace), ("task", task)):
+            if not isinstance(text, str):
+                raise VectorError(f"{field} must be a string, got {type(text).__name__}")
         if not tenant:
             raise VectorError("tenant is empty (every vector belongs to a tenant)")
         flat = _floats(vectors, rows=len(keys), dims=self.config.dims)
@@ -412,7 +413,9 @@ class VectorStore:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise VectorError(f"{label} must be a non-negative integer, got {value!r}")
-        config = CollectionConfig(dims, metric, dtype, connectivity, expansion_add, expansion_search)
+        config = CollectionConfig(
+            dims, metric, dtype, connectivity, expansion_add, expansion_search
+        )
         with self._lock:
             if self._db.get(f"c/{name}".encode()) is not None:
                 raise VectorError(f"collection {name!r} already exists (pick another name)")
@@ -577,4 +580,3 @@ def _config_json(config: CollectionConfig) -> dict[str, Any]:
         "expansion_add": config.expansion_add,
         "expansion_search": config.expansion_search,
     }
-

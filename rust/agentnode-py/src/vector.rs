@@ -65,6 +65,8 @@ fn options(
     })
 }
 
+// pyo3 extracts arguments into owned values; borrowing them is not an option here.
+#[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl VectorCollection {
     #[new]
@@ -90,7 +92,7 @@ impl VectorCollection {
         })
     }
 
-    /// Loads a file written by `save`; raises VectorError if it is missing, corrupt or of
+    /// Loads a file written by `save`; raises `VectorError` if it is missing, corrupt or of
     /// another shape.
     #[staticmethod]
     #[pyo3(signature = (path, dims, *, metric="cos", dtype="f32", connectivity=0, expansion_add=0, expansion_search=0))]
@@ -203,7 +205,7 @@ impl VectorCollection {
         Ok(())
     }
 
-    /// Raises VectorError unless every key is usable and `vectors` holds `len(keys) * dims`
+    /// Raises `VectorError` unless every key is usable and `vectors` holds `len(keys) * dims`
     /// finite float32 values; writes nothing.
     fn check_batch(
         &self,

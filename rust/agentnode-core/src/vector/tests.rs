@@ -28,7 +28,7 @@ fn vectors(n: usize, dims: usize, seed: u64) -> Vec<f32> {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            (s % 1000) as f32 / 1000.0
+            f32::from((s % 1000) as u16) / 1000.0
         })
         .collect()
 }
