@@ -136,6 +136,19 @@ impl VectorCollection {
         self.inner.memory_usage()
     }
 
+    #[getter]
+    fn expansion_search(&self) -> usize {
+        self.inner.expansion_search()
+    }
+
+    /// Changes the search-time candidate list size (`ef`) for later searches.
+    fn set_expansion_search(&self, ef: usize) -> PyResult<()> {
+        self.inner
+            .set_expansion_search(ef)
+            .map_err(NativeError::from)?;
+        Ok(())
+    }
+
     fn __len__(&self) -> usize {
         self.inner.len()
     }

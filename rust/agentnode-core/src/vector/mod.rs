@@ -43,7 +43,7 @@ pub enum Error {
         vectors: usize,
         labels: usize,
     },
-    #[error("k must be at least 1 (ask for one or more neighbours)")]
+    #[error("k and expansion_search must be at least 1 (ask for one or more neighbours)")]
     ZeroK,
     #[error("usearch failed to {op}: {msg}")]
     Index { op: &'static str, msg: String },
@@ -571,6 +571,21 @@ impl Collection {
             .reserve_capacity_and_threads(capacity, CONTEXTS)
             .map_err(index_err("reserve capacity"))?;
         Ok(Self::wrap(options, index, labels))
+    }
+
+    /// Candidates kept while searching (usearch's `ef`): higher is slower and finds more.
+    #[must_use]
+    pub fn expansion_search(&self) -> usize {
+        read(&self.index).expansion_search()
+    }
+
+    /// Changes `ef` for later searches; searches in flight finish with the old value.
+    pub fn set_expansion_search(&self, ef: usize) -> Result<()> {
+        if ef == 0 {
+            return Err(Error::ZeroK);
+        }
+        write(&self.index).change_expansion_search(ef);
+        Ok(())
     }
 
     /// Approximate bytes the index holds in memory.
