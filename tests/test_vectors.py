@@ -218,7 +218,10 @@ def test_crash_without_checkpoint_replays_the_log(tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    # As if it had died mid-checkpoint too: the temporary file is swept at open.
+    (tmp_path / "index" / "c.9.anvec.tmp123").write_bytes(b"partial")
     with VectorStore(tmp_path) as store:
+        assert list((tmp_path / "index").glob("*.tmp*")) == []
         coll = store.collection("c")
         assert len(coll) == 1
         assert 2 in coll and 1 not in coll

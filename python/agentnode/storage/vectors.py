@@ -371,6 +371,9 @@ class VectorStore:
         self.path = Path(path)
         self._threads = threads
         (self.path / "index").mkdir(parents=True, exist_ok=True)
+        # A crash during a checkpoint leaves the temporary file the rename never took.
+        for stray in (self.path / "index").glob("*.anvec.tmp*"):
+            stray.unlink(missing_ok=True)
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         try:
