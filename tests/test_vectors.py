@@ -199,6 +199,11 @@ def test_index_rebuilt_from_rocksdb(
         assert {h.key % 2 for h in coll.search(data[3], 10, tenant="a")} == {0}
     if damage != "missing":
         assert "rebuilding" in caplog.text
+    # The rebuilt index was checkpointed on close: the next open loads it without rebuilding.
+    caplog.clear()
+    with VectorStore(tmp_path) as store:
+        assert len(store.collection("docs")) == expected
+    assert "rebuilding" not in caplog.text
 
 
 def test_crash_without_checkpoint_replays_the_log(tmp_path: Path) -> None:

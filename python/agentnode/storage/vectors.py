@@ -151,9 +151,17 @@ class Collection:
     """One named collection of a `VectorStore`. Get it from `VectorStore.collection`."""
 
     def __init__(
-        self, store: VectorStore, name: str, config: CollectionConfig, index: VectorCollection
+        self,
+        store: VectorStore,
+        name: str,
+        config: CollectionConfig,
+        index: VectorCollection,
+        *,
+        saved_seq: int | None = None,
     ) -> None:
         self._store = store
+        # The sequence number of the checkpoint file this index matches, if any.
+        self.saved_seq = saved_seq
         self.name = name
         self.config = config
         self._index = index
@@ -337,7 +345,10 @@ class Collection:
         with self._write:
             seq = self._store._seq(self.name)
             path = self._store._index_path(self.name, seq)
+            if self.saved_seq == seq and path.exists():
+                return path  # nothing written since the last checkpoint
             self._index.save(path)
+            self.saved_seq = seq
             self._store._db.delete_range(self._log_prefix, self._log_prefix + _U64.pack(seq + 1))
             for old in self._store._index_files(self.name):
                 if old[1] != path:
@@ -442,7 +453,8 @@ class VectorStore:
                         f"no vector collection named {name!r} (create it first)"
                     )
                 config = CollectionConfig(**json.loads(raw))
-                coll = Collection(self, name, config, self._open_index(name, config))
+                index, saved = self._open_index(name, config)
+                coll = Collection(self, name, config, index, saved_seq=saved)
                 self._collections[name] = coll
             return coll
 
@@ -509,7 +521,11 @@ class VectorStore:
                 found.append((int(middle), p))
         return sorted(found)
 
-    def _open_index(self, name: str, config: CollectionConfig) -> VectorCollection:
+    def _open_index(
+        self, name: str, config: CollectionConfig
+    ) -> tuple[VectorCollection, int | None]:
+        """The index brought up to date, and the checkpoint it still matches (None if rebuilt
+        or changed by the log replay)."""
         seq = self._seq(name)
         prefix = f"v/{name}\0".encode()
         files = [f for f in self._index_files(name) if f[0] <= seq]
@@ -520,26 +536,29 @@ class VectorStore:
             except VectorError as e:
                 log.warning("vector collection %r: %s; rebuilding from RocksDB", name, e)
             else:
-                self._replay(name, index, saved, prefix)
+                replayed = self._replay(name, index, saved, prefix)
                 count = self._count(prefix)
                 if len(index) == count:
-                    return index
+                    return index, None if replayed else saved
                 log.warning(
                     "vector collection %r: index has %d vectors, record has %d; rebuilding",
                     name,
                     len(index),
                     count,
                 )
-        return self._rebuild(prefix, config)
+        return self._rebuild(prefix, config), None
 
     def _count(self, prefix: bytes) -> int:
         return sum(1 for _ in self._scan(prefix))
 
-    def _replay(self, name: str, index: VectorCollection, saved: int, prefix: bytes) -> None:
+    def _replay(self, name: str, index: VectorCollection, saved: int, prefix: bytes) -> int:
+        """Applies the logged ops after checkpoint `saved`; returns how many."""
         log_prefix = f"l/{name}\0".encode()
+        applied = 0
         for key, op in self._scan(log_prefix):
             if _U64.unpack(key[len(log_prefix) :])[0] <= saved:
                 continue
+            applied += 1
             vkey = _U64.unpack(op[1:])[0]
             value = self._db.get(prefix + op[1:])
             if value is None:
@@ -547,6 +566,7 @@ class VectorStore:
             else:
                 label, raw = _split(value)
                 index.upsert_batch([vkey], memoryview(raw).cast("f"), [label], threads=1)
+        return applied
 
     def _rebuild(self, prefix: bytes, config: CollectionConfig) -> VectorCollection:
         index = VectorCollection(config.dims, **config.native_kwargs())
