@@ -344,16 +344,27 @@ impl Collection {
                 }
                 self.claimed.fetch_sub(n, Ordering::AcqRel);
             }
-            let index = write(&self.index);
-            // No adds run while we hold the lock exclusively, so `size` is exact here.
-            let need = index.size() + n;
-            if need > index.capacity() {
-                let grown = need.max(index.capacity() * 2).max(INITIAL_CAPACITY);
-                index
-                    .reserve_capacity_and_threads(grown, CONTEXTS)
-                    .map_err(index_err("grow capacity"))?;
-            }
+            self.grow(n, true)?;
         }
+    }
+
+    /// Makes room for `n` more vectors: doubling (amortised growth for one-by-one adds) or
+    /// exactly (a batch knows its size; doubling would leave up to half the slots unused).
+    fn grow(&self, n: usize, double: bool) -> Result<()> {
+        let index = write(&self.index);
+        // No adds run while we hold the lock exclusively, so `size` is exact here.
+        let need = index.size() + n;
+        if need > index.capacity() {
+            let grown = if double {
+                need.max(index.capacity() * 2)
+            } else {
+                need
+            };
+            index
+                .reserve_capacity_and_threads(grown.max(INITIAL_CAPACITY), CONTEXTS)
+                .map_err(index_err("grow capacity"))?;
+        }
+        Ok(())
     }
 
     /// Inserts or replaces the vector and label of `key`.
@@ -416,6 +427,7 @@ impl Collection {
             });
         }
         self.check_batch(keys, vectors)?;
+        self.grow(keys.len(), false)?;
         let rows: Vec<(u64, &[f32], Label)> = keys
             .iter()
             .zip(vectors.chunks_exact(dims))
