@@ -20,7 +20,9 @@ __all__ = [
     "TaskEndedError",
     "TaskError",
     "UsageError",
+    "UnknownCollectionError",
     "ValueTooLargeError",
+    "VectorError",
 ]
 
 
@@ -62,6 +64,8 @@ class TaskError(AgentnodeError):
 
 class QueueFullError(TaskError):
     """A tenant's queue is at its cap; the daemon answers 429. Retry later or raise the cap."""
+
+
 class StorageError(AgentnodeError):
     """Agent memory (episodic records, objects) could not be read or written."""
 
@@ -101,3 +105,11 @@ class AuthError(StorageError):
     """The credential is missing, unknown, or not allowed to reach this data."""
 
     status = 401
+
+
+class VectorError(AgentnodeError):
+    """A vector collection rejected input (dimension, key, value, name) or failed to persist."""
+
+
+class UnknownCollectionError(VectorError):
+    """No vector collection has the requested name."""

@@ -9,3 +9,4 @@ pub mod doctor;
 pub mod sandbox;
 pub mod sched;
 pub mod sys;
+pub mod vector;

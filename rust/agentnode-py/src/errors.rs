@@ -13,6 +13,8 @@ pub enum NativeError {
     Sandbox(#[from] agentnode_core::sandbox::Error),
     #[error(transparent)]
     Sched(#[from] agentnode_core::sched::Error),
+    #[error(transparent)]
+    Vector(#[from] agentnode_core::vector::Error),
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -25,6 +27,7 @@ impl NativeError {
                 "CgroupError"
             }
             Self::Sandbox(_) => "SandboxError",
+            Self::Vector(_) => "VectorError",
             Self::Json(_) => "AgentnodeError",
             Self::Sched(_) => "SchedulerError",
         }

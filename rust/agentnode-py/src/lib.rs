@@ -5,6 +5,7 @@
 mod errors;
 mod isolation;
 mod sched;
+mod vector;
 
 use pyo3::prelude::*;
 
@@ -38,5 +39,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cgroup_hierarchy, m)?)?;
     isolation::register(m)?;
     sched::register(m)?;
+    vector::register(m)?;
     Ok(())
 }

@@ -1,0 +1,87 @@
+//! The collection file: `MAGIC | u64 index length | index | u64 labels length | labels | crc32`,
+//! written atomically (temporary file, fsync, rename, directory fsync).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use super::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"ANVEC\x00\x00\x01";
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub(super) fn write_atomic(path: &Path, index: &[u8], labels: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".tmp{}", std::process::id()));
+    let tmp = dir.join(name);
+    let mut crc = crc32fast::Hasher::new();
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        for part in [
+            &MAGIC[..],
+            &(index.len() as u64).to_le_bytes(),
+            index,
+            &(labels.len() as u64).to_le_bytes(),
+            labels,
+        ] {
+            crc.update(part);
+            f.write_all(part)?;
+        }
+        f.write_all(&crc.clone().finalize().to_le_bytes())?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io("write", &tmp)(e));
+    }
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io("rename into place", path)(e)
+    })?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", dir))
+}
+
+/// The index and label sections of a file whose checksum holds.
+pub(super) fn read_checked(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+    let data = fs::read(path).map_err(io("read", path))?;
+    let corrupt = |why: &str| Error::Corrupt {
+        path: path.to_owned(),
+        why: why.to_owned(),
+    };
+    if data.len() < MAGIC.len() + 8 + 8 + 4 || &data[..8] != MAGIC {
+        return Err(corrupt("not an agentnode vector file"));
+    }
+    let (body, tail) = data.split_at(data.len() - 4);
+    let stored = u32::from_le_bytes(tail.try_into().map_err(|_| corrupt("short file"))?);
+    if crc32fast::hash(body) != stored {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let section = |at: usize| -> Result<(Vec<u8>, usize)> {
+        let len_end = at + 8;
+        let len = body
+            .get(at..len_end)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| corrupt("truncated section header"))? as usize;
+        let bytes = body
+            .get(len_end..len_end.saturating_add(len))
+            .ok_or_else(|| corrupt("truncated section"))?;
+        Ok((bytes.to_vec(), len_end + len))
+    };
+    let (index, next) = section(MAGIC.len())?;
+    let (labels, end) = section(next)?;
+    if end != body.len() {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok((index, labels))
+}

@@ -1,0 +1,611 @@
+//! Vector collections: an HNSW index (the `usearch` crate, pinned at 2.26.6, which carries the
+//! fix of usearch PR #704 for indexes held inside a `Box`/`Arc`/struct) behind a checked layer.
+//!
+//! usearch is safe for concurrent `add` and `search` from many threads, but `reserve`, `save`
+//! and `load` must run alone, and `add` past the reserved capacity fails. [`Collection`] keeps
+//! the index behind an `RwLock`: adds and searches share it, growth and saving take it alone.
+//! Upserts of one key are serialised by a striped lock so two writers never race
+//! remove-then-add on the same key. Labels (tenant, namespace, task, payload) live next to
+//! the index so filters run inside the graph walk (`filtered_search`), not after it.
+
+mod file;
+mod labels;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+
+pub use labels::Label;
+use labels::Labels;
+
+/// Everything that can go wrong in a collection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vector has {got} dimensions but the collection expects {want} (send vectors of length {want})")]
+    Dimension { got: usize, want: usize },
+    #[error("key {0} is reserved by the index (use a key below 2^64-1)")]
+    ReservedKey(u64),
+    #[error("vector for key {0} has a NaN or infinite value (send finite numbers)")]
+    NotFinite(u64),
+    #[error("dims must be between 1 and {max}, got {0} (pick the embedding model's dimension)", max = MAX_DIMS)]
+    BadDims(usize),
+    #[error("unknown metric {0:?} (use cos, l2 or ip)")]
+    BadMetric(String),
+    #[error("unknown dtype {0:?} (use f32, f16 or i8)")]
+    BadDtype(String),
+    #[error("batch has {keys} keys, {vectors} vectors and {labels} labels (send one vector and one label per key)")]
+    BatchShape {
+        keys: usize,
+        vectors: usize,
+        labels: usize,
+    },
+    #[error("k and expansion_search must be at least 1 (ask for one or more neighbours)")]
+    ZeroK,
+    #[error("usearch failed to {op}: {msg}")]
+    Index { op: &'static str, msg: String },
+    #[error("index file {path} is corrupt: {why} (remove it; the store rebuilds it from RocksDB)")]
+    Corrupt { path: PathBuf, why: String },
+    #[error(
+        "cannot {op} {path}: {source} (check the data directory's permissions and free space)"
+    )]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Largest accepted dimension; far above any embedding model, low enough to catch a mistake.
+pub const MAX_DIMS: usize = 65_536;
+/// The key usearch reserves to mark free slots.
+const RESERVED_KEY: u64 = u64::MAX;
+/// Capacity reserved for a new collection; it then doubles as needed.
+const INITIAL_CAPACITY: usize = 1024;
+/// Stripes of the per-key upsert lock; enough that unrelated keys rarely wait on each other.
+const KEY_STRIPES: usize = 64;
+/// usearch serves at most this many concurrent adds/searches (one scratch context each, a few
+/// KiB); callers beyond it wait on [`Contexts`] instead of failing inside usearch.
+const CONTEXTS: usize = 32;
+
+/// A counting semaphore over usearch's per-thread contexts.
+struct Contexts {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+struct ContextGuard<'a>(&'a Contexts);
+
+impl Contexts {
+    fn new() -> Self {
+        Self {
+            free: Mutex::new(CONTEXTS),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> ContextGuard<'_> {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *free == 0 {
+            free = self
+                .freed
+                .wait(free)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *free -= 1;
+        ContextGuard(self)
+    }
+}
+
+impl Drop for ContextGuard<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Distance between vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Cos,
+    L2,
+    Ip,
+}
+
+impl FromStr for Metric {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cos" => Ok(Self::Cos),
+            "l2" => Ok(Self::L2),
+            "ip" => Ok(Self::Ip),
+            _ => Err(Error::BadMetric(s.to_owned())),
+        }
+    }
+}
+
+impl Metric {
+    fn kind(self) -> MetricKind {
+        match self {
+            Self::Cos => MetricKind::Cos,
+            Self::L2 => MetricKind::L2sq,
+            Self::Ip => MetricKind::IP,
+        }
+    }
+}
+
+/// How the index stores each scalar; vectors always arrive as f32 and are quantised on add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    I8,
+}
+
+impl FromStr for Dtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "i8" => Ok(Self::I8),
+            _ => Err(Error::BadDtype(s.to_owned())),
+        }
+    }
+}
+
+impl Dtype {
+    fn kind(self) -> ScalarKind {
+        match self {
+            Self::F32 => ScalarKind::F32,
+            Self::F16 => ScalarKind::F16,
+            Self::I8 => ScalarKind::I8,
+        }
+    }
+}
+
+/// A collection's shape and HNSW parameters (0 = usearch's default).
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub dims: usize,
+    pub metric: Metric,
+    pub dtype: Dtype,
+    pub connectivity: usize,
+    pub expansion_add: usize,
+    pub expansion_search: usize,
+}
+
+impl Options {
+    fn usearch(&self) -> Result<IndexOptions> {
+        if self.dims == 0 || self.dims > MAX_DIMS {
+            return Err(Error::BadDims(self.dims));
+        }
+        Ok(IndexOptions {
+            dimensions: self.dims,
+            metric: self.metric.kind(),
+            quantization: self.dtype.kind(),
+            connectivity: self.connectivity,
+            expansion_add: self.expansion_add,
+            expansion_search: self.expansion_search,
+            multi: false,
+        })
+    }
+}
+
+/// Which keys a search may return; every field that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub tenant: Option<String>,
+    pub namespace: Option<String>,
+    pub task: Option<String>,
+    pub keys: Option<HashSet<u64>>,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.tenant.is_none()
+            && self.namespace.is_none()
+            && self.task.is_none()
+            && self.keys.is_none()
+    }
+}
+
+/// One search hit: the key and its distance under the collection's metric (smaller is closer).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    pub key: u64,
+    pub distance: f32,
+}
+
+/// A vector collection: index plus per-key labels.
+pub struct Collection {
+    options: Options,
+    index: RwLock<Index>,
+    /// Slots claimed by adds in flight under the shared lock, so growth is decided before usearch
+    /// would refuse an add.
+    claimed: AtomicUsize,
+    labels: RwLock<Labels>,
+    stripes: Vec<Mutex<()>>,
+    contexts: Contexts,
+}
+
+fn index_err<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Index {
+        op,
+        msg: e.to_string(),
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A panic while holding the lock leaves usearch's state as consistent as usearch left it;
+    // poisoning would only turn one failure into permanent ones.
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Collection {
+    /// An empty collection.
+    pub fn new(options: Options) -> Result<Self> {
+        let index = Index::new(&options.usearch()?).map_err(index_err("create an index"))?;
+        index
+            .reserve_capacity_and_threads(INITIAL_CAPACITY, CONTEXTS)
+            .map_err(index_err("reserve capacity"))?;
+        Ok(Self::wrap(options, index, Labels::default()))
+    }
+
+    fn wrap(options: Options, index: Index, labels: Labels) -> Self {
+        Self {
+            options,
+            index: RwLock::new(index),
+            claimed: AtomicUsize::new(0),
+            labels: RwLock::new(labels),
+            stripes: (0..KEY_STRIPES).map(|_| Mutex::new(())).collect(),
+            contexts: Contexts::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn options(&self) -> Options {
+        self.options
+    }
+
+    /// Number of vectors present.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        read(&self.index).size()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Slots reserved; grows on demand.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        read(&self.index).capacity()
+    }
+
+    #[must_use]
+    pub fn contains(&self, key: u64) -> bool {
+        read(&self.index).contains(key)
+    }
+
+    /// The label stored for `key`, if present.
+    #[must_use]
+    pub fn label(&self, key: u64) -> Option<Label> {
+        read(&self.labels).get(key)
+    }
+
+    fn check(&self, key: u64, vector: &[f32]) -> Result<()> {
+        if key == RESERVED_KEY {
+            return Err(Error::ReservedKey(key));
+        }
+        if vector.len() != self.options.dims {
+            return Err(Error::Dimension {
+                got: vector.len(),
+                want: self.options.dims,
+            });
+        }
+        if !vector.iter().all(|x| x.is_finite()) {
+            return Err(Error::NotFinite(key));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the index shared and room for `n` more vectors reserved, growing first
+    /// (doubling) under the exclusive lock when needed.
+    fn with_room<T>(&self, n: usize, f: impl FnOnce(&Index) -> Result<T>) -> Result<T> {
+        loop {
+            {
+                let index = read(&self.index);
+                let claimed = self.claimed.fetch_add(n, Ordering::AcqRel) + n;
+                if index.size() + claimed <= index.capacity() {
+                    let out = f(&index);
+                    self.claimed.fetch_sub(n, Ordering::AcqRel);
+                    return out;
+                }
+                self.claimed.fetch_sub(n, Ordering::AcqRel);
+            }
+            self.grow(n, true)?;
+        }
+    }
+
+    /// Makes room for `n` more vectors: doubling (amortised growth for one-by-one adds) or
+    /// exactly (a batch knows its size; doubling would leave up to half the slots unused).
+    fn grow(&self, n: usize, double: bool) -> Result<()> {
+        let index = write(&self.index);
+        // No adds run while we hold the lock exclusively, so `size` is exact here.
+        let need = index.size() + n;
+        if need > index.capacity() {
+            let grown = if double {
+                need.max(index.capacity() * 2)
+            } else {
+                need
+            };
+            index
+                .reserve_capacity_and_threads(grown.max(INITIAL_CAPACITY), CONTEXTS)
+                .map_err(index_err("grow capacity"))?;
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces the vector and label of `key`.
+    pub fn upsert(&self, key: u64, vector: &[f32], label: Label) -> Result<()> {
+        self.check(key, vector)?;
+        let _key_lock = self.stripes[(key % KEY_STRIPES as u64) as usize]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _context = self.contexts.acquire();
+        self.with_room(1, |index| {
+            if index.contains(key) {
+                index
+                    .remove(key)
+                    .map_err(index_err("remove the old vector"))?;
+            }
+            index.add(key, vector).map_err(index_err("add a vector"))
+        })?;
+        write(&self.labels).insert(key, label);
+        Ok(())
+    }
+
+    /// Validates a batch (`keys.len() * dims` values, every key usable, every value finite)
+    /// without writing, so callers can log it durably before applying it.
+    pub fn check_batch(&self, keys: &[u64], vectors: &[f32]) -> Result<()> {
+        let dims = self.options.dims;
+        if vectors.len() != keys.len() * dims {
+            return Err(if keys.len() == 1 {
+                Error::Dimension {
+                    got: vectors.len(),
+                    want: dims,
+                }
+            } else {
+                Error::BatchShape {
+                    keys: keys.len(),
+                    vectors: vectors.len() / dims,
+                    labels: keys.len(),
+                }
+            });
+        }
+        keys.iter()
+            .zip(vectors.chunks_exact(dims))
+            .try_for_each(|(key, row)| self.check(*key, row))
+    }
+
+    /// Upserts many vectors (`vectors` is `keys.len() * dims` values, row-major) on up to
+    /// `threads` threads. Every row is validated before any is written.
+    pub fn upsert_batch(
+        &self,
+        keys: &[u64],
+        vectors: &[f32],
+        labels: Vec<Label>,
+        threads: usize,
+    ) -> Result<()> {
+        let dims = self.options.dims;
+        if labels.len() != keys.len() {
+            return Err(Error::BatchShape {
+                keys: keys.len(),
+                vectors: vectors.len() / dims,
+                labels: labels.len(),
+            });
+        }
+        self.check_batch(keys, vectors)?;
+        self.grow(keys.len(), false)?;
+        let rows: Vec<(u64, &[f32], Label)> = keys
+            .iter()
+            .zip(vectors.chunks_exact(dims))
+            .zip(labels)
+            .map(|((k, v), l)| (*k, v, l))
+            .collect();
+        let threads = threads.clamp(1, rows.len().clamp(1, CONTEXTS));
+        let chunk = rows.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = rows
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .try_for_each(|(k, v, l)| self.upsert(*k, v, l.clone()))
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect::<Result<Vec<()>>>()
+        })?;
+        Ok(())
+    }
+
+    /// Removes `key`; returns whether it was present.
+    pub fn delete(&self, key: u64) -> Result<bool> {
+        let _key_lock = self.stripes[(key % KEY_STRIPES as u64) as usize]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let removed = read(&self.index)
+            .remove(key)
+            .map_err(index_err("remove a vector"))?;
+        write(&self.labels).remove(key);
+        Ok(removed > 0)
+    }
+
+    /// The `k` nearest keys to `query` that pass `filter`, closest first.
+    pub fn search(&self, query: &[f32], k: usize, filter: &Filter) -> Result<Vec<Hit>> {
+        if k == 0 {
+            return Err(Error::ZeroK);
+        }
+        if query.len() != self.options.dims {
+            return Err(Error::Dimension {
+                got: query.len(),
+                want: self.options.dims,
+            });
+        }
+        let _context = self.contexts.acquire();
+        let index = read(&self.index);
+        let matches = if filter.is_empty() {
+            index.search(query, k).map_err(index_err("search"))?
+        } else {
+            let labels = read(&self.labels);
+            let Some(pass) = labels.compile(filter) else {
+                // A tenant, namespace or task no vector carries: nothing can match.
+                return Ok(Vec::new());
+            };
+            index
+                .filtered_search(query, k, |key| pass.accepts(&labels, key))
+                .map_err(index_err("run a filtered search"))?
+        };
+        Ok(matches
+            .keys
+            .into_iter()
+            .zip(matches.distances)
+            .map(|(key, distance)| Hit { key, distance })
+            .collect())
+    }
+
+    /// Searches many queries (`queries` is `n * dims` values) on up to `threads` threads.
+    pub fn search_batch(
+        &self,
+        queries: &[f32],
+        k: usize,
+        filter: &Filter,
+        threads: usize,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let dims = self.options.dims;
+        if queries.len() % dims != 0 {
+            return Err(Error::Dimension {
+                got: queries.len() % dims,
+                want: dims,
+            });
+        }
+        let rows: Vec<&[f32]> = queries.chunks_exact(dims).collect();
+        let threads = threads.clamp(1, rows.len().clamp(1, CONTEXTS));
+        let chunk = rows.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = rows
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|q| self.search(q, k, filter))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(rows.len());
+            for w in workers {
+                out.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Writes index and labels to `path` atomically: a temporary file in the same directory,
+    /// fsync, rename, fsync of the directory. A crash leaves the old file or the new one.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        // Exclusive: usearch must not serialise while adds move its buffers.
+        let index = write(&self.index);
+        let mut blob = vec![0u8; index.serialized_length()];
+        index
+            .save_to_buffer(&mut blob)
+            .map_err(index_err("serialise the index"))?;
+        let labels = read(&self.labels).encode();
+        file::write_atomic(path, &blob, &labels)
+    }
+
+    /// Loads a collection saved by [`Collection::save`], checking the checksum and that the file
+    /// was built with `options`' dims, metric and dtype.
+    pub fn load(path: &Path, options: Options) -> Result<Self> {
+        let corrupt = |why: String| Error::Corrupt {
+            path: path.to_owned(),
+            why,
+        };
+        let (blob, labels) = file::read_checked(path)?;
+        let index = Index::new(&options.usearch()?).map_err(index_err("create an index"))?;
+        index
+            .load_from_buffer(&blob)
+            .map_err(|e| corrupt(format!("usearch refused it: {e}")))?;
+        if index.dimensions() != options.dims
+            || index.metric_kind() != options.metric.kind()
+            || index.scalar_kind() != options.dtype.kind()
+        {
+            return Err(corrupt(
+                "it was built for another dims, metric or dtype".to_owned(),
+            ));
+        }
+        let labels =
+            Labels::decode(&labels).ok_or_else(|| corrupt("bad label table".to_owned()))?;
+        if labels.len() != index.size() {
+            return Err(corrupt(format!(
+                "{} labels for {} vectors",
+                labels.len(),
+                index.size()
+            )));
+        }
+        let capacity = index.size().max(INITIAL_CAPACITY);
+        index
+            .reserve_capacity_and_threads(capacity, CONTEXTS)
+            .map_err(index_err("reserve capacity"))?;
+        Ok(Self::wrap(options, index, labels))
+    }
+
+    /// Candidates kept while searching (usearch's `ef`): higher is slower and finds more.
+    #[must_use]
+    pub fn expansion_search(&self) -> usize {
+        read(&self.index).expansion_search()
+    }
+
+    /// Changes `ef` for later searches; searches in flight finish with the old value.
+    pub fn set_expansion_search(&self, ef: usize) -> Result<()> {
+        if ef == 0 {
+            return Err(Error::ZeroK);
+        }
+        write(&self.index).change_expansion_search(ef);
+        Ok(())
+    }
+
+    /// Approximate bytes the index holds in memory.
+    #[must_use]
+    pub fn memory_usage(&self) -> usize {
+        read(&self.index).memory_usage()
+    }
+}
+
+#[cfg(test)]
+mod tests;

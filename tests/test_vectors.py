@@ -1,0 +1,309 @@
+"""Vector store: real usearch index in Rust, real RocksDB, real files on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agentnode._native import VectorCollection
+from agentnode.errors import UnknownCollectionError, VectorError
+from agentnode.storage.vectors import VectorStore
+
+_spec = importlib.util.spec_from_file_location(
+    "_vector_data", Path(__file__).parent.parent / "bench" / "_vector_data.py"
+)
+assert _spec is not None and _spec.loader is not None
+data_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(data_mod)
+
+
+def _fill(store: VectorStore, n: int = 300, dims: int = 16) -> np.ndarray:
+    coll = store.create_collection("docs", dims=dims)
+    data = data_mod.clustered(n, dims, seed=1, clusters=8)
+    for tenant in ("a", "b"):
+        keys = [i for i in range(n) if (i % 2 == 0) == (tenant == "a")]
+        coll.upsert_batch(
+            keys,
+            data[keys],
+            tenant=tenant,
+            namespace="ns",
+            task="t1",
+            metadata=[{"row": k} for k in keys],
+        )
+    return data
+
+
+def test_upsert_search_get_delete(tmp_path: Path) -> None:
+    with VectorStore(tmp_path) as store:
+        data = _fill(store)
+        coll = store.collection("docs")
+        assert len(coll) == 300
+        hits = coll.search(data[7], 3, with_metadata=True)
+        assert hits[0].key == 7
+        assert hits[0].distance == pytest.approx(0.0, abs=1e-5)
+        assert hits[0].metadata == {"row": 7}
+        record = coll.get(7)
+        assert record is not None
+        assert (record.tenant, record.namespace, record.task) == ("b", "ns", "t1")
+        assert np.allclose(record.vector, data[7])
+        # Upsert replaces: the new vector is found, the count stays.
+        coll.upsert(7, data[100].tolist(), tenant="b", metadata={"row": "moved"})
+        assert len(coll) == 300
+        assert {h.key for h in coll.search(data[100], 2)} == {7, 100}
+        assert coll.delete(7)
+        assert not coll.delete(7)
+        assert 7 not in coll
+        assert coll.get(7) is None
+        assert all(h.key != 7 for h in coll.search(data[100], 5))
+
+
+def test_filters(tmp_path: Path) -> None:
+    with VectorStore(tmp_path) as store:
+        data = _fill(store)
+        coll = store.collection("docs")
+        hits = coll.search(data[3], 10, tenant="a")
+        assert len(hits) == 10
+        assert all(h.key % 2 == 0 for h in hits)
+        assert coll.search(data[3], 10, tenant="nobody") == []
+        assert coll.search(data[3], 10, tenant="a", task="other") == []
+        assert {h.key for h in coll.search(data[3], 10, keys=[1, 2, 3])} == {1, 2, 3}
+        assert {h.key for h in coll.search(data[3], 10, tenant="a", keys=[1, 2, 3])} == {2}
+
+
+@pytest.mark.parametrize("metric", ["cos", "l2", "ip"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "i8"])
+def test_metrics_and_dtypes(tmp_path: Path, metric: str, dtype: str) -> None:
+    with VectorStore(tmp_path) as store:
+        coll = store.create_collection("m", dims=32, metric=metric, dtype=dtype)  # type: ignore[arg-type]
+        data = data_mod.clustered(200, 32, seed=2, clusters=4)
+        coll.upsert_batch(list(range(200)), data, tenant="a")
+        found = coll.search_batch(data[:20], 1)
+        assert sum(hits[0].key == i for i, hits in enumerate(found)) >= 18
+
+
+def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
+    """Recall@10 at default parameters on the quick bench data, unfiltered and filtered to 10%
+    of the data (one tenant of ten)."""
+    n, dims, k = 10_000, 128, 10
+    data, queries = data_mod.bench_data(n, dims, 300)
+    tenants = np.arange(n) % 10
+    with VectorStore(tmp_path) as store:
+        coll = store.create_collection("bench", dims=dims)
+        for t in range(10):
+            keys = np.flatnonzero(tenants == t)
+            coll.upsert_batch(keys.tolist(), data[keys], tenant=f"t{t}")
+        found = [[h.key for h in hits] for hits in coll.search_batch(queries, k)]
+        assert data_mod.recall(found, data_mod.brute_force(data, queries, k)) >= 0.95
+        subset = np.flatnonzero(tenants == 3)
+        truth = subset[data_mod.brute_force(data[subset], queries, k)]
+        found = [[h.key for h in coll.search(q, k, tenant="t3")] for q in queries]
+        assert all(f % 10 == 3 for hits in found for f in hits)
+        assert data_mod.recall(found, truth) >= 0.95
+
+
+def test_bad_input(tmp_path: Path) -> None:
+    with VectorStore(tmp_path) as store:
+        coll = store.create_collection("docs", dims=4)
+        coll.upsert(1, [0.0, 0.0, 0.0, 1.0], tenant="a")
+        cases: list[tuple[object, str]] = [
+            (
+                lambda: coll.upsert(2, [1.0, 2.0, 3.0], tenant="a"),
+                "3 dimensions but the collection expects 4",
+            ),
+            (lambda: coll.upsert(-1, [0.0] * 4, tenant="a"), "bad key -1"),
+            (lambda: coll.upsert(2**64 - 1, [0.0] * 4, tenant="a"), "bad key"),
+            (lambda: coll.upsert("x", [0.0] * 4, tenant="a"), "bad key 'x'"),  # type: ignore[arg-type]
+            (lambda: coll.upsert(2, [math.nan, 0, 0, 0], tenant="a"), "NaN or infinite"),
+            (lambda: coll.upsert(2, ["a", 0, 0, 0], tenant="a"), "sequences of numbers"),  # type: ignore[list-item]
+            (lambda: coll.upsert(2, np.zeros(4, dtype=np.float64), tenant="a"), "send float32"),
+            (lambda: coll.upsert(2, [0.0] * 4, tenant=""), "tenant is empty"),
+            (
+                lambda: coll.upsert_batch([2, 2], np.zeros((2, 4), np.float32), tenant="a"),
+                "repeats a key",
+            ),
+            (
+                lambda: coll.upsert_batch([2, 3], np.zeros((3, 4), np.float32), tenant="a"),
+                "2 keys but 3 vectors",
+            ),
+            (lambda: coll.search([0.0] * 5, 1), "5 dimensions"),
+            (lambda: coll.search([0.0] * 4, 0), "k must be a positive integer"),
+            (lambda: store.create_collection("docs", dims=4), "already exists"),
+            (lambda: store.create_collection("bad/name", dims=4), "bad collection name"),
+            (lambda: store.create_collection("x", dims=0), "dims must be between 1"),
+            (lambda: store.create_collection("x", dims=-3), "dims must be a non-negative"),
+            (lambda: store.create_collection("x", dims=4, metric="cosine"), "unknown metric"),  # type: ignore[arg-type]
+            (lambda: store.create_collection("x", dims=4, dtype="f64"), "unknown dtype"),  # type: ignore[arg-type]
+        ]
+        for call, message in cases:
+            with pytest.raises(VectorError, match=message.replace("(", r"\(")):
+                call()  # type: ignore[operator]
+        with pytest.raises(UnknownCollectionError, match="no vector collection named 'missing'"):
+            store.collection("missing")
+        # Nothing half-written: a batch with one bad row leaves no trace in index or record.
+        bad = np.zeros((2, 4), np.float32)
+        bad[1, 2] = np.inf
+        with pytest.raises(VectorError, match="key 3 has a NaN"):
+            coll.upsert_batch([2, 3], bad, tenant="a")
+        assert len(coll) == 1 and coll.get(2) is None and 2 not in coll
+        assert store.collections() == ["docs"]
+
+
+def test_persistence_round_trip(tmp_path: Path) -> None:
+    with VectorStore(tmp_path) as store:
+        data = _fill(store)
+        before = [(h.key, h.distance) for h in store.collection("docs").search(data[5], 10)]
+    with VectorStore(tmp_path) as store:
+        coll = store.collection("docs")
+        assert len(coll) == 300
+        assert [(h.key, h.distance) for h in coll.search(data[5], 10)] == before
+        assert coll.search(data[5], 1, tenant="b", with_metadata=True)[0].metadata == {"row": 5}
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "stale"])
+def test_index_rebuilt_from_rocksdb(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with VectorStore(tmp_path) as store:
+        data = _fill(store)
+        if damage == "stale":
+            store.collection("docs").checkpoint()
+            stale = sorted((tmp_path / "index").glob("*.anvec"))[0].read_bytes()
+            store.collection("docs").delete(10)
+    (index_file,) = (tmp_path / "index").glob("docs.*.anvec")
+    if damage == "missing":
+        index_file.unlink()
+    elif damage == "corrupt":
+        raw = bytearray(index_file.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        index_file.write_bytes(bytes(raw))
+    elif damage == "truncated":
+        index_file.write_bytes(index_file.read_bytes()[:1000])
+    else:
+        # A checkpoint from before the delete under the newer name: counts disagree.
+        index_file.write_bytes(stale)
+    with VectorStore(tmp_path) as store:
+        coll = store.collection("docs")
+        expected = 299 if damage == "stale" else 300
+        assert len(coll) == expected
+        assert coll.search(data[11], 1)[0].key == 11
+        assert (10 in coll) == (damage != "stale")
+        assert {h.key % 2 for h in coll.search(data[3], 10, tenant="a")} == {0}
+    if damage != "missing":
+        assert "rebuilding" in caplog.text
+    # The rebuilt index was checkpointed on close: the next open loads it without rebuilding.
+    caplog.clear()
+    with VectorStore(tmp_path) as store:
+        assert len(store.collection("docs")) == expected
+    assert "rebuilding" not in caplog.text
+
+
+def test_crash_without_checkpoint_replays_the_log(tmp_path: Path) -> None:
+    """kill -9 after synced writes: the checkpoint is old, the log brings the index up to date."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from agentnode.storage.vectors import VectorStore
+        store = VectorStore({str(tmp_path)!r})
+        coll = store.create_collection("c", dims=4)
+        coll.upsert(1, [1.0, 0, 0, 0], tenant="a", sync=True)
+        coll.checkpoint()
+        coll.upsert(2, [0, 1.0, 0, 0], tenant="a", sync=True)
+        coll.delete(1, sync=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    # As if it had died mid-checkpoint too: the temporary file is swept at open.
+    (tmp_path / "index" / "c.9.anvec.tmp123").write_bytes(b"partial")
+    with VectorStore(tmp_path) as store:
+        assert list((tmp_path / "index").glob("*.tmp*")) == []
+        coll = store.collection("c")
+        assert len(coll) == 1
+        assert 2 in coll and 1 not in coll
+        assert coll.search([0, 1.0, 0, 0], 1)[0].key == 2
+
+
+def test_concurrent_batches_from_threads(tmp_path: Path) -> None:
+    dims, per_thread, writers = 32, 1500, 4
+    data = data_mod.clustered(per_thread * writers, dims, seed=9)
+    errors: list[BaseException] = []
+    with VectorStore(tmp_path) as store:
+        coll = store.create_collection("c", dims=dims)
+        coll.upsert_batch([0], data[:1], tenant="w0")
+
+        def write(w: int) -> None:
+            try:
+                rows = list(range(w * per_thread, (w + 1) * per_thread))
+                for start in range(0, per_thread, 500):
+                    chunk = rows[start : start + 500]
+                    coll.upsert_batch(chunk, data[chunk], tenant=f"w{w}", threads=2)
+            except BaseException as e:
+                errors.append(e)
+
+        def read() -> None:
+            try:
+                for _ in range(20):
+                    coll.search_batch(data[:50], 5, threads=2)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        threads += [threading.Thread(target=read) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(coll) == per_thread * writers
+        found = coll.search_batch(data[::37], 1, threads=3)
+        keys = list(range(0, per_thread * writers, 37))
+        assert sum(h[0].key == k for h, k in zip(found, keys, strict=True)) >= 0.98 * len(keys)
+        assert coll.search(data[4000], 1, tenant="w2")[0].key == 4000
+    with VectorStore(tmp_path) as store:
+        assert len(store.collection("c")) == per_thread * writers
+
+
+def test_native_collection_grows_and_releases_the_gil() -> None:
+    coll = VectorCollection(8, metric="l2")
+    data = data_mod.clustered(5000, 8, seed=3, clusters=4)
+    labels = [("a", "", "", b"")] * 5000
+    done = threading.Event()
+    ticks = 0
+
+    def spin() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    coll.upsert_batch(list(range(5000)), data, labels, threads=2)
+    done.set()
+    spinner.join()
+    assert len(coll) == 5000 and coll.capacity >= 5000
+    assert ticks > 0
+    with pytest.raises(TypeError, match="float32 buffer"):
+        coll.search([0.0] * 8, 1)  # type: ignore[arg-type]
+
+
+def test_drop_collection(tmp_path: Path) -> None:
+    with VectorStore(tmp_path) as store:
+        _fill(store)
+        store.collection("docs").checkpoint()
+        store.drop_collection("docs")
+        assert store.collections() == []
+        assert list((tmp_path / "index").glob("docs.*")) == []
+        with pytest.raises(UnknownCollectionError):
+            store.collection("docs")
+        coll = store.create_collection("docs", dims=16)
+        assert len(coll) == 0
