@@ -13,12 +13,14 @@ from typing import NoReturn
 
 from agentnode import __version__, doctor
 from agentnode.errors import AgentnodeError, UsageError
+from agentnode.inference import command as inference_command
 
 __all__ = ["ArgumentParser", "main"]
 
 # Each command module contributes its subcommands; later layers add themselves here.
 COMMANDS: list[Callable[[argparse._SubParsersAction[ArgumentParser]], None]] = [
     doctor.add_parser,
+    inference_command.add_parser,
 ]
 
 
