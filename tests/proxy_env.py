@@ -66,6 +66,7 @@ class ProxyEnv:
     def __init__(
         self, state_dir: Path, configure: Callable[[dict[str, Any]], None] | None = None
     ) -> None:
+        self._clients: list[openai.OpenAI | anthropic.Anthropic] = []
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -98,10 +99,14 @@ class ProxyEnv:
         return self._runner.app[PROXY]
 
     def openai(self, key: str = "sk-acme", **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+        c = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+        self._clients.append(c)
+        return c
 
     def anthropic(self, key: str = "sk-acme", **kw: Any) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, **kw)
+        c = anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, **kw)
+        self._clients.append(c)
+        return c
 
     def rows(self) -> list[LedgerRow]:
         async def get() -> list[LedgerRow]:
@@ -111,6 +116,8 @@ class ProxyEnv:
         return self.run(get())
 
     def close(self) -> None:
+        for c in self._clients:
+            c.close()
         try:
             self.run(self._runner.cleanup())
             for m in self.mocks.values():
