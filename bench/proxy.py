@@ -11,6 +11,7 @@ traffic with client disconnects.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -116,7 +117,7 @@ async def stream(session: aiohttp.ClientSession, t: Target) -> tuple[float, list
                     arrivals.append(time.perf_counter())
     if len(arrivals) < 64:
         raise RuntimeError(f"{t.name}: stream had {len(arrivals)} chunks")
-    return arrivals[0] - t0, [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return arrivals[0] - t0, [b - a for a, b in itertools.pairwise(arrivals)]
 
 
 async def mixed(session: aiohttp.ClientSession, t: Target, n: int) -> None:
@@ -160,15 +161,32 @@ async def run(bench: Bench) -> None:
             f"      model: openai/{MODEL}\n      api_base: {upstream}\n      api_key: sk-mock\n"
         )
         ours = subprocess.Popen(
-            [sys.executable, "-m", "agentnode", "proxy", "--config", str(tmp / "agentnode.toml")]
-            + ["--listen", f"127.0.0.1:{ours_port}", "--state-dir", str(tmp / "state")],
+            [
+                sys.executable,
+                "-m",
+                "agentnode",
+                "proxy",
+                "--config",
+                str(tmp / "agentnode.toml"),
+                "--listen",
+                f"127.0.0.1:{ours_port}",
+                "--state-dir",
+                str(tmp / "state"),
+            ],
             stdout=subprocess.DEVNULL,
         )
         procs.append(ours)
         litellm = Path(sys.executable).parent / "litellm"
         lite = subprocess.Popen(
-            [str(litellm), "--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1"]
-            + ["--port", str(lite_port)],
+            [
+                str(litellm),
+                "--config",
+                str(tmp / "litellm.yaml"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(lite_port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
