@@ -156,6 +156,14 @@ def test_retry_after_is_honoured(make_env: Callable[..., ProxyEnv]) -> None:
     assert len(env.mocks["a"].requests) == 2 and env.mocks["b"].requests == []
 
 
+def test_long_retry_after_reaches_the_client_when_nothing_is_left(env: ProxyEnv) -> None:
+    env.mocks["a"].faults.append(Fault(status=429, retry_after=60))
+    with pytest.raises(openai.RateLimitError, match="gpt-a: HTTP 429") as e:
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert e.value.response.headers["retry-after"] == "60"
+    assert env.mocks["b"].requests == []
+
+
 def test_retries_back_off_then_give_502_naming_the_failures(
     make_env: Callable[..., ProxyEnv],
 ) -> None:

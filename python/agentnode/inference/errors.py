@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from aiohttp import web
 
@@ -37,7 +38,7 @@ def error_response(
     """A JSON error response; `retry_after` (seconds) becomes a Retry-After header."""
     headers = {}
     if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after + 0.5)))
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return web.json_response(_body(fmt, status, message, code), status=status, headers=headers)
 
 

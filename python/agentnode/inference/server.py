@@ -306,7 +306,7 @@ class Proxy:
             )
         errors: list[str] = []
         limited: list[tuple[str, float]] = []
-        last_status = 502
+        last_status, last_retry_after = 502, None
         for state, model in candidates:
             d = state.deployment
             if not state.breaker.allows():
@@ -328,7 +328,7 @@ class Proxy:
                     self.metrics.attempts.labels(d.name, "retryable").inc()
                     state.breaker.failure()
                     errors.append(f"{d.name}: {e}")
-                    last_status = e.status
+                    last_status, last_retry_after = e.status, e.retry_after
                     if attempt == d.retries or not state.breaker.allows():
                         break
                     if e.retry_after is not None:
@@ -352,17 +352,15 @@ class Proxy:
                 "rate_limit_exceeded",
                 retry_after=wait,
             )
-        status = 504 if last_status == 504 else 502
-        if last_status == 429:
-            status = 429
-        elif last_status == 503:
-            status = 503
+        # The upstream's own 429/503/504 (and its Retry-After) tell the client more than a 502.
+        status = last_status if last_status in (429, 503, 504) else 502
         return self._reject(
             call.endpoint,
             call.fmt,
             status,
             "every upstream failed: " + "; ".join(errors),
             "upstream_failed",
+            retry_after=last_retry_after if status in (429, 503) else None,
         )
 
     def _deployment_wait(self, state: _DeploymentState, call: _Call) -> float:
