@@ -214,6 +214,10 @@ def test_client_disconnect_cancels_upstream_within_50ms(env: ProxyEnv) -> None:
     while not env.mocks["c"].disconnects and time.monotonic() < deadline:
         time.sleep(0.002)
     assert env.mocks["c"].disconnects and env.mocks["c"].disconnects[0] - t0 < 0.05
+    # Both requests are in the ledger; the Anthropic one is billed its input from message_start.
+    rows = env.rows()
+    assert [r.status for r in rows] == [499, 499]
+    assert (rows[1].input, rows[1].cached_input, rows[1].cache_write) == (100, 5000, 2000)
 
 
 def _count(calls: int, fn: Callable[[], object]) -> tuple[int, list[str]]:

@@ -512,6 +512,11 @@ class Proxy:
             await response.write(
                 error_event(call.fmt, f"upstream {d.name} {what} mid-stream (partial response)")
             )
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client left; _attempt closes the upstream. Bill what is known (Anthropic
+            # reports input tokens up front) with nginx's "client closed request" status.
+            self._finish(call, d, model, 499, reader.usage(), cache_hit=False)
+            raise
         usage = reader.usage()
         if tpm_entry is not None and state.tpm:
             state.tpm.adjust(tpm_entry, usage.total)
@@ -635,7 +640,9 @@ async def _sse_events(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Whole SSE events (each ending in a blank line) as they arrive, never re-chunked."""
     buf = b""
     async for chunk in upstream.content.iter_any():
-        buf += chunk.replace(b"\r\n", b"\n") if b"\r" in chunk else chunk
+        buf += chunk
+        if b"\r" in chunk:  # CRLF framing; on buf, so a CR/LF split across chunks still joins
+            buf = buf.replace(b"\r\n", b"\n")
         while (i := buf.find(b"\n\n")) >= 0:
             yield buf[: i + 2]
             buf = buf[i + 2 :]
