@@ -156,12 +156,10 @@ class Proxy:
         self.deployments = {n: _DeploymentState(d, config) for n, d in config.deployments.items()}
         self.tenant_windows: dict[tuple[str, str, str | None], Window] = {}
         self.metrics = _Metrics()
-        self._background: set[asyncio.Future[None]] = set()
 
     async def drain(self) -> None:
         """Waits for pending ledger writes (called at shutdown)."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.flush()
 
     # ---- entry points -----------------------------------------------------------------------
 
@@ -577,9 +575,7 @@ class Proxy:
             stream=call.stream,
             **usage.as_dict(),
         )
-        write = self.store.record(row)
-        self._background.add(write)
-        write.add_done_callback(self._background.discard)
+        self.store.record(row)
 
 
 class _UsageReader:
@@ -641,7 +637,7 @@ async def _sse_events(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     buf = b""
     async for chunk in upstream.content.iter_any():
         buf += chunk
-        if b"\r" in chunk:  # CRLF framing; on buf, so a CR/LF split across chunks still joins
+        if b"\r" in buf:  # CRLF framing, on buf so a CR/LF pair split across chunks joins
             buf = buf.replace(b"\r\n", b"\n")
         while (i := buf.find(b"\n\n")) >= 0:
             yield buf[: i + 2]
