@@ -83,7 +83,7 @@ class ProxyEnv:
             configure(raw)
         self.config = parse_config(copy.deepcopy(raw))
         self._runner = web.AppRunner(
-            create_app(self.config), handler_cancellation=True, access_log=None
+            create_app(self.config), handler_cancellation=True, access_log=None, shutdown_timeout=5
         )
         self.run(self._runner.setup())
         sock = socket.socket()

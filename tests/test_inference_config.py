@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
@@ -13,9 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agentnode.errors import ConfigError
 from agentnode.inference import parse_config
+from agentnode.inference.limits import Window
 from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage
 from conftest import run_cli
 
@@ -32,8 +36,6 @@ GOOD = {
 
 
 def _with(path: str, value: Any) -> dict[str, Any]:
-    import copy
-
     raw = copy.deepcopy(GOOD)
     *parents, leaf = path.split(".")
     d: Any = raw
@@ -156,3 +158,27 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     assert p.returncode == 0, err
     assert f"listening on http://127.0.0.1:{port}" in out
     assert os.path.isdir(tmp_path / "state" / "ledger")
+
+
+@given(st.lists(st.floats(min_value=0, max_value=300), min_size=1, max_size=200))
+def test_window_admits_at_most_limit_in_any_60s(times: list[float]) -> None:
+    w = Window("test rpm", 5)
+    admitted = []
+    for now in sorted(times):
+        if w.wait_time(1, now) == 0:
+            w.take(1, now)
+            admitted.append(now)
+        else:
+            # The wait it reports is exactly when the oldest admitted entry leaves the window.
+            oldest = next(u for u in admitted if u > now - 60)
+            assert w.wait_time(1, now) == oldest + 60 - now
+    for t in admitted:
+        assert sum(t - 60 < u <= t for u in admitted) <= 5
+
+
+def test_window_corrects_token_estimates() -> None:
+    w = Window("test tpm", 1000)
+    entry = w.take(900, 0.0)
+    assert w.wait_time(200, 1.0) == 59.0
+    w.adjust(entry, 100)  # the call used far fewer tokens than estimated
+    assert w.wait_time(200, 1.0) == 0

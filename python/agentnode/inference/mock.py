@@ -74,7 +74,9 @@ class MockUpstream:
                 app.router.add_post(f"/v1/{path}", self._openai)
         else:
             app.router.add_post("/v1/messages", self._anthropic)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=5
+        )
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))

@@ -165,15 +165,7 @@ class Proxy:
 
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         fmt = ENDPOINTS[endpoint][0]
-        try:
-            payload = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._reject(
-                endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
-            )
-        problem = _validate(endpoint, payload)
-        if problem:
-            return self._reject(endpoint, fmt, 400, problem, "invalid_request")
+        # Authenticate first: a stranger learns nothing, not even how we validate bodies.
         principal = self.attribution(request, self.config)
         if principal is None:
             return self._reject(
@@ -183,6 +175,15 @@ class Proxy:
                 "unknown API key (use a key configured for a tenant in [inference.tenants])",
                 "invalid_api_key",
             )
+        try:
+            payload = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._reject(
+                endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
+            )
+        problem = _validate(endpoint, payload)
+        if problem:
+            return self._reject(endpoint, fmt, 400, problem, "invalid_request")
         call = _Call(endpoint, payload, principal)
         call.tokens_estimate = _estimate_tokens(request.content_length or 0, payload)
         refusal = self._admit(call)
@@ -192,7 +193,7 @@ class Proxy:
         route = self.config.routes.get(route_name)
         cache_header = request.headers.get("x-agentnode-cache", "").lower()
         if cache_header == "on" or (cache_header != "off" and route is not None and route.cache):
-            call.cache_key = _cache_key(endpoint, payload)
+            call.cache_key = _cache_key(principal.tenant, endpoint, payload)
             hit = await self.store.cache_get(call.cache_key)
             if hit is not None:
                 return await self._replay(request, call, *hit)
@@ -688,9 +689,10 @@ def _estimate_tokens(body_bytes: int, payload: dict[str, Any]) -> int:
     return body_bytes // 4 + (out if isinstance(out, int) else 0)
 
 
-def _cache_key(endpoint: str, payload: dict[str, Any]) -> bytes:
+def _cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> bytes:
+    """Per tenant: a hit must not reveal what another tenant asked."""
     normal = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{endpoint}\n{normal}".encode()).digest()
+    return hashlib.sha256(f"{tenant}\n{endpoint}\n{normal}".encode()).digest()
 
 
 PROXY = web.AppKey("proxy", Proxy)
