@@ -27,7 +27,9 @@ class Window:
         self._used = 0.0
 
     def _expire(self, now: float) -> None:
-        while self._entries and self._entries[0][0] <= now - WINDOW:
+        # `now - t >= WINDOW`, the same arithmetic as wait_time's, so a wait it reports as
+        # positive never rounds to an entry that already expired (or the reverse).
+        while self._entries and now - self._entries[0][0] >= WINDOW:
             self._used -= self._entries.popleft()[1]
 
     def wait_time(self, amount: float, now: float | None = None) -> float:
@@ -41,7 +43,7 @@ class Window:
         for t, a in self._entries:
             freed += a
             if freed >= excess:
-                return t + WINDOW - now
+                return WINDOW - (now - t)
         return WINDOW
 
     def take(self, amount: float, now: float | None = None) -> list[float]:

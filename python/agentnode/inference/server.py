@@ -156,10 +156,12 @@ class Proxy:
         self.deployments = {n: _DeploymentState(d, config) for n, d in config.deployments.items()}
         self.tenant_windows: dict[tuple[str, str, str | None], Window] = {}
         self.metrics = _Metrics()
+        self._background: set[asyncio.Future[None]] = set()
 
     async def drain(self) -> None:
         """Waits for pending ledger writes (called at shutdown)."""
-        await self.store.flush()
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     # ---- entry points -----------------------------------------------------------------------
 
@@ -576,7 +578,9 @@ class Proxy:
             stream=call.stream,
             **usage.as_dict(),
         )
-        self.store.record(row)
+        write = self.store.record(row)
+        self._background.add(write)
+        write.add_done_callback(self._background.discard)
 
 
 class _UsageReader:
