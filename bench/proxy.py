@@ -120,22 +120,29 @@ async def stream(session: aiohttp.ClientSession, t: Target) -> tuple[float, list
     return arrivals[0] - t0, [b - a for a, b in itertools.pairwise(arrivals)]
 
 
-async def mixed(session: aiohttp.ClientSession, t: Target, n: int) -> None:
-    """Non-streamed calls and streams the client abandons after the first chunk, 16 at a time."""
-    left = n
+async def mixed(session: aiohttp.ClientSession, t: Target, n: int) -> int:
+    """Non-streamed calls and streams the client abandons after the first chunk, 16 at a time.
+
+    Returns how many requests failed at the connection level (reported, not hidden).
+    """
+    left, failed = n, 0
 
     async def worker() -> None:
-        nonlocal left
+        nonlocal left, failed
         while left > 0:
             left -= 1
-            if left % 10 == 0:
-                async with session.post(t.url, json=CHAT | {"stream": True}) as r:
-                    await r.content.readany()
-                    r.close()
-            else:
-                await one(session, t)
+            try:
+                if left % 10 == 0:
+                    async with session.post(t.url, json=CHAT | {"stream": True}) as r:
+                        await r.content.readany()
+                        r.close()
+                else:
+                    await one(session, t)
+            except aiohttp.ClientError:
+                failed += 1
 
     await asyncio.gather(*(worker() for _ in range(16)))
+    return failed
 
 
 async def run(bench: Bench) -> None:
@@ -216,9 +223,14 @@ async def run(bench: Bench) -> None:
             n = 2_000 if bench.quick else 100_000
             before = rss_mib(ours.pid)
             lite_before = rss_mib(lite.pid)
-            await mixed(session, targets[1], n)
+            ours_failed = await mixed(session, targets[1], n)
             lite_n = 100 if bench.quick else 5_000  # LiteLLM manages ~150 req/s here
-            await mixed(session, targets[2], lite_n)
+            lite_failed = await mixed(session, targets[2], lite_n)
+            print(
+                f"proxy.mixed_connection_errors: agentnode {ours_failed} of {n}, "
+                f"LiteLLM {lite_failed} of {lite_n}",
+                flush=True,
+            )
             bench.record(
                 f"rss_growth_{n}_mixed",
                 rss_mib(ours.pid) - before,
