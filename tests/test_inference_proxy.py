@@ -291,14 +291,17 @@ def test_cache_hits_replay_streams_and_cost_zero(env: ProxyEnv) -> None:
     hit = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
     assert "x-agentnode-cache" not in first.headers and hit.headers["x-agentnode-cache"] == "hit"
     assert hit.parse().choices[0].message.content == "Hello"
-    streamed = [
-        list(c.chat.completions.create(model="gpt-x", messages=MSG, stream=True)) for _ in range(2)
-    ]  # type: ignore[arg-type]
+    streamed = []
+    for _ in range(2):
+        streamed.append(list(c.chat.completions.create(model="gpt-x", messages=MSG, stream=True)))  # type: ignore[arg-type]
+        # A stream's cache entry is written just after its last event reached the client.
+        time.sleep(0.2)
     assert streamed[0] == streamed[1] and len(streamed[1]) == 4
     a = env.anthropic(default_headers={"x-agentnode-cache": "on"})
     for _ in range(2):
         with a.messages.stream(model="claude-x", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
             assert "".join(s.text_stream) == "t0t1t2t3"
+        time.sleep(0.2)
     assert len(env.mocks["a"].requests) == 2 and len(env.mocks["c"].requests) == 1
     rows = env.rows()
     assert [r.cache_hit for r in rows] == [False, True, False, True, False, True]

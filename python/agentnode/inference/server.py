@@ -507,17 +507,19 @@ class Proxy:
                     if sent is not None:
                         sent.append(out)
                 event = await anext(events, None)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # First: aiohttp's ClientConnectionResetError from writing to a gone client is also
+            # a ClientError, and must not be mistaken for an upstream failure below.
+            # The client left; _attempt closes the upstream. Bill what is known (Anthropic
+            # reports input tokens up front) with nginx's "client closed request" status.
+            self._finish(call, d, model, 499, reader.usage(), cache_hit=False)
+            raise
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             status = 502
             what = "timed out" if isinstance(e, TimeoutError) else f"failed: {e}"
             await response.write(
                 error_event(call.fmt, f"upstream {d.name} {what} mid-stream (partial response)")
             )
-        except (asyncio.CancelledError, ConnectionResetError):
-            # The client left; _attempt closes the upstream. Bill what is known (Anthropic
-            # reports input tokens up front) with nginx's "client closed request" status.
-            self._finish(call, d, model, 499, reader.usage(), cache_hit=False)
-            raise
         usage = reader.usage()
         if tpm_entry is not None and state.tpm:
             state.tpm.adjust(tpm_entry, usage.total)
