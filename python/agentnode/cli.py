@@ -15,6 +15,7 @@ from agentnode import __version__, doctor
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import cli as isolation_cli
 from agentnode.storage import serve as memory_serve
+from agentnode.inference import command as inference_command
 
 __all__ = ["ArgumentParser", "main"]
 
@@ -23,6 +24,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[ArgumentParser]], None]] = [
     doctor.add_parser,
     isolation_cli.add_parser,
     memory_serve.add_parser,
+    inference_command.add_parser,
 ]
 
 

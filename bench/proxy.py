@@ -1,0 +1,331 @@
+"""Inference proxy overhead: direct to a mock upstream vs through agentnode vs through LiteLLM.
+
+One deterministic OpenAI-format mock on loopback (its own process); the agentnode proxy and the
+LiteLLM proxy (`litellm[proxy]`) each in their own process, started before any timing. Rounds
+interleave the three targets. Figures: added latency p50/p99 at concurrency 1, 16, 64 (ours =
+agentnode minus direct, peer = LiteLLM minus direct), throughput at 64, streaming (64 chunks
+20 ms apart) added time to first token and per-chunk gap, idle RSS and RSS growth under mixed
+traffic with client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import uvloop
+
+from _harness import Bench, percentile
+
+MODEL = "gpt-4o-mini"
+MASTER_KEY = "sk-agentnode-bench-master-key-0123456789"
+MOCK = """
+import asyncio, sys
+from agentnode.inference.mock import MockUpstream
+async def main():
+    m = await MockUpstream("openai", chunks=64, chunk_delay=0.02).start()
+    print(m.port, flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def wait_up(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            async with session.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Target:
+    def __init__(self, name: str, base: str, headers: dict[str, str]) -> None:
+        self.name = name
+        self.url = base + "/chat/completions"
+        self.headers = headers
+
+
+async def one(session: aiohttp.ClientSession, t: Target) -> float:
+    t0 = time.perf_counter()
+    async with session.post(t.url, json=CHAT, headers=t.headers) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{t.name}: HTTP {r.status}: {await r.text()}")
+    return time.perf_counter() - t0
+
+
+async def burst(
+    session: aiohttp.ClientSession, t: Target, concurrency: int, n: int
+) -> tuple[list[float], float]:
+    """n requests, `concurrency` at a time; returns latencies and requests per second."""
+    lat: list[float] = []
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            lat.append(await one(session, t))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat, n / (time.perf_counter() - t0)
+
+
+async def stream(session: aiohttp.ClientSession, t: Target) -> tuple[float, list[float]]:
+    """Time to first chunk and the gaps between chunks."""
+    t0 = time.perf_counter()
+    arrivals: list[float] = []
+    body = CHAT | {"stream": True}
+    async with session.post(t.url, json=body, headers=t.headers) as r:
+        buf = b""
+        async for data in r.content.iter_any():
+            buf += data
+            while (i := buf.find(b"\n\n")) >= 0:
+                event, buf = buf[:i], buf[i + 2 :]
+                if b'"delta"' in event:
+                    arrivals.append(time.perf_counter())
+    if len(arrivals) < 64:
+        raise RuntimeError(f"{t.name}: stream had {len(arrivals)} chunks")
+    return arrivals[0] - t0, [b - a for a, b in itertools.pairwise(arrivals)]
+
+
+async def mixed(session: aiohttp.ClientSession, t: Target, n: int) -> int:
+    """Non-streamed calls and streams the client abandons after the first chunk, 16 at a time.
+
+    Returns how many requests failed at the connection level (reported, not hidden).
+    """
+    left, failed = n, 0
+
+    async def worker() -> None:
+        nonlocal left, failed
+        while left > 0:
+            left -= 1
+            try:
+                if left % 10 == 0:
+                    async with session.post(t.url, json=CHAT | {"stream": True}) as r:
+                        await r.content.readany()
+                        r.close()
+                else:
+                    await one(session, t)
+            except aiohttp.ClientError:
+                failed += 1
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    return failed
+
+
+async def run(bench: Bench) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="agentnode-bench-proxy-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    env = os.environ | {
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_MASTER_KEY": MASTER_KEY,
+    }
+    try:
+        mock = subprocess.Popen([sys.executable, "-c", MOCK], stdout=subprocess.PIPE)
+        procs.append(mock)
+        assert mock.stdout is not None
+        upstream = f"http://127.0.0.1:{int(mock.stdout.readline())}/v1"
+        ours_port, lite_port = free_port(), free_port()
+        (tmp / "agentnode.toml").write_text(
+            f'[inference.deployments.mock]\nkind = "openai"\nbase_url = "{upstream}"\n'
+            f'models = ["{MODEL}"]\nprice = {{ input = 0.15, output = 0.6 }}\n'
+        )
+        (tmp / "litellm.yaml").write_text(
+            f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n"
+            f"      model: openai/{MODEL}\n      api_base: {upstream}\n      api_key: sk-mock\n"
+        )
+        ours = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentnode",
+                "proxy",
+                "--config",
+                str(tmp / "agentnode.toml"),
+                "--listen",
+                f"127.0.0.1:{ours_port}",
+                "--state-dir",
+                str(tmp / "state"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        procs.append(ours)
+        litellm = Path(sys.executable).parent / "litellm"
+        lite = subprocess.Popen(
+            [
+                str(litellm),
+                "--config",
+                str(tmp / "litellm.yaml"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(lite_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        procs.append(lite)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await wait_up(session, f"http://127.0.0.1:{ours_port}/v1/models", ours)
+            await wait_up(session, f"http://127.0.0.1:{lite_port}/health/liveliness", lite)
+            targets = [
+                Target("direct", upstream, {}),
+                Target("agentnode", f"http://127.0.0.1:{ours_port}/v1", {}),
+                Target(
+                    "litellm",
+                    f"http://127.0.0.1:{lite_port}/v1",
+                    {"Authorization": f"Bearer {MASTER_KEY}"},
+                ),
+            ]
+            idle = {"agentnode": rss_mib(ours.pid), "litellm": rss_mib(lite.pid)}
+            for t in targets:  # warm up connections, imports and caches
+                await burst(session, t, 4, 40)
+            await measure(bench, session, targets)
+            await streaming(bench, session, targets)
+            bench.record(
+                "idle_rss", idle["agentnode"], idle["litellm"], "MiB", peer_name="LiteLLM proxy"
+            )
+            n = 2_000 if bench.quick else 100_000
+            before = rss_mib(ours.pid)
+            lite_before = rss_mib(lite.pid)
+            ours_failed = await mixed(session, targets[1], n)
+            lite_n = 100 if bench.quick else 5_000  # LiteLLM manages ~150 req/s here
+            lite_failed = await mixed(session, targets[2], lite_n)
+            print(
+                f"proxy.mixed_connection_errors: agentnode {ours_failed} of {n}, "
+                f"LiteLLM {lite_failed} of {lite_n}",
+                flush=True,
+            )
+            bench.record(
+                f"rss_growth_{n}_mixed",
+                rss_mib(ours.pid) - before,
+                rss_mib(lite.pid) - lite_before,
+                "MiB",
+                peer_name=f"LiteLLM proxy after {lite_n}",
+            )
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+async def measure(bench: Bench, session: aiohttp.ClientSession, targets: list[Target]) -> None:
+    rounds = 2 if bench.quick else 6
+    plan = {1: 50, 16: 160, 64: 192} if bench.quick else {1: 300, 16: 1600, 64: 3200}
+    for c, n in plan.items():
+        lat: dict[str, list[float]] = {t.name: [] for t in targets}
+        rps: dict[str, list[float]] = {t.name: [] for t in targets}
+        for r in range(rounds):
+            order = targets if r % 2 == 0 else list(reversed(targets))
+            for t in order:
+                # LiteLLM is ~50x slower here: fewer of its requests keep --quick under 40 s.
+                k = max(c, n // 4) if bench.quick and t.name == "litellm" else n
+                got, rate = await burst(session, t, c, k)
+                lat[t.name] += got
+                rps[t.name].append(rate)
+        for q in (50, 99):
+            direct = percentile(lat["direct"], q)
+            bench.record(
+                f"added_p{q}_c{c}",
+                (percentile(lat["agentnode"], q) - direct) * 1000,
+                (percentile(lat["litellm"], q) - direct) * 1000,
+                "ms",
+                peer_name="LiteLLM proxy",
+            )
+        if c == 64:
+            best = {k: max(v) for k, v in rps.items()}
+            bench.record(
+                "throughput_c64_vs_direct",
+                best["agentnode"],
+                best["direct"],
+                "req/s",
+                peer_name="direct to the upstream",
+                higher_is_better=True,
+            )
+            bench.record(
+                "throughput_c64",
+                best["agentnode"],
+                best["litellm"],
+                "req/s",
+                peer_name="LiteLLM proxy",
+                higher_is_better=True,
+            )
+
+
+async def streaming(bench: Bench, session: aiohttp.ClientSession, targets: list[Target]) -> None:
+    rounds = 1 if bench.quick else 4  # each stream lasts 64 x 20 ms
+    per = 4 if bench.quick else 16
+    ttft: dict[str, list[float]] = {t.name: [] for t in targets}
+    gaps: dict[str, list[float]] = {t.name: [] for t in targets}
+    for r in range(rounds):
+        for t in targets if r % 2 == 0 else list(reversed(targets)):
+            for first, g in await asyncio.gather(*(stream(session, t) for _ in range(per))):
+                ttft[t.name].append(first)
+                gaps[t.name] += g
+    d_ttft, d_gap = percentile(ttft["direct"], 50), percentile(gaps["direct"], 99)
+    bench.record(
+        "stream_added_ttft_p50",
+        (percentile(ttft["agentnode"], 50) - d_ttft) * 1000,
+        (percentile(ttft["litellm"], 50) - d_ttft) * 1000,
+        "ms",
+        peer_name="LiteLLM proxy",
+    )
+    bench.record(
+        "stream_added_chunk_gap_p99",
+        (percentile(gaps["agentnode"], 99) - d_gap) * 1000,
+        (percentile(gaps["litellm"], 99) - d_gap) * 1000,
+        "ms",
+        peer_name="LiteLLM proxy",
+    )
+
+
+def main() -> None:
+    bench = Bench.from_args("proxy")
+    uvloop.run(run(bench))
+    bench.save()
+
+
+if __name__ == "__main__":
+    main()

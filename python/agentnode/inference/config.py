@@ -1,0 +1,331 @@
+"""The inference proxy's configuration: deployments, routes, aliases, tenants.
+
+It lives under `[inference]` in the node's TOML (or at the top level of a proxy-only file).
+Every error names the offending key, e.g. `inference.deployments.gpt.price.output`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from agentnode.errors import ConfigError
+
+__all__ = [
+    "Deployment",
+    "Price",
+    "ProxyConfig",
+    "Route",
+    "Tenant",
+    "load_config",
+    "parse_config",
+]
+
+KINDS = ("openai", "anthropic")
+BUCKETS = ("input", "cached_input", "cache_write", "output", "reasoning")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens for each usage bucket."""
+
+    input: Decimal = Decimal(0)
+    cached_input: Decimal = Decimal(0)
+    cache_write: Decimal = Decimal(0)
+    output: Decimal = Decimal(0)
+    reasoning: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One upstream endpoint serving one or more models."""
+
+    name: str
+    kind: str
+    base_url: str
+    api_key: str | None
+    models: tuple[str, ...]
+    price: Price
+    weight: float = 1.0
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout: float = 600.0
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 60.0
+    retries: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A name clients may use as `model` (or in `x-agentnode-route`): models in fallback order."""
+
+    name: str
+    models: tuple[str, ...]
+    cache: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Who pays: matched by API key; optional per-tenant and per-task limits and budgets (USD)."""
+
+    name: str
+    api_keys: tuple[str, ...]
+    budget: Decimal | None = None
+    task_budget: Decimal | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    task_rpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The whole proxy configuration (see `parse_config`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 4000
+    state_dir: Path = Path("/var/lib/agentnode/inference")
+    cache_ttl: float = 300.0
+    max_wait: float = 0.0
+    max_retry_after: float = 10.0
+    backoff_base: float = 0.05
+    breaker_failures: int = 3
+    breaker_cooldown: float = 30.0
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+
+
+def load_config(path: str | os.PathLike[str]) -> ProxyConfig:
+    """Reads a TOML file; the proxy section is `[inference]` when present, else the whole file."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror} (check the path)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e} (fix the syntax)") from None
+    if "inference" in raw:
+        return parse_config(_table(raw, "inference", "inference"), prefix="inference")
+    return parse_config(raw, prefix="")
+
+
+def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConfig:
+    """Validates a parsed TOML table; errors name the key (`<prefix>.deployments.x.kind`)."""
+    key = _Keys(prefix)
+    known = {"listen", "state_dir", "cache_ttl", "max_wait", "max_retry_after", "backoff_base"}
+    known |= {"breaker_failures", "breaker_cooldown", "deployments", "routes", "aliases", "tenants"}
+    _no_unknown(raw, known, key)
+    host, port = "127.0.0.1", 4000
+    if "listen" in raw:
+        listen = _str(raw, "listen", key)
+        h, sep, p = listen.rpartition(":")
+        if not sep or not h or not p.isdigit() or not 0 < int(p) < 65536:
+            raise ConfigError(
+                f"{key('listen')} = {listen!r} is not HOST:PORT (e.g. 127.0.0.1:4000)"
+            )
+        host, port = h.strip("[]"), int(p)
+    deps = _table(raw, "deployments", key(), default={})
+    deployments = {
+        name: _deployment(
+            name, _table(deps, name, key("deployments")), key.sub("deployments", name)
+        )
+        for name in deps
+    }
+    served = {m for d in deployments.values() for m in d.models}
+    routes: dict[str, Route] = {}
+    raw_routes = _table(raw, "routes", key(), default={})
+    for name in raw_routes:
+        rk = key.sub("routes", name)
+        r = _table(raw_routes, name, key("routes"))
+        _no_unknown(r, {"models", "cache"}, rk)
+        models = tuple(_str_list(r, "models", rk))
+        if not models:
+            raise ConfigError(f"{rk('models')} is empty (list at least one model)")
+        routes[name] = Route(name, models, cache=_bool(r, "cache", rk, False))
+    for name, target in _table(raw, "aliases", key(), default={}).items():
+        if not isinstance(target, str):
+            raise ConfigError(f"{key.sub('aliases')(name)} must be a model name (a string)")
+        routes[name] = Route(name, (target,))
+    for route in routes.values():
+        for i, m in enumerate(route.models):
+            if m not in served:
+                raise ConfigError(
+                    f"{key.sub('routes', route.name)('models')}[{i}] = {m!r} is served by no deployment "
+                    "(add it to a deployment's models)"
+                )
+    raw_tenants = _table(raw, "tenants", key(), default={})
+    tenants = {
+        name: _tenant(name, _table(raw_tenants, name, key("tenants")), key.sub("tenants", name))
+        for name in raw_tenants
+    }
+    owners: dict[str, str] = {}
+    for t in tenants.values():
+        for k in t.api_keys:
+            if k in owners:
+                raise ConfigError(
+                    f"{key.sub('tenants', t.name)('api_keys')} repeats a key of tenant {owners[k]!r} "
+                    "(give every tenant its own keys)"
+                )
+            owners[k] = t.name
+    return ProxyConfig(
+        host=host,
+        port=port,
+        state_dir=Path(_str(raw, "state_dir", key, "/var/lib/agentnode/inference")),
+        cache_ttl=_num(raw, "cache_ttl", key, 300.0),
+        max_wait=_num(raw, "max_wait", key, 0.0),
+        max_retry_after=_num(raw, "max_retry_after", key, 10.0),
+        backoff_base=_num(raw, "backoff_base", key, 0.05),
+        breaker_failures=int(_num(raw, "breaker_failures", key, 3, integer=True)),
+        breaker_cooldown=_num(raw, "breaker_cooldown", key, 30.0),
+        deployments=deployments,
+        routes=routes,
+        tenants=tenants,
+    )
+
+
+class _Keys:
+    """Builds dotted key names for error messages."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __call__(self, name: str = "") -> str:
+        parts = [p for p in (self.prefix, name) if p]
+        return ".".join(parts) if parts else "(top level)"
+
+    def sub(self, *names: str) -> _Keys:
+        return _Keys(".".join(p for p in (self.prefix, *names) if p))
+
+
+def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
+    known = {"kind", "base_url", "api_key_env", "models", "price", "weight", "rpm", "tpm"}
+    known |= {"timeout", "connect_timeout", "first_byte_timeout", "retries"}
+    _no_unknown(d, known, key)
+    kind = _str(d, "kind", key)
+    if kind not in KINDS:
+        raise ConfigError(f"{key('kind')} = {kind!r} is not one of {', '.join(KINDS)}")
+    base_url = _str(d, "base_url", key).rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{key('base_url')} = {base_url!r} must start with http:// or https://")
+    api_key = None
+    if "api_key_env" in d:
+        env = _str(d, "api_key_env", key)
+        api_key = os.environ.get(env)
+        if api_key is None:
+            raise ConfigError(
+                f"{key('api_key_env')}: environment variable {env} is not set (export it)"
+            )
+    models = tuple(_str_list(d, "models", key))
+    if not models:
+        raise ConfigError(f"{key('models')} is empty (list the model names this deployment serves)")
+    pk = key.sub("price")
+    p = _table(d, "price", key(), default={})
+    _no_unknown(p, set(BUCKETS), pk)
+    prices = {}
+    for b in BUCKETS:
+        v = p.get(b, 0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(f"{pk(b)} must be a non-negative number (USD per 1M tokens)")
+        prices[b] = Decimal(str(v))
+    weight = _num(d, "weight", key, 1.0)
+    if weight <= 0:
+        raise ConfigError(f"{key('weight')} must be positive")
+    return Deployment(
+        name=name,
+        kind=kind,
+        base_url=base_url,
+        api_key=api_key,
+        models=models,
+        price=Price(**prices),
+        weight=weight,
+        rpm=_opt_int(d, "rpm", key),
+        tpm=_opt_int(d, "tpm", key),
+        timeout=_num(d, "timeout", key, 600.0),
+        connect_timeout=_num(d, "connect_timeout", key, 5.0),
+        first_byte_timeout=_num(d, "first_byte_timeout", key, 60.0),
+        retries=int(_num(d, "retries", key, 2, integer=True)),
+    )
+
+
+def _tenant(name: str, t: dict[str, Any], key: _Keys) -> Tenant:
+    _no_unknown(t, {"api_keys", "budget", "task_budget", "rpm", "tpm", "task_rpm"}, key)
+    keys = tuple(_str_list(t, "api_keys", key))
+    if not keys:
+        raise ConfigError(f"{key('api_keys')} is empty (give the tenant at least one key)")
+    budgets = {}
+    for b in ("budget", "task_budget"):
+        budgets[b] = Decimal(str(_num(t, b, key, 0.0))) if b in t else None
+    return Tenant(
+        name=name,
+        api_keys=keys,
+        budget=budgets["budget"],
+        task_budget=budgets["task_budget"],
+        rpm=_opt_int(t, "rpm", key),
+        tpm=_opt_int(t, "tpm", key),
+        task_rpm=_opt_int(t, "task_rpm", key),
+    )
+
+
+def _no_unknown(d: dict[str, Any], known: set[str], key: _Keys) -> None:
+    for k in d:
+        if k not in known:
+            raise ConfigError(f"{key(k)} is not a known key (known: {', '.join(sorted(known))})")
+
+
+def _table(d: dict[str, Any], name: str, where: str, default: Any = None) -> dict[str, Any]:
+    if name not in d and default is not None:
+        return dict(default)
+    v = d.get(name)
+    full = f"{where}.{name}" if where and where != "(top level)" else name
+    if not isinstance(v, dict):
+        raise ConfigError(f"{full} must be a table")
+    return v
+
+
+def _str(d: dict[str, Any], name: str, key: _Keys, default: str | None = None) -> str:
+    if name not in d:
+        if default is None:
+            raise ConfigError(f"{key(name)} is required")
+        return default
+    v = d[name]
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key(name)} must be a non-empty string")
+    return v
+
+
+def _str_list(d: dict[str, Any], name: str, key: _Keys) -> list[str]:
+    v = d.get(name)
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{key(name)} must be a list of non-empty strings")
+    return v
+
+
+def _bool(d: dict[str, Any], name: str, key: _Keys, default: bool) -> bool:
+    v = d.get(name, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key(name)} must be true or false")
+    return v
+
+
+def _num(
+    d: dict[str, Any], name: str, key: _Keys, default: float, *, integer: bool = False
+) -> float:
+    v = d.get(name, default)
+    ok = isinstance(v, int) if integer else isinstance(v, int | float)
+    if isinstance(v, bool) or not ok or v < 0:
+        what = "integer" if integer else "number"
+        raise ConfigError(f"{key(name)} must be a non-negative {what}")
+    return float(v)
+
+
+def _opt_int(d: dict[str, Any], name: str, key: _Keys) -> int | None:
+    if name not in d:
+        return None
+    v = d[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{key(name)} must be a positive integer")
+    return v

@@ -1,0 +1,309 @@
+"""Mock LLM upstreams on loopback speaking OpenAI's and Anthropic's real wire formats.
+
+They stand in for providers in tests, benchmarks and demos: deterministic bodies, SSE streams
+with usage chunks, provider-format error bodies with Retry-After, and scripted failures
+(status codes, hangs, garbage, a stream that dies after its first event). They record what
+they received and when a client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["Fault", "MockUpstream"]
+
+OPENAI_USAGE = {
+    "prompt_tokens": 1000,
+    "completion_tokens": 300,
+    "total_tokens": 1300,
+    "prompt_tokens_details": {"cached_tokens": 600},
+    "completion_tokens_details": {"reasoning_tokens": 100},
+}
+ANTHROPIC_USAGE = {
+    "input_tokens": 100,
+    "cache_creation_input_tokens": 2000,
+    "cache_read_input_tokens": 5000,
+    "output_tokens": 250,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """What the mock does instead of answering normally, for one request."""
+
+    status: int | None = None  # answer with this error status (provider error body)
+    retry_after: float | None = None  # with this Retry-After header (seconds)
+    hang: float = 0.0  # sleep this long before answering
+    garbage: bool = False  # 200 with a body that is not JSON / not SSE
+    die_after_first: bool = False  # stream: close the connection after the first event
+
+
+@dataclass
+class MockUpstream:
+    """One provider on 127.0.0.1. `kind` is `openai` or `anthropic`; `await start()` first."""
+
+    kind: str
+    name: str = "mock"
+    chunks: int = 4
+    chunk_delay: float = 0.0
+    usage: dict[str, Any] | None = None
+    faults: deque[Fault] = field(default_factory=deque)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnects: list[float] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        """What a client SDK takes as base_url (OpenAI's includes /v1, Anthropic's does not)."""
+        root = f"http://127.0.0.1:{self.port}"
+        return root + "/v1" if self.kind == "openai" else root
+
+    async def start(self) -> MockUpstream:
+        app = web.Application()
+        if self.kind == "openai":
+            for path in ("chat/completions", "completions", "embeddings", "responses"):
+                app.router.add_post(f"/v1/{path}", self._openai)
+        else:
+            app.router.add_post("/v1/messages", self._anthropic)
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=5
+        )
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        return self
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _usage(self) -> dict[str, Any]:
+        if self.usage is not None:
+            return self.usage
+        return OPENAI_USAGE if self.kind == "openai" else ANTHROPIC_USAGE
+
+    async def _fault(self, request: web.Request) -> tuple[Fault | None, web.Response | None]:
+        body = await request.json()
+        self.requests.append({"path": request.path, "json": body, "headers": dict(request.headers)})
+        f = self.faults.popleft() if self.faults else None
+        if f is None:
+            return None, None
+        if f.hang:
+            await asyncio.sleep(f.hang)
+        if f.garbage:
+            ctype = "text/event-stream" if body.get("stream") else "application/json"
+            return f, web.Response(body=b"<html>502 bad gateway</html>", content_type=ctype)
+        if f.status is not None:
+            headers = {} if f.retry_after is None else {"Retry-After": f"{f.retry_after:g}"}
+            if self.kind == "openai":
+                err: dict[str, Any] = {
+                    "error": {"message": f"mock error {f.status}", "type": "server_error"}
+                }
+            else:
+                err = {"type": "error", "error": {"type": "overloaded_error", "message": "mock"}}
+            return f, web.json_response(err, status=f.status, headers=headers)
+        return f, None
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        fault, early = await self._fault(request)
+        if early is not None:
+            return early
+        body = self.requests[-1]["json"]
+        endpoint = request.path.removeprefix("/v1/")
+        usage = self._usage()
+        if endpoint == "embeddings":
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                    "model": body["model"],
+                    "usage": {"prompt_tokens": 8, "total_tokens": 8},
+                }
+            )
+        if endpoint == "responses":
+            r_usage = {
+                "input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": usage["completion_tokens"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"],
+            }
+            return web.json_response(_response_object(body["model"], r_usage))
+        if not body.get("stream"):
+            if endpoint == "completions":
+                choice: dict[str, Any] = {"index": 0, "text": "Hello", "finish_reason": "stop"}
+                obj = "text_completion"
+            else:
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello", "refusal": None},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+                obj = "chat.completion"
+            return web.json_response(
+                {
+                    "id": "chatcmpl-mock",
+                    "object": obj,
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
+        include = (body.get("stream_options") or {}).get("include_usage") is True
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(self.chunks):
+                delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f"t{i}"}
+                finish = "stop" if i == self.chunks - 1 else None
+                chunk: dict[str, Any] = {
+                    "id": "chatcmpl-mock",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+                if include:
+                    chunk["usage"] = None
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                if fault is not None and fault.die_after_first:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+            if include:
+                last = {
+                    "id": "chatcmpl-mock",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [],
+                    "usage": usage,
+                }
+                await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects.append(time.monotonic())
+            raise
+        return resp
+
+    async def _anthropic(self, request: web.Request) -> web.StreamResponse:
+        fault, early = await self._fault(request)
+        if early is not None:
+            return early
+        body = self.requests[-1]["json"]
+        usage = self._usage()
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "msg_mock",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body["model"],
+                    "content": [{"type": "text", "text": "Hello"}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": usage,
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(name: str, data: dict[str, Any]) -> None:
+            await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+        start_usage = {k: v for k, v in usage.items() if k != "output_tokens"} | {
+            "output_tokens": 1
+        }
+        try:
+            await event(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_mock",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": body["model"],
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": start_usage,
+                    },
+                },
+            )
+            if fault is not None and fault.die_after_first:
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            await event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+            await event("ping", {"type": "ping"})
+            for i in range(self.chunks):
+                await event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": f"t{i}"},
+                    },
+                )
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+            await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            await event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": usage["output_tokens"]},
+                },
+            )
+            await event("message_stop", {"type": "message_stop"})
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects.append(time.monotonic())
+            raise
+        return resp
+
+
+def _response_object(model: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "resp_mock",
+        "object": "response",
+        "created_at": 0,
+        "status": "completed",
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_mock",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hello", "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage,
+    }

@@ -1,0 +1,769 @@
+"""The proxy's HTTP server: OpenAI- and Anthropic-compatible endpoints over configured upstreams.
+
+One request: attribute it to a tenant (and task), check budgets and tenant/task limits, try the
+cache, then walk the route's deployments in fallback order (weighted within one model), each
+with its own RPM/TPM window, circuit breaker and retries. Fallback happens only before the first
+byte reaches the client; after that an upstream failure becomes an SSE error event. Usage is
+split into buckets, priced exactly and written to the ledger off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from agentnode.inference.config import Deployment, ProxyConfig, Route, Tenant
+from agentnode.inference.errors import error_event, error_response
+from agentnode.inference.limits import Breaker, Window
+from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage
+from agentnode.inference.store import LedgerRow, Store
+
+__all__ = ["PROXY", "Principal", "Proxy", "create_app", "key_attribution"]
+
+RETRYABLE = frozenset({408, 409, 429})
+# Endpoint name → (wire format, path appended to the deployment's base_url).
+ENDPOINTS = {
+    "chat": ("openai", "/chat/completions"),
+    "completions": ("openai", "/completions"),
+    "embeddings": ("openai", "/embeddings"),
+    "responses": ("openai", "/responses"),
+    "messages": ("anthropic", "/v1/messages"),
+}
+# Request headers the client may send that the upstream must see (Anthropic's API version, betas).
+_FORWARD = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request is billed to. Per-task tokens (Layer 7) will produce these directly."""
+
+    tenant: str
+    task: str | None
+    limits: Tenant | None
+
+
+Attribution = Callable[[web.Request, ProxyConfig], Principal | None]
+
+
+def key_attribution(request: web.Request, config: ProxyConfig) -> Principal | None:
+    """API key (Bearer or x-api-key) → tenant; `x-agentnode-task` names the task. None: unknown."""
+    task = request.headers.get("x-agentnode-task") or None
+    if not config.tenants:
+        return Principal("default", task, None)
+    auth = request.headers.get("Authorization", "")
+    key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
+    for t in config.tenants.values():
+        if key in t.api_keys:
+            return Principal(t.name, task, t)
+    return None
+
+
+class _Retryable(Exception):
+    """An upstream failure worth retrying or falling back from."""
+
+    def __init__(self, message: str, *, status: int = 502, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class _DeploymentState:
+    __slots__ = ("breaker", "deployment", "rpm", "tpm")
+
+    def __init__(self, d: Deployment, config: ProxyConfig) -> None:
+        self.deployment = d
+        self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown)
+        self.rpm = Window(f"deployment {d.name} rpm", d.rpm) if d.rpm else None
+        self.tpm = Window(f"deployment {d.name} tpm", d.tpm) if d.tpm else None
+
+
+class _Call:
+    """One client request on its way through the proxy."""
+
+    __slots__ = (
+        "cache_key",
+        "endpoint",
+        "fmt",
+        "model",
+        "payload",
+        "principal",
+        "started",
+        "stream",
+        "tokens_estimate",
+    )
+
+    def __init__(self, endpoint: str, payload: dict[str, Any], principal: Principal) -> None:
+        self.endpoint = endpoint
+        self.fmt = ENDPOINTS[endpoint][0]
+        self.payload = payload
+        self.principal = principal
+        self.model: str = payload["model"]
+        self.stream = payload.get("stream") is True
+        self.started = time.monotonic()
+        self.cache_key: bytes | None = None
+        self.tokens_estimate = 0
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "agentnode_inference_requests", "Requests", ["endpoint", "status"], registry=r
+        )
+        self.attempts = Counter(
+            "agentnode_inference_upstream_attempts",
+            "Upstream attempts",
+            ["deployment", "outcome"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "agentnode_inference_tokens", "Tokens by bucket", ["tenant", "bucket"], registry=r
+        )
+        self.cost = Counter("agentnode_inference_cost_usd", "Cost", ["tenant"], registry=r)
+        self.cache_hits = Counter("agentnode_inference_cache_hits", "Cache hits", registry=r)
+        self.latency = Histogram(
+            "agentnode_inference_latency_seconds", "Request latency", ["endpoint"], registry=r
+        )
+
+
+class Proxy:
+    """Request handling state: config, one ClientSession, store, limiters, breakers, metrics."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        store: Store,
+        session: aiohttp.ClientSession,
+        *,
+        attribution: Attribution = key_attribution,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.session = session
+        self.attribution = attribution
+        self.deployments = {n: _DeploymentState(d, config) for n, d in config.deployments.items()}
+        self.tenant_windows: dict[tuple[str, str, str | None], Window] = {}
+        self.metrics = _Metrics()
+        self._background: set[asyncio.Future[None]] = set()
+
+    async def drain(self) -> None:
+        """Waits for pending ledger writes (called at shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # ---- entry points -----------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        fmt = ENDPOINTS[endpoint][0]
+        # Authenticate first: a stranger learns nothing, not even how we validate bodies.
+        principal = self.attribution(request, self.config)
+        if principal is None:
+            return self._reject(
+                endpoint,
+                fmt,
+                401,
+                "unknown API key (use a key configured for a tenant in [inference.tenants])",
+                "invalid_api_key",
+            )
+        try:
+            payload = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._reject(
+                endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
+            )
+        problem = _validate(endpoint, payload)
+        if problem:
+            return self._reject(endpoint, fmt, 400, problem, "invalid_request")
+        call = _Call(endpoint, payload, principal)
+        call.tokens_estimate = _estimate_tokens(request.content_length or 0, payload)
+        refusal = self._admit(call)
+        if refusal is not None:
+            return refusal
+        route_name = request.headers.get("x-agentnode-route") or call.model
+        route = self.config.routes.get(route_name)
+        cache_header = request.headers.get("x-agentnode-cache", "").lower()
+        if cache_header == "on" or (cache_header != "off" and route is not None and route.cache):
+            call.cache_key = _cache_key(principal.tenant, endpoint, payload)
+            hit = await self.store.cache_get(call.cache_key)
+            if hit is not None:
+                return await self._replay(request, call, *hit)
+        return await self._forward(request, call, route)
+
+    def _reject(
+        self,
+        endpoint: str,
+        fmt: str,
+        status: int,
+        message: str,
+        code: str,
+        retry_after: float | None = None,
+    ) -> web.Response:
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        return error_response(fmt, status, message, code=code, retry_after=retry_after)
+
+    def _admit(self, call: _Call) -> web.Response | None:
+        """Budgets, then the tenant's and task's rate limits; a refusal names what was hit."""
+        p, fmt = call.principal, call.fmt
+        t = p.limits
+        if t is None:
+            return None
+        if t.budget is not None and self.store.tenant_spend[p.tenant] >= t.budget:
+            spent = self.store.tenant_spend[p.tenant]
+            return self._reject(
+                call.endpoint,
+                fmt,
+                402,
+                f"budget exceeded for tenant {p.tenant}: spent ${spent} of ${t.budget} "
+                "(raise inference.tenants.<name>.budget)",
+                "budget_exceeded",
+            )
+        if (
+            p.task is not None
+            and t.task_budget is not None
+            and self.store.task_spend[(p.tenant, p.task)] >= t.task_budget
+        ):
+            return self._reject(
+                call.endpoint,
+                fmt,
+                402,
+                f"budget exceeded for task {p.task} of tenant {p.tenant}: "
+                f"spent ${self.store.task_spend[(p.tenant, p.task)]} of ${t.task_budget}",
+                "budget_exceeded",
+            )
+        checks: list[tuple[Window, float]] = []
+        if t.rpm:
+            checks.append(
+                (self._window(("rpm", p.tenant, None), f"tenant {p.tenant} rpm", t.rpm), 1)
+            )
+        if t.tpm:
+            w = self._window(("tpm", p.tenant, None), f"tenant {p.tenant} tpm", t.tpm)
+            checks.append((w, call.tokens_estimate))
+        if t.task_rpm and p.task is not None:
+            w = self._window(("rpm", p.tenant, p.task), f"task {p.task} rpm", t.task_rpm)
+            checks.append((w, 1))
+        for w, amount in checks:
+            wait = w.wait_time(amount)
+            if wait > 0:
+                return self._reject(
+                    call.endpoint,
+                    fmt,
+                    429,
+                    f"rate limit exceeded: {w.name} limit is {w.limit} per minute "
+                    f"(retry after {wait:.1f} s)",
+                    "rate_limit_exceeded",
+                    retry_after=wait,
+                )
+        for w, amount in checks:
+            w.take(amount)
+        return None
+
+    def _window(self, key: tuple[str, str, str | None], name: str, limit: int) -> Window:
+        w = self.tenant_windows.get(key)
+        if w is None:
+            w = self.tenant_windows[key] = Window(name, limit)
+        return w
+
+    # ---- routing and retries ----------------------------------------------------------------
+
+    def _candidates(self, call: _Call, route: Route | None) -> list[tuple[_DeploymentState, str]]:
+        """Deployments in fallback order; within one model, a weighted random order."""
+        kind = "anthropic" if call.fmt == "anthropic" else "openai"
+        out: list[tuple[_DeploymentState, str]] = []
+        for model in route.models if route else (call.model,):
+            pool = [
+                s
+                for s in self.deployments.values()
+                if model in s.deployment.models and s.deployment.kind == kind
+            ]
+            while pool:
+                pick = random.choices(pool, weights=[s.deployment.weight for s in pool])[0]
+                pool.remove(pick)
+                out.append((pick, model))
+        return out
+
+    async def _forward(
+        self, request: web.Request, call: _Call, route: Route | None
+    ) -> web.StreamResponse:
+        candidates = self._candidates(call, route)
+        if not candidates:
+            return self._reject(
+                call.endpoint,
+                call.fmt,
+                404,
+                f"model {call.model!r} is not served here (GET /v1/models lists the models)",
+                "model_not_found",
+            )
+        errors: list[str] = []
+        limited: list[tuple[str, float]] = []
+        last_status, last_retry_after = 502, None
+        for state, model in candidates:
+            d = state.deployment
+            if not state.breaker.allows():
+                errors.append(f"{d.name}: circuit open after repeated failures")
+                continue
+            wait = self._deployment_wait(state, call)
+            if wait > self.config.max_wait:
+                limited.append((f"deployment {d.name}", wait))
+                continue
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tpm_entry = state.tpm.take(call.tokens_estimate) if state.tpm else None
+            if state.rpm:
+                state.rpm.take(1)
+            for attempt in range(d.retries + 1):
+                try:
+                    response = await self._attempt(request, call, state, model, tpm_entry)
+                except _Retryable as e:
+                    self.metrics.attempts.labels(d.name, "retryable").inc()
+                    state.breaker.failure()
+                    errors.append(f"{d.name}: {e}")
+                    last_status, last_retry_after = e.status, e.retry_after
+                    if attempt == d.retries or not state.breaker.allows():
+                        break
+                    if e.retry_after is not None:
+                        if e.retry_after > self.config.max_retry_after:
+                            break  # Waiting that long is worse than the next deployment.
+                        delay = e.retry_after
+                    else:
+                        delay = random.uniform(0, self.config.backoff_base * 2**attempt)
+                    await asyncio.sleep(delay)
+                    continue
+                self.metrics.attempts.labels(d.name, "ok").inc()
+                state.breaker.success()
+                return response
+        if limited and not errors:
+            what, wait = min(limited, key=lambda x: x[1])
+            return self._reject(
+                call.endpoint,
+                call.fmt,
+                429,
+                f"rate limit exceeded: {what} is at its RPM/TPM limit (retry after {wait:.1f} s)",
+                "rate_limit_exceeded",
+                retry_after=wait,
+            )
+        # The upstream's own 429/503/504 (and its Retry-After) tell the client more than a 502.
+        status = last_status if last_status in (429, 503, 504) else 502
+        return self._reject(
+            call.endpoint,
+            call.fmt,
+            status,
+            "every upstream failed: " + "; ".join(errors),
+            "upstream_failed",
+            retry_after=last_retry_after if status in (429, 503) else None,
+        )
+
+    def _deployment_wait(self, state: _DeploymentState, call: _Call) -> float:
+        wait = 0.0
+        if state.rpm:
+            wait = state.rpm.wait_time(1)
+        if state.tpm:
+            wait = max(wait, state.tpm.wait_time(call.tokens_estimate))
+        return wait
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        call: _Call,
+        state: _DeploymentState,
+        model: str,
+        tpm_entry: list[float] | None,
+    ) -> web.StreamResponse:
+        d = state.deployment
+        body = dict(call.payload)
+        body["model"] = model
+        wants_usage = False
+        if call.stream and call.endpoint in ("chat", "completions"):
+            opts = body.get("stream_options")
+            wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+            body["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
+        headers = {k: v for k in _FORWARD if (v := request.headers.get(k))}
+        if d.kind == "anthropic":
+            headers.setdefault("anthropic-version", "2023-06-01")
+            if d.api_key:
+                headers["x-api-key"] = d.api_key
+        elif d.api_key:
+            headers["Authorization"] = f"Bearer {d.api_key}"
+        timeout = aiohttp.ClientTimeout(
+            total=None if call.stream else d.timeout,
+            sock_connect=d.connect_timeout,
+            sock_read=d.first_byte_timeout,
+        )
+        url = d.base_url + ENDPOINTS[call.endpoint][1]
+        try:
+            upstream = await self.session.post(url, json=body, headers=headers, timeout=timeout)
+        except TimeoutError:
+            raise _Retryable(
+                f"timed out after {d.connect_timeout} s connecting or waiting", status=504
+            ) from None
+        except aiohttp.ClientError as e:
+            raise _Retryable(f"cannot reach {url}: {e}") from None
+        try:
+            if upstream.status in RETRYABLE or upstream.status >= 500:
+                text = await _read_text(upstream)
+                raise _Retryable(
+                    f"HTTP {upstream.status}: {text[:200]}",
+                    status=upstream.status,
+                    retry_after=_retry_after(upstream.headers),
+                )
+            if upstream.status != 200:
+                # The client's own mistake: pass the provider's error through unchanged.
+                raw = await upstream.read()
+                self._finish(call, d, model, upstream.status, Usage(), cache_hit=False)
+                return web.Response(
+                    body=raw, status=upstream.status, content_type="application/json"
+                )
+            if call.stream:
+                return await self._stream(
+                    request, call, state, model, upstream, wants_usage, tpm_entry
+                )
+            return await self._complete(call, state, model, upstream, tpm_entry)
+        except TimeoutError:
+            raise _Retryable(f"no response within {d.first_byte_timeout} s", status=504) from None
+        except aiohttp.ClientError as e:
+            raise _Retryable(f"connection failed: {e}") from None
+        finally:
+            # A fully read response returns its connection to the pool; anything else (client
+            # gone, error) closes it, which is what cancels the upstream's work.
+            if upstream.content.at_eof():
+                upstream.release()
+            else:
+                upstream.close()
+
+    async def _complete(
+        self,
+        call: _Call,
+        state: _DeploymentState,
+        model: str,
+        upstream: aiohttp.ClientResponse,
+        tpm_entry: list[float] | None,
+    ) -> web.Response:
+        d = state.deployment
+        raw = await upstream.read()
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise _Retryable(
+                f"deployment {d.name} returned a body that is not JSON ({len(raw)} bytes)"
+            ) from None
+        usage = (anthropic_usage if d.kind == "anthropic" else openai_usage)(obj.get("usage"))
+        if tpm_entry is not None and state.tpm:
+            state.tpm.adjust(tpm_entry, usage.total)
+        self._finish(call, d, model, 200, usage, cache_hit=False)
+        if call.cache_key is not None:
+            await self.store.cache_put(
+                call.cache_key, {"stream": False}, raw, self.config.cache_ttl
+            )
+        return web.Response(body=raw, content_type="application/json")
+
+    async def _stream(
+        self,
+        request: web.Request,
+        call: _Call,
+        state: _DeploymentState,
+        model: str,
+        upstream: aiohttp.ClientResponse,
+        wants_usage: bool,
+        tpm_entry: list[float] | None,
+    ) -> web.StreamResponse:
+        d = state.deployment
+        events = _sse_events(upstream)
+        # Fallback stays possible until the first event: read it before answering the client.
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            raise _Retryable(f"deployment {d.name} closed the stream before any event") from None
+        except ValueError as e:
+            raise _Retryable(f"deployment {d.name} sent a stream that is not SSE: {e}") from None
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        reader = _UsageReader(d.kind, call.endpoint, wants_usage)
+        sent: list[bytes] | None = [] if call.cache_key is not None else None
+        status = 200
+        event: bytes | None = first
+        try:
+            while event is not None:
+                out = reader.feed(event)
+                if out is not None:
+                    await response.write(out)
+                    if sent is not None:
+                        sent.append(out)
+                event = await anext(events, None)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # First: aiohttp's ClientConnectionResetError from writing to a gone client is also
+            # a ClientError, and must not be mistaken for an upstream failure below.
+            # The client left; _attempt closes the upstream. Bill what is known (Anthropic
+            # reports input tokens up front) with nginx's "client closed request" status.
+            self._finish(call, d, model, 499, reader.usage(), cache_hit=False)
+            raise
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            status = 502
+            what = "timed out" if isinstance(e, TimeoutError) else f"failed: {e}"
+            await response.write(
+                error_event(call.fmt, f"upstream {d.name} {what} mid-stream (partial response)")
+            )
+        usage = reader.usage()
+        if tpm_entry is not None and state.tpm:
+            state.tpm.adjust(tpm_entry, usage.total)
+        self._finish(call, d, model, status, usage, cache_hit=False)
+        if sent is not None and status == 200 and call.cache_key is not None:
+            await self.store.cache_put(
+                call.cache_key, {"stream": True}, b"".join(sent), self.config.cache_ttl
+            )
+        await response.write_eof()
+        return response
+
+    async def _replay(
+        self, request: web.Request, call: _Call, meta: dict[str, Any], body: bytes
+    ) -> web.StreamResponse:
+        self.metrics.cache_hits.inc()
+        self._finish(call, None, call.model, 200, Usage(), cache_hit=True)
+        headers = {"x-agentnode-cache": "hit"}
+        if not meta["stream"]:
+            return web.Response(body=body, content_type="application/json", headers=headers)
+        response = web.StreamResponse(headers=headers | {"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    def _finish(
+        self,
+        call: _Call,
+        d: Deployment | None,
+        model: str,
+        status: int,
+        usage: Usage,
+        *,
+        cache_hit: bool,
+    ) -> None:
+        """Metrics now; the ledger row in the background (it must land even if the client left)."""
+        price = cost(usage, d.price) if d is not None else Decimal(0)
+        latency = time.monotonic() - call.started
+        tenant = call.principal.tenant
+        m = self.metrics
+        m.requests.labels(call.endpoint, str(status)).inc()
+        m.latency.labels(call.endpoint).observe(latency)
+        m.cost.labels(tenant).inc(float(price))
+        for bucket, n in usage.as_dict().items():
+            if n:
+                m.tokens.labels(tenant, bucket).inc(n)
+        row = LedgerRow(
+            time=time.time(),
+            tenant=tenant,
+            task=call.principal.task,
+            model=model,
+            deployment=d.name if d else None,
+            endpoint=call.endpoint,
+            status=status,
+            cost=str(price),
+            latency_ms=round(latency * 1000, 3),
+            cache_hit=cache_hit,
+            stream=call.stream,
+            **usage.as_dict(),
+        )
+        write = self.store.record(row)
+        self._background.add(write)
+        write.add_done_callback(self._background.discard)
+
+
+class _UsageReader:
+    """Reads usage out of SSE events and decides what the client sees."""
+
+    __slots__ = ("_anthropic", "_kind", "_openai", "_responses", "_strip")
+
+    def __init__(self, kind: str, endpoint: str, wants_usage: bool) -> None:
+        self._kind = kind
+        self._responses = endpoint == "responses"
+        self._strip = endpoint in ("chat", "completions") and not wants_usage
+        self._anthropic: dict[str, Any] = {}
+        self._openai: Any = None
+
+    def feed(self, event: bytes) -> bytes | None:
+        if self._kind == "anthropic":
+            if b"message_start" in event or b"message_delta" in event:
+                obj = _data(event)
+                if obj.get("type") == "message_start":
+                    self._anthropic.update(obj.get("message", {}).get("usage") or {})
+                elif obj.get("type") == "message_delta":
+                    self._anthropic.update(obj.get("usage") or {})
+            return event
+        if self._responses:
+            if b"response.completed" in event:
+                self._openai = _data(event).get("response", {}).get("usage")
+            return event
+        if b'"usage"' not in event:
+            return event
+        obj = _data(event)
+        if obj.get("usage"):
+            self._openai = obj["usage"]
+            if self._strip:
+                if not obj.get("choices"):
+                    return None  # The usage-only chunk the client did not ask for.
+                del obj["usage"]
+                return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+        return event
+
+    def usage(self) -> Usage:
+        if self._kind == "anthropic":
+            return anthropic_usage(self._anthropic)
+        return openai_usage(self._openai)
+
+
+def _data(event: bytes) -> dict[str, Any]:
+    """The JSON of an SSE event's data lines ({} when there is none); ValueError on garbage."""
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines or lines == [b"[DONE]"]:
+        return {}
+    obj = json.loads(b"\n".join(lines))
+    if not isinstance(obj, dict):
+        raise ValueError("an SSE event's data is not a JSON object")
+    return obj
+
+
+async def _sse_events(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Whole SSE events (each ending in a blank line) as they arrive, never re-chunked."""
+    buf = b""
+    async for chunk in upstream.content.iter_any():
+        buf += chunk
+        if b"\r" in buf:  # CRLF framing, on buf so a CR/LF pair split across chunks joins
+            buf = buf.replace(b"\r\n", b"\n")
+        while (i := buf.find(b"\n\n")) >= 0:
+            yield buf[: i + 2]
+            buf = buf[i + 2 :]
+    if buf.strip():
+        raise ValueError("the upstream stream ended inside an event")
+
+
+async def _read_text(upstream: aiohttp.ClientResponse) -> str:
+    raw = await upstream.read()
+    return raw.decode("utf-8", "replace").strip()
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("Retry-After", 1.0)):
+        v = headers.get(name)
+        if v is not None:
+            try:
+                return max(0.0, float(v) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+def _validate(endpoint: str, payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return "request body must be a JSON object"
+    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        return "'model' is required and must be a non-empty string"
+    if "stream" in payload and not isinstance(payload["stream"], bool):
+        return "'stream' must be true or false"
+    required = {"chat": "messages", "messages": "messages", "completions": "prompt"}
+    required |= {"embeddings": "input", "responses": "input"}
+    field = required[endpoint]
+    if field not in payload:
+        return f"'{field}' is required"
+    if endpoint in ("chat", "messages") and not isinstance(payload["messages"], list):
+        return "'messages' must be a list"
+    if endpoint == "messages" and not isinstance(payload.get("max_tokens"), int):
+        return "'max_tokens' is required and must be an integer"
+    return None
+
+
+def _estimate_tokens(body_bytes: int, payload: dict[str, Any]) -> int:
+    """Before the call: ~4 bytes per prompt token plus the output cap. Never tokenizes."""
+    out = payload.get("max_tokens") or payload.get("max_completion_tokens") or 0
+    out = out or payload.get("max_output_tokens") or 0
+    return body_bytes // 4 + (out if isinstance(out, int) else 0)
+
+
+def _cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> bytes:
+    """Per tenant: a hit must not reveal what another tenant asked."""
+    normal = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{tenant}\n{endpoint}\n{normal}".encode()).digest()
+
+
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def create_app(
+    config: ProxyConfig, *, attribution: Attribution = key_attribution
+) -> web.Application:
+    """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        store = await Store.open(config.state_dir)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        proxy = Proxy(config, store, session, attribution=attribution)
+        app[PROXY] = proxy
+        try:
+            yield
+        finally:
+            await proxy.drain()
+            await session.close()
+            await store.close()
+
+    app.cleanup_ctx.append(resources)
+
+    def endpoint(name: str) -> Callable[[web.Request], Any]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await request.app[PROXY].handle(request, name)
+
+        return handler
+
+    app.router.add_post("/v1/chat/completions", endpoint("chat"))
+    app.router.add_post("/v1/completions", endpoint("completions"))
+    app.router.add_post("/v1/embeddings", endpoint("embeddings"))
+    app.router.add_post("/v1/responses", endpoint("responses"))
+    app.router.add_post("/v1/messages", endpoint("messages"))
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/usage", _usage)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _models(request: web.Request) -> web.Response:
+    cfg = request.app[PROXY].config
+    names = sorted({m for d in cfg.deployments.values() for m in d.models} | set(cfg.routes))
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "agentnode"} for n in names]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _usage(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY]
+    principal = proxy.attribution(request, proxy.config)
+    if principal is None:
+        return error_response("openai", 401, "unknown API key", code="invalid_api_key")
+    group_by = tuple(g for g in request.query.get("group_by", "tenant").split(",") if g)
+    try:
+        # A tenant sees only its own spending; without tenants configured, everything.
+        only = principal.tenant if principal.limits is not None else None
+        rows = await proxy.store.usage(group_by, tenant=only)
+    except ValueError as e:
+        return error_response("openai", 400, str(e), code="invalid_group_by")
+    return web.json_response({"object": "list", "group_by": list(group_by), "data": rows})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[PROXY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

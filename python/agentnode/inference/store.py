@@ -1,0 +1,148 @@
+"""RocksDB state of the proxy: the ledger (one row per request) and the response cache.
+
+RocksDB calls block, so every one runs on a single dedicated thread: the event loop never
+waits on disk, and one writer thread keeps the ledger's append order. Spend per tenant and per
+task is kept in memory (rebuilt from the ledger at open) so budget checks cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from rocksdict import Options, Rdict
+
+__all__ = ["LedgerRow", "Store"]
+
+_GROUPS = ("tenant", "task", "model", "day", "deployment")
+
+
+@dataclass(slots=True)
+class LedgerRow:
+    """What one request cost and how it went."""
+
+    time: float
+    tenant: str
+    task: str | None
+    model: str
+    deployment: str | None
+    endpoint: str
+    status: int
+    input: int
+    cached_input: int
+    cache_write: int
+    output: int
+    reasoning: int
+    cost: str
+    latency_ms: float
+    cache_hit: bool
+    stream: bool
+
+
+class Store:
+    """The ledger and cache databases under `state_dir`. Use `await Store.open(dir)`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentnode-ledger")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        opts = Options(raw_mode=True)
+        self._ledger = Rdict(str(state_dir / "ledger"), options=opts)
+        self._cache = Rdict(str(state_dir / "cache"), options=Options(raw_mode=True))
+        self.tenant_spend: dict[str, Decimal] = defaultdict(Decimal)
+        self.task_spend: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+
+    @classmethod
+    async def open(cls, state_dir: Path) -> Store:
+        loop = asyncio.get_running_loop()
+        store = await loop.run_in_executor(None, cls, state_dir)
+        for row in await store._run(store._scan):
+            store._account(row)
+        return store
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._pool.shutdown(wait=True)
+
+    def _close(self) -> None:
+        self._ledger.close()
+        self._cache.close()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _account(self, row: LedgerRow) -> None:
+        c = Decimal(row.cost)
+        self.tenant_spend[row.tenant] += c
+        if row.task is not None:
+            self.task_spend[(row.tenant, row.task)] += c
+
+    def record(self, row: LedgerRow) -> asyncio.Future[None]:
+        """Counts the row against the budgets now and appends it (keys sort by time) off-loop."""
+        self._account(row)
+        key = f"{time.time_ns():020d}-{uuid.uuid4().hex}".encode()
+        value = json.dumps(asdict(row)).encode()
+        return asyncio.get_running_loop().run_in_executor(self._pool, self._ledger.put, key, value)
+
+    def _scan(self) -> list[LedgerRow]:
+        return [LedgerRow(**json.loads(v)) for _, v in self._ledger.items()]
+
+    async def rows(self) -> list[LedgerRow]:
+        """Every ledger row, oldest first."""
+        rows: list[LedgerRow] = await self._run(self._scan)
+        return rows
+
+    async def usage(
+        self, group_by: tuple[str, ...], *, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Sums of tokens and cost per distinct value of `group_by` (of one tenant if given)."""
+        for g in group_by:
+            if g not in _GROUPS:
+                raise ValueError(f"cannot group by {g!r} (use {', '.join(_GROUPS)})")
+        agg: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for r in await self.rows():
+            if tenant is not None and r.tenant != tenant:
+                continue
+            values = {
+                "tenant": r.tenant,
+                "task": r.task,
+                "model": r.model,
+                "deployment": r.deployment,
+                "day": time.strftime("%Y-%m-%d", time.gmtime(r.time)),
+            }
+            k = tuple(values[g] for g in group_by)
+            a = agg.setdefault(
+                k,
+                {g: values[g] for g in group_by}
+                | {"requests": 0, "cache_hits": 0, "cost": Decimal(0)}
+                | dict.fromkeys(("input", "cached_input", "cache_write", "output", "reasoning"), 0),
+            )
+            a["requests"] += 1
+            a["cache_hits"] += int(r.cache_hit)
+            a["cost"] += Decimal(r.cost)
+            for b in ("input", "cached_input", "cache_write", "output", "reasoning"):
+                a[b] += getattr(r, b)
+        return [a | {"cost": str(a["cost"])} for a in agg.values()]
+
+    async def cache_get(self, key: bytes) -> tuple[dict[str, Any], bytes] | None:
+        """A live cache entry: (metadata, body), or None when absent or expired."""
+        raw: bytes | None = await self._run(self._cache.get, key)
+        if raw is None:
+            return None
+        head, _, body = raw.partition(b"\n")
+        meta: dict[str, Any] = json.loads(head)
+        if meta["expires"] < time.time():
+            await self._run(self._cache.delete, key)
+            return None
+        return meta, body
+
+    async def cache_put(self, key: bytes, meta: dict[str, Any], body: bytes, ttl: float) -> None:
+        meta = meta | {"expires": time.time() + ttl}
+        await self._run(self._cache.put, key, json.dumps(meta).encode() + b"\n" + body)

@@ -1,0 +1,389 @@
+"""The inference proxy driven by the official openai and anthropic SDKs against loopback mocks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from agentnode.inference.mock import Fault
+from proxy_env import ProxyEnv
+
+Configure = Callable[[dict[str, Any]], None]
+# The mocks' default usage priced with tests/proxy_env.py's prices, by hand:
+# OpenAI: 1000 prompt (600 cached) + 300 completion (100 reasoning)
+#   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
+GPT_COST = Decimal("0.00495")
+# Anthropic: 100 fresh input + 5000 cache read + 2000 cache write + 250 output
+#   = 100*3 + 5000*0.3 + 2000*3.75 + 250*15 = 13050 micro-USD.
+CLAUDE_COST = Decimal("0.01305")
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def make_env(tmp_path: Path) -> Iterator[Callable[..., ProxyEnv]]:
+    envs: list[ProxyEnv] = []
+
+    def make(configure: Configure | None = None) -> ProxyEnv:
+        env = ProxyEnv(tmp_path / f"state{len(envs)}", configure)
+        envs.append(env)
+        return env
+
+    yield make
+    for e in envs:
+        e.close()
+
+
+@pytest.fixture
+def env(make_env: Callable[..., ProxyEnv]) -> ProxyEnv:
+    return make_env()
+
+
+def test_openai_chat_not_streamed_is_priced_per_bucket(env: ProxyEnv) -> None:
+    r = env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert r.choices[0].message.content == "Hello"
+    [row] = env.rows()
+    assert (row.tenant, row.model, row.deployment, row.status) == ("acme", "gpt-x", "gpt-a", 200)
+    assert (row.input, row.cached_input, row.output, row.reasoning) == (400, 600, 200, 100)
+    assert Decimal(row.cost) == GPT_COST
+
+
+def test_openai_stream_is_priced_and_usage_chunk_hidden_unless_asked(env: ProxyEnv) -> None:
+    client = env.openai()
+    chunks = list(client.chat.completions.create(model="gpt-x", messages=MSG, stream=True))  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "t1t2t3"
+    assert all(c.usage is None and c.choices for c in chunks)
+    sent = env.mocks["a"].requests[-1]["json"]
+    assert sent["stream_options"] == {"include_usage": True}
+    asked = list(
+        client.chat.completions.create(
+            model="gpt-x",
+            messages=MSG,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert asked[-1].usage is not None and asked[-1].usage.prompt_tokens == 1000
+    rows = env.rows()
+    assert [Decimal(r.cost) for r in rows] == [GPT_COST, GPT_COST]
+    assert all(r.stream for r in rows)
+
+
+def test_anthropic_messages_cache_buckets_and_cache_control_untouched(env: ProxyEnv) -> None:
+    client = env.anthropic()
+    system = [{"type": "text", "text": "long doc", "cache_control": {"type": "ephemeral"}}]
+    r = client.messages.create(model="claude-x", max_tokens=64, system=system, messages=MSG)  # type: ignore[arg-type]
+    assert r.content[0].text == "Hello"  # type: ignore[union-attr]
+    assert env.mocks["c"].requests[-1]["json"]["system"] == system
+    with client.messages.stream(model="claude-x", max_tokens=64, messages=MSG) as s:  # type: ignore[arg-type]
+        assert "".join(s.text_stream) == "t0t1t2t3"
+        final = s.get_final_message()
+    assert final.usage.output_tokens == 250
+    rows = env.rows()
+    assert [(r.input, r.cached_input, r.cache_write, r.output) for r in rows] == [
+        (100, 5000, 2000, 250)
+    ] * 2
+    assert [Decimal(r.cost) for r in rows] == [CLAUDE_COST, CLAUDE_COST]
+
+
+def test_other_endpoints_pass_through(env: ProxyEnv) -> None:
+    client = env.openai()
+    assert client.completions.create(model="gpt-x", prompt="hi").choices[0].text == "Hello"
+    e = client.embeddings.create(model="gpt-x", input="hi")
+    assert e.data[0].embedding == [0.1, 0.2, 0.3]
+    r = client.responses.create(model="gpt-x", input="hi")
+    assert r.output_text == "Hello"
+    ids = {m.id for m in client.models.list()}
+    assert {"gpt-x", "gpt-y", "claude-x", "smart-gpt", "smart-claude"} <= ids
+    rows = env.rows()
+    assert [r.endpoint for r in rows] == ["completions", "embeddings", "responses"]
+    assert Decimal(rows[1].cost) == Decimal(8 * 2.5) / 1_000_000
+    assert rows[2].input == 1000 and rows[2].output == 300
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(status=500), Fault(status=429, retry_after=60), Fault(hang=3.0), Fault(garbage=True)],
+    ids=["500", "429", "timeout", "garbage"],
+)
+def test_fallback_to_next_deployment(env: ProxyEnv, fault: Fault) -> None:
+    env.mocks["a"].faults.append(fault)
+    r = env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    assert r.model == "gpt-y"
+    assert len(env.mocks["a"].requests) == 1 and len(env.mocks["b"].requests) == 1
+    assert env.rows()[-1].deployment == "gpt-b"
+
+
+def test_anthropic_fallback_on_overload_in_stream(env: ProxyEnv) -> None:
+    env.mocks["c"].faults.append(Fault(status=529))
+    with env.anthropic().messages.stream(model="smart-claude", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
+        assert "".join(s.text_stream) == "t0t1t2t3"
+    assert len(env.mocks["d"].requests) == 1
+
+
+def test_no_fallback_after_first_byte_gives_sse_error(env: ProxyEnv) -> None:
+    env.mocks["a"].faults.append(Fault(die_after_first=True))
+    stream = env.openai().chat.completions.create(model="smart-gpt", messages=MSG, stream=True)  # type: ignore[arg-type]
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        list(stream)
+    assert env.mocks["b"].requests == []
+    env.mocks["c"].faults.append(Fault(die_after_first=True))
+    with (
+        pytest.raises(anthropic.APIStatusError, match="mid-stream"),
+        env.anthropic().messages.stream(model="smart-claude", max_tokens=8, messages=MSG) as s,  # type: ignore[arg-type]
+    ):
+        list(s.text_stream)
+    assert env.mocks["d"].requests == []
+    assert [r.status for r in env.rows()] == [502, 502]
+
+
+def test_retry_after_is_honoured(make_env: Callable[..., ProxyEnv]) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["deployments"]["gpt-a"]["retries"] = 1
+
+    env = make_env(cfg)
+    env.mocks["a"].faults.append(Fault(status=429, retry_after=1))
+    t0 = time.monotonic()
+    env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 >= 1.0
+    assert len(env.mocks["a"].requests) == 2 and env.mocks["b"].requests == []
+
+
+def test_long_retry_after_reaches_the_client_when_nothing_is_left(env: ProxyEnv) -> None:
+    env.mocks["a"].faults.append(Fault(status=429, retry_after=60))
+    with pytest.raises(openai.RateLimitError, match="gpt-a: HTTP 429") as e:
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert e.value.response.headers["retry-after"] == "60"
+    assert env.mocks["b"].requests == []
+
+
+def test_retries_back_off_then_give_502_naming_the_failures(
+    make_env: Callable[..., ProxyEnv],
+) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["deployments"]["gpt-a"]["retries"] = 2
+        c["breaker_failures"] = 10
+
+    env = make_env(cfg)
+    env.mocks["a"].faults.extend([Fault(status=503), Fault(status=500), Fault(status=502)])
+    with pytest.raises(openai.InternalServerError, match=r"every upstream failed: gpt-a: HTTP 503"):
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert len(env.mocks["a"].requests) == 3
+
+
+def test_circuit_breaker_opens_and_recovers(make_env: Callable[..., ProxyEnv]) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["breaker_failures"] = 2
+        c["breaker_cooldown"] = 3.0  # long enough that a loaded CI box cannot outlast it
+
+    env = make_env(cfg)
+    client = env.openai()
+    env.mocks["a"].faults.extend([Fault(status=500), Fault(status=500)])
+    for _ in range(2):
+        client.chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    # Open: a is skipped without being called.
+    client.chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    assert len(env.mocks["a"].requests) == 2 and len(env.mocks["b"].requests) == 3
+    time.sleep(3.1)
+    r = client.chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    assert r.model == "gpt-x" and len(env.mocks["a"].requests) == 3
+
+
+def test_client_disconnect_cancels_upstream_within_50ms(env: ProxyEnv) -> None:
+    for m in ("a", "c"):
+        env.mocks[m].chunks, env.mocks[m].chunk_delay = 64, 0.02
+    stream = env.openai().chat.completions.create(model="gpt-x", messages=MSG, stream=True)  # type: ignore[arg-type]
+    next(iter(stream))
+    t0 = time.monotonic()
+    stream.close()
+    deadline = time.monotonic() + 2
+    while not env.mocks["a"].disconnects and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert env.mocks["a"].disconnects, "upstream never saw the disconnect"
+    assert env.mocks["a"].disconnects[0] - t0 < 0.05
+    # Anthropic's stream, abandoned by a raw client after its first event.
+    body = {"model": "claude-x", "max_tokens": 8, "messages": MSG, "stream": True}
+    with httpx.stream(
+        "POST", env.url + "/v1/messages", json=body, headers={"x-api-key": "sk-acme"}
+    ) as r:
+        next(r.iter_raw())
+        t0 = time.monotonic()
+    while not env.mocks["c"].disconnects and time.monotonic() < deadline + 2:
+        time.sleep(0.002)
+    assert env.mocks["c"].disconnects and env.mocks["c"].disconnects[0] - t0 < 0.05
+    # Both requests are in the ledger; the Anthropic one is billed its input from message_start.
+    rows = env.rows()
+    assert [r.status for r in rows] == [499, 499]
+    assert (rows[1].input, rows[1].cached_input, rows[1].cache_write) == (100, 5000, 2000)
+
+
+def _count(calls: int, fn: Callable[[], object]) -> tuple[int, list[str]]:
+    ok, refused = 0, []
+    for _ in range(calls):
+        try:
+            fn()
+            ok += 1
+        except openai.RateLimitError as e:
+            refused.append(str(e))
+    return ok, refused
+
+
+def test_rate_limits_deployment_tenant_task(make_env: Callable[..., ProxyEnv]) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["deployments"]["gpt-a"]["rpm"] = 20
+        c["tenants"]["globex"]["rpm"] = 10
+        c["tenants"]["acme"]["task_rpm"] = 5
+
+    env = make_env(cfg)
+    acme, globex = env.openai(), env.openai("sk-globex")
+    ok, refused = _count(30, lambda: acme.chat.completions.create(model="gpt-x", messages=MSG))  # type: ignore[arg-type]
+    assert ok == 20 and "deployment gpt-a" in refused[0]
+    ok, refused = _count(
+        15,
+        lambda: globex.chat.completions.create(model="gpt-y", messages=MSG),  # type: ignore[arg-type]
+    )
+    assert ok == 10 and "tenant globex rpm limit is 10 per minute" in refused[0]
+    task = env.openai(default_headers={"x-agentnode-task": "t1"})
+    ok, refused = _count(8, lambda: task.chat.completions.create(model="gpt-y", messages=MSG))  # type: ignore[arg-type]
+    assert ok == 5 and "task t1 rpm" in refused[0]
+
+
+def test_tenant_tpm_limit_uses_real_usage(make_env: Callable[..., ProxyEnv]) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["deployments"]["gpt-b"]["tpm"] = 13_000  # ten calls of the mock's 1300 tokens
+
+    env = make_env(cfg)
+    c = env.openai()
+    ok, refused = _count(14, lambda: c.chat.completions.create(model="gpt-y", messages=MSG))  # type: ignore[arg-type]
+    assert ok == 10 and "deployment gpt-b" in refused[0]
+
+
+def test_budgets_per_tenant_and_task(make_env: Callable[..., ProxyEnv]) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["tenants"]["globex"]["budget"] = 0.01  # two calls of 0.00495 stay under it
+        c["tenants"]["acme"]["task_budget"] = 0.005
+
+    env = make_env(cfg)
+    globex = env.openai("sk-globex")
+    for _ in range(3):
+        globex.chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    with pytest.raises(openai.APIStatusError, match="budget exceeded for tenant globex") as e:
+        globex.chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert e.value.status_code == 402
+    task = env.anthropic(default_headers={"x-agentnode-task": "job-7"})
+    task.messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
+    with pytest.raises(anthropic.APIStatusError, match="budget exceeded for task job-7"):
+        task.messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
+    # Another task of the same tenant is unaffected.
+    env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
+
+
+def test_cache_hits_replay_streams_and_cost_zero(env: ProxyEnv) -> None:
+    c = env.openai(default_headers={"x-agentnode-cache": "on"})
+    first = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    hit = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert "x-agentnode-cache" not in first.headers and hit.headers["x-agentnode-cache"] == "hit"
+    assert hit.parse().choices[0].message.content == "Hello"
+    streamed = []
+    for _ in range(2):
+        streamed.append(list(c.chat.completions.create(model="gpt-x", messages=MSG, stream=True)))  # type: ignore[arg-type]
+        # A stream's cache entry is written just after its last event reached the client.
+        time.sleep(0.2)
+    assert streamed[0] == streamed[1] and len(streamed[1]) == 4
+    a = env.anthropic(default_headers={"x-agentnode-cache": "on"})
+    for _ in range(2):
+        with a.messages.stream(model="claude-x", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
+            assert "".join(s.text_stream) == "t0t1t2t3"
+        time.sleep(0.2)
+    assert len(env.mocks["a"].requests) == 2 and len(env.mocks["c"].requests) == 1
+    rows = env.rows()
+    assert [r.cache_hit for r in rows] == [False, True, False, True, False, True]
+    assert all(Decimal(r.cost) == 0 for r in rows if r.cache_hit)
+    # Without the header nothing is cached; another tenant never sees this tenant's entries.
+    env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    other = env.openai("sk-globex", default_headers={"x-agentnode-cache": "on"})
+    r = other.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert "x-agentnode-cache" not in r.headers
+    assert len(env.mocks["a"].requests) == 4
+
+
+def test_malformed_requests_get_400_in_provider_format(env: ProxyEnv) -> None:
+    with pytest.raises(openai.BadRequestError, match="'messages' must be a list"):
+        env.openai().chat.completions.create(model="gpt-x", messages="hi")  # type: ignore[arg-type]
+    with pytest.raises(anthropic.BadRequestError, match="'max_tokens' is required"):
+        env.anthropic().messages.create(
+            model="claude-x",
+            messages=MSG,  # type: ignore[arg-type]
+            max_tokens=8,
+            extra_body={"max_tokens": "lots"},
+        )
+    r = httpx.post(env.url + "/v1/messages", content=b"{not json", headers={"x-api-key": "sk-acme"})
+    assert r.status_code == 400
+    assert r.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "request body is not valid JSON"},
+    }
+    r = httpx.post(
+        env.url + "/v1/chat/completions", content=b"[]", headers={"x-api-key": "sk-acme"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
+        env.openai().chat.completions.create(model="nope", messages=MSG)  # type: ignore[arg-type]
+    with pytest.raises(openai.AuthenticationError, match="unknown API key"):
+        env.openai("sk-wrong").chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    r = httpx.post(env.url + "/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 401, "authentication comes before body validation"
+    assert env.mocks["a"].requests == [] and env.mocks["c"].requests == []
+
+
+def test_upstream_garbage_is_502_with_clear_message(env: ProxyEnv) -> None:
+    env.mocks["a"].faults.append(Fault(garbage=True))
+    with pytest.raises(openai.APIStatusError, match="gpt-a returned a body that is not JSON") as e:
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    assert e.value.status_code == 502
+    env.mocks["c"].faults.append(Fault(garbage=True))
+    with pytest.raises(anthropic.APIStatusError, match="claude-a sent a stream that is not SSE"):
+        env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=MSG, stream=True)  # type: ignore[arg-type]
+
+
+def test_weighted_balancing(make_env: Callable[..., ProxyEnv]) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["deployments"]["gpt-b"]["models"] = ["gpt-y", "gpt-x"]
+        c["deployments"]["gpt-a"]["weight"] = 3
+
+    env = make_env(cfg)
+    c = env.openai()
+    for _ in range(200):
+        c.chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    share = len(env.mocks["a"].requests) / 200
+    assert 0.65 <= share <= 0.85
+
+
+def test_route_header_usage_and_metrics(env: ProxyEnv) -> None:
+    c = env.openai(default_headers={"x-agentnode-route": "smart-gpt", "x-agentnode-task": "t9"})
+    c.chat.completions.create(model="whatever", messages=MSG)  # type: ignore[arg-type]
+    env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
+    env.openai("sk-globex").chat.completions.create(model="gpt-y", messages=MSG)  # type: ignore[arg-type]
+    env.rows()
+    r = httpx.get(
+        env.url + "/v1/usage?group_by=tenant,task,model,day", headers={"x-api-key": "sk-acme"}
+    )
+    data = r.json()["data"]
+    assert {(d["tenant"], d["task"], d["model"]) for d in data} == {
+        ("acme", "t9", "gpt-x"),
+        ("acme", None, "claude-x"),
+    }
+    assert sum(Decimal(d["cost"]) for d in data) == GPT_COST + CLAUDE_COST
+    assert all(d["day"] == time.strftime("%Y-%m-%d", time.gmtime()) for d in data)
+    r = httpx.get(env.url + "/v1/usage?group_by=bogus", headers={"x-api-key": "sk-acme"})
+    assert r.status_code == 400 and "cannot group by 'bogus'" in r.text
+    metrics = httpx.get(env.url + "/metrics").text
+    assert 'agentnode_inference_requests_total{endpoint="chat",status="200"} 2.0' in metrics
+    assert 'agentnode_inference_cost_usd_total{tenant="globex"} 0.00495' in metrics
