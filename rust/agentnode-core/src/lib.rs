@@ -6,4 +6,5 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
+pub mod egress;
 pub mod sys;

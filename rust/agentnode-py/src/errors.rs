@@ -9,6 +9,10 @@ use pyo3::prelude::*;
 pub enum NativeError {
     #[error(transparent)]
     Cgroup(#[from] agentnode_core::cgroup::Error),
+    #[error(transparent)]
+    Egress(#[from] agentnode_core::egress::Error),
+    #[error("the egress handle is closed (attach a new one)")]
+    Closed,
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -19,6 +23,8 @@ impl NativeError {
         match self {
             Self::Cgroup(_) => "CgroupError",
             Self::Json(_) => "AgentnodeError",
+            Self::Egress(agentnode_core::egress::Error::Policy(_)) => "PolicyError",
+            Self::Egress(_) | Self::Closed => "EgressError",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! owned Rust values, releases the GIL around blocking work, and maps errors to the exceptions
 //! of `agentnode.errors`. Typed in `python/agentnode/_native.pyi`.
 
+mod egress;
 mod errors;
 
 use pyo3::prelude::*;
@@ -34,5 +35,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(noop, m)?)?;
     m.add_function(wrap_pyfunction!(doctor, m)?)?;
     m.add_function(wrap_pyfunction!(cgroup_hierarchy, m)?)?;
+    egress::register(m)?;
     Ok(())
 }
