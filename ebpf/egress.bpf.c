@@ -10,6 +10,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/socket.h>
+#include <asm-generic/socket.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -159,7 +160,7 @@ static __always_inline void deny_event(__u64 cgroup_id, const __u8 *addr, __u16 
 	bpf_ringbuf_submit(d, 0);
 }
 
-/* A virtual clock: each event pushes the clock by `cost`; the event is over budget when the
+/* A virtual clock (`now` from the clock the caller uses): each event pushes the clock by `cost`; the event is over budget when the
  * clock would run more than `horizon` ahead of now. Lock-free: racing CPUs each add their cost
  * atomically, and a loser of the idle-reset race only loses the reset, never a charge. */
 static __always_inline __s64 clock_charge(__u32 idx, __u64 cost, __u64 horizon, __u64 now)
@@ -418,20 +419,46 @@ int egress_skb(struct __sk_buff *skb)
 	segs = skb->gso_segs ? skb->gso_segs : 1;
 	c = cfg();
 	if (c && c->rate_bps) {
-		ahead = clock_charge(AN_CLOCK_BYTES, (__u64)skb->len * NSEC_PER_SEC / c->rate_bps,
-				     c->rate_burst_ns, bpf_ktime_get_boot_ns());
+		__u64 now = bpf_ktime_get_ns(), cost = (__u64)skb->len * NSEC_PER_SEC / c->rate_bps;
+
+		ahead = clock_charge(AN_CLOCK_BYTES, cost, c->rate_burst_ns, now);
 		if (ahead < 0) {
 			count(AN_C_RATE_DROPPED, segs);
 			return AN_SKB_DROP | AN_SKB_CN;
 		}
+		/* EDT: the packet may leave when its slot on the virtual clock starts; an fq qdisc
+		 * holds it until then and TCP small queues make the socket wait instead of drop. */
+		if ((__u64)ahead > cost && skb->tstamp < now + ahead - cost)
+			skb->tstamp = now + ahead - cost;
 		count(AN_C_BYTES_OUT, skb->len);
 		count(AN_C_PACKETS_OUT, segs);
-		/* Past half the horizon TCP is asked to back off before anything is dropped. */
-		return ahead > (__s64)(c->rate_burst_ns / 2) ? (AN_SKB_PASS | AN_SKB_CN) : AN_SKB_PASS;
+		/* Past a quarter of the horizon TCP is asked to back off before anything drops. */
+		return ahead > (__s64)(c->rate_burst_ns / 4) ? (AN_SKB_PASS | AN_SKB_CN) : AN_SKB_PASS;
 	}
 	count(AN_C_BYTES_OUT, skb->len);
 	count(AN_C_PACKETS_OUT, segs);
 	return AN_SKB_PASS;
+}
+
+/* TCP paces itself (an hrtimer, no qdisc needed) once a socket has a maximum pacing rate, so a
+ * single connection stays under the task's rate instead of bursting into the limiter's drops.
+ * The limiter above still enforces the aggregate of every socket. */
+SEC("sockops")
+int egress_sockops(struct bpf_sock_ops *skops)
+{
+	struct an_config *c;
+	__u32 rate;
+
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB &&
+	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	c = cfg();
+	if (!c || !c->rate_bps)
+		return 1;
+	rate = c->rate_bps > 0xfffffffeULL ? 0xfffffffe : (__u32)c->rate_bps;
+	bpf_setsockopt(skops, SOL_SOCKET, SO_MAX_PACING_RATE, &rate, sizeof(rate));
+	return 1;
 }
 
 SEC("cgroup_skb/ingress")

@@ -98,7 +98,7 @@ class World:
     def close(self) -> None:
         for p in self._procs:
             p.kill()
-            p.wait()
+            p.communicate()
         for ns in (self.task, self.hosts):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
@@ -131,7 +131,8 @@ class World:
     def in_hosts_thread(self, main: Callable[[asyncio.AbstractEventLoop], Any]) -> Iterator[Any]:
         """Runs an asyncio loop on a thread that lives in the hosts netns (setns is per thread),
         so every socket it opens — the forwarder's and its upstream queries — is in that netns.
-        `main(loop)` runs on that loop first; its result is yielded."""
+        `main(loop)` runs on that loop first; its result is yielded, and its `close()` coroutine
+        awaited at the end."""
         libc = ctypes.CDLL(None, use_errno=True)
         loop = asyncio.new_event_loop()
         ready: list[Any] = []
@@ -159,6 +160,7 @@ class World:
         try:
             yield ready[0]
         finally:
+            asyncio.run_coroutine_threadsafe(ready[0].close(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)
             t.join(10)
             loop.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from typing import cast
 
 import dns.asyncquery
 import dns.exception
@@ -63,8 +64,7 @@ class DnsForwarder(asyncio.DatagramProtocol):
         self._tasks.pop(_key(source), None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         try:

@@ -79,18 +79,19 @@ const NSEC_PER_SEC: u64 = 1_000_000_000;
 
 impl RawConfig {
     pub fn new(limits: &Limits, dns: &DnsRedirect) -> Self {
-        // The byte clock may run ahead by 10 ms or two 64 KiB TSO segments, whichever is more:
-        // a horizon shorter than one segment's cost would never let that segment through.
+        // The byte clock may run 2 s ahead (packets wait in fq for their EDT slot; TCP small
+        // queues keep about 1 MB queued per socket) or two 64 KiB TSO segments, whichever is
+        // more: a horizon shorter than one segment's cost would never let that segment through.
         let rate_burst_ns = if limits.rate_bps == 0 {
             0
         } else {
-            (10 * NSEC_PER_SEC / 1000).max(2 * 65536 * NSEC_PER_SEC / limits.rate_bps)
+            (NSEC_PER_SEC / 100).max(2 * 65536 * NSEC_PER_SEC / limits.rate_bps)
         };
-        // A burst of up to one second's worth of connections (at least one).
+        // A burst of up to one second's worth of connections.
         let conn_burst_ns = if limits.conn_per_sec == 0 {
             0
         } else {
-            NSEC_PER_SEC - NSEC_PER_SEC / limits.conn_per_sec
+            NSEC_PER_SEC
         };
         Self {
             dns4: dns.v4.unwrap_or_default(),

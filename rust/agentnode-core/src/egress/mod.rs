@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
 use aya::Ebpf;
 
 use crate::bpf::EGRESS_OBJ;
@@ -149,6 +149,11 @@ impl Egress {
             prog.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| Error::Program { name, source })?;
         }
+        let name = "egress_sockops";
+        let prog: &mut SockOps = program(ebpf, name)?;
+        prog.load().map_err(|source| Error::Program { name, source })?;
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| Error::Program { name, source })?;
         Ok(me)
     }
 
