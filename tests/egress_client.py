@@ -75,7 +75,50 @@ def resolve(op: dict) -> dict:
     return {"ok": True, "rcode": dns.rcode.to_text(r.rcode()), "addrs": addrs}
 
 
-OPS = {"connect": connect, "udp": udp, "raw_icmp": raw_icmp, "resolve": resolve}
+def udp_connect_loop(op: dict) -> dict:
+    """ns per connect() of a UDP socket: runs the connect hook and sends nothing."""
+    family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    n = op["n"]
+    t = time.perf_counter_ns()
+    for _ in range(n):
+        s.connect((op["host"], op["port"]))
+    return {"ok": True, "ns": (time.perf_counter_ns() - t) / n}
+
+
+def resolve_loop(op: dict) -> dict:
+    """Latencies (ms) of `n` queries for one name."""
+    import dns.message
+    import dns.query
+
+    q = dns.message.make_query(op["name"], "A")
+    out = []
+    for _ in range(op["n"]):
+        t = time.perf_counter()
+        dns.query.udp(q, op["server"], port=op.get("port", 53), timeout=3)
+        out.append((time.perf_counter() - t) * 1000)
+    return {"ok": True, "ms": out}
+
+
+def iperf(op: dict) -> dict:
+    import subprocess
+
+    out = subprocess.run(
+        ["iperf3", "-c", op["host"], "-p", str(op["port"]), "-t", str(op["seconds"]), "-J"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return {"ok": True, "bps": json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]}
+
+
+OPS = {
+    "udp_connect_loop": udp_connect_loop,
+    "resolve_loop": resolve_loop,
+    "iperf": iperf,
+    "connect": connect,
+    "udp": udp,
+    "raw_icmp": raw_icmp,
+    "resolve": resolve,
+}
 
 if __name__ == "__main__":
     for op in json.loads(sys.argv[1]):

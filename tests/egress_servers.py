@@ -8,11 +8,11 @@ import socket
 import sys
 import threading
 
-BOUND = threading.Semaphore(0)
-
 import dns.message
 import dns.rcode
 import dns.rrset
+
+BOUND = threading.Semaphore(0)
 
 
 def tcp_sink(addr: str, port: int) -> None:
@@ -57,9 +57,7 @@ def dns_server(addr: str, port: int, records: dict[str, list[str]], ttl: int, lo
         rdtype = q.question[0].rdtype
         addrs = [a for a in records.get(name, []) if (":" in a) == (rdtype == 28)]
         if addrs:
-            r.answer.append(
-                dns.rrset.from_text_list(q.question[0].name, ttl, "IN", rdtype, addrs)
-            )
+            r.answer.append(dns.rrset.from_text_list(q.question[0].name, ttl, "IN", rdtype, addrs))
         elif name not in records:
             r.set_rcode(dns.rcode.NXDOMAIN)
         s.sendto(r.to_wire(), src)

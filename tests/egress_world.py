@@ -70,11 +70,25 @@ class World:
                "peer", "name", f"{self.veth}h", "netns", self.hosts)  # fmt: skip
             for ns, dev, addrs in (
                 (self.task, f"{self.veth}t", [f"{TASK4}/24", f"{TASK6}/64"]),
-                (self.hosts, f"{self.veth}h", [f"{HOST4}/24", f"{OTHER4}/24", f"{HOST6}/64", f"{OTHER6}/64"]),
+                (
+                    self.hosts,
+                    f"{self.veth}h",
+                    [f"{HOST4}/24", f"{OTHER4}/24", f"{HOST6}/64", f"{OTHER6}/64"],
+                ),
             ):
                 sh("ip", "-n", ns, "link", "set", "lo", "up")
                 for a in addrs:
-                    sh("ip", "-n", ns, "addr", "add", a, "dev", dev, *(["nodad"] if ":" in a else []))
+                    sh(
+                        "ip",
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        a,
+                        "dev",
+                        dev,
+                        *(["nodad"] if ":" in a else []),
+                    )
                 sh("ip", "-n", ns, "link", "set", dev, "up")
             # Static IPv6 neighbours: the first SYN otherwise waits out neighbour discovery (1 s).
             for ns, dev, peer_ns, peer_dev, addrs in (
@@ -86,7 +100,20 @@ class World:
                                    check=True, capture_output=True, text=True).stdout
                 )[0]["address"]  # fmt: skip
                 for a in addrs:
-                    sh("ip", "-n", ns, "neigh", "replace", a, "lladdr", mac, "dev", dev, "nud", "permanent")
+                    sh(
+                        "ip",
+                        "-n",
+                        ns,
+                        "neigh",
+                        "replace",
+                        a,
+                        "lladdr",
+                        mac,
+                        "dev",
+                        dev,
+                        "nud",
+                        "permanent",
+                    )
         except BaseException:
             self.close()
             raise
@@ -105,7 +132,15 @@ class World:
     def serve(self, **cfg: Any) -> None:
         """Starts test hosts (see egress_servers.py) in the hosts netns and waits until bound."""
         p = subprocess.Popen(
-            ["ip", "netns", "exec", self.hosts, sys.executable, str(HERE / "egress_servers.py"), json.dumps(cfg)],
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.hosts,
+                sys.executable,
+                str(HERE / "egress_servers.py"),
+                json.dumps(cfg),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -118,7 +153,15 @@ class World:
         """Runs egress_client.py with `ops` as a task: in the task netns and in `cgroup`."""
         procs = cgroup / "cgroup.procs"
         out = subprocess.run(
-            ["ip", "netns", "exec", self.task, sys.executable, str(HERE / "egress_client.py"), json.dumps(list(ops))],
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.task,
+                sys.executable,
+                str(HERE / "egress_client.py"),
+                json.dumps(list(ops)),
+            ],
             preexec_fn=lambda: procs.write_text(str(os.getpid())),
             capture_output=True,
             text=True,

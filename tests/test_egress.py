@@ -34,11 +34,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     log.write_text("")
     with World() as w:
         w.serve(
-            tcp=[[HOST4, 8080], [HOST4, 9090], [OTHER4, 8080], [HOST6, 8080], [HOST6, 9090], [HOST4, 7777]],
+            tcp=[
+                [HOST4, 8080],
+                [HOST4, 9090],
+                [OTHER4, 8080],
+                [HOST6, 8080],
+                [HOST6, 9090],
+                [HOST4, 7777],
+            ],
             udp=[[HOST4, 7000], [OTHER4, 7000]],
             dns={
                 "addrs": [HOST4],
-                "records": {"allowed.test": [HOST4], "short.test": [HOST4], "blocked.test": [HOST4]},
+                "records": {
+                    "allowed.test": [HOST4],
+                    "short.test": [HOST4],
+                    "blocked.test": [HOST4],
+                },
                 "ttl": 1,
                 "log": str(log),
             },
@@ -58,7 +69,9 @@ def connect(host: str, port: int, **kw: Any) -> dict[str, Any]:
 
 
 def attached_programs(cg: Path) -> list[str]:
-    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True, check=True
+    )
     return [p["name"] for p in json.loads(out.stdout.strip() or "[]")]
 
 
@@ -105,9 +118,15 @@ def test_deny_by_default_cidr_port_ipv6_and_counters(world: World, cgroup: Path)
 
 def test_live_update_applies_to_next_connection(world: World, cgroup: Path) -> None:
     with Egress.attach(cgroup, EgressPolicy(allow=[f"{HOST4}:8080"])) as eg:
-        assert [x["ok"] for x in world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))] == [True, False]
+        assert [x["ok"] for x in world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))] == [
+            True,
+            False,
+        ]
         eg.update(EgressPolicy(allow=[f"{HOST4}:9090"]))
-        assert [x["ok"] for x in world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))] == [False, True]
+        assert [x["ok"] for x in world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))] == [
+            False,
+            True,
+        ]
         eg.update(EgressPolicy(allow=["198.51.100.0/24:8000-9999", f"{HOST4}:7777"]))
         r = world.run(cgroup, connect(HOST4, 8080), connect(OTHER4, 8080), connect(HOST4, 7777))
         assert [x["ok"] for x in r] == [True, True, True]
@@ -120,8 +139,14 @@ def test_two_tasks_do_not_leak_into_each_other(world: World) -> None:
         Egress.attach(a, EgressPolicy(allow=[f"{HOST4}:8080"])) as ea,
         Egress.attach(b, EgressPolicy(allow=[f"{HOST4}:9090"])) as eb,
     ):
-        assert [x["ok"] for x in world.run(a, connect(HOST4, 8080), connect(HOST4, 9090))] == [True, False]
-        assert [x["ok"] for x in world.run(b, connect(HOST4, 8080), connect(HOST4, 9090))] == [False, True]
+        assert [x["ok"] for x in world.run(a, connect(HOST4, 8080), connect(HOST4, 9090))] == [
+            True,
+            False,
+        ]
+        assert [x["ok"] for x in world.run(b, connect(HOST4, 8080), connect(HOST4, 9090))] == [
+            False,
+            True,
+        ]
         assert ea.stats()["connections_allowed"] == 1 and eb.stats()["connections_allowed"] == 1
 
 
@@ -162,7 +187,10 @@ def test_dns_names_redirect_refusal_and_expiry(world: World, cgroup: Path) -> No
         return fwd
 
     policy = EgressPolicy(hosts=["allowed.test:8080", "*.short.test"])
-    with world.in_hosts_thread(start) as fwd, Egress.attach(cgroup, policy, dns=(HOST4, FWD_PORT)) as eg:
+    with (
+        world.in_hosts_thread(start) as fwd,
+        Egress.attach(cgroup, policy, dns=[(HOST4, FWD_PORT)]) as eg,
+    ):
         fwd.add_task(TASK4, eg)
         before = log.read_text().splitlines()
         r = world.run(
@@ -197,7 +225,9 @@ def test_sigkill_of_owner_detaches_everything(world: World, cgroup: Path) -> Non
         "import sys; from agentnode.egress import Egress, EgressPolicy;"
         f"e = Egress.attach({str(cgroup)!r}, EgressPolicy()); print('up', flush=True); sys.stdin.read()"
     )
-    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert owner.stdout is not None and owner.stdout.readline().strip() == "up"
     assert len(attached_programs(cgroup)) == 9
     assert world.run(cgroup, connect(HOST4, 8080))[0]["errno"] == errno.EPERM

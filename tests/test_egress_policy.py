@@ -38,7 +38,12 @@ def test_bad_rules_name_the_rule(kwargs: dict[str, object], fragment: str) -> No
 
 def test_rules_parse() -> None:
     p = EgressPolicy(
-        allow=["203.0.113.0/24:443", "198.51.100.7", "[2001:db8::/32]:8000-8100/udp", "2001:db8::1"],
+        allow=[
+            "203.0.113.0/24:443",
+            "198.51.100.7",
+            "[2001:db8::/32]:8000-8100/udp",
+            "2001:db8::1",
+        ],
         hosts=["API.example.com:443", "*.githubusercontent.com"],
         rate="1MiB/s",
         conn_rate="20/s",

@@ -1,5 +1,7 @@
 # Hand-written stubs for the Rust extension (rust/agentnode-py); checked by mypy.stubtest.
 
+from typing import final
+
 __all__ = ["EgressHandle", "__version__", "cgroup_hierarchy", "doctor", "noop"]
 
 __version__: str
@@ -18,6 +20,7 @@ def cgroup_hierarchy() -> str:
 _Ports = list[tuple[int, int, int]]
 _Rule = tuple[bytes, int, _Ports]
 
+@final
 class EgressHandle:
     """Egress enforcement attached to one cgroup2 directory; `close()` detaches it."""
 

@@ -12,6 +12,7 @@ from types import TracebackType
 
 from agentnode import _native
 from agentnode.egress.policy import EgressPolicy, PortRange, services_rules
+from agentnode.errors import PolicyError
 
 __all__ = ["Denial", "Egress"]
 
@@ -67,18 +68,16 @@ class Egress:
         policy: EgressPolicy,
         *,
         services: Iterable[tuple[str, int]] = (),
-        dns: tuple[str, int] | Sequence[tuple[str, int]] | None = None,
+        dns: Iterable[tuple[str, int]] = (),
         on_denial: Callable[[Denial], None] | None = None,
     ) -> Egress:
         """Enforces `policy` on every process in `cgroup2_dir` (and its descendants).
 
         `services`: the node's own `(address, port)` services, always allowed. `dns`: the node's
-        DNS forwarder `(address, port)` (one per family); port-53 traffic is redirected there and
+        DNS forwarder's `(address, port)` pairs (one per family); port-53 traffic is redirected there and
         the forwarder is allowed. `on_denial`: called with each `Denial` (see `poll_denials`).
         """
-        forwarders: list[tuple[str, int]] = []
-        if dns is not None:
-            forwarders = [dns] if isinstance(dns[0], str) else list(dns)  # type: ignore[list-item]
+        forwarders = list(dns)
         services = [*services, *forwarders]
         v4 = v6 = None
         port = 0
@@ -90,8 +89,6 @@ class Egress:
             else:
                 v6 = ip.packed
         if len({p for _, p in forwarders}) > 1:
-            from agentnode.errors import PolicyError
-
             raise PolicyError("the DNS forwarder must use one port for both address families")
         handle = _native.EgressHandle(
             os.fspath(cgroup2_dir),

@@ -105,12 +105,16 @@ def _ports(rule: str, text: str) -> PortRange:
 def parse_allow(rule: str) -> NetRule:
     """Parses `CIDR[:PORTS[/tcp|/udp]]`; IPv6 with a port is written `[2001:db8::/32]:443`."""
     if not isinstance(rule, str) or not rule.strip():
-        raise PolicyError(f"bad allow rule {rule!r}: empty (use CIDR[:PORTS], e.g. 203.0.113.0/24:443)")
+        raise PolicyError(
+            f"bad allow rule {rule!r}: empty (use CIDR[:PORTS], e.g. 203.0.113.0/24:443)"
+        )
     text = rule.strip()
     if text.startswith("["):
         addr, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise PolicyError(f"bad allow rule {rule!r}: write IPv6 with ports as [2001:db8::/32]:443")
+            raise PolicyError(
+                f"bad allow rule {rule!r}: write IPv6 with ports as [2001:db8::/32]:443"
+            )
         ports = rest[1:]
     elif text.count(":") >= 2:
         addr, ports = text, ""
@@ -126,7 +130,9 @@ def parse_allow(rule: str) -> NetRule:
 def parse_host(rule: str) -> HostRule:
     """Parses `NAME[:PORTS[/tcp|/udp]]`, NAME exact or `*.suffix`."""
     if not isinstance(rule, str) or not rule.strip():
-        raise PolicyError(f"bad host rule {rule!r}: empty (use NAME[:PORTS], e.g. api.example.com:443)")
+        raise PolicyError(
+            f"bad host rule {rule!r}: empty (use NAME[:PORTS], e.g. api.example.com:443)"
+        )
     name, _, ports = rule.strip().partition(":")
     name = name.lower().rstrip(".")
     labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
@@ -144,7 +150,9 @@ def parse_rate(text: str | int) -> int:
     else:
         m = _RATE.match(str(text))
         if not m or m.group(2).lower() not in _UNITS:
-            raise PolicyError(f"bad egress rate {text!r}: use bytes per second like 1MiB/s or 500KB/s")
+            raise PolicyError(
+                f"bad egress rate {text!r}: use bytes per second like 1MiB/s or 500KB/s"
+            )
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if value < 1:
         raise PolicyError(f"bad egress rate {text!r}: must be at least 1 byte/s")

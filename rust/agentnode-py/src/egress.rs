@@ -68,7 +68,10 @@ impl EgressHandle {
         T: Send,
     {
         py.detach(|| {
-            let mut guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut guard = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let e = guard.as_mut().ok_or(NativeError::Closed)?;
             f(e).map_err(NativeError::from)
         })
@@ -76,6 +79,8 @@ impl EgressHandle {
     }
 }
 
+// pyo3 extracts arguments as owned values; borrowing them would not save a copy.
+#[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl EgressHandle {
     #[new]
@@ -132,9 +137,8 @@ impl EgressHandle {
     ) -> PyResult<()> {
         let addr = addr16(&addr)?;
         let ports = ports(&ports_);
-        let ttl = Duration::try_from_secs_f64(ttl).map_err(|_| {
-            NativeError::from(egress::Error::Policy(format!("bad TTL {ttl} s")))
-        })?;
+        let ttl = Duration::try_from_secs_f64(ttl)
+            .map_err(|_| NativeError::from(egress::Error::Policy(format!("bad TTL {ttl} s"))))?;
         self.with(py, |e| e.allow_exact(addr, &ports, ttl))
     }
 
@@ -164,7 +168,7 @@ impl EgressHandle {
         Ok(d)
     }
 
-    /// Denials queued since the last call: (time_ns, cgroup_id, addr16, port, proto, reason, pid).
+    /// Denials queued since the last call: `(time_ns, cgroup_id, addr16, port, proto, reason, pid)`.
     #[allow(clippy::type_complexity)]
     fn denials(
         &self,
@@ -179,7 +183,15 @@ impl EgressHandle {
                     egress::DenialReason::ConnRate => "conn_rate",
                     egress::DenialReason::Backstop => "backstop",
                 };
-                (d.time_ns, d.cgroup_id, d.addr.to_vec(), d.port, d.proto, reason, d.pid)
+                (
+                    d.time_ns,
+                    d.cgroup_id,
+                    d.addr.to_vec(),
+                    d.port,
+                    d.proto,
+                    reason,
+                    d.pid,
+                )
             })
             .collect())
     }

@@ -82,11 +82,9 @@ impl RawConfig {
         // The byte clock may run 2 s ahead (packets wait in fq for their EDT slot; TCP small
         // queues keep about 1 MB queued per socket) or two 64 KiB TSO segments, whichever is
         // more: a horizon shorter than one segment's cost would never let that segment through.
-        let rate_burst_ns = if limits.rate_bps == 0 {
-            0
-        } else {
-            (NSEC_PER_SEC / 100).max(2 * 65536 * NSEC_PER_SEC / limits.rate_bps)
-        };
+        let rate_burst_ns = (2 * 65536 * NSEC_PER_SEC)
+            .checked_div(limits.rate_bps)
+            .map_or(0, |segments| segments.max(NSEC_PER_SEC / 100));
         // A burst of up to one second's worth of connections.
         let conn_burst_ns = if limits.conn_per_sec == 0 {
             0
@@ -122,9 +120,8 @@ pub struct Counters {
 
 impl Counters {
     pub(super) fn read(map: &PerCpuArray<MapData, u64>) -> std::result::Result<Self, MapError> {
-        let sum = |i: u32| -> std::result::Result<u64, MapError> {
-            Ok(map.get(&i, 0)?.iter().sum())
-        };
+        let sum =
+            |i: u32| -> std::result::Result<u64, MapError> { Ok(map.get(&i, 0)?.iter().sum()) };
         Ok(Self {
             bytes_out: sum(0)?,
             packets_out: sum(1)?,
@@ -151,7 +148,7 @@ pub enum DenialReason {
 /// One denial (`struct an_denial`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Denial {
-    /// CLOCK_BOOTTIME nanoseconds.
+    /// `CLOCK_BOOTTIME` nanoseconds.
     pub time_ns: u64,
     pub cgroup_id: u64,
     /// 16 bytes; IPv4 as `::ffff:a.b.c.d`.
@@ -186,7 +183,7 @@ impl Denial {
     }
 }
 
-/// CLOCK_BOOTTIME in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
 pub fn boottime_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -71,7 +71,7 @@ pub struct DnsRedirect {
 /// Egress enforcement attached to one cgroup2 node; dropping it detaches everything.
 pub struct Egress {
     // Owns the programs and, through them, the links: dropping it detaches.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     cgroup: PathBuf,
     allow: LpmTrie<MapData, [u8; 16], RawPorts>,
     exact: HashMap<MapData, [u8; 16], RawExact>,
@@ -123,7 +123,7 @@ impl Egress {
             config: take(&mut ebpf, "config")?,
             counters: take(&mut ebpf, "counters")?,
             denials: take(&mut ebpf, "denials")?,
-            _ebpf: ebpf,
+            ebpf,
             cgroup: cgroup_dir.to_owned(),
             rules: StdHashMap::new(),
             limits,
@@ -131,27 +131,30 @@ impl Egress {
         };
         me.set_rules(rules)?;
         me.write_config()?;
-        let ebpf = &mut me._ebpf;
+        let ebpf = &mut me.ebpf;
         // Backstop first, so no packet leaves between the hooks' attach and its own.
         for (name, kind) in [
             ("egress_skb", CgroupSkbAttachType::Egress),
             ("egress_skb_in", CgroupSkbAttachType::Ingress),
         ] {
             let prog: &mut CgroupSkb = program(ebpf, name)?;
-            prog.load().map_err(|source| Error::Program { name, source })?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
             // Single: aya passes AllowMultiple into BPF_LINK_CREATE and gets EINVAL (aya#1078).
             prog.attach(&cgroup, kind, CgroupAttachMode::Single)
                 .map_err(|source| Error::Program { name, source })?;
         }
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-            prog.load().map_err(|source| Error::Program { name, source })?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
             prog.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| Error::Program { name, source })?;
         }
         let name = "egress_sockops";
         let prog: &mut SockOps = program(ebpf, name)?;
-        prog.load().map_err(|source| Error::Program { name, source })?;
+        prog.load()
+            .map_err(|source| Error::Program { name, source })?;
         prog.attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| Error::Program { name, source })?;
         Ok(me)
@@ -213,7 +216,12 @@ impl Egress {
 
     /// Allows `addr` (16 bytes, IPv4-mapped for IPv4) on `ports` until `ttl` from now; merged
     /// with what a still-valid entry for the same address already allows.
-    pub fn allow_exact(&mut self, addr: [u8; 16], ports: &[PortRange], ttl: Duration) -> Result<()> {
+    pub fn allow_exact(
+        &mut self,
+        addr: [u8; 16],
+        ports: &[PortRange],
+        ttl: Duration,
+    ) -> Result<()> {
         let now = maps::boottime_ns();
         let mut merged: Vec<PortRange> = ports.to_vec();
         let mut expires = now.saturating_add(ttl.as_nanos() as u64);
@@ -223,10 +231,21 @@ impl Egress {
                 expires = expires.max(old.expires_ns);
             }
         }
-        let ports = RawPorts::from_ranges(&policy::normalise(merged))
-            .map_err(|n| Error::Policy(format!("{n} port ranges for one address (at most {})", maps::MAX_RANGES)))?;
+        let ports = RawPorts::from_ranges(&policy::normalise(&merged)).map_err(|n| {
+            Error::Policy(format!(
+                "{n} port ranges for one address (at most {})",
+                maps::MAX_RANGES
+            ))
+        })?;
         self.exact
-            .insert(addr, RawExact { expires_ns: expires, ports }, 0)
+            .insert(
+                addr,
+                RawExact {
+                    expires_ns: expires,
+                    ports,
+                },
+                0,
+            )
             .map_err(|source| Error::Map {
                 name: "exact",
                 source,

@@ -39,13 +39,17 @@ fn mask(addr: [u8; 16], prefix: u8) -> [u8; 16] {
     let mut out = [0u8; 16];
     for (i, byte) in addr.iter().enumerate() {
         let bits = (i32::from(prefix) - 8 * i as i32).clamp(0, 8);
-        out[i] = if bits == 0 { 0 } else { byte & (0xffu8 << (8 - bits)) };
+        out[i] = if bits == 0 {
+            0
+        } else {
+            byte & (0xffu8 << (8 - bits))
+        };
     }
     out
 }
 
 /// Merges overlapping or adjacent ranges per protocol bit; the result is sorted.
-pub(super) fn normalise(ranges: Vec<PortRange>) -> Vec<PortRange> {
+pub(super) fn normalise(ranges: &[PortRange]) -> Vec<PortRange> {
     let mut out: Vec<PortRange> = Vec::new();
     for proto in [PROTO_TCP, PROTO_UDP] {
         let mut mine: Vec<(u16, u16)> = ranges
@@ -61,7 +65,11 @@ pub(super) fn normalise(ranges: Vec<PortRange>) -> Vec<PortRange> {
                 _ => merged.push((lo, hi)),
             }
         }
-        out.extend(merged.into_iter().map(|(lo, hi)| PortRange { lo, hi, proto }));
+        out.extend(
+            merged
+                .into_iter()
+                .map(|(lo, hi)| PortRange { lo, hi, proto }),
+        );
     }
     // A range allowed for both protocols takes one slot, not two.
     let mut both: Vec<PortRange> = Vec::new();
@@ -84,7 +92,10 @@ pub(super) fn compile(rules: &[CidrRule]) -> Result<HashMap<(u8, [u8; 16]), RawP
     let mut entries: HashMap<(u8, [u8; 16]), Vec<PortRange>> = HashMap::with_capacity(rules.len());
     for r in rules {
         if r.prefix > 128 {
-            return Err(Error::Policy(format!("prefix length {} is over 128", r.prefix)));
+            return Err(Error::Policy(format!(
+                "prefix length {} is over 128",
+                r.prefix
+            )));
         }
         if r.ports.is_empty() {
             return Err(Error::Policy("a rule without ports allows nothing".into()));
@@ -111,7 +122,7 @@ pub(super) fn compile(rules: &[CidrRule]) -> Result<HashMap<(u8, [u8; 16]), RawP
                 all.extend(inherited);
             }
         }
-        let ranges = normalise(all);
+        let ranges = normalise(&all);
         let raw = RawPorts::from_ranges(&ranges).map_err(|n| {
             Error::Policy(format!(
                 "{n} distinct port ranges apply to one network (at most {MAX_RANGES}); merge them"
@@ -134,16 +145,27 @@ mod tests {
         CidrRule {
             addr,
             prefix: prefix + 96,
-            ports: vec![PortRange { lo, hi, proto: PROTO_TCP }],
+            ports: vec![PortRange {
+                lo,
+                hi,
+                proto: PROTO_TCP,
+            }],
         }
     }
 
     #[test]
     fn shorter_rules_are_inherited_by_longer_ones() {
-        let m = compile(&[v4([10, 0, 0, 0], 8, 443, 443), v4([10, 1, 0, 0], 16, 80, 80)]).unwrap();
+        let m = compile(&[
+            v4([10, 0, 0, 0], 8, 443, 443),
+            v4([10, 1, 0, 0], 16, 80, 80),
+        ])
+        .unwrap();
         let inner = m.get(&(112, v4([10, 1, 0, 0], 16, 0, 0).addr)).unwrap();
         let got: Vec<PortRange> = inner.ranges().collect();
-        assert_eq!(got.iter().map(|r| (r.lo, r.hi)).collect::<Vec<_>>(), [(80, 80), (443, 443)]);
+        assert_eq!(
+            got.iter().map(|r| (r.lo, r.hi)).collect::<Vec<_>>(),
+            [(80, 80), (443, 443)]
+        );
     }
 
     #[test]
@@ -152,12 +174,17 @@ mod tests {
         assert_eq!(m.len(), 1);
         let (&(_, addr), ports) = m.iter().next().unwrap();
         assert_eq!(addr[15], 0);
-        assert_eq!(ports.ranges().map(|r| (r.lo, r.hi)).collect::<Vec<_>>(), [(1, 20)]);
+        assert_eq!(
+            ports.ranges().map(|r| (r.lo, r.hi)).collect::<Vec<_>>(),
+            [(1, 20)]
+        );
     }
 
     #[test]
     fn too_many_ranges_and_bad_prefix_are_errors() {
-        let many: Vec<CidrRule> = (0..9).map(|i| v4([10, 0, 0, 0], 8, i * 10, i * 10)).collect();
+        let many: Vec<CidrRule> = (0..9)
+            .map(|i| v4([10, 0, 0, 0], 8, i * 10, i * 10))
+            .collect();
         assert!(matches!(compile(&many), Err(Error::Policy(_))));
         let mut bad = v4([10, 0, 0, 0], 8, 1, 1);
         bad.prefix = 129;
@@ -166,10 +193,25 @@ mod tests {
 
     #[test]
     fn tcp_and_udp_share_a_slot() {
-        let r = normalise(vec![
-            PortRange { lo: 53, hi: 53, proto: PROTO_TCP },
-            PortRange { lo: 53, hi: 53, proto: PROTO_UDP },
+        let r = normalise(&[
+            PortRange {
+                lo: 53,
+                hi: 53,
+                proto: PROTO_TCP,
+            },
+            PortRange {
+                lo: 53,
+                hi: 53,
+                proto: PROTO_UDP,
+            },
         ]);
-        assert_eq!(r, [PortRange { lo: 53, hi: 53, proto: 3 }]);
+        assert_eq!(
+            r,
+            [PortRange {
+                lo: 53,
+                hi: 53,
+                proto: 3
+            }]
+        );
     }
 }
