@@ -149,8 +149,11 @@ class World:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "ready"
 
-    def run(self, cgroup: Path, *ops: dict[str, Any], timeout: float = 60) -> list[dict[str, Any]]:
-        """Runs egress_client.py with `ops` as a task: in the task netns and in `cgroup`."""
+    def run(
+        self, cgroup: Path, *ops: dict[str, Any], timeout: float = 60, netns: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Runs egress_client.py with `ops` as a task: in the task netns (or `netns`) and in
+        `cgroup`."""
         procs = cgroup / "cgroup.procs"
         out = subprocess.run(
             [
