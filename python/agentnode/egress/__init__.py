@@ -2,7 +2,19 @@
 deny by default, CIDR/port rules, DNS-name rules through the node's forwarder, rate limits,
 counters and denial events."""
 
+from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.enforce import Denial, Egress
+from agentnode.egress.network import NodeNetwork, TaskNet
 from agentnode.egress.policy import EgressPolicy, HostRule, NetRule, PortRange
 
-__all__ = ["Denial", "Egress", "EgressPolicy", "HostRule", "NetRule", "PortRange"]
+__all__ = [
+    "Denial",
+    "DnsForwarder",
+    "Egress",
+    "EgressPolicy",
+    "HostRule",
+    "NetRule",
+    "NodeNetwork",
+    "PortRange",
+    "TaskNet",
+]

@@ -21,6 +21,7 @@ import dns.rcode
 import dns.rdatatype
 
 from agentnode.egress.enforce import Egress
+from agentnode.errors import AgentnodeError
 
 __all__ = ["DnsForwarder"]
 
@@ -108,11 +109,19 @@ class DnsForwarder(asyncio.DatagramProtocol):
             self._send(fail, addr)
             return
         ports = egress.policy.host_ports(name)
-        for rrset in reply.answer:
-            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-                ttl = max(float(rrset.ttl), self.floor) + self.grace
-                for rd in rrset:
-                    egress.allow_resolved(rd.address, ports, ttl)
+        try:
+            for rrset in reply.answer:
+                if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                    ttl = max(float(rrset.ttl), self.floor) + self.grace
+                    for rd in rrset:
+                        egress.allow_resolved(rd.address, ports, ttl)
+        except AgentnodeError as e:
+            # An answer the task could not use must not be released (e.g. the task ended).
+            log.warning("cannot allow the answer for %s: %s", name, e)
+            fail = dns.message.make_response(query)
+            fail.set_rcode(dns.rcode.SERVFAIL)
+            self._send(fail, addr)
+            return
         self.answered += 1
         self._send(reply, addr)
 

@@ -107,7 +107,7 @@ class Egress:
     def _rules(
         policy: EgressPolicy, services: Sequence[tuple[str, int]]
     ) -> list[tuple[bytes, int, list[tuple[int, int, int]]]]:
-        return [r.native() for r in (*policy.nets, *services_rules(services))]
+        return [*policy.native_nets, *(r.native() for r in services_rules(services))]
 
     @property
     def policy(self) -> EgressPolicy:

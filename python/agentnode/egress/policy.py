@@ -189,6 +189,10 @@ class EgressPolicy:
     host_rules: tuple[HostRule, ...] = field(init=False, repr=False)
     rate_bps: int = field(init=False, repr=False)
     conn_per_sec: int = field(init=False, repr=False)
+    # The kernel form of `nets`, computed once so a live update only moves bytes.
+    native_nets: tuple[tuple[bytes, int, list[tuple[int, int, int]]], ...] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("allow", "hosts"):
@@ -197,6 +201,7 @@ class EgressPolicy:
         object.__setattr__(self, "allow", tuple(self.allow))
         object.__setattr__(self, "hosts", tuple(self.hosts))
         object.__setattr__(self, "nets", tuple(parse_allow(r) for r in self.allow))
+        object.__setattr__(self, "native_nets", tuple(r.native() for r in self.nets))
         object.__setattr__(self, "host_rules", tuple(parse_host(r) for r in self.hosts))
         object.__setattr__(self, "rate_bps", 0 if self.rate is None else parse_rate(self.rate))
         object.__setattr__(
