@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
+from agentnode.cli import ArgumentParser
 from agentnode.egress import EgressPolicy
+from agentnode.egress import cli as egress_cli
 from agentnode.egress.policy import PROTO_TCP, PROTO_UDP, PortRange
-from agentnode.errors import PolicyError
+from agentnode.errors import PolicyError, UsageError
 
 
 @pytest.mark.parametrize(
@@ -67,3 +70,35 @@ def test_rules_parse() -> None:
 def test_empty_policy_allows_nothing() -> None:
     p = EgressPolicy()
     assert p.nets == () and p.host_rules == () and p.rate_bps == 0
+
+
+def _parse(*argv: str) -> tuple[str, EgressPolicy | None]:
+    parser = ArgumentParser(prog="agentnode exec")
+    egress_cli.add_arguments(parser)
+    return egress_cli.network_from_args(parser.parse_args(argv))
+
+
+def test_cli_options_build_the_policy() -> None:
+    assert _parse() == ("none", None)
+    mode, policy = _parse(
+        "--allow", "203.0.113.0/24:443", "--allow-host", "api.openai.com:443",
+        "--allow-host", "*.githubusercontent.com", "--egress-rate", "1MiB/s", "--conn-rate", "20/s",
+    )  # fmt: skip
+    assert mode == "egress" and policy is not None
+    assert policy.rate_bps == 1 << 20 and policy.conn_per_sec == 20 and len(policy.host_rules) == 2
+    assert _parse("--net", "host", "--allow", "10.0.0.1")[0] == "host"
+    assert _parse("--net", "egress")[1] == EgressPolicy()
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--allow", "10.0.0.0/33"], "--allow '10.0.0.0/33'"),
+        (["--allow-host", ""], "--allow-host ''"),
+        (["--egress-rate", "fast"], "--egress-rate 'fast'"),
+        (["--net", "none", "--allow", "10.0.0.1"], "--net none"),
+    ],
+)
+def test_cli_bad_options_are_usage_errors(argv: list[str], fragment: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        _parse(*argv)
