@@ -21,7 +21,7 @@ from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder
 from agentnode.errors import EgressError
 from conftest import root_only
-from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, World, scratch_cgroup
+from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
 
 pytestmark = root_only
 
@@ -47,6 +47,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "addrs": [HOST4],
                 "records": {
                     "allowed.test": [HOST4],
+                    "six.test": [HOST4, HOST6],
                     "short.test": [HOST4],
                     "blocked.test": [HOST4],
                 },
@@ -218,6 +219,44 @@ def test_dns_names_redirect_refusal_and_expiry(world: World, cgroup: Path) -> No
         assert fwd.refused == 1 and fwd.answered == 2
         assert eg.stats()["dns_redirected"] == 3
         assert eg.expire() == 1
+
+
+class Forwarders:
+    """One forwarder per address family, as the node runs them on the bridge."""
+
+    def __init__(self) -> None:
+        self.all = [DnsForwarder(upstream=(HOST4, 53)) for _ in range(2)]
+
+    async def close(self) -> None:
+        for f in self.all:
+            await f.close()
+
+
+def test_dns_ipv6_redirect_and_aaaa(world: World, cgroup: Path) -> None:
+    async def start(loop: asyncio.AbstractEventLoop) -> Forwarders:
+        fw = Forwarders()
+        for fwd, addr in zip(fw.all, (HOST4, HOST6), strict=True):
+            await loop.create_datagram_endpoint(lambda f=fwd: f, local_addr=(addr, FWD_PORT + 1))
+        return fw
+
+    policy = EgressPolicy(hosts=["six.test:8080"])
+    dns = [(HOST4, FWD_PORT + 1), (HOST6, FWD_PORT + 1)]
+    with world.in_hosts_thread(start) as fw, Egress.attach(cgroup, policy, dns=dns) as eg:
+        for fwd in fw.all:
+            fwd.add_task(TASK4, eg)
+            fwd.add_task(TASK6, eg)
+        before, resolved, after, port, v4 = world.run(
+            cgroup,
+            connect(HOST6, 8080),
+            {"op": "resolve", "name": "six.test", "rdtype": "AAAA", "server": OTHER6},
+            connect(HOST6, 8080),
+            connect(HOST6, 9090),
+            connect(HOST4, 8080),  # only the AAAA answer was learned
+        )
+        assert before["errno"] == errno.EPERM
+        assert resolved == {"ok": True, "rcode": "NOERROR", "addrs": [HOST6]}
+        assert after["ok"] and port["errno"] == errno.EPERM and v4["errno"] == errno.EPERM
+        assert fw.all[1].answered == 1 and fw.all[0].answered == 0
 
 
 def test_sigkill_of_owner_detaches_everything(world: World, cgroup: Path) -> None:
