@@ -76,11 +76,42 @@ def attached_programs(cg: Path) -> list[str]:
     return [p["name"] for p in json.loads(out.stdout.strip() or "[]")]
 
 
-def test_deny_by_default_cidr_port_ipv6_and_counters(world: World, cgroup: Path) -> None:
+def map_ids(cg: Path) -> set[int]:
+    ids: set[int] = set()
+    for prog in json.loads(
+        subprocess.run(
+            ["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True, check=True
+        ).stdout
+    ):
+        info = subprocess.run(
+            ["bpftool", "-j", "prog", "show", "id", str(prog["id"])],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        ids.update(json.loads(info.stdout).get("map_ids", []))
+    return ids
+
+
+def map_exists(map_id: int) -> bool:
+    return (
+        subprocess.run(
+            ["bpftool", "map", "show", "id", str(map_id)], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+def test_deny_by_default_cidr_port_ipv6_and_counters(
+    world: World, cgroup: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="agentnode.audit.egress")
     denials: list[Denial] = []
     policy = EgressPolicy(allow=[f"{HOST4}/32:8080", f"[{HOST6}/128]:8080"])
     with Egress.attach(cgroup, policy, on_denial=denials.append) as eg:
         assert len(attached_programs(cgroup)) == 9
+        maps = map_ids(cgroup)
+        assert len(maps) >= 5
         size = 2_000_000
         r = world.run(
             cgroup,
@@ -114,7 +145,13 @@ def test_deny_by_default_cidr_port_ipv6_and_counters(world: World, cgroup: Path)
     assert (HOST4, 7000, "udp", "policy") in reasons
     assert (HOST4, 0, "icmp", "backstop") in reasons
     assert (HOST6, 9090, "tcp", "policy") in reasons
+    assert f"{HOST4} port 9090 (policy)" in caplog.text
+    # Closed: no program on the cgroup, and its maps are freed (the kernel frees them after RCU).
     assert attached_programs(cgroup) == []
+    deadline = time.monotonic() + 5
+    while any(map_exists(m) for m in maps) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map_exists(m) for m in maps)
 
 
 def test_live_update_applies_to_next_connection(world: World, cgroup: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from agentnode.egress.policy import EgressPolicy, PortRange, services_rules
 from agentnode.errors import PolicyError
 
 __all__ = ["Denial", "Egress"]
+
+# The node's audit log: one record per denial, whatever callbacks are registered.
+audit = logging.getLogger("agentnode.audit.egress")
 
 _IPPROTO = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 255: "raw"}
 
@@ -142,12 +146,17 @@ class Egress:
         return self._handle.counters()
 
     def poll_denials(self) -> list[Denial]:
-        """Reads queued denial events, calls the callbacks with each, and returns them."""
+        """Reads queued denial events, writes each to the audit log (`agentnode.audit.egress`),
+        calls the callbacks with it, and returns them."""
         out = [
             Denial(t, cg, _address(a), port, _IPPROTO.get(proto, str(proto)), reason, pid)
             for (t, cg, a, port, proto, reason, pid) in self._handle.denials()
         ]
         for d in out:
+            audit.info(
+                "egress denied: cgroup %s pid %d %s %s port %d (%s)",
+                self.cgroup_dir, d.pid, d.protocol, d.address, d.port, d.reason,
+            )  # fmt: skip
             for cb in self._callbacks:
                 cb(d)
         return out
