@@ -49,6 +49,17 @@ def udp(op: dict) -> dict:
     return {"ok": True}
 
 
+def fastopen(op: dict) -> dict:
+    """TCP Fast Open: sendto() with data connects without connect()."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.sendto(b"hello", socket.MSG_FASTOPEN, (op["host"], op["port"]))
+    except OSError as e:
+        return {"ok": False, "errno": e.errno}
+    return {"ok": True}
+
+
 def raw_icmp(op: dict) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     s.settimeout(0.5)
@@ -111,6 +122,7 @@ def iperf(op: dict) -> dict:
 
 
 OPS = {
+    "fastopen": fastopen,
     "udp_connect_loop": udp_connect_loop,
     "resolve_loop": resolve_loop,
     "iperf": iperf,

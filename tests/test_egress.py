@@ -125,17 +125,18 @@ def test_deny_by_default_cidr_port_ipv6_and_counters(
             connect(OTHER6, 8080),
             connect(f"::ffff:{HOST4}", 8080),
             connect(f"::ffff:{HOST4}", 9090),
+            {"op": "fastopen", "host": HOST4, "port": 9090},
         )
-        ok, port, host, udp, icmp, v6, v6port, v6host, mapped, mapped_port = r
+        ok, port, host, udp, icmp, v6, v6port, v6host, mapped, mapped_port, tfo = r
         assert ok["ok"] and ok["reply"] == str(size)
-        for denied in (port, host, udp, v6port, v6host, mapped_port):
+        for denied in (port, host, udp, v6port, v6host, mapped_port, tfo):
             assert not denied["ok"] and denied["errno"] == errno.EPERM, denied
         assert port["ms"] < 1.0 and host["ms"] < 1.0  # at once, never a timeout
         assert not icmp["ok"] and icmp["errno"] == errno.EPERM
         assert v6["ok"] and mapped["ok"]
         stats = eg.stats()
         assert size <= stats["bytes_out"] <= size * 1.01 + 20_000
-        assert stats["connections_denied"] == 6
+        assert stats["connections_denied"] == 7
         assert stats["connections_allowed"] == 3
         assert stats["packets_dropped"] >= 1
         assert stats["bytes_in"] > 0 and stats["packets_out"] > 0
@@ -205,14 +206,14 @@ def test_conn_rate(world: World, cgroup: Path) -> None:
 
 
 def test_rate_limit_transfer_time(world: World, cgroup: Path) -> None:
-    size, rate = 4 * 1024 * 1024, 1024 * 1024
+    size, rate = 20 * 1000 * 1000, 1024 * 1024
     with Egress.attach(cgroup, EgressPolicy(allow=[f"{HOST4}:8080"], rate="1MiB/s")) as eg:
         (r,) = world.run(cgroup, connect(HOST4, 8080, send=size))
         assert r["reply"] == str(size)
         expected = size / rate
         assert expected * 0.9 <= r["seconds"] <= expected * 1.1, r
-        # The congestion bit makes TCP back off: few retransmits for ~100 TSO segments a second.
-        assert r["retrans"] < 50, r
+        # TCP paces itself at the rate and backs off on the congestion bit: few retransmits.
+        assert r["retrans"] < 100, r
         assert eg.stats()["bytes_out"] >= size
 
 
