@@ -171,6 +171,18 @@ def test_live_update_applies_to_next_connection(world: World, cgroup: Path) -> N
         assert [x["ok"] for x in r] == [True, True, True]
 
 
+def test_update_forgets_dns_learned_addresses_when_host_rules_change(
+    world: World, cgroup: Path
+) -> None:
+    with Egress.attach(cgroup, EgressPolicy(hosts=["a.test:8080"])) as eg:
+        eg.allow_resolved(HOST4, eg.policy.host_ports("a.test"), ttl=60)
+        assert world.run(cgroup, connect(HOST4, 8080))[0]["ok"]
+        eg.update(EgressPolicy(hosts=["a.test:8080"], rate="10MiB/s"))  # same names: kept
+        assert world.run(cgroup, connect(HOST4, 8080))[0]["ok"]
+        eg.update(EgressPolicy(hosts=["b.test:8080"]))
+        assert world.run(cgroup, connect(HOST4, 8080))[0]["errno"] == errno.EPERM
+
+
 def test_two_tasks_do_not_leak_into_each_other(world: World) -> None:
     with (
         scratch_cgroup() as a,

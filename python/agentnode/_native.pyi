@@ -43,6 +43,8 @@ class EgressHandle:
         """Allows one address (16 bytes) on `ports` for `ttl` seconds."""
     def expire_exact(self) -> int:
         """Removes expired exact-IP entries; returns how many."""
+    def clear_exact(self) -> int:
+        """Forgets every DNS-learned address; returns how many."""
     def rule_entries(self) -> int:
         """The number of CIDR entries in the kernel trie."""
     def counters(self) -> dict[str, int]:

@@ -119,8 +119,13 @@ class Egress:
         return self._policy
 
     def update(self, policy: EgressPolicy) -> None:
-        """Replaces the policy live (map updates only); applies to the next connection."""
+        """Replaces the policy live (map updates only); applies to the next connection.
+
+        When the host rules change, addresses learned from DNS are forgotten: one learned for a
+        name the new policy drops must not stay reachable until its TTL runs out."""
         self._handle.set_rules(self._rules(policy, self._services))
+        if policy.host_rules != self._policy.host_rules:
+            self._handle.clear_exact()
         if (policy.rate_bps, policy.conn_per_sec) != (
             self._policy.rate_bps,
             self._policy.conn_per_sec,

@@ -147,6 +147,11 @@ impl EgressHandle {
         self.with(py, Egress::expire_exact)
     }
 
+    /// Forgets every DNS-learned address; returns how many.
+    fn clear_exact(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, Egress::clear_exact)
+    }
+
     /// The number of CIDR entries in the kernel trie.
     fn rule_entries(&self, py: Python<'_>) -> PyResult<usize> {
         self.with(py, |e| Ok(e.rule_entries()))

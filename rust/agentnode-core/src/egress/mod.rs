@@ -271,6 +271,22 @@ impl Egress {
         Ok(stale.len())
     }
 
+    /// Forgets every DNS-learned address (the host rules changed; the task resolves again).
+    pub fn clear_exact(&mut self) -> Result<usize> {
+        let keys: Vec<[u8; 16]> = self
+            .exact
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect();
+        for k in &keys {
+            self.exact.remove(k).map_err(|source| Error::Map {
+                name: "exact",
+                source,
+            })?;
+        }
+        Ok(keys.len())
+    }
+
     /// The number of CIDR entries in the kernel trie (after merging and inheritance).
     #[must_use]
     pub fn rule_entries(&self) -> usize {
