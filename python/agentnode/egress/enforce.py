@@ -54,16 +54,17 @@ class Egress:
     def __init__(
         self,
         handle: _native.EgressHandle,
+        cgroup_dir: str,
         policy: EgressPolicy,
         services: Sequence[tuple[str, int]],
         on_denial: Callable[[Denial], None] | None,
     ) -> None:
+        self.cgroup_dir = cgroup_dir
         self._handle = handle
         self._policy = policy
         self._services = tuple(services)
         self._callbacks: list[Callable[[Denial], None]] = [on_denial] if on_denial else []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.cgroup_dir = ""
 
     @classmethod
     def attach(
@@ -103,9 +104,7 @@ class Egress:
             dns_v6=v6,
             dns_port=port,
         )
-        me = cls(handle, policy, services, on_denial)
-        me.cgroup_dir = os.fspath(cgroup2_dir)
-        return me
+        return cls(handle, os.fspath(cgroup2_dir), policy, services, on_denial)
 
     @staticmethod
     def _rules(
