@@ -6,3 +6,8 @@
 
 /// The doctor's probe: a pass-all `cgroup_skb/egress` program and a ring buffer map.
 pub static PROBE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.bpf.o"));
+
+/// Egress enforcement: `sock_addr` hooks, the `cgroup_skb` backstop and rate limiter, and their maps
+/// (`ebpf/egress.bpf.c`).
+pub static EGRESS_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));

@@ -6,6 +6,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
+pub mod egress;
 pub mod sandbox;
 pub mod sched;
 pub mod sys;

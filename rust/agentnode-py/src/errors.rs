@@ -15,6 +15,10 @@ pub enum NativeError {
     Sched(#[from] agentnode_core::sched::Error),
     #[error(transparent)]
     Vector(#[from] agentnode_core::vector::Error),
+    #[error(transparent)]
+    Egress(#[from] agentnode_core::egress::Error),
+    #[error("the egress handle is closed (attach a new one)")]
+    Closed,
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -30,6 +34,8 @@ impl NativeError {
             Self::Vector(_) => "VectorError",
             Self::Json(_) => "AgentnodeError",
             Self::Sched(_) => "SchedulerError",
+            Self::Egress(agentnode_core::egress::Error::Policy(_)) => "PolicyError",
+            Self::Egress(_) | Self::Closed => "EgressError",
         }
     }
 }

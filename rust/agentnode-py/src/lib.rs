@@ -2,6 +2,7 @@
 //! owned Rust values, releases the GIL around blocking work, and maps errors to the exceptions
 //! of `agentnode.errors`. Typed in `python/agentnode/_native.pyi`.
 
+mod egress;
 mod errors;
 mod isolation;
 mod sched;
@@ -40,5 +41,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     isolation::register(m)?;
     sched::register(m)?;
     vector::register(m)?;
+    egress::register(m)?;
     Ok(())
 }

@@ -1,0 +1,104 @@
+"""Egress enforcement cost, each against the same topology in the same run without it:
+iperf3 throughput from a task with a 10k-entry policy, connect() latency added by the hooks,
+DNS answer latency through the forwarder vs straight to the resolver, and a 10k-entry policy
+update, all entries changed and one added (against the issue's 10 ms goal). Needs root; builds its own netns world."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _harness import Bench, percentile
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+
+from agentnode.egress import Egress, EgressPolicy
+from agentnode.egress.dns import DnsForwarder
+from egress_world import HOST4, TASK4, World, scratch_cgroup
+
+
+def big_policy(n: int, port: int) -> EgressPolicy:
+    """`n` distinct /32 rules in 10.0.0.0/8 (never contacted) plus the bench's own host."""
+    rules = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:{port}" for i in range(n - 1)]
+    return EgressPolicy(allow=[*rules, f"{HOST4}:5201", f"{HOST4}:8080"], hosts=["bench.test"])
+
+
+def main() -> None:
+    bench = Bench.from_args("egress")
+    seconds = 1 if bench.quick else 5
+    connects = 20_000 if bench.quick else 200_000
+    queries = 200 if bench.quick else 2000
+    with World() as world, scratch_cgroup() as cg:
+        world.serve(
+            dns={
+                "addrs": [HOST4],
+                "records": {"bench.test": [HOST4]},
+                "ttl": 60,
+                "log": "/dev/null",
+            }
+        )
+        iperf = subprocess.Popen(
+            ["ip", "netns", "exec", world.hosts, "iperf3", "-s", "-B", HOST4, "-p", "5201"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.3)
+            run_benches(bench, world, cg, seconds, connects, queries)
+        finally:
+            iperf.kill()
+            iperf.wait()
+    bench.save()
+
+
+def run_benches(
+    bench: Bench, world: World, cg: Path, seconds: int, connects: int, queries: int
+) -> None:
+    policy = big_policy(10_000, 443)
+
+    async def start(loop: asyncio.AbstractEventLoop) -> DnsForwarder:
+        fwd = DnsForwarder(upstream=(HOST4, 53))
+        await loop.create_datagram_endpoint(lambda: fwd, local_addr=(HOST4, 5300))
+        return fwd
+
+    def measure() -> tuple[float, float, list[float]]:
+        tput, conn, dns_ = world.run(
+            cg,
+            {"op": "iperf", "host": HOST4, "port": 5201, "seconds": seconds},
+            {"op": "udp_connect_loop", "host": HOST4, "port": 8080, "n": connects},
+            {"op": "resolve_loop", "name": "bench.test", "server": HOST4, "n": queries},
+            timeout=120,
+        )
+        return tput["bps"], conn["ns"], dns_["ms"]
+
+    bare_bps, bare_ns, bare_dns = measure()
+    with world.in_hosts_thread(start) as fwd, Egress.attach(cg, policy, dns=[(HOST4, 5300)]) as eg:
+        fwd.add_task(TASK4, eg)
+        ours_bps, ours_ns, ours_dns = measure()
+        other = big_policy(10_000, 444)
+        t = time.perf_counter()
+        eg.update(other)
+        update_ms = (time.perf_counter() - t) * 1000
+        grown = EgressPolicy(allow=[*other.allow, "10.255.255.255:1"], hosts=other.hosts)
+        t = time.perf_counter()
+        eg.update(grown)
+        add_one_ms = (time.perf_counter() - t) * 1000
+    bench.record("throughput", ours_bps / 1e9, bare_bps / 1e9, "Gbit/s",
+                 peer_name="same netns, no programs", higher_is_better=True)  # fmt: skip
+    bench.record(
+        "connect_ns", ours_ns, bare_ns, "ns/connect", peer_name="UDP connect() without hooks"
+    )
+    bench.record("dns_p99_ms", percentile(ours_dns, 99), percentile(bare_dns, 99), "ms",
+                 peer_name="straight to the resolver, no forwarder")  # fmt: skip
+    bench.record(
+        "update_10k_ms", update_ms, 10.0, "ms", peer_name="issue goal; every entry changes"
+    )
+    bench.record(
+        "update_add1_of_10k_ms", add_one_ms, 10.0, "ms", peer_name="issue goal; one entry added"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Egress enforcement for one task's cgroup2 node. Every map belongs to one loaded instance of
+ * this object, i.e. to one task: two tasks never share a policy, a clock or a counter.
+ *
+ * Sockets are checked where they name a destination (connect4/6, sendmsg4/6): deny by default,
+ * allow what the CIDR trie, the DNS-learned exact-IP hash or loopback allows. cgroup_skb/egress
+ * is the backstop for what those hooks never see (raw and ICMP sockets) and the rate limiter. */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/socket.h>
+#include <asm-generic/socket.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "agentnode.h"
+
+#define NSEC_PER_SEC 1000000000ULL
+#define SOCK_STREAM_ 1
+#define SOCK_DGRAM_ 2
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct an_lpm_key);
+	__type(value, struct an_ports);
+} allow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u8[16]);
+	__type(value, struct an_exact);
+} exact SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct an_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} clocks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, AN_C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct orig_dst {
+	__u8 addr[16];
+	__u32 port; /* network order, as in bpf_sock_addr.user_port */
+};
+
+/* Where a redirected DNS query was really sent, by socket cookie, for the recvmsg rewrite. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+} dns_orig SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} denials SEC(".maps");
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+
+	if (c)
+		*c += n;
+}
+
+static __always_inline struct an_config *cfg(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
+static __always_inline int ports_match(const struct an_ports *p, __u16 port, __u8 proto)
+{
+#pragma unroll
+	for (int i = 0; i < AN_MAX_PORT_RANGES; i++) {
+		if (i >= p->n)
+			break;
+		if ((p->proto[i] & proto) && port >= p->lo[i] && port <= p->hi[i])
+			return 1;
+	}
+	return 0;
+}
+
+/* BPF has no memcmp: compare 16-byte addresses as four words. */
+static __always_inline int eq16(const __u8 *a, const __u8 *b)
+{
+	__u32 x[4], y[4];
+
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline int is_loopback(const __u8 *a)
+{
+	__u32 w[4];
+
+	__builtin_memcpy(w, a, 16);
+	if (w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1))
+		return 1;
+	/* ::ffff:127.0.0.0/104 */
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 &&
+	       a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff &&
+	       a[11] == 0xff && a[12] == 127;
+}
+
+/* port: host order; proto: AN_PROTO_* bit. */
+static __always_inline int allowed(const __u8 *addr, __u16 port, __u8 proto)
+{
+	struct an_lpm_key key = {.prefixlen = 128};
+	struct an_ports *p;
+	struct an_exact *e;
+
+	if (is_loopback(addr))
+		return 1;
+	__builtin_memcpy(key.addr, addr, 16);
+	p = bpf_map_lookup_elem(&allow, &key);
+	if (p && ports_match(p, port, proto))
+		return 1;
+	e = bpf_map_lookup_elem(&exact, key.addr);
+	if (e && e->expires_ns > bpf_ktime_get_boot_ns() && ports_match(&e->ports, port, proto))
+		return 1;
+	return 0;
+}
+
+static __always_inline void deny_event(__u64 cgroup_id, const __u8 *addr, __u16 port, __u8 proto,
+				       __u8 reason)
+{
+	struct an_denial *d = bpf_ringbuf_reserve(&denials, sizeof(*d), 0);
+
+	if (!d)
+		return;
+	d->time_ns = bpf_ktime_get_boot_ns();
+	d->cgroup_id = cgroup_id;
+	__builtin_memcpy(d->addr, addr, 16);
+	d->port = port;
+	d->proto = proto;
+	d->reason = reason;
+	d->pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_ringbuf_submit(d, 0);
+}
+
+/* A virtual clock (`now` from the clock the caller uses): each event pushes the clock by `cost`; the event is over budget when the
+ * clock would run more than `horizon` ahead of now. Lock-free: racing CPUs each add their cost
+ * atomically, and a loser of the idle-reset race only loses the reset, never a charge. */
+static __always_inline __s64 clock_charge(__u32 idx, __u64 cost, __u64 horizon, __u64 now)
+{
+	__u64 *clk = bpf_map_lookup_elem(&clocks, &idx);
+	__u64 old, next;
+
+	if (!clk)
+		return 0;
+	old = *clk;
+	if (old < now)
+		__sync_val_compare_and_swap(clk, old, now);
+	next = __sync_fetch_and_add(clk, cost) + cost;
+	if (next > now + horizon) {
+		__sync_fetch_and_sub(clk, cost);
+		return -1;
+	}
+	return (__s64)(next - now);
+}
+
+static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol == IPPROTO_TCP)
+		return AN_PROTO_TCP;
+	if (ctx->protocol == IPPROTO_UDP)
+		return AN_PROTO_UDP;
+	return 0;
+}
+
+static __always_inline void addr4(__u8 *out, __u32 ip4)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(out + 12, &ip4, 4);
+}
+
+static __always_inline void addr6(__u8 *out, struct bpf_sock_addr *ctx)
+{
+	__u32 w[4];
+
+	w[0] = ctx->user_ip6[0];
+	w[1] = ctx->user_ip6[1];
+	w[2] = ctx->user_ip6[2];
+	w[3] = ctx->user_ip6[3];
+	__builtin_memcpy(out, w, 16);
+}
+
+static __always_inline int zero16(const __u8 *a)
+{
+	__u32 w[4];
+
+	__builtin_memcpy(w, a, 16);
+	return (w[0] | w[1] | w[2] | w[3]) == 0;
+}
+
+/* Sends port-53 traffic to the node's forwarder; returns 1 when it did. */
+static __always_inline int dns_redirect(struct bpf_sock_addr *ctx, const __u8 *addr, int v6)
+{
+	struct an_config *c = cfg();
+	struct orig_dst o = {};
+	__u64 cookie;
+
+	if (!c || c->dns_port == 0 || bpf_ntohs((__u16)ctx->user_port) != 53)
+		return 0;
+	if (v6 ? zero16(c->dns6) : (c->dns4[0] | c->dns4[1] | c->dns4[2] | c->dns4[3]) == 0)
+		return 0;
+	__builtin_memcpy(o.addr, addr, 16);
+	o.port = ctx->user_port;
+	cookie = bpf_get_socket_cookie(ctx);
+	bpf_map_update_elem(&dns_orig, &cookie, &o, BPF_ANY);
+	if (v6) {
+		__u32 w[4];
+
+		__builtin_memcpy(w, c->dns6, 16);
+		ctx->user_ip6[0] = w[0];
+		ctx->user_ip6[1] = w[1];
+		ctx->user_ip6[2] = w[2];
+		ctx->user_ip6[3] = w[3];
+	} else {
+		__u32 ip;
+
+		__builtin_memcpy(&ip, c->dns4, 4);
+		ctx->user_ip4 = ip;
+	}
+	ctx->user_port = c->dns_port;
+	count(AN_C_DNS_REDIRECTED, 1);
+	return 1;
+}
+
+static __always_inline int check(struct bpf_sock_addr *ctx, const __u8 *addr, int v6, int is_connect)
+{
+	__u8 proto = sock_proto(ctx);
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	struct an_config *c;
+
+	if (!proto)
+		return 1; /* not TCP/UDP: the cgroup_skb backstop decides */
+	if (dns_redirect(ctx, addr, v6)) {
+		count(AN_C_CONN_ALLOWED, 1);
+		return 1;
+	}
+	if (!allowed(addr, port, proto)) {
+		count(AN_C_CONN_DENIED, 1);
+		deny_event(bpf_get_current_cgroup_id(), addr, port, ctx->protocol, AN_R_POLICY);
+		return 0;
+	}
+	c = cfg();
+	if (is_connect && c && c->conn_per_sec && !is_loopback(addr) &&
+	    clock_charge(AN_CLOCK_CONNS, NSEC_PER_SEC / c->conn_per_sec, c->conn_burst_ns,
+			 bpf_ktime_get_boot_ns()) < 0) {
+		count(AN_C_CONN_DENIED, 1);
+		deny_event(bpf_get_current_cgroup_id(), addr, port, ctx->protocol, AN_R_CONN_RATE);
+		return 0;
+	}
+	count(AN_C_CONN_ALLOWED, 1);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int egress_connect4(struct bpf_sock_addr *ctx)
+{
+	__u8 a[16];
+
+	addr4(a, ctx->user_ip4);
+	return check(ctx, a, 0, 1);
+}
+
+SEC("cgroup/connect6")
+int egress_connect6(struct bpf_sock_addr *ctx)
+{
+	__u8 a[16];
+
+	addr6(a, ctx);
+	return check(ctx, a, 1, 1);
+}
+
+SEC("cgroup/sendmsg4")
+int egress_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	__u8 a[16];
+
+	addr4(a, ctx->user_ip4);
+	return check(ctx, a, 0, 0);
+}
+
+SEC("cgroup/sendmsg6")
+int egress_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	__u8 a[16];
+
+	addr6(a, ctx);
+	return check(ctx, a, 1, 0);
+}
+
+/* Answers from the forwarder appear to come from the resolver the task asked. */
+SEC("cgroup/recvmsg4")
+int egress_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct an_config *c = cfg();
+	struct orig_dst *o;
+	__u64 cookie;
+	__u32 ip;
+
+	if (!c || c->dns_port == 0 || ctx->user_port != c->dns_port)
+		return 1;
+	__builtin_memcpy(&ip, c->dns4, 4);
+	if (ctx->user_ip4 != ip)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = bpf_map_lookup_elem(&dns_orig, &cookie);
+	if (!o)
+		return 1;
+	__builtin_memcpy(&ip, o->addr + 12, 4);
+	ctx->user_ip4 = ip;
+	ctx->user_port = o->port;
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int egress_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct an_config *c = cfg();
+	struct orig_dst *o;
+	__u8 a[16];
+	__u32 w[4];
+	__u64 cookie;
+
+	if (!c || c->dns_port == 0 || ctx->user_port != c->dns_port)
+		return 1;
+	addr6(a, ctx);
+	if (!eq16(a, c->dns6))
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = bpf_map_lookup_elem(&dns_orig, &cookie);
+	if (!o)
+		return 1;
+	__builtin_memcpy(w, o->addr, 16);
+	ctx->user_ip6[0] = w[0];
+	ctx->user_ip6[1] = w[1];
+	ctx->user_ip6[2] = w[2];
+	ctx->user_ip6[3] = w[3];
+	ctx->user_port = o->port;
+	return 1;
+}
+
+/* Destination of an outgoing packet, IPv4-mapped for IPv4; returns 0 if unparseable. */
+static __always_inline int packet_dst(struct __sk_buff *skb, __u8 *dst)
+{
+	if (skb->protocol == bpf_htons(0x0800)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			return 0;
+		addr4(dst, ip.daddr);
+		return 1;
+	}
+	if (skb->protocol == bpf_htons(0x86DD)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
+			return 0;
+		__builtin_memcpy(dst, &ip6.daddr, 16);
+		return 1;
+	}
+	return 0;
+}
+
+SEC("cgroup_skb/egress")
+int egress_skb(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct an_config *c;
+	__u8 dst[16] = {};
+	__s64 ahead;
+	__u32 segs;
+
+	if (!packet_dst(skb, dst))
+		return AN_SKB_DROP;
+	if (is_loopback(dst))
+		return AN_SKB_PASS;
+	/* TCP and UDP sockets named their destination to connect/sendmsg, which checked it; a
+	 * request or timewait socket only answers a connection. Anything else (raw, ICMP) is
+	 * denied here. */
+	if (sk) {
+		sk = bpf_sk_fullsock(sk);
+		if (!sk) {
+			/* request/timewait minisockets exist only for TCP */
+		} else if (!((sk->type == SOCK_STREAM_ && sk->protocol == IPPROTO_TCP) ||
+			     (sk->type == SOCK_DGRAM_ && sk->protocol == IPPROTO_UDP))) {
+			count(AN_C_PACKETS_DROPPED, 1);
+			deny_event(bpf_skb_cgroup_id(skb), dst, 0, sk->protocol, AN_R_BACKSTOP);
+			return AN_SKB_DROP;
+		}
+	}
+	segs = skb->gso_segs ? skb->gso_segs : 1;
+	c = cfg();
+	if (c && c->rate_bps) {
+		__u64 now = bpf_ktime_get_ns(), cost = (__u64)skb->len * NSEC_PER_SEC / c->rate_bps;
+
+		ahead = clock_charge(AN_CLOCK_BYTES, cost, c->rate_burst_ns, now);
+		if (ahead < 0) {
+			count(AN_C_RATE_DROPPED, segs);
+			return AN_SKB_DROP | AN_SKB_CN;
+		}
+		/* EDT: the packet may leave when its slot on the virtual clock starts; an fq qdisc
+		 * holds it until then and TCP small queues make the socket wait instead of drop. */
+		if ((__u64)ahead > cost && skb->tstamp < now + ahead - cost)
+			skb->tstamp = now + ahead - cost;
+		count(AN_C_BYTES_OUT, skb->len);
+		count(AN_C_PACKETS_OUT, segs);
+		/* Past a quarter of the horizon TCP is asked to back off before anything drops. */
+		return ahead > (__s64)(c->rate_burst_ns / 4) ? (AN_SKB_PASS | AN_SKB_CN) : AN_SKB_PASS;
+	}
+	count(AN_C_BYTES_OUT, skb->len);
+	count(AN_C_PACKETS_OUT, segs);
+	return AN_SKB_PASS;
+}
+
+/* TCP paces itself (an hrtimer, no qdisc needed) once a socket has a maximum pacing rate, so a
+ * single connection stays under the task's rate instead of bursting into the limiter's drops.
+ * The limiter above still enforces the aggregate of every socket. */
+SEC("sockops")
+int egress_sockops(struct bpf_sock_ops *skops)
+{
+	struct an_config *c;
+	__u32 rate;
+
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB &&
+	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	c = cfg();
+	if (!c || !c->rate_bps)
+		return 1;
+	rate = c->rate_bps > 0xfffffffeULL ? 0xfffffffe : (__u32)c->rate_bps;
+	bpf_setsockopt(skops, SOL_SOCKET, SO_MAX_PACING_RATE, &rate, sizeof(rate));
+	return 1;
+}
+
+SEC("cgroup_skb/ingress")
+int egress_skb_in(struct __sk_buff *skb)
+{
+	count(AN_C_BYTES_IN, skb->len);
+	count(AN_C_PACKETS_IN, skb->gso_segs ? skb->gso_segs : 1);
+	return AN_SKB_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,20 @@
+"""Layer 2: kernel-enforced egress. A task's policy lives in BPF maps on its cgroup2 node:
+deny by default, CIDR/port rules, DNS-name rules through the node's forwarder, rate limits,
+counters and denial events."""
+
+from agentnode.egress.dns import DnsForwarder
+from agentnode.egress.enforce import Denial, Egress
+from agentnode.egress.network import NodeNetwork, TaskNet
+from agentnode.egress.policy import EgressPolicy, HostRule, NetRule, PortRange
+
+__all__ = [
+    "Denial",
+    "DnsForwarder",
+    "Egress",
+    "EgressPolicy",
+    "HostRule",
+    "NetRule",
+    "NodeNetwork",
+    "PortRange",
+    "TaskNet",
+]

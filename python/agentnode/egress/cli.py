@@ -1,0 +1,76 @@
+"""The egress options of commands that start tasks (`agentnode exec` in Layer 1): `--net`,
+`--allow`, `--allow-host`, `--egress-rate`, `--conn-rate`. A bad value is a usage error that
+names the option and the rule."""
+
+from __future__ import annotations
+
+import argparse
+
+from agentnode.egress.policy import EgressPolicy
+from agentnode.errors import PolicyError, UsageError
+
+__all__ = ["NET_MODES", "add_arguments", "network_from_args"]
+
+NET_MODES = ("none", "egress", "host")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the egress option group to `parser`."""
+    g = parser.add_argument_group("network egress")
+    g.add_argument(
+        "--net",
+        choices=NET_MODES,
+        help="none: loopback only; egress (default with any --allow*): own netns on the node "
+        "bridge, BPF-enforced; host: host netns with BPF only (weaker: host loopback reachable)",
+    )
+    g.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR[:PORTS]",
+        help="allow a network, e.g. 203.0.113.0/24:443, [2001:db8::/32]:8000-8100/udp (repeatable)",
+    )
+    g.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME[:PORTS]",
+        help="allow a DNS name or *.suffix, e.g. api.openai.com:443 (repeatable)",
+    )
+    g.add_argument("--egress-rate", metavar="RATE", help="bytes/s out, e.g. 1MiB/s")
+    g.add_argument("--conn-rate", metavar="N/s", help="new connections per second, e.g. 20/s")
+
+
+def network_from_args(args: argparse.Namespace) -> tuple[str, EgressPolicy | None]:
+    """The network mode and policy the options ask for; `UsageError` names a bad option."""
+    options = (
+        [("--allow", r) for r in args.allow]
+        + [("--allow-host", r) for r in args.allow_host]
+        + [("--egress-rate", args.egress_rate), ("--conn-rate", args.conn_rate)]
+    )
+    for flag, value in options:
+        if value is None:
+            continue
+        try:
+            if flag == "--allow":
+                EgressPolicy(allow=[value])
+            elif flag == "--allow-host":
+                EgressPolicy(hosts=[value])
+            elif flag == "--egress-rate":
+                EgressPolicy(rate=value)
+            else:
+                EgressPolicy(conn_rate=value)
+        except PolicyError as e:
+            raise UsageError(f"{flag} {value!r}: {e}") from None
+    wants_policy = bool(args.allow or args.allow_host or args.egress_rate or args.conn_rate)
+    mode = args.net or ("egress" if wants_policy else "none")
+    if mode == "none":
+        if wants_policy:
+            raise UsageError(
+                "--net none allows no egress (drop the --allow*/rate options or use --net egress)"
+            )
+        return mode, None
+    policy = EgressPolicy(
+        allow=args.allow, hosts=args.allow_host, rate=args.egress_rate, conn_rate=args.conn_rate
+    )
+    return mode, policy

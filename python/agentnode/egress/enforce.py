@@ -1,0 +1,198 @@
+"""`Egress`: a policy enforced in the kernel on one cgroup2 node, updated live, with counters and
+denial events. Layer 1 attaches one to each task's cgroup; tests attach to scratch nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from agentnode import _native
+from agentnode.egress.policy import EgressPolicy, PortRange, services_rules
+from agentnode.errors import PolicyError
+
+__all__ = ["Denial", "Egress"]
+
+# The node's audit log: one record per denial, whatever callbacks are registered.
+audit = logging.getLogger("agentnode.audit.egress")
+
+_IPPROTO = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 255: "raw"}
+
+
+@dataclass(frozen=True)
+class Denial:
+    """One denied destination: what the audit log and callbacks receive."""
+
+    time_ns: int
+    cgroup_id: int
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    protocol: str
+    reason: str
+    pid: int
+
+
+def _address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    v6 = ipaddress.IPv6Address(raw)
+    return v6.ipv4_mapped or v6
+
+
+def _packed16(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv4Address):
+        return b"\0" * 10 + b"\xff\xff" + addr.packed
+    return addr.packed
+
+
+class Egress:
+    """Egress enforcement on one cgroup2 directory. Use `Egress.attach(...)`; `close()` detaches."""
+
+    def __init__(
+        self,
+        handle: _native.EgressHandle,
+        cgroup_dir: str,
+        policy: EgressPolicy,
+        services: Sequence[tuple[str, int]],
+        on_denial: Callable[[Denial], None] | None,
+    ) -> None:
+        self.cgroup_dir = cgroup_dir
+        self._handle = handle
+        self._policy = policy
+        self._services = tuple(services)
+        self._callbacks: list[Callable[[Denial], None]] = [on_denial] if on_denial else []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def attach(
+        cls,
+        cgroup2_dir: str | os.PathLike[str],
+        policy: EgressPolicy,
+        *,
+        services: Iterable[tuple[str, int]] = (),
+        dns: Iterable[tuple[str, int]] = (),
+        on_denial: Callable[[Denial], None] | None = None,
+    ) -> Egress:
+        """Enforces `policy` on every process in `cgroup2_dir` (and its descendants).
+
+        `services`: the node's own `(address, port)` services, always allowed. `dns`: the node's
+        DNS forwarder's `(address, port)` pairs (one per family); port-53 traffic is redirected there and
+        the forwarder is allowed. `on_denial`: called with each `Denial` (see `poll_denials`).
+        """
+        forwarders = list(dns)
+        services = [*services, *forwarders]
+        v4 = v6 = None
+        port = 0
+        for addr, p in forwarders:
+            ip = ipaddress.ip_address(addr)
+            port = p
+            if isinstance(ip, ipaddress.IPv4Address):
+                v4 = ip.packed
+            else:
+                v6 = ip.packed
+        if len({p for _, p in forwarders}) > 1:
+            raise PolicyError("the DNS forwarder must use one port for both address families")
+        handle = _native.EgressHandle(
+            os.fspath(cgroup2_dir),
+            cls._rules(policy, services),
+            rate_bps=policy.rate_bps,
+            conn_per_sec=policy.conn_per_sec,
+            dns_v4=v4,
+            dns_v6=v6,
+            dns_port=port,
+        )
+        return cls(handle, os.fspath(cgroup2_dir), policy, services, on_denial)
+
+    @staticmethod
+    def _rules(
+        policy: EgressPolicy, services: Sequence[tuple[str, int]]
+    ) -> list[tuple[bytes, int, list[tuple[int, int, int]]]]:
+        return [*policy.native_nets, *(r.native() for r in services_rules(services))]
+
+    @property
+    def policy(self) -> EgressPolicy:
+        """The policy in force."""
+        return self._policy
+
+    def update(self, policy: EgressPolicy) -> None:
+        """Replaces the policy live (map updates only); applies to the next connection.
+
+        When the host rules change, addresses learned from DNS are forgotten: one learned for a
+        name the new policy drops must not stay reachable until its TTL runs out."""
+        self._handle.set_rules(self._rules(policy, self._services))
+        if policy.host_rules != self._policy.host_rules:
+            self._handle.clear_exact()
+        if (policy.rate_bps, policy.conn_per_sec) != (
+            self._policy.rate_bps,
+            self._policy.conn_per_sec,
+        ):
+            self._handle.set_limits(rate_bps=policy.rate_bps, conn_per_sec=policy.conn_per_sec)
+        self._policy = policy
+
+    def allow_resolved(
+        self,
+        ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+        ports: Sequence[PortRange],
+        ttl: float,
+    ) -> None:
+        """Allows one address learned from DNS on `ports` for `ttl` seconds."""
+        self._handle.allow_exact(_packed16(ip), [p.as_tuple() for p in ports], ttl)
+
+    def expire(self) -> int:
+        """Drops expired DNS-learned addresses from the map; returns how many."""
+        return self._handle.expire_exact()
+
+    def stats(self) -> dict[str, int]:
+        """Counters: bytes/packets out and in, connections allowed/denied, drops, DNS."""
+        return self._handle.counters()
+
+    def poll_denials(self) -> list[Denial]:
+        """Reads queued denial events, writes each to the audit log (`agentnode.audit.egress`),
+        calls the callbacks with it, and returns them."""
+        out = [
+            Denial(t, cg, _address(a), port, _IPPROTO.get(proto, str(proto)), reason, pid)
+            for (t, cg, a, port, proto, reason, pid) in self._handle.denials()
+        ]
+        for d in out:
+            audit.info(
+                "egress denied: cgroup %s pid %d %s %s port %d (%s)",
+                self.cgroup_dir, d.pid, d.protocol, d.address, d.port, d.reason,
+            )  # fmt: skip
+            for cb in self._callbacks:
+                cb(d)
+        return out
+
+    def on_denial(self, callback: Callable[[Denial], None]) -> None:
+        """Adds a callback for denial events."""
+        self._callbacks.append(callback)
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Delivers denials to the callbacks from `loop` as they happen (until `close()`)."""
+        self._loop = loop
+        loop.add_reader(self._handle.events_fd(), self.poll_denials)
+
+    def close(self) -> None:
+        """Detaches the programs and frees the maps; idempotent."""
+        if self._loop is not None and not self._handle.closed:
+            self._loop.remove_reader(self._handle.events_fd())
+            self._loop = None
+        self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` has run."""
+        return self._handle.closed
+
+    def __enter__(self) -> Egress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,195 @@
+"""Task networking for `--net egress`: a node bridge (`agentnode0`), one veth per task into the
+task's own network namespace, routing and nftables masquerade to the uplink.
+
+Everything is created idempotently and named with an `agentnode` prefix, so `sweep()` at
+start-up removes what a crashed node left. `node_netns` puts the node side in a namespace other
+than the host's (tests use one they create; the daemon uses the host's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentnode.errors import EgressError, PolicyError
+
+__all__ = ["NodeNetwork", "TaskNet"]
+
+TASK_NETNS_PREFIX = "agentnode-task-"
+VETH_PREFIX = "anv"
+
+
+@dataclass(frozen=True)
+class TaskNet:
+    """A task's network namespace, ready to join (`netns_path` for setns / Layer 1's spawn)."""
+
+    task_id: str
+    netns: str
+    address: ipaddress.IPv4Address
+    gateway: ipaddress.IPv4Address
+    host_veth: str
+
+    @property
+    def netns_path(self) -> str:
+        return f"/run/netns/{self.netns}"
+
+
+class NodeNetwork:
+    """The node's bridge and its tasks' veths. Call `ensure()` once, then `add_task()`."""
+
+    def __init__(
+        self,
+        *,
+        bridge: str = "agentnode0",
+        subnet: str = "10.88.0.0/24",
+        node_netns: str | None = None,
+    ) -> None:
+        if not bridge.startswith("agentnode") or len(bridge) > 15:
+            raise PolicyError(
+                f"bad bridge name {bridge!r}: must start with 'agentnode', 15 chars max"
+            )
+        try:
+            self.subnet = ipaddress.IPv4Network(subnet)
+        except ValueError as e:
+            raise PolicyError(f"bad node subnet {subnet!r}: {e}") from None
+        if self.subnet.num_addresses < 4:
+            raise PolicyError(f"bad node subnet {subnet!r}: too small for a bridge and a task")
+        self.bridge = bridge
+        self.node_netns = node_netns
+        self.gateway = next(self.subnet.hosts())
+        self.table = bridge.replace("-", "_")
+
+    def _ip(self, *args: str, netns: str | None = None, check: bool = True) -> str:
+        ns = netns if netns is not None else self.node_netns
+        argv = ["ip", *(["-n", ns] if ns else []), *args]
+        return self._run(argv, check=check)
+
+    def _in_node(self, *argv: str, check: bool = True) -> str:
+        prefix = ["ip", "netns", "exec", self.node_netns] if self.node_netns else []
+        return self._run([*prefix, *argv], check=check)
+
+    @staticmethod
+    def _run(argv: list[str], *, check: bool) -> str:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if check and r.returncode != 0:
+            raise EgressError(
+                f"task networking: `{' '.join(argv)}` failed: {r.stderr.strip()} "
+                "(run as root; `agentnode doctor` checks the kernel)"
+            )
+        return r.stdout
+
+    def _links(self) -> list[dict[str, object]]:
+        out = self._ip("-j", "link", "show")
+        return list(json.loads(out or "[]"))
+
+    def ensure(self) -> None:
+        """Creates the bridge, its address, forwarding and the masquerade rule (idempotent)."""
+        if not any(link.get("ifname") == self.bridge for link in self._links()):
+            self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "replace", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        self._in_node("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        # One table per bridge, replaced as a whole: re-running never duplicates a rule.
+        rules = (
+            f"table ip {self.table} {{}}\n"
+            f"delete table ip {self.table}\n"
+            f"table ip {self.table} {{\n"
+            f"  chain postrouting {{\n"
+            f"    type nat hook postrouting priority srcnat; policy accept;\n"
+            f'    ip saddr {self.subnet} oifname != "{self.bridge}" masquerade\n'
+            f"  }}\n"
+            f"}}\n"
+        )
+        prefix = ["ip", "netns", "exec", self.node_netns] if self.node_netns else []
+        r = subprocess.run(
+            [*prefix, "nft", "-f", "-"], input=rules, capture_output=True, text=True, check=False
+        )
+        if r.returncode != 0:
+            raise EgressError(
+                f"task networking: nft failed: {r.stderr.strip()} (is nftables installed?)"
+            )
+
+    def _used(self) -> set[ipaddress.IPv4Address]:
+        used = {self.gateway}
+        for link in self._links():
+            alias = link.get("ifalias")
+            if isinstance(alias, str) and alias.startswith("agentnode "):
+                used.add(ipaddress.IPv4Address(alias.split()[1]))
+        return used
+
+    def add_task(self, task_id: str) -> TaskNet:
+        """Creates the task's netns with a veth on the bridge, an address and a default route."""
+        digest = hashlib.sha256(task_id.encode()).hexdigest()[:8]
+        netns = f"{TASK_NETNS_PREFIX}{digest}"
+        veth = f"{VETH_PREFIX}{digest}"
+        used = self._used()
+        address = next((a for a in self.subnet.hosts() if a not in used), None)
+        if address is None:
+            raise EgressError(f"node subnet {self.subnet} is full (configure a larger one)")
+        self._run(["ip", "netns", "add", netns], check=True)
+        try:
+            self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+            # The alias records the address, so allocation and sweeps need no state file.
+            self._ip("link", "set", veth, "alias", f"agentnode {address} {task_id}")
+            self._ip("link", "set", veth, "master", self.bridge)
+            self._ip("link", "set", veth, "up")
+            self._ip("link", "set", "lo", "up", netns=netns)
+            self._ip(
+                "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", "eth0", netns=netns
+            )
+            self._ip("link", "set", "eth0", "up", netns=netns)
+            self._ip("route", "add", "default", "via", str(self.gateway), netns=netns)
+        except BaseException:
+            self._ip("link", "del", veth, check=False)
+            self._run(["ip", "netns", "del", netns], check=False)
+            raise
+        return TaskNet(task_id, netns, address, self.gateway, veth)
+
+    def remove_task(self, net: TaskNet) -> None:
+        """Removes the task's veth and netns (idempotent)."""
+        self._ip("link", "del", net.host_veth, check=False)
+        self._run(["ip", "netns", "del", net.netns], check=False)
+
+    def sweep(self) -> list[str]:
+        """Removes every task veth and task netns left behind (start-up, after a crash)."""
+        removed = []
+        # Netns first: ownership is read from eth0's address, which dies with the host veth.
+        run_netns = Path("/run/netns")
+        for ns in sorted(run_netns.iterdir()) if run_netns.is_dir() else []:
+            if ns.name.startswith(TASK_NETNS_PREFIX) and self._owned(ns.name):
+                self._run(["ip", "netns", "del", ns.name], check=False)
+                removed.append(ns.name)
+        for link in self._links():
+            name = str(link.get("ifname", ""))
+            alias = str(link.get("ifalias", "")).split()
+            if (
+                name.startswith(VETH_PREFIX)
+                and len(alias) >= 2
+                and alias[0] == "agentnode"
+                and ipaddress.IPv4Address(alias[1]) in self.subnet
+            ):
+                self._ip("link", "del", name, check=False)
+                removed.append(name)
+        return removed
+
+    def _owned(self, netns: str) -> bool:
+        """A task netns is ours when its eth0 has an address in our subnet (another node's, or a
+        half-made one without an address, is left alone)."""
+        out = self._run(["ip", "-n", netns, "-j", "addr", "show", "dev", "eth0"], check=False)
+        with contextlib.suppress(ValueError):
+            for link in json.loads(out or "[]"):
+                for a in link.get("addr_info", []):
+                    if ipaddress.ip_address(a["local"]) in self.subnet:
+                        return True
+        return False
+
+    def close(self) -> None:
+        """Removes the bridge and the masquerade table (tasks first: see `sweep`)."""
+        self.sweep()
+        self._ip("link", "del", self.bridge, check=False)
+        self._in_node("nft", "delete", "table", "ip", self.table, check=False)

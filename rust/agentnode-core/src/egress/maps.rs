@@ -1,0 +1,199 @@
+//! Map value layouts shared with `ebpf/include/agentnode.h` (kept in sync by the size checks at
+//! the bottom) and the decoding of counters and denial events.
+
+use aya::maps::{MapData, MapError, PerCpuArray};
+
+use super::policy::{Limits, PortRange};
+use super::DnsRedirect;
+
+pub const MAX_RANGES: usize = 8;
+
+/// `struct an_ports`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RawPorts {
+    lo: [u16; MAX_RANGES],
+    hi: [u16; MAX_RANGES],
+    proto: [u8; MAX_RANGES],
+    n: u8,
+    pad: [u8; 7],
+}
+
+// SAFETY: plain old data: fixed-size integers and arrays, padding spelled out.
+unsafe impl aya::Pod for RawPorts {}
+
+impl RawPorts {
+    /// Fails with the number of ranges when there are more than the kernel struct holds.
+    pub fn from_ranges(ranges: &[PortRange]) -> std::result::Result<Self, usize> {
+        if ranges.len() > MAX_RANGES {
+            return Err(ranges.len());
+        }
+        let mut p = Self::default();
+        for (i, r) in ranges.iter().enumerate() {
+            p.lo[i] = r.lo;
+            p.hi[i] = r.hi;
+            p.proto[i] = r.proto;
+        }
+        p.n = ranges.len() as u8;
+        Ok(p)
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = PortRange> + '_ {
+        (0..usize::from(self.n).min(MAX_RANGES)).map(|i| PortRange {
+            lo: self.lo[i],
+            hi: self.hi[i],
+            proto: self.proto[i],
+        })
+    }
+}
+
+/// `struct an_exact`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawExact {
+    pub expires_ns: u64,
+    pub ports: RawPorts,
+}
+
+// SAFETY: as for RawPorts.
+unsafe impl aya::Pod for RawExact {}
+
+/// `struct an_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawConfig {
+    dns4: [u8; 4],
+    dns6: [u8; 16],
+    dns_port: u16,
+    pad: u16,
+    rate_bps: u64,
+    rate_burst_ns: u64,
+    conn_per_sec: u64,
+    conn_burst_ns: u64,
+}
+
+// SAFETY: as for RawPorts.
+unsafe impl aya::Pod for RawConfig {}
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+
+impl RawConfig {
+    pub fn new(limits: &Limits, dns: &DnsRedirect) -> Self {
+        // The byte clock may run 2 s ahead (packets wait in fq for their EDT slot; TCP small
+        // queues keep about 1 MB queued per socket) or two 64 KiB TSO segments, whichever is
+        // more: a horizon shorter than one segment's cost would never let that segment through.
+        let rate_burst_ns = (2 * 65536 * NSEC_PER_SEC)
+            .checked_div(limits.rate_bps)
+            .map_or(0, |segments| segments.max(NSEC_PER_SEC / 100));
+        // A burst of up to one second's worth of connections.
+        let conn_burst_ns = if limits.conn_per_sec == 0 {
+            0
+        } else {
+            NSEC_PER_SEC
+        };
+        Self {
+            dns4: dns.v4.unwrap_or_default(),
+            dns6: dns.v6.unwrap_or_default(),
+            dns_port: dns.port.to_be(),
+            pad: 0,
+            rate_bps: limits.rate_bps,
+            rate_burst_ns,
+            conn_per_sec: limits.conn_per_sec,
+            conn_burst_ns,
+        }
+    }
+}
+
+/// Per-task counters (`enum an_counter`), summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub bytes_out: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub packets_in: u64,
+    pub connections_allowed: u64,
+    pub connections_denied: u64,
+    pub packets_dropped: u64,
+    pub rate_dropped: u64,
+    pub dns_redirected: u64,
+}
+
+impl Counters {
+    pub(super) fn read(map: &PerCpuArray<MapData, u64>) -> std::result::Result<Self, MapError> {
+        let sum =
+            |i: u32| -> std::result::Result<u64, MapError> { Ok(map.get(&i, 0)?.iter().sum()) };
+        Ok(Self {
+            bytes_out: sum(0)?,
+            packets_out: sum(1)?,
+            bytes_in: sum(2)?,
+            packets_in: sum(3)?,
+            connections_allowed: sum(4)?,
+            connections_denied: sum(5)?,
+            packets_dropped: sum(6)?,
+            rate_dropped: sum(7)?,
+            dns_redirected: sum(8)?,
+        })
+    }
+}
+
+/// Why a destination was denied (`enum an_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenialReason {
+    Policy,
+    ConnRate,
+    Backstop,
+}
+
+/// One denial (`struct an_denial`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Denial {
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub time_ns: u64,
+    pub cgroup_id: u64,
+    /// 16 bytes; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// IPPROTO_* number.
+    pub proto: u8,
+    pub reason: DenialReason,
+    pub pid: u32,
+}
+
+impl Denial {
+    pub(super) fn parse(b: &[u8]) -> Option<Self> {
+        if b.len() < 40 {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        Some(Self {
+            time_ns: u64_at(0),
+            cgroup_id: u64_at(8),
+            addr: b[16..32].try_into().expect("16 bytes"),
+            port: u16::from_ne_bytes([b[32], b[33]]),
+            proto: b[34],
+            reason: match b[35] {
+                1 => DenialReason::Policy,
+                2 => DenialReason::ConnRate,
+                3 => DenialReason::Backstop,
+                _ => return None,
+            },
+            pid: u32::from_ne_bytes(b[36..40].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    ts.tv_sec as u64 * NSEC_PER_SEC + ts.tv_nsec as u64
+}
+
+const _: () = assert!(std::mem::size_of::<RawPorts>() == 48);
+const _: () = assert!(std::mem::size_of::<RawExact>() == 56);
+const _: () = assert!(std::mem::size_of::<RawConfig>() == 56);

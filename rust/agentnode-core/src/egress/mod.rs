@@ -1,0 +1,333 @@
+//! Kernel-enforced egress for one cgroup2 node: loads `ebpf/egress.bpf.c`, fills its maps from a
+//! policy, attaches every program to the node and reads counters and denial events back.
+//!
+//! Each [`Egress`] owns its own instance of the object, so every task has its own maps: two
+//! tasks' policies, clocks and counters never mix. Links are held by file descriptor and never
+//! pinned, so when the owner exits — even on SIGKILL — the kernel detaches them.
+
+mod maps;
+mod policy;
+
+pub use maps::{Counters, Denial, DenialReason};
+pub use policy::{CidrRule, Limits, PortRange, PROTO_TCP, PROTO_UDP};
+
+use std::collections::HashMap as StdHashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
+use aya::Ebpf;
+
+use crate::bpf::EGRESS_OBJ;
+use maps::{RawConfig, RawExact, RawPorts};
+
+/// Errors from loading, attaching or updating egress enforcement.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid egress policy: {0}")]
+    Policy(String),
+    #[error("cannot load the egress BPF object: {0} (run `agentnode doctor` as root)")]
+    Load(#[from] aya::EbpfError),
+    #[error("cannot load or attach egress program {name}: {source} (run `agentnode doctor`)")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("egress map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open cgroup2 directory {path}: {source} (pass an existing cgroup2 node)")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    "egress_connect4",
+    "egress_connect6",
+    "egress_sendmsg4",
+    "egress_sendmsg6",
+    "egress_recvmsg4",
+    "egress_recvmsg6",
+];
+
+/// Where port-53 traffic of the task goes instead: the node's DNS forwarder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DnsRedirect {
+    pub v4: Option<[u8; 4]>,
+    pub v6: Option<[u8; 16]>,
+    pub port: u16,
+}
+
+/// Egress enforcement attached to one cgroup2 node; dropping it detaches everything.
+pub struct Egress {
+    // Owns the programs and, through them, the links: dropping it detaches.
+    ebpf: Ebpf,
+    cgroup: PathBuf,
+    allow: LpmTrie<MapData, [u8; 16], RawPorts>,
+    exact: HashMap<MapData, [u8; 16], RawExact>,
+    config: Array<MapData, RawConfig>,
+    counters: PerCpuArray<MapData, u64>,
+    denials: RingBuf<MapData>,
+    rules: StdHashMap<(u8, [u8; 16]), RawPorts>,
+    limits: Limits,
+    dns: DnsRedirect,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("cgroup", &self.cgroup)
+            .field("rules", &self.rules.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or(Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+impl Egress {
+    /// Loads a fresh instance, fills its maps (so there is no moment without the policy) and
+    /// attaches every program to `cgroup_dir`, which must be a cgroup2 directory.
+    pub fn attach(
+        cgroup_dir: &Path,
+        rules: &[CidrRule],
+        limits: Limits,
+        dns: DnsRedirect,
+    ) -> Result<Self> {
+        let cgroup = File::open(cgroup_dir).map_err(|source| Error::Cgroup {
+            path: cgroup_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = Ebpf::load(EGRESS_OBJ)?;
+        let mut me = Self {
+            allow: take(&mut ebpf, "allow")?,
+            exact: take(&mut ebpf, "exact")?,
+            config: take(&mut ebpf, "config")?,
+            counters: take(&mut ebpf, "counters")?,
+            denials: take(&mut ebpf, "denials")?,
+            ebpf,
+            cgroup: cgroup_dir.to_owned(),
+            rules: StdHashMap::new(),
+            limits,
+            dns,
+        };
+        me.set_rules(rules)?;
+        me.write_config()?;
+        let ebpf = &mut me.ebpf;
+        // Backstop first, so no packet leaves between the hooks' attach and its own.
+        for (name, kind) in [
+            ("egress_skb", CgroupSkbAttachType::Egress),
+            ("egress_skb_in", CgroupSkbAttachType::Ingress),
+        ] {
+            let prog: &mut CgroupSkb = program(ebpf, name)?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+            // Single: aya passes AllowMultiple into BPF_LINK_CREATE and gets EINVAL (aya#1078).
+            prog.attach(&cgroup, kind, CgroupAttachMode::Single)
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        let name = "egress_sockops";
+        let prog: &mut SockOps = program(ebpf, name)?;
+        prog.load()
+            .map_err(|source| Error::Program { name, source })?;
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| Error::Program { name, source })?;
+        Ok(me)
+    }
+
+    /// The cgroup2 directory this is attached to.
+    #[must_use]
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Replaces the CIDR rules live: new entries are written before stale ones are removed, so
+    /// a connection allowed by both policies never sees a gap.
+    pub fn set_rules(&mut self, rules: &[CidrRule]) -> Result<()> {
+        let next = policy::compile(rules)?;
+        for (&(prefix, addr), ports) in &next {
+            if self.rules.get(&(prefix, addr)) != Some(ports) {
+                self.allow
+                    .insert(&Key::new(u32::from(prefix), addr), *ports, 0)
+                    .map_err(|source| Error::Map {
+                        name: "allow",
+                        source,
+                    })?;
+            }
+        }
+        for &(prefix, addr) in self.rules.keys() {
+            if !next.contains_key(&(prefix, addr)) {
+                self.allow
+                    .remove(&Key::new(u32::from(prefix), addr))
+                    .map_err(|source| Error::Map {
+                        name: "allow",
+                        source,
+                    })?;
+            }
+        }
+        self.rules = next;
+        Ok(())
+    }
+
+    /// Changes the byte and connection rate limits live.
+    pub fn set_limits(&mut self, limits: Limits) -> Result<()> {
+        self.limits = limits;
+        self.write_config()
+    }
+
+    /// Changes (or with `port == 0` removes) the DNS redirect.
+    pub fn set_dns(&mut self, dns: DnsRedirect) -> Result<()> {
+        self.dns = dns;
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<()> {
+        let raw = RawConfig::new(&self.limits, &self.dns);
+        self.config.set(0, raw, 0).map_err(|source| Error::Map {
+            name: "config",
+            source,
+        })
+    }
+
+    /// Allows `addr` (16 bytes, IPv4-mapped for IPv4) on `ports` until `ttl` from now; merged
+    /// with what a still-valid entry for the same address already allows.
+    pub fn allow_exact(
+        &mut self,
+        addr: [u8; 16],
+        ports: &[PortRange],
+        ttl: Duration,
+    ) -> Result<()> {
+        let now = maps::boottime_ns();
+        let mut merged: Vec<PortRange> = ports.to_vec();
+        let mut expires = now.saturating_add(ttl.as_nanos() as u64);
+        if let Ok(old) = self.exact.get(&addr, 0) {
+            if old.expires_ns > now {
+                merged.extend(old.ports.ranges());
+                expires = expires.max(old.expires_ns);
+            }
+        }
+        let ports = RawPorts::from_ranges(&policy::normalise(&merged)).map_err(|n| {
+            Error::Policy(format!(
+                "{n} port ranges for one address (at most {})",
+                maps::MAX_RANGES
+            ))
+        })?;
+        self.exact
+            .insert(
+                addr,
+                RawExact {
+                    expires_ns: expires,
+                    ports,
+                },
+                0,
+            )
+            .map_err(|source| Error::Map {
+                name: "exact",
+                source,
+            })
+    }
+
+    /// Removes expired exact-IP entries (the programs already ignore them); returns how many.
+    pub fn expire_exact(&mut self) -> Result<usize> {
+        let now = maps::boottime_ns();
+        let stale: Vec<[u8; 16]> = self
+            .exact
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .filter(|(_, v)| v.expires_ns <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            self.exact.remove(k).map_err(|source| Error::Map {
+                name: "exact",
+                source,
+            })?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Forgets every DNS-learned address (the host rules changed; the task resolves again).
+    pub fn clear_exact(&mut self) -> Result<usize> {
+        let keys: Vec<[u8; 16]> = self
+            .exact
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect();
+        for k in &keys {
+            self.exact.remove(k).map_err(|source| Error::Map {
+                name: "exact",
+                source,
+            })?;
+        }
+        Ok(keys.len())
+    }
+
+    /// The number of CIDR entries in the kernel trie (after merging and inheritance).
+    #[must_use]
+    pub fn rule_entries(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The task's counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        Counters::read(&self.counters).map_err(|source| Error::Map {
+            name: "counters",
+            source,
+        })
+    }
+
+    /// Every denial event queued since the last call (non-blocking).
+    pub fn denials(&mut self) -> Vec<Denial> {
+        let mut out = Vec::new();
+        while let Some(item) = self.denials.next() {
+            if let Some(d) = Denial::parse(&item) {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// Becomes readable when denial events are queued (for an event loop's reader).
+    #[must_use]
+    pub fn events_fd(&self) -> RawFd {
+        self.denials.as_raw_fd()
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}

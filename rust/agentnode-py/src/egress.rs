@@ -1,0 +1,231 @@
+//! `EgressHandle`: egress enforcement on one cgroup2 node (`agentnode_core::egress`). Python
+//! (`agentnode.egress`) parses policies; this layer only moves fixed-shape values across.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use agentnode_core::egress::{self, CidrRule, DnsRedirect, Egress, Limits, PortRange};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::NativeError;
+
+type RawRule = (Vec<u8>, u8, Vec<(u16, u16, u8)>);
+
+fn addr16(b: &[u8]) -> Result<[u8; 16], NativeError> {
+    b.try_into().map_err(|_| {
+        egress::Error::Policy(format!("an address must be 16 bytes, got {}", b.len())).into()
+    })
+}
+
+fn ports(raw: &[(u16, u16, u8)]) -> Vec<PortRange> {
+    raw.iter()
+        .map(|&(lo, hi, proto)| PortRange { lo, hi, proto })
+        .collect()
+}
+
+fn rules(raw: Vec<RawRule>) -> Result<Vec<CidrRule>, NativeError> {
+    raw.into_iter()
+        .map(|(addr, prefix, p)| {
+            Ok(CidrRule {
+                addr: addr16(&addr)?,
+                prefix,
+                ports: ports(&p),
+            })
+        })
+        .collect()
+}
+
+fn dns(v4: Option<Vec<u8>>, v6: Option<Vec<u8>>, port: u16) -> Result<DnsRedirect, NativeError> {
+    let v4 = v4
+        .map(|b| {
+            <[u8; 4]>::try_from(b.as_slice()).map_err(|_| {
+                NativeError::from(egress::Error::Policy(
+                    "the DNS forwarder's IPv4 address must be 4 bytes".into(),
+                ))
+            })
+        })
+        .transpose()?;
+    let v6 = v6.map(|b| addr16(&b)).transpose()?;
+    Ok(DnsRedirect { v4, v6, port })
+}
+
+/// Egress enforcement attached to one cgroup2 directory; `close()` (or garbage collection, or
+/// process exit) detaches it.
+#[pyclass(module = "agentnode._native")]
+pub struct EgressHandle {
+    inner: Mutex<Option<Egress>>,
+}
+
+impl EgressHandle {
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Egress) -> Result<T, egress::Error> + Send,
+    ) -> PyResult<T>
+    where
+        T: Send,
+    {
+        py.detach(|| {
+            let mut guard = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let e = guard.as_mut().ok_or(NativeError::Closed)?;
+            f(e).map_err(NativeError::from)
+        })
+        .map_err(PyErr::from)
+    }
+}
+
+// pyo3 extracts arguments as owned values; borrowing them would not save a copy.
+#[allow(clippy::needless_pass_by_value)]
+#[pymethods]
+impl EgressHandle {
+    #[new]
+    #[pyo3(signature = (cgroup_dir, rules_, *, rate_bps=0, conn_per_sec=0, dns_v4=None, dns_v6=None, dns_port=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        cgroup_dir: PathBuf,
+        rules_: Vec<RawRule>,
+        rate_bps: u64,
+        conn_per_sec: u64,
+        dns_v4: Option<Vec<u8>>,
+        dns_v6: Option<Vec<u8>>,
+        dns_port: u16,
+    ) -> PyResult<Self> {
+        let rules = rules(rules_)?;
+        let dns = dns(dns_v4, dns_v6, dns_port)?;
+        let limits = Limits {
+            rate_bps,
+            conn_per_sec,
+        };
+        let e = py
+            .detach(|| Egress::attach(&cgroup_dir, &rules, limits, dns))
+            .map_err(NativeError::from)?;
+        Ok(Self {
+            inner: Mutex::new(Some(e)),
+        })
+    }
+
+    /// Replaces the CIDR rules (live map update).
+    fn set_rules(&self, py: Python<'_>, rules_: Vec<RawRule>) -> PyResult<()> {
+        let rules = rules(rules_)?;
+        self.with(py, |e| e.set_rules(&rules))
+    }
+
+    /// Replaces the rate limits (0: unlimited).
+    #[pyo3(signature = (*, rate_bps, conn_per_sec))]
+    fn set_limits(&self, py: Python<'_>, rate_bps: u64, conn_per_sec: u64) -> PyResult<()> {
+        self.with(py, |e| {
+            e.set_limits(Limits {
+                rate_bps,
+                conn_per_sec,
+            })
+        })
+    }
+
+    /// Allows one address (16 bytes) on `ports` for `ttl` seconds.
+    fn allow_exact(
+        &self,
+        py: Python<'_>,
+        addr: Vec<u8>,
+        ports_: Vec<(u16, u16, u8)>,
+        ttl: f64,
+    ) -> PyResult<()> {
+        let addr = addr16(&addr)?;
+        let ports = ports(&ports_);
+        let ttl = Duration::try_from_secs_f64(ttl)
+            .map_err(|_| NativeError::from(egress::Error::Policy(format!("bad TTL {ttl} s"))))?;
+        self.with(py, |e| e.allow_exact(addr, &ports, ttl))
+    }
+
+    /// Removes expired exact-IP entries; returns how many.
+    fn expire_exact(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, Egress::expire_exact)
+    }
+
+    /// Forgets every DNS-learned address; returns how many.
+    fn clear_exact(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, Egress::clear_exact)
+    }
+
+    /// The number of CIDR entries in the kernel trie.
+    fn rule_entries(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |e| Ok(e.rule_entries()))
+    }
+
+    /// Counters summed over CPUs, as a dict of ints.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.with(py, |e| e.counters())?;
+        let d = PyDict::new(py);
+        d.set_item("bytes_out", c.bytes_out)?;
+        d.set_item("packets_out", c.packets_out)?;
+        d.set_item("bytes_in", c.bytes_in)?;
+        d.set_item("packets_in", c.packets_in)?;
+        d.set_item("connections_allowed", c.connections_allowed)?;
+        d.set_item("connections_denied", c.connections_denied)?;
+        d.set_item("packets_dropped", c.packets_dropped)?;
+        d.set_item("rate_dropped", c.rate_dropped)?;
+        d.set_item("dns_redirected", c.dns_redirected)?;
+        Ok(d)
+    }
+
+    /// Denials queued since the last call: `(time_ns, cgroup_id, addr16, port, proto, reason, pid)`.
+    #[allow(clippy::type_complexity)]
+    fn denials(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Vec<(u64, u64, Vec<u8>, u16, u8, &'static str, u32)>> {
+        let ds = self.with(py, |e| Ok(e.denials()))?;
+        Ok(ds
+            .into_iter()
+            .map(|d| {
+                let reason = match d.reason {
+                    egress::DenialReason::Policy => "policy",
+                    egress::DenialReason::ConnRate => "conn_rate",
+                    egress::DenialReason::Backstop => "backstop",
+                };
+                (
+                    d.time_ns,
+                    d.cgroup_id,
+                    d.addr.to_vec(),
+                    d.port,
+                    d.proto,
+                    reason,
+                    d.pid,
+                )
+            })
+            .collect())
+    }
+
+    /// A file descriptor that polls readable when denials are queued.
+    fn events_fd(&self, py: Python<'_>) -> PyResult<i32> {
+        self.with(py, |e| Ok(e.events_fd()))
+    }
+
+    /// Detaches every program and frees the maps; idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            self.inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        });
+    }
+
+    /// Whether `close()` has run.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<EgressHandle>()
+}

@@ -1,0 +1,140 @@
+"""Runs inside a test task (its netns and cgroup): performs socket operations given as JSON in
+argv[1] and prints one JSON result per operation. Errors are results, not exceptions."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+
+def connect(op: dict) -> dict:
+    family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(op.get("timeout", 5))
+    t = time.perf_counter()
+    try:
+        s.connect((op["host"], op["port"]))
+    except OSError as e:
+        return {"ok": False, "errno": e.errno, "ms": (time.perf_counter() - t) * 1000}
+    ms = (time.perf_counter() - t) * 1000
+    out: dict = {"ok": True, "ms": ms}
+    if op.get("send"):
+        chunk = b"x" * 65536
+        left = op["send"]
+        t = time.perf_counter()
+        while left:
+            left -= s.send(chunk[: min(left, len(chunk))])
+        s.shutdown(socket.SHUT_WR)
+        out["reply"] = s.recv(64).decode()
+        out["seconds"] = time.perf_counter() - t
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        out["retrans"] = int.from_bytes(info[100:104], "little")  # tcpi_total_retrans
+    s.close()
+    return out
+
+
+def udp(op: dict) -> dict:
+    family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(op.get("timeout", 2))
+    try:
+        s.sendto(op.get("data", "ping").encode(), (op["host"], op["port"]))
+        if op.get("reply"):
+            data, src = s.recvfrom(2048)
+            return {"ok": True, "reply": data.decode(), "src": list(src[:2])}
+    except OSError as e:
+        return {"ok": False, "errno": e.errno}
+    return {"ok": True}
+
+
+def fastopen(op: dict) -> dict:
+    """TCP Fast Open: sendto() with data connects without connect()."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.sendto(b"hello", socket.MSG_FASTOPEN, (op["host"], op["port"]))
+    except OSError as e:
+        return {"ok": False, "errno": e.errno}
+    return {"ok": True}
+
+
+def raw_icmp(op: dict) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.settimeout(0.5)
+    packet = bytes([8, 0, 0xF7, 0xFF, 0, 0, 0, 0])  # echo request, id 0 seq 0, checksum set
+    try:
+        s.sendto(packet, (op["host"], 0))
+        s.recvfrom(2048)
+    except OSError as e:
+        return {"ok": False, "errno": e.errno, "timeout": isinstance(e, TimeoutError)}
+    return {"ok": True}
+
+
+def resolve(op: dict) -> dict:
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    q = dns.message.make_query(op["name"], op.get("rdtype", "A"))
+    try:
+        r = dns.query.udp(q, op["server"], port=op.get("port", 53), timeout=3)
+    except Exception as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    addrs = [rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address")]
+    return {"ok": True, "rcode": dns.rcode.to_text(r.rcode()), "addrs": addrs}
+
+
+def udp_connect_loop(op: dict) -> dict:
+    """ns per connect() of a UDP socket: runs the connect hook and sends nothing."""
+    family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    n = op["n"]
+    t = time.perf_counter_ns()
+    for _ in range(n):
+        s.connect((op["host"], op["port"]))
+    return {"ok": True, "ns": (time.perf_counter_ns() - t) / n}
+
+
+def resolve_loop(op: dict) -> dict:
+    """Latencies (ms) of `n` queries for one name."""
+    import dns.message
+    import dns.query
+
+    q = dns.message.make_query(op["name"], "A")
+    out = []
+    for _ in range(op["n"]):
+        t = time.perf_counter()
+        dns.query.udp(q, op["server"], port=op.get("port", 53), timeout=3)
+        out.append((time.perf_counter() - t) * 1000)
+    return {"ok": True, "ms": out}
+
+
+def iperf(op: dict) -> dict:
+    import subprocess
+
+    out = subprocess.run(
+        ["iperf3", "-c", op["host"], "-p", str(op["port"]), "-t", str(op["seconds"]), "-J"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return {"ok": True, "bps": json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]}
+
+
+OPS = {
+    "fastopen": fastopen,
+    "udp_connect_loop": udp_connect_loop,
+    "resolve_loop": resolve_loop,
+    "iperf": iperf,
+    "connect": connect,
+    "udp": udp,
+    "raw_icmp": raw_icmp,
+    "resolve": resolve,
+}
+
+if __name__ == "__main__":
+    for op in json.loads(sys.argv[1]):
+        if op["op"] == "sleep":
+            time.sleep(op["seconds"])
+            continue
+        print(json.dumps(OPS[op["op"]](op)), flush=True)

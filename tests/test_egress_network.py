@@ -1,0 +1,103 @@
+"""Task networking: bridge, veth per task, masquerade, idempotence and the start-up sweep. The
+node side lives in a netns the test creates (the World's task netns), never the host's."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from agentnode.egress import Egress, EgressPolicy
+from agentnode.egress.network import NodeNetwork
+from agentnode.errors import PolicyError
+from conftest import root_only
+from egress_world import HOST4, World, scratch_cgroup
+
+pytestmark = root_only
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    with World() as w:
+        w.serve(tcp=[[HOST4, 8080], [HOST4, 9090]])
+        yield w
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def nft_tables(ns: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "list", "tables"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def links(ns: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", ns, "-o", "link"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_task_reaches_uplink_through_bridge_and_masquerade(world: World) -> None:
+    bridge = f"agentnode{uuid.uuid4().hex[:6]}"
+    node = NodeNetwork(bridge=bridge, subnet="192.0.2.0/26", node_netns=world.task)
+    try:
+        node.ensure()
+        node.ensure()  # idempotent: one bridge, one table, one rule
+        assert nft_tables(world.task).count(node.table) == 1
+        net = node.add_task(uuid.uuid4().hex)
+        other = node.add_task(uuid.uuid4().hex)
+        assert net.address != other.address and net.gateway == node.gateway
+        with scratch_cgroup() as cg, Egress.attach(cg, EgressPolicy(allow=[f"{HOST4}:8080"])):
+            # The hosts netns has no route to 192.0.2.0/26: only a masqueraded connection works.
+            ok, denied = world.run(cg, {"op": "connect", "host": HOST4, "port": 8080, "send": 1000},
+                                   {"op": "connect", "host": HOST4, "port": 9090}, netns=net.netns)  # fmt: skip
+            assert ok["reply"] == "1000"
+            assert denied["errno"] == errno.EPERM
+        node.remove_task(net)
+        node.remove_task(net)
+        assert net.netns not in netns_names() and net.host_veth not in links(world.task)
+        assert other.netns in netns_names()
+    finally:
+        node.close()
+    assert other.netns not in netns_names()
+    assert bridge not in links(world.task) and node.table not in nft_tables(world.task)
+
+
+def test_sweep_removes_what_a_crashed_node_left(world: World) -> None:
+    bridge = f"agentnode{uuid.uuid4().hex[:6]}"
+    crashed = NodeNetwork(bridge=bridge, subnet="192.0.2.64/26", node_netns=world.task)
+    crashed.ensure()
+    left = [crashed.add_task(uuid.uuid4().hex) for _ in range(2)]
+    restarted = NodeNetwork(bridge=bridge, subnet="192.0.2.64/26", node_netns=world.task)
+    removed = restarted.sweep()
+    assert {n.netns for n in left} <= set(removed)
+    assert not {n.netns for n in left} & netns_names()
+    deadline = time.monotonic() + 5  # a deleted netns takes its veth pair down asynchronously
+    while any(n.host_veth in links(world.task) for n in left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(n.host_veth in links(world.task) for n in left)
+    restarted.close()
+    assert bridge not in links(world.task)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"bridge": "br0"}, "'br0'"),
+        ({"subnet": "10.0.0.0/33"}, "'10.0.0.0/33'"),
+        ({"subnet": "10.0.0.0/31"}, "too small"),
+    ],
+)
+def test_bad_configuration(kwargs: dict[str, str], fragment: str) -> None:
+    with pytest.raises(PolicyError, match=fragment):
+        NodeNetwork(**kwargs)
