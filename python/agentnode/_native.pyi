@@ -34,7 +34,6 @@ def cgroup_hierarchy() -> str:
 
 # --- isolation (rust/agentnode-py/src/isolation.rs) ---
 
-
 @final
 class CgroupManager:
     """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""

@@ -13,9 +13,9 @@ from typing import NoReturn
 
 from agentnode import __version__, doctor
 from agentnode.errors import AgentnodeError, UsageError
+from agentnode.inference import command as inference_command
 from agentnode.isolation import cli as isolation_cli
 from agentnode.storage import serve as memory_serve
-from agentnode.inference import command as inference_command
 
 __all__ = ["ArgumentParser", "main"]
 

@@ -19,8 +19,8 @@ __all__ = [
     "StorageError",
     "TaskEndedError",
     "TaskError",
-    "UsageError",
     "UnknownCollectionError",
+    "UsageError",
     "ValueTooLargeError",
     "VectorError",
 ]
