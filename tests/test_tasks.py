@@ -23,9 +23,7 @@ from agentnode.tasks import (
     Task,
     TaskManager,
     TaskSpec,
-    hash_token,
-    new_token,
-    verify_token,
+    TokenKey,
 )
 
 BIG = 1 << 62
@@ -78,12 +76,15 @@ def test_retry_policy_backoff_and_outcomes() -> None:
         RetryPolicy(max_attempts=0)
 
 
-def test_tokens() -> None:
-    token, stored = new_token()
-    assert stored == hash_token(token) and token not in stored
-    assert verify_token(token, stored)
-    assert not verify_token(token + "x", stored)
-    assert not verify_token(token, "")
+def test_tokens(tmp_path: Path) -> None:
+    key = TokenKey.load(tmp_path / "k")
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    token = key.issue("abc", 2)
+    assert key.verify(token) == ("abc", 2)
+    assert TokenKey.load(tmp_path / "k").verify(token) == ("abc", 2), "the key survives restarts"
+    for forged in (token + "x", "abc.3" + token[5:], "abc", "", "abc.x.y", "."):
+        assert key.verify(forged) is None, forged
+    assert TokenKey(b"another key").verify(token) is None
 
 
 def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
@@ -94,8 +95,7 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
         task, token = await m.submit(spec())
         with pytest.raises(TaskError, match="not started"):
             await m.finish(task.id, State.CANCELLED)
-        assert m.verify(task.id, token) and not m.verify(task.id, "nope")
-        assert not m.verify("missing", token)
+        assert m.task_of_token(token) == task and m.task_of_token("nope") is None
         [started] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
         assert started.state is State.STARTING
         await m.mark_running(task.id)
@@ -106,6 +106,8 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
         (m.store.checkpoints / "deadbeef1234.tmp").write_bytes(b"half")
         again = await m.finish(task.id, State.FAILED, reason="exit 1")
         assert again.state is State.QUEUED and again.attempt == 2
+        assert m.task_of_token(token) is None, "a retry gets a new token; the old one is dead"
+        assert m.task_of_token(m.token_for(again)) == again
         env = m.checkpoint_env(task.id)
         assert Path(env["AGENTNODE_CHECKPOINT"]).read_bytes() == b"step 41"
         [second] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)

@@ -4,7 +4,7 @@ from agentnode.tasks.manager import Limits, TaskManager
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
 from agentnode.tasks.store import TaskStore
-from agentnode.tasks.tokens import hash_token, new_token, verify_token
+from agentnode.tasks.tokens import TokenKey
 
 __all__ = [
     "CLASSES",
@@ -16,7 +16,5 @@ __all__ = [
     "TaskManager",
     "TaskSpec",
     "TaskStore",
-    "hash_token",
-    "new_token",
-    "verify_token",
+    "TokenKey",
 ]

@@ -21,7 +21,7 @@ from agentnode.errors import QueueFullError, TaskError
 from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
 from agentnode.tasks.store import TaskStore
-from agentnode.tasks.tokens import new_token, verify_token
+from agentnode.tasks.tokens import TokenKey
 
 __all__ = ["Limits", "TaskManager"]
 
@@ -53,6 +53,7 @@ class TaskManager:
         self.limits = limits
         self.retry = retry or RetryPolicy()
         self.store = TaskStore(root, sync=sync)
+        self.tokens = TokenKey.load(root / "token.key")
         self.scheduler = Scheduler(
             tenant_limit=limits.tenant_running,
             class_limits=dict(limits.class_running),
@@ -121,7 +122,7 @@ class TaskManager:
         return self._queued[tenant] if tenant else sum(self._queued.values())
 
     async def submit(self, spec: TaskSpec) -> tuple[Task, str]:
-        """Queues a task durably and returns it with its bearer token (shown only once).
+        """Queues a task durably and returns it with its first attempt's bearer token.
 
         Raises `QueueFullError` when the tenant is at its cap, or when the node is at
         `max_queued` and no queued batch task can be shed to make room.
@@ -143,12 +144,10 @@ class TaskManager:
         if victim is not None:
             shed.append(victim.moved(State.CANCELLED, now, reason="shed under queue pressure"))
             self._drop_queued(shed[0])
-        token, token_hash = new_token()
         task = Task(
             id=uuid.uuid4().hex,
             seq=self.store.next_seq(),
             spec=spec,
-            token_hash=token_hash,
             history=((State.QUEUED.value, now),),
         )
         # Hold the slot while the write is in flight, so concurrent submits see the cap.
@@ -164,7 +163,7 @@ class TaskManager:
             self._queued[spec.tenant] -= 1
         self._set(task)
         self._enqueue(task)
-        return task, token
+        return task, self.token_for(task)
 
     def _shed_victim(self, incoming: TaskSpec) -> Task | None:
         """The newest queued batch task, if the incoming task outranks batch."""
@@ -229,7 +228,9 @@ class TaskManager:
             raise
         return t
 
-    async def finish(self, task_id: str, outcome: State, *, reason: str = "") -> Task:
+    async def finish(
+        self, task_id: str, outcome: State, *, reason: str = "", exit_code: int | None = None
+    ) -> Task:
         """Records a started task's outcome; a retryable outcome re-queues it after a backoff."""
         old = self.get(task_id)
         if outcome not in TERMINAL:
@@ -241,7 +242,7 @@ class TaskManager:
                 f"task {task_id} is {old.state}, not started (use cancel for a queued task)"
             )
         now = time.time()
-        done = old.moved(outcome, now, reason=reason)
+        done = old.moved(outcome, now, reason=reason, exit_code=exit_code)
         again = self._retry_of(done, now)
         self._set(again or done)
         try:
@@ -280,10 +281,17 @@ class TaskManager:
             not_before=now + self.retry.delay(done.attempt),
         )
 
-    def verify(self, task_id: str, token: str) -> bool:
-        """Whether `token` is this task's bearer token (constant-time)."""
-        t = self.tasks.get(task_id)
-        return t is not None and verify_token(token, t.token_hash)
+    def token_for(self, task: Task) -> str:
+        """The bearer token of `task`'s current attempt."""
+        return self.tokens.issue(task.id, task.attempt)
+
+    def task_of_token(self, token: str) -> Task | None:
+        """The task whose current attempt `token` belongs to (None: forged, unknown or stale)."""
+        found = self.tokens.verify(token)
+        if found is None:
+            return None
+        t = self.tasks.get(found[0])
+        return t if t is not None and t.attempt == found[1] else None
 
     def checkpoint_env(self, task_id: str) -> dict[str, str]:
         """The environment a (retried) task gets: AGENTNODE_CHECKPOINT names its checkpoint file."""

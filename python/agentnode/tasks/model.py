@@ -66,6 +66,11 @@ class TaskSpec:
     cpu_millis: int = 1000
     memory_bytes: int = 512 << 20
     timeout_s: float = 3600.0
+    pids: int | None = None
+    heartbeat_s: float | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    network: str = "none"
+    user: str = "65534"
 
     def __post_init__(self) -> None:
         if not _TENANT.fullmatch(self.tenant):
@@ -80,6 +85,19 @@ class TaskSpec:
             raise TaskError("cpu_millis and memory_bytes must be positive (request real resources)")
         if not self.timeout_s > 0:
             raise TaskError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.pids is not None and self.pids < 1:
+            raise TaskError(f"pids must be at least 1, got {self.pids}")
+        if self.heartbeat_s is not None and not self.heartbeat_s > 0:
+            raise TaskError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
+        for pair in self.env:
+            if len(pair) != 2 or not all(isinstance(x, str) for x in pair) or not pair[0]:
+                raise TaskError(f"env entry {pair!r} is not a NAME, VALUE pair of strings")
+            if "=" in pair[0] or "\0" in pair[0] + pair[1]:
+                raise TaskError(f"env name {pair[0]!r} may not contain '=' or NUL")
+        if not re.fullmatch(r"\d+(:\d+)?", self.user):
+            raise TaskError(f"user {self.user!r} is not UID[:GID] (example: 1000:1000)")
+        if self.network != "none":
+            raise TaskError(f"network {self.network!r} is not supported yet (use 'none')")
 
 
 @dataclass(frozen=True)
@@ -91,9 +109,9 @@ class Task:
     spec: TaskSpec
     state: State = State.QUEUED
     attempt: int = 1
-    token_hash: str = ""
     not_before: float = 0.0
     reason: str = ""
+    exit_code: int | None = None
     history: tuple[tuple[str, float], ...] = field(default=())
 
     def moved(self, new: State, at: float, **changes: Any) -> Task:
@@ -109,6 +127,7 @@ class Task:
         d = json.loads(raw)
         spec = d.pop("spec")
         spec["command"] = tuple(spec["command"])
+        spec["env"] = tuple((k, v) for k, v in spec.get("env", ()))
         return cls(
             spec=TaskSpec(**spec),
             state=State(d.pop("state")),

@@ -1,27 +1,56 @@
-"""Per-task bearer tokens: a task proves who it is (e.g. to PUT its checkpoint) with one.
+"""Per-task bearer tokens: a task proves who it is (to its checkpoint, heartbeat and memory) with one.
 
-Only a SHA-256 of the token is stored, and verification compares digests in constant time.
+A token is `<task id>.<attempt>.<HMAC-SHA256 of both under the node's key>`, so a retried
+attempt gets a new token, the previous attempt's token stops working, and nothing per task needs
+storing: the daemon re-derives any token after a restart. Comparison is constant-time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
+from pathlib import Path
 
-__all__ = ["hash_token", "new_token", "verify_token"]
-
-
-def new_token() -> tuple[str, str]:
-    """A fresh token and the hash to store."""
-    token = secrets.token_urlsafe(32)
-    return token, hash_token(token)
+__all__ = ["TokenKey"]
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+class TokenKey:
+    """The node's secret for issuing and checking task tokens."""
 
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
-def verify_token(token: str, stored_hash: str) -> bool:
-    """True if `token` hashes to `stored_hash`; the comparison takes the same time either way."""
-    return bool(stored_hash) and hmac.compare_digest(hash_token(token), stored_hash)
+    @classmethod
+    def load(cls, path: Path) -> TokenKey:
+        """The key at `path`, created (mode 0600, fsynced) on first use and kept across restarts."""
+        try:
+            return cls(path.read_bytes())
+        except FileNotFoundError:
+            pass
+        key = secrets.token_bytes(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another opener won the race: use its key
+            return cls(path.read_bytes())
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        return cls(key)
+
+    def issue(self, task_id: str, attempt: int) -> str:
+        """The token of `task_id`'s attempt number `attempt`."""
+        mac = hmac.new(self._key, f"{task_id}.{attempt}".encode(), hashlib.sha256)
+        return f"{task_id}.{attempt}.{mac.hexdigest()}"
+
+    def verify(self, token: str) -> tuple[str, int] | None:
+        """(task id, attempt) if `token` is genuine, else None."""
+        task_id, _, rest = token.partition(".")
+        attempt, _, _ = rest.partition(".")
+        if not attempt.isdigit():
+            return None
+        if not hmac.compare_digest(self.issue(task_id, int(attempt)).encode(), token.encode()):
+            return None
+        return task_id, int(attempt)
