@@ -1,6 +1,8 @@
-"""The SDK agents use inside a task: memory over the node's HTTP API, and working memory."""
+"""The SDK agents use inside a task: memory over the node's HTTP API, working memory, and the
+task's own heartbeat and checkpoints."""
 
 from agentnode.sdk.memory import Memory
+from agentnode.sdk.task import ThisTask
 from agentnode.sdk.working import WorkingMemory
 
-__all__ = ["Memory", "WorkingMemory"]
+__all__ = ["Memory", "ThisTask", "WorkingMemory"]

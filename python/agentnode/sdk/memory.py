@@ -13,12 +13,13 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import msgpack
 
 from agentnode import errors
 from agentnode.errors import ConfigError, StorageError
+from agentnode.sdk.transport import connect
 from agentnode.sdk.working import WorkingMemory
 
 __all__ = ["Memory"]
@@ -38,14 +39,10 @@ class Memory:
             raise ConfigError(
                 "memory endpoint or token missing (set AGENTNODE_URL and AGENTNODE_TOKEN)"
             )
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ConfigError(f"AGENTNODE_URL {url!r} is not an http://host:port URL")
-        self._host, self._port = parts.hostname, parts.port or 80
-        self._base = parts.path.rstrip("/")
+        self._url = url
+        self._conn, self._base = connect(url, timeout=timeout)
         self._headers = {"Authorization": f"Bearer {token}", "Accept": _MSGPACK}
         self._timeout = timeout
-        self._conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         self._working: dict[str, WorkingMemory] = {}
 
     # -- transport ------------------------------------------------------------------------------
@@ -70,7 +67,7 @@ class Memory:
         except (ConnectionError, http.client.HTTPException, TimeoutError) as e:
             self._conn.close()
             raise StorageError(
-                f"memory API at {self._host}:{self._port} unreachable ({e}; is the node running?)"
+                f"memory API at {self._url} unreachable ({e}; is the node running?)"
             ) from e
         if resp.status >= 400:
             data = resp.read()

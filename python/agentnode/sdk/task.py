@@ -1,0 +1,79 @@
+"""`ThisTask`: what code running as a node task says to the node about itself.
+
+Heartbeats (when the task was submitted with a heartbeat timeout), checkpoints (saved through
+the API; a retried attempt finds its last one at $AGENTNODE_CHECKPOINT) and its own record. The
+endpoint and credential come from the environment the node gives every task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from agentnode.errors import ConfigError, TaskError
+from agentnode.sdk.transport import connect
+
+__all__ = ["ThisTask"]
+
+
+class ThisTask:
+    """The running task's own API; synchronous, one per thread."""
+
+    def __init__(self, *, timeout: float = 30.0) -> None:
+        env = os.environ
+        url, token, self.id = (
+            env.get("AGENTNODE_URL"),
+            env.get("AGENTNODE_TOKEN"),
+            env.get("AGENTNODE_TASK_ID", ""),
+        )
+        if not url or not token or not self.id:
+            raise ConfigError(
+                "not running as an agentnode task (AGENTNODE_URL, AGENTNODE_TOKEN and "
+                "AGENTNODE_TASK_ID are unset)"
+            )
+        self._url = url
+        self._conn, self._base = connect(url, timeout=timeout)
+        self._auth = {"Authorization": f"Bearer {token}"}
+
+    def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        try:
+            self._conn.request(method, f"{self._base}/v1/tasks/{self.id}{path}", body, self._auth)
+            resp = self._conn.getresponse()
+            data = resp.read()
+        except OSError as e:
+            self._conn.close()
+            raise TaskError(f"node task API at {self._url} unreachable ({e})") from e
+        if resp.status >= 400:
+            try:
+                message = json.loads(data)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {resp.status}"
+            raise TaskError(f"{method} {path or 'task'}: {message}")
+        return data
+
+    def heartbeat(self) -> None:
+        """Tells the node this task is alive (resets its heartbeat timeout)."""
+        self._call("POST", "/heartbeat")
+
+    def save_checkpoint(self, blob: bytes) -> None:
+        """Stores `blob` durably as this task's checkpoint (replacing the previous one)."""
+        self._call("PUT", "/checkpoint", blob)
+
+    def checkpoint(self) -> bytes | None:
+        """The last checkpoint saved by this or an earlier attempt, or None."""
+        path = os.environ.get("AGENTNODE_CHECKPOINT")
+        if path:
+            with open(path, "rb") as f:
+                return f.read()
+        try:
+            return self._call("GET", "/checkpoint")
+        except TaskError as e:
+            if "has no checkpoint" in str(e):
+                return None
+            raise
+
+    def info(self) -> dict[str, Any]:
+        """This task's record: state, attempt, limits, live accounting."""
+        result: dict[str, Any] = json.loads(self._call("GET", ""))
+        return result

@@ -1,0 +1,40 @@
+"""HTTP over the node's unix sockets (http.client only: task code should stay light)."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+from urllib.parse import urlsplit
+
+from agentnode.errors import ConfigError
+
+__all__ = ["UnixHTTPConnection", "connect"]
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix stream socket at `path`."""
+
+    def __init__(self, path: str, *, timeout: float | None = None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def connect(url: str, *, timeout: float | None) -> tuple[http.client.HTTPConnection, str]:
+    """A connection for `http://host:port/base` or `unix:///path/to.sock`, and the base path."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix" and parts.path:
+        return UnixHTTPConnection(parts.path, timeout=timeout), ""
+    if parts.scheme == "http" and parts.hostname:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        return conn, parts.path.rstrip("/")
+    raise ConfigError(f"AGENTNODE_URL {url!r} is not an http://host:port or unix:///path URL")
