@@ -38,9 +38,9 @@ build:
     VIRTUAL_ENV={{venv}} {{venv}}/bin/maturin develop --release
     {{py}} -c 'import agentnode._native'
 
-# Start the node agent as root (until the daemon lands: agentnode doctor)
+# Start the node agent as root, in the foreground, on its embedded defaults (Ctrl-C stops it)
 run *args: setup
-    {{venv}}/bin/agentnode doctor "$@"
+    {{venv}}/bin/agentnode run "$@"
 
 # Run every test: cargo tests, then pytest (privileged tests included; run as root)
 test *args: setup

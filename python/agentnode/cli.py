@@ -15,6 +15,8 @@ from agentnode import __version__, doctor
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.inference import command as inference_command
 from agentnode.isolation import cli as isolation_cli
+from agentnode.node import commands as node_commands
+from agentnode.node import daemon
 from agentnode.storage import serve as memory_serve
 
 __all__ = ["ArgumentParser", "main"]
@@ -22,6 +24,8 @@ __all__ = ["ArgumentParser", "main"]
 # Each command module contributes its subcommands; later layers add themselves here.
 COMMANDS: list[Callable[[argparse._SubParsersAction[ArgumentParser]], None]] = [
     doctor.add_parser,
+    daemon.add_parser,
+    node_commands.add_parsers,
     isolation_cli.add_parser,
     memory_serve.add_parser,
     inference_command.add_parser,

@@ -273,7 +273,7 @@ class TaskManager:
         return c
 
     def _retry_of(self, done: Task, now: float) -> Task | None:
-        if not self.retry.should_retry(done.state, done.attempt):
+        if not self.retry.should_retry(done.state, done.attempt, done.spec.retries):
             return None
         return replace(
             done.moved(State.QUEUED, now),
@@ -292,10 +292,6 @@ class TaskManager:
             return None
         t = self.tasks.get(found[0])
         return t if t is not None and t.attempt == found[1] else None
-
-    def checkpoint_env(self, task_id: str) -> dict[str, str]:
-        """The environment a (retried) task gets: AGENTNODE_CHECKPOINT names its checkpoint file."""
-        return {"AGENTNODE_CHECKPOINT": str(self.store.checkpoint_path(self.get(task_id).id))}
 
     def close(self) -> None:
         self.store.close()

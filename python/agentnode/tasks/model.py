@@ -71,6 +71,8 @@ class TaskSpec:
     env: tuple[tuple[str, str], ...] = ()
     network: str = "none"
     user: str = "65534"
+    #: Retries after a failed, timed-out or lost attempt (None: the node's retry policy).
+    retries: int | None = None
 
     def __post_init__(self) -> None:
         if not _TENANT.fullmatch(self.tenant):
@@ -87,6 +89,8 @@ class TaskSpec:
             raise TaskError(f"timeout_s must be positive, got {self.timeout_s}")
         if self.pids is not None and self.pids < 1:
             raise TaskError(f"pids must be at least 1, got {self.pids}")
+        if self.retries is not None and not 0 <= self.retries <= 100:
+            raise TaskError(f"retries must be within 0..100, got {self.retries}")
         if self.heartbeat_s is not None and not self.heartbeat_s > 0:
             raise TaskError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
         for pair in self.env:

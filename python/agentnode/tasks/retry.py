@@ -32,9 +32,11 @@ class RetryPolicy:
         if bad := self.retry_on - {State.FAILED, State.TIMED_OUT, State.LOST}:
             raise TaskError(f"only failed, timed_out and lost can retry, not {sorted(bad)}")
 
-    def should_retry(self, outcome: State, attempt: int) -> bool:
-        """Whether a task whose attempt `attempt` ended in `outcome` runs again."""
-        return outcome in self.retry_on and attempt < self.max_attempts
+    def should_retry(self, outcome: State, attempt: int, retries: int | None = None) -> bool:
+        """Whether a task whose attempt `attempt` ended in `outcome` runs again; `retries`, the
+        task's own number of retries, overrides `max_attempts`."""
+        limit = self.max_attempts if retries is None else retries + 1
+        return outcome in self.retry_on and attempt < limit
 
     def delay(self, attempt: int, *, rng: random.Random | None = None) -> float:
         """Seconds to wait after attempt `attempt` (1-based) before the next one."""

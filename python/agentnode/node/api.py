@@ -1,0 +1,420 @@
+"""The node's control API (aiohttp): tasks, logs, events, checkpoints, node, metrics.
+
+Two applications share the handlers. `admin_app` is served on the admin unix socket, whose file
+mode is its access control (and on the optional TCP listener behind a bearer token). `task_app`
+is served on the task socket bound into every task: it accepts only per-task tokens, reaches
+only that task's own record, checkpoint and heartbeat, and mounts the memory API scoped to the
+task's tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from agentnode.errors import AgentnodeError, QueueFullError, TaskError
+from agentnode.isolation.units import parse_duration, parse_size
+from agentnode.node.metrics import NodeMetrics
+from agentnode.node.runner import Node
+from agentnode.storage.api import principal
+from agentnode.storage.tenancy import Principal
+from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
+
+__all__ = ["admin_app", "spec_from_json", "task_app", "task_json"]
+
+NODE = web.AppKey("node", Node)
+PINNED = web.AppKey("pinned", bool)
+METRICS = web.AppKey("metrics", NodeMetrics)
+_OPENAPI = Path(__file__).with_name("openapi.json")
+_MAX_CHECKPOINT = 64 << 20
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status)
+
+
+class BadField(Exception):
+    """A request field is missing or malformed: 400 naming the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadField as e:
+        return _error(400, str(e), e.field)
+    except QueueFullError as e:
+        return _error(429, str(e))
+    except TaskError as e:
+        status = 404 if str(e).startswith("no task") else 409
+        return _error(status, str(e))
+    except AgentnodeError as e:
+        return _error(400, str(e))
+
+
+def _bearer_guard(token: str) -> Middleware:
+    @web.middleware
+    async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if request.path != "/healthz" and not (
+            scheme == "Bearer" and hmac.compare_digest(given.encode(), token.encode())
+        ):
+            return _error(401, "missing or wrong bearer token (use the node's api_token)")
+        return await handler(request)
+
+    return guard
+
+
+# -- request parsing ----------------------------------------------------------------------------
+
+
+def _number(body: dict[str, Any], key: str, *, parse: Callable[..., float] | None = None) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) and parse is not None:
+        try:
+            return parse(value, option=key)
+        except AgentnodeError as e:
+            raise BadField(key, str(e).removeprefix(f"{key}: ")) from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadField(key, f"must be a number, got {value!r}")
+    if value <= 0:
+        raise BadField(key, f"must be positive, got {value!r}")
+    return value
+
+
+def spec_from_json(body: Any) -> TaskSpec:
+    """A TaskSpec from a POST /v1/tasks body; BadField names the first bad field."""
+    if not isinstance(body, dict):
+        raise BadField("body", "must be a JSON object")
+    known = {
+        "tenant",
+        "command",
+        "priority",
+        "cpus",
+        "memory",
+        "pids",
+        "timeout",
+        "heartbeat",
+        "env",
+        "network",
+        "user",
+        "retries",
+    }
+    for key in body:
+        if key not in known:
+            raise BadField(key, f"unknown field (known: {', '.join(sorted(known))})")
+    tenant = body.get("tenant", "default")
+    if not isinstance(tenant, str):
+        raise BadField("tenant", "must be a string")
+    command = body.get("command")
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(a, str) and a for a in command)
+    ):
+        raise BadField("command", "must be a non-empty list of non-empty strings")
+    priority = body.get("priority", "normal")
+    if priority not in CLASSES:
+        raise BadField("priority", f"must be one of {', '.join(CLASSES)}, got {priority!r}")
+    env = body.get("env", {})
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise BadField("env", "must be an object of string values")
+    cpus = _number(body, "cpus")
+    memory = _number(body, "memory", parse=parse_size)
+    pids = _number(body, "pids")
+    if pids is not None and not isinstance(pids, int):
+        raise BadField("pids", f"must be an integer, got {pids!r}")
+    retries = body.get("retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
+        raise BadField("retries", f"must be an integer, got {retries!r}")
+    timeout = _number(body, "timeout", parse=parse_duration)
+    heartbeat = _number(body, "heartbeat", parse=parse_duration)
+    fields: dict[str, Any] = {}
+    if cpus is not None:
+        fields["cpu_millis"] = max(1, round(cpus * 1000))
+    if memory is not None:
+        fields["memory_bytes"] = int(memory)
+    if timeout is not None:
+        fields["timeout_s"] = float(timeout)
+    try:
+        return TaskSpec(
+            tenant=tenant,
+            command=tuple(command),
+            cls=priority,
+            pids=pids,
+            heartbeat_s=heartbeat,
+            env=tuple(env.items()),
+            network=body.get("network", "none"),
+            user=str(body.get("user", "65534")),
+            retries=retries,
+            **fields,
+        )
+    except TaskError as e:
+        # TaskSpec's messages name the field in their first words.
+        head = str(e).split(" ", 2)[:2]
+        raise BadField(next((k for k in known if k in head), "body"), str(e)) from None
+
+
+def task_json(node: Node, task: Task) -> dict[str, Any]:
+    """A task as the API shows it (live accounting while it runs)."""
+    spec = task.spec
+    out: dict[str, Any] = {
+        "id": task.id,
+        "tenant": spec.tenant,
+        "priority": spec.cls,
+        "command": list(spec.command),
+        "state": task.state.value,
+        "attempt": task.attempt,
+        "reason": task.reason,
+        "exit_code": task.exit_code,
+        "submitted_at": task.history[0][1],
+        "history": [list(h) for h in task.history],
+        "cpus": spec.cpu_millis / 1000,
+        "memory": spec.memory_bytes,
+        "pids": spec.pids,
+        "timeout": spec.timeout_s,
+        "user": spec.user,
+        "retries": spec.retries,
+    }
+    running = node.running.get(task.id)
+    if running is not None and running.proc.result is None:
+        with contextlib.suppress(AgentnodeError):
+            out["stats"] = asdict(running.proc.stats())
+    return out
+
+
+def _task(request: web.Request) -> Task:
+    node = request.app[NODE]
+    task_id = request.match_info["id"]
+    p = principal(request) if request.app.get(PINNED) else None
+    if p is not None and p.task != task_id:
+        raise web.HTTPForbidden(
+            text=json.dumps({"error": f"this token belongs to task {p.task}, not {task_id}"}),
+            content_type="application/json",
+        )
+    return node.manager.get(task_id)
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+async def _submit(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadField("body", "is not valid JSON") from None
+    node = request.app[NODE]
+    spec = spec_from_json(body)
+    inv = node.inventory
+    if spec.cpu_millis > inv.allocatable_cpu_millis:
+        raise BadField(
+            "cpus",
+            f"requests {spec.cpu_millis / 1000:g} CPUs, this node has "
+            f"{inv.allocatable_cpu_millis / 1000:g} allocatable (it could never start)",
+        )
+    if spec.memory_bytes > inv.allocatable_memory_bytes:
+        raise BadField(
+            "memory",
+            f"requests {spec.memory_bytes >> 20} MiB, this node has "
+            f"{inv.allocatable_memory_bytes >> 20} MiB allocatable (it could never start)",
+        )
+    task = await node.submit(spec)
+    return web.json_response(task_json(request.app[NODE], task), status=201)
+
+
+async def _list(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    tenant = request.query.get("tenant")
+    state = request.query.get("state")
+    if state is not None and state not in {s.value for s in State}:
+        raise BadField(
+            "state", f"unknown state {state!r} (use {', '.join(s.value for s in State)})"
+        )
+    everything = request.query.get("all") in ("1", "true")
+    tasks = [
+        t
+        for t in node.manager.tasks.values()
+        if (tenant is None or t.spec.tenant == tenant)
+        and (state is None or t.state.value == state)
+        and (everything or state is not None or t.state not in TERMINAL)
+    ]
+    tasks.sort(key=lambda t: t.seq)
+    return web.json_response([task_json(node, t) for t in tasks])
+
+
+async def _get(request: web.Request) -> web.Response:
+    return web.json_response(task_json(request.app[NODE], _task(request)))
+
+
+async def _cancel(request: web.Request) -> web.Response:
+    task = await request.app[NODE].cancel(request.match_info["id"])
+    return web.json_response(task_json(request.app[NODE], task), status=202)
+
+
+async def _heartbeat(request: web.Request) -> web.Response:
+    request.app[NODE].heartbeat(_task(request).id)
+    return web.json_response({"ok": True})
+
+
+async def _logs(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    task = _task(request)
+    follow = request.query.get("follow") in ("1", "true")
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await resp.prepare(request)
+    attempt = 1
+    offset = 0
+    while True:
+        current = node.manager.get(task.id)
+        path = node.log_path(task.id, attempt)
+        if path.exists():
+            with path.open("rb") as f:
+                f.seek(offset)
+                while chunk := f.read(1 << 16):
+                    await resp.write(chunk)
+                    offset += len(chunk)
+        if attempt < current.attempt:
+            attempt, offset = attempt + 1, 0
+            continue
+        if not follow or (current.state in TERMINAL and task.id not in node.running):
+            break
+        await asyncio.sleep(0.05)
+    await resp.write_eof()
+    return resp
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    async with node.events() as queue:
+        while (event := await queue.get()) is not None:
+            await resp.write(f"event: transition\ndata: {json.dumps(event)}\n\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+async def _get_checkpoint(request: web.Request) -> web.Response:
+    task = _task(request)
+    blob = await asyncio.to_thread(request.app[NODE].manager.store.read_checkpoint, task.id)
+    if blob is None:
+        return _error(404, f"task {task.id} has no checkpoint")
+    return web.Response(body=blob, content_type="application/octet-stream")
+
+
+async def _put_checkpoint(request: web.Request) -> web.Response:
+    task = _task(request)
+    try:
+        blob = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"checkpoint is over the {_MAX_CHECKPOINT}-byte limit")
+    await asyncio.to_thread(request.app[NODE].manager.store.write_checkpoint, task.id, blob)
+    return web.json_response({"bytes": len(blob)})
+
+
+async def _node(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    inv = node.inventory
+    cpu, mem = node.free()
+    return web.json_response(
+        {
+            "cpu_millis": inv.cpu_millis,
+            "memory_bytes": inv.memory_bytes,
+            "allocatable_cpu_millis": inv.allocatable_cpu_millis,
+            "allocatable_memory_bytes": inv.allocatable_memory_bytes,
+            "free_cpu_millis": cpu,
+            "free_memory_bytes": mem,
+            "gpus": [asdict(g) for g in inv.gpus],
+            "queued": node.manager.queued_count(),
+            "running": len(node.running),
+            "admitting": node.admitting,
+        }
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def _openapi(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(_OPENAPI, headers={"Content-Type": "application/json"})
+
+
+def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> web.Application:
+    """The full control API; with `token`, every route but /healthz needs it as a bearer."""
+    middlewares: list[Middleware] = [_errors] if token is None else [_bearer_guard(token), _errors]
+    app = web.Application(middlewares=middlewares, client_max_size=_MAX_CHECKPOINT)
+    app[NODE] = node
+    app[METRICS] = metrics
+    r = app.router
+    r.add_post("/v1/tasks", _submit)
+    r.add_get("/v1/tasks", _list)
+    r.add_get("/v1/tasks/{id}", _get)
+    r.add_post("/v1/tasks/{id}/cancel", _cancel)
+    r.add_post("/v1/tasks/{id}/heartbeat", _heartbeat)
+    r.add_get("/v1/tasks/{id}/logs", _logs)
+    r.add_get("/v1/tasks/{id}/checkpoint", _get_checkpoint)
+    r.add_put("/v1/tasks/{id}/checkpoint", _put_checkpoint)
+    r.add_get("/v1/events", _events)
+    r.add_get("/v1/node", _node)
+    r.add_get("/metrics", _metrics)
+    r.add_get("/healthz", _healthz)
+    r.add_get("/openapi.json", _openapi)
+    return app
+
+
+class TaskTokens:
+    """The memory API's authenticator for per-task tokens: the task's tenant, pinned to it."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def authenticate(self, token: str) -> Principal | None:
+        task = self._node.manager.task_of_token(token)
+        return None if task is None else Principal(task.spec.tenant, task.id)
+
+
+def task_app(node: Node, memory: web.Application) -> web.Application:
+    """The task socket's API: `memory` (from `storage.api.make_app` with `TaskTokens(node)`,
+    whose guard authenticates every request) plus the task's own record, logs, checkpoint and
+    heartbeat. Memory routes stay at their usual paths so `agentnode.sdk.Memory` works as is."""
+    memory.middlewares.append(_errors)
+    memory[NODE] = node
+    memory[PINNED] = True
+    r = memory.router
+    r.add_get("/v1/tasks/{id}", _get)
+    r.add_post("/v1/tasks/{id}/heartbeat", _heartbeat)
+    r.add_get("/v1/tasks/{id}/logs", _logs)
+    r.add_get("/v1/tasks/{id}/checkpoint", _get_checkpoint)
+    r.add_put("/v1/tasks/{id}/checkpoint", _put_checkpoint)
+    return memory

@@ -1,0 +1,225 @@
+"""The CLI side of the node: `submit`, `ps`, `logs`, `wait`, `kill`, `top` (over its socket)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agentnode.errors import UsageError
+from agentnode.node.client import NodeClient
+from agentnode.tasks.model import CLASSES
+
+if TYPE_CHECKING:
+    from agentnode.cli import ArgumentParser
+
+__all__ = ["add_parsers", "exit_status"]
+
+#: `wait` exit statuses for outcomes without an exit code of their own.
+_STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
+
+
+def _client(args: argparse.Namespace) -> NodeClient:
+    return NodeClient(args.socket)
+
+
+def _with_socket(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="node socket ($AGENTNODE_SOCKET, default /run/agentnode/api.sock)",
+    )
+
+
+def add_parsers(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+    """Adds `submit`, `ps`, `logs`, `wait`, `kill` and `top` to the CLI."""
+    p = sub.add_parser(
+        "submit",
+        help="queue a task on the node",
+        description="Queue CMD as an "
+        "isolated task and print its id (--wait: exit with its status).",
+    )
+    p.add_argument("--tenant", default="default", help="who the task runs for (default: default)")
+    p.add_argument("--priority", default="normal", choices=CLASSES, help="class (default normal)")
+    p.add_argument("--cpus", type=float, metavar="N", help="CPUs requested and allowed (default 1)")
+    p.add_argument("--memory", metavar="SIZE", help="memory requested and allowed (default 512M)")
+    p.add_argument("--pids", type=int, metavar="N", help="maximum number of processes")
+    p.add_argument("--timeout", metavar="DURATION", help="wall-clock limit (default 1h)")
+    p.add_argument("--heartbeat", metavar="DURATION", help="stop it when it misses heartbeats")
+    p.add_argument("--user", metavar="UID[:GID]", help="run as this user (default 65534, nobody)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
+    p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
+    p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    _with_socket(p)
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("ps", help="list tasks", description="List live tasks (--all: ended too).")
+    p.add_argument("--all", action="store_true", help="include ended tasks")
+    p.add_argument("--tenant", help="only this tenant's tasks")
+    _with_socket(p)
+    p.set_defaults(func=_ps)
+
+    p = sub.add_parser("logs", help="print a task's output", description="Print a task's output.")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
+    p.add_argument("id")
+    _with_socket(p)
+    p.set_defaults(func=_logs)
+
+    p = sub.add_parser(
+        "wait",
+        help="wait for a task and exit with its status",
+        description="Wait for a task to end; exit with its status.",
+    )
+    p.add_argument("id")
+    _with_socket(p)
+    p.set_defaults(func=_wait)
+
+    p = sub.add_parser(
+        "kill",
+        help="cancel a task",
+        description="Cancel a queued task or stop "
+        "a running one (SIGTERM, grace, then its whole cgroup is killed).",
+    )
+    p.add_argument("id")
+    _with_socket(p)
+    p.set_defaults(func=_kill)
+
+    p = sub.add_parser("top", help="live table of tasks", description="A live table of tasks.")
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh seconds (default 1)")
+    _with_socket(p)
+    p.set_defaults(func=_top)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("submit needs a command after '--' (example: agentnode submit -- echo hi)")
+    env = {}
+    for pair in args.env:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise UsageError(f"--env: {pair!r} is not NAME=VALUE")
+        env[name] = value
+    body: dict[str, Any] = {
+        "tenant": args.tenant,
+        "priority": args.priority,
+        "command": command,
+        "env": env,
+    }
+    for key in ("cpus", "memory", "pids", "timeout", "heartbeat", "user", "retries"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    task = _client(args).call("POST", "/v1/tasks", body)
+    print(task["id"], flush=True)
+    return _wait_for(_client(args), task["id"]) if args.wait else 0
+
+
+def exit_status(task: dict[str, Any]) -> int:
+    """The status `wait` exits with: the task's own, or 124 timeout, 130 cancelled, 1 lost."""
+    if task["state"] in ("succeeded", "failed") and task["exit_code"] is not None:
+        return int(task["exit_code"])
+    return _STATUS.get(task["state"], 1)
+
+
+def _wait_for(client: NodeClient, task_id: str) -> int:
+    while True:
+        task = client.call("GET", f"/v1/tasks/{task_id}")
+        if task["state"] in ("succeeded", "failed", "timed_out", "cancelled", "lost"):
+            if task["reason"] and task["state"] != "succeeded":
+                print(
+                    f"agentnode: task {task_id} {task['state']}: {task['reason']}", file=sys.stderr
+                )
+            return exit_status(task)
+        time.sleep(0.05)
+
+
+def _wait(args: argparse.Namespace) -> int:
+    return _wait_for(_client(args), args.id)
+
+
+def _kill(args: argparse.Namespace) -> int:
+    _client(args).call("POST", f"/v1/tasks/{args.id}/cancel")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    url = f"/v1/tasks/{args.id}/logs" + ("?follow=1" if args.follow else "")
+    client = NodeClient(args.socket, timeout=None if args.follow else 30.0)
+    for chunk in client.stream(url):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def _rows(tasks: list[dict[str, Any]]) -> list[list[str]]:
+    now = time.time()
+    rows = []
+    for t in tasks:
+        stats = t.get("stats") or {}
+        cpu = stats.get("cpu_user_s", 0) + stats.get("cpu_system_s", 0)
+        rows.append(
+            [
+                t["id"][:12],
+                t["tenant"],
+                t["priority"],
+                t["state"],
+                str(t["attempt"]),
+                f"{cpu:.1f}s" if stats else "-",
+                f"{stats['memory_current'] >> 20}M" if stats else "-",
+                f"{now - t['submitted_at']:.0f}s",
+                " ".join(t["command"])[:40],
+            ]
+        )
+    return rows
+
+
+_HEADER = ["ID", "TENANT", "PRIORITY", "STATE", "TRY", "CPU", "MEM", "AGE", "COMMAND"]
+
+
+def _ps(args: argparse.Namespace) -> int:
+    query = "?all=1" if args.all else ""
+    if args.tenant:
+        query += ("&" if query else "?") + f"tenant={args.tenant}"
+    rows = [_HEADER, *_rows(_client(args).call("GET", "/v1/tasks" + query))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from rich.live import Live
+    from rich.table import Table
+
+    client = _client(args)
+
+    def table() -> Table:
+        node = client.call("GET", "/v1/node")
+        t = Table(
+            title=f"agentnode: {node['running']} running, {node['queued']} queued, "
+            f"{node['free_cpu_millis'] / 1000:g} CPUs free"
+        )
+        for h in _HEADER:
+            # Ids and states must stay whole (they are what users copy and scan for).
+            t.add_column(h, no_wrap=True, min_width=12 if h == "ID" else None)
+        for row in _rows(client.call("GET", "/v1/tasks")):
+            t.add_row(*row)
+        return t
+
+    if args.once:
+        from rich.console import Console
+
+        Console().print(table())
+        return 0
+    with Live(table(), auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(args.interval)
+                live.update(table(), refresh=True)
+        except KeyboardInterrupt:
+            return 0

@@ -1,0 +1,180 @@
+"""agentnode.toml: the node's settings, with embedded defaults for every key.
+
+Errors name the key and the line of the file it is on, so `agentnode run` can print one line a
+user can act on.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentnode.errors import ConfigError
+from agentnode.tasks.model import CLASSES
+
+__all__ = ["NodeConfig", "TenantConfig", "load_config"]
+
+DEFAULT_DATA_DIR = Path("/var/lib/agentnode")
+DEFAULT_SOCKET = Path("/run/agentnode/api.sock")
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """A tenant's fair-share weight and running limit (0: none)."""
+
+    weight: int = 1
+    running: int = 0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Every setting of the node; `load_config` fills it from a TOML file."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    socket: Path = DEFAULT_SOCKET
+    listen: str | None = None
+    api_token: str | None = None
+    grace_s: float = 10.0
+    reserve_cpu_millis: int = 250
+    reserve_memory_bytes: int = 256 << 20
+    max_queued: int = 10_000
+    tenant_queue_cap: int = 1000
+    tenant_running: int = 0
+    class_running: tuple[tuple[str, int], ...] = ()
+    aging: int = 64
+    retry_max_attempts: int = 1
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
+    source: Path | None = None
+
+
+# (section, key) -> (NodeConfig field, type, converter description)
+_KEYS: dict[tuple[str, str], tuple[str, type]] = {
+    ("node", "data_dir"): ("data_dir", str),
+    ("node", "socket"): ("socket", str),
+    ("node", "listen"): ("listen", str),
+    ("node", "api_token"): ("api_token", str),
+    ("node", "grace"): ("grace_s", float),
+    ("node", "reserve_cpus"): ("reserve_cpu_millis", float),
+    ("node", "reserve_memory_mb"): ("reserve_memory_bytes", int),
+    ("scheduler", "max_queued"): ("max_queued", int),
+    ("scheduler", "tenant_queue_cap"): ("tenant_queue_cap", int),
+    ("scheduler", "tenant_running"): ("tenant_running", int),
+    ("scheduler", "aging"): ("aging", int),
+    ("retry", "max_attempts"): ("retry_max_attempts", int),
+    ("retry", "base"): ("retry_base_s", float),
+    ("retry", "max"): ("retry_max_s", float),
+}
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The 1-based line on which `key` is assigned (the last part of a dotted key)."""
+    pattern = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
+    for n, line in enumerate(text.splitlines(), 1):
+        if pattern.match(line):
+            return n
+    return None
+
+
+class _Reader:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.text = path, text
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        line = _line_of(self.text, key.rsplit(".", 1)[-1])
+        where = f"{self.path}:{line}" if line else str(self.path)
+        return ConfigError(f"{where}: {key}: {problem}")
+
+    def number(self, key: str, value: Any, kind: type, *, minimum: float = 0) -> Any:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int:
+            ok = ok and isinstance(value, int)
+        if not ok or value < minimum:
+            want = "an integer" if kind is int else "a number"
+            raise self.error(key, f"must be {want} >= {minimum:g}, got {value!r}")
+        return value
+
+
+def load_config(path: Path | None, **overrides: Any) -> NodeConfig:
+    """Reads `path` (None: embedded defaults only), then applies non-None `overrides`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror} (check --config)") from e
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        values = _parse(_Reader(path, text), doc)
+        values["source"] = path
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("data_dir", "socket"):
+        if key in values:
+            values[key] = Path(values[key])
+    return NodeConfig(**values)
+
+
+def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, table in doc.items():
+        if section == "tenants":
+            out["tenants"] = _tenants(r, table)
+            continue
+        if section == "inference":
+            continue  # read by agentnode.inference when the proxy starts
+        if not isinstance(table, dict):
+            raise r.error(section, "must be a table like [node]")
+        for key, value in table.items():
+            name = f"{section}.{key}"
+            if (section, key) == ("scheduler", "class_running"):
+                out["class_running"] = _class_running(r, name, value)
+                continue
+            if (section, key) not in _KEYS:
+                known = ", ".join(sorted(f"{s}.{k}" for s, k in _KEYS))
+                raise r.error(name, f"unknown key (known: {known}, scheduler.class_running)")
+            field_name, kind = _KEYS[(section, key)]
+            if kind is str:
+                if not isinstance(value, str) or not value:
+                    raise r.error(name, f"must be a non-empty string, got {value!r}")
+                out[field_name] = value
+            elif field_name == "reserve_cpu_millis":
+                out[field_name] = int(r.number(name, value, float) * 1000)
+            elif field_name == "reserve_memory_bytes":
+                out[field_name] = r.number(name, value, int) << 20
+            else:
+                minimum = 1 if field_name == "retry_max_attempts" else 0
+                out[field_name] = r.number(name, value, kind, minimum=minimum)
+    return out
+
+
+def _class_running(r: _Reader, name: str, value: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, dict):
+        raise r.error(name, "must be a table like { batch = 4 }")
+    for cls, n in value.items():
+        if cls not in CLASSES:
+            raise r.error(name, f"unknown class {cls!r} (use {', '.join(CLASSES)})")
+        r.number(f"{name}.{cls}", n, int)
+    return tuple(value.items())
+
+
+def _tenants(r: _Reader, table: Any) -> dict[str, TenantConfig]:
+    if not isinstance(table, dict):
+        raise r.error("tenants", "must be tables like [tenants.acme]")
+    out = {}
+    for tenant, entry in table.items():
+        if not isinstance(entry, dict):
+            raise r.error(f"tenants.{tenant}", "must be a table like [tenants.acme]")
+        for key in entry:
+            if key not in ("weight", "running"):
+                raise r.error(f"tenants.{tenant}.{key}", "unknown key (use weight, running)")
+        out[tenant] = TenantConfig(
+            weight=r.number(f"tenants.{tenant}.weight", entry.get("weight", 1), int, minimum=1),
+            running=r.number(f"tenants.{tenant}.running", entry.get("running", 0), int),
+        )
+    return out

@@ -1,0 +1,185 @@
+"""`agentnode run`: the node daemon in the foreground, on uvloop.
+
+SIGTERM or SIGINT: stop admitting, give running tasks the configured grace (SIGTERM, then the
+cgroup is killed), record them as lost (their retry policy re-queues them for the next start),
+close the stores. SIGHUP: re-read the config file and apply tenants, retry policy and grace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agentnode import doctor
+from agentnode.errors import AgentnodeError, ConfigError
+from agentnode.node.config import NodeConfig, load_config
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from agentnode.cli import ArgumentParser
+    from agentnode.node.runner import Node
+
+__all__ = ["add_parser", "serve"]
+
+
+def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+    """Adds `run` to the CLI."""
+    p = sub.add_parser(
+        "run",
+        help="run the node agent (foreground; SIGTERM stops it gracefully)",
+        description="Run the node daemon: the task API on a unix socket, the scheduler, "
+        "isolated tasks and agent memory, with embedded defaults.",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="agentnode.toml (default: none)")
+    p.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="state (default /var/lib/agentnode)"
+    )
+    p.add_argument(
+        "--socket", type=Path, metavar="PATH", help="API socket (default /run/agentnode/api.sock)"
+    )
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help="also serve the API on TCP (needs api_token)"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(
+        args.config, data_dir=args.data_dir, socket=args.socket, listen=args.listen
+    )
+    import uvloop
+
+    uvloop.run(serve(config))
+    return 0
+
+
+async def _unix_site(runner: web.AppRunner, path: Path, mode: int, group: str | None) -> None:
+    from aiohttp import web
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a crashed daemon's socket; a live one would hold the state lock
+    await web.UnixSite(runner, str(path)).start()
+    os.chmod(path, mode)
+    if group is not None:
+        with contextlib.suppress(KeyError):
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+
+
+async def serve(config: NodeConfig) -> None:
+    """Runs the node until SIGTERM/SIGINT; SIGHUP reloads `config.source`."""
+    from aiohttp import web
+
+    from agentnode.node.api import TaskTokens, admin_app, task_app
+    from agentnode.node.metrics import NodeMetrics
+    from agentnode.node.runner import Node
+    from agentnode.storage.api import make_app
+    from agentnode.storage.episodic import EpisodicStore
+    from agentnode.storage.objects import ObjectStore
+
+    if config.listen is not None and not config.api_token:
+        raise ConfigError("node.listen needs node.api_token (the TCP API requires a bearer token)")
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(config.data_dir)
+    run_dir = config.data_dir / "run"
+    node = Node(config, task_socket=run_dir / "task.sock")
+    metrics = NodeMetrics(node)
+    episodic = EpisodicStore(config.data_dir / "memory" / "episodic")
+    objects = ObjectStore(config.data_dir / "memory" / "objects")
+    runners = [
+        _runner(admin_app(node, metrics)),
+        _runner(
+            task_app(node, make_app(episodic=episodic, objects=objects, auth=TaskTokens(node)))
+        ),
+    ]
+    if config.listen is not None:
+        runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
+    try:
+        for r in runners:
+            await r.setup()
+        await _unix_site(runners[0], config.socket, 0o660, "agentnode")
+        # Tasks run as unprivileged users; the task API itself admits only task tokens.
+        await _unix_site(runners[1], node.task_socket, 0o666, None)
+        where = [f"unix:{config.socket}"]
+        if config.listen is not None:
+            host, _, port = config.listen.rpartition(":")
+            await web.TCPSite(runners[2], host or "127.0.0.1", int(port)).start()
+            where.append(f"http://{config.listen} (bearer token)")
+        episodic.start_sweeper(60.0)
+        node.start()
+        inv = node.inventory
+        print(f"agentnode: listening on {', '.join(where)}", flush=True)
+        print(
+            f"agentnode: capacity {inv.allocatable_cpu_millis / 1000:g} CPUs, "
+            f"{inv.allocatable_memory_bytes >> 20} MiB allocatable, {len(inv.gpus)} GPUs; "
+            f"{node.manager.queued_count()} queued, {len(node.manager.recovered_lost)} lost "
+            f"in the last run; state in {config.data_dir}",
+            flush=True,
+        )
+        print(
+            f"agentnode: doctor: {doctor.verdict(await asyncio.to_thread(doctor.report))}",
+            flush=True,
+        )
+        await _wait_for_stop(node, config)
+    finally:
+        await node.shutdown()
+        for r in runners:
+            await r.cleanup()
+        episodic.close()
+        objects.close()
+        for path in (config.socket, node.task_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.close(lock)
+    print("agentnode: stopped", flush=True)
+
+
+def _runner(app: web.Application) -> web.AppRunner:
+    from aiohttp import web
+
+    # A client holding a request open (logs -f of a queued task) must not hold up a stop.
+    return web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+
+
+async def _wait_for_stop(node: Node, config: NodeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        try:
+            fresh = load_config(
+                config.source, data_dir=config.data_dir, socket=config.socket, listen=config.listen
+            )
+        except AgentnodeError as e:
+            print(f"agentnode: reload failed, keeping the old config: {e}", flush=True)
+            return
+        node.reload(fresh)
+        print(f"agentnode: reloaded {config.source or 'defaults'}", flush=True)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+    print("agentnode: stopping (running tasks get their grace)", flush=True)
+
+
+def _lock(data_dir: Path) -> int:
+    """Holds an exclusive lock on the data dir: two nodes on one state would corrupt it."""
+    import fcntl
+
+    fd = os.open(data_dir / "node.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"another agentnode runs on {data_dir} (stop it, or pass another --data-dir)"
+        ) from None
+    return fd

@@ -1,0 +1,326 @@
+"""Turns queued tasks into isolated processes and their ends into durable outcomes.
+
+One `Node` per daemon, used from the event loop's thread only: tasks are spawned from that
+thread (their init has PR_SET_PDEATHSIG, so they die with the daemon and cannot outlive a
+`kill -9`; the next start marks them lost and retries them per policy). Each attempt gets its
+own bearer token (`agentnode.tasks.tokens`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentnode import compute
+from agentnode.errors import AgentnodeError, TaskError
+from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
+from agentnode.node.config import NodeConfig
+from agentnode.tasks.manager import Limits as QueueLimits
+from agentnode.tasks.manager import TaskManager
+from agentnode.tasks.model import State, Task, TaskSpec
+from agentnode.tasks.retry import RetryPolicy
+
+__all__ = ["CHECKPOINT", "TASK_SOCKET", "Node", "Running"]
+
+log = logging.getLogger("agentnode.node")
+
+#: Where a task finds the node's task API (the daemon's task socket is bound there).
+TASK_SOCKET = "/run/agentnode/task.sock"
+#: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
+CHECKPOINT = "/run/agentnode/checkpoint"
+
+
+@dataclass(eq=False)
+class Running:
+    """A started task: its sandbox and how it is being stopped."""
+
+    task: Task
+    proc: Any  # agentnode.isolation.Task
+    started: float
+    last_beat: float
+    stop_as: State | None = None
+    stop_reason: str = ""
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Node:
+    """The task lifecycle on this host: admission by capacity, start, watch, stop, retry."""
+
+    def __init__(self, config: NodeConfig, *, task_socket: Path) -> None:
+        self.config = config
+        self.task_socket = task_socket
+        self.inventory = compute.inventory(
+            reserve_cpu_millis=config.reserve_cpu_millis,
+            reserve_memory_bytes=config.reserve_memory_bytes,
+        )
+        (config.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.manager = TaskManager(
+            config.data_dir / "tasks",
+            limits=QueueLimits(
+                tenant_queue_cap=config.tenant_queue_cap,
+                max_queued=config.max_queued,
+                tenant_running=config.tenant_running,
+                class_running=config.class_running,
+                aging=config.aging,
+            ),
+            retry=_retry_policy(config),
+        )
+        self.apply_tenants(config)
+        self.running: dict[str, Running] = {}
+        self.admitting = True
+        self.outcomes: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        #: Called with each started task and the seconds it waited in the queue (metrics).
+        self.on_start: Callable[[Task, float], None] = lambda task, waited: None
+        for task_id in self.manager.recovered_lost:
+            self._publish(self.manager.get(task_id))
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def apply_tenants(self, config: NodeConfig) -> None:
+        """Sets tenants' weights and running limits (at start and on SIGHUP)."""
+        for name, tenant in config.tenants.items():
+            self.manager.scheduler.set_tenant(
+                name, weight=tenant.weight, limit=tenant.running or None
+            )
+
+    def reload(self, config: NodeConfig) -> None:
+        """Applies what can change while running: tenants, retry policy, grace."""
+        self.apply_tenants(config)
+        self.manager.retry = _retry_policy(config)
+        self.config = config
+        self._wake.set()
+
+    # -- capacity --------------------------------------------------------------------------------
+
+    def free(self) -> tuple[int, int]:
+        """Allocatable CPU millicores and memory bytes not requested by running tasks."""
+        cpu = self.inventory.allocatable_cpu_millis
+        mem = self.inventory.allocatable_memory_bytes
+        for r in self.running.values():
+            cpu -= r.task.spec.cpu_millis
+            mem -= r.task.spec.memory_bytes
+        return max(cpu, 0), max(mem, 0)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _publish(self, task: Task) -> None:
+        event = {
+            "id": task.id,
+            "state": task.state.value,
+            "attempt": task.attempt,
+            "tenant": task.spec.tenant,
+            "reason": task.reason,
+            "at": time.time(),
+        }
+        for q in self._subscribers:
+            q.put_nowait(event)
+
+    @contextlib.asynccontextmanager
+    async def events(self) -> AsyncIterator[asyncio.Queue[dict[str, Any] | None]]:
+        """A queue of every transition from now on, while the context is open; None when the
+        node stops."""
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._subscribers.add(q)
+        try:
+            yield q
+        finally:
+            self._subscribers.discard(q)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def submit(self, spec: TaskSpec) -> Task:
+        """Queues a task durably (raises QueueFullError at a cap, TaskError on bad specs)."""
+        if not self.admitting:
+            raise TaskError("the node is shutting down and admits no new tasks (retry later)")
+        task, _ = await self.manager.submit(spec)
+        self._publish(task)
+        self._wake.set()
+        return task
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancels a queued task, or stops a running one (SIGTERM, grace, kill)."""
+        task = self.manager.get(task_id)
+        if task.state is State.QUEUED:
+            done = await self.manager.cancel(task_id)
+            self._publish(done)
+            return done
+        r = self.running.get(task_id)
+        if r is None:
+            raise TaskError(f"task {task_id} is {task.state}, it cannot be cancelled")
+        self._stop(r, State.CANCELLED, "cancelled by request")
+        return task
+
+    def heartbeat(self, task_id: str) -> None:
+        r = self.running.get(task_id)
+        if r is None:
+            raise TaskError(f"task {task_id} is not running (heartbeats come from running tasks)")
+        r.last_beat = time.monotonic()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._schedule_loop())
+
+    async def _schedule_loop(self) -> None:
+        # A flag rather than Task.cancel(): on Python 3.11, wait_for can swallow a cancel that
+        # races with the event it waits on, and the loop would never end.
+        while self.admitting:
+            self._wake.clear()
+            try:
+                await self._start_ready()
+            except AgentnodeError as e:
+                log.error("scheduling failed: %s", e)
+            self._check_heartbeats()
+            # Wake for submits and ends at once; poll for backoffs and heartbeats.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.25)
+
+    async def _start_ready(self) -> None:
+        cpu, mem = self.free()
+        for task in await self.manager.next_tasks(64, free_cpu_millis=cpu, free_memory_bytes=mem):
+            self._publish(task)
+            try:
+                proc = self._spawn(task)
+            except AgentnodeError as e:
+                done = await self.manager.finish(
+                    task.id, State.FAILED, reason=f"did not start: {e}"
+                )
+                self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
+                self._publish(done)
+                continue
+            now = time.monotonic()
+            r = Running(task=task, proc=proc, started=now, last_beat=now)
+            self.running[task.id] = r
+            r.task = await self.manager.mark_running(task.id)
+            self.on_start(task, time.time() - _queued_at(task))
+            self._publish(r.task)
+            r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
+
+    def _spawn(self, task: Task) -> Any:
+        spec = task.spec
+        log_path = self.log_path(task.id, task.attempt)
+        env = dict(spec.env)
+        env.update(
+            AGENTNODE_TASK_ID=task.id,
+            AGENTNODE_TOKEN=self.manager.token_for(task),
+            AGENTNODE_URL=f"unix://{TASK_SOCKET}",
+        )
+        checkpoint = self.manager.store.checkpoint_path(task.id)
+        mounts = []
+        if checkpoint.exists():
+            # A fixed path inside: the host path may be hidden (e.g. under the task's own /tmp).
+            env["AGENTNODE_CHECKPOINT"] = CHECKPOINT
+            mounts.append(Mount(str(checkpoint), CHECKPOINT))
+        mounts.append(Mount(str(self.task_socket), TASK_SOCKET, writable=True))
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            return spawn(
+                list(spec.command),
+                limits=Limits(
+                    cpus=spec.cpu_millis / 1000,
+                    memory=spec.memory_bytes,
+                    pids=spec.pids,
+                    timeout=spec.timeout_s,
+                ),
+                mounts=mounts,
+                env=env,
+                network=spec.network,
+                user=spec.user,
+                workspace=self.config.data_dir / "workspaces" / task.id,
+                stdin="null",
+                stdout=fd,
+                stderr=fd,
+            )
+        finally:
+            os.close(fd)
+
+    def log_path(self, task_id: str, attempt: int) -> Path:
+        return self.config.data_dir / "logs" / f"{task_id}.{attempt}.log"
+
+    async def _watch(self, r: Running) -> None:
+        result: Result = await r.proc.wait_async()
+        r.proc.close()
+        outcome, reason = _outcome(r, result)
+        del self.running[r.task.id]
+        done = await self.manager.finish(
+            r.task.id, outcome, reason=reason, exit_code=result.exit_status
+        )
+        self.outcomes[outcome.value] = self.outcomes.get(outcome.value, 0) + 1
+        self._publish(done)
+        self._wake.set()
+
+    def _stop(self, r: Running, as_state: State, reason: str) -> None:
+        if r.stop_as is not None:
+            return
+        r.stop_as, r.stop_reason = as_state, reason
+        with contextlib.suppress(AgentnodeError, ProcessLookupError):
+            r.proc.signal(signal.SIGTERM)
+        asyncio.get_running_loop().call_later(self.config.grace_s, self._kill_if_alive, r)
+
+    def _kill_if_alive(self, r: Running) -> None:
+        if r.proc.result is None and self.running.get(r.task.id) is r:
+            # cgroup.kill without reaping: the watcher's pidfd wakes and it reaps and records.
+            with contextlib.suppress(AgentnodeError):
+                r.proc._native.kill()
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for r in list(self.running.values()):
+            beat = r.task.spec.heartbeat_s
+            if beat is not None and now - r.last_beat > beat and r.stop_as is None:
+                self._stop(r, State.TIMED_OUT, f"no heartbeat for {beat:g} s")
+
+    async def shutdown(self) -> None:
+        """Stops admitting, stops every running task with the configured grace, waits for them
+        to be recorded, and closes the store. Their retry policy re-queues them for next start."""
+        self.admitting = False
+        if self._loop_task is not None:
+            self._wake.set()
+            await self._loop_task  # ends after the start it may be in the middle of
+        for r in list(self.running.values()):
+            self._stop(r, State.LOST, "the node agent stopped")
+        watchers = [r.watcher for r in self.running.values() if r.watcher is not None]
+        if watchers:
+            await asyncio.gather(*watchers, return_exceptions=True)
+        for q in self._subscribers:
+            q.put_nowait(None)
+        self.manager.close()
+
+
+def _outcome(r: Running, result: Result) -> tuple[State, str]:
+    if r.stop_as is not None:
+        return r.stop_as, r.stop_reason
+    if result.reason is ExitReason.TIMEOUT:
+        return State.TIMED_OUT, f"ran past its {r.task.spec.timeout_s:g} s timeout"
+    if result.reason is ExitReason.OOM:
+        return State.FAILED, "killed for running out of memory"
+    if result.reason is ExitReason.PIDS:
+        return State.FAILED, "failed at its pids limit"
+    if result.signal is not None:
+        return State.FAILED, f"killed by signal {result.signal}"
+    if result.code == 0:
+        return State.SUCCEEDED, ""
+    return State.FAILED, f"exited with code {result.code}"
+
+
+def _queued_at(task: Task) -> float:
+    """When the task last entered the queue (its submit, or its retry's backoff end)."""
+    queued = max(at for state, at in task.history if state == State.QUEUED.value)
+    return max(queued, task.not_before)
+
+
+def _retry_policy(config: NodeConfig) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=config.retry_max_attempts,
+        base_s=config.retry_base_s,
+        max_s=max(config.retry_max_s, config.retry_base_s),
+    )
