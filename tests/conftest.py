@@ -25,6 +25,21 @@ def run_cli(
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def processes_with(marker: str, *, exact: bool = False) -> list[int]:
+    """Pids whose command line contains `marker` (or, with `exact`, is `marker` + NUL: a
+    clone that has not exec'd yet still shows its parent's command line, which may contain it)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmdline = (p / "cmdline").read_bytes()
+                if (cmdline == marker.encode() + b"\0") if exact else marker.encode() in cmdline:
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
 @contextlib.contextmanager
 def serve_app(app: Any) -> Iterator[str]:
     """Serves an aiohttp app on 127.0.0.1 (any free port) from a background event loop."""

@@ -23,7 +23,7 @@ from agentnode import _native
 from agentnode.errors import SandboxError, UsageError
 from agentnode.isolation import ExitReason, Limits, Mount, Task, parse_duration, parse_size, spawn
 from agentnode.isolation import task as task_mod
-from conftest import root_only, run_cli
+from conftest import processes_with, root_only, run_cli
 
 pytestmark = root_only
 
@@ -54,21 +54,6 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
 def instance_tasks() -> list[Path]:
     """Task cgroups that exist under this process's instance, in every hierarchy."""
     return [t for d in task_mod._cgroups().dirs() if d.exists() for t in d.iterdir() if t.is_dir()]
-
-
-def processes_with(marker: str, *, exact: bool = False) -> list[int]:
-    """Pids whose command line contains `marker` (or, with `exact`, is `marker` + NUL: a
-    clone that has not exec'd yet still shows its parent's command line, which may contain it)."""
-    found = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmdline = (p / "cmdline").read_bytes()
-                if (cmdline == marker.encode() + b"\0") if exact else marker.encode() in cmdline:
-                    found.append(int(p.name))
-            except OSError:
-                pass
-    return found
 
 
 def test_task_is_pid_one_and_sees_no_host_pid(ws: Path) -> None:

@@ -108,8 +108,7 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
         assert again.state is State.QUEUED and again.attempt == 2
         assert m.task_of_token(token) is None, "a retry gets a new token; the old one is dead"
         assert m.task_of_token(m.token_for(again)) == again
-        env = m.checkpoint_env(task.id)
-        assert Path(env["AGENTNODE_CHECKPOINT"]).read_bytes() == b"step 41"
+        assert m.store.checkpoint_path(task.id).read_bytes() == b"step 41"
         [second] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
         await m.mark_running(second.id)
         final = await m.finish(task.id, State.FAILED)

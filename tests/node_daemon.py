@@ -1,0 +1,117 @@
+"""A real `agentnode run` in a subprocess, on a private data dir and socket, for tests and benches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agentnode.node.client import NodeClient
+
+FINAL = ("succeeded", "failed", "timed_out", "cancelled", "lost")
+
+
+class Daemon:
+    """`agentnode run --data-dir ROOT/data --socket ROOT/api.sock --config ROOT/agentnode.toml`."""
+
+    def __init__(self, root: Path, config: str = "") -> None:
+        self.root = root
+        self.data = root / "data"
+        self.socket = root / "api.sock"
+        self.config = root / "agentnode.toml"
+        self.config.write_text(config)
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self.client = NodeClient(self.socket)
+
+    def start(self, *, timeout: float = 30.0) -> None:
+        argv = [sys.executable, "-m", "agentnode", "run", "--config", str(self.config),
+                "--data-dir", str(self.data), "--socket", str(self.socket)]  # fmt: skip
+        self.lines = []
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self.wait_for_line("agentnode: doctor:", timeout=timeout)
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        with proc.stdout:
+            for line in proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+
+    def wait_for_line(self, prefix: str, *, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if line.startswith(prefix):
+                    return line
+            if self.proc is not None and self.proc.poll() is not None:
+                time.sleep(0.1)  # let the reader drain the last lines
+                if any(line.startswith(prefix) for line in self.lines):
+                    continue
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.lines}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {prefix!r} line within {timeout} s: {self.lines}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 60.0) -> int:
+        """Sends `sig` and returns the daemon's exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def submit(self, command: list[str], **fields: Any) -> dict[str, Any]:
+        """POST /v1/tasks with small default requests (so capacity never limits a test)."""
+        body = {"command": command, "cpus": 0.01, "memory": "32M", **fields}
+        task: dict[str, Any] = self.client.call("POST", "/v1/tasks", body)
+        return task
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        task: dict[str, Any] = self.client.call("GET", f"/v1/tasks/{task_id}")
+        return task
+
+    def wait(
+        self, task_id: str, *, states: tuple[str, ...] = FINAL, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.task(task_id)
+            if task["state"] in states:
+                return task
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task_id} still {task['state']} after {timeout} s")
+            time.sleep(0.02)
+
+    def log(self, task_id: str, attempt: int = 1) -> str:
+        return (self.data / "logs" / f"{task_id}.{attempt}.log").read_text()
+
+
+@contextlib.contextmanager
+def daemon(root: Path, config: str = "") -> Iterator[Daemon]:
+    """A started daemon, stopped (SIGTERM, then SIGKILL) when the block ends."""
+    d = Daemon(root, config)
+    d.start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None:
+            d.proc.send_signal(signal.SIGTERM)
+            try:
+                d.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(d.proc.pid, signal.SIGKILL)
+                d.proc.wait()

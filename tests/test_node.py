@@ -1,0 +1,459 @@
+"""The node daemon for real: `agentnode run` subprocesses, real isolated tasks, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentnode.isolation import task as task_mod
+from agentnode.sdk.transport import UnixHTTPConnection
+from conftest import processes_with, root_only, run_cli
+from node_daemon import Daemon, daemon
+
+pytestmark = root_only
+
+#: Holds its slot until the test creates `go` in its workspace.
+GATE = ["sh", "-c", "while [ ! -e /workspace/go ]; do sleep 0.01; done"]
+
+
+def open_gate(d: Daemon, gate: dict[str, Any]) -> None:
+    (d.data / "workspaces" / gate["id"] / "go").touch()
+
+
+def started_at(task: dict[str, Any]) -> float:
+    return next(at for state, at in task["history"] if state == "running")
+
+
+def ended_at(task: dict[str, Any]) -> float:
+    return task["history"][-1][1]
+
+
+def call(d: Daemon, method: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
+    """A raw API call: (status, decoded JSON body)."""
+    conn = UnixHTTPConnection(str(d.socket), timeout=30)
+    raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    conn.request(method, path, raw, headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    is_json = resp.getheader("Content-Type", "").startswith("application/json")
+    return resp.status, json.loads(data) if is_json else data
+
+
+def in_parallel(fn: Callable[[int], Any], n: int, threads: int = 8) -> list[Any]:
+    """fn(0..n-1) over a few threads (the API serves concurrent submits)."""
+    out: list[Any] = [None] * n
+
+    def work(k: int) -> None:
+        for i in range(k, n, threads):
+            out[i] = fn(i)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return out
+
+
+def leftover_cgroups(daemon_pid: int) -> list[Path]:
+    """The daemon instance's cgroup directories still present, in every hierarchy."""
+    return [
+        e
+        for d in task_mod._cgroups().dirs()
+        for e in d.parent.iterdir()
+        if e.name.startswith(f"n{daemon_pid}-")
+    ]
+
+
+# -- front door ---------------------------------------------------------------------------------
+
+
+def test_cli_submit_ps_logs_follow_wait(tmp_path: Path) -> None:
+    with daemon(tmp_path, "[node]\ngrace = 0.5\n") as d:
+        assert any(line.startswith("agentnode: listening on unix:") for line in d.lines)
+        assert any("CPUs" in line and "allocatable" in line for line in d.lines)
+        sock = ["--socket", str(d.socket)]
+        script = "echo one; sleep 0.5; echo two; exit 3"
+        r = run_cli(["submit", *sock, "--cpus", "0.1", "--memory", "64M", "--", "sh", "-c", script])
+        assert r.returncode == 0, r.stderr
+        tid = r.stdout.strip()
+        assert tid[:12] in run_cli(["ps", *sock]).stdout
+        logs = run_cli(["logs", "-f", *sock, tid])
+        assert logs.stdout == "one\ntwo\n", "logs -f follows the task to its end"
+        w = run_cli(["wait", *sock, tid])
+        assert w.returncode == 3 and "exited with code 3" in w.stderr
+        ps = run_cli(["ps", "--all", *sock]).stdout
+        assert tid[:12] in ps and "failed" in ps
+        ok = run_cli(["submit", *sock, "--memory", "64M", "--wait", "--", "true"])
+        assert ok.returncode == 0, ok.stderr
+        live = d.submit(["sleep", "30"], tenant="shown")
+        d.wait(live["id"], states=("running",))
+        top = run_cli(["top", "--once", *sock])
+        assert top.returncode == 0 and live["id"][:12] in top.stdout and "running" in top.stdout
+        assert tid[:12] not in top.stdout, "top shows live tasks"
+
+
+def test_cli_without_a_daemon_says_how_to_start_it(tmp_path: Path) -> None:
+    r = run_cli(["ps", "--socket", str(tmp_path / "none.sock")])
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "agentnode run" in r.stderr, r.stderr
+
+
+def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[node]\ngrace = 5\n\n[scheduler]\naging = -3\n")
+    r = run_cli(["run", "--config", str(cfg), "--data-dir", str(tmp_path / "d"),
+                 "--socket", str(tmp_path / "s")])  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{cfg}:5: scheduler.aging: must be an integer >= 0" in r.stderr, r.stderr
+
+
+def test_second_daemon_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    with daemon(tmp_path) as d:
+        r = run_cli(["run", "--data-dir", str(d.data), "--socket", str(tmp_path / "other.sock")])
+        assert r.returncode != 0 and "another agentnode runs on" in r.stderr, r.stderr
+        assert d.client.call("GET", "/healthz") == {"ok": True}
+
+
+def test_api_bad_input_names_the_field(tmp_path: Path) -> None:
+    config = "[scheduler]\ntenant_queue_cap = 2\nclass_running = { normal = 1 }\n"
+    with daemon(tmp_path, config) as d:
+        cases: list[tuple[Any, str]] = [
+            ({"command": []}, "command"),
+            ({"command": ["true"], "priority": "urgent"}, "priority"),
+            ({"command": ["true"], "cpus": -1}, "cpus"),
+            ({"command": ["true"], "cpus": 10_000}, "cpus"),
+            ({"command": ["true"], "memory": "lots"}, "memory"),
+            ({"command": ["true"], "memory": "100T"}, "memory"),
+            ({"command": ["true"], "timeout": "soon"}, "timeout"),
+            ({"command": ["true"], "pids": 1.5}, "pids"),
+            ({"command": ["true"], "env": {"A": 1}}, "env"),
+            ({"command": ["true"], "tenant": "../x"}, "tenant"),
+            ({"command": ["true"], "user": "root"}, "user"),
+            ({"command": ["true"], "retries": "many"}, "retries"),
+            ({"command": ["true"], "colour": "red"}, "colour"),
+            ([1, 2], "body"),
+        ]
+        for body, field in cases:
+            status, err = call(d, "POST", "/v1/tasks", body)
+            assert status == 400 and err["field"] == field, (body, err)
+        status, err = call(d, "POST", "/v1/tasks", b"{not json")
+        assert status == 400 and err["field"] == "body"
+        status, err = call(d, "GET", "/v1/tasks?state=sleepy")
+        assert status == 400 and err["field"] == "state"
+        status, err = call(d, "GET", "/v1/tasks/nope")
+        assert status == 404 and "no task" in err["error"]
+        gate = d.submit(GATE, tenant="gate", user="0")
+        d.wait(gate["id"], states=("running",))
+        d.submit(["true"], tenant="full")
+        d.submit(["true"], tenant="full")
+        status, err = call(d, "POST", "/v1/tasks", {"command": ["true"], "tenant": "full"})
+        assert status == 429 and "tenant full has 2 queued tasks" in err["error"], err
+        assert len(call(d, "GET", "/v1/tasks?tenant=full")[1]) == 2, "nothing half-added"
+        open_gate(d, gate)
+
+
+def test_openapi_metrics_node_and_events(tmp_path: Path) -> None:
+    with daemon(tmp_path) as d:
+        status, doc = call(d, "GET", "/openapi.json")
+        assert status == 200 and "/v1/tasks" in doc["paths"]
+        conn = UnixHTTPConnection(str(d.socket), timeout=30)
+        conn.request("GET", "/v1/events")
+        events = conn.getresponse()
+        task = d.submit(["true"], tenant="acme")
+        seen = []
+        while not seen or seen[-1]["state"] != "succeeded":
+            line = events.readline().decode()
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+        conn.close()
+        assert [e["state"] for e in seen] == ["queued", "starting", "running", "succeeded"]
+        assert all(e["id"] == task["id"] for e in seen)
+        node = d.client.call("GET", "/v1/node")
+        assert node["free_cpu_millis"] <= node["allocatable_cpu_millis"] < node["cpu_millis"]
+        status, text = call(d, "GET", "/metrics")
+        text = text.decode()
+        assert 'agentnode_task_outcomes_total{outcome="succeeded"} 1.0' in text, text
+        assert "agentnode_task_wait_seconds_bucket" in text
+
+
+# -- scheduling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("weights", "light_share"), [((1, 1), 0.5), ((3, 1), 0.25)])
+def test_fair_share_on_real_runs(
+    tmp_path: Path, weights: tuple[int, int], light_share: float
+) -> None:
+    """The heavy tenant queues 100x more tasks; the light one still gets its weight's share."""
+    config = (
+        "[scheduler]\nclass_running = { normal = 1 }\ntenant_queue_cap = 5000\n"
+        f"[tenants.heavy]\nweight = {weights[0]}\n[tenants.light]\nweight = {weights[1]}\n"
+    )
+    with daemon(tmp_path, config) as d:
+        gate = d.submit(GATE, tenant="gate", user="0")
+        d.wait(gate["id"], states=("running",))
+        in_parallel(lambda i: d.submit(["true"], tenant="heavy"), 1000)
+        in_parallel(lambda i: d.submit(["true"], tenant="light"), 10)
+        open_gate(d, gate)
+        window = 20  # both tenants have queued tasks throughout
+        deadline = time.monotonic() + 60
+        while True:
+            done = call(d, "GET", "/v1/tasks?state=succeeded")[1]
+            if len(done) > window or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        runs = sorted((t for t in done if t["tenant"] != "gate"), key=started_at)[:window]
+        assert len(runs) == window
+        light = sum(t["tenant"] == "light" for t in runs) / window
+        assert abs(light - light_share) <= 0.05 + 1e-9, (light, [t["tenant"] for t in runs])
+
+
+def test_critical_behind_1000_batch_starts_next(tmp_path: Path) -> None:
+    config = "[scheduler]\nclass_running = { batch = 1 }\ntenant_queue_cap = 5000\n"
+    with daemon(tmp_path, config) as d:
+        gate = d.submit(GATE, tenant="bulk", priority="batch", user="0")
+        d.wait(gate["id"], states=("running",))
+        in_parallel(lambda i: d.submit(["true"], tenant="bulk", priority="batch"), 1000)
+        urgent = d.submit(["true"], tenant="pager", priority="critical")
+        done = d.wait(urgent["id"])
+        assert done["state"] == "succeeded"
+        assert d.client.call("GET", "/v1/node")["queued"] == 1000, "no batch task went first"
+        open_gate(d, gate)
+        after = d.wait(gate["id"])
+        assert after["state"] == "succeeded"
+
+
+def test_concurrency_caps_and_capacity_admission(tmp_path: Path) -> None:
+    config = "[tenants.capped]\nrunning = 2\n"
+    with daemon(tmp_path, config) as d:
+        capped = [d.submit(["sleep", "0.3"], tenant="capped") for _ in range(6)]
+        node = d.client.call("GET", "/v1/node")
+        big = node["allocatable_cpu_millis"] * 0.6 / 1000
+        heavy = [d.submit(["sleep", "0.3"], tenant="big", cpus=big) for _ in range(3)]
+        finished = [d.wait(t["id"]) for t in capped + heavy]
+        assert all(t["state"] == "succeeded" for t in finished)
+
+        def most_at_once(tasks: list[dict[str, Any]]) -> int:
+            marks = sorted([(started_at(t), 1) for t in tasks] + [(ended_at(t), -1) for t in tasks])
+            level = peak = 0
+            for _, step in marks:
+                level += step
+                peak = max(peak, level)
+            return peak
+
+        assert most_at_once(finished[:6]) == 2, "the tenant's running limit held (and was used)"
+        assert most_at_once(finished[6:]) == 1, "each big task needs most of the node's CPUs"
+
+
+# -- stopping tasks -----------------------------------------------------------------------------
+
+
+def test_timeout_and_cancel_end_the_whole_tree(tmp_path: Path) -> None:
+    marker = f"{3000 + os.getpid() % 1000}.{time.time_ns() % 1000}"
+    tree = f"sleep {marker}1 & sleep {marker}2 & (sleep {marker}3 &) ; wait"
+    with daemon(tmp_path, "[node]\ngrace = 0.5\n") as d:
+        timed = d.submit(["sh", "-c", tree], timeout="1s")
+        stubborn = d.submit(["sh", "-c", f"trap '' TERM; {tree}"])
+        d.wait(stubborn["id"], states=("running",))
+        while len(processes_with(f"sleep\0{marker}")) < 6:
+            time.sleep(0.02)
+        d.client.call("POST", f"/v1/tasks/{stubborn['id']}/cancel")
+        cancelled = d.wait(stubborn["id"])
+        assert cancelled["state"] == "cancelled" and cancelled["reason"] == "cancelled by request"
+        timed_out = d.wait(timed["id"])
+        assert timed_out["state"] == "timed_out" and "timeout" in timed_out["reason"]
+        assert processes_with(f"sleep\0{marker}") == []
+        r = run_cli(["wait", "--socket", str(d.socket), timed["id"]])
+        assert r.returncode == 124
+        live = [e.name for e in leftover_cgroups(d.pid) for e in e.iterdir() if e.is_dir()]
+        assert live == [], "every task cgroup was removed"
+
+
+def test_heartbeat_timeout_stops_a_silent_task(tmp_path: Path) -> None:
+    code = (
+        "import time\nfrom agentnode.sdk import ThisTask\nt = ThisTask()\n"
+        "for _ in range(10):\n    t.heartbeat(); time.sleep(0.1)\ntime.sleep(30)\n"
+    )
+    with daemon(tmp_path, "[node]\ngrace = 0.2\n") as d:
+        task = d.submit(
+            [sys.executable, "-c", code], user="0", heartbeat="0.6s", memory="128M", cpus=0.5
+        )
+        done = d.wait(task["id"])
+        assert done["state"] == "timed_out" and "no heartbeat" in done["reason"]
+        assert ended_at(done) - started_at(done) > 1.0, "its heartbeats kept it alive at first"
+
+
+CHECKPOINTER = """
+import sys
+from agentnode.sdk import ThisTask
+t = ThisTask()
+step = int(t.checkpoint() or b"0")
+print("attempt", t.info()["attempt"], "resumes at", step, flush=True)
+t.save_checkpoint(str(step + 10).encode())
+sys.exit(0 if step >= 20 else 1)
+"""
+
+
+def test_retries_back_off_and_pass_the_checkpoint(tmp_path: Path) -> None:
+    config = "[retry]\nmax_attempts = 2\nbase = 0.3\nmax = 0.3\n"
+    with daemon(tmp_path, config) as d:
+        t = d.submit(
+            [sys.executable, "-c", CHECKPOINTER], user="0", memory="128M", cpus=0.5, retries=3
+        )
+        done = d.wait(t["id"])
+        assert done["state"] == "succeeded" and done["attempt"] == 3, "retries overrides the node"
+        assert [d.log(t["id"], n) for n in (1, 2, 3)] == [
+            f"attempt {n} resumes at {10 * (n - 1)}\n" for n in (1, 2, 3)
+        ]
+        runs = [at for state, at in done["history"] if state in ("running", "failed")]
+        gaps = [runs[i + 1] - runs[i] for i in (1, 3)]  # failed -> next running
+        assert all(0.15 <= g < 5 for g in gaps), gaps
+        status, blob = call(d, "GET", f"/v1/tasks/{t['id']}/checkpoint")
+        assert status == 200 and blob == b"30"
+        again = d.submit(["false"])
+        failed = d.wait(again["id"])
+        assert failed["state"] == "failed" and failed["attempt"] == 2, "node policy: 2 attempts"
+
+
+PROBE = """
+import json, os, sys, urllib.parse
+from agentnode.sdk import Memory, ThisTask
+from agentnode.sdk.transport import connect
+me, other = ThisTask(), sys.argv[1]
+out = {"info": me.info()["id"] == me.id}
+Memory().append("notes", me.id, {"from": me.id})
+conn, _ = connect(os.environ["AGENTNODE_URL"], timeout=10)
+for name, token in (("own", os.environ["AGENTNODE_TOKEN"]), ("forged", me.id + ".1.00")):
+    for method, path in (("GET", "/checkpoint"), ("PUT", "/checkpoint"), ("GET", "")):
+        conn.request(method, f"/v1/tasks/{other}{path}", b"x" if method == "PUT" else None,
+                     {"Authorization": f"Bearer {token}"})
+        r = conn.getresponse(); r.read()
+        out[f"{name} {method} {path}"] = r.status
+print(json.dumps(out))
+"""
+
+
+def test_task_token_reaches_only_its_own_task(tmp_path: Path) -> None:
+    with daemon(tmp_path) as d:
+        victim = d.submit(["true"], tenant="b")
+        d.wait(victim["id"])
+        probe = d.submit(
+            [sys.executable, "-c", PROBE, victim["id"]],
+            tenant="a",
+            user="0",
+            memory="128M",
+            cpus=0.5,
+        )
+        assert d.wait(probe["id"])["state"] == "succeeded", d.log(probe["id"])
+        out = json.loads(d.log(probe["id"]))
+        assert out.pop("info") is True
+        own = {k: v for k, v in out.items() if k.startswith("own")}
+        forged = {k: v for k, v in out.items() if k.startswith("forged")}
+        assert set(own.values()) == {403}, own
+        assert set(forged.values()) == {401}, forged
+        status, _ = call(d, "GET", f"/v1/tasks/{victim['id']}/checkpoint")
+        assert status == 404, "the refused PUT wrote nothing"
+
+
+# -- the daemon's own lifecycle -----------------------------------------------------------------
+
+
+def test_kill_9_then_restart_accounts_for_every_task(tmp_path: Path) -> None:
+    marker = f"{4000 + os.getpid() % 1000}.{time.time_ns() % 1000}"
+    config = (
+        "[node]\ngrace = 0.5\n[scheduler]\nclass_running = { normal = 1 }\n"
+        "[retry]\nmax_attempts = 2\nbase = 0\n"
+    )
+    d = Daemon(tmp_path, config)
+    d.start()
+    try:
+        long = d.submit(["sh", "-c", f"sleep {marker}; exit 7"])
+        d.wait(long["id"], states=("running",))
+        queued = in_parallel(lambda i: d.submit(["true"], tenant=f"t{i % 3}")["id"], 30)
+        while not processes_with(f"sleep\0{marker}"):
+            time.sleep(0.02)
+        old_pid = d.pid
+        assert leftover_cgroups(old_pid)
+        d.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert processes_with(f"sleep\0{marker}") == [], "the task died with its daemon"
+        assert leftover_cgroups(old_pid), "a SIGKILLed daemon leaves its cgroups..."
+        (tmp_path / "agentnode.toml").write_text(config.replace("normal = 1", "normal = 0"))
+        d.start()
+        assert leftover_cgroups(old_pid) == [], "...and the next start sweeps them"
+        assert "1 lost in the last run" in next(x for x in d.lines if "capacity" in x)
+        again = d.task(long["id"])
+        assert again["attempt"] == 2 and [s for s, _ in again["history"]][3:5] == [
+            "lost",
+            "queued",
+        ]
+        done = [d.wait(q) for q in queued]
+        assert all(t["state"] == "succeeded" for t in done), "every acknowledged task ran"
+        starts = sorted(done, key=started_at)
+        by_tenant = {
+            tenant: [t["id"] for t in starts if t["tenant"] == tenant]
+            for tenant in ("t0", "t1", "t2")
+        }
+        for tenant, ids in by_tenant.items():
+            mine = sorted(
+                (t for t in done if t["tenant"] == tenant), key=lambda t: t["submitted_at"]
+            )
+            assert ids == [t["id"] for t in mine], f"{tenant}'s tasks started in submission order"
+    finally:
+        if d.proc is not None:
+            d.stop()
+
+
+def test_sigterm_stops_gracefully_and_sighup_reloads(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, "[node]\ngrace = 0.5\n[tenants.a]\nweight = 1\n")
+    d.start()
+    running = d.submit(
+        ["sh", "-c", "trap 'echo got TERM; exit 0' TERM; echo ready; sleep 60 & wait"]
+    )
+    d.wait(running["id"], states=("running",))
+    while d.log(running["id"]) != "ready\n":
+        time.sleep(0.02)
+    d.config.write_text("[tenants.a]\nweight = 0\n")
+    os.kill(d.pid, signal.SIGHUP)
+    line = d.wait_for_line("agentnode: reload failed")
+    assert "tenants.a.weight: must be an integer >= 1" in line
+    d.config.write_text("[node]\ngrace = 0.5\n[tenants.a]\nweight = 4\n")
+    os.kill(d.pid, signal.SIGHUP)
+    d.wait_for_line("agentnode: reloaded")
+    pid = d.pid
+    assert d.stop(signal.SIGTERM) == 0
+    assert d.lines[-1] == "agentnode: stopped"
+    assert not d.socket.exists() and not (d.data / "run" / "task.sock").exists()
+    assert leftover_cgroups(pid) == []
+    assert d.log(running["id"]) == "ready\ngot TERM\n", "the task got SIGTERM and its grace"
+    d.start()
+    after = d.task(running["id"])
+    assert [s for s, _ in after["history"]][-1] == "lost"
+    assert after["reason"] == "the node agent stopped"
+    d.stop()
+
+
+def test_logs_follow_streams_while_running(tmp_path: Path) -> None:
+    with daemon(tmp_path) as d:
+        t = d.submit(["sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.3; done"])
+        conn = UnixHTTPConnection(str(d.socket), timeout=30)
+        conn.request("GET", f"/v1/tasks/{t['id']}/logs?follow=1")
+        resp = conn.getresponse()
+        first = resp.readline()
+        at_first = d.task(t["id"])["state"]
+        rest = resp.read()
+        conn.close()
+        assert first == b"line 1\n" and at_first == "running", "lines arrive as they are written"
+        assert rest == b"line 2\nline 3\n"
