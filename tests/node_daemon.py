@@ -26,6 +26,7 @@ class Daemon:
         self.data = root / "data"
         self.socket = root / "api.sock"
         self.config = root / "agentnode.toml"
+        root.mkdir(parents=True, exist_ok=True)
         self.config.write_text(config)
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
@@ -76,7 +77,7 @@ class Daemon:
 
     def submit(self, command: list[str], **fields: Any) -> dict[str, Any]:
         """POST /v1/tasks with small default requests (so capacity never limits a test)."""
-        body = {"command": command, "cpus": 0.01, "memory": "32M", **fields}
+        body = {"command": command, "cpus": 0.1, "memory": "32M", **fields}
         task: dict[str, Any] = self.client.call("POST", "/v1/tasks", body)
         return task
 
