@@ -27,11 +27,10 @@ from pathlib import Path
 from _harness import Bench, percentile
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from node_daemon import Daemon  # noqa: E402
-
-from agentnode.sdk.transport import UnixHTTPConnection  # noqa: E402
-from agentnode.tasks.model import Task, TaskSpec  # noqa: E402
-from agentnode.tasks.store import TaskStore  # noqa: E402
+from agentnode.sdk.transport import UnixHTTPConnection
+from agentnode.tasks.model import Task, TaskSpec
+from agentnode.tasks.store import TaskStore
+from node_daemon import Daemon
 
 
 class Events:
@@ -140,7 +139,10 @@ def recovery(bench: Bench, root: Path, n: int) -> None:
     db.close()
     t0 = time.perf_counter()
     db = sqlite3.connect(root / "peer.sqlite")
-    heap = [(t.seq, t) for t in map(Task.from_json, (r[0] for r in db.execute("select body from tasks")))]
+    heap = [
+        (t.seq, t)
+        for t in map(Task.from_json, (r[0] for r in db.execute("select body from tasks")))
+    ]
     heapq.heapify(heap)
     db.close()
     peer = time.perf_counter() - t0
