@@ -79,15 +79,31 @@ def memory_stores(path: Path) -> Iterator[tuple[Any, Any]]:
         objects.close()
 
 
+@contextlib.contextmanager
+def memory_api(path: Path, auth: Any) -> Iterator[str]:
+    """The whole memory API (episodic, objects, vectors; 256 KiB bodies) over stores under path,
+    on loopback: yields its URL."""
+    from agentnode.storage.api import make_app
+    from agentnode.storage.vector_api import vectors_app
+    from agentnode.storage.vectors import VectorStore
+
+    with memory_stores(path) as (episodic, objects), VectorStore(path / "vectors") as vectors:
+        app = make_app(
+            episodic=episodic,
+            objects=objects,
+            auth=auth,
+            max_body=256 << 10,
+            vectors=vectors_app(vectors),
+        )
+        with serve_app(app) as url:
+            yield url
+
+
 @pytest.fixture
 def memory_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """The memory API on loopback with tenants a and b: yields (url, tenant -> bearer token)."""
-    from agentnode.storage.api import make_app
     from agentnode.storage.tenancy import StaticTokens
 
     tokens = {"a": f"tok-a-{os.getpid()}", "b": f"tok-b-{os.getpid()}"}
-    auth = StaticTokens({t: tenant for tenant, t in tokens.items()})
-    with memory_stores(tmp_path) as (episodic, objects):
-        app = make_app(episodic=episodic, objects=objects, auth=auth, max_body=256 << 10)
-        with serve_app(app) as url:
-            yield url, tokens
+    with memory_api(tmp_path, StaticTokens({t: tenant for tenant, t in tokens.items()})) as url:
+        yield url, tokens

@@ -331,7 +331,15 @@ from agentnode.sdk import Memory, ThisTask
 from agentnode.sdk.transport import connect
 me, other = ThisTask(), sys.argv[1]
 out = {"info": me.info()["id"] == me.id}
-Memory().append("notes", me.id, {"from": me.id})
+mem = Memory()
+mem.append("notes", me.id, {"from": me.id})
+mem.create_collection("kb", dims=2)
+mem.upsert("kb", [{"key": 1, "vector": [1, 0]}])
+out["vectors"] = [[h["key"], mem.get_vector("kb", h["key"])["task"]] for h in mem.search("kb", [1, 0])]
+try:
+    mem.search("missing", [1, 0])
+except Exception as e:
+    out["missing"] = type(e).__name__
 conn, _ = connect(os.environ["AGENTNODE_URL"], timeout=10)
 for name, token in (("own", os.environ["AGENTNODE_TOKEN"]), ("forged", me.id + ".1.00")):
     for method, path in (("GET", "/checkpoint"), ("PUT", "/checkpoint"), ("GET", "")):
@@ -351,12 +359,16 @@ def test_task_token_reaches_only_its_own_task(tmp_path: Path) -> None:
             [sys.executable, "-c", PROBE, victim["id"]],
             tenant="a",
             user="0",
+            # The SDK under test, not whatever agentnode the interpreter would find on its own.
+            env={"PYTHONPATH": str(Path(task_mod.__file__).parents[2])},
             memory="128M",
             cpus=0.5,
         )
         assert d.wait(probe["id"])["state"] == "succeeded", d.log(probe["id"])
         out = json.loads(d.log(probe["id"]))
         assert out.pop("info") is True
+        assert out.pop("vectors") == [[1, probe["id"]]], "the daemon serves vectors, task-labelled"
+        assert out.pop("missing") == "UnknownCollectionError", "memory errors keep their kind"
         own = {k: v for k, v in out.items() if k.startswith("own")}
         forged = {k: v for k, v in out.items() if k.startswith("forged")}
         assert set(own.values()) == {403}, own

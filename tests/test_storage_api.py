@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgpack
@@ -21,6 +22,8 @@ from agentnode.errors import (
     ValueTooLargeError,
 )
 from agentnode.sdk import Memory, WorkingMemory
+from agentnode.storage.tenancy import Principal
+from conftest import memory_api
 
 
 def raw(
@@ -292,37 +295,36 @@ def test_key_smuggling_is_refused(memory_server, method, path, status) -> None: 
         assert json.loads(body) == {"tasks": []}
 
 
+class PerTask:
+    """What the daemon plugs in: one token per task, pinned to it (tasks t1, t2 of tenant a)."""
+
+    def authenticate(self, token: str) -> Principal | None:
+        return {"tok-t1": Principal("a", "t1"), "tok-t2": Principal("a", "t2")}.get(token)
+
+
 def test_task_scoped_credential(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from agentnode.storage.api import make_app
-    from agentnode.storage.tenancy import Principal
-    from conftest import memory_stores, serve_app
-
-    class PerTask:
-        """What the layer 7 daemon will plug in: one token per task."""
-
-        def authenticate(self, token: str) -> Principal | None:
-            return {"tok-t1": Principal("a", "t1"), "tok-t2": Principal("a", "t2")}.get(token)
-
-    with memory_stores(tmp_path) as (episodic, objects):
-        app = make_app(episodic=episodic, objects=objects, auth=PerTask())
-        with serve_app(app) as url, Memory(url, "tok-t1") as t1, Memory(url, "tok-t2") as t2:
-            rid = t1.append("ns", "t1", "mine")
-            t2.append("ns", "t2", "theirs")
-            assert t1.get("ns", "t1", rid)["value"] == "mine"
-            with pytest.raises(AuthError, match="limited to task 't2'"):
-                t2.get("ns", "t1", rid)
-            with pytest.raises(AuthError):
-                t2.append("ns", "t1", "intrusion")
-            with pytest.raises(AuthError):
-                t2.end_task("ns", "t1", ttl=0)
-            assert t1.tasks() == [("ns", "t1")]
-            status, _, _ = raw(
-                url,
-                "GET",
-                f"/v1/memory/episodic/ns/t1/{rid}",
-                headers={"Authorization": "Bearer tok-t2"},
-            )
-            assert status == 403
+    with (
+        memory_api(tmp_path, PerTask()) as url,
+        Memory(url, "tok-t1") as t1,
+        Memory(url, "tok-t2") as t2,
+    ):
+        rid = t1.append("ns", "t1", "mine")
+        t2.append("ns", "t2", "theirs")
+        assert t1.get("ns", "t1", rid)["value"] == "mine"
+        with pytest.raises(AuthError, match="limited to task 't2'"):
+            t2.get("ns", "t1", rid)
+        with pytest.raises(AuthError):
+            t2.append("ns", "t1", "intrusion")
+        with pytest.raises(AuthError):
+            t2.end_task("ns", "t1", ttl=0)
+        assert t1.tasks() == [("ns", "t1")]
+        status, _, _ = raw(
+            url,
+            "GET",
+            f"/v1/memory/episodic/ns/t1/{rid}",
+            headers={"Authorization": "Bearer tok-t2"},
+        )
+        assert status == 403
 
 
 def test_bad_record_in_batch_writes_nothing(memory_server) -> None:  # type: ignore[no-untyped-def]
@@ -332,3 +334,255 @@ def test_bad_record_in_batch_writes_nothing(memory_server) -> None:  # type: ign
             mem.append_many("ns", "t", [{"value": 1}, {"value": 2, "id": "bad id"}])
         with pytest.raises(NotFoundError, match="unknown task"):
             mem.scan("ns", "t")
+
+
+# -- vectors ------------------------------------------------------------------------------------
+
+V = "/v1/memory/vectors"
+
+
+def call(
+    url: str, token: str, method: str, path: str, body: object = None, *, codec: str = "json"
+) -> tuple[int, Any]:
+    """One request in JSON or msgpack (body and answer); errors are always JSON."""
+    mime = "application/msgpack" if codec == "msgpack" else "application/json"
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": mime, "Accept": mime}
+    data = (
+        None
+        if body is None
+        else (msgpack.packb(body) if codec == "msgpack" else json.dumps(body).encode())
+    )
+    status, ctype, answer = raw(url, method, path, data, headers)
+    if not answer:
+        return status, None
+    return status, msgpack.unpackb(answer) if ctype == "application/msgpack" else json.loads(answer)
+
+
+@pytest.mark.parametrize("codec", ["json", "msgpack"])
+def test_vectors_round_trip(memory_server, codec) -> None:  # type: ignore[no-untyped-def]
+    url, tokens = memory_server
+
+    def c(method: str, path: str, body: object = None) -> tuple[int, Any]:
+        return call(url, tokens["a"], method, path, body, codec=codec)
+
+    config = {"dims": 3, "metric": "l2", "dtype": "f32"}
+    assert c("PUT", f"{V}/docs", config) == (201, {"name": "docs", **config})
+    assert c("PUT", f"{V}/docs", config) == (200, {"name": "docs", **config}), "idempotent"
+    status, answer = c("PUT", f"{V}/docs", {"dims": 4})
+    assert status == 409 and "dims=3, metric='l2'" in answer["error"]
+    items = [
+        {"key": 1, "vector": [1, 0, 0], "metadata": {"title": "x"}, "namespace": "kb"},
+        {"key": 2, "vector": [0, 1, 0], "namespace": "kb", "task": "t9"},
+        {"key": 2**64 - 2, "vector": [0.0, 0.0, 1.0]},
+    ]
+    assert c("POST", f"{V}/docs/upsert", {"items": items}) == (200, {"upserted": 3})
+    status, answer = c(
+        "POST", f"{V}/docs/search", {"vector": [0.9, 0.1, 0], "k": 2, "with_metadata": True}
+    )
+    assert status == 200
+    assert [(h["key"], h.get("metadata")) for h in answer["matches"]] == [
+        (1, {"title": "x"}),
+        (2, {}),
+    ]
+    assert answer["matches"][0]["distance"] == pytest.approx(0.02, abs=1e-5)
+    assert c("GET", f"{V}/docs/{2**64 - 2}") == (
+        200,
+        {"key": 2**64 - 2, "vector": [0.0, 0.0, 1.0], "namespace": "", "task": "", "metadata": {}},
+    )
+    assert c("GET", f"{V}/") == (200, {"collections": ["docs"]})
+    assert c("DELETE", f"{V}/docs/1") == (204, None)
+    assert c("GET", f"{V}/docs/1")[0] == 404
+    assert c("DELETE", f"{V}/docs/1")[0] == 404
+    assert c("DELETE", f"{V}/docs") == (204, None)
+    assert c("GET", f"{V}/") == (200, {"collections": []})
+    status, answer = c("POST", f"{V}/docs/search", {"vector": [1, 0, 0]})
+    assert status == 404 and f"PUT {V}/docs" in answer["error"]
+
+
+def test_vector_batches_and_filters_through_sdk(memory_server) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from agentnode.errors import CollectionExistsError, UnknownCollectionError
+
+    url, tokens = memory_server
+    with Memory(url, tokens["a"]) as mem:
+        assert mem.create_collection("kb", dims=4, dtype="f16")["dtype"] == "f16"
+        with pytest.raises(CollectionExistsError, match="dims=4"):
+            mem.create_collection("kb", dims=8)
+        rows = np.eye(4, dtype=np.float32)
+        items = [
+            {
+                "key": k,
+                "vector": rows[k],
+                "namespace": f"ns{k % 2}",
+                "task": f"t{k}",
+                "metadata": {"k": k},
+            }
+            for k in range(4)
+        ]
+        assert mem.upsert("kb", items) == 4
+        assert {h["key"] for h in mem.search("kb", rows[0], 4, namespace="ns1")} == {1, 3}
+        assert [h["key"] for h in mem.search("kb", rows[0], 4, task="t2")] == [2]
+        assert {h["key"] for h in mem.search("kb", rows[0], 4, keys=[0, 3])} == {0, 3}
+        found = mem.search_batch("kb", rows, 1, with_metadata=True)
+        assert [[(h["key"], h["metadata"]) for h in hits] for hits in found] == [
+            [(k, {"k": k})] for k in range(4)
+        ]
+        assert [len(h) for h in mem.search_batch("kb", rows[:2], 4, namespace="ns0")] == [2, 2]
+        got = mem.get_vector("kb", 3)
+        assert (got["vector"], got["task"], got["metadata"]) == (
+            [0.0, 0.0, 0.0, 1.0],
+            "t3",
+            {"k": 3},
+        )
+        mem.delete_vector("kb", 3)
+        with pytest.raises(NotFoundError, match="key 3"):
+            mem.get_vector("kb", 3)
+        assert mem.collections() == ["kb"]
+        mem.drop_collection("kb")
+        with pytest.raises(UnknownCollectionError, match="create it"):
+            mem.search("kb", rows[0])
+
+
+def test_vector_collections_are_per_tenant(memory_server) -> None:  # type: ignore[no-untyped-def]
+    url, tokens = memory_server
+    a, b = tokens["a"], tokens["b"]
+    assert call(url, a, "PUT", f"{V}/docs", {"dims": 2})[0] == 201
+    item = {"key": 7, "vector": [1, 0], "metadata": {"secret": "a's"}}
+    assert call(url, a, "POST", f"{V}/docs/upsert", {"items": [item]})[0] == 200
+    assert call(url, b, "GET", f"{V}/") == (200, {"collections": []})
+    for method, path, body in [
+        ("POST", f"{V}/docs/search", {"vector": [1, 0]}),
+        ("POST", f"{V}/docs/search", {"vectors": [[1, 0]]}),
+        ("POST", f"{V}/docs/upsert", {"items": [{**item, "metadata": {"secret": "b's"}}]}),
+        ("GET", f"{V}/docs/7", None),
+        ("DELETE", f"{V}/docs/7", None),
+        ("DELETE", f"{V}/docs", None),
+    ]:
+        status, answer = call(url, b, method, path, body)
+        assert status == 404 and "no vector collection 'docs'" in answer["error"], (method, path)
+    # b's own "docs" is another collection: other dims, and a's vectors stay out of its results.
+    assert call(url, b, "PUT", f"{V}/docs", {"dims": 3})[0] == 201
+    assert call(url, b, "POST", f"{V}/docs/search", {"vector": [1, 0, 0]}) == (200, {"matches": []})
+    assert call(url, b, "GET", f"{V}/") == (200, {"collections": ["docs"]})
+    status, answer = call(url, a, "GET", f"{V}/docs/7")
+    assert status == 200 and answer["metadata"] == {"secret": "a's"}
+    assert call(url, a, "GET", f"{V}/") == (200, {"collections": ["docs"]})
+    status, answer = call(
+        url, a, "POST", f"{V}/docs/search", {"vector": [1, 0], "filter": {"tenant": "b"}}
+    )
+    assert status == 400 and "'tenant'" in answer["error"]
+
+
+def test_vector_writes_of_a_task_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with (
+        memory_api(tmp_path, PerTask()) as url,
+        Memory(url, "tok-t1") as t1,
+        Memory(url, "tok-t2") as t2,
+    ):
+        t1.create_collection("shared", dims=2)
+        t1.upsert("shared", [{"key": 1, "vector": [1, 0]}])
+        assert t1.get_vector("shared", 1)["task"] == "t1", "labelled with its own task"
+        # Reads span the tenant; writes touch only the task's own records.
+        assert [h["key"] for h in t2.search("shared", [1, 0])] == [1]
+        assert t2.get_vector("shared", 1)["vector"] == [1.0, 0.0]
+        with pytest.raises(AuthError, match=r"items\[0\].task: this credential is limited"):
+            t2.upsert("shared", [{"key": 2, "vector": [0, 1], "task": "t1"}])
+        with pytest.raises(AuthError, match="key 1 holds a record of task 't1'"):
+            t2.upsert("shared", [{"key": 2, "vector": [0, 1]}, {"key": 1, "vector": [0, 1]}])
+        with pytest.raises(AuthError, match="key 1 holds"):
+            t2.delete_vector("shared", 1)
+        assert 2 not in {h["key"] for h in t1.search("shared", [0, 1])}, "nothing written"
+        assert t1.get_vector("shared", 1)["vector"] == [1.0, 0.0]
+        t2.upsert("shared", [{"key": 2, "vector": [0, 1]}])
+        t2.delete_vector("shared", 2)
+        t1.delete_vector("shared", 1)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        ("/bad%20name", {"dims": 2}, "bad collection name"),
+        (f"/{'x' * 40}", {"dims": 2}, "bad collection name"),
+        ("/new", {}, "dims is missing"),
+        ("/new", {"dims": 0}, "dims must be between 1"),
+        ("/new", {"dims": "2"}, "dims must be a non-negative integer"),
+        ("/new", {"dims": 2, "metric": "cosine"}, "unknown metric"),
+        ("/new", {"dims": 2, "metric": None}, "metric must be a string"),
+        ("/new", {"dims": 2, "dtype": "f64"}, "unknown dtype"),
+        ("/new", {"dims": 2, "size": 9}, "unknown fields 'size'"),
+        ("/c/upsert", {"items": []}, "items must be a non-empty list"),
+        ("/c/upsert", {"items": [{"key": -1, "vector": [1, 0]}]}, "items[0].key: bad key -1"),
+        ("/c/upsert", {"items": [{"vector": [1, 0]}]}, "items[0].key: bad key None"),
+        (
+            "/c/upsert",
+            {"items": [{"key": 1, "vector": [1, 0]}, {"key": 2, "vector": [1, 0, 0]}]},
+            "items[1].vector has 3 dimensions but the collection has 2",
+        ),
+        (
+            "/c/upsert",
+            {"items": [{"key": 1, "vector": ["a", 0]}]},
+            "items[0].vector must be a list",
+        ),
+        (
+            "/c/upsert",
+            {"items": [{"key": 1, "vector": [1e40, 0]}]},
+            "items: vector for key 1 has a NaN",
+        ),
+        ("/c/upsert", {"items": [{"key": 1, "vector": [1, 0]}] * 2}, "items: batch repeats a key"),
+        (
+            "/c/upsert",
+            {"items": [{"key": 1, "vector": [1, 0], "metadata": [1]}]},
+            "items[0].metadata must be an object",
+        ),
+        (
+            "/c/upsert",
+            {"items": [{"key": 1, "vector": [1, 0], "namespace": 5}]},
+            "items[0].namespace must be a string",
+        ),
+        (
+            "/c/upsert",
+            {"items": [{"key": 1, "vector": [1, 0], "ttl": 5}]},
+            "items[0] has unknown fields 'ttl'",
+        ),
+        ("/c/search", {"vector": [1, 0, 0]}, "vector has 3 dimensions"),
+        ("/c/search", {"vector": "1,0"}, "vector must be a list of 2 numbers"),
+        ("/c/search", {"vectors": [[1, 0], [1]]}, "vectors[1] has 1 dimensions"),
+        ("/c/search", {"vector": [1, 0], "vectors": [[1, 0]]}, "either vector"),
+        ("/c/search", {}, "either vector"),
+        ("/c/search", {"vector": [1, 0], "k": 0}, "k must be an integer from 1"),
+        ("/c/search", {"vector": [1, 0], "k": True}, "k must be an integer from 1"),
+        ("/c/search", {"vector": [1, 0], "with_metadata": "yes"}, "with_metadata must be"),
+        ("/c/search", {"vector": [1, 0], "filter": {"keys": [-5]}}, "filter.keys: bad key -5"),
+        ("/c/search", {"vector": [1, 0], "filter": {"task": 3}}, "filter.task must be a string"),
+        (
+            "/c/search",
+            {"vectors": [[1, 0]], "filter": {"keys": [1]}},
+            "filter.keys works with vector only",
+        ),
+        ("/c/search", [1, 0], "body must be an object"),
+    ],
+)
+def test_vector_bad_input_names_the_field(memory_server, path, body, says) -> None:  # type: ignore[no-untyped-def]
+    url, tokens = memory_server
+    assert call(url, tokens["a"], "PUT", f"{V}/c", {"dims": 2})[0] in (200, 201)
+    method = "PUT" if path.count("/") == 1 else "POST"
+    status, answer = call(url, tokens["a"], method, V + path, body)
+    assert status == 400 and says in answer["error"], answer
+    assert call(url, tokens["a"], "POST", f"{V}/c/search", {"vector": [1, 0]}) == (
+        200,
+        {"matches": []},
+    )
+
+
+def test_vector_bad_key_and_msgpack_metadata(memory_server) -> None:  # type: ignore[no-untyped-def]
+    url, tokens = memory_server
+    a = tokens["a"]
+    call(url, a, "PUT", f"{V}/c", {"dims": 2})
+    for key in ("abc", "-1", str(2**64)):
+        status, answer = call(url, a, "GET", f"{V}/c/{key}")
+        assert status == 400 and answer["error"].startswith("key: "), key
+    item = {"key": 1, "vector": [1, 0], "metadata": {"blob": b"\x00"}}  # bytes have no JSON form
+    status, answer = call(url, a, "POST", f"{V}/c/upsert", {"items": [item]}, codec="msgpack")
+    assert status == 400 and "metadata of key 1 cannot be stored as JSON" in answer["error"]
+    assert call(url, a, "GET", f"{V}/c/1")[0] == 404

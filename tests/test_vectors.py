@@ -134,6 +134,16 @@ def test_bad_input(tmp_path: Path) -> None:
                 lambda: coll.upsert_batch([2, 3], np.zeros((3, 4), np.float32), tenant="a"),
                 "2 keys but 3 vectors",
             ),
+            (
+                lambda: coll.upsert_batch(
+                    [2, 3], np.zeros((2, 4), np.float32), tenant="a", task=["t1"]
+                ),
+                "2 keys but 1 task labels",
+            ),
+            (
+                lambda: coll.upsert(2, [0.0] * 4, tenant="a", metadata={"raw": b"x"}),
+                "metadata of key 2 cannot be stored as JSON",
+            ),
             (lambda: coll.search([0.0] * 5, 1), "5 dimensions"),
             (lambda: coll.search([0.0] * 4, 0), "k must be a positive integer"),
             (lambda: store.create_collection("docs", dims=4), "already exists"),

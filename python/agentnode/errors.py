@@ -7,6 +7,7 @@ __all__ = [
     "AgentnodeError",
     "AuthError",
     "CgroupError",
+    "CollectionExistsError",
     "ConfigError",
     "EgressError",
     "MemoryKeyError",
@@ -67,7 +68,7 @@ class QueueFullError(TaskError):
 
 
 class StorageError(AgentnodeError):
-    """Agent memory (episodic records, objects) could not be read or written."""
+    """Agent memory (episodic records, objects, vectors) could not be read or written."""
 
     #: The HTTP status the memory API answers with when this error reaches a request.
     status = 400
@@ -107,9 +108,17 @@ class AuthError(StorageError):
     status = 401
 
 
-class VectorError(AgentnodeError):
+class VectorError(StorageError):
     """A vector collection rejected input (dimension, key, value, name) or failed to persist."""
 
 
 class UnknownCollectionError(VectorError):
     """No vector collection has the requested name."""
+
+    status = 404
+
+
+class CollectionExistsError(VectorError):
+    """A vector collection of that name already exists (over HTTP: with another configuration)."""
+
+    status = 409

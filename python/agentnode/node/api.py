@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from agentnode.errors import AgentnodeError, QueueFullError, TaskError
+from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
 from agentnode.isolation.units import parse_duration, parse_size
 from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
@@ -67,6 +67,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
     except TaskError as e:
         status = 404 if str(e).startswith("no task") else 409
         return _error(status, str(e))
+    except StorageError:
+        raise  # the memory API's guard answers it with its own status and kind
     except AgentnodeError as e:
         return _error(400, str(e))
 

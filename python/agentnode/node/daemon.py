@@ -83,6 +83,8 @@ async def serve(config: NodeConfig) -> None:
     from agentnode.storage.api import make_app
     from agentnode.storage.episodic import EpisodicStore
     from agentnode.storage.objects import ObjectStore
+    from agentnode.storage.vector_api import vectors_app
+    from agentnode.storage.vectors import VectorStore
 
     if config.listen is not None and not config.api_token:
         raise ConfigError("node.listen needs node.api_token (the TCP API requires a bearer token)")
@@ -93,12 +95,11 @@ async def serve(config: NodeConfig) -> None:
     metrics = NodeMetrics(node)
     episodic = EpisodicStore(config.data_dir / "memory" / "episodic")
     objects = ObjectStore(config.data_dir / "memory" / "objects")
-    runners = [
-        _runner(admin_app(node, metrics)),
-        _runner(
-            task_app(node, make_app(episodic=episodic, objects=objects, auth=TaskTokens(node)))
-        ),
-    ]
+    vectors = VectorStore(config.data_dir / "memory" / "vectors")
+    memory = make_app(
+        episodic=episodic, objects=objects, auth=TaskTokens(node), vectors=vectors_app(vectors)
+    )
+    runners = [_runner(admin_app(node, metrics)), _runner(task_app(node, memory))]
     if config.listen is not None:
         runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
     try:
@@ -134,6 +135,7 @@ async def serve(config: NodeConfig) -> None:
             await r.cleanup()
         episodic.close()
         objects.close()
+        vectors.close()
         for path in (config.socket, node.task_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -1,4 +1,4 @@
-"""`Memory`: the agent-side client of the node's memory API (episodic records and objects).
+"""`Memory`: the agent-side client of the node's memory API (episodic records, objects, vectors).
 
 The endpoint and credential come from the environment the node gives every task
 (`AGENTNODE_URL`, `AGENTNODE_TOKEN`) unless passed explicitly. It speaks msgpack over one
@@ -210,6 +210,92 @@ class Memory:
         )["objects"]
         return found
 
+    # -- vectors --------------------------------------------------------------------------------
+
+    def create_collection(
+        self, name: str, *, dims: int, metric: str = "cos", dtype: str = "f32"
+    ) -> dict[str, Any]:
+        """Creates the tenant's vector collection `name` (metric cos|l2|ip, dtype f32|f16|i8).
+
+        Creating one that exists with the same settings is a no-op; with other settings it
+        raises CollectionExistsError. Returns `{name, dims, metric, dtype}`.
+        """
+        body = {"dims": dims, "metric": metric, "dtype": dtype}
+        info: dict[str, Any] = self._call("PUT", f"/v1/memory/vectors/{name}", body)
+        return info
+
+    def collections(self) -> list[str]:
+        """The names of the tenant's vector collections."""
+        names: list[str] = self._call("GET", "/v1/memory/vectors/")["collections"]
+        return names
+
+    def drop_collection(self, name: str) -> None:
+        """Deletes a vector collection and every vector in it."""
+        self._call("DELETE", f"/v1/memory/vectors/{name}")
+
+    def upsert(self, collection: str, items: Iterable[Mapping[str, Any]]) -> int:
+        """Inserts or replaces vectors in one atomic batch; returns how many.
+
+        Items are `{"key": int, "vector": floats, "metadata"?: dict, "namespace"?: str,
+        "task"?: str}`; a vector may be a list or a numpy array.
+        """
+        body = {"items": [{**item, "vector": _floats(item["vector"])} for item in items]}
+        count: int = self._call("POST", f"/v1/memory/vectors/{collection}/upsert", body)["upserted"]
+        return count
+
+    def search(
+        self,
+        collection: str,
+        vector: Sequence[float] | Any,
+        k: int = 10,
+        *,
+        namespace: str | None = None,
+        task: str | None = None,
+        keys: Iterable[int] | None = None,
+        with_metadata: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The `k` nearest vectors passing the filters, closest first: `{key, distance,
+        metadata?}`. Only the tenant's own vectors are ever searched."""
+        where = _filter(namespace, task)
+        if keys is not None:
+            where["keys"] = list(keys)
+        body = {"vector": _floats(vector), "k": k, "filter": where, "with_metadata": with_metadata}
+        hits: list[dict[str, Any]] = self._call(
+            "POST", f"/v1/memory/vectors/{collection}/search", body
+        )["matches"]
+        return hits
+
+    def search_batch(
+        self,
+        collection: str,
+        vectors: Iterable[Sequence[float] | Any],
+        k: int = 10,
+        *,
+        namespace: str | None = None,
+        task: str | None = None,
+        with_metadata: bool = False,
+    ) -> list[list[dict[str, Any]]]:
+        """`search` for many queries at once (a list of vectors or a 2-D numpy array)."""
+        body = {
+            "vectors": [_floats(v) for v in vectors],
+            "k": k,
+            "filter": _filter(namespace, task),
+            "with_metadata": with_metadata,
+        }
+        hits: list[list[dict[str, Any]]] = self._call(
+            "POST", f"/v1/memory/vectors/{collection}/search", body
+        )["matches"]
+        return hits
+
+    def get_vector(self, collection: str, key: int) -> dict[str, Any]:
+        """One vector: `{key, vector, namespace, task, metadata}`; NotFoundError if absent."""
+        rec: dict[str, Any] = self._call("GET", f"/v1/memory/vectors/{collection}/{key}")
+        return rec
+
+    def delete_vector(self, collection: str, key: int) -> None:
+        """Deletes one vector; NotFoundError if absent."""
+        self._call("DELETE", f"/v1/memory/vectors/{collection}/{key}")
+
     # -- working memory -------------------------------------------------------------------------
 
     def working(self, task: str, *, maxsize: int = 256) -> WorkingMemory:
@@ -227,3 +313,17 @@ class Memory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _floats(vector: Any) -> list[float]:
+    # Embedding models hand out numpy arrays, which msgpack cannot pack; their tolist() can.
+    floats: list[float] = vector.tolist() if hasattr(vector, "tolist") else list(vector)
+    return floats
+
+
+def _filter(namespace: str | None, task: str | None) -> dict[str, Any]:
+    return {
+        name: value
+        for name, value in (("namespace", namespace), ("task", task))
+        if value is not None
+    }

@@ -13,14 +13,15 @@ Routes (bodies and answers in JSON, or msgpack with `Content-Type`/`Accept: appl
     GET    /v1/objects/{name}                            streamed content, digest in ETag
     DELETE /v1/objects/{name}
     GET    /v1/objects                                   ?prefix=
+    ...    /v1/memory/vectors/...                        see `storage.vector_api`
 
 Every request carries `Authorization: Bearer <token>`; the tenant comes from the token alone.
 Errors answer 400/401/403/404/409/413 with `{"error": "<what failed and what to do>"}`.
 
-Mounting more routes (the vector index): build a `web.Application` whose handlers call
-`principal(request)`, `await read_body(request)` and `reply(request, data)`, and pass it as
-`make_app(..., vectors=app)`. It is mounted at `/v1/memory/vectors/` behind the same
-authentication, error and codec handling.
+The vector routes (`storage.vector_api.vectors_app`) are passed as `make_app(..., vectors=app)`
+and mounted at `/v1/memory/vectors/` behind the same authentication, error and codec handling:
+their handlers call `principal(request)`, `check_task`, `await read_body(request)` and
+`reply(request, data)`, and raise `StorageError`s (`VectorError` is one).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from agentnode.storage.episodic import EpisodicStore, NewRecord
 from agentnode.storage.objects import ObjectStore
 from agentnode.storage.tenancy import Authenticator, Principal
 
-__all__ = ["MSGPACK", "make_app", "principal", "read_body", "reply"]
+__all__ = ["MSGPACK", "check_task", "make_app", "principal", "read_body", "reply"]
 
 MSGPACK = "application/msgpack"
 EPISODIC = web.AppKey("episodic", EpisodicStore)
@@ -55,7 +56,8 @@ def principal(request: web.Request) -> Principal:
     return p
 
 
-def _check_task(request: web.Request, task: str) -> str:
+def check_task(request: web.Request, task: str) -> str:
+    """`task`, unless the request's credential is pinned to another task (then AuthError)."""
     p = principal(request)
     if p.task is not None and p.task != task:
         raise AuthError(f"this credential is limited to task {p.task!r} (use that task's token)")
@@ -134,7 +136,7 @@ def _new_records(body: Any) -> tuple[list[NewRecord], bool]:
 
 
 async def _append(request: web.Request) -> web.Response:
-    ns, task = request.match_info["namespace"], _check_task(request, request.match_info["task"])
+    ns, task = request.match_info["namespace"], check_task(request, request.match_info["task"])
     records, sync = _new_records(await read_body(request))
     store = request.app[EPISODIC]
     ids = await store.aappend_many(principal(request).tenant, ns, task, records, sync=sync)
@@ -142,7 +144,7 @@ async def _append(request: web.Request) -> web.Response:
 
 
 async def _scan(request: web.Request) -> web.Response:
-    ns, task = request.match_info["namespace"], _check_task(request, request.match_info["task"])
+    ns, task = request.match_info["namespace"], check_task(request, request.match_info["task"])
     order = request.query.get("order", "newest")
     if order not in ("newest", "oldest"):
         raise MemoryKeyError(f"order={order!r} is not 'newest' or 'oldest'")
@@ -164,14 +166,14 @@ async def _scan(request: web.Request) -> web.Response:
 
 async def _get(request: web.Request) -> web.Response:
     m = request.match_info
-    task = _check_task(request, m["task"])
+    task = check_task(request, m["task"])
     rec = request.app[EPISODIC].get(principal(request).tenant, m["namespace"], task, m["id"])
     return reply(request, rec.to_wire())
 
 
 async def _delete(request: web.Request) -> web.Response:
     m = request.match_info
-    task = _check_task(request, m["task"])
+    task = check_task(request, m["task"])
     await asyncio.to_thread(
         request.app[EPISODIC].delete, principal(request).tenant, m["namespace"], task, m["id"]
     )
@@ -179,7 +181,7 @@ async def _delete(request: web.Request) -> web.Response:
 
 
 async def _end(request: web.Request) -> web.Response:
-    ns, task = request.match_info["namespace"], _check_task(request, request.match_info["task"])
+    ns, task = request.match_info["namespace"], check_task(request, request.match_info["task"])
     body = await read_body(request)
     ttl = body.get("ttl") if isinstance(body, dict) else None
     if not isinstance(ttl, int | float):

@@ -1,4 +1,4 @@
-"""`agentnode memory serve`: the memory API on its own (until the daemon mounts it), on uvloop.
+"""`agentnode memory serve`: the memory API on its own (the daemon also mounts it), on uvloop.
 
 Tenants and their tokens come from a JSON file, never the command line (argv is world-readable):
 `{"<tenant>": {"token": "<secret>", "quota": <object bytes, optional>}, ...}`.
@@ -64,15 +64,18 @@ async def serve(
     from agentnode.storage.episodic import EpisodicStore
     from agentnode.storage.objects import ObjectStore
     from agentnode.storage.tenancy import StaticTokens
+    from agentnode.storage.vector_api import vectors_app
+    from agentnode.storage.vectors import VectorStore
 
     tokens, quotas = load_tenants(tenants)
     data_dir.mkdir(parents=True, exist_ok=True)
     episodic = EpisodicStore(data_dir / "episodic")
     objects = ObjectStore(data_dir / "objects", quotas=quotas)
-    runner = web.AppRunner(
-        make_app(episodic=episodic, objects=objects, auth=StaticTokens(tokens)),
-        handle_signals=False,
+    vectors = VectorStore(data_dir / "vectors")
+    app = make_app(
+        episodic=episodic, objects=objects, auth=StaticTokens(tokens), vectors=vectors_app(vectors)
     )
+    runner = web.AppRunner(app, handle_signals=False)
     try:
         episodic.start_sweeper(sweep_interval)
         await runner.setup()
@@ -89,6 +92,7 @@ async def serve(
         await runner.cleanup()
         episodic.close()
         objects.close()
+        vectors.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -111,12 +115,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Registers `agentnode memory serve`."""
-    p = sub.add_parser("memory", help="agent memory: episodic records and objects")
+    p = sub.add_parser("memory", help="agent memory: episodic records, objects and vectors")
     cmds = p.add_subparsers(title="memory commands", metavar="COMMAND", parser_class=type(p))
     s = cmds.add_parser(
         "serve",
         help="serve the memory HTTP API on its own",
-        description="Serve /v1/memory/episodic and /v1/objects until SIGTERM.",
+        description="Serve /v1/memory/episodic, /v1/memory/vectors and /v1/objects until SIGTERM.",
     )
     s.add_argument("--data-dir", type=Path, required=True, help="where the stores live")
     s.add_argument("--tenants", type=Path, required=True, help="JSON file of tenants and tokens")

@@ -32,9 +32,9 @@ from typing import Any, Literal
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from agentnode._native import VectorCollection
-from agentnode.errors import UnknownCollectionError, VectorError
+from agentnode.errors import CollectionExistsError, UnknownCollectionError, VectorError
 
-__all__ = ["Collection", "CollectionConfig", "Match", "Record", "VectorStore"]
+__all__ = ["Collection", "CollectionConfig", "Match", "Record", "VectorStore", "check_key"]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def _check_name(name: str) -> None:
         )
 
 
-def _check_key(key: object) -> int:
+def check_key(key: object) -> int:
+    """Returns `key` if it can key a vector, else raises VectorError."""
     if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MAX_KEY:
         raise VectorError(f"bad key {key!r} (keys are integers from 0 to 2**64-2)")
     return key
@@ -138,6 +139,33 @@ def _floats(vectors: object, *, rows: int, dims: int) -> memoryview[Any]:
             "(send one vector per key)"
         )
     return view
+
+
+def _per_key(field: str, value: str | Sequence[str], rows: int) -> list[str]:
+    """`value` for each of `rows` keys: one string for all, or a sequence of one per key."""
+    if isinstance(value, str):
+        return [value] * rows
+    if not isinstance(value, Sequence):
+        raise VectorError(f"{field} must be a string, got {type(value).__name__}")
+    values = list(value)
+    if len(values) != rows:
+        raise VectorError(
+            f"batch has {rows} keys but {len(values)} {field} labels (send one per key or one)"
+        )
+    for text in values:
+        if not isinstance(text, str):
+            raise VectorError(f"{field} must be a string, got {type(text).__name__}")
+    return values
+
+
+def _metadata_json(key: int, metadata: Mapping[str, Any] | None) -> bytes:
+    try:
+        return json.dumps(dict(metadata or {}), separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise VectorError(
+            f"metadata of key {key} cannot be stored as JSON ({e}; use strings, numbers, "
+            "booleans, null, lists and objects)"
+        ) from None
 
 
 def _is_flat(seq: object) -> bool:
@@ -209,18 +237,19 @@ class Collection:
         vectors: Any,
         *,
         tenant: str,
-        namespace: str = "",
-        task: str = "",
+        namespace: str | Sequence[str] = "",
+        task: str | Sequence[str] = "",
         metadata: Sequence[Mapping[str, Any]] | None = None,
         sync: bool = False,
         threads: int = 2,
     ) -> None:
         """Upserts `len(keys)` vectors (a float32 array of shape (n, dims) or nested lists).
 
+        `namespace` and `task` label the whole batch, or each key when given one string per key.
         The whole batch is validated before anything is written; then it is recorded in RocksDB
         in one WriteBatch and added to the index on `threads` threads.
         """
-        keys = [_check_key(k) for k in keys]
+        keys = [check_key(k) for k in keys]
         if len(set(keys)) != len(keys):
             raise VectorError("batch repeats a key (send each key once per batch)")
         if metadata is not None and len(metadata) != len(keys):
@@ -228,24 +257,29 @@ class Collection:
                 f"batch has {len(keys)} keys but {len(metadata)} metadata entries "
                 "(send one per key or none)"
             )
-        for field, text in (("tenant", tenant), ("namespace", namespace), ("task", task)):
-            if not isinstance(text, str):
-                raise VectorError(f"{field} must be a string, got {type(text).__name__}")
+        if not isinstance(tenant, str):
+            raise VectorError(f"tenant must be a string, got {type(tenant).__name__}")
         if not tenant:
             raise VectorError("tenant is empty (every vector belongs to a tenant)")
+        namespaces = _per_key("namespace", namespace, len(keys))
+        tasks = _per_key("task", task, len(keys))
         flat = _floats(vectors, rows=len(keys), dims=self.config.dims)
         self._index.check_batch(keys, flat)
         payloads = [
-            json.dumps(dict(m) if m is not None else {}, separators=(",", ":")).encode()
-            for m in (metadata if metadata is not None else [None] * len(keys))
+            _metadata_json(key, m)
+            for key, m in zip(
+                keys, metadata if metadata is not None else [None] * len(keys), strict=True
+            )
         ]
-        head = json.dumps([tenant, namespace, task]).encode()
+        heads = [
+            json.dumps([tenant, n, t]).encode() for n, t in zip(namespaces, tasks, strict=True)
+        ]
         row = self.config.dims * 4
         raw = flat.cast("B")
         with self._write:
             batch = WriteBatch(raw_mode=True)
             seq = self._store._seq(self.name)
-            for i, (key, payload) in enumerate(zip(keys, payloads, strict=True)):
+            for i, (key, head, payload) in enumerate(zip(keys, heads, payloads, strict=True)):
                 seq += 1
                 value = b"".join(
                     (
@@ -260,12 +294,14 @@ class Collection:
                 batch.put(self._log_prefix + _U64.pack(seq), b"u" + _U64.pack(key))
             batch.put(self._seq_key, _U64.pack(seq))
             self._store._commit(batch, sync=sync)
-            labels = [(tenant, namespace, task, p) for p in payloads]
+            labels = [
+                (tenant, n, t, p) for n, t, p in zip(namespaces, tasks, payloads, strict=True)
+            ]
             self._index.upsert_batch(keys, flat, labels, threads=threads)
 
     def delete(self, key: int, *, sync: bool = False) -> bool:
         """Removes `key`; returns whether it was present."""
-        key = _check_key(key)
+        key = check_key(key)
         with self._write:
             if key not in self._index:
                 return False
@@ -279,7 +315,7 @@ class Collection:
 
     def get(self, key: int) -> Record | None:
         """The recorded vector and labels of `key`, or None."""
-        value = self._store._db.get(self._prefix + _U64.pack(_check_key(key)))
+        value = self._store._db.get(self._prefix + _U64.pack(check_key(key)))
         return None if value is None else _decode(key, value)
 
     def search(
@@ -307,7 +343,7 @@ class Collection:
             tenant=tenant,
             namespace=namespace,
             task=task,
-            keys=None if keys is None else {_check_key(x) for x in keys},
+            keys=None if keys is None else {check_key(x) for x in keys},
         )
         return [self._match(key, dist, with_metadata) for key, dist in found]
 
@@ -319,6 +355,7 @@ class Collection:
         tenant: str | None = None,
         namespace: str | None = None,
         task: str | None = None,
+        with_metadata: bool = False,
         threads: int = 2,
     ) -> list[list[Match]]:
         """`search` for each row of `queries` (shape (n, dims)), on `threads` threads."""
@@ -332,7 +369,7 @@ class Collection:
         found = self._index.search_batch(
             flat, k, tenant=tenant, namespace=namespace, task=task, threads=threads
         )
-        return [[Match(key, dist) for key, dist in hits] for hits in found]
+        return [[self._match(key, dist, with_metadata) for key, dist in hits] for hits in found]
 
     def _match(self, key: int, distance: float, with_metadata: bool) -> Match:
         if not with_metadata:
@@ -432,7 +469,9 @@ class VectorStore:
         )
         with self._lock:
             if self._db.get(f"c/{name}".encode()) is not None:
-                raise VectorError(f"collection {name!r} already exists (pick another name)")
+                raise CollectionExistsError(
+                    f"collection {name!r} already exists (pick another name)"
+                )
             index = VectorCollection(dims, **config.native_kwargs())
             self._db.put(
                 f"c/{name}".encode(), json.dumps(_config_json(config)).encode(), self._sync
