@@ -285,6 +285,15 @@ def test_budgets_per_tenant_and_task(make_env: Callable[..., ProxyEnv]) -> None:
     env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
 
 
+def wait_cached(env: ProxyEnv, entries: int) -> None:
+    """Waits until the proxy's cache holds `entries` entries (written after a stream ends)."""
+    store = env.proxy.store
+    deadline = time.monotonic() + 10
+    while env.run(store._run(lambda: len(list(store._cache.keys())))) < entries:
+        assert time.monotonic() < deadline, f"the cache never reached {entries} entries"
+        time.sleep(0.01)
+
+
 def test_cache_hits_replay_streams_and_cost_zero(env: ProxyEnv) -> None:
     c = env.openai(default_headers={"x-agentnode-cache": "on"})
     first = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
@@ -295,13 +304,13 @@ def test_cache_hits_replay_streams_and_cost_zero(env: ProxyEnv) -> None:
     for _ in range(2):
         streamed.append(list(c.chat.completions.create(model="gpt-x", messages=MSG, stream=True)))  # type: ignore[arg-type]
         # A stream's cache entry is written just after its last event reached the client.
-        time.sleep(0.2)
+        wait_cached(env, 2)
     assert streamed[0] == streamed[1] and len(streamed[1]) == 4
     a = env.anthropic(default_headers={"x-agentnode-cache": "on"})
     for _ in range(2):
         with a.messages.stream(model="claude-x", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
             assert "".join(s.text_stream) == "t0t1t2t3"
-        time.sleep(0.2)
+        wait_cached(env, 3)
     assert len(env.mocks["a"].requests) == 2 and len(env.mocks["c"].requests) == 1
     rows = env.rows()
     assert [r.cache_hit for r in rows] == [False, True, False, True, False, True]

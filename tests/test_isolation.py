@@ -92,6 +92,25 @@ def test_root_is_read_only_and_only_binds_are_writable(ws: Path, tmp_path: Path)
     assert "/workspace /usr/local/sbin" in out
 
 
+def test_binds_into_tmp_and_workspace_land_on_those_mounts(ws: Path, tmp_path: Path) -> None:
+    """/tmp and /workspace are mounted fresh, so binds under them need points made after."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("hello")
+    (tmp_path / "one").write_text("file")
+    script = "cat /tmp/a/b/f /workspace/in/f /tmp/one; touch /tmp/a/b/x 2>/dev/null || echo ro"
+    status, out, _ = sh(
+        script,
+        ws,
+        mounts=[
+            Mount(str(src), "/tmp/a/b"),
+            Mount(str(src), "/workspace/in"),
+            Mount(str(tmp_path / "one"), "/tmp/one"),
+        ],
+    )
+    assert (status, out) == (0, "hellohellofilero\n"), out
+
+
 def test_tmp_is_private_and_size_limited(ws: Path) -> None:
     marker = f"agentnode-{uuid.uuid4().hex}"
     script = (

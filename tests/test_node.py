@@ -25,6 +25,19 @@ pytestmark = root_only
 GATE = ["sh", "-c", "while [ ! -e /workspace/go ]; do sleep 0.01; done"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+#: Submit fields for a task running this checkout's Python and SDK: as root (the venv may not be
+#: readable by nobody), with enough CPU to import quickly, and the checkout bound in (it may sit
+#: under /tmp, which is the task's own tmpfs).
+PYTHON: dict[str, Any] = {
+    "user": "0",
+    "memory": "128M",
+    "cpus": 0.5,
+    "ro": [str(REPO)],
+    "env": {"PYTHONPATH": str(REPO / "python")},
+}
+
+
 def open_gate(d: Daemon, gate: dict[str, Any]) -> None:
     (d.data / "workspaces" / gate["id"] / "go").touch()
 
@@ -141,6 +154,9 @@ def test_api_bad_input_names_the_field(tmp_path: Path) -> None:
             ({"command": ["true"], "tenant": "../x"}, "tenant"),
             ({"command": ["true"], "user": "root"}, "user"),
             ({"command": ["true"], "retries": "many"}, "retries"),
+            ({"command": ["true"], "ro": ["/nonexistent-agentnode"]}, "ro"),
+            ({"command": ["true"], "rw": ["/tmp:../x"]}, "rw"),
+            ({"command": ["true"], "ro": "/tmp"}, "ro"),
             ({"command": ["true"], "colour": "red"}, "colour"),
             ([1, 2], "body"),
         ]
@@ -285,9 +301,7 @@ def test_heartbeat_timeout_stops_a_silent_task(tmp_path: Path) -> None:
         "for _ in range(10):\n    t.heartbeat(); time.sleep(0.1)\ntime.sleep(30)\n"
     )
     with daemon(tmp_path, "[node]\ngrace = 0.2\n") as d:
-        task = d.submit(
-            [sys.executable, "-c", code], user="0", heartbeat="0.6s", memory="128M", cpus=0.5
-        )
+        task = d.submit([sys.executable, "-c", code], heartbeat="0.6s", **PYTHON)
         done = d.wait(task["id"])
         assert done["state"] == "timed_out" and "no heartbeat" in done["reason"]
         assert ended_at(done) - started_at(done) > 1.0, "its heartbeats kept it alive at first"
@@ -307,9 +321,7 @@ sys.exit(0 if step >= 20 else 1)
 def test_retries_back_off_and_pass_the_checkpoint(tmp_path: Path) -> None:
     config = "[retry]\nmax_attempts = 2\nbase = 0.3\nmax = 0.3\n"
     with daemon(tmp_path, config) as d:
-        t = d.submit(
-            [sys.executable, "-c", CHECKPOINTER], user="0", memory="128M", cpus=0.5, retries=3
-        )
+        t = d.submit([sys.executable, "-c", CHECKPOINTER], retries=3, **PYTHON)
         done = d.wait(t["id"])
         assert done["state"] == "succeeded" and done["attempt"] == 3, "retries overrides the node"
         assert [d.log(t["id"], n) for n in (1, 2, 3)] == [
@@ -355,15 +367,7 @@ def test_task_token_reaches_only_its_own_task(tmp_path: Path) -> None:
     with daemon(tmp_path) as d:
         victim = d.submit(["true"], tenant="b")
         d.wait(victim["id"])
-        probe = d.submit(
-            [sys.executable, "-c", PROBE, victim["id"]],
-            tenant="a",
-            user="0",
-            # The SDK under test, not whatever agentnode the interpreter would find on its own.
-            env={"PYTHONPATH": str(Path(task_mod.__file__).parents[2])},
-            memory="128M",
-            cpus=0.5,
-        )
+        probe = d.submit([sys.executable, "-c", PROBE, victim["id"]], tenant="a", **PYTHON)
         assert d.wait(probe["id"])["state"] == "succeeded", d.log(probe["id"])
         out = json.loads(d.log(probe["id"]))
         assert out.pop("info") is True

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from agentnode.errors import UsageError
 from agentnode.isolation.task import ExitReason, Limits, Mount, Result, Stdio, spawn
-from agentnode.isolation.units import format_size, parse_duration, parse_size
+from agentnode.isolation.units import format_size, parse_bind, parse_duration, parse_size
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
@@ -89,16 +89,7 @@ def _int(text: str | None, option: str, lo: int, hi: int) -> int | None:
 
 def _binds(specs: list[str], *, writable: bool) -> list[Mount]:
     option = "--rw" if writable else "--ro"
-    out = []
-    for spec in specs:
-        src, _, dest = spec.partition(":")
-        if not src or not os.path.exists(src):
-            raise UsageError(f"{option}: {src!r} does not exist (give an existing host path)")
-        dest = dest or os.path.abspath(src)
-        if not dest.startswith("/") or ".." in Path(dest).parts:
-            raise UsageError(f"{option}: destination {dest!r} must be absolute, without '..'")
-        out.append(Mount(os.path.abspath(src), dest, writable))
-    return out
+    return [Mount(*parse_bind(spec, option=option), writable) for spec in specs]
 
 
 def _limits(args: argparse.Namespace) -> Limits:

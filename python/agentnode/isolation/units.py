@@ -1,12 +1,15 @@
-"""Parsing of the sizes and durations that limits are given in (`512M`, `2G`, `30s`, `500ms`)."""
+"""Parsing of what users type for limits and mounts: sizes and durations (`512M`, `2G`, `30s`,
+`500ms`) and binds (`HOST[:DEST]`)."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from agentnode.errors import UsageError
 
-__all__ = ["format_size", "parse_duration", "parse_size"]
+__all__ = ["format_size", "parse_bind", "parse_duration", "parse_size"]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
@@ -44,3 +47,14 @@ def format_size(n: int) -> str:
             return f"{size:.1f}{unit}" if unit != "B" else f"{n}B"
         size /= 1024
     return f"{size:.1f}GiB"
+
+
+def parse_bind(text: str, *, option: str) -> tuple[str, str]:
+    """(host path, task path) of `HOST[:DEST]`; DEST defaults to HOST, which must exist."""
+    src, _, dest = text.partition(":")
+    if not src or not os.path.exists(src):
+        raise UsageError(f"{option}: {src!r} does not exist (give an existing host path)")
+    dest = dest or os.path.abspath(src)
+    if not dest.startswith("/") or ".." in Path(dest).parts:
+        raise UsageError(f"{option}: destination {dest!r} must be absolute, without '..'")
+    return os.path.abspath(src), dest

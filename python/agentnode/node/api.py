@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
-from agentnode.isolation.units import parse_duration, parse_size
+from agentnode.isolation.units import parse_bind, parse_duration, parse_size
 from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
 from agentnode.storage.api import principal
@@ -105,6 +105,16 @@ def _number(body: dict[str, Any], key: str, *, parse: Callable[..., float] | Non
     return value
 
 
+def _binds(body: dict[str, Any], key: str) -> list[tuple[str, str, bool]]:
+    specs = body.get(key, [])
+    if not isinstance(specs, list) or not all(isinstance(x, str) for x in specs):
+        raise BadField(key, 'must be a list of "HOST[:DEST]" strings')
+    try:
+        return [(*parse_bind(x, option=key), key == "rw") for x in specs]
+    except AgentnodeError as e:
+        raise BadField(key, str(e).removeprefix(f"{key}: ")) from None
+
+
 def spec_from_json(body: Any) -> TaskSpec:
     """A TaskSpec from a POST /v1/tasks body; BadField names the first bad field."""
     if not isinstance(body, dict):
@@ -122,6 +132,8 @@ def spec_from_json(body: Any) -> TaskSpec:
         "network",
         "user",
         "retries",
+        "ro",
+        "rw",
     }
     for key in body:
         if key not in known:
@@ -149,6 +161,7 @@ def spec_from_json(body: Any) -> TaskSpec:
     pids = _number(body, "pids")
     if pids is not None and not isinstance(pids, int):
         raise BadField("pids", f"must be an integer, got {pids!r}")
+    binds = _binds(body, "ro") + _binds(body, "rw")
     retries = body.get("retries")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
         raise BadField("retries", f"must be an integer, got {retries!r}")
@@ -172,6 +185,7 @@ def spec_from_json(body: Any) -> TaskSpec:
             network=body.get("network", "none"),
             user=str(body.get("user", "65534")),
             retries=retries,
+            binds=tuple(binds),
             **fields,
         )
     except TaskError as e:
@@ -200,6 +214,8 @@ def task_json(node: Node, task: Task) -> dict[str, Any]:
         "timeout": spec.timeout_s,
         "user": spec.user,
         "retries": spec.retries,
+        "ro": [f"{s}:{d}" for s, d, w in spec.binds if not w],
+        "rw": [f"{s}:{d}" for s, d, w in spec.binds if w],
     }
     running = node.running.get(task.id)
     if running is not None and running.proc.result is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,12 @@ def add_parsers(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("--heartbeat", metavar="DURATION", help="stop it when it misses heartbeats")
     p.add_argument("--user", metavar="UID[:GID]", help="run as this user (default 65534, nobody)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
+    p.add_argument(
+        "--ro", action="append", default=[], metavar="HOST[:DEST]", help="bind read-only"
+    )
+    p.add_argument(
+        "--rw", action="append", default=[], metavar="HOST[:DEST]", help="bind read-write"
+    )
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
@@ -110,6 +117,9 @@ def _submit(args: argparse.Namespace) -> int:
         "priority": args.priority,
         "command": command,
         "env": env,
+        # The daemon resolves paths in its own working directory: send absolute ones.
+        "ro": [_absolute(b) for b in args.ro],
+        "rw": [_absolute(b) for b in args.rw],
     }
     for key in ("cpus", "memory", "pids", "timeout", "heartbeat", "user", "retries"):
         if getattr(args, key) is not None:
@@ -117,6 +127,11 @@ def _submit(args: argparse.Namespace) -> int:
     task = _client(args).call("POST", "/v1/tasks", body)
     print(task["id"], flush=True)
     return _wait_for(_client(args), task["id"]) if args.wait else 0
+
+
+def _absolute(bind: str) -> str:
+    src, colon, dest = bind.partition(":")
+    return os.path.abspath(src) + colon + dest
 
 
 def exit_status(task: dict[str, Any]) -> int:

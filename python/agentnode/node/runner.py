@@ -221,6 +221,7 @@ class Node:
             env["AGENTNODE_CHECKPOINT"] = CHECKPOINT
             mounts.append(Mount(str(checkpoint), CHECKPOINT))
         mounts.append(Mount(str(self.task_socket), TASK_SOCKET, writable=True))
+        mounts += [Mount(src, dest, writable) for src, dest, writable in spec.binds]
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         try:
             return spawn(

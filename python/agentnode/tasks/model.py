@@ -73,6 +73,8 @@ class TaskSpec:
     user: str = "65534"
     #: Retries after a failed, timed-out or lost attempt (None: the node's retry policy).
     retries: int | None = None
+    #: Host paths bound into the task: (host path, task path, writable).
+    binds: tuple[tuple[str, str, bool], ...] = ()
 
     def __post_init__(self) -> None:
         if not _TENANT.fullmatch(self.tenant):
@@ -132,6 +134,7 @@ class Task:
         spec = d.pop("spec")
         spec["command"] = tuple(spec["command"])
         spec["env"] = tuple((k, v) for k, v in spec.get("env", ()))
+        spec["binds"] = tuple((s, d, w) for s, d, w in spec.get("binds", ()))
         return cls(
             spec=TaskSpec(**spec),
             state=State(d.pop("state")),

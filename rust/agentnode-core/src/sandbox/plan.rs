@@ -166,9 +166,18 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
     if spec.workspace.is_some() {
         ops.push(Op::MkDir(cstr(at("workspace"))?));
     }
+    // A bind into /tmp or /workspace needs its mount point on that fresh mount, so it is made
+    // after the mount; every other one now, before the root turns read-only.
+    let on_fresh = |b: &Bind| {
+        b.dest.starts_with("/tmp") || spec.workspace.is_some() && b.dest.starts_with("/workspace")
+    };
     let mut bind_points = Vec::new();
     for b in &spec.binds {
-        bind_points.push(push_bind_point(&mut ops, stage, b)?);
+        bind_points.push(if on_fresh(b) {
+            None
+        } else {
+            Some(push_bind_point(&mut ops, stage, b)?)
+        });
     }
     ops.push(Op::ReadOnly {
         path: cstr(stage)?,
@@ -184,11 +193,15 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
     if let Some(ws) = &spec.workspace {
         ops.push(bind(ws, &at("workspace"))?);
     }
-    for (b, point) in spec.binds.iter().zip(&bind_points) {
-        ops.push(bind(&b.src, point)?);
+    for (b, point) in spec.binds.iter().zip(bind_points) {
+        let point = match point {
+            Some(point) => point,
+            None => push_bind_point(&mut ops, stage, b)?,
+        };
+        ops.push(bind(&b.src, &point)?);
         if !b.writable {
             ops.push(Op::ReadOnly {
-                path: cstr(point)?,
+                path: cstr(&point)?,
                 recursive: true,
             });
         }
