@@ -492,7 +492,7 @@ def assert_nothing_left(pid: int) -> None:
             2,
             "--ro: '/nonexistent-agentnode' does not exist",
         ),
-        (["--env", "NOEQUALS", "--", "true"], 2, "--env: 'NOEQUALS' is not K=V"),
+        (["--env", "NOEQUALS", "--", "true"], 2, "--env: 'NOEQUALS' is not NAME=VALUE"),
         (["--cap-add", "CAP_NOPE", "--", "true"], 2, "capability 'CAP_NOPE' is unknown"),
         (["--"], 2, "a command is required"),
         (["--", "no-such-command-agentnode"], 1, 'command not found: "no-such-command-agentnode"'),

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 
 from agentnode.errors import UsageError
 from agentnode.isolation.task import ExitReason, Limits, Mount, Result, Stdio, spawn
-from agentnode.isolation.units import format_size, parse_bind, parse_duration, parse_size
+from agentnode.isolation.units import (
+    format_size,
+    parse_bind,
+    parse_duration,
+    parse_env,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
@@ -134,12 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("exec: a command is required after -- (e.g. agentnode exec -- /bin/true)")
     limits = _limits(args)
-    env = {}
-    for item in args.env:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UsageError(f"--env: {item!r} is not K=V")
-        env[key] = value
+    env = parse_env(args.env)
     if not os.path.isdir(args.rootfs):
         raise UsageError(
             f"--rootfs: {args.rootfs!r} is not a directory (give a root file system tree)"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agentnode.errors import UsageError
 
-__all__ = ["format_size", "parse_bind", "parse_duration", "parse_size"]
+__all__ = ["format_size", "parse_bind", "parse_duration", "parse_env", "parse_size"]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
@@ -58,3 +58,14 @@ def parse_bind(text: str, *, option: str) -> tuple[str, str]:
     if not dest.startswith("/") or ".." in Path(dest).parts:
         raise UsageError(f"{option}: destination {dest!r} must be absolute, without '..'")
     return os.path.abspath(src), dest
+
+
+def parse_env(items: list[str], *, option: str = "--env") -> dict[str, str]:
+    """Variables from `NAME=VALUE` items (a value may contain '=')."""
+    env = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UsageError(f"{option}: {item!r} is not NAME=VALUE")
+        env[name] = value
+    return env

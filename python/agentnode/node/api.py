@@ -388,6 +388,15 @@ async def _openapi(request: web.Request) -> web.FileResponse:
     return web.FileResponse(_OPENAPI, headers={"Content-Type": "application/json"})
 
 
+def _add_task_routes(r: web.UrlDispatcher) -> None:
+    """The routes about one task, which a task's own token may also use (on the task socket)."""
+    r.add_get("/v1/tasks/{id}", _get)
+    r.add_post("/v1/tasks/{id}/heartbeat", _heartbeat)
+    r.add_get("/v1/tasks/{id}/logs", _logs)
+    r.add_get("/v1/tasks/{id}/checkpoint", _get_checkpoint)
+    r.add_put("/v1/tasks/{id}/checkpoint", _put_checkpoint)
+
+
 def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> web.Application:
     """The full control API; with `token`, every route but /healthz needs it as a bearer."""
     middlewares: list[Middleware] = [_errors] if token is None else [_bearer_guard(token), _errors]
@@ -397,12 +406,8 @@ def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> 
     r = app.router
     r.add_post("/v1/tasks", _submit)
     r.add_get("/v1/tasks", _list)
-    r.add_get("/v1/tasks/{id}", _get)
     r.add_post("/v1/tasks/{id}/cancel", _cancel)
-    r.add_post("/v1/tasks/{id}/heartbeat", _heartbeat)
-    r.add_get("/v1/tasks/{id}/logs", _logs)
-    r.add_get("/v1/tasks/{id}/checkpoint", _get_checkpoint)
-    r.add_put("/v1/tasks/{id}/checkpoint", _put_checkpoint)
+    _add_task_routes(r)
     r.add_get("/v1/events", _events)
     r.add_get("/v1/node", _node)
     r.add_get("/metrics", _metrics)
@@ -429,10 +434,5 @@ def task_app(node: Node, memory: web.Application) -> web.Application:
     memory.middlewares.append(_errors)
     memory[NODE] = node
     memory[PINNED] = True
-    r = memory.router
-    r.add_get("/v1/tasks/{id}", _get)
-    r.add_post("/v1/tasks/{id}/heartbeat", _heartbeat)
-    r.add_get("/v1/tasks/{id}/logs", _logs)
-    r.add_get("/v1/tasks/{id}/checkpoint", _get_checkpoint)
-    r.add_put("/v1/tasks/{id}/checkpoint", _put_checkpoint)
+    _add_task_routes(memory.router)
     return memory

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentnode.errors import UsageError
+from agentnode.isolation.units import parse_env
 from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
 
@@ -106,12 +107,7 @@ def _submit(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("submit needs a command after '--' (example: agentnode submit -- echo hi)")
-    env = {}
-    for pair in args.env:
-        name, eq, value = pair.partition("=")
-        if not eq or not name:
-            raise UsageError(f"--env: {pair!r} is not NAME=VALUE")
-        env[name] = value
+    env = parse_env(args.env)
     body: dict[str, Any] = {
         "tenant": args.tenant,
         "priority": args.priority,
