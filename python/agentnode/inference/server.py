@@ -506,7 +506,9 @@ class Proxy:
                     await response.write(out)
                     if sent is not None:
                         sent.append(out)
-                event = await anext(events, None)
+                # Past the last event, a connection the upstream drops or half-closes must not
+                # turn a complete answer into a 502 (nor keep it out of the cache).
+                event = None if reader.done else await anext(events, None)
         except (asyncio.CancelledError, ConnectionResetError):
             # First: aiohttp's ClientConnectionResetError from writing to a gone client is also
             # a ClientError, and must not be mistaken for an upstream failure below.
@@ -588,7 +590,7 @@ class Proxy:
 class _UsageReader:
     """Reads usage out of SSE events and decides what the client sees."""
 
-    __slots__ = ("_anthropic", "_kind", "_openai", "_responses", "_strip")
+    __slots__ = ("_anthropic", "_kind", "_openai", "_responses", "_strip", "done")
 
     def __init__(self, kind: str, endpoint: str, wants_usage: bool) -> None:
         self._kind = kind
@@ -596,8 +598,11 @@ class _UsageReader:
         self._strip = endpoint in ("chat", "completions") and not wants_usage
         self._anthropic: dict[str, Any] = {}
         self._openai: Any = None
+        #: The stream's last event has been fed: what the upstream does after it is moot.
+        self.done = False
 
     def feed(self, event: bytes) -> bytes | None:
+        self.done = _is_last(event)
         if self._kind == "anthropic":
             if b"message_start" in event or b"message_delta" in event:
                 obj = _data(event)
@@ -626,6 +631,16 @@ class _UsageReader:
         if self._kind == "anthropic":
             return anthropic_usage(self._anthropic)
         return openai_usage(self._openai)
+
+
+def _is_last(event: bytes) -> bool:
+    """Whether `event` ends its stream: OpenAI's [DONE], Anthropic's message_stop, or the
+    Responses API's response.completed."""
+    return (
+        event.rstrip().endswith(b"data: [DONE]")
+        or b"event: message_stop" in event
+        or b"event: response.completed" in event
+    )
 
 
 def _data(event: bytes) -> dict[str, Any]:
