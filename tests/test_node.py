@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -157,6 +159,13 @@ def test_api_bad_input_names_the_field(tmp_path: Path) -> None:
             ({"command": ["true"], "ro": ["/nonexistent-agentnode"]}, "ro"),
             ({"command": ["true"], "rw": ["/tmp:../x"]}, "rw"),
             ({"command": ["true"], "ro": "/tmp"}, "ro"),
+            ({"command": ["true"], "caps": ["CAP_TIME_TRAVEL"]}, "caps"),
+            ({"command": ["true"], "hostname": "no spaces"}, "hostname"),
+            ({"command": ["true"], "cpu_weight": 0}, "cpu_weight"),
+            ({"command": ["true"], "rootfs": "/nonexistent-agentnode"}, "rootfs"),
+            ({"command": ["true"], "cwd": "relative"}, "cwd"),
+            ({"command": ["true"], "userns": "yes"}, "userns"),
+            ({"command": ["true"], "tmp_size": "huge"}, "tmp_size"),
             ({"command": ["true"], "colour": "red"}, "colour"),
             ([1, 2], "body"),
         ]
@@ -177,6 +186,48 @@ def test_api_bad_input_names_the_field(tmp_path: Path) -> None:
         assert status == 429 and "tenant full has 2 queued tasks" in err["error"], err
         assert len(call(d, "GET", "/v1/tasks?tenant=full")[1]) == 2, "nothing half-added"
         open_gate(d, gate)
+
+
+def test_submit_takes_the_sandbox_options_of_exec(tmp_path: Path) -> None:
+    script = (
+        "hostname; pwd; grep CapEff /proc/self/status; "
+        "dd if=/dev/zero of=/tmp/big bs=1k count=2048 2>/dev/null || echo tmp-full"
+    )
+    with daemon(tmp_path) as d:
+        t = d.submit(
+            ["sh", "-c", script],
+            user="0",
+            hostname="box-7",
+            cwd="/tmp",
+            tmp_size="1M",
+            caps=["CAP_NET_BIND_SERVICE"],
+            cpu_weight=50,
+        )
+        done = d.wait(t["id"])
+        assert done["state"] == "succeeded", d.log(t["id"])
+        assert done["hostname"] == "box-7" and done["caps"] == ["CAP_NET_BIND_SERVICE"]
+        lines = d.log(t["id"]).split("\n")
+        assert lines[:2] == ["box-7", "/tmp"]
+        assert lines[2].split() == ["CapEff:", f"{1 << 10:016x}"], "only the capability asked for"
+        assert lines[3] == "tmp-full"
+
+
+def test_submit_userns() -> None:
+    # Task root maps to an unprivileged host id, which must be able to reach the workspace: the
+    # state may not sit under pytest's private (0700) tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="agentnode-userns-", dir="/var/tmp"))
+    try:
+        root.chmod(0o755)
+        with daemon(root) as d:
+            r = run_cli(["submit", "--socket", str(d.socket), "--userns", "--user", "0",
+                         "--wait", "--", "sh", "-c", "id -u; cat /proc/self/uid_map"])  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            task = d.task(r.stdout.strip())
+            uid, mapping = d.log(task["id"]).split("\n", 1)
+            assert task["userns"] is True and uid == "0"
+            assert mapping.split()[:2] == ["0", mapping.split()[1]] and mapping.split()[1] != "0"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_openapi_metrics_node_and_events(tmp_path: Path) -> None:
@@ -309,6 +360,7 @@ def test_heartbeat_timeout_stops_a_silent_task(tmp_path: Path) -> None:
 
 CHECKPOINTER = """
 import sys
+import tempfile
 from agentnode.sdk import ThisTask
 t = ThisTask()
 step = int(t.checkpoint() or b"0")

@@ -14,6 +14,8 @@ import contextlib
 import hmac
 import json
 import math
+import os
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +25,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
+from agentnode.isolation.task import capability_number
 from agentnode.isolation.units import parse_bind, parse_duration, parse_size
 from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
@@ -115,6 +118,55 @@ def _binds(body: dict[str, Any], key: str) -> list[tuple[str, str, bool]]:
         raise BadField(key, str(e).removeprefix(f"{key}: ")) from None
 
 
+_SANDBOX = ("cpu_weight", "memory_high", "swap", "tmp_size", "userns", "caps", "rootfs", "cwd",
+            "hostname")  # fmt: skip
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
+
+
+def _sandbox(body: dict[str, Any]) -> dict[str, Any]:
+    """The exec-style sandbox options present in `body`, checked."""
+    out: dict[str, Any] = {}
+    weight = body.get("cpu_weight")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 10000:
+            raise BadField("cpu_weight", f"must be an integer from 1 to 10000, got {weight!r}")
+        out["cpu_weight"] = weight
+    for key in ("memory_high", "swap", "tmp_size"):
+        size = _number(body, key, parse=parse_size)
+        if size is not None:
+            out[key] = int(size)
+    if "userns" in body:
+        if not isinstance(body["userns"], bool):
+            raise BadField("userns", f"must be true or false, got {body['userns']!r}")
+        out["userns"] = body["userns"]
+    caps = body.get("caps", [])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise BadField("caps", "must be a list of capability names")
+    for cap in caps:
+        try:
+            capability_number(cap)
+        except AgentnodeError as e:
+            raise BadField("caps", str(e)) from None
+    out["caps"] = tuple(caps)
+    for key in ("rootfs", "cwd"):
+        path = body.get(key)
+        if path is None:
+            continue
+        if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
+            raise BadField(key, f"must be an absolute path without '..', got {path!r}")
+        if key == "rootfs" and not os.path.isdir(path):
+            raise BadField(key, f"{path!r} is not a directory (give a root file system tree)")
+        out[key] = path
+    hostname = body.get("hostname")
+    if hostname is not None:
+        if not isinstance(hostname, str) or not _HOSTNAME.fullmatch(hostname):
+            raise BadField(
+                "hostname", f"must be 1-64 letters, digits, '.' or '-', got {hostname!r}"
+            )
+        out["hostname"] = hostname
+    return out
+
+
 def spec_from_json(body: Any) -> TaskSpec:
     """A TaskSpec from a POST /v1/tasks body; BadField names the first bad field."""
     if not isinstance(body, dict):
@@ -134,6 +186,7 @@ def spec_from_json(body: Any) -> TaskSpec:
         "retries",
         "ro",
         "rw",
+        *_SANDBOX,
     }
     for key in body:
         if key not in known:
@@ -162,12 +215,12 @@ def spec_from_json(body: Any) -> TaskSpec:
     if pids is not None and not isinstance(pids, int):
         raise BadField("pids", f"must be an integer, got {pids!r}")
     binds = _binds(body, "ro") + _binds(body, "rw")
+    fields: dict[str, Any] = _sandbox(body)
     retries = body.get("retries")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
         raise BadField("retries", f"must be an integer, got {retries!r}")
     timeout = _number(body, "timeout", parse=parse_duration)
     heartbeat = _number(body, "heartbeat", parse=parse_duration)
-    fields: dict[str, Any] = {}
     if cpus is not None:
         fields["cpu_millis"] = max(1, round(cpus * 1000))
     if memory is not None:
@@ -216,6 +269,8 @@ def task_json(node: Node, task: Task) -> dict[str, Any]:
         "retries": spec.retries,
         "ro": [f"{s}:{d}" for s, d, w in spec.binds if not w],
         "rw": [f"{s}:{d}" for s, d, w in spec.binds if w],
+        "network": spec.network,
+        **{key: getattr(spec, key) for key in _SANDBOX},
     }
     running = node.running.get(task.id)
     if running is not None and running.proc.result is None:

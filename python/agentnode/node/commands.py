@@ -59,6 +59,19 @@ def add_parsers(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument(
         "--rw", action="append", default=[], metavar="HOST[:DEST]", help="bind read-write"
     )
+    p.add_argument("--cpu-weight", type=int, metavar="W", help="relative CPU weight 1..10000")
+    p.add_argument("--memory-high", metavar="SIZE", help="memory throttling threshold (cgroup v2)")
+    p.add_argument("--swap", metavar="SIZE", help="swap limit on top of --memory")
+    p.add_argument("--tmp-size", metavar="SIZE", help="size of /tmp (default 64M)")
+    p.add_argument("--userns", action="store_true", help="also isolate users (root unprivileged)")
+    p.add_argument(
+        "--cap-add", action="append", default=[], metavar="CAP", help="keep a capability"
+    )
+    p.add_argument("--rootfs", metavar="DIR", help="root file system (default: host, read-only)")
+    p.add_argument(
+        "--cwd", metavar="DIR", help="working directory in the task (default /workspace)"
+    )
+    p.add_argument("--hostname", help="the task's hostname (default agentnode)")
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
@@ -117,9 +130,16 @@ def _submit(args: argparse.Namespace) -> int:
         "ro": [_absolute(b) for b in args.ro],
         "rw": [_absolute(b) for b in args.rw],
     }
-    for key in ("cpus", "memory", "pids", "timeout", "heartbeat", "user", "retries"):
+    for key in ("cpus", "memory", "pids", "timeout", "heartbeat", "user", "retries",
+                "cpu_weight", "memory_high", "swap", "tmp_size", "cwd", "hostname"):  # fmt: skip
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
+    if args.rootfs is not None:
+        body["rootfs"] = os.path.abspath(args.rootfs)
+    if args.userns:
+        body["userns"] = True
+    if args.cap_add:
+        body["caps"] = args.cap_add
     task = _client(args).call("POST", "/v1/tasks", body)
     print(task["id"], flush=True)
     return _wait_for(_client(args), task["id"]) if args.wait else 0
@@ -183,13 +203,14 @@ def _rows(tasks: list[dict[str, Any]]) -> list[list[str]]:
                 f"{cpu:.1f}s" if stats else "-",
                 f"{stats['memory_current'] >> 20}M" if stats else "-",
                 f"{now - t['submitted_at']:.0f}s",
+                t.get("network", "none"),
                 " ".join(t["command"])[:40],
             ]
         )
     return rows
 
 
-_HEADER = ["ID", "TENANT", "PRIORITY", "STATE", "TRY", "CPU", "MEM", "AGE", "COMMAND"]
+_HEADER = ["ID", "TENANT", "PRIORITY", "STATE", "TRY", "CPU", "MEM", "AGE", "NET", "COMMAND"]
 
 
 def _ps(args: argparse.Namespace) -> int:

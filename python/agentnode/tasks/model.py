@@ -75,6 +75,16 @@ class TaskSpec:
     retries: int | None = None
     #: Host paths bound into the task: (host path, task path, writable).
     binds: tuple[tuple[str, str, bool], ...] = ()
+    # The rest of `agentnode exec`'s sandbox options (checked by the API; see isolation.spawn).
+    cpu_weight: int | None = None
+    memory_high: int | None = None
+    swap: int | None = None
+    tmp_size: int | None = None
+    userns: bool = False
+    caps: tuple[str, ...] = ()
+    rootfs: str = "/"
+    cwd: str = "/workspace"
+    hostname: str = "agentnode"
 
     def __post_init__(self) -> None:
         if not _TENANT.fullmatch(self.tenant):
@@ -135,6 +145,7 @@ class Task:
         spec["command"] = tuple(spec["command"])
         spec["env"] = tuple((k, v) for k, v in spec.get("env", ()))
         spec["binds"] = tuple((s, d, w) for s, d, w in spec.get("binds", ()))
+        spec["caps"] = tuple(spec.get("caps", ()))
         return cls(
             spec=TaskSpec(**spec),
             state=State(d.pop("state")),
