@@ -212,6 +212,14 @@ def test_submit_takes_the_sandbox_options_of_exec(tmp_path: Path) -> None:
         assert lines[3] == "tmp-full"
 
 
+def test_the_task_user_owns_its_workspace(tmp_path: Path) -> None:
+    with daemon(tmp_path) as d:
+        t = d.submit(["sh", "-c", "echo kept > /workspace/out && id -u"])
+        assert d.wait(t["id"])["state"] == "succeeded", d.log(t["id"])
+        assert d.log(t["id"]) == "65534\n"
+        assert (d.data / "workspaces" / t["id"] / "out").read_text() == "kept\n"
+
+
 def test_submit_userns() -> None:
     # Task root maps to an unprivileged host id, which must be able to reach the workspace: the
     # state may not sit under pytest's private (0700) tmp_path.
@@ -219,8 +227,8 @@ def test_submit_userns() -> None:
     try:
         root.chmod(0o755)
         with daemon(root) as d:
-            r = run_cli(["submit", "--socket", str(d.socket), "--userns", "--user", "0",
-                         "--wait", "--", "sh", "-c", "id -u; cat /proc/self/uid_map"])  # fmt: skip
+            r = run_cli(["submit", "--socket", str(d.socket), "--userns", "--user", "0", "--wait",
+                         "--", "sh", "-c", "touch /workspace/x; id -u; cat /proc/self/uid_map"])  # fmt: skip
             assert r.returncode == 0, r.stderr
             task = d.task(r.stdout.strip())
             uid, mapping = d.log(task["id"]).split("\n", 1)

@@ -22,6 +22,7 @@ from typing import Any
 from agentnode import compute
 from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
+from agentnode.isolation.task import USERNS_BASE
 from agentnode.node.config import NodeConfig
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
@@ -245,13 +246,22 @@ class Node:
                 rootfs=spec.rootfs,
                 hostname=spec.hostname,
                 caps=spec.caps,
-                workspace=self.config.data_dir / "workspaces" / task.id,
+                workspace=self._workspace(task),
                 stdin="null",
                 stdout=fd,
                 stderr=fd,
             )
         finally:
             os.close(fd)
+
+    def _workspace(self, task: Task) -> Path:
+        """The task's /workspace on the host, owned by the user it runs as (kept after it ends)."""
+        ws = self.config.data_dir / "workspaces" / task.id
+        ws.mkdir(parents=True, exist_ok=True)
+        uid, _, gid = task.spec.user.partition(":")
+        base = USERNS_BASE if task.spec.userns else 0
+        os.chown(ws, base + int(uid), base + int(gid or uid))
+        return ws
 
     def log_path(self, task_id: str, attempt: int) -> Path:
         return self.config.data_dir / "logs" / f"{task_id}.{attempt}.log"
