@@ -1,9 +1,9 @@
 """Turns queued tasks into isolated processes and their ends into durable outcomes.
 
-One `Node` per daemon, used from the event loop's thread only: tasks are spawned from that
-thread (their init has PR_SET_PDEATHSIG, so they die with the daemon and cannot outlive a
-`kill -9`; the next start marks them lost and retries them per policy). Each attempt gets its
-own bearer token (`agentnode.tasks.tokens`).
+One `Node` per daemon, used from the event loop's thread only; tasks are spawned from one
+long-lived worker thread (their init has PR_SET_PDEATHSIG, so they die with the daemon and
+cannot outlive a `kill -9`; the next start marks them lost and retries them per policy). Each
+attempt gets its own bearer token (`agentnode.tasks.tokens`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,10 @@ class Node:
         self._wake = asyncio.Event()
         self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        # Sandboxes start on one long-lived thread, off the event loop (the native spawn releases
+        # the GIL while the child sets up). Long-lived because each task's PDEATHSIG fires when
+        # the thread that spawned it exits; one, because the native spawns serialize anyway.
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="agentnode-spawn")
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
@@ -190,7 +195,9 @@ class Node:
         for task in await self.manager.next_tasks(64, free_cpu_millis=cpu, free_memory_bytes=mem):
             self._publish(task)
             try:
-                proc = self._spawn(task)
+                proc = await asyncio.get_running_loop().run_in_executor(
+                    self._spawner, self._spawn, task
+                )
             except AgentnodeError as e:
                 done = await self.manager.finish(
                     task.id, State.FAILED, reason=f"did not start: {e}"
@@ -311,6 +318,7 @@ class Node:
         watchers = [r.watcher for r in self.running.values() if r.watcher is not None]
         if watchers:
             await asyncio.gather(*watchers, return_exceptions=True)
+        self._spawner.shutdown(wait=True)
         for q in self._subscribers:
             q.put_nowait(None)
         self.manager.close()
