@@ -415,6 +415,25 @@ def test_200_cycles_leave_nothing_behind(ws: Path) -> None:
     assert children == []
 
 
+def test_threads_start_tasks_at_once(tmp_path: Path) -> None:
+    """The cgroup manager is locked only while a task's cgroup is made, so starts overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(i: int) -> tuple[int | None, str]:
+        out = tmp_path / f"out{i}"
+        with out.open("wb") as f:
+            t = spawn(["sh", "-c", f"echo {i}"], workspace=tmp_path / f"w{i}", stdout=f.fileno())
+            result = t.wait(30)
+            t.close()
+        assert result is not None
+        return result.code, out.read_text()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(24)))
+    assert results == [(0, f"{i}\n") for i in range(24)]
+    assert instance_tasks() == []
+
+
 PARENT = """
 import sys, time
 from agentnode import _native

@@ -1,7 +1,7 @@
 """Turns queued tasks into isolated processes and their ends into durable outcomes.
 
-One `Node` per daemon, used from the event loop's thread only; tasks are spawned from one
-long-lived worker thread (their init has PR_SET_PDEATHSIG, so they die with the daemon and
+One `Node` per daemon, used from the event loop's thread only; tasks are spawned on two
+long-lived worker threads (their init has PR_SET_PDEATHSIG, so they die with the daemon and
 cannot outlive a `kill -9`; the next start marks them lost and retries them per policy). Each
 attempt gets its own bearer token (`agentnode.tasks.tokens`).
 """
@@ -82,10 +82,10 @@ class Node:
         self._wake = asyncio.Event()
         self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        # Sandboxes start on one long-lived thread, off the event loop (the native spawn releases
-        # the GIL while the child sets up). Long-lived because each task's PDEATHSIG fires when
-        # the thread that spawned it exits; one, because the native spawns serialize anyway.
-        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="agentnode-spawn")
+        # Sandboxes start on long-lived threads, off the event loop (the native spawn releases
+        # the GIL while the child sets up), two at a time. Long-lived because each task's
+        # PDEATHSIG fires when the thread that spawned it exits.
+        self._spawner = ThreadPoolExecutor(2, thread_name_prefix="agentnode-spawn")
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
@@ -192,26 +192,27 @@ class Node:
 
     async def _start_ready(self) -> None:
         cpu, mem = self.free()
-        for task in await self.manager.next_tasks(64, free_cpu_millis=cpu, free_memory_bytes=mem):
-            self._publish(task)
-            try:
-                proc = await asyncio.get_running_loop().run_in_executor(
-                    self._spawner, self._spawn, task
-                )
-            except AgentnodeError as e:
-                done = await self.manager.finish(
-                    task.id, State.FAILED, reason=f"did not start: {e}"
-                )
-                self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
-                self._publish(done)
-                continue
-            now = time.monotonic()
-            r = Running(task=task, proc=proc, started=now, last_beat=now)
-            self.running[task.id] = r
-            r.task = await self.manager.mark_running(task.id)
-            self.on_start(task, time.time() - _queued_at(task))
-            self._publish(r.task)
-            r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
+        ready = await self.manager.next_tasks(64, free_cpu_millis=cpu, free_memory_bytes=mem)
+        await asyncio.gather(*(self._start(task) for task in ready))
+
+    async def _start(self, task: Task) -> None:
+        self._publish(task)
+        try:
+            proc = await asyncio.get_running_loop().run_in_executor(
+                self._spawner, self._spawn, task
+            )
+        except AgentnodeError as e:
+            done = await self.manager.finish(task.id, State.FAILED, reason=f"did not start: {e}")
+            self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
+            self._publish(done)
+            return
+        now = time.monotonic()
+        r = Running(task=task, proc=proc, started=now, last_beat=now)
+        self.running[task.id] = r
+        r.task = await self.manager.mark_running(task.id)
+        self.on_start(task, time.time() - _queued_at(task))
+        self._publish(r.task)
+        r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
 
     def _spawn(self, task: Task) -> Any:
         spec = task.spec

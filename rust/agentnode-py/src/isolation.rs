@@ -247,16 +247,20 @@ fn spawn(
         swap_max,
         pids_max,
     };
-    // Spawning holds the manager lock only to create the cgroup and fork; the child does not
-    // inherit the lock state in any way that matters (it never touches Rust locks).
+    // The manager lock covers only creating the cgroup: the clone and the wait for the child's
+    // exec run unlocked, so several threads start tasks at once (the child never touches Rust
+    // locks, whatever state other threads leave them in).
     let task = py
-        .detach(|| {
-            let guard = manager.lock();
-            let m = guard.as_ref().ok_or(sandbox::Error::Invalid {
-                what: "cgroup manager",
-                why: "it is closed".to_owned(),
-            })?;
-            sandbox::spawn(m, &limits, &spec)
+        .detach(|| -> sandbox::Result<Task> {
+            let cgroup = {
+                let guard = manager.lock();
+                let m = guard.as_ref().ok_or(sandbox::Error::Invalid {
+                    what: "cgroup manager",
+                    why: "it is closed".to_owned(),
+                })?;
+                m.create(&limits)?
+            };
+            sandbox::spawn(cgroup, &spec)
         })
         .map_err(NativeError::from)?;
     Ok(NativeTask {

@@ -23,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::cgroup::{self, Manager, TaskCgroup};
+use crate::cgroup::{self, TaskCgroup};
 use crate::sys::{self, Forked};
 
 /// Errors from setting up or running a task.
@@ -266,14 +266,13 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
     }
 }
 
-/// Starts a task in a fresh cgroup of `manager` with `limits`, isolated as `spec` says.
-/// Returns once the task has exec'd its command; every error leaves nothing behind.
-pub fn spawn(manager: &Manager, limits: &cgroup::Limits, spec: &Spec) -> Result<Task> {
-    let cgroup = manager.create(limits)?;
-    spawn_in(cgroup, spec)
-}
-
-fn spawn_in(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
+/// Starts a task in `cgroup` (fresh from `Manager::create`), isolated as `spec` says.
+/// Returns once the task has exec'd its command; every error leaves nothing behind. It needs
+/// no manager, so several threads can start tasks at once.
+///
+/// # Panics
+/// Only if the kernel accepts `CLONE_PIDFD` but returns no pidfd, which it never does.
+pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let netns = spec
