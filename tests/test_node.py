@@ -102,7 +102,6 @@ def test_cli_submit_ps_logs_follow_wait(tmp_path: Path) -> None:
         r = run_cli(["submit", *sock, "--cpus", "0.1", "--memory", "64M", "--", "sh", "-c", script])
         assert r.returncode == 0, r.stderr
         tid = r.stdout.strip()
-        assert tid[:12] in run_cli(["ps", *sock]).stdout
         logs = run_cli(["logs", "-f", *sock, tid])
         assert logs.stdout == "one\ntwo\n", "logs -f follows the task to its end"
         w = run_cli(["wait", *sock, tid])
@@ -113,6 +112,8 @@ def test_cli_submit_ps_logs_follow_wait(tmp_path: Path) -> None:
         assert ok.returncode == 0, ok.stderr
         live = d.submit(["sleep", "30"], tenant="shown")
         d.wait(live["id"], states=("running",))
+        ps_live = run_cli(["ps", *sock]).stdout
+        assert live["id"][:12] in ps_live and tid[:12] not in ps_live, "ps lists live tasks"
         top = run_cli(["top", "--once", *sock])
         assert top.returncode == 0 and live["id"][:12] in top.stdout and "running" in top.stdout
         assert tid[:12] not in top.stdout, "top shows live tasks"
