@@ -312,10 +312,10 @@ def test_critical_behind_1000_batch_starts_next(tmp_path: Path) -> None:
 def test_concurrency_caps_and_capacity_admission(tmp_path: Path) -> None:
     config = "[tenants.capped]\nrunning = 2\n"
     with daemon(tmp_path, config) as d:
-        capped = [d.submit(["sleep", "0.3"], tenant="capped") for _ in range(6)]
+        capped = [d.submit(["sleep", "1"], tenant="capped") for _ in range(6)]
         node = d.client.call("GET", "/v1/node")
         big = node["allocatable_cpu_millis"] * 0.6 / 1000
-        heavy = [d.submit(["sleep", "0.3"], tenant="big", cpus=big) for _ in range(3)]
+        heavy = [d.submit(["sleep", "1"], tenant="big", cpus=big) for _ in range(3)]
         finished = [d.wait(t["id"]) for t in capped + heavy]
         assert all(t["state"] == "succeeded" for t in finished)
 

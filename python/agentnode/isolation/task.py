@@ -232,6 +232,16 @@ def _parse_user(user: int | str) -> tuple[int, int]:
         raise UsageError(f"user: {user!r} is not UID[:GID] (example: 1000:1000)") from None
 
 
+def prepare_workspace(path: Path, *, user: int | str, userns: bool = False) -> Path:
+    """Creates `path` (a task's /workspace on the host) owned by the user the task runs as, as
+    the host sees it (shifted by the user namespace base with `userns`)."""
+    uid, gid = _parse_user(user)
+    base = USERNS_BASE if userns else 0
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, base + uid, base + gid)
+    return path
+
+
 _counter = 0
 
 
@@ -290,10 +300,11 @@ def spawn(
     uid, gid = _parse_user(user)
     cap_numbers = [capability_number(c) for c in caps]
     manager = _cgroups()
-    ws = Path(workspace) if workspace is not None else _default_workspace(manager.name)
-    ws.mkdir(parents=True, exist_ok=True)
     if workspace is None:
-        os.chown(ws, USERNS_BASE + uid if userns else uid, USERNS_BASE + gid if userns else gid)
+        ws = prepare_workspace(_default_workspace(manager.name), user=user, userns=userns)
+    else:
+        ws = Path(workspace)
+        ws.mkdir(parents=True, exist_ok=True)
     stage = DATA_DIR / "stage"
     stage.mkdir(parents=True, exist_ok=True)
     full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **(env or {})}

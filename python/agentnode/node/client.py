@@ -12,7 +12,7 @@ from typing import Any
 
 from agentnode.errors import AgentnodeError
 from agentnode.node.config import DEFAULT_SOCKET
-from agentnode.sdk.transport import UnixHTTPConnection
+from agentnode.sdk.transport import UnixHTTPConnection, error_message
 
 __all__ = ["NodeClient", "NodeNotRunning", "default_socket"]
 
@@ -54,11 +54,7 @@ class NodeClient:
         if resp.status >= 400:
             raw = resp.read()
             conn.close()
-            try:
-                message = json.loads(raw)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = raw.decode(errors="replace") or f"HTTP {resp.status}"
-            raise AgentnodeError(message)
+            raise AgentnodeError(error_message(resp.status, raw))
         return conn, resp
 
     def call(self, method: str, url: str, body: Any = None) -> Any:

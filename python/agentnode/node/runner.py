@@ -23,7 +23,7 @@ from typing import Any
 from agentnode import compute
 from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
-from agentnode.isolation.task import USERNS_BASE
+from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
@@ -46,7 +46,6 @@ class Running:
 
     task: Task
     proc: Any  # agentnode.isolation.Task
-    started: float
     last_beat: float
     stop_as: State | None = None
     stop_reason: str = ""
@@ -207,7 +206,7 @@ class Node:
             self._publish(done)
             return
         now = time.monotonic()
-        r = Running(task=task, proc=proc, started=now, last_beat=now)
+        r = Running(task=task, proc=proc, last_beat=now)
         self.running[task.id] = r
         r.task = await self.manager.mark_running(task.id)
         self.on_start(task, time.time() - _queued_at(task))
@@ -254,22 +253,17 @@ class Node:
                 rootfs=spec.rootfs,
                 hostname=spec.hostname,
                 caps=spec.caps,
-                workspace=self._workspace(task),
+                workspace=prepare_workspace(
+                    self.config.data_dir / "workspaces" / task.id,
+                    user=spec.user,
+                    userns=spec.userns,
+                ),
                 stdin="null",
                 stdout=fd,
                 stderr=fd,
             )
         finally:
             os.close(fd)
-
-    def _workspace(self, task: Task) -> Path:
-        """The task's /workspace on the host, owned by the user it runs as (kept after it ends)."""
-        ws = self.config.data_dir / "workspaces" / task.id
-        ws.mkdir(parents=True, exist_ok=True)
-        uid, _, gid = task.spec.user.partition(":")
-        base = USERNS_BASE if task.spec.userns else 0
-        os.chown(ws, base + int(uid), base + int(gid or uid))
-        return ws
 
     def log_path(self, task_id: str, attempt: int) -> Path:
         return self.config.data_dir / "logs" / f"{task_id}.{attempt}.log"

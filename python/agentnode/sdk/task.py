@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from agentnode.errors import ConfigError, TaskError
-from agentnode.sdk.transport import connect
+from agentnode.sdk.transport import connect, error_message
 
 __all__ = ["ThisTask"]
 
@@ -45,11 +45,7 @@ class ThisTask:
             self._conn.close()
             raise TaskError(f"node task API at {self._url} unreachable ({e})") from e
         if resp.status >= 400:
-            try:
-                message = json.loads(data)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {resp.status}"
-            raise TaskError(f"{method} {path or 'task'}: {message}")
+            raise TaskError(f"{method} {path or 'task'}: {error_message(resp.status, data)}")
         return data
 
     def heartbeat(self) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 from urllib.parse import urlsplit
 
 from agentnode.errors import ConfigError
 
-__all__ = ["UnixHTTPConnection", "connect"]
+__all__ = ["UnixHTTPConnection", "connect", "error_message"]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -38,3 +39,11 @@ def connect(url: str, *, timeout: float | None) -> tuple[http.client.HTTPConnect
         conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
         return conn, parts.path.rstrip("/")
     raise ConfigError(f"AGENTNODE_URL {url!r} is not an http://host:port or unix:///path URL")
+
+
+def error_message(status: int, body: bytes) -> str:
+    """The `error` of a node API error body, or what there is when it has none."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace").strip() or f"HTTP {status}"
