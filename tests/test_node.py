@@ -125,6 +125,19 @@ def test_cli_without_a_daemon_says_how_to_start_it(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1 and "agentnode run" in r.stderr, r.stderr
 
 
+def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
+    sock = ["--socket", str(tmp_path / "none.sock")]
+    for args, message in (
+        (["submit", *sock], "submit needs a command after '--'"),
+        (
+            ["submit", *sock, "--env", "NOEQUALS", "--", "true"],
+            "--env: 'NOEQUALS' is not NAME=VALUE",
+        ),
+    ):
+        r = run_cli(args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[node]\ngrace = 5\n\n[scheduler]\naging = -3\n")
