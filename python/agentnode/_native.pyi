@@ -1,6 +1,6 @@
 # Hand-written stubs for the Rust extension (rust/agentnode-py); checked by mypy.stubtest.
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from os import PathLike
 from pathlib import Path
 from typing import Any, final
@@ -99,8 +99,10 @@ def spawn(
     memory_high: int | None,
     swap_max: int | None,
     pids_max: int | None,
+    before_start: Callable[[Path], object] | None = None,
 ) -> NativeTask:
-    """Starts an isolated task; returns once it has exec'd its command."""
+    """Starts an isolated task; returns once it has exec'd its command. `before_start` is
+    called with the task's cgroup2 directory after it is made and before any process joins."""
 
 def sweep_cgroups(unified: str | Path, v1: list[str] | list[Path]) -> int:
     """Removes dead instances' cgroups under `unified` and `v1` subtree dirs; returns the count."""

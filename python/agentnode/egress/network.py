@@ -1,17 +1,19 @@
 """Task networking for `--net egress`: a node bridge (`agentnode0`), one veth per task into the
 task's own network namespace, routing and nftables masquerade to the uplink.
 
-Everything is created idempotently and named with an `agentnode` prefix, so `sweep()` at
-start-up removes what a crashed node left. `node_netns` puts the node side in a namespace other
-than the host's (tests use one they create; the daemon uses the host's).
+Everything is created idempotently and named with an `agentnode` prefix. Each task's veth
+records the process that made it (pid and start time), so `sweep()` removes what a crashed
+node left without touching the tasks of a node or `agentnode exec` that still runs.
+`node_netns` puts the node side in a namespace other than the host's (tests use one they
+create; the daemon uses the host's).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,21 @@ __all__ = ["NodeNetwork", "TaskNet"]
 
 TASK_NETNS_PREFIX = "agentnode-task-"
 VETH_PREFIX = "anv"
+
+
+def process_identity(pid: int) -> str:
+    """`pid.starttime`: names one process for good (a reused pid has another start time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # Field 22; the command name (field 2) may hold spaces and parentheses, so split after it.
+    return f"{pid}.{stat.rpartition(')')[2].split()[19]}"
+
+
+def _alive(owner: str) -> bool:
+    pid, _, _ = owner.partition(".")
+    return pid.isdigit() and process_identity(int(pid)) == owner
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,7 @@ class NodeNetwork:
         self.node_netns = node_netns
         self.gateway = next(self.subnet.hosts())
         self.table = bridge.replace("-", "_")
+        self.owner = process_identity(os.getpid())
 
     def _ip(self, *args: str, netns: str | None = None, check: bool = True) -> str:
         ns = netns if netns is not None else self.node_netns
@@ -134,8 +152,8 @@ class NodeNetwork:
         self._run(["ip", "netns", "add", netns], check=True)
         try:
             self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
-            # The alias records the address, so allocation and sweeps need no state file.
-            self._ip("link", "set", veth, "alias", f"agentnode {address} {task_id}")
+            # The alias records the address and owner, so allocation and sweeps need no state file.
+            self._ip("link", "set", veth, "alias", f"agentnode {address} {self.owner} {task_id}")
             self._ip("link", "set", veth, "master", self.bridge)
             self._ip("link", "set", veth, "up")
             self._ip("link", "set", "lo", "up", netns=netns)
@@ -155,41 +173,45 @@ class NodeNetwork:
         self._ip("link", "del", net.host_veth, check=False)
         self._run(["ip", "netns", "del", net.netns], check=False)
 
-    def sweep(self) -> list[str]:
-        """Removes every task veth and task netns left behind (start-up, after a crash)."""
+    def sweep(self, *, own: bool = False) -> list[str]:
+        """Removes the task veths and netns whose owning process is gone (start-up, after a
+        crash), and with `own` this process's too; returns their names."""
         removed = []
-        # Netns first: ownership is read from eth0's address, which dies with the host veth.
-        run_netns = Path("/run/netns")
-        for ns in sorted(run_netns.iterdir()) if run_netns.is_dir() else []:
-            if ns.name.startswith(TASK_NETNS_PREFIX) and self._owned(ns.name):
-                self._run(["ip", "netns", "del", ns.name], check=False)
-                removed.append(ns.name)
+        dead: set[str] = set()
         for link in self._links():
             name = str(link.get("ifname", ""))
             alias = str(link.get("ifalias", "")).split()
             if (
                 name.startswith(VETH_PREFIX)
-                and len(alias) >= 2
+                and len(alias) >= 3
                 and alias[0] == "agentnode"
                 and ipaddress.IPv4Address(alias[1]) in self.subnet
+                and ((own and alias[2] == self.owner) or not _alive(alias[2]))
             ):
+                dead.add(name.removeprefix(VETH_PREFIX))
                 self._ip("link", "del", name, check=False)
                 removed.append(name)
+        run_netns = Path("/run/netns")
+        for ns in sorted(run_netns.iterdir()) if run_netns.is_dir() else []:
+            if ns.name.removeprefix(TASK_NETNS_PREFIX) in dead:
+                self._run(["ip", "netns", "del", ns.name], check=False)
+                removed.append(ns.name)
         return removed
 
-    def _owned(self, netns: str) -> bool:
-        """A task netns is ours when its eth0 has an address in our subnet (another node's, or a
-        half-made one without an address, is left alone)."""
-        out = self._run(["ip", "-n", netns, "-j", "addr", "show", "dev", "eth0"], check=False)
-        with contextlib.suppress(ValueError):
-            for link in json.loads(out or "[]"):
-                for a in link.get("addr_info", []):
-                    if ipaddress.ip_address(a["local"]) in self.subnet:
-                        return True
-        return False
+    def tasks(self) -> int:
+        """How many task veths (of any owner) are on the bridge."""
+        return sum(
+            1
+            for link in self._links()
+            if str(link.get("ifname", "")).startswith(VETH_PREFIX)
+            and link.get("master") == self.bridge
+        )
 
     def close(self) -> None:
-        """Removes the bridge and the masquerade table (tasks first: see `sweep`)."""
-        self.sweep()
+        """Removes the bridge and the masquerade table, unless another live owner (a node, an
+        `agentnode exec`) still has tasks on it. This process's own tasks go first."""
+        self.sweep(own=True)
+        if self.tasks():
+            return
         self._ip("link", "del", self.bridge, check=False)
         self._in_node("nft", "delete", "table", "ip", self.table, check=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from agentnode.egress import cli as egress_cli
 from agentnode.errors import UsageError
 from agentnode.isolation.task import ExitReason, Limits, Mount, Result, Stdio, spawn
 from agentnode.isolation.units import (
@@ -73,10 +74,10 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
         "--cwd", default="/workspace", metavar="DIR", help="working directory in the task"
     )
     p.add_argument("--hostname", default="agentnode")
-    p.add_argument("--net", default="none", choices=["none"], help="network: none (loopback only)")
     p.add_argument("--log-dir", metavar="DIR", help="write stdout and stderr to files in DIR")
     p.add_argument("--stats", action="store_true", help="print accounting to stderr at exit")
     p.add_argument("--json", action="store_true", help="with --stats: as one JSON line")
+    egress_cli.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     p.set_defaults(func=run)
 
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("exec: a command is required after -- (e.g. agentnode exec -- /bin/true)")
     limits = _limits(args)
     env = parse_env(args.env)
+    mode, policy = egress_cli.network_from_args(args)
     if not os.path.isdir(args.rootfs):
         raise UsageError(
             f"--rootfs: {args.rootfs!r} is not a directory (give a root file system tree)"
@@ -168,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         stdout=stdout,
         stderr=stderr,
         caps=args.cap_add,
+        network=mode,
+        egress=policy,
     )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -189,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"agentnode: {line}", file=sys.stderr)
     if args.stats:
         data = {"code": result.code, "signal": result.signal, "reason": result.reason.value}
-        data |= asdict(result.stats)
+        stats = asdict(result.stats)
+        data |= {f"net_{k}": v for k, v in stats.pop("network").items()} | stats
         if args.json:
             print(json.dumps(data), file=sys.stderr)
         else:

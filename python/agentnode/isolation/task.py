@@ -11,11 +11,13 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Literal
 
 from agentnode import _native
+from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.service import EgressService, TaskEgress
 from agentnode.errors import UsageError
 
 __all__ = [
@@ -144,6 +146,8 @@ class Stats:
     pids_peak: int
     oom_kills: int
     pids_limit_hits: int
+    #: Egress counters (bytes/packets out and in, connections, DNS); empty with `--net none`.
+    network: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +169,7 @@ class Result:
 
 _lock = threading.Lock()
 _manager: _native.CgroupManager | None = None
+_network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
 
 
@@ -177,15 +182,26 @@ def _cgroups() -> _native.CgroupManager:
         return _manager
 
 
+def _default_network() -> EgressService:
+    global _network
+    with _lock:
+        if _network is None:
+            _network = EgressService()
+        return _network
+
+
 def _shutdown() -> None:
-    """Kills every task still alive and removes this instance's cgroups."""
-    global _manager
+    """Kills every task still alive and removes this instance's cgroups and task networks."""
+    global _manager, _network
     for task in list(_live):
         task.close()
     with _lock:
         if _manager is not None:
             _manager.close()
             _manager = None
+        if _network is not None:
+            _network.close()
+            _network = None
 
 
 def _stdio_fd(
@@ -262,7 +278,9 @@ def spawn(
     cwd: str = "/workspace",
     user: int | str = NOBODY,
     userns: bool = False,
-    network: str = "none",
+    network: str | EgressPolicy = "none",
+    egress: EgressPolicy | None = None,
+    node_network: EgressService | None = None,
     rootfs: str | os.PathLike[str] = "/",
     workspace: str | os.PathLike[str] | None = None,
     hostname: str = "agentnode",
@@ -275,8 +293,13 @@ def spawn(
     """Starts `argv` isolated (new pid, mount, uts, ipc, net and cgroup namespaces, read-only root,
     no capabilities, seccomp) in a fresh cgroup with `limits`; returns once it has exec'd.
 
-    `network` is "none" (a fresh namespace with loopback only) or the path of a network
-    namespace to join (`/run/netns/NAME`). The environment holds only PATH, LANG, HOME and `env`.
+    `network`: "none" (a fresh namespace with loopback only); "egress" (a namespace on the node
+    bridge, reaching what the `egress` policy allows); "host" (the host's namespace, with the
+    policy enforced but host loopback reachable: weaker); an `EgressPolicy` (short for "egress"
+    with that policy); or the path of a network namespace to join (`/run/netns/NAME`). The
+    policy is in force before the task's first instruction. `node_network` is the bridge and
+    DNS forwarder to use (default: one per process, on agentnode0).
+    The environment holds only PATH, LANG, HOME and `env`.
     Every capability is dropped except `caps` (names like CAP_NET_BIND_SERVICE), which the
     task keeps (as ambient capabilities when `user` is not 0).
     Call from a long-lived thread: the task is SIGKILLed when the spawning thread exits.
@@ -294,9 +317,16 @@ def spawn(
             raise UsageError(f"mount source {m.src!r} does not exist (give an existing host path)")
         if not m.dest.startswith("/"):
             raise UsageError(f"mount destination {m.dest!r} must be an absolute path")
-    netns = None if network == "none" else network
+    if isinstance(network, EgressPolicy):
+        egress = network
+        network = "egress"
+    if network not in ("egress", "host") and egress is not None:
+        raise UsageError(f"network {network!r} takes no egress policy (use 'egress' or 'host')")
+    netns = None if network in ("none", "egress", "host") else network
     if netns is not None and not os.path.exists(netns):
-        raise UsageError(f"network {network!r}: give 'none' or an existing network namespace path")
+        raise UsageError(
+            f"network {network!r}: give none, egress, host or an existing network namespace path"
+        )
     uid, gid = _parse_user(user)
     cap_numbers = [capability_number(c) for c in caps]
     manager = _cgroups()
@@ -310,7 +340,14 @@ def spawn(
     full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **(env or {})}
     opened: list[int] = []
     parents: list[IO[bytes] | None] = [None, None, None]
+    net: TaskEgress | None = None
     try:
+        if network in ("egress", "host"):
+            service = node_network or _default_network()
+            net = service.prepare(
+                "egress" if network == "egress" else "host", egress or EgressPolicy()
+            )
+            netns = net.netns_path
         fds = tuple(_stdio_fd(s, i, opened, parents) for i, s in enumerate((stdin, stdout, stderr)))
         native = _native.spawn(
             manager,
@@ -338,8 +375,11 @@ def spawn(
             memory_high=limits.memory_high,
             swap_max=limits.swap,
             pids_max=limits.pids,
+            before_start=None if net is None else net.attach,
         )
     except BaseException:
+        if net is not None:
+            net.close()
         if workspace is None:
             ws.rmdir()  # made for this task a moment ago: a failed spawn leaves nothing behind
         for p in parents:
@@ -349,7 +389,7 @@ def spawn(
     finally:
         for fd in opened:
             os.close(fd)
-    task = Task(native, limits=limits, workspace=ws, stdio=parents)
+    task = Task(native, limits=limits, workspace=ws, stdio=parents, net=net)
     _live.add(task)
     return task
 
@@ -362,6 +402,7 @@ class Task:
         "__weakref__",
         "_deadline",
         "_native",
+        "_net",
         "_result",
         "_timed_out",
         "limits",
@@ -378,8 +419,10 @@ class Task:
         limits: Limits,
         workspace: Path,
         stdio: list[IO[bytes] | None],
+        net: TaskEgress | None = None,
     ) -> None:
         self._native = native
+        self._net = net
         self.limits = limits
         self.workspace = workspace
         self.stdin, self.stdout, self.stderr = stdio
@@ -415,6 +458,9 @@ class Task:
                 reason = ExitReason.SIGNALED
             else:
                 reason = ExitReason.EXITED
+            if self._net is not None:
+                self._net.close()
+                stats = replace(stats, network=self._net.stats())
             self._result = Result(code, sig, reason, stats)
             _live.discard(self)
         return self._result
@@ -505,7 +551,21 @@ class Task:
         """Accounting: live while it runs, final after it ended."""
         if self._result is not None:
             return self._result.stats
-        return Stats(**self._native.stats())
+        network = self._net.stats() if self._net is not None else {}
+        return Stats(**self._native.stats(), network=network)
+
+    @property
+    def egress(self) -> EgressPolicy | None:
+        """The egress policy in force (None with `--net none` or a joined netns)."""
+        return None if self._net is None else self._net.policy
+
+    def update_egress(self, policy: EgressPolicy) -> None:
+        """Replaces the task's egress policy live: its next connection follows `policy`."""
+        if self._net is None:
+            raise UsageError(
+                "this task has no egress policy to update (start it with --net egress)"
+            )
+        self._net.update(policy)
 
     def close(self) -> None:
         """Kills and reaps the task if it still runs, removes its cgroups, closes pipes."""

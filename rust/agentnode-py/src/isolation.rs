@@ -176,12 +176,13 @@ impl NativeTask {
     }
 }
 
-/// Starts an isolated task; returns once it has exec'd its command.
+/// Starts an isolated task; returns once it has exec'd its command. `before_start` is called
+/// with the task's cgroup2 directory after it is made and before any process joins it.
 #[pyfunction]
 #[pyo3(signature = (
     manager, argv, *, env, cwd, hostname, rootfs, stage, workspace, binds, tmp_size, uid, gid,
     userns_base, netns, stdio, nofile, seccomp, caps, cpu_quota_us, cpu_period_us, cpu_weight,
-    memory_max, memory_high, swap_max, pids_max
+    memory_max, memory_high, swap_max, pids_max, before_start=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn spawn(
@@ -211,6 +212,7 @@ fn spawn(
     memory_high: Option<u64>,
     swap_max: Option<u64>,
     pids_max: Option<u64>,
+    before_start: Option<Py<PyAny>>,
 ) -> PyResult<NativeTask> {
     let spec = Spec {
         argv,
@@ -250,18 +252,24 @@ fn spawn(
     // The manager lock covers only creating the cgroup: the clone and the wait for the child's
     // exec run unlocked, so several threads start tasks at once (the child never touches Rust
     // locks, whatever state other threads leave them in).
-    let task = py
-        .detach(|| -> sandbox::Result<Task> {
-            let cgroup = {
-                let guard = manager.lock();
-                let m = guard.as_ref().ok_or(sandbox::Error::Invalid {
-                    what: "cgroup manager",
-                    why: "it is closed".to_owned(),
-                })?;
-                m.create(&limits)?
-            };
-            sandbox::spawn(cgroup, &spec)
+    let cgroup = py
+        .detach(|| -> sandbox::Result<_> {
+            let guard = manager.lock();
+            let m = guard.as_ref().ok_or(sandbox::Error::Invalid {
+                what: "cgroup manager",
+                why: "it is closed".to_owned(),
+            })?;
+            Ok(m.create(&limits)?)
         })
+        .map_err(NativeError::from)?;
+    // The hook sees the empty cgroup before any task process exists, so what it attaches (the
+    // egress programs) is in force from the task's first instruction. If it fails, dropping
+    // the cgroup removes it.
+    if let Some(hook) = before_start {
+        hook.call1(py, (cgroup.placement().to_path_buf(),))?;
+    }
+    let task = py
+        .detach(|| sandbox::spawn(cgroup, &spec))
         .map_err(NativeError::from)?;
     Ok(NativeTask {
         pid: task.pid(),

@@ -1,0 +1,283 @@
+"""`EgressService`: task networking for a process that starts tasks (the node daemon, or
+`agentnode exec`): the node bridge, the DNS forwarder and, per task, its netns, veth and BPF
+programs, created together and removed together.
+
+The forwarder runs on an event loop of its own, on a thread that lives in the node's network
+namespace, so it serves tasks whichever thread starts them and whatever the caller's loop does.
+It listens on the bridge address at a port the kernel picks: several processes on one host
+(a node and some `agentnode exec`) each run their own, and each task's BPF programs redirect
+its DNS to the forwarder of the process that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from agentnode.egress.dns import DnsForwarder
+from agentnode.egress.enforce import Denial, Egress
+from agentnode.egress.network import NodeNetwork, TaskNet
+from agentnode.egress.policy import EgressPolicy
+from agentnode.errors import EgressError, UsageError
+
+__all__ = ["EgressService", "TaskEgress", "default_upstream"]
+
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def default_upstream(resolv_conf: str = "/etc/resolv.conf") -> tuple[str, int]:
+    """The host's first IPv4 nameserver: where the forwarder sends the names it allows."""
+    try:
+        lines = Path(resolv_conf).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                if ipaddress.ip_address(parts[1]).version == 4:
+                    return parts[1], 53
+            except ValueError:
+                continue
+    return "127.0.0.53", 53
+
+
+class TaskEgress:
+    """One task's network: its netns (mode `egress`), its BPF programs and its forwarder entry.
+
+    Made by `EgressService.prepare`; `attach` is the spawn hook that enforces the policy on the
+    task's cgroup before its first process runs; `close` removes all of it (idempotent)."""
+
+    def __init__(
+        self,
+        service: EgressService,
+        mode: Literal["egress", "host"],
+        policy: EgressPolicy,
+        net: TaskNet | None,
+    ) -> None:
+        self.mode = mode
+        self.net = net
+        self._service = service
+        self._policy = policy
+        self._egress: Egress | None = None
+        self._final: dict[str, int] | None = None
+
+    @property
+    def netns_path(self) -> str | None:
+        """The netns the task joins (mode `egress`); None: the host's (mode `host`)."""
+        return self.net.netns_path if self.net else None
+
+    @property
+    def address(self) -> str | None:
+        """The task's address on the node bridge (mode `egress`)."""
+        return str(self.net.address) if self.net else None
+
+    @property
+    def policy(self) -> EgressPolicy:
+        return self._egress.policy if self._egress else self._policy
+
+    def attach(self, cgroup_dir: str | os.PathLike[str]) -> None:
+        """Enforces the policy on `cgroup_dir` and routes the task's DNS to the forwarder."""
+        self._egress = self._service._attach(self, os.fspath(cgroup_dir), self._policy)
+
+    def update(self, policy: EgressPolicy) -> None:
+        """Replaces the policy live; applies to the task's next connection."""
+        if self._egress is None:
+            raise EgressError("the task's egress policy is not attached (the task has ended)")
+        self._service._check(self.mode, policy)
+        self._egress.update(policy)
+
+    def stats(self) -> dict[str, int]:
+        """Counters (bytes/packets in and out, connections, DNS); final once closed."""
+        if self._egress is not None:
+            return self._egress.stats()
+        return dict(self._final or {})
+
+    def close(self) -> None:
+        """Detaches the programs, forgets the task in the forwarder, removes veth and netns."""
+        egress, self._egress = self._egress, None
+        if egress is not None:
+            self._final = egress.stats()
+            self._service._detach(self, egress)
+        if self.net is not None:
+            self._service.network.remove_task(self.net)
+            self.net = None
+
+
+class EgressService:
+    """The node side of task networking. Thread-safe; `close()` removes what it made.
+
+    `services`: the node's own `(address, port)` services every task may reach (the inference
+    proxy, the memory API). `node_netns`: the netns the node side lives in (a name under
+    /run/netns; default the host's). `on_denial` receives each denied connection (the audit
+    log gets them regardless)."""
+
+    def __init__(
+        self,
+        *,
+        bridge: str = "agentnode0",
+        subnet: str = "10.88.0.0/24",
+        dns_upstream: tuple[str, int] | None = None,
+        services: Sequence[tuple[str, int]] = (),
+        node_netns: str | None = None,
+        on_denial: Callable[[Denial], None] | None = None,
+    ) -> None:
+        self.network = NodeNetwork(bridge=bridge, subnet=subnet, node_netns=node_netns)
+        self.upstream = dns_upstream or default_upstream()
+        self.services = tuple(services)
+        self.node_netns = node_netns
+        self._on_denial = on_denial
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._forwarder: DnsForwarder | None = None
+        self._dns: tuple[str, int] | None = None
+
+    @property
+    def dns(self) -> tuple[str, int] | None:
+        """Where the forwarder listens, once started."""
+        return self._dns
+
+    def start(self) -> None:
+        """Sweeps what crashed owners left, creates the bridge and starts the forwarder
+        (idempotent; `prepare` calls it)."""
+        with self._lock:
+            if self._loop is not None:
+                return
+            self.network.sweep()
+            self.network.ensure()
+            loop = asyncio.new_event_loop()
+            started: list[BaseException | None] = []
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=self._serve,
+                args=(loop, started, ready),
+                name="agentnode-egress",
+                daemon=True,
+            )
+            thread.start()
+            ready.wait()
+            if started[0] is not None:
+                thread.join()
+                loop.close()
+                raise started[0]
+            self._loop, self._thread = loop, thread
+
+    def _serve(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        started: list[BaseException | None],
+        ready: threading.Event,
+    ) -> None:
+        try:
+            if self.node_netns is not None:
+                # setns is per thread: every socket of this loop (the forwarder's, and its
+                # upstream queries) lives in the node's netns.
+                libc = ctypes.CDLL(None, use_errno=True)
+                with open(f"/run/netns/{self.node_netns}") as ns:
+                    if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise EgressError(
+                            f"cannot enter the node netns {self.node_netns!r}: {os.strerror(err)}"
+                        )
+            asyncio.set_event_loop(loop)
+            forwarder = DnsForwarder(upstream=self.upstream)
+            transport, _ = loop.run_until_complete(
+                loop.create_datagram_endpoint(
+                    lambda: forwarder, local_addr=(str(self.network.gateway), 0)
+                )
+            )
+            self._forwarder = forwarder
+            self._dns = (str(self.network.gateway), transport.get_extra_info("sockname")[1])
+        except BaseException as e:
+            started.append(e if isinstance(e, EgressError) else EgressError(
+                f"cannot start the DNS forwarder on {self.network.gateway}: {e}"
+            ))  # fmt: skip
+            ready.set()
+            return
+        started.append(None)
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(forwarder.close())
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` on the forwarder's loop (asyncio readers are not thread-safe) and waits."""
+        loop = self._loop
+        assert loop is not None
+        if threading.current_thread() is self._thread:
+            return fn()
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result()
+
+    @staticmethod
+    def _check(mode: str, policy: EgressPolicy) -> None:
+        if mode == "host" and policy.host_rules:
+            raise UsageError(
+                "host rules (--allow-host) need --net egress: in the host's netns the DNS "
+                "forwarder cannot tell one task's queries from another's"
+            )
+
+    def prepare(self, mode: Literal["egress", "host"], policy: EgressPolicy) -> TaskEgress:
+        """Makes a task's network for `mode`: for `egress` a netns on the bridge; for `host`
+        nothing but the BPF programs `TaskEgress.attach` will load."""
+        if mode not in ("egress", "host"):
+            raise UsageError(f"network mode {mode!r}: use none, egress or host")
+        self._check(mode, policy)
+        self.start()
+        net = self.network.add_task(uuid.uuid4().hex) if mode == "egress" else None
+        return TaskEgress(self, mode, policy, net)
+
+    def _attach(self, task: TaskEgress, cgroup_dir: str, policy: EgressPolicy) -> Egress:
+        # Host-mode tasks share the host's addresses, so the forwarder could not tell them
+        # apart: their port-53 traffic follows the CIDR rules like any other.
+        dns = [self._dns] if task.net is not None and self._dns else []
+        egress = Egress.attach(
+            cgroup_dir, policy, services=self.services, dns=dns, on_denial=self._on_denial
+        )
+        try:
+            self._call(lambda: self._register(task, egress))
+        except BaseException:
+            egress.close()
+            raise
+        return egress
+
+    def _register(self, task: TaskEgress, egress: Egress) -> None:
+        assert self._loop is not None and self._forwarder is not None
+        if task.address is not None:
+            self._forwarder.add_task(task.address, egress)
+        egress.watch(self._loop)
+
+    def _detach(self, task: TaskEgress, egress: Egress) -> None:
+        def run() -> None:
+            if task.address is not None and self._forwarder is not None:
+                self._forwarder.remove_task(task.address)
+            egress.poll_denials()  # the last ones still reach the audit log
+            egress.close()
+
+        if self._loop is None or self._loop.is_closed():
+            egress.close()
+        else:
+            self._call(run)
+
+    def close(self) -> None:
+        """Stops the forwarder; removes the bridge unless another owner still has tasks on it."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+            if loop is None or thread is None:
+                return
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            self.network.close()
