@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import argparse
 
-from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.policy import NET_MODES, EgressPolicy, network_and_policy
 from agentnode.errors import PolicyError, UsageError
 
 __all__ = ["NET_MODES", "add_arguments", "network_from_args"]
-
-NET_MODES = ("none", "egress", "host")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the egress option group to `parser`."""
@@ -43,34 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def network_from_args(args: argparse.Namespace) -> tuple[str, EgressPolicy | None]:
     """The network mode and policy the options ask for; `UsageError` names a bad option."""
-    options = (
-        [("--allow", r) for r in args.allow]
-        + [("--allow-host", r) for r in args.allow_host]
-        + [("--egress-rate", args.egress_rate), ("--conn-rate", args.conn_rate)]
-    )
-    for flag, value in options:
-        if value is None:
-            continue
-        try:
-            if flag == "--allow":
-                EgressPolicy(allow=[value])
-            elif flag == "--allow-host":
-                EgressPolicy(hosts=[value])
-            elif flag == "--egress-rate":
-                EgressPolicy(rate=value)
-            else:
-                EgressPolicy(conn_rate=value)
-        except PolicyError as e:
-            raise UsageError(f"{flag} {value!r}: {e}") from None
-    wants_policy = bool(args.allow or args.allow_host or args.egress_rate or args.conn_rate)
-    mode = args.net or ("egress" if wants_policy else "none")
-    if mode == "none":
-        if wants_policy:
-            raise UsageError(
-                "--net none allows no egress (drop the --allow*/rate options or use --net egress)"
-            )
-        return mode, None
-    policy = EgressPolicy(
-        allow=args.allow, hosts=args.allow_host, rate=args.egress_rate, conn_rate=args.conn_rate
-    )
-    return mode, policy
+    try:
+        return network_and_policy(
+            args.net,
+            allow=args.allow,
+            hosts=args.allow_host,
+            rate=args.egress_rate,
+            conn_rate=args.conn_rate,
+        )
+    except PolicyError as e:
+        raise UsageError(str(e)) from None

@@ -12,7 +12,19 @@ from dataclasses import dataclass, field
 
 from agentnode.errors import PolicyError
 
-__all__ = ["PROTO_TCP", "PROTO_UDP", "EgressPolicy", "HostRule", "NetRule", "PortRange"]
+__all__ = [
+    "NET_MODES",
+    "PROTO_TCP",
+    "PROTO_UDP",
+    "EgressPolicy",
+    "HostRule",
+    "NetRule",
+    "PortRange",
+    "network_and_policy",
+]
+
+#: Task network modes: loopback only; own netns on the node bridge; the host's netns (weaker).
+NET_MODES = ("none", "egress", "host")
 
 PROTO_TCP = 1
 PROTO_UDP = 2
@@ -222,3 +234,40 @@ def services_rules(services: Iterable[tuple[str, int]]) -> list[NetRule]:
         ip = ipaddress.ip_address(addr)
         out.append(NetRule(ipaddress.ip_network(ip), PortRange(port, port)))
     return out
+
+
+def network_and_policy(
+    mode: str | None,
+    *,
+    allow: Sequence[str] = (),
+    hosts: Sequence[str] = (),
+    rate: str | int | None = None,
+    conn_rate: str | int | None = None,
+    names: Sequence[str] = ("--net", "--allow", "--allow-host", "--egress-rate", "--conn-rate"),
+) -> tuple[str, EgressPolicy | None]:
+    """The network mode and policy a task's options ask for. The mode defaults to `egress`
+    when any rule or rate is given, else `none`. A `PolicyError` starts with the option's name
+    (from `names`, in the order of the parameters) and quotes the bad rule."""
+    net_name, allow_name, hosts_name, rate_name, conn_name = names
+    checks = [(allow_name, r, {"allow": [r]}) for r in allow]
+    checks += [(hosts_name, r, {"hosts": [r]}) for r in hosts]
+    checks += [(rate_name, rate, {"rate": rate}), (conn_name, conn_rate, {"conn_rate": conn_rate})]
+    for name, value, kwargs in checks:
+        if value is None:
+            continue
+        try:
+            EgressPolicy(**kwargs)  # type: ignore[arg-type]
+        except PolicyError as e:
+            raise PolicyError(f"{name} {value!r}: {e}") from None
+    wants_policy = bool(allow or hosts or rate is not None or conn_rate is not None)
+    mode = mode or ("egress" if wants_policy else "none")
+    if mode not in NET_MODES:
+        raise PolicyError(f"{net_name} {mode!r}: use {', '.join(NET_MODES)}")
+    if mode == "none":
+        if wants_policy:
+            raise PolicyError(
+                f"{net_name} none allows no egress (drop the allow rules and rates, "
+                "or use egress)"
+            )
+        return mode, None
+    return mode, EgressPolicy(allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate)
