@@ -97,6 +97,22 @@ def udp_connect_loop(op: dict) -> dict:
     return {"ok": True, "ns": (time.perf_counter_ns() - t) / n}
 
 
+def udp_connect_until(op: dict) -> dict:
+    """connect() a UDP socket again and again for `seconds` (each runs the connect hook; nothing
+    is sent): how many, and how many failed with each errno."""
+    family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    n, errors = 0, {}
+    deadline = time.monotonic() + op["seconds"]
+    while time.monotonic() < deadline:
+        try:
+            s.connect((op["host"], op["port"]))
+        except OSError as e:
+            errors[e.errno] = errors.get(e.errno, 0) + 1
+        n += 1
+    return {"ok": True, "n": n, "errors": errors}
+
+
 def resolve_loop(op: dict) -> dict:
     """Latencies (ms) of `n` queries for one name."""
     import dns.message
@@ -124,6 +140,7 @@ def iperf(op: dict) -> dict:
 OPS = {
     "fastopen": fastopen,
     "udp_connect_loop": udp_connect_loop,
+    "udp_connect_until": udp_connect_until,
     "resolve_loop": resolve_loop,
     "iperf": iperf,
     "connect": connect,

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,43 @@ def test_live_update_applies_to_next_connection(world: World, cgroup: Path) -> N
         eg.update(EgressPolicy(allow=["198.51.100.0/24:8000-9999", f"{HOST4}:7777"]))
         r = world.run(cgroup, connect(HOST4, 8080), connect(OTHER4, 8080), connect(HOST4, 7777))
         assert [x["ok"] for x in r] == [True, True, True]
+
+
+def test_live_updates_never_deny_what_both_policies_allow(world: World, cgroup: Path) -> None:
+    """While a task connects in a loop, policies of 10k entries replace each other: every key
+    changes, and HOST4:8080 moves between a host rule, a CIDR rule and a port range. Allowed
+    before and after, it must never be denied in between."""
+
+    def hosts(net: int, port: int) -> list[str]:
+        return [f"10.{net}.{i >> 8 & 255}.{i & 255}:{port}" for i in range(10_000)]
+
+    policies = [
+        EgressPolicy(allow=[*hosts(0, 443), f"{HOST4}:8080"]),
+        EgressPolicy(allow=[*hosts(1, 444), "198.51.100.0/24:8080"]),
+        EgressPolicy(allow=[*hosts(2, 443), f"{HOST4}:8000-8090/udp", "198.51.100.0/24:9"]),
+    ]
+    with Egress.attach(cgroup, policies[0]) as eg:
+        result: list[dict[str, Any]] = []
+        loop = threading.Thread(
+            target=lambda: result.extend(
+                world.run(cgroup, {"op": "udp_connect_until", "host": HOST4, "port": 8080,
+                                   "seconds": 3})
+            )
+        )  # fmt: skip
+        loop.start()
+        updates = 0
+        while loop.is_alive():
+            eg.update(policies[updates % len(policies)])
+            updates += 1
+        loop.join()
+        (r,) = result
+        assert r["errors"] == {} and r["n"] > 1000, r
+        assert updates > 20
+        # The loop would have seen a denial: the hook is live.
+        eg.update(EgressPolicy(allow=hosts(0, 443)))
+        assert (
+            world.run(cgroup, {"op": "udp", "host": HOST4, "port": 8080})[0]["errno"] == errno.EPERM
+        )
 
 
 def test_update_forgets_dns_learned_addresses_when_host_rules_change(
