@@ -80,7 +80,7 @@ def run_benches(
 
     async def start(loop: asyncio.AbstractEventLoop) -> DnsForwarder:
         fwd = DnsForwarder(upstream=(HOST4, 53))
-        await loop.create_datagram_endpoint(lambda: fwd, local_addr=(HOST4, 5300))
+        await fwd.listen(HOST4, 5300)
         return fwd
 
     def measure() -> tuple[float, float, list[float]]:

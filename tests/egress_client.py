@@ -78,12 +78,20 @@ def resolve(op: dict) -> dict:
     import dns.rcode
 
     q = dns.message.make_query(op["name"], op.get("rdtype", "A"))
+    where, port = op["server"], op.get("port", 53)
+    out = {}
     try:
-        r = dns.query.udp(q, op["server"], port=op.get("port", 53), timeout=3)
+        # "udp", "tcp", or "fallback": UDP, then TCP if the answer was truncated.
+        if op.get("transport") == "tcp":
+            r = dns.query.tcp(q, where, port=port, timeout=3)
+        elif op.get("transport") == "fallback":
+            r, out["tcp"] = dns.query.udp_with_fallback(q, where, port=port, timeout=3)
+        else:
+            r = dns.query.udp(q, where, port=port, timeout=3)
     except Exception as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     addrs = [rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address")]
-    return {"ok": True, "rcode": dns.rcode.to_text(r.rcode()), "addrs": addrs}
+    return {"ok": True, "rcode": dns.rcode.to_text(r.rcode()), "addrs": addrs, **out}
 
 
 def udp_connect_loop(op: dict) -> dict:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.rcode
 import pytest
 
 from agentnode.egress import Denial, Egress, EgressPolicy
@@ -51,7 +53,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     "six.test": [HOST4, HOST6],
                     "short.test": [HOST4],
                     "blocked.test": [HOST4],
+                    "tcp.test": [HOST4],
+                    "big.test": [HOST6],
                 },
+                "truncate": ["big.test"],
                 "ttl": 1,
                 "log": str(log),
             },
@@ -307,6 +312,79 @@ def test_dns_names_redirect_refusal_and_expiry(world: World, cgroup: Path) -> No
         assert fwd.refused == 1 and fwd.answered == 2
         assert eg.stats()["dns_redirected"] == 3
         assert eg.expire() == 1
+
+
+def test_dns_over_tcp_and_truncated_answers(world: World, cgroup: Path) -> None:
+    log: Path = world.dns_log  # type: ignore[attr-defined]
+
+    async def start(loop: asyncio.AbstractEventLoop) -> DnsForwarder:
+        fwd = DnsForwarder(upstream=(HOST4, 53))
+        await fwd.listen(HOST4, FWD_PORT + 2)
+        return fwd
+
+    policy = EgressPolicy(hosts=["tcp.test:8080", "big.test:8080"])
+    with (
+        world.in_hosts_thread(start) as fwd,
+        Egress.attach(cgroup, policy, dns=[(HOST4, FWD_PORT + 2)]) as eg,
+    ):
+        fwd.add_task(TASK4, eg)
+        before = log.read_text().splitlines()
+        tcp = {"op": "resolve", "transport": "tcp", "server": OTHER4}
+        r = world.run(
+            cgroup,
+            connect(HOST4, 8080),
+            {**tcp, "name": "tcp.test"},
+            connect(HOST4, 8080),
+            {**tcp, "name": "blocked.test"},
+            connect(HOST6, 8080),
+            # Truncated over UDP: the client retries over TCP, redirected to the forwarder too.
+            {"op": "resolve", "transport": "fallback", "name": "big.test", "rdtype": "AAAA",
+             "server": HOST4},
+            connect(HOST6, 8080),
+        )  # fmt: skip
+        before_dns, resolved, after_dns, blocked, before_big, big, after_big = r
+        assert before_dns["errno"] == errno.EPERM
+        assert resolved == {"ok": True, "rcode": "NOERROR", "addrs": [HOST4]}
+        assert after_dns["ok"]
+        assert blocked["ok"] and blocked["rcode"] == "REFUSED"
+        assert before_big["errno"] == errno.EPERM
+        assert big == {"ok": True, "rcode": "NOERROR", "addrs": [HOST6], "tcp": True}
+        assert after_big["ok"]
+        seen = log.read_text().splitlines()[len(before) :]
+        # Upstream saw each allowed name over the task's transport, and never the refused one.
+        assert sorted(seen) == ["big.test", "tcp:big.test", "tcp:tcp.test"]
+        assert fwd.refused == 1 and fwd.answered == 3 and fwd.truncated == 1
+        assert eg.stats()["dns_redirected"] == 4
+
+
+def test_dns_tcp_pipelining_bad_input_and_close() -> None:
+    """On loopback, for a source that is no task: every query is refused without upstream."""
+
+    async def main() -> None:
+        fwd = DnsForwarder(upstream=("127.0.0.1", 9))
+        port = await fwd.listen_tcp("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        queries = [dns.message.make_query(n, "A") for n in ("a.test", "b.test")]
+        writer.write(
+            b"".join(len(w).to_bytes(2, "big") + w for w in (q.to_wire() for q in queries))
+        )
+        for q in queries:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            reply = dns.message.from_wire(await reader.readexactly(size))
+            assert reply.id == q.id and reply.rcode() == dns.rcode.REFUSED
+        assert fwd.refused == 2
+        bad_reader, bad_writer = await asyncio.open_connection("127.0.0.1", port)
+        bad_writer.write(b"\x00\x03abc")
+        assert await asyncio.wait_for(bad_reader.read(), 2) == b""  # closed on a non-DNS message
+        bad_writer.close()
+        # `writer`'s connection is still open and idle: close() ends it at once.
+        t = time.monotonic()
+        await asyncio.wait_for(fwd.close(), 2)
+        assert time.monotonic() - t < 1
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+
+    asyncio.run(main())
 
 
 class Forwarders:

@@ -1,9 +1,13 @@
-"""The node's DNS forwarder. Each task's port-53 traffic is redirected here by its BPF programs.
+"""The node's DNS forwarder. Each task's port-53 traffic, UDP and TCP, is redirected here by its
+BPF programs.
 
-A name the task's policy allows is resolved upstream, and every A/AAAA address in the answer is
-written into the task's exact-IP map (expiry = max(TTL, floor) + grace) *before* the answer is
-released, so the task's connect right after resolving never races the map. Any other name is
-refused at once, and nothing is sent upstream for it.
+A name the task's policy allows is resolved upstream (over the transport the task used), and every
+A/AAAA address in the answer is written into the task's exact-IP map (expiry = max(TTL, floor) +
+grace) *before* the answer is released, so the task's connect right after resolving never races
+the map. Any other name is refused at once, and nothing is sent upstream for it.
+
+A truncated (TC) upstream answer goes to the task as it is, its addresses allowed: the task
+retries over TCP, as RFC 7766 has it, and that retry is redirected here too.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ def _key(addr: str) -> str:
 
 
 class DnsForwarder(asyncio.DatagramProtocol):
-    """Answers tasks' queries by the task's policy; tasks are known by their source address."""
+    """Answers tasks' queries by the task's policy; tasks are known by their source address.
+
+    Serve UDP with `loop.create_datagram_endpoint(lambda: fwd, local_addr=...)` and TCP with
+    `await fwd.listen_tcp(host, port)`, or both on one address with `await fwd.listen(host, port)`.
+    """
 
     def __init__(
         self,
@@ -45,16 +53,21 @@ class DnsForwarder(asyncio.DatagramProtocol):
         floor: float = 5.0,
         grace: float = 30.0,
         timeout: float = 2.0,
+        tcp_idle: float = 10.0,
     ) -> None:
         self.upstream = upstream
         self.floor = floor
         self.grace = grace
         self.timeout = timeout
+        self.tcp_idle = tcp_idle
         self.answered = 0
         self.refused = 0
+        self.truncated = 0
         self._tasks: dict[str, Egress] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._streams: set[asyncio.StreamWriter] = set()
 
     def add_task(self, source: str, egress: Egress) -> None:
         """Routes queries from `source` (the task's address) through `egress`'s policy."""
@@ -64,50 +77,129 @@ class DnsForwarder(asyncio.DatagramProtocol):
         """Forgets a task; its later queries are refused."""
         self._tasks.pop(_key(source), None)
 
+    async def listen(self, host: str, port: int) -> None:
+        """Serves UDP and TCP on `host`:`port` (the address the tasks' programs redirect to)."""
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        await self.listen_tcp(host, port)
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Serves DNS over TCP (2-byte length-prefixed messages, RFC 7766) on `host`:`port`;
+        returns the port bound (the one chosen when `port` is 0)."""
+        server = await asyncio.start_server(self._serve_stream, host, port)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    # --- UDP ---
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        try:
-            query = dns.message.from_wire(data)
-        except dns.exception.DNSException:
-            log.info("dropping an unparseable DNS query from %s", addr[0])
+        query = self._parse(data, str(addr[0]))
+        if query is None:
             return
-        egress = self._tasks.get(_key(str(addr[0])))
-        if egress is None or len(query.question) != 1:
-            self._refuse(query, addr)
+        route = self._route(query, str(addr[0]))
+        if route is None:
+            self._send(self._refusal(query), addr)
             return
-        name = query.question[0].name.to_text(omit_final_dot=True)
-        ports = egress.policy.host_ports(name)
-        if not ports:
-            self._refuse(query, addr)
-            return
-        task = asyncio.get_running_loop().create_task(self._forward(query, addr, egress, name))
+        task = asyncio.get_running_loop().create_task(self._forward_datagram(query, addr, *route))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def _refuse(self, query: dns.message.Message, addr: tuple[str | int, ...]) -> None:
-        self.refused += 1
-        reply = dns.message.make_response(query)
-        reply.set_rcode(dns.rcode.REFUSED)
-        self._send(reply, addr)
+    async def _forward_datagram(
+        self, query: dns.message.Message, addr: tuple[str | int, ...], egress: Egress, name: str
+    ) -> None:
+        self._send(await self._resolve(query, egress, name, tcp=False), addr)
 
     def _send(self, reply: dns.message.Message, addr: tuple[str | int, ...]) -> None:
         if self._transport is not None:
             self._transport.sendto(reply.to_wire(), addr)
 
-    async def _forward(
-        self, query: dns.message.Message, addr: tuple[str | int, ...], egress: Egress, name: str
+    # --- TCP ---
+
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        """One TCP connection: queries answered in order until the client closes it, stays idle
+        for `tcp_idle` seconds, or sends something that is not DNS."""
+        source = str(writer.get_extra_info("peername")[0])
+        me = asyncio.current_task()
+        if me is not None:  # always set in a handler; close() awaits it like a datagram's
+            self._pending.add(cast("asyncio.Task[None]", me))
+        self._streams.add(writer)
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
+                    data = await asyncio.wait_for(
+                        reader.readexactly(int.from_bytes(head, "big")), self.timeout
+                    )
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    return
+                query = self._parse(data, source)
+                if query is None:
+                    return
+                route = self._route(query, source)
+                if route is None:
+                    reply = self._refusal(query)
+                else:
+                    reply = await self._resolve(query, *route, tcp=True)
+                try:
+                    wire = reply.to_wire(max_size=65535)
+                except dns.exception.TooBig:
+                    wire = self._servfail(query).to_wire()
+                writer.write(len(wire).to_bytes(2, "big") + wire)
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            self._streams.discard(writer)
+            if me is not None:
+                self._pending.discard(cast("asyncio.Task[None]", me))
+            writer.close()
+
+    # --- both ---
+
+    @staticmethod
+    def _parse(data: bytes, source: str) -> dns.message.Message | None:
+        try:
+            return dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            log.info("dropping an unparseable DNS query from %s", source)
+            return None
+
+    def _route(self, query: dns.message.Message, source: str) -> tuple[Egress, str] | None:
+        """The task's enforcement and the queried name, or None when the query is refused."""
+        egress = self._tasks.get(_key(source))
+        if egress is None or len(query.question) != 1:
+            return None
+        name = query.question[0].name.to_text(omit_final_dot=True)
+        if not egress.policy.host_ports(name):
+            return None
+        return egress, name
+
+    def _refusal(self, query: dns.message.Message) -> dns.message.Message:
+        self.refused += 1
+        reply = dns.message.make_response(query)
+        reply.set_rcode(dns.rcode.REFUSED)
+        return reply
+
+    async def _resolve(
+        self, query: dns.message.Message, egress: Egress, name: str, *, tcp: bool
+    ) -> dns.message.Message:
+        """The upstream answer once its addresses are allowed, or SERVFAIL."""
         host, port = self.upstream
         try:
-            reply = await dns.asyncquery.udp(query, host, port=port, timeout=self.timeout)
+            if tcp:
+                reply = await dns.asyncquery.tcp(query, host, port=port, timeout=self.timeout)
+            else:
+                reply = await dns.asyncquery.udp(query, host, port=port, timeout=self.timeout)
         except (dns.exception.DNSException, OSError) as e:
             log.warning("upstream %s:%d failed for %s: %s", host, port, name, e)
-            fail = dns.message.make_response(query)
-            fail.set_rcode(dns.rcode.SERVFAIL)
-            self._send(fail, addr)
-            return
+            return self._servfail(query)
+        if reply.flags & dns.flags.TC:
+            self.truncated += 1
         ports = egress.policy.host_ports(name)
         try:
             for rrset in reply.answer:
@@ -118,16 +210,26 @@ class DnsForwarder(asyncio.DatagramProtocol):
         except AgentnodeError as e:
             # An answer the task could not use must not be released (e.g. the task ended).
             log.warning("cannot allow the answer for %s: %s", name, e)
-            fail = dns.message.make_response(query)
-            fail.set_rcode(dns.rcode.SERVFAIL)
-            self._send(fail, addr)
-            return
+            return self._servfail(query)
         self.answered += 1
-        self._send(reply, addr)
+        return reply
+
+    @staticmethod
+    def _servfail(query: dns.message.Message) -> dns.message.Message:
+        fail = dns.message.make_response(query)
+        fail.set_rcode(dns.rcode.SERVFAIL)
+        return fail
 
     async def close(self) -> None:
-        """Stops answering and waits for queries in flight."""
+        """Stops answering (UDP and TCP) and waits for queries in flight."""
         if self._transport is not None:
             self._transport.close()
+        for server in self._servers:
+            server.close()
+        for writer in list(self._streams):
+            writer.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
