@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from typing import cast
 
 import dns.asyncquery
@@ -103,18 +104,25 @@ class DnsForwarder(asyncio.DatagramProtocol):
         if route is None:
             self._send(self._refusal(query), addr)
             return
-        task = asyncio.get_running_loop().create_task(self._forward_datagram(query, addr, *route))
+        task = asyncio.get_running_loop().create_task(
+            self._forward_datagram(data, query, addr, *route)
+        )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _forward_datagram(
-        self, query: dns.message.Message, addr: tuple[str | int, ...], egress: Egress, name: str
+        self,
+        data: bytes,
+        query: dns.message.Message,
+        addr: tuple[str | int, ...],
+        egress: Egress,
+        name: str,
     ) -> None:
-        self._send(await self._resolve(query, egress, name, tcp=False), addr)
+        self._send(await self._resolve(data, query, egress, name, tcp=False), addr)
 
-    def _send(self, reply: dns.message.Message, addr: tuple[str | int, ...]) -> None:
+    def _send(self, wire: bytes, addr: tuple[str | int, ...]) -> None:
         if self._transport is not None:
-            self._transport.sendto(reply.to_wire(), addr)
+            self._transport.sendto(wire, addr)
 
     # --- TCP ---
 
@@ -142,13 +150,9 @@ class DnsForwarder(asyncio.DatagramProtocol):
                     return
                 route = self._route(query, source)
                 if route is None:
-                    reply = self._refusal(query)
+                    wire = self._refusal(query)
                 else:
-                    reply = await self._resolve(query, *route, tcp=True)
-                try:
-                    wire = reply.to_wire(max_size=65535)
-                except dns.exception.TooBig:
-                    wire = self._servfail(query).to_wire()
+                    wire = await self._resolve(data, query, *route, tcp=True)
                 writer.write(len(wire).to_bytes(2, "big") + wire)
                 await writer.drain()
         except ConnectionError:
@@ -179,22 +183,23 @@ class DnsForwarder(asyncio.DatagramProtocol):
             return None
         return egress, name
 
-    def _refusal(self, query: dns.message.Message) -> dns.message.Message:
+    def _refusal(self, query: dns.message.Message) -> bytes:
         self.refused += 1
         reply = dns.message.make_response(query)
         reply.set_rcode(dns.rcode.REFUSED)
-        return reply
+        return reply.to_wire()
 
     async def _resolve(
-        self, query: dns.message.Message, egress: Egress, name: str, *, tcp: bool
-    ) -> dns.message.Message:
-        """The upstream answer once its addresses are allowed, or SERVFAIL."""
+        self, data: bytes, query: dns.message.Message, egress: Egress, name: str, *, tcp: bool
+    ) -> bytes:
+        """The upstream answer (wire form) once its addresses are allowed, or SERVFAIL."""
         host, port = self.upstream
         try:
             if tcp:
                 reply = await dns.asyncquery.tcp(query, host, port=port, timeout=self.timeout)
+                wire = reply.to_wire(max_size=65535)
             else:
-                reply = await dns.asyncquery.udp(query, host, port=port, timeout=self.timeout)
+                wire, reply = await self._exchange_udp(data, query)
         except (dns.exception.DNSException, OSError) as e:
             log.warning("upstream %s:%d failed for %s: %s", host, port, name, e)
             return self._servfail(query)
@@ -212,13 +217,37 @@ class DnsForwarder(asyncio.DatagramProtocol):
             log.warning("cannot allow the answer for %s: %s", name, e)
             return self._servfail(query)
         self.answered += 1
-        return reply
+        return wire
+
+    async def _exchange_udp(
+        self, data: bytes, query: dns.message.Message
+    ) -> tuple[bytes, dns.message.Message]:
+        """Sends the task's query as it came and returns the upstream's answer as it came (and
+        parsed). A fresh socket per query keeps the source port random, as dnspython's does;
+        plain socket calls on the loop cost a third less than its transport per query."""
+        host, port = self.upstream
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            # Connected: the kernel drops datagrams from any other source.
+            sock.connect((host, port))
+            await loop.sock_sendall(sock, data)
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    wire = await loop.sock_recv(sock, 65535)
+                    try:
+                        reply = dns.message.from_wire(wire)
+                    except dns.exception.DNSException:
+                        continue
+                    if query.is_response(reply):
+                        return wire, reply
 
     @staticmethod
-    def _servfail(query: dns.message.Message) -> dns.message.Message:
+    def _servfail(query: dns.message.Message) -> bytes:
         fail = dns.message.make_response(query)
         fail.set_rcode(dns.rcode.SERVFAIL)
-        return fail
+        return fail.to_wire()
 
     async def close(self) -> None:
         """Stops answering (UDP and TCP) and waits for queries in flight."""
