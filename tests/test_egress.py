@@ -214,6 +214,24 @@ def test_live_updates_never_deny_what_both_policies_allow(world: World, cgroup: 
         )
 
 
+def test_an_update_that_does_not_fit_leaves_the_old_policy(world: World, cgroup: Path) -> None:
+    def hosts(net: int, port: int) -> list[str]:
+        return [f"{net}.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:{port}" for i in range(40_000)]
+
+    old = EgressPolicy(allow=[*hosts(10, 443), f"{HOST4}:8080"])
+    # 40k new addresses on top of 40k old ones do not fit the 64Ki-entry map at once.
+    new = EgressPolicy(allow=[*hosts(11, 443), f"{HOST4}:9090"])
+    with Egress.attach(cgroup, old) as eg:
+        with pytest.raises(EgressError, match="allow_host is full .* in steps"):
+            eg.update(new)
+        assert eg.policy is old
+        r = world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))
+        assert r[0]["ok"] and r[1]["errno"] == errno.EPERM
+        eg.update(EgressPolicy(allow=[f"{HOST4}:9090"]))  # a later update diffs from the truth
+        r = world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))
+        assert r[0]["errno"] == errno.EPERM and r[1]["ok"]
+
+
 def test_update_forgets_dns_learned_addresses_when_host_rules_change(
     world: World, cgroup: Path
 ) -> None:

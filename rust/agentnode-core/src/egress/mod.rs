@@ -41,6 +41,11 @@ pub enum Error {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error(
+        "egress map {name} is full ({MAP_ENTRIES} entries): an update holds the old and the new \
+         entries at once, so change a policy this large in steps (the old policy stays in force)"
+    )]
+    Full { name: &'static str },
     #[error("cannot open cgroup2 directory {path}: {source} (pass an existing cgroup2 node)")]
     Cgroup {
         path: PathBuf,
@@ -96,8 +101,19 @@ impl std::fmt::Debug for Egress {
 /// Rules for one address (all 128 bits) go to the `allow_host` hash, the rest to the trie.
 const HOST_PREFIX: u8 = 128;
 
+/// `max_entries` of the `allow` and `allow_host` maps in `ebpf/egress.bpf.c`.
+const MAP_ENTRIES: u32 = 65536;
+
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, source }
+    move |source| match &source {
+        // A full hash answers E2BIG, a full LPM trie ENOSPC.
+        aya::maps::MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) =>
+        {
+            Error::Full { name }
+        }
+        _ => Error::Map { name, source },
+    }
 }
 
 fn lpm_key((prefix, addr): policy::RuleKey) -> Key<[u8; 16]> {
@@ -208,19 +224,28 @@ impl Egress {
         self.apply(policy::compile_ranges(rules)?)
     }
 
+    /// Makes the maps hold `next`. If that fails part way (e.g. the maps are full), the
+    /// previous rules are put back, so a failed update leaves the old policy in force rather
+    /// than a mix of both.
     fn apply(&mut self, next: Vec<policy::Entry>) -> Result<()> {
-        let (write, remove) = policy::diff(&self.rules, &next);
-        let applied = self
-            .write_rules(&write)
-            .and_then(|()| self.remove_rules(&remove));
-        if let Err(e) = applied {
-            // A batch stops at its first failure: learn what the kernel holds now, so the next
-            // update diffs against the truth.
-            self.rules = self.read_rules();
-            return Err(e);
-        }
-        self.rules = next;
-        Ok(())
+        let old = std::mem::take(&mut self.rules);
+        let Err(e) = self.transition(&old, &next) else {
+            self.rules = next;
+            return Ok(());
+        };
+        // A batch stops at its first failure: diff from what the kernel holds now.
+        let now = self.read_rules();
+        self.rules = match self.transition(&now, &old) {
+            Ok(()) => old,
+            Err(_) => self.read_rules(),
+        };
+        Err(e)
+    }
+
+    fn transition(&mut self, from: &[policy::Entry], to: &[policy::Entry]) -> Result<()> {
+        let (write, remove) = policy::diff(from, to);
+        self.write_rules(&write)?;
+        self.remove_rules(&remove)
     }
 
     fn write_rules(&mut self, entries: &[policy::Entry]) -> Result<()> {
