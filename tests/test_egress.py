@@ -222,7 +222,7 @@ def test_an_update_that_does_not_fit_leaves_the_old_policy(world: World, cgroup:
     # 40k new addresses on top of 40k old ones do not fit the 64Ki-entry map at once.
     new = EgressPolicy(allow=[*hosts(11, 443), f"{HOST4}:9090"])
     with Egress.attach(cgroup, old) as eg:
-        with pytest.raises(EgressError, match="allow_host is full .* in steps"):
+        with pytest.raises(EgressError, match=r"allow_host is full .* in steps"):
             eg.update(new)
         assert eg.policy is old
         r = world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))

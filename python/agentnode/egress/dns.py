@@ -25,12 +25,15 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from agentnode.egress import dnswire
 from agentnode.egress.enforce import Egress
 from agentnode.errors import AgentnodeError
 
 __all__ = ["DnsForwarder"]
 
 log = logging.getLogger(__name__)
+
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _key(addr: str) -> str:
@@ -97,28 +100,36 @@ class DnsForwarder(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        query = self._parse(data, str(addr[0]))
-        if query is None:
+        source = str(addr[0])
+        q = dnswire.question(data)
+        route = self._route(q, source)
+        if q is None or route is None:
+            reply = self._refusal(data, source)
+            if reply is not None:
+                self._send(reply, addr)
             return
-        route = self._route(query, str(addr[0]))
-        if route is None:
-            self._send(self._refusal(query), addr)
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._forward_datagram(data, query, addr, *route)
-        )
+        task = asyncio.get_running_loop().create_task(self._forward_datagram(data, q, addr, *route))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _forward_datagram(
         self,
         data: bytes,
-        query: dns.message.Message,
+        q: dnswire.Question,
         addr: tuple[str | int, ...],
         egress: Egress,
         name: str,
     ) -> None:
-        self._send(await self._resolve(data, query, egress, name, tcp=False), addr)
+        host, port = self.upstream
+        try:
+            reply, addrs = await self._exchange_udp(data, q)
+        except OSError as e:  # TimeoutError too
+            log.warning("upstream %s:%d failed for %s: %s", host, port, name, e)
+            self._send(self._servfail(data), addr)
+            return
+        if dnswire.truncated(reply):
+            self.truncated += 1
+        self._send(reply if self._allow(egress, name, addrs) else self._servfail(data), addr)
 
     def _send(self, wire: bytes, addr: tuple[str | int, ...]) -> None:
         if self._transport is not None:
@@ -145,14 +156,15 @@ class DnsForwarder(asyncio.DatagramProtocol):
                     )
                 except (asyncio.IncompleteReadError, TimeoutError):
                     return
-                query = self._parse(data, source)
-                if query is None:
-                    return
-                route = self._route(query, source)
+                q = dnswire.question(data)
+                route = self._route(q, source)
                 if route is None:
-                    wire = self._refusal(query)
+                    refusal = self._refusal(data, source)
+                    if refusal is None:
+                        return
+                    wire = refusal
                 else:
-                    wire = await self._resolve(data, query, *route, tcp=True)
+                    wire = await self._resolve_tcp(data, *route)
                 writer.write(len(wire).to_bytes(2, "big") + wire)
                 await writer.drain()
         except ConnectionError:
@@ -165,66 +177,63 @@ class DnsForwarder(asyncio.DatagramProtocol):
 
     # --- both ---
 
-    @staticmethod
-    def _parse(data: bytes, source: str) -> dns.message.Message | None:
+    def _route(self, q: dnswire.Question | None, source: str) -> tuple[Egress, str] | None:
+        """The task's enforcement and the queried name, or None when the query is refused."""
+        egress = self._tasks.get(_key(source))
+        if egress is None or q is None or not egress.policy.host_ports(q.name):
+            return None
+        return egress, q.name
+
+    def _refusal(self, data: bytes, source: str) -> bytes | None:
+        """REFUSED for a query; None (dropped) for something that is no DNS message."""
         try:
-            return dns.message.from_wire(data)
+            query = dns.message.from_wire(data)
         except dns.exception.DNSException:
             log.info("dropping an unparseable DNS query from %s", source)
             return None
-
-    def _route(self, query: dns.message.Message, source: str) -> tuple[Egress, str] | None:
-        """The task's enforcement and the queried name, or None when the query is refused."""
-        egress = self._tasks.get(_key(source))
-        if egress is None or len(query.question) != 1:
-            return None
-        name = query.question[0].name.to_text(omit_final_dot=True)
-        if not egress.policy.host_ports(name):
-            return None
-        return egress, name
-
-    def _refusal(self, query: dns.message.Message) -> bytes:
         self.refused += 1
         reply = dns.message.make_response(query)
         reply.set_rcode(dns.rcode.REFUSED)
         return reply.to_wire()
 
-    async def _resolve(
-        self, data: bytes, query: dns.message.Message, egress: Egress, name: str, *, tcp: bool
-    ) -> bytes:
-        """The upstream answer (wire form) once its addresses are allowed, or SERVFAIL."""
-        host, port = self.upstream
-        try:
-            if tcp:
-                reply = await dns.asyncquery.tcp(query, host, port=port, timeout=self.timeout)
-                wire = reply.to_wire(max_size=65535)
-            else:
-                wire, reply = await self._exchange_udp(data, query)
-        except (dns.exception.DNSException, OSError) as e:
-            log.warning("upstream %s:%d failed for %s: %s", host, port, name, e)
-            return self._servfail(query)
-        if reply.flags & dns.flags.TC:
-            self.truncated += 1
+    def _allow(self, egress: Egress, name: str, addrs: list[tuple[_Address, int]]) -> bool:
+        """Writes the answer's addresses into the task's map; False if that failed, and then the
+        answer must not be released (e.g. the task ended): the task could not use it."""
         ports = egress.policy.host_ports(name)
         try:
-            for rrset in reply.answer:
-                if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-                    ttl = max(float(rrset.ttl), self.floor) + self.grace
-                    for rd in rrset:
-                        egress.allow_resolved(rd.address, ports, ttl)
+            for ip, ttl in addrs:
+                egress.allow_resolved(ip, ports, max(float(ttl), self.floor) + self.grace)
         except AgentnodeError as e:
-            # An answer the task could not use must not be released (e.g. the task ended).
             log.warning("cannot allow the answer for %s: %s", name, e)
-            return self._servfail(query)
+            return False
         self.answered += 1
-        return wire
+        return True
+
+    async def _resolve_tcp(self, data: bytes, egress: Egress, name: str) -> bytes:
+        """The upstream's answer over TCP once its addresses are allowed, or SERVFAIL."""
+        host, port = self.upstream
+        try:
+            reply = await dns.asyncquery.tcp(
+                dns.message.from_wire(data), host, port=port, timeout=self.timeout
+            )
+            wire = reply.to_wire(max_size=65535)
+        except (dns.exception.DNSException, OSError) as e:
+            log.warning("upstream %s:%d failed for %s: %s", host, port, name, e)
+            return self._servfail(data)
+        addrs = [
+            (ipaddress.ip_address(rd.address), rrset.ttl)
+            for rrset in reply.answer
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+            for rd in rrset
+        ]
+        return wire if self._allow(egress, name, addrs) else self._servfail(data)
 
     async def _exchange_udp(
-        self, data: bytes, query: dns.message.Message
-    ) -> tuple[bytes, dns.message.Message]:
-        """Sends the task's query as it came and returns the upstream's answer as it came (and
-        parsed). A fresh socket per query keeps the source port random, as dnspython's does;
-        plain socket calls on the loop cost a third less than its transport per query."""
+        self, data: bytes, q: dnswire.Question
+    ) -> tuple[bytes, list[tuple[_Address, int]]]:
+        """Sends the task's query as it came; returns the upstream's answer as it came and its
+        A/AAAA records. A fresh socket per query keeps the source port random, as dnspython's
+        does; plain socket calls on the loop cost a third less than its transport."""
         host, port = self.upstream
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -235,17 +244,17 @@ class DnsForwarder(asyncio.DatagramProtocol):
             await loop.sock_sendall(sock, data)
             async with asyncio.timeout(self.timeout):
                 while True:
-                    wire = await loop.sock_recv(sock, 65535)
-                    try:
-                        reply = dns.message.from_wire(wire)
-                    except dns.exception.DNSException:
-                        continue
-                    if query.is_response(reply):
-                        return wire, reply
+                    reply = await loop.sock_recv(sock, 65535)
+                    addrs = dnswire.answer_addresses(reply, data, q)
+                    if addrs is not None:
+                        return reply, addrs
 
     @staticmethod
-    def _servfail(query: dns.message.Message) -> bytes:
-        fail = dns.message.make_response(query)
+    def _servfail(data: bytes) -> bytes:
+        try:
+            fail = dns.message.make_response(dns.message.from_wire(data))
+        except dns.exception.DNSException:
+            return dnswire.error_reply(data, dns.rcode.SERVFAIL)
         fail.set_rcode(dns.rcode.SERVFAIL)
         return fail.to_wire()
 
