@@ -83,7 +83,7 @@ pub struct Egress {
     config: Array<MapData, RawConfig>,
     counters: PerCpuArray<MapData, u64>,
     denials: RingBuf<MapData>,
-    /// What the `allow` trie holds, sorted by key.
+    /// What `allow` and `allow_host` hold, sorted by key.
     rules: Vec<policy::Entry>,
     limits: Limits,
     dns: DnsRedirect,
@@ -120,8 +120,8 @@ fn lpm_key((prefix, addr): policy::RuleKey) -> Key<[u8; 16]> {
     Key::new(u32::from(prefix), addr)
 }
 
-/// Whether a batch call did the work; `false`: the map type has none (LPM tries on most
-/// kernels), so the caller goes one element at a time.
+/// Whether a batch call did the work; `false`: this kernel has none for the map type (LPM
+/// tries got theirs later than hashes), so the caller goes one element at a time.
 fn batched(
     name: &'static str,
     r: std::result::Result<Batch, aya::sys::SyscallError>,

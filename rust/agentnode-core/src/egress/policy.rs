@@ -1,6 +1,7 @@
-//! Policy compilation: CIDR rules become LPM-trie entries. The trie answers only the longest
-//! matching prefix, so each entry also carries the port ranges of every shorter rule covering
-//! it; otherwise `10.0.0.0/8:443` would stop applying inside a more specific `10.1.0.0/16:80`.
+//! Policy compilation: CIDR rules become map entries (single addresses in a hash, the rest in an
+//! LPM trie). Only the longest matching prefix answers, so each entry also carries the port
+//! ranges of every shorter rule covering it; otherwise `10.0.0.0/8:443` would stop applying
+//! inside a more specific `10.1.0.0/16:80`.
 
 use super::maps::{RawPorts, MAX_RANGES};
 use super::{Error, Result};
@@ -162,7 +163,7 @@ pub(super) fn compile_ranges(
     Ok(out)
 }
 
-/// What turns the trie holding `old` into one holding `new` (both as `compile` returns them):
+/// What turns maps holding `old` into maps holding `new` (both as `compile` returns them):
 /// the entries to write (new or changed) and the keys to remove.
 pub(super) fn diff(old: &[Entry], new: &[Entry]) -> (Vec<Entry>, Vec<RuleKey>) {
     let (mut write, mut remove) = (Vec::new(), Vec::new());
