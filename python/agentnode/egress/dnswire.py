@@ -1,7 +1,8 @@
 """Just enough of the DNS wire format (RFC 1035 §4) for the forwarder's hot path: the name a
 query asks for, and the A/AAAA records of the answer to it. dnspython builds a full message
-object for each, which cost more than everything else the forwarder does per query; anything
-these functions do not accept goes the slow way, through dnspython."""
+object for each, which cost more than everything else the forwarder does per query. A query
+these functions do not accept is refused (dnspython builds that answer); an answer they do not
+accept is not taken for the answer to the query."""
 
 from __future__ import annotations
 
