@@ -78,12 +78,20 @@ def resolve(op: dict) -> dict:
     import dns.rcode
 
     q = dns.message.make_query(op["name"], op.get("rdtype", "A"))
+    where, port = op["server"], op.get("port", 53)
+    out = {}
     try:
-        r = dns.query.udp(q, op["server"], port=op.get("port", 53), timeout=3)
+        # "udp", "tcp", or "fallback": UDP, then TCP if the answer was truncated.
+        if op.get("transport") == "tcp":
+            r = dns.query.tcp(q, where, port=port, timeout=3)
+        elif op.get("transport") == "fallback":
+            r, out["tcp"] = dns.query.udp_with_fallback(q, where, port=port, timeout=3)
+        else:
+            r = dns.query.udp(q, where, port=port, timeout=3)
     except Exception as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     addrs = [rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address")]
-    return {"ok": True, "rcode": dns.rcode.to_text(r.rcode()), "addrs": addrs}
+    return {"ok": True, "rcode": dns.rcode.to_text(r.rcode()), "addrs": addrs, **out}
 
 
 def udp_connect_loop(op: dict) -> dict:
@@ -95,6 +103,22 @@ def udp_connect_loop(op: dict) -> dict:
     for _ in range(n):
         s.connect((op["host"], op["port"]))
     return {"ok": True, "ns": (time.perf_counter_ns() - t) / n}
+
+
+def udp_connect_until(op: dict) -> dict:
+    """connect() a UDP socket again and again for `seconds` (each runs the connect hook; nothing
+    is sent): how many, and how many failed with each errno."""
+    family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    n, errors = 0, {}
+    deadline = time.monotonic() + op["seconds"]
+    while time.monotonic() < deadline:
+        try:
+            s.connect((op["host"], op["port"]))
+        except OSError as e:
+            errors[e.errno] = errors.get(e.errno, 0) + 1
+        n += 1
+    return {"ok": True, "n": n, "errors": errors}
 
 
 def resolve_loop(op: dict) -> dict:
@@ -124,6 +148,7 @@ def iperf(op: dict) -> dict:
 OPS = {
     "fastopen": fastopen,
     "udp_connect_loop": udp_connect_loop,
+    "udp_connect_until": udp_connect_until,
     "resolve_loop": resolve_loop,
     "iperf": iperf,
     "connect": connect,

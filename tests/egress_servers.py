@@ -1,5 +1,6 @@
 """Test hosts, run inside a test-owned netns: TCP sinks that reply with the byte count, UDP echo,
-and an authoritative DNS server that logs every query name to a file. argv[1] is JSON config."""
+and an authoritative DNS server (UDP and TCP) that logs every query name to a file, TCP ones as
+`tcp:NAME`. argv[1] is JSON config."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import sys
 import threading
 
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
@@ -43,24 +45,54 @@ def udp_echo(addr: str, port: int) -> None:
         s.sendto(data, src)
 
 
-def dns_server(addr: str, port: int, records: dict[str, list[str]], ttl: int, log: str) -> None:
+def dns_answer(data: bytes, cfg: dict, tcp: bool) -> bytes:
+    """The answer to one query; names in cfg["truncate"] get an empty TC answer over UDP."""
+    q = dns.message.from_wire(data)
+    name = q.question[0].name.to_text(omit_final_dot=True)
+    with open(cfg["log"], "a") as f:
+        f.write(("tcp:" if tcp else "") + name + "\n")
+    r = dns.message.make_response(q)
+    if not tcp and name in cfg.get("truncate", []):
+        r.flags |= dns.flags.TC
+        return r.to_wire()
+    rdtype = q.question[0].rdtype
+    addrs = [a for a in cfg["records"].get(name, []) if (":" in a) == (rdtype == 28)]
+    if addrs:
+        r.answer.append(
+            dns.rrset.from_text_list(q.question[0].name, cfg["ttl"], "IN", rdtype, addrs)
+        )
+    elif name not in cfg["records"]:
+        r.set_rcode(dns.rcode.NXDOMAIN)
+    return r.to_wire()
+
+
+def dns_server(addr: str, cfg: dict) -> None:
     s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((addr, port))
+    s.bind((addr, 53))
     BOUND.release()
     while True:
         data, src = s.recvfrom(4096)
-        q = dns.message.from_wire(data)
-        name = q.question[0].name.to_text(omit_final_dot=True)
-        with open(log, "a") as f:
-            f.write(name + "\n")
-        r = dns.message.make_response(q)
-        rdtype = q.question[0].rdtype
-        addrs = [a for a in records.get(name, []) if (":" in a) == (rdtype == 28)]
-        if addrs:
-            r.answer.append(dns.rrset.from_text_list(q.question[0].name, ttl, "IN", rdtype, addrs))
-        elif name not in records:
-            r.set_rcode(dns.rcode.NXDOMAIN)
-        s.sendto(r.to_wire(), src)
+        s.sendto(dns_answer(data, cfg, tcp=False), src)
+
+
+def dns_tcp_server(addr: str, cfg: dict) -> None:
+    """DNS over TCP: 2-byte length-prefixed messages, several per connection."""
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, 53))
+    s.listen(64)
+    BOUND.release()
+
+    def serve(c: socket.socket) -> None:
+        f = c.makefile("rb")
+        while len(head := f.read(2)) == 2:
+            wire = dns_answer(f.read(int.from_bytes(head, "big")), cfg, tcp=True)
+            c.sendall(len(wire).to_bytes(2, "big") + wire)
+        c.close()
+
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
 
 
 if __name__ == "__main__":
@@ -73,12 +105,9 @@ if __name__ == "__main__":
     if "dns" in cfg:
         d = cfg["dns"]
         for addr in d["addrs"]:
-            threading.Thread(
-                target=dns_server,
-                args=(addr, 53, d["records"], d["ttl"], d["log"]),
-                daemon=True,
-            ).start()
-        n += len(d["addrs"])
+            for server in (dns_server, dns_tcp_server):
+                threading.Thread(target=server, args=(addr, d), daemon=True).start()
+        n += 2 * len(d["addrs"])
     for _ in range(n):
         BOUND.acquire()
     print("ready", flush=True)

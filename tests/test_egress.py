@@ -10,11 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.rcode
 import pytest
 
 from agentnode.egress import Denial, Egress, EgressPolicy
@@ -50,7 +53,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     "six.test": [HOST4, HOST6],
                     "short.test": [HOST4],
                     "blocked.test": [HOST4],
+                    "tcp.test": [HOST4],
+                    "big.test": [HOST6],
                 },
+                "truncate": ["big.test"],
                 "ttl": 1,
                 "log": str(log),
             },
@@ -171,6 +177,61 @@ def test_live_update_applies_to_next_connection(world: World, cgroup: Path) -> N
         assert [x["ok"] for x in r] == [True, True, True]
 
 
+def test_live_updates_never_deny_what_both_policies_allow(world: World, cgroup: Path) -> None:
+    """While a task connects in a loop, policies of 10k entries replace each other: every key
+    changes, and HOST4:8080 moves between a host rule, a CIDR rule and a port range. Allowed
+    before and after, it must never be denied in between."""
+
+    def hosts(net: int, port: int) -> list[str]:
+        return [f"10.{net}.{i >> 8 & 255}.{i & 255}:{port}" for i in range(10_000)]
+
+    policies = [
+        EgressPolicy(allow=[*hosts(0, 443), f"{HOST4}:8080"]),
+        EgressPolicy(allow=[*hosts(1, 444), "198.51.100.0/24:8080"]),
+        EgressPolicy(allow=[*hosts(2, 443), f"{HOST4}:8000-8090/udp", "198.51.100.0/24:9"]),
+    ]
+    with Egress.attach(cgroup, policies[0]) as eg:
+        result: list[dict[str, Any]] = []
+        loop = threading.Thread(
+            target=lambda: result.extend(
+                world.run(cgroup, {"op": "udp_connect_until", "host": HOST4, "port": 8080,
+                                   "seconds": 3})
+            )
+        )  # fmt: skip
+        loop.start()
+        updates = 0
+        while loop.is_alive():
+            eg.update(policies[updates % len(policies)])
+            updates += 1
+        loop.join()
+        (r,) = result
+        assert r["errors"] == {} and r["n"] > 1000, r
+        assert updates > 20
+        # The loop would have seen a denial: the hook is live.
+        eg.update(EgressPolicy(allow=hosts(0, 443)))
+        assert (
+            world.run(cgroup, {"op": "udp", "host": HOST4, "port": 8080})[0]["errno"] == errno.EPERM
+        )
+
+
+def test_an_update_that_does_not_fit_leaves_the_old_policy(world: World, cgroup: Path) -> None:
+    def hosts(net: int, port: int) -> list[str]:
+        return [f"{net}.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:{port}" for i in range(40_000)]
+
+    old = EgressPolicy(allow=[*hosts(10, 443), f"{HOST4}:8080"])
+    # 40k new addresses on top of 40k old ones do not fit the 64Ki-entry map at once.
+    new = EgressPolicy(allow=[*hosts(11, 443), f"{HOST4}:9090"])
+    with Egress.attach(cgroup, old) as eg:
+        with pytest.raises(EgressError, match=r"allow_host is full .* in steps"):
+            eg.update(new)
+        assert eg.policy is old
+        r = world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))
+        assert r[0]["ok"] and r[1]["errno"] == errno.EPERM
+        eg.update(EgressPolicy(allow=[f"{HOST4}:9090"]))  # a later update diffs from the truth
+        r = world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))
+        assert r[0]["errno"] == errno.EPERM and r[1]["ok"]
+
+
 def test_update_forgets_dns_learned_addresses_when_host_rules_change(
     world: World, cgroup: Path
 ) -> None:
@@ -269,6 +330,79 @@ def test_dns_names_redirect_refusal_and_expiry(world: World, cgroup: Path) -> No
         assert fwd.refused == 1 and fwd.answered == 2
         assert eg.stats()["dns_redirected"] == 3
         assert eg.expire() == 1
+
+
+def test_dns_over_tcp_and_truncated_answers(world: World, cgroup: Path) -> None:
+    log: Path = world.dns_log  # type: ignore[attr-defined]
+
+    async def start(loop: asyncio.AbstractEventLoop) -> DnsForwarder:
+        fwd = DnsForwarder(upstream=(HOST4, 53))
+        await fwd.listen(HOST4, FWD_PORT + 2)
+        return fwd
+
+    policy = EgressPolicy(hosts=["tcp.test:8080", "big.test:8080"])
+    with (
+        world.in_hosts_thread(start) as fwd,
+        Egress.attach(cgroup, policy, dns=[(HOST4, FWD_PORT + 2)]) as eg,
+    ):
+        fwd.add_task(TASK4, eg)
+        before = log.read_text().splitlines()
+        tcp = {"op": "resolve", "transport": "tcp", "server": OTHER4}
+        r = world.run(
+            cgroup,
+            connect(HOST4, 8080),
+            {**tcp, "name": "tcp.test"},
+            connect(HOST4, 8080),
+            {**tcp, "name": "blocked.test"},
+            connect(HOST6, 8080),
+            # Truncated over UDP: the client retries over TCP, redirected to the forwarder too.
+            {"op": "resolve", "transport": "fallback", "name": "big.test", "rdtype": "AAAA",
+             "server": HOST4},
+            connect(HOST6, 8080),
+        )  # fmt: skip
+        before_dns, resolved, after_dns, blocked, before_big, big, after_big = r
+        assert before_dns["errno"] == errno.EPERM
+        assert resolved == {"ok": True, "rcode": "NOERROR", "addrs": [HOST4]}
+        assert after_dns["ok"]
+        assert blocked["ok"] and blocked["rcode"] == "REFUSED"
+        assert before_big["errno"] == errno.EPERM
+        assert big == {"ok": True, "rcode": "NOERROR", "addrs": [HOST6], "tcp": True}
+        assert after_big["ok"]
+        seen = log.read_text().splitlines()[len(before) :]
+        # Upstream saw each allowed name over the task's transport, and never the refused one.
+        assert sorted(seen) == ["big.test", "tcp:big.test", "tcp:tcp.test"]
+        assert fwd.refused == 1 and fwd.answered == 3 and fwd.truncated == 1
+        assert eg.stats()["dns_redirected"] == 4
+
+
+def test_dns_tcp_pipelining_bad_input_and_close() -> None:
+    """On loopback, for a source that is no task: every query is refused without upstream."""
+
+    async def main() -> None:
+        fwd = DnsForwarder(upstream=("127.0.0.1", 9))
+        port = await fwd.listen_tcp("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        queries = [dns.message.make_query(n, "A") for n in ("a.test", "b.test")]
+        writer.write(
+            b"".join(len(w).to_bytes(2, "big") + w for w in (q.to_wire() for q in queries))
+        )
+        for q in queries:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            reply = dns.message.from_wire(await reader.readexactly(size))
+            assert reply.id == q.id and reply.rcode() == dns.rcode.REFUSED
+        assert fwd.refused == 2
+        bad_reader, bad_writer = await asyncio.open_connection("127.0.0.1", port)
+        bad_writer.write(b"\x00\x03abc")
+        assert await asyncio.wait_for(bad_reader.read(), 2) == b""  # closed on a non-DNS message
+        bad_writer.close()
+        # `writer`'s connection is still open and idle: close() ends it at once.
+        t = time.monotonic()
+        await asyncio.wait_for(fwd.close(), 2)
+        assert time.monotonic() - t < 1
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+
+    asyncio.run(main())
 
 
 class Forwarders:

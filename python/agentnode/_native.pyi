@@ -260,6 +260,10 @@ class EgressHandle:
     ) -> EgressHandle: ...
     def set_rules(self, rules_: list[_Rule]) -> None:
         """Replaces the CIDR rules (live map update)."""
+    def set_rules_packed(self, packed: bytes) -> None:
+        """Replaces the CIDR rules with ones packed as 22-byte records: address (16 bytes), prefix
+        (1), low and high port (2 each, little-endian), protocol bits (1). The fast path for
+        large policies: no Python object per rule crosses over."""
     def set_limits(self, *, rate_bps: int, conn_per_sec: int) -> None:
         """Replaces the rate limits (0: unlimited)."""
     def allow_exact(self, addr: bytes, ports_: _Ports, ttl: float) -> None:
@@ -269,7 +273,7 @@ class EgressHandle:
     def clear_exact(self) -> int:
         """Forgets every DNS-learned address; returns how many."""
     def rule_entries(self) -> int:
-        """The number of CIDR entries in the kernel trie."""
+        """The number of CIDR entries in the kernel maps."""
     def counters(self) -> dict[str, int]:
         """Counters summed over CPUs, as a dict of ints."""
     def denials(self) -> list[tuple[int, int, bytes, int, int, str, int]]:

@@ -62,7 +62,7 @@ class Egress:
         self.cgroup_dir = cgroup_dir
         self._handle = handle
         self._policy = policy
-        self._services = tuple(services)
+        self._services_packed = b"".join(r.packed() for r in services_rules(services))
         self._callbacks: list[Callable[[Denial], None]] = [on_denial] if on_denial else []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -110,7 +110,7 @@ class Egress:
     def _rules(
         policy: EgressPolicy, services: Sequence[tuple[str, int]]
     ) -> list[tuple[bytes, int, list[tuple[int, int, int]]]]:
-        return [*policy.native_nets, *(r.native() for r in services_rules(services))]
+        return [r.native() for r in (*policy.nets, *services_rules(services))]
 
     @property
     def policy(self) -> EgressPolicy:
@@ -122,7 +122,7 @@ class Egress:
 
         When the host rules change, addresses learned from DNS are forgotten: one learned for a
         name the new policy drops must not stay reachable until its TTL runs out."""
-        self._handle.set_rules(self._rules(policy, self._services))
+        self._handle.set_rules_packed(policy.native_packed + self._services_packed)
         if policy.host_rules != self._policy.host_rules:
             self._handle.clear_exact()
         if (policy.rate_bps, policy.conn_per_sec) != (

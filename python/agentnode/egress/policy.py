@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ _UNITS = {
 }
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/s)?\s*$", re.IGNORECASE)
 _CONN_RATE = re.compile(r"^\s*(\d+)\s*(?:/s)?\s*$")
+# address, prefix, low port, high port, protocol bits: see EgressHandle.set_rules_packed.
+_PACKED = struct.Struct("<16sBHHB")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -75,6 +78,11 @@ class NetRule:
             mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + net.network_address.packed)
             return (mapped.packed, net.prefixlen + 96, [self.ports.as_tuple()])
         return (net.network_address.packed, net.prefixlen, [self.ports.as_tuple()])
+
+    def packed(self) -> bytes:
+        """The kernel form as one record for `EgressHandle.set_rules_packed`."""
+        addr, prefix, ((lo, hi, proto),) = self.native()
+        return _PACKED.pack(addr, prefix, lo, hi, proto)
 
 
 @dataclass(frozen=True)
@@ -202,9 +210,7 @@ class EgressPolicy:
     rate_bps: int = field(init=False, repr=False)
     conn_per_sec: int = field(init=False, repr=False)
     # The kernel form of `nets`, computed once so a live update only moves bytes.
-    native_nets: tuple[tuple[bytes, int, list[tuple[int, int, int]]], ...] = field(
-        init=False, repr=False, compare=False
-    )
+    native_packed: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("allow", "hosts"):
@@ -213,7 +219,7 @@ class EgressPolicy:
         object.__setattr__(self, "allow", tuple(self.allow))
         object.__setattr__(self, "hosts", tuple(self.hosts))
         object.__setattr__(self, "nets", tuple(parse_allow(r) for r in self.allow))
-        object.__setattr__(self, "native_nets", tuple(r.native() for r in self.nets))
+        object.__setattr__(self, "native_packed", b"".join(r.packed() for r in self.nets))
         object.__setattr__(self, "host_rules", tuple(parse_host(r) for r in self.hosts))
         object.__setattr__(self, "rate_bps", 0 if self.rate is None else parse_rate(self.rate))
         object.__setattr__(

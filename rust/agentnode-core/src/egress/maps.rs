@@ -197,3 +197,79 @@ pub fn boottime_ns() -> u64 {
 const _: () = assert!(std::mem::size_of::<RawPorts>() == 48);
 const _: () = assert!(std::mem::size_of::<RawExact>() == 56);
 const _: () = assert!(std::mem::size_of::<RawConfig>() == 56);
+
+/// `bpf_attr.batch` for `BPF_MAP_{UPDATE,DELETE}_BATCH`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// The kernel's ENOTSUPP: this map type has no batch operation.
+const ENOTSUPP: i32 = 524;
+
+/// The outcome of a batch call the kernel may not implement for a map type.
+pub enum Batch {
+    Done,
+    /// The map type has no batch operation: nothing was done, go one element at a time.
+    Unsupported,
+}
+
+/// Writes (`values: Some`) or deletes `keys` in one syscall: the kernel walks the arrays itself,
+/// so 10k entries cost one user/kernel crossing instead of 10k. Not atomic: on an error, the
+/// entries before the failing one are done.
+///
+/// # Safety
+/// `fd` is a BPF map whose key size is `size_of::<K>()` and value size `size_of::<V>()`.
+pub unsafe fn batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> std::result::Result<Batch, aya::sys::SyscallError> {
+    use std::os::fd::AsRawFd;
+
+    if keys.is_empty() {
+        return Ok(Batch::Done);
+    }
+    assert!(values.is_none_or(|v| v.len() == keys.len()));
+    let count = u32::try_from(keys.len()).expect("fewer than 2^32 map entries");
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count,
+        map_fd: fd.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    let (cmd, call) = if values.is_some() {
+        (BPF_MAP_UPDATE_BATCH, "bpf_map_update_batch")
+    } else {
+        (BPF_MAP_DELETE_BATCH, "bpf_map_delete_batch")
+    };
+    // SAFETY: attr points at a live, initialised bpf_attr prefix of the size passed; keys and
+    // values hold `count` elements of the map's key and value sizes (the caller's contract).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw mut attr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc == 0 {
+        return Ok(Batch::Done);
+    }
+    let io_error = std::io::Error::last_os_error();
+    if io_error.raw_os_error() == Some(ENOTSUPP) {
+        return Ok(Batch::Unsupported);
+    }
+    Err(aya::sys::SyscallError { call, io_error })
+}

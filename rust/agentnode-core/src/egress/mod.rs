@@ -11,19 +11,18 @@ mod policy;
 pub use maps::{Counters, Denial, DenialReason};
 pub use policy::{CidrRule, Limits, PortRange, PROTO_TCP, PROTO_UDP};
 
-use std::collections::HashMap as StdHashMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
 use aya::Ebpf;
 
 use crate::bpf::EGRESS_OBJ;
-use maps::{RawConfig, RawExact, RawPorts};
+use maps::{Batch, RawConfig, RawExact, RawPorts};
 
 /// Errors from loading, attaching or updating egress enforcement.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +41,11 @@ pub enum Error {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error(
+        "egress map {name} is full ({MAP_ENTRIES} entries): an update holds the old and the new \
+         entries at once, so change a policy this large in steps (the old policy stays in force)"
+    )]
+    Full { name: &'static str },
     #[error("cannot open cgroup2 directory {path}: {source} (pass an existing cgroup2 node)")]
     Cgroup {
         path: PathBuf,
@@ -74,11 +78,13 @@ pub struct Egress {
     ebpf: Ebpf,
     cgroup: PathBuf,
     allow: LpmTrie<MapData, [u8; 16], RawPorts>,
+    allow_host: HashMap<MapData, [u8; 16], RawPorts>,
     exact: HashMap<MapData, [u8; 16], RawExact>,
     config: Array<MapData, RawConfig>,
     counters: PerCpuArray<MapData, u64>,
     denials: RingBuf<MapData>,
-    rules: StdHashMap<(u8, [u8; 16]), RawPorts>,
+    /// What `allow` and `allow_host` hold, sorted by key.
+    rules: Vec<policy::Entry>,
     limits: Limits,
     dns: DnsRedirect,
 }
@@ -89,6 +95,41 @@ impl std::fmt::Debug for Egress {
             .field("cgroup", &self.cgroup)
             .field("rules", &self.rules.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Rules for one address (all 128 bits) go to the `allow_host` hash, the rest to the trie.
+const HOST_PREFIX: u8 = 128;
+
+/// `max_entries` of the `allow` and `allow_host` maps in `ebpf/egress.bpf.c`.
+const MAP_ENTRIES: u32 = 65536;
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| match &source {
+        // A full hash answers E2BIG, a full LPM trie ENOSPC.
+        aya::maps::MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) =>
+        {
+            Error::Full { name }
+        }
+        _ => Error::Map { name, source },
+    }
+}
+
+fn lpm_key((prefix, addr): policy::RuleKey) -> Key<[u8; 16]> {
+    Key::new(u32::from(prefix), addr)
+}
+
+/// Whether a batch call did the work; `false`: this kernel has none for the map type (LPM
+/// tries got theirs later than hashes), so the caller goes one element at a time.
+fn batched(
+    name: &'static str,
+    r: std::result::Result<Batch, aya::sys::SyscallError>,
+) -> Result<bool> {
+    match r {
+        Ok(Batch::Done) => Ok(true),
+        Ok(Batch::Unsupported) => Ok(false),
+        Err(e) => Err(map_error(name)(e.into())),
     }
 }
 
@@ -119,13 +160,14 @@ impl Egress {
         let mut ebpf = Ebpf::load(EGRESS_OBJ)?;
         let mut me = Self {
             allow: take(&mut ebpf, "allow")?,
+            allow_host: take(&mut ebpf, "allow_host")?,
             exact: take(&mut ebpf, "exact")?,
             config: take(&mut ebpf, "config")?,
             counters: take(&mut ebpf, "counters")?,
             denials: take(&mut ebpf, "denials")?,
             ebpf,
             cgroup: cgroup_dir.to_owned(),
-            rules: StdHashMap::new(),
+            rules: Vec::new(),
             limits,
             dns,
         };
@@ -166,32 +208,110 @@ impl Egress {
         &self.cgroup
     }
 
-    /// Replaces the CIDR rules live: new entries are written before stale ones are removed, so
+    /// Replaces the CIDR rules live. Only entries that differ are touched: new and changed
+    /// ones are written (in one batch where the kernel can) before stale ones are removed, so
     /// a connection allowed by both policies never sees a gap.
     pub fn set_rules(&mut self, rules: &[CidrRule]) -> Result<()> {
-        let next = policy::compile(rules)?;
-        for (&(prefix, addr), ports) in &next {
-            if self.rules.get(&(prefix, addr)) != Some(ports) {
-                self.allow
-                    .insert(&Key::new(u32::from(prefix), addr), *ports, 0)
-                    .map_err(|source| Error::Map {
-                        name: "allow",
-                        source,
-                    })?;
+        self.apply(policy::compile(rules)?)
+    }
+
+    /// `set_rules` for rules given as (address, prefix, one port range) each, which a caller
+    /// holding a large policy in a flat form can pass without building a `CidrRule` apiece.
+    pub fn set_rule_ranges(
+        &mut self,
+        rules: impl Iterator<Item = ([u8; 16], u8, PortRange)>,
+    ) -> Result<()> {
+        self.apply(policy::compile_ranges(rules)?)
+    }
+
+    /// Makes the maps hold `next`. If that fails part way (e.g. the maps are full), the
+    /// previous rules are put back, so a failed update leaves the old policy in force rather
+    /// than a mix of both.
+    fn apply(&mut self, next: Vec<policy::Entry>) -> Result<()> {
+        let old = std::mem::take(&mut self.rules);
+        let Err(e) = self.transition(&old, &next) else {
+            self.rules = next;
+            return Ok(());
+        };
+        // A batch stops at its first failure: diff from what the kernel holds now.
+        let now = self.read_rules();
+        self.rules = match self.transition(&now, &old) {
+            Ok(()) => old,
+            Err(_) => self.read_rules(),
+        };
+        Err(e)
+    }
+
+    fn transition(&mut self, from: &[policy::Entry], to: &[policy::Entry]) -> Result<()> {
+        let (write, remove) = policy::diff(from, to);
+        self.write_rules(&write)?;
+        self.remove_rules(&remove)
+    }
+
+    fn write_rules(&mut self, entries: &[policy::Entry]) -> Result<()> {
+        let (hosts, nets): (Vec<&policy::Entry>, Vec<&policy::Entry>) =
+            entries.iter().partition(|e| e.0 .0 == HOST_PREFIX);
+        let keys: Vec<[u8; 16]> = hosts.iter().map(|e| e.0 .1).collect();
+        let values: Vec<RawPorts> = hosts.iter().map(|e| e.1).collect();
+        // SAFETY: `allow_host` has `[u8; 16]` keys and `RawPorts` values.
+        let r = unsafe { maps::batch(self.allow_host.map().fd().as_fd(), &keys, Some(&values)) };
+        if !batched("allow_host", r)? {
+            for (k, v) in keys.iter().zip(values) {
+                self.allow_host
+                    .insert(k, v, 0)
+                    .map_err(map_error("allow_host"))?;
             }
         }
-        for &(prefix, addr) in self.rules.keys() {
-            if !next.contains_key(&(prefix, addr)) {
-                self.allow
-                    .remove(&Key::new(u32::from(prefix), addr))
-                    .map_err(|source| Error::Map {
-                        name: "allow",
-                        source,
-                    })?;
+        let keys: Vec<Key<[u8; 16]>> = nets.iter().map(|e| lpm_key(e.0)).collect();
+        let values: Vec<RawPorts> = nets.iter().map(|e| e.1).collect();
+        // SAFETY: `allow` has `Key<[u8; 16]>` keys and `RawPorts` values.
+        let r = unsafe { maps::batch(self.allow.map().fd().as_fd(), &keys, Some(&values)) };
+        if !batched("allow", r)? {
+            for (k, v) in keys.iter().zip(values) {
+                self.allow.insert(k, v, 0).map_err(map_error("allow"))?;
             }
         }
-        self.rules = next;
         Ok(())
+    }
+
+    fn remove_rules(&mut self, stale: &[policy::RuleKey]) -> Result<()> {
+        let (hosts, nets): (Vec<&policy::RuleKey>, Vec<&policy::RuleKey>) =
+            stale.iter().partition(|k| k.0 == HOST_PREFIX);
+        let keys: Vec<[u8; 16]> = hosts.iter().map(|k| k.1).collect();
+        // SAFETY: as in write_rules; a delete passes no values.
+        let r =
+            unsafe { maps::batch::<_, RawPorts>(self.allow_host.map().fd().as_fd(), &keys, None) };
+        if !batched("allow_host", r)? {
+            for k in &keys {
+                self.allow_host.remove(k).map_err(map_error("allow_host"))?;
+            }
+        }
+        let keys: Vec<Key<[u8; 16]>> = nets.iter().map(|&&k| lpm_key(k)).collect();
+        // SAFETY: as in write_rules.
+        let r = unsafe { maps::batch::<_, RawPorts>(self.allow.map().fd().as_fd(), &keys, None) };
+        if !batched("allow", r)? {
+            for k in &keys {
+                self.allow.remove(k).map_err(map_error("allow"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The rules as the kernel holds them, sorted as `policy::compile` returns them.
+    fn read_rules(&self) -> Vec<policy::Entry> {
+        let hosts = self
+            .allow_host
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .map(|(k, v)| ((HOST_PREFIX, k), v));
+        let nets = self
+            .allow
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .map(|(k, v)| ((k.prefix_len() as u8, k.data()), v));
+        let mut out: Vec<policy::Entry> = hosts.chain(nets).collect();
+        out.sort_unstable_by_key(|e| e.0);
+        out
     }
 
     /// Changes the byte and connection rate limits live.
@@ -287,7 +407,7 @@ impl Egress {
         Ok(keys.len())
     }
 
-    /// The number of CIDR entries in the kernel trie (after merging and inheritance).
+    /// The number of CIDR entries in the kernel maps (after merging and inheritance).
     #[must_use]
     pub fn rule_entries(&self) -> usize {
         self.rules.len()

@@ -1,8 +1,7 @@
-//! Policy compilation: CIDR rules become LPM-trie entries. The trie answers only the longest
-//! matching prefix, so each entry also carries the port ranges of every shorter rule covering
-//! it; otherwise `10.0.0.0/8:443` would stop applying inside a more specific `10.1.0.0/16:80`.
-
-use std::collections::{BTreeSet, HashMap};
+//! Policy compilation: CIDR rules become map entries (single addresses in a hash, the rest in an
+//! LPM trie). Only the longest matching prefix answers, so each entry also carries the port
+//! ranges of every shorter rule covering it; otherwise `10.0.0.0/8:443` would stop applying
+//! inside a more specific `10.1.0.0/16:80`.
 
 use super::maps::{RawPorts, MAX_RANGES};
 use super::{Error, Result};
@@ -87,50 +86,113 @@ pub(super) fn normalise(ranges: &[PortRange]) -> Vec<PortRange> {
     both
 }
 
-/// Validates `rules` and returns the trie entries keyed by (prefix, masked address).
-pub(super) fn compile(rules: &[CidrRule]) -> Result<HashMap<(u8, [u8; 16]), RawPorts>> {
-    let mut entries: HashMap<(u8, [u8; 16]), Vec<PortRange>> = HashMap::with_capacity(rules.len());
-    for r in rules {
-        if r.prefix > 128 {
+/// A map key: (prefix length, masked address).
+pub(super) type RuleKey = (u8, [u8; 16]);
+
+/// One map entry: its key and the ports it allows.
+pub(super) type Entry = (RuleKey, RawPorts);
+
+/// Validates `rules` and returns the map entries, sorted by (prefix, masked address) with
+/// unique keys. Sorted output lets a live update diff two policies by one merge walk, and the
+/// common case (one port range, nothing inherited) allocates nothing per entry.
+pub(super) fn compile(rules: &[CidrRule]) -> Result<Vec<Entry>> {
+    if rules.iter().any(|r| r.ports.is_empty()) {
+        return Err(Error::Policy("a rule without ports allows nothing".into()));
+    }
+    compile_ranges(
+        rules
+            .iter()
+            .flat_map(|r| r.ports.iter().map(|p| (r.addr, r.prefix, *p))),
+    )
+}
+
+/// `compile` for rules given as (address, prefix, one port range) each.
+pub(super) fn compile_ranges(
+    rules: impl Iterator<Item = ([u8; 16], u8, PortRange)>,
+) -> Result<Vec<Entry>> {
+    let mut flat: Vec<(RuleKey, PortRange)> = Vec::with_capacity(rules.size_hint().0);
+    let mut lengths = [false; 129];
+    for (addr, prefix, p) in rules {
+        if prefix > 128 {
+            return Err(Error::Policy(format!("prefix length {prefix} is over 128")));
+        }
+        if p.lo > p.hi || p.proto & (PROTO_TCP | PROTO_UDP) == 0 || p.proto > 3 {
             return Err(Error::Policy(format!(
-                "prefix length {} is over 128",
-                r.prefix
+                "bad port range {}-{} (protocols {:#x})",
+                p.lo, p.hi, p.proto
             )));
         }
-        if r.ports.is_empty() {
-            return Err(Error::Policy("a rule without ports allows nothing".into()));
-        }
-        for p in &r.ports {
-            if p.lo > p.hi || p.proto & (PROTO_TCP | PROTO_UDP) == 0 || p.proto > 3 {
-                return Err(Error::Policy(format!(
-                    "bad port range {}-{} (protocols {:#x})",
-                    p.lo, p.hi, p.proto
-                )));
-            }
-        }
-        entries
-            .entry((r.prefix, mask(r.addr, r.prefix)))
-            .or_default()
-            .extend(&r.ports);
+        flat.push(((prefix, mask(addr, prefix)), p));
+        lengths[usize::from(prefix)] = true;
     }
-    let lengths: BTreeSet<u8> = entries.keys().map(|&(p, _)| p).collect();
-    let mut out = HashMap::with_capacity(entries.len());
-    for (&(prefix, addr), ports) in &entries {
-        let mut all = ports.clone();
-        for &shorter in lengths.range(..prefix) {
-            if let Some(inherited) = entries.get(&(shorter, mask(addr, shorter))) {
-                all.extend(inherited);
+    flat.sort_unstable();
+    // (key, start, end) of each key's run of ranges in `flat`.
+    let mut groups: Vec<(RuleKey, usize, usize)> = Vec::with_capacity(flat.len());
+    for (i, (key, _)) in flat.iter().enumerate() {
+        match groups.last_mut() {
+            Some((k, _, end)) if k == key => *end = i + 1,
+            _ => groups.push((*key, i, i + 1)),
+        }
+    }
+    let shorter: Vec<u8> = (0..=128u8).filter(|&l| lengths[usize::from(l)]).collect();
+    let mut out = Vec::with_capacity(groups.len());
+    let mut all: Vec<PortRange> = Vec::new();
+    for &((prefix, addr), start, end) in &groups {
+        all.clear();
+        all.extend(flat[start..end].iter().map(|(_, p)| *p));
+        for &q in shorter.iter().take_while(|&&q| q < prefix) {
+            let covering = (q, mask(addr, q));
+            if let Ok(i) = groups.binary_search_by(|g| g.0.cmp(&covering)) {
+                let (_, s, e) = groups[i];
+                all.extend(flat[s..e].iter().map(|(_, p)| *p));
             }
         }
-        let ranges = normalise(&all);
-        let raw = RawPorts::from_ranges(&ranges).map_err(|n| {
+        // One valid range is already normal.
+        let raw = if all.len() == 1 {
+            RawPorts::from_ranges(&all)
+        } else {
+            RawPorts::from_ranges(&normalise(&all))
+        }
+        .map_err(|n| {
             Error::Policy(format!(
                 "{n} distinct port ranges apply to one network (at most {MAX_RANGES}); merge them"
             ))
         })?;
-        out.insert((prefix, addr), raw);
+        out.push(((prefix, addr), raw));
     }
     Ok(out)
+}
+
+/// What turns maps holding `old` into maps holding `new` (both as `compile` returns them):
+/// the entries to write (new or changed) and the keys to remove.
+pub(super) fn diff(old: &[Entry], new: &[Entry]) -> (Vec<Entry>, Vec<RuleKey>) {
+    let (mut write, mut remove) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if o.0 == n.0 => {
+                if o.1 != n.1 {
+                    write.push(*n);
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if o.0 < n.0 => {
+                remove.push(o.0);
+                i += 1;
+            }
+            (Some(o), None) => {
+                remove.push(o.0);
+                i += 1;
+            }
+            (_, Some(n)) => {
+                write.push(*n);
+                j += 1;
+            }
+            (None, None) => unreachable!("the loop condition"),
+        }
+    }
+    (write, remove)
 }
 
 #[cfg(test)]
@@ -160,7 +222,8 @@ mod tests {
             v4([10, 1, 0, 0], 16, 80, 80),
         ])
         .unwrap();
-        let inner = m.get(&(112, v4([10, 1, 0, 0], 16, 0, 0).addr)).unwrap();
+        let key = (112, v4([10, 1, 0, 0], 16, 0, 0).addr);
+        let (_, inner) = m.iter().find(|(k, _)| *k == key).unwrap();
         let got: Vec<PortRange> = inner.ranges().collect();
         assert_eq!(
             got.iter().map(|r| (r.lo, r.hi)).collect::<Vec<_>>(),
@@ -172,7 +235,7 @@ mod tests {
     fn host_bits_are_masked_and_ranges_merged() {
         let m = compile(&[v4([10, 0, 0, 7], 24, 1, 10), v4([10, 0, 0, 9], 24, 5, 20)]).unwrap();
         assert_eq!(m.len(), 1);
-        let (&(_, addr), ports) = m.iter().next().unwrap();
+        let ((_, addr), ports) = m[0];
         assert_eq!(addr[15], 0);
         assert_eq!(
             ports.ranges().map(|r| (r.lo, r.hi)).collect::<Vec<_>>(),
@@ -213,5 +276,45 @@ mod tests {
                 proto: 3
             }]
         );
+    }
+
+    #[test]
+    fn diff_writes_new_and_changed_entries_and_removes_stale_ones() {
+        let old = compile(&[
+            v4([10, 0, 0, 1], 32, 80, 80),
+            v4([10, 0, 0, 2], 32, 80, 80),
+            v4([10, 0, 0, 3], 32, 80, 80),
+        ])
+        .unwrap();
+        let new = compile(&[
+            v4([10, 0, 0, 2], 32, 80, 80),
+            v4([10, 0, 0, 3], 32, 81, 81),
+            v4([10, 0, 0, 4], 32, 80, 80),
+        ])
+        .unwrap();
+        let (write, remove) = diff(&old, &new);
+        let last = |k: &(u8, [u8; 16])| k.1[15];
+        assert_eq!(
+            write.iter().map(|(k, _)| last(k)).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert_eq!(remove.iter().map(last).collect::<Vec<_>>(), [1]);
+        assert_eq!(diff(&new, &new), (vec![], vec![]));
+        let (write, remove) = diff(&[], &new);
+        assert_eq!((write.len(), remove.len()), (3, 0));
+    }
+
+    #[test]
+    fn compile_output_is_sorted_and_unique() {
+        let m = compile(&[
+            v4([10, 0, 0, 9], 32, 10, 10),
+            v4([10, 0, 0, 0], 8, 20, 20),
+            v4([10, 0, 0, 9], 32, 30, 30),
+        ])
+        .unwrap();
+        assert!(m.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(m.len(), 2);
+        // The /32 has its own two ranges and the /8's.
+        assert_eq!(m[1].1.ranges().count(), 3);
     }
 }
