@@ -243,6 +243,48 @@ def test_crash_without_checkpoint_replays_the_log(tmp_path: Path) -> None:
         assert coll.search([0, 1.0, 0, 0], 1)[0].key == 2
 
 
+def test_periodic_checkpoint_spares_a_crashed_store_the_replay(tmp_path: Path) -> None:
+    """kill -9 after the checkpointer ran: the next open loads its file and replays nothing."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from pathlib import Path
+        from agentnode.storage.vectors import VectorStore
+        store = VectorStore({str(tmp_path)!r})
+        store.start_checkpointer(0.05)
+        coll = store.create_collection("c", dims=4)
+        for key in range(3):
+            coll.upsert(key, [1.0, key, 0, 0], tenant="a", sync=True)
+        done = Path({str(tmp_path)!r}) / "index" / "c.3.anvec"
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # and a few idle rounds, which must not rewrite it
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert [p.name for p in (tmp_path / "index").iterdir()] == ["c.3.anvec"]
+    with VectorStore(tmp_path) as store:
+        coll = store.collection("c")
+        assert coll.saved_seq == 3  # loaded as saved: no log replay, no rebuild
+        assert len(coll) == 3
+        assert coll.search([1.0, 2.0, 0, 0], 1)[0].key == 2
+
+
+def test_checkpointer_skips_dropped_collections_and_stops_on_close(tmp_path: Path) -> None:
+    store = VectorStore(tmp_path)
+    store.start_checkpointer(0.01)
+    coll = store.create_collection("gone", dims=4)
+    coll.upsert(1, [1.0, 0, 0, 0], tenant="a")
+    store.drop_collection("gone")
+    threading.Event().wait(0.1)
+    assert list((tmp_path / "index").iterdir()) == []
+    store.close()
+    assert not any(t.name == "agentnode-vector-checkpoint" for t in threading.enumerate())
+
+
 def test_concurrent_batches_from_threads(tmp_path: Path) -> None:
     dims, per_thread, writers = 32, 1500, 4
     data = data_mod.clustered(per_thread * writers, dims, seed=9)
