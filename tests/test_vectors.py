@@ -92,7 +92,8 @@ def test_metrics_and_dtypes(tmp_path: Path, metric: str, dtype: str) -> None:
 
 def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
     """Recall@10 at default parameters on the quick bench data, unfiltered and filtered to 10%
-    of the data (one tenant of ten)."""
+    (one tenant of ten: post-filtered), 1% (a namespace: scanned exactly), 0.1% (tenant and
+    namespace together) and a third (a key set)."""
     n, dims, k = 10_000, 128, 10
     data, queries = data_mod.bench_data(n, dims, 300)
     tenants = np.arange(n) % 10
@@ -100,7 +101,9 @@ def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
         coll = store.create_collection("bench", dims=dims)
         for t in range(10):
             keys = np.flatnonzero(tenants == t)
-            coll.upsert_batch(keys.tolist(), data[keys], tenant=f"t{t}")
+            coll.upsert_batch(
+                keys.tolist(), data[keys], tenant=f"t{t}", namespace=[f"n{i % 100}" for i in keys]
+            )
         found = [[h.key for h in hits] for hits in coll.search_batch(queries, k)]
         assert data_mod.recall(found, data_mod.brute_force(data, queries, k)) >= 0.95
         subset = np.flatnonzero(tenants == 3)
@@ -108,6 +111,17 @@ def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
         found = [[h.key for h in coll.search(q, k, tenant="t3")] for q in queries]
         assert all(f % 10 == 3 for hits in found for f in hits)
         assert data_mod.recall(found, truth) >= 0.95
+        cases = [
+            ({"namespace": "n7"}, np.arange(n) % 100 == 7),
+            ({"namespace": "n13", "tenant": "t3"}, np.arange(n) % 100 == 13),
+            ({"keys": range(0, n, 3)}, np.arange(n) % 3 == 0),
+        ]
+        for where, admitted in cases:
+            subset = np.flatnonzero(admitted)
+            truth = subset[data_mod.brute_force(data[subset], queries, k)]
+            found = [[h.key for h in coll.search(q, k, **where)] for q in queries]  # type: ignore[arg-type]
+            assert all(admitted[f] for hits in found for f in hits), where
+            assert data_mod.recall(found, truth) >= 0.95, where
 
 
 def test_bad_input(tmp_path: Path) -> None:
