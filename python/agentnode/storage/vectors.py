@@ -334,8 +334,9 @@ class Collection:
     ) -> list[Match]:
         """The `k` nearest vectors passing every given filter, closest first.
 
-        Filters (tenant, namespace, task, a key set) are evaluated inside the graph search in
-        Rust, so a selective filter still returns `k` hits when `k` exist.
+        Filters (tenant, namespace, task, a key set) are evaluated in Rust, by an exact scan
+        when they admit few vectors and during the graph search otherwise, so a selective
+        filter still returns `k` hits when `k` exist.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise VectorError(f"k must be a positive integer, got {k!r}")
