@@ -92,7 +92,8 @@ def test_metrics_and_dtypes(tmp_path: Path, metric: str, dtype: str) -> None:
 
 def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
     """Recall@10 at default parameters on the quick bench data, unfiltered and filtered to 10%
-    of the data (one tenant of ten)."""
+    (one tenant of ten: post-filtered), 1% (a namespace: scanned exactly), 0.1% (tenant and
+    namespace together) and a third (a key set)."""
     n, dims, k = 10_000, 128, 10
     data, queries = data_mod.bench_data(n, dims, 300)
     tenants = np.arange(n) % 10
@@ -100,7 +101,9 @@ def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
         coll = store.create_collection("bench", dims=dims)
         for t in range(10):
             keys = np.flatnonzero(tenants == t)
-            coll.upsert_batch(keys.tolist(), data[keys], tenant=f"t{t}")
+            coll.upsert_batch(
+                keys.tolist(), data[keys], tenant=f"t{t}", namespace=[f"n{i % 100}" for i in keys]
+            )
         found = [[h.key for h in hits] for hits in coll.search_batch(queries, k)]
         assert data_mod.recall(found, data_mod.brute_force(data, queries, k)) >= 0.95
         subset = np.flatnonzero(tenants == 3)
@@ -108,6 +111,17 @@ def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
         found = [[h.key for h in coll.search(q, k, tenant="t3")] for q in queries]
         assert all(f % 10 == 3 for hits in found for f in hits)
         assert data_mod.recall(found, truth) >= 0.95
+        cases = [
+            ({"namespace": "n7"}, np.arange(n) % 100 == 7),
+            ({"namespace": "n13", "tenant": "t3"}, np.arange(n) % 100 == 13),
+            ({"keys": range(0, n, 3)}, np.arange(n) % 3 == 0),
+        ]
+        for where, admitted in cases:
+            subset = np.flatnonzero(admitted)
+            truth = subset[data_mod.brute_force(data[subset], queries, k)]
+            found = [[h.key for h in coll.search(q, k, **where)] for q in queries]  # type: ignore[arg-type]
+            assert all(admitted[f] for hits in found for f in hits), where
+            assert data_mod.recall(found, truth) >= 0.95, where
 
 
 def test_bad_input(tmp_path: Path) -> None:
@@ -241,6 +255,48 @@ def test_crash_without_checkpoint_replays_the_log(tmp_path: Path) -> None:
         assert len(coll) == 1
         assert 2 in coll and 1 not in coll
         assert coll.search([0, 1.0, 0, 0], 1)[0].key == 2
+
+
+def test_periodic_checkpoint_spares_a_crashed_store_the_replay(tmp_path: Path) -> None:
+    """kill -9 after the checkpointer ran: the next open loads its file and replays nothing."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from pathlib import Path
+        from agentnode.storage.vectors import VectorStore
+        store = VectorStore({str(tmp_path)!r})
+        store.start_checkpointer(0.05)
+        coll = store.create_collection("c", dims=4)
+        for key in range(3):
+            coll.upsert(key, [1.0, key, 0, 0], tenant="a", sync=True)
+        done = Path({str(tmp_path)!r}) / "index" / "c.3.anvec"
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # and a few idle rounds, which must not rewrite it
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert [p.name for p in (tmp_path / "index").iterdir()] == ["c.3.anvec"]
+    with VectorStore(tmp_path) as store:
+        coll = store.collection("c")
+        assert coll.saved_seq == 3  # loaded as saved: no log replay, no rebuild
+        assert len(coll) == 3
+        assert coll.search([1.0, 2.0, 0, 0], 1)[0].key == 2
+
+
+def test_checkpointer_skips_dropped_collections_and_stops_on_close(tmp_path: Path) -> None:
+    store = VectorStore(tmp_path)
+    store.start_checkpointer(0.01)
+    coll = store.create_collection("gone", dims=4)
+    coll.upsert(1, [1.0, 0, 0, 0], tenant="a")
+    store.drop_collection("gone")
+    threading.Event().wait(0.1)
+    assert list((tmp_path / "index").iterdir()) == []
+    store.close()
+    assert not any(t.name == "agentnode-vector-checkpoint" for t in threading.enumerate())
 
 
 def test_concurrent_batches_from_threads(tmp_path: Path) -> None:

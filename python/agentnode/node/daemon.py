@@ -20,6 +20,10 @@ from agentnode import doctor
 from agentnode.errors import AgentnodeError, ConfigError
 from agentnode.node.config import NodeConfig, load_config
 
+# How much of the vector op log a crash can leave to replay: a checkpoint of a 100k x 384
+# collection writes ~170 MiB, so not much more often than this.
+_VECTOR_CHECKPOINT_SECONDS = 300.0
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -114,6 +118,7 @@ async def serve(config: NodeConfig) -> None:
             await web.TCPSite(runners[2], host or "127.0.0.1", int(port)).start()
             where.append(f"http://{config.listen} (bearer token)")
         episodic.start_sweeper(60.0)
+        vectors.start_checkpointer(_VECTOR_CHECKPOINT_SECONDS)
         node.start()
         inv = node.inventory
         print(f"agentnode: listening on {', '.join(where)}", flush=True)

@@ -197,6 +197,9 @@ class Collection:
         self._prefix = f"v/{name}\0".encode()
         self._log_prefix = f"l/{name}\0".encode()
         self._seq_key = f"s/{name}".encode()
+        # Set under `_write` by `drop_collection`, so a background checkpoint that was about to
+        # run does not write a file for a collection that no longer exists.
+        self._dropped = False
 
     def __len__(self) -> int:
         return len(self._index)
@@ -331,8 +334,9 @@ class Collection:
     ) -> list[Match]:
         """The `k` nearest vectors passing every given filter, closest first.
 
-        Filters (tenant, namespace, task, a key set) are evaluated inside the graph search in
-        Rust, so a selective filter still returns `k` hits when `k` exist.
+        Filters (tenant, namespace, task, a key set) are evaluated in Rust, by an exact scan
+        when they admit few vectors and during the graph search otherwise, so a selective
+        filter still returns `k` hits when `k` exist.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise VectorError(f"k must be a positive integer, got {k!r}")
@@ -382,8 +386,8 @@ class Collection:
         with self._write:
             seq = self._store._seq(self.name)
             path = self._store._index_path(self.name, seq)
-            if self.saved_seq == seq and path.exists():
-                return path  # nothing written since the last checkpoint
+            if self._dropped or (self.saved_seq == seq and path.exists()):
+                return path  # dropped, or nothing written since the last checkpoint
             self._index.save(path)
             self.saved_seq = seq
             self._store._db.delete_range(self._log_prefix, self._log_prefix + _U64.pack(seq + 1))
@@ -436,6 +440,8 @@ class VectorStore:
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
         self._closed = False
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     def __enter__(self) -> VectorStore:
         return self
@@ -511,17 +517,45 @@ class VectorStore:
             self._db.delete(f"c/{name}".encode(), self._sync)
             for _, path in self._index_files(name):
                 path.unlink(missing_ok=True)
+            coll._dropped = True
             del self._collections[name]
 
     def checkpoint(self) -> None:
         """Checkpoints every open collection (see `Collection.checkpoint`)."""
-        for coll in list(self._collections.values()):
+        with self._lock:
+            colls = list(self._collections.values())
+        for coll in colls:
             coll.checkpoint()
 
+    def start_checkpointer(self, interval: float = 300.0) -> None:
+        """Checkpoints every `interval` seconds on a background thread until `close()`.
+
+        Only collections written since their last checkpoint are saved. Without it, a store
+        checkpoints only at `close()`, and a crash makes the next open replay every write since
+        the store was opened.
+        """
+        if self._checkpointer is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.checkpoint()
+                except Exception:  # retried next interval; the RocksDB record stays complete
+                    log.exception("periodic vector checkpoint failed in %s", self.path)
+
+        self._checkpointer = threading.Thread(
+            target=loop, name="agentnode-vector-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
     def close(self) -> None:
-        """Checkpoints and closes the store; idempotent."""
+        """Stops the checkpointer, checkpoints and closes the store; idempotent."""
         if self._closed:
             return
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         self.checkpoint()
         self._collections.clear()
         self._db.close()

@@ -18,7 +18,7 @@ pub struct Label {
 /// The filter looks a key up for every node usearch visits; `SipHash`'s resistance to `DoS` buys
 /// nothing for keys the store already validated, and a multiplicative hash is several times faster.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(super) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -35,12 +35,15 @@ impl Hasher for KeyHasher {
 }
 
 type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+/// A set of vector keys, hashed like [`KeyMap`].
+pub(super) type KeySet = HashSet<u64, BuildHasherDefault<KeyHasher>>;
+
+/// The labelled fields, in the order an [`Entry`] stores their name ids.
+const FIELDS: usize = 3;
 
 #[derive(Debug, Clone)]
 struct Entry {
-    tenant: u32,
-    namespace: u32,
-    task: u32,
+    names: [u32; FIELDS],
     payload: Vec<u8>,
 }
 
@@ -49,29 +52,40 @@ pub(super) struct Labels {
     names: Vec<String>,
     ids: HashMap<String, u32>,
     entries: KeyMap<Entry>,
+    /// Per field, the keys carrying each name id. A filter on a field checks its posting set:
+    /// one probe into a set the size of the match (cache-resident for selective filters)
+    /// instead of the whole label table, and the set's size is the filter's selectivity.
+    postings: [Vec<KeySet>; FIELDS],
 }
 
-/// A filter resolved against the interned names.
+/// A filter resolved against the interned names: the key sets a key must be in.
 pub(super) struct Compiled<'f> {
-    tenant: Option<u32>,
-    namespace: Option<u32>,
-    task: Option<u32>,
-    keys: Option<&'f HashSet<u64>>,
+    /// Posting sets and the caller's key set, smallest first so a miss is found early.
+    sets: Vec<&'f KeySet>,
 }
 
 impl Compiled<'_> {
-    pub(super) fn accepts(&self, labels: &Labels, key: u64) -> bool {
-        if self.keys.is_some_and(|keys| !keys.contains(&key)) {
-            return false;
-        }
-        if self.tenant.is_none() && self.namespace.is_none() && self.task.is_none() {
-            return true;
-        }
-        labels.entries.get(&key).is_some_and(|e| {
-            self.tenant.is_none_or(|t| t == e.tenant)
-                && self.namespace.is_none_or(|n| n == e.namespace)
-                && self.task.is_none_or(|t| t == e.task)
-        })
+    /// Whether `key` passes every set of the filter.
+    pub(super) fn accepts(&self, key: u64) -> bool {
+        self.sets.iter().all(|set| set.contains(&key))
+    }
+
+    /// An upper bound on the keys that pass: the smallest set's size.
+    pub(super) fn admitted_at_most(&self) -> usize {
+        self.sets.first().map_or(0, |s| s.len())
+    }
+
+    /// Every key that passes (the smallest set, checked against the others).
+    pub(super) fn admitted(&self) -> impl Iterator<Item = u64> + '_ {
+        let (first, rest) = self
+            .sets
+            .split_first()
+            .map_or((None, &[][..]), |(f, r)| (Some(*f), r));
+        first
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |key| rest.iter().all(|set| set.contains(key)))
     }
 }
 
@@ -91,40 +105,72 @@ impl Labels {
     }
 
     pub(super) fn insert(&mut self, key: u64, label: Label) {
-        let entry = Entry {
-            tenant: self.intern(&label.tenant),
-            namespace: self.intern(&label.namespace),
-            task: self.intern(&label.task),
-            payload: label.payload,
-        };
-        self.entries.insert(key, entry);
+        let names = [
+            self.intern(&label.tenant),
+            self.intern(&label.namespace),
+            self.intern(&label.task),
+        ];
+        self.remove(key);
+        self.post(key, names);
+        self.entries.insert(
+            key,
+            Entry {
+                names,
+                payload: label.payload,
+            },
+        );
+    }
+
+    fn post(&mut self, key: u64, names: [u32; FIELDS]) {
+        for (postings, id) in self.postings.iter_mut().zip(names) {
+            let id = id as usize;
+            if postings.len() <= id {
+                postings.resize_with(id + 1, KeySet::default);
+            }
+            postings[id].insert(key);
+        }
     }
 
     pub(super) fn remove(&mut self, key: u64) {
-        self.entries.remove(&key);
+        if let Some(old) = self.entries.remove(&key) {
+            for (postings, id) in self.postings.iter_mut().zip(old.names) {
+                postings[id as usize].remove(&key);
+            }
+        }
     }
 
     pub(super) fn get(&self, key: u64) -> Option<Label> {
-        self.entries.get(&key).map(|e| Label {
-            tenant: self.names[e.tenant as usize].clone(),
-            namespace: self.names[e.namespace as usize].clone(),
-            task: self.names[e.task as usize].clone(),
-            payload: e.payload.clone(),
+        self.entries.get(&key).map(|e| {
+            let [tenant, namespace, task] = e.names.map(|id| self.names[id as usize].clone());
+            Label {
+                tenant,
+                namespace,
+                task,
+                payload: e.payload.clone(),
+            }
         })
     }
 
-    /// `None` when the filter names a tenant, namespace or task that no vector carries.
-    pub(super) fn compile<'f>(&self, filter: &'f Filter) -> Option<Compiled<'f>> {
-        let resolve = |name: &Option<String>| match name {
-            None => Some(None),
-            Some(n) => self.ids.get(n).map(|id| Some(*id)),
-        };
-        Some(Compiled {
-            tenant: resolve(&filter.tenant)?,
-            namespace: resolve(&filter.namespace)?,
-            task: resolve(&filter.task)?,
-            keys: filter.keys.as_ref(),
-        })
+    /// The filter's key sets; `keys` is the caller's key set, rehashed by the caller into a
+    /// [`KeySet`]. An empty set (a name no vector carries) admits nothing.
+    pub(super) fn compile<'f>(&'f self, filter: &Filter, keys: Option<&'f KeySet>) -> Compiled<'f> {
+        static NONE: std::sync::LazyLock<KeySet> = std::sync::LazyLock::new(KeySet::default);
+        let mut sets: Vec<&KeySet> = [&filter.tenant, &filter.namespace, &filter.task]
+            .into_iter()
+            .zip(&self.postings)
+            .filter_map(|(name, postings)| {
+                let name = name.as_ref()?;
+                Some(
+                    self.ids
+                        .get(name)
+                        .and_then(|id| postings.get(*id as usize))
+                        .unwrap_or(&NONE),
+                )
+            })
+            .chain(keys)
+            .collect();
+        sets.sort_by_key(|s| s.len());
+        Compiled { sets }
     }
 
     /// Little-endian: name count, names (u32 length + bytes), entry count, entries
@@ -139,7 +185,7 @@ impl Labels {
         out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
         for (key, e) in &self.entries {
             out.extend_from_slice(&key.to_le_bytes());
-            for id in [e.tenant, e.namespace, e.task] {
+            for id in e.names {
                 out.extend_from_slice(&id.to_le_bytes());
             }
             out.extend_from_slice(&(e.payload.len() as u32).to_le_bytes());
@@ -172,18 +218,19 @@ impl Labels {
         let names = labels.names.len() as u32;
         for _ in 0..u64_(&mut buf)? {
             let key = u64_(&mut buf)?;
-            let (tenant, namespace, task) = (u32_(&mut buf)?, u32_(&mut buf)?, u32_(&mut buf)?);
-            if tenant >= names || namespace >= names || task >= names {
+            let ids = [u32_(&mut buf)?, u32_(&mut buf)?, u32_(&mut buf)?];
+            if ids.iter().any(|id| *id >= names) {
                 return None;
             }
             let len = u32_(&mut buf)? as usize;
             let payload = take(&mut buf, len)?.to_vec();
+            // A repeated key (only in a hand-made file) must not leave stale postings.
+            labels.remove(key);
+            labels.post(key, ids);
             labels.entries.insert(
                 key,
                 Entry {
-                    tenant,
-                    namespace,
-                    task,
+                    names: ids,
                     payload,
                 },
             );

@@ -167,3 +167,148 @@ fn save_load_round_trip_and_corruption() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn plans_follow_selectivity() {
+    // 100k vectors, k=10, ef=64: a handful of keys are scanned, a tenth is post-filtered.
+    assert_eq!(plan(50, 100_000, 10, 64), Plan::Exact);
+    assert_eq!(plan(1_000, 100_000, 10, 64), Plan::Exact);
+    assert_eq!(plan(10_000, 100_000, 10, 64), Plan::PostFilter(150));
+    assert_eq!(plan(100_000, 100_000, 10, 64), Plan::PostFilter(15));
+    // A broad filter and a k above ef: post-filtering would ask for more than the walk expands.
+    assert_eq!(plan(500_000, 1_000_000, 100, 64), Plan::Graph);
+}
+
+/// Exact top-k keys of `query` among the rows `admit` accepts, by `metric`.
+fn brute(
+    metric: Metric,
+    data: &[f32],
+    dims: usize,
+    query: &[f32],
+    k: usize,
+    admit: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let mut all: Vec<(f32, u64)> = data
+        .chunks_exact(dims)
+        .enumerate()
+        .filter(|(i, _)| admit(*i as u64))
+        .map(|(i, row)| (metric.distance(query, row), i as u64))
+        .collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    all.into_iter().take(k).map(|(_, key)| key).collect()
+}
+
+type Admit = dyn Fn(u64) -> bool;
+
+#[test]
+fn every_plan_matches_brute_force() {
+    let (n, dims, k) = (4000, 16, 10);
+    // Unit rows, so that inner product ranks like cosine (HNSW needs a metric-like distance).
+    let unit = |v: Vec<f32>| -> Vec<f32> {
+        v.chunks_exact(dims)
+            .flat_map(|row| {
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+                row.iter().map(move |x| x / norm)
+            })
+            .collect()
+    };
+    let data = unit(vectors(n, dims, 11));
+    for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+        let c = Collection::new(Options {
+            metric,
+            ..opts(dims)
+        })
+        .unwrap();
+        let keys: Vec<u64> = (0..n as u64).collect();
+        // tenant: one in ten (post-filtered); task: one in two hundred (scanned).
+        let labels = (0..n)
+            .map(|i| Label {
+                tenant: format!("t{}", i % 10),
+                namespace: "ns".to_owned(),
+                task: format!("x{}", i % 200),
+                payload: Vec::new(),
+            })
+            .collect();
+        c.upsert_batch(&keys, &data, labels, 2).unwrap();
+        let by_tenant = Filter {
+            tenant: Some("t3".to_owned()),
+            ..Filter::default()
+        };
+        let by_task = Filter {
+            task: Some("x7".to_owned()),
+            ..Filter::default()
+        };
+        let by_both = Filter {
+            tenant: Some("t7".to_owned()),
+            task: Some("x7".to_owned()),
+            ..Filter::default()
+        };
+        let by_keys = Filter {
+            keys: Some((0..n as u64).step_by(3).collect()),
+            ..Filter::default()
+        };
+        let cases: [(&str, &Filter, &Admit); 4] = [
+            ("tenant", &by_tenant, &|key| key % 10 == 3),
+            ("task", &by_task, &|key| key % 200 == 7),
+            ("tenant and task", &by_both, &|key| key % 200 == 7),
+            ("keys", &by_keys, &|key| key % 3 == 0),
+        ];
+        for (name, filter, admit) in cases {
+            let (mut found, mut total) = (0, 0);
+            for q in 0..20 {
+                let query = unit(vectors(1, dims, 1000 + q));
+                let hits = c.search(&query, k, filter).unwrap();
+                assert!(
+                    hits.iter().all(|h| admit(h.key)),
+                    "{metric:?}: a hit fails the filter"
+                );
+                assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
+                let truth = brute(metric, &data, dims, &query, k, admit);
+                assert_eq!(hits.len(), truth.len());
+                found += hits.iter().filter(|h| truth.contains(&h.key)).count();
+                total += truth.len();
+            }
+            // recall >= 0.9, in integers
+            assert!(
+                found * 10 >= total * 9,
+                "{metric:?} by {name}: {found} of {total} found"
+            );
+        }
+        // The exact scan reports the distances usearch would.
+        let query = unit(vectors(1, dims, 5));
+        let graph = c.search(&query, 1, &Filter::default()).unwrap()[0];
+        let only = Filter {
+            keys: Some([graph.key].into_iter().collect()),
+            ..Filter::default()
+        };
+        let scanned = c.search(&query, 1, &only).unwrap()[0];
+        assert_eq!(scanned.key, graph.key);
+        assert!(
+            (scanned.distance - graph.distance).abs() < 1e-4,
+            "{metric:?}: {scanned:?} vs {graph:?}"
+        );
+    }
+}
+
+#[test]
+fn relabelled_and_deleted_keys_leave_their_filters() {
+    let c = Collection::new(opts(4)).unwrap();
+    c.upsert(1, &[1.0, 0.0, 0.0, 0.0], label("a")).unwrap();
+    c.upsert(2, &[0.0, 1.0, 0.0, 0.0], label("a")).unwrap();
+    c.upsert(1, &[1.0, 0.0, 0.0, 0.0], label("b")).unwrap();
+    let only = |t: &str| Filter {
+        tenant: Some(t.to_owned()),
+        ..Filter::default()
+    };
+    let keys = |f: &Filter| -> Vec<u64> {
+        c.search(&[1.0, 0.0, 0.0, 0.0], 5, f)
+            .unwrap()
+            .iter()
+            .map(|h| h.key)
+            .collect()
+    };
+    assert_eq!(keys(&only("a")), vec![2]);
+    assert_eq!(keys(&only("b")), vec![1]);
+    c.delete(1).unwrap();
+    assert!(keys(&only("b")).is_empty());
+}
