@@ -5,21 +5,20 @@ sequence number, requests, backoff end), then the whole task as msgpack. Recover
 records once, reads only the headers, and keeps each body undecoded until the task is used, so a
 restart with a long queue costs a scan rather than building every task.
 
-Writes go through one writer thread that commits everything pending as a single WriteBatch
-(group commit), so the event loop never blocks on disk and a burst of transitions costs one
-WAL write. `await put(...)` returns only after the batch holding it is written, so a caller that
-acknowledges after the await never acknowledges something a process crash can lose (with
-`sync=True`, nor a power loss).
+Every record put during one turn of the event loop is committed as one WriteBatch at the end of
+that turn (group commit), so a burst of transitions costs one WAL write. The commit runs on the
+event loop's thread: rocksdict holds the GIL while it writes, so a writer thread would block the
+loop just the same and only add two thread hand-offs per write. `await put(...)` returns only
+after the batch holding it is written, so a caller that acknowledges after the await never
+acknowledges something a process crash can lose (with `sync=True`, nor a power loss).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import struct
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
 from pathlib import Path
@@ -47,8 +46,6 @@ _CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
 # format, state, class, tenant length, seq, cpu_millis, memory_bytes, not_before; then the
 # tenant's UTF-8 bytes, then the msgpack body.
 _HEAD = struct.Struct("<BBBBQQQd")
-
-_Item = tuple[list[Task], asyncio.AbstractEventLoop, asyncio.Future[None]]
 
 
 #: A queued task as the scheduler needs it (from its record's header, or `queued_of`):
@@ -108,15 +105,15 @@ def decode(raw: bytes) -> Task:
 
 
 class TaskStore:
-    """Task records under `root/db`, checkpoints under `root/checkpoints/<task id>`."""
+    """Task records under `root/db`, checkpoints under `root/checkpoints/<task id>`. `put` from
+    one event loop."""
 
     def __init__(self, root: Path, *, sync: bool = False) -> None:
         """Opens (creating) the store.
 
         Every batch reaches RocksDB's write-ahead log in the kernel before `put` returns, which
         survives a crash or `kill -9` of this process. `sync=True` also fsyncs each batch to
-        survive power loss; rocksdict holds the GIL while it writes, so that stalls the event
-        loop for the fsync, once per batch.
+        survive power loss, which stalls the event loop for the fsync, once per batch.
         """
         self.root = root
         self.checkpoints = root / "checkpoints"
@@ -132,11 +129,7 @@ class TaskStore:
         raw = self._db.get(_SEQ)
         self._seq = int(raw) if raw else 0
         self._closed = False
-        self._pending: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(
-            target=self._write_loop, name="agentnode-store", daemon=True
-        )
-        self._writer.start()
+        self._pending: list[tuple[list[Task], asyncio.Future[None]]] = []
 
     def next_seq(self) -> int:
         """A new submission sequence number, persisted with the next write."""
@@ -149,7 +142,9 @@ class TaskStore:
             raise TaskError(f"the task store at {self.root} is closed (reopen it)")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._pending.put((list(tasks), loop, done))
+        if not self._pending:
+            loop.call_soon(self._flush)  # after the rest of this turn's callbacks
+        self._pending.append((list(tasks), done))
         await done
 
     def put_now(self, *tasks: Task) -> None:
@@ -206,27 +201,24 @@ class TaskStore:
         batch.put(_SEQ, str(self._seq).encode())
         self._db.write(batch, self._wopts)
 
-    def _write_loop(self) -> None:
-        while (item := self._pending.get()) is not None:
-            items = [item]
-            while True:
-                try:
-                    nxt = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._pending.put(None)
-                    break
-                items.append(nxt)
-            error: BaseException | None = None
-            try:
-                self._commit(t for tasks, _, _ in items for t in tasks)
-            except Exception as e:
-                error = TaskError(
-                    f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
-                )
-            for _, loop, done in items:
-                loop.call_soon_threadsafe(_settle, done, error)
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return  # close() wrote them
+        error: BaseException | None = None
+        try:
+            self._commit(t for tasks, _ in pending for t in tasks)
+        except Exception as e:
+            error = TaskError(
+                f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
+            )
+        for _, done in pending:
+            if done.done():  # its waiter was cancelled; the write stands
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
 
     def checkpoint_path(self, task_id: str) -> Path:
         """Where a task's checkpoint lives (given to a retried task as AGENTNODE_CHECKPOINT)."""
@@ -262,15 +254,5 @@ class TaskStore:
         if self._closed:
             return
         self._closed = True
-        self._pending.put(None)
-        self._writer.join()
+        self._flush()
         self._db.close()
-
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.done():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
