@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -356,6 +357,29 @@ def test_failed_write_acknowledges_nothing(tmp_path: Path, monkeypatch: pytest.M
         m.close()
         with pytest.raises(TaskError, match="closed"):
             await m.store.put(started)
+
+    asyncio.run(main())
+
+
+def test_puts_in_one_turn_share_one_write(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = TaskStore(tmp_path)
+        batches: list[int] = []
+        commit = store._commit
+
+        def counted(tasks: Iterable[Task]) -> None:
+            batch = list(tasks)
+            batches.append(len(batch))
+            commit(batch)
+
+        store._commit = counted  # type: ignore[method-assign]
+        tasks = [Task(id=f"t{i}", seq=store.next_seq(), spec=spec()) for i in range(20)]
+        await asyncio.gather(*(store.put(t) for t in tasks[:10]), store.put(*tasks[10:]))
+        assert batches == [20]
+        assert decode(store._db[b"t/t3"]) == tasks[3], "written when put returns"
+        await store.put(tasks[0])
+        assert batches == [20, 1]
+        store.close()
 
     asyncio.run(main())
 
