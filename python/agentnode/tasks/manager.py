@@ -97,6 +97,8 @@ class TaskManager:
         )
         self.tasks = TaskTable(decode)
         self._by_seq: dict[int, str] = {}
+        # Queued batch tasks' seqs: the candidates for shedding, found without reading tasks.
+        self._batch: set[int] = set()
         self._depth: Counter[tuple[str, str]] = Counter()
         self._delayed: list[tuple[float, int]] = []
         self.recovered_lost: list[str] = []
@@ -148,6 +150,8 @@ class TaskManager:
             seq, tenant, cls, _, _, task_id, not_before = e
             self._by_seq[seq] = task_id
             self._depth[cls, tenant] += 1
+            if cls == "batch":
+                self._batch.add(seq)
             if not_before > now:
                 heapq.heappush(self._delayed, (not_before, seq))
             else:
@@ -157,6 +161,7 @@ class TaskManager:
     def _dequeued(self, t: Task) -> None:
         self._depth[t.spec.cls, t.spec.tenant] -= 1
         del self._by_seq[t.seq]
+        self._batch.discard(t.seq)
 
     def get(self, task_id: str) -> Task:
         try:
@@ -220,13 +225,9 @@ class TaskManager:
 
     def _shed_victim(self, incoming: TaskSpec) -> Task | None:
         """The newest queued batch task, if the incoming task outranks batch."""
-        if incoming.cls == "batch":
+        if incoming.cls == "batch" or not self._batch:
             return None
-        for seq in sorted(self._by_seq, reverse=True):
-            t = self.tasks[self._by_seq[seq]]
-            if t.spec.cls == "batch":
-                return t
-        return None
+        return self.tasks[self._by_seq[max(self._batch)]]
 
     def _drop_queued(self, cancelled: Task) -> None:
         old = self.tasks[cancelled.id]
