@@ -5,7 +5,7 @@
 - sustained short isolated tasks per second (`/bin/true`, submitted in bulk, until the last
   `succeeded` event), against `subprocess.run` of `/bin/true` on two threads (no isolation);
 - recovery after `kill -9` with many queued tasks (start until the API answers), against
-  loading the same records from SQLite into a heapq.
+  loading the same records from SQLite, decoding them and ordering them in a heapq.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from _harness import Bench, percentile
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks.model import Task, TaskSpec
-from agentnode.tasks.store import TaskStore
+from agentnode.tasks.store import TaskStore, decode, encode
 from node_daemon import Daemon
 
 
@@ -133,16 +133,13 @@ def recovery(bench: Bench, root: Path, n: int) -> None:
     db = sqlite3.connect(root / "peer.sqlite")
     db.execute("create table tasks (seq integer primary key, id text, body text)")
     db.executemany(
-        "insert into tasks values (?, ?, ?)", ((t.seq, t.id, t.to_json()) for t in records)
+        "insert into tasks values (?, ?, ?)", ((t.seq, t.id, encode(t)) for t in records)
     )
     db.commit()
     db.close()
     t0 = time.perf_counter()
     db = sqlite3.connect(root / "peer.sqlite")
-    heap = [
-        (t.seq, t)
-        for t in map(Task.from_json, (r[0] for r in db.execute("select body from tasks")))
-    ]
+    heap = [(t.seq, t) for t in map(decode, (r[0] for r in db.execute("select body from tasks")))]
     heapq.heapify(heap)
     db.close()
     peer = time.perf_counter() - t0
@@ -151,7 +148,7 @@ def recovery(bench: Bench, root: Path, n: int) -> None:
         ours,
         peer,
         "s",
-        peer_name="SQLite load + heapq of the same records (no daemon start)",
+        peer_name="SQLite load, decode + heapq of the same records (no daemon start)",
     )
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rocksdict import Options, Rdict
 
 from agentnode.isolation import task as task_mod
 from agentnode.sdk.transport import UnixHTTPConnection
+from agentnode.tasks import TaskStore
 from conftest import processes_with, root_only, run_cli
 from node_daemon import Daemon, daemon
 
@@ -145,6 +147,17 @@ def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
                  "--socket", str(tmp_path / "s")])  # fmt: skip
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"{cfg}:5: scheduler.aging: must be an integer >= 0" in r.stderr, r.stderr
+
+
+def test_task_records_of_another_format_are_refused_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    TaskStore(data / "tasks").close()
+    db = Rdict(str(data / "tasks" / "db"), Options(raw_mode=True))
+    db[b"t/0123abcd"] = b'{"id": "0123abcd", "seq": 1}'
+    db.close()
+    r = run_cli(["run", "--data-dir", str(data), "--socket", str(tmp_path / "s")])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "task record t/0123abcd" in r.stderr and "move the data dir away" in r.stderr
 
 
 def test_second_daemon_on_the_same_state_is_refused(tmp_path: Path) -> None:

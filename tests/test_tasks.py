@@ -10,21 +10,27 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from rocksdict import Options, Rdict
 
 from agentnode.compute import Gpu, gpus, inventory
 from agentnode.errors import ConfigError, QueueFullError, TaskError
 from agentnode.tasks import (
+    CLASSES,
     Limits,
     RetryPolicy,
     State,
     Task,
     TaskManager,
     TaskSpec,
+    TaskStore,
     TokenKey,
 )
+from agentnode.tasks.store import decode, encode, queued_of
 
 BIG = 1 << 62
 
@@ -41,7 +47,6 @@ def test_state_machine_allows_only_legal_moves() -> None:
         t.moved(State.QUEUED, 4.0)
     with pytest.raises(TaskError, match="cannot go from queued to running"):
         Task(id="a2", seq=2, spec=spec()).moved(State.RUNNING, 1.0)
-    assert Task.from_json(t.to_json()) == t
 
 
 @pytest.mark.parametrize(
@@ -59,6 +64,108 @@ def test_bad_spec(kw: dict[str, object], message: str) -> None:
         TaskSpec(**{**base, **kw})  # type: ignore[arg-type]
     with pytest.raises(TaskError, match="command"):
         TaskSpec(tenant="acme", command=())
+
+
+def test_record_keeps_every_field() -> None:
+    full = TaskSpec(
+        tenant="acme.lab",
+        command=("agent", "--run", "ü"),
+        cls="critical",
+        cpu_millis=1500,
+        memory_bytes=3 << 30,
+        timeout_s=12.5,
+        pids=64,
+        heartbeat_s=2.0,
+        env=(("A", "1"), ("B", "")),
+        user="1000:1000",
+        retries=3,
+        binds=(("/data", "/in", False), ("/out", "/out", True)),
+        cpu_weight=200,
+        memory_high=1 << 30,
+        swap=0,
+        tmp_size=1 << 20,
+        userns=True,
+        caps=("CAP_NET_RAW",),
+        rootfs="/srv/root",
+        cwd="/work",
+        hostname="box",
+    )
+    t = Task(id="a1", seq=7, spec=full, attempt=2, not_before=5.5, reason="r", exit_code=-3)
+    t = t.moved(State.STARTING, 1.0).moved(State.RUNNING, 2.0).moved(State.FAILED, 3.0)
+    assert decode(encode(t)) == t
+    with pytest.raises(TaskError, match="damaged"):
+        decode(encode(t)[:-3])
+
+
+def test_store_scan_reads_headers_in_submission_order(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path)
+    tasks = [
+        Task(id=f"t{i}", seq=store.next_seq(), spec=spec(f"tenant{i % 2}", CLASSES[i % 5]))
+        for i in range(12)
+    ]
+    tasks[3] = tasks[3].moved(State.CANCELLED, 1.0)
+    tasks[4] = tasks[4].moved(State.STARTING, 1.0)
+    tasks[5] = replace(tasks[5], not_before=99.5)
+    tasks[6] = tasks[6].moved(State.STARTING, 1.0).moved(State.RUNNING, 2.0)
+    store.put_now(*reversed(tasks))
+    store.close()
+    store = TaskStore(tmp_path)
+    found = store.load()
+    store.close()
+    assert {i: decode(raw) for i, raw in found.records.items()} == {t.id: t for t in tasks}
+    assert found.queued == [queued_of(t) for t in tasks if t.state is State.QUEUED]
+    assert sorted(found.interrupted) == ["t4", "t6"]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (b'{"id":"abc","seq":1}', r"t/abc in .* is in the JSON of an earlier development"),
+        (b"\x09" + bytes(40), r"t/abc in .* is in an unknown format \(first byte 09"),
+        (b"\x01" + bytes(10), r"t/abc in .* is damaged \(11 bytes\)"),
+        (b"\x01\x00\x00\x02" + bytes(32) + b"\xff\xff", r"t/abc in .* is damaged"),
+        (b"", r"an unknown format \(first byte missing"),
+    ],
+)
+def test_unknown_record_format_is_refused_clearly(
+    tmp_path: Path, record: bytes, message: str
+) -> None:
+    TaskStore(tmp_path).close()
+    db = Rdict(str(tmp_path / "db"), Options(raw_mode=True))
+    db[b"t/abc"] = record
+    db.close()
+    with pytest.raises(TaskError, match=message):
+        TaskManager(tmp_path)
+
+
+def test_recovered_tasks_decode_on_first_read(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path, retry=RetryPolicy(max_attempts=1))
+        done, _ = await m.submit(spec("a"))
+        [started] = await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        await m.mark_running(started.id)
+        done = await m.finish(done.id, State.SUCCEEDED)
+        running, _ = await m.submit(spec("b"))
+        [started] = await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        await m.mark_running(started.id)
+        queued = [(await m.submit(spec("c", cls)))[0] for cls in ("low", "high", "low")]
+        m.close()
+
+        m = TaskManager(tmp_path, retry=RetryPolicy(max_attempts=1))
+        assert m.recovered_lost == [running.id] and m.get(running.id).state is State.LOST
+        assert m.queue_depth() == {("low", "c"): 2, ("high", "c"): 1}
+        assert m.queued_count("c") == 3 and m.queued_count() == 3
+        # Every task is listed, and reading them all decodes them as the iteration goes.
+        assert {t.id: t for t in m.tasks.values()} == {
+            t.id: t for t in (done, *queued, m.get(running.id))
+        }
+        assert m.get(done.id) == done
+        got = await m.next_tasks(5, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert [t.id for t in got] == [queued[1].id, queued[0].id, queued[2].id]
+        assert m.queue_depth() == {}
+        m.close()
+
+    asyncio.run(main())
 
 
 def test_retry_policy_backoff_and_outcomes() -> None:
@@ -250,6 +357,29 @@ def test_failed_write_acknowledges_nothing(tmp_path: Path, monkeypatch: pytest.M
         m.close()
         with pytest.raises(TaskError, match="closed"):
             await m.store.put(started)
+
+    asyncio.run(main())
+
+
+def test_puts_in_one_turn_share_one_write(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = TaskStore(tmp_path)
+        batches: list[int] = []
+        commit = store._commit
+
+        def counted(tasks: Iterable[Task]) -> None:
+            batch = list(tasks)
+            batches.append(len(batch))
+            commit(batch)
+
+        store._commit = counted  # type: ignore[method-assign]
+        tasks = [Task(id=f"t{i}", seq=store.next_seq(), spec=spec()) for i in range(20)]
+        await asyncio.gather(*(store.put(t) for t in tasks[:10]), store.put(*tasks[10:]))
+        assert batches == [20]
+        assert decode(store._db[b"t/t3"]) == tasks[3], "written when put returns"
+        await store.put(tasks[0])
+        assert batches == [20, 1]
+        store.close()
 
     asyncio.run(main())
 

@@ -386,8 +386,21 @@ async def _events(request: web.Request) -> web.StreamResponse:
     )
     await resp.prepare(request)
     async with node.events() as queue:
-        while (event := await queue.get()) is not None:
-            await resp.write(f"event: transition\ndata: {json.dumps(event)}\n\n".encode())
+        ended = False
+        while not ended:
+            # Under load transitions come faster than one write each: send all that wait.
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            if None in events:
+                ended = True
+                del events[events.index(None) :]
+            if events:
+                await resp.write(
+                    "".join(
+                        f"event: transition\ndata: {json.dumps(e)}\n\n" for e in events
+                    ).encode()
+                )
     await resp.write_eof()
     return resp
 

@@ -11,8 +11,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from agentnode.tasks.model import State
-
 if TYPE_CHECKING:
     from agentnode.node.runner import Node
 
@@ -28,12 +26,7 @@ class _NodeCollector(Collector):
         queued = GaugeMetricFamily(
             "agentnode_tasks_queued", "Queued tasks", labels=["priority", "tenant"]
         )
-        depth = Counter(
-            (t.spec.cls, t.spec.tenant)
-            for t in node.manager.tasks.values()
-            if t.state is State.QUEUED
-        )
-        for (cls, tenant), n in sorted(depth.items()):
+        for (cls, tenant), n in sorted(node.manager.queue_depth().items()):
             queued.add_metric([cls, tenant], n)
         yield queued
         running = GaugeMetricFamily("agentnode_tasks_running", "Running tasks", labels=["tenant"])

@@ -3,27 +3,31 @@
 Every transition is written to the store before the call returns, so whatever a caller
 acknowledges survives a crash. The in-memory state changes before the write is awaited (and is
 rolled back if it fails), so concurrent calls on one event loop see each other's moves and a
-second cancel, start or finish of the same task is refused rather than applied twice. Queued tasks are fed to the Rust scheduler by their submission
-sequence number; a retried task waits in a delay heap until its backoff has passed.
+second cancel, start or finish of the same task is refused rather than applied twice. Queued
+tasks are fed to the Rust scheduler by their submission sequence number; a retried task waits in
+a delay heap until its backoff has passed.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
 
 from agentnode._native import Scheduler
 from agentnode.errors import QueueFullError, TaskError
-from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
+from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
-from agentnode.tasks.store import TaskStore
+from agentnode.tasks.store import Queued, TaskStore, decode, queued_of
 from agentnode.tasks.tokens import TokenKey
 
-__all__ = ["Limits", "TaskManager"]
+__all__ = ["Limits", "TaskManager", "TaskTable"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +39,38 @@ class Limits:
     tenant_running: int = 0
     class_running: tuple[tuple[str, int], ...] = ()
     aging: int = 64
+
+
+class TaskTable(Mapping[str, Task]):
+    """Every task by id. Records recovered from the store stay encoded until first read, so a
+    restart with a long queue builds only the tasks that are used (started, shown, cancelled)."""
+
+    def __init__(self, decode: Callable[[bytes], Task]) -> None:
+        self._decode = decode
+        self._all: dict[str, Task | bytes] = {}
+
+    def __getitem__(self, task_id: str) -> Task:
+        t = self._all[task_id]
+        if isinstance(t, bytes):
+            # Replacing a present key's value keeps running iterations over the table valid.
+            t = self._all[task_id] = self._decode(t)
+        return t
+
+    def __setitem__(self, task_id: str, task: Task) -> None:
+        self._all[task_id] = task
+
+    def add_encoded(self, records: dict[str, bytes]) -> None:
+        """Adds tasks by id as records to decode when first read."""
+        self._all.update(records)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._all
 
 
 class TaskManager:
@@ -59,9 +95,11 @@ class TaskManager:
             class_limits=dict(limits.class_running),
             aging=limits.aging,
         )
-        self.tasks: dict[str, Task] = {}
+        self.tasks = TaskTable(decode)
         self._by_seq: dict[int, str] = {}
-        self._queued: Counter[str] = Counter()
+        # Queued batch tasks' seqs: the candidates for shedding, found without reading tasks.
+        self._batch: set[int] = set()
+        self._depth: Counter[tuple[str, str]] = Counter()
         self._delayed: list[tuple[float, int]] = []
         self.recovered_lost: list[str] = []
         self._recover()
@@ -69,14 +107,21 @@ class TaskManager:
     def _recover(self) -> None:
         """Reloads every task. Queued ones re-enter the scheduler in submission order; ones that
         were starting or running when the last process died become lost (and may retry)."""
-        queued, interrupted = [], []
-        for t in self.store.load():
-            self.tasks[t.id] = t
-            if t.state is State.QUEUED:
-                queued.append(t)
-            elif t.state in (State.STARTING, State.RUNNING):
-                interrupted.append(t)
-        self._enqueue(*queued)
+        # Recovery allocates a few objects per record and frees none: the cyclic collector
+        # would rescan the growing heap again and again for nothing.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._recover_records()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _recover_records(self) -> None:
+        found = self.store.load()
+        self.tasks.add_encoded(found.records)
+        self._enqueue_entries(found.queued)
+        interrupted = sorted((self.tasks[i] for i in found.interrupted), key=attrgetter("seq"))
         now = time.time()
         writes, again = [], []
         for t in interrupted:
@@ -96,21 +141,27 @@ class TaskManager:
         self.tasks[t.id] = t
 
     def _enqueue(self, *tasks: Task) -> None:
+        self._enqueue_entries([queued_of(t) for t in tasks])
+
+    def _enqueue_entries(self, entries: list[Queued]) -> None:
         now = time.time()
         ready = []
-        for t in tasks:
-            self._by_seq[t.seq] = t.id
-            self._queued[t.spec.tenant] += 1
-            if t.not_before > now:
-                heapq.heappush(self._delayed, (t.not_before, t.seq))
+        for e in entries:
+            seq, tenant, cls, _, _, task_id, not_before = e
+            self._by_seq[seq] = task_id
+            self._depth[cls, tenant] += 1
+            if cls == "batch":
+                self._batch.add(seq)
+            if not_before > now:
+                heapq.heappush(self._delayed, (not_before, seq))
             else:
-                s = t.spec
-                ready.append((t.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes))
+                ready.append(e[:5])
         self.scheduler.push_many(ready)
 
     def _dequeued(self, t: Task) -> None:
-        self._queued[t.spec.tenant] -= 1
+        self._depth[t.spec.cls, t.spec.tenant] -= 1
         del self._by_seq[t.seq]
+        self._batch.discard(t.seq)
 
     def get(self, task_id: str) -> Task:
         try:
@@ -119,7 +170,13 @@ class TaskManager:
             raise TaskError(f"no task {task_id!r} (list tasks to see valid ids)") from None
 
     def queued_count(self, tenant: str | None = None) -> int:
-        return self._queued[tenant] if tenant else sum(self._queued.values())
+        if tenant is None:
+            return sum(self._depth.values())
+        return sum(self._depth[cls, tenant] for cls in CLASSES)
+
+    def queue_depth(self) -> dict[tuple[str, str], int]:
+        """Queued tasks by (priority class, tenant), without reading any task."""
+        return {key: n for key, n in self._depth.items() if n}
 
     async def submit(self, spec: TaskSpec) -> tuple[Task, str]:
         """Queues a task durably and returns it with its first attempt's bearer token.
@@ -127,9 +184,10 @@ class TaskManager:
         Raises `QueueFullError` when the tenant is at its cap, or when the node is at
         `max_queued` and no queued batch task can be shed to make room.
         """
-        if self._queued[spec.tenant] >= self.limits.tenant_queue_cap:
+        queued = self.queued_count(spec.tenant)
+        if queued >= self.limits.tenant_queue_cap:
             raise QueueFullError(
-                f"tenant {spec.tenant} has {self._queued[spec.tenant]} queued tasks, its cap "
+                f"tenant {spec.tenant} has {queued} queued tasks, its cap "
                 f"(retry later or raise tenant_queue_cap)"
             )
         victim = None
@@ -151,7 +209,7 @@ class TaskManager:
             history=((State.QUEUED.value, now),),
         )
         # Hold the slot while the write is in flight, so concurrent submits see the cap.
-        self._queued[spec.tenant] += 1
+        self._depth[spec.cls, spec.tenant] += 1
         try:
             await self.store.put(*shed, task)
         except TaskError:
@@ -160,20 +218,16 @@ class TaskManager:
                 self._enqueue(victim)
             raise
         finally:
-            self._queued[spec.tenant] -= 1
+            self._depth[spec.cls, spec.tenant] -= 1
         self._set(task)
         self._enqueue(task)
         return task, self.token_for(task)
 
     def _shed_victim(self, incoming: TaskSpec) -> Task | None:
         """The newest queued batch task, if the incoming task outranks batch."""
-        if incoming.cls == "batch":
+        if incoming.cls == "batch" or not self._batch:
             return None
-        for seq in sorted(self._by_seq, reverse=True):
-            t = self.tasks[self._by_seq[seq]]
-            if t.spec.cls == "batch":
-                return t
-        return None
+        return self.tasks[self._by_seq[max(self._batch)]]
 
     def _drop_queued(self, cancelled: Task) -> None:
         old = self.tasks[cancelled.id]

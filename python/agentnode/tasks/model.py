@@ -7,9 +7,8 @@ failed, timed-out or lost task back to queued with the next attempt number.
 from __future__ import annotations
 
 import enum
-import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentnode.errors import TaskError
@@ -134,21 +133,3 @@ class Task:
         """This task in state `new`, after checking the move is legal."""
         check_transition(self.id, self.state, new)
         return replace(self, state=new, history=(*self.history, (new.value, at)), **changes)
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Task:
-        d = json.loads(raw)
-        spec = d.pop("spec")
-        spec["command"] = tuple(spec["command"])
-        spec["env"] = tuple((k, v) for k, v in spec.get("env", ()))
-        spec["binds"] = tuple((s, d, w) for s, d, w in spec.get("binds", ()))
-        spec["caps"] = tuple(spec.get("caps", ()))
-        return cls(
-            spec=TaskSpec(**spec),
-            state=State(d.pop("state")),
-            history=tuple((s, t) for s, t in d.pop("history")),
-            **d,
-        )

@@ -1,46 +1,119 @@
 """The durable task store: RocksDB (rocksdict) for records, files for checkpoint blobs.
 
-Writes go through one writer thread that commits everything pending as a single WriteBatch
-(group commit), so the event loop never blocks on disk and a burst of transitions costs one
-WAL write. `await put(...)` returns only after the batch holding it is written, so a caller that
-acknowledges after the await never acknowledges something a process crash can lose (with
-`sync=True`, nor a power loss).
+A record is binary: a fixed header repeating what the scheduler needs (state, class, tenant,
+sequence number, requests, backoff end), then the whole task as msgpack. Recovery scans the
+records once, reads only the headers, and keeps each body undecoded until the task is used, so a
+restart with a long queue costs a scan rather than building every task.
+
+Every record put during one turn of the event loop is committed as one WriteBatch at the end of
+that turn (group commit), so a burst of transitions costs one WAL write. The commit runs on the
+event loop's thread: rocksdict holds the GIL while it writes, so a writer thread would block the
+loop just the same and only add two thread hand-offs per write. `await put(...)` returns only
+after the batch holding it is written, so a caller that acknowledges after the await never
+acknowledges something a process crash can lose (with `sync=True`, nor a power loss).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import queue
+import struct
 import tempfile
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from operator import itemgetter
 from pathlib import Path
+from typing import Any, NamedTuple, cast
 
+import msgpack
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from agentnode.errors import TaskError
-from agentnode.tasks.model import Task
+from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
 
-__all__ = ["TaskStore"]
+__all__ = ["Queued", "Recovered", "TaskStore", "decode", "encode", "queued_of"]
 
 _TASK = b"t/"
 _SEQ = b"meta/seq"
 _MAX_CHECKPOINT = 64 << 20
 
-_Item = tuple[list[Task], asyncio.AbstractEventLoop, asyncio.Future[None]]
+#: The record format this code writes; any other first byte is refused with a clear error.
+_FORMAT = 1
+# Stored as indexes: the order is part of the format (append only, or bump _FORMAT).
+_STATES = (State.QUEUED, State.STARTING, State.RUNNING, State.SUCCEEDED, State.FAILED,
+           State.TIMED_OUT, State.CANCELLED, State.LOST)  # fmt: skip
+_STATE_INDEX = {s: i for i, s in enumerate(_STATES)}
+_CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
+# format, state, class, tenant length, seq, cpu_millis, memory_bytes, not_before; then the
+# tenant's UTF-8 bytes, then the msgpack body.
+_HEAD = struct.Struct("<BBBBQQQd")
+
+
+#: A queued task as the scheduler needs it (from its record's header, or `queued_of`):
+#: (seq, tenant, class, cpu_millis, memory_bytes, id, not_before). The first five are what
+#: `Scheduler.push_many` takes. Plain tuples: recovery makes one per queued task.
+Queued = tuple[int, str, str, int, int, str, float]
+
+
+class Recovered(NamedTuple):
+    """What `TaskStore.load` found in one scan that reads only the records' headers."""
+
+    #: Every task's record by id; `decode` gives the task.
+    records: dict[str, bytes]
+    #: The queued tasks, in submission order.
+    queued: list[Queued]
+    #: The ids of the tasks that were starting or running.
+    interrupted: list[str]
+
+
+def queued_of(task: Task) -> Queued:
+    """What the scheduler needs of a queued task."""
+    s = task.spec
+    return (task.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes, task.id, task.not_before)
+
+
+def encode(task: Task) -> bytes:
+    """The binary record of `task` (header, then the task as a msgpack map)."""
+    spec = task.spec
+    tenant = spec.tenant.encode()
+    head = _HEAD.pack(
+        _FORMAT,
+        _STATE_INDEX[task.state],
+        _CLASS_INDEX[spec.cls],
+        len(tenant),
+        task.seq,
+        spec.cpu_millis,
+        spec.memory_bytes,
+        task.not_before,
+    )
+    # Maps rather than arrays, so a field added to Task or TaskSpec later decodes old records
+    # with its default.
+    body = {**vars(task), "state": task.state.value, "spec": vars(spec)}
+    return head + tenant + msgpack.packb(body)
+
+
+def decode(raw: bytes) -> Task:
+    """The task in a record that `TaskStore.load` accepted; `TaskError` if it is damaged."""
+    try:
+        d: dict[str, Any] = msgpack.unpackb(raw[_HEAD.size + raw[3] :], use_list=False)
+        spec = TaskSpec(**d.pop("spec"))
+        return Task(spec=spec, state=State(d.pop("state")), **d)
+    except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+        raise TaskError(
+            f"a stored task record is damaged ({e}); move the node's data dir away to start "
+            "with an empty queue"
+        ) from None
 
 
 class TaskStore:
-    """Task records under `root/db`, checkpoints under `root/checkpoints/<task id>`."""
+    """Task records under `root/db`, checkpoints under `root/checkpoints/<task id>`. `put` from
+    one event loop."""
 
     def __init__(self, root: Path, *, sync: bool = False) -> None:
         """Opens (creating) the store.
 
         Every batch reaches RocksDB's write-ahead log in the kernel before `put` returns, which
         survives a crash or `kill -9` of this process. `sync=True` also fsyncs each batch to
-        survive power loss; rocksdict holds the GIL while it writes, so that stalls the event
-        loop for the fsync, once per batch.
+        survive power loss, which stalls the event loop for the fsync, once per batch.
         """
         self.root = root
         self.checkpoints = root / "checkpoints"
@@ -56,11 +129,7 @@ class TaskStore:
         raw = self._db.get(_SEQ)
         self._seq = int(raw) if raw else 0
         self._closed = False
-        self._pending: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(
-            target=self._write_loop, name="agentnode-store", daemon=True
-        )
-        self._writer.start()
+        self._pending: list[tuple[list[Task], asyncio.Future[None]]] = []
 
     def next_seq(self) -> int:
         """A new submission sequence number, persisted with the next write."""
@@ -73,50 +142,83 @@ class TaskStore:
             raise TaskError(f"the task store at {self.root} is closed (reopen it)")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._pending.put((list(tasks), loop, done))
+        if not self._pending:
+            loop.call_soon(self._flush)  # after the rest of this turn's callbacks
+        self._pending.append((list(tasks), done))
         await done
 
     def put_now(self, *tasks: Task) -> None:
         """Synchronous `put`, for code that is not on an event loop."""
         self._commit(list(tasks))
 
-    def load(self) -> list[Task]:
-        """Every stored task, in submission order."""
-        tasks = [
-            Task.from_json(bytes(v))
-            for k, v in self._db.items(from_key=_TASK)
-            if isinstance(k, bytes) and k.startswith(_TASK) and isinstance(v, bytes)
-        ]
-        return sorted(tasks, key=lambda t: t.seq)
+    def load(self) -> Recovered:
+        """Every stored record, read in one scan that decodes only the headers. Raises
+        `TaskError` on a record of an unknown format."""
+        records: dict[str, bytes] = {}
+        queued: list[Queued] = []
+        interrupted: list[str] = []
+        unpack = _HEAD.unpack_from
+        head_size = _HEAD.size
+        # raw_mode: every key and value is bytes.
+        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_TASK))
+        for k, v in items:
+            if not k.startswith(_TASK):
+                break
+            try:
+                fmt, state, cls, n, seq, cpu, mem, not_before = unpack(v)
+                if fmt != _FORMAT:
+                    raise ValueError
+                task_id = k[2:].decode()
+                records[task_id] = v
+                st = _STATES[state]
+                if st is State.QUEUED:
+                    tenant = v[head_size : head_size + n].decode()
+                    queued.append((seq, tenant, CLASSES[cls], cpu, mem, task_id, not_before))
+                elif st is State.STARTING or st is State.RUNNING:
+                    interrupted.append(task_id)
+            except (struct.error, ValueError, IndexError):  # UnicodeDecodeError is a ValueError
+                raise self._bad_record(k, v) from None
+        queued.sort(key=itemgetter(0))  # by seq
+        return Recovered(records, queued, interrupted)
+
+    def _bad_record(self, key: bytes, raw: bytes) -> TaskError:
+        if raw[:1] == b"{":
+            what = "is in the JSON of an earlier development version"
+        elif raw[:1] == bytes([_FORMAT]):
+            what = f"is damaged ({len(raw)} bytes)"
+        else:
+            what = f"is in an unknown format (first byte {raw[:1].hex() or 'missing'})"
+        return TaskError(
+            f"task record {key.decode(errors='replace')} in {self.root / 'db'} {what}; this "
+            f"agentnode reads record format {_FORMAT}: move the data dir away to start with an "
+            "empty queue"
+        )
 
     def _commit(self, tasks: Iterable[Task]) -> None:
         batch = WriteBatch(raw_mode=True)
         for t in tasks:
-            batch.put(_TASK + t.id.encode(), t.to_json())
+            batch.put(_TASK + t.id.encode(), encode(t))
         batch.put(_SEQ, str(self._seq).encode())
         self._db.write(batch, self._wopts)
 
-    def _write_loop(self) -> None:
-        while (item := self._pending.get()) is not None:
-            items = [item]
-            while True:
-                try:
-                    nxt = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._pending.put(None)
-                    break
-                items.append(nxt)
-            error: BaseException | None = None
-            try:
-                self._commit(t for tasks, _, _ in items for t in tasks)
-            except Exception as e:
-                error = TaskError(
-                    f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
-                )
-            for _, loop, done in items:
-                loop.call_soon_threadsafe(_settle, done, error)
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return  # close() wrote them
+        error: BaseException | None = None
+        try:
+            self._commit(t for tasks, _ in pending for t in tasks)
+        except Exception as e:
+            error = TaskError(
+                f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
+            )
+        for _, done in pending:
+            if done.done():  # its waiter was cancelled; the write stands
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
 
     def checkpoint_path(self, task_id: str) -> Path:
         """Where a task's checkpoint lives (given to a retried task as AGENTNODE_CHECKPOINT)."""
@@ -152,15 +254,5 @@ class TaskStore:
         if self._closed:
             return
         self._closed = True
-        self._pending.put(None)
-        self._writer.join()
+        self._flush()
         self._db.close()
-
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.done():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
