@@ -100,12 +100,31 @@ def test_other_endpoints_pass_through(env: ProxyEnv) -> None:
     assert e.data[0].embedding == [0.1, 0.2, 0.3]
     r = client.responses.create(model="gpt-x", input="hi")
     assert r.output_text == "Hello"
-    ids = {m.id for m in client.models.list()}
-    assert {"gpt-x", "gpt-y", "claude-x", "smart-gpt", "smart-claude"} <= ids
     rows = env.rows()
     assert [r.endpoint for r in rows] == ["completions", "embeddings", "responses"]
     assert Decimal(rows[1].cost) == Decimal(8 * 2.5) / 1_000_000
     assert rows[2].input == 1000 and rows[2].output == 300
+
+
+def test_models_list_in_each_sdks_format(env: ProxyEnv) -> None:
+    openai_ids = [m.id for m in env.openai().models.list()]
+    assert openai_ids == ["claude-x", "claude-y", "gpt-x", "gpt-y", "smart-claude", "smart-gpt"]
+    client = env.anthropic()
+    models = list(client.models.list())
+    # Only what /v1/messages can serve: Anthropic deployments' models and routes over them.
+    assert [m.id for m in models] == ["claude-x", "claude-y", "smart-claude"]
+    assert all(m.type == "model" and m.display_name == m.id for m in models)
+    assert models[0].created_at.year == 1970
+    # The SDK follows after_id through pages; before_id pages backwards.
+    assert [m.id for m in client.models.list(limit=2)] == ["claude-x", "claude-y", "smart-claude"]
+    page = client.models.list(limit=2)
+    assert (page.has_more, page.first_id, page.last_id) == (True, "claude-x", "claude-y")
+    back = client.models.list(before_id="smart-claude", limit=1)
+    assert [m.id for m in back.data] == ["claude-y"] and back.has_more
+    with pytest.raises(anthropic.BadRequestError, match="limit='0' must be an integer"):
+        client.models.list(limit=0)
+    with pytest.raises(anthropic.BadRequestError, match="after_id='gpt-x' is not a model"):
+        client.models.list(after_id="gpt-x")
 
 
 @pytest.mark.parametrize(

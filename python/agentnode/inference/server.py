@@ -757,11 +757,61 @@ def create_app(
     return app
 
 
+def _served_models(config: ProxyConfig, kind: str | None) -> list[str]:
+    """Model and route names a client can call, sorted; of one deployment kind if given."""
+    names = {m for d in config.deployments.values() if kind in (None, d.kind) for m in d.models}
+    return sorted(names | {r.name for r in config.routes.values() if names & set(r.models)})
+
+
+# Anthropic's API reports release dates; the proxy has none, and its docs allow the epoch.
+_EPOCH = "1970-01-01T00:00:00Z"
+
+
 async def _models(request: web.Request) -> web.Response:
+    """The models list in the caller's format: Anthropic's SDK sends `anthropic-version`."""
     cfg = request.app[PROXY].config
-    names = sorted({m for d in cfg.deployments.values() for m in d.models} | set(cfg.routes))
-    data = [{"id": n, "object": "model", "created": 0, "owned_by": "agentnode"} for n in names]
-    return web.json_response({"object": "list", "data": data})
+    if "anthropic-version" not in request.headers:
+        names = _served_models(cfg, None)
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "agentnode"} for n in names]
+        return web.json_response({"object": "list", "data": data})
+    names = _served_models(cfg, "anthropic")
+    # Anthropic pages with limit (default 20, at most 1000) and the after_id/before_id cursors.
+    q = request.query
+    limit_arg = q.get("limit", "20")
+    if not limit_arg.isdigit() or not 1 <= int(limit_arg) <= 1000:
+        return error_response(
+            "anthropic",
+            400,
+            f"limit={limit_arg!r} must be an integer from 1 to 1000",
+            code="invalid_request",
+        )
+    limit = int(limit_arg)
+    for cursor in ("after_id", "before_id"):
+        if cursor in q and q[cursor] not in names:
+            return error_response(
+                "anthropic",
+                400,
+                f"{cursor}={q[cursor]!r} is not a model listed here",
+                code="invalid_request",
+            )
+    if "before_id" in q:
+        end = names.index(q["before_id"])
+        page, has_more = names[max(0, end - limit) : end], end > limit
+    else:
+        start = names.index(q["after_id"]) + 1 if "after_id" in q else 0
+        page, has_more = names[start : start + limit], start + limit < len(names)
+    data = [
+        {"type": "model", "id": n, "display_name": n, "created_at": _EPOCH, "lifecycle": "active"}
+        for n in page
+    ]
+    return web.json_response(
+        {
+            "data": data,
+            "has_more": has_more,
+            "first_id": page[0] if page else None,
+            "last_id": page[-1] if page else None,
+        }
+    )
 
 
 async def _usage(request: web.Request) -> web.Response:
