@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from agentnode.inference.mock import Fault
+from agentnode.inference.store import LedgerRow, Store
 from proxy_env import ProxyEnv
 
 Configure = Callable[[dict[str, Any]], None]
@@ -74,6 +76,33 @@ def test_openai_stream_is_priced_and_usage_chunk_hidden_unless_asked(env: ProxyE
     rows = env.rows()
     assert [Decimal(r.cost) for r in rows] == [GPT_COST, GPT_COST]
     assert all(r.stream for r in rows)
+
+
+def test_bodies_pass_through_byte_for_byte_unless_patched(env: ProxyEnv) -> None:
+    # Odd spacing, key order and an unknown field: the upstream gets the client's own bytes.
+    body = b'{ "messages": [{"role":"user","content":"hi"}],  "model":"gpt-x", "x_new": 1 }'
+    r = httpx.post(env.url + "/v1/chat/completions", content=body, headers={"x-api-key": "sk-acme"})
+    assert r.status_code == 200 and env.mocks["a"].requests[-1]["body"] == body
+    # A route's model, or a stream without include_usage, must be rewritten.
+    env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    assert env.mocks["a"].requests[-1]["json"]["model"] == "gpt-x"
+
+
+def test_ledger_rows_survive_shutdown(tmp_path: Path, make_env: Callable[..., ProxyEnv]) -> None:
+    env = make_env()
+    for _ in range(5):
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    env.close()  # no read first: shutdown itself must write what was still queued
+
+    async def reopen() -> list[LedgerRow]:
+        store = await Store.open(env.config.state_dir)
+        try:
+            return await store.rows()
+        finally:
+            await store.close()
+
+    rows = asyncio.run(reopen())
+    assert len(rows) == 5 and all(Decimal(r.cost) == GPT_COST for r in rows)
 
 
 def test_anthropic_messages_cache_buckets_and_cache_control_untouched(env: ProxyEnv) -> None:
