@@ -88,6 +88,24 @@ def test_bodies_pass_through_byte_for_byte_unless_patched(env: ProxyEnv) -> None
     assert env.mocks["a"].requests[-1]["json"]["model"] == "gpt-x"
 
 
+def test_finished_streams_keep_their_upstream_connection(env: ProxyEnv) -> None:
+    # The HTTP framing's end trails the last event: the proxy must wait for it, not hang up.
+    for m in ("a", "c"):
+        env.mocks[m].end_delay = 0.05
+    client = env.openai()
+    for _ in range(3):
+        list(client.chat.completions.create(model="gpt-x", messages=MSG, stream=True))  # type: ignore[arg-type]
+        time.sleep(0.2)  # until the framing's end is in and the connection back in the pool
+    a = env.anthropic()
+    for _ in range(3):
+        with a.messages.stream(model="claude-x", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
+            s.get_final_message()
+        time.sleep(0.2)
+    for m in ("a", "c"):
+        peers = {r["peer"] for r in env.mocks[m].requests}
+        assert len(peers) == 1, f"mock {m} saw {len(peers)} connections for 3 sequential streams"
+
+
 def test_ledger_rows_survive_shutdown(tmp_path: Path, make_env: Callable[..., ProxyEnv]) -> None:
     env = make_env()
     for _ in range(5):

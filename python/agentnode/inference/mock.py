@@ -54,6 +54,9 @@ class MockUpstream:
     name: str = "mock"
     chunks: int = 4
     chunk_delay: float = 0.0
+    #: Seconds between a stream's last event and the end of its HTTP response (chunked
+    #: framing's final empty chunk), which a real server's may trail by a packet or more.
+    end_delay: float = 0.0
     usage: dict[str, Any] | None = None
     faults: deque[Fault] = field(default_factory=deque)
     #: What each request brought: path, json, body (bytes), headers, peer (host, port).
@@ -207,6 +210,7 @@ class MockUpstream:
                 }
                 await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(self.end_delay)
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(time.monotonic())
             raise
@@ -291,6 +295,7 @@ class MockUpstream:
                 },
             )
             await event("message_stop", {"type": "message_stop"})
+            await asyncio.sleep(self.end_delay)
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(time.monotonic())
             raise

@@ -43,6 +43,8 @@ ENDPOINTS = {
 }
 # Request headers the client may send that the upstream must see (Anthropic's API version, betas).
 _FORWARD = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
+# Seconds a finished stream's connection may take to end its HTTP framing and be reused.
+_TAIL_WAIT = 1.0
 # The field each endpoint cannot do without.
 _REQUIRED = {
     "chat": "messages",
@@ -132,6 +134,7 @@ class _Call:
         "started",
         "stream",
         "tokens_estimate",
+        "upstream_complete",
     )
 
     def __init__(
@@ -148,6 +151,8 @@ class _Call:
         self.started = time.monotonic()
         self.cache_key: bytes | None = None
         self.tokens_estimate = 0
+        #: The upstream sent its stream's last event: its connection is worth keeping.
+        self.upstream_complete = False
 
 
 class _Children:
@@ -217,6 +222,13 @@ class Proxy:
                 self._pools.setdefault((state.deployment.kind, m), []).append(state)
         self.tenant_windows: dict[tuple[str, str, str | None], Window] = {}
         self.metrics = _Metrics()
+        self._tails: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Stops waiting for the ends of finished upstream streams (called at shutdown)."""
+        for t in self._tails:
+            t.cancel()
+        await asyncio.gather(*self._tails, return_exceptions=True)
 
     # ---- entry points -----------------------------------------------------------------------
 
@@ -498,8 +510,29 @@ class Proxy:
             # gone, error) closes it, which is what cancels the upstream's work.
             if upstream.content.at_eof():
                 upstream.release()
+            elif call.upstream_complete:
+                self._release_after_tail(upstream)
             else:
                 upstream.close()
+
+    def _release_after_tail(self, upstream: aiohttp.ClientResponse) -> None:
+        """A stream whose last event came but whose HTTP framing has not ended yet (the final
+        empty chunk is often a packet behind) keeps its connection once that arrives: a fresh
+        TCP connection per stream would cost the next request a connect."""
+
+        async def tail() -> None:
+            try:
+                async with asyncio.timeout(_TAIL_WAIT):
+                    while await upstream.content.readany():
+                        pass  # Nothing after the last event is the client's business.
+            except (TimeoutError, aiohttp.ClientError):
+                upstream.close()
+            else:
+                upstream.release()
+
+        t = asyncio.create_task(tail())
+        self._tails.add(t)
+        t.add_done_callback(self._tails.discard)
 
     async def _complete(
         self,
@@ -546,7 +579,7 @@ class Proxy:
             raise _Retryable(f"deployment {d.name} closed the stream before any event") from None
         except ValueError as e:
             raise _Retryable(f"deployment {d.name} sent a stream that is not SSE: {e}") from None
-        response = web.StreamResponse(
+        response = _EventStream(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
@@ -557,6 +590,7 @@ class Proxy:
         try:
             while event is not None:
                 out = reader.feed(event)
+                call.upstream_complete = reader.done
                 if out is not None:
                     await response.write(out)
                     if sent is not None:
@@ -640,6 +674,14 @@ class Proxy:
             **buckets,
         )
         self.store.record(row)
+
+
+class _EventStream(web.StreamResponse):
+    """An SSE response whose headers leave with its first event, in one packet: it is only
+    prepared once that event is in hand, so sending the headers alone would just cost the
+    client an extra wakeup before its first token. (aiohttp ≥ 3.12 reads this flag.)"""
+
+    _send_headers_immediately = False
 
 
 class _UsageReader:
@@ -794,6 +836,7 @@ def create_app(
         try:
             yield
         finally:
+            await proxy.close()
             await session.close()
             await store.close()
 
