@@ -172,6 +172,13 @@ def test_models_list_in_each_sdks_format(env: ProxyEnv) -> None:
         client.models.list(limit=0)
     with pytest.raises(anthropic.BadRequestError, match="after_id='gpt-x' is not a model"):
         client.models.list(after_id="gpt-x")
+    # One model, in each SDK's own shape.
+    assert client.models.retrieve("smart-claude").display_name == "smart-claude"
+    with pytest.raises(anthropic.NotFoundError, match="model 'gpt-x' is not served here"):
+        client.models.retrieve("gpt-x")
+    assert env.openai().models.retrieve("gpt-x").owned_by == "agentnode"
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
+        env.openai().models.retrieve("nope")
 
 
 @pytest.mark.parametrize(

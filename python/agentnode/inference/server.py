@@ -854,6 +854,7 @@ def create_app(
     app.router.add_post("/v1/responses", endpoint("responses"))
     app.router.add_post("/v1/messages", endpoint("messages"))
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/v1/usage", _usage)
     app.router.add_get("/metrics", _metrics)
     return app
@@ -869,12 +870,42 @@ def _served_models(config: ProxyConfig, kind: str | None) -> list[str]:
 _EPOCH = "1970-01-01T00:00:00Z"
 
 
+def _model_object(fmt: str, name: str) -> dict[str, Any]:
+    if fmt == "anthropic":
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": name,
+            "created_at": _EPOCH,
+            "lifecycle": "active",
+        }
+    return {"id": name, "object": "model", "created": 0, "owned_by": "agentnode"}
+
+
+def _caller_format(request: web.Request) -> str:
+    """Anthropic's SDK sends `anthropic-version` on every request; OpenAI's never does."""
+    return "anthropic" if "anthropic-version" in request.headers else "openai"
+
+
+async def _model(request: web.Request) -> web.Response:
+    """One model (`GET /v1/models/{id}`) in the caller's format; 404 when not served here."""
+    fmt = _caller_format(request)
+    name = request.match_info["model_id"]
+    if name not in _served_models(request.app[PROXY].config, fmt if fmt == "anthropic" else None):
+        return error_response(
+            fmt,
+            404,
+            f"model {name!r} is not served here (GET /v1/models lists the models)",
+            code="model_not_found",
+        )
+    return web.json_response(_model_object(fmt, name))
+
+
 async def _models(request: web.Request) -> web.Response:
-    """The models list in the caller's format: Anthropic's SDK sends `anthropic-version`."""
+    """The models list in the caller's format (see `_caller_format`)."""
     cfg = request.app[PROXY].config
-    if "anthropic-version" not in request.headers:
-        names = _served_models(cfg, None)
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "agentnode"} for n in names]
+    if _caller_format(request) == "openai":
+        data = [_model_object("openai", n) for n in _served_models(cfg, None)]
         return web.json_response({"object": "list", "data": data})
     names = _served_models(cfg, "anthropic")
     # Anthropic pages with limit (default 20, at most 1000) and the after_id/before_id cursors.
@@ -902,13 +933,9 @@ async def _models(request: web.Request) -> web.Response:
     else:
         start = names.index(q["after_id"]) + 1 if "after_id" in q else 0
         page, has_more = names[start : start + limit], start + limit < len(names)
-    data = [
-        {"type": "model", "id": n, "display_name": n, "created_at": _EPOCH, "lifecycle": "active"}
-        for n in page
-    ]
     return web.json_response(
         {
-            "data": data,
+            "data": [_model_object("anthropic", n) for n in page],
             "has_more": has_more,
             "first_id": page[0] if page else None,
             "last_id": page[-1] if page else None,
