@@ -413,6 +413,12 @@ def test_malformed_requests_get_400_in_provider_format(env: ProxyEnv) -> None:
         "error": {"type": "invalid_request_error", "message": "request body is not valid JSON"},
     }
     r = httpx.post(
+        env.url + "/v1/chat/completions",
+        content='{"model": "gpt-x", "messages": []}'.encode("utf-16"),
+        headers={"x-api-key": "sk-acme"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["message"] == "request body is not valid JSON"
+    r = httpx.post(
         env.url + "/v1/chat/completions", content=b"[]", headers={"x-api-key": "sk-acme"}
     )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

@@ -246,7 +246,8 @@ class Proxy:
             )
         body = await request.read()
         try:
-            payload = json.loads(body)
+            # Strictly UTF-8 (json.loads would take UTF-16 too): these bytes go upstream as-is.
+            payload = json.loads(body.decode())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._reject(
                 endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
@@ -255,7 +256,7 @@ class Proxy:
         if problem:
             return self._reject(endpoint, fmt, 400, problem, "invalid_request")
         call = _Call(endpoint, body, payload, principal)
-        call.tokens_estimate = _estimate_tokens(request.content_length or 0, payload)
+        call.tokens_estimate = _estimate_tokens(len(body), payload)
         refusal = self._admit(call)
         if refusal is not None:
             return refusal
