@@ -5,7 +5,7 @@ LiteLLM proxy (`litellm[proxy]`) each in their own process, started before any t
 interleave the three targets. Figures: added latency p50/p99 at concurrency 1, 16, 64 (ours =
 agentnode minus direct, peer = LiteLLM minus direct), throughput at 64, streaming (64 chunks
 20 ms apart) added time to first token and per-chunk gap, idle RSS and RSS growth under mixed
-traffic with client disconnects.
+traffic with client disconnects, and CPU time per request of each proxy process at 64.
 """
 
 from __future__ import annotations
@@ -68,11 +68,18 @@ async def wait_up(session: aiohttp.ClientSession, url: str, proc: subprocess.Pop
     raise RuntimeError(f"{url} did not come up")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Target:
-    def __init__(self, name: str, base: str, headers: dict[str, str]) -> None:
+    def __init__(self, name: str, base: str, headers: dict[str, str], pid: int) -> None:
         self.name = name
         self.url = base + "/chat/completions"
         self.headers = headers
+        self.pid = pid  # the server process behind `url`
 
 
 async def one(session: aiohttp.ClientSession, t: Target) -> float:
@@ -204,12 +211,13 @@ async def run(bench: Bench) -> None:
             await wait_up(session, f"http://127.0.0.1:{ours_port}/v1/models", ours)
             await wait_up(session, f"http://127.0.0.1:{lite_port}/health/liveliness", lite)
             targets = [
-                Target("direct", upstream, {}),
-                Target("agentnode", f"http://127.0.0.1:{ours_port}/v1", {}),
+                Target("direct", upstream, {}, mock.pid),
+                Target("agentnode", f"http://127.0.0.1:{ours_port}/v1", {}, ours.pid),
                 Target(
                     "litellm",
                     f"http://127.0.0.1:{lite_port}/v1",
                     {"Authorization": f"Bearer {MASTER_KEY}"},
+                    lite.pid,
                 ),
             ]
             idle = {"agentnode": rss_mib(ours.pid), "litellm": rss_mib(lite.pid)}
@@ -257,12 +265,17 @@ async def measure(bench: Bench, session: aiohttp.ClientSession, targets: list[Ta
     for c, n in plan.items():
         lat: dict[str, list[float]] = {t.name: [] for t in targets}
         rps: dict[str, list[float]] = {t.name: [] for t in targets}
+        # CPU the proxy process spends per request: unlike rates, it hardly depends on what
+        # else the machine is running at the time.
+        cpu = {t.name: 0.0 for t in targets}
         for r in range(rounds):
             order = targets if r % 2 == 0 else list(reversed(targets))
             for t in order:
                 # LiteLLM is ~50x slower here: fewer of its requests keep --quick under 40 s.
                 k = max(c, n // 4) if bench.quick and t.name == "litellm" else n
+                before = cpu_seconds(t.pid)
                 got, rate = await burst(session, t, c, k)
+                cpu[t.name] += cpu_seconds(t.pid) - before
                 lat[t.name] += got
                 rps[t.name].append(rate)
         for q in (50, 99):
@@ -283,6 +296,18 @@ async def measure(bench: Bench, session: aiohttp.ClientSession, targets: list[Ta
                 "req/s",
                 peer_name="direct to the upstream",
                 higher_is_better=True,
+            )
+            bench.record(
+                "cpu_per_request_c64",
+                cpu["agentnode"] / len(lat["agentnode"]) * 1e6,
+                cpu["litellm"] / len(lat["litellm"]) * 1e6,
+                "us",
+                peer_name="LiteLLM proxy",
+            )
+            print(
+                f"proxy.cpu_per_request_c64: the mock upstream itself "
+                f"{cpu['direct'] / len(lat['direct']) * 1e6:.0f} us",
+                flush=True,
             )
             bench.record(
                 "throughput_c64",

@@ -109,13 +109,12 @@ class ProxyEnv:
         return c
 
     def rows(self) -> list[LedgerRow]:
-        async def get() -> list[LedgerRow]:
-            await self.proxy.drain()
-            return await self.proxy.store.rows()
-
-        return self.run(get())
+        return self.run(self.proxy.store.rows())
 
     def close(self) -> None:
+        """Stops the proxy (writing what it still holds) and the mocks; a second call is a no-op."""
+        if self.loop.is_closed():
+            return
         for c in self._clients:
             c.close()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from agentnode.inference.mock import Fault
+from agentnode.inference.store import LedgerRow, Store
 from proxy_env import ProxyEnv
 
 Configure = Callable[[dict[str, Any]], None]
@@ -76,6 +78,51 @@ def test_openai_stream_is_priced_and_usage_chunk_hidden_unless_asked(env: ProxyE
     assert all(r.stream for r in rows)
 
 
+def test_bodies_pass_through_byte_for_byte_unless_patched(env: ProxyEnv) -> None:
+    # Odd spacing, key order and an unknown field: the upstream gets the client's own bytes.
+    body = b'{ "messages": [{"role":"user","content":"hi"}],  "model":"gpt-x", "x_new": 1 }'
+    r = httpx.post(env.url + "/v1/chat/completions", content=body, headers={"x-api-key": "sk-acme"})
+    assert r.status_code == 200 and env.mocks["a"].requests[-1]["body"] == body
+    # A route's model, or a stream without include_usage, must be rewritten.
+    env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    assert env.mocks["a"].requests[-1]["json"]["model"] == "gpt-x"
+
+
+def test_finished_streams_keep_their_upstream_connection(env: ProxyEnv) -> None:
+    # The HTTP framing's end trails the last event: the proxy must wait for it, not hang up.
+    for m in ("a", "c"):
+        env.mocks[m].end_delay = 0.05
+    client = env.openai()
+    for _ in range(3):
+        list(client.chat.completions.create(model="gpt-x", messages=MSG, stream=True))  # type: ignore[arg-type]
+        time.sleep(0.2)  # until the framing's end is in and the connection back in the pool
+    a = env.anthropic()
+    for _ in range(3):
+        with a.messages.stream(model="claude-x", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
+            s.get_final_message()
+        time.sleep(0.2)
+    for m in ("a", "c"):
+        peers = {r["peer"] for r in env.mocks[m].requests}
+        assert len(peers) == 1, f"mock {m} saw {len(peers)} connections for 3 sequential streams"
+
+
+def test_ledger_rows_survive_shutdown(tmp_path: Path, make_env: Callable[..., ProxyEnv]) -> None:
+    env = make_env()
+    for _ in range(5):
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    env.close()  # no read first: shutdown itself must write what was still queued
+
+    async def reopen() -> list[LedgerRow]:
+        store = await Store.open(env.config.state_dir)
+        try:
+            return await store.rows()
+        finally:
+            await store.close()
+
+    rows = asyncio.run(reopen())
+    assert len(rows) == 5 and all(Decimal(r.cost) == GPT_COST for r in rows)
+
+
 def test_anthropic_messages_cache_buckets_and_cache_control_untouched(env: ProxyEnv) -> None:
     client = env.anthropic()
     system = [{"type": "text", "text": "long doc", "cache_control": {"type": "ephemeral"}}]
@@ -100,12 +147,38 @@ def test_other_endpoints_pass_through(env: ProxyEnv) -> None:
     assert e.data[0].embedding == [0.1, 0.2, 0.3]
     r = client.responses.create(model="gpt-x", input="hi")
     assert r.output_text == "Hello"
-    ids = {m.id for m in client.models.list()}
-    assert {"gpt-x", "gpt-y", "claude-x", "smart-gpt", "smart-claude"} <= ids
     rows = env.rows()
     assert [r.endpoint for r in rows] == ["completions", "embeddings", "responses"]
     assert Decimal(rows[1].cost) == Decimal(8 * 2.5) / 1_000_000
     assert rows[2].input == 1000 and rows[2].output == 300
+
+
+def test_models_list_in_each_sdks_format(env: ProxyEnv) -> None:
+    openai_ids = [m.id for m in env.openai().models.list()]
+    assert openai_ids == ["claude-x", "claude-y", "gpt-x", "gpt-y", "smart-claude", "smart-gpt"]
+    client = env.anthropic()
+    models = list(client.models.list())
+    # Only what /v1/messages can serve: Anthropic deployments' models and routes over them.
+    assert [m.id for m in models] == ["claude-x", "claude-y", "smart-claude"]
+    assert all(m.type == "model" and m.display_name == m.id for m in models)
+    assert models[0].created_at.year == 1970
+    # The SDK follows after_id through pages; before_id pages backwards.
+    assert [m.id for m in client.models.list(limit=2)] == ["claude-x", "claude-y", "smart-claude"]
+    page = client.models.list(limit=2)
+    assert (page.has_more, page.first_id, page.last_id) == (True, "claude-x", "claude-y")
+    back = client.models.list(before_id="smart-claude", limit=1)
+    assert [m.id for m in back.data] == ["claude-y"] and back.has_more
+    with pytest.raises(anthropic.BadRequestError, match="limit='0' must be an integer"):
+        client.models.list(limit=0)
+    with pytest.raises(anthropic.BadRequestError, match="after_id='gpt-x' is not a model"):
+        client.models.list(after_id="gpt-x")
+    # One model, in each SDK's own shape.
+    assert client.models.retrieve("smart-claude").display_name == "smart-claude"
+    with pytest.raises(anthropic.NotFoundError, match="model 'gpt-x' is not served here"):
+        client.models.retrieve("gpt-x")
+    assert env.openai().models.retrieve("gpt-x").owned_by == "agentnode"
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
+        env.openai().models.retrieve("nope")
 
 
 @pytest.mark.parametrize(
@@ -339,6 +412,12 @@ def test_malformed_requests_get_400_in_provider_format(env: ProxyEnv) -> None:
         "type": "error",
         "error": {"type": "invalid_request_error", "message": "request body is not valid JSON"},
     }
+    r = httpx.post(
+        env.url + "/v1/chat/completions",
+        content='{"model": "gpt-x", "messages": []}'.encode("utf-16"),
+        headers={"x-api-key": "sk-acme"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["message"] == "request body is not valid JSON"
     r = httpx.post(
         env.url + "/v1/chat/completions", content=b"[]", headers={"x-api-key": "sk-acme"}
     )

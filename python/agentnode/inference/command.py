@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,7 @@ async def serve(config: ProxyConfig) -> None:
         create_app(config), handler_cancellation=True, shutdown_timeout=10.0, access_log=None
     )
     await runner.setup()
+    _tune_gc()
     try:
         site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
         try:
@@ -68,3 +70,17 @@ async def serve(config: ProxyConfig) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _tune_gc() -> None:
+    """Makes the cyclic GC cheap for a process that is this proxy and nothing else.
+
+    Each request allocates many short-lived containers (aiohttp's request and response objects)
+    that reference counting frees. With the default gen-0 threshold of 700, the dozens of
+    requests in flight keep tripping collections that find next to nothing: ~10% of the CPU at
+    64 concurrent (measured with gc.callbacks). Cycles are rare here (one collection in 6 s at
+    10 000), so collect far less often, and freeze what startup built (modules, the app, its
+    state) so that full collections skip it.
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)

@@ -54,8 +54,12 @@ class MockUpstream:
     name: str = "mock"
     chunks: int = 4
     chunk_delay: float = 0.0
+    #: Seconds between a stream's last event and the end of its HTTP response (chunked
+    #: framing's final empty chunk), which a real server's may trail by a packet or more.
+    end_delay: float = 0.0
     usage: dict[str, Any] | None = None
     faults: deque[Fault] = field(default_factory=deque)
+    #: What each request brought: path, json, body (bytes), headers, peer (host, port).
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     _runner: web.AppRunner | None = None
@@ -94,8 +98,18 @@ class MockUpstream:
         return OPENAI_USAGE if self.kind == "openai" else ANTHROPIC_USAGE
 
     async def _fault(self, request: web.Request) -> tuple[Fault | None, web.Response | None]:
-        body = await request.json()
-        self.requests.append({"path": request.path, "json": body, "headers": dict(request.headers)})
+        raw = await request.read()
+        body = json.loads(raw)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.requests.append(
+            {
+                "path": request.path,
+                "json": body,
+                "body": raw,
+                "headers": dict(request.headers),
+                "peer": peer,  # the client's (host, port): the same port is the same connection
+            }
+        )
         f = self.faults.popleft() if self.faults else None
         if f is None:
             return None, None
@@ -196,6 +210,7 @@ class MockUpstream:
                 }
                 await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(self.end_delay)
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(time.monotonic())
             raise
@@ -280,6 +295,7 @@ class MockUpstream:
                 },
             )
             await event("message_stop", {"type": "message_stop"})
+            await asyncio.sleep(self.end_delay)
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(time.monotonic())
             raise

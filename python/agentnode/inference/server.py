@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from yarl import URL
 
 from agentnode.inference.config import Deployment, ProxyConfig, Route, Tenant
 from agentnode.inference.errors import error_event, error_response
@@ -42,6 +43,16 @@ ENDPOINTS = {
 }
 # Request headers the client may send that the upstream must see (Anthropic's API version, betas).
 _FORWARD = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
+# Seconds a finished stream's connection may take to end its HTTP framing and be reused.
+_TAIL_WAIT = 1.0
+# The field each endpoint cannot do without.
+_REQUIRED = {
+    "chat": "messages",
+    "messages": "messages",
+    "completions": "prompt",
+    "embeddings": "input",
+    "responses": "input",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,19 +90,41 @@ class _Retryable(Exception):
 
 
 class _DeploymentState:
-    __slots__ = ("breaker", "deployment", "rpm", "tpm")
+    """A deployment's limiters and breaker, and what every request to it reuses: its URLs,
+    headers and timeouts are built once, not per request."""
+
+    __slots__ = ("breaker", "deployment", "headers", "rpm", "timeouts", "tpm", "urls")
 
     def __init__(self, d: Deployment, config: ProxyConfig) -> None:
         self.deployment = d
         self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown)
         self.rpm = Window(f"deployment {d.name} rpm", d.rpm) if d.rpm else None
         self.tpm = Window(f"deployment {d.name} tpm", d.tpm) if d.tpm else None
+        self.urls = {e: URL(d.base_url + path) for e, (_, path) in ENDPOINTS.items()}
+        headers = {"Content-Type": "application/json"}
+        if d.kind == "anthropic":
+            headers["anthropic-version"] = "2023-06-01"  # the client's own, if sent, wins
+            if d.api_key:
+                headers["x-api-key"] = d.api_key
+        elif d.api_key:
+            headers["Authorization"] = f"Bearer {d.api_key}"
+        self.headers = headers
+        # Indexed by "is a stream": a stream may last as long as it keeps sending.
+        self.timeouts = tuple(
+            aiohttp.ClientTimeout(
+                total=None if stream else d.timeout,
+                sock_connect=d.connect_timeout,
+                sock_read=d.first_byte_timeout,
+            )
+            for stream in (False, True)
+        )
 
 
 class _Call:
     """One client request on its way through the proxy."""
 
     __slots__ = (
+        "body",
         "cache_key",
         "endpoint",
         "fmt",
@@ -101,11 +134,16 @@ class _Call:
         "started",
         "stream",
         "tokens_estimate",
+        "upstream_complete",
     )
 
-    def __init__(self, endpoint: str, payload: dict[str, Any], principal: Principal) -> None:
+    def __init__(
+        self, endpoint: str, body: bytes, payload: dict[str, Any], principal: Principal
+    ) -> None:
         self.endpoint = endpoint
         self.fmt = ENDPOINTS[endpoint][0]
+        #: The client's bytes, sent upstream as they are unless something must be patched.
+        self.body = body
         self.payload = payload
         self.principal = principal
         self.model: str = payload["model"]
@@ -113,6 +151,24 @@ class _Call:
         self.started = time.monotonic()
         self.cache_key: bytes | None = None
         self.tokens_estimate = 0
+        #: The upstream sent its stream's last event: its connection is worth keeping.
+        self.upstream_complete = False
+
+
+class _Children:
+    """A metric's labelled children, each looked up once: `labels()` validates and locks."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
 
 class _Metrics:
@@ -136,6 +192,11 @@ class _Metrics:
         self.latency = Histogram(
             "agentnode_inference_latency_seconds", "Request latency", ["endpoint"], registry=r
         )
+        self.requests_of = _Children(self.requests)
+        self.attempts_of = _Children(self.attempts)
+        self.tokens_of = _Children(self.tokens)
+        self.cost_of = _Children(self.cost)
+        self.latency_of = _Children(self.latency)
 
 
 class Proxy:
@@ -154,14 +215,20 @@ class Proxy:
         self.session = session
         self.attribution = attribution
         self.deployments = {n: _DeploymentState(d, config) for n, d in config.deployments.items()}
+        # (kind, model) → the deployments serving it: routing looks this up, never scans.
+        self._pools: dict[tuple[str, str], list[_DeploymentState]] = {}
+        for state in self.deployments.values():
+            for m in state.deployment.models:
+                self._pools.setdefault((state.deployment.kind, m), []).append(state)
         self.tenant_windows: dict[tuple[str, str, str | None], Window] = {}
         self.metrics = _Metrics()
-        self._background: set[asyncio.Future[None]] = set()
+        self._tails: set[asyncio.Task[None]] = set()
 
-    async def drain(self) -> None:
-        """Waits for pending ledger writes (called at shutdown)."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+    async def close(self) -> None:
+        """Stops waiting for the ends of finished upstream streams (called at shutdown)."""
+        for t in self._tails:
+            t.cancel()
+        await asyncio.gather(*self._tails, return_exceptions=True)
 
     # ---- entry points -----------------------------------------------------------------------
 
@@ -177,8 +244,10 @@ class Proxy:
                 "unknown API key (use a key configured for a tenant in [inference.tenants])",
                 "invalid_api_key",
             )
+        body = await request.read()
         try:
-            payload = await request.json(loads=json.loads)
+            # Strictly UTF-8 (json.loads would take UTF-16 too): these bytes go upstream as-is.
+            payload = json.loads(body.decode())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._reject(
                 endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
@@ -186,8 +255,8 @@ class Proxy:
         problem = _validate(endpoint, payload)
         if problem:
             return self._reject(endpoint, fmt, 400, problem, "invalid_request")
-        call = _Call(endpoint, payload, principal)
-        call.tokens_estimate = _estimate_tokens(request.content_length or 0, payload)
+        call = _Call(endpoint, body, payload, principal)
+        call.tokens_estimate = _estimate_tokens(len(body), payload)
         refusal = self._admit(call)
         if refusal is not None:
             return refusal
@@ -210,7 +279,7 @@ class Proxy:
         code: str,
         retry_after: float | None = None,
     ) -> web.Response:
-        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.requests_of(endpoint, str(status)).inc()
         return error_response(fmt, status, message, code=code, retry_after=retry_after)
 
     def _admit(self, call: _Call) -> web.Response | None:
@@ -279,14 +348,15 @@ class Proxy:
 
     def _candidates(self, call: _Call, route: Route | None) -> list[tuple[_DeploymentState, str]]:
         """Deployments in fallback order; within one model, a weighted random order."""
-        kind = "anthropic" if call.fmt == "anthropic" else "openai"
         out: list[tuple[_DeploymentState, str]] = []
         for model in route.models if route else (call.model,):
-            pool = [
-                s
-                for s in self.deployments.values()
-                if model in s.deployment.models and s.deployment.kind == kind
-            ]
+            pool = self._pools.get((call.fmt, model))
+            if pool is None:
+                continue
+            if len(pool) == 1:
+                out.append((pool[0], model))
+                continue
+            pool = list(pool)
             while pool:
                 pick = random.choices(pool, weights=[s.deployment.weight for s in pool])[0]
                 pool.remove(pick)
@@ -326,7 +396,7 @@ class Proxy:
                 try:
                     response = await self._attempt(request, call, state, model, tpm_entry)
                 except _Retryable as e:
-                    self.metrics.attempts.labels(d.name, "retryable").inc()
+                    self.metrics.attempts_of(d.name, "retryable").inc()
                     state.breaker.failure()
                     errors.append(f"{d.name}: {e}")
                     last_status, last_retry_after = e.status, e.retry_after
@@ -340,7 +410,7 @@ class Proxy:
                         delay = random.uniform(0, self.config.backoff_base * 2**attempt)
                     await asyncio.sleep(delay)
                     continue
-                self.metrics.attempts.labels(d.name, "ok").inc()
+                self.metrics.attempts_of(d.name, "ok").inc()
                 state.breaker.success()
                 return response
         if limited and not errors:
@@ -381,31 +451,31 @@ class Proxy:
         tpm_entry: list[float] | None,
     ) -> web.StreamResponse:
         d = state.deployment
-        body = dict(call.payload)
-        body["model"] = model
-        wants_usage = False
+        # OpenAI streams report usage only when asked: ask always, hide it if the client didn't.
+        wants_usage = True
         if call.stream and call.endpoint in ("chat", "completions"):
-            opts = body.get("stream_options")
+            opts = call.payload.get("stream_options")
             wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-            body["stream_options"] = {
-                **(opts if isinstance(opts, dict) else {}),
-                "include_usage": True,
-            }
-        headers = {k: v for k in _FORWARD if (v := request.headers.get(k))}
-        if d.kind == "anthropic":
-            headers.setdefault("anthropic-version", "2023-06-01")
-            if d.api_key:
-                headers["x-api-key"] = d.api_key
-        elif d.api_key:
-            headers["Authorization"] = f"Bearer {d.api_key}"
-        timeout = aiohttp.ClientTimeout(
-            total=None if call.stream else d.timeout,
-            sock_connect=d.connect_timeout,
-            sock_read=d.first_byte_timeout,
-        )
-        url = d.base_url + ENDPOINTS[call.endpoint][1]
+        body = call.body
+        if model != call.model or not wants_usage:
+            patched = dict(call.payload)
+            patched["model"] = model
+            if not wants_usage:
+                opts = patched.get("stream_options")
+                patched["stream_options"] = {
+                    **(opts if isinstance(opts, dict) else {}),
+                    "include_usage": True,
+                }
+            body = json.dumps(patched, separators=(",", ":"), ensure_ascii=False).encode()
+        headers = state.headers
+        forwarded = {k: v for k in _FORWARD if (v := request.headers.get(k))}
+        if forwarded:
+            headers = headers | forwarded
+        url = state.urls[call.endpoint]
         try:
-            upstream = await self.session.post(url, json=body, headers=headers, timeout=timeout)
+            upstream = await self.session.post(
+                url, data=body, headers=headers, timeout=state.timeouts[call.stream]
+            )
         except TimeoutError:
             raise _Retryable(
                 f"timed out after {d.connect_timeout} s connecting or waiting", status=504
@@ -441,8 +511,29 @@ class Proxy:
             # gone, error) closes it, which is what cancels the upstream's work.
             if upstream.content.at_eof():
                 upstream.release()
+            elif call.upstream_complete:
+                self._release_after_tail(upstream)
             else:
                 upstream.close()
+
+    def _release_after_tail(self, upstream: aiohttp.ClientResponse) -> None:
+        """A stream whose last event came but whose HTTP framing has not ended yet (the final
+        empty chunk is often a packet behind) keeps its connection once that arrives: a fresh
+        TCP connection per stream would cost the next request a connect."""
+
+        async def tail() -> None:
+            try:
+                async with asyncio.timeout(_TAIL_WAIT):
+                    while await upstream.content.readany():
+                        pass  # Nothing after the last event is the client's business.
+            except (TimeoutError, aiohttp.ClientError):
+                upstream.close()
+            else:
+                upstream.release()
+
+        t = asyncio.create_task(tail())
+        self._tails.add(t)
+        t.add_done_callback(self._tails.discard)
 
     async def _complete(
         self,
@@ -467,9 +558,7 @@ class Proxy:
             state.tpm.adjust(tpm_entry, usage.total)
         self._finish(call, d, model, 200, usage, cache_hit=False)
         if call.cache_key is not None:
-            await self.store.cache_put(
-                call.cache_key, {"stream": False}, raw, self.config.cache_ttl
-            )
+            self.store.cache_put(call.cache_key, {"stream": False}, raw, self.config.cache_ttl)
         return web.Response(body=raw, content_type="application/json")
 
     async def _stream(
@@ -491,7 +580,7 @@ class Proxy:
             raise _Retryable(f"deployment {d.name} closed the stream before any event") from None
         except ValueError as e:
             raise _Retryable(f"deployment {d.name} sent a stream that is not SSE: {e}") from None
-        response = web.StreamResponse(
+        response = _EventStream(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
@@ -502,6 +591,7 @@ class Proxy:
         try:
             while event is not None:
                 out = reader.feed(event)
+                call.upstream_complete = reader.done
                 if out is not None:
                     await response.write(out)
                     if sent is not None:
@@ -527,7 +617,7 @@ class Proxy:
             state.tpm.adjust(tpm_entry, usage.total)
         self._finish(call, d, model, status, usage, cache_hit=False)
         if sent is not None and status == 200 and call.cache_key is not None:
-            await self.store.cache_put(
+            self.store.cache_put(
                 call.cache_key, {"stream": True}, b"".join(sent), self.config.cache_ttl
             )
         await response.write_eof()
@@ -557,17 +647,19 @@ class Proxy:
         *,
         cache_hit: bool,
     ) -> None:
-        """Metrics now; the ledger row in the background (it must land even if the client left)."""
+        """Metrics and spend now, so budgets see it at once; the ledger row is queued for the
+        next group commit, which happens even if the client has left."""
         price = cost(usage, d.price) if d is not None else Decimal(0)
         latency = time.monotonic() - call.started
         tenant = call.principal.tenant
         m = self.metrics
-        m.requests.labels(call.endpoint, str(status)).inc()
-        m.latency.labels(call.endpoint).observe(latency)
-        m.cost.labels(tenant).inc(float(price))
-        for bucket, n in usage.as_dict().items():
+        m.requests_of(call.endpoint, str(status)).inc()
+        m.latency_of(call.endpoint).observe(latency)
+        m.cost_of(tenant).inc(float(price))
+        buckets = usage.as_dict()
+        for bucket, n in buckets.items():
             if n:
-                m.tokens.labels(tenant, bucket).inc(n)
+                m.tokens_of(tenant, bucket).inc(n)
         row = LedgerRow(
             time=time.time(),
             tenant=tenant,
@@ -580,11 +672,17 @@ class Proxy:
             latency_ms=round(latency * 1000, 3),
             cache_hit=cache_hit,
             stream=call.stream,
-            **usage.as_dict(),
+            **buckets,
         )
-        write = self.store.record(row)
-        self._background.add(write)
-        write.add_done_callback(self._background.discard)
+        self.store.record(row)
+
+
+class _EventStream(web.StreamResponse):
+    """An SSE response whose headers leave with its first event, in one packet: it is only
+    prepared once that event is in hand, so sending the headers alone would just cost the
+    client an extra wakeup before its first token. (aiohttp ≥ 3.12 reads this flag.)"""
+
+    _send_headers_immediately = False
 
 
 class _UsageReader:
@@ -615,7 +713,11 @@ class _UsageReader:
             if b"response.completed" in event:
                 self._openai = _data(event).get("response", {}).get("usage")
             return event
-        if b'"usage"' not in event:
+        # With include_usage every chunk carries `"usage":null`: no need to parse those. The
+        # bytes `"usage":null` cannot occur inside a JSON string (its quotes would be escaped),
+        # and a single `"usage"` means no other usage object hides elsewhere in the chunk.
+        n = event.count(b'"usage"')
+        if n == 0 or (n == 1 and (b'"usage":null' in event or b'"usage": null' in event)):
             return event
         obj = _data(event)
         if obj.get("usage"):
@@ -691,9 +793,7 @@ def _validate(endpoint: str, payload: Any) -> str | None:
         return "'model' is required and must be a non-empty string"
     if "stream" in payload and not isinstance(payload["stream"], bool):
         return "'stream' must be true or false"
-    required = {"chat": "messages", "messages": "messages", "completions": "prompt"}
-    required |= {"embeddings": "input", "responses": "input"}
-    field = required[endpoint]
+    field = _REQUIRED[endpoint]
     if field not in payload:
         return f"'{field}' is required"
     if endpoint in ("chat", "messages") and not isinstance(payload["messages"], list):
@@ -728,13 +828,16 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = await Store.open(config.state_dir)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        # No cookie jar: one session serves every tenant, and no upstream cookie may cross over.
+        session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
+        )
         proxy = Proxy(config, store, session, attribution=attribution)
         app[PROXY] = proxy
         try:
             yield
         finally:
-            await proxy.drain()
+            await proxy.close()
             await session.close()
             await store.close()
 
@@ -752,16 +855,93 @@ def create_app(
     app.router.add_post("/v1/responses", endpoint("responses"))
     app.router.add_post("/v1/messages", endpoint("messages"))
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/v1/usage", _usage)
     app.router.add_get("/metrics", _metrics)
     return app
 
 
+def _served_models(config: ProxyConfig, kind: str | None) -> list[str]:
+    """Model and route names a client can call, sorted; of one deployment kind if given."""
+    names = {m for d in config.deployments.values() if kind in (None, d.kind) for m in d.models}
+    return sorted(names | {r.name for r in config.routes.values() if names & set(r.models)})
+
+
+# Anthropic's API reports release dates; the proxy has none, and its docs allow the epoch.
+_EPOCH = "1970-01-01T00:00:00Z"
+
+
+def _model_object(fmt: str, name: str) -> dict[str, Any]:
+    if fmt == "anthropic":
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": name,
+            "created_at": _EPOCH,
+            "lifecycle": "active",
+        }
+    return {"id": name, "object": "model", "created": 0, "owned_by": "agentnode"}
+
+
+def _caller_format(request: web.Request) -> str:
+    """Anthropic's SDK sends `anthropic-version` on every request; OpenAI's never does."""
+    return "anthropic" if "anthropic-version" in request.headers else "openai"
+
+
+async def _model(request: web.Request) -> web.Response:
+    """One model (`GET /v1/models/{id}`) in the caller's format; 404 when not served here."""
+    fmt = _caller_format(request)
+    name = request.match_info["model_id"]
+    if name not in _served_models(request.app[PROXY].config, fmt if fmt == "anthropic" else None):
+        return error_response(
+            fmt,
+            404,
+            f"model {name!r} is not served here (GET /v1/models lists the models)",
+            code="model_not_found",
+        )
+    return web.json_response(_model_object(fmt, name))
+
+
 async def _models(request: web.Request) -> web.Response:
+    """The models list in the caller's format (see `_caller_format`)."""
     cfg = request.app[PROXY].config
-    names = sorted({m for d in cfg.deployments.values() for m in d.models} | set(cfg.routes))
-    data = [{"id": n, "object": "model", "created": 0, "owned_by": "agentnode"} for n in names]
-    return web.json_response({"object": "list", "data": data})
+    if _caller_format(request) == "openai":
+        data = [_model_object("openai", n) for n in _served_models(cfg, None)]
+        return web.json_response({"object": "list", "data": data})
+    names = _served_models(cfg, "anthropic")
+    # Anthropic pages with limit (default 20, at most 1000) and the after_id/before_id cursors.
+    q = request.query
+    limit_arg = q.get("limit", "20")
+    if not limit_arg.isdigit() or not 1 <= int(limit_arg) <= 1000:
+        return error_response(
+            "anthropic",
+            400,
+            f"limit={limit_arg!r} must be an integer from 1 to 1000",
+            code="invalid_request",
+        )
+    limit = int(limit_arg)
+    for cursor in ("after_id", "before_id"):
+        if cursor in q and q[cursor] not in names:
+            return error_response(
+                "anthropic",
+                400,
+                f"{cursor}={q[cursor]!r} is not a model listed here",
+                code="invalid_request",
+            )
+    if "before_id" in q:
+        end = names.index(q["before_id"])
+        page, has_more = names[max(0, end - limit) : end], end > limit
+    else:
+        start = names.index(q["after_id"]) + 1 if "after_id" in q else 0
+        page, has_more = names[start : start + limit], start + limit < len(names)
+    return web.json_response(
+        {
+            "data": [_model_object("anthropic", n) for n in page],
+            "has_more": has_more,
+            "first_id": page[0] if page else None,
+            "last_id": page[-1] if page else None,
+        }
+    )
 
 
 async def _usage(request: web.Request) -> web.Response:

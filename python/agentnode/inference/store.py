@@ -1,28 +1,34 @@
 """RocksDB state of the proxy: the ledger (one row per request) and the response cache.
 
 RocksDB calls block, so every one runs on a single dedicated thread: the event loop never
-waits on disk, and one writer thread keeps the ledger's append order. Spend per tenant and per
-task is kept in memory (rebuilt from the ledger at open) so budget checks cost nothing.
+waits on disk, and one writer thread keeps the ledger's append order. rocksdict holds the GIL
+while it writes, so ledger rows are group-committed: gathered on the loop for FLUSH_INTERVAL,
+then serialised and written as one batch. Spend per tenant and per task is kept in memory
+(rebuilt from the ledger at open) so budget checks cost nothing and never wait for a flush.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import time
-import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from rocksdict import Options, Rdict
+from rocksdict import Options, Rdict, WriteBatch
 
-__all__ = ["LedgerRow", "Store"]
+__all__ = ["FLUSH_INTERVAL", "LedgerRow", "Store"]
 
 _GROUPS = ("tenant", "task", "model", "day", "deployment")
+#: Seconds ledger rows wait to be written with those that follow: the most a crash can lose.
+FLUSH_INTERVAL = 0.05
+log = logging.getLogger("agentnode.inference")
 
 
 @dataclass(slots=True)
@@ -47,6 +53,9 @@ class LedgerRow:
     stream: bool
 
 
+_FIELDS = LedgerRow.__slots__
+
+
 class Store:
     """The ledger and cache databases under `state_dir`. Use `await Store.open(dir)`."""
 
@@ -58,6 +67,12 @@ class Store:
         self._cache = Rdict(str(state_dir / "cache"), options=Options(raw_mode=True))
         self.tenant_spend: dict[str, Decimal] = defaultdict(Decimal)
         self.task_spend: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+        # Keys are time, then this store's random prefix and a counter: unique across restarts
+        # and processes without a uuid per row, and in append order within one process.
+        self._key_prefix = os.urandom(4).hex()
+        self._seq = 0
+        self._pending: list[tuple[bytes, LedgerRow]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
     async def open(cls, state_dir: Path) -> Store:
@@ -68,6 +83,7 @@ class Store:
         return store
 
     async def close(self) -> None:
+        await self.flush()
         await self._run(self._close)
         self._pool.shutdown(wait=True)
 
@@ -84,18 +100,47 @@ class Store:
         if row.task is not None:
             self.task_spend[(row.tenant, row.task)] += c
 
-    def record(self, row: LedgerRow) -> asyncio.Future[None]:
-        """Counts the row against the budgets now and appends it (keys sort by time) off-loop."""
+    def record(self, row: LedgerRow) -> None:
+        """Counts the row against the budgets now; it is written within FLUSH_INTERVAL."""
         self._account(row)
-        key = f"{time.time_ns():020d}-{uuid.uuid4().hex}".encode()
-        value = json.dumps(asdict(row)).encode()
-        return asyncio.get_running_loop().run_in_executor(self._pool, self._ledger.put, key, value)
+        self._seq += 1
+        self._pending.append(
+            (f"{time.time_ns():020d}-{self._key_prefix}{self._seq:08x}".encode(), row)
+        )
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        fut = self._submit()
+        fut.add_done_callback(_log_write_failure)
+
+    def _submit(self) -> asyncio.Future[None]:
+        batch, self._pending = self._pending, []
+        return asyncio.get_running_loop().run_in_executor(self._pool, self._write, batch)
+
+    async def flush(self) -> None:
+        """Returns once every row recorded so far is written; a failed write raises here."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # One writer thread runs jobs in order: when this batch is done, so are earlier ones.
+        await self._submit()
+
+    def _write(self, batch: list[tuple[bytes, LedgerRow]]) -> None:
+        if not batch:
+            return
+        wb = WriteBatch(raw_mode=True)
+        for key, row in batch:
+            wb.put(key, json.dumps({f: getattr(row, f) for f in _FIELDS}).encode())
+        self._ledger.write(wb)
 
     def _scan(self) -> list[LedgerRow]:
         return [LedgerRow(**json.loads(v)) for _, v in self._ledger.items()]
 
     async def rows(self) -> list[LedgerRow]:
-        """Every ledger row, oldest first."""
+        """Every ledger row, oldest first, including those recorded but not yet flushed."""
+        await self.flush()
         rows: list[LedgerRow] = await self._run(self._scan)
         return rows
 
@@ -143,6 +188,15 @@ class Store:
             return None
         return meta, body
 
-    async def cache_put(self, key: bytes, meta: dict[str, Any], body: bytes, ttl: float) -> None:
+    def cache_put(self, key: bytes, meta: dict[str, Any], body: bytes, ttl: float) -> None:
+        """Queues the entry's write. Nobody awaits it, so a client that hangs up the moment its
+        answer is complete (OpenAI's SDK does, at [DONE]) cannot cancel it."""
         meta = meta | {"expires": time.time() + ttl}
-        await self._run(self._cache.put, key, json.dumps(meta).encode() + b"\n" + body)
+        value = json.dumps(meta).encode() + b"\n" + body
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._cache.put, key, value)
+        fut.add_done_callback(_log_write_failure)
+
+
+def _log_write_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and (e := fut.exception()) is not None:
+        log.error("proxy state write failed (ledger rows or a cache entry lost): %s", e)
