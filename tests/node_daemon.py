@@ -21,8 +21,10 @@ FINAL = ("succeeded", "failed", "timed_out", "cancelled", "lost")
 class Daemon:
     """`agentnode run --data-dir ROOT/data --socket ROOT/api.sock --config ROOT/agentnode.toml`."""
 
-    def __init__(self, root: Path, config: str = "") -> None:
+    def __init__(self, root: Path, config: str = "", prefix: tuple[str, ...] = ()) -> None:
         self.root = root
+        #: Put before the daemon's argv (e.g. nsenter into a test's netns).
+        self.prefix = prefix
         self.data = root / "data"
         self.socket = root / "api.sock"
         self.config = root / "agentnode.toml"
@@ -33,7 +35,7 @@ class Daemon:
         self.client = NodeClient(self.socket)
 
     def start(self, *, timeout: float = 30.0) -> None:
-        argv = [sys.executable, "-m", "agentnode", "run", "--config", str(self.config),
+        argv = [*self.prefix, sys.executable, "-m", "agentnode", "run", "--config", str(self.config),
                 "--data-dir", str(self.data), "--socket", str(self.socket)]  # fmt: skip
         self.lines = []
         self.proc = subprocess.Popen(
@@ -102,9 +104,9 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon(root: Path, config: str = "") -> Iterator[Daemon]:
+def daemon(root: Path, config: str = "", prefix: tuple[str, ...] = ()) -> Iterator[Daemon]:
     """A started daemon, stopped (SIGTERM, then SIGKILL) when the block ends."""
-    d = Daemon(root, config)
+    d = Daemon(root, config, prefix)
     d.start()
     try:
         yield d

@@ -23,10 +23,11 @@ import pytest
 
 from agentnode.egress import EgressPolicy
 from agentnode.egress.service import EgressService
-from agentnode.errors import UsageError
+from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import Mount, spawn
 from conftest import root_only
 from egress_world import HOST4, OTHER4, World
+from node_daemon import daemon
 
 pytestmark = root_only
 
@@ -257,3 +258,50 @@ def test_exec_allow_and_bad_rule(world: World) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "--allow '10.0.0.0/33'" in bad.stderr
+
+
+def test_daemon_tasks_get_their_egress_policy(world: World, tmp_path: Path) -> None:
+    """`agentnode run` gives submitted tasks their rules, counts their traffic, writes each
+    denial with the task's id to its audit log, and removes the bridge when it stops."""
+    config = f'[network]\nsubnet = "{subnet()}"\ndns_upstream = "{HOST4}:53"\n'
+    prefix = ("nsenter", f"--net=/run/netns/{world.task}")
+    with daemon(tmp_path, config, prefix) as d:
+        with pytest.raises(AgentnodeError, match=r"allow '1\.2\.3\.0/33'"):
+            d.client.call("POST", "/v1/tasks", {"command": ["true"], "allow": ["1.2.3.0/33"]})
+        task = d.submit(
+            ops(
+                connect(HOST4, 8080, send=100),
+                connect(OTHER4, 8080),
+                {"op": "resolve", "name": "allowed.test", "server": OTHER4},
+                connect("allowed.test", 9090),
+            ),
+            user="0",
+            ro=[str(REPO)],
+            env={"PYTHONPATH": str(REPO / "python")},
+            allow=[f"{HOST4}:8080"],
+            allow_hosts=["allowed.test:9090"],
+        )
+        assert task["network"] == "egress" and task["allow_hosts"] == ["allowed.test:9090"]
+        done = d.wait(task["id"], timeout=60)
+        out = d.log(task["id"])
+        assert done["state"] == "succeeded", out
+        ok, denied, name, by_name = (json.loads(line) for line in out.splitlines())
+        assert ok["reply"] == "100" and denied["errno"] == errno.EPERM
+        assert name["addrs"] == [HOST4] and by_name["ok"]
+        audit = [json.loads(line) for line in (d.data / "audit.log").read_text().splitlines()]
+        assert {"task": task["id"], "address": OTHER4, "port": 8080} in [
+            {k: a[k] for k in ("task", "address", "port")} for a in audit
+        ]
+        assert (
+            "agentnode0"
+            in subprocess.run(
+                ["ip", "-n", world.task, "-o", "link"], capture_output=True, text=True, check=True
+            ).stdout
+        )
+    assert not veths(world)
+    assert (
+        "agentnode0"
+        not in subprocess.run(
+            ["ip", "-n", world.task, "-o", "link"], capture_output=True, text=True, check=True
+        ).stdout
+    )

@@ -147,6 +147,10 @@ def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
                  "--socket", str(tmp_path / "s")])  # fmt: skip
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"{cfg}:5: scheduler.aging: must be an integer >= 0" in r.stderr, r.stderr
+    cfg.write_text('[network]\nbridge = "agentnode1"\nsubnet = "10.0.0.0/33"\n')
+    r = run_cli(["run", "--config", str(cfg), "--data-dir", str(tmp_path / "d"),
+                 "--socket", str(tmp_path / "s")])  # fmt: skip
+    assert f"{cfg}:3: network.subnet: bad node subnet '10.0.0.0/33'" in r.stderr, r.stderr
 
 
 def test_task_records_of_another_format_are_refused_in_one_line(tmp_path: Path) -> None:
@@ -194,6 +198,13 @@ def test_api_bad_input_names_the_field(tmp_path: Path) -> None:
             ({"command": ["true"], "userns": "yes"}, "userns"),
             ({"command": ["true"], "tmp_size": "huge"}, "tmp_size"),
             ({"command": ["true"], "colour": "red"}, "colour"),
+            ({"command": ["true"], "network": "bridge"}, "network"),
+            ({"command": ["true"], "network": "none", "allow": ["10.0.0.1"]}, "network"),
+            ({"command": ["true"], "allow": "10.0.0.0/8"}, "allow"),
+            ({"command": ["true"], "allow": ["10.0.0.0/33"]}, "allow"),
+            ({"command": ["true"], "allow_hosts": [""]}, "allow_hosts"),
+            ({"command": ["true"], "egress_rate": "fast"}, "egress_rate"),
+            ({"command": ["true"], "conn_rate": [5]}, "conn_rate"),
             ([1, 2], "body"),
         ]
         for body, field in cases:

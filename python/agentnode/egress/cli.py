@@ -11,6 +11,7 @@ from agentnode.errors import PolicyError, UsageError
 
 __all__ = ["NET_MODES", "add_arguments", "network_from_args"]
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the egress option group to `parser`."""
     g = parser.add_argument_group("network egress")

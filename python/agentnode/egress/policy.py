@@ -10,6 +10,7 @@ import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from agentnode.errors import PolicyError
 
@@ -255,6 +256,7 @@ def network_and_policy(
     when any rule or rate is given, else `none`. A `PolicyError` starts with the option's name
     (from `names`, in the order of the parameters) and quotes the bad rule."""
     net_name, allow_name, hosts_name, rate_name, conn_name = names
+    checks: list[tuple[str, str | int | None, dict[str, Any]]]
     checks = [(allow_name, r, {"allow": [r]}) for r in allow]
     checks += [(hosts_name, r, {"hosts": [r]}) for r in hosts]
     checks += [(rate_name, rate, {"rate": rate}), (conn_name, conn_rate, {"conn_rate": conn_rate})]
@@ -262,7 +264,7 @@ def network_and_policy(
         if value is None:
             continue
         try:
-            EgressPolicy(**kwargs)  # type: ignore[arg-type]
+            EgressPolicy(**kwargs)
         except PolicyError as e:
             raise PolicyError(f"{name} {value!r}: {e}") from None
     wants_policy = bool(allow or hosts or rate is not None or conn_rate is not None)
@@ -272,8 +274,7 @@ def network_and_policy(
     if mode == "none":
         if wants_policy:
             raise PolicyError(
-                f"{net_name} none allows no egress (drop the allow rules and rates, "
-                "or use egress)"
+                f"{net_name} none allows no egress (drop the allow rules and rates, or use egress)"
             )
         return mode, None
     return mode, EgressPolicy(allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import ipaddress
 import os
 import threading
@@ -190,13 +191,8 @@ class EgressService:
                         )
             asyncio.set_event_loop(loop)
             forwarder = DnsForwarder(upstream=self.upstream)
-            transport, _ = loop.run_until_complete(
-                loop.create_datagram_endpoint(
-                    lambda: forwarder, local_addr=(str(self.network.gateway), 0)
-                )
-            )
+            self._dns = loop.run_until_complete(self._listen(forwarder))
             self._forwarder = forwarder
-            self._dns = (str(self.network.gateway), transport.get_extra_info("sockname")[1])
         except BaseException as e:
             started.append(e if isinstance(e, EgressError) else EgressError(
                 f"cannot start the DNS forwarder on {self.network.gateway}: {e}"
@@ -207,6 +203,25 @@ class EgressService:
         ready.set()
         loop.run_forever()
         loop.run_until_complete(forwarder.close())
+
+    async def _listen(self, forwarder: DnsForwarder) -> tuple[str, int]:
+        """Binds UDP and TCP on one port the kernel picks (the programs redirect both
+        protocols' port 53 to it); retries when TCP finds that port taken."""
+        host = str(self.network.gateway)
+        for _ in range(16):
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: forwarder, local_addr=(host, 0)
+            )
+            port = int(transport.get_extra_info("sockname")[1])
+            try:
+                await forwarder.listen_tcp(host, port)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                transport.close()
+                continue
+            return host, port
+        raise EgressError(f"no port on {host} was free for both UDP and TCP DNS")
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Runs `fn` on the forwarder's loop (asyncio readers are not thread-safe) and waits."""

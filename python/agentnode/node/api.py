@@ -120,6 +120,7 @@ def _binds(body: dict[str, Any], key: str) -> list[tuple[str, str, bool]]:
 
 _SANDBOX = ("cpu_weight", "memory_high", "swap", "tmp_size", "userns", "caps", "rootfs", "cwd",
             "hostname")  # fmt: skip
+_EGRESS = ("allow", "allow_hosts", "egress_rate", "conn_rate")
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 
 
@@ -157,6 +158,17 @@ def _sandbox(body: dict[str, Any]) -> dict[str, Any]:
         if key == "rootfs" and not os.path.isdir(path):
             raise BadField(key, f"{path!r} is not a directory (give a root file system tree)")
         out[key] = path
+    for key in ("allow", "allow_hosts"):
+        rules = body.get(key, [])
+        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+            raise BadField(key, f"must be a list of rule strings, got {rules!r}")
+        out[key] = tuple(rules)
+    for key in ("egress_rate", "conn_rate"):
+        rate = body.get(key)
+        if rate is not None:
+            if isinstance(rate, bool) or not isinstance(rate, str | int):
+                raise BadField(key, f"must be a string like '1MiB/s' or an integer, got {rate!r}")
+            out[key] = rate
     hostname = body.get("hostname")
     if hostname is not None:
         if not isinstance(hostname, str) or not _HOSTNAME.fullmatch(hostname):
@@ -182,6 +194,7 @@ def spec_from_json(body: Any) -> TaskSpec:
         "heartbeat",
         "env",
         "network",
+        *_EGRESS,
         "user",
         "retries",
         "ro",
@@ -235,7 +248,7 @@ def spec_from_json(body: Any) -> TaskSpec:
             pids=pids,
             heartbeat_s=heartbeat,
             env=tuple(env.items()),
-            network=body.get("network", "none"),
+            network=body.get("network", ""),
             user=str(body.get("user", "65534")),
             retries=retries,
             binds=tuple(binds),
@@ -270,6 +283,10 @@ def task_json(node: Node, task: Task) -> dict[str, Any]:
         "ro": [f"{s}:{d}" for s, d, w in spec.binds if not w],
         "rw": [f"{s}:{d}" for s, d, w in spec.binds if w],
         "network": spec.network,
+        "allow": list(spec.allow),
+        "allow_hosts": list(spec.allow_hosts),
+        "egress_rate": spec.egress_rate,
+        "conn_rate": spec.conn_rate,
         **{key: getattr(spec, key) for key in _SANDBOX},
     }
     running = node.running.get(task.id)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agentnode.egress import cli as egress_cli
 from agentnode.errors import UsageError
 from agentnode.isolation.units import parse_env
 from agentnode.node.client import NodeClient
@@ -73,6 +74,7 @@ def add_parsers(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     )
     p.add_argument("--hostname", help="the task's hostname (default agentnode)")
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
+    egress_cli.add_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     _with_socket(p)
@@ -140,6 +142,12 @@ def _submit(args: argparse.Namespace) -> int:
         body["userns"] = True
     if args.cap_add:
         body["caps"] = args.cap_add
+    # Checked here too, so a bad rule is a usage error before anything is queued.
+    body["network"], _ = egress_cli.network_from_args(args)
+    for key, value in (("allow", args.allow), ("allow_hosts", args.allow_host),
+                       ("egress_rate", args.egress_rate), ("conn_rate", args.conn_rate)):  # fmt: skip
+        if value:
+            body[key] = value
     task = _client(args).call("POST", "/v1/tasks", body)
     print(task["id"], flush=True)
     return _wait_for(_client(args), task["id"]) if args.wait else 0

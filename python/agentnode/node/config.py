@@ -6,13 +6,15 @@ user can act on.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentnode.errors import ConfigError
+from agentnode.egress.network import NodeNetwork
+from agentnode.errors import ConfigError, PolicyError
 from agentnode.tasks.model import CLASSES
 
 __all__ = ["NodeConfig", "TenantConfig", "load_config"]
@@ -49,6 +51,11 @@ class NodeConfig:
     retry_base_s: float = 1.0
     retry_max_s: float = 300.0
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
+    #: Task networking (mode egress): the node bridge, its subnet, and where allowed names
+    #: are resolved ("HOST" or "HOST:PORT"; default the host's first resolv.conf nameserver).
+    bridge: str = "agentnode0"
+    subnet: str = "10.88.0.0/24"
+    dns_upstream: tuple[str, int] | None = None
     source: Path | None = None
 
 
@@ -68,6 +75,9 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("retry", "max_attempts"): ("retry_max_attempts", int),
     ("retry", "base"): ("retry_base_s", float),
     ("retry", "max"): ("retry_max_s", float),
+    ("network", "bridge"): ("bridge", str),
+    ("network", "subnet"): ("subnet", str),
+    ("network", "dns_upstream"): ("dns_upstream", str),
 }
 
 
@@ -150,7 +160,35 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
             else:
                 minimum = 1 if field_name == "retry_max_attempts" else 0
                 out[field_name] = r.number(name, value, kind, minimum=minimum)
+    _check_network(r, out)
     return out
+
+
+def _check_network(r: _Reader, out: dict[str, Any]) -> None:
+    for key in ("bridge", "subnet"):
+        if key in out:
+            try:
+                NodeNetwork(**{key: out[key]})
+            except PolicyError as e:
+                raise r.error(f"network.{key}", str(e)) from None
+    if "dns_upstream" in out:
+        try:
+            out["dns_upstream"] = parse_upstream(out["dns_upstream"])
+        except ValueError as e:
+            raise r.error("network.dns_upstream", str(e)) from None
+
+
+def parse_upstream(value: str) -> tuple[str, int]:
+    """ "HOST" or "HOST:PORT" (an IPv4 address; port 53 by default) as (host, port)."""
+    host, _, port = value.partition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        number = int(port or 53)
+    except ValueError:
+        raise ValueError(f"must be an IPv4 address with an optional :PORT, got {value!r}") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"port {number} is out of range 1..65535")
+    return host, number
 
 
 def _class_running(r: _Reader, name: str, value: Any) -> tuple[tuple[str, int], ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agentnode import compute
+from agentnode.egress.enforce import Denial
+from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
@@ -49,6 +52,8 @@ class Running:
     last_beat: float
     stop_as: State | None = None
     stop_reason: str = ""
+    #: Its cgroup2 id, when it has egress (denials name it).
+    cgroup_id: int | None = None
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -85,6 +90,16 @@ class Node:
         # the GIL while the child sets up), two at a time. Long-lived because each task's
         # PDEATHSIG fires when the thread that spawned it exits.
         self._spawner = ThreadPoolExecutor(2, thread_name_prefix="agentnode-spawn")
+        # Tasks with network egress share one bridge and DNS forwarder, made on first use.
+        self.egress = EgressService(
+            bridge=config.bridge,
+            subnet=config.subnet,
+            dns_upstream=config.dns_upstream,
+            on_denial=self._audit_denial,
+        )
+        self.egress.network.sweep()  # what a node killed with -9 left behind
+        self._by_cgroup: dict[int, Task] = {}
+        self._audit = (config.data_dir / "audit.log").open("a", buffering=1)
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
@@ -116,6 +131,22 @@ class Node:
             cpu -= r.task.spec.cpu_millis
             mem -= r.task.spec.memory_bytes
         return max(cpu, 0), max(mem, 0)
+
+    def _audit_denial(self, d: Denial) -> None:
+        # On the forwarder's thread; one JSON line per denied connection or packet.
+        task = self._by_cgroup.get(d.cgroup_id)
+        record = {
+            "time": time.time(),
+            "event": "egress_denied",
+            "task": task.id if task else None,
+            "tenant": task.spec.tenant if task else None,
+            "address": str(d.address),
+            "port": d.port,
+            "protocol": d.protocol,
+            "reason": d.reason,
+            "pid": d.pid,
+        }
+        self._audit.write(json.dumps(record) + "\n")
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -207,6 +238,10 @@ class Node:
             return
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
+        if proc.egress is not None and proc.cgroup_dir is not None:
+            # A cgroup2 directory's inode number is the cgroup id BPF reports denials with.
+            r.cgroup_id = os.stat(proc.cgroup_dir).st_ino
+            self._by_cgroup[r.cgroup_id] = task
         self.running[task.id] = r
         r.task = await self.manager.mark_running(task.id)
         self.on_start(task, time.time() - _queued_at(task))
@@ -215,6 +250,7 @@ class Node:
 
     def _spawn(self, task: Task) -> Any:
         spec = task.spec
+        mode, policy = spec.egress()
         log_path = self.log_path(task.id, task.attempt)
         env = dict(spec.env)
         env.update(
@@ -247,7 +283,9 @@ class Node:
                 mounts=mounts,
                 env=env,
                 cwd=spec.cwd,
-                network=spec.network,
+                network=mode,
+                egress=policy,
+                node_network=self.egress,
                 user=spec.user,
                 userns=spec.userns,
                 rootfs=spec.rootfs,
@@ -271,6 +309,8 @@ class Node:
     async def _watch(self, r: Running) -> None:
         result: Result = await r.proc.wait_async()
         r.proc.close()
+        if r.cgroup_id is not None:
+            self._by_cgroup.pop(r.cgroup_id, None)
         outcome, reason = _outcome(r, result)
         del self.running[r.task.id]
         done = await self.manager.finish(
@@ -314,6 +354,8 @@ class Node:
         if watchers:
             await asyncio.gather(*watchers, return_exceptions=True)
         self._spawner.shutdown(wait=True)
+        await asyncio.to_thread(self.egress.close)
+        self._audit.close()
         for q in self._subscribers:
             q.put_nowait(None)
         self.manager.close()

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agentnode.errors import TaskError
+from agentnode.egress.policy import EgressPolicy, network_and_policy
+from agentnode.errors import PolicyError, TaskError
 
 __all__ = ["CLASSES", "TERMINAL", "State", "Task", "TaskSpec", "check_transition"]
 
@@ -68,7 +69,13 @@ class TaskSpec:
     pids: int | None = None
     heartbeat_s: float | None = None
     env: tuple[tuple[str, str], ...] = ()
-    network: str = "none"
+    #: none, egress or host; empty: egress when any allow rule or rate is given, else none.
+    network: str = ""
+    #: Egress rules as `agentnode exec --allow/--allow-host` takes them, and rate limits.
+    allow: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    egress_rate: str | int | None = None
+    conn_rate: str | int | None = None
     user: str = "65534"
     #: Retries after a failed, timed-out or lost attempt (None: the node's retry policy).
     retries: int | None = None
@@ -111,8 +118,22 @@ class TaskSpec:
                 raise TaskError(f"env name {pair[0]!r} may not contain '=' or NUL")
         if not re.fullmatch(r"\d+(:\d+)?", self.user):
             raise TaskError(f"user {self.user!r} is not UID[:GID] (example: 1000:1000)")
-        if self.network != "none":
-            raise TaskError(f"network {self.network!r} is not supported yet (use 'none')")
+        mode, _ = self.egress()
+        object.__setattr__(self, "network", mode)
+
+    def egress(self) -> tuple[str, EgressPolicy | None]:
+        """The task's network mode and egress policy; `TaskError` names the bad field."""
+        try:
+            return network_and_policy(
+                self.network,
+                allow=self.allow,
+                hosts=self.allow_hosts,
+                rate=self.egress_rate,
+                conn_rate=self.conn_rate,
+                names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate"),
+            )
+        except PolicyError as e:
+            raise TaskError(str(e)) from None
 
 
 @dataclass(frozen=True)
