@@ -284,7 +284,7 @@ def test_daemon_tasks_get_their_egress_policy(world: World, tmp_path: Path) -> N
         assert task["network"] == "egress" and task["allow_hosts"] == ["allowed.test:9090"]
         done = d.wait(task["id"], timeout=60)
         out = d.log(task["id"])
-        assert done["state"] == "succeeded", out
+        assert done["state"] == "succeeded", (done["reason"], out)
         ok, denied, name, by_name = (json.loads(line) for line in out.splitlines())
         assert ok["reply"] == "100" and denied["errno"] == errno.EPERM
         assert name["addrs"] == [HOST4] and by_name["ok"]
@@ -305,3 +305,76 @@ def test_daemon_tasks_get_their_egress_policy(world: World, tmp_path: Path) -> N
             ["ip", "-n", world.task, "-o", "link"], capture_output=True, text=True, check=True
         ).stdout
     )
+
+
+MOCK_UPSTREAM = """
+import asyncio
+from agentnode.inference.mock import MockUpstream
+
+async def main():
+    mock = await MockUpstream("openai").start()
+    print(mock.base_url, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+AGENT = """
+import json, os, urllib.request
+import openai
+
+client = openai.OpenAI()
+reply = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+stream = client.chat.completions.create(
+    model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True
+)
+streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+req = urllib.request.Request(
+    os.environ["OPENAI_BASE_URL"] + "/usage?group_by=task",
+    headers={"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"]},
+)
+usage = json.load(urllib.request.urlopen(req))
+print(json.dumps({"reply": reply.choices[0].message.content, "streamed": streamed,
+                  "usage": usage["data"]}))
+"""
+
+
+def test_daemon_serves_the_inference_proxy_to_its_tasks(world: World, tmp_path: Path) -> None:
+    """With [inference] configured, `agentnode run` serves the proxy on the bridge: a task that
+    may reach nothing else calls it with the official SDK, unconfigured, and is billed for it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+    netns = ("nsenter", f"--net=/run/netns/{world.task}")
+    mock = subprocess.Popen(
+        [*netns, sys.executable, "-c", MOCK_UPSTREAM], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert mock.stdout is not None
+        base_url = mock.stdout.readline().strip()
+        config = (
+            f'[network]\nsubnet = "{subnet()}"\n'
+            f'[inference]\nlisten = "127.0.0.1:{random.randint(20000, 30000)}"\n'
+            f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{base_url}"\n'
+            'models = ["gpt-test"]\nprice = { input = 2.5, output = 10 }\n'
+        )
+        with daemon(tmp_path, config, netns) as d:
+            assert any("inference http://127.0.0.1:" in line for line in d.lines), d.lines
+            task = d.submit(
+                [sys.executable, "-c", AGENT],
+                tenant="acme",
+                network="egress",
+                memory="256M",
+                user="0",
+                ro=[str(REPO)],
+                env={"PYTHONPATH": str(REPO / "python")},
+            )
+            done = d.wait(task["id"], timeout=60)
+            out = d.log(task["id"])
+            assert done["state"] == "succeeded", (done["reason"], out)
+            result = json.loads(out.splitlines()[-1])
+            assert result["reply"] and result["streamed"]
+            (row,) = result["usage"]
+            assert row["task"] == task["id"] and row["requests"] == 2
+            assert float(row["cost"]) > 0, "the streamed request was priced too"
+    finally:
+        mock.kill()
+        mock.communicate()

@@ -30,7 +30,7 @@ from agentnode.inference.limits import Breaker, Window
 from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage
 from agentnode.inference.store import LedgerRow, Store
 
-__all__ = ["PROXY", "Principal", "Proxy", "create_app", "key_attribution"]
+__all__ = ["PROXY", "Attribution", "Principal", "Proxy", "create_app", "key_attribution"]
 
 RETRYABLE = frozenset({408, 409, 429})
 # Endpoint name → (wire format, path appended to the deployment's base_url).
@@ -57,11 +57,13 @@ _REQUIRED = {
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a request is billed to. Per-task tokens (Layer 7) will produce these directly."""
+    """Who a request is billed to: a tenant's API key, or a task's own token in the node."""
 
     tenant: str
     task: str | None
     limits: Tenant | None
+    #: Sees only its tenant's usage even without tenant limits (a task's own token).
+    pinned: bool = False
 
 
 Attribution = Callable[[web.Request, ProxyConfig], Principal | None]
@@ -952,7 +954,7 @@ async def _usage(request: web.Request) -> web.Response:
     group_by = tuple(g for g in request.query.get("group_by", "tenant").split(",") if g)
     try:
         # A tenant sees only its own spending; without tenants configured, everything.
-        only = principal.tenant if principal.limits is not None else None
+        only = principal.tenant if principal.limits is not None or principal.pinned else None
         rows = await proxy.store.usage(group_by, tenant=only)
     except ValueError as e:
         return error_response("openai", 400, str(e), code="invalid_group_by")

@@ -25,6 +25,9 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
+from agentnode.inference.config import ProxyConfig
+from agentnode.inference.server import Attribution, key_attribution
+from agentnode.inference.server import Principal as InferencePrincipal
 from agentnode.isolation.task import capability_number
 from agentnode.isolation.units import parse_bind, parse_duration, parse_size
 from agentnode.node.metrics import NodeMetrics
@@ -33,7 +36,7 @@ from agentnode.storage.api import principal
 from agentnode.storage.tenancy import Principal
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 
-__all__ = ["admin_app", "spec_from_json", "task_app", "task_json"]
+__all__ = ["admin_app", "spec_from_json", "task_app", "task_attribution", "task_json"]
 
 NODE = web.AppKey("node", Node)
 PINNED = web.AppKey("pinned", bool)
@@ -510,6 +513,22 @@ class TaskTokens:
     def authenticate(self, token: str) -> Principal | None:
         task = self._node.manager.task_of_token(token)
         return None if task is None else Principal(task.spec.tenant, task.id)
+
+
+def task_attribution(node: Node) -> Attribution:
+    """The inference proxy's attribution inside the node: a task's token (the SDKs send it as
+    their API key) bills that task and its tenant; anything else goes by the proxy's own keys."""
+
+    def attribute(request: web.Request, config: ProxyConfig) -> InferencePrincipal | None:
+        auth = request.headers.get("Authorization", "")
+        key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
+        task = node.manager.task_of_token(key) if key else None
+        if task is None:
+            return key_attribution(request, config)
+        tenant = task.spec.tenant
+        return InferencePrincipal(tenant, task.id, config.tenants.get(tenant), pinned=True)
+
+    return attribute
 
 
 def task_app(node: Node, memory: web.Application) -> web.Application:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agentnode.egress.network import NodeNetwork
 from agentnode.errors import ConfigError, PolicyError
+from agentnode.inference.config import ProxyConfig
+from agentnode.inference.config import parse_config as parse_proxy_config
 from agentnode.tasks.model import CLASSES
 
 __all__ = ["NodeConfig", "TenantConfig", "load_config"]
@@ -56,6 +58,8 @@ class NodeConfig:
     bridge: str = "agentnode0"
     subnet: str = "10.88.0.0/24"
     dns_upstream: tuple[str, int] | None = None
+    #: The inference proxy, started with the node when the file has an [inference] table.
+    inference: ProxyConfig | None = None
     source: Path | None = None
 
 
@@ -127,6 +131,9 @@ def load_config(path: Path | None, **overrides: Any) -> NodeConfig:
     for key in ("data_dir", "socket"):
         if key in values:
             values[key] = Path(values[key])
+    if values.pop("inference_in_data_dir", False):
+        data_dir = values.get("data_dir", DEFAULT_DATA_DIR)
+        values["inference"] = replace(values["inference"], state_dir=data_dir / "inference")
     return NodeConfig(**values)
 
 
@@ -137,7 +144,15 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
             out["tenants"] = _tenants(r, table)
             continue
         if section == "inference":
-            continue  # read by agentnode.inference when the proxy starts
+            if not isinstance(table, dict):
+                raise r.error(section, "must be a table like [inference]")
+            try:
+                out["inference"] = parse_proxy_config(table)
+            except ConfigError as e:
+                raise ConfigError(f"{r.path}: {e}") from None
+            # Without its own state_dir, the proxy keeps its ledger in the node's data dir.
+            out["inference_in_data_dir"] = "state_dir" not in table
+            continue
         if not isinstance(table, dict):
             raise r.error(section, "must be a table like [node]")
         for key, value in table.items():

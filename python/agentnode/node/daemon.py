@@ -81,7 +81,8 @@ async def serve(config: NodeConfig) -> None:
     """Runs the node until SIGTERM/SIGINT; SIGHUP reloads `config.source`."""
     from aiohttp import web
 
-    from agentnode.node.api import TaskTokens, admin_app, task_app
+    from agentnode.inference.server import create_app
+    from agentnode.node.api import TaskTokens, admin_app, task_app, task_attribution
     from agentnode.node.metrics import NodeMetrics
     from agentnode.node.runner import Node
     from agentnode.storage.api import make_app
@@ -106,6 +107,17 @@ async def serve(config: NodeConfig) -> None:
     runners = [_runner(admin_app(node, metrics)), _runner(task_app(node, memory))]
     if config.listen is not None:
         runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
+    proxy = None
+    if config.inference is not None:
+        # Cancelling handlers is how a client's disconnect reaches the upstream request.
+        proxy = web.AppRunner(
+            create_app(config.inference, attribution=task_attribution(node)),
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=5.0,
+            access_log=None,
+        )
+        runners.append(proxy)
     try:
         for r in runners:
             await r.setup()
@@ -117,6 +129,8 @@ async def serve(config: NodeConfig) -> None:
             host, _, port = config.listen.rpartition(":")
             await web.TCPSite(runners[2], host or "127.0.0.1", int(port)).start()
             where.append(f"http://{config.listen} (bearer token)")
+        if proxy is not None:
+            where.append(await _serve_inference(proxy, node))
         episodic.start_sweeper(60.0)
         vectors.start_checkpointer(_VECTOR_CHECKPOINT_SECONDS)
         node.start()
@@ -146,6 +160,26 @@ async def serve(config: NodeConfig) -> None:
                 path.unlink()
         os.close(lock)
     print("agentnode: stopped", flush=True)
+
+
+async def _serve_inference(runner: web.AppRunner, node: Node) -> str:
+    """Listens on the configured address and, for tasks, on the node bridge (made now, so the
+    address exists; egress policies always allow it)."""
+    from aiohttp import web
+
+    assert node.config.inference is not None
+    port = node.config.inference.port
+    await asyncio.to_thread(node.egress.start)
+    hosts = (node.config.inference.host, str(node.egress.network.gateway))
+    for host in hosts:
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as e:
+            raise ConfigError(
+                f"inference proxy cannot listen on {host}:{port}: {e.strerror} "
+                "(set inference.listen to a free port)"
+            ) from None
+    return f"inference http://{hosts[0]}:{port} (tasks: http://{hosts[1]}:{port})"
 
 
 def _runner(app: web.Application) -> web.AppRunner:

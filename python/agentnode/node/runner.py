@@ -97,6 +97,12 @@ class Node:
             dns_upstream=config.dns_upstream,
             on_denial=self._audit_denial,
         )
+        #: Where tasks with network egress reach the inference proxy (None: not started).
+        self.inference_url: str | None = None
+        if config.inference is not None:
+            gateway = str(self.egress.network.gateway)
+            self.egress.services = ((gateway, config.inference.port),)
+            self.inference_url = f"http://{gateway}:{config.inference.port}"
         self.egress.network.sweep()  # what a node killed with -9 left behind
         self._by_cgroup: dict[int, Task] = {}
         self._audit = (config.data_dir / "audit.log").open("a", buffering=1)
@@ -258,6 +264,12 @@ class Node:
             AGENTNODE_TOKEN=self.manager.token_for(task),
             AGENTNODE_URL=f"unix://{TASK_SOCKET}",
         )
+        if self.inference_url is not None and mode != "none":
+            # The official SDKs read these: agent code reaches the proxy, billed to this task.
+            env.setdefault("OPENAI_BASE_URL", self.inference_url + "/v1")
+            env.setdefault("ANTHROPIC_BASE_URL", self.inference_url)
+            env.setdefault("OPENAI_API_KEY", env["AGENTNODE_TOKEN"])
+            env.setdefault("ANTHROPIC_API_KEY", env["AGENTNODE_TOKEN"])
         checkpoint = self.manager.store.checkpoint_path(task.id)
         mounts = []
         if checkpoint.exists():
