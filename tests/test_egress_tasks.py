@@ -79,12 +79,17 @@ def connect(host: str, port: int, **kw: Any) -> dict[str, Any]:
     return {"op": "connect", "host": host, "port": port, **kw}
 
 
-def run_task(argv: list[str], **kw: Any) -> list[dict[str, Any]]:
+def run_task(
+    argv: list[str], *, stats: dict[str, int] | None = None, **kw: Any
+) -> list[dict[str, Any]]:
+    """The task's JSON results; its final network counters go into `stats` when given."""
     with spawn(argv, stdout="pipe", **PYTHON, **kw) as task:
         assert task.stdout is not None
         out = task.stdout.read().decode()
         result = task.wait(60)
         assert result is not None and result.code == 0, out
+        if stats is not None:
+            stats.update(task.stats().network)
     return [json.loads(line) for line in out.splitlines()]
 
 
@@ -115,6 +120,7 @@ def test_policy_is_enforced_from_the_first_instruction(node: EgressService, worl
         ),
         network=policy,
         node_network=node,
+        stats=(counters := {}),
     )
     assert ok["ok"] and ok["reply"] == "5000"
     assert port["errno"] == errno.EPERM and port["ms"] < 50
@@ -124,6 +130,7 @@ def test_policy_is_enforced_from_the_first_instruction(node: EgressService, worl
     assert name == {"ok": True, "rcode": "NOERROR", "addrs": [HOST4]}
     assert refused["rcode"] == "REFUSED"
     assert by_name["ok"]
+    assert counters["dns_refused"] == 1 and counters["dns_answered"] >= 1, counters
 
 
 def test_update_applies_to_the_next_connection_and_counters(

@@ -192,6 +192,9 @@ class DnsForwarder(asyncio.DatagramProtocol):
             log.info("dropping an unparseable DNS query from %s", source)
             return None
         self.refused += 1
+        egress = self._tasks.get(_key(source))
+        if egress is not None:
+            egress.dns_refused += 1
         reply = dns.message.make_response(query)
         reply.set_rcode(dns.rcode.REFUSED)
         return reply.to_wire()
@@ -207,6 +210,7 @@ class DnsForwarder(asyncio.DatagramProtocol):
             log.warning("cannot allow the answer for %s: %s", name, e)
             return False
         self.answered += 1
+        egress.dns_answered += 1
         return True
 
     async def _resolve_tcp(self, data: bytes, egress: Egress, name: str) -> bytes:

@@ -65,6 +65,9 @@ class Egress:
         self._services_packed = b"".join(r.packed() for r in services_rules(services))
         self._callbacks: list[Callable[[Denial], None]] = [on_denial] if on_denial else []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Counted by the DNS forwarder: queries it answered for this task, and refused.
+        self.dns_answered = 0
+        self.dns_refused = 0
 
     @classmethod
     def attach(
@@ -147,7 +150,11 @@ class Egress:
 
     def stats(self) -> dict[str, int]:
         """Counters: bytes/packets out and in, connections allowed/denied, drops, DNS."""
-        return self._handle.counters()
+        return {
+            **self._handle.counters(),
+            "dns_answered": self.dns_answered,
+            "dns_refused": self.dns_refused,
+        }
 
     def poll_denials(self) -> list[Denial]:
         """Reads queued denial events, writes each to the audit log (`agentnode.audit.egress`),
