@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentnode.egress import cli as egress_cli
 from agentnode.errors import UsageError
-from agentnode.isolation.units import parse_env
+from agentnode.isolation.units import format_size, parse_env
 from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
 
@@ -211,11 +211,20 @@ def _rows(tasks: list[dict[str, Any]]) -> list[list[str]]:
                 f"{cpu:.1f}s" if stats else "-",
                 f"{stats['memory_current'] >> 20}M" if stats else "-",
                 f"{now - t['submitted_at']:.0f}s",
-                t.get("network", "none"),
+                _net(t.get("network", "none"), stats.get("network") or {}),
                 " ".join(t["command"])[:40],
             ]
         )
     return rows
+
+
+def _net(mode: str, counters: dict[str, int]) -> str:
+    """The network mode, then bytes out and in and denied connections while it runs."""
+    if not counters:
+        return mode
+    out = f"{mode} {format_size(counters.get('bytes_out', 0))}↑{format_size(counters.get('bytes_in', 0))}↓"
+    denied = counters.get("connections_denied", 0)
+    return f"{out} {denied} denied" if denied else out
 
 
 _HEADER = ["ID", "TENANT", "PRIORITY", "STATE", "TRY", "CPU", "MEM", "AGE", "NET", "COMMAND"]
