@@ -7,12 +7,14 @@ only at this instance's subtree and at processes these tests can attribute by a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -432,6 +434,73 @@ def test_threads_start_tasks_at_once(tmp_path: Path) -> None:
         results = list(pool.map(run, range(24)))
     assert results == [(0, f"{i}\n") for i in range(24)]
     assert instance_tasks() == []
+
+
+def test_starts_never_hang_while_other_threads_come_and_go(tmp_path: Path) -> None:
+    """The cloned child copies the parent's thread list and locks mid-change; a child that
+    waited on them (glibc's set*id wrappers did) hung before exec a few times in every few
+    hundred starts while threads were being created. Threads here start tasks, churn and allocate at once."""
+    workers, starts, deadline = 6, 30, time.monotonic() + 20
+    stop = threading.Event()
+    done = [0] * workers
+    errors: list[BaseException] = []
+
+    def start_tasks(i: int) -> None:
+        ws = tmp_path / f"w{i}"
+        ws.mkdir()
+        os.chown(ws, 65534, 65534)
+        try:
+            for n in range(starts):
+                # Every fifth start uses a user namespace, where the child switches ids twice;
+                # its workspace is the default one, which the mapped root can reach.
+                if n % 5 == 0:
+                    with spawn(["/bin/true"], user=0, userns=True) as t:
+                        assert t.wait(10) is not None
+                    shutil.rmtree(t.workspace)
+                else:
+                    with spawn(["/bin/true"], workspace=ws) as t:
+                        assert t.wait(10) is not None
+                done[i] += 1
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    def churn_threads() -> None:
+        while not stop.is_set():
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+
+    def allocate() -> None:
+        while not stop.is_set():
+            garbage = [bytearray(4096) for _ in range(1000)]
+            del garbage
+
+    background = [threading.Thread(target=f, daemon=True) for f in (churn_threads, allocate)]
+    threads = [threading.Thread(target=start_tasks, args=(i,), daemon=True) for i in range(workers)]
+    for t in background + threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stop.set()
+    started, stuck = sum(done), [t for t in threads if t.is_alive()]
+    hung: dict[str, str] = {}
+    if stuck:
+        # Children that never exec'd still run this interpreter: record where they wait, then
+        # kill them so the blocked starts return and the test ends.
+        exe = os.readlink("/proc/self/exe")
+        for task_dir in Path("/proc/self/task").iterdir():
+            for pid in (task_dir / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/exe") == exe:
+                        hung[pid] = Path(f"/proc/{pid}/wchan").read_text()
+                        os.kill(int(pid), signal.SIGKILL)
+        for t in threads:
+            t.join(10)
+    for t in background:
+        t.join(10)
+    assert not stuck, f"{started}/{workers * starts} started; children stuck before exec: {hung}"
+    assert errors == []
+    assert done == [starts] * workers
 
 
 PARENT = """

@@ -45,8 +45,8 @@ impl CgroupManager {
     }
 
     /// Removes the instance's subtree (its tasks must be gone). Idempotent.
-    fn close(&self) {
-        self.lock().take();
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| drop(self.lock().take()));
     }
 }
 
@@ -105,8 +105,12 @@ impl NativeTask {
     }
 
     /// Reaps the task if it has exited: `(code, signal)`, else None.
-    fn try_wait(&self) -> PyResult<Option<(Option<i32>, Option<i32>)>> {
-        let r = self.lock().try_wait().map_err(NativeError::from)?;
+    fn try_wait(&self, py: Python<'_>) -> PyResult<Option<(Option<i32>, Option<i32>)>> {
+        // Reaping reads the final accounting and removes the cgroups (about 1.5 ms), and the
+        // lock may be held by a thread in `wait`: neither may stall every other Python thread.
+        let r = py
+            .detach(|| self.lock().try_wait())
+            .map_err(NativeError::from)?;
         Ok(r.map(exit_tuple))
     }
 
@@ -125,22 +129,28 @@ impl NativeTask {
     }
 
     /// Sends a signal to the task's init through its pidfd.
-    fn signal(&self, sig: i32) -> PyResult<()> {
-        Ok(self.lock().signal(sig).map_err(NativeError::from)?)
+    fn signal(&self, py: Python<'_>, sig: i32) -> PyResult<()> {
+        Ok(py
+            .detach(|| self.lock().signal(sig))
+            .map_err(NativeError::from)?)
     }
 
     /// SIGKILLs every process of the task (cgroup.kill).
-    fn kill(&self) -> PyResult<()> {
-        Ok(self.lock().kill().map_err(NativeError::from)?)
+    fn kill(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py
+            .detach(|| self.lock().kill())
+            .map_err(NativeError::from)?)
     }
 
-    fn set_frozen(&self, frozen: bool) -> PyResult<()> {
-        Ok(self.lock().set_frozen(frozen).map_err(NativeError::from)?)
+    fn set_frozen(&self, py: Python<'_>, frozen: bool) -> PyResult<()> {
+        Ok(py
+            .detach(|| self.lock().set_frozen(frozen))
+            .map_err(NativeError::from)?)
     }
 
     /// Accounting as a dict: `wall_s` and the cgroup figures.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (wall, s) = self.lock().stats();
+        let (wall, s) = py.detach(|| self.lock().stats());
         let d = PyDict::new(py);
         d.set_item("wall_s", wall.as_secs_f64())?;
         d.set_item(

@@ -1,5 +1,6 @@
 //! The code that runs in the task between `clone3` and `execve`. It is a copy of a possibly
-//! multi-threaded parent, so it makes raw syscalls only: no allocation, no locks, no panics.
+//! multi-threaded parent, so it makes raw syscalls only: no allocation, no locks, no panics,
+//! and no libc wrapper that does more than its syscall (see [`set_ids`]).
 //! On any failure it writes `(step, errno)` to the error pipe and exits 127; the parent turns
 //! that into a [`super::Error::Setup`] naming the step.
 
@@ -174,6 +175,24 @@ unsafe fn run_op(p: &Prepared, op: &Op) -> bool {
     }
 }
 
+/// Switches to `uid`/`gid` with no supplementary groups (`groups`: false leaves them).
+///
+/// Through syscall(2), not glibc's setgroups/setresgid/setresuid: glibc still takes the child
+/// for the multi-threaded parent it was copied from, so those take the copied thread-list lock
+/// and wait on a futex of every thread that was starting at clone time, to change all threads'
+/// ids. Neither the lock holder nor those threads exist here, so the task hung before exec
+/// (gdb: `__nptl_setxid` → `setxid_mark_thread` → `futex_wait`). The raw calls change this
+/// process only, which is all of it.
+unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> bool {
+    let (uid, gid) = (libc::c_long::from(uid), libc::c_long::from(gid));
+    // SAFETY: plain syscalls with integer arguments (setgroups gets an empty list).
+    unsafe {
+        (!groups || libc::syscall(libc::SYS_setgroups, 0, null::<libc::gid_t>()) == 0)
+            && libc::syscall(libc::SYS_setresgid, gid, gid, gid) == 0
+            && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
+    }
+}
+
 /// Brings up `lo` in the task's fresh network namespace (it starts down): SIOCSIFFLAGS on a
 /// datagram socket, no netlink, nothing allocated.
 unsafe fn loopback_up() -> bool {
@@ -208,7 +227,7 @@ pub unsafe fn run(p: &Prepared) -> ! {
         }
         // In a new user namespace this process is still host root, which the namespace does
         // not map; become the namespace's root (the mapped host id) before creating any file.
-        if p.userns && (libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0) {
+        if p.userns && !set_ids(0, 0, false) {
             fail(err, STEP_IDS);
         }
         if let Some(fd) = p.netns {
@@ -282,10 +301,7 @@ unsafe fn drop_privileges(p: &Prepared) {
         if p.keep_caps != 0 && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
             fail(err, STEP_CAPS);
         }
-        if libc::setgroups(0, null()) != 0
-            || libc::setresgid(p.gid, p.gid, p.gid) != 0
-            || libc::setresuid(p.uid, p.uid, p.uid) != 0
-        {
+        if !set_ids(p.uid, p.gid, true) {
             fail(err, STEP_IDS);
         }
         // Exactly the kept capabilities remain (none by default): uid 0 would otherwise keep
