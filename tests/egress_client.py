@@ -4,6 +4,7 @@ argv[1] and prints one JSON result per operation. Errors are results, not except
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -161,5 +162,9 @@ if __name__ == "__main__":
     for op in json.loads(sys.argv[1]):
         if op["op"] == "sleep":
             time.sleep(op["seconds"])
+            continue
+        if op["op"] == "wait_for":  # a file the test creates when it has done its part
+            while not os.path.exists(op["path"]):
+                time.sleep(0.01)
             continue
         print(json.dumps(OPS[op["op"]](op)), flush=True)

@@ -25,7 +25,7 @@ from agentnode.egress import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import Mount, spawn
-from conftest import root_only
+from conftest import root_only, run_cli
 from egress_world import HOST4, OTHER4, World
 from node_daemon import daemon
 
@@ -385,3 +385,36 @@ def test_daemon_serves_the_inference_proxy_to_its_tasks(world: World, tmp_path: 
     finally:
         mock.kill()
         mock.communicate()
+
+
+def test_daemon_changes_a_running_task_egress_live(world: World, tmp_path: Path) -> None:
+    """`agentnode egress ID --allow …` opens a destination for a running task's next
+    connection and keeps the rules in its record; bad rules and network-none tasks are refused."""
+    config = f'[network]\nsubnet = "{subnet()}"\ndns_upstream = "{HOST4}:53"\n'
+    prefix = ("nsenter", f"--net=/run/netns/{world.task}")
+    with daemon(tmp_path, config, prefix) as d:
+        task = d.submit(
+            ops(connect(OTHER4, 8080), {"op": "wait_for", "path": "/workspace/go"},
+                connect(OTHER4, 8080, send=10)),
+            user="0", ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")},
+            allow=[f"{HOST4}:8080"],
+        )  # fmt: skip
+        log = d.data / "logs" / f"{task['id']}.1.log"
+        deadline = time.monotonic() + 30
+        while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        socket = ["--socket", str(d.socket)]
+        bad = run_cli(["egress", task["id"], "--allow", "10.0.0.0/33", *socket])
+        assert bad.returncode == 2 and "--allow '10.0.0.0/33'" in bad.stderr, bad.stderr
+        ok = run_cli(["egress", task["id"], "--allow", f"{OTHER4}:8080", *socket])
+        assert ok.returncode == 0 and f"{OTHER4}:8080 allowed" in ok.stdout, ok.stderr
+        (d.data / "workspaces" / task["id"] / "go").touch()
+        done = d.wait(task["id"], timeout=60)
+        before, after = (json.loads(line) for line in d.log(task["id"]).splitlines())
+        assert before["errno"] == errno.EPERM and after["reply"] == "10", (before, after)
+        assert done["allow"] == [f"{OTHER4}:8080"], "the record keeps the new rules"
+        quiet = d.submit(["sleep", "30"])
+        with pytest.raises(AgentnodeError, match="network none"):
+            d.client.call("PUT", f"/v1/tasks/{quiet['id']}/egress", {"allow": [f"{HOST4}:80"]})
+        with pytest.raises(AgentnodeError, match="unknown field"):
+            d.client.call("PUT", f"/v1/tasks/{task['id']}/egress", {"network": "host"})

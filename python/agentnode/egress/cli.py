@@ -12,15 +12,17 @@ from agentnode.errors import PolicyError, UsageError
 __all__ = ["NET_MODES", "add_arguments", "network_from_args"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the egress option group to `parser`."""
+def add_arguments(parser: argparse.ArgumentParser, *, mode: bool = True) -> None:
+    """Adds the egress option group to `parser` (without `--net` when not `mode`)."""
     g = parser.add_argument_group("network egress")
-    g.add_argument(
-        "--net",
-        choices=NET_MODES,
-        help="none: loopback only; egress (default with any --allow*): own netns on the node "
-        "bridge, BPF-enforced; host: host netns with BPF only (weaker: host loopback reachable)",
-    )
+    if mode:
+        g.add_argument(
+            "--net",
+            choices=NET_MODES,
+            help="none: loopback only; egress (default with any --allow*): own netns on the node "
+            "bridge, BPF-enforced; host: host netns with BPF only (weaker: host loopback "
+            "reachable)",
+        )
     g.add_argument(
         "--allow",
         action="append",
@@ -43,7 +45,7 @@ def network_from_args(args: argparse.Namespace) -> tuple[str, EgressPolicy | Non
     """The network mode and policy the options ask for; `UsageError` names a bad option."""
     try:
         return network_and_policy(
-            args.net,
+            getattr(args, "net", None),
             allow=args.allow,
             hosts=args.allow_host,
             rate=args.egress_rate,

@@ -16,8 +16,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,17 +161,7 @@ def _sandbox(body: dict[str, Any]) -> dict[str, Any]:
         if key == "rootfs" and not os.path.isdir(path):
             raise BadField(key, f"{path!r} is not a directory (give a root file system tree)")
         out[key] = path
-    for key in ("allow", "allow_hosts"):
-        rules = body.get(key, [])
-        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
-            raise BadField(key, f"must be a list of rule strings, got {rules!r}")
-        out[key] = tuple(rules)
-    for key in ("egress_rate", "conn_rate"):
-        rate = body.get(key)
-        if rate is not None:
-            if isinstance(rate, bool) or not isinstance(rate, str | int):
-                raise BadField(key, f"must be a string like '1MiB/s' or an integer, got {rate!r}")
-            out[key] = rate
+    out.update(_egress(body))
     hostname = body.get("hostname")
     if hostname is not None:
         if not isinstance(hostname, str) or not _HOSTNAME.fullmatch(hostname):
@@ -180,6 +170,29 @@ def _sandbox(body: dict[str, Any]) -> dict[str, Any]:
             )
         out["hostname"] = hostname
     return out
+
+
+def _egress(body: dict[str, Any]) -> dict[str, Any]:
+    """The egress rules and rates in `body`, type-checked (their syntax is TaskSpec's to check);
+    absent ones are empty."""
+    out: dict[str, Any] = {}
+    for key in ("allow", "allow_hosts"):
+        rules = body.get(key, [])
+        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+            raise BadField(key, f"must be a list of rule strings, got {rules!r}")
+        out[key] = tuple(rules)
+    for key in ("egress_rate", "conn_rate"):
+        rate = body.get(key)
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, str | int)):
+            raise BadField(key, f"must be a string like '1MiB/s' or an integer, got {rate!r}")
+        out[key] = rate
+    return out
+
+
+def _bad_field(e: TaskError, known: Iterable[str]) -> BadField:
+    """TaskSpec's errors name the field in their first words."""
+    head = str(e).split(" ", 2)[:2]
+    return BadField(next((k for k in known if k in head), "body"), str(e))
 
 
 def spec_from_json(body: Any) -> TaskSpec:
@@ -258,9 +271,7 @@ def spec_from_json(body: Any) -> TaskSpec:
             **fields,
         )
     except TaskError as e:
-        # TaskSpec's messages name the field in their first words.
-        head = str(e).split(" ", 2)[:2]
-        raise BadField(next((k for k in known if k in head), "body"), str(e)) from None
+        raise _bad_field(e, known) from None
 
 
 def task_json(node: Node, task: Task) -> dict[str, Any]:
@@ -365,6 +376,28 @@ async def _get(request: web.Request) -> web.Response:
 async def _cancel(request: web.Request) -> web.Response:
     task = await request.app[NODE].cancel(request.match_info["id"])
     return web.json_response(task_json(request.app[NODE], task), status=202)
+
+
+async def _put_egress(request: web.Request) -> web.Response:
+    """Replaces a task's egress rules and rates (absent ones become empty): live while it runs."""
+    node = request.app[NODE]
+    task = _task(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadField("body", "is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadField("body", "must be a JSON object")
+    for key in body:
+        if key not in _EGRESS:
+            raise BadField(key, f"unknown field (known: {', '.join(_EGRESS)})")
+    rules = _egress(body)
+    try:
+        replace(task.spec, **rules)
+    except TaskError as e:
+        raise _bad_field(e, _EGRESS) from None
+    done = await node.update_egress(task.id, rules)
+    return web.json_response(task_json(node, done))
 
 
 async def _heartbeat(request: web.Request) -> web.Response:
@@ -495,6 +528,7 @@ def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> 
     r.add_post("/v1/tasks", _submit)
     r.add_get("/v1/tasks", _list)
     r.add_post("/v1/tasks/{id}/cancel", _cancel)
+    r.add_put("/v1/tasks/{id}/egress", _put_egress)
     _add_task_routes(r)
     r.add_get("/v1/events", _events)
     r.add_get("/v1/node", _node)

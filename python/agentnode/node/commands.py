@@ -38,7 +38,7 @@ def _with_socket(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
-    """Adds `submit`, `ps`, `logs`, `wait`, `kill` and `top` to the CLI."""
+    """Adds `submit`, `egress`, `ps`, `logs`, `wait`, `kill` and `top` to the CLI."""
     p = sub.add_parser(
         "submit",
         help="queue a task on the node",
@@ -79,6 +79,17 @@ def add_parsers(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     _with_socket(p)
     p.set_defaults(func=_submit)
+
+    p = sub.add_parser(
+        "egress",
+        help="change a task's egress rules",
+        description="Replace a task's egress rules and rates (those not given become empty). "
+        "A running task's next connection follows them; a retry starts with them.",
+    )
+    p.add_argument("id")
+    egress_cli.add_arguments(p, mode=False)
+    _with_socket(p)
+    p.set_defaults(func=_egress)
 
     p = sub.add_parser("ps", help="list tasks", description="List live tasks (--all: ended too).")
     p.add_argument("--all", action="store_true", help="include ended tasks")
@@ -142,15 +153,27 @@ def _submit(args: argparse.Namespace) -> int:
         body["userns"] = True
     if args.cap_add:
         body["caps"] = args.cap_add
-    # Checked here too, so a bad rule is a usage error before anything is queued.
     body["network"], _ = egress_cli.network_from_args(args)
-    for key, value in (("allow", args.allow), ("allow_hosts", args.allow_host),
-                       ("egress_rate", args.egress_rate), ("conn_rate", args.conn_rate)):  # fmt: skip
-        if value:
-            body[key] = value
+    body.update(_egress_fields(args))
     task = _client(args).call("POST", "/v1/tasks", body)
     print(task["id"], flush=True)
     return _wait_for(_client(args), task["id"]) if args.wait else 0
+
+
+def _egress_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The API fields of the egress options, checked here so a bad rule is a usage error
+    before anything reaches the node."""
+    egress_cli.network_from_args(args)
+    fields = (("allow", args.allow), ("allow_hosts", args.allow_host),
+              ("egress_rate", args.egress_rate), ("conn_rate", args.conn_rate))  # fmt: skip
+    return {key: value for key, value in fields if value}
+
+
+def _egress(args: argparse.Namespace) -> int:
+    task = _client(args).call("PUT", f"/v1/tasks/{args.id}/egress", _egress_fields(args))
+    rules = [*task["allow"], *task["allow_hosts"]]
+    print(f"{task['id']}: {', '.join(rules) or 'no destinations'} allowed", flush=True)
+    return 0
 
 
 def _absolute(bind: str) -> str:

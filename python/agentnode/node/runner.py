@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,24 @@ class Node:
         self._stop(r, State.CANCELLED, "cancelled by request")
         return task
 
+    async def update_egress(self, task_id: str, rules: dict[str, Any]) -> Task:
+        """Replaces a task's egress rules and rates: live when it runs (its next connection
+        follows them), and in its record for a later start or retry."""
+        task = self.manager.get(task_id)
+        spec = replace(task.spec, **rules)  # TaskError names a bad rule
+        r = self.running.get(task_id)
+        if r is not None and r.proc.egress is not None:
+            await self._apply_egress(r, spec)
+        return await self.manager.set_egress(task_id, **rules)
+
+    async def _apply_egress(self, r: Running, spec: TaskSpec) -> None:
+        _, policy = spec.egress()
+        assert policy is not None
+        try:
+            await asyncio.to_thread(r.proc.update_egress, policy)
+        except AgentnodeError as e:
+            raise TaskError(f"cannot update task {r.task.id}'s egress: {e}") from None
+
     def heartbeat(self, task_id: str) -> None:
         r = self.running.get(task_id)
         if r is None:
@@ -250,6 +268,10 @@ class Node:
             self._by_cgroup[r.cgroup_id] = task
         self.running[task.id] = r
         r.task = await self.manager.mark_running(task.id)
+        if r.task.spec != task.spec and proc.egress is not None:
+            # Its rules changed while its sandbox was being made.
+            with contextlib.suppress(TaskError):
+                await self._apply_egress(r, r.task.spec)
         self.on_start(task, time.time() - _queued_at(task))
         self._publish(r.task)
         r.watcher = asyncio.get_running_loop().create_task(self._watch(r))

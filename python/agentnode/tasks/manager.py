@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 from agentnode._native import Scheduler
 from agentnode.errors import QueueFullError, TaskError
@@ -274,6 +275,27 @@ class TaskManager:
         old = self.get(task_id)
         t = old.moved(State.RUNNING, time.time())
         # Visible before the await, so a concurrent call sees the new state and is refused.
+        self._set(t)
+        try:
+            await self.store.put(t)
+        except TaskError:
+            self._set(old)
+            raise
+        return t
+
+    async def set_egress(self, task_id: str, **rules: Any) -> Task:
+        """Replaces a live task's egress rules and rates in its record (`rules`: `allow`,
+        `allow_hosts`, `egress_rate`, `conn_rate`); a retry starts with them. `TaskError` when
+        the task has ended, runs without network, or a rule is bad."""
+        old = self.get(task_id)
+        if old.state in TERMINAL:
+            raise TaskError(f"task {task_id} is {old.state}; only a live task's egress can change")
+        if old.spec.network == "none":
+            raise TaskError(
+                f"task {task_id} runs with network none; egress rules apply to egress or host "
+                "tasks (its network cannot change once submitted)"
+            )
+        t = replace(old, spec=replace(old.spec, **rules))
         self._set(t)
         try:
             await self.store.put(t)
