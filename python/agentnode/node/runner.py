@@ -103,7 +103,11 @@ class Node:
             gateway = str(self.egress.network.gateway)
             self.egress.services = ((gateway, config.inference.port),)
             self.inference_url = f"http://{gateway}:{config.inference.port}"
-        self.egress.network.sweep()  # what a node killed with -9 left behind
+        try:
+            self.egress.network.sweep()  # what a node killed with -9 left behind
+        except AgentnodeError as e:
+            # Tasks without network still run; those with it will fail to start, saying why.
+            log.warning("cannot sweep task networks: %s", e)
         self._by_cgroup: dict[int, Task] = {}
         self._audit = (config.data_dir / "audit.log").open("a", buffering=1)
         #: Called with each started task and the seconds it waited in the queue (metrics).
