@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from agentnode.egress import EgressPolicy
+from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import Mount, spawn
@@ -109,6 +110,8 @@ def veths(world: World) -> list[str]:
 
 def test_policy_is_enforced_from_the_first_instruction(node: EgressService, world: World) -> None:
     policy = EgressPolicy(allow=[f"{HOST4}:8080"], hosts=["allowed.test:8080"])
+    counters: dict[str, int] = {}
+    denials: list[Denial] = []
     ok, port, host, name, refused, by_name = run_task(
         ops(
             connect(HOST4, 8080, send=5000),
@@ -120,7 +123,8 @@ def test_policy_is_enforced_from_the_first_instruction(node: EgressService, worl
         ),
         network=policy,
         node_network=node,
-        stats=(counters := {}),
+        stats=counters,
+        on_denial=denials.append,
     )
     assert ok["ok"] and ok["reply"] == "5000"
     assert port["errno"] == errno.EPERM and port["ms"] < 50
@@ -131,6 +135,8 @@ def test_policy_is_enforced_from_the_first_instruction(node: EgressService, worl
     assert refused["rcode"] == "REFUSED"
     assert by_name["ok"]
     assert counters["dns_refused"] == 1 and counters["dns_answered"] >= 1, counters
+    # The task's own callback saw its denials, the first one included.
+    assert [(str(d.address), d.port) for d in denials[:2]] == [(HOST4, 9090), (OTHER4, 8080)]
 
 
 def test_update_applies_to_the_next_connection_and_counters(
@@ -205,6 +211,7 @@ def test_bad_network_arguments(node: EgressService) -> None:
 EXEC_CRASHES = """
 import json, sys
 from agentnode.egress import EgressPolicy
+from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.isolation import spawn
 svc = EgressService(subnet=sys.argv[1], node_netns=sys.argv[2], dns_upstream=(sys.argv[3], 53))

@@ -63,11 +63,13 @@ class TaskEgress:
         mode: Literal["egress", "host"],
         policy: EgressPolicy,
         net: TaskNet | None,
+        on_denial: Callable[[Denial], None] | None = None,
     ) -> None:
         self.mode = mode
         self.net = net
         self._service = service
         self._policy = policy
+        self._on_denial = on_denial
         self._egress: Egress | None = None
         self._final: dict[str, int] | None = None
 
@@ -243,15 +245,22 @@ class EgressService:
                 "forwarder cannot tell one task's queries from another's"
             )
 
-    def prepare(self, mode: Literal["egress", "host"], policy: EgressPolicy) -> TaskEgress:
+    def prepare(
+        self,
+        mode: Literal["egress", "host"],
+        policy: EgressPolicy,
+        *,
+        on_denial: Callable[[Denial], None] | None = None,
+    ) -> TaskEgress:
         """Makes a task's network for `mode`: for `egress` a netns on the bridge; for `host`
-        nothing but the BPF programs `TaskEgress.attach` will load."""
+        nothing but the BPF programs `TaskEgress.attach` will load. `on_denial` receives this
+        task's denials (from its first instruction), besides the service's callback."""
         if mode not in ("egress", "host"):
             raise UsageError(f"network mode {mode!r}: use none, egress or host")
         self._check(mode, policy)
         self.start()
         net = self.network.add_task(uuid.uuid4().hex) if mode == "egress" else None
-        return TaskEgress(self, mode, policy, net)
+        return TaskEgress(self, mode, policy, net, on_denial)
 
     def _attach(self, task: TaskEgress, cgroup_dir: str, policy: EgressPolicy) -> Egress:
         # Host-mode tasks share the host's addresses, so the forwarder could not tell them
@@ -260,6 +269,8 @@ class EgressService:
         egress = Egress.attach(
             cgroup_dir, policy, services=self.services, dns=dns, on_denial=self._on_denial
         )
+        if task._on_denial is not None:
+            egress.on_denial(task._on_denial)  # before `watch`: no event is read before it
         try:
             self._call(lambda: self._register(task, egress))
         except BaseException:

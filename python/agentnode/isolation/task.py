@@ -10,12 +10,13 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Literal
 
 from agentnode import _native
+from agentnode.egress.enforce import Denial
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService, TaskEgress
 from agentnode.errors import UsageError
@@ -281,6 +282,7 @@ def spawn(
     network: str | EgressPolicy = "none",
     egress: EgressPolicy | None = None,
     node_network: EgressService | None = None,
+    on_denial: Callable[[Denial], None] | None = None,
     rootfs: str | os.PathLike[str] = "/",
     workspace: str | os.PathLike[str] | None = None,
     hostname: str = "agentnode",
@@ -298,7 +300,8 @@ def spawn(
     policy enforced but host loopback reachable: weaker); an `EgressPolicy` (short for "egress"
     with that policy); or the path of a network namespace to join (`/run/netns/NAME`). The
     policy is in force before the task's first instruction. `node_network` is the bridge and
-    DNS forwarder to use (default: one per process, on agentnode0).
+    DNS forwarder to use (default: one per process, on agentnode0). `on_denial` receives each
+    connection or packet the policy denies, from the task's first instruction on.
     The environment holds only PATH, LANG, HOME and `env`.
     Every capability is dropped except `caps` (names like CAP_NET_BIND_SERVICE), which the
     task keeps (as ambient capabilities when `user` is not 0).
@@ -345,7 +348,9 @@ def spawn(
         if network in ("egress", "host"):
             service = node_network or _default_network()
             net = service.prepare(
-                "egress" if network == "egress" else "host", egress or EgressPolicy()
+                "egress" if network == "egress" else "host",
+                egress or EgressPolicy(),
+                on_denial=on_denial,
             )
             netns = net.netns_path
         fds = tuple(_stdio_fd(s, i, opened, parents) for i, s in enumerate((stdin, stdout, stderr)))

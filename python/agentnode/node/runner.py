@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -52,8 +53,6 @@ class Running:
     last_beat: float
     stop_as: State | None = None
     stop_reason: str = ""
-    #: Its cgroup2 id, when it has egress (denials name it).
-    cgroup_id: int | None = None
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -95,7 +94,6 @@ class Node:
             bridge=config.bridge,
             subnet=config.subnet,
             dns_upstream=config.dns_upstream,
-            on_denial=self._audit_denial,
         )
         #: Where tasks with network egress reach the inference proxy (None: not started).
         self.inference_url: str | None = None
@@ -108,7 +106,6 @@ class Node:
         except AgentnodeError as e:
             # Tasks without network still run; those with it will fail to start, saying why.
             log.warning("cannot sweep task networks: %s", e)
-        self._by_cgroup: dict[int, Task] = {}
         self._audit = (config.data_dir / "audit.log").open("a", buffering=1)
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
@@ -142,14 +139,13 @@ class Node:
             mem -= r.task.spec.memory_bytes
         return max(cpu, 0), max(mem, 0)
 
-    def _audit_denial(self, d: Denial) -> None:
+    def _audit_denial(self, task: Task, d: Denial) -> None:
         # On the forwarder's thread; one JSON line per denied connection or packet.
-        task = self._by_cgroup.get(d.cgroup_id)
         record = {
             "time": time.time(),
             "event": "egress_denied",
-            "task": task.id if task else None,
-            "tenant": task.spec.tenant if task else None,
+            "task": task.id,
+            "tenant": task.spec.tenant,
             "address": str(d.address),
             "port": d.port,
             "protocol": d.protocol,
@@ -266,10 +262,6 @@ class Node:
             return
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
-        if proc.egress is not None and proc.cgroup_dir is not None:
-            # A cgroup2 directory's inode number is the cgroup id BPF reports denials with.
-            r.cgroup_id = os.stat(proc.cgroup_dir).st_ino
-            self._by_cgroup[r.cgroup_id] = task
         self.running[task.id] = r
         r.task = await self.manager.mark_running(task.id)
         if r.task.spec != task.spec and proc.egress is not None:
@@ -324,6 +316,7 @@ class Node:
                 network=mode,
                 egress=policy,
                 node_network=self.egress,
+                on_denial=functools.partial(self._audit_denial, task),
                 user=spec.user,
                 userns=spec.userns,
                 rootfs=spec.rootfs,
@@ -347,8 +340,6 @@ class Node:
     async def _watch(self, r: Running) -> None:
         result: Result = await r.proc.wait_async()
         r.proc.close()
-        if r.cgroup_id is not None:
-            self._by_cgroup.pop(r.cgroup_id, None)
         outcome, reason = _outcome(r, result)
         del self.running[r.task.id]
         done = await self.manager.finish(
