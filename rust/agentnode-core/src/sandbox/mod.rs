@@ -5,8 +5,10 @@
 //! when present and replaced by an explicit attach otherwise.
 //!
 //! The parent prepares everything (paths, argv, env, the mount plan, the seccomp programs)
-//! before the fork. The child blocks on a sync pipe until the parent has attached it to its v1
-//! cgroups and written its id maps, then runs [`child::run`], which is async-signal-safe.
+//! before the clone. The child shares the parent's address space until it execs (no page
+//! tables copied, see [`sys::spawn_vm`]); it blocks on a sync pipe until the parent has
+//! attached it to its v1 cgroups and written its id maps, then runs [`child::entry`], which
+//! makes raw system calls only.
 
 mod child;
 mod plan;
@@ -24,7 +26,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::cgroup::{self, TaskCgroup};
-use crate::sys::{self, Forked};
+use crate::sys::{self, ChildStack};
 
 /// Errors from setting up or running a task.
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +237,7 @@ fn prepare(
         tmpfs: c("tmpfs", "fs")?,
         dot: c(".", "path")?,
         slash: c("/", "path")?,
+        sigmask: 0,
     })
 }
 
@@ -270,8 +273,6 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
 /// Returns once the task has exec'd its command; every error leaves nothing behind. It needs
 /// no manager, so several threads can start tasks at once.
 ///
-/// # Panics
-/// Only if the kernel accepts `CLONE_PIDFD` but returns no pidfd, which it never does.
 pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -288,7 +289,7 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
                 })
         })
         .transpose()?;
-    let prepared = prepare(
+    let mut prepared = prepare(
         spec,
         (sync_r.as_raw_fd(), sync_w.as_raw_fd()),
         err_w.as_raw_fd(),
@@ -307,30 +308,35 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     if spec.userns_base.is_some() {
         flags |= libc::CLONE_NEWUSER as u64;
     }
+    // Outlives the child's use of it: every path below either reads the error pipe to its end
+    // (exec or exit) or kills and reaps the child before returning.
+    let stack = ChildStack::new().map_err(io("map the task's setup stack"))?;
     let started = Instant::now();
-    // SAFETY: the child runs child::run only, which is async-signal-safe and never returns.
-    let forked = match unsafe { sys::clone3(flags, Some(cg_dir.as_fd()), true) } {
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
-            ) =>
-        {
-            // Kernels before 5.7 lack CLONE_INTO_CGROUP: clone, then attach while the child waits.
-            // SAFETY: as above.
-            let f = unsafe { sys::clone3(flags, None, true) }.map_err(io("clone the task"))?;
-            if let Forked::Parent { pid, .. } = &f {
-                cgroup::write_procs(cgroup.placement(), *pid)?;
+    prepared.sigmask = sys::block_signals();
+    let arg = std::ptr::from_ref(&prepared).cast();
+    // SAFETY: child::entry makes raw system calls only and writes nothing but its stack;
+    // `prepared` and `stack` stay untouched until it has exec'd or exited (see above).
+    let mut cloned =
+        unsafe { sys::spawn_vm(flags, Some(cg_dir.as_fd()), &stack, child::entry, arg) };
+    if cloned.as_ref().is_err_and(|e| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
+        )
+    }) {
+        // Kernels before 5.7 lack CLONE_INTO_CGROUP: clone, then attach while the child waits.
+        // SAFETY: as above.
+        cloned = unsafe { sys::spawn_vm(flags, None, &stack, child::entry, arg) };
+        if let Ok((pid, pidfd)) = &cloned {
+            if let Err(e) = cgroup::write_procs(cgroup.placement(), *pid) {
+                sys::restore_signals(prepared.sigmask);
+                kill_and_reap(pidfd); // outside the cgroup, so Task's cgroup.kill misses it
+                return Err(e.into());
             }
-            f
         }
-        other => other.map_err(io("clone the task"))?,
-    };
-    let (pid, pidfd) = match forked {
-        // SAFETY: we are the freshly cloned child.
-        Forked::Child => unsafe { child::run(&prepared) },
-        Forked::Parent { pid, pidfd } => (pid, pidfd.expect("CLONE_PIDFD was requested")),
-    };
+    }
+    sys::restore_signals(prepared.sigmask);
+    let (pid, pidfd) = cloned.map_err(io("clone the task"))?;
     drop(sync_r);
     drop(err_w);
     drop(netns);
@@ -342,7 +348,10 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     }
     let mut report = Vec::new();
     let mut err_file = std::fs::File::from(err_r);
-    let _ = err_file.read_to_end(&mut report);
+    if let Err(e) = err_file.read_to_end(&mut report) {
+        task.reap_blocking(); // the child may still be on `stack`: end it before unmapping
+        return Err(io("wait for the task to start")(e));
+    }
     drop(sync_w); // held until exec so the child can tell a dead parent (see child::run)
     if report.len() >= 8 {
         let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
@@ -363,6 +372,30 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         });
     }
     Ok(task)
+}
+
+/// SIGKILLs and reaps a child through its pidfd, waiting however long that takes.
+fn kill_and_reap(pidfd: &OwnedFd) {
+    let fd = pidfd.as_raw_fd();
+    // SAFETY: plain syscalls on our pidfd; siginfo is plain data that waitid fills.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        while libc::waitid(
+            libc::P_PIDFD,
+            fd as libc::id_t,
+            &raw mut info,
+            libc::WEXITED,
+        ) != 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+    }
 }
 
 fn cgroup_attach_and_release(
