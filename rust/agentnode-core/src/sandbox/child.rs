@@ -28,10 +28,13 @@ pub const STEP_NNP: u32 = 10_008;
 pub const STEP_SECCOMP: u32 = 10_009;
 pub const STEP_EXEC: u32 = 10_010;
 pub const STEP_LOOPBACK: u32 = 10_011;
+pub const STEP_CGROUP: u32 = 10_012;
 
 /// Everything the child needs, prepared by the parent.
 pub struct Prepared {
     pub ops: Vec<Op>,
+    /// v1 `tasks` files to write `0` to (see `TaskCgroup::join_files`).
+    pub join: Vec<RawFd>,
     pub sync_read: RawFd,
     pub sync_write: RawFd,
     pub err_write: RawFd,
@@ -312,19 +315,24 @@ unsafe fn run(p: &Prepared) -> ! {
     unsafe {
         step(err, STEP_SYNC, reset_signals(p.sigmask));
         let _ = sys(libc::SYS_close, &[p.sync_write as usize]);
-        let mut byte = 0u8;
-        let read = sys(
-            libc::SYS_read,
-            &[p.sync_read as usize, (&raw mut byte) as usize, 1],
-        );
-        step(
-            err,
-            STEP_SYNC,
-            read.and_then(|n| if n == 1 { Ok(()) } else { Err(libc::EPIPE) }),
-        );
+        for &fd in &p.join {
+            let zero = sys(libc::SYS_write, &[fd as usize, b"0".as_ptr() as usize, 1]);
+            step(err, STEP_CGROUP, zero.map(drop));
+        }
         // In a new user namespace this process is still host root, which the namespace does
-        // not map; become the namespace's root (the mapped host id) before creating any file.
+        // not map: wait for the parent to write the id maps, then become the namespace's root
+        // (the mapped host id) before creating any file.
         if p.userns {
+            let mut byte = 0u8;
+            let read = sys(
+                libc::SYS_read,
+                &[p.sync_read as usize, (&raw mut byte) as usize, 1],
+            );
+            step(
+                err,
+                STEP_SYNC,
+                read.and_then(|n| if n == 1 { Ok(()) } else { Err(libc::EPIPE) }),
+            );
             step(err, STEP_IDS, set_ids(0, 0, false));
         }
         if let Some(fd) = p.netns {

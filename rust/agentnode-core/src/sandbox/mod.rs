@@ -6,9 +6,9 @@
 //!
 //! The parent prepares everything (paths, argv, env, the mount plan, the seccomp programs)
 //! before the clone. The child shares the parent's address space until it execs (no page
-//! tables copied, see [`sys::spawn_vm`]); it blocks on a sync pipe until the parent has
-//! attached it to its v1 cgroups and written its id maps, then runs [`child::entry`], which
-//! makes raw system calls only.
+//! tables copied, see [`sys::spawn_vm`]) and runs [`child::entry`], which makes raw system
+//! calls only: it joins its v1 cgroups itself, waits on a sync pipe for its id maps when it
+//! has a user namespace, builds its root and execs.
 
 mod child;
 mod plan;
@@ -178,6 +178,7 @@ fn check_caps(caps: &[u32]) -> Result<()> {
 
 fn prepare(
     spec: &Spec,
+    join: &[OwnedFd],
     sync: (RawFd, RawFd),
     err: RawFd,
     netns: Option<RawFd>,
@@ -209,6 +210,7 @@ fn prepare(
     let c = |s: &str, what: &'static str| cstrings(&[s.to_owned()], what).map(|mut v| v.remove(0));
     Ok(child::Prepared {
         ops: plan::build(spec)?,
+        join: join.iter().map(AsRawFd::as_raw_fd).collect(),
         sync_read: sync.0,
         sync_write: sync.1,
         err_write: err,
@@ -263,6 +265,7 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
         child::STEP_NNP => "set no_new_privs".into(),
         child::STEP_SECCOMP => "install the seccomp filter".into(),
         child::STEP_LOOPBACK => "bring up the loopback interface".into(),
+        child::STEP_CGROUP => "join the task's v1 cgroups".into(),
         i => ops
             .get(i as usize)
             .map_or_else(|| format!("step {i}"), plan::Op::describe),
@@ -289,8 +292,10 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
                 })
         })
         .transpose()?;
+    let join = cgroup.join_files()?;
     let mut prepared = prepare(
         spec,
+        &join,
         (sync_r.as_raw_fd(), sync_w.as_raw_fd()),
         err_w.as_raw_fd(),
         netns.as_ref().map(AsRawFd::as_raw_fd),
@@ -340,11 +345,13 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     drop(sync_r);
     drop(err_w);
     drop(netns);
+    drop(join);
     let mut task = Task::new(pid, pidfd, cgroup, started);
-    let released = cgroup_attach_and_release(&task, spec, pid, &sync_w);
-    if let Err(e) = released {
-        drop(task); // kills and reaps the child, removes its cgroups
-        return Err(e);
+    if let Some(base) = spec.userns_base {
+        if let Err(e) = map_ids_and_release(pid, base, &sync_w) {
+            drop(task); // kills and reaps the child, removes its cgroups
+            return Err(e);
+        }
     }
     let mut report = Vec::new();
     let mut err_file = std::fs::File::from(err_r);
@@ -398,16 +405,8 @@ fn kill_and_reap(pidfd: &OwnedFd) {
     }
 }
 
-fn cgroup_attach_and_release(
-    task: &Task,
-    spec: &Spec,
-    pid: libc::pid_t,
-    sync_w: &OwnedFd,
-) -> Result<()> {
-    task.cgroup().attach(pid)?;
-    if let Some(base) = spec.userns_base {
-        write_id_maps(pid, base)?;
-    }
+fn map_ids_and_release(pid: libc::pid_t, base: u32, sync_w: &OwnedFd) -> Result<()> {
+    write_id_maps(pid, base)?;
     // SAFETY: valid descriptor and one-byte buffer.
     if unsafe { libc::write(sync_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
         return Err(io("release the task")(std::io::Error::last_os_error()));

@@ -49,10 +49,6 @@ impl Task {
         }
     }
 
-    pub(super) fn cgroup(&self) -> &dyn TaskCgroup {
-        self.cgroup.as_deref().expect("cgroup lives until reaped")
-    }
-
     #[must_use]
     pub fn pid(&self) -> libc::pid_t {
         self.pid
