@@ -240,7 +240,7 @@ unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> Step {
 
 /// Brings up `lo` in the task's fresh network namespace (it starts down): SIOCSIFFLAGS on a
 /// datagram socket, no netlink, nothing allocated.
-unsafe fn loopback_up() -> Step {
+pub(super) unsafe fn loopback_up() -> Result<(), i32> {
     // SAFETY: ifreq is plain data on our stack.
     unsafe {
         let fd = sys(

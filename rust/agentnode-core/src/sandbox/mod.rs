@@ -11,6 +11,7 @@
 //! has a user namespace, builds its root and execs.
 
 mod child;
+mod netns;
 mod plan;
 mod seccomp;
 mod task;
@@ -292,6 +293,12 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
                 })
         })
         .transpose()?;
+    // A pooled namespace is owned by this user namespace, so a task in its own user namespace
+    // would have no say over it: those make theirs at clone.
+    let netns = match netns {
+        None if spec.userns_base.is_none() => netns::take(),
+        given => given,
+    };
     let join = cgroup.join_files()?;
     let mut prepared = prepare(
         spec,
@@ -307,7 +314,7 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWCGROUP) as u64;
-    if spec.netns.is_none() {
+    if netns.is_none() {
         flags |= libc::CLONE_NEWNET as u64;
     }
     if spec.userns_base.is_some() {
