@@ -377,6 +377,22 @@ def test_network_is_loopback_only_and_a_netns_can_be_joined(ws: Path) -> None:
         subprocess.run(["ip", "netns", "delete", name], check=True)
 
 
+def test_every_task_gets_a_fresh_netns_of_its_own_with_loopback_up(ws: Path) -> None:
+    # Most of these come from the pool of namespaces made ahead of time: none may be handed out
+    # twice, none may be this process's, and each must have its loopback up.
+    tasks = [spawn(["sleep", "100"], workspace=ws) for _ in range(10)]
+    try:
+        inodes = {os.stat(f"/proc/{t.pid}/ns/net").st_ino for t in tasks}
+        assert len(inodes) == len(tasks)
+        assert os.stat("/proc/self/ns/net").st_ino not in inodes
+    finally:
+        for t in tasks:
+            t.close()
+    for _ in range(6):
+        _, out, _ = sh("ls /sys/class/net; cat /sys/class/net/lo/flags", ws)
+        assert out.split() == ["lo", "0x9"]  # IFF_UP | IFF_LOOPBACK
+
+
 def test_task_sits_in_its_v1_and_cgroup2_nodes(ws: Path) -> None:
     with spawn(["sleep", "100"], workspace=ws) as t:
         assert t.cgroup_dir is not None

@@ -1,8 +1,11 @@
 //! Thin, checked wrappers over the Linux syscalls that libc does not wrap: `clone3` (5.3, with
-//! `CLONE_INTO_CGROUP` since 5.7) and `pidfd_open` (5.3).
+//! `CLONE_INTO_CGROUP` since 5.7) and `pidfd_open` (5.3), plus [`raw`] system calls and
+//! [`spawn_vm`], the `CLONE_VM` start of a task.
 //!
 //! The child side of [`clone3`] runs in a copy of a possibly multi-threaded process, so callers
 //! must do only async-signal-safe work there (no allocation, no locks) before `exec` or `_exit`.
+//! The child of [`spawn_vm`] runs in the parent's very address space and must do even less: see
+//! there.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -79,6 +82,246 @@ pub unsafe fn clone3(
             // SAFETY: the kernel wrote a fresh descriptor that nothing else owns.
             pidfd: want_pidfd.then(|| unsafe { OwnedFd::from_raw_fd(pidfd) }),
         }),
+    }
+}
+
+/// System calls that return `-errno` on failure instead of setting `errno`.
+///
+/// A [`spawn_vm`] child shares the address space and the thread-local storage of the thread
+/// that started it, so a libc wrapper there would write that thread's `errno` while it runs on.
+pub mod raw {
+    /// Makes system call `nr` with up to six arguments; a negative result is `-errno`.
+    ///
+    /// # Safety
+    /// As for the system call itself: pointers must be valid for what the kernel does with them.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[must_use]
+    pub unsafe fn call(nr: libc::c_long, args: &[usize]) -> isize {
+        let mut a = [0usize; 6];
+        a[..args.len()].copy_from_slice(args);
+        let ret: isize;
+        // SAFETY: the x86_64 syscall convention; the kernel clobbers rcx and r11 only.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") nr as isize => ret,
+                in("rdi") a[0], in("rsi") a[1], in("rdx") a[2],
+                in("r10") a[3], in("r8") a[4], in("r9") a[5],
+                lateout("rcx") _, lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    /// Makes system call `nr` with up to six arguments; a negative result is `-errno`.
+    ///
+    /// # Safety
+    /// As for the system call itself: pointers must be valid for what the kernel does with them.
+    #[cfg(not(target_arch = "x86_64"))]
+    #[must_use]
+    pub unsafe fn call(nr: libc::c_long, args: &[usize]) -> isize {
+        let mut a = [0usize; 6];
+        a[..args.len()].copy_from_slice(args);
+        // SAFETY: forwarded to the caller. Only the fork-style child (see spawn_vm) runs this
+        // on other architectures, and there errno is its own.
+        let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
+        if r == -1 {
+            -(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO) as isize)
+        } else {
+            r as isize
+        }
+    }
+}
+
+/// The stack a [`spawn_vm`] child runs on: anonymous memory with a guard page below it,
+/// unmapped when dropped (only once the child has exec'd or exited).
+#[derive(Debug)]
+pub struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing else refers to it.
+unsafe impl Send for ChildStack {}
+
+impl ChildStack {
+    /// Pages are only touched (and allocated) as the child uses them.
+    const LEN: usize = 256 << 10;
+
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping; the guard page is its own lowest page.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let stack = Self {
+                base,
+                len: Self::LEN,
+            };
+            if libc::mprotect(base, 4096, libc::PROT_NONE) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(stack)
+        }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used by any child (see spawn_vm).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Starts a child with `clone3` that calls `child(arg)` and never returns from it; returns the
+/// child's pid and pidfd. `flags` must not include `CLONE_VM`, `CLONE_PIDFD` or
+/// `CLONE_INTO_CGROUP` (`cgroup` asks for that).
+///
+/// On `x86_64` the child shares this address space (`CLONE_VM`) and runs on `stack`, as
+/// `posix_spawn` does: no page tables are copied, so the cost does not grow with this process's
+/// memory, and its exec has no copy to tear down. Elsewhere it is an ordinary fork-style child.
+///
+/// # Safety
+/// Until the child has exec'd or exited (a close-on-exec pipe tells), `stack`, `arg` and
+/// everything `child` reads must stay alive and unchanged. `child` may write only to its own
+/// stack and must make system calls only through [`raw::call`], never through libc (which
+/// would write this thread's `errno`); it must end in `execve` or `exit_group`.
+/// All signals must be blocked in the calling thread (see [`block_signals`]), so no handler of
+/// this process runs in the child before it has reset them.
+pub unsafe fn spawn_vm(
+    flags: u64,
+    cgroup: Option<BorrowedFd<'_>>,
+    stack: &ChildStack,
+    child: extern "C" fn(*const libc::c_void) -> !,
+    arg: *const libc::c_void,
+) -> io::Result<(libc::pid_t, OwnedFd)> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: flags | CLONE_PIDFD,
+        pidfd: std::ptr::addr_of_mut!(pidfd) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd.as_raw_fd() as u64;
+    }
+    let ret = spawn_vm_raw(&mut args, stack, child, arg);
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret as i32));
+    }
+    // SAFETY: the kernel wrote a fresh descriptor that nothing else owns.
+    Ok((ret as libc::pid_t, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn spawn_vm_raw(
+    args: &mut CloneArgs,
+    stack: &ChildStack,
+    child: extern "C" fn(*const libc::c_void) -> !,
+    arg: *const libc::c_void,
+) -> isize {
+    args.flags |= libc::CLONE_VM as u64;
+    args.stack = stack.base as u64;
+    args.stack_size = stack.len as u64;
+    let ret: isize;
+    // SAFETY: clone3 with a fresh stack. The child returns from the syscall with only rax (0)
+    // and rsp (the top of `stack`) changed, so it finds `child` and `arg` in r12 and r13 and
+    // calls it at once, never returning into this function's frame, which is not on its stack.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "and rsp, -16",
+            "mov rdi, r13",
+            "call r12",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 as isize => ret,
+            in("rdi") std::ptr::from_mut(args),
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") child,
+            in("r13") arg,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn spawn_vm_raw(
+    args: &mut CloneArgs,
+    _stack: &ChildStack,
+    child: extern "C" fn(*const libc::c_void) -> !,
+    arg: *const libc::c_void,
+) -> isize {
+    // SAFETY: a fork-style clone3: the child has its own copy of this stack and memory.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::from_mut(args),
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        0 => child(arg),
+        -1 => {
+            -(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO) as isize)
+        }
+        pid => pid as isize,
+    }
+}
+
+/// Blocks every signal in the calling thread; returns the mask to restore (the kernel's
+/// 64-bit form, as `rt_sigprocmask` takes it).
+#[must_use]
+pub fn block_signals() -> u64 {
+    let (all, mut old) = (u64::MAX, 0u64);
+    // SAFETY: valid in and out masks of the kernel's sigset size.
+    unsafe {
+        let _ = raw::call(
+            libc::SYS_rt_sigprocmask,
+            &[
+                libc::SIG_SETMASK as usize,
+                std::ptr::from_ref(&all) as usize,
+                std::ptr::from_mut(&mut old) as usize,
+                8,
+            ],
+        );
+    }
+    old
+}
+
+/// Restores a signal mask [`block_signals`] returned.
+pub fn restore_signals(mask: u64) {
+    // SAFETY: a valid mask of the kernel's sigset size.
+    unsafe {
+        let _ = raw::call(
+            libc::SYS_rt_sigprocmask,
+            &[
+                libc::SIG_SETMASK as usize,
+                std::ptr::from_ref(&mask) as usize,
+                0,
+                8,
+            ],
+        );
     }
 }
 

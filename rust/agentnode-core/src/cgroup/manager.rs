@@ -6,6 +6,7 @@
 //!
 //! Every node lives at `<this process's cgroup>/agentnode/<instance>/<task>` in its hierarchy.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -44,8 +45,11 @@ pub struct CgroupStats {
 pub trait TaskCgroup: Send + Sync + std::fmt::Debug {
     /// The cgroup2 node: target of `CLONE_INTO_CGROUP`, `cgroup.kill`, freeze and BPF.
     fn placement(&self) -> &Path;
-    /// Puts `pid` into the nodes that `CLONE_INTO_CGROUP` did not reach (v1 hierarchies).
-    fn attach(&self, pid: libc::pid_t) -> Result<()>;
+    /// The `tasks` files of the nodes `CLONE_INTO_CGROUP` does not reach (v1 hierarchies),
+    /// open for writing: the task joins them itself by writing `0` to each. A thread that moves
+    /// itself skips the global lock a write of a pid takes, whose RCU grace period cost a
+    /// start up to 20 ms; the file's opener, not the writer, must have the right to move it.
+    fn join_files(&self) -> Result<Vec<OwnedFd>>;
     /// Sets the limits.
     fn apply(&self, limits: &Limits) -> Result<()>;
     fn stats(&self) -> Result<CgroupStats>;
@@ -145,8 +149,8 @@ impl TaskCgroup for V2 {
         self.dir.path()
     }
 
-    fn attach(&self, _pid: libc::pid_t) -> Result<()> {
-        Ok(())
+    fn join_files(&self) -> Result<Vec<OwnedFd>> {
+        Ok(Vec::new())
     }
 
     fn apply(&self, limits: &Limits) -> Result<()> {
@@ -235,12 +239,22 @@ impl TaskCgroup for Hybrid {
         self.unified.path()
     }
 
-    fn attach(&self, pid: libc::pid_t) -> Result<()> {
-        let pid = pid.to_string();
-        for dir in &self.owned_v1 {
-            write(dir.path(), "cgroup.procs", &pid)?;
-        }
-        Ok(())
+    fn join_files(&self) -> Result<Vec<OwnedFd>> {
+        self.owned_v1
+            .iter()
+            .map(|dir| {
+                let path = dir.path().join("tasks");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map(OwnedFd::from)
+                    .map_err(|source| Error::Write {
+                        path,
+                        value: "0".to_owned(),
+                        source,
+                    })
+            })
+            .collect()
     }
 
     fn apply(&self, limits: &Limits) -> Result<()> {

@@ -1,16 +1,19 @@
-//! The code that runs in the task between `clone3` and `execve`. It is a copy of a possibly
-//! multi-threaded parent, so it makes raw syscalls only: no allocation, no locks, no panics,
-//! and no libc wrapper that does more than its syscall (see [`set_ids`]).
+//! The code that runs in the task between `clone3` and `execve`. It runs in the address space of
+//! a possibly multi-threaded parent (shared with it, see [`crate::sys::spawn_vm`]), so it makes
+//! raw system calls only, through [`raw::call`]: no allocation, no locks, no panics, no libc
+//! (whose wrappers would set the parent thread's `errno`, and some of which take locks: see
+//! [`set_ids`]), and it writes nothing but its own stack.
 //! On any failure it writes `(step, errno)` to the error pipe and exits 127; the parent turns
 //! that into a [`super::Error::Setup`] naming the step.
 
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, CStr, CString};
 use std::os::fd::RawFd;
-use std::ptr::null;
 
+use libc::{c_long, AT_FDCWD};
 use seccompiler::BpfProgram;
 
 use super::plan::Op;
+use crate::sys::raw;
 
 /// Steps after the filesystem plan (whose steps are its indices).
 pub const STEP_SYNC: u32 = 10_000;
@@ -25,10 +28,13 @@ pub const STEP_NNP: u32 = 10_008;
 pub const STEP_SECCOMP: u32 = 10_009;
 pub const STEP_EXEC: u32 = 10_010;
 pub const STEP_LOOPBACK: u32 = 10_011;
+pub const STEP_CGROUP: u32 = 10_012;
 
 /// Everything the child needs, prepared by the parent.
 pub struct Prepared {
     pub ops: Vec<Op>,
+    /// v1 `tasks` files to write `0` to (see `TaskCgroup::join_files`).
+    pub join: Vec<RawFd>,
     pub sync_read: RawFd,
     pub sync_write: RawFd,
     pub err_write: RawFd,
@@ -55,6 +61,8 @@ pub struct Prepared {
     pub tmpfs: CString,
     pub dot: CString,
     pub slash: CString,
+    /// The signal mask the task starts with (the parent blocks all signals around the clone).
+    pub sigmask: u64,
 }
 
 #[repr(C)]
@@ -71,23 +79,64 @@ struct CapData {
     inheritable: u32,
 }
 
-fn opt(c: Option<&CString>) -> *const c_char {
-    c.map_or(null(), |c| c.as_ptr())
+/// `struct sock_fprog` for `seccomp(SECCOMP_SET_MODE_FILTER)`.
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const seccompiler::sock_filter,
 }
 
-unsafe fn fail(fd: RawFd, step: u32) -> ! {
-    // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
-    unsafe {
-        let errno = *libc::__errno_location();
-        let mut buf = [0u8; 8];
-        buf[..4].copy_from_slice(&step.to_ne_bytes());
-        buf[4..].copy_from_slice(&errno.to_ne_bytes());
-        libc::write(fd, buf.as_ptr().cast(), buf.len());
-        libc::_exit(127)
+/// A failed step's errno.
+type Step = Result<(), i32>;
+
+/// A raw system call's result: `Err(errno)` when it failed.
+unsafe fn sys(nr: c_long, args: &[usize]) -> Result<isize, i32> {
+    // SAFETY: forwarded to the caller.
+    let r = unsafe { raw::call(nr, args) };
+    if r < 0 {
+        Err(-r as i32)
+    } else {
+        Ok(r)
     }
 }
 
-unsafe fn run_op(p: &Prepared, op: &Op) -> bool {
+fn ptr(c: &CStr) -> usize {
+    c.as_ptr() as usize
+}
+
+fn opt(c: Option<&CString>) -> usize {
+    c.map_or(0, |c| ptr(c))
+}
+
+unsafe fn fail(fd: RawFd, step: u32, errno: i32) -> ! {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_ne_bytes());
+    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: a write from our stack, then exit; neither returns an error we could act on.
+    unsafe {
+        let _ = raw::call(
+            libc::SYS_write,
+            &[fd as usize, buf.as_ptr() as usize, buf.len()],
+        );
+        let _ = raw::call(libc::SYS_exit_group, &[127]);
+    }
+    unreachable!("exit_group returned")
+}
+
+/// On failure, reports `step` with the errno and exits.
+unsafe fn step(err: RawFd, step: u32, r: Step) {
+    if let Err(errno) = r {
+        // SAFETY: forwarded to the caller.
+        unsafe { fail(err, step, errno) }
+    }
+}
+
+unsafe fn mount(src: usize, dst: usize, fstype: usize, flags: libc::c_ulong, data: usize) -> Step {
+    // SAFETY: NUL-terminated strings or null, as mount(2) takes them.
+    unsafe { sys(libc::SYS_mount, &[src, dst, fstype, flags as usize, data]) }.map(drop)
+}
+
+unsafe fn run_op(p: &Prepared, op: &Op) -> Step {
     // SAFETY: every pointer comes from a CString that outlives this call.
     unsafe {
         match op {
@@ -97,79 +146,73 @@ unsafe fn run_op(p: &Prepared, op: &Op) -> bool {
                 fstype,
                 flags,
                 data,
-            } => {
-                libc::mount(
-                    opt(src.as_ref()),
-                    dst.as_ptr(),
-                    opt(fstype.as_ref()),
-                    *flags,
-                    opt(data.as_ref()).cast(),
-                ) == 0
-            }
+            } => mount(
+                opt(src.as_ref()),
+                ptr(dst),
+                opt(fstype.as_ref()),
+                *flags,
+                opt(data.as_ref()),
+            ),
             Op::MkDir(path) => {
-                libc::mkdir(path.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
+                match sys(libc::SYS_mkdirat, &[AT_FDCWD as usize, ptr(path), 0o755]) {
+                    Err(libc::EEXIST) => Ok(()),
+                    r => r.map(drop),
+                }
             }
             Op::Touch(path) => {
-                let fd = libc::open(
-                    path.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                    0o644,
-                );
-                if fd >= 0 {
-                    libc::close(fd);
-                    true
-                } else {
-                    *libc::__errno_location() == libc::EEXIST
-                        || *libc::__errno_location() == libc::EISDIR
-                        || *libc::__errno_location() == libc::EACCES
-                            && libc::access(path.as_ptr(), libc::F_OK) == 0
+                let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC;
+                let at = AT_FDCWD as usize;
+                match sys(libc::SYS_openat, &[at, ptr(path), flags as usize, 0o644]) {
+                    Ok(fd) => sys(libc::SYS_close, &[fd as usize]).map(drop),
+                    Err(libc::EEXIST | libc::EISDIR) => Ok(()),
+                    Err(libc::EACCES)
+                        if sys(libc::SYS_faccessat, &[at, ptr(path), libc::F_OK as usize])
+                            .is_ok() =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
             }
             Op::Symlink { target, path } => {
-                libc::symlink(target.as_ptr(), path.as_ptr()) == 0
-                    || *libc::__errno_location() == libc::EEXIST
+                match sys(
+                    libc::SYS_symlinkat,
+                    &[ptr(target), AT_FDCWD as usize, ptr(path)],
+                ) {
+                    Err(libc::EEXIST) => Ok(()),
+                    r => r.map(drop),
+                }
             }
             Op::ReadOnly { path, recursive } => {
                 let attr = [libc::MOUNT_ATTR_RDONLY, 0, 0, 0];
                 let flags = if *recursive { libc::AT_RECURSIVE } else { 0 };
-                libc::syscall(
+                sys(
                     libc::SYS_mount_setattr,
-                    libc::AT_FDCWD,
-                    path.as_ptr(),
-                    flags as libc::c_uint,
-                    attr.as_ptr(),
-                    std::mem::size_of_val(&attr),
-                ) == 0
+                    &[
+                        AT_FDCWD as usize,
+                        ptr(path),
+                        flags as usize,
+                        attr.as_ptr() as usize,
+                        std::mem::size_of_val(&attr),
+                    ],
+                )
+                .map(drop)
             }
-            Op::Mask(path) => {
-                if libc::mount(
-                    p.dev_null.as_ptr(),
-                    path.as_ptr(),
-                    null(),
-                    libc::MS_BIND,
-                    null(),
-                ) == 0
-                {
-                    return true;
-                }
-                match *libc::__errno_location() {
-                    libc::ENOENT => true,
-                    _ => {
-                        libc::mount(
-                            p.tmpfs.as_ptr(),
-                            path.as_ptr(),
-                            p.tmpfs.as_ptr(),
-                            libc::MS_RDONLY,
-                            p.mask_data.as_ptr().cast(),
-                        ) == 0
-                    }
-                }
-            }
+            Op::Mask(path) => match mount(ptr(&p.dev_null), ptr(path), 0, libc::MS_BIND, 0) {
+                Ok(()) | Err(libc::ENOENT) => Ok(()),
+                Err(_) => mount(
+                    ptr(&p.tmpfs),
+                    ptr(path),
+                    ptr(&p.tmpfs),
+                    libc::MS_RDONLY,
+                    ptr(&p.mask_data),
+                ),
+            },
             Op::PivotRoot(stage) => {
-                libc::chdir(stage.as_ptr()) == 0
-                    && libc::syscall(libc::SYS_pivot_root, p.dot.as_ptr(), p.dot.as_ptr()) == 0
-                    && libc::umount2(p.dot.as_ptr(), libc::MNT_DETACH) == 0
-                    && libc::chdir(p.slash.as_ptr()) == 0
+                sys(libc::SYS_chdir, &[ptr(stage)])?;
+                sys(libc::SYS_pivot_root, &[ptr(&p.dot), ptr(&p.dot)])?;
+                sys(libc::SYS_umount2, &[ptr(&p.dot), libc::MNT_DETACH as usize])?;
+                sys(libc::SYS_chdir, &[ptr(&p.slash)]).map(drop)
             }
         }
     }
@@ -177,82 +220,188 @@ unsafe fn run_op(p: &Prepared, op: &Op) -> bool {
 
 /// Switches to `uid`/`gid` with no supplementary groups (`groups`: false leaves them).
 ///
-/// Through syscall(2), not glibc's setgroups/setresgid/setresuid: glibc still takes the child
+/// Raw system calls, not glibc's setgroups/setresgid/setresuid: glibc still takes the child
 /// for the multi-threaded parent it was copied from, so those take the copied thread-list lock
 /// and wait on a futex of every thread that was starting at clone time, to change all threads'
 /// ids. Neither the lock holder nor those threads exist here, so the task hung before exec
 /// (gdb: `__nptl_setxid` → `setxid_mark_thread` → `futex_wait`). The raw calls change this
 /// process only, which is all of it.
-unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> bool {
-    let (uid, gid) = (libc::c_long::from(uid), libc::c_long::from(gid));
+unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> Step {
+    let (uid, gid) = (uid as usize, gid as usize);
     // SAFETY: plain syscalls with integer arguments (setgroups gets an empty list).
     unsafe {
-        (!groups || libc::syscall(libc::SYS_setgroups, 0, null::<libc::gid_t>()) == 0)
-            && libc::syscall(libc::SYS_setresgid, gid, gid, gid) == 0
-            && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
+        if groups {
+            sys(libc::SYS_setgroups, &[0, 0])?;
+        }
+        sys(libc::SYS_setresgid, &[gid, gid, gid])?;
+        sys(libc::SYS_setresuid, &[uid, uid, uid]).map(drop)
     }
 }
 
 /// Brings up `lo` in the task's fresh network namespace (it starts down): SIOCSIFFLAGS on a
 /// datagram socket, no netlink, nothing allocated.
-unsafe fn loopback_up() -> bool {
-    // SAFETY: ifreq is plain data; socket/ioctl/close are async-signal-safe.
+pub(super) unsafe fn loopback_up() -> Result<(), i32> {
+    // SAFETY: ifreq is plain data on our stack.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return false;
-        }
+        let fd = sys(
+            libc::SYS_socket,
+            &[
+                libc::AF_INET as usize,
+                (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize,
+                0,
+            ],
+        )? as usize;
         let mut req: libc::ifreq = std::mem::zeroed();
         req.ifr_name[0] = b'l' as c_char;
         req.ifr_name[1] = b'o' as c_char;
         req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
-        let ok = libc::ioctl(fd, libc::SIOCSIFFLAGS, &raw mut req) == 0;
-        libc::close(fd);
-        ok
+        let r = sys(
+            libc::SYS_ioctl,
+            &[fd, libc::SIOCSIFFLAGS as usize, (&raw mut req) as usize],
+        );
+        let _ = sys(libc::SYS_close, &[fd]);
+        r.map(drop)
     }
+}
+
+/// Puts back the default action of every signal this process handles (the task must not run
+/// the parent's handlers, which would act on the parent's memory), then the task's mask.
+unsafe fn reset_signals(mask: u64) -> Step {
+    // The kernel's struct sigaction starts with the handler; all zeros is SIG_DFL, no flags,
+    // an empty mask, whatever the rest of the layout.
+    let dfl = [0u64; 4];
+    for sig in 1..=64usize {
+        if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
+            continue;
+        }
+        let mut old = [0u64; 4];
+        // SAFETY: in and out buffers at least as large as the kernel's struct sigaction.
+        unsafe {
+            let query = [sig, 0, (&raw mut old) as usize, 8];
+            if sys(libc::SYS_rt_sigaction, &query).is_err() {
+                continue; // not a signal on this kernel
+            }
+            if old[0] != libc::SIG_DFL as u64 && old[0] != libc::SIG_IGN as u64 {
+                sys(
+                    libc::SYS_rt_sigaction,
+                    &[sig, (&raw const dfl) as usize, 0, 8],
+                )?;
+            }
+        }
+    }
+    // SAFETY: a valid mask of the kernel's sigset size.
+    unsafe {
+        sys(
+            libc::SYS_rt_sigprocmask,
+            &[libc::SIG_SETMASK as usize, (&raw const mask) as usize, 0, 8],
+        )
+        .map(drop)
+    }
+}
+
+/// Entry point of the cloned child (see [`crate::sys::spawn_vm`]): `arg` is the [`Prepared`].
+pub extern "C" fn entry(arg: *const libc::c_void) -> ! {
+    // SAFETY: the parent passes its Prepared, which lives until we exec or exit.
+    unsafe { run(&*arg.cast::<Prepared>()) }
 }
 
 /// Runs in the child after `clone3`: waits for the parent, builds the sandbox, execs.
 ///
 /// # Safety
 /// Call only in a freshly cloned child; never returns.
-pub unsafe fn run(p: &Prepared) -> ! {
+unsafe fn run(p: &Prepared) -> ! {
     let err = p.err_write;
     // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
     unsafe {
-        libc::close(p.sync_write);
-        let mut byte = 0u8;
-        if libc::read(p.sync_read, (&raw mut byte).cast(), 1) != 1 {
-            fail(err, STEP_SYNC);
+        step(err, STEP_SYNC, reset_signals(p.sigmask));
+        let _ = sys(libc::SYS_close, &[p.sync_write as usize]);
+        for &fd in &p.join {
+            let zero = sys(libc::SYS_write, &[fd as usize, b"0".as_ptr() as usize, 1]);
+            step(err, STEP_CGROUP, zero.map(drop));
         }
         // In a new user namespace this process is still host root, which the namespace does
-        // not map; become the namespace's root (the mapped host id) before creating any file.
-        if p.userns && !set_ids(0, 0, false) {
-            fail(err, STEP_IDS);
+        // not map: wait for the parent to write the id maps, then become the namespace's root
+        // (the mapped host id) before creating any file.
+        if p.userns {
+            let mut byte = 0u8;
+            let read = sys(
+                libc::SYS_read,
+                &[p.sync_read as usize, (&raw mut byte) as usize, 1],
+            );
+            step(
+                err,
+                STEP_SYNC,
+                read.and_then(|n| if n == 1 { Ok(()) } else { Err(libc::EPIPE) }),
+            );
+            step(err, STEP_IDS, set_ids(0, 0, false));
         }
         if let Some(fd) = p.netns {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                fail(err, STEP_NETNS);
-            }
-            libc::close(fd);
-        }
-        if p.netns.is_none() && !loopback_up() {
-            fail(err, STEP_LOOPBACK);
+            let r = sys(libc::SYS_setns, &[fd as usize, libc::CLONE_NEWNET as usize]);
+            step(err, STEP_NETNS, r.map(drop));
+            let _ = sys(libc::SYS_close, &[fd as usize]);
+        } else {
+            step(err, STEP_LOOPBACK, loopback_up());
         }
         for (i, op) in p.ops.iter().enumerate() {
-            if !run_op(p, op) {
-                fail(err, i as u32);
+            step(err, i as u32, run_op(p, op));
+        }
+        let host = [ptr(&p.hostname), p.hostname.as_bytes().len()];
+        step(
+            err,
+            STEP_HOSTNAME,
+            sys(libc::SYS_sethostname, &host).map(drop),
+        );
+        step(
+            err,
+            STEP_CWD,
+            sys(libc::SYS_chdir, &[ptr(&p.cwd)]).map(drop),
+        );
+        drop_privileges(p);
+        let r = sys(
+            libc::SYS_execve,
+            &[
+                ptr(&p.exe),
+                p.argv_ptrs.as_ptr() as usize,
+                p.env_ptrs.as_ptr() as usize,
+            ],
+        );
+        fail(err, STEP_EXEC, r.err().unwrap_or(libc::EIO))
+    }
+}
+
+unsafe fn prctl(args: &[usize]) -> Result<isize, i32> {
+    // SAFETY: forwarded to the caller.
+    unsafe { sys(libc::SYS_prctl, args) }
+}
+
+/// rlimits and the task's stdio.
+unsafe fn limits_and_stdio(p: &Prepared) {
+    let err = p.err_write;
+    let core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let nofile = libc::rlimit {
+        rlim_cur: p.nofile,
+        rlim_max: p.nofile,
+    };
+    // SAFETY: raw syscalls on values the parent prepared and buffers on our stack.
+    unsafe {
+        for (resource, limit) in [(libc::RLIMIT_CORE, &core), (libc::RLIMIT_NOFILE, &nofile)] {
+            let args = [0, resource as usize, std::ptr::from_ref(limit) as usize, 0];
+            step(err, STEP_RLIMIT, sys(libc::SYS_prlimit64, &args).map(drop));
+        }
+        for (target, fd) in p.stdio.iter().enumerate() {
+            if let Some(fd) = *fd {
+                // dup3 refuses equal descriptors; then the descriptor only loses close-on-exec.
+                let r = if fd as usize == target {
+                    sys(libc::SYS_fcntl, &[target, libc::F_SETFD as usize, 0])
+                } else {
+                    sys(libc::SYS_dup3, &[fd as usize, target, 0])
+                };
+                step(err, STEP_STDIO, r.map(drop));
             }
         }
-        if libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len()) != 0 {
-            fail(err, STEP_HOSTNAME);
-        }
-        if libc::chdir(p.cwd.as_ptr()) != 0 {
-            fail(err, STEP_CWD);
-        }
-        drop_privileges(p);
-        libc::execve(p.exe.as_ptr(), p.argv_ptrs.as_ptr(), p.env_ptrs.as_ptr());
-        fail(err, STEP_EXEC)
     }
 }
 
@@ -261,49 +410,28 @@ pub unsafe fn run(p: &Prepared) -> ! {
 /// seccomp after `no_new_privs`).
 unsafe fn drop_privileges(p: &Prepared) {
     let err = p.err_write;
-    // SAFETY: raw syscalls on values the parent prepared.
+    // SAFETY: raw syscalls on values the parent prepared and buffers on our stack.
     unsafe {
-        let core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        let nofile = libc::rlimit {
-            rlim_cur: p.nofile,
-            rlim_max: p.nofile,
-        };
-        if libc::setrlimit(libc::RLIMIT_CORE, &raw const core) != 0
-            || libc::setrlimit(libc::RLIMIT_NOFILE, &raw const nofile) != 0
-        {
-            fail(err, STEP_RLIMIT);
-        }
-        for (target, fd) in p.stdio.iter().enumerate() {
-            if let Some(fd) = *fd {
-                if libc::dup2(fd, target as RawFd) < 0 {
-                    fail(err, STEP_STDIO);
-                }
-            }
-        }
+        limits_and_stdio(p);
         for cap in (0..=p.cap_last).filter(|c| p.keep_caps & (1u64 << c) == 0) {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
-                && *libc::__errno_location() != libc::EINVAL
-            {
-                fail(err, STEP_CAPS);
+            match prctl(&[libc::PR_CAPBSET_DROP as usize, cap as usize]) {
+                Ok(_) | Err(libc::EINVAL) => {}
+                Err(e) => fail(err, STEP_CAPS, e),
             }
         }
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        );
+        let _ = prctl(&[
+            libc::PR_CAP_AMBIENT as usize,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as usize,
+        ]);
         // Kept capabilities must survive the uid change (then exec, as ambient capabilities).
-        if p.keep_caps != 0 && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
-            fail(err, STEP_CAPS);
+        if p.keep_caps != 0 {
+            step(
+                err,
+                STEP_CAPS,
+                prctl(&[libc::PR_SET_KEEPCAPS as usize, 1]).map(drop),
+            );
         }
-        if !set_ids(p.uid, p.gid, true) {
-            fail(err, STEP_IDS);
-        }
+        step(err, STEP_IDS, set_ids(p.uid, p.gid, true));
         // Exactly the kept capabilities remain (none by default): uid 0 would otherwise keep
         // all of them, and a non-zero uid with KEEPCAPS keeps its permitted set.
         let header = CapHeader {
@@ -323,40 +451,58 @@ unsafe fn drop_privileges(p: &Prepared) {
                 inheritable: hi,
             },
         ];
-        if libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) != 0 {
-            fail(err, STEP_CAPS);
-        }
+        let caps = [(&raw const header) as usize, data.as_ptr() as usize];
+        step(err, STEP_CAPS, sys(libc::SYS_capset, &caps).map(drop));
         for cap in (0..=p.cap_last).filter(|c| p.keep_caps & (1u64 << c) != 0) {
-            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0 {
-                fail(err, STEP_CAPS);
-            }
+            let raise = [
+                libc::PR_CAP_AMBIENT as usize,
+                libc::PR_CAP_AMBIENT_RAISE as usize,
+                cap as usize,
+                0,
+                0,
+            ];
+            step(err, STEP_CAPS, prctl(&raise).map(drop));
         }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            fail(err, STEP_NNP);
-        }
+        step(
+            err,
+            STEP_NNP,
+            prctl(&[libc::PR_SET_NO_NEW_PRIVS as usize, 1, 0, 0, 0]).map(drop),
+        );
         // The task dies with the thread that spawned it. Set after the uid change, which clears
         // it; the parent holds the sync pipe open until exec, so a hang-up here means it died
         // before the signal was armed.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let _ = prctl(&[libc::PR_SET_PDEATHSIG as usize, libc::SIGKILL as usize]);
         let mut pfd = libc::pollfd {
             fd: p.sync_read,
             events: 0,
             revents: 0,
         };
-        if libc::poll(&raw mut pfd, 1, 0) != 0 {
-            fail(err, STEP_SYNC);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let poll = [(&raw mut pfd) as usize, 1, (&raw const zero) as usize, 0, 8];
+        match sys(libc::SYS_ppoll, &poll) {
+            Ok(0) => {}
+            Ok(_) => fail(err, STEP_SYNC, libc::EPIPE),
+            Err(e) => fail(err, STEP_SYNC, e),
         }
         // Everything but stdio closes at exec; the error pipe is already close-on-exec.
-        libc::syscall(
+        let _ = sys(
             libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
+            &[3, u32::MAX as usize, libc::CLOSE_RANGE_CLOEXEC as usize],
         );
         for prog in p.seccomp {
-            if seccompiler::apply_filter(prog).is_err() {
-                fail(err, STEP_SECCOMP);
-            }
+            let fprog = SockFprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr(),
+            };
+            let args = [
+                libc::SECCOMP_SET_MODE_FILTER as usize,
+                0,
+                (&raw const fprog) as usize,
+            ];
+            step(err, STEP_SECCOMP, sys(libc::SYS_seccomp, &args).map(drop));
         }
     }
 }

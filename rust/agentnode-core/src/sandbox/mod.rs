@@ -5,10 +5,13 @@
 //! when present and replaced by an explicit attach otherwise.
 //!
 //! The parent prepares everything (paths, argv, env, the mount plan, the seccomp programs)
-//! before the fork. The child blocks on a sync pipe until the parent has attached it to its v1
-//! cgroups and written its id maps, then runs [`child::run`], which is async-signal-safe.
+//! before the clone. The child shares the parent's address space until it execs (no page
+//! tables copied, see [`sys::spawn_vm`]) and runs [`child::entry`], which makes raw system
+//! calls only: it joins its v1 cgroups itself, waits on a sync pipe for its id maps when it
+//! has a user namespace, builds its root and execs.
 
 mod child;
+mod netns;
 mod plan;
 mod seccomp;
 mod task;
@@ -24,7 +27,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::cgroup::{self, TaskCgroup};
-use crate::sys::{self, Forked};
+use crate::sys::{self, ChildStack};
 
 /// Errors from setting up or running a task.
 #[derive(Debug, thiserror::Error)]
@@ -156,11 +159,15 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The highest capability number of this kernel (read once: it cannot change while it runs).
 fn cap_last() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(63)
+    static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *LAST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(63)
+    })
 }
 
 fn check_caps(caps: &[u32]) -> Result<()> {
@@ -176,6 +183,7 @@ fn check_caps(caps: &[u32]) -> Result<()> {
 
 fn prepare(
     spec: &Spec,
+    join: &[OwnedFd],
     sync: (RawFd, RawFd),
     err: RawFd,
     netns: Option<RawFd>,
@@ -207,6 +215,7 @@ fn prepare(
     let c = |s: &str, what: &'static str| cstrings(&[s.to_owned()], what).map(|mut v| v.remove(0));
     Ok(child::Prepared {
         ops: plan::build(spec)?,
+        join: join.iter().map(AsRawFd::as_raw_fd).collect(),
         sync_read: sync.0,
         sync_write: sync.1,
         err_write: err,
@@ -235,6 +244,7 @@ fn prepare(
         tmpfs: c("tmpfs", "fs")?,
         dot: c(".", "path")?,
         slash: c("/", "path")?,
+        sigmask: 0,
     })
 }
 
@@ -260,6 +270,7 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
         child::STEP_NNP => "set no_new_privs".into(),
         child::STEP_SECCOMP => "install the seccomp filter".into(),
         child::STEP_LOOPBACK => "bring up the loopback interface".into(),
+        child::STEP_CGROUP => "join the task's v1 cgroups".into(),
         i => ops
             .get(i as usize)
             .map_or_else(|| format!("step {i}"), plan::Op::describe),
@@ -270,8 +281,6 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
 /// Returns once the task has exec'd its command; every error leaves nothing behind. It needs
 /// no manager, so several threads can start tasks at once.
 ///
-/// # Panics
-/// Only if the kernel accepts `CLONE_PIDFD` but returns no pidfd, which it never does.
 pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -288,8 +297,16 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
                 })
         })
         .transpose()?;
-    let prepared = prepare(
+    // A pooled namespace is owned by this user namespace, so a task in its own user namespace
+    // would have no say over it: those make theirs at clone.
+    let netns = match netns {
+        None if spec.userns_base.is_none() => netns::take(),
+        given => given,
+    };
+    let join = cgroup.join_files()?;
+    let mut prepared = prepare(
         spec,
+        &join,
         (sync_r.as_raw_fd(), sync_w.as_raw_fd()),
         err_w.as_raw_fd(),
         netns.as_ref().map(AsRawFd::as_raw_fd),
@@ -301,48 +318,58 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWCGROUP) as u64;
-    if spec.netns.is_none() {
+    if netns.is_none() {
         flags |= libc::CLONE_NEWNET as u64;
     }
     if spec.userns_base.is_some() {
         flags |= libc::CLONE_NEWUSER as u64;
     }
+    // Outlives the child's use of it: every path below either reads the error pipe to its end
+    // (exec or exit) or kills and reaps the child before returning.
+    let stack = ChildStack::new().map_err(io("map the task's setup stack"))?;
     let started = Instant::now();
-    // SAFETY: the child runs child::run only, which is async-signal-safe and never returns.
-    let forked = match unsafe { sys::clone3(flags, Some(cg_dir.as_fd()), true) } {
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
-            ) =>
-        {
-            // Kernels before 5.7 lack CLONE_INTO_CGROUP: clone, then attach while the child waits.
-            // SAFETY: as above.
-            let f = unsafe { sys::clone3(flags, None, true) }.map_err(io("clone the task"))?;
-            if let Forked::Parent { pid, .. } = &f {
-                cgroup::write_procs(cgroup.placement(), *pid)?;
+    prepared.sigmask = sys::block_signals();
+    let arg = std::ptr::from_ref(&prepared).cast();
+    // SAFETY: child::entry makes raw system calls only and writes nothing but its stack;
+    // `prepared` and `stack` stay untouched until it has exec'd or exited (see above).
+    let mut cloned =
+        unsafe { sys::spawn_vm(flags, Some(cg_dir.as_fd()), &stack, child::entry, arg) };
+    if cloned.as_ref().is_err_and(|e| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
+        )
+    }) {
+        // Kernels before 5.7 lack CLONE_INTO_CGROUP: clone, then attach while the child waits.
+        // SAFETY: as above.
+        cloned = unsafe { sys::spawn_vm(flags, None, &stack, child::entry, arg) };
+        if let Ok((pid, pidfd)) = &cloned {
+            if let Err(e) = cgroup::write_procs(cgroup.placement(), *pid) {
+                sys::restore_signals(prepared.sigmask);
+                kill_and_reap(pidfd); // outside the cgroup, so Task's cgroup.kill misses it
+                return Err(e.into());
             }
-            f
         }
-        other => other.map_err(io("clone the task"))?,
-    };
-    let (pid, pidfd) = match forked {
-        // SAFETY: we are the freshly cloned child.
-        Forked::Child => unsafe { child::run(&prepared) },
-        Forked::Parent { pid, pidfd } => (pid, pidfd.expect("CLONE_PIDFD was requested")),
-    };
+    }
+    sys::restore_signals(prepared.sigmask);
+    let (pid, pidfd) = cloned.map_err(io("clone the task"))?;
     drop(sync_r);
     drop(err_w);
     drop(netns);
+    drop(join);
     let mut task = Task::new(pid, pidfd, cgroup, started);
-    let released = cgroup_attach_and_release(&task, spec, pid, &sync_w);
-    if let Err(e) = released {
-        drop(task); // kills and reaps the child, removes its cgroups
-        return Err(e);
+    if let Some(base) = spec.userns_base {
+        if let Err(e) = map_ids_and_release(pid, base, &sync_w) {
+            drop(task); // kills and reaps the child, removes its cgroups
+            return Err(e);
+        }
     }
     let mut report = Vec::new();
     let mut err_file = std::fs::File::from(err_r);
-    let _ = err_file.read_to_end(&mut report);
+    if let Err(e) = err_file.read_to_end(&mut report) {
+        task.reap_blocking(); // the child may still be on `stack`: end it before unmapping
+        return Err(io("wait for the task to start")(e));
+    }
     drop(sync_w); // held until exec so the child can tell a dead parent (see child::run)
     if report.len() >= 8 {
         let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
@@ -365,16 +392,32 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     Ok(task)
 }
 
-fn cgroup_attach_and_release(
-    task: &Task,
-    spec: &Spec,
-    pid: libc::pid_t,
-    sync_w: &OwnedFd,
-) -> Result<()> {
-    task.cgroup().attach(pid)?;
-    if let Some(base) = spec.userns_base {
-        write_id_maps(pid, base)?;
+/// SIGKILLs and reaps a child through its pidfd, waiting however long that takes.
+fn kill_and_reap(pidfd: &OwnedFd) {
+    let fd = pidfd.as_raw_fd();
+    // SAFETY: plain syscalls on our pidfd; siginfo is plain data that waitid fills.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        while libc::waitid(
+            libc::P_PIDFD,
+            fd as libc::id_t,
+            &raw mut info,
+            libc::WEXITED,
+        ) != 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
     }
+}
+
+fn map_ids_and_release(pid: libc::pid_t, base: u32, sync_w: &OwnedFd) -> Result<()> {
+    write_id_maps(pid, base)?;
     // SAFETY: valid descriptor and one-byte buffer.
     if unsafe { libc::write(sync_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
         return Err(io("release the task")(std::io::Error::last_os_error()));

@@ -121,6 +121,16 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
             data: None,
         },
         fs("tmpfs", stage, NOSUID_NODEV, "size=1m,mode=755")?,
+        // The stage sits under a root entry (/var with the default data dir): unbindable, it is
+        // left out of that entry's recursive bind, which would otherwise copy the half-built
+        // stage into the task's /var (some 20 more mounts to make, make read-only and tear down).
+        Op::Mount {
+            src: None,
+            dst: cstr(stage)?,
+            fstype: None,
+            flags: libc::MS_UNBINDABLE,
+            data: None,
+        },
     ];
     let entries = std::fs::read_dir(&spec.rootfs).map_err(|_| Error::BadPath {
         what: "rootfs",

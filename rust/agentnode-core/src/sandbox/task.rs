@@ -3,6 +3,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -24,6 +25,9 @@ pub struct Exit {
 pub struct Task {
     pid: libc::pid_t,
     pidfd: OwnedFd,
+    /// The task's mount namespace, held so that its exit does not unmount the tree (see
+    /// [`close_later`]).
+    mounts: Option<OwnedFd>,
     cgroup: Option<Box<dyn TaskCgroup>>,
     started: Instant,
     exit: Option<Exit>,
@@ -38,19 +42,21 @@ impl Task {
         cgroup: Box<dyn TaskCgroup>,
         started: Instant,
     ) -> Self {
+        // Opened while the child sets up: it cannot have exited and been reaped yet (we hold
+        // its pidfd and have not waited), and if it has exited the open just fails.
+        let mounts = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+            .ok()
+            .map(OwnedFd::from);
         Self {
             pid,
             pidfd,
+            mounts,
             cgroup: Some(cgroup),
             started,
             exit: None,
             wall: None,
             last_stats: CgroupStats::default(),
         }
-    }
-
-    pub(super) fn cgroup(&self) -> &dyn TaskCgroup {
-        self.cgroup.as_deref().expect("cgroup lives until reaped")
     }
 
     #[must_use]
@@ -221,6 +227,9 @@ impl Task {
     /// After init is reaped: record final accounting, kill any process that escaped the pid
     /// namespace's teardown, remove the cgroups.
     fn release(&mut self) {
+        if let Some(mounts) = self.mounts.take() {
+            close_later(mounts);
+        }
         if let Some(cg) = self.cgroup.take() {
             if let Ok(s) = cg.stats() {
                 self.last_stats = s;
@@ -228,6 +237,25 @@ impl Task {
             let _ = cg.kill();
             drop(cg);
         }
+    }
+}
+
+/// Closes `fd` on a background thread. The last reference to a task's mount namespace
+/// unmounts its whole tree (some 60 mounts) and waits for an RCU grace period: about 0.3 ms
+/// that, were the task's exit to do it, everyone waiting for the task would wait for too.
+fn close_later(fd: OwnedFd) {
+    static CLOSER: OnceLock<Option<mpsc::Sender<OwnedFd>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<OwnedFd>();
+        std::thread::Builder::new()
+            .name("agentnode-close".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = closer {
+        // Fails only if the thread is gone; then the descriptor comes back and closes here.
+        let _ = tx.send(fd);
     }
 }
 
