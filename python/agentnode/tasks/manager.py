@@ -273,7 +273,10 @@ class TaskManager:
     async def mark_running(self, task_id: str) -> Task:
         """Records that a starting task's process runs."""
         old = self.get(task_id)
-        t = old.moved(State.RUNNING, time.time())
+        return await self._replace(old, old.moved(State.RUNNING, time.time()))
+
+    async def _replace(self, old: Task, t: Task) -> Task:
+        """Puts `t` in place of `old`, durably; `old` again if the write fails."""
         # Visible before the await, so a concurrent call sees the new state and is refused.
         self._set(t)
         try:
@@ -295,14 +298,7 @@ class TaskManager:
                 f"task {task_id} runs with network none; egress rules apply to egress or host "
                 "tasks (its network cannot change once submitted)"
             )
-        t = replace(old, spec=replace(old.spec, **rules))
-        self._set(t)
-        try:
-            await self.store.put(t)
-        except TaskError:
-            self._set(old)
-            raise
-        return t
+        return await self._replace(old, replace(old, spec=replace(old.spec, **rules)))
 
     async def finish(
         self, task_id: str, outcome: State, *, reason: str = "", exit_code: int | None = None
