@@ -37,6 +37,24 @@ def test_append_get_scan_delete(store: EpisodicStore) -> None:
         store.delete("t", "ns:a", "task1", ids[0])
 
 
+def test_ids_are_time_ordered_hex_even_when_the_clock_steps_back(
+    store: EpisodicStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = store.append("t", "ns", "task", 1)
+    real = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: real - 10**12)  # the clock steps back 1000 s
+    later = [
+        store.append("t", "ns", "task", 2),
+        *store.append_many("t", "ns", "task", [NewRecord(3)] * 3),
+    ]
+    ids = [first, *later]
+    assert all(len(i) == 22 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # created_ms comes from the same stamp as the id: the id's 16 leading digits are its ns.
+    rec = store.get("t", "ns", "task", first)
+    assert rec.created_ms == int(first[:16], 16) // 1_000_000
+
+
 def test_time_range_scan(store: EpisodicStore) -> None:
     first = store.append("t", "ns", "task", 1)
     middle_ns = time.time_ns()
