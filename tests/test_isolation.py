@@ -53,9 +53,17 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
     return run(["sh", "-c", script], ws, **kw)
 
 
-def instance_tasks() -> list[Path]:
-    """Task cgroups that exist under this process's instance, in every hierarchy."""
-    return [t for d in task_mod._cgroups().dirs() if d.exists() for t in d.iterdir() if t.is_dir()]
+def instance_tasks(timeout: float = 5.0) -> list[Path]:
+    """Task cgroups left under this process's instance, in every hierarchy, once the background
+    thread that removes ended tasks' cgroups has had up to `timeout` seconds to do so."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            t for d in task_mod._cgroups().dirs() if d.exists() for t in d.iterdir() if t.is_dir()
+        ]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
 
 
 def test_task_is_pid_one_and_sees_no_host_pid(ws: Path) -> None:

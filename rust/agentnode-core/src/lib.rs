@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
 pub mod egress;
+pub mod later;
 pub mod sandbox;
 pub mod sched;
 pub mod sys;

@@ -151,6 +151,8 @@ impl Manager {
 
 impl Drop for Manager {
     fn drop(&mut self) {
+        // Ended tasks' cgroups are removed on the background thread: they go first.
+        crate::later::flush();
         for dir in self.dirs() {
             let _ = std::fs::remove_dir(&dir);
             if let Some(parent) = dir.parent() {

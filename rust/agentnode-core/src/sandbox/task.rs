@@ -3,13 +3,13 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::{io, Result};
 use crate::cgroup::{CgroupStats, TaskCgroup};
+use crate::later::later;
 
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,7 +26,7 @@ pub struct Task {
     pid: libc::pid_t,
     pidfd: OwnedFd,
     /// The task's mount namespace, held so that its exit does not unmount the tree (see
-    /// [`close_later`]).
+    /// [`crate::later`]).
     mounts: Option<OwnedFd>,
     cgroup: Option<Box<dyn TaskCgroup>>,
     started: Instant,
@@ -134,7 +134,7 @@ impl Task {
         Ok(())
     }
 
-    /// Reaps the task if its init has exited; then kills any survivor and removes its cgroups.
+    /// Reaps the task if its init has exited; then kills any survivor and releases its cgroups.
     pub fn try_wait(&mut self) -> Result<Option<Exit>> {
         if self.exit.is_some() {
             return Ok(self.exit);
@@ -225,37 +225,18 @@ impl Task {
     }
 
     /// After init is reaped: record final accounting, kill any process that escaped the pid
-    /// namespace's teardown, remove the cgroups.
+    /// namespace's teardown; the cgroups and the mount namespace go on the background thread.
     fn release(&mut self) {
         if let Some(mounts) = self.mounts.take() {
-            close_later(mounts);
+            later(move || drop(mounts));
         }
         if let Some(cg) = self.cgroup.take() {
             if let Ok(s) = cg.stats() {
                 self.last_stats = s;
             }
             let _ = cg.kill();
-            drop(cg);
+            later(move || drop(cg));
         }
-    }
-}
-
-/// Closes `fd` on a background thread. The last reference to a task's mount namespace
-/// unmounts its whole tree (some 60 mounts) and waits for an RCU grace period: about 0.3 ms
-/// that, were the task's exit to do it, everyone waiting for the task would wait for too.
-fn close_later(fd: OwnedFd) {
-    static CLOSER: OnceLock<Option<mpsc::Sender<OwnedFd>>> = OnceLock::new();
-    let closer = CLOSER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<OwnedFd>();
-        std::thread::Builder::new()
-            .name("agentnode-close".into())
-            .spawn(move || rx.into_iter().for_each(drop))
-            .ok()
-            .map(|_| tx)
-    });
-    if let Some(tx) = closer {
-        // Fails only if the thread is gone; then the descriptor comes back and closes here.
-        let _ = tx.send(fd);
     }
 }
 
