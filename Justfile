@@ -4,7 +4,7 @@ set positional-arguments
 
 venv := justfile_directory() / ".venv"
 py := venv / "bin/python"
-apt_packages := "clang libbpf-dev bpftool iproute2 nftables bubblewrap firejail iperf3"
+apt_packages := "clang libbpf-dev libseccomp-dev bpftool iproute2 nftables bubblewrap firejail iperf3"
 
 # List the recipes
 default:

@@ -179,7 +179,7 @@ def test_listed_capability_is_kept_and_nothing_else(ws: Path) -> None:
         spawn(["true"], caps=["CAP_NOPE"])
 
 
-def test_seccomp_denies_mount_bpf_and_unshare(ws: Path) -> None:
+def test_seccomp_denies_mount_bpf_unshare_ns_clone_and_ptrace(ws: Path) -> None:
     probe = textwrap.dedent(
         """
         import ctypes, os
@@ -189,12 +189,29 @@ def test_seccomp_denies_mount_bpf_and_unshare(ws: Path) -> None:
         print("mount", err(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)))
         print("bpf", err(libc.syscall(321, 0, 0, 0)))
         print("unshare", err(libc.unshare(0x04000000)))
+        print("clone_newuts", err(libc.syscall(56, 0x04000000 | 17, 0, 0, 0, 0)))
+        print("clone3", err(libc.syscall(435, 0, 0)))
+        print("ptrace", err(libc.ptrace(16, 1, 0, 0)))
+        import threading  # pthread_create meets clone3's ENOSYS and falls back to clone
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()
+        print("thread", 0)
         """
     )
     status, out, _ = run(["/usr/bin/python3", "-c", probe], ws, user=0)
     assert status == 0, out
     got = dict(line.split() for line in out.splitlines())
-    assert got == {"mount": "1", "bpf": "1", "unshare": "1"}  # EPERM
+    eperm, enosys = "1", "38"
+    assert got == {
+        "mount": eperm,
+        "bpf": eperm,
+        "unshare": eperm,
+        "clone_newuts": eperm,
+        "clone3": enosys,
+        "ptrace": eperm,
+        "thread": "0",
+    }
 
 
 def test_escape_attempts_fail(ws: Path) -> None:

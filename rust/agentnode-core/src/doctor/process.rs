@@ -1,10 +1,7 @@
 //! Process probes: a child in each namespace type, `clone3` straight into a cgroup, pidfds and
-//! a seccomp filter that answers EPERM.
+//! the default seccomp filter answering EPERM.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
-
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use super::{scratch_name, Checks};
 use crate::cgroup::{Hierarchy, OwnedDir};
@@ -147,38 +144,15 @@ fn pidfd() -> Result<String, String> {
 }
 
 fn seccomp() -> Result<String, String> {
-    let arch = if cfg!(target_arch = "aarch64") {
-        TargetArch::aarch64
-    } else {
-        TargetArch::x86_64
-    };
-    let rules = BTreeMap::from([(libc::SYS_getppid, vec![])]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| format!("building the filter: {e}"))?;
-    let program: BpfProgram = filter
-        .try_into()
-        .map_err(|e| format!("compiling the filter: {e}"))?;
+    let program =
+        crate::sandbox::default_seccomp().map_err(|e| format!("building the filter: {e}"))?;
     // SAFETY: the child installs a prebuilt filter (no allocation) and makes one syscall.
-    let code = unsafe {
-        sys::fork_and_wait(0, None, || {
-            if seccompiler::apply_filter(&program).is_err() {
-                return 2;
-            }
-            // Through syscall(2): glibc's getppid() cannot fail, so it would not set errno.
-            let r = libc::syscall(libc::SYS_getppid);
-            i32::from(!(r == -1 && *libc::__errno_location() == libc::EPERM))
-        })
-    }
-    .map_err(|e| format!("clone3: {e}"))?;
+    let code = unsafe { sys::fork_and_wait(0, None, || crate::sandbox::probe_seccomp(program)) }
+        .map_err(|e| format!("clone3: {e}"))?;
     match code {
-        0 => Ok("a filter answered EPERM".into()),
+        0 => Ok("the default filter answered EPERM".into()),
         2 => Err("seccomp(SECCOMP_SET_MODE_FILTER) failed".into()),
-        _ => Err("the filter was installed but did not answer EPERM".into()),
+        _ => Err("the default filter was installed but did not answer EPERM".into()),
     }
 }
 #[cfg(test)]
@@ -187,7 +161,7 @@ mod tests {
     fn seccomp_probe() {
         assert_eq!(
             super::seccomp(),
-            Ok(String::from("a filter answered EPERM"))
+            Ok(String::from("the default filter answered EPERM"))
         );
     }
 }

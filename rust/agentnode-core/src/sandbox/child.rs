@@ -10,7 +10,6 @@ use std::ffi::{c_char, CStr, CString};
 use std::os::fd::RawFd;
 
 use libc::{c_long, AT_FDCWD};
-use seccompiler::BpfProgram;
 
 use super::plan::Op;
 use crate::sys::raw;
@@ -55,7 +54,8 @@ pub struct Prepared {
     /// Bit N set: keep capability N.
     pub keep_caps: u64,
     pub nofile: u64,
-    pub seccomp: &'static [BpfProgram],
+    /// The seccomp filter to install last, if any.
+    pub seccomp: Option<&'static super::seccomp::Program>,
     pub dev_null: CString,
     pub mask_data: CString,
     pub tmpfs: CString,
@@ -77,13 +77,6 @@ struct CapData {
     effective: u32,
     permitted: u32,
     inheritable: u32,
-}
-
-/// `struct sock_fprog` for `seccomp(SECCOMP_SET_MODE_FILTER)`.
-#[repr(C)]
-struct SockFprog {
-    len: u16,
-    filter: *const seccompiler::sock_filter,
 }
 
 /// A failed step's errno.
@@ -492,10 +485,10 @@ unsafe fn drop_privileges(p: &Prepared) {
             libc::SYS_close_range,
             &[3, u32::MAX as usize, libc::CLOSE_RANGE_CLOEXEC as usize],
         );
-        for prog in p.seccomp {
-            let fprog = SockFprog {
+        if let Some(prog) = p.seccomp {
+            let fprog = libc::sock_fprog {
                 len: prog.len() as u16,
-                filter: prog.as_ptr(),
+                filter: prog.as_ptr().cast_mut(),
             };
             let args = [
                 libc::SECCOMP_SET_MODE_FILTER as usize,

@@ -16,7 +16,10 @@ mod plan;
 mod seccomp;
 mod task;
 
-pub use seccomp::default_programs as default_seccomp;
+pub use seccomp::{
+    default_program as default_seccomp, install_and_probe as probe_seccomp,
+    Program as SeccompProgram,
+};
 pub use task::{Exit, Task};
 
 use std::ffi::CString;
@@ -235,9 +238,9 @@ fn prepare(
         keep_caps: spec.keep_caps.iter().fold(0, |m, c| m | (1u64 << c)),
         nofile: spec.nofile,
         seccomp: if spec.seccomp {
-            seccomp::default_programs()?
+            Some(seccomp::default_program()?)
         } else {
-            &[]
+            None
         },
         dev_null: c("/dev/null", "path")?,
         mask_data: c("size=4k,mode=555", "mount options")?,
