@@ -179,6 +179,13 @@ def test_listed_capability_is_kept_and_nothing_else(ws: Path) -> None:
         spawn(["true"], caps=["CAP_NOPE"])
 
 
+def test_task_starts_with_default_signal_dispositions(ws: Path) -> None:
+    """pytest's Python ignores SIGPIPE and SIGXFSZ; a task must not inherit that."""
+    status, out, _ = sh("grep SigIgn /proc/self/status; yes | head -1 >/dev/null; echo done", ws)
+    assert status == 0
+    assert out.split() == ["SigIgn:", "0000000000000000", "done"], out
+
+
 def test_seccomp_denies_mount_bpf_unshare_ns_clone_and_ptrace(ws: Path) -> None:
     probe = textwrap.dedent(
         """

@@ -257,8 +257,9 @@ pub(super) unsafe fn loopback_up() -> Result<(), i32> {
     }
 }
 
-/// Puts back the default action of every signal this process handles (the task must not run
-/// the parent's handlers, which would act on the parent's memory), then the task's mask.
+/// Puts back the default action of every signal: the task must not run the parent's handlers
+/// (they would act on the parent's memory), nor inherit what the parent ignores (Python ignores
+/// SIGPIPE and SIGXFSZ, so `yes | head` in a task would end in EPIPE errors); then the mask.
 unsafe fn reset_signals(mask: u64) -> Step {
     // The kernel's struct sigaction starts with the handler; all zeros is SIG_DFL, no flags,
     // an empty mask, whatever the rest of the layout.
@@ -274,7 +275,7 @@ unsafe fn reset_signals(mask: u64) -> Step {
             if sys(libc::SYS_rt_sigaction, &query).is_err() {
                 continue; // not a signal on this kernel
             }
-            if old[0] != libc::SIG_DFL as u64 && old[0] != libc::SIG_IGN as u64 {
+            if old[0] != libc::SIG_DFL as u64 {
                 sys(
                     libc::SYS_rt_sigaction,
                     &[sig, (&raw const dfl) as usize, 0, 8],
