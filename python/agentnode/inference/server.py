@@ -459,7 +459,9 @@ class Proxy:
             opts = call.payload.get("stream_options")
             wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         body = call.body
-        if model != call.model or not wants_usage:
+        if model == call.model and not wants_usage and "stream_options" not in call.payload:
+            body = _with_include_usage(body)
+        elif model != call.model or not wants_usage:
             patched = dict(call.payload)
             patched["model"] = model
             if not wants_usage:
@@ -775,6 +777,15 @@ async def _sse_events(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 async def _read_text(upstream: aiohttp.ClientResponse) -> str:
     raw = await upstream.read()
     return raw.decode("utf-8", "replace").strip()
+
+
+def _with_include_usage(body: bytes) -> bytes:
+    """A request body that has no stream_options, given one asking for usage: spliced in after
+    the object's opening brace rather than re-serialised, which costs a long prompt's stream
+    ~0.6 ms of its time to first token at 130 kB (and the body is otherwise the client's own).
+    The body parsed as a JSON object with a model, so `{` comes first and a member follows."""
+    i = body.index(b"{") + 1
+    return body[:i] + b'"stream_options":{"include_usage":true},' + body[i:]
 
 
 def _retry_after(headers: Any) -> float | None:
