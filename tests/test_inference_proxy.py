@@ -508,3 +508,10 @@ def test_route_header_usage_and_metrics(env: ProxyEnv) -> None:
     metrics = httpx.get(env.url + "/metrics").text
     assert 'agentnode_inference_requests_total{endpoint="chat",status="200"} 2.0' in metrics
     assert 'agentnode_inference_cost_usd_total{tenant="globex"} 0.00495' in metrics
+    assert 'agentnode_inference_tokens_total{bucket="input",tenant="acme"} 500.0' in metrics
+    assert (
+        'agentnode_inference_upstream_attempts_total{deployment="gpt-a",outcome="ok"} 1.0'
+        in metrics
+    )
+    assert 'agentnode_inference_latency_seconds_count{endpoint="chat"} 2.0' in metrics
+    assert 'agentnode_inference_latency_seconds_bucket{endpoint="chat",le="+Inf"} 2.0' in metrics
