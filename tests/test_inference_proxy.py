@@ -86,6 +86,17 @@ def test_bodies_pass_through_byte_for_byte_unless_patched(env: ProxyEnv) -> None
     # A route's model, or a stream without include_usage, must be rewritten.
     env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
     assert env.mocks["a"].requests[-1]["json"]["model"] == "gpt-x"
+    # A stream that did not ask for usage gets the request for it added, the rest untouched.
+    body = b' \n{ "model":"gpt-x", "stream": true,"messages": [{"role":"user","content":"hi"}] }'
+    r = httpx.post(env.url + "/v1/chat/completions", content=body, headers={"x-api-key": "sk-acme"})
+    assert r.status_code == 200 and b'"prompt_tokens"' not in r.content  # usage chunk hidden
+    sent = env.mocks["a"].requests[-1]["body"]
+    assert sent == body.replace(b"{", b'{"stream_options":{"include_usage":true},', 1)
+    # With stream_options present (here without include_usage), the body is re-serialised.
+    opts = {"model": "gpt-x", "stream": True, "messages": MSG, "stream_options": {"x": 1}}
+    r = httpx.post(env.url + "/v1/chat/completions", json=opts, headers={"x-api-key": "sk-acme"})
+    assert r.status_code == 200
+    assert env.mocks["a"].requests[-1]["json"]["stream_options"] == {"x": 1, "include_usage": True}
 
 
 def test_finished_streams_keep_their_upstream_connection(env: ProxyEnv) -> None:
@@ -267,6 +278,28 @@ def test_circuit_breaker_opens_and_recovers(make_env: Callable[..., ProxyEnv]) -
     time.sleep(3.1)
     r = client.chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
     assert r.model == "gpt-x" and len(env.mocks["a"].requests) == 3
+
+
+def test_first_chunk_reaches_the_client_before_the_upstream_sends_the_next(
+    env: ProxyEnv,
+) -> None:
+    # The upstream pauses 1 s after its first token: the client must not wait for the second.
+    for m in ("a", "c"):
+        env.mocks[m].chunks, env.mocks[m].chunk_delay = 3, 1.0
+    for path, model, first in (
+        ("/v1/chat/completions", "gpt-x", b'"delta"'),
+        ("/v1/messages", "claude-x", b"content_block_delta"),
+    ):
+        body = {"model": model, "max_tokens": 8, "messages": MSG, "stream": True}
+        t0 = time.monotonic()
+        with httpx.stream("POST", env.url + path, json=body, headers={"x-api-key": "sk-acme"}) as r:
+            got = b""
+            for data in r.iter_raw():
+                got += data
+                if first in got:
+                    break
+            assert first in got
+            assert time.monotonic() - t0 < 0.5, f"{path}: first token waited for the next"
 
 
 def test_client_disconnect_cancels_upstream_within_50ms(env: ProxyEnv) -> None:
@@ -475,3 +508,10 @@ def test_route_header_usage_and_metrics(env: ProxyEnv) -> None:
     metrics = httpx.get(env.url + "/metrics").text
     assert 'agentnode_inference_requests_total{endpoint="chat",status="200"} 2.0' in metrics
     assert 'agentnode_inference_cost_usd_total{tenant="globex"} 0.00495' in metrics
+    assert 'agentnode_inference_tokens_total{bucket="input",tenant="acme"} 500.0' in metrics
+    assert (
+        'agentnode_inference_upstream_attempts_total{deployment="gpt-a",outcome="ok"} 1.0'
+        in metrics
+    )
+    assert 'agentnode_inference_latency_seconds_count{endpoint="chat"} 2.0' in metrics
+    assert 'agentnode_inference_latency_seconds_bucket{endpoint="chat",le="+Inf"} 2.0' in metrics

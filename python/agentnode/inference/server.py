@@ -14,14 +14,18 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import accumulate
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from yarl import URL
 
 from agentnode.inference.config import Deployment, ProxyConfig, Route, Tenant
@@ -45,6 +49,9 @@ ENDPOINTS = {
 _FORWARD = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
 # Seconds a finished stream's connection may take to end its HTTP framing and be reused.
 _TAIL_WAIT = 1.0
+# Upper bounds of the latency histogram's buckets, +Inf last (Prometheus' defaults).
+_LATENCY_BUCKETS = Histogram.DEFAULT_BUCKETS
+_LATENCY_LE = tuple("+Inf" if b == float("inf") else repr(float(b)) for b in _LATENCY_BUCKETS)
 # The field each endpoint cannot do without.
 _REQUIRED = {
     "chat": "messages",
@@ -157,48 +164,68 @@ class _Call:
         self.upstream_complete = False
 
 
-class _Children:
-    """A metric's labelled children, each looked up once: `labels()` validates and locks."""
-
-    __slots__ = ("_children", "_metric")
-
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *labels: str) -> Any:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
-        return child
-
-
 class _Metrics:
+    """The proxy's Prometheus metrics, counted in plain dicts on the event loop and turned into
+    metric families only when /metrics is scraped. prometheus_client's labelled children take a
+    lock and go through several calls on every update; at ~8 updates a request that came to
+    ~30 µs of a request's ~330 µs of CPU (old and new proxy side by side at 64 concurrent)."""
+
+    __slots__ = ("attempts", "cache_hits", "cost", "latency", "registry", "requests", "tokens")
+
     def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self.attempts: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.cost: defaultdict[str, float] = defaultdict(float)
+        #: Per endpoint: a count per latency bucket (not cumulative), then the sum of seconds.
+        self.latency: dict[str, list[float]] = {}
+        self.cache_hits = 0
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "agentnode_inference_requests", "Requests", ["endpoint", "status"], registry=r
+        self.registry.register(self)
+
+    def observe(self, endpoint: str, seconds: float) -> None:
+        h = self.latency.get(endpoint)
+        if h is None:
+            h = self.latency[endpoint] = [0] * (len(_LATENCY_BUCKETS) + 1)
+        h[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        h[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, for the registry's scrape."""
+        requests = CounterMetricFamily(
+            "agentnode_inference_requests", "Requests", labels=["endpoint", "status"]
         )
-        self.attempts = Counter(
+        for (endpoint, status), n in self.requests.items():
+            requests.add_metric([endpoint, str(status)], n)
+        attempts = CounterMetricFamily(
             "agentnode_inference_upstream_attempts",
             "Upstream attempts",
-            ["deployment", "outcome"],
-            registry=r,
+            labels=["deployment", "outcome"],
         )
-        self.tokens = Counter(
-            "agentnode_inference_tokens", "Tokens by bucket", ["tenant", "bucket"], registry=r
+        for labels, n in self.attempts.items():
+            attempts.add_metric(labels, n)
+        tokens = CounterMetricFamily(
+            "agentnode_inference_tokens", "Tokens by bucket", labels=["tenant", "bucket"]
         )
-        self.cost = Counter("agentnode_inference_cost_usd", "Cost", ["tenant"], registry=r)
-        self.cache_hits = Counter("agentnode_inference_cache_hits", "Cache hits", registry=r)
-        self.latency = Histogram(
-            "agentnode_inference_latency_seconds", "Request latency", ["endpoint"], registry=r
+        for labels, n in self.tokens.items():
+            tokens.add_metric(labels, n)
+        cost = CounterMetricFamily("agentnode_inference_cost_usd", "Cost", labels=["tenant"])
+        for tenant, usd in self.cost.items():
+            cost.add_metric([tenant], usd)
+        latency = HistogramMetricFamily(
+            "agentnode_inference_latency_seconds", "Request latency", labels=["endpoint"]
         )
-        self.requests_of = _Children(self.requests)
-        self.attempts_of = _Children(self.attempts)
-        self.tokens_of = _Children(self.tokens)
-        self.cost_of = _Children(self.cost)
-        self.latency_of = _Children(self.latency)
+        for endpoint, h in self.latency.items():
+            buckets = list(zip(_LATENCY_LE, accumulate(h[:-1]), strict=True))
+            latency.add_metric([endpoint], buckets, sum_value=h[-1])
+        yield requests
+        yield attempts
+        yield tokens
+        yield cost
+        yield CounterMetricFamily(
+            "agentnode_inference_cache_hits", "Cache hits", value=self.cache_hits
+        )
+        yield latency
 
 
 class Proxy:
@@ -281,7 +308,7 @@ class Proxy:
         code: str,
         retry_after: float | None = None,
     ) -> web.Response:
-        self.metrics.requests_of(endpoint, str(status)).inc()
+        self.metrics.requests[(endpoint, status)] += 1
         return error_response(fmt, status, message, code=code, retry_after=retry_after)
 
     def _admit(self, call: _Call) -> web.Response | None:
@@ -398,7 +425,7 @@ class Proxy:
                 try:
                     response = await self._attempt(request, call, state, model, tpm_entry)
                 except _Retryable as e:
-                    self.metrics.attempts_of(d.name, "retryable").inc()
+                    self.metrics.attempts[(d.name, "retryable")] += 1
                     state.breaker.failure()
                     errors.append(f"{d.name}: {e}")
                     last_status, last_retry_after = e.status, e.retry_after
@@ -412,7 +439,7 @@ class Proxy:
                         delay = random.uniform(0, self.config.backoff_base * 2**attempt)
                     await asyncio.sleep(delay)
                     continue
-                self.metrics.attempts_of(d.name, "ok").inc()
+                self.metrics.attempts[(d.name, "ok")] += 1
                 state.breaker.success()
                 return response
         if limited and not errors:
@@ -459,7 +486,9 @@ class Proxy:
             opts = call.payload.get("stream_options")
             wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         body = call.body
-        if model != call.model or not wants_usage:
+        if model == call.model and not wants_usage and "stream_options" not in call.payload:
+            body = _with_include_usage(body)
+        elif model != call.model or not wants_usage:
             patched = dict(call.payload)
             patched["model"] = model
             if not wants_usage:
@@ -628,7 +657,7 @@ class Proxy:
     async def _replay(
         self, request: web.Request, call: _Call, meta: dict[str, Any], body: bytes
     ) -> web.StreamResponse:
-        self.metrics.cache_hits.inc()
+        self.metrics.cache_hits += 1
         self._finish(call, None, call.model, 200, Usage(), cache_hit=True)
         headers = {"x-agentnode-cache": "hit"}
         if not meta["stream"]:
@@ -655,13 +684,13 @@ class Proxy:
         latency = time.monotonic() - call.started
         tenant = call.principal.tenant
         m = self.metrics
-        m.requests_of(call.endpoint, str(status)).inc()
-        m.latency_of(call.endpoint).observe(latency)
-        m.cost_of(tenant).inc(float(price))
+        m.requests[(call.endpoint, status)] += 1
+        m.observe(call.endpoint, latency)
+        m.cost[tenant] += float(price)
         buckets = usage.as_dict()
         for bucket, n in buckets.items():
             if n:
-                m.tokens_of(tenant, bucket).inc(n)
+                m.tokens[(tenant, bucket)] += n
         row = LedgerRow(
             time=time.time(),
             tenant=tenant,
@@ -775,6 +804,15 @@ async def _sse_events(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 async def _read_text(upstream: aiohttp.ClientResponse) -> str:
     raw = await upstream.read()
     return raw.decode("utf-8", "replace").strip()
+
+
+def _with_include_usage(body: bytes) -> bytes:
+    """A request body that has no stream_options, given one asking for usage: spliced in after
+    the object's opening brace rather than re-serialised, which costs a long prompt's stream
+    ~0.6 ms of its time to first token at 130 kB (and the body is otherwise the client's own).
+    The body parsed as a JSON object with a model, so `{` comes first and a member follows."""
+    i = body.index(b"{") + 1
+    return body[:i] + b'"stream_options":{"include_usage":true},' + body[i:]
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -3,8 +3,12 @@
 RocksDB calls block, so every one runs on a single dedicated thread: the event loop never
 waits on disk, and one writer thread keeps the ledger's append order. rocksdict holds the GIL
 while it writes, so ledger rows are group-committed: gathered on the loop for FLUSH_INTERVAL,
-then serialised and written as one batch. Spend per tenant and per task is kept in memory
-(rebuilt from the ledger at open) so budget checks cost nothing and never wait for a flush.
+then written as one batch. Each row is serialised to JSON when it is recorded, not in the
+writer thread: the thread holds the GIL for all the Python it runs, and serialising a batch
+there (~6 µs a row, 150 rows a flush at 3000 requests/s) stalled the event loop ~1 ms at every
+flush, which every request in flight at that moment waited out. Spend per tenant and per task
+is kept in memory (rebuilt from the ledger at open) so budget checks cost nothing and never
+wait for a flush.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ class Store:
         # and processes without a uuid per row, and in append order within one process.
         self._key_prefix = os.urandom(4).hex()
         self._seq = 0
-        self._pending: list[tuple[bytes, LedgerRow]] = []
+        #: (key, serialised row) pairs waiting for the next group commit.
+        self._pending: list[tuple[bytes, bytes]] = []
         self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
@@ -104,9 +109,8 @@ class Store:
         """Counts the row against the budgets now; it is written within FLUSH_INTERVAL."""
         self._account(row)
         self._seq += 1
-        self._pending.append(
-            (f"{time.time_ns():020d}-{self._key_prefix}{self._seq:08x}".encode(), row)
-        )
+        key = f"{time.time_ns():020d}-{self._key_prefix}{self._seq:08x}".encode()
+        self._pending.append((key, json.dumps({f: getattr(row, f) for f in _FIELDS}).encode()))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_soon)
 
@@ -127,12 +131,12 @@ class Store:
         # One writer thread runs jobs in order: when this batch is done, so are earlier ones.
         await self._submit()
 
-    def _write(self, batch: list[tuple[bytes, LedgerRow]]) -> None:
+    def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
         if not batch:
             return
         wb = WriteBatch(raw_mode=True)
-        for key, row in batch:
-            wb.put(key, json.dumps({f: getattr(row, f) for f in _FIELDS}).encode())
+        for key, value in batch:
+            wb.put(key, value)
         self._ledger.write(wb)
 
     def _scan(self) -> list[LedgerRow]:
