@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from conftest import run_cli
@@ -36,3 +39,25 @@ def test_version() -> None:
     r = run_cli(["--version"])
     assert r.returncode == 0
     assert r.stdout.startswith("agentnode ")
+
+
+def test_command_table_names_every_command_its_modules_add() -> None:
+    """cli.COMMANDS says which module adds which command; a stale entry would hide a command."""
+    import argparse
+
+    from agentnode import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(n for names in cli.COMMANDS.values() for n in names)
+
+
+def test_a_command_imports_only_its_own_layer() -> None:
+    """`agentnode proxy` loads neither the Rust extension nor the other layers' modules."""
+    code = (
+        "import sys; from agentnode import cli; cli.build_parser('proxy'); "
+        "print(sorted(m for m in sys.modules if m.startswith('agentnode.') and "
+        "m.split('.')[1] not in ('cli', 'errors', 'inference')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout

@@ -18,7 +18,7 @@ from agentnode.tasks.model import CLASSES
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parsers", "exit_status"]
+__all__ = ["add_parser", "exit_status"]
 
 #: `wait` exit statuses for outcomes without an exit code of their own.
 _STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
@@ -37,7 +37,7 @@ def _with_socket(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parsers(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Adds `submit`, `egress`, `ps`, `logs`, `wait`, `kill` and `top` to the CLI."""
     p = sub.add_parser(
         "submit",
