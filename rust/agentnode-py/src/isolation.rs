@@ -106,8 +106,8 @@ impl NativeTask {
 
     /// Reaps the task if it has exited: `(code, signal)`, else None.
     fn try_wait(&self, py: Python<'_>) -> PyResult<Option<(Option<i32>, Option<i32>)>> {
-        // Reaping reads the final accounting and removes the cgroups (about 1.5 ms), and the
-        // lock may be held by a thread in `wait`: neither may stall every other Python thread.
+        // Reaping reads the final accounting (about 0.2 ms), and the lock may be held by a
+        // thread in `wait`: neither may stall every other Python thread.
         let r = py
             .detach(|| self.lock().try_wait())
             .map_err(NativeError::from)?;
