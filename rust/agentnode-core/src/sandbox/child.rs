@@ -56,11 +56,6 @@ pub struct Prepared {
     pub keep_caps: u64,
     pub nofile: u64,
     pub seccomp: &'static [BpfProgram],
-    pub dev_null: CString,
-    pub mask_data: CString,
-    pub tmpfs: CString,
-    pub dot: CString,
-    pub slash: CString,
     /// The signal mask the task starts with (the parent blocks all signals around the clone).
     pub sigmask: u64,
 }
@@ -136,7 +131,8 @@ unsafe fn mount(src: usize, dst: usize, fstype: usize, flags: libc::c_ulong, dat
     unsafe { sys(libc::SYS_mount, &[src, dst, fstype, flags as usize, data]) }.map(drop)
 }
 
-unsafe fn run_op(p: &Prepared, op: &Op) -> Step {
+/// Runs one step of a filesystem plan (in the task, or in the thread that builds a template).
+pub(super) unsafe fn run_op(op: &Op) -> Step {
     // SAFETY: every pointer comes from a CString that outlives this call.
     unsafe {
         match op {
@@ -198,22 +194,39 @@ unsafe fn run_op(p: &Prepared, op: &Op) -> Step {
                 )
                 .map(drop)
             }
-            Op::Mask(path) => match mount(ptr(&p.dev_null), ptr(path), 0, libc::MS_BIND, 0) {
+            Op::Mask(path) => match mount(ptr(c"/dev/null"), ptr(path), 0, libc::MS_BIND, 0) {
                 Ok(()) | Err(libc::ENOENT) => Ok(()),
                 Err(_) => mount(
-                    ptr(&p.tmpfs),
+                    ptr(c"tmpfs"),
                     ptr(path),
-                    ptr(&p.tmpfs),
+                    ptr(c"tmpfs"),
                     libc::MS_RDONLY,
-                    ptr(&p.mask_data),
+                    ptr(c"size=4k,mode=555"),
                 ),
             },
             Op::PivotRoot(stage) => {
                 sys(libc::SYS_chdir, &[ptr(stage)])?;
-                sys(libc::SYS_pivot_root, &[ptr(&p.dot), ptr(&p.dot)])?;
-                sys(libc::SYS_umount2, &[ptr(&p.dot), libc::MNT_DETACH as usize])?;
-                sys(libc::SYS_chdir, &[ptr(&p.slash)]).map(drop)
+                sys(libc::SYS_pivot_root, &[ptr(c"."), ptr(c".")])?;
+                sys(libc::SYS_umount2, &[ptr(c"."), libc::MNT_DETACH as usize])?;
+                sys(libc::SYS_chdir, &[ptr(c"/")]).map(drop)
             }
+            // setns also moves root and cwd to the template's root; the copy keeps the task's
+            // mounts out of the template and the template's tasks out of each other.
+            Op::EnterCopy(ns) => {
+                sys(libc::SYS_setns, &[*ns as usize, libc::CLONE_NEWNS as usize])?;
+                sys(libc::SYS_unshare, &[libc::CLONE_NEWNS as usize]).map(drop)
+            }
+            Op::Attach { tree, dst } => sys(
+                libc::SYS_move_mount,
+                &[
+                    *tree as usize,
+                    ptr(c""),
+                    AT_FDCWD as usize,
+                    ptr(dst),
+                    libc::MOVE_MOUNT_F_EMPTY_PATH as usize,
+                ],
+            )
+            .map(drop),
         }
     }
 }
@@ -343,7 +356,7 @@ unsafe fn run(p: &Prepared) -> ! {
             step(err, STEP_LOOPBACK, loopback_up());
         }
         for (i, op) in p.ops.iter().enumerate() {
-            step(err, i as u32, run_op(p, op));
+            step(err, i as u32, run_op(op));
         }
         let host = [ptr(&p.hostname), p.hostname.as_bytes().len()];
         step(

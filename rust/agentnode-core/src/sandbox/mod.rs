@@ -15,6 +15,7 @@ mod netns;
 mod plan;
 mod seccomp;
 mod task;
+mod template;
 
 pub use seccomp::default_programs as default_seccomp;
 pub use task::{Exit, Task};
@@ -183,6 +184,7 @@ fn check_caps(caps: &[u32]) -> Result<()> {
 
 fn prepare(
     spec: &Spec,
+    ops: Vec<plan::Op>,
     join: &[OwnedFd],
     sync: (RawFd, RawFd),
     err: RawFd,
@@ -214,7 +216,7 @@ fn prepare(
     env_ptrs.push(std::ptr::null());
     let c = |s: &str, what: &'static str| cstrings(&[s.to_owned()], what).map(|mut v| v.remove(0));
     Ok(child::Prepared {
-        ops: plan::build(spec)?,
+        ops,
         join: join.iter().map(AsRawFd::as_raw_fd).collect(),
         sync_read: sync.0,
         sync_write: sync.1,
@@ -239,11 +241,6 @@ fn prepare(
         } else {
             &[]
         },
-        dev_null: c("/dev/null", "path")?,
-        mask_data: c("size=4k,mode=555", "mount options")?,
-        tmpfs: c("tmpfs", "fs")?,
-        dot: c(".", "path")?,
-        slash: c("/", "path")?,
         sigmask: 0,
     })
 }
@@ -304,8 +301,10 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         given => given,
     };
     let join = cgroup.join_files()?;
+    let planned = template::plan(spec)?;
     let mut prepared = prepare(
         spec,
+        planned.ops,
         &join,
         (sync_r.as_raw_fd(), sync_w.as_raw_fd()),
         err_w.as_raw_fd(),
@@ -313,17 +312,7 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     )?;
     let cg_dir =
         std::fs::File::open(cgroup.placement()).map_err(io("open the task's cgroup2 directory"))?;
-    let mut flags = (libc::CLONE_NEWPID
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWCGROUP) as u64;
-    if netns.is_none() {
-        flags |= libc::CLONE_NEWNET as u64;
-    }
-    if spec.userns_base.is_some() {
-        flags |= libc::CLONE_NEWUSER as u64;
-    }
+    let flags = clone_flags(spec, planned.from_template, netns.is_some());
     // Outlives the child's use of it: every path below either reads the error pipe to its end
     // (exec or exit) or kills and reaps the child before returning.
     let stack = ChildStack::new().map_err(io("map the task's setup stack"))?;
@@ -390,6 +379,24 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         });
     }
     Ok(task)
+}
+
+/// The namespaces the clone creates: not the mount namespace of a task that starts from the
+/// template (it enters a copy of that), nor the network namespace of one that joins a ready one.
+fn clone_flags(spec: &Spec, from_template: bool, joins_netns: bool) -> u64 {
+    let mut flags =
+        (libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP)
+            as u64;
+    if !from_template {
+        flags |= libc::CLONE_NEWNS as u64;
+    }
+    if !joins_netns {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
+    if spec.userns_base.is_some() {
+        flags |= libc::CLONE_NEWUSER as u64;
+    }
+    flags
 }
 
 /// SIGKILLs and reaps a child through its pidfd, waiting however long that takes.
