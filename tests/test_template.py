@@ -23,14 +23,6 @@ from conftest import root_only
 pytestmark = root_only
 
 
-@pytest.fixture
-def ws(tmp_path: Path) -> Path:
-    d = tmp_path / "ws"
-    d.mkdir()
-    os.chown(d, 65534, 65534)
-    return d
-
-
 def sh(script: str, ws: Path, **kw: object) -> str:
     """Runs a shell script in a task to completion; returns its stdout and stderr."""
     t = spawn(["sh", "-c", script], workspace=ws, stdout="pipe", stderr="pipe", **kw)  # type: ignore[arg-type]
@@ -159,3 +151,32 @@ def test_a_custom_rootfs_takes_the_whole_plan(ws: Path, tmp_path: Path) -> None:
         assert own_root(ws, rootfs=str(rootfs))
     finally:
         subprocess.run(["umount", str(rootfs / "usr")], check=True)
+
+
+@pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="needs mkfs.ext4 and a loop device")
+def test_a_file_system_unmounted_on_the_host_is_not_kept_busy(ws: Path, tmp_path: Path) -> None:
+    """The template holds copies of the host's mounts: a watcher drops it once they change, so
+    the unmounted file system goes (ext4 lists each live one under /sys/fs/ext4)."""
+    img = tmp_path / "img"
+    with img.open("wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", str(img)], check=True)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    point = Path("/mnt", f"agentnode-tmpl-{uuid.uuid4().hex[:12]}")
+    point.mkdir()
+    try:
+        subprocess.run(["mount", loop, str(point)], check=True)
+        try:
+            assert "lost+found" in sh(f"ls {point}", ws)
+        finally:
+            subprocess.run(["umount", str(point)], check=True)
+        live = Path("/sys/fs/ext4", Path(loop).name)
+        deadline = time.monotonic() + 5
+        while live.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not live.exists()
+    finally:
+        point.rmdir()
+        subprocess.run(["losetup", "-d", loop], check=True)

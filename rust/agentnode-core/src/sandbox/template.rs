@@ -4,15 +4,17 @@
 //! about 30 mount operations instead of 95, and no host mounts to copy and detach.
 //!
 //! The template is a snapshot of the host's mount table: `/proc/self/mountinfo` signals when
-//! that changes, and the next start rebuilds it. Nothing of it is mounted in the host's
-//! namespace, so the kernel frees it with the last descriptor, when this process dies.
+//! that changes, and the next start rebuilds it. A watcher thread drops a stale template at
+//! once, as its copies of the host's mounts would keep an unmounted file system busy until then.
+//! Nothing of it is mounted in the host's namespace, so the kernel frees it with the last
+//! descriptor, when this process dies.
 //! Tasks that do not fit (a user namespace, another rootfs, a bind whose mount point the
 //! read-only template lacks) get the whole plan, as does every task when building fails.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use super::plan::{self, Op};
 use super::{child, Bind, Error, Result, Spec};
@@ -101,8 +103,18 @@ fn has_point(b: &Bind) -> bool {
 
 /// The template namespace, rebuilt first when the host's mounts changed since it was built.
 fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
+    static WATCHER: OnceLock<()> = OnceLock::new();
+    WATCHER.get_or_init(|| {
+        // Without it, a stale template lives until the next start: nothing worse.
+        let _ = std::thread::Builder::new()
+            .name("agentnode-mounts".into())
+            .spawn(watch);
+    });
     let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
-    if guard.as_ref().is_none_or(|s| changed(&s.mountinfo)) {
+    if guard
+        .as_ref()
+        .is_none_or(|s| changed(&s.mountinfo, 0).unwrap_or(true))
+    {
         // Opened first, so a change while the template is built shows at the next start.
         let mountinfo = File::open("/proc/self/mountinfo").ok()?;
         *guard = Some(State {
@@ -113,16 +125,34 @@ fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
     guard.as_ref()?.ns.clone()
 }
 
-/// Whether the mount table changed since `mountinfo` was opened or last reported a change.
-fn changed(mountinfo: &File) -> bool {
+/// Drops the template whenever the host's mounts change (the next start builds a new one).
+fn watch() {
+    let Ok(mountinfo) = File::open("/proc/self/mountinfo") else {
+        return;
+    };
+    loop {
+        match changed(&mountinfo, -1) {
+            Ok(true) => *STATE.lock().unwrap_or_else(PoisonError::into_inner) = None,
+            Ok(false) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Whether the mount table changed since `mountinfo` was opened or last reported a change,
+/// waiting up to `timeout_ms` (-1: until it does).
+fn changed(mountinfo: &File, timeout_ms: libc::c_int) -> std::io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd: mountinfo.as_raw_fd(),
         events: libc::POLLPRI,
         revents: 0,
     };
-    // SAFETY: one valid pollfd; a zero timeout.
-    let n = unsafe { libc::poll(&raw mut pfd, 1, 0) };
-    n < 0 || pfd.revents & (libc::POLLPRI | libc::POLLERR) != 0
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(pfd.revents & (libc::POLLPRI | libc::POLLERR) != 0)
 }
 
 /// Builds the template on `stage` in a thread of its own (its namespace and root change, then
