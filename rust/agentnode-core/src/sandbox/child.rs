@@ -29,6 +29,21 @@ pub const STEP_SECCOMP: u32 = 10_009;
 pub const STEP_EXEC: u32 = 10_010;
 pub const STEP_LOOPBACK: u32 = 10_011;
 pub const STEP_CGROUP: u32 = 10_012;
+/// Not a failure: the record a child that starts from the template writes once it is in its
+/// own copy (errno 0), so the parent can hold that namespace.
+const MOUNTS_READY: u32 = 10_013;
+
+/// The whole record of [`MOUNTS_READY`] on the error pipe.
+pub fn mounts_ready() -> [u8; 8] {
+    record(MOUNTS_READY, 0)
+}
+
+fn record(step: u32, errno: i32) -> [u8; 8] {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_ne_bytes());
+    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    buf
+}
 
 /// Everything the child needs, prepared by the parent.
 pub struct Prepared {
@@ -104,9 +119,7 @@ fn opt(c: Option<&CString>) -> usize {
 }
 
 unsafe fn fail(fd: RawFd, step: u32, errno: i32) -> ! {
-    let mut buf = [0u8; 8];
-    buf[..4].copy_from_slice(&step.to_ne_bytes());
-    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    let buf = record(step, errno);
     // SAFETY: a write from our stack, then exit; neither returns an error we could act on.
     unsafe {
         let _ = raw::call(
@@ -357,6 +370,11 @@ unsafe fn run(p: &Prepared) -> ! {
         }
         for (i, op) in p.ops.iter().enumerate() {
             step(err, i as u32, run_op(op));
+            if matches!(op, Op::EnterCopy(_)) {
+                let ready = mounts_ready();
+                let w = sys(libc::SYS_write, &[err as usize, ready.as_ptr() as usize, 8]);
+                step(err, STEP_SYNC, w.map(drop));
+            }
         }
         let host = [ptr(&p.hostname), p.hostname.as_bytes().len()];
         step(

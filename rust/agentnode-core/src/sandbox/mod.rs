@@ -1,8 +1,11 @@
 //! Isolated task execution: `clone3` straight into the task's cgroup2 node with new pid, mount,
-//! uts, ipc, net and cgroup namespaces (and a user namespace on request), a read-only root
-//! assembled on a staging tmpfs and entered with `pivot_root`, dropped privileges, rlimits and a
-//! default seccomp filter. Needs Linux 5.12+ (`mount_setattr`); `CLONE_INTO_CGROUP` (5.7) is used
-//! when present and replaced by an explicit attach otherwise.
+//! uts, ipc, net and cgroup namespaces (and a user namespace on request), a read-only root,
+//! dropped privileges, rlimits and a default seccomp filter. The root is a private copy of a
+//! template mount namespace built once for the host root ([`template`]) with the task's own
+//! mounts on top, or, for tasks the template cannot serve, assembled on a staging tmpfs and
+//! entered with `pivot_root`. Needs Linux 5.12+ (`mount_setattr`; the template path also
+//! `open_tree`/`move_mount`, 5.2); `CLONE_INTO_CGROUP` (5.7) is used when present and replaced by
+//! an explicit attach otherwise.
 //!
 //! The parent prepares everything (paths, argv, env, the mount plan, the seccomp programs)
 //! before the clone. The child shares the parent's address space until it execs (no page
@@ -347,18 +350,22 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     drop(netns);
     drop(join);
     let mut task = Task::new(pid, pidfd, cgroup, started);
+    if !planned.from_template {
+        task.hold_mounts();
+    }
     if let Some(base) = spec.userns_base {
         if let Err(e) = map_ids_and_release(pid, base, &sync_w) {
             drop(task); // kills and reaps the child, removes its cgroups
             return Err(e);
         }
     }
-    let mut report = Vec::new();
-    let mut err_file = std::fs::File::from(err_r);
-    if let Err(e) = err_file.read_to_end(&mut report) {
-        task.reap_blocking(); // the child may still be on `stack`: end it before unmapping
-        return Err(io("wait for the task to start")(e));
-    }
+    let report = match read_report(err_r, &mut task, planned.from_template) {
+        Ok(report) => report,
+        Err(e) => {
+            task.reap_blocking(); // the child may still be on `stack`: end it before unmapping
+            return Err(io("wait for the task to start")(e));
+        }
+    };
     drop(sync_w); // held until exec so the child can tell a dead parent (see child::run)
     if report.len() >= 8 {
         let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
@@ -379,6 +386,24 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         });
     }
     Ok(task)
+}
+
+/// Reads the child's error pipe to its end (exec or exit): empty when it exec'd. A child that
+/// starts from the template first reports that it is in its own copy, for `task` to hold: then
+/// the task's exit leaves the copy's teardown to [`Task`]'s background close, as with a copy
+/// made at clone (which `Task::new` holds at once).
+fn read_report(err_r: OwnedFd, task: &mut Task, from_template: bool) -> std::io::Result<Vec<u8>> {
+    let mut report = Vec::new();
+    let mut err_file = std::fs::File::from(err_r);
+    if from_template {
+        (&mut err_file).take(8).read_to_end(&mut report)?;
+        if report[..] == child::mounts_ready()[..] {
+            task.hold_mounts();
+            report.clear();
+        }
+    }
+    err_file.read_to_end(&mut report)?;
+    Ok(report)
 }
 
 /// The namespaces the clone creates: not the mount namespace of a task that starts from the
