@@ -15,6 +15,15 @@ import pytest
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
 
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    """An empty workspace directory owned by the default task uid."""
+    d = tmp_path / "ws"
+    d.mkdir()
+    os.chown(d, 65534, 65534)
+    return d
+
+
 def run_cli(
     args: Sequence[str], *, user: int | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

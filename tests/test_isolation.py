@@ -30,14 +30,6 @@ from conftest import processes_with, root_only, run_cli
 pytestmark = root_only
 
 
-@pytest.fixture
-def ws(tmp_path: Path) -> Path:
-    d = tmp_path / "ws"
-    d.mkdir()
-    os.chown(d, 65534, 65534)
-    return d
-
-
 def run(argv: list[str], ws: Path, **kw: object) -> tuple[int | None, str, Task]:
     """Runs argv to completion with stdout and stderr piped; returns (status, output, task)."""
     t = spawn(argv, workspace=ws, stdout="pipe", stderr="pipe", **kw)  # type: ignore[arg-type]

@@ -28,6 +28,21 @@ pub const STEP_SECCOMP: u32 = 10_009;
 pub const STEP_EXEC: u32 = 10_010;
 pub const STEP_LOOPBACK: u32 = 10_011;
 pub const STEP_CGROUP: u32 = 10_012;
+/// Not a failure: the record a child that starts from the template writes once it is in its
+/// own copy (errno 0), so the parent can hold that namespace.
+const MOUNTS_READY: u32 = 10_013;
+
+/// The whole record of [`MOUNTS_READY`] on the error pipe.
+pub fn mounts_ready() -> [u8; 8] {
+    record(MOUNTS_READY, 0)
+}
+
+fn record(step: u32, errno: i32) -> [u8; 8] {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&step.to_ne_bytes());
+    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    buf
+}
 
 /// Everything the child needs, prepared by the parent.
 pub struct Prepared {
@@ -56,11 +71,6 @@ pub struct Prepared {
     pub nofile: u64,
     /// The seccomp filter to install last, if any.
     pub seccomp: Option<&'static super::seccomp::Program>,
-    pub dev_null: CString,
-    pub mask_data: CString,
-    pub tmpfs: CString,
-    pub dot: CString,
-    pub slash: CString,
     /// The signal mask the task starts with (the parent blocks all signals around the clone).
     pub sigmask: u64,
 }
@@ -102,9 +112,7 @@ fn opt(c: Option<&CString>) -> usize {
 }
 
 unsafe fn fail(fd: RawFd, step: u32, errno: i32) -> ! {
-    let mut buf = [0u8; 8];
-    buf[..4].copy_from_slice(&step.to_ne_bytes());
-    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    let buf = record(step, errno);
     // SAFETY: a write from our stack, then exit; neither returns an error we could act on.
     unsafe {
         let _ = raw::call(
@@ -129,7 +137,8 @@ unsafe fn mount(src: usize, dst: usize, fstype: usize, flags: libc::c_ulong, dat
     unsafe { sys(libc::SYS_mount, &[src, dst, fstype, flags as usize, data]) }.map(drop)
 }
 
-unsafe fn run_op(p: &Prepared, op: &Op) -> Step {
+/// Runs one step of a filesystem plan (in the task, or in the thread that builds a template).
+pub(super) unsafe fn run_op(op: &Op) -> Step {
     // SAFETY: every pointer comes from a CString that outlives this call.
     unsafe {
         match op {
@@ -191,22 +200,39 @@ unsafe fn run_op(p: &Prepared, op: &Op) -> Step {
                 )
                 .map(drop)
             }
-            Op::Mask(path) => match mount(ptr(&p.dev_null), ptr(path), 0, libc::MS_BIND, 0) {
+            Op::Mask(path) => match mount(ptr(c"/dev/null"), ptr(path), 0, libc::MS_BIND, 0) {
                 Ok(()) | Err(libc::ENOENT) => Ok(()),
                 Err(_) => mount(
-                    ptr(&p.tmpfs),
+                    ptr(c"tmpfs"),
                     ptr(path),
-                    ptr(&p.tmpfs),
+                    ptr(c"tmpfs"),
                     libc::MS_RDONLY,
-                    ptr(&p.mask_data),
+                    ptr(c"size=4k,mode=555"),
                 ),
             },
             Op::PivotRoot(stage) => {
                 sys(libc::SYS_chdir, &[ptr(stage)])?;
-                sys(libc::SYS_pivot_root, &[ptr(&p.dot), ptr(&p.dot)])?;
-                sys(libc::SYS_umount2, &[ptr(&p.dot), libc::MNT_DETACH as usize])?;
-                sys(libc::SYS_chdir, &[ptr(&p.slash)]).map(drop)
+                sys(libc::SYS_pivot_root, &[ptr(c"."), ptr(c".")])?;
+                sys(libc::SYS_umount2, &[ptr(c"."), libc::MNT_DETACH as usize])?;
+                sys(libc::SYS_chdir, &[ptr(c"/")]).map(drop)
             }
+            // setns also moves root and cwd to the template's root; the copy keeps the task's
+            // mounts out of the template and the template's tasks out of each other.
+            Op::EnterCopy(ns) => {
+                sys(libc::SYS_setns, &[*ns as usize, libc::CLONE_NEWNS as usize])?;
+                sys(libc::SYS_unshare, &[libc::CLONE_NEWNS as usize]).map(drop)
+            }
+            Op::Attach { tree, dst } => sys(
+                libc::SYS_move_mount,
+                &[
+                    *tree as usize,
+                    ptr(c""),
+                    AT_FDCWD as usize,
+                    ptr(dst),
+                    libc::MOVE_MOUNT_F_EMPTY_PATH as usize,
+                ],
+            )
+            .map(drop),
         }
     }
 }
@@ -337,7 +363,12 @@ unsafe fn run(p: &Prepared) -> ! {
             step(err, STEP_LOOPBACK, loopback_up());
         }
         for (i, op) in p.ops.iter().enumerate() {
-            step(err, i as u32, run_op(p, op));
+            step(err, i as u32, run_op(op));
+            if matches!(op, Op::EnterCopy(_)) {
+                let ready = mounts_ready();
+                let w = sys(libc::SYS_write, &[err as usize, ready.as_ptr() as usize, 8]);
+                step(err, STEP_SYNC, w.map(drop));
+            }
         }
         let host = [ptr(&p.hostname), p.hostname.as_bytes().len()];
         step(

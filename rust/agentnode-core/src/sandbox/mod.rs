@@ -1,10 +1,13 @@
 //! Isolated task execution: `clone3` straight into the task's cgroup2 node with new pid, mount,
-//! uts, ipc, net and cgroup namespaces (and a user namespace on request), a read-only root
-//! assembled on a staging tmpfs and entered with `pivot_root`, dropped privileges, rlimits and a
-//! default seccomp filter. Needs Linux 5.12+ (`mount_setattr`); `CLONE_INTO_CGROUP` (5.7) is used
-//! when present and replaced by an explicit attach otherwise.
+//! uts, ipc, net and cgroup namespaces (and a user namespace on request), a read-only root,
+//! dropped privileges, rlimits and a default seccomp filter. The root is a private copy of a
+//! template mount namespace built once for the host root ([`template`]) with the task's own
+//! mounts on top, or, for tasks the template cannot serve, assembled on a staging tmpfs and
+//! entered with `pivot_root`. Needs Linux 5.12+ (`mount_setattr`; the template path also
+//! `open_tree`/`move_mount`, 5.2); `CLONE_INTO_CGROUP` (5.7) is used when present and replaced by
+//! an explicit attach otherwise.
 //!
-//! The parent prepares everything (paths, argv, env, the mount plan, the seccomp programs)
+//! The parent prepares everything (paths, argv, env, the mount plan, the seccomp program)
 //! before the clone. The child shares the parent's address space until it execs (no page
 //! tables copied, see [`sys::spawn_vm`]) and runs [`child::entry`], which makes raw system
 //! calls only: it joins its v1 cgroups itself, waits on a sync pipe for its id maps when it
@@ -15,6 +18,7 @@ mod netns;
 mod plan;
 mod seccomp;
 mod task;
+mod template;
 
 pub use seccomp::{
     default_program as default_seccomp, install_and_probe as probe_seccomp,
@@ -186,6 +190,7 @@ fn check_caps(caps: &[u32]) -> Result<()> {
 
 fn prepare(
     spec: &Spec,
+    ops: Vec<plan::Op>,
     join: &[OwnedFd],
     sync: (RawFd, RawFd),
     err: RawFd,
@@ -217,7 +222,7 @@ fn prepare(
     env_ptrs.push(std::ptr::null());
     let c = |s: &str, what: &'static str| cstrings(&[s.to_owned()], what).map(|mut v| v.remove(0));
     Ok(child::Prepared {
-        ops: plan::build(spec)?,
+        ops,
         join: join.iter().map(AsRawFd::as_raw_fd).collect(),
         sync_read: sync.0,
         sync_write: sync.1,
@@ -242,11 +247,6 @@ fn prepare(
         } else {
             None
         },
-        dev_null: c("/dev/null", "path")?,
-        mask_data: c("size=4k,mode=555", "mount options")?,
-        tmpfs: c("tmpfs", "fs")?,
-        dot: c(".", "path")?,
-        slash: c("/", "path")?,
         sigmask: 0,
     })
 }
@@ -307,8 +307,10 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         given => given,
     };
     let join = cgroup.join_files()?;
+    let planned = template::plan(spec)?;
     let mut prepared = prepare(
         spec,
+        planned.ops,
         &join,
         (sync_r.as_raw_fd(), sync_w.as_raw_fd()),
         err_w.as_raw_fd(),
@@ -316,17 +318,7 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     )?;
     let cg_dir =
         std::fs::File::open(cgroup.placement()).map_err(io("open the task's cgroup2 directory"))?;
-    let mut flags = (libc::CLONE_NEWPID
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWCGROUP) as u64;
-    if netns.is_none() {
-        flags |= libc::CLONE_NEWNET as u64;
-    }
-    if spec.userns_base.is_some() {
-        flags |= libc::CLONE_NEWUSER as u64;
-    }
+    let flags = clone_flags(spec, planned.from_template, netns.is_some());
     // Outlives the child's use of it: every path below either reads the error pipe to its end
     // (exec or exit) or kills and reaps the child before returning.
     let stack = ChildStack::new().map_err(io("map the task's setup stack"))?;
@@ -361,18 +353,22 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     drop(netns);
     drop(join);
     let mut task = Task::new(pid, pidfd, cgroup, started);
+    if !planned.from_template {
+        task.hold_mounts();
+    }
     if let Some(base) = spec.userns_base {
         if let Err(e) = map_ids_and_release(pid, base, &sync_w) {
             drop(task); // kills and reaps the child, removes its cgroups
             return Err(e);
         }
     }
-    let mut report = Vec::new();
-    let mut err_file = std::fs::File::from(err_r);
-    if let Err(e) = err_file.read_to_end(&mut report) {
-        task.reap_blocking(); // the child may still be on `stack`: end it before unmapping
-        return Err(io("wait for the task to start")(e));
-    }
+    let report = match read_report(err_r, &mut task, planned.from_template) {
+        Ok(report) => report,
+        Err(e) => {
+            task.reap_blocking(); // the child may still be on `stack`: end it before unmapping
+            return Err(io("wait for the task to start")(e));
+        }
+    };
     drop(sync_w); // held until exec so the child can tell a dead parent (see child::run)
     if report.len() >= 8 {
         let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
@@ -393,6 +389,42 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         });
     }
     Ok(task)
+}
+
+/// Reads the child's error pipe to its end (exec or exit): empty when it exec'd. A child that
+/// starts from the template first reports that it is in its own copy, for `task` to hold: then
+/// the task's exit leaves the copy's teardown to [`Task`]'s background close, as with a copy
+/// made at clone (which `Task::new` holds at once).
+fn read_report(err_r: OwnedFd, task: &mut Task, from_template: bool) -> std::io::Result<Vec<u8>> {
+    let mut report = Vec::new();
+    let mut err_file = std::fs::File::from(err_r);
+    if from_template {
+        (&mut err_file).take(8).read_to_end(&mut report)?;
+        if report[..] == child::mounts_ready()[..] {
+            task.hold_mounts();
+            report.clear();
+        }
+    }
+    err_file.read_to_end(&mut report)?;
+    Ok(report)
+}
+
+/// The namespaces the clone creates: not the mount namespace of a task that starts from the
+/// template (it enters a copy of that), nor the network namespace of one that joins a ready one.
+fn clone_flags(spec: &Spec, from_template: bool, joins_netns: bool) -> u64 {
+    let mut flags =
+        (libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP)
+            as u64;
+    if !from_template {
+        flags |= libc::CLONE_NEWNS as u64;
+    }
+    if !joins_netns {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
+    if spec.userns_base.is_some() {
+        flags |= libc::CLONE_NEWUSER as u64;
+    }
+    flags
 }
 
 /// SIGKILLs and reaps a child through its pidfd, waiting however long that takes.

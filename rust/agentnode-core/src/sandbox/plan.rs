@@ -1,7 +1,10 @@
-//! The filesystem plan: every mount, directory and link the child makes before `pivot_root`,
-//! computed with allocations in the parent so the child only walks a finished list.
+//! The filesystem plan: every mount, directory and link the child makes to build its root,
+//! computed with allocations in the parent so the child only walks a finished list. Two ways:
+//! the whole root on a staging tmpfs, entered with `pivot_root` ([`build`]), or a copy of the
+//! template namespace with only the task's own mounts on top ([`from_template`]).
 
 use std::ffi::CString;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +34,13 @@ pub enum Op {
     /// Hides a /proc or /sys path as runc does: /dev/null over files, read-only tmpfs over dirs.
     Mask(CString),
     PivotRoot(CString),
+    /// `setns` into a template mount namespace, then `unshare` a private copy of it.
+    EnterCopy(RawFd),
+    /// `move_mount` of a detached mount tree onto `dst`.
+    Attach {
+        tree: RawFd,
+        dst: CString,
+    },
 }
 
 impl Op {
@@ -52,6 +62,8 @@ impl Op {
             Op::ReadOnly { path, .. } => format!("make {} read-only", s(path)),
             Op::Mask(p) => format!("mask {}", s(p)),
             Op::PivotRoot(p) => format!("pivot_root into {}", s(p)),
+            Op::EnterCopy(_) => "enter a copy of the template mount namespace".to_owned(),
+            Op::Attach { dst, .. } => format!("move a bind's mount tree onto {}", s(dst)),
         }
     }
 }
@@ -110,6 +122,86 @@ const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
 /// Builds the plan that turns `spec.stage` into the task's root and pivots into it.
 pub fn build(spec: &Spec) -> Result<Vec<Op>> {
     let stage = spec.stage.as_path();
+    let mut ops = skeleton(&spec.rootfs, stage, spec.workspace.is_some())?;
+    // A bind into /tmp or /workspace needs its mount point on that fresh mount, so it is made
+    // after the mount; every other one now, before the root turns read-only.
+    let mut points = Vec::new();
+    for b in &spec.binds {
+        points.push(if on_fresh(spec, b) {
+            None
+        } else {
+            Some(push_bind_point(&mut ops, stage, b)?)
+        });
+    }
+    ops.push(Op::ReadOnly {
+        path: cstr(stage)?,
+        recursive: true,
+    });
+    let mut attach = |ops: &mut Vec<Op>, src: &Path, point: &Path, writable: bool| {
+        ops.push(bind(src, point)?);
+        if !writable {
+            ops.push(Op::ReadOnly {
+                path: cstr(point)?,
+                recursive: true,
+            });
+        }
+        Ok(())
+    };
+    push_task_fs(&mut ops, stage, spec, points, &mut attach)?;
+    ops.push(Op::PivotRoot(cstr(stage)?));
+    Ok(ops)
+}
+
+/// The plan that turns `stage` into the read-only root of the host shared by every task that
+/// starts from a template namespace (see [`super::template`]), and pivots into it.
+pub fn template(stage: &Path) -> Result<Vec<Op>> {
+    let mut ops = skeleton(Path::new("/"), stage, true)?;
+    ops.push(Op::ReadOnly {
+        path: cstr(stage)?,
+        recursive: true,
+    });
+    ops.push(Op::PivotRoot(cstr(stage)?));
+    Ok(ops)
+}
+
+/// The plan of a task that starts from the template namespace `ns`: a private copy of it, then
+/// only the task's own mounts. `trees` are detached mount trees for the workspace (when there
+/// is one) then each bind, in order, moved into place.
+pub fn from_template(spec: &Spec, ns: RawFd, trees: &[RawFd]) -> Result<Vec<Op>> {
+    let root = Path::new("/");
+    let mut ops = vec![Op::EnterCopy(ns)];
+    let points = spec
+        .binds
+        .iter()
+        .map(|b| (!on_fresh(spec, b)).then(|| b.dest.clone()))
+        .collect();
+    let mut trees = trees.iter();
+    let mut attach = |ops: &mut Vec<Op>, _: &Path, point: &Path, _: bool| {
+        let fd = *trees.next().ok_or_else(|| Error::Invalid {
+            what: "mount plan",
+            why: "a bind has no detached tree".to_owned(),
+        })?;
+        ops.push(Op::Attach {
+            tree: fd,
+            dst: cstr(point)?,
+        });
+        Ok(())
+    };
+    push_task_fs(&mut ops, root, spec, points, &mut attach)?;
+    Ok(ops)
+}
+
+/// Whether a bind lands on one of the task's fresh mounts (its mount point is made after it).
+pub fn on_fresh(spec: &Spec, b: &Bind) -> bool {
+    b.dest.starts_with("/tmp") || spec.workspace.is_some() && b.dest.starts_with("/workspace")
+}
+
+/// Puts `attach(ops, source, mount point, writable)` for one bind in the plan.
+type AttachFn<'a> = dyn FnMut(&mut Vec<Op>, &Path, &Path, bool) -> Result<()> + 'a;
+
+/// The staging tmpfs with `rootfs`'s entries bound in, the mount points of the fresh file
+/// systems and the skeleton of /dev, everything still writable.
+fn skeleton(rootfs: &Path, stage: &Path, workspace: bool) -> Result<Vec<Op>> {
     let at = |rel: &str| stage.join(rel);
     let mut ops = vec![
         // Nothing the task mounts may leak back to the host, nor host mounts into the task.
@@ -132,9 +224,9 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
             data: None,
         },
     ];
-    let entries = std::fs::read_dir(&spec.rootfs).map_err(|_| Error::BadPath {
+    let entries = std::fs::read_dir(rootfs).map_err(|_| Error::BadPath {
         what: "rootfs",
-        path: spec.rootfs.clone(),
+        path: rootfs.to_owned(),
         why: "is not a readable directory",
     })?;
     let mut names: Vec<_> = entries.filter_map(std::result::Result::ok).collect();
@@ -167,33 +259,31 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
         });
         ops.push(bind(&src, &dst)?);
     }
-    // Every mount point on the staging tmpfs first, then one recursive read-only pass over the
-    // root and the host binds (about 30 fewer steps than one per entry); the mounts made after
-    // it (/proc, /dev, /tmp, /workspace, --rw) are new and keep their own modes.
+    // Every mount point on the staging tmpfs first, so that one recursive read-only pass covers
+    // the root, the host binds and /dev (about 30 fewer steps than one per entry); the mounts
+    // made after it (/proc, /tmp, /workspace, --rw) are new and keep their own modes.
     for fresh in ["proc", "sys", "dev", "tmp"] {
         ops.push(Op::MkDir(cstr(at(fresh))?));
     }
-    if spec.workspace.is_some() {
+    if workspace {
         ops.push(Op::MkDir(cstr(at("workspace"))?));
     }
-    // A bind into /tmp or /workspace needs its mount point on that fresh mount, so it is made
-    // after the mount; every other one now, before the root turns read-only.
-    let on_fresh = |b: &Bind| {
-        b.dest.starts_with("/tmp") || spec.workspace.is_some() && b.dest.starts_with("/workspace")
-    };
-    let mut bind_points = Vec::new();
-    for b in &spec.binds {
-        bind_points.push(if on_fresh(b) {
-            None
-        } else {
-            Some(push_bind_point(&mut ops, stage, b)?)
-        });
-    }
-    ops.push(Op::ReadOnly {
-        path: cstr(stage)?,
-        recursive: true,
-    });
-    push_kernel_fs(&mut ops, stage)?;
+    push_dev(&mut ops, stage)?;
+    Ok(ops)
+}
+
+/// The mounts every task gets fresh, on the read-only root at `root`: /proc, /sys, /dev/pts,
+/// /dev/shm, /tmp, the workspace, then the binds (`points`: each one's mount point when it
+/// exists already, `None` when it is made here).
+fn push_task_fs(
+    ops: &mut Vec<Op>,
+    root: &Path,
+    spec: &Spec,
+    points: Vec<Option<PathBuf>>,
+    attach: &mut AttachFn<'_>,
+) -> Result<()> {
+    let at = |rel: &str| root.join(rel);
+    push_kernel_fs(ops, root)?;
     ops.push(fs(
         "tmpfs",
         &at("tmp"),
@@ -201,23 +291,16 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
         &format!("size={},mode=1777", spec.tmp_size),
     )?);
     if let Some(ws) = &spec.workspace {
-        ops.push(bind(ws, &at("workspace"))?);
+        attach(ops, ws, &at("workspace"), true)?;
     }
-    for (b, point) in spec.binds.iter().zip(bind_points) {
+    for (b, point) in spec.binds.iter().zip(points) {
         let point = match point {
             Some(point) => point,
-            None => push_bind_point(&mut ops, stage, b)?,
+            None => push_bind_point(ops, root, b)?,
         };
-        ops.push(bind(&b.src, &point)?);
-        if !b.writable {
-            ops.push(Op::ReadOnly {
-                path: cstr(&point)?,
-                recursive: true,
-            });
-        }
+        attach(ops, &b.src, &point, b.writable)?;
     }
-    ops.push(Op::PivotRoot(cstr(stage)?));
-    Ok(ops)
+    Ok(())
 }
 
 /// Creates the mount point chain of a bind and returns where it is.
@@ -252,9 +335,9 @@ fn push_bind_point(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<PathBuf>
     Ok(cur)
 }
 
-/// Fresh /proc (with runc's masks), read-only /sys, and a minimal /dev.
-fn push_kernel_fs(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
-    let at = |rel: &str| stage.join(rel);
+/// Fresh /proc (with runc's masks), read-only /sys, and /dev's own devpts and shm.
+fn push_kernel_fs(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
+    let at = |rel: &str| root.join(rel);
     // /proc: fresh for the new pid namespace, with runc's masks.
     ops.push(fs("proc", &at("proc"), NOSUID_NODEV | libc::MS_NOEXEC, "")?);
     for p in READ_ONLY {
@@ -274,7 +357,26 @@ fn push_kernel_fs(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
     for p in MASKED {
         ops.push(Op::Mask(cstr(at(p))?));
     }
-    // /dev: a small tmpfs with the usual device nodes bound from the host, a private devpts.
+    ops.push(fs(
+        "devpts",
+        &at("dev/pts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )?);
+    ops.push(fs(
+        "tmpfs",
+        &at("dev/shm"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        "size=64m,mode=1777",
+    )?);
+    Ok(())
+}
+
+/// /dev's skeleton: a small tmpfs with the usual device nodes bound from the host and the mount
+/// points of devpts and shm. It turns read-only with the root: a task writes to the devices,
+/// never to the directory (which a template root shares between all its tasks).
+fn push_dev(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
+    let at = |rel: &str| stage.join(rel);
     ops.push(fs(
         "tmpfs",
         &at("dev"),
@@ -286,19 +388,7 @@ fn push_kernel_fs(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
         ops.push(bind(&Path::new("/dev").join(d), &at(&format!("dev/{d}")))?);
     }
     ops.push(Op::MkDir(cstr(at("dev/pts"))?));
-    ops.push(fs(
-        "devpts",
-        &at("dev/pts"),
-        libc::MS_NOSUID | libc::MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=620",
-    )?);
     ops.push(Op::MkDir(cstr(at("dev/shm"))?));
-    ops.push(fs(
-        "tmpfs",
-        &at("dev/shm"),
-        NOSUID_NODEV | libc::MS_NOEXEC,
-        "size=64m,mode=1777",
-    )?);
     for (target, link) in [
         ("pts/ptmx", "dev/ptmx"),
         ("/proc/self/fd", "dev/fd"),

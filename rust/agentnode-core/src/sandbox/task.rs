@@ -36,21 +36,25 @@ pub struct Task {
 }
 
 impl Task {
+    /// Holds the task's mount namespace once the child is in it for good (see [`crate::later`]).
+    pub(super) fn hold_mounts(&mut self) {
+        // Opened while the child sets up: it cannot have exited and been reaped yet (we hold
+        // its pidfd and have not waited), and if it has exited the open just fails.
+        self.mounts = std::fs::File::open(format!("/proc/{}/ns/mnt", self.pid))
+            .ok()
+            .map(OwnedFd::from);
+    }
+
     pub(super) fn new(
         pid: libc::pid_t,
         pidfd: OwnedFd,
         cgroup: Box<dyn TaskCgroup>,
         started: Instant,
     ) -> Self {
-        // Opened while the child sets up: it cannot have exited and been reaped yet (we hold
-        // its pidfd and have not waited), and if it has exited the open just fails.
-        let mounts = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
-            .ok()
-            .map(OwnedFd::from);
         Self {
             pid,
             pidfd,
-            mounts,
+            mounts: None,
             cgroup: Some(cgroup),
             started,
             exit: None,
