@@ -180,3 +180,20 @@ def test_a_file_system_unmounted_on_the_host_is_not_kept_busy(ws: Path, tmp_path
     finally:
         point.rmdir()
         subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_network_namespaces_coming_and_going_keep_the_template(ws: Path) -> None:
+    """`ip netns add` pins a namespace with an nsfs mount (egress tasks make one each): the
+    template neither copies those pins nor counts them as a change of the host's mounts."""
+    names = [f"agentnode-tmpl-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    try:
+        subprocess.run(["ip", "netns", "add", names[0]], check=True)
+        # The first namespace may make /run/netns a mount point: a real change, a new template.
+        first = root_dev(ws)
+        assert "nsfs" not in sh(f"stat -f -c %T /run/netns/{names[0]}", ws)
+        subprocess.run(["ip", "netns", "add", names[1]], check=True)
+        subprocess.run(["ip", "netns", "del", names[0]], check=True)
+        assert root_dev(ws) == first
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)

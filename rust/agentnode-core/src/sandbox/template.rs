@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -27,6 +28,36 @@ struct State {
     ns: Option<Arc<OwnedFd>>,
     /// Opened before the template was built; polls POLLPRI once the host's mounts change.
     mountinfo: File,
+    /// The host's mounts the template was built from (see [`mounts`]).
+    mounts: Option<String>,
+}
+
+/// The host's mount table as far as the template is concerned: every line of mountinfo but the
+/// nsfs mounts. `ip netns add` pins each egress task's network namespace with one, so tasks
+/// coming and going would otherwise make the template stale at every start; the template
+/// leaves them out (see [`unpin_namespaces`]), which also keeps one task from seeing another's.
+fn mounts() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !is_nsfs(l))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+fn is_nsfs(mountinfo_line: &str) -> bool {
+    mountinfo_line
+        .split_once(" - ")
+        .is_some_and(|(_, rest)| rest.starts_with("nsfs "))
+}
+
+/// Whether the template in `state` no longer matches the host's mounts.
+fn stale(state: &State) -> bool {
+    match changed(&state.mountinfo, 0) {
+        Ok(false) => false,
+        _ => state.mounts.is_none() || mounts() != state.mounts,
+    }
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -111,15 +142,14 @@ fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
             .spawn(watch);
     });
     let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
-    if guard
-        .as_ref()
-        .is_none_or(|s| changed(&s.mountinfo, 0).unwrap_or(true))
-    {
+    if guard.as_ref().is_none_or(stale) {
         // Opened first, so a change while the template is built shows at the next start.
         let mountinfo = File::open("/proc/self/mountinfo").ok()?;
+        let mounts = mounts();
         *guard = Some(State {
             ns: build(stage).ok().map(Arc::new),
             mountinfo,
+            mounts,
         });
     }
     guard.as_ref()?.ns.clone()
@@ -132,7 +162,15 @@ fn watch() {
     };
     loop {
         match changed(&mountinfo, -1) {
-            Ok(true) => *STATE.lock().unwrap_or_else(PoisonError::into_inner) = None,
+            Ok(true) => {
+                let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+                if guard
+                    .as_ref()
+                    .is_some_and(|s| s.mounts.is_none() || mounts() != s.mounts)
+                {
+                    *guard = None;
+                }
+            }
             Ok(false) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return,
@@ -179,11 +217,64 @@ fn build_here(ops: &[Op]) -> Result<OwnedFd> {
     let ns = File::open("/proc/thread-self/ns/mnt")
         .map_err(setup("open the template's mount namespace".to_owned()))?;
     for op in ops {
+        if let Op::PivotRoot(stage) = op {
+            // The last moment this thread still sees the host's /proc to list them.
+            let stage = Path::new(std::ffi::OsStr::from_bytes(stage.as_bytes()));
+            unpin_namespaces(stage)
+                .map_err(setup("unmount namespace pins in the template".to_owned()))?;
+        }
         // SAFETY: raw syscalls on the plan's strings, in this thread's own namespace.
         unsafe { child::run_op(op) }
             .map_err(|e| setup(op.describe())(std::io::Error::from_raw_os_error(e)))?;
     }
     Ok(ns.into())
+}
+
+/// Unmounts the nsfs mounts under `stage` that the template copied from the host
+/// (`/run/netns/*`): each pins a namespace (another task's network, say) for as long as the
+/// template lives.
+fn unpin_namespaces(stage: &Path) -> std::io::Result<()> {
+    let text = std::fs::read_to_string("/proc/thread-self/mountinfo")?;
+    for line in text.lines().filter(|l| is_nsfs(l)) {
+        // Field 5 is the mount point, with spaces and the like octal-escaped.
+        let Some(point) = line.split(' ').nth(4).map(unescape) else {
+            continue;
+        };
+        if !point.starts_with(stage) {
+            continue;
+        }
+        let path = plan::cstr(point)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        // SAFETY: a valid C string; in this thread's own namespace.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A mountinfo path with its `\ooo` octal escapes decoded.
+fn unescape(field: &str) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out).into()
 }
 
 /// A detached copy of the mount tree at `src` (read-only unless `writable`), to be moved into
@@ -224,4 +315,19 @@ fn detach(src: &Path, writable: bool, what: &'static str) -> Result<OwnedFd> {
         }
     }
     Ok(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nsfs_lines_and_escaped_paths() {
+        let pin = "612 27 0:4 net:[4026532512] /run/netns/a\\040b rw shared:5 - nsfs nsfs rw";
+        let root = "25 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw";
+        assert!(is_nsfs(pin));
+        assert!(!is_nsfs(root));
+        assert_eq!(unescape("/run/netns/a\\040b"), Path::new("/run/netns/a b"));
+        assert_eq!(unescape("/plain\\9"), Path::new("/plain\\9"));
+    }
 }
