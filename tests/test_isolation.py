@@ -581,22 +581,25 @@ def test_sweep_never_touches_live_instances() -> None:
     assert all(d.exists() for d in dirs)
 
 
-def exec_cli(args: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+def exec_cli(args: list[str], data_dir: Path) -> tuple[subprocess.CompletedProcess[str], int]:
     p = subprocess.Popen(
         [sys.executable, "-m", "agentnode", "exec", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=os.environ | {"AGENTNODE_DATA_DIR": str(data_dir)},
     )
     out, err = p.communicate(timeout=60)
     return subprocess.CompletedProcess(p.args, p.returncode, out, err), p.pid
 
 
-def assert_nothing_left(pid: int) -> None:
+def assert_nothing_left(pid: int, data_dir: Path) -> None:
     for d in task_mod._cgroups().dirs():
         assert not any(e.name.startswith(f"n{pid}-") for e in d.parent.iterdir())
-    workspaces = task_mod.DATA_DIR / "workspaces"
-    assert not workspaces.exists() or not any(workspaces.glob(f"n{pid}-*"))
+    # A data dir of its own: workspaces are kept, and an earlier process with the same pid
+    # may have left one in the shared default.
+    workspaces = data_dir / "workspaces"
+    assert not workspaces.exists() or not any(workspaces.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -629,15 +632,15 @@ def assert_nothing_left(pid: int) -> None:
     ],
 )
 def test_exec_bad_input_is_one_line_and_leaves_nothing(
-    args: list[str], code: int, message: str
+    args: list[str], code: int, message: str, tmp_path: Path
 ) -> None:
-    res, pid = exec_cli(args)
+    res, pid = exec_cli(args, tmp_path)
     assert res.returncode == code, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("agentnode: error: ") and message in lines[0], (
         res.stderr
     )
-    assert_nothing_left(pid)
+    assert_nothing_left(pid, tmp_path)
 
 
 def test_exec_exit_statuses(ws: Path) -> None:
