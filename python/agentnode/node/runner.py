@@ -29,6 +29,7 @@ from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
+from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
 from agentnode.tasks.model import State, Task, TaskSpec
@@ -66,7 +67,7 @@ class Node:
             reserve_cpu_millis=config.reserve_cpu_millis,
             reserve_memory_bytes=config.reserve_memory_bytes,
         )
-        (config.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.spares = Spares(config.data_dir / "logs", config.data_dir / "workspaces")
         self.manager = TaskManager(
             config.data_dir / "tasks",
             limits=QueueLimits(
@@ -296,7 +297,7 @@ class Node:
             mounts.append(Mount(str(checkpoint), CHECKPOINT))
         mounts.append(Mount(str(self.task_socket), TASK_SOCKET, writable=True))
         mounts += [Mount(src, dest, writable) for src, dest, writable in spec.binds]
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        fd = self.spares.open_log(log_path)
         try:
             return spawn(
                 list(spec.command),
@@ -323,7 +324,7 @@ class Node:
                 hostname=spec.hostname,
                 caps=spec.caps,
                 workspace=prepare_workspace(
-                    self.config.data_dir / "workspaces" / task.id,
+                    self.spares.make_workspace(self.config.data_dir / "workspaces" / task.id),
                     user=spec.user,
                     userns=spec.userns,
                 ),
@@ -383,6 +384,7 @@ class Node:
         if watchers:
             await asyncio.gather(*watchers, return_exceptions=True)
         self._spawner.shutdown(wait=True)
+        await asyncio.to_thread(self.spares.close)
         await asyncio.to_thread(self.egress.close)
         self._audit.close()
         for q in self._subscribers:
