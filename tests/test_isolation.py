@@ -136,14 +136,21 @@ def test_masked_proc_paths_and_read_only_proc_sys(ws: Path) -> None:
         )
         if os.path.exists(p)
     ]
+    # Directories are masked with an empty read-only tmpfs (the host's kind is tried first).
+    masked_dirs = [p for p in ("/proc/acpi", "/proc/scsi", "/sys/firmware") if os.path.isdir(p)]
     assert masked
-    script = "".join(f"wc -c < {p}; " for p in masked) + (
-        "(echo 1 > /proc/sys/vm/drop_caches) 2>/dev/null && echo procsys-writable; "
+    script = (
+        "".join(f"wc -c < {p}; " for p in masked)
+        + "".join(
+            f"ls -A {d} | wc -l; (touch {d}/x) 2>/dev/null && echo {d}-writable; "
+            for d in masked_dirs
+        )
+        + "(echo 1 > /proc/sys/vm/drop_caches) 2>/dev/null && echo procsys-writable; "
         "(echo x > /sys/kernel/uevent_helper) 2>/dev/null && echo sys-writable; true"
     )
     status, out, _ = sh(script, ws, user=0)
     assert status == 0
-    assert out.split() == ["0"] * len(masked), out
+    assert out.split() == ["0"] * (len(masked) + len(masked_dirs)), out
 
 
 def test_capabilities_dropped_and_no_new_privs(ws: Path) -> None:

@@ -7,6 +7,7 @@ use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use super::{Bind, Error, Result, Spec};
 
@@ -32,7 +33,11 @@ pub enum Op {
         recursive: bool,
     },
     /// Hides a /proc or /sys path as runc does: /dev/null over files, read-only tmpfs over dirs.
-    Mask(CString),
+    /// `dir` is the kind the host's path has, tried first (the other one if the task's differs).
+    Mask {
+        path: CString,
+        dir: bool,
+    },
     PivotRoot(CString),
     /// `setns` into a template mount namespace, then `unshare` a private copy of it.
     EnterCopy(RawFd),
@@ -60,7 +65,7 @@ impl Op {
             Op::Touch(p) => format!("create file mount point {}", s(p)),
             Op::Symlink { path, .. } => format!("create symlink {}", s(path)),
             Op::ReadOnly { path, .. } => format!("make {} read-only", s(path)),
-            Op::Mask(p) => format!("mask {}", s(p)),
+            Op::Mask { path, .. } => format!("mask {}", s(path)),
             Op::PivotRoot(p) => format!("pivot_root into {}", s(p)),
             Op::EnterCopy(_) => "enter a copy of the template mount namespace".to_owned(),
             Op::Attach { dst, .. } => format!("move a bind's mount tree onto {}", s(dst)),
@@ -111,6 +116,17 @@ const MASKED: &[&str] = &[
     "sys/firmware",
     "sys/devices/virtual/powercap",
 ];
+/// Which `MASKED` paths are directories on the host, read once: the task's /proc and /sys are
+/// fresh mounts of the same kernel, so the task's paths have the same kinds.
+fn masked_dirs() -> &'static [bool] {
+    static DIRS: OnceLock<Vec<bool>> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        MASKED
+            .iter()
+            .map(|p| Path::new("/").join(p).is_dir())
+            .collect()
+    })
+}
 /// Paths runc makes read-only in /proc.
 const READ_ONLY: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys"];
 /// Top-level entries of the root that get fresh file systems instead of the host's.
@@ -354,8 +370,11 @@ fn push_kernel_fs(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
         NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
         "",
     )?);
-    for p in MASKED {
-        ops.push(Op::Mask(cstr(at(p))?));
+    for (p, dir) in MASKED.iter().zip(masked_dirs()) {
+        ops.push(Op::Mask {
+            path: cstr(at(p))?,
+            dir: *dir,
+        });
     }
     ops.push(fs(
         "devpts",
