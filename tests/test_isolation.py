@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -47,11 +48,18 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
 
 def instance_tasks(timeout: float = 5.0) -> list[Path]:
     """Task cgroups left under this process's instance, in every hierarchy, once the background
-    thread that removes ended tasks' cgroups has had up to `timeout` seconds to do so."""
+    thread that removes ended tasks' cgroups has had up to `timeout` seconds to do so. The
+    spares made ahead of time for the next starts are not leftovers."""
     deadline = time.monotonic() + timeout
     while True:
+        manager = task_mod._cgroups()
+        spares = set(manager.spares())
         found = [
-            t for d in task_mod._cgroups().dirs() if d.exists() for t in d.iterdir() if t.is_dir()
+            t
+            for d in manager.dirs()
+            if d.exists()
+            for t in d.iterdir()
+            if t.is_dir() and t.name not in spares
         ]
         if not found or time.monotonic() > deadline:
             return found
@@ -555,18 +563,24 @@ import sys, time
 from agentnode import _native
 from agentnode.isolation import spawn, task
 t = spawn(["sleep", sys.argv[1]], workspace=sys.argv[2])
-print(task._cgroups().name, flush=True)
+deadline = time.monotonic() + 10  # the cgroups made ahead for the next starts are left too
+while len(task._cgroups().spares()) < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(task._cgroups().name, len(task._cgroups().spares()), flush=True)
 time.sleep(100)
 """
 
 
 def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) -> None:
     marker = f"{2000 + uuid.uuid4().int % 1000}.{os.getpid()}"
+    # This process's own instance first: making it sweeps dead instances, the crashed one too.
+    dirs = task_mod._cgroups().dirs()
     p = subprocess.Popen(
         [sys.executable, "-c", PARENT, marker, str(ws)], stdout=subprocess.PIPE, text=True
     )
     assert p.stdout is not None
-    instance = p.stdout.readline().strip()
+    instance, spares = p.stdout.readline().split()
+    assert spares == "4"
     p.stdout.close()
     assert processes_with(f"sleep\0{marker}", exact=True)
     p.kill()
@@ -575,11 +589,43 @@ def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) ->
     while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert processes_with(f"sleep\0{marker}") == []
-    left = [d.parent / instance for d in task_mod._cgroups().dirs()]
+    left = [d.parent / instance for d in dirs]
     assert any(d.exists() for d in left)  # the crash left its cgroups behind...
     code = "from agentnode import _native; _native.CgroupManager().close()"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert not any(d.exists() for d in left)  # ...and the next start swept them
+
+
+SPARES = """
+import json, sys, time
+from agentnode.isolation import spawn, task
+m = task._cgroups()
+spawn(["true"], workspace=sys.argv[1]).wait()  # the first start sets the spares going
+deadline = time.monotonic() + 10
+while len(m.spares()) < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
+spares = m.spares()
+made = all((d / s).is_dir() for d in m.dirs() for s in spares)
+t = spawn(["true"], workspace=sys.argv[1])
+taken = t.cgroup_dir.name
+t.wait()
+print(json.dumps({"spares": spares, "made": made, "taken": taken, "left": m.spares()}))
+"""
+
+
+def test_cgroups_made_ahead_are_handed_out_once_and_removed_at_exit(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", SPARES, str(ws)], stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0
+    got = json.loads(out)
+    assert len(got["spares"]) == 4 and got["made"]  # one directory in every hierarchy
+    assert got["taken"] in got["spares"]  # a start takes a ready one...
+    assert got["taken"] not in got["left"]  # ...once
+    # The process has exited: its spares went with its instance, as its tasks' cgroups did.
+    for d in task_mod._cgroups().dirs():
+        assert not any(e.name.startswith(f"n{p.pid}-") for e in d.parent.iterdir())
 
 
 def test_sweep_never_touches_live_instances() -> None:

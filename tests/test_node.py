@@ -92,6 +92,26 @@ def leftover_cgroups(daemon_pid: int) -> list[Path]:
     ]
 
 
+def task_cgroups(daemon_pid: int) -> list[str]:
+    """The daemon instance's task cgroups, in every hierarchy, that ever held a process: the
+    daemon also keeps a few empty ones made ahead of the next starts. A task's cgroup2 node
+    tells (its cpu.stat counts with or without the cpu controller); a v1 node whose cgroup2
+    node is gone counts as left over."""
+    instances = leftover_cgroups(daemon_pid)
+    if not instances:
+        return []
+    unified = task_mod._cgroups().dirs()[0].parent / instances[0].name
+
+    def ran(name: str) -> bool:
+        try:
+            stat = (unified / name / "cpu.stat").read_text()
+        except FileNotFoundError:
+            return True
+        return int(dict(line.split() for line in stat.splitlines())["usage_usec"]) > 0
+
+    return [e.name for d in instances for e in d.iterdir() if e.is_dir() and ran(e.name)]
+
+
 # -- front door ---------------------------------------------------------------------------------
 
 
@@ -389,11 +409,13 @@ def test_timeout_and_cancel_end_the_whole_tree(tmp_path: Path) -> None:
         r = run_cli(["wait", "--socket", str(d.socket), timed["id"]])
         assert r.returncode == 124
         deadline = time.monotonic() + 5  # ended tasks' cgroups go on a background thread
-        while live := [e.name for e in leftover_cgroups(d.pid) for e in e.iterdir() if e.is_dir()]:
+        while live := task_cgroups(d.pid):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         assert live == [], "every task cgroup was removed"
+        spares = [e for e in leftover_cgroups(d.pid)[0].iterdir() if e.is_dir()]
+        assert len(spares) <= 4, "only the few made ahead for the next starts remain"
 
 
 def test_heartbeat_timeout_stops_a_silent_task(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ class CgroupManager:
         """The instance name, `n<pid>-<starttime>`."""
     def dirs(self) -> list[Path]:
         """This instance's directories in every hierarchy (cgroup2 first)."""
+    def spares(self) -> list[str]:
+        """Names of the task cgroups made ahead of time, not yet given to a task."""
     def close(self) -> None:
         """Removes the instance's subtree (its tasks must be gone). Idempotent."""
 

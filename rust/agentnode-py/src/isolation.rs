@@ -44,6 +44,14 @@ impl CgroupManager {
         self.lock().as_ref().map(Manager::dirs).unwrap_or_default()
     }
 
+    /// Names of the task cgroups made ahead of time, not yet given to a task.
+    fn spares(&self) -> Vec<String> {
+        self.lock()
+            .as_ref()
+            .map(Manager::spares)
+            .unwrap_or_default()
+    }
+
     /// Removes the instance's subtree (its tasks must be gone). Idempotent.
     fn close(&self, py: Python<'_>) {
         py.detach(|| drop(self.lock().take()));

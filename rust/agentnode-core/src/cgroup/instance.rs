@@ -7,22 +7,23 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::manager::{self, Hybrid, TaskCgroup, V1_CONTROLLERS, V2};
+use super::spares::{Make, Spares};
 use super::{Error, Hierarchy, Layout, Limits, Result};
 
 /// The name of the subtree agentnode creates in each hierarchy.
 pub const SUBTREE: &str = "agentnode";
 
 /// The cgroups of one node instance; creates task cgroups and removes its subtree when dropped.
-#[derive(Debug)]
 pub struct Manager {
-    layout: Layout,
     name: String,
     unified: PathBuf,
     v1: Vec<PathBuf>,
-    next: AtomicU64,
+    make: Arc<Make>,
+    spares: Spares,
 }
 
 /// The identity of process `pid`: its start time in clock ticks since boot.
@@ -107,12 +108,21 @@ impl Manager {
             enable_controllers(&unified_base);
             enable_controllers(&unified_sub);
         }
+        let (layout, next) = (hierarchy.layout, AtomicU64::new(0));
+        let (unified_dir, v1_dirs) = (unified.clone(), v1.clone());
+        let maker: Arc<Make> = Arc::new(move || {
+            let name = format!("t{}", next.fetch_add(1, Ordering::Relaxed));
+            Ok(match layout {
+                Layout::Hybrid => Box::new(Hybrid::create(&unified_dir, &v1_dirs, &name)?),
+                _ => Box::new(V2::create(&unified_dir, &name)?),
+            })
+        });
         Ok(Self {
-            layout: hierarchy.layout,
             name,
             unified,
             v1,
-            next: AtomicU64::new(0),
+            make: maker,
+            spares: Spares::default(),
         })
     }
 
@@ -137,20 +147,41 @@ impl Manager {
         all
     }
 
-    /// Creates a fresh task cgroup with `limits` applied; removed again on any error.
+    /// The names (`t<N>`) of the task cgroups made ahead of time and not yet handed out.
+    #[must_use]
+    pub fn spares(&self) -> Vec<String> {
+        self.spares
+            .ready()
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    /// A fresh task cgroup (made ahead of time when a spare is ready) with `limits` applied;
+    /// removed again on any error.
     pub fn create(&self, limits: &Limits) -> Result<Box<dyn TaskCgroup>> {
-        let name = format!("t{}", self.next.fetch_add(1, Ordering::Relaxed));
-        let task: Box<dyn TaskCgroup> = match self.layout {
-            Layout::Hybrid => Box::new(Hybrid::create(&self.unified, &self.v1, &name)?),
-            _ => Box::new(V2::create(&self.unified, &name)?),
+        let task = match self.spares.take(&self.make) {
+            Some(task) => task,
+            None => (self.make)()?,
         };
         task.apply(limits)?;
         Ok(task)
     }
 }
 
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("name", &self.name)
+            .field("unified", &self.unified)
+            .field("v1", &self.v1)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Manager {
     fn drop(&mut self) {
+        self.spares.close();
         // Ended tasks' cgroups are removed on the background thread: they go first.
         crate::later::flush();
         for dir in self.dirs() {
