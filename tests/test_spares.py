@@ -20,7 +20,7 @@ def wait_for(cond: object, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_starts_take_spares_that_the_thread_replaces(tmp_path: Path) -> None:
+def test_starts_take_spares_that_the_thread_replaces_when_told(tmp_path: Path) -> None:
     logs, ws = tmp_path / "logs", tmp_path / "workspaces"
     s = Spares(logs, ws, keep=2)
     try:
@@ -32,7 +32,10 @@ def test_starts_take_spares_that_the_thread_replaces(tmp_path: Path) -> None:
         assert (logs / "t1.1.log").stat().st_ino in before  # a spare, renamed into place
         assert (logs / "t1.1.log").read_bytes() == b"hello\n"
         assert s.make_workspace(ws / "t1").is_dir()
-        wait_for(lambda: len(spares_in(logs)) == 2 and len(spares_in(ws)) == 2)
+        time.sleep(0.1)
+        assert len(spares_in(logs)) == len(spares_in(ws)) == 1  # not replaced mid-start...
+        s.refill()
+        wait_for(lambda: len(spares_in(logs)) == 2 and len(spares_in(ws)) == 2)  # ...but after
         # An existing file or directory is never replaced: a retry keeps its workspace.
         (ws / "t1" / "keep").write_text("x")
         s.make_workspace(ws / "t1")

@@ -257,6 +257,7 @@ class Node:
                 self._spawner, self._spawn, task
             )
         except AgentnodeError as e:
+            self.spares.refill()
             done = await self.manager.finish(task.id, State.FAILED, reason=f"did not start: {e}")
             self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
             self._publish(done)
@@ -271,6 +272,7 @@ class Node:
                 await self._apply_egress(r, r.task.spec)
         self.on_start(task, time.time() - _queued_at(task))
         self._publish(r.task)
+        self.spares.refill()
         r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
 
     def _spawn(self, task: Task) -> Any:

@@ -52,12 +52,17 @@ class Spares:
         self._place("workspace", path)
         return path
 
+    def refill(self) -> None:
+        """Makes up for the spares taken. Call it once a start is done: the thread that makes
+        them runs Python, and woken mid-start it would take turns with the start for the GIL
+        at every system call (measured: 0.2-0.3 ms more from starting to running)."""
+        self._wake.set()
+
     def _place(self, kind: str, path: Path) -> None:
         if path.exists() or path.parent != self._dirs[kind]:
             return
         with self._lock:
             spare = self._ready[kind].pop() if self._ready[kind] else None
-        self._wake.set()
         if spare is None:
             return
         try:
