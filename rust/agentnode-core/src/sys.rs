@@ -325,6 +325,16 @@ pub fn restore_signals(mask: u64) {
     }
 }
 
+/// Gives the calling thread (only) the lowest CPU priority, for background work that a start
+/// can always do itself when the thread falls behind.
+pub fn lower_thread_priority() {
+    // SAFETY: plain syscalls on this thread's id.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
 /// Opens a pidfd for `pid` (a pollable handle that cannot be confused by pid reuse).
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with integer arguments.

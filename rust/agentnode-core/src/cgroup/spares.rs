@@ -86,12 +86,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Keeps [`READY`] spares until closed; stops (leaving starts to make their own) on a failure.
 fn fill(shared: &Shared, make: &Make) {
-    // Idle priority for this thread only: a start that finds no spare makes its own.
-    // SAFETY: plain syscalls on this thread's id.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-    }
+    crate::sys::lower_thread_priority();
     loop {
         {
             let ready = lock(&shared.ready);

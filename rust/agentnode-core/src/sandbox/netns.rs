@@ -43,12 +43,7 @@ pub fn take() -> Option<OwnedFd> {
 
 /// Keeps `READY` namespaces ready; stops (leaving starts to make their own) on any failure.
 fn refill(pool: &Pool) {
-    // Idle priority for this thread only: starts that find the pool empty make their own.
-    // SAFETY: plain syscalls on this thread's id.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-    }
+    crate::sys::lower_thread_priority();
     let Ok(home) = std::fs::File::open("/proc/thread-self/ns/net") else {
         return;
     };
