@@ -139,6 +139,9 @@ def test_cli_submit_ps_logs_follow_wait(tmp_path: Path) -> None:
         top = run_cli(["top", "--once", *sock])
         assert top.returncode == 0 and live["id"][:12] in top.stdout and "running" in top.stdout
         assert tid[:12] not in top.stdout, "top shows live tasks"
+        # Everything a start needs on disk lives in the daemon's data dir (the staging mount
+        # point too, which a bare `spawn` keeps under /var/lib/agentnode).
+        assert (d.data / "stage").is_dir() and (d.data / "workspaces" / tid).is_dir()
 
 
 def test_cli_without_a_daemon_says_how_to_start_it(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from agentnode.isolation.task import (
     Stats,
     Task,
     spawn,
+    use_data_dir,
 )
 from agentnode.isolation.units import format_size, parse_duration, parse_size
 
@@ -31,4 +32,5 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "spawn",
+    "use_data_dir",
 ]

@@ -33,11 +33,21 @@ __all__ = [
     "Task",
     "capability_number",
     "spawn",
+    "use_data_dir",
 ]
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Where workspaces and the staging mount point live (override with AGENTNODE_DATA_DIR).
 DATA_DIR = Path(os.environ.get("AGENTNODE_DATA_DIR", "/var/lib/agentnode"))
+
+
+def use_data_dir(path: str | os.PathLike[str]) -> None:
+    """Puts this process's default workspaces and staging mount point under `path` from the
+    next start on (the node daemon calls it with its data dir, so nothing lands elsewhere)."""
+    global DATA_DIR
+    DATA_DIR = Path(path)
+
+
 #: With a user namespace, task ids 0..65535 map to host ids from here on.
 USERNS_BASE = 100_000
 NOBODY = 65534

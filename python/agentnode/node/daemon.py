@@ -82,6 +82,7 @@ async def serve(config: NodeConfig) -> None:
     from aiohttp import web
 
     from agentnode.inference.server import create_app
+    from agentnode.isolation import use_data_dir
     from agentnode.node.api import TaskTokens, admin_app, task_app, task_attribution
     from agentnode.node.metrics import NodeMetrics
     from agentnode.node.runner import Node
@@ -95,6 +96,7 @@ async def serve(config: NodeConfig) -> None:
         raise ConfigError("node.listen needs node.api_token (the TCP API requires a bearer token)")
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(config.data_dir)
+    use_data_dir(config.data_dir)
     run_dir = config.data_dir / "run"
     node = Node(config, task_socket=run_dir / "task.sock")
     metrics = NodeMetrics(node)
