@@ -416,14 +416,18 @@ def test_network_is_loopback_only_and_a_netns_can_be_joined(ws: Path) -> None:
         subprocess.run(["ip", "netns", "delete", name], check=True)
 
 
-def test_every_task_gets_a_fresh_netns_of_its_own_with_loopback_up(ws: Path) -> None:
-    # Most of these come from the pool of namespaces made ahead of time: none may be handed out
-    # twice, none may be this process's, and each must have its loopback up.
+def test_every_task_gets_fresh_net_and_ipc_namespaces_of_its_own_with_loopback_up(
+    ws: Path,
+) -> None:
+    # Most network namespaces come from the pool made ahead of time: none may be handed out
+    # twice, none may be this process's, and each must have its loopback up. IPC namespaces
+    # (made at clone) likewise belong to one task each.
     tasks = [spawn(["sleep", "100"], workspace=ws) for _ in range(10)]
     try:
-        inodes = {os.stat(f"/proc/{t.pid}/ns/net").st_ino for t in tasks}
-        assert len(inodes) == len(tasks)
-        assert os.stat("/proc/self/ns/net").st_ino not in inodes
+        for kind in ("net", "ipc"):
+            inodes = {os.stat(f"/proc/{t.pid}/ns/{kind}").st_ino for t in tasks}
+            assert len(inodes) == len(tasks), kind
+            assert os.stat(f"/proc/self/ns/{kind}").st_ino not in inodes, kind
     finally:
         for t in tasks:
             t.close()

@@ -194,6 +194,9 @@ pub struct Hybrid {
     /// Indexed like [`V1_CONTROLLERS`]; a hierarchy co-mounting two of them appears twice.
     v1: Vec<PathBuf>,
     owned_v1: Vec<OwnedDir>,
+    /// The `tasks` files, opened with the dirs (for a spare, ahead of its start) and handed
+    /// to the first [`TaskCgroup::join_files`].
+    joins: std::sync::Mutex<Vec<OwnedFd>>,
 }
 
 impl Hybrid {
@@ -210,10 +213,12 @@ impl Hybrid {
             }
             v1.push(path);
         }
+        let joins = open_joins(&owned_v1)?;
         Ok(Self {
             unified,
             v1,
             owned_v1,
+            joins: std::sync::Mutex::new(joins),
         })
     }
 
@@ -240,21 +245,17 @@ impl TaskCgroup for Hybrid {
     }
 
     fn join_files(&self) -> Result<Vec<OwnedFd>> {
-        self.owned_v1
-            .iter()
-            .map(|dir| {
-                let path = dir.path().join("tasks");
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map(OwnedFd::from)
-                    .map_err(|source| Error::Write {
-                        path,
-                        value: "0".to_owned(),
-                        source,
-                    })
-            })
-            .collect()
+        let opened = std::mem::take(
+            &mut *self
+                .joins
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if opened.is_empty() {
+            open_joins(&self.owned_v1)
+        } else {
+            Ok(opened)
+        }
     }
 
     fn apply(&self, limits: &Limits) -> Result<()> {
@@ -327,6 +328,24 @@ impl TaskCgroup for Hybrid {
             pids_limit_hits: keyed(&pids_events, "max"),
         })
     }
+}
+
+/// The `tasks` file of each v1 dir, open for writing.
+fn open_joins(dirs: &[OwnedDir]) -> Result<Vec<OwnedFd>> {
+    dirs.iter()
+        .map(|dir| {
+            let path = dir.path().join("tasks");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map(OwnedFd::from)
+                .map_err(|source| Error::Write {
+                    path,
+                    value: "0".to_owned(),
+                    source,
+                })
+        })
+        .collect()
 }
 
 fn mkdir(parent: &Path, name: &str) -> Result<OwnedDir> {
