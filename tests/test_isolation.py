@@ -632,6 +632,40 @@ def test_cgroups_made_ahead_are_handed_out_once_and_removed_at_exit(tmp_path: Pa
         assert not any(e.name.startswith(f"n{p.pid}-") for e in d.parent.iterdir())
 
 
+FORK = """
+import os, sys, time
+from agentnode.isolation import spawn, task
+ws = sys.argv[1]
+long = spawn(["sleep", "100"], workspace=ws)
+parent = task._cgroups().name
+deadline = time.monotonic() + 10
+while len(task._cgroups().spares()) < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
+pid = os.fork()
+if pid == 0:
+    t = spawn(["true"], workspace=ws)  # its own instance, not the parent's spares
+    code = t.wait(10).code
+    print("child", task._cgroups().name, code, flush=True)
+    sys.exit(0)  # atexit runs: it must leave the parent's task and cgroups alone
+_, status = os.waitpid(pid, 0)
+alive = long.wait(0) is None
+t = spawn(["true"], workspace=ws)
+print("parent", parent, os.waitstatus_to_exitcode(status), alive, t.wait(10).code, flush=True)
+long.close()
+"""
+
+
+def test_a_forked_child_starts_tasks_of_its_own_and_leaves_the_parents_alone(ws: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-c", FORK, str(ws)], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    child, parent = (line.split() for line in p.stdout.splitlines())
+    assert child[0] == "child" and child[2] == "0"
+    assert parent == ["parent", parent[1], "0", "True", "0"]
+    assert child[1] != parent[1]  # an instance of its own
+
+
 def test_sweep_never_touches_live_instances() -> None:
     dirs = task_mod._cgroups().dirs()
     assert _native.sweep_cgroups(dirs[0].parent, [d.parent for d in dirs[1:]]) >= 0

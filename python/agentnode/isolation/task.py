@@ -201,6 +201,22 @@ def _default_network() -> EgressService:
         return _network
 
 
+def _forget_after_fork() -> None:
+    # A forked child makes its own instance at its first start. The parent's manager, network
+    # and tasks stay the parent's: kept referenced (never dropped or closed here, which would
+    # tear down the parent's), and out of this process's exit. The lock may have been held
+    # at the fork.
+    global _manager, _network, _lock
+    _forked.extend(x for x in (_manager, _network) if x is not None)
+    _manager = _network = None
+    _live.clear()
+    _lock = threading.Lock()
+
+
+_forked: list[object] = []
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _shutdown() -> None:
     """Kills every task still alive and removes this instance's cgroups and task networks."""
     global _manager, _network

@@ -182,6 +182,11 @@ impl std::fmt::Debug for Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         self.spares.close();
+        if self.spares.forked() {
+            // A forked child's copy: the instance, and the thread `flush` waits on, are the
+            // parent's.
+            return;
+        }
         // Ended tasks' cgroups are removed on the background thread: they go first.
         crate::later::flush();
         for dir in self.dirs() {

@@ -29,17 +29,29 @@ struct Shared {
 }
 
 /// The spare cgroups of one instance and the thread that makes them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Spares {
     shared: Arc<Shared>,
     filler: Mutex<Option<JoinHandle<()>>>,
+    /// The process they were made for: a forked copy of it must not hand out its parent's.
+    owner: u32,
+}
+
+impl Default for Spares {
+    fn default() -> Self {
+        Self {
+            shared: Arc::default(),
+            filler: Mutex::default(),
+            owner: std::process::id(),
+        }
+    }
 }
 
 impl Spares {
     /// A ready cgroup, or `None` (the caller makes one). The first call starts the thread that
     /// keeps [`READY`] of them, so an instance that never starts a task makes none.
     pub fn take(&self, make: &Arc<Make>) -> Option<Box<dyn TaskCgroup>> {
-        if self.shared.closed.load(Ordering::Acquire) {
+        if self.shared.closed.load(Ordering::Acquire) || self.forked() {
             return None;
         }
         let spare = lock(&self.shared.ready).pop();
@@ -63,8 +75,24 @@ impl Spares {
             .collect()
     }
 
+    /// Whether this is a forked copy, in a child, of its parent's spares.
+    pub fn forked(&self) -> bool {
+        std::process::id() != self.owner
+    }
+
     /// Stops the thread and removes the spares not handed out. Idempotent.
     pub fn close(&self) {
+        if self.forked() {
+            // A forked copy: the thread and the spares are its parent's. Its locks may have
+            // been held at the fork, so it only tries them.
+            if let Ok(mut filler) = self.filler.try_lock() {
+                std::mem::forget(filler.take());
+            }
+            if let Ok(mut ready) = self.shared.ready.try_lock() {
+                std::mem::forget(std::mem::take(&mut *ready));
+            }
+            return;
+        }
         self.shared.closed.store(true, Ordering::Release);
         self.shared.taken.notify_all();
         if let Some(filler) = lock(&self.filler).take() {

@@ -33,6 +33,8 @@ pub struct Task {
     exit: Option<Exit>,
     wall: Option<Duration>,
     last_stats: CgroupStats,
+    /// The process that started it: a forked copy of the handle must leave the task alone.
+    owner: u32,
 }
 
 impl Task {
@@ -60,6 +62,7 @@ impl Task {
             exit: None,
             wall: None,
             last_stats: CgroupStats::default(),
+            owner: std::process::id(),
         }
     }
 
@@ -246,6 +249,12 @@ impl Task {
 
 impl Drop for Task {
     fn drop(&mut self) {
+        if std::process::id() != self.owner {
+            // A forked child's copy (its exit drops every handle it inherited): the task and
+            // its cgroups are the parent's to end and remove.
+            std::mem::forget(self.cgroup.take());
+            return;
+        }
         if self.exit.is_none() {
             self.reap_blocking();
         }
