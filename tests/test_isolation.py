@@ -636,34 +636,53 @@ FORK = """
 import os, sys, time
 from agentnode.isolation import spawn, task
 ws = sys.argv[1]
+spawn(["true"], workspace=ws).wait()  # the background threads and pools are running
 long = spawn(["sleep", "100"], workspace=ws)
 parent = task._cgroups().name
 deadline = time.monotonic() + 10
 while len(task._cgroups().spares()) < 4 and time.monotonic() < deadline:
     time.sleep(0.01)
+time.sleep(0.2)  # and the network namespaces made ahead are ready
+r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
-    t = spawn(["true"], workspace=ws)  # its own instance, not the parent's spares
-    code = t.wait(10).code
-    print("child", task._cgroups().name, code, flush=True)
-    sys.exit(0)  # atexit runs: it must leave the parent's task and cgroups alone
+    os.close(r)
+    kids = [spawn(["sleep", "100"], workspace=ws) for _ in range(4)]
+    nets = " ".join(str(os.stat(f"/proc/{k.pid}/ns/net").st_ino) for k in kids)
+    os.write(w, f"{task._cgroups().name} {nets}\\n".encode())
+    time.sleep(1)  # alive while the parent starts its own
+    sys.exit(0)  # atexit ends them, and must leave the parent's task and cgroups alone
+os.close(w)
+child = os.read(r, 4096).decode().split()
+mine = [spawn(["sleep", "100"], workspace=ws) for _ in range(4)]
+shared = {str(os.stat(f"/proc/{k.pid}/ns/net").st_ino) for k in mine} & set(child[1:])
 _, status = os.waitpid(pid, 0)
 alive = long.wait(0) is None
-t = spawn(["true"], workspace=ws)
-print("parent", parent, os.waitstatus_to_exitcode(status), alive, t.wait(10).code, flush=True)
-long.close()
+print(child[0], parent, os.waitstatus_to_exitcode(status), alive, len(shared), flush=True)
+for k in [*mine, long]:
+    k.close()
 """
 
 
 def test_a_forked_child_starts_tasks_of_its_own_and_leaves_the_parents_alone(ws: Path) -> None:
-    p = subprocess.run(
-        [sys.executable, "-c", FORK, str(ws)], capture_output=True, text=True, timeout=60
+    p = subprocess.Popen(
+        [sys.executable, "-c", FORK, str(ws)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert p.returncode == 0, p.stderr
-    child, parent = (line.split() for line in p.stdout.splitlines())
-    assert child[0] == "child" and child[2] == "0"
-    assert parent == ["parent", parent[1], "0", "True", "0"]
-    assert child[1] != parent[1]  # an instance of its own
+    try:
+        out, err = p.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # a child that hung would outlive its parent
+    assert p.returncode == 0, err
+    child, parent, status, alive, shared = out.split()
+    assert child != parent  # an instance of its own: never the parent's spare cgroups
+    assert status == "0"  # it exited (it hung when its cleanup queued to the parent's thread)
+    assert alive == "True"  # the parent's task outlived the child's exit
+    assert shared == "0"  # no network namespace made ahead went to both
 
 
 def test_sweep_never_touches_live_instances() -> None:

@@ -7,8 +7,10 @@ use std::sync::{mpsc, OnceLock};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// The worker's queue, if the worker runs in this process: a forked child inherits the queue
+/// but not the thread.
 fn worker() -> Option<&'static mpsc::Sender<Job>> {
-    static WORKER: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
+    static WORKER: OnceLock<Option<(u32, mpsc::Sender<Job>)>> = OnceLock::new();
     WORKER
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Job>();
@@ -16,12 +18,15 @@ fn worker() -> Option<&'static mpsc::Sender<Job>> {
                 .name("agentnode-close".into())
                 .spawn(move || rx.into_iter().for_each(|job| job()))
                 .ok()
-                .map(|_| tx)
+                .map(|_| (std::process::id(), tx))
         })
         .as_ref()
+        .filter(|(owner, _)| *owner == std::process::id())
+        .map(|(_, tx)| tx)
 }
 
-/// Runs `job` on the background thread, or here when that thread could not start or has died.
+/// Runs `job` on the background thread, or here when that thread could not start, has died,
+/// or belongs to the process this one was forked from.
 pub fn later(job: impl FnOnce() + Send + 'static) {
     let job: Job = Box::new(job);
     match worker() {

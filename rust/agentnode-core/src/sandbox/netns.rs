@@ -18,10 +18,11 @@ struct Pool {
 }
 
 /// A fresh network namespace with loopback up, or `None` when none is ready (the caller then
-/// creates one with `CLONE_NEWNET`). The first call starts the thread that makes them.
+/// creates one with `CLONE_NEWNET`). The first call starts the thread that makes them. A
+/// forked child gets none: the ones it inherited are its parent's to hand out.
 pub fn take() -> Option<OwnedFd> {
-    static POOL: OnceLock<Option<&'static Pool>> = OnceLock::new();
-    let pool = (*POOL.get_or_init(|| {
+    static POOL: OnceLock<Option<(u32, &'static Pool)>> = OnceLock::new();
+    let (owner, pool) = (*POOL.get_or_init(|| {
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             ready: Mutex::new(Vec::with_capacity(READY)),
             taken: Condvar::new(),
@@ -30,8 +31,11 @@ pub fn take() -> Option<OwnedFd> {
             .name("agentnode-netns".into())
             .spawn(move || refill(pool))
             .ok()
-            .map(|_| pool)
+            .map(|_| (std::process::id(), pool))
     }))?;
+    if owner != std::process::id() {
+        return None;
+    }
     let fd = pool
         .ready
         .lock()
