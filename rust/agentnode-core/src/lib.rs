@@ -3,6 +3,7 @@
 //! Rust owns file descriptors, syscalls, cgroups and BPF objects; the Python control plane owns
 //! policy, lifecycle, HTTP and configuration.
 
+pub mod ahead;
 pub mod bpf;
 pub mod cgroup;
 pub mod doctor;

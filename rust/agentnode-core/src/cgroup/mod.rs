@@ -12,7 +12,6 @@
 mod instance;
 mod layout;
 mod manager;
-mod spares;
 
 pub use instance::{sweep, Manager, SUBTREE};
 pub use layout::{Hierarchy, Layout, V1Controller};

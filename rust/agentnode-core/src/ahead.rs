@@ -1,0 +1,174 @@
+//! Things a start needs, made ahead of time by a background thread at the lowest CPU priority
+//! and each handed out once: network namespaces (see `sandbox::netns`) and task cgroups (see
+//! `cgroup::Manager`). A start that finds none ready makes its own, so a thread that falls
+//! behind (or fails, and stops) only costs time.
+//!
+//! A forked child inherits the ready list but not the thread: there [`Ahead::take`] hands out
+//! nothing and [`Ahead::close`] leaves the items alone, since they are the parent's.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+/// How many wait ready: enough for a burst of starts while the thread catches up.
+pub const READY: usize = 4;
+
+struct Shared<T> {
+    ready: Mutex<Vec<T>>,
+    taken: Condvar,
+    closed: AtomicBool,
+}
+
+/// Up to [`READY`] items made by `make` on a thread named `name`, started by the first take.
+pub struct Ahead<T: Send + 'static> {
+    name: &'static str,
+    make: Arc<dyn Fn() -> Option<T> + Send + Sync>,
+    shared: Arc<Shared<T>>,
+    filler: Mutex<Option<JoinHandle<()>>>,
+    /// The process they are made for.
+    owner: u32,
+}
+
+impl<T: Send + 'static> std::fmt::Debug for Ahead<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ahead")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> Ahead<T> {
+    /// A pool whose thread calls `make` until [`READY`] wait; a `None` from it stops the thread.
+    pub fn new(name: &'static str, make: impl Fn() -> Option<T> + Send + Sync + 'static) -> Self {
+        Self {
+            name,
+            make: Arc::new(make),
+            shared: Arc::new(Shared {
+                ready: Mutex::new(Vec::with_capacity(READY)),
+                taken: Condvar::new(),
+                closed: AtomicBool::new(false),
+            }),
+            filler: Mutex::new(None),
+            owner: std::process::id(),
+        }
+    }
+
+    /// A ready item, or `None` (the caller makes its own). The first call starts the thread,
+    /// so a pool nobody takes from makes nothing.
+    pub fn take(&self) -> Option<T> {
+        if self.shared.closed.load(Ordering::Acquire) || self.forked() {
+            return None;
+        }
+        let item = lock(&self.shared.ready).pop();
+        self.shared.taken.notify_one();
+        let mut filler = lock(&self.filler);
+        if filler.is_none() {
+            let (shared, make) = (self.shared.clone(), self.make.clone());
+            *filler = std::thread::Builder::new()
+                .name(self.name.into())
+                .spawn(move || fill(&shared, &*make))
+                .ok();
+        }
+        item
+    }
+
+    /// Runs `f` on the items ready now.
+    pub fn with_ready<R>(&self, f: impl FnOnce(&[T]) -> R) -> R {
+        f(&lock(&self.shared.ready))
+    }
+
+    /// Whether this is a forked child's copy of its parent's pool.
+    pub fn forked(&self) -> bool {
+        std::process::id() != self.owner
+    }
+
+    /// Stops the thread and drops the items not handed out. Idempotent.
+    pub fn close(&self) {
+        if self.forked() {
+            // The thread and the items are the parent's. Its locks may have been held at the
+            // fork, so they are only tried.
+            if let Ok(mut filler) = self.filler.try_lock() {
+                std::mem::forget(filler.take());
+            }
+            if let Ok(mut ready) = self.shared.ready.try_lock() {
+                std::mem::forget(std::mem::take(&mut *ready));
+            }
+            return;
+        }
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.taken.notify_all();
+        if let Some(filler) = lock(&self.filler).take() {
+            let _ = filler.join();
+        }
+        lock(&self.shared.ready).clear();
+    }
+}
+
+impl<T: Send + 'static> Drop for Ahead<T> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn fill<T>(shared: &Shared<T>, make: &(dyn Fn() -> Option<T> + Send + Sync)) {
+    crate::sys::lower_thread_priority();
+    loop {
+        {
+            let ready = lock(&shared.ready);
+            let _ready = shared
+                .taken
+                .wait_while(ready, |r| {
+                    r.len() >= READY && !shared.closed.load(Ordering::Acquire)
+                })
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        // One made while closing is pushed all the same: `close` clears after joining.
+        let Some(item) = make() else { return };
+        lock(&shared.ready).push(item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn items_are_made_ahead_handed_out_once_and_dropped_at_close() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = made.clone();
+        let pool = Ahead::new("ahead-test", move || {
+            Some(counter.fetch_add(1, Ordering::SeqCst))
+        });
+        assert_eq!(
+            made.load(Ordering::SeqCst),
+            0,
+            "nothing before the first take"
+        );
+        let mut seen = vec![pool.take()];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.with_ready(<[usize]>::len) < READY && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(pool.with_ready(<[usize]>::len), READY);
+        for _ in 0..READY {
+            seen.push(pool.take());
+        }
+        let mut got: Vec<usize> = seen.into_iter().flatten().collect();
+        let n = got.len();
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), n, "no item handed out twice");
+        pool.close();
+        assert!(pool.take().is_none(), "nothing after close");
+        assert_eq!(pool.with_ready(<[usize]>::len), 0);
+    }
+}
