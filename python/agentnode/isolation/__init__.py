@@ -6,7 +6,6 @@ waited on, signalled, frozen and killed through its pidfd and cgroup2 node.
 """
 
 from agentnode.isolation.task import (
-    DATA_DIR,
     USERNS_BASE,
     ExitReason,
     Limits,
@@ -20,7 +19,6 @@ from agentnode.isolation.task import (
 from agentnode.isolation.units import format_size, parse_duration, parse_size
 
 __all__ = [
-    "DATA_DIR",
     "USERNS_BASE",
     "ExitReason",
     "Limits",

@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: Where workspaces and the staging mount point live (override with AGENTNODE_DATA_DIR).
+#: Where default workspaces and the staging mount point live: AGENTNODE_DATA_DIR, or what
+#: `use_data_dir` set last (read it here, as `task.DATA_DIR`: a copy imported elsewhere goes stale).
 DATA_DIR = Path(os.environ.get("AGENTNODE_DATA_DIR", "/var/lib/agentnode"))
 
 
