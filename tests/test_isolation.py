@@ -827,6 +827,33 @@ def test_api_bad_input() -> None:
         spawn(["true"], rootfs="/nonexistent-agentnode")
 
 
+def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path) -> None:
+    for bad in (5, ""):
+        with pytest.raises(UsageError, match="give a directory path"):
+            task_mod.use_data_dir(bad)  # type: ignore[arg-type]
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(UsageError, match="is not a directory"):
+        task_mod.use_data_dir(a_file)
+    # A data dir whose staging directory cannot be made: the start fails before making anything.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "stage").write_text("")
+    before = task_mod.DATA_DIR
+    task_mod.use_data_dir(data)
+    try:
+        with pytest.raises(UsageError, match=r"staging directory .*: cannot create it"):
+            spawn(["true"], workspace=tmp_path / "ws")
+    finally:
+        task_mod.use_data_dir(before)
+    res, pid = exec_cli(["--", "true"], a_file)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert (
+        res.stderr.startswith("agentnode: error: workspace ") and "AGENTNODE_DATA_DIR" in res.stderr
+    )
+    assert_nothing_left(pid, tmp_path)
+
+
 def test_units() -> None:
     assert parse_size("512M", option="x") == 512 << 20
     assert parse_size("1.5GiB", option="x") == 3 << 29

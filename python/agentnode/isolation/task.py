@@ -44,9 +44,25 @@ DATA_DIR = Path(os.environ.get("AGENTNODE_DATA_DIR", "/var/lib/agentnode"))
 
 def use_data_dir(path: str | os.PathLike[str]) -> None:
     """Puts this process's default workspaces and staging mount point under `path` from the
-    next start on (the node daemon calls it with its data dir, so nothing lands elsewhere)."""
+    next start on (the node daemon calls it with its data dir, so nothing lands elsewhere).
+    Raises `UsageError` for something that is not a path, or a path that is not a directory."""
     global DATA_DIR
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise UsageError(f"data dir: give a directory path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"data dir {os.fspath(path)!r} exists and is not a directory")
     DATA_DIR = Path(path)
+
+
+_DATA_DIR_HINT = "point AGENTNODE_DATA_DIR (or use_data_dir()) at a writable directory"
+
+
+def _make_dir(path: Path, what: str, hint: str) -> None:
+    """`mkdir -p path`, or a `UsageError` that names `what` failed and how to fix it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot create it ({e.strerror}); {hint}") from None
 
 
 #: With a user namespace, task ids 0..65535 map to host ids from here on.
@@ -281,7 +297,7 @@ def prepare_workspace(path: Path, *, user: int | str, userns: bool = False) -> P
     the host sees it (shifted by the user namespace base with `userns`)."""
     uid, gid = _parse_user(user)
     base = USERNS_BASE if userns else 0
-    path.mkdir(parents=True, exist_ok=True)
+    _make_dir(path, "workspace", f"give a writable directory, or {_DATA_DIR_HINT}")
     os.chown(path, base + uid, base + gid)
     return path
 
@@ -364,9 +380,9 @@ def spawn(
         ws = prepare_workspace(_default_workspace(manager.name), user=user, userns=userns)
     else:
         ws = Path(workspace)
-        ws.mkdir(parents=True, exist_ok=True)
+        _make_dir(ws, "workspace", "give a writable directory")
     stage = DATA_DIR / "stage"
-    stage.mkdir(parents=True, exist_ok=True)
+    _make_dir(stage, "staging directory", _DATA_DIR_HINT)
     full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **(env or {})}
     opened: list[int] = []
     parents: list[IO[bytes] | None] = [None, None, None]
