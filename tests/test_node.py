@@ -18,6 +18,7 @@ import pytest
 from rocksdict import Options, Rdict
 
 from agentnode.isolation import task as task_mod
+from agentnode.node.client import NodeNotRunning
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from conftest import processes_with, root_only, run_cli
@@ -192,6 +193,30 @@ def test_second_daemon_on_the_same_state_is_refused(tmp_path: Path) -> None:
         r = run_cli(["run", "--data-dir", str(d.data), "--socket", str(tmp_path / "other.sock")])
         assert r.returncode != 0 and "another agentnode runs on" in r.stderr, r.stderr
         assert d.client.call("GET", "/healthz") == {"ok": True}
+
+
+def test_client_keeps_a_connection_per_thread_across_restarts(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        client = d.client
+        client.call("GET", "/healthz")
+        first = client._local.conn.sock
+        assert client.call("GET", "/v1/node")["allocatable_cpu_millis"] > 0
+        assert client._local.conn.sock is first, "a second call reuses the connection"
+        socks = in_parallel(lambda _: (client.call("GET", "/healthz"), client._local.conn.sock), 8)
+        assert len({id(s) for _, s in socks}) > 1, "threads do not share a connection"
+        d.stop()
+        with pytest.raises(NodeNotRunning, match="agentnode run"):
+            client.call("GET", "/healthz")
+        d.start()
+        task = client.call("POST", "/v1/tasks", {"command": ["true"], "memory": "32M"})
+        assert d.wait(task["id"])["state"] == "succeeded", "a restarted node is reached again"
+    finally:
+        if d.proc is not None:
+            d.stop()
+        d.client.close()
+    assert d.client._kept == []
 
 
 def test_api_bad_input_names_the_field(tmp_path: Path) -> None:

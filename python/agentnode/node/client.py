@@ -6,6 +6,9 @@ import contextlib
 import http.client
 import json
 import os
+import select
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,21 +29,66 @@ def default_socket() -> Path:
 
 
 class NodeClient:
-    """Calls the node's admin API; raises AgentnodeError with the API's own message."""
+    """Calls the node's admin API; raises AgentnodeError with the API's own message.
+
+    `call` keeps one connection per thread open between calls (HTTP keep-alive): a new unix
+    connection costs the client and the node more than a small request does. A connection the
+    node has closed (idle timeout, restart) is noticed before it is reused. Streams (`stream`)
+    get a connection of their own. `close()` (or leaving a `with` block) closes the kept ones.
+    """
 
     def __init__(self, path: Path | None = None, *, timeout: float | None = 30.0) -> None:
         self.path = path or default_socket()
         self.timeout = timeout
+        self._local = threading.local()
+        self._kept: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
 
-    def _open(
-        self, method: str, url: str, body: Any = None
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        conn = UnixHTTPConnection(str(self.path), timeout=self.timeout)
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the connections kept by `call` (in every thread)."""
+        with self._lock:
+            kept, self._kept = self._kept, []
+        for conn in kept:
+            conn.close()
+        self._local = threading.local()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's kept connection (and whether it was used before), or a new one."""
+        if os.getpid() != self._pid:  # a forked child must not talk over its parent's socket
+            self._pid = os.getpid()
+            self._kept = []
+            self._lock = threading.Lock()
+            self._local = threading.local()
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None and not _dropped(conn.sock):
+            return conn, True
+        if conn is not None:
+            conn.close()
+        else:
+            conn = UnixHTTPConnection(str(self.path), timeout=self.timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._kept.append(conn)
+        return conn, False
+
+    def _send(
+        self, conn: http.client.HTTPConnection, method: str, url: str, body: Any
+    ) -> http.client.HTTPResponse:
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
             conn.request(method, url, payload, headers)
-            resp = conn.getresponse()
+            return conn.getresponse()
         except (FileNotFoundError, ConnectionRefusedError):
             conn.close()
             raise NodeNotRunning(
@@ -51,20 +99,50 @@ class NodeClient:
             raise NodeNotRunning(
                 f"no permission to use {self.path} (run as root or join the agentnode group)"
             ) from None
-        if resp.status >= 400:
-            raw = resp.read()
+        except BaseException:
             conn.close()
-            raise AgentnodeError(error_message(resp.status, raw))
-        return conn, resp
+            raise
 
     def call(self, method: str, url: str, body: Any = None) -> Any:
-        conn, resp = self._open(method, url, body)
-        with contextlib.closing(conn):
-            return json.loads(resp.read())
+        conn, reused = self._connection()
+        try:
+            resp = self._send(conn, method, url, body)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # The node closed a kept connection as this request went out. It had not read
+            # the request, but a node that died mid-request looks the same: only a request
+            # that may be repeated is sent again.
+            if not reused or method not in _IDEMPOTENT:
+                raise AgentnodeError(
+                    f"the node closed the connection during {method} {url}; it may or may not "
+                    "have been applied (check with 'agentnode ps')"
+                ) from None
+            conn, _ = self._connection()
+            resp = self._send(conn, method, url, body)
+        raw = resp.read()
+        if resp.status >= 400:
+            raise AgentnodeError(error_message(resp.status, raw))
+        return json.loads(raw)
 
     def stream(self, url: str) -> Iterator[bytes]:
-        """The response body as it arrives (logs -f, events)."""
-        conn, resp = self._open("GET", url)
+        """The response body as it arrives (logs -f, events), on a connection of its own."""
+        conn = UnixHTTPConnection(str(self.path), timeout=self.timeout)
         with contextlib.closing(conn):
+            resp = self._send(conn, "GET", url, None)
+            if resp.status >= 400:
+                raise AgentnodeError(error_message(resp.status, resp.read()))
             while chunk := resp.read1(1 << 16):
                 yield chunk
+
+
+#: Methods whose repetition has the effect of one call.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """Whether the peer closed an idle connection (it reads as EOF, or has stray bytes)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True
