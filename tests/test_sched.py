@@ -166,3 +166,46 @@ def test_bad_input(call: object, message: str) -> None:
 def test_negative_id_is_rejected() -> None:
     with pytest.raises(OverflowError):
         Scheduler().push(-1, "a", "normal")
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ([(1, "a", "low", 1)], r"\(id, tenant, class, cpu, mem\) tuples, got \(1, 'a', 'low', 1\)"),
+        ([[1, "a", "low", 1, 1]], "tuples, got"),
+        ([(1, 7, "low", 1, 1)], "tenant must be a str, got 7"),
+        ([(1, "a", None, 1, 1)], "class must be a str, got None"),
+        ([(1, "a", "low", 1, 1), (2, "a", "vip", 1, 1)], "unknown priority class"),
+        ([(1, "a", "low", 1, 1), (2, "", "low", 1, 1)], "tenant name"),
+    ],
+)
+def test_push_many_bad_tuples_name_the_problem_and_change_nothing(
+    batch: list[object], message: str
+) -> None:
+    s = Scheduler()
+    with pytest.raises((TypeError, SchedulerError), match=message):
+        s.push_many(batch)  # type: ignore[arg-type]
+    assert s.queued == 0
+
+
+def test_push_many_knows_tenants_by_name_not_by_object() -> None:
+    """Equal names from different str objects (decoded records), more tenants than the batch
+    remembers by identity, and a generator: every task lands with its own tenant."""
+    s = Scheduler()
+    s.set_tenant("t1", weight=3)
+    names = [f"t{i % 40}" for i in range(4000)]  # 40 tenants, one str object per task
+    s.push_many((i, "".join(name), "normal", 1, 1) for i, name in enumerate(names))
+    assert s.queued == 4000
+    # Fair share over 420 pops: 10 for each tenant of weight 1, 30 for t1 (weight 3).
+    got = Counter(names[i] for i in s.pop_many(420, BIG, BIG))
+    assert 29 <= got.pop("t1") <= 31
+    assert len(got) == 39 and all(9 <= n <= 11 for n in got.values()), got
+
+
+def test_cancelled_tasks_are_skipped_in_order() -> None:
+    s = Scheduler()
+    s.push_many([(i, "a", "normal", 1, 1) for i in range(6)])
+    for i in (1, 2, 4):
+        s.cancel(i)
+    s.push(2, "a", "normal")  # a cancelled id queued again goes to the back
+    assert s.pop_many(10, BIG, BIG) == [0, 3, 5, 2]

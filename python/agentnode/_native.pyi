@@ -130,8 +130,8 @@ class Scheduler:
         """Sets a tenant's fair-share weight and optionally its own running limit."""
     def push(self, id: int, tenant: str, cls: str, cpu: int = 0, mem: int = 0) -> None:
         """Queues one task requesting `cpu` millicores and `mem` bytes."""
-    def push_many(self, tasks: list[tuple[int, str, str, int, int]]) -> None:
-        """Queues (id, tenant, class, cpu, mem) tuples, all or none."""
+    def push_many(self, tasks: Iterable[tuple[int, str, str, int, int]]) -> None:
+        """Queues (id, tenant, class, cpu, mem) tuples, all or none (TypeError names a bad one)."""
     def pop(self, free_cpu: int, free_mem: int) -> int | None:
         """The id of the next task that fits the free capacity, or None."""
     def pop_many(self, n: int, free_cpu: int, free_mem: int) -> list[int]:

@@ -1,14 +1,17 @@
 //! `agentnode._native.Scheduler`: the Rust scheduler (`agentnode_core::sched`) as a pyclass.
 //! Arguments are copied into owned values, then the GIL is released around the locked work.
 
+use std::collections::HashMap;
+
 use agentnode_core::sched::{Class, Limits, Popped, Shared, Task};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedStr;
+use pyo3::types::{PyString, PyTuple};
 
 use crate::errors::NativeError;
 
-// Borrowed strings: copying every tenant and class name cost a third of `push_many`.
-type TaskTuple = (u64, PyBackedStr, PyBackedStr, u64, u64);
+/// Tenant (and class) name objects of a batch remembered by identity; more are looked up by text.
+const RECENT_TENANTS: usize = 16;
 
 /// Priority classes, weighted fair share between tenants, limits, aging and capacity admission.
 #[pyclass(module = "agentnode._native", frozen)]
@@ -18,6 +21,15 @@ pub struct Scheduler {
 
 fn class(name: &str) -> PyResult<Class> {
     Ok(Class::parse(name).map_err(NativeError::from)?)
+}
+
+fn not_str(what: &str, got: &Bound<'_, PyAny>) -> PyErr {
+    PyTypeError::new_err(format!("{what} must be a str, got {}", repr(got)))
+}
+
+fn repr(obj: &Bound<'_, PyAny>) -> String {
+    obj.repr()
+        .map_or_else(|_| "?".to_owned(), |r| r.to_string())
 }
 
 fn id_or_none(p: Option<Popped>) -> Option<u64> {
@@ -32,7 +44,7 @@ impl Scheduler {
     #[pyo3(signature = (*, tenant_limit = 0, class_limits = None, aging = 0))]
     fn new(
         tenant_limit: u32,
-        class_limits: Option<std::collections::HashMap<String, u32>>,
+        class_limits: Option<HashMap<String, u32>>,
         aging: u32,
     ) -> PyResult<Self> {
         let mut limits = Limits {
@@ -87,21 +99,80 @@ impl Scheduler {
         Ok(())
     }
 
-    fn push_many(&self, py: Python<'_>, tasks: Vec<TaskTuple>) -> PyResult<()> {
-        let classes = tasks
-            .iter()
-            .map(|t| class(&t.2))
-            .collect::<PyResult<Vec<_>>>()?;
+    /// Reads the tuples straight from Python objects: converting each into owned Rust values
+    /// (pyo3's `Vec<(u64, String, ...)>`) took twice as long as queueing them. A batch names few
+    /// tenants and classes, mostly as the same few `str` objects: those are recognised by identity
+    /// (held, so no other object can take their address), any other by its text, and each tenant
+    /// name is copied once.
+    fn push_many(&self, py: Python<'_>, tasks: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut names: Vec<String> = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut recent: Vec<(Bound<'_, PyAny>, usize)> = Vec::new();
+        let mut classes: Vec<(Bound<'_, PyAny>, Class)> = Vec::new();
+        let mut rows: Vec<(u64, usize, Class, u64, u64)> = Vec::new();
+        for item in tasks.try_iter()? {
+            let item = item?;
+            let t = item
+                .cast::<PyTuple>()
+                .ok()
+                .filter(|t| t.len() == 5)
+                .ok_or_else(|| {
+                    PyTypeError::new_err(format!(
+                        "push_many takes (id, tenant, class, cpu, mem) tuples, got {}",
+                        repr(&item)
+                    ))
+                })?;
+            let name = t.get_borrowed_item(1)?;
+            let tenant = if let Some((_, i)) = recent.iter().find(|(o, _)| o.is(&*name)) {
+                *i
+            } else {
+                let text = name
+                    .cast::<PyString>()
+                    .map_err(|_| not_str("tenant", &name))?;
+                let text = text.to_str()?;
+                let i = if let Some(&i) = by_name.get(text) {
+                    i
+                } else {
+                    names.push(text.to_owned());
+                    by_name.insert(text.to_owned(), names.len() - 1);
+                    names.len() - 1
+                };
+                if recent.len() < RECENT_TENANTS {
+                    recent.push((name.to_owned(), i));
+                }
+                i
+            };
+            let cls = t.get_borrowed_item(2)?;
+            let class = if let Some((_, c)) = classes.iter().find(|(o, _)| o.is(&*cls)) {
+                *c
+            } else {
+                let c = class(
+                    cls.cast::<PyString>()
+                        .map_err(|_| not_str("class", &cls))?
+                        .to_str()?,
+                )?;
+                if classes.len() < RECENT_TENANTS {
+                    classes.push((cls.to_owned(), c));
+                }
+                c
+            };
+            rows.push((
+                t.get_borrowed_item(0)?.extract()?,
+                tenant,
+                class,
+                t.get_borrowed_item(3)?.extract()?,
+                t.get_borrowed_item(4)?.extract()?,
+            ));
+        }
         py.detach(|| {
-            let batch: Vec<Task<'_>> = tasks
+            let batch: Vec<Task<'_>> = rows
                 .iter()
-                .zip(classes)
-                .map(|(t, class)| Task {
-                    id: t.0,
-                    tenant: &t.1,
+                .map(|&(id, tenant, class, cpu, mem)| Task {
+                    id,
+                    tenant: &names[tenant],
                     class,
-                    cpu: t.3,
-                    mem: t.4,
+                    cpu,
+                    mem,
                 })
                 .collect();
             self.inner.lock().push_many(&batch)

@@ -1,6 +1,6 @@
 //! The single-threaded scheduler structure. See the module docs of `sched` for the algorithm.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::{Error, Result};
@@ -29,12 +29,15 @@ impl Hasher for Fx {
 }
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+type FxSet<K> = HashSet<K, BuildHasherDefault<Fx>>;
 
 /// Virtual-time cost of one task for a tenant of weight 1; a tenant of weight `w` pays `SCALE / w`.
 const SCALE: u64 = 1 << 32;
 /// Largest tenant weight; keeps `SCALE / weight` well above rounding noise.
 pub const MAX_WEIGHT: u32 = 10_000;
 const CLASSES: usize = 5;
+/// Tenant names a batch push remembers by address (see [`Scheduler::push_many`]).
+const RECENT_TENANTS: usize = 16;
 
 /// A priority class; lower classes pop only when no higher class has a task that fits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -114,6 +117,9 @@ struct Lane {
     finish: u64,
     /// This lane's key in its class's ready set, when it is there.
     key: Option<Key>,
+    /// Cancelled entries still in `queue` (dropped when they reach its head): while there are
+    /// none, the head is live without asking the index.
+    dead: usize,
 }
 
 #[derive(Debug)]
@@ -211,6 +217,12 @@ impl Scheduler {
             return Err(Error::Duplicate(task.id));
         }
         let t = self.tenant(task.tenant)?;
+        self.push_as(task, t);
+        Ok(())
+    }
+
+    /// Queues a checked task of tenant number `t`.
+    fn push_as(&mut self, task: &Task<'_>, t: u32) {
         let c = task.class as usize;
         self.seq += 1;
         let seq = self.seq;
@@ -233,22 +245,42 @@ impl Scheduler {
         if lane.key.is_none() {
             self.settle(t, c);
         }
-        Ok(())
     }
 
     /// Queues several tasks, all or none: a bad one leaves the queue untouched.
     pub fn push_many(&mut self, tasks: &[Task<'_>]) -> Result<()> {
-        let mut seen = std::collections::HashSet::with_capacity(tasks.len());
+        // A batch names few tenants, usually through the same few strings (the Python binding
+        // passes one per name): those are recognised by address (the same bytes, as the batch
+        // is borrowed) instead of hashing each name, which was the largest single cost of a push.
+        let mut recent: Vec<(*const u8, usize)> = Vec::with_capacity(RECENT_TENANTS);
+        let mut seen = FxSet::with_capacity_and_hasher(tasks.len(), BuildHasherDefault::default());
         for task in tasks {
             if self.index.contains_key(&task.id) || !seen.insert(task.id) {
                 return Err(Error::Duplicate(task.id));
             }
-            if !self.tenant_ids.contains_key(task.tenant) {
-                check_tenant_name(task.tenant)?;
+            let key = (task.tenant.as_ptr(), task.tenant.len());
+            if !recent.contains(&key) {
+                if !self.tenant_ids.contains_key(task.tenant) {
+                    check_tenant_name(task.tenant)?;
+                }
+                if recent.len() < RECENT_TENANTS {
+                    recent.push(key);
+                }
             }
         }
+        let mut ids: Vec<(*const u8, usize, u32)> = Vec::with_capacity(RECENT_TENANTS);
         for task in tasks {
-            self.push(task)?;
+            let key = (task.tenant.as_ptr(), task.tenant.len());
+            let t = if let Some(r) = ids.iter().find(|r| (r.0, r.1) == key) {
+                r.2
+            } else {
+                let t = self.tenant(task.tenant)?;
+                if ids.len() < RECENT_TENANTS {
+                    ids.push((key.0, key.1, t));
+                }
+                t
+            };
+            self.push_as(task, t);
         }
         Ok(())
     }
@@ -264,7 +296,8 @@ impl Scheduler {
         self.index.remove(&id);
         self.queued -= 1;
         let c = loc.class as usize;
-        let lane = &self.tenants[loc.tenant as usize].lanes[c];
+        let lane = &mut self.tenants[loc.tenant as usize].lanes[c];
+        lane.dead += 1;
         // Entries behind the head are dropped lazily when they reach it.
         if lane.queue.front().is_some_and(|e| e.seq == seq) {
             self.settle(loc.tenant, c);
@@ -403,12 +436,16 @@ impl Scheduler {
         if let Some(key) = lane.key.take() {
             class.ready.remove(&key);
         }
-        while let Some(head) = lane.queue.front() {
+        while lane.dead > 0 {
+            let Some(head) = lane.queue.front() else {
+                break;
+            };
             let live = matches!(index.get(&head.id), Some(Loc { at: Where::Queued { seq }, .. }) if *seq == head.seq);
             if live {
                 break;
             }
             lane.queue.pop_front();
+            lane.dead -= 1;
         }
         if blocked {
             return;
