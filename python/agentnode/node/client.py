@@ -9,6 +9,7 @@ import os
 import select
 import socket
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,17 @@ class NodeClient:
     `call` keeps one connection per thread open between calls (HTTP keep-alive): a new unix
     connection costs the client and the node more than a small request does. A connection the
     node has closed (idle timeout, restart) is noticed before it is reused. Streams (`stream`)
-    get a connection of their own. `close()` (or leaving a `with` block) closes the kept ones.
+    get a connection of their own. `close()` (or leaving a `with` block) closes the kept ones;
+    a thread's connection also goes with the thread.
     """
 
     def __init__(self, path: Path | None = None, *, timeout: float | None = 30.0) -> None:
         self.path = path or default_socket()
         self.timeout = timeout
         self._local = threading.local()
-        self._kept: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
+        # Weak: a connection lives in its thread's local storage and ends with the thread.
+        self._kept: weakref.WeakSet[_Kept] = weakref.WeakSet()
+        self._lock = threading.Lock()  # over _kept, which a first call in a thread adds to
         self._pid = os.getpid()
 
     def __enter__(self) -> NodeClient:
@@ -55,30 +58,31 @@ class NodeClient:
         self.close()
 
     def close(self) -> None:
-        """Closes the connections kept by `call` (in every thread)."""
+        """Closes the connections kept by `call` (in every thread); a later call reconnects."""
         with self._lock:
-            kept, self._kept = self._kept, []
-        for conn in kept:
-            conn.close()
-        self._local = threading.local()
+            kept = list(self._kept)
+        for k in kept:
+            k.conn.close()
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's kept connection (and whether it was used before), or a new one."""
         if os.getpid() != self._pid:  # a forked child must not talk over its parent's socket
             self._pid = os.getpid()
-            self._kept = []
+            self._kept = weakref.WeakSet()
             self._lock = threading.Lock()
             self._local = threading.local()
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None and conn.sock is not None and not _dropped(conn.sock):
-            return conn, True
-        if conn is not None:
-            conn.close()
-        else:
-            conn = UnixHTTPConnection(str(self.path), timeout=self.timeout)
-            self._local.conn = conn
+        kept: _Kept | None = getattr(self._local, "kept", None)
+        if kept is None:
+            kept = self._local.kept = _Kept(
+                UnixHTTPConnection(str(self.path), timeout=self.timeout)
+            )
             with self._lock:
-                self._kept.append(conn)
+                self._kept.add(kept)
+            return kept.conn, False
+        conn = kept.conn
+        if conn.sock is not None and not _dropped(conn.sock):
+            return conn, True
+        conn.close()  # the next request opens it again
         return conn, False
 
     def _send(
@@ -132,6 +136,18 @@ class NodeClient:
                 raise AgentnodeError(error_message(resp.status, resp.read()))
             while chunk := resp.read1(1 << 16):
                 yield chunk
+
+
+class _Kept:
+    """A thread's kept connection, closed when the thread (and so its local storage) ends."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: http.client.HTTPConnection) -> None:
+        self.conn = conn
+
+    def __del__(self) -> None:
+        self.conn.close()
 
 
 #: Methods whose repetition has the effect of one call.
