@@ -54,9 +54,6 @@ class NodeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        self.close()
-
     def close(self) -> None:
         """Closes the connections kept by `call` (in every thread); a later call reconnects."""
         with self._lock:

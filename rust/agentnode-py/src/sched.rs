@@ -10,8 +10,8 @@ use pyo3::types::{PyString, PyTuple};
 
 use crate::errors::NativeError;
 
-/// Tenant (and class) name objects of a batch remembered by identity; more are looked up by text.
-const RECENT_TENANTS: usize = 16;
+/// Tenant and class name objects of a batch remembered by identity; more are looked up by text.
+const RECENT_NAMES: usize = 16;
 
 /// Priority classes, weighted fair share between tenants, limits, aging and capacity admission.
 #[pyclass(module = "agentnode._native", frozen)]
@@ -30,6 +30,25 @@ fn not_str(what: &str, got: &Bound<'_, PyAny>) -> PyErr {
 fn repr(obj: &Bound<'_, PyAny>) -> String {
     obj.repr()
         .map_or_else(|_| "?".to_owned(), |r| r.to_string())
+}
+
+/// What `make` gives for the str `obj` (a `what`), remembered by the object's identity for the
+/// first [`RECENT_NAMES`] objects: held in `seen`, so no other object can take their address.
+fn remembered<'py, T: Copy>(
+    seen: &mut Vec<(Bound<'py, PyAny>, T)>,
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    make: impl FnOnce(&str) -> PyResult<T>,
+) -> PyResult<T> {
+    if let Some((_, v)) = seen.iter().find(|(o, _)| o.is(obj)) {
+        return Ok(*v);
+    }
+    let text = obj.cast::<PyString>().map_err(|_| not_str(what, obj))?;
+    let v = make(text.to_str()?)?;
+    if seen.len() < RECENT_NAMES {
+        seen.push((obj.clone(), v));
+    }
+    Ok(v)
 }
 
 fn id_or_none(p: Option<Popped>) -> Option<u64> {
@@ -105,9 +124,8 @@ impl Scheduler {
     /// (held, so no other object can take their address), any other by its text, and each tenant
     /// name is copied once.
     fn push_many(&self, py: Python<'_>, tasks: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut names: Vec<String> = Vec::new();
         let mut by_name: HashMap<String, usize> = HashMap::new();
-        let mut recent: Vec<(Bound<'_, PyAny>, usize)> = Vec::new();
+        let mut tenants: Vec<(Bound<'_, PyAny>, usize)> = Vec::new();
         let mut classes: Vec<(Bound<'_, PyAny>, Class)> = Vec::new();
         let mut rows: Vec<(u64, usize, Class, u64, u64)> = Vec::new();
         for item in tasks.try_iter()? {
@@ -122,40 +140,15 @@ impl Scheduler {
                         repr(&item)
                     ))
                 })?;
-            let name = t.get_borrowed_item(1)?;
-            let tenant = if let Some((_, i)) = recent.iter().find(|(o, _)| o.is(&*name)) {
-                *i
-            } else {
-                let text = name
-                    .cast::<PyString>()
-                    .map_err(|_| not_str("tenant", &name))?;
-                let text = text.to_str()?;
-                let i = if let Some(&i) = by_name.get(text) {
-                    i
-                } else {
-                    names.push(text.to_owned());
-                    by_name.insert(text.to_owned(), names.len() - 1);
-                    names.len() - 1
-                };
-                if recent.len() < RECENT_TENANTS {
-                    recent.push((name.to_owned(), i));
+            let tenant = remembered(&mut tenants, &*t.get_borrowed_item(1)?, "tenant", |text| {
+                if let Some(&i) = by_name.get(text) {
+                    return Ok(i);
                 }
-                i
-            };
-            let cls = t.get_borrowed_item(2)?;
-            let class = if let Some((_, c)) = classes.iter().find(|(o, _)| o.is(&*cls)) {
-                *c
-            } else {
-                let c = class(
-                    cls.cast::<PyString>()
-                        .map_err(|_| not_str("class", &cls))?
-                        .to_str()?,
-                )?;
-                if classes.len() < RECENT_TENANTS {
-                    classes.push((cls.to_owned(), c));
-                }
-                c
-            };
+                let i = by_name.len();
+                by_name.insert(text.to_owned(), i);
+                Ok(i)
+            })?;
+            let class = remembered(&mut classes, &*t.get_borrowed_item(2)?, "class", class)?;
             rows.push((
                 t.get_borrowed_item(0)?.extract()?,
                 tenant,
@@ -164,12 +157,16 @@ impl Scheduler {
                 t.get_borrowed_item(4)?.extract()?,
             ));
         }
+        let mut names = vec![""; by_name.len()];
+        for (name, &i) in &by_name {
+            names[i] = name;
+        }
         py.detach(|| {
             let batch: Vec<Task<'_>> = rows
                 .iter()
                 .map(|&(id, tenant, class, cpu, mem)| Task {
                     id,
-                    tenant: &names[tenant],
+                    tenant: names[tenant],
                     class,
                     cpu,
                     mem,

@@ -252,33 +252,30 @@ impl Scheduler {
         // A batch names few tenants, usually through the same few strings (the Python binding
         // passes one per name): those are recognised by address (the same bytes, as the batch
         // is borrowed) instead of hashing each name, which was the largest single cost of a push.
-        let mut recent: Vec<(*const u8, usize)> = Vec::with_capacity(RECENT_TENANTS);
+        // Each remembers its tenant number, or `None` for a new (checked) name until made.
+        let mut known: Vec<((*const u8, usize), Option<u32>)> = Vec::with_capacity(RECENT_TENANTS);
         let mut seen = FxSet::with_capacity_and_hasher(tasks.len(), BuildHasherDefault::default());
         for task in tasks {
             if self.index.contains_key(&task.id) || !seen.insert(task.id) {
                 return Err(Error::Duplicate(task.id));
             }
             let key = (task.tenant.as_ptr(), task.tenant.len());
-            if !recent.contains(&key) {
-                if !self.tenant_ids.contains_key(task.tenant) {
+            if !known.iter().any(|k| k.0 == key) {
+                let t = self.tenant_ids.get(task.tenant).copied();
+                if t.is_none() {
                     check_tenant_name(task.tenant)?;
                 }
-                if recent.len() < RECENT_TENANTS {
-                    recent.push(key);
+                if known.len() < RECENT_TENANTS {
+                    known.push((key, t));
                 }
             }
         }
-        let mut ids: Vec<(*const u8, usize, u32)> = Vec::with_capacity(RECENT_TENANTS);
         for task in tasks {
             let key = (task.tenant.as_ptr(), task.tenant.len());
-            let t = if let Some(r) = ids.iter().find(|r| (r.0, r.1) == key) {
-                r.2
-            } else {
-                let t = self.tenant(task.tenant)?;
-                if ids.len() < RECENT_TENANTS {
-                    ids.push((key.0, key.1, t));
-                }
-                t
+            let t = match known.iter_mut().find(|k| k.0 == key) {
+                Some((_, Some(t))) => *t,
+                Some((_, made)) => *made.insert(self.tenant(task.tenant)?),
+                None => self.tenant(task.tenant)?,
             };
             self.push_as(task, t);
         }
