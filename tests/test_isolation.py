@@ -312,6 +312,20 @@ def test_cpus_half_is_enforced(ws: Path) -> None:
     assert used >= 0.425 * min(1.0, throttled / 0.9), (used, throttled)
 
 
+def test_final_accounting_splits_user_and_system_time(ws: Path) -> None:
+    # The exact CPU total is split in the proportion of the tick-sampled user and system times.
+    busy = spawn(["sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"], workspace=ws)
+    calls = spawn(["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=400000"], workspace=ws)
+    for t, mostly in ((busy, "user"), (calls, "system")):
+        r = t.wait(timeout=60)
+        assert r is not None and r.code == 0
+        s = r.stats
+        user, system = s.cpu_user_s, s.cpu_system_s
+        assert user + system > 0.1, s
+        assert (user > system) if mostly == "user" else (system > user), s
+        assert s.memory_peak > 0 and s.pids_peak >= 1 and s.pids_current == 0, s
+
+
 def test_timeout_kills_a_tree_with_a_double_forked_daemon(ws: Path) -> None:
     marker = f"{1000 + uuid.uuid4().int % 1000}.{os.getpid()}"
     t = spawn(

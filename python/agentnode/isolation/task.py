@@ -59,6 +59,8 @@ _DATA_DIR_HINT = "point AGENTNODE_DATA_DIR (or use_data_dir()) at a writable dir
 
 def _make_dir(path: Path, what: str, hint: str) -> None:
     """`mkdir -p path`, or a `UsageError` that names `what` failed and how to fix it."""
+    if os.path.isdir(path):  # one stat: every start checks its staging dir and workspace
+        return
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -353,8 +355,7 @@ def spawn(
     limits = limits or Limits()
     if not argv:
         raise UsageError("a command is required (e.g. agentnode exec -- /bin/true)")
-    root = Path(rootfs)
-    if not root.is_dir():
+    if rootfs != "/" and not os.path.isdir(rootfs):
         raise UsageError(
             f"rootfs {os.fspath(rootfs)!r} is not a directory (give a root file system tree)"
         )
@@ -403,7 +404,7 @@ def spawn(
             env=[f"{k}={v}" for k, v in full_env.items()],
             cwd=cwd,
             hostname=hostname,
-            rootfs=os.fspath(root),
+            rootfs=os.fspath(rootfs),
             stage=os.fspath(stage),
             workspace=os.fspath(ws),
             binds=[(m.src, m.dest, m.writable) for m in mounts],

@@ -82,9 +82,22 @@ pub(crate) fn write(dir: &Path, file: &str, value: &str) -> Result<()> {
         })
 }
 
+/// A control file's text. Control files are short and kernfs hands over all of a file's text in
+/// one read that has room for it, so this skips `read_to_string`'s size query and its second
+/// read: a reap reads eight of them.
 fn read(dir: &Path, file: &str) -> Result<String> {
+    use std::io::Read as _;
     let path = dir.join(file);
-    std::fs::read_to_string(&path).map_err(|source| Error::Read { path, source })
+    let mut buf = [0u8; 4096];
+    let text = std::fs::File::open(&path).and_then(|mut f| {
+        let n = f.read(&mut buf)?;
+        let mut text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if n == buf.len() {
+            f.read_to_string(&mut text)?;
+        }
+        Ok(text)
+    });
+    text.map_err(|source| Error::Read { path, source })
 }
 
 fn read_u64(dir: &Path, file: &str) -> Result<u64> {
@@ -184,6 +197,13 @@ impl TaskCgroup for V2 {
     }
 }
 
+/// Whether v1 memory cgroups have `memory.memsw.*`: swap accounting is on or off for the whole
+/// host, so it is asked once.
+static MEMSW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// `cpu.cfs_period_us` of a new v1 cgroup.
+const V1_DEFAULT_PERIOD_US: u64 = 100_000;
+
 /// The v1 hierarchies a hybrid task needs, by the controller that names each.
 pub const V1_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
 
@@ -267,7 +287,10 @@ impl TaskCgroup for Hybrid {
         }
         let cpu = self.v1("cpu");
         if let Some(q) = limits.cpu_quota_us {
-            write(cpu, "cpu.cfs_period_us", &limits.cpu_period_us.to_string())?;
+            // Limits go to a fresh cgroup, which has the kernel's default period.
+            if limits.cpu_period_us != V1_DEFAULT_PERIOD_US {
+                write(cpu, "cpu.cfs_period_us", &limits.cpu_period_us.to_string())?;
+            }
             write(cpu, "cpu.cfs_quota_us", &q.to_string())?;
         }
         if let Some(w) = limits.cpu_weight {
@@ -279,7 +302,7 @@ impl TaskCgroup for Hybrid {
             write(mem, "memory.limit_in_bytes", &m.to_string())?;
             // memsw = memory + swap; without a swap limit, no swap at all beyond memory.max.
             let memsw = m.saturating_add(limits.swap_max.unwrap_or(0));
-            if mem.join("memory.memsw.limit_in_bytes").exists() {
+            if *MEMSW.get_or_init(|| mem.join("memory.memsw.limit_in_bytes").exists()) {
                 write(mem, "memory.memsw.limit_in_bytes", &memsw.to_string())?;
             } else if limits.swap_max.is_some() {
                 return Err(Error::Unsupported {
@@ -305,12 +328,10 @@ impl TaskCgroup for Hybrid {
         let pids = self.v1("pids");
         let oom = read(mem, "memory.oom_control").unwrap_or_default();
         let pids_events = read(pids, "pids.events").unwrap_or_default();
-        // usage_user/usage_sys are tick-sampled; cpuacct.usage is exact. Split the exact total
-        // in their proportion so user + system adds up to the real CPU time.
-        let (user, sys) = (
-            read_u64(acct, "cpuacct.usage_user")?,
-            read_u64(acct, "cpuacct.usage_sys")?,
-        );
+        // cpuacct.stat's user and system times are tick-sampled; cpuacct.usage is exact. Split
+        // the exact total in their proportion so user + system adds up to the real CPU time.
+        let ticks = read(acct, "cpuacct.stat")?;
+        let (user, sys) = (keyed(&ticks, "user"), keyed(&ticks, "system"));
         let total = read_u64(acct, "cpuacct.usage")?;
         let user_ns = if user + sys == 0 {
             total

@@ -234,15 +234,24 @@ impl Task {
     /// After init is reaped: record final accounting, kill any process that escaped the pid
     /// namespace's teardown; the cgroups and the mount namespace go on the background thread.
     fn release(&mut self) {
-        if let Some(mounts) = self.mounts.take() {
-            later(move || drop(mounts));
-        }
-        if let Some(cg) = self.cgroup.take() {
+        let mounts = self.mounts.take();
+        let cg = self.cgroup.take();
+        if let Some(cg) = cg.as_deref() {
             if let Ok(s) = cg.stats() {
                 self.last_stats = s;
             }
-            let _ = cg.kill();
-            later(move || drop(cg));
+            // A pids controller that counted the task (a peak) and counts nobody now means the
+            // cgroup is empty, and stays so: only a privileged writer could move a process in.
+            let empty = self.last_stats.pids_peak > 0 && self.last_stats.pids_current == 0;
+            if !empty {
+                let _ = cg.kill();
+            }
+        }
+        if mounts.is_some() || cg.is_some() {
+            later(move || {
+                drop(mounts);
+                drop(cg);
+            });
         }
     }
 }
