@@ -450,6 +450,45 @@ def test_every_task_gets_fresh_net_and_ipc_namespaces_of_its_own_with_loopback_u
         assert out.split() == ["lo", "0x9"]  # IFF_UP | IFF_LOOPBACK
 
 
+def test_each_tasks_sys_shows_its_own_network_namespace(ws: Path) -> None:
+    # /sys is mounted ahead of most starts (with the network namespace made ahead): a link
+    # moved into one running task's namespace must show in that task's /sys and no other's.
+    tasks = [
+        spawn(["sh", "-c", "read _; ls /sys/class/net"], workspace=ws, stdin="pipe", stdout="pipe")
+        for _ in range(4)
+    ]
+    host, probe = f"agn{uuid.uuid4().hex[:8]}", "agnprobe"
+    try:
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                host,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                probe,
+                "netns",
+                f"/proc/{tasks[1].pid}/ns/net",
+            ],
+            check=True,
+        )
+        seen = []
+        for t in tasks:
+            assert t.stdin is not None and t.stdout is not None
+            t.stdin.write(b"\n")
+            t.stdin.close()
+            seen.append(t.stdout.read().decode().split())
+            assert t.wait(30) is not None
+        assert seen == [["lo"], ["agnprobe", "lo"], ["lo"], ["lo"]]
+    finally:
+        subprocess.run(["ip", "link", "del", host], check=False, capture_output=True)
+        for t in tasks:
+            t.close()
+
+
 def test_task_sits_in_its_v1_and_cgroup2_nodes(ws: Path) -> None:
     with spawn(["sleep", "100"], workspace=ws) as t:
         assert t.cgroup_dir is not None

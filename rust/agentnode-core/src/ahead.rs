@@ -73,8 +73,8 @@ impl<T: Send + 'static> Ahead<T> {
     }
 
     /// Runs `f` on the items ready now.
-    pub fn with_ready<R>(&self, f: impl FnOnce(&[T]) -> R) -> R {
-        f(&lock(&self.shared.ready))
+    pub fn with_ready<R>(&self, f: impl FnOnce(&mut [T]) -> R) -> R {
+        f(&mut lock(&self.shared.ready))
     }
 
     /// Whether this is a forked child's copy of its parent's pool.
@@ -155,10 +155,10 @@ mod tests {
         );
         let mut seen = vec![pool.take()];
         let deadline = Instant::now() + Duration::from_secs(5);
-        while pool.with_ready(<[usize]>::len) < READY && Instant::now() < deadline {
+        while pool.with_ready(|r| r.len()) < READY && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(pool.with_ready(<[usize]>::len), READY);
+        assert_eq!(pool.with_ready(|r| r.len()), READY);
         for _ in 0..READY {
             seen.push(pool.take());
         }
@@ -169,6 +169,6 @@ mod tests {
         assert_eq!(got.len(), n, "no item handed out twice");
         pool.close();
         assert!(pool.take().is_none(), "nothing after close");
-        assert_eq!(pool.with_ready(<[usize]>::len), 0);
+        assert_eq!(pool.with_ready(|r| r.len()), 0);
     }
 }

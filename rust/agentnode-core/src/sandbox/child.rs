@@ -230,6 +230,9 @@ pub(super) unsafe fn run_op(op: &Op) -> Step {
                 sys(libc::SYS_setns, &[*ns as usize, libc::CLONE_NEWNS as usize])?;
                 sys(libc::SYS_unshare, &[libc::CLONE_NEWNS as usize]).map(drop)
             }
+            Op::EnterMade(ns) => {
+                sys(libc::SYS_setns, &[*ns as usize, libc::CLONE_NEWNS as usize]).map(drop)
+            }
             Op::Attach { tree, dst } => sys(
                 libc::SYS_move_mount,
                 &[

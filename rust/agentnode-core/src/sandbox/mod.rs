@@ -280,14 +280,10 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
     }
 }
 
-/// Starts a task in `cgroup` (fresh from `Manager::create`), isolated as `spec` says.
-/// Returns once the task has exec'd its command; every error leaves nothing behind. It needs
-/// no manager, so several threads can start tasks at once.
-///
-pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
-    let (sync_r, sync_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let netns = spec
+/// The network namespace a task joins, if it joins one (the given one, or one made ahead),
+/// and the copy of the template made with one made ahead.
+fn network(spec: &Spec) -> Result<(Option<OwnedFd>, Option<template::MadeCopy>)> {
+    let given = spec
         .netns
         .as_ref()
         .map(|p| {
@@ -302,12 +298,24 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         .transpose()?;
     // A pooled namespace is owned by this user namespace, so a task in its own user namespace
     // would have no say over it: those make theirs at clone.
-    let netns = match netns {
-        None if spec.userns_base.is_none() => netns::take(),
-        given => given,
-    };
+    Ok(match given {
+        None if spec.userns_base.is_none() => {
+            netns::take().map_or((None, None), |ready| (Some(ready.net), ready.mounts))
+        }
+        given => (given, None),
+    })
+}
+
+/// Starts a task in `cgroup` (fresh from `Manager::create`), isolated as `spec` says.
+/// Returns once the task has exec'd its command; every error leaves nothing behind. It needs
+/// no manager, so several threads can start tasks at once.
+///
+pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
+    let (sync_r, sync_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (netns, made) = network(spec)?;
     let join = cgroup.join_files()?;
-    let planned = template::plan(spec)?;
+    let mut planned = template::plan(spec, made)?;
     let mut prepared = prepare(
         spec,
         planned.ops,
@@ -353,7 +361,10 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     drop(netns);
     drop(join);
     let mut task = Task::new(pid, pidfd, cgroup, started);
-    if !planned.from_template {
+    let announces = planned.from_template && planned.made.is_none();
+    if let Some(ns) = planned.made.take() {
+        task.hold(ns);
+    } else if !planned.from_template {
         task.hold_mounts();
     }
     if let Some(base) = spec.userns_base {
@@ -362,7 +373,7 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
             return Err(e);
         }
     }
-    let report = match read_report(err_r, &mut task, planned.from_template) {
+    let report = match read_report(err_r, &mut task, announces) {
         Ok(report) => report,
         Err(e) => {
             task.reap_blocking(); // the child may still be on `stack`: end it before unmapping
@@ -392,13 +403,13 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
 }
 
 /// Reads the child's error pipe to its end (exec or exit): empty when it exec'd. A child that
-/// starts from the template first reports that it is in its own copy, for `task` to hold: then
-/// the task's exit leaves the copy's teardown to [`Task`]'s background close, as with a copy
-/// made at clone (which `Task::new` holds at once).
-fn read_report(err_r: OwnedFd, task: &mut Task, from_template: bool) -> std::io::Result<Vec<u8>> {
+/// copies the template itself (`announces`) first reports that it is in its own copy, for
+/// `task` to hold: then the task's exit leaves the copy's teardown to [`Task`]'s background
+/// close, as with a copy made at clone or ahead (which the task holds at once).
+fn read_report(err_r: OwnedFd, task: &mut Task, announces: bool) -> std::io::Result<Vec<u8>> {
     let mut report = Vec::new();
     let mut err_file = std::fs::File::from(err_r);
-    if from_template {
+    if announces {
         (&mut err_file).take(8).read_to_end(&mut report)?;
         if report[..] == child::mounts_ready()[..] {
             task.hold_mounts();

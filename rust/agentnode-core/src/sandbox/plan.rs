@@ -1,7 +1,8 @@
 //! The filesystem plan: every mount, directory and link the child makes to build its root,
 //! computed with allocations in the parent so the child only walks a finished list. Two ways:
 //! the whole root on a staging tmpfs, entered with `pivot_root` ([`build`]), or a copy of the
-//! template namespace with only the task's own mounts on top ([`from_template`]).
+//! template namespace with only the task's own mounts on top ([`from_template`]); that copy may
+//! have been made ahead with /sys and /dev's mounts in it ([`made_ahead`]).
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
@@ -41,6 +42,8 @@ pub enum Op {
     PivotRoot(CString),
     /// `setns` into a template mount namespace, then `unshare` a private copy of it.
     EnterCopy(RawFd),
+    /// `setns` into a copy of the template made ahead for this task alone.
+    EnterMade(RawFd),
     /// `move_mount` of a detached mount tree onto `dst`.
     Attach {
         tree: RawFd,
@@ -68,6 +71,7 @@ impl Op {
             Op::Mask { path, .. } => format!("mask {}", s(path)),
             Op::PivotRoot(p) => format!("pivot_root into {}", s(p)),
             Op::EnterCopy(_) => "enter a copy of the template mount namespace".to_owned(),
+            Op::EnterMade(_) => "enter the mount namespace made ahead for the task".to_owned(),
             Op::Attach { dst, .. } => format!("move a bind's mount tree onto {}", s(dst)),
         }
     }
@@ -163,7 +167,7 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
         }
         Ok(())
     };
-    push_task_fs(&mut ops, stage, spec, points, &mut attach)?;
+    push_task_fs(&mut ops, stage, spec, points, false, &mut attach)?;
     ops.push(Op::PivotRoot(cstr(stage)?));
     Ok(ops)
 }
@@ -180,12 +184,24 @@ pub fn template(stage: &Path) -> Result<Vec<Op>> {
     Ok(ops)
 }
 
-/// The plan of a task that starts from the template namespace `ns`: a private copy of it, then
+/// How a task that starts from the template gets its copy of it.
+#[derive(Clone, Copy, Debug)]
+pub enum Start {
+    /// It copies the template namespace itself.
+    Own(RawFd),
+    /// It enters a copy made ahead, whose /sys and /dev mounts are in place ([`made_ahead`]).
+    Made(RawFd),
+}
+
+/// The plan of a task that starts from the template namespace: a private copy of it, then
 /// only the task's own mounts. `trees` are detached mount trees for the workspace (when there
 /// is one) then each bind, in order, moved into place.
-pub fn from_template(spec: &Spec, ns: RawFd, trees: &[RawFd]) -> Result<Vec<Op>> {
+pub fn from_template(spec: &Spec, start: Start, trees: &[RawFd]) -> Result<Vec<Op>> {
     let root = Path::new("/");
-    let mut ops = vec![Op::EnterCopy(ns)];
+    let (mut ops, made) = match start {
+        Start::Own(ns) => (vec![Op::EnterCopy(ns)], false),
+        Start::Made(ns) => (vec![Op::EnterMade(ns)], true),
+    };
     let points = spec
         .binds
         .iter()
@@ -203,7 +219,16 @@ pub fn from_template(spec: &Spec, ns: RawFd, trees: &[RawFd]) -> Result<Vec<Op>>
         });
         Ok(())
     };
-    push_task_fs(&mut ops, root, spec, points, &mut attach)?;
+    push_task_fs(&mut ops, root, spec, points, made, &mut attach)?;
+    Ok(ops)
+}
+
+/// What a copy of the template made ahead gets before any task enters it: /sys (made while in
+/// the task's network namespace, whose devices it shows) and /dev's devpts and shm, the mounts
+/// of a task's own that need neither its pid namespace nor its spec.
+pub fn made_ahead() -> Result<Vec<Op>> {
+    let mut ops = Vec::new();
+    push_sys_dev(&mut ops, Path::new("/"))?;
     Ok(ops)
 }
 
@@ -289,17 +314,21 @@ fn skeleton(rootfs: &Path, stage: &Path, workspace: bool) -> Result<Vec<Op>> {
 }
 
 /// The mounts every task gets fresh, on the read-only root at `root`: /proc, /sys, /dev/pts,
-/// /dev/shm, /tmp, the workspace, then the binds (`points`: each one's mount point when it
-/// exists already, `None` when it is made here).
+/// /dev/shm (unless `made` ahead), /tmp, the workspace, then the binds (`points`: each one's
+/// mount point when it exists already, `None` when it is made here).
 fn push_task_fs(
     ops: &mut Vec<Op>,
     root: &Path,
     spec: &Spec,
     points: Vec<Option<PathBuf>>,
+    made: bool,
     attach: &mut AttachFn<'_>,
 ) -> Result<()> {
     let at = |rel: &str| root.join(rel);
-    push_kernel_fs(ops, root)?;
+    push_proc(ops, root)?;
+    if !made {
+        push_sys_dev(ops, root)?;
+    }
     ops.push(fs(
         "tmpfs",
         &at("tmp"),
@@ -351,10 +380,11 @@ fn push_bind_point(ops: &mut Vec<Op>, stage: &Path, b: &Bind) -> Result<PathBuf>
     Ok(cur)
 }
 
-/// Fresh /proc (with runc's masks), read-only /sys, and /dev's own devpts and shm.
-fn push_kernel_fs(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
+/// Fresh /proc with runc's masks. Always the task's own doing: a procfs shows the pid namespace
+/// of whoever mounts it (the `pidns=` option that would let another mount it needs a namespace
+/// at or above the mounter's on this kernel).
+fn push_proc(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
     let at = |rel: &str| root.join(rel);
-    // /proc: fresh for the new pid namespace, with runc's masks.
     ops.push(fs("proc", &at("proc"), NOSUID_NODEV | libc::MS_NOEXEC, "")?);
     for p in READ_ONLY {
         ops.push(bind(&at(p), &at(p))?);
@@ -363,19 +393,31 @@ fn push_kernel_fs(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
             recursive: true,
         });
     }
-    // /sys: read-only, of the task's network namespace.
+    push_masks(ops, root, "proc/")
+}
+
+fn push_masks(ops: &mut Vec<Op>, root: &Path, under: &str) -> Result<()> {
+    for (p, dir) in MASKED.iter().zip(masked_dirs()) {
+        if p.starts_with(under) {
+            ops.push(Op::Mask {
+                path: cstr(root.join(p))?,
+                dir: *dir,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Read-only /sys of the task's network namespace (masked), and /dev's own devpts and shm.
+fn push_sys_dev(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
+    let at = |rel: &str| root.join(rel);
     ops.push(fs(
         "sysfs",
         &at("sys"),
         NOSUID_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
         "",
     )?);
-    for (p, dir) in MASKED.iter().zip(masked_dirs()) {
-        ops.push(Op::Mask {
-            path: cstr(at(p))?,
-            dir: *dir,
-        });
-    }
+    push_masks(ops, root, "sys/")?;
     ops.push(fs(
         "devpts",
         &at("dev/pts"),

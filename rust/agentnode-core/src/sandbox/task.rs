@@ -47,6 +47,11 @@ impl Task {
             .map(OwnedFd::from);
     }
 
+    /// Holds the task's mount namespace, made before it started.
+    pub(super) fn hold(&mut self, ns: OwnedFd) {
+        self.mounts = Some(ns);
+    }
+
     pub(super) fn new(
         pid: libc::pid_t,
         pidfd: OwnedFd,
