@@ -26,8 +26,9 @@ fn pool() -> &'static Ahead<Ready> {
     POOL.get_or_init(|| {
         let home = File::open("/proc/self/ns/net").ok();
         Ahead::new("agentnode-netns", move || {
-            let net = create(home.as_ref()?)?;
-            let mounts = template::make_copy(net.as_fd());
+            let home = home.as_ref()?;
+            let net = create(home)?;
+            let mounts = template::make_copy(net.as_fd(), home);
             Some(Ready { net, mounts })
         })
     })

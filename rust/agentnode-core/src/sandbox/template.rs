@@ -126,9 +126,11 @@ pub fn plan(spec: &Spec, made: Option<MadeCopy>) -> Result<Planned> {
 
 /// A copy of the current template (none while there is none or the host's mounts changed)
 /// with [`plan::made_ahead`]'s mounts, its /sys showing the network namespace `net`. Made on
-/// the thread that makes network namespaces ahead (see [`super::netns`]), which leaves and
-/// re-enters its own namespaces to do it.
-pub fn make_copy(net: BorrowedFd<'_>) -> Option<MadeCopy> {
+/// the thread that makes network namespaces ahead (see [`super::netns`]), which leaves its
+/// namespaces to do it and returns to its mount namespace and to `home_net`.
+pub fn make_copy(net: BorrowedFd<'_>, home_net: &File) -> Option<MadeCopy> {
+    // The same steps for every copy: planned once.
+    static MADE_AHEAD: OnceLock<Option<Vec<Op>>> = OnceLock::new();
     let from = {
         let guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
         let state = guard.as_ref()?;
@@ -137,10 +139,11 @@ pub fn make_copy(net: BorrowedFd<'_>) -> Option<MadeCopy> {
         }
         state.ns.clone()?
     };
-    let ops = plan::made_ahead().ok()?;
+    let ops = MADE_AHEAD
+        .get_or_init(|| plan::made_ahead().ok())
+        .as_ref()?;
     let me = File::open("/proc/thread-self").ok()?;
     let home_mnt = File::open("/proc/thread-self/ns/mnt").ok()?;
-    let home_net = File::open("/proc/thread-self/ns/net").ok()?;
     // SAFETY: these affect this thread only (its own fs_struct first, as a thread that shares
     // one may not change mount namespace), and it returns to its namespaces below.
     let entered = unsafe {
