@@ -908,6 +908,15 @@ def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path) -> None:
     assert_nothing_left(pid, tmp_path)
 
 
+def test_a_file_as_workspace_or_rootfs_is_one_clear_error(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(UsageError, match=r"workspace .*file: cannot create it"):
+        spawn(["true"], workspace=a_file)
+    with pytest.raises(UsageError, match=r"rootfs .* is not a directory"):
+        spawn(["true"], workspace=tmp_path / "ws", rootfs=a_file)
+
+
 def test_units() -> None:
     assert parse_size("512M", option="x") == 512 << 20
     assert parse_size("1.5GiB", option="x") == 3 << 29
