@@ -208,7 +208,7 @@ impl Scheduler {
     fn complete_many(&self, py: Python<'_>, ids: Vec<u64>) -> PyResult<()> {
         py.detach(|| {
             let mut s = self.inner.lock();
-            ids.iter().try_for_each(|&id| s.complete(id).map(drop))
+            ids.iter().try_for_each(|&id| s.complete(id))
         })
         .map_err(NativeError::from)?;
         Ok(())

@@ -2,12 +2,12 @@
 //! class, per-tenant and per-class concurrency limits, aging, and admission by free capacity.
 //!
 //! `Scheduler` is a plain single-threaded structure; `Shared` wraps it in a mutex for use from
-//! several threads. `benches/sched.rs` compares three designs: this mutex (8-22 M ops/s on one
-//! thread, 12-22 M on two), a lock-free inbox where pushes go through a lock-free channel and
-//! poppers drain it under the lock (8-17 M ops/s, never ahead on two threads: every task is
-//! moved twice and pops still serialise),
-//! and a single-owner scheduler thread fed by a channel (~0.2 M ops/s: every pop needs an
-//! answer, so each one pays a thread wake-up). The mutex is the fastest and the simplest.
+//! several threads. `benches/sched.rs` compares three designs: this mutex (~18 M ops/s on one
+//! thread, ~10 M on two contending), a lock-free inbox where pushes go through a lock-free
+//! channel and poppers drain it under the lock (15-17 M ops/s on one thread; on two, 1-3% ahead
+//! of the mutex at best: every task is moved twice and pops still serialise), and a
+//! single-owner scheduler thread fed by a channel (~0.1 M ops/s: every pop needs an answer, so
+//! each one pays a thread wake-up). The mutex is as fast and the simplest.
 //!
 //! Fairness is start-time fair queuing in virtual time: each class has a clock `V`; a tenant's
 //! next task gets the start tag `max(V, F)` where `F` is the finish tag of its last served task,

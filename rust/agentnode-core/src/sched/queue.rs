@@ -170,17 +170,15 @@ struct ClassState {
     starved: u32,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Where {
-    Queued { seq: u64 },
-    Running { cpu: u64, mem: u64 },
-}
-
+/// Where a task is, from the index. Whether it is queued or running is not stored: its lane
+/// serves tasks in `seq` order, so it runs once its `seq` is below the lane's head (or the lane
+/// is empty). Marking it running on pop would cost an index probe per pop, the one that missed
+/// the caches most.
 #[derive(Clone, Copy, Debug)]
 struct Loc {
+    seq: u64,
     tenant: u32,
     class: Class,
-    at: Where,
 }
 
 /// Priority classes, weighted fair share per class, limits, aging and capacity admission.
@@ -259,7 +257,7 @@ impl Scheduler {
             Loc {
                 tenant: t,
                 class: task.class,
-                at: Where::Queued { seq },
+                seq,
             },
         );
         self.queued += 1;
@@ -282,9 +280,12 @@ impl Scheduler {
         // is borrowed) instead of hashing each name, which was the largest single cost of a push.
         // Each remembers its tenant number, or `None` for a new (checked) name until made.
         let mut known: Vec<((*const u8, usize), Option<u32>)> = Vec::with_capacity(RECENT_TENANTS);
-        let mut seen = FxSet::with_capacity_and_hasher(tasks.len(), BuildHasherDefault::default());
+        // The node numbers its tasks, so a batch's ids usually ascend and cannot repeat: only
+        // a batch whose ids do not ascend pays for a set to find repeats in it.
+        let ascending = tasks.windows(2).all(|w| w[0].id < w[1].id);
+        let mut seen = FxSet::default();
         for task in tasks {
-            if self.index.contains_key(&task.id) || !seen.insert(task.id) {
+            if self.index.contains_key(&task.id) || (!ascending && !seen.insert(task.id)) {
                 return Err(Error::Duplicate(task.id));
             }
             let key = (task.tenant.as_ptr(), task.tenant.len());
@@ -312,12 +313,10 @@ impl Scheduler {
 
     /// Removes a queued task.
     pub fn cancel(&mut self, id: u64) -> Result<()> {
-        let Some(loc) = self.index.get(&id).copied() else {
+        let Some(loc) = self.index.get(&id).copied().filter(|l| !self.is_running(l)) else {
             return Err(Error::NotQueued(id));
         };
-        let Where::Queued { seq } = loc.at else {
-            return Err(Error::NotQueued(id));
-        };
+        let seq = loc.seq;
         self.index.remove(&id);
         self.queued -= 1;
         let c = loc.class as usize;
@@ -331,12 +330,9 @@ impl Scheduler {
     }
 
     /// Marks a running task finished, freeing its tenant's and class's concurrency slot.
-    pub fn complete(&mut self, id: u64) -> Result<Popped> {
-        let Some(Loc {
-            tenant,
-            class,
-            at: Where::Running { cpu, mem },
-        }) = self.index.get(&id).copied()
+    pub fn complete(&mut self, id: u64) -> Result<()> {
+        let Some(Loc { tenant, class, .. }) =
+            self.index.get(&id).copied().filter(|l| self.is_running(l))
         else {
             return Err(Error::NotRunning(id));
         };
@@ -347,7 +343,7 @@ impl Scheduler {
         if was_blocked && !self.at_limit(tenant) {
             self.ready_all(tenant);
         }
-        Ok(Popped { id, cpu, mem })
+        Ok(())
     }
 
     /// Pops the next task whose requests fit `free_cpu` millicores and `free_mem` bytes.
@@ -385,16 +381,24 @@ impl Scheduler {
             return None;
         }
         let tenants = &self.tenants;
-        let key = *class.ready.iter().find(|&&(_, _, t)| {
+        let fits = |&&(_, _, t): &&Key| {
             let head = tenants[t as usize].lanes[c]
                 .queue
                 .front()
                 .expect("a ready lane has a live head");
             head.cpu <= free_cpu && head.mem <= free_mem
-        })?;
+        };
+        let first = class.ready.first()?;
+        // Usually the first lane fits: pop it without a second search.
+        let key = if fits(&first) {
+            self.classes[c].ready.pop_first()
+        } else {
+            let key = *class.ready.iter().skip(1).find(fits)?;
+            self.classes[c].ready.take(&key)
+        }
+        .expect("the key was just found");
         let (tag, _, t) = key;
         let class = &mut self.classes[c];
-        class.ready.remove(&key);
         class.clock = class.clock.max(tag);
         class.running += 1;
         class.starved = 0;
@@ -411,12 +415,6 @@ impl Scheduler {
         lane.finish = tag + cost;
         let e = lane.queue.pop_front().expect("a ready lane has a head");
         self.queued -= 1;
-        if let Some(loc) = self.index.get_mut(&e.id) {
-            loc.at = Where::Running {
-                cpu: e.cpu,
-                mem: e.mem,
-            };
-        }
         if self.at_limit(t) {
             self.unready_all(t);
         } else {
@@ -445,6 +443,14 @@ impl Scheduler {
         Ok(t)
     }
 
+    /// Whether the task at `loc` was popped: its lane serves in `seq` order (see [`Loc`]).
+    fn is_running(&self, loc: &Loc) -> bool {
+        self.tenants[loc.tenant as usize].lanes[loc.class as usize]
+            .queue
+            .front()
+            .is_none_or(|head| loc.seq < head.seq)
+    }
+
     fn at_limit(&self, t: u32) -> bool {
         let tenant = &self.tenants[t as usize];
         let limit = tenant.limit.unwrap_or(self.limits.tenant_running);
@@ -465,7 +471,7 @@ impl Scheduler {
             let Some(head) = lane.queue.front() else {
                 break;
             };
-            let live = matches!(index.get(&head.id), Some(Loc { at: Where::Queued { seq }, .. }) if *seq == head.seq);
+            let live = index.get(&head.id).is_some_and(|l| l.seq == head.seq);
             if live {
                 break;
             }
@@ -652,6 +658,30 @@ mod tests {
         assert!(matches!(s.cancel(2), Err(Error::NotQueued(2))));
         assert_eq!(drain(&mut s), vec![1, 3]);
         assert!(matches!(s.cancel(1), Err(Error::NotQueued(1))));
+    }
+
+    #[test]
+    fn queued_or_running_follows_the_lane() {
+        let mut s = Scheduler::default();
+        for id in 0..4 {
+            s.push(&task(id, "a", Class::Normal)).unwrap();
+        }
+        assert!(matches!(s.complete(0), Err(Error::NotRunning(0))));
+        s.cancel(2).unwrap();
+        assert_eq!(s.pop(BIG, BIG).unwrap().id, 0);
+        assert!(matches!(s.cancel(0), Err(Error::NotQueued(0))));
+        assert!(matches!(s.complete(1), Err(Error::NotRunning(1))));
+        assert_eq!(s.pop(BIG, BIG).unwrap().id, 1);
+        // The cancelled 2 is stepped over; 3 runs, and the lane is empty.
+        assert_eq!(s.pop(BIG, BIG).unwrap().id, 3);
+        for id in [0, 1, 3] {
+            s.complete(id).unwrap();
+        }
+        // A finished id can be queued again, and is queued, not running.
+        s.push(&task(1, "a", Class::Normal)).unwrap();
+        assert!(matches!(s.complete(1), Err(Error::NotRunning(1))));
+        assert_eq!((s.queued(), s.running()), (1, 0));
+        s.cancel(1).unwrap();
     }
 
     #[test]
