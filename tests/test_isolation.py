@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agentnode import _native
-from agentnode.errors import SandboxError, UsageError
+from agentnode.errors import CgroupError, SandboxError, UsageError
 from agentnode.isolation import ExitReason, Limits, Mount, Task, parse_duration, parse_size, spawn
 from agentnode.isolation import task as task_mod
 from conftest import processes_with, root_only, run_cli
@@ -528,6 +528,18 @@ def test_200_cycles_leave_nothing_behind(ws: Path) -> None:
     assert our_mounts() == before_mounts == []
     children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
     assert children == []
+
+
+def test_a_limit_the_host_refuses_ends_the_start_before_the_task_runs(ws: Path) -> None:
+    """A limit the kernel refuses fails the start with an error naming it, before the task has
+    run anything, and leaves no cgroup or process behind."""
+    if len(task_mod._cgroups().dirs()) == 1:
+        pytest.skip("pure cgroup v2 has memory.high; refusing it needs a v1 memory controller")
+    with pytest.raises(CgroupError, match=r"memory\.high"):
+        spawn(["touch", "/workspace/ran"], limits=Limits(memory_high=64 << 20), workspace=ws)
+    assert not (ws / "ran").exists()
+    assert instance_tasks() == []
+    assert Path(f"/proc/self/task/{os.getpid()}/children").read_text().split() == []
 
 
 def test_threads_start_tasks_at_once(tmp_path: Path) -> None:
