@@ -242,12 +242,14 @@ impl Task {
         let mounts = self.mounts.take();
         let cg = self.cgroup.take();
         if let Some(cg) = cg.as_deref() {
-            if let Ok(s) = cg.stats() {
-                self.last_stats = s;
-            }
             // A pids controller that counted the task (a peak) and counts nobody now means the
             // cgroup is empty, and stays so: only a privileged writer could move a process in.
-            let empty = self.last_stats.pids_peak > 0 && self.last_stats.pids_current == 0;
+            // Decided on this final reading alone: an earlier live one says nothing of now.
+            let empty = cg.stats().is_ok_and(|s| {
+                let empty = s.pids_peak > 0 && s.pids_current == 0;
+                self.last_stats = s;
+                empty
+            });
             if !empty {
                 let _ = cg.kill();
             }
