@@ -46,6 +46,11 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
     return run(["sh", "-c", script], ws, **kw)
 
 
+def our_children() -> list[str]:
+    """Pids of this test thread's child processes (tasks not reaped, or their escapees)."""
+    return Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+
+
 def instance_tasks(timeout: float = 5.0) -> list[Path]:
     """Task cgroups left under this process's instance, in every hierarchy, once the background
     thread that removes ended tasks' cgroups has had up to `timeout` seconds to do so. The
@@ -526,8 +531,7 @@ def test_200_cycles_leave_nothing_behind(ws: Path) -> None:
             assert t.wait(30) is not None
     assert instance_tasks() == []
     assert our_mounts() == before_mounts == []
-    children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
-    assert children == []
+    assert our_children() == []
 
 
 def test_a_limit_the_host_refuses_ends_the_start_before_the_task_runs(ws: Path) -> None:
@@ -539,7 +543,7 @@ def test_a_limit_the_host_refuses_ends_the_start_before_the_task_runs(ws: Path) 
         spawn(["touch", "/workspace/ran"], limits=Limits(memory_high=64 << 20), workspace=ws)
     assert not (ws / "ran").exists()
     assert instance_tasks() == []
-    assert Path(f"/proc/self/task/{os.getpid()}/children").read_text().split() == []
+    assert our_children() == []
 
 
 def test_threads_start_tasks_at_once(tmp_path: Path) -> None:
