@@ -703,6 +703,10 @@ mod tests {
         let batch = [task(7, "a", Class::Low), task(7, "a", Class::Low)];
         assert!(matches!(s.push_many(&batch), Err(Error::Duplicate(7))));
         assert_eq!(s.queued(), 1, "a rejected batch queues nothing");
+        // Ascending ids skip the in-batch set, not the check against what is queued.
+        let ascending = [task(0, "a", Class::Low), task(1, "a", Class::Low)];
+        assert!(matches!(s.push_many(&ascending), Err(Error::Duplicate(1))));
+        assert_eq!(s.queued(), 1, "a rejected batch queues nothing");
         assert!(matches!(
             Class::parse("urgent"),
             Err(Error::UnknownClass(_))
