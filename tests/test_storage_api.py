@@ -510,6 +510,7 @@ def test_vector_writes_of_a_task_token(tmp_path) -> None:  # type: ignore[no-unt
         ("/new", {"dims": 2, "metric": "cosine"}, "unknown metric"),
         ("/new", {"dims": 2, "metric": None}, "metric must be a string"),
         ("/new", {"dims": 2, "dtype": "f64"}, "unknown dtype"),
+        ("/new", {"dims": 2, "metric": "l2", "dtype": "i8+f32"}, "i8+f32 needs metric cos"),
         ("/new", {"dims": 2, "size": 9}, "unknown fields 'size'"),
         ("/c/upsert", {"items": []}, "items must be a non-empty list"),
         ("/c/upsert", {"items": [{"key": -1, "vector": [1, 0]}]}, "items[0].key: bad key -1"),

@@ -215,7 +215,7 @@ class Memory:
     def create_collection(
         self, name: str, *, dims: int, metric: str = "cos", dtype: str = "f32"
     ) -> dict[str, Any]:
-        """Creates the tenant's vector collection `name` (metric cos|l2|ip, dtype f32|f16|i8).
+        """Creates the tenant's vector collection `name` (metric cos|l2|ip, dtype f32|f16|i8|i8+f32).
 
         Creating one that exists with the same settings is a no-op; with other settings it
         raises CollectionExistsError. Returns `{name, dims, metric, dtype}`.

@@ -4,7 +4,7 @@
 answers in JSON or msgpack, errors `{"error", "kind"}` like every memory route):
 
     GET    /                     -> {"collections": [name, ...]}
-    PUT    /{collection}         {"dims", "metric"?: cos|l2|ip, "dtype"?: f32|f16|i8}
+    PUT    /{collection}         {"dims", "metric"?: cos|l2|ip, "dtype"?: f32|f16|i8|i8+f32}
                                  201 created, 200 if it exists alike, 409 if it exists otherwise
     DELETE /{collection}
     POST   /{collection}/upsert  {"items": [{"key", "vector", "metadata"?, "namespace"?, "task"?}]}

@@ -39,7 +39,9 @@ __all__ = ["Collection", "CollectionConfig", "Match", "Record", "VectorStore", "
 log = logging.getLogger(__name__)
 
 Metric = Literal["cos", "l2", "ip"]
-Dtype = Literal["f32", "f16", "i8"]
+# "i8+f32": an i8 graph plus an exact f32 copy of each vector that re-ranks its candidates;
+# about twice f32's queries per second at equal recall, for cos only (see the Rust `Dtype`).
+Dtype = Literal["f32", "f16", "i8", "i8+f32"]
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MAX_KEY = 2**64 - 2  # usearch reserves 2**64 - 1 for free slots

@@ -1,5 +1,7 @@
-//! The collection file: `MAGIC | u64 index length | index | u64 labels length | labels | crc32`,
-//! written atomically (temporary file, fsync, rename, directory fsync).
+//! The collection file: `MAGIC | sections | crc32`, each section a u64 length and its bytes,
+//! written atomically (temporary file, fsync, rename, directory fsync). Version 1 holds two
+//! sections (index, labels); version 2 adds a third, the exact vectors of an `i8+f32`
+//! collection (empty for other dtypes).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -7,7 +9,11 @@ use std::path::Path;
 
 use super::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"ANVEC\x00\x00\x01";
+const MAGIC: &[u8; 8] = b"ANVEC\x00\x00\x02";
+/// Files written before the exact-vector section existed; read as having an empty one.
+const MAGIC_V1: &[u8; 8] = b"ANVEC\x00\x00\x01";
+/// Sections in a version 2 file.
+pub(super) const SECTIONS: usize = 3;
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |source| Error::Io {
@@ -17,7 +23,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Er
     }
 }
 
-pub(super) fn write_atomic(path: &Path, index: &[u8], labels: &[u8]) -> Result<()> {
+pub(super) fn write_atomic(path: &Path, sections: [&[u8]; SECTIONS]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(format!(".tmp{}", std::process::id()));
@@ -25,15 +31,14 @@ pub(super) fn write_atomic(path: &Path, index: &[u8], labels: &[u8]) -> Result<(
     let mut crc = crc32fast::Hasher::new();
     let written = (|| {
         let mut f = File::create(&tmp)?;
-        for part in [
-            &MAGIC[..],
-            &(index.len() as u64).to_le_bytes(),
-            index,
-            &(labels.len() as u64).to_le_bytes(),
-            labels,
-        ] {
+        let mut put = |part: &[u8]| {
             crc.update(part);
-            f.write_all(part)?;
+            f.write_all(part)
+        };
+        put(MAGIC)?;
+        for section in sections {
+            put(&(section.len() as u64).to_le_bytes())?;
+            put(section)?;
         }
         f.write_all(&crc.clone().finalize().to_le_bytes())?;
         f.sync_all()
@@ -51,15 +56,20 @@ pub(super) fn write_atomic(path: &Path, index: &[u8], labels: &[u8]) -> Result<(
         .map_err(io("fsync", dir))
 }
 
-/// The index and label sections of a file whose checksum holds.
-pub(super) fn read_checked(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
+/// The sections of a file whose checksum holds.
+pub(super) fn read_checked(path: &Path) -> Result<[Vec<u8>; SECTIONS]> {
     let data = fs::read(path).map_err(io("read", path))?;
     let corrupt = |why: &str| Error::Corrupt {
         path: path.to_owned(),
         why: why.to_owned(),
     };
-    if data.len() < MAGIC.len() + 8 + 8 + 4 || &data[..8] != MAGIC {
-        return Err(corrupt("not an agentnode vector file"));
+    let present = match data.get(..MAGIC.len()) {
+        Some(m) if m == MAGIC => SECTIONS,
+        Some(m) if m == MAGIC_V1 => 2,
+        _ => return Err(corrupt("not an agentnode vector file")),
+    };
+    if data.len() < MAGIC.len() + 8 * present + 4 {
+        return Err(corrupt("short file"));
     }
     let (body, tail) = data.split_at(data.len() - 4);
     let stored = u32::from_le_bytes(tail.try_into().map_err(|_| corrupt("short file"))?);
@@ -78,10 +88,13 @@ pub(super) fn read_checked(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
             .ok_or_else(|| corrupt("truncated section"))?;
         Ok((bytes.to_vec(), len_end + len))
     };
-    let (index, next) = section(MAGIC.len())?;
-    let (labels, end) = section(next)?;
-    if end != body.len() {
+    let mut out: [Vec<u8>; SECTIONS] = Default::default();
+    let mut at = MAGIC.len();
+    for slot in &mut out[..present] {
+        (*slot, at) = section(at)?;
+    }
+    if at != body.len() {
         return Err(corrupt("trailing bytes"));
     }
-    Ok((index, labels))
+    Ok(out)
 }

@@ -34,7 +34,7 @@ impl Hasher for KeyHasher {
     }
 }
 
-type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+pub(super) type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
 /// A set of vector keys, hashed like [`KeyMap`].
 pub(super) type KeySet = HashSet<u64, BuildHasherDefault<KeyHasher>>;
 

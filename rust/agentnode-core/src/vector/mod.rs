@@ -19,6 +19,7 @@
 
 mod file;
 mod labels;
+mod originals;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 pub use labels::Label;
 use labels::{Compiled, KeySet, Labels};
+use originals::Originals;
 
 /// Everything that can go wrong in a collection.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +46,12 @@ pub enum Error {
     BadDims(usize),
     #[error("unknown metric {0:?} (use cos, l2 or ip)")]
     BadMetric(String),
-    #[error("unknown dtype {0:?} (use f32, f16 or i8)")]
+    #[error("unknown dtype {0:?} (use f32, f16, i8 or i8+f32)")]
     BadDtype(String),
+    #[error("dtype i8+f32 needs metric cos, not {0:?} (its i8 graph holds vectors scaled to unit length)")]
+    RescoreMetric(&'static str),
+    #[error("{0} is all zeros (or its length is beyond f32's range), so it has no direction for the cos metric (send a non-zero vector of moderate scale)")]
+    ZeroVector(String),
     #[error("batch has {keys} keys, {vectors} vectors and {labels} labels (send one vector and one label per key)")]
     BatchShape {
         keys: usize,
@@ -163,6 +169,14 @@ impl Metric {
         }
     }
 
+    fn name(self) -> &'static str {
+        match self {
+            Self::Cos => "cos",
+            Self::L2 => "l2",
+            Self::Ip => "ip",
+        }
+    }
+
     fn kind(self) -> MetricKind {
         match self {
             Self::Cos => MetricKind::Cos,
@@ -197,6 +211,13 @@ pub enum Dtype {
     F32,
     F16,
     I8,
+    /// The graph in i8 and an exact f32 copy of every vector beside it: a search walks the
+    /// small graph and ranks all `ef` candidates it kept (usearch keeps `ef` whatever `k` is)
+    /// by their exact distance. A quarter of the memory traffic per comparison of f32, so
+    /// two to three times the queries per second at equal recall, for a fifth more memory.
+    /// Cos only: usearch casts to i8 by multiplying by 127, faithful only for components
+    /// within ±1, so vectors are normalised.
+    I8F32,
 }
 
 impl FromStr for Dtype {
@@ -206,6 +227,7 @@ impl FromStr for Dtype {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "i8" => Ok(Self::I8),
+            "i8+f32" => Ok(Self::I8F32),
             _ => Err(Error::BadDtype(s.to_owned())),
         }
     }
@@ -216,7 +238,7 @@ impl Dtype {
         match self {
             Self::F32 => ScalarKind::F32,
             Self::F16 => ScalarKind::F16,
-            Self::I8 => ScalarKind::I8,
+            Self::I8 | Self::I8F32 => ScalarKind::I8,
         }
     }
 }
@@ -233,13 +255,23 @@ pub struct Options {
 }
 
 impl Options {
+    /// The graph's metric: an `i8+f32` graph holds unit vectors, on which inner product ranks
+    /// as cos does and skips cos's two norms per comparison.
+    fn graph_metric(&self) -> Result<MetricKind> {
+        match (self.dtype, self.metric) {
+            (Dtype::I8F32, Metric::Cos) => Ok(MetricKind::IP),
+            (Dtype::I8F32, other) => Err(Error::RescoreMetric(other.name())),
+            (_, metric) => Ok(metric.kind()),
+        }
+    }
+
     fn usearch(&self) -> Result<IndexOptions> {
         if self.dims == 0 || self.dims > MAX_DIMS {
             return Err(Error::BadDims(self.dims));
         }
         Ok(IndexOptions {
             dimensions: self.dims,
-            metric: self.metric.kind(),
+            metric: self.graph_metric()?,
             quantization: self.dtype.kind(),
             connectivity: self.connectivity,
             expansion_add: self.expansion_add,
@@ -282,6 +314,8 @@ pub struct Collection {
     /// would refuse an add.
     claimed: AtomicUsize,
     labels: RwLock<Labels>,
+    /// The exact vectors, for an `i8+f32` collection only.
+    originals: Option<RwLock<Originals>>,
     stripes: Vec<Mutex<()>>,
     contexts: Contexts,
 }
@@ -300,6 +334,33 @@ fn rehash(filter: &Filter) -> Option<KeySet> {
         .keys
         .as_ref()
         .map(|keys| keys.iter().copied().collect())
+}
+
+/// The length of `vector`, if it has a direction to normalise to; `what` names it in the error.
+fn norm(vector: &[f32], what: impl FnOnce() -> String) -> Result<f32> {
+    let norm = lanes(vector, vector, |x, y| x * y).sqrt();
+    // Zero has no direction; a norm that underflows or overflows f32 would divide into garbage.
+    if norm.is_normal() {
+        Ok(norm)
+    } else {
+        Err(Error::ZeroVector(what()))
+    }
+}
+
+/// `vector` scaled to unit length, for an `i8+f32` collection.
+fn unit(vector: &[f32], what: impl FnOnce() -> String) -> Result<Vec<f32>> {
+    let norm = norm(vector, what)?;
+    Ok(vector.iter().map(|x| x / norm).collect())
+}
+
+/// Keeps the `k` closest of `found`, closest first.
+fn nearest(found: &mut Vec<Hit>, k: usize) {
+    let by_distance = |a: &Hit, b: &Hit| a.distance.total_cmp(&b.distance);
+    if found.len() > k {
+        found.select_nth_unstable_by(k, by_distance);
+        found.truncate(k);
+    }
+    found.sort_unstable_by(by_distance);
 }
 
 /// The first `k` matches that pass `keep`, in usearch's order (closest first).
@@ -377,15 +438,17 @@ impl Collection {
         index
             .reserve_capacity_and_threads(INITIAL_CAPACITY, CONTEXTS)
             .map_err(index_err("reserve capacity"))?;
-        Ok(Self::wrap(options, index, Labels::default()))
+        let originals = (options.dtype == Dtype::I8F32).then(|| Originals::new(options.dims));
+        Ok(Self::wrap(options, index, Labels::default(), originals))
     }
 
-    fn wrap(options: Options, index: Index, labels: Labels) -> Self {
+    fn wrap(options: Options, index: Index, labels: Labels, originals: Option<Originals>) -> Self {
         Self {
             options,
             index: RwLock::new(index),
             claimed: AtomicUsize::new(0),
             labels: RwLock::new(labels),
+            originals: originals.map(RwLock::new),
             stripes: (0..KEY_STRIPES).map(|_| Mutex::new(())).collect(),
             contexts: Contexts::new(),
         }
@@ -437,6 +500,10 @@ impl Collection {
         if !vector.iter().all(|x| x.is_finite()) {
             return Err(Error::NotFinite(key));
         }
+        // Checked here, not only on add, so the store never records a vector it cannot add.
+        if self.originals.is_some() {
+            norm(vector, || format!("the vector for key {key}"))?;
+        }
         Ok(())
     }
 
@@ -480,18 +547,33 @@ impl Collection {
     /// Inserts or replaces the vector and label of `key`.
     pub fn upsert(&self, key: u64, vector: &[f32], label: Label) -> Result<()> {
         self.check(key, vector)?;
+        let unit = self
+            .originals
+            .as_ref()
+            .map(|_| unit(vector, || format!("the vector for key {key}")))
+            .transpose()?;
         let _key_lock = self.stripes[(key % KEY_STRIPES as u64) as usize]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _context = self.contexts.acquire();
-        self.with_room(1, |index| {
+        // The exact copy goes in first, so a search that meets the key in the graph can rank it.
+        if let (Some(originals), Some(unit)) = (&self.originals, &unit) {
+            write(originals).insert(key, unit);
+        }
+        let added = self.with_room(1, |index| {
             if index.contains(key) {
                 index
                     .remove(key)
                     .map_err(index_err("remove the old vector"))?;
             }
-            index.add(key, vector).map_err(index_err("add a vector"))
-        })?;
+            index
+                .add(key, unit.as_deref().unwrap_or(vector))
+                .map_err(index_err("add a vector"))
+        });
+        if let (Err(_), Some(originals)) = (&added, &self.originals) {
+            write(originals).remove(key);
+        }
+        added?;
         write(&self.labels).insert(key, label);
         Ok(())
     }
@@ -572,6 +654,9 @@ impl Collection {
         let removed = read(&self.index)
             .remove(key)
             .map_err(index_err("remove a vector"))?;
+        if let Some(originals) = &self.originals {
+            write(originals).remove(key);
+        }
         write(&self.labels).remove(key);
         Ok(removed > 0)
     }
@@ -603,14 +688,23 @@ impl Collection {
                 want: self.options.dims,
             });
         }
+        let normalised = self
+            .originals
+            .as_ref()
+            .map(|_| unit(query, || "the query".to_owned()))
+            .transpose()?;
+        let query = normalised.as_deref().unwrap_or(query);
         let _context = self.contexts.acquire();
         let index = read(&self.index);
+        // An `i8+f32` search asks the graph for every candidate it keeps, for [`Self::rank`].
+        let fetch = if self.originals.is_some() {
+            k.max(index.expansion_search())
+        } else {
+            k
+        };
         if filter.is_empty() {
-            return Ok(hits(
-                index.search(query, k).map_err(index_err("search"))?,
-                k,
-                |_| true,
-            ));
+            let found = index.search(query, fetch).map_err(index_err("search"))?;
+            return Ok(self.rank(found, query, k, fetch, |_| true));
         }
         let labels = read(&self.labels);
         let pass = labels.compile(filter, keys);
@@ -624,51 +718,97 @@ impl Collection {
                 // Too few passing is bad luck or admitted keys lying away from the query: ask
                 // for twice as many once, then walk the graph for them.
                 for wanted in [wanted, wanted * 2] {
-                    let found = index.search(query, wanted).map_err(index_err("search"))?;
+                    let found = index
+                        .search(query, wanted.max(fetch))
+                        .map_err(index_err("search"))?;
                     let exhausted = found.keys.len() < wanted;
-                    let hits = hits(found, k, |key| pass.accepts(key));
+                    let hits = self.rank(found, query, k, fetch, |key| pass.accepts(key));
                     if hits.len() == k || exhausted {
                         return Ok(hits);
                     }
                 }
-                Self::in_graph(&index, query, k, &pass)
+                self.in_graph(&index, query, k, fetch, &pass)
             }
-            Plan::Graph => Self::in_graph(&index, query, k, &pass),
+            Plan::Graph => self.in_graph(&index, query, k, fetch, &pass),
         }
     }
 
-    fn in_graph(index: &Index, query: &[f32], k: usize, pass: &Compiled) -> Result<Vec<Hit>> {
+    /// The `k` best of the graph's `found` that pass `keep`: usearch's first `k`, or for an
+    /// `i8+f32` collection the first `fetch` re-ranked by exact distance.
+    fn rank(
+        &self,
+        found: usearch::ffi::Matches,
+        query: &[f32],
+        k: usize,
+        fetch: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Vec<Hit> {
+        let Some(originals) = &self.originals else {
+            return hits(found, k, keep);
+        };
+        let originals = read(originals);
+        let mut ranked: Vec<Hit> = found
+            .keys
+            .into_iter()
+            .filter(|key| keep(*key))
+            .take(fetch)
+            // A key deleted since the graph returned it has no exact copy left: skip it.
+            .filter_map(|key| {
+                originals.get(key).map(|row| Hit {
+                    key,
+                    // Both are unit vectors, so the cos distance is the ip one.
+                    distance: Metric::Ip.distance(query, row),
+                })
+            })
+            .collect();
+        nearest(&mut ranked, k);
+        ranked
+    }
+
+    fn in_graph(
+        &self,
+        index: &Index,
+        query: &[f32],
+        k: usize,
+        fetch: usize,
+        pass: &Compiled,
+    ) -> Result<Vec<Hit>> {
         let found = index
-            .filtered_search(query, k, |key| pass.accepts(key))
+            .filtered_search(query, fetch, |key| pass.accepts(key))
             .map_err(index_err("run a filtered search"))?;
-        Ok(hits(found, k, |_| true))
+        Ok(self.rank(found, query, k, fetch, |_| true))
     }
 
     /// Compares `query` with every admitted vector: exact, and cheaper than any graph walk when
     /// the filter admits few.
     fn exact(&self, index: &Index, query: &[f32], k: usize, pass: &Compiled) -> Result<Vec<Hit>> {
         let metric = self.options.metric;
-        let mut row = vec![0.0f32; self.options.dims];
         let mut found = Vec::with_capacity(pass.admitted_at_most());
-        for key in pass.admitted() {
-            // A key whose add is still in flight has a label but no vector yet.
-            if index
-                .get(key, &mut row)
-                .map_err(index_err("read a vector"))?
-                > 0
-            {
-                found.push(Hit {
+        if let Some(originals) = &self.originals {
+            let originals = read(originals);
+            found.extend(pass.admitted().filter_map(|key| {
+                originals.get(key).map(|row| Hit {
                     key,
-                    distance: metric.distance(query, &row),
-                });
+                    distance: Metric::Ip.distance(query, row),
+                })
+            }));
+        } else {
+            let mut row = vec![0.0f32; self.options.dims];
+            for key in pass.admitted() {
+                // A key whose add is still in flight has a label but no vector yet.
+                if index
+                    .get(key, &mut row)
+                    .map_err(index_err("read a vector"))?
+                    > 0
+                {
+                    found.push(Hit {
+                        key,
+                        distance: metric.distance(query, &row),
+                    });
+                }
             }
         }
-        let by_distance = |a: &Hit, b: &Hit| a.distance.total_cmp(&b.distance);
-        if found.len() > k {
-            found.select_nth_unstable_by(k, by_distance);
-            found.truncate(k);
-        }
-        found.sort_unstable_by(by_distance);
+        nearest(&mut found, k);
         Ok(found)
     }
 
@@ -724,7 +864,11 @@ impl Collection {
             .save_to_buffer(&mut blob)
             .map_err(index_err("serialise the index"))?;
         let labels = read(&self.labels).encode();
-        file::write_atomic(path, &blob, &labels)
+        let exact = self
+            .originals
+            .as_ref()
+            .map_or_else(Vec::new, |o| read(o).encode());
+        file::write_atomic(path, [&blob, &labels, &exact])
     }
 
     /// Loads a collection saved by [`Collection::save`], checking the checksum and that the file
@@ -734,13 +878,13 @@ impl Collection {
             path: path.to_owned(),
             why,
         };
-        let (blob, labels) = file::read_checked(path)?;
+        let [blob, labels, exact] = file::read_checked(path)?;
         let index = Index::new(&options.usearch()?).map_err(index_err("create an index"))?;
         index
             .load_from_buffer(&blob)
             .map_err(|e| corrupt(format!("usearch refused it: {e}")))?;
         if index.dimensions() != options.dims
-            || index.metric_kind() != options.metric.kind()
+            || index.metric_kind() != options.graph_metric()?
             || index.scalar_kind() != options.dtype.kind()
         {
             return Err(corrupt(
@@ -756,11 +900,30 @@ impl Collection {
                 index.size()
             )));
         }
+        let originals = match options.dtype {
+            Dtype::I8F32 => Some(
+                Originals::decode(&exact, options.dims)
+                    .ok_or_else(|| corrupt("bad exact-vector table".to_owned()))?,
+            ),
+            _ if exact.is_empty() => None,
+            _ => {
+                return Err(corrupt(
+                    "it holds exact vectors but the dtype is not i8+f32".to_owned(),
+                ))
+            }
+        };
+        if let Some(o) = originals.as_ref().filter(|o| o.len() != index.size()) {
+            return Err(corrupt(format!(
+                "{} exact vectors for {} in the index",
+                o.len(),
+                index.size()
+            )));
+        }
         let capacity = index.size().max(INITIAL_CAPACITY);
         index
             .reserve_capacity_and_threads(capacity, CONTEXTS)
             .map_err(index_err("reserve capacity"))?;
-        Ok(Self::wrap(options, index, labels))
+        Ok(Self::wrap(options, index, labels, originals))
     }
 
     /// Candidates kept while searching (usearch's `ef`): higher is slower and finds more.
@@ -782,6 +945,10 @@ impl Collection {
     #[must_use]
     pub fn memory_usage(&self) -> usize {
         read(&self.index).memory_usage()
+            + self
+                .originals
+                .as_ref()
+                .map_or(0, |o| read(o).memory_usage())
     }
 }
 

@@ -213,9 +213,15 @@ fn every_plan_matches_brute_force() {
             .collect()
     };
     let data = unit(vectors(n, dims, 11));
-    for metric in [Metric::Cos, Metric::Ip, Metric::L2] {
+    for (metric, dtype) in [
+        (Metric::Cos, Dtype::F32),
+        (Metric::Ip, Dtype::F32),
+        (Metric::L2, Dtype::F32),
+        (Metric::Cos, Dtype::I8F32),
+    ] {
         let c = Collection::new(Options {
             metric,
+            dtype,
             ..opts(dims)
         })
         .unwrap();
@@ -260,7 +266,7 @@ fn every_plan_matches_brute_force() {
                 let hits = c.search(&query, k, filter).unwrap();
                 assert!(
                     hits.iter().all(|h| admit(h.key)),
-                    "{metric:?}: a hit fails the filter"
+                    "{metric:?} {dtype:?}: a hit fails the filter"
                 );
                 assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
                 let truth = brute(metric, &data, dims, &query, k, admit);
@@ -271,7 +277,7 @@ fn every_plan_matches_brute_force() {
             // recall >= 0.9, in integers
             assert!(
                 found * 10 >= total * 9,
-                "{metric:?} by {name}: {found} of {total} found"
+                "{metric:?} {dtype:?} by {name}: {found} of {total} found"
             );
         }
         // The exact scan reports the distances usearch would.
@@ -285,7 +291,7 @@ fn every_plan_matches_brute_force() {
         assert_eq!(scanned.key, graph.key);
         assert!(
             (scanned.distance - graph.distance).abs() < 1e-4,
-            "{metric:?}: {scanned:?} vs {graph:?}"
+            "{metric:?} {dtype:?}: {scanned:?} vs {graph:?}"
         );
     }
 }
@@ -311,4 +317,132 @@ fn relabelled_and_deleted_keys_leave_their_filters() {
     assert_eq!(keys(&only("b")), vec![1]);
     c.delete(1).unwrap();
     assert!(keys(&only("b")).is_empty());
+}
+
+fn rescored(dims: usize) -> Options {
+    Options {
+        metric: Metric::Cos,
+        dtype: Dtype::I8F32,
+        ..opts(dims)
+    }
+}
+
+#[test]
+fn i8_f32_ranks_by_exact_distance() {
+    let (n, dims) = (2000, 32);
+    let c = Collection::new(rescored(dims)).unwrap();
+    // Rows of any length: the collection normalises them.
+    let data: Vec<f32> = vectors(n, dims, 3).iter().map(|x| x * 7.0 - 3.0).collect();
+    let keys: Vec<u64> = (0..n as u64).collect();
+    c.upsert_batch(&keys, &data, vec![label("a"); n], 2)
+        .unwrap();
+    assert!(
+        c.memory_usage() > n * dims * 4,
+        "the exact copies are counted"
+    );
+    let mut first = 0;
+    for q in 0..50 {
+        let query: Vec<f32> = vectors(1, dims, 500 + q).iter().map(|x| x - 0.5).collect();
+        let hits = c.search(&query, 5, &Filter::default()).unwrap();
+        for h in &hits {
+            let row = &data[h.key as usize * dims..(h.key as usize + 1) * dims];
+            let exact = Metric::Cos.distance(&query, row);
+            assert!((h.distance - exact).abs() < 1e-5, "{h:?} against {exact}");
+        }
+        assert!(hits.windows(2).all(|w| w[0].distance <= w[1].distance));
+        first +=
+            usize::from(hits[0].key == brute(Metric::Cos, &data, dims, &query, 1, |_| true)[0]);
+    }
+    assert!(first >= 48, "exact nearest first in {first} of 50");
+
+    // An upsert replaces the exact copy too; a delete drops it.
+    let far: Vec<f32> = (0..dims).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
+    c.upsert(7, &far, label("a")).unwrap();
+    let hit = c.search(&far, 1, &Filter::default()).unwrap()[0];
+    assert_eq!(hit.key, 7);
+    assert!(hit.distance.abs() < 1e-6);
+    c.delete(7).unwrap();
+    assert!(c
+        .search(&far, 10, &Filter::default())
+        .unwrap()
+        .iter()
+        .all(|h| h.key != 7));
+}
+
+#[test]
+fn i8_f32_input_is_checked() {
+    for metric in [Metric::L2, Metric::Ip] {
+        let err = Collection::new(Options {
+            metric,
+            ..rescored(4)
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, Error::RescoreMetric(_)), "{err}");
+        assert!(err.to_string().contains("needs metric cos"));
+    }
+    let c = Collection::new(rescored(4)).unwrap();
+    for bad in [[0.0; 4], [f32::MAX; 4]] {
+        let err = c.upsert(1, &bad, label("a")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the vector for key 1 is all zeros"),
+            "{err}"
+        );
+        assert!(matches!(
+            c.check_batch(&[1], &bad),
+            Err(Error::ZeroVector(_))
+        ));
+        let err = c.search(&bad, 1, &Filter::default()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("the query is all zeros"),
+            "{err}"
+        );
+    }
+    assert!(c.is_empty());
+    assert_eq!("i8+f32".parse::<Dtype>().unwrap(), Dtype::I8F32);
+}
+
+#[test]
+fn i8_f32_save_load_round_trip() {
+    let dir = std::env::temp_dir().join(format!("agentnode-vector-i8f32-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.anvec");
+    let (n, dims) = (300, 16);
+    let c = Collection::new(rescored(dims)).unwrap();
+    let data = vectors(n, dims, 9);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    c.upsert_batch(&keys, &data, vec![label("a"); n], 2)
+        .unwrap();
+    c.delete(5).unwrap();
+    c.save(&path).unwrap();
+    let back = Collection::load(&path, rescored(dims)).unwrap();
+    assert_eq!(back.len(), n - 1);
+    let query = &data[dims * 40..dims * 41];
+    assert_eq!(
+        back.search(query, 3, &Filter::default()).unwrap(),
+        c.search(query, 3, &Filter::default()).unwrap()
+    );
+    // The file is bound to its dtype both ways.
+    for other in [Dtype::F32, Dtype::I8] {
+        let opts = Options {
+            dtype: other,
+            ..rescored(dims)
+        };
+        assert!(matches!(
+            Collection::load(&path, opts),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+    let plain = Collection::new(Options {
+        metric: Metric::Cos,
+        ..opts(dims)
+    })
+    .unwrap();
+    plain.save(&path).unwrap();
+    assert!(matches!(
+        Collection::load(&path, rescored(dims)),
+        Err(Error::Corrupt { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
