@@ -345,12 +345,13 @@ def test_checkpointer_skips_dropped_collections_and_stops_on_close(tmp_path: Pat
     assert not any(t.name == "agentnode-vector-checkpoint" for t in threading.enumerate())
 
 
-def test_concurrent_batches_from_threads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["f32", "i8+f32"])
+def test_concurrent_batches_from_threads(tmp_path: Path, dtype: str) -> None:
     dims, per_thread, writers = 32, 1500, 4
     data = data_mod.clustered(per_thread * writers, dims, seed=9)
     errors: list[BaseException] = []
     with VectorStore(tmp_path) as store:
-        coll = store.create_collection("c", dims=dims)
+        coll = store.create_collection("c", dims=dims, dtype=dtype)  # type: ignore[arg-type]
         coll.upsert_batch([0], data[:1], tenant="w0")
 
         def write(w: int) -> None:
