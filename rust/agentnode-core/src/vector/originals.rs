@@ -6,6 +6,7 @@
 //! deleted key's row is reused by the next insert.
 
 use super::labels::KeyMap;
+use super::{Hit, Metric};
 
 /// Rows per chunk: 4096 x 384-d f32 is 6 MiB, small next to a large collection and few
 /// allocations for a small one.
@@ -16,8 +17,6 @@ pub(super) struct Originals {
     rows: KeyMap<u32>,
     chunks: Vec<Box<[f32]>>,
     free: Vec<u32>,
-    /// Rows ever handed out; those below it and not in `free` are in use.
-    used: u32,
 }
 
 impl Originals {
@@ -27,7 +26,6 @@ impl Originals {
             rows: KeyMap::default(),
             chunks: Vec::new(),
             free: Vec::new(),
-            used: 0,
         }
     }
 
@@ -45,12 +43,13 @@ impl Originals {
         if let Some(row) = self.free.pop() {
             return row;
         }
-        if self.used as usize == self.chunks.len() * CHUNK_ROWS {
+        // With no row free, every row handed out is in use: the next is the count of them.
+        let row = self.rows.len();
+        if row == self.chunks.len() * CHUNK_ROWS {
             self.chunks
                 .push(vec![0.0; CHUNK_ROWS * self.dims].into_boxed_slice());
         }
-        self.used += 1;
-        self.used - 1
+        row as u32
     }
 
     /// Stores `vector` (of the collection's dims) for `key`, replacing any earlier one.
@@ -76,8 +75,14 @@ impl Originals {
         &self.chunks[chunk][at * self.dims..(at + 1) * self.dims]
     }
 
-    pub(super) fn get(&self, key: u64) -> Option<&[f32]> {
-        Some(self.row(*self.rows.get(&key)?))
+    /// `key` and its exact distance from the unit vector `query`, if `key` is held. Both are
+    /// unit vectors, so the cos distance is the inner product one (no norms to compute).
+    pub(super) fn hit(&self, key: u64, query: &[f32]) -> Option<Hit> {
+        let row = self.row(*self.rows.get(&key)?);
+        Some(Hit {
+            key,
+            distance: Metric::Ip.distance(query, row),
+        })
     }
 
     /// Bytes held, for [`super::Collection::memory_usage`].

@@ -367,6 +367,11 @@ fn i8_f32_ranks_by_exact_distance() {
         .unwrap()
         .iter()
         .all(|h| h.key != 7));
+    // A new key takes the deleted key's row, and holds its own vector there.
+    c.upsert(n as u64, &far, label("a")).unwrap();
+    let hit = c.search(&far, 1, &Filter::default()).unwrap()[0];
+    assert_eq!(hit.key, n as u64);
+    assert!(hit.distance.abs() < 1e-6);
 }
 
 #[test]
