@@ -1,7 +1,8 @@
 //! The collection file: `MAGIC | sections | crc32`, each section a u64 length and its bytes,
 //! written atomically (temporary file, fsync, rename, directory fsync). Version 1 holds two
 //! sections (index, labels); version 2 adds a third, the exact vectors of an `i8+f32`
-//! collection (empty for other dtypes).
+//! collection (empty for other dtypes); version 3 is laid out as 2 and marks an `i8+f32` graph
+//! quantised on [`super::quantise`]'s scale (version 2's used usearch's cast).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -9,10 +10,12 @@ use std::path::Path;
 
 use super::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"ANVEC\x00\x00\x02";
-/// Files written before the exact-vector section existed; read as having an empty one.
-const MAGIC_V1: &[u8; 8] = b"ANVEC\x00\x00\x01";
-/// Sections in a version 2 file.
+/// The magic without its last byte, the version.
+const MAGIC: &[u8; 7] = b"ANVEC\x00\x00";
+const VERSION: u8 = 3;
+/// The first version whose `i8+f32` graph uses this build's quantisation.
+pub(super) const QUANTISED_SINCE: u8 = 3;
+/// Sections since version 2 (version 1 files are read as having an empty third).
 pub(super) const SECTIONS: usize = 3;
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -36,6 +39,7 @@ pub(super) fn write_atomic(path: &Path, sections: [&[u8]; SECTIONS]) -> Result<(
             f.write_all(part)
         };
         put(MAGIC)?;
+        put(&[VERSION])?;
         for section in sections {
             put(&(section.len() as u64).to_le_bytes())?;
             put(section)?;
@@ -56,19 +60,23 @@ pub(super) fn write_atomic(path: &Path, sections: [&[u8]; SECTIONS]) -> Result<(
         .map_err(io("fsync", dir))
 }
 
-/// The sections of a file whose checksum holds.
-pub(super) fn read_checked(path: &Path) -> Result<[Vec<u8>; SECTIONS]> {
+/// The sections of a file whose checksum holds, and its version.
+pub(super) fn read_checked(path: &Path) -> Result<([Vec<u8>; SECTIONS], u8)> {
     let data = fs::read(path).map_err(io("read", path))?;
     let corrupt = |why: &str| Error::Corrupt {
         path: path.to_owned(),
         why: why.to_owned(),
     };
-    let present = match data.get(..MAGIC.len()) {
-        Some(m) if m == MAGIC => SECTIONS,
-        Some(m) if m == MAGIC_V1 => 2,
+    let (version, present) = match data.split_at_checked(MAGIC.len()) {
+        Some((m, rest)) if m == MAGIC => match rest.first() {
+            Some(1) => (1, 2),
+            Some(&v @ 2..=VERSION) => (v, SECTIONS),
+            Some(v) if *v > VERSION => return Err(corrupt("written by a newer agentnode")),
+            _ => return Err(corrupt("not an agentnode vector file")),
+        },
         _ => return Err(corrupt("not an agentnode vector file")),
     };
-    if data.len() < MAGIC.len() + 8 * present + 4 {
+    if data.len() < MAGIC.len() + 1 + 8 * present + 4 {
         return Err(corrupt("short file"));
     }
     let (body, tail) = data.split_at(data.len() - 4);
@@ -89,12 +97,12 @@ pub(super) fn read_checked(path: &Path) -> Result<[Vec<u8>; SECTIONS]> {
         Ok((bytes.to_vec(), len_end + len))
     };
     let mut out: [Vec<u8>; SECTIONS] = Default::default();
-    let mut at = MAGIC.len();
+    let mut at = MAGIC.len() + 1;
     for slot in &mut out[..present] {
         (*slot, at) = section(at)?;
     }
     if at != body.len() {
         return Err(corrupt("trailing bytes"));
     }
-    Ok(out)
+    Ok((out, version))
 }

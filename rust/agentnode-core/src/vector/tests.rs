@@ -439,15 +439,62 @@ fn i8_f32_save_load_round_trip() {
             Err(Error::Corrupt { .. })
         ));
     }
+    // A version 2 file's i8 graph is on usearch's scale, not ours: rebuilt, not mixed with.
+    let v3 = std::fs::read(&path).unwrap();
+    std::fs::write(&path, with_version(&v3, 2)).unwrap();
+    let err = Collection::load(&path, rescored(dims)).err().unwrap();
+    assert!(
+        err.to_string().contains("quantised by an earlier version"),
+        "{err}"
+    );
+    std::fs::write(&path, with_version(&v3, 4)).unwrap();
+    let err = Collection::load(&path, rescored(dims)).err().unwrap();
+    assert!(
+        err.to_string().contains("written by a newer agentnode"),
+        "{err}"
+    );
     let plain = Collection::new(Options {
         metric: Metric::Cos,
         ..opts(dims)
     })
     .unwrap();
+    plain.upsert(1, &data[..dims], label("a")).unwrap();
     plain.save(&path).unwrap();
     assert!(matches!(
         Collection::load(&path, rescored(dims)),
         Err(Error::Corrupt { .. })
     ));
+    // Other dtypes' version 2 files are what version 3 writes.
+    let v3 = std::fs::read(&path).unwrap();
+    std::fs::write(&path, with_version(&v3, 2)).unwrap();
+    let cos = Options {
+        metric: Metric::Cos,
+        ..opts(dims)
+    };
+    assert_eq!(Collection::load(&path, cos).unwrap().len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `file` (a collection file) with its version byte set to `version` and its checksum redone.
+fn with_version(file: &[u8], version: u8) -> Vec<u8> {
+    let mut body = file[..file.len() - 4].to_vec();
+    body[7] = version;
+    let crc = crc32fast::hash(&body);
+    body.extend_from_slice(&crc.to_le_bytes());
+    body
+}
+
+#[test]
+fn quantise_fills_the_i8_range() {
+    // 384-d: the RMS component (1/sqrt(384)) lands on 127/6, six times it on 127.
+    let rms = 1.0 / 384f32.sqrt();
+    let mut v = vec![rms; 384];
+    v[0] = 6.0 * rms;
+    v[1] = -9.0 * rms;
+    let q = quantise(&v);
+    assert_eq!(q[2], 21);
+    assert_eq!(q[0], 127);
+    assert_eq!(q[1], -127, "saturates, not wraps");
+    // Few dims: never coarser than usearch's cast (x127), which no unit component can exceed.
+    assert_eq!(quantise(&[0.6, -0.8]), vec![76, -102]);
 }
