@@ -86,6 +86,10 @@ const RESERVED_KEY: u64 = u64::MAX;
 const INITIAL_CAPACITY: usize = 1024;
 /// Stripes of the per-key upsert lock; enough that unrelated keys rarely wait on each other.
 const KEY_STRIPES: usize = 64;
+/// Most queries a batch search hands a thread at a time (fewer in a small batch, so each thread
+/// takes several blocks): small enough that threads finish together, large enough that taking
+/// one is rare next to searching it.
+const SEARCH_BLOCK: usize = 16;
 /// usearch serves at most this many concurrent adds/searches (one scratch context each, a few
 /// KiB); callers beyond it wait on [`Contexts`] instead of failing inside usearch.
 const CONTEXTS: usize = 32;
@@ -875,7 +879,6 @@ impl Collection {
         let keys = keys.as_ref();
         let rows: Vec<&[f32]> = queries.chunks_exact(dims).collect();
         let threads = threads.clamp(1, rows.len().clamp(1, CONTEXTS));
-        let chunk = rows.len().div_ceil(threads).max(1);
         let run = |part: &[&[f32]]| -> Result<Vec<Vec<Hit>>> {
             part.iter()
                 .map(|q| self.search_one(q, k, filter, keys))
@@ -885,17 +888,30 @@ impl Collection {
             // No thread to spawn for a small batch or a caller that asked for one.
             return run(&rows);
         }
-        std::thread::scope(|s| {
-            let workers: Vec<_> = rows
-                .chunks(chunk)
-                .map(|part| s.spawn(move || run(part)))
-                .collect();
-            let mut out = Vec::with_capacity(rows.len());
-            for w in workers {
-                out.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
+        // Blocks handed out as threads come free, not one fixed share each: a thread slowed by
+        // other work on the host (or by harder queries) no longer holds up the whole batch.
+        let block = rows.len().div_ceil(threads * 4).clamp(1, SEARCH_BLOCK);
+        let next = AtomicUsize::new(0);
+        let worker = || -> Result<Vec<(usize, Vec<Vec<Hit>>)>> {
+            let mut done = Vec::new();
+            loop {
+                let start = next.fetch_add(block, Ordering::Relaxed);
+                if start >= rows.len() {
+                    return Ok(done);
+                }
+                done.push((start, run(&rows[start..rows.len().min(start + block)])?));
             }
-            Ok(out)
-        })
+        };
+        let mut blocks = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
+            let mut blocks = Vec::with_capacity(rows.len().div_ceil(SEARCH_BLOCK));
+            for w in workers {
+                blocks.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
+            }
+            Ok::<_, Error>(blocks)
+        })?;
+        blocks.sort_unstable_by_key(|(start, _)| *start);
+        Ok(blocks.into_iter().flat_map(|(_, hits)| hits).collect())
     }
 
     /// Writes index and labels to `path` atomically: a temporary file in the same directory,
