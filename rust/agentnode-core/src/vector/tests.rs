@@ -498,3 +498,34 @@ fn quantise_fills_the_i8_range() {
     // Few dims: never coarser than usearch's cast (x127), which no unit component can exceed.
     assert_eq!(quantise(&[0.6, -0.8]), vec![76, -102]);
 }
+
+#[test]
+fn batch_search_keeps_query_order_across_threads() {
+    let (n, dims) = (500, 8);
+    let c = Collection::new(opts(dims)).unwrap();
+    let data = vectors(n, dims, 21);
+    let keys: Vec<u64> = (0..n as u64).collect();
+    c.upsert_batch(&keys, &data, vec![label("a"); n], 2)
+        .unwrap();
+    // 203 queries on 3 threads: blocks of up to 16, the last one short.
+    let queries = &data[..203 * dims];
+    let one_by_one: Vec<Vec<Hit>> = queries
+        .chunks_exact(dims)
+        .map(|q| c.search(q, 3, &Filter::default()).unwrap())
+        .collect();
+    for threads in [1, 2, 3, 64] {
+        assert_eq!(
+            c.search_batch(queries, 3, &Filter::default(), threads)
+                .unwrap(),
+            one_by_one,
+            "{threads} threads"
+        );
+    }
+    let err = c
+        .search_batch(&data[..40 * dims], 0, &Filter::default(), 3)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ZeroK),
+        "a worker's error reaches the caller"
+    );
+}
