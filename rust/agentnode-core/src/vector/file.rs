@@ -1,8 +1,8 @@
 //! The collection file: `MAGIC | sections | crc32`, each section a u64 length and its bytes,
 //! written atomically (temporary file, fsync, rename, directory fsync). Version 1 holds two
 //! sections (index, labels); version 2 adds a third, the exact vectors of an `i8+f32`
-//! collection (empty for other dtypes); version 3 is laid out as 2 and marks an `i8+f32` graph
-//! quantised on [`super::quantise`]'s scale (version 2's used usearch's cast).
+//! collection (empty for other dtypes); in version 3 that section starts with the scale of an
+//! `i8+f32` graph (see [`super::i8_scale`]; version 2's graphs used usearch's cast).
 
 use std::fs::{self, File};
 use std::io::Write;

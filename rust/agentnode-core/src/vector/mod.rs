@@ -16,7 +16,7 @@
 //! nothing, so neither is here: an f32-accumulating AVX2 metric in place of the f64-widening one of
 //! `numkong` (installed through `Index::change_metric`), and prefetching neighbours' vectors in
 //! search. What does pay is reading less per comparison: the `i8+f32` dtype ([`Dtype::I8F32`])
-//! walks an i8 graph (on its own scale, see [`quantise`]) and re-ranks its candidates exactly,
+//! walks an i8 graph (on its own scale, see [`i8_scale`]) and re-ranks its candidates exactly,
 //! 1.07-1.19x hnswlib's queries per second at equal recall on one thread on the bench's data.
 
 mod file;
@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
@@ -221,8 +221,8 @@ pub enum Dtype {
     /// small graph and ranks all `ef` candidates it kept (usearch keeps `ef` whatever `k` is)
     /// by their exact distance. A quarter of the memory traffic per comparison of f32, so
     /// about twice the queries per second at equal recall, for a fifth more memory.
-    /// Cos only: the graph holds unit vectors on a fixed i8 scale (see [`quantise`]), so
-    /// vectors are normalised.
+    /// Cos only: the graph holds unit vectors on an i8 scale fixed by the first vectors added
+    /// (see [`i8_scale`]), so vectors are normalised.
     I8F32,
 }
 
@@ -322,6 +322,9 @@ pub struct Collection {
     labels: RwLock<Labels>,
     /// The exact vectors, for an `i8+f32` collection only.
     originals: Option<RwLock<Originals>>,
+    /// The scale of an `i8+f32` collection's graph, once a vector has been added (see
+    /// [`i8_scale`]).
+    scale: OnceLock<f32>,
     stripes: Vec<Mutex<()>>,
     contexts: Contexts,
 }
@@ -359,18 +362,41 @@ fn unit(vector: &[f32], what: impl FnOnce() -> String) -> Result<Vec<f32>> {
     Ok(vector.iter().map(|x| x / norm).collect())
 }
 
-/// Multiples of a unit vector's RMS component (exactly `1/sqrt(dims)`) that the i8 graph's
-/// range spans; beyond it a component saturates. usearch's own cast spans 1.0, all a component
-/// can reach, which in 384-d leaves a typical component about 6 of the 127 steps (4 bits).
-/// At 6 the bench's data never saturates and a typical component gets 21 steps: recall@10 at
-/// ef 12 went 0.91 -> 0.96. Saturating a rare outlier only blurs the walk; the re-rank is exact.
-const I8_SPAN_RMS: f32 = 6.0;
+/// The least span of the i8 graph's range, in multiples of a unit vector's RMS component
+/// (exactly `1/sqrt(dims)`). usearch's own cast spans 1.0, all a component can reach, which in
+/// 384-d leaves a typical component about 6 of the 127 steps; spanning 8 RMS gives it 16, and
+/// recall@10 at ef 12 on the bench's data went 0.91 -> 0.96.
+const I8_SPAN_RMS: f32 = 8.0;
+/// The span is also at least this many times the typical largest component of the first
+/// vectors added. Embeddings of some models share a few dimensions of large magnitude, and a
+/// graph whose vectors all saturate there loses most of its recall at low ef (0.93 -> 0.53 at
+/// ef 12 in a test with four shared dimensions at 10 RMS), where the headroom keeps the gain.
+const I8_HEADROOM: f32 = 1.5;
 
-/// The unit vector `unit` as the `i8+f32` graph holds it: scaled so the span above fills
-/// +-127 (never less resolution than usearch's cast), rounded, saturated.
-fn quantise(unit: &[f32]) -> Vec<i8> {
+/// The i8 graph's scale (`+-127` over the span), fixed by the first vectors added, `rows` of
+/// `dims` values each: from the median of their largest components relative to their length
+/// (robust to one outlier in a batch), never coarser than usearch's cast (a scale of 127).
+fn i8_scale<'a>(rows: impl Iterator<Item = &'a [f32]>, dims: usize) -> f32 {
+    let mut peaks: Vec<f32> = rows
+        .take(1024)
+        .filter_map(|row| {
+            let length = norm(row, String::new).ok()?;
+            Some(row.iter().fold(0.0f32, |m, x| m.max(x.abs())) / length)
+        })
+        .collect();
+    let peak = if peaks.is_empty() {
+        0.0
+    } else {
+        let middle = peaks.len() / 2;
+        *peaks.select_nth_unstable_by(middle, f32::total_cmp).1
+    };
     #[allow(clippy::cast_precision_loss)] // dims <= MAX_DIMS = 2^16, exact in f32
-    let scale = 127.0 * ((unit.len() as f32).sqrt() / I8_SPAN_RMS).max(1.0);
+    let rms = 1.0 / (dims as f32).sqrt();
+    127.0 / (I8_SPAN_RMS * rms).max(I8_HEADROOM * peak).min(1.0)
+}
+
+/// The unit vector `unit` as the `i8+f32` graph holds it: times `scale`, rounded, saturated.
+fn quantise(unit: &[f32], scale: f32) -> Vec<i8> {
     #[allow(clippy::cast_possible_truncation)] // clamped to i8's range first
     unit.iter()
         .map(|x| (x * scale).round().clamp(-127.0, 127.0) as i8)
@@ -385,8 +411,8 @@ enum Graphed<'a> {
 
 impl<'a> Graphed<'a> {
     /// `unit` is the normalised vector of an `i8+f32` collection, `None` for the others.
-    fn new(vector: &'a [f32], unit: Option<&[f32]>) -> Self {
-        unit.map_or(Self::F32(vector), |u| Self::I8(quantise(u)))
+    fn new(vector: &'a [f32], unit: Option<&[f32]>, scale: f32) -> Self {
+        unit.map_or(Self::F32(vector), |u| Self::I8(quantise(u, scale)))
     }
 
     fn add(&self, index: &Index, key: u64) -> Result<()> {
@@ -506,16 +532,29 @@ impl Collection {
             .reserve_capacity_and_threads(INITIAL_CAPACITY, CONTEXTS)
             .map_err(index_err("reserve capacity"))?;
         let originals = (options.dtype == Dtype::I8F32).then(|| Originals::new(options.dims));
-        Ok(Self::wrap(options, index, Labels::default(), originals))
+        Ok(Self::wrap(
+            options,
+            index,
+            Labels::default(),
+            originals,
+            None,
+        ))
     }
 
-    fn wrap(options: Options, index: Index, labels: Labels, originals: Option<Originals>) -> Self {
+    fn wrap(
+        options: Options,
+        index: Index,
+        labels: Labels,
+        originals: Option<Originals>,
+        scale: Option<f32>,
+    ) -> Self {
         Self {
             options,
             index: RwLock::new(index),
             claimed: AtomicUsize::new(0),
             labels: RwLock::new(labels),
             originals: originals.map(RwLock::new),
+            scale: scale.map(OnceLock::from).unwrap_or_default(),
             stripes: (0..KEY_STRIPES).map(|_| Mutex::new(())).collect(),
             contexts: Contexts::new(),
         }
@@ -627,7 +666,11 @@ impl Collection {
         if let (Some(originals), Some(unit)) = (&self.originals, &unit) {
             write(originals).insert(key, unit);
         }
-        let graphed = Graphed::new(vector, unit.as_deref());
+        let graphed = Graphed::new(
+            vector,
+            unit.as_deref(),
+            self.i8_scale_from(std::iter::once(vector)),
+        );
         let added = self.with_room(1, |index| {
             if index.contains(key) {
                 index
@@ -642,6 +685,15 @@ impl Collection {
         added?;
         write(&self.labels).insert(key, label);
         Ok(())
+    }
+
+    /// The graph's scale, fixed from `rows` (checked vectors) if none is yet. Meaningless,
+    /// and not fixed, for dtypes other than `i8+f32`.
+    fn i8_scale_from<'a>(&self, rows: impl Iterator<Item = &'a [f32]>) -> f32 {
+        if self.originals.is_none() {
+            return 1.0;
+        }
+        *self.scale.get_or_init(|| i8_scale(rows, self.options.dims))
     }
 
     /// Validates a batch (`keys.len() * dims` values, every key usable, every value finite)
@@ -685,6 +737,7 @@ impl Collection {
             });
         }
         self.check_batch(keys, vectors)?;
+        self.i8_scale_from(vectors.chunks_exact(dims));
         self.grow(keys.len(), false)?;
         let rows: Vec<(u64, &[f32], Label)> = keys
             .iter()
@@ -759,7 +812,9 @@ impl Collection {
             .as_ref()
             .map(|_| unit(query, || "the query".to_owned()))
             .transpose()?;
-        let graphed = Graphed::new(query, normalised.as_deref());
+        // Before any add the graph is empty, and any scale ranks it alike.
+        let scale = self.scale.get().copied().unwrap_or(127.0);
+        let graphed = Graphed::new(query, normalised.as_deref(), scale);
         let query = normalised.as_deref().unwrap_or(query);
         let _context = self.contexts.acquire();
         let index = read(&self.index);
@@ -925,10 +980,11 @@ impl Collection {
             .save_to_buffer(&mut blob)
             .map_err(index_err("serialise the index"))?;
         let labels = read(&self.labels).encode();
-        let exact = self
-            .originals
-            .as_ref()
-            .map_or_else(Vec::new, |o| read(o).encode());
+        // An i8+f32 collection's section: the graph's scale (0 while unset), then the vectors.
+        let exact = self.originals.as_ref().map_or_else(Vec::new, |o| {
+            let scale = self.scale.get().copied().unwrap_or(0.0);
+            [scale.to_le_bytes().to_vec(), read(o).encode()].concat()
+        });
         file::write_atomic(path, [&blob, &labels, &exact])
     }
 
@@ -966,12 +1022,20 @@ impl Collection {
                 index.size()
             )));
         }
-        let originals = match options.dtype {
-            Dtype::I8F32 => Some(
-                Originals::decode(&exact, options.dims)
-                    .ok_or_else(|| corrupt("bad exact-vector table".to_owned()))?,
-            ),
-            _ if exact.is_empty() => None,
+        let (originals, scale) = match options.dtype {
+            Dtype::I8F32 => {
+                let bad = || corrupt("bad exact-vector table".to_owned());
+                let (scale, rows) = exact.split_at_checked(4).ok_or_else(bad)?;
+                let scale = f32::from_le_bytes(scale.try_into().map_err(|_| bad())?);
+                let originals = Originals::decode(rows, options.dims).ok_or_else(bad)?;
+                // Unset (0) only while empty; never coarser than usearch's cast.
+                match scale {
+                    0.0 if originals.len() == 0 => (Some(originals), None),
+                    s if s.is_finite() && s >= 127.0 => (Some(originals), Some(s)),
+                    _ => return Err(corrupt(format!("bad i8 scale {scale}"))),
+                }
+            }
+            _ if exact.is_empty() => (None, None),
             _ => {
                 return Err(corrupt(
                     "it holds exact vectors but the dtype is not i8+f32".to_owned(),
@@ -989,7 +1053,7 @@ impl Collection {
         index
             .reserve_capacity_and_threads(capacity, CONTEXTS)
             .map_err(index_err("reserve capacity"))?;
-        Ok(Self::wrap(options, index, labels, originals))
+        Ok(Self::wrap(options, index, labels, originals, scale))
     }
 
     /// Candidates kept while searching (usearch's `ef`): higher is slower and finds more.

@@ -439,6 +439,24 @@ fn i8_f32_save_load_round_trip() {
             Err(Error::Corrupt { .. })
         ));
     }
+    // The graph's scale comes back with it; a file whose scale is not one we write is refused.
+    assert_eq!(back.scale.get(), c.scale.get());
+    assert!(c.scale.get().is_some());
+    let ([index, labels, exact], _) = file::read_checked(&path).unwrap();
+    let mut bad = exact.clone();
+    bad[..4].copy_from_slice(&1.0f32.to_le_bytes());
+    file::write_atomic(&path, [&index, &labels, &bad]).unwrap();
+    let err = Collection::load(&path, rescored(dims)).err().unwrap();
+    assert!(err.to_string().contains("bad i8 scale 1"), "{err}");
+    file::write_atomic(&path, [&index, &labels, &exact]).unwrap();
+    // An empty collection has no scale yet, and takes one from its first vector after loading.
+    let empty = Collection::new(rescored(dims)).unwrap();
+    let empty_path = dir.join("empty.anvec");
+    empty.save(&empty_path).unwrap();
+    let empty = Collection::load(&empty_path, rescored(dims)).unwrap();
+    assert!(empty.scale.get().is_none());
+    empty.upsert(1, &data[..dims], label("a")).unwrap();
+    assert!(empty.scale.get().is_some());
     // A version 2 file's i8 graph is on usearch's scale, not ours: rebuilt, not mixed with.
     let v3 = std::fs::read(&path).unwrap();
     std::fs::write(&path, with_version(&v3, 2)).unwrap();
@@ -485,18 +503,35 @@ fn with_version(file: &[u8], version: u8) -> Vec<u8> {
 }
 
 #[test]
-fn quantise_fills_the_i8_range() {
-    // 384-d: the RMS component (1/sqrt(384)) lands on 127/6, six times it on 127.
+fn the_i8_scale_spans_eight_rms_or_the_first_vectors_peaks() {
+    let dims = 384;
     let rms = 1.0 / 384f32.sqrt();
-    let mut v = vec![rms; 384];
-    v[0] = 6.0 * rms;
-    v[1] = -9.0 * rms;
-    let q = quantise(&v);
-    assert_eq!(q[2], 21);
-    assert_eq!(q[0], 127);
-    assert_eq!(q[1], -127, "saturates, not wraps");
-    // Few dims: never coarser than usearch's cast (x127), which no unit component can exceed.
-    assert_eq!(quantise(&[0.6, -0.8]), vec![76, -102]);
+    // Components within a few RMS: the span is 8 RMS, and the RMS component gets 127/8 steps.
+    let flat: Vec<f32> = (0..dims)
+        .map(|i| if i % 2 == 0 { rms } else { -rms })
+        .collect();
+    let scale = i8_scale(std::iter::once(&flat[..]), dims);
+    assert!((scale - 127.0 / (8.0 * rms)).abs() < 1e-3, "{scale}");
+    let q = quantise(&flat, scale);
+    assert_eq!((q[0], q[1]), (16, -16));
+    // A shared large dimension (0.5 in every vector): 1.5x its size, so nothing saturates.
+    let mut peaked = flat.clone();
+    peaked[0] = 0.5;
+    let unit = {
+        let n = peaked.iter().map(|x| x * x).sum::<f32>().sqrt();
+        peaked.iter().map(|x| x / n).collect::<Vec<_>>()
+    };
+    let rows = [&peaked[..], &peaked[..], &flat[..]];
+    let scale = i8_scale(rows.into_iter(), dims);
+    assert!((scale - 127.0 / (1.5 * unit[0])).abs() < 1e-2, "{scale}");
+    assert_eq!(quantise(&unit, scale)[0], 85);
+    // The median peak: one odd vector out of three does not set the span.
+    let rows = [&flat[..], &peaked[..], &flat[..]];
+    assert!((i8_scale(rows.into_iter(), dims) - 127.0 / (8.0 * rms)).abs() < 1e-3);
+    // Never coarser than usearch's cast; saturates rather than wraps.
+    assert!((i8_scale(std::iter::once(&[1.0, 0.0][..]), 2) - 127.0).abs() < 1e-6);
+    assert_eq!(quantise(&[0.6, -0.8], 127.0), vec![76, -102]);
+    assert_eq!(quantise(&[2.0, -2.0], 127.0), vec![127, -127]);
 }
 
 #[test]
