@@ -798,6 +798,20 @@ impl Collection {
         filter: &Filter,
         keys: Option<&KeySet>,
     ) -> Result<Vec<Hit>> {
+        let _context = self.contexts.acquire();
+        self.search_in(&read(&self.index), query, k, filter, keys)
+    }
+
+    /// [`Self::search`] on `index`, the caller holding a usearch context and the shared lock
+    /// (a batch's thread takes them once for a block of queries, not once a query).
+    fn search_in(
+        &self,
+        index: &Index,
+        query: &[f32],
+        k: usize,
+        filter: &Filter,
+        keys: Option<&KeySet>,
+    ) -> Result<Vec<Hit>> {
         if k == 0 {
             return Err(Error::ZeroK);
         }
@@ -816,8 +830,6 @@ impl Collection {
         let scale = self.scale.get().copied().unwrap_or(127.0);
         let graphed = Graphed::new(query, normalised.as_deref(), scale);
         let query = normalised.as_deref().unwrap_or(query);
-        let _context = self.contexts.acquire();
-        let index = read(&self.index);
         // An `i8+f32` search asks the graph for every candidate it keeps, for [`Self::rank`].
         let fetch = if self.originals.is_some() {
             k.max(index.expansion_search())
@@ -825,7 +837,7 @@ impl Collection {
             k
         };
         if filter.is_empty() {
-            let found = graphed.search(&index, fetch)?;
+            let found = graphed.search(index, fetch)?;
             return Ok(self.rank(found, query, k, fetch, |_| true));
         }
         let labels = read(&self.labels);
@@ -835,21 +847,21 @@ impl Collection {
             return Ok(Vec::new());
         }
         match plan(admitted, index.size(), k, index.expansion_search()) {
-            Plan::Exact => self.exact(&index, query, k, &pass),
+            Plan::Exact => self.exact(index, query, k, &pass),
             Plan::PostFilter(wanted) => {
                 // Too few passing is bad luck or admitted keys lying away from the query: ask
                 // for twice as many once, then walk the graph for them.
                 for wanted in [wanted, wanted * 2] {
-                    let found = graphed.search(&index, wanted.max(fetch))?;
+                    let found = graphed.search(index, wanted.max(fetch))?;
                     let exhausted = found.keys.len() < wanted;
                     let hits = self.rank(found, query, k, fetch, |key| pass.accepts(key));
                     if hits.len() == k || exhausted {
                         return Ok(hits);
                     }
                 }
-                self.in_graph(&index, &graphed, query, k, fetch, &pass)
+                self.in_graph(index, &graphed, query, k, fetch, &pass)
             }
-            Plan::Graph => self.in_graph(&index, &graphed, query, k, fetch, &pass),
+            Plan::Graph => self.in_graph(index, &graphed, query, k, fetch, &pass),
         }
     }
 
@@ -934,14 +946,23 @@ impl Collection {
         let keys = keys.as_ref();
         let rows: Vec<&[f32]> = queries.chunks_exact(dims).collect();
         let threads = threads.clamp(1, rows.len().clamp(1, CONTEXTS));
-        let run = |part: &[&[f32]]| -> Result<Vec<Vec<Hit>>> {
-            part.iter()
-                .map(|q| self.search_one(q, k, filter, keys))
+        // A block's queries share one context and one hold of the shared lock; blocks are short
+        // (at most SEARCH_BLOCK queries), so a writer waiting for the lock waits little.
+        let run = |block: &[&[f32]]| -> Result<Vec<Vec<Hit>>> {
+            let _context = self.contexts.acquire();
+            let index = read(&self.index);
+            block
+                .iter()
+                .map(|q| self.search_in(&index, q, k, filter, keys))
                 .collect()
         };
         if threads == 1 {
             // No thread to spawn for a small batch or a caller that asked for one.
-            return run(&rows);
+            let mut out = Vec::with_capacity(rows.len());
+            for block in rows.chunks(SEARCH_BLOCK) {
+                out.extend(run(block)?);
+            }
+            return Ok(out);
         }
         // Blocks handed out as threads come free, not one fixed share each: a thread slowed by
         // other work on the host (or by harder queries) no longer holds up the whole batch.
