@@ -17,7 +17,7 @@
 //! `numkong` (installed through `Index::change_metric`), and prefetching neighbours' vectors in
 //! search. What does pay is reading less per comparison: the `i8+f32` dtype ([`Dtype::I8F32`])
 //! walks an i8 graph (on its own scale, see [`i8_scale`]) and re-ranks its candidates exactly,
-//! 1.07-1.19x hnswlib's queries per second at equal recall on one thread on the bench's data.
+//! 1.07-1.2x hnswlib's queries per second at equal recall on one thread on the bench's data.
 
 mod file;
 mod labels;
