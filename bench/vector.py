@@ -186,9 +186,10 @@ def main() -> None:
         "h": lambda: hnsw.knn_query(queries, K, num_threads=2),
         "f": lambda: fidx.search(queries, K),
     }
+    rounds = 3 if bench.quick else 5
     lat: dict[str, list[float]] = {name: [] for name in single}
     best = dict.fromkeys(batch, float("inf"))
-    for part in np.array_split(queries, 3 if bench.quick else 5):
+    for part in np.array_split(queries, rounds):
         faiss.omp_set_num_threads(1)
         for name, search in single.items():
             single_query(search, part[:WARM_UP])
@@ -282,7 +283,7 @@ def main() -> None:
         coll.set_expansion_search(ef_default)
         lat_plain: list[float] = []
         lat_filt: list[float] = []
-        for part in np.array_split(queries, 3 if bench.quick else 5):
+        for part in np.array_split(queries, rounds):
             lat_plain += single_query(lambda q, c=coll: c.search(q, K), part)
             lat_filt += single_query(lambda q, c=coll: c.search(q, K, tenant="t3"), part)
         r_filt = recall(

@@ -653,6 +653,11 @@ impl Collection {
     /// Inserts or replaces the vector and label of `key`.
     pub fn upsert(&self, key: u64, vector: &[f32], label: Label) -> Result<()> {
         self.check(key, vector)?;
+        self.apply(key, vector, label)
+    }
+
+    /// [`Self::upsert`] of a vector [`Self::check`] has passed (a batch checks every row first).
+    fn apply(&self, key: u64, vector: &[f32], label: Label) -> Result<()> {
         let unit = self
             .originals
             .as_ref()
@@ -753,7 +758,7 @@ impl Collection {
                 .map(|part| {
                     s.spawn(move || {
                         part.iter()
-                            .try_for_each(|(k, v, l)| self.upsert(*k, v, l.clone()))
+                            .try_for_each(|(k, v, l)| self.apply(*k, v, l.clone()))
                     })
                 })
                 .collect();
@@ -956,14 +961,6 @@ impl Collection {
                 .map(|q| self.search_in(&index, q, k, filter, keys))
                 .collect()
         };
-        if threads == 1 {
-            // No thread to spawn for a small batch or a caller that asked for one.
-            let mut out = Vec::with_capacity(rows.len());
-            for block in rows.chunks(SEARCH_BLOCK) {
-                out.extend(run(block)?);
-            }
-            return Ok(out);
-        }
         // Blocks handed out as threads come free, not one fixed share each: a thread slowed by
         // other work on the host (or by harder queries) no longer holds up the whole batch.
         let block = rows.len().div_ceil(threads * 4).clamp(1, SEARCH_BLOCK);
@@ -979,7 +976,8 @@ impl Collection {
             }
         };
         let mut blocks = std::thread::scope(|s| {
-            // This thread is one of the workers: one spawn fewer, and no idle wait beside them.
+            // This thread is one of the workers (the only one for a batch on one thread): one
+            // spawn fewer, and no idle wait beside them.
             let helpers: Vec<_> = (1..threads).map(|_| s.spawn(worker)).collect();
             let mut blocks = worker()?;
             for w in helpers {

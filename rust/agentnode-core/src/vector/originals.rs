@@ -33,9 +33,18 @@ impl Originals {
         self.rows.len()
     }
 
+    /// The chunk holding `row`, and where in it the row lies.
+    fn place(&self, row: u32) -> (usize, std::ops::Range<usize>) {
+        let at = row as usize % CHUNK_ROWS;
+        (
+            row as usize / CHUNK_ROWS,
+            at * self.dims..(at + 1) * self.dims,
+        )
+    }
+
     fn slot(&mut self, row: u32) -> &mut [f32] {
-        let (chunk, at) = (row as usize / CHUNK_ROWS, row as usize % CHUNK_ROWS);
-        &mut self.chunks[chunk][at * self.dims..(at + 1) * self.dims]
+        let (chunk, span) = self.place(row);
+        &mut self.chunks[chunk][span]
     }
 
     /// A free row: a deleted key's, or the next one (a new chunk when the last is full).
@@ -71,8 +80,8 @@ impl Originals {
     }
 
     fn row(&self, row: u32) -> &[f32] {
-        let (chunk, at) = (row as usize / CHUNK_ROWS, row as usize % CHUNK_ROWS);
-        &self.chunks[chunk][at * self.dims..(at + 1) * self.dims]
+        let (chunk, span) = self.place(row);
+        &self.chunks[chunk][span]
     }
 
     /// Each of `keys` that is held, with its exact distance from the unit vector `query`. Both

@@ -319,6 +319,15 @@ fn relabelled_and_deleted_keys_leave_their_filters() {
     assert!(keys(&only("b")).is_empty());
 }
 
+/// A collection of `options` holding the rows of `data` under keys 0.., tenant "a".
+fn filled(options: Options, data: &[f32]) -> Collection {
+    let c = Collection::new(options).unwrap();
+    let n = data.len() / options.dims;
+    let keys: Vec<u64> = (0..n as u64).collect();
+    c.upsert_batch(&keys, data, vec![label("a"); n], 2).unwrap();
+    c
+}
+
 fn rescored(dims: usize) -> Options {
     Options {
         metric: Metric::Cos,
@@ -330,12 +339,9 @@ fn rescored(dims: usize) -> Options {
 #[test]
 fn i8_f32_ranks_by_exact_distance() {
     let (n, dims) = (2000, 32);
-    let c = Collection::new(rescored(dims)).unwrap();
     // Rows of any length: the collection normalises them.
     let data: Vec<f32> = vectors(n, dims, 3).iter().map(|x| x * 7.0 - 3.0).collect();
-    let keys: Vec<u64> = (0..n as u64).collect();
-    c.upsert_batch(&keys, &data, vec![label("a"); n], 2)
-        .unwrap();
+    let c = filled(rescored(dims), &data);
     assert!(
         c.memory_usage() > n * dims * 4,
         "the exact copies are counted"
@@ -414,11 +420,8 @@ fn i8_f32_save_load_round_trip() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("c.anvec");
     let (n, dims) = (300, 16);
-    let c = Collection::new(rescored(dims)).unwrap();
     let data = vectors(n, dims, 9);
-    let keys: Vec<u64> = (0..n as u64).collect();
-    c.upsert_batch(&keys, &data, vec![label("a"); n], 2)
-        .unwrap();
+    let c = filled(rescored(dims), &data);
     c.delete(5).unwrap();
     c.save(&path).unwrap();
     let back = Collection::load(&path, rescored(dims)).unwrap();
@@ -517,10 +520,7 @@ fn the_i8_scale_spans_eight_rms_or_the_first_vectors_peaks() {
     // A shared large dimension (0.5 in every vector): 1.5x its size, so nothing saturates.
     let mut peaked = flat.clone();
     peaked[0] = 0.5;
-    let unit = {
-        let n = peaked.iter().map(|x| x * x).sum::<f32>().sqrt();
-        peaked.iter().map(|x| x / n).collect::<Vec<_>>()
-    };
+    let unit = super::unit(&peaked, String::new).unwrap();
     let rows = [&peaked[..], &peaked[..], &flat[..]];
     let scale = i8_scale(rows.into_iter(), dims);
     assert!((scale - 127.0 / (1.5 * unit[0])).abs() < 1e-2, "{scale}");
@@ -537,11 +537,8 @@ fn the_i8_scale_spans_eight_rms_or_the_first_vectors_peaks() {
 #[test]
 fn batch_search_keeps_query_order_across_threads() {
     let (n, dims) = (500, 8);
-    let c = Collection::new(opts(dims)).unwrap();
     let data = vectors(n, dims, 21);
-    let keys: Vec<u64> = (0..n as u64).collect();
-    c.upsert_batch(&keys, &data, vec![label("a"); n], 2)
-        .unwrap();
+    let c = filled(opts(dims), &data);
     // 203 queries on 3 threads: blocks of up to 16, the last one short.
     let queries = &data[..203 * dims];
     let one_by_one: Vec<Vec<Hit>> = queries
