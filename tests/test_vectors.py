@@ -161,8 +161,8 @@ def test_i8_f32_ranks_exactly_and_survives_reopen_and_rebuild(
 
 def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
     """Recall@10 at default parameters on the quick bench data, unfiltered and filtered to 10%
-    (one tenant of ten: post-filtered), 1% (a namespace: scanned exactly), 0.1% (tenant and
-    namespace together) and a third (a key set)."""
+    (one tenant of ten), 1% (a namespace) and 0.1% (tenant and namespace together), all scanned
+    exactly at this size, and a third (a key set: walked in the graph)."""
     n, dims, k = 10_000, 128, 10
     data, queries = data_mod.bench_data(n, dims, 300)
     tenants = np.arange(n) % 10

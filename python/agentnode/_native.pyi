@@ -185,7 +185,8 @@ class VectorCollection:
     @property
     def expansion_search(self) -> int: ...
     def set_expansion_search(self, ef: int) -> None:
-        """Changes the search-time candidate list size (`ef`) for later searches."""
+        """Changes the search-time candidate list size (`ef`) for later searches; a filtered
+        search keeps `ef` scaled by its filter's selectivity (at least k)."""
     def __len__(self) -> int: ...
     def __contains__(self, key: int, /) -> bool: ...
     def label(self, key: int) -> tuple[str, str, str, bytes] | None:

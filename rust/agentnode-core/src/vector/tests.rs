@@ -170,13 +170,17 @@ fn save_load_round_trip_and_corruption() {
 
 #[test]
 fn plans_follow_selectivity() {
-    // 100k vectors, k=10, ef=64: a handful of keys are scanned, a tenth is post-filtered.
+    // 100k vectors, k=10, ef=64: a handful of keys are scanned, a tenth is walked keeping
+    // k admitted, half keeping half of ef, all keeping ef.
     assert_eq!(plan(50, 100_000, 10, 64), Plan::Exact);
     assert_eq!(plan(1_000, 100_000, 10, 64), Plan::Exact);
-    assert_eq!(plan(10_000, 100_000, 10, 64), Plan::PostFilter(150));
-    assert_eq!(plan(100_000, 100_000, 10, 64), Plan::PostFilter(15));
-    // A broad filter and a k above ef: post-filtering would ask for more than the walk expands.
-    assert_eq!(plan(500_000, 1_000_000, 100, 64), Plan::Graph);
+    assert_eq!(plan(10_000, 100_000, 10, 64), Plan::Graph { ef: 10 });
+    // A tenth of 10k: 1000 rows scan faster than a walk keeping 10 of them.
+    assert_eq!(plan(1_000, 10_000, 10, 64), Plan::Exact);
+    assert_eq!(plan(50_000, 100_000, 10, 64), Plan::Graph { ef: 32 });
+    assert_eq!(plan(100_000, 100_000, 10, 64), Plan::Graph { ef: 64 });
+    // A k above ef: the walk keeps k.
+    assert_eq!(plan(500_000, 1_000_000, 100, 64), Plan::Graph { ef: 100 });
 }
 
 /// Exact top-k keys of `query` among the rows `admit` accepts, by `metric`.
@@ -198,7 +202,7 @@ fn brute(
     all.into_iter().take(k).map(|(_, key)| key).collect()
 }
 
-type Admit = dyn Fn(u64) -> bool;
+type Admit<'a> = dyn Fn(u64) -> bool + 'a;
 
 #[test]
 fn every_plan_matches_brute_force() {
@@ -226,7 +230,7 @@ fn every_plan_matches_brute_force() {
         })
         .unwrap();
         let keys: Vec<u64> = (0..n as u64).collect();
-        // tenant: one in ten (post-filtered); task: one in two hundred (scanned).
+        // tenant: one in ten and task: one in two hundred (scanned); keys: a third (walked).
         let labels = (0..n)
             .map(|i| Label {
                 tenant: format!("t{}", i % 10),
@@ -253,11 +257,22 @@ fn every_plan_matches_brute_force() {
             keys: Some((0..n as u64).step_by(3).collect()),
             ..Filter::default()
         };
-        let cases: [(&str, &Filter, &Admit); 4] = [
+        // A region: the third of the rows with the largest first component, so that most
+        // queries lie away from every admitted vector (walked).
+        let mut firsts: Vec<f32> = data.iter().step_by(dims).copied().collect();
+        firsts.sort_by(f32::total_cmp);
+        let edge = firsts[n * 2 / 3];
+        let in_region = |key: u64| data[key as usize * dims] >= edge;
+        let by_region = Filter {
+            keys: Some((0..n as u64).filter(|&key| in_region(key)).collect()),
+            ..Filter::default()
+        };
+        let cases: [(&str, &Filter, &Admit<'_>); 5] = [
             ("tenant", &by_tenant, &|key| key % 10 == 3),
             ("task", &by_task, &|key| key % 200 == 7),
             ("tenant and task", &by_both, &|key| key % 200 == 7),
             ("keys", &by_keys, &|key| key % 3 == 0),
+            ("region", &by_region, &in_region),
         ];
         for (name, filter, admit) in cases {
             let (mut found, mut total) = (0, 0);
