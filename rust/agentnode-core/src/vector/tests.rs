@@ -576,3 +576,30 @@ fn batch_search_keeps_query_order_across_threads() {
         "a worker's error reaches the caller"
     );
 }
+
+#[test]
+fn each_search_walks_with_the_collections_ef() {
+    // Uniform 32-d points: hard enough that a walk keeping 10 misses neighbours one keeping
+    // 300 finds. usearch's own ef is held at 1; the collection's must still reach every search.
+    let (n, dims, k) = (4000, 32, 10);
+    let data = vectors(n, dims, 3);
+    let c = filled(opts(dims), &data);
+    let everything = |_: u64| true;
+    let recall = |ef: usize| {
+        c.set_expansion_search(ef).unwrap();
+        assert_eq!(c.expansion_search(), ef);
+        let mut found = 0;
+        for q in 0..50 {
+            let query = vectors(1, dims, 500 + q);
+            let truth = brute(Metric::L2, &data, dims, &query, k, everything);
+            let hits = c.search(&query, k, &Filter::default()).unwrap();
+            assert_eq!(hits.len(), k);
+            found += hits.iter().filter(|h| truth.contains(&h.key)).count();
+        }
+        found
+    };
+    let (narrow, wide) = (recall(10), recall(300));
+    assert!(wide >= 495, "ef 300 found {wide} of 500");
+    assert!(narrow < wide, "ef 10 found {narrow}, ef 300 {wide}");
+    assert!(matches!(c.set_expansion_search(0), Err(Error::ZeroK)));
+}
