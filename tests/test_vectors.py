@@ -193,6 +193,34 @@ def test_filtered_search_recall_against_brute_force(tmp_path: Path) -> None:
             assert data_mod.recall(found, truth) >= 0.95, where
 
 
+def test_a_filter_that_picks_a_region_keeps_recall() -> None:
+    """A filter admitting the tenth of the space nearest one of ten random directions: most
+    queries lie away from it, a walk keeping ef x 10% admitted candidates tests far more nodes
+    than predicted, and such a search walks again with the full ef or scans. Built on one
+    thread, so the graph is the same every run: the second look lifts mean recall@10 from
+    0.913 to 0.932 (f32) and from 0.902 to 0.925 (i8+f32)."""
+    n, dims, k = 20_000, 64, 10
+    data, queries = data_mod.bench_data(n, dims, 200)
+    directions = np.random.default_rng(1).standard_normal((dims, 10)).astype(np.float32)
+    region = np.argmax(data @ directions, axis=1)
+    labels = [("t", "", f"g{g}", b"") for g in region.tolist()]
+    for dtype, metric, floor in (("f32", "ip", 0.925), ("i8+f32", "cos", 0.915)):
+        coll = VectorCollection(dims, metric=metric, dtype=dtype)
+        coll.upsert_batch(list(range(n)), data, labels, threads=1)
+        found: list[list[int]] = []
+        truths = []
+        for g in range(10):
+            admitted = np.flatnonzero(region == g)
+            if len(admitted) < 1_600:  # few enough to be scanned exactly from the start
+                continue
+            truths.append(admitted[data_mod.brute_force(data[admitted], queries, k)])
+            hits = [coll.search(q, k, task=f"g{g}") for q in queries]
+            assert all(region[key] == g for h in hits for key, _ in h)
+            found += [[key for key, _ in h] for h in hits]
+        assert len(truths) >= 6
+        assert data_mod.recall(found, np.concatenate(truths)) >= floor, dtype
+
+
 def test_bad_input(tmp_path: Path) -> None:
     with VectorStore(tmp_path) as store:
         coll = store.create_collection("docs", dims=4)
