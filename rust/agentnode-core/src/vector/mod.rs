@@ -516,11 +516,16 @@ fn walk_cost(ef: usize, admitted: usize, size: usize) -> usize {
         .saturating_mul(COMPARISONS_PER_EXPANSION)
 }
 
-/// The cheaper plan for a filter admitting at most `admitted` of `size` vectors: an exact scan,
-/// or a walk keeping [`filtered_ef`] admitted candidates.
+/// The plan for a filter admitting at most `admitted` of `size` vectors: the cheaper of an exact
+/// scan and a walk keeping [`filtered_ef`] admitted candidates.
 fn plan(admitted: usize, size: usize, k: usize, ef: usize) -> Plan {
     let admitted = admitted.clamp(1, size.max(1));
-    let ef = filtered_ef(ef.max(k), k, admitted, size);
+    cheaper(admitted, size, filtered_ef(ef.max(k), k, admitted, size))
+}
+
+/// The cheaper of an exact scan of `admitted` (at least 1) of `size` vectors and a walk keeping
+/// `ef` of them.
+fn cheaper(admitted: usize, size: usize, ef: usize) -> Plan {
     if scan_cost(admitted) <= walk_cost(ef, admitted, size) {
         Plan::Exact
     } else {
@@ -865,7 +870,8 @@ impl Collection {
         if admitted == 0 {
             return Ok(Vec::new());
         }
-        match plan(admitted, index.size(), k, ef) {
+        let size = index.size();
+        match plan(admitted, size, k, ef) {
             Plan::Exact => self.exact(index, query, k, &pass),
             Plan::Graph { ef: scaled } => {
                 let tested = Cell::new(0usize);
@@ -878,13 +884,13 @@ impl Collection {
                 // filter rejects most nodes: the admitted vectors lie elsewhere (a filter that
                 // picks a topic), and the few it keeps miss true neighbours. Such a search
                 // takes the cheaper of a scan and a walk with the full ef.
-                let size = index.size();
+                let admitted = admitted.min(size.max(1));
                 let predicted = scaled.saturating_mul(size).div_ceil(admitted);
                 if scaled < ef && tested.get() > LONG_WALK.saturating_mul(predicted) {
-                    if scan_cost(admitted) <= walk_cost(ef, admitted, size) {
-                        return self.exact(index, query, k, &pass);
+                    match cheaper(admitted, size, ef) {
+                        Plan::Exact => return self.exact(index, query, k, &pass),
+                        Plan::Graph { ef } => found = graphed.filtered_search(index, ef, &keep)?,
                     }
-                    found = graphed.filtered_search(index, ef, &keep)?;
                 }
                 Ok(self.rank(found, query, k))
             }
