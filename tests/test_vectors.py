@@ -221,6 +221,16 @@ def test_a_filter_that_picks_a_region_keeps_recall() -> None:
         assert data_mod.recall(found, np.concatenate(truths)) >= floor, dtype
 
 
+def test_bad_expansion_search_is_refused_and_changes_nothing() -> None:
+    coll = VectorCollection(4)
+    before = coll.expansion_search
+    with pytest.raises(VectorError, match="must be at least 1"):
+        coll.set_expansion_search(0)
+    with pytest.raises(OverflowError, match="negative"):
+        coll.set_expansion_search(-1)
+    assert coll.expansion_search == before
+
+
 def test_bad_input(tmp_path: Path) -> None:
     with VectorStore(tmp_path) as store:
         coll = store.create_collection("docs", dims=4)
