@@ -47,18 +47,25 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
 
 
 def our_children() -> list[str]:
-    """Pids of this test thread's child processes (tasks not reaped, or their escapees)."""
-    return Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+    """Pids of this process's child processes (tasks not reaped, or their escapees), of every
+    thread (a zygote's task is a child of the pool's thread), but for the zygotes ready."""
+    ready = {str(pid) for pid in task_mod._cgroups().zygotes()}
+    return [
+        pid
+        for t in Path("/proc/self/task").iterdir()
+        for pid in (t / "children").read_text().split()
+        if pid not in ready
+    ]
 
 
 def instance_tasks(timeout: float = 5.0) -> list[Path]:
     """Task cgroups left under this process's instance, in every hierarchy, once the background
     thread that removes ended tasks' cgroups has had up to `timeout` seconds to do so. The
-    spares made ahead of time for the next starts are not leftovers."""
+    spares and zygotes made ahead of time for the next starts are not leftovers."""
     deadline = time.monotonic() + timeout
     while True:
         manager = task_mod._cgroups()
-        spares = set(manager.spares())
+        spares = {*manager.spares(), *manager.zygotes().values()}
         found = [
             t
             for d in manager.dirs()
@@ -636,11 +643,17 @@ PARENT = """
 import sys, time
 from agentnode import _native
 from agentnode.isolation import spawn, task
+m = task._cgroups()
 t = spawn(["sleep", sys.argv[1]], workspace=sys.argv[2])
-deadline = time.monotonic() + 10  # the cgroups made ahead for the next starts are left too
-while len(task._cgroups().spares()) < 4 and time.monotonic() < deadline:
+deadline = time.monotonic() + 10  # the cgroups and zygotes made ahead are left too
+while (len(m.spares()) < 4 or len(m.zygotes()) < 4) and time.monotonic() < deadline:
     time.sleep(0.01)
-print(task._cgroups().name, len(task._cgroups().spares()), flush=True)
+ready = m.zygotes()
+z = spawn(["sleep", sys.argv[1]], workspace=sys.argv[2])  # a task started from a zygote
+while len(m.zygotes()) < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
+zygotes = ",".join(map(str, m.zygotes()))
+print(m.name, len(m.spares()), z.pid in ready, zygotes, flush=True)
 time.sleep(100)
 """
 
@@ -653,16 +666,22 @@ def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) ->
         [sys.executable, "-c", PARENT, marker, str(ws)], stdout=subprocess.PIPE, text=True
     )
     assert p.stdout is not None
-    instance, spares = p.stdout.readline().split()
-    assert spares == "4"
+    instance, spares, from_zygote, zygotes = p.stdout.readline().split()
+    assert spares == "4" and from_zygote == "True"
+    ready = [Path(f"/proc/{pid}") for pid in zygotes.split(",")]
+    assert len(ready) == 4 and all(z.exists() for z in ready)
     p.stdout.close()
-    assert processes_with(f"sleep\0{marker}", exact=True)
+    assert len(processes_with(f"sleep\0{marker}", exact=True)) == 2
     p.kill()
     p.wait()
     deadline = time.monotonic() + 5
     while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert processes_with(f"sleep\0{marker}") == []
+    # The zygotes shared the dead process's memory and descriptors: they died with it.
+    while any(z.exists() for z in ready) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(z.exists() for z in ready)
     left = [d.parent / instance for d in dirs]
     assert any(d.exists() for d in left)  # the crash left its cgroups behind...
     code = "from agentnode import _native; _native.CgroupManager().close()"
@@ -680,7 +699,8 @@ while len(m.spares()) < 4 and time.monotonic() < deadline:
     time.sleep(0.01)
 spares = m.spares()
 made = all((d / s).is_dir() for d in m.dirs() for s in spares)
-t = spawn(["true"], workspace=sys.argv[1])
+# A task no zygote can serve (one in a user namespace) takes a spare.
+t = spawn(["true"], userns=True)
 taken = t.cgroup_dir.name
 t.wait()
 print(json.dumps({"spares": spares, "made": made, "taken": taken, "left": m.spares()}))
@@ -698,6 +718,66 @@ def test_cgroups_made_ahead_are_handed_out_once_and_removed_at_exit(tmp_path: Pa
     assert got["taken"] in got["spares"]  # a start takes a ready one...
     assert got["taken"] not in got["left"]  # ...once
     # The process has exited: its spares went with its instance, as its tasks' cgroups did.
+    for d in task_mod._cgroups().dirs():
+        assert not any(e.name.startswith(f"n{p.pid}-") for e in d.parent.iterdir())
+
+
+ZYGOTES = """
+import json, os, signal, sys, time
+from agentnode.isolation import spawn, task
+m = task._cgroups()
+ws = sys.argv[1]
+spawn(["true"], workspace=ws).wait()  # the first start sets the pool going
+script = "echo $$; hostname; cut -d' ' -f19,41 /proc/self/stat; ls /proc | grep -c '^[0-9]'"
+for _ in range(10):  # a host mount made meanwhile (by a test beside) makes zygotes stale
+    deadline = time.monotonic() + 10
+    while len(m.zygotes()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ready = m.zygotes()
+    t = spawn(["sh", "-c", script], workspace=ws, hostname="zyg", stdout="pipe")
+    cgroup = t.cgroup_dir.name
+    out = t.stdout.read().decode().split()
+    t.wait()
+    if t.pid in ready:
+        break
+# Zygotes killed from outside are never handed a task: those starts take the usual way.
+for pid in m.zygotes():
+    os.kill(pid, signal.SIGKILL)
+after_kill = [spawn(["true"], workspace=ws).wait().code for _ in range(6)]
+deadline = time.monotonic() + 10
+while len(m.zygotes()) < 4 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({
+    "ready": {str(k): v for k, v in ready.items()}, "pid": t.pid, "cgroup": cgroup,
+    "out": out, "after_kill": after_kill, "left": list(m.zygotes()),
+}))
+"""
+
+
+def test_a_zygote_starts_the_task_isolated_and_dies_with_its_pool(tmp_path: Path) -> None:
+    """A task started from a zygote is the zygote: its pid, its cgroup, its namespaces, and the
+    spawner's priority, not the pool thread's. A killed zygote is never handed a task, and the
+    pool's zygotes end with the process."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    p = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTES, str(ws)], stdout=subprocess.PIPE, text=True
+    )
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0
+    got = json.loads(out)
+    assert len(got["ready"]) == 4
+    assert got["ready"].get(str(got["pid"])) == got["cgroup"]  # a zygote took it, in its cgroup
+    pid1, hostname, nice, policy, procs = got["out"]
+    assert (pid1, hostname, procs) == ("1", "zyg", "3")  # its own pids (sh, ls, grep), /proc
+    assert (nice, policy) == ("0", "0")  # SCHED_OTHER at nice 0, like the spawner
+    assert got["after_kill"] == [0] * 6
+    assert len(got["left"]) == 4  # the pool made new ones
+    for pid in [*got["left"], *map(int, got["ready"])]:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "zygot" not in Path(f"/proc/{pid}/comm").read_text()
+        )
     for d in task_mod._cgroups().dirs():
         assert not any(e.name.startswith(f"n{p.pid}-") for e in d.parent.iterdir())
 

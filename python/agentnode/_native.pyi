@@ -46,6 +46,9 @@ class CgroupManager:
         """This instance's directories in every hierarchy (cgroup2 first)."""
     def spares(self) -> list[str]:
         """Names of the task cgroups made ahead of time, not yet given to a task."""
+    def zygotes(self) -> dict[int, str]:
+        """The zygotes ready now (tasks started ahead, waiting for their command): host pid to
+        the name of its task cgroup."""
     def close(self) -> None:
         """Removes the instance's subtree (its tasks must be gone). Idempotent."""
 

@@ -1,7 +1,8 @@
 //! Things a start needs, made ahead of time by a background thread at the lowest CPU priority
-//! and each handed out once: network namespaces (see `sandbox::netns`) and task cgroups (see
-//! `cgroup::Manager`). A start that finds none ready makes its own, so a thread that falls
-//! behind (or fails, and stops) only costs time.
+//! and each handed out once: network namespaces (see `sandbox::netns`), task cgroups (see
+//! `cgroup::Manager`) and whole tasks waiting for their command (`sandbox::zygote`). A start
+//! that finds none ready makes its own, so a thread that falls behind (or fails, and retries)
+//! only costs time.
 //!
 //! A forked child inherits the ready list but not the thread: there [`Ahead::take`] hands out
 //! nothing and [`Ahead::close`] leaves the items alone, since they are the parent's.
@@ -9,12 +10,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// How many wait ready: enough for a burst of starts while the thread catches up.
 pub const READY: usize = 4;
 
+/// How long the thread waits after `make` failed before it tries again.
+pub const RETRY: Duration = Duration::from_secs(1);
+
 struct Shared<T> {
     ready: Mutex<Vec<T>>,
+    /// Whether an item just made may still join the ready ones (checked under their lock).
+    keep: Box<dyn Fn(&T) -> bool + Send + Sync>,
     taken: Condvar,
     closed: AtomicBool,
 }
@@ -38,19 +45,37 @@ impl<T: Send + 'static> std::fmt::Debug for Ahead<T> {
 }
 
 impl<T: Send + 'static> Ahead<T> {
-    /// A pool whose thread calls `make` until [`READY`] wait; a `None` from it stops the thread.
+    /// A pool whose thread calls `make` until [`READY`] wait; after a `None` from it the thread
+    /// waits [`RETRY`] and tries again. It never ends before [`Ahead::close`]: a start may hang
+    /// on it (a zygote's task dies with the thread that cloned it, see `sandbox::zygote`).
     pub fn new(name: &'static str, make: impl Fn() -> Option<T> + Send + Sync + 'static) -> Self {
         Self {
             name,
             make: Arc::new(make),
             shared: Arc::new(Shared {
                 ready: Mutex::new(Vec::with_capacity(READY)),
+                keep: Box::new(|_| true),
                 taken: Condvar::new(),
                 closed: AtomicBool::new(false),
             }),
             filler: Mutex::new(None),
             owner: std::process::id(),
         }
+    }
+
+    /// A pool as [`Ahead::new`] whose items join the ready ones only if `keep` says they
+    /// still may, under the lock [`Ahead::clear`] takes: an item made while a `clear` ran (of
+    /// what became stale meanwhile) is dropped, not kept.
+    pub fn keeping(
+        name: &'static str,
+        make: impl Fn() -> Option<T> + Send + Sync + 'static,
+        keep: impl Fn(&T) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let mut pool = Self::new(name, make);
+        if let Some(shared) = Arc::get_mut(&mut pool.shared) {
+            shared.keep = Box::new(keep);
+        }
+        pool
     }
 
     /// A ready item, or `None` (the caller makes its own). The first call starts the thread,
@@ -75,6 +100,16 @@ impl<T: Send + 'static> Ahead<T> {
     /// Runs `f` on the items ready now.
     pub fn with_ready<R>(&self, f: impl FnOnce(&mut [T]) -> R) -> R {
         f(&mut lock(&self.shared.ready))
+    }
+
+    /// Drops the items ready now; the thread makes new ones.
+    pub fn clear(&self) {
+        if self.forked() {
+            return; // the parent's
+        }
+        let dropped = std::mem::take(&mut *lock(&self.shared.ready));
+        self.shared.taken.notify_one();
+        drop(dropped); // outside the lock: dropping an item may take a while
     }
 
     /// Whether this is a forked child's copy of its parent's pool.
@@ -129,9 +164,23 @@ fn fill<T>(shared: &Shared<T>, make: &(dyn Fn() -> Option<T> + Send + Sync)) {
         if shared.closed.load(Ordering::Acquire) {
             return;
         }
+        crate::quiet::wait();
         // One made while closing is pushed all the same: `close` clears after joining.
-        let Some(item) = make() else { return };
-        lock(&shared.ready).push(item);
+        if let Some(item) = make() {
+            let mut ready = lock(&shared.ready);
+            if (shared.keep)(&item) {
+                ready.push(item);
+            } else {
+                drop(ready);
+                drop(item);
+            }
+        } else {
+            let ready = lock(&shared.ready);
+            let _ = shared
+                .taken
+                .wait_timeout_while(ready, RETRY, |_| !shared.closed.load(Ordering::Acquire))
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 }
 
@@ -170,5 +219,39 @@ mod tests {
         pool.close();
         assert!(pool.take().is_none(), "nothing after close");
         assert_eq!(pool.with_ready(|r| r.len()), 0);
+    }
+
+    fn wait_for(pool: &Ahead<usize>, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.with_ready(|r| r.len()) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_failed_make_is_retried_and_items_no_longer_kept_are_dropped() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        // The first make fails, then odd items are stale by the time they are made.
+        let pool = Ahead::keeping(
+            "ahead-test",
+            move || match counter.fetch_add(1, Ordering::SeqCst) {
+                0 => None,
+                n => Some(n),
+            },
+            |n| n % 2 == 0,
+        );
+        assert!(pool.take().is_none());
+        wait_for(&pool, READY);
+        assert!(
+            calls.load(Ordering::SeqCst) > READY,
+            "the thread outlived a failure"
+        );
+        assert!(pool.with_ready(|r| r.iter().all(|n| n % 2 == 0)));
+        let before = pool.with_ready(|r| r.to_vec());
+        pool.clear();
+        wait_for(&pool, READY); // refilled after a clear, with new items only
+        assert!(pool.with_ready(|r| r.len() == READY && r.iter().all(|n| !before.contains(n))));
+        pool.close();
     }
 }

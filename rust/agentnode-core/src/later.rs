@@ -16,7 +16,12 @@ fn worker() -> Option<&'static mpsc::Sender<Job>> {
             let (tx, rx) = mpsc::channel::<Job>();
             std::thread::Builder::new()
                 .name("agentnode-close".into())
-                .spawn(move || rx.into_iter().for_each(|job| job()))
+                .spawn(move || {
+                    for job in rx {
+                        crate::quiet::wait();
+                        job();
+                    }
+                })
                 .ok()
                 .map(|_| (std::process::id(), tx))
         })

@@ -1,11 +1,12 @@
 //! Python bindings for Layer 1: the node's cgroup subtree (`CgroupManager`), `spawn`, and the
 //! task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit reasons) is Python's.
 
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use agentnode_core::cgroup::{Hierarchy, Limits, Manager};
+use agentnode_core::sandbox::zygote::{self, Zygotes};
 use agentnode_core::sandbox::{self, Bind, Spec, Task};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -15,6 +16,9 @@ use crate::errors::NativeError;
 /// This node instance's cgroup subtree; creating it sweeps dead instances' leftovers.
 #[pyclass(module = "agentnode._native", frozen)]
 pub struct CgroupManager {
+    /// Made at the first start a zygote can serve. Declared first, so it closes first: the
+    /// zygotes sit in cgroups of the instance, which `inner` removes when dropped.
+    zygotes: OnceLock<Zygotes>,
     inner: Mutex<Option<Manager>>,
 }
 
@@ -26,8 +30,18 @@ impl CgroupManager {
             .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h)))
             .map_err(NativeError::from)?;
         Ok(Self {
+            zygotes: OnceLock::new(),
             inner: Mutex::new(Some(m)),
         })
+    }
+
+    /// The zygotes ready now (tasks started ahead, waiting for their command): host pid to
+    /// the name of its task cgroup.
+    fn zygotes(&self) -> std::collections::HashMap<i32, String> {
+        self.zygotes
+            .get()
+            .map(|z| z.ready().into_iter().collect())
+            .unwrap_or_default()
     }
 
     /// The instance name, `n<pid>-<starttime>`.
@@ -54,11 +68,28 @@ impl CgroupManager {
 
     /// Removes the instance's subtree (its tasks must be gone). Idempotent.
     fn close(&self, py: Python<'_>) {
-        py.detach(|| drop(self.lock().take()));
+        py.detach(|| {
+            if let Some(z) = self.zygotes.get() {
+                z.close();
+            }
+            drop(self.lock().take());
+        });
     }
 }
 
 impl CgroupManager {
+    /// A ready zygote for a task staged on `stage`, unless the manager is closed or none is
+    /// ready; the first call starts the pool.
+    fn take_zygote(&self, stage: &Path) -> Option<zygote::Zygote> {
+        if let Some(pool) = self.zygotes.get() {
+            return pool.take();
+        }
+        let maker = self.lock().as_ref()?.maker();
+        self.zygotes
+            .get_or_init(|| Zygotes::new(maker, stage.to_owned()))
+            .take()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Manager>> {
         self.inner
             .lock()
@@ -267,6 +298,15 @@ fn spawn(
         swap_max,
         pids_max,
     };
+    if before_start.is_none() && Zygotes::serve(&spec) {
+        let started = py.detach(|| match manager.take_zygote(&spec.stage) {
+            Some(z) => zygote::start(z, &limits, &spec),
+            None => Ok(None),
+        });
+        if let Some(task) = started.map_err(NativeError::from)? {
+            return Ok(NativeTask::from(task));
+        }
+    }
     // The manager lock covers only creating the cgroup: the clone and the wait for the child's
     // exec run unlocked, so several threads start tasks at once (the child never touches Rust
     // locks, whatever state other threads leave them in).
@@ -289,12 +329,18 @@ fn spawn(
     let task = py
         .detach(|| sandbox::spawn(cgroup, &spec))
         .map_err(NativeError::from)?;
-    Ok(NativeTask {
-        pid: task.pid(),
-        pidfd: task.pidfd(),
-        cgroup_dir: task.cgroup_dir().map(PathBuf::from),
-        inner: Mutex::new(task),
-    })
+    Ok(NativeTask::from(task))
+}
+
+impl From<Task> for NativeTask {
+    fn from(task: Task) -> Self {
+        Self {
+            pid: task.pid(),
+            pidfd: task.pidfd(),
+            cgroup_dir: task.cgroup_dir().map(PathBuf::from),
+            inner: Mutex::new(task),
+        }
+    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -15,7 +15,7 @@ use super::{Error, Hierarchy, Layout, Limits, Result};
 use crate::ahead::Ahead;
 
 /// Makes one task cgroup of the instance.
-type Make = dyn Fn() -> Result<Box<dyn TaskCgroup>> + Send + Sync;
+pub type Make = dyn Fn() -> Result<Box<dyn TaskCgroup>> + Send + Sync;
 
 /// The name of the subtree agentnode creates in each hierarchy.
 pub const SUBTREE: &str = "agentnode";
@@ -131,6 +131,13 @@ impl Manager {
             make: maker,
             spares: Ahead::new("agentnode-cgroups", move || ahead().ok()),
         })
+    }
+
+    /// What makes a fresh, empty task cgroup of this instance (for the zygotes, whose pool
+    /// lives beside the manager and must close before it).
+    #[must_use]
+    pub fn maker(&self) -> Arc<Make> {
+        self.make.clone()
     }
 
     /// This instance's name (`n<pid>-<starttime>`).

@@ -31,10 +31,25 @@ pub const STEP_CGROUP: u32 = 10_012;
 /// Not a failure: the record a child that starts from the template writes once it is in its
 /// own copy (errno 0), so the parent can hold that namespace.
 const MOUNTS_READY: u32 = 10_013;
+/// Not failures: a zygote's records that it is ready for a task, and that it has taken one
+/// and holds copies of the descriptors it names.
+const ZYGOTE_READY: u32 = 10_014;
+const ZYGOTE_GO: u32 = 10_015;
+pub const STEP_FILES: u32 = 10_016;
 
 /// The whole record of [`MOUNTS_READY`] on the error pipe.
 pub fn mounts_ready() -> [u8; 8] {
     record(MOUNTS_READY, 0)
+}
+
+/// The whole record of [`ZYGOTE_READY`].
+pub fn zygote_ready() -> [u8; 8] {
+    record(ZYGOTE_READY, 0)
+}
+
+/// The whole record of [`ZYGOTE_GO`].
+pub fn zygote_go() -> [u8; 8] {
+    record(ZYGOTE_GO, 0)
 }
 
 fn record(step: u32, errno: i32) -> [u8; 8] {
@@ -73,6 +88,26 @@ pub struct Prepared {
     pub seccomp: Option<&'static super::seccomp::Program>,
     /// The signal mask the task starts with (the parent blocks all signals around the clone).
     pub sigmask: u64,
+    /// The nice value a zygote takes for its task (a cloned child has its parent's already).
+    pub nice: Option<i32>,
+}
+
+/// What a zygote needs to get ready, prepared by the thread that clones it. The zygote shares
+/// that thread's descriptor table (`CLONE_FILES`) until it takes a task, so it must close none
+/// of these: the parent closes them once the zygote is ready.
+pub struct Boot {
+    /// [`super::plan::zygote_boot`]'s.
+    pub ops: Vec<Op>,
+    /// v1 `tasks` files to write `0` to.
+    pub join: Vec<RawFd>,
+    pub netns: RawFd,
+    /// Where it reports a failed boot or that it is ready; a start brings its own.
+    pub err_write: RawFd,
+    /// Where the address of its task's [`Prepared`] comes (8 bytes, native endian).
+    pub cmd_read: RawFd,
+    /// A pidfd of this process: the zygote exits when it does, however it dies.
+    pub daemon: RawFd,
+    pub nice: i32,
 }
 
 #[repr(C)]
@@ -336,6 +371,145 @@ pub extern "C" fn entry(arg: *const libc::c_void) -> ! {
     unsafe { run(&*arg.cast::<Prepared>()) }
 }
 
+/// Entry point of a zygote (see [`super::zygote`]): `arg` is its [`Boot`].
+pub extern "C" fn zygote_entry(arg: *const libc::c_void) -> ! {
+    // SAFETY: the pool passes the zygote's Boot, which lives as long as the zygote.
+    unsafe { zygote(&*arg.cast::<Boot>()) }
+}
+
+/// Gets ready for a task (everything of a start that needs no spec), reports it, and waits.
+///
+/// # Safety
+/// Call only in a freshly cloned zygote; never returns.
+unsafe fn zygote(b: &Boot) -> ! {
+    let err = b.err_write;
+    // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
+    unsafe {
+        // Every signal stays blocked while it waits; its task gets the spawning thread's mask.
+        step(err, STEP_SYNC, reset_signals(u64::MAX));
+        // Made by a thread of the lowest priority: it takes the daemon's own before it waits,
+        // or a start on a busy host would wait for it to get a CPU.
+        let nice = [libc::PRIO_PROCESS as usize, 0, b.nice as usize];
+        let _ = sys(libc::SYS_setpriority, &nice);
+        for &fd in &b.join {
+            let zero = sys(libc::SYS_write, &[fd as usize, b"0".as_ptr() as usize, 1]);
+            step(err, STEP_CGROUP, zero.map(drop));
+        }
+        let net = sys(
+            libc::SYS_setns,
+            &[b.netns as usize, libc::CLONE_NEWNET as usize],
+        );
+        step(err, STEP_NETNS, net.map(drop));
+        for (i, op) in b.ops.iter().enumerate() {
+            step(err, i as u32, run_op(op));
+        }
+        let _ = prctl(&[libc::PR_SET_PDEATHSIG as usize, libc::SIGKILL as usize]);
+        let ready = zygote_ready();
+        let w = sys(libc::SYS_write, &[err as usize, ready.as_ptr() as usize, 8]);
+        step(err, STEP_SYNC, w.map(drop));
+        let p = wait_for_task(b);
+        // Its own copy of the descriptor table: the task's stdio, trees and pipes in it stay
+        // open however the parent's table changes, and closing one closes only its copy.
+        let files = sys(libc::SYS_unshare, &[libc::CLONE_FILES as usize]);
+        step(p.err_write, STEP_FILES, files.map(drop));
+        let _ = sys(libc::SYS_close, &[p.sync_write as usize]);
+        step(p.err_write, STEP_SYNC, drop_pending());
+        let go = zygote_go();
+        let w = sys(
+            libc::SYS_write,
+            &[p.err_write as usize, go.as_ptr() as usize, 8],
+        );
+        step(p.err_write, STEP_SYNC, w.map(drop));
+        if let Some(nice) = p.nice {
+            let _ = sys(
+                libc::SYS_setpriority,
+                &[libc::PRIO_PROCESS as usize, 0, nice as usize],
+            );
+        }
+        let mask = [
+            libc::SIG_SETMASK as usize,
+            (&raw const p.sigmask) as usize,
+            0,
+            8,
+        ];
+        step(
+            p.err_write,
+            STEP_SYNC,
+            sys(libc::SYS_rt_sigprocmask, &mask).map(drop),
+        );
+        finish(p)
+    }
+}
+
+/// Discards the signals that came while it waited (all blocked): they were sent to the
+/// daemon's process group, before its task existed.
+unsafe fn drop_pending() -> Step {
+    let all = u64::MAX;
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: raw syscalls with buffers on our stack, of the kernel's sigset size.
+    unsafe {
+        // Each pass takes one signal (queued real-time ones may repeat): bounded all the same.
+        for _ in 0..1024 {
+            let mut pending = 0u64;
+            sys(libc::SYS_rt_sigpending, &[(&raw mut pending) as usize, 8])?;
+            if pending == 0 {
+                return Ok(());
+            }
+            let take = [(&raw const all) as usize, 0, (&raw const zero) as usize, 8];
+            match sys(libc::SYS_rt_sigtimedwait, &take) {
+                Ok(_) | Err(libc::EAGAIN | libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(libc::EAGAIN)
+    }
+}
+
+/// Blocks until the parent sends the address of a task's [`Prepared`]; exits when the pool
+/// closes its end or this process dies.
+unsafe fn wait_for_task(b: &Boot) -> &Prepared {
+    let mut fds = [
+        libc::pollfd {
+            fd: b.cmd_read,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.daemon,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: raw syscalls on our own stack's buffers.
+    unsafe {
+        loop {
+            let poll = [fds.as_mut_ptr() as usize, 2, 0, 0, 8];
+            match sys(libc::SYS_ppoll, &poll) {
+                Err(libc::EINTR) => continue,
+                Err(_) => break,
+                Ok(_) if fds[1].revents != 0 => break,
+                Ok(_) => {}
+            }
+            let mut addr = 0usize;
+            let read = sys(
+                libc::SYS_read,
+                &[b.cmd_read as usize, (&raw mut addr) as usize, 8],
+            );
+            match read {
+                Err(libc::EINTR | libc::EAGAIN) => {}
+                // SAFETY: the parent sent the address of a Prepared it keeps until we exec.
+                Ok(8) => return &*(addr as *const Prepared),
+                _ => break,
+            }
+        }
+        let _ = raw::call(libc::SYS_exit_group, &[0]);
+    }
+    unreachable!("exit_group returned")
+}
+
 /// Runs in the child after `clone3`: waits for the parent, builds the sandbox, execs.
 ///
 /// # Safety
@@ -373,6 +547,16 @@ unsafe fn run(p: &Prepared) -> ! {
         } else {
             step(err, STEP_LOOPBACK, loopback_up());
         }
+        finish(p)
+    }
+}
+
+/// The task's own mounts, hostname, working directory and privileges, then exec: the part of a
+/// start a cloned child and a zygote share.
+unsafe fn finish(p: &Prepared) -> ! {
+    let err = p.err_write;
+    // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
+    unsafe {
         for (i, op) in p.ops.iter().enumerate() {
             step(err, i as u32, run_op(op));
             if matches!(op, Op::EnterCopy(_)) {

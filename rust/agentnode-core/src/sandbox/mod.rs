@@ -19,6 +19,7 @@ mod plan;
 mod seccomp;
 mod task;
 mod template;
+pub mod zygote;
 
 pub use seccomp::{
     default_program as default_seccomp, install_and_probe as probe_seccomp,
@@ -248,6 +249,7 @@ fn prepare(
             None
         },
         sigmask: 0,
+        nice: None,
     })
 }
 
@@ -274,6 +276,7 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
         child::STEP_SECCOMP => "install the seccomp filter".into(),
         child::STEP_LOOPBACK => "bring up the loopback interface".into(),
         child::STEP_CGROUP => "join the task's v1 cgroups".into(),
+        child::STEP_FILES => "copy the descriptor table".into(),
         i => ops
             .get(i as usize)
             .map_or_else(|| format!("step {i}"), plan::Op::describe),
@@ -311,6 +314,7 @@ fn network(spec: &Spec) -> Result<(Option<OwnedFd>, Option<template::MadeCopy>)>
 /// no manager, so several threads can start tasks at once.
 ///
 pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
+    let _starting = crate::quiet::starting();
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (netns, made) = network(spec)?;
@@ -381,25 +385,31 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
         }
     };
     drop(sync_w); // held until exec so the child can tell a dead parent (see child::run)
-    if report.len() >= 8 {
-        let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
-        let errno = i32::from_ne_bytes(report[4..8].try_into().unwrap_or_default());
-        let source = std::io::Error::from_raw_os_error(errno);
-        task.reap_blocking();
-        drop(task);
-        return Err(if step == child::STEP_EXEC {
-            Error::Exec {
-                exe: spec.argv[0].clone(),
-                source,
-            }
-        } else {
-            Error::Setup {
-                step: describe_step(&prepared.ops, step),
-                source,
-            }
-        });
+    exec_report(task, &report, spec, &prepared.ops)
+}
+
+/// The task, once its error pipe has ended: it exec'd, unless `report` names the step that
+/// failed (with the steps of `ops`), and then it is reaped and released.
+fn exec_report(mut task: Task, report: &[u8], spec: &Spec, ops: &[plan::Op]) -> Result<Task> {
+    if report.len() < 8 {
+        return Ok(task);
     }
-    Ok(task)
+    let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
+    let errno = i32::from_ne_bytes(report[4..8].try_into().unwrap_or_default());
+    let source = std::io::Error::from_raw_os_error(errno);
+    task.reap_blocking();
+    drop(task);
+    Err(if step == child::STEP_EXEC {
+        Error::Exec {
+            exe: spec.argv[0].clone(),
+            source,
+        }
+    } else {
+        Error::Setup {
+            step: describe_step(ops, step),
+            source,
+        }
+    })
 }
 
 /// Reads the child's error pipe to its end (exec or exit): empty when it exec'd. A child that

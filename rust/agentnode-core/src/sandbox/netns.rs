@@ -23,15 +23,26 @@ pub struct Ready {
 
 fn pool() -> &'static Ahead<Ready> {
     static POOL: OnceLock<Ahead<Ready>> = OnceLock::new();
+    // A copy made while the template went stale would keep the host's old mounts busy.
     POOL.get_or_init(|| {
-        let home = File::open("/proc/self/ns/net").ok();
-        Ahead::new("agentnode-netns", move || {
-            let home = home.as_ref()?;
-            let net = create(home)?;
-            let mounts = template::make_copy(net.as_fd(), home);
-            Some(Ready { net, mounts })
+        Ahead::keeping("agentnode-netns", make, |r| {
+            r.mounts
+                .as_ref()
+                .is_none_or(|m| template::is_current(&m.from))
         })
     })
+}
+
+/// Makes a network namespace and, when the template exists, its copy of the template. Call it
+/// only from a thread of this process's own namespaces that nothing else uses meanwhile.
+pub(super) fn make() -> Option<Ready> {
+    static HOME: OnceLock<Option<File>> = OnceLock::new();
+    let home = HOME
+        .get_or_init(|| File::open("/proc/self/ns/net").ok())
+        .as_ref()?;
+    let net = create(home)?;
+    let mounts = template::make_copy(net.as_fd(), home);
+    Some(Ready { net, mounts })
 }
 
 /// A fresh network namespace with loopback up, or `None` when none is ready (the caller then

@@ -167,7 +167,7 @@ pub fn build(spec: &Spec) -> Result<Vec<Op>> {
         }
         Ok(())
     };
-    push_task_fs(&mut ops, stage, spec, points, false, &mut attach)?;
+    push_task_fs(&mut ops, stage, spec, points, Ahead::Nothing, &mut attach)?;
     ops.push(Op::PivotRoot(cstr(stage)?));
     Ok(ops)
 }
@@ -191,6 +191,8 @@ pub enum Start {
     Own(RawFd),
     /// It enters a copy made ahead, whose /sys and /dev mounts are in place ([`made_ahead`]).
     Made(RawFd),
+    /// It is a zygote already in such a copy, with its /proc mounted too ([`zygote_boot`]).
+    Booted,
 }
 
 /// The plan of a task that starts from the template namespace: a private copy of it, then
@@ -198,9 +200,10 @@ pub enum Start {
 /// is one) then each bind, in order, moved into place.
 pub fn from_template(spec: &Spec, start: Start, trees: &[RawFd]) -> Result<Vec<Op>> {
     let root = Path::new("/");
-    let (mut ops, made) = match start {
-        Start::Own(ns) => (vec![Op::EnterCopy(ns)], false),
-        Start::Made(ns) => (vec![Op::EnterMade(ns)], true),
+    let (mut ops, ahead) = match start {
+        Start::Own(ns) => (vec![Op::EnterCopy(ns)], Ahead::Nothing),
+        Start::Made(ns) => (vec![Op::EnterMade(ns)], Ahead::SysDev),
+        Start::Booted => (Vec::new(), Ahead::SysDevProc),
     };
     let points = spec
         .binds
@@ -219,7 +222,15 @@ pub fn from_template(spec: &Spec, start: Start, trees: &[RawFd]) -> Result<Vec<O
         });
         Ok(())
     };
-    push_task_fs(&mut ops, root, spec, points, made, &mut attach)?;
+    push_task_fs(&mut ops, root, spec, points, ahead, &mut attach)?;
+    Ok(ops)
+}
+
+/// What a zygote does before it waits for its task: enter the copy made ahead for it (`copy`)
+/// and mount its /proc, which only a process in the task's pid namespace can.
+pub fn zygote_boot(copy: RawFd) -> Result<Vec<Op>> {
+    let mut ops = vec![Op::EnterMade(copy)];
+    push_proc(&mut ops, Path::new("/"))?;
     Ok(ops)
 }
 
@@ -235,6 +246,16 @@ pub fn made_ahead() -> Result<Vec<Op>> {
 /// Whether a bind lands on one of the task's fresh mounts (its mount point is made after it).
 pub fn on_fresh(spec: &Spec, b: &Bind) -> bool {
     b.dest.starts_with("/tmp") || spec.workspace.is_some() && b.dest.starts_with("/workspace")
+}
+
+/// Which of a task's own mounts were made before it started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    Nothing,
+    /// [`made_ahead`]'s.
+    SysDev,
+    /// [`made_ahead`]'s and [`zygote_boot`]'s.
+    SysDevProc,
 }
 
 /// Puts `attach(ops, source, mount point, writable)` for one bind in the plan.
@@ -321,12 +342,14 @@ fn push_task_fs(
     root: &Path,
     spec: &Spec,
     points: Vec<Option<PathBuf>>,
-    made: bool,
+    ahead: Ahead,
     attach: &mut AttachFn<'_>,
 ) -> Result<()> {
     let at = |rel: &str| root.join(rel);
-    push_proc(ops, root)?;
-    if !made {
+    if ahead != Ahead::SysDevProc {
+        push_proc(ops, root)?;
+    }
+    if ahead == Ahead::Nothing {
         push_sys_dev(ops, root)?;
     }
     ops.push(fs(

@@ -71,6 +71,14 @@ impl Task {
         }
     }
 
+    /// Writes `limits` to the task's cgroups.
+    pub(super) fn apply(&self, limits: &crate::cgroup::Limits) -> Result<()> {
+        if let Some(cg) = self.cgroup.as_deref() {
+            cg.apply(limits)?;
+        }
+        Ok(())
+    }
+
     #[must_use]
     pub fn pid(&self) -> libc::pid_t {
         self.pid

@@ -80,15 +80,15 @@ pub struct Planned {
 
 /// A copy of the template made ahead for one task, with [`plan::made_ahead`]'s mounts in it.
 pub struct MadeCopy {
-    ns: OwnedFd,
+    pub(super) ns: OwnedFd,
     /// The template it copies: a task started after the template was rebuilt cannot use it.
-    from: Arc<OwnedFd>,
+    pub(super) from: Arc<OwnedFd>,
 }
 
 /// The plan for `spec`: from the template when the task fits it (in `made`, when that copy is
 /// of the current template), the whole plan otherwise.
 pub fn plan(spec: &Spec, made: Option<MadeCopy>) -> Result<Planned> {
-    let Some(ns) = fits(spec).then(|| current(&spec.stage)).flatten() else {
+    let Some(ns) = serving(spec) else {
         return Ok(Planned {
             ops: plan::build(spec)?,
             from_template: false,
@@ -98,18 +98,7 @@ pub fn plan(spec: &Spec, made: Option<MadeCopy>) -> Result<Planned> {
         });
     };
     let made = made.filter(|m| Arc::ptr_eq(&m.from, &ns)).map(|m| m.ns);
-    let mut trees = Vec::new();
-    if let Some(ws) = &spec.workspace {
-        trees.push(detach(ws, true, "workspace")?);
-    }
-    for b in &spec.binds {
-        let what = if b.writable {
-            "--rw source"
-        } else {
-            "--ro source"
-        };
-        trees.push(detach(&b.src, b.writable, what)?);
-    }
+    let trees = trees(spec)?;
     let raw: Vec<RawFd> = trees.iter().map(AsRawFd::as_raw_fd).collect();
     let start = match &made {
         Some(copy) => Start::Made(copy.as_raw_fd()),
@@ -122,6 +111,30 @@ pub fn plan(spec: &Spec, made: Option<MadeCopy>) -> Result<Planned> {
         _held: trees,
         _ns: Some(ns),
     })
+}
+
+/// Detached trees of the task's workspace (when it has one) then of each bind, in order, for
+/// [`plan::from_template`].
+pub(super) fn trees(spec: &Spec) -> Result<Vec<OwnedFd>> {
+    let mut trees = Vec::new();
+    if let Some(ws) = &spec.workspace {
+        trees.push(detach(ws, true, "workspace")?);
+    }
+    for b in &spec.binds {
+        let what = if b.writable {
+            "--rw source"
+        } else {
+            "--ro source"
+        };
+        trees.push(detach(&b.src, b.writable, what)?);
+    }
+    Ok(trees)
+}
+
+/// The template namespace `spec` can start from (built first when there is none, or the host's
+/// mounts changed), or `None` when the task does not fit it or there is none.
+pub(super) fn serving(spec: &Spec) -> Option<Arc<OwnedFd>> {
+    fits(spec).then(|| current(&spec.stage)).flatten()
 }
 
 /// A copy of the current template (none while there is none or the host's mounts changed)
@@ -169,13 +182,17 @@ pub fn make_copy(net: BorrowedFd<'_>, home_net: &File) -> Option<MadeCopy> {
     assert!(back, "cannot return to this process's namespaces");
     // The watcher forgets the copies ready when the template goes stale; this one was not
     // ready yet, so it checks for itself.
-    let still = STATE
+    is_current(&from).then_some(MadeCopy { ns: ns?, from })
+}
+
+/// Whether `template` is the current template (not dropped for a change of the host's mounts).
+pub(super) fn is_current(template: &Arc<OwnedFd>) -> bool {
+    STATE
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
         .and_then(|s| s.ns.as_ref())
-        .is_some_and(|ns| Arc::ptr_eq(ns, &from));
-    still.then_some(MadeCopy { ns: ns?, from })
+        .is_some_and(|ns| Arc::ptr_eq(ns, template))
 }
 
 /// This thread's mount namespace, through its /proc directory opened before it left.
@@ -192,7 +209,7 @@ fn open_ns(thread_dir: &File) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn fits(spec: &Spec) -> bool {
+pub(super) fn fits(spec: &Spec) -> bool {
     // A mount namespace owned by this user namespace cannot be entered from a new one.
     spec.rootfs == Path::new("/")
         && spec.userns_base.is_none()
@@ -222,7 +239,7 @@ fn has_point(b: &Bind) -> bool {
 }
 
 /// The template namespace, rebuilt first when the host's mounts changed since it was built.
-fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
+pub(super) fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
     static WATCHER: OnceLock<()> = OnceLock::new();
     WATCHER.get_or_init(|| {
         // Without it, a stale template lives until the next start: nothing worse.
@@ -260,6 +277,7 @@ fn watch() {
                     *guard = None;
                     drop(guard);
                     super::netns::forget_copies();
+                    super::zygote::forget_all();
                 }
             }
             Ok(false) => {}
