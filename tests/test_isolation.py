@@ -87,6 +87,25 @@ def test_task_is_pid_one_and_sees_no_host_pid(ws: Path) -> None:
     assert all(int(p) < 10 for p in pids.split())
 
 
+def test_task_gets_no_descriptor_of_the_daemon_but_its_stdio(ws: Path, tmp_path: Path) -> None:
+    """Zygotes share the daemon's descriptor table until they take a task: a descriptor the
+    daemon opens, inheritable even, is not the task's (nor is any pipe of the pool)."""
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret")
+    fd = os.open(secret, os.O_RDONLY)
+    os.set_inheritable(fd, True)
+    try:
+        for i in range(3):  # the first start sets the zygotes going; later ones take them
+            status, out, _ = sh(f"ls /proc/self/fd; cat /proc/self/fd/{fd} 2>&1", ws)
+            assert "s3cret" not in out
+            assert sorted(out.split()[:4]) == ["0", "1", "2", "3"]  # 3: ls's own directory
+            deadline = time.monotonic() + 5
+            while i == 0 and not task_mod._cgroups().zygotes() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        os.close(fd)
+
+
 def test_root_is_read_only_and_only_binds_are_writable(ws: Path, tmp_path: Path) -> None:
     rw = tmp_path / "rw"
     ro = tmp_path / "ro"
@@ -290,6 +309,28 @@ def test_fork_bomb_stops_at_pids_limit(ws: Path) -> None:
     assert t.result is not None and t.result.reason is ExitReason.PIDS, out
     assert t.result.stats.pids_peak <= 16
     assert subprocess.run(["true"], check=False).returncode == 0  # the host still forks
+
+
+def test_each_start_gets_its_own_limits_whatever_came_before(ws: Path) -> None:
+    """Starts from zygotes one after another, with the same limits, other ones or none: each
+    gets exactly its own (none: the kernel's default)."""
+    manager = task_mod._cgroups()
+
+    def pids_max(limits: Limits) -> str:
+        deadline = time.monotonic() + 5
+        while len(manager.zygotes()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with spawn(["sleep", "5"], workspace=ws, limits=limits) as t:
+            assert t.cgroup_dir is not None
+            name = t.cgroup_dir.name
+            found = [
+                d / name / "pids.max" for d in manager.dirs() if (d / name / "pids.max").exists()
+            ]
+            return found[0].read_text().strip()
+
+    assert [pids_max(Limits(pids=n)) for n in (20, 20, 30, 30)] == ["20", "20", "30", "30"]
+    assert pids_max(Limits()) == "max"
+    assert pids_max(Limits(pids=20)) == "20"
 
 
 def cpu_stat(cpu_dir: Path) -> dict[str, int]:
