@@ -96,7 +96,7 @@ def test_task_gets_no_descriptor_of_the_daemon_but_its_stdio(ws: Path, tmp_path:
     os.set_inheritable(fd, True)
     try:
         for i in range(3):  # the first start sets the zygotes going; later ones take them
-            status, out, _ = sh(f"ls /proc/self/fd; cat /proc/self/fd/{fd} 2>&1", ws)
+            _status, out, _ = sh(f"ls /proc/self/fd; cat /proc/self/fd/{fd} 2>&1", ws)
             assert "s3cret" not in out
             assert sorted(out.split()[:4]) == ["0", "1", "2", "3"]  # 3: ls's own directory
             deadline = time.monotonic() + 5
