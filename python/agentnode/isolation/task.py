@@ -350,7 +350,9 @@ def spawn(
     The environment holds only PATH, LANG, HOME and `env`.
     Every capability is dropped except `caps` (names like CAP_NET_BIND_SERVICE), which the
     task keeps (as ambient capabilities when `user` is not 0).
-    Call from a long-lived thread: the task is SIGKILLed when the spawning thread exits.
+    Call from a long-lived thread: the task is SIGKILLed when the thread that cloned it exits
+    (the spawning thread, or for a task started from a zygote the pool's, which ends with the
+    cgroup manager).
     """
     limits = limits or Limits()
     if not argv:

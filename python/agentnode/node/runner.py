@@ -87,8 +87,8 @@ class Node:
         self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         # Sandboxes start on long-lived threads, off the event loop (the native spawn releases
-        # the GIL while the child sets up), two at a time. Long-lived because each task's
-        # PDEATHSIG fires when the thread that spawned it exits.
+        # the GIL while the child sets up), two at a time. Long-lived because a task's
+        # PDEATHSIG fires when the thread that cloned it (this one, or the zygote pool's) exits.
         self._spawner = ThreadPoolExecutor(2, thread_name_prefix="agentnode-spawn")
         # Tasks with network egress share one bridge and DNS forwarder, made on first use.
         self.egress = EgressService(
