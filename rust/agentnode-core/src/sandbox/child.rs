@@ -371,6 +371,16 @@ pub extern "C" fn entry(arg: *const libc::c_void) -> ! {
     unsafe { run(&*arg.cast::<Prepared>()) }
 }
 
+/// Moves this process into the v1 cgroups whose `tasks` files `join` are open.
+unsafe fn join_cgroups(err: RawFd, join: &[RawFd]) {
+    for &fd in join {
+        // SAFETY: a one-byte write from a static buffer.
+        let zero = unsafe { sys(libc::SYS_write, &[fd as usize, b"0".as_ptr() as usize, 1]) };
+        // SAFETY: forwarded to the caller.
+        unsafe { step(err, STEP_CGROUP, zero.map(drop)) };
+    }
+}
+
 /// Entry point of a zygote (see [`super::zygote`]): `arg` is its [`Boot`].
 pub extern "C" fn zygote_entry(arg: *const libc::c_void) -> ! {
     // SAFETY: the pool passes the zygote's Boot, which lives as long as the zygote.
@@ -391,10 +401,7 @@ unsafe fn zygote(b: &Boot) -> ! {
         // or a start on a busy host would wait for it to get a CPU.
         let nice = [libc::PRIO_PROCESS as usize, 0, b.nice as usize];
         let _ = sys(libc::SYS_setpriority, &nice);
-        for &fd in &b.join {
-            let zero = sys(libc::SYS_write, &[fd as usize, b"0".as_ptr() as usize, 1]);
-            step(err, STEP_CGROUP, zero.map(drop));
-        }
+        join_cgroups(err, &b.join);
         let net = sys(
             libc::SYS_setns,
             &[b.netns as usize, libc::CLONE_NEWNET as usize],
@@ -520,10 +527,7 @@ unsafe fn run(p: &Prepared) -> ! {
     unsafe {
         step(err, STEP_SYNC, reset_signals(p.sigmask));
         let _ = sys(libc::SYS_close, &[p.sync_write as usize]);
-        for &fd in &p.join {
-            let zero = sys(libc::SYS_write, &[fd as usize, b"0".as_ptr() as usize, 1]);
-            step(err, STEP_CGROUP, zero.map(drop));
-        }
+        join_cgroups(err, &p.join);
         // In a new user namespace this process is still host root, which the namespace does
         // not map: wait for the parent to write the id maps, then become the namespace's root
         // (the mapped host id) before creating any file.
