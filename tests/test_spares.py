@@ -20,11 +20,18 @@ def wait_for(cond: object, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def ready(s: Spares) -> bool:
+    """Whether the thread has handed over both kinds in full: a spare on disk it has not
+    listed yet would let a take find one fewer, and the thread make one more."""
+    return all(len(r) == 2 for r in s._ready.values())
+
+
 def test_starts_take_spares_that_the_thread_replaces_when_told(tmp_path: Path) -> None:
     logs, ws = tmp_path / "logs", tmp_path / "workspaces"
     s = Spares(logs, ws, keep=2)
     try:
-        wait_for(lambda: len(spares_in(logs)) == 2 and len(spares_in(ws)) == 2)
+        wait_for(lambda: ready(s))
+        assert len(spares_in(logs)) == len(spares_in(ws)) == 2
         before = {p.stat().st_ino for p in spares_in(logs)}
         fd = s.open_log(logs / "t1.1.log")
         os.write(fd, b"hello\n")
@@ -35,7 +42,8 @@ def test_starts_take_spares_that_the_thread_replaces_when_told(tmp_path: Path) -
         time.sleep(0.1)
         assert len(spares_in(logs)) == len(spares_in(ws)) == 1  # not replaced mid-start...
         s.refill()
-        wait_for(lambda: len(spares_in(logs)) == 2 and len(spares_in(ws)) == 2)  # ...but after
+        wait_for(lambda: ready(s))  # ...but after
+        assert len(spares_in(logs)) == len(spares_in(ws)) == 2
         # An existing file or directory is never replaced: a retry keeps its workspace.
         (ws / "t1" / "keep").write_text("x")
         s.make_workspace(ws / "t1")
