@@ -487,3 +487,59 @@ fn push_dev(ops: &mut Vec<Op>, stage: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(workspace: Option<PathBuf>) -> Spec {
+        Spec {
+            argv: vec!["/bin/true".into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+            hostname: "h".into(),
+            rootfs: "/".into(),
+            stage: "/nonexistent-stage".into(),
+            workspace,
+            binds: Vec::new(),
+            tmp_size: 1 << 20,
+            uid: 0,
+            gid: 0,
+            userns_base: None,
+            netns: None,
+            stdio: [None; 3],
+            nofile: 1024,
+            seccomp: true,
+            keep_caps: Vec::new(),
+        }
+    }
+
+    fn described(ops: &[Op]) -> Vec<String> {
+        ops.iter().map(Op::describe).collect()
+    }
+
+    #[test]
+    fn a_start_mounts_only_what_was_not_made_ahead_of_it() {
+        let has = |ops: &[String], what: &str| ops.iter().any(|d| d.contains(what));
+        let spec = spec(Some("/ws".into()));
+        let own = described(&from_template(&spec, Start::Own(3), &[4]).unwrap());
+        let made = described(&from_template(&spec, Start::Made(3), &[4]).unwrap());
+        let booted = described(&from_template(&spec, Start::Booted, &[4]).unwrap());
+        let boot = described(&zygote_boot(3).unwrap());
+        assert!(has(&own, "(sysfs)") && has(&own, "(proc)") && has(&own, "enter a copy"));
+        assert!(!has(&made, "(sysfs)") && has(&made, "(proc)") && has(&made, "made ahead"));
+        // A zygote entered its copy and mounted /proc at boot: its start adds only its own.
+        assert!(has(&boot, "made ahead") && has(&boot, "(proc)") && has(&boot, "mask /proc/kcore"));
+        assert!(!has(&boot, "(tmpfs) on /tmp") && !has(&boot, "/workspace"));
+        assert!(!booted
+            .iter()
+            .any(|d| d.contains("(proc)") || d.contains("enter")));
+        assert!(has(&booted, "(tmpfs) on /tmp") && has(&booted, "onto /workspace"));
+        for ops in [&own, &made] {
+            assert!(
+                ops.ends_with(&booted),
+                "the task's own mounts come last: {ops:?}"
+            );
+        }
+    }
+}
