@@ -46,8 +46,8 @@ impl<T: Send + 'static> std::fmt::Debug for Ahead<T> {
 
 impl<T: Send + 'static> Ahead<T> {
     /// A pool whose thread calls `make` until [`READY`] wait; after a `None` from it the thread
-    /// waits [`RETRY`] and tries again. It never ends before [`Ahead::close`]: a start may hang
-    /// on it (a zygote's task dies with the thread that cloned it, see `sandbox::zygote`).
+    /// waits [`RETRY`] and tries again. It never ends before [`Ahead::close`]: tasks may live
+    /// by it (a zygote's task dies with the thread that cloned it, see `sandbox::zygote`).
     pub fn new(name: &'static str, make: impl Fn() -> Option<T> + Send + Sync + 'static) -> Self {
         Self {
             name,
