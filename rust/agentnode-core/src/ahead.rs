@@ -49,18 +49,7 @@ impl<T: Send + 'static> Ahead<T> {
     /// waits [`RETRY`] and tries again. It never ends before [`Ahead::close`]: tasks may live
     /// by it (a zygote's task dies with the thread that cloned it, see `sandbox::zygote`).
     pub fn new(name: &'static str, make: impl Fn() -> Option<T> + Send + Sync + 'static) -> Self {
-        Self {
-            name,
-            make: Arc::new(make),
-            shared: Arc::new(Shared {
-                ready: Mutex::new(Vec::with_capacity(READY)),
-                keep: Box::new(|_| true),
-                taken: Condvar::new(),
-                closed: AtomicBool::new(false),
-            }),
-            filler: Mutex::new(None),
-            owner: std::process::id(),
-        }
+        Self::keeping(name, make, |_| true)
     }
 
     /// A pool as [`Ahead::new`] whose items join the ready ones only if `keep` says they
@@ -71,11 +60,18 @@ impl<T: Send + 'static> Ahead<T> {
         make: impl Fn() -> Option<T> + Send + Sync + 'static,
         keep: impl Fn(&T) -> bool + Send + Sync + 'static,
     ) -> Self {
-        let mut pool = Self::new(name, make);
-        if let Some(shared) = Arc::get_mut(&mut pool.shared) {
-            shared.keep = Box::new(keep);
+        Self {
+            name,
+            make: Arc::new(make),
+            shared: Arc::new(Shared {
+                ready: Mutex::new(Vec::with_capacity(READY)),
+                keep: Box::new(keep),
+                taken: Condvar::new(),
+                closed: AtomicBool::new(false),
+            }),
+            filler: Mutex::new(None),
+            owner: std::process::id(),
         }
-        pool
     }
 
     /// A ready item, or `None` (the caller makes its own). The first call starts the thread,

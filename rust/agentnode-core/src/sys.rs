@@ -309,6 +309,25 @@ pub fn block_signals() -> u64 {
     old
 }
 
+/// The calling thread's signal mask (the kernel's 64-bit form).
+#[must_use]
+pub fn signal_mask() -> u64 {
+    let mut mask = 0u64;
+    // SAFETY: no new mask, a valid out mask of the kernel's sigset size.
+    unsafe {
+        let _ = raw::call(
+            libc::SYS_rt_sigprocmask,
+            &[
+                libc::SIG_BLOCK as usize,
+                0,
+                std::ptr::from_mut(&mut mask) as usize,
+                8,
+            ],
+        );
+    }
+    mask
+}
+
 /// Restores a signal mask [`block_signals`] returned.
 pub fn restore_signals(mask: u64) {
     // SAFETY: a valid mask of the kernel's sigset size.

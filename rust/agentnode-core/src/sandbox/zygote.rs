@@ -263,13 +263,14 @@ fn make(
     (ready? == child::zygote_ready()).then_some(zygote)
 }
 
-/// Starts the task `spec` describes in `z`, with `limits`. `Ok(None)` when the zygote cannot
-/// serve it (its template is stale, or it died): the caller starts the task the usual way.
-/// Otherwise as [`super::spawn`].
+/// Starts the task `spec` (one [`Zygotes::serve`] accepts) describes in `z`, with `limits`.
+/// `Ok(None)` when the zygote cannot serve it (its template is stale, or it died): the caller
+/// starts the task the usual way. Otherwise as [`super::spawn`].
 pub fn start(mut z: Zygote, limits: &Limits, spec: &Spec) -> Result<Option<Task>> {
     let _starting = crate::quiet::starting();
+    // `serving` checks that the spec fits the template, as `serve` did before the take.
     let fresh = template::serving(spec).is_some_and(|ns| Arc::ptr_eq(&ns, &z.from));
-    if !fresh || !Zygotes::serve(spec) || z.exited() {
+    if !fresh || spec.netns.is_some() || z.exited() {
         return Ok(None);
     }
     let (Some(pidfd), Some(cgroup)) = (z.pidfd.take(), z.cgroup.take()) else {
@@ -297,9 +298,7 @@ pub fn start(mut z: Zygote, limits: &Limits, spec: &Spec) -> Result<Option<Task>
         err_w.as_raw_fd(),
         None,
     )?;
-    let mask = sys::block_signals();
-    sys::restore_signals(mask);
-    prepared.sigmask = mask;
+    prepared.sigmask = sys::signal_mask();
     // SAFETY: plain syscall on the calling thread.
     prepared.nice = Some(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
     // Moved to a binding declared after `prepared` and `trees`, so that every return below

@@ -508,12 +508,15 @@ fn scan_cost(admitted: usize) -> usize {
     admitted.saturating_mul(5) / 4
 }
 
-/// Estimated vector comparisons of a walk keeping `ef` of `admitted` vectors out of `size`: it
-/// expands about `ef / selectivity` nodes.
+/// The nodes a walk keeping `ef` of `admitted` vectors out of `size` expands: about
+/// `ef / selectivity`.
+fn expansions(ef: usize, admitted: usize, size: usize) -> usize {
+    ef.saturating_mul(size).div_ceil(admitted.max(1))
+}
+
+/// Estimated vector comparisons of a walk keeping `ef` of `admitted` vectors out of `size`.
 fn walk_cost(ef: usize, admitted: usize, size: usize) -> usize {
-    ef.saturating_mul(size)
-        .div_ceil(admitted.max(1))
-        .saturating_mul(COMPARISONS_PER_EXPANSION)
+    expansions(ef, admitted, size).saturating_mul(COMPARISONS_PER_EXPANSION)
 }
 
 /// The plan for a filter admitting at most `admitted` of `size` vectors: the cheaper of an exact
@@ -885,7 +888,7 @@ impl Collection {
                 // picks a topic), and the few it keeps miss true neighbours. Such a search
                 // takes the cheaper of a scan and a walk with the full ef.
                 let admitted = admitted.min(size.max(1));
-                let predicted = scaled.saturating_mul(size).div_ceil(admitted);
+                let predicted = expansions(scaled, admitted, size);
                 if scaled < ef && tested.get() > LONG_WALK.saturating_mul(predicted) {
                     match cheaper(admitted, size, ef) {
                         Plan::Exact => return self.exact(index, query, k, &pass),
