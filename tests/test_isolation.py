@@ -765,6 +765,7 @@ def test_cgroups_made_ahead_are_handed_out_once_and_removed_at_exit(tmp_path: Pa
 
 ZYGOTES = """
 import json, os, signal, sys, time
+from agentnode.errors import SandboxError
 from agentnode.isolation import spawn, task
 m = task._cgroups()
 ws = sys.argv[1]
@@ -781,6 +782,18 @@ for _ in range(10):  # a host mount made meanwhile (by a test beside) makes zygo
     t.wait()
     if t.pid in ready:
         break
+# A bad start from a zygote is the same one-line error, and the zygote goes with it.
+bad = []
+for argv, kw in ((["/nonexistent"], {}), (["true"], {"cwd": "/no-such-dir"})):
+    deadline = time.monotonic() + 10
+    while len(m.zygotes()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    before = set(m.zygotes())
+    try:
+        spawn(argv, workspace=ws, **kw)
+        bad.append(["started", False])
+    except SandboxError as e:
+        bad.append([str(e), all(os.path.exists(f"/proc/{p}") for p in before)])
 # Zygotes killed from outside are never handed a task: those starts take the usual way.
 for pid in m.zygotes():
     os.kill(pid, signal.SIGKILL)
@@ -790,7 +803,7 @@ while len(m.zygotes()) < 4 and time.monotonic() < deadline:
     time.sleep(0.01)
 print(json.dumps({
     "ready": {str(k): v for k, v in ready.items()}, "pid": t.pid, "cgroup": cgroup,
-    "out": out, "after_kill": after_kill, "left": list(m.zygotes()),
+    "out": out, "bad": bad, "after_kill": after_kill, "left": list(m.zygotes()),
 }))
 """
 
@@ -812,6 +825,10 @@ def test_a_zygote_starts_the_task_isolated_and_dies_with_its_pool(tmp_path: Path
     pid1, hostname, nice, policy, procs = got["out"]
     assert (pid1, hostname, procs) == ("1", "zyg", "3")  # its own pids (sh, ls, grep), /proc
     assert (nice, policy) == ("0", "0")  # SCHED_OTHER at nice 0, like the spawner
+    (missing, kept_missing), (no_cwd, kept_no_cwd) = got["bad"]
+    assert missing.startswith('cannot execute "/nonexistent" in the task: No such file'), missing
+    assert "cannot enter the working directory" in no_cwd, no_cwd
+    assert not kept_missing and not kept_no_cwd  # each took a zygote, now killed and reaped
     assert got["after_kill"] == [0] * 6
     assert len(got["left"]) == 4  # the pool made new ones
     for pid in [*got["left"], *map(int, got["ready"])]:
