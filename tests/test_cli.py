@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +59,54 @@ def test_a_command_imports_only_its_own_layer() -> None:
     code = (
         "import sys; from agentnode import cli; cli.build_parser('proxy'); "
         "print(sorted(m for m in sys.modules if m.startswith('agentnode.') and "
-        "m.split('.')[1] not in ('cli', 'errors', 'inference')))"
+        "m.split('.')[1] not in ('cli', 'errors', 'inference', '_lazy')))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
+
+
+HEAVY = ("aiohttp", "dns", "litellm", "uvloop", "prometheus_client", "rocksdict", "asyncio")
+
+
+def _imported_by(args: list[str], tmp_path: Path) -> set[str]:
+    """Top-level packages a whole `agentnode ARGS` run imported (read at interpreter exit)."""
+    out = tmp_path / "modules"
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(out)!r}, 'w').write("
+        "'\\n'.join(sorted({m.partition('.')[0] for m in sys.modules}))))\n"
+        "from agentnode.cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=False)
+    return set(out.read_text().split())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["exec", "--", "/bin/true"],
+        ["--version"],
+        ["--help"],
+        ["ps", "--socket", "/nonexistent/api.sock"],
+        ["submit", "--socket", "/nonexistent/api.sock", "--", "true"],
+        ["logs", "--socket", "/nonexistent/api.sock", "abc"],
+    ],
+    ids=" ".join,
+)
+def test_commands_do_not_import_the_servers(args: list[str], tmp_path: Path) -> None:
+    """The CLI answers in milliseconds: `exec`, `ps`, `submit`, `--help` never load aiohttp,
+    dnspython, the LLM stack, uvloop or even asyncio (each costs tens of milliseconds)."""
+    if args[0] == "exec" and os.geteuid() != 0:
+        pytest.skip("exec needs root")
+    modules = _imported_by(args, tmp_path)
+    assert "agentnode" in modules
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_exec_with_a_network_still_finds_its_dns_forwarder(tmp_path: Path) -> None:
+    """dnspython loads when a task needs the forwarder, not before: name rules still work."""
+    if os.geteuid() != 0:
+        pytest.skip("exec needs root")
+    modules = _imported_by(["exec", "--allow-host", "localhost:80", "--", "/bin/true"], tmp_path)
+    assert "dns" in modules

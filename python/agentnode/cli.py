@@ -50,8 +50,9 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def build_parser(command: str | None = None) -> ArgumentParser:
-    """The CLI's parser, with every command, or only the module that provides `command`."""
+def build_parser(command: str | None = None, *, commands: bool = True) -> ArgumentParser:
+    """The CLI's parser, with every command, or only the module that provides `command`, or
+    (not `commands`) none: `agentnode --version` needs no command module."""
     parser = ArgumentParser(
         prog="agentnode",
         description="Run autonomous AI agents on this host safely, fairly and fast.",
@@ -60,6 +61,8 @@ def build_parser(command: str | None = None) -> ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks for errors (for bug reports)"
     )
+    if not commands:
+        return parser
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=ArgumentParser)
     known = any(command in names for names in COMMANDS.values())
     for module, names in COMMANDS.items():
@@ -78,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in args_list[:end] if not a.startswith("-")), None)
     args_list = [a for a in args_list[:end] if a != "--debug"] + args_list[end:]
     try:
-        args = build_parser(command).parse_args(args_list)
+        words = set(args_list[:end])
+        bare = command is None and "--version" in words and not {"-h", "--help"} & words
+        args = build_parser(command, commands=not bare).parse_args(args_list)
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
         if func is None:
             raise UsageError("a command is required (see 'agentnode --help')")

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import gc
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import uvloop
-from aiohttp import web
-
 from agentnode.errors import AgentnodeError
 from agentnode.inference.config import ProxyConfig, load_config, parse_config
-from agentnode.inference.server import create_app
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
@@ -42,12 +37,21 @@ def _run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, host=where.host, port=where.port)
     if args.state_dir:
         config = dataclasses.replace(config, state_dir=Path(args.state_dir))
+    import uvloop  # here: every other command's start (and --help) would pay for it
+
     uvloop.run(serve(config))
     return 0
 
 
 async def serve(config: ProxyConfig) -> None:
     """Serves until SIGTERM/SIGINT, then finishes in-flight requests (10 s at most)."""
+    # Imported here: the CLI imports this module to list `proxy` in --help.
+    import asyncio
+
+    from aiohttp import web
+
+    from agentnode.inference.server import create_app
+
     runner = web.AppRunner(
         create_app(config), handler_cancellation=True, shutdown_timeout=10.0, access_log=None
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agentnode.errors import AgentnodeError
-from agentnode.node.config import DEFAULT_SOCKET
+from agentnode.node.paths import DEFAULT_SOCKET
 from agentnode.sdk.transport import UnixHTTPConnection, error_message
 
 __all__ = ["NodeClient", "NodeNotRunning", "default_socket"]

@@ -17,12 +17,10 @@ from agentnode.egress.network import NodeNetwork
 from agentnode.errors import ConfigError, PolicyError
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.config import parse_config as parse_proxy_config
+from agentnode.node.paths import DEFAULT_DATA_DIR, DEFAULT_SOCKET
 from agentnode.tasks.model import CLASSES
 
 __all__ = ["NodeConfig", "TenantConfig", "load_config"]
-
-DEFAULT_DATA_DIR = Path("/var/lib/agentnode")
-DEFAULT_SOCKET = Path("/run/agentnode/api.sock")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ close the stores. SIGHUP: re-read the config file and apply tenants, retry polic
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import grp
 import os
@@ -79,6 +78,9 @@ async def _unix_site(runner: web.AppRunner, path: Path, mode: int, group: str | 
 
 async def serve(config: NodeConfig) -> None:
     """Runs the node until SIGTERM/SIGINT; SIGHUP reloads `config.source`."""
+    # asyncio here and below, not at the top: the CLI imports this module for --help.
+    import asyncio
+
     from aiohttp import web
 
     from agentnode.inference.server import create_app
@@ -167,6 +169,8 @@ async def serve(config: NodeConfig) -> None:
 async def _serve_inference(runner: web.AppRunner, node: Node) -> str:
     """Listens on the configured address and, for tasks, on the node bridge (made now, so the
     address exists; egress policies always allow it)."""
+    import asyncio
+
     from aiohttp import web
 
     assert node.config.inference is not None
@@ -192,6 +196,8 @@ def _runner(app: web.Application) -> web.AppRunner:
 
 
 async def _wait_for_stop(node: Node, config: NodeConfig) -> None:
+    import asyncio
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

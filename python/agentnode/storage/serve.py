@@ -7,7 +7,6 @@ Tenants and their tokens come from a JSON file, never the command line (argv is 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 from pathlib import Path
@@ -58,6 +57,8 @@ async def serve(
 ) -> None:
     """Runs the memory API until SIGTERM or SIGINT, then closes the stores."""
     # Imported here: the CLI registers this command on every start, and these are heavy.
+    import asyncio
+
     from aiohttp import web
 
     from agentnode.storage.api import make_app
