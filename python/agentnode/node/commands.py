@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
 
 from agentnode.egress import cli as egress_cli
-from agentnode.errors import UsageError
+from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation.units import format_size, parse_env
 from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
@@ -18,7 +19,7 @@ from agentnode.tasks.model import CLASSES
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parser", "exit_status"]
+__all__ = ["add_parser", "exit_status", "resolve_id"]
 
 #: `wait` exit statuses for outcomes without an exit code of their own.
 _STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
@@ -76,6 +77,12 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
     egress_cli.add_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
+    p.add_argument(
+        "-a",
+        "--attach",
+        action="store_true",
+        help="print the task's output as it runs, then exit with its status (implies --wait)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     _with_socket(p)
     p.set_defaults(func=_submit)
@@ -155,9 +162,15 @@ def _submit(args: argparse.Namespace) -> int:
         body["caps"] = args.cap_add
     body["network"], _ = egress_cli.network_from_args(args)
     body.update(_egress_fields(args))
-    task = _client(args).call("POST", "/v1/tasks", body)
+    client = _client(args)
+    task = client.call("POST", "/v1/tasks", body)
+    if args.attach:
+        # stdout carries the task's output alone; the id still reaches whoever needs it.
+        print(f"agentnode: task {task['id']}", file=sys.stderr, flush=True)
+        _print_logs(args.socket, task["id"], follow=True)
+        return _wait_for(client, task["id"])
     print(task["id"], flush=True)
-    return _wait_for(_client(args), task["id"]) if args.wait else 0
+    return _wait_for(client, task["id"]) if args.wait else 0
 
 
 def _egress_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,8 +182,38 @@ def _egress_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in fields if value}
 
 
+def resolve_id(client: NodeClient, text: str) -> str:
+    """The full id of the one task whose id starts with `text` (as `ps` shows 12 characters
+    of it); `UsageError` when none or several do."""
+    key = text.strip().lower()
+    if not key or any(c not in "0123456789abcdef" for c in key):
+        raise UsageError(
+            f"{text!r} is not a task id (give an id or its start, as 'agentnode ps' shows it)"
+        )
+    if len(key) == _ID_LENGTH:
+        return key
+    matches = [t["id"] for t in client.call("GET", "/v1/tasks?all=1") if t["id"].startswith(key)]
+    if not matches:
+        raise AgentnodeError(f"no task {text!r} (list tasks with 'agentnode ps --all')")
+    if len(matches) > 1:
+        raise UsageError(
+            f"task id {text!r} is ambiguous: {len(matches)} tasks start with it "
+            "(give more characters)"
+        )
+    return str(matches[0])
+
+
+#: A task id is a uuid4 in hex.
+_ID_LENGTH = 32
+
+
+def _task_url(client: NodeClient, text: str, tail: str = "") -> str:
+    return f"/v1/tasks/{quote(resolve_id(client, text), safe='')}{tail}"
+
+
 def _egress(args: argparse.Namespace) -> int:
-    task = _client(args).call("PUT", f"/v1/tasks/{args.id}/egress", _egress_fields(args))
+    client = _client(args)
+    task = client.call("PUT", _task_url(client, args.id, "/egress"), _egress_fields(args))
     rules = [*task["allow"], *task["allow_hosts"]]
     print(f"{task['id']}: {', '.join(rules) or 'no destinations'} allowed", flush=True)
     return 0
@@ -189,8 +232,9 @@ def exit_status(task: dict[str, Any]) -> int:
 
 
 def _wait_for(client: NodeClient, task_id: str) -> int:
+    url = f"/v1/tasks/{quote(task_id, safe='')}"
     while True:
-        task = client.call("GET", f"/v1/tasks/{task_id}")
+        task = client.call("GET", url)
         if task["state"] in ("succeeded", "failed", "timed_out", "cancelled", "lost"):
             if task["reason"] and task["state"] != "succeeded":
                 print(
@@ -201,21 +245,27 @@ def _wait_for(client: NodeClient, task_id: str) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    return _wait_for(_client(args), args.id)
+    client = _client(args)
+    return _wait_for(client, resolve_id(client, args.id))
 
 
 def _kill(args: argparse.Namespace) -> int:
-    _client(args).call("POST", f"/v1/tasks/{args.id}/cancel")
+    client = _client(args)
+    client.call("POST", _task_url(client, args.id, "/cancel"))
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
-    url = f"/v1/tasks/{args.id}/logs" + ("?follow=1" if args.follow else "")
-    client = NodeClient(args.socket, timeout=None if args.follow else 30.0)
+    _print_logs(args.socket, resolve_id(_client(args), args.id), follow=args.follow)
+    return 0
+
+
+def _print_logs(socket: Path | None, task_id: str, *, follow: bool) -> None:
+    url = f"/v1/tasks/{quote(task_id, safe='')}/logs" + ("?follow=1" if follow else "")
+    client = NodeClient(socket, timeout=None if follow else 30.0)
     for chunk in client.stream(url):
         sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
-    return 0
 
 
 def _rows(tasks: list[dict[str, Any]]) -> list[list[str]]:
@@ -254,9 +304,10 @@ _HEADER = ["ID", "TENANT", "PRIORITY", "STATE", "TRY", "CPU", "MEM", "AGE", "NET
 
 
 def _ps(args: argparse.Namespace) -> int:
-    query = "?all=1" if args.all else ""
+    fields: dict[str, str | int] = {"all": 1} if args.all else {}
     if args.tenant:
-        query += ("&" if query else "?") + f"tenant={args.tenant}"
+        fields["tenant"] = args.tenant
+    query = f"?{urlencode(fields)}" if fields else ""
     rows = [_HEADER, *_rows(_client(args).call("GET", "/v1/tasks" + query))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
     for r in rows:
