@@ -91,3 +91,26 @@ def test_ps_tenant_is_escaped_into_the_query(node: Daemon, tmp_path: Path) -> No
     node.submit(["true"], tenant="alpha")
     r = cli(node, "ps", "--all", "--tenant", "alpha&all=0")
     assert r.returncode == 0 and r.stdout.splitlines() == [r.stdout.splitlines()[0]], r.stdout
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--memory", "12Q"],
+        ["--memory", str(2**70)],
+        ["--timeout", "never"],
+        ["--timeout", "99999999999999999999999h"],
+        ["--pids", "-1"],
+        ["--cpu-weight", "0"],
+        ["--tmp-size", "0"],
+        ["--user", "nobody:x"],
+        ["--cap-add", "bogus"],
+        ["--cwd", "relative"],
+    ],
+    ids=" ".join,
+)
+def test_a_submit_the_node_refuses_is_a_usage_error(node: Daemon, option: list[str]) -> None:
+    """What only the node checks still reads as the CLI's own usage error (exit 2)."""
+    r = cli(node, "submit", *option, "--", "true")
+    assert r.stdout == ""
+    one_error(r, 2, option[0].lstrip("-").replace("-", "_").split("_")[0])

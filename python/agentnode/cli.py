@@ -71,6 +71,16 @@ def build_parser(command: str | None = None, *, commands: bool = True) -> Argume
     return parser
 
 
+def _with_hint(message: str, command: str | None) -> str:
+    """`message`, ending in what to do: the command's help unless it already says."""
+    if message.endswith(")"):
+        return message
+    return f"{message} (see 'agentnode {command + ' ' if command in _NAMES else ''}--help')"
+
+
+_NAMES = frozenset(name for names in COMMANDS.values() for name in names)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI and returns its exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -89,9 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("a command is required (see 'agentnode --help')")
         return func(args)
     except UsageError as e:
-        if debug:
-            raise
-        print(f"agentnode: error: {e}", file=sys.stderr)
+        # Never a traceback, even with --debug: the command line is wrong, not agentnode.
+        print(f"agentnode: error: {_with_hint(str(e), command)}", file=sys.stderr)
         return 2
     except AgentnodeError as e:
         if debug:
@@ -100,6 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        # The host refused something (a path, a permission, a port): not a bug to report.
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(
+            f"agentnode: error: {e.strerror or e}{where} (check the path and its permissions)",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as e:
         if debug:
             raise

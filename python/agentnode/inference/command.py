@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agentnode.errors import AgentnodeError
+from agentnode.errors import AgentnodeError, ConfigError, UsageError
 from agentnode.inference.config import ProxyConfig, load_config, parse_config
 
 if TYPE_CHECKING:
@@ -33,7 +33,12 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else parse_config({}, prefix="")
     if args.listen:
-        where = parse_config({"listen": args.listen}, prefix="")
+        try:
+            where = parse_config({"listen": args.listen}, prefix="")
+        except ConfigError:
+            raise UsageError(
+                f"--listen: {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:4000)"
+            ) from None
         config = dataclasses.replace(config, host=where.host, port=where.port)
     if args.state_dir:
         config = dataclasses.replace(config, state_dir=Path(args.state_dir))

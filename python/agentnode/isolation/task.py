@@ -289,14 +289,22 @@ def capability_number(name: str) -> int:
     return CAPABILITIES.index(key)
 
 
+#: (uid_t)-1, which the kernel reads as "no change"; every valid id is below it.
+_NO_ID = (1 << 32) - 1
+
+
 def _parse_user(user: int | str) -> tuple[int, int]:
     if isinstance(user, int):
-        return user, user
-    uid, _, gid = user.partition(":")
-    try:
-        return int(uid), int(gid or uid)
-    except ValueError:
-        raise UsageError(f"user: {user!r} is not UID[:GID] (example: 1000:1000)") from None
+        ids = user, user
+    else:
+        uid, _, gid = user.partition(":")
+        try:
+            ids = int(uid), int(gid or uid)
+        except ValueError:
+            raise UsageError(f"user: {user!r} is not UID[:GID] (example: 1000:1000)") from None
+    if not all(0 <= i < _NO_ID for i in ids):
+        raise UsageError(f"user: {user!r} is out of range (ids are 0 to {_NO_ID - 1})")
+    return ids
 
 
 def prepare_workspace(path: Path, *, user: int | str, userns: bool = False) -> Path:

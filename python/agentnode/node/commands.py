@@ -213,7 +213,8 @@ def _task_url(client: NodeClient, text: str, tail: str = "") -> str:
 
 def _egress(args: argparse.Namespace) -> int:
     client = _client(args)
-    task = client.call("PUT", _task_url(client, args.id, "/egress"), _egress_fields(args))
+    fields = _egress_fields(args)
+    task = client.call("PUT", _task_url(client, args.id, "/egress"), fields)
     rules = [*task["allow"], *task["allow_hosts"]]
     print(f"{task['id']}: {', '.join(rules) or 'no destinations'} allowed", flush=True)
     return 0
@@ -316,6 +317,8 @@ def _ps(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
+    if not 0.05 <= args.interval <= 3600:
+        raise UsageError(f"--interval: {args.interval:g} is out of range (0.05 to 3600 seconds)")
     from rich.live import Live
     from rich.table import Table
 
