@@ -110,3 +110,49 @@ def test_exec_with_a_network_still_finds_its_dns_forwarder(tmp_path: Path) -> No
         pytest.skip("exec needs root")
     modules = _imported_by(["exec", "--allow-host", "localhost:80", "--", "/bin/true"], tmp_path)
     assert "dns" in modules
+
+
+def test_a_reader_that_left_ends_the_command_quietly() -> None:
+    """`agentnode doctor | head -1`: output to a closed pipe is no error to report."""
+    r, w = os.pipe()
+    os.close(r)
+    with os.fdopen(w, "wb") as out:
+        p = subprocess.run(
+            [sys.executable, "-m", "agentnode", "doctor"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    assert (p.returncode, p.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_top_fits_the_terminal_with_whole_headers_and_ids(width: int) -> None:
+    import time
+
+    from rich.console import Console
+
+    from agentnode.node.commands import task_table
+
+    stats = {"cpu_user_s": 1.2, "cpu_system_s": 0.3, "memory_current": 50 << 20}
+    net = {"bytes_out": 123456, "bytes_in": 9876543, "connections_denied": 3}
+    tasks = [
+        {"id": f"{i:x}" * 32, "tenant": "a-rather-long-tenant-name", "priority": "normal",
+         "state": state, "attempt": 1, "submitted_at": time.time() - 100, "network": "egress",
+         "command": ["python", "-m", "agent", "--goal", "write a long report"],
+         "stats": {**stats, "network": net} if state == "running" else None}
+        for i, state in enumerate(["running", "queued", "starting"], start=10)
+    ]  # fmt: skip
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(task_table({"running": 1, "queued": 1, "free_cpu_millis": 1500}, tasks,
+                             width=width))  # fmt: skip
+    console.file.close()
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines), text
+    header = lines[1].split()
+    assert header[0] == "ID" and "STATE" in header and "COMMAND" in header, text
+    assert ("PRIORITY" in header) == (width >= 100)
+    for t in tasks:
+        assert t["id"][:12] in text and t["state"] in text

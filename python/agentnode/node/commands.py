@@ -17,9 +17,11 @@ from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parser", "exit_status", "resolve_id"]
+__all__ = ["add_parser", "exit_status", "resolve_id", "task_table"]
 
 #: `wait` exit statuses for outcomes without an exit code of their own.
 _STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
@@ -316,33 +318,52 @@ def _ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def task_table(node: dict[str, Any], tasks: list[dict[str, Any]], *, width: int) -> Table:
+    """`top`'s table for a terminal `width` columns wide: headers, ids and states whole from
+    80 columns up (below 100, without the priority and attempt columns; the command and the
+    network counters wrap in what is left; no borders, two spaces between columns, as `ps`)."""
+    from rich.table import Table
+
+    t = Table(
+        title=f"agentnode: {node['running']} running, {node['queued']} queued, "
+        f"{node['free_cpu_millis'] / 1000:g} CPUs free",
+        box=None,
+        pad_edge=False,
+        padding=(0, 2, 0, 0),
+    )
+    shown = [i for i, h in enumerate(_HEADER) if width >= 100 or h not in ("PRIORITY", "TRY")]
+    for i in shown:
+        h = _HEADER[i]
+        wraps = h in ("NET", "COMMAND")
+        t.add_column(
+            h,
+            no_wrap=not wraps,
+            min_width={"ID": 12, "NET": 10, "COMMAND": 12}.get(h, len(h)),
+            max_width=12 if h == "TENANT" else None,  # a long tenant is cut (…)
+            overflow="fold" if wraps else "ellipsis",
+        )
+    for row in _rows(tasks):
+        t.add_row(*(row[i] for i in shown))
+    return t
+
+
 def _top(args: argparse.Namespace) -> int:
     if not 0.05 <= args.interval <= 3600:
         raise UsageError(f"--interval: {args.interval:g} is out of range (0.05 to 3600 seconds)")
+    from rich.console import Console
     from rich.live import Live
-    from rich.table import Table
 
     client = _client(args)
+    console = Console()
 
     def table() -> Table:
-        node = client.call("GET", "/v1/node")
-        t = Table(
-            title=f"agentnode: {node['running']} running, {node['queued']} queued, "
-            f"{node['free_cpu_millis'] / 1000:g} CPUs free"
-        )
-        for h in _HEADER:
-            # Ids and states must stay whole (they are what users copy and scan for).
-            t.add_column(h, no_wrap=True, min_width=12 if h == "ID" else None)
-        for row in _rows(client.call("GET", "/v1/tasks")):
-            t.add_row(*row)
-        return t
+        node, tasks = client.call("GET", "/v1/node"), client.call("GET", "/v1/tasks")
+        return task_table(node, tasks, width=console.width)
 
     if args.once:
-        from rich.console import Console
-
-        Console().print(table())
+        console.print(table())
         return 0
-    with Live(table(), auto_refresh=False) as live:
+    with Live(table(), console=console, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(args.interval)
