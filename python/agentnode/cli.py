@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "agentnode.node.daemon": ("run",),
     "agentnode.node.commands": ("submit", "egress", "ps", "logs", "wait", "kill", "top"),
     "agentnode.isolation.cli": ("exec",),
-    "agentnode.storage.serve": ("memory",),
+    "agentnode.storage.cli": ("memory",),
     "agentnode.inference.command": ("proxy",),
 }
 

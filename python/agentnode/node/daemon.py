@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from agentnode import doctor
 from agentnode.errors import AgentnodeError, ConfigError
 from agentnode.node.config import NodeConfig, load_config
+from agentnode.node.paths import ADMIN_MEMORY
 
 # How much of the vector op log a crash can leave to replay: a checkpoint of a 100k x 384
 # collection writes ~170 MiB, so not much more often than this.
@@ -91,6 +92,7 @@ async def serve(config: NodeConfig) -> None:
     from agentnode.storage.api import make_app
     from agentnode.storage.episodic import EpisodicStore
     from agentnode.storage.objects import ObjectStore
+    from agentnode.storage.tenancy import OperatorTenants
     from agentnode.storage.vector_api import vectors_app
     from agentnode.storage.vectors import VectorStore
 
@@ -108,7 +110,19 @@ async def serve(config: NodeConfig) -> None:
     memory = make_app(
         episodic=episodic, objects=objects, auth=TaskTokens(node), vectors=vectors_app(vectors)
     )
-    runners = [_runner(admin_app(node, metrics)), _runner(task_app(node, memory))]
+    admin = admin_app(node, metrics)
+    # The operator's view of every tenant's memory, on the admin unix socket only (its mode is
+    # the credential; the TCP API below has none of it).
+    admin.add_subapp(
+        ADMIN_MEMORY,
+        make_app(
+            episodic=episodic,
+            objects=objects,
+            auth=OperatorTenants(),
+            vectors=vectors_app(vectors),
+        ),
+    )
+    runners = [_runner(admin), _runner(task_app(node, memory))]
     if config.listen is not None:
         runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
     proxy = None

@@ -114,10 +114,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
-    """Registers `agentnode memory serve`."""
-    p = sub.add_parser("memory", help="agent memory: episodic records, objects and vectors")
-    cmds = p.add_subparsers(title="memory commands", metavar="COMMAND", parser_class=type(p))
+def add_parser(cmds: argparse._SubParsersAction[ArgumentParser]) -> None:
+    """Adds `serve` to `agentnode memory`'s commands."""
     s = cmds.add_parser(
         "serve",
         help="serve the memory HTTP API on its own",
