@@ -44,13 +44,21 @@ def test_version() -> None:
 
 
 def test_command_table_names_every_command_its_modules_add() -> None:
-    """cli.COMMANDS says which module adds which command; a stale entry would hide a command."""
+    """cli.COMMANDS says which module adds which command (and lists them for --help without
+    importing them); a stale entry would hide a command or list one that is not there."""
     import argparse
+    import importlib
 
     from agentnode import cli
 
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for module, names in cli.COMMANDS.items():
+        parser = cli.ArgumentParser(prog="agentnode")
+        sub = parser.add_subparsers(parser_class=cli.ArgumentParser)
+        importlib.import_module(module).add_parser(sub)
+        assert isinstance(sub, argparse._SubParsersAction)
+        assert sorted(sub.choices) == sorted(names), module
+    listed = cli.build_parser()
+    sub = next(a for a in listed._actions if isinstance(a, argparse._SubParsersAction))
     assert sorted(sub.choices) == sorted(n for names in cli.COMMANDS.values() for n in names)
 
 

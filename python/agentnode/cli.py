@@ -17,17 +17,30 @@ from agentnode.errors import AgentnodeError, UsageError
 
 __all__ = ["ArgumentParser", "main"]
 
-# Each command module's `add_parser` adds the subcommands named here; later layers add
-# themselves here. A module is imported only when one of its commands runs (all of them for
-# --help): importing every layer cost each command ~10 MiB and the start-up of layers it never
-# uses (`agentnode proxy` idled at 62 MiB, 52 MiB with its own imports only).
-COMMANDS: dict[str, tuple[str, ...]] = {
-    "agentnode.doctor": ("doctor",),
-    "agentnode.node.daemon": ("run",),
-    "agentnode.node.commands": ("submit", "egress", "ps", "logs", "wait", "kill", "top"),
-    "agentnode.isolation.cli": ("exec",),
-    "agentnode.storage.cli": ("memory",),
-    "agentnode.inference.command": ("proxy",),
+# Each command module's `add_parser` adds the commands named here; later layers add themselves
+# here. A module is imported only when one of its commands runs: importing every layer cost
+# each command ~10 MiB and the start-up of layers it never uses (`agentnode proxy` idled at
+# 62 MiB, 52 MiB with its own imports only), and `--help` lists the commands from this table
+# alone (importing every module for it took ~100 ms of CPU).
+COMMANDS: dict[str, dict[str, str]] = {
+    "agentnode.doctor": {"doctor": "check this host for every capability the node needs"},
+    "agentnode.node.daemon": {
+        "run": "run the node agent (foreground; SIGTERM stops it gracefully)"
+    },
+    "agentnode.node.commands": {
+        "submit": "queue a task on the node",
+        "egress": "change a task's egress rules",
+        "ps": "list tasks",
+        "logs": "print a task's output",
+        "wait": "wait for a task and exit with its status",
+        "kill": "cancel a task",
+        "top": "live table of tasks",
+    },
+    "agentnode.isolation.cli": {
+        "exec": "run a command isolated (namespaces, cgroup limits, seccomp)"
+    },
+    "agentnode.storage.cli": {"memory": "agent memory: episodic records, objects and vectors"},
+    "agentnode.inference.command": {"proxy": "run the OpenAI/Anthropic-compatible inference proxy"},
 }
 
 
@@ -52,8 +65,9 @@ class _Version(argparse.Action):
 
 
 def build_parser(command: str | None = None, *, commands: bool = True) -> ArgumentParser:
-    """The CLI's parser, with every command, or only the module that provides `command`, or
-    (not `commands`) none: `agentnode --version` needs no command module."""
+    """The CLI's parser: with `command`'s module and so its options, or, for no or an unknown
+    command, every command by name and summary only (for --help and the error naming them),
+    or (not `commands`) none: `agentnode --version` needs no command."""
     parser = ArgumentParser(
         prog="agentnode",
         description="Run autonomous AI agents on this host safely, fairly and fast.",
@@ -65,10 +79,12 @@ def build_parser(command: str | None = None, *, commands: bool = True) -> Argume
     if not commands:
         return parser
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=ArgumentParser)
-    known = any(command in names for names in COMMANDS.values())
     for module, names in COMMANDS.items():
-        if not known or command in names:
+        if command in names:
             importlib.import_module(module).add_parser(sub)
+        elif command not in _NAMES:
+            for name, summary in names.items():
+                sub.add_parser(name, help=summary)
     return parser
 
 

@@ -87,7 +87,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Registers `agentnode doctor`."""
     p = sub.add_parser(
         "doctor",
-        help="check this host for every capability the node needs",
         description=(
             "Probe this host by trying each capability for real (cgroups, namespaces, clone3, "
             "pidfds, seccomp, BPF, networking) and clean up after. Exit 0 when everything "

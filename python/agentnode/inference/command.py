@@ -21,7 +21,6 @@ __all__ = ["add_parser", "serve"]
 def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p = sub.add_parser(
         "proxy",
-        help="run the OpenAI/Anthropic-compatible inference proxy",
         description="Serve the inference proxy (default 127.0.0.1:4000) until SIGTERM or Ctrl-C.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file ([inference] section or top level)")

@@ -44,7 +44,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Adds `submit`, `egress`, `ps`, `logs`, `wait`, `kill` and `top` to the CLI."""
     p = sub.add_parser(
         "submit",
-        help="queue a task on the node",
         description="Queue CMD as an "
         "isolated task and print its id (--wait: exit with its status).",
     )
@@ -91,7 +90,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "egress",
-        help="change a task's egress rules",
         description="Replace a task's egress rules and rates (those not given become empty). "
         "A running task's next connection follows them; a retry starts with them.",
     )
@@ -100,13 +98,13 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     _with_socket(p)
     p.set_defaults(func=_egress)
 
-    p = sub.add_parser("ps", help="list tasks", description="List live tasks (--all: ended too).")
+    p = sub.add_parser("ps", description="List live tasks (--all: ended too).")
     p.add_argument("--all", action="store_true", help="include ended tasks")
     p.add_argument("--tenant", help="only this tenant's tasks")
     _with_socket(p)
     p.set_defaults(func=_ps)
 
-    p = sub.add_parser("logs", help="print a task's output", description="Print a task's output.")
+    p = sub.add_parser("logs", description="Print a task's output.")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
     p.add_argument("id")
     _with_socket(p)
@@ -114,7 +112,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "wait",
-        help="wait for a task and exit with its status",
         description="Wait for a task to end; exit with its status.",
     )
     p.add_argument("id")
@@ -123,7 +120,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "kill",
-        help="cancel a task",
         description="Cancel a queued task or stop "
         "a running one (SIGTERM, grace, then its whole cgroup is killed).",
     )
@@ -131,7 +127,7 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     _with_socket(p)
     p.set_defaults(func=_kill)
 
-    p = sub.add_parser("top", help="live table of tasks", description="A live table of tasks.")
+    p = sub.add_parser("top", description="A live table of tasks.")
     p.add_argument("--once", action="store_true", help="print one table and exit")
     p.add_argument("--interval", type=float, default=1.0, help="refresh seconds (default 1)")
     _with_socket(p)

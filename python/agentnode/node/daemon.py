@@ -37,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Adds `run` to the CLI."""
     p = sub.add_parser(
         "run",
-        help="run the node agent (foreground; SIGTERM stops it gracefully)",
         description="Run the node daemon: the task API on a unix socket, the scheduler, "
         "isolated tasks and agent memory, with embedded defaults.",
     )

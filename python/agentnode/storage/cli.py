@@ -36,7 +36,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Registers `agentnode memory` and its commands."""
     p = sub.add_parser(
         "memory",
-        help="agent memory: episodic records, objects and vectors",
         description="Inspect and fix a tenant's memory. Paths: episodic[/NAMESPACE/TASK[/ID]], "
         "objects[/NAME], vectors[/COLLECTION[/KEY]].",
     )
