@@ -26,6 +26,7 @@ from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.enforce import Denial, Egress
 from agentnode.egress.network import NodeNetwork, TaskNet
 from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import EgressError, UsageError
 
 __all__ = ["EgressService", "TaskEgress", "default_upstream"]
@@ -96,6 +97,8 @@ class TaskEgress:
         if self._egress is None:
             raise EgressError("the task's egress policy is not attached (the task has ended)")
         self._service._check(self.mode, policy)
+        if policy.published != self._egress.policy.published:
+            raise UsageError("published ports are fixed when a task starts; they cannot change")
         self._egress.update(policy)
 
     def stats(self) -> dict[str, int]:
@@ -192,7 +195,11 @@ class EgressService:
                             f"cannot enter the node netns {self.node_netns!r}: {os.strerror(err)}"
                         )
             asyncio.set_event_loop(loop)
-            forwarder = DnsForwarder(upstream=self.upstream)
+            # Answers pointing at the node's addresses (read in this thread's netns, the node's)
+            # or its task subnet are dropped unless a task's CIDR rule names them.
+            forwarder = DnsForwarder(
+                upstream=self.upstream, screen=AnswerScreen(extra=[self.network.subnet])
+            )
             self._dns = loop.run_until_complete(self._listen(forwarder))
             self._forwarder = forwarder
         except BaseException as e:
@@ -244,6 +251,8 @@ class EgressService:
                 "host rules (--allow-host) need --net egress: in the host's netns the DNS "
                 "forwarder cannot tell one task's queries from another's"
             )
+        if mode == "host" and policy.published:
+            raise UsageError("--publish needs --net egress: a host-mode task has no own address")
 
     def prepare(
         self,
@@ -259,7 +268,11 @@ class EgressService:
             raise UsageError(f"network mode {mode!r}: use none, egress or host")
         self._check(mode, policy)
         self.start()
-        net = self.network.add_task(uuid.uuid4().hex) if mode == "egress" else None
+        net = (
+            self.network.add_task(uuid.uuid4().hex, publish=policy.published)
+            if mode == "egress"
+            else None
+        )
         return TaskEgress(self, mode, policy, net, on_denial)
 
     def _attach(self, task: TaskEgress, cgroup_dir: str, policy: EgressPolicy) -> Egress:

@@ -155,6 +155,8 @@ def _submit(args: argparse.Namespace) -> int:
         body["caps"] = args.cap_add
     body["network"], _ = egress_cli.network_from_args(args)
     body.update(_egress_fields(args))
+    if args.publish:
+        body["publish"] = args.publish
     task = _client(args).call("POST", "/v1/tasks", body)
     print(task["id"], flush=True)
     return _wait_for(_client(args), task["id"]) if args.wait else 0

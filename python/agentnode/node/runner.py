@@ -152,6 +152,7 @@ class Node:
             "protocol": d.protocol,
             "reason": d.reason,
             "pid": d.pid,
+            **({"name": d.name} if d.name else {}),
         }
         self._audit.write(json.dumps(record) + "\n")
 
