@@ -13,7 +13,9 @@ import asyncio
 import errno
 import ipaddress
 import json
+import os
 import random
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +269,37 @@ def test_daemon_drops_answers_pointing_at_the_node(world: World, tmp_path: Path)
         assert ("dns_rebinding", "node.wild.test", TASK4) in mine
         assert ("dns_rebinding", "gw.wild.test", GATEWAY) in mine
         assert ("dns_type", "a.wild.test", HOST4) in mine
+
+
+def test_exec_task_gets_the_same_dns_guard(world: World, tmp_path: Path) -> None:
+    """`agentnode exec --allow-host '*.wild.test:8080'` (its forwarder asks the test's DNS
+    server: a private mount namespace binds a resolv.conf naming it)."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {HOST4}\n")
+    client = str(Path(__file__).parent / "egress_client.py")
+    smuggled = dns.message.make_query("a.wild.test", "A")
+    smuggled.additional.append(dns.rrset.from_text("x.evil.", 60, "IN", "TXT", '"exec-secret"'))
+    ops = [
+        resolve("node.wild.test"),
+        resolve("x" * 50 + ".wild.test", transport="tcp"),
+        resolve("a.wild.test", "NULL"),
+        raw(smuggled),
+        {"op": "connect", "host": TASK4, "port": 8080, "timeout": 1},
+    ]
+    exec_ = [sys.executable, "-m", "agentnode", "exec", "--user", "0", "--ro", str(REPO),
+             "--env", f"PYTHONPATH={REPO / 'python'}", "--allow-host", "*.wild.test:8080",
+             "--", sys.executable, client, json.dumps(ops)]  # fmt: skip
+    script = 'mount --bind "$1" /etc/resolv.conf && shift && exec nsenter --net="$@"'
+    out = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(resolv),
+         f"/run/netns/{world.task}", *exec_],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO / "python")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    node, label, null, smuggle, connect = (json.loads(x) for x in out.stdout.splitlines())
+    assert node["ok"] and node["addrs"] == []
+    assert label["rcode"] == "REFUSED" and null["rcode"] == "REFUSED"
+    assert smuggle["addrs"] == [HOST4]
+    assert connect["errno"] == errno.EPERM
+    assert b"exec-secret" not in (world.logs / "wire.log").read_bytes()  # type: ignore[attr-defined]
