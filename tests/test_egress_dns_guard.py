@@ -161,7 +161,7 @@ def test_upstream_sees_only_the_query_the_node_built(world: World, cgroup: Path)
         fwd.add_task(TASK4, eg)
         smuggled = dns.rrset.from_text("exfil.evil.", 60, "IN", "TXT", '"secret-bytes"')
         extra = dns.message.make_query("A.WiLd.TeSt", "A", use_edns=0, payload=4096,
-            options=[dns.edns.GenericOption(65001, b"secret-option")])  # fmt: skip
+            options=[dns.edns.GenericOption(dns.edns.OptionType.make(65001), b"secret-option")])  # fmt: skip
         extra.additional.append(smuggled)
         authority = dns.message.make_query("a.wild.test", "A")
         authority.authority.append(smuggled)

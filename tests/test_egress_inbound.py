@@ -137,7 +137,7 @@ def test_publish_rules_are_checked() -> None:
         ("8080:80", "list of rules"),
     ):
         with pytest.raises(PolicyError, match=fragment):
-            EgressPolicy(publish=bad)  # type: ignore[arg-type]
+            EgressPolicy(publish=bad)
     with pytest.raises(PolicyError, match="unspecified address"):
         EgressPolicy(allow=["::/128"])
 
