@@ -57,6 +57,8 @@ RECORDS = {
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     logs = tmp_path_factory.mktemp("dns")
+    for log in ("names.log", "wire.log"):
+        (logs / log).write_text("")
     with World() as w:
         w.serve(
             tcp=[[HOST4, 8080]],
