@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from agentnode.egress import Denial, Egress, EgressPolicy
+from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, PolicyError
 from conftest import root_only
 from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
@@ -253,3 +254,45 @@ def test_daemon_tasks_reach_neither_each_other_nor_are_reached(
         ["ip", "netns", "exec", world.task, "nft", "list", "ruleset"],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
+
+
+OWNER = """
+import json, sys
+from agentnode.egress import EgressPolicy
+from agentnode.egress.service import EgressService
+from agentnode.isolation import spawn
+svc = EgressService(subnet=sys.argv[1], node_netns=sys.argv[2], dns_upstream=(sys.argv[3], 53))
+task = spawn(["sleep", "60"], network=EgressPolicy(publish=["18090:80"]), node_network=svc)
+print(json.dumps({"address": str(task._net.net.address)}), flush=True)
+sys.stdin.read()
+"""
+
+
+def published_ports(world: World) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", world.task, "nft", "list", "map", "ip", "agentnode0", "publish"],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+
+
+def test_a_crashed_owner_leaves_no_published_port(world: World) -> None:
+    """A host port left mapped would lead into whichever task gets its address next: the next
+    owner's sweep removes it with the dead task's veth."""
+    net = subnet()
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, net, world.task, HOST4],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert owner.stdout is not None
+    left = json.loads(owner.stdout.readline())
+    assert f"18090 : {left['address']} . 80" in published_ports(world)
+    owner.kill()
+    owner.communicate()
+    other = EgressService(subnet=net, node_netns=world.task, dns_upstream=(HOST4, 53))
+    try:
+        other.start()  # sweeps first
+        wait_for(
+            lambda: other.network.sweep() is not None and "18090" not in published_ports(world)
+        )
+    finally:
+        other.close()

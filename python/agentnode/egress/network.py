@@ -20,6 +20,7 @@ import ipaddress
 import json
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,25 +178,22 @@ class NodeNetwork:
                 check=False,
             )
             if r.returncode != 0:
-                self._unpublish(published[:i])
+                self._unpublish(q.host_port for q in published[:i])
                 taken = "File exists" in r.stderr
                 raise EgressError(
                     f"cannot publish host port {p.host_port}: "
                     + ("another task has published it" if taken else r.stderr.strip())
                 )
 
-    def _unpublish(self, published: tuple[Published, ...] | list[int]) -> None:
-        ports = [p.host_port if isinstance(p, Published) else p for p in published]
+    def _unpublish(self, host_ports: Iterable[int]) -> None:
+        ports = list(host_ports)
         if ports:
             keys = ", ".join(map(str, ports))
             self._nft(f"delete element ip {self.table} publish {{ {keys} }}\n", check=False)
 
     def _published_to(self, addresses: set[str]) -> list[int]:
         """The host ports mapped to any of `addresses` (what a crashed owner's tasks held)."""
-        prefix = ["ip", "netns", "exec", self.node_netns] if self.node_netns else []
-        out = self._run(
-            [*prefix, "nft", "-j", "list", "map", "ip", self.table, "publish"], check=False
-        )
+        out = self._in_node("nft", "-j", "list", "map", "ip", self.table, "publish", check=False)
         ports = []
         for item in json.loads(out or "{}").get("nftables", []):
             for port, target in item.get("map", {}).get("elem", []):
@@ -246,7 +244,7 @@ class NodeNetwork:
 
     def remove_task(self, net: TaskNet) -> None:
         """Removes the task's published ports, veth and netns (idempotent)."""
-        self._unpublish(net.published)
+        self._unpublish(p.host_port for p in net.published)
         self._ip("link", "del", net.host_veth, check=False)
         self._run(["ip", "netns", "del", net.netns], check=False)
 
