@@ -59,7 +59,11 @@ def dns_answer(data: bytes, cfg: dict, tcp: bool) -> bytes:
         r.flags |= dns.flags.TC
         return r.to_wire()
     rdtype = q.question[0].rdtype
-    addrs = [a for a in cfg["records"].get(name.lower(), []) if (":" in a) == (rdtype == 28)]
+    addrs = [
+        a
+        for a in cfg["records"].get(name.lower(), [])
+        if rdtype in (1, 28) and (":" in a) == (rdtype == 28)
+    ]  # other types: an empty answer
     if addrs:
         r.answer.append(
             dns.rrset.from_text_list(q.question[0].name, cfg["ttl"], "IN", rdtype, addrs)

@@ -30,6 +30,8 @@ import pytest
 from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder, DnsLimits
 from agentnode.egress.screen import AnswerScreen
+from agentnode.errors import ConfigError
+from agentnode.node.config import load_config
 from conftest import root_only
 from egress_world import HOST4, OTHER4, TASK4, World, scratch_cgroup
 from node_daemon import daemon
@@ -241,7 +243,7 @@ def test_wildcard_names_types_and_rate_are_bounded(world: World, cgroup: Path) -
 def test_daemon_drops_answers_pointing_at_the_node(world: World, tmp_path: Path) -> None:
     """Through `agentnode run`: answers naming the node's own address or its bridge are
     dropped, the task cannot connect there, and each drop is a line in the audit log."""
-    config = f'[network]\nsubnet = "{SUBNET}"\ndns_upstream = "{HOST4}:53"\n'
+    config = f'[network]\nsubnet = "{SUBNET}"\ndns_upstream = "{HOST4}:53"\ndns_types = ["null"]\n'
     prefix = ("nsenter", f"--net=/run/netns/{world.task}")
     client = str(Path(__file__).parent / "egress_client.py")
     ops = [
@@ -249,6 +251,7 @@ def test_daemon_drops_answers_pointing_at_the_node(world: World, tmp_path: Path)
         resolve("gw.wild.test", server=OTHER4),  # any resolver: redirected
         {"op": "connect", "host": TASK4, "port": 8080, "timeout": 1},
         resolve("a.wild.test", "TXT"),
+        resolve("a.wild.test", "NULL"),  # the node's configuration allows this type
         resolve("a.wild.test"),
     ]
     with daemon(tmp_path, config, prefix) as d:
@@ -260,10 +263,11 @@ def test_daemon_drops_answers_pointing_at_the_node(world: World, tmp_path: Path)
         done = d.wait(task["id"], timeout=60)
         out = d.log(task["id"])
         assert done["state"] == "succeeded", (done["reason"], out)
-        node, gw, connect, txt, plain = (json.loads(x) for x in out.splitlines())
+        node, gw, connect, txt, null, plain = (json.loads(x) for x in out.splitlines())
         assert node["addrs"] == [] and gw["addrs"] == [], (node, gw)
         assert connect["errno"] == errno.EPERM
         assert txt["rcode"] == "REFUSED" and plain["addrs"] == [HOST4]
+        assert null["ok"] and null["rcode"] == "NOERROR", null
         audit = [json.loads(x) for x in (d.data / "audit.log").read_text().splitlines()]
         mine = {
             (a["reason"], a.get("name"), a["address"]) for a in audit if a["task"] == task["id"]
@@ -305,3 +309,24 @@ def test_exec_task_gets_the_same_dns_guard(world: World, tmp_path: Path) -> None
     assert smuggle["addrs"] == [HOST4]
     assert connect["errno"] == errno.EPERM
     assert b"exec-secret" not in (world.logs / "wire.log").read_bytes()  # type: ignore[attr-defined]
+
+
+def test_node_configuration_of_the_dns_limits(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[network]\ndns_rate = 5\ndns_max_label = 20\ndns_types = ["txt"]\n')
+    config = load_config(cfg)
+    assert (config.dns_rate, config.dns_max_label, config.dns_max_name) == (5, 20, 120)
+    limits = DnsLimits.configured(
+        rate=config.dns_rate, max_label=20, max_name=120, extra_types=config.dns_types
+    )
+    assert limits.burst == 10 and dns.rdatatype.TXT in limits.types
+    assert dns.rdatatype.NULL not in limits.types
+    for text, fragment in (
+        ('dns_types = ["BOGUS"]', "network.dns_types: 'BOGUS' is not a DNS record type"),
+        ('dns_types = "TXT"', "network.dns_types: must be a list"),
+        ("dns_rate = 0", "network.dns_rate: must be a number >= 1"),
+        ("dns_max_name = -1", "network.dns_max_name: must be an integer >= 1"),
+    ):
+        cfg.write_text(f"[network]\n{text}\n")
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(cfg)

@@ -24,6 +24,7 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -73,6 +74,15 @@ class DnsLimits:
     max_label: int = 40
     max_name: int = 120
     types: frozenset[int] = field(default=ADDRESS_TYPES)
+
+    @classmethod
+    def configured(
+        cls, *, rate: float, max_label: int, max_name: int, extra_types: Iterable[str] = ()
+    ) -> DnsLimits:
+        """Limits from the node's configuration: bursts of twice `rate`, and `extra_types`
+        (names like "TXT") allowed besides the address types."""
+        extra = {dns.rdatatype.RdataType.make(t) for t in extra_types}
+        return cls(rate, 2 * rate, max_label, max_name, ADDRESS_TYPES | extra)
 
 
 class _Bucket:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from agentnode.egress.dns import DnsForwarder
+from agentnode.egress.dns import DnsForwarder, DnsLimits
 from agentnode.egress.enforce import Denial, Egress
 from agentnode.egress.network import NodeNetwork, TaskNet
 from agentnode.egress.policy import EgressPolicy
@@ -124,7 +124,7 @@ class EgressService:
     `services`: the node's own `(address, port)` services every task may reach (the inference
     proxy, the memory API). `node_netns`: the netns the node side lives in (a name under
     /run/netns; default the host's). `on_denial` receives each denied connection (the audit
-    log gets them regardless)."""
+    log gets them regardless). `dns_limits`: what the forwarder lets each task send upstream."""
 
     def __init__(
         self,
@@ -135,8 +135,10 @@ class EgressService:
         services: Sequence[tuple[str, int]] = (),
         node_netns: str | None = None,
         on_denial: Callable[[Denial], None] | None = None,
+        dns_limits: DnsLimits | None = None,
     ) -> None:
         self.network = NodeNetwork(bridge=bridge, subnet=subnet, node_netns=node_netns)
+        self.dns_limits = dns_limits
         self.upstream = dns_upstream or default_upstream()
         self.services = tuple(services)
         self.node_netns = node_netns
@@ -198,7 +200,9 @@ class EgressService:
             # Answers pointing at the node's addresses (read in this thread's netns, the node's)
             # or its task subnet are dropped unless a task's CIDR rule names them.
             forwarder = DnsForwarder(
-                upstream=self.upstream, screen=AnswerScreen(extra=[self.network.subnet])
+                upstream=self.upstream,
+                limits=self.dns_limits,
+                screen=AnswerScreen(extra=[self.network.subnet]),
             )
             self._dns = loop.run_until_complete(self._listen(forwarder))
             self._forwarder = forwarder
