@@ -160,6 +160,8 @@ def _submit(args: argparse.Namespace) -> int:
         body["caps"] = args.cap_add
     body["network"], _ = egress_cli.network_from_args(args)
     body.update(_egress_fields(args))
+    if args.publish:
+        body["publish"] = args.publish
     client = _client(args)
     task = client.call("POST", "/v1/tasks", body)
     if args.attach:
