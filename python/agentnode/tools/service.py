@@ -9,18 +9,26 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agentnode.tools.registry import Caller, Registry, Tool, redact, schema_error
 from agentnode.tools.result import RETRYABLE, Outcome
 
-__all__ = ["ToolService", "jsonl_recorder"]
+__all__ = ["ToolService", "ToolSource", "jsonl_recorder"]
 
 log = logging.getLogger("agentnode.tools")
 
 Record = Callable[[dict[str, Any]], None]
+
+
+class ToolSource(Protocol):
+    """Tools that come and go (an MCP server's): listed per tenant, found by name."""
+
+    async def tools(self, tenant: str) -> list[Tool]: ...
+
+    async def get(self, name: str, tenant: str) -> Tool | None: ...
 
 
 def jsonl_recorder(path: Path) -> Record:
@@ -43,23 +51,46 @@ class ToolService:
     call. A call carrying an idempotency key runs at most once per (tenant, tool, key): a
     repeat, even while the first is still running, gets the first call's result."""
 
-    def __init__(self, registry: Registry, *, on_record: Record, keys_kept: int = 10_000) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        on_record: Record,
+        sources: Sequence[ToolSource] = (),
+        keys_kept: int = 10_000,
+    ) -> None:
         self.registry = registry
+        self.sources = list(sources)
         self._on_record = on_record
         self._keys: OrderedDict[tuple[str, str, str], tuple[str, asyncio.Future[dict[str, Any]]]]
         self._keys = OrderedDict()
         self._keys_kept = keys_kept
 
-    def list(self, tenant: str) -> list[dict[str, Any]]:
+    async def tools(self, tenant: str) -> list[Tool]:
+        """The tools `tenant` may use."""
+        out = self.registry.visible(tenant)
+        for source in self.sources:
+            out += await source.tools(tenant)
+        return out
+
+    async def list(self, tenant: str) -> list[dict[str, Any]]:
         """The tools `tenant` may use, as MCP's `tools/list` shows them."""
-        return [t.describe() for t in self.registry.visible(tenant)]
+        return [t.describe() for t in await self.tools(tenant)]
+
+    async def _lookup(self, name: str, tenant: str) -> Tool | None:
+        tool = self.registry.get(name, tenant)
+        for source in self.sources:
+            if tool is not None:
+                break
+            tool = await source.get(name, tenant)
+        return tool
 
     async def call(
         self, name: str, args: Any, caller: Caller, *, idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Runs tool `name` for `caller`; never raises for a bad name or input (those come
         back as `invalid_input`)."""
-        tool = self.registry.get(name, caller.tenant)
+        tool = await self._lookup(name, caller.tenant) if isinstance(name, str) else None
         digest = _args_sha256(args)
         if idempotency_key is None or tool is None:
             return await self._call(tool, name, args, caller, digest, keyed=False)
