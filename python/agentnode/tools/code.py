@@ -149,8 +149,13 @@ class CodeRunner:
             argv, stdin = ["python3", "-I", "-"], args["code"].encode()
         else:
             argv, stdin = ["bash", "-c", args["code"]], b""
-        limits = ToolLimits(cpus=self.limits.cpus, memory=self.limits.memory,
-                            pids=self.limits.pids, timeout=timeout, output=self.limits.output)  # fmt: skip
+        limits = ToolLimits(
+            cpus=self.limits.cpus,
+            memory=self.limits.memory,
+            pids=self.limits.pids,
+            timeout=timeout,
+            output=self.limits.output,
+        )
         run = await run_sandboxed(
             argv,
             limits=limits,
@@ -198,8 +203,9 @@ class CodeRunner:
         limits = sandbox_limits(self.limits)
         return isolation.spawn(
             ["python3", "-I", "-u", "-c", _KERNEL],
-            limits=isolation.Limits(cpus=limits.cpus, memory=limits.memory, pids=limits.pids,
-                                    swap=0),  # fmt: skip
+            limits=isolation.Limits(
+                cpus=limits.cpus, memory=limits.memory, pids=limits.pids, swap=0
+            ),
             network="none",
             workspace=workspace,
             user=caller.user,
@@ -232,7 +238,9 @@ class CodeRunner:
         error = reply["error"]
         cls = "permanent" if error else "ok"
         out = _result(cls, reply["stdout"], reply["stderr"] + (error or ""), 1 if error else 0)
-        out.cpu_s = (after.cpu_user_s + after.cpu_system_s) - (before.cpu_user_s + before.cpu_system_s)
+        out.cpu_s = (after.cpu_user_s + after.cpu_system_s) - (
+            before.cpu_user_s + before.cpu_system_s
+        )
         out.memory_peak = after.memory_peak
         out.bytes_out = len(reply["stdout"]) + len(reply["stderr"])
         return out

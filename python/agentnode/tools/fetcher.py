@@ -32,11 +32,14 @@ def main() -> None:
     except OSError as e:
         reason = getattr(e, "reason", e)
         errno = getattr(reason, "errno", None)
-        json.dump({"error": str(reason), "errno": errno, "timeout": "timed out" in str(reason)},
-                  sys.stdout)  # fmt: skip
+        json.dump(
+            {"error": str(reason), "errno": errno, "timeout": "timed out" in str(reason)},
+            sys.stdout,
+        )
         return
-    json.dump({"status": status, "headers": headers,
-               "body": base64.b64encode(body).decode()}, sys.stdout)  # fmt: skip
+    json.dump(
+        {"status": status, "headers": headers, "body": base64.b64encode(body).decode()}, sys.stdout
+    )
 
 
 main()

@@ -31,10 +31,14 @@ class _OpenHow(ctypes.Structure):
 
 def open_beneath(root: int, path: str, flags: int, mode: int = 0o644) -> int:
     """openat2(root, path) refusing any symlink and any resolution outside `root`."""
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
-                   _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)  # fmt: skip
-    fd = _libc.syscall(_SYS_OPENAT2, root, path.encode() or b".", ctypes.byref(how),
-                       ctypes.sizeof(how))  # fmt: skip
+    how = _OpenHow(
+        flags | os.O_CLOEXEC,
+        mode if flags & os.O_CREAT else 0,
+        _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS,
+    )
+    fd = _libc.syscall(
+        _SYS_OPENAT2, root, path.encode() or b".", ctypes.byref(how), ctypes.sizeof(how)
+    )
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), path)
@@ -126,7 +130,9 @@ class _Files:
             try:
                 dirfd = self._parent(root, parent, uid, gid, make=args.get("parents", True))
                 stack.callback(os.close, dirfd)
-                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.get("append") else os.O_TRUNC)
+                flags = (
+                    os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.get("append") else os.O_TRUNC)
+                )
                 fd = open_beneath(dirfd, name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as e:
                 return _refusal(args["path"], e)
@@ -175,20 +181,26 @@ class _Files:
             return _refusal(path, e)
         finally:
             os.close(root)
-        entries = []
+        entries: list[dict[str, Any]] = []
         try:
             with os.scandir(fd) as it:
                 for entry in it:
                     if len(entries) == _MAX_ENTRIES:
                         break
                     st = entry.stat(follow_symlinks=False)
-                    kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file"
-                            if stat.S_ISREG(st.st_mode) else "symlink"
-                            if stat.S_ISLNK(st.st_mode) else "other")  # fmt: skip
+                    kind = (
+                        "dir"
+                        if stat.S_ISDIR(st.st_mode)
+                        else "file"
+                        if stat.S_ISREG(st.st_mode)
+                        else "symlink"
+                        if stat.S_ISLNK(st.st_mode)
+                        else "other"
+                    )
                     entries.append({"name": entry.name, "type": kind, "size": st.st_size})
         finally:
             os.close(fd)
-        entries.sort(key=lambda e: e["name"])
+        entries.sort(key=lambda e: str(e["name"]))
         text = "\n".join(f"{e['type']:7} {e['size']:>10} {e['name']}" for e in entries)
         return Outcome.text(
             text, structured={"entries": entries}, truncated=len(entries) == _MAX_ENTRIES
@@ -206,10 +218,25 @@ def file_tools(*, output: int = 1 << 20) -> list[Tool]:
     files = _Files(output)
     listing = {"type": "object", "properties": {"entries": {"type": "array"}}}
     return [
-        Tool(name="read_file", description="Read a file of this task's workspace.",
-             input_schema=READ_SCHEMA, run=files.read, idempotent=True),
-        Tool(name="write_file", description="Write a file in this task's workspace.",
-             input_schema=WRITE_SCHEMA, run=files.write),
-        Tool(name="list_files", description="List a directory of this task's workspace.",
-             input_schema=LIST_SCHEMA, output_schema=listing, run=files.list, idempotent=True),
-    ]  # fmt: skip
+        Tool(
+            name="read_file",
+            description="Read a file of this task's workspace.",
+            input_schema=READ_SCHEMA,
+            run=files.read,
+            idempotent=True,
+        ),
+        Tool(
+            name="write_file",
+            description="Write a file in this task's workspace.",
+            input_schema=WRITE_SCHEMA,
+            run=files.write,
+        ),
+        Tool(
+            name="list_files",
+            description="List a directory of this task's workspace.",
+            input_schema=LIST_SCHEMA,
+            output_schema=listing,
+            run=files.list,
+            idempotent=True,
+        ),
+    ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import signal
 import time
@@ -32,15 +31,17 @@ from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import task as isolation
 from agentnode.isolation.task import Limits, Mount, prepare_workspace
 from agentnode.tools.registry import Caller, RetryPolicy, Tool, ToolLimits
-from agentnode.tools.result import Outcome
+from agentnode.tools.result import Outcome, ToolClass
 from agentnode.tools.sandboxed import _spawner
 
-__all__ = ["SEPARATOR", "MCPServerSpec", "MCPServers"]
+__all__ = ["SEPARATOR", "SERVER_LIMITS", "MCPServerSpec", "MCPServers"]
 
 log = logging.getLogger("agentnode.tools.mcp")
 
 #: A server's tool `t` of server `s` is offered as `s__t` (names clients accept everywhere).
 SEPARATOR = "__"
+#: A server's default sandbox: the SDKs' interpreters need more memory than one code run.
+SERVER_LIMITS = ToolLimits(memory=512 << 20, pids=128, timeout=60.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +53,7 @@ class MCPServerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     network: str = "none"
     egress: EgressPolicy | None = None
-    limits: ToolLimits = ToolLimits(memory=512 << 20, pids=128, timeout=60.0)
+    limits: ToolLimits = SERVER_LIMITS
     mounts: tuple[Mount, ...] = ()
     cwd: str = "/workspace"
     #: The user it runs as inside its sandbox ("UID[:GID]"); no capabilities either way.
@@ -96,8 +97,9 @@ class _Instance:
         )
         return isolation.spawn(
             list(spec.command),
-            limits=Limits(cpus=spec.limits.cpus, memory=spec.limits.memory,
-                          pids=spec.limits.pids, swap=0),  # fmt: skip
+            limits=Limits(
+                cpus=spec.limits.cpus, memory=spec.limits.memory, pids=spec.limits.pids, swap=0
+            ),
             env=dict(spec.env),
             network=spec.network,
             egress=spec.egress if spec.network in ("egress", "host") else None,
@@ -129,17 +131,21 @@ class _Instance:
         assert self.proc is not None and self.proc.stdout is not None
         assert self.proc.stdin is not None
         # The server's stdout is what we read; its stdin is what we write.
-        reader = io.TextIOWrapper(io.BufferedReader(self.proc.stdout), encoding="utf-8",
-                                  errors="replace")  # fmt: skip
-        writer = io.TextIOWrapper(io.BufferedWriter(self.proc.stdin), encoding="utf-8",
-                                  write_through=True)  # fmt: skip
+        # The pipes are unbuffered FileIO: open buffered text views on the same descriptors.
+        reader = open(  # noqa: SIM115 - closed with the sandbox
+            self.proc.stdout.fileno(), encoding="utf-8", errors="replace", closefd=False
+        )
+        writer = open(  # noqa: SIM115
+            self.proc.stdin.fileno(), "w", encoding="utf-8", closefd=False
+        )
         async with stdio_server(anyio.wrap_file(reader), anyio.wrap_file(writer)) as streams:
             yield streams
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
-            async with Client(self._transport(), read_timeout_seconds=self.spec.limits.timeout,
-                              cache=None) as client:  # fmt: skip
+            async with Client(
+                self._transport(), read_timeout_seconds=self.spec.limits.timeout, cache=None
+            ) as client:
                 self.client = client
                 ready.set_result(None)
                 await self._stop.wait()
@@ -277,8 +283,11 @@ class MCPServers:
             assert inst.client is not None and inst.exited is not None
             call = asyncio.ensure_future(inst.client.call_tool(remote, args))
             # A server that dies mid-call never answers: its exit ends the wait.
-            await asyncio.wait({call, inst.exited}, timeout=spec.limits.timeout,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                {call, inst.exited},
+                timeout=spec.limits.timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if not call.done():
                 call.cancel()
                 with contextlib.suppress(BaseException):
@@ -289,8 +298,9 @@ class MCPServers:
             result = call.result()
         except TimeoutError:
             await inst.stop()
-            return Outcome.error("timeout", f"{spec.name}: no answer in {spec.limits.timeout:g} s",
-                                 retryable=True)  # fmt: skip
+            return Outcome.error(
+                "timeout", f"{spec.name}: no answer in {spec.limits.timeout:g} s", retryable=True
+            )
         except MCPError as e:
             if e.error.code != CONNECTION_CLOSED:
                 return Outcome.error("permanent", f"{spec.name}: {e}")
@@ -302,16 +312,24 @@ class MCPServers:
             inst.last_used = time.monotonic()
         dumped = result.model_dump(by_alias=True, exclude_none=True)
         denials = inst.denials[seen:]
-        cls = "ok"
+        cls: ToolClass = "ok"
         detail: dict[str, Any] = {}
         if result.is_error:
             cls = "policy" if denials else "permanent"
         if denials:
             d = denials[0]
-            detail["denial"] = {"address": str(d.address), "port": d.port,
-                                "protocol": d.protocol, "reason": d.reason}  # fmt: skip
-        out = Outcome(cls=cls, content=dumped.get("content", []),  # type: ignore[arg-type]
-                      structured=dumped.get("structuredContent"), detail=detail)  # fmt: skip
+            detail["denial"] = {
+                "address": str(d.address),
+                "port": d.port,
+                "protocol": d.protocol,
+                "reason": d.reason,
+            }
+        out = Outcome(
+            cls=cls,
+            content=dumped.get("content", []),
+            structured=dumped.get("structuredContent"),
+            detail=detail,
+        )
         if before is not None and inst.proc is not None and inst.proc.result is None:
             after = inst.proc.stats()
             out.cpu_s = (after.cpu_user_s + after.cpu_system_s) - (
@@ -331,10 +349,15 @@ class MCPServers:
         await inst.stop()
         ended = inst.exited.result() if inst.exited is not None else None
         if ended is not None and ended.reason.value in ("oom", "pids-limit"):
-            return Outcome.error("resource", f"MCP server {inst.spec.name} was killed at its "
-                                 f"{ended.reason.value.replace('-', ' ')}")  # fmt: skip
-        return Outcome.error("transient", f"MCP server {inst.spec.name} stopped answering "
-                             "(it is started again on the next call)")  # fmt: skip
+            return Outcome.error(
+                "resource",
+                f"MCP server {inst.spec.name} was killed at its "
+                f"{ended.reason.value.replace('-', ' ')}",
+            )
+        return Outcome.error(
+            "transient",
+            f"MCP server {inst.spec.name} stopped answering (it is started again on the next call)",
+        )
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -344,5 +367,3 @@ class MCPServers:
         for inst in list(self._instances.values()):
             await inst.stop()
         self._instances.clear()
-
-

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 
 from agentnode.egress.policy import EgressPolicy
 from agentnode.errors import UsageError
@@ -50,7 +50,7 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_s)
-        return min(self.base_s * 2 ** (attempt - 1), self.max_s)
+        return min(self.base_s * 2.0 ** (attempt - 1), self.max_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,7 +93,9 @@ class Tool:
         try:
             jsonschema.Draft202012Validator.check_schema(self.input_schema)
         except jsonschema.SchemaError as e:
-            raise UsageError(f"tool {self.name}: its input schema is invalid: {e.message}") from None
+            raise UsageError(
+                f"tool {self.name}: its input schema is invalid: {e.message}"
+            ) from None
 
     def allows(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants

@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 __all__ = ["CLASSES", "RETRYABLE", "Outcome", "ToolClass"]
 
-ToolClass = Literal["ok", "invalid_input", "permanent", "transient", "timeout", "policy", "resource"]
+ToolClass = Literal[
+    "ok", "invalid_input", "permanent", "transient", "timeout", "policy", "resource"
+]
 #: Every class a call can end in: `resource` is an OOM or pids-limit kill, `policy` an egress
 #: denial; `transient` and (when the tool says so) `timeout` are worth a retry.
 CLASSES: tuple[ToolClass, ...] = (
@@ -47,9 +49,7 @@ class Outcome:
     def text(cls, text: str, **kw: Any) -> Outcome:
         return cls(content=[{"type": "text", "text": text}], **kw)
 
-    def to_json(
-        self, *, duration_ms: float, retryable: bool, attempts: int = 1
-    ) -> dict[str, Any]:
+    def to_json(self, *, duration_ms: float, retryable: bool, attempts: int = 1) -> dict[str, Any]:
         """The result as tasks see it (MCP `CallToolResult` with `_meta.agentnode`)."""
         meta: dict[str, Any] = {
             "class": self.cls,

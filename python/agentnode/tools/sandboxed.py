@@ -30,8 +30,9 @@ _spawner = ThreadPoolExecutor(4, thread_name_prefix="agentnode-tools")
 
 
 def sandbox_limits(limits: ToolLimits) -> Limits:
-    return Limits(cpus=limits.cpus, memory=limits.memory, pids=limits.pids, swap=0,
-                  timeout=limits.timeout)  # fmt: skip
+    return Limits(
+        cpus=limits.cpus, memory=limits.memory, pids=limits.pids, swap=0, timeout=limits.timeout
+    )
 
 
 @dataclass(slots=True)
@@ -63,8 +64,12 @@ class Run:
         detail: dict[str, object] = {"exit_status": self.result.exit_status}
         if self.denials:
             d = self.denials[0]
-            detail["denial"] = {"address": str(d.address), "port": d.port,
-                                "protocol": d.protocol, "reason": d.reason}  # fmt: skip
+            detail["denial"] = {
+                "address": str(d.address),
+                "port": d.port,
+                "protocol": d.protocol,
+                "reason": d.reason,
+            }
         return Outcome(
             cls=cls,
             content=content,

@@ -43,7 +43,9 @@ def jsonl_recorder(path: Path) -> Record:
 
 
 def _args_sha256(args: Any) -> str:
-    return hashlib.sha256(json.dumps(args, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(args, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 class ToolService:
@@ -100,7 +102,12 @@ class ToolService:
             first_digest, future = held
             if first_digest != digest:
                 return self._finish(
-                    tool, name, args, caller, digest, time.monotonic(),
+                    tool,
+                    name,
+                    args,
+                    caller,
+                    digest,
+                    time.monotonic(),
                     Outcome.error(
                         "invalid_input",
                         f"idempotency key {idempotency_key!r} was first used with other "

@@ -30,8 +30,7 @@ FETCH_SCHEMA: dict[str, Any] = {
     "properties": {
         "url": {"type": "string", "pattern": "^https?://", "maxLength": 8192},
         "method": {"enum": ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"], "default": "GET"},
-        "headers": {"type": "object", "additionalProperties": {"type": "string"},
-                    "secret": True},  # fmt: skip
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}, "secret": True},
         "body": {"type": "string"},
         "max_bytes": {"type": "integer", "minimum": 1},
     },
@@ -81,8 +80,15 @@ def _classify(run: Run, limit: int) -> _Reply | Outcome:
     """The HTTP reply, or the outcome that says why there is none."""
     if run.result.exit_status != 0 or not run.stdout:
         cls = run.cls if run.cls != "ok" else "permanent"
-        return run.outcome(cls, [{"type": "text", "text": "fetch failed: "
-                                  + run.stderr.decode(errors="replace")[-500:]}])  # fmt: skip
+        return run.outcome(
+            cls,
+            [
+                {
+                    "type": "text",
+                    "text": "fetch failed: " + run.stderr.decode(errors="replace")[-500:],
+                }
+            ],
+        )
     reply = json.loads(run.stdout)
     if "error" in reply:
         denied = reply.get("errno") == errno.EPERM or bool(run.denials)
@@ -119,21 +125,36 @@ class WebTools:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             host = parts.hostname
             is_ip = host.replace(".", "").isdigit() or ":" in host
-            self._search_policy = (EgressPolicy(allow=[f"{host}:{port}"]) if is_ip
-                                   else EgressPolicy(hosts=[f"{host}:{port}"]))  # fmt: skip
+            self._search_policy = (
+                EgressPolicy(allow=[f"{host}:{port}"])
+                if is_ip
+                else EgressPolicy(hosts=[f"{host}:{port}"])
+            )
 
     def tools(self) -> list[Tool]:
         out = [
-            Tool(name="http_fetch",
-                 description="Fetch a URL with this task's own network access (its egress policy).",
-                 input_schema=FETCH_SCHEMA, run=self.fetch, limits=self.limits,
-                 retry=RetryPolicy(attempts=3)),
-        ]  # fmt: skip
+            Tool(
+                name="http_fetch",
+                description="Fetch a URL with this task's own network access (its egress policy).",
+                input_schema=FETCH_SCHEMA,
+                run=self.fetch,
+                limits=self.limits,
+                retry=RetryPolicy(attempts=3),
+            ),
+        ]
         if self.search_url is not None:
-            out.append(Tool(name="web_search", description="Search the web.",
-                            input_schema=SEARCH_SCHEMA, output_schema=SEARCH_OUTPUT,
-                            run=self.search, limits=self.limits, egress=self._search_policy,
-                            idempotent=True))  # fmt: skip
+            out.append(
+                Tool(
+                    name="web_search",
+                    description="Search the web.",
+                    input_schema=SEARCH_SCHEMA,
+                    output_schema=SEARCH_OUTPUT,
+                    run=self.search,
+                    limits=self.limits,
+                    egress=self._search_policy,
+                    idempotent=True,
+                )
+            )
         return out
 
     async def _get(
@@ -143,9 +164,13 @@ class WebTools:
         request.update(max_bytes=limit, timeout=self.limits.timeout)
         run = await run_sandboxed(
             ["python3", "-I", "-c", _FETCHER],
-            limits=ToolLimits(cpus=self.limits.cpus, memory=self.limits.memory,
-                              pids=self.limits.pids, timeout=self.limits.timeout + 2,
-                              output=limit * 2 + 65536),  # fmt: skip
+            limits=ToolLimits(
+                cpus=self.limits.cpus,
+                memory=self.limits.memory,
+                pids=self.limits.pids,
+                timeout=self.limits.timeout + 2,
+                output=limit * 2 + 65536,
+            ),
             stdin=json.dumps(request).encode(),
             network=network,
             egress=egress,
@@ -163,8 +188,13 @@ class WebTools:
             return reply
         limit = min(args.get("max_bytes", self.limits.output), self.limits.output)
         body = reply.body[:limit]
-        cls = ("ok" if reply.status < 400 else "transient"
-               if reply.status >= 500 or reply.status in (408, 429) else "permanent")  # fmt: skip
+        cls = (
+            "ok"
+            if reply.status < 400
+            else "transient"
+            if reply.status >= 500 or reply.status in (408, 429)
+            else "permanent"
+        )
         return Outcome(
             cls=cls,  # type: ignore[arg-type]
             content=[{"type": "text", "text": body.decode(errors="replace")}],
@@ -189,9 +219,14 @@ class WebTools:
             return out
         try:
             raw = json.loads(reply.body)["results"]
-            results = [{"title": str(r.get("title", "")), "url": str(r["url"]),
-                        "content": str(r.get("content", ""))}
-                       for r in raw[: args.get("max_results", 10)]]  # fmt: skip
+            results = [
+                {
+                    "title": str(r.get("title", "")),
+                    "url": str(r["url"]),
+                    "content": str(r.get("content", "")),
+                }
+                for r in raw[: args.get("max_results", 10)]
+            ]
         except (ValueError, KeyError, TypeError) as e:
             return Outcome.error("permanent", f"search backend sent no SearXNG results ({e})")
         text = "\n\n".join(f"{r['title']}\n{r['url']}\n{r['content']}" for r in results)
