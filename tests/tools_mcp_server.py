@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel
@@ -42,7 +43,7 @@ def connect(host: str, port: int) -> str:
 def flaky(fails: int, marker: str) -> str:
     """Fails `fails` times (counting runs in /workspace/MARKER), then succeeds."""
     path = f"/workspace/{marker}"
-    n = int(open(path).read()) if os.path.exists(path) else 0
+    n = int(Path(path).read_text()) if os.path.exists(path) else 0
     with open(path, "w") as f:
         f.write(str(n + 1))
     if n < fails:

@@ -223,6 +223,7 @@ class CodeRunner:
             reply = await loop.run_in_executor(None, s.exchange, code, timeout)
             if isinstance(reply, str):
                 result = await loop.run_in_executor(None, s.task.kill)
+                s.task.close()
                 self._sessions.pop(_Key(caller.tenant, caller.task), None)
                 if result.reason in (ExitReason.OOM, ExitReason.PIDS):
                     cls: ToolClass = "resource"
