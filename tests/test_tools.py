@@ -208,7 +208,7 @@ def code_service(**limits: Any) -> tuple[CodeRunner, ToolService]:
 
 
 def test_run_code_returns_output_and_exit_status() -> None:
-    runner, svc = code_service()
+    _runner, svc = code_service()
     py = call(
         svc,
         "run_code",
@@ -224,7 +224,7 @@ def test_run_code_returns_output_and_exit_status() -> None:
 
 
 def test_run_code_out_of_memory_or_pids_is_resource() -> None:
-    runner, svc = code_service(pids=8)
+    _runner, svc = code_service(pids=8)
     oom = call(svc, "run_code", {"code": "b = bytearray(200 << 20)"}, A)
     assert meta(oom)["class"] == "resource" and "out of memory" in oom["content"][0]["text"]
     fork = call(svc, "run_code", {"language": "bash",
@@ -233,7 +233,7 @@ def test_run_code_out_of_memory_or_pids_is_resource() -> None:
 
 
 def test_run_code_past_its_timeout_is_timeout_and_killed() -> None:
-    runner, svc = code_service()
+    _runner, svc = code_service()
     result = call(svc, "run_code", {"code": "import time; time.sleep(30)", "timeout": 0.3}, A)
     assert meta(result)["class"] == "timeout" and meta(result)["duration_ms"] < 5000
     capped = call(svc, "run_code", {"code": "print(1)", "timeout": 1e9}, A)
@@ -241,7 +241,7 @@ def test_run_code_past_its_timeout_is_timeout_and_killed() -> None:
 
 
 def test_run_code_output_is_cut_at_its_limit() -> None:
-    runner, svc = code_service(output=1000)
+    _runner, svc = code_service(output=1000)
     result = call(svc, "run_code", {"code": "print('x' * 100000)"}, A)
     assert meta(result)["truncated"] and meta(result)["bytes_out"] == 100001
     assert len(result["structuredContent"]["stdout"]) == 1000
@@ -252,7 +252,7 @@ def test_run_code_has_no_network() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         code = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
-        runner, svc = code_service()
+        _runner, svc = code_service()
         result = call(svc, "run_code", {"code": code}, A)
     assert meta(result)["class"] == "permanent"
     assert "ConnectionRefusedError" in result["structuredContent"]["stderr"]
@@ -309,7 +309,7 @@ def test_a_session_past_its_timeout_is_killed_and_starts_fresh() -> None:
             {"code": "print(globals().get('x'))"})]  # fmt: skip
 
     try:
-        first, slow, after = asyncio.run(scenario())
+        _first, slow, after = asyncio.run(scenario())
         assert meta(slow)["class"] == "timeout"
         assert after["structuredContent"]["stdout"] == "None\n"
     finally:
