@@ -73,7 +73,7 @@ def mcp_app(service: ToolService, authenticate: Authenticate) -> Starlette:
     # Requests come from tasks over the node's own socket or bridge and carry a task token:
     # DNS-rebinding checks (which guard browsers on localhost) do not apply.
     return server.streamable_http_app(
-        stateless_http=True,
+        stateless_http=False,
         json_response=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )

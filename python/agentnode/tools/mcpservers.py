@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -68,6 +69,70 @@ class MCPServerSpec:
             raise UsageError(f"tools.mcp.{self.name}: command must name a program to run")
         if SEPARATOR in self.name:
             raise UsageError(f"tools.mcp.{self.name}: a server name may not hold {SEPARATOR!r}")
+
+
+class _PipeLines:
+    """Lines of a pipe, read on the event loop when it is readable."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+        os.set_blocking(fd, False)
+
+    def __aiter__(self) -> _PipeLines:
+        return self
+
+    async def __anext__(self) -> str:
+        while b"\n" not in self._buffer:
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                await _ready(self._fd, write=False)
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise StopAsyncIteration
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode(errors="replace") + "\n"
+
+
+class _PipeWriter:
+    """Writes to a pipe from the event loop, waiting while it is full."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        os.set_blocking(fd, False)
+
+    async def write(self, text: str) -> None:
+        data = memoryview(text.encode())
+        while data:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:
+                await _ready(self._fd, write=True)
+
+    async def flush(self) -> None:
+        return None
+
+
+async def _ready(fd: int, *, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
+    add(fd, wake)
+    try:
+        await done
+    finally:
+        remove(fd)
 
 
 class _Instance:
@@ -130,15 +195,12 @@ class _Instance:
     async def _transport(self) -> AsyncIterator[TransportStreams]:
         assert self.proc is not None and self.proc.stdout is not None
         assert self.proc.stdin is not None
-        # The server's stdout is what we read; its stdin is what we write.
-        # The pipes are unbuffered FileIO: open buffered text views on the same descriptors.
-        reader = open(  # noqa: SIM115 - closed with the sandbox
-            self.proc.stdout.fileno(), encoding="utf-8", errors="replace", closefd=False
-        )
-        writer = open(  # noqa: SIM115
-            self.proc.stdin.fileno(), "w", encoding="utf-8", closefd=False
-        )
-        async with stdio_server(anyio.wrap_file(reader), anyio.wrap_file(writer)) as streams:
+        # The server's stdout is what we read; its stdin is what we write. The SDK's stdio
+        # transport takes any async line source and sink: these poll the pipes on the loop
+        # (a thread hand-off per line, as anyio.wrap_file does, cost ~5 ms p50 under load).
+        reader = _PipeLines(self.proc.stdout.fileno())
+        writer = _PipeWriter(self.proc.stdin.fileno())
+        async with stdio_server(reader, writer) as streams:  # type: ignore[arg-type]
             yield streams
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
