@@ -431,3 +431,58 @@ def test_web_search_speaks_searxng_json_through_its_own_policy(
     # Its policy allows its backend only; the caller's own (none here) does not matter.
     (search,) = [t for t in tools.tools() if t.name == "web_search"]
     assert search.egress == EgressPolicy(allow=[f"{HOST4}:8080"])
+
+
+# -- configuration and the CLI --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[tools]\nbogus = 1\n", "tools.bogus: unknown key"),
+        ("[tools.run_code]\nmemory = -5\n", "tools.run_code.memory: must be a positive number"),
+        ('[tools.run_code]\nmemory = "lots"\n', "tools.run_code.memory"),
+        ('[tools.mcp.x]\ncommand = "node"\n', "tools.mcp.x.command: must be a non-empty list"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nnetwork = "moon"\n', "tools.mcp.x.network"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nallow = ["not an address"]\n', "tools.mcp.x.allow"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nro = ["/does/not/exist"]\n', "tools.mcp.x.ro"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nwhat = 1\n', "tools.mcp.x.what: unknown key"),
+        ('[tools.mcp.a__b]\ncommand = ["a"]\n', "may not hold '__'"),
+        ("[tools]\nmcp_port = 70000\n", "tools.mcp_port: must be a port number"),
+        ('[tools.web_search]\nurl = "ftp://x"\n', "tools.web_search.url"),
+    ],
+)
+def test_bad_tools_config_is_one_line_naming_the_key(
+    tmp_path: Path, toml: str, needle: str
+) -> None:
+    from agentnode.errors import ConfigError
+    from agentnode.node.config import load_config
+    from agentnode.tools.toolbox import Toolbox
+
+    path = tmp_path / "agentnode.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        Toolbox(load_config(path).tools, data_dir=tmp_path, on_record=lambda r: None)
+    message = str(e.value)
+    assert needle in message and "\n" not in message, message
+
+
+def test_a_tools_config_declares_servers_and_limits(tmp_path: Path) -> None:
+    from agentnode.node.config import load_config
+
+    path = tmp_path / "agentnode.toml"
+    path.write_text(
+        '[tools]\nmcp_port = 8931\n[tools.run_code]\nmemory = "128M"\ntimeout = "5s"\n'
+        '[tools.web_search]\nurl = "http://search.internal:8888"\n'
+        f'[tools.mcp.fs]\ncommand = ["node", "fs.js"]\nro = ["{tmp_path}:/data"]\n'
+        'network = "egress"\nallow_hosts = ["api.example.org:443"]\nidle = "2m"\n'
+        'tenants = ["a"]\nmemory = "1G"\n'
+    )
+    tools = load_config(path).tools
+    assert tools.mcp_port == 8931 and tools.run_code.memory == 128 << 20
+    assert tools.run_code.timeout == 5.0 and tools.search_url == "http://search.internal:8888"
+    (fs,) = tools.mcp
+    assert fs.command == ("node", "fs.js") and fs.network == "egress"
+    assert fs.egress is not None and list(fs.egress.hosts) == ["api.example.org:443"]
+    assert fs.idle_s == 120 and fs.tenants == frozenset({"a"}) and fs.limits.memory == 1 << 30
+    assert fs.mounts[0].src == str(tmp_path) and fs.mounts[0].dest == "/data"

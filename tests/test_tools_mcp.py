@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import run_cli
 from tests.egress_world import HOST4, World
 from tests.node_daemon import daemon
 
@@ -279,6 +280,16 @@ asyncio.run(main())
                         env={"PYTHONPATH": str(REPO / "python")})  # fmt: skip
         done = d.wait(task["id"], timeout=60)
         log = d.log(task["id"])
+        sock = ["--socket", str(d.socket)]
+        ls = run_cli(["tool", "ls", *sock])
+        ok = run_cli(["tool", "call", "run_code", "--json", '{"code": "print(6 * 7)"}', *sock])
+        bad = run_cli(["tool", "call", "run_code", "--json", '{"code": 1}', *sock])
+        garbled = run_cli(["tool", "call", "run_code", "--json", "{nope", *sock])
+    assert ls.returncode == 0 and "run_code" in ls.stdout and "read_file" in ls.stdout
+    assert ok.returncode == 0 and ok.stdout.startswith("42\n"), ok
+    assert bad.returncode == 1 and "input /code: 1 is not of type 'string'" in bad.stdout
+    assert bad.stderr == "agentnode: tool run_code: invalid_input\n"
+    assert garbled.returncode == 2 and garbled.stderr.startswith("agentnode: error: --json:")
     assert done["state"] == "succeeded", (done["reason"], log)
     seen = json.loads(log.strip().splitlines()[-1])
     assert seen == {

@@ -3,6 +3,7 @@ and the MCP servers (`[tools.mcp.NAME]`) the node runs."""
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,11 @@ def parse_tools_config(table: Any) -> ToolsConfig:
     try:
         search = _check_keys("tools.web_search", t.get("web_search", {}), {"url", "network"})
         servers = _check_keys("tools.mcp", t.get("mcp", {}), set(t.get("mcp", {})))
+        url = search.get("url")
+        if url is not None:
+            parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"tools.web_search.url: give http(s)://host[:port], got {url!r}")
         port = t.get("mcp_port")
         if port is not None and (
             isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
