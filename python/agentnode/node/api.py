@@ -35,6 +35,7 @@ from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
 from agentnode.storage.api import principal
 from agentnode.storage.tenancy import Principal
+from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 from agentnode.tools.api import add_tool_routes
 from agentnode.tools.registry import Caller
@@ -596,8 +597,11 @@ def _admin_caller(node: Node, request: web.Request, body: dict[str, Any] | None)
             raise BadField("task", "must be a task id")
         return caller_for(node.manager.get(task_id), _workspaces(node))
     tenant = given.get("tenant", "default")
-    if not isinstance(tenant, str) or not tenant:
-        raise BadField("tenant", "must be a tenant name")
+    # The name becomes part of paths (sessions, MCP server workspaces): the tasks' rule.
+    if not isinstance(tenant, str) or not TENANT_NAME.fullmatch(tenant):
+        raise BadField(
+            "tenant", f"invalid tenant {tenant!r} (use 1-128 letters, digits, '_', '.', '-')"
+        )
     return Caller(task="", tenant=tenant)
 
 
