@@ -380,6 +380,16 @@ def test_file_tools_refuse_a_symlink_swapped_in_for_a_directory(workspace: Path)
     assert (workspace.parent / "secret").read_text() == "host secret"
 
 
+def test_file_tools_refuse_a_hard_link_and_change_nothing(workspace: Path) -> None:
+    svc = service(*file_tools())
+    me = Caller(task="t1", tenant="a", workspace=workspace)
+    os.link(workspace.parent / "secret", workspace / "hard")
+    for name, args in (("read_file", {"path": "hard"}),
+                       ("write_file", {"path": "hard", "content": "pwned"})):  # fmt: skip
+        assert meta(call(svc, name, args, me))["class"] == "policy"
+    assert (workspace.parent / "secret").read_text() == "host secret"
+
+
 def test_file_tools_need_a_calling_task() -> None:
     result = call(service(*file_tools()), "read_file", {"path": "x"}, A)
     assert meta(result)["class"] == "invalid_input"

@@ -108,8 +108,9 @@ class _Files:
         finally:
             os.close(root)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return Outcome.error("permanent", f"{args['path']}: not a regular file")
+            refused = _not_plain(fd, args["path"])
+            if refused is not None:
+                return refused
             data = f.read(limit + 1)
         truncated = len(data) > limit
         data = data[:limit]
@@ -130,15 +131,17 @@ class _Files:
             try:
                 dirfd = self._parent(root, parent, uid, gid, make=args.get("parents", True))
                 stack.callback(os.close, dirfd)
-                flags = (
-                    os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.get("append") else os.O_TRUNC)
-                )
+                # No O_TRUNC: nothing is changed before the file is known to be plain.
+                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.get("append") else 0)
                 fd = open_beneath(dirfd, name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as e:
                 return _refusal(args["path"], e)
             with os.fdopen(fd, "wb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return Outcome.error("permanent", f"{args['path']}: not a regular file")
+                refused = _not_plain(fd, args["path"])
+                if refused is not None:
+                    return refused
+                if not args.get("append"):
+                    os.ftruncate(fd, 0)
                 os.fchown(fd, uid, gid)
                 data = args["content"].encode()
                 f.write(data)
@@ -205,6 +208,17 @@ class _Files:
         return Outcome.text(
             text, structured={"entries": entries}, truncated=len(entries) == _MAX_ENTRIES
         )
+
+
+def _not_plain(fd: int, path: str) -> Outcome | None:
+    """A refusal unless `fd` is a regular file with one link: the node reads and writes as
+    root, so a hard link a task made to a file outside its workspace must not be followed."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return Outcome.error("permanent", f"{path}: not a regular file")
+    if st.st_nlink != 1:
+        return Outcome.error("policy", f"{path}: has other hard links (refused)")
+    return None
 
 
 def _owner(caller: Caller) -> tuple[int, int]:

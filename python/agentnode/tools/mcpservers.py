@@ -244,6 +244,7 @@ class MCPServers:
         self._instances: dict[tuple[str, str], _Instance] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tools: dict[str, list[dict[str, Any]]] = {}
+        self._made: dict[tuple[str, str], Tool] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     def instance_pid(self, server: str, tenant: str) -> int | None:
@@ -313,6 +314,13 @@ class MCPServers:
         return None if listed is None else self._tool(spec, listed)
 
     def _tool(self, spec: MCPServerSpec, listed: dict[str, Any]) -> Tool:
+        key = (spec.name, listed["name"])
+        tool = self._made.get(key)
+        if tool is None:
+            tool = self._made[key] = self._make_tool(spec, listed)
+        return tool
+
+    def _make_tool(self, spec: MCPServerSpec, listed: dict[str, Any]) -> Tool:
         remote = listed["name"]
 
         async def run(args: dict[str, Any], caller: Caller) -> Outcome:

@@ -22,7 +22,6 @@ __all__ = [
     "Tool",
     "ToolLimits",
     "redact",
-    "schema_error",
 ]
 
 
@@ -89,6 +88,9 @@ class Tool:
     #: Tenants that may use it (None: every tenant).
     tenants: frozenset[str] | None = None
 
+    #: Built once: checking a schema and compiling its validator cost more than a call.
+    validator: Any = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         try:
             jsonschema.Draft202012Validator.check_schema(self.input_schema)
@@ -96,6 +98,15 @@ class Tool:
             raise UsageError(
                 f"tool {self.name}: its input schema is invalid: {e.message}"
             ) from None
+        object.__setattr__(self, "validator", jsonschema.Draft202012Validator(self.input_schema))
+
+    def input_error(self, args: Any) -> str | None:
+        """None when `args` fits the input schema; else one line naming the path and problem."""
+        error = jsonschema.exceptions.best_match(self.validator.iter_errors(args))
+        if error is None:
+            return None
+        path = "/".join(str(p) for p in error.absolute_path)
+        return f"{'/' + path if path else '(root)'}: {error.message}"
 
     def allows(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants
@@ -114,16 +125,6 @@ class Tool:
 
 def _public_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(dict(schema))
-
-
-def schema_error(schema: Mapping[str, Any], args: Any) -> str | None:
-    """None when `args` fits `schema`; else one line naming the path and the problem."""
-    validator = jsonschema.Draft202012Validator(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(args))
-    if error is None:
-        return None
-    path = "/".join(str(p) for p in error.absolute_path)
-    return f"{'/' + path if path else '(root)'}: {error.message}"
 
 
 def redact(schema: Mapping[str, Any], args: Any) -> Any:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from agentnode.tools.registry import Caller, Registry, Tool, redact, schema_error
+from agentnode.tools.registry import Caller, Registry, Tool, redact
 from agentnode.tools.result import RETRYABLE, Outcome
 
 __all__ = ["ToolService", "ToolSource", "jsonl_recorder"]
@@ -140,7 +140,7 @@ class ToolService:
                 "invalid_input", f"no tool named {name!r} (list them with agentnode tool ls)"
             )
             return self._finish(None, name, args, caller, digest, start, outcome, attempts=0)
-        problem = schema_error(tool.input_schema, args)
+        problem = tool.input_error(args)
         if problem is not None:
             outcome = Outcome.error("invalid_input", f"input {problem}", path=problem.split(":")[0])
             return self._finish(tool, name, args, caller, digest, start, outcome, attempts=0)
