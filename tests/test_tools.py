@@ -223,6 +223,19 @@ def test_run_code_returns_output_and_exit_status() -> None:
     assert meta(sh)["cpu_s"] > 0 and meta(sh)["memory_peak"] > 0 and meta(sh)["bytes_out"] == 9
 
 
+def test_run_code_without_a_memory_limit_sets_no_swap_limit() -> None:
+    # On cgroup v1 a swap limit needs a memory limit: none of either must still start.
+    for session in (False, True):
+        runner = CodeRunner(limits=ToolLimits(memory=None, cpus=None, pids=None))
+        try:
+            result = call(
+                service(runner.tool()), "run_code", {"code": "print(1)", "session": session}, A
+            )
+        finally:
+            runner.close()
+        assert meta(result)["class"] == "ok", result
+
+
 def test_run_code_out_of_memory_or_pids_is_resource() -> None:
     _runner, svc = code_service(pids=8)
     oom = call(svc, "run_code", {"code": "b = bytearray(200 << 20)"}, A)

@@ -18,7 +18,7 @@ from agentnode.isolation import task as isolation
 from agentnode.isolation.task import ExitReason, prepare_workspace
 from agentnode.tools.registry import Caller, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
-from agentnode.tools.sandboxed import Run, _spawner, run_sandboxed, sandbox_limits
+from agentnode.tools.sandboxed import SPAWNER, Run, run_sandboxed, sandbox_limits
 
 __all__ = ["CodeRunner"]
 
@@ -188,7 +188,7 @@ class CodeRunner:
             if s is not None:
                 s.task.close()
             loop = asyncio.get_running_loop()
-            task = await loop.run_in_executor(_spawner, self._start_session, caller)
+            task = await loop.run_in_executor(SPAWNER, self._start_session, caller)
             s = self._sessions[key] = Session(task)
             return s
 
@@ -200,12 +200,9 @@ class CodeRunner:
                 user=caller.user,
                 userns=caller.userns,
             )
-        limits = sandbox_limits(self.limits)
         return isolation.spawn(
             ["python3", "-I", "-u", "-c", _KERNEL],
-            limits=isolation.Limits(
-                cpus=limits.cpus, memory=limits.memory, pids=limits.pids, swap=0
-            ),
+            limits=sandbox_limits(self.limits, timeout=False),
             network="none",
             workspace=workspace,
             user=caller.user,

@@ -30,10 +30,10 @@ from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import task as isolation
-from agentnode.isolation.task import Limits, Mount, prepare_workspace
+from agentnode.isolation.task import Mount, prepare_workspace
 from agentnode.tools.registry import Caller, RetryPolicy, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
-from agentnode.tools.sandboxed import _spawner
+from agentnode.tools.sandboxed import SPAWNER, sandbox_limits
 
 __all__ = ["SEPARATOR", "SERVER_LIMITS", "MCPServerSpec", "MCPServers"]
 
@@ -162,9 +162,7 @@ class _Instance:
         )
         return isolation.spawn(
             list(spec.command),
-            limits=Limits(
-                cpus=spec.limits.cpus, memory=spec.limits.memory, pids=spec.limits.pids, swap=0
-            ),
+            limits=sandbox_limits(spec.limits, timeout=False),
             env=dict(spec.env),
             network=spec.network,
             egress=spec.egress if spec.network in ("egress", "host") else None,
@@ -181,7 +179,7 @@ class _Instance:
 
     async def start(self, network: EgressService | None) -> None:
         loop = asyncio.get_running_loop()
-        self.proc = await loop.run_in_executor(_spawner, self._spawn, network)
+        self.proc = await loop.run_in_executor(SPAWNER, self._spawn, network)
         self.exited = loop.create_task(self.proc.wait_async())
         ready: asyncio.Future[None] = loop.create_future()
         self._runner = loop.create_task(self._run(ready))

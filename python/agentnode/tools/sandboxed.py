@@ -23,15 +23,22 @@ from agentnode.isolation.task import ExitReason, Limits, Mount, Result, prepare_
 from agentnode.tools.registry import ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 
-__all__ = ["Run", "run_sandboxed", "sandbox_limits"]
+__all__ = ["SPAWNER", "Run", "run_sandboxed", "sandbox_limits"]
 
-# Long-lived threads: a sandbox is killed when the thread that cloned it exits.
-_spawner = ThreadPoolExecutor(4, thread_name_prefix="agentnode-tools")
+#: Long-lived threads tools start sandboxes on: a sandbox is killed when the thread that
+#: cloned it exits.
+SPAWNER = ThreadPoolExecutor(4, thread_name_prefix="agentnode-tools")
 
 
-def sandbox_limits(limits: ToolLimits) -> Limits:
+def sandbox_limits(limits: ToolLimits, *, timeout: bool = True) -> Limits:
+    """The sandbox limits of a tool's limits. With a memory limit, swap is off (a tool's
+    memory limit is its whole budget); without one there is no swap limit to set."""
     return Limits(
-        cpus=limits.cpus, memory=limits.memory, pids=limits.pids, swap=0, timeout=limits.timeout
+        cpus=limits.cpus,
+        memory=limits.memory,
+        pids=limits.pids,
+        swap=None if limits.memory is None else 0,
+        timeout=limits.timeout if timeout else None,
     )
 
 
@@ -190,7 +197,7 @@ async def run_sandboxed(
     Without `workspace` it gets an empty scratch directory, removed afterwards."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
-        _spawner,
+        SPAWNER,
         lambda: _run(
             argv,
             limits=limits,
