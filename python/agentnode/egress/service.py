@@ -20,13 +20,15 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
-from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.enforce import Denial, Egress
 from agentnode.egress.network import NodeNetwork, TaskNet
 from agentnode.egress.policy import EgressPolicy
 from agentnode.errors import EgressError, UsageError
+
+if TYPE_CHECKING:
+    from agentnode.egress.dns import DnsForwarder
 
 __all__ = ["EgressService", "TaskEgress", "default_upstream"]
 
@@ -191,6 +193,9 @@ class EgressService:
                         raise EgressError(
                             f"cannot enter the node netns {self.node_netns!r}: {os.strerror(err)}"
                         )
+            # Imported here: dnspython's async stack costs `agentnode exec --net none` ~100 ms.
+            from agentnode.egress.dns import DnsForwarder
+
             asyncio.set_event_loop(loop)
             forwarder = DnsForwarder(upstream=self.upstream)
             self._dns = loop.run_until_complete(self._listen(forwarder))

@@ -17,13 +17,11 @@ from agentnode.egress.network import NodeNetwork
 from agentnode.errors import ConfigError, PolicyError
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.config import parse_config as parse_proxy_config
+from agentnode.node.paths import DEFAULT_DATA_DIR, DEFAULT_SOCKET
 from agentnode.tasks.model import CLASSES
 from agentnode.tools.config import ToolsConfig, parse_tools_config
 
 __all__ = ["NodeConfig", "TenantConfig", "load_config"]
-
-DEFAULT_DATA_DIR = Path("/var/lib/agentnode")
-DEFAULT_SOCKET = Path("/run/agentnode/api.sock")
 
 
 @dataclass(frozen=True)
