@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.egress_world import HOST4, World
 
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
@@ -24,9 +23,10 @@ from agentnode.tools.registry import Caller, Registry, RetryPolicy, Tool, ToolLi
 from agentnode.tools.result import Outcome
 from agentnode.tools.service import ToolService
 from agentnode.tools.web import WebTools
+from egress_world import HOST4, World
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
-pytest_plugins = ["tests.tools_world"]
+pytest_plugins = ["tools_world"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
 

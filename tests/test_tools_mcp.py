@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import run_cli
-from tests.egress_world import HOST4, World
-from tests.node_daemon import daemon
 
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
@@ -26,9 +23,12 @@ from agentnode.isolation.task import Mount
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
+from conftest import run_cli
+from egress_world import HOST4, World
+from node_daemon import daemon
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
-pytest_plugins = ["tests.tools_world"]
+pytest_plugins = ["tools_world"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
 REPO = Path(__file__).resolve().parents[1]

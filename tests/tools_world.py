@@ -9,9 +9,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from tests.egress_world import HOST4, World
 
 from agentnode.egress.service import EgressService
+from egress_world import HOST4, World
 
 HTTP_SERVER = """
 import http.server, json, sys, urllib.parse
