@@ -110,6 +110,13 @@ USAGE: list[list[str]] = [
     ["proxy", "--listen", "127.0.0.1:99999"],
     ["proxy", "--bogus"],
     ["run", "--bogus"],
+    # tools
+    ["tool"],
+    ["tool", "bogus"],
+    ["tool", "call"],
+    ["tool", "call", "run_code", *NOSOCK, "--json", "[1]"],
+    ["tool", "call", "run_code", *NOSOCK, "--json", "{nope"],
+    ["tool", "ls", *NOSOCK, "extra"],
 ]
 
 RUNTIME: list[list[str]] = [
@@ -128,6 +135,8 @@ RUNTIME: list[list[str]] = [
     ["proxy", "--state-dir", "/etc/passwd", "--listen", "127.0.0.1:1"],
     ["run", "--config", "/nonexistent", "--data-dir", "/nonexistent/d", "--socket", "/x/s"],
     ["exec", "--", "/nonexistent/program"],
+    ["tool", "ls", *NOSOCK],
+    ["tool", "call", "run_code", *NOSOCK, "--json", '{"code": "print(1)"}'],
 ]
 
 

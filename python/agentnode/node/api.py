@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import math
@@ -34,7 +35,11 @@ from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
 from agentnode.storage.api import principal
 from agentnode.storage.tenancy import Principal
+from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
+from agentnode.tools.api import add_tool_routes
+from agentnode.tools.registry import Caller
+from agentnode.tools.toolbox import caller_for
 
 __all__ = ["admin_app", "spec_from_json", "task_app", "task_attribution", "task_json"]
 
@@ -536,6 +541,7 @@ def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> 
     r.add_post("/v1/tasks/{id}/cancel", _cancel)
     r.add_put("/v1/tasks/{id}/egress", _put_egress)
     _add_task_routes(r)
+    add_tool_routes(app, node.tools.service, functools.partial(_admin_caller, node))
     r.add_get("/v1/events", _events)
     r.add_get("/v1/node", _node)
     r.add_get("/metrics", _metrics)
@@ -579,4 +585,36 @@ def task_app(node: Node, memory: web.Application) -> web.Application:
     memory[NODE] = node
     memory[PINNED] = True
     _add_task_routes(memory.router)
+    add_tool_routes(memory, node.tools.service, functools.partial(_task_caller, node))
     return memory
+
+
+def _workspaces(node: Node) -> Path:
+    return node.config.data_dir / "workspaces"
+
+
+def _admin_caller(node: Node, request: web.Request, body: dict[str, Any] | None) -> Caller:
+    """On the admin API a call is for a task (`task`: its tenant, workspace and network) or
+    for a tenant (`tenant`, default "default": no workspace, no network)."""
+    given = body if body is not None else dict(request.query)
+    task_id = given.get("task")
+    if task_id is not None:
+        if not isinstance(task_id, str):
+            raise BadField("task", "must be a task id")
+        return caller_for(node.manager.get(task_id), _workspaces(node))
+    tenant = given.get("tenant", "default")
+    # The name becomes part of paths (sessions, MCP server workspaces): the tasks' rule.
+    if not isinstance(tenant, str) or not TENANT_NAME.fullmatch(tenant):
+        raise BadField(
+            "tenant", f"invalid tenant {tenant!r} (use 1-128 letters, digits, '_', '.', '-')"
+        )
+    return Caller(task="", tenant=tenant)
+
+
+def _task_caller(node: Node, request: web.Request, body: dict[str, Any] | None) -> Caller:
+    """On the task socket the token names the task; it cannot act for another."""
+    p = principal(request)
+    assert p is not None and p.task is not None
+    if body is not None and any(k in body for k in ("task", "tenant")):
+        raise BadField("task", "a task's token calls tools for that task only")
+    return caller_for(node.manager.get(p.task), _workspaces(node))

@@ -22,6 +22,7 @@ from agentnode.inference.config import ProxyConfig
 from agentnode.inference.config import parse_config as parse_proxy_config
 from agentnode.node.paths import DEFAULT_DATA_DIR, DEFAULT_SOCKET
 from agentnode.tasks.model import CLASSES
+from agentnode.tools.config import ToolsConfig, parse_tools_config
 
 __all__ = ["NodeConfig", "TenantConfig", "load_config"]
 
@@ -68,6 +69,8 @@ class NodeConfig:
     dns_types: tuple[str, ...] = ()
     #: The inference proxy, started with the node when the file has an [inference] table.
     inference: ProxyConfig | None = None
+    #: Layer 5: built-in tool limits, the web_search backend, MCP servers ([tools]).
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     source: Path | None = None
 
 
@@ -163,6 +166,12 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"{r.path}: {e}") from None
             # Without its own state_dir, the proxy keeps its ledger in the node's data dir.
             out["inference_in_data_dir"] = "state_dir" not in table
+            continue
+        if section == "tools":
+            try:
+                out["tools"] = parse_tools_config(table)
+            except ConfigError as e:
+                raise r.error(str(e).split(":", 1)[0], str(e).split(": ", 1)[-1]) from None
             continue
         if not isinstance(table, dict):
             raise r.error(section, "must be a table like [node]")

@@ -26,9 +26,12 @@ _VECTOR_CHECKPOINT_SECONDS = 300.0
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from starlette.applications import Starlette
 
     from agentnode.cli import ArgumentParser
     from agentnode.node.runner import Node
+    from agentnode.tools.endpoint import MCPEndpoint
+    from agentnode.tools.registry import Caller
 
 __all__ = ["add_parser", "serve"]
 
@@ -125,6 +128,7 @@ async def serve(config: NodeConfig) -> None:
     if config.listen is not None:
         runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
     proxy = None
+    mcp = None
     if config.inference is not None:
         # Cancelling handlers is how a client's disconnect reaches the upstream request.
         proxy = web.AppRunner(
@@ -148,6 +152,8 @@ async def serve(config: NodeConfig) -> None:
             where.append(f"http://{config.listen} (bearer token)")
         if proxy is not None:
             where.append(await _serve_inference(proxy, node))
+        mcp = await _serve_mcp(node)
+        where.append(f"mcp unix:{node.mcp_socket}" + (f", {node.mcp_url}" if node.mcp_url else ""))
         episodic.start_sweeper(60.0)
         vectors.start_checkpointer(_VECTOR_CHECKPOINT_SECONDS)
         node.start()
@@ -166,13 +172,15 @@ async def serve(config: NodeConfig) -> None:
         )
         await _wait_for_stop(node, config)
     finally:
+        if mcp is not None:
+            await mcp.stop()
         await node.shutdown()
         for r in runners:
             await r.cleanup()
         episodic.close()
         objects.close()
         vectors.close()
-        for path in (config.socket, node.task_socket):
+        for path in (config.socket, node.task_socket, node.mcp_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         os.close(lock)
@@ -199,6 +207,39 @@ async def _serve_inference(runner: web.AppRunner, node: Node) -> str:
                 "(set inference.listen to a free port)"
             ) from None
     return f"inference http://{hosts[0]}:{port} (tasks: http://{hosts[1]}:{port})"
+
+
+async def _serve_mcp(node: Node) -> MCPEndpoint:
+    """The MCP endpoint for tasks: on a socket bound into each task, and on the node bridge
+    when tools.mcp_port is set (tasks with egress reach it like the inference proxy)."""
+    import asyncio
+
+    from agentnode.node.api import TaskTokens
+    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+    from agentnode.tools.toolbox import caller_for
+
+    tokens = TaskTokens(node)
+    workspaces = node.config.data_dir / "workspaces"
+
+    def authenticate(token: str) -> Caller | None:
+        p = tokens.authenticate(token)
+        if p is None or p.task is None:
+            return None
+        return caller_for(node.manager.get(p.task), workspaces)
+
+    def app() -> Starlette:
+        return mcp_app(node.tools.service, authenticate)
+
+    port = node.config.tools.mcp_port
+    if port is not None:
+        await asyncio.to_thread(node.egress.start)
+    with contextlib.suppress(FileNotFoundError):
+        node.mcp_socket.unlink()
+    endpoint = MCPEndpoint(app, uds=node.mcp_socket,
+                           host=None if port is None else str(node.egress.network.gateway),
+                           port=port)  # fmt: skip
+    await endpoint.start()
+    return endpoint
 
 
 def _runner(app: web.Application) -> web.AppRunner:

@@ -35,13 +35,16 @@ from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
 from agentnode.tasks.model import State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
+from agentnode.tools.toolbox import Toolbox
 
-__all__ = ["CHECKPOINT", "TASK_SOCKET", "Node", "Running"]
+__all__ = ["CHECKPOINT", "MCP_SOCKET", "TASK_SOCKET", "Node", "Running"]
 
 log = logging.getLogger("agentnode.node")
 
 #: Where a task finds the node's task API (the daemon's task socket is bound there).
 TASK_SOCKET = "/run/agentnode/task.sock"
+#: Where a task finds the node's MCP endpoint (streamable HTTP at /mcp over this socket).
+MCP_SOCKET = "/run/agentnode/mcp.sock"
 #: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
 CHECKPOINT = "/run/agentnode/checkpoint"
 
@@ -109,6 +112,15 @@ class Node:
             gateway = str(self.egress.network.gateway)
             self.egress.services = ((gateway, config.inference.port),)
             self.inference_url = f"http://{gateway}:{config.inference.port}"
+        #: Where egress tasks reach the MCP endpoint over TCP (None: the socket only).
+        self.mcp_url: str | None = None
+        if config.tools.mcp_port is not None:
+            gateway = str(self.egress.network.gateway)
+            self.egress.services = (*self.egress.services, (gateway, config.tools.mcp_port))
+            self.mcp_url = f"http://{gateway}:{config.tools.mcp_port}/mcp"
+        #: Layer 5: the tools tasks call (through the MCP endpoint, the API or the SDK).
+        self.tools = Toolbox(config.tools, data_dir=config.data_dir, node_network=self.egress)
+        self.mcp_socket = task_socket.with_name("mcp.sock")
         try:
             self.egress.network.sweep()  # what a node killed with -9 left behind
         except AgentnodeError as e:
@@ -292,6 +304,11 @@ class Node:
             AGENTNODE_TASK_ID=task.id,
             AGENTNODE_TOKEN=self.manager.token_for(task),
             AGENTNODE_URL=f"unix://{TASK_SOCKET}",
+            AGENTNODE_MCP_SOCKET=MCP_SOCKET,
+            AGENTNODE_MCP_URL=(
+                self.mcp_url if self.mcp_url is not None and mode != "none"
+                else "http://agentnode/mcp"
+            ),
         )
         if self.inference_url is not None and mode != "none":
             # The official SDKs read these: agent code reaches the proxy, billed to this task.
@@ -306,6 +323,8 @@ class Node:
             env["AGENTNODE_CHECKPOINT"] = CHECKPOINT
             mounts.append(Mount(str(checkpoint), CHECKPOINT))
         mounts.append(Mount(str(self.task_socket), TASK_SOCKET, writable=True))
+        if self.mcp_socket.exists():
+            mounts.append(Mount(str(self.mcp_socket), MCP_SOCKET, writable=True))
         mounts += [Mount(src, dest, writable) for src, dest, writable in spec.binds]
         fd = self.spares.open_log(log_path)
         try:
@@ -353,6 +372,7 @@ class Node:
         r.proc.close()
         outcome, reason = _outcome(r, result)
         del self.running[r.task.id]
+        self.tools.end_task(r.task.id)
         done = await self.manager.finish(
             r.task.id, outcome, reason=reason, exit_code=result.exit_status
         )
@@ -394,6 +414,7 @@ class Node:
         if watchers:
             await asyncio.gather(*watchers, return_exceptions=True)
         self._spawner.shutdown(wait=True)
+        await self.tools.close()
         await asyncio.to_thread(self.spares.close)
         await asyncio.to_thread(self.egress.close)
         self._audit.close()

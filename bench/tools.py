@@ -1,0 +1,162 @@
+"""Layer 5 tool calls against peers in the same run:
+
+- an MCP tool call through the node (client -> the node's MCP endpoint over its unix socket
+  -> the ToolService -> the server in its sandbox -> back) vs the same `mcp` client calling
+  the same server directly over stdio (goal: <= +1 ms p50 added);
+- `run_code` of print(1) in a fresh sandbox vs `bwrap --unshare-all` running the same
+  `python3 -c` (goal: <= 0.5x);
+- a `run_code` call in a task's stateful session (goal: p50 <= 2 ms), against the fresh-sandbox
+  call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from mcp import Client, StdioServerParameters
+
+from _harness import Bench, percentile
+from agentnode.isolation import use_data_dir
+from agentnode.isolation.task import SAFE_PATH
+from agentnode.sdk.tools import Tools
+from agentnode.tools.code import CodeRunner
+from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
+from agentnode.tools.registry import Caller, Registry, ToolLimits
+from agentnode.tools.service import ToolService
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER = [sys.executable, str(REPO / "tests" / "tools_mcp_server.py")]
+ENV = {"PYTHONPATH": str(REPO / "python")}
+# The interpreter run_code's sandbox finds on its PATH, so both sides run the same one.
+PYTHON3 = shutil.which("python3", path=SAFE_PATH) or "python3"
+BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+         "--tmpfs", "/tmp", PYTHON3, "-I", "-c", "print(1)"]  # fmt: skip
+CALLER = Caller(task="bench", tenant="bench")
+
+
+class Node:
+    """The node's side (MCP servers, tool service, MCP endpoint) on its own loop and thread,
+    as in the daemon; the benchmark's client runs on the main thread."""
+
+    def __init__(self, root: Path) -> None:
+        self.socket = root / "mcp.sock"
+        self.loop = asyncio.new_event_loop()
+        spec = MCPServerSpec(name="t", command=tuple(SERVER), env=ENV, user="0")
+        self.servers = MCPServers([spec])
+        self.service = ToolService(Registry(), on_record=lambda r: None, sources=[self.servers])
+        self.endpoint = MCPEndpoint(
+            lambda: mcp_app(self.service, lambda token: CALLER if token == "t" else None),
+            uds=self.socket,
+        )
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.run(self.endpoint.start())
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        self.run(self.endpoint.stop())
+        self.run(self.servers.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+async def mcp_calls(client: Client, name: str, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        result = await client.call_tool(name, {"a": i, "b": 1})
+        out.append((time.perf_counter() - t0) * 1000)
+        assert not result.is_error, result
+    return out
+
+
+async def mcp_pair(node: Node, n: int) -> tuple[list[float], list[float]]:
+    os.environ["AGENTNODE_MCP_SOCKET"] = str(node.socket)
+    through = Tools.mcp_client(url="http://agentnode/mcp", token="t")
+    direct = Client(StdioServerParameters(command=SERVER[0], args=SERVER[1:], env=ENV))
+    async with through as c1, direct as c2:
+        await mcp_calls(c1, "t__add", 5)  # starts the sandboxed server; warms both paths
+        await mcp_calls(c2, "add", 5)
+        ours: list[float] = []
+        peer: list[float] = []
+        for _ in range(5):  # interleaved blocks: noise hits both alike
+            ours += await mcp_calls(c1, "t__add", n // 5)
+            peer += await mcp_calls(c2, "add", n // 5)
+    return ours, peer
+
+
+async def code_calls(runner: CodeRunner, n: int, *, session: bool) -> list[float]:
+    svc = ToolService(Registry([runner.tool()]), on_record=lambda r: None)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        result = await svc.call("run_code", {"code": "print(1)", "session": session}, CALLER)
+        out.append((time.perf_counter() - t0) * 1000)
+        assert result["structuredContent"]["stdout"] == "1\n", result
+    return out
+
+
+def bwrap_calls(n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = subprocess.run(BWRAP, check=True, capture_output=True)
+        out.append((time.perf_counter() - t0) * 1000)
+        assert r.stdout == b"1\n"
+    return out
+
+
+def main() -> None:
+    bench = Bench.from_args("tools")
+    root = Path(tempfile.mkdtemp(prefix="agentnode-bench-tools-"))
+    use_data_dir(root / "data")
+    (root / "data").mkdir()
+    try:
+        node = Node(root)
+        try:
+            ours, peer = asyncio.run(mcp_pair(node, 100 if bench.quick else 1000))
+        finally:
+            node.close()
+        for q in (50, 99):
+            bench.record(f"mcp_call_p{q}", percentile(ours, q), percentile(peer, q), "ms",
+                         peer_name="the same mcp client on the same server over stdio")  # fmt: skip
+        bench.record("mcp_call_added_p50", percentile(ours, 50) - percentile(peer, 50), 1.0,
+                     "ms", peer_name="goal: 1 ms added")  # fmt: skip
+
+        runner = CodeRunner(limits=ToolLimits(memory=256 << 20, timeout=30))
+        n = 20 if bench.quick else 200
+        asyncio.run(code_calls(runner, 3, session=False))  # warm-up
+        fresh: list[float] = []
+        jail: list[float] = []
+        for _ in range(5):
+            fresh += asyncio.run(code_calls(runner, n // 5, session=False))
+            if shutil.which("bwrap"):
+                jail += bwrap_calls(n // 5)
+        if jail:
+            for q in (50, 99):
+                bench.record(f"run_code_fresh_p{q}", percentile(fresh, q), percentile(jail, q),
+                             "ms", peer_name="bwrap --unshare-all python3 -c")  # fmt: skip
+        session = asyncio.run(code_calls(runner, 50 if bench.quick else 500, session=True))
+        runner.close()
+        bench.record("run_code_session_p50", percentile(session[1:], 50), percentile(fresh, 50),
+                     "ms", peer_name="run_code in a fresh sandbox")  # fmt: skip
+        bench.record("run_code_session_p99", percentile(session[1:], 99), 2.0, "ms",
+                     peer_name="goal: p50 <= 2 ms")  # fmt: skip
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    bench.save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""`run_code`: python or bash in a fresh sandbox per call, or python in a stateful session per
+task (a sandboxed interpreter whose variables persist between calls; it dies with its task and
+is never shared, not even between two tasks of one tenant)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentnode.egress.service import EgressService
+from agentnode.isolation import task as isolation
+from agentnode.isolation.task import ExitReason, prepare_workspace
+from agentnode.tools.registry import Caller, Tool, ToolLimits
+from agentnode.tools.result import Outcome, ToolClass
+from agentnode.tools.sandboxed import SPAWNER, Run, run_sandboxed, sandbox_limits
+
+__all__ = ["CodeRunner"]
+
+_KERNEL = (Path(__file__).with_name("kernel.py")).read_text()
+
+INPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "code": {"type": "string", "maxLength": 1 << 20, "description": "The program to run."},
+        "language": {"enum": ["python", "bash"], "default": "python"},
+        "session": {
+            "type": "boolean",
+            "default": False,
+            "description": "Run in this task's persistent python session (variables persist).",
+        },
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "description": "Seconds (capped)."},
+    },
+    "required": ["code"],
+    "additionalProperties": False,
+}
+OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "stdout": {"type": "string"},
+        "stderr": {"type": "string"},
+        "exit_status": {"type": "integer"},
+    },
+    "required": ["stdout", "stderr", "exit_status"],
+}
+
+
+def _result(cls: ToolClass, stdout: str, stderr: str, status: int, note: str = "") -> Outcome:
+    text = stdout + (f"\n[stderr]\n{stderr}" if stderr else "") + (f"\n[{note}]" if note else "")
+    return Outcome(
+        cls=cls,
+        content=[{"type": "text", "text": text}],
+        structured={"stdout": stdout, "stderr": stderr, "exit_status": status},
+    )
+
+
+def _note(cls: ToolClass, run_reason: ExitReason | None, status: int) -> str:
+    if cls == "resource":
+        return "killed: out of memory" if run_reason is ExitReason.OOM else "killed: pids limit"
+    if cls == "timeout":
+        return "killed: timeout"
+    return f"exit status {status}" if status else ""
+
+
+class Session:
+    """One task's python interpreter in its own sandbox."""
+
+    def __init__(self, task: isolation.Task) -> None:
+        self.task = task
+        self.lock = asyncio.Lock()
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int:
+        return self.task.pid
+
+    def exchange(self, code: str, timeout: float) -> dict[str, Any] | str:
+        """Sends `code`, returns the reply; "timeout" when it ran past `timeout` (then it is
+        killed: its state is gone), "ended" when the interpreter died."""
+        assert self.task.stdin is not None and self.task.stdout is not None
+        data = memoryview((json.dumps({"code": code}) + "\n").encode())
+        try:
+            while data:
+                data = data[os.write(self.task.stdin.fileno(), data) :]
+        except OSError:
+            return "ended"
+        fd = self.task.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.task.kill()
+                return "timeout"
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return "ended"
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    tenant: str
+    task: str
+
+
+class CodeRunner:
+    """The `run_code` tool and the sessions it keeps, one per calling task."""
+
+    def __init__(
+        self, *, limits: ToolLimits | None = None, node_network: EgressService | None = None
+    ) -> None:
+        self.limits = limits or ToolLimits()
+        self._network = node_network
+        self._sessions: dict[_Key, Session] = {}
+        self._starting: dict[_Key, asyncio.Lock] = {}
+
+    def tool(self) -> Tool:
+        return Tool(
+            name="run_code",
+            description="Run python or bash in a fresh sandbox (no network), or python in this "
+            "task's persistent session.",
+            input_schema=INPUT_SCHEMA,
+            output_schema=OUTPUT_SCHEMA,
+            limits=self.limits,
+            run=self.run,
+        )
+
+    def session_pid(self, tenant: str, task: str) -> int | None:
+        """The host pid of a task's session interpreter (None: it has none)."""
+        s = self._sessions.get(_Key(tenant, task))
+        return None if s is None or s.task.result is not None else s.pid
+
+    async def run(self, args: dict[str, Any], caller: Caller) -> Outcome:
+        timeout = min(float(args.get("timeout", self.limits.timeout)), self.limits.timeout)
+        language = args.get("language", "python")
+        if args.get("session"):
+            if language != "python":
+                return Outcome.error("invalid_input", "/language: sessions run python only")
+            return await self._in_session(args["code"], timeout, caller)
+        if language == "python":
+            argv, stdin = ["python3", "-I", "-"], args["code"].encode()
+        else:
+            argv, stdin = ["bash", "-c", args["code"]], b""
+        limits = ToolLimits(
+            cpus=self.limits.cpus,
+            memory=self.limits.memory,
+            pids=self.limits.pids,
+            timeout=timeout,
+            output=self.limits.output,
+        )
+        run = await run_sandboxed(
+            argv,
+            limits=limits,
+            stdin=stdin,
+            network="none",
+            node_network=self._network,
+            workspace=caller.workspace,
+            user=caller.user,
+            userns=caller.userns,
+        )
+        return self._fresh_outcome(run)
+
+    def _fresh_outcome(self, run: Run) -> Outcome:
+        cls = run.cls
+        status = run.result.exit_status
+        out = run.stdout.decode(errors="replace")
+        err = run.stderr.decode(errors="replace")
+        base = _result(cls, out, err, status, _note(cls, run.result.reason, status))
+        outcome = run.outcome(cls, base.content)
+        outcome.structured = base.structured
+        return outcome
+
+    async def _session(self, caller: Caller) -> Session:
+        key = _Key(caller.tenant, caller.task)
+        lock = self._starting.setdefault(key, asyncio.Lock())
+        async with lock:
+            s = self._sessions.get(key)
+            if s is not None and s.task.result is None:
+                return s
+            if s is not None:
+                s.task.close()
+            loop = asyncio.get_running_loop()
+            task = await loop.run_in_executor(SPAWNER, self._start_session, caller)
+            s = self._sessions[key] = Session(task)
+            return s
+
+    def _start_session(self, caller: Caller) -> isolation.Task:
+        workspace = caller.workspace
+        if workspace is None:
+            workspace = prepare_workspace(
+                isolation.DATA_DIR / "tool-sessions" / f"{caller.tenant}-{caller.task}",
+                user=caller.user,
+                userns=caller.userns,
+            )
+        return isolation.spawn(
+            ["python3", "-I", "-u", "-c", _KERNEL],
+            limits=sandbox_limits(self.limits, timeout=False),
+            network="none",
+            workspace=workspace,
+            user=caller.user,
+            userns=caller.userns,
+            stdin="pipe",
+            stdout="pipe",
+            stderr="null",
+        )
+
+    async def _in_session(self, code: str, timeout: float, caller: Caller) -> Outcome:
+        s = await self._session(caller)
+        loop = asyncio.get_running_loop()
+        async with s.lock:
+            before = s.task.stats()
+            reply = await loop.run_in_executor(None, s.exchange, code, timeout)
+            if isinstance(reply, str):
+                result = await loop.run_in_executor(None, s.task.kill)
+                s.task.close()
+                self._sessions.pop(_Key(caller.tenant, caller.task), None)
+                if result.reason in (ExitReason.OOM, ExitReason.PIDS):
+                    cls: ToolClass = "resource"
+                elif reply == "timeout":
+                    cls = "timeout"
+                else:
+                    cls = "permanent"
+                note = _note(cls, result.reason, result.exit_status) or "session ended"
+                out = _result(cls, "", "", result.exit_status, note + "; session state lost")
+                out.memory_peak = result.stats.memory_peak
+                return out
+            after = s.task.stats()
+        error = reply["error"]
+        cls = "permanent" if error else "ok"
+        out = _result(cls, reply["stdout"], reply["stderr"] + (error or ""), 1 if error else 0)
+        out.cpu_s = (after.cpu_user_s + after.cpu_system_s) - (
+            before.cpu_user_s + before.cpu_system_s
+        )
+        out.memory_peak = after.memory_peak
+        out.bytes_out = len(reply["stdout"]) + len(reply["stderr"])
+        return out
+
+    def end_task(self, task: str) -> None:
+        """Kills the sessions of `task` (the node calls it when the task ends)."""
+        for key in [k for k in self._sessions if k.task == task]:
+            self._sessions.pop(key).task.close()
+            self._starting.pop(key, None)
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.task.close()
+        self._sessions.clear()

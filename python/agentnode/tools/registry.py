@@ -1,0 +1,168 @@
+"""The tools a node serves: name, input schema, limits, egress and retry policy, and who may
+use them. Input is checked against the schema before any tool runs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]
+
+from agentnode.egress.policy import EgressPolicy
+from agentnode.errors import UsageError
+from agentnode.tools.result import Outcome
+
+__all__ = [
+    "Caller",
+    "Registry",
+    "RetryPolicy",
+    "Tool",
+    "ToolLimits",
+    "redact",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolLimits:
+    """Per-call limits of a tool that runs code: cpus, memory and pids of its sandbox, wall
+    timeout, and the bytes of output kept (the rest is cut and `truncated` set)."""
+
+    cpus: float | None = 1.0
+    memory: int | None = 256 << 20
+    pids: int | None = 64
+    timeout: float = 30.0
+    output: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How a transient failure is retried: at most `attempts` runs in all, waiting
+    `base_s * 2**n` (capped at `max_s`, or the result's retry_after) between them."""
+
+    attempts: int = 3
+    base_s: float = 0.05
+    max_s: float = 2.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_s)
+        return min(self.base_s * 2.0 ** (attempt - 1), self.max_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caller:
+    """Who calls a tool: the task (and its tenant), its workspace on the host, and its own
+    network mode and egress policy, which bound what any tool may reach for it."""
+
+    task: str
+    tenant: str
+    workspace: Path | None = None
+    network: str = "none"
+    egress: EgressPolicy | None = None
+    #: The user the task runs as (tools that write for it run as the same user).
+    user: str = "65534"
+    userns: bool = False
+
+
+Run = Callable[[dict[str, Any], Caller], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tool:
+    """One tool. `run` gets input already checked against `input_schema`. Properties marked
+    `"secret": true` in the schema are redacted from the audit record."""
+
+    name: str
+    description: str
+    input_schema: Mapping[str, Any]
+    run: Run = field(repr=False)
+    output_schema: Mapping[str, Any] | None = None
+    limits: ToolLimits = ToolLimits()
+    egress: EgressPolicy | None = None
+    retry: RetryPolicy = RetryPolicy()
+    #: Safe to run twice with the same input: transient failures retry without a key.
+    idempotent: bool = False
+    #: Tenants that may use it (None: every tenant).
+    tenants: frozenset[str] | None = None
+
+    #: Built once: checking a schema and compiling its validator cost more than a call.
+    validator: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            jsonschema.Draft202012Validator.check_schema(self.input_schema)
+        except jsonschema.SchemaError as e:
+            raise UsageError(
+                f"tool {self.name}: its input schema is invalid: {e.message}"
+            ) from None
+        object.__setattr__(self, "validator", jsonschema.Draft202012Validator(self.input_schema))
+
+    def input_error(self, args: Any) -> str | None:
+        """None when `args` fits the input schema; else one line naming the path and problem."""
+        error = jsonschema.exceptions.best_match(self.validator.iter_errors(args))
+        if error is None:
+            return None
+        path = "/".join(str(p) for p in error.absolute_path)
+        return f"{'/' + path if path else '(root)'}: {error.message}"
+
+    def allows(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+    def describe(self) -> dict[str, Any]:
+        """The tool as MCP's `tools/list` shows it."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": _public_schema(self.input_schema),
+        }
+        if self.output_schema is not None:
+            out["outputSchema"] = dict(self.output_schema)
+        return out
+
+
+def _public_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(dict(schema))
+
+
+def redact(schema: Mapping[str, Any], args: Any) -> Any:
+    """`args` with every value whose schema says `"secret": true` replaced by "[redacted]"
+    (nested objects and arrays too)."""
+    if schema.get("secret") is True:
+        return "[redacted]"
+    if isinstance(args, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {}
+        for key, value in args.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else {})
+            out[key] = redact(sub, value)
+        return out
+    if isinstance(args, list) and isinstance(schema.get("items"), dict):
+        return [redact(schema["items"], v) for v in args]
+    return args
+
+
+class Registry:
+    """Tools by name; a tenant sees only those it may use."""
+
+    def __init__(self, tools: Iterable[Tool] = ()) -> None:
+        self._tools: dict[str, Tool] = {}
+        for tool in tools:
+            self.add(tool)
+
+    def add(self, tool: Tool) -> None:
+        if tool.name in self._tools:
+            raise UsageError(f"tool {tool.name!r} is declared twice (give each tool its own name)")
+        self._tools[tool.name] = tool
+
+    def get(self, name: str, tenant: str) -> Tool | None:
+        """The tool, or None when there is none by that name this tenant may use (the two look
+        the same, so a tenant cannot learn what others have)."""
+        tool = self._tools.get(name)
+        return tool if tool is not None and tool.allows(tenant) else None
+
+    def visible(self, tenant: str) -> list[Tool]:
+        return [t for t in self._tools.values() if t.allows(tenant)]

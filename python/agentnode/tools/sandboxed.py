@@ -1,0 +1,214 @@
+"""Runs one command in a fresh Layer 1 sandbox for a tool call: stdin in, stdout and stderr
+out (cut at the tool's output limit), and the end classified for the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agentnode.egress.enforce import Denial
+from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.service import EgressService
+from agentnode.isolation import task as isolation
+from agentnode.isolation.task import ExitReason, Limits, Mount, Result, prepare_workspace
+from agentnode.tools.registry import ToolLimits
+from agentnode.tools.result import Outcome, ToolClass
+
+__all__ = ["SPAWNER", "Run", "run_sandboxed", "sandbox_limits"]
+
+#: Long-lived threads tools start sandboxes on: a sandbox is killed when the thread that
+#: cloned it exits.
+SPAWNER = ThreadPoolExecutor(4, thread_name_prefix="agentnode-tools")
+
+
+def sandbox_limits(limits: ToolLimits, *, timeout: bool = True) -> Limits:
+    """The sandbox limits of a tool's limits. With a memory limit, swap is off (a tool's
+    memory limit is its whole budget); without one there is no swap limit to set."""
+    return Limits(
+        cpus=limits.cpus,
+        memory=limits.memory,
+        pids=limits.pids,
+        swap=None if limits.memory is None else 0,
+        timeout=limits.timeout if timeout else None,
+    )
+
+
+@dataclass(slots=True)
+class Run:
+    """One finished sandboxed command."""
+
+    result: Result
+    stdout: bytes
+    stderr: bytes
+    bytes_out: int
+    truncated: bool
+    denials: list[Denial] = field(default_factory=list)
+
+    @property
+    def cls(self) -> ToolClass:
+        """How the run ended, as a tool class (a non-zero exit is the caller's `permanent`)."""
+        reason = self.result.reason
+        if reason in (ExitReason.OOM, ExitReason.PIDS):
+            return "resource"
+        if reason is ExitReason.TIMEOUT:
+            return "timeout"
+        if self.result.exit_status != 0:
+            return "policy" if self.denials else "permanent"
+        return "ok"
+
+    def outcome(self, cls: ToolClass, content: list[dict[str, object]]) -> Outcome:
+        """An outcome carrying this run's accounting."""
+        stats = self.result.stats
+        detail: dict[str, object] = {"exit_status": self.result.exit_status}
+        if self.denials:
+            d = self.denials[0]
+            detail["denial"] = {
+                "address": str(d.address),
+                "port": d.port,
+                "protocol": d.protocol,
+                "reason": d.reason,
+            }
+        return Outcome(
+            cls=cls,
+            content=content,
+            cpu_s=stats.cpu_user_s + stats.cpu_system_s,
+            memory_peak=stats.memory_peak,
+            bytes_out=self.bytes_out,
+            truncated=self.truncated,
+            detail=detail,
+        )
+
+
+def _collect(task: isolation.Task, stdin: bytes, cap: int) -> tuple[bytes, bytes, int, bool]:
+    """Feeds stdin and reads both outputs until they close or the task's deadline passes,
+    keeping `cap` bytes in all and draining the rest (a full pipe would stall the task)."""
+    assert task.stdin is not None and task.stdout is not None and task.stderr is not None
+    kept = {task.stdout.fileno(): bytearray(), task.stderr.fileno(): bytearray()}
+    total = 0
+    truncated = False
+    deadline = None if task.limits.timeout is None else time.monotonic() + task.limits.timeout
+    if stdin:
+        threading.Thread(target=_feed, args=(task.stdin, stdin), daemon=True).start()
+    else:
+        task.stdin.close()
+    with selectors.DefaultSelector() as sel:
+        for f in (task.stdout, task.stderr):
+            sel.register(f, selectors.EVENT_READ)
+        while sel.get_map():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                total += len(chunk)
+                room = cap - sum(len(b) for b in kept.values())
+                if room < len(chunk):
+                    truncated = True
+                kept[key.fd] += chunk[: max(room, 0)]
+    return bytes(kept[task.stdout.fileno()]), bytes(kept[task.stderr.fileno()]), total, truncated
+
+
+def _feed(pipe: object, data: bytes) -> None:
+    try:
+        pipe.write(data)  # type: ignore[attr-defined]
+        pipe.close()  # type: ignore[attr-defined]
+    except OSError:
+        pass  # the task ended without reading it all
+
+
+def _run(
+    argv: Sequence[str],
+    *,
+    limits: ToolLimits,
+    stdin: bytes,
+    env: Mapping[str, str],
+    network: str,
+    egress: EgressPolicy | None,
+    node_network: EgressService | None,
+    workspace: Path | None,
+    user: str,
+    userns: bool,
+    mounts: Sequence[Mount],
+) -> Run:
+    denials: list[Denial] = []
+    scratch = None
+    if workspace is None:
+        scratch = Path(tempfile.mkdtemp(prefix="tool-", dir=_scratch_root()))
+        workspace = prepare_workspace(scratch, user=user, userns=userns)
+    try:
+        with isolation.spawn(
+            list(argv),
+            limits=sandbox_limits(limits),
+            env=dict(env),
+            network=network,
+            egress=egress,
+            node_network=node_network,
+            on_denial=denials.append if network in ("egress", "host") else None,
+            workspace=workspace,
+            user=user,
+            userns=userns,
+            mounts=mounts,
+            stdin="pipe",
+            stdout="pipe",
+            stderr="pipe",
+        ) as task:
+            out, err, total, truncated = _collect(task, stdin, limits.output)
+            result = task.wait()
+            assert result is not None
+        return Run(result, out, err, total, truncated, denials)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_root() -> Path:
+    root = isolation.DATA_DIR / "tool-scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+async def run_sandboxed(
+    argv: Sequence[str],
+    *,
+    limits: ToolLimits,
+    stdin: bytes = b"",
+    env: Mapping[str, str] | None = None,
+    network: str = "none",
+    egress: EgressPolicy | None = None,
+    node_network: EgressService | None = None,
+    workspace: Path | None = None,
+    user: str = "65534",
+    userns: bool = False,
+    mounts: Sequence[Mount] = (),
+) -> Run:
+    """Runs `argv` in a fresh sandbox with `limits` and waits for it off the event loop.
+    Without `workspace` it gets an empty scratch directory, removed afterwards."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(
+        SPAWNER,
+        lambda: _run(
+            argv,
+            limits=limits,
+            stdin=stdin,
+            env=env or {},
+            network=network,
+            egress=egress,
+            node_network=node_network,
+            workspace=workspace,
+            user=user,
+            userns=userns,
+            mounts=mounts,
+        ),
+    )

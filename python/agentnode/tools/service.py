@@ -1,0 +1,200 @@
+"""One place every door calls a tool through: input check, retries, idempotency keys, the
+normalised result and one audit record per call."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from agentnode.tools.registry import Caller, Registry, Tool, redact
+from agentnode.tools.result import RETRYABLE, Outcome
+
+__all__ = ["ToolService", "ToolSource", "jsonl_recorder"]
+
+log = logging.getLogger("agentnode.tools")
+
+Record = Callable[[dict[str, Any]], None]
+
+
+class ToolSource(Protocol):
+    """Tools that come and go (an MCP server's): listed per tenant, found by name."""
+
+    async def tools(self, tenant: str) -> list[Tool]: ...
+
+    async def get(self, name: str, tenant: str) -> Tool | None: ...
+
+
+def jsonl_recorder(path: Path) -> Record:
+    """An `on_record` that appends each record as one JSON line to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a", buffering=1)
+
+    def record(rec: dict[str, Any]) -> None:
+        f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+    return record
+
+
+def _args_sha256(args: Any) -> str:
+    return hashlib.sha256(
+        json.dumps(args, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+class ToolService:
+    """Calls tools of `registry` for callers; `on_record(record)` gets one audit record per
+    call. A call carrying an idempotency key runs at most once per (tenant, tool, key): a
+    repeat, even while the first is still running, gets the first call's result."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        on_record: Record,
+        sources: Sequence[ToolSource] = (),
+        keys_kept: int = 10_000,
+    ) -> None:
+        self.registry = registry
+        self.sources = list(sources)
+        self._on_record = on_record
+        self._keys: OrderedDict[tuple[str, str, str], tuple[str, asyncio.Future[dict[str, Any]]]]
+        self._keys = OrderedDict()
+        self._keys_kept = keys_kept
+
+    async def tools(self, tenant: str) -> list[Tool]:
+        """The tools `tenant` may use."""
+        out = self.registry.visible(tenant)
+        for source in self.sources:
+            out += await source.tools(tenant)
+        return out
+
+    async def list(self, tenant: str) -> list[dict[str, Any]]:
+        """The tools `tenant` may use, as MCP's `tools/list` shows them."""
+        return [t.describe() for t in await self.tools(tenant)]
+
+    async def _lookup(self, name: str, tenant: str) -> Tool | None:
+        tool = self.registry.get(name, tenant)
+        for source in self.sources:
+            if tool is not None:
+                break
+            tool = await source.get(name, tenant)
+        return tool
+
+    async def call(
+        self, name: str, args: Any, caller: Caller, *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Runs tool `name` for `caller`; never raises for a bad name or input (those come
+        back as `invalid_input`)."""
+        tool = await self._lookup(name, caller.tenant) if isinstance(name, str) else None
+        digest = _args_sha256(args)
+        if idempotency_key is None or tool is None:
+            return await self._call(tool, name, args, caller, digest, keyed=False)
+        slot = (caller.tenant, name, idempotency_key)
+        held = self._keys.get(slot)
+        if held is not None:
+            first_digest, future = held
+            if first_digest != digest:
+                return self._finish(
+                    tool,
+                    name,
+                    args,
+                    caller,
+                    digest,
+                    time.monotonic(),
+                    Outcome.error(
+                        "invalid_input",
+                        f"idempotency key {idempotency_key!r} was first used with other "
+                        "arguments (use a new key for a new call)",
+                    ),
+                    attempts=0,
+                )
+            return await asyncio.shield(future)
+        future = asyncio.get_running_loop().create_future()
+        self._keys[slot] = (digest, future)
+        while len(self._keys) > self._keys_kept:
+            self._keys.popitem(last=False)
+        try:
+            result = await self._call(tool, name, args, caller, digest, keyed=True)
+        except BaseException as e:
+            # Cancelled mid-run: a repeat may run it again, it has no result to give.
+            self._keys.pop(slot, None)
+            future.set_exception(e)
+            future.exception()  # retrieved: nobody may be waiting on it
+            raise
+        future.set_result(result)
+        return result
+
+    async def _call(
+        self, tool: Tool | None, name: str, args: Any, caller: Caller, digest: str, *, keyed: bool
+    ) -> dict[str, Any]:
+        start = time.monotonic()
+        if tool is None:
+            outcome = Outcome.error(
+                "invalid_input", f"no tool named {name!r} (list them with agentnode tool ls)"
+            )
+            return self._finish(None, name, args, caller, digest, start, outcome, attempts=0)
+        problem = tool.input_error(args)
+        if problem is not None:
+            outcome = Outcome.error("invalid_input", f"input {problem}", path=problem.split(":")[0])
+            return self._finish(tool, name, args, caller, digest, start, outcome, attempts=0)
+        retry = keyed or tool.idempotent
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome = await self._run_once(tool, args, caller)
+            again = outcome.cls in RETRYABLE or outcome.detail.get("retryable") is True
+            if not (again and retry and attempt < tool.retry.attempts):
+                break
+            await asyncio.sleep(tool.retry.delay(attempt, outcome.retry_after))
+        return self._finish(tool, name, args, caller, digest, start, outcome, attempts=attempt)
+
+    async def _run_once(self, tool: Tool, args: dict[str, Any], caller: Caller) -> Outcome:
+        try:
+            return await tool.run(args, caller)
+        except Exception as e:
+            # A tool's own bug: the caller gets one line, the node log the traceback.
+            log.exception("tool %s failed", tool.name)
+            return Outcome.error("permanent", f"tool {tool.name} failed: {e}")
+
+    def _finish(
+        self,
+        tool: Tool | None,
+        name: str,
+        args: Any,
+        caller: Caller,
+        digest: str,
+        start: float,
+        outcome: Outcome,
+        *,
+        attempts: int,
+    ) -> dict[str, Any]:
+        duration_ms = (time.monotonic() - start) * 1000
+        retryable = outcome.cls in RETRYABLE or outcome.detail.get("retryable") is True
+        result = outcome.to_json(duration_ms=duration_ms, retryable=retryable, attempts=attempts)
+        record = {
+            "kind": "tool_call",
+            "time": time.time(),
+            "task": caller.task,
+            "tenant": caller.tenant,
+            "tool": name,
+            "args_sha256": digest,
+            "args": redact(tool.input_schema, args) if tool is not None else "[unknown tool]",
+            "class": outcome.cls,
+            "duration_ms": round(duration_ms, 3),
+            "cpu_s": round(outcome.cpu_s, 6),
+            "memory_peak": outcome.memory_peak,
+            "bytes_out": outcome.bytes_out,
+            "attempts": attempts,
+        }
+        try:
+            self._on_record(record)
+        except Exception:
+            log.exception("tool audit record could not be written")
+        return result

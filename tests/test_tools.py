@@ -1,0 +1,511 @@
+"""Layer 5 tools in process: input checks, classes, retries and idempotency keys, audit
+records, run_code (fresh sandboxes and sessions), workspace file tools, http_fetch through the
+caller's own egress policy, and web_search against a mock SearXNG API on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.service import EgressService
+from agentnode.isolation import task as isolation
+from agentnode.isolation import use_data_dir
+from agentnode.tools.code import CodeRunner
+from agentnode.tools.files import file_tools
+from agentnode.tools.registry import Caller, Registry, RetryPolicy, Tool, ToolLimits
+from agentnode.tools.result import Outcome
+from agentnode.tools.service import ToolService
+from agentnode.tools.web import WebTools
+from egress_world import HOST4, World
+
+#: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
+pytest_plugins = ["tools_world"]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    old = isolation.DATA_DIR
+    use_data_dir(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    yield tmp_path / "data"
+    use_data_dir(old)
+
+
+def service(*tools: Tool, records: list[dict[str, Any]] | None = None) -> ToolService:
+    return ToolService(Registry(tools), on_record=(records if records is not None else []).append)
+
+
+def call(svc: ToolService, name: str, args: Any, caller: Caller, **kw: Any) -> dict[str, Any]:
+    return asyncio.run(svc.call(name, args, caller, **kw))
+
+
+def meta(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = result["_meta"]["agentnode"]
+    return out
+
+
+A = Caller(task="t1", tenant="a")
+
+# -- the service ----------------------------------------------------------------------------------
+
+
+async def _echo(args: dict[str, Any], caller: Caller) -> Outcome:
+    return Outcome.text(repr(args))
+
+
+ECHO = Tool(
+    name="echo",
+    description="echo",
+    input_schema={
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0},
+            "items": {"type": "array", "items": {"type": "string"}},
+            "auth": {"type": "object", "properties": {"token": {"type": "string", "secret": True}}},
+        },
+        "required": ["n"],
+        "additionalProperties": False,
+    },
+    run=_echo,
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "path"),
+    [
+        ({"n": "1"}, "/n"),
+        ({}, "(root)"),
+        ({"n": 1, "other": 2}, "(root)"),
+        ({"n": -1}, "/n"),
+        ({"n": 1, "items": ["a", 3]}, "/items/1"),
+        ([1, 2], "(root)"),
+        (None, "(root)"),
+    ],
+)
+def test_bad_input_is_invalid_input_with_its_schema_path(args: Any, path: str) -> None:
+    records: list[dict[str, Any]] = []
+    result = call(service(ECHO, records=records), "echo", args, A)
+    assert result["isError"] and meta(result)["class"] == "invalid_input"
+    assert meta(result)["path"] == path
+    assert result["content"][0]["text"].startswith(f"input {path}:")
+    assert [r["class"] for r in records] == ["invalid_input"]
+
+
+def test_an_unknown_tool_or_one_of_another_tenant_looks_the_same() -> None:
+    only_b = Tool(name="b_only", description="", input_schema={"type": "object"}, run=_echo,
+                  tenants=frozenset({"b"}))  # fmt: skip
+    svc = service(ECHO, only_b)
+    for name in ("nope", "b_only", "", "../echo"):
+        result = call(svc, name, {}, A)
+        assert meta(result)["class"] == "invalid_input"
+        assert (
+            result["content"][0]["text"]
+            == f"no tool named {name!r} (list them with agentnode tool ls)"
+        )
+    assert [t["name"] for t in asyncio.run(svc.list("a"))] == ["echo"]
+    assert [t["name"] for t in asyncio.run(svc.list("b"))] == ["echo", "b_only"]
+
+
+def test_the_record_hashes_the_arguments_and_redacts_secret_fields() -> None:
+    records: list[dict[str, Any]] = []
+    svc = service(ECHO, records=records)
+    result = call(svc, "echo", {"n": 1, "auth": {"token": "s3cret"}}, A)
+    assert meta(result)["class"] == "ok"
+    (rec,) = records
+    assert rec["kind"] == "tool_call" and rec["tool"] == "echo" and rec["task"] == "t1"
+    assert rec["tenant"] == "a" and rec["class"] == "ok" and len(rec["args_sha256"]) == 64
+    assert rec["args"] == {"n": 1, "auth": {"token": "[redacted]"}}
+    assert "s3cret" not in repr(rec)
+    for key in ("time", "duration_ms", "cpu_s", "memory_peak", "bytes_out"):
+        assert key in rec
+
+
+class Flaky:
+    """Fails with `cls` `fails` times, then succeeds; counts the side effects it had."""
+
+    def __init__(self, fails: int, cls: Any = "transient") -> None:
+        self.fails, self.cls, self.runs = fails, cls, 0
+
+    async def run(self, args: dict[str, Any], caller: Caller) -> Outcome:
+        self.runs += 1
+        await asyncio.sleep(0.01)
+        if self.runs <= self.fails:
+            return Outcome.error(self.cls, f"failure {self.runs}")
+        return Outcome.text(f"done after {self.runs} runs")
+
+    def tool(self, **kw: Any) -> Tool:
+        return Tool(name="flaky", description="", input_schema={"type": "object"}, run=self.run,
+                    retry=RetryPolicy(attempts=4, base_s=0.001), **kw)  # fmt: skip
+
+
+def test_a_transient_failure_is_retried_under_a_key_and_the_key_never_runs_twice() -> None:
+    flaky = Flaky(2)
+    records: list[dict[str, Any]] = []
+    svc = service(flaky.tool(), records=records)
+
+    async def calls() -> list[dict[str, Any]]:
+        # Two at once and one after: all get the first run's result; it ran once (3 attempts).
+        both = await asyncio.gather(
+            svc.call("flaky", {}, A, idempotency_key="k"),
+            svc.call("flaky", {}, A, idempotency_key="k"),
+        )
+        return [*both, await svc.call("flaky", {}, A, idempotency_key="k")]
+
+    results = asyncio.run(calls())
+    assert flaky.runs == 3
+    assert all(r == results[0] for r in results)
+    assert meta(results[0])["class"] == "ok" and meta(results[0])["attempts"] == 3
+    assert results[0]["content"][0]["text"] == "done after 3 runs"
+    assert len(records) == 1  # one call ran; the repeats were answered from it
+    # The same key with other arguments is refused, and runs nothing.
+    other = call(svc, "flaky", {"x": 1}, A, idempotency_key="k")
+    assert meta(other)["class"] == "invalid_input" and flaky.runs == 3
+    # Keys are per tenant: another tenant's "k" is its own call.
+    call(svc, "flaky", {}, Caller(task="t9", tenant="b"), idempotency_key="k")
+    assert flaky.runs == 4
+
+
+def test_without_a_key_only_an_idempotent_tool_is_retried() -> None:
+    flaky = Flaky(1)
+    once = call(service(flaky.tool()), "flaky", {}, A)
+    assert meta(once)["class"] == "transient" and meta(once)["retryable"] and flaky.runs == 1
+    flaky = Flaky(1)
+    again = call(service(flaky.tool(idempotent=True)), "flaky", {}, A)
+    assert meta(again)["class"] == "ok" and flaky.runs == 2
+
+
+@pytest.mark.parametrize("cls", ["permanent", "policy", "resource", "invalid_input"])
+def test_a_failure_that_is_not_transient_is_not_retried(cls: str) -> None:
+    flaky = Flaky(5, cls)
+    result = call(service(flaky.tool(idempotent=True)), "flaky", {}, A, idempotency_key="p")
+    assert meta(result)["class"] == cls and not meta(result)["retryable"] and flaky.runs == 1
+
+
+def test_a_tool_that_raises_is_permanent_and_the_call_does_not() -> None:
+    async def boom(args: dict[str, Any], caller: Caller) -> Outcome:
+        raise RuntimeError("kaput")
+
+    tool = Tool(name="boom", description="", input_schema={"type": "object"}, run=boom)
+    result = call(service(tool), "boom", {}, A)
+    assert meta(result)["class"] == "permanent"
+    assert result["content"][0]["text"] == "tool boom failed: kaput"
+
+
+# -- run_code -------------------------------------------------------------------------------------
+
+
+def code_service(**limits: Any) -> tuple[CodeRunner, ToolService]:
+    runner = CodeRunner(limits=ToolLimits(**{"timeout": 10.0, "memory": 64 << 20, **limits}))
+    return runner, service(runner.tool())
+
+
+def test_run_code_returns_output_and_exit_status() -> None:
+    _runner, svc = code_service()
+    py = call(
+        svc,
+        "run_code",
+        {"code": "import sys; print('out'); print('err', file=sys.stderr); sys.exit(4)"},
+        A,
+    )
+    assert py["structuredContent"] == {"stdout": "out\n", "stderr": "err\n", "exit_status": 4}
+    assert meta(py)["class"] == "permanent" and py["isError"]
+    sh = call(svc, "run_code", {"code": "echo $((6*7)); id -u", "language": "bash"}, A)
+    assert sh["structuredContent"] == {"stdout": "42\n65534\n", "stderr": "", "exit_status": 0}
+    assert meta(sh)["class"] == "ok" and not sh["isError"]
+    assert meta(sh)["cpu_s"] > 0 and meta(sh)["memory_peak"] > 0 and meta(sh)["bytes_out"] == 9
+
+
+def test_run_code_without_a_memory_limit_sets_no_swap_limit() -> None:
+    # On cgroup v1 a swap limit needs a memory limit: none of either must still start.
+    for session in (False, True):
+        runner = CodeRunner(limits=ToolLimits(memory=None, cpus=None, pids=None))
+        try:
+            result = call(
+                service(runner.tool()), "run_code", {"code": "print(1)", "session": session}, A
+            )
+        finally:
+            runner.close()
+        assert meta(result)["class"] == "ok", result
+
+
+def test_run_code_out_of_memory_or_pids_is_resource() -> None:
+    _runner, svc = code_service(pids=8)
+    oom = call(svc, "run_code", {"code": "b = bytearray(200 << 20)"}, A)
+    assert meta(oom)["class"] == "resource" and "out of memory" in oom["content"][0]["text"]
+    fork = call(svc, "run_code", {"language": "bash",
+                                  "code": "for i in $(seq 40); do sleep 5 & done; wait"}, A)  # fmt: skip
+    assert meta(fork)["class"] == "resource", fork
+
+
+def test_run_code_past_its_timeout_is_timeout_and_killed() -> None:
+    _runner, svc = code_service()
+    result = call(svc, "run_code", {"code": "import time; time.sleep(30)", "timeout": 0.3}, A)
+    assert meta(result)["class"] == "timeout" and meta(result)["duration_ms"] < 5000
+    capped = call(svc, "run_code", {"code": "print(1)", "timeout": 1e9}, A)
+    assert meta(capped)["class"] == "ok"  # a timeout above the tool's limit is cut to it
+
+
+def test_run_code_output_is_cut_at_its_limit() -> None:
+    _runner, svc = code_service(output=1000)
+    result = call(svc, "run_code", {"code": "print('x' * 100000)"}, A)
+    assert meta(result)["truncated"] and meta(result)["bytes_out"] == 100001
+    assert len(result["structuredContent"]["stdout"]) == 1000
+    assert meta(result)["class"] == "ok"
+
+
+def test_run_code_has_no_network() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        code = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        _runner, svc = code_service()
+        result = call(svc, "run_code", {"code": code}, A)
+    assert meta(result)["class"] == "permanent"
+    assert "ConnectionRefusedError" in result["structuredContent"]["stderr"]
+
+
+def test_a_session_keeps_its_variables_and_dies_with_its_task() -> None:
+    runner, svc = code_service()
+
+    async def scenario() -> tuple[list[dict[str, Any]], int | None]:
+        out = [await svc.call("run_code", {"code": c, "session": True}, A)
+               for c in ("x = 41", "x += 1", "print(x)", "raise ValueError('v')", "print(x)")]  # fmt: skip
+        return out, runner.session_pid("a", "t1")
+
+    results, pid = asyncio.run(scenario())
+    assert [meta(r)["class"] for r in results] == ["ok", "ok", "ok", "permanent", "ok"]
+    assert results[2]["structuredContent"]["stdout"] == "42\n"
+    assert "ValueError: v" in results[3]["structuredContent"]["stderr"]
+    assert results[4]["structuredContent"]["stdout"] == "42\n"  # an error keeps the state
+    assert pid is not None and Path(f"/proc/{pid}").exists()
+    runner.end_task("t1")
+    assert runner.session_pid("a", "t1") is None
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_sessions_are_never_shared_between_tenants_or_tasks() -> None:
+    runner, svc = code_service()
+    callers = [Caller(task="t1", tenant="a"), Caller(task="t1", tenant="b"),
+               Caller(task="t2", tenant="a")]  # fmt: skip
+
+    async def scenario() -> list[str]:
+        for i, c in enumerate(callers):
+            await svc.call("run_code", {"code": f"mine = {i}", "session": True}, c)
+        outs = []
+        for c in callers:
+            r = await svc.call("run_code", {"code": "import os; print(mine, os.getpid())",
+                                            "session": True}, c)  # fmt: skip
+            outs.append(r["structuredContent"]["stdout"].split()[0])
+        return outs
+
+    try:
+        assert asyncio.run(scenario()) == ["0", "1", "2"]
+        pids = {runner.session_pid(c.tenant, c.task) for c in callers}
+        assert len(pids) == 3 and None not in pids
+    finally:
+        runner.close()
+
+
+def test_a_session_past_its_timeout_is_killed_and_starts_fresh() -> None:
+    runner, svc = code_service()
+
+    async def scenario() -> list[dict[str, Any]]:
+        return [await svc.call("run_code", args | {"session": True}, A) for args in (
+            {"code": "x = 1"}, {"code": "import time; time.sleep(30)", "timeout": 0.3},
+            {"code": "print(globals().get('x'))"})]  # fmt: skip
+
+    try:
+        _first, slow, after = asyncio.run(scenario())
+        assert meta(slow)["class"] == "timeout"
+        assert after["structuredContent"]["stdout"] == "None\n"
+    finally:
+        runner.close()
+
+
+# -- workspace files ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "sub" / "a.txt").write_text("hello")
+    (tmp_path / "secret").write_text("host secret")
+    os.symlink(tmp_path / "secret", ws / "abs-link")
+    os.symlink("../secret", ws / "rel-link")
+    os.symlink("/etc", ws / "etc-link")
+    os.symlink("sub/a.txt", ws / "inner-link")  # inside, but every symlink is refused
+    return ws
+
+
+def test_file_tools_read_write_and_list_inside_the_workspace(workspace: Path) -> None:
+    svc = service(*file_tools(output=4))
+    me = Caller(task="t1", tenant="a", workspace=workspace, user="1234:4321")
+    assert call(svc, "read_file", {"path": "sub/a.txt"}, me)["content"][0]["text"] == "hell"
+    assert meta(call(svc, "read_file", {"path": "/workspace/sub/a.txt"}, me))["truncated"]
+    wrote = call(svc, "write_file", {"path": "new/deep/b.txt", "content": "data"}, me)
+    assert meta(wrote)["class"] == "ok"
+    made = workspace / "new" / "deep" / "b.txt"
+    assert made.read_text() == "data"
+    assert (made.stat().st_uid, made.stat().st_gid) == (1234, 4321)
+    assert (made.parent.stat().st_uid, made.parent.stat().st_gid) == (1234, 4321)
+    listing = call(svc, "list_files", {"path": "."}, me)["structuredContent"]["entries"]
+    assert {e["name"]: e["type"] for e in listing}["etc-link"] == "symlink"
+    assert {e["name"] for e in listing} >= {"sub", "new", "abs-link"}
+    # An absolute path is the task's own: it lands inside the workspace.
+    call(svc, "write_file", {"path": "/proc/self/root/etc/passwd", "content": "mine"}, me)
+    assert (workspace / "proc/self/root/etc/passwd").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../secret", "/workspace/../secret", "sub/../../secret", "abs-link", "rel-link",
+     "etc-link/passwd", "inner-link", "/etc/passwd/../../secret", "..", "etc-link/../../secret"],
+)  # fmt: skip
+def test_file_tools_refuse_every_way_out_of_the_workspace(workspace: Path, path: str) -> None:
+    svc = service(*file_tools())
+    me = Caller(task="t1", tenant="a", workspace=workspace)
+    for name, args in (("read_file", {"path": path}), ("list_files", {"path": path}),
+                       ("write_file", {"path": path, "content": "pwned"})):  # fmt: skip
+        result = call(svc, name, args, me)
+        assert result["isError"], (name, path)
+        assert meta(result)["class"] in ("policy", "permanent", "invalid_input"), (name, path)
+        assert "host secret" not in result["content"][0]["text"]
+    assert (workspace.parent / "secret").read_text() == "host secret"
+    assert not Path("/etc/passwd").read_text().startswith("pwned")
+
+
+def test_file_tools_refuse_a_symlink_swapped_in_for_a_directory(workspace: Path) -> None:
+    svc = service(*file_tools())
+    me = Caller(task="t1", tenant="a", workspace=workspace)
+    (workspace / "sub" / "a.txt").unlink()
+    (workspace / "sub").rmdir()
+    os.symlink(workspace.parent, workspace / "sub")
+    result = call(svc, "write_file", {"path": "sub/secret", "content": "pwned"}, me)
+    assert meta(result)["class"] == "policy"
+    assert (workspace.parent / "secret").read_text() == "host secret"
+
+
+def test_file_tools_refuse_a_hard_link_and_change_nothing(workspace: Path) -> None:
+    svc = service(*file_tools())
+    me = Caller(task="t1", tenant="a", workspace=workspace)
+    os.link(workspace.parent / "secret", workspace / "hard")
+    for name, args in (("read_file", {"path": "hard"}),
+                       ("write_file", {"path": "hard", "content": "pwned"})):  # fmt: skip
+        assert meta(call(svc, name, args, me))["class"] == "policy"
+    assert (workspace.parent / "secret").read_text() == "host secret"
+
+
+def test_file_tools_need_a_calling_task() -> None:
+    result = call(service(*file_tools()), "read_file", {"path": "x"}, A)
+    assert meta(result)["class"] == "invalid_input"
+
+
+# -- http_fetch and web_search --------------------------------------------------------------------
+
+
+def test_http_fetch_reaches_only_what_the_calling_task_may(
+    world: tuple[World, EgressService],
+) -> None:
+    _, net = world
+    svc = service(*WebTools(node_network=net, limits=ToolLimits(timeout=10)).tools())
+    allowed = Caller(task="t1", tenant="a", network="egress",
+                     egress=EgressPolicy(allow=[f"{HOST4}:8080"]))  # fmt: skip
+    ok = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, allowed)
+    assert meta(ok)["class"] == "ok" and meta(ok)["status"] == 200
+    assert ok["content"][0]["text"] == "/page from the test host"
+    other_port = call(svc, "http_fetch", {"url": f"http://{HOST4}:8081/"}, allowed)
+    assert meta(other_port)["class"] == "policy"
+    assert meta(other_port)["denial"]["port"] == 8081
+    nothing = Caller(task="t2", tenant="a", network="egress", egress=EgressPolicy())
+    denied = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, nothing)
+    assert meta(denied)["class"] == "policy" and meta(denied)["denial"]["address"] == HOST4
+    offline = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, A)
+    assert meta(offline)["class"] == "policy"
+    busy = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/busy"}, allowed)
+    assert meta(busy)["class"] == "transient" and meta(busy)["retry_after"] == 7
+    assert meta(busy)["attempts"] == 1  # no key and not idempotent: not retried
+    gone = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/gone"}, allowed)
+    assert meta(gone)["class"] == "permanent" and meta(gone)["status"] == 404
+
+
+def test_web_search_speaks_searxng_json_through_its_own_policy(
+    world: tuple[World, EgressService],
+) -> None:
+    # The mock SearXNG runs on a test-made address: the node's "host" network mode currently
+    # starts tasks in a fresh namespace (see docs/tools.md), so host loopback is out of reach.
+    _, net = world
+    tools = WebTools(node_network=net, limits=ToolLimits(timeout=10),
+                     search_url=f"http://{HOST4}:8080")  # fmt: skip
+    svc = service(*tools.tools())
+    result = call(svc, "web_search", {"query": "agent nodes", "max_results": 2}, A)
+    assert meta(result)["class"] == "ok", result
+    assert result["structuredContent"]["results"] == [
+        {"title": "T0 agent nodes", "url": "https://example.org/0", "content": "c0"},
+        {"title": "T1 agent nodes", "url": "https://example.org/1", "content": "c1"},
+    ]
+    # Its policy allows its backend only; the caller's own (none here) does not matter.
+    (search,) = [t for t in tools.tools() if t.name == "web_search"]
+    assert search.egress == EgressPolicy(allow=[f"{HOST4}:8080"])
+
+
+# -- configuration and the CLI --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[tools]\nbogus = 1\n", "tools.bogus: unknown key"),
+        ("[tools.run_code]\nmemory = -5\n", "tools.run_code.memory: must be a positive number"),
+        ('[tools.run_code]\nmemory = "lots"\n', "tools.run_code.memory"),
+        ('[tools.mcp.x]\ncommand = "node"\n', "tools.mcp.x.command: must be a non-empty list"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nnetwork = "moon"\n', "tools.mcp.x.network"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nallow = ["not an address"]\n', "tools.mcp.x.allow"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nro = ["/does/not/exist"]\n', "tools.mcp.x.ro"),
+        ('[tools.mcp.x]\ncommand = ["a"]\nwhat = 1\n', "tools.mcp.x.what: unknown key"),
+        ('[tools.mcp.a__b]\ncommand = ["a"]\n', "may not hold '__'"),
+        ("[tools]\nmcp_port = 70000\n", "tools.mcp_port: must be a port number"),
+        ('[tools.web_search]\nurl = "ftp://x"\n', "tools.web_search.url"),
+    ],
+)
+def test_bad_tools_config_is_one_line_naming_the_key(
+    tmp_path: Path, toml: str, needle: str
+) -> None:
+    from agentnode.errors import ConfigError
+    from agentnode.node.config import load_config
+    from agentnode.tools.toolbox import Toolbox
+
+    path = tmp_path / "agentnode.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        Toolbox(load_config(path).tools, data_dir=tmp_path, on_record=lambda r: None)
+    message = str(e.value)
+    assert needle in message and "\n" not in message, message
+
+
+def test_a_tools_config_declares_servers_and_limits(tmp_path: Path) -> None:
+    from agentnode.node.config import load_config
+
+    path = tmp_path / "agentnode.toml"
+    path.write_text(
+        '[tools]\nmcp_port = 8931\n[tools.run_code]\nmemory = "128M"\ntimeout = "5s"\n'
+        '[tools.web_search]\nurl = "http://search.internal:8888"\n'
+        f'[tools.mcp.fs]\ncommand = ["node", "fs.js"]\nro = ["{tmp_path}:/data"]\n'
+        'network = "egress"\nallow_hosts = ["api.example.org:443"]\nidle = "2m"\n'
+        'tenants = ["a"]\nmemory = "1G"\n'
+    )
+    tools = load_config(path).tools
+    assert tools.mcp_port == 8931 and tools.run_code.memory == 128 << 20
+    assert tools.run_code.timeout == 5.0 and tools.search_url == "http://search.internal:8888"
+    (fs,) = tools.mcp
+    assert fs.command == ("node", "fs.js") and fs.network == "egress"
+    assert fs.egress is not None and list(fs.egress.hosts) == ["api.example.org:443"]
+    assert fs.idle_s == 120 and fs.tenants == frozenset({"a"}) and fs.limits.memory == 1 << 30
+    assert fs.mounts[0].src == str(tmp_path) and fs.mounts[0].dest == "/data"

@@ -1,0 +1,299 @@
+"""MCP servers run by the node in their sandboxes (a test-made server written with the `mcp`
+SDK, and `@modelcontextprotocol/server-filesystem` from npm), and the node's MCP endpoint and
+tool API as a task uses them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.service import EgressService
+from agentnode.isolation import task as isolation
+from agentnode.isolation import use_data_dir
+from agentnode.isolation.task import Mount
+from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
+from agentnode.tools.registry import Caller, Registry, ToolLimits
+from agentnode.tools.service import ToolService
+from conftest import run_cli
+from egress_world import HOST4, World
+from node_daemon import daemon
+
+#: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
+pytest_plugins = ["tools_world"]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER = str(REPO / "tests" / "tools_mcp_server.py")
+NPM_CACHE = Path("/var/cache/agentnode-test/npm")
+FILESYSTEM = NPM_CACHE / "node_modules/@modelcontextprotocol/server-filesystem/dist/index.js"
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    old = isolation.DATA_DIR
+    use_data_dir(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    yield tmp_path / "data"
+    use_data_dir(old)
+
+
+def sdk_server(**kw: Any) -> MCPServerSpec:
+    # uid 0 without capabilities: the interpreter lives under /root (mode 700).
+    return MCPServerSpec(name="t", command=(sys.executable, SERVER), user="0",
+                         env={"PYTHONPATH": str(REPO / "python")}, **kw)  # fmt: skip
+
+
+def meta(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = result["_meta"]["agentnode"]
+    return out
+
+
+A = Caller(task="t1", tenant="a")
+B = Caller(task="t2", tenant="b")
+
+
+def host_pid_alive(pid: int | None) -> bool:
+    return pid is not None and Path(f"/proc/{pid}").exists()
+
+
+def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None:
+    servers = MCPServers([sdk_server(idle_s=1.0)])
+    records: list[dict[str, Any]] = []
+    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {"tools": await svc.list("a")}
+        out["add"] = await svc.call("t__add", {"a": 2, "b": 40}, A)
+        out["bad"] = await svc.call("t__add", {"a": "x", "b": 1}, A)
+        out["a1"] = await svc.call("t__whoami", {}, A)
+        out["a2"] = await svc.call("t__whoami", {}, A)
+        pid_a = servers.instance_pid("t", "a")
+        out["b"] = await svc.call("t__whoami", {}, B)
+        out["pids"] = (pid_a, servers.instance_pid("t", "b"))
+        for _ in range(100):  # idle for longer than its 1 s: both are stopped
+            if not any(host_pid_alive(p) for p in out["pids"]):
+                break
+            await asyncio.sleep(0.1)
+        out["idle"] = (servers.instance_pid("t", "a"), servers.instance_pid("t", "b"))
+        await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
+                                                 "t__crash"}  # fmt: skip
+    add = next(t for t in out["tools"] if t["name"] == "t__add")
+    assert add["outputSchema"]["properties"]["sum"]["type"] == "integer"
+    assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
+    assert meta(out["bad"])["class"] == "invalid_input" and meta(out["bad"])["path"] == "/a"
+    # pid 1 of its own pid namespace, host name of the sandbox: it runs sandboxed.
+    assert out["a1"]["structuredContent"]["result"].startswith("1 agentnode")
+    pid_a, pid_b = out["pids"]
+    assert pid_a != pid_b and None not in (pid_a, pid_b)
+    assert out["idle"] == (None, None)
+    assert not host_pid_alive(pid_a) and not host_pid_alive(pid_b)
+    assert [r["tool"] for r in records][:2] == ["t__add", "t__add"]
+
+
+def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path) -> None:
+    servers = MCPServers([sdk_server()])
+    svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
+    marker = data_dir / "mcp" / "t-a" / "runs"
+
+    async def scenario() -> list[dict[str, Any]]:
+        try:
+            crash = await svc.call("t__crash", {}, A)
+            after = await svc.call("t__add", {"a": 1, "b": 1}, A)
+            # Fails (the server dies) twice, then succeeds: three runs under one key.
+            args = {"fails": 2, "marker": "runs"}
+            first = await svc.call("t__flaky", args, A, idempotency_key="k1")
+            again = await svc.call("t__flaky", args, A, idempotency_key="k1")
+            unkeyed = await svc.call("t__flaky", {"fails": 5, "marker": "other"}, A)
+            return [crash, after, first, again, unkeyed]
+        finally:
+            await servers.close()
+
+    crash, after, first, again, unkeyed = asyncio.run(scenario())
+    assert meta(crash)["class"] == "transient" and meta(crash)["retryable"]
+    assert meta(after)["class"] == "ok"
+    assert meta(first)["class"] == "ok" and meta(first)["attempts"] == 3
+    assert first["content"][0]["text"] == "ran 3 times"
+    assert again == first and marker.read_text() == "3"
+    assert meta(unkeyed)["class"] == "transient" and meta(unkeyed)["attempts"] == 1
+
+
+def test_a_server_whose_egress_allows_nothing_cannot_connect_out(
+    world: tuple[World, EgressService], data_dir: Path
+) -> None:
+    _, net = world
+    records: list[dict[str, Any]] = []
+    spec = sdk_server(network="egress", egress=EgressPolicy())
+    servers = MCPServers([spec], node_network=net)
+    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
+
+    async def scenario() -> dict[str, Any]:
+        try:
+            return await svc.call("t__connect", {"host": HOST4, "port": 8080}, A)
+        finally:
+            await servers.close()
+
+    result = asyncio.run(scenario())
+    assert meta(result)["class"] == "policy", result
+    assert meta(result)["denial"]["address"] == HOST4 and meta(result)["denial"]["port"] == 8080
+    assert records[-1]["class"] == "policy"
+
+
+@pytest.fixture(scope="module")
+def filesystem_server() -> Path:
+    """`@modelcontextprotocol/server-filesystem`, installed once into a cache outside the repo."""
+    if not FILESYSTEM.exists():
+        NPM_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund",
+                        "@modelcontextprotocol/server-filesystem"], cwd=NPM_CACHE, check=True,
+                       capture_output=True, timeout=300)  # fmt: skip
+    return FILESYSTEM
+
+
+def test_the_npm_filesystem_server_sees_only_its_directory(
+    filesystem_server: Path, tmp_path: Path
+) -> None:
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "note.txt").write_text("inside")
+    (tmp_path / "outside.txt").write_text("outside secret")
+    os.symlink(tmp_path / "outside.txt", given / "link.txt")
+    spec = MCPServerSpec(name="fs", command=("node", str(filesystem_server), "/data"),
+                         mounts=(Mount(str(given), "/data", writable=True),), user="0",
+                         limits=ToolLimits(memory=512 << 20, pids=64, timeout=60))  # fmt: skip
+    servers = MCPServers([spec])
+    svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {"tools": {t["name"] for t in await svc.list("a")}}
+        read = "fs__read_text_file" if "fs__read_text_file" in out["tools"] else "fs__read_file"
+        out["inside"] = await svc.call(read, {"path": "/data/note.txt"}, A)
+        outside = [str(tmp_path / "outside.txt"), "/data/../etc/passwd", "/etc/hostname",
+                   "/data/link.txt"]  # fmt: skip
+        out["outside"] = [await svc.call(read, {"path": p}, A) for p in outside]
+        out["write"] = await svc.call("fs__write_file", {"path": "/tmp/x", "content": "x"}, A)
+        out["wrote"] = await svc.call(
+            "fs__write_file", {"path": "/data/new.txt", "content": "n"}, A
+        )
+        await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert meta(out["inside"])["class"] == "ok", out["inside"]
+    assert "inside" in out["inside"]["content"][0]["text"]
+    for result in out["outside"]:
+        assert result["isError"], result
+        assert "outside secret" not in json.dumps(result) and "root:" not in json.dumps(result)
+    assert out["write"]["isError"]
+    assert meta(out["wrote"])["class"] == "ok" and (given / "new.txt").read_text() == "n"
+
+
+TASK_CLIENT = """
+import asyncio, json, os
+from agentnode.sdk import Tools
+
+async def main():
+    async with Tools.mcp_client() as client:
+        names = sorted(t.name for t in (await client.list_tools()).tools)
+        added = await client.call_tool("t__add", {"a": 20, "b": 22})
+        code = await client.call_tool("run_code", {"code": "x = 5", "session": True})
+        code = await client.call_tool("run_code", {"code": "print(x * 2)", "session": True})
+        wrote = await client.call_tool("write_file", {"path": "w.txt", "content": "hi"})
+    rest = Tools().call("read_file", {"path": "/workspace/w.txt"})
+    print(json.dumps({
+        "url": os.environ["AGENTNODE_MCP_URL"], "names": names,
+        "added": added.structured_content, "code": code.structured_content["stdout"],
+        "class": code.meta["agentnode"]["class"], "wrote": wrote.is_error,
+        "rest": rest["content"][0]["text"], "listed": len(Tools().list()),
+    }))
+
+asyncio.run(main())
+"""
+
+
+def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(tmp_path: Path) -> None:
+    config = (
+        "[tools.mcp.t]\n"
+        f"command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
+        f"env = {{ PYTHONPATH = {json.dumps(str(REPO / 'python'))} }}\n"
+        'user = "0"\n'
+        "[tools.mcp.only_b]\n"
+        f"command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
+        'tenants = ["b"]\n'
+    )
+    with daemon(tmp_path, config) as d:
+        task = d.submit([sys.executable, "-c", TASK_CLIENT], user="0", memory="256M",
+                        ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")})  # fmt: skip
+        done = d.wait(task["id"], timeout=120)
+        log = d.log(task["id"])
+        assert done["state"] == "succeeded", log
+        seen = json.loads(log.strip().splitlines()[-1])
+        # The admin API answers for a tenant, and for a task (its workspace).
+        listed = d.client.call("GET", "/v1/tools?tenant=a")["tools"]
+        ran = d.client.call("POST", "/v1/tools/run_code/call",
+                            {"arguments": {"code": "print(7)"}, "tenant": "a"})  # fmt: skip
+        read = d.client.call("POST", "/v1/tools/read_file/call",
+                             {"arguments": {"path": "w.txt"}, "task": task["id"]})  # fmt: skip
+        records = [json.loads(x) for x in (d.data / "tools.log").read_text().splitlines()]
+    assert seen["url"] == "http://agentnode/mcp"
+    assert "t__add" in seen["names"] and "run_code" in seen["names"]
+    assert not any(n.startswith("only_b") for n in seen["names"])  # another tenant's server
+    assert seen["added"] == {"sum": 42} and seen["code"] == "10\n" and seen["class"] == "ok"
+    assert seen["wrote"] is False and seen["rest"] == "hi"
+    assert seen["listed"] == len(seen["names"])
+    assert {t["name"] for t in listed} == set(seen["names"])
+    assert ran["structuredContent"]["stdout"] == "7\n" and read["content"][0]["text"] == "hi"
+    mine = [r for r in records if r["task"] == task["id"]]
+    # The task's own five calls, then the operator's read_file made for it.
+    assert [r["tool"] for r in mine] == [
+        "t__add", "run_code", "run_code", "write_file", "read_file", "read_file"
+    ]  # fmt: skip
+    assert all(r["tenant"] == "default" and r["class"] == "ok" for r in mine)
+
+
+def test_the_mcp_endpoint_refuses_a_missing_or_wrong_token(tmp_path: Path) -> None:
+    script = """
+import asyncio, json
+from agentnode.sdk import Tools
+async def main():
+    async with Tools.mcp_client(token="not-a-token") as client:
+        tools = (await client.list_tools()).tools
+        call = await client.call_tool("run_code", {"code": "print(1)"})
+    print(json.dumps({"tools": len(tools), "error": call.is_error,
+                      "text": call.content[0].text}))
+asyncio.run(main())
+"""
+    with daemon(tmp_path) as d:
+        task = d.submit([sys.executable, "-c", script], user="0", memory="256M", ro=[str(REPO)],
+                        env={"PYTHONPATH": str(REPO / "python")})  # fmt: skip
+        done = d.wait(task["id"], timeout=60)
+        log = d.log(task["id"])
+        sock = ["--socket", str(d.socket)]
+        ls = run_cli(["tool", "ls", *sock])
+        ok = run_cli(["tool", "call", "run_code", "--json", '{"code": "print(6 * 7)"}', *sock])
+        bad = run_cli(["tool", "call", "run_code", "--json", '{"code": 1}', *sock])
+        garbled = run_cli(["tool", "call", "run_code", "--json", "{nope", *sock])
+    assert ls.returncode == 0 and "run_code" in ls.stdout and "read_file" in ls.stdout
+    assert ok.returncode == 0 and ok.stdout.startswith("42\n"), ok
+    assert bad.returncode == 1 and "input /code: 1 is not of type 'string'" in bad.stdout
+    assert bad.stderr == "agentnode: tool run_code: invalid_input\n"
+    assert garbled.returncode == 2 and garbled.stderr.startswith("agentnode: error: --json:")
+    assert done["state"] == "succeeded", (done["reason"], log)
+    seen = json.loads(log.strip().splitlines()[-1])
+    assert seen == {
+        "tools": 0,
+        "error": True,
+        "text": "missing or unknown task token (send Authorization: Bearer TOKEN)",
+    }

@@ -1,0 +1,61 @@
+"""A test MCP server written with the `mcp` SDK (stdio), run by the node in its sandbox.
+
+Tools: `add` (with an output schema), `whoami` (its pid and hostname, to tell instances
+apart), `connect` (opens a TCP connection, to test its egress policy), `flaky` (fails until
+it has been called N times; counts runs in a file, to test retries), `crash` (exits)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from mcp.server.mcpserver import MCPServer
+from pydantic import BaseModel
+
+server = MCPServer("agentnode-test")
+
+
+class Sum(BaseModel):
+    sum: int
+
+
+@server.tool()
+def add(a: int, b: int) -> Sum:
+    """Adds two integers."""
+    return Sum(sum=a + b)
+
+
+@server.tool()
+def whoami() -> str:
+    """This server's pid (in its namespace) and its parent's view of it."""
+    return f"{os.getpid()} {socket.gethostname()} {os.getuid()}"
+
+
+@server.tool()
+def connect(host: str, port: int) -> str:
+    """Opens a TCP connection to host:port."""
+    with socket.create_connection((host, port), timeout=2):
+        return "connected"
+
+
+@server.tool()
+def flaky(fails: int, marker: str) -> str:
+    """Fails `fails` times (counting runs in /workspace/MARKER), then succeeds."""
+    path = f"/workspace/{marker}"
+    n = int(Path(path).read_text()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(n + 1))
+    if n < fails:
+        os._exit(3)  # a crash: the node sees the server die (transient)
+    return f"ran {n + 1} times"
+
+
+@server.tool()
+def crash() -> str:
+    """Exits at once."""
+    os._exit(1)
+
+
+if __name__ == "__main__":
+    server.run()
