@@ -39,6 +39,10 @@ __all__ = ["CHECKPOINT", "TASK_SOCKET", "Node", "Running"]
 
 log = logging.getLogger("agentnode.node")
 
+# A scheduling pass that has not come round for this long is reported as stalled in /healthz:
+# a pass waits on at most 64 starts on two spawn threads, which take well under a second each.
+_STALL_S = 60.0
+
 #: Where a task finds the node's task API (the daemon's task socket is bound there).
 TASK_SOCKET = "/run/agentnode/task.sock"
 #: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
@@ -86,6 +90,9 @@ class Node:
         self._wake = asyncio.Event()
         self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        # Why the last scheduling pass failed (None: it succeeded), and when a pass last ended.
+        self._loop_error: str | None = None
+        self._loop_tick = time.monotonic()
         # Sandboxes start on long-lived threads, off the event loop (the native spawn releases
         # the GIL while the child sets up), two at a time. Long-lived because a task's
         # PDEATHSIG fires when the thread that cloned it (this one, or the zygote pool's) exits.
@@ -231,6 +238,20 @@ class Node:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._schedule_loop())
 
+    def health(self) -> dict[str, str]:
+        """Each part's state for /healthz: `ok`, or `failing: <why>`."""
+        return {"scheduler": self.scheduler_health()}
+
+    def scheduler_health(self) -> str:
+        """`ok`, or what keeps the scheduling loop from starting tasks (for /healthz)."""
+        loop = self._loop_task
+        if loop is not None and loop.done() and self.admitting:
+            return "failing: the scheduling loop has ended (restart the node)"
+        stalled = time.monotonic() - self._loop_tick
+        if loop is not None and stalled > _STALL_S:
+            return f"failing: no scheduling pass for {stalled:.0f} s"
+        return self._loop_error or "ok"
+
     async def _schedule_loop(self) -> None:
         # A flag rather than Task.cancel(): on Python 3.11, wait_for can swallow a cancel that
         # races with the event it waits on, and the loop would never end.
@@ -238,9 +259,15 @@ class Node:
             self._wake.clear()
             try:
                 await self._start_ready()
-            except AgentnodeError as e:
-                log.error("scheduling failed: %s", e)
-            self._check_heartbeats()
+                self._check_heartbeats()
+            except Exception as e:
+                # Whatever one pass hits (a store that cannot write, a bug), the loop lives on:
+                # /healthz says why, and the next pass tries again.
+                self._loop_error = f"failing: {_describe(e)}"
+                log.error("scheduling failed: %s", _describe(e))
+            else:
+                self._loop_error = None
+            self._loop_tick = time.monotonic()
             # Wake for submits and ends at once; poll for backoffs and heartbeats.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.25)
@@ -251,17 +278,15 @@ class Node:
         await asyncio.gather(*(self._start(task) for task in ready))
 
     async def _start(self, task: Task) -> None:
-        self._publish(task)
+        """Starts `task`; anything that goes wrong fails this task alone, with the reason."""
         try:
-            proc = await asyncio.get_running_loop().run_in_executor(
-                self._spawner, self._spawn, task
-            )
-        except AgentnodeError as e:
-            self.spares.refill()
-            done = await self.manager.finish(task.id, State.FAILED, reason=f"did not start: {e}")
-            self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
-            self._publish(done)
-            return
+            await self._launch(task)
+        except Exception as e:
+            await self._fail_start(task, e)
+
+    async def _launch(self, task: Task) -> None:
+        self._publish(task)
+        proc = await asyncio.get_running_loop().run_in_executor(self._spawner, self._spawn, task)
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
         self.running[task.id] = r
@@ -274,6 +299,30 @@ class Node:
         self._publish(r.task)
         self.spares.refill()
         r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
+
+    async def _fail_start(self, task: Task, error: Exception) -> None:
+        """Records a task that could not be started as failed (its sandbox, if one was made,
+        is killed first); a store that cannot record it leaves it for the next pass or start."""
+        r = self.running.pop(task.id, None)
+        if r is not None:
+            with contextlib.suppress(Exception):
+                r.proc._native.kill()
+                await r.proc.wait_async()
+            with contextlib.suppress(Exception):
+                r.proc.close()
+        with contextlib.suppress(Exception):
+            self.spares.refill()
+        reason = f"did not start: {_describe(error)}"
+        if not isinstance(error, AgentnodeError):
+            log.error("task %s %s", task.id, reason)
+        try:
+            done = await self.manager.finish(task.id, State.FAILED, reason=reason)
+        except Exception as e:
+            self._loop_error = f"failing: cannot record task {task.id} as failed: {_describe(e)}"
+            log.error("%s", self._loop_error)
+            return
+        self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
+        self._publish(done)
 
     def _spawn(self, task: Task) -> Any:
         spec = task.spec
@@ -345,9 +394,15 @@ class Node:
         r.proc.close()
         outcome, reason = _outcome(r, result)
         del self.running[r.task.id]
-        done = await self.manager.finish(
-            r.task.id, outcome, reason=reason, exit_code=result.exit_status
-        )
+        try:
+            done = await self.manager.finish(
+                r.task.id, outcome, reason=reason, exit_code=result.exit_status
+            )
+        except Exception as e:
+            # Not recorded: the next start finds it starting or running and records it lost.
+            self._loop_error = f"failing: cannot record task {r.task.id}'s end: {_describe(e)}"
+            log.error("%s", self._loop_error)
+            return
         self.outcomes[outcome.value] = self.outcomes.get(outcome.value, 0) + 1
         self._publish(done)
         self._wake.set()
@@ -392,6 +447,15 @@ class Node:
         for q in self._subscribers:
             q.put_nowait(None)
         self.manager.close()
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error: our own errors say what to do; anything else is named by type,
+    since it is a bug or an input no check caught."""
+    if isinstance(e, AgentnodeError):
+        return str(e)
+    text = " ".join(str(e).split())
+    return f"internal error: {type(e).__name__}" + (f": {text}" if text else "")
 
 
 def _outcome(r: Running, result: Result) -> tuple[State, str]:

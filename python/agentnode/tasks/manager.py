@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import logging
 import time
 import uuid
 from collections import Counter
@@ -25,10 +26,12 @@ from agentnode._native import Scheduler
 from agentnode.errors import QueueFullError, TaskError
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
-from agentnode.tasks.store import Queued, TaskStore, decode, queued_of
+from agentnode.tasks.store import Queued, TaskStore, decode, lane_of, queued_of
 from agentnode.tasks.tokens import TokenKey
 
 __all__ = ["Limits", "TaskManager", "TaskTable"]
+
+log = logging.getLogger("agentnode.tasks")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +62,11 @@ class TaskTable(Mapping[str, Task]):
 
     def __setitem__(self, task_id: str, task: Task) -> None:
         self._all[task_id] = task
+
+    def raw(self, task_id: str) -> bytes | None:
+        """The record of a task not decoded yet (None once decoded)."""
+        t = self._all.get(task_id)
+        return t if isinstance(t, bytes) else None
 
     def add_encoded(self, records: dict[str, bytes]) -> None:
         """Adds tasks by id as records to decode when first read."""
@@ -103,6 +111,8 @@ class TaskManager:
         self._depth: Counter[tuple[str, str]] = Counter()
         self._delayed: list[tuple[float, int]] = []
         self.recovered_lost: list[str] = []
+        #: Queued tasks whose records could not be read when their turn came, with the error.
+        self.unreadable: dict[str, str] = {}
         self._recover()
 
     def _recover(self) -> None:
@@ -247,7 +257,16 @@ class TaskManager:
         self._release_due()
         seqs = self.scheduler.pop_many(n, free_cpu_millis, free_memory_bytes)
         now = time.time()
-        queued = [self.tasks[self._by_seq[seq]] for seq in seqs]
+        queued = []
+        for seq in seqs:
+            task_id = self._by_seq[seq]
+            try:
+                queued.append(self.tasks[task_id])
+            except TaskError as e:
+                # A record no longer readable (written by another version, or damaged) must not
+                # hold up the tasks behind it: it leaves the queue, and stays in the store.
+                self._drop_unreadable(seq, task_id, str(e))
+        seqs = [t.seq for t in queued]
         started = [t.moved(State.STARTING, now) for t in queued]
         for t in started:
             self._dequeued(t)
@@ -262,6 +281,16 @@ class TaskManager:
             self._enqueue(*queued)
             raise
         return started
+
+    def _drop_unreadable(self, seq: int, task_id: str, reason: str) -> None:
+        self.scheduler.complete(seq)
+        raw = self.tasks.raw(task_id)
+        if raw is not None:
+            self._depth[lane_of(raw)] -= 1
+        del self._by_seq[seq]
+        self._batch.discard(seq)
+        self.unreadable[task_id] = reason
+        log.error("task %s cannot be started: %s", task_id, reason)
 
     def _release_due(self) -> None:
         now = time.time()

@@ -30,7 +30,7 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 from agentnode.errors import TaskError
 from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
 
-__all__ = ["Queued", "Recovered", "TaskStore", "decode", "encode", "queued_of"]
+__all__ = ["Queued", "Recovered", "TaskStore", "decode", "encode", "lane_of", "queued_of"]
 
 _TASK = b"t/"
 _SEQ = b"meta/seq"
@@ -89,6 +89,13 @@ def encode(task: Task) -> bytes:
     # with its default.
     body = {**vars(task), "state": task.state.value, "spec": vars(spec)}
     return head + tenant + msgpack.packb(body)
+
+
+def lane_of(raw: bytes) -> tuple[str, str]:
+    """(class, tenant) from a record's header, which `TaskStore.load` has read once already:
+    what is known of a task whose body cannot be decoded."""
+    _, _, cls, n, *_ = _HEAD.unpack_from(raw)
+    return CLASSES[cls], raw[_HEAD.size : _HEAD.size + n].decode()
 
 
 def decode(raw: bytes) -> Task:
