@@ -6,15 +6,26 @@ the task store the way an older version or a missed check would have left them."
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
 from conftest import root_only
+from egress_world import World
 from node_daemon import Daemon, daemon
+from test_egress_tasks import subnet
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = root_only
 
@@ -103,3 +114,225 @@ def test_a_task_whose_start_raises_fails_alone_and_never_wedges_the_loop(tmp_pat
         assert d.client.call("GET", "/healthz")["scheduler"] == "ok"
         ps = d.client.call("GET", "/v1/tasks?all=1")
         assert task["id"] in {t["id"] for t in ps}
+
+
+# -- credentials: the node's inference proxy and its task tokens ---------------------------------
+
+MOCKS = """
+import asyncio
+from agentnode.inference.mock import MockUpstream
+
+async def main():
+    a = await MockUpstream("openai").start()
+    c = await MockUpstream("anthropic").start()
+    print(a.base_url, c.base_url, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+#: Run in the daemon's netns: each probe's (status, JSON body or error), one JSON line.
+PROBE = """
+import json, sys
+import anthropic, httpx, openai
+
+url, probes = sys.argv[1], json.loads(sys.argv[2])
+MSG = [{"role": "user", "content": "hi"}]
+out = []
+for p in probes:
+    headers = p.get("headers", {})
+    try:
+        if p["kind"] == "openai":
+            c = openai.OpenAI(base_url=url + "/v1", api_key=p["key"], default_headers=headers,
+                              max_retries=0)
+            r = c.chat.completions.create(model="gpt-test", messages=MSG)
+            out.append([200, r.choices[0].message.content])
+        elif p["kind"] == "anthropic":
+            c = anthropic.Anthropic(base_url=url, api_key=p["key"], default_headers=headers,
+                                    max_retries=0)
+            r = c.messages.create(model="claude-test", max_tokens=5, messages=MSG)
+            out.append([200, r.content[0].text])
+        else:
+            r = httpx.request(p["method"], url + p["path"], headers=headers,
+                              content=p.get("body", "").encode())
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"not_json": r.text}
+            out.append([r.status_code, body])
+    except (openai.APIStatusError, anthropic.APIStatusError) as e:
+        out.append([e.status_code, str(e)])
+print(json.dumps(out))
+"""
+
+
+def _probe(world: Any, url: str, probes: list[dict[str, Any]]) -> list[list[Any]]:
+    r = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{world.task}", sys.executable, "-c", PROBE, url,
+         json.dumps(probes)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO / "python")},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out: list[list[Any]] = json.loads(r.stdout.splitlines()[-1])
+    return out
+
+
+def _token(d: Daemon, task_id: str) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            line = d.log(task_id).strip()
+            if line:
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"task {task_id} printed no token")
+
+
+def raw(method: str, path: str, key: str | None = None, **headers: str) -> dict[str, Any]:
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return {"kind": "raw", "method": method, "path": path, "headers": headers}
+
+
+def test_the_node_proxy_needs_a_live_credential_on_every_route(tmp_path: Path) -> None:
+    """With [inference] and no tenants, nothing is readable or billable without a running task's
+    token; a token bills only its own task whatever header names another; an ended task's token
+    is dead; every refusal is the provider's JSON."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+    with World() as world:
+        netns = ("nsenter", f"--net=/run/netns/{world.task}")
+        mocks = subprocess.Popen([*netns, sys.executable, "-c", MOCKS], stdout=subprocess.PIPE,
+                                 text=True, env=env)  # fmt: skip
+        try:
+            assert mocks.stdout is not None
+            gpt, claude = mocks.stdout.readline().split()
+            port = random.randint(20000, 30000)
+            config = (
+                f'[network]\nsubnet = "{subnet()}"\n'
+                f'[inference]\nlisten = "127.0.0.1:{port}"\n'
+                f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{gpt}"\n'
+                'models = ["gpt-test"]\nprice = { input = 2.5, output = 10 }\n'
+                f'[inference.deployments.claude]\nkind = "anthropic"\nbase_url = "{claude}"\n'
+                'models = ["claude-test"]\nprice = { input = 3, output = 15 }\n'
+            )
+            with daemon(tmp_path, config, netns) as d:
+                _proxy_probes(d, world, f"http://127.0.0.1:{port}")
+        finally:
+            mocks.kill()
+            mocks.communicate()
+
+
+def _proxy_probes(d: Daemon, world: Any, url: str) -> None:
+    print_token = ["sh", "-c", "echo $AGENTNODE_TOKEN; exec sleep 60"]
+    a = d.submit(print_token, tenant="acme", network="egress")
+    b = d.submit(print_token, tenant="globex", network="egress")
+    ta, tb = _token(d, a["id"]), _token(d, b["id"])
+    forged = f"{a['id']}.1.{'0' * 64}"
+    chat = '{"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}'
+    results = _probe(world, url, [
+        raw("GET", "/v1/usage"),
+        raw("GET", "/v1/usage", "sk-bogus"),
+        raw("GET", "/v1/usage", forged),
+        raw("GET", "/v1/usage?group_by=task", None, **{"x-api-key": "nope"}),
+        {**raw("POST", "/v1/chat/completions", None, **{"x-agentnode-task": b["id"]}),
+         "body": chat},
+        raw("GET", "/v1/models"),
+        raw("GET", "/metrics"),
+        raw("GET", "/v1/nothing-here"),
+        {"kind": "openai", "key": "sk-bogus"},
+        {"kind": "anthropic", "key": "sk-bogus"},
+        {"kind": "openai", "key": ta, "headers": {"x-agentnode-task": b["id"]}},
+        {"kind": "anthropic", "key": ta, "headers": {"x-agentnode-task": b["id"]}},
+        raw("GET", "/v1/usage?group_by=tenant,task", ta),
+        raw("GET", "/v1/usage?group_by=tenant,task", tb),
+        raw("GET", "/metrics", ta),
+        raw("GET", "/v1/models", ta),
+        raw("GET", "/v1/nothing-here", ta),
+        raw("DELETE", "/v1/usage", ta),
+    ])  # fmt: skip
+    *refused, models, metrics, nowhere, sdk_o, sdk_a = results[:10]
+    for status, body in [*refused, models, metrics, nowhere]:
+        assert status == 401, (status, body)
+        assert body["error"]["code"] == "invalid_api_key", body
+    for status, text in (sdk_o, sdk_a):
+        assert status == 401 and "unknown API key" in text, text
+    (o_status, _), (a_status, _) = results[10:12]
+    assert o_status == 200 and a_status == 200, results[10:12]
+    (ua, rows_a), (ub, rows_b) = results[12:14]
+    assert ua == 200 and ub == 200
+    assert [(r["tenant"], r["task"], r["requests"]) for r in rows_a["data"]] == [
+        ("acme", a["id"], 2)
+    ], "the token's own task was billed, not the one the header named"
+    assert rows_b["data"] == [], "another tenant's task sees none of acme's spend"
+    (m_status, m_body), (l_status, l_body), (n_status, n_body), (x_status, x_body) = results[14:]
+    assert m_status == 403 and "every tenant" in m_body["error"]["message"]
+    assert l_status == 200 and l_body["data"]
+    assert n_status == 404 and n_body["error"]["code"] == "not_found", n_body
+    assert x_status == 405 and x_body["error"]["code"] == "method_not_allowed", x_body
+    # Revoked with its task: the same token is refused once the task has ended.
+    d.client.call("POST", f"/v1/tasks/{a['id']}/cancel")
+    d.wait(a["id"])
+    after = _probe(world, url, [raw("GET", "/v1/usage", ta), {"kind": "openai", "key": ta}])
+    assert [s for s, _ in after] == [401, 401], after
+
+
+#: A task as an unprivileged user: the node's task socket through the system Python's stdlib.
+ASK = """
+import http.client, os, socket, sys
+class Conn(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect("/run/agentnode/task.sock")
+c = Conn("localhost")
+c.request("GET", "/v1/tasks/" + os.environ["AGENTNODE_TASK_ID"],
+          headers={"Authorization": "Bearer " + os.environ["AGENTNODE_TOKEN"]})
+print(c.getresponse().status, os.getuid(), flush=True)
+"""
+
+
+def test_the_task_socket_is_for_tasks_and_root_and_tokens_die_with_their_task(
+    tmp_path: Path,
+) -> None:
+    with daemon(tmp_path) as d:
+        sock = d.data / "run" / "task.sock"
+        assert (sock.parent.stat().st_mode & 0o777) == 0o700, "root's alone on the host"
+        for user in ("65534", "1000:1000"):
+            task = d.submit(["/usr/bin/python3", "-c", ASK], user=user)
+            assert d.wait(task["id"])["state"] == "succeeded", d.log(task["id"])
+            assert d.log(task["id"]).split() == ["200", user.split(":")[0]], "tasks reach it"
+        for user in ("65534", "1000"):
+            r = subprocess.run(
+                ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                 "/usr/bin/python3", "-c",
+                 f"import socket; socket.socket(socket.AF_UNIX).connect({str(sock)!r})"],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr
+        # Root on the host reaches it, and a token is good only while its attempt runs.
+        gate = d.submit(["sh", "-c", "echo $AGENTNODE_TOKEN; "
+                         "while [ ! -e /workspace/go ]; do sleep 0.01; done; exit 3"],
+                        retries=1)  # fmt: skip
+        token = _token(d, gate["id"])
+
+        def ask(tok: str) -> int:
+            conn = UnixHTTPConnection(str(sock), timeout=10)
+            conn.request(
+                "GET", f"/v1/tasks/{gate['id']}", headers={"Authorization": f"Bearer {tok}"}
+            )
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert ask(token) == 200
+        (d.data / "workspaces" / gate["id"] / "go").touch()
+        d.wait(gate["id"], states=("queued", "starting", "running", "failed"))
+        deadline = time.monotonic() + 30
+        while d.task(gate["id"])["attempt"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ask(token) == 401, "the first attempt's token died with it"
+        done = d.wait(gate["id"])
+        assert done["attempt"] == 2 and done["state"] == "failed"
+        second = d.log(gate["id"], 2).strip()
+        assert second and second != token, "the retry got a token of its own"
+        assert ask(second) == 401, "and it died when the retry ended"

@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler as _Handler
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from yarl import URL
@@ -60,6 +62,17 @@ _REQUIRED = {
     "embeddings": "input",
     "responses": "input",
 }
+
+
+_UNKNOWN_KEY = (
+    "missing or unknown API key (a task uses its AGENTNODE_TOKEN, which the SDKs read from "
+    "OPENAI_API_KEY/ANTHROPIC_API_KEY; others a key of [inference.tenants])"
+)
+_MAX_BODY = 64 << 20
+# Where the guard leaves the request's principal for the handler.
+_PRINCIPAL = "agentnode.inference.principal"
+# aiohttp's own refusals (no route, wrong method, body too large) in the provider's terms.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,15 +277,9 @@ class Proxy:
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         fmt = ENDPOINTS[endpoint][0]
         # Authenticate first: a stranger learns nothing, not even how we validate bodies.
-        principal = self.attribution(request, self.config)
+        principal = request.get(_PRINCIPAL) or self.attribution(request, self.config)
         if principal is None:
-            return self._reject(
-                endpoint,
-                fmt,
-                401,
-                "unknown API key (use a key configured for a tenant in [inference.tenants])",
-                "invalid_api_key",
-            )
+            return self._reject(endpoint, fmt, 401, _UNKNOWN_KEY, "invalid_api_key")
         body = await request.read()
         try:
             # Strictly UTF-8 (json.loads would take UTF-16 too): these bytes go upstream as-is.
@@ -280,6 +287,10 @@ class Proxy:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._reject(
                 endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
+            )
+        except RecursionError:
+            return self._reject(
+                endpoint, fmt, 400, "request body is nested too deeply", "invalid_json"
             )
         problem = _validate(endpoint, payload)
         if problem:
@@ -859,11 +870,48 @@ def _cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> bytes:
 PROXY = web.AppKey("proxy", Proxy)
 
 
+def _guard(*, require_credential: bool) -> Middleware:
+    """Every answer in the caller's provider format: aiohttp's own 404/405/413 included. With
+    `require_credential`, every route (unknown ones too) first needs a key the attribution
+    knows, so a stranger learns nothing, not even which paths exist."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        fmt = _caller_format(request)
+        if require_credential:
+            proxy = request.app[PROXY]
+            principal = proxy.attribution(request, proxy.config)
+            if principal is None:
+                return error_response(fmt, 401, _UNKNOWN_KEY, code="invalid_api_key")
+            request[_PRINCIPAL] = principal
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            message = f"{e.reason}: {request.method} {request.path}"
+            if e.status == 413:
+                message = f"request body is over the {_MAX_BODY}-byte limit"
+            return error_response(fmt, e.status, message, code=_HTTP_CODES.get(e.status, "error"))
+
+    return guard
+
+
 def create_app(
-    config: ProxyConfig, *, attribution: Attribution = key_attribution
+    config: ProxyConfig,
+    *,
+    attribution: Attribution = key_attribution,
+    require_credential: bool = False,
 ) -> web.Application:
-    """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx.
+
+    `require_credential` (the node's proxy, which tasks reach under every egress policy): every
+    route needs a key `attribution` knows, and a task's token cannot read the proxy's metrics
+    (they hold every tenant's spend)."""
+    app = web.Application(
+        client_max_size=_MAX_BODY,
+        middlewares=[_guard(require_credential=require_credential)],
+    )
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = await Store.open(config.state_dir)
@@ -986,9 +1034,9 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _usage(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
-    principal = proxy.attribution(request, proxy.config)
+    principal = request.get(_PRINCIPAL) or proxy.attribution(request, proxy.config)
     if principal is None:
-        return error_response("openai", 401, "unknown API key", code="invalid_api_key")
+        return error_response("openai", 401, _UNKNOWN_KEY, code="invalid_api_key")
     group_by = tuple(g for g in request.query.get("group_by", "tenant").split(",") if g)
     try:
         # A tenant sees only its own spending; without tenants configured, everything.
@@ -1000,5 +1048,13 @@ async def _usage(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    principal = request.get(_PRINCIPAL)
+    if principal is not None and principal.pinned:
+        return error_response(
+            "openai",
+            403,
+            "a task's token cannot read the proxy's metrics (they cover every tenant)",
+            code="forbidden",
+        )
     body = generate_latest(request.app[PROXY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

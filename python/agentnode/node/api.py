@@ -26,7 +26,7 @@ from aiohttp.typedefs import Middleware
 
 from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
 from agentnode.inference.config import ProxyConfig
-from agentnode.inference.server import Attribution, key_attribution
+from agentnode.inference.server import Attribution
 from agentnode.inference.server import Principal as InferencePrincipal
 from agentnode.isolation.task import capability_number
 from agentnode.isolation.units import parse_bind, parse_duration, parse_size
@@ -561,17 +561,24 @@ class TaskTokens:
 
 
 def task_attribution(node: Node) -> Attribution:
-    """The inference proxy's attribution inside the node: a task's token (the SDKs send it as
-    their API key) bills that task and its tenant; anything else goes by the proxy's own keys."""
+    """The inference proxy's attribution inside the node, where tasks reach it under every
+    egress policy: a running task's token (the SDKs send it as their API key) bills that task
+    and its tenant; a key of a configured tenant bills that tenant; nothing else is admitted.
+    The task billed is the one the token names: an `x-agentnode-task` header is never read."""
 
     def attribute(request: web.Request, config: ProxyConfig) -> InferencePrincipal | None:
         auth = request.headers.get("Authorization", "")
         key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
-        task = node.manager.task_of_token(key) if key else None
-        if task is None:
-            return key_attribution(request, config)
-        tenant = task.spec.tenant
-        return InferencePrincipal(tenant, task.id, config.tenants.get(tenant), pinned=True)
+        if not key:
+            return None
+        task = node.manager.task_of_token(key)
+        if task is not None:
+            tenant = task.spec.tenant
+            return InferencePrincipal(tenant, task.id, config.tenants.get(tenant), pinned=True)
+        for t in config.tenants.values():
+            if any(hmac.compare_digest(key.encode(), k.encode()) for k in t.api_keys):
+                return InferencePrincipal(t.name, None, t)
+        return None
 
     return attribute
 

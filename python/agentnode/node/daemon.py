@@ -113,7 +113,9 @@ async def serve(config: NodeConfig) -> None:
     if config.inference is not None:
         # Cancelling handlers is how a client's disconnect reaches the upstream request.
         proxy = web.AppRunner(
-            create_app(config.inference, attribution=task_attribution(node)),
+            create_app(
+                config.inference, attribution=task_attribution(node), require_credential=True
+            ),
             handle_signals=False,
             handler_cancellation=True,
             shutdown_timeout=5.0,
@@ -124,7 +126,12 @@ async def serve(config: NodeConfig) -> None:
         for r in runners:
             await r.setup()
         await _unix_site(runners[0], config.socket, 0o660, "agentnode")
-        # Tasks run as unprivileged users; the task API itself admits only task tokens.
+        # Tasks run as any user, so the socket itself is open to all; its directory is root's
+        # alone, so on the host only root reaches it, and tasks reach it where it is bound in.
+        # The task API itself admits only the token of a running task.
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(run_dir, 0, 0)
+        run_dir.chmod(0o700)
         await _unix_site(runners[1], node.task_socket, 0o666, None)
         where = [f"unix:{config.socket}"]
         if config.listen is not None:

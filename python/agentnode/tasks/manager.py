@@ -387,12 +387,19 @@ class TaskManager:
         return self.tokens.issue(task.id, task.attempt)
 
     def task_of_token(self, token: str) -> Task | None:
-        """The task whose current attempt `token` belongs to (None: forged, unknown or stale)."""
+        """The started task whose current attempt `token` belongs to (None: forged, unknown,
+        of an earlier attempt, or of a task that is not running: a token is revoked when its
+        attempt ends, and a retry gets a new one)."""
         found = self.tokens.verify(token)
         if found is None:
             return None
-        t = self.tasks.get(found[0])
-        return t if t is not None and t.attempt == found[1] else None
+        try:
+            t = self.tasks.get(found[0])
+        except TaskError:  # its record cannot be read: it cannot be running
+            return None
+        if t is None or t.attempt != found[1]:
+            return None
+        return t if t.state in (State.STARTING, State.RUNNING) else None
 
     def close(self) -> None:
         self.store.close()
