@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from conftest import root_only
 from egress_world import World
 from node_daemon import Daemon, daemon
 from test_egress_tasks import subnet
+from test_node import call, in_parallel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -336,3 +338,41 @@ def test_the_task_socket_is_for_tasks_and_root_and_tokens_die_with_their_task(
         second = d.log(gate["id"], 2).strip()
         assert second and second != token, "the retry got a token of its own"
         assert ask(second) == 401, "and it died when the retry ended"
+
+
+# -- one bad input never harms others ------------------------------------------------------------
+
+
+def test_idempotency_key_returns_the_first_task_also_across_restarts(tmp_path: Path) -> None:
+    body = {"command": ["sleep", "30"], "cpus": 0.1, "memory": "32M"}
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        status, first = call(d, "POST", "/v1/tasks", body, **{"Idempotency-Key": "k-1"})
+        assert status == 201
+        status, again = call(d, "POST", "/v1/tasks", body, **{"Idempotency-Key": "k-1"})
+        assert status == 200 and again["id"] == first["id"]
+        # Sixteen clients racing with one key (a retried submit racing its own first try).
+        racers = in_parallel(
+            lambda _: call(d, "POST", "/v1/tasks", body, **{"Idempotency-Key": "k-race"}), 16
+        )
+        assert sorted(s for s, _ in racers) == [200] * 15 + [201], racers
+        assert len({t["id"] for _, t in racers}) == 1
+        status, other = call(d, "POST", "/v1/tasks", body, **{"Idempotency-Key": "k-2"})
+        assert status == 201 and other["id"] != first["id"], "another key, another task"
+        status, err = call(d, "POST", "/v1/tasks", {**body, "command": ["true"]},
+                           **{"Idempotency-Key": "k-1"})  # fmt: skip
+        assert status == 409 and "used for another request" in err["error"], err
+        for bad in ("", "x" * 256, "a b", "ключ"):
+            status, err = call(d, "POST", "/v1/tasks", body,
+                               **{"Idempotency-Key": bad.encode().decode("latin-1")})  # fmt: skip
+            assert status == 400 and err.get("field") == "Idempotency-Key", (bad, err)
+        d.stop(signal.SIGKILL)
+        d.start()
+        status, after = call(d, "POST", "/v1/tasks", body, **{"Idempotency-Key": "k-1"})
+        assert status == 200 and after["id"] == first["id"], "the key outlives a kill -9"
+        everything = d.client.call("GET", "/v1/tasks?all=1")
+        assert len(everything) == 3, [t["id"] for t in everything]
+    finally:
+        if d.proc is not None:
+            d.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import math
@@ -345,8 +346,27 @@ async def _submit(request: web.Request) -> web.Response:
             f"requests {spec.memory_bytes >> 20} MiB, this node has "
             f"{inv.allocatable_memory_bytes >> 20} MiB allocatable (it could never start)",
         )
-    task = await node.submit(spec)
-    return web.json_response(task_json(request.app[NODE], task), status=201)
+    key = _idempotency_key(request, body)
+    task, created = await node.submit_once(spec, key=key)
+    return web.json_response(
+        task_json(node, task),
+        status=201 if created else 200,
+        headers=None if created else {"Idempotent-Replayed": "true"},
+    )
+
+
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _idempotency_key(request: web.Request, body: Any) -> tuple[str, str] | None:
+    """The request's `Idempotency-Key` and a digest of its body (None: no key)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _KEY.fullmatch(key):
+        raise BadField("Idempotency-Key", "must be 1-255 printable ASCII characters, no spaces")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return key, hashlib.sha256(canonical).hexdigest()
 
 
 async def _list(request: web.Request) -> web.Response:

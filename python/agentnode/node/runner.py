@@ -191,12 +191,25 @@ class Node:
 
     async def submit(self, spec: TaskSpec) -> Task:
         """Queues a task durably (raises QueueFullError at a cap, TaskError on bad specs)."""
+        task, _ = await self.submit_once(spec)
+        return task
+
+    async def submit_once(
+        self, spec: TaskSpec, *, key: tuple[str, str] | None = None
+    ) -> tuple[Task, bool]:
+        """`submit`, under an idempotency key (key, request digest) if one is given: (the task,
+        whether it is new). See `TaskManager.submit_once`."""
         if not self.admitting:
             raise TaskError("the node is shutting down and admits no new tasks (retry later)")
-        task, _ = await self.manager.submit(spec)
-        self._publish(task)
-        self._wake.set()
-        return task
+        if key is None:
+            task, _ = await self.manager.submit(spec)
+            created = True
+        else:
+            task, created = await self.manager.submit_once(spec, key=key[0], digest=key[1])
+        if created:
+            self._publish(task)
+            self._wake.set()
+        return task, created
 
     async def cancel(self, task_id: str) -> Task:
         """Cancels a queued task, or stops a running one (SIGTERM, grace, kill)."""

@@ -30,10 +30,21 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 from agentnode.errors import TaskError
 from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
 
-__all__ = ["Queued", "Recovered", "TaskStore", "decode", "encode", "lane_of", "queued_of"]
+__all__ = [
+    "Queued",
+    "Recovered",
+    "SubmitKey",
+    "TaskStore",
+    "decode",
+    "encode",
+    "lane_of",
+    "queued_of",
+]
 
 _TASK = b"t/"
 _SEQ = b"meta/seq"
+# Idempotency keys of submits: b"i/" + the key → msgpack [task id, time, request digest].
+_KEY = b"i/"
 _MAX_CHECKPOINT = 64 << 20
 
 #: The record format this code writes; any other first byte is refused with a clear error.
@@ -52,6 +63,16 @@ _HEAD = struct.Struct("<BBBBQQQd")
 #: (seq, tenant, class, cpu_millis, memory_bytes, id, not_before). The first five are what
 #: `Scheduler.push_many` takes. Plain tuples: recovery makes one per queued task.
 Queued = tuple[int, str, str, int, int, str, float]
+
+
+class SubmitKey(NamedTuple):
+    """A client's idempotency key for one submit, and the task it made."""
+
+    key: str
+    task_id: str
+    at: float
+    #: Of the request that made it: the same key with another request is refused.
+    digest: str
 
 
 class Recovered(NamedTuple):
@@ -137,14 +158,16 @@ class TaskStore:
         self._seq = int(raw) if raw else 0
         self._closed = False
         self._pending: list[tuple[list[Task], asyncio.Future[None]]] = []
+        self._keys: list[SubmitKey] = []
 
     def next_seq(self) -> int:
         """A new submission sequence number, persisted with the next write."""
         self._seq += 1
         return self._seq
 
-    async def put(self, *tasks: Task) -> None:
-        """Persists the task records; returns once they are durable."""
+    async def put(self, *tasks: Task, key: SubmitKey | None = None) -> None:
+        """Persists the task records (and, in the same batch, a submit's idempotency `key`);
+        returns once they are durable."""
         if self._closed:
             raise TaskError(f"the task store at {self.root} is closed (reopen it)")
         loop = asyncio.get_running_loop()
@@ -152,7 +175,29 @@ class TaskStore:
         if not self._pending:
             loop.call_soon(self._flush)  # after the rest of this turn's callbacks
         self._pending.append((list(tasks), done))
+        if key is not None:
+            self._keys.append(key)
         await done
+
+    def load_keys(self, since: float) -> dict[str, SubmitKey]:
+        """The idempotency keys stored since `since` (older ones are deleted)."""
+        found: dict[str, SubmitKey] = {}
+        stale = WriteBatch(raw_mode=True)
+        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_KEY))
+        for k, v in items:
+            if not k.startswith(_KEY):
+                break
+            try:
+                task_id, at, digest = msgpack.unpackb(v)
+                key = SubmitKey(k[len(_KEY) :].decode(), task_id, float(at), digest)
+            except (ValueError, TypeError, msgpack.UnpackException):
+                key = None
+            if key is None or key.at < since:
+                stale.delete(k)
+            else:
+                found[key.key] = key
+        self._db.write(stale, self._wopts)
+        return found
 
     def put_now(self, *tasks: Task) -> None:
         """Synchronous `put`, for code that is not on an event loop."""
@@ -203,6 +248,9 @@ class TaskStore:
 
     def _commit(self, tasks: Iterable[Task]) -> None:
         batch = WriteBatch(raw_mode=True)
+        keys, self._keys = self._keys, []
+        for k in keys:
+            batch.put(_KEY + k.key.encode(), msgpack.packb([k.task_id, k.at, k.digest]))
         for t in tasks:
             batch.put(_TASK + t.id.encode(), encode(t))
         batch.put(_SEQ, str(self._seq).encode())
