@@ -376,3 +376,28 @@ def test_idempotency_key_returns_the_first_task_also_across_restarts(tmp_path: P
     finally:
         if d.proc is not None:
             d.stop()
+
+
+def test_a_follower_that_leaves_is_no_error(tmp_path: Path) -> None:
+    import socket as socketlib
+
+    with daemon(tmp_path) as d:
+        chatty = d.submit(["sh", "-c", "while true; do echo line; sleep 0.01; done"])
+        quiet = d.submit(["sleep", "30"])
+        d.wait(chatty["id"], states=("running",))
+        for path in (f"/v1/tasks/{chatty['id']}/logs?follow=1",
+                     f"/v1/tasks/{quiet['id']}/logs?follow=1", "/v1/events") * 5:  # fmt: skip
+            s = socketlib.socket(socketlib.AF_UNIX)
+            s.connect(str(d.socket))
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+            s.close()
+        d.submit(["true"])  # an event for the events followers to fail on
+        time.sleep(1.0)  # the chatty log's next writes meet the closed sockets
+        for task in (chatty, quiet):
+            d.client.call("POST", f"/v1/tasks/{task['id']}/cancel")
+            d.wait(task["id"])
+        assert d.client.call("GET", "/healthz")["ok"]
+    assert not [line for line in d.lines if "Traceback" in line or "Error handling" in line], (
+        d.lines
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -433,11 +434,32 @@ async def _heartbeat(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-async def _logs(request: web.Request) -> web.StreamResponse:
+def _until_client_leaves(
+    stream: Callable[[web.Request, web.StreamResponse], Awaitable[None]],
+) -> _Handler:
+    """A streaming handler, given its prepared response, whose client may leave at any time:
+    that ends it quietly (a `logs -f` or `events` client that disconnects is normal, not an
+    error to log)."""
+
+    @functools.wraps(stream)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        try:
+            await stream(request, resp)
+            await resp.write_eof()
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            pass
+        return resp
+
+    return handler
+
+
+@_until_client_leaves
+async def _logs(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
     task = _task(request)
     follow = request.query.get("follow") in ("1", "true")
-    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    resp.content_type, resp.charset = "text/plain", "utf-8"
     await resp.prepare(request)
     attempt = 1
     offset = 0
@@ -455,16 +477,16 @@ async def _logs(request: web.Request) -> web.StreamResponse:
             continue
         if not follow or (current.state in TERMINAL and task.id not in node.running):
             break
+        if request.transport is None or request.transport.is_closing():
+            return  # the client left while there was nothing to send
         await asyncio.sleep(0.05)
-    await resp.write_eof()
-    return resp
 
 
-async def _events(request: web.Request) -> web.StreamResponse:
+@_until_client_leaves
+async def _events(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
+    resp.content_type = "text/event-stream"
+    resp.headers["Cache-Control"] = "no-cache"
     await resp.prepare(request)
     async with node.events() as queue:
         ended = False
@@ -482,8 +504,6 @@ async def _events(request: web.Request) -> web.StreamResponse:
                         f"event: transition\ndata: {json.dumps(e)}\n\n" for e in events
                     ).encode()
                 )
-    await resp.write_eof()
-    return resp
 
 
 async def _get_checkpoint(request: web.Request) -> web.Response:
