@@ -401,3 +401,46 @@ def test_a_follower_that_leaves_is_no_error(tmp_path: Path) -> None:
     assert not [line for line in d.lines if "Traceback" in line or "Error handling" in line], (
         d.lines
     )
+
+
+# -- stalls --------------------------------------------------------------------------------------
+
+#: Heartbeats every 0.3 s through the task socket for `seconds`, then exits 0.
+BEAT = """
+import http.client, os, socket, sys, time
+class Conn(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect("/run/agentnode/task.sock")
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    c = Conn("localhost", timeout=60)
+    c.request("POST", "/v1/tasks/" + os.environ["AGENTNODE_TASK_ID"] + "/heartbeat",
+              headers={"Authorization": "Bearer " + os.environ["AGENTNODE_TOKEN"]})
+    assert c.getresponse().status == 200
+    c.close()
+    time.sleep(0.3)
+"""
+
+
+def test_a_stopped_daemon_judges_tasks_by_their_own_time(tmp_path: Path) -> None:
+    """SIGSTOP for 5 s: tasks that exited before their deadline succeeded, and a task that kept
+    heartbeating (its beats waiting in the socket) is not killed for missing them."""
+    with daemon(tmp_path) as d:
+        quick = [d.submit(["sh", "-c", "sleep 1"], timeout="3s") for _ in range(6)]
+        beating = [d.submit(["/usr/bin/python3", "-c", BEAT, "8"], heartbeat="2s",
+                            timeout="60s") for _ in range(2)]  # fmt: skip
+        slow = d.submit(["sleep", "30"], timeout="2s")
+        for t in [*quick, *beating, slow]:
+            d.wait(t["id"], states=("running",))
+        time.sleep(0.5)
+        os.kill(d.pid, signal.SIGSTOP)
+        time.sleep(5)
+        os.kill(d.pid, signal.SIGCONT)
+        for t in quick:
+            done = d.wait(t["id"])
+            assert done["state"] == "succeeded", done["reason"]
+        for t in beating:
+            done = d.wait(t["id"], timeout=30)
+            assert done["state"] == "succeeded", (done["reason"], d.log(t["id"]))
+        assert d.wait(slow["id"])["state"] == "timed_out", "a task still running past it is"

@@ -42,6 +42,9 @@ log = logging.getLogger("agentnode.node")
 # A scheduling pass that has not come round for this long is reported as stalled in /healthz:
 # a pass waits on at most 64 starts on two spawn threads, which take well under a second each.
 _STALL_S = 60.0
+# A gap this much longer than the loop's 0.25 s poll between heartbeat checks means the node
+# itself was away (SIGSTOP, a stall), not the tasks.
+_AWAY_S = 2.0
 
 #: Where a task finds the node's task API (the daemon's task socket is bound there).
 TASK_SOCKET = "/run/agentnode/task.sock"
@@ -93,6 +96,7 @@ class Node:
         # Why the last scheduling pass failed (None: it succeeded), and when a pass last ended.
         self._loop_error: str | None = None
         self._loop_tick = time.monotonic()
+        self._beats_checked = time.monotonic()
         # Sandboxes start on long-lived threads, off the event loop (the native spawn releases
         # the GIL while the child sets up), two at a time. Long-lived because a task's
         # PDEATHSIG fires when the thread that cloned it (this one, or the zygote pool's) exits.
@@ -436,6 +440,14 @@ class Node:
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
+        gap, self._beats_checked = now - self._beats_checked, now
+        if gap > _AWAY_S:
+            # The node itself did not run (stopped, or stalled): the heartbeats sent meanwhile
+            # still wait in their sockets, to be read in the next turns. No task is judged for
+            # the time the node was away.
+            for r in self.running.values():
+                r.last_beat += gap
+            return
         for r in list(self.running.values()):
             beat = r.task.spec.heartbeat_s
             if beat is not None and now - r.last_beat > beat and r.stop_as is None:
