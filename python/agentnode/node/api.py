@@ -26,7 +26,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
+from agentnode.errors import (
+    AgentnodeError,
+    DiskFullError,
+    QueueFullError,
+    StorageError,
+    TaskError,
+)
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.server import Attribution
 from agentnode.inference.server import Principal as InferencePrincipal
@@ -72,6 +78,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
         return _error(400, str(e), e.field)
     except QueueFullError as e:
         return _error(429, str(e))
+    except DiskFullError as e:
+        return _error(507, str(e))
     except TaskError as e:
         status = 404 if str(e).startswith("no task") else 409
         return _error(status, str(e))
@@ -551,9 +559,11 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _healthz(request: web.Request) -> web.Response:
     """200 while the node can take and start work; 503 naming what is failing otherwise."""
-    checks = request.app[NODE].health()
+    node = request.app[NODE]
+    checks = node.health()
     ok = all(v == "ok" for v in checks.values())
-    return web.json_response({"ok": ok, **checks}, status=200 if ok else 503)
+    body = {"ok": ok, **checks, "disk_full": node.manager.store.disk_full is not None}
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def _openapi(request: web.Request) -> web.FileResponse:

@@ -257,7 +257,8 @@ class Node:
 
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: `ok`, or `failing: <why>`."""
-        return {"scheduler": self.scheduler_health()}
+        full = self.manager.store.disk_full
+        return {"scheduler": self.scheduler_health(), "store": f"failing: {full}" if full else "ok"}
 
     def scheduler_health(self) -> str:
         """`ok`, or what keeps the scheduling loop from starting tasks (for /healthz)."""

@@ -16,9 +16,12 @@ acknowledges something a process crash can lose (with `sync=True`, nor a power l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
 from pathlib import Path
@@ -27,7 +30,7 @@ from typing import Any, NamedTuple, cast
 import msgpack
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from agentnode.errors import TaskError
+from agentnode.errors import DiskFullError, TaskError
 from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
 
 __all__ = [
@@ -46,6 +49,9 @@ _SEQ = b"meta/seq"
 # Idempotency keys of submits: b"i/" + the key → msgpack [task id, time, request digest].
 _KEY = b"i/"
 _MAX_CHECKPOINT = 64 << 20
+# After a failed write the database refuses every later one ("Writer has previous error") until
+# reopened; the scheduling loop writes every 0.25 s, so reopening is tried at most this often.
+_REOPEN_S = 1.0
 
 #: The record format this code writes; any other first byte is refused with a clear error.
 _FORMAT = 1
@@ -149,9 +155,14 @@ class TaskStore:
         # Half-written checkpoints of a process that died mid-write; the last complete one stays.
         for stale in self.checkpoints.glob("*.tmp"):
             stale.unlink()
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        self._db = Rdict(str(root / "db"), opts)
+        self._opts = Options(raw_mode=True)
+        self._opts.create_if_missing(True)
+        self._db = Rdict(str(root / "db"), self._opts)
+        #: Why the store cannot write for want of space (None: it can).
+        self.disk_full: str | None = None
+        # The error of the last failed write, and when a reopen was last tried.
+        self._failed: TaskError | None = None
+        self._reopened = 0.0
         self._wopts = WriteOptions()
         self._wopts.sync = sync
         raw = self._db.get(_SEQ)
@@ -247,6 +258,8 @@ class TaskStore:
         )
 
     def _commit(self, tasks: Iterable[Task]) -> None:
+        if self._failed is not None:
+            self._reopen()
         batch = WriteBatch(raw_mode=True)
         keys, self._keys = self._keys, []
         for k in keys:
@@ -254,7 +267,40 @@ class TaskStore:
         for t in tasks:
             batch.put(_TASK + t.id.encode(), encode(t))
         batch.put(_SEQ, str(self._seq).encode())
-        self._db.write(batch, self._wopts)
+        try:
+            self._db.write(batch, self._wopts)
+        except Exception as e:
+            self._failed = self._write_error(e)
+            raise self._failed from None
+        self._failed = self.disk_full = None
+
+    def _write_error(self, e: Exception) -> TaskError:
+        if "No space left" in str(e):
+            self.disk_full = f"the disk holding {self.root} is full"
+            return DiskFullError(
+                f"{self.disk_full}: the task store cannot record anything (free space; the "
+                "node resumes by itself)"
+            )
+        return TaskError(
+            f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
+        )
+
+    def _reopen(self) -> None:
+        """Reopens the database after a failed write (RocksDB keeps that error until then) and
+        re-reads what it holds; raises the failure again while that cannot be done."""
+        assert self._failed is not None
+        if time.monotonic() - self._reopened < _REOPEN_S:
+            raise self._failed
+        self._reopened = time.monotonic()
+        with contextlib.suppress(Exception):  # it reports the error it holds, and closes
+            self._db.close()
+        try:
+            self._db = Rdict(str(self.root / "db"), self._opts)
+            raw = self._db.get(_SEQ)
+        except Exception as e:
+            self._failed = self._write_error(e)
+            raise self._failed from None
+        self._seq = max(self._seq, int(raw) if raw else 0)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -263,10 +309,8 @@ class TaskStore:
         error: BaseException | None = None
         try:
             self._commit(t for tasks, _ in pending for t in tasks)
-        except Exception as e:
-            error = TaskError(
-                f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
-            )
+        except TaskError as e:
+            error = e
         for _, done in pending:
             if done.done():  # its waiter was cancelled; the write stands
                 continue
@@ -295,8 +339,13 @@ class TaskStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"the disk holding {self.checkpoints} is full: checkpoint not stored (the "
+                    "last one stays; free space)"
+                ) from None
             raise
         return path
 
@@ -310,4 +359,8 @@ class TaskStore:
             return
         self._closed = True
         self._flush()
-        self._db.close()
+        try:
+            self._db.close()
+        except Exception:
+            if self._failed is None:
+                raise  # a database that failed a write reports it again; it is closed anyway
