@@ -10,14 +10,17 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from agentnode.isolation import USERNS_BASE
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
@@ -293,14 +296,24 @@ print(c.getresponse().status, os.getuid(), flush=True)
 """
 
 
-def test_the_task_socket_is_for_tasks_and_root_and_tokens_die_with_their_task(
-    tmp_path: Path,
-) -> None:
+def test_the_task_socket_is_for_tasks_and_root_and_tokens_die_with_their_task() -> None:
+    # A user-namespaced task binds the socket in as an unprivileged host id: the state may not
+    # sit under pytest's private (0700) tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="agentnode-sock-", dir="/var/tmp"))
+    try:
+        root.chmod(0o755)
+        _task_socket(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _task_socket(tmp_path: Path) -> None:
     with daemon(tmp_path) as d:
         sock = d.data / "run" / "task.sock"
-        assert (sock.parent.stat().st_mode & 0o777) == 0o700, "root's alone on the host"
-        for user in ("65534", "1000:1000"):
-            task = d.submit(["/usr/bin/python3", "-c", ASK], user=user)
+        st = sock.parent.stat()
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o710, 0, USERNS_BASE)
+        for user, userns in (("65534", False), ("1000:1000", False), ("0", True), ("7", True)):
+            task = d.submit(["/usr/bin/python3", "-c", ASK], user=user, userns=userns)
             assert d.wait(task["id"])["state"] == "succeeded", d.log(task["id"])
             assert d.log(task["id"]).split() == ["200", user.split(":")[0]], "tasks reach it"
         for user in ("65534", "1000"):

@@ -82,7 +82,7 @@ async def serve(config: NodeConfig) -> None:
     from aiohttp import web
 
     from agentnode.inference.server import create_app
-    from agentnode.isolation import use_data_dir
+    from agentnode.isolation import USERNS_BASE, use_data_dir
     from agentnode.node.api import TaskTokens, admin_app, task_app, task_attribution
     from agentnode.node.metrics import NodeMetrics
     from agentnode.node.runner import Node
@@ -126,12 +126,13 @@ async def serve(config: NodeConfig) -> None:
         for r in runners:
             await r.setup()
         await _unix_site(runners[0], config.socket, 0o660, "agentnode")
-        # Tasks run as any user, so the socket itself is open to all; its directory is root's
-        # alone, so on the host only root reaches it, and tasks reach it where it is bound in.
-        # The task API itself admits only the token of a running task.
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chown(run_dir, 0, 0)
-        run_dir.chmod(0o700)
+        # Tasks run as any user, so the socket itself is open to all; its directory admits only
+        # root and the group a user-namespaced task's root maps to (its sandbox binds the socket
+        # in as that identity), so on the host no one else reaches it. The task API itself admits
+        # only the token of a running task.
+        run_dir.mkdir(mode=0o710, parents=True, exist_ok=True)
+        os.chown(run_dir, 0, USERNS_BASE)
+        run_dir.chmod(0o710)
         await _unix_site(runners[1], node.task_socket, 0o666, None)
         where = [f"unix:{config.socket}"]
         if config.listen is not None:
