@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rocksdict import Options, Rdict
+
 from agentnode.isolation import USERNS_BASE
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
@@ -96,6 +98,12 @@ def test_a_task_whose_start_raises_fails_alone_and_never_wedges_the_loop(tmp_pat
     odd = seed(data, small(["true"]))[0]
     (data / "logs").mkdir(parents=True)
     (data / "logs" / f"{odd}.1.log").mkdir()
+    # A queued record whose body no version can decode (its header is fine).
+    damaged = seed(data, small(["true"]))[0]
+    db = Rdict(str(data / "tasks" / "db"), Options(raw_mode=True))
+    record = db[b"t/" + damaged.encode()]
+    db[b"t/" + damaged.encode()] = record[: -len(record) // 2] + b"\xc1" * 8
+    db.close()
     # A poison task that was starting when the last node died: lost, retried, fails again.
     restarted = seed(data, forged(small(["true"], retries=1), user="4294967296"),
                      state=State.STARTING)[0]  # fmt: skip
@@ -108,6 +116,8 @@ def test_a_task_whose_start_raises_fails_alone_and_never_wedges_the_loop(tmp_pat
         reason = failed_or_unreadable(d, odd)
         assert "IsADirectoryError" in reason or "Is a directory" in reason, reason
         failed_or_unreadable(d, restarted)
+        assert failed_or_unreadable(d, damaged).startswith("unreadable: "), "never started"
+        assert any(f"task {damaged} cannot be started" in line for line in d.lines), d.lines
         after = d.submit(["true"])
         assert d.wait(after["id"])["state"] == "succeeded", "the loop still starts tasks"
         assert d.client.call("GET", "/healthz")["ok"] is True
