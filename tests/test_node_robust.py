@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +27,7 @@ from agentnode.isolation import USERNS_BASE
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
-from conftest import root_only
+from conftest import root_only, run_cli
 from egress_world import World
 from node_daemon import Daemon, daemon
 from test_egress_tasks import subnet
@@ -523,3 +524,28 @@ def _fill_and_free(d: Daemon) -> None:
         status, health = call(d, "GET", "/healthz")
     assert status == 200 and health["disk_full"] is False, health
     assert b"agentnode_disk_full 0.0" in call(d, "GET", "/metrics")[1]
+
+
+def test_a_chatty_task_log_is_capped_and_the_cut_is_marked(tmp_path: Path) -> None:
+    with daemon(tmp_path, "[node]\nlog_max_mb = 1\n") as d:
+        # ~10 MiB in 64 KiB lines of one repeated letter per line, as fast as it can.
+        chatty = d.submit(["sh", "-c", "head -c 10485760 /dev/zero | tr '\\0' x | fold -w 65535"])
+        follow = threading.Thread(target=lambda: run_cli(
+            ["logs", "-f", chatty["id"], "--socket", str(d.socket)]), daemon=True)  # fmt: skip
+        follow.start()
+        done = d.wait(chatty["id"], timeout=60)
+        assert done["state"] == "succeeded", done["reason"]
+        log = d.data / "logs" / f"{chatty['id']}.1.log"
+        kept = log.with_name(log.name + ".1")
+        assert kept.exists(), "it passed its cap at least once"
+        # A pass every 0.25 s: at most what it wrote meanwhile over the cap.
+        assert log.stat().st_size < 8 << 20 and kept.stat().st_size < 8 << 20
+        head = log.read_text().splitlines()[0]
+        assert head.startswith("[agentnode: ") and "passed its 1 MiB cap" in head, head[:200]
+        assert kept.name in head
+        follow.join(30)
+        assert not follow.is_alive(), "logs -f ends with its task across rotations"
+    with daemon(tmp_path / "off", "[node]\nlog_max_mb = 0\n") as d:
+        t = d.submit(["sh", "-c", "head -c 3145728 /dev/zero"])
+        assert d.wait(t["id"])["state"] == "succeeded"
+        assert (d.data / "logs" / f"{t['id']}.1.log").stat().st_size == 3 << 20, "0: no cap"

@@ -476,6 +476,8 @@ async def _logs(request: web.Request, resp: web.StreamResponse) -> None:
         path = node.log_path(task.id, attempt)
         if path.exists():
             with path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:
+                    offset = 0  # rotated past its cap: go on from its marker line
                 f.seek(offset)
                 while chunk := f.read(1 << 16):
                     await resp.write(chunk)

@@ -29,6 +29,7 @@ from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
+from agentnode.node.logcap import rotate_if_over
 from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
@@ -97,6 +98,7 @@ class Node:
         self._loop_error: str | None = None
         self._loop_tick = time.monotonic()
         self._beats_checked = time.monotonic()
+        self._rotating: set[Path] = set()
         # Sandboxes start on long-lived threads, off the event loop (the native spawn releases
         # the GIL while the child sets up), two at a time. Long-lived because a task's
         # PDEATHSIG fires when the thread that cloned it (this one, or the zygote pool's) exits.
@@ -278,6 +280,7 @@ class Node:
             try:
                 await self._start_ready()
                 self._check_heartbeats()
+                self._cap_logs()
             except Exception as e:
                 # Whatever one pass hits (a store that cannot write, a bug), the loop lives on:
                 # /healthz says why, and the next pass tries again.
@@ -453,6 +456,31 @@ class Node:
             beat = r.task.spec.heartbeat_s
             if beat is not None and now - r.last_beat > beat and r.stop_as is None:
                 self._stop(r, State.TIMED_OUT, f"no heartbeat for {beat:g} s")
+
+    def _cap_logs(self) -> None:
+        """Rotates running tasks' logs that passed `log_max_bytes`, on a thread, one at a time
+        per log (a stat per running task per pass; the copy is the thread's)."""
+        limit = self.config.log_max_bytes
+        if not limit:
+            return
+        for r in self.running.values():
+            path = self.log_path(r.task.id, r.task.attempt)
+            if path in self._rotating:
+                continue
+            try:
+                if path.stat().st_size <= limit:
+                    continue
+            except FileNotFoundError:
+                continue
+            self._rotating.add(path)
+            job = asyncio.get_running_loop().run_in_executor(None, rotate_if_over, path, limit)
+            job.add_done_callback(functools.partial(self._rotated, path))
+
+    def _rotated(self, path: Path, job: asyncio.Future[bool]) -> None:
+        self._rotating.discard(path)
+        error = None if job.cancelled() else job.exception()
+        if error is not None:
+            log.error("cannot rotate %s: %s", path, _describe(error))
 
     async def shutdown(self) -> None:
         """Stops admitting, stops every running task with the configured grace, waits for them
