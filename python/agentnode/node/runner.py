@@ -277,17 +277,25 @@ class Node:
         # races with the event it waits on, and the loop would never end.
         while self.admitting:
             self._wake.clear()
+            # Whatever one pass hits (a store that cannot write, a bug), the loop lives on:
+            # /healthz says why, and the next pass tries again. Starts failing does not stop
+            # the running tasks' heartbeats and logs from being watched.
+            error: Exception | None = None
             try:
                 await self._start_ready()
+            except Exception as e:
+                error = e
+            try:
                 self._check_heartbeats()
                 self._cap_logs()
             except Exception as e:
-                # Whatever one pass hits (a store that cannot write, a bug), the loop lives on:
-                # /healthz says why, and the next pass tries again.
-                self._loop_error = f"failing: {_describe(e)}"
-                log.error("scheduling failed: %s", _describe(e))
-            else:
-                self._loop_error = None
+                error = error or e
+            was = self._loop_error
+            self._loop_error = None if error is None else f"failing: {_describe(error)}"
+            if self._loop_error is not None and self._loop_error != was:
+                log.error("scheduling %s", self._loop_error)  # once, not every 0.25 s
+            elif was is not None and self._loop_error is None:
+                log.warning("scheduling works again (it was %s)", was)
             self._loop_tick = time.monotonic()
             # Wake for submits and ends at once; poll for backoffs and heartbeats.
             with contextlib.suppress(TimeoutError):

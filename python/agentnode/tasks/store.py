@@ -278,8 +278,8 @@ class TaskStore:
         if "No space left" in str(e):
             self.disk_full = f"the disk holding {self.root} is full"
             return DiskFullError(
-                f"{self.disk_full}: the task store cannot record anything (free space; the "
-                "node resumes by itself)"
+                f"{self.disk_full} (No space left on device): the task store cannot record "
+                "anything (free space; the node resumes by itself)"
             )
         return TaskError(
             f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
@@ -311,6 +311,8 @@ class TaskStore:
             self._commit(t for tasks, _ in pending for t in tasks)
         except TaskError as e:
             error = e
+        except Exception as e:  # not the database's (it would be a TaskError): say what it was
+            error = self._write_error(e)
         for _, done in pending:
             if done.done():  # its waiter was cancelled; the write stands
                 continue
