@@ -524,6 +524,8 @@ def test_every_refusal_is_json_in_the_callers_format(env: ProxyEnv) -> None:
     ]
     for method, path, body, status, code in cases:
         for fmt_headers in ({}, {"anthropic-version": "2023-06-01"}):
+            if fmt_headers and path == "/v1/chat/completions" and method == "POST":
+                path = "/v1/messages"  # an endpoint answers in its own format
             r = httpx.request(method, env.url + path, content=body, headers=key | fmt_headers,
                               timeout=60)  # fmt: skip
             assert r.status_code == status, (method, path, r.text)
