@@ -507,6 +507,40 @@ def test_malformed_requests_get_400_in_provider_format(env: ProxyEnv) -> None:
     assert env.mocks["a"].requests == [] and env.mocks["c"].requests == []
 
 
+def test_every_refusal_is_json_in_the_callers_format(env: ProxyEnv) -> None:
+    """Deep nesting, an unknown path, a wrong method and an oversized body: each a JSON error
+    the caller's SDK understands, never a 500 or aiohttp's plain text."""
+    key = {"x-api-key": "sk-acme"}
+    deep = b'{"model": "gpt-x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        r = httpx.post(env.url + path, content=deep, headers=key)
+        assert r.status_code == 400, r.text
+        assert "nested too deeply" in r.text
+    cases = [
+        ("GET", "/v1/nothing", b"", 404, "not_found"),
+        ("GET", "/v1/chat/completions", b"", 405, "method_not_allowed"),
+        ("PUT", "/v1/usage", b"", 405, "method_not_allowed"),
+        ("POST", "/v1/chat/completions", b"x" * ((64 << 20) + 1), 413, "request_too_large"),
+    ]
+    for method, path, body, status, code in cases:
+        for fmt_headers in ({}, {"anthropic-version": "2023-06-01"}):
+            if fmt_headers and path == "/v1/chat/completions" and method == "POST":
+                path = "/v1/messages"  # an endpoint answers in its own format
+            r = httpx.request(method, env.url + path, content=body, headers=key | fmt_headers,
+                              timeout=60)  # fmt: skip
+            assert r.status_code == status, (method, path, r.text)
+            assert r.headers["Content-Type"].startswith("application/json"), r.text
+            err = r.json()
+            if fmt_headers:
+                assert err["type"] == "error" and err["error"]["message"], err
+            else:
+                assert err["error"]["code"] == code, err
+    with pytest.raises(openai.NotFoundError):
+        env.openai().post("/nothing", cast_to=httpx.Response)
+    with pytest.raises(anthropic.NotFoundError):
+        env.anthropic().post("/v1/nothing", cast_to=httpx.Response)
+
+
 def test_upstream_garbage_is_502_with_clear_message(env: ProxyEnv) -> None:
     env.mocks["a"].faults.append(Fault(garbage=True))
     with pytest.raises(openai.APIStatusError, match="gpt-a returned a body that is not JSON") as e:

@@ -202,10 +202,13 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
         task, token = await m.submit(spec())
         with pytest.raises(TaskError, match="not started"):
             await m.finish(task.id, State.CANCELLED)
-        assert m.task_of_token(token) == task and m.task_of_token("nope") is None
+        assert m.task_of_token(token) is None, "a queued task's token is not live yet"
+        assert m.task_of_token("nope") is None
         [started] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
         assert started.state is State.STARTING
-        await m.mark_running(task.id)
+        assert m.task_of_token(token) == started
+        running = await m.mark_running(task.id)
+        assert m.task_of_token(token) == running
         m.store.write_checkpoint(task.id, b"step 40")
         m.store.write_checkpoint(task.id, b"step 41")
         assert m.store.read_checkpoint(task.id) == b"step 41"
@@ -214,11 +217,14 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
         again = await m.finish(task.id, State.FAILED, reason="exit 1")
         assert again.state is State.QUEUED and again.attempt == 2
         assert m.task_of_token(token) is None, "a retry gets a new token; the old one is dead"
-        assert m.task_of_token(m.token_for(again)) == again
+        assert m.token_for(again) != token
+        assert m.task_of_token(m.token_for(again)) is None, "live once the retry starts"
         assert m.store.checkpoint_path(task.id).read_bytes() == b"step 41"
         [second] = await m.next_tasks(4, free_cpu_millis=BIG, free_memory_bytes=BIG)
         await m.mark_running(second.id)
+        assert m.task_of_token(m.token_for(again)) is not None
         final = await m.finish(task.id, State.FAILED)
+        assert m.task_of_token(m.token_for(again)) is None, "revoked when its attempt ends"
         assert final.state is State.FAILED and final.attempt == 2, "attempts are capped"
         states = [s for s, _ in final.history]
         assert states == [

@@ -269,8 +269,14 @@ def test_bad_input(tmp_path: Path) -> None:
             (lambda: coll.search([0.0] * 4, 0), "k must be a positive integer"),
             (lambda: store.create_collection("docs", dims=4), "already exists"),
             (lambda: store.create_collection("bad/name", dims=4), "bad collection name"),
-            (lambda: store.create_collection("x", dims=0), "dims must be between 1"),
-            (lambda: store.create_collection("x", dims=-3), "dims must be a non-negative"),
+            (
+                lambda: store.create_collection("x", dims=0),
+                "dims must be an integer from 1 to 65536",
+            ),
+            (
+                lambda: store.create_collection("x", dims=-3),
+                "dims must be an integer from 1 to 65536",
+            ),
             (lambda: store.create_collection("x", dims=4, metric="cosine"), "unknown metric"),  # type: ignore[arg-type]
             (lambda: store.create_collection("x", dims=4, dtype="f64"), "unknown dtype"),  # type: ignore[arg-type]
         ]

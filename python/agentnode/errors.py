@@ -9,6 +9,7 @@ __all__ = [
     "CgroupError",
     "CollectionExistsError",
     "ConfigError",
+    "DiskFullError",
     "EgressError",
     "MemoryKeyError",
     "NotFoundError",
@@ -65,6 +66,11 @@ class TaskError(AgentnodeError):
 
 class QueueFullError(TaskError):
     """A tenant's queue is at its cap; the daemon answers 429. Retry later or raise the cap."""
+
+
+class DiskFullError(TaskError):
+    """The task store cannot write for want of disk space; the daemon answers 507 and resumes by
+    itself once space is freed."""
 
 
 class StorageError(AgentnodeError):

@@ -62,6 +62,14 @@ _REQUIRED = {
 }
 
 
+_UNKNOWN_KEY = (
+    "missing or unknown API key (a task uses its AGENTNODE_TOKEN, which the SDKs read from "
+    "OPENAI_API_KEY/ANTHROPIC_API_KEY; others a key of [inference.tenants])"
+)
+_MAX_BODY = 64 << 20
+_TOO_LARGE = f"request body is over the {_MAX_BODY}-byte limit"
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who a request is billed to: a tenant's API key, or a task's own token in the node."""
@@ -266,20 +274,21 @@ class Proxy:
         # Authenticate first: a stranger learns nothing, not even how we validate bodies.
         principal = self.attribution(request, self.config)
         if principal is None:
-            return self._reject(
-                endpoint,
-                fmt,
-                401,
-                "unknown API key (use a key configured for a tenant in [inference.tenants])",
-                "invalid_api_key",
-            )
-        body = await request.read()
+            return self._reject(endpoint, fmt, 401, _UNKNOWN_KEY, "invalid_api_key")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(endpoint, fmt, 413, _TOO_LARGE, "request_too_large")
         try:
             # Strictly UTF-8 (json.loads would take UTF-16 too): these bytes go upstream as-is.
             payload = json.loads(body.decode())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return self._reject(
                 endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
+            )
+        except RecursionError:
+            return self._reject(
+                endpoint, fmt, 400, "request body is nested too deeply", "invalid_json"
             )
         problem = _validate(endpoint, payload)
         if problem:
@@ -857,13 +866,62 @@ def _cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> bytes:
 
 
 PROXY = web.AppKey("proxy", Proxy)
+# Whether every route needs a credential (`create_app(require_credential=...)`).
+_REQUIRE = web.AppKey("require_credential", bool)
+
+
+def _credential(request: web.Request) -> Principal | web.Response | None:
+    """For the routes that are not endpoints: with `require_credential`, the caller's principal,
+    or a 401 in its provider's format; None when no credential is required. (Checked in each
+    handler rather than by a middleware: a middleware would cost every endpoint request a
+    wrapper, in the proxy's hot path.)"""
+    proxy = request.app[PROXY]
+    if not request.app[_REQUIRE]:
+        return None
+    principal = proxy.attribution(request, proxy.config)
+    if principal is None:
+        return error_response(_caller_format(request), 401, _UNKNOWN_KEY, code="invalid_api_key")
+    return principal
+
+
+async def _unrouted(request: web.Request) -> web.Response:
+    """Whatever no route serves: 404, or 405 for a known path, in the caller's provider format
+    (aiohttp's own answers are plain text), after the credential if one is required."""
+    refused = _credential(request)
+    if isinstance(refused, web.Response):
+        return refused
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            allowed |= (await resource.resolve(request))[1]
+    fmt = _caller_format(request)
+    where = f"{request.method} {request.path}"
+    if not allowed:
+        return error_response(fmt, 404, f"Not Found: {where}", code="not_found")
+    answer = error_response(
+        fmt,
+        405,
+        f"Method Not Allowed: {where} (use {', '.join(sorted(allowed))})",
+        code="method_not_allowed",
+    )
+    answer.headers["Allow"] = ",".join(sorted(allowed))
+    return answer
 
 
 def create_app(
-    config: ProxyConfig, *, attribution: Attribution = key_attribution
+    config: ProxyConfig,
+    *,
+    attribution: Attribution = key_attribution,
+    require_credential: bool = False,
 ) -> web.Application:
-    """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx.
+
+    `require_credential` (the node's proxy, which tasks reach under every egress policy): every
+    route needs a key `attribution` knows, and a task's token cannot read the proxy's metrics
+    (they hold every tenant's spend)."""
+    app = web.Application(client_max_size=_MAX_BODY)
+    app[_REQUIRE] = require_credential
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = await Store.open(config.state_dir)
@@ -898,6 +956,8 @@ def create_app(
     app.router.add_get("/v1/models/{model_id:.+}", _model)
     app.router.add_get("/v1/usage", _usage)
     app.router.add_get("/metrics", _metrics)
+    # Last: tried only once no route above matched the path and method.
+    app.router.add_route("*", "/{tail:.*}", _unrouted)
     return app
 
 
@@ -930,6 +990,9 @@ def _caller_format(request: web.Request) -> str:
 
 async def _model(request: web.Request) -> web.Response:
     """One model (`GET /v1/models/{id}`) in the caller's format; 404 when not served here."""
+    refused = _credential(request)
+    if isinstance(refused, web.Response):
+        return refused
     fmt = _caller_format(request)
     name = request.match_info["model_id"]
     if name not in _served_models(request.app[PROXY].config, fmt if fmt == "anthropic" else None):
@@ -944,6 +1007,9 @@ async def _model(request: web.Request) -> web.Response:
 
 async def _models(request: web.Request) -> web.Response:
     """The models list in the caller's format (see `_caller_format`)."""
+    refused = _credential(request)
+    if isinstance(refused, web.Response):
+        return refused
     cfg = request.app[PROXY].config
     if _caller_format(request) == "openai":
         data = [_model_object("openai", n) for n in _served_models(cfg, None)]
@@ -988,7 +1054,7 @@ async def _usage(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
     principal = proxy.attribution(request, proxy.config)
     if principal is None:
-        return error_response("openai", 401, "unknown API key", code="invalid_api_key")
+        return error_response(_caller_format(request), 401, _UNKNOWN_KEY, code="invalid_api_key")
     group_by = tuple(g for g in request.query.get("group_by", "tenant").split(",") if g)
     try:
         # A tenant sees only its own spending; without tenants configured, everything.
@@ -1000,5 +1066,15 @@ async def _usage(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    principal = _credential(request)
+    if isinstance(principal, web.Response):
+        return principal
+    if principal is not None and principal.pinned:
+        return error_response(
+            "openai",
+            403,
+            "a task's token cannot read the proxy's metrics (they cover every tenant)",
+            code="forbidden",
+        )
     body = generate_latest(request.app[PROXY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

@@ -572,7 +572,10 @@ class Task:
             try:
                 await asyncio.wait_for(asyncio.shield(ready), left)
             except TimeoutError:
-                return self._time_out()
+                # The deadline and the exit can come due in one turn of a loop that could not
+                # run (a stopped or stalled daemon): a task that ended by itself did not time out.
+                exit = self._native.wait(0)
+                return self._time_out() if exit is None else self._finish(exit)
         finally:
             loop.remove_reader(fd)
         # Readable means exited, so this returns at once; but reaping reads the final accounting

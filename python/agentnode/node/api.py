@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import hmac
 import json
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
+from agentnode.errors import (
+    AgentnodeError,
+    DiskFullError,
+    QueueFullError,
+    StorageError,
+    TaskError,
+)
 from agentnode.inference.config import ProxyConfig
-from agentnode.inference.server import Attribution, key_attribution
+from agentnode.inference.server import Attribution
 from agentnode.inference.server import Principal as InferencePrincipal
 from agentnode.isolation.task import capability_number
 from agentnode.isolation.units import parse_bind, parse_duration, parse_size
@@ -75,6 +82,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
         return _error(400, str(e), e.field)
     except QueueFullError as e:
         return _error(429, str(e))
+    except DiskFullError as e:
+        return _error(507, str(e))
     except TaskError as e:
         status = 404 if str(e).startswith("no task") else 409
         return _error(status, str(e))
@@ -356,8 +365,27 @@ async def _submit(request: web.Request) -> web.Response:
             f"requests {spec.memory_bytes >> 20} MiB, this node has "
             f"{inv.allocatable_memory_bytes >> 20} MiB allocatable (it could never start)",
         )
-    task = await node.submit(spec)
-    return web.json_response(task_json(request.app[NODE], task), status=201)
+    key = _idempotency_key(request, body)
+    task, created = await node.submit_once(spec, key=key)
+    return web.json_response(
+        task_json(node, task),
+        status=201 if created else 200,
+        headers=None if created else {"Idempotent-Replayed": "true"},
+    )
+
+
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _idempotency_key(request: web.Request, body: Any) -> tuple[str, str] | None:
+    """The request's `Idempotency-Key` and a digest of its body (None: no key)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _KEY.fullmatch(key):
+        raise BadField("Idempotency-Key", "must be 1-255 printable ASCII characters, no spaces")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return key, hashlib.sha256(canonical).hexdigest()
 
 
 async def _list(request: web.Request) -> web.Response:
@@ -371,13 +399,21 @@ async def _list(request: web.Request) -> web.Response:
     everything = request.query.get("all") in ("1", "true")
     tasks = [
         t
-        for t in node.manager.tasks.values()
+        for t in _readable(node.manager.tasks)
         if (tenant is None or t.spec.tenant == tenant)
         and (state is None or t.state.value == state)
         and (everything or state is not None or t.state not in TERMINAL)
     ]
     tasks.sort(key=lambda t: t.seq)
     return web.json_response([task_json(node, t) for t in tasks])
+
+
+def _readable(tasks: Mapping[str, Task]) -> Iterator[Task]:
+    """Every task whose record can be read: one damaged record must not hide all the others
+    (it is named on its own when asked for by id)."""
+    for task_id in list(tasks):
+        with contextlib.suppress(TaskError):
+            yield tasks[task_id]
 
 
 async def _get(request: web.Request) -> web.Response:
@@ -416,11 +452,32 @@ async def _heartbeat(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-async def _logs(request: web.Request) -> web.StreamResponse:
+def _until_client_leaves(
+    stream: Callable[[web.Request, web.StreamResponse], Awaitable[None]],
+) -> _Handler:
+    """A streaming handler, given its prepared response, whose client may leave at any time:
+    that ends it quietly (a `logs -f` or `events` client that disconnects is normal, not an
+    error to log)."""
+
+    @functools.wraps(stream)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        try:
+            await stream(request, resp)
+            await resp.write_eof()
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            pass
+        return resp
+
+    return handler
+
+
+@_until_client_leaves
+async def _logs(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
     task = _task(request)
     follow = request.query.get("follow") in ("1", "true")
-    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    resp.content_type, resp.charset = "text/plain", "utf-8"
     await resp.prepare(request)
     attempt = 1
     offset = 0
@@ -429,6 +486,8 @@ async def _logs(request: web.Request) -> web.StreamResponse:
         path = node.log_path(task.id, attempt)
         if path.exists():
             with path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:
+                    offset = 0  # rotated past its cap: go on from its marker line
                 f.seek(offset)
                 while chunk := f.read(1 << 16):
                     await resp.write(chunk)
@@ -438,16 +497,16 @@ async def _logs(request: web.Request) -> web.StreamResponse:
             continue
         if not follow or (current.state in TERMINAL and task.id not in node.running):
             break
+        if request.transport is None or request.transport.is_closing():
+            return  # the client left while there was nothing to send
         await asyncio.sleep(0.05)
-    await resp.write_eof()
-    return resp
 
 
-async def _events(request: web.Request) -> web.StreamResponse:
+@_until_client_leaves
+async def _events(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
+    resp.content_type = "text/event-stream"
+    resp.headers["Cache-Control"] = "no-cache"
     await resp.prepare(request)
     async with node.events() as queue:
         ended = False
@@ -465,8 +524,6 @@ async def _events(request: web.Request) -> web.StreamResponse:
                         f"event: transition\ndata: {json.dumps(e)}\n\n" for e in events
                     ).encode()
                 )
-    await resp.write_eof()
-    return resp
 
 
 async def _get_checkpoint(request: web.Request) -> web.Response:
@@ -513,7 +570,12 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    """200 while the node can take and start work; 503 naming what is failing otherwise."""
+    node = request.app[NODE]
+    checks = node.health()
+    ok = all(v == "ok" for v in checks.values())
+    body = {"ok": ok, **checks, "disk_full": node.manager.store.disk_full is not None}
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def _openapi(request: web.Request) -> web.FileResponse:
@@ -562,17 +624,24 @@ class TaskTokens:
 
 
 def task_attribution(node: Node) -> Attribution:
-    """The inference proxy's attribution inside the node: a task's token (the SDKs send it as
-    their API key) bills that task and its tenant; anything else goes by the proxy's own keys."""
+    """The inference proxy's attribution inside the node, where tasks reach it under every
+    egress policy: a running task's token (the SDKs send it as their API key) bills that task
+    and its tenant; a key of a configured tenant bills that tenant; nothing else is admitted.
+    The task billed is the one the token names: an `x-agentnode-task` header is never read."""
 
     def attribute(request: web.Request, config: ProxyConfig) -> InferencePrincipal | None:
         auth = request.headers.get("Authorization", "")
         key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
-        task = node.manager.task_of_token(key) if key else None
-        if task is None:
-            return key_attribution(request, config)
-        tenant = task.spec.tenant
-        return InferencePrincipal(tenant, task.id, config.tenants.get(tenant), pinned=True)
+        if not key:
+            return None
+        task = node.manager.task_of_token(key)
+        if task is not None:
+            tenant = task.spec.tenant
+            return InferencePrincipal(tenant, task.id, config.tenants.get(tenant), pinned=True)
+        for t in config.tenants.values():
+            if any(hmac.compare_digest(key.encode(), k.encode()) for k in t.api_keys):
+                return InferencePrincipal(t.name, None, t)
+        return None
 
     return attribute
 

@@ -44,6 +44,8 @@ class NodeConfig:
     listen: str | None = None
     api_token: str | None = None
     grace_s: float = 10.0
+    #: A running task's log is rotated past this size (0: never); see `agentnode.node.logcap`.
+    log_max_bytes: int = 100 << 20
     reserve_cpu_millis: int = 250
     reserve_memory_bytes: int = 256 << 20
     max_queued: int = 10_000
@@ -83,6 +85,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("node", "grace"): ("grace_s", float),
     ("node", "reserve_cpus"): ("reserve_cpu_millis", float),
     ("node", "reserve_memory_mb"): ("reserve_memory_bytes", int),
+    ("node", "log_max_mb"): ("log_max_bytes", int),
     ("scheduler", "max_queued"): ("max_queued", int),
     ("scheduler", "tenant_queue_cap"): ("tenant_queue_cap", int),
     ("scheduler", "tenant_running"): ("tenant_running", int),
@@ -196,7 +199,7 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
                 out[field_name] = value
             elif field_name == "reserve_cpu_millis":
                 out[field_name] = int(r.number(name, value, float) * 1000)
-            elif field_name == "reserve_memory_bytes":
+            elif field_name in ("reserve_memory_bytes", "log_max_bytes"):
                 out[field_name] = r.number(name, value, int) << 20
             else:
                 minimum = 1 if field_name in _AT_LEAST_ONE else 0

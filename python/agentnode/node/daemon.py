@@ -87,7 +87,7 @@ async def serve(config: NodeConfig) -> None:
     from aiohttp import web
 
     from agentnode.inference.server import create_app
-    from agentnode.isolation import use_data_dir
+    from agentnode.isolation import USERNS_BASE, use_data_dir
     from agentnode.node.api import TaskTokens, admin_app, task_app, task_attribution
     from agentnode.node.metrics import NodeMetrics
     from agentnode.node.runner import Node
@@ -132,7 +132,9 @@ async def serve(config: NodeConfig) -> None:
     if config.inference is not None:
         # Cancelling handlers is how a client's disconnect reaches the upstream request.
         proxy = web.AppRunner(
-            create_app(config.inference, attribution=task_attribution(node)),
+            create_app(
+                config.inference, attribution=task_attribution(node), require_credential=True
+            ),
             handle_signals=False,
             handler_cancellation=True,
             shutdown_timeout=5.0,
@@ -143,7 +145,13 @@ async def serve(config: NodeConfig) -> None:
         for r in runners:
             await r.setup()
         await _unix_site(runners[0], config.socket, 0o660, "agentnode")
-        # Tasks run as unprivileged users; the task API itself admits only task tokens.
+        # Tasks run as any user, so the socket itself is open to all; its directory admits only
+        # root and the group a user-namespaced task's root maps to (its sandbox binds the socket
+        # in as that identity), so on the host no one else reaches it. The task API itself admits
+        # only the token of a running task.
+        run_dir.mkdir(mode=0o710, parents=True, exist_ok=True)
+        os.chown(run_dir, 0, USERNS_BASE)
+        run_dir.chmod(0o710)
         await _unix_site(runners[1], node.task_socket, 0o666, None)
         where = [f"unix:{config.socket}"]
         if config.listen is not None:

@@ -56,6 +56,16 @@ class _NodeCollector(Collector):
         free_cpu, free_mem = node.free()
         yield GaugeMetricFamily("agentnode_free_cpu_millis", "Unrequested CPU", value=free_cpu)
         yield GaugeMetricFamily("agentnode_free_memory_bytes", "Unrequested memory", value=free_mem)
+        yield GaugeMetricFamily(
+            "agentnode_disk_full",
+            "1 while the task store cannot write for want of disk space",
+            value=int(node.manager.store.disk_full is not None),
+        )
+        yield GaugeMetricFamily(
+            "agentnode_scheduler_healthy",
+            "1 while the scheduling loop passes; 0 while it fails (see /healthz)",
+            value=int(node.scheduler_health() == "ok"),
+        )
 
 
 class NodeMetrics:

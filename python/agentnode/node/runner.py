@@ -30,6 +30,7 @@ from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
+from agentnode.node.logcap import rotate_if_over
 from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
@@ -40,6 +41,13 @@ from agentnode.tools.toolbox import Toolbox
 __all__ = ["CHECKPOINT", "MCP_SOCKET", "TASK_SOCKET", "Node", "Running"]
 
 log = logging.getLogger("agentnode.node")
+
+# A scheduling pass that has not come round for this long is reported as stalled in /healthz:
+# a pass waits on at most 64 starts on two spawn threads, which take well under a second each.
+_STALL_S = 60.0
+# A gap this much longer than the loop's 0.25 s poll between heartbeat checks means the node
+# itself was away (SIGSTOP, a stall), not the tasks.
+_AWAY_S = 2.0
 
 #: Where a task finds the node's task API (the daemon's task socket is bound there).
 TASK_SOCKET = "/run/agentnode/task.sock"
@@ -90,6 +98,11 @@ class Node:
         self._wake = asyncio.Event()
         self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        # Why the last scheduling pass failed (None: it succeeded), and when a pass last ended.
+        self._loop_error: str | None = None
+        self._loop_tick = time.monotonic()
+        self._beats_checked = time.monotonic()
+        self._rotating: set[Path] = set()
         # Sandboxes start on long-lived threads, off the event loop (the native spawn releases
         # the GIL while the child sets up), two at a time. Long-lived because a task's
         # PDEATHSIG fires when the thread that cloned it (this one, or the zygote pool's) exits.
@@ -204,12 +217,25 @@ class Node:
 
     async def submit(self, spec: TaskSpec) -> Task:
         """Queues a task durably (raises QueueFullError at a cap, TaskError on bad specs)."""
+        task, _ = await self.submit_once(spec)
+        return task
+
+    async def submit_once(
+        self, spec: TaskSpec, *, key: tuple[str, str] | None = None
+    ) -> tuple[Task, bool]:
+        """`submit`, under an idempotency key (key, request digest) if one is given: (the task,
+        whether it is new). See `TaskManager.submit_once`."""
         if not self.admitting:
             raise TaskError("the node is shutting down and admits no new tasks (retry later)")
-        task, _ = await self.manager.submit(spec)
-        self._publish(task)
-        self._wake.set()
-        return task
+        if key is None:
+            task, _ = await self.manager.submit(spec)
+            created = True
+        else:
+            task, created = await self.manager.submit_once(spec, key=key[0], digest=key[1])
+        if created:
+            self._publish(task)
+            self._wake.set()
+        return task, created
 
     async def cancel(self, task_id: str) -> Task:
         """Cancels a queued task, or stops a running one (SIGTERM, grace, kill)."""
@@ -251,16 +277,46 @@ class Node:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._schedule_loop())
 
+    def health(self) -> dict[str, str]:
+        """Each part's state for /healthz: `ok`, or `failing: <why>`."""
+        full = self.manager.store.disk_full
+        return {"scheduler": self.scheduler_health(), "store": f"failing: {full}" if full else "ok"}
+
+    def scheduler_health(self) -> str:
+        """`ok`, or what keeps the scheduling loop from starting tasks (for /healthz)."""
+        loop = self._loop_task
+        if loop is not None and loop.done() and self.admitting:
+            return "failing: the scheduling loop has ended (restart the node)"
+        stalled = time.monotonic() - self._loop_tick
+        if loop is not None and stalled > _STALL_S:
+            return f"failing: no scheduling pass for {stalled:.0f} s"
+        return self._loop_error or "ok"
+
     async def _schedule_loop(self) -> None:
         # A flag rather than Task.cancel(): on Python 3.11, wait_for can swallow a cancel that
         # races with the event it waits on, and the loop would never end.
         while self.admitting:
             self._wake.clear()
+            # Whatever one pass hits (a store that cannot write, a bug), the loop lives on:
+            # /healthz says why, and the next pass tries again. Starts failing does not stop
+            # the running tasks' heartbeats and logs from being watched.
+            error: Exception | None = None
             try:
                 await self._start_ready()
-            except AgentnodeError as e:
-                log.error("scheduling failed: %s", e)
-            self._check_heartbeats()
+            except Exception as e:
+                error = e
+            try:
+                self._check_heartbeats()
+                self._cap_logs()
+            except Exception as e:
+                error = error or e
+            was = self._loop_error
+            self._loop_error = None if error is None else f"failing: {_describe(error)}"
+            if self._loop_error is not None and self._loop_error != was:
+                log.error("scheduling %s", self._loop_error)  # once, not every 0.25 s
+            elif was is not None and self._loop_error is None:
+                log.warning("scheduling works again (it was %s)", was)
+            self._loop_tick = time.monotonic()
             # Wake for submits and ends at once; poll for backoffs and heartbeats.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.25)
@@ -271,17 +327,15 @@ class Node:
         await asyncio.gather(*(self._start(task) for task in ready))
 
     async def _start(self, task: Task) -> None:
-        self._publish(task)
+        """Starts `task`; anything that goes wrong fails this task alone, with the reason."""
         try:
-            proc = await asyncio.get_running_loop().run_in_executor(
-                self._spawner, self._spawn, task
-            )
-        except AgentnodeError as e:
-            self.spares.refill()
-            done = await self.manager.finish(task.id, State.FAILED, reason=f"did not start: {e}")
-            self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
-            self._publish(done)
-            return
+            await self._launch(task)
+        except Exception as e:
+            await self._fail_start(task, e)
+
+    async def _launch(self, task: Task) -> None:
+        self._publish(task)
+        proc = await asyncio.get_running_loop().run_in_executor(self._spawner, self._spawn, task)
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
         self.running[task.id] = r
@@ -294,6 +348,30 @@ class Node:
         self._publish(r.task)
         self.spares.refill()
         r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
+
+    async def _fail_start(self, task: Task, error: Exception) -> None:
+        """Records a task that could not be started as failed (its sandbox, if one was made,
+        is killed first); a store that cannot record it leaves it for the next pass or start."""
+        r = self.running.pop(task.id, None)
+        if r is not None:
+            with contextlib.suppress(Exception):
+                r.proc._native.kill()
+                await r.proc.wait_async()
+            with contextlib.suppress(Exception):
+                r.proc.close()
+        with contextlib.suppress(Exception):
+            self.spares.refill()
+        reason = f"did not start: {_describe(error)}"
+        if not isinstance(error, AgentnodeError):
+            log.error("task %s %s", task.id, reason)
+        try:
+            done = await self.manager.finish(task.id, State.FAILED, reason=reason)
+        except Exception as e:
+            self._loop_error = f"failing: cannot record task {task.id} as failed: {_describe(e)}"
+            log.error("%s", self._loop_error)
+            return
+        self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
+        self._publish(done)
 
     def _spawn(self, task: Task) -> Any:
         spec = task.spec
@@ -373,9 +451,15 @@ class Node:
         outcome, reason = _outcome(r, result)
         del self.running[r.task.id]
         self.tools.end_task(r.task.id)
-        done = await self.manager.finish(
-            r.task.id, outcome, reason=reason, exit_code=result.exit_status
-        )
+        try:
+            done = await self.manager.finish(
+                r.task.id, outcome, reason=reason, exit_code=result.exit_status
+            )
+        except Exception as e:
+            # Not recorded: the next start finds it starting or running and records it lost.
+            self._loop_error = f"failing: cannot record task {r.task.id}'s end: {_describe(e)}"
+            log.error("%s", self._loop_error)
+            return
         self.outcomes[outcome.value] = self.outcomes.get(outcome.value, 0) + 1
         self._publish(done)
         self._wake.set()
@@ -396,10 +480,43 @@ class Node:
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
+        gap, self._beats_checked = now - self._beats_checked, now
+        if gap > _AWAY_S:
+            # The node itself did not run (stopped, or stalled): the heartbeats sent meanwhile
+            # still wait in their sockets, to be read in the next turns. No task is judged for
+            # the time the node was away.
+            for r in self.running.values():
+                r.last_beat += gap
+            return
         for r in list(self.running.values()):
             beat = r.task.spec.heartbeat_s
             if beat is not None and now - r.last_beat > beat and r.stop_as is None:
                 self._stop(r, State.TIMED_OUT, f"no heartbeat for {beat:g} s")
+
+    def _cap_logs(self) -> None:
+        """Rotates running tasks' logs that passed `log_max_bytes`, on a thread, one at a time
+        per log (a stat per running task per pass; the copy is the thread's)."""
+        limit = self.config.log_max_bytes
+        if not limit:
+            return
+        for r in self.running.values():
+            path = self.log_path(r.task.id, r.task.attempt)
+            if path in self._rotating:
+                continue
+            try:
+                if path.stat().st_size <= limit:
+                    continue
+            except FileNotFoundError:
+                continue
+            self._rotating.add(path)
+            job = asyncio.get_running_loop().run_in_executor(None, rotate_if_over, path, limit)
+            job.add_done_callback(functools.partial(self._rotated, path))
+
+    def _rotated(self, path: Path, job: asyncio.Future[bool]) -> None:
+        self._rotating.discard(path)
+        error = None if job.cancelled() else job.exception()
+        if error is not None:
+            log.error("cannot rotate %s: %s", path, _describe(error))
 
     async def shutdown(self) -> None:
         """Stops admitting, stops every running task with the configured grace, waits for them
@@ -421,6 +538,15 @@ class Node:
         for q in self._subscribers:
             q.put_nowait(None)
         self.manager.close()
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error: our own errors say what to do; anything else is named by type,
+    since it is a bug or an input no check caught."""
+    if isinstance(e, AgentnodeError):
+        return str(e)
+    text = " ".join(str(e).split())
+    return f"internal error: {type(e).__name__}" + (f": {text}" if text else "")
 
 
 def _outcome(r: Running, result: Result) -> tuple[State, str]:

@@ -76,10 +76,16 @@ async def read_body(request: web.Request) -> Any:
     try:
         if request.content_type == MSGPACK:
             return msgpack.unpackb(raw)
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except (ValueError, msgpack.ExtraData) as e:
         kind = "msgpack" if request.content_type == MSGPACK else "JSON"
         raise MemoryKeyError(f"request body is not valid {kind} ({e})") from e
+    except RecursionError:
+        raise MemoryKeyError("request body is nested too deeply") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def reply(request: web.Request, data: Any, *, status: int = 200) -> web.Response:

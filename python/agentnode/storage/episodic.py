@@ -227,9 +227,7 @@ class EpisodicStore:
                 ids[i] = check_id(rec.id)
             expires = 0
             if rec.ttl is not None:
-                if not rec.ttl > 0:
-                    raise MemoryKeyError(f"invalid ttl {rec.ttl!r} (use a number of seconds > 0)")
-                expires = now + int(rec.ttl * 1000)
+                expires = now + _ttl_ms(rec.ttl, zero=False)
             key = prefix + ids[i].encode()
             ops.append(("put", key, self._pack(now, expires, rec.value)))
             if expires:
@@ -249,10 +247,9 @@ class EpisodicStore:
         self, tenant: str, namespace: str, task: str, *, ttl: float, sync: bool = True
     ) -> int:
         """Marks a task ended: its records expire `ttl` seconds from now. Returns the expiry (ms)."""
-        if ttl < 0:
-            raise MemoryKeyError(f"invalid ttl {ttl!r} (use a number of seconds >= 0)")
+        ttl_ms = _ttl_ms(ttl, zero=True)
         task_key = self._task_key(tenant, namespace, task)
-        expires = _now_ms() + int(ttl * 1000)
+        expires = _now_ms() + ttl_ms
         expires = min(expires, self._ended.get(task_key, expires))
         t_key = b"t" + task_key
         self._commit(
@@ -494,3 +491,22 @@ class EpisodicStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A century: longer is "forever" to any caller, and keeps expiry times within int64 ms.
+_MAX_TTL_S = 100 * 365 * 86400
+
+
+def _ttl_ms(ttl: object, *, zero: bool) -> int:
+    """`ttl` seconds in ms; `MemoryKeyError` unless a finite number in range (0 only if `zero`)."""
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not 0 <= ttl <= _MAX_TTL_S  # also false for NaN
+        or (ttl == 0 and not zero)
+    ):
+        low = ">= 0" if zero else "> 0"
+        raise MemoryKeyError(
+            f"invalid ttl {ttl!r} (use a number of seconds {low}, at most {_MAX_TTL_S})"
+        )
+    return int(ttl * 1000)

@@ -36,6 +36,10 @@ from agentnode.errors import CollectionExistsError, UnknownCollectionError, Vect
 
 __all__ = ["Collection", "CollectionConfig", "Match", "Record", "VectorStore", "check_key"]
 
+# Bounds dims (the index's own MAX_DIMS) and the graph's knobs: more than any embedding model or
+# graph uses; a larger value would overflow the native call's integer types.
+_MAX = 1 << 16
+
 log = logging.getLogger(__name__)
 
 Metric = Literal["cos", "l2", "ip"]
@@ -464,14 +468,14 @@ class VectorStore:
     ) -> Collection:
         """Creates a collection; raises VectorError if the name is taken or a parameter is bad."""
         _check_name(name)
-        for label, value in (
-            ("dims", dims),
-            ("connectivity", connectivity),
-            ("expansion_add", expansion_add),
-            ("expansion_search", expansion_search),
+        for label, value, low in (
+            ("dims", dims, 1),
+            ("connectivity", connectivity, 0),
+            ("expansion_add", expansion_add, 0),
+            ("expansion_search", expansion_search, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise VectorError(f"{label} must be a non-negative integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX:
+                raise VectorError(f"{label} must be an integer from {low} to {_MAX}, got {value!r}")
         config = CollectionConfig(
             dims, metric, dtype, connectivity, expansion_add, expansion_search
         )

@@ -10,8 +10,10 @@ a delay heap until its backoff has passed.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import heapq
+import logging
 import time
 import uuid
 from collections import Counter
@@ -25,10 +27,15 @@ from agentnode._native import Scheduler
 from agentnode.errors import QueueFullError, TaskError
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
-from agentnode.tasks.store import Queued, TaskStore, decode, queued_of
+from agentnode.tasks.store import Queued, SubmitKey, TaskStore, decode, lane_of, queued_of
 from agentnode.tasks.tokens import TokenKey
 
-__all__ = ["Limits", "TaskManager", "TaskTable"]
+__all__ = ["KEY_TTL_S", "Limits", "TaskManager", "TaskTable"]
+
+#: How long a submit's idempotency key keeps returning the task it made (as Stripe's do).
+KEY_TTL_S = 24 * 3600.0
+
+log = logging.getLogger("agentnode.tasks")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +66,11 @@ class TaskTable(Mapping[str, Task]):
 
     def __setitem__(self, task_id: str, task: Task) -> None:
         self._all[task_id] = task
+
+    def raw(self, task_id: str) -> bytes | None:
+        """The record of a task not decoded yet (None once decoded)."""
+        t = self._all.get(task_id)
+        return t if isinstance(t, bytes) else None
 
     def add_encoded(self, records: dict[str, bytes]) -> None:
         """Adds tasks by id as records to decode when first read."""
@@ -103,6 +115,11 @@ class TaskManager:
         self._depth: Counter[tuple[str, str]] = Counter()
         self._delayed: list[tuple[float, int]] = []
         self.recovered_lost: list[str] = []
+        self._keys = self.store.load_keys(time.time() - KEY_TTL_S)
+        # Keys whose submit is being written: a second submit with one waits for the first.
+        self._keys_writing: dict[str, asyncio.Event] = {}
+        #: Queued tasks whose records could not be read when their turn came, with the error.
+        self.unreadable: dict[str, str] = {}
         self._recover()
 
     def _recover(self) -> None:
@@ -179,8 +196,42 @@ class TaskManager:
         """Queued tasks by (priority class, tenant), without reading any task."""
         return {key: n for key, n in self._depth.items() if n}
 
-    async def submit(self, spec: TaskSpec) -> tuple[Task, str]:
-        """Queues a task durably and returns it with its first attempt's bearer token.
+    async def submit_once(self, spec: TaskSpec, *, key: str, digest: str) -> tuple[Task, bool]:
+        """`submit` under a client's idempotency key: (the new task, True), or (the task the key
+        made within `KEY_TTL_S`, False), also across restarts and while that first submit is
+        still being written. `digest` identifies the request: the same key with another request
+        is a `TaskError`."""
+        while (writing := self._keys_writing.get(key)) is not None:
+            await writing.wait()
+        first = self._keys.get(key)
+        if first is not None and first.at >= time.time() - KEY_TTL_S:
+            if first.digest != digest:
+                raise TaskError(
+                    f"Idempotency-Key {key!r} was used for another request (task "
+                    f"{first.task_id}); send a new key for a new task"
+                )
+            return self.get(first.task_id), False
+        writing = self._keys_writing[key] = asyncio.Event()
+        try:
+            task, _ = await self.submit(spec, key=(key, digest))
+        finally:
+            del self._keys_writing[key]
+            writing.set()
+        return task, True
+
+    def _remember(self, k: SubmitKey) -> None:
+        self._keys[k.key] = k
+        # Dicts keep insertion order, which is time order: expired keys are at the front.
+        if len(self._keys) % 1024 == 0:
+            horizon = time.time() - KEY_TTL_S
+            for old in [x for x, v in self._keys.items() if v.at < horizon]:
+                del self._keys[old]
+
+    async def submit(
+        self, spec: TaskSpec, *, key: tuple[str, str] | None = None
+    ) -> tuple[Task, str]:
+        """Queues a task durably and returns it with its first attempt's bearer token; `key`
+        (idempotency key, request digest) is stored with it (see `submit_once`).
 
         Raises `QueueFullError` when the tenant is at its cap, or when the node is at
         `max_queued` and no queued batch task can be shed to make room.
@@ -209,10 +260,11 @@ class TaskManager:
             spec=spec,
             history=((State.QUEUED.value, now),),
         )
+        stored = None if key is None else SubmitKey(key[0], task.id, now, key[1])
         # Hold the slot while the write is in flight, so concurrent submits see the cap.
         self._depth[spec.cls, spec.tenant] += 1
         try:
-            await self.store.put(*shed, task)
+            await self.store.put(*shed, task, key=stored)
         except TaskError:
             if victim is not None:
                 self._set(victim)
@@ -222,6 +274,8 @@ class TaskManager:
             self._depth[spec.cls, spec.tenant] -= 1
         self._set(task)
         self._enqueue(task)
+        if stored is not None:
+            self._remember(stored)
         return task, self.token_for(task)
 
     def _shed_victim(self, incoming: TaskSpec) -> Task | None:
@@ -247,7 +301,16 @@ class TaskManager:
         self._release_due()
         seqs = self.scheduler.pop_many(n, free_cpu_millis, free_memory_bytes)
         now = time.time()
-        queued = [self.tasks[self._by_seq[seq]] for seq in seqs]
+        queued = []
+        for seq in seqs:
+            task_id = self._by_seq[seq]
+            try:
+                queued.append(self.tasks[task_id])
+            except TaskError as e:
+                # A record no longer readable (written by another version, or damaged) must not
+                # hold up the tasks behind it: it leaves the queue, and stays in the store.
+                self._drop_unreadable(seq, task_id, str(e))
+        seqs = [t.seq for t in queued]
         started = [t.moved(State.STARTING, now) for t in queued]
         for t in started:
             self._dequeued(t)
@@ -262,6 +325,16 @@ class TaskManager:
             self._enqueue(*queued)
             raise
         return started
+
+    def _drop_unreadable(self, seq: int, task_id: str, reason: str) -> None:
+        self.scheduler.complete(seq)
+        raw = self.tasks.raw(task_id)
+        if raw is not None:
+            self._depth[lane_of(raw)] -= 1
+        del self._by_seq[seq]
+        self._batch.discard(seq)
+        self.unreadable[task_id] = reason
+        log.error("task %s cannot be started: %s", task_id, reason)
 
     def _release_due(self) -> None:
         now = time.time()
@@ -358,12 +431,19 @@ class TaskManager:
         return self.tokens.issue(task.id, task.attempt)
 
     def task_of_token(self, token: str) -> Task | None:
-        """The task whose current attempt `token` belongs to (None: forged, unknown or stale)."""
+        """The started task whose current attempt `token` belongs to (None: forged, unknown,
+        of an earlier attempt, or of a task that is not running: a token is revoked when its
+        attempt ends, and a retry gets a new one)."""
         found = self.tokens.verify(token)
         if found is None:
             return None
-        t = self.tasks.get(found[0])
-        return t if t is not None and t.attempt == found[1] else None
+        try:
+            t = self.tasks.get(found[0])
+        except TaskError:  # its record cannot be read: it cannot be running
+            return None
+        if t is None or t.attempt != found[1]:
+            return None
+        return t if t.state in (State.STARTING, State.RUNNING) else None
 
     def close(self) -> None:
         self.store.close()

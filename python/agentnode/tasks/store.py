@@ -16,9 +16,12 @@ acknowledges something a process crash can lose (with `sync=True`, nor a power l
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
 from pathlib import Path
@@ -27,14 +30,28 @@ from typing import Any, NamedTuple, cast
 import msgpack
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from agentnode.errors import TaskError
+from agentnode.errors import DiskFullError, TaskError
 from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
 
-__all__ = ["Queued", "Recovered", "TaskStore", "decode", "encode", "queued_of"]
+__all__ = [
+    "Queued",
+    "Recovered",
+    "SubmitKey",
+    "TaskStore",
+    "decode",
+    "encode",
+    "lane_of",
+    "queued_of",
+]
 
 _TASK = b"t/"
 _SEQ = b"meta/seq"
+# Idempotency keys of submits: b"i/" + the key → msgpack [task id, time, request digest].
+_KEY = b"i/"
 _MAX_CHECKPOINT = 64 << 20
+# After a failed write the database refuses every later one ("Writer has previous error") until
+# reopened; the scheduling loop writes every 0.25 s, so reopening is tried at most this often.
+_REOPEN_S = 1.0
 
 #: The record format this code writes; any other first byte is refused with a clear error.
 _FORMAT = 1
@@ -52,6 +69,16 @@ _HEAD = struct.Struct("<BBBBQQQd")
 #: (seq, tenant, class, cpu_millis, memory_bytes, id, not_before). The first five are what
 #: `Scheduler.push_many` takes. Plain tuples: recovery makes one per queued task.
 Queued = tuple[int, str, str, int, int, str, float]
+
+
+class SubmitKey(NamedTuple):
+    """A client's idempotency key for one submit, and the task it made."""
+
+    key: str
+    task_id: str
+    at: float
+    #: Of the request that made it: the same key with another request is refused.
+    digest: str
 
 
 class Recovered(NamedTuple):
@@ -91,6 +118,13 @@ def encode(task: Task) -> bytes:
     return head + tenant + msgpack.packb(body)
 
 
+def lane_of(raw: bytes) -> tuple[str, str]:
+    """(class, tenant) from a record's header, which `TaskStore.load` has read once already:
+    what is known of a task whose body cannot be decoded."""
+    _, _, cls, n, *_ = _HEAD.unpack_from(raw)
+    return CLASSES[cls], raw[_HEAD.size : _HEAD.size + n].decode()
+
+
 def decode(raw: bytes) -> Task:
     """The task in a record that `TaskStore.load` accepted; `TaskError` if it is damaged."""
     try:
@@ -121,23 +155,30 @@ class TaskStore:
         # Half-written checkpoints of a process that died mid-write; the last complete one stays.
         for stale in self.checkpoints.glob("*.tmp"):
             stale.unlink()
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        self._db = Rdict(str(root / "db"), opts)
+        self._opts = Options(raw_mode=True)
+        self._opts.create_if_missing(True)
+        self._db = Rdict(str(root / "db"), self._opts)
+        #: Why the store cannot write for want of space (None: it can).
+        self.disk_full: str | None = None
+        # The error of the last failed write, and when a reopen was last tried.
+        self._failed: TaskError | None = None
+        self._reopened = 0.0
         self._wopts = WriteOptions()
         self._wopts.sync = sync
         raw = self._db.get(_SEQ)
         self._seq = int(raw) if raw else 0
         self._closed = False
         self._pending: list[tuple[list[Task], asyncio.Future[None]]] = []
+        self._keys: list[SubmitKey] = []
 
     def next_seq(self) -> int:
         """A new submission sequence number, persisted with the next write."""
         self._seq += 1
         return self._seq
 
-    async def put(self, *tasks: Task) -> None:
-        """Persists the task records; returns once they are durable."""
+    async def put(self, *tasks: Task, key: SubmitKey | None = None) -> None:
+        """Persists the task records (and, in the same batch, a submit's idempotency `key`);
+        returns once they are durable."""
         if self._closed:
             raise TaskError(f"the task store at {self.root} is closed (reopen it)")
         loop = asyncio.get_running_loop()
@@ -145,7 +186,29 @@ class TaskStore:
         if not self._pending:
             loop.call_soon(self._flush)  # after the rest of this turn's callbacks
         self._pending.append((list(tasks), done))
+        if key is not None:
+            self._keys.append(key)
         await done
+
+    def load_keys(self, since: float) -> dict[str, SubmitKey]:
+        """The idempotency keys stored since `since` (older ones are deleted)."""
+        found: dict[str, SubmitKey] = {}
+        stale = WriteBatch(raw_mode=True)
+        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_KEY))
+        for k, v in items:
+            if not k.startswith(_KEY):
+                break
+            try:
+                task_id, at, digest = msgpack.unpackb(v)
+                key = SubmitKey(k[len(_KEY) :].decode(), task_id, float(at), digest)
+            except (ValueError, TypeError, msgpack.UnpackException):
+                key = None
+            if key is None or key.at < since:
+                stale.delete(k)
+            else:
+                found[key.key] = key
+        self._db.write(stale, self._wopts)
+        return found
 
     def put_now(self, *tasks: Task) -> None:
         """Synchronous `put`, for code that is not on an event loop."""
@@ -195,11 +258,49 @@ class TaskStore:
         )
 
     def _commit(self, tasks: Iterable[Task]) -> None:
+        if self._failed is not None:
+            self._reopen()
         batch = WriteBatch(raw_mode=True)
+        keys, self._keys = self._keys, []
+        for k in keys:
+            batch.put(_KEY + k.key.encode(), msgpack.packb([k.task_id, k.at, k.digest]))
         for t in tasks:
             batch.put(_TASK + t.id.encode(), encode(t))
         batch.put(_SEQ, str(self._seq).encode())
-        self._db.write(batch, self._wopts)
+        try:
+            self._db.write(batch, self._wopts)
+        except Exception as e:
+            self._failed = self._write_error(e)
+            raise self._failed from None
+        self._failed = self.disk_full = None
+
+    def _write_error(self, e: Exception) -> TaskError:
+        if "No space left" in str(e):
+            self.disk_full = f"the disk holding {self.root} is full"
+            return DiskFullError(
+                f"{self.disk_full} (No space left on device): the task store cannot record "
+                "anything (free space; the node resumes by itself)"
+            )
+        return TaskError(
+            f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
+        )
+
+    def _reopen(self) -> None:
+        """Reopens the database after a failed write (RocksDB keeps that error until then) and
+        re-reads what it holds; raises the failure again while that cannot be done."""
+        assert self._failed is not None
+        if time.monotonic() - self._reopened < _REOPEN_S:
+            raise self._failed
+        self._reopened = time.monotonic()
+        with contextlib.suppress(Exception):  # it reports the error it holds, and closes
+            self._db.close()
+        try:
+            self._db = Rdict(str(self.root / "db"), self._opts)
+            raw = self._db.get(_SEQ)
+        except Exception as e:
+            self._failed = self._write_error(e)
+            raise self._failed from None
+        self._seq = max(self._seq, int(raw) if raw else 0)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -208,10 +309,10 @@ class TaskStore:
         error: BaseException | None = None
         try:
             self._commit(t for tasks, _ in pending for t in tasks)
-        except Exception as e:
-            error = TaskError(
-                f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
-            )
+        except TaskError as e:
+            error = e
+        except Exception as e:  # not the database's (it would be a TaskError): say what it was
+            error = self._write_error(e)
         for _, done in pending:
             if done.done():  # its waiter was cancelled; the write stands
                 continue
@@ -240,8 +341,13 @@ class TaskStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"the disk holding {self.checkpoints} is full: checkpoint not stored (the "
+                    "last one stays; free space)"
+                ) from None
             raise
         return path
 
@@ -255,4 +361,8 @@ class TaskStore:
             return
         self._closed = True
         self._flush()
-        self._db.close()
+        try:
+            self._db.close()
+        except Exception:
+            if self._failed is None:
+                raise  # a database that failed a write reports it again; it is closed anyway
