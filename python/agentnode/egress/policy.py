@@ -15,6 +15,8 @@ from typing import Any
 from agentnode.errors import PolicyError
 
 __all__ = [
+    "MAX_CONN_RATE",
+    "MAX_RATE",
     "NET_MODES",
     "PROTO_TCP",
     "PROTO_UDP",
@@ -27,6 +29,9 @@ __all__ = [
 
 #: Task network modes: loopback only; own netns on the node bridge; the host's netns (weaker).
 NET_MODES = ("none", "egress", "host")
+#: Rate bounds (the BPF maps hold u64 token buckets; these keep their arithmetic exact).
+MAX_RATE = 1 << 40
+MAX_CONN_RATE = 1 << 20
 
 PROTO_TCP = 1
 PROTO_UDP = 2
@@ -175,8 +180,8 @@ def parse_rate(text: str | int) -> int:
                 f"bad egress rate {text!r}: use bytes per second like 1MiB/s or 500KB/s"
             )
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 1:
-        raise PolicyError(f"bad egress rate {text!r}: must be at least 1 byte/s")
+    if not 1 <= value <= MAX_RATE:
+        raise PolicyError(f"bad egress rate {text!r}: must be 1 byte/s to {MAX_RATE} bytes/s")
     return int(value)
 
 
@@ -189,8 +194,8 @@ def parse_conn_rate(text: str | int) -> int:
         if not m:
             raise PolicyError(f"bad connection rate {text!r}: use connections per second like 20/s")
         value = int(m.group(1))
-    if value < 1:
-        raise PolicyError(f"bad connection rate {text!r}: must be at least 1/s")
+    if not 1 <= value <= MAX_CONN_RATE:
+        raise PolicyError(f"bad connection rate {text!r}: must be 1/s to {MAX_CONN_RATE}/s")
     return value
 
 

@@ -1,15 +1,15 @@
 """Layer 1: isolated task execution (namespaces, cgroups, limits, accounting, lifecycle).
 
+`Sandbox` (`isolation.spec`) is a task's whole isolation spec, shared by every way to start one.
 `spawn()` starts a command in new pid, mount, uts, ipc, net and cgroup namespaces on a read-only
 root, without capabilities, under a seccomp filter, in its own cgroups; the returned `Task` is
 waited on, signalled, frozen and killed through its pidfd and cgroup2 node.
 """
 
+from agentnode.isolation.spec import Limits, Mount, Sandbox, SpecError
 from agentnode.isolation.task import (
     USERNS_BASE,
     ExitReason,
-    Limits,
-    Mount,
     Result,
     Stats,
     Task,
@@ -24,6 +24,8 @@ __all__ = [
     "Limits",
     "Mount",
     "Result",
+    "Sandbox",
+    "SpecError",
     "Stats",
     "Task",
     "format_size",

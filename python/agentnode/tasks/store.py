@@ -27,7 +27,8 @@ from typing import Any, NamedTuple, cast
 import msgpack
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from agentnode.errors import TaskError
+from agentnode.errors import AgentnodeError, TaskError
+from agentnode.isolation.spec import Sandbox
 from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
 
 __all__ = ["Queued", "Recovered", "TaskStore", "decode", "encode", "queued_of"]
@@ -36,8 +37,10 @@ _TASK = b"t/"
 _SEQ = b"meta/seq"
 _MAX_CHECKPOINT = 64 << 20
 
-#: The record format this code writes; any other first byte is refused with a clear error.
-_FORMAT = 1
+#: The record format this code writes; it also reads format 1 (the spec's sandbox fields
+#: flat in it). Any other first byte is refused with a clear error.
+_FORMAT = 2
+_FORMAT_FLAT = 1
 # Stored as indexes: the order is part of the format (append only, or bump _FORMAT).
 _STATES = (State.QUEUED, State.STARTING, State.RUNNING, State.SUCCEEDED, State.FAILED,
            State.TIMED_OUT, State.CANCELLED, State.LOST)  # fmt: skip
@@ -72,36 +75,78 @@ def queued_of(task: Task) -> Queued:
 
 
 def encode(task: Task) -> bytes:
-    """The binary record of `task` (header, then the task as a msgpack map)."""
+    """The binary record of `task` (header, then the task as a msgpack map); `TaskError` when
+    a field cannot be stored."""
     spec = task.spec
     tenant = spec.tenant.encode()
-    head = _HEAD.pack(
-        _FORMAT,
-        _STATE_INDEX[task.state],
-        _CLASS_INDEX[spec.cls],
-        len(tenant),
-        task.seq,
-        spec.cpu_millis,
-        spec.memory_bytes,
-        task.not_before,
-    )
     # Maps rather than arrays, so a field added to Task or TaskSpec later decodes old records
-    # with its default.
-    body = {**vars(task), "state": task.state.value, "spec": vars(spec)}
-    return head + tenant + msgpack.packb(body)
+    # with its default. The sandbox is stored in its JSON form, the API's.
+    body = {
+        **vars(task),
+        "state": task.state.value,
+        "spec": {**vars(spec), "sandbox": spec.sandbox.to_json()},
+    }
+    try:
+        head = _HEAD.pack(
+            _FORMAT,
+            _STATE_INDEX[task.state],
+            _CLASS_INDEX[spec.cls],
+            len(tenant),
+            task.seq,
+            spec.cpu_millis,
+            spec.memory_bytes,
+            task.not_before,
+        )
+        return head + tenant + msgpack.packb(body)
+    except (struct.error, TypeError, ValueError, OverflowError) as e:
+        raise TaskError(f"task {task.id}: its record cannot be stored ({e})") from None
 
 
 def decode(raw: bytes) -> Task:
     """The task in a record that `TaskStore.load` accepted; `TaskError` if it is damaged."""
     try:
         d: dict[str, Any] = msgpack.unpackb(raw[_HEAD.size + raw[3] :], use_list=False)
-        spec = TaskSpec(**d.pop("spec"))
-        return Task(spec=spec, state=State(d.pop("state")), **d)
+        fields = dict(d.pop("spec"))
+        if raw[0] == _FORMAT_FLAT:
+            fields = _from_flat(fields)
+        fields["sandbox"] = Sandbox.from_json(fields["sandbox"])
+        return Task(spec=TaskSpec(**fields), state=State(d.pop("state")), **d)
     except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+        # A SpecError is a ValueError's sibling, not one: it says which field this code refuses.
         raise TaskError(
             f"a stored task record is damaged ({e}); move the node's data dir away to start "
             "with an empty queue"
         ) from None
+    except AgentnodeError as e:
+        raise TaskError(
+            f"a stored task record holds a spec this agentnode refuses ({e}); cancel or move it"
+        ) from None
+
+
+#: Format 1 spelled the sandbox in the spec's own flat fields: (old name, JSON name).
+_FLAT_RENAMED = (("cpu_millis", "cpus"), ("memory_bytes", "memory"), ("timeout_s", "timeout"))
+_FLAT_SANDBOX = ("pids", "env", "network", "allow", "allow_hosts", "egress_rate", "conn_rate",
+                 "user", "binds", "cpu_weight", "memory_high", "swap", "tmp_size", "userns",
+                 "caps", "rootfs", "cwd", "hostname")  # fmt: skip
+
+
+def _from_flat(spec: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 spec's fields as this format's (the sandbox in its JSON form)."""
+    box = {key: spec.pop(key) for key in _FLAT_SANDBOX if key in spec}
+    for old, new in _FLAT_RENAMED:
+        if old in spec:
+            box[new] = spec.pop(old)
+    if "cpus" in box:
+        box["cpus"] = box["cpus"] / 1000
+    box["env"] = dict(box.get("env", ()))
+    binds = box.pop("binds", ())
+    box["ro"] = [f"{src}:{dest}" for src, dest, writable in binds if not writable]
+    box["rw"] = [f"{src}:{dest}" for src, dest, writable in binds if writable]
+    return {**spec, "sandbox": box}
+
+
+def _records(tasks: Iterable[Task]) -> list[tuple[bytes, bytes]]:
+    return [(_TASK + t.id.encode(), encode(t)) for t in tasks]
 
 
 class TaskStore:
@@ -129,7 +174,7 @@ class TaskStore:
         raw = self._db.get(_SEQ)
         self._seq = int(raw) if raw else 0
         self._closed = False
-        self._pending: list[tuple[list[Task], asyncio.Future[None]]] = []
+        self._pending: list[tuple[list[tuple[bytes, bytes]], asyncio.Future[None]]] = []
 
     def next_seq(self) -> int:
         """A new submission sequence number, persisted with the next write."""
@@ -137,19 +182,21 @@ class TaskStore:
         return self._seq
 
     async def put(self, *tasks: Task) -> None:
-        """Persists the task records; returns once they are durable."""
+        """Persists the task records; returns once they are durable. A record that cannot be
+        encoded fails this call alone (`TaskError`), before it joins the shared batch."""
         if self._closed:
             raise TaskError(f"the task store at {self.root} is closed (reopen it)")
+        records = _records(tasks)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)  # after the rest of this turn's callbacks
-        self._pending.append((list(tasks), done))
+        self._pending.append((records, done))
         await done
 
     def put_now(self, *tasks: Task) -> None:
         """Synchronous `put`, for code that is not on an event loop."""
-        self._commit(list(tasks))
+        self._commit(_records(tasks))
 
     def load(self) -> Recovered:
         """Every stored record, read in one scan that decodes only the headers. Raises
@@ -166,7 +213,7 @@ class TaskStore:
                 break
             try:
                 fmt, state, cls, n, seq, cpu, mem, not_before = unpack(v)
-                if fmt != _FORMAT:
+                if fmt != _FORMAT and fmt != _FORMAT_FLAT:
                     raise ValueError
                 task_id = k[2:].decode()
                 records[task_id] = v
@@ -184,7 +231,7 @@ class TaskStore:
     def _bad_record(self, key: bytes, raw: bytes) -> TaskError:
         if raw[:1] == b"{":
             what = "is in the JSON of an earlier development version"
-        elif raw[:1] == bytes([_FORMAT]):
+        elif raw[:1] in (bytes([_FORMAT]), bytes([_FORMAT_FLAT])):
             what = f"is damaged ({len(raw)} bytes)"
         else:
             what = f"is in an unknown format (first byte {raw[:1].hex() or 'missing'})"
@@ -194,10 +241,10 @@ class TaskStore:
             "empty queue"
         )
 
-    def _commit(self, tasks: Iterable[Task]) -> None:
+    def _commit(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         batch = WriteBatch(raw_mode=True)
-        for t in tasks:
-            batch.put(_TASK + t.id.encode(), encode(t))
+        for key, value in records:
+            batch.put(key, value)
         batch.put(_SEQ, str(self._seq).encode())
         self._db.write(batch, self._wopts)
 
@@ -207,7 +254,7 @@ class TaskStore:
             return  # close() wrote them
         error: BaseException | None = None
         try:
-            self._commit(t for tasks, _ in pending for t in tasks)
+            self._commit(r for records, _ in pending for r in records)
         except Exception as e:
             error = TaskError(
                 f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
