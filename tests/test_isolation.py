@@ -930,7 +930,7 @@ def assert_nothing_left(pid: int, data_dir: Path) -> None:
         ),
         (["--timeout", "soon", "--", "true"], 2, "--timeout 'soon': is not a duration"),
         (["--cpus", "zero", "--", "true"], 2, "--cpus 'zero': is not a number"),
-        (["--pids", "0", "--", "true"], 2, "--pids 0: is out of range"),
+        (["--pids", "0", "--", "true"], 2, "--pids '0': is out of range"),
         (
             ["--rootfs", "/nonexistent-agentnode", "--", "true"],
             2,

@@ -55,7 +55,7 @@ def test_state_machine_allows_only_legal_moves() -> None:
     [
         ({"tenant": "bad tenant"}, "invalid tenant"),
         ({"cls": "vip"}, "unknown priority class"),
-        ({"sandbox": sb.Sandbox(limits=sb.Limits(cpus=4, memory=1))}, None),
+        ({"sandbox": sb.Sandbox(limits=sb.Limits(cpus=4, memory=4 << 20))}, None),
         ({"heartbeat_s": -1.0}, "heartbeat"),
         ({"retries": 101}, "retries"),
     ],

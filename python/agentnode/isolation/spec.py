@@ -33,6 +33,7 @@ __all__ = [
     "MAX_ID",
     "MAX_PIDS",
     "MAX_SECONDS",
+    "MIN_MEMORY",
     "NOBODY",
     "Limits",
     "Mount",
@@ -51,6 +52,10 @@ MAX_USERNS_ID = 65535
 NOBODY = 65534
 #: Sizes (memory, memory_high, swap, tmp_size): 1 byte to 1 PiB.
 MAX_BYTES = 1 << 50
+#: The least memory limit (Docker's is 6 MiB): below it a task can be OOM-killed before its
+#: exec, while it still shares the starting process's memory, and the kernel then kills every
+#: process sharing that memory, the node agent included.
+MIN_MEMORY = 4 << 20
 #: The kernel's own ceiling for pids.max (PID_MAX_LIMIT on 64-bit).
 MAX_PIDS = 4_194_304
 #: Durations (timeout, heartbeat): more than zero, at most 366 days.
@@ -77,12 +82,17 @@ class SpecError(UsageError):
     """A sandbox field is malformed or out of bounds. `field` is its JSON name; the message
     starts with it (`user '4294967295': ...`), and `for_option` renames it for the CLI."""
 
-    def __init__(self, field_name: str, message: str) -> None:
+    def __init__(self, field_name: str, message: str, why: str | None = None) -> None:
         super().__init__(message)
         self.field = field_name
+        #: What is wrong with the value, without the field and the value.
+        self.why = why
 
-    def for_option(self, option: str) -> UsageError:
-        """The same error naming the command-line option instead of the JSON field."""
+    def for_option(self, option: str, typed: str | None = None) -> UsageError:
+        """The same error naming the command-line option instead of the JSON field (and
+        quoting `typed`, what was typed, when given)."""
+        if typed is not None and self.why is not None:
+            return UsageError(f"{option} {typed!r}: {self.why}")
         return UsageError(option + str(self).removeprefix(self.field))
 
 
@@ -90,7 +100,7 @@ def _bad(name: str, value: object, why: str) -> NoReturn:
     shown = repr(value)
     if len(shown) > 60:  # the line stays readable whatever was sent
         shown = shown[:48] + f"... ({len(shown)} characters)"
-    raise SpecError(name, f"{name} {shown}: {why}")
+    raise SpecError(name, f"{name} {shown}: {why}", why)
 
 
 def _parsed(name: str, text: str, parse: Callable[..., Any]) -> Any:
@@ -120,10 +130,10 @@ def _real(name: str, value: object, lo: float, hi: float, *, shown: object = Non
     return float(value)
 
 
-def _size(name: str, value: object) -> int:
+def _size(name: str, value: object, least: int = 1) -> int:
     if isinstance(value, str):
-        return _integer(name, _parsed(name, value, parse_size), 1, MAX_BYTES, shown=value)
-    return _integer(name, value, 1, MAX_BYTES)
+        return _integer(name, _parsed(name, value, parse_size), least, MAX_BYTES, shown=value)
+    return _integer(name, value, least, MAX_BYTES)
 
 
 def check_duration(name: str, value: object) -> float:
@@ -180,9 +190,9 @@ class Limits:
             set_(self, "cpus", _real("cpus", self.cpus, 0.01, 1024.0))
         if self.cpu_weight is not None:
             set_(self, "cpu_weight", _integer("cpu_weight", self.cpu_weight, 1, 10000))
-        for name in ("memory", "memory_high", "swap"):
+        for name, least in (("memory", MIN_MEMORY), ("memory_high", MIN_MEMORY), ("swap", 1)):
             if getattr(self, name) is not None:
-                set_(self, name, _size(name, getattr(self, name)))
+                set_(self, name, _size(name, getattr(self, name), least))
         set_(self, "tmp_size", _size("tmp_size", self.tmp_size))
         if self.pids is not None:
             set_(self, "pids", _integer("pids", self.pids, 1, MAX_PIDS))
@@ -220,6 +230,8 @@ FIELDS = ("cpus", "cpu_weight", "memory", "memory_high", "swap", "pids", "tmp_si
           "nofile", "user", "userns", "caps", "rootfs", "ro", "rw", "cwd", "hostname", "env",
           "network", "allow", "allow_hosts", "egress_rate", "conn_rate")  # fmt: skip
 _LIMITS = tuple(f.name for f in fields(Limits))
+#: Fields given as one option's text (the others are lists, or come from several options).
+_SCALARS = frozenset(_LIMITS) | {"user", "cwd", "hostname", "rootfs", "egress_rate", "conn_rate"}
 #: Command-line option of each field (`add_arguments`), for errors that name what was typed.
 _OPTION = {
     **{name: "--" + name.replace("_", "-") for name in FIELDS},
@@ -264,7 +276,7 @@ class Sandbox:
         for name in ("uid", "gid"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
-                _bad("user", value, f"{name} must be from 0 to {hi}{why}")
+                _bad("user", f"{self.uid}:{self.gid}", f"{name} must be from 0 to {hi}{why}")
         if not isinstance(self.userns, bool):
             _bad("userns", self.userns, "must be true or false")
         set_(self, "caps", tuple(_cap_name(c) for c in _strings("caps", self.caps)))
@@ -318,7 +330,10 @@ class Sandbox:
                 names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate"),
             )
         except PolicyError as e:
-            raise SpecError(str(e).split(" ", 1)[0], str(e)) from None
+            message = str(e)  # "FIELD 'rule': why", quoting the rule (again in `why`)
+            if len(message) > 240:
+                message = message[:200] + f"... ({len(message)} characters)"
+            raise SpecError(message.split(" ", 1)[0], message) from None
 
     def egress(self) -> tuple[str, EgressPolicy | None]:
         """The network mode and its egress policy (None with `none`)."""
@@ -461,7 +476,8 @@ class Sandbox:
             sandbox = cls.from_json(data, **defaults)
             sandbox.check_host()
         except SpecError as e:
-            raise e.for_option(_OPTION.get(e.field, e.field)) from None
+            typed = getattr(args, e.field, None) if e.field in _SCALARS else None
+            raise e.for_option(_OPTION.get(e.field, e.field), typed) from None
         return sandbox
 
 
@@ -508,19 +524,22 @@ def _absolute(key: str, text: str) -> str:
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema properties of the sandbox fields, as the OpenAPI document has them."""
+    """The JSON Schema of the sandbox's JSON form, as the OpenAPI document has it (null: the
+    default, in a request; unlimited, in a task)."""
     size = {"oneOf": [{"type": "integer", "minimum": 1, "maximum": MAX_BYTES},
-                      {"type": "string", "examples": ["512M"]}]}  # fmt: skip
+                      {"type": "string", "examples": ["512M"]}, {"type": "null"}]}  # fmt: skip
+    memory = {"oneOf": [{"type": "integer", "minimum": MIN_MEMORY, "maximum": MAX_BYTES},
+                        {"type": "string", "examples": ["512M"]}, {"type": "null"}]}  # fmt: skip
     duration = {"oneOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
-                          {"type": "string", "examples": ["30s"]}]}  # fmt: skip
+                          {"type": "string", "examples": ["30s"]}, {"type": "null"}]}  # fmt: skip
     strings = {"type": "array", "items": {"type": "string"}}
-    return {
-        "cpus": {"type": "number", "minimum": 0.01, "maximum": 1024},
-        "cpu_weight": {"type": "integer", "minimum": 1, "maximum": 10000},
-        "memory": size,
-        "memory_high": size,
+    properties = {
+        "cpus": {"type": ["number", "null"], "minimum": 0.01, "maximum": 1024},
+        "cpu_weight": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
+        "memory": memory,
+        "memory_high": memory,
         "swap": size,
-        "pids": {"type": "integer", "minimum": 1, "maximum": MAX_PIDS},
+        "pids": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_PIDS},
         "tmp_size": size,
         "timeout": duration,
         "nofile": {"type": "integer", "minimum": 1, "maximum": MAX_NOFILE, "default": 1024},
@@ -534,16 +553,19 @@ def json_schema() -> dict[str, Any]:
         },
         "userns": {"type": "boolean", "default": False},
         "caps": {
-            **strings,
+            "type": "array",
             "items": {"type": "string", "examples": ["CAP_NET_BIND_SERVICE"]},
-            "description": "capabilities kept; CAP_NET_RAW and CAP_NET_ADMIN only with "
-            "network none or host",
+            "description": "capabilities kept; CAP_NET_RAW and CAP_NET_ADMIN not with egress",
         },
         "rootfs": {"type": "string", "default": "/"},
         "ro": {**strings, "description": "host paths bound read-only, HOST[:DEST]"},
         "rw": {**strings, "description": "host paths bound read-write, HOST[:DEST]"},
         "cwd": {"type": "string", "default": "/workspace"},
-        "hostname": {"type": "string", "pattern": _HOSTNAME.pattern, "default": "agentnode"},
+        "hostname": {
+            "type": "string",
+            "pattern": f"^{_HOSTNAME.pattern}$",
+            "default": "agentnode",
+        },
         "env": {"type": "object", "additionalProperties": {"type": "string"}},
         "network": {
             "type": "string",
@@ -567,3 +589,5 @@ def json_schema() -> dict[str, Any]:
             "description": "new connections per second, e.g. 20/s",
         },
     }
+    assert tuple(properties) == FIELDS
+    return {"type": "object", "additionalProperties": False, "properties": properties}

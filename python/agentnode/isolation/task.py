@@ -290,7 +290,9 @@ def spawn(
     try:
         if policy is not None:
             service = node_network or _default_network()
-            net = service.prepare(mode, policy, on_denial=on_denial)
+            net = service.prepare(
+                "egress" if mode == "egress" else "host", policy, on_denial=on_denial
+            )
             netns = net.netns_path
         fds = tuple(_stdio_fd(s, i, opened, parents) for i, s in enumerate((stdin, stdout, stderr)))
         native = _native.spawn(
