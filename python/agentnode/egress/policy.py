@@ -181,7 +181,9 @@ def parse_rate(text: str | int) -> int:
             )
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not 1 <= value <= MAX_RATE:
-        raise PolicyError(f"bad egress rate {text!r}: must be 1 byte/s to {MAX_RATE} bytes/s")
+        raise PolicyError(
+            f"bad egress rate {text!r}: must be at least 1 byte/s and at most 1 TiB/s"
+        )
     return int(value)
 
 
@@ -195,7 +197,9 @@ def parse_conn_rate(text: str | int) -> int:
             raise PolicyError(f"bad connection rate {text!r}: use connections per second like 20/s")
         value = int(m.group(1))
     if not 1 <= value <= MAX_CONN_RATE:
-        raise PolicyError(f"bad connection rate {text!r}: must be 1/s to {MAX_CONN_RATE}/s")
+        raise PolicyError(
+            f"bad connection rate {text!r}: must be at least 1/s and at most {MAX_CONN_RATE}/s"
+        )
     return value
 
 

@@ -18,7 +18,6 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
 from agentnode.egress import cli as egress_cli
@@ -151,7 +150,7 @@ def check_duration(name: str, value: object) -> float:
 def _path(name: str, value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         _bad(name, value, "must be an absolute path")
-    if ".." in PurePosixPath(value).parts:
+    if ".." in value.split("/"):
         _bad(name, value, "must not contain '..'")
     return value
 
@@ -308,7 +307,7 @@ class Sandbox:
                 _bad(name, rate, "must be text like '1MiB/s' or a whole number")
         if not isinstance(self.network, str):
             _bad("network", self.network, f"use {', '.join(NET_MODES)}")
-        mode, _ = self._egress()
+        mode, _ = self.egress()
         set_(self, "network", mode)
         if mode == "egress" and (bypass := sorted(_NET_BYPASS.intersection(self.caps))):
             _bad(
@@ -319,7 +318,8 @@ class Sandbox:
 
     # -- what the task needs ---------------------------------------------------------------------
 
-    def _egress(self) -> tuple[str, EgressPolicy | None]:
+    def egress(self) -> tuple[str, EgressPolicy | None]:
+        """The network mode and its egress policy (None with `none`)."""
         try:
             return network_and_policy(
                 self.network or None,
@@ -334,10 +334,6 @@ class Sandbox:
             if len(message) > 240:
                 message = message[:200] + f"... ({len(message)} characters)"
             raise SpecError(message.split(" ", 1)[0], message) from None
-
-    def egress(self) -> tuple[str, EgressPolicy | None]:
-        """The network mode and its egress policy (None with `none`)."""
-        return self._egress()
 
     @property
     def user(self) -> str:
@@ -380,16 +376,15 @@ class Sandbox:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], **defaults: Any) -> Sandbox:
-        """A sandbox from its JSON form; absent or null fields take `defaults` (JSON names),
-        then the type's own. Sizes may be text (`512M`), durations too (`30s`), `user` is
+    def from_json(cls, data: Mapping[str, Any]) -> Sandbox:
+        """A sandbox from its JSON form; absent or null fields take the type's defaults. Sizes may be text (`512M`), durations too (`30s`), `user` is
         `UID[:GID]` text or a number. `SpecError` names the first bad or unknown field."""
         if not isinstance(data, Mapping):
             _bad("body", data, "must be a JSON object")
         for key in data:
             if key not in FIELDS:
                 _bad(key, data[key], f"unknown field (known: {', '.join(FIELDS)})")
-        d = {**defaults, **{k: v for k, v in data.items() if v is not None}}
+        d = {k: v for k, v in data.items() if v is not None}
         limits = Limits(**{k: d[k] for k in _LIMITS if k in d})
         kw: dict[str, Any] = {}
         if "user" in d:
@@ -431,7 +426,13 @@ class Sandbox:
         a("--tmp-size", metavar="SIZE", help="size of /tmp (default 64M)")
         a("--user", metavar="UID[:GID]", help="run as this user (default 65534, nobody)")
         a("--userns", action="store_true", help="also isolate users (task root unprivileged)")
-        a("--cap-add", action="append", default=[], metavar="CAP", help="keep a capability")
+        a(
+            "--cap-add",
+            action="append",
+            default=[],
+            metavar="CAP",
+            help="keep a capability (NET_RAW, NET_ADMIN: not with egress rules)",
+        )
         a("--rootfs", metavar="DIR", help="root file system (default: host, read-only)")
         a("--ro", action="append", default=[], metavar="HOST[:DEST]", help="bind read-only")
         a("--rw", action="append", default=[], metavar="HOST[:DEST]", help="bind read-write")
@@ -441,7 +442,7 @@ class Sandbox:
         egress_cli.add_arguments(parser)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, **defaults: Any) -> Sandbox:
+    def from_args(cls, args: argparse.Namespace) -> Sandbox:
         """The sandbox the options of `add_arguments` ask for; relative paths are made
         absolute here. A bad value is a `UsageError` naming the option and what was typed."""
         try:
@@ -473,7 +474,7 @@ class Sandbox:
             data["env"] = env
             data["network"] = getattr(args, "net", None)
             data["allow"], data["allow_hosts"] = args.allow, args.allow_host
-            sandbox = cls.from_json(data, **defaults)
+            sandbox = cls.from_json(data)
             sandbox.check_host()
         except SpecError as e:
             typed = getattr(args, e.field, None) if e.field in _SCALARS else None
