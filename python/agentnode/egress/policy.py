@@ -265,17 +265,25 @@ def network_and_policy(
     when any rule or rate is given, else `none`. A `PolicyError` starts with the option's name
     (from `names`, in the order of the parameters) and quotes the bad rule."""
     net_name, allow_name, hosts_name, rate_name, conn_name = names
-    checks: list[tuple[str, str | int | None, dict[str, Any]]]
-    checks = [(allow_name, r, {"allow": [r]}) for r in allow]
-    checks += [(hosts_name, r, {"hosts": [r]}) for r in hosts]
-    checks += [(rate_name, rate, {"rate": rate}), (conn_name, conn_rate, {"conn_rate": conn_rate})]
-    for name, value, kwargs in checks:
-        if value is None:
-            continue
-        try:
-            EgressPolicy(**kwargs)
-        except PolicyError as e:
-            raise PolicyError(f"{name} {value!r}: {e}") from None
+    try:
+        policy = EgressPolicy(allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate)
+    except PolicyError:
+        # Parse again one rule at a time, only to name the bad one (a policy may hold 10k).
+        checks: list[tuple[str, str | int | None, dict[str, Any]]]
+        checks = [(allow_name, r, {"allow": [r]}) for r in allow]
+        checks += [(hosts_name, r, {"hosts": [r]}) for r in hosts]
+        checks += [
+            (rate_name, rate, {"rate": rate}),
+            (conn_name, conn_rate, {"conn_rate": conn_rate}),
+        ]
+        for name, value, kwargs in checks:
+            if value is None:
+                continue
+            try:
+                EgressPolicy(**kwargs)
+            except PolicyError as e:
+                raise PolicyError(f"{name} {value!r}: {e}") from None
+        raise
     wants_policy = bool(allow or hosts or rate is not None or conn_rate is not None)
     mode = mode or ("egress" if wants_policy else "none")
     if mode not in NET_MODES:
@@ -286,4 +294,4 @@ def network_and_policy(
                 f"{net_name} none allows no egress (drop the allow rules and rates, or use egress)"
             )
         return mode, None
-    return mode, EgressPolicy(allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate)
+    return mode, policy
