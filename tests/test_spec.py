@@ -23,6 +23,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from rocksdict import Options, Rdict
 
 from agentnode import _native
 from agentnode.errors import SandboxError, TaskError
@@ -40,7 +41,7 @@ from agentnode.isolation.spec import (
     SpecError,
     json_schema,
 )
-from agentnode.tasks import Task, TaskSpec, TaskStore
+from agentnode.tasks import State, Task, TaskManager, TaskSpec, TaskStore
 from agentnode.tasks.store import decode, encode
 from conftest import root_only, run_cli
 from node_daemon import Daemon
@@ -190,9 +191,27 @@ def test_format_1_records_still_load(tmp_path: Path) -> None:
     assert box.mounts == (Mount("/data", "/in"), Mount("/out", "/out", writable=True))
     assert (box.network, box.allow, box.env) == ("egress", ("203.0.113.0/24:443",), (("A", "1"),))
     assert decode(encode(t)) == t  # and it is written back in the current format
-    poisoned = msgpack.packb({**body, "spec": {**flat, "user": "4294967295"}})
+    poisoned = head + b"acme" + msgpack.packb({**body, "spec": {**flat, "user": "4294967295"}})
     with pytest.raises(TaskError, match=r"spec this agentnode refuses .*user '4294967295'"):
-        decode(head + b"acme" + poisoned)
+        decode(poisoned)
+    # What a node of the last version left: a good record and one that asked for uid -1.
+    store = TaskStore(tmp_path)
+    store.close()
+    db = Rdict(str(tmp_path / "db"), Options(raw_mode=True))
+    db[b"t/old1"] = raw
+    db[b"t/old2"] = poisoned.replace(b"old1", b"old2")
+    db.close()
+    manager = TaskManager(tmp_path)
+    try:
+        assert manager.get("old1") == t
+        refused = manager.get("old2")
+        assert refused.state is State.CANCELLED and refused.spec.sandbox.uid == 65534
+        assert "user '4294967295'" in refused.reason and refused.reason.startswith("not run")
+        assert manager.queued_count() == 1  # only old1 waits to run
+    finally:
+        manager.close()
+    again = TaskStore(tmp_path).load()  # rewritten in the current format, once
+    assert all(r[0] == 2 for r in again.records.values())
 
 
 def test_one_bad_record_fails_alone_in_a_group_commit(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ import asyncio
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -29,7 +31,7 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation.spec import Sandbox
-from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
+from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 
 __all__ = ["Queued", "Recovered", "TaskStore", "decode", "encode", "queued_of"]
 
@@ -130,6 +132,29 @@ _FLAT_SANDBOX = ("pids", "env", "network", "allow", "allow_hosts", "egress_rate"
                  "caps", "rootfs", "cwd", "hostname")  # fmt: skip
 
 
+def _upgrade(raw: bytes) -> bytes:
+    """A format-1 record in this format. A spec this version refuses (an id of 4294967295, a
+    packet capability with an egress policy...) is never run: a task not yet ended is
+    cancelled, saying why, and keeps only its tenant, class and command."""
+    try:
+        return encode(decode(raw))
+    except TaskError as e:
+        if "refuses" not in str(e):
+            raise ValueError from None  # damaged: load() names the record
+        why = str(e)
+    try:
+        d: dict[str, Any] = msgpack.unpackb(raw[_HEAD.size + raw[3] :], use_list=False)
+        old = d.pop("spec")
+        spec = TaskSpec(tenant=old["tenant"], command=old["command"], cls=old["cls"])
+        task = Task(spec=spec, state=State(d.pop("state")), **d)
+    except (KeyError, TypeError, ValueError, AgentnodeError, msgpack.UnpackException):
+        raise ValueError from None  # damaged too
+    reason = f"not run: {why.removeprefix('a stored task record holds ')}"
+    if task.state in TERMINAL:
+        return encode(replace(task, reason=reason))
+    return encode(task.moved(State.CANCELLED, time.time(), reason=reason))
+
+
 def _from_flat(spec: dict[str, Any]) -> dict[str, Any]:
     """A format-1 spec's fields as this format's (the sandbox in its JSON form)."""
     box = {key: spec.pop(key) for key in _FLAT_SANDBOX if key in spec}
@@ -208,12 +233,16 @@ class TaskStore:
         head_size = _HEAD.size
         # raw_mode: every key and value is bytes.
         items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_TASK))
+        upgraded = WriteBatch(raw_mode=True)
         for k, v in items:
             if not k.startswith(_TASK):
                 break
             try:
+                if v[:1] == bytes([_FORMAT_FLAT]):
+                    v = _upgrade(v)
+                    upgraded.put(k, v)
                 fmt, state, cls, n, seq, cpu, mem, not_before = unpack(v)
-                if fmt != _FORMAT and fmt != _FORMAT_FLAT:
+                if fmt != _FORMAT:
                     raise ValueError
                 task_id = k[2:].decode()
                 records[task_id] = v
@@ -225,6 +254,8 @@ class TaskStore:
                     interrupted.append(task_id)
             except (struct.error, ValueError, IndexError):  # UnicodeDecodeError is a ValueError
                 raise self._bad_record(k, v) from None
+        if len(upgraded):
+            self._db.write(upgraded, self._wopts)
         queued.sort(key=itemgetter(0))  # by seq
         return Recovered(records, queued, interrupted)
 
