@@ -43,6 +43,7 @@ _MAX_CHECKPOINT = 64 << 20
 #: flat in it). Any other first byte is refused with a clear error.
 _FORMAT = 2
 _FORMAT_FLAT = 1
+_FLAT_BYTE = bytes([_FORMAT_FLAT])
 # Stored as indexes: the order is part of the format (append only, or bump _FORMAT).
 _STATES = (State.QUEUED, State.STARTING, State.RUNNING, State.SUCCEEDED, State.FAILED,
            State.TIMED_OUT, State.CANCELLED, State.LOST)  # fmt: skip
@@ -238,7 +239,7 @@ class TaskStore:
             if not k.startswith(_TASK):
                 break
             try:
-                if v[:1] == bytes([_FORMAT_FLAT]):
+                if v[:1] == _FLAT_BYTE:
                     v = _upgrade(v)
                     upgraded.put(k, v)
                 fmt, state, cls, n, seq, cpu, mem, not_before = unpack(v)
