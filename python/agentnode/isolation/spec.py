@@ -131,9 +131,17 @@ def _real(name: str, value: object, lo: float, hi: float, *, shown: object = Non
 
 
 def _size(name: str, value: object, least: int = 1) -> int:
+    shown = value
     if isinstance(value, str):
-        return _integer(name, _parsed(name, value, parse_size), least, MAX_BYTES, shown=value)
-    return _integer(name, value, least, MAX_BYTES)
+        value = _parsed(name, value, parse_size)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _bad(name, shown, "must be a whole number of bytes, or text like 512M")
+    if not least <= value <= MAX_BYTES:
+        low = "1 byte" if least == 1 else f"{least >> 20} MiB"
+        _bad(name, shown, f"is out of range ({low} to 1 PiB)")
+    return value
 
 
 def check_duration(name: str, value: object) -> float:
