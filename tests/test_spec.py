@@ -512,7 +512,7 @@ def test_submit_sends_the_sandbox_json_form(tmp_path: Path) -> None:
     """`submit` and the API take the same form: what the CLI parses is what the node gets."""
     from agentnode.cli import build_parser
 
-    args = build_parser().parse_args(
+    args = build_parser("submit").parse_args(
         ["submit", "--user", "7:8", "--ro", str(tmp_path), "--memory", "1G", "--", "x"]
     )
     box = Sandbox.from_args(args)

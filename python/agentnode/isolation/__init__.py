@@ -6,17 +6,22 @@ root, without capabilities, under a seccomp filter, in its own cgroups; the retu
 waited on, signalled, frozen and killed through its pidfd and cgroup2 node.
 """
 
-from agentnode.isolation.spec import Limits, Mount, Sandbox, SpecError
-from agentnode.isolation.task import (
-    USERNS_BASE,
-    ExitReason,
-    Result,
-    Stats,
-    Task,
-    spawn,
-    use_data_dir,
-)
-from agentnode.isolation.units import format_size, parse_duration, parse_size
+from typing import TYPE_CHECKING
+
+from agentnode import _lazy
+
+if TYPE_CHECKING:
+    from agentnode.isolation.spec import Limits, Mount, Sandbox, SpecError
+    from agentnode.isolation.task import (
+        USERNS_BASE,
+        ExitReason,
+        Result,
+        Stats,
+        Task,
+        spawn,
+        use_data_dir,
+    )
+    from agentnode.isolation.units import format_size, parse_duration, parse_size
 
 __all__ = [
     "USERNS_BASE",
@@ -34,3 +39,23 @@ __all__ = [
     "spawn",
     "use_data_dir",
 ]
+
+__getattr__ = _lazy.exports(
+    __name__,
+    {
+        "USERNS_BASE": "task",
+        "ExitReason": "task",
+        "Limits": "spec",
+        "Mount": "spec",
+        "Sandbox": "spec",
+        "SpecError": "spec",
+        "Result": "task",
+        "Stats": "task",
+        "Task": "task",
+        "spawn": "task",
+        "use_data_dir": "task",
+        "format_size": "units",
+        "parse_duration": "units",
+        "parse_size": "units",
+    },
+)

@@ -58,8 +58,9 @@ MAX_BYTES = 1 << 50
 MIN_MEMORY = 4 << 20
 #: The kernel's own ceiling for pids.max (PID_MAX_LIMIT on 64-bit).
 MAX_PIDS = 4_194_304
-#: Durations (timeout, heartbeat): more than zero, at most 366 days.
-MAX_SECONDS = 366 * 86400.0
+#: Durations (timeout, heartbeat): more than zero, at most 100 years (what `parse_duration`
+#: takes as text too).
+MAX_SECONDS = 100 * 365 * 86400.0
 MAX_NOFILE = 1 << 20
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 _USER = re.compile(r"(\d{1,20})(?::(\d{1,20}))?")
@@ -152,7 +153,7 @@ def check_duration(name: str, value: object) -> float:
         value = _parsed(name, value, parse_duration)
     seconds = _real(name, value, -math.inf, math.inf, shown=shown)
     if not 0 < seconds <= MAX_SECONDS:
-        _bad(name, shown, "must be more than 0 s and at most 366 days")
+        _bad(name, shown, "must be more than 0 s and at most 100 years")
     return seconds
 
 
@@ -236,7 +237,7 @@ class Mount:
 #: The JSON names of a sandbox's fields (the keys of `Sandbox.to_json`), in document order.
 FIELDS = ("cpus", "cpu_weight", "memory", "memory_high", "swap", "pids", "tmp_size", "timeout",
           "nofile", "user", "userns", "caps", "rootfs", "ro", "rw", "cwd", "hostname", "env",
-          "network", "allow", "allow_hosts", "egress_rate", "conn_rate")  # fmt: skip
+          "network", "allow", "allow_hosts", "egress_rate", "conn_rate", "publish")  # fmt: skip
 _LIMITS = tuple(f.name for f in fields(Limits))
 #: Fields given as one option's text (the others are lists, or come from several options).
 _SCALARS = frozenset(_LIMITS) | {"user", "cwd", "hostname", "rootfs", "egress_rate", "conn_rate"}
@@ -274,6 +275,8 @@ class Sandbox:
     allow_hosts: tuple[str, ...] = ()
     egress_rate: str | int | None = None
     conn_rate: str | int | None = None
+    #: `HOSTPORT:PORT`: the task's TCP PORT reachable on the node's HOSTPORT (egress only).
+    publish: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -310,6 +313,7 @@ class Sandbox:
         set_(self, "env", env)
         set_(self, "allow", _strings("allow", self.allow))
         set_(self, "allow_hosts", _strings("allow_hosts", self.allow_hosts))
+        set_(self, "publish", _strings("publish", self.publish))
         for name in ("egress_rate", "conn_rate"):
             rate = getattr(self, name)
             if rate is not None and (isinstance(rate, bool) or not isinstance(rate, str | int)):
@@ -330,9 +334,10 @@ class Sandbox:
     def egress(self) -> tuple[str, EgressPolicy | None]:
         """The network mode and its egress policy (None with `none`)."""
         try:
-            rules = (self.allow, self.allow_hosts, self.egress_rate, self.conn_rate)
+            rules = (self.allow, self.allow_hosts, self.egress_rate, self.conn_rate, self.publish)
             # The resolved mode: the spec's first parse and every later one share a cache key.
-            wants = bool(rules[0] or rules[1]) or rules[2] is not None or rules[3] is not None
+            wants = bool(rules[0] or rules[1] or rules[4]) or rules[2] is not None
+            wants = wants or rules[3] is not None
             return _network(self.network or ("egress" if wants else "none"), *rules)
         except PolicyError as e:
             message = str(e)  # "FIELD 'rule': why", quoting the rule (again in `why`)
@@ -378,6 +383,7 @@ class Sandbox:
             "allow_hosts": list(self.allow_hosts),
             "egress_rate": self.egress_rate,
             "conn_rate": self.conn_rate,
+            "publish": list(self.publish),
         }
 
     @classmethod
@@ -397,7 +403,7 @@ class Sandbox:
         for key in ("userns", "rootfs", "cwd", "hostname", "network", "egress_rate", "conn_rate"):
             if key in d:
                 kw[key] = d[key]
-        for key in ("caps", "allow", "allow_hosts"):
+        for key in ("caps", "allow", "allow_hosts", "publish"):
             if key in d:
                 kw[key] = _strings(key, d[key])
         mounts = [
@@ -479,6 +485,7 @@ class Sandbox:
             data["env"] = env
             data["network"] = getattr(args, "net", None)
             data["allow"], data["allow_hosts"] = args.allow, args.allow_host
+            data["publish"] = getattr(args, "publish", [])
             sandbox = cls.from_json(data)
             sandbox.check_host()
         except SpecError as e:
@@ -494,6 +501,7 @@ def _network(
     hosts: tuple[str, ...],
     rate: str | int | None,
     conn_rate: str | int | None,
+    publish: tuple[str, ...],
 ) -> tuple[str, EgressPolicy | None]:
     # A task's spec is made several times on its way (request, record, start, each rule
     # change), and parsing a 10k-rule policy takes ~100 ms: the same rules parse once.
@@ -504,7 +512,8 @@ def _network(
         hosts=hosts,
         rate=rate,
         conn_rate=conn_rate,
-        names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate"),
+        publish=publish,
+        names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate", "publish"),
     )
 
 
@@ -614,6 +623,11 @@ def json_schema() -> dict[str, Any]:
         "conn_rate": {
             "type": ["string", "integer", "null"],
             "description": "new connections per second, e.g. 20/s",
+        },
+        "publish": {
+            **strings,
+            "description": "HOSTPORT:PORT: the task's TCP PORT reachable on the node's HOSTPORT "
+            "(network egress)",
         },
     }
     assert tuple(properties) == FIELDS

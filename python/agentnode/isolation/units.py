@@ -12,6 +12,10 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Far beyond any real limit, and within what cgroup files, the kernel's timers and the task
+# records' integers hold: larger values are typing mistakes, refused before they reach them.
+_MAX_SIZE = 1 << 50
+_MAX_DURATION = 100 * 365 * 86400.0
 
 
 def parse_size(text: str, *, option: str) -> int:
@@ -20,11 +24,11 @@ def parse_size(text: str, *, option: str) -> int:
     if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
         raise UsageError(f"{option}: {text!r} is not a size (examples: 512M, 2G)")
     amount = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    if amount >= 2**63:  # past every kernel size field (and past a float's integers)
-        raise UsageError(f"{option}: {text!r} is too large (examples: 512M, 2G)")
-    value = int(amount)
+    value = int(min(amount, _MAX_SIZE + 1))  # int() of a float past 1e308 would overflow
     if value <= 0:
         raise UsageError(f"{option}: {text!r} must be more than zero bytes (examples: 512M, 2G)")
+    if value > _MAX_SIZE:
+        raise UsageError(f"{option}: {text!r} is too large (at most 1024T)")
     return value
 
 
@@ -36,6 +40,8 @@ def parse_duration(text: str, *, option: str) -> float:
     value = float(m.group(1)) * _TIME_UNITS[(m.group(2) or "s").lower()]
     if value <= 0:
         raise UsageError(f"{option}: {text!r} must be longer than zero (examples: 30s, 500ms)")
+    if value > _MAX_DURATION:
+        raise UsageError(f"{option}: {text!r} is too long (at most 876000h, 100 years)")
     return value
 
 

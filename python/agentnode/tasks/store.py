@@ -129,6 +129,7 @@ def decode(raw: bytes) -> Task:
 #: Format 1 spelled the sandbox in the spec's own flat fields: (old name, JSON name).
 _FLAT_RENAMED = (("cpu_millis", "cpus"), ("memory_bytes", "memory"), ("timeout_s", "timeout"))
 _FLAT_SANDBOX = ("pids", "env", "network", "allow", "allow_hosts", "egress_rate", "conn_rate",
+                 "publish",
                  "user", "binds", "cpu_weight", "memory_high", "swap", "tmp_size", "userns",
                  "caps", "rootfs", "cwd", "hostname")  # fmt: skip
 
