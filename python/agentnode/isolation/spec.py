@@ -457,6 +457,7 @@ class Sandbox:
         """The sandbox the options of `add_arguments` ask for; relative paths are made
         absolute here. A bad value is a `UsageError` naming the option and what was typed."""
         try:
+            egress_cli.network_from_args(args)  # its errors name the options, as typed
             data: dict[str, Any] = {}
             for name, parse in (("cpus", float), ("cpu_weight", int), ("pids", int)):
                 text = getattr(args, name)
