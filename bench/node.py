@@ -27,6 +27,7 @@ from pathlib import Path
 from _harness import Bench, percentile
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.node.paths import DEFAULT_DATA_DIR
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks.model import Task, TaskSpec
@@ -111,8 +112,7 @@ def recovery(bench: Bench, root: Path, n: int) -> None:
     spec = TaskSpec(
         tenant="bench",
         command=("sleep", "1000"),
-        cpu_millis=inv["allocatable_cpu_millis"],
-        memory_bytes=32 << 20,
+        sandbox=Sandbox(limits=Limits(cpus=inv["allocatable_cpu_millis"] / 1000, memory=32 << 20)),
     )
     now = time.time()
     records = []

@@ -168,7 +168,7 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
         (["submit", *sock], "submit needs a command after '--'"),
         (
             ["submit", *sock, "--env", "NOEQUALS", "--", "true"],
-            "--env: 'NOEQUALS' is not NAME=VALUE",
+            "--env 'NOEQUALS': is not NAME=VALUE",
         ),
     ):
         r = run_cli(args)

@@ -18,7 +18,8 @@ import pytest
 from rocksdict import Options, Rdict
 
 from agentnode.compute import Gpu, gpus, inventory
-from agentnode.errors import ConfigError, QueueFullError, TaskError
+from agentnode.errors import AgentnodeError, ConfigError, QueueFullError, TaskError
+from agentnode.isolation import spec as sb
 from agentnode.tasks import (
     CLASSES,
     Limits,
@@ -54,16 +55,27 @@ def test_state_machine_allows_only_legal_moves() -> None:
     [
         ({"tenant": "bad tenant"}, "invalid tenant"),
         ({"cls": "vip"}, "unknown priority class"),
-        ({"cpu_millis": 0}, "must be positive"),
-        ({"timeout_s": -1.0}, "timeout_s"),
+        ({"sandbox": sb.Sandbox(limits=sb.Limits(cpus=4, memory=4 << 20))}, None),
+        ({"heartbeat_s": -1.0}, "heartbeat"),
+        ({"retries": 101}, "retries"),
     ],
 )
-def test_bad_spec(kw: dict[str, object], message: str) -> None:
+def test_bad_spec(kw: dict[str, object], message: str | None) -> None:
     base: dict[str, object] = {"tenant": "acme", "command": ("x",)}
-    with pytest.raises(TaskError, match=message):
+    if message is None:
         TaskSpec(**{**base, **kw})  # type: ignore[arg-type]
+    else:
+        with pytest.raises(AgentnodeError, match=message):
+            TaskSpec(**{**base, **kw})  # type: ignore[arg-type]
     with pytest.raises(TaskError, match="command"):
         TaskSpec(tenant="acme", command=())
+
+
+def test_spec_fills_the_node_defaults_it_reserves() -> None:
+    s = spec()
+    assert (s.cpu_millis, s.memory_bytes, s.timeout_s) == (1000, 512 << 20, 3600.0)
+    s = spec(sandbox=sb.Sandbox(limits=sb.Limits(cpus=1.5, memory=3 << 30, timeout=12.5)))
+    assert (s.cpu_millis, s.memory_bytes, s.timeout_s) == (1500, 3 << 30, 12.5)
 
 
 def test_record_keeps_every_field() -> None:
@@ -71,24 +83,35 @@ def test_record_keeps_every_field() -> None:
         tenant="acme.lab",
         command=("agent", "--run", "ü"),
         cls="critical",
-        cpu_millis=1500,
-        memory_bytes=3 << 30,
-        timeout_s=12.5,
-        pids=64,
         heartbeat_s=2.0,
-        env=(("A", "1"), ("B", "")),
-        user="1000:1000",
         retries=3,
-        binds=(("/data", "/in", False), ("/out", "/out", True)),
-        cpu_weight=200,
-        memory_high=1 << 30,
-        swap=0,
-        tmp_size=1 << 20,
-        userns=True,
-        caps=("CAP_NET_RAW",),
-        rootfs="/srv/root",
-        cwd="/work",
-        hostname="box",
+        sandbox=sb.Sandbox(
+            limits=sb.Limits(
+                cpus=1.5,
+                memory=3 << 30,
+                timeout=12.5,
+                pids=64,
+                cpu_weight=200,
+                memory_high=1 << 30,
+                swap=1,
+                tmp_size=1 << 20,
+                nofile=4096,
+            ),
+            env=(("A", "1"), ("B", "")),
+            uid=1000,
+            gid=1001,
+            mounts=(sb.Mount("/data", "/in"), sb.Mount("/out", "/out", writable=True)),
+            userns=True,
+            caps=("CAP_NET_RAW",),
+            rootfs="/srv/root",
+            cwd="/work",
+            hostname="box",
+            network="host",
+            allow=("203.0.113.0/24:443",),
+            allow_hosts=("api.example.com:443",),
+            egress_rate="1MiB/s",
+            conn_rate=20,
+        ),
     )
     t = Task(id="a1", seq=7, spec=full, attempt=2, not_before=5.5, reason="r", exit_code=-3)
     t = t.moved(State.STARTING, 1.0).moved(State.RUNNING, 2.0).moved(State.FAILED, 3.0)
@@ -255,8 +278,8 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
 def test_capacity_gates_next_tasks_and_cancel(tmp_path: Path) -> None:
     async def main() -> None:
         m = TaskManager(tmp_path, sync=False)
-        big, _ = await m.submit(spec(cpu_millis=4000))
-        small, _ = await m.submit(spec(cls="low", cpu_millis=500))
+        big, _ = await m.submit(spec(sandbox=sb.Sandbox(limits=sb.Limits(cpus=4))))
+        small, _ = await m.submit(spec(cls="low", sandbox=sb.Sandbox(limits=sb.Limits(cpus=0.5))))
         got = await m.next_tasks(4, free_cpu_millis=1000, free_memory_bytes=BIG)
         assert [t.id for t in got] == [small.id]
         cancelled = await m.cancel(big.id)

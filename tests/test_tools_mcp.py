@@ -19,7 +19,7 @@ from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
 from agentnode.isolation import use_data_dir
-from agentnode.isolation.task import Mount
+from agentnode.isolation.spec import Mount
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService

@@ -16,6 +16,8 @@ from typing import Any
 from agentnode.errors import PolicyError
 
 __all__ = [
+    "MAX_CONN_RATE",
+    "MAX_RATE",
     "NET_MODES",
     "PROTO_TCP",
     "PROTO_UDP",
@@ -29,6 +31,9 @@ __all__ = [
 
 #: Task network modes: loopback only; own netns on the node bridge; the host's netns (weaker).
 NET_MODES = ("none", "egress", "host")
+#: Rate bounds (the BPF maps hold u64 token buckets; these keep their arithmetic exact).
+MAX_RATE = 1 << 40
+MAX_CONN_RATE = 1 << 20
 
 PROTO_TCP = 1
 PROTO_UDP = 2
@@ -208,8 +213,10 @@ def parse_rate(text: str | int) -> int:
                 f"bad egress rate {text!r}: use bytes per second like 1MiB/s or 500KB/s"
             )
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 1:
-        raise PolicyError(f"bad egress rate {text!r}: must be at least 1 byte/s")
+    if not 1 <= value <= MAX_RATE:
+        raise PolicyError(
+            f"bad egress rate {text!r}: must be at least 1 byte/s and at most 1 TiB/s"
+        )
     return int(value)
 
 
@@ -222,8 +229,10 @@ def parse_conn_rate(text: str | int) -> int:
         if not m:
             raise PolicyError(f"bad connection rate {text!r}: use connections per second like 20/s")
         value = int(m.group(1))
-    if value < 1:
-        raise PolicyError(f"bad connection rate {text!r}: must be at least 1/s")
+    if not 1 <= value <= MAX_CONN_RATE:
+        raise PolicyError(
+            f"bad connection rate {text!r}: must be at least 1/s and at most {MAX_CONN_RATE}/s"
+        )
     return value
 
 
@@ -309,18 +318,28 @@ def network_and_policy(
     when any rule or rate is given, else `none`. A `PolicyError` starts with the option's name
     (from `names`, in the order of the parameters) and quotes the bad rule."""
     net_name, allow_name, hosts_name, rate_name, conn_name, publish_name = names
-    checks: list[tuple[str, str | int | None, dict[str, Any]]]
-    checks = [(allow_name, r, {"allow": [r]}) for r in allow]
-    checks += [(hosts_name, r, {"hosts": [r]}) for r in hosts]
-    checks += [(publish_name, r, {"publish": [r]}) for r in publish]
-    checks += [(rate_name, rate, {"rate": rate}), (conn_name, conn_rate, {"conn_rate": conn_rate})]
-    for name, value, kwargs in checks:
-        if value is None:
-            continue
-        try:
-            EgressPolicy(**kwargs)
-        except PolicyError as e:
-            raise PolicyError(f"{name} {value!r}: {e}") from None
+    try:
+        policy = EgressPolicy(
+            allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate, publish=publish
+        )
+    except PolicyError:
+        # Parse again one rule at a time, only to name the bad one (a policy may hold 10k).
+        checks: list[tuple[str, str | int | None, dict[str, Any]]]
+        checks = [(allow_name, r, {"allow": [r]}) for r in allow]
+        checks += [(hosts_name, r, {"hosts": [r]}) for r in hosts]
+        checks += [(publish_name, r, {"publish": [r]}) for r in publish]
+        checks += [
+            (rate_name, rate, {"rate": rate}),
+            (conn_name, conn_rate, {"conn_rate": conn_rate}),
+        ]
+        for name, value, kwargs in checks:
+            if value is None:
+                continue
+            try:
+                EgressPolicy(**kwargs)
+            except PolicyError as e:
+                raise PolicyError(f"{name} {value!r}: {e}") from None
+        raise
     wants_policy = bool(allow or hosts or publish or rate is not None or conn_rate is not None)
     mode = mode or ("egress" if wants_policy else "none")
     if mode not in NET_MODES:
@@ -336,6 +355,4 @@ def network_and_policy(
                 f"{net_name} none allows no egress (drop the allow rules and rates, or use egress)"
             )
         return mode, None
-    return mode, EgressPolicy(
-        allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate, publish=publish
-    )
+    return mode, policy

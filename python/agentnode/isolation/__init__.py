@@ -1,5 +1,6 @@
 """Layer 1: isolated task execution (namespaces, cgroups, limits, accounting, lifecycle).
 
+`Sandbox` (`isolation.spec`) is a task's whole isolation spec, shared by every way to start one.
 `spawn()` starts a command in new pid, mount, uts, ipc, net and cgroup namespaces on a read-only
 root, without capabilities, under a seccomp filter, in its own cgroups; the returned `Task` is
 waited on, signalled, frozen and killed through its pidfd and cgroup2 node.
@@ -10,11 +11,10 @@ from typing import TYPE_CHECKING
 from agentnode import _lazy
 
 if TYPE_CHECKING:
+    from agentnode.isolation.spec import Limits, Mount, Sandbox, SpecError
     from agentnode.isolation.task import (
         USERNS_BASE,
         ExitReason,
-        Limits,
-        Mount,
         Result,
         Stats,
         Task,
@@ -29,6 +29,8 @@ __all__ = [
     "Limits",
     "Mount",
     "Result",
+    "Sandbox",
+    "SpecError",
     "Stats",
     "Task",
     "format_size",
@@ -43,8 +45,10 @@ __getattr__ = _lazy.exports(
     {
         "USERNS_BASE": "task",
         "ExitReason": "task",
-        "Limits": "task",
-        "Mount": "task",
+        "Limits": "spec",
+        "Mount": "spec",
+        "Sandbox": "spec",
+        "SpecError": "spec",
         "Result": "task",
         "Stats": "task",
         "Task": "task",

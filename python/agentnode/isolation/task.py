@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
 from agentnode import _native
-from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.policy import NET_MODES, EgressPolicy
 from agentnode.errors import UsageError
+from agentnode.isolation.spec import NOBODY, Limits, Mount, Sandbox, parse_user
 
 if TYPE_CHECKING:
     # Only a networked task needs these, and they bring asyncio: `agentnode exec` without
@@ -25,16 +26,13 @@ if TYPE_CHECKING:
     from agentnode.egress.service import EgressService, TaskEgress
 
 __all__ = [
-    "CAPABILITIES",
     "DATA_DIR",
     "USERNS_BASE",
     "ExitReason",
-    "Limits",
-    "Mount",
     "Result",
     "Stats",
     "Task",
-    "capability_number",
+    "prepare_workspace",
     "spawn",
     "use_data_dir",
 ]
@@ -72,88 +70,8 @@ def _make_dir(path: Path, what: str, hint: str) -> None:
 
 #: With a user namespace, task ids 0..65535 map to host ids from here on.
 USERNS_BASE = 100_000
-NOBODY = 65534
-
-#: Capability names in kernel order (`CAP_` prefix dropped): the index is the number.
-CAPABILITIES = (
-    "chown",
-    "dac_override",
-    "dac_read_search",
-    "fowner",
-    "fsetid",
-    "kill",
-    "setgid",
-    "setuid",
-    "setpcap",
-    "linux_immutable",
-    "net_bind_service",
-    "net_broadcast",
-    "net_admin",
-    "net_raw",
-    "ipc_lock",
-    "ipc_owner",
-    "sys_module",
-    "sys_rawio",
-    "sys_chroot",
-    "sys_ptrace",
-    "sys_pacct",
-    "sys_admin",
-    "sys_boot",
-    "sys_nice",
-    "sys_resource",
-    "sys_time",
-    "sys_tty_config",
-    "mknod",
-    "lease",
-    "audit_write",
-    "audit_control",
-    "setfcap",
-    "mac_override",
-    "mac_admin",
-    "syslog",
-    "wake_alarm",
-    "block_suspend",
-    "audit_read",
-    "perfmon",
-    "bpf",
-    "checkpoint_restore",
-)
 
 Stdio = Literal["inherit", "pipe", "null"] | int | str | os.PathLike[str]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Limits:
-    """A task's resource limits; None leaves a resource unlimited."""
-
-    cpus: float | None = None
-    cpu_weight: int | None = None
-    memory: int | None = None
-    memory_high: int | None = None
-    swap: int | None = None
-    pids: int | None = None
-    tmp_size: int = 64 << 20
-    timeout: float | None = None
-    nofile: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.cpus is not None and not 0.01 <= self.cpus <= 1024:
-            raise UsageError(f"cpus: {self.cpus} is out of range (0.01 to 1024, e.g. 0.5)")
-        if self.cpu_weight is not None and not 1 <= self.cpu_weight <= 10000:
-            raise UsageError(f"cpu weight: {self.cpu_weight} is out of range (1 to 10000)")
-        if self.pids is not None and self.pids < 1:
-            raise UsageError(f"pids: {self.pids} must be at least 1")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UsageError(f"timeout: {self.timeout} must be more than zero seconds")
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A host path bound into the task (read-only unless `writable`)."""
-
-    src: str
-    dest: str
-    writable: bool = False
 
 
 class ExitReason(enum.Enum):
@@ -281,39 +199,12 @@ def _stdio_fd(
     return fd
 
 
-def capability_number(name: str) -> int:
-    """`CAP_NET_BIND_SERVICE` (or `net_bind_service`) -> 10."""
-    key = name.lower().removeprefix("cap_")
-    if key not in CAPABILITIES:
-        raise UsageError(f"capability {name!r} is unknown (example: CAP_NET_BIND_SERVICE)")
-    return CAPABILITIES.index(key)
-
-
-#: (uid_t)-1, which the kernel reads as "no change"; every valid id is below it.
-_NO_ID = (1 << 32) - 1
-
-
-def _parse_user(user: int | str) -> tuple[int, int]:
-    if isinstance(user, int):
-        ids = user, user
-    else:
-        uid, _, gid = user.partition(":")
-        try:
-            ids = int(uid), int(gid or uid)
-        except ValueError:
-            raise UsageError(f"user: {user!r} is not UID[:GID] (example: 1000:1000)") from None
-    if not all(0 <= i < _NO_ID for i in ids):
-        raise UsageError(f"user: {user!r} is out of range (ids are 0 to {_NO_ID - 1})")
-    return ids
-
-
-def prepare_workspace(path: Path, *, user: int | str, userns: bool = False) -> Path:
+def prepare_workspace(path: Path, sandbox: Sandbox) -> Path:
     """Creates `path` (a task's /workspace on the host) owned by the user the task runs as, as
-    the host sees it (shifted by the user namespace base with `userns`)."""
-    uid, gid = _parse_user(user)
-    base = USERNS_BASE if userns else 0
+    the host sees it (shifted by the user namespace base with `sandbox.userns`)."""
+    base = USERNS_BASE if sandbox.userns else 0
     _make_dir(path, "workspace", f"give a writable directory, or {_DATA_DIR_HINT}")
-    os.chown(path, base + uid, base + gid)
+    os.chown(path, base + sandbox.uid, base + sandbox.gid)
     return path
 
 
@@ -330,6 +221,7 @@ def _default_workspace(instance: str) -> Path:
 
 def spawn(
     argv: Sequence[str],
+    sandbox: Sandbox | None = None,
     *,
     limits: Limits | None = None,
     mounts: Sequence[Mount] = (),
@@ -339,77 +231,72 @@ def spawn(
     userns: bool = False,
     network: str | EgressPolicy = "none",
     egress: EgressPolicy | None = None,
+    rootfs: str | os.PathLike[str] = "/",
+    hostname: str = "agentnode",
+    caps: Sequence[str] = (),
     node_network: EgressService | None = None,
     on_denial: Callable[[Denial], None] | None = None,
-    rootfs: str | os.PathLike[str] = "/",
     workspace: str | os.PathLike[str] | None = None,
-    hostname: str = "agentnode",
     stdin: Stdio = "inherit",
     stdout: Stdio = "inherit",
     stderr: Stdio = "inherit",
     seccomp: bool = True,
-    caps: Sequence[str] = (),
 ) -> Task:
     """Starts `argv` isolated (new pid, mount, uts, ipc, net and cgroup namespaces, read-only root,
-    no capabilities, seccomp) in a fresh cgroup with `limits`; returns once it has exec'd.
+    no capabilities, seccomp) in a fresh cgroup as `sandbox` says; returns once it has exec'd.
 
-    `network`: "none" (a fresh namespace with loopback only); "egress" (a namespace on the node
-    bridge, reaching what the `egress` policy allows); "host" (the host's namespace, with the
-    policy enforced but host loopback reachable: weaker); an `EgressPolicy` (short for "egress"
-    with that policy); or the path of a network namespace to join (`/run/netns/NAME`). The
-    policy is in force before the task's first instruction. `node_network` is the bridge and
-    DNS forwarder to use (default: one per process, on agentnode0). `on_denial` receives each
-    connection or packet the policy denies, from the task's first instruction on.
-    The environment holds only PATH, LANG, HOME and `env`.
-    Every capability is dropped except `caps` (names like CAP_NET_BIND_SERVICE), which the
-    task keeps (as ambient capabilities when `user` is not 0).
+    `sandbox` is the task's whole spec (`agentnode.isolation.spec`). Without it, the keywords
+    from `limits` to `caps` make one (the same fields; `network` may also be an `EgressPolicy`,
+    short for "egress" with that policy, or the path of a network namespace to join,
+    `/run/netns/NAME`, which only this keyword form can ask for).
+
+    Networks: "none" (a fresh namespace with loopback only); "egress" (a namespace on the node
+    bridge, reaching what the egress policy allows); "host" (the host's namespace, with the
+    policy enforced but host loopback reachable: weaker). The policy is in force before the
+    task's first instruction. `node_network` is the bridge and DNS forwarder to use (default:
+    one per process, on agentnode0). `on_denial` receives each connection or packet the policy
+    denies, from the task's first instruction on.
+    The environment holds only PATH, LANG, HOME and the sandbox's `env`.
+    Every capability is dropped except the sandbox's `caps`, which the task keeps (as ambient
+    capabilities when the user is not 0).
     Call from a long-lived thread: the task is SIGKILLed when the thread that cloned it exits
     (the spawning thread, or for a task started from a zygote the pool's, which ends with the
     cgroup manager).
     """
-    limits = limits or Limits()
+    netns = None
+    if sandbox is None:
+        if isinstance(network, str) and network not in NET_MODES:
+            netns, network = network, "none"
+            if not os.path.exists(netns):
+                raise UsageError(
+                    f"network {netns!r}: give none, egress, host or an existing network "
+                    "namespace path"
+                )
+        sandbox = _sandbox_of(
+            limits, mounts, env, cwd, user, userns, network, egress, rootfs, hostname, caps
+        )
     if not argv:
         raise UsageError("a command is required (e.g. agentnode exec -- /bin/true)")
-    if rootfs != "/" and not os.path.isdir(rootfs):
-        raise UsageError(
-            f"rootfs {os.fspath(rootfs)!r} is not a directory (give a root file system tree)"
-        )
-    for m in mounts:
-        if not os.path.exists(m.src):
-            raise UsageError(f"mount source {m.src!r} does not exist (give an existing host path)")
-        if not m.dest.startswith("/"):
-            raise UsageError(f"mount destination {m.dest!r} must be an absolute path")
-    if isinstance(network, EgressPolicy):
-        egress = network
-        network = "egress"
-    if network not in ("egress", "host") and egress is not None:
-        raise UsageError(f"network {network!r} takes no egress policy (use 'egress' or 'host')")
-    netns = None if network in ("none", "egress", "host") else network
-    if netns is not None and not os.path.exists(netns):
-        raise UsageError(
-            f"network {network!r}: give none, egress, host or an existing network namespace path"
-        )
-    uid, gid = _parse_user(user)
-    cap_numbers = [capability_number(c) for c in caps]
+    sandbox.check_host()
+    mode, policy = sandbox.egress()
+    limits = sandbox.limits
     manager = _cgroups()
     if workspace is None:
-        ws = prepare_workspace(_default_workspace(manager.name), user=user, userns=userns)
+        ws = prepare_workspace(_default_workspace(manager.name), sandbox)
     else:
         ws = Path(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
     stage = DATA_DIR / "stage"
     _make_dir(stage, "staging directory", _DATA_DIR_HINT)
-    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **(env or {})}
+    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **dict(sandbox.env)}
     opened: list[int] = []
     parents: list[IO[bytes] | None] = [None, None, None]
     net: TaskEgress | None = None
     try:
-        if network in ("egress", "host"):
+        if policy is not None:
             service = node_network or _default_network()
             net = service.prepare(
-                "egress" if network == "egress" else "host",
-                egress or EgressPolicy(),
-                on_denial=on_denial,
+                "egress" if mode == "egress" else "host", policy, on_denial=on_denial
             )
             netns = net.netns_path
         fds = tuple(_stdio_fd(s, i, opened, parents) for i, s in enumerate((stdin, stdout, stderr)))
@@ -417,21 +304,21 @@ def spawn(
             manager,
             list(argv),
             env=[f"{k}={v}" for k, v in full_env.items()],
-            cwd=cwd,
-            hostname=hostname,
-            rootfs=os.fspath(rootfs),
+            cwd=sandbox.cwd,
+            hostname=sandbox.hostname,
+            rootfs=sandbox.rootfs,
             stage=os.fspath(stage),
             workspace=os.fspath(ws),
-            binds=[(m.src, m.dest, m.writable) for m in mounts],
+            binds=[(m.src, m.dest, m.writable) for m in sandbox.mounts],
             tmp_size=limits.tmp_size,
-            uid=uid,
-            gid=gid,
-            userns_base=USERNS_BASE if userns else None,
+            uid=sandbox.uid,
+            gid=sandbox.gid,
+            userns_base=USERNS_BASE if sandbox.userns else None,
             netns=netns,
             stdio=(fds[0], fds[1], fds[2]),
             nofile=limits.nofile,
             seccomp=seccomp,
-            caps=cap_numbers,
+            caps=sandbox.cap_numbers(),
             cpu_quota_us=None if limits.cpus is None else round(limits.cpus * 100_000),
             cpu_period_us=100_000,
             cpu_weight=limits.cpu_weight,
@@ -456,6 +343,45 @@ def spawn(
     task = Task(native, limits=limits, workspace=ws, stdio=parents, net=net)
     _live.add(task)
     return task
+
+
+def _sandbox_of(
+    limits: Limits | None,
+    mounts: Sequence[Mount],
+    env: Mapping[str, str] | None,
+    cwd: str,
+    user: int | str,
+    userns: bool,
+    network: str | EgressPolicy,
+    egress: EgressPolicy | None,
+    rootfs: str | os.PathLike[str],
+    hostname: str,
+    caps: Sequence[str],
+) -> Sandbox:
+    """The `Sandbox` of `spawn`'s keyword form."""
+    if isinstance(network, EgressPolicy):
+        egress, network = network, "egress"
+    if egress is not None and network not in ("egress", "host"):
+        raise UsageError(f"network {network!r} takes no egress policy (use 'egress' or 'host')")
+    rules: dict[str, object] = {}
+    if egress is not None:
+        rules = {"allow": egress.allow, "allow_hosts": egress.hosts, "publish": egress.publish,
+                 "egress_rate": egress.rate, "conn_rate": egress.conn_rate}  # fmt: skip
+    uid, gid = parse_user(user)
+    return Sandbox(
+        limits=limits or Limits(),
+        mounts=tuple(mounts),
+        env=tuple((env or {}).items()),
+        cwd=cwd,
+        uid=uid,
+        gid=gid,
+        userns=userns,
+        network=network,
+        rootfs=os.fspath(rootfs),
+        hostname=hostname,
+        caps=tuple(caps),
+        **rules,  # type: ignore[arg-type]
+    )
 
 
 class Task:

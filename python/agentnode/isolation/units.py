@@ -1,15 +1,12 @@
-"""Parsing of what users type for limits and mounts: sizes and durations (`512M`, `2G`, `30s`,
-`500ms`) and binds (`HOST[:DEST]`)."""
+"""Parsing of what users type for sizes and durations (`512M`, `2G`, `30s`, `500ms`)."""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 from agentnode.errors import UsageError
 
-__all__ = ["format_size", "parse_bind", "parse_duration", "parse_env", "parse_size"]
+__all__ = ["format_size", "parse_duration", "parse_size"]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
@@ -26,7 +23,8 @@ def parse_size(text: str, *, option: str) -> int:
     m = _SIZE.fullmatch(text.strip())
     if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
         raise UsageError(f"{option}: {text!r} is not a size (examples: 512M, 2G)")
-    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    amount = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    value = int(min(amount, _MAX_SIZE + 1))  # int() of a float past 1e308 would overflow
     if value <= 0:
         raise UsageError(f"{option}: {text!r} must be more than zero bytes (examples: 512M, 2G)")
     if value > _MAX_SIZE:
@@ -55,25 +53,3 @@ def format_size(n: int) -> str:
             return f"{size:.1f}{unit}" if unit != "B" else f"{n}B"
         size /= 1024
     return f"{size:.1f}GiB"
-
-
-def parse_bind(text: str, *, option: str) -> tuple[str, str]:
-    """(host path, task path) of `HOST[:DEST]`; DEST defaults to HOST, which must exist."""
-    src, _, dest = text.partition(":")
-    if not src or not os.path.exists(src):
-        raise UsageError(f"{option}: {src!r} does not exist (give an existing host path)")
-    dest = dest or os.path.abspath(src)
-    if not dest.startswith("/") or ".." in Path(dest).parts:
-        raise UsageError(f"{option}: destination {dest!r} must be absolute, without '..'")
-    return os.path.abspath(src), dest
-
-
-def parse_env(items: list[str], *, option: str = "--env") -> dict[str, str]:
-    """Variables from `NAME=VALUE` items (a value may contain '=')."""
-    env = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        if not eq or not name:
-            raise UsageError(f"{option}: {item!r} is not NAME=VALUE (example: {option} DEBUG=1)")
-        env[name] = value
-    return env

@@ -15,10 +15,9 @@ import functools
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,7 @@ from agentnode.errors import (
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.server import Attribution
 from agentnode.inference.server import Principal as InferencePrincipal
-from agentnode.isolation.task import capability_number
-from agentnode.isolation.units import parse_bind, parse_duration, parse_size
+from agentnode.isolation.spec import FIELDS, Sandbox, SpecError, check_duration
 from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
 from agentnode.storage.api import principal
@@ -80,6 +78,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
         return await handler(request)
     except BadField as e:
         return _error(400, str(e), e.field)
+    except SpecError as e:
+        return _error(400, str(e), e.field)
     except QueueFullError as e:
         return _error(429, str(e))
     except DiskFullError as e:
@@ -108,133 +108,19 @@ def _bearer_guard(token: str) -> Middleware:
 
 # -- request parsing ----------------------------------------------------------------------------
 
-
-def _number(body: dict[str, Any], key: str, *, parse: Callable[..., float] | None = None) -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str) and parse is not None:
-        try:
-            return parse(value, option=key)
-        except AgentnodeError as e:
-            raise BadField(key, str(e).removeprefix(f"{key}: ")) from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadField(key, f"must be a number, got {value!r}")
-    if value <= 0:
-        raise BadField(key, f"must be positive, got {value!r}")
-    return value
-
-
-def _binds(body: dict[str, Any], key: str) -> list[tuple[str, str, bool]]:
-    specs = body.get(key, [])
-    if not isinstance(specs, list) or not all(isinstance(x, str) for x in specs):
-        raise BadField(key, 'must be a list of "HOST[:DEST]" strings')
-    try:
-        return [(*parse_bind(x, option=key), key == "rw") for x in specs]
-    except AgentnodeError as e:
-        raise BadField(key, str(e).removeprefix(f"{key}: ")) from None
-
-
-_SANDBOX = ("cpu_weight", "memory_high", "swap", "tmp_size", "userns", "caps", "rootfs", "cwd",
-            "hostname")  # fmt: skip
+#: The fields of a POST /v1/tasks body besides the sandbox's (`agentnode.isolation.spec.FIELDS`).
+_TASK_FIELDS = ("tenant", "command", "priority", "heartbeat", "retries")
 _EGRESS = ("allow", "allow_hosts", "egress_rate", "conn_rate")
-_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
-
-
-def _sandbox(body: dict[str, Any]) -> dict[str, Any]:
-    """The exec-style sandbox options present in `body`, checked."""
-    out: dict[str, Any] = {}
-    weight = body.get("cpu_weight")
-    if weight is not None:
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 10000:
-            raise BadField("cpu_weight", f"must be an integer from 1 to 10000, got {weight!r}")
-        out["cpu_weight"] = weight
-    for key in ("memory_high", "swap", "tmp_size"):
-        size = _number(body, key, parse=parse_size)
-        if size is not None:
-            out[key] = int(size)
-    if "userns" in body:
-        if not isinstance(body["userns"], bool):
-            raise BadField("userns", f"must be true or false, got {body['userns']!r}")
-        out["userns"] = body["userns"]
-    caps = body.get("caps", [])
-    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-        raise BadField("caps", "must be a list of capability names")
-    for cap in caps:
-        try:
-            capability_number(cap)
-        except AgentnodeError as e:
-            raise BadField("caps", str(e)) from None
-    out["caps"] = tuple(caps)
-    for key in ("rootfs", "cwd"):
-        path = body.get(key)
-        if path is None:
-            continue
-        if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
-            raise BadField(key, f"must be an absolute path without '..', got {path!r}")
-        if key == "rootfs" and not os.path.isdir(path):
-            raise BadField(key, f"{path!r} is not a directory (give a root file system tree)")
-        out[key] = path
-    out.update(_egress(body))
-    hostname = body.get("hostname")
-    if hostname is not None:
-        if not isinstance(hostname, str) or not _HOSTNAME.fullmatch(hostname):
-            raise BadField(
-                "hostname", f"must be 1-64 letters, digits, '.' or '-', got {hostname!r}"
-            )
-        out["hostname"] = hostname
-    return out
-
-
-def _egress(body: dict[str, Any]) -> dict[str, Any]:
-    """The egress rules and rates in `body`, type-checked (their syntax is TaskSpec's to check);
-    absent ones are empty."""
-    out: dict[str, Any] = {}
-    for key in ("allow", "allow_hosts"):
-        rules = body.get(key, [])
-        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
-            raise BadField(key, f"must be a list of rule strings, got {rules!r}")
-        out[key] = tuple(rules)
-    for key in ("egress_rate", "conn_rate"):
-        rate = body.get(key)
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, str | int)):
-            raise BadField(key, f"must be a string like '1MiB/s' or an integer, got {rate!r}")
-        out[key] = rate
-    return out
-
-
-def _bad_field(e: TaskError, known: Iterable[str]) -> BadField:
-    """TaskSpec's errors name the field in their first words."""
-    head = str(e).split(" ", 2)[:2]
-    return BadField(next((k for k in known if k in head), "body"), str(e))
 
 
 def spec_from_json(body: Any) -> TaskSpec:
     """A TaskSpec from a POST /v1/tasks body; BadField names the first bad field."""
     if not isinstance(body, dict):
         raise BadField("body", "must be a JSON object")
-    known = {
-        "tenant",
-        "command",
-        "priority",
-        "cpus",
-        "memory",
-        "pids",
-        "timeout",
-        "heartbeat",
-        "env",
-        "network",
-        *_EGRESS,
-        "user",
-        "retries",
-        "ro",
-        "rw",
-        "publish",
-        *_SANDBOX,
-    }
     for key in body:
-        if key not in known:
-            raise BadField(key, f"unknown field (known: {', '.join(sorted(known))})")
+        if key not in _TASK_FIELDS and key not in FIELDS:
+            known = ", ".join(sorted((*_TASK_FIELDS, *FIELDS)))
+            raise BadField(key, f"unknown field (known: {known})")
     tenant = body.get("tenant", "default")
     if not isinstance(tenant, str):
         raise BadField("tenant", "must be a string")
@@ -248,53 +134,29 @@ def spec_from_json(body: Any) -> TaskSpec:
     priority = body.get("priority", "normal")
     if priority not in CLASSES:
         raise BadField("priority", f"must be one of {', '.join(CLASSES)}, got {priority!r}")
-    env = body.get("env", {})
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-    ):
-        raise BadField("env", "must be an object of string values")
-    cpus = _number(body, "cpus")
-    memory = _number(body, "memory", parse=parse_size)
-    pids = _number(body, "pids")
-    if pids is not None and not isinstance(pids, int):
-        raise BadField("pids", f"must be an integer, got {pids!r}")
-    binds = _binds(body, "ro") + _binds(body, "rw")
-    fields: dict[str, Any] = _sandbox(body)
-    publish = body.get("publish", [])
-    if not isinstance(publish, list) or not all(isinstance(r, str) for r in publish):
-        raise BadField("publish", f'must be a list of "HOSTPORT:PORT" strings, got {publish!r}')
-    fields["publish"] = tuple(publish)
     retries = body.get("retries")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
         raise BadField("retries", f"must be an integer, got {retries!r}")
-    timeout = _number(body, "timeout", parse=parse_duration)
-    heartbeat = _number(body, "heartbeat", parse=parse_duration)
-    if cpus is not None:
-        fields["cpu_millis"] = max(1, round(cpus * 1000))
-    if memory is not None:
-        fields["memory_bytes"] = int(memory)
-    if timeout is not None:
-        fields["timeout_s"] = float(timeout)
     try:
+        sandbox = Sandbox.from_json({k: v for k, v in body.items() if k in FIELDS})
+        sandbox.check_host()
+        heartbeat = body.get("heartbeat")
         return TaskSpec(
             tenant=tenant,
             command=tuple(command),
             cls=priority,
-            pids=pids,
-            heartbeat_s=heartbeat,
-            env=tuple(env.items()),
-            network=body.get("network", ""),
-            user=str(body.get("user", "65534")),
+            sandbox=sandbox,
+            heartbeat_s=None if heartbeat is None else check_duration("heartbeat", heartbeat),
             retries=retries,
-            binds=tuple(binds),
-            **fields,
         )
     except TaskError as e:
-        raise _bad_field(e, known) from None
+        head = str(e).split(" ", 2)[:2]
+        raise BadField(next((k for k in _TASK_FIELDS if k in head), "body"), str(e)) from None
 
 
 def task_json(node: Node, task: Task) -> dict[str, Any]:
-    """A task as the API shows it (live accounting while it runs)."""
+    """A task as the API shows it (live accounting while it runs): the task's own fields and
+    its sandbox in the sandbox's JSON form."""
     spec = task.spec
     out: dict[str, Any] = {
         "id": task.id,
@@ -307,21 +169,9 @@ def task_json(node: Node, task: Task) -> dict[str, Any]:
         "exit_code": task.exit_code,
         "submitted_at": task.history[0][1],
         "history": [list(h) for h in task.history],
-        "cpus": spec.cpu_millis / 1000,
-        "memory": spec.memory_bytes,
-        "pids": spec.pids,
-        "timeout": spec.timeout_s,
-        "user": spec.user,
+        "heartbeat": spec.heartbeat_s,
         "retries": spec.retries,
-        "ro": [f"{s}:{d}" for s, d, w in spec.binds if not w],
-        "rw": [f"{s}:{d}" for s, d, w in spec.binds if w],
-        "network": spec.network,
-        "allow": list(spec.allow),
-        "allow_hosts": list(spec.allow_hosts),
-        "egress_rate": spec.egress_rate,
-        "conn_rate": spec.conn_rate,
-        "publish": list(spec.publish),
-        **{key: getattr(spec, key) for key in _SANDBOX},
+        **spec.sandbox.to_json(),
     }
     running = node.running.get(task.id)
     if running is not None and running.proc.result is None:
@@ -438,11 +288,11 @@ async def _put_egress(request: web.Request) -> web.Response:
     for key in body:
         if key not in _EGRESS:
             raise BadField(key, f"unknown field (known: {', '.join(_EGRESS)})")
-    rules = _egress(body)
-    try:
-        replace(task.spec, **rules)
-    except TaskError as e:
-        raise _bad_field(e, _EGRESS) from None
+    # Absent rules become empty; the sandbox checks the rest when they replace the old ones.
+    rules: dict[str, Any] = {
+        key: body.get(key, [] if key.startswith("allow") else None) for key in _EGRESS
+    }
+    replace(task.spec.sandbox, **rules)  # a SpecError is a 400 naming the field
     done = await node.update_egress(task.id, rules)
     return web.json_response(task_json(node, done))
 

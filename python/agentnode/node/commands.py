@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,8 @@ from urllib.parse import quote, urlencode
 
 from agentnode.egress import cli as egress_cli
 from agentnode.errors import AgentnodeError, UsageError
-from agentnode.isolation.units import format_size, parse_env
+from agentnode.isolation.spec import Sandbox, SpecError, check_duration
+from agentnode.isolation.units import format_size
 from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
 
@@ -49,34 +49,9 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     )
     p.add_argument("--tenant", default="default", help="who the task runs for (default: default)")
     p.add_argument("--priority", default="normal", choices=CLASSES, help="class (default normal)")
-    p.add_argument("--cpus", type=float, metavar="N", help="CPUs requested and allowed (default 1)")
-    p.add_argument("--memory", metavar="SIZE", help="memory requested and allowed (default 512M)")
-    p.add_argument("--pids", type=int, metavar="N", help="maximum number of processes")
-    p.add_argument("--timeout", metavar="DURATION", help="wall-clock limit (default 1h)")
     p.add_argument("--heartbeat", metavar="DURATION", help="stop it when it misses heartbeats")
-    p.add_argument("--user", metavar="UID[:GID]", help="run as this user (default 65534, nobody)")
-    p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
-    p.add_argument(
-        "--ro", action="append", default=[], metavar="HOST[:DEST]", help="bind read-only"
-    )
-    p.add_argument(
-        "--rw", action="append", default=[], metavar="HOST[:DEST]", help="bind read-write"
-    )
-    p.add_argument("--cpu-weight", type=int, metavar="W", help="relative CPU weight 1..10000")
-    p.add_argument("--memory-high", metavar="SIZE", help="memory throttling threshold (cgroup v2)")
-    p.add_argument("--swap", metavar="SIZE", help="swap limit on top of --memory")
-    p.add_argument("--tmp-size", metavar="SIZE", help="size of /tmp (default 64M)")
-    p.add_argument("--userns", action="store_true", help="also isolate users (root unprivileged)")
-    p.add_argument(
-        "--cap-add", action="append", default=[], metavar="CAP", help="keep a capability"
-    )
-    p.add_argument("--rootfs", metavar="DIR", help="root file system (default: host, read-only)")
-    p.add_argument(
-        "--cwd", metavar="DIR", help="working directory in the task (default /workspace)"
-    )
-    p.add_argument("--hostname", help="the task's hostname (default agentnode)")
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
-    egress_cli.add_arguments(p)
+    Sandbox.add_arguments(p, node=True)
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
     p.add_argument(
         "-a",
@@ -138,30 +113,20 @@ def _submit(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("submit needs a command after '--' (example: agentnode submit -- echo hi)")
-    env = parse_env(args.env)
+    sandbox = Sandbox.from_args(args)
     body: dict[str, Any] = {
         "tenant": args.tenant,
         "priority": args.priority,
         "command": command,
-        "env": env,
-        # The daemon resolves paths in its own working directory: send absolute ones.
-        "ro": [_absolute(b) for b in args.ro],
-        "rw": [_absolute(b) for b in args.rw],
+        **{k: v for k, v in sandbox.to_json().items() if v is not None},
     }
-    for key in ("cpus", "memory", "pids", "timeout", "heartbeat", "user", "retries",
-                "cpu_weight", "memory_high", "swap", "tmp_size", "cwd", "hostname"):  # fmt: skip
-        if getattr(args, key) is not None:
-            body[key] = getattr(args, key)
-    if args.rootfs is not None:
-        body["rootfs"] = os.path.abspath(args.rootfs)
-    if args.userns:
-        body["userns"] = True
-    if args.cap_add:
-        body["caps"] = args.cap_add
-    body["network"], _ = egress_cli.network_from_args(args)
-    body.update(_egress_fields(args))
-    if args.publish:
-        body["publish"] = args.publish
+    if args.heartbeat is not None:
+        try:
+            body["heartbeat"] = check_duration("heartbeat", args.heartbeat)
+        except SpecError as e:
+            raise e.for_option("--heartbeat") from None
+    if args.retries is not None:
+        body["retries"] = args.retries
     client = _client(args)
     task = client.call("POST", "/v1/tasks", body)
     if args.attach:
@@ -218,11 +183,6 @@ def _egress(args: argparse.Namespace) -> int:
     rules = [*task["allow"], *task["allow_hosts"]]
     print(f"{task['id']}: {', '.join(rules) or 'no destinations'} allowed", flush=True)
     return 0
-
-
-def _absolute(bind: str) -> str:
-    src, colon, dest = bind.partition(":")
-    return os.path.abspath(src) + colon + dest
 
 
 def exit_status(task: dict[str, Any]) -> int:

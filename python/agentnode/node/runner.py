@@ -27,7 +27,7 @@ from agentnode.egress.dns import DnsLimits
 from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, TaskError
-from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
+from agentnode.isolation import ExitReason, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
 from agentnode.node.logcap import rotate_if_over
@@ -254,14 +254,14 @@ class Node:
         """Replaces a task's egress rules and rates: live when it runs (its next connection
         follows them), and in its record for a later start or retry."""
         task = self.manager.get(task_id)
-        spec = replace(task.spec, **rules)  # TaskError names a bad rule
+        spec = replace(task.spec, sandbox=replace(task.spec.sandbox, **rules))  # names a bad rule
         r = self.running.get(task_id)
         if r is not None and r.proc.egress is not None:
             await self._apply_egress(r, spec)
         return await self.manager.set_egress(task_id, **rules)
 
     async def _apply_egress(self, r: Running, spec: TaskSpec) -> None:
-        _, policy = spec.egress()
+        _, policy = spec.sandbox.egress()
         assert policy is not None
         try:
             await asyncio.to_thread(r.proc.update_egress, policy)
@@ -374,21 +374,21 @@ class Node:
         self._publish(done)
 
     def _spawn(self, task: Task) -> Any:
-        spec = task.spec
-        mode, policy = spec.egress()
+        sandbox = task.spec.sandbox
         log_path = self.log_path(task.id, task.attempt)
-        env = dict(spec.env)
+        env = dict(sandbox.env)
         env.update(
             AGENTNODE_TASK_ID=task.id,
             AGENTNODE_TOKEN=self.manager.token_for(task),
             AGENTNODE_URL=f"unix://{TASK_SOCKET}",
             AGENTNODE_MCP_SOCKET=MCP_SOCKET,
             AGENTNODE_MCP_URL=(
-                self.mcp_url if self.mcp_url is not None and mode != "none"
+                self.mcp_url
+                if self.mcp_url is not None and sandbox.network != "none"
                 else "http://agentnode/mcp"
             ),
         )
-        if self.inference_url is not None and mode != "none":
+        if self.inference_url is not None and sandbox.network != "none":
             # The official SDKs read these: agent code reaches the proxy, billed to this task.
             env.setdefault("OPENAI_BASE_URL", self.inference_url + "/v1")
             env.setdefault("ANTHROPIC_BASE_URL", self.inference_url)
@@ -399,41 +399,21 @@ class Node:
         if checkpoint.exists():
             # A fixed path inside: the host path may be hidden (e.g. under the task's own /tmp).
             env["AGENTNODE_CHECKPOINT"] = CHECKPOINT
-            mounts.append(Mount(str(checkpoint), CHECKPOINT))
-        mounts.append(Mount(str(self.task_socket), TASK_SOCKET, writable=True))
+            mounts.append(Mount(os.path.abspath(checkpoint), CHECKPOINT))
+        mounts.append(Mount(os.path.abspath(self.task_socket), TASK_SOCKET, writable=True))
         if self.mcp_socket.exists():
-            mounts.append(Mount(str(self.mcp_socket), MCP_SOCKET, writable=True))
-        mounts += [Mount(src, dest, writable) for src, dest, writable in spec.binds]
+            mounts.append(Mount(os.path.abspath(self.mcp_socket), MCP_SOCKET, writable=True))
+        sandbox = replace(sandbox, env=tuple(env.items()), mounts=(*mounts, *sandbox.mounts))
         fd = self.spares.open_log(log_path)
         try:
             return spawn(
-                list(spec.command),
-                limits=Limits(
-                    cpus=spec.cpu_millis / 1000,
-                    cpu_weight=spec.cpu_weight,
-                    memory=spec.memory_bytes,
-                    memory_high=spec.memory_high,
-                    swap=spec.swap,
-                    pids=spec.pids,
-                    timeout=spec.timeout_s,
-                    **({} if spec.tmp_size is None else {"tmp_size": spec.tmp_size}),
-                ),
-                mounts=mounts,
-                env=env,
-                cwd=spec.cwd,
-                network=mode,
-                egress=policy,
+                list(task.spec.command),
+                sandbox,
                 node_network=self.egress,
                 on_denial=functools.partial(self._audit_denial, task),
-                user=spec.user,
-                userns=spec.userns,
-                rootfs=spec.rootfs,
-                hostname=spec.hostname,
-                caps=spec.caps,
                 workspace=prepare_workspace(
                     self.spares.make_workspace(self.config.data_dir / "workspaces" / task.id),
-                    user=spec.user,
-                    userns=spec.userns,
+                    sandbox,
                 ),
                 stdin="null",
                 stdout=fd,

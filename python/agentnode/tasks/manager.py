@@ -366,12 +366,13 @@ class TaskManager:
         old = self.get(task_id)
         if old.state in TERMINAL:
             raise TaskError(f"task {task_id} is {old.state}; only a live task's egress can change")
-        if old.spec.network == "none":
+        if old.spec.sandbox.network == "none":
             raise TaskError(
                 f"task {task_id} runs with network none; egress rules apply to egress or host "
                 "tasks (its network cannot change once submitted)"
             )
-        return await self._replace(old, replace(old, spec=replace(old.spec, **rules)))
+        sandbox = replace(old.spec.sandbox, **rules)  # SpecError names a bad rule
+        return await self._replace(old, replace(old, spec=replace(old.spec, sandbox=sandbox)))
 
     async def finish(
         self, task_id: str, outcome: State, *, reason: str = "", exit_code: int | None = None

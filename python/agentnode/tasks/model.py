@@ -11,10 +11,20 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agentnode.egress.policy import EgressPolicy, network_and_policy
-from agentnode.errors import PolicyError, TaskError
+from agentnode.errors import TaskError
+from agentnode.isolation.spec import Sandbox, check_duration
 
-__all__ = ["CLASSES", "TERMINAL", "State", "Task", "TaskSpec", "check_transition"]
+__all__ = [
+    "CLASSES",
+    "DEFAULT_CPUS",
+    "DEFAULT_MEMORY",
+    "DEFAULT_TIMEOUT_S",
+    "TERMINAL",
+    "State",
+    "Task",
+    "TaskSpec",
+    "check_transition",
+]
 
 CLASSES = ("critical", "high", "normal", "low", "batch")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -56,46 +66,28 @@ def check_transition(task_id: str, old: State, new: State) -> None:
         raise TaskError(f"task {task_id} cannot go from {old} to {new} (allowed: {allowed})")
 
 
+#: What a task reserves and may use when its sandbox leaves it open.
+DEFAULT_CPUS = 1.0
+DEFAULT_MEMORY = 512 << 20
+DEFAULT_TIMEOUT_S = 3600.0
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a client submits: who, how urgent, how big, and the command."""
+    """What a client submits: who, how urgent, the command, and its sandbox (whose CPUs,
+    memory and timeout are also what the scheduler reserves: set to the node's defaults when
+    the sandbox leaves them open)."""
 
     tenant: str
     command: tuple[str, ...]
     cls: str = "normal"
-    cpu_millis: int = 1000
-    memory_bytes: int = 512 << 20
-    timeout_s: float = 3600.0
-    pids: int | None = None
+    sandbox: Sandbox = field(default_factory=Sandbox)
     heartbeat_s: float | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    #: none, egress or host; empty: egress when any allow rule or rate is given, else none.
-    network: str = ""
-    #: Egress rules as `agentnode exec --allow/--allow-host` takes them, and rate limits.
-    allow: tuple[str, ...] = ()
-    allow_hosts: tuple[str, ...] = ()
-    egress_rate: str | int | None = None
-    conn_rate: str | int | None = None
-    #: `HOSTPORT:PORT` TCP ports reachable from outside the node (`agentnode exec --publish`).
-    publish: tuple[str, ...] = ()
-    user: str = "65534"
     #: Retries after a failed, timed-out or lost attempt (None: the node's retry policy).
     retries: int | None = None
-    #: Host paths bound into the task: (host path, task path, writable).
-    binds: tuple[tuple[str, str, bool], ...] = ()
-    # The rest of `agentnode exec`'s sandbox options (checked by the API; see isolation.spawn).
-    cpu_weight: int | None = None
-    memory_high: int | None = None
-    swap: int | None = None
-    tmp_size: int | None = None
-    userns: bool = False
-    caps: tuple[str, ...] = ()
-    rootfs: str = "/"
-    cwd: str = "/workspace"
-    hostname: str = "agentnode"
 
     def __post_init__(self) -> None:
-        if not _TENANT.fullmatch(self.tenant):
+        if not isinstance(self.tenant, str) or not _TENANT.fullmatch(self.tenant):
             raise TaskError(
                 f"invalid tenant {self.tenant!r} (use 1-128 letters, digits, '_', '.', '-')"
             )
@@ -103,40 +95,42 @@ class TaskSpec:
             raise TaskError(f"unknown priority class {self.cls!r} (use {', '.join(CLASSES)})")
         if not self.command or not all(isinstance(a, str) and a for a in self.command):
             raise TaskError("command must be a non-empty list of non-empty strings")
-        if self.cpu_millis <= 0 or self.memory_bytes <= 0:
-            raise TaskError("cpu_millis and memory_bytes must be positive (request real resources)")
-        if not self.timeout_s > 0:
-            raise TaskError(f"timeout_s must be positive, got {self.timeout_s}")
-        if self.pids is not None and self.pids < 1:
-            raise TaskError(f"pids must be at least 1, got {self.pids}")
-        if self.retries is not None and not 0 <= self.retries <= 100:
-            raise TaskError(f"retries must be within 0..100, got {self.retries}")
-        if self.heartbeat_s is not None and not self.heartbeat_s > 0:
-            raise TaskError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
-        for pair in self.env:
-            if len(pair) != 2 or not all(isinstance(x, str) for x in pair) or not pair[0]:
-                raise TaskError(f"env entry {pair!r} is not a NAME, VALUE pair of strings")
-            if "=" in pair[0] or "\0" in pair[0] + pair[1]:
-                raise TaskError(f"env name {pair[0]!r} may not contain '=' or NUL")
-        if not re.fullmatch(r"\d+(:\d+)?", self.user):
-            raise TaskError(f"user {self.user!r} is not UID[:GID] (example: 1000:1000)")
-        mode, _ = self.egress()
-        object.__setattr__(self, "network", mode)
-
-    def egress(self) -> tuple[str, EgressPolicy | None]:
-        """The task's network mode and egress policy; `TaskError` names the bad field."""
-        try:
-            return network_and_policy(
-                self.network,
-                allow=self.allow,
-                hosts=self.allow_hosts,
-                rate=self.egress_rate,
-                conn_rate=self.conn_rate,
-                publish=self.publish,
-                names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate", "publish"),
+        if self.retries is not None and (
+            isinstance(self.retries, bool)
+            or not isinstance(self.retries, int)
+            or not 0 <= self.retries <= 100
+        ):
+            raise TaskError(f"retries must be within 0..100, got {self.retries!r}")
+        if self.heartbeat_s is not None:
+            object.__setattr__(self, "heartbeat_s", check_duration("heartbeat", self.heartbeat_s))
+        limits = self.sandbox.limits
+        if limits.cpus is None or limits.memory is None or limits.timeout is None:
+            filled = replace(
+                limits,
+                cpus=DEFAULT_CPUS if limits.cpus is None else limits.cpus,
+                memory=DEFAULT_MEMORY if limits.memory is None else limits.memory,
+                timeout=DEFAULT_TIMEOUT_S if limits.timeout is None else limits.timeout,
             )
-        except PolicyError as e:
-            raise TaskError(str(e)) from None
+            object.__setattr__(self, "sandbox", replace(self.sandbox, limits=filled))
+
+    @property
+    def cpu_millis(self) -> int:
+        """CPU millicores reserved for the task."""
+        return round(self._limit("cpus") * 1000)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Memory reserved for the task."""
+        return int(self._limit("memory"))
+
+    @property
+    def timeout_s(self) -> float:
+        return float(self._limit("timeout"))
+
+    def _limit(self, name: str) -> float:
+        value = getattr(self.sandbox.limits, name)
+        assert value is not None  # filled in by __post_init__
+        return float(value)
 
 
 @dataclass(frozen=True)

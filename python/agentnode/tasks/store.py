@@ -23,6 +23,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -30,8 +31,9 @@ from typing import Any, NamedTuple, cast
 import msgpack
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from agentnode.errors import DiskFullError, TaskError
-from agentnode.tasks.model import CLASSES, State, Task, TaskSpec
+from agentnode.errors import AgentnodeError, DiskFullError, TaskError
+from agentnode.isolation.spec import Sandbox
+from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 
 __all__ = [
     "Queued",
@@ -53,8 +55,11 @@ _MAX_CHECKPOINT = 64 << 20
 # reopened; the scheduling loop writes every 0.25 s, so reopening is tried at most this often.
 _REOPEN_S = 1.0
 
-#: The record format this code writes; any other first byte is refused with a clear error.
-_FORMAT = 1
+#: The record format this code writes; it also reads format 1 (the spec's sandbox fields
+#: flat in it). Any other first byte is refused with a clear error.
+_FORMAT = 2
+_FORMAT_FLAT = 1
+_FLAT_BYTE = bytes([_FORMAT_FLAT])
 # Stored as indexes: the order is part of the format (append only, or bump _FORMAT).
 _STATES = (State.QUEUED, State.STARTING, State.RUNNING, State.SUCCEEDED, State.FAILED,
            State.TIMED_OUT, State.CANCELLED, State.LOST)  # fmt: skip
@@ -99,23 +104,31 @@ def queued_of(task: Task) -> Queued:
 
 
 def encode(task: Task) -> bytes:
-    """The binary record of `task` (header, then the task as a msgpack map)."""
+    """The binary record of `task` (header, then the task as a msgpack map); `TaskError` when
+    a field cannot be stored."""
     spec = task.spec
     tenant = spec.tenant.encode()
-    head = _HEAD.pack(
-        _FORMAT,
-        _STATE_INDEX[task.state],
-        _CLASS_INDEX[spec.cls],
-        len(tenant),
-        task.seq,
-        spec.cpu_millis,
-        spec.memory_bytes,
-        task.not_before,
-    )
     # Maps rather than arrays, so a field added to Task or TaskSpec later decodes old records
-    # with its default.
-    body = {**vars(task), "state": task.state.value, "spec": vars(spec)}
-    return head + tenant + msgpack.packb(body)
+    # with its default. The sandbox is stored in its JSON form, the API's.
+    body = {
+        **vars(task),
+        "state": task.state.value,
+        "spec": {**vars(spec), "sandbox": spec.sandbox.to_json()},
+    }
+    try:
+        head = _HEAD.pack(
+            _FORMAT,
+            _STATE_INDEX[task.state],
+            _CLASS_INDEX[spec.cls],
+            len(tenant),
+            task.seq,
+            spec.cpu_millis,
+            spec.memory_bytes,
+            task.not_before,
+        )
+        return head + tenant + msgpack.packb(body)
+    except (struct.error, TypeError, ValueError, OverflowError) as e:
+        raise TaskError(f"task {task.id}: its record cannot be stored ({e})") from None
 
 
 def lane_of(raw: bytes) -> tuple[str, str]:
@@ -129,13 +142,71 @@ def decode(raw: bytes) -> Task:
     """The task in a record that `TaskStore.load` accepted; `TaskError` if it is damaged."""
     try:
         d: dict[str, Any] = msgpack.unpackb(raw[_HEAD.size + raw[3] :], use_list=False)
-        spec = TaskSpec(**d.pop("spec"))
-        return Task(spec=spec, state=State(d.pop("state")), **d)
+        fields = dict(d.pop("spec"))
+        if raw[0] == _FORMAT_FLAT:
+            fields = _from_flat(fields)
+        fields["sandbox"] = Sandbox.from_json(fields["sandbox"])
+        return Task(spec=TaskSpec(**fields), state=State(d.pop("state")), **d)
     except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+        # A SpecError is a ValueError's sibling, not one: it says which field this code refuses.
         raise TaskError(
             f"a stored task record is damaged ({e}); move the node's data dir away to start "
             "with an empty queue"
         ) from None
+    except AgentnodeError as e:
+        raise TaskError(
+            f"a stored task record holds a spec this agentnode refuses ({e}); cancel or move it"
+        ) from None
+
+
+#: Format 1 spelled the sandbox in the spec's own flat fields: (old name, JSON name).
+_FLAT_RENAMED = (("cpu_millis", "cpus"), ("memory_bytes", "memory"), ("timeout_s", "timeout"))
+_FLAT_SANDBOX = ("pids", "env", "network", "allow", "allow_hosts", "egress_rate", "conn_rate",
+                 "publish",
+                 "user", "binds", "cpu_weight", "memory_high", "swap", "tmp_size", "userns",
+                 "caps", "rootfs", "cwd", "hostname")  # fmt: skip
+
+
+def _upgrade(raw: bytes) -> bytes:
+    """A format-1 record in this format. A spec this version refuses (an id of 4294967295, a
+    packet capability with an egress policy...) is never run: a task not yet ended is
+    cancelled, saying why, and keeps only its tenant, class and command."""
+    try:
+        return encode(decode(raw))
+    except TaskError as e:
+        if "refuses" not in str(e):
+            raise ValueError from None  # damaged: load() names the record
+        why = str(e)
+    try:
+        d: dict[str, Any] = msgpack.unpackb(raw[_HEAD.size + raw[3] :], use_list=False)
+        old = d.pop("spec")
+        spec = TaskSpec(tenant=old["tenant"], command=old["command"], cls=old["cls"])
+        task = Task(spec=spec, state=State(d.pop("state")), **d)
+    except (KeyError, TypeError, ValueError, AgentnodeError, msgpack.UnpackException):
+        raise ValueError from None  # damaged too
+    reason = f"not run: {why.removeprefix('a stored task record holds ')}"
+    if task.state in TERMINAL:
+        return encode(replace(task, reason=reason))
+    return encode(task.moved(State.CANCELLED, time.time(), reason=reason))
+
+
+def _from_flat(spec: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 spec's fields as this format's (the sandbox in its JSON form)."""
+    box = {key: spec.pop(key) for key in _FLAT_SANDBOX if key in spec}
+    for old, new in _FLAT_RENAMED:
+        if old in spec:
+            box[new] = spec.pop(old)
+    if "cpus" in box:
+        box["cpus"] = box["cpus"] / 1000
+    box["env"] = dict(box.get("env", ()))
+    binds = box.pop("binds", ())
+    box["ro"] = [f"{src}:{dest}" for src, dest, writable in binds if not writable]
+    box["rw"] = [f"{src}:{dest}" for src, dest, writable in binds if writable]
+    return {**spec, "sandbox": box}
+
+
+def _records(tasks: Iterable[Task]) -> list[tuple[bytes, bytes]]:
+    return [(_TASK + t.id.encode(), encode(t)) for t in tasks]
 
 
 class TaskStore:
@@ -168,8 +239,7 @@ class TaskStore:
         raw = self._db.get(_SEQ)
         self._seq = int(raw) if raw else 0
         self._closed = False
-        self._pending: list[tuple[list[Task], asyncio.Future[None]]] = []
-        self._keys: list[SubmitKey] = []
+        self._pending: list[tuple[list[tuple[bytes, bytes]], asyncio.Future[None]]] = []
 
     def next_seq(self) -> int:
         """A new submission sequence number, persisted with the next write."""
@@ -178,16 +248,20 @@ class TaskStore:
 
     async def put(self, *tasks: Task, key: SubmitKey | None = None) -> None:
         """Persists the task records (and, in the same batch, a submit's idempotency `key`);
-        returns once they are durable."""
+        returns once they are durable. A record that cannot be encoded fails this call alone
+        (`TaskError`), before it joins the shared batch."""
         if self._closed:
             raise TaskError(f"the task store at {self.root} is closed (reopen it)")
+        records = _records(tasks)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)  # after the rest of this turn's callbacks
-        self._pending.append((list(tasks), done))
         if key is not None:
-            self._keys.append(key)
+            records.append(
+                (_KEY + key.key.encode(), msgpack.packb([key.task_id, key.at, key.digest]))
+            )
+        self._pending.append((records, done))
         await done
 
     def load_keys(self, since: float) -> dict[str, SubmitKey]:
@@ -212,7 +286,7 @@ class TaskStore:
 
     def put_now(self, *tasks: Task) -> None:
         """Synchronous `put`, for code that is not on an event loop."""
-        self._commit(list(tasks))
+        self._commit(_records(tasks))
 
     def load(self) -> Recovered:
         """Every stored record, read in one scan that decodes only the headers. Raises
@@ -224,10 +298,14 @@ class TaskStore:
         head_size = _HEAD.size
         # raw_mode: every key and value is bytes.
         items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_TASK))
+        upgraded = WriteBatch(raw_mode=True)
         for k, v in items:
             if not k.startswith(_TASK):
                 break
             try:
+                if v[:1] == _FLAT_BYTE:
+                    v = _upgrade(v)
+                    upgraded.put(k, v)
                 fmt, state, cls, n, seq, cpu, mem, not_before = unpack(v)
                 if fmt != _FORMAT:
                     raise ValueError
@@ -241,13 +319,15 @@ class TaskStore:
                     interrupted.append(task_id)
             except (struct.error, ValueError, IndexError):  # UnicodeDecodeError is a ValueError
                 raise self._bad_record(k, v) from None
+        if len(upgraded):
+            self._db.write(upgraded, self._wopts)
         queued.sort(key=itemgetter(0))  # by seq
         return Recovered(records, queued, interrupted)
 
     def _bad_record(self, key: bytes, raw: bytes) -> TaskError:
         if raw[:1] == b"{":
             what = "is in the JSON of an earlier development version"
-        elif raw[:1] == bytes([_FORMAT]):
+        elif raw[:1] in (bytes([_FORMAT]), bytes([_FORMAT_FLAT])):
             what = f"is damaged ({len(raw)} bytes)"
         else:
             what = f"is in an unknown format (first byte {raw[:1].hex() or 'missing'})"
@@ -257,15 +337,12 @@ class TaskStore:
             "empty queue"
         )
 
-    def _commit(self, tasks: Iterable[Task]) -> None:
+    def _commit(self, records: Iterable[tuple[bytes, bytes]]) -> None:
         if self._failed is not None:
             self._reopen()
         batch = WriteBatch(raw_mode=True)
-        keys, self._keys = self._keys, []
-        for k in keys:
-            batch.put(_KEY + k.key.encode(), msgpack.packb([k.task_id, k.at, k.digest]))
-        for t in tasks:
-            batch.put(_TASK + t.id.encode(), encode(t))
+        for key, value in records:
+            batch.put(key, value)
         batch.put(_SEQ, str(self._seq).encode())
         try:
             self._db.write(batch, self._wopts)
@@ -308,7 +385,7 @@ class TaskStore:
             return  # close() wrote them
         error: BaseException | None = None
         try:
-            self._commit(t for tasks, _ in pending for t in tasks)
+            self._commit(r for records, _ in pending for r in records)
         except TaskError as e:
             error = e
         except Exception as e:  # not the database's (it would be a TaskError): say what it was

@@ -15,10 +15,10 @@ from typing import Any
 
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
-from agentnode.isolation.task import ExitReason, prepare_workspace
+from agentnode.isolation.task import ExitReason
 from agentnode.tools.registry import Caller, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
-from agentnode.tools.sandboxed import SPAWNER, Run, run_sandboxed, sandbox_limits
+from agentnode.tools.sandboxed import SPAWNER, Run, owned_workspace, run_sandboxed, sandbox_limits
 
 __all__ = ["CodeRunner"]
 
@@ -195,9 +195,9 @@ class CodeRunner:
     def _start_session(self, caller: Caller) -> isolation.Task:
         workspace = caller.workspace
         if workspace is None:
-            workspace = prepare_workspace(
+            workspace = owned_workspace(
                 isolation.DATA_DIR / "tool-sessions" / f"{caller.tenant}-{caller.task}",
-                user=caller.user,
+                caller.user,
                 userns=caller.userns,
             )
         return isolation.spawn(

@@ -9,8 +9,8 @@ from typing import Any
 
 from agentnode.egress.policy import network_and_policy
 from agentnode.errors import AgentnodeError, ConfigError
-from agentnode.isolation.task import Mount
-from agentnode.isolation.units import parse_bind, parse_duration, parse_size
+from agentnode.isolation.spec import SpecError, parse_mount
+from agentnode.isolation.units import parse_duration, parse_size
 from agentnode.tools.mcpservers import SERVER_LIMITS, MCPServerSpec
 from agentnode.tools.registry import ToolLimits
 
@@ -96,8 +96,10 @@ def _server(name: str, table: Any) -> MCPServerSpec:
     mounts = []
     for key in ("ro", "rw"):
         for spec in t.get(key, []):
-            src, dest = parse_bind(spec, option=f"{where}.{key}")
-            mounts.append(Mount(src, dest, writable=key == "rw"))
+            try:
+                mounts.append(parse_mount(key, spec))
+            except SpecError as e:
+                raise ConfigError(f"{where}.{e!s}") from None
     tenants = t.get("tenants")
     idle = t.get("idle", 300)
     return MCPServerSpec(

@@ -30,10 +30,10 @@ from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import task as isolation
-from agentnode.isolation.task import Mount, prepare_workspace
+from agentnode.isolation.spec import Mount
 from agentnode.tools.registry import Caller, RetryPolicy, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
-from agentnode.tools.sandboxed import SPAWNER, sandbox_limits
+from agentnode.tools.sandboxed import SPAWNER, owned_workspace, sandbox_limits
 
 __all__ = ["SEPARATOR", "SERVER_LIMITS", "MCPServerSpec", "MCPServers"]
 
@@ -157,9 +157,7 @@ class _Instance:
 
     def _spawn(self, network: EgressService | None) -> isolation.Task:
         spec = self.spec
-        ws = prepare_workspace(
-            isolation.DATA_DIR / "mcp" / f"{spec.name}-{self.tenant}", user=spec.user
-        )
+        ws = owned_workspace(isolation.DATA_DIR / "mcp" / f"{spec.name}-{self.tenant}", spec.user)
         return isolation.spawn(
             list(spec.command),
             limits=sandbox_limits(spec.limits, timeout=False),

@@ -19,7 +19,8 @@ from agentnode.egress.enforce import Denial
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
-from agentnode.isolation.task import ExitReason, Limits, Mount, Result, prepare_workspace
+from agentnode.isolation.spec import Limits, Mount, Sandbox, parse_user
+from agentnode.isolation.task import ExitReason, Result, prepare_workspace
 from agentnode.tools.registry import ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 
@@ -28,6 +29,12 @@ __all__ = ["SPAWNER", "Run", "run_sandboxed", "sandbox_limits"]
 #: Long-lived threads tools start sandboxes on: a sandbox is killed when the thread that
 #: cloned it exits.
 SPAWNER = ThreadPoolExecutor(4, thread_name_prefix="agentnode-tools")
+
+
+def owned_workspace(path: Path, user: str, *, userns: bool = False) -> Path:
+    """`path` made and owned by `user` (`UID[:GID]`), as `prepare_workspace` makes a task's."""
+    uid, gid = parse_user(user)
+    return prepare_workspace(path, Sandbox(uid=uid, gid=gid, userns=userns))
 
 
 def sandbox_limits(limits: ToolLimits, *, timeout: bool = True) -> Limits:
@@ -146,7 +153,7 @@ def _run(
     scratch = None
     if workspace is None:
         scratch = Path(tempfile.mkdtemp(prefix="tool-", dir=_scratch_root()))
-        workspace = prepare_workspace(scratch, user=user, userns=userns)
+        workspace = owned_workspace(scratch, user, userns=userns)
     try:
         with isolation.spawn(
             list(argv),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agentnode.egress.service import EgressService
-from agentnode.errors import TaskError
+from agentnode.isolation.spec import SpecError
 from agentnode.tasks.model import Task
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.config import ToolsConfig
@@ -25,8 +25,8 @@ def caller_for(task: Task, workspaces: Path) -> Caller:
     """The caller a task is: its tenant, workspace, user and its own network and policy."""
     spec = task.spec
     try:
-        mode, policy = spec.egress()
-    except TaskError:
+        mode, policy = spec.sandbox.egress()
+    except SpecError:
         mode, policy = "none", None
     return Caller(
         task=task.id,
@@ -34,8 +34,8 @@ def caller_for(task: Task, workspaces: Path) -> Caller:
         workspace=workspaces / task.id,
         network=mode,
         egress=policy,
-        user=spec.user,
-        userns=spec.userns,
+        user=spec.sandbox.user,
+        userns=spec.sandbox.userns,
     )
 
 

@@ -160,7 +160,18 @@ impl NativeTask {
         py: Python<'_>,
         timeout: Option<f64>,
     ) -> PyResult<Option<(Option<i32>, Option<i32>)>> {
-        let timeout = timeout.map(|t| Duration::from_secs_f64(t.max(0.0)));
+        let timeout = match timeout {
+            Some(t) if t.is_nan() => {
+                return Err(NativeError::from(sandbox::Error::Invalid {
+                    what: "wait timeout",
+                    why: "it is NaN (give seconds, or None to wait until the task ends)".to_owned(),
+                })
+                .into());
+            }
+            // Longer than a Duration holds (over 500 billion years) is the same as forever.
+            Some(t) => Duration::try_from_secs_f64(t.max(0.0)).ok(),
+            None => None,
+        };
         let r = py
             .detach(|| self.lock().wait(timeout))
             .map_err(NativeError::from)?;
@@ -263,6 +274,14 @@ fn spawn(
     pids_max: Option<u64>,
     before_start: Option<Py<PyAny>>,
 ) -> PyResult<NativeTask> {
+    // (uid_t)-1 means "leave unchanged" to setresuid/setresgid: the task would keep root.
+    if uid == u32::MAX || gid == u32::MAX {
+        return Err(NativeError::from(sandbox::Error::Invalid {
+            what: "user",
+            why: format!("{uid}:{gid}: ids must be below 4294967295 (which means 'unchanged')"),
+        })
+        .into());
+    }
     let spec = Spec {
         argv,
         env,
