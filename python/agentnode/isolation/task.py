@@ -69,7 +69,11 @@ def _make_dir(path: Path, what: str, hint: str) -> None:
 
 #: With a user namespace, task ids 0..65535 map to host ids from here on.
 USERNS_BASE = 100_000
+#: How many ids a user namespace maps (0..65535).
+_USERNS_IDS = 65536
 NOBODY = 65534
+#: (uid_t)-1: no id, "leave unchanged" to setresuid and chown.
+_NO_ID = 2**32 - 1
 
 #: Capability names in kernel order (`CAP_` prefix dropped): the index is the number.
 CAPABILITIES = (
@@ -299,8 +303,18 @@ def prepare_workspace(path: Path, *, user: int | str, userns: bool = False) -> P
     the host sees it (shifted by the user namespace base with `userns`)."""
     uid, gid = _parse_user(user)
     base = USERNS_BASE if userns else 0
+    # (uid_t)-1 is "leave unchanged" to chown: the workspace would stay root's.
+    top = _USERNS_IDS if userns else _NO_ID
+    if not (0 <= uid < top and 0 <= gid < top):
+        raise UsageError(f"user: {user!r} is out of range (ids run from 0 to {top - 1})")
+    made = not path.exists()
     _make_dir(path, "workspace", f"give a writable directory, or {_DATA_DIR_HINT}")
-    os.chown(path, base + uid, base + gid)
+    try:
+        os.chown(path, base + uid, base + gid)
+    except OSError as e:
+        if made:
+            path.rmdir()
+        raise UsageError(f"workspace {path}: cannot give it to {user!r} ({e.strerror})") from None
     return path
 
 
@@ -379,13 +393,14 @@ def spawn(
     uid, gid = _parse_user(user)
     cap_numbers = [capability_number(c) for c in caps]
     manager = _cgroups()
+    stage = DATA_DIR / "stage"
+    _make_dir(stage, "staging directory", _DATA_DIR_HINT)
+    # Last of the checks that can fail: a workspace made for this start goes with a failed one.
     if workspace is None:
         ws = prepare_workspace(_default_workspace(manager.name), user=user, userns=userns)
     else:
         ws = Path(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
-    stage = DATA_DIR / "stage"
-    _make_dir(stage, "staging directory", _DATA_DIR_HINT)
     full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **(env or {})}
     opened: list[int] = []
     parents: list[IO[bytes] | None] = [None, None, None]
