@@ -362,3 +362,21 @@ def test_exec_workspace_is_owned_by_the_task_user(tmp_path: Path) -> None:
         assert (made[0].stat().st_uid, made[0].stat().st_gid) == owner
         assert (made[0] / "f").stat().st_uid == owner[0]
         shutil.rmtree(made[0])
+
+
+def test_daemon_tasks_get_exactly_their_ids(tmp_path: Path) -> None:
+    with daemon(tmp_path) as d:
+        for user, (uid, gid) in (
+            ("4294967294", ("4294967294",) * 2),
+            ("1234:5678", ("1234", "5678")),
+        ):
+            t = d.submit(["sh", "-c", IDS], user=user)
+            assert d.wait(t["id"])["state"] == "succeeded", d.log(t["id"])
+            lines = [line.strip() for line in d.log(t["id"]).splitlines()]
+            assert lines == [
+                f"Uid: {uid} {uid} {uid} {uid}",
+                f"Gid: {gid} {gid} {gid} {gid}",
+                "Groups:",
+            ]
+            ws = d.data / "workspaces" / t["id"]
+            assert (str(ws.stat().st_uid), str(ws.stat().st_gid)) == (uid, gid)
