@@ -137,6 +137,16 @@ const READ_ONLY: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys"];
 /// the host's runtime sockets (D-Bus, container runtimes, this node's API), which a read-only
 /// mount would not keep a task from connecting to; it gets an empty tmpfs (see [`skeleton`]).
 const FRESH: &[&str] = &["proc", "sys", "dev", "run", "tmp", "workspace"];
+/// Whether an absolute host path lies under one of [`FRESH`]'s entries of the host root.
+pub(super) fn under_fresh(path: &Path) -> bool {
+    let mut parts = path.components().skip(1);
+    parts.next().is_some_and(|top| {
+        FRESH
+            .iter()
+            .any(|f| f.as_bytes() == top.as_os_str().as_bytes())
+    })
+}
+
 /// Where the node binds its task socket and a task's checkpoint: a tmpfs of each task's own in
 /// the read-only /run, so those binds have mount points to land on.
 const NODE_RUN: &str = "run/agentnode";

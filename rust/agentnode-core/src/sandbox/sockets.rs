@@ -13,25 +13,70 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::plan;
+
 /// How often the watcher reads the list again.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
-static BOUND: Mutex<Option<Arc<Vec<PathBuf>>>> = Mutex::new(None);
+/// The last read: every bound socket file, and those of them the template root shows (outside
+/// its fresh top-level entries), each replaced only when it changes.
+struct Bound {
+    all: Arc<Vec<PathBuf>>,
+    in_root: Arc<Vec<PathBuf>>,
+}
+
+static BOUND: Mutex<Option<Bound>> = Mutex::new(None);
+
+fn split(all: Vec<PathBuf>) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let in_root = all
+        .iter()
+        .filter(|p| !plan::under_fresh(p))
+        .cloned()
+        .collect();
+    (all, in_root)
+}
+
+fn with_bound<T>(f: impl FnOnce(&Bound) -> T) -> T {
+    let mut guard = BOUND.lock().unwrap_or_else(PoisonError::into_inner);
+    let bound = guard.get_or_insert_with(|| {
+        let (all, in_root) = split(read());
+        Bound {
+            all: Arc::new(all),
+            in_root: Arc::new(in_root),
+        }
+    });
+    f(bound)
+}
 
 /// The host's bound socket files as this process last read them (read first if never).
 pub fn bound() -> Arc<Vec<PathBuf>> {
-    let mut guard = BOUND.lock().unwrap_or_else(PoisonError::into_inner);
-    guard.get_or_insert_with(|| Arc::new(read())).clone()
+    with_bound(|b| b.all.clone())
 }
 
-/// Reads the list again; true when it changed since the last read.
+/// Those of [`bound`] the template root shows: sockets come and go in /tmp and /run all the
+/// time, and must not make the template (and the copies and zygotes made from it) stale.
+pub fn in_root() -> Arc<Vec<PathBuf>> {
+    with_bound(|b| b.in_root.clone())
+}
+
+/// Reads the list again; true when the sockets the template root shows changed.
 pub fn refresh() -> bool {
-    let now = read();
+    let (all, in_root) = split(read());
     let mut guard = BOUND.lock().unwrap_or_else(PoisonError::into_inner);
-    if guard.as_deref() == Some(&now) {
+    let Some(b) = guard.as_mut() else {
+        *guard = Some(Bound {
+            all: Arc::new(all),
+            in_root: Arc::new(in_root),
+        });
+        return true;
+    };
+    if *b.all != all {
+        b.all = Arc::new(all);
+    }
+    if *b.in_root == in_root {
         return false;
     }
-    *guard = Some(Arc::new(now));
+    b.in_root = Arc::new(in_root);
     true
 }
 
@@ -66,7 +111,12 @@ fn path_field(line: &str) -> Option<&str> {
 
 /// The sockets of `bound` under `dir` (a rootfs or a bind's source), as paths relative to it.
 pub fn under<'a>(bound: &'a [PathBuf], dir: &Path) -> impl Iterator<Item = &'a Path> + 'a {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    // No lookup on a start when there is nothing to find (a path walk per bind otherwise).
+    let dir = if bound.is_empty() {
+        PathBuf::new()
+    } else {
+        std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned())
+    };
     bound.iter().filter_map(move |p| p.strip_prefix(&dir).ok())
 }
 

@@ -59,7 +59,7 @@ fn is_nsfs(mountinfo_line: &str) -> bool {
 
 /// Whether the template in `state` no longer matches the host's mounts.
 fn stale(state: &State) -> bool {
-    if !Arc::ptr_eq(&state.sockets, &sockets::bound()) {
+    if !Arc::ptr_eq(&state.sockets, &sockets::in_root()) {
         return true;
     }
     match changed(&state.mountinfo, 0) {
@@ -258,7 +258,7 @@ pub(super) fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
         // Opened first, so a change while the template is built shows at the next start.
         let mountinfo = File::open("/proc/self/mountinfo").ok()?;
         let mounts = mounts();
-        let sockets = sockets::bound();
+        let sockets = sockets::in_root();
         *guard = Some(State {
             ns: build(stage).ok().map(Arc::new),
             mountinfo,
