@@ -397,11 +397,7 @@ fn push_run(ops: &mut Vec<Op>, rootfs: &Path, stage: &Path) -> Result<()> {
 fn push_socket_masks(ops: &mut Vec<Op>, rootfs: &Path, stage: &Path) -> Result<()> {
     let bound = super::sockets::bound();
     for rel in super::sockets::under(&bound, rootfs) {
-        let top = rel
-            .components()
-            .next()
-            .map(|c| c.as_os_str().as_bytes().to_vec());
-        if top.is_some_and(|t| FRESH.iter().any(|f| f.as_bytes() == t)) {
+        if under_fresh(&Path::new("/").join(rel)) {
             continue;
         }
         ops.push(Op::Mask {
