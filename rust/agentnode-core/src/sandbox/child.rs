@@ -86,7 +86,8 @@ pub struct Prepared {
     /// Bit N set: keep capability N.
     pub keep_caps: u64,
     pub nofile: u64,
-    /// A Landlock ruleset to restrict the task with (see [`super::landlock`]), if the kernel has one.
+    /// A Landlock ruleset to restrict the task with (see [`super::landlock`]), if the kernel
+    /// has one.
     pub landlock: Option<RawFd>,
     /// The seccomp filter to install last, if any.
     pub seccomp: Option<&'static super::seccomp::Program>,
@@ -777,9 +778,9 @@ mod tests {
                     return 10;
                 }
                 let exact = verify_ids(1234, 5678) == Ok(());
-                let other_uid = verify_ids(1235, 5678) == Err(libc::EPERM);
-                let other_gid = verify_ids(1234, 5679) == Err(libc::EPERM);
-                i32::from(!(exact && other_uid && other_gid))
+                let uid_refused = verify_ids(1235, 5678) == Err(libc::EPERM);
+                let gid_refused = verify_ids(1234, 5679) == Err(libc::EPERM);
+                i32::from(!(exact && uid_refused && gid_refused))
             })
         }
         .unwrap();
