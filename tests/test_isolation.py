@@ -1057,7 +1057,9 @@ def test_an_unusable_data_dir_is_one_clear_error(tmp_path: Path) -> None:
     res, pid = exec_cli(["--", "true"], a_file)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert (
-        res.stderr.startswith("agentnode: error: workspace ") and "AGENTNODE_DATA_DIR" in res.stderr
+        # The staging directory is checked before a workspace is made, so none is left.
+        res.stderr.startswith("agentnode: error: staging directory ")
+        and "AGENTNODE_DATA_DIR" in res.stderr
     )
     assert_nothing_left(pid, tmp_path)
 

@@ -201,10 +201,19 @@ def _stdio_fd(
 
 def prepare_workspace(path: Path, sandbox: Sandbox) -> Path:
     """Creates `path` (a task's /workspace on the host) owned by the user the task runs as, as
-    the host sees it (shifted by the user namespace base with `sandbox.userns`)."""
+    the host sees it (shifted by the user namespace base with `sandbox.userns`). A directory
+    made here is removed again when it cannot be given to that user."""
     base = USERNS_BASE if sandbox.userns else 0
+    made = not path.exists()
     _make_dir(path, "workspace", f"give a writable directory, or {_DATA_DIR_HINT}")
-    os.chown(path, base + sandbox.uid, base + sandbox.gid)
+    try:
+        os.chown(path, base + sandbox.uid, base + sandbox.gid)
+    except OSError as e:
+        if made:
+            path.rmdir()
+        raise UsageError(
+            f"workspace {path}: cannot give it to {sandbox.user!r} ({e.strerror})"
+        ) from None
     return path
 
 
@@ -281,13 +290,14 @@ def spawn(
     mode, policy = sandbox.egress()
     limits = sandbox.limits
     manager = _cgroups()
+    stage = DATA_DIR / "stage"
+    _make_dir(stage, "staging directory", _DATA_DIR_HINT)
+    # Last of the checks that can fail: a workspace made for this start goes with a failed one.
     if workspace is None:
         ws = prepare_workspace(_default_workspace(manager.name), sandbox)
     else:
         ws = Path(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
-    stage = DATA_DIR / "stage"
-    _make_dir(stage, "staging directory", _DATA_DIR_HINT)
     full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **dict(sandbox.env)}
     opened: list[int] = []
     parents: list[IO[bytes] | None] = [None, None, None]

@@ -36,6 +36,8 @@ const MOUNTS_READY: u32 = 10_013;
 const ZYGOTE_READY: u32 = 10_014;
 const ZYGOTE_GO: u32 = 10_015;
 pub const STEP_FILES: u32 = 10_016;
+pub const STEP_VERIFY_IDS: u32 = 10_017;
+pub const STEP_LANDLOCK: u32 = 10_018;
 
 /// The whole record of [`MOUNTS_READY`] on the error pipe.
 pub fn mounts_ready() -> [u8; 8] {
@@ -84,6 +86,9 @@ pub struct Prepared {
     /// Bit N set: keep capability N.
     pub keep_caps: u64,
     pub nofile: u64,
+    /// A Landlock ruleset to restrict the task with (see [`super::landlock`]), if the kernel
+    /// has one.
+    pub landlock: Option<RawFd>,
     /// The seccomp filter to install last, if any.
     pub seccomp: Option<&'static super::seccomp::Program>,
     /// The signal mask the task starts with (the parent blocks all signals around the clone).
@@ -301,6 +306,26 @@ unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> Step {
         sys(libc::SYS_setresgid, &[gid, gid, gid])?;
         sys(libc::SYS_setresuid, &[uid, uid, uid]).map(drop)
     }
+}
+
+/// Checks that the switch took: real, effective and saved uid and gid are exactly the ones
+/// asked for, and no supplementary group is left. A kernel or a filter that ignored one of the
+/// calls (or an id the kernel reads as "unchanged") must not leave the task with the parent's.
+unsafe fn verify_ids(uid: u32, gid: u32) -> Step {
+    let mut ids = [u32::MAX; 3];
+    let mut gids = [u32::MAX; 3];
+    // SAFETY: out pointers to our own stack, of the kernel's uid_t/gid_t size.
+    unsafe {
+        let [r, e, s] = ids.each_mut().map(|i| std::ptr::from_mut(i) as usize);
+        sys(libc::SYS_getresuid, &[r, e, s])?;
+        let [r, e, s] = gids.each_mut().map(|i| std::ptr::from_mut(i) as usize);
+        sys(libc::SYS_getresgid, &[r, e, s])?;
+        let groups = sys(libc::SYS_getgroups, &[0, 0])?;
+        if ids != [uid; 3] || gids != [gid; 3] || groups != 0 {
+            return Err(libc::EPERM);
+        }
+    }
+    Ok(())
 }
 
 /// Brings up `lo` in the task's fresh network namespace (it starts down): SIOCSIFFLAGS on a
@@ -656,6 +681,7 @@ unsafe fn drop_privileges(p: &Prepared) {
             );
         }
         step(err, STEP_IDS, set_ids(p.uid, p.gid, true));
+        step(err, STEP_VERIFY_IDS, verify_ids(p.uid, p.gid));
         // Exactly the kept capabilities remain (none by default): uid 0 would otherwise keep
         // all of them, and a non-zero uid with KEEPCAPS keeps its permitted set.
         let header = CapHeader {
@@ -692,6 +718,14 @@ unsafe fn drop_privileges(p: &Prepared) {
             STEP_NNP,
             prctl(&[libc::PR_SET_NO_NEW_PRIVS as usize, 1, 0, 0, 0]).map(drop),
         );
+        if let Some(ruleset) = p.landlock {
+            let restrict = [ruleset as usize, 0];
+            step(
+                err,
+                STEP_LANDLOCK,
+                sys(libc::SYS_landlock_restrict_self, &restrict).map(drop),
+            );
+        }
         // The task dies with the thread that spawned it. Set after the uid change, which clears
         // it; the parent holds the sync pipe open until exec, so a hang-up here means it died
         // before the signal was armed.
@@ -728,5 +762,28 @@ unsafe fn drop_privileges(p: &Prepared) {
             ];
             step(err, STEP_SECCOMP, sys(libc::SYS_seccomp, &args).map(drop));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_ids_accepts_only_the_ids_asked_for() {
+        // SAFETY: a forked child switches ids, checks them and returns a code.
+        let code = unsafe {
+            crate::sys::fork_and_wait(0, None, || {
+                if set_ids(1234, 5678, true).is_err() {
+                    return 10;
+                }
+                let exact = verify_ids(1234, 5678) == Ok(());
+                let uid_refused = verify_ids(1235, 5678) == Err(libc::EPERM);
+                let gid_refused = verify_ids(1234, 5679) == Err(libc::EPERM);
+                i32::from(!(exact && uid_refused && gid_refused))
+            })
+        }
+        .unwrap();
+        assert_eq!(code, 0);
     }
 }

@@ -14,9 +14,11 @@
 //! has a user namespace, builds its root and execs.
 
 mod child;
+pub mod landlock;
 mod netns;
 mod plan;
 mod seccomp;
+mod sockets;
 mod task;
 mod template;
 pub mod zygote;
@@ -189,6 +191,23 @@ fn check_caps(caps: &[u32]) -> Result<()> {
     }
 }
 
+/// Refuses `(uid_t)-1`, which `setresuid` and `chown` read as "leave unchanged": a task asked to
+/// run as it would keep the parent's ids (root). The child also checks the ids it got.
+fn check_ids(spec: &Spec) -> Result<()> {
+    for (what, id) in [("uid", spec.uid), ("gid", spec.gid)] {
+        if id == u32::MAX {
+            return Err(Error::Invalid {
+                what: "user",
+                why: format!(
+                    "{what} {id} is (uid_t)-1, \"unchanged\" to the kernel (give 0 to {})",
+                    id - 1
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn prepare(
     spec: &Spec,
     ops: Vec<plan::Op>,
@@ -199,6 +218,7 @@ fn prepare(
 ) -> Result<child::Prepared> {
     let exe = resolve(spec)?;
     check_caps(&spec.keep_caps)?;
+    check_ids(spec)?;
     if !spec.stage.is_dir() {
         return Err(Error::BadPath {
             what: "staging directory",
@@ -243,6 +263,7 @@ fn prepare(
         cap_last: cap_last(),
         keep_caps: spec.keep_caps.iter().fold(0, |m, c| m | (1u64 << c)),
         nofile: spec.nofile,
+        landlock: landlock::ruleset(),
         seccomp: if spec.seccomp {
             Some(seccomp::default_program()?)
         } else {
@@ -271,6 +292,10 @@ fn describe_step(ops: &[plan::Op], step: u32) -> String {
         child::STEP_RLIMIT => "set rlimits".into(),
         child::STEP_STDIO => "set up stdio".into(),
         child::STEP_IDS => "switch to the task's uid/gid".into(),
+        child::STEP_VERIFY_IDS => {
+            "confirm the task's real, effective and saved uid/gid and empty groups".into()
+        }
+        child::STEP_LANDLOCK => "restrict the task with its Landlock ruleset".into(),
         child::STEP_CAPS => "drop capabilities".into(),
         child::STEP_NNP => "set no_new_privs".into(),
         child::STEP_SECCOMP => "install the seccomp filter".into(),

@@ -133,8 +133,23 @@ fn masked_dirs() -> &'static [bool] {
 }
 /// Paths runc makes read-only in /proc.
 const READ_ONLY: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys"];
-/// Top-level entries of the root that get fresh file systems instead of the host's.
-const FRESH: &[&str] = &["proc", "sys", "dev", "tmp", "workspace"];
+/// Top-level entries of the root that get fresh file systems instead of the host's. /run holds
+/// the host's runtime sockets (D-Bus, container runtimes, this node's API), which a read-only
+/// mount would not keep a task from connecting to; it gets an empty tmpfs (see [`skeleton`]).
+const FRESH: &[&str] = &["proc", "sys", "dev", "run", "tmp", "workspace"];
+/// Whether an absolute host path lies under one of [`FRESH`]'s entries of the host root.
+pub(super) fn under_fresh(path: &Path) -> bool {
+    let mut parts = path.components().skip(1);
+    parts.next().is_some_and(|top| {
+        FRESH
+            .iter()
+            .any(|f| f.as_bytes() == top.as_os_str().as_bytes())
+    })
+}
+
+/// Where the node binds its task socket and a task's checkpoint: a tmpfs of each task's own in
+/// the read-only /run, so those binds have mount points to land on.
+const NODE_RUN: &str = "run/agentnode";
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
@@ -245,7 +260,9 @@ pub fn made_ahead() -> Result<Vec<Op>> {
 
 /// Whether a bind lands on one of the task's fresh mounts (its mount point is made after it).
 pub fn on_fresh(spec: &Spec, b: &Bind) -> bool {
-    b.dest.starts_with("/tmp") || spec.workspace.is_some() && b.dest.starts_with("/workspace")
+    b.dest.starts_with("/tmp")
+        || b.dest.starts_with(Path::new("/").join(NODE_RUN))
+        || spec.workspace.is_some() && b.dest.starts_with("/workspace")
 }
 
 /// Which of a task's own mounts were made before it started.
@@ -331,7 +348,64 @@ fn skeleton(rootfs: &Path, stage: &Path, workspace: bool) -> Result<Vec<Op>> {
         ops.push(Op::MkDir(cstr(at("workspace"))?));
     }
     push_dev(&mut ops, stage)?;
+    push_run(&mut ops, rootfs, stage)?;
+    push_socket_masks(&mut ops, rootfs, stage)?;
     Ok(ops)
+}
+
+/// An empty /run (read-only with the root) but for the node's own directory and what the host's
+/// /etc/resolv.conf leads to when that lies in /run (systemd-resolved's stub file): a task
+/// resolves names as on the host, and reaches none of the host's runtime sockets.
+fn push_run(ops: &mut Vec<Op>, rootfs: &Path, stage: &Path) -> Result<()> {
+    let at = |rel: &str| stage.join(rel);
+    ops.push(Op::MkDir(cstr(at("run"))?));
+    ops.push(fs(
+        "tmpfs",
+        &at("run"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        "size=64k,mode=755",
+    )?);
+    ops.push(Op::MkDir(cstr(at(NODE_RUN))?));
+    if rootfs != Path::new("/") {
+        return Ok(());
+    }
+    let Ok(resolv) = std::fs::canonicalize("/etc/resolv.conf") else {
+        return Ok(());
+    };
+    let Ok(rel) = resolv.strip_prefix("/run") else {
+        return Ok(());
+    };
+    if !resolv.is_file() {
+        return Ok(());
+    }
+    let mut cur = at("run");
+    let comps: Vec<_> = rel.components().collect();
+    for (i, c) in comps.iter().enumerate() {
+        cur.push(c);
+        ops.push(if i + 1 < comps.len() {
+            Op::MkDir(cstr(&cur)?)
+        } else {
+            Op::Touch(cstr(&cur)?)
+        });
+    }
+    ops.push(bind(&resolv, &cur)?);
+    Ok(())
+}
+
+/// /dev/null over every host socket under `rootfs` that the root shows (not those under its
+/// fresh entries), before the root turns read-only (see [`super::sockets`]).
+fn push_socket_masks(ops: &mut Vec<Op>, rootfs: &Path, stage: &Path) -> Result<()> {
+    let bound = super::sockets::bound();
+    for rel in super::sockets::under(&bound, rootfs) {
+        if under_fresh(&Path::new("/").join(rel)) {
+            continue;
+        }
+        ops.push(Op::Mask {
+            path: cstr(stage.join(rel))?,
+            dir: false,
+        });
+    }
+    Ok(())
 }
 
 /// The mounts every task gets fresh, on the read-only root at `root`: /proc, /sys, /dev/pts,
@@ -361,12 +435,23 @@ fn push_task_fs(
     if let Some(ws) = &spec.workspace {
         attach(ops, ws, &at("workspace"), true)?;
     }
+    let bound = super::sockets::bound();
     for (b, point) in spec.binds.iter().zip(points) {
         let point = match point {
             Some(point) => point,
             None => push_bind_point(ops, root, b)?,
         };
         attach(ops, &b.src, &point, b.writable)?;
+        // A bind shows the host's sockets under its source as well (the node's own task socket
+        // is bound on purpose: its source is the socket itself, and is left alone).
+        for rel in super::sockets::under(&bound, &b.src) {
+            if !rel.as_os_str().is_empty() {
+                ops.push(Op::Mask {
+                    path: cstr(point.join(rel))?,
+                    dir: false,
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -431,7 +516,8 @@ fn push_masks(ops: &mut Vec<Op>, root: &Path, under: &str) -> Result<()> {
     Ok(())
 }
 
-/// Read-only /sys of the task's network namespace (masked), and /dev's own devpts and shm.
+/// Read-only /sys of the task's network namespace (masked), /dev's own devpts and shm, and the
+/// task's own /run/agentnode.
 fn push_sys_dev(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
     let at = |rel: &str| root.join(rel);
     ops.push(fs(
@@ -452,6 +538,12 @@ fn push_sys_dev(ops: &mut Vec<Op>, root: &Path) -> Result<()> {
         &at("dev/shm"),
         NOSUID_NODEV | libc::MS_NOEXEC,
         "size=64m,mode=1777",
+    )?);
+    ops.push(fs(
+        "tmpfs",
+        &at(NODE_RUN),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        "size=64k,mode=755",
     )?);
     Ok(())
 }

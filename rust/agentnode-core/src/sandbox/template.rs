@@ -17,11 +17,11 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use super::plan::{self, Op, Start};
-use super::{child, Bind, Error, Result, Spec};
+use super::{child, sockets, Bind, Error, Result, Spec};
 
 /// A task that kept it could remount the shared skeleton read-write.
 const CAP_SYS_ADMIN: u32 = 21;
@@ -33,6 +33,8 @@ struct State {
     mountinfo: File,
     /// The host's mounts the template was built from (see [`mounts`]).
     mounts: Option<String>,
+    /// The host's sockets it masks (see [`sockets`]): a new one makes it stale.
+    sockets: Arc<Vec<PathBuf>>,
 }
 
 /// The host's mount table as far as the template is concerned: every line of mountinfo but the
@@ -57,6 +59,9 @@ fn is_nsfs(mountinfo_line: &str) -> bool {
 
 /// Whether the template in `state` no longer matches the host's mounts.
 fn stale(state: &State) -> bool {
+    if !Arc::ptr_eq(&state.sockets, &sockets::in_root()) {
+        return true;
+    }
     match changed(&state.mountinfo, 0) {
         Ok(false) => false,
         _ => state.mounts.is_none() || mounts() != state.mounts,
@@ -223,7 +228,8 @@ pub(super) fn fits(spec: &Spec) -> bool {
 /// Whether the template has the bind's mount point: a host path of the source's kind, reached
 /// without symlinks (which could lead onto the task's own /proc), outside the fresh mounts.
 fn has_point(b: &Bind) -> bool {
-    if ["/proc", "/sys", "/dev"]
+    // The template's /run is an empty tmpfs but for the node's own directory.
+    if ["/proc", "/sys", "/dev", "/run"]
         .iter()
         .any(|f| b.dest.starts_with(f))
     {
@@ -252,32 +258,43 @@ pub(super) fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
         // Opened first, so a change while the template is built shows at the next start.
         let mountinfo = File::open("/proc/self/mountinfo").ok()?;
         let mounts = mounts();
+        let sockets = sockets::in_root();
         *guard = Some(State {
             ns: build(stage).ok().map(Arc::new),
             mountinfo,
             mounts,
+            sockets,
         });
     }
     guard.as_ref()?.ns.clone()
 }
 
-/// Drops the template whenever the host's mounts change (the next start builds a new one).
+/// Drops the template whenever the host's mounts or bound sockets change (the next start builds
+/// a new one).
 fn watch() {
     let Ok(mountinfo) = File::open("/proc/self/mountinfo") else {
         return;
     };
+    let refresh = i32::try_from(sockets::REFRESH.as_millis()).unwrap_or(1000);
+    let mut refreshed = std::time::Instant::now();
     loop {
-        match changed(&mountinfo, -1) {
+        let change = changed(&mountinfo, refresh);
+        // On a busy host the mount table changes more often than the refresh period: the
+        // sockets are read on the clock, whatever woke the watcher.
+        if refreshed.elapsed() >= sockets::REFRESH {
+            refreshed = std::time::Instant::now();
+            if sockets::refresh() {
+                drop_template(STATE.lock().unwrap_or_else(PoisonError::into_inner));
+            }
+        }
+        match change {
             Ok(true) => {
-                let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+                let guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
                 if guard
                     .as_ref()
                     .is_some_and(|s| s.mounts.is_none() || mounts() != s.mounts)
                 {
-                    *guard = None;
-                    drop(guard);
-                    super::netns::forget_copies();
-                    super::zygote::forget_all();
+                    drop_template(guard);
                 }
             }
             Ok(false) => {}
@@ -285,6 +302,14 @@ fn watch() {
             Err(_) => return,
         }
     }
+}
+
+/// Drops the template and the copies and zygotes made from it.
+fn drop_template(mut guard: std::sync::MutexGuard<'_, Option<State>>) {
+    *guard = None;
+    drop(guard);
+    super::netns::forget_copies();
+    super::zygote::forget_all();
 }
 
 /// Whether the mount table changed since `mountinfo` was opened or last reported a change,
