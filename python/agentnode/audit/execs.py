@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agentnode import _native
+from agentnode.errors import AuditError
 
 __all__ = ["ExecTrace", "exec_record"]
 
@@ -57,10 +58,19 @@ class ExecTrace:
         self._handle = _native.ExecTracerHandle(root, instance)
         self._sink = sink
         self._tasks: dict[int, tuple[str, str]] = {}
+        self._cgroups: dict[str, int] = {}
         self._unclaimed: dict[int, list[tuple[int, int, int, int, int, bytes, bytes, bool]]] = {}
         self._unclaimed_count = 0
         self._lost = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def for_instance(cls, *, sink: Callable[[dict[str, Any]], object]) -> ExecTrace:
+        """The tracer for this process's node instance (`agentnode.isolation`'s cgroups)."""
+        from agentnode.isolation.task import _cgroups
+
+        instance = _cgroups().dirs()[0]
+        return cls(_cgroup2_mount(instance), instance, sink=sink)
 
     def start(self) -> None:
         """Reads events as they come, on the running loop."""
@@ -71,24 +81,18 @@ class ExecTrace:
         """Attributes the execs in `cgroup_dir` to `task` (those already seen, then the rest)."""
         cgroup = _native.cgroup_id(cgroup_dir)
         self._tasks[cgroup] = (task, tenant)
+        self._cgroups[task] = cgroup
         self.poll()
         for raw in self._unclaimed.pop(cgroup, []):
             self._unclaimed_count -= 1
             self._sink(exec_record(raw, task=task, tenant=tenant))
 
-    def forget(self, cgroup_dir: Path) -> None:
-        """Stops attributing `cgroup_dir` (its task ended; the id may be reused)."""
+    def forget(self, task: str) -> None:
+        """Stops attributing `task`'s cgroup (the task ended; its id may be reused)."""
         self.poll()
-        try:
-            cgroup = _native.cgroup_id(cgroup_dir)
-        except OSError:
-            return
-        self._tasks.pop(cgroup, None)
-
-    def forget_id(self, cgroup: int) -> None:
-        """As `forget`, by id (the directory may be gone already)."""
-        self.poll()
-        self._tasks.pop(cgroup, None)
+        cgroup = self._cgroups.pop(task, None)
+        if cgroup is not None:
+            self._tasks.pop(cgroup, None)
 
     def poll(self) -> None:
         """Writes every queued event of a named task; keeps the others for `watch`."""
@@ -111,3 +115,19 @@ class ExecTrace:
             self._loop.remove_reader(self._handle.events_fd())
         self.poll()
         self._handle.close()
+
+
+def _cgroup2_mount(path: Path) -> Path:
+    """The mount point of the cgroup2 file system that holds `path`."""
+    best: Path | None = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if post.split(" ", 1)[0] != "cgroup2":
+                continue
+            point = Path(pre.split(" ")[4])
+            if path.is_relative_to(point) and (best is None or len(point.parts) > len(best.parts)):
+                best = point
+    if best is None:
+        raise AuditError(f"{path} is not on a cgroup2 mount (exec tracing needs cgroup2)")
+    return best

@@ -860,13 +860,18 @@ PROXY = web.AppKey("proxy", Proxy)
 
 
 def create_app(
-    config: ProxyConfig, *, attribution: Attribution = key_attribution
+    config: ProxyConfig,
+    *,
+    attribution: Attribution = key_attribution,
+    on_row: Callable[[LedgerRow], object] | None = None,
 ) -> web.Application:
-    """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx."""
+    """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx.
+    `on_row` sees every ledger row as it is recorded (the node's audit log)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = await Store.open(config.state_dir)
+        store.on_record = on_row
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # No cookie jar: one session serves every tenant, and no upstream cookie may cross over.
         session = aiohttp.ClientSession(

@@ -60,6 +60,10 @@ class NodeConfig:
     dns_upstream: tuple[str, int] | None = None
     #: The inference proxy, started with the node when the file has an [inference] table.
     inference: ProxyConfig | None = None
+    #: Trace every exec inside every task into the audit log ([audit] exec_trace).
+    exec_trace: bool = True
+    #: Where task timelines are exported as OpenTelemetry spans (OTLP/HTTP); None: not exported.
+    otlp_endpoint: str | None = None
     source: Path | None = None
 
 
@@ -82,6 +86,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("network", "bridge"): ("bridge", str),
     ("network", "subnet"): ("subnet", str),
     ("network", "dns_upstream"): ("dns_upstream", str),
+    ("telemetry", "otlp_endpoint"): ("otlp_endpoint", str),
 }
 
 
@@ -160,9 +165,16 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
             if (section, key) == ("scheduler", "class_running"):
                 out["class_running"] = _class_running(r, name, value)
                 continue
+            if (section, key) == ("audit", "exec_trace"):
+                if not isinstance(value, bool):
+                    raise r.error(name, f"must be true or false, got {value!r}")
+                out["exec_trace"] = value
+                continue
             if (section, key) not in _KEYS:
                 known = ", ".join(sorted(f"{s}.{k}" for s, k in _KEYS))
-                raise r.error(name, f"unknown key (known: {known}, scheduler.class_running)")
+                raise r.error(
+                    name, f"unknown key (known: {known}, scheduler.class_running, audit.exec_trace)"
+                )
             field_name, kind = _KEYS[(section, key)]
             if kind is str:
                 if not isinstance(value, str) or not value:

@@ -113,7 +113,9 @@ async def serve(config: NodeConfig) -> None:
     if config.inference is not None:
         # Cancelling handlers is how a client's disconnect reaches the upstream request.
         proxy = web.AppRunner(
-            create_app(config.inference, attribution=task_attribution(node)),
+            create_app(
+                config.inference, attribution=task_attribution(node), on_row=node.audit_llm_call
+            ),
             handle_signals=False,
             handler_cancellation=True,
             shutdown_timeout=5.0,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -23,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from agentnode import compute
+from agentnode.audit.execs import ExecTrace
+from agentnode.audit.log import AuditLog
 from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, TaskError
+from agentnode.inference.store import LedgerRow
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
@@ -107,7 +109,10 @@ class Node:
         except AgentnodeError as e:
             # Tasks without network still run; those with it will fail to start, saying why.
             log.warning("cannot sweep task networks: %s", e)
-        self._audit = (config.data_dir / "audit.log").open("a", buffering=1)
+        #: The hash-chained audit log: transitions, execs, egress denials, LLM calls, tool
+        #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
+        self.audit = AuditLog(config.data_dir / "audit")
+        self.execs: ExecTrace | None = None
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
@@ -141,10 +146,9 @@ class Node:
         return max(cpu, 0), max(mem, 0)
 
     def _audit_denial(self, task: Task, d: Denial) -> None:
-        # On the forwarder's thread; one JSON line per denied connection or packet.
+        # On the forwarder's thread; one record per denied connection or packet.
         record = {
-            "time": time.time(),
-            "event": "egress_denied",
+            "kind": "egress_denied",
             "task": task.id,
             "tenant": task.spec.tenant,
             "address": str(d.address),
@@ -153,7 +157,11 @@ class Node:
             "reason": d.reason,
             "pid": d.pid,
         }
-        self._audit.write(json.dumps(record) + "\n")
+        self.audit.append(record)
+
+    def audit_llm_call(self, row: LedgerRow) -> None:
+        """Writes one inference ledger row to the audit log (the proxy's `on_row`)."""
+        self.audit.append({"kind": "llm_call"} | {f: getattr(row, f) for f in row.__slots__})
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -166,6 +174,17 @@ class Node:
             "reason": task.reason,
             "at": time.time(),
         }
+        self.audit.append(
+            {
+                "kind": "state",
+                "time": event["at"],
+                "task": task.id,
+                "tenant": task.spec.tenant,
+                "state": task.state.value,
+                "attempt": task.attempt,
+                "reason": task.reason,
+            }
+        )
         for q in self._subscribers:
             q.put_nowait(event)
 
@@ -229,6 +248,14 @@ class Node:
         r.last_beat = time.monotonic()
 
     def start(self) -> None:
+        if self.config.exec_trace:
+            try:
+                self.execs = ExecTrace.for_instance(sink=self.audit.append)
+            except AgentnodeError as e:
+                log.warning("exec tracing is off: %s", e)
+                self.audit.append({"kind": "exec_trace_off", "reason": str(e)})
+            else:
+                self.execs.start()
         self._loop_task = asyncio.get_running_loop().create_task(self._schedule_loop())
 
     async def _schedule_loop(self) -> None:
@@ -262,6 +289,8 @@ class Node:
             self.outcomes["failed"] = self.outcomes.get("failed", 0) + 1
             self._publish(done)
             return
+        if self.execs is not None and proc.cgroup_dir is not None:
+            self.execs.watch(proc.cgroup_dir, task=task.id, tenant=task.spec.tenant)
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
         self.running[task.id] = r
@@ -342,8 +371,21 @@ class Node:
 
     async def _watch(self, r: Running) -> None:
         result: Result = await r.proc.wait_async()
+        if self.execs is not None:
+            self.execs.forget(r.task.id)
         r.proc.close()
         outcome, reason = _outcome(r, result)
+        if result.reason in (ExitReason.OOM, ExitReason.PIDS):
+            self.audit.append(
+                {
+                    "kind": "oom" if result.reason is ExitReason.OOM else "pids_limit",
+                    "task": r.task.id,
+                    "tenant": r.task.spec.tenant,
+                    "limit": r.task.spec.memory_bytes
+                    if result.reason is ExitReason.OOM
+                    else r.task.spec.pids,
+                }
+            )
         del self.running[r.task.id]
         done = await self.manager.finish(
             r.task.id, outcome, reason=reason, exit_code=result.exit_status
@@ -388,10 +430,12 @@ class Node:
         self._spawner.shutdown(wait=True)
         await asyncio.to_thread(self.spares.close)
         await asyncio.to_thread(self.egress.close)
-        self._audit.close()
+        if self.execs is not None:
+            self.execs.close()
         for q in self._subscribers:
             q.put_nowait(None)
         self.manager.close()
+        await asyncio.to_thread(self.audit.close)
 
 
 def _outcome(r: Running, result: Result) -> tuple[State, str]:

@@ -1,0 +1,336 @@
+"""The audit log: its hash chain against edits, deletions and reorders (in copies of a real log),
+rotation, crash recovery, group commit; exec tracing of real sandboxed tasks; and a daemon
+task's timeline joining states, execs, LLM calls and egress denials in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentnode.audit import AuditLog, verify
+from agentnode.audit.execs import ExecTrace
+from agentnode.errors import AgentnodeError, AuditError
+from agentnode.isolation import spawn
+from conftest import root_only, run_cli
+from egress_world import OTHER4, World
+from node_daemon import daemon
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+
+
+def _filled(directory: Path, n: int = 20, *, flush_every: int = 0, **kw: Any) -> Path:
+    log = AuditLog(directory, **kw)
+    for i in range(n):
+        log.append({"kind": "exec", "task": f"t{i % 3}", "argv": ["echo", str(i)]})
+        if flush_every and i % flush_every == 0:
+            log.flush()  # a rotation happens after a write, so write in several
+    log.close()
+    return directory
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def _verify_cli(path: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(["audit", "verify", str(path)])
+
+
+def test_untouched_log_verifies(tmp_path: Path) -> None:
+    d = _filled(tmp_path / "audit")
+    ok = verify(d)
+    assert (ok.records, ok.first_seq, ok.last_seq, ok.files) == (20, 1, 20, 1)
+    r = _verify_cli(d)
+    assert r.returncode == 0 and f"records 1-20 in 1 file(s), head {ok.head}" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("tamper", "named"),
+    [
+        # A field changed: the record's own hash no longer matches it.
+        (lambda ls: ls.__setitem__(6, ls[6].replace('"echo"', '"evil"')), "record 7 was altered"),
+        # Changed and its hash recomputed: the next record's link breaks.
+        ("rehash", "record 7 was rewritten"),
+        (lambda ls: ls.pop(6), "record 7 is missing"),
+        (lambda ls: ls.insert(7, ls.pop(6)), "record 7 is out of order"),
+        (lambda ls: ls.insert(12, ls.pop(6)), "record 7 is out of order"),
+        (lambda ls: ls.append(ls[6]), "record 7 is repeated or out of order"),
+        (lambda ls: ls.__setitem__(6, ls[6][:40] + "\n"), "not an audit record"),
+        (lambda ls: ls.__setitem__(19, ls[19][:-1]), "last line is incomplete"),
+    ],
+)
+def test_verify_names_the_broken_record(tmp_path: Path, tamper: Any, named: str) -> None:
+    d = _filled(tmp_path / "audit")
+    copy = tmp_path / "copy.log"
+    lines = _lines(d / "audit.log")
+    if tamper == "rehash":
+        lines[6] = _rehashed(lines[6].replace('"echo"', '"evil"'))
+    else:
+        tamper(lines)
+    copy.write_text("".join(lines))
+    with pytest.raises(AuditError, match=named):
+        verify(copy)
+    r = _verify_cli(copy)
+    assert r.returncode == 1 and named in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert verify(d).records == 20  # the original is untouched
+
+
+def _rehashed(line: str) -> str:
+    import hashlib
+
+    body = line.rstrip("\n")[:-75] + "}"
+    return f'{body[:-1]},"hash":"{hashlib.sha256(body.encode()).hexdigest()}"}}\n'
+
+
+def test_rotation_continues_the_chain_and_records_the_head(tmp_path: Path) -> None:
+    d = _filled(tmp_path / "audit", 400, flush_every=20, max_bytes=8 << 10)
+    files = sorted(p.name for p in d.glob("audit*.log"))
+    assert len(files) > 3 and files[-1] == "audit.log"
+    ok = verify(d)
+    assert ok.files == len(files) and ok.first_seq == 1
+    records = [json.loads(x) for f in [*files[1:], files[0]] for x in _lines(d / f)]
+    rotations = [r for r in records if r["kind"] == "rotate"]
+    by_seq = {r["seq"]: r for r in records}
+    for r in rotations:
+        assert r["head"] == by_seq[r["seq"] - 1]["hash"]
+        assert by_seq[r["seq"] + 1]["kind"] == "rotated"
+    # Deleting a rotated file is a gap in the chain.
+    victim = sorted(d.glob("audit-*.log"))[1]
+    first = json.loads(_lines(victim)[0])["seq"]
+    victim.unlink()
+    with pytest.raises(AuditError, match=f"record {first} is missing"):
+        verify(d)
+
+
+def test_reopen_continues_the_chain_and_drops_a_torn_tail(tmp_path: Path) -> None:
+    d = _filled(tmp_path / "audit", 5)
+    with (d / "audit.log").open("a") as f:
+        f.write('{"kind":"exec","task":"t1","argv":["ha')  # a crash mid-write
+    log = AuditLog(d)
+    assert log.head[0] == 5
+    log.append({"kind": "exec", "task": "t1"})
+    log.close()
+    assert verify(d).last_seq == 6
+    # The index lost its tail (a crash after the log's fsync): reopening rebuilds it.
+    shutil.rmtree(d / "index")
+    log = AuditLog(d)
+    assert [r["seq"] for r in log.task_records("t1")] == [2, 5, 6]
+    log.close()
+
+
+def test_bad_records_are_refused_with_one_line(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit")
+    with pytest.raises(AuditError, match="needs a 'kind'"):
+        log.append({"task": "t"})
+    for field in ("seq", "prev", "hash"):
+        with pytest.raises(AuditError, match=f"field '{field}' is set by the log"):
+            log.append({"kind": "x", field: 1})
+    log.close()
+    with pytest.raises(AuditError, match="closed"):
+        log.append({"kind": "x"})
+    r = _verify_cli(tmp_path / "nothing")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_tool_call_records_are_taken_from_any_thread_and_indexed(tmp_path: Path) -> None:
+    """The tools layer's records (any kind) from many threads: one gapless chain, and each task's
+    records come back from the index in order."""
+    log = AuditLog(tmp_path / "audit")
+
+    def calls(worker: int) -> None:
+        for i in range(500):
+            log.append(
+                {"kind": "tool_call", "task": f"w{worker}", "tool": "run_code", "args": {"i": i},
+                 "args_sha256": "0" * 64, "class": "ok", "duration_ms": 1.5}  # fmt: skip
+            )
+
+    threads = [threading.Thread(target=calls, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.flush()
+    for w in range(4):
+        assert [r["args"]["i"] for r in log.task_records(f"w{w}")] == list(range(500))
+    last = list(log.task_records("w2"))[-1]["seq"]
+    assert list(log.task_records("w2", after=last)) == []
+    log.close()
+    assert verify(tmp_path / "audit").records == 2000
+
+
+def test_commit_returns_after_fsync_shared_by_waiters(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit")
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(log.commit({"kind": "x", "n": i}) for i in range(300)))
+
+    seqs = asyncio.run(main())
+    assert sorted(seqs) == list(range(1, 301))
+    # Durable: visible in the file without flush or close.
+    assert len(_lines(tmp_path / "audit" / "audit.log")) == 300
+    log.close()
+
+
+@root_only
+def test_exec_trace_records_every_exec_with_argv(tmp_path: Path) -> None:
+    records: list[dict[str, Any]] = []
+    trace = ExecTrace.for_instance(sink=records.append)
+    try:
+        task = spawn(["sh", "-c", "ls / >/dev/null; cat /etc/hostname; /bin/true a 'b c'"])
+        assert task.cgroup_dir is not None
+        trace.watch(task.cgroup_dir, task="t-sh", tenant="acme")
+        assert task.wait(30) is not None
+        # Not ours: a process outside every task is not traced.
+        subprocess.run(["true", "outside"], check=True)
+        time.sleep(0.05)
+        trace.forget("t-sh")
+    finally:
+        trace.close()
+    ours = [r for r in records if r["kind"] == "exec"]
+    assert [r["argv"] for r in ours] == [
+        ["sh", "-c", "ls / >/dev/null; cat /etc/hostname; /bin/true a 'b c'"],
+        ["ls", "/"],
+        ["cat", "/etc/hostname"],
+        ["/bin/true", "a", "b c"],
+    ]
+    assert {r["task"] for r in ours} == {"t-sh"} and {r["tenant"] for r in ours} == {"acme"}
+    sh = ours[0]
+    assert sh["filename"].endswith("/sh") and sh["uid"] == 65534
+    assert all(r["ppid"] == sh["pid"] for r in ours[1:])
+    assert not any("outside" in r["argv"] for r in records)
+
+
+@root_only
+def test_exec_trace_cuts_argv_at_256_bytes() -> None:
+    records: list[dict[str, Any]] = []
+    trace = ExecTrace.for_instance(sink=records.append)
+    try:
+        task = spawn(["/bin/true", "x" * 300, "tail"])
+        assert task.cgroup_dir is not None
+        trace.watch(task.cgroup_dir, task="t-long", tenant="acme")
+        task.wait(30)
+        trace.forget("t-long")
+    finally:
+        trace.close()
+    (r,) = (r for r in records if r.get("task") == "t-long")
+    assert r["argv_truncated"] and r["argv"] == ["/bin/true", "x" * (256 - len("/bin/true") - 1)]
+
+
+MOCK_UPSTREAM = """
+import asyncio
+from agentnode.inference.mock import MockUpstream
+
+async def main():
+    mock = await MockUpstream("openai").start()
+    print(mock.base_url, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+AGENT = """
+import json, os, socket, subprocess, time, urllib.request
+
+def chat(text):
+    req = urllib.request.Request(
+        os.environ["OPENAI_BASE_URL"] + "/chat/completions",
+        data=json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": text}]}).encode(),
+        headers={"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"],
+                 "Content-Type": "application/json"},
+    )
+    return json.load(urllib.request.urlopen(req))["usage"]
+
+subprocess.run(["sh", "-c", "ls / >/dev/null; cat /etc/hostname"], check=True)
+first = chat("hello")
+time.sleep(0.3)
+try:
+    socket.create_connection((%r, 8080), timeout=2)
+except OSError as e:
+    denied = e.errno
+time.sleep(0.3)
+second = chat("hello again, a longer question this time")
+print(json.dumps({"usage": [first, second], "denied": denied}))
+"""
+
+
+@root_only
+def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
+    """A daemon task runs `sh -c 'ls; cat'`, calls the proxy (mock upstream), is denied one
+    connection and calls again: its timeline (API and CLI) holds its states, every exec with its
+    argv, both LLM calls priced from the ledger and the denial, in order; the log verifies."""
+    with World() as world:
+        env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+        netns = ("nsenter", f"--net=/run/netns/{world.task}")
+        mock = subprocess.Popen(
+            [*netns, sys.executable, "-c", MOCK_UPSTREAM], stdout=subprocess.PIPE, text=True,
+            env=env,
+        )  # fmt: skip
+        try:
+            assert mock.stdout is not None
+            base_url = mock.stdout.readline().strip()
+            config = (
+                f'[network]\nsubnet = "10.{random.randint(1, 254)}.{random.randint(0, 254)}.0/24"\n'
+                f'[inference]\nlisten = "127.0.0.1:{random.randint(20000, 30000)}"\n'
+                f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{base_url}"\n'
+                'models = ["gpt-test"]\nprice = { input = 2.5, output = 10 }\n'
+            )
+            with daemon(tmp_path, config, netns) as d:
+                task = d.submit(
+                    [sys.executable, "-c", AGENT % OTHER4],
+                    tenant="acme", network="egress", memory="256M", user="0",
+                    ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")},
+                )  # fmt: skip
+                done = d.wait(task["id"], timeout=60)
+                out = d.log(task["id"])
+                assert done["state"] == "succeeded", (done["reason"], out)
+                result = json.loads(out.splitlines()[-1])
+                timeline = d.client.call("GET", f"/v1/tasks/{task['id']}/timeline")
+                cli = run_cli(["timeline", task["id"], "--json", "--socket", str(d.socket)])
+                human = run_cli(["timeline", task["id"], "--socket", str(d.socket)])
+                follow = run_cli(["timeline", task["id"], "-f", "--json", "--socket", str(d.socket)])
+                with pytest.raises(AgentnodeError, match="after: must be a record seq"):
+                    d.client.call("GET", f"/v1/tasks/{task['id']}/timeline?after=x")
+        finally:
+            mock.kill()
+            mock.communicate()
+    assert [json.loads(x) for x in cli.stdout.splitlines()] == timeline
+    assert [json.loads(x) for x in follow.stdout.splitlines()] == timeline
+    assert human.returncode == 0 and "llm_call" in human.stdout and "$" in human.stdout
+    seqs = [e["seq"] for e in timeline]
+    assert seqs == sorted(seqs) and all(e["task"] == task["id"] for e in timeline)
+    kinds = [e["kind"] for e in timeline]
+    states = [e["state"] for e in timeline if e["kind"] == "state"]
+    assert states == ["queued", "running", "succeeded"]
+    argvs = [e["argv"] for e in timeline if e["kind"] == "exec"]
+    assert ["sh", "-c", "ls / >/dev/null; cat /etc/hostname"] in argvs
+    assert ["ls", "/"] in argvs and ["cat", "/etc/hostname"] in argvs
+    assert argvs[0][0] == sys.executable
+    # The calls and the denial in the order they happened, between the running and end states.
+    middle = [k for k in kinds if k in ("llm_call", "egress_denied", "state")]
+    assert middle == ["state", "state", "llm_call", "egress_denied", "llm_call", "state"]
+    calls = [e for e in timeline if e["kind"] == "llm_call"]
+    for call, usage in zip(calls, result["usage"], strict=True):
+        expected = (
+            Decimal(usage["prompt_tokens"]) * Decimal("2.5")
+            + Decimal(usage["completion_tokens"]) * Decimal(10)
+        ) / Decimal(1_000_000)
+        assert Decimal(call["cost"]) == expected and Decimal(call["cost"]) > 0
+        assert call["model"] == "gpt-test" and call["tenant"] == "acme"
+        assert call["input"] == usage["prompt_tokens"] and call["output"] == usage["completion_tokens"]
+        assert call["latency_ms"] > 0
+    (denial,) = (e for e in timeline if e["kind"] == "egress_denied")
+    assert denial["address"] == OTHER4 and denial["port"] == 8080
+    assert verify(tmp_path / "data" / "audit").records >= len(timeline)
