@@ -22,6 +22,8 @@ import pytest
 from agentnode.audit import AuditLog, verify
 from agentnode.audit.execs import ExecTrace
 from agentnode.errors import AgentnodeError, AuditError
+from agentnode.inference.config import Price
+from agentnode.inference.pricing import cost, openai_usage
 from agentnode.isolation import spawn
 from conftest import root_only, run_cli
 from egress_world import OTHER4, World
@@ -285,7 +287,8 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
                 f'[network]\nsubnet = "10.{random.randint(1, 254)}.{random.randint(0, 254)}.0/24"\n'
                 f'[inference]\nlisten = "127.0.0.1:{random.randint(20000, 30000)}"\n'
                 f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{base_url}"\n'
-                'models = ["gpt-test"]\nprice = { input = 2.5, output = 10 }\n'
+                'models = ["gpt-test"]\n'
+                'price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 20 }\n'
             )
             with daemon(tmp_path, config, netns) as d:
                 task = d.submit(
@@ -313,24 +316,25 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     assert seqs == sorted(seqs) and all(e["task"] == task["id"] for e in timeline)
     kinds = [e["kind"] for e in timeline]
     states = [e["state"] for e in timeline if e["kind"] == "state"]
-    assert states == ["queued", "running", "succeeded"]
+    assert states == ["queued", "starting", "running", "succeeded"]
     argvs = [e["argv"] for e in timeline if e["kind"] == "exec"]
     assert ["sh", "-c", "ls / >/dev/null; cat /etc/hostname"] in argvs
     assert ["ls", "/"] in argvs and ["cat", "/etc/hostname"] in argvs
     assert argvs[0][0] == sys.executable
     # The calls and the denial in the order they happened, between the running and end states.
     middle = [k for k in kinds if k in ("llm_call", "egress_denied", "state")]
-    assert middle == ["state", "state", "llm_call", "egress_denied", "llm_call", "state"]
+    assert middle == ["state"] * 3 + ["llm_call", "egress_denied", "llm_call", "state"]
     calls = [e for e in timeline if e["kind"] == "llm_call"]
+    price = Price(
+        input=Decimal("2.5"), cached_input=Decimal("1.25"), output=Decimal(10), reasoning=Decimal(20)
+    )
     for call, usage in zip(calls, result["usage"], strict=True):
-        expected = (
-            Decimal(usage["prompt_tokens"]) * Decimal("2.5")
-            + Decimal(usage["completion_tokens"]) * Decimal(10)
-        ) / Decimal(1_000_000)
-        assert Decimal(call["cost"]) == expected and Decimal(call["cost"]) > 0
+        buckets = openai_usage(usage)
+        assert {b: call[b] for b in buckets.as_dict()} == buckets.as_dict()
+        assert buckets.cached_input and buckets.reasoning, "the mock reports every bucket"
+        assert Decimal(call["cost"]) == cost(buckets, price) > 0
         assert call["model"] == "gpt-test" and call["tenant"] == "acme"
-        assert call["input"] == usage["prompt_tokens"] and call["output"] == usage["completion_tokens"]
-        assert call["latency_ms"] > 0
+        assert call["latency_ms"] > 0 and call["status"] == 200
     (denial,) = (e for e in timeline if e["kind"] == "egress_denied")
     assert denial["address"] == OTHER4 and denial["port"] == 8080
     assert verify(tmp_path / "data" / "audit").records >= len(timeline)
