@@ -155,8 +155,15 @@ def test_tool_call_records_are_taken_from_any_thread_and_indexed(tmp_path: Path)
     def calls(worker: int) -> None:
         for i in range(500):
             log.append(
-                {"kind": "tool_call", "task": f"w{worker}", "tool": "run_code", "args": {"i": i},
-                 "args_sha256": "0" * 64, "class": "ok", "duration_ms": 1.5}  # fmt: skip
+                {
+                    "kind": "tool_call",
+                    "task": f"w{worker}",
+                    "tool": "run_code",
+                    "args": {"i": i},
+                    "args_sha256": "0" * 64,
+                    "class": "ok",
+                    "duration_ms": 1.5,
+                }
             )
 
     threads = [threading.Thread(target=calls, args=(w,)) for w in range(4)]
@@ -288,7 +295,7 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
                 f'[inference]\nlisten = "127.0.0.1:{random.randint(20000, 30000)}"\n'
                 f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{base_url}"\n'
                 'models = ["gpt-test"]\n'
-                'price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 20 }\n'
+                "price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 20 }\n"
             )
             with daemon(tmp_path, config, netns) as d:
                 task = d.submit(
@@ -303,7 +310,9 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
                 timeline = d.client.call("GET", f"/v1/tasks/{task['id']}/timeline")
                 cli = run_cli(["timeline", task["id"], "--json", "--socket", str(d.socket)])
                 human = run_cli(["timeline", task["id"], "--socket", str(d.socket)])
-                follow = run_cli(["timeline", task["id"], "-f", "--json", "--socket", str(d.socket)])
+                follow = run_cli(
+                    ["timeline", task["id"], "-f", "--json", "--socket", str(d.socket)]
+                )
                 with pytest.raises(AgentnodeError, match="after: must be a record seq"):
                     d.client.call("GET", f"/v1/tasks/{task['id']}/timeline?after=x")
         finally:
@@ -326,7 +335,10 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     assert middle == ["state"] * 3 + ["llm_call", "egress_denied", "llm_call", "state"]
     calls = [e for e in timeline if e["kind"] == "llm_call"]
     price = Price(
-        input=Decimal("2.5"), cached_input=Decimal("1.25"), output=Decimal(10), reasoning=Decimal(20)
+        input=Decimal("2.5"),
+        cached_input=Decimal("1.25"),
+        output=Decimal(10),
+        reasoning=Decimal(20),
     )
     for call, usage in zip(calls, result["usage"], strict=True):
         buckets = openai_usage(usage)

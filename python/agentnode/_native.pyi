@@ -291,3 +291,21 @@ class EgressHandle:
     @property
     def closed(self) -> bool:
         """Whether `close()` has run."""
+
+@final
+class ExecTracerHandle:
+    """Exec tracing for one node instance's cgroup2 subtree (`ebpf/exec.bpf.c`)."""
+
+    def __new__(cls, root: str | Path, instance: str | Path) -> ExecTracerHandle: ...
+    def events(self) -> list[tuple[int, int, int, int, int, bytes, bytes, bool]]:
+        """Execs queued since the last call: `(cgroup_id, time_ns, pid, ppid, uid, filename,
+        argv, argv_truncated)`; argv is NUL-separated and at most 256 bytes."""
+    def lost(self) -> int:
+        """Execs lost to a full ring buffer since attach."""
+    def events_fd(self) -> int:
+        """A file descriptor that polls readable when events are queued."""
+    def close(self) -> None:
+        """Detaches the program and frees the maps; idempotent."""
+
+def cgroup_id(dir: str | Path) -> int:
+    """The cgroup2 id of a cgroup2 directory (what BPF's cgroup helpers return)."""

@@ -29,8 +29,7 @@ _FOLLOW_POLL_S = 0.1
 def entries(log: AuditLog, task: str, *, after: int = 0) -> list[dict[str, Any]]:
     """`task`'s records after seq `after`, oldest first, without chain fields."""
     return [
-        {k: v for k, v in r.items() if k not in _CHAIN}
-        for r in log.task_records(task, after=after)
+        {k: v for k, v in r.items() if k not in _CHAIN} for r in log.task_records(task, after=after)
     ]
 
 
