@@ -287,10 +287,17 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
             [*netns, sys.executable, "-c", MOCK_UPSTREAM], stdout=subprocess.PIPE, text=True,
             env=env,
         )  # fmt: skip
+        spans_file = tmp_path / "spans.jsonl"
+        receiver = subprocess.Popen(
+            [*netns, sys.executable, str(HERE / "otlp_receiver.py"), str(spans_file)],
+            stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
         try:
-            assert mock.stdout is not None
+            assert mock.stdout is not None and receiver.stdout is not None
             base_url = mock.stdout.readline().strip()
+            otlp = receiver.stdout.readline().strip()
             config = (
+                f'[telemetry]\notlp_endpoint = "{otlp}"\n'
                 f'[network]\nsubnet = "10.{random.randint(1, 254)}.{random.randint(0, 254)}.0/24"\n'
                 f'[inference]\nlisten = "127.0.0.1:{random.randint(20000, 30000)}"\n'
                 f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{base_url}"\n'
@@ -315,9 +322,12 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
                 )
                 with pytest.raises(AgentnodeError, match="after: must be a record seq"):
                     d.client.call("GET", f"/v1/tasks/{task['id']}/timeline?after=x")
+            # The daemon has stopped: its exporter flushed every span.
+            spans = [json.loads(x) for x in spans_file.read_text().splitlines()]
         finally:
-            mock.kill()
-            mock.communicate()
+            for p in (mock, receiver):
+                p.kill()
+                p.communicate()
     assert [json.loads(x) for x in cli.stdout.splitlines()] == timeline
     assert [json.loads(x) for x in follow.stdout.splitlines()] == timeline
     assert human.returncode == 0 and "llm_call" in human.stdout and "$" in human.stdout
@@ -350,3 +360,32 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     (denial,) = (e for e in timeline if e["kind"] == "egress_denied")
     assert denial["address"] == OTHER4 and denial["port"] == 8080
     assert verify(tmp_path / "data" / "audit").records >= len(timeline)
+    _check_spans(spans, task["id"], calls, timeline)
+
+
+def _check_spans(
+    spans: list[dict[str, Any]], task_id: str, calls: list[dict[str, Any]],
+    timeline: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """The OTLP export: one `invoke_agent` span for the task with `chat {model}` children that
+    carry the GenAI attribute names, and the execs and the denial as its events."""
+    (root,) = (s for s in spans if s["name"] == "invoke_agent")
+    assert root["attributes"]["gen_ai.operation.name"] == "invoke_agent"
+    assert root["attributes"]["gen_ai.agent.id"] == task_id
+    assert root["attributes"]["agentnode.task.id"] == task_id
+    chats = [s for s in spans if s["name"] == "chat gpt-test"]
+    assert len(chats) == len(calls) == 2
+    for span, call in zip(sorted(chats, key=lambda s: int(s["startTimeUnixNano"])), calls,
+                          strict=True):  # fmt: skip
+        assert span["traceId"] == root["traceId"] and span["parentSpanId"] == root["spanId"]
+        a = span["attributes"]
+        assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "gpt-test"
+        assert a["gen_ai.usage.input_tokens"] == call["input"] + call["cached_input"]
+        assert a["gen_ai.usage.output_tokens"] == call["output"] + call["reasoning"]
+        assert a["gen_ai.usage.cache_read.input_tokens"] == call["cached_input"]
+        assert a["agentnode.cost_usd"] == call["cost"]
+        took = int(span["endTimeUnixNano"]) - int(span["startTimeUnixNano"])
+        assert abs(took - call["latency_ms"] * 1e6) < 1e3
+    names = [e["name"] for e in root.get("events", [])]
+    assert names.count("exec") == sum(1 for e in timeline if e["kind"] == "exec")
+    assert "egress_denied" in names and "state succeeded" in names

@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentnode import compute
 from agentnode.audit.execs import ExecTrace
 from agentnode.audit.log import AuditLog
+from agentnode.audit.timeline import entries as timeline_entries
 from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, TaskError
@@ -34,8 +35,11 @@ from agentnode.node.config import NodeConfig
 from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
-from agentnode.tasks.model import State, Task, TaskSpec
+from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from agentnode.audit.otel import TimelineExporter
 
 __all__ = ["CHECKPOINT", "TASK_SOCKET", "Node", "Running"]
 
@@ -113,6 +117,11 @@ class Node:
         #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
         self.audit = AuditLog(config.data_dir / "audit")
         self.execs: ExecTrace | None = None
+        self.telemetry: TimelineExporter | None = None
+        if config.otlp_endpoint is not None:
+            from agentnode.audit.otel import TimelineExporter
+
+            self.telemetry = TimelineExporter(config.otlp_endpoint, timeline=self._timeline)
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
@@ -159,6 +168,10 @@ class Node:
         }
         self.audit.append(record)
 
+    def _timeline(self, task_id: str) -> list[dict[str, Any]]:
+        self.audit.flush()
+        return timeline_entries(self.audit, task_id)
+
     def audit_llm_call(self, row: LedgerRow) -> None:
         """Writes one inference ledger row to the audit log (the proxy's `on_row`)."""
         self.audit.append({"kind": "llm_call"} | {f: getattr(row, f) for f in row.__slots__})
@@ -185,6 +198,8 @@ class Node:
                 "reason": task.reason,
             }
         )
+        if self.telemetry is not None and task.state in TERMINAL:
+            self.telemetry.task_ended(task.id)
         for q in self._subscribers:
             q.put_nowait(event)
 
@@ -435,6 +450,8 @@ class Node:
         for q in self._subscribers:
             q.put_nowait(None)
         self.manager.close()
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.close)
         await asyncio.to_thread(self.audit.close)
 
 
