@@ -223,6 +223,39 @@ def test_exec_trace_records_every_exec_with_argv(tmp_path: Path) -> None:
 
 
 @root_only
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        # exec replacing the shell, no fork
+        (["sh", "-c", "exec /bin/echo replaced"], ["/bin/echo", "replaced"]),
+        # fexecve (execveat on an fd): the kernel names the file /dev/fd/N
+        (
+            ["python3", "-c", "import os; fd = os.open('/bin/echo', os.O_RDONLY); "
+             "os.execve(fd, ['echo', 'by-fd'], {})"],
+            ["echo", "by-fd"],
+        ),
+        # a #! script: the kernel runs the interpreter with the script as its argument
+        (["sh", "-c", "printf '#!/bin/sh\\necho s\\n' > /tmp/s; chmod +x /tmp/s; /tmp/s arg"],
+         ["/bin/sh", "/tmp/s", "arg"]),
+    ],
+)  # fmt: skip
+def test_exec_trace_sees_every_way_to_exec(command: list[str], expected: list[str]) -> None:
+    records: list[dict[str, Any]] = []
+    trace = ExecTrace.for_instance(sink=records.append)
+    try:
+        task = spawn(command)
+        assert task.cgroup_dir is not None
+        trace.watch(task.cgroup_dir, task="t-way", tenant="acme")
+        assert task.wait(30) is not None and task.result is not None
+        assert task.result.code == 0, task.result
+        trace.forget("t-way")
+    finally:
+        trace.close()
+    argvs = [r["argv"] for r in records if r.get("task") == "t-way"]
+    assert argvs[0] == command and expected in argvs, argvs
+
+
+@root_only
 def test_exec_trace_cuts_argv_at_256_bytes() -> None:
     records: list[dict[str, Any]] = []
     trace = ExecTrace.for_instance(sink=records.append)

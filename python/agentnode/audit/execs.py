@@ -100,7 +100,14 @@ class ExecTrace:
             owner = self._tasks.get(raw[0])
             if owner is not None:
                 self._sink(exec_record(raw, task=owner[0], tenant=owner[1]))
-            elif self._unclaimed_count < _MAX_UNCLAIMED:
+            else:
+                if self._unclaimed_count >= _MAX_UNCLAIMED:
+                    # The oldest cgroup's: a task spawned by code that never named it, or
+                    # a spare's; a task being started now is the newest.
+                    _, dropped = next(iter(self._unclaimed.items()))
+                    del self._unclaimed[dropped[0][0]]
+                    self._unclaimed_count -= len(dropped)
+                    log.debug("dropping %d execs of unnamed cgroup %d", len(dropped), dropped[0][0])
                 self._unclaimed.setdefault(raw[0], []).append(raw)
                 self._unclaimed_count += 1
         lost = self._handle.lost()
