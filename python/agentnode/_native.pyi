@@ -10,11 +10,13 @@ from typing_extensions import Buffer
 __all__ = [
     "CgroupManager",
     "EgressHandle",
+    "ExecTracerHandle",
     "NativeTask",
     "Scheduler",
     "VectorCollection",
     "__version__",
     "cgroup_hierarchy",
+    "cgroup_id",
     "doctor",
     "noop",
     "spawn",
@@ -296,7 +298,8 @@ class EgressHandle:
 class ExecTracerHandle:
     """Exec tracing for one node instance's cgroup2 subtree (`ebpf/exec.bpf.c`)."""
 
-    def __new__(cls, root: str | Path, instance: str | Path) -> ExecTracerHandle: ...
+    def __new__(cls, instance: str | Path, level: int) -> ExecTracerHandle:
+        """Traces execs under `instance`, `level` levels below the cgroup2 root (level 0)."""
     def events(self) -> list[tuple[int, int, int, int, int, bytes, bytes, bool]]:
         """Execs queued since the last call: `(cgroup_id, time_ns, pid, ppid, uid, filename,
         argv, argv_truncated)`; argv is NUL-separated and at most 256 bytes."""

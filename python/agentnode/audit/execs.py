@@ -18,7 +18,7 @@ from typing import Any
 from agentnode import _native
 from agentnode.errors import AuditError
 
-__all__ = ["ExecTrace", "exec_record"]
+__all__ = ["ExecTrace", "cgroup2_level", "exec_record"]
 
 log = logging.getLogger("agentnode.audit")
 
@@ -49,13 +49,11 @@ def exec_record(
 
 
 class ExecTrace:
-    """The tracer attached to the node instance's cgroup2 directory `instance` (below the cgroup2
-    mount `root`); each named task's execs go to `sink`. Use `start()` on the event loop."""
+    """The tracer attached to the node instance's cgroup2 directory `instance`; each named
+    task's execs go to `sink`. Use `start()` on the event loop."""
 
-    def __init__(
-        self, root: Path, instance: Path, *, sink: Callable[[dict[str, Any]], object]
-    ) -> None:
-        self._handle = _native.ExecTracerHandle(root, instance)
+    def __init__(self, instance: Path, *, sink: Callable[[dict[str, Any]], object]) -> None:
+        self._handle = _native.ExecTracerHandle(instance, cgroup2_level(instance))
         self._sink = sink
         self._tasks: dict[int, tuple[str, str]] = {}
         self._cgroups: dict[str, int] = {}
@@ -69,8 +67,7 @@ class ExecTrace:
         """The tracer for this process's node instance (`agentnode.isolation`'s cgroups)."""
         from agentnode.isolation.task import _cgroups
 
-        instance = _cgroups().dirs()[0]
-        return cls(_cgroup2_mount(instance), instance, sink=sink)
+        return cls(_cgroups().dirs()[0], sink=sink)
 
     def start(self) -> None:
         """Reads events as they come, on the running loop."""
@@ -124,17 +121,22 @@ class ExecTrace:
         self._handle.close()
 
 
-def _cgroup2_mount(path: Path) -> Path:
-    """The mount point of the cgroup2 file system that holds `path`."""
-    best: Path | None = None
+def cgroup2_level(path: Path) -> int:
+    """How many levels below the cgroup2 hierarchy's root `path` is (the root is 0), counted
+    from the real root: in a cgroup namespace the mount shows a subtree, named in mountinfo."""
+    best: tuple[Path, Path] | None = None
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
             if post.split(" ", 1)[0] != "cgroup2":
                 continue
-            point = Path(pre.split(" ")[4])
-            if path.is_relative_to(point) and (best is None or len(point.parts) > len(best.parts)):
-                best = point
+            fields = pre.split(" ")
+            root, point = Path(fields[3]), Path(fields[4])
+            if path.is_relative_to(point) and (
+                best is None or len(point.parts) > len(best[1].parts)
+            ):
+                best = (root, point)
     if best is None:
         raise AuditError(f"{path} is not on a cgroup2 mount (exec tracing needs cgroup2)")
-    return best
+    root, point = best
+    return len(root.parts) - 1 + len(path.relative_to(point).parts)

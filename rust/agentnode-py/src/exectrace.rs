@@ -52,9 +52,9 @@ impl ExecTracerHandle {
 #[pymethods]
 impl ExecTracerHandle {
     #[new]
-    fn new(py: Python<'_>, root: PathBuf, instance: PathBuf) -> PyResult<Self> {
+    fn new(py: Python<'_>, instance: PathBuf, level: u32) -> PyResult<Self> {
         let t = py
-            .detach(|| ExecTracer::attach(&root, &instance))
+            .detach(|| ExecTracer::attach(&instance, level))
             .map_err(NativeError::from)?;
         Ok(Self {
             inner: Mutex::new(Some(t)),

@@ -34,8 +34,6 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not inside the cgroup2 mount {root}")]
-    Outside { path: PathBuf, root: PathBuf },
     #[error("cannot read the kernel's BTF (exec tracing needs /sys/kernel/btf/vmlinux): {0}")]
     Btf(#[from] aya::BtfError),
     #[error("cannot load the exec tracing BPF object: {0} (run `agentnode doctor` as root)")]
@@ -115,18 +113,10 @@ impl std::fmt::Debug for ExecTracer {
 }
 
 impl ExecTracer {
-    /// Traces every exec under `instance` (a cgroup2 directory below the mount at `root`).
-    pub fn attach(root: &Path, instance: &Path) -> Result<Self> {
+    /// Traces every exec under `instance`, a cgroup2 directory `level` levels below the
+    /// hierarchy's root (the root is level 0; count from the real root, not a namespace's).
+    pub fn attach(instance: &Path, level: u32) -> Result<Self> {
         let id = cgroup_id(instance)?;
-        let level = instance
-            .strip_prefix(root)
-            .map_err(|_| Error::Outside {
-                path: instance.to_owned(),
-                root: root.to_owned(),
-            })?
-            .components()
-            .count();
-        let level = u32::try_from(level).expect("cgroup depth fits u32");
         let mut ebpf = EbpfLoader::new()
             .override_global("instance_cgroup", &id, true)
             .override_global("instance_level", &level, true)
@@ -138,7 +128,8 @@ impl ExecTracer {
             .try_into()?;
         program.load("sched_process_exec", &btf)?;
         program.attach()?;
-        let events = RingBuf::try_from(ebpf.take_map("events").expect("exec.bpf.c defines events"))?;
+        let events =
+            RingBuf::try_from(ebpf.take_map("events").expect("exec.bpf.c defines events"))?;
         let lost = PerCpuArray::try_from(ebpf.take_map("lost").expect("exec.bpf.c defines lost"))?;
         Ok(Self {
             _ebpf: ebpf,
