@@ -27,7 +27,7 @@ from agentnode.audit.log import AuditLog
 from agentnode.audit.timeline import entries as timeline_entries
 from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
-from agentnode.errors import AgentnodeError, TaskError
+from agentnode.errors import AgentnodeError, AuditError, TaskError
 from agentnode.inference.store import LedgerRow
 from agentnode.isolation import ExitReason, Limits, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
@@ -174,7 +174,12 @@ class Node:
 
     def audit_llm_call(self, row: LedgerRow) -> None:
         """Writes one inference ledger row to the audit log (the proxy's `on_row`)."""
-        self.audit.append({"kind": "llm_call"} | {f: getattr(row, f) for f in row.__slots__})
+        record = {"kind": "llm_call"} | {f: getattr(row, f) for f in row.__slots__}
+        try:
+            self.audit.append(record)
+        except AuditError as e:
+            # A request that ends while the node stops: the proxy's ledger still has the row.
+            log.error("LLM call not in the audit log (%s): %s", e, record)
 
     # -- events ----------------------------------------------------------------------------------
 
