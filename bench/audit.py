@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from _harness import Bench
 from agentnode.audit import AuditLog
 from agentnode.audit.execs import ExecTrace
@@ -86,7 +88,7 @@ def grouped(root: Path, n: int, writers: int = 256) -> tuple[float, float]:
         await asyncio.gather(*(writer(k) for k in range(writers)))
         return n / (time.perf_counter() - t)
 
-    ours = asyncio.run(main())
+    ours = uvloop.run(main())  # the node's loop
     log.close()
 
     db = sqlite3.connect(root / "grouped.db")

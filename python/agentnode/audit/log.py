@@ -286,8 +286,11 @@ class AuditLog:
                 self._durable = max(self._durable, seq)
             else:
                 self._failed = error
-            ready = [w for w in self._waiters if w[0] <= self._durable or error is not None]
-            self._waiters = [w for w in self._waiters if w not in ready]
+            ready: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+            waiting: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+            for w in self._waiters:
+                (ready if error is not None or w[0] <= self._durable else waiting).append(w)
+            self._waiters = waiting
             self._wake.notify_all()
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for _, loop, fut in ready:
