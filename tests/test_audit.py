@@ -193,6 +193,24 @@ def test_commit_returns_after_fsync_shared_by_waiters(tmp_path: Path) -> None:
     log.close()
 
 
+def test_commits_return_across_rotations(tmp_path: Path) -> None:
+    """Records a rotation writes along with its own are reported durable at once (nothing else
+    has to come along to release their waiters)."""
+    log = AuditLog(tmp_path / "audit", max_bytes=2048)
+
+    async def writer(k: int) -> None:
+        for i in range(40):
+            await log.commit({"kind": "x", "task": f"t{k}", "n": i})
+
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(*(writer(k) for k in range(16))), 30)
+
+    asyncio.run(main())
+    log.close()
+    ok = verify(tmp_path / "audit")
+    assert ok.files > 2 and ok.records == 640 + 2 * (ok.files - 1)
+
+
 @root_only
 def test_exec_trace_records_every_exec_with_argv(tmp_path: Path) -> None:
     records: list[dict[str, Any]] = []

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,7 @@ def _index_batch(batch: list[tuple[int, str, str | None]], *, strip: int) -> Wri
 class AuditLog:
     """The hash-chained log in `directory` (made if missing) and its per-task index.
 
-    `max_bytes` is the live file's size at which it is rotated. `on_record` is called on the
-    writer thread with each record once it is durable (the OpenTelemetry exporter uses it).
+    `max_bytes` is the live file's size at which it is rotated.
     """
 
     def __init__(
@@ -96,11 +95,9 @@ class AuditLog:
         directory: Path,
         *,
         max_bytes: int = 64 << 20,
-        on_record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.on_record = on_record
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -241,12 +238,6 @@ class AuditLog:
                 self._done(batch[-1][0], e)
                 return
             self._done(batch[-1][0], None)
-            if self.on_record is not None:
-                for _, line, _ in batch:
-                    try:
-                        self.on_record(json.loads(line))
-                    except Exception:  # an exporter's failure must not stop the log
-                        log.exception("audit record observer failed")
 
     def _write(self, batch: list[tuple[int, str, str | None]]) -> None:
         self._append_lines(batch)
@@ -279,6 +270,8 @@ class AuditLog:
         self._size = 0
         self._append_lines([(opening_seq, opening, None)])
         _fsync_dir(self.directory)
+        # What the rotation took from the queue is durable too; its waiters may go on.
+        self._done(opening_seq, None)
 
     def _done(self, seq: int, error: BaseException | None) -> None:
         with self._lock:
