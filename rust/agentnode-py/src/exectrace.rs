@@ -104,6 +104,7 @@ impl ExecTracerHandle {
 
 /// The cgroup2 id of a cgroup2 directory (what BPF's cgroup helpers return).
 #[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // pyo3 extracts arguments as owned values
 fn cgroup_id(dir: PathBuf) -> PyResult<u64> {
     Ok(exectrace::cgroup_id(&dir).map_err(NativeError::from)?)
 }

@@ -115,6 +115,10 @@ impl std::fmt::Debug for ExecTracer {
 impl ExecTracer {
     /// Traces every exec under `instance`, a cgroup2 directory `level` levels below the
     /// hierarchy's root (the root is level 0; count from the real root, not a namespace's).
+    ///
+    /// # Panics
+    ///
+    /// If the embedded object lacks its program or maps: a build error, not a runtime one.
     pub fn attach(instance: &Path, level: u32) -> Result<Self> {
         let id = cgroup_id(instance)?;
         let mut ebpf = EbpfLoader::new()
