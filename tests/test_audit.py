@@ -322,7 +322,20 @@ except OSError as e:
     denied = e.errno
 time.sleep(0.3)
 second = chat("hello again, a longer question this time")
-print(json.dumps({"usage": [first, second], "denied": denied}))
+
+# Its own timeline, through the task socket with its own token; another tenant's task is refused.
+from agentnode.sdk.transport import connect
+conn, _ = connect(os.environ["AGENTNODE_URL"], timeout=10)
+def timeline(task):
+    conn.request("GET", f"/v1/tasks/{task}/timeline",
+                 headers={"Authorization": "Bearer " + os.environ["AGENTNODE_TOKEN"]})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+own = timeline(os.environ["AGENTNODE_TASK_ID"])
+other = timeline(os.environ["OTHER_TASK"])
+print(json.dumps({"usage": [first, second], "denied": denied, "own": own[0],
+                  "own_kinds": sorted({e["kind"] for e in own[1]}), "other": other[0],
+                  "other_body": other[1]}))
 """
 
 
@@ -356,10 +369,12 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
                 "price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 20 }\n"
             )
             with daemon(tmp_path, config, netns) as d:
+                other = d.submit(["true"], tenant="globex")
                 task = d.submit(
                     [sys.executable, "-c", AGENT % OTHER4],
                     tenant="acme", network="egress", memory="256M", user="0",
-                    ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")},
+                    ro=[str(REPO)],
+                    env={"PYTHONPATH": str(REPO / "python"), "OTHER_TASK": other["id"]},
                 )  # fmt: skip
                 done = d.wait(task["id"], timeout=60)
                 out = d.log(task["id"])
@@ -379,6 +394,8 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
             for p in (mock, receiver):
                 p.kill()
                 p.communicate()
+    assert result["own"] == 200 and {"state", "exec", "llm_call"} <= set(result["own_kinds"])
+    assert result["other"] == 403 and "not " + other["id"] in result["other_body"]["error"]
     assert [json.loads(x) for x in cli.stdout.splitlines()] == timeline
     assert [json.loads(x) for x in follow.stdout.splitlines()] == timeline
     assert human.returncode == 0 and "llm_call" in human.stdout and "$" in human.stdout
@@ -420,9 +437,10 @@ def _check_spans(
 ) -> None:  # fmt: skip
     """The OTLP export: one `invoke_agent` span for the task with `chat {model}` children that
     carry the GenAI attribute names, and the execs and the denial as its events."""
-    (root,) = (s for s in spans if s["name"] == "invoke_agent")
+    agents = [s for s in spans if s["name"] == "invoke_agent"]
+    (root,) = (s for s in agents if s["attributes"]["gen_ai.agent.id"] == task_id)
+    assert len(agents) == 2 and len({s["traceId"] for s in agents}) == 2, "a trace per task"
     assert root["attributes"]["gen_ai.operation.name"] == "invoke_agent"
-    assert root["attributes"]["gen_ai.agent.id"] == task_id
     assert root["attributes"]["agentnode.task.id"] == task_id
     chats = [s for s in spans if s["name"] == "chat gpt-test"]
     assert len(chats) == len(calls) == 2
