@@ -274,6 +274,29 @@ def test_exec_trace_sees_every_way_to_exec(command: list[str], expected: list[st
 
 
 @root_only
+def test_exec_trace_keeps_order_when_events_came_before_the_task_was_named() -> None:
+    """The node's loop reads events while a spawn is in flight: those wait, unnamed, and come
+    out before the ones read after the task is named."""
+    records: list[dict[str, Any]] = []
+    trace = ExecTrace.for_instance(sink=records.append)
+    try:
+        task = spawn(["sh", "-c", "/bin/true 1; sleep 0.3; /bin/true 2; /bin/true 3"])
+        assert task.cgroup_dir is not None
+        time.sleep(0.15)
+        trace.poll()  # reads sh and `true 1`, not yet anyone's
+        assert records == []
+        time.sleep(0.4)  # `true 2` and `true 3` wait in the ring buffer
+        trace.watch(task.cgroup_dir, task="t-order", tenant="acme")
+        task.wait(30)
+        trace.forget("t-order")
+    finally:
+        trace.close()
+    argvs = [r["argv"][1:] for r in records if r.get("task") == "t-order"]
+    assert argvs == [["-c", "/bin/true 1; sleep 0.3; /bin/true 2; /bin/true 3"], ["1"],
+                     ["0.3"], ["2"], ["3"]]  # fmt: skip
+
+
+@root_only
 def test_exec_trace_cuts_argv_at_256_bytes() -> None:
     records: list[dict[str, Any]] = []
     trace = ExecTrace.for_instance(sink=records.append)

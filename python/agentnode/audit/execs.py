@@ -77,12 +77,13 @@ class ExecTrace:
     def watch(self, cgroup_dir: Path, *, task: str, tenant: str) -> None:
         """Attributes the execs in `cgroup_dir` to `task` (those already seen, then the rest)."""
         cgroup = _native.cgroup_id(cgroup_dir)
-        self._tasks[cgroup] = (task, tenant)
-        self._cgroups[task] = cgroup
-        self.poll()
+        # Those read already come first: everything still in the ring buffer is newer.
         for raw in self._unclaimed.pop(cgroup, []):
             self._unclaimed_count -= 1
             self._sink(exec_record(raw, task=task, tenant=tenant))
+        self._tasks[cgroup] = (task, tenant)
+        self._cgroups[task] = cgroup
+        self.poll()
 
     def forget(self, task: str) -> None:
         """Stops attributing `task`'s cgroup (the task ended; its id may be reused)."""
