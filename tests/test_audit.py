@@ -140,6 +140,18 @@ def test_bad_records_are_refused_with_one_line(tmp_path: Path) -> None:
     for field in ("seq", "prev", "hash"):
         with pytest.raises(AuditError, match=f"field '{field}' is set by the log"):
             log.append({"kind": "x", field: 1})
+    cyclic: dict[str, Any] = {"kind": "tool_call"}
+    cyclic["args"] = cyclic
+    with pytest.raises(AuditError, match="audit record of kind 'tool_call' is not JSON"):
+        log.append(cyclic)
+    for bad in ({"n": float("nan")}, {"k": {(1,): 2}}):
+        with pytest.raises(AuditError, match="is not JSON"):
+            log.append({"kind": "x"} | bad)
+    # Values JSON has no type for are kept as text, not dropped.
+    log.append({"kind": "x", "task": "t-text", "when": Path("/a"), "raw": b"\x00"})
+    log.flush()
+    (kept,) = log.task_records("t-text")
+    assert kept["when"] == "/a" and kept["raw"] == "b'\\x00'"
     log.close()
     with pytest.raises(AuditError, match="closed"):
         log.append({"kind": "x"})
