@@ -51,6 +51,22 @@ def _verify_cli(path: Path) -> subprocess.CompletedProcess[str]:
     return run_cli(["audit", "verify", str(path)])
 
 
+@pytest.mark.parametrize(
+    "args", [["audit", "verify", "/nonexistent"], ["timeline", "--socket", "/nonexistent", "x"]]
+)
+def test_audit_commands_stay_light(args: list[str]) -> None:
+    """`audit verify` and `timeline` load neither RocksDB, aiohttp nor asyncio."""
+    code = (
+        "import sys\nfrom agentnode.cli import main\n"
+        f"code = main({args!r})\n"
+        "print(sorted({m.partition('.')[0] for m in sys.modules} & "
+        "{'rocksdict', 'aiohttp', 'asyncio', 'opentelemetry', 'uvloop'}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().splitlines()[-1] == "[]", (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("agentnode: error:"), r.stderr
+
+
 def test_untouched_log_verifies(tmp_path: Path) -> None:
     d = _filled(tmp_path / "audit")
     ok = verify(d)

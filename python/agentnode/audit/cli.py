@@ -17,7 +17,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Adds `audit` and `timeline` to the CLI."""
     p = sub.add_parser(
         "audit",
-        help="check the node's audit log",
         description="Work with the node's hash-chained audit log.",
     )
     asub = p.add_subparsers(title="subcommands", metavar="SUBCOMMAND", required=True)
@@ -38,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
     t = sub.add_parser(
         "timeline",
-        help="a task's ordered record: states, execs, LLM and tool calls, denials",
         description="Print one task's timeline from the audit log's index.",
     )
     t.add_argument("id")
@@ -54,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from agentnode.audit.verify import verify
+    from agentnode.audit.chain import verify
 
     ok = verify(args.path)
     print(
@@ -65,7 +63,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _timeline(args: argparse.Namespace) -> int:
-    from agentnode.audit.timeline import summary
+    from agentnode.audit.text import summary
     from agentnode.node.client import NodeClient
 
     def show(entry: dict[str, Any]) -> None:

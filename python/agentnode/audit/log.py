@@ -34,16 +34,13 @@ from typing import Any
 
 from rocksdict import Options, Rdict, WriteBatch
 
+from agentnode.audit.layout import GENESIS, LIVE, segments
 from agentnode.errors import AuditError
 
-__all__ = ["GENESIS", "LIVE", "AuditLog", "segments"]
+__all__ = ["AuditLog"]
 
 log = logging.getLogger("agentnode.audit")
 
-#: The `prev` of record 1.
-GENESIS = "0" * 64
-#: The live file's name in the log directory; rotated files are `audit-<first seq>.log`.
-LIVE = "audit.log"
 #: Keys the log sets itself.
 _RESERVED = frozenset(("seq", "prev", "hash"))
 #: The index's key of its own progress: the last seq indexed.
@@ -67,13 +64,6 @@ def _make_encoder() -> Callable[[object], str]:
 
 
 _encode = _make_encoder()
-
-
-def segments(directory: Path) -> list[Path]:
-    """The log's files in chain order: rotated ones by first seq, then the live one."""
-    rotated = sorted(directory.glob("audit-*.log"))
-    live = directory / LIVE
-    return rotated + ([live] if live.exists() else [])
 
 
 def _indexable(task: object) -> bool:

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentnode.audit.log import GENESIS, segments
+from agentnode.audit.layout import GENESIS, segments
 from agentnode.errors import AuditError
 
 __all__ = ["Verified", "verify"]
