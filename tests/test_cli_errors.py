@@ -110,6 +110,14 @@ USAGE: list[list[str]] = [
     ["proxy", "--listen", "127.0.0.1:99999"],
     ["proxy", "--bogus"],
     ["run", "--bogus"],
+    # audit and timeline
+    ["audit"],
+    ["audit", "bogus"],
+    ["audit", "verify", "a", "b"],
+    ["timeline", *NOSOCK],
+    ["timeline", *NOSOCK, "a", "b"],
+    ["timeline", *NOSOCK, "../x"],
+    ["timeline", *NOSOCK, "--follow", "zz"],
 ]
 
 RUNTIME: list[list[str]] = [
@@ -128,6 +136,9 @@ RUNTIME: list[list[str]] = [
     ["proxy", "--state-dir", "/etc/passwd", "--listen", "127.0.0.1:1"],
     ["run", "--config", "/nonexistent", "--data-dir", "/nonexistent/d", "--socket", "/x/s"],
     ["exec", "--", "/nonexistent/program"],
+    ["audit", "verify", "/nonexistent/audit"],
+    ["audit", "verify", "/etc/hostname"],
+    ["timeline", *NOSOCK, "abc"],
 ]
 
 

@@ -53,7 +53,9 @@ def verify(path: Path) -> Verified:
             if expected_seq is None:
                 expected_seq, first = seq, seq
                 if seq == 1 and line_prev != GENESIS:
-                    raise AuditError(f"{file}:{n}: record 1 does not start the chain")
+                    raise AuditError(
+                        f"{file}:{n}: record 1 does not start the chain (its prev hash is not all zeros)"
+                    )
             if seq != expected_seq:
                 raise AuditError(_misplaced(file, n, lines, seq, expected_seq))
             if prev is not None and line_prev != prev:
@@ -64,7 +66,7 @@ def verify(path: Path) -> Verified:
             prev, expected_seq = digest, seq + 1
             count += 1
     if prev is None or expected_seq is None:
-        raise AuditError(f"{path} holds no audit records")
+        raise AuditError(f"{path} holds no audit records (an empty log: nothing to verify)")
     return Verified(count, len(files), first, expected_seq - 1, prev)
 
 

@@ -63,19 +63,23 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _timeline(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
     from agentnode.audit.text import summary
     from agentnode.node.client import NodeClient
+    from agentnode.node.commands import resolve_id
 
     def show(entry: dict[str, Any]) -> None:
         print(json.dumps(entry) if args.json else summary(entry), flush=True)
 
     client = NodeClient(args.socket, timeout=None if args.follow else 30.0)
+    url = f"/v1/tasks/{quote(resolve_id(client, args.id), safe='')}/timeline"
     if not args.follow:
-        for entry in client.call("GET", f"/v1/tasks/{args.id}/timeline"):
+        for entry in client.call("GET", url):
             show(entry)
         return 0
     rest = b""
-    for chunk in client.stream(f"/v1/tasks/{args.id}/timeline?follow=1"):
+    for chunk in client.stream(url + "?follow=1"):
         *lines, rest = (rest + chunk).split(b"\n")
         for line in lines:
             show(json.loads(line))

@@ -169,7 +169,7 @@ class AuditLog:
         bodies = [(_body(r, now), r.get("task")) for r in records]
         with self._lock:
             if self._closing:
-                raise AuditError("the audit log is closed")
+                raise AuditError("the audit log is closed (the node is stopping)")
             wake = not self._pending
             for body, task in bodies:
                 line = self._link(body)
@@ -341,7 +341,9 @@ def _body(record: Mapping[str, Any], now: float) -> str:
         raise AuditError("an audit record needs a 'kind' (e.g. 'tool_call')")
     clash = _RESERVED.intersection(record)
     if clash:
-        raise AuditError(f"audit record field {sorted(clash)[0]!r} is set by the log")
+        raise AuditError(
+            f"audit record field {sorted(clash)[0]!r} is set by the log (leave it out)"
+        )
     fields = dict(record)
     fields.setdefault("time", now)
     try:
