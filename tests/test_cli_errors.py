@@ -117,6 +117,14 @@ USAGE: list[list[str]] = [
     ["tool", "call", "run_code", *NOSOCK, "--json", "[1]"],
     ["tool", "call", "run_code", *NOSOCK, "--json", "{nope"],
     ["tool", "ls", *NOSOCK, "extra"],
+    # audit and timeline
+    ["audit"],
+    ["audit", "bogus"],
+    ["audit", "verify", "a", "b"],
+    ["timeline", *NOSOCK],
+    ["timeline", *NOSOCK, "a", "b"],
+    ["timeline", *NOSOCK, "../x"],
+    ["timeline", *NOSOCK, "--follow", "zz"],
 ]
 
 RUNTIME: list[list[str]] = [
@@ -137,6 +145,9 @@ RUNTIME: list[list[str]] = [
     ["exec", "--", "/nonexistent/program"],
     ["tool", "ls", *NOSOCK],
     ["tool", "call", "run_code", *NOSOCK, "--json", '{"code": "print(1)"}'],
+    ["audit", "verify", "/nonexistent/audit"],
+    ["audit", "verify", "/etc/hostname"],
+    ["timeline", *NOSOCK, "abc"],
 ]
 
 

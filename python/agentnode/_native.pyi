@@ -10,11 +10,13 @@ from typing_extensions import Buffer
 __all__ = [
     "CgroupManager",
     "EgressHandle",
+    "ExecTracerHandle",
     "NativeTask",
     "Scheduler",
     "VectorCollection",
     "__version__",
     "cgroup_hierarchy",
+    "cgroup_id",
     "doctor",
     "noop",
     "spawn",
@@ -291,3 +293,22 @@ class EgressHandle:
     @property
     def closed(self) -> bool:
         """Whether `close()` has run."""
+
+@final
+class ExecTracerHandle:
+    """Exec tracing for one node instance's cgroup2 subtree (`ebpf/exec.bpf.c`)."""
+
+    def __new__(cls, instance: str | Path, level: int) -> ExecTracerHandle:
+        """Traces execs under `instance`, `level` levels below the cgroup2 root (level 0)."""
+    def events(self) -> list[tuple[int, int, int, int, int, bytes, bytes, bool]]:
+        """Execs queued since the last call: `(cgroup_id, time_ns, pid, ppid, uid, filename,
+        argv, argv_truncated)`; argv is NUL-separated and at most 256 bytes."""
+    def lost(self) -> int:
+        """Execs lost to a full ring buffer since attach."""
+    def events_fd(self) -> int:
+        """A file descriptor that polls readable when events are queued."""
+    def close(self) -> None:
+        """Detaches the program and frees the maps; idempotent."""
+
+def cgroup_id(dir: str | Path) -> int:
+    """The cgroup2 id of a cgroup2 directory (what BPF's cgroup helpers return)."""

@@ -42,6 +42,10 @@ COMMANDS: dict[str, dict[str, str]] = {
     "agentnode.storage.cli": {"memory": "agent memory: episodic records, objects and vectors"},
     "agentnode.inference.command": {"proxy": "run the OpenAI/Anthropic-compatible inference proxy"},
     "agentnode.tools.cli": {"tool": "list and call the node's tools (built-ins and MCP servers)"},
+    "agentnode.audit.cli": {
+        "audit": "check the node's hash-chained audit log",
+        "timeline": "a task's ordered record: states, execs, LLM and tool calls, denials",
+    },
 }
 
 

@@ -5,6 +5,7 @@ Every message says what went wrong and what to do about it, so the CLI can print
 
 __all__ = [
     "AgentnodeError",
+    "AuditError",
     "AuthError",
     "CgroupError",
     "CollectionExistsError",
@@ -128,3 +129,7 @@ class CollectionExistsError(VectorError):
     """A vector collection of that name already exists (over HTTP: with another configuration)."""
 
     status = 409
+
+
+class AuditError(AgentnodeError):
+    """The audit log cannot be written, or a record or the chain is invalid."""

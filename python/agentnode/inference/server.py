@@ -914,17 +914,20 @@ def create_app(
     *,
     attribution: Attribution = key_attribution,
     require_credential: bool = False,
+    on_row: Callable[[LedgerRow], object] | None = None,
 ) -> web.Application:
     """The aiohttp application; the store and the shared ClientSession live in cleanup_ctx.
 
     `require_credential` (the node's proxy, which tasks reach under every egress policy): every
     route needs a key `attribution` knows, and a task's token cannot read the proxy's metrics
-    (they hold every tenant's spend)."""
+    (they hold every tenant's spend). `on_row` sees every ledger row as it is recorded (the
+    node's audit log)."""
     app = web.Application(client_max_size=_MAX_BODY)
     app[_REQUIRE] = require_credential
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = await Store.open(config.state_dir)
+        store.on_record = on_row
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # No cookie jar: one session serves every tenant, and no upstream cookie may cross over.
         session = aiohttp.ClientSession(

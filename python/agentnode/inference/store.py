@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -87,6 +88,8 @@ class Store:
         #: (key, serialised row) pairs waiting for the next group commit.
         self._pending: list[tuple[bytes, bytes]] = []
         self._timer: asyncio.TimerHandle | None = None
+        #: Called with each row as it is recorded (the node's audit log).
+        self.on_record: Callable[[LedgerRow], object] | None = None
 
     @classmethod
     async def open(cls, state_dir: Path) -> Store:
@@ -117,6 +120,8 @@ class Store:
     def record(self, row: LedgerRow) -> None:
         """Counts the row against the budgets now; it is written within FLUSH_INTERVAL."""
         self._account(row)
+        if self.on_record is not None:
+            self.on_record(row)
         self._seq += 1
         key = f"{time.time_ns():020d}-{self._key_prefix}{self._seq:08x}".encode()
         self._pending.append((key, json.dumps({f: getattr(row, f) for f in _FIELDS}).encode()))

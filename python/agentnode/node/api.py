@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from agentnode.audit import timeline
 from agentnode.errors import (
     AgentnodeError,
     DiskFullError,
@@ -390,7 +391,11 @@ async def _put_checkpoint(request: web.Request) -> web.Response:
         blob = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _error(413, f"checkpoint is over the {_MAX_CHECKPOINT}-byte limit")
-    await asyncio.to_thread(request.app[NODE].manager.store.write_checkpoint, task.id, blob)
+    node = request.app[NODE]
+    await asyncio.to_thread(node.manager.store.write_checkpoint, task.id, blob)
+    node.audit.append(
+        {"kind": "checkpoint", "task": task.id, "tenant": task.spec.tenant, "bytes": len(blob)}
+    )
     return web.json_response({"bytes": len(blob)})
 
 
@@ -439,6 +444,12 @@ def _add_task_routes(r: web.UrlDispatcher) -> None:
     r.add_get("/v1/tasks/{id}/logs", _logs)
     r.add_get("/v1/tasks/{id}/checkpoint", _get_checkpoint)
     r.add_put("/v1/tasks/{id}/checkpoint", _put_checkpoint)
+    timeline.add_routes(
+        r,
+        task_of=_task,
+        log_of=lambda request: request.app[NODE].audit,
+        running=lambda request, task_id: task_id in request.app[NODE].running,
+    )
 
 
 def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> web.Application:

@@ -73,6 +73,10 @@ class NodeConfig:
     inference: ProxyConfig | None = None
     #: Layer 5: built-in tool limits, the web_search backend, MCP servers ([tools]).
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    #: Trace every exec inside every task into the audit log ([audit] exec_trace).
+    exec_trace: bool = True
+    #: Where task timelines are exported as OpenTelemetry spans (OTLP/HTTP); None: not exported.
+    otlp_endpoint: str | None = None
     source: Path | None = None
 
 
@@ -99,6 +103,7 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("network", "dns_rate"): ("dns_rate", float),
     ("network", "dns_max_label"): ("dns_max_label", int),
     ("network", "dns_max_name"): ("dns_max_name", int),
+    ("telemetry", "otlp_endpoint"): ("otlp_endpoint", str),
 }
 
 
@@ -183,6 +188,11 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
             if (section, key) == ("scheduler", "class_running"):
                 out["class_running"] = _class_running(r, name, value)
                 continue
+            if (section, key) == ("audit", "exec_trace"):
+                if not isinstance(value, bool):
+                    raise r.error(name, f"must be true or false, got {value!r}")
+                out["exec_trace"] = value
+                continue
             if (section, key) == ("network", "dns_types"):
                 out["dns_types"] = _dns_types(r, name, value)
                 continue
@@ -190,7 +200,8 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
                 known = ", ".join(sorted(f"{s}.{k}" for s, k in _KEYS))
                 raise r.error(
                     name,
-                    f"unknown key (known: {known}, scheduler.class_running, network.dns_types)",
+                    f"unknown key (known: {known}, scheduler.class_running, network.dns_types, "
+                    "audit.exec_trace)",
                 )
             field_name, kind = _KEYS[(section, key)]
             if kind is str:

@@ -133,7 +133,10 @@ async def serve(config: NodeConfig) -> None:
         # Cancelling handlers is how a client's disconnect reaches the upstream request.
         proxy = web.AppRunner(
             create_app(
-                config.inference, attribution=task_attribution(node), require_credential=True
+                config.inference,
+                attribution=task_attribution(node),
+                require_credential=True,
+                on_row=node.audit_llm_call,
             ),
             handle_signals=False,
             handler_cancellation=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -20,13 +19,17 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentnode import compute
+from agentnode.audit.execs import ExecTrace
+from agentnode.audit.log import AuditLog
+from agentnode.audit.timeline import entries as timeline_entries
 from agentnode.egress.dns import DnsLimits
 from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
-from agentnode.errors import AgentnodeError, TaskError
+from agentnode.errors import AgentnodeError, AuditError, TaskError
+from agentnode.inference.store import LedgerRow
 from agentnode.isolation import ExitReason, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
@@ -34,9 +37,12 @@ from agentnode.node.logcap import rotate_if_over
 from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
-from agentnode.tasks.model import State, Task, TaskSpec
+from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
 from agentnode.tools.toolbox import Toolbox
+
+if TYPE_CHECKING:
+    from agentnode.audit.otel import TimelineExporter
 
 __all__ = ["CHECKPOINT", "MCP_SOCKET", "TASK_SOCKET", "Node", "Running"]
 
@@ -131,15 +137,29 @@ class Node:
             gateway = str(self.egress.network.gateway)
             self.egress.services = (*self.egress.services, (gateway, config.tools.mcp_port))
             self.mcp_url = f"http://{gateway}:{config.tools.mcp_port}/mcp"
-        #: Layer 5: the tools tasks call (through the MCP endpoint, the API or the SDK).
-        self.tools = Toolbox(config.tools, data_dir=config.data_dir, node_network=self.egress)
         self.mcp_socket = task_socket.with_name("mcp.sock")
         try:
             self.egress.network.sweep()  # what a node killed with -9 left behind
         except AgentnodeError as e:
             # Tasks without network still run; those with it will fail to start, saying why.
             log.warning("cannot sweep task networks: %s", e)
-        self._audit = (config.data_dir / "audit.log").open("a", buffering=1)
+        #: The hash-chained audit log: transitions, execs, egress denials, LLM calls, tool
+        #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
+        self.audit = AuditLog(config.data_dir / "audit")
+        #: Layer 5: the tools tasks call (through the MCP endpoint, the API or the SDK); each
+        #: call's record goes to the audit log.
+        self.tools = Toolbox(
+            config.tools,
+            data_dir=config.data_dir,
+            node_network=self.egress,
+            on_record=self.audit.append,
+        )
+        self.execs: ExecTrace | None = None
+        self.telemetry: TimelineExporter | None = None
+        if config.otlp_endpoint is not None:
+            from agentnode.audit.otel import TimelineExporter
+
+            self.telemetry = TimelineExporter(config.otlp_endpoint, timeline=self._timeline)
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
@@ -173,10 +193,9 @@ class Node:
         return max(cpu, 0), max(mem, 0)
 
     def _audit_denial(self, task: Task, d: Denial) -> None:
-        # On the forwarder's thread; one JSON line per denied connection or packet.
+        # On the forwarder's thread; one record per denied connection or packet.
         record = {
-            "time": time.time(),
-            "event": "egress_denied",
+            "kind": "egress_denied",
             "task": task.id,
             "tenant": task.spec.tenant,
             "address": str(d.address),
@@ -186,7 +205,20 @@ class Node:
             "pid": d.pid,
             **({"name": d.name} if d.name else {}),
         }
-        self._audit.write(json.dumps(record) + "\n")
+        self.audit.append(record)
+
+    def _timeline(self, task_id: str) -> list[dict[str, Any]]:
+        self.audit.flush()
+        return timeline_entries(self.audit, task_id)
+
+    def audit_llm_call(self, row: LedgerRow) -> None:
+        """Writes one inference ledger row to the audit log (the proxy's `on_row`)."""
+        record = {"kind": "llm_call"} | {f: getattr(row, f) for f in row.__slots__}
+        try:
+            self.audit.append(record)
+        except AuditError as e:
+            # A request that ends while the node stops: the proxy's ledger still has the row.
+            log.error("LLM call not in the audit log (%s): %s", e, record)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -199,6 +231,19 @@ class Node:
             "reason": task.reason,
             "at": time.time(),
         }
+        self.audit.append(
+            {
+                "kind": "state",
+                "time": event["at"],
+                "task": task.id,
+                "tenant": task.spec.tenant,
+                "state": task.state.value,
+                "attempt": task.attempt,
+                "reason": task.reason,
+            }
+        )
+        if self.telemetry is not None and task.state in TERMINAL:
+            self.telemetry.task_ended(task.id)
         for q in self._subscribers:
             q.put_nowait(event)
 
@@ -275,6 +320,14 @@ class Node:
         r.last_beat = time.monotonic()
 
     def start(self) -> None:
+        if self.config.exec_trace:
+            try:
+                self.execs = ExecTrace.for_instance(sink=self.audit.append)
+            except AgentnodeError as e:
+                log.warning("exec tracing is off: %s", e)
+                self.audit.append({"kind": "exec_trace_off", "reason": str(e)})
+            else:
+                self.execs.start()
         self._loop_task = asyncio.get_running_loop().create_task(self._schedule_loop())
 
     def health(self) -> dict[str, str]:
@@ -336,6 +389,8 @@ class Node:
     async def _launch(self, task: Task) -> None:
         self._publish(task)
         proc = await asyncio.get_running_loop().run_in_executor(self._spawner, self._spawn, task)
+        if self.execs is not None and proc.cgroup_dir is not None:
+            self.execs.watch(proc.cgroup_dir, task=task.id, tenant=task.spec.tenant)
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
         self.running[task.id] = r
@@ -427,8 +482,21 @@ class Node:
 
     async def _watch(self, r: Running) -> None:
         result: Result = await r.proc.wait_async()
+        if self.execs is not None:
+            self.execs.forget(r.task.id)
         r.proc.close()
         outcome, reason = _outcome(r, result)
+        if result.reason in (ExitReason.OOM, ExitReason.PIDS):
+            self.audit.append(
+                {
+                    "kind": "oom" if result.reason is ExitReason.OOM else "pids_limit",
+                    "task": r.task.id,
+                    "tenant": r.task.spec.tenant,
+                    "limit": r.task.spec.memory_bytes
+                    if result.reason is ExitReason.OOM
+                    else r.task.spec.sandbox.limits.pids,
+                }
+            )
         del self.running[r.task.id]
         self.tools.end_task(r.task.id)
         try:
@@ -514,10 +582,14 @@ class Node:
         await self.tools.close()
         await asyncio.to_thread(self.spares.close)
         await asyncio.to_thread(self.egress.close)
-        self._audit.close()
+        if self.execs is not None:
+            self.execs.close()
         for q in self._subscribers:
             q.put_nowait(None)
         self.manager.close()
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.close)
+        await asyncio.to_thread(self.audit.close)
 
 
 def _describe(e: BaseException) -> str:

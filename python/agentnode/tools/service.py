@@ -20,7 +20,7 @@ __all__ = ["ToolService", "ToolSource", "jsonl_recorder"]
 
 log = logging.getLogger("agentnode.tools")
 
-Record = Callable[[dict[str, Any]], None]
+Record = Callable[[dict[str, Any]], object]
 
 
 class ToolSource(Protocol):

@@ -3,9 +3,7 @@ service, and how a task (by token or id) becomes a `Caller`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from agentnode.egress.service import EgressService
 from agentnode.isolation.spec import SpecError
@@ -15,7 +13,7 @@ from agentnode.tools.config import ToolsConfig
 from agentnode.tools.files import file_tools
 from agentnode.tools.mcpservers import MCPServers
 from agentnode.tools.registry import Caller, Registry
-from agentnode.tools.service import ToolService, jsonl_recorder
+from agentnode.tools.service import Record, ToolService, jsonl_recorder
 from agentnode.tools.web import WebTools
 
 __all__ = ["Toolbox", "caller_for"]
@@ -49,7 +47,7 @@ class Toolbox:
         *,
         data_dir: Path,
         node_network: EgressService | None = None,
-        on_record: Callable[[dict[str, Any]], None] | None = None,
+        on_record: Record | None = None,
     ) -> None:
         self.config = config
         self.code = CodeRunner(limits=config.run_code, node_network=node_network)

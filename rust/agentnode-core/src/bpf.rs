@@ -11,3 +11,6 @@ pub static PROBE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// (`ebpf/egress.bpf.c`).
 pub static EGRESS_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
+
+/// Exec tracing: the `sched_process_exec` BTF tracepoint and its ring buffer (`ebpf/exec.bpf.c`).
+pub static EXEC_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exec.bpf.o"));

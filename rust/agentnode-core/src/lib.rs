@@ -8,6 +8,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
 pub mod egress;
+pub mod exectrace;
 pub mod later;
 pub mod quiet;
 pub mod sandbox;

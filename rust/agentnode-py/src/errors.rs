@@ -19,6 +19,10 @@ pub enum NativeError {
     Egress(#[from] agentnode_core::egress::Error),
     #[error("the egress handle is closed (attach a new one)")]
     Closed,
+    #[error(transparent)]
+    ExecTrace(#[from] agentnode_core::exectrace::Error),
+    #[error("the exec tracer is closed (attach a new one)")]
+    ExecTracerClosed,
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -36,6 +40,7 @@ impl NativeError {
             Self::Sched(_) => "SchedulerError",
             Self::Egress(agentnode_core::egress::Error::Policy(_)) => "PolicyError",
             Self::Egress(_) | Self::Closed => "EgressError",
+            Self::ExecTrace(_) | Self::ExecTracerClosed => "AuditError",
         }
     }
 }

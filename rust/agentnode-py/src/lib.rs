@@ -4,6 +4,7 @@
 
 mod egress;
 mod errors;
+mod exectrace;
 mod isolation;
 mod sched;
 mod vector;
@@ -42,5 +43,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sched::register(m)?;
     vector::register(m)?;
     egress::register(m)?;
+    exectrace::register(m)?;
     Ok(())
 }

@@ -1,0 +1,73 @@
+"""One task's timeline: its audit records in order, read from the log's per-task index.
+
+`GET /v1/tasks/{id}/timeline` answers a JSON list (`?after=SEQ` for what came after a record
+already seen); `?follow=1` streams the records as JSON lines until the task has ended. Each
+entry is the audit record without its chain fields (`prev`, `hash`), so the kinds the node
+writes (`state`, `exec`, `egress_denied`, `llm_call`, `tool_call`, `checkpoint`, `oom`,
+`pids_limit`) and any a later layer adds come through as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from agentnode.audit.log import AuditLog
+from agentnode.tasks.model import TERMINAL, Task
+
+__all__ = ["add_routes", "entries"]
+
+_CHAIN = ("prev", "hash")
+_FOLLOW_POLL_S = 0.1
+
+
+def entries(log: AuditLog, task: str, *, after: int = 0) -> list[dict[str, Any]]:
+    """`task`'s records after seq `after`, oldest first, without chain fields."""
+    return [
+        {k: v for k, v in r.items() if k not in _CHAIN} for r in log.task_records(task, after=after)
+    ]
+
+
+def add_routes(
+    router: web.UrlDispatcher,
+    *,
+    task_of: Callable[[web.Request], Task],
+    log_of: Callable[[web.Request], AuditLog],
+    running: Callable[[web.Request, str], bool],
+) -> None:
+    """Adds `GET /v1/tasks/{id}/timeline`. `task_of` finds the task and checks the caller may
+    see it; `running` says whether the task may still add records."""
+
+    async def timeline(request: web.Request) -> web.StreamResponse:
+        task = task_of(request)
+        log = log_of(request)
+        raw = request.query.get("after", "0")
+        if not raw.isdigit():
+            return web.json_response(
+                {"error": f"after: must be a record seq (a whole number), got {raw!r}"}, status=400
+            )
+        after = int(raw)
+        await asyncio.to_thread(log.flush)
+        if request.query.get("follow") not in ("1", "true"):
+            return web.json_response(await asyncio.to_thread(entries, log, task.id, after=after))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        while True:
+            ended = task_of(request).state in TERMINAL and not running(request, task.id)
+            if ended:
+                await asyncio.to_thread(log.flush)  # its last records
+            batch = await asyncio.to_thread(entries, log, task.id, after=after)
+            if batch:
+                await resp.write("".join(json.dumps(e) + "\n" for e in batch).encode())
+                after = batch[-1]["seq"]
+            if ended:
+                break
+            await asyncio.sleep(_FOLLOW_POLL_S)
+        await resp.write_eof()
+        return resp
+
+    router.add_get("/v1/tasks/{id}/timeline", timeline)
