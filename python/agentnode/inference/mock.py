@@ -346,7 +346,7 @@ class MockUpstream:
     async def _openai_turn(
         self, request: web.Request, body: dict[str, Any], turn: Turn, usage: dict[str, Any]
     ) -> web.StreamResponse:
-        calls = [
+        calls: list[dict[str, Any]] = [
             {
                 "id": c.id or f"call_{len(self.requests)}_{i}",
                 "type": "function",
