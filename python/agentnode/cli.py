@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "agentnode.isolation.cli": ("exec",),
     "agentnode.storage.serve": ("memory",),
     "agentnode.inference.command": ("proxy",),
+    "agentnode.agents.cli": ("agents",),
 }
 
 

@@ -24,6 +24,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from agentnode.agents.kinds import AgentSpec, agents_cache
+from agentnode.agents.kinds import prepare as prepare_agent
 from agentnode.errors import AgentnodeError, QueueFullError, StorageError, TaskError
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.server import Attribution, key_attribution
@@ -302,6 +304,7 @@ def task_json(node: Node, task: Task) -> dict[str, Any]:
         "egress_rate": spec.egress_rate,
         "conn_rate": spec.conn_rate,
         **{key: getattr(spec, key) for key in _SANDBOX},
+        "agent": spec.agent or None,
     }
     running = node.running.get(task.id)
     if running is not None and running.proc.result is None:
@@ -331,7 +334,18 @@ async def _submit(request: web.Request) -> web.Response:
     except ValueError:
         raise BadField("body", "is not valid JSON") from None
     node = request.app[NODE]
+    agent = body.pop("agent", None) if isinstance(body, dict) else None
     spec = spec_from_json(body)
+    if agent is not None:
+        try:
+            spec = prepare_agent(
+                spec,
+                AgentSpec.parse(agent),
+                network_given=bool(body.get("network")),
+                cache=agents_cache(node.config.data_dir),
+            )
+        except TaskError as e:
+            raise BadField("agent", str(e)) from None
     inv = node.inventory
     if spec.cpu_millis > inv.allocatable_cpu_millis:
         raise BadField(

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agentnode.agents.kinds import KINDS
 from agentnode.egress import cli as egress_cli
 from agentnode.errors import UsageError
 from agentnode.isolation.units import format_size, parse_env
@@ -74,6 +75,10 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     )
     p.add_argument("--hostname", help="the task's hostname (default agentnode)")
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
+    p.add_argument(
+        "--agent", choices=KINDS, help="prepare the task for this agent kind (docs/agents.md)"
+    )
+    p.add_argument("--model", help="the model an --agent uses (openclaw: required)")
     egress_cli.add_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
@@ -153,7 +158,13 @@ def _submit(args: argparse.Namespace) -> int:
         body["userns"] = True
     if args.cap_add:
         body["caps"] = args.cap_add
-    body["network"], _ = egress_cli.network_from_args(args)
+    if args.agent is not None:
+        body["agent"] = {"kind": args.agent, **({"model": args.model} if args.model else {})}
+    elif args.model is not None:
+        raise UsageError("--model needs --agent KIND (it is the model that agent uses)")
+    network, _ = egress_cli.network_from_args(args)
+    if args.agent is None or getattr(args, "net", None):
+        body["network"] = network  # an agent's default is its own (egress)
     body.update(_egress_fields(args))
     task = _client(args).call("POST", "/v1/tasks", body)
     print(task["id"], flush=True)

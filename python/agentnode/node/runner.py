@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agentnode import compute
+from agentnode.agents.kinds import llm_environment
 from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, TaskError
@@ -287,10 +288,8 @@ class Node:
         )
         if self.inference_url is not None and mode != "none":
             # The official SDKs read these: agent code reaches the proxy, billed to this task.
-            env.setdefault("OPENAI_BASE_URL", self.inference_url + "/v1")
-            env.setdefault("ANTHROPIC_BASE_URL", self.inference_url)
-            env.setdefault("OPENAI_API_KEY", env["AGENTNODE_TOKEN"])
-            env.setdefault("ANTHROPIC_API_KEY", env["AGENTNODE_TOKEN"])
+            for key, value in llm_environment(self.inference_url, env["AGENTNODE_TOKEN"]).items():
+                env.setdefault(key, value)
         checkpoint = self.manager.store.checkpoint_path(task.id)
         mounts = []
         if checkpoint.exists():

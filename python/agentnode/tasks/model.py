@@ -91,6 +91,8 @@ class TaskSpec:
     rootfs: str = "/"
     cwd: str = "/workspace"
     hostname: str = "agentnode"
+    #: The agent kind it was prepared for (`agentnode.agents`), empty for a plain command.
+    agent: str = ""
 
     def __post_init__(self) -> None:
         if not _TENANT.fullmatch(self.tenant):
