@@ -61,15 +61,17 @@ def agent_node(
 ) -> Iterator[tuple[Daemon, ScriptedMock]]:
     """A daemon in the world's task netns whose proxy serves model `gpt-test` from the mock."""
     mock = ScriptedMock(world, script)
+    port = random.randint(20000, 30000)
     try:
         config = (
             f'[network]\nsubnet = "{subnet()}"\ndns_upstream = "{HOST4}:53"\n'
             "[retry]\nbase = 0.1\n"
-            f'[inference]\nlisten = "127.0.0.1:{random.randint(20000, 30000)}"\n'
+            f'[inference]\nlisten = "127.0.0.1:{port}"\n'
             f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
             f'models = ["gpt-test"]\n{PRICE}\n{extra}'
         )
         with daemon(root, config, ("nsenter", f"--net=/run/netns/{world.task}")) as d:
+            d.inference_port = port  # type: ignore[attr-defined]
             yield d, mock
     finally:
         mock.close()
@@ -78,3 +80,19 @@ def agent_node(
 def audit(d: Daemon) -> list[dict[str, Any]]:
     path = d.data / "audit.log"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ledger(world: World, d: Daemon, key: str) -> list[dict[str, Any]]:
+    """The proxy's usage rows per tenant and task, read with a tenant's API key `key`."""
+    url = f"http://127.0.0.1:{d.inference_port}/v1/usage?group_by=tenant,task"  # type: ignore[attr-defined]
+    code = (
+        "import json, sys, urllib.request\n"
+        f"r = urllib.request.Request({url!r}, headers={{'Authorization': 'Bearer {key}'}})\n"
+        "print(json.dumps(json.load(urllib.request.urlopen(r))['data']))"
+    )
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{world.task}", sys.executable, "-c", code],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows
