@@ -86,6 +86,23 @@ def test_other_rules_and_kinds_pass_and_bad_agents_say_why(tmp_path: Path) -> No
     assert all(h == h.lower() for h in LLM_HOSTS)
 
 
+def test_openclaw_gets_memory_for_a_turn(tmp_path: Path) -> None:
+    home = tmp_path / "openclaw"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "node").write_bytes(b"")
+    (home / "node_modules" / "openclaw").mkdir(parents=True)
+    (home / "node_modules" / "openclaw" / "openclaw.mjs").write_bytes(b"")
+    (home / "agentnode-install.json").write_text('{"openclaw": "x", "node": "v24.19.0"}')
+    agent = AgentSpec(kind="openclaw", model="m")
+    spec = prepare(_spec(), agent, network_given=False, cache=tmp_path)
+    assert spec.memory_bytes == 2 << 30 and spec.binds[-1] == (str(home), str(home), False)
+    assert spec.command[-1] == "python3 agent.py" and "--model" in spec.command
+    assert prepare(_spec(memory_bytes=1 << 30), agent, network_given=False,
+                   cache=tmp_path).memory_bytes == 1 << 30  # fmt: skip
+    with pytest.raises(TaskError, match=r"at least 1G .* got 256 MiB"):
+        prepare(_spec(memory_bytes=256 << 20), agent, network_given=False, cache=tmp_path)
+
+
 def test_openclaw_config_points_its_provider_at_the_proxy() -> None:
     config = openclaw_config(base_url="http://gw/v1", token="tok", model="m", mcp_url=None)
     assert config == {"models": {"providers": {"agentnode": {

@@ -81,13 +81,13 @@ def test_openclaw_runs_a_turn_as_a_task_billed_to_it(
             ["Say", "hello"],
             tenant="acme",
             agent={"kind": "openclaw", "model": "gpt-test"},
-            memory="2G",
             timeout="300s",
             user="0",
             ro=[str(REPO)],
             env={"PYTHONPATH": str(REPO / "python")},
         )
         assert task["agent"] == "openclaw" and task["command"][-1] == "Say hello"
+        assert task["memory"] == 2 << 30, "an OpenClaw turn gets the memory it needs"
         done = d.wait(task["id"], timeout=300)
         out = d.log(task["id"])
         assert done["state"] == "succeeded", (done["reason"], out[-3000:])

@@ -9,7 +9,7 @@ a public LLM provider (it would spend unmetered, past the proxy), and `host` net
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,10 @@ LLM_HOSTS = (
     "openrouter.ai",
     "api.openrouter.ai",
 )
+
+_DEFAULT_MEMORY = next(f.default for f in fields(TaskSpec) if f.name == "memory_bytes")
+#: What an OpenClaw turn is given unless the submitter chose (one peaks near 835 MB).
+_OPENCLAW_MEMORY = 2 << 30
 
 _MODEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/@-")
 
@@ -126,8 +130,15 @@ def prepare(spec: TaskSpec, agent: AgentSpec, *, network_given: bool, cache: Pat
     env["AGENTNODE_AGENT"] = agent.kind
     if agent.model:
         env["AGENTNODE_MODEL"] = agent.model
-    command, binds = spec.command, spec.binds
+    command, binds, memory = spec.command, spec.binds, spec.memory_bytes
     if agent.kind == "openclaw":
+        if memory == _DEFAULT_MEMORY:
+            memory = _OPENCLAW_MEMORY
+        elif memory < _OPENCLAW_MEMORY // 2:
+            raise TaskError(
+                f"agent kind openclaw needs memory of at least 1G (a turn peaks near 835 MB), "
+                f"got {memory >> 20} MiB (default for openclaw: 2G)"
+            )
         from agentnode.agents import openclaw
 
         home = openclaw.installed(cache)
@@ -138,6 +149,7 @@ def prepare(spec: TaskSpec, agent: AgentSpec, *, network_given: bool, cache: Pat
         # path that exists there needs no new mount point.
         binds = (*binds, (str(home), str(home), False))
     return replace(
-        spec, agent=agent.kind, network=network, env=tuple(env.items()), command=command,
+        spec,
+        memory_bytes=memory, agent=agent.kind, network=network, env=tuple(env.items()), command=command,
         binds=binds,
     )  # fmt: skip
