@@ -146,16 +146,14 @@ def test_langgraph_agent_runs_metered_fails_closed_and_resumes(
         with pytest.raises(AgentnodeError, match=r"agent: allow_hosts 'api\.openai\.com'"):
             d.client.call("POST", "/v1/tasks", {"command": ["true"], "allow_hosts": [
                 "api.openai.com"], "agent": {"kind": "langgraph"}})  # fmt: skip
-        task = d.submit(
-            [str(REPO / ".venv/bin/python"), str(HERE / "langgraph_agent.py"), OTHER4],
-            tenant="acme",
-            agent={"kind": "langgraph", "model": "gpt-test"},
-            retries=1,
-            memory="512M",
-            user="0",
-            ro=[str(REPO)],
-            env={"PYTHONPATH": str(REPO / "python")},
-        )
+        submitted = run_cli(
+            ["submit", "--socket", str(d.socket), "--tenant", "acme", "--agent", "langgraph",
+             "--model", "gpt-test", "--retries", "1", "--user", "0", "--ro", str(REPO),
+             "--env", f"PYTHONPATH={REPO / 'python'}", "--",
+             str(REPO / ".venv/bin/python"), str(HERE / "langgraph_agent.py"), OTHER4]
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        task = d.task(submitted.stdout.strip())
         assert task["agent"] == "langgraph" and task["network"] == "egress"
         deadline = time.monotonic() + 90
         first_log = d.data / "logs" / f"{task['id']}.1.log"
