@@ -1,6 +1,7 @@
 """A scripted mock upstream for agent tests, run as a process (e.g. inside a test's netns):
 `python agent_mock.py KIND 'SCRIPT_JSON'` prints its base URL, then one JSON line per request
-it answered: the path, how many messages it carried, the last one's role, and the turn given."""
+it answered: the path, how many messages it carried, the last one's role, the tool results it
+was sent, and the turn given."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ async def main(kind: str, script: str) -> None:
                         "model": (r["json"] or {}).get("model"),
                         "messages": len(messages),
                         "last_role": messages[-1].get("role") if messages else None,
+                        "tool_results": [
+                            str(m.get("content")) for m in messages if m.get("role") == "tool"
+                        ],
                         "turn": None if turn is None else turn.text or turn.tool_calls[0].name,
                         "tools": len((r["json"] or {}).get("tools") or []),
                     }

@@ -68,19 +68,22 @@ def test_openclaw_runs_a_turn_as_a_task_billed_to_it(
     cache: Path, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One headless OpenClaw turn: its config (written in the task's home) sends its LLM calls
-    to the proxy with the task's token, each one billed to the task at the exact price, and
-    its JSON envelope carries the scripted answer."""
+    to the proxy with the task's token, each one billed to the task at the exact price; the
+    scripted `exec` tool call runs inside the task; its JSON envelope carries the answer."""
     monkeypatch.setenv("AGENTNODE_AGENTS_CACHE", str(cache))
     tenant_key = "k-acme-test"
     extra = f'[inference.tenants.acme]\napi_keys = ["{tenant_key}"]\n'
-    with agent_node(world, tmp_path, ["Hello from the mock, via agentnode."], extra=extra) as (
-        d,
-        mock,
-    ):
+    script = [
+        {"tool_calls": [{"name": "exec", "arguments": {"command": "hostname", "title": "where"}}]},
+        "Hello from the mock, via agentnode.",
+    ]
+    with agent_node(world, tmp_path, script, extra=extra) as (d, mock):
         task = d.submit(
             ["Say", "hello"],
             tenant="acme",
             agent={"kind": "openclaw", "model": "gpt-test"},
+            memory=None,  # the kind's own default
+            cpus=1,
             timeout="300s",
             user="0",
             ro=[str(REPO)],
@@ -95,7 +98,9 @@ def test_openclaw_runs_a_turn_as_a_task_billed_to_it(
         assert envelope["ok"] is True and envelope["final"] == "Hello from the mock, via agentnode."
         assert envelope["provider"] == "agentnode" and envelope["model"] == "gpt-test"
         calls = len(mock.requests)
-        assert calls >= 1 and all(r["model"] == "gpt-test" for r in mock.requests)
+        assert calls == 2 and all(r["model"] == "gpt-test" for r in mock.requests)
+        # Its exec tool ran inside the task's sandbox: the task's hostname, not the host's.
+        assert [r.strip() for r in mock.requests[1]["tool_results"]] == ["agentnode"]
         (row,) = [r for r in ledger(world, d, tenant_key) if r["task"] == task["id"]]
         assert (row["tenant"], row["requests"]) == ("acme", calls)
         assert Decimal(row["cost"]) == calls * CALL_COST
