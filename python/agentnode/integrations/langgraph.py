@@ -201,9 +201,10 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
     """A LangGraph checkpointer over `memory` (default: a `Memory()` from the task's
     environment), all threads under `task` (default $AGENTNODE_TASK_ID, else "langgraph").
 
-    Writes go to the node's RocksDB before `put` returns, so a task killed mid-graph and retried
-    resumes from its last completed super-step: call the graph with `None` as input when
-    `get_tuple` finds a checkpoint for the thread.
+    Writes reach the node's RocksDB write-ahead log before `put` returns (no fsync, as the
+    node's own task records: they survive the task's and the daemon's death, not the host's),
+    so a task killed mid-graph and retried resumes from its last completed super-step: call
+    the graph with `None` as input when `get_tuple` finds a checkpoint for the thread.
     """
 
     def __init__(self, memory: Memory | None = None, *, task: str | None = None) -> None:
@@ -211,6 +212,10 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._memory = memory if memory is not None else Memory()
         self._task = task or os.environ.get("AGENTNODE_TASK_ID") or "langgraph"
         self._lock = threading.Lock()  # Memory is one connection: one request at a time
+        # What this saver last read or wrote of the newest-checkpoint pointers and of the
+        # pending writes, by record: saves a read per put and per put_writes. A thread is
+        # written by the one task (process) that runs it; delete_thread forgets its entries.
+        self._known: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- records --------------------------------------------------------------------------------
 
@@ -220,6 +225,16 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         except NotFoundError:
             return None
         return value
+
+    def _cached(self, namespace: str, record_id: str) -> dict[str, Any] | None:
+        """`_get` through `_known` (only the records this saver also writes)."""
+        key = (namespace, record_id)
+        if key not in self._known:
+            value = self._get(namespace, record_id)
+            if value is None:
+                return None
+            self._known[key] = value
+        return self._known[key]
 
     def _scan(self, namespace: str) -> dict[str, dict[str, Any]]:
         try:
@@ -381,10 +396,12 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             }
         )
         with self._lock:
-            latest = self._get(space, f"l.{dns}")
+            latest = self._cached(space, f"l.{dns}")
             if latest is None or latest["id"] <= cid:
                 records.append({"id": f"l.{dns}", "value": {"id": cid}})
-            self._memory.append_many(space, self._task, records, sync=True)
+            self._memory.append_many(space, self._task, records)
+            if latest is None or latest["id"] <= cid:
+                self._known[(space, f"l.{dns}")] = {"id": cid}
         return {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": cid}}
 
     def put_writes(
@@ -401,21 +418,24 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         cid = config["configurable"]["checkpoint_id"]
         space, rid = _thread_ns(thread), f"w.{_digest(ns)}.{_digest(cid)}"
         with self._lock:
-            stored = self._get(space, rid) or {"writes": []}
+            stored = self._cached(space, rid) or {"writes": []}
             by_key = {(w[0], w[1]): w for w in stored["writes"]}
             for idx, (channel, value) in enumerate(writes):
                 key = (task_id, WRITES_IDX_MAP.get(channel, idx))
                 if key[1] >= 0 and key in by_key:
                     continue
                 by_key[key] = [task_id, key[1], channel, *self.serde.dumps_typed(value), task_path]
-            self._memory.append(
-                space, self._task, {"writes": list(by_key.values())}, id=rid, sync=True
-            )
+            merged = {"writes": list(by_key.values())}
+            self._memory.append(space, self._task, merged, id=rid)
+            # Only the newest checkpoint's writes are added to again: keep no older ones.
+            self._known = {k: v for k, v in self._known.items() if not k[1].startswith("w.")}
+            self._known[(space, rid)] = merged
 
     def delete_thread(self, thread_id: str) -> None:
         """Deletes every checkpoint, value and write of a thread."""
         space = _thread_ns(str(thread_id))
         with self._lock:
+            self._known = {k: v for k, v in self._known.items() if k[0] != space}
             for rid in self._scan(space):
                 self._memory.delete(space, self._task, rid)
 
