@@ -18,7 +18,8 @@ from _harness import Bench, percentile
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from agentnode.egress import Egress, EgressPolicy
-from agentnode.egress.dns import DnsForwarder
+from agentnode.egress.dns import DnsForwarder, DnsLimits
+from agentnode.egress.screen import AnswerScreen
 from egress_world import HOST4, TASK4, World, scratch_cgroup
 
 
@@ -79,7 +80,12 @@ def run_benches(
     policy = big_policy(10_000, 443)
 
     async def start(loop: asyncio.AbstractEventLoop) -> DnsForwarder:
-        fwd = DnsForwarder(upstream=(HOST4, 53))
+        fwd = DnsForwarder(
+            upstream=(HOST4, 53),
+            screen=AnswerScreen(own=False),
+            # Every check still runs; a rate no query reaches keeps the answers real ones.
+            limits=DnsLimits(rate=float("inf"), burst=float("inf")),
+        )
         await fwd.listen(HOST4, 5300)
         return fwd
 

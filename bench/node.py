@@ -27,7 +27,7 @@ from pathlib import Path
 from _harness import Bench, percentile
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from agentnode.node.config import DEFAULT_DATA_DIR
+from agentnode.node.paths import DEFAULT_DATA_DIR
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks.model import Task, TaskSpec
 from agentnode.tasks.store import TaskStore, decode, encode

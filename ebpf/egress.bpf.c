@@ -4,7 +4,9 @@
  *
  * Sockets are checked where they name a destination (connect4/6, sendmsg4/6): deny by default,
  * allow what the CIDR trie, the DNS-learned exact-IP hash or loopback allows. cgroup_skb/egress
- * is the backstop for what those hooks never see (raw and ICMP sockets) and the rate limiter. */
+ * is the backstop for what those hooks never see (raw and ICMP sockets, and TCP sockets that
+ * never called connect(): accepted ones, and the handshake of a connection being accepted)
+ * and the rate limiter. */
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/ip.h>
@@ -79,6 +81,16 @@ struct {
 	__type(key, __u64);
 	__type(value, struct orig_dst);
 } dns_orig SEC(".maps");
+
+/* Marks a TCP socket that opened its connection itself (sockops TCP_CONNECT_CB, which runs
+ * only after connect4/6 allowed the destination): its packets skip the per-packet peer check.
+ * Accepted sockets never get the mark (storage is not cloned to a listener's children). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} active_open SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -402,6 +414,44 @@ static __always_inline int packet_dst(struct __sk_buff *skb, __u8 *dst)
 	return 0;
 }
 
+/* Published ports (`--publish`) are allow_host entries for the unspecified address `::`, a
+ * destination no rule can name (policy parsing refuses it): a passive socket on one of these
+ * local ports may answer any peer. */
+static __always_inline int published(__u16 local_port)
+{
+	__u8 zero[16] = {};
+	struct an_ports *p = bpf_map_lookup_elem(&allow_host, zero);
+
+	return p && ports_match(p, local_port, AN_PROTO_TCP);
+}
+
+/* A TCP packet of a socket that did not open its connection itself (an accepted one, or the
+ * SYN-ACK of one being accepted) leaves only to a peer the policy allows, or from a published
+ * port. Ports come from the packet: a minisocket's fields are not all readable here. */
+static __always_inline int passive_tcp_ok(struct __sk_buff *skb, const __u8 *dst)
+{
+	__u16 ports[2];
+	__u32 off;
+
+	if (skb->protocol == bpf_htons(0x0800)) {
+		__u8 vihl;
+
+		if (bpf_skb_load_bytes(skb, 0, &vihl, 1))
+			return 0;
+		off = (vihl & 0x0f) * 4;
+	} else {
+		__u8 next;
+
+		if (bpf_skb_load_bytes(skb, offsetof(struct ipv6hdr, nexthdr), &next, 1) ||
+		    next != IPPROTO_TCP)
+			return 0;
+		off = sizeof(struct ipv6hdr);
+	}
+	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)))
+		return 0;
+	return allowed(dst, bpf_ntohs(ports[1]), AN_PROTO_TCP) || published(bpf_ntohs(ports[0]));
+}
+
 SEC("cgroup_skb/egress")
 int egress_skb(struct __sk_buff *skb)
 {
@@ -415,20 +465,26 @@ int egress_skb(struct __sk_buff *skb)
 		return AN_SKB_DROP;
 	if (is_loopback(dst))
 		return AN_SKB_PASS;
-	/* TCP and UDP sockets named their destination to connect/sendmsg, which checked it; a
-	 * request or timewait socket only answers a connection. Anything else (raw, ICMP) is
-	 * denied here. */
+	/* UDP sockets name every destination to connect/sendmsg, which checked it, and so do TCP
+	 * sockets that open their connection. Every other TCP packet (accepted sockets, request and
+	 * timewait minisockets, which exist only for TCP) has its peer checked here, and anything
+	 * else (raw, ICMP) is denied. */
 	if (sk) {
-		sk = bpf_sk_fullsock(sk);
-		if (!sk) {
-			/* request/timewait minisockets exist only for TCP */
-		} else if (!((sk->type == SOCK_STREAM_ && sk->protocol == IPPROTO_TCP) ||
-			     (sk->type == SOCK_DGRAM_ && sk->protocol == IPPROTO_UDP))) {
-			count(AN_C_PACKETS_DROPPED, 1);
-			deny_event(bpf_skb_cgroup_id(skb), dst, 0, sk->protocol, AN_R_BACKSTOP);
-			return AN_SKB_DROP;
-		}
+		struct bpf_sock *full = bpf_sk_fullsock(sk);
+		__u8 proto = IPPROTO_TCP;
+
+		if (full && full->type == SOCK_DGRAM_ && full->protocol == IPPROTO_UDP)
+			goto pass;
+		if (full && !(full->type == SOCK_STREAM_ && full->protocol == IPPROTO_TCP))
+			proto = full->protocol;
+		else if ((full && bpf_sk_storage_get(&active_open, full, 0, 0)) ||
+			 passive_tcp_ok(skb, dst))
+			goto pass;
+		count(AN_C_PACKETS_DROPPED, 1);
+		deny_event(bpf_skb_cgroup_id(skb), dst, 0, proto, AN_R_BACKSTOP);
+		return AN_SKB_DROP;
 	}
+pass:
 	segs = skb->gso_segs ? skb->gso_segs : 1;
 	c = cfg();
 	if (c && c->rate_bps) {
@@ -462,6 +518,8 @@ int egress_sockops(struct bpf_sock_ops *skops)
 	struct an_config *c;
 	__u32 rate;
 
+	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB && skops->sk)
+		bpf_sk_storage_get(&active_open, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB &&
 	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)

@@ -146,7 +146,102 @@ def iperf(op: dict) -> dict:
     return {"ok": True, "bps": json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]}
 
 
+def serve(op: dict) -> dict:
+    """Listens on `ports` (TCP on both families, or UDP with `udp`), says so on stdout, and for
+    `seconds` answers whoever reaches it; returns the (peer, port) pairs it answered."""
+    import selectors
+
+    udp = op.get("udp", False)
+    sel = selectors.DefaultSelector()
+    for port in op["ports"]:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", port))
+        if not udp:
+            s.listen(16)
+        sel.register(s, selectors.EVENT_READ, port)
+    print(json.dumps({"listening": op["ports"]}), flush=True)
+    peers, errors = [], []
+    deadline = time.monotonic() + op["seconds"]
+    while (left := deadline - time.monotonic()) > 0:
+        for key, _ in sel.select(left):
+            s = key.fileobj
+            try:
+                if udp:
+                    _, peer = s.recvfrom(2048)
+                    s.sendto(b"ok", peer)
+                else:
+                    c, peer = s.accept()
+                    c.settimeout(2)
+                    c.recv(64)
+                    c.sendall(b"ok")
+                    c.close()
+            except OSError as e:
+                errors.append(e.errno)
+                continue
+            peers.append([peer[0].removeprefix("::ffff:"), key.data])
+    return {"ok": True, "peers": peers, "errors": errors}
+
+
+def talk(op: dict) -> dict:
+    """Connects (TCP) or sends (UDP) to a `serve` op and waits for its "ok"."""
+    family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM if op.get("udp") else socket.SOCK_STREAM)
+    s.settimeout(op.get("timeout", 1.5))
+    if op.get("source"):
+        s.bind((op["source"], 0))
+    try:
+        if op.get("udp"):
+            s.sendto(b"hi", (op["host"], op["port"]))
+        else:
+            s.connect((op["host"], op["port"]))
+            s.sendall(b"hi")
+        reply = s.recv(64).decode()
+    except OSError as e:
+        return {"ok": False, "errno": e.errno, "timeout": isinstance(e, TimeoutError)}
+    return {"ok": reply == "ok"}
+
+
+def raw_dns(op: dict) -> dict:
+    """Sends the hex query `wire` as it is over UDP (or TCP) and returns the reply's rcode and
+    addresses."""
+    import dns.message
+    import dns.rcode
+
+    data = bytes.fromhex(op["wire"])
+    family = socket.AF_INET6 if ":" in op["server"] else socket.AF_INET
+    tcp = op.get("transport") == "tcp"
+    s = socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+    s.settimeout(3)
+    try:
+        if tcp:
+            s.connect((op["server"], 53))
+            s.sendall(len(data).to_bytes(2, "big") + data)
+            size = int.from_bytes(s.recv(2), "big")
+            reply = b""
+            while len(reply) < size:
+                reply += s.recv(size - len(reply))
+        else:
+            s.sendto(data, (op["server"], 53))
+            reply = s.recv(4096)
+    except OSError as e:
+        return {"ok": False, "error": str(e)}
+    r = dns.message.from_wire(reply)
+    addrs = [rd.address for rrset in r.answer for rd in rrset if hasattr(rd, "address")]
+    return {
+        "ok": True,
+        "id": r.id,
+        "rcode": dns.rcode.to_text(r.rcode()),
+        "addrs": addrs,
+        "question": r.question[0].name.to_text() if r.question else "",
+    }
+
+
 OPS = {
+    "serve": serve,
+    "talk": talk,
+    "raw_dns": raw_dns,
     "fastopen": fastopen,
     "udp_connect_loop": udp_connect_loop,
     "udp_connect_until": udp_connect_until,

@@ -51,17 +51,24 @@ def dns_answer(data: bytes, cfg: dict, tcp: bool) -> bytes:
     name = q.question[0].name.to_text(omit_final_dot=True)
     with open(cfg["log"], "a") as f:
         f.write(("tcp:" if tcp else "") + name + "\n")
+    if "wire_log" in cfg:  # every query as it arrived, in hex
+        with open(cfg["wire_log"], "a") as f:
+            f.write(data.hex() + "\n")
     r = dns.message.make_response(q)
     if not tcp and name in cfg.get("truncate", []):
         r.flags |= dns.flags.TC
         return r.to_wire()
     rdtype = q.question[0].rdtype
-    addrs = [a for a in cfg["records"].get(name, []) if (":" in a) == (rdtype == 28)]
+    addrs = [
+        a
+        for a in cfg["records"].get(name.lower(), [])
+        if rdtype in (1, 28) and (":" in a) == (rdtype == 28)
+    ]  # other types: an empty answer
     if addrs:
         r.answer.append(
             dns.rrset.from_text_list(q.question[0].name, cfg["ttl"], "IN", rdtype, addrs)
         )
-    elif name not in cfg["records"]:
+    elif name.lower() not in cfg["records"]:
         r.set_rcode(dns.rcode.NXDOMAIN)
     return r.to_wire()
 

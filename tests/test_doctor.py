@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from agentnode import doctor
 from conftest import root_only, run_cli
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "doctor.schema.json").read_text())
@@ -87,3 +88,17 @@ def test_table_has_a_verdict() -> None:
     assert r.stdout.splitlines()[0].startswith("FEATURE")
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith(("ready:", "not ready:"))
+
+
+@pytest.mark.parametrize("width", [80, 100, 132])
+def test_table_fits_the_terminal(width: int) -> None:
+    """No line is wider than the terminal (a word longer than the width, a path, aside), and
+    every check's fix is still shown."""
+    rep = doctor.report()
+    text = doctor.render(rep, width=width)
+    for line in text.splitlines():
+        assert len(line) <= width or " " not in line.strip(), line
+    for c in rep["checks"]:
+        assert c["feature"] in text
+        for word in c["fix"].split()[:3]:
+            assert word in text

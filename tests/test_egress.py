@@ -22,6 +22,7 @@ import pytest
 
 from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder
+from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import EgressError
 from conftest import root_only
 from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
@@ -29,6 +30,9 @@ from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scra
 pytestmark = root_only
 
 FWD_PORT = 5300
+#: These forwarders share the hosts netns with the test upstreams, whose addresses are then the
+#: forwarder's own: guarding those would drop every answer.
+TEST_SCREEN = AnswerScreen(own=False)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +298,7 @@ def test_dns_names_redirect_refusal_and_expiry(world: World, cgroup: Path) -> No
     log: Path = world.dns_log  # type: ignore[attr-defined]
 
     async def start(loop: asyncio.AbstractEventLoop) -> DnsForwarder:
-        fwd = DnsForwarder(upstream=(HOST4, 53), floor=0, grace=0.5)
+        fwd = DnsForwarder(upstream=(HOST4, 53), floor=0, grace=0.5, screen=TEST_SCREEN)
         await loop.create_datagram_endpoint(lambda: fwd, local_addr=(HOST4, FWD_PORT))
         return fwd
 
@@ -336,7 +340,7 @@ def test_dns_over_tcp_and_truncated_answers(world: World, cgroup: Path) -> None:
     log: Path = world.dns_log  # type: ignore[attr-defined]
 
     async def start(loop: asyncio.AbstractEventLoop) -> DnsForwarder:
-        fwd = DnsForwarder(upstream=(HOST4, 53))
+        fwd = DnsForwarder(upstream=(HOST4, 53), screen=TEST_SCREEN)
         await fwd.listen(HOST4, FWD_PORT + 2)
         return fwd
 
@@ -409,7 +413,7 @@ class Forwarders:
     """One forwarder per address family, as the node runs them on the bridge."""
 
     def __init__(self) -> None:
-        self.all = [DnsForwarder(upstream=(HOST4, 53)) for _ in range(2)]
+        self.all = [DnsForwarder(upstream=(HOST4, 53), screen=TEST_SCREEN) for _ in range(2)]
 
     async def close(self) -> None:
         for f in self.all:

@@ -102,3 +102,25 @@ def test_truncated_and_error_answers() -> None:
     assert parsed.id == dns.message.from_wire(q).id
     assert parsed.rcode() == dns.rcode.SERVFAIL and parsed.flags & dns.flags.QR
     assert dnswire.error_reply(b"short", dns.rcode.SERVFAIL) == b""
+
+
+def test_upstream_query_is_built_from_the_question_alone() -> None:
+    msg = dns.message.make_query("Api.Example.COM", "AAAA", use_edns=0, payload=65000)
+    msg.additional.append(dns.rrset.from_text("x.evil.", 1, "IN", "A", "192.0.2.1"))
+    task = msg.to_wire()
+    q = dnswire.question(task)
+    assert q is not None and q.edns == 65000 and q.qtype == 28 and q.rd
+    up = dns.message.from_wire(dnswire.upstream_query(q, 4242))
+    assert up.id == 4242 and up.question[0].name.to_text() == "api.example.com."
+    assert not up.additional and up.edns == 0 and up.payload == 1232 and not up.options
+    assert dns.message.from_wire(dnswire.upstream_query(q._replace(edns=None), 1)).edns == -1
+    reply = dns.message.make_response(up)
+    reply.answer.append(dns.rrset.from_text("api.example.com.", 60, "IN", "AAAA", "2001:db8::1"))
+    back = dns.message.from_wire(dnswire.for_task(reply.to_wire(), task, q))
+    assert back.id == msg.id and back.question[0].name.to_text() == "Api.Example.COM."
+    assert [rd.address for rd in back.answer[0]] == ["2001:db8::1"]
+
+
+def test_queries_with_broken_records_after_the_question_are_turned_down() -> None:
+    wire = query(edns=0)
+    assert dnswire.question(wire[:-3]) is None  # the OPT record cut short

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -16,18 +17,31 @@ from agentnode.errors import AgentnodeError, UsageError
 
 __all__ = ["ArgumentParser", "main"]
 
-# Each command module's `add_parser` adds the subcommands named here; later layers add
-# themselves here. A module is imported only when one of its commands runs (all of them for
-# --help): importing every layer cost each command ~10 MiB and the start-up of layers it never
-# uses (`agentnode proxy` idled at 62 MiB, 52 MiB with its own imports only).
-COMMANDS: dict[str, tuple[str, ...]] = {
-    "agentnode.doctor": ("doctor",),
-    "agentnode.node.daemon": ("run",),
-    "agentnode.node.commands": ("submit", "egress", "ps", "logs", "wait", "kill", "top"),
-    "agentnode.isolation.cli": ("exec",),
-    "agentnode.storage.serve": ("memory",),
-    "agentnode.inference.command": ("proxy",),
-    "agentnode.agents.cli": ("agents",),
+# Each command module's `add_parser` adds the commands named here; later layers add themselves
+# here. A module is imported only when one of its commands runs: importing every layer cost
+# each command ~10 MiB and the start-up of layers it never uses (`agentnode proxy` idled at
+# 62 MiB, 52 MiB with its own imports only), and `--help` lists the commands from this table
+# alone (importing every module for it took ~100 ms of CPU).
+COMMANDS: dict[str, dict[str, str]] = {
+    "agentnode.doctor": {"doctor": "check this host for every capability the node needs"},
+    "agentnode.node.daemon": {
+        "run": "run the node agent (foreground; SIGTERM stops it gracefully)"
+    },
+    "agentnode.node.commands": {
+        "submit": "queue a task on the node",
+        "egress": "change a task's egress rules",
+        "ps": "list tasks",
+        "logs": "print a task's output",
+        "wait": "wait for a task and exit with its status",
+        "kill": "cancel a task",
+        "top": "live table of tasks",
+    },
+    "agentnode.isolation.cli": {
+        "exec": "run a command isolated (namespaces, cgroup limits, seccomp)"
+    },
+    "agentnode.storage.cli": {"memory": "agent memory: episodic records, objects and vectors"},
+    "agentnode.inference.command": {"proxy": "run the OpenAI/Anthropic-compatible inference proxy"},
+    "agentnode.agents.cli": {"agents": "install agent runtimes (OpenClaw)"},
 }
 
 
@@ -51,8 +65,10 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def build_parser(command: str | None = None) -> ArgumentParser:
-    """The CLI's parser, with every command, or only the module that provides `command`."""
+def build_parser(command: str | None = None, *, commands: bool = True) -> ArgumentParser:
+    """The CLI's parser: with `command`'s module and so its options, or, for no or an unknown
+    command, every command by name and summary only (for --help and the error naming them),
+    or (not `commands`) none: `agentnode --version` needs no command."""
     parser = ArgumentParser(
         prog="agentnode",
         description="Run autonomous AI agents on this host safely, fairly and fast.",
@@ -61,12 +77,26 @@ def build_parser(command: str | None = None) -> ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks for errors (for bug reports)"
     )
+    if not commands:
+        return parser
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=ArgumentParser)
-    known = any(command in names for names in COMMANDS.values())
     for module, names in COMMANDS.items():
-        if not known or command in names:
+        if command in names:
             importlib.import_module(module).add_parser(sub)
+        elif command not in _NAMES:
+            for name, summary in names.items():
+                sub.add_parser(name, help=summary)
     return parser
+
+
+def _with_hint(message: str, command: str | None) -> str:
+    """`message`, ending in what to do: the command's help unless it already says."""
+    if message.endswith(")"):
+        return message
+    return f"{message} (see 'agentnode {command + ' ' if command in _NAMES else ''}--help')"
+
+
+_NAMES = frozenset(name for names in COMMANDS.values() for name in names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,15 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in args_list[:end] if not a.startswith("-")), None)
     args_list = [a for a in args_list[:end] if a != "--debug"] + args_list[end:]
     try:
-        args = build_parser(command).parse_args(args_list)
+        words = set(args_list[:end])
+        bare = command is None and "--version" in words and not {"-h", "--help"} & words
+        args = build_parser(command, commands=not bare).parse_args(args_list)
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
         if func is None:
             raise UsageError("a command is required (see 'agentnode --help')")
         return func(args)
     except UsageError as e:
-        if debug:
-            raise
-        print(f"agentnode: error: {e}", file=sys.stderr)
+        # Never a traceback, even with --debug: the command line is wrong, not agentnode.
+        print(f"agentnode: error: {_with_hint(str(e), command)}", file=sys.stderr)
         return 2
     except AgentnodeError as e:
         if debug:
@@ -96,6 +127,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`agentnode ps | head`): exit quietly, as a killed-by-SIGPIPE
+        # command does, and keep the interpreter's last flush off the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        # The host refused something (a path, a permission, a port): not a bug to report.
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(
+            f"agentnode: error: {e.strerror or e}{where} (check the path and its permissions)",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as e:
         if debug:
             raise

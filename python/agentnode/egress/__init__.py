@@ -2,10 +2,15 @@
 deny by default, CIDR/port rules, DNS-name rules through the node's forwarder, rate limits,
 counters and denial events."""
 
-from agentnode.egress.dns import DnsForwarder
-from agentnode.egress.enforce import Denial, Egress
-from agentnode.egress.network import NodeNetwork, TaskNet
-from agentnode.egress.policy import EgressPolicy, HostRule, NetRule, PortRange
+from typing import TYPE_CHECKING
+
+from agentnode import _lazy
+
+if TYPE_CHECKING:
+    from agentnode.egress.dns import DnsForwarder
+    from agentnode.egress.enforce import Denial, Egress
+    from agentnode.egress.network import NodeNetwork, TaskNet
+    from agentnode.egress.policy import EgressPolicy, HostRule, NetRule, PortRange
 
 __all__ = [
     "Denial",
@@ -18,3 +23,18 @@ __all__ = [
     "PortRange",
     "TaskNet",
 ]
+
+__getattr__ = _lazy.exports(
+    __name__,
+    {
+        "DnsForwarder": "dns",
+        "Denial": "enforce",
+        "Egress": "enforce",
+        "NodeNetwork": "network",
+        "TaskNet": "network",
+        "EgressPolicy": "policy",
+        "HostRule": "policy",
+        "NetRule": "policy",
+        "PortRange": "policy",
+    },
+)

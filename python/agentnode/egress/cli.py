@@ -1,5 +1,5 @@
 """The egress options of commands that start tasks (`agentnode exec` in Layer 1): `--net`,
-`--allow`, `--allow-host`, `--egress-rate`, `--conn-rate`. A bad value is a usage error that
+`--allow`, `--allow-host`, `--egress-rate`, `--conn-rate`, `--publish`. A bad value is a usage error that
 names the option and the rule."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ __all__ = ["NET_MODES", "add_arguments", "network_from_args"]
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, mode: bool = True) -> None:
-    """Adds the egress option group to `parser` (without `--net` when not `mode`)."""
+    """Adds the egress option group to `parser` (without `--net` and `--publish` when not
+    `mode`: both are fixed when a task starts)."""
     g = parser.add_argument_group("network egress")
     if mode:
         g.add_argument(
@@ -39,6 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser, *, mode: bool = True) -> None
     )
     g.add_argument("--egress-rate", metavar="RATE", help="bytes/s out, e.g. 1MiB/s")
     g.add_argument("--conn-rate", metavar="N/s", help="new connections per second, e.g. 20/s")
+    if not mode:
+        return
+    g.add_argument(
+        "--publish",
+        action="append",
+        default=[],
+        metavar="HOSTPORT:PORT",
+        help="make the task's TCP PORT reachable on the node's HOSTPORT, e.g. 8080:80; nothing "
+        "else of a task is reachable from outside it (repeatable; needs --net egress)",
+    )
 
 
 def network_from_args(args: argparse.Namespace) -> tuple[str, EgressPolicy | None]:
@@ -50,6 +61,7 @@ def network_from_args(args: argparse.Namespace) -> tuple[str, EgressPolicy | Non
             hosts=args.allow_host,
             rate=args.egress_rate,
             conn_rate=args.conn_rate,
+            publish=getattr(args, "publish", ()),
         )
     except PolicyError as e:
         raise UsageError(str(e)) from None

@@ -1,5 +1,5 @@
-"""Just enough of the DNS wire format (RFC 1035 §4) for the forwarder's hot path: the name a
-query asks for, and the A/AAAA records of the answer to it. dnspython builds a full message
+"""Just enough of the DNS wire format (RFC 1035 §4) for the forwarder's hot path: the question a
+query asks, the query the node sends upstream for it, and the A/AAAA records of the answer. dnspython builds a full message
 object for each, which cost more than everything else the forwarder does per query. A query
 these functions do not accept is refused (dnspython builds that answer); an answer they do not
 accept is not taken for the answer to the query."""
@@ -10,30 +10,62 @@ import ipaddress
 import struct
 from typing import NamedTuple
 
-__all__ = ["Question", "answer_addresses", "error_reply", "question", "truncated"]
+__all__ = [
+    "Question",
+    "answer_addresses",
+    "error_reply",
+    "for_task",
+    "question",
+    "truncated",
+    "upstream_query",
+]
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR = struct.Struct("!HHIH")
-_TYPE_A, _TYPE_AAAA, _CLASS_IN = 1, 28, 1
-_QR, _OPCODE, _TC, _RCODE = 0x8000, 0x7800, 0x0200, 0x000F
+_TYPE_A, _TYPE_AAAA, _TYPE_OPT, _CLASS_IN = 1, 28, 41, 1
+_QR, _OPCODE, _TC, _RD, _RCODE = 0x8000, 0x7800, 0x0200, 0x0100, 0x000F
+# What the node offers upstream for a task that speaks EDNS: the size DNS flag day 2020 chose
+# (no fragmentation), never more, whatever the task asked.
+_EDNS_MAX, _EDNS_MIN = 1232, 512
 # Host rules only ever match these; a label with anything else (a dot inside a label, say)
 # must not be read as the name it would print as.
 _LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
 class Question(NamedTuple):
-    """A query's one question: the name (lower case, no final dot) and its wire bytes."""
+    """A query's one question: the name (lower case, no final dot), its wire bytes as the task
+    sent them, the type, the class, whether recursion was desired, and the task's EDNS UDP size
+    (None: no EDNS)."""
 
     name: str
     wire: bytes
+    qtype: int
+    qclass: int
+    rd: bool = True
+    edns: int | None = None
+
+
+def _edns_size(query: bytes, off: int, records: int) -> int | None:
+    """The UDP size of an OPT record among `records` records from `off`; None without one.
+    Raises on a malformed record."""
+    for _ in range(records):
+        off = _skip_name(query, off)
+        rtype, rclass, _, size = _RR.unpack_from(query, off)
+        off += _RR.size + size
+        if off > len(query):
+            raise ValueError("record past the end")
+        if rtype == _TYPE_OPT:
+            return int(rclass)
+    return None
 
 
 def question(query: bytes) -> Question | None:
     """The question of a standard query with exactly one, uncompressed and in plain letters,
-    digits, `-` and `_`; None for anything else."""
+    digits, `-` and `_`; None for anything else. Other records are read only for an OPT
+    (EDNS); none of them is ever forwarded."""
     if len(query) < 12:
         return None
-    _, flags, qdcount, _, _, _ = _HEADER.unpack_from(query)
+    _, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(query)
     if flags & (_QR | _OPCODE) or qdcount != 1:
         return None
     labels = []
@@ -54,7 +86,36 @@ def question(query: bytes) -> Question | None:
     end = off + 1 + 4  # the root label, QTYPE, QCLASS
     if end > len(query):
         return None
-    return Question(".".join(labels), query[12:end])
+    qtype, qclass = struct.unpack_from("!HH", query, off + 1)
+    try:
+        edns = _edns_size(query, end, ancount + nscount + arcount)
+    except (IndexError, ValueError, struct.error):
+        return None
+    return Question(".".join(labels), query[12:end], qtype, qclass, bool(flags & _RD), edns)
+
+
+def upstream_query(q: Question, qid: int) -> bytes:
+    """The query the node sends for `q`: built from the parsed question alone (the name in
+    lower case, so its letters' case carries nothing), with the node's own ID and EDNS; nothing
+    else the task sent goes upstream."""
+    name = b"".join(
+        bytes([len(label)]) + label.encode("ascii") for label in q.name.split(".") if label
+    )
+    wire = _HEADER.pack(qid, _RD if q.rd else 0, 1, 0, 0, 0 if q.edns is None else 1)
+    wire += name + b"\0" + struct.pack("!HH", q.qtype, q.qclass)
+    if q.edns is not None:
+        size = max(_EDNS_MIN, min(q.edns, _EDNS_MAX))
+        wire += b"\0" + _RR.pack(_TYPE_OPT, size, 0, 0)
+    return wire
+
+
+def for_task(reply: bytes, task_query: bytes, q: Question) -> bytes:
+    """The upstream's `reply` to `upstream_query(q, ...)` as an answer to the task's query: the
+    task's ID, and its question bytes where the reply repeats the question."""
+    head = task_query[:2] + reply[2:12]
+    if _HEADER.unpack_from(reply)[2] == 1:
+        return head + q.wire + reply[12 + len(q.wire) :]
+    return head + reply[12:]
 
 
 def _skip_name(wire: bytes, off: int) -> int:

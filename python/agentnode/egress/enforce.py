@@ -34,6 +34,8 @@ class Denial:
     protocol: str
     reason: str
     pid: int
+    #: The DNS name, for what the DNS forwarder denied (an answer's address, a query).
+    name: str = ""
 
 
 def _address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -60,6 +62,8 @@ class Egress:
         on_denial: Callable[[Denial], None] | None,
     ) -> None:
         self.cgroup_dir = cgroup_dir
+        #: The cgroup's id, as the kernel's denial events carry it.
+        self.cgroup_id = os.stat(cgroup_dir).st_ino
         self._handle = handle
         self._policy = policy
         self._services_packed = b"".join(r.packed() for r in services_rules(services))
@@ -113,7 +117,7 @@ class Egress:
     def _rules(
         policy: EgressPolicy, services: Sequence[tuple[str, int]]
     ) -> list[tuple[bytes, int, list[tuple[int, int, int]]]]:
-        return [r.native() for r in (*policy.nets, *services_rules(services))]
+        return [r.native() for r in (*policy.kernel_rules, *services_rules(services))]
 
     @property
     def policy(self) -> EgressPolicy:
@@ -164,13 +168,19 @@ class Egress:
             for (t, cg, a, port, proto, reason, pid) in self._handle.denials()
         ]
         for d in out:
-            audit.info(
-                "egress denied: cgroup %s pid %d %s %s port %d (%s)",
-                self.cgroup_dir, d.pid, d.protocol, d.address, d.port, d.reason,
-            )  # fmt: skip
-            for cb in self._callbacks:
-                cb(d)
+            self.deny(d)
         return out
+
+    def deny(self, d: Denial) -> None:
+        """Writes one denial to the audit log and calls the callbacks with it (the DNS forwarder
+        reports what it drops this way)."""
+        audit.info(
+            "egress denied: cgroup %s pid %d %s %s port %d (%s)%s",
+            self.cgroup_dir, d.pid, d.protocol, d.address, d.port, d.reason,
+            f" for {d.name}" if d.name else "",
+        )  # fmt: skip
+        for cb in self._callbacks:
+            cb(d)
 
     def on_denial(self, callback: Callable[[Denial], None]) -> None:
         """Adds a callback for denial events."""

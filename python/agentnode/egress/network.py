@@ -1,6 +1,11 @@
 """Task networking for `--net egress`: a node bridge (`agentnode0`), one veth per task into the
 task's own network namespace, routing and nftables masquerade to the uplink.
 
+Nothing reaches a task unasked: new connections forwarded into the bridge are dropped unless a
+port is published (`--publish HOSTPORT:PORT`, a DNAT from the node's addresses), and each
+task's bridge port is isolated, so tasks do not reach each other at layer 2 either. (The BPF
+backstop drops a task's answers to peers its policy does not allow, whatever the route.)
+
 Everything is created idempotently and named with an `agentnode` prefix. Each task's veth
 records the process that made it (pid and start time), so `sweep()` removes what a crashed
 node left without touching the tasks of a node or `agentnode exec` that still runs.
@@ -15,9 +20,11 @@ import ipaddress
 import json
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentnode.egress.policy import Published
 from agentnode.errors import EgressError, PolicyError
 
 __all__ = ["NodeNetwork", "TaskNet"]
@@ -50,6 +57,7 @@ class TaskNet:
     address: ipaddress.IPv4Address
     gateway: ipaddress.IPv4Address
     host_veth: str
+    published: tuple[Published, ...] = ()
 
     @property
     def netns_path(self) -> str:
@@ -106,31 +114,92 @@ class NodeNetwork:
         return list(json.loads(out or "[]"))
 
     def ensure(self) -> None:
-        """Creates the bridge, its address, forwarding and the masquerade rule (idempotent)."""
+        """Creates the bridge, its address, forwarding, the masquerade rule, the inbound drop
+        and the published-ports map (idempotent)."""
         if not any(link.get("ifname") == self.bridge for link in self._links()):
             self._ip("link", "add", self.bridge, "type", "bridge")
         self._ip("addr", "replace", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
         self._ip("link", "set", self.bridge, "up")
         self._in_node("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        # One table per bridge, replaced as a whole: re-running never duplicates a rule.
-        rules = (
-            f"table ip {self.table} {{}}\n"
-            f"delete table ip {self.table}\n"
-            f"table ip {self.table} {{\n"
-            f"  chain postrouting {{\n"
-            f"    type nat hook postrouting priority srcnat; policy accept;\n"
-            f'    ip saddr {self.subnet} oifname != "{self.bridge}" masquerade\n'
-            f"  }}\n"
-            f"}}\n"
-        )
+        # One table per bridge; chains are flushed and refilled, so re-running never duplicates
+        # a rule, while the map keeps the ports other live owners published.
+        t, br = f"ip {self.table}", f'"{self.bridge}"'
+        chains = {
+            "prerouting": (
+                "type nat hook prerouting priority dstnat",
+                ["fib daddr type local dnat ip to tcp dport map @publish"],
+            ),
+            "output": (
+                "type nat hook output priority -100",
+                ["fib daddr type local ip daddr != 127.0.0.0/8 dnat ip to tcp dport map @publish"],
+            ),
+            "forward": (
+                "type filter hook forward priority filter",
+                [
+                    f"oifname {br} ct state established,related accept",
+                    f"oifname {br} ct status dnat accept",
+                    f"oifname {br} drop",
+                ],
+            ),
+            "postrouting": (
+                "type nat hook postrouting priority srcnat",
+                [f"ip saddr {self.subnet} oifname != {br} masquerade"],
+            ),
+        }
+        lines = [
+            f"add table {t}",
+            f"add map {t} publish {{ type inet_service : ipv4_addr . inet_service; }}",
+        ]
+        for name, (hook, rules) in chains.items():
+            lines += [
+                f"add chain {t} {name} {{ {hook}; policy accept; }}",
+                f"flush chain {t} {name}",
+            ]
+            lines += [f"add rule {t} {name} {rule}" for rule in rules]
+        self._nft("\n".join(lines) + "\n")
+
+    def _nft(self, script: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         prefix = ["ip", "netns", "exec", self.node_netns] if self.node_netns else []
         r = subprocess.run(
-            [*prefix, "nft", "-f", "-"], input=rules, capture_output=True, text=True, check=False
+            [*prefix, "nft", "-f", "-"], input=script, capture_output=True, text=True, check=False
         )
-        if r.returncode != 0:
+        if check and r.returncode != 0:
             raise EgressError(
                 f"task networking: nft failed: {r.stderr.strip()} (is nftables installed?)"
             )
+        return r
+
+    def _publish(self, address: ipaddress.IPv4Address, published: tuple[Published, ...]) -> None:
+        """Maps each host port to the task (`create`: a port another task holds is an error)."""
+        for i, p in enumerate(published):
+            r = self._nft(
+                f"create element ip {self.table} publish "
+                f"{{ {p.host_port} : {address} . {p.port} }}\n",
+                check=False,
+            )
+            if r.returncode != 0:
+                self._unpublish(q.host_port for q in published[:i])
+                taken = "File exists" in r.stderr
+                raise EgressError(
+                    f"cannot publish host port {p.host_port}: "
+                    + ("another task has published it" if taken else r.stderr.strip())
+                )
+
+    def _unpublish(self, host_ports: Iterable[int]) -> None:
+        ports = list(host_ports)
+        if ports:
+            keys = ", ".join(map(str, ports))
+            self._nft(f"delete element ip {self.table} publish {{ {keys} }}\n", check=False)
+
+    def _published_to(self, addresses: set[str]) -> list[int]:
+        """The host ports mapped to any of `addresses` (what a crashed owner's tasks held)."""
+        out = self._in_node("nft", "-j", "list", "map", "ip", self.table, "publish", check=False)
+        ports = []
+        for item in json.loads(out or "{}").get("nftables", []):
+            for port, target in item.get("map", {}).get("elem", []):
+                if target.get("concat", [None])[0] in addresses:
+                    ports.append(int(port))
+        return ports
 
     def _used(self) -> set[ipaddress.IPv4Address]:
         used = {self.gateway}
@@ -140,8 +209,9 @@ class NodeNetwork:
                 used.add(ipaddress.IPv4Address(alias.split()[1]))
         return used
 
-    def add_task(self, task_id: str) -> TaskNet:
-        """Creates the task's netns with a veth on the bridge, an address and a default route."""
+    def add_task(self, task_id: str, *, publish: tuple[Published, ...] = ()) -> TaskNet:
+        """Creates the task's netns with a veth on an isolated port of the bridge, an address
+        and a default route, and maps the `publish` host ports to it."""
         digest = hashlib.sha256(task_id.encode()).hexdigest()[:8]
         netns = f"{TASK_NETNS_PREFIX}{digest}"
         veth = f"{VETH_PREFIX}{digest}"
@@ -155,6 +225,9 @@ class NodeNetwork:
             # The alias records the address and owner, so allocation and sweeps need no state file.
             self._ip("link", "set", veth, "alias", f"agentnode {address} {self.owner} {task_id}")
             self._ip("link", "set", veth, "master", self.bridge)
+            # An isolated port forwards only to non-isolated ones (the bridge itself): no frame
+            # goes from one task to another.
+            self._ip("link", "set", veth, "type", "bridge_slave", "isolated", "on")
             self._ip("link", "set", veth, "up")
             self._ip("link", "set", "lo", "up", netns=netns)
             self._ip(
@@ -162,14 +235,16 @@ class NodeNetwork:
             )
             self._ip("link", "set", "eth0", "up", netns=netns)
             self._ip("route", "add", "default", "via", str(self.gateway), netns=netns)
+            self._publish(address, publish)
         except BaseException:
             self._ip("link", "del", veth, check=False)
             self._run(["ip", "netns", "del", netns], check=False)
             raise
-        return TaskNet(task_id, netns, address, self.gateway, veth)
+        return TaskNet(task_id, netns, address, self.gateway, veth, publish)
 
     def remove_task(self, net: TaskNet) -> None:
-        """Removes the task's veth and netns (idempotent)."""
+        """Removes the task's published ports, veth and netns (idempotent)."""
+        self._unpublish(p.host_port for p in net.published)
         self._ip("link", "del", net.host_veth, check=False)
         self._run(["ip", "netns", "del", net.netns], check=False)
 
@@ -178,6 +253,7 @@ class NodeNetwork:
         crash), and with `own` this process's too; returns their names."""
         removed = []
         dead: set[str] = set()
+        addresses: set[str] = set()
         for link in self._links():
             name = str(link.get("ifname", ""))
             alias = str(link.get("ifalias", "")).split()
@@ -189,8 +265,12 @@ class NodeNetwork:
                 and ((own and alias[2] == self.owner) or not _alive(alias[2]))
             ):
                 dead.add(name.removeprefix(VETH_PREFIX))
+                addresses.add(alias[1])
                 self._ip("link", "del", name, check=False)
                 removed.append(name)
+        # A host port left mapped would lead into whichever task gets the address next.
+        if addresses:
+            self._unpublish(self._published_to(addresses))
         run_netns = Path("/run/netns")
         for ns in sorted(run_netns.iterdir()) if run_netns.is_dir() else []:
             if ns.name.removeprefix(TASK_NETNS_PREFIX) in dead:

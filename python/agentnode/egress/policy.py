@@ -1,4 +1,5 @@
-"""Egress policies: parsing `--allow`, `--allow-host`, `--egress-rate` and `--conn-rate` values.
+"""Egress policies: parsing `--allow`, `--allow-host`, `--egress-rate`, `--conn-rate` and
+`--publish` values.
 
 Every bad rule raises one `PolicyError` that quotes the rule and says what is wrong with it.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "HostRule",
     "NetRule",
     "PortRange",
+    "Published",
     "network_and_policy",
 ]
 
@@ -101,6 +103,34 @@ class HostRule:
         return name == self.pattern
 
 
+@dataclass(frozen=True)
+class Published:
+    """A task's TCP `port` reachable from outside the node on the node's `host_port`."""
+
+    host_port: int
+    port: int
+
+    def kernel_rule(self) -> NetRule:
+        """The backstop's form: an entry for `::`, which no destination rule may name (see
+        `parse_allow`), whose ports are the task's published ones."""
+        return NetRule(ipaddress.IPv6Network("::/128"), PortRange(self.port, self.port, PROTO_TCP))
+
+
+def parse_publish(rule: str) -> Published:
+    """Parses `HOSTPORT:PORT` (TCP), e.g. `8080:80`."""
+    text = rule.strip() if isinstance(rule, str) else ""
+    host_s, sep, port_s = text.partition(":")
+    try:
+        host_port, port = int(host_s), int(port_s)
+    except ValueError:
+        raise PolicyError(
+            f"bad publish rule {rule!r}: use HOSTPORT:PORT with two port numbers, e.g. 8080:80"
+        ) from None
+    if not sep or not (1 <= host_port <= 65535 and 1 <= port <= 65535):
+        raise PolicyError(f"bad publish rule {rule!r}: ports must be 1-65535")
+    return Published(host_port, port)
+
+
 def _ports(rule: str, text: str) -> PortRange:
     proto = PROTO_TCP | PROTO_UDP
     if "/" in text:
@@ -145,6 +175,9 @@ def parse_allow(rule: str) -> NetRule:
         network = ipaddress.ip_network(addr, strict=False)
     except ValueError as e:
         raise PolicyError(f"bad allow rule {rule!r}: {e}") from None
+    if network == ipaddress.IPv6Network("::/128"):
+        # Published ports live under this key; `::` is no destination anyway.
+        raise PolicyError(f"bad allow rule {rule!r}: the unspecified address is no destination")
     return NetRule(network, _ports(rule, ports))
 
 
@@ -199,14 +232,17 @@ class EgressPolicy:
     """What a task may reach. Deny by default; loopback and the node's services always work.
 
     `allow`: `CIDR[:PORTS[/tcp|/udp]]` rules; `hosts`: `NAME[:PORTS]` DNS rules (resolved through
-    the node's forwarder); `rate`: bytes/s out (`1MiB/s`); `conn_rate`: new connections/s.
+    the node's forwarder); `rate`: bytes/s out (`1MiB/s`); `conn_rate`: new connections/s;
+    `publish`: `HOSTPORT:PORT` TCP ports reachable from outside the node (nothing else is).
     """
 
     allow: Sequence[str] = ()
     hosts: Sequence[str] = ()
     rate: str | int | None = None
     conn_rate: str | int | None = None
+    publish: Sequence[str] = ()
     nets: tuple[NetRule, ...] = field(init=False, repr=False)
+    published: tuple[Published, ...] = field(init=False, repr=False)
     host_rules: tuple[HostRule, ...] = field(init=False, repr=False)
     rate_bps: int = field(init=False, repr=False)
     conn_per_sec: int = field(init=False, repr=False)
@@ -214,13 +250,17 @@ class EgressPolicy:
     native_packed: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("allow", "hosts"):
+        for name in ("allow", "hosts", "publish"):
             if isinstance(getattr(self, name), str):
                 raise PolicyError(f"EgressPolicy({name}=...) takes a list of rules, not one string")
-        object.__setattr__(self, "allow", tuple(self.allow))
-        object.__setattr__(self, "hosts", tuple(self.hosts))
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "nets", tuple(parse_allow(r) for r in self.allow))
-        object.__setattr__(self, "native_packed", b"".join(r.packed() for r in self.nets))
+        published = tuple(parse_publish(r) for r in self.publish)
+        taken = [p.host_port for p in published]
+        if len(set(taken)) < len(taken):
+            raise PolicyError(f"bad publish rules {list(self.publish)!r}: a host port twice")
+        object.__setattr__(self, "published", published)
+        object.__setattr__(self, "native_packed", b"".join(r.packed() for r in self.kernel_rules))
         object.__setattr__(self, "host_rules", tuple(parse_host(r) for r in self.hosts))
         object.__setattr__(self, "rate_bps", 0 if self.rate is None else parse_rate(self.rate))
         object.__setattr__(
@@ -228,6 +268,11 @@ class EgressPolicy:
             "conn_per_sec",
             0 if self.conn_rate is None else parse_conn_rate(self.conn_rate),
         )
+
+    @property
+    def kernel_rules(self) -> tuple[NetRule, ...]:
+        """What the kernel maps hold: the CIDR rules and the published ports."""
+        return (*self.nets, *(p.kernel_rule() for p in self.published))
 
     def host_ports(self, name: str) -> list[PortRange]:
         """The ports `name` may be reached on (empty: the name is not allowed)."""
@@ -250,15 +295,24 @@ def network_and_policy(
     hosts: Sequence[str] = (),
     rate: str | int | None = None,
     conn_rate: str | int | None = None,
-    names: Sequence[str] = ("--net", "--allow", "--allow-host", "--egress-rate", "--conn-rate"),
+    publish: Sequence[str] = (),
+    names: Sequence[str] = (
+        "--net",
+        "--allow",
+        "--allow-host",
+        "--egress-rate",
+        "--conn-rate",
+        "--publish",
+    ),
 ) -> tuple[str, EgressPolicy | None]:
     """The network mode and policy a task's options ask for. The mode defaults to `egress`
     when any rule or rate is given, else `none`. A `PolicyError` starts with the option's name
     (from `names`, in the order of the parameters) and quotes the bad rule."""
-    net_name, allow_name, hosts_name, rate_name, conn_name = names
+    net_name, allow_name, hosts_name, rate_name, conn_name, publish_name = names
     checks: list[tuple[str, str | int | None, dict[str, Any]]]
     checks = [(allow_name, r, {"allow": [r]}) for r in allow]
     checks += [(hosts_name, r, {"hosts": [r]}) for r in hosts]
+    checks += [(publish_name, r, {"publish": [r]}) for r in publish]
     checks += [(rate_name, rate, {"rate": rate}), (conn_name, conn_rate, {"conn_rate": conn_rate})]
     for name, value, kwargs in checks:
         if value is None:
@@ -267,14 +321,21 @@ def network_and_policy(
             EgressPolicy(**kwargs)
         except PolicyError as e:
             raise PolicyError(f"{name} {value!r}: {e}") from None
-    wants_policy = bool(allow or hosts or rate is not None or conn_rate is not None)
+    wants_policy = bool(allow or hosts or publish or rate is not None or conn_rate is not None)
     mode = mode or ("egress" if wants_policy else "none")
     if mode not in NET_MODES:
         raise PolicyError(f"{net_name} {mode!r}: use {', '.join(NET_MODES)}")
+    if publish and mode != "egress":
+        raise PolicyError(
+            f"{publish_name} needs {net_name} egress: only a task with its own address has ports "
+            "to publish"
+        )
     if mode == "none":
         if wants_policy:
             raise PolicyError(
                 f"{net_name} none allows no egress (drop the allow rules and rates, or use egress)"
             )
         return mode, None
-    return mode, EgressPolicy(allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate)
+    return mode, EgressPolicy(
+        allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate, publish=publish
+    )

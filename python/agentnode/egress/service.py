@@ -20,13 +20,15 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
-from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.enforce import Denial, Egress
 from agentnode.egress.network import NodeNetwork, TaskNet
 from agentnode.egress.policy import EgressPolicy
 from agentnode.errors import EgressError, UsageError
+
+if TYPE_CHECKING:
+    from agentnode.egress.dns import DnsForwarder, DnsLimits
 
 __all__ = ["EgressService", "TaskEgress", "default_upstream"]
 
@@ -96,6 +98,8 @@ class TaskEgress:
         if self._egress is None:
             raise EgressError("the task's egress policy is not attached (the task has ended)")
         self._service._check(self.mode, policy)
+        if policy.published != self._egress.policy.published:
+            raise UsageError("published ports are fixed when a task starts; they cannot change")
         self._egress.update(policy)
 
     def stats(self) -> dict[str, int]:
@@ -121,7 +125,7 @@ class EgressService:
     `services`: the node's own `(address, port)` services every task may reach (the inference
     proxy, the memory API). `node_netns`: the netns the node side lives in (a name under
     /run/netns; default the host's). `on_denial` receives each denied connection (the audit
-    log gets them regardless)."""
+    log gets them regardless). `dns_limits`: what the forwarder lets each task send upstream."""
 
     def __init__(
         self,
@@ -132,8 +136,10 @@ class EgressService:
         services: Sequence[tuple[str, int]] = (),
         node_netns: str | None = None,
         on_denial: Callable[[Denial], None] | None = None,
+        dns_limits: DnsLimits | None = None,
     ) -> None:
         self.network = NodeNetwork(bridge=bridge, subnet=subnet, node_netns=node_netns)
+        self.dns_limits = dns_limits
         self.upstream = dns_upstream or default_upstream()
         self.services = tuple(services)
         self.node_netns = node_netns
@@ -191,8 +197,18 @@ class EgressService:
                         raise EgressError(
                             f"cannot enter the node netns {self.node_netns!r}: {os.strerror(err)}"
                         )
+            # Imported here: dnspython's async stack costs `agentnode exec --net none` ~100 ms.
+            from agentnode.egress.dns import DnsForwarder
+            from agentnode.egress.screen import AnswerScreen
+
             asyncio.set_event_loop(loop)
-            forwarder = DnsForwarder(upstream=self.upstream)
+            # Answers pointing at the node's addresses (read in this thread's netns, the node's)
+            # or its task subnet are dropped unless a task's CIDR rule names them.
+            forwarder = DnsForwarder(
+                upstream=self.upstream,
+                limits=self.dns_limits,
+                screen=AnswerScreen(extra=[self.network.subnet]),
+            )
             self._dns = loop.run_until_complete(self._listen(forwarder))
             self._forwarder = forwarder
         except BaseException as e:
@@ -244,6 +260,8 @@ class EgressService:
                 "host rules (--allow-host) need --net egress: in the host's netns the DNS "
                 "forwarder cannot tell one task's queries from another's"
             )
+        if mode == "host" and policy.published:
+            raise UsageError("--publish needs --net egress: a host-mode task has no own address")
 
     def prepare(
         self,
@@ -259,7 +277,11 @@ class EgressService:
             raise UsageError(f"network mode {mode!r}: use none, egress or host")
         self._check(mode, policy)
         self.start()
-        net = self.network.add_task(uuid.uuid4().hex) if mode == "egress" else None
+        net = (
+            self.network.add_task(uuid.uuid4().hex, publish=policy.published)
+            if mode == "egress"
+            else None
+        )
         return TaskEgress(self, mode, policy, net, on_denial)
 
     def _attach(self, task: TaskEgress, cgroup_dir: str, policy: EgressPolicy) -> Egress:

@@ -4,8 +4,13 @@ Agents point their SDK at it and get routing, retries, fallback, rate limits, ex
 tenant and task, budgets, caching and metrics. `agentnode proxy` runs it on its own.
 """
 
-from agentnode.inference.config import ProxyConfig, load_config, parse_config
-from agentnode.inference.server import Principal, create_app, key_attribution
+from typing import TYPE_CHECKING
+
+from agentnode import _lazy
+
+if TYPE_CHECKING:
+    from agentnode.inference.config import ProxyConfig, load_config, parse_config
+    from agentnode.inference.server import Principal, create_app, key_attribution
 
 __all__ = [
     "Principal",
@@ -15,3 +20,15 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
+
+__getattr__ = _lazy.exports(
+    __name__,
+    {
+        "ProxyConfig": "config",
+        "load_config": "config",
+        "parse_config": "config",
+        "Principal": "server",
+        "create_app": "server",
+        "key_attribution": "server",
+    },
+)

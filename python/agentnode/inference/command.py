@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import gc
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import uvloop
-from aiohttp import web
-
-from agentnode.errors import AgentnodeError
+from agentnode.errors import AgentnodeError, ConfigError, UsageError
 from agentnode.inference.config import ProxyConfig, load_config, parse_config
-from agentnode.inference.server import create_app
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
@@ -26,7 +21,6 @@ __all__ = ["add_parser", "serve"]
 def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p = sub.add_parser(
         "proxy",
-        help="run the OpenAI/Anthropic-compatible inference proxy",
         description="Serve the inference proxy (default 127.0.0.1:4000) until SIGTERM or Ctrl-C.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file ([inference] section or top level)")
@@ -38,16 +32,30 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else parse_config({}, prefix="")
     if args.listen:
-        where = parse_config({"listen": args.listen}, prefix="")
+        try:
+            where = parse_config({"listen": args.listen}, prefix="")
+        except ConfigError:
+            raise UsageError(
+                f"--listen: {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:4000)"
+            ) from None
         config = dataclasses.replace(config, host=where.host, port=where.port)
     if args.state_dir:
         config = dataclasses.replace(config, state_dir=Path(args.state_dir))
+    import uvloop  # here: every other command's start (and --help) would pay for it
+
     uvloop.run(serve(config))
     return 0
 
 
 async def serve(config: ProxyConfig) -> None:
     """Serves until SIGTERM/SIGINT, then finishes in-flight requests (10 s at most)."""
+    # Imported here: the CLI imports this module to list `proxy` in --help.
+    import asyncio
+
+    from aiohttp import web
+
+    from agentnode.inference.server import create_app
+
     runner = web.AppRunner(
         create_app(config), handler_cancellation=True, shutdown_timeout=10.0, access_log=None
     )

@@ -5,18 +5,23 @@ root, without capabilities, under a seccomp filter, in its own cgroups; the retu
 waited on, signalled, frozen and killed through its pidfd and cgroup2 node.
 """
 
-from agentnode.isolation.task import (
-    USERNS_BASE,
-    ExitReason,
-    Limits,
-    Mount,
-    Result,
-    Stats,
-    Task,
-    spawn,
-    use_data_dir,
-)
-from agentnode.isolation.units import format_size, parse_duration, parse_size
+from typing import TYPE_CHECKING
+
+from agentnode import _lazy
+
+if TYPE_CHECKING:
+    from agentnode.isolation.task import (
+        USERNS_BASE,
+        ExitReason,
+        Limits,
+        Mount,
+        Result,
+        Stats,
+        Task,
+        spawn,
+        use_data_dir,
+    )
+    from agentnode.isolation.units import format_size, parse_duration, parse_size
 
 __all__ = [
     "USERNS_BASE",
@@ -32,3 +37,21 @@ __all__ = [
     "spawn",
     "use_data_dir",
 ]
+
+__getattr__ = _lazy.exports(
+    __name__,
+    {
+        "USERNS_BASE": "task",
+        "ExitReason": "task",
+        "Limits": "task",
+        "Mount": "task",
+        "Result": "task",
+        "Stats": "task",
+        "Task": "task",
+        "spawn": "task",
+        "use_data_dir": "task",
+        "format_size": "units",
+        "parse_duration": "units",
+        "parse_size": "units",
+    },
+)

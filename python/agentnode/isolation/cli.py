@@ -41,7 +41,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Adds `exec` to the CLI."""
     p = sub.add_parser(
         "exec",
-        help="run a command isolated (namespaces, cgroup limits, seccomp)",
         description="Run CMD isolated and exit with its status (124 timeout, 250 OOM, 251 pids limit).",
     )
     p.add_argument("--cpus", metavar="N", help="CPU time limit in CPUs, e.g. 0.5")

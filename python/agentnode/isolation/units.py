@@ -15,6 +15,10 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Far beyond any real limit, and within what cgroup files, the kernel's timers and the task
+# records' integers hold: larger values are typing mistakes, refused before they reach them.
+_MAX_SIZE = 1 << 50
+_MAX_DURATION = 100 * 365 * 86400.0
 
 
 def parse_size(text: str, *, option: str) -> int:
@@ -25,6 +29,8 @@ def parse_size(text: str, *, option: str) -> int:
     value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
     if value <= 0:
         raise UsageError(f"{option}: {text!r} must be more than zero bytes (examples: 512M, 2G)")
+    if value > _MAX_SIZE:
+        raise UsageError(f"{option}: {text!r} is too large (at most 1024T)")
     return value
 
 
@@ -36,6 +42,8 @@ def parse_duration(text: str, *, option: str) -> float:
     value = float(m.group(1)) * _TIME_UNITS[(m.group(2) or "s").lower()]
     if value <= 0:
         raise UsageError(f"{option}: {text!r} must be longer than zero (examples: 30s, 500ms)")
+    if value > _MAX_DURATION:
+        raise UsageError(f"{option}: {text!r} is too long (at most 876000h, 100 years)")
     return value
 
 
@@ -66,6 +74,6 @@ def parse_env(items: list[str], *, option: str = "--env") -> dict[str, str]:
     for item in items:
         name, eq, value = item.partition("=")
         if not eq or not name:
-            raise UsageError(f"{option}: {item!r} is not NAME=VALUE")
+            raise UsageError(f"{option}: {item!r} is not NAME=VALUE (example: {option} DEBUG=1)")
         env[name] = value
     return env

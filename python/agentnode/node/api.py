@@ -217,6 +217,7 @@ def spec_from_json(body: Any) -> TaskSpec:
         "retries",
         "ro",
         "rw",
+        "publish",
         *_SANDBOX,
     }
     for key in body:
@@ -247,6 +248,10 @@ def spec_from_json(body: Any) -> TaskSpec:
         raise BadField("pids", f"must be an integer, got {pids!r}")
     binds = _binds(body, "ro") + _binds(body, "rw")
     fields: dict[str, Any] = _sandbox(body)
+    publish = body.get("publish", [])
+    if not isinstance(publish, list) or not all(isinstance(r, str) for r in publish):
+        raise BadField("publish", f'must be a list of "HOSTPORT:PORT" strings, got {publish!r}')
+    fields["publish"] = tuple(publish)
     retries = body.get("retries")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
         raise BadField("retries", f"must be an integer, got {retries!r}")
@@ -303,6 +308,7 @@ def task_json(node: Node, task: Task) -> dict[str, Any]:
         "allow_hosts": list(spec.allow_hosts),
         "egress_rate": spec.egress_rate,
         "conn_rate": spec.conn_rate,
+        "publish": list(spec.publish),
         **{key: getattr(spec, key) for key in _SANDBOX},
         "agent": spec.agent or None,
     }

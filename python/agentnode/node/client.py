@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agentnode.errors import AgentnodeError
-from agentnode.node.config import DEFAULT_SOCKET
-from agentnode.sdk.transport import UnixHTTPConnection, error_message
+from agentnode.errors import AgentnodeError, UsageError
+from agentnode.node.paths import DEFAULT_SOCKET
+from agentnode.sdk.transport import UnixHTTPConnection
 
 __all__ = ["NodeClient", "NodeNotRunning", "default_socket"]
 
@@ -121,7 +121,7 @@ class NodeClient:
             resp = self._send(conn, method, url, body)
         raw = resp.read()
         if resp.status >= 400:
-            raise AgentnodeError(error_message(resp.status, raw))
+            raise _error(resp.status, raw, method, url)
         return json.loads(raw)
 
     def stream(self, url: str) -> Iterator[bytes]:
@@ -130,9 +130,24 @@ class NodeClient:
         with contextlib.closing(conn):
             resp = self._send(conn, "GET", url, None)
             if resp.status >= 400:
-                raise AgentnodeError(error_message(resp.status, resp.read()))
+                raise _error(resp.status, resp.read(), "GET", url)
             while chunk := resp.read1(1 << 16):
                 yield chunk
+
+
+def _error(status: int, body: bytes, method: str, url: str) -> AgentnodeError:
+    """The node's own error (a `UsageError` for a request it found malformed), or, from
+    something that is not this node's API, one line saying so."""
+    try:
+        message = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = None
+    if not isinstance(message, str):
+        return AgentnodeError(
+            f"the node answered {method} {url.partition('?')[0]} with HTTP {status} and no "
+            "error of its own (is the socket an agentnode API of this version?)"
+        )
+    return UsageError(message) if status in (400, 422) else AgentnodeError(message)
 
 
 class _Kept:

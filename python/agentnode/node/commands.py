@@ -8,18 +8,21 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
 
 from agentnode.agents.kinds import KINDS
 from agentnode.egress import cli as egress_cli
-from agentnode.errors import UsageError
+from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation.units import format_size, parse_env
 from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parser", "exit_status"]
+__all__ = ["add_parser", "exit_status", "resolve_id", "task_table"]
 
 #: `wait` exit statuses for outcomes without an exit code of their own.
 _STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
@@ -42,7 +45,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Adds `submit`, `egress`, `ps`, `logs`, `wait`, `kill` and `top` to the CLI."""
     p = sub.add_parser(
         "submit",
-        help="queue a task on the node",
         description="Queue CMD as an "
         "isolated task and print its id (--wait: exit with its status).",
     )
@@ -81,13 +83,18 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("--model", help="the model an --agent uses (openclaw: required)")
     egress_cli.add_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
+    p.add_argument(
+        "-a",
+        "--attach",
+        action="store_true",
+        help="print the task's output as it runs, then exit with its status (implies --wait)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     _with_socket(p)
     p.set_defaults(func=_submit)
 
     p = sub.add_parser(
         "egress",
-        help="change a task's egress rules",
         description="Replace a task's egress rules and rates (those not given become empty). "
         "A running task's next connection follows them; a retry starts with them.",
     )
@@ -96,13 +103,13 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     _with_socket(p)
     p.set_defaults(func=_egress)
 
-    p = sub.add_parser("ps", help="list tasks", description="List live tasks (--all: ended too).")
+    p = sub.add_parser("ps", description="List live tasks (--all: ended too).")
     p.add_argument("--all", action="store_true", help="include ended tasks")
     p.add_argument("--tenant", help="only this tenant's tasks")
     _with_socket(p)
     p.set_defaults(func=_ps)
 
-    p = sub.add_parser("logs", help="print a task's output", description="Print a task's output.")
+    p = sub.add_parser("logs", description="Print a task's output.")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
     p.add_argument("id")
     _with_socket(p)
@@ -110,7 +117,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "wait",
-        help="wait for a task and exit with its status",
         description="Wait for a task to end; exit with its status.",
     )
     p.add_argument("id")
@@ -119,7 +125,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "kill",
-        help="cancel a task",
         description="Cancel a queued task or stop "
         "a running one (SIGTERM, grace, then its whole cgroup is killed).",
     )
@@ -127,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     _with_socket(p)
     p.set_defaults(func=_kill)
 
-    p = sub.add_parser("top", help="live table of tasks", description="A live table of tasks.")
+    p = sub.add_parser("top", description="A live table of tasks.")
     p.add_argument("--once", action="store_true", help="print one table and exit")
     p.add_argument("--interval", type=float, default=1.0, help="refresh seconds (default 1)")
     _with_socket(p)
@@ -166,9 +171,17 @@ def _submit(args: argparse.Namespace) -> int:
     if args.agent is None or getattr(args, "net", None):
         body["network"] = network  # an agent's default is its own (egress)
     body.update(_egress_fields(args))
-    task = _client(args).call("POST", "/v1/tasks", body)
+    if args.publish:
+        body["publish"] = args.publish
+    client = _client(args)
+    task = client.call("POST", "/v1/tasks", body)
+    if args.attach:
+        # stdout carries the task's output alone; the id still reaches whoever needs it.
+        print(f"agentnode: task {task['id']}", file=sys.stderr, flush=True)
+        _print_logs(args.socket, task["id"], follow=True)
+        return _wait_for(client, task["id"])
     print(task["id"], flush=True)
-    return _wait_for(_client(args), task["id"]) if args.wait else 0
+    return _wait_for(client, task["id"]) if args.wait else 0
 
 
 def _egress_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,8 +193,39 @@ def _egress_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in fields if value}
 
 
+def resolve_id(client: NodeClient, text: str) -> str:
+    """The full id of the one task whose id starts with `text` (as `ps` shows 12 characters
+    of it); `UsageError` when none or several do."""
+    key = text.strip().lower()
+    if not key or any(c not in "0123456789abcdef" for c in key):
+        raise UsageError(
+            f"{text!r} is not a task id (give an id or its start, as 'agentnode ps' shows it)"
+        )
+    if len(key) == _ID_LENGTH:
+        return key
+    matches = [t["id"] for t in client.call("GET", "/v1/tasks?all=1") if t["id"].startswith(key)]
+    if not matches:
+        raise AgentnodeError(f"no task {text!r} (list tasks with 'agentnode ps --all')")
+    if len(matches) > 1:
+        raise UsageError(
+            f"task id {text!r} is ambiguous: {len(matches)} tasks start with it "
+            "(give more characters)"
+        )
+    return str(matches[0])
+
+
+#: A task id is a uuid4 in hex.
+_ID_LENGTH = 32
+
+
+def _task_url(client: NodeClient, text: str, tail: str = "") -> str:
+    return f"/v1/tasks/{quote(resolve_id(client, text), safe='')}{tail}"
+
+
 def _egress(args: argparse.Namespace) -> int:
-    task = _client(args).call("PUT", f"/v1/tasks/{args.id}/egress", _egress_fields(args))
+    client = _client(args)
+    fields = _egress_fields(args)
+    task = client.call("PUT", _task_url(client, args.id, "/egress"), fields)
     rules = [*task["allow"], *task["allow_hosts"]]
     print(f"{task['id']}: {', '.join(rules) or 'no destinations'} allowed", flush=True)
     return 0
@@ -200,8 +244,9 @@ def exit_status(task: dict[str, Any]) -> int:
 
 
 def _wait_for(client: NodeClient, task_id: str) -> int:
+    url = f"/v1/tasks/{quote(task_id, safe='')}"
     while True:
-        task = client.call("GET", f"/v1/tasks/{task_id}")
+        task = client.call("GET", url)
         if task["state"] in ("succeeded", "failed", "timed_out", "cancelled", "lost"):
             if task["reason"] and task["state"] != "succeeded":
                 print(
@@ -212,21 +257,27 @@ def _wait_for(client: NodeClient, task_id: str) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    return _wait_for(_client(args), args.id)
+    client = _client(args)
+    return _wait_for(client, resolve_id(client, args.id))
 
 
 def _kill(args: argparse.Namespace) -> int:
-    _client(args).call("POST", f"/v1/tasks/{args.id}/cancel")
+    client = _client(args)
+    client.call("POST", _task_url(client, args.id, "/cancel"))
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
-    url = f"/v1/tasks/{args.id}/logs" + ("?follow=1" if args.follow else "")
-    client = NodeClient(args.socket, timeout=None if args.follow else 30.0)
+    _print_logs(args.socket, resolve_id(_client(args), args.id), follow=args.follow)
+    return 0
+
+
+def _print_logs(socket: Path | None, task_id: str, *, follow: bool) -> None:
+    url = f"/v1/tasks/{quote(task_id, safe='')}/logs" + ("?follow=1" if follow else "")
+    client = NodeClient(socket, timeout=None if follow else 30.0)
     for chunk in client.stream(url):
         sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
-    return 0
 
 
 def _rows(tasks: list[dict[str, Any]]) -> list[list[str]]:
@@ -265,9 +316,10 @@ _HEADER = ["ID", "TENANT", "PRIORITY", "STATE", "TRY", "CPU", "MEM", "AGE", "NET
 
 
 def _ps(args: argparse.Namespace) -> int:
-    query = "?all=1" if args.all else ""
+    fields: dict[str, str | int] = {"all": 1} if args.all else {}
     if args.tenant:
-        query += ("&" if query else "?") + f"tenant={args.tenant}"
+        fields["tenant"] = args.tenant
+    query = f"?{urlencode(fields)}" if fields else ""
     rows = [_HEADER, *_rows(_client(args).call("GET", "/v1/tasks" + query))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
     for r in rows:
@@ -275,31 +327,52 @@ def _ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _top(args: argparse.Namespace) -> int:
-    from rich.live import Live
+def task_table(node: dict[str, Any], tasks: list[dict[str, Any]], *, width: int) -> Table:
+    """`top`'s table for a terminal `width` columns wide: headers, ids and states whole from
+    80 columns up (below 100, without the priority and attempt columns; the command and the
+    network counters wrap in what is left; no borders, two spaces between columns, as `ps`)."""
     from rich.table import Table
 
+    t = Table(
+        title=f"agentnode: {node['running']} running, {node['queued']} queued, "
+        f"{node['free_cpu_millis'] / 1000:g} CPUs free",
+        box=None,
+        pad_edge=False,
+        padding=(0, 2, 0, 0),
+    )
+    shown = [i for i, h in enumerate(_HEADER) if width >= 100 or h not in ("PRIORITY", "TRY")]
+    for i in shown:
+        h = _HEADER[i]
+        wraps = h in ("NET", "COMMAND")
+        t.add_column(
+            h,
+            no_wrap=not wraps,
+            min_width={"ID": 12, "NET": 10, "COMMAND": 12}.get(h, len(h)),
+            max_width=12 if h == "TENANT" else None,  # a long tenant is cut (…)
+            overflow="fold" if wraps else "ellipsis",
+        )
+    for row in _rows(tasks):
+        t.add_row(*(row[i] for i in shown))
+    return t
+
+
+def _top(args: argparse.Namespace) -> int:
+    if not 0.05 <= args.interval <= 3600:
+        raise UsageError(f"--interval: {args.interval:g} is out of range (0.05 to 3600 seconds)")
+    from rich.console import Console
+    from rich.live import Live
+
     client = _client(args)
+    console = Console()
 
     def table() -> Table:
-        node = client.call("GET", "/v1/node")
-        t = Table(
-            title=f"agentnode: {node['running']} running, {node['queued']} queued, "
-            f"{node['free_cpu_millis'] / 1000:g} CPUs free"
-        )
-        for h in _HEADER:
-            # Ids and states must stay whole (they are what users copy and scan for).
-            t.add_column(h, no_wrap=True, min_width=12 if h == "ID" else None)
-        for row in _rows(client.call("GET", "/v1/tasks")):
-            t.add_row(*row)
-        return t
+        node, tasks = client.call("GET", "/v1/node"), client.call("GET", "/v1/tasks")
+        return task_table(node, tasks, width=console.width)
 
     if args.once:
-        from rich.console import Console
-
-        Console().print(table())
+        console.print(table())
         return 0
-    with Live(table(), auto_refresh=False) as live:
+    with Live(table(), console=console, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(args.interval)

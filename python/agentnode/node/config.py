@@ -13,16 +13,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import dns.exception
+import dns.rdatatype
+
 from agentnode.egress.network import NodeNetwork
 from agentnode.errors import ConfigError, PolicyError
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.config import parse_config as parse_proxy_config
+from agentnode.node.paths import DEFAULT_DATA_DIR, DEFAULT_SOCKET
 from agentnode.tasks.model import CLASSES
 
 __all__ = ["NodeConfig", "TenantConfig", "load_config"]
-
-DEFAULT_DATA_DIR = Path("/var/lib/agentnode")
-DEFAULT_SOCKET = Path("/run/agentnode/api.sock")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ class NodeConfig:
     bridge: str = "agentnode0"
     subnet: str = "10.88.0.0/24"
     dns_upstream: tuple[str, int] | None = None
+    #: What the DNS forwarder lets each task send upstream (see docs/egress.md): queries per
+    #: second (bursts of twice as many), label and name length under wildcard rules, and
+    #: record types allowed besides the address types (e.g. ["TXT"]).
+    dns_rate: float = 50.0
+    dns_max_label: int = 40
+    dns_max_name: int = 120
+    dns_types: tuple[str, ...] = ()
     #: The inference proxy, started with the node when the file has an [inference] table.
     inference: ProxyConfig | None = None
     source: Path | None = None
@@ -82,6 +90,9 @@ _KEYS: dict[tuple[str, str], tuple[str, type]] = {
     ("network", "bridge"): ("bridge", str),
     ("network", "subnet"): ("subnet", str),
     ("network", "dns_upstream"): ("dns_upstream", str),
+    ("network", "dns_rate"): ("dns_rate", float),
+    ("network", "dns_max_label"): ("dns_max_label", int),
+    ("network", "dns_max_name"): ("dns_max_name", int),
 }
 
 
@@ -160,9 +171,15 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
             if (section, key) == ("scheduler", "class_running"):
                 out["class_running"] = _class_running(r, name, value)
                 continue
+            if (section, key) == ("network", "dns_types"):
+                out["dns_types"] = _dns_types(r, name, value)
+                continue
             if (section, key) not in _KEYS:
                 known = ", ".join(sorted(f"{s}.{k}" for s, k in _KEYS))
-                raise r.error(name, f"unknown key (known: {known}, scheduler.class_running)")
+                raise r.error(
+                    name,
+                    f"unknown key (known: {known}, scheduler.class_running, network.dns_types)",
+                )
             field_name, kind = _KEYS[(section, key)]
             if kind is str:
                 if not isinstance(value, str) or not value:
@@ -173,10 +190,25 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
             elif field_name == "reserve_memory_bytes":
                 out[field_name] = r.number(name, value, int) << 20
             else:
-                minimum = 1 if field_name == "retry_max_attempts" else 0
+                minimum = 1 if field_name in _AT_LEAST_ONE else 0
                 out[field_name] = r.number(name, value, kind, minimum=minimum)
     _check_network(r, out)
     return out
+
+
+_AT_LEAST_ONE = frozenset({"retry_max_attempts", "dns_rate", "dns_max_label", "dns_max_name"})
+
+
+def _dns_types(r: _Reader, name: str, value: Any) -> tuple[str, ...]:
+    """Record type names (TXT, NULL, ...), each one dnspython knows."""
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise r.error(name, f'must be a list of record type names like ["TXT"], got {value!r}')
+    for t in value:
+        try:
+            dns.rdatatype.from_text(t)
+        except dns.exception.DNSException:
+            raise r.error(name, f"{t!r} is not a DNS record type (e.g. TXT, NULL)") from None
+    return tuple(t.upper() for t in value)
 
 
 def _check_network(r: _Reader, out: dict[str, Any]) -> None:

@@ -8,7 +8,6 @@ close the stores. SIGHUP: re-read the config file and apply tenants, retry polic
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import grp
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 from agentnode import doctor
 from agentnode.errors import AgentnodeError, ConfigError
 from agentnode.node.config import NodeConfig, load_config
+from agentnode.node.paths import ADMIN_MEMORY
 
 # How much of the vector op log a crash can leave to replay: a checkpoint of a 100k x 384
 # collection writes ~170 MiB, so not much more often than this.
@@ -37,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     """Adds `run` to the CLI."""
     p = sub.add_parser(
         "run",
-        help="run the node agent (foreground; SIGTERM stops it gracefully)",
         description="Run the node daemon: the task API on a unix socket, the scheduler, "
         "isolated tasks and agent memory, with embedded defaults.",
     )
@@ -79,6 +78,9 @@ async def _unix_site(runner: web.AppRunner, path: Path, mode: int, group: str | 
 
 async def serve(config: NodeConfig) -> None:
     """Runs the node until SIGTERM/SIGINT; SIGHUP reloads `config.source`."""
+    # asyncio here and below, not at the top: the CLI imports this module for --help.
+    import asyncio
+
     from aiohttp import web
 
     from agentnode.inference.server import create_app
@@ -89,6 +91,7 @@ async def serve(config: NodeConfig) -> None:
     from agentnode.storage.api import make_app
     from agentnode.storage.episodic import EpisodicStore
     from agentnode.storage.objects import ObjectStore
+    from agentnode.storage.tenancy import OperatorTenants
     from agentnode.storage.vector_api import vectors_app
     from agentnode.storage.vectors import VectorStore
 
@@ -106,7 +109,19 @@ async def serve(config: NodeConfig) -> None:
     memory = make_app(
         episodic=episodic, objects=objects, auth=TaskTokens(node), vectors=vectors_app(vectors)
     )
-    runners = [_runner(admin_app(node, metrics)), _runner(task_app(node, memory))]
+    admin = admin_app(node, metrics)
+    # The operator's view of every tenant's memory, on the admin unix socket only (its mode is
+    # the credential; the TCP API below has none of it).
+    admin.add_subapp(
+        ADMIN_MEMORY,
+        make_app(
+            episodic=episodic,
+            objects=objects,
+            auth=OperatorTenants(),
+            vectors=vectors_app(vectors),
+        ),
+    )
+    runners = [_runner(admin), _runner(task_app(node, memory))]
     if config.listen is not None:
         runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
     proxy = None
@@ -167,6 +182,8 @@ async def serve(config: NodeConfig) -> None:
 async def _serve_inference(runner: web.AppRunner, node: Node) -> str:
     """Listens on the configured address and, for tasks, on the node bridge (made now, so the
     address exists; egress policies always allow it)."""
+    import asyncio
+
     from aiohttp import web
 
     assert node.config.inference is not None
@@ -192,6 +209,8 @@ def _runner(app: web.Application) -> web.AppRunner:
 
 
 async def _wait_for_stop(node: Node, config: NodeConfig) -> None:
+    import asyncio
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,6 +24,7 @@ from typing import Any
 
 from agentnode import compute
 from agentnode.agents.kinds import llm_environment
+from agentnode.egress.dns import DnsLimits
 from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, TaskError
@@ -96,6 +97,12 @@ class Node:
             bridge=config.bridge,
             subnet=config.subnet,
             dns_upstream=config.dns_upstream,
+            dns_limits=DnsLimits.configured(
+                rate=config.dns_rate,
+                max_label=config.dns_max_label,
+                max_name=config.dns_max_name,
+                extra_types=config.dns_types,
+            ),
         )
         #: Where tasks with network egress reach the inference proxy (None: not started).
         self.inference_url: str | None = None
@@ -153,6 +160,7 @@ class Node:
             "protocol": d.protocol,
             "reason": d.reason,
             "pid": d.pid,
+            **({"name": d.name} if d.name else {}),
         }
         self._audit.write(json.dumps(record) + "\n")
 

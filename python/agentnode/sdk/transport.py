@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from agentnode.errors import ConfigError
 
@@ -31,14 +31,19 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def connect(url: str, *, timeout: float | None) -> tuple[http.client.HTTPConnection, str]:
-    """A connection for `http://host:port/base` or `unix:///path/to.sock`, and the base path."""
+    """A connection for `http://host:port/base`, `unix:///path/to.sock` or
+    `http+unix://%2Fpath%2Fto.sock/base` (the socket path percent-encoded), and the base path."""
     parts = urlsplit(url)
     if parts.scheme == "unix" and parts.path:
         return UnixHTTPConnection(parts.path, timeout=timeout), ""
+    if parts.scheme == "http+unix" and parts.netloc:
+        return UnixHTTPConnection(unquote(parts.netloc), timeout=timeout), parts.path.rstrip("/")
     if parts.scheme == "http" and parts.hostname:
         conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
         return conn, parts.path.rstrip("/")
-    raise ConfigError(f"AGENTNODE_URL {url!r} is not an http://host:port or unix:///path URL")
+    raise ConfigError(
+        f"AGENTNODE_URL {url!r} is not an http://host:port, unix:///path or http+unix:// URL"
+    )
 
 
 def error_message(status: int, body: bytes) -> str:

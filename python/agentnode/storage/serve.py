@@ -7,7 +7,6 @@ Tenants and their tokens come from a JSON file, never the command line (argv is 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 from pathlib import Path
@@ -58,6 +57,8 @@ async def serve(
 ) -> None:
     """Runs the memory API until SIGTERM or SIGINT, then closes the stores."""
     # Imported here: the CLI registers this command on every start, and these are heavy.
+    import asyncio
+
     from aiohttp import web
 
     from agentnode.storage.api import make_app
@@ -113,10 +114,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
-    """Registers `agentnode memory serve`."""
-    p = sub.add_parser("memory", help="agent memory: episodic records, objects and vectors")
-    cmds = p.add_subparsers(title="memory commands", metavar="COMMAND", parser_class=type(p))
+def add_parser(cmds: argparse._SubParsersAction[ArgumentParser]) -> None:
+    """Adds `serve` to `agentnode memory`'s commands."""
     s = cmds.add_parser(
         "serve",
         help="serve the memory HTTP API on its own",

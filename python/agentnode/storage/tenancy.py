@@ -14,7 +14,7 @@ from typing import Protocol
 
 from agentnode.storage.keys import check_name
 
-__all__ = ["Authenticator", "Principal", "StaticTokens"]
+__all__ = ["OPERATOR_PREFIX", "Authenticator", "OperatorTenants", "Principal", "StaticTokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +44,20 @@ class StaticTokens:
     def authenticate(self, token: str) -> Principal | None:
         """The principal of `token`, or None."""
         return self._by_digest.get(hashlib.sha256(token.encode()).digest())
+
+
+#: How an operator's bearer names the tenant it acts for: `tenant:<name>`.
+OPERATOR_PREFIX = "tenant:"
+
+
+class OperatorTenants:
+    """The node's admin socket, where the caller is the operator (root or the `agentnode`
+    group, by the socket's mode) and may act for any tenant: the bearer `tenant:<name>` names
+    which one, and every call is scoped to it as a tenant's own token would be. Never use it
+    where a connection does not already prove the caller is the operator."""
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal `tenant:<name>` names (MemoryKeyError for a malformed name), or None."""
+        if not token.startswith(OPERATOR_PREFIX):
+            return None
+        return Principal(check_name("tenant", token[len(OPERATOR_PREFIX) :]))

@@ -1,10 +1,15 @@
 """Durable task lifecycle: model and state machine, RocksDB store, retries, tokens, scheduling."""
 
-from agentnode.tasks.manager import Limits, TaskManager
-from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
-from agentnode.tasks.retry import RetryPolicy
-from agentnode.tasks.store import TaskStore
-from agentnode.tasks.tokens import TokenKey
+from typing import TYPE_CHECKING
+
+from agentnode import _lazy
+
+if TYPE_CHECKING:
+    from agentnode.tasks.manager import Limits, TaskManager
+    from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
+    from agentnode.tasks.retry import RetryPolicy
+    from agentnode.tasks.store import TaskStore
+    from agentnode.tasks.tokens import TokenKey
 
 __all__ = [
     "CLASSES",
@@ -18,3 +23,19 @@ __all__ = [
     "TaskStore",
     "TokenKey",
 ]
+
+__getattr__ = _lazy.exports(
+    __name__,
+    {
+        "Limits": "manager",
+        "TaskManager": "manager",
+        "CLASSES": "model",
+        "TERMINAL": "model",
+        "State": "model",
+        "Task": "model",
+        "TaskSpec": "model",
+        "RetryPolicy": "retry",
+        "TaskStore": "store",
+        "TokenKey": "tokens",
+    },
+)

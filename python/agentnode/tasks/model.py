@@ -76,6 +76,8 @@ class TaskSpec:
     allow_hosts: tuple[str, ...] = ()
     egress_rate: str | int | None = None
     conn_rate: str | int | None = None
+    #: `HOSTPORT:PORT` TCP ports reachable from outside the node (`agentnode exec --publish`).
+    publish: tuple[str, ...] = ()
     user: str = "65534"
     #: Retries after a failed, timed-out or lost attempt (None: the node's retry policy).
     retries: int | None = None
@@ -132,7 +134,8 @@ class TaskSpec:
                 hosts=self.allow_hosts,
                 rate=self.egress_rate,
                 conn_rate=self.conn_rate,
-                names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate"),
+                publish=self.publish,
+                names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate", "publish"),
             )
         except PolicyError as e:
             raise TaskError(str(e)) from None
