@@ -109,6 +109,11 @@ USAGE: list[list[str]] = [
     ["proxy", "--listen", "bad"],
     ["proxy", "--listen", "127.0.0.1:99999"],
     ["proxy", "--bogus"],
+    ["agents"],
+    ["agents", "install", "autogpt"],
+    ["agents", "status", "--bogus"],
+    ["submit", *NOSOCK, "--model", "m", "--", "true"],
+    ["submit", *NOSOCK, "--agent", "nope", "--", "true"],
     ["run", "--bogus"],
     # tools
     ["tool"],
@@ -148,6 +153,7 @@ RUNTIME: list[list[str]] = [
     ["audit", "verify", "/nonexistent/audit"],
     ["audit", "verify", "/etc/hostname"],
     ["timeline", *NOSOCK, "abc"],
+    ["agents", "install", "openclaw", "--cache", "/etc/passwd"],
 ]
 
 

@@ -46,6 +46,7 @@ COMMANDS: dict[str, dict[str, str]] = {
         "audit": "check the node's hash-chained audit log",
         "timeline": "a task's ordered record: states, execs, LLM and tool calls, denials",
     },
+    "agentnode.agents.cli": {"agents": "install agent runtimes (OpenClaw)"},
 }
 
 

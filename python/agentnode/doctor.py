@@ -25,7 +25,30 @@ _STATUS = {"ok": "ok", "missing": "MISSING", "needs_root": "needs root"}
 def report() -> dict[str, Any]:
     """Runs every probe and returns the report (a dict following docs/doctor.schema.json)."""
     result: dict[str, Any] = json.loads(_native.doctor())
+    result["checks"].append(_openclaw_check())
     return result
+
+
+def _openclaw_check() -> dict[str, Any]:
+    """Whether `--agent openclaw` tasks can run here (optional: other kinds need nothing)."""
+    from agentnode.agents import openclaw
+    from agentnode.agents.kinds import agents_cache
+    from agentnode.node.paths import DEFAULT_DATA_DIR
+
+    cache = agents_cache(DEFAULT_DATA_DIR)
+    found = openclaw.status(cache)
+    return {
+        "id": "agents.openclaw",
+        "feature": "OpenClaw agent runtime",
+        "status": "ok" if found else "missing",
+        "required": False,
+        "detail": (
+            f"openclaw {found['openclaw']} on node {found['node']} in {found['home']}"
+            if found
+            else f"not installed in {cache / 'openclaw'}"
+        ),
+        "fix": "" if found else "sudo agentnode agents install openclaw",
+    }
 
 
 def render(rep: dict[str, Any], *, width: int | None = None) -> str:

@@ -2,8 +2,10 @@
 
 They stand in for providers in tests, benchmarks and demos: deterministic bodies, SSE streams
 with usage chunks, provider-format error bodies with Retry-After, and scripted failures
-(status codes, hangs, garbage, a stream that dies after its first event). They record what
-they received and when a client went away.
+(status codes, hangs, garbage, a stream that dies after its first event). A `script` of `Turn`s
+answers successive chat requests with given text and tool calls (OpenAI `tool_calls`, Anthropic
+`tool_use`, streamed or not), so an agent framework can be driven through a multi-turn run.
+They record what they received and when a client went away.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["Fault", "MockUpstream"]
+__all__ = ["Fault", "MockUpstream", "ToolCall", "Turn"]
 
 OPENAI_USAGE = {
     "prompt_tokens": 1000,
@@ -46,6 +48,36 @@ class Fault:
     die_after_first: bool = False  # stream: close the connection after the first event
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool call a scripted turn makes: the tool's name and its arguments."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One scripted assistant answer: text, tool calls, or both."""
+
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    @classmethod
+    def parse(cls, obj: Any) -> Turn:
+        """A turn from JSON: `"text"` or `{"text": ..., "tool_calls": [{"name", "arguments"}]}`."""
+        if isinstance(obj, str):
+            return cls(text=obj)
+        if not isinstance(obj, dict) or set(obj) - {"text", "tool_calls"}:
+            raise ValueError(f"a scripted turn is a string or {{text, tool_calls}}, got {obj!r}")
+        calls = tuple(
+            ToolCall(c["name"], dict(c.get("arguments", {})), c.get("id", ""))
+            for c in obj.get("tool_calls", ())
+        )
+        return cls(text=str(obj.get("text", "")), tool_calls=calls)
+
+
 @dataclass
 class MockUpstream:
     """One provider on 127.0.0.1. `kind` is `openai` or `anthropic`; `await start()` first."""
@@ -59,6 +91,8 @@ class MockUpstream:
     end_delay: float = 0.0
     usage: dict[str, Any] | None = None
     faults: deque[Fault] = field(default_factory=deque)
+    #: Answers for successive chat requests (then the default "Hello" answers).
+    script: deque[Turn] = field(default_factory=deque)
     #: What each request brought: path, json, body (bytes), headers, peer (host, port).
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
@@ -154,6 +188,10 @@ class MockUpstream:
                 "total_tokens": usage["total_tokens"],
             }
             return web.json_response(_response_object(body["model"], r_usage))
+        if endpoint == "chat/completions" and self.script:
+            turn = self.script.popleft()
+            self.requests[-1]["turn"] = turn
+            return await self._openai_turn(request, body, turn, usage)
         if not body.get("stream"):
             if endpoint == "completions":
                 choice: dict[str, Any] = {"index": 0, "text": "Hello", "finish_reason": "stop"}
@@ -222,6 +260,10 @@ class MockUpstream:
             return early
         body = self.requests[-1]["json"]
         usage = self._usage()
+        if self.script:
+            turn = self.script.popleft()
+            self.requests[-1]["turn"] = turn
+            return await self._anthropic_turn(request, body, turn, usage)
         if not body.get("stream"):
             return web.json_response(
                 {
@@ -299,6 +341,129 @@ class MockUpstream:
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(time.monotonic())
             raise
+        return resp
+
+    async def _openai_turn(
+        self, request: web.Request, body: dict[str, Any], turn: Turn, usage: dict[str, Any]
+    ) -> web.StreamResponse:
+        calls: list[dict[str, Any]] = [
+            {
+                "id": c.id or f"call_{len(self.requests)}_{i}",
+                "type": "function",
+                "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+            }
+            for i, c in enumerate(turn.tool_calls)
+        ]
+        finish = "tool_calls" if calls else "stop"
+        head = {"id": "chatcmpl-mock", "created": int(time.time()), "model": body["model"]}
+        if not body.get("stream"):
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": turn.text or None,
+                "refusal": None,
+            }
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+            return web.json_response(
+                {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+            )
+        # A stream as OpenAI sends it: role first, the text, each call's name, then its
+        # arguments as a separate delta (clients must join them by index).
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if turn.text:
+            deltas.append({"content": turn.text})
+        for i, call in enumerate(calls):
+            fn = call["function"]
+            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                           "function": {"name": fn["name"], "arguments": ""}}]})  # fmt: skip
+            deltas.append(
+                {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]}
+            )
+        include = (body.get("stream_options") or {}).get("include_usage") is True
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for n, delta in enumerate(deltas):
+            chunk = {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "finish_reason": finish if n == len(deltas) - 1 else None,
+                    }
+                ],
+            }
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        if include:
+            last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _anthropic_turn(
+        self, request: web.Request, body: dict[str, Any], turn: Turn, usage: dict[str, Any]
+    ) -> web.StreamResponse:
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": turn.text}] if turn.text else []
+        blocks += [
+            {
+                "type": "tool_use",
+                "id": c.id or f"toolu_{len(self.requests)}_{i}",
+                "name": c.name,
+                "input": c.arguments,
+            }
+            for i, c in enumerate(turn.tool_calls)
+        ]
+        stop = "tool_use" if turn.tool_calls else "end_turn"
+        message = {"id": "msg_mock", "type": "message", "role": "assistant", "model": body["model"]}
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    **message,
+                    "content": blocks,
+                    "stop_reason": stop,
+                    "stop_sequence": None,
+                    "usage": usage,
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def event(data: dict[str, Any]) -> None:
+            await resp.write(f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode())
+
+        start_usage = {**usage, "output_tokens": 1}
+        await event(
+            {
+                "type": "message_start",
+                "message": {
+                    **message,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": start_usage,
+                },
+            }
+        )
+        for i, block in enumerate(blocks):
+            if block["type"] == "text":
+                start: dict[str, Any] = {"type": "text", "text": ""}
+                delta = {"type": "text_delta", "text": block["text"]}
+            else:
+                start = {**block, "input": {}}
+                delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+            await event({"type": "content_block_start", "index": i, "content_block": start})
+            await event({"type": "content_block_delta", "index": i, "delta": delta})
+            await event({"type": "content_block_stop", "index": i})
+        await event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            }
+        )
+        await event({"type": "message_stop"})
         return resp
 
 

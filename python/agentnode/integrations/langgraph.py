@@ -1,5 +1,11 @@
-"""`AgentnodeStore`: a LangGraph `BaseStore` kept in agentnode episodic memory.
+"""LangGraph persistence kept by the node: `AgentnodeStore` (a `BaseStore`) and
+`AgentnodeCheckpointer` (a `BaseCheckpointSaver`), both over agentnode episodic memory.
 
+Inside a task both need no arguments beyond a `Memory()`: it reaches the node through the task
+socket with the task's own token, so the records are the task's tenant's and survive the task's
+retries (they live under the task's id, which stays the same from one attempt to the next).
+
+`AgentnodeStore`:
 Mapping: a LangGraph namespace `("users", "alice")` is the episodic namespace `users:alice`
 (labels use the episodic alphabet, no ':'), an item's key is the record id, and every item
 lives under one task (`task=`, default "langgraph"), so ending that task expires them all.
@@ -8,16 +14,36 @@ Limits, on purpose for now:
 - `search` lists and filters (namespace prefix, exact-match `filter`, offset/limit) without
   vectors; `query` is not used and `score` is None. Semantic search arrives with the vector index.
 - TTL (minutes, as LangGraph counts) runs from the last write; reads do not refresh it.
+
+`AgentnodeCheckpointer`: each thread is one episodic namespace (`lgcp:` + a digest of the thread
+id) under one task (default `$AGENTNODE_TASK_ID`), holding one record per checkpoint, per
+changed channel value (stored once per version, as LangGraph's own savers do), per checkpoint's
+pending writes, and a pointer to the newest checkpoint of each checkpoint namespace. `get_tuple`
+costs one read per channel; `list` scans the thread (at most 10,000 records).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import threading
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_checkpoint_metadata,
+    writes_sort_key,
+)
 from langgraph.store.base import (
     BaseStore,
     GetOp,
@@ -35,7 +61,7 @@ from langgraph.store.base import (
 from agentnode.errors import NotFoundError
 from agentnode.sdk.memory import Memory
 
-__all__ = ["AgentnodeStore"]
+__all__ = ["AgentnodeCheckpointer", "AgentnodeStore"]
 
 _SCAN_LIMIT = 10_000
 
@@ -159,3 +185,305 @@ class AgentnodeStore(BaseStore):
         if op.max_depth is not None:
             spaces = sorted({ns[: op.max_depth] for ns in spaces})
         return spaces[op.offset : op.offset + op.limit]
+
+
+def _digest(text: object) -> str:
+    # Thread ids, checkpoint namespaces and versions are free text; record ids and namespace
+    # labels have a small alphabet. The originals are kept in the records' values.
+    return hashlib.blake2b(str(text).encode(), digest_size=12).hexdigest()
+
+
+def _thread_ns(thread_id: str) -> str:
+    return "lgcp:" + _digest(thread_id)
+
+
+class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
+    """A LangGraph checkpointer over `memory` (default: a `Memory()` from the task's
+    environment), all threads under `task` (default $AGENTNODE_TASK_ID, else "langgraph").
+
+    Writes reach the node's RocksDB write-ahead log before `put` returns (no fsync, as the
+    node's own task records: they survive the task's and the daemon's death, not the host's),
+    so a task killed mid-graph and retried resumes from its last completed super-step: call
+    the graph with `None` as input when `get_tuple` finds a checkpoint for the thread.
+    """
+
+    def __init__(self, memory: Memory | None = None, *, task: str | None = None) -> None:
+        super().__init__()
+        self._memory = memory if memory is not None else Memory()
+        self._task = task or os.environ.get("AGENTNODE_TASK_ID") or "langgraph"
+        self._lock = threading.Lock()  # Memory is one connection: one request at a time
+        # What this saver last read or wrote of the newest-checkpoint pointers and of the
+        # pending writes, by record: saves a read per put and per put_writes. A thread is
+        # written by the one task (process) that runs it; delete_thread forgets its entries.
+        self._known: dict[tuple[str, str], dict[str, Any]] = {}
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _get(self, namespace: str, record_id: str) -> dict[str, Any] | None:
+        try:
+            value: dict[str, Any] = self._memory.get(namespace, self._task, record_id)["value"]
+        except NotFoundError:
+            return None
+        return value
+
+    def _cached(self, namespace: str, record_id: str) -> dict[str, Any] | None:
+        """`_get` through `_known` (only the records this saver also writes)."""
+        key = (namespace, record_id)
+        if key not in self._known:
+            value = self._get(namespace, record_id)
+            if value is None:
+                return None
+            self._known[key] = value
+        return self._known[key]
+
+    def _scan(self, namespace: str) -> dict[str, dict[str, Any]]:
+        try:
+            records = self._memory.scan(
+                namespace, self._task, limit=_SCAN_LIMIT, newest_first=False
+            )
+        except NotFoundError:
+            return {}
+        return {rec["id"]: rec["value"] for rec in records}
+
+    def _threads(self) -> list[str]:
+        return [ns for ns, task in self._memory.tasks("lgcp:") if task == self._task]
+
+    def _tuple(
+        self,
+        value: dict[str, Any],
+        writes: dict[str, Any] | None,
+        blob: Any,
+    ) -> CheckpointTuple:
+        """A stored checkpoint as LangGraph reads it; `blob(channel, version)` finds values."""
+        thread, ns, cid = value["thread"], value["ns"], value["id"]
+        checkpoint: Checkpoint = self.serde.loads_typed(tuple(value["checkpoint"]))
+        values = {}
+        for channel, version in checkpoint["channel_versions"].items():
+            stored = blob(channel, version)
+            if stored is not None and stored[0] != "empty":
+                values[channel] = self.serde.loads_typed(tuple(stored))
+        pending = sorted(
+            (writes or {}).get("writes", []), key=lambda w: writes_sort_key(w[5], w[0], w[1])
+        )
+
+        def config(checkpoint_id: str) -> RunnableConfig:
+            return {
+                "configurable": {
+                    "thread_id": thread,
+                    "checkpoint_ns": ns,
+                    "checkpoint_id": checkpoint_id,
+                }
+            }
+
+        return CheckpointTuple(
+            config=config(cid),
+            checkpoint={**checkpoint, "channel_values": values},
+            metadata=self.serde.loads_typed(tuple(value["metadata"])),
+            parent_config=config(value["parent"]) if value["parent"] else None,
+            pending_writes=[(w[0], w[2], self.serde.loads_typed((w[3], w[4]))) for w in pending],
+        )
+
+    # -- the saver API --------------------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint `config` names, or the thread's newest in its checkpoint namespace."""
+        thread = str(config["configurable"]["thread_id"])
+        ns = config["configurable"].get("checkpoint_ns", "")
+        space, dns = _thread_ns(thread), _digest(ns)
+        with self._lock:
+            cid = get_checkpoint_id(config)
+            if not cid:
+                latest = self._get(space, f"l.{dns}")
+                if latest is None:
+                    return None
+                cid = latest["id"]
+            value = self._get(space, f"c.{dns}.{_digest(cid)}")
+            if value is None:
+                return None
+            writes = self._get(space, f"w.{dns}.{_digest(cid)}")
+            return self._tuple(
+                value,
+                writes,
+                lambda ch, ver: (
+                    self._get(space, f"b.{dns}.{_digest(ch)}.{_digest(ver)}") or {}
+                ).get("v"),
+            )
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """Checkpoints newest first, of one thread (or all), filtered as LangGraph's savers do."""
+        with self._lock:
+            spaces = (
+                [_thread_ns(str(config["configurable"]["thread_id"]))]
+                if config
+                else self._threads()
+            )
+            records = [self._scan(space) for space in spaces]
+        want_ns = config["configurable"].get("checkpoint_ns") if config else None
+        want_id = get_checkpoint_id(config) if config else None
+        before_id = get_checkpoint_id(before) if before else None
+        found: list[tuple[str, dict[str, Any], dict[str, dict[str, Any]]]] = []
+        for recs in records:
+            for rid, value in recs.items():
+                if not rid.startswith("c.") or (want_ns is not None and value["ns"] != want_ns):
+                    continue
+                if (want_id and value["id"] != want_id) or (before_id and value["id"] >= before_id):
+                    continue
+                found.append((value["id"], value, recs))
+        found.sort(key=lambda f: f[0], reverse=True)
+        left = limit
+        for _, value, recs in found:
+            if filter:
+                metadata = self.serde.loads_typed(tuple(value["metadata"]))
+                if not all(metadata.get(k) == v for k, v in filter.items()):
+                    continue
+            if left is not None:
+                if left <= 0:
+                    return
+                left -= 1
+            dns = _digest(value["ns"])
+            yield self._tuple(
+                value,
+                recs.get(f"w.{dns}.{_digest(value['id'])}"),
+                lambda ch, ver, recs=recs, dns=dns: (
+                    recs.get(f"b.{dns}.{_digest(ch)}.{_digest(ver)}") or {}
+                ).get("v"),
+            )
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Stores a checkpoint and the channel values of `new_versions`, atomically."""
+        thread = str(config["configurable"]["thread_id"])
+        ns = config["configurable"].get("checkpoint_ns", "")
+        space, dns, cid = _thread_ns(thread), _digest(ns), checkpoint["id"]
+        stored = dict(checkpoint)
+        values: dict[str, Any] = stored.pop("channel_values")  # type: ignore[assignment]
+        records: list[dict[str, Any]] = [
+            {
+                "id": f"b.{dns}.{_digest(ch)}.{_digest(ver)}",
+                "value": {
+                    "v": list(
+                        self.serde.dumps_typed(values[ch]) if ch in values else ("empty", b"")
+                    )
+                },
+            }
+            for ch, ver in new_versions.items()
+        ]
+        records.append(
+            {
+                "id": f"c.{dns}.{_digest(cid)}",
+                "value": {
+                    "thread": thread,
+                    "ns": ns,
+                    "id": cid,
+                    "parent": config["configurable"].get("checkpoint_id"),
+                    "checkpoint": list(self.serde.dumps_typed(stored)),
+                    "metadata": list(
+                        self.serde.dumps_typed(get_checkpoint_metadata(config, metadata))
+                    ),
+                },
+            }
+        )
+        with self._lock:
+            latest = self._cached(space, f"l.{dns}")
+            if latest is None or latest["id"] <= cid:
+                records.append({"id": f"l.{dns}", "value": {"id": cid}})
+            self._memory.append_many(space, self._task, records)
+            if latest is None or latest["id"] <= cid:
+                self._known[(space, f"l.{dns}")] = {"id": cid}
+        return {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Stores a task's pending writes for a checkpoint. Special channels (errors,
+        interrupts) replace an earlier write at their index; others are kept from the first."""
+        thread = str(config["configurable"]["thread_id"])
+        ns = config["configurable"].get("checkpoint_ns", "")
+        cid = config["configurable"]["checkpoint_id"]
+        space, rid = _thread_ns(thread), f"w.{_digest(ns)}.{_digest(cid)}"
+        with self._lock:
+            stored = self._cached(space, rid) or {"writes": []}
+            by_key = {(w[0], w[1]): w for w in stored["writes"]}
+            for idx, (channel, value) in enumerate(writes):
+                key = (task_id, WRITES_IDX_MAP.get(channel, idx))
+                if key[1] >= 0 and key in by_key:
+                    continue
+                by_key[key] = [task_id, key[1], channel, *self.serde.dumps_typed(value), task_path]
+            merged = {"writes": list(by_key.values())}
+            self._memory.append(space, self._task, merged, id=rid)
+            # Only the newest checkpoint's writes are added to again: keep no older ones.
+            self._known = {k: v for k, v in self._known.items() if not k[1].startswith("w.")}
+            self._known[(space, rid)] = merged
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Deletes every checkpoint, value and write of a thread."""
+        space = _thread_ns(str(thread_id))
+        with self._lock:
+            self._known = {k: v for k, v in self._known.items() if k[0] != space}
+            for rid in self._scan(space):
+                self._memory.delete(space, self._task, rid)
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """`get_tuple` on a worker thread."""
+        return await asyncio.to_thread(self.get_tuple, config)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        """`list` on a worker thread."""
+        found = await asyncio.to_thread(
+            lambda: list(self.list(config, filter=filter, before=before, limit=limit))
+        )
+        for item in found:
+            yield item
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """`put` on a worker thread."""
+        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """`put_writes` on a worker thread."""
+        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """`delete_thread` on a worker thread."""
+        await asyncio.to_thread(self.delete_thread, thread_id)
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """Versions as LangGraph's own savers make them: a counter, then a random tiebreak
+        (so two writers of one version never collide)."""
+        number = 0 if current is None else int(str(current).split(".")[0])
+        return f"{number + 1:032}.{int.from_bytes(os.urandom(8)):020}"

@@ -25,6 +25,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from agentnode.agents.kinds import AgentSpec, agents_cache
+from agentnode.agents.kinds import prepare as prepare_agent
 from agentnode.audit import timeline
 from agentnode.errors import (
     AgentnodeError,
@@ -173,6 +175,7 @@ def task_json(node: Node, task: Task) -> dict[str, Any]:
         "heartbeat": spec.heartbeat_s,
         "retries": spec.retries,
         **spec.sandbox.to_json(),
+        "agent": spec.agent or None,
     }
     running = node.running.get(task.id)
     if running is not None and running.proc.result is None:
@@ -202,7 +205,18 @@ async def _submit(request: web.Request) -> web.Response:
     except ValueError:
         raise BadField("body", "is not valid JSON") from None
     node = request.app[NODE]
+    agent = body.pop("agent", None) if isinstance(body, dict) else None
     spec = spec_from_json(body)
+    if agent is not None:
+        try:
+            spec = prepare_agent(
+                spec,
+                AgentSpec.parse(agent),
+                network_given=bool(body.get("network")),
+                cache=agents_cache(node.config.data_dir),
+            )
+        except TaskError as e:
+            raise BadField("agent", str(e)) from None
     inv = node.inventory
     if spec.cpu_millis > inv.allocatable_cpu_millis:
         raise BadField(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
+from agentnode.agents.kinds import KINDS
 from agentnode.egress import cli as egress_cli
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation.spec import Sandbox, SpecError, check_duration
@@ -51,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("--priority", default="normal", choices=CLASSES, help="class (default normal)")
     p.add_argument("--heartbeat", metavar="DURATION", help="stop it when it misses heartbeats")
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
+    p.add_argument(
+        "--agent", choices=KINDS, help="prepare the task for this agent kind (docs/agents.md)"
+    )
+    p.add_argument("--model", help="the model an --agent uses (openclaw: required)")
     Sandbox.add_arguments(p, node=True)
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
     p.add_argument(
@@ -127,6 +132,12 @@ def _submit(args: argparse.Namespace) -> int:
             raise e.for_option("--heartbeat") from None
     if args.retries is not None:
         body["retries"] = args.retries
+    if args.agent is not None:
+        body["agent"] = {"kind": args.agent, **({"model": args.model} if args.model else {})}
+        if getattr(args, "net", None) is None:
+            body.pop("network", None)  # an agent's default is its own (egress)
+    elif args.model is not None:
+        raise UsageError("--model needs --agent KIND (it is the model that agent uses)")
     client = _client(args)
     task = client.call("POST", "/v1/tasks", body)
     if args.attach:

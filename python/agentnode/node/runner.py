@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentnode import compute
+from agentnode.agents.kinds import llm_environment
 from agentnode.audit.execs import ExecTrace
 from agentnode.audit.log import AuditLog
 from agentnode.audit.timeline import entries as timeline_entries
@@ -445,10 +446,8 @@ class Node:
         )
         if self.inference_url is not None and sandbox.network != "none":
             # The official SDKs read these: agent code reaches the proxy, billed to this task.
-            env.setdefault("OPENAI_BASE_URL", self.inference_url + "/v1")
-            env.setdefault("ANTHROPIC_BASE_URL", self.inference_url)
-            env.setdefault("OPENAI_API_KEY", env["AGENTNODE_TOKEN"])
-            env.setdefault("ANTHROPIC_API_KEY", env["AGENTNODE_TOKEN"])
+            for key, value in llm_environment(self.inference_url, env["AGENTNODE_TOKEN"]).items():
+                env.setdefault(key, value)
         checkpoint = self.manager.store.checkpoint_path(task.id)
         mounts = []
         if checkpoint.exists():

@@ -85,6 +85,8 @@ class TaskSpec:
     heartbeat_s: float | None = None
     #: Retries after a failed, timed-out or lost attempt (None: the node's retry policy).
     retries: int | None = None
+    #: The agent kind it was prepared for (`agentnode.agents`), empty for a plain command.
+    agent: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.tenant, str) or not _TENANT.fullmatch(self.tenant):

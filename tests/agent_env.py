@@ -1,0 +1,98 @@
+"""What agent end-to-end tests share: a scripted mock upstream in the test's netns and a daemon
+there that serves the inference proxy in front of it, priced so costs are exact."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from egress_world import HOST4, World
+from node_daemon import Daemon, daemon
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+# 1000 prompt (600 cached) + 300 completion (100 reasoning) per mock answer
+#   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
+CALL_COST = Decimal("0.00495")
+PRICE = "price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 12 }"
+
+
+class ScriptedMock:
+    """`agent_mock.py` in the world's task netns; `requests` fills as it answers."""
+
+    def __init__(self, world: World, script: list[Any]) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{world.task}", sys.executable,
+             str(HERE / "agent_mock.py"), "openai", json.dumps(script)],
+            stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().strip()
+        self.requests: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.requests.append(json.loads(line))
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
+
+
+def subnet() -> str:
+    return f"10.{random.randint(1, 254)}.{random.randint(0, 254)}.0/24"
+
+
+@contextlib.contextmanager
+def agent_node(
+    world: World, root: Path, script: list[Any], *, extra: str = ""
+) -> Iterator[tuple[Daemon, ScriptedMock]]:
+    """A daemon in the world's task netns whose proxy serves model `gpt-test` from the mock."""
+    mock = ScriptedMock(world, script)
+    port = random.randint(20000, 30000)
+    try:
+        config = (
+            f'[network]\nsubnet = "{subnet()}"\ndns_upstream = "{HOST4}:53"\n'
+            "[retry]\nbase = 0.1\n"
+            f'[inference]\nlisten = "127.0.0.1:{port}"\n'
+            f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
+            f'models = ["gpt-test"]\n{PRICE}\n{extra}'
+        )
+        with daemon(root, config, ("nsenter", f"--net=/run/netns/{world.task}")) as d:
+            d.inference_port = port  # type: ignore[attr-defined]
+            yield d, mock
+    finally:
+        mock.close()
+
+
+def audit(d: Daemon) -> list[dict[str, Any]]:
+    path = d.data / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ledger(world: World, d: Daemon, key: str) -> list[dict[str, Any]]:
+    """The proxy's usage rows per tenant and task, read with a tenant's API key `key`."""
+    url = f"http://127.0.0.1:{d.inference_port}/v1/usage?group_by=tenant,task"  # type: ignore[attr-defined]
+    code = (
+        "import json, sys, urllib.request\n"
+        f"r = urllib.request.Request({url!r}, headers={{'Authorization': 'Bearer {key}'}})\n"
+        "print(json.dumps(json.load(urllib.request.urlopen(r))['data']))"
+    )
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{world.task}", sys.executable, "-c", code],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows

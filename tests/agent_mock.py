@@ -1,0 +1,47 @@
+"""A scripted mock upstream for agent tests, run as a process (e.g. inside a test's netns):
+`python agent_mock.py KIND 'SCRIPT_JSON'` prints its base URL, then one JSON line per request
+it answered: the path, how many messages it carried, the last one's role, the tool results it
+was sent, and the turn given."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections import deque
+
+from agentnode.inference.mock import MockUpstream, Turn
+
+
+async def main(kind: str, script: str) -> None:
+    mock = MockUpstream(kind, script=deque(Turn.parse(t) for t in json.loads(script)))
+    await mock.start()
+    print(mock.base_url, flush=True)
+    seen = 0
+    while True:
+        while seen < len(mock.requests):
+            r = mock.requests[seen]
+            messages = (r["json"] or {}).get("messages") or []
+            turn = r.get("turn")
+            print(
+                json.dumps(
+                    {
+                        "path": r["path"],
+                        "model": (r["json"] or {}).get("model"),
+                        "messages": len(messages),
+                        "last_role": messages[-1].get("role") if messages else None,
+                        "tool_results": [
+                            str(m.get("content")) for m in messages if m.get("role") == "tool"
+                        ],
+                        "turn": None if turn is None else turn.text or turn.tool_calls[0].name,
+                        "tools": len((r["json"] or {}).get("tools") or []),
+                    }
+                ),
+                flush=True,
+            )
+            seen += 1
+        await asyncio.sleep(0.02)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,86 @@
+"""AgentnodeCheckpointer: LangGraph's own conformance suite, and a real graph resuming from it,
+over the memory API on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Annotated, TypedDict
+
+import pytest
+from langgraph.checkpoint.conformance import checkpointer_test, validate
+from langgraph.graph import END, START, StateGraph
+
+from agentnode.integrations.langgraph import AgentnodeCheckpointer
+from agentnode.sdk import Memory
+
+
+def test_passes_langgraph_checkpoint_conformance(memory_server) -> None:  # type: ignore[no-untyped-def]
+    url, tokens = memory_server
+
+    @checkpointer_test(name="AgentnodeCheckpointer")
+    async def saver() -> AsyncGenerator[AgentnodeCheckpointer, None]:
+        # A fresh task label per capability suite: each starts from an empty store.
+        with Memory(url, tokens["a"]) as mem:
+            yield AgentnodeCheckpointer(mem, task=f"conf-{uuid.uuid4().hex[:8]}")
+
+    report = asyncio.run(validate(saver))
+    failures = {
+        cap: result.failures
+        for cap, result in report.results.items()
+        if result.detected and result.passed is not True
+    }
+    assert report.passed_all_base() and not failures, failures
+    assert {"put", "put_writes", "get_tuple", "list", "delete_thread"} <= {
+        cap for cap, result in report.results.items() if result.passed
+    }
+
+
+class State(TypedDict):
+    steps: Annotated[list[str], operator.add]
+
+
+def test_a_graph_resumes_after_its_last_completed_step(memory_server) -> None:  # type: ignore[no-untyped-def]
+    """A graph whose second node fails: run again on the same thread with input None, it
+    starts at that node; the first node never runs twice. Another tenant sees nothing."""
+    url, tokens = memory_server
+    runs: list[str] = []
+    fail = [True]
+
+    def step(name: str):  # type: ignore[no-untyped-def]
+        def node(state: State) -> State:
+            runs.append(name)
+            if name == "b" and fail[0]:
+                raise RuntimeError("killed mid-graph")
+            return {"steps": [name]}
+
+        return node
+
+    builder = StateGraph(State)
+    for name in ("a", "b", "c"):
+        builder.add_node(name, step(name))
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", "c")
+    builder.add_edge("c", END)
+    config = {"configurable": {"thread_id": "t-1"}}
+    with Memory(url, tokens["a"]) as mem:
+        graph = builder.compile(checkpointer=AgentnodeCheckpointer(mem, task="run-1"))
+        with pytest.raises(RuntimeError, match="killed mid-graph"):
+            graph.invoke({"steps": []}, config)
+        assert runs == ["a", "b"]
+    fail[0] = False
+    with Memory(url, tokens["a"]) as mem:  # a new process would open a new connection
+        saver = AgentnodeCheckpointer(mem, task="run-1")
+        assert saver.get_tuple(config) is not None
+        graph = builder.compile(checkpointer=saver)
+        assert graph.invoke(None, config) == {"steps": ["a", "b", "c"]}
+        assert runs == ["a", "b", "b", "c"]
+        history = list(saver.list(config))
+        assert [h.metadata["step"] for h in history] == sorted(
+            (h.metadata["step"] for h in history), reverse=True
+        )
+    with Memory(url, tokens["b"]) as other:
+        assert AgentnodeCheckpointer(other, task="run-1").get_tuple(config) is None
