@@ -426,3 +426,29 @@ def test_daemon_changes_a_running_task_egress_live(world: World, tmp_path: Path)
             d.client.call("PUT", f"/v1/tasks/{quiet['id']}/egress", {"allow": [f"{HOST4}:80"]})
         with pytest.raises(AgentnodeError, match="unknown field"):
             d.client.call("PUT", f"/v1/tasks/{task['id']}/egress", {"network": "host"})
+
+
+@root_only
+def test_host_mode_keeps_the_host_network_namespace() -> None:
+    """`--net host` joins the spawner's network namespace (its loopback and interfaces), while
+    `--net none` gets an empty one of its own."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        port = server.getsockname()[1]
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket()\ns.settimeout(2)\n"
+            f"print(s.connect_ex(('127.0.0.1', {port})))\n"
+            "print(len(open('/proc/net/dev').read().splitlines()) - 2)\n"
+        )
+        host = run_cli(["exec", "--net", "host", "--", "/usr/bin/python3", "-c", probe])
+        none = run_cli(["exec", "--net", "none", "--", "/usr/bin/python3", "-c", probe])
+    assert host.returncode == 0, host.stderr
+    connected, interfaces = host.stdout.split()
+    # The host's interfaces (the node's bridge may come and go meanwhile), not loopback alone.
+    assert connected == "0" and int(interfaces) >= min(2, len(socket.if_nameindex()))
+    assert none.returncode == 0, none.stderr
+    assert none.stdout.split() == [str(errno.ECONNREFUSED), "1"]

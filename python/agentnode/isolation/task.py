@@ -308,7 +308,9 @@ def spawn(
             net = service.prepare(
                 "egress" if mode == "egress" else "host", policy, on_denial=on_denial
             )
-            netns = net.netns_path
+            # `host` keeps the spawner's network namespace (the host's); without a path to join,
+            # the task would get a fresh, empty one.
+            netns = net.netns_path or f"/proc/{os.getpid()}/ns/net"
         fds = tuple(_stdio_fd(s, i, opened, parents) for i, s in enumerate((stdin, stdout, stderr)))
         native = _native.spawn(
             manager,
