@@ -26,6 +26,11 @@ __all__ = [
 ]
 
 KINDS = ("openai", "anthropic")
+#: `prompt_cache`: "auto" marks requests from agent tasks, "always" every request, "off" none.
+PROMPT_CACHE_MODES = ("auto", "always", "off")
+PROMPT_CACHE_TTLS = ("5m", "1h")
+#: Whose requests share a `prompt_cache_key` on OpenAI-compatible deployments.
+PROMPT_CACHE_KEYS = ("task", "tenant", "off")
 BUCKETS = ("input", "cached_input", "cache_write", "output", "reasoning")
 
 
@@ -57,6 +62,11 @@ class Deployment:
     connect_timeout: float = 5.0
     first_byte_timeout: float = 60.0
     retries: int = 2
+    prompt_cache: str = "auto"
+    prompt_cache_ttl: str = "5m"
+    #: No breakpoint where the prefix is estimated shorter (the provider would not cache it).
+    prompt_cache_min_tokens: int = 1024
+    prompt_cache_key: str = "task"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,9 @@ class Route:
     name: str
     models: tuple[str, ...]
     cache: bool = False
+    #: Override the deployments' `prompt_cache` and `prompt_cache_ttl` for this route.
+    prompt_cache: str | None = None
+    prompt_cache_ttl: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +154,17 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
     for name in raw_routes:
         rk = key.sub("routes", name)
         r = _table(raw_routes, name, key("routes"))
-        _no_unknown(r, {"models", "cache"}, rk)
+        _no_unknown(r, {"models", "cache", "prompt_cache", "prompt_cache_ttl"}, rk)
         models = tuple(_str_list(r, "models", rk))
         if not models:
             raise ConfigError(f"{rk('models')} is empty (list at least one model)")
-        routes[name] = Route(name, models, cache=_bool(r, "cache", rk, False))
+        routes[name] = Route(
+            name,
+            models,
+            cache=_bool(r, "cache", rk, False),
+            prompt_cache=_choice(r, "prompt_cache", rk, PROMPT_CACHE_MODES, None),
+            prompt_cache_ttl=_choice(r, "prompt_cache_ttl", rk, PROMPT_CACHE_TTLS, None),
+        )
     for name, target in _table(raw, "aliases", key(), default={}).items():
         if not isinstance(target, str):
             raise ConfigError(f"{key.sub('aliases')(name)} must be a model name (a string)")
@@ -203,7 +222,8 @@ class _Keys:
 
 def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
     known = {"kind", "base_url", "api_key_env", "models", "price", "weight", "rpm", "tpm"}
-    known |= {"timeout", "connect_timeout", "first_byte_timeout", "retries"}
+    known |= {"timeout", "connect_timeout", "first_byte_timeout", "retries", "prompt_cache"}
+    known |= {"prompt_cache_ttl", "prompt_cache_min_tokens", "prompt_cache_key"}
     _no_unknown(d, known, key)
     kind = _str(d, "kind", key)
     if kind not in KINDS:
@@ -248,6 +268,13 @@ def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
         connect_timeout=_num(d, "connect_timeout", key, 5.0),
         first_byte_timeout=_num(d, "first_byte_timeout", key, 60.0),
         retries=int(_num(d, "retries", key, 2, integer=True)),
+        prompt_cache=_choice(d, "prompt_cache", key, PROMPT_CACHE_MODES, "auto") or "auto",
+        prompt_cache_ttl=_choice(d, "prompt_cache_ttl", key, PROMPT_CACHE_TTLS, "5m") or "5m",
+        prompt_cache_min_tokens=_opt_int(d, "prompt_cache_min_tokens", key) or 1024,
+        # Only OpenAI's own API is known to take the field; other "compatible" servers may
+        # refuse a field they do not know.
+        prompt_cache_key=_choice(d, "prompt_cache_key", key, PROMPT_CACHE_KEYS, None)
+        or ("task" if _is_openai(base_url) else "off"),
     )
 
 
@@ -268,6 +295,22 @@ def _tenant(name: str, t: dict[str, Any], key: _Keys) -> Tenant:
         tpm=_opt_int(t, "tpm", key),
         task_rpm=_opt_int(t, "task_rpm", key),
     )
+
+
+def _is_openai(base_url: str) -> bool:
+    host = base_url.split("://", 1)[1].split("/", 1)[0].split(":", 1)[0].lower()
+    return host == "api.openai.com" or host.endswith(".openai.azure.com")
+
+
+def _choice(
+    d: dict[str, Any], name: str, key: _Keys, choices: tuple[str, ...], default: str | None
+) -> str | None:
+    if name not in d:
+        return default
+    v = d[name]
+    if v not in choices:
+        raise ConfigError(f"{key(name)} = {v!r} is not one of {', '.join(choices)}")
+    return str(v)
 
 
 def _no_unknown(d: dict[str, Any], known: set[str], key: _Keys) -> None:

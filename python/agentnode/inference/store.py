@@ -55,6 +55,8 @@ class LedgerRow:
     latency_ms: float
     cache_hit: bool
     stream: bool
+    #: USD the provider's prompt cache saved (see pricing.saving); rows before it have "0".
+    saving: str = "0"
 
 
 _FIELDS = LedgerRow.__slots__
@@ -179,15 +181,16 @@ class Store:
             a = agg.setdefault(
                 k,
                 {g: values[g] for g in group_by}
-                | {"requests": 0, "cache_hits": 0, "cost": Decimal(0)}
+                | {"requests": 0, "cache_hits": 0, "cost": Decimal(0), "saving": Decimal(0)}
                 | dict.fromkeys(("input", "cached_input", "cache_write", "output", "reasoning"), 0),
             )
             a["requests"] += 1
             a["cache_hits"] += int(r.cache_hit)
             a["cost"] += Decimal(r.cost)
+            a["saving"] += Decimal(r.saving)
             for b in ("input", "cached_input", "cache_write", "output", "reasoning"):
                 a[b] += getattr(r, b)
-        return [a | {"cost": str(a["cost"])} for a in agg.values()]
+        return [a | {"cost": str(a["cost"]), "saving": str(a["saving"])} for a in agg.values()]
 
     async def cache_get(self, key: bytes) -> tuple[dict[str, Any], bytes] | None:
         """A live cache entry: (metadata, body), or None when absent or expired."""
