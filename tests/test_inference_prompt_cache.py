@@ -18,7 +18,7 @@ import pytest
 
 from agentnode.errors import ConfigError
 from agentnode.inference.config import parse_config
-from agentnode.inference.mock import PromptCache
+from agentnode.inference.mock import Fault, PromptCache
 from proxy_env import PRICE_CLAUDE, ProxyEnv
 
 Configure = Callable[[dict[str, Any]], None]
@@ -301,3 +301,50 @@ def test_prompt_cache_config_errors_name_the_key() -> None:
     raw = copy.deepcopy(base)
     raw["deployments"]["d"] |= {"kind": "openai", "base_url": "https://api.openai.com/v1"}
     assert parse_config(raw).deployments["d"].prompt_cache_key == "task"
+
+
+# ---- cache-aware routing --------------------------------------------------------------------
+
+
+def test_a_shared_prefix_goes_to_the_deployment_that_has_seen_it(
+    make_env: Callable[..., ProxyEnv],
+) -> None:
+    def cfg(c: dict[str, Any]) -> None:
+        c["breaker_failures"] = 100
+        # Two deployments of one model, equal weights, on mocks c and d.
+        c["deployments"]["claude-b"]["models"] = ["claude-x", "claude-y"]
+
+    env = make_env(cfg)
+    for m in ("c", "d"):
+        env.mocks[m].prompt_cache = PromptCache()
+    client = env.anthropic(default_headers={"x-agentnode-task": "t"})
+    where: list[set[str]] = []
+    for conv in range(12):
+        first = [{"role": "user", "content": f"Task {conv}: fix the failing test."}]
+        seen = set()
+        for step in range(3):
+            msgs = first + [{"role": "assistant", "content": "ok"}, MSG[0]] * step
+            before = {n: len(env.mocks[n].requests) for n in ("c", "d")}
+            client.messages.create(
+                model="claude-x",
+                max_tokens=8,
+                system=SYSTEM,
+                tools=TOOLS,  # type: ignore[arg-type]
+                messages=msgs,  # type: ignore[arg-type]
+            )
+            seen |= {n for n in ("c", "d") if len(env.mocks[n].requests) > before[n]}
+        where.append(seen)
+    assert all(len(s) == 1 for s in where), where  # every conversation stayed on one
+    assert {n for s in where for n in s} == {"c", "d"}  # conversations spread over both
+    rows = env.rows()
+    assert all(r.cached_input > 0 for r in rows[1::3] + rows[2::3])  # steps 2 and 3 read
+    # Its deployment failing, a conversation falls back to the other, normally.
+    [home] = where[0]
+    other = "d" if home == "c" else "c"
+    env.mocks[home].faults.append(Fault(status=500))
+    first = [{"role": "user", "content": "Task 0: fix the failing test."}]
+    n = len(env.mocks[other].requests)
+    r = client.messages.create(
+        model="claude-x", max_tokens=8, system=SYSTEM, tools=TOOLS, messages=first
+    )  # type: ignore[arg-type]
+    assert r.content and len(env.mocks[other].requests) == n + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import time
 from bisect import bisect_left
@@ -55,6 +56,9 @@ _TAIL_WAIT = 1.0
 # Upper bounds of the latency histogram's buckets, +Inf last (Prometheus' defaults).
 _LATENCY_BUCKETS = Histogram.DEFAULT_BUCKETS
 _LATENCY_LE = tuple("+Inf" if b == float("inf") else repr(float(b)) for b in _LATENCY_BUCKETS)
+# Bytes of a request's leading part (tools, system, first messages) from which requests go to
+# the deployment that has seen it: ~1,024 tokens, the shortest prefix providers cache.
+_AFFINITY_MIN = 4096
 # The field each endpoint cannot do without.
 _REQUIRED = {
     "chat": "messages",
@@ -415,7 +419,8 @@ class Proxy:
     # ---- routing and retries ----------------------------------------------------------------
 
     def _candidates(self, call: _Call, route: Route | None) -> list[tuple[_DeploymentState, str]]:
-        """Deployments in fallback order; within one model, a weighted random order."""
+        """Deployments in fallback order; within one model, a weighted random order, or for a
+        request with a long prefix, the same weighted order for every request sharing it."""
         out: list[tuple[_DeploymentState, str]] = []
         for model in route.models if route else (call.model,):
             pool = self._pools.get((call.fmt, model))
@@ -423,6 +428,10 @@ class Proxy:
                 continue
             if len(pool) == 1:
                 out.append((pool[0], model))
+                continue
+            prefix = _prefix_key(call)
+            if prefix is not None:
+                out.extend((s, model) for s in _rendezvous(pool, prefix))
                 continue
             pool = list(pool)
             while pool:
@@ -925,6 +934,38 @@ def _estimate_tokens(body_bytes: int, payload: dict[str, Any]) -> int:
     out = payload.get("max_tokens") or payload.get("max_completion_tokens") or 0
     out = out or payload.get("max_output_tokens") or 0
     return body_bytes // 4 + (out if isinstance(out, int) else 0)
+
+
+def _prefix_key(call: _Call) -> bytes | None:
+    """A digest of what an agent resends unchanged on every step of one conversation (tools,
+    system prompt, messages up to the first user message), or None when it is too short for a
+    provider to cache."""
+    p = call.payload
+    messages = p.get("messages")
+    first: list[Any] = []
+    for m in messages if isinstance(messages, list) else ():
+        first.append(m)
+        if isinstance(m, dict) and m.get("role") == "user":
+            break
+    head = [p.get("tools"), p.get("system"), first]
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) < _AFFINITY_MIN:
+        return None
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _rendezvous(pool: list[_DeploymentState], key: bytes) -> list[_DeploymentState]:
+    """The pool in weighted rendezvous order for `key`: the same first choice for every request
+    with this key while the pool is the same (so a provider's prompt cache, which lives with one
+    deployment, hits), keys spread in proportion to the weights, and when the first choice is
+    unavailable the next is again the same for all of them."""
+
+    def score(s: _DeploymentState) -> float:
+        h = hashlib.blake2b(key + s.deployment.name.encode(), digest_size=8).digest()
+        u = (int.from_bytes(h) + 1) / (2**64 + 1)  # uniform in (0, 1)
+        return -s.deployment.weight / math.log(u)
+
+    return sorted(pool, key=score, reverse=True)
 
 
 def _cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> bytes:
