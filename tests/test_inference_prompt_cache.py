@@ -344,7 +344,6 @@ def test_a_shared_prefix_goes_to_the_deployment_that_has_seen_it(
     env.mocks[home].faults.append(Fault(status=500))
     first = [{"role": "user", "content": "Task 0: fix the failing test."}]
     n = len(env.mocks[other].requests)
-    r = client.messages.create(
-        model="claude-x", max_tokens=8, system=SYSTEM, tools=TOOLS, messages=first
-    )  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"system": SYSTEM, "tools": TOOLS, "messages": first}
+    r = client.messages.create(model="claude-x", max_tokens=8, **kw)
     assert r.content and len(env.mocks[other].requests) == n + 1
