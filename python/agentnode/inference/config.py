@@ -102,6 +102,8 @@ class ProxyConfig:
     port: int = 4000
     state_dir: Path = Path("/var/lib/agentnode/inference")
     cache_ttl: float = 300.0
+    #: Days raw ledger rows are kept (0: forever); the usage sums are kept regardless.
+    ledger_retention_days: float = 0.0
     max_wait: float = 0.0
     max_retry_after: float = 10.0
     backoff_base: float = 0.05
@@ -130,6 +132,7 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
     """Validates a parsed TOML table; errors name the key (`<prefix>.deployments.x.kind`)."""
     key = _Keys(prefix)
     known = {"listen", "state_dir", "cache_ttl", "max_wait", "max_retry_after", "backoff_base"}
+    known |= {"ledger_retention_days"}
     known |= {"breaker_failures", "breaker_cooldown", "deployments", "routes", "aliases", "tenants"}
     _no_unknown(raw, known, key)
     host, port = "127.0.0.1", 4000
@@ -195,6 +198,7 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
         port=port,
         state_dir=Path(_str(raw, "state_dir", key, "/var/lib/agentnode/inference")),
         cache_ttl=_num(raw, "cache_ttl", key, 300.0),
+        ledger_retention_days=_num(raw, "ledger_retention_days", key, 0.0),
         max_wait=_num(raw, "max_wait", key, 0.0),
         max_retry_after=_num(raw, "max_retry_after", key, 10.0),
         backoff_base=_num(raw, "backoff_base", key, 0.05),

@@ -1021,7 +1021,7 @@ def create_app(
     )
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = await Store.open(config.state_dir)
+        store = await Store.open(config.state_dir, retention_days=config.ledger_retention_days)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # No cookie jar: one session serves every tenant, and no upstream cookie may cross over.
         session = aiohttp.ClientSession(
