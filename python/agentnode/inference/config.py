@@ -6,6 +6,7 @@ Every error names the offending key, e.g. `inference.deployments.gpt.price.outpu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ __all__ = [
     "ProxyConfig",
     "Route",
     "Tenant",
+    "from_environment",
     "load_config",
     "parse_config",
 ]
@@ -67,6 +69,12 @@ class Deployment:
     #: No breakpoint where the prefix is estimated shorter (the provider would not cache it).
     prompt_cache_min_tokens: int = 1024
     prompt_cache_key: str = "task"
+    #: Per model, from the price table, when the deployment configures no `price`.
+    model_prices: dict[str, Price] = field(default_factory=dict)
+
+    def price_of(self, model: str) -> Price:
+        """What `model` costs here: the configured price, else the price table's."""
+        return self.model_prices.get(model, self.price)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +153,10 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
             )
         host, port = h.strip("[]"), int(p)
     deps = _table(raw, "deployments", key(), default={})
+    state_dir = Path(_str(raw, "state_dir", key, "/var/lib/agentnode/inference"))
     deployments = {
         name: _deployment(
-            name, _table(deps, name, key("deployments")), key.sub("deployments", name)
+            name, _table(deps, name, key("deployments")), key.sub("deployments", name), state_dir
         )
         for name in deps
     }
@@ -196,7 +205,7 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
     return ProxyConfig(
         host=host,
         port=port,
-        state_dir=Path(_str(raw, "state_dir", key, "/var/lib/agentnode/inference")),
+        state_dir=state_dir,
         cache_ttl=_num(raw, "cache_ttl", key, 300.0),
         ledger_retention_days=_num(raw, "ledger_retention_days", key, 0.0),
         max_wait=_num(raw, "max_wait", key, 0.0),
@@ -224,7 +233,51 @@ class _Keys:
         return _Keys(".".join(p for p in (self.prefix, *names) if p))
 
 
-def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
+def _table_prices(models: tuple[str, ...], state_dir: Path) -> dict[str, Price]:
+    # Imported here: the table is only read when some deployment has no price of its own.
+    from agentnode.inference.prices import load_table
+
+    table = load_table(state_dir)
+    return {
+        m: Price(**{b: Decimal(table.models[m][b]) for b in BUCKETS})
+        for m in models
+        if m in table.models
+    }
+
+
+def from_environment(config: ProxyConfig, environ: dict[str, str]) -> ProxyConfig:
+    """With no deployments configured: one per provider whose API key is in `environ`
+    (OPENAI_API_KEY, ANTHROPIC_API_KEY; base URLs from OPENAI_BASE_URL, ANTHROPIC_BASE_URL as
+    the SDKs read them), serving the price table's models of that provider at its prices."""
+    if config.deployments:
+        return config
+    from agentnode.inference.prices import load_table
+
+    table = load_table(config.state_dir)
+    deployments = {}
+    for kind, default_url in (
+        ("openai", "https://api.openai.com/v1"),
+        ("anthropic", "https://api.anthropic.com"),
+    ):
+        api_key = environ.get(f"{kind.upper()}_API_KEY")
+        if not api_key:
+            continue
+        base_url = (environ.get(f"{kind.upper()}_BASE_URL") or default_url).rstrip("/")
+        models = tuple(table.kind_models(kind))
+        deployments[kind] = Deployment(
+            name=kind,
+            kind=kind,
+            base_url=base_url,
+            api_key=api_key,
+            models=models,
+            price=Price(),
+            prompt_cache_key="task" if _is_openai(base_url) else "off",
+            model_prices=_table_prices(models, config.state_dir),
+        )
+    return dataclasses.replace(config, deployments=deployments)
+
+
+def _deployment(name: str, d: dict[str, Any], key: _Keys, state_dir: Path) -> Deployment:
     known = {"kind", "base_url", "api_key_env", "models", "price", "weight", "rpm", "tpm"}
     known |= {"timeout", "connect_timeout", "first_byte_timeout", "retries", "prompt_cache"}
     known |= {"prompt_cache_ttl", "prompt_cache_min_tokens", "prompt_cache_key"}
@@ -247,6 +300,8 @@ def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
     if not models:
         raise ConfigError(f"{key('models')} is empty (list the model names this deployment serves)")
     pk = key.sub("price")
+    # A configured price always wins; without one, the price table's, per model.
+    model_prices = {} if "price" in d else _table_prices(models, state_dir)
     p = _table(d, "price", key(), default={})
     _no_unknown(p, set(BUCKETS), pk)
     prices = {}
@@ -275,6 +330,7 @@ def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
         prompt_cache=_choice(d, "prompt_cache", key, PROMPT_CACHE_MODES, "auto") or "auto",
         prompt_cache_ttl=_choice(d, "prompt_cache_ttl", key, PROMPT_CACHE_TTLS, "5m") or "5m",
         prompt_cache_min_tokens=_opt_int(d, "prompt_cache_min_tokens", key) or 1024,
+        model_prices=model_prices,
         # Only OpenAI's own API is known to take the field; other "compatible" servers may
         # refuse a field they do not know.
         prompt_cache_key=_choice(d, "prompt_cache_key", key, PROMPT_CACHE_KEYS, None)

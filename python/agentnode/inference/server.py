@@ -757,8 +757,10 @@ class Proxy:
     ) -> None:
         """Metrics and spend now, so budgets see it at once; the ledger row is queued for the
         next group commit, which happens even if the client has left."""
-        price = cost(usage, d.price) if d is not None else Decimal(0)
-        saved = saving(usage, d.price) if d is not None else Decimal(0)
+        price = saved = Decimal(0)
+        if d is not None:
+            p = d.price_of(model)
+            price, saved = cost(usage, p), saving(usage, p)
         latency = time.monotonic() - call.started
         tenant = call.principal.tenant
         m = self.metrics
