@@ -194,7 +194,8 @@ class MockUpstream:
     failing_models: dict[str, int] = field(default_factory=dict)
     #: Bill by provider prompt caching (usage computed from each request) instead of `usage`.
     prompt_cache: PromptCache | None = None
-    #: What each request brought: path, json, body (bytes), headers, peer (host, port).
+    #: What each request brought: path, json, body (bytes), headers, peer (host, port), and
+    #: with `prompt_cache`, the usage it was billed.
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     _runner: web.AppRunner | None = None
@@ -230,19 +231,21 @@ class MockUpstream:
     def _usage(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.prompt_cache is not None and body is not None:
             if self.kind == "openai":
-                return self.prompt_cache.openai(body)
-            usage = self.prompt_cache.anthropic(body)
-            if isinstance(usage, str):
+                billed: dict[str, Any] | str = self.prompt_cache.openai(body)
+            else:
+                billed = self.prompt_cache.anthropic(body)
+            if isinstance(billed, str):
                 raise web.HTTPBadRequest(
                     text=json.dumps(
                         {
                             "type": "error",
-                            "error": {"type": "invalid_request_error", "message": usage},
+                            "error": {"type": "invalid_request_error", "message": billed},
                         }
                     ),
                     content_type="application/json",
                 )
-            return usage
+            self.requests[-1]["usage"] = billed
+            return billed
         if self.usage is not None:
             return self.usage
         return OPENAI_USAGE if self.kind == "openai" else ANTHROPIC_USAGE

@@ -92,10 +92,12 @@ def anthropic_marks(payload: dict[str, Any], *, min_tokens: int, ttl: str) -> di
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         return changes or None
-    # Cumulative sizes, to know which messages end a prefix long enough to cache.
+    # Cumulative sizes, to know which messages end a prefix long enough to cache; past the
+    # minimum every later one does too, so they need no measuring.
     ends: list[int] = []
     for m in messages:
-        prefix += _size(m)
+        if prefix < min_chars:
+            prefix += _size(m)
         ends.append(prefix)
     picks: list[int] = []
     last = len(messages) - 1

@@ -38,6 +38,7 @@ Sums = dict[str, Any]
 
 _GROUPS = ("tenant", "task", "model", "day", "deployment")
 _KEY_FIELDS = ("tenant", "task", "model", "deployment", "day")
+_COARSE_FIELDS = ("tenant", "model", "deployment", "day")
 _BUCKETS = ("input", "cached_input", "cache_write", "output", "reasoning")
 # Ledger keys: rows under their time (digits), the sums after them under this prefix.
 _AGG = b"~agg/"
@@ -108,6 +109,8 @@ class Store:
         #: (tenant, task, model, deployment, day) → sums, and the groups changed since the
         #: last group commit.
         self._sums: dict[tuple[Any, ...], Sums] = {}
+        #: The same without the task: most queries do not group by it, and tasks are many.
+        self._coarse: dict[tuple[Any, ...], Sums] = {}
         self._dirty: set[tuple[Any, ...]] = set()
         self._days: dict[int, str] = {}
         self._retention: asyncio.TimerHandle | None = None
@@ -127,6 +130,10 @@ class Store:
             await store._run(store._ledger.put, _AGG_DONE, b"1")
         else:
             store._sums = sums
+            for k, a in sums.items():
+                b = store._coarse.setdefault(_coarse(k), _zero())
+                for f, v in a.items():
+                    b[f] += v
         for k, a in store._sums.items():
             store.tenant_spend[k[0]] += a["cost"]
             if k[1] is not None:
@@ -157,16 +164,21 @@ class Store:
         if day is None:
             day = self._days[d] = time.strftime("%Y-%m-%d", time.gmtime(d * _DAY))
         k = (row.tenant, row.task, row.model, row.deployment, day)
+        c, saved = Decimal(row.cost), Decimal(row.saving)
         a = self._sums.get(k)
         if a is None:
             a = self._sums[k] = _zero()
-        c = Decimal(row.cost)
-        a["requests"] += 1
-        a["cache_hits"] += int(row.cache_hit)
-        a["cost"] += c
-        a["saving"] += Decimal(row.saving)
-        for b in _BUCKETS:
-            a[b] += getattr(row, b)
+        coarse = _coarse(k)
+        b = self._coarse.get(coarse)
+        if b is None:
+            b = self._coarse[coarse] = _zero()
+        for sums in (a, b):
+            sums["requests"] += 1
+            sums["cache_hits"] += int(row.cache_hit)
+            sums["cost"] += c
+            sums["saving"] += saved
+            for bucket in _BUCKETS:
+                sums[bucket] += getattr(row, bucket)
         self._dirty.add(k)
         return c
 
@@ -258,9 +270,13 @@ class Store:
         for g in group_by:
             if g not in _GROUPS:
                 raise ValueError(f"cannot group by {g!r} (use {', '.join(_GROUPS)})")
-        where = [_KEY_FIELDS.index(g) for g in group_by]
+        fields: tuple[str, ...] = _KEY_FIELDS
+        source = self._sums
+        if "task" not in group_by:
+            fields, source = _COARSE_FIELDS, self._coarse
+        where = [fields.index(g) for g in group_by]
         agg: dict[tuple[Any, ...], Sums] = {}
-        for k, s in self._sums.items():
+        for k, s in source.items():
             if tenant is not None and k[0] != tenant:
                 continue
             out = tuple(k[i] for i in where)
@@ -293,6 +309,10 @@ class Store:
         value = json.dumps(meta).encode() + b"\n" + body
         fut = asyncio.get_running_loop().run_in_executor(self._pool, self._cache.put, key, value)
         fut.add_done_callback(_log_write_failure)
+
+
+def _coarse(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (key[0], *key[2:])
 
 
 def _zero() -> Sums:
