@@ -6,12 +6,20 @@ interleave the three targets. Figures: added latency p50/p99 at concurrency 1, 1
 agentnode minus direct, peer = LiteLLM minus direct), throughput at 64, streaming (64 chunks
 20 ms apart) added time to first token and per-chunk gap, idle RSS and RSS growth under mixed
 traffic with client disconnects, and CPU time per request of each proxy process at 64.
+
+Prompt caching, in this process against a mock that bills by Anthropic's documented prompt
+caching: the input cost of a 20-step agent conversation (4,000-token system prompt, tools, a
+tool result a step) through agentnode with automatic breakpoints vs with them off, and LiteLLM
+(the library, same mock) with `cache_control_injection_points` on the system message vs
+without; the time the injection takes on a 4,000-token request; `usage()` over many ledger
+rows (kept sums) vs scanning the rows as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
@@ -20,11 +28,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import uvloop
+from aiohttp import web
 
 from _harness import Bench, percentile
+from agentnode.inference.config import parse_config
+from agentnode.inference.mock import MockUpstream, PromptCache
+from agentnode.inference.prompt_cache import anthropic_marks
+from agentnode.inference.server import _patched, create_app
+from agentnode.inference.store import LedgerRow, Store
 
 MODEL = "gpt-4o-mini"
 MASTER_KEY = "sk-agentnode-bench-master-key-0123456789"
@@ -382,8 +397,260 @@ async def streaming(bench: Bench, session: aiohttp.ClientSession, targets: list[
     )
 
 
+# ---- prompt caching ------------------------------------------------------------------------
+
+SYSTEM = " ".join(f"Rule {i}: act carefully and check every result twice." for i in range(300))
+TOOLS = [
+    {
+        "name": f"tool_{i}",
+        "description": f"Tool number {i}, which does one thing well.",
+        "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+    }
+    for i in range(8)
+]
+STEPS = 20
+# Claude Sonnet's list prices, USD per 1M tokens: input, cache read, cache write (5 min).
+PRICE = {"input": 3.0, "cached_input": 0.3, "cache_write": 3.75, "output": 15.0}
+
+
+def input_cost(usages: list[dict[str, int]]) -> float:
+    """USD of the input side of Anthropic usages at PRICE."""
+    return (
+        sum(
+            u["input_tokens"] * PRICE["input"]
+            + u["cache_read_input_tokens"] * PRICE["cached_input"]
+            + u["cache_creation_input_tokens"] * PRICE["cache_write"]
+            for u in usages
+        )
+        / 1e6
+    )
+
+
+def anthropic_step(i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Step i's assistant tool call and the user's tool result, in Anthropic's format."""
+    call = {"type": "tool_use", "id": f"toolu_{i}", "name": "tool_1", "input": {"path": "a"}}
+    result = {"type": "tool_result", "tool_use_id": f"toolu_{i}", "content": f"line {i} " * 40}
+    return (
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}, call]},
+        {"role": "user", "content": [result]},
+    )
+
+
+def conversation(step: int) -> dict[str, Any]:
+    """The /v1/messages body an agent sends at `step` (0-based)."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Fix the failing test."}]
+    for i in range(step):
+        messages += anthropic_step(i)
+    return {
+        "model": "claude-x",
+        "max_tokens": 256,
+        "system": SYSTEM,
+        "tools": TOOLS,
+        "messages": messages,
+    }
+
+
+async def ours_conversation(prompt_cache: str) -> float:
+    """Input USD of the conversation through agentnode, breakpoints per `prompt_cache`."""
+    mock = await MockUpstream("anthropic", prompt_cache=PromptCache()).start()
+    tmp = Path(tempfile.mkdtemp(prefix="agentnode-bench-cache-"))
+    config = parse_config(
+        {
+            "state_dir": str(tmp),
+            "deployments": {
+                "c": {
+                    "kind": "anthropic",
+                    "base_url": mock.base_url,
+                    "models": ["claude-x"],
+                    "price": PRICE,
+                    "prompt_cache": prompt_cache,
+                }
+            },
+        },
+        prefix="",
+    )
+    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    headers = {"anthropic-version": "2023-06-01", "x-agentnode-task": "bench"}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for step in range(STEPS):
+                url = f"http://127.0.0.1:{port}/v1/messages"
+                async with session.post(url, json=conversation(step), headers=headers) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"agentnode: HTTP {r.status}: {await r.text()}")
+        return input_cost([r["usage"] for r in mock.requests])
+    finally:
+        await runner.cleanup()
+        await mock.close()
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+async def litellm_conversation(inject: bool) -> float:
+    """Input USD of the same conversation through LiteLLM (the library, OpenAI format in),
+    with `cache_control_injection_points` on the system message if `inject`."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("LITELLM_TELEMETRY", "False")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    mock = await MockUpstream("anthropic", prompt_cache=PromptCache()).start()
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": t["name"],
+                "description": t["description"],
+                "parameters": t["input_schema"],
+            },
+        }
+        for t in TOOLS
+    ]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Fix the failing test."},
+    ]
+    extra = (
+        {"cache_control_injection_points": [{"location": "message", "role": "system"}]}
+        if inject
+        else {}
+    )
+    try:
+        for i in range(STEPS):
+            await litellm.acompletion(
+                model="anthropic/claude-x",
+                api_base=mock.base_url,
+                api_key="sk-mock",
+                messages=messages,
+                tools=tools,
+                max_tokens=256,
+                **extra,
+            )
+            call = {
+                "id": f"toolu_{i}",
+                "type": "function",
+                "function": {"name": "tool_1", "arguments": '{"path": "a"}'},
+            }
+            messages += [
+                {"role": "assistant", "content": "Let me look.", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": f"toolu_{i}", "content": f"line {i} " * 40},
+            ]
+        return input_cost([r["usage"] for r in mock.requests])
+    finally:
+        await mock.close()
+
+
+async def caching(bench: Bench) -> None:
+    auto, off = await ours_conversation("always"), await ours_conversation("off")
+    bench.record(
+        f"conversation_{STEPS}_steps_input_cost_auto_vs_off",
+        auto,
+        off,
+        "USD",
+        peer_name="agentnode without prompt caching",
+    )
+    try:
+        lite, lite_off = await litellm_conversation(True), await litellm_conversation(False)
+    except Exception as e:
+        print(f"proxy.conversation_vs_litellm: LiteLLM failed: {e}", flush=True)
+    else:
+        bench.record(
+            f"conversation_{STEPS}_steps_input_cost_vs_litellm",
+            auto,
+            lite,
+            "USD",
+            peer_name=f"LiteLLM injection points on the system message (without: {lite_off:.4f})",
+        )
+    # The injection alone: breakpoints placed and the body re-serialised, vs parsing it, on the
+    # first step's request (~4,000-token system prompt and tools) and the last one's (19 tool
+    # calls and results more).
+    n = 300 if bench.quick else 3000
+    for step in (0, STEPS - 1):
+        raw = json.dumps(conversation(step)).encode()
+        inject, parse = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            payload = json.loads(raw)
+            t1 = time.perf_counter()
+            changes = anthropic_marks(payload, min_tokens=1024, ttl="5m") or {}
+            _patched(raw, payload, changes)
+            t2 = time.perf_counter()
+            parse.append(t1 - t0)
+            inject.append(t2 - t1)
+        bench.record(
+            f"injection_p50_{len(raw) // 4}_tokens",
+            percentile(inject, 50) * 1000,
+            percentile(parse, 50) * 1000,
+            "ms",
+            peer_name="json.loads of the same body (what every request already costs)",
+        )
+
+
+async def usage_query(bench: Bench) -> None:
+    """`usage(tenant, model, day)` over many rows from the kept sums vs scanning them."""
+    rows = 100_000 if bench.quick else 1_000_000
+    tmp = Path(tempfile.mkdtemp(prefix="agentnode-bench-usage-"))
+    group_by = ("tenant", "model", "day")
+    try:
+        store = await Store.open(tmp)
+        now = time.time()
+        for i in range(rows):
+            store.record(
+                LedgerRow(
+                    time=now - (i % 30) * 86400,
+                    tenant=f"t{i % 20}",
+                    task=f"task-{i % 5000}",
+                    model=f"m{i % 4}",
+                    deployment="d",
+                    endpoint="chat",
+                    status=200,
+                    input=100,
+                    cached_input=900,
+                    cache_write=0,
+                    output=50,
+                    reasoning=0,
+                    cost="0.0012",
+                    latency_ms=1.0,
+                    cache_hit=False,
+                    stream=False,
+                    saving="0.0024",
+                )
+            )
+            if i % 10_000 == 9_999:
+                await store.flush()
+        await store.flush()
+        sums = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            await store.usage(group_by)
+            sums.append(time.perf_counter() - t0)
+        scans = []
+        for _ in range(1 if rows >= 1_000_000 else 3):
+            t0 = time.perf_counter()
+            groups: dict[tuple[str, ...], int] = {}
+            for r in await store.rows():  # the scan /v1/usage did before the sums
+                day = time.strftime("%Y-%m-%d", time.gmtime(r.time))
+                k = (r.tenant, r.model, day)
+                groups[k] = groups.get(k, 0) + r.input
+            scans.append(time.perf_counter() - t0)
+        await store.close()
+        bench.record(
+            f"usage_query_p50_{rows}_rows",
+            percentile(sums, 50) * 1000,
+            percentile(scans, 50) * 1000,
+            "ms",
+            peer_name="scanning the ledger rows",
+        )
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
 def main() -> None:
     bench = Bench.from_args("proxy")
+    uvloop.run(caching(bench))
+    uvloop.run(usage_query(bench))
     uvloop.run(run(bench))
     bench.save()
 

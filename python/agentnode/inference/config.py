@@ -6,6 +6,7 @@ Every error names the offending key, e.g. `inference.deployments.gpt.price.outpu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -21,11 +22,17 @@ __all__ = [
     "ProxyConfig",
     "Route",
     "Tenant",
+    "from_environment",
     "load_config",
     "parse_config",
 ]
 
 KINDS = ("openai", "anthropic")
+#: `prompt_cache`: "auto" marks requests from agent tasks, "always" every request, "off" none.
+PROMPT_CACHE_MODES = ("auto", "always", "off")
+PROMPT_CACHE_TTLS = ("5m", "1h")
+#: Whose requests share a `prompt_cache_key` on OpenAI-compatible deployments.
+PROMPT_CACHE_KEYS = ("task", "tenant", "off")
 BUCKETS = ("input", "cached_input", "cache_write", "output", "reasoning")
 
 
@@ -57,6 +64,17 @@ class Deployment:
     connect_timeout: float = 5.0
     first_byte_timeout: float = 60.0
     retries: int = 2
+    prompt_cache: str = "auto"
+    prompt_cache_ttl: str = "5m"
+    #: No breakpoint where the prefix is estimated shorter (the provider would not cache it).
+    prompt_cache_min_tokens: int = 1024
+    prompt_cache_key: str = "task"
+    #: Per model, from the price table, when the deployment configures no `price`.
+    model_prices: dict[str, Price] = field(default_factory=dict)
+
+    def price_of(self, model: str) -> Price:
+        """What `model` costs here: the configured price, else the price table's."""
+        return self.model_prices.get(model, self.price)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +84,9 @@ class Route:
     name: str
     models: tuple[str, ...]
     cache: bool = False
+    #: Override the deployments' `prompt_cache` and `prompt_cache_ttl` for this route.
+    prompt_cache: str | None = None
+    prompt_cache_ttl: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +110,8 @@ class ProxyConfig:
     port: int = 4000
     state_dir: Path = Path("/var/lib/agentnode/inference")
     cache_ttl: float = 300.0
+    #: Days raw ledger rows are kept (0: forever); the usage sums are kept regardless.
+    ledger_retention_days: float = 0.0
     max_wait: float = 0.0
     max_retry_after: float = 10.0
     backoff_base: float = 0.05
@@ -117,6 +140,7 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
     """Validates a parsed TOML table; errors name the key (`<prefix>.deployments.x.kind`)."""
     key = _Keys(prefix)
     known = {"listen", "state_dir", "cache_ttl", "max_wait", "max_retry_after", "backoff_base"}
+    known |= {"ledger_retention_days"}
     known |= {"breaker_failures", "breaker_cooldown", "deployments", "routes", "aliases", "tenants"}
     _no_unknown(raw, known, key)
     host, port = "127.0.0.1", 4000
@@ -129,9 +153,10 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
             )
         host, port = h.strip("[]"), int(p)
     deps = _table(raw, "deployments", key(), default={})
+    state_dir = Path(_str(raw, "state_dir", key, "/var/lib/agentnode/inference"))
     deployments = {
         name: _deployment(
-            name, _table(deps, name, key("deployments")), key.sub("deployments", name)
+            name, _table(deps, name, key("deployments")), key.sub("deployments", name), state_dir
         )
         for name in deps
     }
@@ -141,11 +166,17 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
     for name in raw_routes:
         rk = key.sub("routes", name)
         r = _table(raw_routes, name, key("routes"))
-        _no_unknown(r, {"models", "cache"}, rk)
+        _no_unknown(r, {"models", "cache", "prompt_cache", "prompt_cache_ttl"}, rk)
         models = tuple(_str_list(r, "models", rk))
         if not models:
             raise ConfigError(f"{rk('models')} is empty (list at least one model)")
-        routes[name] = Route(name, models, cache=_bool(r, "cache", rk, False))
+        routes[name] = Route(
+            name,
+            models,
+            cache=_bool(r, "cache", rk, False),
+            prompt_cache=_choice(r, "prompt_cache", rk, PROMPT_CACHE_MODES, None),
+            prompt_cache_ttl=_choice(r, "prompt_cache_ttl", rk, PROMPT_CACHE_TTLS, None),
+        )
     for name, target in _table(raw, "aliases", key(), default={}).items():
         if not isinstance(target, str):
             raise ConfigError(f"{key.sub('aliases')(name)} must be a model name (a string)")
@@ -174,8 +205,9 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
     return ProxyConfig(
         host=host,
         port=port,
-        state_dir=Path(_str(raw, "state_dir", key, "/var/lib/agentnode/inference")),
+        state_dir=state_dir,
         cache_ttl=_num(raw, "cache_ttl", key, 300.0),
+        ledger_retention_days=_num(raw, "ledger_retention_days", key, 0.0),
         max_wait=_num(raw, "max_wait", key, 0.0),
         max_retry_after=_num(raw, "max_retry_after", key, 10.0),
         backoff_base=_num(raw, "backoff_base", key, 0.05),
@@ -201,9 +233,54 @@ class _Keys:
         return _Keys(".".join(p for p in (self.prefix, *names) if p))
 
 
-def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
+def _table_prices(models: tuple[str, ...], state_dir: Path) -> dict[str, Price]:
+    # Imported here: the table is only read when some deployment has no price of its own.
+    from agentnode.inference.prices import load_table
+
+    table = load_table(state_dir)
+    return {
+        m: Price(**{b: Decimal(table.models[m][b]) for b in BUCKETS})
+        for m in models
+        if m in table.models
+    }
+
+
+def from_environment(config: ProxyConfig, environ: dict[str, str]) -> ProxyConfig:
+    """With no deployments configured: one per provider whose API key is in `environ`
+    (OPENAI_API_KEY, ANTHROPIC_API_KEY; base URLs from OPENAI_BASE_URL, ANTHROPIC_BASE_URL as
+    the SDKs read them), serving the price table's models of that provider at its prices."""
+    if config.deployments:
+        return config
+    from agentnode.inference.prices import load_table
+
+    table = load_table(config.state_dir)
+    deployments = {}
+    for kind, default_url in (
+        ("openai", "https://api.openai.com/v1"),
+        ("anthropic", "https://api.anthropic.com"),
+    ):
+        api_key = environ.get(f"{kind.upper()}_API_KEY")
+        if not api_key:
+            continue
+        base_url = (environ.get(f"{kind.upper()}_BASE_URL") or default_url).rstrip("/")
+        models = tuple(table.kind_models(kind))
+        deployments[kind] = Deployment(
+            name=kind,
+            kind=kind,
+            base_url=base_url,
+            api_key=api_key,
+            models=models,
+            price=Price(),
+            prompt_cache_key="task" if _is_openai(base_url) else "off",
+            model_prices=_table_prices(models, config.state_dir),
+        )
+    return dataclasses.replace(config, deployments=deployments)
+
+
+def _deployment(name: str, d: dict[str, Any], key: _Keys, state_dir: Path) -> Deployment:
     known = {"kind", "base_url", "api_key_env", "models", "price", "weight", "rpm", "tpm"}
-    known |= {"timeout", "connect_timeout", "first_byte_timeout", "retries"}
+    known |= {"timeout", "connect_timeout", "first_byte_timeout", "retries", "prompt_cache"}
+    known |= {"prompt_cache_ttl", "prompt_cache_min_tokens", "prompt_cache_key"}
     _no_unknown(d, known, key)
     kind = _str(d, "kind", key)
     if kind not in KINDS:
@@ -223,6 +300,8 @@ def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
     if not models:
         raise ConfigError(f"{key('models')} is empty (list the model names this deployment serves)")
     pk = key.sub("price")
+    # A configured price always wins; without one, the price table's, per model.
+    model_prices = {} if "price" in d else _table_prices(models, state_dir)
     p = _table(d, "price", key(), default={})
     _no_unknown(p, set(BUCKETS), pk)
     prices = {}
@@ -248,6 +327,14 @@ def _deployment(name: str, d: dict[str, Any], key: _Keys) -> Deployment:
         connect_timeout=_num(d, "connect_timeout", key, 5.0),
         first_byte_timeout=_num(d, "first_byte_timeout", key, 60.0),
         retries=int(_num(d, "retries", key, 2, integer=True)),
+        prompt_cache=_choice(d, "prompt_cache", key, PROMPT_CACHE_MODES, "auto") or "auto",
+        prompt_cache_ttl=_choice(d, "prompt_cache_ttl", key, PROMPT_CACHE_TTLS, "5m") or "5m",
+        prompt_cache_min_tokens=_opt_int(d, "prompt_cache_min_tokens", key) or 1024,
+        model_prices=model_prices,
+        # Only OpenAI's own API is known to take the field; other "compatible" servers may
+        # refuse a field they do not know.
+        prompt_cache_key=_choice(d, "prompt_cache_key", key, PROMPT_CACHE_KEYS, None)
+        or ("task" if _is_openai(base_url) else "off"),
     )
 
 
@@ -268,6 +355,22 @@ def _tenant(name: str, t: dict[str, Any], key: _Keys) -> Tenant:
         tpm=_opt_int(t, "tpm", key),
         task_rpm=_opt_int(t, "task_rpm", key),
     )
+
+
+def _is_openai(base_url: str) -> bool:
+    host = base_url.split("://", 1)[1].split("/", 1)[0].split(":", 1)[0].lower()
+    return host == "api.openai.com" or host.endswith(".openai.azure.com")
+
+
+def _choice(
+    d: dict[str, Any], name: str, key: _Keys, choices: tuple[str, ...], default: str | None
+) -> str | None:
+    if name not in d:
+        return default
+    v = d[name]
+    if v not in choices:
+        raise ConfigError(f"{key(name)} = {v!r} is not one of {', '.join(choices)}")
+    return str(v)
 
 
 def _no_unknown(d: dict[str, Any], known: set[str], key: _Keys) -> None:

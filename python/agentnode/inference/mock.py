@@ -11,6 +11,7 @@ They record what they received and when a client went away.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import socket
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["Fault", "MockUpstream", "ToolCall", "Turn"]
+__all__ = ["Fault", "MockUpstream", "PromptCache", "ToolCall", "Turn"]
 
 OPENAI_USAGE = {
     "prompt_tokens": 1000,
@@ -78,6 +79,136 @@ class Turn:
         return cls(text=str(obj.get("text", "")), tool_calls=calls)
 
 
+#: Anthropic's smallest cacheable prefix (tokens) by model family, as its docs list them.
+ANTHROPIC_MIN_CACHEABLE = {"haiku": 2048, "opus-4-5": 4096, "haiku-4-5": 4096}
+ANTHROPIC_MAX_BREAKPOINTS = 4
+#: OpenAI caches prompts of at least this many tokens, in steps of OPENAI_CACHE_STEP.
+OPENAI_MIN_CACHEABLE = 1024
+OPENAI_CACHE_STEP = 128
+#: Blocks before a breakpoint that Anthropic checks for an earlier cache entry.
+_LOOKBACK = 20
+
+
+def count_tokens(value: Any) -> int:
+    """The mock's tokenizer: a quarter of the value's compact JSON, at least 1. Deterministic,
+    and close enough to real tokenizers' ~4 bytes a token for English and JSON."""
+    raw = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return max(1, len(raw.encode()) // 4)
+
+
+def _strip_marker(block: Any) -> Any:
+    if isinstance(block, dict) and "cache_control" in block:
+        return {k: v for k, v in block.items() if k != "cache_control"}
+    return block
+
+
+@dataclass
+class PromptCache:
+    """Provider prompt caching as documented, for a mock to bill by.
+
+    Anthropic: the prompt is the tools, then the system blocks, then each message's content
+    blocks, in that order; a block carrying `cache_control` is a breakpoint (at most 4, else
+    400). The prefix up to a breakpoint, when at least the model's minimum length, is written
+    to the cache (5 min, or 1 h with `ttl: "1h"`); a later request whose prefix up to a block
+    boundary within 20 blocks before one of its breakpoints matches an entry still alive reads
+    it (and refreshes its TTL). OpenAI: every prompt of at least 1024 tokens is cached
+    automatically; the longest earlier prefix (in 128-token steps) is reported as cached,
+    per model and `prompt_cache_key`."""
+
+    #: Overrides of the minimum cacheable length, by model name.
+    min_tokens: dict[str, int] = field(default_factory=dict)
+    _entries: dict[bytes, float] = field(default_factory=dict)
+
+    def _min(self, model: str) -> int:
+        if model in self.min_tokens:
+            return self.min_tokens[model]
+        found = [n for k, n in ANTHROPIC_MIN_CACHEABLE.items() if k in model]
+        return max(found) if found else 1024
+
+    def _alive(self, key: bytes, now: float) -> bool:
+        return self._entries.get(key, 0.0) > now
+
+    def anthropic(self, body: dict[str, Any]) -> dict[str, Any] | str:
+        """The usage of a /v1/messages request, or the 400 message for too many breakpoints."""
+        blocks: list[Any] = list(body.get("tools") or [])
+        system = body.get("system")
+        if isinstance(system, str):
+            blocks.append({"type": "text", "text": system})
+        elif isinstance(system, list):
+            blocks.extend(system)
+        for m in body.get("messages") or []:
+            content = m.get("content")
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            blocks.extend({"role": m.get("role")} | b for b in content or [])
+        marks = [i for i, b in enumerate(blocks) if isinstance(b, dict) and b.get("cache_control")]
+        if len(marks) > ANTHROPIC_MAX_BREAKPOINTS:
+            return (
+                f"A maximum of {ANTHROPIC_MAX_BREAKPOINTS} blocks with cache_control may be "
+                f"provided. Found {len(marks)}."
+            )
+        model, now = body.get("model", ""), time.monotonic()
+        h = hashlib.sha256(model.encode())
+        hashes: list[bytes] = []
+        tokens: list[int] = []  # cumulative, up to and including block i
+        total = 0
+        for b in blocks:
+            h.update(json.dumps(_strip_marker(b), sort_keys=True).encode())
+            hashes.append(h.copy().digest())
+            total += count_tokens(_strip_marker(b))
+            tokens.append(total)
+        read = 0
+        for i in marks:
+            for j in range(i, max(-1, i - _LOOKBACK), -1):
+                if self._alive(hashes[j], now):
+                    read = max(read, tokens[j])
+                    self._entries[hashes[j]] = max(self._entries[hashes[j]], now + 300)
+                    break
+        written = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
+        top = read
+        for i in marks:
+            if tokens[i] < self._min(model) or tokens[i] <= top:
+                continue
+            one_hour = blocks[i]["cache_control"].get("ttl") == "1h"
+            if not self._alive(hashes[i], now):
+                self._entries[hashes[i]] = now + (3600 if one_hour else 300)
+            bucket = "ephemeral_1h_input_tokens" if one_hour else "ephemeral_5m_input_tokens"
+            written[bucket] += tokens[i] - top
+            top = tokens[i]
+        write = top - read
+        return {
+            "input_tokens": total - top,
+            "cache_creation_input_tokens": write,
+            "cache_read_input_tokens": read,
+            "cache_creation": written,
+            "output_tokens": 50,
+        }
+
+    def openai(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The usage of a chat completion request."""
+        parts: list[Any] = list(body.get("tools") or []) + list(body.get("messages") or [])
+        key = str(body.get("prompt_cache_key", ""))
+        h = hashlib.sha256(f"{body.get('model', '')}\n{key}".encode())
+        now, total, cached = time.monotonic(), 0, 0
+        for p in parts:
+            h.update(json.dumps(p, sort_keys=True).encode())
+            total += count_tokens(p)
+            if total < OPENAI_MIN_CACHEABLE:
+                continue
+            d = h.copy().digest()
+            if self._alive(d, now):
+                cached = total
+            self._entries[d] = now + 300
+        cached -= cached % OPENAI_CACHE_STEP
+        return {
+            "prompt_tokens": total,
+            "completion_tokens": 50,
+            "total_tokens": total + 50,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
+
+
 @dataclass
 class MockUpstream:
     """One provider on 127.0.0.1. `kind` is `openai` or `anthropic`; `await start()` first."""
@@ -93,7 +224,12 @@ class MockUpstream:
     faults: deque[Fault] = field(default_factory=deque)
     #: Answers for successive chat requests (then the default "Hello" answers).
     script: deque[Turn] = field(default_factory=deque)
-    #: What each request brought: path, json, body (bytes), headers, peer (host, port).
+    #: Models that always answer with this error status (one sick model of a deployment).
+    failing_models: dict[str, int] = field(default_factory=dict)
+    #: Bill by provider prompt caching (usage computed from each request) instead of `usage`.
+    prompt_cache: PromptCache | None = None
+    #: What each request brought: path, json, body (bytes), headers, peer (host, port), and
+    #: with `prompt_cache`, the usage it was billed.
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     _runner: web.AppRunner | None = None
@@ -126,7 +262,24 @@ class MockUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _usage(self) -> dict[str, Any]:
+    def _usage(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.prompt_cache is not None and body is not None:
+            if self.kind == "openai":
+                billed: dict[str, Any] | str = self.prompt_cache.openai(body)
+            else:
+                billed = self.prompt_cache.anthropic(body)
+            if isinstance(billed, str):
+                raise web.HTTPBadRequest(
+                    text=json.dumps(
+                        {
+                            "type": "error",
+                            "error": {"type": "invalid_request_error", "message": billed},
+                        }
+                    ),
+                    content_type="application/json",
+                )
+            self.requests[-1]["usage"] = billed
+            return billed
         if self.usage is not None:
             return self.usage
         return OPENAI_USAGE if self.kind == "openai" else ANTHROPIC_USAGE
@@ -145,6 +298,8 @@ class MockUpstream:
             }
         )
         f = self.faults.popleft() if self.faults else None
+        if f is None and body.get("model") in self.failing_models:
+            f = Fault(status=self.failing_models[body["model"]])
         if f is None:
             return None, None
         if f.hang:
@@ -169,7 +324,7 @@ class MockUpstream:
             return early
         body = self.requests[-1]["json"]
         endpoint = request.path.removeprefix("/v1/")
-        usage = self._usage()
+        usage = self._usage(body if endpoint == "chat/completions" else None)
         if endpoint == "embeddings":
             return web.json_response(
                 {
@@ -259,7 +414,7 @@ class MockUpstream:
         if early is not None:
             return early
         body = self.requests[-1]["json"]
-        usage = self._usage()
+        usage = self._usage(body)
         if self.script:
             turn = self.script.popleft()
             self.requests[-1]["turn"] = turn

@@ -14,7 +14,7 @@ from typing import Any
 
 from agentnode.inference.config import Price
 
-__all__ = ["Usage", "anthropic_usage", "cost", "openai_usage"]
+__all__ = ["Usage", "anthropic_usage", "cost", "openai_usage", "saving"]
 
 _MILLION = Decimal(1_000_000)
 
@@ -90,3 +90,11 @@ def cost(usage: Usage, price: Price) -> Decimal:
         + usage.output * price.output
         + usage.reasoning * price.reasoning
     ) / _MILLION
+
+
+def saving(usage: Usage, price: Price) -> Decimal:
+    """USD the prompt cache saved: what the cached tokens (reads and writes) would have cost as
+    plain input, minus what they cost. Negative when a write costs more than it saved."""
+    cached = usage.cached_input + usage.cache_write
+    spent = usage.cached_input * price.cached_input + usage.cache_write * price.cache_write
+    return (cached * price.input - spent) / _MILLION

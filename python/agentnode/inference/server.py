@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import time
 from bisect import bisect_left
@@ -31,7 +32,8 @@ from yarl import URL
 from agentnode.inference.config import Deployment, ProxyConfig, Route, Tenant
 from agentnode.inference.errors import error_event, error_response
 from agentnode.inference.limits import Breaker, Window
-from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage
+from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage, saving
+from agentnode.inference.prompt_cache import anthropic_marks, cache_key
 from agentnode.inference.store import LedgerRow, Store
 
 __all__ = ["PROXY", "Attribution", "Principal", "Proxy", "create_app", "key_attribution"]
@@ -52,6 +54,9 @@ _TAIL_WAIT = 1.0
 # Upper bounds of the latency histogram's buckets, +Inf last (Prometheus' defaults).
 _LATENCY_BUCKETS = Histogram.DEFAULT_BUCKETS
 _LATENCY_LE = tuple("+Inf" if b == float("inf") else repr(float(b)) for b in _LATENCY_BUCKETS)
+# Bytes of a request's leading part (tools, system, first messages) from which requests go to
+# the deployment that has seen it: ~1,024 tokens, the shortest prefix providers cache.
+_AFFINITY_MIN = 4096
 # The field each endpoint cannot do without.
 _REQUIRED = {
     "chat": "messages",
@@ -100,21 +105,46 @@ def key_attribution(request: web.Request, config: ProxyConfig) -> Principal | No
 class _Retryable(Exception):
     """An upstream failure worth retrying or falling back from."""
 
-    def __init__(self, message: str, *, status: int = 502, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        retry_after: float | None = None,
+        connection: bool = False,
+    ):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        #: The deployment could not be reached at all: every model it serves is down with it.
+        self.connection = connection
 
 
 class _DeploymentState:
-    """A deployment's limiters and breaker, and what every request to it reuses: its URLs,
-    headers and timeouts are built once, not per request."""
+    """A deployment's limiters and breakers, and what every request to it reuses: its URLs,
+    headers and timeouts are built once, not per request.
 
-    __slots__ = ("breaker", "deployment", "headers", "rpm", "timeouts", "tpm", "urls")
+    Breakers are per (deployment, model), as one model of a deployment may fail while the
+    others serve; only failures to reach the deployment at all count against `breaker`, the
+    deployment-wide one."""
+
+    __slots__ = (
+        "breaker",
+        "deployment",
+        "headers",
+        "model_breakers",
+        "rpm",
+        "timeouts",
+        "tpm",
+        "urls",
+    )
 
     def __init__(self, d: Deployment, config: ProxyConfig) -> None:
         self.deployment = d
         self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown)
+        self.model_breakers = {
+            m: Breaker(config.breaker_failures, config.breaker_cooldown) for m in d.models
+        }
         self.rpm = Window(f"deployment {d.name} rpm", d.rpm) if d.rpm else None
         self.tpm = Window(f"deployment {d.name} tpm", d.tpm) if d.tpm else None
         self.urls = {e: URL(d.base_url + path) for e, (_, path) in ENDPOINTS.items()}
@@ -148,6 +178,7 @@ class _Call:
         "model",
         "payload",
         "principal",
+        "route",
         "started",
         "stream",
         "tokens_estimate",
@@ -163,6 +194,7 @@ class _Call:
         self.body = body
         self.payload = payload
         self.principal = principal
+        self.route: Route | None = None
         self.model: str = payload["model"]
         self.stream = payload.get("stream") is True
         self.started = time.monotonic()
@@ -299,7 +331,7 @@ class Proxy:
         if refusal is not None:
             return refusal
         route_name = request.headers.get("x-agentnode-route") or call.model
-        route = self.config.routes.get(route_name)
+        route = call.route = self.config.routes.get(route_name)
         cache_header = request.headers.get("x-agentnode-cache", "").lower()
         if cache_header == "on" or (cache_header != "off" and route is not None and route.cache):
             call.cache_key = _cache_key(principal.tenant, endpoint, payload)
@@ -385,7 +417,8 @@ class Proxy:
     # ---- routing and retries ----------------------------------------------------------------
 
     def _candidates(self, call: _Call, route: Route | None) -> list[tuple[_DeploymentState, str]]:
-        """Deployments in fallback order; within one model, a weighted random order."""
+        """Deployments in fallback order; within one model, a weighted random order, or for a
+        request with a long prefix, the same weighted order for every request sharing it."""
         out: list[tuple[_DeploymentState, str]] = []
         for model in route.models if route else (call.model,):
             pool = self._pools.get((call.fmt, model))
@@ -393,6 +426,10 @@ class Proxy:
                 continue
             if len(pool) == 1:
                 out.append((pool[0], model))
+                continue
+            prefix = _prefix_key(call)
+            if prefix is not None:
+                out.extend((s, model) for s in _rendezvous(pool, prefix))
                 continue
             pool = list(pool)
             while pool:
@@ -418,8 +455,12 @@ class Proxy:
         last_status, last_retry_after = 502, None
         for state, model in candidates:
             d = state.deployment
+            model_breaker = state.model_breakers[model]
             if not state.breaker.allows():
-                errors.append(f"{d.name}: circuit open after repeated failures")
+                errors.append(f"{d.name}: circuit open after repeated connection failures")
+                continue
+            if not model_breaker.allows():
+                errors.append(f"{d.name}: circuit for {model} open after repeated failures")
                 continue
             wait = self._deployment_wait(state, call)
             if wait > self.config.max_wait:
@@ -435,10 +476,11 @@ class Proxy:
                     response = await self._attempt(request, call, state, model, tpm_entry)
                 except _Retryable as e:
                     self.metrics.attempts[(d.name, "retryable")] += 1
-                    state.breaker.failure()
+                    breaker = state.breaker if e.connection else model_breaker
+                    breaker.failure()
                     errors.append(f"{d.name}: {e}")
                     last_status, last_retry_after = e.status, e.retry_after
-                    if attempt == d.retries or not state.breaker.allows():
+                    if attempt == d.retries or not breaker.allows():
                         break
                     if e.retry_after is not None:
                         if e.retry_after > self.config.max_retry_after:
@@ -450,6 +492,7 @@ class Proxy:
                     continue
                 self.metrics.attempts[(d.name, "ok")] += 1
                 state.breaker.success()
+                model_breaker.success()
                 return response
         if limited and not errors:
             what, wait = min(limited, key=lambda x: x[1])
@@ -494,19 +537,16 @@ class Proxy:
         if call.stream and call.endpoint in ("chat", "completions"):
             opts = call.payload.get("stream_options")
             wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        body = call.body
-        if model == call.model and not wants_usage and "stream_options" not in call.payload:
-            body = _with_include_usage(body)
-        elif model != call.model or not wants_usage:
-            patched = dict(call.payload)
-            patched["model"] = model
-            if not wants_usage:
-                opts = patched.get("stream_options")
-                patched["stream_options"] = {
-                    **(opts if isinstance(opts, dict) else {}),
-                    "include_usage": True,
-                }
-            body = json.dumps(patched, separators=(",", ":"), ensure_ascii=False).encode()
+        changes = self._prompt_cache(call, d)
+        if model != call.model:
+            changes["model"] = model
+        if not wants_usage:
+            opts = call.payload.get("stream_options")
+            changes["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
+        body = _patched(call.body, call.payload, changes)
         headers = state.headers
         forwarded = {k: v for k in _FORWARD if (v := request.headers.get(k))}
         if forwarded:
@@ -516,12 +556,17 @@ class Proxy:
             upstream = await self.session.post(
                 url, data=body, headers=headers, timeout=state.timeouts[call.stream]
             )
-        except TimeoutError:
+        except TimeoutError as e:
+            # Only a connect that timed out is the deployment's; a slow answer is the model's.
+            connecting = isinstance(e, aiohttp.ConnectionTimeoutError)
             raise _Retryable(
-                f"timed out after {d.connect_timeout} s connecting or waiting", status=504
+                f"timed out after {d.connect_timeout if connecting else d.first_byte_timeout} s "
+                + ("connecting" if connecting else "waiting for the response"),
+                status=504,
+                connection=connecting,
             ) from None
         except aiohttp.ClientError as e:
-            raise _Retryable(f"cannot reach {url}: {e}") from None
+            raise _Retryable(f"cannot reach {url}: {e}", connection=True) from None
         try:
             if upstream.status in RETRYABLE or upstream.status >= 500:
                 text = await _read_text(upstream)
@@ -555,6 +600,27 @@ class Proxy:
                 self._release_after_tail(upstream)
             else:
                 upstream.close()
+
+    def _prompt_cache(self, call: _Call, d: Deployment) -> dict[str, Any]:
+        """Top-level fields to set so the provider's prompt cache hits (see prompt_cache)."""
+        route = call.route
+        mode = (route.prompt_cache if route else None) or d.prompt_cache
+        if mode == "off" or (mode == "auto" and call.principal.task is None):
+            return {}
+        if d.kind == "anthropic":
+            if call.endpoint != "messages":
+                return {}
+            ttl = (route.prompt_cache_ttl if route else None) or d.prompt_cache_ttl
+            marks = anthropic_marks(call.payload, min_tokens=d.prompt_cache_min_tokens, ttl=ttl)
+            return marks or {}
+        if (
+            d.prompt_cache_key != "off"
+            and call.endpoint in ("chat", "responses")
+            and "prompt_cache_key" not in call.payload
+        ):
+            p = call.principal
+            return {"prompt_cache_key": cache_key(p.tenant, p.task, d.prompt_cache_key)}
+        return {}
 
     def _release_after_tail(self, upstream: aiohttp.ClientResponse) -> None:
         """A stream whose last event came but whose HTTP framing has not ended yet (the final
@@ -689,7 +755,10 @@ class Proxy:
     ) -> None:
         """Metrics and spend now, so budgets see it at once; the ledger row is queued for the
         next group commit, which happens even if the client has left."""
-        price = cost(usage, d.price) if d is not None else Decimal(0)
+        price = saved = Decimal(0)
+        if d is not None:
+            p = d.price_of(model)
+            price, saved = cost(usage, p), saving(usage, p)
         latency = time.monotonic() - call.started
         tenant = call.principal.tenant
         m = self.metrics
@@ -709,6 +778,7 @@ class Proxy:
             endpoint=call.endpoint,
             status=status,
             cost=str(price),
+            saving=str(saved),
             latency_ms=round(latency * 1000, 3),
             cache_hit=cache_hit,
             stream=call.stream,
@@ -815,13 +885,20 @@ async def _read_text(upstream: aiohttp.ClientResponse) -> str:
     return raw.decode("utf-8", "replace").strip()
 
 
-def _with_include_usage(body: bytes) -> bytes:
-    """A request body that has no stream_options, given one asking for usage: spliced in after
-    the object's opening brace rather than re-serialised, which costs a long prompt's stream
-    ~0.6 ms of its time to first token at 130 kB (and the body is otherwise the client's own).
-    The body parsed as a JSON object with a model, so `{` comes first and a member follows."""
-    i = body.index(b"{") + 1
-    return body[:i] + b'"stream_options":{"include_usage":true},' + body[i:]
+def _patched(body: bytes, payload: dict[str, Any], changes: dict[str, Any]) -> bytes:
+    """The client's body with top-level fields set. Fields it lacks are spliced in after the
+    object's opening brace rather than re-serialising the body, which costs a long prompt's
+    stream ~0.6 ms of its time to first token at 130 kB (and the body stays the client's own
+    bytes); replacing a field re-serialises, in the client's key order. The body parsed as a
+    JSON object with a model, so `{` comes first and a member follows."""
+    if not changes:
+        return body
+    if not any(k in payload for k in changes):
+        i = body.index(b"{") + 1
+        members = json.dumps(changes, separators=(",", ":"), ensure_ascii=False).encode()
+        return body[:i] + members[1:-1] + b"," + body[i:]
+    patched = payload | changes
+    return json.dumps(patched, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -857,6 +934,38 @@ def _estimate_tokens(body_bytes: int, payload: dict[str, Any]) -> int:
     out = payload.get("max_tokens") or payload.get("max_completion_tokens") or 0
     out = out or payload.get("max_output_tokens") or 0
     return body_bytes // 4 + (out if isinstance(out, int) else 0)
+
+
+def _prefix_key(call: _Call) -> bytes | None:
+    """A digest of what an agent resends unchanged on every step of one conversation (tools,
+    system prompt, messages up to the first user message), or None when it is too short for a
+    provider to cache."""
+    p = call.payload
+    messages = p.get("messages")
+    first: list[Any] = []
+    for m in messages if isinstance(messages, list) else ():
+        first.append(m)
+        if isinstance(m, dict) and m.get("role") == "user":
+            break
+    head = [p.get("tools"), p.get("system"), first]
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) < _AFFINITY_MIN:
+        return None
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _rendezvous(pool: list[_DeploymentState], key: bytes) -> list[_DeploymentState]:
+    """The pool in weighted rendezvous order for `key`: the same first choice for every request
+    with this key while the pool is the same (so a provider's prompt cache, which lives with one
+    deployment, hits), keys spread in proportion to the weights, and when the first choice is
+    unavailable the next is again the same for all of them."""
+
+    def score(s: _DeploymentState) -> float:
+        h = hashlib.blake2b(key + s.deployment.name.encode(), digest_size=8).digest()
+        u = (int.from_bytes(h) + 1) / (2**64 + 1)  # uniform in (0, 1)
+        return -s.deployment.weight / math.log(u)
+
+    return sorted(pool, key=score, reverse=True)
 
 
 def _cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> bytes:
@@ -926,7 +1035,7 @@ def create_app(
     app[_REQUIRE] = require_credential
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = await Store.open(config.state_dir)
+        store = await Store.open(config.state_dir, retention_days=config.ledger_retention_days)
         store.on_record = on_row
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         # No cookie jar: one session serves every tenant, and no upstream cookie may cross over.

@@ -6,9 +6,13 @@ while it writes, so ledger rows are group-committed: gathered on the loop for FL
 then written as one batch. Each row is serialised to JSON when it is recorded, not in the
 writer thread: the thread holds the GIL for all the Python it runs, and serialising a batch
 there (~6 µs a row, 150 rows a flush at 3000 requests/s) stalled the event loop ~1 ms at every
-flush, which every request in flight at that moment waited out. Spend per tenant and per task
-is kept in memory (rebuilt from the ledger at open) so budget checks cost nothing and never
-wait for a flush.
+flush, which every request in flight at that moment waited out.
+
+Usage is also kept summed per (tenant, task, model, deployment, day), in memory and in the
+ledger database under `~agg/` keys, each group commit writing the groups its rows changed in
+the same atomic batch as the rows: a crash keeps both or neither, so the sums always equal
+the rows written, and `usage()` and the budgets' spend cost O(groups), never a scan. Raw rows
+older than the retention are deleted; the sums stay.
 """
 
 from __future__ import annotations
@@ -24,13 +28,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
 __all__ = ["FLUSH_INTERVAL", "LedgerRow", "Store"]
 
+#: One group's sums: requests, cache_hits, the buckets (int) and cost, saving (Decimal).
+Sums = dict[str, Any]
+
 _GROUPS = ("tenant", "task", "model", "day", "deployment")
+_KEY_FIELDS = ("tenant", "task", "model", "deployment", "day")
+_COARSE_FIELDS = ("tenant", "model", "deployment", "day")
+_BUCKETS = ("input", "cached_input", "cache_write", "output", "reasoning")
+# Ledger keys: rows under their time (digits), the sums after them under this prefix.
+_AGG = b"~agg/"
+_AGG_DONE = b"~meta/aggregates"
+_DAY = 86400
+#: Seconds between deletions of raw rows past the retention.
+RETENTION_INTERVAL = 3600.0
 #: Seconds ledger rows wait to be written with those that follow: the most a crash can lose.
 FLUSH_INTERVAL = 0.05
 log = logging.getLogger("agentnode.inference")
@@ -56,6 +72,8 @@ class LedgerRow:
     latency_ms: float
     cache_hit: bool
     stream: bool
+    #: USD the provider's prompt cache saved (see pricing.saving); rows before it have "0".
+    saving: str = "0"
 
 
 _FIELDS = LedgerRow.__slots__
@@ -74,7 +92,8 @@ def _options() -> Options:
 class Store:
     """The ledger and cache databases under `state_dir`. Use `await Store.open(dir)`."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, retention_days: float = 0.0) -> None:
+        self.retention_days = retention_days
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentnode-ledger")
         state_dir.mkdir(parents=True, exist_ok=True)
         self._ledger = Rdict(str(state_dir / "ledger"), options=_options())
@@ -90,16 +109,46 @@ class Store:
         self._timer: asyncio.TimerHandle | None = None
         #: Called with each row as it is recorded (the node's audit log).
         self.on_record: Callable[[LedgerRow], object] | None = None
+        #: (tenant, task, model, deployment, day) → sums, and the groups changed since the
+        #: last group commit.
+        self._sums: dict[tuple[Any, ...], Sums] = {}
+        #: The same without the task: most queries do not group by it, and tasks are many.
+        self._coarse: dict[tuple[Any, ...], Sums] = {}
+        self._dirty: set[tuple[Any, ...]] = set()
+        self._days: dict[int, str] = {}
+        self._retention: asyncio.TimerHandle | None = None
 
     @classmethod
-    async def open(cls, state_dir: Path) -> Store:
+    async def open(cls, state_dir: Path, *, retention_days: float = 0.0) -> Store:
         loop = asyncio.get_running_loop()
-        store = await loop.run_in_executor(None, cls, state_dir)
-        for row in await store._run(store._scan):
-            store._account(row)
+        store = await loop.run_in_executor(
+            None, lambda: cls(state_dir, retention_days=retention_days)
+        )
+        sums = await store._run(store._load_sums)
+        if sums is None:
+            # A ledger from before the sums: build them once from its rows.
+            for row in await store._run(store._scan):
+                store._sum(row)
+            await store.flush()
+            await store._run(store._ledger.put, _AGG_DONE, b"1")
+        else:
+            store._sums = sums
+            for k, a in sums.items():
+                b = store._coarse.setdefault(_coarse(k), _zero())
+                for f, v in a.items():
+                    b[f] += v
+        for k, a in store._sums.items():
+            store.tenant_spend[k[0]] += a["cost"]
+            if k[1] is not None:
+                store.task_spend[(k[0], k[1])] += a["cost"]
+        if retention_days > 0:
+            await store._run(store._expire)
+            store._retention = loop.call_later(RETENTION_INTERVAL, store._expire_soon)
         return store
 
     async def close(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
         await self.flush()
         await self._run(self._close)
         self._pool.shutdown(wait=True)
@@ -111,19 +160,42 @@ class Store:
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _account(self, row: LedgerRow) -> None:
-        c = Decimal(row.cost)
-        self.tenant_spend[row.tenant] += c
-        if row.task is not None:
-            self.task_spend[(row.tenant, row.task)] += c
+    def _sum(self, row: LedgerRow) -> Decimal:
+        """Adds the row to its group's sums (written with the next group commit); its cost."""
+        d = int(row.time // _DAY)
+        day = self._days.get(d)
+        if day is None:
+            day = self._days[d] = time.strftime("%Y-%m-%d", time.gmtime(d * _DAY))
+        k = (row.tenant, row.task, row.model, row.deployment, day)
+        c, saved = Decimal(row.cost), Decimal(row.saving)
+        a = self._sums.get(k)
+        if a is None:
+            a = self._sums[k] = _zero()
+        coarse = _coarse(k)
+        b = self._coarse.get(coarse)
+        if b is None:
+            b = self._coarse[coarse] = _zero()
+        for sums in (a, b):
+            sums["requests"] += 1
+            sums["cache_hits"] += int(row.cache_hit)
+            sums["cost"] += c
+            sums["saving"] += saved
+            for bucket in _BUCKETS:
+                sums[bucket] += getattr(row, bucket)
+        self._dirty.add(k)
+        return c
 
     def record(self, row: LedgerRow) -> None:
         """Counts the row against the budgets now; it is written within FLUSH_INTERVAL."""
-        self._account(row)
+        c = self._sum(row)
+        self.tenant_spend[row.tenant] += c
+        if row.task is not None:
+            self.task_spend[(row.tenant, row.task)] += c
         if self.on_record is not None:
             self.on_record(row)
         self._seq += 1
-        key = f"{time.time_ns():020d}-{self._key_prefix}{self._seq:08x}".encode()
+        # Keyed by the row's own time, so the retention deletes by it.
+        key = f"{int(row.time * 1e9):020d}-{self._key_prefix}{self._seq:08x}".encode()
         self._pending.append((key, json.dumps({f: getattr(row, f) for f in _FIELDS}).encode()))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._flush_soon)
@@ -135,6 +207,11 @@ class Store:
 
     def _submit(self) -> asyncio.Future[None]:
         batch, self._pending = self._pending, []
+        # The sums as they stand include every row in this batch and before: written in the
+        # same batch, a crash cannot leave them out of step with the rows.
+        for k in self._dirty:
+            batch.append((_AGG + _dumps(list(k)), _dumps(_encode(self._sums[k]))))
+        self._dirty = set()
         return asyncio.get_running_loop().run_in_executor(self._pool, self._write, batch)
 
     async def flush(self) -> None:
@@ -154,7 +231,35 @@ class Store:
         self._ledger.write(wb)
 
     def _scan(self) -> list[LedgerRow]:
-        return [LedgerRow(**json.loads(v)) for _, v in self._ledger.items()]
+        rows = []
+        for k, v in self._ledger.items():
+            if cast(bytes, k).startswith(b"~"):
+                break  # The sums sort after every row.
+            rows.append(LedgerRow(**json.loads(v)))
+        return rows
+
+    def _load_sums(self) -> dict[tuple[Any, ...], Sums] | None:
+        if self._ledger.get(_AGG_DONE) is None:
+            return None
+        sums = {}
+        for k, v in self._ledger.items(from_key=_AGG):
+            key = cast(bytes, k)
+            if not key.startswith(_AGG):
+                break
+            sums[tuple(json.loads(key[len(_AGG) :]))] = _decode(json.loads(v))
+        return sums
+
+    def _expire(self) -> None:
+        """Deletes raw rows older than the retention (their sums stay)."""
+        cutoff = time.time() - self.retention_days * _DAY
+        self._ledger.delete_range(b"0", f"{int(cutoff * 1e9):020d}".encode())
+
+    def _expire_soon(self) -> None:
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._expire)
+        fut.add_done_callback(_log_write_failure)
+        self._retention = asyncio.get_running_loop().call_later(
+            RETENTION_INTERVAL, self._expire_soon
+        )
 
     async def rows(self) -> list[LedgerRow]:
         """Every ledger row, oldest first, including those recorded but not yet flushed."""
@@ -165,34 +270,30 @@ class Store:
     async def usage(
         self, group_by: tuple[str, ...], *, tenant: str | None = None
     ) -> list[dict[str, Any]]:
-        """Sums of tokens and cost per distinct value of `group_by` (of one tenant if given)."""
+        """Sums of tokens, cost and saving per distinct value of `group_by` (of one tenant if
+        given), from the kept sums: the cost is in the number of groups, not of rows."""
         for g in group_by:
             if g not in _GROUPS:
                 raise ValueError(f"cannot group by {g!r} (use {', '.join(_GROUPS)})")
-        agg: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for r in await self.rows():
-            if tenant is not None and r.tenant != tenant:
+        fields: tuple[str, ...] = _KEY_FIELDS
+        source = self._sums
+        if "task" not in group_by:
+            fields, source = _COARSE_FIELDS, self._coarse
+        where = [fields.index(g) for g in group_by]
+        agg: dict[tuple[Any, ...], Sums] = {}
+        for k, s in source.items():
+            if tenant is not None and k[0] != tenant:
                 continue
-            values = {
-                "tenant": r.tenant,
-                "task": r.task,
-                "model": r.model,
-                "deployment": r.deployment,
-                "day": time.strftime("%Y-%m-%d", time.gmtime(r.time)),
-            }
-            k = tuple(values[g] for g in group_by)
-            a = agg.setdefault(
-                k,
-                {g: values[g] for g in group_by}
-                | {"requests": 0, "cache_hits": 0, "cost": Decimal(0)}
-                | dict.fromkeys(("input", "cached_input", "cache_write", "output", "reasoning"), 0),
-            )
-            a["requests"] += 1
-            a["cache_hits"] += int(r.cache_hit)
-            a["cost"] += Decimal(r.cost)
-            for b in ("input", "cached_input", "cache_write", "output", "reasoning"):
-                a[b] += getattr(r, b)
-        return [a | {"cost": str(a["cost"])} for a in agg.values()]
+            out = tuple(k[i] for i in where)
+            a = agg.get(out)
+            if a is None:
+                a = agg[out] = _zero()
+            for f, v in s.items():
+                a[f] += v
+        return [
+            dict(zip(group_by, k, strict=True)) | _encode(a) | {"requests": a["requests"]}
+            for k, a in agg.items()
+        ]
 
     async def cache_get(self, key: bytes) -> tuple[dict[str, Any], bytes] | None:
         """A live cache entry: (metadata, body), or None when absent or expired."""
@@ -213,6 +314,32 @@ class Store:
         value = json.dumps(meta).encode() + b"\n" + body
         fut = asyncio.get_running_loop().run_in_executor(self._pool, self._cache.put, key, value)
         fut.add_done_callback(_log_write_failure)
+
+
+def _coarse(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (key[0], *key[2:])
+
+
+def _zero() -> Sums:
+    return {
+        "requests": 0,
+        "cache_hits": 0,
+        "cost": Decimal(0),
+        "saving": Decimal(0),
+    } | dict.fromkeys(_BUCKETS, 0)
+
+
+def _encode(a: Sums) -> dict[str, Any]:
+    """Sums as JSON can hold them exactly: the Decimals as strings."""
+    return a | {"cost": str(a["cost"]), "saving": str(a["saving"])}
+
+
+def _decode(a: dict[str, Any]) -> Sums:
+    return a | {"cost": Decimal(a["cost"]), "saving": Decimal(a["saving"])}
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _log_write_failure(fut: asyncio.Future[None]) -> None:
