@@ -78,8 +78,10 @@ def agent_node(
 
 
 def audit(d: Daemon) -> list[dict[str, Any]]:
-    path = d.data / "audit.log"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The egress denials in the daemon's audit log."""
+    path = d.data / "audit" / "audit.log"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if r.get("kind") == "egress_denied"]
 
 
 def ledger(world: World, d: Daemon, key: str) -> list[dict[str, Any]]:

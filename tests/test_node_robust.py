@@ -24,6 +24,7 @@ from typing import Any
 from rocksdict import Options, Rdict
 
 from agentnode.isolation import USERNS_BASE
+from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
@@ -39,9 +40,18 @@ pytestmark = root_only
 
 
 def forged(spec: TaskSpec, **fields: Any) -> TaskSpec:
-    """`spec` with `fields` set past its checks: what a check that missed a case lets through."""
+    """`spec` with sandbox `fields` set past their checks: what a check that missed a case lets
+    through (`user` is `UID[:GID]`; limits go to the sandbox's limits)."""
+    sandbox = spec.sandbox
     for name, value in fields.items():
-        object.__setattr__(spec, name, value)
+        if name == "user":
+            uid, _, gid = value.partition(":")
+            object.__setattr__(sandbox, "uid", int(uid))
+            object.__setattr__(sandbox, "gid", int(gid or uid))
+        elif hasattr(sandbox.limits, name):
+            object.__setattr__(sandbox.limits, name, value)
+        else:
+            object.__setattr__(sandbox, name, value)
     return spec
 
 
@@ -65,8 +75,8 @@ def seed(data: Path, *specs: TaskSpec, state: State = State.QUEUED) -> list[str]
 
 
 def small(command: list[str], **fields: Any) -> TaskSpec:
-    return TaskSpec(tenant="t", command=tuple(command), cpu_millis=100,
-                    memory_bytes=32 << 20, **fields)  # fmt: skip
+    sandbox = Sandbox(limits=Limits(cpus=0.1, memory=32 << 20))
+    return TaskSpec(tenant="t", command=tuple(command), sandbox=sandbox, **fields)
 
 
 def failed_or_unreadable(d: Daemon, task_id: str) -> str:

@@ -49,12 +49,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.update:
         raise ConfigError("--update goes with `prices` (agentnode proxy prices --update FILE)")
     config = from_environment(config, dict(os.environ))
-    if not config.deployments:
-        print(
-            "agentnode proxy: no deployments configured and neither OPENAI_API_KEY nor "
-            "ANTHROPIC_API_KEY set: no model is served",
-            file=sys.stderr,
-        )
     if args.listen:
         try:
             where = parse_config({"listen": args.listen}, prefix="")
@@ -117,6 +111,13 @@ async def serve(config: ProxyConfig) -> None:
                 "(pick another address with --listen)"
             ) from None
         print(f"agentnode proxy: listening on http://{config.host}:{config.port}", flush=True)
+        if not config.deployments:
+            print(
+                "agentnode proxy: no deployments configured and neither OPENAI_API_KEY nor "
+                "ANTHROPIC_API_KEY set: no model is served",
+                file=sys.stderr,
+            )
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -139,7 +139,15 @@ class TaskManager:
         found = self.store.load()
         self.tasks.add_encoded(found.records)
         self._enqueue_entries(found.queued)
-        interrupted = sorted((self.tasks[i] for i in found.interrupted), key=attrgetter("seq"))
+        readable = []
+        for i in found.interrupted:
+            try:
+                readable.append(self.tasks[i])
+            except TaskError as e:
+                # Not run again, and never a reason for the node not to start.
+                self.unreadable[i] = str(e)
+                log.error("task %s cannot be recovered: %s", i, e)
+        interrupted = sorted(readable, key=attrgetter("seq"))
         now = time.time()
         writes, again = [], []
         for t in interrupted:

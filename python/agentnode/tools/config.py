@@ -3,6 +3,7 @@ and the MCP servers (`[tools.mcp.NAME]`) the node runs."""
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,9 +98,12 @@ def _server(name: str, table: Any) -> MCPServerSpec:
     for key in ("ro", "rw"):
         for spec in t.get(key, []):
             try:
-                mounts.append(parse_mount(key, spec))
+                mount = parse_mount(key, spec)
             except SpecError as e:
                 raise ConfigError(f"{where}.{e!s}") from None
+            if not os.path.exists(mount.src):
+                raise ConfigError(f"{where}.{key}: {mount.src!r} does not exist on this host")
+            mounts.append(mount)
     tenants = t.get("tenants")
     idle = t.get("idle", 300)
     return MCPServerSpec(

@@ -253,8 +253,10 @@ pub(super) unsafe fn run_op(op: &Op) -> Step {
                 // its source mount, and dropping the copy waits out an RCU grace period (about
                 // 50 us here, twice per start when every mask tried /dev/null first).
                 let [first, other] = if *dir { [empty, null] } else { [null, empty] };
+                // Gone, or out of this identity's reach (a user-namespace root cannot search
+                // an unmapped owner's 0700 directory): the task cannot reach it either.
                 match mount(first.0, ptr(path), first.1, first.2, first.3) {
-                    Ok(()) | Err(libc::ENOENT) => Ok(()),
+                    Ok(()) | Err(libc::ENOENT | libc::ENOTDIR | libc::EACCES) => Ok(()),
                     Err(_) => mount(other.0, ptr(path), other.1, other.2, other.3),
                 }
             }
