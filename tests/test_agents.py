@@ -20,7 +20,7 @@ from agentnode.agents.openclaw import openclaw_config
 from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation.spec import Limits, Mount, Sandbox
 from agentnode.tasks.model import TaskSpec
-from conftest import processes_with, root_only, run_cli
+from conftest import processes_with, run_cli
 from egress_world import OTHER4, World
 
 HERE = Path(__file__).parent
@@ -138,7 +138,7 @@ LANGGRAPH_SCRIPT = [
 ]
 
 
-@root_only
+@pytest.mark.root
 def test_langgraph_agent_runs_metered_fails_closed_and_resumes(
     world: World, tmp_path: Path
 ) -> None:

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from agentnode import doctor
-from conftest import root_only, run_cli
+from conftest import run_cli
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "doctor.schema.json").read_text())
 
@@ -39,7 +39,7 @@ def root_report() -> tuple[int, dict[str, object]]:
     return r.returncode, json.loads(r.stdout)
 
 
-@root_only
+@pytest.mark.root
 def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict]) -> None:
     code, rep = root_report
     jsonschema.validate(rep, SCHEMA)
@@ -49,7 +49,7 @@ def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict]) 
     assert code == 0
 
 
-@root_only
+@pytest.mark.root
 def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict]) -> None:
     _, rep = root_report
     assert rep["hierarchy"]["layout"] == expected_layout()
@@ -62,12 +62,12 @@ def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict]
     assert checks["net.veth_bridge"]["status"] == "ok"
 
 
-@root_only
+@pytest.mark.root
 def test_cleans_up_after_itself(root_report: tuple[int, dict]) -> None:
     assert leftovers() == []
 
 
-@root_only
+@pytest.mark.root
 def test_unprivileged_reports_what_needs_root() -> None:
     r = run_cli(["doctor", "--json"], user=65534)
     assert "Traceback" not in r.stderr

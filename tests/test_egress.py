@@ -24,10 +24,9 @@ from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import EgressError
-from conftest import root_only
 from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 FWD_PORT = 5300
 #: These forwarders share the hosts netns with the test upstreams, whose addresses are then the

@@ -32,11 +32,10 @@ from agentnode.egress.dns import DnsForwarder, DnsLimits
 from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import ConfigError
 from agentnode.node.config import load_config
-from conftest import root_only
 from egress_world import HOST4, OTHER4, TASK4, World, scratch_cgroup
 from node_daemon import daemon
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 REPO = Path(__file__).parent.parent
 FWD_PORT = 5310

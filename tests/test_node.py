@@ -21,10 +21,10 @@ from agentnode.isolation import task as task_mod
 from agentnode.node.client import NodeNotRunning
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
-from conftest import processes_with, root_only, run_cli
+from conftest import processes_with, run_cli
 from node_daemon import Daemon, daemon
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 #: Holds its slot until the test creates `go` in its workspace.
 GATE = ["sh", "-c", "while [ ! -e /workspace/go ]; do sleep 0.01; done"]

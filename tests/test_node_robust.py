@@ -21,13 +21,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rocksdict import Options, Rdict
 
 from agentnode.isolation import USERNS_BASE
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
-from conftest import root_only, run_cli
+from conftest import run_cli
 from egress_world import World
 from node_daemon import Daemon, daemon
 from test_egress_tasks import subnet
@@ -35,7 +36,7 @@ from test_node import call, in_parallel
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = root_only
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def forged(spec: TaskSpec, **fields: Any) -> TaskSpec:
