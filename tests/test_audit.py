@@ -26,8 +26,8 @@ from agentnode.inference.config import Price
 from agentnode.inference.pricing import cost, openai_usage
 from agentnode.isolation import spawn
 from conftest import run_cli
-from egress_world import OTHER4, World
-from node_daemon import daemon
+from support.egress_world import OTHER4, World
+from support.node_daemon import daemon
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -404,7 +404,7 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
         )  # fmt: skip
         spans_file = tmp_path / "spans.jsonl"
         receiver = subprocess.Popen(
-            [*netns, sys.executable, str(HERE / "otlp_receiver.py"), str(spans_file)],
+            [*netns, sys.executable, str(HERE / "support" / "otlp_receiver.py"), str(spans_file)],
             stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         try:

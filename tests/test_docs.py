@@ -13,7 +13,7 @@ import pytest
 
 from agentnode.cli import build_parser
 from conftest import run_cli
-from node_daemon import daemon
+from support.node_daemon import daemon
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").rglob("*.md"))]

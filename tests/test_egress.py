@@ -24,7 +24,7 @@ from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import EgressError
-from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
+from support.egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
 
 pytestmark = pytest.mark.root
 

@@ -13,7 +13,7 @@ import pytest
 from agentnode.egress import Egress, EgressPolicy
 from agentnode.egress.network import NodeNetwork
 from agentnode.errors import PolicyError
-from egress_world import HOST4, World, scratch_cgroup
+from support.egress_world import HOST4, World, scratch_cgroup
 
 pytestmark = pytest.mark.root
 

@@ -27,14 +27,14 @@ from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import Mount, spawn
 from conftest import run_cli
-from egress_world import HOST4, OTHER4, World
-from node_daemon import daemon
+from support.egress_world import HOST4, OTHER4, World
+from support.node_daemon import daemon
 
 pytestmark = pytest.mark.root
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
-CLIENT = str(HERE / "egress_client.py")
+CLIENT = str(HERE / "support" / "egress_client.py")
 #: The task runs this checkout's Python as root (the venv may not be readable by nobody), with
 #: the checkout bound in (it may sit under /tmp, which is the task's own tmpfs).
 PYTHON: dict[str, Any] = {

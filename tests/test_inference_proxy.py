@@ -16,10 +16,10 @@ import pytest
 
 from agentnode.inference.mock import Fault
 from agentnode.inference.store import LedgerRow, Store
-from proxy_env import ProxyEnv
+from support.proxy_env import ProxyEnv
 
 Configure = Callable[[dict[str, Any]], None]
-# The mocks' default usage priced with tests/proxy_env.py's prices, by hand:
+# The mocks' default usage priced with tests/support/proxy_env.py's prices, by hand:
 # OpenAI: 1000 prompt (600 cached) + 300 completion (100 reasoning)
 #   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
 GPT_COST = Decimal("0.00495")

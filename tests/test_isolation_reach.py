@@ -27,7 +27,7 @@ import pytest
 from agentnode.errors import SandboxError
 from agentnode.isolation import Mount, spawn
 from conftest import run_cli
-from node_daemon import daemon
+from support.node_daemon import daemon
 
 pytestmark = pytest.mark.root
 

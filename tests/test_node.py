@@ -22,7 +22,7 @@ from agentnode.node.client import NodeNotRunning
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from conftest import processes_with, run_cli
-from node_daemon import Daemon, daemon
+from support.node_daemon import Daemon, daemon
 
 pytestmark = pytest.mark.root
 

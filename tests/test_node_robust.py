@@ -29,8 +29,8 @@ from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
 from conftest import run_cli
-from egress_world import World
-from node_daemon import Daemon, daemon
+from support.egress_world import World
+from support.node_daemon import Daemon, daemon
 from test_egress_tasks import subnet
 from test_node import call, in_parallel
 

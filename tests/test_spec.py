@@ -44,7 +44,7 @@ from agentnode.isolation.spec import (
 from agentnode.tasks import State, Task, TaskManager, TaskSpec, TaskStore
 from agentnode.tasks.store import decode, encode
 from conftest import run_cli
-from node_daemon import Daemon
+from support.node_daemon import Daemon
 
 OPENAPI = Path(__file__).parents[1] / "python/agentnode/node/openapi.json"
 #: What a task prints so the test can see who it runs as: Uid/Gid are real, effective, saved, fs.
