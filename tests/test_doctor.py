@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -33,14 +34,14 @@ def leftovers() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def root_report() -> tuple[int, dict[str, object]]:
+def root_report() -> tuple[int, dict[str, Any]]:
     r = run_cli(["doctor", "--json"])
     assert "Traceback" not in r.stderr
     return r.returncode, json.loads(r.stdout)
 
 
 @pytest.mark.root
-def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict]) -> None:
+def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict[str, Any]]) -> None:
     code, rep = root_report
     jsonschema.validate(rep, SCHEMA)
     failed = [c for c in rep["checks"] if c["required"] and c["status"] != "ok"]
@@ -50,7 +51,7 @@ def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict]) 
 
 
 @pytest.mark.root
-def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict]) -> None:
+def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict[str, Any]]) -> None:
     _, rep = root_report
     assert rep["hierarchy"]["layout"] == expected_layout()
     checks = {c["id"]: c for c in rep["checks"]}
@@ -63,7 +64,7 @@ def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict]
 
 
 @pytest.mark.root
-def test_cleans_up_after_itself(root_report: tuple[int, dict]) -> None:
+def test_cleans_up_after_itself(root_report: tuple[int, dict[str, Any]]) -> None:
     assert leftovers() == []
 
 

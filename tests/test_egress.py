@@ -423,7 +423,11 @@ def test_dns_ipv6_redirect_and_aaaa(world: World, cgroup: Path) -> None:
     async def start(loop: asyncio.AbstractEventLoop) -> Forwarders:
         fw = Forwarders()
         for fwd, addr in zip(fw.all, (HOST4, HOST6), strict=True):
-            await loop.create_datagram_endpoint(lambda f=fwd: f, local_addr=(addr, FWD_PORT + 1))
+
+            def protocol(f: DnsForwarder = fwd) -> DnsForwarder:
+                return f
+
+            await loop.create_datagram_endpoint(protocol, local_addr=(addr, FWD_PORT + 1))
         return fw
 
     policy = EgressPolicy(hosts=["six.test:8080"])

@@ -25,6 +25,7 @@ import pytest
 from rocksdict import Options, Rdict
 
 from agentnode.isolation import USERNS_BASE
+from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
@@ -66,8 +67,8 @@ def seed(data: Path, *specs: TaskSpec, state: State = State.QUEUED) -> list[str]
 
 
 def small(command: list[str], **fields: Any) -> TaskSpec:
-    return TaskSpec(tenant="t", command=tuple(command), cpu_millis=100,
-                    memory_bytes=32 << 20, **fields)  # fmt: skip
+    return TaskSpec(tenant="t", command=tuple(command),
+                    sandbox=Sandbox(limits=Limits(cpus=0.1, memory=32 << 20)), **fields)  # fmt: skip
 
 
 def failed_or_unreadable(d: Daemon, task_id: str) -> str:
@@ -104,6 +105,7 @@ def test_a_task_whose_start_raises_fails_alone_and_never_wedges_the_loop(tmp_pat
     damaged = seed(data, small(["true"]))[0]
     db = Rdict(str(data / "tasks" / "db"), Options(raw_mode=True))
     record = db[b"t/" + damaged.encode()]
+    assert isinstance(record, bytes)
     db[b"t/" + damaged.encode()] = record[: -len(record) // 2] + b"\xc1" * 8
     db.close()
     # A poison task that was starting when the last node died: lost, retried, fails again.
