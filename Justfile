@@ -51,7 +51,7 @@ test *args: setup
 bench *args: setup
     {{py}} bench/run.py "$@"
 
-# Lint: ruff, mypy with stubtest, cargo fmt --check, cargo clippy -D warnings
+# Lint: ruff, mypy --strict (package, tests, bench) with stubtest, cargo fmt --check, cargo clippy -D warnings (also as .pre-commit-config.yaml hooks)
 lint: setup
     {{venv}}/bin/ruff check python tests bench
     {{venv}}/bin/ruff format --check python tests bench

@@ -37,7 +37,7 @@ def recall(found: list[list[int]], truth: npt.NDArray[np.int64]) -> float:
     """Mean fraction of the true top-k present in each found list."""
     k = truth.shape[1]
     hits = sum(len(set(f) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
-    return hits / (k * len(found))
+    return float(hits / (k * len(found)))
 
 
 def bench_data(

@@ -23,12 +23,14 @@ from typing import Any
 
 from aiohttp import web
 from langchain_core.messages import HumanMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
+from pydantic import SecretStr
 
 from _harness import Bench
 from agentnode.inference.mock import MockUpstream, ToolCall, Turn
@@ -76,13 +78,13 @@ def main() -> None:
 
         mock = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        llm = ChatOpenAI(model="m", base_url=mock.base_url, api_key="k", max_retries=0)
+        llm = ChatOpenAI(model="m", base_url=mock.base_url, api_key=SecretStr("k"), max_retries=0)
         llm_tools = llm.bind_tools([add])
         turns = [Turn(tool_calls=(ToolCall("add", {"a": 2, "b": 3}),)), Turn(text="5")]
 
         def run(saver: BaseCheckpointSaver[Any]) -> float:
             mock.script = deque(turns)
-            config = {"configurable": {"thread_id": f"t{next(_THREADS)}"}}
+            config: RunnableConfig = {"configurable": {"thread_id": f"t{next(_THREADS)}"}}
             t0 = time.perf_counter()
             graph(llm_tools, saver).invoke(
                 {"messages": [HumanMessage("add 2 and 3")]}, config, durability="sync"
@@ -93,7 +95,8 @@ def main() -> None:
             ours_saver, peer_saver = AgentnodeCheckpointer(memory, task="bench"), InMemorySaver()
             for _ in range(3):  # warm both: connections, imports, JIT-less caches
                 run(ours_saver), run(peer_saver)
-            ours, peer = [], []
+            ours: list[float] = []
+            peer: list[float] = []
             for r in range(10 if bench.quick else 40):
                 pair = [(ours, ours_saver), (peer, peer_saver)]
                 for times, saver in pair if r % 2 == 0 else reversed(pair):

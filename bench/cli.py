@@ -25,7 +25,7 @@ from pathlib import Path
 from _harness import Bench, percentile
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from node_daemon import Daemon
+from support.node_daemon import Daemon
 
 # `-m agentnode`, not the console script: the venv's script adds the same interpreter start.
 AGENTNODE = [sys.executable, "-m", "agentnode"]

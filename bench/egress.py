@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from agentnode.egress import Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder, DnsLimits
 from agentnode.egress.screen import AnswerScreen
-from egress_world import HOST4, TASK4, World, scratch_cgroup
+from support.egress_world import HOST4, TASK4, World, scratch_cgroup
 
 
 def big_policy(n: int, port: int, net: int = 10) -> EgressPolicy:

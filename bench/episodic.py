@@ -15,7 +15,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgpack
@@ -53,7 +53,7 @@ def rates(rounds: int, n: int, fns: list[Callable[[int], object]]) -> list[float
     return [statistics.median(x) for x in seen]
 
 
-def latencies(ids: list[object], fn: Callable[[object], object]) -> list[float]:
+def latencies(ids: Sequence[object], fn: Callable[[object], object]) -> list[float]:
     out = []
     for i in ids:
         t0 = time.perf_counter_ns()

@@ -32,7 +32,7 @@ from agentnode.node.paths import DEFAULT_DATA_DIR
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks.model import Task, TaskSpec
 from agentnode.tasks.store import TaskStore, decode, encode
-from node_daemon import Daemon
+from support.node_daemon import Daemon
 
 
 class Events:

@@ -36,7 +36,7 @@ from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
 
 REPO = Path(__file__).resolve().parents[1]
-SERVER = [sys.executable, str(REPO / "tests" / "tools_mcp_server.py")]
+SERVER = [sys.executable, str(REPO / "tests" / "support" / "tools_mcp_server.py")]
 ENV = {"PYTHONPATH": str(REPO / "python")}
 # The interpreter run_code's sandbox finds on its PATH, so both sides run the same one.
 PYTHON3 = shutil.which("python3", path=SAFE_PATH) or "python3"

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from agent_env import CALL_COST, REPO, agent_node, audit
 from agentnode.agents import LLM_HOSTS, AgentSpec, llm_environment, prepare
 from agentnode.agents.openclaw import openclaw_config
 from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation.spec import Limits, Mount, Sandbox
 from agentnode.tasks.model import TaskSpec
-from conftest import processes_with, root_only, run_cli
-from egress_world import OTHER4, World
+from conftest import processes_with, run_cli
+from support.agent_env import CALL_COST, REPO, agent_node, audit
+from support.egress_world import OTHER4, World
 
 HERE = Path(__file__).parent
 
@@ -138,7 +138,7 @@ LANGGRAPH_SCRIPT = [
 ]
 
 
-@root_only
+@pytest.mark.root
 def test_langgraph_agent_runs_metered_fails_closed_and_resumes(
     world: World, tmp_path: Path
 ) -> None:
@@ -154,7 +154,7 @@ def test_langgraph_agent_runs_metered_fails_closed_and_resumes(
             ["submit", "--socket", str(d.socket), "--tenant", "acme", "--agent", "langgraph",
              "--model", "gpt-test", "--retries", "1", "--user", "0", "--ro", str(REPO),
              "--env", f"PYTHONPATH={REPO / 'python'}", "--",
-             str(REPO / ".venv/bin/python"), str(HERE / "langgraph_agent.py"), OTHER4]
+             str(REPO / ".venv/bin/python"), str(HERE / "support" / "langgraph_agent.py"), OTHER4]
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr
         task = d.task(submitted.stdout.strip())
@@ -165,7 +165,7 @@ def test_langgraph_agent_runs_metered_fails_closed_and_resumes(
             assert time.monotonic() < deadline and d.task(task["id"])["attempt"] == 1
             time.sleep(0.05)
         assert len(mock.requests) == 2
-        for pid in processes_with(str(HERE / "langgraph_agent.py")):
+        for pid in processes_with(str(HERE / "support" / "langgraph_agent.py")):
             os.kill(pid, signal.SIGKILL)
         done = d.wait(task["id"], timeout=120)
         first, second = d.log(task["id"], 1), d.log(task["id"], 2)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from agent_env import CALL_COST, REPO, agent_node, ledger
 from agentnode.agents import openclaw
 from agentnode.errors import AgentnodeError
-from conftest import root_only, run_cli
-from egress_world import World
+from conftest import run_cli
+from support.agent_env import CALL_COST, REPO, agent_node, ledger
+from support.egress_world import World
 
-pytestmark = root_only
+# Installing OpenClaw is the suite's one use of the internet (npm); a turn takes ~15 s or more.
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.network]
 
 CACHE = Path(os.environ.get("AGENTNODE_TEST_CACHE", "/var/cache/agentnode-test")) / "agents"
 

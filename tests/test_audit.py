@@ -25,9 +25,9 @@ from agentnode.errors import AgentnodeError, AuditError
 from agentnode.inference.config import Price
 from agentnode.inference.pricing import cost, openai_usage
 from agentnode.isolation import spawn
-from conftest import root_only, run_cli
-from egress_world import OTHER4, World
-from node_daemon import daemon
+from conftest import run_cli
+from support.egress_world import OTHER4, World
+from support.node_daemon import daemon
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -239,7 +239,7 @@ def test_commits_return_across_rotations(tmp_path: Path) -> None:
     assert ok.files > 2 and ok.records == 640 + 2 * (ok.files - 1)
 
 
-@root_only
+@pytest.mark.root
 def test_exec_trace_records_every_exec_with_argv(tmp_path: Path) -> None:
     records: list[dict[str, Any]] = []
     trace = ExecTrace.for_instance(sink=records.append)
@@ -268,7 +268,7 @@ def test_exec_trace_records_every_exec_with_argv(tmp_path: Path) -> None:
     assert not any("outside" in r["argv"] for r in records)
 
 
-@root_only
+@pytest.mark.root
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
@@ -301,7 +301,7 @@ def test_exec_trace_sees_every_way_to_exec(command: list[str], expected: list[st
     assert argvs[0] == command and expected in argvs, argvs
 
 
-@root_only
+@pytest.mark.root
 def test_exec_trace_keeps_order_when_events_came_before_the_task_was_named() -> None:
     """The node's loop reads events while a spawn is in flight: those wait, unnamed, and come
     out before the ones read after the task is named."""
@@ -324,7 +324,7 @@ def test_exec_trace_keeps_order_when_events_came_before_the_task_was_named() -> 
                      ["0.3"], ["2"], ["3"]]  # fmt: skip
 
 
-@root_only
+@pytest.mark.root
 def test_exec_trace_cuts_argv_at_256_bytes() -> None:
     records: list[dict[str, Any]] = []
     trace = ExecTrace.for_instance(sink=records.append)
@@ -390,7 +390,7 @@ print(json.dumps({"usage": [first, second], "denied": denied, "own": own[0],
 """
 
 
-@root_only
+@pytest.mark.root
 def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     """A daemon task runs `sh -c 'ls; cat'`, calls the proxy (mock upstream), is denied one
     connection and calls again: its timeline (API and CLI) holds its states, every exec with its
@@ -404,7 +404,7 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
         )  # fmt: skip
         spans_file = tmp_path / "spans.jsonl"
         receiver = subprocess.Popen(
-            [*netns, sys.executable, str(HERE / "otlp_receiver.py"), str(spans_file)],
+            [*netns, sys.executable, str(HERE / "support" / "otlp_receiver.py"), str(spans_file)],
             stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         try:

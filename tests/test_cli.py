@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,7 +146,7 @@ def test_top_fits_the_terminal_with_whole_headers_and_ids(width: int) -> None:
 
     stats = {"cpu_user_s": 1.2, "cpu_system_s": 0.3, "memory_current": 50 << 20}
     net = {"bytes_out": 123456, "bytes_in": 9876543, "connections_denied": 3}
-    tasks = [
+    tasks: list[dict[str, Any]] = [
         {"id": f"{i:x}" * 32, "tenant": "a-rather-long-tenant-name", "priority": "normal",
          "state": state, "attempt": 1, "submitted_at": time.time() - 100, "network": "egress",
          "command": ["python", "-m", "agent", "--goal", "write a long report"],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from node_daemon import Daemon, daemon
+from support.node_daemon import Daemon, daemon
 
 
 @pytest.fixture(scope="module")

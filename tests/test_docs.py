@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from agentnode.cli import build_parser
-from conftest import root_only, run_cli
-from node_daemon import daemon
+from conftest import run_cli
+from support.node_daemon import daemon
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "SECURITY.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -59,21 +59,21 @@ def test_there_are_examples_to_check() -> None:
     assert sum(len(blocks(p, "python")) for p in PAGES) >= 8
 
 
-@root_only
+@pytest.mark.root
 def test_the_tour_exec_runs() -> None:
     line = next(line for _, line in command_lines() if line.startswith("agentnode exec --memory"))
     r = run_cli(shlex.split(line)[1:])
     assert (r.returncode, r.stdout, r.stderr) == (0, "65534\n", "")
 
 
-@root_only
+@pytest.mark.root
 def test_the_tour_spawn_runs() -> None:
     code = readme_block("from agentnode.isolation import")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout) == (0, "1\n0\n"), out.stderr
 
 
-@root_only
+@pytest.mark.root
 def test_the_tour_memory_runs_in_a_task(tmp_path: Path) -> None:
     code = readme_block("import os\n\nfrom agentnode.sdk import Memory")
     with daemon(tmp_path) as d:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 
 from agentnode import doctor
-from conftest import root_only, run_cli
+from conftest import run_cli
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "doctor.schema.json").read_text())
 
@@ -33,14 +34,14 @@ def leftovers() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def root_report() -> tuple[int, dict[str, object]]:
+def root_report() -> tuple[int, dict[str, Any]]:
     r = run_cli(["doctor", "--json"])
     assert "Traceback" not in r.stderr
     return r.returncode, json.loads(r.stdout)
 
 
-@root_only
-def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict]) -> None:
+@pytest.mark.root
+def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict[str, Any]]) -> None:
     code, rep = root_report
     jsonschema.validate(rep, SCHEMA)
     failed = [c for c in rep["checks"] if c["required"] and c["status"] != "ok"]
@@ -49,8 +50,8 @@ def test_json_matches_schema_and_exits_0_as_root(root_report: tuple[int, dict]) 
     assert code == 0
 
 
-@root_only
-def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict]) -> None:
+@pytest.mark.root
+def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict[str, Any]]) -> None:
     _, rep = root_report
     assert rep["hierarchy"]["layout"] == expected_layout()
     checks = {c["id"]: c for c in rep["checks"]}
@@ -62,12 +63,12 @@ def test_reports_this_hosts_layout_and_working_bpf(root_report: tuple[int, dict]
     assert checks["net.veth_bridge"]["status"] == "ok"
 
 
-@root_only
-def test_cleans_up_after_itself(root_report: tuple[int, dict]) -> None:
+@pytest.mark.root
+def test_cleans_up_after_itself(root_report: tuple[int, dict[str, Any]]) -> None:
     assert leftovers() == []
 
 
-@root_only
+@pytest.mark.root
 def test_unprivileged_reports_what_needs_root() -> None:
     r = run_cli(["doctor", "--json"], user=65534)
     assert "Traceback" not in r.stderr

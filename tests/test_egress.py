@@ -24,10 +24,9 @@ from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import EgressError
-from conftest import root_only
-from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
+from support.egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 FWD_PORT = 5300
 #: These forwarders share the hosts netns with the test upstreams, whose addresses are then the
@@ -424,7 +423,11 @@ def test_dns_ipv6_redirect_and_aaaa(world: World, cgroup: Path) -> None:
     async def start(loop: asyncio.AbstractEventLoop) -> Forwarders:
         fw = Forwarders()
         for fwd, addr in zip(fw.all, (HOST4, HOST6), strict=True):
-            await loop.create_datagram_endpoint(lambda f=fwd: f, local_addr=(addr, FWD_PORT + 1))
+
+            def protocol(f: DnsForwarder = fwd) -> DnsForwarder:
+                return f
+
+            await loop.create_datagram_endpoint(protocol, local_addr=(addr, FWD_PORT + 1))
         return fw
 
     policy = EgressPolicy(hosts=["six.test:8080"])

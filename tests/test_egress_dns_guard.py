@@ -32,11 +32,10 @@ from agentnode.egress.dns import DnsForwarder, DnsLimits
 from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import ConfigError
 from agentnode.node.config import load_config
-from conftest import root_only
-from egress_world import HOST4, OTHER4, TASK4, World, scratch_cgroup
-from node_daemon import daemon
+from support.egress_world import HOST4, OTHER4, TASK4, World, scratch_cgroup
+from support.node_daemon import daemon
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 REPO = Path(__file__).parent.parent
 FWD_PORT = 5310
@@ -245,7 +244,7 @@ def test_daemon_drops_answers_pointing_at_the_node(world: World, tmp_path: Path)
     dropped, the task cannot connect there, and each drop is a line in the audit log."""
     config = f'[network]\nsubnet = "{SUBNET}"\ndns_upstream = "{HOST4}:53"\ndns_types = ["null"]\n'
     prefix = ("nsenter", f"--net=/run/netns/{world.task}")
-    client = str(Path(__file__).parent / "egress_client.py")
+    client = str(Path(__file__).parent / "support" / "egress_client.py")
     ops = [
         resolve("node.wild.test"),
         resolve("gw.wild.test", server=OTHER4),  # any resolver: redirected
@@ -283,7 +282,7 @@ def test_exec_task_gets_the_same_dns_guard(world: World, tmp_path: Path) -> None
     server: a private mount namespace binds a resolv.conf naming it)."""
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(f"nameserver {HOST4}\n")
-    client = str(Path(__file__).parent / "egress_client.py")
+    client = str(Path(__file__).parent / "support" / "egress_client.py")
     smuggled = dns.message.make_query("a.wild.test", "A")
     smuggled.additional.append(dns.rrset.from_text("x.evil.", 60, "IN", "TXT", '"exec-secret"'))
     ops = [

@@ -24,15 +24,14 @@ import pytest
 from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, PolicyError
-from conftest import root_only
-from egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
-from node_daemon import daemon
+from support.egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
+from support.node_daemon import daemon
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
-CLIENT = str(HERE / "egress_client.py")
+CLIENT = str(HERE / "support" / "egress_client.py")
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "python")}
 
 

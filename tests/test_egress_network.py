@@ -13,10 +13,9 @@ import pytest
 from agentnode.egress import Egress, EgressPolicy
 from agentnode.egress.network import NodeNetwork
 from agentnode.errors import PolicyError
-from conftest import root_only
-from egress_world import HOST4, World, scratch_cgroup
+from support.egress_world import HOST4, World, scratch_cgroup
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture

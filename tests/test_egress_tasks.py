@@ -26,15 +26,15 @@ from agentnode.egress.enforce import Denial
 from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import Mount, spawn
-from conftest import root_only, run_cli
-from egress_world import HOST4, OTHER4, World
-from node_daemon import daemon
+from conftest import run_cli
+from support.egress_world import HOST4, OTHER4, World
+from support.node_daemon import daemon
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
-CLIENT = str(HERE / "egress_client.py")
+CLIENT = str(HERE / "support" / "egress_client.py")
 #: The task runs this checkout's Python as root (the venv may not be readable by nobody), with
 #: the checkout bound in (it may sit under /tmp, which is the task's own tmpfs).
 PYTHON: dict[str, Any] = {
@@ -428,7 +428,7 @@ def test_daemon_changes_a_running_task_egress_live(world: World, tmp_path: Path)
             d.client.call("PUT", f"/v1/tasks/{task['id']}/egress", {"network": "host"})
 
 
-@root_only
+@pytest.mark.root
 def test_host_mode_keeps_the_host_network_namespace() -> None:
     """`--net host` joins the spawner's network namespace (its loopback and interfaces), while
     `--net none` gets an empty one of its own."""

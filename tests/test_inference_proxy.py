@@ -13,20 +13,23 @@ import anthropic
 import httpx
 import openai
 import pytest
+from anthropic.types import MessageParam, TextBlockParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from agentnode.inference.mock import Fault
 from agentnode.inference.store import LedgerRow, Store
-from proxy_env import ProxyEnv
+from support.proxy_env import ProxyEnv
 
 Configure = Callable[[dict[str, Any]], None]
-# The mocks' default usage priced with tests/proxy_env.py's prices, by hand:
+# The mocks' default usage priced with tests/support/proxy_env.py's prices, by hand:
 # OpenAI: 1000 prompt (600 cached) + 300 completion (100 reasoning)
 #   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
 GPT_COST = Decimal("0.00495")
 # Anthropic: 100 fresh input + 5000 cache read + 2000 cache write + 250 output
 #   = 100*3 + 5000*0.3 + 2000*3.75 + 250*15 = 13050 micro-USD.
 CLAUDE_COST = Decimal("0.01305")
-MSG = [{"role": "user", "content": "hi"}]
+MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+CLAUDE_MSG: list[MessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
@@ -49,7 +52,7 @@ def env(make_env: Callable[..., ProxyEnv]) -> ProxyEnv:
 
 
 def test_openai_chat_not_streamed_is_priced_per_bucket(env: ProxyEnv) -> None:
-    r = env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    r = env.openai().chat.completions.create(model="gpt-x", messages=MSG)
     assert r.choices[0].message.content == "Hello"
     [row] = env.rows()
     assert (row.tenant, row.model, row.deployment, row.status) == ("acme", "gpt-x", "gpt-a", 200)
@@ -59,7 +62,7 @@ def test_openai_chat_not_streamed_is_priced_per_bucket(env: ProxyEnv) -> None:
 
 def test_openai_stream_is_priced_and_usage_chunk_hidden_unless_asked(env: ProxyEnv) -> None:
     client = env.openai()
-    chunks = list(client.chat.completions.create(model="gpt-x", messages=MSG, stream=True))  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(model="gpt-x", messages=MSG, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "t1t2t3"
     assert all(c.usage is None and c.choices for c in chunks)
     sent = env.mocks["a"].requests[-1]["json"]
@@ -67,7 +70,7 @@ def test_openai_stream_is_priced_and_usage_chunk_hidden_unless_asked(env: ProxyE
     asked = list(
         client.chat.completions.create(
             model="gpt-x",
-            messages=MSG,  # type: ignore[arg-type]
+            messages=MSG,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -84,7 +87,7 @@ def test_bodies_pass_through_byte_for_byte_unless_patched(env: ProxyEnv) -> None
     r = httpx.post(env.url + "/v1/chat/completions", content=body, headers={"x-api-key": "sk-acme"})
     assert r.status_code == 200 and env.mocks["a"].requests[-1]["body"] == body
     # A route's model, or a stream without include_usage, must be rewritten.
-    env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    env.openai().chat.completions.create(model="smart-gpt", messages=MSG)
     assert env.mocks["a"].requests[-1]["json"]["model"] == "gpt-x"
     # A stream that did not ask for usage gets the request for it added, the rest untouched.
     body = b' \n{ "model":"gpt-x", "stream": true,"messages": [{"role":"user","content":"hi"}] }'
@@ -105,11 +108,11 @@ def test_finished_streams_keep_their_upstream_connection(env: ProxyEnv) -> None:
         env.mocks[m].end_delay = 0.05
     client = env.openai()
     for _ in range(3):
-        list(client.chat.completions.create(model="gpt-x", messages=MSG, stream=True))  # type: ignore[arg-type]
+        list(client.chat.completions.create(model="gpt-x", messages=MSG, stream=True))
         time.sleep(0.2)  # until the framing's end is in and the connection back in the pool
     a = env.anthropic()
     for _ in range(3):
-        with a.messages.stream(model="claude-x", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
+        with a.messages.stream(model="claude-x", max_tokens=8, messages=CLAUDE_MSG) as s:
             s.get_final_message()
         time.sleep(0.2)
     for m in ("a", "c"):
@@ -120,7 +123,7 @@ def test_finished_streams_keep_their_upstream_connection(env: ProxyEnv) -> None:
 def test_ledger_rows_survive_shutdown(tmp_path: Path, make_env: Callable[..., ProxyEnv]) -> None:
     env = make_env()
     for _ in range(5):
-        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)
     env.close()  # no read first: shutdown itself must write what was still queued
 
     async def reopen() -> list[LedgerRow]:
@@ -179,11 +182,13 @@ def test_the_ledger_memtable_stays_small(tmp_path: Path) -> None:
 
 def test_anthropic_messages_cache_buckets_and_cache_control_untouched(env: ProxyEnv) -> None:
     client = env.anthropic()
-    system = [{"type": "text", "text": "long doc", "cache_control": {"type": "ephemeral"}}]
-    r = client.messages.create(model="claude-x", max_tokens=64, system=system, messages=MSG)  # type: ignore[arg-type]
+    system: list[TextBlockParam] = [
+        {"type": "text", "text": "long doc", "cache_control": {"type": "ephemeral"}}
+    ]
+    r = client.messages.create(model="claude-x", max_tokens=64, system=system, messages=CLAUDE_MSG)
     assert r.content[0].text == "Hello"  # type: ignore[union-attr]
     assert env.mocks["c"].requests[-1]["json"]["system"] == system
-    with client.messages.stream(model="claude-x", max_tokens=64, messages=MSG) as s:  # type: ignore[arg-type]
+    with client.messages.stream(model="claude-x", max_tokens=64, messages=CLAUDE_MSG) as s:
         assert "".join(s.text_stream) == "t0t1t2t3"
         final = s.get_final_message()
     assert final.usage.output_tokens == 250
@@ -242,7 +247,7 @@ def test_models_list_in_each_sdks_format(env: ProxyEnv) -> None:
 )
 def test_fallback_to_next_deployment(env: ProxyEnv, fault: Fault) -> None:
     env.mocks["a"].faults.append(fault)
-    r = env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    r = env.openai().chat.completions.create(model="smart-gpt", messages=MSG)
     assert r.model == "gpt-y"
     assert len(env.mocks["a"].requests) == 1 and len(env.mocks["b"].requests) == 1
     assert env.rows()[-1].deployment == "gpt-b"
@@ -250,21 +255,25 @@ def test_fallback_to_next_deployment(env: ProxyEnv, fault: Fault) -> None:
 
 def test_anthropic_fallback_on_overload_in_stream(env: ProxyEnv) -> None:
     env.mocks["c"].faults.append(Fault(status=529))
-    with env.anthropic().messages.stream(model="smart-claude", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
+    with env.anthropic().messages.stream(
+        model="smart-claude", max_tokens=8, messages=CLAUDE_MSG
+    ) as s:
         assert "".join(s.text_stream) == "t0t1t2t3"
     assert len(env.mocks["d"].requests) == 1
 
 
 def test_no_fallback_after_first_byte_gives_sse_error(env: ProxyEnv) -> None:
     env.mocks["a"].faults.append(Fault(die_after_first=True))
-    stream = env.openai().chat.completions.create(model="smart-gpt", messages=MSG, stream=True)  # type: ignore[arg-type]
+    stream = env.openai().chat.completions.create(model="smart-gpt", messages=MSG, stream=True)
     with pytest.raises(openai.APIError, match="mid-stream"):
         list(stream)
     assert env.mocks["b"].requests == []
     env.mocks["c"].faults.append(Fault(die_after_first=True))
     with (
         pytest.raises(anthropic.APIStatusError, match="mid-stream"),
-        env.anthropic().messages.stream(model="smart-claude", max_tokens=8, messages=MSG) as s,  # type: ignore[arg-type]
+        env.anthropic().messages.stream(
+            model="smart-claude", max_tokens=8, messages=CLAUDE_MSG
+        ) as s,
     ):
         list(s.text_stream)
     assert env.mocks["d"].requests == []
@@ -278,7 +287,7 @@ def test_retry_after_is_honoured(make_env: Callable[..., ProxyEnv]) -> None:
     env = make_env(cfg)
     env.mocks["a"].faults.append(Fault(status=429, retry_after=1))
     t0 = time.monotonic()
-    env.openai().chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    env.openai().chat.completions.create(model="smart-gpt", messages=MSG)
     assert time.monotonic() - t0 >= 1.0
     assert len(env.mocks["a"].requests) == 2 and env.mocks["b"].requests == []
 
@@ -286,7 +295,7 @@ def test_retry_after_is_honoured(make_env: Callable[..., ProxyEnv]) -> None:
 def test_long_retry_after_reaches_the_client_when_nothing_is_left(env: ProxyEnv) -> None:
     env.mocks["a"].faults.append(Fault(status=429, retry_after=60))
     with pytest.raises(openai.RateLimitError, match="gpt-a: HTTP 429") as e:
-        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)
     assert e.value.response.headers["retry-after"] == "60"
     assert env.mocks["b"].requests == []
 
@@ -301,7 +310,7 @@ def test_retries_back_off_then_give_502_naming_the_failures(
     env = make_env(cfg)
     env.mocks["a"].faults.extend([Fault(status=503), Fault(status=500), Fault(status=502)])
     with pytest.raises(openai.InternalServerError, match=r"every upstream failed: gpt-a: HTTP 503"):
-        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)
     assert len(env.mocks["a"].requests) == 3
 
 
@@ -314,12 +323,12 @@ def test_circuit_breaker_opens_and_recovers(make_env: Callable[..., ProxyEnv]) -
     client = env.openai()
     env.mocks["a"].faults.extend([Fault(status=500), Fault(status=500)])
     for _ in range(2):
-        client.chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+        client.chat.completions.create(model="smart-gpt", messages=MSG)
     # Open: a is skipped without being called.
-    client.chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    client.chat.completions.create(model="smart-gpt", messages=MSG)
     assert len(env.mocks["a"].requests) == 2 and len(env.mocks["b"].requests) == 3
     time.sleep(3.1)
-    r = client.chat.completions.create(model="smart-gpt", messages=MSG)  # type: ignore[arg-type]
+    r = client.chat.completions.create(model="smart-gpt", messages=MSG)
     assert r.model == "gpt-x" and len(env.mocks["a"].requests) == 3
 
 
@@ -348,7 +357,7 @@ def test_first_chunk_reaches_the_client_before_the_upstream_sends_the_next(
 def test_client_disconnect_cancels_upstream_within_50ms(env: ProxyEnv) -> None:
     for m in ("a", "c"):
         env.mocks[m].chunks, env.mocks[m].chunk_delay = 64, 0.02
-    stream = env.openai().chat.completions.create(model="gpt-x", messages=MSG, stream=True)  # type: ignore[arg-type]
+    stream = env.openai().chat.completions.create(model="gpt-x", messages=MSG, stream=True)
     next(iter(stream))
     t0 = time.monotonic()
     stream.close()
@@ -392,15 +401,15 @@ def test_rate_limits_deployment_tenant_task(make_env: Callable[..., ProxyEnv]) -
 
     env = make_env(cfg)
     acme, globex = env.openai(), env.openai("sk-globex")
-    ok, refused = _count(30, lambda: acme.chat.completions.create(model="gpt-x", messages=MSG))  # type: ignore[arg-type]
+    ok, refused = _count(30, lambda: acme.chat.completions.create(model="gpt-x", messages=MSG))
     assert ok == 20 and "deployment gpt-a" in refused[0]
     ok, refused = _count(
         15,
-        lambda: globex.chat.completions.create(model="gpt-y", messages=MSG),  # type: ignore[arg-type]
+        lambda: globex.chat.completions.create(model="gpt-y", messages=MSG),
     )
     assert ok == 10 and "tenant globex rpm limit is 10 per minute" in refused[0]
     task = env.openai(default_headers={"x-agentnode-task": "t1"})
-    ok, refused = _count(8, lambda: task.chat.completions.create(model="gpt-y", messages=MSG))  # type: ignore[arg-type]
+    ok, refused = _count(8, lambda: task.chat.completions.create(model="gpt-y", messages=MSG))
     assert ok == 5 and "task t1 rpm" in refused[0]
 
 
@@ -410,7 +419,7 @@ def test_tenant_tpm_limit_uses_real_usage(make_env: Callable[..., ProxyEnv]) -> 
 
     env = make_env(cfg)
     c = env.openai()
-    ok, refused = _count(14, lambda: c.chat.completions.create(model="gpt-y", messages=MSG))  # type: ignore[arg-type]
+    ok, refused = _count(14, lambda: c.chat.completions.create(model="gpt-y", messages=MSG))
     assert ok == 10 and "deployment gpt-b" in refused[0]
 
 
@@ -422,16 +431,16 @@ def test_budgets_per_tenant_and_task(make_env: Callable[..., ProxyEnv]) -> None:
     env = make_env(cfg)
     globex = env.openai("sk-globex")
     for _ in range(3):
-        globex.chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        globex.chat.completions.create(model="gpt-x", messages=MSG)
     with pytest.raises(openai.APIStatusError, match="budget exceeded for tenant globex") as e:
-        globex.chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        globex.chat.completions.create(model="gpt-x", messages=MSG)
     assert e.value.status_code == 402
     task = env.anthropic(default_headers={"x-agentnode-task": "job-7"})
-    task.messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
+    task.messages.create(model="claude-x", max_tokens=8, messages=CLAUDE_MSG)
     with pytest.raises(anthropic.APIStatusError, match="budget exceeded for task job-7"):
-        task.messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
+        task.messages.create(model="claude-x", max_tokens=8, messages=CLAUDE_MSG)
     # Another task of the same tenant is unaffected.
-    env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
+    env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=CLAUDE_MSG)
 
 
 def wait_cached(env: ProxyEnv, entries: int) -> None:
@@ -445,19 +454,19 @@ def wait_cached(env: ProxyEnv, entries: int) -> None:
 
 def test_cache_hits_replay_streams_and_cost_zero(env: ProxyEnv) -> None:
     c = env.openai(default_headers={"x-agentnode-cache": "on"})
-    first = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
-    hit = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    first = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)
+    hit = c.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)
     assert "x-agentnode-cache" not in first.headers and hit.headers["x-agentnode-cache"] == "hit"
     assert hit.parse().choices[0].message.content == "Hello"
     streamed = []
     for _ in range(2):
-        streamed.append(list(c.chat.completions.create(model="gpt-x", messages=MSG, stream=True)))  # type: ignore[arg-type]
+        streamed.append(list(c.chat.completions.create(model="gpt-x", messages=MSG, stream=True)))
         # A stream's cache entry is written just after its last event reached the client.
         wait_cached(env, 2)
     assert streamed[0] == streamed[1] and len(streamed[1]) == 4
     a = env.anthropic(default_headers={"x-agentnode-cache": "on"})
     for _ in range(2):
-        with a.messages.stream(model="claude-x", max_tokens=8, messages=MSG) as s:  # type: ignore[arg-type]
+        with a.messages.stream(model="claude-x", max_tokens=8, messages=CLAUDE_MSG) as s:
             assert "".join(s.text_stream) == "t0t1t2t3"
         wait_cached(env, 3)
     assert len(env.mocks["a"].requests) == 2 and len(env.mocks["c"].requests) == 1
@@ -465,9 +474,9 @@ def test_cache_hits_replay_streams_and_cost_zero(env: ProxyEnv) -> None:
     assert [r.cache_hit for r in rows] == [False, True, False, True, False, True]
     assert all(Decimal(r.cost) == 0 for r in rows if r.cache_hit)
     # Without the header nothing is cached; another tenant never sees this tenant's entries.
-    env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    env.openai().chat.completions.create(model="gpt-x", messages=MSG)
     other = env.openai("sk-globex", default_headers={"x-agentnode-cache": "on"})
-    r = other.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+    r = other.chat.completions.with_raw_response.create(model="gpt-x", messages=MSG)
     assert "x-agentnode-cache" not in r.headers
     assert len(env.mocks["a"].requests) == 4
 
@@ -478,7 +487,7 @@ def test_malformed_requests_get_400_in_provider_format(env: ProxyEnv) -> None:
     with pytest.raises(anthropic.BadRequestError, match="'max_tokens' is required"):
         env.anthropic().messages.create(
             model="claude-x",
-            messages=MSG,  # type: ignore[arg-type]
+            messages=CLAUDE_MSG,
             max_tokens=8,
             extra_body={"max_tokens": "lots"},
         )
@@ -499,9 +508,9 @@ def test_malformed_requests_get_400_in_provider_format(env: ProxyEnv) -> None:
     )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError, match="model 'nope' is not served here"):
-        env.openai().chat.completions.create(model="nope", messages=MSG)  # type: ignore[arg-type]
+        env.openai().chat.completions.create(model="nope", messages=MSG)
     with pytest.raises(openai.AuthenticationError, match="unknown API key"):
-        env.openai("sk-wrong").chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        env.openai("sk-wrong").chat.completions.create(model="gpt-x", messages=MSG)
     r = httpx.post(env.url + "/v1/chat/completions", content=b"{not json")
     assert r.status_code == 401, "authentication comes before body validation"
     assert env.mocks["a"].requests == [] and env.mocks["c"].requests == []
@@ -544,11 +553,13 @@ def test_every_refusal_is_json_in_the_callers_format(env: ProxyEnv) -> None:
 def test_upstream_garbage_is_502_with_clear_message(env: ProxyEnv) -> None:
     env.mocks["a"].faults.append(Fault(garbage=True))
     with pytest.raises(openai.APIStatusError, match="gpt-a returned a body that is not JSON") as e:
-        env.openai().chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        env.openai().chat.completions.create(model="gpt-x", messages=MSG)
     assert e.value.status_code == 502
     env.mocks["c"].faults.append(Fault(garbage=True))
     with pytest.raises(anthropic.APIStatusError, match="claude-a sent a stream that is not SSE"):
-        env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=MSG, stream=True)  # type: ignore[arg-type]
+        env.anthropic().messages.create(
+            model="claude-x", max_tokens=8, messages=CLAUDE_MSG, stream=True
+        )
 
 
 def test_weighted_balancing(make_env: Callable[..., ProxyEnv]) -> None:
@@ -559,16 +570,16 @@ def test_weighted_balancing(make_env: Callable[..., ProxyEnv]) -> None:
     env = make_env(cfg)
     c = env.openai()
     for _ in range(200):
-        c.chat.completions.create(model="gpt-x", messages=MSG)  # type: ignore[arg-type]
+        c.chat.completions.create(model="gpt-x", messages=MSG)
     share = len(env.mocks["a"].requests) / 200
     assert 0.65 <= share <= 0.85
 
 
 def test_route_header_usage_and_metrics(env: ProxyEnv) -> None:
     c = env.openai(default_headers={"x-agentnode-route": "smart-gpt", "x-agentnode-task": "t9"})
-    c.chat.completions.create(model="whatever", messages=MSG)  # type: ignore[arg-type]
-    env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=MSG)  # type: ignore[arg-type]
-    env.openai("sk-globex").chat.completions.create(model="gpt-y", messages=MSG)  # type: ignore[arg-type]
+    c.chat.completions.create(model="whatever", messages=MSG)
+    env.anthropic().messages.create(model="claude-x", max_tokens=8, messages=CLAUDE_MSG)
+    env.openai("sk-globex").chat.completions.create(model="gpt-y", messages=MSG)
     env.rows()
     r = httpx.get(
         env.url + "/v1/usage?group_by=tenant,task,model,day", headers={"x-api-key": "sk-acme"}

@@ -26,9 +26,9 @@ from agentnode import _native
 from agentnode.errors import CgroupError, SandboxError, UsageError
 from agentnode.isolation import ExitReason, Limits, Mount, Task, parse_duration, parse_size, spawn
 from agentnode.isolation import task as task_mod
-from conftest import processes_with, root_only, run_cli
+from conftest import processes_with, run_cli
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 
 def run(argv: list[str], ws: Path, **kw: object) -> tuple[int | None, str, Task]:

@@ -26,10 +26,10 @@ import pytest
 
 from agentnode.errors import AgentnodeError
 from agentnode.isolation import Mount, spawn
-from conftest import root_only, run_cli
-from node_daemon import daemon
+from conftest import run_cli
+from support.node_daemon import daemon
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 #: Connects to each argument (`@name`: an abstract socket) and prints what happened, as JSON.
 CONNECT = textwrap.dedent(

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator
 from typing import Annotated, TypedDict
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.graph import END, START, StateGraph
 
@@ -65,7 +66,7 @@ def test_a_graph_resumes_after_its_last_completed_step(memory_server) -> None:  
     builder.add_edge("a", "b")
     builder.add_edge("b", "c")
     builder.add_edge("c", END)
-    config = {"configurable": {"thread_id": "t-1"}}
+    config: RunnableConfig = {"configurable": {"thread_id": "t-1"}}
     with Memory(url, tokens["a"]) as mem:
         graph = builder.compile(checkpointer=AgentnodeCheckpointer(mem, task="run-1"))
         with pytest.raises(RuntimeError, match="killed mid-graph"):

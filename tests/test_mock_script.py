@@ -13,6 +13,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from anthropic.types import ContentBlock, TextBlock, ToolUseBlock
 
 from agentnode.inference.mock import MockUpstream, ToolCall, Turn
 
@@ -55,7 +56,7 @@ def _openai_calls(client: openai.OpenAI, *, stream: bool) -> list[tuple[str, lis
                      for c in msg.tool_calls or []]  # fmt: skip
             out.append((msg.content or "", calls))
             continue
-        text, parts = "", {}
+        text, parts = "", dict[int, list[str]]()
         for chunk in client.chat.completions.create(**kw, stream=True):
             if not chunk.choices:
                 continue
@@ -85,6 +86,14 @@ def test_openai_tool_calls(mocks: dict[str, MockUpstream], stream: bool) -> None
     assert [r.get("turn") for r in mock.requests] == [*SCRIPT, None]
 
 
+def _block(b: ContentBlock) -> tuple[str, object]:
+    """A reply's content block as (type, text) or (type, (tool name, tool input))."""
+    if isinstance(b, TextBlock):
+        return b.type, b.text
+    assert isinstance(b, ToolUseBlock), b
+    return b.type, (b.name, b.input)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_anthropic_tool_use(mocks: dict[str, MockUpstream], stream: bool) -> None:
     mock = mocks["anthropic"]
@@ -99,7 +108,7 @@ def test_anthropic_tool_use(mocks: dict[str, MockUpstream], stream: bool) -> Non
                 msg = s.get_final_message()
         else:
             msg = client.messages.create(**kw)
-        blocks = [(b.type, getattr(b, "text", None) or (b.name, b.input)) for b in msg.content]
+        blocks = [_block(b) for b in msg.content]
         got.append((msg.stop_reason, blocks))
     assert got == [
         ("tool_use", [("tool_use", ("add", {"a": 2, "b": 3})), ("tool_use", ("now", {}))]),

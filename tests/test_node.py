@@ -21,10 +21,10 @@ from agentnode.isolation import task as task_mod
 from agentnode.node.client import NodeNotRunning
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
-from conftest import processes_with, root_only, run_cli
-from node_daemon import Daemon, daemon
+from conftest import processes_with, run_cli
+from support.node_daemon import Daemon, daemon
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 #: Holds its slot until the test creates `go` in its workspace.
 GATE = ["sh", "-c", "while [ ! -e /workspace/go ]; do sleep 0.01; done"]
@@ -48,11 +48,11 @@ def open_gate(d: Daemon, gate: dict[str, Any]) -> None:
 
 
 def started_at(task: dict[str, Any]) -> float:
-    return next(at for state, at in task["history"] if state == "running")
+    return float(next(at for state, at in task["history"] if state == "running"))
 
 
 def ended_at(task: dict[str, Any]) -> float:
-    return task["history"][-1][1]
+    return float(task["history"][-1][1])
 
 
 def call(d: Daemon, method: str, path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
@@ -345,7 +345,7 @@ def test_openapi_metrics_node_and_events(tmp_path: Path) -> None:
         conn.request("GET", "/v1/events")
         events = conn.getresponse()
         task = d.submit(["true"], tenant="acme")
-        seen = []
+        seen: list[dict[str, Any]] = []
         while not seen or seen[-1]["state"] != "succeeded":
             line = events.readline().decode()
             if line.startswith("data: "):

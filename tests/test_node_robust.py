@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rocksdict import Options, Rdict
 
 from agentnode.isolation import USERNS_BASE
@@ -28,15 +29,15 @@ from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
-from conftest import root_only, run_cli
-from egress_world import World
-from node_daemon import Daemon, daemon
+from conftest import run_cli
+from support.egress_world import World
+from support.node_daemon import Daemon, daemon
 from test_egress_tasks import subnet
 from test_node import call, in_parallel
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = root_only
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def forged(spec: TaskSpec, **fields: Any) -> TaskSpec:
@@ -113,6 +114,7 @@ def test_a_task_whose_start_raises_fails_alone_and_never_wedges_the_loop(tmp_pat
     damaged = seed(data, small(["true"]))[0]
     db = Rdict(str(data / "tasks" / "db"), Options(raw_mode=True))
     record = db[b"t/" + damaged.encode()]
+    assert isinstance(record, bytes)
     db[b"t/" + damaged.encode()] = record[: -len(record) // 2] + b"\xc1" * 8
     db.close()
     # A poison task that was starting when the last node died: lost, retried, fails again.

@@ -43,8 +43,8 @@ from agentnode.isolation.spec import (
 )
 from agentnode.tasks import State, Task, TaskManager, TaskSpec, TaskStore
 from agentnode.tasks.store import decode, encode
-from conftest import root_only, run_cli
-from node_daemon import Daemon
+from conftest import run_cli
+from support.node_daemon import Daemon
 
 OPENAPI = Path(__file__).parents[1] / "python/agentnode/node/openapi.json"
 #: What a task prints so the test can see who it runs as: Uid/Gid are real, effective, saved, fs.
@@ -236,7 +236,7 @@ def test_one_bad_record_fails_alone_in_a_group_commit(tmp_path: Path) -> None:
 # -- the Rust side: no input panics ------------------------------------------------------------
 
 
-@root_only
+@pytest.mark.root
 def test_native_wait_takes_any_float_without_panicking(ws: Path) -> None:
     with spawn(["sleep", "0.2"], workspace=ws) as t:
         with pytest.raises(SandboxError, match="NaN"):
@@ -247,7 +247,7 @@ def test_native_wait_takes_any_float_without_panicking(ws: Path) -> None:
         assert t._native.wait(math.inf) == (0, None)
 
 
-@root_only
+@pytest.mark.root
 def test_native_spawn_refuses_the_unchanged_id(ws: Path) -> None:
     from agentnode.isolation.task import DATA_DIR, _cgroups
 
@@ -357,7 +357,8 @@ def reachable() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@root_only
+@pytest.mark.root
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @example(draw=("user", (MAX_ID + 1, MAX_ID + 1), False))
@@ -422,7 +423,8 @@ def _json_value(field: str, value: Any) -> Any:
     return value[0] if field == "timeout" else value
 
 
-@root_only
+@pytest.mark.root
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @example(draw=("user", (MAX_ID + 1, MAX_ID + 1), False))
@@ -455,7 +457,7 @@ def test_daemon_either_runs_as_asked_or_refuses_naming_the_field(
         _check_identity(output, field, value, bool(userns))
 
 
-@root_only
+@pytest.mark.root
 def test_concurrent_submits_mixing_good_and_bad_fail_only_the_bad(node: Daemon) -> None:
     bad: list[dict[str, Any]] = [{"pids": 2**64}, {"memory_high": 2**64}, {"swap": 2**64}, {"tmp_size": 2**64},
            {"user": "4294967295"}, {"timeout": 1e308}, {"cpus": math.nan}, {"timeout": math.inf},
@@ -485,7 +487,7 @@ def test_concurrent_submits_mixing_good_and_bad_fail_only_the_bad(node: Daemon) 
     assert info["running"] == 0 and info["free_cpu_millis"] == info["allocatable_cpu_millis"]
 
 
-@root_only
+@pytest.mark.root
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -34,6 +34,7 @@ def raw(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, str, bytes]:
     parts = urlsplit(url)
+    assert parts.hostname is not None, url
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
         conn.request(method, path, body, headers or {})

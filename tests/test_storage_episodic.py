@@ -12,7 +12,7 @@ from agentnode.storage.episodic import EpisodicStore, NewRecord
 
 def stored_keys(store: EpisodicStore, prefix: bytes) -> list[bytes]:
     """Every raw key under `prefix`: proof that the sweep reclaimed space, not just hid it."""
-    return [k for k, _ in store._db.items() if k.startswith(prefix)]
+    return [k for k, _ in store._db.items() if isinstance(k, bytes) and k.startswith(prefix)]
 
 
 @pytest.fixture

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from agentnode.isolation import Mount, spawn
-from conftest import root_only
 
-pytestmark = root_only
+pytestmark = pytest.mark.root
 
 
 def sh(script: str, ws: Path, **kw: object) -> str:

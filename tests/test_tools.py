@@ -23,10 +23,10 @@ from agentnode.tools.registry import Caller, Registry, RetryPolicy, Tool, ToolLi
 from agentnode.tools.result import Outcome
 from agentnode.tools.service import ToolService
 from agentnode.tools.web import WebTools
-from egress_world import HOST4, World
+from support.egress_world import HOST4, World
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
-pytest_plugins = ["tools_world"]
+pytest_plugins = ["support.tools_world"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
 

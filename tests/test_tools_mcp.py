@@ -24,15 +24,15 @@ from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
 from conftest import run_cli
-from egress_world import HOST4, World
-from node_daemon import daemon
+from support.egress_world import HOST4, World
+from support.node_daemon import daemon
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
-pytest_plugins = ["tools_world"]
+pytest_plugins = ["support.tools_world"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
 REPO = Path(__file__).resolve().parents[1]
-SERVER = str(REPO / "tests" / "tools_mcp_server.py")
+SERVER = str(REPO / "tests" / "support" / "tools_mcp_server.py")
 NPM_CACHE = Path("/var/cache/agentnode-test/npm")
 FILESYSTEM = NPM_CACHE / "node_modules/@modelcontextprotocol/server-filesystem/dist/index.js"
 

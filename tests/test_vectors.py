@@ -28,7 +28,7 @@ _spec.loader.exec_module(data_mod)
 
 def _fill(store: VectorStore, n: int = 300, dims: int = 16) -> np.ndarray:
     coll = store.create_collection("docs", dims=dims)
-    data = data_mod.clustered(n, dims, seed=1, clusters=8)
+    data: np.ndarray = data_mod.clustered(n, dims, seed=1, clusters=8)
     for tenant in ("a", "b"):
         keys = [i for i in range(n) if (i % 2 == 0) == (tenant == "a")]
         coll.upsert_batch(
@@ -244,7 +244,7 @@ def test_bad_input(tmp_path: Path) -> None:
             (lambda: coll.upsert(2**64 - 1, [0.0] * 4, tenant="a"), "bad key"),
             (lambda: coll.upsert("x", [0.0] * 4, tenant="a"), "bad key 'x'"),  # type: ignore[arg-type]
             (lambda: coll.upsert(2, [math.nan, 0, 0, 0], tenant="a"), "NaN or infinite"),
-            (lambda: coll.upsert(2, ["a", 0, 0, 0], tenant="a"), "sequences of numbers"),  # type: ignore[list-item]
+            (lambda: coll.upsert(2, ["a", 0, 0, 0], tenant="a"), "sequences of numbers"),
             (lambda: coll.upsert(2, np.zeros(4, dtype=np.float64), tenant="a"), "send float32"),
             (lambda: coll.upsert(2, [0.0] * 4, tenant=""), "tenant is empty"),
             (

@@ -18,6 +18,7 @@ import time
 import urllib.request
 
 from langchain_core.messages import HumanMessage
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
@@ -81,9 +82,11 @@ def main() -> None:
     builder.add_edge("tools", "agent")
     saver = AgentnodeCheckpointer(Memory())
     graph = builder.compile(checkpointer=saver)
-    config = {"configurable": {"thread_id": TASK}}
+    config: RunnableConfig = {"configurable": {"thread_id": TASK}}
     resumed = saver.get_tuple(config) is not None
-    start = None if resumed else {"messages": [HumanMessage("add 2 and 3, then crash once")]}
+    start: MessagesState | None = (
+        None if resumed else {"messages": [HumanMessage("add 2 and 3, then crash once")]}
+    )
     # "sync": each super-step's checkpoint is stored before the next starts, so a SIGKILL
     # loses no completed step (LangGraph's default, "async", saves it while the next runs).
     result = graph.invoke(start, config, durability="sync")

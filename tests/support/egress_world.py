@@ -30,7 +30,7 @@ def sh(*args: str) -> None:
 
 
 def unified_dir() -> Path:
-    h = json.loads(_native.cgroup_hierarchy())
+    h: dict[str, str] = json.loads(_native.cgroup_hierarchy())
     return Path(h["unified"]) / h["unified_path"].lstrip("/")
 
 

@@ -8,6 +8,7 @@ import json
 import socket
 import sys
 import threading
+from typing import Any
 
 import dns.flags
 import dns.message
@@ -45,7 +46,7 @@ def udp_echo(addr: str, port: int) -> None:
         s.sendto(data, src)
 
 
-def dns_answer(data: bytes, cfg: dict, tcp: bool) -> bytes:
+def dns_answer(data: bytes, cfg: dict[str, Any], tcp: bool) -> bytes:
     """The answer to one query; names in cfg["truncate"] get an empty TC answer over UDP."""
     q = dns.message.from_wire(data)
     name = q.question[0].name.to_text(omit_final_dot=True)
@@ -73,7 +74,7 @@ def dns_answer(data: bytes, cfg: dict, tcp: bool) -> bytes:
     return r.to_wire()
 
 
-def dns_server(addr: str, cfg: dict) -> None:
+def dns_server(addr: str, cfg: dict[str, Any]) -> None:
     s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((addr, 53))
     BOUND.release()
@@ -82,7 +83,7 @@ def dns_server(addr: str, cfg: dict) -> None:
         s.sendto(dns_answer(data, cfg, tcp=False), src)
 
 
-def dns_tcp_server(addr: str, cfg: dict) -> None:
+def dns_tcp_server(addr: str, cfg: dict[str, Any]) -> None:
     """DNS over TCP: 2-byte length-prefixed messages, several per connection."""
     s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from agentnode.egress.service import EgressService
-from egress_world import HOST4, World
+from support.egress_world import HOST4, World
 
 HTTP_SERVER = """
 import http.server, json, sys, urllib.parse

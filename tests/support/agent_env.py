@@ -15,11 +15,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from egress_world import HOST4, World
-from node_daemon import Daemon, daemon
+from support.egress_world import HOST4, World
+from support.node_daemon import Daemon, daemon
 
 HERE = Path(__file__).parent
-REPO = HERE.parent
+REPO = HERE.parents[1]
 # 1000 prompt (600 cached) + 300 completion (100 reasoning) per mock answer
 #   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
 CALL_COST = Decimal("0.00495")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from typing import Any
 
 from aiohttp import web
 from google.protobuf.json_format import MessageToDict
@@ -24,8 +25,8 @@ def _value(v: dict[str, object]) -> object:
     return int(raw) if kind == "intValue" else raw  # type: ignore[call-overload]
 
 
-def _attributes(items: list[dict[str, object]]) -> dict[str, object]:
-    return {a["key"]: _value(a["value"]) for a in items}  # type: ignore[arg-type,index]
+def _attributes(items: list[dict[str, Any]]) -> dict[str, object]:
+    return {str(a["key"]): _value(a["value"]) for a in items}
 
 
 async def main() -> None:

@@ -8,9 +8,10 @@ import os
 import socket
 import sys
 import time
+from typing import Any, cast
 
 
-def connect(op: dict) -> dict:
+def connect(op: dict[str, Any]) -> dict[str, Any]:
     family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(op.get("timeout", 5))
@@ -20,7 +21,7 @@ def connect(op: dict) -> dict:
     except OSError as e:
         return {"ok": False, "errno": e.errno, "ms": (time.perf_counter() - t) * 1000}
     ms = (time.perf_counter() - t) * 1000
-    out: dict = {"ok": True, "ms": ms}
+    out: dict[str, Any] = {"ok": True, "ms": ms}
     if op.get("send"):
         chunk = b"x" * 65536
         left = op["send"]
@@ -36,7 +37,7 @@ def connect(op: dict) -> dict:
     return out
 
 
-def udp(op: dict) -> dict:
+def udp(op: dict[str, Any]) -> dict[str, Any]:
     family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
     s = socket.socket(family, socket.SOCK_DGRAM)
     s.settimeout(op.get("timeout", 2))
@@ -50,7 +51,7 @@ def udp(op: dict) -> dict:
     return {"ok": True}
 
 
-def fastopen(op: dict) -> dict:
+def fastopen(op: dict[str, Any]) -> dict[str, Any]:
     """TCP Fast Open: sendto() with data connects without connect()."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(2)
@@ -61,7 +62,7 @@ def fastopen(op: dict) -> dict:
     return {"ok": True}
 
 
-def raw_icmp(op: dict) -> dict:
+def raw_icmp(op: dict[str, Any]) -> dict[str, Any]:
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     s.settimeout(0.5)
     packet = bytes([8, 0, 0xF7, 0xFF, 0, 0, 0, 0])  # echo request, id 0 seq 0, checksum set
@@ -73,7 +74,7 @@ def raw_icmp(op: dict) -> dict:
     return {"ok": True}
 
 
-def resolve(op: dict) -> dict:
+def resolve(op: dict[str, Any]) -> dict[str, Any]:
     import dns.message
     import dns.query
     import dns.rcode
@@ -95,7 +96,7 @@ def resolve(op: dict) -> dict:
     return {"ok": True, "rcode": dns.rcode.to_text(r.rcode()), "addrs": addrs, **out}
 
 
-def udp_connect_loop(op: dict) -> dict:
+def udp_connect_loop(op: dict[str, Any]) -> dict[str, Any]:
     """ns per connect() of a UDP socket: runs the connect hook and sends nothing."""
     family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
     s = socket.socket(family, socket.SOCK_DGRAM)
@@ -106,12 +107,12 @@ def udp_connect_loop(op: dict) -> dict:
     return {"ok": True, "ns": (time.perf_counter_ns() - t) / n}
 
 
-def udp_connect_until(op: dict) -> dict:
+def udp_connect_until(op: dict[str, Any]) -> dict[str, Any]:
     """connect() a UDP socket again and again for `seconds` (each runs the connect hook; nothing
     is sent): how many, and how many failed with each errno."""
     family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
     s = socket.socket(family, socket.SOCK_DGRAM)
-    n, errors = 0, {}
+    n, errors = 0, dict[int | None, int]()
     deadline = time.monotonic() + op["seconds"]
     while time.monotonic() < deadline:
         try:
@@ -122,7 +123,7 @@ def udp_connect_until(op: dict) -> dict:
     return {"ok": True, "n": n, "errors": errors}
 
 
-def resolve_loop(op: dict) -> dict:
+def resolve_loop(op: dict[str, Any]) -> dict[str, Any]:
     """Latencies (ms) of `n` queries for one name."""
     import dns.message
     import dns.query
@@ -136,7 +137,7 @@ def resolve_loop(op: dict) -> dict:
     return {"ok": True, "ms": out}
 
 
-def iperf(op: dict) -> dict:
+def iperf(op: dict[str, Any]) -> dict[str, Any]:
     import subprocess
 
     out = subprocess.run(
@@ -146,7 +147,7 @@ def iperf(op: dict) -> dict:
     return {"ok": True, "bps": json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]}
 
 
-def serve(op: dict) -> dict:
+def serve(op: dict[str, Any]) -> dict[str, Any]:
     """Listens on `ports` (TCP on both families, or UDP with `udp`), says so on stdout, and for
     `seconds` answers whoever reaches it; returns the (peer, port) pairs it answered."""
     import selectors
@@ -166,7 +167,7 @@ def serve(op: dict) -> dict:
     deadline = time.monotonic() + op["seconds"]
     while (left := deadline - time.monotonic()) > 0:
         for key, _ in sel.select(left):
-            s = key.fileobj
+            s = cast(socket.socket, key.fileobj)
             try:
                 if udp:
                     _, peer = s.recvfrom(2048)
@@ -184,7 +185,7 @@ def serve(op: dict) -> dict:
     return {"ok": True, "peers": peers, "errors": errors}
 
 
-def talk(op: dict) -> dict:
+def talk(op: dict[str, Any]) -> dict[str, Any]:
     """Connects (TCP) or sends (UDP) to a `serve` op and waits for its "ok"."""
     family = socket.AF_INET6 if ":" in op["host"] else socket.AF_INET
     s = socket.socket(family, socket.SOCK_DGRAM if op.get("udp") else socket.SOCK_STREAM)
@@ -203,7 +204,7 @@ def talk(op: dict) -> dict:
     return {"ok": reply == "ok"}
 
 
-def raw_dns(op: dict) -> dict:
+def raw_dns(op: dict[str, Any]) -> dict[str, Any]:
     """Sends the hex query `wire` as it is over UDP (or TCP) and returns the reply's rcode and
     addresses."""
     import dns.message
