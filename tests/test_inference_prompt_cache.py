@@ -19,7 +19,7 @@ import pytest
 from agentnode.errors import ConfigError
 from agentnode.inference.config import parse_config
 from agentnode.inference.mock import Fault, PromptCache
-from proxy_env import PRICE_CLAUDE, ProxyEnv
+from support.proxy_env import PRICE_CLAUDE, ProxyEnv
 
 Configure = Callable[[dict[str, Any]], None]
 MSG = [{"role": "user", "content": "hi"}]
