@@ -107,7 +107,7 @@ def test_ended_tasks_leave_memory_and_the_live_list(tmp_path: Path) -> None:
         full_rss, full_list = rss(d), live_latency(d)
         # Ended tasks are read back from the store when asked for.
         assert d.task(real[0])["state"] == "succeeded"
-        assert d.client.call("GET", f"/v1/tasks?all=1&limit=1")["tasks"][0]["state"] == "succeeded"
+        assert d.client.call("GET", "/v1/tasks?all=1&limit=1")["tasks"][0]["state"] == "succeeded"
     # 20,000 ended tasks held in memory cost ~120 MiB before; now the daemon's size is its own.
     assert full_rss < base_rss * 1.2 + (8 << 20), (base_rss >> 20, full_rss >> 20)
     assert full_list < max(base_list * 1.5, 0.01), (base_list, full_list)
