@@ -207,7 +207,6 @@ def test_bad_paging_input_is_a_400_naming_the_field(tmp_path: Path) -> None:
             ("until=nan", "until"),
             ("since=-5", "since"),
             ("all=maybe", "all"),
-            ("tenant=../x", "tenant"),
             ("state=done", "state"),
         ]:
             status, err = call(d, "GET", f"/v1/tasks?{query}")

@@ -32,6 +32,8 @@ from agentnode.tasks.store import (
     Queued,
     SubmitKey,
     TaskStore,
+    body,
+    body_of,
     decode,
     lane_of,
     queued_of,
@@ -42,7 +44,7 @@ from agentnode.tasks.tokens import TokenKey
 __all__ = ["KEY_TTL_S", "SCAN", "Limits", "TaskManager", "TaskTable"]
 
 #: How many stored tasks one `TaskManager.page` call looks at, at most.
-SCAN = 10_000
+SCAN = 2_000
 
 #: The outcomes kept for `failed` retention rather than `ended`.
 _FAILED = frozenset({State.FAILED, State.TIMED_OUT, State.LOST})
@@ -263,12 +265,14 @@ class TaskManager:
         state: State | None = None,
         since: float | None = None,
         until: float | None = None,
-    ) -> tuple[list[Task], int | None]:
+    ) -> tuple[list[dict[str, Any]], int | None]:
         """Up to `limit` tasks after seq `after` in submission order that match the filters
-        (`since`/`until`: submitted at or after / before), and the seq to continue after (None:
-        no more). Without `ended` (and with no ended `state`), only live tasks are looked at,
-        from memory; otherwise the store is walked, `SCAN` tasks at most per call, so a page
-        may be short (even empty) while a cursor still follows."""
+        (`since`/`until`: submitted at or after / before), as their records' bodies
+        (`agentnode.tasks.store.body_of`), and the seq to continue after (None: no more).
+        Without `ended` (and with no ended `state`), only live tasks are looked at, from
+        memory; otherwise the store is walked, `SCAN` tasks at most per call, so a page may be
+        short (even empty) while a cursor still follows. Stored bodies are not built into
+        tasks: a page of history costs a read and an unpack per task."""
 
         def keep(t: Task) -> bool:
             submitted = t.history[0][1] if t.history else 0.0
@@ -285,9 +289,8 @@ class TaskManager:
                 key=attrgetter("seq"),
             )
             found = [t for t in live if t.state not in TERMINAL and keep(t)]
-            if len(found) <= limit:
-                return found, None
-            return found[:limit], found[limit - 1].seq
+            more = len(found) > limit
+            return [body_of(t) for t in found[:limit]], found[limit - 1].seq if more else None
 
         def match(raw: bytes, submitted: float) -> bool:
             return (
@@ -298,8 +301,15 @@ class TaskManager:
             )
 
         page = self.store.page(after=after, limit=limit, match=match, scan=SCAN)
-        tasks = list(_readable(self.tasks, (task_id for task_id, _ in page.records)))
-        return tasks, page.after
+        out = []
+        for task_id, raw in page.records:
+            # A damaged record must not hide the others (it is named when asked for by id).
+            with contextlib.suppress(TaskError):
+                # The live version of a live task: its last write may be in flight.
+                out.append(
+                    body_of(self.tasks[task_id]) if self.tasks.is_live(task_id) else body(raw)
+                )
+        return out, page.after
 
     async def sweep(
         self,

@@ -41,6 +41,8 @@ __all__ = [
     "Recovered",
     "SubmitKey",
     "TaskStore",
+    "body",
+    "body_of",
     "decode",
     "encode",
     "lane_of",
@@ -126,18 +128,39 @@ def queued_of(task: Task) -> Queued:
     return (task.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes, task.id, task.not_before)
 
 
+def body_of(task: Task) -> dict[str, Any]:
+    """A task as its record's body holds it: plain data, the sandbox in its JSON form (the
+    API's). Maps rather than arrays, so a field added to Task or TaskSpec later decodes old
+    records with its default."""
+    spec = task.spec
+    return {
+        **vars(task),
+        "state": task.state.value,
+        "spec": {**vars(spec), "sandbox": spec.sandbox.to_json()},
+    }
+
+
+def body(raw: bytes) -> dict[str, Any]:
+    """The body of a record that `TaskStore.load` accepted, as `body_of` gives it, without
+    building (and validating) the task: what listing a stored page needs. `TaskError` if
+    it is damaged."""
+    if raw[0] != _FORMAT:
+        return body_of(decode(raw))
+    try:
+        d = msgpack.unpackb(raw[_HEAD.size + raw[3] :])
+    except (ValueError, msgpack.UnpackException) as e:
+        raise TaskError(f"a stored task record is damaged ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("spec"), dict):
+        raise TaskError("a stored task record is damaged (its body is not a task)")
+    return d
+
+
 def encode(task: Task) -> bytes:
     """The binary record of `task` (header, then the task as a msgpack map); `TaskError` when
     a field cannot be stored."""
     spec = task.spec
     tenant = spec.tenant.encode()
-    # Maps rather than arrays, so a field added to Task or TaskSpec later decodes old records
-    # with its default. The sandbox is stored in its JSON form, the API's.
-    body = {
-        **vars(task),
-        "state": task.state.value,
-        "spec": {**vars(spec), "sandbox": spec.sandbox.to_json()},
-    }
+    body = body_of(task)
     try:
         head = _HEAD.pack(
             _FORMAT,
