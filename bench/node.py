@@ -162,12 +162,16 @@ def _settled(d: Daemon) -> tuple[int, float]:
     """The daemon's RSS after one real task, and the median live-list latency (ms)."""
     task = d.submit(["/bin/true"])
     d.wait(task["id"])
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        d.client.call("GET", "/v1/tasks")
-        times.append((time.perf_counter() - t0) * 1000)
-    return int(psutil.Process(d.pid).memory_info().rss), percentile(times, 50)
+    time.sleep(2)  # past the start's own work (RocksDB opening, spares)
+    medians = []
+    for _ in range(5):  # the best of 5 medians: the box is shared, a round may be crowded out
+        times = []
+        for _ in range(100):
+            t0 = time.perf_counter()
+            d.client.call("GET", "/v1/tasks")
+            times.append((time.perf_counter() - t0) * 1000)
+        medians.append(percentile(times, 50))
+    return int(psutil.Process(d.pid).memory_info().rss), min(medians)
 
 
 def history(bench: Bench, root: Path, n: int) -> None:
