@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 from agentnode.tasks.manager import TaskManager
-from agentnode.tasks.model import Task
 
 __all__ = ["Retention"]
 
@@ -40,11 +39,15 @@ class Retention:
         self.ended_s = ended_s
         self.failed_s = failed_s
         self.interval_s = interval_s
-        #: Tasks removed since the node started (metrics).
+        #: Tasks removed since the node started.
         self.removed = 0
         # One sweep at a time: `agentnode gc` during a background sweep waits for it, then runs.
         self._lock = asyncio.Lock()
         self._loop: asyncio.Task[None] | None = None
+        # A flag, not Task.cancel(): a sweep's batch runs on a thread that a cancel would not
+        # stop, and the store must not close under it.
+        self._closing = False
+        self._wake = asyncio.Event()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop().create_task(self._every_interval())
@@ -53,7 +56,10 @@ class Retention:
         """Sweeps now; returns how many tasks were removed."""
         async with self._lock:
             n = await self.manager.sweep(
-                ended_s=self.ended_s, failed_s=self.failed_s, remove_files=self._remove_files
+                ended_s=self.ended_s,
+                failed_s=self.failed_s,
+                remove_files=self._remove_files,
+                stop=lambda: self._closing,
             )
         self.removed += n
         if n:
@@ -61,27 +67,32 @@ class Retention:
         return n
 
     async def close(self) -> None:
-        """Stops the background sweep (a sweep under way stops between two batches)."""
+        """Stops sweeping: a sweep under way ends after its current batch, before this returns."""
+        self._closing = True
+        self._wake.set()
         if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            await self._loop
+        async with self._lock:  # an `agentnode gc` under way
+            pass
 
     async def _every_interval(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            if self._closing:
+                return
             try:
                 await self.run_now()
             except Exception as e:  # the next interval tries again; the node runs on
                 log.error("retention sweep failed: %s", e)
 
-    def _remove_files(self, tasks: list[Task]) -> None:
+    def _remove_files(self, task_ids: list[str]) -> None:
         """Each task's workspace and logs (every attempt's, rotated ones too)."""
-        for t in tasks:
-            workspace = self.workspaces / t.id
+        for task_id in task_ids:
+            workspace = self.workspaces / task_id
             shutil.rmtree(workspace, ignore_errors=True)
             if workspace.exists():
                 log.warning("retention cannot remove all of %s", workspace)
-            for path in self.logs.glob(f"{t.id}.*"):
+            for path in self.logs.glob(f"{task_id}.*"):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

@@ -37,6 +37,7 @@ from agentnode.tasks.store import (
     decode,
     lane_of,
     queued_of,
+    seq_of,
     state_of,
 )
 from agentnode.tasks.tokens import TokenKey
@@ -316,13 +317,15 @@ class TaskManager:
         *,
         ended_s: float,
         failed_s: float,
-        remove_files: Callable[[list[Task]], None],
+        remove_files: Callable[[list[str]], None],
+        stop: Callable[[], bool] = lambda: False,
         batch: int = 256,
     ) -> int:
         """Removes the tasks that ended more than `failed_s` (failed, timed out, lost) or
-        `ended_s` (succeeded, cancelled) ago: `remove_files` (called on a thread) first, then
-        their records and checkpoints. Returns how many. The store is walked `batch` tasks at a
-        time on a thread, so starts and API calls go on between batches."""
+        `ended_s` (succeeded, cancelled) ago: `remove_files` with their ids (called on a
+        thread) first, then their records and checkpoints. Returns how many. The store is
+        walked `batch` tasks at a time on a thread, so starts and API calls go on between
+        batches; `stop()` is asked before each batch."""
         now = time.time()
         horizon = now - min(ended_s, failed_s)
         removed = 0
@@ -339,19 +342,16 @@ class TaskManager:
             keep = failed_s if t.state in _FAILED else ended_s
             return t.history[-1][1] < now - keep
 
-        while after is not None:
+        while after is not None and not stop():
             page = await asyncio.to_thread(
                 self.store.page, after=after, limit=batch, match=expired, scan=batch
             )
             after = page.after
-            gone = [
-                t
-                for t in _readable(self.tasks, (i for i, _ in page.records))
-                if not self.tasks.is_live(t.id)
-            ]
+            # An ended task is never live again; this guards one whose last write is in flight.
+            gone = [(i, seq_of(raw)) for i, raw in page.records if not self.tasks.is_live(i)]
             if gone:
-                await asyncio.to_thread(remove_files, gone)
-                self.store.remove((t.id, t.seq) for t in gone)
+                await asyncio.to_thread(remove_files, [i for i, _ in gone])
+                self.store.remove(gone)
                 removed += len(gone)
         return removed
 

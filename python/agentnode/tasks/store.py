@@ -47,6 +47,7 @@ __all__ = [
     "encode",
     "lane_of",
     "queued_of",
+    "seq_of",
     "state_of",
 ]
 
@@ -120,6 +121,12 @@ class Page(NamedTuple):
 def state_of(raw: bytes) -> State:
     """The state in a record's header."""
     return _STATES[raw[1]]
+
+
+def seq_of(raw: bytes) -> int:
+    """The submission sequence number in a record's header."""
+    seq: int = _HEAD.unpack_from(raw)[4]
+    return seq
 
 
 def queued_of(task: Task) -> Queued:
