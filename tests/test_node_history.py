@@ -278,3 +278,18 @@ def test_retention_config_is_checked(tmp_path: Path) -> None:
                      str(tmp_path / "d"), "--socket", str(tmp_path / "s.sock")])  # fmt: skip
         assert r.returncode == 1 and problem in r.stderr, (text, r.returncode, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_background_sweep_runs_by_itself_while_tasks_start(tmp_path: Path) -> None:
+    old = make_history(tmp_path, 1500, submitted=time.time() - 3 * HOUR)
+    config = '[retention]\nended = "1h"\ninterval = "1s"\n'
+    with daemon(tmp_path, config) as d:
+        started = [d.submit(["true"])["id"] for _ in range(10)]
+        for tid in started:
+            assert d.wait(tid)["state"] == "succeeded"
+        deadline = time.monotonic() + 30
+        while call(d, "GET", f"/v1/tasks/{old[-1].id}")[0] != 404:
+            assert time.monotonic() < deadline, "the background sweep did not run"
+            time.sleep(0.2)
+        assert {t["id"] for t in walk(d, "all=1")} == set(started), "recent ones kept"
+        assert all(call(d, "GET", f"/v1/tasks/{t.id}")[0] == 404 for t in old[:20])
