@@ -5,7 +5,10 @@
 - sustained short isolated tasks per second (`/bin/true`, submitted in bulk, until the last
   `succeeded` event), against `subprocess.run` of `/bin/true` on two threads (no isolation);
 - recovery after `kill -9` with many queued tasks (start until the API answers), against
-  loading the same records from SQLite, decoding them and ordering them in a heapq.
+  loading the same records from SQLite, decoding them and ordering them in a heapq;
+- the cost of history: the daemon's RSS and its live-task list (`GET /v1/tasks`) after many
+  ended tasks, against the same node after none (goal <= 1.2x), and a page of 100 from that
+  history (`?all=1&limit=100`, goal <= 20 ms), against a page of the live list on the empty node.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
+
 from _harness import Bench, percentile
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.node.paths import DEFAULT_DATA_DIR
 from agentnode.sdk.transport import UnixHTTPConnection
-from agentnode.tasks.model import Task, TaskSpec
+from agentnode.tasks.model import State, Task, TaskSpec
 from agentnode.tasks.store import TaskStore, decode, encode
 from support.node_daemon import Daemon
 
@@ -153,6 +158,66 @@ def recovery(bench: Bench, root: Path, n: int) -> None:
     )
 
 
+def _settled(d: Daemon) -> tuple[int, float]:
+    """The daemon's RSS after one real task, and the median live-list latency (ms)."""
+    task = d.submit(["/bin/true"])
+    d.wait(task["id"])
+    time.sleep(2)  # past the start's own work (RocksDB opening, spares)
+    medians = []
+    for _ in range(5):  # the best of 5 medians: the box is shared, a round may be crowded out
+        times = []
+        for _ in range(100):
+            t0 = time.perf_counter()
+            d.client.call("GET", "/v1/tasks")
+            times.append((time.perf_counter() - t0) * 1000)
+        medians.append(percentile(times, 50))
+    return int(psutil.Process(d.pid).memory_info().rss), min(medians)
+
+
+def history(bench: Bench, root: Path, n: int) -> None:
+    """A node after 0 and after n ended tasks (written into its store before it starts)."""
+    config = "[node]\ngrace = 0.2\n"
+    empty = Daemon(root / "history0", config)
+    empty.start()
+    try:
+        rss0, list0 = _settled(empty)
+    finally:
+        empty.stop()
+    d = Daemon(root / "history", config)
+    store = TaskStore(d.data / "tasks")
+    store.load()
+    spec = TaskSpec(tenant="bench", command=("/bin/true",))
+    now = time.time()
+    for i in range(0, n, 5000):
+        chunk = []
+        for _ in range(min(5000, n - i)):
+            t = Task(id=uuid.uuid4().hex, seq=store.next_seq(), spec=spec,
+                     history=(("queued", now - 60),))  # fmt: skip
+            t = t.moved(State.STARTING, now - 60).moved(State.RUNNING, now - 60)
+            chunk.append(t.moved(State.SUCCEEDED, now - 59, exit_code=0))
+        store.put_now(*chunk)
+    store.close()
+    d.start()
+    try:
+        rss_n, list_n = _settled(d)
+        pages, cursor = [], ""
+        for _ in range(min(200, n // 100)):
+            t0 = time.perf_counter()
+            page = d.client.call("GET", f"/v1/tasks?all=1&limit=100{cursor}")
+            pages.append((time.perf_counter() - t0) * 1000)
+            cursor = f"&cursor={page['next_cursor']}"
+            assert len(page["tasks"]) == 100
+    finally:
+        d.stop()
+    k = f"{n // 1000}k"
+    bench.record(f"rss_after_{k}_ended", rss_n / 2**20, rss0 / 2**20, "MiB",
+                 peer_name="the same node after 0 ended tasks")  # fmt: skip
+    bench.record(f"live_list_after_{k}_ended", list_n, list0, "ms",
+                 peer_name="GET /v1/tasks on the same node after 0 ended tasks")  # fmt: skip
+    bench.record(f"page_of_100_from_{k}", percentile(pages, 50), list0, "ms",
+                 peer_name="GET /v1/tasks (live list) on a node after 0 ended tasks")  # fmt: skip
+
+
 def main() -> None:
     bench = Bench.from_args("node")
     # Next to the default data dir, not in /tmp: this VM's ext4 has no journal, so each file
@@ -172,6 +237,7 @@ def main() -> None:
         finally:
             d.stop()
         recovery(bench, root, 20_000 if bench.quick else 100_000)
+        history(bench, root, 5_000 if bench.quick else 100_000)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     bench.save()

@@ -79,6 +79,8 @@ USAGE: list[list[str]] = [
     # the other node commands
     ["ps", *NOSOCK, "--bogus"],
     ["ps", *NOSOCK, "extra"],
+    ["ps", *NOSOCK, "--limit", "0"],
+    ["gc", *NOSOCK, "extra"],
     ["logs", *NOSOCK],
     ["logs", *NOSOCK, "a", "b"],
     ["logs", *NOSOCK, "../x"],
@@ -134,6 +136,7 @@ USAGE: list[list[str]] = [
 
 RUNTIME: list[list[str]] = [
     ["ps", *NOSOCK],
+    ["gc", *NOSOCK],
     ["submit", *NOSOCK, "--", "true"],
     ["logs", *NOSOCK, "abc"],
     ["wait", *NOSOCK, "abc"],

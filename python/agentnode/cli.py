@@ -31,6 +31,7 @@ COMMANDS: dict[str, dict[str, str]] = {
         "submit": "queue a task on the node",
         "egress": "change a task's egress rules",
         "ps": "list tasks",
+        "gc": "remove ended tasks past their retention now",
         "logs": "print a task's output",
         "wait": "wait for a task and exit with its status",
         "kill": "cancel a task",

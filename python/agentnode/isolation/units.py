@@ -9,9 +9,9 @@ from agentnode.errors import UsageError
 __all__ = ["format_size", "parse_duration", "parse_size"]
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Far beyond any real limit, and within what cgroup files, the kernel's timers and the task
 # records' integers hold: larger values are typing mistakes, refused before they reach them.
 _MAX_SIZE = 1 << 50
@@ -33,10 +33,10 @@ def parse_size(text: str, *, option: str) -> int:
 
 
 def parse_duration(text: str, *, option: str) -> float:
-    """Seconds in `text` (`30`, `30s`, `500ms`, `5m`, `1h`)."""
+    """Seconds in `text` (`30`, `30s`, `500ms`, `5m`, `1h`, `7d`)."""
     m = _DURATION.fullmatch(text.strip())
     if m is None:
-        raise UsageError(f"{option}: {text!r} is not a duration (examples: 30s, 500ms, 5m)")
+        raise UsageError(f"{option}: {text!r} is not a duration (examples: 30s, 500ms, 5m, 7d)")
     value = float(m.group(1)) * _TIME_UNITS[(m.group(2) or "s").lower()]
     if value <= 0:
         raise UsageError(f"{option}: {text!r} must be longer than zero (examples: 30s, 500ms)")

@@ -10,14 +10,16 @@ task's tenant.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from agentnode.storage.api import principal
 from agentnode.storage.tenancy import Principal
 from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
+from agentnode.tasks.store import body_of
 from agentnode.tools.api import add_tool_routes
 from agentnode.tools.registry import Caller
 from agentnode.tools.toolbox import caller_for
@@ -160,24 +163,31 @@ def spec_from_json(body: Any) -> TaskSpec:
 def task_json(node: Node, task: Task) -> dict[str, Any]:
     """A task as the API shows it (live accounting while it runs): the task's own fields and
     its sandbox in the sandbox's JSON form."""
-    spec = task.spec
+    return row_json(node, body_of(task))
+
+
+def row_json(node: Node, body: dict[str, Any]) -> dict[str, Any]:
+    """`task_json` of a task given as its record's body (`agentnode.tasks.store.body_of`),
+    which is what a page of stored tasks holds."""
+    spec = body["spec"]
+    history = body["history"]
     out: dict[str, Any] = {
-        "id": task.id,
-        "tenant": spec.tenant,
-        "priority": spec.cls,
-        "command": list(spec.command),
-        "state": task.state.value,
-        "attempt": task.attempt,
-        "reason": task.reason,
-        "exit_code": task.exit_code,
-        "submitted_at": task.history[0][1],
-        "history": [list(h) for h in task.history],
-        "heartbeat": spec.heartbeat_s,
-        "retries": spec.retries,
-        **spec.sandbox.to_json(),
-        "agent": spec.agent or None,
+        "id": body["id"],
+        "tenant": spec["tenant"],
+        "priority": spec["cls"],
+        "command": list(spec["command"]),
+        "state": body["state"],
+        "attempt": body["attempt"],
+        "reason": body["reason"],
+        "exit_code": body["exit_code"],
+        "submitted_at": history[0][1],
+        "history": [list(h) for h in history],
+        "heartbeat": spec.get("heartbeat_s"),
+        "retries": spec.get("retries"),
+        **spec["sandbox"],
+        "agent": spec.get("agent") or None,
     }
-    running = node.running.get(task.id)
+    running = node.running.get(body["id"])
     if running is not None and running.proc.result is None:
         with contextlib.suppress(AgentnodeError):
             out["stats"] = asdict(running.proc.stats())
@@ -253,32 +263,84 @@ def _idempotency_key(request: web.Request, body: Any) -> tuple[str, str] | None:
     return key, hashlib.sha256(canonical).hexdigest()
 
 
+#: Tasks in one page when a client pages without a `limit`, and the most it may ask for.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
 async def _list(request: web.Request) -> web.Response:
+    """Live tasks (from memory); with `all=1` or an ended `state`, every stored task, in
+    pages. `limit` or `cursor` asks for the paged form, {"tasks", "next_cursor"}; without them
+    the answer is a bare list (every live task, or the first `MAX_LIMIT` stored ones with a
+    `Next-Cursor` header when more follow)."""
     node = request.app[NODE]
-    tenant = request.query.get("tenant")
-    state = request.query.get("state")
+    q = request.query
+    state = q.get("state")
     if state is not None and state not in {s.value for s in State}:
         raise BadField(
             "state", f"unknown state {state!r} (use {', '.join(s.value for s in State)})"
         )
-    everything = request.query.get("all") in ("1", "true")
-    tasks = [
-        t
-        for t in _readable(node.manager.tasks)
-        if (tenant is None or t.spec.tenant == tenant)
-        and (state is None or t.state.value == state)
-        and (everything or state is not None or t.state not in TERMINAL)
-    ]
-    tasks.sort(key=lambda t: t.seq)
-    return web.json_response([task_json(node, t) for t in tasks])
+    tenant = q.get("tenant")  # a filter: a name no tenant has matches nothing
+    everything = q.get("all")
+    if everything not in (None, "", "0", "1", "true", "false"):
+        raise BadField("all", f"must be 1, true, 0 or false, got {everything!r}")
+    paged = "limit" in q or "cursor" in q
+    limit = _limit(q["limit"]) if "limit" in q else (DEFAULT_LIMIT if paged else MAX_LIMIT)
+    tasks, after = node.manager.page(
+        after=_cursor(q["cursor"]) if "cursor" in q else 0,
+        limit=limit,
+        ended=everything in ("1", "true"),
+        tenant=tenant,
+        state=None if state is None else State(state),
+        since=_time("since", q.get("since")),
+        until=_time("until", q.get("until")),
+    )
+    rows = [row_json(node, t) for t in tasks]
+    next_cursor = None if after is None else _encode_cursor(after)
+    if paged:
+        return web.json_response({"tasks": rows, "next_cursor": next_cursor})
+    headers = None if next_cursor is None else {"Next-Cursor": next_cursor}
+    return web.json_response(rows, headers=headers)
 
 
-def _readable(tasks: Mapping[str, Task]) -> Iterator[Task]:
-    """Every task whose record can be read: one damaged record must not hide all the others
-    (it is named on its own when asked for by id)."""
-    for task_id in list(tasks):
-        with contextlib.suppress(TaskError):
-            yield tasks[task_id]
+_CURSOR = re.compile(r"c1\.(\d{1,19})")
+
+
+def _encode_cursor(after: int) -> str:
+    """A page cursor: the seq of the last task looked at, which stays valid as tasks arrive
+    (they take higher seqs) and as old ones are removed."""
+    return base64.urlsafe_b64encode(f"c1.{after}".encode()).decode().rstrip("=")
+
+
+def _cursor(text: str) -> int:
+    try:
+        m = _CURSOR.fullmatch(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
+    except (ValueError, UnicodeDecodeError):
+        m = None
+    if m is None:
+        raise BadField("cursor", f"{text[:40]!r} is not a cursor this node gave (omit it to start)")
+    return int(m.group(1))
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise BadField("limit", f"must be a whole number within 1..{MAX_LIMIT}, got {text[:40]!r}")
+    return int(text)
+
+
+def _time(name: str, text: str | None) -> float | None:
+    """Seconds since the epoch in a `since`/`until` parameter."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise BadField(
+            name, f"must be seconds since the epoch (like 1760000000), got {text[:40]!r}"
+        )
+    return value
 
 
 async def _get(request: web.Request) -> web.Response:
@@ -433,6 +495,12 @@ async def _node(request: web.Request) -> web.Response:
     )
 
 
+async def _gc(request: web.Request) -> web.Response:
+    """Runs the retention sweep now (`agentnode gc`)."""
+    removed = await request.app[NODE].retention.run_now()
+    return web.json_response({"removed": removed})
+
+
 async def _metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -477,6 +545,7 @@ def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> 
     r.add_get("/v1/tasks", _list)
     r.add_post("/v1/tasks/{id}/cancel", _cancel)
     r.add_put("/v1/tasks/{id}/egress", _put_egress)
+    r.add_post("/v1/gc", _gc)
     _add_task_routes(r)
     add_tool_routes(app, node.tools.service, functools.partial(_admin_caller, node))
     r.add_get("/v1/events", _events)

@@ -1,10 +1,12 @@
-"""The CLI side of the node: `submit`, `ps`, `logs`, `wait`, `kill`, `top` (over its socket)."""
+"""The CLI side of the node: `submit`, `ps`, `gc`, `logs`, `wait`, `kill`, `top` (over its
+socket)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parser", "exit_status", "resolve_id", "task_table"]
+__all__ = ["add_parser", "exit_status", "resolve_id", "task_table", "tasks"]
 
 #: `wait` exit statuses for outcomes without an exit code of their own.
 _STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
@@ -42,7 +44,7 @@ def _with_socket(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
-    """Adds `submit`, `egress`, `ps`, `logs`, `wait`, `kill` and `top` to the CLI."""
+    """Adds `submit`, `egress`, `ps`, `gc`, `logs`, `wait`, `kill` and `top` to the CLI."""
     p = sub.add_parser(
         "submit",
         description="Queue CMD as an "
@@ -81,8 +83,20 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p = sub.add_parser("ps", description="List live tasks (--all: ended too).")
     p.add_argument("--all", action="store_true", help="include ended tasks")
     p.add_argument("--tenant", help="only this tenant's tasks")
+    p.add_argument("--state", help="only tasks in this state (e.g. failed)")
+    p.add_argument(
+        "--limit", type=_positive, default=None, help="show at most N tasks (oldest first)"
+    )
     _with_socket(p)
     p.set_defaults(func=_ps)
+
+    p = sub.add_parser(
+        "gc",
+        description="Remove ended tasks past their retention ([retention] in the node config) "
+        "now: their records, logs and workspaces.",
+    )
+    _with_socket(p)
+    p.set_defaults(func=_gc)
 
     p = sub.add_parser("logs", description="Print a task's output.")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
@@ -168,7 +182,7 @@ def resolve_id(client: NodeClient, text: str) -> str:
         )
     if len(key) == _ID_LENGTH:
         return key
-    matches = [t["id"] for t in client.call("GET", "/v1/tasks?all=1") if t["id"].startswith(key)]
+    matches = [t["id"] for t in tasks(client, all=1) if t["id"].startswith(key)]
     if not matches:
         raise AgentnodeError(f"no task {text!r} (list tasks with 'agentnode ps --all')")
     if len(matches) > 1:
@@ -275,12 +289,49 @@ def _net(mode: str, counters: dict[str, int]) -> str:
 _HEADER = ["ID", "TENANT", "PRIORITY", "STATE", "TRY", "CPU", "MEM", "AGE", "NET", "COMMAND"]
 
 
+def tasks(
+    client: NodeClient, *, limit: int | None = None, **filters: Any
+) -> Iterator[dict[str, Any]]:
+    """The tasks `GET /v1/tasks` lists with `filters`, fetched a page at a time (`limit`: at
+    most that many)."""
+    cursor = None
+    left = limit
+    while left is None or left > 0:
+        page = min(_PAGE, left) if left is not None else _PAGE
+        fields = {**filters, "limit": page, **({"cursor": cursor} if cursor else {})}
+        body = client.call("GET", f"/v1/tasks?{urlencode(fields)}")
+        yield from body["tasks"][:left]
+        if left is not None:
+            left -= len(body["tasks"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return
+
+
+#: Tasks fetched per request when the CLI walks a list.
+_PAGE = 1000
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    done = _client(args).call("POST", "/v1/gc")
+    print(f"removed {done['removed']} ended tasks (records, logs and workspaces)")
+    return 0
+
+
 def _ps(args: argparse.Namespace) -> int:
     fields: dict[str, str | int] = {"all": 1} if args.all else {}
     if args.tenant:
         fields["tenant"] = args.tenant
-    query = f"?{urlencode(fields)}" if fields else ""
-    rows = [_HEADER, *_rows(_client(args).call("GET", "/v1/tasks" + query))]
+    if args.state:
+        fields["state"] = args.state
+    found = tasks(_client(args), limit=args.limit, **fields)
+    rows = [_HEADER, *_rows(list(found))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -17,9 +17,10 @@ import dns.exception
 import dns.rdatatype
 
 from agentnode.egress.network import NodeNetwork
-from agentnode.errors import ConfigError, PolicyError
+from agentnode.errors import ConfigError, PolicyError, UsageError
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.config import parse_config as parse_proxy_config
+from agentnode.isolation.units import parse_duration
 from agentnode.node.paths import DEFAULT_DATA_DIR, DEFAULT_SOCKET
 from agentnode.tasks.model import CLASSES
 from agentnode.tools.config import ToolsConfig, parse_tools_config
@@ -75,6 +76,12 @@ class NodeConfig:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     #: Trace every exec inside every task into the audit log ([audit] exec_trace).
     exec_trace: bool = True
+    #: Retention ([retention]): ended tasks' workspaces, logs and records are removed this
+    #: long after they ended (failed, timed-out and lost ones after `retention_failed_s`), by a
+    #: sweep every `retention_interval_s` and by `agentnode gc`.
+    retention_ended_s: float = 7 * 86400.0
+    retention_failed_s: float = 30 * 86400.0
+    retention_interval_s: float = 600.0
     #: Where task timelines are exported as OpenTelemetry spans (OTLP/HTTP); None: not exported.
     otlp_endpoint: str | None = None
     source: Path | None = None
@@ -193,6 +200,9 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
                     raise r.error(name, f"must be true or false, got {value!r}")
                 out["exec_trace"] = value
                 continue
+            if section == "retention" and key in _RETENTION:
+                out[_RETENTION[key]] = _duration(r, name, value)
+                continue
             if (section, key) == ("network", "dns_types"):
                 out["dns_types"] = _dns_types(r, name, value)
                 continue
@@ -201,7 +211,7 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
                 raise r.error(
                     name,
                     f"unknown key (known: {known}, scheduler.class_running, network.dns_types, "
-                    "audit.exec_trace)",
+                    "audit.exec_trace, retention.ended, retention.failed, retention.interval)",
                 )
             field_name, kind = _KEYS[(section, key)]
             if kind is str:
@@ -220,6 +230,23 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 _AT_LEAST_ONE = frozenset({"retry_max_attempts", "dns_rate", "dns_max_label", "dns_max_name"})
+
+
+_RETENTION = {
+    "ended": "retention_ended_s",
+    "failed": "retention_failed_s",
+    "interval": "retention_interval_s",
+}
+
+
+def _duration(r: _Reader, name: str, value: Any) -> float:
+    """Seconds in a duration setting: a number of seconds or text like "7d", "12h"."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value, option=name)
+        except UsageError as e:
+            raise r.error(name, str(e).split(": ", 1)[-1]) from None
+    return float(r.number(name, value, float, minimum=0.001))
 
 
 def _dns_types(r: _Reader, name: str, value: Any) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from agentnode.isolation import ExitReason, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
 from agentnode.node.logcap import rotate_if_over
+from agentnode.node.retention import Retention
 from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager
@@ -99,6 +100,14 @@ class Node:
             retry=_retry_policy(config),
         )
         self.apply_tenants(config)
+        #: Removes ended tasks past their retention, in the background and on `agentnode gc`.
+        self.retention = Retention(
+            self.manager,
+            data_dir=config.data_dir,
+            ended_s=config.retention_ended_s,
+            failed_s=config.retention_failed_s,
+            interval_s=config.retention_interval_s,
+        )
         self.running: dict[str, Running] = {}
         self.admitting = True
         self.outcomes: dict[str, int] = {}
@@ -176,9 +185,13 @@ class Node:
             )
 
     def reload(self, config: NodeConfig) -> None:
-        """Applies what can change while running: tenants, retry policy, grace."""
+        """Applies what can change while running: tenants, retry policy, grace, retention
+        times (the interval applies from the next sweep on)."""
         self.apply_tenants(config)
         self.manager.retry = _retry_policy(config)
+        self.retention.ended_s = config.retention_ended_s
+        self.retention.failed_s = config.retention_failed_s
+        self.retention.interval_s = config.retention_interval_s
         self.config = config
         self._wake.set()
 
@@ -330,6 +343,7 @@ class Node:
             else:
                 self.execs.start()
         self._loop_task = asyncio.get_running_loop().create_task(self._schedule_loop())
+        self.retention.start()
 
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: `ok`, or `failing: <why>`."""
@@ -569,6 +583,7 @@ class Node:
         """Stops admitting, stops every running task with the configured grace, waits for them
         to be recorded, and closes the store. Their retry policy re-queues them for next start."""
         self.admitting = False
+        await self.retention.close()
         if self._loop_task is not None:
             self._wake.set()
             await self._loop_task  # ends after the start it may be in the middle of

@@ -11,13 +11,14 @@ a delay heap until its backoff has passed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import heapq
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from operator import attrgetter
 from pathlib import Path
@@ -27,10 +28,27 @@ from agentnode._native import Scheduler
 from agentnode.errors import QueueFullError, TaskError
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
-from agentnode.tasks.store import Queued, SubmitKey, TaskStore, decode, lane_of, queued_of
+from agentnode.tasks.store import (
+    Queued,
+    SubmitKey,
+    TaskStore,
+    body,
+    body_of,
+    decode,
+    lane_of,
+    queued_of,
+    seq_of,
+    state_of,
+)
 from agentnode.tasks.tokens import TokenKey
 
-__all__ = ["KEY_TTL_S", "Limits", "TaskManager", "TaskTable"]
+__all__ = ["KEY_TTL_S", "SCAN", "Limits", "TaskManager", "TaskTable"]
+
+#: How many stored tasks one `TaskManager.page` call looks at, at most.
+SCAN = 2_000
+
+#: The outcomes kept for `failed` retention rather than `ended`.
+_FAILED = frozenset({State.FAILED, State.TIMED_OUT, State.LOST})
 
 #: How long a submit's idempotency key keeps returning the task it made (as Stripe's do).
 KEY_TTL_S = 24 * 3600.0
@@ -50,40 +68,86 @@ class Limits:
 
 
 class TaskTable(Mapping[str, Task]):
-    """Every task by id. Records recovered from the store stay encoded until first read, so a
-    restart with a long queue builds only the tasks that are used (started, shown, cancelled)."""
+    """Every task by id. Live tasks (not ended) are held in memory; ended ones leave it once
+    their last record is durable and are read from the store when asked for, so the daemon's
+    memory and `live()` cost follow the live tasks, not the node's history. Records recovered
+    from the store stay encoded until first read, so a restart with a long queue builds only
+    the tasks that are used (started, shown, cancelled)."""
 
-    def __init__(self, decode: Callable[[bytes], Task]) -> None:
+    def __init__(self, store: TaskStore, decode: Callable[[bytes], Task]) -> None:
+        self._store = store
         self._decode = decode
-        self._all: dict[str, Task | bytes] = {}
+        self._live: dict[str, Task | bytes] = {}
 
     def __getitem__(self, task_id: str) -> Task:
-        t = self._all[task_id]
+        t = self._live.get(task_id)
+        if t is None:
+            raw = self._store.get(task_id)
+            if raw is None:
+                raise KeyError(task_id)
+            return self._decode(raw)
         if isinstance(t, bytes):
             # Replacing a present key's value keeps running iterations over the table valid.
-            t = self._all[task_id] = self._decode(t)
+            t = self._live[task_id] = self._decode(t)
         return t
 
     def __setitem__(self, task_id: str, task: Task) -> None:
-        self._all[task_id] = task
+        self._live[task_id] = task
+
+    def settled(self, task: Task) -> None:
+        """Lets `task` leave memory if it has ended and is still the version held (call once
+        its record is durable)."""
+        if task.state in TERMINAL and self._live.get(task.id) is task:
+            del self._live[task.id]
 
     def raw(self, task_id: str) -> bytes | None:
-        """The record of a task not decoded yet (None once decoded)."""
-        t = self._all.get(task_id)
+        """The record of a live task not decoded yet (None once decoded)."""
+        t = self._live.get(task_id)
         return t if isinstance(t, bytes) else None
 
     def add_encoded(self, records: dict[str, bytes]) -> None:
-        """Adds tasks by id as records to decode when first read."""
-        self._all.update(records)
+        """Adds live tasks by id as records to decode when first read."""
+        self._live.update(records)
+
+    def live(self) -> list[str]:
+        """The ids of the tasks in memory: every live task (and ended ones whose last write is
+        still in flight)."""
+        return list(self._live)
+
+    def is_live(self, task_id: str) -> bool:
+        return task_id in self._live
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._all)
+        """Every task's id, the stored ended ones too (a walk of the store: for tests and
+        tools, not for serving requests; `live` is what is cheap)."""
+        live = set(self._live)
+        yield from live
+        after: int | None = 0
+        while after is not None:
+            page = self._store.page(after=after, limit=1024, match=_any, scan=1024)
+            yield from (task_id for task_id, _ in page.records if task_id not in live)
+            after = page.after
 
     def __len__(self) -> int:
-        return len(self._all)
+        return sum(1 for _ in self)
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._all
+        return isinstance(task_id, str) and (
+            task_id in self._live or self._store.get(task_id) is not None
+        )
+
+
+def _any(raw: bytes, submitted: float) -> bool:
+    return True
+
+
+def _readable(tasks: Mapping[str, Task], ids: Iterable[str]) -> Iterator[Task]:
+    """The tasks of `ids` whose records can be read (the live version of a live one): one
+    damaged record must not hide all the others (it is named on its own when asked for by
+    id), and one removed meanwhile is skipped."""
+    for task_id in ids:
+        with contextlib.suppress(TaskError, KeyError):
+            yield tasks[task_id]
 
 
 class TaskManager:
@@ -108,7 +172,7 @@ class TaskManager:
             class_limits=dict(limits.class_running),
             aging=limits.aging,
         )
-        self.tasks = TaskTable(decode)
+        self.tasks = TaskTable(self.store, decode)
         self._by_seq: dict[int, str] = {}
         # Queued batch tasks' seqs: the candidates for shedding, found without reading tasks.
         self._batch: set[int] = set()
@@ -161,7 +225,12 @@ class TaskManager:
             self._set(retry or lost)
         if writes:
             self.store.put_now(*writes)
+            self._settled(*writes)
         self._enqueue(*again)
+
+    def _settled(self, *tasks: Task) -> None:
+        for t in tasks:
+            self.tasks.settled(t)
 
     def _set(self, t: Task) -> None:
         self.tasks[t.id] = t
@@ -194,6 +263,105 @@ class TaskManager:
             return self.tasks[task_id]
         except KeyError:
             raise TaskError(f"no task {task_id!r} (list tasks to see valid ids)") from None
+
+    def page(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        ended: bool = False,
+        tenant: str | None = None,
+        state: State | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to `limit` tasks after seq `after` in submission order that match the filters
+        (`since`/`until`: submitted at or after / before), as their records' bodies
+        (`agentnode.tasks.store.body_of`), and the seq to continue after (None: no more).
+        Without `ended` (and with no ended `state`), only live tasks are looked at, from
+        memory; otherwise the store is walked, `SCAN` tasks at most per call, so a page may be
+        short (even empty) while a cursor still follows. Stored bodies are not built into
+        tasks: a page of history costs a read and an unpack per task."""
+
+        def keep(t: Task) -> bool:
+            submitted = t.history[0][1] if t.history else 0.0
+            return (
+                (tenant is None or t.spec.tenant == tenant)
+                and (state is None or t.state is state)
+                and (since is None or submitted >= since)
+                and (until is None or submitted < until)
+            )
+
+        if not ended and (state is None or state not in TERMINAL):
+            live = sorted(
+                (t for t in _readable(self.tasks, self.tasks.live()) if t.seq > after),
+                key=attrgetter("seq"),
+            )
+            found = [t for t in live if t.state not in TERMINAL and keep(t)]
+            more = len(found) > limit
+            return [body_of(t) for t in found[:limit]], found[limit - 1].seq if more else None
+
+        def match(raw: bytes, submitted: float) -> bool:
+            return (
+                (tenant is None or lane_of(raw)[1] == tenant)
+                and (state is None or state_of(raw) is state)
+                and (since is None or submitted >= since)
+                and (until is None or submitted < until)
+            )
+
+        page = self.store.page(after=after, limit=limit, match=match, scan=SCAN)
+        out = []
+        for task_id, raw in page.records:
+            # A damaged record must not hide the others (it is named when asked for by id).
+            with contextlib.suppress(TaskError):
+                # The live version of a live task: its last write may be in flight.
+                out.append(
+                    body_of(self.tasks[task_id]) if self.tasks.is_live(task_id) else body(raw)
+                )
+        return out, page.after
+
+    async def sweep(
+        self,
+        *,
+        ended_s: float,
+        failed_s: float,
+        remove_files: Callable[[list[str]], None],
+        stop: Callable[[], bool] = lambda: False,
+        batch: int = 256,
+    ) -> int:
+        """Removes the tasks that ended more than `failed_s` (failed, timed out, lost) or
+        `ended_s` (succeeded, cancelled) ago: `remove_files` with their ids (called on a
+        thread) first, then their records and checkpoints. Returns how many. The store is
+        walked `batch` tasks at a time on a thread, so starts and API calls go on between
+        batches; `stop()` is asked before each batch."""
+        now = time.time()
+        horizon = now - min(ended_s, failed_s)
+        removed = 0
+        after: int | None = 0
+
+        def expired(raw: bytes, submitted: float) -> bool:
+            # A task ends after it was submitted: a recent submission cannot have expired.
+            if submitted >= horizon or state_of(raw) not in TERMINAL:
+                return False
+            try:
+                t = decode(raw)
+            except TaskError:
+                return False  # a damaged record is kept for someone to look at
+            keep = failed_s if t.state in _FAILED else ended_s
+            return t.history[-1][1] < now - keep
+
+        while after is not None and not stop():
+            page = await asyncio.to_thread(
+                self.store.page, after=after, limit=batch, match=expired, scan=batch
+            )
+            after = page.after
+            # An ended task is never live again; this guards one whose last write is in flight.
+            gone = [(i, seq_of(raw)) for i, raw in page.records if not self.tasks.is_live(i)]
+            if gone:
+                await asyncio.to_thread(remove_files, [i for i, _ in gone])
+                self.store.remove(gone)
+                removed += len(gone)
+        return removed
 
     def queued_count(self, tenant: str | None = None) -> int:
         if tenant is None:
@@ -280,6 +448,7 @@ class TaskManager:
             raise
         finally:
             self._depth[spec.cls, spec.tenant] -= 1
+        self._settled(*shed)
         self._set(task)
         self._enqueue(task)
         if stored is not None:
@@ -407,6 +576,8 @@ class TaskManager:
         self.scheduler.complete(old.seq)
         if again is not None:
             self._enqueue(again)
+        else:
+            self._settled(done)
         return again or done
 
     async def cancel(self, task_id: str) -> Task:
@@ -424,6 +595,7 @@ class TaskManager:
             self._set(t)
             self._enqueue(t)
             raise
+        self._settled(c)
         return c
 
     def _retry_of(self, done: Task, now: float) -> Task | None:
@@ -444,7 +616,7 @@ class TaskManager:
         of an earlier attempt, or of a task that is not running: a token is revoked when its
         attempt ends, and a retry gets a new one)."""
         found = self.tokens.verify(token)
-        if found is None:
+        if found is None or not self.tasks.is_live(found[0]):  # an ended task is not in memory
             return None
         try:
             t = self.tasks.get(found[0])

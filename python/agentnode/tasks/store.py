@@ -22,7 +22,7 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from operator import itemgetter
 from pathlib import Path
@@ -36,17 +36,28 @@ from agentnode.isolation.spec import Sandbox
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 
 __all__ = [
+    "Page",
     "Queued",
     "Recovered",
     "SubmitKey",
     "TaskStore",
+    "body",
+    "body_of",
     "decode",
     "encode",
     "lane_of",
     "queued_of",
+    "seq_of",
+    "state_of",
 ]
 
 _TASK = b"t/"
+# Submission order: b"s/" + seq (8 bytes, big-endian, so keys sort by seq) → submission time
+# (f64) + task id. Pages and the retention sweep walk it; new tasks only append to it.
+_ORDER = b"s/"
+_ORDER_VALUE = struct.Struct("<d")
+# Set once every record has its _ORDER entry (records written before it existed get one).
+_ORDERED = b"meta/ordered"
 _SEQ = b"meta/seq"
 # Idempotency keys of submits: b"i/" + the key → msgpack [task id, time, request digest].
 _KEY = b"i/"
@@ -89,12 +100,33 @@ class SubmitKey(NamedTuple):
 class Recovered(NamedTuple):
     """What `TaskStore.load` found in one scan that reads only the records' headers."""
 
-    #: Every task's record by id; `decode` gives the task.
+    #: Every live (not ended) task's record by id; `decode` gives the task. Ended ones stay
+    #: in the store only (`TaskStore.get`).
     records: dict[str, bytes]
     #: The queued tasks, in submission order.
     queued: list[Queued]
     #: The ids of the tasks that were starting or running.
     interrupted: list[str]
+
+
+class Page(NamedTuple):
+    """One page of stored records in submission order (`TaskStore.page`)."""
+
+    #: (task id, record) of the matching tasks.
+    records: list[tuple[str, bytes]]
+    #: The seq to continue after (None: nothing is left to walk).
+    after: int | None
+
+
+def state_of(raw: bytes) -> State:
+    """The state in a record's header."""
+    return _STATES[raw[1]]
+
+
+def seq_of(raw: bytes) -> int:
+    """The submission sequence number in a record's header."""
+    seq: int = _HEAD.unpack_from(raw)[4]
+    return seq
 
 
 def queued_of(task: Task) -> Queued:
@@ -103,18 +135,39 @@ def queued_of(task: Task) -> Queued:
     return (task.seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes, task.id, task.not_before)
 
 
+def body_of(task: Task) -> dict[str, Any]:
+    """A task as its record's body holds it: plain data, the sandbox in its JSON form (the
+    API's). Maps rather than arrays, so a field added to Task or TaskSpec later decodes old
+    records with its default."""
+    spec = task.spec
+    return {
+        **vars(task),
+        "state": task.state.value,
+        "spec": {**vars(spec), "sandbox": spec.sandbox.to_json()},
+    }
+
+
+def body(raw: bytes) -> dict[str, Any]:
+    """The body of a record that `TaskStore.load` accepted, as `body_of` gives it, without
+    building (and validating) the task: what listing a stored page needs. `TaskError` if
+    it is damaged."""
+    if raw[0] != _FORMAT:
+        return body_of(decode(raw))
+    try:
+        d = msgpack.unpackb(raw[_HEAD.size + raw[3] :])
+    except (ValueError, msgpack.UnpackException) as e:
+        raise TaskError(f"a stored task record is damaged ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("spec"), dict):
+        raise TaskError("a stored task record is damaged (its body is not a task)")
+    return d
+
+
 def encode(task: Task) -> bytes:
     """The binary record of `task` (header, then the task as a msgpack map); `TaskError` when
     a field cannot be stored."""
     spec = task.spec
     tenant = spec.tenant.encode()
-    # Maps rather than arrays, so a field added to Task or TaskSpec later decodes old records
-    # with its default. The sandbox is stored in its JSON form, the API's.
-    body = {
-        **vars(task),
-        "state": task.state.value,
-        "spec": {**vars(spec), "sandbox": spec.sandbox.to_json()},
-    }
+    body = body_of(task)
     try:
         head = _HEAD.pack(
             _FORMAT,
@@ -129,6 +182,14 @@ def encode(task: Task) -> bytes:
         return head + tenant + msgpack.packb(body)
     except (struct.error, TypeError, ValueError, OverflowError) as e:
         raise TaskError(f"task {task.id}: its record cannot be stored ({e})") from None
+
+
+def _submitted(raw: bytes) -> float:
+    """When a stored task was submitted (0 when its body cannot be read)."""
+    try:
+        return float(decode(raw).history[0][1])
+    except (TaskError, IndexError):
+        return 0.0
 
 
 def lane_of(raw: bytes) -> tuple[str, str]:
@@ -205,8 +266,22 @@ def _from_flat(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "sandbox": box}
 
 
+def _order_key(seq: int) -> bytes:
+    return _ORDER + seq.to_bytes(8, "big")
+
+
+def _order_entry(task_id: bytes, seq: int, submitted: float) -> tuple[bytes, bytes]:
+    return _order_key(seq), _ORDER_VALUE.pack(submitted) + task_id
+
+
 def _records(tasks: Iterable[Task]) -> list[tuple[bytes, bytes]]:
-    return [(_TASK + t.id.encode(), encode(t)) for t in tasks]
+    out = []
+    for t in tasks:
+        task_id = t.id.encode()
+        out.append((_TASK + task_id, encode(t)))
+        # Rewritten with each record (it never changes): a record never lacks its entry.
+        out.append(_order_entry(task_id, t.seq, t.history[0][1] if t.history else 0.0))
+    return out
 
 
 class TaskStore:
@@ -299,6 +374,7 @@ class TaskStore:
         # raw_mode: every key and value is bytes.
         items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_TASK))
         upgraded = WriteBatch(raw_mode=True)
+        ordered = self._db.get(_ORDERED) is not None
         for k, v in items:
             if not k.startswith(_TASK):
                 break
@@ -310,8 +386,12 @@ class TaskStore:
                 if fmt != _FORMAT:
                     raise ValueError
                 task_id = k[2:].decode()
-                records[task_id] = v
                 st = _STATES[state]
+                if not ordered:
+                    upgraded.put(*_order_entry(k[2:], seq, _submitted(v)))
+                if st in TERMINAL:
+                    continue
+                records[task_id] = v
                 if st is State.QUEUED:
                     tenant = v[head_size : head_size + n].decode()
                     queued.append((seq, tenant, CLASSES[cls], cpu, mem, task_id, not_before))
@@ -319,10 +399,53 @@ class TaskStore:
                     interrupted.append(task_id)
             except (struct.error, ValueError, IndexError):  # UnicodeDecodeError is a ValueError
                 raise self._bad_record(k, v) from None
+        if not ordered:
+            upgraded.put(_ORDERED, b"1")
         if len(upgraded):
             self._db.write(upgraded, self._wopts)
         queued.sort(key=itemgetter(0))  # by seq
         return Recovered(records, queued, interrupted)
+
+    def get(self, task_id: str) -> bytes | None:
+        """The stored record of a task (None: no such task)."""
+        raw = self._db.get(_TASK + task_id.encode())
+        return cast(bytes | None, raw)
+
+    def page(
+        self,
+        *,
+        after: int,
+        limit: int,
+        match: Callable[[bytes, float], bool],
+        scan: int,
+    ) -> Page:
+        """Up to `limit` records for which `match(record, submitted_at)` holds, in submission
+        order from the task after seq `after`, looking at `scan` tasks at most (so a filter
+        that matches rarely still answers in bounded time, with a shorter page)."""
+        found: list[tuple[str, bytes]] = []
+        last = None
+        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_order_key(after + 1)))
+        for k, v in items:
+            if not k.startswith(_ORDER) or (len(found) >= limit or scan <= 0):
+                return Page(found, last if k.startswith(_ORDER) else None)
+            scan -= 1
+            last = int.from_bytes(k[len(_ORDER) :], "big")
+            task_id = v[_ORDER_VALUE.size :].decode()
+            raw = self._db.get(_TASK + v[_ORDER_VALUE.size :])
+            if raw is not None and match(raw, _ORDER_VALUE.unpack_from(v)[0]):
+                found.append((task_id, raw))
+        return Page(found, None)
+
+    def remove(self, tasks: Iterable[tuple[str, int]]) -> None:
+        """Deletes the records, order entries and checkpoints of (id, seq) tasks (retention)."""
+        batch = WriteBatch(raw_mode=True)
+        for task_id, seq in tasks:
+            batch.delete(_TASK + task_id.encode())
+            batch.delete(_order_key(seq))
+            with contextlib.suppress(FileNotFoundError):
+                self.checkpoint_path(task_id).unlink()
+        if len(batch):
+            self._db.write(batch, self._wopts)
 
     def _bad_record(self, key: bytes, raw: bytes) -> TaskError:
         if raw[:1] == b"{":
