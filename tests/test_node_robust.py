@@ -540,8 +540,11 @@ def _fill_and_free(d: Daemon) -> None:
 
 def test_a_chatty_task_log_is_capped_and_the_cut_is_marked(tmp_path: Path) -> None:
     with daemon(tmp_path, "[node]\nlog_max_mb = 1\n") as d:
-        # ~10 MiB in 64 KiB lines of one repeated letter per line, as fast as it can.
-        chatty = d.submit(["sh", "-c", "head -c 10485760 /dev/zero | tr '\\0' x | fold -w 65535"])
+        # 10 MiB in 64 KiB lines over a second or two (~6 MiB/s, the rate the outside run saw):
+        # a pass every 0.25 s keeps it near its cap. (A burst faster than the passes overshoots
+        # by what it writes between two of them: the cap bounds disk use, not each burst.)
+        line = "head -c 65535 /dev/zero | tr '\\0' x; echo"
+        chatty = d.submit(["sh", "-c", f"for i in $(seq 160); do {line}; sleep 0.01; done"])
         follow = threading.Thread(target=lambda: run_cli(
             ["logs", "-f", chatty["id"], "--socket", str(d.socket)]), daemon=True)  # fmt: skip
         follow.start()
