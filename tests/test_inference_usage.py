@@ -13,7 +13,7 @@ import sys
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rocksdict import Options, Rdict
 
@@ -184,7 +184,7 @@ def test_a_ledger_from_before_the_1h_bucket_loads_and_sums_on(tmp_path: Path) ->
     # Make it what the version before the bucket wrote: no cache_write_1h in rows or sums.
     db = Rdict(str(tmp_path / "ledger"), options=Options(raw_mode=True))
     for k, v in list(db.items()):
-        if k.startswith(b"~meta"):
+        if cast(bytes, k).startswith(b"~meta"):
             continue
         value = json.loads(v)
         assert value.pop("cache_write_1h") == 0
