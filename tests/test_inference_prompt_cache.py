@@ -19,6 +19,8 @@ import pytest
 from agentnode.errors import ConfigError
 from agentnode.inference.config import parse_config
 from agentnode.inference.mock import Fault, PromptCache
+from agentnode.inference.prices import SHIPPED
+from agentnode.inference.pricing import anthropic_usage
 from support.proxy_env import PRICE_CLAUDE, ProxyEnv
 
 Configure = Callable[[dict[str, Any]], None]
@@ -347,3 +349,123 @@ def test_a_shared_prefix_goes_to_the_deployment_that_has_seen_it(
     kw: dict[str, Any] = {"system": SYSTEM, "tools": TOOLS, "messages": first}
     r = client.messages.create(model="claude-x", max_tokens=8, **kw)
     assert r.content and len(env.mocks[other].requests) == n + 1
+
+
+# ---- 1 h cache writes -----------------------------------------------------------------------
+
+
+def _expected(usage: dict[str, Any], price: dict[str, Decimal]) -> tuple[Decimal, Decimal]:
+    """Cost and saving of an Anthropic usage object, from its own TTL split."""
+    split = usage["cache_creation"]
+    w5, w1 = split["ephemeral_5m_input_tokens"], split["ephemeral_1h_input_tokens"]
+    cached = usage["cache_read_input_tokens"] + w5 + w1
+    spent = (
+        usage["cache_read_input_tokens"] * price["cached_input"]
+        + w5 * price["cache_write"]
+        + w1 * price["cache_write_1h"]
+    )
+    cost = spent + usage["input_tokens"] * price["input"] + usage["output_tokens"] * price["output"]
+    return cost / 1_000_000, (cached * price["input"] - spent) / 1_000_000
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_hour_writes_are_billed_at_their_own_price(
+    make_env: Callable[..., ProxyEnv], stream: bool
+) -> None:
+    env = _cached_env(make_env)
+    client = env.anthropic(default_headers={"x-agentnode-task": "task-1h"})
+    req = {"model": "claude-1h", "max_tokens": 64, "system": SYSTEM, "tools": TOOLS}
+    # A 1 h route, then the deployments' 5 min TTL on a prompt of its own.
+    for model, system in (("claude-1h", SYSTEM), ("claude-x", f"Be brief. {SYSTEM}")):
+        for i in range(3):
+            q = [{"role": "user", "content": f"q{i}"}]
+            body = req | {"model": model, "system": system, "messages": q}
+            if stream:
+                with client.messages.stream(**body) as s:  # type: ignore[arg-type]
+                    s.get_final_message()
+            else:
+                client.messages.create(**body)  # type: ignore[call-overload]
+    billed = [r["usage"] for r in env.mocks["c"].requests]
+    rows = env.rows()
+    assert [r.stream for r in rows] == [stream] * 6
+    # Claude's price configures no 1 h write price: Anthropic's 2x the input price.
+    price = {k: Decimal(str(v)) for k, v in PRICE_CLAUDE.items()} | {"cache_write_1h": Decimal(6)}
+    for r, u in zip(rows, billed, strict=True):
+        split = u["cache_creation"]
+        assert (r.cache_write, r.cache_write_1h, r.cached_input, r.input) == (
+            split["ephemeral_5m_input_tokens"],
+            split["ephemeral_1h_input_tokens"],
+            u["cache_read_input_tokens"],
+            u["input_tokens"],
+        )
+        assert (Decimal(r.cost), Decimal(r.saving)) == _expected(u, price)
+    one_hour, five_min = rows[:3], rows[3:]
+    # The 1 h route writes its prefix at the 1 h price, then reads it (all but the question).
+    assert one_hour[0].cache_write_1h > 1000 and one_hour[0].cache_write == 0
+    assert one_hour[0].cached_input == 0 and Decimal(one_hour[0].saving) < 0
+    assert all(r.cached_input > 1000 and r.cache_write == 0 for r in one_hour[1:])
+    assert all(Decimal(r.saving) > 0 for r in one_hour[1:])
+    # The 5 min route's writes stay in the 5 min bucket at the 5 min price.
+    assert all(r.cache_write_1h == 0 for r in five_min)
+    assert five_min[0].cache_write > 1000 and Decimal(five_min[0].saving) < 0
+    assert all(r.cached_input > 1000 for r in five_min[1:])
+    # /v1/usage sums equal the rows, bucket by bucket.
+    u = httpx.get(
+        env.url + "/v1/usage?group_by=task,model", headers={"x-api-key": "sk-acme"}
+    ).json()["data"]
+    [mine] = [g for g in u if g["task"] == "task-1h"]
+    for bucket in ("input", "cached_input", "cache_write", "cache_write_1h", "output"):
+        assert mine[bucket] == sum(getattr(r, bucket) for r in rows), bucket
+    assert Decimal(mine["cost"]) == sum(Decimal(r.cost) for r in rows)
+    assert Decimal(mine["saving"]) == sum(Decimal(r.saving) for r in rows)
+
+
+def test_one_hour_write_price_defaults(tmp_path: Path) -> None:
+    def dep(kind: str, models: list[str], **price: float) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": kind, "base_url": "http://x", "models": models}
+        return d | ({"price": price} if price else {})
+
+    raw: dict[str, Any] = {
+        "state_dir": str(tmp_path),
+        "deployments": {
+            "own": dep("anthropic", ["m"], input=3, cache_write=3.75, cache_write_1h=7),
+            "doubled": dep("anthropic", ["m"], input=3, cache_write=3.75),
+            "openai": dep("openai", ["g"], input=2, cache_write=2),
+            "table": dep("anthropic", ["claude-haiku-4-5", "claude-new"]),
+        },
+    }
+    # An updated table without a 1 h price for a model: twice its input price.
+    table = json.loads(SHIPPED.read_text())
+    table["models"]["claude-new"] = {"kind": "anthropic", "input": "1.5", "output": "7"}
+    (tmp_path / "prices.json").write_text(json.dumps(table))
+    ds = parse_config(raw).deployments
+    assert ds["own"].price.cache_write_1h == Decimal(7)
+    assert ds["doubled"].price.cache_write_1h == Decimal(6)
+    assert ds["openai"].price.cache_write_1h == Decimal(2)  # OpenAI writes only for 5 min
+    haiku = table["models"]["claude-haiku-4-5"]["cache_write_1h"]
+    assert ds["table"].price_of("claude-haiku-4-5").cache_write_1h == Decimal(haiku)
+    assert ds["table"].price_of("claude-new").cache_write_1h == Decimal(3)
+    raw["deployments"]["own"]["price"]["cache_write_1h"] = -1
+    with pytest.raises(ConfigError, match=r"deployments\.own\.price\.cache_write_1h must be"):
+        parse_config(raw)
+
+
+def test_anthropic_usage_splits_writes_by_ttl_without_losing_any() -> None:
+    def usage(total: int, split: dict[str, int] | None) -> Any:
+        u = {"input_tokens": 5, "cache_creation_input_tokens": total, "output_tokens": 1}
+        return anthropic_usage(u | ({"cache_creation": split} if split is not None else {}))
+
+    def split(five: int, hour: int) -> dict[str, int]:
+        return {"ephemeral_5m_input_tokens": five, "ephemeral_1h_input_tokens": hour}
+
+    one = usage(300, split(100, 200))
+    assert (one.cache_write, one.cache_write_1h, one.total) == (100, 200, 306)
+    # No split (an older API): all at the 5 min price.
+    assert (usage(300, None).cache_write, usage(300, None).cache_write_1h) == (300, 0)
+    # A split short of the total: the rest at the 5 min price; beyond it: the split counts.
+    assert (usage(300, split(0, 200)).cache_write, usage(300, split(0, 200)).cache_write_1h) == (
+        100,
+        200,
+    )
+    assert usage(100, split(50, 200)).as_dict()["cache_write_1h"] == 200
+    assert usage(100, split(50, 200)).cache_write == 50

@@ -1,5 +1,6 @@
 """The ledger's usage sums: equal to the raw rows after kill -9 mid-burst, kept past the raw
-rows' retention, built once for a ledger from before them."""
+rows' retention, built once for a ledger from before them, and carried over from a ledger
+written before the 1 h cache-write bucket."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rocksdict import Options, Rdict
 
@@ -148,10 +149,11 @@ def test_retention_drops_old_rows_and_keeps_their_sums(tmp_path: Path) -> None:
 
 
 def test_a_ledger_from_before_the_sums_gets_them_built_once(tmp_path: Path) -> None:
-    # Rows as the previous version wrote them: JSON under time keys, no saving, no sums.
+    # Rows as an earlier version wrote them: JSON under time keys, no saving, no sums.
     db = Rdict(str(tmp_path / "ledger"), options=Options(raw_mode=True))
+    old = ("saving", "cache_write_1h")
     for i in range(3):
-        fields = {f: getattr(_row(time.time()), f) for f in LedgerRow.__slots__ if f != "saving"}
+        fields = {f: getattr(_row(time.time()), f) for f in LedgerRow.__slots__ if f not in old}
         db.put(f"{time.time_ns():020d}-old{i}".encode(), json.dumps(fields).encode())
     db.close()
 
@@ -166,3 +168,49 @@ def test_a_ledger_from_before_the_sums_gets_them_built_once(tmp_path: Path) -> N
 
     asyncio.run(run())
     asyncio.run(run())  # and reopened: loaded, not counted twice
+
+
+def test_a_ledger_from_before_the_1h_bucket_loads_and_sums_on(tmp_path: Path) -> None:
+    now = time.time()
+    buckets = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
+
+    async def write(rows: list[LedgerRow]) -> None:
+        store = await Store.open(tmp_path)
+        for r in rows:
+            store.record(r)
+        await store.close()
+
+    asyncio.run(write([_row(now, cache_write=100), _row(now, task="t2", cache_write=50)]))
+    # Make it what the version before the bucket wrote: no cache_write_1h in rows or sums.
+    db = Rdict(str(tmp_path / "ledger"), options=Options(raw_mode=True))
+    for k, v in list(db.items()):
+        if cast(bytes, k).startswith(b"~meta"):
+            continue
+        value = json.loads(v)
+        assert value.pop("cache_write_1h") == 0
+        db.put(k, json.dumps(value).encode())
+    db.close()
+    new = [_row(now, cache_write_1h=4000, cost="0.024"), _row(now, task="t3", cache_write_1h=9)]
+
+    async def check() -> None:
+        await write(new)  # adds to the old sums, then reopened: loaded from disk
+        store = await Store.open(tmp_path)
+        try:
+            rows = await store.rows()
+            assert sorted(r.cache_write_1h for r in rows) == [0, 0, 9, 4000]
+            for group_by in (GROUPS, ("task",), ()):
+                for g in await store.usage(group_by):
+                    mine = [r for r in rows if all(_field(r, f) == g[f] for f in group_by)]
+                    assert g["requests"] == len(mine)
+                    for b in buckets:
+                        assert g[b] == sum(getattr(r, b) for r in mine), (group_by, b)
+                    assert Decimal(g["cost"]) == sum(Decimal(r.cost) for r in mine)
+            assert store.tenant_spend["acme"] == Decimal("0.027")
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def _field(r: LedgerRow, f: str) -> Any:
+    return time.strftime("%Y-%m-%d", time.gmtime(r.time)) if f == "day" else getattr(r, f)

@@ -33,7 +33,7 @@ PROMPT_CACHE_MODES = ("auto", "always", "off")
 PROMPT_CACHE_TTLS = ("5m", "1h")
 #: Whose requests share a `prompt_cache_key` on OpenAI-compatible deployments.
 PROMPT_CACHE_KEYS = ("task", "tenant", "off")
-BUCKETS = ("input", "cached_input", "cache_write", "output", "reasoning")
+BUCKETS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,10 @@ class Price:
 
     input: Decimal = Decimal(0)
     cached_input: Decimal = Decimal(0)
+    #: Prompt-cache writes with the 5 min TTL (OpenAI has no other).
     cache_write: Decimal = Decimal(0)
+    #: Prompt-cache writes with Anthropic's 1 h TTL.
+    cache_write_1h: Decimal = Decimal(0)
     output: Decimal = Decimal(0)
     reasoning: Decimal = Decimal(0)
 
@@ -239,10 +242,21 @@ def _table_prices(models: tuple[str, ...], state_dir: Path) -> dict[str, Price]:
 
     table = load_table(state_dir)
     return {
-        m: Price(**{b: Decimal(table.models[m][b]) for b in BUCKETS})
+        m: _price({b: Decimal(v) for b, v in row.items() if b in BUCKETS}, row["kind"])
         for m in models
-        if m in table.models
+        if (row := table.models.get(m)) is not None
     }
+
+
+def _price(buckets: dict[str, Decimal], kind: str) -> Price:
+    """A price from its buckets, the 1 h write price filled in when not given: Anthropic's
+    prompt-caching docs price 1 h cache writes at 2x the base input price (5 min writes 1.25x,
+    reads 0.1x); other kinds cache only for 5 min, so there it is moot and the 5 min one."""
+    if "cache_write_1h" not in buckets:
+        inp = buckets.get("input", Decimal(0))
+        one_hour = 2 * inp if kind == "anthropic" else buckets.get("cache_write", inp)
+        buckets = buckets | {"cache_write_1h": one_hour}
+    return Price(**buckets)
 
 
 def from_environment(config: ProxyConfig, environ: dict[str, str]) -> ProxyConfig:
@@ -309,7 +323,8 @@ def _deployment(name: str, d: dict[str, Any], key: _Keys, state_dir: Path) -> De
         v = p.get(b, 0)
         if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
             raise ConfigError(f"{pk(b)} must be a non-negative number (USD per 1M tokens)")
-        prices[b] = Decimal(str(v))
+        if b in p or b != "cache_write_1h":
+            prices[b] = Decimal(str(v))
     weight = _num(d, "weight", key, 1.0)
     if weight <= 0:
         raise ConfigError(f"{key('weight')} must be positive")
@@ -319,7 +334,7 @@ def _deployment(name: str, d: dict[str, Any], key: _Keys, state_dir: Path) -> De
         base_url=base_url,
         api_key=api_key,
         models=models,
-        price=Price(**prices),
+        price=_price(prices, kind),
         weight=weight,
         rpm=_opt_int(d, "rpm", key),
         tpm=_opt_int(d, "tpm", key),

@@ -2,7 +2,8 @@
 
 Providers count differently: OpenAI's `prompt_tokens` includes the cached tokens and
 `completion_tokens` includes reasoning; Anthropic's `input_tokens` excludes cache reads and
-writes. Both are normalised into disjoint buckets before pricing, so no token is billed twice.
+writes, and splits the writes by cache TTL in `cache_creation` (1 h writes cost more). Both
+are normalised into disjoint buckets before pricing, so no token is billed twice.
 Costs are `Decimal`, never floats, so sums over a ledger stay exact.
 """
 
@@ -25,19 +26,29 @@ class Usage:
 
     input: int = 0
     cached_input: int = 0
+    #: Prompt-cache writes with the 5 min TTL (and any the provider does not split by TTL).
     cache_write: int = 0
+    cache_write_1h: int = 0
     output: int = 0
     reasoning: int = 0
 
     @property
     def total(self) -> int:
-        return self.input + self.cached_input + self.cache_write + self.output + self.reasoning
+        return (
+            self.input
+            + self.cached_input
+            + self.cache_write
+            + self.cache_write_1h
+            + self.output
+            + self.reasoning
+        )
 
     def as_dict(self) -> dict[str, int]:
         return {
             "input": self.input,
             "cached_input": self.cached_input,
             "cache_write": self.cache_write,
+            "cache_write_1h": self.cache_write_1h,
             "output": self.output,
             "reasoning": self.reasoning,
         }
@@ -72,11 +83,20 @@ def openai_usage(u: Any) -> Usage:
 
 
 def anthropic_usage(u: Any) -> Usage:
-    """Anthropic `usage`: input_tokens already excludes cache reads and writes."""
+    """Anthropic `usage`: input_tokens already excludes cache reads and writes, and
+    `cache_creation` splits the writes by TTL. Writes it does not account for (an older API, or
+    a split that falls short of the total) count at the 5 min price; a split that exceeds the
+    total wins over it, so no written token goes unbilled."""
+    one_hour = _int(u, "cache_creation", "ephemeral_1h_input_tokens")
+    written = max(
+        _int(u, "cache_creation_input_tokens"),
+        one_hour + _int(u, "cache_creation", "ephemeral_5m_input_tokens"),
+    )
     return Usage(
         input=_int(u, "input_tokens"),
         cached_input=_int(u, "cache_read_input_tokens"),
-        cache_write=_int(u, "cache_creation_input_tokens"),
+        cache_write=written - one_hour,
+        cache_write_1h=one_hour,
         output=_int(u, "output_tokens"),
     )
 
@@ -87,6 +107,7 @@ def cost(usage: Usage, price: Price) -> Decimal:
         usage.input * price.input
         + usage.cached_input * price.cached_input
         + usage.cache_write * price.cache_write
+        + usage.cache_write_1h * price.cache_write_1h
         + usage.output * price.output
         + usage.reasoning * price.reasoning
     ) / _MILLION
@@ -95,6 +116,10 @@ def cost(usage: Usage, price: Price) -> Decimal:
 def saving(usage: Usage, price: Price) -> Decimal:
     """USD the prompt cache saved: what the cached tokens (reads and writes) would have cost as
     plain input, minus what they cost. Negative when a write costs more than it saved."""
-    cached = usage.cached_input + usage.cache_write
-    spent = usage.cached_input * price.cached_input + usage.cache_write * price.cache_write
+    cached = usage.cached_input + usage.cache_write + usage.cache_write_1h
+    spent = (
+        usage.cached_input * price.cached_input
+        + usage.cache_write * price.cache_write
+        + usage.cache_write_1h * price.cache_write_1h
+    )
     return (cached * price.input - spent) / _MILLION

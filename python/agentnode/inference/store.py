@@ -40,7 +40,7 @@ Sums = dict[str, Any]
 _GROUPS = ("tenant", "task", "model", "day", "deployment")
 _KEY_FIELDS = ("tenant", "task", "model", "deployment", "day")
 _COARSE_FIELDS = ("tenant", "model", "deployment", "day")
-_BUCKETS = ("input", "cached_input", "cache_write", "output", "reasoning")
+_BUCKETS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 # Ledger keys: rows under their time (digits), the sums after them under this prefix.
 _AGG = b"~agg/"
 _AGG_DONE = b"~meta/aggregates"
@@ -74,6 +74,9 @@ class LedgerRow:
     stream: bool
     #: USD the provider's prompt cache saved (see pricing.saving); rows before it have "0".
     saving: str = "0"
+    #: Prompt-cache writes with the 1 h TTL (`cache_write` holds the 5 min ones); rows and
+    #: sums from before it have 0.
+    cache_write_1h: int = 0
 
 
 _FIELDS = LedgerRow.__slots__
@@ -335,7 +338,8 @@ def _encode(a: Sums) -> dict[str, Any]:
 
 
 def _decode(a: dict[str, Any]) -> Sums:
-    return a | {"cost": Decimal(a["cost"]), "saving": Decimal(a["saving"])}
+    # Sums written before a bucket existed lack it: zero, as their rows are.
+    return _zero() | a | {"cost": Decimal(a["cost"]), "saving": Decimal(a["saving"])}
 
 
 def _dumps(value: Any) -> bytes:
