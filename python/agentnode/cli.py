@@ -47,6 +47,7 @@ COMMANDS: dict[str, dict[str, str]] = {
         "timeline": "a task's ordered record: states, execs, LLM and tool calls, denials",
     },
     "agentnode.agents.cli": {"agents": "install agent runtimes (OpenClaw)"},
+    "agentnode.runtime.cli": {"agent": "run the reference agent runtime on TASK TEXT as a task"},
 }
 
 
