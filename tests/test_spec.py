@@ -318,7 +318,7 @@ def _in_bounds(field: str, value: Any, userns: bool) -> bool:
         return bool(1 <= value <= MAX_PIDS)
     if field == "timeout":
         return bool(0 < value[1] <= MAX_SECONDS)
-    least = MIN_MEMORY if field in ("memory", "memory_high") else 1
+    least = {"memory": MIN_MEMORY, "memory_high": MIN_MEMORY, "swap": 0}.get(field, 1)
     return bool(least <= value <= MAX_BYTES)
 
 

@@ -51,7 +51,7 @@ MAX_ID = 2**32 - 2
 #: With a user namespace, task ids 0..65535 are mapped (to host ids from USERNS_BASE on).
 MAX_USERNS_ID = 65535
 NOBODY = 65534
-#: Sizes (memory, memory_high, swap, tmp_size): 1 byte to 1 PiB.
+#: Sizes (memory, memory_high, swap, tmp_size): up to 1 PiB (swap may be 0: none).
 MAX_BYTES = 1 << 50
 #: The least memory limit (Docker's is 6 MiB): below it a task can be OOM-killed before its
 #: exec, while it still shares the starting process's memory, and the kernel then kills every
@@ -141,7 +141,7 @@ def _size(name: str, value: object, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         _bad(name, shown, "must be a whole number of bytes, or text like 512M")
     if not least <= value <= MAX_BYTES:
-        low = "1 byte" if least == 1 else f"{least >> 20} MiB"
+        low = f"{least} byte{'' if least == 1 else 's'}" if least < 1 << 20 else f"{least >> 20} MiB"
         _bad(name, shown, f"is out of range ({low} to 1 PiB)")
     return value
 
@@ -200,7 +200,8 @@ class Limits:
             set_(self, "cpus", _real("cpus", self.cpus, 0.01, 1024.0))
         if self.cpu_weight is not None:
             set_(self, "cpu_weight", _integer("cpu_weight", self.cpu_weight, 1, 10000))
-        for name, least in (("memory", MIN_MEMORY), ("memory_high", MIN_MEMORY), ("swap", 1)):
+        # swap 0 is "no swap" (what the tools' sandboxes ask for), not "no limit".
+        for name, least in (("memory", MIN_MEMORY), ("memory_high", MIN_MEMORY), ("swap", 0)):
             if getattr(self, name) is not None:
                 set_(self, name, _size(name, getattr(self, name), least))
         set_(self, "tmp_size", _size("tmp_size", self.tmp_size))
