@@ -141,7 +141,9 @@ def _size(name: str, value: object, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         _bad(name, shown, "must be a whole number of bytes, or text like 512M")
     if not least <= value <= MAX_BYTES:
-        low = f"{least} byte{'' if least == 1 else 's'}" if least < 1 << 20 else f"{least >> 20} MiB"
+        low = (
+            f"{least} byte{'' if least == 1 else 's'}" if least < 1 << 20 else f"{least >> 20} MiB"
+        )
         _bad(name, shown, f"is out of range ({low} to 1 PiB)")
     return value
 
