@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -19,7 +20,7 @@ import pytest
 
 from agent_env import CALL_COST, REPO, agent_node, ledger
 from agentnode.runtime.state import State
-from conftest import processes_with, root_only
+from conftest import processes_with, root_only, run_cli
 from egress_world import World
 
 #: run_code with a side effect, run_code that is slow the first time (the test kills the task
@@ -145,3 +146,22 @@ def test_checkpoint_state_knows_pending_calls_and_refuses_foreign_blobs() -> Non
     for blob in (b"", b"{}", json.dumps({"v": 9}).encode(), b"[1]"):
         with pytest.raises(Exception, match="not a runtime checkpoint"):
             State.load(blob)
+
+
+@root_only
+def test_demo_runs_the_stack_offline_in_under_a_minute() -> None:
+    started = time.monotonic()
+    r = run_cli(["demo"], timeout=90)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert time.monotonic() - started < 60
+    assert "runtime: step 1: run_code -> ok" in r.stdout
+    assert "runtime: step 2: http_fetch -> policy" in r.stdout
+    assert "demo: the task succeeded" in r.stdout
+    assert "demo: 3 model calls, $0.01125" in r.stdout
+    assert not list(Path(tempfile.gettempdir()).glob("agentnode-demo-*")), "scratch dir removed"
+
+
+def test_demo_without_root_says_so() -> None:
+    r = run_cli(["demo"], user=65534)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "needs root (run: sudo agentnode demo)" in r.stderr
