@@ -78,8 +78,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: Timed inside the task: the loop alone, not the interpreter's start and imports.
 _IN_TASK = (
     "import sys, time\n"
-    "from agentnode.runtime import Agent\n"
-    "agent = Agent(model='m', tools=['list_files'])\n"
+    "from agentnode.runtime import Agent, Limits\n"
+    "agent = Agent(model='m', tools=['list_files'], limits=Limits(max_steps=1000))\n"
     "t0 = time.perf_counter(); agent.run('look'); print('ELAPSED', time.perf_counter() - t0)\n"
 )
 
