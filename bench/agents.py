@@ -136,7 +136,8 @@ def runtime_step(bench: Bench, mock: MockUpstream) -> None:
                 done = d.wait(task["id"], timeout=120)
                 out = d.log(task["id"])
                 if done["state"] != "succeeded":
-                    raise RuntimeError(f"runtime task {done['state']}: {out[-2000:]}")
+                    why = f"{done['state']} ({done['reason']})"
+                    raise RuntimeError(f"runtime task {why}: {out[-2000:]}")
                 elapsed = float(out.split("ELAPSED")[-1])
                 direct = _direct(mock, steps, root)
                 if r:  # the first pair warms both
