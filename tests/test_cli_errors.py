@@ -117,6 +117,10 @@ USAGE: list[list[str]] = [
     ["submit", *NOSOCK, "--model", "m", "--", "true"],
     ["submit", *NOSOCK, "--agent", "nope", "--", "true"],
     ["run", "--bogus"],
+    ["agent", *NOSOCK],
+    ["agent", *NOSOCK, "hi", "--retries", "x"],
+    ["agent", *NOSOCK, "hi", "--memory", "lots"],
+    ["demo", "--bogus"],
     # tools
     ["tool"],
     ["tool", "bogus"],
@@ -157,6 +161,7 @@ RUNTIME: list[list[str]] = [
     ["audit", "verify", "/etc/hostname"],
     ["timeline", *NOSOCK, "abc"],
     ["agents", "install", "openclaw", "--cache", "/etc/passwd"],
+    ["agent", *NOSOCK, "hello"],
 ]
 
 

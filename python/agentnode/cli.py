@@ -48,6 +48,8 @@ COMMANDS: dict[str, dict[str, str]] = {
         "timeline": "a task's ordered record: states, execs, LLM and tool calls, denials",
     },
     "agentnode.agents.cli": {"agents": "install agent runtimes (OpenClaw)"},
+    "agentnode.runtime.cli": {"agent": "run the reference agent runtime on TASK TEXT as a task"},
+    "agentnode.runtime.demo": {"demo": "the whole stack offline in under a minute (as root)"},
 }
 
 

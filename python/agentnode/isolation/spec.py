@@ -141,7 +141,9 @@ def _size(name: str, value: object, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         _bad(name, shown, "must be a whole number of bytes, or text like 512M")
     if not least <= value <= MAX_BYTES:
-        low = {0: "0", 1: "1 byte"}.get(least, f"{least >> 20} MiB")
+        low = (
+            f"{least} byte{'' if least == 1 else 's'}" if least < 1 << 20 else f"{least >> 20} MiB"
+        )
         _bad(name, shown, f"is out of range ({low} to 1 PiB)")
     return value
 
@@ -200,6 +202,7 @@ class Limits:
             set_(self, "cpus", _real("cpus", self.cpus, 0.01, 1024.0))
         if self.cpu_weight is not None:
             set_(self, "cpu_weight", _integer("cpu_weight", self.cpu_weight, 1, 10000))
+        # swap 0 is "no swap" (what the tools' sandboxes ask for), not "no limit".
         for name, least in (("memory", MIN_MEMORY), ("memory_high", MIN_MEMORY), ("swap", 0)):
             if getattr(self, name) is not None:
                 set_(self, name, _size(name, getattr(self, name), least))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parser", "exit_status", "resolve_id", "task_table", "tasks"]
+__all__ = ["add_parser", "exit_status", "resolve_id", "submit", "task_table", "tasks"]
 
 #: `wait` exit statuses for outcomes without an exit code of their own.
 _STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     _with_socket(p)
-    p.set_defaults(func=_submit)
+    p.set_defaults(func=submit)
 
     p = sub.add_parser(
         "egress",
@@ -128,7 +128,8 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.set_defaults(func=_top)
 
 
-def _submit(args: argparse.Namespace) -> int:
+def submit(args: argparse.Namespace) -> int:
+    """`submit`: queues `args.command` with the options of its parser (which `agent` shares)."""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("submit needs a command after '--' (example: agentnode submit -- echo hi)")

@@ -1,0 +1,84 @@
+"""`python -m agentnode.runtime "TASK TEXT" --model M [--tools a,b] [--max-steps N]
+[--max-time DURATION] [--budget USD]`, run inside a node task. The final answer is printed on
+stdout; progress goes to stderr. Exit 0 answered, 3 stopped by a limit, 1 failed, 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from decimal import Decimal, InvalidOperation
+
+from agentnode.errors import AgentnodeError, UsageError
+from agentnode.isolation.spec import SpecError, check_duration
+
+__all__ = ["main"]
+
+#: The exit status when a limit stopped the run.
+STOPPED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see 'python -m agentnode.runtime --help')")
+
+
+def _budget(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        value = Decimal(-1)
+    if not value.is_finite() or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of US dollars above 0")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the loop; returns the exit status."""
+    p = _Parser(prog="python -m agentnode.runtime", description=__doc__)
+    p.add_argument("text", metavar="TASK_TEXT", help="what the agent is asked to do")
+    p.add_argument("--model", default=os.environ.get("AGENTNODE_MODEL"),
+                   help="model name at the node's proxy (default $AGENTNODE_MODEL)")  # fmt: skip
+    p.add_argument("--tools", help="comma-separated node tools to offer (default: all)")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-steps", type=int, default=20, metavar="N", help="model calls (20)")
+    p.add_argument("--max-time", default="30m", metavar="DURATION", help="wall time (30m)")
+    p.add_argument("--budget", type=_budget, metavar="USD", help="stop once this is spent")
+    try:
+        args = p.parse_args(argv)
+        if not args.model:
+            raise UsageError("no model: give --model M (or run with $AGENTNODE_MODEL set)")
+        if args.max_steps < 1:
+            raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+        try:
+            seconds = check_duration("max-time", args.max_time)
+        except SpecError as e:
+            raise e.for_option("--max-time") from None
+        from openai import OpenAIError
+
+        from agentnode.runtime.loop import Agent, Limits, Stopped
+
+        tools = None if args.tools is None else [t for t in args.tools.split(",") if t]
+        agent = Agent(
+            model=args.model,
+            tools=tools,
+            system=args.system,
+            limits=Limits(max_steps=args.max_steps, max_seconds=seconds, budget=args.budget),
+        )
+        answer = agent.run(args.text)
+    except UsageError as e:
+        print(f"agentnode.runtime: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        print(f"agentnode.runtime: stopped: {e}", file=sys.stderr)
+        return STOPPED
+    except (AgentnodeError, OpenAIError) as e:
+        message = " ".join(str(e).split())
+        print(f"agentnode.runtime: {type(e).__name__}: {message}", file=sys.stderr)
+        return 1
+    print(answer, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`agentnode agent "TASK TEXT"`: submits the reference runtime as an agent task (kind
+`python`) and prints its output as it runs, then exits with its status (as `submit --attach`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from agentnode.isolation.spec import Sandbox
+from agentnode.node import commands
+from agentnode.tasks.model import CLASSES
+
+if TYPE_CHECKING:
+    from agentnode.cli import ArgumentParser
+
+__all__ = ["add_parser"]
+
+
+def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
+    """Adds `agent` to the CLI."""
+    p = sub.add_parser(
+        "agent",
+        description="Run the reference agent runtime (docs/agents.md) on TEXT as a node task, "
+        "print its progress and answer, and exit with its status (3: a limit stopped it).",
+    )
+    p.add_argument("text", metavar="TEXT", help="what the agent is asked to do")
+    p.add_argument(
+        "--model", help="model at the node's proxy (default: the runtime's $AGENTNODE_MODEL)"
+    )
+    p.add_argument("--tools", metavar="A,B", help="node tools to offer the model (default: all)")
+    p.add_argument("--max-steps", metavar="N", help="model calls before it stops (default 20)")
+    p.add_argument("--max-time", metavar="DURATION", help="wall time before it stops (30m)")
+    p.add_argument("--budget", metavar="USD", help="stop once the task has spent this")
+    p.add_argument("--tenant", default="default", help="who the task runs for (default: default)")
+    p.add_argument("--priority", default="normal", choices=CLASSES, help="class (default normal)")
+    p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
+    Sandbox.add_arguments(p, node=True)
+    commands._with_socket(p)
+    p.set_defaults(func=_agent)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    # Options the runtime checks itself are passed on as typed: one place says what is valid.
+    runtime = [("--tools", args.tools), ("--max-steps", args.max_steps),
+               ("--max-time", args.max_time), ("--budget", args.budget)]  # fmt: skip
+    args.command = [sys.executable, "-m", "agentnode.runtime", "--", args.text]
+    args.command[3:3] = [word for option, value in runtime if value is not None
+                         for word in (option, value)]  # fmt: skip
+    args.agent, args.attach, args.wait, args.heartbeat = "python", True, True, None
+    return commands.submit(args)

@@ -1,0 +1,61 @@
+"""What the runtime checkpoints: the conversation (every tool result recorded in it as a
+`tool` message), how many model answers it holds, and when the first attempt started."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentnode.errors import TaskError
+
+__all__ = ["State"]
+
+#: Bumped when the checkpoint's shape changes (an older one is refused, not misread).
+_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class State:
+    """One run's progress; `steps` counts the model answers in `messages`."""
+
+    messages: list[dict[str, Any]]
+    steps: int = 0
+    started: float = field(default_factory=time.time)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The last answer's tool calls that have no recorded result yet."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            m = self.messages[i]
+            if m["role"] == "assistant":
+                done = {t["tool_call_id"] for t in self.messages[i + 1 :] if t["role"] == "tool"}
+                return [c for c in m.get("tool_calls") or () if c["id"] not in done]
+        return []
+
+    def answer(self) -> str | None:
+        """The final answer: the last message, when it is the model's and calls no tool."""
+        last = self.messages[-1]
+        if last["role"] == "assistant" and not last.get("tool_calls"):
+            return str(last.get("content") or "")
+        return None
+
+    def dump(self) -> bytes:
+        """The checkpoint blob."""
+        return json.dumps(
+            {"v": _VERSION, "messages": self.messages, "steps": self.steps,
+             "started": self.started},
+            separators=(",", ":"),
+        ).encode()  # fmt: skip
+
+    @classmethod
+    def load(cls, blob: bytes) -> State:
+        """A state from `dump`'s blob; `TaskError` when it is not one."""
+        try:
+            obj = json.loads(blob)
+            if obj["v"] != _VERSION:
+                raise ValueError(f"version {obj['v']!r}, this runtime reads {_VERSION}")
+            return cls(messages=list(obj["messages"]), steps=int(obj["steps"]),
+                       started=float(obj["started"]))  # fmt: skip
+        except (ValueError, KeyError, TypeError) as e:
+            raise TaskError(f"the task's checkpoint is not a runtime checkpoint ({e})") from None

@@ -1,0 +1,167 @@
+"""The reference runtime (`agentnode.runtime`) run as a daemon task against a scripted mock
+model: tools called through the node, every model call metered, checkpoints that survive a
+SIGKILL without asking the model again or re-running a recorded tool call, and limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentnode.runtime.state import State
+from conftest import processes_with, run_cli
+from support.agent_env import CALL_COST, REPO, agent_node, ledger
+from support.egress_world import World
+
+#: run_code with a side effect, run_code that is slow the first time (the test kills the task
+#: in it), write_file, the answer.
+SIDE = "open('/workspace/side.txt', 'a').write('once\\n'); print('side effect done')"
+SLOW = (
+    "import os, time\n"
+    "if not os.path.exists('/workspace/slow'):\n"
+    "    open('/workspace/slow', 'w').close(); print('slow started', flush=True); time.sleep(3)\n"
+    "print('slow done')"
+)
+SCRIPT = [
+    {"tool_calls": [{"name": "run_code", "arguments": {"code": SIDE}}]},
+    {"tool_calls": [{"name": "run_code", "arguments": {"code": SLOW}}]},
+    {"tool_calls": [{"name": "write_file", "arguments": {"path": "answer.txt",
+                                                          "content": "42\n"}}]},
+    "The answer is 42, written to answer.txt.",
+]  # fmt: skip
+
+
+KEY = "k-acme-test"
+TENANT = f'[inference.tenants.acme]\napi_keys = ["{KEY}"]\n'
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with World() as w:
+        yield w
+
+
+def _agent(d: Any, *args: str) -> subprocess.Popen[str]:
+    """`agentnode agent ARGS` against daemon `d`, as a user would run it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentnode", "agent", "--socket", str(d.socket), "--tenant",
+         "acme", "--model", "gpt-test", "--user", "0", "--ro", str(REPO),
+         "--env", f"PYTHONPATH={REPO / 'python'}", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _task_id(d: Any) -> str:
+    deadline = time.monotonic() + 30
+    while not (tasks := d.client.call("GET", "/v1/tasks?all=1")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return str(tasks[-1]["id"])
+
+
+@pytest.mark.root
+def test_runtime_runs_tools_is_metered_and_resumes_after_sigkill(
+    world: World, tmp_path: Path
+) -> None:
+    """`agentnode agent` runs the loop as a task: run_code, run_code, write_file, answer.
+    Killed by SIGKILL in step 2's tool call (step 1's result recorded), the retry continues
+    there: the model is asked nothing twice and step 1's side effect happened once."""
+    with agent_node(world, tmp_path, SCRIPT, extra=TENANT) as (d, mock):
+        proc = _agent(d, "--retries", "1", "--tools", "run_code,write_file",
+                      "compute the answer and write it down")  # fmt: skip
+        task_id = _task_id(d)
+        first_log = d.data / "logs" / f"{task_id}.1.log"
+        deadline = time.monotonic() + 60
+        while len(mock.requests) < 2 or "step 2: calls run_code" not in first_log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)  # into the slow tool call
+        (pid,) = processes_with("agentnode.runtime")
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (out, err)
+        assert out.strip().splitlines()[-1] == "The answer is 42, written to answer.txt."
+        done = d.task(task_id)
+        assert done["state"] == "succeeded" and done["attempt"] == 2 and done["agent"] == "python"
+        second = d.log(task_id, 2)
+        assert "resumed after step 2" in second, second
+        assert "step 1:" not in second, "a recorded step is not run again"
+        # The model saw each conversation once, one step longer each time.
+        assert [(r["messages"], r["last_role"]) for r in mock.requests] == [
+            (1, "user"), (3, "tool"), (5, "tool"), (7, "tool")]  # fmt: skip
+        assert all(r["tools"] == 2 and r["model"] == "gpt-test" for r in mock.requests)
+        assert mock.requests[1]["tool_results"] == ["side effect done\n"]
+        workspace = d.data / "workspaces" / task_id
+        assert (workspace / "side.txt").read_text() == "once\n"
+        assert (workspace / "answer.txt").read_text() == "42\n"
+        (row,) = [r for r in ledger(world, d, KEY) if r["task"] == task_id]
+        assert (row["tenant"], row["requests"]) == ("acme", 4)
+        assert Decimal(row["cost"]) == 4 * CALL_COST
+
+
+@pytest.mark.root
+def test_runtime_stops_on_max_steps_and_budget(world: World, tmp_path: Path) -> None:
+    """A limit ends the task with exit 3 and a line naming it, before another model call."""
+    call = {"tool_calls": [{"name": "list_files", "arguments": {}}]}
+    with agent_node(world, tmp_path, [call, call]) as (d, mock):
+        steps = _agent(d, "--retries", "0", "--max-steps", "1", "look around")
+        out, err = steps.communicate(timeout=120)
+        # The task's output (stdout and stderr) is followed on stdout; the task's end on stderr.
+        assert steps.returncode == 3 and "exited with code 3" in err, (out, err)
+        assert out.splitlines()[-1] == (
+            "agentnode.runtime: stopped: max steps (1) reached before a final answer"
+        )
+        budget = _agent(d, "--retries", "0", "--budget", "0.004", "look around")
+        out, err = budget.communicate(timeout=120)
+        assert budget.returncode == 3, (out, err)
+        assert out.splitlines()[-1] == (
+            "agentnode.runtime: stopped: budget of $0.004 spent ($0.00495 so far) before a "
+            "final answer"
+        )
+        assert len(mock.requests) == 2, "neither made a call past its limit"
+        bad = _agent(d, "--budget", "lots", "x")
+        out, err = bad.communicate(timeout=120)
+        assert bad.returncode == 2 and "'lots' is not an amount of US dollars" in out, out
+
+
+def test_checkpoint_state_knows_pending_calls_and_refuses_foreign_blobs() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "t", "arguments": "{}"}}
+    s = State(messages=[{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": None, "tool_calls": [call]}], steps=1)  # fmt: skip
+    assert s.pending() == [call] and s.answer() is None
+    s.messages.append({"role": "tool", "tool_call_id": "c1", "content": "ok"})
+    assert State.load(s.dump()).pending() == [] and State.load(s.dump()).steps == 1
+    s.messages.append({"role": "assistant", "content": "done"})
+    assert s.answer() == "done"
+    for blob in (b"", b"{}", json.dumps({"v": 9}).encode(), b"[1]"):
+        with pytest.raises(Exception, match="not a runtime checkpoint"):
+            State.load(blob)
+
+
+@pytest.mark.root
+def test_demo_runs_the_stack_offline_in_under_a_minute() -> None:
+    started = time.monotonic()
+    r = run_cli(["demo"], timeout=90)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert time.monotonic() - started < 60
+    assert "runtime: step 1: run_code -> ok" in r.stdout
+    assert "runtime: step 2: http_fetch -> policy" in r.stdout
+    assert "demo: the task succeeded" in r.stdout
+    assert "demo: 3 model calls, $0.01125" in r.stdout
+    assert not list(Path(tempfile.gettempdir()).glob("agentnode-demo-*")), "scratch dir removed"
+
+
+def test_demo_without_root_says_so() -> None:
+    r = run_cli(["demo"], user=65534)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "needs root (run: sudo agentnode demo)" in r.stderr
