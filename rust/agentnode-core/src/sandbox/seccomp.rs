@@ -9,7 +9,7 @@
 //! filter runs it for every syscall number to cache the constant answers, so the install cost
 //! follows the length of the path to each answer. seccompiler's two linear programs (285 and 10
 //! instructions) took about 0.25 ms to install; this one (about 90) about 0.06 ms. The socket
-//! family rules and io_uring's three calls made it 118 and some 4 us longer to install
+//! family rules and `io_uring`'s three calls made it 118 and some 4 us longer to install
 //! (libseccomp 2.5, 6.18, measured in forked children); a masked-compare encoding of the families
 //! came out no shorter.
 
