@@ -316,7 +316,7 @@ fn network(spec: &Spec) -> Result<(Option<OwnedFd>, Option<template::MadeCopy>)>
 /// no manager, so several threads can start tasks at once.
 ///
 pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
-    let _starting = crate::quiet::starting();
+    let _starting = crate::background::quiet::starting();
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (netns, made) = network(spec)?;
