@@ -3,14 +3,12 @@
 //! Rust owns file descriptors, syscalls, cgroups and BPF objects; the Python control plane owns
 //! policy, lifecycle, HTTP and configuration.
 
-pub mod ahead;
+pub mod background;
 pub mod bpf;
 pub mod cgroup;
 pub mod doctor;
 pub mod egress;
 pub mod exectrace;
-pub mod later;
-pub mod quiet;
 pub mod sandbox;
 pub mod sched;
 pub mod sys;

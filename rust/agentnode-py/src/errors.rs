@@ -1,8 +1,7 @@
 //! Maps `agentnode-core` errors to the exception classes of `agentnode.errors`, so Python code
 //! catches `agentnode.errors.CgroupError`, never a bare `RuntimeError`.
 
-use pyo3::exceptions::PyRuntimeError;
-use pyo3::prelude::*;
+use pyo3::PyErr;
 
 /// Every error that can cross into Python.
 #[derive(Debug, thiserror::Error)]
@@ -27,40 +26,36 @@ pub enum NativeError {
     Json(#[from] serde_json::Error),
 }
 
-impl NativeError {
-    /// The class in `agentnode.errors` that this error becomes.
-    fn class_name(&self) -> &'static str {
-        match self {
-            Self::Cgroup(_) | Self::Sandbox(agentnode_core::sandbox::Error::Cgroup(_)) => {
-                "CgroupError"
-            }
-            Self::Sandbox(_) => "SandboxError",
-            Self::Vector(_) => "VectorError",
-            Self::Json(_) => "AgentnodeError",
-            Self::Sched(_) => "SchedulerError",
-            Self::Egress(agentnode_core::egress::Error::Policy(_)) => "PolicyError",
-            Self::Egress(_) | Self::Closed => "EgressError",
-            Self::ExecTrace(_) | Self::ExecTracerClosed => "AuditError",
-        }
-    }
-}
+// The classes of `agentnode.errors`, imported once, on first use: Python code catches those,
+// never a bare `RuntimeError`.
+pyo3::import_exception!(agentnode.errors, AgentnodeError);
+pyo3::import_exception!(agentnode.errors, AuditError);
+pyo3::import_exception!(agentnode.errors, CgroupError);
+pyo3::import_exception!(agentnode.errors, EgressError);
+pyo3::import_exception!(agentnode.errors, PolicyError);
+pyo3::import_exception!(agentnode.errors, SandboxError);
+pyo3::import_exception!(agentnode.errors, SchedulerError);
+pyo3::import_exception!(agentnode.errors, VectorError);
 
 impl From<NativeError> for PyErr {
     fn from(err: NativeError) -> Self {
         let message = err.to_string();
-        Python::attach(|py| {
-            match py
-                .import("agentnode.errors")
-                .and_then(|m| m.getattr(err.class_name()))
-            {
-                Ok(class) => PyErr::from_value(
-                    class
-                        .call1((message,))
-                        .unwrap_or_else(|e| e.into_value(py).into_bound(py).into_any()),
-                ),
-                // agentnode.errors ships in the same wheel; this arm only guards a broken install.
-                Err(_) => PyRuntimeError::new_err(message),
+        match err {
+            NativeError::Cgroup(_)
+            | NativeError::Sandbox(agentnode_core::sandbox::Error::Cgroup(_)) => {
+                CgroupError::new_err(message)
             }
-        })
+            NativeError::Sandbox(_) => SandboxError::new_err(message),
+            NativeError::Vector(_) => VectorError::new_err(message),
+            NativeError::Json(_) => AgentnodeError::new_err(message),
+            NativeError::Sched(_) => SchedulerError::new_err(message),
+            NativeError::Egress(agentnode_core::egress::Error::Policy(_)) => {
+                PolicyError::new_err(message)
+            }
+            NativeError::Egress(_) | NativeError::Closed => EgressError::new_err(message),
+            NativeError::ExecTrace(_) | NativeError::ExecTracerClosed => {
+                AuditError::new_err(message)
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::manager::{self, Hybrid, TaskCgroup, V1_CONTROLLERS, V2};
 use super::{Error, Hierarchy, Layout, Limits, Result};
-use crate::ahead::Ahead;
+use crate::background::ahead::Ahead;
 
 /// Makes one task cgroup of the instance.
 pub type Make = dyn Fn() -> Result<Box<dyn TaskCgroup>> + Send + Sync;
@@ -204,7 +204,7 @@ impl Drop for Manager {
             return;
         }
         // Ended tasks' cgroups are removed on the background thread: they go first.
-        crate::later::flush();
+        crate::background::later::flush();
         for dir in self.dirs() {
             let _ = std::fs::remove_dir(&dir);
             if let Some(parent) = dir.parent() {

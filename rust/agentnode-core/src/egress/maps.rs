@@ -3,49 +3,21 @@
 
 use aya::maps::{MapData, MapError, PerCpuArray};
 
-use super::policy::{Limits, PortRange};
-use super::DnsRedirect;
-
 pub const MAX_RANGES: usize = 8;
 
 /// `struct an_ports`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RawPorts {
-    lo: [u16; MAX_RANGES],
-    hi: [u16; MAX_RANGES],
-    proto: [u8; MAX_RANGES],
-    n: u8,
-    pad: [u8; 7],
+    pub(super) lo: [u16; MAX_RANGES],
+    pub(super) hi: [u16; MAX_RANGES],
+    pub(super) proto: [u8; MAX_RANGES],
+    pub(super) n: u8,
+    pub(super) pad: [u8; 7],
 }
 
 // SAFETY: plain old data: fixed-size integers and arrays, padding spelled out.
 unsafe impl aya::Pod for RawPorts {}
-
-impl RawPorts {
-    /// Fails with the number of ranges when there are more than the kernel struct holds.
-    pub fn from_ranges(ranges: &[PortRange]) -> std::result::Result<Self, usize> {
-        if ranges.len() > MAX_RANGES {
-            return Err(ranges.len());
-        }
-        let mut p = Self::default();
-        for (i, r) in ranges.iter().enumerate() {
-            p.lo[i] = r.lo;
-            p.hi[i] = r.hi;
-            p.proto[i] = r.proto;
-        }
-        p.n = ranges.len() as u8;
-        Ok(p)
-    }
-
-    pub fn ranges(&self) -> impl Iterator<Item = PortRange> + '_ {
-        (0..usize::from(self.n).min(MAX_RANGES)).map(|i| PortRange {
-            lo: self.lo[i],
-            hi: self.hi[i],
-            proto: self.proto[i],
-        })
-    }
-}
 
 /// `struct an_exact`.
 #[repr(C)]
@@ -62,47 +34,20 @@ unsafe impl aya::Pod for RawExact {}
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawConfig {
-    dns4: [u8; 4],
-    dns6: [u8; 16],
-    dns_port: u16,
-    pad: u16,
-    rate_bps: u64,
-    rate_burst_ns: u64,
-    conn_per_sec: u64,
-    conn_burst_ns: u64,
+    pub(super) dns4: [u8; 4],
+    pub(super) dns6: [u8; 16],
+    pub(super) dns_port: u16,
+    pub(super) pad: u16,
+    pub(super) rate_bps: u64,
+    pub(super) rate_burst_ns: u64,
+    pub(super) conn_per_sec: u64,
+    pub(super) conn_burst_ns: u64,
 }
 
 // SAFETY: as for RawPorts.
 unsafe impl aya::Pod for RawConfig {}
 
-const NSEC_PER_SEC: u64 = 1_000_000_000;
-
-impl RawConfig {
-    pub fn new(limits: &Limits, dns: &DnsRedirect) -> Self {
-        // The byte clock may run 2 s ahead (packets wait in fq for their EDT slot; TCP small
-        // queues keep about 1 MB queued per socket) or two 64 KiB TSO segments, whichever is
-        // more: a horizon shorter than one segment's cost would never let that segment through.
-        let rate_burst_ns = (2 * 65536 * NSEC_PER_SEC)
-            .checked_div(limits.rate_bps)
-            .map_or(0, |segments| segments.max(NSEC_PER_SEC / 100));
-        // A burst of up to one second's worth of connections.
-        let conn_burst_ns = if limits.conn_per_sec == 0 {
-            0
-        } else {
-            NSEC_PER_SEC
-        };
-        Self {
-            dns4: dns.v4.unwrap_or_default(),
-            dns6: dns.v6.unwrap_or_default(),
-            dns_port: dns.port.to_be(),
-            pad: 0,
-            rate_bps: limits.rate_bps,
-            rate_burst_ns,
-            conn_per_sec: limits.conn_per_sec,
-            conn_burst_ns,
-        }
-    }
-}
+pub(super) const NSEC_PER_SEC: u64 = 1_000_000_000;
 
 /// Per-task counters (`enum an_counter`), summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]

@@ -3,8 +3,8 @@
 //! ranges of every shorter rule covering it; otherwise `10.0.0.0/8:443` would stop applying
 //! inside a more specific `10.1.0.0/16:80`.
 
-use super::maps::{RawPorts, MAX_RANGES};
-use super::{Error, Result};
+use super::maps::{RawConfig, RawPorts, MAX_RANGES, NSEC_PER_SEC};
+use super::{DnsRedirect, Error, Result};
 
 pub const PROTO_TCP: u8 = 1;
 pub const PROTO_UDP: u8 = 2;
@@ -193,6 +193,60 @@ pub(super) fn diff(old: &[Entry], new: &[Entry]) -> (Vec<Entry>, Vec<RuleKey>) {
         }
     }
     (write, remove)
+}
+
+// The kernel layouts built from policy types live here, so that `maps` (the layouts alone)
+// depends on no policy type: policy -> maps, one direction.
+impl RawPorts {
+    /// Fails with the number of ranges when there are more than the kernel struct holds.
+    pub fn from_ranges(ranges: &[PortRange]) -> std::result::Result<Self, usize> {
+        if ranges.len() > MAX_RANGES {
+            return Err(ranges.len());
+        }
+        let mut p = Self::default();
+        for (i, r) in ranges.iter().enumerate() {
+            p.lo[i] = r.lo;
+            p.hi[i] = r.hi;
+            p.proto[i] = r.proto;
+        }
+        p.n = ranges.len() as u8;
+        Ok(p)
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = PortRange> + '_ {
+        (0..usize::from(self.n).min(MAX_RANGES)).map(|i| PortRange {
+            lo: self.lo[i],
+            hi: self.hi[i],
+            proto: self.proto[i],
+        })
+    }
+}
+
+impl RawConfig {
+    pub fn new(limits: &Limits, dns: &DnsRedirect) -> Self {
+        // The byte clock may run 2 s ahead (packets wait in fq for their EDT slot; TCP small
+        // queues keep about 1 MB queued per socket) or two 64 KiB TSO segments, whichever is
+        // more: a horizon shorter than one segment's cost would never let that segment through.
+        let rate_burst_ns = (2 * 65536 * NSEC_PER_SEC)
+            .checked_div(limits.rate_bps)
+            .map_or(0, |segments| segments.max(NSEC_PER_SEC / 100));
+        // A burst of up to one second's worth of connections.
+        let conn_burst_ns = if limits.conn_per_sec == 0 {
+            0
+        } else {
+            NSEC_PER_SEC
+        };
+        Self {
+            dns4: dns.v4.unwrap_or_default(),
+            dns6: dns.v6.unwrap_or_default(),
+            dns_port: dns.port.to_be(),
+            pad: 0,
+            rate_bps: limits.rate_bps,
+            rate_burst_ns,
+            conn_per_sec: limits.conn_per_sec,
+            conn_burst_ns,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! raw system calls only, through [`raw::call`]: no allocation, no locks, no panics, no libc
 //! (whose wrappers would set the parent thread's `errno`, and some of which take locks: see
 //! [`set_ids`]), and it writes nothing but its own stack.
-//! On any failure it writes `(step, errno)` to the error pipe and exits 127; the parent turns
-//! that into a [`super::Error::Setup`] naming the step.
+//! On any failure it writes the [`StartStep`] and errno to the error pipe and exits 127; the
+//! parent turns that into a [`super::Error::Setup`] naming the step.
 
 use std::ffi::{c_char, CStr, CString};
 use std::os::fd::RawFd;
@@ -12,53 +12,22 @@ use std::os::fd::RawFd;
 use libc::{c_long, AT_FDCWD};
 
 use super::plan::Op;
+use super::start_step::StartStep;
 use crate::sys::raw;
 
-/// Steps after the filesystem plan (whose steps are its indices).
-pub const STEP_SYNC: u32 = 10_000;
-pub const STEP_NETNS: u32 = 10_001;
-pub const STEP_HOSTNAME: u32 = 10_002;
-pub const STEP_CWD: u32 = 10_003;
-pub const STEP_RLIMIT: u32 = 10_004;
-pub const STEP_STDIO: u32 = 10_005;
-pub const STEP_IDS: u32 = 10_006;
-pub const STEP_CAPS: u32 = 10_007;
-pub const STEP_NNP: u32 = 10_008;
-pub const STEP_SECCOMP: u32 = 10_009;
-pub const STEP_EXEC: u32 = 10_010;
-pub const STEP_LOOPBACK: u32 = 10_011;
-pub const STEP_CGROUP: u32 = 10_012;
-/// Not a failure: the record a child that starts from the template writes once it is in its
-/// own copy (errno 0), so the parent can hold that namespace.
-const MOUNTS_READY: u32 = 10_013;
-/// Not failures: a zygote's records that it is ready for a task, and that it has taken one
-/// and holds copies of the descriptors it names.
-const ZYGOTE_READY: u32 = 10_014;
-const ZYGOTE_GO: u32 = 10_015;
-pub const STEP_FILES: u32 = 10_016;
-pub const STEP_VERIFY_IDS: u32 = 10_017;
-pub const STEP_LANDLOCK: u32 = 10_018;
-
-/// The whole record of [`MOUNTS_READY`] on the error pipe.
+/// The whole record of [`StartStep::MountsReady`] on the error pipe.
 pub fn mounts_ready() -> [u8; 8] {
-    record(MOUNTS_READY, 0)
+    StartStep::MountsReady.record(0)
 }
 
-/// The whole record of [`ZYGOTE_READY`].
+/// The whole record of [`StartStep::ZygoteReady`].
 pub fn zygote_ready() -> [u8; 8] {
-    record(ZYGOTE_READY, 0)
+    StartStep::ZygoteReady.record(0)
 }
 
-/// The whole record of [`ZYGOTE_GO`].
+/// The whole record of [`StartStep::ZygoteGo`].
 pub fn zygote_go() -> [u8; 8] {
-    record(ZYGOTE_GO, 0)
-}
-
-fn record(step: u32, errno: i32) -> [u8; 8] {
-    let mut buf = [0u8; 8];
-    buf[..4].copy_from_slice(&step.to_ne_bytes());
-    buf[4..].copy_from_slice(&errno.to_ne_bytes());
-    buf
+    StartStep::ZygoteGo.record(0)
 }
 
 /// Everything the child needs, prepared by the parent.
@@ -130,7 +99,7 @@ struct CapData {
 }
 
 /// A failed step's errno.
-type Step = Result<(), i32>;
+type StepResult = Result<(), i32>;
 
 /// A raw system call's result: `Err(errno)` when it failed.
 unsafe fn sys(nr: c_long, args: &[usize]) -> Result<isize, i32> {
@@ -151,8 +120,8 @@ fn opt(c: Option<&CString>) -> usize {
     c.map_or(0, |c| ptr(c))
 }
 
-unsafe fn fail(fd: RawFd, step: u32, errno: i32) -> ! {
-    let buf = record(step, errno);
+unsafe fn fail(fd: RawFd, step: StartStep, errno: i32) -> ! {
+    let buf = step.record(errno);
     // SAFETY: a write from our stack, then exit; neither returns an error we could act on.
     unsafe {
         let _ = raw::call(
@@ -165,20 +134,26 @@ unsafe fn fail(fd: RawFd, step: u32, errno: i32) -> ! {
 }
 
 /// On failure, reports `step` with the errno and exits.
-unsafe fn step(err: RawFd, step: u32, r: Step) {
+unsafe fn step(err: RawFd, step: StartStep, r: StepResult) {
     if let Err(errno) = r {
         // SAFETY: forwarded to the caller.
         unsafe { fail(err, step, errno) }
     }
 }
 
-unsafe fn mount(src: usize, dst: usize, fstype: usize, flags: libc::c_ulong, data: usize) -> Step {
+unsafe fn mount(
+    src: usize,
+    dst: usize,
+    fstype: usize,
+    flags: libc::c_ulong,
+    data: usize,
+) -> StepResult {
     // SAFETY: NUL-terminated strings or null, as mount(2) takes them.
     unsafe { sys(libc::SYS_mount, &[src, dst, fstype, flags as usize, data]) }.map(drop)
 }
 
 /// Runs one step of a filesystem plan (in the task, or in the thread that builds a template).
-pub(super) unsafe fn run_op(op: &Op) -> Step {
+pub(super) unsafe fn run_op(op: &Op) -> StepResult {
     // SAFETY: every pointer comes from a CString that outlives this call.
     unsafe {
         match op {
@@ -298,7 +273,7 @@ pub(super) unsafe fn run_op(op: &Op) -> Step {
 /// ids. Neither the lock holder nor those threads exist here, so the task hung before exec
 /// (gdb: `__nptl_setxid` → `setxid_mark_thread` → `futex_wait`). The raw calls change this
 /// process only, which is all of it.
-unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> Step {
+unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> StepResult {
     let (uid, gid) = (uid as usize, gid as usize);
     // SAFETY: plain syscalls with integer arguments (setgroups gets an empty list).
     unsafe {
@@ -313,7 +288,7 @@ unsafe fn set_ids(uid: u32, gid: u32, groups: bool) -> Step {
 /// Checks that the switch took: real, effective and saved uid and gid are exactly the ones
 /// asked for, and no supplementary group is left. A kernel or a filter that ignored one of the
 /// calls (or an id the kernel reads as "unchanged") must not leave the task with the parent's.
-unsafe fn verify_ids(uid: u32, gid: u32) -> Step {
+unsafe fn verify_ids(uid: u32, gid: u32) -> StepResult {
     let mut ids = [u32::MAX; 3];
     let mut gids = [u32::MAX; 3];
     // SAFETY: out pointers to our own stack, of the kernel's uid_t/gid_t size.
@@ -359,7 +334,7 @@ pub(super) unsafe fn loopback_up() -> Result<(), i32> {
 /// Puts back the default action of every signal: the task must not run the parent's handlers
 /// (they would act on the parent's memory), nor inherit what the parent ignores (Python ignores
 /// SIGPIPE and SIGXFSZ, so `yes | head` in a task would end in EPIPE errors); then the mask.
-unsafe fn reset_signals(mask: u64) -> Step {
+unsafe fn reset_signals(mask: u64) -> StepResult {
     // The kernel's struct sigaction starts with the handler; all zeros is SIG_DFL, no flags,
     // an empty mask, whatever the rest of the layout.
     let dfl = [0u64; 4];
@@ -404,7 +379,7 @@ unsafe fn join_cgroups(err: RawFd, join: &[RawFd]) {
         // SAFETY: a one-byte write from a static buffer.
         let zero = unsafe { sys(libc::SYS_write, &[fd as usize, b"0".as_ptr() as usize, 1]) };
         // SAFETY: forwarded to the caller.
-        unsafe { step(err, STEP_CGROUP, zero.map(drop)) };
+        unsafe { step(err, StartStep::Cgroup, zero.map(drop)) };
     }
 }
 
@@ -423,7 +398,7 @@ unsafe fn zygote(b: &Boot) -> ! {
     // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
     unsafe {
         // Every signal stays blocked while it waits; its task gets the spawning thread's mask.
-        step(err, STEP_SYNC, reset_signals(u64::MAX));
+        step(err, StartStep::Sync, reset_signals(u64::MAX));
         // Made by a thread of the lowest priority: it takes the daemon's own before it waits,
         // or a start on a busy host would wait for it to get a CPU.
         let nice = [libc::PRIO_PROCESS as usize, 0, b.nice as usize];
@@ -433,27 +408,27 @@ unsafe fn zygote(b: &Boot) -> ! {
             libc::SYS_setns,
             &[b.netns as usize, libc::CLONE_NEWNET as usize],
         );
-        step(err, STEP_NETNS, net.map(drop));
+        step(err, StartStep::Netns, net.map(drop));
         for (i, op) in b.ops.iter().enumerate() {
-            step(err, i as u32, run_op(op));
+            step(err, StartStep::Plan(i as u32), run_op(op));
         }
         let _ = prctl(&[libc::PR_SET_PDEATHSIG as usize, libc::SIGKILL as usize]);
         let ready = zygote_ready();
         let w = sys(libc::SYS_write, &[err as usize, ready.as_ptr() as usize, 8]);
-        step(err, STEP_SYNC, w.map(drop));
+        step(err, StartStep::Sync, w.map(drop));
         let p = wait_for_task(b);
         // Its own copy of the descriptor table: the task's stdio, trees and pipes in it stay
         // open however the parent's table changes, and closing one closes only its copy.
         let files = sys(libc::SYS_unshare, &[libc::CLONE_FILES as usize]);
-        step(p.err_write, STEP_FILES, files.map(drop));
+        step(p.err_write, StartStep::Files, files.map(drop));
         let _ = sys(libc::SYS_close, &[p.sync_write as usize]);
-        step(p.err_write, STEP_SYNC, drop_pending());
+        step(p.err_write, StartStep::Sync, drop_pending());
         let go = zygote_go();
         let w = sys(
             libc::SYS_write,
             &[p.err_write as usize, go.as_ptr() as usize, 8],
         );
-        step(p.err_write, STEP_SYNC, w.map(drop));
+        step(p.err_write, StartStep::Sync, w.map(drop));
         if let Some(nice) = p.nice {
             let _ = sys(
                 libc::SYS_setpriority,
@@ -468,7 +443,7 @@ unsafe fn zygote(b: &Boot) -> ! {
         ];
         step(
             p.err_write,
-            STEP_SYNC,
+            StartStep::Sync,
             sys(libc::SYS_rt_sigprocmask, &mask).map(drop),
         );
         finish(p)
@@ -477,7 +452,7 @@ unsafe fn zygote(b: &Boot) -> ! {
 
 /// Discards the signals that came while it waited (all blocked): they were sent to the
 /// daemon's process group, before its task existed.
-unsafe fn drop_pending() -> Step {
+unsafe fn drop_pending() -> StepResult {
     let all = u64::MAX;
     let zero = libc::timespec {
         tv_sec: 0,
@@ -552,7 +527,7 @@ unsafe fn run(p: &Prepared) -> ! {
     let err = p.err_write;
     // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
     unsafe {
-        step(err, STEP_SYNC, reset_signals(p.sigmask));
+        step(err, StartStep::Sync, reset_signals(p.sigmask));
         let _ = sys(libc::SYS_close, &[p.sync_write as usize]);
         join_cgroups(err, &p.join);
         // In a new user namespace this process is still host root, which the namespace does
@@ -566,17 +541,17 @@ unsafe fn run(p: &Prepared) -> ! {
             );
             step(
                 err,
-                STEP_SYNC,
+                StartStep::Sync,
                 read.and_then(|n| if n == 1 { Ok(()) } else { Err(libc::EPIPE) }),
             );
-            step(err, STEP_IDS, set_ids(0, 0, false));
+            step(err, StartStep::Ids, set_ids(0, 0, false));
         }
         if let Some(fd) = p.netns {
             let r = sys(libc::SYS_setns, &[fd as usize, libc::CLONE_NEWNET as usize]);
-            step(err, STEP_NETNS, r.map(drop));
+            step(err, StartStep::Netns, r.map(drop));
             let _ = sys(libc::SYS_close, &[fd as usize]);
         } else {
-            step(err, STEP_LOOPBACK, loopback_up());
+            step(err, StartStep::Loopback, loopback_up());
         }
         finish(p)
     }
@@ -589,22 +564,22 @@ unsafe fn finish(p: &Prepared) -> ! {
     // SAFETY: raw syscalls on descriptors and pointers the parent prepared.
     unsafe {
         for (i, op) in p.ops.iter().enumerate() {
-            step(err, i as u32, run_op(op));
+            step(err, StartStep::Plan(i as u32), run_op(op));
             if matches!(op, Op::EnterCopy(_)) {
                 let ready = mounts_ready();
                 let w = sys(libc::SYS_write, &[err as usize, ready.as_ptr() as usize, 8]);
-                step(err, STEP_SYNC, w.map(drop));
+                step(err, StartStep::Sync, w.map(drop));
             }
         }
         let host = [ptr(&p.hostname), p.hostname.as_bytes().len()];
         step(
             err,
-            STEP_HOSTNAME,
+            StartStep::Hostname,
             sys(libc::SYS_sethostname, &host).map(drop),
         );
         step(
             err,
-            STEP_CWD,
+            StartStep::Cwd,
             sys(libc::SYS_chdir, &[ptr(&p.cwd)]).map(drop),
         );
         drop_privileges(p);
@@ -616,7 +591,7 @@ unsafe fn finish(p: &Prepared) -> ! {
                 p.env_ptrs.as_ptr() as usize,
             ],
         );
-        fail(err, STEP_EXEC, r.err().unwrap_or(libc::EIO))
+        fail(err, StartStep::Exec, r.err().unwrap_or(libc::EIO))
     }
 }
 
@@ -640,7 +615,11 @@ unsafe fn limits_and_stdio(p: &Prepared) {
     unsafe {
         for (resource, limit) in [(libc::RLIMIT_CORE, &core), (libc::RLIMIT_NOFILE, &nofile)] {
             let args = [0, resource as usize, std::ptr::from_ref(limit) as usize, 0];
-            step(err, STEP_RLIMIT, sys(libc::SYS_prlimit64, &args).map(drop));
+            step(
+                err,
+                StartStep::Rlimit,
+                sys(libc::SYS_prlimit64, &args).map(drop),
+            );
         }
         for (target, fd) in p.stdio.iter().enumerate() {
             if let Some(fd) = *fd {
@@ -650,42 +629,19 @@ unsafe fn limits_and_stdio(p: &Prepared) {
                 } else {
                     sys(libc::SYS_dup3, &[fd as usize, target, 0])
                 };
-                step(err, STEP_STDIO, r.map(drop));
+                step(err, StartStep::Stdio, r.map(drop));
             }
         }
     }
 }
 
-/// rlimits, stdio, capabilities, ids, `no_new_privs`, parent-death signal, seccomp: the last
-/// steps before exec, in the order the kernel requires (bounding set before the uid change,
-/// seccomp after `no_new_privs`).
-unsafe fn drop_privileges(p: &Prepared) {
+/// Leaves the task exactly the kept capabilities (none by default), ambient so they survive
+/// exec: uid 0 would otherwise keep all of them, and a non-zero uid with KEEPCAPS keeps its
+/// permitted set.
+unsafe fn keep_caps(p: &Prepared) {
     let err = p.err_write;
-    // SAFETY: raw syscalls on values the parent prepared and buffers on our stack.
+    // SAFETY: raw syscalls on buffers on our stack.
     unsafe {
-        limits_and_stdio(p);
-        for cap in (0..=p.cap_last).filter(|c| p.keep_caps & (1u64 << c) == 0) {
-            match prctl(&[libc::PR_CAPBSET_DROP as usize, cap as usize]) {
-                Ok(_) | Err(libc::EINVAL) => {}
-                Err(e) => fail(err, STEP_CAPS, e),
-            }
-        }
-        let _ = prctl(&[
-            libc::PR_CAP_AMBIENT as usize,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as usize,
-        ]);
-        // Kept capabilities must survive the uid change (then exec, as ambient capabilities).
-        if p.keep_caps != 0 {
-            step(
-                err,
-                STEP_CAPS,
-                prctl(&[libc::PR_SET_KEEPCAPS as usize, 1]).map(drop),
-            );
-        }
-        step(err, STEP_IDS, set_ids(p.uid, p.gid, true));
-        step(err, STEP_VERIFY_IDS, verify_ids(p.uid, p.gid));
-        // Exactly the kept capabilities remain (none by default): uid 0 would otherwise keep
-        // all of them, and a non-zero uid with KEEPCAPS keeps its permitted set.
         let header = CapHeader {
             version: 0x2008_0522,
             pid: 0,
@@ -704,7 +660,7 @@ unsafe fn drop_privileges(p: &Prepared) {
             },
         ];
         let caps = [(&raw const header) as usize, data.as_ptr() as usize];
-        step(err, STEP_CAPS, sys(libc::SYS_capset, &caps).map(drop));
+        step(err, StartStep::Caps, sys(libc::SYS_capset, &caps).map(drop));
         for cap in (0..=p.cap_last).filter(|c| p.keep_caps & (1u64 << c) != 0) {
             let raise = [
                 libc::PR_CAP_AMBIENT as usize,
@@ -713,18 +669,50 @@ unsafe fn drop_privileges(p: &Prepared) {
                 0,
                 0,
             ];
-            step(err, STEP_CAPS, prctl(&raise).map(drop));
+            step(err, StartStep::Caps, prctl(&raise).map(drop));
         }
+    }
+}
+
+/// rlimits, stdio, capabilities, ids, `no_new_privs`, parent-death signal, seccomp: the last
+/// steps before exec, in the order the kernel requires (bounding set before the uid change,
+/// seccomp after `no_new_privs`).
+unsafe fn drop_privileges(p: &Prepared) {
+    let err = p.err_write;
+    // SAFETY: raw syscalls on values the parent prepared and buffers on our stack.
+    unsafe {
+        limits_and_stdio(p);
+        for cap in (0..=p.cap_last).filter(|c| p.keep_caps & (1u64 << c) == 0) {
+            match prctl(&[libc::PR_CAPBSET_DROP as usize, cap as usize]) {
+                Ok(_) | Err(libc::EINVAL) => {}
+                Err(e) => fail(err, StartStep::Caps, e),
+            }
+        }
+        let _ = prctl(&[
+            libc::PR_CAP_AMBIENT as usize,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as usize,
+        ]);
+        // Kept capabilities must survive the uid change (then exec, as ambient capabilities).
+        if p.keep_caps != 0 {
+            step(
+                err,
+                StartStep::Caps,
+                prctl(&[libc::PR_SET_KEEPCAPS as usize, 1]).map(drop),
+            );
+        }
+        step(err, StartStep::Ids, set_ids(p.uid, p.gid, true));
+        step(err, StartStep::VerifyIds, verify_ids(p.uid, p.gid));
+        keep_caps(p);
         step(
             err,
-            STEP_NNP,
+            StartStep::Nnp,
             prctl(&[libc::PR_SET_NO_NEW_PRIVS as usize, 1, 0, 0, 0]).map(drop),
         );
         if let Some(ruleset) = p.landlock {
             let restrict = [ruleset as usize, 0];
             step(
                 err,
-                STEP_LANDLOCK,
+                StartStep::Landlock,
                 sys(libc::SYS_landlock_restrict_self, &restrict).map(drop),
             );
         }
@@ -744,8 +732,8 @@ unsafe fn drop_privileges(p: &Prepared) {
         let poll = [(&raw mut pfd) as usize, 1, (&raw const zero) as usize, 0, 8];
         match sys(libc::SYS_ppoll, &poll) {
             Ok(0) => {}
-            Ok(_) => fail(err, STEP_SYNC, libc::EPIPE),
-            Err(e) => fail(err, STEP_SYNC, e),
+            Ok(_) => fail(err, StartStep::Sync, libc::EPIPE),
+            Err(e) => fail(err, StartStep::Sync, e),
         }
         // Everything but stdio closes at exec; the error pipe is already close-on-exec.
         let _ = sys(
@@ -762,7 +750,11 @@ unsafe fn drop_privileges(p: &Prepared) {
                 0,
                 (&raw const fprog) as usize,
             ];
-            step(err, STEP_SECCOMP, sys(libc::SYS_seccomp, &args).map(drop));
+            step(
+                err,
+                StartStep::Seccomp,
+                sys(libc::SYS_seccomp, &args).map(drop),
+            );
         }
     }
 }

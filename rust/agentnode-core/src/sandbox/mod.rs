@@ -19,6 +19,7 @@ mod netns;
 mod plan;
 mod seccomp;
 mod sockets;
+mod start_step;
 mod task;
 mod template;
 pub mod zygote;
@@ -38,6 +39,7 @@ use std::time::Instant;
 
 use crate::cgroup::{self, TaskCgroup};
 use crate::sys::{self, ChildStack};
+use start_step::StartStep;
 
 /// Errors from setting up or running a task.
 #[derive(Debug, thiserror::Error)]
@@ -283,31 +285,6 @@ fn write_id_maps(pid: libc::pid_t, base: u32) -> Result<()> {
     Ok(())
 }
 
-fn describe_step(ops: &[plan::Op], step: u32) -> String {
-    match step {
-        child::STEP_SYNC => "wait for the parent".into(),
-        child::STEP_NETNS => "join the network namespace".into(),
-        child::STEP_HOSTNAME => "set the hostname".into(),
-        child::STEP_CWD => "enter the working directory".into(),
-        child::STEP_RLIMIT => "set rlimits".into(),
-        child::STEP_STDIO => "set up stdio".into(),
-        child::STEP_IDS => "switch to the task's uid/gid".into(),
-        child::STEP_VERIFY_IDS => {
-            "confirm the task's real, effective and saved uid/gid and empty groups".into()
-        }
-        child::STEP_LANDLOCK => "restrict the task with its Landlock ruleset".into(),
-        child::STEP_CAPS => "drop capabilities".into(),
-        child::STEP_NNP => "set no_new_privs".into(),
-        child::STEP_SECCOMP => "install the seccomp filter".into(),
-        child::STEP_LOOPBACK => "bring up the loopback interface".into(),
-        child::STEP_CGROUP => "join the task's v1 cgroups".into(),
-        child::STEP_FILES => "copy the descriptor table".into(),
-        i => ops
-            .get(i as usize)
-            .map_or_else(|| format!("step {i}"), plan::Op::describe),
-    }
-}
-
 /// The network namespace a task joins, if it joins one (the given one, or one made ahead),
 /// and the copy of the template made with one made ahead.
 fn network(spec: &Spec) -> Result<(Option<OwnedFd>, Option<template::MadeCopy>)> {
@@ -339,7 +316,7 @@ fn network(spec: &Spec) -> Result<(Option<OwnedFd>, Option<template::MadeCopy>)>
 /// no manager, so several threads can start tasks at once.
 ///
 pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
-    let _starting = crate::quiet::starting();
+    let _starting = crate::background::quiet::starting();
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (netns, made) = network(spec)?;
@@ -416,22 +393,20 @@ pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
 /// The task, once its error pipe has ended: it exec'd, unless `report` names the step that
 /// failed (with the steps of `ops`), and then it is reaped and released.
 fn exec_report(mut task: Task, report: &[u8], spec: &Spec, ops: &[plan::Op]) -> Result<Task> {
-    if report.len() < 8 {
+    let Some((step, errno)) = StartStep::parse(report) else {
         return Ok(task);
-    }
-    let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or_default());
-    let errno = i32::from_ne_bytes(report[4..8].try_into().unwrap_or_default());
+    };
     let source = std::io::Error::from_raw_os_error(errno);
     task.reap_blocking();
     drop(task);
-    Err(if step == child::STEP_EXEC {
+    Err(if step == StartStep::Exec {
         Error::Exec {
             exe: spec.argv[0].clone(),
             source,
         }
     } else {
         Error::Setup {
-            step: describe_step(ops, step),
+            step: step.describe(ops),
             source,
         }
     })

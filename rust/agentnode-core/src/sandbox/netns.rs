@@ -1,5 +1,5 @@
 //! A few fresh network namespaces, each with loopback up, made ahead of time (see
-//! [`crate::ahead`]). Creating one is about half a millisecond of a task's start (the kernel
+//! [`crate::background::ahead`]). Creating one is about half a millisecond of a task's start (the kernel
 //! builds a whole network stack); tearing one down is deferred kernel work either way. With
 //! each comes, once the template exists, a copy of it with the task's /sys (of that network
 //! namespace) and /dev mounts in place ([`super::template::make_copy`]): some 0.1 ms of a start.
@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::OnceLock;
 
 use super::template::{self, MadeCopy};
-use crate::ahead::Ahead;
+use crate::background::ahead::{self, Ahead};
 
 /// A task's network namespace made ahead, and its mount namespace when one could be made.
 pub struct Ready {
@@ -25,6 +25,7 @@ fn pool() -> &'static Ahead<Ready> {
     static POOL: OnceLock<Ahead<Ready>> = OnceLock::new();
     // A copy made while the template went stale would keep the host's old mounts busy.
     POOL.get_or_init(|| {
+        ahead::hold_template_copies(forget_copies);
         Ahead::keeping("agentnode-netns", make, |r| {
             r.mounts
                 .as_ref()
@@ -53,7 +54,7 @@ pub fn take() -> Option<Ready> {
 
 /// Drops the mount namespaces made ahead from a template the host's mounts no longer match:
 /// they hold copies of those mounts, which would keep an unmounted file system busy.
-pub fn forget_copies() {
+fn forget_copies() {
     pool().with_ready(|ready| {
         for r in ready {
             r.mounts = None;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{io, Result};
+use crate::background::later::later;
 use crate::cgroup::{CgroupStats, TaskCgroup};
-use crate::later::later;
 
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,7 +26,7 @@ pub struct Task {
     pid: libc::pid_t,
     pidfd: OwnedFd,
     /// The task's mount namespace, held so that its exit does not unmount the tree (see
-    /// [`crate::later`]).
+    /// [`crate::background::later`]).
     mounts: Option<OwnedFd>,
     cgroup: Option<Box<dyn TaskCgroup>>,
     started: Instant,
@@ -38,7 +38,7 @@ pub struct Task {
 }
 
 impl Task {
-    /// Holds the task's mount namespace once the child is in it for good (see [`crate::later`]).
+    /// Holds the task's mount namespace once the child is in it for good (see [`crate::background::later`]).
     pub(super) fn hold_mounts(&mut self) {
         // Opened while the child sets up: it cannot have exited and been reaped yet (we hold
         // its pidfd and have not waited), and if it has exited the open just fails.

@@ -77,7 +77,7 @@ pub struct Planned {
     /// The plan starts in a copy of the template, so the clone makes no mount namespace.
     pub from_template: bool,
     /// The copy made ahead that the task enters, for it to hold once started (see
-    /// [`crate::later`]); when `None`, a template task announces its own copy.
+    /// [`crate::background::later`]); when `None`, a template task announces its own copy.
     pub made: Option<OwnedFd>,
     _held: Vec<OwnedFd>,
     _ns: Option<Arc<OwnedFd>>,
@@ -308,8 +308,7 @@ fn watch() {
 fn drop_template(mut guard: std::sync::MutexGuard<'_, Option<State>>) {
     *guard = None;
     drop(guard);
-    super::netns::forget_copies();
-    super::zygote::forget_all();
+    crate::background::ahead::template_changed();
 }
 
 /// Whether the mount table changed since `mountinfo` was opened or last reported a change,

@@ -14,22 +14,22 @@
 //! It dies with this process: it polls a pidfd of it while it waits, and its parent-death
 //! signal, set again after its task's uid change as for any task, fires when the thread that
 //! cloned it ends. That thread is the pool's, which runs until the pool closes (see
-//! [`crate::ahead`]); closing the pool therefore ends the tasks started from it too, as the
+//! [`crate::background::ahead`]); closing the pool therefore ends the tasks started from it too, as the
 //! cgroup manager's close does anyway.
 
 use std::fs::File;
 use std::io::Read as _;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Once, PoisonError, Weak};
 use std::time::Instant;
 
 use super::child::{self, Boot};
 use super::plan::{self, Start};
 use super::{kill_and_reap, pipe, prepare, template, Result, Spec, Task};
-use crate::ahead::Ahead;
+use crate::background::ahead::{self, Ahead};
+use crate::background::later::later;
 use crate::cgroup::{self, Limits, TaskCgroup};
-use crate::later::later;
 use crate::sys::{self, ChildStack};
 
 /// Makes a fresh, empty task cgroup (see `cgroup::Manager::maker`).
@@ -40,7 +40,7 @@ pub struct Zygote {
     pid: libc::pid_t,
     pidfd: Option<OwnedFd>,
     cgroup: Option<Box<dyn TaskCgroup>>,
-    /// Its mount namespace, held for the task (see [`crate::later`]).
+    /// Its mount namespace, held for the task (see [`crate::background::later`]).
     mounts: Option<OwnedFd>,
     /// The template its mounts copy: a start after the template was rebuilt cannot use it.
     from: Arc<OwnedFd>,
@@ -75,13 +75,16 @@ impl Drop for Zygote {
     }
 }
 
-/// Up to [`crate::ahead::READY`] zygotes of one cgroup manager's instance.
+/// Up to [`crate::background::ahead::READY`] zygotes of one cgroup manager's instance.
 pub struct Zygotes {
     pool: Arc<Ahead<Zygote>>,
 }
 
 /// Every pool of this process, so that a change of the host's mounts drops their zygotes.
 static POOLS: Mutex<Vec<Weak<Ahead<Zygote>>>> = Mutex::new(Vec::new());
+
+/// Registers [`forget_all`] with the pools holding template copies, at the first pool.
+static HOLD: Once = Once::new();
 
 impl Zygotes {
     /// A pool whose zygotes sit in cgroups from `make_cgroup` and copy the template built on
@@ -96,6 +99,7 @@ impl Zygotes {
             move || make(&*make_cgroup, &stage, daemon.as_ref()?.as_raw_fd(), nice),
             |z| template::is_current(&z.from),
         ));
+        HOLD.call_once(|| ahead::hold_template_copies(forget_all));
         let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
         pools.retain(|p| p.strong_count() > 0);
         pools.push(Arc::downgrade(&pool));
@@ -148,7 +152,7 @@ impl Drop for Zygotes {
 
 /// Drops every ready zygote of every pool: the host's mounts changed, so their copies of the
 /// template are stale and would keep unmounted file systems busy.
-pub(super) fn forget_all() {
+fn forget_all() {
     let pools: Vec<_> = POOLS
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -267,7 +271,7 @@ fn make(
 /// `Ok(None)` when the zygote cannot serve it (its template is stale, or it died): the caller
 /// starts the task the usual way. Otherwise as [`super::spawn`].
 pub fn start(mut z: Zygote, limits: &Limits, spec: &Spec) -> Result<Option<Task>> {
-    let _starting = crate::quiet::starting();
+    let _starting = crate::background::quiet::starting();
     // `serving` checks that the spec fits the template, as `serve` did before the take.
     let fresh = template::serving(spec).is_some_and(|ns| Arc::ptr_eq(&ns, &z.from));
     if !fresh || spec.netns.is_some() || z.exited() {

@@ -1,3 +1,6 @@
+use super::collection::INITIAL_CAPACITY;
+use super::planner::{plan, Plan};
+use super::quantise::{i8_scale, quantise};
 use super::*;
 
 fn opts(dims: usize) -> Options {
@@ -535,7 +538,7 @@ fn the_i8_scale_spans_eight_rms_or_the_first_vectors_peaks() {
     // A shared large dimension (0.5 in every vector): 1.5x its size, so nothing saturates.
     let mut peaked = flat.clone();
     peaked[0] = 0.5;
-    let unit = super::unit(&peaked, String::new).unwrap();
+    let unit = super::quantise::unit(&peaked, String::new).unwrap();
     let rows = [&peaked[..], &peaked[..], &flat[..]];
     let scale = i8_scale(rows.into_iter(), dims);
     assert!((scale - 127.0 / (1.5 * unit[0])).abs() < 1e-2, "{scale}");

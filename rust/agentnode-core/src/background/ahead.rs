@@ -18,6 +18,35 @@ pub const READY: usize = 4;
 /// How long the thread waits after `make` failed before it tries again.
 pub const RETRY: Duration = Duration::from_secs(1);
 
+/// What each pool whose items hold copies of the mount template runs to drop those copies.
+type Forget = Arc<dyn Fn() + Send + Sync>;
+
+/// The forgets of every pool holding template copies, run by [`template_changed`].
+static TEMPLATE_HOLDERS: Mutex<Vec<Forget>> = Mutex::new(Vec::new());
+
+/// Registers `forget`, which drops the template copies its pool made ahead (once per pool or
+/// kind of pool): [`template_changed`] runs it. The template invalidates through here, so it
+/// need not know which pools hold its copies.
+pub fn hold_template_copies(forget: impl Fn() + Send + Sync + 'static) {
+    TEMPLATE_HOLDERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(Arc::new(forget));
+}
+
+/// Drops every copy of the mount template made ahead: the host's mounts changed, so they are
+/// stale and would keep unmounted file systems busy.
+pub fn template_changed() {
+    // Run outside the lock: a forget may start its pool, which registers.
+    let holders = TEMPLATE_HOLDERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    for forget in holders {
+        forget();
+    }
+}
+
 struct Shared<T> {
     ready: Mutex<Vec<T>>,
     /// Whether an item just made may still join the ready ones (checked under their lock).
@@ -160,7 +189,7 @@ fn fill<T>(shared: &Shared<T>, make: &(dyn Fn() -> Option<T> + Send + Sync)) {
         if shared.closed.load(Ordering::Acquire) {
             return;
         }
-        crate::quiet::wait();
+        crate::background::quiet::wait();
         // One made while closing is pushed all the same: `close` clears after joining.
         if let Some(item) = make() {
             let mut ready = lock(&shared.ready);

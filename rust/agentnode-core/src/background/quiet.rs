@@ -3,7 +3,7 @@
 //! namespace being made, or a mount namespace torn down, holds its CPU for up to a millisecond,
 //! and a start whose next step wakes on that CPU waits that long (measured: half of the starts
 //! of a tight loop waited 0.2 to 0.9 ms at one wake-up or another). So the threads that make
-//! things ahead ([`crate::ahead`]) and clean up after ([`crate::later`]) wait, before each item,
+//! things ahead ([`crate::background::ahead`]) and clean up after ([`crate::background::later`]) wait, before each item,
 //! until no start is in flight, for a bounded time so that a steady stream of starts cannot
 //! starve them.
 

@@ -18,7 +18,7 @@ fn worker() -> Option<&'static mpsc::Sender<Job>> {
                 .name("agentnode-close".into())
                 .spawn(move || {
                     for job in rx {
-                        crate::quiet::wait();
+                        crate::background::quiet::wait();
                         job();
                     }
                 })
