@@ -135,7 +135,7 @@ def _real(name: str, value: object, lo: float, hi: float, *, shown: object = Non
 def _size(name: str, value: object, least: int = 1) -> int:
     shown = value
     if isinstance(value, str):
-        value = _parsed(name, value, parse_size)
+        value = _parsed(name, value, functools.partial(parse_size, least=min(least, 1)))
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):

@@ -18,14 +18,15 @@ _MAX_SIZE = 1 << 50
 _MAX_DURATION = 100 * 365 * 86400.0
 
 
-def parse_size(text: str, *, option: str) -> int:
-    """Bytes in `text` (`512M`, `2G`, `1.5GiB`, `4096`; units are powers of 1024)."""
+def parse_size(text: str, *, option: str, least: int = 1) -> int:
+    """Bytes in `text` (`512M`, `2G`, `1.5GiB`, `4096`; units are powers of 1024), at least
+    `least` (0 for a size where zero means none, such as swap)."""
     m = _SIZE.fullmatch(text.strip())
     if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
         raise UsageError(f"{option}: {text!r} is not a size (examples: 512M, 2G)")
     amount = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
     value = int(min(amount, _MAX_SIZE + 1))  # int() of a float past 1e308 would overflow
-    if value <= 0:
+    if value < least:
         raise UsageError(f"{option}: {text!r} must be more than zero bytes (examples: 512M, 2G)")
     if value > _MAX_SIZE:
         raise UsageError(f"{option}: {text!r} is too large (at most 1024T)")
