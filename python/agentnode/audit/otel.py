@@ -108,13 +108,14 @@ def spans_of(tracer: Any, timeline: list[dict[str, Any]]) -> None:
 
 def _chat(tracer: Any, ctx: Any, e: dict[str, Any]) -> None:
     finished = _ns(e["time"])
+    writes = e["cache_write"] + e.get("cache_write_1h", 0)  # both TTLs (older rows: 5 min only)
     attributes: dict[str, Any] = {
         gen_ai.GEN_AI_OPERATION_NAME: "chat",
         gen_ai.GEN_AI_REQUEST_MODEL: e["model"],
-        gen_ai.GEN_AI_USAGE_INPUT_TOKENS: e["input"] + e["cached_input"] + e["cache_write"],
+        gen_ai.GEN_AI_USAGE_INPUT_TOKENS: e["input"] + e["cached_input"] + writes,
         gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS: e["output"] + e["reasoning"],
         gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: e["cached_input"],
-        gen_ai.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: e["cache_write"],
+        gen_ai.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: writes,
         gen_ai.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: e["reasoning"],
         "agentnode.cost_usd": e["cost"],
         "agentnode.endpoint": e["endpoint"],

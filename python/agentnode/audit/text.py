@@ -40,7 +40,7 @@ def _denied(e: dict[str, Any]) -> str:
 def _llm(e: dict[str, Any]) -> str:
     tokens = ", ".join(
         f"{b} {e[b]}"
-        for b in ("input", "cached_input", "cache_write", "output", "reasoning")
+        for b in ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
         if e.get(b)
     )
     hit = ", cache hit" if e.get("cache_hit") else ""
