@@ -47,7 +47,9 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def sdk_server(**kw: Any) -> MCPServerSpec:
-    # uid 0 without capabilities: the interpreter lives under /root (mode 700).
+    # uid 0 without capabilities: the interpreter lives under /root (mode 700). The checkout
+    # (and its .venv) is bound in: it may sit under /tmp, which is the sandbox's own.
+    kw.setdefault("mounts", (Mount(str(REPO), str(REPO)),))
     return MCPServerSpec(name="t", command=(sys.executable, SERVER), user="0",
                          env={"PYTHONPATH": str(REPO / "python")}, **kw)  # fmt: skip
 
@@ -228,9 +230,11 @@ def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(tmp_path: P
         "[tools.mcp.t]\n"
         f"command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
         f"env = {{ PYTHONPATH = {json.dumps(str(REPO / 'python'))} }}\n"
+        f"ro = [{json.dumps(str(REPO))}]\n"
         'user = "0"\n'
         "[tools.mcp.only_b]\n"
         f"command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
+        f"ro = [{json.dumps(str(REPO))}]\n"
         'tenants = ["b"]\n'
     )
     with daemon(tmp_path, config) as d:

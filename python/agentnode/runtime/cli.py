@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentnode.isolation.spec import Sandbox
@@ -14,7 +15,7 @@ from agentnode.tasks.model import CLASSES
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "this_python"]
 
 
 def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
@@ -40,6 +41,16 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.set_defaults(func=_agent)
 
 
+def this_python() -> tuple[list[str], dict[str, str]]:
+    """The read-only binds and environment that let a task run this interpreter and this copy
+    of agentnode: the host root is bound into tasks, but not what lies under their own /tmp
+    and /run (a checkout or virtualenv there)."""
+    import agentnode
+
+    package = str(Path(agentnode.__file__).resolve().parents[1])
+    return sorted({package, sys.prefix}), {"PYTHONPATH": package}
+
+
 def _agent(args: argparse.Namespace) -> int:
     # Options the runtime checks itself are passed on as typed: one place says what is valid.
     runtime = [("--tools", args.tools), ("--max-steps", args.max_steps),
@@ -47,5 +58,8 @@ def _agent(args: argparse.Namespace) -> int:
     args.command = [sys.executable, "-m", "agentnode.runtime", "--", args.text]
     args.command[3:3] = [word for option, value in runtime if value is not None
                          for word in (option, value)]  # fmt: skip
+    binds, env = this_python()
+    args.ro = [*args.ro, *binds]
+    args.env = [*args.env, *(f"{k}={v}" for k, v in env.items())]
     args.agent, args.attach, args.wait, args.heartbeat = "python", True, True, None
     return commands.submit(args)

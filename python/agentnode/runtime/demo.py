@@ -22,11 +22,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import agentnode
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.inference.mock import MockUpstream, ToolCall, Turn
 from agentnode.node.client import NodeClient
 from agentnode.node.commands import exit_status
+from agentnode.runtime.cli import this_python
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
@@ -121,14 +121,13 @@ def _start_node(root: Path, mock: MockUpstream) -> tuple[subprocess.Popen[bytes]
 def _run_agent(client: NodeClient, sock: Path) -> int:
     from agentnode.audit.text import summary
 
-    # The task sees the host's file system read-only; this makes the running copy importable.
-    package = str(Path(agentnode.__file__).resolve().parents[1])
+    binds, env = this_python()
     text = "Write hello.txt in your workspace with run_code, then fetch http://" + DENIED
     task = client.call("POST", "/v1/tasks", {
         "tenant": "demo", "command": [sys.executable, "-m", "agentnode.runtime", "--tools",
                                       "run_code,http_fetch", "--", text],
         "agent": {"kind": "python", "model": MODEL}, "memory": "512M", "user": "0",
-        "ro": [package], "env": {"PYTHONPATH": package},
+        "ro": binds, "env": env,
     })  # fmt: skip
     print(f"demo: agent task {task['id']}: {text}\n", flush=True)
     for chunk in NodeClient(sock, timeout=None).stream(f"/v1/tasks/{task['id']}/logs?follow=1"):
