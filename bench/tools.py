@@ -27,6 +27,7 @@ from mcp import Client, StdioServerParameters
 
 from _harness import Bench, percentile
 from agentnode.isolation import use_data_dir
+from agentnode.isolation.spec import Mount
 from agentnode.isolation.task import SAFE_PATH
 from agentnode.sdk.tools import Tools
 from agentnode.tools.code import CodeRunner
@@ -52,7 +53,9 @@ class Node:
     def __init__(self, root: Path) -> None:
         self.socket = root / "mcp.sock"
         self.loop = asyncio.new_event_loop()
-        spec = MCPServerSpec(name="t", command=tuple(SERVER), env=ENV, user="0")
+        # The checkout (and its .venv) bound in: it may sit under /tmp, the sandbox's own.
+        spec = MCPServerSpec(name="t", command=tuple(SERVER), env=ENV, user="0",
+                             mounts=(Mount(str(REPO), str(REPO)),))  # fmt: skip
         self.servers = MCPServers([spec])
         self.service = ToolService(Registry(), on_record=lambda r: None, sources=[self.servers])
         self.endpoint = MCPEndpoint(
