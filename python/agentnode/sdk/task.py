@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from agentnode.errors import ConfigError, TaskError
-from agentnode.sdk.transport import connect, error_message
+from agentnode.sdk.transport import connect, request
 
 __all__ = ["ThisTask"]
 
@@ -37,16 +37,9 @@ class ThisTask:
         self._auth = {"Authorization": f"Bearer {token}"}
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        try:
-            self._conn.request(method, f"{self._base}/v1/tasks/{self.id}{path}", body, self._auth)
-            resp = self._conn.getresponse()
-            data = resp.read()
-        except OSError as e:
-            self._conn.close()
-            raise TaskError(f"node task API at {self._url} unreachable ({e})") from e
-        if resp.status >= 400:
-            raise TaskError(f"{method} {path or 'task'}: {error_message(resp.status, data)}")
-        return data
+        target = f"{self._base}/v1/tasks/{self.id}{path}"
+        return request(self._conn, method, target, body, self._auth,
+                       where=f"node task API at {self._url}", what=f"{method} {path or 'task'}")  # fmt: skip
 
     def heartbeat(self) -> None:
         """Tells the node this task is alive (resets its heartbeat timeout)."""

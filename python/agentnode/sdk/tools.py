@@ -10,8 +10,8 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from agentnode.errors import ConfigError, TaskError
-from agentnode.sdk.transport import connect, error_message
+from agentnode.errors import ConfigError
+from agentnode.sdk.transport import connect, request
 
 if TYPE_CHECKING:
     from mcp import Client
@@ -41,15 +41,8 @@ class Tools:
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        try:
-            self._conn.request(method, f"{self._base}{path}", data, self._auth)
-            resp = self._conn.getresponse()
-            raw = resp.read()
-        except OSError as e:
-            self._conn.close()
-            raise TaskError(f"node API at {self._url} unreachable ({e})") from e
-        if resp.status >= 400:
-            raise TaskError(f"{method} {path}: {error_message(resp.status, raw)}")
+        raw = request(self._conn, method, f"{self._base}{path}", data, self._auth,
+                      where=f"node API at {self._url}", what=f"{method} {path}")  # fmt: skip
         return json.loads(raw)
 
     def list(self) -> list[dict[str, Any]]:

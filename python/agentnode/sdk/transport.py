@@ -7,9 +7,9 @@ import json
 import socket
 from urllib.parse import unquote, urlsplit
 
-from agentnode.errors import ConfigError
+from agentnode.errors import ConfigError, TaskError
 
-__all__ = ["UnixHTTPConnection", "connect", "error_message"]
+__all__ = ["UnixHTTPConnection", "connect", "error_message", "request"]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -52,3 +52,28 @@ def error_message(status: int, body: bytes) -> str:
         return str(json.loads(body)["error"])
     except (ValueError, KeyError, TypeError):
         return body.decode(errors="replace").strip() or f"HTTP {status}"
+
+
+def request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    target: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    *,
+    where: str,
+    what: str,
+) -> bytes:
+    """One request on `conn`; the body of a 2xx/3xx answer. `TaskError` names `where` (the
+    node's address) when it cannot be reached, and `what` with the node's message when it
+    answers an error."""
+    try:
+        conn.request(method, target, body, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    except OSError as e:
+        conn.close()
+        raise TaskError(f"{where} unreachable ({e})") from e
+    if resp.status >= 400:
+        raise TaskError(f"{what}: {error_message(resp.status, data)}")
+    return data
