@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
 
-use crate::errors::NativeError;
+use crate::errors::{with_open, NativeError};
 
 // Addresses as borrowed bytes: extracting a `Vec<u8>` walks the bytes as a sequence of ints,
 // which for a 10k-rule policy costs more than the kernel update.
@@ -72,15 +72,7 @@ impl EgressHandle {
     where
         T: Send,
     {
-        py.detach(|| {
-            let mut guard = self
-                .inner
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let e = guard.as_mut().ok_or(NativeError::Closed)?;
-            f(e).map_err(NativeError::from)
-        })
-        .map_err(PyErr::from)
+        with_open(py, &self.inner, NativeError::Closed, f)
     }
 }
 

@@ -59,3 +59,24 @@ impl From<NativeError> for PyErr {
         }
     }
 }
+
+/// Runs `f` on the object a handle holds in `slot`, with the GIL released; `closed` once the
+/// handle was closed. A poisoned lock is taken as it is: the object stays usable.
+pub(crate) fn with_open<H: Send, T: Send, E>(
+    py: pyo3::Python<'_>,
+    slot: &std::sync::Mutex<Option<H>>,
+    closed: NativeError,
+    f: impl FnOnce(&mut H) -> Result<T, E> + Send,
+) -> pyo3::PyResult<T>
+where
+    NativeError: From<E>,
+{
+    py.detach(|| {
+        let mut guard = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let h = guard.as_mut().ok_or(closed)?;
+        f(h).map_err(NativeError::from)
+    })
+    .map_err(PyErr::from)
+}

@@ -8,7 +8,7 @@ use agentnode_core::exectrace::{self, ExecTracer};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::errors::NativeError;
+use crate::errors::{with_open, NativeError};
 
 /// One exec: `(cgroup_id, time_ns, pid, ppid, uid, filename, argv, argv_truncated)`.
 type RawEvent<'py> = (
@@ -35,15 +35,7 @@ impl ExecTracerHandle {
         py: Python<'_>,
         f: impl FnOnce(&mut ExecTracer) -> Result<T, exectrace::Error> + Send,
     ) -> PyResult<T> {
-        py.detach(|| {
-            let mut guard = self
-                .inner
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let t = guard.as_mut().ok_or(NativeError::ExecTracerClosed)?;
-            f(t).map_err(NativeError::from)
-        })
-        .map_err(PyErr::from)
+        with_open(py, &self.inner, NativeError::ExecTracerClosed, f)
     }
 }
 
