@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from agentnode.errors import PolicyError
@@ -297,6 +298,11 @@ def services_rules(services: Iterable[tuple[str, int]]) -> list[NetRule]:
     return out
 
 
+#: The command-line option of each parameter of `network_and_policy`, for its errors.
+_OPTIONS = {"mode": "--net", "allow": "--allow", "hosts": "--allow-host", "rate": "--egress-rate",
+            "conn_rate": "--conn-rate", "publish": "--publish"}  # fmt: skip
+
+
 def network_and_policy(
     mode: str | None,
     *,
@@ -305,19 +311,15 @@ def network_and_policy(
     rate: str | int | None = None,
     conn_rate: str | int | None = None,
     publish: Sequence[str] = (),
-    names: Sequence[str] = (
-        "--net",
-        "--allow",
-        "--allow-host",
-        "--egress-rate",
-        "--conn-rate",
-        "--publish",
-    ),
+    names: Mapping[str, str] = MappingProxyType({}),
 ) -> tuple[str, EgressPolicy | None]:
     """The network mode and policy a task's options ask for. The mode defaults to `egress`
-    when any rule or rate is given, else `none`. A `PolicyError` starts with the option's name
-    (from `names`, in the order of the parameters) and quotes the bad rule."""
-    net_name, allow_name, hosts_name, rate_name, conn_name, publish_name = names
+    when any rule or rate is given, else `none`. A `PolicyError` starts with the name of the
+    bad value's option (`names` maps parameters to the caller's names; the rest keep the
+    command line's, `--allow`...) and quotes the bad rule."""
+    named = {**_OPTIONS, **names}
+    net_name, allow_name, hosts_name = named["mode"], named["allow"], named["hosts"]
+    rate_name, conn_name, publish_name = named["rate"], named["conn_rate"], named["publish"]
     try:
         policy = EgressPolicy(
             allow=allow, hosts=hosts, rate=rate, conn_rate=conn_rate, publish=publish

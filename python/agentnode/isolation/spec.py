@@ -518,7 +518,14 @@ def _network(
         rate=rate,
         conn_rate=conn_rate,
         publish=publish,
-        names=("network", "allow", "allow_hosts", "egress_rate", "conn_rate", "publish"),
+        names={
+            "mode": "network",
+            "allow": "allow",
+            "hosts": "allow_hosts",
+            "rate": "egress_rate",
+            "conn_rate": "conn_rate",
+            "publish": "publish",
+        },
     )
 
 

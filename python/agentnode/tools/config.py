@@ -92,7 +92,11 @@ def _server(name: str, table: Any) -> MCPServerSpec:
         t.get("network", "none"),
         allow=t.get("allow", []),
         hosts=t.get("allow_hosts", []),
-        names=(f"{where}.network", f"{where}.allow", f"{where}.allow_hosts", "", "", ""),
+        names={
+            "mode": f"{where}.network",
+            "allow": f"{where}.allow",
+            "hosts": f"{where}.allow_hosts",
+        },
     )
     mounts = []
     for key in ("ro", "rw"):
