@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from agentnode import _lazy
 
 if TYPE_CHECKING:
+    from agentnode.inference.attribution import Principal, key_attribution
     from agentnode.inference.config import ProxyConfig, load_config, parse_config
-    from agentnode.inference.server import Principal, create_app, key_attribution
+    from agentnode.inference.server import create_app
 
 __all__ = [
     "Principal",
@@ -27,8 +28,8 @@ __getattr__ = _lazy.exports(
         "ProxyConfig": "config",
         "load_config": "config",
         "parse_config": "config",
-        "Principal": "server",
+        "Principal": "attribution",
         "create_app": "server",
-        "key_attribution": "server",
+        "key_attribution": "attribution",
     },
 )

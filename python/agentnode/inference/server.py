@@ -18,7 +18,6 @@ import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from decimal import Decimal
 from itertools import accumulate
 from typing import Any
@@ -29,14 +28,15 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from yarl import URL
 
-from agentnode.inference.config import Deployment, ProxyConfig, Route, Tenant
+from agentnode.inference.attribution import UNKNOWN_KEY, Attribution, Principal, key_attribution
+from agentnode.inference.config import Deployment, ProxyConfig, Route
 from agentnode.inference.errors import error_event, error_response
 from agentnode.inference.limits import Breaker, Window
 from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage, saving
 from agentnode.inference.prompt_cache import anthropic_marks, cache_key
 from agentnode.inference.store import LedgerRow, Store
 
-__all__ = ["PROXY", "Attribution", "Principal", "Proxy", "create_app", "key_attribution"]
+__all__ = ["PROXY", "Proxy", "create_app"]
 
 RETRYABLE = frozenset({408, 409, 429})
 # Endpoint name → (wire format, path appended to the deployment's base_url).
@@ -67,39 +67,8 @@ _REQUIRED = {
 }
 
 
-_UNKNOWN_KEY = (
-    "missing or unknown API key (a task uses its AGENTNODE_TOKEN, which the SDKs read from "
-    "OPENAI_API_KEY/ANTHROPIC_API_KEY; others a key of [inference.tenants])"
-)
 _MAX_BODY = 64 << 20
 _TOO_LARGE = f"request body is over the {_MAX_BODY}-byte limit"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who a request is billed to: a tenant's API key, or a task's own token in the node."""
-
-    tenant: str
-    task: str | None
-    limits: Tenant | None
-    #: Sees only its tenant's usage even without tenant limits (a task's own token).
-    pinned: bool = False
-
-
-Attribution = Callable[[web.Request, ProxyConfig], Principal | None]
-
-
-def key_attribution(request: web.Request, config: ProxyConfig) -> Principal | None:
-    """API key (Bearer or x-api-key) → tenant; `x-agentnode-task` names the task. None: unknown."""
-    task = request.headers.get("x-agentnode-task") or None
-    if not config.tenants:
-        return Principal("default", task, None)
-    auth = request.headers.get("Authorization", "")
-    key = auth[7:] if auth.startswith("Bearer ") else request.headers.get("x-api-key", "")
-    for t in config.tenants.values():
-        if key in t.api_keys:
-            return Principal(t.name, task, t)
-    return None
 
 
 class _Retryable(Exception):
@@ -306,7 +275,7 @@ class Proxy:
         # Authenticate first: a stranger learns nothing, not even how we validate bodies.
         principal = self.attribution(request, self.config)
         if principal is None:
-            return self._reject(endpoint, fmt, 401, _UNKNOWN_KEY, "invalid_api_key")
+            return self._reject(endpoint, fmt, 401, UNKNOWN_KEY, "invalid_api_key")
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -989,7 +958,7 @@ def _credential(request: web.Request) -> Principal | web.Response | None:
         return None
     principal = proxy.attribution(request, proxy.config)
     if principal is None:
-        return error_response(_caller_format(request), 401, _UNKNOWN_KEY, code="invalid_api_key")
+        return error_response(_caller_format(request), 401, UNKNOWN_KEY, code="invalid_api_key")
     return principal
 
 
@@ -1166,7 +1135,7 @@ async def _usage(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
     principal = proxy.attribution(request, proxy.config)
     if principal is None:
-        return error_response(_caller_format(request), 401, _UNKNOWN_KEY, code="invalid_api_key")
+        return error_response(_caller_format(request), 401, UNKNOWN_KEY, code="invalid_api_key")
     group_by = tuple(g for g in request.query.get("group_by", "tenant").split(",") if g)
     try:
         # A tenant sees only its own spending; without tenants configured, everything.

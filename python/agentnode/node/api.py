@@ -37,9 +37,9 @@ from agentnode.errors import (
     StorageError,
     TaskError,
 )
+from agentnode.inference.attribution import Attribution
+from agentnode.inference.attribution import Principal as InferencePrincipal
 from agentnode.inference.config import ProxyConfig
-from agentnode.inference.server import Attribution
-from agentnode.inference.server import Principal as InferencePrincipal
 from agentnode.isolation.spec import FIELDS, Sandbox, SpecError, check_duration
 from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
