@@ -35,10 +35,11 @@ import uvloop
 from aiohttp import web
 
 from _harness import Bench, percentile
+from agentnode.inference.call import patched
 from agentnode.inference.config import parse_config
 from agentnode.inference.mock import MockUpstream, PromptCache
 from agentnode.inference.prompt_cache import anthropic_marks
-from agentnode.inference.server import _patched, create_app
+from agentnode.inference.server import create_app
 from agentnode.inference.store import LedgerRow, Store
 
 MODEL = "gpt-4o-mini"
@@ -575,7 +576,7 @@ async def caching(bench: Bench) -> None:
             payload = json.loads(raw)
             t1 = time.perf_counter()
             changes = anthropic_marks(payload, min_tokens=1024, ttl="5m") or {}
-            _patched(raw, payload, changes)
+            patched(raw, payload, changes)
             t2 = time.perf_counter()
             parse.append(t1 - t0)
             inject.append(t2 - t1)

@@ -25,6 +25,14 @@ from prometheus_client import generate_latest
 from yarl import URL
 
 from agentnode.inference.attribution import UNKNOWN_KEY, Attribution, Principal, key_attribution
+from agentnode.inference.call import (
+    ENDPOINTS,
+    Call,
+    estimate_tokens,
+    patched,
+    response_cache_key,
+    validate,
+)
 from agentnode.inference.config import Deployment, ProxyConfig, Route
 from agentnode.inference.errors import error_event, error_response
 from agentnode.inference.limits import Breaker, Window
@@ -37,14 +45,6 @@ from agentnode.inference.store import LedgerRow, Store
 __all__ = ["PROXY", "Proxy", "create_app"]
 
 RETRYABLE = frozenset({408, 409, 429})
-# Endpoint name → (wire format, path appended to the deployment's base_url).
-ENDPOINTS = {
-    "chat": ("openai", "/chat/completions"),
-    "completions": ("openai", "/completions"),
-    "embeddings": ("openai", "/embeddings"),
-    "responses": ("openai", "/responses"),
-    "messages": ("anthropic", "/v1/messages"),
-}
 # Request headers the client may send that the upstream must see (Anthropic's API version, betas).
 _FORWARD = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
 # Seconds a finished stream's connection may take to end its HTTP framing and be reused.
@@ -52,16 +52,6 @@ _TAIL_WAIT = 1.0
 # Bytes of a request's leading part (tools, system, first messages) from which requests go to
 # the deployment that has seen it: ~1,024 tokens, the shortest prefix providers cache.
 _AFFINITY_MIN = 4096
-# The field each endpoint cannot do without.
-_REQUIRED = {
-    "chat": "messages",
-    "messages": "messages",
-    "completions": "prompt",
-    "embeddings": "input",
-    "responses": "input",
-}
-
-
 _MAX_BODY = 64 << 20
 _TOO_LARGE = f"request body is over the {_MAX_BODY}-byte limit"
 
@@ -131,43 +121,6 @@ class _DeploymentState:
         )
 
 
-class _Call:
-    """One client request on its way through the proxy."""
-
-    __slots__ = (
-        "body",
-        "cache_key",
-        "endpoint",
-        "fmt",
-        "model",
-        "payload",
-        "principal",
-        "route",
-        "started",
-        "stream",
-        "tokens_estimate",
-        "upstream_complete",
-    )
-
-    def __init__(
-        self, endpoint: str, body: bytes, payload: dict[str, Any], principal: Principal
-    ) -> None:
-        self.endpoint = endpoint
-        self.fmt = ENDPOINTS[endpoint][0]
-        #: The client's bytes, sent upstream as they are unless something must be patched.
-        self.body = body
-        self.payload = payload
-        self.principal = principal
-        self.route: Route | None = None
-        self.model: str = payload["model"]
-        self.stream = payload.get("stream") is True
-        self.started = time.monotonic()
-        self.cache_key: bytes | None = None
-        self.tokens_estimate = 0
-        #: The upstream sent its stream's last event: its connection is worth keeping.
-        self.upstream_complete = False
-
-
 class Proxy:
     """Request handling state: config, one ClientSession, store, limiters, breakers, metrics."""
 
@@ -222,11 +175,11 @@ class Proxy:
             return self._reject(
                 endpoint, fmt, 400, "request body is nested too deeply", "invalid_json"
             )
-        problem = _validate(endpoint, payload)
+        problem = validate(endpoint, payload)
         if problem:
             return self._reject(endpoint, fmt, 400, problem, "invalid_request")
-        call = _Call(endpoint, body, payload, principal)
-        call.tokens_estimate = _estimate_tokens(len(body), payload)
+        call = Call(endpoint, body, payload, principal)
+        call.tokens_estimate = estimate_tokens(len(body), payload)
         refusal = self._admit(call)
         if refusal is not None:
             return refusal
@@ -234,7 +187,7 @@ class Proxy:
         route = call.route = self.config.routes.get(route_name)
         cache_header = request.headers.get("x-agentnode-cache", "").lower()
         if cache_header == "on" or (cache_header != "off" and route is not None and route.cache):
-            call.cache_key = _cache_key(principal.tenant, endpoint, payload)
+            call.cache_key = response_cache_key(principal.tenant, endpoint, payload)
             hit = await self.store.cache_get(call.cache_key)
             if hit is not None:
                 return await self._replay(request, call, *hit)
@@ -252,7 +205,7 @@ class Proxy:
         self.metrics.requests[(endpoint, status)] += 1
         return error_response(fmt, status, message, code=code, retry_after=retry_after)
 
-    def _admit(self, call: _Call) -> web.Response | None:
+    def _admit(self, call: Call) -> web.Response | None:
         """Budgets, then the tenant's and task's rate limits; a refusal names what was hit."""
         p, fmt = call.principal, call.fmt
         t = p.limits
@@ -316,7 +269,7 @@ class Proxy:
 
     # ---- routing and retries ----------------------------------------------------------------
 
-    def _candidates(self, call: _Call, route: Route | None) -> list[tuple[_DeploymentState, str]]:
+    def _candidates(self, call: Call, route: Route | None) -> list[tuple[_DeploymentState, str]]:
         """Deployments in fallback order; within one model, a weighted random order, or for a
         request with a long prefix, the same weighted order for every request sharing it."""
         out: list[tuple[_DeploymentState, str]] = []
@@ -339,7 +292,7 @@ class Proxy:
         return out
 
     async def _forward(
-        self, request: web.Request, call: _Call, route: Route | None
+        self, request: web.Request, call: Call, route: Route | None
     ) -> web.StreamResponse:
         candidates = self._candidates(call, route)
         if not candidates:
@@ -415,7 +368,7 @@ class Proxy:
             retry_after=last_retry_after if status in (429, 503) else None,
         )
 
-    def _deployment_wait(self, state: _DeploymentState, call: _Call) -> float:
+    def _deployment_wait(self, state: _DeploymentState, call: Call) -> float:
         wait = 0.0
         if state.rpm:
             wait = state.rpm.wait_time(1)
@@ -426,7 +379,7 @@ class Proxy:
     async def _attempt(
         self,
         request: web.Request,
-        call: _Call,
+        call: Call,
         state: _DeploymentState,
         model: str,
         tpm_entry: list[float] | None,
@@ -446,7 +399,7 @@ class Proxy:
                 **(opts if isinstance(opts, dict) else {}),
                 "include_usage": True,
             }
-        body = _patched(call.body, call.payload, changes)
+        body = patched(call.body, call.payload, changes)
         headers = state.headers
         forwarded = {k: v for k in _FORWARD if (v := request.headers.get(k))}
         if forwarded:
@@ -501,7 +454,7 @@ class Proxy:
             else:
                 upstream.close()
 
-    def _prompt_cache(self, call: _Call, d: Deployment) -> dict[str, Any]:
+    def _prompt_cache(self, call: Call, d: Deployment) -> dict[str, Any]:
         """Top-level fields to set so the provider's prompt cache hits (see prompt_cache)."""
         route = call.route
         mode = (route.prompt_cache if route else None) or d.prompt_cache
@@ -543,7 +496,7 @@ class Proxy:
 
     async def _complete(
         self,
-        call: _Call,
+        call: Call,
         state: _DeploymentState,
         model: str,
         upstream: aiohttp.ClientResponse,
@@ -570,7 +523,7 @@ class Proxy:
     async def _stream(
         self,
         request: web.Request,
-        call: _Call,
+        call: Call,
         state: _DeploymentState,
         model: str,
         upstream: aiohttp.ClientResponse,
@@ -630,7 +583,7 @@ class Proxy:
         return response
 
     async def _replay(
-        self, request: web.Request, call: _Call, meta: dict[str, Any], body: bytes
+        self, request: web.Request, call: Call, meta: dict[str, Any], body: bytes
     ) -> web.StreamResponse:
         self.metrics.cache_hits += 1
         self._finish(call, None, call.model, 200, Usage(), cache_hit=True)
@@ -645,7 +598,7 @@ class Proxy:
 
     def _finish(
         self,
-        call: _Call,
+        call: Call,
         d: Deployment | None,
         model: str,
         status: int,
@@ -692,22 +645,6 @@ async def _read_text(upstream: aiohttp.ClientResponse) -> str:
     return raw.decode("utf-8", "replace").strip()
 
 
-def _patched(body: bytes, payload: dict[str, Any], changes: dict[str, Any]) -> bytes:
-    """The client's body with top-level fields set. Fields it lacks are spliced in after the
-    object's opening brace rather than re-serialising the body, which costs a long prompt's
-    stream ~0.6 ms of its time to first token at 130 kB (and the body stays the client's own
-    bytes); replacing a field re-serialises, in the client's key order. The body parsed as a
-    JSON object with a model, so `{` comes first and a member follows."""
-    if not changes:
-        return body
-    if not any(k in payload for k in changes):
-        i = body.index(b"{") + 1
-        members = json.dumps(changes, separators=(",", ":"), ensure_ascii=False).encode()
-        return body[:i] + members[1:-1] + b"," + body[i:]
-    patched = payload | changes
-    return json.dumps(patched, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def _retry_after(headers: Any) -> float | None:
     for name, scale in (("retry-after-ms", 0.001), ("Retry-After", 1.0)):
         v = headers.get(name)
@@ -719,31 +656,7 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
-def _validate(endpoint: str, payload: Any) -> str | None:
-    if not isinstance(payload, dict):
-        return "request body must be a JSON object"
-    if not isinstance(payload.get("model"), str) or not payload["model"]:
-        return "'model' is required and must be a non-empty string"
-    if "stream" in payload and not isinstance(payload["stream"], bool):
-        return "'stream' must be true or false"
-    field = _REQUIRED[endpoint]
-    if field not in payload:
-        return f"'{field}' is required"
-    if endpoint in ("chat", "messages") and not isinstance(payload["messages"], list):
-        return "'messages' must be a list"
-    if endpoint == "messages" and not isinstance(payload.get("max_tokens"), int):
-        return "'max_tokens' is required and must be an integer"
-    return None
-
-
-def _estimate_tokens(body_bytes: int, payload: dict[str, Any]) -> int:
-    """Before the call: ~4 bytes per prompt token plus the output cap. Never tokenizes."""
-    out = payload.get("max_tokens") or payload.get("max_completion_tokens") or 0
-    out = out or payload.get("max_output_tokens") or 0
-    return body_bytes // 4 + (out if isinstance(out, int) else 0)
-
-
-def _prefix_key(call: _Call) -> bytes | None:
+def _prefix_key(call: Call) -> bytes | None:
     """A digest of what an agent resends unchanged on every step of one conversation (tools,
     system prompt, messages up to the first user message), or None when it is too short for a
     provider to cache."""
@@ -773,12 +686,6 @@ def _rendezvous(pool: list[_DeploymentState], key: bytes) -> list[_DeploymentSta
         return -s.deployment.weight / math.log(u)
 
     return sorted(pool, key=score, reverse=True)
-
-
-def _cache_key(tenant: str, endpoint: str, payload: dict[str, Any]) -> bytes:
-    """Per tenant: a hit must not reveal what another tenant asked."""
-    normal = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{tenant}\n{endpoint}\n{normal}".encode()).digest()
 
 
 PROXY = web.AppKey("proxy", Proxy)
