@@ -22,7 +22,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
-from yarl import URL
 
 from agentnode.inference.attribution import UNKNOWN_KEY, Attribution, Principal, key_attribution
 from agentnode.inference.call import (
@@ -35,16 +34,22 @@ from agentnode.inference.call import (
 )
 from agentnode.inference.config import Deployment, ProxyConfig, Route
 from agentnode.inference.errors import error_event, error_response
-from agentnode.inference.limits import Breaker, Window
+from agentnode.inference.limits import Window
 from agentnode.inference.metrics import Metrics
 from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage, saving
 from agentnode.inference.prompt_cache import anthropic_marks, cache_key
 from agentnode.inference.sse import EventStream, UsageReader, sse_events
 from agentnode.inference.store import LedgerRow, Store
+from agentnode.inference.upstream import (
+    RETRYABLE,
+    DeploymentState,
+    Retryable,
+    read_text,
+    retry_after_header,
+)
 
 __all__ = ["PROXY", "Proxy", "create_app"]
 
-RETRYABLE = frozenset({408, 409, 429})
 # Request headers the client may send that the upstream must see (Anthropic's API version, betas).
 _FORWARD = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
 # Seconds a finished stream's connection may take to end its HTTP framing and be reused.
@@ -54,71 +59,6 @@ _TAIL_WAIT = 1.0
 _AFFINITY_MIN = 4096
 _MAX_BODY = 64 << 20
 _TOO_LARGE = f"request body is over the {_MAX_BODY}-byte limit"
-
-
-class _Retryable(Exception):
-    """An upstream failure worth retrying or falling back from."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 502,
-        retry_after: float | None = None,
-        connection: bool = False,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-        #: The deployment could not be reached at all: every model it serves is down with it.
-        self.connection = connection
-
-
-class _DeploymentState:
-    """A deployment's limiters and breakers, and what every request to it reuses: its URLs,
-    headers and timeouts are built once, not per request.
-
-    Breakers are per (deployment, model), as one model of a deployment may fail while the
-    others serve; only failures to reach the deployment at all count against `breaker`, the
-    deployment-wide one."""
-
-    __slots__ = (
-        "breaker",
-        "deployment",
-        "headers",
-        "model_breakers",
-        "rpm",
-        "timeouts",
-        "tpm",
-        "urls",
-    )
-
-    def __init__(self, d: Deployment, config: ProxyConfig) -> None:
-        self.deployment = d
-        self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown)
-        self.model_breakers = {
-            m: Breaker(config.breaker_failures, config.breaker_cooldown) for m in d.models
-        }
-        self.rpm = Window(f"deployment {d.name} rpm", d.rpm) if d.rpm else None
-        self.tpm = Window(f"deployment {d.name} tpm", d.tpm) if d.tpm else None
-        self.urls = {e: URL(d.base_url + path) for e, (_, path) in ENDPOINTS.items()}
-        headers = {"Content-Type": "application/json"}
-        if d.kind == "anthropic":
-            headers["anthropic-version"] = "2023-06-01"  # the client's own, if sent, wins
-            if d.api_key:
-                headers["x-api-key"] = d.api_key
-        elif d.api_key:
-            headers["Authorization"] = f"Bearer {d.api_key}"
-        self.headers = headers
-        # Indexed by "is a stream": a stream may last as long as it keeps sending.
-        self.timeouts = tuple(
-            aiohttp.ClientTimeout(
-                total=None if stream else d.timeout,
-                sock_connect=d.connect_timeout,
-                sock_read=d.first_byte_timeout,
-            )
-            for stream in (False, True)
-        )
 
 
 class Proxy:
@@ -136,9 +76,9 @@ class Proxy:
         self.store = store
         self.session = session
         self.attribution = attribution
-        self.deployments = {n: _DeploymentState(d, config) for n, d in config.deployments.items()}
+        self.deployments = {n: DeploymentState(d, config) for n, d in config.deployments.items()}
         # (kind, model) → the deployments serving it: routing looks this up, never scans.
-        self._pools: dict[tuple[str, str], list[_DeploymentState]] = {}
+        self._pools: dict[tuple[str, str], list[DeploymentState]] = {}
         for state in self.deployments.values():
             for m in state.deployment.models:
                 self._pools.setdefault((state.deployment.kind, m), []).append(state)
@@ -269,10 +209,10 @@ class Proxy:
 
     # ---- routing and retries ----------------------------------------------------------------
 
-    def _candidates(self, call: Call, route: Route | None) -> list[tuple[_DeploymentState, str]]:
+    def _candidates(self, call: Call, route: Route | None) -> list[tuple[DeploymentState, str]]:
         """Deployments in fallback order; within one model, a weighted random order, or for a
         request with a long prefix, the same weighted order for every request sharing it."""
-        out: list[tuple[_DeploymentState, str]] = []
+        out: list[tuple[DeploymentState, str]] = []
         for model in route.models if route else (call.model,):
             pool = self._pools.get((call.fmt, model))
             if pool is None:
@@ -327,7 +267,7 @@ class Proxy:
             for attempt in range(d.retries + 1):
                 try:
                     response = await self._attempt(request, call, state, model, tpm_entry)
-                except _Retryable as e:
+                except Retryable as e:
                     self.metrics.attempts[(d.name, "retryable")] += 1
                     breaker = state.breaker if e.connection else model_breaker
                     breaker.failure()
@@ -368,7 +308,7 @@ class Proxy:
             retry_after=last_retry_after if status in (429, 503) else None,
         )
 
-    def _deployment_wait(self, state: _DeploymentState, call: Call) -> float:
+    def _deployment_wait(self, state: DeploymentState, call: Call) -> float:
         wait = 0.0
         if state.rpm:
             wait = state.rpm.wait_time(1)
@@ -380,7 +320,7 @@ class Proxy:
         self,
         request: web.Request,
         call: Call,
-        state: _DeploymentState,
+        state: DeploymentState,
         model: str,
         tpm_entry: list[float] | None,
     ) -> web.StreamResponse:
@@ -412,21 +352,21 @@ class Proxy:
         except TimeoutError as e:
             # Only a connect that timed out is the deployment's; a slow answer is the model's.
             connecting = isinstance(e, aiohttp.ConnectionTimeoutError)
-            raise _Retryable(
+            raise Retryable(
                 f"timed out after {d.connect_timeout if connecting else d.first_byte_timeout} s "
                 + ("connecting" if connecting else "waiting for the response"),
                 status=504,
                 connection=connecting,
             ) from None
         except aiohttp.ClientError as e:
-            raise _Retryable(f"cannot reach {url}: {e}", connection=True) from None
+            raise Retryable(f"cannot reach {url}: {e}", connection=True) from None
         try:
             if upstream.status in RETRYABLE or upstream.status >= 500:
-                text = await _read_text(upstream)
-                raise _Retryable(
+                text = await read_text(upstream)
+                raise Retryable(
                     f"HTTP {upstream.status}: {text[:200]}",
                     status=upstream.status,
-                    retry_after=_retry_after(upstream.headers),
+                    retry_after=retry_after_header(upstream.headers),
                 )
             if upstream.status != 200:
                 # The client's own mistake: pass the provider's error through unchanged.
@@ -441,9 +381,9 @@ class Proxy:
                 )
             return await self._complete(call, state, model, upstream, tpm_entry)
         except TimeoutError:
-            raise _Retryable(f"no response within {d.first_byte_timeout} s", status=504) from None
+            raise Retryable(f"no response within {d.first_byte_timeout} s", status=504) from None
         except aiohttp.ClientError as e:
-            raise _Retryable(f"connection failed: {e}") from None
+            raise Retryable(f"connection failed: {e}") from None
         finally:
             # A fully read response returns its connection to the pool; anything else (client
             # gone, error) closes it, which is what cancels the upstream's work.
@@ -497,7 +437,7 @@ class Proxy:
     async def _complete(
         self,
         call: Call,
-        state: _DeploymentState,
+        state: DeploymentState,
         model: str,
         upstream: aiohttp.ClientResponse,
         tpm_entry: list[float] | None,
@@ -509,7 +449,7 @@ class Proxy:
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
         except ValueError:
-            raise _Retryable(
+            raise Retryable(
                 f"deployment {d.name} returned a body that is not JSON ({len(raw)} bytes)"
             ) from None
         usage = (anthropic_usage if d.kind == "anthropic" else openai_usage)(obj.get("usage"))
@@ -524,7 +464,7 @@ class Proxy:
         self,
         request: web.Request,
         call: Call,
-        state: _DeploymentState,
+        state: DeploymentState,
         model: str,
         upstream: aiohttp.ClientResponse,
         wants_usage: bool,
@@ -536,9 +476,9 @@ class Proxy:
         try:
             first = await anext(events)
         except StopAsyncIteration:
-            raise _Retryable(f"deployment {d.name} closed the stream before any event") from None
+            raise Retryable(f"deployment {d.name} closed the stream before any event") from None
         except ValueError as e:
-            raise _Retryable(f"deployment {d.name} sent a stream that is not SSE: {e}") from None
+            raise Retryable(f"deployment {d.name} sent a stream that is not SSE: {e}") from None
         response = EventStream(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -640,22 +580,6 @@ class Proxy:
         self.store.record(row)
 
 
-async def _read_text(upstream: aiohttp.ClientResponse) -> str:
-    raw = await upstream.read()
-    return raw.decode("utf-8", "replace").strip()
-
-
-def _retry_after(headers: Any) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("Retry-After", 1.0)):
-        v = headers.get(name)
-        if v is not None:
-            try:
-                return max(0.0, float(v) * scale)
-            except ValueError:
-                continue
-    return None
-
-
 def _prefix_key(call: Call) -> bytes | None:
     """A digest of what an agent resends unchanged on every step of one conversation (tools,
     system prompt, messages up to the first user message), or None when it is too short for a
@@ -674,13 +598,13 @@ def _prefix_key(call: Call) -> bytes | None:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
-def _rendezvous(pool: list[_DeploymentState], key: bytes) -> list[_DeploymentState]:
+def _rendezvous(pool: list[DeploymentState], key: bytes) -> list[DeploymentState]:
     """The pool in weighted rendezvous order for `key`: the same first choice for every request
     with this key while the pool is the same (so a provider's prompt cache, which lives with one
     deployment, hits), keys spread in proportion to the weights, and when the first choice is
     unavailable the next is again the same for all of them."""
 
-    def score(s: _DeploymentState) -> float:
+    def score(s: DeploymentState) -> float:
         h = hashlib.blake2b(key + s.deployment.name.encode(), digest_size=8).digest()
         u = (int.from_bytes(h) + 1) / (2**64 + 1)  # uniform in (0, 1)
         return -s.deployment.weight / math.log(u)
