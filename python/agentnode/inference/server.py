@@ -10,9 +10,7 @@ split into buckets, priced exactly and written to the ledger off the event loop.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +36,7 @@ from agentnode.inference.limits import Window
 from agentnode.inference.metrics import Metrics
 from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage, saving
 from agentnode.inference.prompt_cache import anthropic_marks, cache_key
+from agentnode.inference.routing import Router
 from agentnode.inference.sse import EventStream, UsageReader, sse_events
 from agentnode.inference.store import LedgerRow, Store
 from agentnode.inference.upstream import (
@@ -54,9 +53,6 @@ __all__ = ["PROXY", "Proxy", "create_app"]
 _FORWARD = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
 # Seconds a finished stream's connection may take to end its HTTP framing and be reused.
 _TAIL_WAIT = 1.0
-# Bytes of a request's leading part (tools, system, first messages) from which requests go to
-# the deployment that has seen it: ~1,024 tokens, the shortest prefix providers cache.
-_AFFINITY_MIN = 4096
 _MAX_BODY = 64 << 20
 _TOO_LARGE = f"request body is over the {_MAX_BODY}-byte limit"
 
@@ -77,11 +73,7 @@ class Proxy:
         self.session = session
         self.attribution = attribution
         self.deployments = {n: DeploymentState(d, config) for n, d in config.deployments.items()}
-        # (kind, model) → the deployments serving it: routing looks this up, never scans.
-        self._pools: dict[tuple[str, str], list[DeploymentState]] = {}
-        for state in self.deployments.values():
-            for m in state.deployment.models:
-                self._pools.setdefault((state.deployment.kind, m), []).append(state)
+        self.router = Router(self.deployments.values())
         self.tenant_windows: dict[tuple[str, str, str | None], Window] = {}
         self.metrics = Metrics()
         self._tails: set[asyncio.Task[None]] = set()
@@ -207,34 +199,12 @@ class Proxy:
             w = self.tenant_windows[key] = Window(name, limit)
         return w
 
-    # ---- routing and retries ----------------------------------------------------------------
-
-    def _candidates(self, call: Call, route: Route | None) -> list[tuple[DeploymentState, str]]:
-        """Deployments in fallback order; within one model, a weighted random order, or for a
-        request with a long prefix, the same weighted order for every request sharing it."""
-        out: list[tuple[DeploymentState, str]] = []
-        for model in route.models if route else (call.model,):
-            pool = self._pools.get((call.fmt, model))
-            if pool is None:
-                continue
-            if len(pool) == 1:
-                out.append((pool[0], model))
-                continue
-            prefix = _prefix_key(call)
-            if prefix is not None:
-                out.extend((s, model) for s in _rendezvous(pool, prefix))
-                continue
-            pool = list(pool)
-            while pool:
-                pick = random.choices(pool, weights=[s.deployment.weight for s in pool])[0]
-                pool.remove(pick)
-                out.append((pick, model))
-        return out
+    # ---- retries and fallback ----------------------------------------------------------------
 
     async def _forward(
         self, request: web.Request, call: Call, route: Route | None
     ) -> web.StreamResponse:
-        candidates = self._candidates(call, route)
+        candidates = self.router.candidates(call, route)
         if not candidates:
             return self._reject(
                 call.endpoint,
@@ -578,38 +548,6 @@ class Proxy:
             **buckets,
         )
         self.store.record(row)
-
-
-def _prefix_key(call: Call) -> bytes | None:
-    """A digest of what an agent resends unchanged on every step of one conversation (tools,
-    system prompt, messages up to the first user message), or None when it is too short for a
-    provider to cache."""
-    p = call.payload
-    messages = p.get("messages")
-    first: list[Any] = []
-    for m in messages if isinstance(messages, list) else ():
-        first.append(m)
-        if isinstance(m, dict) and m.get("role") == "user":
-            break
-    head = [p.get("tools"), p.get("system"), first]
-    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(raw) < _AFFINITY_MIN:
-        return None
-    return hashlib.blake2b(raw, digest_size=16).digest()
-
-
-def _rendezvous(pool: list[DeploymentState], key: bytes) -> list[DeploymentState]:
-    """The pool in weighted rendezvous order for `key`: the same first choice for every request
-    with this key while the pool is the same (so a provider's prompt cache, which lives with one
-    deployment, hits), keys spread in proportion to the weights, and when the first choice is
-    unavailable the next is again the same for all of them."""
-
-    def score(s: DeploymentState) -> float:
-        h = hashlib.blake2b(key + s.deployment.name.encode(), digest_size=8).digest()
-        u = (int.from_bytes(h) + 1) / (2**64 + 1)  # uniform in (0, 1)
-        return -s.deployment.weight / math.log(u)
-
-    return sorted(pool, key=score, reverse=True)
 
 
 PROXY = web.AppKey("proxy", Proxy)
