@@ -20,7 +20,8 @@ from aiohttp import web
 
 from agentnode.inference.config import parse_config
 from agentnode.inference.mock import MockUpstream
-from agentnode.inference.server import PROXY, Proxy, create_app
+from agentnode.inference.proxy import Proxy
+from agentnode.inference.server import PROXY, create_app
 from agentnode.inference.store import LedgerRow
 
 T = TypeVar("T")
