@@ -40,7 +40,8 @@ def cgroup_hierarchy() -> str:
 class CgroupManager:
     """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""
 
-    def __new__(cls) -> CgroupManager: ...
+    def __new__(cls, *, ahead: bool = True) -> CgroupManager:
+        """`ahead=False`: no spare cgroups or zygotes made ahead (a process starting one task)."""
     @property
     def name(self) -> str:
         """The instance name, `n<pid>-<starttime>`."""

@@ -12,14 +12,16 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
 
 from agentnode import _native
 from agentnode.egress.policy import NET_MODES, EgressPolicy
 from agentnode.errors import UsageError
 from agentnode.isolation.spec import NOBODY, Limits, Mount, Sandbox, parse_user
 
+TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
+    from typing import IO, Literal
+
     # Only a networked task needs these, and they bring asyncio: `agentnode exec` without
     # a network starts in a fraction of the time without them.
     from agentnode.egress.enforce import Denial
@@ -32,6 +34,7 @@ __all__ = [
     "Result",
     "Stats",
     "Task",
+    "one_shot",
     "prepare_workspace",
     "spawn",
     "use_data_dir",
@@ -71,7 +74,8 @@ def _make_dir(path: Path, what: str, hint: str) -> None:
 #: With a user namespace, task ids 0..65535 map to host ids from here on.
 USERNS_BASE = 100_000
 
-Stdio = Literal["inherit", "pipe", "null"] | int | str | os.PathLike[str]
+if TYPE_CHECKING:
+    Stdio = Literal["inherit", "pipe", "null"] | int | str | os.PathLike[str]
 
 
 class ExitReason(enum.Enum):
@@ -120,6 +124,7 @@ class Result:
 
 _lock = threading.Lock()
 _manager: _native.CgroupManager | None = None
+_ahead = True
 _network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
 
@@ -128,9 +133,18 @@ def _cgroups() -> _native.CgroupManager:
     global _manager
     with _lock:
         if _manager is None:
-            _manager = _native.CgroupManager()
+            _manager = _native.CgroupManager(ahead=_ahead)
             atexit.register(_shutdown)
         return _manager
+
+
+def one_shot() -> None:
+    """Declares that this process starts one task and then exits (`agentnode exec`): nothing is
+    made ahead for later starts (spare task cgroups, zygotes), which would only be removed again
+    at exit: on a hybrid host that was some 30 directories made and removed, a zygote cloned and
+    killed, and two threads more on a busy machine. Call it before the first `spawn`."""
+    global _ahead
+    _ahead = False
 
 
 def _default_network() -> EgressService:

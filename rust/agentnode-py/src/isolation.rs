@@ -20,18 +20,25 @@ pub struct CgroupManager {
     /// zygotes sit in cgroups of the instance, which `inner` removes when dropped.
     zygotes: OnceLock<Zygotes>,
     inner: Mutex<Option<Manager>>,
+    /// Whether spare cgroups and zygotes are made ahead of the starts.
+    ahead: bool,
 }
 
 #[pymethods]
 impl CgroupManager {
     #[new]
-    fn new(py: Python<'_>) -> PyResult<Self> {
+    #[pyo3(signature = (*, ahead = true))]
+    fn new(py: Python<'_>, ahead: bool) -> PyResult<Self> {
         let m = py
             .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h)))
             .map_err(NativeError::from)?;
+        if !ahead {
+            m.make_none_ahead();
+        }
         Ok(Self {
             zygotes: OnceLock::new(),
             inner: Mutex::new(Some(m)),
+            ahead,
         })
     }
 
@@ -78,9 +85,12 @@ impl CgroupManager {
 }
 
 impl CgroupManager {
-    /// A ready zygote for a task staged on `stage`, unless the manager is closed or none is
-    /// ready; the first call starts the pool.
+    /// A ready zygote for a task staged on `stage`, unless the manager is closed, makes nothing
+    /// ahead, or none is ready; the first call starts the pool.
     fn take_zygote(&self, stage: &Path) -> Option<zygote::Zygote> {
+        if !self.ahead {
+            return None;
+        }
         if let Some(pool) = self.zygotes.get() {
             return pool.take();
         }
