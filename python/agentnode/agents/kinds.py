@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from agentnode.egress.policy import HostRule, parse_host
 from agentnode.errors import PolicyError, TaskError
 from agentnode.isolation.spec import Mount
 from agentnode.tasks.model import DEFAULT_MEMORY, TaskSpec
+
+TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
+if TYPE_CHECKING:
+    from typing import Any
+
 
 __all__ = ["KINDS", "LLM_HOSTS", "AgentSpec", "agents_cache", "llm_environment", "prepare"]
 

@@ -12,9 +12,12 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 from agentnode.errors import PolicyError
+
+TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "MAX_CONN_RATE",
