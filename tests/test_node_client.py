@@ -50,3 +50,58 @@ def test_a_request_cut_off_is_repeated_only_when_repeating_is_harmless(tmp_path:
         # ...and under a POST, which is not repeated: the error says what may have happened.
         with pytest.raises(AgentnodeError, match="may or may not have been applied"):
             client.call("POST", "/v1/tasks", {"command": ["true"]})
+
+
+def answer_once(path: Path, reply: bytes) -> threading.Thread:
+    """Answers one request with `reply` as it is, then closes the connection."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def run() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"ok\r\n5;x=y\r\n": 1}\r\n0\r\n\r\n',
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"ok": 1}',  # ends at close
+        b'HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\n{"ok": 1}',
+    ],
+    ids=["chunked", "until-close", "http-1.0"],
+)
+def test_every_framing_of_an_answer_is_read_whole(tmp_path: Path, reply: bytes) -> None:
+    sock = tmp_path / "api.sock"
+    answer_once(sock, reply)
+    with NodeClient(sock, timeout=5) as client:
+        assert client.call("GET", "/healthz") == {"ok": 1}
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP/1.x answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{}", "ended after 2 of 20 body bytes"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{}", "ended inside a chunk"),
+        (b"HTTP/1.1 200 OK\r\nContent-Len", "ended inside its headers"),
+    ],
+    ids=["not-http", "short-body", "short-chunk", "short-headers"],
+)
+def test_an_answer_that_is_not_whole_http_is_one_clear_error(
+    tmp_path: Path, reply: bytes, problem: str
+) -> None:
+    sock = tmp_path / "api.sock"
+    answer_once(sock, reply)
+    with NodeClient(sock, timeout=5) as client, pytest.raises(AgentnodeError) as e:
+        client.call("GET", "/healthz")
+    assert problem in str(e.value)
+    assert "\n" not in str(e.value)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import select
 import socket
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.node.paths import DEFAULT_SOCKET
-from agentnode.sdk.transport import UnixHTTPConnection
+from agentnode.node.unixhttp import Closed, exchange
+
+TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["NodeClient", "NodeNotRunning", "default_socket"]
 
@@ -33,7 +35,8 @@ class NodeClient:
     """Calls the node's admin API; raises AgentnodeError with the API's own message.
 
     `call` keeps one connection per thread open between calls (HTTP keep-alive): a new unix
-    connection costs the client and the node more than a small request does. A connection the
+    connection costs the client and the node more than a small request does. It speaks
+    HTTP/1.1 itself (`unixhttp`): http.client's imports were a quarter of a command's time. A connection the
     node has closed (idle timeout, restart) is noticed before it is reused. Streams (`stream`)
     get a connection of their own. `close()` (or leaving a `with` block) closes the kept ones;
     a thread's connection also goes with the thread.
@@ -59,9 +62,9 @@ class NodeClient:
         with self._lock:
             kept = list(self._kept)
         for k in kept:
-            k.conn.close()
+            k.close()
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self) -> tuple[_Kept, bool]:
         """This thread's kept connection (and whether it was used before), or a new one."""
         if os.getpid() != self._pid:  # a forked child must not talk over its parent's socket
             self._pid = os.getpid()
@@ -70,45 +73,53 @@ class NodeClient:
             self._local = threading.local()
         kept: _Kept | None = getattr(self._local, "kept", None)
         if kept is None:
-            kept = self._local.kept = _Kept(
-                UnixHTTPConnection(str(self.path), timeout=self.timeout)
-            )
+            kept = self._local.kept = _Kept()
             with self._lock:
                 self._kept.add(kept)
-            return kept.conn, False
-        conn = kept.conn
-        if conn.sock is not None and not _dropped(conn.sock):
-            return conn, True
-        conn.close()  # the next request opens it again
-        return conn, False
+            return kept, False
+        if kept.sock is not None and not _dropped(kept.sock):
+            return kept, True
+        kept.close()  # the next request opens it again
+        return kept, False
 
-    def _send(
-        self, conn: http.client.HTTPConnection, method: str, url: str, body: Any
-    ) -> http.client.HTTPResponse:
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+    @contextlib.contextmanager
+    def _reaching(self, close: Callable[[], None]) -> Iterator[None]:
+        """Says what it means when the socket cannot be reached; `close`s on any error."""
         try:
-            conn.request(method, url, payload, headers)
-            return conn.getresponse()
+            yield
         except (FileNotFoundError, ConnectionRefusedError):
-            conn.close()
+            close()
             raise NodeNotRunning(
                 f"agentnode is not running at {self.path} (start it with 'sudo agentnode run')"
             ) from None
         except PermissionError:
-            conn.close()
+            close()
             raise NodeNotRunning(
                 f"no permission to use {self.path} (run as root or join the agentnode group)"
             ) from None
         except BaseException:
-            conn.close()
+            close()
             raise
 
+    def _send(self, kept: _Kept, method: str, url: str, body: Any) -> tuple[int, bytes]:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        with self._reaching(kept.close):
+            if kept.sock is None:
+                kept.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                kept.sock.settimeout(self.timeout)
+                kept.sock.connect(str(self.path))
+            status, data, keep = exchange(kept.sock, method, url, payload, headers)
+        if not keep:
+            kept.close()
+        return status, data
+
     def call(self, method: str, url: str, body: Any = None) -> Any:
-        conn, reused = self._connection()
+        """One request to the API; the answer's JSON. AgentnodeError with the node's message."""
+        kept, reused = self._connection()
         try:
-            resp = self._send(conn, method, url, body)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            status, raw = self._send(kept, method, url, body)
+        except (Closed, ConnectionResetError, BrokenPipeError):
             # The node closed a kept connection as this request went out. It had not read
             # the request, but a node that died mid-request looks the same: only a request
             # that may be repeated is sent again.
@@ -117,18 +128,25 @@ class NodeClient:
                     f"the node closed the connection during {method} {url}; it may or may not "
                     "have been applied (check with 'agentnode ps')"
                 ) from None
-            conn, _ = self._connection()
-            resp = self._send(conn, method, url, body)
-        raw = resp.read()
-        if resp.status >= 400:
-            raise _error(resp.status, raw, method, url)
+            kept, _ = self._connection()
+            status, raw = self._send(kept, method, url, body)
+        except ValueError as e:
+            raise AgentnodeError(
+                f"the node answered {method} {url.partition('?')[0]} with something that is not "
+                f"HTTP ({e}; is the socket an agentnode API?)"
+            ) from None
+        if status >= 400:
+            raise _error(status, raw, method, url)
         return json.loads(raw)
 
     def stream(self, url: str) -> Iterator[bytes]:
         """The response body as it arrives (logs -f, events), on a connection of its own."""
+        from agentnode.sdk.transport import UnixHTTPConnection
+
         conn = UnixHTTPConnection(str(self.path), timeout=self.timeout)
-        with contextlib.closing(conn):
-            resp = self._send(conn, "GET", url, None)
+        with contextlib.closing(conn), self._reaching(conn.close):
+            conn.request("GET", url)
+            resp = conn.getresponse()
             if resp.status >= 400:
                 raise _error(resp.status, resp.read(), "GET", url)
             while chunk := resp.read1(1 << 16):
@@ -153,13 +171,19 @@ def _error(status: int, body: bytes, method: str, url: str) -> AgentnodeError:
 class _Kept:
     """A thread's kept connection, closed when the thread (and so its local storage) ends."""
 
-    __slots__ = ("__weakref__", "conn")
+    __slots__ = ("__weakref__", "sock")
 
-    def __init__(self, conn: http.client.HTTPConnection) -> None:
-        self.conn = conn
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+
+    def close(self) -> None:
+        """Closes the socket; the next request opens a new one."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def __del__(self) -> None:
-        self.conn.close()
+        self.close()
 
 
 #: Methods whose repetition has the effect of one call.
