@@ -75,6 +75,10 @@ def test_a_command_imports_only_its_own_layer() -> None:
 
 
 HEAVY = ("aiohttp", "dns", "litellm", "uvloop", "prometheus_client", "rocksdict", "asyncio")
+# Standard modules of a few milliseconds each that the quick commands leave alone: typing (the
+# hints are the checker's), shutil (it brings bz2 and lzma), http.client with email and ssl (the
+# node is spoken to by node.unixhttp); exec also json. A stream (`logs`) keeps http.client.
+LIGHT = ("typing", "shutil", "http", "email", "ssl")
 
 
 def _imported_by(args: list[str], tmp_path: Path) -> set[str]:
@@ -105,12 +109,16 @@ def _imported_by(args: list[str], tmp_path: Path) -> set[str]:
 )
 def test_commands_do_not_import_the_servers(args: list[str], tmp_path: Path) -> None:
     """The CLI answers in milliseconds: `exec`, `ps`, `submit`, `--help` never load aiohttp,
-    dnspython, the LLM stack, uvloop or even asyncio (each costs tens of milliseconds)."""
+    dnspython, the LLM stack, uvloop or even asyncio (each costs tens of milliseconds), nor
+    the standard modules of a few milliseconds they can do without (`LIGHT`)."""
     if args[0] == "exec" and os.geteuid() != 0:
         pytest.skip("exec needs root")
     modules = _imported_by(args, tmp_path)
     assert "agentnode" in modules
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    if args[0] != "logs":
+        light = {*LIGHT, "json"} if args[0] == "exec" else set(LIGHT)
+        assert not modules & light, sorted(modules & light)
 
 
 def test_exec_with_a_network_still_finds_its_dns_forwarder(tmp_path: Path) -> None:
