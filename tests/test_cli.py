@@ -77,8 +77,10 @@ def test_a_command_imports_only_its_own_layer() -> None:
 HEAVY = ("aiohttp", "dns", "litellm", "uvloop", "prometheus_client", "rocksdict", "asyncio")
 # Standard modules of a few milliseconds each that the quick commands leave alone: typing (the
 # hints are the checker's), shutil (it brings bz2 and lzma), http.client with email and ssl (the
-# node is spoken to by node.unixhttp); exec also json. A stream (`logs`) keeps http.client.
-LIGHT = ("typing", "shutil", "http", "email", "ssl")
+# node is spoken to by node.unixhttp), inspect's dis (inspect stays the stand-in cli puts in
+# for dataclasses: a dataclass without a docstring would load it); exec also json. A stream
+# (`logs`) keeps http.client.
+LIGHT = ("typing", "shutil", "http", "email", "ssl", "dis")
 
 
 def _imported_by(args: list[str], tmp_path: Path) -> set[str]:

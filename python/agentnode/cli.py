@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import types
 from collections.abc import Callable, Sequence
 
 from agentnode.errors import AgentnodeError, UsageError
@@ -139,8 +140,32 @@ def _with_hint(message: str, command: str | None) -> str:
 _NAMES = frozenset(name for names in COMMANDS.values() for name in names)
 
 
+def _defer_inspect() -> None:
+    """Makes `inspect` load on first use. dataclasses imports it (with ast, dis and tokenize:
+    ~6 ms of CPU, a tenth of a quick command) for one thing only, the signature it writes into
+    the docstring of a dataclass that has none; the commands' dataclasses all have one
+    (test_cli checks that `exec`, `ps`, `submit` never load it). Not importlib's LazyLoader:
+    an `import inspect` of a module it made already loads it (the import reads `__spec__`)."""
+    if "inspect" in sys.modules:
+        return
+    stub = types.ModuleType("inspect", "Stands in for the inspect module until first used.")
+
+    def load(name: str) -> object:
+        if sys.modules.get("inspect") is stub:
+            del sys.modules["inspect"]
+        real = importlib.import_module("inspect")
+        # Whoever imported the stand-in (dataclasses) holds it: it becomes the real one's copy.
+        stub.__dict__.update(real.__dict__)
+        stub.__dict__.pop("__getattr__", None)
+        return getattr(real, name)
+
+    stub.__dict__["__getattr__"] = load
+    sys.modules["inspect"] = stub
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI and returns its exit code."""
+    _defer_inspect()
     args_list = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere before "--" (after it, words belong to the task's command).
     end = args_list.index("--") if "--" in args_list else len(args_list)
