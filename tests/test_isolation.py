@@ -763,6 +763,36 @@ def test_cgroups_made_ahead_are_handed_out_once_and_removed_at_exit(tmp_path: Pa
         assert not any(e.name.startswith(f"n{p.pid}-") for e in d.parent.iterdir())
 
 
+ONE_SHOT = """
+import json, os, sys, time
+from agentnode.isolation import spawn, task
+task.one_shot()
+m = task._cgroups()
+for _ in range(3):
+    spawn(["true"], workspace=sys.argv[1]).wait()
+time.sleep(0.3)  # what a pool would have made by now
+threads = sorted(
+    open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")
+)
+print(json.dumps({"spares": m.spares(), "zygotes": len(m.zygotes()), "threads": threads}))
+"""
+
+
+def test_a_one_task_process_makes_nothing_ahead(tmp_path: Path) -> None:
+    """`agentnode exec` starts one task: no spare cgroups, network namespaces or zygotes are
+    made for starts that never come, and no thread is started to make them."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    p = subprocess.run(
+        [sys.executable, "-c", ONE_SHOT, str(ws)], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got["spares"] == [] and got["zygotes"] == 0
+    pools = {"agentnode-cgroups", "agentnode-netns", "agentnode-zygote", "agentnode-mounts"}
+    assert not pools & set(got["threads"]), got["threads"]
+
+
 ZYGOTES = """
 import json, os, signal, sys, time
 from agentnode.errors import SandboxError

@@ -18,6 +18,7 @@ __all__ = [
     "cgroup_hierarchy",
     "cgroup_id",
     "doctor",
+    "make_nothing_ahead",
     "noop",
     "spawn",
     "sweep_cgroups",
@@ -40,8 +41,7 @@ def cgroup_hierarchy() -> str:
 class CgroupManager:
     """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""
 
-    def __new__(cls, *, ahead: bool = True) -> CgroupManager:
-        """`ahead=False`: no spare cgroups or zygotes made ahead (a process starting one task)."""
+    def __new__(cls) -> CgroupManager: ...
     @property
     def name(self) -> str:
         """The instance name, `n<pid>-<starttime>`."""
@@ -111,6 +111,10 @@ def spawn(
 ) -> NativeTask:
     """Starts an isolated task; returns once it has exec'd its command. `before_start` is
     called with the task's cgroup2 directory after it is made and before any process joins."""
+
+def make_nothing_ahead() -> None:
+    """From now on this process makes nothing ahead of its starts (spare task cgroups, network
+    namespaces, zygotes): for a process that starts one task and exits."""
 
 def sweep_cgroups(unified: str | Path, v1: list[str] | list[Path]) -> int:
     """Removes dead instances' cgroups under `unified` and `v1` subtree dirs; returns the count."""

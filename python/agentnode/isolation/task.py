@@ -124,7 +124,6 @@ class Result:
 
 _lock = threading.Lock()
 _manager: _native.CgroupManager | None = None
-_ahead = True
 _network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
 
@@ -133,18 +132,18 @@ def _cgroups() -> _native.CgroupManager:
     global _manager
     with _lock:
         if _manager is None:
-            _manager = _native.CgroupManager(ahead=_ahead)
+            _manager = _native.CgroupManager()
             atexit.register(_shutdown)
         return _manager
 
 
 def one_shot() -> None:
     """Declares that this process starts one task and then exits (`agentnode exec`): nothing is
-    made ahead for later starts (spare task cgroups, zygotes), which would only be removed again
-    at exit: on a hybrid host that was some 30 directories made and removed, a zygote cloned and
-    killed, and two threads more on a busy machine. Call it before the first `spawn`."""
-    global _ahead
-    _ahead = False
+    made ahead for later starts (spare task cgroups, network namespaces with their mount
+    copies, zygotes), which would only be torn down again at exit: on this hybrid host some 30
+    cgroup directories made and removed, a zygote cloned and killed, and three threads more on
+    a busy machine. Call it before the first `spawn`."""
+    _native.make_nothing_ahead()
 
 
 def _default_network() -> EgressService:

@@ -20,25 +20,18 @@ pub struct CgroupManager {
     /// zygotes sit in cgroups of the instance, which `inner` removes when dropped.
     zygotes: OnceLock<Zygotes>,
     inner: Mutex<Option<Manager>>,
-    /// Whether spare cgroups and zygotes are made ahead of the starts.
-    ahead: bool,
 }
 
 #[pymethods]
 impl CgroupManager {
     #[new]
-    #[pyo3(signature = (*, ahead = true))]
-    fn new(py: Python<'_>, ahead: bool) -> PyResult<Self> {
+    fn new(py: Python<'_>) -> PyResult<Self> {
         let m = py
             .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h)))
             .map_err(NativeError::from)?;
-        if !ahead {
-            m.make_none_ahead();
-        }
         Ok(Self {
             zygotes: OnceLock::new(),
             inner: Mutex::new(Some(m)),
-            ahead,
         })
     }
 
@@ -85,12 +78,9 @@ impl CgroupManager {
 }
 
 impl CgroupManager {
-    /// A ready zygote for a task staged on `stage`, unless the manager is closed, makes nothing
-    /// ahead, or none is ready; the first call starts the pool.
+    /// A ready zygote for a task staged on `stage`, unless the manager is closed or none is
+    /// ready; the first call starts the pool.
     fn take_zygote(&self, stage: &Path) -> Option<zygote::Zygote> {
-        if !self.ahead {
-            return None;
-        }
         if let Some(pool) = self.zygotes.get() {
             return pool.take();
         }
@@ -372,7 +362,15 @@ impl From<Task> for NativeTask {
     }
 }
 
+/// From now on this process makes nothing ahead of its starts (spare task cgroups, network
+/// namespaces, zygotes): for a process that starts one task and exits.
+#[pyfunction]
+fn make_nothing_ahead() {
+    agentnode_core::background::ahead::make_none();
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(make_nothing_ahead, m)?)?;
     m.add_class::<CgroupManager>()?;
     m.add_class::<NativeTask>()?;
     m.add_function(wrap_pyfunction!(spawn, m)?)?;

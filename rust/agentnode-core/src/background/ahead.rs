@@ -18,6 +18,23 @@ pub const READY: usize = 4;
 /// How long the thread waits after `make` failed before it tries again.
 pub const RETRY: Duration = Duration::from_secs(1);
 
+/// Whether this process makes anything ahead (see [`make_none`]).
+static MAKING: AtomicBool = AtomicBool::new(true);
+
+/// From now on no pool of this process makes anything ahead: a take finds nothing and starts
+/// no thread, and the caller makes its own. For a process that starts one task and exits
+/// (`agentnode exec`), whatever was made ahead (task cgroups, network namespaces with their
+/// mount copies, zygotes) would only be torn down again at its exit. Call it before the first
+/// start: a pool whose thread already runs keeps what it made.
+pub fn make_none() {
+    MAKING.store(false, Ordering::Release);
+}
+
+/// Whether [`make_none`] has not been called.
+pub fn making() -> bool {
+    MAKING.load(Ordering::Acquire)
+}
+
 /// What each pool whose items hold copies of the mount template runs to drop those copies.
 type Forget = Arc<dyn Fn() + Send + Sync>;
 
@@ -104,9 +121,9 @@ impl<T: Send + 'static> Ahead<T> {
     }
 
     /// A ready item, or `None` (the caller makes its own). The first call starts the thread,
-    /// so a pool nobody takes from makes nothing.
+    /// so a pool nobody takes from makes nothing (nor one in a process that makes none).
     pub fn take(&self) -> Option<T> {
-        if self.shared.closed.load(Ordering::Acquire) || self.forked() {
+        if self.shared.closed.load(Ordering::Acquire) || self.forked() || !making() {
             return None;
         }
         let item = lock(&self.shared.ready).pop();

@@ -173,12 +173,6 @@ impl Manager {
         })
     }
 
-    /// Makes no task cgroup ahead from now on (the spares' thread, if started, stops): for a
-    /// process that starts one task and exits, spares are only cgroups to remove again.
-    pub fn make_none_ahead(&self) {
-        self.spares.close();
-    }
-
     /// A fresh task cgroup (made ahead of time when a spare is ready) with `limits` applied;
     /// removed again on any error.
     pub fn create(&self, limits: &Limits) -> Result<Box<dyn TaskCgroup>> {
