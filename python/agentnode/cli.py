@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         words = set(args_list[:end])
         bare = command is None and "--version" in words and not {"-h", "--help"} & words
         args = build_parser(command, commands=not bare).parse_args(args_list)
+        # The command line is this process's own (not a caller's in-process `main(argv)`): a
+        # command may then act for the whole process (`exec` makes nothing ahead).
+        args.own_process = argv is None
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
         if func is None:
             raise UsageError("a command is required (see 'agentnode --help')")

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         if not log_dir.is_dir():
             raise UsageError(f"--log-dir: {args.log_dir!r} is not a directory (create it first)")
         stdout, stderr = log_dir / "stdout.log", log_dir / "stderr.log"
-    one_shot()
+    if getattr(args, "own_process", False):
+        one_shot()
     task = spawn(command, sandbox, workspace=args.workspace, stdout=stdout, stderr=stderr)
 
     def forward(signum: int, _frame: FrameType | None) -> None:

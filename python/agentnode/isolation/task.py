@@ -142,7 +142,8 @@ def one_shot() -> None:
     made ahead for later starts (spare task cgroups, network namespaces with their mount
     copies, zygotes), which would only be torn down again at exit: on this hybrid host some 30
     cgroup directories made and removed, a zygote cloned and killed, and three threads more on
-    a busy machine. Call it before the first `spawn`."""
+    a busy machine. Call it before the first `spawn`, and only in a process that will start no
+    other task: it holds for the whole process."""
     _native.make_nothing_ahead()
 
 

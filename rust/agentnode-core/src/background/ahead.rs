@@ -30,11 +30,6 @@ pub fn make_none() {
     MAKING.store(false, Ordering::Release);
 }
 
-/// Whether [`make_none`] has not been called.
-pub fn making() -> bool {
-    MAKING.load(Ordering::Acquire)
-}
-
 /// What each pool whose items hold copies of the mount template runs to drop those copies.
 type Forget = Arc<dyn Fn() + Send + Sync>;
 
@@ -123,7 +118,10 @@ impl<T: Send + 'static> Ahead<T> {
     /// A ready item, or `None` (the caller makes its own). The first call starts the thread,
     /// so a pool nobody takes from makes nothing (nor one in a process that makes none).
     pub fn take(&self) -> Option<T> {
-        if self.shared.closed.load(Ordering::Acquire) || self.forked() || !making() {
+        if self.shared.closed.load(Ordering::Acquire)
+            || self.forked()
+            || !MAKING.load(Ordering::Acquire)
+        {
             return None;
         }
         let item = lock(&self.shared.ready).pop();

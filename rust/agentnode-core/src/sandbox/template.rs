@@ -248,13 +248,10 @@ fn has_point(b: &Bind) -> bool {
 pub(super) fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
     static WATCHER: OnceLock<()> = OnceLock::new();
     WATCHER.get_or_init(|| {
-        // Without it, a stale template lives until the next start: nothing worse. A process
-        // that makes nothing ahead starts one task: there is no next start to keep it for.
-        if crate::background::ahead::making() {
-            let _ = std::thread::Builder::new()
-                .name("agentnode-mounts".into())
-                .spawn(watch);
-        }
+        // Without it, a stale template lives until the next start: nothing worse.
+        let _ = std::thread::Builder::new()
+            .name("agentnode-mounts".into())
+            .spawn(watch);
     });
     let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
     if guard.as_ref().is_none_or(stale) {
