@@ -364,13 +364,26 @@ def chat(text):
     )
     return json.load(urllib.request.urlopen(req))["usage"]
 
+async def mcp_call():
+    from agentnode.sdk import Tools
+    async with Tools.mcp_client() as client:
+        result = await client.call_tool("run_code", {"code": "print(6 * 7)"})
+        return result.meta["agentnode"]["class"]
+
 subprocess.run(["sh", "-c", "ls / >/dev/null; cat /etc/hostname"], check=True)
 first = chat("hello")
+time.sleep(0.3)
+# Two tools: one through the node's MCP endpoint, one through /v1/tools (fails: no such file).
+import asyncio
+from agentnode.sdk import Tools
+tools = [asyncio.run(mcp_call())]
 time.sleep(0.3)
 try:
     socket.create_connection((%r, 8080), timeout=2)
 except OSError as e:
     denied = e.errno
+time.sleep(0.3)
+tools.append(Tools().call("read_file", {"path": "missing.txt"})["_meta"]["agentnode"]["class"])
 time.sleep(0.3)
 second = chat("hello again, a longer question this time")
 
@@ -384,7 +397,7 @@ def timeline(task):
     return r.status, json.loads(r.read())
 own = timeline(os.environ["AGENTNODE_TASK_ID"])
 other = timeline(os.environ["OTHER_TASK"])
-print(json.dumps({"usage": [first, second], "denied": denied, "own": own[0],
+print(json.dumps({"usage": [first, second], "denied": denied, "tools": tools, "own": own[0],
                   "own_kinds": sorted({e["kind"] for e in own[1]}), "other": other[0],
                   "other_body": other[1]}))
 """
@@ -460,8 +473,15 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     assert ["ls", "/"] in argvs and ["cat", "/etc/hostname"] in argvs
     assert argvs[0][0] == sys.executable
     # The calls and the denial in the order they happened, between the running and end states.
-    middle = [k for k in kinds if k in ("llm_call", "egress_denied", "state")]
-    assert middle == ["state"] * 3 + ["llm_call", "egress_denied", "llm_call", "state"]
+    middle = [k for k in kinds if k in ("llm_call", "egress_denied", "tool_call", "state")]
+    assert middle == ["state"] * 3 + [
+        "llm_call", "tool_call", "egress_denied", "tool_call", "llm_call", "state"
+    ]  # fmt: skip
+    tools = [e for e in timeline if e["kind"] == "tool_call"]
+    assert [(e["tool"], e["class"]) for e in tools] == list(
+        zip(["run_code", "read_file"], result["tools"], strict=True)
+    )
+    assert result["tools"][0] == "ok" and result["tools"][1] != "ok"
     calls = [e for e in timeline if e["kind"] == "llm_call"]
     price = Price(
         input=Decimal("2.5"),
@@ -480,6 +500,38 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     assert denial["address"] == OTHER4 and denial["port"] == 8080
     assert verify(tmp_path / "data" / "audit").records >= len(timeline)
     _check_spans(spans, task["id"], calls, timeline)
+    _check_tool_spans(spans, task["id"], tools)
+
+
+def _check_tool_spans(
+    spans: list[dict[str, Any]], task_id: str, tools: list[dict[str, Any]]
+) -> None:
+    """An `execute_tool {name}` child of the task's `invoke_agent` span per tool call (in the
+    same trace as its `chat` spans), spanning the call, with the GenAI attribute names, and an
+    error status naming the class of a failed call."""
+    (root,) = (
+        s for s in spans
+        if s["name"] == "invoke_agent" and s["attributes"]["gen_ai.agent.id"] == task_id
+    )  # fmt: skip
+    executed = sorted(
+        (s for s in spans if s["name"].startswith("execute_tool ")),
+        key=lambda s: int(s["startTimeUnixNano"]),
+    )
+    assert [s["name"] for s in executed] == [f"execute_tool {e['tool']}" for e in tools]
+    for span, call in zip(executed, tools, strict=True):
+        assert span["traceId"] == root["traceId"] and span["parentSpanId"] == root["spanId"]
+        a = span["attributes"]
+        assert a["gen_ai.operation.name"] == "execute_tool"
+        assert a["gen_ai.tool.name"] == call["tool"]
+        assert a["agentnode.tool.class"] == call["class"]
+        took = int(span["endTimeUnixNano"]) - int(span["startTimeUnixNano"])
+        assert abs(took - call["duration_ms"] * 1e6) < 1e3
+        assert int(span["endTimeUnixNano"]) == int(call["time"] * 1e9)
+        failed = span.get("status", {}).get("code") == "STATUS_CODE_ERROR"
+        assert failed == (call["class"] != "ok")
+        assert a.get("error.type") == (None if call["class"] == "ok" else call["class"])
+    chats = [s for s in spans if s["name"].startswith("chat ")]
+    assert chats and all(s["traceId"] == root["traceId"] for s in chats)
 
 
 def _check_spans(
