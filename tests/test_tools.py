@@ -437,7 +437,9 @@ def test_http_fetch_reaches_only_what_the_calling_task_may(
     world: tuple[World, EgressService],
 ) -> None:
     _, net = world
-    svc = service(*WebTools(node_network=net, limits=ToolLimits(timeout=10)).tools())
+    records: list[dict[str, Any]] = []
+    svc = service(*WebTools(node_network=net, limits=ToolLimits(timeout=10)).tools(),
+                  records=records)  # fmt: skip
     allowed = Caller(task="t1", tenant="a", network="egress",
                      egress=EgressPolicy(allow=[f"{HOST4}:8080"]))  # fmt: skip
     ok = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, allowed)
@@ -449,6 +451,11 @@ def test_http_fetch_reaches_only_what_the_calling_task_may(
     nothing = Caller(task="t2", tenant="a", network="egress", egress=EgressPolicy())
     denied = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, nothing)
     assert meta(denied)["class"] == "policy" and meta(denied)["denial"]["address"] == HOST4
+    # Each denial is its own audit record, the caller's, just before the call's record.
+    denial, rec = records[-2:]
+    assert denial["kind"] == "egress_denied" and denial["tool"] == "http_fetch"
+    assert (denial["task"], denial["address"], denial["port"]) == ("t2", HOST4, 8080)
+    assert rec["kind"] == "tool_call" and rec["class"] == "policy"
     offline = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, A)
     assert meta(offline)["class"] == "policy"
     busy = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/busy"}, allowed)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agentnode.audit import AuditLog, verify
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
@@ -51,12 +52,12 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     use_data_dir(old)
 
 
-def sdk_server(**kw: Any) -> MCPServerSpec:
+def sdk_server(*, name: str = "t", **kw: Any) -> MCPServerSpec:
     # uid 0 without capabilities: the interpreter lives under /root (mode 700). The checkout
     # (and its .venv) is bound in: it may sit under /tmp, which is the sandbox's own.
     kw.setdefault("mounts", (Mount(str(REPO), str(REPO)),))
     kw.setdefault("command", (sys.executable, SERVER))
-    return MCPServerSpec(name="t", user="0",
+    return MCPServerSpec(name=name, user="0",
                          env={"PYTHONPATH": str(REPO / "python")}, **kw)  # fmt: skip
 
 
@@ -141,22 +142,42 @@ def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path
 def test_a_server_whose_egress_allows_nothing_cannot_connect_out(
     world: tuple[World, EgressService], data_dir: Path
 ) -> None:
+    """Over stdio and over streamable HTTP (its server on the sandbox's own loopback, which
+    its policy does not block): the call comes back `policy`, naming the denial's record in the
+    node's audit log, where the tool call's record points at it too."""
     _, net = world
-    records: list[dict[str, Any]] = []
-    spec = sdk_server(network="egress", egress=EgressPolicy())
-    servers = MCPServers([spec], node_network=net)
-    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
+    audit = AuditLog(data_dir / "audit")
+    stdio = sdk_server(network="egress", egress=EgressPolicy())
+    http = sdk_server(name="h", network="egress", egress=EgressPolicy(),
+                      command=(sys.executable, SERVER, "--http", "8000"),
+                      url="http://127.0.0.1:8000/mcp")  # fmt: skip
+    servers = MCPServers([stdio, http], node_network=net)
+    svc = ToolService(Registry(), on_record=audit.append, sources=[servers])
 
-    async def scenario() -> dict[str, Any]:
+    async def scenario() -> list[dict[str, Any]]:
         try:
-            return await svc.call("t__connect", {"host": HOST4, "port": 8080}, A)
+            return [
+                await svc.call(f"{server}__connect", {"host": HOST4, "port": 8080}, A)
+                for server in ("t", "h")
+            ]
         finally:
             await servers.close()
 
-    result = asyncio.run(scenario())
-    assert meta(result)["class"] == "policy", result
-    assert meta(result)["denial"]["address"] == HOST4 and meta(result)["denial"]["port"] == 8080
-    assert records[-1]["class"] == "policy"
+    results = asyncio.run(scenario())
+    audit.close()
+    lines = (data_dir / "audit" / "audit.log").read_text().splitlines()
+    logged = {r["seq"]: r for r in map(json.loads, lines)}
+    for result, tool in zip(results, ("t__connect", "h__connect"), strict=True):
+        assert meta(result)["class"] == "policy", result
+        denial = meta(result)["denial"]
+        assert denial["address"] == HOST4 and denial["port"] == 8080
+        record = logged[denial["record"]]
+        assert record["kind"] == "egress_denied" and record["tool"] == tool
+        assert (record["task"], record["tenant"], record["port"]) == ("t1", "a", 8080)
+        (call,) = (r for r in logged.values() if r["kind"] == "tool_call" and r["tool"] == tool)
+        assert call["class"] == "policy" and denial["record"] in call["denials"]
+        assert call["seq"] > denial["record"]
+    assert verify(data_dir / "audit").records == len(logged)
 
 
 def free_port() -> int:

@@ -539,22 +539,13 @@ class MCPServers:
         dumped = result.model_dump(by_alias=True, exclude_none=True)
         denials = inst.denials[seen:]
         cls: ToolClass = "ok"
-        detail: dict[str, Any] = {}
         if result.is_error:
             cls = "policy" if denials else "permanent"
-        if denials:
-            d = denials[0]
-            detail["denial"] = {
-                "address": str(d.address),
-                "port": d.port,
-                "protocol": d.protocol,
-                "reason": d.reason,
-            }
         out = Outcome(
             cls=cls,
             content=dumped.get("content", []),
             structured=dumped.get("structuredContent"),
-            detail=detail,
+            denials=denials,
         )
         if before is not None and inst.proc is not None and inst.proc.result is None:
             after = inst.proc.stats()

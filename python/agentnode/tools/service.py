@@ -214,6 +214,7 @@ class ToolService:
     ) -> dict[str, Any]:
         duration_ms = (time.monotonic() - start) * 1000
         retryable = outcome.cls in RETRYABLE or outcome.detail.get("retryable") is True
+        denied = self._record_denials(name, caller, outcome)
         result = outcome.to_json(duration_ms=duration_ms, retryable=retryable, attempts=attempts)
         record = {
             "kind": "tool_call",
@@ -229,9 +230,43 @@ class ToolService:
             "memory_peak": outcome.memory_peak,
             "bytes_out": outcome.bytes_out,
             "attempts": attempts,
+            **({"denials": denied} if denied else {}),
         }
         try:
             self._on_record(record)
         except Exception:
             log.exception("tool audit record could not be written")
         return result
+
+    def _record_denials(self, name: str, caller: Caller, outcome: Outcome) -> Sequence[int]:
+        """Writes an `egress_denied` record per connection the tool's sandbox was denied (the
+        caller's task and tenant, and the tool) and names the first in `_meta.agentnode`
+        `denial`, with its record's seq when the log gives one. Returns the seqs."""
+        seqs: list[int] = []
+        for i, d in enumerate(outcome.denials):
+            denial: dict[str, Any] = {
+                "address": str(d.address),
+                "port": d.port,
+                "protocol": d.protocol,
+                "reason": d.reason,
+            }
+            record = {
+                "kind": "egress_denied",
+                "task": caller.task,
+                "tenant": caller.tenant,
+                "tool": name,
+                **denial,
+                "pid": d.pid,
+                **({"name": d.name} if d.name else {}),
+            }
+            try:
+                seq = self._on_record(record)
+            except Exception:
+                log.exception("egress denial record could not be written")
+                seq = None
+            if isinstance(seq, int):
+                seqs.append(seq)
+                denial["record"] = seq
+            if i == 0:
+                outcome.detail["denial"] = denial
+        return seqs
