@@ -561,3 +561,36 @@ def _check_spans(
     names = [e["name"] for e in root.get("events", [])]
     assert names.count("exec") == sum(1 for e in timeline if e["kind"] == "exec")
     assert "egress_denied" in names and "state succeeded" in names
+
+
+CHECKPOINTER = """
+from agentnode.sdk import ThisTask
+ThisTask().save_checkpoint(b"x" * 1000)
+"""
+
+
+@pytest.mark.root
+def test_daemon_timeline_holds_limit_kills_and_checkpoints(tmp_path: Path) -> None:
+    """A task killed at its memory limit has an `oom` record, one stopped at its pids limit a
+    `pids_limit` record (each with the limit), one that saves a checkpoint a `checkpoint`
+    record with its size; each before the task's end state."""
+    with daemon(tmp_path) as d:
+        hog = d.submit([sys.executable, "-c", "x = bytearray(512 << 20)"], memory="64M",
+                       user="0")  # fmt: skip
+        bomb = d.submit(["sh", "-c", "while :; do sleep 5 & done"], pids=16, timeout="20s")
+        saver = d.submit([sys.executable, "-c", CHECKPOINTER], user="0", memory="256M",
+                         ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")})  # fmt: skip
+        ended = {t["id"]: d.wait(t["id"], timeout=60) for t in (hog, bomb, saver)}
+        timelines = {t: d.client.call("GET", f"/v1/tasks/{t}/timeline") for t in ended}
+    assert ended[saver["id"]]["state"] == "succeeded", d.log(saver["id"])
+
+    def only(task: str, kind: str) -> dict[str, Any]:
+        (entry,) = (e for e in timelines[task] if e["kind"] == kind)
+        last = timelines[task][-1]
+        assert last["kind"] == "state" and entry["seq"] < last["seq"]
+        return entry
+
+    assert only(hog["id"], "oom")["limit"] == 64 << 20
+    assert only(bomb["id"], "pids_limit")["limit"] == 16
+    assert only(saver["id"], "checkpoint")["bytes"] == 1000
+    assert ended[hog["id"]]["state"] != "succeeded" != ended[bomb["id"]]["state"]
