@@ -585,6 +585,7 @@ def test_daemon_timeline_holds_limit_kills_and_checkpoints(tmp_path: Path) -> No
     assert ended[saver["id"]]["state"] == "succeeded", d.log(saver["id"])
 
     def only(task: str, kind: str) -> dict[str, Any]:
+        entry: dict[str, Any]
         (entry,) = (e for e in timelines[task] if e["kind"] == kind)
         last = timelines[task][-1]
         assert last["kind"] == "state" and entry["seq"] < last["seq"]

@@ -98,7 +98,7 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
 
     out = asyncio.run(scenario())
     assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
-                                                 "t__crash", "t__session"}  # fmt: skip
+                                                 "t__crash", "t__session", "t__hog"}  # fmt: skip
     add = next(t for t in out["tools"] if t["name"] == "t__add")
     assert add["outputSchema"]["properties"]["sum"]["type"] == "integer"
     assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
@@ -113,7 +113,7 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
 
 
 def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path) -> None:
-    servers = MCPServers([sdk_server()])
+    servers = MCPServers([sdk_server(limits=ToolLimits(memory=256 << 20, pids=64, timeout=60))])
     svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
     marker = data_dir / "mcp" / "t-a" / "runs"
 
@@ -126,17 +126,22 @@ def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path
             first = await svc.call("t__flaky", args, A, idempotency_key="k1")
             again = await svc.call("t__flaky", args, A, idempotency_key="k1")
             unkeyed = await svc.call("t__flaky", {"fails": 5, "marker": "other"}, A)
-            return [crash, after, first, again, unkeyed]
+            hog = await svc.call("t__hog", {"mib": 1024}, A)
+            back = await svc.call("t__add", {"a": 1, "b": 1}, A)
+            return [crash, after, first, again, unkeyed, hog, back]
         finally:
             await servers.close()
 
-    crash, after, first, again, unkeyed = asyncio.run(scenario())
+    crash, after, first, again, unkeyed, hog, back = asyncio.run(scenario())
     assert meta(crash)["class"] == "transient" and meta(crash)["retryable"]
     assert meta(after)["class"] == "ok"
     assert meta(first)["class"] == "ok" and meta(first)["attempts"] == 3
     assert first["content"][0]["text"] == "ran 3 times"
     assert again == first and marker.read_text() == "3"
     assert meta(unkeyed)["class"] == "transient" and meta(unkeyed)["attempts"] == 1
+    # Killed at its sandbox's memory limit: `resource`, not retried; the next call restarts it.
+    assert meta(hog)["class"] == "resource" and "memory" in hog["content"][0]["text"], hog
+    assert meta(hog)["attempts"] == 1 and meta(back)["class"] == "ok"
 
 
 def test_a_server_whose_egress_allows_nothing_cannot_connect_out(

@@ -4,7 +4,7 @@ over streamable HTTP on 127.0.0.1:PORT (`--http PORT`).
 Tools: `add` (with an output schema), `whoami` (its pid and hostname, to tell instances
 apart), `session` (the caller's MCP session and TCP port over HTTP), `connect` (opens a TCP connection,
 to test its egress policy), `flaky` (fails until it has been called N times; counts runs in a
-file, to test retries), `crash` (exits)."""
+file, to test retries), `hog` (allocates memory), `crash` (exits)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ def flaky(fails: int, marker: str) -> str:
     if n < fails:
         os._exit(3)  # a crash: the node sees the server die (transient)
     return f"ran {n + 1} times"
+
+
+@server.tool()
+def hog(mib: int) -> str:
+    """Allocates (and touches) `mib` MiB: past its sandbox's memory limit, it is killed."""
+    held = bytearray(mib << 20)
+    return f"held {len(held)} bytes"
 
 
 @server.tool()

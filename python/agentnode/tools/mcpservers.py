@@ -565,11 +565,10 @@ class MCPServers:
             del self._instances[key]
         await inst.stop()
         ended = inst.exited.result() if inst.exited is not None else None
-        if ended is not None and ended.reason.value in ("oom", "pids-limit"):
+        limit = {"oom": "memory", "pids-limit": "pids"}.get(ended.reason.value) if ended else None
+        if limit is not None:
             return Outcome.error(
-                "resource",
-                f"MCP server {inst.spec.name} was killed at its "
-                f"{ended.reason.value.replace('-', ' ')}",
+                "resource", f"MCP server {inst.spec.name} was killed at its {limit} limit"
             )
         return Outcome.error(
             "transient",
