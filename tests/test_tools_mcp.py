@@ -420,20 +420,42 @@ async def main():
         code = await client.call_tool("run_code", {"code": "x = 5", "session": True})
         code = await client.call_tool("run_code", {"code": "print(x * 2)", "session": True})
         wrote = await client.call_tool("write_file", {"path": "w.txt", "content": "hi"})
+        read = "fs__read_text_file" if "fs__read_text_file" in names else "fs__read_file"
+        fs = await client.call_tool(read, {"path": "/data/note.txt"})
+        http = await client.call_tool("h__add", {"a": 1, "b": 2})
     rest = Tools().call("read_file", {"path": "/workspace/w.txt"})
     print(json.dumps({
         "url": os.environ["AGENTNODE_MCP_URL"], "names": names,
         "added": added.structured_content, "code": code.structured_content["stdout"],
         "class": code.meta["agentnode"]["class"], "wrote": wrote.is_error,
         "rest": rest["content"][0]["text"], "listed": len(Tools().list()),
+        "fs": fs.content[0].text, "http": http.structured_content,
     }))
 
 asyncio.run(main())
 """
 
 
-def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(tmp_path: Path) -> None:
+def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(
+    tmp_path: Path, filesystem_server: Path
+) -> None:
+    """A task lists and calls, through `AGENTNODE_MCP_URL` with the `mcp` client SDK, the
+    built-ins and the tools of three servers the node runs in sandboxes: the test server over
+    stdio and over streamable HTTP, and the npm filesystem server; and the API door."""
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "note.txt").write_text("from the filesystem server")
     config = (
+        "[tools.mcp.fs]\n"
+        f'command = ["node", {json.dumps(str(filesystem_server))}, "/data"]\n'
+        f"ro = [{json.dumps(f'{given}:/data')}]\n"
+        'user = "0"\n'
+        "[tools.mcp.h]\n"
+        f'command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}, "--http", "8000"]\n'
+        'url = "http://127.0.0.1:8000/mcp"\n'
+        f"env = {{ PYTHONPATH = {json.dumps(str(REPO / 'python'))} }}\n"
+        f"ro = [{json.dumps(str(REPO))}]\n"
+        'user = "0"\n'
         "[tools.mcp.t]\n"
         f"command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
         f"env = {{ PYTHONPATH = {json.dumps(str(REPO / 'python'))} }}\n"
@@ -464,14 +486,18 @@ def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(tmp_path: P
     assert "t__add" in seen["names"] and "run_code" in seen["names"]
     assert not any(n.startswith("only_b") for n in seen["names"])  # another tenant's server
     assert seen["added"] == {"sum": 42} and seen["code"] == "10\n" and seen["class"] == "ok"
+    assert seen["fs"] == "from the filesystem server" and seen["http"] == {"sum": 3}
+    assert any(n.startswith("fs__") for n in seen["names"]) and "h__add" in seen["names"]
     assert seen["wrote"] is False and seen["rest"] == "hi"
     assert seen["listed"] == len(seen["names"])
     assert {t["name"] for t in listed} == set(seen["names"])
     assert ran["structuredContent"]["stdout"] == "7\n" and read["content"][0]["text"] == "hi"
     mine = [r for r in records if r["task"] == task["id"]]
-    # The task's own five calls, then the operator's read_file made for it.
+    # The task's own seven calls, then the operator's read_file made for it.
+    fs_read = "fs__read_text_file" if "fs__read_text_file" in seen["names"] else "fs__read_file"
     assert [r["tool"] for r in mine] == [
-        "t__add", "run_code", "run_code", "write_file", "read_file", "read_file"
+        "t__add", "run_code", "run_code", "write_file", fs_read, "h__add", "read_file",
+        "read_file",
     ]  # fmt: skip
     assert all(r["tenant"] == "default" and r["class"] == "ok" for r in mine)
 
