@@ -203,12 +203,21 @@ def test_a_streamable_http_server_the_node_runs_in_its_sandbox(data_dir: Path) -
     records: list[dict[str, Any]] = []
     svc = ToolService(Registry(), on_record=records.append, sources=[servers])
 
+    def open_fds() -> set[str]:
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own fd is gone by now
+                out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return out
+
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {"tools": {t["name"] for t in await svc.list("a")}}
         out["add"] = await svc.call("t__add", {"a": 2, "b": 40}, A)
         out["bad"] = await svc.call("t__add", {"a": "x", "b": 1}, A)
         out["a"] = await svc.call("t__whoami", {}, A)
         pid_a = servers.instance_pid("t", "a")
+        out["netns"] = {os.readlink(f"/proc/{pid_a}/ns/net")}
+        assert out["netns"] <= open_fds()
         out["b"] = await svc.call("t__whoami", {}, B)
         out["pids"] = (pid_a, servers.instance_pid("t", "b"))
         out["crash"] = await svc.call("t__crash", {}, A)
@@ -226,6 +235,8 @@ def test_a_streamable_http_server_the_node_runs_in_its_sandbox(data_dir: Path) -
         return out
 
     out = asyncio.run(scenario())
+    # The node held each instance's network namespace open while it ran, and let go after.
+    assert out["netns"] and not out["netns"] & open_fds()
     assert "t__add" in out["tools"] and "t__session" in out["tools"]
     assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
     assert meta(out["bad"])["class"] == "invalid_input" and meta(out["bad"])["path"] == "/a"

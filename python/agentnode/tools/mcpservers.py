@@ -112,16 +112,16 @@ _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _socket_in(netns: str, family: int) -> socket.socket:
-    """A TCP socket made inside network namespace `netns` (a socket keeps the namespace it was
-    made in): setns is per thread, so a short-lived thread enters it and is thrown away."""
+def _socket_in(netns: int, family: int) -> socket.socket:
+    """A TCP socket made inside the network namespace open at fd `netns` (a socket keeps the
+    namespace it was made in): setns is per thread, so a short-lived thread enters it and is
+    thrown away."""
     made: list[socket.socket | BaseException] = []
 
     def run() -> None:
         try:
-            with open(netns) as ns:
-                if _libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"cannot enter {netns}")
+            if _libc.setns(netns, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "cannot enter the server's network namespace")
             made.append(socket.socket(family, socket.SOCK_STREAM))
         except BaseException as e:
             made.append(e)
@@ -139,7 +139,7 @@ class _NetnsBackend(httpcore2.AsyncNetworkBackend):
     """httpcore's network backend whose TCP connections are made in a sandbox's network
     namespace: the node reaches a server on the sandbox's own loopback."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: int) -> None:
         self._netns = netns
 
     async def connect_tcp(
@@ -178,7 +178,7 @@ class _NetnsTransport(httpx2.AsyncHTTPTransport):
     """httpx's own transport with its connection pool's backend swapped for `_NetnsBackend`
     (httpx takes no backend of its own; the pool does)."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: int) -> None:
         super().__init__(trust_env=False)
         self._pool = httpcore2.AsyncConnectionPool(network_backend=_NetnsBackend(netns))
 
@@ -267,6 +267,8 @@ class _Instance:
         self.last_used = time.monotonic()
         self.busy = 0
         self._stop = asyncio.Event()
+        #: The server's network namespace (an HTTP server the node runs), held open.
+        self._netns = -1
         #: `stop` was called: the client's errors from here on are the stop's own doing.
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
@@ -304,6 +306,17 @@ class _Instance:
         if self.spec.command:
             self.proc = await loop.run_in_executor(SPAWNER, self._spawn, network)
             self.exited = loop.create_task(self.proc.wait_async())
+            if self.spec.url is not None:
+                # Held, not reopened by pid: the namespace stays this server's even after it
+                # dies and its pid is reused. Opened before the reaper task first runs (a
+                # zombie has no namespaces: the open fails rather than naming another's).
+                try:
+                    self._netns = os.open(
+                        f"/proc/{self.proc.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC
+                    )
+                except OSError as e:
+                    await self.stop()
+                    raise ConnectionError(f"the server exited at once ({e.strerror})") from None
         else:
             self.exited = loop.create_future()
         ready: asyncio.Future[None] = loop.create_future()
@@ -338,7 +351,7 @@ class _Instance:
         transport = (
             httpx2.AsyncHTTPTransport(trust_env=False)
             if self.proc is None
-            else _NetnsTransport(f"/proc/{self.proc.pid}/ns/net")
+            else _NetnsTransport(self._netns)
         )
         timeout = httpx2.Timeout(self.spec.limits.timeout, connect=5.0)
         async with httpx2.AsyncClient(transport=transport, timeout=timeout) as http:
@@ -387,6 +400,9 @@ class _Instance:
         if self._runner is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self._runner, 5)
+        if self._netns >= 0:
+            os.close(self._netns)
+            self._netns = -1
 
 
 class MCPServers:
