@@ -9,7 +9,7 @@ The node speaks MCP to a server with the `mcp` SDK, never framing JSON-RPC itsel
   its sandbox's own network namespace, and the SDK's streamable HTTP client reaches it there
   with sockets the node opens inside that namespace (so the server needs no network at all);
 - a streamable-HTTP server a user runs (`url` only, on the node's loopback): the node only
-  connects, one MCP session per tenant; it cannot sandbox what it does not run.
+  connects, one client per tenant; it cannot sandbox what it does not run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import anyio
 import anyio.abc
 import httpcore2
 import httpx2
-from httpcore2._backends.anyio import AnyIOStream
+from httpcore2._backends.anyio import AnyIOStream  # httpcore's own wrapper, not re-exported
 from mcp import Client
 from mcp.client._transport import TransportStreams
 from mcp.client.streamable_http import streamable_http_client
@@ -353,18 +353,31 @@ class _Instance:
             if self.proc is None
             else _NetnsTransport(self._netns)
         )
+        if self.proc is not None:
+            await self._listening()
         timeout = httpx2.Timeout(self.spec.limits.timeout, connect=5.0)
-        async with httpx2.AsyncClient(transport=transport, timeout=timeout) as http:
-            while self.proc is not None:
-                try:
-                    await http.request("GET", self.spec.url)  # any answer: it listens
-                    break
-                except httpx2.TransportError:
-                    if self.exited.done():
-                        raise ConnectionError("the server exited before it listened") from None
-                    await asyncio.sleep(0.05)
-            async with streamable_http_client(self.spec.url, http_client=http) as streams:
-                yield streams
+        async with (
+            httpx2.AsyncClient(transport=transport, timeout=timeout) as http,
+            streamable_http_client(self.spec.url, http_client=http) as streams,
+        ):
+            yield streams
+
+    async def _listening(self) -> None:
+        """Returns once the server accepts a TCP connection at its url (no request is sent:
+        what a GET means differs between servers)."""
+        assert self.spec.url is not None and self.exited is not None
+        parts = urllib.parse.urlsplit(self.spec.url)
+        backend = _NetnsBackend(self._netns)
+        while True:
+            try:
+                stream = await backend.connect_tcp(parts.hostname or "", parts.port or 80, 1.0)
+            except httpcore2.ConnectError:
+                if self.exited.done():
+                    raise ConnectionError("the server exited before it listened") from None
+                await asyncio.sleep(0.05)
+            else:
+                await stream.aclose()
+                return
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
