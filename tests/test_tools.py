@@ -209,6 +209,18 @@ def test_the_key_store_keeps_results_across_reopening_and_bounds_retention(
     store = KeyStore(tmp_path / "keys", max_age_s=0.0)
     assert store.get(("a", "t", "k4")) is None, "expired"
     store.close()
+    # Bounded in bytes too: big results push the oldest out (counted again after reopening).
+    store = KeyStore(tmp_path / "big", max_bytes=250_000)
+    for i in range(4):
+        store.start(("a", "t", f"b{i}"), "d")
+        store.finish(("a", "t", f"b{i}"), "d", {"text": "x" * 100_000})
+    store.close()
+    store = KeyStore(tmp_path / "big", max_bytes=250_000)
+    store.start(("a", "t", "b4"), "d")
+    store.finish(("a", "t", "b4"), "d", {"text": "x" * 100_000})
+    held = [store.get(("a", "t", f"b{i}")) is not None for i in range(5)]
+    assert held == [False, False, False, True, True]
+    store.close()
 
 
 def test_a_tool_that_raises_is_permanent_and_the_call_does_not() -> None:

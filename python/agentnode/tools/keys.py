@@ -6,7 +6,7 @@ started with no result was cut off by a crash or restart mid-call: whether its s
 happened is unknown, so it is never run again under that key (the caller is told to use a new
 one). Writes go to RocksDB's write-ahead log without an fsync, as the task store's do: they
 survive a crash or `kill -9` of the node, not a power cut. Retention is bounded: the oldest
-keys go past `kept` entries or `max_age_s` seconds.
+keys go past `kept` entries, `max_bytes` of results or `max_age_s` seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["KeyStore", "Slot"]
 Slot = tuple[str, str, str]
 
 _KEY = b"k"  # k + slot -> msgpack [digest, time, result or None]
-_AGE = b"a"  # a + time (ns, big-endian) + slot -> b"": oldest first, for retention
+_AGE = b"a"  # a + time (ns, big-endian) + slot -> its result's size: oldest first, for retention
 
 
 def _slot_bytes(slot: Slot) -> bytes:
@@ -33,15 +33,31 @@ def _slot_bytes(slot: Slot) -> bytes:
     return b"\0".join(part.encode() for part in slot)
 
 
+def _age_key(at: float, slot: Slot) -> bytes:
+    return _AGE + int(at * 1e9).to_bytes(8, "big") + _slot_bytes(slot)
+
+
 class KeyStore:
     """Keyed calls' first results, durable across node restarts."""
 
-    def __init__(self, path: Path, *, kept: int = 10_000, max_age_s: float = 86_400.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        kept: int = 10_000,
+        max_bytes: int = 256 << 20,
+        max_age_s: float = 86_400.0,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(path), options=Options(raw_mode=True))
         self.kept = kept
+        self.max_bytes = max_bytes
         self.max_age_s = max_age_s
-        self._count = sum(1 for _ in self._age_keys())
+        self._count = 0
+        self._bytes = 0
+        for _, size in self._ages():
+            self._count += 1
+            self._bytes += size
 
     def get(self, slot: Slot) -> tuple[str, dict[str, Any] | None] | None:
         """(arguments digest, result) of the key's first call, result None when that call was
@@ -59,47 +75,57 @@ class KeyStore:
         now = time.time()
         batch = WriteBatch(raw_mode=True)
         batch.put(_KEY + _slot_bytes(slot), msgpack.packb([digest, now, None]))
-        batch.put(_AGE + int(now * 1e9).to_bytes(8, "big") + _slot_bytes(slot), b"")
+        batch.put(_age_key(now, slot), b"")
         self._db.write(batch)
         self._count += 1
-        if self._count > self.kept:
-            self._expire(now)
+        self._expire(now)
 
     def finish(self, slot: Slot, digest: str, result: dict[str, Any]) -> None:
         """Stores the key's result (its age still counts from `start`)."""
         key = _KEY + _slot_bytes(slot)
         raw = self._db.get(key)
-        at = msgpack.unpackb(raw)[1] if raw is not None else time.time()
-        self._db.put(key, msgpack.packb([digest, at, result]))
+        if raw is None:
+            return  # expired while it ran
+        at = msgpack.unpackb(raw)[1]
+        packed = msgpack.packb([digest, at, result])
+        batch = WriteBatch(raw_mode=True)
+        batch.put(key, packed)
+        batch.put(_age_key(at, slot), len(packed).to_bytes(8, "big"))
+        self._db.write(batch)
+        self._bytes += len(packed)
+        self._expire(time.time())
 
     def forget(self, slot: Slot) -> None:
         """Drops a key whose call was cancelled before it ran anything worth keeping."""
         self._db.delete(_KEY + _slot_bytes(slot))  # its age entry goes at expiry
 
     def _expire(self, now: float) -> None:
-        """Drops the oldest keys until `kept` remain and none is older than `max_age_s`."""
-        batch = WriteBatch(raw_mode=True)
+        """Drops the oldest keys until at most `kept` remain, holding at most `max_bytes`, none
+        older than `max_age_s`."""
         cutoff = int((now - self.max_age_s) * 1e9)
-        for age_key in self._age_keys():
-            if self._count <= self.kept and int.from_bytes(age_key[1:9], "big") >= cutoff:
+        batch = WriteBatch(raw_mode=True)
+        for age_key, size in self._ages():
+            at_ns = int.from_bytes(age_key[1:9], "big")
+            if self._count <= self.kept and self._bytes <= self.max_bytes and at_ns >= cutoff:
                 break
             batch.delete(age_key)
             slot_key = _KEY + age_key[9:]
             stored = self._db.get(slot_key)
             # The same slot may have been taken again later (a newer age entry holds it).
-            if stored is not None and int(msgpack.unpackb(stored)[1] * 1e9) == int.from_bytes(
-                age_key[1:9], "big"
-            ):
+            if stored is not None and int(msgpack.unpackb(stored)[1] * 1e9) == at_ns:
                 batch.delete(slot_key)
             self._count -= 1
-        self._db.write(batch)
+            self._bytes -= size
+        if len(batch):
+            self._db.write(batch)
 
-    def _age_keys(self) -> Iterator[bytes]:
-        for raw in self._db.keys(from_key=_AGE):
-            assert isinstance(raw, bytes)  # raw mode
+    def _ages(self) -> Iterator[tuple[bytes, int]]:
+        """(age key, size of its result) of every key, oldest first."""
+        for raw, size in self._db.items(from_key=_AGE):
+            assert isinstance(raw, bytes) and isinstance(size, bytes)  # raw mode
             if raw[:1] != _AGE:
                 return
-            yield raw
+            yield raw, int.from_bytes(size, "big") if size else 0
 
     def close(self) -> None:
         self._db.close()
