@@ -364,13 +364,26 @@ def chat(text):
     )
     return json.load(urllib.request.urlopen(req))["usage"]
 
+async def mcp_call():
+    from agentnode.sdk import Tools
+    async with Tools.mcp_client() as client:
+        result = await client.call_tool("run_code", {"code": "print(6 * 7)"})
+        return result.meta["agentnode"]["class"]
+
 subprocess.run(["sh", "-c", "ls / >/dev/null; cat /etc/hostname"], check=True)
 first = chat("hello")
+time.sleep(0.3)
+# Two tools: one through the node's MCP endpoint, one through /v1/tools (fails: no such file).
+import asyncio
+from agentnode.sdk import Tools
+tools = [asyncio.run(mcp_call())]
 time.sleep(0.3)
 try:
     socket.create_connection((%r, 8080), timeout=2)
 except OSError as e:
     denied = e.errno
+time.sleep(0.3)
+tools.append(Tools().call("read_file", {"path": "missing.txt"})["_meta"]["agentnode"]["class"])
 time.sleep(0.3)
 second = chat("hello again, a longer question this time")
 
@@ -384,7 +397,7 @@ def timeline(task):
     return r.status, json.loads(r.read())
 own = timeline(os.environ["AGENTNODE_TASK_ID"])
 other = timeline(os.environ["OTHER_TASK"])
-print(json.dumps({"usage": [first, second], "denied": denied, "own": own[0],
+print(json.dumps({"usage": [first, second], "denied": denied, "tools": tools, "own": own[0],
                   "own_kinds": sorted({e["kind"] for e in own[1]}), "other": other[0],
                   "other_body": other[1]}))
 """
@@ -460,8 +473,15 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     assert ["ls", "/"] in argvs and ["cat", "/etc/hostname"] in argvs
     assert argvs[0][0] == sys.executable
     # The calls and the denial in the order they happened, between the running and end states.
-    middle = [k for k in kinds if k in ("llm_call", "egress_denied", "state")]
-    assert middle == ["state"] * 3 + ["llm_call", "egress_denied", "llm_call", "state"]
+    middle = [k for k in kinds if k in ("llm_call", "egress_denied", "tool_call", "state")]
+    assert middle == ["state"] * 3 + [
+        "llm_call", "tool_call", "egress_denied", "tool_call", "llm_call", "state"
+    ]  # fmt: skip
+    tools = [e for e in timeline if e["kind"] == "tool_call"]
+    assert [(e["tool"], e["class"]) for e in tools] == list(
+        zip(["run_code", "read_file"], result["tools"], strict=True)
+    )
+    assert result["tools"][0] == "ok" and result["tools"][1] != "ok"
     calls = [e for e in timeline if e["kind"] == "llm_call"]
     price = Price(
         input=Decimal("2.5"),
@@ -480,6 +500,38 @@ def test_daemon_task_timeline_joins_everything_in_order(tmp_path: Path) -> None:
     assert denial["address"] == OTHER4 and denial["port"] == 8080
     assert verify(tmp_path / "data" / "audit").records >= len(timeline)
     _check_spans(spans, task["id"], calls, timeline)
+    _check_tool_spans(spans, task["id"], tools)
+
+
+def _check_tool_spans(
+    spans: list[dict[str, Any]], task_id: str, tools: list[dict[str, Any]]
+) -> None:
+    """An `execute_tool {name}` child of the task's `invoke_agent` span per tool call (in the
+    same trace as its `chat` spans), spanning the call, with the GenAI attribute names, and an
+    error status naming the class of a failed call."""
+    (root,) = (
+        s for s in spans
+        if s["name"] == "invoke_agent" and s["attributes"]["gen_ai.agent.id"] == task_id
+    )  # fmt: skip
+    executed = sorted(
+        (s for s in spans if s["name"].startswith("execute_tool ")),
+        key=lambda s: int(s["startTimeUnixNano"]),
+    )
+    assert [s["name"] for s in executed] == [f"execute_tool {e['tool']}" for e in tools]
+    for span, call in zip(executed, tools, strict=True):
+        assert span["traceId"] == root["traceId"] and span["parentSpanId"] == root["spanId"]
+        a = span["attributes"]
+        assert a["gen_ai.operation.name"] == "execute_tool"
+        assert a["gen_ai.tool.name"] == call["tool"]
+        assert a["agentnode.tool.class"] == call["class"]
+        took = int(span["endTimeUnixNano"]) - int(span["startTimeUnixNano"])
+        assert abs(took - call["duration_ms"] * 1e6) < 1e3
+        assert int(span["endTimeUnixNano"]) == int(call["time"] * 1e9)
+        failed = span.get("status", {}).get("code") == "STATUS_CODE_ERROR"
+        assert failed == (call["class"] != "ok")
+        assert a.get("error.type") == (None if call["class"] == "ok" else call["class"])
+    chats = [s for s in spans if s["name"].startswith("chat ")]
+    assert chats and all(s["traceId"] == root["traceId"] for s in chats)
 
 
 def _check_spans(
@@ -509,3 +561,37 @@ def _check_spans(
     names = [e["name"] for e in root.get("events", [])]
     assert names.count("exec") == sum(1 for e in timeline if e["kind"] == "exec")
     assert "egress_denied" in names and "state succeeded" in names
+
+
+CHECKPOINTER = """
+from agentnode.sdk import ThisTask
+ThisTask().save_checkpoint(b"x" * 1000)
+"""
+
+
+@pytest.mark.root
+def test_daemon_timeline_holds_limit_kills_and_checkpoints(tmp_path: Path) -> None:
+    """A task killed at its memory limit has an `oom` record, one stopped at its pids limit a
+    `pids_limit` record (each with the limit), one that saves a checkpoint a `checkpoint`
+    record with its size; each before the task's end state."""
+    with daemon(tmp_path) as d:
+        hog = d.submit([sys.executable, "-c", "x = bytearray(512 << 20)"], memory="64M",
+                       user="0")  # fmt: skip
+        bomb = d.submit(["sh", "-c", "while :; do sleep 5 & done"], pids=16, timeout="20s")
+        saver = d.submit([sys.executable, "-c", CHECKPOINTER], user="0", memory="256M",
+                         ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")})  # fmt: skip
+        ended = {t["id"]: d.wait(t["id"], timeout=60) for t in (hog, bomb, saver)}
+        timelines = {t: d.client.call("GET", f"/v1/tasks/{t}/timeline") for t in ended}
+    assert ended[saver["id"]]["state"] == "succeeded", d.log(saver["id"])
+
+    def only(task: str, kind: str) -> dict[str, Any]:
+        entry: dict[str, Any]
+        (entry,) = (e for e in timelines[task] if e["kind"] == kind)
+        last = timelines[task][-1]
+        assert last["kind"] == "state" and entry["seq"] < last["seq"]
+        return entry
+
+    assert only(hog["id"], "oom")["limit"] == 64 << 20
+    assert only(bomb["id"], "pids_limit")["limit"] == 16
+    assert only(saver["id"], "checkpoint")["bytes"] == 1000
+    assert ended[hog["id"]]["state"] != "succeeded" != ended[bomb["id"]]["state"]

@@ -189,6 +189,40 @@ def test_a_failure_that_is_not_transient_is_not_retried(cls: str) -> None:
     assert meta(result)["class"] == cls and not meta(result)["retryable"] and flaky.runs == 1
 
 
+def test_the_key_store_keeps_results_across_reopening_and_bounds_retention(
+    tmp_path: Path,
+) -> None:
+    from agentnode.tools.keys import KeyStore
+
+    store = KeyStore(tmp_path / "keys", kept=3)
+    for i in range(5):
+        store.start(("a", "t", f"k{i}"), f"d{i}")
+        store.finish(("a", "t", f"k{i}"), f"d{i}", {"n": i})
+    store.start(("a", "t", "cut"), "dc")  # never finished: a call cut off mid-run
+    store.close()
+    store = KeyStore(tmp_path / "keys", kept=3, max_age_s=3600)
+    assert [store.get(("a", "t", f"k{i}")) for i in range(3)] == [None, None, None]
+    assert store.get(("a", "t", "k4")) == ("d4", {"n": 4})
+    assert store.get(("b", "t", "k4")) is None, "a key is its tenant's own"
+    assert store.get(("a", "t", "cut")) == ("dc", None)
+    store.close()
+    store = KeyStore(tmp_path / "keys", max_age_s=0.0)
+    assert store.get(("a", "t", "k4")) is None, "expired"
+    store.close()
+    # Bounded in bytes too: big results push the oldest out (counted again after reopening).
+    store = KeyStore(tmp_path / "big", max_bytes=250_000)
+    for i in range(4):
+        store.start(("a", "t", f"b{i}"), "d")
+        store.finish(("a", "t", f"b{i}"), "d", {"text": "x" * 100_000})
+    store.close()
+    store = KeyStore(tmp_path / "big", max_bytes=250_000)
+    store.start(("a", "t", "b4"), "d")
+    store.finish(("a", "t", "b4"), "d", {"text": "x" * 100_000})
+    held = [store.get(("a", "t", f"b{i}")) is not None for i in range(5)]
+    assert held == [False, False, False, True, True]
+    store.close()
+
+
 def test_a_tool_that_raises_is_permanent_and_the_call_does_not() -> None:
     async def boom(args: dict[str, Any], caller: Caller) -> Outcome:
         raise RuntimeError("kaput")
@@ -415,7 +449,9 @@ def test_http_fetch_reaches_only_what_the_calling_task_may(
     world: tuple[World, EgressService],
 ) -> None:
     _, net = world
-    svc = service(*WebTools(node_network=net, limits=ToolLimits(timeout=10)).tools())
+    records: list[dict[str, Any]] = []
+    svc = service(*WebTools(node_network=net, limits=ToolLimits(timeout=10)).tools(),
+                  records=records)  # fmt: skip
     allowed = Caller(task="t1", tenant="a", network="egress",
                      egress=EgressPolicy(allow=[f"{HOST4}:8080"]))  # fmt: skip
     ok = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, allowed)
@@ -427,6 +463,11 @@ def test_http_fetch_reaches_only_what_the_calling_task_may(
     nothing = Caller(task="t2", tenant="a", network="egress", egress=EgressPolicy())
     denied = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, nothing)
     assert meta(denied)["class"] == "policy" and meta(denied)["denial"]["address"] == HOST4
+    # Each denial is its own audit record, the caller's, just before the call's record.
+    denial, rec = records[-2:]
+    assert denial["kind"] == "egress_denied" and denial["tool"] == "http_fetch"
+    assert (denial["task"], denial["address"], denial["port"]) == ("t2", HOST4, 8080)
+    assert rec["kind"] == "tool_call" and rec["class"] == "policy"
     offline = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/page"}, A)
     assert meta(offline)["class"] == "policy"
     busy = call(svc, "http_fetch", {"url": f"http://{HOST4}:8080/busy"}, allowed)
@@ -472,6 +513,15 @@ def test_web_search_speaks_searxng_json_through_its_own_policy(
         ('[tools.mcp.x]\ncommand = ["a"]\nwhat = 1\n', "tools.mcp.x.what: unknown key"),
         ('[tools.mcp.a__b]\ncommand = ["a"]\n', "may not hold '__'"),
         ("[tools]\nmcp_port = 70000\n", "tools.mcp_port: must be a port number"),
+        ("[tools.mcp.x]\nidle = 5\n", "tools.mcp.x: give a command to run, a url"),
+        ('[tools.mcp.x]\nurl = "http://10.0.0.1:80/mcp"\n', "tools.mcp.x.url: give http://127"),
+        ('[tools.mcp.x]\nurl = "https://127.0.0.1/mcp"\n', "tools.mcp.x.url: give http://127"),
+        ('[tools.mcp.x]\nurl = "http://example.org/mcp"\n', "tools.mcp.x.url: give http://"),
+        ("[tools.mcp.x]\nurl = 5\n", "tools.mcp.x.url: must be a string"),
+        (
+            '[tools.mcp.x]\nurl = "http://[::1]:9/mcp"\nmemory = "1G"\n',
+            "tools.mcp.x.memory: applies only to a server the node runs",
+        ),
         ('[tools.web_search]\nurl = "ftp://x"\n', "tools.web_search.url"),
     ],
 )
@@ -500,11 +550,15 @@ def test_a_tools_config_declares_servers_and_limits(tmp_path: Path) -> None:
         f'[tools.mcp.fs]\ncommand = ["node", "fs.js"]\nro = ["{tmp_path}:/data"]\n'
         'network = "egress"\nallow_hosts = ["api.example.org:443"]\nidle = "2m"\n'
         'tenants = ["a"]\nmemory = "1G"\n'
+        '[tools.mcp.own]\nurl = "http://127.0.0.1:8123/mcp"\ntenants = ["b"]\n'
+        f'[tools.mcp.boxed]\ncommand = ["srv"]\nurl = "http://localhost:8000/mcp"\n'
     )
     tools = load_config(path).tools
+    fs, own, boxed = tools.mcp
+    assert own.url == "http://127.0.0.1:8123/mcp" and own.command == ()
+    assert boxed.url == "http://localhost:8000/mcp" and boxed.command == ("srv",)
     assert tools.mcp_port == 8931 and tools.run_code.memory == 128 << 20
     assert tools.run_code.timeout == 5.0 and tools.search_url == "http://search.internal:8888"
-    (fs,) = tools.mcp
     assert fs.command == ("node", "fs.js") and fs.network == "egress"
     assert fs.egress is not None and list(fs.egress.hosts) == ["api.example.org:443"]
     assert fs.idle_s == 120 and fs.tenants == frozenset({"a"}) and fs.limits.memory == 1 << 30

@@ -5,16 +5,22 @@ tool API as a task uses them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agentnode.audit import AuditLog, verify
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
@@ -25,7 +31,7 @@ from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
 from conftest import run_cli
 from support.egress_world import HOST4, World
-from support.node_daemon import daemon
+from support.node_daemon import Daemon, daemon
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
 pytest_plugins = ["support.tools_world"]
@@ -46,11 +52,12 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     use_data_dir(old)
 
 
-def sdk_server(**kw: Any) -> MCPServerSpec:
+def sdk_server(*, name: str = "t", **kw: Any) -> MCPServerSpec:
     # uid 0 without capabilities: the interpreter lives under /root (mode 700). The checkout
     # (and its .venv) is bound in: it may sit under /tmp, which is the sandbox's own.
     kw.setdefault("mounts", (Mount(str(REPO), str(REPO)),))
-    return MCPServerSpec(name="t", command=(sys.executable, SERVER), user="0",
+    kw.setdefault("command", (sys.executable, SERVER))
+    return MCPServerSpec(name=name, user="0",
                          env={"PYTHONPATH": str(REPO / "python")}, **kw)  # fmt: skip
 
 
@@ -91,7 +98,7 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
 
     out = asyncio.run(scenario())
     assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
-                                                 "t__crash"}  # fmt: skip
+                                                 "t__crash", "t__session", "t__hog"}  # fmt: skip
     add = next(t for t in out["tools"] if t["name"] == "t__add")
     assert add["outputSchema"]["properties"]["sum"]["type"] == "integer"
     assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
@@ -106,7 +113,7 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
 
 
 def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path) -> None:
-    servers = MCPServers([sdk_server()])
+    servers = MCPServers([sdk_server(limits=ToolLimits(memory=256 << 20, pids=64, timeout=60))])
     svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
     marker = data_dir / "mcp" / "t-a" / "runs"
 
@@ -119,38 +126,188 @@ def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path
             first = await svc.call("t__flaky", args, A, idempotency_key="k1")
             again = await svc.call("t__flaky", args, A, idempotency_key="k1")
             unkeyed = await svc.call("t__flaky", {"fails": 5, "marker": "other"}, A)
-            return [crash, after, first, again, unkeyed]
+            hog = await svc.call("t__hog", {"mib": 1024}, A)
+            back = await svc.call("t__add", {"a": 1, "b": 1}, A)
+            return [crash, after, first, again, unkeyed, hog, back]
         finally:
             await servers.close()
 
-    crash, after, first, again, unkeyed = asyncio.run(scenario())
+    crash, after, first, again, unkeyed, hog, back = asyncio.run(scenario())
     assert meta(crash)["class"] == "transient" and meta(crash)["retryable"]
     assert meta(after)["class"] == "ok"
     assert meta(first)["class"] == "ok" and meta(first)["attempts"] == 3
     assert first["content"][0]["text"] == "ran 3 times"
     assert again == first and marker.read_text() == "3"
     assert meta(unkeyed)["class"] == "transient" and meta(unkeyed)["attempts"] == 1
+    # Killed at its sandbox's memory limit: `resource`, not retried; the next call restarts it.
+    assert meta(hog)["class"] == "resource" and "memory" in hog["content"][0]["text"], hog
+    assert meta(hog)["attempts"] == 1 and meta(back)["class"] == "ok"
 
 
 def test_a_server_whose_egress_allows_nothing_cannot_connect_out(
     world: tuple[World, EgressService], data_dir: Path
 ) -> None:
+    """Over stdio and over streamable HTTP (its server on the sandbox's own loopback, which
+    its policy does not block): the call comes back `policy`, naming the denial's record in the
+    node's audit log, where the tool call's record points at it too."""
     _, net = world
-    records: list[dict[str, Any]] = []
-    spec = sdk_server(network="egress", egress=EgressPolicy())
-    servers = MCPServers([spec], node_network=net)
-    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
+    audit = AuditLog(data_dir / "audit")
+    stdio = sdk_server(network="egress", egress=EgressPolicy())
+    http = sdk_server(name="h", network="egress", egress=EgressPolicy(),
+                      command=(sys.executable, SERVER, "--http", "8000"),
+                      url="http://127.0.0.1:8000/mcp")  # fmt: skip
+    servers = MCPServers([stdio, http], node_network=net)
+    svc = ToolService(Registry(), on_record=audit.append, sources=[servers])
 
-    async def scenario() -> dict[str, Any]:
+    async def scenario() -> list[dict[str, Any]]:
         try:
-            return await svc.call("t__connect", {"host": HOST4, "port": 8080}, A)
+            return [
+                await svc.call(f"{server}__connect", {"host": HOST4, "port": 8080}, A)
+                for server in ("t", "h")
+            ]
         finally:
             await servers.close()
 
-    result = asyncio.run(scenario())
-    assert meta(result)["class"] == "policy", result
-    assert meta(result)["denial"]["address"] == HOST4 and meta(result)["denial"]["port"] == 8080
-    assert records[-1]["class"] == "policy"
+    results = asyncio.run(scenario())
+    audit.close()
+    lines = (data_dir / "audit" / "audit.log").read_text().splitlines()
+    logged = {r["seq"]: r for r in map(json.loads, lines)}
+    for result, tool in zip(results, ("t__connect", "h__connect"), strict=True):
+        assert meta(result)["class"] == "policy", result
+        denial = meta(result)["denial"]
+        assert denial["address"] == HOST4 and denial["port"] == 8080
+        record = logged[denial["record"]]
+        assert record["kind"] == "egress_denied" and record["tool"] == tool
+        assert (record["task"], record["tenant"], record["port"]) == ("t1", "a", 8080)
+        (call,) = (r for r in logged.values() if r["kind"] == "tool_call" and r["tool"] == tool)
+        assert call["class"] == "policy" and denial["record"] in call["denials"]
+        assert call["seq"] > denial["record"]
+    assert verify(data_dir / "audit").records == len(logged)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_a_streamable_http_server_the_node_runs_in_its_sandbox(data_dir: Path) -> None:
+    """`command` and `url`: the server listens on its sandbox's own loopback (no network of its
+    own) and the node reaches it there with the SDK's streamable HTTP client: one instance per
+    tenant, restarted after a crash, a keyed call runs once, stopped when idle, each call
+    recorded."""
+    url = "http://127.0.0.1:8000/mcp"
+    spec = sdk_server(command=(sys.executable, SERVER, "--http", "8000"), url=url, idle_s=1.0)
+    servers = MCPServers([spec])
+    records: list[dict[str, Any]] = []
+    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
+
+    def open_fds() -> set[str]:
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own fd is gone by now
+                out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return out
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {"tools": {t["name"] for t in await svc.list("a")}}
+        out["add"] = await svc.call("t__add", {"a": 2, "b": 40}, A)
+        out["bad"] = await svc.call("t__add", {"a": "x", "b": 1}, A)
+        out["a"] = await svc.call("t__whoami", {}, A)
+        pid_a = servers.instance_pid("t", "a")
+        out["netns"] = {os.readlink(f"/proc/{pid_a}/ns/net")}
+        assert out["netns"] <= open_fds()
+        out["b"] = await svc.call("t__whoami", {}, B)
+        out["pids"] = (pid_a, servers.instance_pid("t", "b"))
+        out["crash"] = await svc.call("t__crash", {}, A)
+        out["after"] = await svc.call("t__add", {"a": 1, "b": 1}, A)
+        args = {"fails": 2, "marker": "runs"}
+        out["first"] = await svc.call("t__flaky", args, A, idempotency_key="k1")
+        out["again"] = await svc.call("t__flaky", args, A, idempotency_key="k1")
+        pids = (servers.instance_pid("t", "a"), servers.instance_pid("t", "b"))
+        for _ in range(100):  # idle for longer than its 1 s: both are stopped
+            if not any(host_pid_alive(p) for p in pids):
+                break
+            await asyncio.sleep(0.1)
+        out["idle"] = pids
+        await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    # The node held each instance's network namespace open while it ran, and let go after.
+    assert out["netns"] and not out["netns"] & open_fds()
+    assert "t__add" in out["tools"] and "t__session" in out["tools"]
+    assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
+    assert meta(out["bad"])["class"] == "invalid_input" and meta(out["bad"])["path"] == "/a"
+    # pid 1 of its own pid namespace, the sandbox's host name: it runs sandboxed.
+    assert out["a"]["structuredContent"]["result"].startswith("1 agentnode")
+    assert None not in out["pids"] and out["pids"][0] != out["pids"][1]
+    assert meta(out["crash"])["class"] == "transient" and meta(out["after"])["class"] == "ok"
+    assert meta(out["first"])["class"] == "ok" and meta(out["first"])["attempts"] == 3
+    assert out["again"] == out["first"]
+    assert (data_dir / "mcp" / "t-a" / "runs").read_text() == "3"
+    assert not any(host_pid_alive(p) for p in out["idle"])
+    assert [r["tool"] for r in records][:3] == ["t__add", "t__add", "t__whoami"]
+    assert [r["class"] for r in records][:2] == ["ok", "invalid_input"]
+
+
+def test_a_streamable_http_server_a_user_runs_on_loopback(tmp_path: Path) -> None:
+    """`url` only: the node connects to a server it does not run, one client per tenant;
+    the server gone is `transient`, and once it is back the next call connects again."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "MCP_TEST_DIR": str(tmp_path)}
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, SERVER, "--http", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        for _ in range(200):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc
+            time.sleep(0.05)
+        proc.kill()
+        raise AssertionError("the test server did not listen")
+
+    spec = MCPServerSpec(name="u", url=f"http://127.0.0.1:{port}/mcp", idle_s=1.0)
+    servers = MCPServers([spec])
+    records: list[dict[str, Any]] = []
+    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
+    user = start()
+
+    async def scenario() -> dict[str, Any]:
+        nonlocal user
+        out: dict[str, Any] = {"add": await svc.call("u__add", {"a": 2, "b": 3}, A)}
+        out["sa"] = [await svc.call("u__session", {}, A) for _ in range(2)]
+        out["sb"] = await svc.call("u__session", {}, B)
+        out["crash"] = await svc.call("u__crash", {}, A)
+        user.wait()
+        out["down"] = await svc.call("u__add", {"a": 1, "b": 1}, A)
+        user = start()
+        out["back"] = await svc.call("u__add", {"a": 1, "b": 1}, A)
+        args = {"fails": 0, "marker": "runs"}
+        out["keyed"] = await svc.call("u__flaky", args, A, idempotency_key="k")
+        out["again"] = await svc.call("u__flaky", args, A, idempotency_key="k")
+        await servers.close()
+        return out
+
+    try:
+        out = asyncio.run(scenario())
+    finally:
+        user.kill()
+        user.wait()
+    assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 5}
+    a1, a2 = (r["structuredContent"]["result"] for r in out["sa"])
+    b = out["sb"]["structuredContent"]["result"]
+    assert a1 == a2 and a1 and b and a1 != b, "one connection per tenant"
+    assert meta(out["crash"])["class"] == "transient"
+    assert meta(out["down"])["class"] == "transient", out["down"]
+    assert "did not start" in out["down"]["content"][0]["text"]
+    assert "\n" not in out["down"]["content"][0]["text"]
+    assert meta(out["back"])["class"] == "ok"
+    assert meta(out["keyed"])["class"] == "ok"
+    assert out["again"] == out["keyed"] and (tmp_path / "runs").read_text() == "1"
+    assert all(r["tenant"] in ("a", "b") and r["tool"].startswith("u__") for r in records)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +359,67 @@ def test_the_npm_filesystem_server_sees_only_its_directory(
     assert meta(out["wrote"])["class"] == "ok" and (given / "new.txt").read_text() == "n"
 
 
+def test_idempotency_keys_outlive_a_node_restart(tmp_path: Path) -> None:
+    """A keyed call that ran before a `kill -9` and restart of the node returns its first
+    result afterwards and does not run again; one cut off mid-run is never run again under its
+    key; the same key with other arguments is refused."""
+    config = (
+        "[tools.mcp.t]\n"
+        f"command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
+        f"env = {{ PYTHONPATH = {json.dumps(str(REPO / 'python'))} }}\n"
+        f"ro = [{json.dumps(str(REPO))}]\n"
+        'user = "0"\n'
+    )
+    d = Daemon(tmp_path, config)
+    runs = d.data / "mcp" / "t-a" / "runs"
+    flaky = {"fails": 0, "marker": "runs"}
+
+    def call(name: str, args: dict[str, Any], key: str) -> dict[str, Any]:
+        body = {"arguments": args, "tenant": "a", "idempotency_key": key}
+        out: dict[str, Any] = d.client.call("POST", f"/v1/tools/{name}/call", body)
+        return out
+
+    def sleeping() -> bool:
+        return any(
+            p.joinpath("cmdline").read_bytes() == b"sleep\x0031.5\x00"
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and p.joinpath("cmdline").exists()
+        )
+
+    d.start()
+    try:
+        first = call("t__flaky", flaky, "k1")
+
+        def cut_off() -> None:
+            with contextlib.suppress(Exception):  # the node dies under it
+                call("run_code", {"language": "bash", "code": "sleep 31.5"}, "k-cut")
+
+        cut = threading.Thread(target=cut_off, daemon=True)
+        cut.start()
+        for _ in range(300):
+            if sleeping():
+                break
+            time.sleep(0.05)
+        assert sleeping(), "the keyed run_code call did not start"
+        d.stop(signal.SIGKILL)
+        cut.join(10)
+        d.start()
+        again = call("t__flaky", flaky, "k1")
+        other = call("t__flaky", {"fails": 0, "marker": "other"}, "k1")
+        cut_again = call("run_code", {"language": "bash", "code": "sleep 31.5"}, "k-cut")
+        fresh = call("t__flaky", flaky, "k2")
+    finally:
+        if d.proc is not None:
+            d.stop()
+    assert meta(first)["class"] == "ok" and first["content"][0]["text"] == "ran 1 times"
+    assert again == first, "the first result, from before the restart"
+    assert meta(other)["class"] == "invalid_input" and "other arguments" in json.dumps(other)
+    assert meta(cut_again)["class"] == "permanent" and meta(cut_again)["interrupted"] is True
+    assert "cut off by a node restart" in cut_again["content"][0]["text"]
+    assert fresh["content"][0]["text"] == "ran 2 times" and runs.read_text() == "2"
+    assert not sleeping()
+
+
 TASK_CLIENT = """
 import asyncio, json, os
 from agentnode.sdk import Tools
@@ -213,20 +431,42 @@ async def main():
         code = await client.call_tool("run_code", {"code": "x = 5", "session": True})
         code = await client.call_tool("run_code", {"code": "print(x * 2)", "session": True})
         wrote = await client.call_tool("write_file", {"path": "w.txt", "content": "hi"})
+        read = "fs__read_text_file" if "fs__read_text_file" in names else "fs__read_file"
+        fs = await client.call_tool(read, {"path": "/data/note.txt"})
+        http = await client.call_tool("h__add", {"a": 1, "b": 2})
     rest = Tools().call("read_file", {"path": "/workspace/w.txt"})
     print(json.dumps({
         "url": os.environ["AGENTNODE_MCP_URL"], "names": names,
         "added": added.structured_content, "code": code.structured_content["stdout"],
         "class": code.meta["agentnode"]["class"], "wrote": wrote.is_error,
         "rest": rest["content"][0]["text"], "listed": len(Tools().list()),
+        "fs": fs.content[0].text, "http": http.structured_content,
     }))
 
 asyncio.run(main())
 """
 
 
-def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(tmp_path: Path) -> None:
+def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(
+    tmp_path: Path, filesystem_server: Path
+) -> None:
+    """A task lists and calls, through `AGENTNODE_MCP_URL` with the `mcp` client SDK, the
+    built-ins and the tools of three servers the node runs in sandboxes: the test server over
+    stdio and over streamable HTTP, and the npm filesystem server; and the API door."""
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "note.txt").write_text("from the filesystem server")
     config = (
+        "[tools.mcp.fs]\n"
+        f'command = ["node", {json.dumps(str(filesystem_server))}, "/data"]\n'
+        f"ro = [{json.dumps(f'{given}:/data')}]\n"
+        'user = "0"\n'
+        "[tools.mcp.h]\n"
+        f'command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}, "--http", "8000"]\n'
+        'url = "http://127.0.0.1:8000/mcp"\n'
+        f"env = {{ PYTHONPATH = {json.dumps(str(REPO / 'python'))} }}\n"
+        f"ro = [{json.dumps(str(REPO))}]\n"
+        'user = "0"\n'
         "[tools.mcp.t]\n"
         f"command = [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
         f"env = {{ PYTHONPATH = {json.dumps(str(REPO / 'python'))} }}\n"
@@ -257,14 +497,18 @@ def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(tmp_path: P
     assert "t__add" in seen["names"] and "run_code" in seen["names"]
     assert not any(n.startswith("only_b") for n in seen["names"])  # another tenant's server
     assert seen["added"] == {"sum": 42} and seen["code"] == "10\n" and seen["class"] == "ok"
+    assert seen["fs"] == "from the filesystem server" and seen["http"] == {"sum": 3}
+    assert any(n.startswith("fs__") for n in seen["names"]) and "h__add" in seen["names"]
     assert seen["wrote"] is False and seen["rest"] == "hi"
     assert seen["listed"] == len(seen["names"])
     assert {t["name"] for t in listed} == set(seen["names"])
     assert ran["structuredContent"]["stdout"] == "7\n" and read["content"][0]["text"] == "hi"
     mine = [r for r in records if r["task"] == task["id"]]
-    # The task's own five calls, then the operator's read_file made for it.
+    # The task's own seven calls, then the operator's read_file made for it.
+    fs_read = "fs__read_text_file" if "fs__read_text_file" in seen["names"] else "fs__read_file"
     assert [r["tool"] for r in mine] == [
-        "t__add", "run_code", "run_code", "write_file", "read_file", "read_file"
+        "t__add", "run_code", "run_code", "write_file", fs_read, "h__add", "read_file",
+        "read_file",
     ]  # fmt: skip
     assert all(r["tenant"] == "default" and r["class"] == "ok" for r in mine)
 

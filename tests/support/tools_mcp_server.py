@@ -1,16 +1,19 @@
-"""A test MCP server written with the `mcp` SDK (stdio), run by the node in its sandbox.
+"""A test MCP server written with the `mcp` SDK, run by the node in its sandbox: over stdio, or
+over streamable HTTP on 127.0.0.1:PORT (`--http PORT`).
 
 Tools: `add` (with an output schema), `whoami` (its pid and hostname, to tell instances
-apart), `connect` (opens a TCP connection, to test its egress policy), `flaky` (fails until
-it has been called N times; counts runs in a file, to test retries), `crash` (exits)."""
+apart), `session` (the caller's MCP session and TCP port over HTTP), `connect` (opens a TCP connection,
+to test its egress policy), `flaky` (fails until it has been called N times; counts runs in a
+file, to test retries), `hog` (allocates memory), `crash` (exits)."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from pydantic import BaseModel
 
 server = MCPServer("agentnode-test")
@@ -33,6 +36,17 @@ def whoami() -> str:
 
 
 @server.tool()
+def session(ctx: Context) -> str:
+    """The connection this call came in on: its MCP session id (when the protocol version has
+    sessions) and TCP source port (streamable HTTP only; empty over stdio)."""
+    request = ctx.request_context.request
+    peer = getattr(request, "client", None)
+    if peer is None:
+        return ""
+    return f"{(ctx.headers or {}).get('mcp-session-id', '-')} {peer[1]}"
+
+
+@server.tool()
 def connect(host: str, port: int) -> str:
     """Opens a TCP connection to host:port."""
     with socket.create_connection((host, port), timeout=2):
@@ -41,8 +55,9 @@ def connect(host: str, port: int) -> str:
 
 @server.tool()
 def flaky(fails: int, marker: str) -> str:
-    """Fails `fails` times (counting runs in /workspace/MARKER), then succeeds."""
-    path = f"/workspace/{marker}"
+    """Fails `fails` times (counting runs in MARKER under $MCP_TEST_DIR, default /workspace),
+    then succeeds."""
+    path = os.path.join(os.environ.get("MCP_TEST_DIR", "/workspace"), marker)
     n = int(Path(path).read_text()) if os.path.exists(path) else 0
     with open(path, "w") as f:
         f.write(str(n + 1))
@@ -52,10 +67,20 @@ def flaky(fails: int, marker: str) -> str:
 
 
 @server.tool()
+def hog(mib: int) -> str:
+    """Allocates (and touches) `mib` MiB: past its sandbox's memory limit, it is killed."""
+    held = bytearray(mib << 20)
+    return f"held {len(held)} bytes"
+
+
+@server.tool()
 def crash() -> str:
     """Exits at once."""
     os._exit(1)
 
 
 if __name__ == "__main__":
-    server.run()
+    if sys.argv[1:2] == ["--http"]:
+        server.run(transport="streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run()

@@ -34,7 +34,8 @@ def _exec(e: dict[str, Any]) -> str:
 
 
 def _denied(e: dict[str, Any]) -> str:
-    return f"{e['protocol']} {e['address']} port {e['port']} ({e['reason']}, pid {e['pid']})"
+    by = f", tool {e['tool']}" if e.get("tool") else ""
+    return f"{e['protocol']} {e['address']} port {e['port']} ({e['reason']}, pid {e['pid']}{by})"
 
 
 def _llm(e: dict[str, Any]) -> str:

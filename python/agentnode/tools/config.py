@@ -56,6 +56,7 @@ def _fields(limits: ToolLimits) -> dict[str, Any]:
 _LIMIT_KEYS = {"memory", "output", "timeout", "cpus", "pids"}
 _MCP_KEYS = _LIMIT_KEYS | {
     "command",
+    "url",
     "env",
     "network",
     "allow",
@@ -68,6 +69,9 @@ _MCP_KEYS = _LIMIT_KEYS | {
     "idempotent",
     "cwd",
 }
+
+#: What applies to a server a user runs at a url (the node only connects to it).
+_USER_SERVER_KEYS = {"url", "timeout", "idle", "tenants", "idempotent"}
 
 
 def _check_keys(name: str, table: Any, known: set[str]) -> dict[str, Any]:
@@ -82,9 +86,20 @@ def _check_keys(name: str, table: Any, known: set[str]) -> dict[str, Any]:
 def _server(name: str, table: Any) -> MCPServerSpec:
     where = f"tools.mcp.{name}"
     t = _check_keys(where, table, _MCP_KEYS)
-    command = t.get("command")
-    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+    command = t.get("command", [])
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         raise ConfigError(f"{where}.command: must be a non-empty list of strings")
+    url = t.get("url")
+    if url is not None and not isinstance(url, str):
+        raise ConfigError(f"{where}.url: must be a string, got {url!r}")
+    if url is None and not command:
+        raise ConfigError(f"{where}: give a command to run, a url to connect to, or both")
+    if not command:
+        for key in t:
+            if key not in _USER_SERVER_KEYS:
+                raise ConfigError(
+                    f"{where}.{key}: applies only to a server the node runs (give its command)"
+                )
     env = t.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}.env: must be a table of strings")
@@ -113,6 +128,7 @@ def _server(name: str, table: Any) -> MCPServerSpec:
     return MCPServerSpec(
         name=name,
         command=tuple(command),
+        url=url,
         env=env,
         network=mode,
         egress=policy,

@@ -2,25 +2,41 @@
 own Layer 1 sandbox with its own egress policy and limits: started on first use, one instance
 per tenant (never shared across tenants), stopped when idle, started again after a crash.
 
-The node speaks MCP to a server with the `mcp` SDK over the sandbox's stdin and stdout: the
-SDK's stdio transport (`stdio_server`, which frames newline-delimited JSON-RPC the same way in
-both directions) is given the sandbox's pipes, so no framing is written here."""
+The node speaks MCP to a server with the `mcp` SDK, never framing JSON-RPC itself:
+- a stdio server (`command`): the SDK's stdio transport (`stdio_server`, which frames
+  newline-delimited JSON-RPC the same way in both directions) is given the sandbox's pipes;
+- a streamable-HTTP server the node runs (`command` and `url`): it listens on the loopback of
+  its sandbox's own network namespace, and the SDK's streamable HTTP client reaches it there
+  with sockets the node opens inside that namespace (so the server needs no network at all);
+- a streamable-HTTP server a user runs (`url` only, on the node's loopback): the node only
+  connects, one client per tenant; it cannot sandbox what it does not run.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ipaddress
 import logging
 import os
 import signal
+import socket
+import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
+import httpcore2
+import httpx2
+from httpcore2._backends.anyio import AnyIOStream  # httpcore's own wrapper, not re-exported
 from mcp import Client
 from mcp.client._transport import TransportStreams
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
@@ -50,7 +66,11 @@ class MCPServerSpec:
     """One declared server: the command run in its sandbox and what that sandbox may do."""
 
     name: str
-    command: tuple[str, ...]
+    #: The program run in its sandbox (empty: a server a user runs at `url`).
+    command: tuple[str, ...] = ()
+    #: Where it serves streamable HTTP (http on loopback): in its sandbox when `command` is
+    #: set, else on the node's own loopback. None: it speaks stdio.
+    url: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     network: str = "none"
     egress: EgressPolicy | None = None
@@ -65,10 +85,102 @@ class MCPServerSpec:
     idempotent: bool = False
 
     def __post_init__(self) -> None:
-        if not self.command:
-            raise UsageError(f"tools.mcp.{self.name}: command must name a program to run")
+        if not self.command and self.url is None:
+            raise UsageError(
+                f"tools.mcp.{self.name}: give a command to run, a url to connect to, or both"
+            )
+        if self.url is not None:
+            _check_loopback_url(f"tools.mcp.{self.name}.url", self.url)
         if SEPARATOR in self.name:
             raise UsageError(f"tools.mcp.{self.name}: a server name may not hold {SEPARATOR!r}")
+
+
+def _check_loopback_url(option: str, url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme != "http" or not loopback:
+        raise UsageError(
+            f"{option}: give http://127.0.0.1:PORT/PATH (streamable HTTP on loopback), got {url!r}"
+        )
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _socket_in(netns: int, family: int) -> socket.socket:
+    """A TCP socket made inside the network namespace open at fd `netns` (a socket keeps the
+    namespace it was made in): setns is per thread, so a short-lived thread enters it and is
+    thrown away."""
+    made: list[socket.socket | BaseException] = []
+
+    def run() -> None:
+        try:
+            if _libc.setns(netns, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "cannot enter the server's network namespace")
+            made.append(socket.socket(family, socket.SOCK_STREAM))
+        except BaseException as e:
+            made.append(e)
+
+    thread = threading.Thread(target=run, name="agentnode-mcp-netns")
+    thread.start()
+    thread.join()
+    (out,) = made
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+class _NetnsBackend(httpcore2.AsyncNetworkBackend):
+    """httpcore's network backend whose TCP connections are made in a sandbox's network
+    namespace: the node reaches a server on the sandbox's own loopback."""
+
+    def __init__(self, netns: int) -> None:
+        self._netns = netns
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await loop.run_in_executor(SPAWNER, _socket_in, self._netns, family)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except BaseException:
+                sock.close()
+                raise
+        except (OSError, TimeoutError) as e:
+            raise httpcore2.ConnectError(str(e)) from e
+        return AnyIOStream(await anyio.abc.SocketStream.from_socket(sock))
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore2.AsyncNetworkStream:
+        raise httpcore2.ConnectError("an MCP server in a sandbox is reached over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+
+class _NetnsTransport(httpx2.AsyncHTTPTransport):
+    """httpx's own transport with its connection pool's backend swapped for `_NetnsBackend`
+    (httpx takes no backend of its own; the pool does)."""
+
+    def __init__(self, netns: int) -> None:
+        super().__init__(trust_env=False)
+        self._pool = httpcore2.AsyncConnectionPool(network_backend=_NetnsBackend(netns))
 
 
 class _PipeLines:
@@ -135,8 +247,16 @@ async def _ready(fd: int, *, write: bool) -> None:
         remove(fd)
 
 
+def _leaf(e: BaseException) -> BaseException:
+    """The first error inside task-group wrappers (the SDK's transports run in task groups)."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
 class _Instance:
-    """One running server for one tenant: its sandbox and the MCP client connected to it."""
+    """One running server for one tenant: its sandbox (none for a server a user runs) and the
+    MCP client connected to it."""
 
     def __init__(self, spec: MCPServerSpec, tenant: str) -> None:
         self.spec = spec
@@ -147,9 +267,14 @@ class _Instance:
         self.last_used = time.monotonic()
         self.busy = 0
         self._stop = asyncio.Event()
+        #: The server's network namespace (an HTTP server the node runs), held open.
+        self._netns = -1
+        #: `stop` was called: the client's errors from here on are the stop's own doing.
+        self._stopping = False
         self._runner: asyncio.Task[None] | None = None
-        #: Reaps the sandbox when it ends (a crash, a kill at its limits, or `stop`).
-        self.exited: asyncio.Task[isolation.Result] | None = None
+        #: Done when the server is gone: its sandbox reaped (a crash, a kill at its limits, or
+        #: `stop`), or, for a server a user runs, the connection to it broken or stopped.
+        self.exited: asyncio.Future[Any] | None = None
 
     @property
     def alive(self) -> bool:
@@ -158,6 +283,7 @@ class _Instance:
     def _spawn(self, network: EgressService | None) -> isolation.Task:
         spec = self.spec
         ws = owned_workspace(isolation.DATA_DIR / "mcp" / f"{spec.name}-{self.tenant}", spec.user)
+        stdio = spec.url is None
         return isolation.spawn(
             list(spec.command),
             limits=sandbox_limits(spec.limits, timeout=False),
@@ -170,15 +296,29 @@ class _Instance:
             cwd=spec.cwd,
             user=spec.user,
             workspace=ws,
-            stdin="pipe",
-            stdout="pipe",
+            stdin="pipe" if stdio else "null",
+            stdout="pipe" if stdio else "null",
             stderr="null",
         )
 
     async def start(self, network: EgressService | None) -> None:
         loop = asyncio.get_running_loop()
-        self.proc = await loop.run_in_executor(SPAWNER, self._spawn, network)
-        self.exited = loop.create_task(self.proc.wait_async())
+        if self.spec.command:
+            self.proc = await loop.run_in_executor(SPAWNER, self._spawn, network)
+            self.exited = loop.create_task(self.proc.wait_async())
+            if self.spec.url is not None:
+                # Held, not reopened by pid: the namespace stays this server's even after it
+                # dies and its pid is reused. Opened before the reaper task first runs (a
+                # zombie has no namespaces: the open fails rather than naming another's).
+                try:
+                    self._netns = os.open(
+                        f"/proc/{self.proc.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC
+                    )
+                except OSError as e:
+                    await self.stop()
+                    raise ConnectionError(f"the server exited at once ({e.strerror})") from None
+        else:
+            self.exited = loop.create_future()
         ready: asyncio.Future[None] = loop.create_future()
         self._runner = loop.create_task(self._run(ready))
         try:
@@ -189,6 +329,10 @@ class _Instance:
 
     @contextlib.asynccontextmanager
     async def _transport(self) -> AsyncIterator[TransportStreams]:
+        if self.spec.url is not None:
+            async with self._http() as streams:
+                yield streams
+            return
         assert self.proc is not None and self.proc.stdout is not None
         assert self.proc.stdin is not None
         # The server's stdout is what we read; its stdin is what we write. The SDK's stdio
@@ -199,6 +343,42 @@ class _Instance:
         async with stdio_server(reader, writer) as streams:  # type: ignore[arg-type]
             yield streams
 
+    @contextlib.asynccontextmanager
+    async def _http(self) -> AsyncIterator[TransportStreams]:
+        """The SDK's streamable HTTP client to the server's url, once it accepts connections
+        (a server the node started takes a moment to listen)."""
+        assert self.spec.url is not None and self.exited is not None
+        transport = (
+            httpx2.AsyncHTTPTransport(trust_env=False)
+            if self.proc is None
+            else _NetnsTransport(self._netns)
+        )
+        if self.proc is not None:
+            await self._listening()
+        timeout = httpx2.Timeout(self.spec.limits.timeout, connect=5.0)
+        async with (
+            httpx2.AsyncClient(transport=transport, timeout=timeout) as http,
+            streamable_http_client(self.spec.url, http_client=http) as streams,
+        ):
+            yield streams
+
+    async def _listening(self) -> None:
+        """Returns once the server accepts a TCP connection at its url (no request is sent:
+        what a GET means differs between servers)."""
+        assert self.spec.url is not None and self.exited is not None
+        parts = urllib.parse.urlsplit(self.spec.url)
+        backend = _NetnsBackend(self._netns)
+        while True:
+            try:
+                stream = await backend.connect_tcp(parts.hostname or "", parts.port or 80, 1.0)
+            except httpcore2.ConnectError:
+                if self.exited.done():
+                    raise ConnectionError("the server exited before it listened") from None
+                await asyncio.sleep(0.05)
+            else:
+                await stream.aclose()
+                return
+
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
             async with Client(
@@ -208,15 +388,21 @@ class _Instance:
                 ready.set_result(None)
                 await self._stop.wait()
         except BaseException as e:
+            e = _leaf(e)
             if not ready.done():
                 ready.set_exception(e)
-            elif not isinstance(e, asyncio.CancelledError):
+            elif not isinstance(e, asyncio.CancelledError) and not self._stopping:
                 log.warning("MCP server %s (%s) ended: %s", self.spec.name, self.tenant, e)
         finally:
             self.client = None
+            if self.proc is None and self.exited is not None and not self.exited.done():
+                self.exited.set_result(None)  # a user's server: the connection is what ended
 
     async def stop(self) -> None:
         """Kills the sandbox (its pipes close, so the client's reader ends), then the client."""
+        self._stopping = True
+        if self.proc is None and self.exited is not None and not self.exited.done():
+            self.exited.set_result(None)
         if self.proc is not None and self.exited is not None:
             if self.proc.result is None:
                 with contextlib.suppress(AgentnodeError, ProcessLookupError):
@@ -227,6 +413,9 @@ class _Instance:
         if self._runner is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(self._runner, 5)
+        if self._netns >= 0:
+            os.close(self._netns)
+            self._netns = -1
 
 
 class MCPServers:
@@ -379,22 +568,13 @@ class MCPServers:
         dumped = result.model_dump(by_alias=True, exclude_none=True)
         denials = inst.denials[seen:]
         cls: ToolClass = "ok"
-        detail: dict[str, Any] = {}
         if result.is_error:
             cls = "policy" if denials else "permanent"
-        if denials:
-            d = denials[0]
-            detail["denial"] = {
-                "address": str(d.address),
-                "port": d.port,
-                "protocol": d.protocol,
-                "reason": d.reason,
-            }
         out = Outcome(
             cls=cls,
             content=dumped.get("content", []),
             structured=dumped.get("structuredContent"),
-            detail=detail,
+            denials=denials,
         )
         if before is not None and inst.proc is not None and inst.proc.result is None:
             after = inst.proc.stats()
@@ -414,11 +594,10 @@ class MCPServers:
             del self._instances[key]
         await inst.stop()
         ended = inst.exited.result() if inst.exited is not None else None
-        if ended is not None and ended.reason.value in ("oom", "pids-limit"):
+        limit = {"oom": "memory", "pids-limit": "pids"}.get(ended.reason.value) if ended else None
+        if limit is not None:
             return Outcome.error(
-                "resource",
-                f"MCP server {inst.spec.name} was killed at its "
-                f"{ended.reason.value.replace('-', ' ')}",
+                "resource", f"MCP server {inst.spec.name} was killed at its {limit} limit"
             )
         return Outcome.error(
             "transient",

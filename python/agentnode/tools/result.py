@@ -4,7 +4,10 @@ what kind of outcome it was and whether trying again can help."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from agentnode.egress.enforce import Denial
 
 __all__ = ["CLASSES", "RETRYABLE", "Outcome", "ToolClass"]
 
@@ -37,8 +40,11 @@ class Outcome:
     memory_peak: int = 0
     bytes_out: int = 0
     truncated: bool = False
-    #: Extra facts for `_meta.agentnode` (e.g. an egress denial, an exit status).
+    #: Extra facts for `_meta.agentnode` (e.g. an exit status).
     detail: dict[str, Any] = field(default_factory=dict)
+    #: Connections the tool's sandbox was denied during the call: the service records each
+    #: in the audit log and names the first (with its record's seq) in `_meta.agentnode`.
+    denials: list[Denial] = field(default_factory=list)
 
     @classmethod
     def error(cls, kind: ToolClass, message: str, **detail: Any) -> Outcome:

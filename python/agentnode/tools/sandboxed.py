@@ -76,14 +76,6 @@ class Run:
         """An outcome carrying this run's accounting."""
         stats = self.result.stats
         detail: dict[str, object] = {"exit_status": self.result.exit_status}
-        if self.denials:
-            d = self.denials[0]
-            detail["denial"] = {
-                "address": str(d.address),
-                "port": d.port,
-                "protocol": d.protocol,
-                "reason": d.reason,
-            }
         return Outcome(
             cls=cls,
             content=content,
@@ -92,6 +84,7 @@ class Run:
             bytes_out=self.bytes_out,
             truncated=self.truncated,
             detail=detail,
+            denials=list(self.denials),
         )
 
 

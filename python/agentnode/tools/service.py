@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from agentnode.tools.keys import KeyStore
 from agentnode.tools.registry import Caller, Registry, Tool, redact
 from agentnode.tools.result import RETRYABLE, Outcome
 
@@ -48,10 +49,19 @@ def _args_sha256(args: Any) -> str:
     ).hexdigest()
 
 
+def _other_arguments(key: str) -> Outcome:
+    return Outcome.error(
+        "invalid_input",
+        f"idempotency key {key!r} was first used with other arguments "
+        "(use a new key for a new call)",
+    )
+
+
 class ToolService:
     """Calls tools of `registry` for callers; `on_record(record)` gets one audit record per
     call. A call carrying an idempotency key runs at most once per (tenant, tool, key): a
-    repeat, even while the first is still running, gets the first call's result."""
+    repeat, even while the first is still running, gets the first call's result. With `keys`
+    (a `KeyStore`) that holds across node restarts too."""
 
     def __init__(
         self,
@@ -60,10 +70,12 @@ class ToolService:
         on_record: Record,
         sources: Sequence[ToolSource] = (),
         keys_kept: int = 10_000,
+        keys: KeyStore | None = None,
     ) -> None:
         self.registry = registry
         self.sources = list(sources)
         self._on_record = on_record
+        self._store = keys
         self._keys: OrderedDict[tuple[str, str, str], tuple[str, asyncio.Future[dict[str, Any]]]]
         self._keys = OrderedDict()
         self._keys_kept = keys_kept
@@ -101,35 +113,60 @@ class ToolService:
         if held is not None:
             first_digest, future = held
             if first_digest != digest:
+                outcome = _other_arguments(idempotency_key)
                 return self._finish(
-                    tool,
-                    name,
-                    args,
-                    caller,
-                    digest,
-                    time.monotonic(),
-                    Outcome.error(
-                        "invalid_input",
-                        f"idempotency key {idempotency_key!r} was first used with other "
-                        "arguments (use a new key for a new call)",
-                    ),
-                    attempts=0,
+                    tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0
                 )
             return await asyncio.shield(future)
+        stored = self._store.get(slot) if self._store is not None else None
+        if stored is not None:
+            return self._from_store(tool, name, args, caller, digest, idempotency_key, stored)
         future = asyncio.get_running_loop().create_future()
         self._keys[slot] = (digest, future)
         while len(self._keys) > self._keys_kept:
             self._keys.popitem(last=False)
+        if self._store is not None:
+            self._store.start(slot, digest)
         try:
             result = await self._call(tool, name, args, caller, digest, keyed=True)
         except BaseException as e:
             # Cancelled mid-run: a repeat may run it again, it has no result to give.
             self._keys.pop(slot, None)
+            if self._store is not None:
+                self._store.forget(slot)
             future.set_exception(e)
             future.exception()  # retrieved: nobody may be waiting on it
             raise
+        if self._store is not None:
+            self._store.finish(slot, digest, result)
         future.set_result(result)
         return result
+
+    def _from_store(
+        self,
+        tool: Tool,
+        name: str,
+        args: Any,
+        caller: Caller,
+        digest: str,
+        key: str,
+        stored: tuple[str, dict[str, Any] | None],
+    ) -> dict[str, Any]:
+        """A key used before this node (re)started: its first result, or why there is none."""
+        first_digest, result = stored
+        if first_digest == digest and result is not None:
+            return result
+        if first_digest != digest:
+            outcome = _other_arguments(key)
+        else:
+            # Cut off by a crash or restart mid-run: it may have had its effect.
+            outcome = Outcome.error(
+                "permanent",
+                f"the call with idempotency key {key!r} was cut off by a node restart and its "
+                "outcome is unknown; it is not run again under this key (use a new key)",
+                interrupted=True,
+            )
+        return self._finish(tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0)
 
     async def _call(
         self, tool: Tool | None, name: str, args: Any, caller: Caller, digest: str, *, keyed: bool
@@ -177,6 +214,7 @@ class ToolService:
     ) -> dict[str, Any]:
         duration_ms = (time.monotonic() - start) * 1000
         retryable = outcome.cls in RETRYABLE or outcome.detail.get("retryable") is True
+        denied = self._record_denials(name, caller, outcome)
         result = outcome.to_json(duration_ms=duration_ms, retryable=retryable, attempts=attempts)
         record = {
             "kind": "tool_call",
@@ -192,9 +230,43 @@ class ToolService:
             "memory_peak": outcome.memory_peak,
             "bytes_out": outcome.bytes_out,
             "attempts": attempts,
+            **({"denials": denied} if denied else {}),
         }
         try:
             self._on_record(record)
         except Exception:
             log.exception("tool audit record could not be written")
         return result
+
+    def _record_denials(self, name: str, caller: Caller, outcome: Outcome) -> Sequence[int]:
+        """Writes an `egress_denied` record per connection the tool's sandbox was denied (the
+        caller's task and tenant, and the tool) and names the first in `_meta.agentnode`
+        `denial`, with its record's seq when the log gives one. Returns the seqs."""
+        seqs: list[int] = []
+        for i, d in enumerate(outcome.denials):
+            denial: dict[str, Any] = {
+                "address": str(d.address),
+                "port": d.port,
+                "protocol": d.protocol,
+                "reason": d.reason,
+            }
+            record = {
+                "kind": "egress_denied",
+                "task": caller.task,
+                "tenant": caller.tenant,
+                "tool": name,
+                **denial,
+                "pid": d.pid,
+                **({"name": d.name} if d.name else {}),
+            }
+            try:
+                seq = self._on_record(record)
+            except Exception:
+                log.exception("egress denial record could not be written")
+                seq = None
+            if isinstance(seq, int):
+                seqs.append(seq)
+                denial["record"] = seq
+            if i == 0:
+                outcome.detail["denial"] = denial
+        return seqs

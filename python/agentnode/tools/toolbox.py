@@ -11,6 +11,7 @@ from agentnode.tasks.model import Task
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.config import ToolsConfig
 from agentnode.tools.files import file_tools
+from agentnode.tools.keys import KeyStore
 from agentnode.tools.mcpservers import MCPServers
 from agentnode.tools.registry import Caller, Registry
 from agentnode.tools.service import Record, ToolService, jsonl_recorder
@@ -59,10 +60,13 @@ class Toolbox:
         )
         self.registry = Registry([self.code.tool(), *file_tools(), *web.tools()])
         self.mcp = MCPServers(config.mcp, node_network=node_network)
+        #: Idempotency keys' first results, kept across restarts of the node.
+        self.keys = KeyStore(data_dir / "tools" / "keys")
         self.service = ToolService(
             self.registry,
             on_record=on_record or jsonl_recorder(data_dir / "tools.log"),
             sources=[self.mcp],
+            keys=self.keys,
         )
 
     def end_task(self, task_id: str) -> None:
@@ -72,3 +76,4 @@ class Toolbox:
     async def close(self) -> None:
         self.code.close()
         await self.mcp.close()
+        self.keys.close()

@@ -1,0 +1,131 @@
+"""Idempotency keys that outlive the node: each keyed call's first result, in RocksDB under the
+data dir, so a repeat after a restart gets that result instead of a second run.
+
+A key is marked started before its call runs and given its result when it ends. A key found
+started with no result was cut off by a crash or restart mid-call: whether its side effect
+happened is unknown, so it is never run again under that key (the caller is told to use a new
+one). Writes go to RocksDB's write-ahead log without an fsync, as the task store's do: they
+survive a crash or `kill -9` of the node, not a power cut. Retention is bounded: the oldest
+keys go past `kept` entries, `max_bytes` of results or `max_age_s` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from rocksdict import Options, Rdict, WriteBatch
+
+__all__ = ["KeyStore", "Slot"]
+
+#: (tenant, tool, key): a key is one caller's own, per tool.
+Slot = tuple[str, str, str]
+
+_KEY = b"k"  # k + slot -> msgpack [digest, time, result or None]
+_AGE = b"a"  # a + time (ns, big-endian) + slot -> its result's size: oldest first, for retention
+
+
+def _slot_bytes(slot: Slot) -> bytes:
+    # NUL cannot occur in a tenant or tool name; a key holding one still ends the record.
+    return b"\0".join(part.encode() for part in slot)
+
+
+def _age_key(at: float, slot: Slot) -> bytes:
+    return _AGE + int(at * 1e9).to_bytes(8, "big") + _slot_bytes(slot)
+
+
+class KeyStore:
+    """Keyed calls' first results, durable across node restarts."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        kept: int = 10_000,
+        max_bytes: int = 256 << 20,
+        max_age_s: float = 86_400.0,
+    ) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = Rdict(str(path), options=Options(raw_mode=True))
+        self.kept = kept
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self._count = 0
+        self._bytes = 0
+        for _, size in self._ages():
+            self._count += 1
+            self._bytes += size
+
+    def get(self, slot: Slot) -> tuple[str, dict[str, Any] | None] | None:
+        """(arguments digest, result) of the key's first call, result None when that call was
+        cut off before it ended; None when the key is unknown or has expired."""
+        raw = self._db.get(_KEY + _slot_bytes(slot))
+        if raw is None:
+            return None
+        digest, at, result = msgpack.unpackb(raw)
+        if time.time() - at > self.max_age_s:
+            return None
+        return digest, result
+
+    def start(self, slot: Slot, digest: str) -> None:
+        """Marks the key taken before its call runs."""
+        now = time.time()
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_KEY + _slot_bytes(slot), msgpack.packb([digest, now, None]))
+        batch.put(_age_key(now, slot), b"")
+        self._db.write(batch)
+        self._count += 1
+        self._expire(now)
+
+    def finish(self, slot: Slot, digest: str, result: dict[str, Any]) -> None:
+        """Stores the key's result (its age still counts from `start`)."""
+        key = _KEY + _slot_bytes(slot)
+        raw = self._db.get(key)
+        if raw is None:
+            return  # expired while it ran
+        at = msgpack.unpackb(raw)[1]
+        packed = msgpack.packb([digest, at, result])
+        batch = WriteBatch(raw_mode=True)
+        batch.put(key, packed)
+        batch.put(_age_key(at, slot), len(packed).to_bytes(8, "big"))
+        self._db.write(batch)
+        self._bytes += len(packed)
+        self._expire(time.time())
+
+    def forget(self, slot: Slot) -> None:
+        """Drops a key whose call was cancelled before it ran anything worth keeping."""
+        self._db.delete(_KEY + _slot_bytes(slot))  # its age entry goes at expiry
+
+    def _expire(self, now: float) -> None:
+        """Drops the oldest keys until at most `kept` remain, holding at most `max_bytes`, none
+        older than `max_age_s`."""
+        cutoff = int((now - self.max_age_s) * 1e9)
+        batch = WriteBatch(raw_mode=True)
+        for age_key, size in self._ages():
+            at_ns = int.from_bytes(age_key[1:9], "big")
+            if self._count <= self.kept and self._bytes <= self.max_bytes and at_ns >= cutoff:
+                break
+            batch.delete(age_key)
+            slot_key = _KEY + age_key[9:]
+            stored = self._db.get(slot_key)
+            # The same slot may have been taken again later (a newer age entry holds it).
+            if stored is not None and int(msgpack.unpackb(stored)[1] * 1e9) == at_ns:
+                batch.delete(slot_key)
+            self._count -= 1
+            self._bytes -= size
+        if len(batch):
+            self._db.write(batch)
+
+    def _ages(self) -> Iterator[tuple[bytes, int]]:
+        """(age key, size of its result) of every key, oldest first."""
+        for raw, size in self._db.items(from_key=_AGE):
+            assert isinstance(raw, bytes) and isinstance(size, bytes)  # raw mode
+            if raw[:1] != _AGE:
+                return
+            yield raw, int.from_bytes(size, "big") if size else 0
+
+    def close(self) -> None:
+        self._db.close()
