@@ -119,7 +119,7 @@ def test_openclaw_config_points_its_provider_at_the_proxy() -> None:
 
 def test_submit_cli_checks_agent_options() -> None:
     r = run_cli(["submit", "--model", "m", "--", "true"])
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--model needs --agent" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "need --agent" in r.stderr
     r = run_cli(["submit", "--agent", "nope", "--", "true"])
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
 

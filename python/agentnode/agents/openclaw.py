@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agentnode.agents.install import replace_install
 from agentnode.errors import ConfigError, TaskError
 
 __all__ = ["VERSION", "install", "installed", "main", "openclaw_config", "status", "task_command"]
@@ -116,11 +117,7 @@ def install(
     }
     (staging / _STAMP).write_text(json.dumps(stamp))
     staging.chmod(0o755)
-    old = cache / f".openclaw-old-{os.getpid()}"
-    if home.exists():
-        home.rename(old)
-    staging.rename(home)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_install(staging, home)
     return {**stamp, "home": str(home)}
 
 
