@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +23,7 @@ from agentnode.agents import autogpt
 from agentnode.agents.kinds import AgentSpec
 from agentnode.errors import AgentnodeError, TaskError
 from conftest import run_cli
-from support.agent_env import CALL_COST, REPO, agent_node, ledger
+from support.agent_env import CALL_COST, HERE, REPO, agent_node, ledger
 from support.egress_world import World
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.network]
@@ -60,6 +62,25 @@ def cache() -> Path:
                 pytest.fail(f"AutoGPT is missing and could not be installed: {e}")
             pytest.skip(f"AutoGPT is not installed and could not be: {e}")
     return CACHE
+
+
+@pytest.fixture(scope="module")
+def ap_client() -> Path:
+    """A venv with the Agent Protocol's own client (it needs pydantic 1: not in ours)."""
+    venv = CACHE.parent / "ap-client"
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import agent_protocol_client"]
+    if not python.exists() or subprocess.run(probe, capture_output=True, check=False).returncode:
+        base = Path(sys.base_prefix) / "bin" / "python3"
+        for argv in ([str(base), "-m", "venv", "--clear", str(venv)],
+                     [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                      "agent-protocol-client==1.1.0"]):  # fmt: skip
+            run = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if run.returncode != 0:
+                if os.environ.get("CI") == "true":
+                    pytest.fail(f"agent-protocol-client could not be installed: {run.stderr}")
+                pytest.skip(f"agent-protocol-client could not be installed: {run.stderr}")
+    return python
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +162,40 @@ def test_autogpt_runs_headless_as_a_task_billed_to_it(
         assert "Continuous Limit Reached" in out
         chats = [r for r in mock.requests if r["path"] == "/v1/chat/completions"]
         assert len(chats) - before == 2, "the step limit stops it before a third call"
+
+
+@pytest.mark.timeout(300)
+def test_an_agent_protocol_client_drives_autogpt(
+    cache: Path, ap_client: Path, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Agent Protocol's own client (`agent-protocol-client`, every answer parsed by its
+    models) over the node's TCP API with its token: it creates an AutoGPT task, executes its
+    steps until `is_last`, reads back the steps, the file AutoGPT wrote and one it uploaded."""
+    monkeypatch.setenv("AGENTNODE_AGENTS_CACHE", str(cache))
+    port = 33000 + os.getpid() % 2000
+    extra = f'[node]\nlisten = "127.0.0.1:{port}"\napi_token = "tok"\n'
+    models = ("gpt-3.5-turbo", "text-embedding-ada-002")
+    with agent_node(
+        world, tmp_path, SCRIPT[:3], extra=extra, models=models, embedding_size=1536
+    ) as (_, mock):
+        task = {"user": "0", "ro": [str(REPO)], "env": {"PYTHONPATH": str(REPO / "python")},
+                "memory": "1G", "cpus": 1}  # fmt: skip
+        body = {"input": "Write hello.txt",
+                "additional_input": {"agent": "autogpt", "steps": 5, "task": task}}  # fmt: skip
+        out = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{world.task}", str(ap_client),
+             str(HERE / "ap_sdk_client.py"), f"http://127.0.0.1:{port}", "tok", json.dumps(body)],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-1500:]
+        report = json.loads(out.stdout)
+        names = [s["name"] for s in report["steps"]]
+        assert names.count("llm_call gpt-3.5-turbo") == 3, names
+        assert names.count("llm_call text-embedding-ada-002") >= 1, names
+        assert names[-1] == "finish" and report["steps"][-1]["is_last"]
+        assert report["listed"] == report["executed"]
+        assert report["artifacts"]["auto_gpt_workspace/hello.txt"] == "hi from AutoGPT on agentnode"
+        assert report["artifacts"]["given/note.txt"] == "from the client"
+        assert report["uploaded"] is False and report["missing"] == 404
+        assert report["tasks"] == [report["task_id"]]
+        assert len([r for r in mock.requests if r["path"] == "/v1/chat/completions"]) == 3

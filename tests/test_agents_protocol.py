@@ -221,6 +221,12 @@ def test_agent_protocol_drives_the_reference_runtime(world: World, tmp_path: Pat
         assert [n for n in names if not n.startswith("exec ")] == [
             "llm_call gpt-test", "tool_call write_file", "llm_call gpt-test", "finish"]  # fmt: skip
         assert any(n.startswith("exec python") for n in names), names
+        call = next(s for s in steps if s["name"].startswith("llm_call"))
+        assert call["output"] == (
+            "chat on gpt-test (status 200): 400 tokens in (+600 cached), "
+            "200 out (+100 reasoning), 0.00495 USD"
+        )
+        assert call["additional_output"]["cost"] == "0.00495"
         final = steps[-1]
         assert final["is_last"] and final["output"] == "Wrote Washington to out.txt."
         assert final["additional_output"]["state"] == "succeeded"

@@ -145,13 +145,14 @@ def task_command(home: Path, *, model: str, steps: int, message: str) -> tuple[s
 
 def _link_package(package: Path, into: Path) -> None:
     """`into` as a real directory of links to `package`'s entries, so `into/..` is its parent;
-    `json_utils` one level deeper, so the reply schema can be added to it."""
+    `json_utils` one level deeper, so the reply schema can be added to it. `__pycache__` is
+    linked too: Python finds the install's bytecode and writes none into the workspace."""
     shutil.rmtree(into, ignore_errors=True)
     into.mkdir(parents=True)
     for entry in package.iterdir():
         if entry.name == "json_utils":
             _link_package(entry, into / entry.name)
-        elif entry.name != "__pycache__":
+        else:
             (into / entry.name).symlink_to(entry)
 
 

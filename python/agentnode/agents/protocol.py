@@ -289,8 +289,10 @@ def _record_step(record: dict[str, Any]) -> tuple[str, str]:
     if kind == "llm_call":
         detail = f"{record.get('model')}"
         output = (
-            f"model call to {record.get('model')}: {record.get('input_tokens', 0)} tokens in, "
-            f"{record.get('output_tokens', 0)} out, {record.get('cost', 0)} USD"
+            f"{record.get('endpoint')} on {record.get('model')} (status {record.get('status')}): "
+            f"{record.get('input')} tokens in (+{record.get('cached_input')} cached), "
+            f"{record.get('output')} out (+{record.get('reasoning')} reasoning), "
+            f"{record.get('cost')} USD"
         )
     elif kind == "tool_call":
         detail = str(record.get("tool"))
