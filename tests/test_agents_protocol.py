@@ -100,7 +100,13 @@ async def _scenario(socket: Path, data: Path, plain: str) -> dict[str, Any]:
         assert set(task) == TASK_KEYS and task["input"] == "Write 'Washington' to out.txt"
         tid = found["task_id"] = task["task_id"]
 
-        steps = []
+        # Two clients posting at once get two different steps, in order.
+        pair = await asyncio.gather(
+            *(acme.call("POST", f"/agent/tasks/{tid}/steps", json={}) for _ in range(2))
+        )
+        assert [status for status, _ in pair] == [200, 200], pair
+        steps = sorted((step for _, step in pair), key=lambda x: int(x["step_id"]))
+        assert steps[0]["step_id"] != steps[1]["step_id"]
         for _ in range(30):
             status, step = await acme.call("POST", f"/agent/tasks/{tid}/steps", json={})
             assert status == 200, step

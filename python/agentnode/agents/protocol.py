@@ -46,7 +46,7 @@ from aiohttp import BodyPartReader, web
 from agentnode.agents.kinds import AgentSpec, agents_cache
 from agentnode.agents.kinds import prepare as prepare_agent
 from agentnode.audit.timeline import entries
-from agentnode.errors import AgentnodeError, TaskError
+from agentnode.errors import AgentnodeError, DiskFullError, QueueFullError, TaskError
 from agentnode.node.runner import Node
 from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import TERMINAL, Task
@@ -92,7 +92,10 @@ def _handler(func: Callable[[web.Request, Node, str], Awaitable[web.StreamRespon
             return await func(request, request.app[_NODE], tenant)
         except _Refused as e:
             return web.json_response({"message": str(e)}, status=e.status)
-        except AgentnodeError as e:
+        except (QueueFullError, DiskFullError) as e:
+            status = 429 if isinstance(e, QueueFullError) else 507
+            return web.json_response({"message": str(e)}, status=status)
+        except AgentnodeError as e:  # a field of the task it would submit
             return web.json_response({"message": str(e)}, status=422)
 
     return handle

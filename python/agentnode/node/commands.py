@@ -150,11 +150,12 @@ def submit(args: argparse.Namespace) -> int:
         body["retries"] = args.retries
     if args.agent is not None:
         body["agent"] = {"kind": args.agent, **({"model": args.model} if args.model else {})}
-        if args.steps is not None:
-            body["agent"]["steps"] = args.steps
+        steps = getattr(args, "steps", None)  # `agent` shares this without the option
+        if steps is not None:
+            body["agent"]["steps"] = steps
         if getattr(args, "net", None) is None:
             body.pop("network", None)  # an agent's default is its own (egress)
-    elif args.model is not None or args.steps is not None:
+    elif args.model is not None or getattr(args, "steps", None) is not None:
         raise UsageError("--model and --steps need --agent KIND (they are that agent's options)")
     client = _client(args)
     task = client.call("POST", "/v1/tasks", body)
