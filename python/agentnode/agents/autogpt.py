@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agentnode.agents.install import replace_install
+from agentnode.agents.install import replace_install, staging_dir
 from agentnode.errors import ConfigError, TaskError
 
 __all__ = [
@@ -95,12 +95,11 @@ def installed(cache: Path) -> Path:
 def install(cache: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Installs agpt and its pinned dependencies in a venv at CACHE/autogpt, replacing what was
     there only once the new install is complete. Returns what `status` will report."""
-    staging = cache / f".autogpt-{os.getpid()}"
     started = time.monotonic()
     log(f"installing agpt {VERSION} and its pinned dependencies into {cache / 'autogpt'}")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = staging_dir(cache, "autogpt")
     except OSError as e:
         raise ConfigError(
             f"cannot install into {cache}: {e.strerror or e} (give a writable directory: --cache)"
