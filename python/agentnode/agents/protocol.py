@@ -184,6 +184,7 @@ def _submission(node: Node, tenant: str, text: str, extra: dict[str, Any]) -> di
 
 
 async def _create_task(request: web.Request, node: Node, tenant: str) -> web.StreamResponse:
+    # Here, not at the top: node.api imports this module to register its routes.
     from agentnode.node.api import BadField, spec_from_json
 
     body = await _json_body(request)
