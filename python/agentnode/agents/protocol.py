@@ -48,6 +48,7 @@ from agentnode.agents.kinds import prepare as prepare_agent
 from agentnode.audit.timeline import entries
 from agentnode.errors import AgentnodeError, DiskFullError, QueueFullError, TaskError
 from agentnode.node.runner import Node
+from agentnode.runtime.cli import this_python
 from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import TERMINAL, Task
 
@@ -138,8 +139,6 @@ def _option(extra: dict[str, Any], name: str, kind: type, default: Any = None) -
 
 def _submission(node: Node, tenant: str, text: str, extra: dict[str, Any]) -> dict[str, Any]:
     """The POST /v1/tasks body of an AP task: the agent `extra` names, `text` its goal."""
-    from agentnode.runtime.cli import this_python
-
     kind = _option(extra, "agent", str, "runtime")
     model = _option(extra, "model", str) or _default_model(node)
     binds, env = this_python()
