@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agentnode.agents import LLM_HOSTS, AgentSpec, llm_environment, prepare
+from agentnode.agents.install import staging_dir
 from agentnode.agents.openclaw import openclaw_config
 from agentnode.errors import AgentnodeError, TaskError
 from agentnode.isolation.spec import Limits, Mount, Sandbox
@@ -119,7 +120,7 @@ def test_openclaw_config_points_its_provider_at_the_proxy() -> None:
 
 def test_submit_cli_checks_agent_options() -> None:
     r = run_cli(["submit", "--model", "m", "--", "true"])
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--model needs --agent" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "need --agent" in r.stderr
     r = run_cli(["submit", "--agent", "nope", "--", "true"])
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
 
@@ -184,3 +185,15 @@ def test_langgraph_agent_runs_metered_fails_closed_and_resumes(
         denied = [a for a in audit(d) if a["task"] == task["id"]]
         assert {(a["address"], a["port"]) for a in denied} == {(OTHER4, 443)}
         assert len(denied) == 2, "each attempt's try is audited"
+
+
+def test_an_install_sweeps_what_killed_installs_left(tmp_path: Path) -> None:
+    """A staging directory whose install process is gone is removed by the next install; one
+    whose process lives (another install running now) is left alone."""
+    dead, live, other = (tmp_path / ".autogpt-999999999", tmp_path / ".autogpt-1",
+                         tmp_path / ".openclaw-999999999")  # fmt: skip
+    for d in (dead, live, other):
+        (d / "lib").mkdir(parents=True)
+    staging = staging_dir(tmp_path, "autogpt")
+    assert staging == tmp_path / f".autogpt-{os.getpid()}" and not staging.exists()
+    assert not dead.exists() and live.exists() and other.exists()

@@ -112,7 +112,7 @@ USAGE: list[list[str]] = [
     ["proxy", "--listen", "127.0.0.1:99999"],
     ["proxy", "--bogus"],
     ["agents"],
-    ["agents", "install", "autogpt"],
+    ["agents", "install", "nope"],
     ["agents", "status", "--bogus"],
     ["submit", *NOSOCK, "--model", "m", "--", "true"],
     ["submit", *NOSOCK, "--agent", "nope", "--", "true"],

@@ -25,29 +25,30 @@ _STATUS = {"ok": "ok", "missing": "MISSING", "needs_root": "needs root"}
 def report() -> dict[str, Any]:
     """Runs every probe and returns the report (a dict following docs/doctor.schema.json)."""
     result: dict[str, Any] = json.loads(_native.doctor())
-    result["checks"].append(_openclaw_check())
+    result["checks"].extend(_agent_check(name) for name in ("openclaw", "autogpt"))
     return result
 
 
-def _openclaw_check() -> dict[str, Any]:
-    """Whether `--agent openclaw` tasks can run here (optional: other kinds need nothing)."""
-    from agentnode.agents import openclaw
+def _agent_check(name: str) -> dict[str, Any]:
+    """Whether `--agent NAME` tasks can run here (optional: other kinds need nothing)."""
+    from agentnode.agents import autogpt, openclaw
     from agentnode.agents.kinds import agents_cache
     from agentnode.node.paths import DEFAULT_DATA_DIR
 
     cache = agents_cache(DEFAULT_DATA_DIR)
-    found = openclaw.status(cache)
+    found = (openclaw if name == "openclaw" else autogpt).status(cache)
+    on = f" on node {found['node']}" if found and "node" in found else ""
     return {
-        "id": "agents.openclaw",
-        "feature": "OpenClaw agent runtime",
+        "id": f"agents.{name}",
+        "feature": f"{'OpenClaw' if name == 'openclaw' else 'AutoGPT'} agent runtime",
         "status": "ok" if found else "missing",
         "required": False,
         "detail": (
-            f"openclaw {found['openclaw']} on node {found['node']} in {found['home']}"
+            f"{name} {found[name]}{on} in {found['home']}"
             if found
-            else f"not installed in {cache / 'openclaw'}"
+            else f"not installed in {cache / name}"
         ),
-        "fix": "" if found else "sudo agentnode agents install openclaw",
+        "fix": "" if found else f"sudo agentnode agents install {name}",
     }
 
 

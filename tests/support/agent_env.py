@@ -29,11 +29,11 @@ PRICE = "price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 12
 class ScriptedMock:
     """`agent_mock.py` in the world's task netns; `requests` fills as it answers."""
 
-    def __init__(self, world: World, script: list[Any]) -> None:
+    def __init__(self, world: World, script: list[Any], *, embedding_size: int = 3) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{world.task}", sys.executable,
-             str(HERE / "agent_mock.py"), "openai", json.dumps(script)],
+             str(HERE / "agent_mock.py"), "openai", json.dumps(script), str(embedding_size)],
             stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -57,10 +57,16 @@ def subnet() -> str:
 
 @contextlib.contextmanager
 def agent_node(
-    world: World, root: Path, script: list[Any], *, extra: str = ""
+    world: World,
+    root: Path,
+    script: list[Any],
+    *,
+    extra: str = "",
+    models: tuple[str, ...] = ("gpt-test",),
+    embedding_size: int = 3,
 ) -> Iterator[tuple[Daemon, ScriptedMock]]:
-    """A daemon in the world's task netns whose proxy serves model `gpt-test` from the mock."""
-    mock = ScriptedMock(world, script)
+    """A daemon in the world's task netns whose proxy serves `models` from the mock."""
+    mock = ScriptedMock(world, script, embedding_size=embedding_size)
     port = random.randint(20000, 30000)
     try:
         config = (
@@ -68,7 +74,7 @@ def agent_node(
             "[retry]\nbase = 0.1\n"
             f'[inference]\nlisten = "127.0.0.1:{port}"\n'
             f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
-            f'models = ["gpt-test"]\n{PRICE}\n{extra}'
+            f"models = {json.dumps(list(models))}\n{PRICE}\n{extra}"
         )
         with daemon(root, config, ("nsenter", f"--net=/run/netns/{world.task}")) as d:
             d.inference_port = port  # type: ignore[attr-defined]

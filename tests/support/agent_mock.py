@@ -1,5 +1,5 @@
 """A scripted mock upstream for agent tests, run as a process (e.g. inside a test's netns):
-`python agent_mock.py KIND 'SCRIPT_JSON'` prints its base URL, then one JSON line per request
+`python agent_mock.py KIND 'SCRIPT_JSON' [EMBEDDING_SIZE]` prints its base URL, then one JSON line per request
 it answered: the path, how many messages it carried, the last one's role, the tool results it
 was sent, and the turn given."""
 
@@ -13,8 +13,12 @@ from collections import deque
 from agentnode.inference.mock import MockUpstream, Turn
 
 
-async def main(kind: str, script: str) -> None:
-    mock = MockUpstream(kind, script=deque(Turn.parse(t) for t in json.loads(script)))
+async def main(kind: str, script: str, embedding_size: int) -> None:
+    mock = MockUpstream(
+        kind,
+        script=deque(Turn.parse(t) for t in json.loads(script)),
+        embedding_size=embedding_size,
+    )
     await mock.start()
     print(mock.base_url, flush=True)
     seen = 0
@@ -44,4 +48,4 @@ async def main(kind: str, script: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3))

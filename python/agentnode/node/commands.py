@@ -60,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
         "--agent", choices=KINDS, help="prepare the task for this agent kind (docs/agents.md)"
     )
     p.add_argument("--model", help="the model an --agent uses (openclaw: required)")
+    p.add_argument("--steps", type=int, metavar="N", help="--agent autogpt: its step limit (10)")
     Sandbox.add_arguments(p, node=True)
     p.add_argument("--wait", action="store_true", help="wait and exit with the task's status")
     p.add_argument(
@@ -151,10 +152,13 @@ def submit(args: argparse.Namespace) -> int:
         body["retries"] = args.retries
     if args.agent is not None:
         body["agent"] = {"kind": args.agent, **({"model": args.model} if args.model else {})}
+        steps = getattr(args, "steps", None)  # `agent` shares this without the option
+        if steps is not None:
+            body["agent"]["steps"] = steps
         if getattr(args, "net", None) is None:
             body.pop("network", None)  # an agent's default is its own (egress)
-    elif args.model is not None:
-        raise UsageError("--model needs --agent KIND (it is the model that agent uses)")
+    elif args.model is not None or getattr(args, "steps", None) is not None:
+        raise UsageError("--model and --steps need --agent KIND (they are that agent's options)")
     client = _client(args)
     task = client.call("POST", "/v1/tasks", body)
     if args.attach:
