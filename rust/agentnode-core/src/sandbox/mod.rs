@@ -14,6 +14,7 @@
 //! has a user namespace, builds its root and execs.
 
 mod child;
+mod fresh;
 pub mod landlock;
 mod netns;
 mod plan;
