@@ -2,12 +2,11 @@
 //! task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit reasons) is Python's.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use agentnode_core::cgroup::{Hierarchy, Limits, Manager};
-use agentnode_core::sandbox::zygote::{self, Zygotes};
-use agentnode_core::sandbox::{self, Bind, Spec, Task};
+use agentnode_core::cgroup::Limits;
+use agentnode_core::sandbox::{self, Bind, Launcher, Spec, Task};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -16,84 +15,42 @@ use crate::errors::NativeError;
 /// This node instance's cgroup subtree; creating it sweeps dead instances' leftovers.
 #[pyclass(module = "agentnode._native", frozen)]
 pub struct CgroupManager {
-    /// Made at the first start a zygote can serve. Declared first, so it closes first: the
-    /// zygotes sit in cgroups of the instance, which `inner` removes when dropped.
-    zygotes: OnceLock<Zygotes>,
-    inner: Mutex<Option<Manager>>,
+    inner: Launcher,
 }
 
 #[pymethods]
 impl CgroupManager {
     #[new]
     fn new(py: Python<'_>) -> PyResult<Self> {
-        let m = py
-            .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h)))
-            .map_err(NativeError::from)?;
-        Ok(Self {
-            zygotes: OnceLock::new(),
-            inner: Mutex::new(Some(m)),
-        })
+        let inner = py.detach(Launcher::new).map_err(NativeError::from)?;
+        Ok(Self { inner })
     }
 
     /// The zygotes ready now (tasks started ahead, waiting for their command): host pid to
     /// the name of its task cgroup.
     fn zygotes(&self) -> std::collections::HashMap<i32, String> {
-        self.zygotes
-            .get()
-            .map(|z| z.ready().into_iter().collect())
-            .unwrap_or_default()
+        self.inner.zygotes().into_iter().collect()
     }
 
     /// The instance name, `n<pid>-<starttime>`.
     #[getter]
     fn name(&self) -> String {
-        self.lock()
-            .as_ref()
-            .map(|m| m.name().to_owned())
-            .unwrap_or_default()
+        self.inner.name()
     }
 
     /// This instance's directories in every hierarchy (cgroup2 first).
     fn dirs(&self) -> Vec<PathBuf> {
-        self.lock().as_ref().map(Manager::dirs).unwrap_or_default()
+        self.inner.dirs()
     }
 
     /// Names of the task cgroups made ahead of time, not yet given to a task.
     fn spares(&self) -> Vec<String> {
-        self.lock()
-            .as_ref()
-            .map(Manager::spares)
-            .unwrap_or_default()
+        self.inner.spares()
     }
 
     /// Removes the instance's subtree (its tasks must be gone). Idempotent.
     fn close(&self, py: Python<'_>) {
-        py.detach(|| {
-            if let Some(z) = self.zygotes.get() {
-                z.close();
-            }
-            drop(self.lock().take());
-        });
-    }
-}
-
-impl CgroupManager {
-    /// A ready zygote for a task staged on `stage`, unless the manager is closed or none is
-    /// ready; the first call starts the pool.
-    fn take_zygote(&self, stage: &Path) -> Option<zygote::Zygote> {
-        if let Some(pool) = self.zygotes.get() {
-            return pool.take();
-        }
-        let maker = self.lock().as_ref()?.maker();
-        self.zygotes
-            .get_or_init(|| Zygotes::new(maker, stage.to_owned()))
-            .take()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Manager>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        py.detach(|| self.inner.close());
     }
 }
 
@@ -274,14 +231,6 @@ fn spawn(
     pids_max: Option<u64>,
     before_start: Option<Py<PyAny>>,
 ) -> PyResult<NativeTask> {
-    // (uid_t)-1 means "leave unchanged" to setresuid/setresgid: the task would keep root.
-    if uid == u32::MAX || gid == u32::MAX {
-        return Err(NativeError::from(sandbox::Error::Invalid {
-            what: "user",
-            why: format!("{uid}:{gid}: ids must be below 4294967295 (which means 'unchanged')"),
-        })
-        .into());
-    }
     let spec = Spec {
         argv,
         env,
@@ -317,37 +266,17 @@ fn spawn(
         swap_max,
         pids_max,
     };
-    if before_start.is_none() && Zygotes::serve(&spec) {
-        let started = py.detach(|| match manager.take_zygote(&spec.stage) {
-            Some(z) => zygote::start(z, &limits, &spec),
-            None => Ok(None),
-        });
-        if let Some(task) = started.map_err(NativeError::from)? {
-            return Ok(NativeTask::from(task));
-        }
-    }
-    // The manager lock covers only creating the cgroup: the clone and the wait for the child's
-    // exec run unlocked, so several threads start tasks at once (the child never touches Rust
-    // locks, whatever state other threads leave them in).
-    let cgroup = py
-        .detach(|| -> sandbox::Result<_> {
-            let guard = manager.lock();
-            let m = guard.as_ref().ok_or(sandbox::Error::Invalid {
-                what: "cgroup manager",
-                why: "it is closed".to_owned(),
-            })?;
-            Ok(m.create(&limits)?)
-        })
-        .map_err(NativeError::from)?;
-    // The hook sees the empty cgroup before any task process exists, so what it attaches (the
-    // egress programs) is in force from the task's first instruction. If it fails, dropping
-    // the cgroup removes it.
-    if let Some(hook) = before_start {
-        hook.call1(py, (cgroup.placement().to_path_buf(),))?;
-    }
-    let task = py
-        .detach(|| sandbox::spawn(cgroup, &spec))
-        .map_err(NativeError::from)?;
+    let task = match before_start {
+        None => py.detach(|| manager.inner.start::<NativeError>(&spec, &limits, None)),
+        // The hook is Python: it runs with the GIL taken again, on this thread.
+        Some(hook) => py.detach(|| {
+            let mut call = |dir: &Path| -> Result<(), NativeError> {
+                Python::attach(|py| hook.call1(py, (dir.to_path_buf(),)))?;
+                Ok(())
+            };
+            manager.inner.start(&spec, &limits, Some(&mut call))
+        }),
+    }?;
     Ok(NativeTask::from(task))
 }
 

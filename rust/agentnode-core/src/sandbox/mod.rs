@@ -16,6 +16,7 @@
 mod child;
 mod fresh;
 pub mod landlock;
+pub mod launcher;
 mod netns;
 mod plan;
 mod seccomp;
@@ -25,6 +26,7 @@ mod task;
 mod template;
 pub mod zygote;
 
+pub use launcher::Launcher;
 pub use seccomp::{
     default_program as default_seccomp, install_and_probe as probe_seccomp,
     Program as SeccompProgram,

@@ -76,6 +76,7 @@ impl Drop for Zygote {
 }
 
 /// Up to [`crate::background::ahead::READY`] zygotes of one cgroup manager's instance.
+#[derive(Debug)]
 pub struct Zygotes {
     pool: Arc<Ahead<Zygote>>,
 }
