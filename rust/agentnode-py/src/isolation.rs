@@ -256,25 +256,25 @@ fn spawn(
         nofile,
         seccomp,
         keep_caps: caps,
-    };
-    let limits = Limits {
-        cpu_quota_us,
-        cpu_period_us,
-        cpu_weight,
-        memory_max,
-        memory_high,
-        swap_max,
-        pids_max,
+        limits: Limits {
+            cpu_quota_us,
+            cpu_period_us,
+            cpu_weight,
+            memory_max,
+            memory_high,
+            swap_max,
+            pids_max,
+        },
     };
     let task = match before_start {
-        None => py.detach(|| manager.inner.start::<NativeError>(&spec, &limits, None)),
+        None => py.detach(|| manager.inner.start::<NativeError>(&spec, None)),
         // The hook is Python: it runs with the GIL taken again, on this thread.
         Some(hook) => py.detach(|| {
             let mut call = |dir: &Path| -> Result<(), NativeError> {
                 Python::attach(|py| hook.call1(py, (dir.to_path_buf(),)))?;
                 Ok(())
             };
-            manager.inner.start(&spec, &limits, Some(&mut call))
+            manager.inner.start(&spec, Some(&mut call))
         }),
     }?;
     Ok(NativeTask::from(task))

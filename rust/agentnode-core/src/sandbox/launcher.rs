@@ -1,6 +1,6 @@
 //! The launcher: how one node instance starts its tasks. It owns what the instance makes ahead
 //! of its starts, the cgroup subtree (with its spare task cgroups, see [`Manager`]) and the
-//! zygote pool (see [`zygote`]), and picks for each start the fastest way that keeps the task
+//! zygote pool (see `zygote.rs`), and picks for each start the fastest way that keeps the task
 //! as isolated as asked: a waiting zygote when one can serve the spec, else a fresh clone into
 //! a new task cgroup.
 
@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::zygote::{self, Zygote, Zygotes};
 use super::{check_ids, Error, Result, Spec, Task};
-use crate::cgroup::{Hierarchy, Limits, Manager};
+use crate::cgroup::{Hierarchy, Manager};
 
 /// Called with a new task's cgroup2 directory after the cgroup is made and before any process
 /// joins it; an error ends the start (and removes the cgroup).
@@ -68,20 +68,19 @@ impl Launcher {
         drop(self.lock().take());
     }
 
-    /// Starts the task `spec` describes, with `limits`; returns once it has exec'd its command,
+    /// Starts the task `spec` describes; returns once it has exec'd its command,
     /// and leaves nothing behind on any error. A start with a `before_start` hook always clones
     /// into a fresh cgroup, since a zygote's cgroup already holds a process. Several threads may
     /// start tasks at once.
     pub fn start<E: From<Error>>(
         &self,
         spec: &Spec,
-        limits: &Limits,
         before_start: Option<BeforeStart<'_, E>>,
     ) -> std::result::Result<Task, E> {
         check_ids(spec)?;
         if before_start.is_none() && Zygotes::serve(spec) {
             if let Some(z) = self.take_zygote(&spec.stage) {
-                if let Some(task) = zygote::start(z, limits, spec)? {
+                if let Some(task) = zygote::start(z, spec)? {
                     return Ok(task);
                 }
             }
@@ -91,7 +90,7 @@ impl Launcher {
         let cgroup = {
             let guard = self.lock();
             let manager = guard.as_ref().ok_or_else(closed)?;
-            manager.create(limits).map_err(Error::from)?
+            manager.create(&spec.limits).map_err(Error::from)?
         };
         // The hook sees the empty cgroup before any task process exists, so what it attaches
         // (the egress programs) is in force from the task's first instruction. If it fails,

@@ -590,6 +590,7 @@ mod tests {
             nofile: 1024,
             seccomp: true,
             keep_caps: Vec::new(),
+            limits: crate::cgroup::Limits::default(),
         }
     }
 
