@@ -1,29 +1,59 @@
-//! Python bindings for Layer 1: the node's cgroup subtree (`CgroupManager`), `spawn`, and the
-//! task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit reasons) is Python's.
+//! Python bindings for Layer 1: the node instance's `Launcher` (its cgroup subtree and task
+//! starts) and the task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit reasons) is Python's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use agentnode_core::cgroup::Limits;
-use agentnode_core::sandbox::{self, Bind, Launcher, Spec, Task};
+use agentnode_core::sandbox::{self, Bind, Spec, Task};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::errors::NativeError;
 
-/// This node instance's cgroup subtree; creating it sweeps dead instances' leftovers.
+/// How this node instance starts its tasks (see `agentnode_core::sandbox::Launcher`): its
+/// cgroup subtree, made when it is (sweeping dead instances' leftovers), and its zygote pool.
 #[pyclass(module = "agentnode._native", frozen)]
-pub struct CgroupManager {
-    inner: Launcher,
+pub struct Launcher {
+    inner: sandbox::Launcher,
 }
 
 #[pymethods]
-impl CgroupManager {
+impl Launcher {
     #[new]
     fn new(py: Python<'_>) -> PyResult<Self> {
-        let inner = py.detach(Launcher::new).map_err(NativeError::from)?;
+        let inner = py
+            .detach(sandbox::Launcher::new)
+            .map_err(NativeError::from)?;
         Ok(Self { inner })
+    }
+
+    /// Starts the task `spec` (an `agentnode.isolation.launch.Launch`) describes; returns once
+    /// it has exec'd its command. `before_start` is called with the task's cgroup2 directory
+    /// after it is made and before any process joins it.
+    #[pyo3(signature = (spec, *, before_start=None))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned values
+    fn start(
+        &self,
+        py: Python<'_>,
+        spec: LaunchSpec,
+        before_start: Option<Py<PyAny>>,
+    ) -> PyResult<NativeTask> {
+        let spec = &spec.0;
+        let task = match before_start {
+            None => py.detach(|| self.inner.start::<NativeError>(spec, None)),
+            // The hook is Python: it runs with the GIL taken again, on this thread.
+            Some(hook) => py.detach(|| {
+                let mut call = |dir: &Path| -> Result<(), NativeError> {
+                    Python::attach(|py| hook.call1(py, (dir.to_path_buf(),)))?;
+                    Ok(())
+                };
+                self.inner.start(spec, Some(&mut call))
+            }),
+        }?;
+        Ok(NativeTask::from(task))
     }
 
     /// The zygotes ready now (tasks started ahead, waiting for their command): host pid to
@@ -193,91 +223,51 @@ impl NativeTask {
     }
 }
 
-/// Starts an isolated task; returns once it has exec'd its command. `before_start` is called
-/// with the task's cgroup2 directory after it is made and before any process joins it.
-#[pyfunction]
-#[pyo3(signature = (
-    manager, argv, *, env, cwd, hostname, rootfs, stage, workspace, binds, tmp_size, uid, gid,
-    userns_base, netns, stdio, nofile, seccomp, caps, cpu_quota_us, cpu_period_us, cpu_weight,
-    memory_max, memory_high, swap_max, pids_max, before_start=None
-))]
-#[allow(clippy::too_many_arguments)]
-fn spawn(
-    py: Python<'_>,
-    manager: &CgroupManager,
-    argv: Vec<String>,
-    env: Vec<String>,
-    cwd: String,
-    hostname: String,
-    rootfs: PathBuf,
-    stage: PathBuf,
-    workspace: Option<PathBuf>,
-    binds: Vec<(PathBuf, PathBuf, bool)>,
-    tmp_size: u64,
-    uid: u32,
-    gid: u32,
-    userns_base: Option<u32>,
-    netns: Option<PathBuf>,
-    stdio: (Option<i32>, Option<i32>, Option<i32>),
-    nofile: u64,
-    seccomp: bool,
-    caps: Vec<u32>,
-    cpu_quota_us: Option<u64>,
-    cpu_period_us: u64,
-    cpu_weight: Option<u64>,
-    memory_max: Option<u64>,
-    memory_high: Option<u64>,
-    swap_max: Option<u64>,
-    pids_max: Option<u64>,
-    before_start: Option<Py<PyAny>>,
-) -> PyResult<NativeTask> {
-    let spec = Spec {
-        argv,
-        env,
-        cwd,
-        hostname,
-        rootfs,
-        stage,
-        workspace,
-        binds: binds
+/// An `agentnode.isolation.launch.Launch` read into the core's `Spec`, each field from the
+/// attribute of the same name (so a new option is one more name in the lists below).
+pub struct LaunchSpec(Spec);
+
+/// `$ty { $name: <the attribute $name of $o>, ..., $field: $value, ... }`.
+macro_rules! by_name {
+    ($o:expr, $ty:ident { $($name:ident),* ; $($field:ident: $value:expr),* $(,)? }) => {
+        $ty {
+            $($name: field($o, stringify!($name))?,)*
+            $($field: $value,)*
+        }
+    };
+}
+
+impl<'py> FromPyObject<'_, 'py> for LaunchSpec {
+    type Error = PyErr;
+
+    fn extract(o: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        let binds: Vec<(PathBuf, PathBuf, bool)> = field(o, "binds")?;
+        let binds = binds
             .into_iter()
             .map(|(src, dest, writable)| Bind {
                 src,
                 dest,
                 writable,
             })
-            .collect(),
-        tmp_size,
-        uid,
-        gid,
-        userns_base,
-        netns,
-        stdio: [stdio.0, stdio.1, stdio.2],
-        nofile,
-        seccomp,
-        keep_caps: caps,
-        limits: Limits {
-            cpu_quota_us,
-            cpu_period_us,
-            cpu_weight,
-            memory_max,
-            memory_high,
-            swap_max,
-            pids_max,
-        },
-    };
-    let task = match before_start {
-        None => py.detach(|| manager.inner.start::<NativeError>(&spec, None)),
-        // The hook is Python: it runs with the GIL taken again, on this thread.
-        Some(hook) => py.detach(|| {
-            let mut call = |dir: &Path| -> Result<(), NativeError> {
-                Python::attach(|py| hook.call1(py, (dir.to_path_buf(),)))?;
-                Ok(())
-            };
-            manager.inner.start(&spec, Some(&mut call))
-        }),
-    }?;
-    Ok(NativeTask::from(task))
+            .collect();
+        let limits = by_name!(o, Limits {
+            cpu_quota_us, cpu_period_us, cpu_weight, memory_max, memory_high, swap_max, pids_max;
+        });
+        Ok(Self(by_name!(o, Spec {
+            argv, env, cwd, hostname, rootfs, stage, workspace, tmp_size, uid, gid, userns_base,
+            netns, stdio, nofile, seccomp, keep_caps;
+            binds: binds, limits: limits,
+        })))
+    }
+}
+
+/// The attribute `name` of `o` as a `T`; a missing or mistyped one is an error that names it.
+fn field<'py, T>(o: Borrowed<'_, 'py, PyAny>, name: &str) -> PyResult<T>
+where
+    T: for<'a> FromPyObject<'a, 'py, Error = PyErr>,
+{
+    let named = |e: PyErr| PyTypeError::new_err(format!("Launch.{name}: {e}"));
+    o.getattr(name).and_then(|v| v.extract()).map_err(named)
 }
 
 impl From<Task> for NativeTask {
@@ -292,9 +282,8 @@ impl From<Task> for NativeTask {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<CgroupManager>()?;
+    m.add_class::<Launcher>()?;
     m.add_class::<NativeTask>()?;
-    m.add_function(wrap_pyfunction!(spawn, m)?)?;
     m.add_function(wrap_pyfunction!(sweep_cgroups, m)?)?;
     Ok(())
 }
