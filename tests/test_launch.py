@@ -8,6 +8,7 @@ import dataclasses
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,7 +84,8 @@ def test_the_launcher_reads_every_field_by_name(ws: Path) -> None:
     with pytest.raises(TypeError, match=r"^Launch\.uid: OverflowError"):
         task_mod._instance().start(dataclasses.replace(launch(ws), uid=-1))
     with pytest.raises(TypeError, match=r"^Launch\.binds: "):
-        task_mod._instance().start(dataclasses.replace(launch(ws), binds="/etc"))  # type: ignore[arg-type]
+        bad: dict[str, Any] = {"binds": "/etc"}  # a str is a sequence, but not of binds
+        task_mod._instance().start(dataclasses.replace(launch(ws), **bad))
     assert settled(before) == before
     # The same object in full starts (a SimpleNamespace: any object with the attributes).
     native = task_mod._instance().start(types.SimpleNamespace(**whole))  # type: ignore[arg-type]

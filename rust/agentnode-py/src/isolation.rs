@@ -1,5 +1,6 @@
 //! Python bindings for Layer 1: the node instance's `Launcher` (its cgroup subtree and task
-//! starts) and the task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit reasons) is Python's.
+//! starts) and the task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit
+//! reasons) is Python's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
