@@ -4,7 +4,6 @@ nothing left behind by a start that fails."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import types
 from pathlib import Path
@@ -75,17 +74,17 @@ def test_of_puts_the_sandbox_in_the_kernels_terms(tmp_path: Path) -> None:
 def test_the_launcher_reads_every_field_by_name(ws: Path) -> None:
     """A spec without one of `Launch`'s fields is refused with a TypeError naming it, before
     anything is made: so each field reaches Rust under the name the dataclass gives it."""
-    whole = dataclasses.asdict(launch(ws))
+    whole = launch(ws)._asdict()
     before = task_cgroups()
     for name in whole:
         partial = types.SimpleNamespace(**{k: v for k, v in whole.items() if k != name})
         with pytest.raises(TypeError, match=rf"^Launch\.{name}: AttributeError"):
             task_mod._instance().start(partial)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^Launch\.uid: OverflowError"):
-        task_mod._instance().start(dataclasses.replace(launch(ws), uid=-1))
+        task_mod._instance().start(launch(ws)._replace(uid=-1))
     with pytest.raises(TypeError, match=r"^Launch\.binds: "):
         bad: dict[str, Any] = {"binds": "/etc"}  # a str is a sequence, but not of binds
-        task_mod._instance().start(dataclasses.replace(launch(ws), **bad))
+        task_mod._instance().start(launch(ws)._replace(**bad))
     assert settled(before) == before
     # The same object in full starts (a SimpleNamespace: any object with the attributes).
     native = task_mod._instance().start(types.SimpleNamespace(**whole))  # type: ignore[arg-type]

@@ -4,7 +4,6 @@ answer from every door (the Python type, `agentnode exec`, `agentnode submit`, t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import math
 import os
@@ -257,7 +256,7 @@ def test_native_start_refuses_the_unchanged_id(ws: Path) -> None:
     launch = Launch.of(Sandbox(), ["true"], env={}, stage=DATA_DIR / "stage", workspace=ws)
     for uid, gid in ((2**32 - 1, 0), (0, 2**32 - 1)):
         with pytest.raises(SandboxError, match="4294967295"):
-            _instance().start(dataclasses.replace(launch, uid=uid, gid=gid))
+            _instance().start(launch._replace(uid=uid, gid=gid))
 
 
 # -- the doors: exec and the daemon, fuzzed -----------------------------------------------------

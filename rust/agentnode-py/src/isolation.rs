@@ -10,7 +10,7 @@ use agentnode_core::cgroup::Limits;
 use agentnode_core::sandbox::{self, Bind, Spec, Task};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use crate::errors::NativeError;
 
@@ -232,7 +232,7 @@ pub struct LaunchSpec(Spec);
 macro_rules! by_name {
     ($o:expr, $ty:ident { $($name:ident),* ; $($field:ident: $value:expr),* $(,)? }) => {
         $ty {
-            $($name: field($o, stringify!($name))?,)*
+            $($name: field($o, pyo3::intern!($o.py(), stringify!($name)))?,)*
             $($field: $value,)*
         }
     };
@@ -242,7 +242,7 @@ impl<'py> FromPyObject<'_, 'py> for LaunchSpec {
     type Error = PyErr;
 
     fn extract(o: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
-        let binds: Vec<(PathBuf, PathBuf, bool)> = field(o, "binds")?;
+        let binds: Vec<(PathBuf, PathBuf, bool)> = field(o, pyo3::intern!(o.py(), "binds"))?;
         let binds = binds
             .into_iter()
             .map(|(src, dest, writable)| Bind {
@@ -263,7 +263,8 @@ impl<'py> FromPyObject<'_, 'py> for LaunchSpec {
 }
 
 /// The attribute `name` of `o` as a `T`; a missing or mistyped one is an error that names it.
-fn field<'py, T>(o: Borrowed<'_, 'py, PyAny>, name: &str) -> PyResult<T>
+/// (Names are interned: a start reads some 25 of them.)
+fn field<'py, T>(o: Borrowed<'_, 'py, PyAny>, name: &Bound<'py, PyString>) -> PyResult<T>
 where
     T: for<'a> FromPyObject<'a, 'py, Error = PyErr>,
 {
