@@ -49,7 +49,7 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
 def our_children() -> list[str]:
     """Pids of this process's child processes (tasks not reaped, or their escapees), of every
     thread (a zygote's task is a child of the pool's thread), but for the zygotes ready."""
-    ready = {str(pid) for pid in task_mod._cgroups().zygotes()}
+    ready = {str(pid) for pid in task_mod._instance().zygotes()}
     return [
         pid
         for t in Path("/proc/self/task").iterdir()
@@ -64,11 +64,11 @@ def instance_tasks(timeout: float = 5.0) -> list[Path]:
     spares and zygotes made ahead of time for the next starts are not leftovers."""
     deadline = time.monotonic() + timeout
     while True:
-        manager = task_mod._cgroups()
-        spares = {*manager.spares(), *manager.zygotes().values()}
+        launcher = task_mod._instance()
+        spares = {*launcher.spares(), *launcher.zygotes().values()}
         found = [
             t
-            for d in manager.dirs()
+            for d in launcher.dirs()
             if d.exists()
             for t in d.iterdir()
             if t.is_dir() and t.name not in spares
@@ -100,7 +100,7 @@ def test_task_gets_no_descriptor_of_the_daemon_but_its_stdio(ws: Path, tmp_path:
             assert "s3cret" not in out
             assert sorted(out.split()[:4]) == ["0", "1", "2", "3"]  # 3: ls's own directory
             deadline = time.monotonic() + 5
-            while i == 0 and not task_mod._cgroups().zygotes() and time.monotonic() < deadline:
+            while i == 0 and not task_mod._instance().zygotes() and time.monotonic() < deadline:
                 time.sleep(0.01)
     finally:
         os.close(fd)
@@ -314,17 +314,17 @@ def test_fork_bomb_stops_at_pids_limit(ws: Path) -> None:
 def test_each_start_gets_its_own_limits_whatever_came_before(ws: Path) -> None:
     """Starts from zygotes one after another, with the same limits, other ones or none: each
     gets exactly its own (none: the kernel's default)."""
-    manager = task_mod._cgroups()
+    launcher = task_mod._instance()
 
     def pids_max(limits: Limits) -> str:
         deadline = time.monotonic() + 5
-        while len(manager.zygotes()) < 4 and time.monotonic() < deadline:
+        while len(launcher.zygotes()) < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         with spawn(["sleep", "5"], workspace=ws, limits=limits) as t:
             assert t.cgroup_dir is not None
             name = t.cgroup_dir.name
             found = [
-                d / name / "pids.max" for d in manager.dirs() if (d / name / "pids.max").exists()
+                d / name / "pids.max" for d in launcher.dirs() if (d / name / "pids.max").exists()
             ]
             return found[0].read_text().strip()
 
@@ -347,7 +347,7 @@ def test_cpus_half_is_enforced(ws: Path) -> None:
     ) as t:
         assert t.cgroup_dir is not None
         cpu_dir = (
-            next(d for d in task_mod._cgroups().dirs() if "/cpu/" in str(d)) / t.cgroup_dir.name
+            next(d for d in task_mod._instance().dirs() if "/cpu/" in str(d)) / t.cgroup_dir.name
         )
         assert (cpu_dir / "cpu.cfs_quota_us").read_text().strip() == "50000"
         assert (cpu_dir / "cpu.cfs_period_us").read_text().strip() == "100000"
@@ -547,7 +547,7 @@ def test_task_sits_in_its_v1_and_cgroup2_nodes(ws: Path) -> None:
     with spawn(["sleep", "100"], workspace=ws) as t:
         assert t.cgroup_dir is not None
         lines = Path(f"/proc/{t.pid}/cgroup").read_text()
-        inst = task_mod._cgroups().name
+        inst = task_mod._instance().name
         assert f"0::/agentnode/{inst}/" in lines
         assert all(
             f"agentnode/{inst}/" in line
@@ -585,7 +585,7 @@ def test_200_cycles_leave_nothing_behind(ws: Path) -> None:
 def test_a_limit_the_host_refuses_ends_the_start_before_the_task_runs(ws: Path) -> None:
     """A limit the kernel refuses fails the start with an error naming it, before the task has
     run anything, and leaves no cgroup or process behind."""
-    if len(task_mod._cgroups().dirs()) == 1:
+    if len(task_mod._instance().dirs()) == 1:
         pytest.skip("pure cgroup v2 has memory.high; refusing it needs a v1 memory controller")
     with pytest.raises(CgroupError, match=r"memory\.high"):
         spawn(["touch", "/workspace/ran"], limits=Limits(memory_high=64 << 20), workspace=ws)
@@ -595,7 +595,7 @@ def test_a_limit_the_host_refuses_ends_the_start_before_the_task_runs(ws: Path) 
 
 
 def test_threads_start_tasks_at_once(tmp_path: Path) -> None:
-    """The cgroup manager is locked only while a task's cgroup is made, so starts overlap."""
+    """The launcher locks its cgroups only while a task's cgroup is made, so starts overlap."""
     from concurrent.futures import ThreadPoolExecutor
 
     def run(i: int) -> tuple[int | None, str]:
@@ -684,7 +684,7 @@ PARENT = """
 import sys, time
 from agentnode import _native
 from agentnode.isolation import spawn, task
-m = task._cgroups()
+m = task._instance()
 t = spawn(["sleep", sys.argv[1]], workspace=sys.argv[2])
 deadline = time.monotonic() + 10  # the cgroups and zygotes made ahead are left too
 while (len(m.spares()) < 4 or len(m.zygotes()) < 4) and time.monotonic() < deadline:
@@ -702,7 +702,7 @@ time.sleep(100)
 def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) -> None:
     marker = f"{2000 + uuid.uuid4().int % 1000}.{os.getpid()}"
     # This process's own instance first: making it sweeps dead instances, the crashed one too.
-    dirs = task_mod._cgroups().dirs()
+    dirs = task_mod._instance().dirs()
     p = subprocess.Popen(
         [sys.executable, "-c", PARENT, marker, str(ws)], stdout=subprocess.PIPE, text=True
     )
@@ -725,7 +725,7 @@ def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) ->
     assert not any(z.exists() for z in ready)
     left = [d.parent / instance for d in dirs]
     assert any(d.exists() for d in left)  # the crash left its cgroups behind...
-    code = "from agentnode import _native; _native.CgroupManager().close()"
+    code = "from agentnode import _native; _native.Launcher().close()"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert not any(d.exists() for d in left)  # ...and the next start swept them
 
@@ -733,7 +733,7 @@ def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) ->
 SPARES = """
 import json, sys, time
 from agentnode.isolation import spawn, task
-m = task._cgroups()
+m = task._instance()
 spawn(["true"], workspace=sys.argv[1]).wait()  # the first start sets the spares going
 deadline = time.monotonic() + 10
 while len(m.spares()) < 4 and time.monotonic() < deadline:
@@ -759,7 +759,7 @@ def test_cgroups_made_ahead_are_handed_out_once_and_removed_at_exit(tmp_path: Pa
     assert got["taken"] in got["spares"]  # a start takes a ready one...
     assert got["taken"] not in got["left"]  # ...once
     # The process has exited: its spares went with its instance, as its tasks' cgroups did.
-    for d in task_mod._cgroups().dirs():
+    for d in task_mod._instance().dirs():
         assert not any(e.name.startswith(f"n{p.pid}-") for e in d.parent.iterdir())
 
 
@@ -767,7 +767,7 @@ ONE_SHOT = """
 import json, os, sys, time
 from agentnode.isolation import spawn, task
 task.one_shot()
-m = task._cgroups()
+m = task._instance()
 for _ in range(3):
     spawn(["true"], workspace=sys.argv[1]).wait()
 time.sleep(0.3)  # what a pool would have made by now
@@ -797,7 +797,7 @@ ZYGOTES = """
 import json, os, signal, sys, time
 from agentnode.errors import SandboxError
 from agentnode.isolation import spawn, task
-m = task._cgroups()
+m = task._instance()
 ws = sys.argv[1]
 spawn(["true"], workspace=ws).wait()  # the first start sets the pool going
 script = "echo $$; hostname; cut -d' ' -f19,41 /proc/self/stat; ls /proc | grep -c '^[0-9]'"
@@ -866,7 +866,7 @@ def test_a_zygote_starts_the_task_isolated_and_dies_with_its_pool(tmp_path: Path
             not Path(f"/proc/{pid}").exists()
             or "zygot" not in Path(f"/proc/{pid}/comm").read_text()
         )
-    for d in task_mod._cgroups().dirs():
+    for d in task_mod._instance().dirs():
         assert not any(e.name.startswith(f"n{p.pid}-") for e in d.parent.iterdir())
 
 
@@ -876,9 +876,9 @@ from agentnode.isolation import spawn, task
 ws = sys.argv[1]
 spawn(["true"], workspace=ws).wait()  # the background threads and pools are running
 long = spawn(["sleep", "100"], workspace=ws)
-parent = task._cgroups().name
+parent = task._instance().name
 deadline = time.monotonic() + 10
-while len(task._cgroups().spares()) < 4 and time.monotonic() < deadline:
+while len(task._instance().spares()) < 4 and time.monotonic() < deadline:
     time.sleep(0.01)
 time.sleep(0.2)  # and the network namespaces made ahead are ready
 r, w = os.pipe()
@@ -887,7 +887,7 @@ if pid == 0:
     os.close(r)
     kids = [spawn(["sleep", "100"], workspace=ws) for _ in range(4)]
     nets = " ".join(str(os.stat(f"/proc/{k.pid}/ns/net").st_ino) for k in kids)
-    os.write(w, f"{task._cgroups().name} {nets}\\n".encode())
+    os.write(w, f"{task._instance().name} {nets}\\n".encode())
     time.sleep(1)  # alive while the parent starts its own
     sys.exit(0)  # atexit ends them, and must leave the parent's task and cgroups alone
 os.close(w)
@@ -924,7 +924,7 @@ def test_a_forked_child_starts_tasks_of_its_own_and_leaves_the_parents_alone(ws:
 
 
 def test_sweep_never_touches_live_instances() -> None:
-    dirs = task_mod._cgroups().dirs()
+    dirs = task_mod._instance().dirs()
     assert _native.sweep_cgroups(dirs[0].parent, [d.parent for d in dirs[1:]]) >= 0
     assert all(d.exists() for d in dirs)
 
@@ -942,7 +942,7 @@ def exec_cli(args: list[str], data_dir: Path) -> tuple[subprocess.CompletedProce
 
 
 def assert_nothing_left(pid: int, data_dir: Path) -> None:
-    for d in task_mod._cgroups().dirs():
+    for d in task_mod._instance().dirs():
         assert not any(e.name.startswith(f"n{pid}-") for e in d.parent.iterdir())
     # A data dir of its own: workspaces are kept, and an earlier process with the same pid
     # may have left one in the shared default.

@@ -87,7 +87,7 @@ def leftover_cgroups(daemon_pid: int) -> list[Path]:
     """The daemon instance's cgroup directories still present, in every hierarchy."""
     return [
         e
-        for d in task_mod._cgroups().dirs()
+        for d in task_mod._instance().dirs()
         for e in d.parent.iterdir()
         if e.name.startswith(f"n{daemon_pid}-")
     ]
@@ -109,7 +109,7 @@ def task_cgroups(daemon_pid: int) -> list[str]:
     instances = leftover_cgroups(daemon_pid)
     if not instances:
         return []
-    unified = task_mod._cgroups().dirs()[0].parent / instances[0].name
+    unified = task_mod._instance().dirs()[0].parent / instances[0].name
 
     def ran(name: str) -> bool:
         try:

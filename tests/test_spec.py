@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rocksdict import Options, Rdict
 
-from agentnode import _native
 from agentnode.errors import SandboxError, TaskError
 from agentnode.isolation import spawn
+from agentnode.isolation.launch import Launch
 from agentnode.isolation.spec import (
     FIELDS,
     MAX_BYTES,
@@ -248,18 +248,15 @@ def test_native_wait_takes_any_float_without_panicking(ws: Path) -> None:
 
 
 @pytest.mark.root
-def test_native_spawn_refuses_the_unchanged_id(ws: Path) -> None:
-    from agentnode.isolation.task import DATA_DIR, _cgroups
+def test_native_start_refuses_the_unchanged_id(ws: Path) -> None:
+    """(uid_t)-1 is "leave unchanged" to setresuid: the launcher refuses it whatever the
+    Python side let through, before it takes a zygote or makes a cgroup."""
+    from agentnode.isolation.task import DATA_DIR, _instance
 
+    launch = Launch.of(Sandbox(), ["true"], env={}, stage=DATA_DIR / "stage", workspace=ws)
     for uid, gid in ((2**32 - 1, 0), (0, 2**32 - 1)):
         with pytest.raises(SandboxError, match="4294967295"):
-            _native.spawn(
-                _cgroups(), ["true"], env=[], cwd="/", hostname="x", rootfs="/",
-                stage=str(DATA_DIR / "stage"), workspace=str(ws), binds=[], tmp_size=1 << 20,
-                uid=uid, gid=gid, userns_base=None, netns=None, stdio=(None, None, None),
-                nofile=64, seccomp=True, caps=[], cpu_quota_us=None, cpu_period_us=100_000,
-                cpu_weight=None, memory_max=None, memory_high=None, swap_max=None, pids_max=None,
-            )  # fmt: skip
+            _instance().start(launch._replace(uid=uid, gid=gid))
 
 
 # -- the doors: exec and the daemon, fuzzed -----------------------------------------------------

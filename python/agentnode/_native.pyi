@@ -7,10 +7,12 @@ from typing import Any, final
 
 from typing_extensions import Buffer
 
+from agentnode.isolation.launch import Launch
+
 __all__ = [
-    "CgroupManager",
     "EgressHandle",
     "ExecTracerHandle",
+    "Launcher",
     "NativeTask",
     "Scheduler",
     "VectorCollection",
@@ -20,7 +22,6 @@ __all__ = [
     "doctor",
     "make_nothing_ahead",
     "noop",
-    "spawn",
     "sweep_cgroups",
 ]
 
@@ -38,10 +39,17 @@ def cgroup_hierarchy() -> str:
 # --- isolation (rust/agentnode-py/src/isolation.rs) ---
 
 @final
-class CgroupManager:
-    """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""
+class Launcher:
+    """How this node instance starts its tasks: its cgroup subtree, made when it is (sweeping
+    dead instances' leftovers), and its zygote pool."""
 
-    def __new__(cls) -> CgroupManager: ...
+    def __new__(cls) -> Launcher: ...
+    def start(
+        self, spec: Launch, *, before_start: Callable[[Path], object] | None = None
+    ) -> NativeTask:
+        """Starts the task `spec` describes; returns once it has exec'd its command.
+        `before_start` is called with the task's cgroup2 directory after it is made and before
+        any process joins it."""
     @property
     def name(self) -> str:
         """The instance name, `n<pid>-<starttime>`."""
@@ -79,38 +87,6 @@ class NativeTask:
         """Accounting as a dict: wall_s and the cgroup figures."""
     def close(self) -> None:
         """Kills and reaps whatever still runs and removes the task's cgroups."""
-
-def spawn(
-    manager: CgroupManager,
-    argv: list[str],
-    *,
-    env: list[str],
-    cwd: str,
-    hostname: str,
-    rootfs: str,
-    stage: str,
-    workspace: str | None,
-    binds: list[tuple[str, str, bool]],
-    tmp_size: int,
-    uid: int,
-    gid: int,
-    userns_base: int | None,
-    netns: str | None,
-    stdio: tuple[int | None, int | None, int | None],
-    nofile: int,
-    seccomp: bool,
-    caps: list[int],
-    cpu_quota_us: int | None,
-    cpu_period_us: int,
-    cpu_weight: int | None,
-    memory_max: int | None,
-    memory_high: int | None,
-    swap_max: int | None,
-    pids_max: int | None,
-    before_start: Callable[[Path], object] | None = None,
-) -> NativeTask:
-    """Starts an isolated task; returns once it has exec'd its command. `before_start` is
-    called with the task's cgroup2 directory after it is made and before any process joins."""
 
 def make_nothing_ahead() -> None:
     """From now on this process makes nothing ahead of its starts (spare task cgroups, network

@@ -65,9 +65,9 @@ class ExecTrace:
     @classmethod
     def for_instance(cls, *, sink: Callable[[dict[str, Any]], object]) -> ExecTrace:
         """The tracer for this process's node instance (`agentnode.isolation`'s cgroups)."""
-        from agentnode.isolation.task import _cgroups
+        from agentnode.isolation.task import _instance
 
-        return cls(_cgroups().dirs()[0], sink=sink)
+        return cls(_instance().dirs()[0], sink=sink)
 
     def start(self) -> None:
         """Reads events as they come, on the running loop."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from agentnode import _native
 from agentnode.egress.policy import NET_MODES, EgressPolicy
 from agentnode.errors import UsageError
+from agentnode.isolation.launch import USERNS_BASE, Launch
 from agentnode.isolation.spec import NOBODY, Limits, Mount, Sandbox, parse_user
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
@@ -71,9 +72,6 @@ def _make_dir(path: Path, what: str, hint: str) -> None:
         raise UsageError(f"{what} {path}: cannot create it ({e.strerror}); {hint}") from None
 
 
-#: With a user namespace, task ids 0..65535 map to host ids from here on.
-USERNS_BASE = 100_000
-
 if TYPE_CHECKING:
     Stdio = Literal["inherit", "pipe", "null"] | int | str | os.PathLike[str]
 
@@ -123,18 +121,19 @@ class Result:
 
 
 _lock = threading.Lock()
-_manager: _native.CgroupManager | None = None
+_launcher: _native.Launcher | None = None
 _network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
 
 
-def _cgroups() -> _native.CgroupManager:
-    global _manager
+def _instance() -> _native.Launcher:
+    """This process's launcher (its node instance), made at the first start."""
+    global _launcher
     with _lock:
-        if _manager is None:
-            _manager = _native.CgroupManager()
+        if _launcher is None:
+            _launcher = _native.Launcher()
             atexit.register(_shutdown)
-        return _manager
+        return _launcher
 
 
 def one_shot() -> None:
@@ -158,13 +157,13 @@ def _default_network() -> EgressService:
 
 
 def _forget_after_fork() -> None:
-    # A forked child makes its own instance at its first start. The parent's manager, network
+    # A forked child makes its own instance at its first start. The parent's launcher, network
     # and tasks stay the parent's: kept referenced (never dropped or closed here, which would
     # tear down the parent's), and out of this process's exit. The lock may have been held
     # at the fork.
-    global _manager, _network, _lock
-    _forked.extend(x for x in (_manager, _network) if x is not None)
-    _manager = _network = None
+    global _launcher, _network, _lock
+    _forked.extend(x for x in (_launcher, _network) if x is not None)
+    _launcher = _network = None
     _live.clear()
     _lock = threading.Lock()
 
@@ -175,13 +174,13 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 def _shutdown() -> None:
     """Kills every task still alive and removes this instance's cgroups and task networks."""
-    global _manager, _network
+    global _launcher, _network
     for task in list(_live):
         task.close()
     with _lock:
-        if _manager is not None:
-            _manager.close()
-            _manager = None
+        if _launcher is not None:
+            _launcher.close()
+            _launcher = None
         if _network is not None:
             _network.close()
             _network = None
@@ -284,7 +283,7 @@ def spawn(
     capabilities when the user is not 0).
     Call from a long-lived thread: the task is SIGKILLed when the thread that cloned it exits
     (the spawning thread, or for a task started from a zygote the pool's, which ends with the
-    cgroup manager).
+    launcher).
     """
     netns = None
     if sandbox is None:
@@ -303,12 +302,12 @@ def spawn(
     sandbox.check_host()
     mode, policy = sandbox.egress()
     limits = sandbox.limits
-    manager = _cgroups()
+    launcher = _instance()
     stage = DATA_DIR / "stage"
     _make_dir(stage, "staging directory", _DATA_DIR_HINT)
     # Last of the checks that can fail: a workspace made for this start goes with a failed one.
     if workspace is None:
-        ws = prepare_workspace(_default_workspace(manager.name), sandbox)
+        ws = prepare_workspace(_default_workspace(launcher.name), sandbox)
     else:
         ws = Path(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
@@ -326,34 +325,17 @@ def spawn(
             # the task would get a fresh, empty one.
             netns = net.netns_path or f"/proc/{os.getpid()}/ns/net"
         fds = tuple(_stdio_fd(s, i, opened, parents) for i, s in enumerate((stdin, stdout, stderr)))
-        native = _native.spawn(
-            manager,
-            list(argv),
-            env=[f"{k}={v}" for k, v in full_env.items()],
-            cwd=sandbox.cwd,
-            hostname=sandbox.hostname,
-            rootfs=sandbox.rootfs,
-            stage=os.fspath(stage),
-            workspace=os.fspath(ws),
-            binds=[(m.src, m.dest, m.writable) for m in sandbox.mounts],
-            tmp_size=limits.tmp_size,
-            uid=sandbox.uid,
-            gid=sandbox.gid,
-            userns_base=USERNS_BASE if sandbox.userns else None,
+        launch = Launch.of(
+            sandbox,
+            argv,
+            env=full_env,
+            stage=stage,
+            workspace=ws,
             netns=netns,
             stdio=(fds[0], fds[1], fds[2]),
-            nofile=limits.nofile,
             seccomp=seccomp,
-            caps=sandbox.cap_numbers(),
-            cpu_quota_us=None if limits.cpus is None else round(limits.cpus * 100_000),
-            cpu_period_us=100_000,
-            cpu_weight=limits.cpu_weight,
-            memory_max=limits.memory,
-            memory_high=limits.memory_high,
-            swap_max=limits.swap,
-            pids_max=limits.pids,
-            before_start=None if net is None else net.attach,
         )
+        native = launcher.start(launch, before_start=None if net is None else net.attach)
     except BaseException:
         if net is not None:
             net.close()

@@ -24,6 +24,9 @@ pub enum NativeError {
     ExecTracerClosed,
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// Raised by Python code the Rust side called (a hook), passed on as it is.
+    #[error(transparent)]
+    Python(#[from] PyErr),
 }
 
 // The classes of `agentnode.errors`, imported once, on first use: Python code catches those,
@@ -39,6 +42,9 @@ pyo3::import_exception!(agentnode.errors, VectorError);
 
 impl From<NativeError> for PyErr {
     fn from(err: NativeError) -> Self {
+        if let NativeError::Python(err) = err {
+            return err;
+        }
         let message = err.to_string();
         match err {
             NativeError::Cgroup(_)
@@ -56,6 +62,7 @@ impl From<NativeError> for PyErr {
             NativeError::ExecTrace(_) | NativeError::ExecTracerClosed => {
                 AuditError::new_err(message)
             }
+            NativeError::Python(_) => unreachable!("returned above"),
         }
     }
 }

@@ -1,99 +1,87 @@
-//! Python bindings for Layer 1: the node's cgroup subtree (`CgroupManager`), `spawn`, and the
-//! task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit reasons) is Python's.
+//! Python bindings for Layer 1: the node instance's `Launcher` (its cgroup subtree and task
+//! starts) and the task handle (`NativeTask`). Policy (defaults, parsing, timeouts, exit
+//! reasons) is Python's.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use agentnode_core::cgroup::{Hierarchy, Limits, Manager};
-use agentnode_core::sandbox::zygote::{self, Zygotes};
+use agentnode_core::cgroup::Limits;
 use agentnode_core::sandbox::{self, Bind, Spec, Task};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use crate::errors::NativeError;
 
-/// This node instance's cgroup subtree; creating it sweeps dead instances' leftovers.
+/// How this node instance starts its tasks (see `agentnode_core::sandbox::Launcher`): its
+/// cgroup subtree, made when it is (sweeping dead instances' leftovers), and its zygote pool.
 #[pyclass(module = "agentnode._native", frozen)]
-pub struct CgroupManager {
-    /// Made at the first start a zygote can serve. Declared first, so it closes first: the
-    /// zygotes sit in cgroups of the instance, which `inner` removes when dropped.
-    zygotes: OnceLock<Zygotes>,
-    inner: Mutex<Option<Manager>>,
+pub struct Launcher {
+    inner: sandbox::Launcher,
 }
 
 #[pymethods]
-impl CgroupManager {
+impl Launcher {
     #[new]
     fn new(py: Python<'_>) -> PyResult<Self> {
-        let m = py
-            .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h)))
+        let inner = py
+            .detach(sandbox::Launcher::new)
             .map_err(NativeError::from)?;
-        Ok(Self {
-            zygotes: OnceLock::new(),
-            inner: Mutex::new(Some(m)),
-        })
+        Ok(Self { inner })
+    }
+
+    /// Starts the task `spec` (an `agentnode.isolation.launch.Launch`) describes; returns once
+    /// it has exec'd its command. `before_start` is called with the task's cgroup2 directory
+    /// after it is made and before any process joins it.
+    #[pyo3(signature = (spec, *, before_start=None))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned values
+    fn start(
+        &self,
+        py: Python<'_>,
+        spec: LaunchSpec,
+        before_start: Option<Py<PyAny>>,
+    ) -> PyResult<NativeTask> {
+        let spec = &spec.0;
+        let task = match before_start {
+            None => py.detach(|| self.inner.start::<NativeError>(spec, None)),
+            // The hook is Python: it runs with the GIL taken again, on this thread.
+            Some(hook) => py.detach(|| {
+                let mut call = |dir: &Path| -> Result<(), NativeError> {
+                    Python::attach(|py| hook.call1(py, (dir.to_path_buf(),)))?;
+                    Ok(())
+                };
+                self.inner.start(spec, Some(&mut call))
+            }),
+        }?;
+        Ok(NativeTask::from(task))
     }
 
     /// The zygotes ready now (tasks started ahead, waiting for their command): host pid to
     /// the name of its task cgroup.
     fn zygotes(&self) -> std::collections::HashMap<i32, String> {
-        self.zygotes
-            .get()
-            .map(|z| z.ready().into_iter().collect())
-            .unwrap_or_default()
+        self.inner.zygotes().into_iter().collect()
     }
 
     /// The instance name, `n<pid>-<starttime>`.
     #[getter]
     fn name(&self) -> String {
-        self.lock()
-            .as_ref()
-            .map(|m| m.name().to_owned())
-            .unwrap_or_default()
+        self.inner.name()
     }
 
     /// This instance's directories in every hierarchy (cgroup2 first).
     fn dirs(&self) -> Vec<PathBuf> {
-        self.lock().as_ref().map(Manager::dirs).unwrap_or_default()
+        self.inner.dirs()
     }
 
     /// Names of the task cgroups made ahead of time, not yet given to a task.
     fn spares(&self) -> Vec<String> {
-        self.lock()
-            .as_ref()
-            .map(Manager::spares)
-            .unwrap_or_default()
+        self.inner.spares()
     }
 
     /// Removes the instance's subtree (its tasks must be gone). Idempotent.
     fn close(&self, py: Python<'_>) {
-        py.detach(|| {
-            if let Some(z) = self.zygotes.get() {
-                z.close();
-            }
-            drop(self.lock().take());
-        });
-    }
-}
-
-impl CgroupManager {
-    /// A ready zygote for a task staged on `stage`, unless the manager is closed or none is
-    /// ready; the first call starts the pool.
-    fn take_zygote(&self, stage: &Path) -> Option<zygote::Zygote> {
-        if let Some(pool) = self.zygotes.get() {
-            return pool.take();
-        }
-        let maker = self.lock().as_ref()?.maker();
-        self.zygotes
-            .get_or_init(|| Zygotes::new(maker, stage.to_owned()))
-            .take()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Manager>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        py.detach(|| self.inner.close());
     }
 }
 
@@ -236,119 +224,52 @@ impl NativeTask {
     }
 }
 
-/// Starts an isolated task; returns once it has exec'd its command. `before_start` is called
-/// with the task's cgroup2 directory after it is made and before any process joins it.
-#[pyfunction]
-#[pyo3(signature = (
-    manager, argv, *, env, cwd, hostname, rootfs, stage, workspace, binds, tmp_size, uid, gid,
-    userns_base, netns, stdio, nofile, seccomp, caps, cpu_quota_us, cpu_period_us, cpu_weight,
-    memory_max, memory_high, swap_max, pids_max, before_start=None
-))]
-#[allow(clippy::too_many_arguments)]
-fn spawn(
-    py: Python<'_>,
-    manager: &CgroupManager,
-    argv: Vec<String>,
-    env: Vec<String>,
-    cwd: String,
-    hostname: String,
-    rootfs: PathBuf,
-    stage: PathBuf,
-    workspace: Option<PathBuf>,
-    binds: Vec<(PathBuf, PathBuf, bool)>,
-    tmp_size: u64,
-    uid: u32,
-    gid: u32,
-    userns_base: Option<u32>,
-    netns: Option<PathBuf>,
-    stdio: (Option<i32>, Option<i32>, Option<i32>),
-    nofile: u64,
-    seccomp: bool,
-    caps: Vec<u32>,
-    cpu_quota_us: Option<u64>,
-    cpu_period_us: u64,
-    cpu_weight: Option<u64>,
-    memory_max: Option<u64>,
-    memory_high: Option<u64>,
-    swap_max: Option<u64>,
-    pids_max: Option<u64>,
-    before_start: Option<Py<PyAny>>,
-) -> PyResult<NativeTask> {
-    // (uid_t)-1 means "leave unchanged" to setresuid/setresgid: the task would keep root.
-    if uid == u32::MAX || gid == u32::MAX {
-        return Err(NativeError::from(sandbox::Error::Invalid {
-            what: "user",
-            why: format!("{uid}:{gid}: ids must be below 4294967295 (which means 'unchanged')"),
-        })
-        .into());
-    }
-    let spec = Spec {
-        argv,
-        env,
-        cwd,
-        hostname,
-        rootfs,
-        stage,
-        workspace,
-        binds: binds
+/// An `agentnode.isolation.launch.Launch` read into the core's `Spec`, each field from the
+/// attribute of the same name (so a new option is one more name in the lists below).
+pub struct LaunchSpec(Spec);
+
+/// `$ty { $name: <the attribute $name of $o>, ..., $field: $value, ... }`.
+macro_rules! by_name {
+    ($o:expr, $ty:ident { $($name:ident),* ; $($field:ident: $value:expr),* $(,)? }) => {
+        $ty {
+            $($name: field($o, pyo3::intern!($o.py(), stringify!($name)))?,)*
+            $($field: $value,)*
+        }
+    };
+}
+
+impl<'py> FromPyObject<'_, 'py> for LaunchSpec {
+    type Error = PyErr;
+
+    fn extract(o: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        let binds: Vec<(PathBuf, PathBuf, bool)> = field(o, pyo3::intern!(o.py(), "binds"))?;
+        let binds = binds
             .into_iter()
             .map(|(src, dest, writable)| Bind {
                 src,
                 dest,
                 writable,
             })
-            .collect(),
-        tmp_size,
-        uid,
-        gid,
-        userns_base,
-        netns,
-        stdio: [stdio.0, stdio.1, stdio.2],
-        nofile,
-        seccomp,
-        keep_caps: caps,
-    };
-    let limits = Limits {
-        cpu_quota_us,
-        cpu_period_us,
-        cpu_weight,
-        memory_max,
-        memory_high,
-        swap_max,
-        pids_max,
-    };
-    if before_start.is_none() && Zygotes::serve(&spec) {
-        let started = py.detach(|| match manager.take_zygote(&spec.stage) {
-            Some(z) => zygote::start(z, &limits, &spec),
-            None => Ok(None),
+            .collect();
+        let limits = by_name!(o, Limits {
+            cpu_quota_us, cpu_period_us, cpu_weight, memory_max, memory_high, swap_max, pids_max;
         });
-        if let Some(task) = started.map_err(NativeError::from)? {
-            return Ok(NativeTask::from(task));
-        }
+        Ok(Self(by_name!(o, Spec {
+            argv, env, cwd, hostname, rootfs, stage, workspace, tmp_size, uid, gid, userns_base,
+            netns, stdio, nofile, seccomp, keep_caps;
+            binds: binds, limits: limits,
+        })))
     }
-    // The manager lock covers only creating the cgroup: the clone and the wait for the child's
-    // exec run unlocked, so several threads start tasks at once (the child never touches Rust
-    // locks, whatever state other threads leave them in).
-    let cgroup = py
-        .detach(|| -> sandbox::Result<_> {
-            let guard = manager.lock();
-            let m = guard.as_ref().ok_or(sandbox::Error::Invalid {
-                what: "cgroup manager",
-                why: "it is closed".to_owned(),
-            })?;
-            Ok(m.create(&limits)?)
-        })
-        .map_err(NativeError::from)?;
-    // The hook sees the empty cgroup before any task process exists, so what it attaches (the
-    // egress programs) is in force from the task's first instruction. If it fails, dropping
-    // the cgroup removes it.
-    if let Some(hook) = before_start {
-        hook.call1(py, (cgroup.placement().to_path_buf(),))?;
-    }
-    let task = py
-        .detach(|| sandbox::spawn(cgroup, &spec))
-        .map_err(NativeError::from)?;
-    Ok(NativeTask::from(task))
+}
+
+/// The attribute `name` of `o` as a `T`; a missing or mistyped one is an error that names it.
+/// (Names are interned: a start reads some 25 of them.)
+fn field<'py, T>(o: Borrowed<'_, 'py, PyAny>, name: &Bound<'py, PyString>) -> PyResult<T>
+where
+    T: for<'a> FromPyObject<'a, 'py, Error = PyErr>,
+{
+    let named = |e: PyErr| PyTypeError::new_err(format!("Launch.{name}: {e}"));
+    o.getattr(name).and_then(|v| v.extract()).map_err(named)
 }
 
 impl From<Task> for NativeTask {
@@ -371,9 +292,8 @@ fn make_nothing_ahead() {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_nothing_ahead, m)?)?;
-    m.add_class::<CgroupManager>()?;
+    m.add_class::<Launcher>()?;
     m.add_class::<NativeTask>()?;
-    m.add_function(wrap_pyfunction!(spawn, m)?)?;
     m.add_function(wrap_pyfunction!(sweep_cgroups, m)?)?;
     Ok(())
 }

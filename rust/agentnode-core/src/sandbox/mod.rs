@@ -14,7 +14,9 @@
 //! has a user namespace, builds its root and execs.
 
 mod child;
+mod fresh;
 pub mod landlock;
+pub mod launcher;
 mod netns;
 mod plan;
 mod seccomp;
@@ -22,8 +24,9 @@ mod sockets;
 mod start_step;
 mod task;
 mod template;
-pub mod zygote;
+mod zygote;
 
+pub use launcher::Launcher;
 pub use seccomp::{
     default_program as default_seccomp, install_and_probe as probe_seccomp,
     Program as SeccompProgram,
@@ -86,7 +89,7 @@ pub struct Bind {
     pub writable: bool,
 }
 
-/// Everything about one task except its limits (which its cgroup carries).
+/// Everything about one task: what it runs, how it is isolated, and its cgroup's limits.
 #[derive(Debug, Clone)]
 pub struct Spec {
     pub argv: Vec<String>,
@@ -114,6 +117,8 @@ pub struct Spec {
     pub seccomp: bool,
     /// Capability numbers (`CAP_NET_BIND_SERVICE` = 10, ...) the task keeps; all others drop.
     pub keep_caps: Vec<u32>,
+    /// Written to the task's cgroup before it runs.
+    pub limits: cgroup::Limits,
 }
 
 /// The `PATH` used to resolve a bare command name inside the task's root.
@@ -311,11 +316,11 @@ fn network(spec: &Spec) -> Result<(Option<OwnedFd>, Option<template::MadeCopy>)>
     })
 }
 
-/// Starts a task in `cgroup` (fresh from `Manager::create`), isolated as `spec` says.
-/// Returns once the task has exec'd its command; every error leaves nothing behind. It needs
-/// no manager, so several threads can start tasks at once.
-///
-pub fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
+/// Starts a task in `cgroup` (fresh from `Manager::create`, with `spec`'s limits), isolated as
+/// `spec` says: a clone, for the starts no zygote serves (see [`Launcher::start`]). Returns once
+/// the task has exec'd its command; every error leaves nothing behind. It needs no manager, so
+/// several threads can start tasks at once.
+fn spawn(cgroup: Box<dyn TaskCgroup>, spec: &Spec) -> Result<Task> {
     let _starting = crate::background::quiet::starting();
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;

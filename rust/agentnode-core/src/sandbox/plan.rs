@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use super::fresh::{is_fresh, under_fresh};
 use super::{Bind, Error, Result, Spec};
 
 /// One step the child takes. Every string is ready-made.
@@ -133,20 +134,6 @@ fn masked_dirs() -> &'static [bool] {
 }
 /// Paths runc makes read-only in /proc.
 const READ_ONLY: &[&str] = &["proc/bus", "proc/fs", "proc/irq", "proc/sys"];
-/// Top-level entries of the root that get fresh file systems instead of the host's. /run holds
-/// the host's runtime sockets (D-Bus, container runtimes, this node's API), which a read-only
-/// mount would not keep a task from connecting to; it gets an empty tmpfs (see [`skeleton`]).
-const FRESH: &[&str] = &["proc", "sys", "dev", "run", "tmp", "workspace"];
-/// Whether an absolute host path lies under one of [`FRESH`]'s entries of the host root.
-pub(super) fn under_fresh(path: &Path) -> bool {
-    let mut parts = path.components().skip(1);
-    parts.next().is_some_and(|top| {
-        FRESH
-            .iter()
-            .any(|f| f.as_bytes() == top.as_os_str().as_bytes())
-    })
-}
-
 /// Where the node binds its task socket and a task's checkpoint: a tmpfs of each task's own in
 /// the read-only /run, so those binds have mount points to land on.
 const NODE_RUN: &str = "run/agentnode";
@@ -312,7 +299,7 @@ fn skeleton(rootfs: &Path, stage: &Path, workspace: bool) -> Result<Vec<Op>> {
     names.sort_by_key(std::fs::DirEntry::file_name);
     for entry in names {
         let name = entry.file_name();
-        if FRESH.iter().any(|f| name.as_bytes() == f.as_bytes()) {
+        if is_fresh(&name) {
             continue;
         }
         let (src, dst) = (entry.path(), stage.join(&name));
@@ -603,6 +590,7 @@ mod tests {
             nofile: 1024,
             seccomp: true,
             keep_caps: Vec::new(),
+            limits: crate::cgroup::Limits::default(),
         }
     }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::plan;
+use super::fresh::under_fresh;
 
 /// How often the watcher reads the list again.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -28,11 +28,7 @@ struct Bound {
 static BOUND: Mutex<Option<Bound>> = Mutex::new(None);
 
 fn split(all: Vec<PathBuf>) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let in_root = all
-        .iter()
-        .filter(|p| !plan::under_fresh(p))
-        .cloned()
-        .collect();
+    let in_root = all.iter().filter(|p| !under_fresh(p)).cloned().collect();
     (all, in_root)
 }
 

@@ -29,7 +29,7 @@ use super::plan::{self, Start};
 use super::{kill_and_reap, pipe, prepare, template, Result, Spec, Task};
 use crate::background::ahead::{self, Ahead};
 use crate::background::later::later;
-use crate::cgroup::{self, Limits, TaskCgroup};
+use crate::cgroup::{self, TaskCgroup};
 use crate::sys::{self, ChildStack};
 
 /// Makes a fresh, empty task cgroup (see `cgroup::Manager::maker`).
@@ -76,6 +76,7 @@ impl Drop for Zygote {
 }
 
 /// Up to [`crate::background::ahead::READY`] zygotes of one cgroup manager's instance.
+#[derive(Debug)]
 pub struct Zygotes {
     pool: Arc<Ahead<Zygote>>,
 }
@@ -267,10 +268,10 @@ fn make(
     (ready? == child::zygote_ready()).then_some(zygote)
 }
 
-/// Starts the task `spec` (one [`Zygotes::serve`] accepts) describes in `z`, with `limits`.
+/// Starts the task `spec` (one [`Zygotes::serve`] accepts) describes in `z`.
 /// `Ok(None)` when the zygote cannot serve it (its template is stale, or it died): the caller
 /// starts the task the usual way. Otherwise as [`super::spawn`].
-pub fn start(mut z: Zygote, limits: &Limits, spec: &Spec) -> Result<Option<Task>> {
+pub fn start(mut z: Zygote, spec: &Spec) -> Result<Option<Task>> {
     let _starting = crate::background::quiet::starting();
     // `serving` checks that the spec fits the template, as `serve` did before the take.
     let fresh = template::serving(spec).is_some_and(|ns| Arc::ptr_eq(&ns, &z.from));
@@ -285,7 +286,7 @@ pub fn start(mut z: Zygote, limits: &Limits, spec: &Spec) -> Result<Option<Task>
     if let Some(mounts) = z.mounts.take() {
         task.hold(mounts);
     }
-    task.apply(limits)?;
+    task.apply(&spec.limits)?;
     let trees = template::trees(spec)?;
     let raw: Vec<RawFd> = trees.iter().map(AsRawFd::as_raw_fd).collect();
     let ops = plan::from_template(spec, Start::Booted, &raw)?;
