@@ -287,7 +287,12 @@ def test_checkpoints_are_fsynced_only_on_a_sync_store(
     `kill -9`), fsynced (file, then directory) only when the store syncs its records too."""
     synced: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     for sync, fsyncs in ((False, 0), (True, 2)):
         store = TaskStore(tmp_path / str(sync), sync=sync)
         synced.clear()
