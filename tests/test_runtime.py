@@ -114,6 +114,38 @@ def test_runtime_runs_tools_is_metered_and_resumes_after_sigkill(
 
 
 @pytest.mark.root
+def test_runtime_resumes_after_kill_9_of_the_node(world: World, tmp_path: Path) -> None:
+    """The daemon SIGKILLed while step 2's tool runs, then restarted: the task is lost and
+    retried, and its retry continues after step 2 (its answer recorded): no model call is
+    made twice and step 1's recorded tool call does not run again."""
+    with agent_node(world, tmp_path, SCRIPT, extra=TENANT) as (d, mock):
+        task = d.submit(
+            [sys.executable, "-m", "agentnode.runtime", "--tools", "run_code,write_file", "--",
+             "compute the answer and write it down"],
+            tenant="acme", agent={"kind": "python", "model": "gpt-test"}, retries=1,
+            memory="512M", user="0", ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")},
+        )  # fmt: skip
+        first_log = d.data / "logs" / f"{task['id']}.1.log"
+        deadline = time.monotonic() + 60
+        while len(mock.requests) < 2 or "step 2: calls run_code" not in (
+            first_log.read_text() if first_log.exists() else ""
+        ):
+            assert time.monotonic() < deadline, d.task(task["id"])
+            time.sleep(0.02)
+        time.sleep(0.3)  # into the slow tool call
+        d.stop(signal.SIGKILL)
+        d.start()
+        done = d.wait(task["id"], timeout=120)
+        assert done["state"] == "succeeded" and done["attempt"] == 2, (done, d.log(task["id"], 2))
+        second = d.log(task["id"], 2)
+        assert "resumed after step 2" in second and "step 1:" not in second, second
+        assert second.strip().splitlines()[-1] == "The answer is 42, written to answer.txt."
+        assert [(r["messages"], r["last_role"]) for r in mock.requests] == [
+            (1, "user"), (3, "tool"), (5, "tool"), (7, "tool")]  # fmt: skip
+        assert (d.data / "workspaces" / task["id"] / "side.txt").read_text() == "once\n"
+
+
+@pytest.mark.root
 def test_runtime_stops_on_max_steps_and_budget(world: World, tmp_path: Path) -> None:
     """A limit ends the task with exit 3 and a line naming it, before another model call."""
     call = {"tool_calls": [{"name": "list_files", "arguments": {}}]}
