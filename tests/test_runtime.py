@@ -146,10 +146,12 @@ def test_runtime_resumes_after_kill_9_of_the_node(world: World, tmp_path: Path) 
 
 
 @pytest.mark.root
-def test_runtime_stops_on_max_steps_and_budget(world: World, tmp_path: Path) -> None:
+def test_runtime_stops_on_max_steps_budget_and_wall_time(world: World, tmp_path: Path) -> None:
     """A limit ends the task with exit 3 and a line naming it, before another model call."""
     call = {"tool_calls": [{"name": "list_files", "arguments": {}}]}
-    with agent_node(world, tmp_path, [call, call]) as (d, mock):
+    slow = {"tool_calls": [{"name": "run_code", "arguments": {
+        "code": "import time; time.sleep(1.5)"}}]}  # fmt: skip
+    with agent_node(world, tmp_path, [call, call, slow]) as (d, mock):
         steps = _agent(d, "--retries", "0", "--max-steps", "1", "--stream", "--tools-via", "api",
                        "look around")  # fmt: skip
         out, err = steps.communicate(timeout=120)
@@ -168,6 +170,13 @@ def test_runtime_stops_on_max_steps_and_budget(world: World, tmp_path: Path) -> 
         )
         assert len(mock.requests) == 2, "neither made a call past its limit"
         assert [r["stream"] for r in mock.requests] == [True, False]
+        wall = _agent(d, "--retries", "0", "--max-time", "1s", "look around")
+        out, err = wall.communicate(timeout=120)
+        assert wall.returncode == 3, (out, err)
+        assert out.splitlines()[-1].startswith(
+            "agentnode.runtime: stopped: wall time of 1 s used ("
+        ) and out.splitlines()[-1].endswith(" s) before a final answer"), out
+        assert len(mock.requests) == 3, "no call after the wall time was used"
         bad = _agent(d, "--budget", "lots", "x")
         out, err = bad.communicate(timeout=120)
         assert bad.returncode == 2 and "'lots' is not an amount of US dollars" in out, out
