@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +197,11 @@ def on_a_node(bench: Bench, mock: MockUpstream) -> None:
     try:
         with daemon(root / "node", config) as d:
             for r in range(4 if bench.quick else 8):
-                rounds = [("mcp", lambda: _runtime_steps(d, mock, steps, "mcp")),
-                          ("api", lambda: _runtime_steps(d, mock, steps, "api")),
-                          ("direct", lambda: _direct(mock, steps, root))]  # fmt: skip
+                rounds: list[tuple[str, Callable[[], float]]] = [
+                    ("mcp", lambda: _runtime_steps(d, mock, steps, "mcp")),
+                    ("api", lambda: _runtime_steps(d, mock, steps, "api")),
+                    ("direct", lambda: _direct(mock, steps, root)),
+                ]
                 for name, measure in rounds if r % 2 else reversed(rounds):
                     elapsed = measure()
                     if r:  # the first round warms all three
