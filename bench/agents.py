@@ -4,15 +4,22 @@ in-memory saver in the same run.
 One run of a real LangGraph agent (langchain-openai's ChatOpenAI against the scripted mock
 upstream on loopback, a prebuilt ToolNode): LLM call with a tool call, the tool, LLM call with
 the answer — three super-steps, each checkpointed with `durability="sync"`. Ours:
-`AgentnodeCheckpointer` over the memory API on loopback (RocksDB, each put fsynced); peer:
+`AgentnodeCheckpointer` over the memory API on loopback (RocksDB's log, no fsync); peer:
 `InMemorySaver`. Goal (issue 26): ours <= 1.1x the peer per agent step. The proxy's own cost is
 bench/proxy.py's.
 
 The reference runtime's step (as root: a real `agentnode run` on a scratch data dir): the
 runtime as a task, each step a model call through the node's proxy to the mock, `list_files`
-through the node's tool API and two checkpoints (the answer, the result), against the same loop
-with the `openai` SDK calling the mock directly and `os.listdir` in the benchmark's process.
-Goal: <= 3 ms added per step.
+through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API)
+and the step's checkpoints, against the same loop with the `openai` SDK calling the mock directly
+and `os.listdir` in the benchmark's process. Goal: <= 3 ms added per step.
+
+Agents per second (as root): N reference-runtime tasks submitted at once, each a one-step run
+(`python -m agentnode.runtime TEXT --model m`: the model answers at once), from the first
+submit to the last one's end; against the same number of one-call agents without the node
+(`python -c` importing the `openai` SDK and asking the mock once), as many at a time as the node
+runs (`agents_per_s_api`: the runtime with tools over the HTTP API, which spares it the `mcp`
+SDK's import). Goal (issue 26): >= 50 agents/s on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +63,7 @@ from agentnode.storage.api import make_app
 from agentnode.storage.episodic import EpisodicStore
 from agentnode.storage.objects import ObjectStore
 from agentnode.storage.tenancy import StaticTokens
-from support.node_daemon import daemon
+from support.node_daemon import Daemon, daemon
 
 TOKEN = "bench-token"
 _THREADS = itertools.count()
@@ -81,9 +90,20 @@ REPO = Path(__file__).resolve().parents[1]
 _IN_TASK = (
     "import sys, time\n"
     "from agentnode.runtime import Agent, Limits\n"
-    "agent = Agent(model='m', tools=['list_files'], limits=Limits(max_steps=1000))\n"
+    "agent = Agent(model='m', tools=['list_files'], limits=Limits(max_steps=1000),\n"
+    "              tools_via=sys.argv[1])\n"
     "t0 = time.perf_counter(); agent.run('look'); print('ELAPSED', time.perf_counter() - t0)\n"
 )
+#: The peer of an agent task: the same one-call agent, without the node.
+_BARE_AGENT = (
+    "import sys\n"
+    "from openai import OpenAI\n"
+    "m = OpenAI(base_url=sys.argv[1], api_key='k', max_retries=0).chat.completions.create(\n"
+    "    model='m', messages=[{'role': 'user', 'content': 'say done'}])\n"
+    "print(m.choices[0].message.content)\n"
+)
+#: Agent tasks at once, and what each asks for (so that many fit on 2 cores at once).
+_AT_ONCE, _CPUS, _MEMORY = 4, 0.5, "256M"
 
 
 def _script(steps: int) -> deque[Turn]:
@@ -113,8 +133,55 @@ def _direct(mock: MockUpstream, steps: int, workspace: Path) -> float:
             messages.append({"role": "tool", "tool_call_id": c.id, "content": json.dumps(entries)})
 
 
-def runtime_step(bench: Bench, mock: MockUpstream) -> None:
-    """The reference runtime's per-step time as a node task against the direct loop's."""
+def _runtime_steps(d: Daemon, mock: MockUpstream, steps: int, door: str) -> float:
+    """Seconds per step of the runtime as a task of `d`, reaching tools through `door`."""
+    mock.script = _script(steps)
+    task = d.submit(
+        [sys.executable, "-c", _IN_TASK, door], memory="512M", cpus=1, user="0",
+        ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")}, agent={"kind": "python"},
+    )  # fmt: skip
+    done = d.wait(task["id"], timeout=120)
+    out = d.log(task["id"])
+    if done["state"] != "succeeded":
+        raise RuntimeError(f"runtime task {done['state']} ({done['reason']}): {out[-2000:]}")
+    return float(out.split("ELAPSED")[-1]) / steps
+
+
+def _agents_per_s(d: Daemon, mock: MockUpstream, n: int, door: str) -> float:
+    """Reference-runtime tasks (tools through `door`) started and ended per second, n
+    submitted at once."""
+    mock.script = deque(Turn(text="done") for _ in range(n))
+    t0 = time.perf_counter()
+    ids = [d.submit(
+        [sys.executable, "-m", "agentnode.runtime", "say done", "--model", "m", "--tools-via",
+         door], memory=_MEMORY, cpus=_CPUS, user="0", ro=[str(REPO)],
+        env={"PYTHONPATH": str(REPO / "python")}, agent={"kind": "python"},
+    )["id"] for _ in range(n)]  # fmt: skip
+    for task_id in ids:
+        done = d.wait(task_id, timeout=600)
+        if done["state"] != "succeeded":
+            raise RuntimeError(f"agent task {done['state']}: {d.log(task_id)[-2000:]}")
+    return n / (time.perf_counter() - t0)
+
+
+def _bare_agents_per_s(mock: MockUpstream, n: int) -> float:
+    """One-call agents without the node ended per second, _AT_ONCE at a time."""
+    mock.script = deque(Turn(text="done") for _ in range(n))
+    t0 = time.perf_counter()
+    running: list[subprocess.Popen[bytes]] = []
+    for _ in range(n):
+        if len(running) == _AT_ONCE:
+            running.pop(0).wait()
+        running.append(subprocess.Popen([sys.executable, "-c", _BARE_AGENT, mock.base_url],
+                                        stdout=subprocess.DEVNULL))  # fmt: skip
+    if any(p.wait() for p in running):
+        raise RuntimeError("a bare agent failed")
+    return n / (time.perf_counter() - t0)
+
+
+def on_a_node(bench: Bench, mock: MockUpstream) -> None:
+    """The reference runtime's per-step time as a node task against the direct loop's, with
+    tools over MCP and over the HTTP API; then agents started and finished per second."""
     steps = 20 if bench.quick else 50
     DEFAULT_DATA_DIR.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="agentnode-bench-agents-", dir=DEFAULT_DATA_DIR.parent))
@@ -125,35 +192,36 @@ def runtime_step(bench: Bench, mock: MockUpstream) -> None:
         f'[inference.deployments.mock]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
         'models = ["m"]\nprice = { input = 2.5, output = 10 }\n'
     )
-    ours, peer = [], []
+    times: dict[str, list[float]] = {"mcp": [], "api": [], "direct": []}
+    rates: dict[str, list[float]] = {"mcp": [], "api": [], "bare": []}
     try:
         with daemon(root / "node", config) as d:
             for r in range(4 if bench.quick else 8):
-                mock.script = _script(steps)
-                task = d.submit(
-                    [sys.executable, "-c", _IN_TASK], memory="512M", cpus=1, user="0",
-                    ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")},
-                    agent={"kind": "python"},
-                )  # fmt: skip
-                done = d.wait(task["id"], timeout=120)
-                out = d.log(task["id"])
-                if done["state"] != "succeeded":
-                    why = f"{done['state']} ({done['reason']})"
-                    raise RuntimeError(f"runtime task {why}: {out[-2000:]}")
-                elapsed = float(out.split("ELAPSED")[-1])
-                direct = _direct(mock, steps, root)
-                if r:  # the first pair warms both
-                    ours.append(elapsed / steps)
-                    peer.append(direct)
+                rounds: list[tuple[str, Callable[[], float]]] = [
+                    ("mcp", lambda: _runtime_steps(d, mock, steps, "mcp")),
+                    ("api", lambda: _runtime_steps(d, mock, steps, "api")),
+                    ("direct", lambda: _direct(mock, steps, root)),
+                ]
+                for name, measure in rounds if r % 2 else reversed(rounds):
+                    elapsed = measure()
+                    if r:  # the first round warms all three
+                        times[name].append(elapsed)
+            n = 8 if bench.quick else 24
+            for _ in range(2 if bench.quick else 3):
+                rates["mcp"].append(_agents_per_s(d, mock, n, "mcp"))
+                rates["api"].append(_agents_per_s(d, mock, n, "api"))
+                rates["bare"].append(_bare_agents_per_s(mock, n))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    bench.record(
-        "runtime_step",
-        statistics.median(ours) * 1000,
-        statistics.median(peer) * 1000,
-        "ms/step",
-        peer_name="openai SDK to the mock + the tool in-process",
-    )
+    direct = statistics.median(times["direct"]) * 1000
+    for name, door in (("runtime_step", "mcp"), ("runtime_step_api", "api")):
+        bench.record(name, statistics.median(times[door]) * 1000, direct, "ms/step",
+                     peer_name="openai SDK to the mock + the tool in-process")  # fmt: skip
+    bare = statistics.median(rates["bare"])
+    for name, door in (("agents_per_s", "mcp"), ("agents_per_s_api", "api")):
+        bench.record(name, statistics.median(rates[door]), bare, "agents/s",
+                     peer_name=f"python -c: openai SDK, one call to the mock, {_AT_ONCE} at a time",
+                     higher_is_better=True)  # fmt: skip
 
 
 def main() -> None:
@@ -197,7 +265,7 @@ def main() -> None:
                 for times, saver in pair if r % 2 == 0 else reversed(pair):
                     times.append(run(saver))
         if os.geteuid() == 0:
-            runtime_step(bench, mock)
+            on_a_node(bench, mock)
         bench.record(
             "langgraph_step",
             statistics.median(ours) * 1000,

@@ -85,3 +85,33 @@ def test_a_graph_resumes_after_its_last_completed_step(memory_server) -> None:  
         )
     with Memory(url, tokens["b"]) as other:
         assert AgentnodeCheckpointer(other, task="run-1").get_tuple(config) is None
+
+
+def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Per super-step the saver writes (put_writes, put) and reads nothing: what it wrote or
+    found absent it remembers. The one read is the thread's newest-checkpoint pointer."""
+    url, tokens = memory_server
+    builder = StateGraph(State)
+    for name in ("a", "b", "c"):
+        builder.add_node(name, lambda state, name=name: {"steps": [name]})
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", "c")
+    builder.add_edge("c", END)
+    requests: list[str] = []
+    real = Memory._call
+
+    def counted(self: Memory, method: str, path: str, body: object = None) -> object:
+        requests.append(method)
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(Memory, "_call", counted)
+    with Memory(url, tokens["a"]) as mem:
+        saver = AgentnodeCheckpointer(mem, task="reads")
+        graph = builder.compile(checkpointer=saver)
+        config: RunnableConfig = {"configurable": {"thread_id": "t-reads"}}
+        assert graph.invoke({"steps": []}, config, durability="sync") == {
+            "steps": ["a", "b", "c"]}  # fmt: skip
+        assert requests.count("GET") == 1 and requests.count("POST") >= 4, requests
+        fresh = AgentnodeCheckpointer(mem, task="reads").get_tuple(config)
+        assert fresh is not None and fresh.checkpoint["channel_values"]["steps"] == ["a", "b", "c"]

@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
+from agentnode.runtime import formats
+from agentnode.runtime.formats import Call
 from agentnode.runtime.state import State
 from conftest import processes_with, run_cli
-from support.agent_env import CALL_COST, REPO, agent_node, ledger
+from support.agent_env import ANTHROPIC_CALL_COST, CALL_COST, REPO, agent_node, ledger
 from support.egress_world import World
 
 #: run_code with a side effect, run_code that is slow the first time (the test kills the task
@@ -51,11 +53,11 @@ def world() -> Iterator[World]:
         yield w
 
 
-def _agent(d: Any, *args: str) -> subprocess.Popen[str]:
+def _agent(d: Any, *args: str, model: str = "gpt-test") -> subprocess.Popen[str]:
     """`agentnode agent ARGS` against daemon `d`, as a user would run it."""
     return subprocess.Popen(
         [sys.executable, "-m", "agentnode", "agent", "--socket", str(d.socket), "--tenant",
-         "acme", "--model", "gpt-test", "--user", "0", "--ro", str(REPO),
+         "acme", "--model", model, "--user", "0", "--ro", str(REPO),
          "--env", f"PYTHONPATH={REPO / 'python'}", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -94,12 +96,14 @@ def test_runtime_runs_tools_is_metered_and_resumes_after_sigkill(
         done = d.task(task_id)
         assert done["state"] == "succeeded" and done["attempt"] == 2 and done["agent"] == "python"
         second = d.log(task_id, 2)
+        assert "runtime: tools via mcp: run_code, write_file" in second, second
         assert "resumed after step 2" in second, second
         assert "step 1:" not in second, "a recorded step is not run again"
         # The model saw each conversation once, one step longer each time.
         assert [(r["messages"], r["last_role"]) for r in mock.requests] == [
             (1, "user"), (3, "tool"), (5, "tool"), (7, "tool")]  # fmt: skip
-        assert all(r["tools"] == 2 and r["model"] == "gpt-test" for r in mock.requests)
+        assert all(r["tools"] == 2 and r["model"] == "gpt-test" and not r["stream"]
+                   for r in mock.requests)  # fmt: skip
         assert mock.requests[1]["tool_results"] == ["side effect done\n"]
         workspace = d.data / "workspaces" / task_id
         assert (workspace / "side.txt").read_text() == "once\n"
@@ -110,17 +114,53 @@ def test_runtime_runs_tools_is_metered_and_resumes_after_sigkill(
 
 
 @pytest.mark.root
-def test_runtime_stops_on_max_steps_and_budget(world: World, tmp_path: Path) -> None:
+def test_runtime_resumes_after_kill_9_of_the_node(world: World, tmp_path: Path) -> None:
+    """The daemon SIGKILLed while step 2's tool runs, then restarted: the task is lost and
+    retried, and its retry continues after step 2 (its answer recorded): no model call is
+    made twice and step 1's recorded tool call does not run again."""
+    with agent_node(world, tmp_path, SCRIPT, extra=TENANT) as (d, mock):
+        task = d.submit(
+            [sys.executable, "-m", "agentnode.runtime", "--tools", "run_code,write_file", "--",
+             "compute the answer and write it down"],
+            tenant="acme", agent={"kind": "python", "model": "gpt-test"}, retries=1,
+            memory="512M", user="0", ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")},
+        )  # fmt: skip
+        first_log = d.data / "logs" / f"{task['id']}.1.log"
+        deadline = time.monotonic() + 60
+        while len(mock.requests) < 2 or "step 2: calls run_code" not in (
+            first_log.read_text() if first_log.exists() else ""
+        ):
+            assert time.monotonic() < deadline, d.task(task["id"])
+            time.sleep(0.02)
+        time.sleep(0.3)  # into the slow tool call
+        d.stop(signal.SIGKILL)
+        d.start()
+        done = d.wait(task["id"], timeout=120)
+        assert done["state"] == "succeeded" and done["attempt"] == 2, (done, d.log(task["id"], 2))
+        second = d.log(task["id"], 2)
+        assert "resumed after step 2" in second and "step 1:" not in second, second
+        assert second.strip().splitlines()[-1] == "The answer is 42, written to answer.txt."
+        assert [(r["messages"], r["last_role"]) for r in mock.requests] == [
+            (1, "user"), (3, "tool"), (5, "tool"), (7, "tool")]  # fmt: skip
+        assert (d.data / "workspaces" / task["id"] / "side.txt").read_text() == "once\n"
+
+
+@pytest.mark.root
+def test_runtime_stops_on_max_steps_budget_and_wall_time(world: World, tmp_path: Path) -> None:
     """A limit ends the task with exit 3 and a line naming it, before another model call."""
     call = {"tool_calls": [{"name": "list_files", "arguments": {}}]}
-    with agent_node(world, tmp_path, [call, call]) as (d, mock):
-        steps = _agent(d, "--retries", "0", "--max-steps", "1", "look around")
+    slow = {"tool_calls": [{"name": "run_code", "arguments": {
+        "code": "import time; time.sleep(1.5)"}}]}  # fmt: skip
+    with agent_node(world, tmp_path, [call, call, slow]) as (d, mock):
+        steps = _agent(d, "--retries", "0", "--max-steps", "1", "--stream", "--tools-via", "api",
+                       "look around")  # fmt: skip
         out, err = steps.communicate(timeout=120)
         # The task's output (stdout and stderr) is followed on stdout; the task's end on stderr.
         assert steps.returncode == 3 and "exited with code 3" in err, (out, err)
         assert out.splitlines()[-1] == (
             "agentnode.runtime: stopped: max steps (1) reached before a final answer"
         )
+        assert "runtime: tools via api:" in out, out
         budget = _agent(d, "--retries", "0", "--budget", "0.004", "look around")
         out, err = budget.communicate(timeout=120)
         assert budget.returncode == 3, (out, err)
@@ -129,23 +169,90 @@ def test_runtime_stops_on_max_steps_and_budget(world: World, tmp_path: Path) -> 
             "final answer"
         )
         assert len(mock.requests) == 2, "neither made a call past its limit"
+        assert [r["stream"] for r in mock.requests] == [True, False]
+        wall = _agent(d, "--retries", "0", "--max-time", "1s", "look around")
+        out, err = wall.communicate(timeout=120)
+        assert wall.returncode == 3, (out, err)
+        assert out.splitlines()[-1].startswith(
+            "agentnode.runtime: stopped: wall time of 1 s used ("
+        ) and out.splitlines()[-1].endswith(" s) before a final answer"), out
+        assert len(mock.requests) == 3, "no call after the wall time was used"
         bad = _agent(d, "--budget", "lots", "x")
         out, err = bad.communicate(timeout=120)
         assert bad.returncode == 2 and "'lots' is not an amount of US dollars" in out, out
 
 
+#: Two calls in one answer (their results share one user message), then the answer.
+ANTHROPIC_SCRIPT = [
+    {"text": "Two things first.", "tool_calls": [
+        {"name": "run_code", "arguments": {"code": "print(6 * 7)"}},
+        {"name": "write_file", "arguments": {"path": "a.txt", "content": "42\n"}}]},
+    "Done: 42, in a.txt.",
+]  # fmt: skip
+
+
+@pytest.mark.root
+def test_runtime_speaks_anthropic_streamed_through_the_proxy(world: World, tmp_path: Path) -> None:
+    """`--api anthropic --stream`: the Messages API with `tool_use` and `tool_result` blocks,
+    streamed through the node's proxy to a mock in Anthropic's wire format; tools over MCP;
+    each call metered at Anthropic's usage under the task."""
+    with agent_node(world, tmp_path, ANTHROPIC_SCRIPT, extra=TENANT, kind="anthropic") as (
+        d, mock):  # fmt: skip
+        proc = _agent(d, "--api", "anthropic", "--stream", "--tools", "run_code,write_file",
+                      "what is six times seven? write it down", model="claude-test")  # fmt: skip
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (out, err)
+        lines = out.strip().splitlines()
+        assert lines[-1] == "Done: 42, in a.txt."
+        assert "runtime: step 1: calls run_code, write_file" in lines
+        assert "runtime: step 1: run_code -> ok" in lines
+        assert "runtime: step 1: write_file -> ok" in lines
+        assert [(r["path"], r["messages"], r["last_role"], r["stream"]) for r in mock.requests] == [
+            ("/v1/messages", 1, "user", True), ("/v1/messages", 3, "user", True)]  # fmt: skip
+        assert mock.requests[1]["tool_results"] == ["42\n", "wrote 3 bytes to a.txt"]
+        task_id = _task_id(d)
+        assert (d.data / "workspaces" / task_id / "a.txt").read_text() == "42\n"
+        (row,) = [r for r in ledger(world, d, KEY) if r["task"] == task_id]
+        assert (row["tenant"], row["requests"]) == ("acme", 2)
+        assert Decimal(row["cost"]) == 2 * ANTHROPIC_CALL_COST
+
+
 def test_checkpoint_state_knows_pending_calls_and_refuses_foreign_blobs() -> None:
+    fmt = formats._OpenAI.__new__(formats._OpenAI)  # the format's reading, without a client
     call = {"id": "c1", "type": "function", "function": {"name": "t", "arguments": "{}"}}
-    s = State(messages=[{"role": "user", "content": "hi"},
-                        {"role": "assistant", "content": None, "tool_calls": [call]}], steps=1)  # fmt: skip
-    assert s.pending() == [call] and s.answer() is None
-    s.messages.append({"role": "tool", "tool_call_id": "c1", "content": "ok"})
-    assert State.load(s.dump()).pending() == [] and State.load(s.dump()).steps == 1
+    bad = {"id": "c2", "type": "function", "function": {"name": "t", "arguments": "[1]"}}
+    s = State(api="openai", messages=[{"role": "user", "content": "hi"},
+              {"role": "assistant", "content": None, "tool_calls": [call, bad]}], steps=1)  # fmt: skip
+    assert s.pending(fmt) == [Call("c1", "t", {}), Call("c2", "t", None, "not an object")]
+    assert s.answer(fmt) is None
+    fmt.add_result(s.messages, "c1", "ok", error=False)
+    fmt.add_result(s.messages, "c2", "bad arguments", error=True)
+    assert State.load(s.dump()).pending(fmt) == [] and State.load(s.dump()).steps == 1
+    assert s.messages[-1]["content"] == "error: bad arguments"
     s.messages.append({"role": "assistant", "content": "done"})
-    assert s.answer() == "done"
-    for blob in (b"", b"{}", json.dumps({"v": 9}).encode(), b"[1]"):
+    assert s.answer(fmt) == "done"
+    for blob in (b"", b"{}", json.dumps({"v": 9}).encode(), b"[1]", json.dumps({"v": 1}).encode()):
         with pytest.raises(Exception, match="not a runtime checkpoint"):
             State.load(blob)
+
+
+def test_anthropic_results_share_one_user_message() -> None:
+    """Anthropic wants every result of an answer in the one user message after it."""
+    fmt = formats._Anthropic.__new__(formats._Anthropic)
+    answer = {"role": "assistant", "content": [
+        {"type": "text", "text": "two calls"},
+        {"type": "tool_use", "id": "a", "name": "t", "input": {"x": 1}},
+        {"type": "tool_use", "id": "b", "name": "t", "input": "x"}]}  # fmt: skip
+    s = State(api="anthropic", messages=[{"role": "user", "content": "hi"}, answer], steps=1)
+    assert s.pending(fmt) == [Call("a", "t", {"x": 1}), Call("b", "t", None, "not an object")]
+    fmt.add_result(s.messages, "a", "1", error=False)
+    assert [c.id for c in s.pending(fmt)] == ["b"]
+    fmt.add_result(s.messages, "b", "no", error=True)
+    assert s.pending(fmt) == [] and len(s.messages) == 3
+    assert s.messages[2]["content"][1] == {
+        "type": "tool_result", "tool_use_id": "b", "content": "no", "is_error": True}  # fmt: skip
+    s.messages.append({"role": "assistant", "content": [{"type": "text", "text": "done"}]})
+    assert s.answer(fmt) == "done"
 
 
 @pytest.mark.root

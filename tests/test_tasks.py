@@ -280,6 +280,28 @@ def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_checkpoints_are_fsynced_only_on_a_sync_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint is as durable as the task records: written and renamed (that survives
+    `kill -9`), fsynced (file, then directory) only when the store syncs its records too."""
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for sync, fsyncs in ((False, 0), (True, 2)):
+        store = TaskStore(tmp_path / str(sync), sync=sync)
+        synced.clear()
+        store.write_checkpoint("t1", b"step 1")
+        assert store.read_checkpoint("t1") == b"step 1" and len(synced) == fsyncs
+        assert not list(store.checkpoints.glob("*.tmp"))
+        store.close()
+
+
 def test_capacity_gates_next_tasks_and_cancel(tmp_path: Path) -> None:
     async def main() -> None:
         m = TaskManager(tmp_path, sync=False)

@@ -23,17 +23,22 @@ REPO = HERE.parents[1]
 # 1000 prompt (600 cached) + 300 completion (100 reasoning) per mock answer
 #   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
 CALL_COST = Decimal("0.00495")
+# Anthropic's: 100 input + 5000 cache reads + 2000 cache writes (unpriced) + 250 output
+#   = 100*2.5 + 5000*1.25 + 250*10 = 9000 micro-USD.
+ANTHROPIC_CALL_COST = Decimal("0.009")
 PRICE = "price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 12 }"
 
 
 class ScriptedMock:
     """`agent_mock.py` in the world's task netns; `requests` fills as it answers."""
 
-    def __init__(self, world: World, script: list[Any], *, embedding_size: int = 3) -> None:
+    def __init__(
+        self, world: World, script: list[Any], kind: str = "openai", *, embedding_size: int = 3
+    ) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{world.task}", sys.executable,
-             str(HERE / "agent_mock.py"), "openai", json.dumps(script), str(embedding_size)],
+             str(HERE / "agent_mock.py"), kind, json.dumps(script), str(embedding_size)],
             stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -62,18 +67,22 @@ def agent_node(
     script: list[Any],
     *,
     extra: str = "",
-    models: tuple[str, ...] = ("gpt-test",),
+    kind: str = "openai",
+    models: tuple[str, ...] | None = None,
     embedding_size: int = 3,
 ) -> Iterator[tuple[Daemon, ScriptedMock]]:
-    """A daemon in the world's task netns whose proxy serves `models` from the mock."""
-    mock = ScriptedMock(world, script, embedding_size=embedding_size)
+    """A daemon in the world's task netns whose proxy serves `models` from the mock (default
+    `gpt-test`, or `claude-test` when the mock speaks Anthropic's format: `kind="anthropic"`)."""
+    mock = ScriptedMock(world, script, kind, embedding_size=embedding_size)
+    if models is None:
+        models = ("gpt-test",) if kind == "openai" else ("claude-test",)
     port = random.randint(20000, 30000)
     try:
         config = (
             f'[network]\nsubnet = "{subnet()}"\ndns_upstream = "{HOST4}:53"\n'
             "[retry]\nbase = 0.1\n"
             f'[inference]\nlisten = "127.0.0.1:{port}"\n'
-            f'[inference.deployments.gpt]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
+            f'[inference.deployments.mock]\nkind = "{kind}"\nbase_url = "{mock.base_url}"\n'
             f"models = {json.dumps(list(models))}\n{PRICE}\n{extra}"
         )
         with daemon(root, config, ("nsenter", f"--net=/run/netns/{world.task}")) as d:

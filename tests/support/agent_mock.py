@@ -1,7 +1,7 @@
 """A scripted mock upstream for agent tests, run as a process (e.g. inside a test's netns):
 `python agent_mock.py KIND 'SCRIPT_JSON' [EMBEDDING_SIZE]` prints its base URL, then one JSON line per request
 it answered: the path, how many messages it carried, the last one's role, the tool results it
-was sent, and the turn given."""
+was sent (OpenAI's or Anthropic's), the turn given, and whether it asked for a stream."""
 
 from __future__ import annotations
 
@@ -9,8 +9,23 @@ import asyncio
 import json
 import sys
 from collections import deque
+from typing import Any
 
 from agentnode.inference.mock import MockUpstream, Turn
+
+
+def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
+    """The tool results a conversation carries: OpenAI's `tool` messages, Anthropic's
+    `tool_result` blocks."""
+    results = []
+    for m in messages:
+        if m.get("role") == "tool":
+            results.append(str(m.get("content")))
+        elif m.get("role") == "user" and isinstance(m.get("content"), list):
+            results += [
+                str(b.get("content")) for b in m["content"] if b.get("type") == "tool_result"
+            ]
+    return results
 
 
 async def main(kind: str, script: str, embedding_size: int) -> None:
@@ -34,11 +49,10 @@ async def main(kind: str, script: str, embedding_size: int) -> None:
                         "model": (r["json"] or {}).get("model"),
                         "messages": len(messages),
                         "last_role": messages[-1].get("role") if messages else None,
-                        "tool_results": [
-                            str(m.get("content")) for m in messages if m.get("role") == "tool"
-                        ],
+                        "tool_results": _tool_results(messages),
                         "turn": None if turn is None else turn.text or turn.tool_calls[0].name,
                         "tools": len((r["json"] or {}).get("tools") or []),
+                        "stream": bool((r["json"] or {}).get("stream")),
                     }
                 ),
                 flush=True,

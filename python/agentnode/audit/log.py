@@ -35,6 +35,7 @@ from typing import Any
 from rocksdict import Options, Rdict, WriteBatch
 
 from agentnode.audit.layout import GENESIS, LIVE, segments
+from agentnode.durable import fsync_dir
 from agentnode.errors import AuditError
 
 __all__ = ["AuditLog"]
@@ -276,7 +277,7 @@ class AuditLog:
         self._file = (self.directory / LIVE).open("a", encoding="utf-8")
         self._size = 0
         self._append_lines([(opening_seq, opening, None)])
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         # What the rotation took from the queue is durable too; its waiters may go on.
         self._done(opening_seq, None)
 
@@ -377,11 +378,3 @@ def _last_line(path: Path) -> str | None:
                 continue
             return data[cut + 1 : -1].decode()
     return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -213,9 +213,10 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._task = task or os.environ.get("AGENTNODE_TASK_ID") or "langgraph"
         self._lock = threading.Lock()  # Memory is one connection: one request at a time
         # What this saver last read or wrote of the newest-checkpoint pointers and of the
-        # pending writes, by record: saves a read per put and per put_writes. A thread is
-        # written by the one task (process) that runs it; delete_thread forgets its entries.
-        self._known: dict[tuple[str, str], dict[str, Any]] = {}
+        # pending writes, by record (None: known to be absent): saves a read per put and per
+        # put_writes. A thread is written by the one task (process) that runs it;
+        # delete_thread forgets its entries.
+        self._known: dict[tuple[str, str], dict[str, Any] | None] = {}
 
     # -- records --------------------------------------------------------------------------------
 
@@ -230,10 +231,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         """`_get` through `_known` (only the records this saver also writes)."""
         key = (namespace, record_id)
         if key not in self._known:
-            value = self._get(namespace, record_id)
-            if value is None:
-                return None
-            self._known[key] = value
+            self._known[key] = self._get(namespace, record_id)
         return self._known[key]
 
     def _scan(self, namespace: str) -> dict[str, dict[str, Any]]:
@@ -293,7 +291,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         with self._lock:
             cid = get_checkpoint_id(config)
             if not cid:
-                latest = self._get(space, f"l.{dns}")
+                latest = self._cached(space, f"l.{dns}")
                 if latest is None:
                     return None
                 cid = latest["id"]
@@ -402,6 +400,9 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             self._memory.append_many(space, self._task, records)
             if latest is None or latest["id"] <= cid:
                 self._known[(space, f"l.{dns}")] = {"id": cid}
+            # A checkpoint just made has no pending writes: its first put_writes reads nothing.
+            self._forget_writes()
+            self._known[(space, f"w.{dns}.{_digest(cid)}")] = None
         return {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": cid}}
 
     def put_writes(
@@ -427,9 +428,12 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 by_key[key] = [task_id, key[1], channel, *self.serde.dumps_typed(value), task_path]
             merged = {"writes": list(by_key.values())}
             self._memory.append(space, self._task, merged, id=rid)
-            # Only the newest checkpoint's writes are added to again: keep no older ones.
-            self._known = {k: v for k, v in self._known.items() if not k[1].startswith("w.")}
+            self._forget_writes()
             self._known[(space, rid)] = merged
+
+    def _forget_writes(self) -> None:
+        # Only the newest checkpoint's writes are added to again: keep no older ones.
+        self._known = {k: v for k, v in self._known.items() if not k[1].startswith("w.")}
 
     def delete_thread(self, thread_id: str) -> None:
         """Deletes every checkpoint, value and write of a thread."""

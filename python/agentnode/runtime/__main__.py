@@ -1,5 +1,6 @@
-"""`python -m agentnode.runtime "TASK TEXT" --model M [--tools a,b] [--max-steps N]
-[--max-time DURATION] [--budget USD]`, run inside a node task. The final answer is printed on
+"""`python -m agentnode.runtime "TASK TEXT" --model M [--api openai|anthropic] [--stream]
+[--tools a,b] [--tools-via mcp|api] [--max-steps N] [--max-time DURATION] [--budget USD]`, run
+inside a node task. The final answer is printed on
 stdout; progress goes to stderr. Exit 0 answered, 3 stopped by a limit, 1 failed, 2 bad usage."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from decimal import Decimal, InvalidOperation
 
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation.spec import SpecError, check_duration
+from agentnode.runtime.formats import FORMATS
+from agentnode.runtime.nodetools import DOORS
 
 __all__ = ["main"]
 
@@ -39,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("text", metavar="TASK_TEXT", help="what the agent is asked to do")
     p.add_argument("--model", default=os.environ.get("AGENTNODE_MODEL"),
                    help="model name at the node's proxy (default $AGENTNODE_MODEL)")  # fmt: skip
+    p.add_argument("--api", choices=FORMATS, default="openai",
+                   help="the model API spoken through the node's proxy (openai)")  # fmt: skip
+    p.add_argument("--stream", action="store_true", help="read the model's answers as streams")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="an answer's token cap, sent with --api anthropic (4096)")  # fmt: skip
     p.add_argument("--tools", help="comma-separated node tools to offer (default: all)")
+    p.add_argument("--tools-via", choices=DOORS, default="mcp",
+                   help="reach the node's tools through its MCP endpoint or HTTP API (mcp)")  # fmt: skip
     p.add_argument("--system", help="a system message")
     p.add_argument("--max-steps", type=int, default=20, metavar="N", help="model calls (20)")
     p.add_argument("--max-time", default="30m", metavar="DURATION", help="wall time (30m)")
@@ -50,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("no model: give --model M (or run with $AGENTNODE_MODEL set)")
         if args.max_steps < 1:
             raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+        if args.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
         try:
             seconds = check_duration("max-time", args.max_time)
         except SpecError as e:
             raise e.for_option("--max-time") from None
-        from openai import OpenAIError
-
         from agentnode.runtime.loop import Agent, Limits, Stopped
 
         tools = None if args.tools is None else [t for t in args.tools.split(",") if t]
@@ -63,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             tools=tools,
             system=args.system,
+            api=args.api,
+            stream=args.stream,
+            max_tokens=args.max_tokens,
+            tools_via=args.tools_via,
             limits=Limits(max_steps=args.max_steps, max_seconds=seconds, budget=args.budget),
         )
         answer = agent.run(args.text)
@@ -72,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         print(f"agentnode.runtime: stopped: {e}", file=sys.stderr)
         return STOPPED
-    except (AgentnodeError, OpenAIError) as e:
+    except AgentnodeError as e:
         message = " ".join(str(e).split())
         print(f"agentnode.runtime: {type(e).__name__}: {message}", file=sys.stderr)
         return 1

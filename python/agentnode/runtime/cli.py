@@ -29,7 +29,12 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument(
         "--model", help="model at the node's proxy (default: the runtime's $AGENTNODE_MODEL)"
     )
+    p.add_argument("--api", metavar="API", help="model API: openai (default) or anthropic")
+    p.add_argument("--stream", action="store_true", help="read the model's answers as streams")
     p.add_argument("--tools", metavar="A,B", help="node tools to offer the model (default: all)")
+    p.add_argument(
+        "--tools-via", metavar="DOOR", help="mcp (default) or api: how tools are reached"
+    )
     p.add_argument("--max-steps", metavar="N", help="model calls before it stops (default 20)")
     p.add_argument("--max-time", metavar="DURATION", help="wall time before it stops (30m)")
     p.add_argument("--budget", metavar="USD", help="stop once the task has spent this")
@@ -53,11 +58,12 @@ def this_python() -> tuple[list[str], dict[str, str]]:
 
 def _agent(args: argparse.Namespace) -> int:
     # Options the runtime checks itself are passed on as typed: one place says what is valid.
-    runtime = [("--tools", args.tools), ("--max-steps", args.max_steps),
-               ("--max-time", args.max_time), ("--budget", args.budget)]  # fmt: skip
+    runtime = [("--api", args.api), ("--tools", args.tools), ("--tools-via", args.tools_via),
+               ("--max-steps", args.max_steps), ("--max-time", args.max_time),
+               ("--budget", args.budget)]  # fmt: skip
     args.command = [sys.executable, "-m", "agentnode.runtime", "--", args.text]
     args.command[3:3] = [word for option, value in runtime if value is not None
-                         for word in (option, value)]  # fmt: skip
+                         for word in (option, value)] + ["--stream"] * args.stream  # fmt: skip
     binds, env = this_python()
     args.ro = [*args.ro, *binds]
     args.env = [*args.env, *(f"{k}={v}" for k, v in env.items())]

@@ -1,5 +1,9 @@
 """The think/act loop: ask the model, run the tools it calls, checkpoint, repeat until it
-answers without calling a tool or a limit stops it."""
+answers without calling a tool or a limit stops it.
+
+Every model answer is saved before any tool it calls runs, and every tool result is saved too:
+that one while the next model call runs (the save after it waits for it), so a step waits for
+one checkpoint write, not two."""
 
 from __future__ import annotations
 
@@ -9,17 +13,17 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from agentnode.errors import TaskError
+from agentnode.runtime import formats
+from agentnode.runtime.formats import Call
+from agentnode.runtime.nodetools import open_tools
 from agentnode.runtime.state import State
 from agentnode.sdk.task import ThisTask
-from agentnode.sdk.tools import Tools
-
-if TYPE_CHECKING:
-    from openai import OpenAI
 
 __all__ = ["Agent", "Limits", "Stopped"]
 
@@ -49,59 +53,92 @@ class Agent:
         tools: Sequence[str] | None = None,
         limits: Limits | None = None,
         system: str | None = None,
-        llm: OpenAI | None = None,
+        api: str = "openai",
+        stream: bool = False,
+        max_tokens: int = 4096,
+        tools_via: str = "mcp",
         log: TextIO | None = None,
     ) -> None:
-        self.model = model
+        """`api`: the model API spoken through the proxy (`formats.FORMATS`); `stream`: read
+        answers as streams; `max_tokens`: an answer's cap (Anthropic requires one);
+        `tools_via`: the door to the node's tools (`nodetools.DOORS`)."""
         self.limits = limits or Limits()
-        self.system = system
         self.task = ThisTask()
-        self.tools = Tools()
-        listed = {t["name"]: t for t in self.tools.list()}
-        unknown = sorted(set(tools or ()) - set(listed))
-        if unknown:
-            raise TaskError(
-                f"no node tool {', '.join(unknown)} (this task may use: {', '.join(listed)})"
-            )
+        self.format = formats.make(api, model=model, system=system, stream=stream,
+                                   max_tokens=max_tokens)  # fmt: skip
+        self.tools = open_tools(tools_via)
+        try:
+            listed = {t["name"]: t for t in self.tools.list()}
+            unknown = sorted(set(tools or ()) - set(listed))
+            if unknown:
+                raise TaskError(
+                    f"no node tool {', '.join(unknown)} (this task may use: {', '.join(listed)})"
+                )
+        except BaseException:
+            self.tools.close()
+            raise
         chosen = listed if tools is None else {n: listed[n] for n in tools}
-        self.schemas: list[dict[str, Any]] = [
-            {"type": "function", "function": {"name": name, "description": t.get(
-                "description", ""), "parameters": t.get("inputSchema") or {"type": "object"}}}
-            for name, t in chosen.items()
-        ]  # fmt: skip
-        if llm is None:
-            from openai import OpenAI
-
-            # The proxy retries upstreams itself; a failure here ends the attempt and the
-            # node's retry resumes from the checkpoint, so the model is never asked twice.
-            llm = OpenAI(max_retries=0)
-        self.llm = llm
+        self.offered = set(chosen)
+        self.schemas = [self.format.tool(name, t.get("description", ""),
+                                         t.get("inputSchema") or {"type": "object"})
+                        for name, t in chosen.items()]  # fmt: skip
         self._log = log or sys.stderr
+        self.say(f"tools via {tools_via}: {', '.join(chosen)}")
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._saving: Future[None] | None = None
 
     def say(self, text: str) -> None:
         print(f"runtime: {text}", file=self._log, flush=True)
 
     def run(self, text: str) -> str:
         """The model's final answer to `text` (continuing this task's checkpoint if it has
-        one); `Stopped` when a limit ends the run first."""
+        one); `Stopped` when a limit ends the run first. Closes the agent."""
+        try:
+            return self._run(text)
+        finally:
+            try:
+                self._settle()
+            finally:
+                self._saver.shutdown()
+                self.tools.close()
+
+    def _run(self, text: str) -> str:
         blob = self.task.checkpoint()
         if blob is None:
-            messages = [{"role": "system", "content": self.system}] if self.system else []
-            state = State(messages=[*messages, {"role": "user", "content": text}])
+            state = State(api=self.format.name, messages=[{"role": "user", "content": text}])
         else:
             state = State.load(blob)
+            if state.api != self.format.name:
+                raise TaskError(f"this task's checkpoint is a conversation in the {state.api} "
+                                f"format; run the runtime with --api {state.api}")  # fmt: skip
             self.say(f"resumed after step {state.steps} ({len(state.messages)} messages)")
         while True:
-            for call in state.pending():
-                state.messages.append(self._act(state.steps, call))
-                self.task.save_checkpoint(state.dump())
-            answer = state.answer()
+            for call in state.pending(self.format):
+                content, error = self._act(state.steps, call)
+                self.format.add_result(state.messages, call.id, content, error=error)
+                # Recorded while the model reads it: the next save waits for this one.
+                self._save(state, wait=False)
+            answer = state.answer(self.format)
             if answer is not None:
                 return answer
             self._check(state)
             state.messages.append(self._think(state))
             state.steps += 1
-            self.task.save_checkpoint(state.dump())
+            # Recorded before any tool it calls runs: a retry never asks the model again.
+            self._save(state, wait=True)
+
+    def _save(self, state: State, *, wait: bool) -> None:
+        """Saves `state` as the checkpoint, after the save before it (whose failure ends the
+        run here); `wait=False` returns while the node writes it."""
+        self._settle()
+        self._saving = self._saver.submit(self.task.save_checkpoint, state.dump())
+        if wait:
+            self._settle()
+
+    def _settle(self) -> None:
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            saving.result()
 
     def _check(self, state: State) -> None:
         lim = self.limits
@@ -132,44 +169,29 @@ class Agent:
         return sum((Decimal(r["cost"]) for r in rows if r["task"] == self.task.id), Decimal(0))
 
     def _think(self, state: State) -> dict[str, Any]:
-        messages: Any = state.messages  # plain dicts: the SDK's TypedDicts, unchecked
-        extra: Any = {"tools": self.schemas} if self.schemas else {}
-        resp = self.llm.chat.completions.create(model=self.model, messages=messages, **extra)
-        m = resp.choices[0].message
-        message: dict[str, Any] = {"role": "assistant", "content": m.content}
-        if m.tool_calls:
-            message["tool_calls"] = [c.model_dump(include={"id", "type", "function"})
-                                     for c in m.tool_calls]  # fmt: skip
-            names = ", ".join(c["function"]["name"] for c in message["tool_calls"])
-            self.say(f"step {state.steps + 1}: calls {names}")
+        message = self.format.ask(state.messages, self.schemas)
+        calls = self.format.calls(message)
+        if calls:
+            self.say(f"step {state.steps + 1}: calls {', '.join(c.name for c in calls)}")
         else:
             self.say(f"step {state.steps + 1}: answered")
         return message
 
-    def _act(self, step: int, call: dict[str, Any]) -> dict[str, Any]:
-        fn = call["function"]
-        name = fn["name"]
-        try:
-            args = json.loads(fn.get("arguments") or "{}")
-            if not isinstance(args, dict):
-                raise ValueError("not an object")
-        except ValueError as e:
-            content = f"error: the arguments of {name} are not a JSON object ({e})"
-        else:
-            if name not in {s["function"]["name"] for s in self.schemas}:
-                content = f"error: no tool {name} here"
-            else:
-                # Task, step and call id: a repeat after a kill returns the first run's result.
-                key = f"{self.task.id}:{step}:{call['id']}"
-                result = self.tools.call(name, args, idempotency_key=key)
-                content = _text(result)
-                cls = result.get("_meta", {}).get("agentnode", {}).get("class", "ok")
-                self.say(f"step {step}: {name} -> {cls}")
-        return {"role": "tool", "tool_call_id": call["id"], "content": content}
+    def _act(self, step: int, call: Call) -> tuple[str, bool]:
+        """The text of `call`'s result for the model, and whether it is an error."""
+        if call.arguments is None:
+            return f"the arguments of {call.name} are not a JSON object ({call.error})", True
+        if call.name not in self.offered:
+            return f"no tool {call.name} here", True
+        # Task, step and call id: a repeat after a kill returns the first run's result.
+        key = f"{self.task.id}:{step}:{call.id}"
+        result = self.tools.call(call.name, call.arguments, key=key)
+        cls = result.get("_meta", {}).get("agentnode", {}).get("class", "ok")
+        self.say(f"step {step}: {call.name} -> {cls}")
+        return _text(result), bool(result.get("isError"))
 
 
 def _text(result: dict[str, Any]) -> str:
     """What the model reads of a tool's normalised result."""
     texts = [c.get("text", "") for c in result.get("content") or () if c.get("type") == "text"]
-    text = "\n".join(texts) if texts else json.dumps(result.get("structuredContent"))
-    return f"error: {text}" if result.get("isError") else text
+    return "\n".join(texts) if texts else json.dumps(result.get("structuredContent"))

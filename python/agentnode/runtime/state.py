@@ -1,5 +1,6 @@
-"""What the runtime checkpoints: the conversation (every tool result recorded in it as a
-`tool` message), how many model answers it holds, and when the first attempt started."""
+"""What the runtime checkpoints: the model API it speaks, the conversation in that API's
+format (every tool result recorded in it), how many model answers it holds, and when the first
+attempt started."""
 
 from __future__ import annotations
 
@@ -9,41 +10,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentnode.errors import TaskError
+from agentnode.runtime.formats import Call, Format
 
 __all__ = ["State"]
 
 #: Bumped when the checkpoint's shape changes (an older one is refused, not misread).
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclass(kw_only=True)
 class State:
     """One run's progress; `steps` counts the model answers in `messages`."""
 
+    api: str
     messages: list[dict[str, Any]]
     steps: int = 0
     started: float = field(default_factory=time.time)
 
-    def pending(self) -> list[dict[str, Any]]:
+    def pending(self, fmt: Format) -> list[Call]:
         """The last answer's tool calls that have no recorded result yet."""
         for i in range(len(self.messages) - 1, -1, -1):
-            m = self.messages[i]
-            if m["role"] == "assistant":
-                done = {t["tool_call_id"] for t in self.messages[i + 1 :] if t["role"] == "tool"}
-                return [c for c in m.get("tool_calls") or () if c["id"] not in done]
+            if self.messages[i]["role"] == "assistant":
+                done = fmt.results(self.messages[i + 1 :])
+                return [c for c in fmt.calls(self.messages[i]) if c.id not in done]
         return []
 
-    def answer(self) -> str | None:
+    def answer(self, fmt: Format) -> str | None:
         """The final answer: the last message, when it is the model's and calls no tool."""
         last = self.messages[-1]
-        if last["role"] == "assistant" and not last.get("tool_calls"):
-            return str(last.get("content") or "")
+        if last["role"] == "assistant" and not fmt.calls(last):
+            return fmt.text(last)
         return None
 
     def dump(self) -> bytes:
         """The checkpoint blob."""
         return json.dumps(
-            {"v": _VERSION, "messages": self.messages, "steps": self.steps,
+            {"v": _VERSION, "api": self.api, "messages": self.messages, "steps": self.steps,
              "started": self.started},
             separators=(",", ":"),
         ).encode()  # fmt: skip
@@ -55,7 +57,7 @@ class State:
             obj = json.loads(blob)
             if obj["v"] != _VERSION:
                 raise ValueError(f"version {obj['v']!r}, this runtime reads {_VERSION}")
-            return cls(messages=list(obj["messages"]), steps=int(obj["steps"]),
-                       started=float(obj["started"]))  # fmt: skip
+            return cls(api=str(obj["api"]), messages=list(obj["messages"]),
+                       steps=int(obj["steps"]), started=float(obj["started"]))  # fmt: skip
         except (ValueError, KeyError, TypeError) as e:
             raise TaskError(f"the task's checkpoint is not a runtime checkpoint ({e})") from None

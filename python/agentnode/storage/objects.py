@@ -29,6 +29,7 @@ from pathlib import Path
 import msgpack
 from rocksdict import WriteBatch, WriteOptions
 
+from agentnode.durable import fsync_dir
 from agentnode.errors import NotFoundError, QuotaExceededError, StorageError
 from agentnode.storage.keys import check_name
 from agentnode.storage.rocks import open_raw, raw_get, raw_items
@@ -51,14 +52,6 @@ class ObjectInfo:
     def to_wire(self) -> dict[str, object]:
         """The reference as the HTTP API and SDK exchange it."""
         return {"name": self.name, "digest": self.digest, "size": self.size}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ObjectStore:
@@ -218,7 +211,7 @@ class ObjectStore:
                 tmp.unlink()  # same content already stored
             else:
                 os.rename(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             key = self._ref_key(tenant, name)
             usage = self.usage(tenant) + size
             counts = {digest: self._count(digest)}

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, cast
 import msgpack
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
+from agentnode.durable import fsync_dir
 from agentnode.errors import AgentnodeError, DiskFullError, TaskError
 from agentnode.isolation.spec import Sandbox
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
@@ -294,7 +295,10 @@ class TaskStore:
         Every batch reaches RocksDB's write-ahead log in the kernel before `put` returns, which
         survives a crash or `kill -9` of this process. `sync=True` also fsyncs each batch to
         survive power loss, which stalls the event loop for the fsync, once per batch.
+        Checkpoints follow the same rule (`write_checkpoint`).
         """
+        #: Whether records and checkpoints are fsynced (survive power loss, not only `kill -9`).
+        self.sync = sync
         self.root = root
         self.checkpoints = root / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -528,7 +532,13 @@ class TaskStore:
         return self.checkpoints / task_id
 
     def write_checkpoint(self, task_id: str, blob: bytes) -> Path:
-        """Stores a checkpoint atomically (temp file, fsync, rename) and returns its path."""
+        """Stores a checkpoint atomically (temp file, rename) and returns its path.
+
+        Like the task records it belongs to, it survives `kill -9` of the task and of the node
+        when this returns; with `sync=True` (and only then) it is fsynced, file and directory,
+        to survive power loss too. An agent checkpoints every step, and an fsync costs a step
+        4 ms or more on a shared disk: more than the node's whole budget around an agent step.
+        """
         if len(blob) > _MAX_CHECKPOINT:
             raise TaskError(
                 f"checkpoint of {len(blob)} bytes exceeds {_MAX_CHECKPOINT} (store less state)"
@@ -538,9 +548,12 @@ class TaskStore:
         try:
             with open(fd, "wb") as f:
                 f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
+                if self.sync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
+            if self.sync:
+                fsync_dir(self.checkpoints)
         except BaseException as e:
             os.unlink(tmp)
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:

@@ -1,0 +1,120 @@
+"""The node's tools as the loop reaches them: through the node's MCP endpoint
+($AGENTNODE_MCP_URL, the official `mcp` SDK client) or its HTTP tool API (`agentnode.sdk.Tools`).
+Both doors end in the same tool service (the same checks, audit and idempotency keys) and give
+the same normalised result; they differ in cost (docs/agents.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from agentnode.errors import TaskError
+from agentnode.sdk.tools import Tools
+
+if TYPE_CHECKING:
+    from mcp import Client
+
+__all__ = ["DOORS", "NodeTools", "open_tools"]
+
+#: How the runtime reaches the tools, as `--tools-via` takes it.
+DOORS = ("mcp", "api")
+
+_T = TypeVar("_T")
+
+
+class NodeTools(Protocol):
+    """What the loop needs of a door to the node's tools."""
+
+    def list(self) -> list[dict[str, Any]]:
+        """The tools this task may use (name, description, inputSchema)."""
+
+    def call(self, name: str, arguments: dict[str, Any], *, key: str) -> dict[str, Any]:
+        """Runs a tool once per idempotency `key`; its normalised result (MCP's shape)."""
+
+    def close(self) -> None:
+        """Lets go of the connection."""
+
+
+def open_tools(door: str) -> NodeTools:
+    """A connection to the node's tools through `door` (one of `DOORS`)."""
+    if door == "mcp":
+        return _Mcp()
+    if door == "api":
+        return _Api()
+    raise TaskError(f"no way to reach tools called {door!r} (use one of: {', '.join(DOORS)})")
+
+
+class _Api:
+    def __init__(self) -> None:
+        self._tools = Tools()
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._tools.list()
+
+    def call(self, name: str, arguments: dict[str, Any], *, key: str) -> dict[str, Any]:
+        return self._tools.call(name, arguments, idempotency_key=key)
+
+    def close(self) -> None:
+        pass
+
+
+class _Mcp:
+    """An MCP session kept open for the run, driven from the synchronous loop on a private
+    event loop. One task holds the session open from start to close (anyio wants its scopes
+    left by the task that entered them); each call is a task of its own on the same loop."""
+
+    def __init__(self) -> None:
+        from agentnode.tools.endpoint import IDEMPOTENCY_META
+
+        self._key_meta = IDEMPOTENCY_META
+        self._loop = asyncio.new_event_loop()
+        self._closing = asyncio.Event()
+        self._ready: asyncio.Future[Client] = self._loop.create_future()
+        self._session = self._loop.create_task(self._hold())
+        try:
+            self._client = self._run(self._connected(), "connect")
+        except BaseException:
+            self.close()
+            raise
+
+    async def _hold(self) -> None:
+        try:
+            async with Tools.mcp_client() as client:
+                self._ready.set_result(client)
+                await self._closing.wait()
+        except Exception as e:
+            if self._ready.done():
+                raise
+            self._ready.set_exception(e)
+
+    async def _connected(self) -> Client:
+        return await self._ready
+
+    def _run(self, step: Awaitable[_T], what: str) -> _T:
+        try:
+            return self._loop.run_until_complete(step)
+        except Exception as e:
+            # The SDK's errors (a refused socket, an HTTP error, a JSON-RPC error, a closed
+            # session) in one line: the attempt ends, and a retry resumes from the checkpoint.
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise TaskError(f"the node's MCP endpoint: {what}: {message}") from e
+
+    def list(self) -> list[dict[str, Any]]:
+        listed = self._run(self._client.list_tools(), "tools/list")
+        return [t.model_dump(by_alias=True, exclude_none=True) for t in listed.tools]
+
+    def call(self, name: str, arguments: dict[str, Any], *, key: str) -> dict[str, Any]:
+        meta: Any = {self._key_meta: key}  # a TypedDict open to extra keys; mypy sees it closed
+        result = self._run(
+            self._client.call_tool(name, arguments, meta=meta),
+            f"tools/call {name}",
+        )
+        return result.model_dump(by_alias=True, exclude_none=True)
+
+    def close(self) -> None:
+        self._closing.set()
+        try:
+            self._run(self._session, "close")
+        finally:
+            self._loop.close()
