@@ -16,13 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
-from agentnode.audit.log import AuditLog
+from agentnode.audit.log import MAX_SEQ, AuditLog
+from agentnode.http_input import flag
 from agentnode.tasks.model import TERMINAL, Task
 
 __all__ = ["add_routes", "entries"]
 
 _CHAIN = ("prev", "hash")
 _FOLLOW_POLL_S = 0.1
+_MAX_SEQ_DIGITS = len(str(MAX_SEQ))
 
 
 def entries(log: AuditLog, task: str, *, after: int = 0) -> list[dict[str, Any]]:
@@ -46,13 +48,24 @@ def add_routes(
         task = task_of(request)
         log = log_of(request)
         raw = request.query.get("after", "0")
-        if not raw.isdigit():
+        # ASCII digits only: int() takes '²' and other scripts' digits too.
+        if not (
+            raw.isascii() and raw.isdigit() and len(raw) <= _MAX_SEQ_DIGITS and int(raw) < MAX_SEQ
+        ):
             return web.json_response(
-                {"error": f"after: must be a record seq (a whole number), got {raw!r}"}, status=400
+                {
+                    "error": f"after: must be a record seq (a whole number), got {raw[:40]!r}",
+                    "field": "after",
+                },
+                status=400,
             )
         after = int(raw)
+        try:
+            follow = flag(request.query, "follow")
+        except ValueError as e:
+            return web.json_response({"error": f"follow: {e}", "field": "follow"}, status=400)
         await asyncio.to_thread(log.flush)
-        if request.query.get("follow") not in ("1", "true"):
+        if not follow:
             return web.json_response(await asyncio.to_thread(entries, log, task.id, after=after))
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)

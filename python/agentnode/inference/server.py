@@ -1130,7 +1130,9 @@ async def _models(request: web.Request) -> web.Response:
     # Anthropic pages with limit (default 20, at most 1000) and the after_id/before_id cursors.
     q = request.query
     limit_arg = q.get("limit", "20")
-    if not limit_arg.isdigit() or not 1 <= int(limit_arg) <= 1000:
+    if not (limit_arg.isascii() and limit_arg.isdigit() and len(limit_arg) <= 4) or not (
+        1 <= int(limit_arg) <= 1000
+    ):
         return error_response(
             "anthropic",
             400,

@@ -1,0 +1,66 @@
+"""What the node's HTTP handlers (control, task, tools APIs) read from a request, parsed one
+way: yes/no query flags and JSON bodies. Each problem is a ValueError whose message says what
+is wrong, for the handler to answer as a 400 (or 413) in its own format."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+__all__ = ["FLAG_VALUES", "SERVER_LOG", "BodyTooLarge", "flag", "json_body"]
+
+#: What a yes/no parameter (`all`, `follow`) may be; absent or empty is no.
+FLAG_VALUES = ("1", "true", "0", "false")
+
+
+class BodyTooLarge(ValueError):
+    """The body is over the application's `client_max_size`: a 413."""
+
+
+def flag(query: Mapping[str, str], name: str) -> bool:
+    """The yes/no parameter `name` of `query`; ValueError for any other value (a typo such as
+    `follow=yes` must not silently mean no)."""
+    value = query.get(name, "")
+    if value not in ("", *FLAG_VALUES):
+        raise ValueError(f"must be 1, true, 0 or false, got {value[:40]!r}")
+    return value in ("1", "true")
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON body; a body nested too deeply to parse is refused, not a 500.
+    (NaN and Infinity parse: the field's own check names the field.)"""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise BodyTooLarge(f"request body is too large ({(e.text or '').rstrip('.')})") from None
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise ValueError(f"is not valid JSON ({e})") from None
+
+
+class _MalformedRequests(logging.Filter):
+    """A request that is not valid HTTP (a NUL in a header, a bad request line) is the
+    client's mistake, answered 400 by aiohttp: one warning line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = (exc.message.strip().splitlines() or [""])[0].rstrip(":")
+            record.msg = "refused a malformed HTTP request from %s: %s"
+            record.args = (*(record.args or ()), reason)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+#: The logger to give the node's aiohttp servers (`AppRunner(logger=...)`).
+SERVER_LOG = logging.getLogger("agentnode.http")
+SERVER_LOG.addFilter(_MalformedRequests())
