@@ -17,11 +17,14 @@ from typing import Any
 import pytest
 
 from support.node_daemon import Daemon, daemon
+from support.proxy_env import ProxyEnv
 from test_node import call
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 CONFIG = Path(__file__).parent / "support" / "schemathesis.toml"
+#: The proxy's routes and request bodies in brief (the wire formats are OpenAI's and Anthropic's).
+PROXY_OPENAPI = Path(__file__).parent / "support" / "proxy_openapi.json"
 OPENAPI = Path(__file__).parents[1] / "python/agentnode/node/openapi.json"
 TOKEN = "fuzz-token"
 
@@ -54,6 +57,49 @@ def test_control_api_passes_schemathesis(node: tuple[Daemon, str], tmp_path: Pat
                      "--max-examples", "40", cwd=tmp_path, timeout=280)  # fmt: skip
     assert r.returncode == 0, r.stdout[-20000:] + r.stderr[-5000:]
     assert not [line for line in d.lines if "Traceback" in line], d.lines[-50:]
+
+
+@pytest.mark.timeout(240)
+def test_proxy_passes_schemathesis(tmp_path: Path) -> None:
+    """The proxy in front of the mock upstreams: no 5xx, and every answer JSON (or a stream)."""
+    env = ProxyEnv(tmp_path / "proxy")
+    try:
+        r = schemathesis(
+            str(PROXY_OPENAPI), "--url", env.url, "-H", "Authorization: Bearer sk-acme",
+            "--max-examples", "25", "--generation-allow-x00", "true",
+            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance",
+            cwd=tmp_path, timeout=220,
+        )  # fmt: skip
+    finally:
+        env.close()
+    assert r.returncode == 0, r.stdout[-20000:] + r.stderr[-5000:]
+
+
+def test_proxy_refuses_odd_paths_and_numbers_in_json(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    env = ProxyEnv(tmp_path / "proxy")
+    auth = {"Authorization": "Bearer sk-acme", "Content-Type": "application/json"}
+
+    def ask(method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(env.url + path, body, auth, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            assert e.headers["Content-Type"].startswith("application/json"), (path, e.code)
+            return e.code, json.loads(e.read())
+
+    try:
+        for path in ("/v1/models/a%0Ab", "/v1/%0A", "/%0A%0D"):
+            status, body = ask("GET", path)
+            assert status == 404 and body["error"]["code"] in ("model_not_found", "not_found")
+        chat = b'{"model": "gpt-x", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}"
+        status, body = ask("POST", "/v1/chat/completions", chat)
+        assert status == 400 and body["error"]["code"] == "invalid_json", body
+    finally:
+        env.close()
 
 
 def test_every_operation_declares_its_refusals() -> None:
@@ -120,6 +166,18 @@ def test_bodies_nested_too_deeply_are_400s(node: tuple[Daemon, str]) -> None:
                 assert status == 400 and body["field"] == "body", (path, body)
     status, body = call(d, "POST", "/v1/tools/run_code/call", {"arguments": [1]})
     assert status == 400 and body["field"] == "arguments", body
+    # What json.loads lets through but nothing further in can hold: a lone surrogate (in a
+    # command word, an env value, a key, a tool's code) and a number of 5,000 digits.
+    for method, path, text in (
+        ("POST", "/v1/tasks", '{"command": ["/bin/true\\udc80"]}'),
+        ("POST", "/v1/tasks", '{"command": ["true"], "env": {"A": "\\ud800"}}'),
+        ("POST", "/v1/tasks", '{"command": ["true"], "env": {"\\udfff": "x"}}'),
+        ("POST", "/v1/tools/run_code/call", '{"arguments": {"code": "\\udc80"}}'),
+        ("PUT", f"/v1/tasks/{task['id']}/egress", '{"allow": ["\\udc80"]}'),
+        ("POST", "/v1/tasks", '{"command": ["true"], "pids": ' + "9" * 5000 + "}"),
+    ):
+        status, _, body = raw(base, method, path, text.encode())
+        assert status == 400 and body["field"] == "body", (path, text, body)
 
 
 def test_numbers_and_flags_in_queries_are_checked(node: tuple[Daemon, str]) -> None:

@@ -39,11 +39,36 @@ async def json_body(request: web.Request) -> Any:
     except web.HTTPRequestEntityTooLarge as e:
         raise BodyTooLarge(f"request body is too large ({(e.text or '').rstrip('.')})") from None
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except RecursionError:
         raise ValueError("is nested too deeply") from None
-    except ValueError as e:  # UnicodeDecodeError is one
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"is not valid JSON ({e})") from None
+    except ValueError:  # int() refuses a number of over 4,300 digits
+        raise ValueError("is not valid JSON (a number of over 4,300 digits)") from None
+    _check_unicode(body)
+    return body
+
+
+def _check_unicode(body: Any) -> None:
+    """ValueError for a string holding a lone surrogate (JSON lets `"\\udc80"` through): no
+    record, argv or file can hold it, so it is refused here rather than failing further in."""
+    todo = [body]
+    while todo:  # a loop, not recursion: the body may be as deep as json.loads allows
+        item = todo.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        f"holds a string that is not valid Unicode (a lone surrogate): {item[:40]!r}"
+                    ) from None
+        elif isinstance(item, dict):
+            todo.extend(item)
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
 
 
 class _MalformedRequests(logging.Filter):

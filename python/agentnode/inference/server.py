@@ -314,7 +314,7 @@ class Proxy:
         try:
             # Strictly UTF-8 (json.loads would take UTF-16 too): these bytes go upstream as-is.
             payload = json.loads(body.decode())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, an int of 4,300+ digits
             return self._reject(
                 endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
             )
@@ -1065,11 +1065,13 @@ def create_app(
     app.router.add_post("/v1/responses", endpoint("responses"))
     app.router.add_post("/v1/messages", endpoint("messages"))
     app.router.add_get("/v1/models", _models)
-    app.router.add_get("/v1/models/{model_id:.+}", _model)
+    # [\s\S], not '.': a path may hold a newline (%0A), which '.' leaves to aiohttp's
+    # plain-text 404.
+    app.router.add_get(r"/v1/models/{model_id:[\s\S]+}", _model)
     app.router.add_get("/v1/usage", _usage)
     app.router.add_get("/metrics", _metrics)
     # Last: tried only once no route above matched the path and method.
-    app.router.add_route("*", "/{tail:.*}", _unrouted)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _unrouted)
     return app
 
 
