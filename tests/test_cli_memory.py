@@ -138,4 +138,6 @@ def test_a_task_reaches_its_own_tenant_only(node: Daemon, tmp_path: Path) -> Non
 def test_a_value_msgpack_cannot_hold_is_one_line(node: Daemon) -> None:
     r = mem(node, "alpha", "put", "episodic/ns/task", str(1 << 66))
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("agentnode: error: cannot send /v1/memory/episodic/ns/task"), r.stderr
+    assert r.stderr.startswith("agentnode: error: cannot send /v1/memory/episodic/ns/task"), (
+        r.stderr
+    )

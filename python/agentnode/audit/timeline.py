@@ -10,6 +10,7 @@ writes (`state`, `exec`, `egress_denied`, `llm_call`, `tool_call`, `checkpoint`,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from agentnode.audit.log import MAX_SEQ, AuditLog
-from agentnode.http_input import flag
+from agentnode.http_common import flag, until_client_leaves
 from agentnode.tasks.model import TERMINAL, Task
 
 __all__ = ["add_routes", "entries"]
@@ -67,7 +68,12 @@ def add_routes(
         await asyncio.to_thread(log.flush)
         if not follow:
             return web.json_response(await asyncio.to_thread(entries, log, task.id, after=after))
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        return await until_client_leaves(functools.partial(stream, task, log, after))(request)
+
+    async def stream(
+        task: Task, log: AuditLog, after: int, request: web.Request, resp: web.StreamResponse
+    ) -> None:
+        resp.content_type = "application/x-ndjson"
         await resp.prepare(request)
         while True:
             ended = task_of(request).state in TERMINAL and not running(request, task.id)
@@ -79,8 +85,8 @@ def add_routes(
                 after = batch[-1]["seq"]
             if ended:
                 break
+            if request.transport is None or request.transport.is_closing():
+                return  # the client left while there was nothing to send
             await asyncio.sleep(_FOLLOW_POLL_S)
-        await resp.write_eof()
-        return resp
 
     router.add_get("/v1/tasks/{id}/timeline", timeline)

@@ -94,7 +94,7 @@ async def serve(config: ProxyConfig) -> None:
 
     from aiohttp import web
 
-    from agentnode.http_input import SERVER_LOG
+    from agentnode.http_common import SERVER_LOG
     from agentnode.inference.server import create_app
 
     runner = web.AppRunner(

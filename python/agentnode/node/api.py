@@ -37,7 +37,7 @@ from agentnode.errors import (
     StorageError,
     TaskError,
 )
-from agentnode.http_input import BodyTooLarge, flag, json_body
+from agentnode.http_common import BodyTooLarge, flag, json_body, until_client_leaves
 from agentnode.inference.config import ProxyConfig
 from agentnode.inference.server import Attribution
 from agentnode.inference.server import Principal as InferencePrincipal
@@ -416,27 +416,7 @@ async def _heartbeat(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-def _until_client_leaves(
-    stream: Callable[[web.Request, web.StreamResponse], Awaitable[None]],
-) -> _Handler:
-    """A streaming handler, given its prepared response, whose client may leave at any time:
-    that ends it quietly (a `logs -f` or `events` client that disconnects is normal, not an
-    error to log)."""
-
-    @functools.wraps(stream)
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        try:
-            await stream(request, resp)
-            await resp.write_eof()
-        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
-            pass
-        return resp
-
-    return handler
-
-
-@_until_client_leaves
+@until_client_leaves
 async def _logs(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
     task = _task(request)
@@ -466,7 +446,7 @@ async def _logs(request: web.Request, resp: web.StreamResponse) -> None:
         await asyncio.sleep(0.05)
 
 
-@_until_client_leaves
+@until_client_leaves
 async def _events(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
     resp.content_type = "text/event-stream"

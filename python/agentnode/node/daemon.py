@@ -86,7 +86,7 @@ async def serve(config: NodeConfig) -> None:
 
     from aiohttp import web
 
-    from agentnode.http_input import SERVER_LOG
+    from agentnode.http_common import SERVER_LOG
     from agentnode.inference.server import create_app
     from agentnode.isolation import USERNS_BASE, use_data_dir
     from agentnode.node.api import TaskTokens, admin_app, task_app, task_attribution
@@ -258,7 +258,7 @@ async def _serve_mcp(node: Node) -> MCPEndpoint:
 def _runner(app: web.Application) -> web.AppRunner:
     from aiohttp import web
 
-    from agentnode.http_input import SERVER_LOG
+    from agentnode.http_common import SERVER_LOG
 
     # A client holding a request open (logs -f of a queued task) must not hold up a stop.
     return web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, logger=SERVER_LOG)

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agentnode.http_input import BodyTooLarge, json_body
+from agentnode.http_common import BodyTooLarge, json_body
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 

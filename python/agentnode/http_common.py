@@ -1,18 +1,27 @@
-"""What the node's HTTP handlers (control, task, tools APIs) read from a request, parsed one
-way: yes/no query flags and JSON bodies. Each problem is a ValueError whose message says what
-is wrong, for the handler to answer as a 400 (or 413) in its own format."""
+"""What the node's HTTP servers share: how a handler reads a request (yes/no query flags, JSON
+bodies: each problem a ValueError whose message says what is wrong, for the handler to answer
+as a 400 or 413 in its own format), how it streams to a client that may leave at any time, and
+how the servers log a request that is not HTTP at all."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-__all__ = ["FLAG_VALUES", "SERVER_LOG", "BodyTooLarge", "flag", "json_body"]
+__all__ = [
+    "FLAG_VALUES",
+    "SERVER_LOG",
+    "BodyTooLarge",
+    "flag",
+    "json_body",
+    "until_client_leaves",
+]
 
 #: What a yes/no parameter (`all`, `follow`) may be; absent or empty is no.
 FLAG_VALUES = ("1", "true", "0", "false")
@@ -69,6 +78,26 @@ def _check_unicode(body: Any) -> None:
             todo.extend(item.values())
         elif isinstance(item, list):
             todo.extend(item)
+
+
+def until_client_leaves(
+    stream: Callable[[web.Request, web.StreamResponse], Awaitable[None]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A streaming handler, given its prepared response, whose client may leave at any time:
+    that ends it quietly (a `logs -f` or `events` client that disconnects is normal, not an
+    error to log)."""
+
+    @functools.wraps(stream)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        try:
+            await stream(request, resp)
+            await resp.write_eof()
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            pass
+        return resp
+
+    return handler
 
 
 class _MalformedRequests(logging.Filter):
