@@ -84,8 +84,8 @@ def until_client_leaves(
     stream: Callable[[web.Request, web.StreamResponse], Awaitable[None]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """A streaming handler, given its prepared response, whose client may leave at any time:
-    that ends it quietly (a `logs -f` or `events` client that disconnects is normal, not an
-    error to log)."""
+    that ends it quietly (a `logs -f`, `timeline?follow=1` or `events` client that disconnects
+    is normal, not an error to log)."""
 
     @functools.wraps(stream)
     async def handler(request: web.Request) -> web.StreamResponse:

@@ -64,20 +64,11 @@ _MAX_CHECKPOINT = 64 << 20
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(
-    status: int, message: str, field: str | None = None, *, headers: Any = None
-) -> web.Response:
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
     body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
-    return web.json_response(body, status=status, headers=_kept(headers))
-
-
-def _kept(headers: Any) -> dict[str, str] | None:
-    """The headers of an aiohttp refusal worth keeping in ours (a 405's Allow)."""
-    if not headers or "Allow" not in headers:
-        return None
-    return {"Allow": headers["Allow"]}
+    return web.json_response(body, status=status)
 
 
 class BadField(Exception):
@@ -112,7 +103,10 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
     except web.HTTPException as e:
         if e.status < 400 or e.content_type == "application/json":
             raise
-        return _error(e.status, _http_error(request, e), headers=e.headers)
+        answer = _error(e.status, _http_error(request, e))
+        if "Allow" in e.headers:  # a 405's
+            answer.headers["Allow"] = e.headers["Allow"]
+        return answer
 
 
 def _http_error(request: web.Request, e: web.HTTPException) -> str:
