@@ -99,6 +99,8 @@ def test_vectors_create_upsert_search_and_drop(node: Daemon) -> None:
         ["put", "episodic/ns/task", "1", "--ttl", "nan"],
         ["put", "episodic/n s/task", "1"],
         ["put", "vectors/docs"],
+        ["put", "vectors/docs", "--dims", str(1 << 66)],
+        ["put", "vectors/docs", "--dims", "65537"],
         ["put", "vectors/docs/1", "[1, NaN]"],
         ["put", "vectors/docs/1", "{}"],
         ["rm", "episodic"],
@@ -131,3 +133,11 @@ def test_a_task_reaches_its_own_tenant_only(node: Daemon, tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     assert "objects/delta.txt" in r.stdout and "gamma" not in r.stdout, r.stdout
     assert "episodic/mine/" in r.stdout
+
+
+def test_a_value_msgpack_cannot_hold_is_one_line(node: Daemon) -> None:
+    r = mem(node, "alpha", "put", "episodic/ns/task", str(1 << 66))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("agentnode: error: cannot send /v1/memory/episodic/ns/task"), (
+        r.stderr
+    )

@@ -421,8 +421,9 @@ def test_a_follower_that_leaves_is_no_error(tmp_path: Path) -> None:
         chatty = d.submit(["sh", "-c", "while true; do echo line; sleep 0.01; done"])
         quiet = d.submit(["sleep", "30"])
         d.wait(chatty["id"], states=("running",))
-        for path in (f"/v1/tasks/{chatty['id']}/logs?follow=1",
-                     f"/v1/tasks/{quiet['id']}/logs?follow=1", "/v1/events") * 5:  # fmt: skip
+        follows = [f"/v1/tasks/{t['id']}/{what}?follow=1"
+                   for t in (chatty, quiet) for what in ("logs", "timeline")]  # fmt: skip
+        for path in [*follows, "/v1/events"] * 5:
             s = socketlib.socket(socketlib.AF_UNIX)
             s.connect(str(d.socket))
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
@@ -430,6 +431,7 @@ def test_a_follower_that_leaves_is_no_error(tmp_path: Path) -> None:
             s.close()
         d.submit(["true"])  # an event for the events followers to fail on
         time.sleep(1.0)  # the chatty log's next writes meet the closed sockets
+        # (the timelines' next records, the cancels below, meet them too)
         for task in (chatty, quiet):
             d.client.call("POST", f"/v1/tasks/{task['id']}/cancel")
             d.wait(task["id"])

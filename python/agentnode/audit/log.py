@@ -47,6 +47,8 @@ _RESERVED = frozenset(("seq", "prev", "hash"))
 #: The index's key of its own progress: the last seq indexed.
 _INDEXED = b"\xffindexed"
 _SEQ_BYTES = 8
+#: The largest record seq (the index keys hold it in `_SEQ_BYTES` bytes).
+MAX_SEQ = (1 << (8 * _SEQ_BYTES)) - 1
 
 
 def _make_encoder() -> Callable[[object], str]:

@@ -10,19 +10,22 @@ writes (`state`, `exec`, `egress_denied`, `llm_call`, `tool_call`, `checkpoint`,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from agentnode.audit.log import AuditLog
+from agentnode.audit.log import MAX_SEQ, AuditLog
+from agentnode.http_common import flag, until_client_leaves
 from agentnode.tasks.model import TERMINAL, Task
 
 __all__ = ["add_routes", "entries"]
 
 _CHAIN = ("prev", "hash")
 _FOLLOW_POLL_S = 0.1
+_MAX_SEQ_DIGITS = len(str(MAX_SEQ))
 
 
 def entries(log: AuditLog, task: str, *, after: int = 0) -> list[dict[str, Any]]:
@@ -46,15 +49,31 @@ def add_routes(
         task = task_of(request)
         log = log_of(request)
         raw = request.query.get("after", "0")
-        if not raw.isdigit():
+        # ASCII digits only: int() takes '²' and other scripts' digits too.
+        if not (
+            raw.isascii() and raw.isdigit() and len(raw) <= _MAX_SEQ_DIGITS and int(raw) < MAX_SEQ
+        ):
             return web.json_response(
-                {"error": f"after: must be a record seq (a whole number), got {raw!r}"}, status=400
+                {
+                    "error": f"after: must be a record seq (a whole number), got {raw[:40]!r}",
+                    "field": "after",
+                },
+                status=400,
             )
         after = int(raw)
+        try:
+            follow = flag(request.query, "follow")
+        except ValueError as e:
+            return web.json_response({"error": f"follow: {e}", "field": "follow"}, status=400)
         await asyncio.to_thread(log.flush)
-        if request.query.get("follow") not in ("1", "true"):
+        if not follow:
             return web.json_response(await asyncio.to_thread(entries, log, task.id, after=after))
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        return await until_client_leaves(functools.partial(stream, task, log, after))(request)
+
+    async def stream(
+        task: Task, log: AuditLog, after: int, request: web.Request, resp: web.StreamResponse
+    ) -> None:
+        resp.content_type = "application/x-ndjson"
         await resp.prepare(request)
         while True:
             ended = task_of(request).state in TERMINAL and not running(request, task.id)
@@ -66,8 +85,8 @@ def add_routes(
                 after = batch[-1]["seq"]
             if ended:
                 break
+            if request.transport is None or request.transport.is_closing():
+                return  # the client left while there was nothing to send
             await asyncio.sleep(_FOLLOW_POLL_S)
-        await resp.write_eof()
-        return resp
 
     router.add_get("/v1/tasks/{id}/timeline", timeline)

@@ -94,10 +94,15 @@ async def serve(config: ProxyConfig) -> None:
 
     from aiohttp import web
 
+    from agentnode.http_common import SERVER_LOG
     from agentnode.inference.server import create_app
 
     runner = web.AppRunner(
-        create_app(config), handler_cancellation=True, shutdown_timeout=10.0, access_log=None
+        create_app(config),
+        handler_cancellation=True,
+        shutdown_timeout=10.0,
+        access_log=None,
+        logger=SERVER_LOG,
     )
     await runner.setup()
     _tune_gc()

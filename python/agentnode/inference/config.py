@@ -150,7 +150,12 @@ def parse_config(raw: dict[str, Any], *, prefix: str = "inference") -> ProxyConf
     if "listen" in raw:
         listen = _str(raw, "listen", key)
         h, sep, p = listen.rpartition(":")
-        if not sep or not h or not p.isdigit() or not 0 < int(p) < 65536:
+        if (
+            not sep
+            or not h
+            or not (p.isascii() and p.isdigit() and len(p) <= 5)
+            or not 0 < int(p) < 65536
+        ):
             raise ConfigError(
                 f"{key('listen')} = {listen!r} is not HOST:PORT (e.g. 127.0.0.1:4000)"
             )

@@ -98,7 +98,7 @@ class Proxy:
         try:
             # Strictly UTF-8 (json.loads would take UTF-16 too): these bytes go upstream as-is.
             payload = json.loads(body.decode())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, an int of 4,300+ digits
             return self._reject(
                 endpoint, fmt, 400, "request body is not valid JSON", "invalid_json"
             )

@@ -111,11 +111,13 @@ def create_app(
     app.router.add_post("/v1/responses", endpoint("responses"))
     app.router.add_post("/v1/messages", endpoint("messages"))
     app.router.add_get("/v1/models", _models)
-    app.router.add_get("/v1/models/{model_id:.+}", _model)
+    # [\s\S], not '.': a path may hold a newline (%0A), which '.' leaves to aiohttp's
+    # plain-text 404.
+    app.router.add_get(r"/v1/models/{model_id:[\s\S]+}", _model)
     app.router.add_get("/v1/usage", _usage)
     app.router.add_get("/metrics", _metrics)
     # Last: tried only once no route above matched the path and method.
-    app.router.add_route("*", "/{tail:.*}", _unrouted)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _unrouted)
     return app
 
 
@@ -176,7 +178,9 @@ async def _models(request: web.Request) -> web.Response:
     # Anthropic pages with limit (default 20, at most 1000) and the after_id/before_id cursors.
     q = request.query
     limit_arg = q.get("limit", "20")
-    if not limit_arg.isdigit() or not 1 <= int(limit_arg) <= 1000:
+    if not (limit_arg.isascii() and limit_arg.isdigit() and len(limit_arg) <= 4) or not (
+        1 <= int(limit_arg) <= 1000
+    ):
         return error_response(
             "anthropic",
             400,

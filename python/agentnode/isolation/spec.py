@@ -21,7 +21,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 from agentnode.egress import cli as egress_cli
-from agentnode.egress.policy import NET_MODES, EgressPolicy, network_and_policy
+from agentnode.egress.policy import (
+    MAX_CONN_RATE,
+    MAX_RATE,
+    NET_MODES,
+    EgressPolicy,
+    network_and_policy,
+)
 from agentnode.errors import PolicyError, UsageError
 from agentnode.isolation.units import parse_duration, parse_size
 
@@ -578,21 +584,22 @@ def _absolute(key: str, text: str) -> str:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the sandbox's JSON form, as the OpenAPI document has it (null: the
     default, in a request; unlimited, in a task)."""
-    size = {"oneOf": [{"type": "integer", "minimum": 1, "maximum": MAX_BYTES},
-                      {"type": "string", "examples": ["512M"]}, {"type": "null"}]}  # fmt: skip
-    memory = {"oneOf": [{"type": "integer", "minimum": MIN_MEMORY, "maximum": MAX_BYTES},
-                        {"type": "string", "examples": ["512M"]}, {"type": "null"}]}  # fmt: skip
+
+    def size(least: int) -> dict[str, Any]:
+        return {"oneOf": [{"type": "integer", "minimum": least, "maximum": MAX_BYTES},
+                          {"type": "string", "examples": ["512M"]}, {"type": "null"}]}  # fmt: skip
+
     duration = {"oneOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
                           {"type": "string", "examples": ["30s"]}, {"type": "null"}]}  # fmt: skip
     strings = {"type": "array", "items": {"type": "string"}}
-    properties = {
+    properties: dict[str, dict[str, Any]] = {
         "cpus": {"type": ["number", "null"], "minimum": 0.01, "maximum": 1024},
         "cpu_weight": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000},
-        "memory": memory,
-        "memory_high": memory,
-        "swap": size,
+        "memory": size(MIN_MEMORY),
+        "memory_high": size(MIN_MEMORY),
+        "swap": size(0),  # 0: no swap at all
         "pids": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_PIDS},
-        "tmp_size": size,
+        "tmp_size": size(1),
         "timeout": duration,
         "nofile": {"type": "integer", "minimum": 1, "maximum": MAX_NOFILE, "default": 1024},
         "user": {
@@ -633,11 +640,19 @@ def json_schema() -> dict[str, Any]:
             "forwarder",
         },
         "egress_rate": {
-            "type": ["string", "integer", "null"],
+            "oneOf": [
+                {"type": "string", "examples": ["1MiB/s"]},
+                {"type": "integer", "minimum": 1, "maximum": MAX_RATE},
+                {"type": "null"},
+            ],
             "description": "bytes per second, e.g. 1MiB/s",
         },
         "conn_rate": {
-            "type": ["string", "integer", "null"],
+            "oneOf": [
+                {"type": "string", "examples": ["20/s"]},
+                {"type": "integer", "minimum": 1, "maximum": MAX_CONN_RATE},
+                {"type": "null"},
+            ],
             "description": "new connections per second, e.g. 20/s",
         },
         "publish": {
@@ -647,4 +662,19 @@ def json_schema() -> dict[str, Any]:
         },
     }
     assert tuple(properties) == FIELDS
-    return {"type": "object", "additionalProperties": False, "properties": properties}
+    # Every field takes null for its default (`from_json`), so a client may send a whole form.
+    nullable = {name: _nullable(prop) for name, prop in properties.items()}
+    return {"type": "object", "additionalProperties": False, "properties": nullable}
+
+
+def _nullable(prop: dict[str, Any]) -> dict[str, Any]:
+    """`prop` that also admits null."""
+    if "oneOf" in prop:
+        if {"type": "null"} in prop["oneOf"]:
+            return prop
+        return {**prop, "oneOf": [*prop["oneOf"], {"type": "null"}]}
+    types = prop["type"] if isinstance(prop["type"], list) else [prop["type"]]
+    out = {**prop, "type": types if "null" in types else [*types, "null"]}
+    if "enum" in prop and None not in prop["enum"]:
+        out["enum"] = [*prop["enum"], None]
+    return out

@@ -38,6 +38,7 @@ from agentnode.errors import (
     StorageError,
     TaskError,
 )
+from agentnode.http_common import BodyTooLarge, flag, json_body, until_client_leaves
 from agentnode.inference.attribution import Attribution
 from agentnode.inference.attribution import Principal as InferencePrincipal
 from agentnode.inference.config import ProxyConfig
@@ -94,18 +95,40 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
     except TaskError as e:
         status = 404 if str(e).startswith("no task") else 409
         return _error(status, str(e))
+    except BodyTooLarge as e:
+        return _error(413, str(e))
     except StorageError:
         raise  # the memory API's guard answers it with its own status and kind
     except AgentnodeError as e:
         return _error(400, str(e))
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        answer = _error(e.status, _http_error(request, e))
+        if "Allow" in e.headers:  # a 405's
+            answer.headers["Allow"] = e.headers["Allow"]
+        return answer
+
+
+def _http_error(request: web.Request, e: web.HTTPException) -> str:
+    """aiohttp's own refusals (no route, a wrong method, a body over the size limit) in this
+    API's words."""
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(e.allowed_methods))
+        return f"{request.method} is not allowed on {request.path} (allowed: {allowed})"
+    if e.status == 404:
+        return f"no route {request.method} {request.path} (the routes are in /openapi.json)"
+    return f"{e.reason.lower()} ({(e.text or '').removeprefix(f'{e.status}: ').rstrip('.')})"
 
 
 def _bearer_guard(token: str) -> Middleware:
     @web.middleware
     async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # A header's bytes that are not UTF-8 arrive as lone surrogates: keep them as bytes.
+        given_bytes = given.encode(errors="surrogateescape")
         if request.path != "/healthz" and not (
-            scheme == "Bearer" and hmac.compare_digest(given.encode(), token.encode())
+            scheme == "Bearer" and hmac.compare_digest(given_bytes, token.encode())
         ):
             return _error(401, "missing or wrong bearer token (use the node's api_token)")
         return await handler(request)
@@ -207,14 +230,20 @@ def _task(request: web.Request) -> Task:
     return node.manager.get(task_id)
 
 
+async def _body(request: web.Request) -> Any:
+    try:
+        return await json_body(request)
+    except BodyTooLarge:
+        raise  # a 413
+    except ValueError as e:
+        raise BadField("body", str(e)) from None
+
+
 # -- handlers -----------------------------------------------------------------------------------
 
 
 async def _submit(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadField("body", "is not valid JSON") from None
+    body = await _body(request)
     node = request.app[NODE]
     agent = body.pop("agent", None) if isinstance(body, dict) else None
     spec = spec_from_json(body)
@@ -282,15 +311,13 @@ async def _list(request: web.Request) -> web.Response:
             "state", f"unknown state {state!r} (use {', '.join(s.value for s in State)})"
         )
     tenant = q.get("tenant")  # a filter: a name no tenant has matches nothing
-    everything = q.get("all")
-    if everything not in (None, "", "0", "1", "true", "false"):
-        raise BadField("all", f"must be 1, true, 0 or false, got {everything!r}")
+    everything = _flag(q, "all")
     paged = "limit" in q or "cursor" in q
     limit = _limit(q["limit"]) if "limit" in q else (DEFAULT_LIMIT if paged else MAX_LIMIT)
     tasks, after = node.manager.page(
         after=_cursor(q["cursor"]) if "cursor" in q else 0,
         limit=limit,
-        ended=everything in ("1", "true"),
+        ended=everything,
         tenant=tenant,
         state=None if state is None else State(state),
         since=_time("since", q.get("since")),
@@ -323,8 +350,15 @@ def _cursor(text: str) -> int:
     return int(m.group(1))
 
 
+def _flag(query: Any, name: str) -> bool:
+    try:
+        return flag(query, name)
+    except ValueError as e:
+        raise BadField(name, str(e)) from None
+
+
 def _limit(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not (text.isascii() and text.isdigit() and len(text) <= 4 and 1 <= int(text) <= MAX_LIMIT):
         raise BadField("limit", f"must be a whole number within 1..{MAX_LIMIT}, got {text[:40]!r}")
     return int(text)
 
@@ -357,10 +391,7 @@ async def _put_egress(request: web.Request) -> web.Response:
     """Replaces a task's egress rules and rates (absent ones become empty): live while it runs."""
     node = request.app[NODE]
     task = _task(request)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadField("body", "is not valid JSON") from None
+    body = await _body(request)
     if not isinstance(body, dict):
         raise BadField("body", "must be a JSON object")
     for key in body:
@@ -380,31 +411,11 @@ async def _heartbeat(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-def _until_client_leaves(
-    stream: Callable[[web.Request, web.StreamResponse], Awaitable[None]],
-) -> _Handler:
-    """A streaming handler, given its prepared response, whose client may leave at any time:
-    that ends it quietly (a `logs -f` or `events` client that disconnects is normal, not an
-    error to log)."""
-
-    @functools.wraps(stream)
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        try:
-            await stream(request, resp)
-            await resp.write_eof()
-        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
-            pass
-        return resp
-
-    return handler
-
-
-@_until_client_leaves
+@until_client_leaves
 async def _logs(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
     task = _task(request)
-    follow = request.query.get("follow") in ("1", "true")
+    follow = _flag(request.query, "follow")
     resp.content_type, resp.charset = "text/plain", "utf-8"
     await resp.prepare(request)
     attempt = 1
@@ -430,7 +441,7 @@ async def _logs(request: web.Request, resp: web.StreamResponse) -> None:
         await asyncio.sleep(0.05)
 
 
-@_until_client_leaves
+@until_client_leaves
 async def _events(request: web.Request, resp: web.StreamResponse) -> None:
     node = request.app[NODE]
     resp.content_type = "text/event-stream"
@@ -590,8 +601,9 @@ def task_attribution(node: Node) -> Attribution:
         if task is not None:
             tenant = task.spec.tenant
             return InferencePrincipal(tenant, task.id, config.tenants.get(tenant), pinned=True)
+        given = key.encode(errors="surrogateescape")  # a header's non-UTF-8 bytes
         for t in config.tenants.values():
-            if any(hmac.compare_digest(key.encode(), k.encode()) for k in t.api_keys):
+            if any(hmac.compare_digest(given, k.encode()) for k in t.api_keys):
                 return InferencePrincipal(t.name, None, t)
         return None
 
@@ -627,7 +639,8 @@ def _admin_caller(node: Node, request: web.Request, body: dict[str, Any] | None)
     # The name becomes part of paths (sessions, MCP server workspaces): the tasks' rule.
     if not isinstance(tenant, str) or not TENANT_NAME.fullmatch(tenant):
         raise BadField(
-            "tenant", f"invalid tenant {tenant!r} (use 1-128 letters, digits, '_', '.', '-')"
+            "tenant",
+            f"invalid tenant {tenant!r} (use 1-128 letters, digits, '_', '.', '-', starting with a letter or digit)",
         )
     return Caller(task="", tenant=tenant)
 

@@ -86,6 +86,7 @@ async def serve(config: NodeConfig) -> None:
 
     from aiohttp import web
 
+    from agentnode.http_common import SERVER_LOG
     from agentnode.inference.server import create_app
     from agentnode.isolation import USERNS_BASE, use_data_dir
     from agentnode.node.api import TaskTokens, admin_app, task_app, task_attribution
@@ -142,6 +143,7 @@ async def serve(config: NodeConfig) -> None:
             handler_cancellation=True,
             shutdown_timeout=5.0,
             access_log=None,
+            logger=SERVER_LOG,
         )
         runners.append(proxy)
     try:
@@ -256,8 +258,10 @@ async def _serve_mcp(node: Node) -> MCPEndpoint:
 def _runner(app: web.Application) -> web.AppRunner:
     from aiohttp import web
 
+    from agentnode.http_common import SERVER_LOG
+
     # A client holding a request open (logs -f of a queued task) must not hold up a stop.
-    return web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    return web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, logger=SERVER_LOG)
 
 
 async def _wait_for_stop(node: Node, config: NodeConfig) -> None:

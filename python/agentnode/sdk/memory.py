@@ -58,7 +58,13 @@ class Memory:
             payload = raw
         elif body is not None:
             headers["Content-Type"] = _MSGPACK
-            payload = msgpack.packb(body)
+            try:
+                payload = msgpack.packb(body)
+            except (OverflowError, TypeError, ValueError) as e:
+                raise StorageError(
+                    f"cannot send {path}: {e} (numbers are within -2**63..2**64-1; values are "
+                    "JSON-like: str, bytes, numbers, lists, dicts)"
+                ) from None
         try:
             self._conn.request(
                 method, self._base + path, payload, headers, encode_chunked=raw is not None

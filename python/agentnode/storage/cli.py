@@ -251,8 +251,10 @@ def _put(args: argparse.Namespace) -> int:
                     info = mem.put_object(_q(parts[1]), f)
             _emit(args, info, f"objects/{info['name']}  {info['size']}  {info['digest']}")
         elif kind == "vectors" and len(parts) == 2:
-            if args.dims is None or args.dims < 1:
-                raise UsageError("put: a new collection needs --dims N (N >= 1)")
+            from agentnode.storage.vectors import MAX_DIMS
+
+            if args.dims is None or not 1 <= args.dims <= MAX_DIMS:
+                raise UsageError(f"put: a new collection needs --dims N (N within 1..{MAX_DIMS})")
             info = mem.create_collection(_q(parts[1]), dims=args.dims, metric=args.metric)
             _emit(args, info, f"vectors/{info['name']}  {info['dims']} dims, {info['metric']}")
         elif kind == "vectors" and len(parts) == 3:

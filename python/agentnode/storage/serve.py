@@ -98,7 +98,7 @@ async def serve(
 
 def _run(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         raise UsageError(f"--listen {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8470)")
     import uvloop
 

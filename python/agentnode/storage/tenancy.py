@@ -43,7 +43,9 @@ class StaticTokens:
 
     def authenticate(self, token: str) -> Principal | None:
         """The principal of `token`, or None."""
-        return self._by_digest.get(hashlib.sha256(token.encode()).digest())
+        # A header's bytes that are not UTF-8 arrive as lone surrogates: hashed as bytes.
+        given = token.encode(errors="surrogateescape")
+        return self._by_digest.get(hashlib.sha256(given).digest())
 
 
 #: How an operator's bearer names the tenant it acts for: `tenant:<name>`.

@@ -34,11 +34,21 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 from agentnode._native import VectorCollection
 from agentnode.errors import CollectionExistsError, UnknownCollectionError, VectorError
 
-__all__ = ["Collection", "CollectionConfig", "Match", "Record", "VectorStore", "check_key"]
+__all__ = [
+    "MAX_DIMS",
+    "Collection",
+    "CollectionConfig",
+    "Match",
+    "Record",
+    "VectorStore",
+    "check_key",
+]
 
 # Bounds dims (the index's own MAX_DIMS) and the graph's knobs: more than any embedding model or
 # graph uses; a larger value would overflow the native call's integer types.
 _MAX = 1 << 16
+#: The most dimensions a collection may have.
+MAX_DIMS = _MAX
 
 log = logging.getLogger(__name__)
 

@@ -182,6 +182,8 @@ class TaskManager:
         self._keys = self.store.load_keys(time.time() - KEY_TTL_S)
         # Keys whose submit is being written: a second submit with one waits for the first.
         self._keys_writing: dict[str, asyncio.Event] = {}
+        # Tasks whose retry is being written: shown queued, but in the queue only once durable.
+        self._requeueing: dict[str, asyncio.Event] = {}
         #: Queued tasks whose records could not be read when their turn came, with the error.
         self.unreadable: dict[str, str] = {}
         self._recover()
@@ -568,11 +570,17 @@ class TaskManager:
         done = old.moved(outcome, now, reason=reason, exit_code=exit_code)
         again = self._retry_of(done, now)
         self._set(again or done)
+        written = asyncio.Event()
+        if again is not None:
+            self._requeueing[task_id] = written
         try:
             await self.store.put(*(x for x in (done, again) if x is not None))
         except TaskError:
             self._set(old)
             raise
+        finally:
+            self._requeueing.pop(task_id, None)
+            written.set()
         self.scheduler.complete(old.seq)
         if again is not None:
             self._enqueue(again)
@@ -582,6 +590,8 @@ class TaskManager:
 
     async def cancel(self, task_id: str) -> Task:
         """Cancels a queued task (a started one is cancelled by `finish(..., CANCELLED)`)."""
+        if (retry := self._requeueing.get(task_id)) is not None:
+            await retry.wait()  # it joins the queue (or stays started) once its record is written
         t = self.get(task_id)
         if t.state is not State.QUEUED:
             raise TaskError(

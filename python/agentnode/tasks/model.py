@@ -95,7 +95,7 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.tenant, str) or not _TENANT.fullmatch(self.tenant):
             raise TaskError(
-                f"invalid tenant {self.tenant!r} (use 1-128 letters, digits, '_', '.', '-')"
+                f"invalid tenant {self.tenant!r} (use 1-128 letters, digits, '_', '.', '-', starting with a letter or digit)"
             )
         if self.cls not in CLASSES:
             raise TaskError(f"unknown priority class {self.cls!r} (use {', '.join(CLASSES)})")

@@ -49,8 +49,11 @@ class TokenKey:
         """(task id, attempt) if `token` is genuine, else None."""
         task_id, _, rest = token.partition(".")
         attempt, _, _ = rest.partition(".")
-        if not attempt.isdigit():
+        # ASCII digits only (int() takes '²' and other scripts' digits too), and few of them.
+        if not (attempt.isascii() and attempt.isdigit() and len(attempt) <= 9):
             return None
-        if not hmac.compare_digest(self.issue(task_id, int(attempt)).encode(), token.encode()):
+        # A header's bytes that are not UTF-8 arrive as lone surrogates: compared as bytes.
+        given = token.encode(errors="surrogateescape")
+        if not hmac.compare_digest(self.issue(task_id, int(attempt)).encode(), given):
             return None
         return task_id, int(attempt)

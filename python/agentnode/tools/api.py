@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agentnode.http_common import BodyTooLarge, json_body
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 
@@ -41,14 +42,18 @@ def add_tool_routes(app: web.Application, service: ToolService, caller_of: Calle
 
     async def call(request: web.Request) -> web.Response:
         try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return _bad("is not valid JSON", "body")
+            body = await json_body(request) if request.can_read_body else {}
+        except BodyTooLarge as e:
+            return web.json_response({"error": str(e)}, status=413)
+        except ValueError as e:
+            return _bad(str(e), "body")
         if not isinstance(body, dict):
             return _bad("must be a JSON object", "body")
         for key in body:
             if key not in _CALL_KEYS:
                 return _bad(f"unknown field (known: {', '.join(sorted(_CALL_KEYS))})", key)
+        if not isinstance(body.get("arguments", {}), dict):
+            return _bad("must be a JSON object", "arguments")
         key = body.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 256):
             return _bad("must be a string of 1 to 256 characters", "idempotency_key")
