@@ -23,6 +23,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import uvloop
 from mcp import Client, StdioServerParameters
 
 from _harness import Bench, percentile
@@ -52,7 +53,7 @@ class Node:
 
     def __init__(self, root: Path) -> None:
         self.socket = root / "mcp.sock"
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # the daemon's loop (`agentnode run`)
         # The checkout (and its .venv) bound in: it may sit under /tmp, the sandbox's own.
         spec = MCPServerSpec(name="t", command=tuple(SERVER), env=ENV, user="0",
                              mounts=(Mount(str(REPO), str(REPO)),))  # fmt: skip
