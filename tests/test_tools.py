@@ -8,6 +8,7 @@ import asyncio
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,11 @@ def test_fresh_runs_never_share_a_sandbox_and_spares_end_with_their_task() -> No
         assert [r["structuredContent"]["stdout"] for r in results[:4]] == ["False\n"] * 4
         assert meta(results[4])["class"] == "ok"
         assert meta(results[5])["class"] == "timeout"
+        deadline = time.monotonic() + 10  # the next spares are made after each call
+        while time.monotonic() < deadline and not (
+            runner.spare_pids("a", "t1") and runner.spare_pids("b", "t2")
+        ):
+            time.sleep(0.01)
         mine, theirs = runner.spare_pids("a", "t1"), runner.spare_pids("b", "t2")
         assert len(mine) == 1 and len(theirs) == 1 and mine != theirs
         runner.end_task("t1")

@@ -241,9 +241,14 @@ class CodeRunner:
             started = await self._take_spare(caller)
             loop = asyncio.get_running_loop()
             stdin = args["code"].encode()
-            run = await loop.run_in_executor(
-                SPAWNER, lambda: finish_sandboxed(started, stdin=stdin, limits=limits)
-            )
+            try:
+                run = await loop.run_in_executor(
+                    SPAWNER, lambda: finish_sandboxed(started, stdin=stdin, limits=limits)
+                )
+            finally:
+                # Made after the call, not during it: on a busy host the two would share the
+                # CPU, and the next call has the time between calls to find it ready.
+                self._make_spare(caller)
             return self._fresh_outcome(run)
         run = await run_sandboxed(
             ["bash", "-c", args["code"]],
@@ -267,17 +272,21 @@ class CodeRunner:
             userns=caller.userns,
         )
 
+    def _make_spare(self, caller: Caller) -> None:
+        """Starts making the next python sandbox for `caller` (unless one is there)."""
+        key = _spare_of(caller)
+        if key not in self._spares:
+            self._spares[key] = (SPAWNER.submit(self._start_python, caller), time.monotonic())
+
     async def _take_spare(self, caller: Caller) -> Started:
         """A fresh python sandbox for `caller`: the one made ahead when there is one still
-        usable, else one started now; and the next one is started."""
+        usable, else one started now."""
         now = time.monotonic()
         for key, (spare, made) in list(self._spares.items()):
             if now - made > _SPARE_IDLE_S:
                 del self._spares[key]
                 _discard(spare)
-        key = _spare_of(caller)
-        held = self._spares.pop(key, None)
-        self._spares[key] = (SPAWNER.submit(self._start_python, caller), now)
+        held = self._spares.pop(_spare_of(caller), None)
         if held is not None:
             try:
                 started = await asyncio.wrap_future(held[0])
