@@ -20,6 +20,7 @@ from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
 from agentnode.isolation import use_data_dir
 from agentnode.isolation.task import SAFE_PATH
+from agentnode.tools import code
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.files import file_tools
 from agentnode.tools.registry import Caller, Registry, RetryPolicy, Tool, ToolLimits
@@ -335,6 +336,36 @@ def test_fresh_runs_never_share_a_sandbox_and_spares_end_with_their_task() -> No
     finally:
         runner.close()
     assert not Path(f"/proc/{theirs[0]}").exists()
+
+
+def test_an_unused_spare_sandbox_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Also the one made after a call that was still running when its task ended.
+    monkeypatch.setattr(code, "_SPARE_IDLE_S", 0.5)
+    runner, svc = code_service()
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        running = asyncio.ensure_future(
+            svc.call("run_code", {"code": "import time; time.sleep(0.3)"}, A)
+        )
+        await asyncio.sleep(0.1)
+        runner.end_task("t1")  # while the call runs: the spare made after it outlives the task
+        await running
+        deadline = time.monotonic() + 10
+        while not runner.spare_pids("a", "t1") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        made = runner.spare_pids("a", "t1")
+        await asyncio.sleep(1.0)
+        return made, runner.spare_pids("a", "t1")
+
+    try:
+        made, later = asyncio.run(scenario())
+        assert len(made) == 1 and later == []
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{made[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not Path(f"/proc/{made[0]}").exists()
+    finally:
+        runner.close()
 
 
 def test_a_session_keeps_its_variables_and_dies_with_its_task() -> None:

@@ -273,10 +273,21 @@ class CodeRunner:
         )
 
     def _make_spare(self, caller: Caller) -> None:
-        """Starts making the next python sandbox for `caller` (unless one is there)."""
+        """Starts making the next python sandbox for `caller` (unless one is there), stopped
+        after `_SPARE_IDLE_S` unless a call takes it first: also one made for a task that
+        ended while its last call ran (after `end_task`)."""
         key = _spare_of(caller)
-        if key not in self._spares:
-            self._spares[key] = (SPAWNER.submit(self._start_python, caller), time.monotonic())
+        if key in self._spares:
+            return
+        spare = SPAWNER.submit(self._start_python, caller)
+        self._spares[key] = (spare, time.monotonic())
+        asyncio.get_running_loop().call_later(_SPARE_IDLE_S, self._expire, key, spare)
+
+    def _expire(self, key: _SpareKey, spare: Future[Started]) -> None:
+        held = self._spares.get(key)
+        if held is not None and held[0] is spare:
+            del self._spares[key]
+            _discard(spare)
 
     async def _take_spare(self, caller: Caller) -> Started:
         """A fresh python sandbox for `caller`: the one made ahead when there is one still
