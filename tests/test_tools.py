@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
 from agentnode.isolation import use_data_dir
+from agentnode.isolation.task import SAFE_PATH
+from agentnode.tools import code
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.files import file_tools
 from agentnode.tools.registry import Caller, Registry, RetryPolicy, Tool, ToolLimits
@@ -303,6 +307,99 @@ def test_run_code_has_no_network() -> None:
         result = call(svc, "run_code", {"code": code}, A)
     assert meta(result)["class"] == "permanent"
     assert "ConnectionRefusedError" in result["structuredContent"]["stderr"]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import sys; print(sys.argv, __name__, list(globals()), __file__)",
+        "def f():\n    1 / 0\nf()",
+        "print(",
+        "try:\n    {}['k']\nexcept KeyError as e:\n    raise ValueError('v') from e",
+        "raise SystemExit('bye')",
+        "import sys; sys.stdout.write('partial'); sys.exit(7)",
+        "import sys; print(repr(sys.stdin.read()), sys.flags.isolated)",
+    ],
+)
+def test_a_fresh_python_run_is_python_reading_its_program_from_stdin(code: str) -> None:
+    # Fresh runs start in a sandbox made ahead, the interpreter already up: what the code sees
+    # and what it prints (tracebacks, exit status) must be `python3 -I -`'s own.
+    own = subprocess.run(
+        ["python3", "-I", "-"], input=code.encode(), capture_output=True, env={"PATH": SAFE_PATH}
+    )
+    runner, svc = code_service()
+    try:
+        results = [call(svc, "run_code", {"code": code}, A) for _ in range(2)]  # cold, then warm
+    finally:
+        runner.close()
+    for result in results:
+        assert result["structuredContent"] == {
+            "stdout": own.stdout.decode(),
+            "stderr": own.stderr.decode(),
+            "exit_status": own.returncode,
+        }
+
+
+def test_fresh_runs_never_share_a_sandbox_and_spares_end_with_their_task() -> None:
+    runner, svc = code_service(timeout=0.5)
+    b = Caller(task="t2", tenant="b")
+    mark = "import os; print(os.path.exists('/tmp/mark')); open('/tmp/mark', 'w').close()"
+
+    async def scenario() -> list[dict[str, Any]]:
+        out = [await svc.call("run_code", {"code": mark}, c) for c in (A, A, b, A)]
+        await asyncio.sleep(1.0)  # a spare waiting longer than the timeout: its clock waits too
+        out.append(await svc.call("run_code", {"code": "print(1)"}, A))
+        out.append(await svc.call("run_code", {"code": "import time; time.sleep(30)"}, A))
+        return out
+
+    try:
+        results = asyncio.run(scenario())
+        assert [r["structuredContent"]["stdout"] for r in results[:4]] == ["False\n"] * 4
+        assert meta(results[4])["class"] == "ok"
+        assert meta(results[5])["class"] == "timeout"
+        deadline = time.monotonic() + 10  # the next spares are made after each call
+        while time.monotonic() < deadline and not (
+            runner.spare_pids("a", "t1") and runner.spare_pids("b", "t2")
+        ):
+            time.sleep(0.01)
+        mine, theirs = runner.spare_pids("a", "t1"), runner.spare_pids("b", "t2")
+        assert len(mine) == 1 and len(theirs) == 1 and mine != theirs
+        runner.end_task("t1")
+        assert runner.spare_pids("a", "t1") == [] and runner.spare_pids("b", "t2") == theirs
+        assert not Path(f"/proc/{mine[0]}").exists()
+    finally:
+        runner.close()
+    assert not Path(f"/proc/{theirs[0]}").exists()
+
+
+def test_an_unused_spare_sandbox_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Also the one made after a call that was still running when its task ended.
+    monkeypatch.setattr(code, "_SPARE_IDLE_S", 0.5)
+    runner, svc = code_service()
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        running = asyncio.ensure_future(
+            svc.call("run_code", {"code": "import time; time.sleep(0.3)"}, A)
+        )
+        await asyncio.sleep(0.1)
+        runner.end_task("t1")  # while the call runs: the spare made after it outlives the task
+        await running
+        deadline = time.monotonic() + 10
+        while not runner.spare_pids("a", "t1") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        made = runner.spare_pids("a", "t1")
+        await asyncio.sleep(1.0)
+        return made, runner.spare_pids("a", "t1")
+
+    try:
+        made, later = asyncio.run(scenario())
+        assert len(made) == 1 and later == []
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{made[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not Path(f"/proc/{made[0]}").exists()
+    finally:
+        runner.close()
 
 
 def test_a_session_keeps_its_variables_and_dies_with_its_task() -> None:

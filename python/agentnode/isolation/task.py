@@ -428,6 +428,11 @@ class Task:
         self._timed_out = False
         self._result: Result | None = None
 
+    def start_clock(self, timeout: float | None) -> None:
+        """Counts the task's timeout from now (None: none): for a task made ahead of the work
+        it is then given, whose time starts with that work."""
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
     @property
     def pid(self) -> int:
         """The task's init, as the host sees it."""

@@ -26,7 +26,7 @@ _VECTOR_CHECKPOINT_SECONDS = 300.0
 
 if TYPE_CHECKING:
     from aiohttp import web
-    from starlette.applications import Starlette
+    from starlette.types import ASGIApp
 
     from agentnode.cli import ArgumentParser
     from agentnode.node.runner import Node
@@ -240,7 +240,7 @@ async def _serve_mcp(node: Node) -> MCPEndpoint:
             return None
         return caller_for(node.manager.get(p.task), workspaces)
 
-    def app() -> Starlette:
+    def app() -> ASGIApp:
         return mcp_app(node.tools.service, authenticate)
 
     port = node.config.tools.mcp_port

@@ -9,6 +9,8 @@ import json
 import os
 import select
 import time
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,50 @@ from agentnode.isolation import task as isolation
 from agentnode.isolation.task import ExitReason
 from agentnode.tools.registry import Caller, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
-from agentnode.tools.sandboxed import SPAWNER, Run, owned_workspace, run_sandboxed, sandbox_limits
+from agentnode.tools.sandboxed import (
+    SPAWNER,
+    Run,
+    Started,
+    finish_sandboxed,
+    owned_workspace,
+    run_sandboxed,
+    sandbox_limits,
+    start_sandboxed,
+)
 
 __all__ = ["CodeRunner"]
 
 _KERNEL = (Path(__file__).with_name("kernel.py")).read_text()
+#: What a made-ahead sandbox runs: the interpreter starts (most of a call's time) before the
+#: code exists, then runs what arrives on stdin as `python3 -I -` would: in `__main__`, named
+#: `<stdin>`, with `sys.argv == ["-"]`, its tracebacks and exit status as the interpreter's own.
+_STDIN_MAIN = """\
+def _agentnode_main():
+    import sys
+    scope = sys.modules["__main__"].__dict__
+    del scope["_agentnode_main"]
+    scope.update(__file__="<stdin>", __cached__=None)
+    source = sys.stdin.buffer.read()
+    sys.argv[0] = "-"
+    try:
+        code = compile(source, "<stdin>", "exec")
+    except (SyntaxError, ValueError) as e:
+        sys.excepthook(type(e), e, e.with_traceback(None).__traceback__)
+        raise SystemExit(1) from None
+    del sys, source
+    try:
+        exec(code, scope)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        import sys
+        e = e.with_traceback(e.__traceback__.tb_next)  # from the code's own first frame
+        sys.excepthook(type(e), e, e.__traceback__)
+        raise SystemExit(1) from None
+_agentnode_main()
+"""
+#: A spare sandbox unused this long is stopped (its task has stopped calling run_code).
+_SPARE_IDLE_S = 60.0
 
 INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -111,6 +152,37 @@ class _Key:
     task: str
 
 
+@dataclass(frozen=True, slots=True)
+class _SpareKey:
+    """Everything a fresh python sandbox is made for: a spare serves only calls that match."""
+
+    tenant: str
+    task: str
+    user: str
+    userns: bool
+    workspace: Path | None
+
+
+def _spare_of(caller: Caller) -> _SpareKey:
+    return _SpareKey(caller.tenant, caller.task, caller.user, caller.userns, caller.workspace)
+
+
+def _discard(spare: Future[Started]) -> None:
+    """Stops a spare sandbox (once it is made, if it is still being made)."""
+
+    def close(f: Future[Started]) -> None:
+        if not f.cancelled() and f.exception() is None:
+            f.result().close()
+
+    spare.add_done_callback(close)
+
+
+def _discard_all(spares: dict[_SpareKey, tuple[Future[Started], float]]) -> None:
+    for spare, _made in spares.values():
+        _discard(spare)
+    spares.clear()
+
+
 class CodeRunner:
     """The `run_code` tool and the sessions it keeps, one per calling task."""
 
@@ -121,6 +193,11 @@ class CodeRunner:
         self._network = node_network
         self._sessions: dict[_Key, Session] = {}
         self._starting: dict[_Key, asyncio.Lock] = {}
+        #: One python sandbox made ahead per caller identity (a fresh call takes it, already
+        #: past the interpreter's start, and has the next one made): never reused, never
+        #: shared between tasks. Stopped when idle, with its task, or with the runner.
+        self._spares: dict[_SpareKey, tuple[Future[Started], float]] = {}
+        weakref.finalize(self, _discard_all, self._spares)
 
     def tool(self) -> Tool:
         return Tool(
@@ -138,6 +215,14 @@ class CodeRunner:
         s = self._sessions.get(_Key(tenant, task))
         return None if s is None or s.task.result is not None else s.pid
 
+    def spare_pids(self, tenant: str, task: str) -> list[int]:
+        """The host pids of the python sandboxes made ahead for a task (made, not yet used)."""
+        return [
+            f.result().task.pid
+            for k, (f, _made) in self._spares.items()
+            if (k.tenant, k.task) == (tenant, task) and f.done() and f.exception() is None
+        ]
+
     async def run(self, args: dict[str, Any], caller: Caller) -> Outcome:
         timeout = min(float(args.get("timeout", self.limits.timeout)), self.limits.timeout)
         language = args.get("language", "python")
@@ -145,10 +230,6 @@ class CodeRunner:
             if language != "python":
                 return Outcome.error("invalid_input", "/language: sessions run python only")
             return await self._in_session(args["code"], timeout, caller)
-        if language == "python":
-            argv, stdin = ["python3", "-I", "-"], args["code"].encode()
-        else:
-            argv, stdin = ["bash", "-c", args["code"]], b""
         limits = ToolLimits(
             cpus=self.limits.cpus,
             memory=self.limits.memory,
@@ -156,10 +237,22 @@ class CodeRunner:
             timeout=timeout,
             output=self.limits.output,
         )
+        if language == "python":
+            started = await self._take_spare(caller)
+            loop = asyncio.get_running_loop()
+            stdin = args["code"].encode()
+            try:
+                run = await loop.run_in_executor(
+                    SPAWNER, lambda: finish_sandboxed(started, stdin=stdin, limits=limits)
+                )
+            finally:
+                # Made after the call, not during it: on a busy host the two would share the
+                # CPU, and the next call has the time between calls to find it ready.
+                self._make_spare(caller)
+            return self._fresh_outcome(run)
         run = await run_sandboxed(
-            argv,
+            ["bash", "-c", args["code"]],
             limits=limits,
-            stdin=stdin,
             network="none",
             node_network=self._network,
             workspace=caller.workspace,
@@ -167,6 +260,55 @@ class CodeRunner:
             userns=caller.userns,
         )
         return self._fresh_outcome(run)
+
+    def _start_python(self, caller: Caller) -> Started:
+        return start_sandboxed(
+            ["python3", "-I", "-c", _STDIN_MAIN],
+            limits=self.limits,
+            network="none",
+            node_network=self._network,
+            workspace=caller.workspace,
+            user=caller.user,
+            userns=caller.userns,
+        )
+
+    def _make_spare(self, caller: Caller) -> None:
+        """Starts making the next python sandbox for `caller` (unless one is there), stopped
+        after `_SPARE_IDLE_S` unless a call takes it first: also one made for a task that
+        ended while its last call ran (after `end_task`)."""
+        key = _spare_of(caller)
+        if key in self._spares:
+            return
+        spare = SPAWNER.submit(self._start_python, caller)
+        self._spares[key] = (spare, time.monotonic())
+        asyncio.get_running_loop().call_later(_SPARE_IDLE_S, self._expire, key, spare)
+
+    def _expire(self, key: _SpareKey, spare: Future[Started]) -> None:
+        held = self._spares.get(key)
+        if held is not None and held[0] is spare:
+            del self._spares[key]
+            _discard(spare)
+
+    async def _take_spare(self, caller: Caller) -> Started:
+        """A fresh python sandbox for `caller`: the one made ahead when there is one still
+        usable, else one started now."""
+        now = time.monotonic()
+        for key, (spare, made) in list(self._spares.items()):
+            if now - made > _SPARE_IDLE_S:
+                del self._spares[key]
+                _discard(spare)
+        held = self._spares.pop(_spare_of(caller), None)
+        if held is not None:
+            try:
+                started = await asyncio.wrap_future(held[0])
+            except Exception:
+                pass  # it could not be made then: start one now (and fail now, if so)
+            else:
+                if started.task.wait(0) is None:
+                    return started
+                started.close()  # it ended while it waited (killed from outside)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(SPAWNER, self._start_python, caller)
 
     def _fresh_outcome(self, run: Run) -> Outcome:
         cls = run.cls
@@ -244,12 +386,16 @@ class CodeRunner:
         return out
 
     def end_task(self, task: str) -> None:
-        """Kills the sessions of `task` (the node calls it when the task ends)."""
+        """Kills the sessions and spare sandboxes of `task` (the node calls it when the task
+        ends)."""
         for key in [k for k in self._sessions if k.task == task]:
             self._sessions.pop(key).task.close()
             self._starting.pop(key, None)
+        for spare_key in [k for k in self._spares if k.task == task]:
+            _discard(self._spares.pop(spare_key)[0])
 
     def close(self) -> None:
         for s in self._sessions.values():
             s.task.close()
         self._sessions.clear()
+        _discard_all(self._spares)

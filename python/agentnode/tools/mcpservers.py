@@ -489,14 +489,32 @@ class MCPServers:
                 out += [self._tool(spec, t) for t in await self._listed(spec, tenant)]
         return out
 
-    async def get(self, name: str, tenant: str) -> Tool | None:
-        """Tool `server__tool`, when `tenant` may use that server (only it is started)."""
+    def _server(self, name: str, tenant: str) -> tuple[MCPServerSpec, str] | None:
         server, sep, remote = name.partition(SEPARATOR)
         spec = self.specs.get(server)
         if not sep or spec is None or not self._allowed(spec, tenant):
             return None
-        listed = next((t for t in await self._listed(spec, tenant) if t["name"] == remote), None)
-        return None if listed is None else self._tool(spec, listed)
+        return spec, remote
+
+    def _find(self, spec: MCPServerSpec, remote: str, listed: list[dict[str, Any]]) -> Tool | None:
+        found = next((t for t in listed if t["name"] == remote), None)
+        return None if found is None else self._tool(spec, found)
+
+    async def get(self, name: str, tenant: str) -> Tool | None:
+        """Tool `server__tool`, when `tenant` may use that server (only it is started)."""
+        named = self._server(name, tenant)
+        if named is None:
+            return None
+        spec, remote = named
+        return self._find(spec, remote, await self._listed(spec, tenant))
+
+    def known(self, name: str, tenant: str) -> Tool | None:
+        """Tool `server__tool` when its server's tools were listed already (none is started)."""
+        named = self._server(name, tenant)
+        if named is None:
+            return None
+        spec, remote = named
+        return self._find(spec, remote, self._tools.get(spec.name, []))
 
     def _tool(self, spec: MCPServerSpec, listed: dict[str, Any]) -> Tool:
         key = (spec.name, listed["name"])

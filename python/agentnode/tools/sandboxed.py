@@ -24,7 +24,15 @@ from agentnode.isolation.task import ExitReason, Result, prepare_workspace
 from agentnode.tools.registry import ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 
-__all__ = ["SPAWNER", "Run", "run_sandboxed", "sandbox_limits"]
+__all__ = [
+    "SPAWNER",
+    "Run",
+    "Started",
+    "finish_sandboxed",
+    "run_sandboxed",
+    "sandbox_limits",
+    "start_sandboxed",
+]
 
 #: Long-lived threads tools start sandboxes on: a sandbox is killed when the thread that
 #: cloned it exits.
@@ -88,16 +96,19 @@ class Run:
         )
 
 
-def _collect(task: isolation.Task, stdin: bytes, cap: int) -> tuple[bytes, bytes, int, bool]:
-    """Feeds stdin and reads both outputs until they close or the task's deadline passes,
-    keeping `cap` bytes in all and draining the rest (a full pipe would stall the task)."""
+def _collect(
+    task: isolation.Task, stdin: bytes, cap: int, timeout: float | None
+) -> tuple[bytes, bytes, int, bool]:
+    """Feeds stdin and reads both outputs until they close or `timeout` passes, keeping `cap`
+    bytes in all and draining the rest (a full pipe would stall the task)."""
     assert task.stdin is not None and task.stdout is not None and task.stderr is not None
     kept = {task.stdout.fileno(): bytearray(), task.stderr.fileno(): bytearray()}
     total = 0
     truncated = False
-    deadline = None if task.limits.timeout is None else time.monotonic() + task.limits.timeout
-    if stdin:
-        threading.Thread(target=_feed, args=(task.stdin, stdin), daemon=True).start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    rest = _write_ready(task.stdin.fileno(), stdin)
+    if rest:
+        threading.Thread(target=_feed, args=(task.stdin, rest), daemon=True).start()
     else:
         task.stdin.close()
     with selectors.DefaultSelector() as sel:
@@ -120,6 +131,23 @@ def _collect(task: isolation.Task, stdin: bytes, cap: int) -> tuple[bytes, bytes
     return bytes(kept[task.stdout.fileno()]), bytes(kept[task.stderr.fileno()]), total, truncated
 
 
+def _write_ready(fd: int, data: bytes) -> bytes:
+    """Writes what the pipe takes now (all of a small input: no thread for it); returns the
+    rest."""
+    if not data:
+        return data
+    os.set_blocking(fd, False)
+    try:
+        done = os.write(fd, data)
+    except BlockingIOError:
+        done = 0
+    except OSError:
+        return b""  # the task ended without reading it
+    finally:
+        os.set_blocking(fd, True)
+    return data[done:]
+
+
 def _feed(pipe: object, data: bytes) -> None:
     try:
         pipe.write(data)  # type: ignore[attr-defined]
@@ -128,30 +156,50 @@ def _feed(pipe: object, data: bytes) -> None:
         pass  # the task ended without reading it all
 
 
-def _run(
+@dataclass(slots=True)
+class Started:
+    """A sandbox started for one run (its stdin still open), before that run is given to it."""
+
+    task: isolation.Task
+    #: The empty workspace made for it (removed when the run ends), when none was given.
+    scratch: Path | None
+    denials: list[Denial]
+
+    def close(self) -> None:
+        """Kills it unused and removes its scratch workspace."""
+        try:
+            self.task.close()
+        finally:
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def start_sandboxed(
     argv: Sequence[str],
     *,
     limits: ToolLimits,
-    stdin: bytes,
-    env: Mapping[str, str],
-    network: str,
-    egress: EgressPolicy | None,
-    node_network: EgressService | None,
-    workspace: Path | None,
-    user: str,
-    userns: bool,
-    mounts: Sequence[Mount],
-) -> Run:
+    env: Mapping[str, str] | None = None,
+    network: str = "none",
+    egress: EgressPolicy | None = None,
+    node_network: EgressService | None = None,
+    workspace: Path | None = None,
+    user: str = "65534",
+    userns: bool = False,
+    mounts: Sequence[Mount] = (),
+) -> Started:
+    """Starts `argv` in a fresh sandbox with `limits` but no timeout yet (`finish_sandboxed`
+    starts its clock). Call on a `SPAWNER` thread. Without `workspace` it gets an empty
+    scratch directory."""
     denials: list[Denial] = []
     scratch = None
     if workspace is None:
         scratch = Path(tempfile.mkdtemp(prefix="tool-", dir=_scratch_root()))
         workspace = owned_workspace(scratch, user, userns=userns)
     try:
-        with isolation.spawn(
+        task = isolation.spawn(
             list(argv),
-            limits=sandbox_limits(limits),
-            env=dict(env),
+            limits=sandbox_limits(limits, timeout=False),
+            env=dict(env or {}),
             network=network,
             egress=egress,
             node_network=node_network,
@@ -163,14 +211,26 @@ def _run(
             stdin="pipe",
             stdout="pipe",
             stderr="pipe",
-        ) as task:
-            out, err, total, truncated = _collect(task, stdin, limits.output)
-            result = task.wait()
-            assert result is not None
-        return Run(result, out, err, total, truncated, denials)
-    finally:
+        )
+    except BaseException:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return Started(task, scratch, denials)
+
+
+def finish_sandboxed(started: Started, *, stdin: bytes, limits: ToolLimits) -> Run:
+    """Gives a started sandbox its `stdin`, collects what it prints and waits for its end,
+    `limits.timeout` from now at most; then removes it."""
+    task = started.task
+    try:
+        task.start_clock(limits.timeout)
+        out, err, total, truncated = _collect(task, stdin, limits.output, limits.timeout)
+        result = task.wait()
+        assert result is not None
+        return Run(result, out, err, total, truncated, started.denials)
+    finally:
+        started.close()
 
 
 def _scratch_root() -> Path:
@@ -195,14 +255,12 @@ async def run_sandboxed(
 ) -> Run:
     """Runs `argv` in a fresh sandbox with `limits` and waits for it off the event loop.
     Without `workspace` it gets an empty scratch directory, removed afterwards."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        SPAWNER,
-        lambda: _run(
+
+    def run() -> Run:
+        started = start_sandboxed(
             argv,
             limits=limits,
-            stdin=stdin,
-            env=env or {},
+            env=env,
             network=network,
             egress=egress,
             node_network=node_network,
@@ -210,5 +268,7 @@ async def run_sandboxed(
             user=user,
             userns=userns,
             mounts=mounts,
-        ),
-    )
+        )
+        return finish_sandboxed(started, stdin=stdin, limits=limits)
+
+    return await asyncio.get_running_loop().run_in_executor(SPAWNER, run)

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,10 @@ class ToolSource(Protocol):
     async def tools(self, tenant: str) -> list[Tool]: ...
 
     async def get(self, name: str, tenant: str) -> Tool | None: ...
+
+    def known(self, name: str, tenant: str) -> Tool | None:
+        """The tool when it is already known here (nothing is started to learn it)."""
+        ...
 
 
 def jsonl_recorder(path: Path) -> Record:
@@ -90,6 +94,16 @@ class ToolService:
     async def list(self, tenant: str) -> list[dict[str, Any]]:
         """The tools `tenant` may use, as MCP's `tools/list` shows them."""
         return [t.describe() for t in await self.tools(tenant)]
+
+    def input_schema(self, name: str, tenant: str) -> Mapping[str, Any] | None:
+        """The input schema of tool `name` as `tenant` sees it, when it is known without
+        starting anything (None: no such tool, or not known yet)."""
+        tool = self.registry.get(name, tenant)
+        for source in self.sources:
+            if tool is not None:
+                break
+            tool = source.known(name, tenant)
+        return None if tool is None else tool.input_schema
 
     async def _lookup(self, name: str, tenant: str) -> Tool | None:
         tool = self.registry.get(name, tenant)
