@@ -24,10 +24,13 @@ pub struct CgroupManager {
 
 #[pymethods]
 impl CgroupManager {
+    /// Sweeps dead instances' task cgroups, but those named in `spare` (`INSTANCE/TASK`: the
+    /// tasks the node re-adopts), then makes this instance's subtree.
     #[new]
-    fn new(py: Python<'_>) -> PyResult<Self> {
+    #[pyo3(signature = (*, spare=Vec::new()))]
+    fn new(py: Python<'_>, spare: Vec<String>) -> PyResult<Self> {
         let m = py
-            .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h)))
+            .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h, &spare)))
             .map_err(NativeError::from)?;
         Ok(Self {
             zygotes: OnceLock::new(),
@@ -101,7 +104,7 @@ impl CgroupManager {
 #[pyfunction]
 #[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned values
 fn sweep_cgroups(py: Python<'_>, unified: PathBuf, v1: Vec<PathBuf>) -> usize {
-    py.detach(|| agentnode_core::cgroup::sweep(&unified, &v1))
+    py.detach(|| agentnode_core::cgroup::sweep(&unified, &v1, &[]))
 }
 
 /// A running task (see `agentnode.isolation.Task`).
@@ -220,6 +223,12 @@ impl NativeTask {
         Ok(d)
     }
 
+    /// Lets the task run on without this handle: nothing kills or reaps it and its cgroups
+    /// stay (for a task started with `outlive`, which the node's next start re-adopts).
+    fn leave(&self) {
+        self.lock().leave();
+    }
+
     /// Kills and reaps whatever still runs and removes the task's cgroups.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {
@@ -242,7 +251,7 @@ impl NativeTask {
 #[pyo3(signature = (
     manager, argv, *, env, cwd, hostname, rootfs, stage, workspace, binds, tmp_size, uid, gid,
     userns_base, netns, stdio, nofile, seccomp, caps, cpu_quota_us, cpu_period_us, cpu_weight,
-    memory_max, memory_high, swap_max, pids_max, before_start=None
+    memory_max, memory_high, swap_max, pids_max, before_start=None, outlive=false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn spawn(
@@ -273,6 +282,7 @@ fn spawn(
     swap_max: Option<u64>,
     pids_max: Option<u64>,
     before_start: Option<Py<PyAny>>,
+    outlive: bool,
 ) -> PyResult<NativeTask> {
     // (uid_t)-1 means "leave unchanged" to setresuid/setresgid: the task would keep root.
     if uid == u32::MAX || gid == u32::MAX {
@@ -307,6 +317,7 @@ fn spawn(
         nofile,
         seccomp,
         keep_caps: caps,
+        outlive,
     };
     let limits = Limits {
         cpu_quota_us,

@@ -69,8 +69,9 @@ fn ensure_dir(path: &Path) -> Result<()> {
 }
 
 impl Manager {
-    /// Sweeps dead instances' leftovers, then creates this instance's subtree in every hierarchy.
-    pub fn new(hierarchy: &Hierarchy) -> Result<Self> {
+    /// Sweeps dead instances' leftovers but the task cgroups named in `spare` (`INSTANCE/TASK`),
+    /// then creates this instance's subtree in every hierarchy.
+    pub fn new(hierarchy: &Hierarchy, spare: &[String]) -> Result<Self> {
         let unified_base = hierarchy.unified.clone().ok_or(Error::NoUnified)?;
         let mut v1_bases = Vec::new();
         if hierarchy.layout == Layout::Hybrid {
@@ -82,7 +83,7 @@ impl Manager {
             }
         }
         let unified_sub = unified_base.join(SUBTREE);
-        sweep(&unified_sub, &v1_bases);
+        sweep(&unified_sub, &v1_bases, spare);
         let name = instance_name();
         let mut v1 = Vec::new();
         for base in &v1_bases {
@@ -267,8 +268,10 @@ fn remove_when_empty(dir: &Path) -> bool {
 }
 
 /// Releases every dead instance under `unified_sub` and `v1_subs`: kills what still runs in its
-/// task cgroups, removes them and the instance dir. Returns how many directories were removed.
-pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf]) -> usize {
+/// task cgroups, removes them and the instance dir. Task cgroups named in `spare`
+/// (`INSTANCE/TASK`) are left as they are, and so is their instance dir. Returns how many
+/// directories were removed.
+pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], spare: &[String]) -> usize {
     let mut removed = 0;
     let mut roots = vec![unified_sub.to_owned()];
     roots.extend(v1_subs.iter().cloned());
@@ -280,6 +283,12 @@ pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf]) -> usize {
                 continue;
             }
             for task in children(&inst) {
+                let spared = task
+                    .strip_prefix(root)
+                    .is_ok_and(|rel| spare.iter().any(|s| Path::new(s) == rel));
+                if spared {
+                    continue;
+                }
                 if i == 0 {
                     let _ = manager::write(&task, "cgroup.kill", "1");
                 }
@@ -313,9 +322,26 @@ mod tests {
         let dead = root.join("n4194304-1");
         std::fs::create_dir_all(live.join("t0")).unwrap();
         std::fs::create_dir_all(dead.join("t0")).unwrap();
-        assert_eq!(sweep(&root, &[]), 2);
+        assert_eq!(sweep(&root, &[], &[]), 2);
         assert!(live.join("t0").exists());
         assert!(!dead.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod spare_tests {
+    use super::*;
+
+    #[test]
+    fn sweep_spares_named_task_cgroups() {
+        let root = std::env::temp_dir().join(format!("agentnode-spare-{}", std::process::id()));
+        let dead = root.join("n4194304-1");
+        std::fs::create_dir_all(dead.join("t0")).unwrap();
+        std::fs::create_dir_all(dead.join("t1")).unwrap();
+        assert_eq!(sweep(&root, &[], &["n4194304-1/t1".to_owned()]), 1);
+        assert!(!dead.join("t0").exists());
+        assert!(dead.join("t1").exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -114,6 +114,9 @@ pub struct Spec {
     pub seccomp: bool,
     /// Capability numbers (`CAP_NET_BIND_SERVICE` = 10, ...) the task keeps; all others drop.
     pub keep_caps: Vec<u32>,
+    /// Whether the task outlives the process that starts it (the node's tasks, re-adopted by
+    /// its next start): no parent-death signal once it has exec'd.
+    pub outlive: bool,
 }
 
 /// The `PATH` used to resolve a bare command name inside the task's root.
@@ -264,6 +267,7 @@ fn prepare(
         gid: spec.gid,
         cap_last: cap_last(),
         keep_caps: spec.keep_caps.iter().fold(0, |m, c| m | (1u64 << c)),
+        outlive: spec.outlive,
         nofile: spec.nofile,
         landlock: landlock::ruleset(),
         seccomp: if spec.seccomp {

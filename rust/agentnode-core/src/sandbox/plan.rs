@@ -603,6 +603,7 @@ mod tests {
             nofile: 1024,
             seccomp: true,
             keep_caps: Vec::new(),
+            outlive: false,
         }
     }
 
