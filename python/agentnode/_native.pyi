@@ -8,9 +8,11 @@ from typing import Any, final
 from typing_extensions import Buffer
 
 __all__ = [
+    "AdoptedCgroup",
     "CgroupManager",
     "EgressHandle",
     "ExecTracerHandle",
+    "ExitRecorder",
     "NativeTask",
     "Scheduler",
     "VectorCollection",
@@ -40,7 +42,10 @@ def cgroup_hierarchy() -> str:
 class CgroupManager:
     """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""
 
-    def __new__(cls) -> CgroupManager: ...
+    def __new__(cls, *, node: str = "", spare: list[str] = ...) -> CgroupManager:
+        """Sweeps dead instances' task cgroups, but those kept for another node than `node`
+        (the `trusted.agentnode.node` xattr) and those named in `spare` (`INSTANCE/TASK`: the
+        tasks this node re-adopts), then makes this instance's subtree."""
     @property
     def name(self) -> str:
         """The instance name, `n<pid>-<starttime>`."""
@@ -51,8 +56,27 @@ class CgroupManager:
     def zygotes(self) -> dict[int, str]:
         """The zygotes ready now (tasks started ahead, waiting for their command): host pid to
         the name of its task cgroup."""
+    def adopt(self, name: str) -> AdoptedCgroup:
+        """Takes over task cgroup `name` (`INSTANCE/TASK`) of an earlier instance, spared at
+        construction."""
     def close(self) -> None:
         """Removes the instance's subtree (its tasks must be gone). Idempotent."""
+
+@final
+class AdoptedCgroup:
+    """A task cgroup of an earlier instance, taken over (see `CgroupManager.adopt`)."""
+
+    @property
+    def placement(self) -> Path | None:
+        """The cgroup2 directory (None once closed)."""
+    def kill(self) -> None:
+        """SIGKILLs every process in it (cgroup.kill)."""
+    def stats(self, wall_s: float) -> dict[str, Any]:
+        """Accounting as `NativeTask.stats` has it, with `wall_s` given by the caller."""
+    def leave(self) -> None:
+        """Gives the cgroup up as it is (its task runs on, for a later start to adopt)."""
+    def close(self) -> None:
+        """Removes the cgroup (its processes must be gone). Idempotent."""
 
 @final
 class NativeTask:
@@ -76,6 +100,9 @@ class NativeTask:
     def set_frozen(self, frozen: bool) -> None: ...
     def stats(self) -> dict[str, Any]:
         """Accounting as a dict: wall_s and the cgroup figures."""
+    def leave(self) -> None:
+        """Lets the task run on without this handle: nothing kills or reaps it and its cgroups
+        stay (for a task started with `outlive`)."""
     def close(self) -> None:
         """Kills and reaps whatever still runs and removes the task's cgroups."""
 
@@ -107,6 +134,7 @@ def spawn(
     swap_max: int | None,
     pids_max: int | None,
     before_start: Callable[[Path], object] | None = None,
+    outlive: bool = False,
 ) -> NativeTask:
     """Starts an isolated task; returns once it has exec'd its command. `before_start` is
     called with the task's cgroup2 directory after it is made and before any process joins."""
@@ -293,6 +321,26 @@ class EgressHandle:
     @property
     def closed(self) -> bool:
         """Whether `close()` has run."""
+
+@final
+class ExitRecorder:
+    """Exit statuses of watched pids, recorded by the kernel (ebpf/exits.bpf.c): the map and
+    the link are pinned under `pin_dir` (a bpffs directory), so they record while no node
+    agent runs. Loaded and pinned on first open; later opens reuse the pins."""
+
+    def __new__(cls, pin_dir: str | Path) -> ExitRecorder: ...
+    def watch(self, pid: int, start_ticks: int) -> None:
+        """Records the exit status of `pid`, started at `start_ticks` (/proc/PID/stat field
+        22)."""
+    def status(self, pid: int, start_ticks: int) -> int | None:
+        """The wait status recorded for `pid` started at `start_ticks`, or None."""
+    def forget(self, pid: int) -> None:
+        """Stops watching `pid`."""
+    def watched(self) -> list[int]:
+        """The pids watched now."""
+    @staticmethod
+    def remove(pin_dir: str | Path) -> bool:
+        """Unpins the recorder under `pin_dir`; whether anything was pinned."""
 
 @final
 class ExecTracerHandle:

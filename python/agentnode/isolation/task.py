@@ -32,6 +32,8 @@ __all__ = [
     "Result",
     "Stats",
     "Task",
+    "cgroup_manager",
+    "exit_reason",
     "prepare_workspace",
     "spawn",
     "use_data_dir",
@@ -118,19 +120,41 @@ class Result:
         return 128 + (self.signal or 0)
 
 
+def exit_reason(code: int | None, sig: int | None, stats: Stats, *, timed_out: bool) -> ExitReason:
+    """Why a task that exited with `code` or was killed by `sig` ended."""
+    if timed_out:
+        return ExitReason.TIMEOUT
+    if stats.oom_kills > 0:
+        return ExitReason.OOM
+    if stats.pids_limit_hits > 0 and code != 0:
+        return ExitReason.PIDS
+    if sig is not None:
+        return ExitReason.SIGNALED
+    return ExitReason.EXITED
+
+
 _lock = threading.Lock()
 _manager: _native.CgroupManager | None = None
 _network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
 
 
-def _cgroups() -> _native.CgroupManager:
+def _cgroups(node: str = "", spare: Sequence[str] = ()) -> _native.CgroupManager:
     global _manager
     with _lock:
         if _manager is None:
-            _manager = _native.CgroupManager()
+            _manager = _native.CgroupManager(node=node, spare=list(spare))
             atexit.register(_shutdown)
+        elif node:
+            raise UsageError("the cgroup manager exists already: name the node before any start")
         return _manager
+
+
+def cgroup_manager(node: str = "", spare: Sequence[str] = ()) -> _native.CgroupManager:
+    """This process's cgroup subtree. The first call makes it, sweeping dead instances' task
+    cgroups, except those kept for another node than `node` and those named in `spare`
+    (`INSTANCE/TASK`: tasks this restarted node re-adopts, with `CgroupManager.adopt`)."""
+    return _cgroups(node, spare)
 
 
 def _default_network() -> EgressService:
@@ -250,6 +274,7 @@ def spawn(
     stdout: Stdio = "inherit",
     stderr: Stdio = "inherit",
     seccomp: bool = True,
+    outlive: bool = False,
 ) -> Task:
     """Starts `argv` isolated (new pid, mount, uts, ipc, net and cgroup namespaces, read-only root,
     no capabilities, seccomp) in a fresh cgroup as `sandbox` says; returns once it has exec'd.
@@ -270,7 +295,8 @@ def spawn(
     capabilities when the user is not 0).
     Call from a long-lived thread: the task is SIGKILLed when the thread that cloned it exits
     (the spawning thread, or for a task started from a zygote the pool's, which ends with the
-    cgroup manager).
+    cgroup manager). With `outlive`, once it has exec'd it runs on after that (the node's
+    tasks, which its next start re-adopts); it still never starts if the spawner died first.
     """
     netns = None
     if sandbox is None:
@@ -339,6 +365,7 @@ def spawn(
             swap_max=limits.swap,
             pids_max=limits.pids,
             before_start=None if net is None else net.attach,
+            outlive=outlive,
         )
     except BaseException:
         if net is not None:
@@ -450,16 +477,7 @@ class Task:
         if self._result is None:
             stats = self.stats()
             code, sig = exit
-            if self._timed_out:
-                reason = ExitReason.TIMEOUT
-            elif stats.oom_kills > 0:
-                reason = ExitReason.OOM
-            elif stats.pids_limit_hits > 0 and code != 0:
-                reason = ExitReason.PIDS
-            elif sig is not None:
-                reason = ExitReason.SIGNALED
-            else:
-                reason = ExitReason.EXITED
+            reason = exit_reason(code, sig, stats, timed_out=self._timed_out)
             if self._net is not None:
                 self._net.close()
                 stats = replace(stats, network=self._net.stats())
@@ -546,6 +564,19 @@ class Task:
         exit = self._native.wait(None)
         assert exit is not None
         return self._finish(exit)
+
+    def send_kill(self) -> None:
+        """SIGKILLs every process of the task (cgroup.kill) without waiting: `wait_async`
+        then returns (a reaped, killed task)."""
+        if self._result is None:
+            self._native.kill()
+
+    def leave(self) -> None:
+        """Lets a task started with `outlive` run on without this handle: neither this process's
+        exit nor the handle's close kills it, and its cgroups stay. Its egress, if any, goes
+        with this process."""
+        self._native.leave()
+        _live.discard(self)
 
     def freeze(self) -> None:
         """Stops every process of the task (cgroup.freeze) until `thaw()`."""

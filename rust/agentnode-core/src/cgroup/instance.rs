@@ -69,9 +69,9 @@ fn ensure_dir(path: &Path) -> Result<()> {
 }
 
 impl Manager {
-    /// Sweeps dead instances' leftovers but the task cgroups named in `spare` (`INSTANCE/TASK`),
-    /// then creates this instance's subtree in every hierarchy.
-    pub fn new(hierarchy: &Hierarchy, spare: &[String]) -> Result<Self> {
+    /// Sweeps dead instances' leftovers (see [`sweep`]; `node` and `spare` say which kept tasks
+    /// are this node's to re-adopt), then creates this instance's subtree in every hierarchy.
+    pub fn new(hierarchy: &Hierarchy, node: &str, spare: &[String]) -> Result<Self> {
         let unified_base = hierarchy.unified.clone().ok_or(Error::NoUnified)?;
         let mut v1_bases = Vec::new();
         if hierarchy.layout == Layout::Hybrid {
@@ -83,7 +83,7 @@ impl Manager {
             }
         }
         let unified_sub = unified_base.join(SUBTREE);
-        sweep(&unified_sub, &v1_bases, spare);
+        sweep(&unified_sub, &v1_bases, node, spare);
         let name = instance_name();
         let mut v1 = Vec::new();
         for base in &v1_bases {
@@ -151,6 +151,31 @@ impl Manager {
     #[must_use]
     pub fn unified_dir(&self) -> &Path {
         &self.unified
+    }
+
+    /// Takes over task cgroup `name` (`INSTANCE/TASK`) of an earlier instance, one the sweep
+    /// spared: it is then this manager's to kill, read and (on drop) remove, like one it made.
+    pub fn adopt(&self, name: &str) -> Result<Box<dyn TaskCgroup>> {
+        let rel = Path::new(name);
+        let plain = rel.components().count() == 2
+            && rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let under = |instance: &Path| instance.parent().unwrap_or(instance).join(rel);
+        let unified = under(&self.unified);
+        if !plain || !unified.is_dir() {
+            return Err(Error::Read {
+                path: unified,
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        if self.v1.is_empty() {
+            return Ok(Box::new(V2::adopt(unified)));
+        }
+        Ok(Box::new(Hybrid::adopt(
+            unified,
+            self.v1.iter().map(|d| under(d)).collect(),
+        )))
     }
 
     /// This instance's directories in every hierarchy (cgroup2 first).
@@ -267,11 +292,34 @@ fn remove_when_empty(dir: &Path) -> bool {
     }
 }
 
+/// The extended attribute on a task's cgroup2 directory that names the node (the digest of
+/// its data dir) whose task outlives the instance that started it, for that node's next start
+/// to re-adopt.
+pub const KEEP_XATTR: &str = "trusted.agentnode.node";
+
+/// The node a task cgroup2 directory is kept for ([`KEEP_XATTR`]), if any.
+fn kept_for(dir: &Path) -> Option<Vec<u8>> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let name = std::ffi::CString::new(KEEP_XATTR).ok()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    usize::try_from(n).ok().map(|n| buf[..n].to_vec())
+}
+
 /// Releases every dead instance under `unified_sub` and `v1_subs`: kills what still runs in its
-/// task cgroups, removes them and the instance dir. Task cgroups named in `spare`
-/// (`INSTANCE/TASK`) are left as they are, and so is their instance dir. Returns how many
-/// directories were removed.
-pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], spare: &[String]) -> usize {
+/// task cgroups, removes them and the instance dir. A task cgroup kept for another node than
+/// `node` ([`KEEP_XATTR`]: its task outlives its instance, for that node to re-adopt) is left
+/// as it is, and so is one of `node`'s named in `spare` (`INSTANCE/TASK`: re-adopted now), and
+/// their instance dirs. Returns how many directories were removed.
+pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], node: &str, spare: &[String]) -> usize {
     let mut removed = 0;
     let mut roots = vec![unified_sub.to_owned()];
     roots.extend(v1_subs.iter().cloned());
@@ -282,11 +330,15 @@ pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], spare: &[String]) -> usize
             if name.as_deref().is_none_or(is_alive) {
                 continue;
             }
+            let mut kept = false;
             for task in children(&inst) {
-                let spared = task
-                    .strip_prefix(root)
-                    .is_ok_and(|rel| spare.iter().any(|s| Path::new(s) == rel));
+                let spared = task.strip_prefix(root).is_ok_and(|rel| {
+                    spare.iter().any(|s| Path::new(s) == rel)
+                        || kept_for(&unified_sub.join(rel))
+                            .is_some_and(|owner| owner != node.as_bytes())
+                });
                 if spared {
+                    kept = true;
                     continue;
                 }
                 if i == 0 {
@@ -295,7 +347,9 @@ pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], spare: &[String]) -> usize
                 kill_listed(&task);
                 removed += usize::from(remove_when_empty(&task));
             }
-            removed += usize::from(remove_when_empty(&inst));
+            if !kept {
+                removed += usize::from(remove_when_empty(&inst));
+            }
         }
     }
     removed
@@ -322,7 +376,7 @@ mod tests {
         let dead = root.join("n4194304-1");
         std::fs::create_dir_all(live.join("t0")).unwrap();
         std::fs::create_dir_all(dead.join("t0")).unwrap();
-        assert_eq!(sweep(&root, &[], &[]), 2);
+        assert_eq!(sweep(&root, &[], "", &[]), 2);
         assert!(live.join("t0").exists());
         assert!(!dead.exists());
         std::fs::remove_dir_all(&root).unwrap();
@@ -339,7 +393,7 @@ mod spare_tests {
         let dead = root.join("n4194304-1");
         std::fs::create_dir_all(dead.join("t0")).unwrap();
         std::fs::create_dir_all(dead.join("t1")).unwrap();
-        assert_eq!(sweep(&root, &[], &["n4194304-1/t1".to_owned()]), 1);
+        assert_eq!(sweep(&root, &[], "", &["n4194304-1/t1".to_owned()]), 1);
         assert!(!dead.join("t0").exists());
         assert!(dead.join("t1").exists());
         std::fs::remove_dir_all(&root).unwrap();

@@ -13,7 +13,7 @@ mod instance;
 mod layout;
 mod manager;
 
-pub use instance::{sweep, Manager, SUBTREE};
+pub use instance::{sweep, Manager, KEEP_XATTR, SUBTREE};
 pub use layout::{Hierarchy, Layout, V1Controller};
 pub use manager::{v2_files, CgroupStats, Hybrid, Limits, TaskCgroup, V1_CONTROLLERS, V2};
 
@@ -68,6 +68,13 @@ impl OwnedDir {
         let path = parent.join(name);
         std::fs::create_dir(&path)?;
         Ok(Self { path })
+    }
+
+    /// Takes over an existing directory (an earlier instance's task cgroup): removed on drop
+    /// like one made here.
+    #[must_use]
+    pub fn adopt(path: PathBuf) -> Self {
+        Self { path }
     }
 
     #[must_use]
