@@ -43,12 +43,13 @@ class CgroupManager:
     """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""
 
     def __new__(cls, *, node: str = "", spare: list[str] = ...) -> CgroupManager:
-        """Sweeps dead instances' task cgroups, but those kept for another node than `node`
-        (the `trusted.agentnode.node` xattr) and those named in `spare` (`INSTANCE/TASK`: the
-        tasks this node re-adopts), then makes this instance's subtree."""
+        """Sweeps dead instances' task cgroups, then makes this instance's subtree:
+        `n<pid>-<start>`, or with a `node` name, `k<node>`, whose tasks may outlive this process
+        (its earlier process's task cgroups are swept, but those named in `spare`, `TASK`:
+        re-adopted now)."""
     @property
     def name(self) -> str:
-        """The instance name, `n<pid>-<starttime>`."""
+        """The instance name, `n<pid>-<starttime>` (a node daemon's: `k<node>`)."""
     def dirs(self) -> list[Path]:
         """This instance's directories in every hierarchy (cgroup2 first)."""
     def spares(self) -> list[str]:
@@ -57,8 +58,8 @@ class CgroupManager:
         """The zygotes ready now (tasks started ahead, waiting for their command): host pid to
         the name of its task cgroup."""
     def adopt(self, name: str) -> AdoptedCgroup:
-        """Takes over task cgroup `name` (`INSTANCE/TASK`) of an earlier instance, spared at
-        construction."""
+        """Takes over task cgroup `name` (`TASK`) an earlier process of this node left running,
+        spared at construction."""
     def close(self) -> None:
         """Removes the instance's subtree (its tasks must be gone). Idempotent."""
 

@@ -152,8 +152,9 @@ def _cgroups(node: str = "", spare: Sequence[str] = ()) -> _native.CgroupManager
 
 def cgroup_manager(node: str = "", spare: Sequence[str] = ()) -> _native.CgroupManager:
     """This process's cgroup subtree. The first call makes it, sweeping dead instances' task
-    cgroups, except those kept for another node than `node` and those named in `spare`
-    (`INSTANCE/TASK`: tasks this restarted node re-adopts, with `CgroupManager.adopt`)."""
+    cgroups; with a `node` name (a node daemon's), the subtree is the node's (`k<node>`),
+    which other sweeps leave alone, and the earlier process's task cgroups in it are swept,
+    except those named in `spare` (`TASK`: tasks the node re-adopts, `CgroupManager.adopt`)."""
     return _cgroups(node, spare)
 
 

@@ -33,7 +33,7 @@ from agentnode.isolation.spec import Limits
 from agentnode.isolation.task import Result, Stats, cgroup_manager, exit_reason
 from agentnode.tasks.model import State, Task
 
-__all__ = ["Adopted", "Restorer", "keep", "node_id", "pin_dir", "release_pins", "start_ticks"]
+__all__ = ["Adopted", "Restorer", "node_id", "pin_dir", "release_pins", "start_ticks"]
 
 log = logging.getLogger("agentnode.node")
 
@@ -57,13 +57,6 @@ def start_ticks(pid: int) -> int | None:
 def node_id(data_dir: Path) -> str:
     """The name of the node on `data_dir` among the nodes of one host."""
     return hashlib.sha256(os.fsencode(data_dir.resolve())).hexdigest()[:16]
-
-
-def keep(cgroup_dir: Path, node: str) -> None:
-    """Marks a task's cgroup2 directory as kept for `node`: no other node's (or `agentnode
-    exec`'s) sweep removes it while no agent of `node` runs; `node`'s next start re-adopts the
-    task, or kills it."""
-    os.setxattr(cgroup_dir, "trusted.agentnode.node", node.encode())
 
 
 def _is_bpffs(path: Path) -> bool:
@@ -128,7 +121,6 @@ class Adopted:
         ticks: int,
         pidfd: int,
         cgroup: _native.AdoptedCgroup,
-        instance_dirs: list[Path],
         recorder: _native.ExitRecorder,
         deadline: float | None,
         limits: Limits,
@@ -138,7 +130,6 @@ class Adopted:
         self.limits = limits
         self._pidfd = pidfd
         self._cgroup = cgroup
-        self._instance_dirs = instance_dirs
         self._recorder = recorder
         #: When its timeout ends (epoch seconds), as recorded at its start.
         self.deadline = deadline
@@ -215,14 +206,10 @@ class Adopted:
         return self._result
 
     def close(self) -> None:
-        """Kills whatever still runs in its cgroup, removes the cgroup, stops watching it; the
-        earlier agent's instance dirs go with the last of its tasks."""
+        """Kills whatever still runs in its cgroup, removes the cgroup, stops watching it."""
         if self._result is None:
             self._cgroup.kill()
         self._cgroup.close()
-        for d in self._instance_dirs:
-            with contextlib.suppress(OSError):
-                d.rmdir()
         with contextlib.suppress(OSError):
             os.close(self._pidfd)
         with contextlib.suppress(AgentnodeError):
@@ -240,7 +227,8 @@ class Restorer:
 
     def __init__(self, recorder: _native.ExitRecorder, *, node: str) -> None:
         self.recorder = recorder
-        #: `node_id` of this node: the cgroups of its tasks are marked with it (`keep`).
+        #: `node_id` of this node: its tasks' cgroups are under `k<node>`, which no other
+        #: node's sweep removes.
         self.node = node
         #: Task id to (pid, start ticks, pidfd, task cgroup name) of what `resolve` re-adopted.
         self._found: dict[str, tuple[int, int, int, str]] = {}
@@ -258,7 +246,7 @@ class Restorer:
         # Opened first, checked second: a pidfd names one process for good, so the start time
         # read after it is that process's (a recycled pid fails the check, never passes it).
         if pidfd is not None and start_ticks(pid) == ticks:
-            name = _task_cgroup(pid)
+            name = _task_cgroup(pid, self.node)
             if name is not None:
                 self._found[task.id] = (pid, ticks, pidfd, name)
                 return None
@@ -290,7 +278,6 @@ class Restorer:
         ones by id. Returns them, and those that could not be taken over after all (killed)
         with why."""
         manager = cgroup_manager(self.node, [name for *_, name in self._found.values()])
-        roots = [Path(d).parent for d in manager.dirs()]
         out, failed = {}, {}
         for task_id, (pid, ticks, pidfd, name) in self._found.items():
             task = tasks[task_id]
@@ -306,7 +293,6 @@ class Restorer:
                 ticks=ticks,
                 pidfd=pidfd,
                 cgroup=cgroup,
-                instance_dirs=[root / name.split("/")[0] for root in roots],
                 recorder=self.recorder,
                 deadline=task.deadline,
                 limits=task.spec.sandbox.limits,
@@ -315,8 +301,8 @@ class Restorer:
         return out, failed
 
 
-def _task_cgroup(pid: int) -> str | None:
-    """`INSTANCE/TASK`, the node task cgroup process `pid` is in (None: not in one)."""
+def _task_cgroup(pid: int, node: str) -> str | None:
+    """`TASK`, the task cgroup of `node` process `pid` is in (None: not in one)."""
     try:
         text = Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
@@ -324,7 +310,7 @@ def _task_cgroup(pid: int) -> str | None:
     for line in text.splitlines():
         if line.startswith("0::"):
             parts = line[3:].strip("/").split("/")
-            # /agentnode/n<pid>-<start>/t<N>: the subtree `agentnode_core::cgroup::SUBTREE`.
-            if len(parts) >= 3 and parts[-3] == "agentnode" and parts[-2].startswith("n"):
-                return f"{parts[-2]}/{parts[-1]}"
+            # /agentnode/k<node>/t<N>: the subtree `agentnode_core::cgroup::SUBTREE`.
+            if len(parts) >= 3 and parts[-3] == "agentnode" and parts[-2] == f"k{node}":
+                return parts[-1]
     return None

@@ -39,7 +39,6 @@ from agentnode.node.logcap import rotate_if_over
 from agentnode.node.restore import (
     Adopted,
     Restorer,
-    keep,
     node_id,
     pin_dir,
     release_pins,
@@ -455,8 +454,7 @@ class Node:
             # Watched before it is recorded: a record names only processes whose exit the
             # kernel records, for the next start to read.
             ticks = start_ticks(proc.pid)
-            if ticks is not None and self.restorer is not None and proc.cgroup_dir is not None:
-                keep(proc.cgroup_dir, self.restorer.node)
+            if ticks is not None and self.restorer is not None:
                 self.restorer.recorder.watch(proc.pid, ticks)
                 process = (proc.pid, ticks)
         r.task = await self.manager.mark_running(task.id, process=process)

@@ -24,9 +24,9 @@ pub struct CgroupManager {
 
 #[pymethods]
 impl CgroupManager {
-    /// Sweeps dead instances' task cgroups, but those kept for another node than `node` and
-    /// those named in `spare` (`INSTANCE/TASK`: the tasks this node re-adopts), then makes
-    /// this instance's subtree.
+    /// Sweeps dead instances' task cgroups, then makes this instance's subtree: `n<pid>-<start>`,
+    /// or with a `node` name, `k<node>`, whose tasks may outlive this process (its earlier
+    /// process's task cgroups are swept, but those named in `spare`, `TASK`: re-adopted now).
     #[new]
     #[pyo3(signature = (*, node=String::new(), spare=Vec::new()))]
     fn new(py: Python<'_>, node: String, spare: Vec<String>) -> PyResult<Self> {
@@ -70,8 +70,8 @@ impl CgroupManager {
             .unwrap_or_default()
     }
 
-    /// Takes over task cgroup `name` (`INSTANCE/TASK`) of an earlier instance, spared at
-    /// construction.
+    /// Takes over task cgroup `name` (`TASK`) an earlier process of this node left running,
+    /// spared at construction.
     fn adopt(&self, py: Python<'_>, name: &str) -> PyResult<AdoptedCgroup> {
         let cg = py
             .detach(|| -> sandbox::Result<_> {

@@ -69,8 +69,11 @@ fn ensure_dir(path: &Path) -> Result<()> {
 }
 
 impl Manager {
-    /// Sweeps dead instances' leftovers (see [`sweep`]; `node` and `spare` say which kept tasks
-    /// are this node's to re-adopt), then creates this instance's subtree in every hierarchy.
+    /// Sweeps dead instances' leftovers (see [`sweep`]), then creates this instance's subtree
+    /// in every hierarchy. The instance is `n<pid>-<starttime>`, or with a `node` name (a node
+    /// daemon's, one per data dir), `k<node>`: its tasks may outlive this process, and no other
+    /// instance's sweep removes them; this one's removes what an earlier process of the node
+    /// left there, but the task cgroups named in `spare` (`TASK`: re-adopted now).
     pub fn new(hierarchy: &Hierarchy, node: &str, spare: &[String]) -> Result<Self> {
         let unified_base = hierarchy.unified.clone().ok_or(Error::NoUnified)?;
         let mut v1_bases = Vec::new();
@@ -83,8 +86,12 @@ impl Manager {
             }
         }
         let unified_sub = unified_base.join(SUBTREE);
-        sweep(&unified_sub, &v1_bases, node, spare);
-        let name = instance_name();
+        let name = if node.is_empty() {
+            instance_name()
+        } else {
+            format!("k{node}")
+        };
+        sweep(&unified_sub, &v1_bases, &name, spare);
         let mut v1 = Vec::new();
         for base in &v1_bases {
             v1.push(base.join(&name));
@@ -115,7 +122,13 @@ impl Manager {
             enable_controllers(&unified_base);
             enable_controllers(&unified_sub);
         }
-        let (layout, next) = (hierarchy.layout, AtomicU64::new(0));
+        // Past the names of the tasks an earlier process of the node left running here.
+        let first = children(&unified)
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str()?.strip_prefix('t')?.parse::<u64>().ok())
+            .max()
+            .map_or(0, |n| n + 1);
+        let (layout, next) = (hierarchy.layout, AtomicU64::new(first));
         let (unified_dir, v1_dirs) = (unified.clone(), v1.clone());
         let maker: Arc<Make> = Arc::new(move || {
             let name = format!("t{}", next.fetch_add(1, Ordering::Relaxed));
@@ -153,15 +166,16 @@ impl Manager {
         &self.unified
     }
 
-    /// Takes over task cgroup `name` (`INSTANCE/TASK`) of an earlier instance, one the sweep
-    /// spared: it is then this manager's to kill, read and (on drop) remove, like one it made.
+    /// Takes over task cgroup `name` (`TASK`) an earlier process of this node left running, one
+    /// the sweep spared: it is then this manager's to kill, read and (on drop) remove, like one
+    /// it made.
     pub fn adopt(&self, name: &str) -> Result<Box<dyn TaskCgroup>> {
         let rel = Path::new(name);
-        let plain = rel.components().count() == 2
+        let plain = rel.components().count() == 1
             && rel
                 .components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)));
-        let under = |instance: &Path| instance.parent().unwrap_or(instance).join(rel);
+        let under = |instance: &Path| instance.join(rel);
         let unified = under(&self.unified);
         if !plain || !unified.is_dir() {
             return Err(Error::Read {
@@ -292,34 +306,12 @@ fn remove_when_empty(dir: &Path) -> bool {
     }
 }
 
-/// The extended attribute on a task's cgroup2 directory that names the node (the digest of
-/// its data dir) whose task outlives the instance that started it, for that node's next start
-/// to re-adopt.
-pub const KEEP_XATTR: &str = "trusted.agentnode.node";
-
-/// The node a task cgroup2 directory is kept for ([`KEEP_XATTR`]), if any.
-fn kept_for(dir: &Path) -> Option<Vec<u8>> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    let name = std::ffi::CString::new(KEEP_XATTR).ok()?;
-    let mut buf = [0u8; 256];
-    // SAFETY: valid C strings and a buffer of the length given.
-    let n = unsafe {
-        libc::getxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    usize::try_from(n).ok().map(|n| buf[..n].to_vec())
-}
-
 /// Releases every dead instance under `unified_sub` and `v1_subs`: kills what still runs in its
-/// task cgroups, removes them and the instance dir. A task cgroup kept for another node than
-/// `node` ([`KEEP_XATTR`]: its task outlives its instance, for that node to re-adopt) is left
-/// as it is, and so is one of `node`'s named in `spare` (`INSTANCE/TASK`: re-adopted now), and
-/// their instance dirs. Returns how many directories were removed.
-pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], node: &str, spare: &[String]) -> usize {
+/// task cgroups, removes them and the instance dir. A node's instance (`k<node>`) is alive for
+/// every other one (its tasks outlive its processes); `own` is the instance being made, whose
+/// earlier process's task cgroups go too, but those named in `spare` (`TASK`). Returns how
+/// many directories were removed.
+pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], own: &str, spare: &[String]) -> usize {
     let mut removed = 0;
     let mut roots = vec![unified_sub.to_owned()];
     roots.extend(v1_subs.iter().cloned());
@@ -327,16 +319,16 @@ pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], node: &str, spare: &[Strin
     for (i, root) in roots.iter().enumerate() {
         for inst in children(root) {
             let name = inst.file_name().map(|n| n.to_string_lossy().into_owned());
-            if name.as_deref().is_none_or(is_alive) {
+            let mine = name.as_deref() == Some(own);
+            if !mine && name.as_deref().is_none_or(is_alive) {
                 continue;
             }
             let mut kept = false;
             for task in children(&inst) {
-                let spared = task.strip_prefix(root).is_ok_and(|rel| {
-                    spare.iter().any(|s| Path::new(s) == rel)
-                        || kept_for(&unified_sub.join(rel))
-                            .is_some_and(|owner| owner != node.as_bytes())
-                });
+                let spared = mine
+                    && task
+                        .file_name()
+                        .is_some_and(|n| spare.iter().any(|s| n == s.as_str()));
                 if spared {
                     kept = true;
                     continue;
@@ -347,7 +339,7 @@ pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], node: &str, spare: &[Strin
                 kill_listed(&task);
                 removed += usize::from(remove_when_empty(&task));
             }
-            if !kept {
+            if !kept && !mine {
                 removed += usize::from(remove_when_empty(&inst));
             }
         }
@@ -376,7 +368,7 @@ mod tests {
         let dead = root.join("n4194304-1");
         std::fs::create_dir_all(live.join("t0")).unwrap();
         std::fs::create_dir_all(dead.join("t0")).unwrap();
-        assert_eq!(sweep(&root, &[], "", &[]), 2);
+        assert_eq!(sweep(&root, &[], "n0-0", &[]), 2);
         assert!(live.join("t0").exists());
         assert!(!dead.exists());
         std::fs::remove_dir_all(&root).unwrap();
@@ -390,12 +382,15 @@ mod spare_tests {
     #[test]
     fn sweep_spares_named_task_cgroups() {
         let root = std::env::temp_dir().join(format!("agentnode-spare-{}", std::process::id()));
-        let dead = root.join("n4194304-1");
-        std::fs::create_dir_all(dead.join("t0")).unwrap();
-        std::fs::create_dir_all(dead.join("t1")).unwrap();
-        assert_eq!(sweep(&root, &[], "", &["n4194304-1/t1".to_owned()]), 1);
-        assert!(!dead.join("t0").exists());
-        assert!(dead.join("t1").exists());
+        let own = root.join("kme");
+        let other = root.join("kother");
+        std::fs::create_dir_all(own.join("t0")).unwrap();
+        std::fs::create_dir_all(own.join("t1")).unwrap();
+        std::fs::create_dir_all(other.join("t0")).unwrap();
+        assert_eq!(sweep(&root, &[], "kme", &["t1".to_owned()]), 1);
+        assert!(!own.join("t0").exists());
+        assert!(own.join("t1").exists());
+        assert!(other.join("t0").exists(), "another node's kept tasks are not ours to sweep");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -13,7 +13,7 @@ mod instance;
 mod layout;
 mod manager;
 
-pub use instance::{sweep, Manager, KEEP_XATTR, SUBTREE};
+pub use instance::{sweep, Manager, SUBTREE};
 pub use layout::{Hierarchy, Layout, V1Controller};
 pub use manager::{v2_files, CgroupStats, Hybrid, Limits, TaskCgroup, V1_CONTROLLERS, V2};
 
