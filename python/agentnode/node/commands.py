@@ -153,7 +153,7 @@ def submit(args: argparse.Namespace) -> int:
             raise e.for_option("--heartbeat") from None
     if args.retries is not None:
         body["retries"] = args.retries
-    if args.no_retry_lost:
+    if getattr(args, "no_retry_lost", False):  # `agent` builds its body here too
         body["retry_lost"] = False
     if args.agent is not None:
         body["agent"] = {"kind": args.agent, **({"model": args.model} if args.model else {})}
