@@ -17,7 +17,7 @@ import pytest
 
 from agentnode import _native
 from agentnode.isolation import task as task_mod
-from agentnode.node.restore import pin_dir, start_ticks
+from agentnode.node.restore import pin_dir, release_pins, start_ticks
 from agentnode.tasks.model import State
 from conftest import processes_with
 from support.node_daemon import Daemon
@@ -295,3 +295,40 @@ def _set_process(data: Path, task_id: str, process: tuple[int, int]) -> None:
     task: Any = decode(raw)
     store.put_now(replace(task, process=process))
     store.close()
+
+
+def test_the_kernel_records_exit_statuses_of_watched_processes(tmp_path: Path) -> None:
+    where = pin_dir(tmp_path)
+    try:
+        recorder = _native.ExitRecorder(where)
+        code = (
+            "import os, sys, threading, time\n"
+            "how = sys.argv[1]\n"
+            "if how == 'thread':\n"
+            "    threading.Thread(target=lambda: os._exit(7)).start(); time.sleep(30)\n"
+            "time.sleep(0.2 if how == 'code' else 30)\n"
+            "sys.exit(3)\n"
+        )
+        procs = {
+            how: subprocess.Popen(["python3", "-c", code, how])
+            for how in ("code", "kill", "thread")
+        }
+        ticks = {how: start_ticks(p.pid) for how, p in procs.items()}
+        for how, p in procs.items():
+            t = ticks[how]
+            assert t is not None
+            recorder.watch(p.pid, t)
+        procs["kill"].kill()
+        for p in procs.values():
+            p.wait()  # reaped here: the record does not depend on who reaps
+        statuses = {how: recorder.status(p.pid, ticks[how] or 0) for how, p in procs.items()}
+        assert statuses == {"code": 3 << 8, "kill": signal.SIGKILL, "thread": 7 << 8}
+        p = procs["code"]
+        assert recorder.status(p.pid, (ticks["code"] or 0) + 1) is None, "another process"
+        again = _native.ExitRecorder(where)
+        assert again.status(p.pid, ticks["code"] or 0) == 3 << 8, "the pins outlive the handle"
+        again.forget(p.pid)
+        assert recorder.status(p.pid, ticks["code"] or 0) is None
+    finally:
+        release_pins(tmp_path)
+    assert not (tmp_path / "bpf").exists()

@@ -83,6 +83,9 @@ class Running:
     last_beat: float
     stop_as: State | None = None
     stop_reason: str = ""
+    #: Re-adopted from an earlier agent: its task socket is the earlier agent's (bound in as a
+    #: file), so it cannot send heartbeats; its timeout still holds.
+    adopted: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -371,8 +374,7 @@ class Node:
                 self.execs.start()
         now = time.monotonic()
         for task_id, proc in self._adopted.items():
-            # A heartbeat deadline starts over: the beats sent while no agent ran were lost.
-            r = Running(task=self.manager.get(task_id), proc=proc, last_beat=now)
+            r = Running(task=self.manager.get(task_id), proc=proc, last_beat=now, adopted=True)
             self.running[task_id] = r
             if self.execs is not None and proc.cgroup_dir is not None:
                 self.execs.watch(proc.cgroup_dir, task=task_id, tenant=r.task.spec.tenant)
@@ -617,7 +619,12 @@ class Node:
             return
         for r in list(self.running.values()):
             beat = r.task.spec.heartbeat_s
-            if beat is not None and now - r.last_beat > beat and r.stop_as is None:
+            if (
+                beat is not None
+                and now - r.last_beat > beat
+                and r.stop_as is None
+                and not r.adopted
+            ):
                 self._stop(r, State.TIMED_OUT, f"no heartbeat for {beat:g} s")
 
     def _cap_logs(self) -> None:
