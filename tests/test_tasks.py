@@ -187,7 +187,7 @@ def test_a_lost_attempt_runs_once_more_unless_its_spec_opts_out(tmp_path: Path) 
 
     asyncio.run(main())
     with pytest.raises(TaskError, match="retry_lost must be true or false"):
-        replace(spec("c"), retry_lost="yes")
+        replace(spec("c"), retry_lost="yes")  # type: ignore[arg-type]
 
 
 def test_recovered_tasks_decode_on_first_read(tmp_path: Path) -> None:
