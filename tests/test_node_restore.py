@@ -150,6 +150,12 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
                            for p in pids_of(m)}  # fmt: skip
         gap_dirs = task_dirs(d)
         assert running_cgroups < gap_dirs, "zygotes' and made-ahead cgroups are left too"
+        [node] = [
+            i for i in leftover_cgroups(d.data) if i.parent == task_mod._cgroups().dirs()[0].parent
+        ]
+        for other in gap_dirs - running_cgroups:
+            procs = (node / other.split("@")[0] / "cgroup.procs").read_text().split()
+            assert procs == [], f"{other}: zygotes die with their daemon, {procs}"
         d.start()
         restart_s = time.monotonic() - killed_at
         adopted = int(next(x for x in d.lines if "capacity" in x).split(" re-adopted")[0]
