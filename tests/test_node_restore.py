@@ -41,6 +41,15 @@ def writer(marker: str, lines: int, code: int, *, every: float = 0.1) -> list[st
     return ["sh", "-c", script, marker]
 
 
+def gated(marker: str, code: int) -> list[str]:
+    """A task that writes a numbered line every 0.1 s until /gate/end exists, then exits `code`."""
+    script = (
+        f"i=0; while [ ! -e /gate/end ]; do echo {marker} line $i; i=$((i+1)); sleep 0.1; "
+        f"done; exit {code}"
+    )
+    return ["sh", "-c", script, marker]
+
+
 def prober(marker: str, seconds: float) -> list[str]:
     """Writes a line every 0.1 s for `seconds`, and tries a connection every second: refused
     (network none: its own loopback only, nothing listening), while its agent is down as
@@ -126,13 +135,21 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
     d.start()
     tag = f"rs{os.getpid()}x{time.time_ns() % 10**6}"
     try:
-        # Short ones end while no agent runs; long ones run across the gap and end after it.
+        # Gated ones end while no agent runs (the test opens the gate then); the others run
+        # across the gap and end after it.
+        gate = tmp_path / "gate"
+        gate.mkdir()
         specs: dict[str, tuple[list[str], int, int]] = {}
         for i in range(N - 2):
-            short = i % 3 == 0
-            marker, lines, code = f"{tag}-{i}", 30 if short else 150, i % 4
-            specs[marker] = (writer(marker, lines, code), lines, code)
-        tasks = {m: d.submit(cmd, cpus=0.05)["id"] for m, (cmd, _, _) in specs.items()}
+            marker, code = f"{tag}-{i}", i % 4
+            if i % 3 == 0:
+                specs[marker] = (gated(marker, code), 0, code)
+            else:
+                specs[marker] = (writer(marker, 150, code), 150, code)
+        tasks = {
+            m: d.submit(cmd, cpus=0.05, ro=[f"{gate}:/gate"])["id"]
+            for m, (cmd, _, _) in specs.items()
+        }
         probe = d.submit(prober(f"{tag}-probe", 12.0), cpus=0.05)["id"]
         # Its deadline is from its start: the restart does not give it a new 14 s.
         late = d.submit(["sh", "-c", "sleep 300", f"{tag}-late"], timeout="14s")["id"]
@@ -143,7 +160,8 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
         assert all(len(p) == 1 for p in inits.values()), inits
         d.stop(signal.SIGKILL)
         killed_at = time.monotonic()
-        time.sleep(3.0)  # the gap: tasks write on, short ones end, the prober is refused
+        (gate / "end").touch()
+        time.sleep(3.0)  # the gap: tasks write on, gated ones end, the prober is refused
         alive = {m for m, p in inits.items() if start_ticks(p[0]) is not None}
         assert alive, "long tasks outlive their agent"
         running_cgroups = {cgroup_of(p) for m in [*alive, f"{tag}-probe", f"{tag}-late"]
@@ -161,8 +179,7 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
         adopted = int(next(x for x in d.lines if "capacity" in x).split(" re-adopted")[0]
                       .rsplit(" ", 1)[1])  # fmt: skip
         longs = sum(1 for _, lines, _ in specs.values() if lines == 150)
-        assert adopted >= longs + 2, "what ran at the restart is re-adopted"
-        assert adopted < len(specs) + 2, "short ones ended in the gap (the kernel's record)"
+        assert adopted == longs + 2, "what ran at the restart is re-adopted; the gated ones ended"
         # The sweep spared the adopted tasks' cgroups and removed the rest (the zygotes', the
         # made-ahead ones, those of tasks that ended).
         kept = task_dirs(d) & gap_dirs
@@ -185,7 +202,8 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
             assert t["attempt"] == 1, (m, t)
             assert t["exit_code"] == code, (m, t)
             assert t["state"] == ("succeeded" if code == 0 else "failed"), (m, t)
-            assert lines_of(d, tasks[m]) == [f"{m} line {i}" for i in range(lines)], m
+            out = lines_of(d, tasks[m])
+            assert out == [f"{m} line {i}" for i in range(lines or len(out))] and out, m
         p = d.wait(probe, timeout=60)
         assert (p["state"], p["exit_code"]) == ("succeeded", 0), p
         out = lines_of(d, probe)
