@@ -42,7 +42,7 @@ def cgroup_hierarchy() -> str:
 class CgroupManager:
     """This node instance's cgroup subtree; creating it sweeps dead instances' leftovers."""
 
-    def __new__(cls, *, node: str = "", spare: list[str] = ...) -> CgroupManager:
+    def __new__(cls, *, node: str = ..., spare: list[str] = ...) -> CgroupManager:
         """Sweeps dead instances' task cgroups, then makes this instance's subtree:
         `n<pid>-<start>`, or with a `node` name, `k<node>`, whose tasks may outlive this process
         (its earlier process's task cgroups are swept, but those named in `spare`, `TASK`:

@@ -17,5 +17,4 @@ pub static EXEC_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// Exit recording: the `sched_process_exit` BTF tracepoint and the pinned map of watched
 /// tasks' statuses (`ebpf/exits.bpf.c`).
-pub static EXITS_OBJ: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exits.bpf.o"));
+pub static EXITS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exits.bpf.o"));

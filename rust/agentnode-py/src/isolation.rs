@@ -29,6 +29,7 @@ impl CgroupManager {
     /// process's task cgroups are swept, but those named in `spare`, `TASK`: re-adopted now).
     #[new]
     #[pyo3(signature = (*, node=String::new(), spare=Vec::new()))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned values
     fn new(py: Python<'_>, node: String, spare: Vec<String>) -> PyResult<Self> {
         let m = py
             .detach(|| Hierarchy::detect().and_then(|h| Manager::new(&h, &node, &spare)))
@@ -365,7 +366,6 @@ fn spawn(
     Ok(NativeTask::from(task))
 }
 
-
 /// Accounting as Python sees it: `wall_s` and the cgroup figures.
 fn stats_dict<'py>(
     py: Python<'py>,
@@ -429,7 +429,9 @@ impl AdoptedCgroup {
 
     /// Accounting as `NativeTask.stats` has it, with `wall_s` given by the caller.
     fn stats<'py>(&self, py: Python<'py>, wall_s: f64) -> PyResult<Bound<'py, PyDict>> {
-        let s = py.detach(|| self.with(|cg| cg.stats()))?.unwrap_or_default();
+        let s = py
+            .detach(|| self.with(|cg| cg.stats()))?
+            .unwrap_or_default();
         stats_dict(py, Duration::from_secs_f64(wall_s.max(0.0)), &s)
     }
 

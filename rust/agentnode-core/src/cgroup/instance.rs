@@ -125,7 +125,13 @@ impl Manager {
         // Past the names of the tasks an earlier process of the node left running here.
         let first = children(&unified)
             .iter()
-            .filter_map(|p| p.file_name()?.to_str()?.strip_prefix('t')?.parse::<u64>().ok())
+            .filter_map(|p| {
+                p.file_name()?
+                    .to_str()?
+                    .strip_prefix('t')?
+                    .parse::<u64>()
+                    .ok()
+            })
             .max()
             .map_or(0, |n| n + 1);
         let (layout, next) = (hierarchy.layout, AtomicU64::new(first));
@@ -390,7 +396,10 @@ mod spare_tests {
         assert_eq!(sweep(&root, &[], "kme", &["t1".to_owned()]), 1);
         assert!(!own.join("t0").exists());
         assert!(own.join("t1").exists());
-        assert!(other.join("t0").exists(), "another node's kept tasks are not ours to sweep");
+        assert!(
+            other.join("t0").exists(),
+            "another node's kept tasks are not ours to sweep"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -78,7 +78,9 @@ impl ExitRecorder {
             path: dir.to_owned(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(dir).load(EXITS_OBJ)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .load(EXITS_OBJ)?;
         let link = dir.join(LINK);
         if PinnedLink::from_pin(&link).is_err() {
             let btf = Btf::from_sys_fs()?;
@@ -124,7 +126,10 @@ impl ExitRecorder {
 
     /// The pids watched now.
     pub fn watched(&self) -> Vec<u32> {
-        self.map.keys().filter_map(std::result::Result::ok).collect()
+        self.map
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect()
     }
 
     /// Unpins the recorder under `dir`: the kernel detaches the program and frees the map once
