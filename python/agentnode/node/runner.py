@@ -109,18 +109,25 @@ class Node:
             )
         except AgentnodeError as e:
             log.warning("tasks die with the node agent (no live restore): %s", e)
-        self.manager = TaskManager(
-            config.data_dir / "tasks",
-            limits=QueueLimits(
-                tenant_queue_cap=config.tenant_queue_cap,
-                max_queued=config.max_queued,
-                tenant_running=config.tenant_running,
-                class_running=config.class_running,
-                aging=config.aging,
-            ),
-            retry=_retry_policy(config),
-            resolve=lost_at_restart if self.restorer is None else self.restorer.resolve,
-        )
+        try:
+            self.manager = TaskManager(
+                config.data_dir / "tasks",
+                limits=QueueLimits(
+                    tenant_queue_cap=config.tenant_queue_cap,
+                    max_queued=config.max_queued,
+                    tenant_running=config.tenant_running,
+                    class_running=config.class_running,
+                    aging=config.aging,
+                ),
+                retry=_retry_policy(config),
+                resolve=lost_at_restart if self.restorer is None else self.restorer.resolve,
+            )
+        except BaseException:
+            # A node that cannot start leaves no pins, unless a task it watched may still run.
+            if self.restorer is not None and not self.restorer.recorder.watched():
+                with contextlib.suppress(AgentnodeError, OSError):
+                    release_pins(config.data_dir)
+            raise
         # Before any start: this sweeps whatever an earlier agent left but the adopted tasks.
         self._adopted: dict[str, Adopted] = {}
         #: Tasks kept running at recovery that could not be taken over after all, with why.
