@@ -19,6 +19,7 @@ from rocksdict import Options, Rdict
 
 from agentnode.isolation import task as task_mod
 from agentnode.node.client import NodeNotRunning
+from agentnode.node.restore import node_id
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from conftest import processes_with, run_cli
@@ -83,13 +84,16 @@ def in_parallel(fn: Callable[[int], Any], n: int, threads: int = 8) -> list[Any]
     return out
 
 
-def leftover_cgroups(daemon_pid: int) -> list[Path]:
-    """The daemon instance's cgroup directories still present, in every hierarchy."""
+def leftover_cgroups(owner: int | Path) -> list[Path]:
+    """An instance's cgroup directories still present, in every hierarchy: a node daemon's on
+    data dir `owner` (its node's, `k<node>`, which its next start takes over), or a process's
+    by pid (`n<pid>-<start>`)."""
+    name = f"k{node_id(owner)}" if isinstance(owner, Path) else None
     return [
         e
         for d in task_mod._instance().dirs()
         for e in d.parent.iterdir()
-        if e.name.startswith(f"n{daemon_pid}-")
+        if e.name == name or (name is None and e.name.startswith(f"n{owner}-"))
     ]
 
 
@@ -101,7 +105,7 @@ def is_zygote(pid: str) -> bool:
         return False
 
 
-def task_cgroups(daemon_pid: int) -> list[str]:
+def task_cgroups(daemon_pid: int | Path) -> list[str]:
     """The daemon instance's task cgroups, in every hierarchy, that ever held a task: the
     daemon also keeps a few made ahead of the next starts, empty or holding a zygote. A task's
     cgroup2 node tells (its cpu.stat counts with or without the cpu controller); a v1 node
@@ -448,12 +452,12 @@ def test_timeout_and_cancel_end_the_whole_tree(tmp_path: Path) -> None:
         r = run_cli(["wait", "--socket", str(d.socket), timed["id"]])
         assert r.returncode == 124
         deadline = time.monotonic() + 5  # ended tasks' cgroups go on a background thread
-        while live := task_cgroups(d.pid):
+        while live := task_cgroups(d.data):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         assert live == [], "every task cgroup was removed"
-        ahead = [e for e in leftover_cgroups(d.pid)[0].iterdir() if e.is_dir()]
+        ahead = [e for e in leftover_cgroups(d.data)[0].iterdir() if e.is_dir()]
         assert len(ahead) <= 8, "only those made ahead for the next starts remain"  # 4 + 4 zygotes
 
 
@@ -562,24 +566,17 @@ def test_kill_9_then_restart_accounts_for_every_task(tmp_path: Path) -> None:
         queued = in_parallel(lambda i: d.submit(["true"], tenant=f"t{i % 3}")["id"], 30)
         while not processes_with(f"sleep\0{marker}"):
             time.sleep(0.02)
-        old_pid = d.pid
-        assert leftover_cgroups(old_pid)
+        assert leftover_cgroups(d.data)
         d.stop(signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert processes_with(f"sleep\0{marker}") == [], "the task died with its daemon"
-        assert leftover_cgroups(old_pid), "a SIGKILLed daemon leaves its cgroups..."
-        # One slot for the retried long task, one through which the others pass one at a time.
+        time.sleep(0.5)
+        assert processes_with(f"sleep\0{marker}"), "the task outlives its daemon (live restore)"
+        assert leftover_cgroups(d.data), "and so do its cgroups"
+        # One slot for the re-adopted long task, one through which the others pass one at a time.
         (tmp_path / "agentnode.toml").write_text(config.replace("normal = 1", "normal = 2"))
         d.start()
-        assert leftover_cgroups(old_pid) == [], "...and the next start sweeps them"
-        assert "1 lost in the last run" in next(x for x in d.lines if "capacity" in x)
+        assert "0 lost in the last run, 1 re-adopted" in next(x for x in d.lines if "capacity" in x)
         again = d.task(long["id"])
-        assert again["attempt"] == 2 and [s for s, _ in again["history"]][3:5] == [
-            "lost",
-            "queued",
-        ]
+        assert (again["state"], again["attempt"]) == ("running", 1), again
         done = [d.wait(q) for q in queued]
         assert all(t["state"] == "succeeded" for t in done), "every acknowledged task ran"
         # Popped order ("starting"; two starts may finish their sandboxes in either order, and
@@ -600,6 +597,9 @@ def test_kill_9_then_restart_accounts_for_every_task(tmp_path: Path) -> None:
                 (t for t in done if t["tenant"] == tenant), key=lambda t: t["submitted_at"]
             )
             assert ids == [t["id"] for t in mine], f"{tenant}'s tasks started in submission order"
+        d.client.call("POST", f"/v1/tasks/{long['id']}/cancel")
+        assert d.wait(long["id"])["state"] == "cancelled"
+        assert processes_with(f"sleep\0{marker}") == []
     finally:
         if d.proc is not None:
             d.stop()
@@ -621,15 +621,15 @@ def test_sigterm_stops_gracefully_and_sighup_reloads(tmp_path: Path) -> None:
     d.config.write_text("[node]\ngrace = 0.5\n[tenants.a]\nweight = 4\n")
     os.kill(d.pid, signal.SIGHUP)
     d.wait_for_line("agentnode: reloaded")
-    pid = d.pid
     assert d.stop(signal.SIGTERM) == 0
     assert d.lines[-1] == "agentnode: stopped"
     assert not d.socket.exists() and not (d.data / "run" / "task.sock").exists()
-    assert leftover_cgroups(pid) == []
+    assert leftover_cgroups(d.data) == []
     assert d.log(running["id"]) == "ready\ngot TERM\n", "the task got SIGTERM and its grace"
     d.start()
     after = d.task(running["id"])
-    assert [s for s, _ in after["history"]][-1] == "lost"
+    states = [s for s, _ in after["history"]]
+    assert states[3:5] == ["lost", "queued"] and after["attempt"] == 2, "lost: it runs once more"
     assert after["reason"] == "the node agent stopped"
     d.stop()
 

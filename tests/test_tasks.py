@@ -166,6 +166,30 @@ def test_unknown_record_format_is_refused_clearly(
         TaskManager(tmp_path)
 
 
+def test_a_lost_attempt_runs_once_more_unless_its_spec_opts_out(tmp_path: Path) -> None:
+    async def lose(m: TaskManager, task_id: str) -> Task:
+        [started] = await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
+        assert started.id == task_id
+        await m.mark_running(task_id, process=(1, 1))
+        assert m.get(task_id).process == (1, 1) and m.get(task_id).deadline is not None
+        return await m.finish(task_id, State.LOST, reason="the node agent stopped")
+
+    async def main() -> None:
+        m = TaskManager(tmp_path, retry=RetryPolicy(max_attempts=1, base_s=0, max_s=0))
+        again, _ = await m.submit(spec("a"))
+        first = await lose(m, again.id)
+        assert (first.state, first.attempt, first.process) == (State.QUEUED, 2, None)
+        second = await lose(m, again.id)
+        assert second.state is State.LOST, "a second loss goes by the retry policy"
+        once, _ = await m.submit(replace(spec("b"), retry_lost=False))
+        assert (await lose(m, once.id)).state is State.LOST, "opted out: never twice"
+        m.close()
+
+    asyncio.run(main())
+    with pytest.raises(TaskError, match="retry_lost must be true or false"):
+        replace(spec("c"), retry_lost="yes")  # type: ignore[arg-type]
+
+
 def test_recovered_tasks_decode_on_first_read(tmp_path: Path) -> None:
     async def main() -> None:
         m = TaskManager(tmp_path, retry=RetryPolicy(max_attempts=1))
@@ -173,7 +197,7 @@ def test_recovered_tasks_decode_on_first_read(tmp_path: Path) -> None:
         [started] = await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
         await m.mark_running(started.id)
         done = await m.finish(done.id, State.SUCCEEDED)
-        running, _ = await m.submit(spec("b"))
+        running, _ = await m.submit(replace(spec("b"), retry_lost=False))
         [started] = await m.next_tasks(1, free_cpu_millis=BIG, free_memory_bytes=BIG)
         await m.mark_running(started.id)
         queued = [(await m.submit(spec("c", cls)))[0] for cls in ("low", "high", "low")]

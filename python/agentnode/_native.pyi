@@ -10,8 +10,10 @@ from typing_extensions import Buffer
 from agentnode.isolation.launch import Launch
 
 __all__ = [
+    "AdoptedCgroup",
     "EgressHandle",
     "ExecTracerHandle",
+    "ExitRecorder",
     "Launcher",
     "NativeTask",
     "Scheduler",
@@ -43,7 +45,11 @@ class Launcher:
     """How this node instance starts its tasks: its cgroup subtree, made when it is (sweeping
     dead instances' leftovers), and its zygote pool."""
 
-    def __new__(cls) -> Launcher: ...
+    def __new__(cls, *, node: str = ..., spare: list[str] = ...) -> Launcher:
+        """Sweeps dead instances' task cgroups, then makes this instance's subtree:
+        `n<pid>-<start>`, or with a `node` name, `k<node>`, whose tasks may outlive this process
+        (its earlier process's task cgroups are swept, but those named in `spare`, `TASK`:
+        re-adopted now)."""
     def start(
         self, spec: Launch, *, before_start: Callable[[Path], object] | None = None
     ) -> NativeTask:
@@ -52,7 +58,7 @@ class Launcher:
         any process joins it."""
     @property
     def name(self) -> str:
-        """The instance name, `n<pid>-<starttime>`."""
+        """The instance name, `n<pid>-<starttime>` (a node daemon's: `k<node>`)."""
     def dirs(self) -> list[Path]:
         """This instance's directories in every hierarchy (cgroup2 first)."""
     def spares(self) -> list[str]:
@@ -60,8 +66,27 @@ class Launcher:
     def zygotes(self) -> dict[int, str]:
         """The zygotes ready now (tasks started ahead, waiting for their command): host pid to
         the name of its task cgroup."""
+    def adopt(self, name: str) -> AdoptedCgroup:
+        """Takes over task cgroup `name` (`TASK`) an earlier process of this node left running,
+        spared at construction."""
     def close(self) -> None:
         """Removes the instance's subtree (its tasks must be gone). Idempotent."""
+
+@final
+class AdoptedCgroup:
+    """A task cgroup of an earlier instance, taken over (see `Launcher.adopt`)."""
+
+    @property
+    def placement(self) -> Path | None:
+        """The cgroup2 directory (None once closed)."""
+    def kill(self) -> None:
+        """SIGKILLs every process in it (cgroup.kill)."""
+    def stats(self, wall_s: float) -> dict[str, Any]:
+        """Accounting as `NativeTask.stats` has it, with `wall_s` given by the caller."""
+    def leave(self) -> None:
+        """Gives the cgroup up as it is (its task runs on, for a later start to adopt)."""
+    def close(self) -> None:
+        """Removes the cgroup (its processes must be gone). Idempotent."""
 
 @final
 class NativeTask:
@@ -85,6 +110,9 @@ class NativeTask:
     def set_frozen(self, frozen: bool) -> None: ...
     def stats(self) -> dict[str, Any]:
         """Accounting as a dict: wall_s and the cgroup figures."""
+    def leave(self) -> None:
+        """Lets the task run on without this handle: nothing kills or reaps it and its cgroups
+        stay (for a task started with `outlive`)."""
     def close(self) -> None:
         """Kills and reaps whatever still runs and removes the task's cgroups."""
 
@@ -274,6 +302,26 @@ class EgressHandle:
     @property
     def closed(self) -> bool:
         """Whether `close()` has run."""
+
+@final
+class ExitRecorder:
+    """Exit statuses of watched pids, recorded by the kernel (ebpf/exits.bpf.c): the map and
+    the link are pinned under `pin_dir` (a bpffs directory), so they record while no node
+    agent runs. Loaded and pinned on first open; later opens reuse the pins."""
+
+    def __new__(cls, pin_dir: str | Path) -> ExitRecorder: ...
+    def watch(self, pid: int, start_ticks: int) -> None:
+        """Records the exit status of `pid`, started at `start_ticks` (/proc/PID/stat field
+        22)."""
+    def status(self, pid: int, start_ticks: int) -> int | None:
+        """The wait status recorded for `pid` started at `start_ticks`, or None."""
+    def forget(self, pid: int) -> None:
+        """Stops watching `pid`."""
+    def watched(self) -> list[int]:
+        """The pids watched now."""
+    @staticmethod
+    def remove(pin_dir: str | Path) -> bool:
+        """Unpins the recorder under `pin_dir`; whether anything was pinned."""
 
 @final
 class ExecTracerHandle:

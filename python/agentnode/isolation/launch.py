@@ -86,6 +86,8 @@ class Launch(NamedTuple):
     memory_high: int | None
     swap_max: int | None
     pids_max: int | None
+    #: Runs on after the spawner exits, once it has exec'd (a node's task, re-adopted later).
+    outlive: bool
 
     @classmethod
     def of(
@@ -99,6 +101,7 @@ class Launch(NamedTuple):
         netns: str | None = None,
         stdio: tuple[int | None, int | None, int | None] = (None, None, None),
         seccomp: bool = True,
+        outlive: bool = False,
     ) -> Launch:
         """The start of `argv` isolated as `sandbox` says, with the whole environment `env`."""
         limits = sandbox.limits
@@ -127,4 +130,5 @@ class Launch(NamedTuple):
             memory_high=limits.memory_high,
             swap_max=limits.swap,
             pids_max=limits.pids,
+            outlive=outlive,
         )

@@ -35,6 +35,8 @@ __all__ = [
     "Result",
     "Stats",
     "Task",
+    "exit_reason",
+    "launcher",
     "one_shot",
     "prepare_workspace",
     "spawn",
@@ -120,19 +122,34 @@ class Result:
         return 128 + (self.signal or 0)
 
 
+def exit_reason(code: int | None, sig: int | None, stats: Stats, *, timed_out: bool) -> ExitReason:
+    """Why a task that exited with `code` or was killed by `sig` ended."""
+    if timed_out:
+        return ExitReason.TIMEOUT
+    if stats.oom_kills > 0:
+        return ExitReason.OOM
+    if stats.pids_limit_hits > 0 and code != 0:
+        return ExitReason.PIDS
+    if sig is not None:
+        return ExitReason.SIGNALED
+    return ExitReason.EXITED
+
+
 _lock = threading.Lock()
 _launcher: _native.Launcher | None = None
 _network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
 
 
-def _instance() -> _native.Launcher:
+def _instance(node: str = "", spare: Sequence[str] = ()) -> _native.Launcher:
     """This process's launcher (its node instance), made at the first start."""
     global _launcher
     with _lock:
         if _launcher is None:
-            _launcher = _native.Launcher()
+            _launcher = _native.Launcher(node=node, spare=list(spare))
             atexit.register(_shutdown)
+        elif node:
+            raise UsageError("the launcher exists already: name the node before any start")
         return _launcher
 
 
@@ -144,6 +161,15 @@ def one_shot() -> None:
     a busy machine. Call it before the first `spawn`, and only in a process that will start no
     other task: it holds for the whole process."""
     _native.make_nothing_ahead()
+
+
+def launcher(node: str = "", spare: Sequence[str] = ()) -> _native.Launcher:
+    """This process's launcher and its cgroup subtree. The first call makes it, sweeping dead
+    instances' task cgroups; with a `node` name (a node daemon's), the subtree is the node's
+    (`k<node>`), which other sweeps leave alone, and the earlier process's task cgroups in it
+    are swept, except those named in `spare` (`TASK`: tasks the node re-adopts,
+    `Launcher.adopt`)."""
+    return _instance(node, spare)
 
 
 def _default_network() -> EgressService:
@@ -263,6 +289,7 @@ def spawn(
     stdout: Stdio = "inherit",
     stderr: Stdio = "inherit",
     seccomp: bool = True,
+    outlive: bool = False,
 ) -> Task:
     """Starts `argv` isolated (new pid, mount, uts, ipc, net and cgroup namespaces, read-only root,
     no capabilities, seccomp) in a fresh cgroup as `sandbox` says; returns once it has exec'd.
@@ -283,7 +310,8 @@ def spawn(
     capabilities when the user is not 0).
     Call from a long-lived thread: the task is SIGKILLed when the thread that cloned it exits
     (the spawning thread, or for a task started from a zygote the pool's, which ends with the
-    launcher).
+    launcher). With `outlive`, once it has exec'd it runs on after that (the node's
+    tasks, which its next start re-adopts); it still never starts if the spawner died first.
     """
     netns = None
     if sandbox is None:
@@ -302,12 +330,12 @@ def spawn(
     sandbox.check_host()
     mode, policy = sandbox.egress()
     limits = sandbox.limits
-    launcher = _instance()
+    instance = _instance()
     stage = DATA_DIR / "stage"
     _make_dir(stage, "staging directory", _DATA_DIR_HINT)
     # Last of the checks that can fail: a workspace made for this start goes with a failed one.
     if workspace is None:
-        ws = prepare_workspace(_default_workspace(launcher.name), sandbox)
+        ws = prepare_workspace(_default_workspace(instance.name), sandbox)
     else:
         ws = Path(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
@@ -334,8 +362,9 @@ def spawn(
             netns=netns,
             stdio=(fds[0], fds[1], fds[2]),
             seccomp=seccomp,
+            outlive=outlive,
         )
-        native = launcher.start(launch, before_start=None if net is None else net.attach)
+        native = instance.start(launch, before_start=None if net is None else net.attach)
     except BaseException:
         if net is not None:
             net.close()
@@ -451,16 +480,7 @@ class Task:
         if self._result is None:
             stats = self.stats()
             code, sig = exit
-            if self._timed_out:
-                reason = ExitReason.TIMEOUT
-            elif stats.oom_kills > 0:
-                reason = ExitReason.OOM
-            elif stats.pids_limit_hits > 0 and code != 0:
-                reason = ExitReason.PIDS
-            elif sig is not None:
-                reason = ExitReason.SIGNALED
-            else:
-                reason = ExitReason.EXITED
+            reason = exit_reason(code, sig, stats, timed_out=self._timed_out)
             if self._net is not None:
                 self._net.close()
                 stats = replace(stats, network=self._net.stats())
@@ -547,6 +567,19 @@ class Task:
         exit = self._native.wait(None)
         assert exit is not None
         return self._finish(exit)
+
+    def send_kill(self) -> None:
+        """SIGKILLs every process of the task (cgroup.kill) without waiting: `wait_async`
+        then returns (a reaped, killed task)."""
+        if self._result is None:
+            self._native.kill()
+
+    def leave(self) -> None:
+        """Lets a task started with `outlive` run on without this handle: neither this process's
+        exit nor the handle's close kills it, and its cgroups stay. Its egress, if any, goes
+        with this process."""
+        self._native.leave()
+        _live.discard(self)
 
     def freeze(self) -> None:
         """Stops every process of the task (cgroup.freeze) until `thaw()`."""

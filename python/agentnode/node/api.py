@@ -139,7 +139,7 @@ def _bearer_guard(token: str) -> Middleware:
 # -- request parsing ----------------------------------------------------------------------------
 
 #: The fields of a POST /v1/tasks body besides the sandbox's (`agentnode.isolation.spec.FIELDS`).
-_TASK_FIELDS = ("tenant", "command", "priority", "heartbeat", "retries")
+_TASK_FIELDS = ("tenant", "command", "priority", "heartbeat", "retries", "retry_lost")
 _EGRESS = ("allow", "allow_hosts", "egress_rate", "conn_rate")
 
 
@@ -167,6 +167,9 @@ def spec_from_json(body: Any) -> TaskSpec:
     retries = body.get("retries")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
         raise BadField("retries", f"must be an integer, got {retries!r}")
+    retry_lost = body.get("retry_lost", True)
+    if not isinstance(retry_lost, bool):
+        raise BadField("retry_lost", f"must be true or false, got {retry_lost!r}")
     try:
         sandbox = Sandbox.from_json({k: v for k, v in body.items() if k in FIELDS})
         sandbox.check_host()
@@ -178,6 +181,7 @@ def spec_from_json(body: Any) -> TaskSpec:
             sandbox=sandbox,
             heartbeat_s=None if heartbeat is None else check_duration("heartbeat", heartbeat),
             retries=retries,
+            retry_lost=retry_lost,
         )
     except TaskError as e:
         head = str(e).split(" ", 2)[:2]
@@ -208,6 +212,7 @@ def row_json(node: Node, body: dict[str, Any]) -> dict[str, Any]:
         "history": [list(h) for h in history],
         "heartbeat": spec.get("heartbeat_s"),
         "retries": spec.get("retries"),
+        "retry_lost": spec.get("retry_lost", True),
         **spec["sandbox"],
         "agent": spec.get("agent") or None,
     }

@@ -57,6 +57,12 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("--heartbeat", metavar="DURATION", help="stop it when it misses heartbeats")
     p.add_argument("--retries", type=int, metavar="N", help="retries after failure (default: node)")
     p.add_argument(
+        "--no-retry-lost",
+        action="store_true",
+        help="do not run it again when the node loses it (a host reboot): for work that must not "
+        "run twice",
+    )
+    p.add_argument(
         "--agent", choices=KINDS, help="prepare the task for this agent kind (docs/agents.md)"
     )
     p.add_argument("--model", help="the model an --agent uses (openclaw: required)")
@@ -150,6 +156,8 @@ def submit(args: argparse.Namespace) -> int:
             raise e.for_option("--heartbeat") from None
     if args.retries is not None:
         body["retries"] = args.retries
+    if getattr(args, "no_retry_lost", False):  # `agent` builds its body here too
+        body["retry_lost"] = False
     if args.agent is not None:
         body["agent"] = {"kind": args.agent, **({"model": args.model} if args.model else {})}
         steps = getattr(args, "steps", None)  # `agent` shares this without the option

@@ -76,6 +76,9 @@ class NodeConfig:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     #: Trace every exec inside every task into the audit log ([audit] exec_trace).
     exec_trace: bool = True
+    #: On SIGTERM, leave the running tasks running for the next start to re-adopt (an
+    #: upgrade) rather than stop them ([node] keep_tasks, `agentnode run --keep-tasks`).
+    keep_tasks: bool = False
     #: Retention ([retention]): ended tasks' workspaces, logs and records are removed this
     #: long after they ended (failed, timed-out and lost ones after `retention_failed_s`), by a
     #: sweep every `retention_interval_s` and by `agentnode gc`.
@@ -195,10 +198,10 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
             if (section, key) == ("scheduler", "class_running"):
                 out["class_running"] = _class_running(r, name, value)
                 continue
-            if (section, key) == ("audit", "exec_trace"):
+            if (section, key) in _BOOLS:
                 if not isinstance(value, bool):
                     raise r.error(name, f"must be true or false, got {value!r}")
-                out["exec_trace"] = value
+                out[_BOOLS[section, key]] = value
                 continue
             if section == "retention" and key in _RETENTION:
                 out[_RETENTION[key]] = _duration(r, name, value)
@@ -211,7 +214,8 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
                 raise r.error(
                     name,
                     f"unknown key (known: {known}, scheduler.class_running, network.dns_types, "
-                    "audit.exec_trace, retention.ended, retention.failed, retention.interval)",
+                    "audit.exec_trace, node.keep_tasks, retention.ended, retention.failed, "
+                    "retention.interval)",
                 )
             field_name, kind = _KEYS[(section, key)]
             if kind is str:
@@ -231,6 +235,9 @@ def _parse(r: _Reader, doc: dict[str, Any]) -> dict[str, Any]:
 
 _AT_LEAST_ONE = frozenset({"retry_max_attempts", "dns_rate", "dns_max_label", "dns_max_name"})
 
+
+#: (section, key) of the true/false settings -> NodeConfig field.
+_BOOLS = {("audit", "exec_trace"): "exec_trace", ("node", "keep_tasks"): "keep_tasks"}
 
 _RETENTION = {
     "ended": "retention_ended_s",

@@ -1,8 +1,9 @@
 """`agentnode run`: the node daemon in the foreground, on uvloop.
 
 SIGTERM or SIGINT: stop admitting, give running tasks the configured grace (SIGTERM, then the
-cgroup is killed), record them as lost (their retry policy re-queues them for the next start),
-close the stores. SIGHUP: re-read the config file and apply tenants, retry policy and grace.
+cgroup is killed), record them as lost (they retry at the next start), close the stores; with
+`--keep-tasks` (node.keep_tasks) the tasks run on instead, for the next start to re-adopt
+(docs/node.md, "Live restore"). SIGKILL or a crash leaves them running too. SIGHUP: re-read the config file and apply tenants, retry policy and grace.
 """
 
 from __future__ import annotations
@@ -53,12 +54,22 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument(
         "--listen", metavar="HOST:PORT", help="also serve the API on TCP (needs api_token)"
     )
+    p.add_argument(
+        "--keep-tasks",
+        action="store_true",
+        default=None,
+        help="on SIGTERM, leave running tasks running for the next start to re-adopt (upgrades)",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(
-        args.config, data_dir=args.data_dir, socket=args.socket, listen=args.listen
+        args.config,
+        data_dir=args.data_dir,
+        socket=args.socket,
+        listen=args.listen,
+        keep_tasks=args.keep_tasks,
     )
     import uvloop
 
@@ -176,7 +187,7 @@ async def serve(config: NodeConfig) -> None:
             f"agentnode: capacity {inv.allocatable_cpu_millis / 1000:g} CPUs, "
             f"{inv.allocatable_memory_bytes >> 20} MiB allocatable, {len(inv.gpus)} GPUs; "
             f"{node.manager.queued_count()} queued, {len(node.manager.recovered_lost)} lost "
-            f"in the last run; state in {config.data_dir}",
+            f"in the last run, {len(node.manager.adopted)} re-adopted; state in {config.data_dir}",
             flush=True,
         )
         print(
@@ -274,8 +285,13 @@ async def _wait_for_stop(node: Node, config: NodeConfig) -> None:
 
     def reload() -> None:
         try:
+            # What the command line set stays (a file's keep_tasks = true too, until restart).
             fresh = load_config(
-                config.source, data_dir=config.data_dir, socket=config.socket, listen=config.listen
+                config.source,
+                data_dir=config.data_dir,
+                socket=config.socket,
+                listen=config.listen,
+                keep_tasks=node.config.keep_tasks or None,
             )
         except AgentnodeError as e:
             print(f"agentnode: reload failed, keeping the old config: {e}", flush=True)
@@ -285,7 +301,10 @@ async def _wait_for_stop(node: Node, config: NodeConfig) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
-    print("agentnode: stopping (running tasks get their grace)", flush=True)
+    if node.config.keep_tasks:
+        print("agentnode: stopping (running tasks run on, for the next start)", flush=True)
+    else:
+        print("agentnode: stopping (running tasks get their grace)", flush=True)
 
 
 def _lock(data_dir: Path) -> int:

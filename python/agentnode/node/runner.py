@@ -1,9 +1,10 @@
 """Turns queued tasks into isolated processes and their ends into durable outcomes.
 
 One `Node` per daemon, used from the event loop's thread only; tasks are spawned on two
-long-lived worker threads (their init has PR_SET_PDEATHSIG, so they die with the daemon and
-cannot outlive a `kill -9`; the next start marks them lost and retries them per policy). Each
-attempt gets its own bearer token (`agentnode.tasks.tokens`).
+long-lived worker threads. Tasks without network egress outlive the daemon (a crash, `kill -9`,
+an upgrade with `--keep-tasks`) and the next start re-adopts them (`agentnode.node.restore`);
+tasks with egress still die with it (PR_SET_PDEATHSIG) and are recorded lost at the next start,
+which retries them once. Each attempt gets its own bearer token (`agentnode.tasks.tokens`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentnode import compute
+from agentnode import _native, compute
 from agentnode.agents.kinds import llm_environment
 from agentnode.audit.execs import ExecTrace
 from agentnode.audit.log import AuditLog
@@ -35,10 +36,18 @@ from agentnode.isolation import ExitReason, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
 from agentnode.node.config import NodeConfig
 from agentnode.node.logcap import rotate_if_over
+from agentnode.node.restore import (
+    Adopted,
+    Restorer,
+    node_id,
+    pin_dir,
+    release_pins,
+    start_ticks,
+)
 from agentnode.node.retention import Retention
 from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
-from agentnode.tasks.manager import TaskManager
+from agentnode.tasks.manager import TaskManager, lost_at_restart
 from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
 from agentnode.tasks.retry import RetryPolicy
 from agentnode.tools.toolbox import Toolbox
@@ -74,6 +83,9 @@ class Running:
     last_beat: float
     stop_as: State | None = None
     stop_reason: str = ""
+    #: Re-adopted from an earlier agent: its task socket is the earlier agent's (bound in as a
+    #: file), so it cannot send heartbeats; its timeout still holds.
+    adopted: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -88,17 +100,42 @@ class Node:
             reserve_memory_bytes=config.reserve_memory_bytes,
         )
         self.spares = Spares(config.data_dir / "logs", config.data_dir / "workspaces")
-        self.manager = TaskManager(
-            config.data_dir / "tasks",
-            limits=QueueLimits(
-                tenant_queue_cap=config.tenant_queue_cap,
-                max_queued=config.max_queued,
-                tenant_running=config.tenant_running,
-                class_running=config.class_running,
-                aging=config.aging,
-            ),
-            retry=_retry_policy(config),
-        )
+        #: Settles the tasks an earlier agent left running; None: the kernel cannot record
+        #: their exits here, so tasks die with the node agent as they used to.
+        self.restorer: Restorer | None = None
+        try:
+            self.restorer = Restorer(
+                _native.ExitRecorder(pin_dir(config.data_dir)), node=node_id(config.data_dir)
+            )
+        except AgentnodeError as e:
+            log.warning("tasks die with the node agent (no live restore): %s", e)
+        try:
+            self.manager = TaskManager(
+                config.data_dir / "tasks",
+                limits=QueueLimits(
+                    tenant_queue_cap=config.tenant_queue_cap,
+                    max_queued=config.max_queued,
+                    tenant_running=config.tenant_running,
+                    class_running=config.class_running,
+                    aging=config.aging,
+                ),
+                retry=_retry_policy(config),
+                resolve=lost_at_restart if self.restorer is None else self.restorer.resolve,
+            )
+        except BaseException:
+            # A node that cannot start leaves no pins, unless a task it watched may still run.
+            if self.restorer is not None and not self.restorer.recorder.watched():
+                with contextlib.suppress(AgentnodeError, OSError):
+                    release_pins(config.data_dir)
+            raise
+        # Before any start: this sweeps whatever an earlier agent left but the adopted tasks.
+        self._adopted: dict[str, Adopted] = {}
+        #: Tasks kept running at recovery that could not be taken over after all, with why.
+        self._not_adopted: dict[str, str] = {}
+        if self.restorer is not None:
+            self._adopted, self._not_adopted = self.restorer.adopt(
+                {i: self.manager.get(i) for i in self.manager.adopted}
+            )
         self.apply_tenants(config)
         #: Removes ended tasks past their retention, in the background and on `agentnode gc`.
         self.retention = Retention(
@@ -342,6 +379,18 @@ class Node:
                 self.audit.append({"kind": "exec_trace_off", "reason": str(e)})
             else:
                 self.execs.start()
+        now = time.monotonic()
+        for task_id, proc in self._adopted.items():
+            r = Running(task=self.manager.get(task_id), proc=proc, last_beat=now, adopted=True)
+            self.running[task_id] = r
+            if self.execs is not None and proc.cgroup_dir is not None:
+                self.execs.watch(proc.cgroup_dir, task=task_id, tenant=r.task.spec.tenant)
+            r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
+            log.info("re-adopted task %s (pid %d)", task_id, proc.pid)
+        self._adopted = {}
+        for task_id, reason in self._not_adopted.items():
+            asyncio.get_running_loop().create_task(self._record_lost(task_id, reason))
+        self._not_adopted = {}
         self._loop_task = asyncio.get_running_loop().create_task(self._schedule_loop())
         self.retention.start()
 
@@ -409,7 +458,15 @@ class Node:
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
         self.running[task.id] = r
-        r.task = await self.manager.mark_running(task.id)
+        process = None
+        if self._outlives(task):
+            # Watched before it is recorded: a record names only processes whose exit the
+            # kernel records, for the next start to read.
+            ticks = start_ticks(proc.pid)
+            if ticks is not None and self.restorer is not None:
+                self.restorer.recorder.watch(proc.pid, ticks)
+                process = (proc.pid, ticks)
+        r.task = await self.manager.mark_running(task.id, process=process)
         if r.task.spec != task.spec and proc.egress is not None:
             # Its rules changed while its sandbox was being made.
             with contextlib.suppress(TaskError):
@@ -419,13 +476,22 @@ class Node:
         self.spares.refill()
         r.watcher = asyncio.get_running_loop().create_task(self._watch(r))
 
+    async def _record_lost(self, task_id: str, reason: str) -> None:
+        try:
+            done = await self.manager.finish(task_id, State.LOST, reason=reason)
+        except Exception as e:
+            log.error("cannot record task %s as lost: %s", task_id, _describe(e))
+            return
+        self._publish(done)
+        self._wake.set()
+
     async def _fail_start(self, task: Task, error: Exception) -> None:
         """Records a task that could not be started as failed (its sandbox, if one was made,
         is killed first); a store that cannot record it leaves it for the next pass or start."""
         r = self.running.pop(task.id, None)
         if r is not None:
             with contextlib.suppress(Exception):
-                r.proc._native.kill()
+                r.proc.send_kill()
                 await r.proc.wait_async()
             with contextlib.suppress(Exception):
                 r.proc.close()
@@ -486,9 +552,15 @@ class Node:
                 stdin="null",
                 stdout=fd,
                 stderr=fd,
+                outlive=self._outlives(task),
             )
         finally:
             os.close(fd)
+
+    def _outlives(self, task: Task) -> bool:
+        """Whether `task` runs on when the node agent goes: when the kernel records its exit,
+        and it has no network egress (whose enforcement goes with the agent)."""
+        return self.restorer is not None and task.spec.sandbox.network == "none"
 
     def log_path(self, task_id: str, attempt: int) -> Path:
         return self.config.data_dir / "logs" / f"{task_id}.{attempt}.log"
@@ -498,6 +570,9 @@ class Node:
         if self.execs is not None:
             self.execs.forget(r.task.id)
         r.proc.close()
+        if r.task.process is not None and self.restorer is not None:
+            with contextlib.suppress(AgentnodeError):
+                self.restorer.recorder.forget(r.task.process[0])
         outcome, reason = _outcome(r, result)
         if result.reason in (ExitReason.OOM, ExitReason.PIDS):
             self.audit.append(
@@ -537,7 +612,7 @@ class Node:
         if r.proc.result is None and self.running.get(r.task.id) is r:
             # cgroup.kill without reaping: the watcher's pidfd wakes and it reaps and records.
             with contextlib.suppress(AgentnodeError):
-                r.proc._native.kill()
+                r.proc.send_kill()
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -551,7 +626,12 @@ class Node:
             return
         for r in list(self.running.values()):
             beat = r.task.spec.heartbeat_s
-            if beat is not None and now - r.last_beat > beat and r.stop_as is None:
+            if (
+                beat is not None
+                and now - r.last_beat > beat
+                and r.stop_as is None
+                and not r.adopted
+            ):
                 self._stop(r, State.TIMED_OUT, f"no heartbeat for {beat:g} s")
 
     def _cap_logs(self) -> None:
@@ -581,17 +661,31 @@ class Node:
 
     async def shutdown(self) -> None:
         """Stops admitting, stops every running task with the configured grace, waits for them
-        to be recorded, and closes the store. Their retry policy re-queues them for next start."""
+        to be recorded, and closes the store; they retry at the next start. With `keep_tasks`,
+        the tasks that can outlive the agent run on instead, for the next start to re-adopt."""
         self.admitting = False
         await self.retention.close()
         if self._loop_task is not None:
             self._wake.set()
             await self._loop_task  # ends after the start it may be in the middle of
+        kept = 0
         for r in list(self.running.values()):
+            if self.config.keep_tasks and r.task.process is not None and r.proc.result is None:
+                if r.watcher is not None:
+                    r.watcher.cancel()
+                    await asyncio.gather(r.watcher, return_exceptions=True)
+                r.proc.leave()
+                del self.running[r.task.id]
+                kept += 1
+                continue
             self._stop(r, State.LOST, "the node agent stopped")
         watchers = [r.watcher for r in self.running.values() if r.watcher is not None]
         if watchers:
             await asyncio.gather(*watchers, return_exceptions=True)
+        if not kept and self.restorer is not None:
+            # Nothing outlives this agent: its pins go (and its bpffs, when it mounted one).
+            with contextlib.suppress(AgentnodeError, OSError):
+                release_pins(self.config.data_dir)
         self._spawner.shutdown(wait=True)
         await self.tools.close()
         await asyncio.to_thread(self.spares.close)

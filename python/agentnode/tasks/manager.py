@@ -42,7 +42,16 @@ from agentnode.tasks.store import (
 )
 from agentnode.tasks.tokens import TokenKey
 
-__all__ = ["KEY_TTL_S", "SCAN", "Limits", "TaskManager", "TaskTable"]
+__all__ = [
+    "KEY_TTL_S",
+    "LOST_REASON",
+    "SCAN",
+    "Limits",
+    "Resolve",
+    "TaskManager",
+    "TaskTable",
+    "lost_at_restart",
+]
 
 #: How many stored tasks one `TaskManager.page` call looks at, at most.
 SCAN = 2_000
@@ -54,6 +63,18 @@ _FAILED = frozenset({State.FAILED, State.TIMED_OUT, State.LOST})
 KEY_TTL_S = 24 * 3600.0
 
 log = logging.getLogger("agentnode.tasks")
+
+#: Why a task found started at recovery, and not re-adopted, is lost.
+LOST_REASON = "the node agent restarted while it ran"
+
+#: How recovery settles a task it finds starting or running: None keeps it running (the node
+#: re-adopted its process), else (outcome, reason, exit code) is recorded for it.
+Resolve = Callable[[Task], "tuple[State, str, int | None] | None"]
+
+
+def lost_at_restart(task: Task) -> tuple[State, str, int | None]:
+    """The default `Resolve`: every task found started is lost."""
+    return State.LOST, LOST_REASON, None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,8 +181,10 @@ class TaskManager:
         limits: Limits | None = None,
         retry: RetryPolicy | None = None,
         sync: bool = False,
+        resolve: Resolve = lost_at_restart,
     ) -> None:
-        """Opens the store under `root` and recovers its tasks (see `recover`)."""
+        """Opens the store under `root` and recovers its tasks (see `_recover`); `resolve`
+        settles each task found started (by default: lost)."""
         limits = limits or Limits()
         self.limits = limits
         self.retry = retry or RetryPolicy()
@@ -179,6 +202,9 @@ class TaskManager:
         self._depth: Counter[tuple[str, str]] = Counter()
         self._delayed: list[tuple[float, int]] = []
         self.recovered_lost: list[str] = []
+        #: The tasks found running whose processes the node re-adopted (`resolve` kept them).
+        self.adopted: list[str] = []
+        self._resolve = resolve
         self._keys = self.store.load_keys(time.time() - KEY_TTL_S)
         # Keys whose submit is being written: a second submit with one waits for the first.
         self._keys_writing: dict[str, asyncio.Event] = {}
@@ -190,7 +216,8 @@ class TaskManager:
 
     def _recover(self) -> None:
         """Reloads every task. Queued ones re-enter the scheduler in submission order; ones that
-        were starting or running when the last process died become lost (and may retry)."""
+        were starting or running when the last process died are settled by `resolve`: kept
+        running (re-adopted), or ended (lost, by default, and may retry)."""
         # Recovery allocates a few objects per record and frees none: the cyclic collector
         # would rescan the growing heap again and again for nothing.
         was_enabled = gc.isenabled()
@@ -204,7 +231,6 @@ class TaskManager:
     def _recover_records(self) -> None:
         found = self.store.load()
         self.tasks.add_encoded(found.records)
-        self._enqueue_entries(found.queued)
         readable = []
         for i in found.interrupted:
             try:
@@ -215,20 +241,41 @@ class TaskManager:
                 log.error("task %s cannot be recovered: %s", i, e)
         interrupted = sorted(readable, key=attrgetter("seq"))
         now = time.time()
-        writes, again = [], []
+        writes, again, kept = [], [], []
         for t in interrupted:
-            lost = t.moved(State.LOST, now, reason="the node agent restarted while it ran")
-            self.recovered_lost.append(t.id)
-            retry = self._retry_of(lost, now)
-            writes.append(lost)
+            settled = self._resolve(t) if t.state is State.RUNNING else lost_at_restart(t)
+            if settled is None:
+                kept.append(t)
+                continue
+            outcome, reason, code = settled
+            done = t.moved(outcome, now, reason=reason, exit_code=code, process=None)
+            if outcome is State.LOST:
+                self.recovered_lost.append(t.id)
+            retry = self._retry_of(done, now)
+            writes.append(done)
             if retry is not None:
                 writes.append(retry)
                 again.append(retry)
-            self._set(retry or lost)
+            self._set(retry or done)
+        self._hold_running(kept)
+        self._enqueue_entries(found.queued)
         if writes:
             self.store.put_now(*writes)
             self._settled(*writes)
         self._enqueue(*again)
+
+    def _hold_running(self, tasks: list[Task]) -> None:
+        """Counts re-adopted tasks as running in the scheduler (tenant and class limits), before
+        any queued task is in it: each is queued and popped at once."""
+        if not tasks:
+            return
+        self.scheduler.push_many([queued_of(t)[:5] for t in tasks])
+        popped = set(self.scheduler.pop_many(len(tasks), 2**63, 2**63))
+        for t in tasks:
+            self.adopted.append(t.id)
+            if t.seq not in popped:
+                # Over a running limit lowered meanwhile: it runs on, uncounted.
+                self.scheduler.cancel(t.seq)
 
     def _settled(self, *tasks: Task) -> None:
         for t in tasks:
@@ -522,10 +569,13 @@ class TaskManager:
             s = self.tasks[self._by_seq[seq]].spec
             self.scheduler.push(seq, s.tenant, s.cls, s.cpu_millis, s.memory_bytes)
 
-    async def mark_running(self, task_id: str) -> Task:
-        """Records that a starting task's process runs."""
+    async def mark_running(self, task_id: str, *, process: tuple[int, int] | None = None) -> Task:
+        """Records that a starting task's process runs: `process` (pid, start ticks) if the
+        node's next start may re-adopt it, and its timeout's deadline."""
         old = self.get(task_id)
-        return await self._replace(old, old.moved(State.RUNNING, time.time()))
+        now = time.time()
+        running = old.moved(State.RUNNING, now, process=process, deadline=now + old.spec.timeout_s)
+        return await self._replace(old, running)
 
     async def _replace(self, old: Task, t: Task) -> Task:
         """Puts `t` in place of `old`, durably; `old` again if the write fails."""
@@ -567,7 +617,7 @@ class TaskManager:
                 f"task {task_id} is {old.state}, not started (use cancel for a queued task)"
             )
         now = time.time()
-        done = old.moved(outcome, now, reason=reason, exit_code=exit_code)
+        done = old.moved(outcome, now, reason=reason, exit_code=exit_code, process=None)
         again = self._retry_of(done, now)
         self._set(again or done)
         written = asyncio.Event()
@@ -609,13 +659,24 @@ class TaskManager:
         return c
 
     def _retry_of(self, done: Task, now: float) -> Task | None:
-        if not self.retry.should_retry(done.state, done.attempt, done.spec.retries):
+        if not self._should_retry(done):
             return None
         return replace(
             done.moved(State.QUEUED, now),
             attempt=done.attempt + 1,
             not_before=now + self.retry.delay(done.attempt),
         )
+
+    def _should_retry(self, done: Task) -> bool:
+        """The retry policy's answer, but for a lost attempt: lost to the node, not by its own
+        fault, it runs once more (unless its spec opts out with `retry_lost` false, for work
+        that must not run twice); a second loss goes by the policy."""
+        if done.state is State.LOST:
+            if not done.spec.retry_lost:
+                return False
+            if sum(1 for state, _ in done.history if state == State.LOST.value) == 1:
+                return True
+        return self.retry.should_retry(done.state, done.attempt, done.spec.retries)
 
     def token_for(self, task: Task) -> str:
         """The bearer token of `task`'s current attempt."""

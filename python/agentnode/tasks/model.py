@@ -91,6 +91,9 @@ class TaskSpec:
     retries: int | None = None
     #: The agent kind it was prepared for (`agentnode.agents`), empty for a plain command.
     agent: str = ""
+    #: Whether an attempt lost to the node (its agent gone with no exit recorded, a host
+    #: reboot) runs once more; False for work that must not run twice.
+    retry_lost: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.tenant, str) or not _TENANT.fullmatch(self.tenant):
@@ -107,6 +110,8 @@ class TaskSpec:
             or not 0 <= self.retries <= 100
         ):
             raise TaskError(f"retries must be within 0..100, got {self.retries!r}")
+        if not isinstance(self.retry_lost, bool):
+            raise TaskError(f"retry_lost must be true or false, got {self.retry_lost!r}")
         if self.heartbeat_s is not None:
             object.__setattr__(self, "heartbeat_s", check_duration("heartbeat", self.heartbeat_s))
         limits = self.sandbox.limits
@@ -152,6 +157,11 @@ class Task:
     reason: str = ""
     exit_code: int | None = None
     history: tuple[tuple[str, float], ...] = field(default=())
+    #: The running attempt's init as the host sees it, (pid, start time in /proc ticks): what
+    #: the node's next start re-adopts it by (None: not started, or not to be re-adopted).
+    process: tuple[int, int] | None = None
+    #: When the running attempt's timeout ends (epoch seconds).
+    deadline: float | None = None
 
     def moved(self, new: State, at: float, **changes: Any) -> Task:
         """This task in state `new`, after checking the move is legal."""

@@ -14,3 +14,7 @@ pub static EGRESS_OBJ: &[u8] =
 
 /// Exec tracing: the `sched_process_exec` BTF tracepoint and its ring buffer (`ebpf/exec.bpf.c`).
 pub static EXEC_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exec.bpf.o"));
+
+/// Exit recording: the `sched_process_exit` BTF tracepoint and the pinned map of watched
+/// tasks' statuses (`ebpf/exits.bpf.c`).
+pub static EXITS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exits.bpf.o"));

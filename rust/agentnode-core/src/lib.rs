@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod doctor;
 pub mod egress;
 pub mod exectrace;
+pub mod exits;
 pub mod sandbox;
 pub mod sched;
 pub mod sys;

@@ -22,6 +22,8 @@ pub enum NativeError {
     ExecTrace(#[from] agentnode_core::exectrace::Error),
     #[error("the exec tracer is closed (attach a new one)")]
     ExecTracerClosed,
+    #[error(transparent)]
+    Exits(#[from] agentnode_core::exits::Error),
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// Raised by Python code the Rust side called (a hook), passed on as it is.
@@ -51,7 +53,7 @@ impl From<NativeError> for PyErr {
             | NativeError::Sandbox(agentnode_core::sandbox::Error::Cgroup(_)) => {
                 CgroupError::new_err(message)
             }
-            NativeError::Sandbox(_) => SandboxError::new_err(message),
+            NativeError::Sandbox(_) | NativeError::Exits(_) => SandboxError::new_err(message),
             NativeError::Vector(_) => VectorError::new_err(message),
             NativeError::Json(_) => AgentnodeError::new_err(message),
             NativeError::Sched(_) => SchedulerError::new_err(message),

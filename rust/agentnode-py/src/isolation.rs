@@ -23,10 +23,15 @@ pub struct Launcher {
 
 #[pymethods]
 impl Launcher {
+    /// Sweeps dead instances' task cgroups, then makes this instance's subtree: `n<pid>-<start>`,
+    /// or with a `node` name, `k<node>`, whose tasks may outlive this process (its earlier
+    /// process's task cgroups are swept, but those named in `spare`, `TASK`: re-adopted now).
     #[new]
-    fn new(py: Python<'_>) -> PyResult<Self> {
+    #[pyo3(signature = (*, node=String::new(), spare=Vec::new()))]
+    #[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned values
+    fn new(py: Python<'_>, node: String, spare: Vec<String>) -> PyResult<Self> {
         let inner = py
-            .detach(sandbox::Launcher::new)
+            .detach(|| sandbox::Launcher::new(&node, &spare))
             .map_err(NativeError::from)?;
         Ok(Self { inner })
     }
@@ -79,6 +84,17 @@ impl Launcher {
         self.inner.spares()
     }
 
+    /// Takes over task cgroup `name` (`TASK`) an earlier process of this node left running,
+    /// spared at construction.
+    fn adopt(&self, py: Python<'_>, name: &str) -> PyResult<AdoptedCgroup> {
+        let cg = py
+            .detach(|| self.inner.adopt(name))
+            .map_err(NativeError::from)?;
+        Ok(AdoptedCgroup {
+            inner: Mutex::new(Some(cg)),
+        })
+    }
+
     /// Removes the instance's subtree (its tasks must be gone). Idempotent.
     fn close(&self, py: Python<'_>) {
         py.detach(|| self.inner.close());
@@ -89,7 +105,7 @@ impl Launcher {
 #[pyfunction]
 #[allow(clippy::needless_pass_by_value)] // pyo3 hands over owned values
 fn sweep_cgroups(py: Python<'_>, unified: PathBuf, v1: Vec<PathBuf>) -> usize {
-    py.detach(|| agentnode_core::cgroup::sweep(&unified, &v1))
+    py.detach(|| agentnode_core::cgroup::sweep(&unified, &v1, "", &[]))
 }
 
 /// A running task (see `agentnode.isolation.Task`).
@@ -189,23 +205,13 @@ impl NativeTask {
     /// Accounting as a dict: `wall_s` and the cgroup figures.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (wall, s) = py.detach(|| self.lock().stats());
-        let d = PyDict::new(py);
-        d.set_item("wall_s", wall.as_secs_f64())?;
-        d.set_item(
-            "cpu_user_s",
-            Duration::from_micros(s.cpu_user_us).as_secs_f64(),
-        )?;
-        d.set_item(
-            "cpu_system_s",
-            Duration::from_micros(s.cpu_system_us).as_secs_f64(),
-        )?;
-        d.set_item("memory_current", s.memory_current)?;
-        d.set_item("memory_peak", s.memory_peak)?;
-        d.set_item("pids_current", s.pids_current)?;
-        d.set_item("pids_peak", s.pids_peak)?;
-        d.set_item("oom_kills", s.oom_kills)?;
-        d.set_item("pids_limit_hits", s.pids_limit_hits)?;
-        Ok(d)
+        stats_dict(py, wall, &s)
+    }
+
+    /// Lets the task run on without this handle: nothing kills or reaps it and its cgroups
+    /// stay (for a task started with `outlive`, which the node's next start re-adopts).
+    fn leave(&self) {
+        self.lock().leave();
     }
 
     /// Kills and reaps whatever still runs and removes the task's cgroups.
@@ -256,7 +262,7 @@ impl<'py> FromPyObject<'_, 'py> for LaunchSpec {
         });
         Ok(Self(by_name!(o, Spec {
             argv, env, cwd, hostname, rootfs, stage, workspace, tmp_size, uid, gid, userns_base,
-            netns, stdio, nofile, seccomp, keep_caps;
+            netns, stdio, nofile, seccomp, keep_caps, outlive;
             binds: binds, limits: limits,
         })))
     }
@@ -270,6 +276,98 @@ where
 {
     let named = |e: PyErr| PyTypeError::new_err(format!("Launch.{name}: {e}"));
     o.getattr(name).and_then(|v| v.extract()).map_err(named)
+}
+
+/// Accounting as Python sees it: `wall_s` and the cgroup figures.
+fn stats_dict<'py>(
+    py: Python<'py>,
+    wall: Duration,
+    s: &agentnode_core::cgroup::CgroupStats,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("wall_s", wall.as_secs_f64())?;
+    d.set_item(
+        "cpu_user_s",
+        Duration::from_micros(s.cpu_user_us).as_secs_f64(),
+    )?;
+    d.set_item(
+        "cpu_system_s",
+        Duration::from_micros(s.cpu_system_us).as_secs_f64(),
+    )?;
+    d.set_item("memory_current", s.memory_current)?;
+    d.set_item("memory_peak", s.memory_peak)?;
+    d.set_item("pids_current", s.pids_current)?;
+    d.set_item("pids_peak", s.pids_peak)?;
+    d.set_item("oom_kills", s.oom_kills)?;
+    d.set_item("pids_limit_hits", s.pids_limit_hits)?;
+    Ok(d)
+}
+
+/// A task cgroup of an earlier instance, taken over (see `CgroupManager.adopt`).
+#[pyclass(module = "agentnode._native", frozen)]
+pub struct AdoptedCgroup {
+    inner: Mutex<Option<Box<dyn agentnode_core::cgroup::TaskCgroup>>>,
+}
+
+impl AdoptedCgroup {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&dyn agentnode_core::cgroup::TaskCgroup) -> agentnode_core::cgroup::Result<T>,
+    ) -> PyResult<Option<T>> {
+        let guard = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match guard.as_deref() {
+            Some(cg) => Ok(Some(f(cg).map_err(NativeError::from)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[pymethods]
+impl AdoptedCgroup {
+    /// The cgroup2 directory.
+    #[getter]
+    fn placement(&self) -> PyResult<Option<PathBuf>> {
+        self.with(|cg| Ok(cg.placement().to_path_buf()))
+    }
+
+    /// SIGKILLs every process in it (cgroup.kill).
+    fn kill(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.with(|cg| cg.kill()))?;
+        Ok(())
+    }
+
+    /// Accounting as `NativeTask.stats` has it, with `wall_s` given by the caller.
+    fn stats<'py>(&self, py: Python<'py>, wall_s: f64) -> PyResult<Bound<'py, PyDict>> {
+        let s = py
+            .detach(|| self.with(|cg| cg.stats()))?
+            .unwrap_or_default();
+        stats_dict(py, Duration::from_secs_f64(wall_s.max(0.0)), &s)
+    }
+
+    /// Gives the cgroup up as it is (its task runs on, for a later start to adopt).
+    fn leave(&self) {
+        let cg = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        std::mem::forget(cg);
+    }
+
+    /// Removes the cgroup (its processes must be gone). Idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            drop(
+                self.inner
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take(),
+            );
+        });
+    }
 }
 
 impl From<Task> for NativeTask {
@@ -294,6 +392,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_nothing_ahead, m)?)?;
     m.add_class::<Launcher>()?;
     m.add_class::<NativeTask>()?;
+    m.add_class::<AdoptedCgroup>()?;
     m.add_function(wrap_pyfunction!(sweep_cgroups, m)?)?;
     Ok(())
 }

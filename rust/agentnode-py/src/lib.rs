@@ -5,6 +5,7 @@
 mod egress;
 mod errors;
 mod exectrace;
+mod exits;
 mod isolation;
 mod sched;
 mod vector;
@@ -44,5 +45,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     vector::register(m)?;
     egress::register(m)?;
     exectrace::register(m)?;
+    exits::register(m)?;
     Ok(())
 }

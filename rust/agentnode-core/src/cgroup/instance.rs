@@ -69,8 +69,12 @@ fn ensure_dir(path: &Path) -> Result<()> {
 }
 
 impl Manager {
-    /// Sweeps dead instances' leftovers, then creates this instance's subtree in every hierarchy.
-    pub fn new(hierarchy: &Hierarchy) -> Result<Self> {
+    /// Sweeps dead instances' leftovers (see [`sweep`]), then creates this instance's subtree
+    /// in every hierarchy. The instance is `n<pid>-<starttime>`, or with a `node` name (a node
+    /// daemon's, one per data dir), `k<node>`: its tasks may outlive this process, and no other
+    /// instance's sweep removes them; this one's removes what an earlier process of the node
+    /// left there, but the task cgroups named in `spare` (`TASK`: re-adopted now).
+    pub fn new(hierarchy: &Hierarchy, node: &str, spare: &[String]) -> Result<Self> {
         let unified_base = hierarchy.unified.clone().ok_or(Error::NoUnified)?;
         let mut v1_bases = Vec::new();
         if hierarchy.layout == Layout::Hybrid {
@@ -82,8 +86,12 @@ impl Manager {
             }
         }
         let unified_sub = unified_base.join(SUBTREE);
-        sweep(&unified_sub, &v1_bases);
-        let name = instance_name();
+        let name = if node.is_empty() {
+            instance_name()
+        } else {
+            format!("k{node}")
+        };
+        sweep(&unified_sub, &v1_bases, &name, spare);
         let mut v1 = Vec::new();
         for base in &v1_bases {
             v1.push(base.join(&name));
@@ -114,7 +122,19 @@ impl Manager {
             enable_controllers(&unified_base);
             enable_controllers(&unified_sub);
         }
-        let (layout, next) = (hierarchy.layout, AtomicU64::new(0));
+        // Past the names of the tasks an earlier process of the node left running here.
+        let first = children(&unified)
+            .iter()
+            .filter_map(|p| {
+                p.file_name()?
+                    .to_str()?
+                    .strip_prefix('t')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |n| n + 1);
+        let (layout, next) = (hierarchy.layout, AtomicU64::new(first));
         let (unified_dir, v1_dirs) = (unified.clone(), v1.clone());
         let maker: Arc<Make> = Arc::new(move || {
             let name = format!("t{}", next.fetch_add(1, Ordering::Relaxed));
@@ -150,6 +170,32 @@ impl Manager {
     #[must_use]
     pub fn unified_dir(&self) -> &Path {
         &self.unified
+    }
+
+    /// Takes over task cgroup `name` (`TASK`) an earlier process of this node left running, one
+    /// the sweep spared: it is then this manager's to kill, read and (on drop) remove, like one
+    /// it made.
+    pub fn adopt(&self, name: &str) -> Result<Box<dyn TaskCgroup>> {
+        let rel = Path::new(name);
+        let plain = rel.components().count() == 1
+            && rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let under = |instance: &Path| instance.join(rel);
+        let unified = under(&self.unified);
+        if !plain || !unified.is_dir() {
+            return Err(Error::Read {
+                path: unified,
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        if self.v1.is_empty() {
+            return Ok(Box::new(V2::adopt(unified)));
+        }
+        Ok(Box::new(Hybrid::adopt(
+            unified,
+            self.v1.iter().map(|d| under(d)).collect(),
+        )))
     }
 
     /// This instance's directories in every hierarchy (cgroup2 first).
@@ -267,8 +313,11 @@ fn remove_when_empty(dir: &Path) -> bool {
 }
 
 /// Releases every dead instance under `unified_sub` and `v1_subs`: kills what still runs in its
-/// task cgroups, removes them and the instance dir. Returns how many directories were removed.
-pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf]) -> usize {
+/// task cgroups, removes them and the instance dir. A node's instance (`k<node>`) is alive for
+/// every other one (its tasks outlive its processes); `own` is the instance being made, whose
+/// earlier process's task cgroups go too, but those named in `spare` (`TASK`). Returns how
+/// many directories were removed.
+pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf], own: &str, spare: &[String]) -> usize {
     let mut removed = 0;
     let mut roots = vec![unified_sub.to_owned()];
     roots.extend(v1_subs.iter().cloned());
@@ -276,17 +325,29 @@ pub fn sweep(unified_sub: &Path, v1_subs: &[PathBuf]) -> usize {
     for (i, root) in roots.iter().enumerate() {
         for inst in children(root) {
             let name = inst.file_name().map(|n| n.to_string_lossy().into_owned());
-            if name.as_deref().is_none_or(is_alive) {
+            let mine = name.as_deref() == Some(own);
+            if !mine && name.as_deref().is_none_or(is_alive) {
                 continue;
             }
+            let mut kept = false;
             for task in children(&inst) {
+                let spared = mine
+                    && task
+                        .file_name()
+                        .is_some_and(|n| spare.iter().any(|s| n == s.as_str()));
+                if spared {
+                    kept = true;
+                    continue;
+                }
                 if i == 0 {
                     let _ = manager::write(&task, "cgroup.kill", "1");
                 }
                 kill_listed(&task);
                 removed += usize::from(remove_when_empty(&task));
             }
-            removed += usize::from(remove_when_empty(&inst));
+            if !kept && !mine {
+                removed += usize::from(remove_when_empty(&inst));
+            }
         }
     }
     removed
@@ -313,9 +374,32 @@ mod tests {
         let dead = root.join("n4194304-1");
         std::fs::create_dir_all(live.join("t0")).unwrap();
         std::fs::create_dir_all(dead.join("t0")).unwrap();
-        assert_eq!(sweep(&root, &[]), 2);
+        assert_eq!(sweep(&root, &[], "n0-0", &[]), 2);
         assert!(live.join("t0").exists());
         assert!(!dead.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod spare_tests {
+    use super::*;
+
+    #[test]
+    fn sweep_spares_named_task_cgroups() {
+        let root = std::env::temp_dir().join(format!("agentnode-spare-{}", std::process::id()));
+        let own = root.join("kme");
+        let other = root.join("kother");
+        std::fs::create_dir_all(own.join("t0")).unwrap();
+        std::fs::create_dir_all(own.join("t1")).unwrap();
+        std::fs::create_dir_all(other.join("t0")).unwrap();
+        assert_eq!(sweep(&root, &[], "kme", &["t1".to_owned()]), 1);
+        assert!(!own.join("t0").exists());
+        assert!(own.join("t1").exists());
+        assert!(
+            other.join("t0").exists(),
+            "another node's kept tasks are not ours to sweep"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -157,6 +157,16 @@ impl V2 {
     }
 }
 
+impl V2 {
+    /// Takes over the existing task cgroup `dir` (see [`OwnedDir::adopt`]).
+    #[must_use]
+    pub fn adopt(dir: PathBuf) -> Self {
+        Self {
+            dir: OwnedDir::adopt(dir),
+        }
+    }
+}
+
 impl TaskCgroup for V2 {
     fn placement(&self) -> &Path {
         self.dir.path()
@@ -240,6 +250,24 @@ impl Hybrid {
             owned_v1,
             joins: std::sync::Mutex::new(joins),
         })
+    }
+
+    /// Takes over an existing task cgroup: `unified`, and `v1` indexed like
+    /// [`V1_CONTROLLERS`] (see [`OwnedDir::adopt`]).
+    #[must_use]
+    pub fn adopt(unified: PathBuf, v1: Vec<PathBuf>) -> Self {
+        let mut owned_v1: Vec<OwnedDir> = Vec::new();
+        for path in &v1 {
+            if !owned_v1.iter().any(|d| d.path() == path) {
+                owned_v1.push(OwnedDir::adopt(path.clone()));
+            }
+        }
+        Self {
+            unified: OwnedDir::adopt(unified),
+            v1,
+            owned_v1,
+            joins: std::sync::Mutex::new(Vec::new()),
+        }
     }
 
     fn v1(&self, controller: &str) -> &Path {

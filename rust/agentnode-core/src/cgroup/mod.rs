@@ -70,6 +70,13 @@ impl OwnedDir {
         Ok(Self { path })
     }
 
+    /// Takes over an existing directory (an earlier instance's task cgroup): removed on drop
+    /// like one made here.
+    #[must_use]
+    pub fn adopt(path: PathBuf) -> Self {
+        Self { path }
+    }
+
     #[must_use]
     pub fn path(&self) -> &std::path::Path {
         &self.path

@@ -54,6 +54,8 @@ pub struct Prepared {
     pub cap_last: u32,
     /// Bit N set: keep capability N.
     pub keep_caps: u64,
+    /// No parent-death signal at exec (see `Spec::outlive`).
+    pub outlive: bool,
     pub nofile: u64,
     /// A Landlock ruleset to restrict the task with (see [`super::landlock`]), if the kernel
     /// has one.
@@ -716,10 +718,13 @@ unsafe fn drop_privileges(p: &Prepared) {
                 sys(libc::SYS_landlock_restrict_self, &restrict).map(drop),
             );
         }
-        // The task dies with the thread that spawned it. Set after the uid change, which clears
-        // it; the parent holds the sync pipe open until exec, so a hang-up here means it died
-        // before the signal was armed.
-        let _ = prctl(&[libc::PR_SET_PDEATHSIG as usize, libc::SIGKILL as usize]);
+        // The task dies with the thread that spawned it, unless it is to outlive it: then the
+        // signal a zygote armed for itself is cleared. Either is set after the uid change, which
+        // clears it; the parent holds the sync pipe open until exec, so a hang-up here means it
+        // died before this point, and the task must not start (an outliving one would be
+        // nobody's: no record of it, so its node's next start could run it again).
+        let death = if p.outlive { 0 } else { libc::SIGKILL as usize };
+        let _ = prctl(&[libc::PR_SET_PDEATHSIG as usize, death]);
         let mut pfd = libc::pollfd {
             fd: p.sync_read,
             events: 0,

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::zygote::{self, Zygote, Zygotes};
 use super::{check_ids, Error, Result, Spec, Task};
-use crate::cgroup::{Hierarchy, Manager};
+use crate::cgroup::{Hierarchy, Manager, TaskCgroup};
 
 /// Called with a new task's cgroup2 directory after the cgroup is made and before any process
 /// joins it; an error ends the start (and removes the cgroup).
@@ -27,9 +27,11 @@ pub struct Launcher {
 
 impl Launcher {
     /// Detects this process's cgroup layout and creates the instance's subtree (sweeping dead
-    /// instances' leftovers first).
-    pub fn new() -> Result<Self> {
-        let manager = Hierarchy::detect().and_then(|h| Manager::new(&h))?;
+    /// instances' leftovers first): `n<pid>-<start>`, or with a `node` name `k<node>`, whose
+    /// tasks may outlive this process; its task cgroups named in `spare` are kept for
+    /// [`Launcher::adopt`].
+    pub fn new(node: &str, spare: &[String]) -> Result<Self> {
+        let manager = Hierarchy::detect().and_then(|h| Manager::new(&h, node, spare))?;
         Ok(Self {
             zygotes: OnceLock::new(),
             cgroups: Mutex::new(Some(manager)),
@@ -58,6 +60,14 @@ impl Launcher {
     #[must_use]
     pub fn zygotes(&self) -> Vec<(libc::pid_t, String)> {
         self.zygotes.get().map(Zygotes::ready).unwrap_or_default()
+    }
+
+    /// Takes over task cgroup `name`, which an earlier process of this node left running and
+    /// `new` spared.
+    pub fn adopt(&self, name: &str) -> Result<Box<dyn TaskCgroup>> {
+        let guard = self.lock();
+        let manager = guard.as_ref().ok_or_else(closed)?;
+        Ok(manager.adopt(name)?)
     }
 
     /// Ends the zygotes not taken and removes the instance's cgroups. Idempotent.

@@ -119,6 +119,9 @@ pub struct Spec {
     pub keep_caps: Vec<u32>,
     /// Written to the task's cgroup before it runs.
     pub limits: cgroup::Limits,
+    /// Whether the task outlives the process that starts it (the node's tasks, re-adopted by
+    /// its next start): no parent-death signal once it has exec'd.
+    pub outlive: bool,
 }
 
 /// The `PATH` used to resolve a bare command name inside the task's root.
@@ -269,6 +272,7 @@ fn prepare(
         gid: spec.gid,
         cap_last: cap_last(),
         keep_caps: spec.keep_caps.iter().fold(0, |m, c| m | (1u64 << c)),
+        outlive: spec.outlive,
         nofile: spec.nofile,
         landlock: landlock::ruleset(),
         seccomp: if spec.seccomp {

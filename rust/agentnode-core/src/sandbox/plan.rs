@@ -591,6 +591,7 @@ mod tests {
             seccomp: true,
             keep_caps: Vec::new(),
             limits: crate::cgroup::Limits::default(),
+            outlive: false,
         }
     }
 

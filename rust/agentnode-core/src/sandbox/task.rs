@@ -226,6 +226,15 @@ impl Task {
         }
     }
 
+    /// Gives the task up: dropping this handle then neither kills nor reaps it, and its
+    /// cgroups and mount namespace stay (the task runs on; see `Spec::outlive`).
+    pub fn leave(&mut self) {
+        // What a forked copy of the handle does on drop (see `Drop`).
+        self.owner = 0;
+        std::mem::forget(self.cgroup.take());
+        self.mounts = None;
+    }
+
     pub(super) fn reap_blocking(&mut self) {
         let _ = self.kill();
         let _ = self.wait(None);

@@ -1,0 +1,358 @@
+"""Live restore: tasks outlive the node agent (kill -9, SIGTERM with keep_tasks) and the next
+start re-adopts them; a host reboot loses them, and they retry once unless they opt out.
+
+Real daemons (`agentnode run` subprocesses) on private data dirs; the tasks are real sandboxes,
+the exit records real BPF programs pinned under a real bpffs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentnode import _native
+from agentnode.isolation import task as task_mod
+from agentnode.node.restore import pin_dir, release_pins, start_ticks
+from agentnode.tasks.model import State
+from conftest import processes_with
+from support.node_daemon import Daemon
+from test_node import leftover_cgroups
+from test_node_robust import seed, small
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+#: Tasks in the kill -9 test (the issue asks 50; 20 keep it within a minute on the two shared
+#: cores of the test machine, and still start from zygotes and clones both).
+N = 20
+CONFIG = "[node]\ngrace = 0.5\n[retry]\nbase = 0\n"
+
+
+def writer(marker: str, lines: int, code: int, *, every: float = 0.1) -> list[str]:
+    """A task that writes `lines` numbered lines, one per `every` seconds, then exits `code`."""
+    script = (
+        f"i=0; while [ $i -lt {lines} ]; do echo {marker} line $i; i=$((i+1)); "
+        f"sleep {every}; done; exit {code}"
+    )
+    return ["sh", "-c", script, marker]
+
+
+def gated(marker: str, code: int) -> list[str]:
+    """A task that writes a numbered line every 0.1 s until /gate/end exists, then exits `code`."""
+    script = (
+        f"i=0; while [ ! -e /gate/end ]; do echo {marker} line $i; i=$((i+1)); sleep 0.1; "
+        f"done; exit {code}"
+    )
+    return ["sh", "-c", script, marker]
+
+
+def prober(marker: str, seconds: float) -> list[str]:
+    """Writes a line every 0.1 s for `seconds`, and tries a connection every second: refused
+    (network none: its own loopback only, nothing listening), while its agent is down as
+    before."""
+    code = (
+        "import socket, sys, time\n"
+        f"end = time.monotonic() + {seconds}\n"
+        "n = 0\n"
+        "while time.monotonic() < end:\n"
+        "    print('line', n, flush=True); n += 1\n"
+        "    if n % 10 == 0:\n"
+        "        try:\n"
+        "            socket.create_connection(('127.0.0.1', 9), timeout=1)\n"
+        "            print('CONNECTED', flush=True)\n"
+        "        except OSError as e:\n"
+        "            print('refused', e.errno, flush=True)\n"
+        "    time.sleep(0.1)\n"
+        "print('done', n, flush=True)\n"
+    )
+    return ["python3", "-c", code, marker]
+
+
+def pids_of(marker: str) -> list[int]:
+    """Task inits (pid 1 of their pid namespace) with `marker` as their last argument."""
+    found = []
+    for p in processes_with(marker):
+        try:
+            args = Path(f"/proc/{p}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            nspid = next(x for x in Path(f"/proc/{p}/status").read_text().splitlines()
+                         if x.startswith("NSpid:")).split()  # fmt: skip
+        except (OSError, StopIteration):
+            continue
+        if args[-1] == marker.encode() and nspid[-1] == "1":
+            found.append(p)
+    return found
+
+
+def cgroup_of(pid: int) -> str:
+    """`NAME@ID` of the cgroup2 node process `pid` is in (names are reused, ids are not)."""
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x[:3] == "0::")
+    path = task_mod._instance().dirs()[0].parents[1] / line[3:].strip().lstrip("/")
+    return f"{path.name}@{path.stat().st_ino}"
+
+
+def task_dirs(d: Daemon) -> set[str]:
+    """`NAME@ID` of the node's task cgroups in cgroup2 (tasks', zygotes', made-ahead ones)."""
+    return {
+        f"{t.name}@{t.stat().st_ino}"
+        for inst in leftover_cgroups(d.data)
+        if inst.parent == task_mod._instance().dirs()[0].parent
+        for t in inst.iterdir()
+        if t.is_dir()
+    }
+
+
+def no_pins(d: Daemon) -> None:
+    """After a clean stop: the exit recorder's pins and the node's own bpffs are gone."""
+    assert not pin_dir_exists(d)
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    assert str(d.data / "bpf") not in mounts
+    assert not (d.data / "bpf").exists()
+
+
+def pin_dir_exists(d: Daemon) -> bool:
+    """Whether the node's pins are there, without mounting a bpffs to look (`pin_dir` would)."""
+    return (d.data / "bpf" / "node").exists() or any(
+        (Path("/sys/fs/bpf/agentnode") / n).exists() for n in [_node_id(d)]
+    )
+
+
+def _node_id(d: Daemon) -> str:
+    from agentnode.node.restore import node_id
+
+    return node_id(d.data)
+
+
+def lines_of(d: Daemon, task_id: str) -> list[str]:
+    return d.log(task_id).splitlines()
+
+
+def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, CONFIG)
+    d.start()
+    tag = f"rs{os.getpid()}x{time.time_ns() % 10**6}"
+    try:
+        # Gated ones end while no agent runs (the test opens the gate then); the others run
+        # across the gap and end after it.
+        gate = tmp_path / "gate"
+        gate.mkdir()
+        specs: dict[str, tuple[list[str], int, int]] = {}
+        for i in range(N - 2):
+            marker, code = f"{tag}-{i}", i % 4
+            if i % 3 == 0:
+                specs[marker] = (gated(marker, code), 0, code)
+            else:
+                specs[marker] = (writer(marker, 150, code), 150, code)
+        tasks = {
+            m: d.submit(cmd, cpus=0.05, ro=[f"{gate}:/gate"])["id"]
+            for m, (cmd, _, _) in specs.items()
+        }
+        probe = d.submit(prober(f"{tag}-probe", 12.0), cpus=0.05)["id"]
+        # Its deadline is from its start: the restart does not give it a new 14 s.
+        late = d.submit(["sh", "-c", "sleep 300", f"{tag}-late"], timeout="14s")["id"]
+        for t in (*tasks.values(), probe, late):
+            d.wait(t, states=("running",), timeout=60)
+        before = {t: d.task(t).get("stats") for t in tasks.values()}
+        inits = {m: pids_of(m) for m in specs}
+        assert all(len(p) == 1 for p in inits.values()), inits
+        d.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        (gate / "end").touch()
+        time.sleep(3.0)  # the gap: tasks write on, gated ones end, the prober is refused
+        alive = {m for m, p in inits.items() if start_ticks(p[0]) is not None}
+        assert alive, "long tasks outlive their agent"
+        running_cgroups = {cgroup_of(p) for m in [*alive, f"{tag}-probe", f"{tag}-late"]
+                           for p in pids_of(m)}  # fmt: skip
+        gap_dirs = task_dirs(d)
+        assert running_cgroups < gap_dirs, "zygotes' and made-ahead cgroups are left too"
+        [node] = [
+            i for i in leftover_cgroups(d.data) if i.parent == task_mod._instance().dirs()[0].parent
+        ]
+        for other in gap_dirs - running_cgroups:
+            procs = (node / other.split("@")[0] / "cgroup.procs").read_text().split()
+            assert procs == [], f"{other}: zygotes die with their daemon, {procs}"
+        d.start()
+        restart_s = time.monotonic() - killed_at
+        adopted = int(next(x for x in d.lines if "capacity" in x).split(" re-adopted")[0]
+                      .rsplit(" ", 1)[1])  # fmt: skip
+        longs = sum(1 for _, lines, _ in specs.values() if lines == 150)
+        assert adopted == longs + 2, "what ran at the restart is re-adopted; the gated ones ended"
+        # The sweep spared the adopted tasks' cgroups and removed the rest (the zygotes', the
+        # made-ahead ones, those of tasks that ended).
+        kept = task_dirs(d) & gap_dirs
+        assert kept <= running_cgroups, kept - running_cgroups
+        assert {cgroup_of(p) for m in alive for p in pids_of(m)} <= kept
+        checked = 0
+        for t in tasks.values():
+            now, then = d.task(t), before[t]
+            if now["state"] == "running" and then is not None:
+                s = now["stats"]
+                assert s["cpu_user_s"] + s["cpu_system_s"] >= (
+                    then["cpu_user_s"] + then["cpu_system_s"]
+                ), "accounting is the cgroup's: it goes on"
+                assert s["wall_s"] >= then["wall_s"] + restart_s - 0.5
+                checked += 1
+        assert checked > 0
+        done = {m: d.wait(tasks[m], timeout=60) for m in specs}
+        for m, (_, lines, code) in specs.items():
+            t = done[m]
+            assert t["attempt"] == 1, (m, t)
+            assert t["exit_code"] == code, (m, t)
+            assert t["state"] == ("succeeded" if code == 0 else "failed"), (m, t)
+            out = lines_of(d, tasks[m])
+            assert out == [f"{m} line {i}" for i in range(lines or len(out))] and out, m
+        p = d.wait(probe, timeout=60)
+        assert (p["state"], p["exit_code"]) == ("succeeded", 0), p
+        out = lines_of(d, probe)
+        numbered = [int(x.split()[1]) for x in out if x.startswith("line ")]
+        assert numbered == list(range(len(numbered))) and out[-1] == f"done {len(numbered)}"
+        assert "CONNECTED" not in out and sum(x.startswith("refused") for x in out) >= 5
+        t = d.wait(late, timeout=60)
+        assert t["state"] == "timed_out", t
+        ran = t["history"][-1][1] - next(at for s, at in t["history"] if s == "running")
+        assert 13.5 < ran < 16.0, f"timed out {ran:.1f} s after its start: deadline re-armed"
+        assert task_dirs(d) & gap_dirs == set(), "the adopted tasks' cgroups go when they end"
+    finally:
+        if d.proc is not None:
+            d.stop()
+    assert leftover_cgroups(d.data) == []
+    no_pins(d)
+
+
+def test_sigterm_with_keep_tasks_leaves_them_for_the_next_start(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, CONFIG.replace("[node]\n", "[node]\nkeep_tasks = true\n"))
+    d.start()
+    tag = f"kt{os.getpid()}x{time.time_ns() % 10**6}"
+    try:
+        ids = {code: d.submit(writer(f"{tag}-{code}", 40, code))["id"] for code in (0, 3, 9)}
+        for t in ids.values():
+            d.wait(t, states=("running",))
+        assert d.stop(signal.SIGTERM) == 0
+        assert "run on, for the next start" in "\n".join(d.lines)
+        assert all(pids_of(f"{tag}-{c}") for c in ids), "the tasks run on"
+        assert leftover_cgroups(d.data), "their cgroups stay"
+        assert pin_dir_exists(d), "and the exit recorder's pins"
+        d.config.write_text(CONFIG)
+        d.start()
+        assert "3 re-adopted" in next(x for x in d.lines if "capacity" in x)
+        for code, t in ids.items():
+            done = d.wait(t, timeout=60)
+            assert (done["exit_code"], done["attempt"]) == (code, 1), done
+            assert lines_of(d, t) == [f"{tag}-{code} line {i}" for i in range(40)]
+    finally:
+        if d.proc is not None:
+            d.stop()
+    assert leftover_cgroups(d.data) == []
+    no_pins(d)
+
+
+def test_a_host_reboot_loses_tasks_and_retries_them_once(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, CONFIG)
+    d.start()
+    tag = f"rb{os.getpid()}x{time.time_ns() % 10**6}"
+    try:
+        again = d.submit(["sh", "-c", "sleep 60", f"{tag}-a"])["id"]
+        once = d.submit(["sh", "-c", "sleep 60", f"{tag}-b"], retry_lost=False)["id"]
+        assert d.task(once)["retry_lost"] is False
+        for t in (again, once):
+            d.wait(t, states=("running",))
+        before = task_dirs(d)
+        d.stop(signal.SIGKILL)
+        # The reboot: the tasks die with the host, and so do bpffs and its pins.
+        for m in ("a", "b"):
+            for p in pids_of(f"{tag}-{m}"):
+                os.kill(p, signal.SIGKILL)
+        _native.ExitRecorder.remove(pin_dir(d.data))
+        subprocess.run(["umount", str(d.data / "bpf")], check=False, capture_output=True)
+        d.start()
+        assert "2 lost in the last run" in next(x for x in d.lines if "capacity" in x)
+        gone = d.task(once)
+        assert gone["state"] == "lost" and "nothing recorded how" in gone["reason"], gone
+        retried = d.wait(again, states=("running",), timeout=30)
+        assert retried["attempt"] == 2
+        assert [s for s, _ in retried["history"]][3:5] == ["lost", "queued"]
+        assert task_dirs(d) & before == set(), "the dead tasks' cgroups are swept"
+        d.client.call("POST", f"/v1/tasks/{again}/cancel")
+        assert d.wait(again)["state"] == "cancelled"
+    finally:
+        if d.proc is not None:
+            d.stop()
+    no_pins(d)
+
+
+def test_a_recycled_pid_is_never_adopted_nor_killed(tmp_path: Path) -> None:
+    # A process that is not the task: the recorded pid, with another start time.
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        ticks = start_ticks(other.pid)
+        assert ticks is not None
+        d = Daemon(tmp_path, CONFIG)
+        (d.data / "tasks").mkdir(parents=True)
+        [rec] = seed(d.data, small(["true"], retry_lost=False), state=State.RUNNING)
+        _set_process(d.data, rec, (other.pid, ticks - 1))
+        d.start()
+        try:
+            t = d.task(rec)
+            assert t["state"] == "lost", t
+            assert "1 lost in the last run" in next(x for x in d.lines if "capacity" in x)
+            assert other.poll() is None, "the process the pid now names is left alone"
+        finally:
+            d.stop()
+        no_pins(d)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _set_process(data: Path, task_id: str, process: tuple[int, int]) -> None:
+    from dataclasses import replace
+
+    from agentnode.tasks import TaskStore
+    from agentnode.tasks.store import decode
+
+    store = TaskStore(data / "tasks")
+    raw = store.get(task_id)
+    assert raw is not None
+    task: Any = decode(raw)
+    store.put_now(replace(task, process=process))
+    store.close()
+
+
+def test_the_kernel_records_exit_statuses_of_watched_processes(tmp_path: Path) -> None:
+    where = pin_dir(tmp_path)
+    try:
+        recorder = _native.ExitRecorder(where)
+        code = (
+            "import os, sys, threading, time\n"
+            "how = sys.argv[1]\n"
+            "if how == 'thread':\n"
+            "    threading.Thread(target=lambda: os._exit(7)).start(); time.sleep(30)\n"
+            "time.sleep(0.2 if how == 'code' else 30)\n"
+            "sys.exit(3)\n"
+        )
+        procs = {
+            how: subprocess.Popen(["python3", "-c", code, how])
+            for how in ("code", "kill", "thread")
+        }
+        ticks = {how: start_ticks(p.pid) for how, p in procs.items()}
+        for how, p in procs.items():
+            t = ticks[how]
+            assert t is not None
+            recorder.watch(p.pid, t)
+        procs["kill"].kill()
+        for p in procs.values():
+            p.wait()  # reaped here: the record does not depend on who reaps
+        statuses = {how: recorder.status(p.pid, ticks[how] or 0) for how, p in procs.items()}
+        assert statuses == {"code": 3 << 8, "kill": signal.SIGKILL, "thread": 7 << 8}
+        p = procs["code"]
+        assert recorder.status(p.pid, (ticks["code"] or 0) + 1) is None, "another process"
+        again = _native.ExitRecorder(where)
+        assert again.status(p.pid, ticks["code"] or 0) == 3 << 8, "the pins outlive the handle"
+        again.forget(p.pid)
+        assert recorder.status(p.pid, ticks["code"] or 0) is None
+    finally:
+        release_pins(tmp_path)
+    assert not (tmp_path / "bpf").exists()
