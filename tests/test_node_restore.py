@@ -254,17 +254,18 @@ def test_a_host_reboot_loses_tasks_and_retries_them_once(tmp_path: Path) -> None
     d.start()
     tag = f"rb{os.getpid()}x{time.time_ns() % 10**6}"
     try:
-        again = d.submit(["sh", "-c", "sleep 60", f"{tag}-a"])["id"]
-        once = d.submit(["sh", "-c", "sleep 60", f"{tag}-b"], retry_lost=False)["id"]
+        again = d.submit(["sh", "-c", "sleep 60; :", f"{tag}-a"])["id"]
+        once = d.submit(["sh", "-c", "sleep 60; :", f"{tag}-b"], retry_lost=False)["id"]
         assert d.task(once)["retry_lost"] is False
         for t in (again, once):
             d.wait(t, states=("running",))
         before = task_dirs(d)
         d.stop(signal.SIGKILL)
         # The reboot: the tasks die with the host, and so do bpffs and its pins.
-        for m in ("a", "b"):
-            for p in pids_of(f"{tag}-{m}"):
-                os.kill(p, signal.SIGKILL)
+        inits = [p for m in ("a", "b") for p in pids_of(f"{tag}-{m}")]
+        assert len(inits) == 2, inits
+        for p in inits:
+            os.kill(p, signal.SIGKILL)
         _native.ExitRecorder.remove(pin_dir(d.data))
         subprocess.run(["umount", str(d.data / "bpf")], check=False, capture_output=True)
         d.start()

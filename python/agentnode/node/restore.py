@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -245,7 +246,9 @@ class Restorer:
             pidfd = None
         # Opened first, checked second: a pidfd names one process for good, so the start time
         # read after it is that process's (a recycled pid fails the check, never passes it).
-        if pidfd is not None and start_ticks(pid) == ticks:
+        # An exited process not yet reaped (its parent, now init, may take its time) is no task
+        # to adopt: its outcome is the recorder's.
+        if pidfd is not None and start_ticks(pid) == ticks and not _has_exited(pidfd):
             name = _task_cgroup(pid, self.node)
             if name is not None:
                 self._found[task.id] = (pid, ticks, pidfd, name)
@@ -299,6 +302,12 @@ class Restorer:
             )
         self._found.clear()
         return out, failed
+
+
+def _has_exited(pidfd: int) -> bool:
+    """Whether the process of `pidfd` has exited: its pidfd polls readable from then on, reaped
+    or not."""
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _task_cgroup(pid: int, node: str) -> str | None:
