@@ -47,6 +47,19 @@ KEY = "k-acme-test"
 TENANT = f'[inference.tenants.acme]\napi_keys = ["{KEY}"]\n'
 
 
+def _runtime_of(task_id: str) -> list[int]:
+    """The runtime processes of task `task_id` (other tests' and sessions' agents may run)."""
+    mine = f"AGENTNODE_TASK_ID={task_id}".encode()
+    found = []
+    for pid in processes_with("agentnode.runtime"):
+        try:
+            if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     with World() as w:
@@ -88,7 +101,7 @@ def test_runtime_runs_tools_is_metered_and_resumes_after_sigkill(
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.02)
         time.sleep(0.3)  # into the slow tool call
-        (pid,) = processes_with("agentnode.runtime")
+        (pid,) = _runtime_of(task_id)
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, (out, err)
