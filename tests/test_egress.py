@@ -144,7 +144,8 @@ def test_deny_by_default_cidr_port_ipv6_and_counters(
         assert not icmp["ok"] and icmp["errno"] == errno.EPERM
         assert v6["ok"] and mapped["ok"]
         stats = eg.stats()
-        assert size <= stats["bytes_out"] <= size * 1.01 + 20_000
+        # Counted per packet sent, retransmissions included (a loaded host retransmits a few %).
+        assert size <= stats["bytes_out"] <= size * 1.1 + 20_000
         assert stats["connections_denied"] == 7
         assert stats["connections_allowed"] == 3
         assert stats["packets_dropped"] >= 1
