@@ -21,14 +21,13 @@ import pytest
 
 from agentnode.agents import autogpt
 from agentnode.agents.kinds import AgentSpec
-from agentnode.errors import AgentnodeError, TaskError
+from agentnode.errors import TaskError
 from conftest import run_cli
-from support.agent_env import CALL_COST, HERE, REPO, agent_node, ledger
+from support.agent_env import CACHE, CALL_COST, HERE, REPO, agent_node, installed_agent, ledger
 from support.egress_world import World
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.network]
 
-CACHE = Path(os.environ.get("AGENTNODE_TEST_CACHE", "/var/cache/agentnode-test")) / "agents"
 #: The mock bills each embedding request 8 prompt tokens at the test price (2.5 USD/M).
 EMBED_COST = Decimal("0.00002")
 
@@ -54,14 +53,7 @@ SCRIPT = [
 
 @pytest.fixture(scope="module")
 def cache() -> Path:
-    if autogpt.status(CACHE) is None:
-        try:
-            autogpt.install(CACHE)
-        except AgentnodeError as e:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"AutoGPT is missing and could not be installed: {e}")
-            pytest.skip(f"AutoGPT is not installed and could not be: {e}")
-    return CACHE
+    return installed_agent(autogpt, "AutoGPT")
 
 
 @pytest.fixture(scope="module")

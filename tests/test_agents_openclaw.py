@@ -16,27 +16,17 @@ from pathlib import Path
 import pytest
 
 from agentnode.agents import openclaw
-from agentnode.errors import AgentnodeError
 from conftest import run_cli
-from support.agent_env import CALL_COST, REPO, agent_node, ledger
+from support.agent_env import CALL_COST, REPO, agent_node, installed_agent, ledger
 from support.egress_world import World
 
 # Installing OpenClaw is the suite's one use of the internet (npm); a turn takes ~15 s or more.
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.network]
 
-CACHE = Path(os.environ.get("AGENTNODE_TEST_CACHE", "/var/cache/agentnode-test")) / "agents"
-
 
 @pytest.fixture(scope="module")
 def cache() -> Path:
-    if openclaw.status(CACHE) is None:
-        try:
-            openclaw.install(CACHE)
-        except AgentnodeError as e:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"OpenClaw is missing and could not be installed: {e}")
-            pytest.skip(f"OpenClaw is not installed and could not be: {e}")
-    return CACHE
+    return installed_agent(openclaw, "OpenClaw")
 
 
 @pytest.fixture(scope="module")

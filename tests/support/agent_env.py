@@ -15,11 +15,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from agentnode.errors import AgentnodeError
 from support.egress_world import HOST4, World
 from support.node_daemon import Daemon, daemon
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
+#: Where agent runtimes are installed once and reused by later runs (outside the repo).
+CACHE = Path(os.environ.get("AGENTNODE_TEST_CACHE", "/var/cache/agentnode-test")) / "agents"
 # 1000 prompt (600 cached) + 300 completion (100 reasoning) per mock answer
 #   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
 CALL_COST = Decimal("0.00495")
@@ -113,3 +118,16 @@ def ledger(world: World, d: Daemon, key: str) -> list[dict[str, Any]]:
     )  # fmt: skip
     rows: list[dict[str, Any]] = json.loads(out.stdout)
     return rows
+
+
+def installed_agent(runtime: Any, title: str) -> Path:
+    """CACHE with `runtime` (the agents module: `status`, `install`) installed in it, installing
+    it the first time; a runtime that cannot be installed skips the test, or fails it in CI."""
+    if runtime.status(CACHE) is None:
+        try:
+            runtime.install(CACHE)
+        except AgentnodeError as e:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{title} is missing and could not be installed: {e}")
+            pytest.skip(f"{title} is not installed and could not be: {e}")
+    return CACHE

@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agentnode.agents.install import replace_install, staging_dir
-from agentnode.errors import ConfigError, TaskError
+from agentnode.agents.install import STAMP, recorded, replace_install, required, staging_dir
+from agentnode.errors import ConfigError
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -51,7 +51,6 @@ DEFAULT_STEPS = 10
 #: `count_message_tokens`); its local memory also calls `text-embedding-ada-002`.
 MODELS = ("gpt-3.5-turbo", "gpt-3.5-turbo-0301", "gpt-4", "gpt-4-0314")
 _REQUIREMENTS = Path(__file__).with_name("autogpt-requirements.txt")
-_STAMP = "agentnode-install.json"
 _SITE = f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
 #: What AutoGPT's answers are checked against (it only logs a mismatch): the node's own
 #: description of its reply format, a JSON object with `thoughts` and an optional `command`.
@@ -73,23 +72,13 @@ _REPLY_SCHEMA = {
 def status(cache: Path) -> dict[str, Any] | None:
     """What `install` recorded under CACHE/autogpt (versions, size), or None if absent."""
     home = cache / "autogpt"
-    try:
-        stamp: dict[str, Any] = json.loads((home / _STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    if not (home / "bin" / "python").exists() or not (home / _SITE / "autogpt").is_dir():
-        return None
-    return {**stamp, "home": str(home)}
+    complete = (home / "bin" / "python").exists() and (home / _SITE / "autogpt").is_dir()
+    return recorded(home, complete=complete)
 
 
 def installed(cache: Path) -> Path:
     """CACHE/autogpt when AutoGPT is installed there; `TaskError` saying how otherwise."""
-    if status(cache) is None:
-        raise TaskError(
-            f"AutoGPT is not installed in {cache / 'autogpt'} "
-            "(run: sudo agentnode agents install autogpt)"
-        )
-    return cache / "autogpt"
+    return required(cache, "autogpt", "AutoGPT", status)
 
 
 def install(cache: Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -129,7 +118,7 @@ def install(cache: Path, *, log: Callable[[str], None] = print) -> dict[str, Any
         "bytes": size,
         "seconds": round(time.monotonic() - started, 1),
     }
-    (staging / _STAMP).write_text(json.dumps(stamp))
+    (staging / STAMP).write_text(json.dumps(stamp))
     staging.chmod(0o755)
     replace_install(staging, cache / "autogpt")
     return {**stamp, "home": str(cache / "autogpt")}

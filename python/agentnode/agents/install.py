@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["replace_install", "staging_dir"]
+from agentnode.errors import TaskError
+
+__all__ = ["STAMP", "recorded", "replace_install", "required", "staging_dir"]
+
+#: The file an install writes last, into its home: what it installed (versions, size).
+STAMP = "agentnode-install.json"
+
+
+def recorded(home: Path, *, complete: bool) -> dict[str, Any] | None:
+    """What the install in `home` recorded, with `home` itself; None when it has no stamp or
+    is not `complete` (the runtime's own check of its files)."""
+    try:
+        stamp: dict[str, Any] = json.loads((home / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    return {**stamp, "home": str(home)} if complete else None
+
+
+def required(
+    cache: Path, name: str, title: str, status: Callable[[Path], dict[str, Any] | None]
+) -> Path:
+    """CACHE/NAME when runtime `title` is installed there (`status`); else `TaskError` saying
+    how to install it."""
+    if status(cache) is None:
+        raise TaskError(
+            f"{title} is not installed in {cache / name} (run: sudo agentnode agents install {name})"
+        )
+    return cache / name
 
 
 def staging_dir(cache: Path, name: str) -> Path:

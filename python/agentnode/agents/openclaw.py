@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agentnode.agents.install import replace_install, staging_dir
-from agentnode.errors import ConfigError, TaskError
+from agentnode.agents.install import STAMP, recorded, replace_install, required, staging_dir
+from agentnode.errors import ConfigError
 
 __all__ = ["VERSION", "install", "installed", "main", "openclaw_config", "status", "task_command"]
 
@@ -31,7 +31,6 @@ __all__ = ["VERSION", "install", "installed", "main", "openclaw_config", "status
 VERSION = "2026.9.6"
 _MIN_NODE = (24, 16)
 _PROVIDER = "agentnode"
-_STAMP = "agentnode-install.json"
 
 
 def _paths(home: Path) -> tuple[Path, Path]:
@@ -42,23 +41,12 @@ def status(cache: Path) -> dict[str, Any] | None:
     """What `install` recorded under CACHE/openclaw (versions, size), or None if absent."""
     home = cache / "openclaw"
     node, entry = _paths(home)
-    try:
-        stamp: dict[str, Any] = json.loads((home / _STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    if not (node.is_file() and entry.is_file()):
-        return None
-    return {**stamp, "home": str(home)}
+    return recorded(home, complete=node.is_file() and entry.is_file())
 
 
 def installed(cache: Path) -> Path:
     """CACHE/openclaw when OpenClaw is installed there; `TaskError` saying how otherwise."""
-    if status(cache) is None:
-        raise TaskError(
-            f"OpenClaw is not installed in {cache / 'openclaw'} "
-            "(run: sudo agentnode agents install openclaw)"
-        )
-    return cache / "openclaw"
+    return required(cache, "openclaw", "OpenClaw", status)
 
 
 def _node_wheel() -> tuple[Path, Path]:
@@ -115,7 +103,7 @@ def install(
         "bytes": size,
         "seconds": round(time.monotonic() - started, 1),
     }
-    (staging / _STAMP).write_text(json.dumps(stamp))
+    (staging / STAMP).write_text(json.dumps(stamp))
     staging.chmod(0o755)
     replace_install(staging, home)
     return {**stamp, "home": str(home)}
