@@ -10,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,33 @@ def test_every_operation_declares_its_refusals() -> None:
                 assert int(code) < 400 or "application/json" in r.get("content", {}), (name, code)
 
 
+def test_every_agent_protocol_route_is_documented() -> None:
+    """The AP routes are in the document (so the fuzz run covers them), with the protocol's
+    shapes: its Task, Step, Artifact and paged lists, and its `{"message"}` error body."""
+    from aiohttp import web
+
+    from agentnode.agents.protocol import add_protocol_routes
+
+    app = web.Application()
+    add_protocol_routes(app, None)  # type: ignore[arg-type]  # the routes, never called here
+    served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource}
+    doc = json.loads(OPENAPI.read_text())
+    documented = {(m, p) for p, ops in doc["paths"].items() if "/ap/v1/" in p for m in ops}
+    assert served == documented and len(served) == 18, served ^ documented
+    schemas = doc["components"]["schemas"]
+    for name, key in (("APTaskList", "tasks"), ("APStepList", "steps"),
+                      ("APArtifactList", "artifacts")):  # fmt: skip
+        assert set(schemas[name]["required"]) == {key, "pagination"}, name
+    assert set(schemas["APPagination"]["required"]) == {
+        "total_items", "total_pages", "current_page", "page_size"}  # fmt: skip
+    assert set(schemas["APStep"]["properties"]) >= {"task_id", "step_id", "status", "is_last"}
+    for method, path in documented:
+        op = doc["paths"][path][method]
+        assert {"200", "400", "401"} <= set(op["responses"]), (method, path)
+        if "{task_id}" in path:
+            assert op["responses"]["404"] == {"$ref": "#/components/responses/APNotFound"}
+
+
 def raw(base: str, method: str, path: str, body: bytes | None = None,
         **headers: str) -> tuple[int, dict[str, str], Any]:  # fmt: skip
     """One request on the TCP listener: (status, headers, body); asserts an error is JSON."""
@@ -236,4 +264,74 @@ def test_odd_tokens_and_malformed_requests_are_refused_quietly(node: tuple[Daemo
             s.sendall(request)
             assert s.recv(100).split(b" ")[1] == b"400", request
     d.wait_for_line("refused a malformed HTTP request from 127.0.0.1")
+    assert not [line for line in d.lines if "Traceback" in line], d.lines[-50:]
+
+
+def test_agent_protocol_refusals_are_one_line_errors(node: tuple[Daemon, str]) -> None:
+    """What the fuzz run found on /ap/v1, each class tried several ways on both prefixes: an
+    optional field given as null is its default, a field of the wrong type or range is a 422,
+    a body that is not what its Content-Type says is a 400, each in the AP's `{"message"}`."""
+    d, base = node
+    js = {"Content-Type": "application/json"}
+    for prefix in ("/ap/v1", "/t/acme/ap/v1"):
+        tasks = f"{prefix}/agent/tasks"
+
+        def create(body: Any, prefix: str = prefix) -> tuple[int, Any]:
+            status, _, answer = raw(base, "POST", f"{prefix}/agent/tasks",
+                                    json.dumps(body).encode(), **js)  # fmt: skip
+            return status, answer
+
+        # null is each option's default (the agent, the model's absence, no extra task fields).
+        extra: Any
+        for extra in ({"task": None}, {"agent": None}, {"tools": None, "max_steps": None},
+                      {"agent": "runtime", "steps": None, "additional_input": None}):  # fmt: skip
+            status, task = create({"input": "go", "additional_input": {"model": "m", **extra}})
+            assert status == 200 and task["additional_input"]["model"] == "m", (extra, task)
+        tid = task["task_id"]
+        for extra, field in (({"max_steps": 0}, "max_steps"), ({"max_steps": -1}, "max_steps"),
+                             ({"max_steps": True}, "max_steps"), ({"steps": 0}, "steps"),
+                             ({"task": []}, "task"), ({"tools": "a"}, "tools")):  # fmt: skip
+            status, err = create({"input": "go", "additional_input": {"model": "m", **extra}})
+            assert status == 422 and f"additional_input.{field}" in err["message"], (extra, err)
+        # Bodies the node's JSON reader refuses on every route: nested too deeply, a lone
+        # surrogate, a number of 5,000 digits; on the task and the step routes alike.
+        for path in (tasks, f"{tasks}/{tid}/steps"):
+            for text in ("[" * 100_000, '{"a":' * 10_000, '{"input": "\\udc80"}',
+                         '{"input": "x", "n": ' + "9" * 5000 + "}", "{nope"):  # fmt: skip
+                status, _, err = raw(base, "POST", path, text.encode(), **js)
+                assert status == 400 and err["message"].startswith("the body "), (path, err)
+        # A step's additional_input is an object or null, as a task's is.
+        for extra in ([None, None], "x", 3):
+            status, _, err = raw(base, "POST", f"{tasks}/{tid}/steps",
+                                 json.dumps({"additional_input": extra}).encode(), **js)  # fmt: skip
+            assert status == 422 and "additional_input" in err["message"], (extra, err)
+        # Multipart forms that are not one (no boundary, a part header that is not HTTP), a
+        # part that is not file or relative_path, and a NUL in the path or the file's name.
+        uploads = f"{tasks}/{tid}/artifacts"
+        status, _, err = raw(base, "POST", uploads, b"", **{"Content-Type": "multipart/form-data"})
+        assert status == 400 and "multipart/form-data" in err["message"], err
+
+        def form(*parts: tuple[bytes, bytes], uploads: str = uploads) -> tuple[int, Any]:
+            body = b"".join(b"--B\r\nContent-Disposition: form-data; " + head + b"\r\n\r\n" + data
+                            + b"\r\n" for head, data in parts) + b"--B--\r\n"  # fmt: skip
+            multipart = {"Content-Type": "multipart/form-data; boundary=B"}
+            status, _, answer = raw(base, "POST", uploads, body, **multipart)
+            return status, answer
+
+        file = (b'name="file"; filename="f.txt"', b"data")
+        status, err = form((b'name="\x11\xc3\x90"', b"{}"), file)
+        assert status == 400 and "multipart/form-data" in err["message"], err
+        for name in (b"uri", b"relative_paths", b""):
+            status, err = form((b'name="' + name + b'"', b"x"), file)
+            assert status == 422 and "file and relative_path" in err["message"], (name, err)
+        for parts in (((b'name="relative_path"', b"a\x00b"), file),
+                      ((b'name="file"; filename="a\x00b"', b"data"),)):  # fmt: skip
+            status, err = form(*parts)
+            assert status in (400, 422) and "message" in err, (parts, err)
+        for _ in range(100):  # once the task has started (its workspace is made then)
+            status, up = form((b'name="relative_path"', b"in"), file)
+            if status != 409:
+                break
+            time.sleep(0.1)
+        assert status == 200 and (up["relative_path"], up["file_name"]) == ("in", "f.txt"), up
     assert not [line for line in d.lines if "Traceback" in line], d.lines[-50:]

@@ -42,11 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agentnode.agents.kinds import AgentSpec, agents_cache
 from agentnode.agents.kinds import prepare as prepare_agent
 from agentnode.audit.timeline import entries
 from agentnode.errors import AgentnodeError, DiskFullError, QueueFullError, TaskError
+from agentnode.http_common import BodyTooLarge, json_body
 from agentnode.node.runner import Node
 from agentnode.runtime.cli import this_python
 from agentnode.tasks.model import _TENANT as TENANT_NAME
@@ -131,39 +133,44 @@ def _default_model(node: Node) -> str:
 
 
 def _option(extra: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
-    value = extra.get(name, default)
-    if value is not None and (type(value) is not kind):
-        raise _Refused(422, f"additional_input.{name}: must be a {kind.__name__}, got {value!r}")
+    """`extra[name]` checked to be a `kind` (a positive one for int); missing or null is
+    `default`, as the protocol's optional fields are."""
+    value: Any = extra.get(name)
+    if value is None:
+        return default
+    if type(value) is not kind or (isinstance(value, int) and value < 1):
+        what = "a positive int" if kind is int else f"a {kind.__name__}"
+        raise _Refused(422, f"additional_input.{name}: must be {what}, got {value!r}")
     return value
 
 
 def _submission(node: Node, tenant: str, text: str, extra: dict[str, Any]) -> dict[str, Any]:
     """The POST /v1/tasks body of an AP task: the agent `extra` names, `text` its goal."""
+    # Every option is checked whichever agent reads it: one that is wrong is never ignored.
     kind = _option(extra, "agent", str, "runtime")
+    tools = _option(extra, "tools", list)
+    if tools is not None and not all(isinstance(t, str) and t and "," not in t for t in tools):
+        raise _Refused(422, f"additional_input.tools: must be tool names, got {tools!r}")
+    max_steps, steps = _option(extra, "max_steps", int), _option(extra, "steps", int)
+    if kind not in ("runtime", "autogpt", "openclaw"):
+        raise _Refused(
+            422, f"additional_input.agent: {kind!r} is not one of runtime, autogpt, openclaw"
+        )
     model = _option(extra, "model", str) or _default_model(node)
     binds, env = this_python()
     agent: dict[str, Any] = {"kind": kind, "model": model}
     if kind == "runtime":
         command = [sys.executable, "-m", "agentnode.runtime", "--model", model]
-        tools = _option(extra, "tools", list)
         if tools is not None:
-            if not all(isinstance(t, str) and t and "," not in t for t in tools):
-                raise _Refused(422, f"additional_input.tools: must be tool names, got {tools!r}")
             command += ["--tools", ",".join(tools)]
-        max_steps = _option(extra, "max_steps", int)
         if max_steps is not None:
             command += ["--max-steps", str(max_steps)]
         command += ["--", text]
         agent = {"kind": "python", "model": model}
-    elif kind in ("autogpt", "openclaw"):
+    else:
         command = [text]
-        steps = _option(extra, "steps", int)
         if steps is not None:
             agent["steps"] = steps
-    else:
-        raise _Refused(
-            422, f"additional_input.agent: {kind!r} is not one of runtime, autogpt, openclaw"
-        )
     fields = _option(extra, "task", dict, {})
     taken = sorted(set(fields) & {"tenant", "command", "agent"})
     if taken:
@@ -265,13 +272,18 @@ async def _get_task(request: web.Request, node: Node, tenant: str) -> web.Stream
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object; an empty body is `{}` (AP bodies are optional)."""
-    raw = await request.read()
-    if not raw.strip():
+    if not request.body_exists:
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError:
-        raise _Refused(400, "the body is not valid JSON") from None
+        # The node's reader: a body too large, nested too deeply or holding a lone surrogate
+        # is refused like on every other route, not a 500.
+        body = await json_body(request)
+    except BodyTooLarge as e:
+        raise _Refused(413, str(e)) from None
+    except ValueError as e:
+        if not (await request.read()).strip():
+            return {}
+        raise _Refused(400, f"the body {e}") from None
     if body is None:
         return {}
     if not isinstance(body, dict):
@@ -379,9 +391,11 @@ async def _get_step(request: web.Request, node: Node, tenant: str) -> web.Stream
 async def _execute_step(request: web.Request, node: Node, tenant: str) -> web.StreamResponse:
     task = _ap_task(node, tenant, request.match_info["task_id"])
     body = await _json_body(request)
-    text = body.get("input")
+    text, extra = body.get("input"), body.get("additional_input")
     if text is not None and not isinstance(text, str):
         raise _Refused(422, f"input: must be a string or null, got {text!r}")
+    if extra is not None and not isinstance(extra, dict):
+        raise _Refused(422, f"additional_input: must be an object or null, got {extra!r}")
     locks: dict[str, asyncio.Lock] = request.app[_LOCKS]
     # One step at a time per task: two concurrent posts must not both take the same step.
     lock = locks.setdefault(task.id, asyncio.Lock())
@@ -401,12 +415,12 @@ async def _execute_step(request: web.Request, node: Node, tenant: str) -> web.St
             await asyncio.sleep(_POLL_S)
         marker = {"kind": "ap_step", "task": task.id, "tenant": tenant,
                   "step": pending["step_id"], "input": text,
-                  "additional_input": body.get("additional_input")}  # fmt: skip
+                  "additional_input": extra}  # fmt: skip
         await asyncio.to_thread(node.audit.append, marker)
         if pending["is_last"]:
             locks.pop(task.id, None)
     pending.update(task_id=task.id, status="completed", input=text)
-    pending["additional_input"] = body.get("additional_input")
+    pending["additional_input"] = extra
     return web.json_response(pending)
 
 
@@ -459,7 +473,7 @@ def _open_under(root: Path, relative: str, flags: int) -> int:
     neither a `..` nor a symlink the task swapped in can lead outside; O_CREAT makes missing
     directories (owned like `root`) and the file."""
     parts = relative.split("/")
-    if not relative or any(p in ("", ".", "..") for p in parts):
+    if not relative or "\0" in relative or any(p in ("", ".", "..") for p in parts):
         raise _Refused(422, f"relative_path: {relative!r} is not a relative path in the workspace")
     create = bool(flags & os.O_CREAT)
     try:
@@ -515,6 +529,29 @@ async def _download(request: web.Request, node: Node, tenant: str) -> web.Stream
 
 async def _upload(request: web.Request, node: Node, tenant: str) -> web.StreamResponse:
     task = _ap_task(node, tenant, request.match_info["task_id"])
+    try:
+        relative, data = await _read_upload(request)
+    except (ValueError, HttpProcessingError) as e:  # a body that is not what it says it is
+        text = e.message if isinstance(e, HttpProcessingError) else str(e)
+        reason = (text.strip().splitlines() or [type(e).__name__])[0].rstrip(":")
+        raise _Refused(400, f"the body is not valid multipart/form-data: {reason}") from None
+    root = _workspace(node, task)
+
+    def write() -> None:
+        fd = _open_under(root, relative, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    await asyncio.to_thread(write)
+    record = {"kind": "ap_upload", "task": task.id, "tenant": tenant, "path": relative}
+    await asyncio.to_thread(node.audit.append, record)
+    folder, name = os.path.split(relative)
+    return web.json_response({"artifact_id": _artifact_id(relative), "agent_created": False,
+                              "file_name": name, "relative_path": folder})  # fmt: skip
+
+
+async def _read_upload(request: web.Request) -> tuple[str, bytes]:
+    """The upload's path in the workspace and its bytes, from its multipart form."""
     if not request.content_type.startswith("multipart/"):
         raise _Refused(422, "upload an artifact as multipart/form-data: file, relative_path")
     reader = await request.multipart()
@@ -534,22 +571,11 @@ async def _upload(request: web.Request, node: Node, tenant: str) -> web.StreamRe
                     raise _Refused(413, f"file: larger than {_MAX_UPLOAD >> 20} MiB")
                 chunks.append(chunk)
             data = b"".join(chunks)
+        else:  # not silently dropped: a client's misspelt relative_path would land elsewhere
+            raise _Refused(422, f"{part.name!r}: an upload's parts are file and relative_path")
     if name is None:
         raise _Refused(422, "file: the upload has no file part")
-    relative = f"{folder}/{name}" if folder else name
-    root = _workspace(node, task)
-
-    def write() -> None:
-        fd = _open_under(root, relative, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-
-    await asyncio.to_thread(write)
-    record = {"kind": "ap_upload", "task": task.id, "tenant": tenant, "path": relative}
-    await asyncio.to_thread(node.audit.append, record)
-    folder, name = os.path.split(relative)
-    return web.json_response({"artifact_id": _artifact_id(relative), "agent_created": False,
-                              "file_name": name, "relative_path": folder})  # fmt: skip
+    return (f"{folder}/{name}" if folder else name), data
 
 
 def add_protocol_routes(app: web.Application, node: Node) -> None:
