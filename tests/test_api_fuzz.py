@@ -6,6 +6,7 @@ what those runs found, each class tried several ways."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from test_node import call
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 CONFIG = Path(__file__).parent / "support" / "schemathesis.toml"
+HOOKS = Path(__file__).parent / "support" / "schemathesis_hooks.py"
 #: The proxy's routes and request bodies in brief (the wire formats are OpenAI's and Anthropic's).
 PROXY_OPENAPI = Path(__file__).parent / "support" / "proxy_openapi.json"
 OPENAPI = Path(__file__).parents[1] / "python/agentnode/node/openapi.json"
@@ -46,8 +48,9 @@ def schemathesis(
     in `cwd` (where it keeps its cache)."""
     argv = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", url,
             "--workers", "1", "--request-timeout", "10", "--no-color", *args]  # fmt: skip
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
     return subprocess.run(
-        argv, capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False
+        argv, capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False, env=env
     )
 
 
