@@ -4,9 +4,11 @@ node side lives in a netns the test creates (the World's task netns), never the 
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -69,6 +71,45 @@ def test_task_reaches_uplink_through_bridge_and_masquerade(world: World) -> None
         node.close()
     assert other.netns not in netns_names()
     assert bridge not in links(world.task) and node.table not in nft_tables(world.task)
+
+
+def bridge_mac(ns: str, bridge: str) -> str:
+    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", bridge], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    mac: str = json.loads(out)[0]["address"]
+    return mac
+
+
+def test_tasks_started_at_once_get_their_own_addresses_and_the_gateway_mac_holds(
+    world: World,
+) -> None:
+    # A bridge takes the lowest MAC of its ports unless one is set: a task leaving would change
+    # the gateway's MAC under every long-lived task (their connections then stall).
+    bridge = f"agentnode{uuid.uuid4().hex[:6]}"
+    node = NodeNetwork(bridge=bridge, subnet="192.0.2.0/26", node_netns=world.task)
+    try:
+        node.ensure()
+        mac = bridge_mac(world.task, bridge)
+        keep = node.add_task(uuid.uuid4().hex)
+        with ThreadPoolExecutor(8) as pool:
+            nets = list(pool.map(lambda _: node.add_task(uuid.uuid4().hex), range(8)))
+        addresses = {n.address for n in [keep, *nets]}
+        assert len(addresses) == 9 and node.gateway not in addresses
+        for net in nets:
+            node.remove_task(net)
+            assert bridge_mac(world.task, bridge) == mac
+        with scratch_cgroup() as cg, Egress.attach(cg, EgressPolicy(allow=[f"{HOST4}:8080"])):
+            for _ in range(2):  # before and after the gateway's MAC is cached
+                (ok,) = world.run(cg, {"op": "connect", "host": HOST4, "port": 8080, "send": 10},
+                                  netns=keep.netns)  # fmt: skip
+                assert ok["reply"] == "10"
+                extra = node.add_task(uuid.uuid4().hex)
+                node.remove_task(extra)
+        node.close()
+        node.ensure()  # made again: the same MAC
+        assert bridge_mac(world.task, bridge) == mac
+    finally:
+        node.close()
 
 
 @pytest.mark.parametrize(

@@ -574,6 +574,121 @@ def test_http_fetch_reaches_only_what_the_calling_task_may(
     assert meta(gone)["class"] == "permanent" and meta(gone)["status"] == 404
 
 
+def _connect(port: int, host: str = HOST4) -> str:
+    return f"import socket; socket.create_connection(({host!r}, {port}), timeout=3); print('in')"
+
+
+def _bash_connect(port: int, host: str = HOST4) -> str:
+    # A whole request: the test server serves one connection at a time, and a connection left
+    # open (its sandbox's netns gone before its FIN) would hold it.
+    return (f"exec 3<>/dev/tcp/{host}/{port} && printf 'GET /sh HTTP/1.0\\r\\n\\r\\n' >&3"
+            " && cat <&3")  # fmt: skip
+
+
+def _logged(runner: CodeRunner) -> tuple[ToolService, list[dict[str, Any]]]:
+    """A service whose log numbers its records (their seq is their index), as the audit log."""
+    records: list[dict[str, Any]] = []
+
+    def append(record: dict[str, Any]) -> int:
+        records.append(record)
+        return len(records) - 1
+
+    return ToolService(Registry([runner.tool()]), on_record=append), records
+
+
+def test_run_code_has_no_network_by_default_nor_for_a_caller_without_a_task(
+    world: tuple[World, EgressService],
+) -> None:
+    _, net = world
+    may = Caller(task="t1", tenant="a", network="egress",
+                 egress=EgressPolicy(allow=[f"{HOST4}:8080"]))  # fmt: skip
+    default = CodeRunner(limits=ToolLimits(timeout=10), node_network=net)
+    task_net = CodeRunner(limits=ToolLimits(timeout=10), network="task", node_network=net)
+    try:
+        for runner, caller in ((default, may), (task_net, Caller(task="", tenant="a"))):
+            svc, records = _logged(runner)
+            for args in (
+                {"code": _connect(8080)},
+                {"code": _connect(8080)},  # in the sandbox made ahead
+                {"code": _connect(8080), "session": True},
+                {"code": _bash_connect(8080), "language": "bash"},
+            ):
+                result = call(svc, "run_code", args, caller)
+                assert meta(result)["class"] == "permanent", result
+                assert "unreachable" in result["content"][0]["text"], result
+                assert "denial" not in meta(result)
+            assert [r["kind"] for r in records] == ["tool_call"] * 4
+    finally:
+        default.close()
+        task_net.close()
+
+
+def test_run_code_with_the_task_network_reaches_what_its_task_may_and_no_more(
+    world: tuple[World, EgressService],
+) -> None:
+    # Tenant a's t1 may reach HOST4:8080; tenant b's t1 (same task id) only HOST4:8081, where
+    # nothing listens: reaching it is a refused connection, not a denial.
+    _, net = world
+    runner = CodeRunner(limits=ToolLimits(timeout=10), network="task", node_network=net)
+    svc, records = _logged(runner)
+    a = Caller(task="t1", tenant="a", network="egress",
+               egress=EgressPolicy(allow=[f"{HOST4}:8080"], publish=["18080:80"]))  # fmt: skip
+    b = Caller(task="t1", tenant="b", network="egress",
+               egress=EgressPolicy(allow=[f"{HOST4}:8081"]))  # fmt: skip
+    fetch = "import urllib.request as u; "
+    fetch += f"print(u.urlopen('http://{HOST4}:8080/p', timeout=5).read())"
+
+    def denied(caller: Caller, args: dict[str, Any], port: int) -> None:
+        result = call(svc, "run_code", args, caller)
+        assert meta(result)["class"] == "policy", result
+        denial = meta(result)["denial"]
+        assert (denial["address"], denial["port"]) == (HOST4, port)
+        record = records[denial["record"]]
+        assert record["kind"] == "egress_denied" and record["tool"] == "run_code"
+        assert (record["task"], record["tenant"], record["port"]) == ("t1", caller.tenant, port)
+        assert records[-1]["kind"] == "tool_call"
+        assert records[-1]["denials"] == [denial["record"]]
+
+    try:
+        for _round in range(2):  # the second round's python runs take sandboxes made ahead
+            for session in (False, True):
+                ok = call(svc, "run_code", {"code": fetch, "session": session}, a)
+                assert meta(ok)["class"] == "ok", ok
+                assert "/p from the test host" in ok["structuredContent"]["stdout"]
+                denied(a, {"code": _connect(8081), "session": session}, 8081)
+                denied(b, {"code": _connect(8080), "session": session}, 8080)
+                refused = call(svc, "run_code", {"code": _connect(8081), "session": session}, b)
+                assert meta(refused)["class"] == "permanent", refused
+                assert "ConnectionRefusedError" in refused["content"][0]["text"]
+            sh = call(svc, "run_code", {"code": _bash_connect(8080), "language": "bash"}, a)
+            assert meta(sh)["class"] == "ok", sh
+            assert "/sh from the test host" in sh["structuredContent"]["stdout"]
+            denied(a, {"code": _bash_connect(8081), "language": "bash"}, 8081)
+            denied(b, {"code": _bash_connect(8080), "language": "bash"}, 8080)
+        # a's policy changes: its sandbox made ahead (old policy) is not used, and its session
+        # follows live, keeping its variables.
+        call(svc, "run_code", {"code": "kept = 42", "session": True}, a)
+        deadline = time.monotonic() + 10
+        while not runner.spare_pids("a", "t1") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (spare,) = runner.spare_pids("a", "t1")  # made with a's policy: it could reach 8080
+        assert os.readlink(f"/proc/{spare}/ns/net") != os.readlink("/proc/self/ns/net")
+        narrowed = Caller(task="t1", tenant="a", network="egress", egress=EgressPolicy())
+        denied(narrowed, {"code": _connect(8080)}, 8080)
+        while Path(f"/proc/{spare}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # stopped unused when the one for the new policy was made
+        assert not Path(f"/proc/{spare}").exists()
+        denied(narrowed, {"code": _connect(8080) + "\nprint(kept)", "session": True}, 8080)
+        kept = call(svc, "run_code", {"code": "print(kept)", "session": True}, narrowed)
+        assert kept["structuredContent"]["stdout"] == "42\n"
+        # Without its network (mode none now) its session starts again without network.
+        offline = call(svc, "run_code", {"code": _connect(8080), "session": True},
+                       Caller(task="t1", tenant="a"))  # fmt: skip
+        assert meta(offline)["class"] == "permanent" and "denial" not in meta(offline)
+    finally:
+        runner.close()
+
+
 def test_web_search_speaks_searxng_json_through_its_own_policy(
     world: tuple[World, EgressService],
 ) -> None:
@@ -620,6 +735,7 @@ def test_web_search_speaks_searxng_json_through_its_own_policy(
             "tools.mcp.x.memory: applies only to a server the node runs",
         ),
         ('[tools.web_search]\nurl = "ftp://x"\n', "tools.web_search.url"),
+        ('[tools.run_code]\nnetwork = "egress"\n', 'tools.run_code.network: use "none"'),
     ],
 )
 def test_bad_tools_config_is_one_line_naming_the_key(
@@ -643,6 +759,7 @@ def test_a_tools_config_declares_servers_and_limits(tmp_path: Path) -> None:
     path = tmp_path / "agentnode.toml"
     path.write_text(
         '[tools]\nmcp_port = 8931\n[tools.run_code]\nmemory = "128M"\ntimeout = "5s"\n'
+        'network = "task"\n'
         '[tools.web_search]\nurl = "http://search.internal:8888"\n'
         f'[tools.mcp.fs]\ncommand = ["node", "fs.js"]\nro = ["{tmp_path}:/data"]\n'
         'network = "egress"\nallow_hosts = ["api.example.org:443"]\nidle = "2m"\n'
@@ -655,7 +772,8 @@ def test_a_tools_config_declares_servers_and_limits(tmp_path: Path) -> None:
     assert own.url == "http://127.0.0.1:8123/mcp" and own.command == ()
     assert boxed.url == "http://localhost:8000/mcp" and boxed.command == ("srv",)
     assert tools.mcp_port == 8931 and tools.run_code.memory == 128 << 20
-    assert tools.run_code.timeout == 5.0 and tools.search_url == "http://search.internal:8888"
+    assert tools.run_code.timeout == 5.0 and tools.run_code_network == "task"
+    assert tools.search_url == "http://search.internal:8888"
     assert fs.command == ("node", "fs.js") and fs.network == "egress"
     assert fs.egress is not None and list(fs.egress.hosts) == ["api.example.org:443"]
     assert fs.idle_s == 120 and fs.tenants == frozenset({"a"}) and fs.limits.memory == 1 << 30

@@ -30,7 +30,7 @@ from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
 from conftest import run_cli
-from support.egress_world import HOST4, World
+from support.egress_world import HOST4, OTHER4, World
 from support.node_daemon import Daemon, daemon
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
@@ -511,6 +511,58 @@ def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(
         "read_file",
     ]  # fmt: skip
     assert all(r["tenant"] == "default" and r["class"] == "ok" for r in mine)
+
+
+NETWORKED_CODE = """
+import json
+from agentnode.sdk import Tools
+def connect(host):
+    return f"import socket; socket.create_connection(({host!r}, 8080), timeout=5); print('in')"
+out = {}
+for session in (False, True):
+    for name, host in (("a", %r), ("b", %r)):
+        r = Tools().call("run_code", {"code": connect(host), "session": session})
+        agentnode = r["_meta"]["agentnode"]
+        out[f"{name}{int(session)}"] = [agentnode["class"], agentnode.get("denial")]
+print(json.dumps(out))
+"""
+
+
+def test_run_code_with_the_task_network_through_the_node(tmp_path: Path) -> None:
+    """`[tools.run_code] network = "task"`: a task allowed HOST4:8080 (not OTHER4:8080) calls
+    run_code through the node API: it reaches HOST4 and is denied OTHER4 (`policy`, naming
+    the denial's record in the node's audit log); a call made with the node's token for a
+    tenant has no network."""
+    with World() as world:
+        world.serve(tcp=[[HOST4, 8080], [OTHER4, 8080]])
+        config = (
+            f'[network]\nsubnet = "10.{os.getpid() % 250 + 1}.{time.time_ns() % 250}.0/24"\n'
+            '[tools.run_code]\nnetwork = "task"\n'
+        )
+        netns = ("nsenter", f"--net=/run/netns/{world.task}")
+        with daemon(tmp_path, config, netns) as d:
+            task = d.submit([sys.executable, "-c", NETWORKED_CODE % (HOST4, OTHER4)],
+                            network="egress", allow=[f"{HOST4}:8080"], user="0",
+                            memory="256M", ro=[str(REPO)],
+                            env={"PYTHONPATH": str(REPO / "python")})  # fmt: skip
+            done = d.wait(task["id"], timeout=120)
+            log = d.log(task["id"])
+            code = f"import socket; socket.create_connection(({HOST4!r}, 8080), timeout=5)"
+            untasked = d.client.call("POST", "/v1/tools/run_code/call",
+                                     {"arguments": {"code": code}, "tenant": "a"})  # fmt: skip
+    assert done["state"] == "succeeded", log
+    seen = json.loads(log.strip().splitlines()[-1])
+    logged = {r["seq"]: r for r in
+              map(json.loads, (d.data / "audit" / "audit.log").read_text().splitlines())}  # fmt: skip
+    for session in "01":
+        assert seen[f"a{session}"] == ["ok", None], seen
+        cls, denial = seen[f"b{session}"]
+        assert cls == "policy" and (denial["address"], denial["port"]) == (OTHER4, 8080), seen
+        record = logged[denial["record"]]
+        assert record["kind"] == "egress_denied" and record["tool"] == "run_code"
+        assert record["task"] == task["id"] and record["address"] == OTHER4
+    assert meta(untasked)["class"] == "permanent" and "denial" not in meta(untasked)
+    assert "unreachable" in untasked["content"][0]["text"]
 
 
 def test_the_mcp_endpoint_refuses_a_missing_or_wrong_token(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,12 @@ class TaskNet:
         return f"/run/netns/{self.netns}"
 
 
+def _bridge_mac(bridge: str) -> str:
+    """A fixed, locally administered unicast MAC for `bridge` (the same on every start)."""
+    digest = hashlib.sha256(bridge.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 class NodeNetwork:
     """The node's bridge and its tasks' veths. Call `ensure()` once, then `add_task()`."""
 
@@ -89,6 +96,9 @@ class NodeNetwork:
         self.gateway = next(self.subnet.hosts())
         self.table = bridge.replace("-", "_")
         self.owner = process_identity(os.getpid())
+        # Held from picking a free address to recording it in the veth's alias: two spawns at
+        # once (a tool's sandbox made ahead while another starts) would share an address.
+        self._allocating = threading.Lock()
 
     def _ip(self, *args: str, netns: str | None = None, check: bool = True) -> str:
         ns = netns if netns is not None else self.node_netns
@@ -118,6 +128,10 @@ class NodeNetwork:
         and the published-ports map (idempotent)."""
         if not any(link.get("ifname") == self.bridge for link in self._links()):
             self._ip("link", "add", self.bridge, "type", "bridge")
+        # A bridge left to itself takes the lowest MAC of its ports, so it changes whenever that
+        # task's veth goes: every long-lived task's cached gateway MAC is then dead and its
+        # connections stall until the entry expires. A MAC set once stays.
+        self._ip("link", "set", self.bridge, "address", _bridge_mac(self.bridge))
         self._ip("addr", "replace", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
         self._ip("link", "set", self.bridge, "up")
         self._in_node("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
@@ -215,15 +229,30 @@ class NodeNetwork:
         digest = hashlib.sha256(task_id.encode()).hexdigest()[:8]
         netns = f"{TASK_NETNS_PREFIX}{digest}"
         veth = f"{VETH_PREFIX}{digest}"
-        used = self._used()
-        address = next((a for a in self.subnet.hosts() if a not in used), None)
-        if address is None:
-            raise EgressError(f"node subnet {self.subnet} is full (configure a larger one)")
-        self._run(["ip", "netns", "add", netns], check=True)
+
+        def undo() -> None:
+            self._ip("link", "del", veth, check=False)
+            self._run(["ip", "netns", "del", netns], check=False)
+
+        with self._allocating:
+            used = self._used()
+            address = next((a for a in self.subnet.hosts() if a not in used), None)
+            if address is None:
+                raise EgressError(f"node subnet {self.subnet} is full (configure a larger one)")
+            self._run(["ip", "netns", "add", netns], check=True)
+            try:
+                self._ip(
+                    "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns
+                )
+                # The alias records the address and owner: allocation and sweeps need no state
+                # file.
+                self._ip(
+                    "link", "set", veth, "alias", f"agentnode {address} {self.owner} {task_id}"
+                )
+            except BaseException:
+                undo()
+                raise
         try:
-            self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
-            # The alias records the address and owner, so allocation and sweeps need no state file.
-            self._ip("link", "set", veth, "alias", f"agentnode {address} {self.owner} {task_id}")
             self._ip("link", "set", veth, "master", self.bridge)
             # An isolated port forwards only to non-isolated ones (the bridge itself): no frame
             # goes from one task to another.
@@ -237,8 +266,7 @@ class NodeNetwork:
             self._ip("route", "add", "default", "via", str(self.gateway), netns=netns)
             self._publish(address, publish)
         except BaseException:
-            self._ip("link", "del", veth, check=False)
-            self._run(["ip", "netns", "del", netns], check=False)
+            undo()
             raise
         return TaskNet(task_id, netns, address, self.gateway, veth, publish)
 

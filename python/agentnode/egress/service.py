@@ -102,6 +102,13 @@ class TaskEgress:
             raise UsageError("published ports are fixed when a task starts; they cannot change")
         self._egress.update(policy)
 
+    def poll_denials(self) -> None:
+        """Delivers the denials queued so far to the callbacks now (not at the loop's next
+        turn), so a caller that saw a connection fail also sees its denial."""
+        egress = self._egress
+        if egress is not None:
+            self._service._call(egress.poll_denials)
+
     def stats(self) -> dict[str, int]:
         """Counters (bytes/packets in and out, connections, DNS); final once closed."""
         if self._egress is not None:

@@ -600,6 +600,11 @@ class Task:
         """The egress policy in force (None with `--net none` or a joined netns)."""
         return None if self._net is None else self._net.policy
 
+    def poll_denials(self) -> None:
+        """Delivers this running task's queued egress denials to its `on_denial` now."""
+        if self._net is not None:
+            self._net.poll_denials()
+
     def update_egress(self, policy: EgressPolicy) -> None:
         """Replaces the task's egress policy live: its next connection follows `policy`."""
         if self._net is None:

@@ -1,6 +1,7 @@
 """`run_code`: python or bash in a fresh sandbox per call, or python in a stateful session per
 task (a sandboxed interpreter whose variables persist between calls; it dies with its task and
-is never shared, not even between two tasks of one tenant)."""
+is never shared, not even between two tasks of one tenant). Its network is none, or with
+`network="task"` the calling task's own network mode and egress policy."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import os
 import select
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentnode.egress.enforce import Denial
+from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
+from agentnode.errors import UsageError
 from agentnode.isolation import task as isolation
 from agentnode.isolation.task import ExitReason
 from agentnode.tools.registry import Caller, Tool, ToolLimits
@@ -31,7 +36,10 @@ from agentnode.tools.sandboxed import (
     start_sandboxed,
 )
 
-__all__ = ["CodeRunner"]
+__all__ = ["NETWORKS", "CodeRunner"]
+
+#: What `run_code`'s sandbox may reach: nothing, or what the calling task itself may.
+NETWORKS = ("none", "task")
 
 _KERNEL = (Path(__file__).with_name("kernel.py")).read_text()
 #: What a made-ahead sandbox runs: the interpreter starts (most of a call's time) before the
@@ -108,11 +116,17 @@ def _note(cls: ToolClass, run_reason: ExitReason | None, status: int) -> str:
     return f"exit status {status}" if status else ""
 
 
-class Session:
-    """One task's python interpreter in its own sandbox."""
+_Reach = tuple[str, EgressPolicy | None]
 
-    def __init__(self, task: isolation.Task) -> None:
+
+class Session:
+    """One task's python interpreter in its own sandbox, with the network it was made with
+    and the connections that sandbox was denied."""
+
+    def __init__(self, task: isolation.Task, reach: _Reach, denials: list[Denial]) -> None:
         self.task = task
+        self.reach = reach
+        self.denials = denials
         self.lock = asyncio.Lock()
         self._buffer = b""
 
@@ -161,10 +175,13 @@ class _SpareKey:
     user: str
     userns: bool
     workspace: Path | None
+    network: str
+    egress: EgressPolicy | None
 
 
-def _spare_of(caller: Caller) -> _SpareKey:
-    return _SpareKey(caller.tenant, caller.task, caller.user, caller.userns, caller.workspace)
+def _spare_of(caller: Caller, reach: _Reach) -> _SpareKey:
+    return _SpareKey(caller.tenant, caller.task, caller.user, caller.userns, caller.workspace,
+                     *reach)  # fmt: skip
 
 
 def _discard(spare: Future[Started]) -> None:
@@ -187,9 +204,16 @@ class CodeRunner:
     """The `run_code` tool and the sessions it keeps, one per calling task."""
 
     def __init__(
-        self, *, limits: ToolLimits | None = None, node_network: EgressService | None = None
+        self,
+        *,
+        limits: ToolLimits | None = None,
+        network: str = "none",
+        node_network: EgressService | None = None,
     ) -> None:
+        if network not in NETWORKS:
+            raise UsageError(f"run_code network {network!r}: use none or task")
         self.limits = limits or ToolLimits()
+        self.network = network
         self._network = node_network
         self._sessions: dict[_Key, Session] = {}
         self._starting: dict[_Key, asyncio.Lock] = {}
@@ -202,13 +226,19 @@ class CodeRunner:
     def tool(self) -> Tool:
         return Tool(
             name="run_code",
-            description="Run python or bash in a fresh sandbox (no network), or python in this "
-            "task's persistent session.",
+            description="Run python or bash in a fresh sandbox ("
+            + ("no network" if self.network == "none" else "with this task's own network")
+            + "), or python in this task's persistent session.",
             input_schema=INPUT_SCHEMA,
             output_schema=OUTPUT_SCHEMA,
             limits=self.limits,
             run=self.run,
         )
+
+    def reach(self, caller: Caller) -> _Reach:
+        """The network mode and egress policy a call of `caller` runs with: none, or (with
+        `network="task"`) the caller's own; a caller without a task has none."""
+        return caller.reach() if self.network == "task" else ("none", None)
 
     def session_pid(self, tenant: str, task: str) -> int | None:
         """The host pid of a task's session interpreter (None: it has none)."""
@@ -237,8 +267,9 @@ class CodeRunner:
             timeout=timeout,
             output=self.limits.output,
         )
+        reach = self.reach(caller)
         if language == "python":
-            started = await self._take_spare(caller)
+            started = await self._take_spare(caller, reach)
             loop = asyncio.get_running_loop()
             stdin = args["code"].encode()
             try:
@@ -248,12 +279,13 @@ class CodeRunner:
             finally:
                 # Made after the call, not during it: on a busy host the two would share the
                 # CPU, and the next call has the time between calls to find it ready.
-                self._make_spare(caller)
+                self._make_spare(caller, reach)
             return self._fresh_outcome(run)
         run = await run_sandboxed(
             ["bash", "-c", args["code"]],
             limits=limits,
-            network="none",
+            network=reach[0],
+            egress=reach[1],
             node_network=self._network,
             workspace=caller.workspace,
             user=caller.user,
@@ -261,25 +293,29 @@ class CodeRunner:
         )
         return self._fresh_outcome(run)
 
-    def _start_python(self, caller: Caller) -> Started:
+    def _start_python(self, caller: Caller, reach: _Reach) -> Started:
         return start_sandboxed(
             ["python3", "-I", "-c", _STDIN_MAIN],
             limits=self.limits,
-            network="none",
+            network=reach[0],
+            egress=reach[1],
             node_network=self._network,
             workspace=caller.workspace,
             user=caller.user,
             userns=caller.userns,
         )
 
-    def _make_spare(self, caller: Caller) -> None:
-        """Starts making the next python sandbox for `caller` (unless one is there), stopped
-        after `_SPARE_IDLE_S` unless a call takes it first: also one made for a task that
-        ended while its last call ran (after `end_task`)."""
-        key = _spare_of(caller)
+    def _make_spare(self, caller: Caller, reach: _Reach) -> None:
+        """Starts making the next python sandbox for `caller` with network `reach` (unless one
+        is there), stopped after `_SPARE_IDLE_S` unless a call takes it first: also one made
+        for a task that ended while its last call ran (after `end_task`)."""
+        key = _spare_of(caller, reach)
         if key in self._spares:
             return
-        spare = SPAWNER.submit(self._start_python, caller)
+        # One made for the task's previous network (its policy changed) would never be taken.
+        for old in [k for k in self._spares if (k.tenant, k.task) == (key.tenant, key.task)]:
+            _discard(self._spares.pop(old)[0])
+        spare = SPAWNER.submit(self._start_python, caller, reach)
         self._spares[key] = (spare, time.monotonic())
         asyncio.get_running_loop().call_later(_SPARE_IDLE_S, self._expire, key, spare)
 
@@ -289,15 +325,15 @@ class CodeRunner:
             del self._spares[key]
             _discard(spare)
 
-    async def _take_spare(self, caller: Caller) -> Started:
-        """A fresh python sandbox for `caller`: the one made ahead when there is one still
-        usable, else one started now."""
+    async def _take_spare(self, caller: Caller, reach: _Reach) -> Started:
+        """A fresh python sandbox for `caller` with network `reach`: the one made ahead for
+        exactly that when there is one still usable, else one started now."""
         now = time.monotonic()
         for key, (spare, made) in list(self._spares.items()):
             if now - made > _SPARE_IDLE_S:
                 del self._spares[key]
                 _discard(spare)
-        held = self._spares.pop(_spare_of(caller), None)
+        held = self._spares.pop(_spare_of(caller, reach), None)
         if held is not None:
             try:
                 started = await asyncio.wrap_future(held[0])
@@ -308,7 +344,7 @@ class CodeRunner:
                     return started
                 started.close()  # it ended while it waited (killed from outside)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(SPAWNER, self._start_python, caller)
+        return await loop.run_in_executor(SPAWNER, self._start_python, caller, reach)
 
     def _fresh_outcome(self, run: Run) -> Outcome:
         cls = run.cls
@@ -322,19 +358,31 @@ class CodeRunner:
 
     async def _session(self, caller: Caller) -> Session:
         key = _Key(caller.tenant, caller.task)
+        reach = self.reach(caller)
         lock = self._starting.setdefault(key, asyncio.Lock())
         async with lock:
             s = self._sessions.get(key)
             if s is not None and s.task.result is None:
-                return s
+                if s.reach == reach:
+                    return s
+                if s.reach[0] == reach[0] and reach[1] is not None:
+                    # The task's policy changed live: so does its session's, state kept.
+                    s.task.update_egress(reach[1])
+                    s.reach = reach
+                    return s
             if s is not None:
-                s.task.close()
+                s.task.close()  # ended, or made for a network mode the task no longer has
+            denials: list[Denial] = []
             loop = asyncio.get_running_loop()
-            task = await loop.run_in_executor(SPAWNER, self._start_session, caller)
-            s = self._sessions[key] = Session(task)
+            task = await loop.run_in_executor(
+                SPAWNER, self._start_session, caller, reach, denials.append
+            )
+            s = self._sessions[key] = Session(task, reach, denials)
             return s
 
-    def _start_session(self, caller: Caller) -> isolation.Task:
+    def _start_session(
+        self, caller: Caller, reach: _Reach, on_denial: Callable[[Denial], None]
+    ) -> isolation.Task:
         workspace = caller.workspace
         if workspace is None:
             workspace = owned_workspace(
@@ -345,7 +393,10 @@ class CodeRunner:
         return isolation.spawn(
             ["python3", "-I", "-u", "-c", _KERNEL],
             limits=sandbox_limits(self.limits, timeout=False),
-            network="none",
+            network=reach[0],
+            egress=reach[1],
+            node_network=self._network,
+            on_denial=on_denial if reach[1] is not None else None,
             workspace=workspace,
             user=caller.user,
             userns=caller.userns,
@@ -359,7 +410,11 @@ class CodeRunner:
         loop = asyncio.get_running_loop()
         async with s.lock:
             before = s.task.stats()
+            seen = len(s.denials)
             reply = await loop.run_in_executor(None, s.exchange, code, timeout)
+            if s.reach[1] is not None and s.task.result is None:
+                await loop.run_in_executor(None, s.task.poll_denials)
+            denials = s.denials[seen:]
             if isinstance(reply, str):
                 result = await loop.run_in_executor(None, s.task.kill)
                 s.task.close()
@@ -373,11 +428,13 @@ class CodeRunner:
                 note = _note(cls, result.reason, result.exit_status) or "session ended"
                 out = _result(cls, "", "", result.exit_status, note + "; session state lost")
                 out.memory_peak = result.stats.memory_peak
+                out.denials = s.denials[seen:]  # the last ones came as it was reaped
                 return out
             after = s.task.stats()
         error = reply["error"]
-        cls = "permanent" if error else "ok"
+        cls = ("policy" if denials else "permanent") if error else "ok"
         out = _result(cls, reply["stdout"], reply["stderr"] + (error or ""), 1 if error else 0)
+        out.denials = denials
         out.cpu_s = (after.cpu_user_s + after.cpu_system_s) - (
             before.cpu_user_s + before.cpu_system_s
         )

@@ -12,6 +12,7 @@ from agentnode.egress.policy import network_and_policy
 from agentnode.errors import AgentnodeError, ConfigError
 from agentnode.isolation.spec import SpecError, parse_mount
 from agentnode.isolation.units import parse_duration, parse_size
+from agentnode.tools.code import NETWORKS
 from agentnode.tools.mcpservers import SERVER_LIMITS, MCPServerSpec
 from agentnode.tools.registry import ToolLimits
 
@@ -23,6 +24,8 @@ class ToolsConfig:
     """What `[tools]` says (every key has a default: no table means the built-ins only)."""
 
     run_code: ToolLimits = field(default_factory=ToolLimits)
+    #: `run_code`'s network: "none", or "task" (the calling task's own mode and policy).
+    run_code_network: str = "none"
     web: ToolLimits = field(default_factory=lambda: ToolLimits(memory=128 << 20))
     search_url: str | None = None
     search_network: str = "egress"
@@ -158,12 +161,16 @@ def parse_tools_config(table: Any) -> ToolsConfig:
             isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
         ):
             raise ConfigError(f"tools.mcp_port: must be a port number, got {port!r}")
+        run_code = _check_keys("tools.run_code", t.get("run_code", {}), _LIMIT_KEYS | {"network"})
+        network = run_code.get("network", "none")
+        if network not in NETWORKS:
+            raise ConfigError(
+                f'tools.run_code.network: use "none" or "task" (the calling task\'s own '
+                f"network and egress policy), got {network!r}"
+            )
         return ToolsConfig(
-            run_code=_limits(
-                "tools.run_code",
-                _check_keys("tools.run_code", t.get("run_code", {}), _LIMIT_KEYS),
-                ToolLimits(),
-            ),
+            run_code=_limits("tools.run_code", run_code, ToolLimits()),
+            run_code_network=network,
             web=_limits(
                 "tools.http_fetch",
                 _check_keys("tools.http_fetch", t.get("http_fetch", {}), _LIMIT_KEYS),

@@ -4,6 +4,7 @@ use them. Input is checked against the schema before any tool runs."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,16 @@ class Caller:
     #: The user the task runs as (tools that write for it run as the same user).
     user: str = "65534"
     userns: bool = False
+
+    def reach(self) -> tuple[str, EgressPolicy | None]:
+        """The network mode and policy a tool's sandbox gets when it acts with this caller's
+        own network: the caller's, minus its published ports (those take connections in, to
+        the task itself, not to its tools); `("none", None)` when it has no network."""
+        if self.network not in ("egress", "host") or self.egress is None:
+            return "none", None
+        if not self.egress.publish:
+            return self.network, self.egress
+        return self.network, dataclasses.replace(self.egress, publish=())
 
 
 Run = Callable[[dict[str, Any], Caller], Awaitable[Outcome]]

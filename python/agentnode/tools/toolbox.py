@@ -51,7 +51,9 @@ class Toolbox:
         on_record: Record | None = None,
     ) -> None:
         self.config = config
-        self.code = CodeRunner(limits=config.run_code, node_network=node_network)
+        self.code = CodeRunner(
+            limits=config.run_code, network=config.run_code_network, node_network=node_network
+        )
         web = WebTools(
             node_network=node_network,
             limits=config.web,

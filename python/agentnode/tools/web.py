@@ -181,9 +181,10 @@ class WebTools:
         return _classify(run, limit)
 
     async def fetch(self, args: dict[str, Any], caller: Caller) -> Outcome:
-        if caller.network not in ("egress", "host") or caller.egress is None:
+        network, egress = caller.reach()
+        if egress is None:
             return Outcome.error("policy", "this task has no network, so its tools have none")
-        reply = await self._get(dict(args), caller.network, caller.egress, caller)
+        reply = await self._get(dict(args), network, egress, caller)
         if isinstance(reply, Outcome):
             return reply
         limit = min(args.get("max_bytes", self.limits.output), self.limits.output)
