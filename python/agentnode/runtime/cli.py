@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from agentnode.audit.cli import follow_timeline, printer
+from agentnode.audit.text import spend
 from agentnode.isolation.spec import Sandbox
 from agentnode.node import commands
 from agentnode.node.client import NodeClient
@@ -87,19 +88,22 @@ def _agent(args: argparse.Namespace) -> int:
     entries = follow_timeline(NodeClient(args.socket, timeout=None), task["id"],
                               printer(as_json=args.json))  # fmt: skip
     status = commands.wait_for(client, task["id"])
-    calls = [e for e in entries if e["kind"] == "llm_call"]
-    cost = sum((Decimal(e["cost"]) for e in calls), Decimal(0))
-    # The runtime's last line of output: its answer, or why it stopped or failed.
-    tail = b""
-    for chunk in client.stream(f"/v1/tasks/{task['id']}/logs"):
-        tail = (tail + chunk)[-(1 << 16) :]
-    lines = tail.decode(errors="replace").strip().splitlines()
-    last = lines[-1] if lines else ""
+    calls, cost = spend(entries)
+    last = _last_line(client, task["id"])
     if args.json:
         outcome: dict[str, Any] = {"kind": "outcome", "task": task["id"], "exit_status": status,
-                                   "model_calls": len(calls), "cost": str(cost), "last_line": last}  # fmt: skip
+                                   "model_calls": calls, "cost": str(cost), "last_line": last}  # fmt: skip
         print(json.dumps(outcome), flush=True)
     else:
-        print(f"agentnode: {len(calls)} model calls, ${cost}", flush=True)
+        print(f"agentnode: {calls} model calls, ${cost}", flush=True)
         print(last, flush=True)
     return status
+
+
+def _last_line(client: NodeClient, task_id: str) -> str:
+    """The task's last line of output: the runtime's answer, or why it stopped or failed."""
+    tail = b""
+    for chunk in client.stream(f"/v1/tasks/{quote(task_id, safe='')}/logs"):
+        tail = (tail + chunk)[-(1 << 16) :]
+    lines = tail.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
