@@ -66,11 +66,13 @@ def world() -> Iterator[World]:
         yield w
 
 
-def _agent(d: Any, *args: str, model: str = "gpt-test") -> subprocess.Popen[str]:
+def _agent(
+    d: Any, *args: str, model: str = "gpt-test", tenant: str = "acme"
+) -> subprocess.Popen[str]:
     """`agentnode agent ARGS` against daemon `d`, as a user would run it."""
     return subprocess.Popen(
         [sys.executable, "-m", "agentnode", "agent", "--socket", str(d.socket), "--tenant",
-         "acme", "--model", model, "--user", "0", "--ro", str(REPO),
+         tenant, "--model", model, "--user", "0", "--ro", str(REPO),
          "--env", f"PYTHONPATH={REPO / 'python'}", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -168,12 +170,13 @@ def test_runtime_stops_on_max_steps_budget_and_wall_time(world: World, tmp_path:
         steps = _agent(d, "--retries", "0", "--max-steps", "1", "--stream", "--tools-via", "api",
                        "look around")  # fmt: skip
         out, err = steps.communicate(timeout=120)
-        # The task's output (stdout and stderr) is followed on stdout; the task's end on stderr.
+        # The timeline, then the runtime's last line, on stdout; the task's end on stderr.
         assert steps.returncode == 3 and "exited with code 3" in err, (out, err)
         assert out.splitlines()[-1] == (
             "agentnode.runtime: stopped: max steps (1) reached before a final answer"
         )
-        assert "runtime: tools via api:" in out, out
+        assert " list_files -> ok in " in out, out
+        assert "runtime: tools via api:" in d.log(_task_id(d), 1)
         budget = _agent(d, "--retries", "0", "--budget", "0.004", "look around")
         out, err = budget.communicate(timeout=120)
         assert budget.returncode == 3, (out, err)
@@ -195,6 +198,73 @@ def test_runtime_stops_on_max_steps_budget_and_wall_time(world: World, tmp_path:
         assert bad.returncode == 2 and "'lots' is not an amount of US dollars" in out, out
 
 
+FACT = "the launch code is 7-4-1"
+OTHER = "the other tenant's secret is 99"
+#: Task 1 (acme) remembers a fact next to a node tool; task 2 (tenant other) remembers its own
+#: and looks for acme's; task 3 (acme) recalls with words of both facts, and calls badly.
+MEMORY_SCRIPT = [
+    {"tool_calls": [{"name": "remember", "arguments": {"text": FACT}},
+                    {"name": "run_code", "arguments": {"code": "print('noted')"}}]},
+    "Noted.",
+    {"tool_calls": [{"name": "remember", "arguments": {"text": OTHER}},
+                    {"name": "recall", "arguments": {"query": "Secret"}},
+                    {"name": "recall", "arguments": {"query": "launch code"}}]},
+    "Nothing about a launch.",
+    {"tool_calls": [{"name": "recall", "arguments": {"query": "launch secret tenant"}},
+                    {"name": "recall", "arguments": {"query": "LAUNCH", "limit": 0}},
+                    {"name": "recall", "arguments": {}},
+                    {"name": "remember", "arguments": {"text": " ... "}}]},
+    "The launch code is 7-4-1.",
+]  # fmt: skip
+
+
+@pytest.mark.root
+def test_runtime_remembers_across_tasks_of_a_tenant_only(world: World, tmp_path: Path) -> None:
+    """`remember` in one task, `recall` in a later task of the same tenant finds it; another
+    tenant's task finds only its own. `agentnode agent` prints the timeline as it runs (the
+    model calls with their cost, the node's tool calls), then the cost and the answer."""
+    with agent_node(world, tmp_path, MEMORY_SCRIPT, extra=TENANT) as (d, mock):
+        first = _agent(d, "--tools", "remember,run_code", "remember the launch code")
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, (out, err)
+        lines = out.strip().splitlines()
+        assert lines[-2:] == [f"agentnode: 2 model calls, ${2 * CALL_COST}", "Noted."], out
+        assert sum(" llm_call      chat gpt-test -> 200: " in line and f"${CALL_COST};" in line
+                   for line in lines) == 2, out  # fmt: skip
+        assert sum(" tool_call     run_code -> ok in " in line for line in lines) == 1, out
+        assert " state         succeeded attempt 1" in out, out
+        assert err.startswith("agentnode: task "), err
+        assert mock.requests[0]["tools"] == 2
+        assert mock.requests[1]["tool_results"] == [f"remembered: {FACT}", "noted\n"]
+
+        other = _agent(d, "--tools", "remember,recall", "any launch code?", tenant="other")
+        out, err = other.communicate(timeout=120)
+        assert other.returncode == 0 and out.splitlines()[-1] == "Nothing about a launch.", err
+        assert mock.requests[3]["tool_results"] == [
+            f"remembered: {OTHER}", f"- {OTHER}", "nothing remembered about launch code"]  # fmt: skip
+
+        again = _agent(d, "--memory-space", "default", "what is the launch code?")
+        out, err = again.communicate(timeout=120)
+        assert again.returncode == 0 and out.splitlines()[-1] == FACT.capitalize() + ".", err
+        assert mock.requests[5]["tool_results"] == [
+            f"- {FACT}",
+            "error: recall's 'limit' is a whole number from 1 to 100, got 0",
+            "error: recall needs 'query': words to look for",
+            "error: remember needs 'text': the fact to store, in words",
+        ]
+        # Without --tools the model is offered the node's tools and both memory tools.
+        assert mock.requests[4]["tools"] > 2
+
+        # A space that is no storage name is refused; --no-memory-tools offers neither tool.
+        bad = _agent(d, "--retries", "0", "--memory-space", "no/such", "x")
+        out, err = bad.communicate(timeout=120)
+        assert bad.returncode == 2 and "--memory-space: invalid memory space 'no/such'" in out, out
+        off = _agent(d, "--retries", "0", "--no-memory-tools", "--tools", "recall", "x")
+        out, err = off.communicate(timeout=120)
+        assert off.returncode == 1 and "no node tool recall" in out, out
+        assert len(mock.requests) == 6
+
+
 #: Two calls in one answer (their results share one user message), then the answer.
 ANTHROPIC_SCRIPT = [
     {"text": "Two things first.", "tool_calls": [
@@ -212,14 +282,19 @@ def test_runtime_speaks_anthropic_streamed_through_the_proxy(world: World, tmp_p
     with agent_node(world, tmp_path, ANTHROPIC_SCRIPT, extra=TENANT, kind="anthropic") as (
         d, mock):  # fmt: skip
         proc = _agent(d, "--api", "anthropic", "--stream", "--tools", "run_code,write_file",
-                      "what is six times seven? write it down", model="claude-test")  # fmt: skip
+                      "--json", "what is six times seven? write it down", model="claude-test")  # fmt: skip
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, (out, err)
-        lines = out.strip().splitlines()
-        assert lines[-1] == "Done: 42, in a.txt."
-        assert "runtime: step 1: calls run_code, write_file" in lines
-        assert "runtime: step 1: run_code -> ok" in lines
-        assert "runtime: step 1: write_file -> ok" in lines
+        # --json: the timeline's entries as they came, then the outcome, one object a line.
+        *entries, outcome = [json.loads(line) for line in out.splitlines()]
+        assert outcome == {"kind": "outcome", "task": _task_id(d), "exit_status": 0,
+                           "model_calls": 2, "cost": str(2 * ANTHROPIC_CALL_COST),
+                           "last_line": "Done: 42, in a.txt."}  # fmt: skip
+        assert [e["tool"] for e in entries if e["kind"] == "tool_call"] == [
+            "run_code", "write_file"]  # fmt: skip
+        assert [e["state"] for e in entries if e["kind"] == "state"] == [
+            "queued", "starting", "running", "succeeded"]  # fmt: skip
+        assert sum(e["kind"] == "llm_call" for e in entries) == 2
         assert [(r["path"], r["messages"], r["last_role"], r["stream"]) for r in mock.requests] == [
             ("/v1/messages", 1, "user", True), ("/v1/messages", 3, "user", True)]  # fmt: skip
         assert mock.requests[1]["tool_results"] == ["42\n", "wrote 3 bytes to a.txt"]
@@ -276,6 +351,12 @@ def test_demo_runs_the_stack_offline_in_under_a_minute() -> None:
     assert time.monotonic() - started < 60
     assert "runtime: step 1: run_code -> ok" in r.stdout
     assert "runtime: step 2: http_fetch -> policy" in r.stdout
+    # The timeline it prints holds both tool calls and the connection the node refused.
+    timeline = r.stdout.split("its timeline:", 1)[1]
+    assert " tool_call     run_code -> ok in " in timeline
+    assert " tool_call     http_fetch -> policy in " in timeline
+    assert " egress_denied tcp 203.0.113.7 port 80 (policy, pid " in timeline
+    assert "tool http_fetch)" in timeline
     assert "demo: the task succeeded" in r.stdout
     assert "demo: 3 model calls, $0.01125" in r.stdout
     assert not list(Path(tempfile.gettempdir()).glob("agentnode-demo-*")), "scratch dir removed"

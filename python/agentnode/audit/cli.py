@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
+    from agentnode.node.client import NodeClient
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "follow_timeline", "printer"]
 
 
 def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
@@ -62,25 +64,46 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def printer(*, as_json: bool) -> Callable[[dict[str, Any]], None]:
+    """Prints a timeline entry on stdout: one JSON object, or `audit.text.summary`'s line."""
+    from agentnode.audit.text import summary
+
+    def show(entry: dict[str, Any]) -> None:
+        print(json.dumps(entry) if as_json else summary(entry), flush=True)
+
+    return show
+
+
+def follow_timeline(
+    client: NodeClient, task_id: str, show: Callable[[dict[str, Any]], None]
+) -> list[dict[str, Any]]:
+    """Calls `show` on each of task `task_id`'s timeline entries as the node writes them, until
+    the task has ended; returns them. `client` needs no timeout (a task may run for hours)."""
+    from urllib.parse import quote
+
+    url = f"/v1/tasks/{quote(task_id, safe='')}/timeline?follow=1"
+    seen: list[dict[str, Any]] = []
+    rest = b""
+    for chunk in client.stream(url):
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            seen.append(json.loads(line))
+            show(seen[-1])
+    return seen
+
+
 def _timeline(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    from agentnode.audit.text import summary
     from agentnode.node.client import NodeClient
     from agentnode.node.commands import resolve_id
 
-    def show(entry: dict[str, Any]) -> None:
-        print(json.dumps(entry) if args.json else summary(entry), flush=True)
-
+    show = printer(as_json=args.json)
     client = NodeClient(args.socket, timeout=None if args.follow else 30.0)
-    url = f"/v1/tasks/{quote(resolve_id(client, args.id), safe='')}/timeline"
-    if not args.follow:
-        for entry in client.call("GET", url):
-            show(entry)
+    task_id = resolve_id(client, args.id)
+    if args.follow:
+        follow_timeline(client, task_id, show)
         return 0
-    rest = b""
-    for chunk in client.stream(url + "?follow=1"):
-        *lines, rest = (rest + chunk).split(b"\n")
-        for line in lines:
-            show(json.loads(line))
+    for entry in client.call("GET", f"/v1/tasks/{quote(task_id, safe='')}/timeline"):
+        show(entry)
     return 0

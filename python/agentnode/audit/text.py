@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from decimal import Decimal
 from typing import Any
 
-__all__ = ["summary"]
+__all__ = ["spend", "summary"]
+
+
+def spend(entries: Iterable[dict[str, Any]]) -> tuple[int, Decimal]:
+    """How many model calls timeline `entries` hold, and what they cost (US dollars)."""
+    costs = [Decimal(e["cost"]) for e in entries if e["kind"] == "llm_call"]
+    return len(costs), sum(costs, Decimal(0))
 
 
 def summary(entry: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,10 @@ __all__ = ["add_routes", "entries"]
 
 _CHAIN = ("prev", "hash")
 _FOLLOW_POLL_S = 0.1
+#: How long a follow waits for an ended task's last state record before it ends anyway (a
+#: node stopping may never write it).
+_LAST_RECORD_S = 5.0
+_ENDS = frozenset(s.value for s in TERMINAL)
 _MAX_SEQ_DIGITS = len(str(MAX_SEQ))
 
 
@@ -75,15 +80,21 @@ def add_routes(
     ) -> None:
         resp.content_type = "application/x-ndjson"
         await resp.prepare(request)
+        # The manager records a task's end before its state record reaches the log: the
+        # stream ends with that record, not with the end it reads first.
+        closed, ended_at = False, None
         while True:
             ended = task_of(request).state in TERMINAL and not running(request, task.id)
             if ended:
                 await asyncio.to_thread(log.flush)  # its last records
+                ended_at = ended_at or time.monotonic()
             batch = await asyncio.to_thread(entries, log, task.id, after=after)
             if batch:
                 await resp.write("".join(json.dumps(e) + "\n" for e in batch).encode())
                 after = batch[-1]["seq"]
-            if ended:
+                states = [e["state"] for e in batch if e["kind"] == "state"]
+                closed = states[-1] in _ENDS if states else closed
+            if ended_at is not None and (closed or time.monotonic() - ended_at > _LAST_RECORD_S):
                 break
             if request.transport is None or request.transport.is_closing():
                 return  # the client left while there was nothing to send

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 
     from agentnode.cli import ArgumentParser
 
-__all__ = ["add_parser", "exit_status", "resolve_id", "submit", "task_table", "tasks"]
+__all__ = [
+    "add_parser", "exit_status", "post_task", "resolve_id", "submit", "task_table", "tasks",
+    "wait_for",
+]  # fmt: skip
 
 #: `wait` exit statuses for outcomes without an exit code of their own.
 _STATUS = {"timed_out": 124, "cancelled": 130, "lost": 1}
@@ -139,6 +142,19 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
 def submit(args: argparse.Namespace) -> int:
     """`submit`: queues `args.command` with the options of its parser (which `agent` shares)."""
+    client, task = post_task(args)
+    if args.attach:
+        # stdout carries the task's output alone; the id still reaches whoever needs it.
+        print(f"agentnode: task {task['id']}", file=sys.stderr, flush=True)
+        _print_logs(args.socket, task["id"], follow=True)
+        return wait_for(client, task["id"])
+    print(task["id"], flush=True)
+    return wait_for(client, task["id"]) if args.wait else 0
+
+
+def post_task(args: argparse.Namespace) -> tuple[NodeClient, dict[str, Any]]:
+    """Submits `args.command` with the options of `submit`'s parser; the client that did and
+    the task's record."""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("submit needs a command after '--' (example: agentnode submit -- echo hi)")
@@ -168,14 +184,8 @@ def submit(args: argparse.Namespace) -> int:
     elif args.model is not None or getattr(args, "steps", None) is not None:
         raise UsageError("--model and --steps need --agent KIND (they are that agent's options)")
     client = _client(args)
-    task = client.call("POST", "/v1/tasks", body)
-    if args.attach:
-        # stdout carries the task's output alone; the id still reaches whoever needs it.
-        print(f"agentnode: task {task['id']}", file=sys.stderr, flush=True)
-        _print_logs(args.socket, task["id"], follow=True)
-        return _wait_for(client, task["id"])
-    print(task["id"], flush=True)
-    return _wait_for(client, task["id"]) if args.wait else 0
+    task: dict[str, Any] = client.call("POST", "/v1/tasks", body)
+    return client, task
 
 
 def _egress_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,7 +242,9 @@ def exit_status(task: dict[str, Any]) -> int:
     return _STATUS.get(task["state"], 1)
 
 
-def _wait_for(client: NodeClient, task_id: str) -> int:
+def wait_for(client: NodeClient, task_id: str) -> int:
+    """Waits for the task to end; its `exit_status`, after a line on stderr saying why when it
+    did not succeed."""
     url = f"/v1/tasks/{quote(task_id, safe='')}"
     while True:
         task = client.call("GET", url)
@@ -247,7 +259,7 @@ def _wait_for(client: NodeClient, task_id: str) -> int:
 
 def _wait(args: argparse.Namespace) -> int:
     client = _client(args)
-    return _wait_for(client, resolve_id(client, args.id))
+    return wait_for(client, resolve_id(client, args.id))
 
 
 def _kill(args: argparse.Namespace) -> int:

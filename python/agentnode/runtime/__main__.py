@@ -1,6 +1,6 @@
 """`python -m agentnode.runtime "TASK TEXT" --model M [--api openai|anthropic] [--stream]
-[--tools a,b] [--tools-via mcp|api] [--max-steps N] [--max-time DURATION] [--budget USD]`, run
-inside a node task. The final answer is printed on
+[--tools a,b] [--tools-via mcp|api] [--memory-space SPACE | --no-memory-tools] [--max-steps N]
+[--max-time DURATION] [--budget USD]`, run inside a node task. The final answer is printed on
 stdout; progress goes to stderr. Exit 0 answered, 3 stopped by a limit, 1 failed, 2 bad usage."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import os
 import sys
 from decimal import Decimal, InvalidOperation
 
-from agentnode.errors import AgentnodeError, UsageError
+from agentnode.errors import AgentnodeError, MemoryKeyError, UsageError
 from agentnode.isolation.spec import SpecError, check_duration
 from agentnode.runtime.formats import FORMATS
 from agentnode.runtime.nodetools import DOORS
+from agentnode.storage.keys import check_name
 
 __all__ = ["main"]
 
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tools", help="comma-separated node tools to offer (default: all)")
     p.add_argument("--tools-via", choices=DOORS, default="mcp",
                    help="reach the node's tools through its MCP endpoint or HTTP API (mcp)")  # fmt: skip
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument("--memory-space", dest="memory", default="default", metavar="SPACE",
+                        help="the tenant's memory space of remember/recall (default)")  # fmt: skip
+    memory.add_argument("--no-memory-tools", dest="memory", action="store_const", const=None,
+                        help="offer no remember/recall tools")  # fmt: skip
     p.add_argument("--system", help="a system message")
     p.add_argument("--max-steps", type=int, default=20, metavar="N", help="model calls (20)")
     p.add_argument("--max-time", default="30m", metavar="DURATION", help="wall time (30m)")
@@ -66,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = check_duration("max-time", args.max_time)
         except SpecError as e:
             raise e.for_option("--max-time") from None
+        if args.memory is not None:
+            try:
+                check_name("memory space", args.memory)
+            except MemoryKeyError as e:
+                raise UsageError(f"--memory-space: {e}") from None
         from agentnode.runtime.loop import Agent, Limits, Stopped
 
         tools = None if args.tools is None else [t for t in args.tools.split(",") if t]
@@ -77,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             stream=args.stream,
             max_tokens=args.max_tokens,
             tools_via=args.tools_via,
+            memory=args.memory,
             limits=Limits(max_steps=args.max_steps, max_seconds=seconds, budget=args.budget),
         )
         answer = agent.run(args.text)

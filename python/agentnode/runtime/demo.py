@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections import deque
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +118,7 @@ def _start_node(root: Path, mock: MockUpstream) -> tuple[subprocess.Popen[bytes]
 
 
 def _run_agent(client: NodeClient, sock: Path) -> int:
-    from agentnode.audit.text import summary
+    from agentnode.audit.text import spend, summary
 
     binds, env = this_python()
     text = "Write hello.txt in your workspace with run_code, then fetch http://" + DENIED
@@ -142,7 +141,6 @@ def _run_agent(client: NodeClient, sock: Path) -> int:
     print(f"\ndemo: the task {done['state']}; its timeline:", flush=True)
     for entry in entries:
         print("  " + summary(entry))
-    cost = sum((Decimal(e["cost"]) for e in entries if e["kind"] == "llm_call"), Decimal(0))
-    calls = sum(e["kind"] == "llm_call" for e in entries)
+    calls, cost = spend(entries)
     print(f"\ndemo: {calls} model calls, ${cost} (at the demo's prices)", flush=True)
     return exit_status(done)

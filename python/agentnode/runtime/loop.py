@@ -21,6 +21,8 @@ from typing import Any, TextIO
 from agentnode.errors import TaskError
 from agentnode.runtime import formats
 from agentnode.runtime.formats import Call
+from agentnode.runtime.memory import TOOLS as MEMORY_TOOLS
+from agentnode.runtime.memory import AgentMemory
 from agentnode.runtime.nodetools import open_tools
 from agentnode.runtime.state import State
 from agentnode.sdk.task import ThisTask
@@ -57,27 +59,37 @@ class Agent:
         stream: bool = False,
         max_tokens: int = 4096,
         tools_via: str = "mcp",
+        memory: str | None = "default",
         log: TextIO | None = None,
     ) -> None:
         """`api`: the model API spoken through the proxy (`formats.FORMATS`); `stream`: read
         answers as streams; `max_tokens`: an answer's cap (Anthropic requires one);
-        `tools_via`: the door to the node's tools (`nodetools.DOORS`)."""
+        `tools_via`: the door to the node's tools (`nodetools.DOORS`); `memory`: the memory
+        space of the `remember`/`recall` tools (`runtime.memory`), or None for none."""
         self.limits = limits or Limits()
         self.task = ThisTask()
         self.format = formats.make(api, model=model, system=system, stream=stream,
                                    max_tokens=max_tokens)  # fmt: skip
         self.tools = open_tools(tools_via)
         try:
-            listed = {t["name"]: t for t in self.tools.list()}
+            node = {t["name"]: t for t in self.tools.list()}
+            # A node tool of the same name (a tenant's MCP server's) keeps it.
+            mine = {} if memory is None else {n: t for n, t in MEMORY_TOOLS.items()
+                                              if n not in node}  # fmt: skip
+            listed = {**node, **mine}
             unknown = sorted(set(tools or ()) - set(listed))
             if unknown:
                 raise TaskError(
                     f"no node tool {', '.join(unknown)} (this task may use: {', '.join(listed)})"
                 )
+            chosen = listed if tools is None else {n: listed[n] for n in tools}
+            self._remembers = set(mine) & set(chosen)
+            self.memory = (
+                AgentMemory(space=memory) if memory is not None and self._remembers else None
+            )
         except BaseException:
             self.tools.close()
             raise
-        chosen = listed if tools is None else {n: listed[n] for n in tools}
         self.offered = set(chosen)
         self.schemas = [self.format.tool(name, t.get("description", ""),
                                          t.get("inputSchema") or {"type": "object"})
@@ -101,6 +113,8 @@ class Agent:
             finally:
                 self._saver.shutdown()
                 self.tools.close()
+                if self.memory is not None:
+                    self.memory.close()
 
     def _run(self, text: str) -> str:
         blob = self.task.checkpoint()
@@ -185,6 +199,10 @@ class Agent:
             return f"no tool {call.name} here", True
         # Task, step and call id: a repeat after a kill returns the first run's result.
         key = f"{self.task.id}:{step}:{call.id}"
+        if self.memory is not None and call.name in self._remembers:
+            content, error = self.memory.call(call.name, call.arguments, key=key)
+            self.say(f"step {step}: {call.name} -> {'error' if error else 'ok'}")
+            return content, error
         result = self.tools.call(call.name, call.arguments, key=key)
         cls = result.get("_meta", {}).get("agentnode", {}).get("class", "ok")
         self.say(f"step {step}: {call.name} -> {cls}")
