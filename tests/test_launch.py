@@ -34,9 +34,9 @@ def task_cgroups() -> set[str]:
 
 
 def settled(before: set[str]) -> set[str]:
-    """`task_cgroups()` once it is `before` again, or after 5 s: a cgroup made ahead in the
-    meantime is not one until it is listed as made ahead."""
-    deadline = time.monotonic() + 5
+    """`task_cgroups()` once it is `before` again, or after 15 s (a loaded host): a cgroup made
+    ahead in the meantime is not one until it is listed as made ahead."""
+    deadline = time.monotonic() + 15
     while (now := task_cgroups()) != before and time.monotonic() < deadline:
         time.sleep(0.01)
     return now

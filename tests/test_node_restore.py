@@ -174,12 +174,19 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
         for other in gap_dirs - running_cgroups:
             procs = (node / other.split("@")[0] / "cgroup.procs").read_text().split()
             assert procs == [], f"{other}: zygotes die with their daemon, {procs}"
+        # What runs at the restart is re-adopted; the gated ones ended. On a loaded host a long
+        # one may end too before the restart: count what runs just before and just after it.
+        longs = [m for m, (_, lines, _) in specs.items() if lines == 150]
+        longs += [f"{tag}-probe", f"{tag}-late"]
+        running_before = sum(1 for m in longs if pids_of(m))
         d.start()
+        restarted_at = time.time()
+        running_after = sum(1 for m in longs if pids_of(m))
         restart_s = time.monotonic() - killed_at
         adopted = int(next(x for x in d.lines if "capacity" in x).split(" re-adopted")[0]
                       .rsplit(" ", 1)[1])  # fmt: skip
-        longs = sum(1 for _, lines, _ in specs.values() if lines == 150)
-        assert adopted == longs + 2, "what ran at the restart is re-adopted; the gated ones ended"
+        assert running_after <= adopted <= running_before, (running_after, running_before)
+        assert adopted >= len(longs) // 2, "most long tasks outlived the gap"
         # The sweep spared the adopted tasks' cgroups and removed the rest (the zygotes', the
         # made-ahead ones, those of tasks that ended).
         kept = task_dirs(d) & gap_dirs
@@ -213,7 +220,11 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
         t = d.wait(late, timeout=60)
         assert t["state"] == "timed_out", t
         ran = t["history"][-1][1] - next(at for s, at in t["history"] if s == "running")
-        assert 13.5 < ran < 16.0, f"timed out {ran:.1f} s after its start: deadline re-armed"
+        # Re-armed from its start, not the restart's; a restart after the deadline (a loaded
+        # host) ends it at once.
+        started = next(at for s, at in t["history"] if s == "running")
+        latest = max(16.0, restarted_at - started + 2.0)
+        assert 13.5 < ran < latest, f"timed out {ran:.1f} s after its start: deadline re-armed"
         assert task_dirs(d) & gap_dirs == set(), "the adopted tasks' cgroups go when they end"
     finally:
         if d.proc is not None:
