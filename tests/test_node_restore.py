@@ -18,6 +18,7 @@ import pytest
 
 from agentnode import _native
 from agentnode.isolation import task as task_mod
+from agentnode.node.beats import BeatLog
 from agentnode.node.restore import pin_dir, release_pins, start_ticks
 from agentnode.tasks.model import State
 from conftest import processes_with
@@ -287,6 +288,23 @@ def test_a_re_adopted_task_reaches_the_new_daemon_and_is_judged_on_heartbeats(
             d.stop()
     assert leftover_cgroups(d.data) == []
     no_pins(d)
+
+
+def test_a_heartbeat_deadline_goes_on_from_the_last_check(tmp_path: Path) -> None:
+    beats = BeatLog(tmp_path / "beats")
+    assert beats.missed_s("a") == 0.0, "nothing recorded: a whole period"
+    for name in ("a", "b", "c"):
+        beats.beat(name)
+    beats.checked()
+    now = time.time()
+    os.utime(tmp_path / "beats" / "a", (now, now - 5.0))
+    os.utime(tmp_path / "beats" / "b", (now, now + 1.0))  # a beat after the last check
+    os.utime(tmp_path / "beats" / ".checked", (now, now))
+    assert 4.9 < beats.missed_s("a") <= 5.0 and beats.missed_s("b") == 0.0
+    beats.ended("c")
+    beats.ended("c")
+    beats.sweep(keep={"a"})
+    assert sorted(p.name for p in (tmp_path / "beats").iterdir()) == [".checked", "a"]
 
 
 def test_sigterm_with_keep_tasks_leaves_them_for_the_next_start(tmp_path: Path) -> None:
