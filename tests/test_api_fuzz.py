@@ -239,7 +239,7 @@ def task_call(d: Daemon, path: str, token: str) -> tuple[int, Any]:
 
     from agentnode.sdk.transport import UnixHTTPConnection
 
-    conn = UnixHTTPConnection(str(d.data / "run" / "task.sock"), timeout=30)
+    conn = UnixHTTPConnection(str(d.data / "run" / "sockets" / "task.sock"), timeout=30)
     try:
         conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
         resp = conn.getresponse()

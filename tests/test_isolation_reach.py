@@ -26,6 +26,7 @@ import pytest
 
 from agentnode.errors import AgentnodeError
 from agentnode.isolation import Mount, spawn
+from agentnode.node.runner import MCP_SOCKET, SOCKET_DIR, TASK_SOCKET
 from conftest import run_cli
 from support.node_daemon import daemon
 
@@ -223,16 +224,59 @@ def test_daemon_tasks_reach_their_task_socket_and_no_other(
     with daemon(tmp_path) as d, listening([places["run"], places["var"]]) as socks:
         for user in ("65534", "0"):
             argv = ["/usr/bin/python3", "-c", CONNECT, places["run"], places["var"],
-                    "/run/agentnode/task.sock"]  # fmt: skip
+                    TASK_SOCKET, MCP_SOCKET]  # fmt: skip
             t = d.submit(argv, user=user)
             assert d.wait(t["id"])["state"] == "succeeded", d.log(t["id"])
             got = json.loads(d.log(t["id"]))
             assert got == {
                 places["run"]: "ENOENT",
                 places["var"]: "ECONNREFUSED",
-                "/run/agentnode/task.sock": "connected",
+                TASK_SOCKET: "connected",
+                MCP_SOCKET: "connected",
             }, got
         assert_untouched(socks)
+
+
+#: Lists the node's socket directory in a task and tries to add to it several ways.
+SOCKET_DIR_PROBE = textwrap.dedent(
+    """
+    import errno, json, os, socket, sys
+    d = sys.argv[1]
+    out = {"list": sorted(os.listdir(d))}
+    def attempt(name, f):
+        try:
+            f()
+            out[name] = "done"
+        except OSError as e:
+            out[name] = errno.errorcode.get(e.errno, str(e.errno))
+    attempt("create", lambda: open(os.path.join(d, "x"), "w").close())
+    attempt("mkdir", lambda: os.mkdir(os.path.join(d, "y")))
+    attempt("unlink", lambda: os.unlink(os.path.join(d, "task.sock")))
+    attempt("rename", lambda: os.rename(os.path.join(d, "task.sock"), os.path.join(d, "z")))
+    attempt("bind", lambda: socket.socket(socket.AF_UNIX).bind(os.path.join(d, "w.sock")))
+    attempt("chmod", lambda: os.chmod(d, 0o777))
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("who", [{"user": "65534"}, {"user": "0"}], ids=["nobody", "root"])
+def test_the_socket_directory_shows_the_node_sockets_only_and_takes_no_writes(
+    who: dict[str, str], tmp_path: Path
+) -> None:
+    # The host directory bound in is the daemon's own: a task must see nothing else of the
+    # host there, and must not change what the next task (or a later daemon) finds.
+    with daemon(tmp_path) as d:
+        t = d.submit(["/usr/bin/python3", "-c", SOCKET_DIR_PROBE, SOCKET_DIR], **who)
+        assert d.wait(t["id"])["state"] == "succeeded", d.log(t["id"])
+        got = json.loads(d.log(t["id"]))
+        assert got.pop("list") == ["mcp.sock", "task.sock"], got
+        assert all(v in ("EROFS", "EACCES", "EPERM") for v in got.values()), got
+        host = d.data / "run" / "sockets"
+        assert sorted(p.name for p in host.iterdir()) == ["mcp.sock", "task.sock"]
+        assert (host.stat().st_mode & 0o7777, host.stat().st_uid) == (0o755, 0)
+        run = host.parent.stat()
+        assert (run.st_mode & 0o7777, run.st_uid, run.st_gid) == (0o710, 0, 100000)
 
 
 # -- address families and io_uring -----------------------------------------------------------

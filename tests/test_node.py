@@ -623,7 +623,7 @@ def test_sigterm_stops_gracefully_and_sighup_reloads(tmp_path: Path) -> None:
     d.wait_for_line("agentnode: reloaded")
     assert d.stop(signal.SIGTERM) == 0
     assert d.lines[-1] == "agentnode: stopped"
-    assert not d.socket.exists() and not (d.data / "run" / "task.sock").exists()
+    assert not d.socket.exists() and not (d.data / "run" / "sockets" / "task.sock").exists()
     assert leftover_cgroups(d.data) == []
     assert d.log(running["id"]) == "ready\ngot TERM\n", "the task got SIGTERM and its grace"
     d.start()

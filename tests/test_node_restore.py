@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ import pytest
 
 from agentnode import _native
 from agentnode.isolation import task as task_mod
+from agentnode.node.beats import BeatLog
 from agentnode.node.restore import pin_dir, release_pins, start_ticks
 from agentnode.tasks.model import State
 from conftest import processes_with
 from support.node_daemon import Daemon
-from test_node import leftover_cgroups
+from test_node import PYTHON, ended_at, leftover_cgroups, open_gate, started_at
 from test_node_robust import seed, small
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -231,6 +233,89 @@ def test_tasks_outlive_a_kill_9_and_are_re_adopted(tmp_path: Path) -> None:
             d.stop()
     assert leftover_cgroups(d.data) == []
     no_pins(d)
+
+
+#: Uses the task API (checkpoint and heartbeats, through agentnode.sdk) before the daemon goes,
+#: heartbeats on through the gap (refused then), and uses it again once its gate opens.
+API_USER = """
+import os, time
+from agentnode.sdk import ThisTask
+t = ThisTask(timeout=5)
+t.save_checkpoint(b"before")
+t.heartbeat()
+print("before", t.checkpoint().decode(), flush=True)
+refused = 0
+while not os.path.exists("/workspace/go"):
+    try:
+        t.heartbeat()
+    except Exception:
+        refused += 1
+    time.sleep(0.2)
+t.save_checkpoint(b"after")
+t.heartbeat()
+print("after", t.checkpoint().decode(), refused > 0, flush=True)
+"""
+
+
+def test_a_re_adopted_task_reaches_the_new_daemon_and_is_judged_on_heartbeats(
+    tmp_path: Path,
+) -> None:
+    d = Daemon(tmp_path, CONFIG)
+    d.start()
+    tag = f"hb{os.getpid()}x{time.time_ns() % 10**6}"
+    try:
+        user = d.submit([sys.executable, "-c", API_USER, tag], heartbeat="3s", **PYTHON)
+        silent = d.submit(["sh", "-c", "sleep 300", f"{tag}-silent"], heartbeat="6s")["id"]
+        d.wait(silent, states=("running",))
+        seen_running = time.monotonic()
+        deadline = seen_running + 30
+        while not lines_of(d, user["id"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lines_of(d, user["id"]) == ["before before"], "it reaches the first daemon"
+        # The silent task has ~2.5 s of its 6 s left when its daemon goes.
+        time.sleep(max(0.0, seen_running + 3.5 - time.monotonic()))
+        d.stop(signal.SIGKILL)
+        time.sleep(3.0)  # longer than the first task's heartbeat period
+        d.start()
+        restarted = time.time()
+        assert "2 re-adopted" in next(x for x in d.lines if "capacity" in x)
+        # Its heartbeats after the restart reach the new daemon (it is not judged for the gap,
+        # and well past its 3 s period it still runs).
+        time.sleep(4.0)
+        assert d.task(user["id"])["state"] == "running", d.task(user["id"])
+        open_gate(d, user)
+        done = d.wait(user["id"], timeout=60)
+        assert (done["state"], done["exit_code"], done["attempt"]) == ("succeeded", 0, 1), done
+        assert lines_of(d, user["id"]) == ["before before", "after after True"]
+        # The silent one is judged from its last heartbeat (its start), the gap not counted:
+        # neither at once nor a whole new period after the restart.
+        quiet = d.wait(silent, timeout=60)
+        assert quiet["state"] == "timed_out" and "no heartbeat" in quiet["reason"], quiet
+        assert ended_at(quiet) - started_at(quiet) > 6.0 + 3.0, quiet["history"]
+        assert ended_at(quiet) - restarted < 4.5, (ended_at(quiet) - restarted, quiet["history"])
+        assert not (d.data / "beats" / silent).exists(), "an ended task's times go"
+    finally:
+        if d.proc is not None:
+            d.stop()
+    assert leftover_cgroups(d.data) == []
+    no_pins(d)
+
+
+def test_a_heartbeat_deadline_goes_on_from_the_last_check(tmp_path: Path) -> None:
+    beats = BeatLog(tmp_path / "beats")
+    assert beats.missed_s("a") == 0.0, "nothing recorded: a whole period"
+    for name in ("a", "b", "c"):
+        beats.beat(name)
+    beats.checked()
+    now = time.time()
+    os.utime(tmp_path / "beats" / "a", (now, now - 5.0))
+    os.utime(tmp_path / "beats" / "b", (now, now + 1.0))  # a beat after the last check
+    os.utime(tmp_path / "beats" / ".checked", (now, now))
+    assert 4.9 < beats.missed_s("a") <= 5.0 and beats.missed_s("b") == 0.0
+    beats.ended("c")
+    beats.ended("c")
+    beats.sweep(keep={"a"})
+    assert sorted(p.name for p in (tmp_path / "beats").iterdir()) == [".checked", "a"]
 
 
 def test_sigterm_with_keep_tasks_leaves_them_for_the_next_start(tmp_path: Path) -> None:

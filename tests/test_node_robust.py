@@ -311,7 +311,7 @@ import http.client, os, socket, sys
 class Conn(http.client.HTTPConnection):
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect("/run/agentnode/task.sock")
+        self.sock.connect(os.environ["AGENTNODE_URL"][len("unix://"):])
 c = Conn("localhost")
 c.request("GET", "/v1/tasks/" + os.environ["AGENTNODE_TASK_ID"],
           headers={"Authorization": "Bearer " + os.environ["AGENTNODE_TOKEN"]})
@@ -332,8 +332,8 @@ def test_the_task_socket_is_for_tasks_and_root_and_tokens_die_with_their_task() 
 
 def _task_socket(tmp_path: Path) -> None:
     with daemon(tmp_path) as d:
-        sock = d.data / "run" / "task.sock"
-        st = sock.parent.stat()
+        sock = d.data / "run" / "sockets" / "task.sock"
+        st = sock.parent.parent.stat()
         assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o710, 0, USERNS_BASE)
         for user, userns in (("65534", False), ("1000:1000", False), ("0", True), ("7", True)):
             task = d.submit(["/usr/bin/python3", "-c", ASK], user=user, userns=userns)
@@ -449,7 +449,7 @@ import http.client, os, socket, sys, time
 class Conn(http.client.HTTPConnection):
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect("/run/agentnode/task.sock")
+        self.sock.connect(os.environ["AGENTNODE_URL"][len("unix://"):])
 end = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < end:
     c = Conn("localhost", timeout=60)

@@ -102,6 +102,12 @@ BAD = [
     ("rootfs", "/a/../b"),
     ("ro", ["/a:relative"]),
     ("rw", ["relative"]),
+    # The node's own binds (its sockets, unmasked) go in /run/agentnode: a task's may not.
+    ("ro", ["/var/lib/agentnode/run:/run/agentnode/sockets"]),
+    ("rw", ["/run:/run/agentnode"]),
+    ("ro", ["/tmp:/run/./agentnode/x"]),
+    ("ro", ["/tmp://run//agentnode/"]),
+    ("rw", ["/run/agentnode/sockets"]),
     ("caps", ["CAP_NOPE"]),
     ("env", {"A=B": "c"}),
     ("network", "/proc/1/ns/net"),  # a namespace path is not part of the JSON form

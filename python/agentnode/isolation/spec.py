@@ -571,7 +571,11 @@ def parse_user(user: object) -> tuple[int, int]:
 def parse_mount(key: str, text: str) -> Mount:
     """`HOST[:DEST]` of the `ro` or `rw` list `key` as a Mount (DEST defaults to HOST)."""
     src, _, dest = text.partition(":")
-    return Mount(src, dest or src, key == "rw")
+    mount = Mount(src, dest or src, key == "rw")
+    # The node's own binds go there (its sockets, unmasked, and a retry's checkpoint).
+    if [p for p in mount.dest.split("/") if p not in ("", ".")][:2] == ["run", "agentnode"]:
+        _bad(key, text, "the destination must not be in /run/agentnode (the node's own)")
+    return mount
 
 
 def _absolute(key: str, text: str) -> str:

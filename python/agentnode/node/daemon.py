@@ -116,7 +116,7 @@ async def serve(config: NodeConfig) -> None:
     lock = _lock(config.data_dir)
     use_data_dir(config.data_dir)
     run_dir = config.data_dir / "run"
-    node = Node(config, task_socket=run_dir / "task.sock")
+    node = Node(config, task_socket=run_dir / "sockets" / "task.sock")
     metrics = NodeMetrics(node)
     episodic = EpisodicStore(config.data_dir / "memory" / "episodic")
     objects = ObjectStore(config.data_dir / "memory" / "objects")
@@ -161,13 +161,20 @@ async def serve(config: NodeConfig) -> None:
         for r in runners:
             await r.setup()
         await _unix_site(runners[0], config.socket, 0o660, "agentnode")
-        # Tasks run as any user, so the socket itself is open to all; its directory admits only
-        # root and the group a user-namespaced task's root maps to (its sandbox binds the socket
-        # in as that identity), so on the host no one else reaches it. The task API itself admits
-        # only the token of a running task.
+        # Tasks run as any user, so the socket itself is open to all; the run directory admits
+        # only root and the group a user-namespaced task's root maps to (its sandbox binds the
+        # socket directory in as that identity), so on the host no one else reaches it. The
+        # socket directory, bound into every task, holds the task and MCP sockets only and is
+        # open to all (a task's own user must pass it); it is kept across restarts, so a task
+        # re-adopted later reaches the new daemon's sockets by the same names. The task API
+        # itself admits only the token of a running task.
         run_dir.mkdir(mode=0o710, parents=True, exist_ok=True)
         os.chown(run_dir, 0, USERNS_BASE)
         run_dir.chmod(0o710)
+        socket_dir = node.task_socket.parent
+        socket_dir.mkdir(mode=0o755, exist_ok=True)
+        os.chown(socket_dir, 0, 0)
+        socket_dir.chmod(0o755)
         await _unix_site(runners[1], node.task_socket, 0o666, None)
         where = [f"unix:{config.socket}"]
         if config.listen is not None:

@@ -34,6 +34,7 @@ from agentnode.errors import AgentnodeError, AuditError, TaskError
 from agentnode.inference.store import LedgerRow
 from agentnode.isolation import ExitReason, Mount, Result, spawn
 from agentnode.isolation.task import prepare_workspace
+from agentnode.node.beats import BeatLog
 from agentnode.node.config import NodeConfig
 from agentnode.node.logcap import rotate_if_over
 from agentnode.node.restore import (
@@ -55,7 +56,7 @@ from agentnode.tools.toolbox import Toolbox
 if TYPE_CHECKING:
     from agentnode.audit.otel import TimelineExporter
 
-__all__ = ["CHECKPOINT", "MCP_SOCKET", "TASK_SOCKET", "Node", "Running"]
+__all__ = ["CHECKPOINT", "MCP_SOCKET", "SOCKET_DIR", "TASK_SOCKET", "Node", "Running"]
 
 log = logging.getLogger("agentnode.node")
 
@@ -66,10 +67,13 @@ _STALL_S = 60.0
 # itself was away (SIGSTOP, a stall), not the tasks.
 _AWAY_S = 2.0
 
-#: Where a task finds the node's task API (the daemon's task socket is bound there).
-TASK_SOCKET = "/run/agentnode/task.sock"
+#: Where a task finds the node's sockets: the daemon's socket directory is bound there (not
+#: each socket), so a task re-adopted by a later daemon reaches that daemon's sockets.
+SOCKET_DIR = "/run/agentnode/sockets"
+#: Where a task finds the node's task API.
+TASK_SOCKET = f"{SOCKET_DIR}/task.sock"
 #: Where a task finds the node's MCP endpoint (streamable HTTP at /mcp over this socket).
-MCP_SOCKET = "/run/agentnode/mcp.sock"
+MCP_SOCKET = f"{SOCKET_DIR}/mcp.sock"
 #: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
 CHECKPOINT = "/run/agentnode/checkpoint"
 
@@ -83,9 +87,6 @@ class Running:
     last_beat: float
     stop_as: State | None = None
     stop_reason: str = ""
-    #: Re-adopted from an earlier agent: its task socket is the earlier agent's (bound in as a
-    #: file), so it cannot send heartbeats; its timeout still holds.
-    adopted: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -136,6 +137,9 @@ class Node:
             self._adopted, self._not_adopted = self.restorer.adopt(
                 {i: self.manager.get(i) for i in self.manager.adopted}
             )
+        #: Running tasks' heartbeat times, kept for the next start's re-adopted tasks.
+        self.beats = BeatLog(config.data_dir / "beats")
+        self.beats.sweep(keep=set(self._adopted))
         self.apply_tenants(config)
         #: Removes ended tasks past their retention, in the background and on `agentnode gc`.
         self.retention = Retention(
@@ -369,6 +373,8 @@ class Node:
         if r is None:
             raise TaskError(f"task {task_id} is not running (heartbeats come from running tasks)")
         r.last_beat = time.monotonic()
+        if r.task.spec.heartbeat_s is not None:
+            self.beats.beat(task_id)
 
     def start(self) -> None:
         if self.config.exec_trace:
@@ -380,8 +386,12 @@ class Node:
             else:
                 self.execs.start()
         now = time.monotonic()
+        # Heartbeats are judged from now: the time since this node was made was its own.
+        self._beats_checked = now
         for task_id, proc in self._adopted.items():
-            r = Running(task=self.manager.get(task_id), proc=proc, last_beat=now, adopted=True)
+            # Its heartbeat deadline goes on from where the earlier agent last judged it.
+            last_beat = now - self.beats.missed_s(task_id)
+            r = Running(task=self.manager.get(task_id), proc=proc, last_beat=last_beat)
             self.running[task_id] = r
             if self.execs is not None and proc.cgroup_dir is not None:
                 self.execs.watch(proc.cgroup_dir, task=task_id, tenant=r.task.spec.tenant)
@@ -458,6 +468,8 @@ class Node:
         now = time.monotonic()
         r = Running(task=task, proc=proc, last_beat=now)
         self.running[task.id] = r
+        if task.spec.heartbeat_s is not None:
+            self.beats.beat(task.id)
         process = None
         if self._outlives(task):
             # Watched before it is recorded: a record names only processes whose exit the
@@ -489,6 +501,7 @@ class Node:
         """Records a task that could not be started as failed (its sandbox, if one was made,
         is killed first); a store that cannot record it leaves it for the next pass or start."""
         r = self.running.pop(task.id, None)
+        self.beats.ended(task.id)
         if r is not None:
             with contextlib.suppress(Exception):
                 r.proc.send_kill()
@@ -534,9 +547,9 @@ class Node:
             # A fixed path inside: the host path may be hidden (e.g. under the task's own /tmp).
             env["AGENTNODE_CHECKPOINT"] = CHECKPOINT
             mounts.append(Mount(os.path.abspath(checkpoint), CHECKPOINT))
-        mounts.append(Mount(os.path.abspath(self.task_socket), TASK_SOCKET, writable=True))
-        if self.mcp_socket.exists():
-            mounts.append(Mount(os.path.abspath(self.mcp_socket), MCP_SOCKET, writable=True))
+        # Read-only: connecting to a socket is not a write to its file system, and the task
+        # can add nothing to the node's directory.
+        mounts.append(Mount(os.path.abspath(self.task_socket.parent), SOCKET_DIR))
         sandbox = replace(sandbox, env=tuple(env.items()), mounts=(*mounts, *sandbox.mounts))
         fd = self.spares.open_log(log_path)
         try:
@@ -586,6 +599,7 @@ class Node:
                 }
             )
         del self.running[r.task.id]
+        self.beats.ended(r.task.id)
         self.tools.end_task(r.task.id)
         try:
             done = await self.manager.finish(
@@ -624,14 +638,10 @@ class Node:
             for r in self.running.values():
                 r.last_beat += gap
             return
+        self.beats.checked()
         for r in list(self.running.values()):
             beat = r.task.spec.heartbeat_s
-            if (
-                beat is not None
-                and now - r.last_beat > beat
-                and r.stop_as is None
-                and not r.adopted
-            ):
+            if beat is not None and now - r.last_beat > beat and r.stop_as is None:
                 self._stop(r, State.TIMED_OUT, f"no heartbeat for {beat:g} s")
 
     def _cap_logs(self) -> None:

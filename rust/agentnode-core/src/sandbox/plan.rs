@@ -429,8 +429,13 @@ fn push_task_fs(
             None => push_bind_point(ops, root, b)?,
         };
         attach(ops, &b.src, &point, b.writable)?;
-        // A bind shows the host's sockets under its source as well (the node's own task socket
-        // is bound on purpose: its source is the socket itself, and is left alone).
+        // A bind shows the host's sockets under its source as well. The node's own binds, in
+        // the task's /run/agentnode (which a task's own binds may not reach, see
+        // `agentnode.isolation.spec.parse_mount`), are left alone: the directory of the node's
+        // task sockets is bound there on purpose.
+        if b.dest.starts_with(Path::new("/").join(NODE_RUN)) {
+            continue;
+        }
         for rel in super::sockets::under(&bound, &b.src) {
             if !rel.as_os_str().is_empty() {
                 ops.push(Op::Mask {
