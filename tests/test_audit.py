@@ -576,7 +576,7 @@ def test_daemon_timeline_holds_limit_kills_and_checkpoints(tmp_path: Path) -> No
     record with its size; each before the task's end state."""
     with daemon(tmp_path) as d:
         hog = d.submit([sys.executable, "-c", "x = bytearray(512 << 20)"], memory="64M",
-                       user="0")  # fmt: skip
+                       user="0", ro=[str(REPO)])  # fmt: skip
         bomb = d.submit(["sh", "-c", "while :; do sleep 5 & done"], pids=16, timeout="20s")
         saver = d.submit([sys.executable, "-c", CHECKPOINTER], user="0", memory="256M",
                          ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")})  # fmt: skip

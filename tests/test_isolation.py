@@ -726,8 +726,9 @@ def test_sigkill_of_the_parent_kills_the_task_and_next_start_sweeps(ws: Path) ->
     while any(z.exists() for z in ready) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not any(z.exists() for z in ready)
+    # The crash left its cgroups behind (unless a start in another test's process, which
+    # sweeps dead instances too, got there first), and the next start sweeps them.
     left = [d.parent / instance for d in dirs]
-    assert any(d.exists() for d in left)  # the crash left its cgroups behind...
     code = "from agentnode import _native; _native.Launcher().close()"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert not any(d.exists() for d in left)  # ...and the next start swept them
