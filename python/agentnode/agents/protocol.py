@@ -53,6 +53,7 @@ from agentnode.node.runner import Node
 from agentnode.runtime.cli import this_python
 from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import TERMINAL, Task
+from agentnode.tasks.submission import BadField, spec_from_json
 
 __all__ = ["STEP_WAIT_S", "add_protocol_routes"]
 
@@ -190,9 +191,6 @@ def _submission(node: Node, tenant: str, text: str, extra: dict[str, Any]) -> di
 
 
 async def _create_task(request: web.Request, node: Node, tenant: str) -> web.StreamResponse:
-    # Here, not at the top: node.api imports this module to register its routes.
-    from agentnode.node.api import BadField, spec_from_json
-
     body = await _json_body(request)
     text, extra = body.get("input"), body.get("additional_input")
     if not isinstance(text, str) or not text.strip():

@@ -42,14 +42,15 @@ from agentnode.http_common import BodyTooLarge, flag, json_body, until_client_le
 from agentnode.inference.attribution import Attribution
 from agentnode.inference.attribution import Principal as InferencePrincipal
 from agentnode.inference.config import ProxyConfig
-from agentnode.isolation.spec import FIELDS, Sandbox, SpecError, check_duration
+from agentnode.isolation.spec import SpecError
 from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
 from agentnode.storage.api import principal
 from agentnode.storage.tenancy import Principal
 from agentnode.tasks.model import _TENANT as TENANT_NAME
-from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
+from agentnode.tasks.model import TERMINAL, State, Task
 from agentnode.tasks.store import body_of
+from agentnode.tasks.submission import BadField, spec_from_json
 from agentnode.tools.api import add_tool_routes
 from agentnode.tools.registry import Caller
 from agentnode.tools.toolbox import caller_for
@@ -70,14 +71,6 @@ def _error(status: int, message: str, field: str | None = None) -> web.Response:
     if field is not None:
         body["field"] = field
     return web.json_response(body, status=status)
-
-
-class BadField(Exception):
-    """A request field is missing or malformed: 400 naming the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @web.middleware
@@ -138,54 +131,7 @@ def _bearer_guard(token: str) -> Middleware:
 
 # -- request parsing ----------------------------------------------------------------------------
 
-#: The fields of a POST /v1/tasks body besides the sandbox's (`agentnode.isolation.spec.FIELDS`).
-_TASK_FIELDS = ("tenant", "command", "priority", "heartbeat", "retries", "retry_lost")
 _EGRESS = ("allow", "allow_hosts", "egress_rate", "conn_rate")
-
-
-def spec_from_json(body: Any) -> TaskSpec:
-    """A TaskSpec from a POST /v1/tasks body; BadField names the first bad field."""
-    if not isinstance(body, dict):
-        raise BadField("body", "must be a JSON object")
-    for key in body:
-        if key not in _TASK_FIELDS and key not in FIELDS:
-            known = ", ".join(sorted((*_TASK_FIELDS, *FIELDS)))
-            raise BadField(key, f"unknown field (known: {known})")
-    tenant = body.get("tenant", "default")
-    if not isinstance(tenant, str):
-        raise BadField("tenant", "must be a string")
-    command = body.get("command")
-    if (
-        not isinstance(command, list)
-        or not command
-        or not all(isinstance(a, str) and a for a in command)
-    ):
-        raise BadField("command", "must be a non-empty list of non-empty strings")
-    priority = body.get("priority", "normal")
-    if priority not in CLASSES:
-        raise BadField("priority", f"must be one of {', '.join(CLASSES)}, got {priority!r}")
-    retries = body.get("retries")
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
-        raise BadField("retries", f"must be an integer, got {retries!r}")
-    retry_lost = body.get("retry_lost", True)
-    if not isinstance(retry_lost, bool):
-        raise BadField("retry_lost", f"must be true or false, got {retry_lost!r}")
-    try:
-        sandbox = Sandbox.from_json({k: v for k, v in body.items() if k in FIELDS})
-        sandbox.check_host()
-        heartbeat = body.get("heartbeat")
-        return TaskSpec(
-            tenant=tenant,
-            command=tuple(command),
-            cls=priority,
-            sandbox=sandbox,
-            heartbeat_s=None if heartbeat is None else check_duration("heartbeat", heartbeat),
-            retries=retries,
-            retry_lost=retry_lost,
-        )
-    except TaskError as e:
-        head = str(e).split(" ", 2)[:2]
-        raise BadField(next((k for k in _TASK_FIELDS if k in head), "body"), str(e)) from None
 
 
 def task_json(node: Node, task: Task) -> dict[str, Any]:
