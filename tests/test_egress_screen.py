@@ -4,7 +4,9 @@ for the rules that open one."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 
+import psutil
 import pytest
 
 from agentnode.egress import EgressPolicy
@@ -42,9 +44,22 @@ def test_a_rule_no_wider_than_the_range_opens_it() -> None:
     assert screen.blocked(mapped, EgressPolicy(allow=["[::/0]"]).nets) is not None
 
 
+def _stable_own_address() -> ipaddress.IPv4Address:
+    """An IPv4 address of this host that other tests do not add and remove meanwhile (their
+    bridges and veths come and go): the default route's interface's, else any non-loopback."""
+    with open("/proc/net/route") as f:
+        default = [line.split()[0] for line in f.readlines()[1:] if line.split()[1] == "00000000"]
+    for a in psutil.net_if_addrs().get(default[0], []) if default else []:
+        if a.family == socket.AF_INET:
+            return ipaddress.IPv4Address(a.address)
+    own = next(a for a in own_addresses() if a.version == 4 and not a.is_loopback)
+    assert isinstance(own, ipaddress.IPv4Address)
+    return own
+
+
 def test_own_addresses_are_guarded_and_only_a_rule_naming_one_opens_it() -> None:
     screen = AnswerScreen()
-    own = next(a for a in own_addresses() if a.version == 4 and not a.is_loopback)
+    own = _stable_own_address()
     reason = screen.blocked(own, EgressPolicy(allow=["0.0.0.0/0"]).nets)
     assert reason is not None and f"{own}/32" in reason
     assert screen.blocked(own, EgressPolicy(allow=[f"{own}/32"]).nets) is None
