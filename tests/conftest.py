@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from support.proxy_env import make_env  # noqa: F401  (a fixture of the proxy tests)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Skips tests marked `root` when not running as root (CI runs as root)."""

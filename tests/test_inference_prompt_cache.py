@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from agentnode.inference.prices import SHIPPED
 from agentnode.inference.pricing import anthropic_usage
 from support.proxy_env import PRICE_CLAUDE, ProxyEnv
 
-Configure = Callable[[dict[str, Any]], None]
 MSG = [{"role": "user", "content": "hi"}]
 # ~4,000 tokens of system prompt (the mock counts a token per 4 bytes), and tools.
 SYSTEM = " ".join(f"Rule {i}: act carefully and check every result twice." for i in range(300))
@@ -35,20 +34,6 @@ TOOLS = [
     }
     for i in range(8)
 ]
-
-
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., ProxyEnv]]:
-    envs: list[ProxyEnv] = []
-
-    def make(configure: Configure | None = None) -> ProxyEnv:
-        env = ProxyEnv(tmp_path / f"state{len(envs)}", configure)
-        envs.append(env)
-        return env
-
-    yield make
-    for e in envs:
-        e.close()
 
 
 def _free_port() -> int:

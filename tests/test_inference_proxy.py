@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from agentnode.inference.mock import Fault
 from agentnode.inference.store import LedgerRow, Store
 from support.proxy_env import ProxyEnv
 
-Configure = Callable[[dict[str, Any]], None]
 # The mocks' default usage priced with tests/support/proxy_env.py's prices, by hand:
 # OpenAI: 1000 prompt (600 cached) + 300 completion (100 reasoning)
 #   = 400*2.5 + 600*1.25 + 200*10 + 100*12 = 4950 micro-USD.
@@ -30,20 +29,6 @@ GPT_COST = Decimal("0.00495")
 CLAUDE_COST = Decimal("0.01305")
 MSG: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 CLAUDE_MSG: list[MessageParam] = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., ProxyEnv]]:
-    envs: list[ProxyEnv] = []
-
-    def make(configure: Configure | None = None) -> ProxyEnv:
-        env = ProxyEnv(tmp_path / f"state{len(envs)}", configure)
-        envs.append(env)
-        return env
-
-    yield make
-    for e in envs:
-        e.close()
 
 
 @pytest.fixture

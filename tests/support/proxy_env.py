@@ -10,12 +10,13 @@ import asyncio
 import copy
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anthropic
 import openai
+import pytest
 from aiohttp import web
 
 from agentnode.inference.config import parse_config
@@ -126,3 +127,22 @@ class ProxyEnv:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.close()
+
+
+#: Changes the proxy config (a dict) before the proxy starts.
+Configure = Callable[[dict[str, Any]], None]
+
+
+@pytest.fixture
+def make_env(tmp_path: Path) -> Iterator[Callable[..., ProxyEnv]]:
+    """Makes proxy environments (each in its own state dir) and closes them after the test."""
+    envs: list[ProxyEnv] = []
+
+    def make(configure: Configure | None = None) -> ProxyEnv:
+        env = ProxyEnv(tmp_path / f"state{len(envs)}", configure)
+        envs.append(env)
+        return env
+
+    yield make
+    for e in envs:
+        e.close()
