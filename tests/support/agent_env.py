@@ -9,7 +9,8 @@ import os
 import random
 import subprocess
 import sys
-import threading
+import tempfile
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -35,30 +36,43 @@ PRICE = "price = { input = 2.5, cached_input = 1.25, output = 10, reasoning = 12
 
 
 class ScriptedMock:
-    """`agent_mock.py` in the world's task netns; `requests` fills as it answers."""
+    """`agent_mock.py` in the world's task netns. `requests` is exact whenever read: the mock
+    writes each request's line to a file before it answers, and each read takes what is new."""
 
     def __init__(
         self, world: World, script: list[Any], kind: str = "openai", *, embedding_size: int = 3
     ) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+        self._out = tempfile.TemporaryFile("w+b")  # noqa: SIM115 (closed by close())
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{world.task}", sys.executable,
              str(HERE / "agent_mock.py"), kind, json.dumps(script), str(embedding_size)],
-            stdout=subprocess.PIPE, text=True, env=env,
+            stdout=self._out, env=env,
         )  # fmt: skip
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().strip()
-        self.requests: list[dict[str, Any]] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._seen: list[dict[str, Any]] = []
+        self._read = 0
+        deadline = time.monotonic() + 30
+        while not (first := self._lines()):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "mock did not start"
+            time.sleep(0.01)
+        self.base_url = first[0].decode().strip()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.requests.append(json.loads(line))
+    def _lines(self) -> list[bytes]:
+        """Complete lines written since the last call."""
+        data = os.pread(self._out.fileno(), 1 << 20, self._read)
+        complete = data[: data.rfind(b"\n") + 1]
+        self._read += len(complete)
+        return complete.splitlines()
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        self._seen += [json.loads(line) for line in self._lines()]
+        return self._seen
 
     def close(self) -> None:
         self.proc.kill()
-        self.proc.communicate()
+        self.proc.wait()
+        self._out.close()
 
 
 def subnet() -> str:

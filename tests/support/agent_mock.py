@@ -1,6 +1,6 @@
 """A scripted mock upstream for agent tests, run as a process (e.g. inside a test's netns):
 `python agent_mock.py KIND 'SCRIPT_JSON' [EMBEDDING_SIZE]` prints its base URL, then one JSON line per request
-it answered: the path, how many messages it carried, the last one's role, the tool results it
+as it starts to answer it: the path, how many messages it carried, the last one's role, the tool results it
 was sent (OpenAI's or Anthropic's), the turn given, and whether it asked for a stream."""
 
 from __future__ import annotations
@@ -28,37 +28,34 @@ def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
     return results
 
 
+def _line(r: dict[str, Any]) -> str:
+    messages = (r["json"] or {}).get("messages") or []
+    turn = r.get("turn")
+    return json.dumps(
+        {
+            "path": r["path"],
+            "model": (r["json"] or {}).get("model"),
+            "messages": len(messages),
+            "last_role": messages[-1].get("role") if messages else None,
+            "tool_results": _tool_results(messages),
+            "turn": None if turn is None else turn.text or turn.tool_calls[0].name,
+            "tools": len((r["json"] or {}).get("tools") or []),
+            "stream": bool((r["json"] or {}).get("stream")),
+        }
+    )
+
+
 async def main(kind: str, script: str, embedding_size: int) -> None:
     mock = MockUpstream(
         kind,
         script=deque(Turn.parse(t) for t in json.loads(script)),
         embedding_size=embedding_size,
+        # Written before the answer's status line: a client never knows more than the test.
+        on_answer=lambda r: print(_line(r), flush=True),
     )
     await mock.start()
     print(mock.base_url, flush=True)
-    seen = 0
-    while True:
-        while seen < len(mock.requests):
-            r = mock.requests[seen]
-            messages = (r["json"] or {}).get("messages") or []
-            turn = r.get("turn")
-            print(
-                json.dumps(
-                    {
-                        "path": r["path"],
-                        "model": (r["json"] or {}).get("model"),
-                        "messages": len(messages),
-                        "last_role": messages[-1].get("role") if messages else None,
-                        "tool_results": _tool_results(messages),
-                        "turn": None if turn is None else turn.text or turn.tool_calls[0].name,
-                        "tools": len((r["json"] or {}).get("tools") or []),
-                        "stream": bool((r["json"] or {}).get("stream")),
-                    }
-                ),
-                flush=True,
-            )
-            seen += 1
-        await asyncio.sleep(0.02)
+    await asyncio.Event().wait()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,10 @@ ANTHROPIC_USAGE = {
     "cache_read_input_tokens": 5000,
     "output_tokens": 250,
 }
+
+
+#: A request's record in `MockUpstream.requests`, kept on the request for its answer's hook.
+_RECORD = web.RequestKey("record", dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +239,9 @@ class MockUpstream:
     #: with `prompt_cache`, the usage it was billed.
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
+    #: Called with a request's record as its answer starts (before the status line is sent),
+    #: so an observer in another process knows of a request before its client does.
+    on_answer: Callable[[dict[str, Any]], None] | None = None
     _runner: web.AppRunner | None = None
     port: int = 0
 
@@ -245,6 +253,7 @@ class MockUpstream:
 
     async def start(self) -> MockUpstream:
         app = web.Application()
+        app.on_response_prepare.append(self._answering)
         if self.kind == "openai":
             for path in ("chat/completions", "completions", "embeddings", "responses"):
                 app.router.add_post(f"/v1/{path}", self._openai)
@@ -259,6 +268,11 @@ class MockUpstream:
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
         return self
+
+    async def _answering(self, request: web.Request, _: web.StreamResponse) -> None:
+        record = request.get(_RECORD)
+        if self.on_answer is not None and record is not None:
+            self.on_answer(record)
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -290,15 +304,14 @@ class MockUpstream:
         raw = await request.read()
         body = json.loads(raw)
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        self.requests.append(
-            {
-                "path": request.path,
-                "json": body,
-                "body": raw,
-                "headers": dict(request.headers),
-                "peer": peer,  # the client's (host, port): the same port is the same connection
-            }
-        )
+        request[_RECORD] = {
+            "path": request.path,
+            "json": body,
+            "body": raw,
+            "headers": dict(request.headers),
+            "peer": peer,  # the client's (host, port): the same port is the same connection
+        }
+        self.requests.append(request[_RECORD])
         f = self.faults.popleft() if self.faults else None
         if f is None and body.get("model") in self.failing_models:
             f = Fault(status=self.failing_models[body["model"]])
