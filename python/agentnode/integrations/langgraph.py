@@ -63,6 +63,8 @@ from agentnode.sdk.memory import Memory
 
 __all__ = ["AgentnodeCheckpointer", "AgentnodeStore"]
 
+#: How many checkpoints' pending writes the saver remembers (what it wrote need not be read).
+_WRITES_KEPT = 4
 _SCAN_LIMIT = 10_000
 
 
@@ -432,8 +434,12 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             self._known[(space, rid)] = merged
 
     def _forget_writes(self) -> None:
-        # Only the newest checkpoint's writes are added to again: keep no older ones.
-        self._known = {k: v for k, v in self._known.items() if not k[1].startswith("w.")}
+        # Writes are added to the newest checkpoints only, but a step's writes may still land
+        # after the next checkpoint's put (LangGraph submits them to a thread pool): keep the
+        # last few checkpoints' writes, not just the newest one's.
+        writes = [k for k in self._known if k[1].startswith("w.")]
+        for key in writes[: max(0, len(writes) - _WRITES_KEPT + 1)]:
+            del self._known[key]
 
     def delete_thread(self, thread_id: str) -> None:
         """Deletes every checkpoint, value and write of a thread."""
