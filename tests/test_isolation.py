@@ -561,12 +561,13 @@ def test_task_sits_in_its_v1_and_cgroup2_nodes(ws: Path) -> None:
 
 def test_200_cycles_leave_nothing_behind(ws: Path) -> None:
     def our_mounts() -> list[str]:
-        # Other tests and helpers add netns mounts host-wide; ours would involve these paths.
-        ours = (str(task_mod.DATA_DIR), str(ws))
+        # Other tests and helpers add netns mounts host-wide; ours would involve these paths
+        # (whole path components: /var/lib/agentnode-bench-... is another's data dir).
+        ours = (f"{task_mod.DATA_DIR}/", f"{ws}/")
         return [
             m
             for m in Path("/proc/self/mountinfo").read_text().splitlines()
-            if any(o in m for o in ours)
+            if any(o in f"{field}/" for field in m.split() for o in ours)
         ]
 
     before_mounts = our_mounts()
