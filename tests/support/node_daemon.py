@@ -95,6 +95,8 @@ class Daemon:
         then kills what its tasks left running (tasks outlive a `kill -9` or a stop with
         keep_tasks, for a next start that will not come), removes its cgroup subtree
         (`k<node>`, in every hierarchy) and unpins its exit recorder."""
+        with contextlib.suppress(ValueError):
+            made.remove(self)
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             try:
