@@ -486,3 +486,9 @@ def test_a_discarded_node_killed_and_never_restarted_leaves_nothing(tmp_path: Pa
     no_pins(d)
     d.discard()  # again, or of a node that never ran: nothing to do
     Daemon(tmp_path / "never").discard()
+    # A node's own bpffs left mounted with nothing pinned in it goes too.
+    empty = Daemon(tmp_path / "empty")
+    (empty.data / "bpf").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(empty.data / "bpf")], check=True)
+    empty.discard()
+    no_pins(empty)

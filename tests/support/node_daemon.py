@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -109,8 +110,8 @@ class Daemon:
             return  # never started
         # The node's own next start would sweep the subtree; its close removes it.
         _native.Launcher(node=node_id(self.data)).close()
-        if self.pins_left():
-            release_pins(self.data)
+        if self.pins_left() or os.path.ismount(self.data / "bpf"):
+            release_pins(self.data)  # and the node's own bpffs, if it mounted one
 
     def submit(self, command: list[str], **fields: Any) -> dict[str, Any]:
         """POST /v1/tasks with small default requests (so capacity never limits a test)."""
