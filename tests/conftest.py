@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from support import node_daemon
 from support.proxy_env import make_env  # noqa: F401  (a fixture of the proxy tests)
 
 
@@ -23,6 +24,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("root") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def discard_daemons() -> Iterator[None]:
+    """Discards the node daemons a test made when it ends (`Daemon.discard`), however it ended:
+    a daemon killed and never started again leaves its tasks, cgroups and pins otherwise.
+    Daemons of wider-scoped fixtures were made before this runs, and are theirs to end."""
+    first = len(node_daemon.made)
+    yield
+    made = node_daemon.made[first:]
+    del node_daemon.made[first:]
+    for d in reversed(made):  # a later daemon on the same data dir may be the running one
+        d.discard()
 
 
 @pytest.fixture

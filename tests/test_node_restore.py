@@ -109,23 +109,10 @@ def task_dirs(d: Daemon) -> set[str]:
 
 def no_pins(d: Daemon) -> None:
     """After a clean stop: the exit recorder's pins and the node's own bpffs are gone."""
-    assert not pin_dir_exists(d)
+    assert not d.pins_left()
     mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
     assert str(d.data / "bpf") not in mounts
     assert not (d.data / "bpf").exists()
-
-
-def pin_dir_exists(d: Daemon) -> bool:
-    """Whether the node's pins are there, without mounting a bpffs to look (`pin_dir` would)."""
-    return (d.data / "bpf" / "node").exists() or any(
-        (Path("/sys/fs/bpf/agentnode") / n).exists() for n in [_node_id(d)]
-    )
-
-
-def _node_id(d: Daemon) -> str:
-    from agentnode.node.restore import node_id
-
-    return node_id(d.data)
 
 
 def lines_of(d: Daemon, task_id: str) -> list[str]:
@@ -337,7 +324,7 @@ def test_sigterm_with_keep_tasks_leaves_them_for_the_next_start(tmp_path: Path) 
         assert "run on, for the next start" in "\n".join(d.lines)
         assert all(pids_of(f"{tag}-{c}") for c in ids), "the tasks run on"
         assert leftover_cgroups(d.data), "their cgroups stay"
-        assert pin_dir_exists(d), "and the exit recorder's pins"
+        assert d.pins_left(), "and the exit recorder's pins"
         d.config.write_text(CONFIG)
         d.start()
         assert "3 re-adopted" in next(x for x in d.lines if "capacity" in x)
@@ -459,6 +446,49 @@ def test_the_kernel_records_exit_statuses_of_watched_processes(tmp_path: Path) -
         assert again.status(p.pid, ticks["code"] or 0) == 3 << 8, "the pins outlive the handle"
         again.forget(p.pid)
         assert recorder.status(p.pid, ticks["code"] or 0) is None
+        again.forget(p.pid)  # a pid no longer watched: nothing to do, no error
     finally:
         release_pins(tmp_path)
     assert not (tmp_path / "bpf").exists()
+
+
+def test_the_launcher_reads_an_outliving_task_start_time(ws: Path) -> None:
+    """The start time a node records and watches comes with the started task (read on the
+    spawning thread, not the node's event loop), from zygotes and clones alike; a task that
+    dies with its starter has none."""
+    from agentnode.isolation import spawn
+
+    tasks = [spawn(["sleep", "30"], workspace=ws, outlive=True) for _ in range(3)]
+    plain = spawn(["sleep", "30"], workspace=ws)
+    try:
+        for t in tasks:
+            assert t.start_ticks is not None and t.start_ticks == start_ticks(t.pid), t.pid
+        assert plain.start_ticks is None
+    finally:
+        for t in (*tasks, plain):
+            t.close()
+
+
+def test_a_discarded_node_killed_and_never_restarted_leaves_nothing(tmp_path: Path) -> None:
+    """What the test harness does with a node whose daemon was killed and will not start again
+    (`Daemon.discard`, at the end of every test that made one): its outliving tasks are
+    killed, and its cgroup subtree and pins removed."""
+    d = Daemon(tmp_path, CONFIG)
+    d.start()
+    marker = f"dc{os.getpid()}x{time.time_ns() % 10**6}"
+    t = d.submit(["sh", "-c", "sleep 300", marker])["id"]
+    d.wait(t, states=("running",))
+    d.stop(signal.SIGKILL)
+    assert pids_of(marker) and leftover_cgroups(d.data) and d.pins_left(), "all outlive it"
+    d.discard()
+    assert pids_of(marker) == []
+    assert leftover_cgroups(d.data) == []
+    no_pins(d)
+    d.discard()  # again, or of a node that never ran: nothing to do
+    Daemon(tmp_path / "never").discard()
+    # A node's own bpffs left mounted with nothing pinned in it goes too.
+    empty = Daemon(tmp_path / "empty")
+    (empty.data / "bpf").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(empty.data / "bpf")], check=True)
+    empty.discard()
+    no_pins(empty)

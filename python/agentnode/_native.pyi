@@ -97,6 +97,10 @@ class NativeTask:
     @property
     def pidfd(self) -> int: ...
     @property
+    def start_ticks(self) -> int | None:
+        """Its init's start time in clock ticks since boot, for a task started with `outlive`
+        (None for the others, or when its init was gone by the end of its start)."""
+    @property
     def cgroup_dir(self) -> Path | None:
         """The task's cgroup2 directory (for BPF attachment)."""
     def try_wait(self) -> tuple[int | None, int | None] | None:

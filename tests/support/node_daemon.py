@@ -13,9 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agentnode import _native
 from agentnode.node.client import NodeClient
+from agentnode.node.restore import node_id, release_pins
 
 FINAL = ("succeeded", "failed", "timed_out", "cancelled", "lost")
+
+#: Every daemon made in this process, in order: what a test made is discarded when it ends
+#: (conftest's `discard_daemons`).
+made: list[Daemon] = []
 
 
 class Daemon:
@@ -33,6 +39,7 @@ class Daemon:
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.client = NodeClient(self.socket)
+        made.append(self)
 
     def start(self, *, timeout: float = 30.0) -> None:
         argv = [*self.prefix, sys.executable, "-m", "agentnode", "run", "--config", str(self.config),
@@ -77,6 +84,35 @@ class Daemon:
         self.proc = None
         return code
 
+    def pins_left(self) -> bool:
+        """Whether the node's exit recorder is pinned (under the host's bpffs, or the node's
+        own at DATA_DIR/bpf), found without mounting a bpffs to look."""
+        return (self.data / "bpf" / "node").exists() or (
+            Path("/sys/fs/bpf/agentnode") / node_id(self.data)
+        ).exists()
+
+    def discard(self) -> None:
+        """Ends the node for good, as its test's data dir goes: stops the daemon if it runs,
+        then kills what its tasks left running (tasks outlive a `kill -9` or a stop with
+        keep_tasks, for a next start that will not come), removes its cgroup subtree
+        (`k<node>`, in every hierarchy) and unpins its exit recorder."""
+        with contextlib.suppress(ValueError):
+            made.remove(self)
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if not self.data.exists():
+            return  # never started
+        # The node's own next start would sweep the subtree; its close removes it.
+        _native.Launcher(node=node_id(self.data)).close()
+        if self.pins_left() or os.path.ismount(self.data / "bpf"):
+            release_pins(self.data)  # and the node's own bpffs, if it mounted one
+
     def submit(self, command: list[str], **fields: Any) -> dict[str, Any]:
         """POST /v1/tasks with small default requests (so capacity never limits a test)."""
         body = {"command": command, "cpus": 0.1, "memory": "32M", **fields}
@@ -105,16 +141,10 @@ class Daemon:
 
 @contextlib.contextmanager
 def daemon(root: Path, config: str = "", prefix: tuple[str, ...] = ()) -> Iterator[Daemon]:
-    """A started daemon, stopped (SIGTERM, then SIGKILL) when the block ends."""
+    """A started daemon, stopped (SIGTERM, then SIGKILL) and discarded when the block ends."""
     d = Daemon(root, config, prefix)
     d.start()
     try:
         yield d
     finally:
-        if d.proc is not None:
-            d.proc.send_signal(signal.SIGTERM)
-            try:
-                d.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(d.proc.pid, signal.SIGKILL)
-                d.proc.wait()
+        d.discard()

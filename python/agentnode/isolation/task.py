@@ -468,6 +468,13 @@ class Task:
         return self._native.pid
 
     @property
+    def start_ticks(self) -> int | None:
+        """For a task started with `outlive`: its init's start time in clock ticks since boot,
+        which tells it from a later process given the same pid (read by the launcher at the
+        start; None if its init was gone by then). None for the other tasks."""
+        return self._native.start_ticks
+
+    @property
     def cgroup_dir(self) -> Path | None:
         """The task's cgroup2 directory (where egress BPF programs attach); None once reaped."""
         return self._native.cgroup_dir if self._result is None else None

@@ -43,7 +43,6 @@ from agentnode.node.restore import (
     node_id,
     pin_dir,
     release_pins,
-    start_ticks,
 )
 from agentnode.node.retention import Retention
 from agentnode.node.spares import Spares
@@ -471,13 +470,14 @@ class Node:
         if task.spec.heartbeat_s is not None:
             self.beats.beat(task.id)
         process = None
-        if self._outlives(task):
+        # The launcher read an outliving task's start time on the spawning thread (None: not
+        # one, or its init is gone already).
+        ticks = proc.start_ticks
+        if ticks is not None and self.restorer is not None:
             # Watched before it is recorded: a record names only processes whose exit the
             # kernel records, for the next start to read.
-            ticks = start_ticks(proc.pid)
-            if ticks is not None and self.restorer is not None:
-                self.restorer.recorder.watch(proc.pid, ticks)
-                process = (proc.pid, ticks)
+            self.restorer.recorder.watch(proc.pid, ticks)
+            process = (proc.pid, ticks)
         r.task = await self.manager.mark_running(task.id, process=process)
         if r.task.spec != task.spec and proc.egress is not None:
             # Its rules changed while its sandbox was being made.
@@ -501,7 +501,8 @@ class Node:
         """Records a task that could not be started as failed (its sandbox, if one was made,
         is killed first); a store that cannot record it leaves it for the next pass or start."""
         r = self.running.pop(task.id, None)
-        self.beats.ended(task.id)
+        if task.spec.heartbeat_s is not None:
+            self.beats.ended(task.id)
         if r is not None:
             with contextlib.suppress(Exception):
                 r.proc.send_kill()
@@ -599,7 +600,8 @@ class Node:
                 }
             )
         del self.running[r.task.id]
-        self.beats.ended(r.task.id)
+        if r.task.spec.heartbeat_s is not None:  # only those have a time in `beats`
+            self.beats.ended(r.task.id)
         self.tools.end_task(r.task.id)
         try:
             done = await self.manager.finish(
@@ -638,8 +640,11 @@ class Node:
             for r in self.running.values():
                 r.last_beat += gap
             return
+        judged = [r for r in self.running.values() if r.task.spec.heartbeat_s is not None]
+        if not judged:
+            return  # no file write per pass while no task has a heartbeat deadline
         self.beats.checked()
-        for r in list(self.running.values()):
+        for r in judged:
             beat = r.task.spec.heartbeat_s
             if beat is not None and now - r.last_beat > beat and r.stop_as is None:
                 self._stop(r, State.TIMED_OUT, f"no heartbeat for {beat:g} s")

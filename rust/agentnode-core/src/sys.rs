@@ -445,6 +445,17 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32, u32)> {
     Some((major, minor, patch))
 }
 
+/// The identity of process `pid` with its pid: its start time in clock ticks since boot
+/// (`/proc/PID/stat` field 22), which a later process given the same pid does not share.
+/// `None` when there is no such process.
+#[must_use]
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; fields resume after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,20 @@ pub struct ExitRecorder {
 }
 
 impl ExitRecorder {
+    /// `f` with the GIL held: a map lookup or update is a few microseconds, less than giving
+    /// the GIL up and taking it back costs the node's event loop (whose thread calls these on
+    /// every task start and end) when another thread is waiting for it.
+    fn quick<T>(
+        &self,
+        f: impl FnOnce(&mut exits::ExitRecorder) -> exits::Result<T>,
+    ) -> PyResult<T> {
+        let mut r = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(f(&mut r).map_err(NativeError::from)?)
+    }
+
     fn with<T: Send>(
         &self,
         py: Python<'_>,
@@ -47,18 +61,18 @@ impl ExitRecorder {
     }
 
     /// Records the exit status of `pid`, started at `start_ticks` (`/proc/PID/stat` field 22).
-    fn watch(&self, py: Python<'_>, pid: u32, start_ticks: u64) -> PyResult<()> {
-        self.with(py, |r| r.watch(pid, start_ticks))
+    fn watch(&self, pid: u32, start_ticks: u64) -> PyResult<()> {
+        self.quick(|r| r.watch(pid, start_ticks))
     }
 
     /// The wait status recorded for `pid` started at `start_ticks`, or None.
-    fn status(&self, py: Python<'_>, pid: u32, start_ticks: u64) -> PyResult<Option<i32>> {
-        self.with(py, |r| r.status(pid, start_ticks))
+    fn status(&self, pid: u32, start_ticks: u64) -> PyResult<Option<i32>> {
+        self.quick(|r| r.status(pid, start_ticks))
     }
 
     /// Stops watching `pid`.
-    fn forget(&self, py: Python<'_>, pid: u32) -> PyResult<()> {
-        self.with(py, |r| r.forget(pid))
+    fn forget(&self, pid: u32) -> PyResult<()> {
+        self.quick(|r| r.forget(pid))
     }
 
     /// The pids watched now.

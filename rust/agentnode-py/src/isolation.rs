@@ -115,6 +115,7 @@ pub struct NativeTask {
     pid: i32,
     pidfd: i32,
     cgroup_dir: Option<PathBuf>,
+    start_ticks: Option<u64>,
 }
 
 fn exit_tuple(e: sandbox::Exit) -> (Option<i32>, Option<i32>) {
@@ -139,6 +140,13 @@ impl NativeTask {
     #[getter]
     fn pidfd(&self) -> i32 {
         self.pidfd
+    }
+
+    /// Its init's start time in clock ticks since boot, for a task started with `outlive`
+    /// (None for the others, or when its init was gone by the end of its start).
+    #[getter]
+    fn start_ticks(&self) -> Option<u64> {
+        self.start_ticks
     }
 
     /// The task's cgroup2 directory (for BPF attachment).
@@ -376,6 +384,7 @@ impl From<Task> for NativeTask {
             pid: task.pid(),
             pidfd: task.pidfd(),
             cgroup_dir: task.cgroup_dir().map(PathBuf::from),
+            start_ticks: task.start_ticks(),
             inner: Mutex::new(task),
         }
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::manager::{self, Hybrid, TaskCgroup, V1_CONTROLLERS, V2};
 use super::{Error, Hierarchy, Layout, Limits, Result};
 use crate::background::ahead::Ahead;
+use crate::sys::start_ticks;
 
 /// Makes one task cgroup of the instance.
 pub type Make = dyn Fn() -> Result<Box<dyn TaskCgroup>> + Send + Sync;
@@ -32,17 +33,9 @@ pub struct Manager {
     spares: Ahead<Box<dyn TaskCgroup>>,
 }
 
-/// The identity of process `pid`: its start time in clock ticks since boot.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses; fields resume after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 fn instance_name() -> String {
     let pid = std::process::id();
-    format!("n{pid}-{}", start_time(pid).unwrap_or(0))
+    format!("n{pid}-{}", start_ticks(pid).unwrap_or(0))
 }
 
 /// Whether the instance named `name` (`n<pid>-<starttime>`) still has its owner running.
@@ -54,7 +47,7 @@ fn is_alive(name: &str) -> bool {
     else {
         return true; // not ours to judge: leave unknown names alone
     };
-    start_time(pid) == Some(start)
+    start_ticks(pid) == Some(start)
 }
 
 fn ensure_dir(path: &Path) -> Result<()> {
@@ -360,7 +353,7 @@ mod tests {
     #[test]
     fn liveness_follows_pid_and_start_time() {
         let me = std::process::id();
-        let start = start_time(me).unwrap();
+        let start = start_ticks(me).unwrap();
         assert!(is_alive(&format!("n{me}-{start}")));
         assert!(!is_alive(&format!("n{me}-{}", start + 1)));
         assert!(!is_alive("n4194304-1"));

@@ -120,6 +120,12 @@ impl ExitRecorder {
     pub fn forget(&mut self, pid: u32) -> Result<()> {
         match self.map.remove(&pid) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // How aya reports a key not in the map on removal.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -87,6 +87,20 @@ impl Launcher {
         spec: &Spec,
         before_start: Option<BeforeStart<'_, E>>,
     ) -> std::result::Result<Task, E> {
+        let mut task = self.start_task(spec, before_start)?;
+        if spec.outlive {
+            // Here, on the starting thread: the caller's thread (a node's event loop) need not
+            // read it.
+            task.note_start_ticks();
+        }
+        Ok(task)
+    }
+
+    fn start_task<E: From<Error>>(
+        &self,
+        spec: &Spec,
+        before_start: Option<BeforeStart<'_, E>>,
+    ) -> std::result::Result<Task, E> {
         check_ids(spec)?;
         if before_start.is_none() && Zygotes::serve(spec) {
             if let Some(z) = self.take_zygote(&spec.stage) {

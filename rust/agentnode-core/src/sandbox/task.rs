@@ -35,6 +35,8 @@ pub struct Task {
     last_stats: CgroupStats,
     /// The process that started it: a forked copy of the handle must leave the task alone.
     owner: u32,
+    /// Its init's start time (see [`Task::start_ticks`]), for a task that outlives its starter.
+    start_ticks: Option<u64>,
 }
 
 impl Task {
@@ -68,7 +70,16 @@ impl Task {
             wall: None,
             last_stats: CgroupStats::default(),
             owner: std::process::id(),
+            start_ticks: None,
         }
+    }
+
+    /// Reads its init's start time once it has exec'd: for a task to be found again by a later
+    /// process (see `Spec::outlive`), which checks pid and start time both.
+    pub(super) fn note_start_ticks(&mut self) {
+        self.start_ticks = u32::try_from(self.pid)
+            .ok()
+            .and_then(crate::sys::start_ticks);
     }
 
     /// Writes `limits` to the task's cgroups.
@@ -82,6 +93,14 @@ impl Task {
     #[must_use]
     pub fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    /// Its init's start time in clock ticks since boot (`/proc/PID/stat` field 22), read at the
+    /// start of a task started with `Spec::outlive`; `None` for the others, or when its init
+    /// was gone by then.
+    #[must_use]
+    pub fn start_ticks(&self) -> Option<u64> {
+        self.start_ticks
     }
 
     /// The pidfd: readable when the task's init has exited (for `loop.add_reader`).
