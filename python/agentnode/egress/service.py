@@ -15,9 +15,11 @@ import asyncio
 import ctypes
 import errno
 import ipaddress
+import logging
 import os
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -34,6 +36,10 @@ __all__ = ["EgressService", "TaskEgress", "default_upstream"]
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
+#: Ended tasks' networks that may wait for the background teardown at once (`retire`).
+RETIRE_BACKLOG = 16
+
+log = logging.getLogger(__name__)
 
 
 def default_upstream(resolv_conf: str = "/etc/resolv.conf") -> tuple[str, int]:
@@ -115,6 +121,16 @@ class TaskEgress:
             return self._egress.stats()
         return dict(self._final or {})
 
+    def close_later(self) -> None:
+        """`close`, but off the caller's path: the denials queued so far are delivered and the
+        counters taken now; the rest (programs, forwarder entry, veth, netns) goes to the
+        service's background teardown (see `EgressService.retire`)."""
+        egress = self._egress
+        if egress is not None:
+            self._service._call(egress.poll_denials)
+            self._final = egress.stats()
+        self._service.retire(self)
+
     def close(self) -> None:
         """Detaches the programs, forgets the task in the forwarder, removes veth and netns."""
         egress, self._egress = self._egress, None
@@ -156,6 +172,10 @@ class EgressService:
         self._thread: threading.Thread | None = None
         self._forwarder: DnsForwarder | None = None
         self._dns: tuple[str, int] | None = None
+        #: Ended tasks' networks waiting for the teardown thread (`retire`), and that thread.
+        self._retiring: deque[TaskEgress] = deque()
+        self._retirer: threading.Thread | None = None
+        self._retired = threading.Condition(self._lock)
 
     @property
     def dns(self) -> tuple[str, int] | None:
@@ -325,9 +345,44 @@ class EgressService:
         else:
             self._call(run)
 
-    def close(self) -> None:
-        """Stops the forwarder; removes the bridge unless another owner still has tasks on it."""
+    def retire(self, task: TaskEgress) -> None:
+        """Closes an ended task's network on a background thread (a veth and netns removal is
+        two `ip` runs, tens of ms): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
+        past that the caller closes it itself, so a burst of ends cannot pile up kernel objects.
+        `close()` finishes every one first; what a killed process left, the next `start`
+        sweeps (each veth names its owner)."""
         with self._lock:
+            inline = self._loop is None or len(self._retiring) >= RETIRE_BACKLOG
+            if not inline:
+                self._retiring.append(task)
+                if self._retirer is None:
+                    self._retirer = threading.Thread(
+                        target=self._retire_all, name="agentnode-egress-retire", daemon=True
+                    )
+                    self._retirer.start()
+        if inline:
+            task.close()
+
+    def _retire_all(self) -> None:
+        while True:
+            with self._lock:
+                if not self._retiring:
+                    self._retirer = None
+                    self._retired.notify_all()
+                    return
+                task = self._retiring[0]
+            try:
+                task.close()
+            except Exception as e:  # one failed removal must not stop the rest
+                log.warning("task network teardown failed: %s", e)
+            with self._lock:
+                self._retiring.popleft()
+
+    def close(self) -> None:
+        """Finishes the retired tasks' teardown, stops the forwarder, and removes the bridge
+        unless another owner still has tasks on it."""
+        with self._lock:
+            self._retired.wait_for(lambda: self._retirer is None)
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
             if loop is None or thread is None:
