@@ -125,21 +125,23 @@ class TaskEgress:
         """`close`, but off the caller's path: the denials queued so far are delivered and the
         counters taken now; the rest (programs, forwarder entry, veth, netns) goes to the
         service's background teardown (see `EgressService.retire`)."""
-        egress = self._egress
-        if egress is not None:
-            self._service._call(egress.poll_denials)
-            self._final = egress.stats()
-        self._service.retire(self)
+        if self._egress is not None:
+            self._service._call(self._egress.poll_denials)
+        address, egress, net = self._release()
+        self._service.retire(lambda: self._service._teardown(address, egress, net))
 
     def close(self) -> None:
         """Detaches the programs, forgets the task in the forwarder, removes veth and netns."""
+        self._service._teardown(*self._release())
+
+    def _release(self) -> tuple[str | None, Egress | None, TaskNet | None]:
+        """Takes the final counters and hands over what is left to remove (once)."""
+        address = self.address
         egress, self._egress = self._egress, None
         if egress is not None:
             self._final = egress.stats()
-            self._service._detach(self, egress)
-        if self.net is not None:
-            self._service.network.remove_task(self.net)
-            self.net = None
+        net, self.net = self.net, None
+        return address, egress, net
 
 
 class EgressService:
@@ -173,7 +175,7 @@ class EgressService:
         self._forwarder: DnsForwarder | None = None
         self._dns: tuple[str, int] | None = None
         #: Ended tasks' networks waiting for the teardown thread (`retire`), and that thread.
-        self._retiring: deque[TaskEgress] = deque()
+        self._retiring: deque[Callable[[], None]] = deque()
         self._retirer: threading.Thread | None = None
         self._retired = threading.Condition(self._lock)
 
@@ -333,10 +335,18 @@ class EgressService:
             self._forwarder.add_task(task.address, egress)
         egress.watch(self._loop)
 
-    def _detach(self, task: TaskEgress, egress: Egress) -> None:
+    def _teardown(self, address: str | None, egress: Egress | None, net: TaskNet | None) -> None:
+        """Detaches a task's programs, forgets its address in the forwarder, removes its veth
+        and netns."""
+        if egress is not None:
+            self._detach(address, egress)
+        if net is not None:
+            self.network.remove_task(net)
+
+    def _detach(self, address: str | None, egress: Egress) -> None:
         def run() -> None:
-            if task.address is not None and self._forwarder is not None:
-                self._forwarder.remove_task(task.address)
+            if address is not None and self._forwarder is not None:
+                self._forwarder.remove_task(address)
             egress.poll_denials()  # the last ones still reach the audit log
             egress.close()
 
@@ -345,8 +355,8 @@ class EgressService:
         else:
             self._call(run)
 
-    def retire(self, task: TaskEgress) -> None:
-        """Closes an ended task's network on a background thread (a veth and netns removal is
+    def retire(self, teardown: Callable[[], None]) -> None:
+        """Runs an ended task's network `teardown` on a background thread (a veth and netns removal is
         two `ip` runs, tens of ms): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
         past that the caller closes it itself, so a burst of ends cannot pile up kernel objects.
         `close()` finishes every one first; what a killed process left, the next `start`
@@ -354,14 +364,14 @@ class EgressService:
         with self._lock:
             inline = self._loop is None or len(self._retiring) >= RETIRE_BACKLOG
             if not inline:
-                self._retiring.append(task)
+                self._retiring.append(teardown)
                 if self._retirer is None:
                     self._retirer = threading.Thread(
                         target=self._retire_all, name="agentnode-egress-retire", daemon=True
                     )
                     self._retirer.start()
         if inline:
-            task.close()
+            teardown()
 
     def _retire_all(self) -> None:
         while True:
@@ -370,9 +380,9 @@ class EgressService:
                     self._retirer = None
                     self._retired.notify_all()
                     return
-                task = self._retiring[0]
+                teardown = self._retiring[0]
             try:
-                task.close()
+                teardown()
             except Exception as e:  # one failed removal must not stop the rest
                 log.warning("task network teardown failed: %s", e)
             with self._lock:
