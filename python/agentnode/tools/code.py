@@ -241,15 +241,17 @@ class CodeRunner:
         limits: ToolLimits | None = None,
         network: str = "none",
         node_network: EgressService | None = None,
+        spares: int = SPARES,
     ) -> None:
         if network not in NETWORKS:
             raise UsageError(f"run_code network {network!r}: use none or task")
         self.limits = limits or ToolLimits()
         self.network = network
         self._network = node_network
+        self._spare_count = spares
         self._sessions: dict[_Key, Session] = {}
         self._starting: dict[_Key, asyncio.Lock] = {}
-        #: Up to `SPARES` python sandboxes made ahead per caller identity, oldest first (a
+        #: Up to `spares` python sandboxes made ahead per caller identity, oldest first (a
         #: fresh call takes one, already past the interpreter's start, and has it replaced):
         #: never reused, never shared between tasks. Stopped when idle, with their task, or
         #: with the runner.
@@ -348,7 +350,7 @@ class CodeRunner:
         return started
 
     def _make_spares(self, caller: Caller, reach: _Reach) -> None:
-        """Starts making python sandboxes for `caller` with network `reach` until `SPARES`
+        """Starts making python sandboxes for `caller` with network `reach` until `spares`
         are there or under way (in parallel, on the `SPAWNER` threads), each stopped after
         `_SPARE_IDLE_S` unless a call takes it first: also those made for a task that ended
         while its last call ran (after `end_task`)."""
@@ -360,7 +362,7 @@ class CodeRunner:
                 _discard(spare)
         held = self._spares.setdefault(key, [])
         loop = asyncio.get_running_loop()
-        while len(held) < SPARES:
+        while len(held) < self._spare_count:
             spare = SPAWNER.submit(self._start_python, caller, reach)
             held.append((spare, time.monotonic()))
             loop.call_later(_SPARE_IDLE_S, self._expire, key, spare)
