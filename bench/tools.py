@@ -5,8 +5,8 @@
   the same server directly over stdio (goal: <= +1 ms p50 added);
 - `run_code` of print(1) in a fresh sandbox vs `bwrap --unshare-all` running the same
   `python3 -c` (goal: <= 0.5x), back to back and spaced 50 ms apart (as an agent's calls are,
-  a model turn between two: back to back, a call waits for the interpreter start of the
-  sandbox made ahead for it, started one call earlier);
+  a model turn between two: back to back, the runner's two sandboxes made ahead are used up
+  faster than they are made, one interpreter start each, and calls wait for them);
 - a `run_code` call in a task's stateful session (goal: p50 <= 2 ms), against the fresh-sandbox
   call.
 """

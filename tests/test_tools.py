@@ -5,9 +5,13 @@ caller's own egress policy, and web_search against a mock SearXNG API on loopbac
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from agentnode.egress import service as egress_service
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
@@ -359,17 +364,84 @@ def test_fresh_runs_never_share_a_sandbox_and_spares_end_with_their_task() -> No
         assert meta(results[5])["class"] == "timeout"
         deadline = time.monotonic() + 10  # the next spares are made after each call
         while time.monotonic() < deadline and not (
-            runner.spare_pids("a", "t1") and runner.spare_pids("b", "t2")
+            len(runner.spare_pids("a", "t1")) == len(runner.spare_pids("b", "t2")) == code.SPARES
         ):
             time.sleep(0.01)
         mine, theirs = runner.spare_pids("a", "t1"), runner.spare_pids("b", "t2")
-        assert len(mine) == 1 and len(theirs) == 1 and mine != theirs
+        assert len(mine) == len(theirs) == code.SPARES and not set(mine) & set(theirs)
         runner.end_task("t1")
         assert runner.spare_pids("a", "t1") == [] and runner.spare_pids("b", "t2") == theirs
-        assert not Path(f"/proc/{mine[0]}").exists()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in mine)
     finally:
         runner.close()
-    assert not Path(f"/proc/{theirs[0]}").exists()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in theirs)
+
+
+#: What one call leaves behind, every way it can: files (/tmp, /workspace, /dev/shm), its
+#: environment, processes (a child, a daemonized grandchild), module state, an abstract socket.
+_LEAVE = """
+import json, os, socket, subprocess, sys
+for d in ("/tmp", "/workspace", "/dev/shm"):
+    try:
+        open(os.path.join(d, "left"), "w").write("x")
+    except OSError:
+        pass
+os.environ["LEFT"] = "1"
+os.putenv("LEFT_PUT", "1")
+subprocess.Popen(["sleep", "60"])
+subprocess.Popen(["sh", "-c", "(setsid sleep 61 &) ; exit 0"]).wait()
+json.LEFT = 1
+sys.modules["left_behind"] = json
+sys.path.append("/left")
+s = socket.socket(socket.AF_UNIX); s.bind("\\0left"); s.listen()
+globals()["_kept"] = s
+print("left")
+"""
+_FIND = """
+import json, os, socket, sys
+procs = []
+for p in os.listdir("/proc"):
+    try:
+        procs.append(open(f"/proc/{p}/cmdline", "rb").read().split(b"\\0")[0].decode())
+    except (OSError, ValueError):
+        pass
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("\\0left"); sock = True
+except OSError:
+    sock = False
+print(json.dumps({
+    "files": [d for d in ("/tmp", "/workspace", "/dev/shm") if os.path.exists(d + "/left")],
+    "env": [k for k in os.environ if k.startswith("LEFT")],
+    "sleep": [p for p in procs if "sleep" in p],
+    "modules": hasattr(json, "LEFT") or "left_behind" in sys.modules or "/left" in sys.path,
+    "globals": "_kept" in globals(),
+    "socket": sock,
+}))
+"""
+
+
+def test_back_to_back_fresh_runs_find_nothing_of_the_one_before() -> None:
+    # Calls with no pause between them take the sandboxes made ahead while the one before ran:
+    # each is still fresh (its own namespaces, cgroup, /tmp, workspace, interpreter).
+    runner, svc = code_service()
+    clean = {"files": [], "env": [], "sleep": [], "modules": False, "globals": False,
+             "socket": False}  # fmt: skip
+
+    async def scenario() -> list[dict[str, Any]]:
+        out = []
+        for _ in range(4):
+            out.append(await svc.call("run_code", {"code": _LEAVE}, A))
+            out.append(await svc.call("run_code", {"code": _FIND}, A))
+        return out
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        runner.close()
+    for left, found in zip(results[::2], results[1::2], strict=True):
+        assert left["structuredContent"]["stdout"] == "left\n", left
+        assert json.loads(found["structuredContent"]["stdout"]) == clean, found
 
 
 def test_an_unused_spare_sandbox_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -385,7 +457,7 @@ def test_an_unused_spare_sandbox_is_stopped(monkeypatch: pytest.MonkeyPatch) -> 
         runner.end_task("t1")  # while the call runs: the spare made after it outlives the task
         await running
         deadline = time.monotonic() + 10
-        while not runner.spare_pids("a", "t1") and time.monotonic() < deadline:
+        while len(runner.spare_pids("a", "t1")) < code.SPARES and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         made = runner.spare_pids("a", "t1")
         await asyncio.sleep(1.0)
@@ -393,11 +465,11 @@ def test_an_unused_spare_sandbox_is_stopped(monkeypatch: pytest.MonkeyPatch) -> 
 
     try:
         made, later = asyncio.run(scenario())
-        assert len(made) == 1 and later == []
+        assert len(made) == code.SPARES and later == []
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{made[0]}").exists() and time.monotonic() < deadline:
+        while any(Path(f"/proc/{p}").exists() for p in made) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not Path(f"/proc/{made[0]}").exists()
+        assert not any(Path(f"/proc/{p}").exists() for p in made)
     finally:
         runner.close()
 
@@ -669,15 +741,17 @@ def test_run_code_with_the_task_network_reaches_what_its_task_may_and_no_more(
         # follows live, keeping its variables.
         call(svc, "run_code", {"code": "kept = 42", "session": True}, a)
         deadline = time.monotonic() + 10
-        while not runner.spare_pids("a", "t1") and time.monotonic() < deadline:
+        while len(runner.spare_pids("a", "t1")) < code.SPARES and time.monotonic() < deadline:
             time.sleep(0.01)
-        (spare,) = runner.spare_pids("a", "t1")  # made with a's policy: it could reach 8080
-        assert os.readlink(f"/proc/{spare}/ns/net") != os.readlink("/proc/self/ns/net")
+        spares = runner.spare_pids("a", "t1")  # made with a's policy: they could reach 8080
+        assert len(spares) == code.SPARES
+        for spare in spares:
+            assert os.readlink(f"/proc/{spare}/ns/net") != os.readlink("/proc/self/ns/net")
         narrowed = Caller(task="t1", tenant="a", network="egress", egress=EgressPolicy())
         denied(narrowed, {"code": _connect(8080)}, 8080)
-        while Path(f"/proc/{spare}").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)  # stopped unused when the one for the new policy was made
-        assert not Path(f"/proc/{spare}").exists()
+        while any(Path(f"/proc/{p}").exists() for p in spares) and time.monotonic() < deadline:
+            time.sleep(0.01)  # stopped unused when those for the new policy were made
+        assert not any(Path(f"/proc/{p}").exists() for p in spares)
         denied(narrowed, {"code": _connect(8080) + "\nprint(kept)", "session": True}, 8080)
         kept = call(svc, "run_code", {"code": "print(kept)", "session": True}, narrowed)
         assert kept["structuredContent"]["stdout"] == "42\n"
@@ -687,6 +761,156 @@ def test_run_code_with_the_task_network_reaches_what_its_task_may_and_no_more(
         assert meta(offline)["class"] == "permanent" and "denial" not in meta(offline)
     finally:
         runner.close()
+
+
+def _names(world: World) -> tuple[set[str], set[str]]:
+    """The network namespaces on the host and the task veths on the world's bridge."""
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    links = subprocess.run(["ip", "-n", world.task, "-o", "link"], capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    return (
+        {line.split()[0] for line in ns.stdout.splitlines() if line.strip()},
+        {ln.split(":")[1].strip().split("@")[0] for ln in links.stdout.splitlines()
+         if ": anv" in ln},
+    )  # fmt: skip
+
+
+def _made(net: EgressService, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """The (netns, veth) of every task network `net` makes from now on."""
+    made: list[tuple[str, str]] = []
+    add = net.network.add_task
+
+    def recording(task_id: str, **kw: Any) -> Any:
+        tn = add(task_id, **kw)
+        made.append((tn.netns, tn.host_veth))
+        return tn
+
+    monkeypatch.setattr(net.network, "add_task", recording)
+    return made
+
+
+def _gone(world: World, made: list[tuple[str, str]], within: float = 20.0) -> bool:
+    deadline = time.monotonic() + within
+    while True:
+        ns, veths = _names(world)
+        if not any(n in ns or v in veths for n, v in made):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_run_code_answers_before_its_task_network_is_removed_and_it_is_removed(
+    world: tuple[World, EgressService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Removals held until the calls are done: they answer all the same, and then every netns
+    # and veth goes.
+    w, net = world
+    made = _made(net, monkeypatch)
+    remove = net.network.remove_task
+    release = threading.Event()
+
+    def held(tn: Any) -> None:
+        release.wait(60)
+        remove(tn)
+
+    monkeypatch.setattr(net.network, "remove_task", held)
+    runner = CodeRunner(limits=ToolLimits(timeout=10), network="task", node_network=net)
+    svc = service(runner.tool())
+    may = Caller(task="t1", tenant="a", network="egress",
+                 egress=EgressPolicy(allow=[f"{HOST4}:8080"]))  # fmt: skip
+    fetch = f"import urllib.request as u; print(u.urlopen('http://{HOST4}:8080/q').read())"
+    try:
+        for args in ({"code": fetch}, {"code": fetch}, {"code": _bash_connect(8080),
+                                                          "language": "bash"}):  # fmt: skip
+            result = call(svc, "run_code", args, may)
+            assert meta(result)["class"] == "ok", result
+        assert len(made) >= 3 and not release.is_set()
+        ns, _ = _names(w)
+        assert any(n in ns for n, _v in made)  # the used ones' removals are still held
+    finally:
+        release.set()
+        runner.close()
+    assert _gone(w, made)
+
+
+def test_the_background_teardown_has_a_bounded_backlog(
+    world: tuple[World, EgressService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past the backlog the ending caller tears down itself: ends faster than removals cannot
+    # pile up netns and veths.
+    _, net = world
+    net.start()
+    monkeypatch.setattr(egress_service, "RETIRE_BACKLOG", 1)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def first() -> None:
+        release.wait(30)
+        ran.append("first")
+
+    net.retire(first)
+    net.retire(lambda: ran.append(threading.current_thread().name))  # the backlog is full
+    assert ran == [threading.current_thread().name]
+    release.set()
+    deadline = time.monotonic() + 10
+    while len(ran) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ran[1:] == ["first"]
+
+
+def test_a_task_network_left_to_the_background_teardown_goes_when_its_owner_is_killed(
+    world: tuple[World, EgressService],
+) -> None:
+    # The node killed (-9) right after it answered, its teardown not done: what it left (the
+    # used sandbox's network, and the spare's made ahead) goes at the next start's sweep.
+    w, net = world
+    script = f"""
+import asyncio, json, time
+from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.service import EgressService
+from agentnode.isolation import use_data_dir
+from agentnode.tools.code import CodeRunner
+from agentnode.tools.registry import Caller, Registry, ToolLimits
+from agentnode.tools.service import ToolService
+use_data_dir({str(isolation.DATA_DIR)!r})
+net = EgressService(bridge="agentnode0", subnet={str(net.network.subnet)!r}, node_netns={w.task!r})
+made = []
+add = net.network.add_task
+def recording(task_id, **kw):
+    tn = add(task_id, **kw)
+    made.append((tn.netns, tn.host_veth))
+    return tn
+net.network.add_task = recording
+net.network.remove_task = lambda tn: time.sleep(3600)  # never done: the kill comes first
+runner = CodeRunner(limits=ToolLimits(timeout=10), network="task", node_network=net)
+svc = ToolService(Registry([runner.tool()]), on_record=lambda r: None)
+may = Caller(task="t1", tenant="a", network="egress", egress=EgressPolicy(allow=[{HOST4 + ":8080"!r}]))
+async def go():
+    out = await svc.call("run_code", {{"code": "print(1)"}}, may)
+    while len(made) < 2:  # and the spare made after it
+        await asyncio.sleep(0.01)
+    return out
+out = asyncio.run(go())
+print(json.dumps({{"stdout": out["structuredContent"]["stdout"], "made": made}}), flush=True)
+time.sleep(3600)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(code.__file__).parents[2])}
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env,
+                             text=True)  # fmt: skip
+    try:
+        assert owner.stdout is not None
+        line = owner.stdout.readline()
+        report = json.loads(line)
+        assert report["stdout"] == "1\n"
+        made = [tuple(m) for m in report["made"]]
+        ns, veths = _names(w)
+        assert all(n in ns and v in veths for n, v in made)  # left behind, as a kill leaves
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.communicate()
+    net.network.sweep()  # as the node's next start does
+    assert _gone(w, made, within=5.0)
 
 
 def test_web_search_speaks_searxng_json_through_its_own_policy(

@@ -15,9 +15,11 @@ import asyncio
 import ctypes
 import errno
 import ipaddress
+import logging
 import os
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -34,6 +36,10 @@ __all__ = ["EgressService", "TaskEgress", "default_upstream"]
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
+#: Ended tasks' networks that may wait for the background teardown at once (`retire`).
+RETIRE_BACKLOG = 16
+
+log = logging.getLogger(__name__)
 
 
 def default_upstream(resolv_conf: str = "/etc/resolv.conf") -> tuple[str, int]:
@@ -115,15 +121,27 @@ class TaskEgress:
             return self._egress.stats()
         return dict(self._final or {})
 
+    def close_later(self) -> None:
+        """`close`, but off the caller's path: the denials queued so far are delivered and the
+        counters taken now; the rest (programs, forwarder entry, veth, netns) goes to the
+        service's background teardown (see `EgressService.retire`)."""
+        if self._egress is not None:
+            self._service._call(self._egress.poll_denials)
+        address, egress, net = self._release()
+        self._service.retire(lambda: self._service._teardown(address, egress, net))
+
     def close(self) -> None:
         """Detaches the programs, forgets the task in the forwarder, removes veth and netns."""
+        self._service._teardown(*self._release())
+
+    def _release(self) -> tuple[str | None, Egress | None, TaskNet | None]:
+        """Takes the final counters and hands over what is left to remove (once)."""
+        address = self.address
         egress, self._egress = self._egress, None
         if egress is not None:
             self._final = egress.stats()
-            self._service._detach(self, egress)
-        if self.net is not None:
-            self._service.network.remove_task(self.net)
-            self.net = None
+        net, self.net = self.net, None
+        return address, egress, net
 
 
 class EgressService:
@@ -156,6 +174,10 @@ class EgressService:
         self._thread: threading.Thread | None = None
         self._forwarder: DnsForwarder | None = None
         self._dns: tuple[str, int] | None = None
+        #: Ended tasks' networks waiting for the teardown thread (`retire`), and that thread.
+        self._retiring: deque[Callable[[], None]] = deque()
+        self._retirer: threading.Thread | None = None
+        self._retired = threading.Condition(self._lock)
 
     @property
     def dns(self) -> tuple[str, int] | None:
@@ -313,10 +335,18 @@ class EgressService:
             self._forwarder.add_task(task.address, egress)
         egress.watch(self._loop)
 
-    def _detach(self, task: TaskEgress, egress: Egress) -> None:
+    def _teardown(self, address: str | None, egress: Egress | None, net: TaskNet | None) -> None:
+        """Detaches a task's programs, forgets its address in the forwarder, removes its veth
+        and netns."""
+        if egress is not None:
+            self._detach(address, egress)
+        if net is not None:
+            self.network.remove_task(net)
+
+    def _detach(self, address: str | None, egress: Egress) -> None:
         def run() -> None:
-            if task.address is not None and self._forwarder is not None:
-                self._forwarder.remove_task(task.address)
+            if address is not None and self._forwarder is not None:
+                self._forwarder.remove_task(address)
             egress.poll_denials()  # the last ones still reach the audit log
             egress.close()
 
@@ -325,9 +355,44 @@ class EgressService:
         else:
             self._call(run)
 
-    def close(self) -> None:
-        """Stops the forwarder; removes the bridge unless another owner still has tasks on it."""
+    def retire(self, teardown: Callable[[], None]) -> None:
+        """Runs an ended task's network `teardown` on a background thread (a veth and netns removal is
+        two `ip` runs, tens of ms): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
+        past that the caller closes it itself, so a burst of ends cannot pile up kernel objects.
+        `close()` finishes every one first; what a killed process left, the next `start`
+        sweeps (each veth names its owner)."""
         with self._lock:
+            inline = self._loop is None or len(self._retiring) >= RETIRE_BACKLOG
+            if not inline:
+                self._retiring.append(teardown)
+                if self._retirer is None:
+                    self._retirer = threading.Thread(
+                        target=self._retire_all, name="agentnode-egress-retire", daemon=True
+                    )
+                    self._retirer.start()
+        if inline:
+            teardown()
+
+    def _retire_all(self) -> None:
+        while True:
+            with self._lock:
+                if not self._retiring:
+                    self._retirer = None
+                    self._retired.notify_all()
+                    return
+                teardown = self._retiring[0]
+            try:
+                teardown()
+            except Exception as e:  # one failed removal must not stop the rest
+                log.warning("task network teardown failed: %s", e)
+            with self._lock:
+                self._retiring.popleft()
+
+    def close(self) -> None:
+        """Finishes the retired tasks' teardown, stops the forwarder, and removes the bridge
+        unless another owner still has tasks on it."""
+        with self._lock:
+            self._retired.wait_for(lambda: self._retirer is None)
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
             if loop is None or thread is None:

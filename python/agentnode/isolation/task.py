@@ -430,6 +430,7 @@ class Task:
         "_deadline",
         "_native",
         "_net",
+        "_net_later",
         "_result",
         "_timed_out",
         "limits",
@@ -450,12 +451,20 @@ class Task:
     ) -> None:
         self._native = native
         self._net = net
+        self._net_later = False
         self.limits = limits
         self.workspace = workspace
         self.stdin, self.stdout, self.stderr = stdio
         self._deadline = None if limits.timeout is None else time.monotonic() + limits.timeout
         self._timed_out = False
         self._result: Result | None = None
+
+    def close_network_later(self) -> None:
+        """Has the task's end leave its network's teardown (BPF programs, veth, netns) to its
+        egress service's background thread (`EgressService.retire`): its denials and counters
+        are still final when `wait` returns. For a caller that answers someone at the task's
+        end (a tool call): the teardown costs tens of ms."""
+        self._net_later = True
 
     def start_clock(self, timeout: float | None) -> None:
         """Counts the task's timeout from now (None: none): for a task made ahead of the work
@@ -489,7 +498,10 @@ class Task:
             code, sig = exit
             reason = exit_reason(code, sig, stats, timed_out=self._timed_out)
             if self._net is not None:
-                self._net.close()
+                if self._net_later:
+                    self._net.close_later()
+                else:
+                    self._net.close()
                 stats = replace(stats, network=self._net.stats())
             self._result = Result(code, sig, reason, stats)
             _live.discard(self)

@@ -43,11 +43,14 @@ NETWORKS = ("none", "task")
 
 _KERNEL = (Path(__file__).with_name("kernel.py")).read_text()
 #: What a made-ahead sandbox runs: the interpreter starts (most of a call's time) before the
-#: code exists, then runs what arrives on stdin as `python3 -I -` would: in `__main__`, named
-#: `<stdin>`, with `sys.argv == ["-"]`, its tracebacks and exit status as the interpreter's own.
+#: code exists, says so on stderr (`_READY`, which the node takes off), then runs what arrives
+#: on stdin as `python3 -I -` would: in `__main__`, named `<stdin>`, with `sys.argv == ["-"]`,
+#: its tracebacks and exit status as the interpreter's own.
 _STDIN_MAIN = """\
 def _agentnode_main():
-    import sys
+    import os, sys
+    os.write(2, b"\\0agentnode-ready\\n")
+    del os
     scope = sys.modules["__main__"].__dict__
     del scope["_agentnode_main"]
     scope.update(__file__="<stdin>", __cached__=None)
@@ -70,8 +73,14 @@ def _agentnode_main():
         raise SystemExit(1) from None
 _agentnode_main()
 """
+_READY = b"\0agentnode-ready\n"
+#: How long an interpreter may take to start (a host under heavy load) before it is given up.
+_BOOT_S = 60.0
 #: A spare sandbox unused this long is stopped (its task has stopped calling run_code).
 _SPARE_IDLE_S = 60.0
+#: Python sandboxes kept made ahead per caller identity: with two, calls back to back find
+#: one ready while the next is made (each is an interpreter start, most of a call's cost).
+SPARES = 2
 
 INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -194,10 +203,33 @@ def _discard(spare: Future[Started]) -> None:
     spare.add_done_callback(close)
 
 
-def _discard_all(spares: dict[_SpareKey, tuple[Future[Started], float]]) -> None:
-    for spare, _made in spares.values():
-        _discard(spare)
+_Spares = dict[_SpareKey, list[tuple[Future[Started], float]]]
+
+
+def _discard_all(spares: _Spares) -> None:
+    for held in spares.values():
+        for spare, _made in held:
+            _discard(spare)
     spares.clear()
+
+
+def _await_ready(started: Started) -> bytes:
+    """Reads the sandbox's stderr up to `_READY`; returns what came before it (nothing, unless
+    the interpreter warned at start). An interpreter that died first is left for the call to
+    report."""
+    assert started.task.stderr is not None
+    fd = started.task.stderr.fileno()
+    seen = b""
+    deadline = time.monotonic() + _BOOT_S
+    while not seen.endswith(_READY):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError(f"python did not start in its sandbox within {_BOOT_S:g} s")
+        chunk = os.read(fd, 1 << 16)  # nothing follows the mark before the code is sent
+        if not chunk:
+            return seen  # it ended: the call collects its end
+        seen += chunk
+    return seen[: -len(_READY)]
 
 
 class CodeRunner:
@@ -209,18 +241,21 @@ class CodeRunner:
         limits: ToolLimits | None = None,
         network: str = "none",
         node_network: EgressService | None = None,
+        spares: int = SPARES,
     ) -> None:
         if network not in NETWORKS:
             raise UsageError(f"run_code network {network!r}: use none or task")
         self.limits = limits or ToolLimits()
         self.network = network
         self._network = node_network
+        self._spare_count = spares
         self._sessions: dict[_Key, Session] = {}
         self._starting: dict[_Key, asyncio.Lock] = {}
-        #: One python sandbox made ahead per caller identity (a fresh call takes it, already
-        #: past the interpreter's start, and has the next one made): never reused, never
-        #: shared between tasks. Stopped when idle, with its task, or with the runner.
-        self._spares: dict[_SpareKey, tuple[Future[Started], float]] = {}
+        #: Up to `spares` python sandboxes made ahead per caller identity, oldest first (a
+        #: fresh call takes one, already past the interpreter's start, and has it replaced):
+        #: never reused, never shared between tasks. Stopped when idle, with their task, or
+        #: with the runner.
+        self._spares: _Spares = {}
         weakref.finalize(self, _discard_all, self._spares)
 
     def tool(self) -> Tool:
@@ -249,7 +284,8 @@ class CodeRunner:
         """The host pids of the python sandboxes made ahead for a task (made, not yet used)."""
         return [
             f.result().task.pid
-            for k, (f, _made) in self._spares.items()
+            for k, held in self._spares.items()
+            for f, _made in held
             if (k.tenant, k.task) == (tenant, task) and f.done() and f.exception() is None
         ]
 
@@ -279,7 +315,7 @@ class CodeRunner:
             finally:
                 # Made after the call, not during it: on a busy host the two would share the
                 # CPU, and the next call has the time between calls to find it ready.
-                self._make_spare(caller, reach)
+                self._make_spares(caller, reach)
             return self._fresh_outcome(run)
         run = await run_sandboxed(
             ["bash", "-c", args["code"]],
@@ -294,7 +330,9 @@ class CodeRunner:
         return self._fresh_outcome(run)
 
     def _start_python(self, caller: Caller, reach: _Reach) -> Started:
-        return start_sandboxed(
+        """A python sandbox for `caller`, returned once its interpreter waits for the code:
+        the call's timeout then counts the code's time only, not a slow start's."""
+        started = start_sandboxed(
             ["python3", "-I", "-c", _STDIN_MAIN],
             limits=self.limits,
             network=reach[0],
@@ -304,45 +342,60 @@ class CodeRunner:
             user=caller.user,
             userns=caller.userns,
         )
+        try:
+            started.stderr_head = _await_ready(started)
+        except BaseException:
+            started.close()
+            raise
+        return started
 
-    def _make_spare(self, caller: Caller, reach: _Reach) -> None:
-        """Starts making the next python sandbox for `caller` with network `reach` (unless one
-        is there), stopped after `_SPARE_IDLE_S` unless a call takes it first: also one made
-        for a task that ended while its last call ran (after `end_task`)."""
+    def _make_spares(self, caller: Caller, reach: _Reach) -> None:
+        """Starts making python sandboxes for `caller` with network `reach` until `spares`
+        are there or under way (in parallel, on the `SPAWNER` threads), each stopped after
+        `_SPARE_IDLE_S` unless a call takes it first: also those made for a task that ended
+        while its last call ran (after `end_task`)."""
         key = _spare_of(caller, reach)
-        if key in self._spares:
-            return
-        # One made for the task's previous network (its policy changed) would never be taken.
-        for old in [k for k in self._spares if (k.tenant, k.task) == (key.tenant, key.task)]:
-            _discard(self._spares.pop(old)[0])
-        spare = SPAWNER.submit(self._start_python, caller, reach)
-        self._spares[key] = (spare, time.monotonic())
-        asyncio.get_running_loop().call_later(_SPARE_IDLE_S, self._expire, key, spare)
+        # Those made for the task's previous network (its policy changed) would never be taken.
+        for old in [k for k in self._spares if k != key and (k.tenant, k.task) ==
+                    (key.tenant, key.task)]:  # fmt: skip
+            for spare, _made in self._spares.pop(old):
+                _discard(spare)
+        held = self._spares.setdefault(key, [])
+        loop = asyncio.get_running_loop()
+        while len(held) < self._spare_count:
+            spare = SPAWNER.submit(self._start_python, caller, reach)
+            held.append((spare, time.monotonic()))
+            loop.call_later(_SPARE_IDLE_S, self._expire, key, spare)
 
     def _expire(self, key: _SpareKey, spare: Future[Started]) -> None:
-        held = self._spares.get(key)
-        if held is not None and held[0] is spare:
-            del self._spares[key]
-            _discard(spare)
+        held = self._spares.get(key, [])
+        for i, (f, _made) in enumerate(held):
+            if f is spare:
+                del held[i]
+                _discard(spare)
+                break
+        if not held:
+            self._spares.pop(key, None)
 
     async def _take_spare(self, caller: Caller, reach: _Reach) -> Started:
         """A fresh python sandbox for `caller` with network `reach`: the one made ahead for
         exactly that when there is one still usable, else one started now."""
         now = time.monotonic()
-        for key, (spare, made) in list(self._spares.items()):
-            if now - made > _SPARE_IDLE_S:
-                del self._spares[key]
-                _discard(spare)
-        held = self._spares.pop(_spare_of(caller, reach), None)
-        if held is not None:
+        for key, held in list(self._spares.items()):
+            for spare, _made in [h for h in held if now - h[1] > _SPARE_IDLE_S]:
+                self._expire(key, spare)
+        held = self._spares.get(_spare_of(caller, reach), [])
+        while held:
+            # The oldest one ready, else the oldest: the first to be ready, most likely.
+            i = next((i for i, (f, _made) in enumerate(held) if f.done()), 0)
+            spare = held.pop(i)[0]
             try:
-                started = await asyncio.wrap_future(held[0])
+                started = await asyncio.wrap_future(spare)
             except Exception:
-                pass  # it could not be made then: start one now (and fail now, if so)
-            else:
-                if started.task.wait(0) is None:
-                    return started
-                started.close()  # it ended while it waited (killed from outside)
+                continue  # it could not be made then: the next, or one started now (or fail)
+            if started.task.wait(0) is None:
+                return started
+            started.close()  # it ended while it waited (killed from outside)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(SPAWNER, self._start_python, caller, reach)
 
@@ -449,7 +502,8 @@ class CodeRunner:
             self._sessions.pop(key).task.close()
             self._starting.pop(key, None)
         for spare_key in [k for k in self._spares if k.task == task]:
-            _discard(self._spares.pop(spare_key)[0])
+            for spare, _made in self._spares.pop(spare_key):
+                _discard(spare)
 
     def close(self) -> None:
         for s in self._sessions.values():

@@ -164,6 +164,8 @@ class Started:
     #: The empty workspace made for it (removed when the run ends), when none was given.
     scratch: Path | None
     denials: list[Denial]
+    #: What it wrote on stderr before the run was given to it (read by whoever made it).
+    stderr_head: bytes = b""
 
     def close(self) -> None:
         """Kills it unused and removes its scratch workspace."""
@@ -216,6 +218,7 @@ def start_sandboxed(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
+    task.close_network_later()  # the call's answer does not wait for its removal
     return Started(task, scratch, denials)
 
 
@@ -226,6 +229,7 @@ def finish_sandboxed(started: Started, *, stdin: bytes, limits: ToolLimits) -> R
     try:
         task.start_clock(limits.timeout)
         out, err, total, truncated = _collect(task, stdin, limits.output, limits.timeout)
+        err = started.stderr_head + err
         result = task.wait()
         assert result is not None
         return Run(result, out, err, total, truncated, started.denials)
