@@ -12,7 +12,6 @@ files and tmpfs options, durations in the Rust side's timers.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -21,19 +20,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 from agentnode.egress import cli as egress_cli
-from agentnode.egress.policy import (
-    MAX_CONN_RATE,
-    MAX_RATE,
-    NET_MODES,
-    EgressPolicy,
-    network_and_policy,
-)
+from agentnode.egress.mode import NET_MODES, network_and_policy
 from agentnode.errors import PolicyError, UsageError
 from agentnode.isolation.units import parse_duration, parse_size
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
+    import argparse
     from typing import Any, NoReturn
+
+    from agentnode.egress.policy import EgressPolicy
 
 __all__ = [
     "CAPABILITIES",
@@ -592,6 +588,8 @@ def json_schema() -> dict[str, Any]:
     def size(least: int) -> dict[str, Any]:
         return {"oneOf": [{"type": "integer", "minimum": least, "maximum": MAX_BYTES},
                           {"type": "string", "examples": ["512M"]}, {"type": "null"}]}  # fmt: skip
+
+    from agentnode.egress.policy import MAX_CONN_RATE, MAX_RATE
 
     duration = {"oneOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
                           {"type": "string", "examples": ["30s"]}, {"type": "null"}]}  # fmt: skip
