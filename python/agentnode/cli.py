@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["ArgumentParser", "build_parser", "main"]
 
 
-
 def __getattr__(name: str) -> object:
     # argparse loads only for a command line `cli_quick` leaves to it (docs/design/cli-speed.md).
     if name == "ArgumentParser":
@@ -32,6 +31,7 @@ def __getattr__(name: str) -> object:
 
         return ArgumentParser
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Each command module's `add_parser` adds the commands named here; later layers add themselves
 # here. A module is imported only when one of its commands runs: importing every layer cost

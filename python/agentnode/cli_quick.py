@@ -80,8 +80,10 @@ class _Parser:
         longs = [n for n in names if n.startswith("--")]
         # argparse's dest: the first long option, without its dashes, '-' as '_'.
         dest = kwargs.get("dest") or (longs or names)[0].lstrip("-").replace("-", "_")
-        default = kwargs["default"] if "default" in kwargs else self.defaults.get(
-            str(dest), _DEFAULTS[str(action)]
+        default = (
+            kwargs["default"]
+            if "default" in kwargs
+            else self.defaults.get(str(dest), _DEFAULTS[str(action)])
         )
         self.option_defaults.setdefault(str(dest), default)
         for name in longs:  # short forms are not recorded: typed, they go to argparse
@@ -120,6 +122,8 @@ class _Parser:
                     if i == len(words) or words[i].startswith("-"):
                         return None
                     value = words[i]
+                elif value == "--":  # argparse drops it, leaving an empty list as the value
+                    return None
                 if choices is not None and value not in choices:  # type: ignore[operator]
                     return None
                 if action == "append":
@@ -128,9 +132,15 @@ class _Parser:
                 else:
                     values[dest] = value
             i += 1
+        rest = words[i:]
+        # argparse reads every word before a "--" as a possible option, the REMAINDER's too,
+        # and refuses an ambiguous abbreviation there: only exact options pass here.
+        for word in rest[: rest.index("--") if "--" in rest else len(rest)]:
+            if word[:1] == "-" and word.partition("=")[0] not in self.options:
+                return None
         if self.remainder is not None:
             # argparse keeps a leading "--" in a REMAINDER's words; the command drops it.
-            values[self.remainder] = list(words[i:])
+            values[self.remainder] = list(rest)
         return SimpleNamespace(**values)
 
 

@@ -69,7 +69,8 @@ MAX_PIDS = 4_194_304
 MAX_SECONDS = 100 * 365 * 86400.0
 MAX_NOFILE = 1 << 20
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
-_USER = re.compile(r"(\d{1,20})(?::(\d{1,20}))?")
+#: Compiled on first use (re's cache): a start given no user pays no compile.
+_USER = r"(\d{1,20})(?::(\d{1,20}))?"
 
 #: Capability names in kernel order (`CAP_` prefix dropped): the index is the number.
 CAPABILITIES = (
@@ -553,7 +554,7 @@ def parse_user(user: object) -> tuple[int, int]:
         if not 0 <= user <= MAX_ID:
             _bad("user", user, f"must be from 0 to {MAX_ID}")
         return user, user
-    m = _USER.fullmatch(user) if isinstance(user, str) else None
+    m = re.fullmatch(_USER, user) if isinstance(user, str) else None
     if m is None:
         _bad("user", user, "is not UID[:GID] (example: 1000:1000)")
     uid, gid = int(m.group(1)), int(m.group(2) or m.group(1))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import enum
 import os
 import signal
-import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -148,7 +148,8 @@ def exit_reason(code: int | None, sig: int | None, stats: Stats, *, timed_out: b
     return ExitReason.EXITED
 
 
-_lock = threading.Lock()
+# threading.Lock itself, without the threading module (~0.6 ms of `agentnode exec`).
+_lock = _thread.allocate_lock()
 _launcher: _native.Launcher | None = None
 _network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
@@ -204,7 +205,7 @@ def _forget_after_fork() -> None:
     _forked.extend(x for x in (_launcher, _network) if x is not None)
     _launcher = _network = None
     _live.clear()
-    _lock = threading.Lock()
+    _lock = _thread.allocate_lock()
 
 
 _forked: list[object] = []
