@@ -6,7 +6,6 @@ runtime errors; a traceback only with `--debug`.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import types
@@ -73,6 +72,8 @@ def build_parser(command: str | None = None, *, commands: bool = True) -> Argume
     """The CLI's parser: with `command`'s module and so its options, or, for no or an unknown
     command, every command by name and summary only (for --help and the error naming them),
     or (not `commands`) none: `agentnode --version` needs no command."""
+    import importlib
+
     from agentnode.cli_parser import ArgumentParser, Version
 
     parser = ArgumentParser(
@@ -120,6 +121,8 @@ def _defer_inspect() -> None:
     def load(name: str) -> object:
         if sys.modules.get("inspect") is stub:
             del sys.modules["inspect"]
+        import importlib
+
         real = importlib.import_module("inspect")
         # Whoever imported the stand-in (dataclasses) holds it: it becomes the real one's copy.
         stub.__dict__.update(real.__dict__)

@@ -17,7 +17,7 @@ Why: argparse, with the `re`, `gettext` and `locale` it imports and the parser i
 
 from __future__ import annotations
 
-import importlib
+import sys
 from types import SimpleNamespace
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
@@ -166,7 +166,9 @@ def parse(module: str, words: Sequence[str]) -> SimpleNamespace | None:
     on) with the options `module`'s `add_parser` declares; None when argparse must parse it."""
     commands = _Commands()
     try:
-        importlib.import_module(module).add_parser(commands)
+        # importlib.import_module's work, without importing importlib (and warnings) for it.
+        __import__(module)
+        sys.modules[module].add_parser(commands)
     except _Unsupported:
         return None
     parser = commands.parsers.get(words[0]) if words else None
