@@ -39,10 +39,15 @@ def network_and_policy(
     when any rule or rate is given, else `none`. A `PolicyError` starts with the name of the
     bad value's option (`names` maps parameters to the caller's names; the rest keep the
     command line's, `--allow`...) and quotes the bad rule."""
-    wants_policy = bool(allow or hosts or publish or rate is not None or conn_rate is not None)
-    if not wants_policy and mode in (None, "", "none"):
-        return "none", None  # no rule to parse
+    no_rules = rate is None and conn_rate is None
+    no_rules = no_rules and all(
+        isinstance(r, list | tuple) and not r for r in (allow, hosts, publish)
+    )
+    if no_rules and mode in (None, "", "none"):
+        return "none", None  # nothing to parse (a string or other odd value goes to the parser)
     from agentnode.egress.policy import EgressPolicy
+
+    wants_policy = bool(allow or hosts or publish or rate is not None or conn_rate is not None)
 
     named = {**_OPTIONS, **names}
     net_name, allow_name, hosts_name = named["mode"], named["allow"], named["hosts"]
