@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import subprocess
+import sys
 
 import pytest
 
 from agentnode.cli import ArgumentParser
 from agentnode.egress import EgressPolicy
 from agentnode.egress import cli as egress_cli
+from agentnode.egress.mode import network_and_policy
 from agentnode.egress.policy import PROTO_TCP, PROTO_UDP, PortRange
 from agentnode.errors import PolicyError, UsageError
 
@@ -102,3 +105,26 @@ def test_cli_options_build_the_policy() -> None:
 def test_cli_bad_options_are_usage_errors(argv: list[str], fragment: str) -> None:
     with pytest.raises(UsageError, match=re.escape(fragment)):
         _parse(*argv)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"allow": ""}, {"hosts": "x.io"}, {"publish": "8080:80"}, {"allow": [], "rate": 0}],
+    ids=repr,
+)
+def test_a_mode_without_rules_still_refuses_odd_values(kwargs: dict[str, object]) -> None:
+    """`network_and_policy` skips the rule parser only when there is truly nothing to parse:
+    empty lists and no rates. A string where a list belongs, or a bad rate, still fails."""
+    with pytest.raises(PolicyError):
+        network_and_policy(None, **kwargs)  # type: ignore[arg-type]
+
+
+def test_no_rules_load_no_rule_parser() -> None:
+    """A task without rules (most `agentnode exec` runs) never imports `egress.policy`."""
+    code = (
+        "import sys; from agentnode.egress.mode import network_and_policy as n; "
+        "assert n(None) == n('none', allow=[], hosts=()) == ('none', None); "
+        "print('agentnode.egress.policy' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False", r.stderr

@@ -6,20 +6,31 @@ runtime errors; a traceback only with `--debug`.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
 import types
-from collections.abc import Callable, Sequence
 
+from agentnode import cli_quick
 from agentnode.errors import AgentnodeError, UsageError
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    import argparse
+    from collections.abc import Callable, Sequence
 
-__all__ = ["ArgumentParser", "main"]
+    from agentnode.cli_parser import ArgumentParser as ArgumentParser
+
+__all__ = ["ArgumentParser", "build_parser", "main"]
+
+
+def __getattr__(name: str) -> object:
+    # argparse loads only for a command line `cli_quick` leaves to it (docs/design/cli-speed.md).
+    if name == "ArgumentParser":
+        from agentnode.cli_parser import ArgumentParser
+
+        return ArgumentParser
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Each command module's `add_parser` adds the commands named here; later layers add themselves
 # here. A module is imported only when one of its commands runs: importing every layer cost
@@ -57,64 +68,19 @@ COMMANDS: dict[str, dict[str, str]] = {
 }
 
 
-def _columns() -> int:
-    """The terminal's width as `shutil.get_terminal_size` finds it ($COLUMNS, then stdout's
-    terminal, else 80), without importing shutil, which brings bz2, lzma and zlib along:
-    argparse asks for the width whenever it builds a formatter, which every option added does,
-    and the import cost every command ~2 ms."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, sized by `_columns`."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
-        # argparse keeps two columns free (its `width -= 2`) when it finds the width itself.
-        super().__init__(prog, indent_increment, max_help_position, width=_columns() - 2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with agentnode's one-line usage errors (exit 2)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-class _Version(argparse.Action):
-    """--version, which loads the version (from the Rust extension) only when asked."""
-
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
-        from agentnode import __version__
-
-        print(f"agentnode {__version__}")
-        parser.exit()
-
-
 def build_parser(command: str | None = None, *, commands: bool = True) -> ArgumentParser:
     """The CLI's parser: with `command`'s module and so its options, or, for no or an unknown
     command, every command by name and summary only (for --help and the error naming them),
     or (not `commands`) none: `agentnode --version` needs no command."""
+    import importlib
+
+    from agentnode.cli_parser import ArgumentParser, Version
+
     parser = ArgumentParser(
         prog="agentnode",
         description="Run autonomous AI agents on this host safely, fairly and fast.",
     )
-    parser.add_argument("--version", action=_Version)
+    parser.add_argument("--version", action=Version)
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks for errors (for bug reports)"
     )
@@ -137,7 +103,9 @@ def _with_hint(message: str, command: str | None) -> str:
     return f"{message} (see 'agentnode {command + ' ' if command in _NAMES else ''}--help')"
 
 
-_NAMES = frozenset(name for names in COMMANDS.values() for name in names)
+#: The module of each command.
+_MODULES = {name: module for module, names in COMMANDS.items() for name in names}
+_NAMES = frozenset(_MODULES)
 
 
 def _defer_inspect() -> None:
@@ -153,6 +121,8 @@ def _defer_inspect() -> None:
     def load(name: str) -> object:
         if sys.modules.get("inspect") is stub:
             del sys.modules["inspect"]
+        import importlib
+
         real = importlib.import_module("inspect")
         # Whoever imported the stand-in (dataclasses) holds it: it becomes the real one's copy.
         stub.__dict__.update(real.__dict__)
@@ -174,9 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in args_list[:end] if not a.startswith("-")), None)
     args_list = [a for a in args_list[:end] if a != "--debug"] + args_list[end:]
     try:
-        words = set(args_list[:end])
-        bare = command is None and "--version" in words and not {"-h", "--help"} & words
-        args = build_parser(command, commands=not bare).parse_args(args_list)
+        # A plain command line (nothing before the command, only options it declares) is
+        # parsed from the same declarations without argparse.
+        quick = None
+        if command in _NAMES and args_list[0] == command:
+            quick = cli_quick.parse(_MODULES[command], args_list)
+        if quick is not None:
+            # The commands only read the namespace's attributes, which are argparse's own.
+            args: argparse.Namespace = quick  # type: ignore[assignment]
+        else:
+            words = set(args_list[:end])
+            bare = command is None and "--version" in words and not {"-h", "--help"} & words
+            args = build_parser(command, commands=not bare).parse_args(args_list)
         # The command line is this process's own (not a caller's in-process `main(argv)`): a
         # command may then act for the whole process (`exec` makes nothing ahead).
         args.own_process = argv is None

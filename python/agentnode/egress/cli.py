@@ -4,10 +4,14 @@ names the option and the rule."""
 
 from __future__ import annotations
 
-import argparse
-
-from agentnode.egress.policy import NET_MODES, EgressPolicy, network_and_policy
+from agentnode.egress.mode import NET_MODES, network_and_policy
 from agentnode.errors import PolicyError, UsageError
+
+TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
+if TYPE_CHECKING:
+    import argparse
+
+    from agentnode.egress.policy import EgressPolicy
 
 __all__ = ["NET_MODES", "add_arguments", "network_from_args"]
 

@@ -6,14 +6,12 @@ for running out of memory, 251 when it failed at the pids limit (each with a one
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 from dataclasses import asdict
-from pathlib import Path
-from types import FrameType
 
+from agentnode.cli_quick import REMAINDER
 from agentnode.errors import UsageError
 from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.isolation.task import ExitReason, Result, one_shot, spawn
@@ -21,6 +19,9 @@ from agentnode.isolation.units import format_size
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
+    import argparse
+    from types import FrameType
+
     from agentnode.cli import ArgumentParser
     from agentnode.isolation.task import Stdio
 
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
     p.add_argument("--log-dir", metavar="DIR", help="write stdout and stderr to files in DIR")
     p.add_argument("--stats", action="store_true", help="print accounting to stderr at exit")
     p.add_argument("--json", action="store_true", help="with --stats: as one JSON line")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    p.add_argument("command", nargs=REMAINDER, metavar="-- CMD ARGS")
     p.set_defaults(func=run)
 
 
@@ -69,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     stdout: Stdio = "inherit"
     stderr: Stdio = "inherit"
     if args.log_dir is not None:
-        log_dir = Path(args.log_dir)
-        if not log_dir.is_dir():
+        if not os.path.isdir(args.log_dir):
             raise UsageError(f"--log-dir: {args.log_dir!r} is not a directory (create it first)")
-        stdout, stderr = log_dir / "stdout.log", log_dir / "stderr.log"
+        stdout = os.path.join(args.log_dir, "stdout.log")
+        stderr = os.path.join(args.log_dir, "stderr.log")
     if getattr(args, "own_process", False):
         one_shot()
     task = spawn(command, sandbox, workspace=args.workspace, stdout=stdout, stderr=stderr)

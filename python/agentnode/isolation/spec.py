@@ -12,7 +12,6 @@ files and tmpfs options, durations in the Rust side's timers.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -21,19 +20,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 from agentnode.egress import cli as egress_cli
-from agentnode.egress.policy import (
-    MAX_CONN_RATE,
-    MAX_RATE,
-    NET_MODES,
-    EgressPolicy,
-    network_and_policy,
-)
+from agentnode.egress.mode import NET_MODES, network_and_policy
 from agentnode.errors import PolicyError, UsageError
 from agentnode.isolation.units import parse_duration, parse_size
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
+    import argparse
     from typing import Any, NoReturn
+
+    from agentnode.egress.policy import EgressPolicy
 
 __all__ = [
     "CAPABILITIES",
@@ -73,7 +69,8 @@ MAX_PIDS = 4_194_304
 MAX_SECONDS = 100 * 365 * 86400.0
 MAX_NOFILE = 1 << 20
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
-_USER = re.compile(r"(\d{1,20})(?::(\d{1,20}))?")
+#: Compiled on first use (re's cache): a start given no user pays no compile.
+_USER = r"(\d{1,20})(?::(\d{1,20}))?"
 
 #: Capability names in kernel order (`CAP_` prefix dropped): the index is the number.
 CAPABILITIES = (
@@ -557,7 +554,7 @@ def parse_user(user: object) -> tuple[int, int]:
         if not 0 <= user <= MAX_ID:
             _bad("user", user, f"must be from 0 to {MAX_ID}")
         return user, user
-    m = _USER.fullmatch(user) if isinstance(user, str) else None
+    m = re.fullmatch(_USER, user) if isinstance(user, str) else None
     if m is None:
         _bad("user", user, "is not UID[:GID] (example: 1000:1000)")
     uid, gid = int(m.group(1)), int(m.group(2) or m.group(1))
@@ -592,6 +589,8 @@ def json_schema() -> dict[str, Any]:
     def size(least: int) -> dict[str, Any]:
         return {"oneOf": [{"type": "integer", "minimum": least, "maximum": MAX_BYTES},
                           {"type": "string", "examples": ["512M"]}, {"type": "null"}]}  # fmt: skip
+
+    from agentnode.egress.policy import MAX_CONN_RATE, MAX_RATE
 
     duration = {"oneOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
                           {"type": "string", "examples": ["30s"]}, {"type": "null"}]}  # fmt: skip

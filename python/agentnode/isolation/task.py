@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import enum
 import os
 import signal
-import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from agentnode import _native
-from agentnode.egress.policy import NET_MODES, EgressPolicy
+from agentnode.egress.mode import NET_MODES
 from agentnode.errors import UsageError
 from agentnode.isolation.launch import USERNS_BASE, Launch
 from agentnode.isolation.spec import NOBODY, Limits, Mount, Sandbox, parse_user
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import IO, Literal
 
     # Only a networked task needs these, and they bring asyncio: `agentnode exec` without
     # a network starts in a fraction of the time without them.
     from agentnode.egress.enforce import Denial
+    from agentnode.egress.policy import EgressPolicy
     from agentnode.egress.service import EgressService, TaskEgress
 
 __all__ = [
@@ -45,31 +46,43 @@ __all__ = [
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Where default workspaces and the staging mount point live: AGENTNODE_DATA_DIR, or what
-#: `use_data_dir` set last (read it here, as `task.DATA_DIR`: a copy imported elsewhere goes stale).
-DATA_DIR = Path(os.environ.get("AGENTNODE_DATA_DIR", "/var/lib/agentnode"))
+#: `use_data_dir` set last. Read it here, as `task.DATA_DIR` (a Path; a copy imported elsewhere
+#: goes stale); this module keeps it as text, so that a start needs no pathlib (with the
+#: urllib.parse and ipaddress it imports, ~3 ms of `agentnode exec`).
+_data_dir = os.environ.get("AGENTNODE_DATA_DIR", "/var/lib/agentnode")
+if TYPE_CHECKING:
+    DATA_DIR: Path
+
+
+def __getattr__(name: str) -> object:
+    if name == "DATA_DIR":
+        from pathlib import Path
+
+        return Path(_data_dir)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def use_data_dir(path: str | os.PathLike[str]) -> None:
     """Puts this process's default workspaces and staging mount point under `path` from the
     next start on (the node daemon calls it with its data dir, so nothing lands elsewhere).
     Raises `UsageError` for something that is not a path, or a path that is not a directory."""
-    global DATA_DIR
+    global _data_dir
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise UsageError(f"data dir: give a directory path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"data dir {os.fspath(path)!r} exists and is not a directory")
-    DATA_DIR = Path(path)
+    _data_dir = os.fspath(path)
 
 
 _DATA_DIR_HINT = "point AGENTNODE_DATA_DIR (or use_data_dir()) at a writable directory"
 
 
-def _make_dir(path: Path, what: str, hint: str) -> None:
+def _make_dir(path: str | os.PathLike[str], what: str, hint: str) -> None:
     """`mkdir -p path`, or a `UsageError` that names `what` failed and how to fix it."""
     if os.path.isdir(path):  # one stat: every start checks its staging dir and workspace
         return
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{what} {path}: cannot create it ({e.strerror}); {hint}") from None
 
@@ -135,7 +148,8 @@ def exit_reason(code: int | None, sig: int | None, stats: Stats, *, timed_out: b
     return ExitReason.EXITED
 
 
-_lock = threading.Lock()
+# threading.Lock itself, without the threading module (~0.6 ms of `agentnode exec`).
+_lock = _thread.allocate_lock()
 _launcher: _native.Launcher | None = None
 _network: EgressService | None = None
 _live: weakref.WeakSet[Task] = weakref.WeakSet()
@@ -191,7 +205,7 @@ def _forget_after_fork() -> None:
     _forked.extend(x for x in (_launcher, _network) if x is not None)
     _launcher = _network = None
     _live.clear()
-    _lock = threading.Lock()
+    _lock = _thread.allocate_lock()
 
 
 _forked: list[object] = []
@@ -242,29 +256,33 @@ def prepare_workspace(path: Path, sandbox: Sandbox) -> Path:
     """Creates `path` (a task's /workspace on the host) owned by the user the task runs as, as
     the host sees it (shifted by the user namespace base with `sandbox.userns`). A directory
     made here is removed again when it cannot be given to that user."""
+    _prepare_workspace(os.fspath(path), sandbox)
+    return path
+
+
+def _prepare_workspace(path: str, sandbox: Sandbox) -> None:
     base = USERNS_BASE if sandbox.userns else 0
-    made = not path.exists()
+    made = not os.path.exists(path)
     _make_dir(path, "workspace", f"give a writable directory, or {_DATA_DIR_HINT}")
     try:
         os.chown(path, base + sandbox.uid, base + sandbox.gid)
     except OSError as e:
         if made:
-            path.rmdir()
+            os.rmdir(path)
         raise UsageError(
             f"workspace {path}: cannot give it to {sandbox.user!r} ({e.strerror})"
         ) from None
-    return path
 
 
 _counter = 0
 
 
-def _default_workspace(instance: str) -> Path:
+def _default_workspace(instance: str) -> str:
     global _counter
     with _lock:
         _counter += 1
         n = _counter
-    return DATA_DIR / "workspaces" / f"{instance}-{n}"
+    return os.path.join(_data_dir, "workspaces", f"{instance}-{n}")
 
 
 def spawn(
@@ -331,13 +349,14 @@ def spawn(
     mode, policy = sandbox.egress()
     limits = sandbox.limits
     instance = _instance()
-    stage = DATA_DIR / "stage"
+    stage = os.path.join(_data_dir, "stage")
     _make_dir(stage, "staging directory", _DATA_DIR_HINT)
     # Last of the checks that can fail: a workspace made for this start goes with a failed one.
     if workspace is None:
-        ws = prepare_workspace(_default_workspace(instance.name), sandbox)
+        ws = _default_workspace(instance.name)
+        _prepare_workspace(ws, sandbox)
     else:
-        ws = Path(workspace)
+        ws = os.fspath(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
     full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **dict(sandbox.env)}
     opened: list[int] = []
@@ -369,7 +388,7 @@ def spawn(
         if net is not None:
             net.close()
         if workspace is None:
-            ws.rmdir()  # made for this task a moment ago: a failed spawn leaves nothing behind
+            os.rmdir(ws)  # made for this task a moment ago: a failed spawn leaves nothing behind
         for p in parents:
             if p is not None:
                 p.close()
@@ -396,6 +415,8 @@ def _sandbox_of(
     caps: Sequence[str],
 ) -> Sandbox:
     """The `Sandbox` of `spawn`'s keyword form."""
+    from agentnode.egress.policy import EgressPolicy  # not needed by a start from a Sandbox
+
     if isinstance(network, EgressPolicy):
         egress, network = network, "egress"
     if egress is not None and network not in ("egress", "host"):
@@ -433,11 +454,11 @@ class Task:
         "_net_later",
         "_result",
         "_timed_out",
+        "_workspace",
         "limits",
         "stderr",
         "stdin",
         "stdout",
-        "workspace",
     )
 
     def __init__(
@@ -445,7 +466,7 @@ class Task:
         native: _native.NativeTask,
         *,
         limits: Limits,
-        workspace: Path,
+        workspace: str,
         stdio: list[IO[bytes] | None],
         net: TaskEgress | None = None,
     ) -> None:
@@ -453,7 +474,7 @@ class Task:
         self._net = net
         self._net_later = False
         self.limits = limits
-        self.workspace = workspace
+        self._workspace = workspace
         self.stdin, self.stdout, self.stderr = stdio
         self._deadline = None if limits.timeout is None else time.monotonic() + limits.timeout
         self._timed_out = False
@@ -470,6 +491,13 @@ class Task:
         """Counts the task's timeout from now (None: none): for a task made ahead of the work
         it is then given, whose time starts with that work."""
         self._deadline = None if timeout is None else time.monotonic() + timeout
+
+    @property
+    def workspace(self) -> Path:
+        """The host directory bound at /workspace."""
+        from pathlib import Path  # not before: a start needs none (see DATA_DIR)
+
+        return Path(self._workspace)
 
     @property
     def pid(self) -> int:

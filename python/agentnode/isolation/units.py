@@ -8,8 +8,10 @@ from agentnode.errors import UsageError
 
 __all__ = ["format_size", "parse_duration", "parse_size"]
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+# Compiled on first use (re's cache), not at import: a command given no size or duration
+# (`agentnode exec -- CMD`) pays no compile.
+_SIZE = r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)"
+_DURATION = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?"
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Far beyond any real limit, and within what cgroup files, the kernel's timers and the task
@@ -21,7 +23,7 @@ _MAX_DURATION = 100 * 365 * 86400.0
 def parse_size(text: str, *, option: str, least: int = 1) -> int:
     """Bytes in `text` (`512M`, `2G`, `1.5GiB`, `4096`; units are powers of 1024), at least
     `least` (0 for a size where zero means none, such as swap)."""
-    m = _SIZE.fullmatch(text.strip())
+    m = re.fullmatch(_SIZE, text.strip(), re.IGNORECASE)
     if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
         raise UsageError(f"{option}: {text!r} is not a size (examples: 512M, 2G)")
     amount = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
@@ -35,7 +37,7 @@ def parse_size(text: str, *, option: str, least: int = 1) -> int:
 
 def parse_duration(text: str, *, option: str) -> float:
     """Seconds in `text` (`30`, `30s`, `500ms`, `5m`, `1h`, `7d`)."""
-    m = _DURATION.fullmatch(text.strip())
+    m = re.fullmatch(_DURATION, text.strip(), re.IGNORECASE)
     if m is None:
         raise UsageError(f"{option}: {text!r} is not a duration (examples: 30s, 500ms, 5m, 7d)")
     value = float(m.group(1)) * _TIME_UNITS[(m.group(2) or "s").lower()]

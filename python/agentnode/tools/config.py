@@ -8,7 +8,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentnode.egress.policy import network_and_policy
+from agentnode.egress.mode import network_and_policy
 from agentnode.errors import AgentnodeError, ConfigError
 from agentnode.isolation.spec import SpecError, parse_mount
 from agentnode.isolation.units import parse_duration, parse_size
