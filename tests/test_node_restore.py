@@ -520,6 +520,7 @@ PROBE = (
     {"op": "wait_for", "path": "/gate/after"},
     resolve("allowed.test"),
     connect("allowed.test", 9090),
+    connect(OTHER4, 8080),
 )
 #: The same in the host's netns (--net host): no DNS of its own, the CIDR rules alone.
 HOST_PROBE = (
@@ -543,16 +544,18 @@ def wait_lines(d: Daemon, task_id: str, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def check_probe(out: list[dict[str, Any]]) -> None:
+def check_probe(out: list[dict[str, Any]], *, updated: bool = False) -> None:
     """The egress prober's results: the gap's denial enforced, its allowed connection made, its
-    DNS failed closed; after the restart, DNS answers and the learned address is reachable."""
-    assert len(out) == 6, out
-    before, denied, allowed, gap_dns, dns, by_name = out
+    DNS failed closed; after the restart, DNS answers and the learned address is reachable, and
+    OTHER4 only if its policy was `updated` to allow it."""
+    assert len(out) == 7, out
+    before, denied, allowed, gap_dns, dns, by_name, other = out
     assert before["ok"] and allowed == {**allowed, "ok": True, "reply": "10"}, out
     assert (denied["ok"], denied["errno"]) == (False, errno.EPERM), out
     assert not gap_dns["ok"], f"no DNS answer while no agent runs: {out}"
-    assert dns["ok"] and dns["addrs"] == [HOST4], dns
-    assert by_name["ok"], "the new forwarder learned the address into the task's map"
+    assert dns["ok"] and dns["addrs"] == [HOST4], out
+    assert by_name["ok"], f"the new forwarder learned the address into the task's map: {out}"
+    assert other["ok"] if updated else other["errno"] == errno.EPERM, out
 
 
 def check_host_probe(out: list[dict[str, Any]]) -> None:
@@ -735,11 +738,14 @@ def test_egress_tasks_outlive_a_stop_with_keep_tasks(tmp_path: Path, world: Worl
         lost = d.wait(broken, timeout=30)
         assert lost["state"] == "lost" and "network" in lost["reason"], lost
         assert not pids_of(f"{tag}-b"), "killed: never a task without its policy"
+        # Its rules change live as a task's started by this daemon would.
+        d.client.call("PUT", f"/v1/tasks/{probe}/egress",
+                      {**policy, "allow": [f"{HOST4}:8080", f"{OTHER4}:8080"]})  # fmt: skip
         (gate / "after").touch()
         (gate / "end").touch()
         p = d.wait(probe, timeout=60)
         assert (p["state"], p["exit_code"]) == ("succeeded", 0), p
-        check_probe(results(d, probe))
+        check_probe(results(d, probe), updated=True)
         assert any(a["address"] == OTHER4 for a in audit_denials(d, probe))
         k = d.wait(kept, timeout=60)
         assert (k["exit_code"], k["attempt"]) == (3, 1), k

@@ -189,6 +189,10 @@ class Adopted:
         network = {} if self.net is None else self.net.stats()
         return Stats(**self._cgroup.stats(wall), network=network)
 
+    def exited(self) -> bool:
+        """Whether its init has exited (its outcome is then the exit recorder's)."""
+        return self._result is not None or _has_exited(self._pidfd)
+
     def signal(self, sig: int) -> None:
         if self._result is None:
             with contextlib.suppress(ProcessLookupError):

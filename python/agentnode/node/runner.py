@@ -243,6 +243,10 @@ class Node:
                     on_denial=functools.partial(self._audit_denial, task),
                 )
             except (AgentnodeError, OSError) as e:
+                if proc.exited():
+                    # It ended since it was found running (its netns went with it): its outcome
+                    # is the kernel's record, read by its watcher; the sweep takes the rest.
+                    continue
                 proc.close()  # kills it: never a task without its policy
                 del self._adopted[task_id]
                 self._not_adopted[task_id] = f"not re-adopted: its network: {e}"
