@@ -648,6 +648,7 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
             d.wait(t, states=("running",), timeout=60)
         wait_lines(d, probe, 1)
         wait_lines(d, host, 1)
+        before = {m: d.task(t).get("stats") for m, t in tasks.items()}
         inits = {m: pids_of(m) for m in specs}
         assert all(len(p) == 1 for p in inits.values()), inits
         mine = {task_netns(p[0]) for m, p in inits.items() if specs[m][3] == "egress"}
@@ -673,7 +674,16 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
                       .rsplit(" ", 1)[1])  # fmt: skip
         # The probers wait for the test; a writer may end between the counts and the restart.
         assert running_after + 2 <= adopted <= running_before + 2, (adopted, running_before)
-        # Its counters went on through the gap (the maps are the pinned ones).
+        # Accounting goes on: the cgroups' and the pinned maps' own counters.
+        checked = 0
+        for m, t in tasks.items():
+            now, then = d.task(t), before[m]
+            if now["state"] == "running" and then is not None and specs[m][3] == "egress":
+                cpu = [x["cpu_user_s"] + x["cpu_system_s"] for x in (now["stats"], then)]
+                assert cpu[0] >= cpu[1] and now["stats"]["wall_s"] > then["wall_s"], m
+                checked += 1
+        assert checked > 0
+        # The prober's counters went on through the gap (the maps are the pinned ones).
         stats = d.task(probe)["stats"]["network"]
         assert stats["connections_denied"] >= 1 and stats["connections_allowed"] >= 2, stats
         (gate / "after").touch()
