@@ -288,10 +288,6 @@ class EgressHandle:
         """Removes this enforcement's pins: `close()` then detaches it. Idempotent."""
     def leave(self) -> None:
         """Closes the handle leaving the pinned enforcement in force (for a later owner to adopt)."""
-    def set_dns(
-        self, *, dns_v4: bytes | None = None, dns_v6: bytes | None = None, dns_port: int = 0
-    ) -> None:
-        """Changes the DNS redirect (the forwarder of a new owner listens elsewhere)."""
     def set_rules(self, rules_: list[_Rule]) -> None:
         """Replaces the CIDR rules (live map update)."""
     def set_rules_packed(self, packed: bytes) -> None:

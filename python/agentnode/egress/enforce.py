@@ -126,11 +126,6 @@ class Egress:
         )
         return cls(handle, os.fspath(cgroup2_dir), policy, services, on_denial)
 
-    def redirect_dns(self, dns: Iterable[tuple[str, int]]) -> None:
-        """Sends the task's port-53 traffic to the forwarder at `dns` from now on (one that an
-        adopted enforcement's new owner runs); it must be among the `services` it allows."""
-        self._handle.set_dns(**_redirect(list(dns)))
-
     def unpin(self) -> None:
         """Removes the pins (if any): `close()` then detaches the programs."""
         if not self._handle.closed:

@@ -313,9 +313,12 @@ class NodeNetwork:
         alias = str((link or {}).get("ifalias", "")).split()
         if len(alias) < 4 or alias[0] != "agentnode" or alias[2] != self.owner:
             raise EgressError(f"the task veth {veth} of {netns} is gone or not the node's")
+        try:
+            address = ipaddress.IPv4Address(alias[1])
+        except ValueError:
+            raise EgressError(f"the task veth {veth} records no address: {alias[1]!r}") from None
         if link is not None and link.get("master") != self.bridge:
             raise EgressError(f"the task veth {veth} is not on the bridge {self.bridge}")
-        address = ipaddress.IPv4Address(alias[1])
         if address not in self.subnet:
             raise EgressError(
                 f"the task's address {address} is outside the node subnet {self.subnet} "

@@ -231,14 +231,14 @@ class Node:
         for task_id, proc in list(self._adopted.items()):
             task = self.manager.get(task_id)
             mode, policy = task.spec.sandbox.egress()
-            if policy is None:
+            cgroup = proc.cgroup_dir
+            if policy is None or cgroup is None:
                 continue
             try:
-                assert proc.cgroup_dir is not None and mode in ("egress", "host")
                 proc.net = self.egress.adopt(
                     "egress" if mode == "egress" else "host",
                     policy,
-                    cgroup_dir=proc.cgroup_dir,
+                    cgroup_dir=cgroup,
                     pid=proc.pid,
                     on_denial=functools.partial(self._audit_denial, task),
                 )

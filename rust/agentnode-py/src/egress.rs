@@ -146,19 +146,6 @@ impl EgressHandle {
         });
     }
 
-    /// Changes the DNS redirect (the forwarder of a new owner listens elsewhere).
-    #[pyo3(signature = (*, dns_v4=None, dns_v6=None, dns_port=0))]
-    fn set_dns(
-        &self,
-        py: Python<'_>,
-        dns_v4: Option<Vec<u8>>,
-        dns_v6: Option<Vec<u8>>,
-        dns_port: u16,
-    ) -> PyResult<()> {
-        let dns = dns(dns_v4, dns_v6, dns_port)?;
-        self.with(py, |e| e.set_dns(dns))
-    }
-
     /// Replaces the CIDR rules (live map update).
     fn set_rules(&self, py: Python<'_>, rules_: Vec<RawRule>) -> PyResult<()> {
         let rules = rules(rules_)?;

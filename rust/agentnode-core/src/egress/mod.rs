@@ -104,6 +104,9 @@ pub struct Egress {
     cgroup: PathBuf,
     /// Where the links and maps are pinned (None: not pinned, or unpinned).
     pinned: Option<PathBuf>,
+    /// The pinned links, held here too: removing the pins while this value lives must not
+    /// detach the programs (they go when both are gone).
+    links: Vec<FdLink>,
     allow: LpmTrie<MapData, [u8; 16], RawPorts>,
     allow_host: HashMap<MapData, [u8; 16], RawPorts>,
     exact: HashMap<MapData, [u8; 16], RawExact>,
@@ -249,6 +252,7 @@ impl Egress {
             ebpf: None,
             cgroup: cgroup_dir.to_owned(),
             pinned: pin.map(Path::to_owned),
+            links: Vec::new(),
             rules: Vec::new(),
             limits,
             dns,
@@ -257,7 +261,7 @@ impl Egress {
         me.write_config()?;
         // Backstop first, so no packet leaves between the hooks' attach and its own.
         for name in PROGRAMS {
-            attach_one(&mut ebpf, name, cgroup, pin)?;
+            me.links.extend(attach_one(&mut ebpf, name, cgroup, pin)?);
         }
         me.ebpf = Some(ebpf);
         Ok(me)
@@ -275,12 +279,14 @@ impl Egress {
         limits: Limits,
         dns: DnsRedirect,
     ) -> Result<Self> {
+        let mut links = Vec::with_capacity(PROGRAMS.len());
         for name in PROGRAMS {
             let path = dir.join(name);
-            PinnedLink::from_pin(&path).map_err(|e| Error::Pinned {
+            let link = PinnedLink::from_pin(&path).map_err(|e| Error::Pinned {
                 path: path.clone(),
                 detail: e.to_string(),
             })?;
+            links.push(FdLink::from(link));
         }
         let mut me = Self {
             allow: from_pin(dir, "allow")?,
@@ -292,6 +298,7 @@ impl Egress {
             ebpf: None,
             cgroup: cgroup_dir.to_owned(),
             pinned: None, // not unpinned on an error below: the task's policy stays in force
+            links,
             rules: Vec::new(),
             limits,
             dns,
@@ -579,13 +586,13 @@ impl Egress {
 }
 
 /// Loads program `name` and attaches it to `cgroup`; with `pin`, its link is pinned there
-/// under its name (and then held by the pin, not by the program).
+/// under its name and returned (held by the pin and the caller, no longer by the program).
 fn attach_one(
     ebpf: &mut Ebpf,
     name: &'static str,
     cgroup: &File,
     pin: Option<&Path>,
-) -> Result<()> {
+) -> Result<Option<FdLink>> {
     let perr = |source| Error::Program { name, source };
     // Single: aya passes AllowMultiple into BPF_LINK_CREATE and gets EINVAL (aya#1078).
     let mode = CgroupAttachMode::Single;
@@ -600,7 +607,7 @@ fn attach_one(
             prog.load().map_err(perr)?;
             let id = prog.attach(cgroup, kind, mode).map_err(perr)?;
             if pin.is_none() {
-                return Ok(());
+                return Ok(None);
             }
             prog.take_link(id).map_err(perr)?.try_into()
         }
@@ -609,7 +616,7 @@ fn attach_one(
             prog.load().map_err(perr)?;
             let id = prog.attach(cgroup, mode).map_err(perr)?;
             if pin.is_none() {
-                return Ok(());
+                return Ok(None);
             }
             prog.take_link(id).map_err(perr)?.try_into()
         }
@@ -618,19 +625,16 @@ fn attach_one(
             prog.load().map_err(perr)?;
             let id = prog.attach(cgroup, mode).map_err(perr)?;
             if pin.is_none() {
-                return Ok(());
+                return Ok(None);
             }
             prog.take_link(id).map_err(perr)?.try_into()
         }
     };
-    if let Some(dir) = pin {
-        let path = dir.join(name);
-        let pinned = link
-            .map_err(|e| e.to_string())
-            .and_then(|l| l.pin(&path).map_err(|e| e.to_string()));
-        pinned.map_err(pin_error(&path))?;
-    }
-    Ok(())
+    let path = pin.expect("returned above when not pinning").join(name);
+    let pinned = link
+        .map_err(|e| e.to_string())
+        .and_then(|l| l.pin(&path).map_err(|e| e.to_string()));
+    Ok(Some(FdLink::from(pinned.map_err(pin_error(&path))?)))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
