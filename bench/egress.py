@@ -2,7 +2,9 @@
 iperf3 throughput from a task with a 10k-entry policy, connect() latency added by the hooks,
 DNS answer latency through the forwarder vs straight to the resolver, and a 10k-entry policy
 update: every entry's ports changed, every address replaced, and one entry added (against the
-issue's 10 ms goal). Needs root; builds its own netns world."""
+issue's 10 ms goal); and what pinning a task's enforcement (so it outlives the node agent)
+adds to its attach and detach, and what taking it over again costs. Needs root; builds its own
+netns world."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from agentnode.egress import Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder, DnsLimits
 from agentnode.egress.screen import AnswerScreen
+from agentnode.node.restore import pin_dir, release_pins
 from support.egress_world import HOST4, TASK4, World, scratch_cgroup
 
 
@@ -45,6 +49,37 @@ def measure_updates(eg: Egress, repeats: int) -> tuple[float, float, float]:
             times[name].append((time.perf_counter() - t) * 1000)
             eg.update(base)
     return tuple(statistics.median(times[k]) for k in ("ports", "moved", "grown"))  # type: ignore[return-value]
+
+
+def measure_pinning(cg: Path, rounds: int) -> tuple[float, float, float]:
+    """Median ms of attaching and then detaching a task-sized policy unpinned, the same pinned
+    (attach, then unpin and close), and taking a pinned one over (`adopt`), alternating."""
+    policy = EgressPolicy(allow=[f"{HOST4}:8080", "10.1.0.0/16:443"], hosts=["bench.test"])
+    dns = [(HOST4, 5300)]
+    times: dict[str, list[float]] = {"plain": [], "pinned": [], "adopt": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pin_dir(Path(tmp))
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            for i in range(rounds):
+                t = time.perf_counter()
+                Egress.attach(cg, policy, dns=dns).close()
+                times["plain"].append((time.perf_counter() - t) * 1000)
+                pin = root / f"c{i}"
+                t = time.perf_counter()
+                eg = Egress.attach(cg, policy, dns=dns, pin=pin)
+                eg.unpin()
+                eg.close()
+                times["pinned"].append((time.perf_counter() - t) * 1000)
+                Egress.attach(cg, policy, dns=dns, pin=pin).leave()
+                t = time.perf_counter()
+                eg = Egress.attach(cg, policy, dns=dns, pin=pin, adopt=True)
+                times["adopt"].append((time.perf_counter() - t) * 1000)
+                eg.unpin()
+                eg.close()
+        finally:
+            release_pins(Path(tmp))
+    return tuple(statistics.median(times[k]) for k in ("plain", "pinned", "adopt"))  # type: ignore[return-value]
 
 
 def main() -> None:
@@ -143,6 +178,11 @@ def run_benches(
     bench.record(
         "update_add1_of_10k_ms", add_one_ms, 10.0, "ms", peer_name="issue goal; one entry added"
     )
+    plain, pinned, adopt = measure_pinning(cg, 10 if rounds == 1 else 40)
+    bench.record("attach_detach_pinned_ms", pinned, plain, "ms",
+                 peer_name="the same unpinned (dies with its owner)")  # fmt: skip
+    bench.record("adopt_pinned_ms", adopt, plain, "ms",
+                 peer_name="a fresh unpinned attach and detach")  # fmt: skip
 
 
 if __name__ == "__main__":

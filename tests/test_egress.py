@@ -20,10 +20,12 @@ import dns.message
 import dns.rcode
 import pytest
 
+from agentnode import _native
 from agentnode.egress import Denial, Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import EgressError
+from agentnode.node.restore import pin_dir, release_pins
 from support.egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
 
 pytestmark = pytest.mark.root
@@ -179,6 +181,51 @@ def test_live_update_applies_to_next_connection(world: World, cgroup: Path) -> N
         eg.update(EgressPolicy(allow=["198.51.100.0/24:8000-9999", f"{HOST4}:7777"]))
         r = world.run(cgroup, connect(HOST4, 8080), connect(OTHER4, 8080), connect(HOST4, 7777))
         assert [x["ok"] for x in r] == [True, True, True]
+
+
+def test_pinned_enforcement_outlives_its_handle_and_is_taken_over(
+    world: World, cgroup: Path, tmp_path: Path
+) -> None:
+    """Pinned, the policy holds with no handle (the node agent gone); a new handle takes it over
+    with the recorded policy, its counters and the denials queued meanwhile; unpinned, nothing
+    stays. Missing pins are a one-line error, never a silent unenforced task."""
+    root = pin_dir(tmp_path)
+    root.mkdir(parents=True, exist_ok=True)
+    pin = root / "c1"
+    try:
+        eg = Egress.attach(cgroup, EgressPolicy(allow=[f"{HOST4}:8080"]), pin=pin)
+        maps = map_ids(cgroup)
+        eg.leave()
+        assert eg.closed and len(attached_programs(cgroup)) == 9, "the pins hold it"
+        assert [
+            x["ok"] for x in world.run(cgroup, connect(HOST4, 8080), connect(OTHER4, 8080))
+        ] == [
+            True,
+            False,
+        ]
+        denials: list[Denial] = []
+        policy = EgressPolicy(allow=[f"{HOST4}:9090"], conn_rate=100)
+        again = Egress.attach(cgroup, policy, pin=pin, adopt=True, on_denial=denials.append)
+        assert map_ids(cgroup) == maps, "the same maps, not a fresh load"
+        assert again.stats()["connections_denied"] == 1, "counters went on"
+        again.poll_denials()
+        assert [(str(d.address), d.port) for d in denials] == [(OTHER4, 8080)], "the gap's denial"
+        r = world.run(cgroup, connect(HOST4, 8080), connect(HOST4, 9090))
+        assert [x["ok"] for x in r] == [False, True], "the policy given at the takeover holds"
+        again.unpin()
+        again.close()
+        assert attached_programs(cgroup) == [] and not pin.exists()
+        with pytest.raises(EgressError, match=r"no pinned egress enforcement at .*c1"):
+            Egress.attach(cgroup, policy, pin=pin, adopt=True)
+        # A failed attach (its pin directory exists already) leaves nothing either.
+        pin.mkdir()
+        with pytest.raises(EgressError, match="cannot pin the egress enforcement"):
+            Egress.attach(cgroup, policy, pin=pin)
+        assert attached_programs(cgroup) == [] and list(pin.iterdir()) == []
+        assert _native.EgressHandle.remove_pins(pin) and not pin.exists()
+    finally:
+        release_pins(tmp_path)
+    assert not (tmp_path / "bpf").exists()
 
 
 def test_live_updates_never_deny_what_both_policies_allow(world: World, cgroup: Path) -> None:

@@ -6,11 +6,14 @@ the exit records real BPF programs pinned under a real bpffs."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,13 @@ import pytest
 from agentnode import _native
 from agentnode.isolation import task as task_mod
 from agentnode.node.beats import BeatLog
-from agentnode.node.restore import pin_dir, release_pins, start_ticks
+from agentnode.node.restore import node_id, pin_dir, release_pins, start_ticks
 from agentnode.tasks.model import State
 from conftest import processes_with
+from support.egress_world import HOST4, OTHER4, World
 from support.node_daemon import Daemon
-from test_node import PYTHON, ended_at, leftover_cgroups, open_gate, started_at
+from test_egress_tasks import subnet
+from test_node import PYTHON, REPO, ended_at, leftover_cgroups, open_gate, started_at
 from test_node_robust import seed, small
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -492,3 +497,306 @@ def test_a_discarded_node_killed_and_never_restarted_leaves_nothing(tmp_path: Pa
     subprocess.run(["mount", "-t", "bpf", "bpf", str(empty.data / "bpf")], check=True)
     empty.discard()
     no_pins(empty)
+
+
+# -- tasks with network egress ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    """Test hosts in a netns of the test's own: HOST4:8080 and :9090 (allowed), OTHER4:8080
+    (denied), and a DNS server at HOST4:53 answering allowed.test."""
+    with World() as w:
+        w.serve(
+            tcp=[[HOST4, 8080], [HOST4, 9090], [OTHER4, 8080]],
+            dns={"addrs": [HOST4], "records": {"allowed.test": [HOST4]}, "ttl": 60,
+                 "log": os.devnull},
+        )  # fmt: skip
+        yield w
+
+
+def egress_config() -> str:
+    """CONFIG with the node's bridge on a random subnet and DNS upstream the world's server."""
+    return CONFIG + f'[network]\nsubnet = "{subnet()}"\ndns_upstream = "{HOST4}:53"\n'
+
+
+def ops(*items: dict[str, Any]) -> list[str]:
+    return [sys.executable, str(Path(__file__).parent / "support" / "egress_client.py"),
+            json.dumps(list(items))]  # fmt: skip
+
+
+def connect(host: str, port: int, **kw: Any) -> dict[str, Any]:
+    return {"op": "connect", "host": host, "port": port, "timeout": 2, **kw}
+
+
+def resolve(name: str) -> dict[str, Any]:
+    return {"op": "resolve", "name": name, "server": OTHER4}
+
+
+#: A task that runs egress_client.py (as root, this checkout bound in), with the gate.
+def prober_fields(gate: Path) -> dict[str, Any]:
+    return {"user": "0", "ro": [str(REPO), f"{gate}:/gate"],
+            "env": {"PYTHONPATH": str(REPO / "python")}}  # fmt: skip
+
+
+#: What an egress prober does: before the daemon goes, in the gap (denied, allowed, DNS), and
+#: after the restart (DNS answers again, from the new forwarder, which learns the address).
+PROBE = (
+    connect(HOST4, 8080),
+    {"op": "wait_for", "path": "/gate/gap"},
+    connect(OTHER4, 8080),
+    connect(HOST4, 8080, send=10),
+    resolve("allowed.test"),
+    {"op": "wait_for", "path": "/gate/after"},
+    resolve("allowed.test"),
+    connect("allowed.test", 9090),
+    connect(OTHER4, 8080),
+)
+#: The same in the host's netns (--net host): no DNS of its own, the CIDR rules alone.
+HOST_PROBE = (
+    connect(HOST4, 8080),
+    {"op": "wait_for", "path": "/gate/gap"},
+    connect(OTHER4, 8080),
+    connect(HOST4, 8080, send=10),
+    {"op": "wait_for", "path": "/gate/after"},
+    connect(HOST4, 8080, send=10),
+)
+
+
+def results(d: Daemon, task_id: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in lines_of(d, task_id)]
+
+
+def wait_lines(d: Daemon, task_id: str, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(lines_of(d, task_id)) < n:
+        assert time.monotonic() < deadline, (task_id, lines_of(d, task_id))
+        time.sleep(0.05)
+
+
+def check_probe(out: list[dict[str, Any]], *, updated: bool = False) -> None:
+    """The egress prober's results: the gap's denial enforced, its allowed connection made, its
+    DNS failed closed; after the restart, DNS answers and the learned address is reachable, and
+    OTHER4 only if its policy was `updated` to allow it."""
+    assert len(out) == 7, out
+    before, denied, allowed, gap_dns, dns, by_name, other = out
+    assert before["ok"] and allowed == {**allowed, "ok": True, "reply": "10"}, out
+    assert (denied["ok"], denied["errno"]) == (False, errno.EPERM), out
+    assert not gap_dns["ok"], f"no DNS answer while no agent runs: {out}"
+    assert dns["ok"] and dns["addrs"] == [HOST4], out
+    assert by_name["ok"], f"the new forwarder learned the address into the task's map: {out}"
+    assert other["ok"] if updated else other["errno"] == errno.EPERM, out
+
+
+def check_host_probe(out: list[dict[str, Any]]) -> None:
+    before, denied, allowed, after = out
+    assert before["ok"] and allowed["reply"] == "10" and after["reply"] == "10", out
+    assert (denied["ok"], denied["errno"]) == (False, errno.EPERM), out
+
+
+def task_netns(pid: int) -> str:
+    """The /run/netns name of the netns process `pid` is in."""
+    inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+    return next(p.name for p in Path("/run/netns").iterdir() if p.stat().st_ino == inode)
+
+
+def egress_pins(d: Daemon) -> Path:
+    """The node's per-task egress pins (without mounting a bpffs to look)."""
+    own = d.data / "bpf" / "node" / "egress"
+    return (
+        own if own.parent.exists() else Path("/sys/fs/bpf/agentnode") / node_id(d.data) / "egress"
+    )
+
+
+def pin_of(pid: int) -> str:
+    return "c" + cgroup_of(pid).split("@")[1]
+
+
+def kernel_objects(world: World) -> dict[str, set[str]]:
+    """What task networks hold in the node's netns (the test's own): task veths and the bridge,
+    and the nftables tables."""
+    links = subprocess.run(["ip", "-n", world.task, "-o", "link"], capture_output=True,
+                           text=True, check=True).stdout  # fmt: skip
+    tables = subprocess.run(["ip", "netns", "exec", world.task, "nft", "list", "tables"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return {
+        "links": {x.split(":")[1].strip().split("@")[0] for x in links.splitlines()
+                  if ": anv" in x or ": agentnode" in x},
+        "nft": {x for x in tables.splitlines() if "agentnode" in x},
+    }  # fmt: skip
+
+
+def netns_left(names: set[str]) -> set[str]:
+    """Those of the task netns `names` that still exist (other tests make and remove theirs)."""
+    return {n for n in names if (Path("/run/netns") / n).exists()}
+
+
+def stop_all(d: Daemon, config: str) -> None:
+    """Stops the daemon and every task it left, also when a test failed in a gap: a daemon on
+    `config` (no keep_tasks) is started to re-adopt them first."""
+    if d.proc is None:
+        d.config.write_text(config)
+        d.start()
+    d.stop()
+
+
+def audit_denials(d: Daemon, task_id: str) -> list[dict[str, Any]]:
+    log = (d.data / "audit" / "audit.log").read_text().splitlines()
+    return [r for r in map(json.loads, log)
+            if r["kind"] == "egress_denied" and r["task"] == task_id]  # fmt: skip
+
+
+def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
+    tmp_path: Path, world: World
+) -> None:
+    netns = ("nsenter", f"--net=/run/netns/{world.task}")
+    config = egress_config()
+    d = Daemon(tmp_path, config, netns)
+    base = kernel_objects(world)
+    mine: set[str] = set()
+    d.start()
+    tag = f"eg{os.getpid()}x{time.time_ns() % 10**6}"
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    try:
+        # Network none and egress tasks, each writing steadily; some of each end in the gap.
+        specs: dict[str, tuple[list[str], int, int, str]] = {}
+        for i in range(24):
+            marker, code, net = f"{tag}-{i}", i % 4, ("none", "egress")[i % 2]
+            if i % 6 < 2:
+                specs[marker] = (gated(marker, code), 0, code, net)
+            else:
+                specs[marker] = (writer(marker, 120, code), 120, code, net)
+        policy = {"allow": [f"{HOST4}:8080"], "allow_hosts": ["allowed.test:9090"]}
+        tasks = {
+            m: d.submit(cmd, cpus=0.05, ro=[f"{gate}:/gate"], network=net,
+                        **(policy if net == "egress" else {}))["id"]
+            for m, (cmd, _, _, net) in specs.items()
+        }  # fmt: skip
+        probe = d.submit(ops(*PROBE), network="egress", **policy, **prober_fields(gate))["id"]
+        host = d.submit(ops(*HOST_PROBE), network="host", allow=[f"{HOST4}:8080"],
+                        **prober_fields(gate))["id"]  # fmt: skip
+        for t in (*tasks.values(), probe, host):
+            d.wait(t, states=("running",), timeout=60)
+        wait_lines(d, probe, 1)
+        wait_lines(d, host, 1)
+        # The probers run until the test lets them end: accounting is checked on them at least.
+        watched = {**tasks, "probe": probe, "host": host}
+        before = {m: d.task(t).get("stats") for m, t in watched.items()}
+        inits = {m: pids_of(m) for m in specs}
+        assert all(len(p) == 1 for p in inits.values()), inits
+        mine = {task_netns(p[0]) for m, p in inits.items() if specs[m][3] == "egress"}
+        # The egress tasks that end in the gap: their netns and pins must go at the restart.
+        ending = {m for m, (_, lines, _, net) in specs.items() if lines == 0 and net == "egress"}
+        gone = {(task_netns(inits[m][0]), pin_of(inits[m][0])) for m in ending}
+        assert netns_left({ns for ns, _ in gone}) == {ns for ns, _ in gone}
+        assert {p for _, p in gone} <= {p.name for p in egress_pins(d).iterdir()}
+        d.stop(signal.SIGKILL)
+        (gate / "end").touch()
+        (gate / "gap").touch()
+        # The gap: the probers are denied and allowed as before, with no agent at all.
+        wait_lines(d, probe, 4)
+        wait_lines(d, host, 3)
+        time.sleep(1.0)
+        running_before = sum(1 for m in specs if pids_of(m))
+        d.start()
+        running_after = sum(1 for m in specs if pids_of(m))
+        for ns, pin in gone:
+            assert not netns_left({ns}), "an ended task's netns goes"
+            assert not (egress_pins(d) / pin).exists(), "and its pinned enforcement"
+        adopted = int(next(x for x in d.lines if "capacity" in x).split(" re-adopted")[0]
+                      .rsplit(" ", 1)[1])  # fmt: skip
+        # The probers wait for the test; a writer may end between the counts and the restart.
+        assert running_after + 2 <= adopted <= running_before + 2, (adopted, running_before)
+        # Accounting goes on: the cgroups' and the pinned maps' own counters.
+        checked = 0
+        for m, t in watched.items():
+            now, then = d.task(t), before[m]
+            if now["state"] == "running" and then is not None and now["network"] != "none":
+                cpu = [x["cpu_user_s"] + x["cpu_system_s"] for x in (now["stats"], then)]
+                assert cpu[0] >= cpu[1] and now["stats"]["wall_s"] > then["wall_s"], m
+                checked += 1
+        assert checked >= 2
+        # The prober's counters went on through the gap (the maps are the pinned ones).
+        stats = d.task(probe)["stats"]["network"]
+        assert stats["connections_denied"] >= 1 and stats["connections_allowed"] >= 2, stats
+        (gate / "after").touch()
+        done = {m: d.wait(tasks[m], timeout=90) for m in specs}
+        for m, (_, lines, code, net) in specs.items():
+            t = done[m]
+            assert (t["attempt"], t["exit_code"]) == (1, code), (m, net, t)
+            assert t["state"] == ("succeeded" if code == 0 else "failed"), (m, t)
+            out = lines_of(d, tasks[m])
+            assert out and out == [f"{m} line {i}" for i in range(lines or len(out))], (m, net)
+        for t, check in ((probe, check_probe), (host, check_host_probe)):
+            p = d.wait(t, timeout=60)
+            assert (p["state"], p["exit_code"], p["attempt"]) == ("succeeded", 0, 1), p
+            check(results(d, t))
+        # The gap's denial reached the audit log after the restart (its ring buffer is pinned).
+        assert any(a["address"] == OTHER4 and a["port"] == 8080 for a in audit_denials(d, probe))
+        assert any(a["address"] == OTHER4 for a in audit_denials(d, host))
+    finally:
+        stop_all(d, config)
+    assert leftover_cgroups(d.data) == []
+    no_pins(d)
+    assert kernel_objects(world) == base and not netns_left(mine), "no task network stays"
+
+
+def test_egress_tasks_outlive_a_stop_with_keep_tasks(tmp_path: Path, world: World) -> None:
+    netns = ("nsenter", f"--net=/run/netns/{world.task}")
+    config = egress_config()
+    d = Daemon(tmp_path, config.replace("[node]\n", "[node]\nkeep_tasks = true\n"), netns)
+    base = kernel_objects(world)
+    d.start()
+    tag = f"ek{os.getpid()}x{time.time_ns() % 10**6}"
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    policy = {"allow": [f"{HOST4}:8080"], "allow_hosts": ["allowed.test:9090"]}
+    mine: set[str] = set()
+    try:
+        probe = d.submit(ops(*PROBE), network="egress", **policy, **prober_fields(gate))["id"]
+        kept = d.submit(gated(f"{tag}-k", 3), network="egress", ro=[f"{gate}:/gate"],
+                        **policy)["id"]  # fmt: skip
+        # Its enforcement is removed while no agent runs: it cannot be re-adopted safely.
+        broken = d.submit(["sh", "-c", "sleep 300", f"{tag}-b"], network="egress",
+                          retry_lost=False, **policy)["id"]  # fmt: skip
+        for t in (probe, kept, broken):
+            d.wait(t, states=("running",), timeout=60)
+        wait_lines(d, probe, 1)
+        [broken_pid] = pids_of(f"{tag}-b")
+        mine = {task_netns(p) for m in ("k", "b") for p in pids_of(f"{tag}-{m}")}
+        assert d.stop(signal.SIGTERM) == 0
+        assert "run on, for the next start" in "\n".join(d.lines)
+        during = kernel_objects(world)
+        assert netns_left(mine) == mine and len(during["links"] - base["links"]) == 4, (
+            "the tasks' networks stay, on the bridge"
+        )
+        assert "table ip agentnode0" in during["nft"], "and the masquerade"
+        assert len(list(egress_pins(d).iterdir())) == 3, "and their pinned enforcement"
+        _native.EgressHandle.remove_pins(egress_pins(d) / pin_of(broken_pid))
+        (gate / "gap").touch()
+        wait_lines(d, probe, 4)
+        d.config.write_text(config)
+        d.start()
+        assert "2 re-adopted" in next(x for x in d.lines if "capacity" in x), d.lines
+        lost = d.wait(broken, timeout=30)
+        assert lost["state"] == "lost" and "network" in lost["reason"], lost
+        assert not pids_of(f"{tag}-b"), "killed: never a task without its policy"
+        # Its rules change live as a task's started by this daemon would.
+        d.client.call("PUT", f"/v1/tasks/{probe}/egress",
+                      {**policy, "allow": [f"{HOST4}:8080", f"{OTHER4}:8080"]})  # fmt: skip
+        (gate / "after").touch()
+        (gate / "end").touch()
+        p = d.wait(probe, timeout=60)
+        assert (p["state"], p["exit_code"]) == ("succeeded", 0), p
+        check_probe(results(d, probe), updated=True)
+        assert any(a["address"] == OTHER4 for a in audit_denials(d, probe))
+        k = d.wait(kept, timeout=60)
+        assert (k["exit_code"], k["attempt"]) == (3, 1), k
+        got = lines_of(d, kept)
+        assert got and got == [f"{tag}-k line {i}" for i in range(len(got))]
+    finally:
+        stop_all(d, config)
+    assert leftover_cgroups(d.data) == []
+    no_pins(d)
+    assert kernel_objects(world) == base and not netns_left(mine), "no task network stays"

@@ -278,7 +278,20 @@ class EgressHandle:
         dns_v4: bytes | None = None,
         dns_v6: bytes | None = None,
         dns_port: int = 0,
-    ) -> EgressHandle: ...
+        pin: str | PathLike[str] | None = None,
+        adopt: bool = False,
+    ) -> EgressHandle:
+        """Attaches a fresh enforcement to `cgroup_dir`; with `pin` (a new directory on a bpffs),
+        pinned there so it outlives this handle and its process. With `adopt`, takes over the
+        one pinned at `pin` instead (its maps brought to the rules, limits and DNS given)."""
+    @staticmethod
+    def remove_pins(dir: str | PathLike[str]) -> bool:
+        """Removes the pinned directory `dir` and its pins (of a task that is gone); returns
+        whether there was one."""
+    def unpin(self) -> None:
+        """Removes this enforcement's pins: `close()` then detaches it. Idempotent."""
+    def leave(self) -> None:
+        """Closes the handle leaving the pinned enforcement in force (for a later owner to adopt)."""
     def set_rules(self, rules_: list[_Rule]) -> None:
         """Replaces the CIDR rules (live map update)."""
     def set_rules_packed(self, packed: bytes) -> None:

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from agentnode import _native
 from agentnode.egress.policy import EgressPolicy, PortRange, services_rules
@@ -50,6 +51,22 @@ def _packed16(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
     return addr.packed
 
 
+def _redirect(forwarders: list[tuple[str, int]]) -> dict[str, Any]:
+    """The native redirect arguments for the DNS forwarder's `(address, port)` pairs."""
+    v4 = v6 = None
+    port = 0
+    for addr, p in forwarders:
+        ip = ipaddress.ip_address(addr)
+        port = p
+        if isinstance(ip, ipaddress.IPv4Address):
+            v4 = ip.packed
+        else:
+            v6 = ip.packed
+    if len({p for _, p in forwarders}) > 1:
+        raise PolicyError("the DNS forwarder must use one port for both address families")
+    return {"dns_v4": v4, "dns_v6": v6, "dns_port": port}
+
+
 class Egress:
     """Egress enforcement on one cgroup2 directory. Use `Egress.attach(...)`; `close()` detaches."""
 
@@ -82,36 +99,44 @@ class Egress:
         services: Iterable[tuple[str, int]] = (),
         dns: Iterable[tuple[str, int]] = (),
         on_denial: Callable[[Denial], None] | None = None,
+        pin: str | os.PathLike[str] | None = None,
+        adopt: bool = False,
     ) -> Egress:
         """Enforces `policy` on every process in `cgroup2_dir` (and its descendants).
 
         `services`: the node's own `(address, port)` services, always allowed. `dns`: the node's
         DNS forwarder's `(address, port)` pairs (one per family); port-53 traffic is redirected there and
         the forwarder is allowed. `on_denial`: called with each `Denial` (see `poll_denials`).
+        `pin`: a new directory on a bpffs where the programs' links and the maps are pinned, so
+        the enforcement outlives this object and its process (`leave`), until `unpin`. With
+        `adopt`, the enforcement pinned at `pin` earlier is taken over instead, brought to
+        `policy`, `services` and `dns`; what it learned from DNS, its counters and the denials
+        not yet read stay.
         """
         forwarders = list(dns)
         services = [*services, *forwarders]
-        v4 = v6 = None
-        port = 0
-        for addr, p in forwarders:
-            ip = ipaddress.ip_address(addr)
-            port = p
-            if isinstance(ip, ipaddress.IPv4Address):
-                v4 = ip.packed
-            else:
-                v6 = ip.packed
-        if len({p for _, p in forwarders}) > 1:
-            raise PolicyError("the DNS forwarder must use one port for both address families")
         handle = _native.EgressHandle(
             os.fspath(cgroup2_dir),
             cls._rules(policy, services),
             rate_bps=policy.rate_bps,
             conn_per_sec=policy.conn_per_sec,
-            dns_v4=v4,
-            dns_v6=v6,
-            dns_port=port,
+            **_redirect(forwarders),
+            pin=None if pin is None else os.fspath(pin),
+            adopt=adopt,
         )
         return cls(handle, os.fspath(cgroup2_dir), policy, services, on_denial)
+
+    def unpin(self) -> None:
+        """Removes the pins (if any): `close()` then detaches the programs."""
+        if not self._handle.closed:
+            self._handle.unpin()
+
+    def leave(self) -> None:
+        """Closes this object but leaves a pinned enforcement in force, for a later `adopt`."""
+        if self._loop is not None and not self._handle.closed:
+            self._loop.remove_reader(self._handle.events_fd())
+            self._loop = None
+        self._handle.leave()
 
     @staticmethod
     def _rules(

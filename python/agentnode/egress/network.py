@@ -7,8 +7,10 @@ task's bridge port is isolated, so tasks do not reach each other at layer 2 eith
 backstop drops a task's answers to peers its policy does not allow, whatever the route.)
 
 Everything is created idempotently and named with an `agentnode` prefix. Each task's veth
-records the process that made it (pid and start time), so `sweep()` removes what a crashed
-node left without touching the tasks of a node or `agentnode exec` that still runs.
+records its owner: the process that made it (pid and start time), so `sweep()` removes what a
+crashed `agentnode exec` left without touching the tasks of one that still runs; or, for a node
+daemon's, whose tasks outlive its processes, the node (`k<node>`), which only that node's own
+next start sweeps, sparing the tasks it re-adopts (`adopt`).
 `node_netns` puts the node side in a namespace other than the host's (tests use one they
 create; the daemon uses the host's).
 """
@@ -45,6 +47,8 @@ def process_identity(pid: int) -> str:
 
 
 def _alive(owner: str) -> bool:
+    if owner.startswith("k"):
+        return True  # a node's: its tasks outlive its processes, its own start sweeps them
     pid, _, _ = owner.partition(".")
     return pid.isdigit() and process_identity(int(pid)) == owner
 
@@ -65,6 +69,13 @@ class TaskNet:
         return f"/run/netns/{self.netns}"
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
 def _bridge_mac(bridge: str) -> str:
     """A fixed, locally administered unicast MAC for `bridge` (the same on every start)."""
     digest = hashlib.sha256(bridge.encode()).digest()
@@ -80,6 +91,7 @@ class NodeNetwork:
         bridge: str = "agentnode0",
         subnet: str = "10.88.0.0/24",
         node_netns: str | None = None,
+        node: str | None = None,
     ) -> None:
         if not bridge.startswith("agentnode") or len(bridge) > 15:
             raise PolicyError(
@@ -95,7 +107,12 @@ class NodeNetwork:
         self.node_netns = node_netns
         self.gateway = next(self.subnet.hosts())
         self.table = bridge.replace("-", "_")
-        self.owner = process_identity(os.getpid())
+        #: Who the task veths made here belong to: the node `node` (`agentnode.node.restore.
+        #: node_id`), whose tasks outlive this process, or else this process.
+        self.owner = f"k{node}" if node else process_identity(os.getpid())
+        #: This owner's task veths that `sweep(own=True)` spares: tasks re-adopted from an
+        #: earlier process of the node, or left running for a later one.
+        self.kept: set[str] = set()
         # Held from picking a free address to recording it in the veth's alias: two spawns at
         # once (a tool's sandbox made ahead while another starts) would share an address.
         self._allocating = threading.Lock()
@@ -270,15 +287,60 @@ class NodeNetwork:
             raise
         return TaskNet(task_id, netns, address, self.gateway, veth, publish)
 
+    def adopt(self, pid: int, published: tuple[Published, ...] = ()) -> TaskNet:
+        """The network of task process `pid`, which an earlier process of this owner made: its
+        netns (found by the namespace `pid` is in), the veth on the bridge and its address.
+        Kept from `sweep(own=True)` from now on. Raises `EgressError` when any part is gone."""
+        try:
+            inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError as e:
+            raise EgressError(
+                f"cannot read the network namespace of pid {pid}: {e.strerror}"
+            ) from None
+        run_netns = Path("/run/netns")
+        netns = next(
+            (
+                ns.name
+                for ns in (run_netns.iterdir() if run_netns.is_dir() else [])
+                if ns.name.startswith(TASK_NETNS_PREFIX) and _inode(ns) == inode
+            ),
+            None,
+        )
+        if netns is None:
+            raise EgressError(f"pid {pid} is in no task network namespace of the node")
+        veth = f"{VETH_PREFIX}{netns.removeprefix(TASK_NETNS_PREFIX)}"
+        link = next((x for x in self._links() if x.get("ifname") == veth), None)
+        alias = str((link or {}).get("ifalias", "")).split()
+        if len(alias) < 4 or alias[0] != "agentnode" or alias[2] != self.owner:
+            raise EgressError(f"the task veth {veth} of {netns} is gone or not the node's")
+        try:
+            address = ipaddress.IPv4Address(alias[1])
+        except ValueError:
+            raise EgressError(f"the task veth {veth} records no address: {alias[1]!r}") from None
+        if link is not None and link.get("master") != self.bridge:
+            raise EgressError(f"the task veth {veth} is not on the bridge {self.bridge}")
+        if address not in self.subnet:
+            raise EgressError(
+                f"the task's address {address} is outside the node subnet {self.subnet} "
+                "(network.subnet changed since it started)"
+            )
+        self.kept.add(veth)
+        return TaskNet(alias[3], netns, address, self.gateway, veth, published)
+
+    def leave(self, net: TaskNet) -> None:
+        """Leaves the task's network in place for a later process of this owner to `adopt`."""
+        self.kept.add(net.host_veth)
+
     def remove_task(self, net: TaskNet) -> None:
         """Removes the task's published ports, veth and netns (idempotent)."""
+        self.kept.discard(net.host_veth)
         self._unpublish(p.host_port for p in net.published)
         self._ip("link", "del", net.host_veth, check=False)
         self._run(["ip", "netns", "del", net.netns], check=False)
 
     def sweep(self, *, own: bool = False) -> list[str]:
         """Removes the task veths and netns whose owning process is gone (start-up, after a
-        crash), and with `own` this process's too; returns their names."""
+        crash), and with `own` this owner's too (but the `kept` ones); returns their names."""
         removed = []
         dead: set[str] = set()
         addresses: set[str] = set()
@@ -290,7 +352,10 @@ class NodeNetwork:
                 and len(alias) >= 3
                 and alias[0] == "agentnode"
                 and ipaddress.IPv4Address(alias[1]) in self.subnet
-                and ((own and alias[2] == self.owner) or not _alive(alias[2]))
+                and (
+                    (own and alias[2] == self.owner and name not in self.kept)
+                    or (alias[2] != self.owner and not _alive(alias[2]))
+                )
             ):
                 dead.add(name.removeprefix(VETH_PREFIX))
                 addresses.add(alias[1])

@@ -7,11 +7,19 @@ namespace, so it serves tasks whichever thread starts them and whatever the call
 It listens on the bridge address at a port the kernel picks: several processes on one host
 (a node and some `agentnode exec`) each run their own, and each task's BPF programs redirect
 its DNS to the forwarder of the process that started it.
+
+A node daemon's tasks outlive it (`pins`): each task's BPF links and maps are pinned under the
+node's bpffs directory, so the kernel enforces the policy while no daemon runs, and its network
+belongs to the node, not the process. Its DNS then fails closed: the programs still redirect
+port 53 to the forwarder's port, where nothing answers. The next daemon `adopt`s the tasks it
+re-adopts (their enforcement brought to their recorded policy, their DNS redirected to its own
+forwarder, which learns their names again) and `sweep`s the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -24,10 +32,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+from agentnode import _native
 from agentnode.egress.enforce import Denial, Egress
 from agentnode.egress.network import NodeNetwork, TaskNet
 from agentnode.egress.policy import EgressPolicy
-from agentnode.errors import EgressError, UsageError
+from agentnode.errors import AgentnodeError, EgressError, UsageError
 
 if TYPE_CHECKING:
     from agentnode.egress.dns import DnsForwarder, DnsLimits
@@ -80,6 +89,8 @@ class TaskEgress:
         self._on_denial = on_denial
         self._egress: Egress | None = None
         self._final: dict[str, int] | None = None
+        #: Whether its enforcement is pinned, to outlive this process (`leave`).
+        self.pinned = False
 
     @property
     def netns_path(self) -> str | None:
@@ -143,6 +154,21 @@ class TaskEgress:
         net, self.net = self.net, None
         return address, egress, net
 
+    def leave(self) -> None:
+        """Lets the task's network run on without this process: the pinned enforcement stays in
+        force, the netns and veth stay, for the node's next start to `EgressService.adopt`.
+        Raises `EgressError` without pins (not a node's task): its enforcement goes with this
+        process, and a task must never run on without it."""
+        if not self.pinned and self._egress is not None:
+            raise EgressError("this task's egress enforcement is not pinned: it cannot run on")
+        egress, self._egress = self._egress, None
+        if egress is not None:
+            self._final = egress.stats()
+            self._service._detach(self.address, egress, leave=True)
+        if self.net is not None:
+            self._service.network.leave(self.net)
+            self.net = None
+
 
 class EgressService:
     """The node side of task networking. Thread-safe; `close()` removes what it made.
@@ -162,8 +188,14 @@ class EgressService:
         node_netns: str | None = None,
         on_denial: Callable[[Denial], None] | None = None,
         dns_limits: DnsLimits | None = None,
+        node: str | None = None,
+        pins: Path | None = None,
     ) -> None:
-        self.network = NodeNetwork(bridge=bridge, subnet=subnet, node_netns=node_netns)
+        self.network = NodeNetwork(bridge=bridge, subnet=subnet, node_netns=node_netns, node=node)
+        #: Where each task's enforcement is pinned, in a directory named for its cgroup (None:
+        #: not pinned; it goes with this process). A node daemon's: `node` names the node.
+        self.pins = pins
+        self._adopted_pins: set[str] = set()
         self.dns_limits = dns_limits
         self.upstream = dns_upstream or default_upstream()
         self.services = tuple(services)
@@ -313,20 +345,38 @@ class EgressService:
         )
         return TaskEgress(self, mode, policy, net, on_denial)
 
-    def _attach(self, task: TaskEgress, cgroup_dir: str, policy: EgressPolicy) -> Egress:
+    def _attach(
+        self, task: TaskEgress, cgroup_dir: str, policy: EgressPolicy, *, adopt: bool = False
+    ) -> Egress:
         # Host-mode tasks share the host's addresses, so the forwarder could not tell them
         # apart: their port-53 traffic follows the CIDR rules like any other.
         dns = [self._dns] if task.net is not None and self._dns else []
+        pin = None
+        if self.pins is not None:
+            # Named for the cgroup: the next start finds it from the task's cgroup alone.
+            pin = self.pins / f"c{os.stat(cgroup_dir).st_ino}"
+            self.pins.mkdir(mode=0o700, exist_ok=True)
         egress = Egress.attach(
-            cgroup_dir, policy, services=self.services, dns=dns, on_denial=self._on_denial
+            cgroup_dir,
+            policy,
+            services=self.services,
+            dns=dns,
+            on_denial=self._on_denial,
+            pin=pin,
+            adopt=adopt,
         )
+        task.pinned = pin is not None
         if task._on_denial is not None:
             egress.on_denial(task._on_denial)  # before `watch`: no event is read before it
         try:
             self._call(lambda: self._register(task, egress))
         except BaseException:
+            if not adopt:
+                egress.unpin()
             egress.close()
             raise
+        if pin is not None and adopt:
+            self._adopted_pins.add(pin.name)
         return egress
 
     def _register(self, task: TaskEgress, egress: Egress) -> None:
@@ -334,6 +384,8 @@ class EgressService:
         if task.address is not None:
             self._forwarder.add_task(task.address, egress)
         egress.watch(self._loop)
+        # An adopted task's denials from while no daemon ran wait in its ring buffer.
+        egress.poll_denials()
 
     def _teardown(self, address: str | None, egress: Egress | None, net: TaskNet | None) -> None:
         """Detaches a task's programs, forgets its address in the forwarder, removes its veth
@@ -343,17 +395,65 @@ class EgressService:
         if net is not None:
             self.network.remove_task(net)
 
-    def _detach(self, address: str | None, egress: Egress) -> None:
+    def _detach(self, address: str | None, egress: Egress, *, leave: bool = False) -> None:
         def run() -> None:
             if address is not None and self._forwarder is not None:
                 self._forwarder.remove_task(address)
             egress.poll_denials()  # the last ones still reach the audit log
-            egress.close()
+            end(egress)
+
+        def end(egress: Egress) -> None:
+            if leave:
+                egress.leave()
+            else:
+                egress.unpin()
+                egress.close()
 
         if self._loop is None or self._loop.is_closed():
-            egress.close()
+            end(egress)
         else:
             self._call(run)
+
+    def adopt(
+        self,
+        mode: Literal["egress", "host"],
+        policy: EgressPolicy,
+        *,
+        cgroup_dir: str | os.PathLike[str],
+        pid: int,
+        on_denial: Callable[[Denial], None] | None = None,
+    ) -> TaskEgress:
+        """Takes over the network of a task an earlier process of this node left running, its
+        init `pid` in `cgroup_dir`: its netns and veth (mode `egress`) and its pinned
+        enforcement, brought to `policy` (the task's record), its DNS redirected to this
+        process's forwarder, which answers it from now on. Raises `EgressError` when a part is
+        gone (the task cannot be re-adopted: kill it). Call `sweep` once every task is
+        adopted."""
+        if self.pins is None:
+            raise EgressError("this network service pins nothing, so it adopts nothing")
+        self._check(mode, policy)
+        net = self.network.adopt(pid, policy.published) if mode == "egress" else None
+        task = TaskEgress(self, mode, policy, net, on_denial)
+        try:
+            self.start()
+            task._egress = self._attach(task, os.fspath(cgroup_dir), policy, adopt=True)
+        except BaseException:
+            if net is not None:
+                self.network.kept.discard(net.host_veth)
+            raise
+        return task
+
+    def sweep(self) -> None:
+        """Removes what earlier processes of this node left and this one did not `adopt`: task
+        veths and netns with their published ports, and pinned enforcement. At a node's start,
+        after its adoptions and before any task starts."""
+        self.network.sweep(own=True)
+        if self.pins is None or not self.pins.is_dir():
+            return
+        for pin in self.pins.iterdir():
+            if pin.name not in self._adopted_pins:
+                with contextlib.suppress(AgentnodeError):
+                    _native.EgressHandle.remove_pins(pin)
 
     def retire(self, teardown: Callable[[], None]) -> None:
         """Runs an ended task's network `teardown` on a background thread (a veth and netns removal is

@@ -623,8 +623,10 @@ class Task:
 
     def leave(self) -> None:
         """Lets a task started with `outlive` run on without this handle: neither this process's
-        exit nor the handle's close kills it, and its cgroups stay. Its egress, if any, goes
-        with this process."""
+        exit nor the handle's close kills it, and its cgroups stay. Its egress, if any, stays
+        in force (`TaskEgress.leave`): a task whose service does not pin it cannot be left."""
+        if self._net is not None:
+            self._net.leave()  # first: it refuses when the policy could not stay in force
         self._native.leave()
         _live.discard(self)
 

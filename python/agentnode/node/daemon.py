@@ -193,8 +193,8 @@ async def serve(config: NodeConfig) -> None:
         print(
             f"agentnode: capacity {inv.allocatable_cpu_millis / 1000:g} CPUs, "
             f"{inv.allocatable_memory_bytes >> 20} MiB allocatable, {len(inv.gpus)} GPUs; "
-            f"{node.manager.queued_count()} queued, {len(node.manager.recovered_lost)} lost "
-            f"in the last run, {len(node.manager.adopted)} re-adopted; state in {config.data_dir}",
+            f"{node.manager.queued_count()} queued, {node.restored[1]} lost in the last run, "
+            f"{node.restored[0]} re-adopted; state in {config.data_dir}",
             flush=True,
         )
         print(

@@ -25,6 +25,7 @@ import os
 import select
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from agentnode import _native
@@ -34,7 +35,19 @@ from agentnode.isolation.spec import Limits
 from agentnode.isolation.task import Result, Stats, exit_reason, launcher
 from agentnode.tasks.model import State, Task
 
-__all__ = ["Adopted", "Restorer", "node_id", "pin_dir", "release_pins", "start_ticks"]
+TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
+if TYPE_CHECKING:
+    from agentnode.egress.service import TaskEgress
+
+__all__ = [
+    "Adopted",
+    "Restorer",
+    "egress_pins",
+    "node_id",
+    "pin_dir",
+    "release_pins",
+    "start_ticks",
+]
 
 log = logging.getLogger("agentnode.node")
 
@@ -87,9 +100,20 @@ def pin_dir(data_dir: Path) -> Path:
     return own / "node"
 
 
+def egress_pins(where: Path) -> Path:
+    """Where, under the node's pin directory `where`, each task's egress enforcement is pinned
+    (`agentnode.egress.service.EgressService.pins`)."""
+    return where / "egress"
+
+
 def release_pins(data_dir: Path) -> None:
     """Removes what `pin_dir` made (nothing may need it: no task outlives the node)."""
     where = pin_dir(data_dir)
+    egress = egress_pins(where)
+    for pin in egress.iterdir() if egress.is_dir() else []:
+        _native.EgressHandle.remove_pins(pin)
+    with contextlib.suppress(FileNotFoundError):
+        egress.rmdir()
     _native.ExitRecorder.remove(where)
     own = data_dir / "bpf"
     if where.parent == own:
@@ -136,6 +160,8 @@ class Adopted:
         self.deadline = deadline
         self._timed_out = False
         self._result: Result | None = None
+        #: Its network (`--net egress` or `host`), once `EgressService.adopt` took it over.
+        self.net: TaskEgress | None = None
 
     @property
     def cgroup_dir(self) -> Path | None:
@@ -147,16 +173,25 @@ class Adopted:
 
     @property
     def egress(self) -> EgressPolicy | None:
-        return None
+        return None if self.net is None else self.net.policy
 
     def update_egress(self, policy: EgressPolicy) -> None:
-        raise UsageError("this task has no egress policy to update (start it with --net egress)")
+        if self.net is None:
+            raise UsageError(
+                "this task has no egress policy to update (start it with --net egress)"
+            )
+        self.net.update(policy)
 
     def stats(self) -> Stats:
         if self._result is not None:
             return self._result.stats
         wall = time.clock_gettime(time.CLOCK_BOOTTIME) - self.ticks / _TICKS_PER_S
-        return Stats(**self._cgroup.stats(wall))
+        network = {} if self.net is None else self.net.stats()
+        return Stats(**self._cgroup.stats(wall), network=network)
+
+    def exited(self) -> bool:
+        """Whether its init has exited (its outcome is then the exit recorder's)."""
+        return self._result is not None or _has_exited(self._pidfd)
 
     def signal(self, sig: int) -> None:
         if self._result is None:
@@ -202,6 +237,9 @@ class Adopted:
             status = self._recorder.status(self.pid, self.ticks)
         code, sig = (None, signal.SIGKILL) if status is None else _exit_of(status)
         stats = self.stats()
+        if self.net is not None:
+            self.net.close()  # its counters stay readable as final ones
+            stats = replace(stats, network=self.net.stats())
         self._result = Result(code, sig, exit_reason(code, sig, stats, timed_out=self._timed_out),
                               stats)  # fmt: skip
         return self._result
@@ -210,6 +248,8 @@ class Adopted:
         """Kills whatever still runs in its cgroup, removes the cgroup, stops watching it."""
         if self._result is None:
             self._cgroup.kill()
+        if self.net is not None:
+            self.net.close()
         self._cgroup.close()
         with contextlib.suppress(OSError):
             os.close(self._pidfd)
@@ -218,6 +258,8 @@ class Adopted:
 
     def leave(self) -> None:
         """Lets the task run on, for a later start to re-adopt again."""
+        if self.net is not None:
+            self.net.leave()
         self._cgroup.leave()
         with contextlib.suppress(OSError):
             os.close(self._pidfd)

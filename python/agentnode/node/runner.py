@@ -1,10 +1,10 @@
 """Turns queued tasks into isolated processes and their ends into durable outcomes.
 
 One `Node` per daemon, used from the event loop's thread only; tasks are spawned on two
-long-lived worker threads. Tasks without network egress outlive the daemon (a crash, `kill -9`,
-an upgrade with `--keep-tasks`) and the next start re-adopts them (`agentnode.node.restore`);
-tasks with egress still die with it (PR_SET_PDEATHSIG) and are recorded lost at the next start,
-which retries them once. Each attempt gets its own bearer token (`agentnode.tasks.tokens`).
+long-lived worker threads. Tasks outlive the daemon (a crash, `kill -9`, an upgrade with
+`--keep-tasks`) and the next start re-adopts them (`agentnode.node.restore`), with their network
+and egress enforcement (pinned under bpffs; `agentnode.egress.service`). Each attempt gets its
+own bearer token (`agentnode.tasks.tokens`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from agentnode.node.logcap import rotate_if_over
 from agentnode.node.restore import (
     Adopted,
     Restorer,
+    egress_pins,
     node_id,
     pin_dir,
     release_pins,
@@ -103,10 +104,11 @@ class Node:
         #: Settles the tasks an earlier agent left running; None: the kernel cannot record
         #: their exits here, so tasks die with the node agent as they used to.
         self.restorer: Restorer | None = None
+        pins: Path | None = None
         try:
-            self.restorer = Restorer(
-                _native.ExitRecorder(pin_dir(config.data_dir)), node=node_id(config.data_dir)
-            )
+            where = pin_dir(config.data_dir)
+            self.restorer = Restorer(_native.ExitRecorder(where), node=node_id(config.data_dir))
+            pins = egress_pins(where)
         except AgentnodeError as e:
             log.warning("tasks die with the node agent (no live restore): %s", e)
         try:
@@ -174,6 +176,10 @@ class Node:
                 max_name=config.dns_max_name,
                 extra_types=config.dns_types,
             ),
+            # The node's tasks' veths are the node's, and their enforcement pinned: they
+            # outlive this process with the tasks (None: no live restore, they die with it).
+            node=node_id(config.data_dir),
+            pins=pins,
         )
         #: Where tasks with network egress reach the inference proxy (None: not started).
         self.inference_url: str | None = None
@@ -188,14 +194,16 @@ class Node:
             self.egress.services = (*self.egress.services, (gateway, config.tools.mcp_port))
             self.mcp_url = f"http://{gateway}:{config.tools.mcp_port}/mcp"
         self.mcp_socket = task_socket.with_name("mcp.sock")
-        try:
-            self.egress.network.sweep()  # what a node killed with -9 left behind
-        except AgentnodeError as e:
-            # Tasks without network still run; those with it will fail to start, saying why.
-            log.warning("cannot sweep task networks: %s", e)
         #: The hash-chained audit log: transitions, execs, egress denials, LLM calls, tool
         #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
         self.audit = AuditLog(config.data_dir / "audit")
+        self._adopt_networks()
+        #: What this start found of the last run: tasks re-adopted, and tasks lost (ended
+        #: unrecorded, or not re-adopted after all).
+        self.restored = (
+            len(self._adopted),
+            len(self.manager.recovered_lost) + len(self._not_adopted),
+        )
         #: Layer 5: the tools tasks call (through the MCP endpoint, the API or the SDK); each
         #: call's record goes to the audit log.
         self.tools = Toolbox(
@@ -214,6 +222,38 @@ class Node:
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
             self._publish(self.manager.get(task_id))
+
+    def _adopt_networks(self) -> None:
+        """Takes over the re-adopted tasks' networks and egress enforcement (their denials
+        while no agent ran reach the audit log now), kills those whose network is gone, and
+        sweeps what the earlier agents left besides."""
+        for task_id, proc in list(self._adopted.items()):
+            task = self.manager.get(task_id)
+            mode, policy = task.spec.sandbox.egress()
+            cgroup = proc.cgroup_dir
+            if policy is None or cgroup is None:
+                continue
+            try:
+                proc.net = self.egress.adopt(
+                    "egress" if mode == "egress" else "host",
+                    policy,
+                    cgroup_dir=cgroup,
+                    pid=proc.pid,
+                    on_denial=functools.partial(self._audit_denial, task),
+                )
+            except (AgentnodeError, OSError) as e:
+                if proc.exited():
+                    # It ended since it was found running (its netns went with it): its outcome
+                    # is the kernel's record, read by its watcher; the sweep takes the rest.
+                    continue
+                proc.close()  # kills it: never a task without its policy
+                del self._adopted[task_id]
+                self._not_adopted[task_id] = f"not re-adopted: its network: {e}"
+        try:
+            self.egress.sweep()  # what a node killed with -9 left behind
+        except AgentnodeError as e:
+            # Tasks without network still run; those with it will fail to start, saying why.
+            log.warning("cannot sweep task networks: %s", e)
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -572,9 +612,11 @@ class Node:
             os.close(fd)
 
     def _outlives(self, task: Task) -> bool:
-        """Whether `task` runs on when the node agent goes: when the kernel records its exit,
-        and it has no network egress (whose enforcement goes with the agent)."""
-        return self.restorer is not None and task.spec.sandbox.network == "none"
+        """Whether `task` runs on when the node agent goes: when the kernel records its exit
+        and (with network egress) its enforcement is pinned, to hold with no agent."""
+        return self.restorer is not None and (
+            task.spec.sandbox.network == "none" or self.egress.pins is not None
+        )
 
     def log_path(self, task_id: str, attempt: int) -> Path:
         return self.config.data_dir / "logs" / f"{task_id}.{attempt}.log"

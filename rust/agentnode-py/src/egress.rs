@@ -80,8 +80,11 @@ impl EgressHandle {
 #[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl EgressHandle {
+    /// Attaches a fresh enforcement to `cgroup_dir`; with `pin` (a new directory on a bpffs),
+    /// pinned there so it outlives this handle and its process. With `adopt`, takes over the
+    /// one pinned at `pin` instead (its maps brought to the rules, limits and DNS given).
     #[new]
-    #[pyo3(signature = (cgroup_dir, rules_, *, rate_bps=0, conn_per_sec=0, dns_v4=None, dns_v6=None, dns_port=0))]
+    #[pyo3(signature = (cgroup_dir, rules_, *, rate_bps=0, conn_per_sec=0, dns_v4=None, dns_v6=None, dns_port=0, pin=None, adopt=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -92,6 +95,8 @@ impl EgressHandle {
         dns_v4: Option<Vec<u8>>,
         dns_v6: Option<Vec<u8>>,
         dns_port: u16,
+        pin: Option<PathBuf>,
+        adopt: bool,
     ) -> PyResult<Self> {
         let rules = rules(rules_)?;
         let dns = dns(dns_v4, dns_v6, dns_port)?;
@@ -100,11 +105,45 @@ impl EgressHandle {
             conn_per_sec,
         };
         let e = py
-            .detach(|| Egress::attach(&cgroup_dir, &rules, limits, dns))
+            .detach(|| match (&pin, adopt) {
+                (Some(dir), true) => Egress::open(&cgroup_dir, dir, &rules, limits, dns),
+                (None, true) => Err(egress::Error::Policy(
+                    "adopt needs the pin directory".into(),
+                )),
+                (_, false) => Egress::attach(&cgroup_dir, &rules, limits, dns, pin.as_deref()),
+            })
             .map_err(NativeError::from)?;
         Ok(Self {
             inner: Mutex::new(Some(e)),
         })
+    }
+
+    /// Removes the pinned directory `dir` and its pins (of a task that is gone); returns
+    /// whether there was one.
+    #[staticmethod]
+    fn remove_pins(py: Python<'_>, dir: PathBuf) -> PyResult<bool> {
+        Ok(py
+            .detach(|| Egress::remove_pins(&dir))
+            .map_err(NativeError::from)?)
+    }
+
+    /// Removes this enforcement's pins: `close()` then detaches it. Idempotent.
+    fn unpin(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, Egress::unpin)
+    }
+
+    /// Closes the handle leaving the pinned enforcement in force (for a later owner to adopt).
+    fn leave(&self, py: Python<'_>) {
+        py.detach(|| {
+            let mut inner = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(e) = inner.as_mut() {
+                e.leave();
+            }
+            inner.take()
+        });
     }
 
     /// Replaces the CIDR rules (live map update).

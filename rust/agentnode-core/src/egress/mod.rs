@@ -2,8 +2,11 @@
 //! policy, attaches every program to the node and reads counters and denial events back.
 //!
 //! Each [`Egress`] owns its own instance of the object, so every task has its own maps: two
-//! tasks' policies, clocks and counters never mix. Links are held by file descriptor and never
-//! pinned, so when the owner exits — even on SIGKILL — the kernel detaches them.
+//! tasks' policies, clocks and counters never mix. Links are held by file descriptor, so when
+//! the owner exits — even on SIGKILL — the kernel detaches them; unless they are pinned
+//! ([`Egress::attach`] with a pin directory): then the links and the maps the owner uses stay
+//! under bpffs, the policy enforced with no owner at all, until a later owner
+//! [`Egress::open`]s them again and [`Egress::unpin`]s them at the task's end.
 
 mod maps;
 mod policy;
@@ -12,12 +15,14 @@ pub use maps::{Counters, Denial, DenialReason};
 pub use policy::{CidrRule, Limits, PortRange, PROTO_TCP, PROTO_UDP};
 
 use std::fs::File;
+use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps};
 use aya::Ebpf;
 
@@ -51,17 +56,36 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot pin the egress enforcement at {path}: {detail} (is it on a bpffs?)")]
+    Pin { path: PathBuf, detail: String },
+    #[error("no pinned egress enforcement at {path}: {detail}")]
+    Pinned { path: PathBuf, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+/// The maps user space reads and writes, pinned by these names (the others are the programs'
+/// alone, held through them).
+const PINNED_MAPS: [&str; 6] = [
+    "allow",
+    "allow_host",
+    "exact",
+    "config",
+    "counters",
+    "denials",
+];
+
+/// The programs, attached in this order; pinned links are named for them.
+const PROGRAMS: [&str; 9] = [
+    "egress_skb",
+    "egress_skb_in",
     "egress_connect4",
     "egress_connect6",
     "egress_sendmsg4",
     "egress_sendmsg6",
     "egress_recvmsg4",
     "egress_recvmsg6",
+    "egress_sockops",
 ];
 
 /// Where port-53 traffic of the task goes instead: the node's DNS forwarder.
@@ -74,9 +98,15 @@ pub struct DnsRedirect {
 
 /// Egress enforcement attached to one cgroup2 node; dropping it detaches everything.
 pub struct Egress {
-    // Owns the programs and, through them, the links: dropping it detaches.
-    ebpf: Ebpf,
+    // Owns the programs and, through them, the links unless pinned: dropping it detaches.
+    // None when opened from pins (the pinned links hold the programs).
+    ebpf: Option<Ebpf>,
     cgroup: PathBuf,
+    /// Where the links and maps are pinned (None: not pinned, or unpinned).
+    pinned: Option<PathBuf>,
+    /// The pinned links, held here too: removing the pins while this value lives must not
+    /// detach the programs (they go when both are gone).
+    links: Vec<FdLink>,
     allow: LpmTrie<MapData, [u8; 16], RawPorts>,
     allow_host: HashMap<MapData, [u8; 16], RawPorts>,
     exact: HashMap<MapData, [u8; 16], RawExact>,
@@ -133,6 +163,26 @@ fn batched(
     }
 }
 
+fn pin_error(path: &Path) -> impl Fn(String) -> Error + '_ {
+    move |detail| Error::Pin {
+        path: path.to_owned(),
+        detail,
+    }
+}
+
+fn from_pin<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T> {
+    let path = dir.join(name);
+    let pinned = |e: aya::maps::MapError| Error::Pinned {
+        path: path.clone(),
+        detail: e.to_string(),
+    };
+    let map = Map::from_map_data(MapData::from_pin(&path).map_err(&pinned)?).map_err(&pinned)?;
+    T::try_from(map).map_err(pinned)
+}
+
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -146,18 +196,52 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 impl Egress {
     /// Loads a fresh instance, fills its maps (so there is no moment without the policy) and
-    /// attaches every program to `cgroup_dir`, which must be a cgroup2 directory.
+    /// attaches every program to `cgroup_dir`, which must be a cgroup2 directory. With `pin`
+    /// (a directory on a bpffs, made here), the links and the maps are pinned there: the
+    /// enforcement outlives this value and its process, until [`Egress::unpin`] or
+    /// [`Egress::remove_pins`]. A failure part way leaves no pin behind.
     pub fn attach(
         cgroup_dir: &Path,
         rules: &[CidrRule],
         limits: Limits,
         dns: DnsRedirect,
+        pin: Option<&Path>,
     ) -> Result<Self> {
         let cgroup = File::open(cgroup_dir).map_err(|source| Error::Cgroup {
             path: cgroup_dir.to_owned(),
             source,
         })?;
-        let mut ebpf = Ebpf::load(EGRESS_OBJ)?;
+        let ebpf = Ebpf::load(EGRESS_OBJ)?;
+        if let Some(dir) = pin {
+            std::fs::create_dir(dir).map_err(|e| pin_error(dir)(e.to_string()))?;
+        }
+        let attached = Self::fill_and_attach(ebpf, cgroup_dir, &cgroup, rules, limits, dns, pin);
+        if let (Err(_), Some(dir)) = (&attached, pin) {
+            let _ = Self::remove_pins(dir);
+        }
+        attached
+    }
+
+    fn fill_and_attach(
+        mut ebpf: Ebpf,
+        cgroup_dir: &Path,
+        cgroup: &File,
+        rules: &[CidrRule],
+        limits: Limits,
+        dns: DnsRedirect,
+        pin: Option<&Path>,
+    ) -> Result<Self> {
+        if let Some(dir) = pin {
+            // Before `take`: only the object knows its maps until then.
+            for name in PINNED_MAPS {
+                let map = ebpf.map(name).ok_or(Error::Map {
+                    name,
+                    source: aya::maps::MapError::InvalidName { name: name.into() },
+                })?;
+                map.pin(dir.join(name))
+                    .map_err(|e| pin_error(dir)(e.to_string()))?;
+            }
+        }
         let mut me = Self {
             allow: take(&mut ebpf, "allow")?,
             allow_host: take(&mut ebpf, "allow_host")?,
@@ -165,41 +249,103 @@ impl Egress {
             config: take(&mut ebpf, "config")?,
             counters: take(&mut ebpf, "counters")?,
             denials: take(&mut ebpf, "denials")?,
-            ebpf,
+            ebpf: None,
             cgroup: cgroup_dir.to_owned(),
+            pinned: pin.map(Path::to_owned),
+            links: Vec::new(),
             rules: Vec::new(),
             limits,
             dns,
         };
         me.set_rules(rules)?;
         me.write_config()?;
-        let ebpf = &mut me.ebpf;
         // Backstop first, so no packet leaves between the hooks' attach and its own.
-        for (name, kind) in [
-            ("egress_skb", CgroupSkbAttachType::Egress),
-            ("egress_skb_in", CgroupSkbAttachType::Ingress),
-        ] {
-            let prog: &mut CgroupSkb = program(ebpf, name)?;
-            prog.load()
-                .map_err(|source| Error::Program { name, source })?;
-            // Single: aya passes AllowMultiple into BPF_LINK_CREATE and gets EINVAL (aya#1078).
-            prog.attach(&cgroup, kind, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program { name, source })?;
+        for name in PROGRAMS {
+            me.links.extend(attach_one(&mut ebpf, name, cgroup, pin)?);
         }
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
-            prog.load()
-                .map_err(|source| Error::Program { name, source })?;
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program { name, source })?;
-        }
-        let name = "egress_sockops";
-        let prog: &mut SockOps = program(ebpf, name)?;
-        prog.load()
-            .map_err(|source| Error::Program { name, source })?;
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| Error::Program { name, source })?;
+        me.ebpf = Some(ebpf);
         Ok(me)
+    }
+
+    /// Takes over the enforcement pinned at `dir` for `cgroup_dir` (by [`Egress::attach`],
+    /// perhaps by another process that has since exited): every link must still be there.
+    /// The maps are brought to `rules`, `limits` and `dns` (only what differs is written), so
+    /// the caller's record of the policy is what holds from here on; addresses learned from
+    /// DNS, the counters and the denials not yet read stay.
+    pub fn open(
+        cgroup_dir: &Path,
+        dir: &Path,
+        rules: &[CidrRule],
+        limits: Limits,
+        dns: DnsRedirect,
+    ) -> Result<Self> {
+        let mut links = Vec::with_capacity(PROGRAMS.len());
+        for name in PROGRAMS {
+            let path = dir.join(name);
+            let link = PinnedLink::from_pin(&path).map_err(|e| Error::Pinned {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+            links.push(FdLink::from(link));
+        }
+        let mut me = Self {
+            allow: from_pin(dir, "allow")?,
+            allow_host: from_pin(dir, "allow_host")?,
+            exact: from_pin(dir, "exact")?,
+            config: from_pin(dir, "config")?,
+            counters: from_pin(dir, "counters")?,
+            denials: from_pin(dir, "denials")?,
+            ebpf: None,
+            cgroup: cgroup_dir.to_owned(),
+            pinned: None, // not unpinned on an error below: the task's policy stays in force
+            links,
+            rules: Vec::new(),
+            limits,
+            dns,
+        };
+        me.rules = me.read_rules();
+        me.set_rules(rules)?;
+        me.write_config()?;
+        me.pinned = Some(dir.to_owned());
+        Ok(me)
+    }
+
+    /// Removes the pins (the kernel detaches the programs once this value is dropped too).
+    /// Nothing to do when not pinned; idempotent.
+    pub fn unpin(&mut self) -> Result<()> {
+        if let Some(dir) = self.pinned.take() {
+            Self::remove_pins(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the pins without removing them: dropping this value then leaves the enforcement
+    /// in the kernel, for a later [`Egress::open`].
+    pub fn leave(&mut self) {
+        self.pinned = None;
+    }
+
+    /// Removes the pin directory `dir` and what is pinned in it (whoever pinned it); returns
+    /// whether it existed. The kernel detaches the programs once no one holds their links.
+    pub fn remove_pins(dir: &Path) -> Result<bool> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(pin_error(dir)(e.to_string())),
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| pin_error(dir)(e.to_string()))?.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_error(&path)(e.to_string())),
+            }
+        }
+        match std::fs::remove_dir(dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(pin_error(dir)(e.to_string())),
+        }
     }
 
     /// The cgroup2 directory this is attached to.
@@ -437,6 +583,58 @@ impl Egress {
     pub fn events_fd(&self) -> RawFd {
         self.denials.as_raw_fd()
     }
+}
+
+/// Loads program `name` and attaches it to `cgroup`; with `pin`, its link is pinned there
+/// under its name and returned (held by the pin and the caller, no longer by the program).
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    pin: Option<&Path>,
+) -> Result<Option<FdLink>> {
+    let perr = |source| Error::Program { name, source };
+    // Single: aya passes AllowMultiple into BPF_LINK_CREATE and gets EINVAL (aya#1078).
+    let mode = CgroupAttachMode::Single;
+    let link: std::result::Result<FdLink, aya::programs::links::LinkError> = match name {
+        "egress_skb" | "egress_skb_in" => {
+            let kind = if name == "egress_skb" {
+                CgroupSkbAttachType::Egress
+            } else {
+                CgroupSkbAttachType::Ingress
+            };
+            let prog: &mut CgroupSkb = program(ebpf, name)?;
+            prog.load().map_err(perr)?;
+            let id = prog.attach(cgroup, kind, mode).map_err(perr)?;
+            if pin.is_none() {
+                return Ok(None);
+            }
+            prog.take_link(id).map_err(perr)?.try_into()
+        }
+        "egress_sockops" => {
+            let prog: &mut SockOps = program(ebpf, name)?;
+            prog.load().map_err(perr)?;
+            let id = prog.attach(cgroup, mode).map_err(perr)?;
+            if pin.is_none() {
+                return Ok(None);
+            }
+            prog.take_link(id).map_err(perr)?.try_into()
+        }
+        _ => {
+            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+            prog.load().map_err(perr)?;
+            let id = prog.attach(cgroup, mode).map_err(perr)?;
+            if pin.is_none() {
+                return Ok(None);
+            }
+            prog.take_link(id).map_err(perr)?.try_into()
+        }
+    };
+    let path = pin.expect("returned above when not pinning").join(name);
+    let pinned = link
+        .map_err(|e| e.to_string())
+        .and_then(|l| l.pin(&path).map_err(|e| e.to_string()));
+    Ok(Some(FdLink::from(pinned.map_err(pin_error(&path))?)))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
