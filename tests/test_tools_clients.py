@@ -5,8 +5,12 @@ with `_meta.agentnode`, and leaving the call in the task's audit log and timelin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +23,11 @@ from support.egress_world import World
 
 HERE = Path(__file__).parent
 SERVER = str(HERE / "support" / "tools_mcp_server.py")
+#: The LangGraph agent's own environment (see its requirements), installed once, outside the repo.
+LANGGRAPH_ENV = Path(os.environ.get("AGENTNODE_TEST_CACHE", "/var/cache/agentnode-test")) / (
+    "langgraph-mcp"
+)
+LANGGRAPH_REQUIREMENTS = HERE / "support" / "langgraph-mcp-requirements.txt"
 
 pytestmark = pytest.mark.root
 
@@ -42,14 +51,43 @@ def servers(port: int) -> str:
     )
 
 
-def run_task(d: Any, script: Path, *, python: str = str(REPO / ".venv/bin/python")) -> tuple[
-    dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """Runs `script` as a task of tenant acme (an egress `python` agent: the proxy's
-    variables are set, the node's MCP URL too); its report and the task."""
+@pytest.fixture(scope="module")
+def langgraph_env() -> Path:
+    """A venv with LangGraph and langchain-mcp-adapters 0.3.2 (and so mcp 1.x), made the first
+    time (or when the requirements change) from PyPI; without a network the test is skipped,
+    or fails in CI."""
+    want = hashlib.sha256(LANGGRAPH_REQUIREMENTS.read_bytes()).hexdigest()
+    stamp = LANGGRAPH_ENV / "agentnode-requirements.sha256"
+    if stamp.exists() and stamp.read_text() == want:
+        return LANGGRAPH_ENV
+    staging = LANGGRAPH_ENV.with_name(f".{LANGGRAPH_ENV.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True,
+                       capture_output=True, timeout=120)  # fmt: skip
+        subprocess.run([str(staging / "bin/python"), "-m", "pip", "install", "--quiet",
+                        "--disable-pip-version-check", "-r", str(LANGGRAPH_REQUIREMENTS)],
+                       check=True, capture_output=True, text=True, timeout=600)  # fmt: skip
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        why = f"the LangGraph environment could not be installed: {e.stderr}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    (staging / stamp.name).write_text(want)
+    shutil.rmtree(LANGGRAPH_ENV, ignore_errors=True)
+    staging.rename(LANGGRAPH_ENV)  # a venv's python finds its pyvenv.cfg beside it
+    return LANGGRAPH_ENV
+
+
+def run_task(
+    d: Any, script: Path, *, python: Path = REPO / ".venv/bin/python"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runs `script` with `python` as a task of tenant acme (an egress `python` agent: the
+    proxy's variables are set, the node's MCP URL too); its report and the task."""
     task = d.client.call("POST", "/v1/tasks", {
-        "command": [python, str(script)], "tenant": "acme", "agent": {"kind": "python"},
+        "command": [str(python), str(script)], "tenant": "acme", "agent": {"kind": "python"},
         "user": "0", "ro": [str(REPO)], "memory": "512M", "cpus": 1,
-        "env": {"PYTHONPATH": str(REPO / "python")},
     })  # fmt: skip
     done = d.wait(task["id"], timeout=180)
     log = d.log(task["id"])
@@ -101,3 +139,31 @@ def test_openai_agents_sdk_runs_its_model_tool_call_through_node_tools(
         ("t__add", "acme", "ok"), ("t__add", "acme", "ok")]  # fmt: skip
     assert [r["args"] for r in audited] == [{"a": 20, "b": 22}, {"a": 1, "b": 2}]
     assert [(e["tool"], e["class"]) for e in timeline] == [("t__add", "ok"), ("t__add", "ok")]
+
+
+@pytest.mark.timeout(900)  # the first run installs the agent's environment from PyPI
+def test_langgraph_agent_uses_node_tools_through_langchain_mcp_adapters(
+    world: World, tmp_path: Path, langgraph_env: Path
+) -> None:
+    """LangGraph through `langchain-mcp-adapters` 0.3.2 (mcp 1.x, the agent's own environment
+    against the node's mcp 2.3 endpoint): a prebuilt ReAct agent whose model asks for `t__add`
+    gets the sum from the test server in its sandbox, and the adapters' interceptor sees the
+    node's `_meta.agentnode`."""
+    script = [{"tool_calls": [{"name": "t__add", "arguments": {"a": 20, "b": 22}}]},
+              "20 + 22 = 42"]  # fmt: skip
+    port = random.randint(30001, 40000)
+    with agent_node(world, tmp_path, script, extra=servers(port)) as (d, mock):
+        report, task = run_task(d, HERE / "support" / "langgraph_mcp_agent.py",
+                                python=langgraph_env / "bin/python")  # fmt: skip
+        audited, timeline = tool_records(d, task["id"])
+        requests = mock.requests
+    assert "t__add" in report["listed"] and "run_code" in report["listed"]
+    assert not any(n.startswith("only_b") for n in report["listed"]), "another tenant's"
+    assert report["final"] == "20 + 22 = 42"
+    assert len(requests) == 2 and requests[1]["last_role"] == "tool"
+    assert "42" in requests[1]["tool_results"][0]
+    (meta,) = report["metas"]
+    check_meta(meta)
+    assert [(r["tool"], r["tenant"], r["class"], r["args"]) for r in audited] == [
+        ("t__add", "acme", "ok", {"a": 20, "b": 22})]  # fmt: skip
+    assert [(e["tool"], e["class"]) for e in timeline] == [("t__add", "ok")]
