@@ -29,6 +29,7 @@ import uvloop
 from mcp import Client, StdioServerParameters
 
 from _harness import Bench, percentile
+from agentnode.audit.log import AuditLog
 from agentnode.isolation import use_data_dir
 from agentnode.isolation.spec import Mount
 from agentnode.isolation.task import SAFE_PATH
@@ -62,7 +63,9 @@ class Node:
         spec = MCPServerSpec(name="t", command=tuple(SERVER), env=ENV, user="0",
                              mounts=(Mount(str(REPO), str(REPO)),))  # fmt: skip
         self.servers = MCPServers([spec])
-        self.service = ToolService(Registry(), on_record=lambda r: None, sources=[self.servers])
+        # The daemon's audit log: each call's record is chained and written as in production.
+        self.audit = AuditLog(root / "audit")
+        self.service = ToolService(Registry(), on_record=self.audit.append, sources=[self.servers])
         self.endpoint = MCPEndpoint(
             lambda: mcp_app(self.service, lambda token: CALLER if token == "t" else None),
             uds=self.socket,
@@ -77,6 +80,7 @@ class Node:
         self.run(self.endpoint.stop())
         self.run(self.servers.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.audit.close()
 
 
 async def mcp_calls(client: Client, name: str, n: int) -> list[float]:

@@ -380,6 +380,22 @@ def test_final_accounting_splits_user_and_system_time(ws: Path) -> None:
         assert s.memory_peak > 0 and s.pids_peak >= 1 and s.pids_current == 0, s
 
 
+def test_usage_is_the_cpu_and_memory_peak_of_stats_while_it_runs(ws: Path) -> None:
+    # The two figures a tool call takes before and after itself (two files, not eight).
+    t = spawn(["sh", "-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; sleep 60"],
+              workspace=ws)  # fmt: skip
+    try:
+        time.sleep(0.3)
+        before, s, after = t.usage(), t.stats(), t.usage()
+        assert before is not None and after is not None
+        # Microseconds (v2's cpu.stat) or nanoseconds (v1's cpuacct.usage), both exact.
+        assert before[0] - 1e-3 <= s.cpu_user_s + s.cpu_system_s <= after[0] + 1e-3
+        assert before[1] == s.memory_peak == after[1] > 0
+    finally:
+        t.close()
+    assert t.usage() is None
+
+
 def test_timeout_kills_a_tree_with_a_double_forked_daemon(ws: Path) -> None:
     marker = f"{1000 + uuid.uuid4().int % 1000}.{os.getpid()}"
     t = spawn(

@@ -114,6 +114,8 @@ class NativeTask:
     def set_frozen(self, frozen: bool) -> None: ...
     def stats(self) -> dict[str, Any]:
         """Accounting as a dict: wall_s and the cgroup figures."""
+    def usage(self) -> tuple[float, int] | None:
+        """(cpu_s, memory_peak) of the running task from two files; None once reaped."""
     def leave(self) -> None:
         """Lets the task run on without this handle: nothing kills or reaps it and its cgroups
         stay (for a task started with `outlive`)."""

@@ -9,7 +9,7 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mcp_types as types
 import uvicorn
@@ -35,6 +35,9 @@ class _Unauthorized(Exception):
 #: The tenant of the HTTP request being handled (None: no valid token), for the one SDK hook
 #: that is not handed the request (`get_tool_input_schema`).
 _TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("mcp_tenant", default=None)
+#: What `CallToolResult` carries by default: 2026-07-28 requires `resultType`; the SDK drops
+#: it for clients of earlier protocol versions.
+_COMPLETE = {"resultType": "complete"}
 #: Where `_authenticating` leaves a request's caller in its ASGI scope.
 _CALLER_KEY = "agentnode.caller"
 
@@ -79,13 +82,11 @@ def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
         listed = await service.list(caller.tenant)
         return types.ListToolsResult(tools=[types.Tool.model_validate(t) for t in listed])
 
-    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
         try:
             caller = _caller(ctx)
         except _Unauthorized as e:
-            return types.CallToolResult(
-                content=[types.TextContent(type="text", text=str(e))], is_error=True
-            )
+            return {**_COMPLETE, "content": [{"type": "text", "text": str(e)}], "isError": True}
         meta: dict[str, Any] = dict(params.meta) if params.meta is not None else {}
         key = meta.get(IDEMPOTENCY_META)
         result = await service.call(
@@ -94,7 +95,9 @@ def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
             caller,
             idempotency_key=key if isinstance(key, str) else None,
         )
-        return types.CallToolResult.model_validate(result)
+        # Already in MCP's wire shape: the SDK checks it once as it serialises the response
+        # (a CallToolResult built here would be validated, then dumped, for nothing).
+        return {**_COMPLETE, **result}
 
     def input_schema(name: str) -> Mapping[str, Any] | None:
         # Without this hook the SDK runs a whole tools/list per tools/call to find the
@@ -105,7 +108,9 @@ def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
     server: Server[Any] = Server(
         "agentnode",
         on_list_tools=list_tools,
-        on_call_tool=call_tool,
+        # It returns a wire dict, which the SDK's runner takes as it takes a CallToolResult
+        # (validated and sieved per protocol version once); the hook's type names models only.
+        on_call_tool=cast(Any, call_tool),
         get_tool_input_schema=input_schema,
     )
     # Requests come from tasks over the node's own socket or bridge and carry a task token:

@@ -33,6 +33,7 @@ import anyio
 import anyio.abc
 import httpcore2
 import httpx2
+import mcp_types as types
 from httpcore2._backends.anyio import AnyIOStream  # httpcore's own wrapper, not re-exported
 from mcp import Client
 from mcp.client._transport import TransportStreams
@@ -40,6 +41,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
+from pydantic import RootModel
 
 from agentnode.egress.enforce import Denial
 from agentnode.egress.policy import EgressPolicy
@@ -59,6 +61,13 @@ log = logging.getLogger("agentnode.tools.mcp")
 SEPARATOR = "__"
 #: A server's default sandbox: the SDKs' interpreters need more memory than one code run.
 SERVER_LIMITS = ToolLimits(memory=512 << 20, pids=128, timeout=60.0)
+
+
+class _RawResult(RootModel[dict[str, Any]]):
+    """A server's `tools/call` result as the SDK checked it against the protocol, left a dict:
+    the node passes it on (plus `_meta.agentnode`), so building `CallToolResult` to dump it
+    again, and checking `structuredContent` against the output schema (the task's own client
+    does), were work per call for nothing."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -551,10 +560,13 @@ class MCPServers:
             return Outcome.error("transient", f"MCP server {spec.name} did not start: {e}")
         inst.busy += 1
         seen = len(inst.denials)
-        before = inst.proc.stats() if inst.proc is not None else None
+        before = inst.proc.usage() if inst.proc is not None else None
         try:
             assert inst.client is not None and inst.exited is not None
-            call = asyncio.ensure_future(inst.client.call_tool(remote, args))
+            request = types.CallToolRequest(
+                params=types.CallToolRequestParams(name=remote, arguments=args)
+            )
+            call = asyncio.ensure_future(inst.client.session.send_request(request, _RawResult))
             # A server that dies mid-call never answers: its exit ends the wait.
             await asyncio.wait(
                 {call, inst.exited},
@@ -568,7 +580,7 @@ class MCPServers:
                 if not inst.exited.done():
                     raise TimeoutError
                 raise ConnectionError("the server exited")
-            result = call.result()
+            result = call.result().root
         except TimeoutError:
             await inst.stop()
             return Outcome.error(
@@ -583,23 +595,25 @@ class MCPServers:
         finally:
             inst.busy -= 1
             inst.last_used = time.monotonic()
-        dumped = result.model_dump(by_alias=True, exclude_none=True)
+        if result.get("resultType", "complete") != "complete" or "content" not in result:
+            # An input_required or an extension's result: nothing a tool call can answer.
+            kind = result.get("resultType", "without content")
+            return Outcome.error("permanent", f"{spec.name}: the server answered with a {kind} "
+                                 "result (the node passes on tool results only)")  # fmt: skip
         denials = inst.denials[seen:]
         cls: ToolClass = "ok"
-        if result.is_error:
+        if result.get("isError") is True:
             cls = "policy" if denials else "permanent"
         out = Outcome(
             cls=cls,
-            content=dumped.get("content", []),
-            structured=dumped.get("structuredContent"),
+            content=result["content"],
+            structured=result.get("structuredContent"),
             denials=denials,
         )
-        if before is not None and inst.proc is not None and inst.proc.result is None:
-            after = inst.proc.stats()
-            out.cpu_s = (after.cpu_user_s + after.cpu_system_s) - (
-                before.cpu_user_s + before.cpu_system_s
-            )
-            out.memory_peak = after.memory_peak
+        after = inst.proc.usage() if before is not None and inst.proc is not None else None
+        if before is not None and after is not None:
+            out.cpu_s = after[0] - before[0]
+            out.memory_peak = after[1]
         out.bytes_out = sum(len(c.get("text", "")) for c in out.content)
         return out
 

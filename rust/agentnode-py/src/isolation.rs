@@ -216,6 +216,13 @@ impl NativeTask {
         stats_dict(py, wall, &s)
     }
 
+    /// `(cpu_s, memory_peak)` of the running task (two files, not the eight of `stats`);
+    /// None once it is reaped.
+    fn usage(&self, py: Python<'_>) -> Option<(f64, u64)> {
+        py.detach(|| self.lock().usage())
+            .map(|u| (Duration::from_micros(u.cpu_us).as_secs_f64(), u.memory_peak))
+    }
+
     /// Lets the task run on without this handle: nothing kills or reaps it and its cgroups
     /// stay (for a task started with `outlive`, which the node's next start re-adopts).
     fn leave(&self) {

@@ -41,6 +41,14 @@ pub struct CgroupStats {
     pub pids_limit_hits: u64,
 }
 
+/// The two figures a tool call's accounting takes before and after the call: CPU time (user +
+/// system) and the memory peak, from one file each (`stats` reads eight, ~0.3 ms).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_us: u64,
+    pub memory_peak: u64,
+}
+
 /// The cgroups of one task, removed when dropped.
 pub trait TaskCgroup: Send + Sync + std::fmt::Debug {
     /// The cgroup2 node: target of `CLONE_INTO_CGROUP`, `cgroup.kill`, freeze and BPF.
@@ -53,6 +61,8 @@ pub trait TaskCgroup: Send + Sync + std::fmt::Debug {
     /// Sets the limits.
     fn apply(&self, limits: &Limits) -> Result<()>;
     fn stats(&self) -> Result<CgroupStats>;
+    /// CPU time and memory peak only (see [`Usage`]).
+    fn usage(&self) -> Result<Usage>;
     /// Freezes (`true`) or thaws every process in the task.
     fn set_frozen(&self, frozen: bool) -> Result<()> {
         write(
@@ -203,6 +213,14 @@ impl TaskCgroup for V2 {
             pids_peak: read_u64(d, "pids.peak").unwrap_or(0),
             oom_kills: keyed(&events, "oom_kill"),
             pids_limit_hits: keyed(&pids_events, "max"),
+        })
+    }
+
+    fn usage(&self) -> Result<Usage> {
+        let d = self.dir.path();
+        Ok(Usage {
+            cpu_us: keyed(&read(d, "cpu.stat")?, "usage_usec"),
+            memory_peak: read_u64(d, "memory.peak").unwrap_or(0),
         })
     }
 }
@@ -375,6 +393,14 @@ impl TaskCgroup for Hybrid {
             pids_peak: read_u64(pids, "pids.peak").unwrap_or(0),
             oom_kills: keyed(&oom, "oom_kill"),
             pids_limit_hits: keyed(&pids_events, "max"),
+        })
+    }
+
+    fn usage(&self) -> Result<Usage> {
+        Ok(Usage {
+            // cpuacct.usage is exact (ns): the total `stats` splits into user and system.
+            cpu_us: read_u64(self.v1("cpuacct"), "cpuacct.usage")? / 1000,
+            memory_peak: read_u64(self.v1("memory"), "memory.max_usage_in_bytes")?,
         })
     }
 }

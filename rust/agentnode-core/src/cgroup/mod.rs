@@ -15,7 +15,7 @@ mod manager;
 
 pub use instance::{sweep, Manager, SUBTREE};
 pub use layout::{Hierarchy, Layout, V1Controller};
-pub use manager::{v2_files, CgroupStats, Hybrid, Limits, TaskCgroup, V1_CONTROLLERS, V2};
+pub use manager::{v2_files, CgroupStats, Hybrid, Limits, TaskCgroup, Usage, V1_CONTROLLERS, V2};
 
 use std::path::PathBuf;
 

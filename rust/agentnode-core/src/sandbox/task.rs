@@ -272,6 +272,13 @@ impl Task {
         )
     }
 
+    /// CPU time and memory peak of the running task's cgroup (None once it is reaped): the
+    /// cheap reading a tool call takes before and after itself.
+    #[must_use]
+    pub fn usage(&self) -> Option<crate::cgroup::Usage> {
+        self.cgroup.as_deref().and_then(|cg| cg.usage().ok())
+    }
+
     /// After init is reaped: record final accounting, kill any process that escaped the pid
     /// namespace's teardown; the cgroups and the mount namespace go on the background thread.
     fn release(&mut self) {
