@@ -541,9 +541,9 @@ class Node:
             # The official SDKs read these: agent code reaches the proxy, billed to this task.
             for key, value in llm_environment(self.inference_url, env["AGENTNODE_TOKEN"]).items():
                 env.setdefault(key, value)
-        checkpoint = self.manager.store.checkpoint_path(task.id)
+        checkpoint = self.manager.store.checkpoint_file(task.id)
         mounts = []
-        if checkpoint.exists():
+        if checkpoint is not None:
             # A fixed path inside: the host path may be hidden (e.g. under the task's own /tmp).
             env["AGENTNODE_CHECKPOINT"] = CHECKPOINT
             mounts.append(Mount(os.path.abspath(checkpoint), CHECKPOINT))
