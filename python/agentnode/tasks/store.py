@@ -306,6 +306,8 @@ class TaskStore:
         self.root = root
         self.checkpoints = root / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.inboxes = root / "inbox"
+        self.inboxes.mkdir(exist_ok=True)
         # Half-written checkpoints of a process that died mid-write; the last complete one stays.
         for stale in self.checkpoints.glob("*.tmp"):
             stale.unlink()
@@ -451,8 +453,9 @@ class TaskStore:
             batch.delete(_TASK + task_id.encode())
             batch.delete(_order_key(seq))
             batch.delete(_CHECKPOINT + task_id.encode())
-            with contextlib.suppress(FileNotFoundError):
-                self.checkpoint_path(task_id).unlink()
+            for path in (self.checkpoint_path(task_id), self.inbox_path(task_id)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         if len(batch):
             self._db.write(batch, self._wopts)
 
@@ -579,6 +582,29 @@ class TaskStore:
                 ) from None
             raise
         return path
+
+    def inbox_path(self, task_id: str) -> Path:
+        """A task's inbox: what is sent to the running agent (one JSON object a line), which
+        it reads at $AGENTNODE_INBOX. The node only ever appends to it."""
+        return self.inboxes / self.checkpoint_path(task_id).name
+
+    def open_inbox(self, task_id: str) -> Path:
+        """The task's inbox, made empty if it has none yet (its attempts share it)."""
+        path = self.inbox_path(task_id)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644))
+        return path
+
+    def deliver(self, task_id: str, message: bytes) -> None:
+        """Appends one line to the task's inbox, making it if need be (its reader takes only
+        whole lines)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        fd = os.open(self.inbox_path(task_id), flags, 0o644)
+        try:
+            os.write(fd, message + b"\n")
+            if self.sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Finishes pending writes and closes the database."""
