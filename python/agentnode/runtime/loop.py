@@ -158,9 +158,11 @@ class Agent:
         """Saves `state` as the checkpoint, after the save before it (whose failure ends the
         run here); `wait=False` returns while the node writes it."""
         self._settle()
-        self._saving = self._saver.submit(self.task.save_checkpoint, state.dump())
-        if wait:
-            self._settle()
+        blob = state.dump()
+        if wait:  # on this thread: a hand-off to the saver and back costs the step twice
+            self.task.save_checkpoint(blob)
+        else:
+            self._saving = self._saver.submit(self.task.save_checkpoint, blob)
 
     def _settle(self) -> None:
         saving, self._saving = self._saving, None
