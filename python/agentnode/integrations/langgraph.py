@@ -24,8 +24,8 @@ costs one read per channel; `list` scans the thread (at most 10,000 records).
 One write per super-step: a task's pending writes wait (up to `WRITES_WAIT_S`) for the
 checkpoint that ends its super-step and are stored in that checkpoint's batch; `put_writes`
 still returns only once they are stored, by that batch or by its own write when no checkpoint
-came in time (a slower task of the same super-step) or when they hold an error or interrupt
-(no checkpoint follows those).
+came in time (a slower task of the same super-step; then that thread's next few writes do not
+wait) or when they hold an error or interrupt (no checkpoint follows those).
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ __all__ = ["WRITES_WAIT_S", "AgentnodeCheckpointer", "AgentnodeStore"]
 #: How long a task's pending writes wait for the checkpoint that ends its super-step (LangGraph
 #: makes it right after the super-step's last task), to be stored in one write with it.
 WRITES_WAIT_S = 0.005
+#: After a wait that no checkpoint ended, a thread's next writes are stored at once this many
+#: times: a graph whose checkpoints wait for its writes (LangGraph's DeltaChannel) or whose
+#: tasks finish far apart would otherwise pay the wait every super-step.
+_UNWAITED_AFTER_MISS = 8
 
 #: How many checkpoints' pending writes the saver remembers (what it wrote need not be read).
 _WRITES_KEPT = 4
@@ -229,6 +233,8 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         # batch holding some of them has been written (or failed).
         self._queued: dict[str, dict[str, dict[str, Any]]] = {}
         self._stored = threading.Condition(self._lock)
+        # Per thread namespace: how many more pending writes to store without waiting.
+        self._unwaited: dict[str, int] = {}
         # What this saver last read or wrote of the newest-checkpoint pointers and of the
         # pending writes, by record (None: known to be absent): saves a read per put and per
         # put_writes. A thread is written by the one task (process) that runs it;
@@ -469,11 +475,15 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             self._forget_writes()
             self._known[(space, rid)] = merged
             # An error or interrupt ends the run: no checkpoint follows to carry it.
-            if not any(channel in WRITES_IDX_MAP for channel, _ in writes):
+            unwaited = self._unwaited.pop(space, 0)
+            if unwaited:
+                self._unwaited[space] = unwaited - 1
+            elif not any(channel in WRITES_IDX_MAP for channel, _ in writes):
                 deadline = time.monotonic() + WRITES_WAIT_S
                 while rid in self._queued.get(space, {}):
                     left = deadline - time.monotonic()
                     if left <= 0:
+                        self._unwaited[space] = _UNWAITED_AFTER_MISS
                         break
                     self._stored.wait(left)
             if rid in self._queued.get(space, {}):
