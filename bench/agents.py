@@ -140,7 +140,7 @@ def _runtime_steps(d: Daemon, mock: MockUpstream, steps: int, door: str) -> floa
         [sys.executable, "-c", _IN_TASK, door], memory="512M", cpus=1, user="0",
         ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")}, agent={"kind": "python"},
     )  # fmt: skip
-    done = d.wait(task["id"], timeout=120)
+    done = d.wait(task["id"], timeout=120, poll=0.5)  # timed inside: polls only load the node
     out = d.log(task["id"])
     if done["state"] != "succeeded":
         raise RuntimeError(f"runtime task {done['state']} ({done['reason']}): {out[-2000:]}")

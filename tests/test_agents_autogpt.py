@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +22,15 @@ from agentnode.agents import autogpt
 from agentnode.agents.kinds import AgentSpec
 from agentnode.errors import TaskError
 from conftest import run_cli
-from support.agent_env import CACHE, CALL_COST, HERE, REPO, agent_node, installed_agent, ledger
+from support.agent_env import (
+    CALL_COST,
+    HERE,
+    REPO,
+    agent_node,
+    ap_client_python,
+    installed_agent,
+    ledger,
+)
 from support.egress_world import World
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.network]
@@ -58,21 +65,7 @@ def cache() -> Path:
 
 @pytest.fixture(scope="module")
 def ap_client() -> Path:
-    """A venv with the Agent Protocol's own client (it needs pydantic 1: not in ours)."""
-    venv = CACHE.parent / "ap-client"
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import agent_protocol_client"]
-    if not python.exists() or subprocess.run(probe, capture_output=True, check=False).returncode:
-        base = Path(sys.base_prefix) / "bin" / "python3"
-        for argv in ([str(base), "-m", "venv", "--clear", str(venv)],
-                     [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                      "agent-protocol-client==1.1.0"]):  # fmt: skip
-            run = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if run.returncode != 0:
-                if os.environ.get("CI") == "true":
-                    pytest.fail(f"agent-protocol-client could not be installed: {run.stderr}")
-                pytest.skip(f"agent-protocol-client could not be installed: {run.stderr}")
-    return python
+    return ap_client_python()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from support.agent_env import REPO, agent_node
+from support.agent_env import HERE, REPO, agent_node, ap_client_python
 from support.egress_world import World
 
 pytestmark = [pytest.mark.root]
@@ -254,3 +254,55 @@ def test_agent_protocol_drives_the_reference_runtime(world: World, tmp_path: Pat
         assert _tcp_status(world, port, path, None) == 401
         assert _tcp_status(world, port, path, "wrong") == 401
         assert _tcp_status(world, port, path, TOKEN) == 200
+
+
+#: The runtime's first answer runs code that takes a while, so a step's input posted meanwhile
+#: reaches its second model call; the third answer is another task's.
+SLOW_SCRIPT = [
+    {"tool_calls": [{"name": "run_code", "arguments": {"code": "import time; time.sleep(3)"}}]},
+    "Done, and hi.",
+    "Quick answer.",
+]
+
+
+@pytest.mark.timeout(240)
+def test_a_step_input_reaches_the_running_agent(world: World, tmp_path: Path) -> None:
+    """The Agent Protocol's own client executes the first step with an input: it is in the
+    task's inbox and reaches the runtime's next model call as a user message, so its second
+    call (after the tool's result) carries it once. A step's input for an agent that has ended
+    is answered as not delivered."""
+    python = ap_client_python()
+    port = 31000 + os.getpid() % 2000
+    extra = f'[node]\nlisten = "127.0.0.1:{port}"\napi_token = "{TOKEN}"\n'
+    with agent_node(world, tmp_path, SLOW_SCRIPT, extra=extra) as (d, mock):
+        body = {"input": "Wait a little", "additional_input": {"tools": ["run_code"], "task": TASK}}
+        out = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{world.task}", str(python),
+             str(HERE / "ap_sdk_client.py"), f"http://127.0.0.1:{port}", TOKEN, json.dumps(body),
+             "Also say hi."],
+            capture_output=True, text=True, timeout=200, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-1500:]
+        report = json.loads(out.stdout)
+        steps = report["steps"]
+        assert steps[-1]["is_last"] and steps[-1]["output"] == "Done, and hi."
+        assert [s["delivered"] for s in steps] == [True] + [None] * (len(steps) - 1), steps
+        first, second = mock.requests
+        assert first["user_texts"][0] == "Wait a little"
+        assert second["user_texts"] == ["Wait a little", "Also say hi."], second
+        assert second["tool_results"] and second["messages"] == 4  # the input once
+        inbox = d.data / "tasks" / "inbox" / report["task_id"]
+        assert [json.loads(line) for line in inbox.read_text().splitlines()] == [
+            {"input": "Also say hi.", "additional_input": None}]  # fmt: skip
+        assert "input after step" in d.log(report["task_id"])
+
+        # An agent that has ended is sent nothing, and the step's answer says so.
+        quick = d.client.call("POST", "/ap/v1/agent/tasks", {
+            "input": "Answer at once", "additional_input": {"task": TASK}})  # fmt: skip
+        assert d.wait(quick["task_id"], timeout=120)["state"] == "succeeded"
+        step = d.client.call("POST", f"/ap/v1/agent/tasks/{quick['task_id']}/steps",
+                             {"input": "too late"})  # fmt: skip
+        assert step["additional_output"]["input_delivered"] is False
+        assert not (d.data / "tasks" / "inbox" / quick["task_id"]).read_bytes()
+        listed = d.client.call("GET", f"/ap/v1/agent/tasks/{quick['task_id']}/steps")
+        assert listed["steps"][0]["additional_output"]["input_delivered"] is False

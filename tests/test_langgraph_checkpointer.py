@@ -11,10 +11,11 @@ from typing import Annotated, TypedDict
 
 import pytest
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.graph import END, START, StateGraph
 
-from agentnode.integrations.langgraph import AgentnodeCheckpointer
+from agentnode.integrations.langgraph import WRITES_WAIT_S, AgentnodeCheckpointer
 from agentnode.sdk import Memory
 
 
@@ -88,8 +89,9 @@ def test_a_graph_resumes_after_its_last_completed_step(memory_server) -> None:  
 
 
 def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """Per super-step the saver writes (put_writes, put) and reads nothing: what it wrote or
-    found absent it remembers. The one read is the thread's newest-checkpoint pointer."""
+    """Per super-step the saver writes once (the task's pending writes go with the checkpoint
+    that ends the super-step) and reads nothing: what it wrote or found absent it remembers.
+    The one read is the thread's newest-checkpoint pointer."""
     url, tokens = memory_server
     builder = StateGraph(State)
     for name in ("a", "b", "c"):
@@ -112,6 +114,41 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
         config: RunnableConfig = {"configurable": {"thread_id": "t-reads"}}
         assert graph.invoke({"steps": []}, config, durability="sync") == {
             "steps": ["a", "b", "c"]}  # fmt: skip
-        assert requests.count("GET") == 1 and requests.count("POST") >= 4, requests
+        writes = requests.count("POST")
+        assert requests.count("GET") == 1, requests
         fresh = AgentnodeCheckpointer(mem, task="reads").get_tuple(config)
         assert fresh is not None and fresh.checkpoint["channel_values"]["steps"] == ["a", "b", "c"]
+        history = list(saver.list(config))
+        assert writes == len(history) == 5, requests  # the input's super-step, a, b, c, the end
+        # Every super-step's tasks' writes were stored (with the checkpoint after it).
+        assert [bool(h.pending_writes) for h in history] == [False, True, True, True, True]
+
+
+def test_writes_no_checkpoint_follows_wait_once_then_go_at_once(memory_server) -> None:  # type: ignore[no-untyped-def]
+    """Pending writes that no checkpoint comes to carry (a slow sibling task, or a graph whose
+    checkpoints wait for them) are stored by `put_writes` itself after `WRITES_WAIT_S`, once;
+    the thread's next writes are stored at once, and are there to read."""
+    url, tokens = memory_server
+    with Memory(url, tokens["a"]) as mem:
+        saver = AgentnodeCheckpointer(mem, task="lonely")
+        config: RunnableConfig = {"configurable": {"thread_id": "t-lonely", "checkpoint_ns": ""}}
+        checkpoint = empty_checkpoint()
+        stored = saver.put(config, checkpoint, {"source": "input", "step": -1}, {})
+        waits: list[float | None] = []
+        real = saver._stored.wait
+
+        def counted(timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            return real(timeout)
+
+        saver._stored.wait = counted  # type: ignore[method-assign]
+        saver.put_writes(stored, [("steps", ["a"])], "task-1")
+        assert waits and sum(w or 0 for w in waits) <= WRITES_WAIT_S + 1e-9
+        waits.clear()
+        for i in range(3):
+            saver.put_writes(stored, [("steps", [str(i)])], f"task-{i + 2}")
+        assert waits == []
+        found = AgentnodeCheckpointer(mem, task="lonely").get_tuple(config)
+        assert found is not None
+        assert sorted(w[0] for w in found.pending_writes or ()) == [
+            "task-1", "task-2", "task-3", "task-4"]  # fmt: skip

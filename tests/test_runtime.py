@@ -18,8 +18,10 @@ from typing import Any
 
 import pytest
 
+from agentnode.errors import TaskError
 from agentnode.runtime import formats
 from agentnode.runtime.formats import Call
+from agentnode.runtime.inbox import Inbox
 from agentnode.runtime.state import State
 from conftest import processes_with, run_cli
 from support.agent_env import ANTHROPIC_CALL_COST, CALL_COST, REPO, agent_node, ledger
@@ -366,3 +368,45 @@ def test_demo_without_root_says_so() -> None:
     r = run_cli(["demo"], user=65534)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "needs root (run: sudo agentnode demo)" in r.stderr
+
+
+def test_inputs_sent_to_the_agent_are_read_once_whole_lines_only(tmp_path: Path) -> None:
+    """The inbox is read from an offset, a line only once it is whole; each input becomes a
+    user message in the format's shape (Anthropic: after an answer's results, in their turn)."""
+    path = tmp_path / "inbox"
+    inbox = Inbox(str(path))
+    assert inbox.read(0) == ([], 0), "no inbox yet: nothing sent"
+    path.write_bytes(b'{"input": "one", "additional_input": null}\n{"input": "tw')
+    texts, offset = inbox.read(0)
+    assert texts == ["one"] and offset == path.read_bytes().index(b"\n") + 1
+    assert inbox.read(offset) == ([], offset), "half a line waits for the rest"
+    with path.open("ab") as f:
+        f.write(b'o", "additional_input": {"k": 1}}\n{"input": ""}\n')
+    texts, end = inbox.read(offset)
+    assert texts == ["two"] and end == path.stat().st_size
+    path.write_bytes(b"not json\n")
+    with pytest.raises(TaskError, match="not an input object"):
+        inbox.read(0)
+    state = State(api="openai", messages=[{"role": "user", "content": "hi"}], inbox=end)
+    assert State.load(state.dump()).inbox == end
+    old = json.loads(state.dump())
+    del old["inbox"]  # a checkpoint written before inputs were read
+    assert State.load(json.dumps(old).encode()).inbox == 0
+
+    openai = formats._OpenAI.__new__(formats._OpenAI)
+    openai.add_user(state.messages, "more")
+    assert state.messages[-1] == {"role": "user", "content": "more"}
+    fmt = formats._Anthropic.__new__(formats._Anthropic)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "go"}]
+    fmt.add_user(messages, "and this")
+    assert messages == [{"role": "user", "content": [
+        {"type": "text", "text": "go"}, {"type": "text", "text": "and this"}]}]  # fmt: skip
+    messages.append({"role": "assistant", "content": [
+        {"type": "tool_use", "id": "u1", "name": "t", "input": {}}]})  # fmt: skip
+    fmt.add_result(messages, "u1", "ok", error=False)
+    fmt.add_user(messages, "also")
+    assert [b["type"] for b in messages[-1]["content"]] == ["tool_result", "text"]
+    assert fmt.results(messages[2:]) == {"u1"}
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": "done"}]})
+    fmt.add_user(messages, "again")
+    assert messages[-1] == {"role": "user", "content": [{"type": "text", "text": "again"}]}

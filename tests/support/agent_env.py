@@ -145,3 +145,23 @@ def installed_agent(runtime: Any, title: str) -> Path:
                 pytest.fail(f"{title} is missing and could not be installed: {e}")
             pytest.skip(f"{title} is not installed and could not be: {e}")
     return CACHE
+
+
+def ap_client_python() -> Path:
+    """The interpreter of a venv (next to CACHE, reused by later runs) holding the Agent
+    Protocol's own client, `agent-protocol-client` (it needs pydantic 1: not in ours); a client
+    that cannot be installed skips the test, or fails it in CI."""
+    venv = CACHE.parent / "ap-client"
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import agent_protocol_client"]
+    if not python.exists() or subprocess.run(probe, capture_output=True, check=False).returncode:
+        base = Path(sys.base_prefix) / "bin" / "python3"
+        for argv in ([str(base), "-m", "venv", "--clear", str(venv)],
+                     [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                      "agent-protocol-client==1.1.0"]):  # fmt: skip
+            run = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if run.returncode != 0:
+                if os.environ.get("CI") == "true":
+                    pytest.fail(f"agent-protocol-client could not be installed: {run.stderr}")
+                pytest.skip(f"agent-protocol-client could not be installed: {run.stderr}")
+    return python

@@ -1,7 +1,7 @@
 """A scripted mock upstream for agent tests, run as a process (e.g. inside a test's netns):
 `python agent_mock.py KIND 'SCRIPT_JSON' [EMBEDDING_SIZE]` prints its base URL, then one JSON line per request
 as it starts to answer it: the path, how many messages it carried, the last one's role, the tool results it
-was sent (OpenAI's or Anthropic's), the turn given, and whether it asked for a stream."""
+was sent (OpenAI's or Anthropic's), the user's texts, the turn given, and whether it asked for a stream."""
 
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
     return results
 
 
+def _user_texts(messages: list[dict[str, Any]]) -> list[str]:
+    """The texts of the user's messages (a string, or Anthropic's text blocks)."""
+    texts = []
+    for m in messages:
+        if m.get("role") != "user":
+            continue
+        if isinstance(m.get("content"), str):
+            texts.append(m["content"])
+        elif isinstance(m.get("content"), list):
+            texts += [str(b.get("text")) for b in m["content"] if b.get("type") == "text"]
+    return texts
+
+
 def _line(r: dict[str, Any]) -> str:
     messages = (r["json"] or {}).get("messages") or []
     turn = r.get("turn")
@@ -38,6 +51,7 @@ def _line(r: dict[str, Any]) -> str:
             "messages": len(messages),
             "last_role": messages[-1].get("role") if messages else None,
             "tool_results": _tool_results(messages),
+            "user_texts": _user_texts(messages),
             "turn": None if turn is None else turn.text or turn.tool_calls[0].name,
             "tools": len((r["json"] or {}).get("tools") or []),
             "stream": bool((r["json"] or {}).get("stream")),

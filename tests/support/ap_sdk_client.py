@@ -1,7 +1,8 @@
 """The Agent Protocol's own Python client (`agent-protocol-client` from PyPI, which needs
 pydantic 1, so it runs from a venv of its own) driving one task on a node:
-`python ap_sdk_client.py BASE_URL TOKEN 'CREATE_BODY_JSON'` creates the task, executes steps
-until `is_last`, lists steps and artifacts (every answer parsed by the client's models),
+`python ap_sdk_client.py BASE_URL TOKEN 'CREATE_BODY_JSON' [FIRST_INPUT]` creates the task,
+executes steps until `is_last` (each with the input "next", or the first with FIRST_INPUT and
+the others none), lists steps and artifacts (every answer parsed by the client's models),
 downloads each artifact, uploads one, asks for an unknown task, and prints one JSON report."""
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from agent_protocol_client import (
 )
 
 
-async def main(base: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+async def main(base: str, token: str, body: dict[str, Any], first: str | None) -> dict[str, Any]:
     config = Configuration(host=base)
     async with ApiClient(config, header_name="Authorization", header_value=f"Bearer {token}") as c:
         api = AgentApi(c)
         task = await api.create_agent_task(task_request_body=TaskRequestBody(**body))
         steps = []
-        for _ in range(50):
+        for i in range(50):
+            given = "next" if first is None else first if i == 0 else None
             step = await api.execute_agent_task_step(
-                task_id=task.task_id, step_request_body=StepRequestBody(input="next")
+                task_id=task.task_id, step_request_body=StepRequestBody(input=given)
             )
             steps.append(step)
             if step.is_last:
@@ -61,7 +63,15 @@ async def main(base: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
         tasks = await api.list_agent_tasks()
     return {
         "task_id": task.task_id,
-        "steps": [{"name": s.name, "output": s.output, "is_last": s.is_last} for s in steps],
+        "steps": [
+            {
+                "name": s.name,
+                "output": s.output,
+                "is_last": s.is_last,
+                "delivered": (s.additional_output or {}).get("input_delivered"),
+            }
+            for s in steps
+        ],
         "listed": [s.step_id for s in listed.steps],
         "executed": [s.step_id for s in steps],
         "uploaded": uploaded.agent_created,
@@ -72,5 +82,6 @@ async def main(base: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    report = asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))
+    first = sys.argv[4] if len(sys.argv) > 4 else None
+    report = asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), first))
     print(json.dumps(report))

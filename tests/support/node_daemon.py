@@ -124,8 +124,15 @@ class Daemon:
         return task
 
     def wait(
-        self, task_id: str, *, states: tuple[str, ...] = FINAL, timeout: float = 30.0
+        self,
+        task_id: str,
+        *,
+        states: tuple[str, ...] = FINAL,
+        timeout: float = 30.0,
+        poll: float = 0.02,
     ) -> dict[str, Any]:
+        """The task once in one of `states`, asked for every `poll` seconds (a benchmark that
+        times the task from inside polls seldom: each poll is work for the node)."""
         deadline = time.monotonic() + timeout
         while True:
             task = self.task(task_id)
@@ -133,7 +140,7 @@ class Daemon:
                 return task
             if time.monotonic() > deadline:
                 raise AssertionError(f"task {task_id} still {task['state']} after {timeout} s")
-            time.sleep(0.02)
+            time.sleep(poll)
 
     def log(self, task_id: str, attempt: int = 1) -> str:
         return (self.data / "logs" / f"{task_id}.{attempt}.log").read_text()

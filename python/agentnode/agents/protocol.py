@@ -18,6 +18,10 @@ models of its `agent_protocol.models`) on the node's aiohttp app instead:
   output. `POST .../steps` executes the next one: it answers it as soon as the agent has taken
   it (waiting up to `STEP_WAIT_S`) and records that it was executed in the audit log
   (`ap_step`), which is what `GET .../steps` lists, so the list survives a daemon restart.
+  A step's `input` goes first to the running agent: appended to the task's inbox
+  ($AGENTNODE_INBOX inside, `TaskStore.inbox_path` outside; the reference runtime adds it to
+  its conversation before its next model call), or, once the agent has ended, nowhere, which
+  the step's `additional_output.input_delivered` says.
 - Artifacts are the regular files in the task's workspace (symlinks are neither listed nor
   followed); an artifact's id is a digest of its path. Uploads go into the workspace
   (`ap_upload` in the audit log marks them as not agent-created).
@@ -49,7 +53,7 @@ from agentnode.agents.kinds import prepare as prepare_agent
 from agentnode.audit.timeline import entries
 from agentnode.errors import AgentnodeError, DiskFullError, QueueFullError, TaskError
 from agentnode.http_common import BodyTooLarge, json_body
-from agentnode.node.runner import Node
+from agentnode.node.runner import INBOX, INBOX_ENV, Node
 from agentnode.runtime.cli import this_python
 from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import TERMINAL, Task
@@ -185,7 +189,13 @@ def _submission(node: Node, tenant: str, text: str, extra: dict[str, Any]) -> di
         "tenant": tenant,
         "command": command,
         "ro": [*binds, *(ro if isinstance(ro, list) else [ro])],
-        "env": {**given_env, **env, INPUT_ENV: text, ADDITIONAL_ENV: json.dumps(extra)},
+        "env": {
+            **given_env,
+            **env,
+            INPUT_ENV: text,
+            ADDITIONAL_ENV: json.dumps(extra),
+            INBOX_ENV: INBOX,
+        },
         "agent": agent,
     }
 
@@ -346,19 +356,21 @@ def _steps(node: Node, task: Task) -> tuple[list[dict[str, Any]], dict[str, Any]
     pending: dict[str, Any] | None = None
     for r in taken:
         name, output = _record_step(r)
-        step = {"step_id": str(r["seq"]), "name": name, "output": output,
-                "additional_output": {k: v for k, v in r.items() if k not in _RECORD_NOISE},
-                "artifacts": [], "is_last": False}  # fmt: skip
+        step: dict[str, Any] = {
+            "step_id": str(r["seq"]), "name": name, "output": output,
+            "additional_output": {k: v for k, v in r.items() if k not in _RECORD_NOISE},
+            "artifacts": [], "is_last": False}  # fmt: skip
         if step["step_id"] in executed:
             steps.append(step)
         elif pending is None:
             pending = step
     if ended and pending is None:
         current = node.manager.get(task.id)
-        final = {"step_id": _FINAL, "name": "finish", "output": _last_line(node, task),
-                 "additional_output": {"state": current.state.value,
-                                       "exit_code": current.exit_code, "reason": current.reason},
-                 "artifacts": _artifacts(node, task), "is_last": True}  # fmt: skip
+        final: dict[str, Any] = {
+            "step_id": _FINAL, "name": "finish", "output": _last_line(node, task),
+            "additional_output": {"state": current.state.value, "exit_code": current.exit_code,
+                                  "reason": current.reason},
+            "artifacts": _artifacts(node, task), "is_last": True}  # fmt: skip
         if _FINAL in executed:
             steps.append(final)
         else:
@@ -367,6 +379,8 @@ def _steps(node: Node, task: Task) -> tuple[list[dict[str, Any]], dict[str, Any]
         marker = executed[step["step_id"]]
         step.update(task_id=task.id, status="completed", input=marker.get("input"))
         step["additional_input"] = marker.get("additional_input")
+        if marker.get("input"):
+            step["additional_output"]["input_delivered"] = marker.get("delivered", False)
     return steps, pending
 
 
@@ -392,12 +406,19 @@ async def _execute_step(request: web.Request, node: Node, tenant: str) -> web.St
     text, extra = body.get("input"), body.get("additional_input")
     if text is not None and not isinstance(text, str):
         raise _Refused(422, f"input: must be a string or null, got {text!r}")
+    if text is not None and len(text.encode()) > _MAX_INPUT:
+        raise _Refused(422, f"input: {len(text.encode())} bytes, at most {_MAX_INPUT}")
     if extra is not None and not isinstance(extra, dict):
         raise _Refused(422, f"additional_input: must be an object or null, got {extra!r}")
     locks: dict[str, asyncio.Lock] = request.app[_LOCKS]
     # One step at a time per task: two concurrent posts must not both take the same step.
     lock = locks.setdefault(task.id, asyncio.Lock())
     async with lock:
+        # The input goes to the agent at once (its inbox), whichever step this post answers.
+        delivered = bool(text) and not _ended(node, task)
+        if delivered:
+            line = json.dumps({"input": text, "additional_input": extra}).encode()
+            await asyncio.to_thread(node.manager.store.deliver, task.id, line)
         deadline = asyncio.get_running_loop().time() + STEP_WAIT_S
         while True:
             steps, pending = await asyncio.to_thread(_steps, node, task)
@@ -413,12 +434,15 @@ async def _execute_step(request: web.Request, node: Node, tenant: str) -> web.St
             await asyncio.sleep(_POLL_S)
         marker = {"kind": "ap_step", "task": task.id, "tenant": tenant,
                   "step": pending["step_id"], "input": text,
-                  "additional_input": extra}  # fmt: skip
+                  "additional_input": extra, "delivered": delivered}  # fmt: skip
         await asyncio.to_thread(node.audit.append, marker)
         if pending["is_last"]:
             locks.pop(task.id, None)
     pending.update(task_id=task.id, status="completed", input=text)
     pending["additional_input"] = extra
+    if text:
+        # Not silently dropped: an agent that has ended can be sent nothing.
+        pending["additional_output"]["input_delivered"] = delivered
     return web.json_response(pending)
 
 

@@ -20,6 +20,12 @@ id) under one task (default `$AGENTNODE_TASK_ID`), holding one record per checkp
 changed channel value (stored once per version, as LangGraph's own savers do), per checkpoint's
 pending writes, and a pointer to the newest checkpoint of each checkpoint namespace. `get_tuple`
 costs one read per channel; `list` scans the thread (at most 10,000 records).
+
+One write per super-step: a task's pending writes wait (up to `WRITES_WAIT_S`) for the
+checkpoint that ends its super-step and are stored in that checkpoint's batch; `put_writes`
+still returns only once they are stored, by that batch or by its own write when no checkpoint
+came in time (a slower task of the same super-step; then that thread's next few writes do not
+wait) or when they hold an error or interrupt (no checkpoint follows those).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import asyncio
 import hashlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -61,7 +68,15 @@ from langgraph.store.base import (
 from agentnode.errors import NotFoundError
 from agentnode.sdk.memory import Memory
 
-__all__ = ["AgentnodeCheckpointer", "AgentnodeStore"]
+__all__ = ["WRITES_WAIT_S", "AgentnodeCheckpointer", "AgentnodeStore"]
+
+#: How long a task's pending writes wait for the checkpoint that ends its super-step (LangGraph
+#: makes it right after the super-step's last task), to be stored in one write with it.
+WRITES_WAIT_S = 0.005
+#: After a wait that no checkpoint ended, a thread's next writes are stored at once this many
+#: times: a graph whose checkpoints wait for its writes (LangGraph's DeltaChannel) or whose
+#: tasks finish far apart would otherwise pay the wait every super-step.
+_UNWAITED_AFTER_MISS = 8
 
 #: How many checkpoints' pending writes the saver remembers (what it wrote need not be read).
 _WRITES_KEPT = 4
@@ -214,6 +229,12 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._memory = memory if memory is not None else Memory()
         self._task = task or os.environ.get("AGENTNODE_TASK_ID") or "langgraph"
         self._lock = threading.Lock()  # Memory is one connection: one request at a time
+        # Pending writes not stored yet, by thread namespace and record id; notified when a
+        # batch holding some of them has been written (or failed).
+        self._queued: dict[str, dict[str, dict[str, Any]]] = {}
+        self._stored = threading.Condition(self._lock)
+        # Per thread namespace: how many more pending writes to store without waiting.
+        self._unwaited: dict[str, int] = {}
         # What this saver last read or wrote of the newest-checkpoint pointers and of the
         # pending writes, by record (None: known to be absent): saves a read per put and per
         # put_writes. A thread is written by the one task (process) that runs it;
@@ -247,6 +268,23 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
 
     def _threads(self) -> list[str]:
         return [ns for ns, task in self._memory.tasks("lgcp:") if task == self._task]
+
+    def _write(self, space: str, records: list[dict[str, Any]]) -> None:
+        """Stores `records` and the queued pending writes of `space` in one atomic batch; the
+        caller holds the lock. On failure the queued writes stay queued."""
+        queued = self._queued.pop(space, {})
+        try:
+            self._memory.append_many(space, self._task, [*queued.values(), *records])
+        except BaseException:
+            self._queued[space] = queued
+            raise
+        finally:
+            self._stored.notify_all()
+
+    def _flush(self) -> None:
+        """Stores every queued pending write (before a read); the caller holds the lock."""
+        for space in list(self._queued):
+            self._write(space, [])
 
     def _tuple(
         self,
@@ -291,6 +329,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         ns = config["configurable"].get("checkpoint_ns", "")
         space, dns = _thread_ns(thread), _digest(ns)
         with self._lock:
+            self._flush()
             cid = get_checkpoint_id(config)
             if not cid:
                 latest = self._cached(space, f"l.{dns}")
@@ -319,6 +358,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
     ) -> Iterator[CheckpointTuple]:
         """Checkpoints newest first, of one thread (or all), filtered as LangGraph's savers do."""
         with self._lock:
+            self._flush()
             spaces = (
                 [_thread_ns(str(config["configurable"]["thread_id"]))]
                 if config
@@ -399,7 +439,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             latest = self._cached(space, f"l.{dns}")
             if latest is None or latest["id"] <= cid:
                 records.append({"id": f"l.{dns}", "value": {"id": cid}})
-            self._memory.append_many(space, self._task, records)
+            self._write(space, records)
             if latest is None or latest["id"] <= cid:
                 self._known[(space, f"l.{dns}")] = {"id": cid}
             # A checkpoint just made has no pending writes: its first put_writes reads nothing.
@@ -414,8 +454,10 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        """Stores a task's pending writes for a checkpoint. Special channels (errors,
-        interrupts) replace an earlier write at their index; others are kept from the first."""
+        """Stores a task's pending writes for a checkpoint, returning once they are stored
+        (with the next checkpoint when it comes within `WRITES_WAIT_S`). Special channels
+        (errors, interrupts) replace an earlier write at their index; others are kept from
+        the first."""
         thread = str(config["configurable"]["thread_id"])
         ns = config["configurable"].get("checkpoint_ns", "")
         cid = config["configurable"]["checkpoint_id"]
@@ -429,9 +471,23 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                     continue
                 by_key[key] = [task_id, key[1], channel, *self.serde.dumps_typed(value), task_path]
             merged = {"writes": list(by_key.values())}
-            self._memory.append(space, self._task, merged, id=rid)
+            self._queued.setdefault(space, {})[rid] = {"id": rid, "value": merged}
             self._forget_writes()
             self._known[(space, rid)] = merged
+            # An error or interrupt ends the run: no checkpoint follows to carry it.
+            unwaited = self._unwaited.pop(space, 0)
+            if unwaited:
+                self._unwaited[space] = unwaited - 1
+            elif not any(channel in WRITES_IDX_MAP for channel, _ in writes):
+                deadline = time.monotonic() + WRITES_WAIT_S
+                while rid in self._queued.get(space, {}):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._unwaited[space] = _UNWAITED_AFTER_MISS
+                        break
+                    self._stored.wait(left)
+            if rid in self._queued.get(space, {}):
+                self._write(space, [])
 
     def _forget_writes(self) -> None:
         # Writes are added to the newest checkpoints only, but a step's writes may still land
@@ -445,6 +501,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         """Deletes every checkpoint, value and write of a thread."""
         space = _thread_ns(str(thread_id))
         with self._lock:
+            self._flush()
             self._known = {k: v for k, v in self._known.items() if k[0] != space}
             for rid in self._scan(space):
                 self._memory.delete(space, self._task, rid)

@@ -431,13 +431,9 @@ async def _put_checkpoint(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         return _error(413, f"checkpoint is over the {_MAX_CHECKPOINT}-byte limit")
     node = request.app[NODE]
-    store = node.manager.store
-    if store.sync:
-        await asyncio.to_thread(store.write_checkpoint, task.id, blob)
-    else:
-        # Without an fsync the write is a few syscalls into the page cache: cheaper on the loop
-        # than a hand-off to a thread and back, and an agent checkpoints every step.
-        store.write_checkpoint(task.id, blob)
+    # A database put on the loop, as the task records are written: cheaper than a hand-off to
+    # a thread and back, and an agent checkpoints every step.
+    node.manager.store.write_checkpoint(task.id, blob)
     node.audit.append(
         {"kind": "checkpoint", "task": task.id, "tenant": task.spec.tenant, "bytes": len(blob)}
     )

@@ -56,7 +56,16 @@ from agentnode.tools.toolbox import Toolbox
 if TYPE_CHECKING:
     from agentnode.audit.otel import TimelineExporter
 
-__all__ = ["CHECKPOINT", "MCP_SOCKET", "SOCKET_DIR", "TASK_SOCKET", "Node", "Running"]
+__all__ = [
+    "CHECKPOINT",
+    "INBOX",
+    "INBOX_ENV",
+    "MCP_SOCKET",
+    "SOCKET_DIR",
+    "TASK_SOCKET",
+    "Node",
+    "Running",
+]
 
 log = logging.getLogger("agentnode.node")
 
@@ -76,6 +85,9 @@ TASK_SOCKET = f"{SOCKET_DIR}/task.sock"
 MCP_SOCKET = f"{SOCKET_DIR}/mcp.sock"
 #: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
 CHECKPOINT = "/run/agentnode/checkpoint"
+#: A task whose environment sets INBOX_ENV to INBOX (an Agent Protocol task's does) finds its
+#: inbox there (read-only): what is sent to it while it runs, one JSON object a line.
+INBOX_ENV, INBOX = "AGENTNODE_INBOX", "/run/agentnode/inbox"
 
 
 @dataclass(eq=False)
@@ -582,12 +594,15 @@ class Node:
             # The official SDKs read these: agent code reaches the proxy, billed to this task.
             for key, value in llm_environment(self.inference_url, env["AGENTNODE_TOKEN"]).items():
                 env.setdefault(key, value)
-        checkpoint = self.manager.store.checkpoint_path(task.id)
+        checkpoint = self.manager.store.checkpoint_file(task.id)
         mounts = []
-        if checkpoint.exists():
+        if checkpoint is not None:
             # A fixed path inside: the host path may be hidden (e.g. under the task's own /tmp).
             env["AGENTNODE_CHECKPOINT"] = CHECKPOINT
             mounts.append(Mount(os.path.abspath(checkpoint), CHECKPOINT))
+        if env.get(INBOX_ENV) == INBOX:
+            inbox = self.manager.store.open_inbox(task.id)
+            mounts.append(Mount(os.path.abspath(inbox), INBOX))
         # Read-only: connecting to a socket is not a write to its file system, and the task
         # can add nothing to the node's directory.
         mounts.append(Mount(os.path.abspath(self.task_socket.parent), SOCKET_DIR))

@@ -48,6 +48,9 @@ class Format(Protocol):
     ) -> None:
         """Appends a tool's result to the conversation."""
 
+    def add_user(self, messages: list[dict[str, Any]], text: str) -> None:
+        """Appends a user's message (sent to the running agent) to the conversation."""
+
     def results(self, messages: Sequence[dict[str, Any]]) -> set[str]:
         """The ids of the calls whose results `messages` (those after an answer) hold."""
 
@@ -128,6 +131,9 @@ class _OpenAI:
         text = f"error: {content}" if error else content
         messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
 
+    def add_user(self, messages: list[dict[str, Any]], text: str) -> None:
+        messages.append({"role": "user", "content": text})
+
     def results(self, messages: Sequence[dict[str, Any]]) -> set[str]:
         return {m["tool_call_id"] for m in messages if m["role"] == "tool"}
 
@@ -195,6 +201,17 @@ class _Anthropic:
         if last["role"] == "user" and isinstance(last["content"], list) and last["content"] and (
             last["content"][0].get("type") == "tool_result"
         ):  # fmt: skip
+            last["content"].append(block)
+        else:
+            messages.append({"role": "user", "content": [block]})
+
+    def add_user(self, messages: list[dict[str, Any]], text: str) -> None:
+        block = {"type": "text", "text": text}
+        # Turns alternate: after tool results (a user turn) the text joins them, after them.
+        last = messages[-1]
+        if last["role"] == "user":
+            if not isinstance(last["content"], list):
+                last["content"] = [{"type": "text", "text": last["content"]}]
             last["content"].append(block)
         else:
             messages.append({"role": "user", "content": [block]})

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from agentnode.errors import TaskError
 from agentnode.runtime import formats
 from agentnode.runtime.formats import Call
+from agentnode.runtime.inbox import open_inbox
 from agentnode.runtime.memory import TOOLS as MEMORY_TOOLS
 from agentnode.runtime.memory import AgentMemory
 from agentnode.runtime.nodetools import open_tools
@@ -98,6 +99,7 @@ class Agent:
         self.say(f"tools via {tools_via}: {', '.join(chosen)}")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._saving: Future[None] | None = None
+        self._inbox = open_inbox()
 
     def say(self, text: str) -> None:
         print(f"runtime: {text}", file=self._log, flush=True)
@@ -132,6 +134,7 @@ class Agent:
                 self.format.add_result(state.messages, call.id, content, error=error)
                 # Recorded while the model reads it: the next save waits for this one.
                 self._save(state, wait=False)
+            self._take_inputs(state)
             answer = state.answer(self.format)
             if answer is not None:
                 return answer
@@ -141,13 +144,25 @@ class Agent:
             # Recorded before any tool it calls runs: a retry never asks the model again.
             self._save(state, wait=True)
 
+    def _take_inputs(self, state: State) -> None:
+        """Adds what was sent to this task since the last look (its inbox) as user messages:
+        the model reads them in its next call (saved with its answer)."""
+        if self._inbox is None:
+            return
+        texts, state.inbox = self._inbox.read(state.inbox)
+        for text in texts:
+            self.format.add_user(state.messages, text)
+            self.say(f"input after step {state.steps}: {' '.join(text.split())[:200]}")
+
     def _save(self, state: State, *, wait: bool) -> None:
         """Saves `state` as the checkpoint, after the save before it (whose failure ends the
         run here); `wait=False` returns while the node writes it."""
         self._settle()
-        self._saving = self._saver.submit(self.task.save_checkpoint, state.dump())
-        if wait:
-            self._settle()
+        blob = state.dump()
+        if wait:  # on this thread: a hand-off to the saver and back costs the step twice
+            self.task.save_checkpoint(blob)
+        else:
+            self._saving = self._saver.submit(self.task.save_checkpoint, blob)
 
     def _settle(self) -> None:
         saving, self._saving = self._saving, None

@@ -20,12 +20,14 @@ _VERSION = 2
 
 @dataclass(kw_only=True)
 class State:
-    """One run's progress; `steps` counts the model answers in `messages`."""
+    """One run's progress; `steps` counts the model answers in `messages`, `inbox` the bytes
+    of the task's inbox already added to them (`runtime.inbox`)."""
 
     api: str
     messages: list[dict[str, Any]]
     steps: int = 0
     started: float = field(default_factory=time.time)
+    inbox: int = 0
 
     def pending(self, fmt: Format) -> list[Call]:
         """The last answer's tool calls that have no recorded result yet."""
@@ -46,7 +48,7 @@ class State:
         """The checkpoint blob."""
         return json.dumps(
             {"v": _VERSION, "api": self.api, "messages": self.messages, "steps": self.steps,
-             "started": self.started},
+             "started": self.started, "inbox": self.inbox},
             separators=(",", ":"),
         ).encode()  # fmt: skip
 
@@ -57,7 +59,9 @@ class State:
             obj = json.loads(blob)
             if obj["v"] != _VERSION:
                 raise ValueError(f"version {obj['v']!r}, this runtime reads {_VERSION}")
+            # "inbox" is newer than version 2's first checkpoints: none read one.
             return cls(api=str(obj["api"]), messages=list(obj["messages"]),
-                       steps=int(obj["steps"]), started=float(obj["started"]))  # fmt: skip
+                       steps=int(obj["steps"]), started=float(obj["started"]),
+                       inbox=int(obj.get("inbox", 0)))  # fmt: skip
         except (ValueError, KeyError, TypeError) as e:
             raise TaskError(f"the task's checkpoint is not a runtime checkpoint ({e})") from None

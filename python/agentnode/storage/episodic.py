@@ -469,7 +469,12 @@ class EpisodicStore:
     async def aappend_many(
         self, tenant: str, namespace: str, task: str, records: Sequence[NewRecord], *, sync: bool
     ) -> list[str]:
-        """`append_many` on a worker thread."""
+        """`append_many`, on a worker thread when it waits for an fsync. Without one it is a
+        write to the WAL in the kernel: done on the loop, which it would block just the same
+        from a thread (rocksdict holds the GIL), without two thread hand-offs (a LangGraph
+        checkpoint a super-step, an agent's memory write a step)."""
+        if not sync:
+            return self.append_many(tenant, namespace, task, records, sync=False)
         return await asyncio.to_thread(
             self.append_many, tenant, namespace, task, records, sync=sync
         )
