@@ -40,6 +40,7 @@ __all__ = [
     "one_shot",
     "prepare_workspace",
     "spawn",
+    "task_environment",
     "use_data_dir",
 ]
 
@@ -339,7 +340,7 @@ def spawn(
     else:
         ws = Path(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
-    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **dict(sandbox.env)}
+    full_env = task_environment(sandbox)
     opened: list[int] = []
     parents: list[IO[bytes] | None] = [None, None, None]
     net: TaskEgress | None = None
@@ -380,6 +381,11 @@ def spawn(
     task = Task(native, limits=limits, workspace=ws, stdio=parents, net=net)
     _live.add(task)
     return task
+
+
+def task_environment(sandbox: Sandbox) -> dict[str, str]:
+    """A task's whole environment: PATH, LANG and HOME, then the sandbox's `env`."""
+    return {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **dict(sandbox.env)}
 
 
 def _sandbox_of(
@@ -466,6 +472,11 @@ class Task:
     def pid(self) -> int:
         """The task's init, as the host sees it."""
         return self._native.pid
+
+    @property
+    def pidfd(self) -> int:
+        """A pidfd of the task's init (this handle's: do not close it)."""
+        return self._native.pidfd
 
     @property
     def cgroup_dir(self) -> Path | None:
