@@ -76,7 +76,8 @@ while True:
             sys.exit("agentnode: the node's pre-imported interpreter could not start this agent: "
                      + rest)
     if not got:
-        sys.exit("agentnode: the agent's fork ended without its status (the fork server is gone)")
+        why = f"start step record {said.hex()}" if said else "the fork server is gone"
+        sys.exit(f"agentnode: the agent's fork ended without its status ({why})")
 """
 
 _CLONE_NEWNS = 0x00020000
@@ -244,13 +245,14 @@ def _cgroup_procs(pid: int) -> list[str]:
     return files
 
 
-def _fail(report: int, text: str) -> None:
-    os.write(report, text.encode()[:200])
+def _fail(go: int, text: str) -> None:
+    with contextlib.suppress(OSError):  # the task is gone already
+        os.write(go, b"E " + b" ".join(text.encode().split())[:300] + b"\n")
     os._exit(1)
 
 
-def _join(request: dict[str, object], fds: list[int], report: int) -> None:
-    """The fork that joins one task, forks its agent and waits for it: never returns.
+def _join(request: dict[str, object], fds: list[int]) -> None:
+    """Joins one task, forks its agent and waits for it: never returns.
 
     It stays the agent's parent: a process whose parent leaves goes to the reaper of the
     parent's pid namespace (the host's), not to the task's init. It is confined as the agent
@@ -258,8 +260,8 @@ def _join(request: dict[str, object], fds: list[int], report: int) -> None:
     see out of."""
     pidfd, stdout, stderr, go = fds
     pid = request["pid"]
-    assert isinstance(pid, int)
     try:
+        assert isinstance(pid, int)
         # The stub's pidfd pins the pid it names while the files are read.
         for procs in _cgroup_procs(pid):
             with open(procs, "w") as f:
@@ -276,25 +278,24 @@ def _join(request: dict[str, object], fds: list[int], report: int) -> None:
             os.dup2(fd, target)
         for fd in (null, root, pidfd, stdout, stderr):
             os.close(fd)
-    except OSError as e:
-        _fail(report, f"cannot join the task: {e}")
+        keep_caps = request["keep_caps"]
+        uid, gid, nofile = request["uid"], request["gid"], request["nofile"]
+        assert isinstance(keep_caps, list) and isinstance(uid, int) and isinstance(gid, int)
+        assert isinstance(nofile, int)
+    except (OSError, AssertionError, KeyError) as e:
+        _fail(go, f"cannot join the task: {e}")
     from agentnode import _native
 
-    keep_caps = request["keep_caps"]
-    uid, gid, nofile = request["uid"], request["gid"], request["nofile"]
-    assert isinstance(keep_caps, list) and isinstance(uid, int) and isinstance(gid, int)
-    assert isinstance(nofile, int)
-    # A failed step writes its record to `report` and exits 127: never half confined.
+    # A failed step writes its 8-byte record to the stub and exits 127: never half confined.
     _native.confine_self(uid=uid, gid=gid, keep_caps=keep_caps, nofile=nofile, seccomp=True,
-                         err=report)  # fmt: skip
+                         err=go)  # fmt: skip
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         agent = os.fork()  # in the task's pid namespace
     except OSError as e:
-        _fail(report, f"cannot fork the agent: {e}")
+        _fail(go, f"cannot fork the agent: {e}")
     if agent == 0:
         _agent(request, go)
-    os.close(report)  # the fork server goes on to its next request
     _, status = os.waitpid(agent, 0)
     with contextlib.suppress(OSError):
         os.write(go, f"X {os.waitstatus_to_exitcode(status)}\n".encode())
@@ -304,6 +305,7 @@ def _join(request: dict[str, object], fds: list[int], report: int) -> None:
 def _agent(request: dict[str, object], go: int) -> None:
     """The agent: tells the stub its pid (in the task's pid namespace), runs the command."""
     os.write(go, f"P {os.getpid()}\n".encode())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has it
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     env, argv = request["env"], request["argv"]
     assert isinstance(env, dict) and isinstance(argv, list)
@@ -340,35 +342,39 @@ def _agent(request: dict[str, object], go: int) -> None:
     os._exit(status)
 
 
-def _serve_one(request: dict[str, object], fds: list[int]) -> None:
-    """Forks the task's joiner and waits until it has forked the agent (or tells the stub
-    why it could not)."""
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+def _take(sock: socket.socket, taken: int) -> None:
+    """In a fresh fork of the server: receives the next request, says so on `taken`, and
+    serves it. Never returns."""
+    fds = array.array("i")
     try:
-        joiner = os.fork()
-        if joiner == 0:
-            try:
-                os.close(report_r)
-                _join(request, fds, report_w)
-            finally:
-                os._exit(1)
-        os.close(report_w)
-        got = b""
-        while chunk := os.read(report_r, 256):
-            got += chunk
-        if got:
-            if len(got) == 8 and not got.isascii():
-                got = f"confining it failed (start step record {got.hex()})".encode()
-            with contextlib.suppress(OSError):  # the task is gone already
-                os.write(fds[3], b"E " + b" ".join(got.split()) + b"\n")
-    finally:
-        os.close(report_r)
-        for fd in fds:
-            os.close(fd)
+        data, ancdata, _flags, _addr = sock.recvmsg(
+            _MAX_REQUEST, socket.CMSG_SPACE(_FDS * fds.itemsize)
+        )
+    except OSError:
+        os._exit(2)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if not data:
+        os._exit(2)  # the daemon is gone
+    os.write(taken, b"T")
+    os.close(taken)
+    sock.close()
+    if len(fds) != _FDS:
+        os._exit(1)
+    try:
+        request = json.loads(data)
+    except ValueError:
+        _fail(fds[3], "the request is not JSON")
+    _join(request, list(fds))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serves the daemon's requests on the socket whose descriptor is `argv[0]`."""
+    """Serves the daemon's requests on the socket whose descriptor is `argv[0]`.
+
+    Each request is received by a fork made before it came, never by this process: what one
+    task sends (its token among its environment) is in that fork's memory only, never in the
+    memory the next fork is copied from."""
     args = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(args[0]))
     # A signal meant for the daemon's process group is not this process's to act on: its
@@ -379,23 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     _preload()
     sock.sendall(b"R")
     while True:
-        fds = array.array("i")
-        try:
-            data, ancdata, _flags, _addr = sock.recvmsg(
-                _MAX_REQUEST, socket.CMSG_SPACE(_FDS * fds.itemsize)
-            )
-        except ConnectionError:
-            return 0
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        if not data:
-            return 0
-        if len(fds) != _FDS:
-            for fd in fds:
-                os.close(fd)
-            continue
-        _serve_one(json.loads(data), list(fds))
+        taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
+        child = os.fork()
+        if child == 0:
+            try:
+                os.close(taken_r)
+                _take(sock, taken_w)
+            finally:
+                os._exit(1)
+        os.close(taken_w)
+        took = os.read(taken_r, 1)
+        os.close(taken_r)
+        if took != b"T":
+            return 0  # it found the socket's end (or died): the daemon is gone
 
 
 if __name__ == "__main__":
