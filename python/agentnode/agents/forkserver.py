@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from agentnode.isolation.spec import Sandbox
 from agentnode.isolation.task import task_environment
@@ -245,7 +246,21 @@ def _cgroup_procs(pid: int) -> list[str]:
     return files
 
 
-def _fail(go: int, text: str) -> None:
+def _identity(request: dict[str, object]) -> tuple[int, int, list[int], int]:
+    """The uid, gid, kept capabilities and open-file limit a request asks for."""
+    uid, gid, caps, nofile = (request[k] for k in ("uid", "gid", "keep_caps", "nofile"))
+    if not (
+        isinstance(uid, int)
+        and isinstance(gid, int)
+        and isinstance(nofile, int)
+        and isinstance(caps, list)
+        and all(isinstance(c, int) for c in caps)
+    ):
+        raise ValueError(f"bad identity in the request: {uid!r} {gid!r} {caps!r} {nofile!r}")
+    return uid, gid, caps, nofile
+
+
+def _fail(go: int, text: str) -> NoReturn:
     with contextlib.suppress(OSError):  # the task is gone already
         os.write(go, b"E " + b" ".join(text.encode().split())[:300] + b"\n")
     os._exit(1)
@@ -278,11 +293,8 @@ def _join(request: dict[str, object], fds: list[int]) -> None:
             os.dup2(fd, target)
         for fd in (null, root, pidfd, stdout, stderr):
             os.close(fd)
-        keep_caps = request["keep_caps"]
-        uid, gid, nofile = request["uid"], request["gid"], request["nofile"]
-        assert isinstance(keep_caps, list) and isinstance(uid, int) and isinstance(gid, int)
-        assert isinstance(nofile, int)
-    except (OSError, AssertionError, KeyError) as e:
+        uid, gid, keep_caps, nofile = _identity(request)
+    except (OSError, AssertionError, KeyError, ValueError) as e:
         _fail(go, f"cannot join the task: {e}")
     from agentnode import _native
 
