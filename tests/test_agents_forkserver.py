@@ -251,3 +251,27 @@ def test_the_reference_runtime_runs_forked_to_the_same_end(node: tuple[World, Da
     assert (d.data / "workspaces" / task["id"] / "a.txt").read_text() == "x\n"
     (row,) = [r for r in ledger(world, d, KEY) if r["task"] == task["id"]]
     assert row["requests"] == 2 and Decimal(row["cost"]) == 2 * CALL_COST
+
+
+def test_sigterm_to_its_task_reaches_a_forked_agent(node: tuple[World, Daemon]) -> None:
+    """A cancel's SIGTERM goes to the task's init, the stub, which forwards it to the agent:
+    the agent's handler runs and the task ends cancelled without waiting for the kill."""
+    _world, d = node
+    _forked(d, "pass")
+    code = (
+        "import os, signal, sys, time\n"
+        "assert os.getpid() == 2\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('got TERM', flush=True), sys.exit(0)))\n"
+        "print('waiting', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    task = d.submit([sys.executable, "-c", code], user="0", agent={"kind": "python"},
+                    memory="256M", cpus=0.5)  # fmt: skip
+    log = d.data / "logs" / f"{task['id']}.1.log"
+    deadline = time.monotonic() + 60
+    while not log.exists() or "waiting" not in log.read_text():
+        assert time.monotonic() < deadline, d.task(task["id"])
+        time.sleep(0.1)
+    d.client.call("POST", f"/v1/tasks/{task['id']}/cancel", {})
+    done = d.wait(task["id"], timeout=60)
+    assert done["state"] == "cancelled" and "got TERM" in log.read_text(), (done, log.read_text())

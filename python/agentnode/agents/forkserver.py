@@ -46,39 +46,34 @@ from agentnode.isolation.task import task_environment
 
 __all__ = ["STUB", "ForkServer", "main"]
 
-#: The task's init while its agent runs. Its stdin says `P PID` when the agent runs (then
-#: SIGTERM and SIGINT are forwarded to it), `X CODE` when it ended (`waitstatus_to_exitcode`'s:
-#: the stub exits with it, 128+N for a signal N), or `E WHY` when it could not start; an end
-#: without `X` is a failure too. It reaps the orphans of the agent's children meanwhile, as
-#: the init of a pid namespace must. The original command follows as its arguments, for `ps`
-#: and the exec audit.
-STUB = r"""
-import os, signal, sys
-def reap(n, f):
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-    except ChildProcessError:
-        pass
-signal.signal(signal.SIGCHLD, reap)
-said = b""
-while True:
-    got = os.read(0, 4096)
-    *lines, said = (said + got).split(b"\n")
-    for line in lines:
-        word, _, rest = line.decode(errors="replace").partition(" ")
-        if word == "P":
-            for s in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(s, lambda n, f, pid=int(rest): os.kill(pid, n))
-        elif word == "X":
-            code = int(rest)
-            os._exit(128 - code if code < 0 else code)
-        elif word == "E":
-            sys.exit("agentnode: the node's pre-imported interpreter could not start this agent: "
-                     + rest)
-    if not got:
-        why = f"start step record {said.hex()}" if said else "the fork server is gone"
-        sys.exit(f"agentnode: the agent's fork ended without its status ({why})")
+#: The task's init while its agent runs, a POSIX shell script (0.6 ms of CPU to start, against
+#: 16 ms for an interpreter). Its stdin says `P PID` when the agent runs (then SIGTERM and
+#: SIGINT sent to the task are forwarded to it), `X CODE` when it ended
+#: (`waitstatus_to_exitcode`'s: the stub exits with it, 128+N for a signal N), or `E WHY` when
+#: it could not start; an end without `X` is a failure too. A trapped signal ends a `read`
+#: early (status 1, as at the end of input): the trap's flag tells the two apart. The original
+#: command follows as the script's arguments, for `ps` and the exec audit.
+STUB = """\
+pid= sig=
+trap 'sig=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM
+trap 'sig=1; [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null' INT
+while :; do
+    read -r word rest
+    got=$?
+    if [ "$got" -ne 0 ]; then
+        [ -n "$sig" ] && { sig=; continue; }
+        break
+    fi
+    case $word in
+        P) pid=$rest ;;
+        X) [ "$rest" -lt 0 ] && exit $((128 - rest)); exit "$rest" ;;
+        E) echo "agentnode: the node's pre-imported interpreter could not start this agent:" \
+               "$rest" >&2; exit 1 ;;
+    esac
+done
+echo "agentnode: the agent's fork ended without its status (the fork server is gone, or" \
+     "confining it failed)" >&2
+exit 1
 """
 
 _CLONE_NEWNS = 0x00020000
@@ -113,7 +108,7 @@ class ForkServer:
     @property
     def stub(self) -> list[str]:
         """The command a served task is started with (the original one follows it)."""
-        return [sys.executable, "-S", "-I", "-c", STUB]
+        return ["/bin/sh", "-c", STUB, "agentnode-agent"]
 
     def serves(self, argv: Sequence[str], sandbox: Sandbox) -> bool:
         """Whether a task of kind `python` running `argv` in `sandbox` can be a fork (see the
