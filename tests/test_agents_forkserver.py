@@ -275,3 +275,34 @@ def test_sigterm_to_its_task_reaches_a_forked_agent(node: tuple[World, Daemon]) 
     d.client.call("POST", f"/v1/tasks/{task['id']}/cancel", {})
     done = d.wait(task["id"], timeout=60)
     assert done["state"] == "cancelled" and "got TERM" in log.read_text(), (done, log.read_text())
+
+
+@pytest.mark.parametrize(
+    ("argv", "change"),
+    [
+        (["/usr/bin/python3", "-m", "agentnode.runtime", "x"], {}),  # another interpreter
+        ([sys.executable, "-I", "-c", "pass"], {}),  # interpreter options
+        ([sys.executable, "-m", "other.module"], {}),
+        ([sys.executable, "script.py"], {}),
+        ([sys.executable, "-c"], {}),
+        (["/bin/sh", "-c", "python3 -c pass"], {}),
+        ([sys.executable, "-c", "pass"], {"env": (("PYTHONOPTIMIZE", "1"),)}),
+        ([sys.executable, "-c", "pass"], {"env": (("PYTHONSTARTUP", "/tmp/x.py"),)}),
+        ([sys.executable, "-c", "pass"], {"userns": True}),
+        ([sys.executable, "-c", "pass"], {"rootfs": "/tmp"}),
+    ],
+)
+def test_what_is_not_forked_starts_the_usual_way(argv: list[str], change: dict[str, Any]) -> None:
+    """A command the fork server would not run as a fresh interpreter would is not its: and
+    asking about it does not start the server."""
+    from dataclasses import replace
+
+    from agentnode.agents.forkserver import ForkServer
+    from agentnode.isolation.spec import Sandbox
+
+    server = ForkServer()
+    try:
+        assert not server.serves(argv, replace(Sandbox(), **change))
+        assert server._proc is None
+    finally:
+        server.close()
