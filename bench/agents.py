@@ -19,7 +19,8 @@ Agents per second (as root): N reference-runtime tasks submitted at once, each a
 submit to the last one's end; against the same number of one-call agents without the node
 (`python -c` importing the `openai` SDK and asking the mock once), as many at a time as the node
 runs (`agents_per_s_api`: the runtime with tools over the HTTP API, which spares it the `mcp`
-SDK's import). Goal (issue 26): >= 50 agents/s on 2 cores.
+SDK's import). The node starts these as forks of its pre-imported interpreter (docs/agents.md),
+which the step rounds before have started. Goal (issue 26): >= 50 agents/s on 2 cores.
 """
 
 from __future__ import annotations

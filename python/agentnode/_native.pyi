@@ -22,6 +22,7 @@ __all__ = [
     "cgroup_hierarchy",
     "cgroup_id",
     "doctor",
+    "confine_self",
     "make_nothing_ahead",
     "noop",
     "sweep_cgroups",
@@ -121,6 +122,14 @@ class NativeTask:
         stay (for a task started with `outlive`)."""
     def close(self) -> None:
         """Kills and reaps whatever still runs and removes the task's cgroups."""
+
+def confine_self(
+    *, uid: int, gid: int, keep_caps: list[int], nofile: int, seccomp: bool, err: int
+) -> None:
+    """Gives this process what a task's command has at exec: rlimits, capabilities (all dropped
+    but `keep_caps`), ids, no_new_privs, Landlock and, with `seccomp`, the default filter. For a
+    single-threaded process forked into a running task; a step that fails writes its record to
+    `err` and ends the process (status 127)."""
 
 def make_nothing_ahead() -> None:
     """From now on this process makes nothing ahead of its starts (spare task cgroups, network

@@ -41,6 +41,7 @@ __all__ = [
     "one_shot",
     "prepare_workspace",
     "spawn",
+    "task_environment",
     "use_data_dir",
 ]
 
@@ -358,7 +359,7 @@ def spawn(
     else:
         ws = os.fspath(workspace)
         _make_dir(ws, "workspace", "give a writable directory")
-    full_env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **dict(sandbox.env)}
+    full_env = task_environment(sandbox)
     opened: list[int] = []
     parents: list[IO[bytes] | None] = [None, None, None]
     net: TaskEgress | None = None
@@ -399,6 +400,11 @@ def spawn(
     task = Task(native, limits=limits, workspace=ws, stdio=parents, net=net)
     _live.add(task)
     return task
+
+
+def task_environment(sandbox: Sandbox) -> dict[str, str]:
+    """A task's whole environment: PATH, LANG and HOME, then the sandbox's `env`."""
+    return {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "HOME": "/workspace", **dict(sandbox.env)}
 
 
 def _sandbox_of(
@@ -510,6 +516,11 @@ class Task:
         which tells it from a later process given the same pid (read by the launcher at the
         start; None if its init was gone by then). None for the other tasks."""
         return self._native.start_ticks
+
+    @property
+    def pidfd(self) -> int:
+        """A pidfd of the task's init (this handle's: do not close it)."""
+        return self._native.pidfd
 
     @property
     def cgroup_dir(self) -> Path | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentnode import _native, compute
+from agentnode.agents.forkserver import ForkServer
 from agentnode.agents.kinds import llm_environment
 from agentnode.audit.execs import ExecTrace
 from agentnode.audit.log import AuditLog
@@ -113,6 +114,8 @@ class Node:
             reserve_memory_bytes=config.reserve_memory_bytes,
         )
         self.spares = Spares(config.data_dir / "logs", config.data_dir / "workspaces")
+        #: Python agents are forks of an interpreter that imported the runtime and its SDKs.
+        self.forkserver = ForkServer()
         #: Settles the tasks an earlier agent left running; None: the kernel cannot record
         #: their exits here, so tasks die with the node agent as they used to.
         self.restorer: Restorer | None = None
@@ -607,10 +610,14 @@ class Node:
         # can add nothing to the node's directory.
         mounts.append(Mount(os.path.abspath(self.task_socket.parent), SOCKET_DIR))
         sandbox = replace(sandbox, env=tuple(env.items()), mounts=(*mounts, *sandbox.mounts))
+        command = list(task.spec.command)
+        fork = task.spec.agent == "python" and self.forkserver.serves(command, sandbox)
+        # A forked agent's task starts as the fork server's stub, which waits on this pipe.
+        go = os.pipe2(os.O_CLOEXEC) if fork else None
         fd = self.spares.open_log(log_path)
         try:
-            return spawn(
-                list(task.spec.command),
+            proc = spawn(
+                [*self.forkserver.stub, *command] if fork else command,
                 sandbox,
                 node_network=self.egress,
                 on_denial=functools.partial(self._audit_denial, task),
@@ -618,13 +625,20 @@ class Node:
                     self.spares.make_workspace(self.config.data_dir / "workspaces" / task.id),
                     sandbox,
                 ),
-                stdin="null",
+                stdin="null" if go is None else go[0],
                 stdout=fd,
                 stderr=fd,
                 outlive=self._outlives(task),
             )
+            if go is not None:
+                with contextlib.suppress(OSError):  # then the stub says the server is gone
+                    self.forkserver.join(pid=proc.pid, pidfd=proc.pidfd, argv=command,
+                                         sandbox=sandbox, stdout=fd, stderr=fd, go=go[1])  # fmt: skip
+            return proc
         finally:
             os.close(fd)
+            for end in go or ():
+                os.close(end)
 
     def _outlives(self, task: Task) -> bool:
         """Whether `task` runs on when the node agent goes: when the kernel records its exit
@@ -761,6 +775,7 @@ class Node:
         self._spawner.shutdown(wait=True)
         await self.tools.close()
         await asyncio.to_thread(self.spares.close)
+        await asyncio.to_thread(self.forkserver.close)
         await asyncio.to_thread(self.egress.close)
         if self.execs is not None:
             self.execs.close()

@@ -404,8 +404,33 @@ fn make_nothing_ahead() {
     agentnode_core::background::ahead::make_none();
 }
 
+/// Gives this process what a task's command has at exec (`agentnode_core::sandbox::confine_self`):
+/// rlimits, capabilities (all dropped but `keep_caps`), ids, `no_new_privs`, Landlock and, with
+/// `seccomp`, the default filter. For a single-threaded process forked into a running task; a
+/// step that fails writes its record to `err` and ends the process (status 127).
+#[pyfunction]
+#[pyo3(signature = (*, uid, gid, keep_caps, nofile, seccomp, err))]
+fn confine_self(
+    uid: u32,
+    gid: u32,
+    keep_caps: Vec<u32>,
+    nofile: u64,
+    seccomp: bool,
+    err: i32,
+) -> PyResult<()> {
+    let confine = sandbox::Confine {
+        uid,
+        gid,
+        keep_caps,
+        nofile,
+        seccomp,
+    };
+    sandbox::confine_self(&confine, err).map_err(|e| NativeError::from(e).into())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_nothing_ahead, m)?)?;
+    m.add_function(wrap_pyfunction!(confine_self, m)?)?;
     m.add_class::<Launcher>()?;
     m.add_class::<NativeTask>()?;
     m.add_class::<AdoptedCgroup>()?;

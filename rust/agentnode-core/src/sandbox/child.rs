@@ -679,7 +679,7 @@ unsafe fn keep_caps(p: &Prepared) {
 /// rlimits, stdio, capabilities, ids, `no_new_privs`, parent-death signal, seccomp: the last
 /// steps before exec, in the order the kernel requires (bounding set before the uid change,
 /// seccomp after `no_new_privs`).
-unsafe fn drop_privileges(p: &Prepared) {
+pub(super) unsafe fn drop_privileges(p: &Prepared) {
     let err = p.err_write;
     // SAFETY: raw syscalls on values the parent prepared and buffers on our stack.
     unsafe {

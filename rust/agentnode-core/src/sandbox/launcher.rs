@@ -101,7 +101,7 @@ impl Launcher {
         spec: &Spec,
         before_start: Option<BeforeStart<'_, E>>,
     ) -> std::result::Result<Task, E> {
-        check_ids(spec)?;
+        check_ids(spec.uid, spec.gid)?;
         if before_start.is_none() && Zygotes::serve(spec) {
             if let Some(z) = self.take_zygote(&spec.stage) {
                 if let Some(task) = zygote::start(z, spec)? {

@@ -203,8 +203,8 @@ fn check_caps(caps: &[u32]) -> Result<()> {
 
 /// Refuses `(uid_t)-1`, which `setresuid` and `chown` read as "leave unchanged": a task asked to
 /// run as it would keep the parent's ids (root). The child also checks the ids it got.
-fn check_ids(spec: &Spec) -> Result<()> {
-    for (what, id) in [("uid", spec.uid), ("gid", spec.gid)] {
+fn check_ids(uid: u32, gid: u32) -> Result<()> {
+    for (what, id) in [("uid", uid), ("gid", gid)] {
         if id == u32::MAX {
             return Err(Error::Invalid {
                 what: "user",
@@ -218,6 +218,66 @@ fn check_ids(spec: &Spec) -> Result<()> {
     Ok(())
 }
 
+/// The identity and restrictions [`confine_self`] gives the calling process.
+#[derive(Debug, Clone)]
+pub struct Confine {
+    pub uid: u32,
+    pub gid: u32,
+    /// Capability numbers kept (ambient); every other one is dropped.
+    pub keep_caps: Vec<u32>,
+    pub nofile: u64,
+    pub seccomp: bool,
+}
+
+/// Gives the calling process what a task's command has at exec, by the same steps: rlimits,
+/// the bounding and ambient sets, the ids (no supplementary group), the kept capabilities,
+/// `no_new_privs`, the Landlock scope and the seccomp filter; every descriptor above 2 becomes
+/// close-on-exec. For a single-threaded process forked to join a running task, after it
+/// joined the task's cgroups and namespaces (`agentnode.agents.forkserver`). A step that fails
+/// once the first one ran writes its record (`StartStep`) to `err` and ends the process with
+/// status 127: a half-confined process never returns.
+pub fn confine_self(c: &Confine, err: RawFd) -> Result<()> {
+    check_caps(&c.keep_caps)?;
+    check_ids(c.uid, c.gid)?;
+    // Its write end stays open here: the parent-alive check before seccomp sees no hang-up.
+    let (sync_r, sync_w) = pipe()?;
+    let prepared = child::Prepared {
+        ops: Vec::new(),
+        join: Vec::new(),
+        sync_read: sync_r.as_raw_fd(),
+        sync_write: sync_w.as_raw_fd(),
+        err_write: err,
+        netns: None,
+        hostname: CString::default(),
+        cwd: CString::default(),
+        exe: CString::default(),
+        _argv: Vec::new(),
+        _env: Vec::new(),
+        argv_ptrs: Vec::new(),
+        env_ptrs: Vec::new(),
+        stdio: [None; 3],
+        userns: false,
+        uid: c.uid,
+        gid: c.gid,
+        cap_last: cap_last(),
+        keep_caps: c.keep_caps.iter().fold(0, |m, c| m | (1u64 << c)),
+        // Its parent-death signal is left as it is (none after a fork).
+        outlive: true,
+        nofile: c.nofile,
+        landlock: landlock::ruleset(),
+        seccomp: if c.seccomp {
+            Some(seccomp::default_program()?)
+        } else {
+            None
+        },
+        sigmask: 0,
+        nice: None,
+    };
+    // SAFETY: raw syscalls on this process, with values prepared above.
+    unsafe { child::drop_privileges(&prepared) };
+    Ok(())
+}
+
 fn prepare(
     spec: &Spec,
     ops: Vec<plan::Op>,
@@ -228,7 +288,7 @@ fn prepare(
 ) -> Result<child::Prepared> {
     let exe = resolve(spec)?;
     check_caps(&spec.keep_caps)?;
-    check_ids(spec)?;
+    check_ids(spec.uid, spec.gid)?;
     if !spec.stage.is_dir() {
         return Err(Error::BadPath {
             what: "staging directory",
