@@ -70,7 +70,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, Daem
 
 def _run(d: Daemon, code: str, **fields: Any) -> tuple[dict[str, Any], str]:
     task = d.submit([sys.executable, "-c", code], user="0", agent={"kind": "python"},
-                    **{"memory": "256M", "cpus": 0.5, **fields})  # fmt: skip
+                    **{"memory": "256M", "cpus": 0.5, "ro": [str(REPO)], **fields})  # fmt: skip
     done = d.wait(task["id"], timeout=120)
     return done, d.log(task["id"])
 
@@ -137,7 +137,7 @@ def test_forked_agents_see_nothing_of_each_other(node: tuple[World, Daemon]) -> 
     _forked(d, "pass")  # the fork server is ready
     a = d.submit([sys.executable, "-c", f"import os\nassert os.getpid() == 2\n{holder}"],
                  user="0", agent={"kind": "python"}, memory="256M", cpus=0.5,
-                 env={"SECRET": theirs})  # fmt: skip
+                 env={"SECRET": theirs}, ro=[str(REPO)])  # fmt: skip
     deadline = time.monotonic() + 60
     a_log = d.data / "logs" / f"{a['id']}.1.log"
     while not a_log.exists() or "holding" not in a_log.read_text():
@@ -266,7 +266,7 @@ def test_sigterm_to_its_task_reaches_a_forked_agent(node: tuple[World, Daemon]) 
         "time.sleep(60)\n"
     )
     task = d.submit([sys.executable, "-c", code], user="0", agent={"kind": "python"},
-                    memory="256M", cpus=0.5)  # fmt: skip
+                    memory="256M", cpus=0.5, ro=[str(REPO)])  # fmt: skip
     log = d.data / "logs" / f"{task['id']}.1.log"
     deadline = time.monotonic() + 60
     while not log.exists() or "waiting" not in log.read_text():

@@ -661,7 +661,8 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
     try:
         # Network none and egress tasks, each writing steadily; some of each end in the gap.
         specs: dict[str, tuple[list[str], int, int, str]] = {}
-        for i in range(24):
+        # 48 of them and the two probers: the 50 tasks across a kill -9.
+        for i in range(48):
             marker, code, net = f"{tag}-{i}", i % 4, ("none", "egress")[i % 2]
             if i % 6 < 2:
                 specs[marker] = (gated(marker, code), 0, code, net)
@@ -669,7 +670,7 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
                 specs[marker] = (writer(marker, 120, code), 120, code, net)
         policy = {"allow": [f"{HOST4}:8080"], "allow_hosts": ["allowed.test:9090"]}
         tasks = {
-            m: d.submit(cmd, cpus=0.05, ro=[f"{gate}:/gate"], network=net,
+            m: d.submit(cmd, cpus=0.03, ro=[f"{gate}:/gate"], network=net,
                         **(policy if net == "egress" else {}))["id"]
             for m, (cmd, _, _, net) in specs.items()
         }  # fmt: skip
