@@ -13,9 +13,9 @@ that waits. The fork server then forks once per task; that child joins the stub'
 takes its root and working directory, and confines itself as a task's command is confined at
 exec (`_native.confine_self`: rlimits, no capabilities but the task's, its ids, no_new_privs,
 Landlock, the seccomp filter). Only then it forks the agent (the first process it makes lands
-in the task's pid namespace) and exits: the agent is reparented to the stub, the task's init,
-which is told its pid, forwards SIGTERM and SIGINT to it, reaps it and exits with its status
-(128+N when a signal N killed it). The agent closes every descriptor but its stdio, takes the
+in the task's pid namespace) and stays its parent, to wait for it: the stub, the task's init,
+is told the agent's pid (it forwards SIGTERM and SIGINT to it), then its exit status, and
+exits with it (128+N when a signal N killed it). The agent closes every descriptor but its stdio, takes the
 task's environment and arguments, and runs the command in the interpreter it was forked from.
 
 Served (`serves`): tasks of kind `python` whose command is this node's interpreter
