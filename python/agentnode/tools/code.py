@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import select
 import time
@@ -23,6 +24,7 @@ from agentnode.egress.service import EgressService
 from agentnode.errors import UsageError
 from agentnode.isolation import task as isolation
 from agentnode.isolation.task import ExitReason
+from agentnode.tools.pyfork import READY, STDIN_MAIN, PythonForks
 from agentnode.tools.registry import Caller, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 from agentnode.tools.sandboxed import (
@@ -41,45 +43,16 @@ __all__ = ["NETWORKS", "CodeRunner"]
 #: What `run_code`'s sandbox may reach: nothing, or what the calling task itself may.
 NETWORKS = ("none", "task")
 
+log = logging.getLogger("agentnode.tools")
+
 _KERNEL = (Path(__file__).with_name("kernel.py")).read_text()
-#: What a made-ahead sandbox runs: the interpreter starts (most of a call's time) before the
-#: code exists, says so on stderr (`_READY`, which the node takes off), then runs what arrives
-#: on stdin as `python3 -I -` would: in `__main__`, named `<stdin>`, with `sys.argv == ["-"]`,
-#: its tracebacks and exit status as the interpreter's own.
-_STDIN_MAIN = """\
-def _agentnode_main():
-    import os, sys
-    os.write(2, b"\\0agentnode-ready\\n")
-    del os
-    scope = sys.modules["__main__"].__dict__
-    del scope["_agentnode_main"]
-    scope.update(__file__="<stdin>", __cached__=None)
-    source = sys.stdin.buffer.read()
-    sys.argv[0] = "-"
-    try:
-        code = compile(source, "<stdin>", "exec")
-    except (SyntaxError, ValueError) as e:
-        sys.excepthook(type(e), e, e.with_traceback(None).__traceback__)
-        raise SystemExit(1) from None
-    del sys, source
-    try:
-        exec(code, scope)
-    except SystemExit:
-        raise
-    except BaseException as e:
-        import sys
-        e = e.with_traceback(e.__traceback__.tb_next)  # from the code's own first frame
-        sys.excepthook(type(e), e, e.__traceback__)
-        raise SystemExit(1) from None
-_agentnode_main()
-"""
-_READY = b"\0agentnode-ready\n"
 #: How long an interpreter may take to start (a host under heavy load) before it is given up.
 _BOOT_S = 60.0
 #: A spare sandbox unused this long is stopped (its task has stopped calling run_code).
 _SPARE_IDLE_S = 60.0
 #: Python sandboxes kept made ahead per caller identity: with two, calls back to back find
-#: one ready while the next is made (each is an interpreter start, most of a call's cost).
+#: one ready while the next is made (a task start and two forks, or without the fork server
+#: an interpreter start).
 SPARES = 2
 
 INPUT_SCHEMA: dict[str, Any] = {
@@ -213,23 +186,23 @@ def _discard_all(spares: _Spares) -> None:
     spares.clear()
 
 
-def _await_ready(started: Started) -> bytes:
-    """Reads the sandbox's stderr up to `_READY`; returns what came before it (nothing, unless
-    the interpreter warned at start). An interpreter that died first is left for the call to
-    report."""
+def _await_ready(started: Started) -> tuple[bytes, bool]:
+    """Reads the sandbox's stderr up to `READY`; returns what came before it (nothing, unless
+    the interpreter warned at start) and whether the mark came. An interpreter that died first
+    is left for the call to report."""
     assert started.task.stderr is not None
     fd = started.task.stderr.fileno()
     seen = b""
     deadline = time.monotonic() + _BOOT_S
-    while not seen.endswith(_READY):
+    while not seen.endswith(READY):
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             raise TimeoutError(f"python did not start in its sandbox within {_BOOT_S:g} s")
         chunk = os.read(fd, 1 << 16)  # nothing follows the mark before the code is sent
         if not chunk:
-            return seen  # it ended: the call collects its end
+            return seen, False  # it ended: the call collects its end
         seen += chunk
-    return seen[: -len(_READY)]
+    return seen[: -len(READY)], True
 
 
 class CodeRunner:
@@ -242,7 +215,10 @@ class CodeRunner:
         network: str = "none",
         node_network: EgressService | None = None,
         spares: int = SPARES,
+        forks: bool = True,
     ) -> None:
+        """`forks`: make python sandboxes as forks of a pre-started interpreter (`pyfork`),
+        where the caller allows; else each starts its own."""
         if network not in NETWORKS:
             raise UsageError(f"run_code network {network!r}: use none or task")
         self.limits = limits or ToolLimits()
@@ -256,7 +232,10 @@ class CodeRunner:
         #: never reused, never shared between tasks. Stopped when idle, with their task, or
         #: with the runner.
         self._spares: _Spares = {}
+        self._forks = PythonForks() if forks else None
         weakref.finalize(self, _discard_all, self._spares)
+        if self._forks is not None:
+            weakref.finalize(self, self._forks.close)
 
     def tool(self) -> Tool:
         return Tool(
@@ -331,9 +310,14 @@ class CodeRunner:
 
     def _start_python(self, caller: Caller, reach: _Reach) -> Started:
         """A python sandbox for `caller`, returned once its interpreter waits for the code:
-        the call's timeout then counts the code's time only, not a slow start's."""
+        the call's timeout then counts the code's time only, not a slow start's. A fork of
+        the pre-started interpreter where it can be, else a fresh one."""
+        if self._forks is not None and self._forks.serves(userns=caller.userns):
+            forked = self._fork_python(caller, reach)
+            if forked is not None:
+                return forked
         started = start_sandboxed(
-            ["python3", "-I", "-c", _STDIN_MAIN],
+            ["python3", "-I", "-c", STDIN_MAIN],
             limits=self.limits,
             network=reach[0],
             egress=reach[1],
@@ -343,11 +327,41 @@ class CodeRunner:
             userns=caller.userns,
         )
         try:
-            started.stderr_head = _await_ready(started)
+            started.stderr_head, _ready = _await_ready(started)
         except BaseException:
             started.close()
             raise
         return started
+
+    def _fork_python(self, caller: Caller, reach: _Reach) -> Started | None:
+        """A sandbox whose interpreter is a fork of the pre-started one, ready for the code;
+        None when none could be made (the server is gone, or the fork ended before it was
+        ready), with nothing left running."""
+        assert self._forks is not None
+        try:
+            started = self._forks.start(
+                limits=self.limits,
+                network=reach[0],
+                egress=reach[1],
+                node_network=self._network,
+                workspace=caller.workspace,
+                user=caller.user,
+            )
+        except OSError as e:
+            log.warning("run_code: no python fork (%s); starting an interpreter", e)
+            return None
+        try:
+            started.stderr_head, ready = _await_ready(started)
+        except BaseException:
+            started.close()
+            raise
+        if ready:
+            return started
+        result = started.task.wait(_BOOT_S)
+        started.close()
+        log.warning("run_code: a python fork ended before it was ready (%s); starting an "
+                    "interpreter", result and result.exit_status)  # fmt: skip
+        return None
 
     def _make_spares(self, caller: Caller, reach: _Reach) -> None:
         """Starts making python sandboxes for `caller` with network `reach` until `spares`
@@ -510,3 +524,5 @@ class CodeRunner:
             s.task.close()
         self._sessions.clear()
         _discard_all(self._spares)
+        if self._forks is not None:
+            self._forks.close()

@@ -24,6 +24,10 @@ from agentnode.isolation.task import ExitReason, Result, prepare_workspace
 from agentnode.tools.registry import ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from agentnode.isolation.task import Stdio
+
 __all__ = [
     "SPAWNER",
     "Run",
@@ -188,10 +192,11 @@ def start_sandboxed(
     user: str = "65534",
     userns: bool = False,
     mounts: Sequence[Mount] = (),
+    stdio: tuple[Stdio, Stdio, Stdio] = ("pipe", "pipe", "pipe"),
 ) -> Started:
     """Starts `argv` in a fresh sandbox with `limits` but no timeout yet (`finish_sandboxed`
     starts its clock). Call on a `SPAWNER` thread. Without `workspace` it gets an empty
-    scratch directory."""
+    scratch directory. `stdio`: its stdin, stdout and stderr (`spawn`'s), pipes by default."""
     denials: list[Denial] = []
     scratch = None
     if workspace is None:
@@ -210,9 +215,9 @@ def start_sandboxed(
             user=user,
             userns=userns,
             mounts=mounts,
-            stdin="pipe",
-            stdout="pipe",
-            stderr="pipe",
+            stdin=stdio[0],
+            stdout=stdio[1],
+            stderr=stdio[2],
         )
     except BaseException:
         if scratch is not None:
