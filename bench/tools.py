@@ -5,8 +5,11 @@
   the same server directly over stdio (goal: <= +1 ms p50 added);
 - `run_code` of print(1) in a fresh sandbox vs `bwrap --unshare-all` running the same
   `python3 -c` (goal: <= 0.5x), back to back and spaced 50 ms apart (as an agent's calls are,
-  a model turn between two: back to back, the runner's two sandboxes made ahead are used up
-  faster than they are made, one interpreter start each, and calls wait for them);
+  a model turn between two). Its sandboxes are made ahead as forks of a pre-started python3
+  (`tools.pyfork`); the same runner starting an interpreter per sandbox is measured beside it.
+  Back to back, the CPU per call too (everything the call and the sandbox made for it cost:
+  the node, the fork server, the task; bwrap and its python), from a cpuacct cgroup made for
+  this benchmark (cgroup v1 hosts only);
 - a `run_code` call in a task's stateful session (goal: p50 <= 2 ms), against the fresh-sandbox
   call.
 """
@@ -14,6 +17,8 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
 import shutil
 import subprocess
@@ -50,6 +55,42 @@ BWRAP = ["bwrap", "--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--
 CALLER = Caller(task="bench", tenant="bench")
 #: Seconds between spaced run_code calls.
 SPACED = 0.05
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+
+
+class CpuMeter:
+    """The CPU time (ms) of this process and of all it starts from now on, tasks included (the
+    node's tasks' cgroups are made under the starting process's own): this process moved into
+    a cpuacct cgroup of its own, whose usage counts its descendants'. None where there is no
+    v1 cpuacct hierarchy to make it in."""
+
+    def __init__(self, group: Path) -> None:
+        self.group = group
+
+    @classmethod
+    def start(cls) -> CpuMeter | None:
+        if not (CPUACCT / "cpuacct.usage").exists():
+            return None
+        group = CPUACCT / f"agentnode-bench-tools-{os.getpid()}"
+        group.mkdir()
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        # Before the node's own exit handlers are registered (at its first start), so after
+        # them: its tasks' cgroups under this one are gone by then.
+        atexit.register(cls._remove, group)
+        return cls(group)
+
+    def ms(self) -> float:
+        return int((self.group / "cpuacct.usage").read_text()) / 1e6
+
+    @staticmethod
+    def _remove(group: Path) -> None:
+        (CPUACCT / "cgroup.procs").write_text(str(os.getpid()))
+        for d in sorted(group.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir():
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 class Node:
@@ -135,6 +176,7 @@ def bwrap_calls(n: int, pause: float = 0.0) -> list[float]:
 
 def main() -> None:
     bench = Bench.from_args("tools")
+    meter = CpuMeter.start()
     root = Path(tempfile.mkdtemp(prefix="agentnode-bench-tools-"))
     use_data_dir(root / "data")
     (root / "data").mkdir()
@@ -150,19 +192,44 @@ def main() -> None:
         bench.record("mcp_call_added_p50", percentile(ours, 50) - percentile(peer, 50), 1.0,
                      "ms", peer_name="goal: 1 ms added")  # fmt: skip
 
-        runner = CodeRunner(limits=ToolLimits(memory=256 << 20, timeout=30))
+        limits = ToolLimits(memory=256 << 20, timeout=30)
+        runner = CodeRunner(limits=limits)
+        started = CodeRunner(limits=limits, forks=False)
         n = 20 if bench.quick else 200
-        asyncio.run(code_calls(runner, 3, session=False))  # warm-up
+        asyncio.run(code_calls(runner, 3, session=False))  # warm-up; starts the fork server
+        asyncio.run(code_calls(started, 3, session=False))
         fresh: list[float] = []
+        interp: list[float] = []
         jail: list[float] = []
-        for _ in range(5):
-            fresh += asyncio.run(code_calls(runner, n // 5, session=False))
+        cpu = {"fresh": 0.0, "interp": 0.0, "jail": 0.0}
+
+        def block(name: str, samples: list[float], run: Any) -> None:
+            before = meter.ms() if meter is not None else 0.0
+            samples += run()
+            if meter is not None:
+                time.sleep(0.1)  # the spares made after the last call, and ended tasks' reaping
+                cpu[name] += meter.ms() - before
+
+        for _ in range(5):  # interleaved blocks: noise hits all alike
+            block("fresh", fresh, lambda: asyncio.run(code_calls(runner, n // 5, session=False)))
+            block("interp", interp,
+                  lambda: asyncio.run(code_calls(started, n // 5, session=False)))  # fmt: skip
             if shutil.which("bwrap"):
-                jail += bwrap_calls(n // 5)
+                block("jail", jail, lambda: bwrap_calls(n // 5))
+        started.close()
         if jail:
             for q in (50, 99):
                 bench.record(f"run_code_fresh_p{q}", percentile(fresh, q), percentile(jail, q),
                              "ms", peer_name="bwrap --unshare-all python3 -c")  # fmt: skip
+            bench.record("run_code_fresh_interp_p50", percentile(interp, 50), percentile(jail, 50),
+                         "ms", peer_name="bwrap; the runner starting an interpreter per sandbox")  # fmt: skip
+            if meter is not None:
+                bench.record("run_code_fresh_cpu", cpu["fresh"] / len(fresh),
+                             cpu["jail"] / len(jail), "ms",
+                             peer_name="bwrap's CPU per run, back to back")  # fmt: skip
+                bench.record("run_code_fresh_interp_cpu", cpu["interp"] / len(interp),
+                             cpu["jail"] / len(jail), "ms",
+                             peer_name="bwrap's; the runner starting interpreters")  # fmt: skip
             # Calls spaced as an agent's are (a model turn between two), not back to back: the
             # sandbox made ahead has started its interpreter by the next call.
             spaced: list[float] = []

@@ -140,6 +140,11 @@ class ForkServerProcess:
         self._ready = False
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called (a request sent meanwhile fails)."""
+        return self._closed
+
     def _started(self) -> bool:
         """Whether the server is ready; the first call starts it (and says no)."""
         import subprocess
@@ -198,12 +203,9 @@ class ForkServerProcess:
 # -- the fork server process -----------------------------------------------------------------
 
 
-def _cgroup_joins(pid: int) -> list[str]:
-    """The files this process joins `pid`'s cgroups through (those it is not in already): the
-    `tasks` file of each v1 hierarchy and `cgroup.procs` of cgroup2. A thread that moves itself
-    through `tasks` skips the global lock a move of a whole process takes (its RCU grace
-    period cost a join up to 20 ms); this process is single-threaded, so its thread is all of
-    it."""
+def _cgroup_mounts() -> dict[str, str]:
+    """Where each cgroup hierarchy is mounted: cgroup2 under "", each v1 hierarchy under each
+    of its controllers (and `name=` options)."""
     mounts: dict[str, str] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -215,6 +217,15 @@ def _cgroup_joins(pid: int) -> list[str]:
             elif fstype == "cgroup":
                 for option in options:
                     mounts.setdefault(option, fields[4])
+    return mounts
+
+
+def _cgroup_joins(pid: int, mounts: dict[str, str]) -> list[str]:
+    """The files this process joins `pid`'s cgroups through (those it is not in already): the
+    `tasks` file of each v1 hierarchy and `cgroup.procs` of cgroup2. A thread that moves itself
+    through `tasks` skips the global lock a move of a whole process takes (its RCU grace
+    period cost a join up to 20 ms); this process is single-threaded, so its thread is all of
+    it."""
     with open("/proc/self/cgroup") as f:
         mine = set(f.read().splitlines())
     files = []
@@ -248,7 +259,9 @@ def _fail(go: int, text: str) -> NoReturn:
     os._exit(1)
 
 
-def _join(request: dict[str, object], fds: list[int], program: Program) -> NoReturn:
+def _join(
+    request: dict[str, object], fds: list[int], program: Program, mounts: dict[str, str]
+) -> NoReturn:
     """Joins one task, forks its program and waits for it: never returns.
 
     It is confined as the program is, in the task's cgroups and namespaces but the pid
@@ -261,7 +274,7 @@ def _join(request: dict[str, object], fds: list[int], program: Program) -> NoRet
     try:
         assert isinstance(pid, int)
         # The stub's pidfd pins the pid it names while the files are read.
-        for procs in _cgroup_joins(pid):
+        for procs in _cgroup_joins(pid, mounts):
             with open(procs, "w") as f:
                 f.write("0")
         root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY)
@@ -309,7 +322,7 @@ def _join(request: dict[str, object], fds: list[int], program: Program) -> NoRet
     os._exit(0)
 
 
-def _take(sock: socket.socket, taken: int, program: Program) -> NoReturn:
+def _take(sock: socket.socket, taken: int, program: Program, mounts: dict[str, str]) -> NoReturn:
     """In a fresh fork of the server: receives the next request, says so on `taken`, and
     serves it. Never returns."""
     import json
@@ -335,7 +348,7 @@ def _take(sock: socket.socket, taken: int, program: Program) -> NoReturn:
         request = json.loads(data)
     except ValueError:
         _fail(fds[3], "the request is not JSON")
-    _join(request, list(fds), program)
+    _join(request, list(fds), program, mounts)
 
 
 def serve(fd: int, program: Program, *, preload: Callable[[], None] | None = None) -> int:
@@ -350,6 +363,7 @@ def serve(fd: int, program: Program, *, preload: Callable[[], None] | None = Non
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     if preload is not None:
         preload()
+    mounts = _cgroup_mounts()  # read once: every join needs it
     sock.sendall(b"R")
     while True:
         taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
@@ -357,7 +371,7 @@ def serve(fd: int, program: Program, *, preload: Callable[[], None] | None = Non
         if child == 0:
             try:
                 os.close(taken_r)
-                _take(sock, taken_w, program)
+                _take(sock, taken_w, program, mounts)
             finally:
                 os._exit(1)
         os.close(taken_w)

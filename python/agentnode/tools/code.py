@@ -348,7 +348,8 @@ class CodeRunner:
                 user=caller.user,
             )
         except OSError as e:
-            log.warning("run_code: no python fork (%s); starting an interpreter", e)
+            if not self._forks.closed:  # else the runner is closing: this spare goes with it
+                log.warning("run_code: no python fork (%s); starting an interpreter", e)
             return None
         try:
             started.stderr_head, ready = _await_ready(started)

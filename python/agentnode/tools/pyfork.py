@@ -72,6 +72,7 @@ def _agentnode_main():
 _agentnode_main()
 """
 READY = b"\0agentnode-ready\n"
+_PR_SET_DUMPABLE = 4
 
 #: The server's `-c` program: it notes what a fresh interpreter has (its `__main__`, modules
 #: and path, for the forks to return to), then serves. Its arguments: the directory agentnode
@@ -191,8 +192,13 @@ def _run(
 ) -> NoReturn:
     """The sandbox's interpreter, in its task: as a fresh `python3 -I -c STDIN_MAIN` it runs
     the code that comes on stdin and exits as the interpreter would."""
+    import ctypes
     import sys
 
+    # A process whose ids changed without an exec is not dumpable: its /proc files are
+    # root's, its memory unreadable there. An exec'd interpreter's are its own; and what it
+    # could read is its own memory, which holds nothing of a call but this one.
+    ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     env = request["env"]
     assert isinstance(env, dict)
