@@ -169,7 +169,7 @@ def test_a_forked_sandbox_is_confined_as_a_fresh_one(tmp_path: Path) -> None:
 
 
 def test_a_forked_sandbox_seen_from_the_host_is_its_tasks(tmp_path: Path) -> None:
-    """A spare made ahead: the fork (and the joiner waiting for it) is in the stub's cgroups
+    """A spare made ahead: the fork is in the stub's cgroups
     and namespaces, confined, with none of the fork server's."""
     runner, svc = _runner()
     try:
@@ -185,7 +185,7 @@ def test_a_forked_sandbox_seen_from_the_host_is_its_tasks(tmp_path: Path) -> Non
                            Path(f"/proc/{stub}/cgroup").read_text().splitlines()
                            if line.startswith("0::"))  # fmt: skip
             procs = [int(p) for p in _procs_of(unified)]
-            assert stub in procs and len(procs) == 3, procs  # the stub, the joiner, the fork
+            assert stub in procs and len(procs) == 2, procs  # the stub and the fork
             for pid in procs:
                 assert (
                     Path(f"/proc/{pid}/cgroup").read_text()

@@ -44,7 +44,17 @@ if TYPE_CHECKING:
     #: write end of the stub's stdin). It never returns.
     Program = Callable[[dict[str, object], int], NoReturn]
 
-__all__ = ["STUB", "ForkServerProcess", "exit_status", "identity", "serve", "stub_argv"]
+__all__ = [
+    "STUB",
+    "ForkServerProcess",
+    "cgroup_mounts",
+    "enter",
+    "exit_status",
+    "fail",
+    "identity",
+    "serve",
+    "stub_argv",
+]
 
 #: The task's init while its program runs, a POSIX shell script (0.6 ms of CPU to start,
 #: against 16 ms for an interpreter). Its stdin says `P PID` when the program runs (then
@@ -203,7 +213,7 @@ class ForkServerProcess:
 # -- the fork server process -----------------------------------------------------------------
 
 
-def _cgroup_mounts() -> dict[str, str]:
+def cgroup_mounts() -> dict[str, str]:
     """Where each cgroup hierarchy is mounted: cgroup2 under "", each v1 hierarchy under each
     of its controllers (and `name=` options)."""
     mounts: dict[str, str] = {}
@@ -253,23 +263,30 @@ def _identity(request: dict[str, object]) -> tuple[int, int, list[int], int]:
     return uid, gid, caps, nofile
 
 
-def _fail(go: int, text: str) -> NoReturn:
+def fail(go: int, text: str) -> NoReturn:
+    """Tells the stub (`go`) why its program could not start (one line), and exits."""
     with contextlib.suppress(OSError):  # the task is gone already
         os.write(go, b"E " + b" ".join(text.encode().split())[:300] + b"\n")
     os._exit(1)
 
 
-def _join(
-    request: dict[str, object], fds: list[int], program: Program, mounts: dict[str, str]
-) -> NoReturn:
-    """Joins one task, forks its program and waits for it: never returns.
-
-    It is confined as the program is, in the task's cgroups and namespaces but the pid
-    namespace, which the program cannot see out of."""
+def enter(
+    request: dict[str, object],
+    *,
+    pidfd: int,
+    stdio: tuple[int | None, int, int],
+    go: int,
+    mounts: dict[str, str],
+) -> None:
+    """Joins the task whose stub `request["pid"]` (its `pidfd`) is: its cgroups, all its
+    namespaces (the pid namespace for the children made from now on), its root and working
+    directory; takes `stdio` (stdin None: /dev/null; each descriptor closed) and confines
+    itself as the task's command is (`_native.confine_self`). A step that fails tells the stub
+    (`E`, or the confinement's record) and ends the process: never half joined or confined.
+    For a single-threaded process; `mounts` is `cgroup_mounts()`'s."""
     import ctypes
 
-    pidfd, stdout, stderr, go = fds[:_FDS]
-    stdin = fds[_FDS] if len(fds) > _FDS else None
+    stdin, stdout, stderr = stdio
     pid = request["pid"]
     try:
         assert isinstance(pid, int)
@@ -290,20 +307,32 @@ def _join(
             os.dup2(fd, target)
         for fd in (stdin, root, pidfd, stdout, stderr):
             os.close(fd)
-        null = os.open("/dev/null", os.O_WRONLY)
         uid, gid, keep_caps, nofile = _identity(request)
     except (OSError, AssertionError, KeyError, ValueError) as e:
-        _fail(go, f"cannot join the task: {e}")
+        fail(go, f"cannot join the task: {e}")
     from agentnode import _native
 
     # A failed step writes its 8-byte record to the stub and exits 127: never half confined.
     _native.confine_self(uid=uid, gid=gid, keep_caps=keep_caps, nofile=nofile, seccomp=True,
                          err=go)  # fmt: skip
+
+
+def _join(
+    request: dict[str, object], fds: list[int], program: Program, mounts: dict[str, str]
+) -> NoReturn:
+    """Joins one task, forks its program and waits for it: never returns.
+
+    It is confined as the program is, in the task's cgroups and namespaces but the pid
+    namespace, which the program cannot see out of."""
+    pidfd, stdout, stderr, go = fds[:_FDS]
+    stdin = fds[_FDS] if len(fds) > _FDS else None
+    null = os.open("/dev/null", os.O_WRONLY)
+    enter(request, pidfd=pidfd, stdio=(stdin, stdout, stderr), go=go, mounts=mounts)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         child = os.fork()  # in the task's pid namespace
     except OSError as e:
-        _fail(go, f"cannot fork the agent: {e}")
+        fail(go, f"cannot fork the agent: {e}")
     if child == 0:
         os.close(null)
         try:
@@ -347,7 +376,7 @@ def _take(sock: socket.socket, taken: int, program: Program, mounts: dict[str, s
     try:
         request = json.loads(data)
     except ValueError:
-        _fail(fds[3], "the request is not JSON")
+        fail(fds[3], "the request is not JSON")
     _join(request, list(fds), program, mounts)
 
 
@@ -363,7 +392,7 @@ def serve(fd: int, program: Program, *, preload: Callable[[], None] | None = Non
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     if preload is not None:
         preload()
-    mounts = _cgroup_mounts()  # read once: every join needs it
+    mounts = cgroup_mounts()  # read once: every join needs it
     sock.sendall(b"R")
     while True:
         taken_r, taken_w = os.pipe2(os.O_CLOEXEC)

@@ -360,8 +360,9 @@ class CodeRunner:
             return started
         result = started.task.wait(_BOOT_S)
         started.close()
-        log.warning("run_code: a python fork ended before it was ready (%s); starting an "
-                    "interpreter", result and result.exit_status)  # fmt: skip
+        if not self._forks.closed:
+            log.warning("run_code: a python fork ended before it was ready (%s); starting an "
+                        "interpreter", result and result.exit_status)  # fmt: skip
         return None
 
     def _make_spares(self, caller: Caller, reach: _Reach) -> None:
