@@ -51,8 +51,8 @@ _BOOT_S = 60.0
 #: A spare sandbox unused this long is stopped (its task has stopped calling run_code).
 _SPARE_IDLE_S = 60.0
 #: Python sandboxes kept made ahead per caller identity: with two, calls back to back find
-#: one ready while the next is made (a task start and two forks, or without the fork server
-#: an interpreter start).
+#: one ready while the next is made (a task start and a fork, or without the fork server an
+#: interpreter start).
 SPARES = 2
 
 INPUT_SCHEMA: dict[str, Any] = {

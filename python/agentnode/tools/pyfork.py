@@ -1,24 +1,32 @@
 """`run_code`'s python sandboxes as forks of a pre-started `python3 -I` instead of fresh ones.
 
 Back to back, fresh python calls use up their sandboxes made ahead faster than they are made:
-each is an interpreter start (~16 ms of CPU). So the runner keeps one `python3 -I`, the same
-interpreter a sandbox runs, started once by the node, that has imported nothing of a call's
-(`PythonForks`), and makes each sandbox the way the agents' fork server makes an agent
-(`agentnode.isolation.forkjoin`): the task is started as usual (its cgroup and limits, its
-namespaces, workspace and network) with a waiting shell stub as its command; a fork of the
-server, made before the request came, joins it and confines itself as the task's command would
-be; its own fork, in the task's pid namespace, is the sandbox's interpreter. A sandbox then
-costs a task start and two forks, not an interpreter start.
+each is an interpreter start (~12 ms of CPU). So the runner keeps one `python3 -I`, the same
+interpreter a sandbox runs, started once by the node as root on the host, single-threaded, that
+has imported nothing of a call's (`PythonForks`), and makes each sandbox's interpreter a fork
+of it. The task is started as usual (`isolation.spawn`: its cgroup and limits, namespaces,
+workspace, network and egress policy) with a waiting shell stub as its command
+(`forkjoin.STUB`); the server then forks once, with the stub's pid namespace as the one its
+children are made in (`setns`), so its child is the task's second process. The child receives
+its request (who it runs as, where, its stdio) over a socket of its own, joins the stub's
+cgroups and namespaces, takes its root and working directory, confines itself as the task's
+command is confined at exec (`forkjoin.enter`: rlimits, capabilities, ids, no_new_privs,
+Landlock, seccomp), and waits for the code on stdin. The server is its parent: it reaps it and
+tells the stub its status, which the stub exits with. A sandbox then costs a task start and a
+fork, not an interpreter start.
 
-What the call's code finds is what a fresh `python3 -I -` finds: `__main__` as the interpreter
-made it, `sys.argv == ["-"]`, `sys.path` as at start, none of the modules the server imported
-for itself (`agentnode`, `json`, `ctypes`, ...), the task's environment, stdin, stdout and
-stderr. At its end non-daemon threads are joined and `atexit` functions run, as at an
-interpreter's exit. What it shares with the other forks: the interpreter's start (its
-`str` hash seed among it), nothing of any call.
+The server sees descriptors only (the stub's pidfd, its stdin's write end, the child's socket),
+never a request nor anything a program reads or writes: a fork carries nothing of another
+call. What the call's code finds is what a fresh `python3 -I -` finds: `__main__` as the
+interpreter made it, `sys.argv == ["-"]`, `sys.path` as at start, none of the modules the
+server imported for itself (`agentnode`, `json`, `ctypes`, ...), the task's environment, stdin,
+stdout and stderr, its /proc files its own (dumpable, as after an exec). At its end non-daemon
+threads are joined and `atexit` functions run, as at an interpreter's exit. What it shares with
+the other forks: the interpreter's start (its `str` hash seed among it), nothing of any call.
 
-Not served (started the usual way): callers with a user namespace, and until the server is
-ready (it starts with the runner's first python call).
+Not served (started the usual way): callers with a user namespace, and calls until the server
+is ready (it starts with the runner's first python call); a fork that fails to get ready is
+replaced by an interpreter start.
 """
 
 from __future__ import annotations
