@@ -20,6 +20,10 @@ Each request is received by a fork made before it came, never by the server: wha
 sends (its token among its environment) is in that fork's memory only, never in the memory
 the next fork is copied from.
 
+`serve` is that server (the agents'); run_code's (`agentnode.tools.pyfork`) uses `enter`, the
+joiner's steps up to its confinement, in a fork it makes in the stub's pid namespace, which
+needs no joiner: the server is its parent and tells the stub its status.
+
 Only the standard library is imported here at the top (and `agentnode._native` by the
 joiner): run_code's server runs this module in the sandbox's own `python3 -I`.
 """

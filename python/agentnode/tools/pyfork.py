@@ -163,14 +163,16 @@ class PythonForks(ForkServerProcess):
                 workspace=workspace,
                 user=user,
                 # Not the program's stdout and stderr: its output ends when it ends, not when
-                # the stub does. A fork that fails says nothing to the call (see `started`).
+                # the stub does. A fork that fails says nothing to the call: the runner sees
+                # its stderr end before the ready mark and starts an interpreter instead.
                 stdio=(go_r, "null", "null"),
             )
             try:
                 uid, gid = parse_user(user)
                 sandbox = Sandbox(uid=uid, gid=gid, limits=sandbox_limits(limits, timeout=False))
                 request = {"pid": started.task.pid, **identity(sandbox)}
-                # The server gets descriptors only; the request goes to its fork.
+                # The server gets descriptors only (an empty request); the request goes to
+                # its fork, over a socket of its own.
                 ask, told = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 with ask, told:
                     self.send({}, [started.task.pidfd, go_w, told.fileno()])
