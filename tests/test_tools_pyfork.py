@@ -19,13 +19,18 @@ from typing import Any
 
 import pytest
 
+from agentnode.egress.policy import EgressPolicy
+from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
 from agentnode.isolation import use_data_dir
 from agentnode.isolation.task import SAFE_PATH
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
+from support.egress_world import HOST4, World
 
+#: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
+pytest_plugins = ["support.tools_world"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
 A = Caller(task="t1", tenant="a")
@@ -44,9 +49,15 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     use_data_dir(old)
 
 
-def _runner(*, forks: bool = True, **limits: Any) -> tuple[CodeRunner, ToolService]:
+def _runner(
+    *, forks: bool = True, net: EgressService | None = None, **limits: Any
+) -> tuple[CodeRunner, ToolService]:
+    """A runner whose fork server is ready (with `net`, sandboxes get the caller's network)."""
     runner = CodeRunner(
-        limits=ToolLimits(**{"timeout": 10.0, "memory": 64 << 20, **limits}), forks=forks
+        limits=ToolLimits(**{"timeout": 10.0, "memory": 64 << 20, **limits}),
+        forks=forks,
+        network="none" if net is None else "task",
+        node_network=net,
     )
     svc = ToolService(Registry([runner.tool()]), on_record=lambda record: None)
     if forks:
@@ -250,6 +261,42 @@ async def _limited(svc: ToolService, fork_bomb: str) -> list[dict[str, Any]]:
     finally:
         runner.close()
     return out
+
+
+def test_a_forked_run_with_the_task_network_reaches_what_its_task_may_and_no_more(
+    world: tuple[World, EgressService],
+) -> None:
+    """Each fork is in its own task's network namespace under that task's policy: tenant a
+    may reach HOST4:8080, tenant b only HOST4:8081; each is denied the other's."""
+    _, net = world
+    a = Caller(task="t1", tenant="a", network="egress",
+               egress=EgressPolicy(allow=[f"{HOST4}:8080"]))  # fmt: skip
+    b = Caller(task="t1", tenant="b", network="egress",
+               egress=EgressPolicy(allow=[f"{HOST4}:8081"]))  # fmt: skip
+    fetch = (
+        f"import urllib.request as u; print(u.urlopen('http://{HOST4}:8080/p', timeout=5).read())"
+    )
+
+    def connect(port: int) -> str:
+        return f"import socket; socket.create_connection(({HOST4!r}, {port}), timeout=3)"
+
+    runner, svc = _runner(net=net)
+    try:
+        for _round in range(2):  # the second round's take the sandboxes made ahead
+            ok, denied_a = _calls(svc, [_PID + fetch, _PID + connect(8081)], a)
+            denied_b, refused_b = _calls(svc, [_PID + connect(8080), _PID + connect(8081)], b)
+            assert "/p from the test host" in _forked(ok), ok
+            for denied, port in ((denied_a, 8081), (denied_b, 8080)):
+                _forked(denied)
+                assert _meta(denied)["class"] == "policy", denied
+                assert (_meta(denied)["denial"]["address"], _meta(denied)["denial"]["port"]) == (
+                    HOST4,
+                    port,
+                )
+            _forked(refused_b)  # allowed, nothing listens there
+            assert "ConnectionRefusedError" in refused_b["structuredContent"]["stderr"]
+    finally:
+        runner.close()
 
 
 def test_a_forked_run_has_no_network() -> None:
