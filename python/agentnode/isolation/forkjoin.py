@@ -187,9 +187,10 @@ class ForkServerProcess:
             return self._ready and self._proc.poll() is None
 
     def send(self, request: Mapping[str, object], fds: Sequence[int]) -> None:
-        """Asks the server to join the task whose stub is `request["pid"]`; `fds` are its
-        pidfd, the program's stdout and stderr, the write end of the stub's stdin, and
-        optionally the program's stdin. Returns once sent: the stub reports the outcome."""
+        """Sends one request with its descriptors. To `serve`'s server: join the task whose
+        stub is `request["pid"]`; `fds` are its pidfd, the program's stdout and stderr, the
+        write end of the stub's stdin, and optionally the program's stdin. Returns once sent:
+        the stub reports the outcome."""
         import json
 
         sock = self._sock
