@@ -58,6 +58,7 @@ from _harness import Bench
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from agentnode.inference.mock import MockUpstream, ToolCall, Turn
 from agentnode.integrations.langgraph import AgentnodeCheckpointer
+from agentnode.node.client import NodeClient
 from agentnode.node.paths import DEFAULT_DATA_DIR
 from agentnode.sdk import Memory
 from agentnode.storage.api import make_app
@@ -156,7 +157,8 @@ class _Ends:
     def __init__(self, d: Daemon) -> None:
         self.ended: dict[str, str] = {}
         self._changed = threading.Condition()
-        self._stream = d.client.stream("/v1/events")
+        # No timeout: the stream is quiet between rounds (the bare agents' take a minute).
+        self._stream = NodeClient(d.socket, timeout=None).stream("/v1/events")
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
