@@ -277,6 +277,37 @@ def test_sigterm_to_its_task_reaches_a_forked_agent(node: tuple[World, Daemon]) 
     assert done["state"] == "cancelled" and "got TERM" in log.read_text(), (done, log.read_text())
 
 
+#: What a forked agent finds done before it starts, as JSON on stdout.
+WARMED = """
+import gc, json, platform, sys
+print(json.dumps({
+    "modules": [m for m in ("openai.resources.chat.completions", "httpcore2", "h11",
+                            "anyio._backends._asyncio", "encodings.idna")
+                if m in sys.modules],
+    "uname": platform._uname_cache is not None,
+    "frozen": gc.get_freeze_count(),
+    "collected": gc.collect() >= 0,
+}))
+"""
+
+
+def test_a_forked_agent_finds_its_first_call_done_once_and_the_heap_frozen(
+    node: tuple[World, Daemon],
+) -> None:
+    """The fork server made one chat completion (in-process) before forking: an agent imports
+    no part of the SDK's chat API, transport or URL handling on its first call, and reads no
+    platform (`uname -p` is a subprocess); it inherits a frozen heap, which its collections
+    skip (and still run)."""
+    _world, d = node
+    done, log = _forked(d, WARMED)
+    assert done["state"] == "succeeded", log
+    warmed = _probe(log)
+    assert warmed["modules"] == ["openai.resources.chat.completions", "httpcore2", "h11",
+                                 "anyio._backends._asyncio", "encodings.idna"]  # fmt: skip
+    assert warmed["uname"] and warmed["collected"]
+    assert warmed["frozen"] > 10_000
+
+
 @pytest.mark.parametrize(
     ("argv", "change"),
     [

@@ -123,3 +123,66 @@ def test_tasks_started_at_once_get_their_own_addresses_and_the_gateway_mac_holds
 def test_bad_configuration(kwargs: dict[str, str], fragment: str) -> None:
     with pytest.raises(PolicyError, match=fragment):
         NodeNetwork(**kwargs)
+
+
+#: Run in the test's netns as a node is (`nsenter --net`, no `node_netns`): a task's netns is
+#: made in the same `ip -batch` as its veth there; what it printed is checked by the test.
+_IN_NODE = """
+import hashlib, json, os, subprocess, sys, uuid
+from agentnode.egress.network import TASK_NETNS_PREFIX, NodeNetwork
+from agentnode.errors import EgressError
+
+node = NodeNetwork(bridge=sys.argv[1], subnet="192.0.2.64/26")
+out = {}
+try:
+    node.ensure()
+    nets = [node.add_task(uuid.uuid4().hex) for _ in range(3)]
+    out["addresses"] = sorted({str(n.address) for n in nets})
+    out["eth0"] = [subprocess.run(["ip", "-n", n.netns, "-o", "-4", "addr", "show", "eth0"],
+                                  capture_output=True, text=True).stdout for n in nets]
+    out["mine"] = os.readlink("/proc/self/ns/net")
+    for n in nets:
+        node.remove_task(n)
+        node.remove_task(n)  # idempotent: both are gone, no error
+    out["left"] = [os.path.exists(f"/run/netns/{n.netns}") for n in nets]
+    task = uuid.uuid4().hex
+    taken = TASK_NETNS_PREFIX + hashlib.sha256(task.encode()).hexdigest()[:8]
+    subprocess.run(["ip", "netns", "add", taken], check=True)
+    try:
+        node.add_task(task)
+    except EgressError as e:
+        out["taken"] = str(e)
+    out["kept"] = os.path.exists(f"/run/netns/{taken}")
+    subprocess.run(["ip", "netns", "del", taken], check=True)
+finally:
+    node.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_task_netns_made_in_the_veth_batch_is_whole_and_goes_whole(world: World) -> None:
+    """Without `node_netns` (a node's own case) a task's netns is made by the `ip -batch`
+    that makes its veth: the batch stays in the node's netns, each task's netns has its
+    address, removal takes both (twice is fine), and a netns of the same name that exists
+    already is refused by name and left alone."""
+    import sys
+
+    from support.agent_env import REPO
+
+    bridge = f"agentnode{uuid.uuid4().hex[:6]}"
+    r = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{world.task}", sys.executable, "-c", _IN_NODE, bridge],
+        capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO / "python")},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["addresses"]) == 3
+    for address in out["addresses"]:
+        assert sum(f"inet {address}/26 " in eth0 for eth0 in out["eth0"]) == 1
+    assert out["left"] == [False, False, False]
+    assert "exists" in out["taken"] and out["kept"]
+    world_ns = subprocess.run(["ip", "netns", "exec", world.task, "readlink", "/proc/self/ns/net"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert out["mine"] == world_ns
+    assert bridge not in links(world.task)  # closed

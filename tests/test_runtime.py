@@ -410,3 +410,30 @@ def test_inputs_sent_to_the_agent_are_read_once_whole_lines_only(tmp_path: Path)
     messages.append({"role": "assistant", "content": [{"type": "text", "text": "done"}]})
     fmt.add_user(messages, "again")
     assert messages[-1] == {"role": "user", "content": [{"type": "text", "text": "again"}]}
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_a_plain_http_proxy_costs_its_client_no_ca_bundle(
+    api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's proxy is plain HTTP: the SDK client the runtime makes for it gets a TLS
+    context that trusts nothing (no CA bundle read: 20 ms of CPU a client), so a redirect to
+    https fails its certificate check; an https base URL keeps the SDK's own default."""
+    import ssl
+
+    var = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}[api]
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+
+    def context(base_url: str) -> ssl.SSLContext:
+        monkeypatch.setenv(var, base_url)
+        fmt: Any = formats.make(api, model="m", system=None, stream=False, max_tokens=16)
+        # httpx2's transport keeps the context its connection pool will use.
+        ctx: ssl.SSLContext = fmt._llm._client._transport._pool._ssl_context
+        return ctx
+
+    plain = context("http://10.0.0.1:8080" + ("/v1" if api == "openai" else ""))
+    assert plain.cert_store_stats()["x509_ca"] == 0
+    assert plain.verify_mode is ssl.CERT_REQUIRED and plain.check_hostname
+    tls = context("https://example.invalid" + ("/v1" if api == "openai" else ""))
+    assert tls.cert_store_stats()["x509_ca"] > 0

@@ -26,7 +26,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from agentnode.isolation.forkjoin import (
     STUB,
@@ -96,28 +96,52 @@ class ForkServer(ForkServerProcess):
 
 
 def _preload() -> None:
-    """Imports what the reference runtime uses on its way to a first step, and builds what a
-    first call would build lazily (an OpenAI client, the SDK's response models)."""
+    """Imports what the reference runtime uses on its way to a first step, and does once what
+    a first call would do lazily: one chat completion with a tool call through the `openai`
+    SDK, answered in-process (no socket), imports `openai.resources.chat`, builds the SDK's
+    request and response models and reads the platform (`uname -p`, a subprocess); 55 ms of
+    CPU an agent spared (docs/agents.md). Then the heap is frozen (`gc.freeze`): an agent's
+    collections skip what it inherited, so they neither scan it nor copy its pages."""
     # Not agentnode.runtime.__main__ itself: runpy runs it afresh (its imports are loaded).
     import argparse  # noqa: F401
+    import gc
 
+    import httpx2
     import openai
-    from openai.types.chat import ChatCompletion
 
     import agentnode.runtime.loop
     import agentnode.sdk.tools
     import agentnode.tools.endpoint  # noqa: F401  (the MCP door's idempotency key)
 
-    with openai.OpenAI(api_key="-", base_url="http://127.0.0.1:9/v1", max_retries=0):
-        pass
-    ChatCompletion.model_validate({
-        "id": "c", "object": "chat.completion", "created": 0, "model": "m",
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": "warm"}}],
-    })  # fmt: skip
-    import httpx2  # noqa: F401  (the MCP client's transport)
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        return httpx2.Response(200, json={
+            "id": "c", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })  # fmt: skip
+
+    with openai.OpenAI(api_key="-", base_url="http://agentnode.invalid/v1", max_retries=0):
+        pass  # its transport's imports (httpcore2, h11, h2)
+    with openai.OpenAI(api_key="-", base_url="http://agentnode.invalid/v1", max_retries=0,
+                       http_client=httpx2.Client(transport=httpx2.MockTransport(answer))) as llm:  # fmt: skip
+        tool: Any = {"type": "function", "function": {"name": "f", "parameters": {}}}
+        m = llm.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "warm"}], tools=[tool]
+        )
+        for c in m.choices[0].message.tool_calls or ():
+            c.model_dump(include={"id", "type", "function"})
+    # What the MCP client's first task group and streams load.
+    import anyio._backends._asyncio
+    import anyio.streams.stapled  # noqa: F401
     from mcp import Client  # noqa: F401
     from mcp.client.streamable_http import streamable_http_client  # noqa: F401
+
+    "agentnode.invalid".encode("idna")  # a URL's host: `encodings.idna`, `stringprep`
+
+    gc.collect()
+    gc.freeze()
 
 
 def _agent(request: dict[str, object], go: int) -> NoReturn:

@@ -6,6 +6,8 @@ holds), so nothing is translated on its way to the model."""
 from __future__ import annotations
 
 import json
+import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,6 +71,16 @@ def make(api: str, *, model: str, system: str | None, stream: bool, max_tokens: 
     raise TaskError(f"no model API {api!r} (the runtime speaks {', '.join(FORMATS)})")
 
 
+def _plain_http(sdk: Any, base_url_env: str) -> dict[str, Any]:
+    """The SDK client's options for a plain-HTTP base URL (the node's proxy is one): an HTTP
+    client whose TLS context trusts no certificate, so it costs nothing to make. The default
+    one loads the system's CA bundle, 20 ms of CPU per client, for TLS this client never
+    speaks; a redirect to an https URL fails its certificate check (fails closed)."""
+    if not os.environ.get(base_url_env, "").startswith("http://"):
+        return {}
+    return {"http_client": sdk.DefaultHttpxClient(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))}
+
+
 def _failed(e: Exception) -> TaskError:
     return TaskError(f"the model call failed: {type(e).__name__}: {' '.join(str(e).split())}")
 
@@ -77,9 +89,9 @@ class _OpenAI:
     name = "openai"
 
     def __init__(self, *, model: str, system: str | None, stream: bool) -> None:
-        from openai import OpenAI
+        import openai
 
-        self._llm = OpenAI(max_retries=0)
+        self._llm = openai.OpenAI(max_retries=0, **_plain_http(openai, "OPENAI_BASE_URL"))
         self._model, self._system, self._stream = model, system, stream
 
     def tool(self, name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -145,9 +157,11 @@ class _Anthropic:
     name = "anthropic"
 
     def __init__(self, *, model: str, system: str | None, stream: bool, max_tokens: int) -> None:
-        from anthropic import Anthropic
+        import anthropic
 
-        self._llm = Anthropic(max_retries=0)
+        self._llm = anthropic.Anthropic(
+            max_retries=0, **_plain_http(anthropic, "ANTHROPIC_BASE_URL")
+        )
         self._model, self._system, self._stream = model, system, stream
         self._max_tokens = max_tokens
 
