@@ -448,7 +448,7 @@ def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "token")
     agent = object.__new__(Agent)  # only what `spent` reads: no node needed
-    agent.task = type("Task", (), {"id": "t-1"})()  # type: ignore[assignment]
+    agent.task = type("Task", (), {"id": "t-1"})()
     agent._usage = None
     try:
         assert agent.spent() == agent.spent() == Decimal("0.25")
