@@ -576,6 +576,11 @@ def test_route_header_usage_and_metrics(env: ProxyEnv) -> None:
     }
     assert sum(Decimal(d["cost"]) for d in data) == GPT_COST + CLAUDE_COST
     assert all(d["day"] == time.strftime("%Y-%m-%d", time.gmtime()) for d in data)
+    # One task's own usage, as a budgeted agent asks it each step; never another tenant's.
+    for key, task, tasks in (("sk-acme", "t9", {"t9"}), ("sk-acme", "t0", set()),
+                             ("sk-globex", "t9", set())):  # fmt: skip
+        r = httpx.get(env.url + f"/v1/usage?group_by=task&task={task}", headers={"x-api-key": key})
+        assert {d["task"] for d in r.json()["data"]} == tasks, (key, task)
     r = httpx.get(env.url + "/v1/usage?group_by=bogus", headers={"x-api-key": "sk-acme"})
     assert r.status_code == 400 and "cannot group by 'bogus'" in r.text
     metrics = httpx.get(env.url + "/metrics").text

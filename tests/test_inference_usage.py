@@ -121,6 +121,16 @@ def test_sums_equal_the_rows_after_kill_9_mid_burst(tmp_path: Path) -> None:
                 assert got == _by_scan(rows, group_by), group_by
             spend = _by_scan(rows, ("tenant",))
             assert {t: store.tenant_spend[t] for t in "ab"} == {t: spend[(t,)][2] for t in "ab"}
+            # One task's usage (a budgeted agent's question) from its own groups only.
+            by_task, all_tenants = _by_scan(rows, ("tenant", "task")), _by_scan(rows, ("task",))
+            for tenant in ("a", "b", None):
+                for task in ("t1", "t2", "t3"):
+                    got = _by_sums(
+                        await store.usage(("task",), tenant=tenant, task=task), ("task",)
+                    )
+                    want = all_tenants if tenant is None else {
+                        (ta,): v for (te, ta), v in by_task.items() if te == tenant}  # fmt: skip
+                    assert got == ({(task,): want[(task,)]} if (task,) in want else {}), task
         finally:
             await store.close()
 

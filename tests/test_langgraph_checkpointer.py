@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Annotated, TypedDict
@@ -15,6 +16,7 @@ from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.graph import END, START, StateGraph
 
+from agentnode.integrations import langgraph
 from agentnode.integrations.langgraph import WRITES_WAIT_S, AgentnodeCheckpointer
 from agentnode.sdk import Memory
 
@@ -90,8 +92,10 @@ def test_a_graph_resumes_after_its_last_completed_step(memory_server) -> None:  
 
 def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Per super-step the saver writes once (the task's pending writes go with the checkpoint
-    that ends the super-step) and reads nothing: what it wrote or found absent it remembers.
-    The one read is the thread's newest-checkpoint pointer."""
+    that ends the super-step; the input checkpoint with the first super-step's) and reads
+    nothing: what it wrote or found absent it remembers. The one read is the thread's
+    newest-checkpoint pointer."""
+    monkeypatch.setattr(langgraph, "INPUT_WAIT_S", 30.0)  # a loaded host's slow first step
     url, tokens = memory_server
     builder = StateGraph(State)
     for name in ("a", "b", "c"):
@@ -119,7 +123,8 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
         fresh = AgentnodeCheckpointer(mem, task="reads").get_tuple(config)
         assert fresh is not None and fresh.checkpoint["channel_values"]["steps"] == ["a", "b", "c"]
         history = list(saver.list(config))
-        assert writes == len(history) == 5, requests  # the input's super-step, a, b, c, the end
+        # The input, its super-step, a, b, c: the input checkpoint went with the next write.
+        assert writes == len(history) - 1 == 4, requests
         # Every super-step's tasks' writes were stored (with the checkpoint after it).
         assert [bool(h.pending_writes) for h in history] == [False, True, True, True, True]
 
@@ -152,3 +157,51 @@ def test_writes_no_checkpoint_follows_wait_once_then_go_at_once(memory_server) -
         assert found is not None
         assert sorted(w[0] for w in found.pending_writes or ()) == [
             "task-1", "task-2", "task-3", "task-4"]  # fmt: skip
+
+
+def test_the_input_checkpoint_is_stored_without_a_next_write(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """An input checkpoint that no write follows (a run stopped before its first task) is
+    stored by the flusher within `INPUT_WAIT_S`, and at once before this saver reads; the
+    flusher thread ends once idle."""
+    monkeypatch.setattr(langgraph, "_FLUSHER_IDLE_S", 0.05)
+    url, tokens = memory_server
+    with Memory(url, tokens["a"]) as mem, Memory(url, tokens["a"]) as other:
+        saver = AgentnodeCheckpointer(mem, task="held")
+        for n, read in enumerate((False, True)):
+            thread = {"thread_id": f"t-held-{n}", "checkpoint_ns": ""}
+            config: RunnableConfig = {"configurable": thread}
+            stored = saver.put(config, empty_checkpoint(), {"source": "input", "step": -1}, {})
+            if read:  # this saver's own read writes it first
+                found = saver.get_tuple(config)
+            else:  # another process sees it once the flusher wrote it
+                deadline = time.monotonic() + 5
+                # A fresh saver each time: a saver remembers what it found absent.
+                while (found := AgentnodeCheckpointer(other, task="held").get_tuple(config)) is None:
+                    assert time.monotonic() < deadline, "the input checkpoint was never written"
+                    time.sleep(langgraph.INPUT_WAIT_S)
+            assert found is not None and found.config == stored
+        flusher = saver._flusher
+        assert flusher is not None
+        flusher.join(timeout=5)
+        assert not flusher.is_alive() and saver._flusher is None
+
+
+def test_remembers_a_bounded_number_of_threads(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A saver that runs many threads keeps a bounded memory of their pointers and writes; a
+    thread it forgot is read again, not mistaken for a new one."""
+    monkeypatch.setattr(langgraph, "_POINTERS_KEPT", 3)
+    url, tokens = memory_server
+    builder = StateGraph(State)
+    builder.add_node("a", lambda state: {"steps": ["a"]})
+    builder.add_edge(START, "a")
+    builder.add_edge("a", END)
+    with Memory(url, tokens["a"]) as mem:
+        saver = AgentnodeCheckpointer(mem, task="many")
+        graph = builder.compile(checkpointer=saver)
+        for i in range(8):
+            graph.invoke({"steps": []}, {"configurable": {"thread_id": f"t-many-{i}"}})
+            assert len(saver._pointers) <= 3 and len(saver._writes) <= langgraph._WRITES_KEPT
+        again: RunnableConfig = {"configurable": {"thread_id": "t-many-0"}}
+        assert graph.invoke({"steps": []}, again) == {"steps": ["a", "a"]}
+        history = list(saver.list(again))
+        assert history[0].checkpoint["channel_values"]["steps"] == ["a", "a"]

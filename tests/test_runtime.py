@@ -437,3 +437,56 @@ def test_a_plain_http_proxy_costs_its_client_no_ca_bundle(
     assert plain.verify_mode is ssl.CERT_REQUIRED and plain.check_hostname
     tls = context("https://example.invalid" + ("/v1" if api == "openai" else ""))
     assert tls.cert_store_stats()["x509_ca"] > 0
+
+
+def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`Agent.spent` asks the proxy for this task's usage alone on one kept connection; when
+    the proxy has closed it while idle (a long step), the next check reconnects once."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from agentnode.runtime.loop import Agent
+
+    asked: list[tuple[str, int]] = []
+
+    async def usage(request: web.Request) -> web.Response:
+        asked.append((request.query_string, id(request.transport)))
+        rows = [{"task": request.query["task"], "cost": "0.25"}, {"task": "other", "cost": "9"}]
+        return web.json_response({"data": rows})
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = web.Application()
+    app.router.add_get("/v1/usage", usage)
+    runner = web.AppRunner(app, keepalive_timeout=0.2)  # closes idle connections soon
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "token")
+    agent = object.__new__(Agent)  # only what `spent` reads: no node needed
+    agent.task = type("Task", (), {"id": "t-1"})()
+    agent._usage = None
+    try:
+        assert agent.spent() == agent.spent() == Decimal("0.25")
+        assert asked[0][1] == asked[1][1], "the second check reuses the connection"
+        time.sleep(0.6)  # the proxy closes it
+        assert agent.spent() == Decimal("0.25")
+        assert all(q == "group_by=task&task=t-1" for q, _ in asked) and len(asked) == 3
+    finally:
+        assert agent._usage is not None
+        agent._usage[0].close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -221,7 +221,7 @@ async def _usage(request: web.Request) -> web.Response:
     try:
         # A tenant sees only its own spending; without tenants configured, everything.
         only = principal.tenant if principal.limits is not None or principal.pinned else None
-        rows = await proxy.store.usage(group_by, tenant=only)
+        rows = await proxy.store.usage(group_by, tenant=only, task=request.query.get("task"))
     except ValueError as e:
         return error_response("openai", 400, str(e), code="invalid_group_by")
     return web.json_response({"object": "list", "group_by": list(group_by), "data": rows})

@@ -118,6 +118,9 @@ class Store:
         #: The same without the task: most queries do not group by it, and tasks are many.
         self._coarse: dict[tuple[Any, ...], Sums] = {}
         self._dirty: set[tuple[Any, ...]] = set()
+        #: (tenant, task) → the keys of its groups in `_sums`: one task's usage (what a
+        #: budgeted agent asks every step) costs its own groups, not every task's.
+        self._task_groups: dict[tuple[str, str | None], list[tuple[Any, ...]]] = {}
         self._days: dict[int, str] = {}
         self._retention: asyncio.TimerHandle | None = None
 
@@ -137,6 +140,7 @@ class Store:
         else:
             store._sums = sums
             for k, a in sums.items():
+                store._task_groups.setdefault((k[0], k[1]), []).append(k)
                 b = store._coarse.setdefault(_coarse(k), _zero())
                 for f, v in a.items():
                     b[f] += v
@@ -174,6 +178,7 @@ class Store:
         a = self._sums.get(k)
         if a is None:
             a = self._sums[k] = _zero()
+            self._task_groups.setdefault((row.tenant, row.task), []).append(k)
         coarse = _coarse(k)
         b = self._coarse.get(coarse)
         if b is None:
@@ -271,20 +276,28 @@ class Store:
         return rows
 
     async def usage(
-        self, group_by: tuple[str, ...], *, tenant: str | None = None
+        self, group_by: tuple[str, ...], *, tenant: str | None = None, task: str | None = None
     ) -> list[dict[str, Any]]:
-        """Sums of tokens, cost and saving per distinct value of `group_by` (of one tenant if
-        given), from the kept sums: the cost is in the number of groups, not of rows."""
+        """Sums of tokens, cost and saving per distinct value of `group_by` (of one tenant and
+        one task if given), from the kept sums: the cost is in the number of groups, not of
+        rows (with a tenant and a task: in the number of that task's groups)."""
         for g in group_by:
             if g not in _GROUPS:
                 raise ValueError(f"cannot group by {g!r} (use {', '.join(_GROUPS)})")
         fields: tuple[str, ...] = _KEY_FIELDS
-        source = self._sums
-        if "task" not in group_by:
-            fields, source = _COARSE_FIELDS, self._coarse
+        source: Any = self._sums.items()
+        if task is not None:
+            keys = (
+                self._task_groups.get((tenant, task), ())
+                if tenant is not None
+                else [k for k in self._sums if k[1] == task]
+            )
+            source = [(k, self._sums[k]) for k in keys]
+        elif "task" not in group_by:
+            fields, source = _COARSE_FIELDS, self._coarse.items()
         where = [fields.index(g) for g in group_by]
         agg: dict[tuple[Any, ...], Sums] = {}
-        for k, s in source.items():
+        for k, s in source:
             if tenant is not None and k[0] != tenant:
                 continue
             out = tuple(k[i] for i in where)

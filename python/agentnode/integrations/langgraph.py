@@ -26,6 +26,12 @@ checkpoint that ends its super-step and are stored in that checkpoint's batch; `
 still returns only once they are stored, by that batch or by its own write when no checkpoint
 came in time (a slower task of the same super-step; then that thread's next few writes do not
 wait) or when they hold an error or interrupt (no checkpoint follows those).
+
+A run's input checkpoint (`source: "input"`) is the one `put` that returns before its write:
+LangGraph starts the run's first super-step without waiting for it (it waits for the checkpoint
+that ends that super-step, after which both are stored, in one batch), so it goes with the
+thread's next write, or is written by a flusher thread `INPUT_WAIT_S` after it came, or before
+this saver reads anything: a run's first write per thread less, of one per super-step.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from langgraph.store.base import (
 from agentnode.errors import NotFoundError
 from agentnode.sdk.memory import Memory
 
-__all__ = ["WRITES_WAIT_S", "AgentnodeCheckpointer", "AgentnodeStore"]
+__all__ = ["INPUT_WAIT_S", "WRITES_WAIT_S", "AgentnodeCheckpointer", "AgentnodeStore"]
 
 #: How long a task's pending writes wait for the checkpoint that ends its super-step (LangGraph
 #: makes it right after the super-step's last task), to be stored in one write with it.
@@ -78,8 +84,16 @@ WRITES_WAIT_S = 0.005
 #: tasks finish far apart would otherwise pay the wait every super-step.
 _UNWAITED_AFTER_MISS = 8
 
+#: How long a run's input checkpoint waits to go with the first super-step's checkpoint
+#: before the flusher thread writes it alone (LangGraph makes that one right after).
+INPUT_WAIT_S = 0.05
 #: How many checkpoints' pending writes the saver remembers (what it wrote need not be read).
 _WRITES_KEPT = 4
+#: How many threads' newest-checkpoint pointers it remembers (a forgotten one is read again).
+_POINTERS_KEPT = 1024
+#: Seconds the flusher thread outlives the last input checkpoint it waited to write: a saver
+#: running graph after graph keeps one thread instead of starting one per run.
+_FLUSHER_IDLE_S = 1.0
 _SCAN_LIMIT = 10_000
 
 
@@ -219,9 +233,10 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
     environment), all threads under `task` (default $AGENTNODE_TASK_ID, else "langgraph").
 
     Writes reach the node's RocksDB write-ahead log before `put` returns (no fsync, as the
-    node's own task records: they survive the task's and the daemon's death, not the host's),
-    so a task killed mid-graph and retried resumes from its last completed super-step: call
-    the graph with `None` as input when `get_tuple` finds a checkpoint for the thread.
+    node's own task records: they survive the task's and the daemon's death, not the host's;
+    a run's input checkpoint goes with the next write, see the module docstring), so a task
+    killed mid-graph and retried resumes from its last completed super-step: call the graph
+    with `None` as input when `get_tuple` finds a checkpoint for the thread.
     """
 
     def __init__(self, memory: Memory | None = None, *, task: str | None = None) -> None:
@@ -235,11 +250,17 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._stored = threading.Condition(self._lock)
         # Per thread namespace: how many more pending writes to store without waiting.
         self._unwaited: dict[str, int] = {}
-        # What this saver last read or wrote of the newest-checkpoint pointers and of the
-        # pending writes, by record (None: known to be absent): saves a read per put and per
-        # put_writes. A thread is written by the one task (process) that runs it;
-        # delete_thread forgets its entries.
-        self._known: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # What this saver last read or wrote of the newest-checkpoint pointers ("l.") and of
+        # the pending writes ("w."), by record (None: known to be absent): saves a read per put
+        # and per put_writes. A thread is written by the one task (process) that runs it;
+        # delete_thread forgets its entries. Both are bounded, oldest first out.
+        self._pointers: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self._writes: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # Thread namespaces whose queue holds an input checkpoint, with when it must be
+        # written; the flusher thread (while one runs) writes it then, woken by `_holding`.
+        self._held: dict[str, float] = {}
+        self._holding = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
 
     # -- records --------------------------------------------------------------------------------
 
@@ -251,11 +272,27 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         return value
 
     def _cached(self, namespace: str, record_id: str) -> dict[str, Any] | None:
-        """`_get` through `_known` (only the records this saver also writes)."""
+        """`_get` through what this saver remembers of the records it also writes (pointers
+        and pending writes); the caller holds the lock."""
         key = (namespace, record_id)
-        if key not in self._known:
-            self._known[key] = self._get(namespace, record_id)
-        return self._known[key]
+        known = self._writes if record_id.startswith("w.") else self._pointers
+        if key not in known:
+            self._remember(key, self._get(namespace, record_id))
+        return known[key]
+
+    def _remember(self, key: tuple[str, str], value: dict[str, Any] | None) -> None:
+        """Remembers a pointer or pending-writes record as stored (the caller holds the lock).
+        Writes are added to the newest checkpoints only, but a step's writes may still land
+        after the next checkpoint's put (LangGraph submits them to a thread pool): the last
+        few checkpoints' writes are kept, not just the newest one's."""
+        known, kept = (
+            (self._writes, _WRITES_KEPT) if key[1].startswith("w.") else
+            (self._pointers, _POINTERS_KEPT)
+        )  # fmt: skip
+        known.pop(key, None)  # re-inserted as the newest
+        known[key] = value
+        while len(known) > kept:
+            del known[next(iter(known))]
 
     def _scan(self, namespace: str) -> dict[str, dict[str, Any]]:
         try:
@@ -270,16 +307,61 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         return [ns for ns, task in self._memory.tasks("lgcp:") if task == self._task]
 
     def _write(self, space: str, records: list[dict[str, Any]]) -> None:
-        """Stores `records` and the queued pending writes of `space` in one atomic batch; the
-        caller holds the lock. On failure the queued writes stay queued."""
+        """Stores `records` and what is queued for `space` (pending writes, an input
+        checkpoint) in one atomic batch; the caller holds the lock. On failure the queued
+        records stay queued."""
         queued = self._queued.pop(space, {})
+        held = self._held.pop(space, None)
+        # A held input checkpoint's pointer is replaced by a newer checkpoint's.
+        batch = queued | {r["id"]: r for r in records}
         try:
-            self._memory.append_many(space, self._task, [*queued.values(), *records])
+            self._memory.append_many(space, self._task, list(batch.values()))
         except BaseException:
             self._queued[space] = queued
+            if held is not None:
+                self._held[space] = held
             raise
         finally:
             self._stored.notify_all()
+
+    def _hold(self, space: str, records: list[dict[str, Any]]) -> None:
+        """Queues an input checkpoint's records for the thread's next write, due within
+        `INPUT_WAIT_S` (the flusher's deadline); the caller holds the lock."""
+        self._queued.setdefault(space, {}).update((r["id"], r) for r in records)
+        self._held.setdefault(space, time.monotonic() + INPUT_WAIT_S)
+        if self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_held, name="agentnode-checkpoint-flusher", daemon=True
+            )
+            self._flusher.start()
+        else:
+            self._holding.notify()
+
+    def _flush_held(self) -> None:
+        """The flusher thread: writes each held input checkpoint no write carried by its
+        deadline; ends after `_FLUSHER_IDLE_S` with nothing held."""
+        with self._lock:
+            idle_until = time.monotonic() + _FLUSHER_IDLE_S
+            while True:
+                now = time.monotonic()
+                for space in [s for s, due in self._held.items() if due <= now]:
+                    if any(rid.startswith("w.") for rid in self._queued.get(space, ())):
+                        # Pending writes waited with it, for a checkpoint that did not come.
+                        self._unwaited[space] = _UNWAITED_AFTER_MISS
+                    try:
+                        self._write(space, [])
+                    except Exception:
+                        # Not lost: still queued, it goes with the thread's next write or
+                        # read, which fails in its turn if the node is still unreachable.
+                        self._held.pop(space, None)
+                if self._held:
+                    idle_until = now + _FLUSHER_IDLE_S
+                    self._holding.wait(min(self._held.values()) - now)
+                elif now < idle_until:
+                    self._holding.wait(idle_until - now)
+                else:
+                    self._flusher = None
+                    return
 
     def _flush(self) -> None:
         """Stores every queued pending write (before a read); the caller holds the lock."""
@@ -439,12 +521,14 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             latest = self._cached(space, f"l.{dns}")
             if latest is None or latest["id"] <= cid:
                 records.append({"id": f"l.{dns}", "value": {"id": cid}})
-            self._write(space, records)
+            if metadata.get("source") == "input":
+                self._hold(space, records)
+            else:
+                self._write(space, records)
             if latest is None or latest["id"] <= cid:
-                self._known[(space, f"l.{dns}")] = {"id": cid}
+                self._remember((space, f"l.{dns}"), {"id": cid})
             # A checkpoint just made has no pending writes: its first put_writes reads nothing.
-            self._forget_writes()
-            self._known[(space, f"w.{dns}.{_digest(cid)}")] = None
+            self._remember((space, f"w.{dns}.{_digest(cid)}"), None)
         return {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": cid}}
 
     def put_writes(
@@ -472,8 +556,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 by_key[key] = [task_id, key[1], channel, *self.serde.dumps_typed(value), task_path]
             merged = {"writes": list(by_key.values())}
             self._queued.setdefault(space, {})[rid] = {"id": rid, "value": merged}
-            self._forget_writes()
-            self._known[(space, rid)] = merged
+            self._remember((space, rid), merged)
             # An error or interrupt ends the run: no checkpoint follows to carry it.
             unwaited = self._unwaited.pop(space, 0)
             if unwaited:
@@ -489,20 +572,13 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             if rid in self._queued.get(space, {}):
                 self._write(space, [])
 
-    def _forget_writes(self) -> None:
-        # Writes are added to the newest checkpoints only, but a step's writes may still land
-        # after the next checkpoint's put (LangGraph submits them to a thread pool): keep the
-        # last few checkpoints' writes, not just the newest one's.
-        writes = [k for k in self._known if k[1].startswith("w.")]
-        for key in writes[: max(0, len(writes) - _WRITES_KEPT + 1)]:
-            del self._known[key]
-
     def delete_thread(self, thread_id: str) -> None:
         """Deletes every checkpoint, value and write of a thread."""
         space = _thread_ns(str(thread_id))
         with self._lock:
             self._flush()
-            self._known = {k: v for k, v in self._known.items() if k[0] != space}
+            self._pointers = {k: v for k, v in self._pointers.items() if k[0] != space}
+            self._writes = {k: v for k, v in self._writes.items() if k[0] != space}
             for rid in self._scan(space):
                 self._memory.delete(space, self._task, rid)
 

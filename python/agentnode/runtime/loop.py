@@ -7,18 +7,19 @@ one checkpoint write, not two."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TextIO
+from urllib.parse import urlencode
 
-from agentnode.errors import TaskError
+from agentnode.errors import ConfigError, TaskError
 from agentnode.runtime import formats
 from agentnode.runtime.formats import Call
 from agentnode.runtime.inbox import open_inbox
@@ -27,6 +28,7 @@ from agentnode.runtime.memory import AgentMemory
 from agentnode.runtime.nodetools import open_tools
 from agentnode.runtime.state import State
 from agentnode.sdk.task import ThisTask
+from agentnode.sdk.transport import connect, request
 
 __all__ = ["Agent", "Limits", "Stopped"]
 
@@ -100,6 +102,8 @@ class Agent:
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._saving: Future[None] | None = None
         self._inbox = open_inbox()
+        #: The proxy connection `spent` asks on, made on its first use.
+        self._usage: tuple[http.client.HTTPConnection, str] | None = None
 
     def say(self, text: str) -> None:
         print(f"runtime: {text}", file=self._log, flush=True)
@@ -114,6 +118,8 @@ class Agent:
                 self._settle()
             finally:
                 self._saver.shutdown()
+                if self._usage is not None:
+                    self._usage[0].close()
                 self.tools.close()
                 if self.memory is not None:
                     self.memory.close()
@@ -184,17 +190,29 @@ class Agent:
                               "final answer")  # fmt: skip
 
     def spent(self) -> Decimal:
-        """What this task's model calls cost so far: its row of the proxy's ledger."""
+        """What this task's model calls cost so far: its row of the proxy's ledger, asked
+        for alone (`task=`) on a connection kept for the run (a budget asks every step)."""
         base = os.environ.get("OPENAI_BASE_URL", "").rstrip("/")
-        req = urllib.request.Request(
-            f"{base}/usage?group_by=task",
-            headers={"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"},
-        )
+        if self._usage is None:
+            try:
+                self._usage = connect(base, timeout=30)
+            except ConfigError as e:
+                raise TaskError(f"cannot read this task's spend: {e}") from None
+        conn, path = self._usage
+        target = f"{path}/usage?{urlencode({'group_by': 'task', 'task': self.task.id})}"
+        auth = {"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', '')}"}
+        where, what = f"the proxy at {base}", "cannot read this task's spend"
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                rows = json.load(resp)["data"]
-        except (OSError, ValueError, KeyError) as e:
-            raise TaskError(f"cannot read this task's spend from the proxy at {base} ({e})") from e
+            try:
+                body = request(conn, "GET", target, None, auth, where=where, what=what)
+            except TaskError as e:
+                if not isinstance(e.__cause__, OSError):
+                    raise
+                # The proxy closed the idle connection (a long step): once more on a new one.
+                body = request(conn, "GET", target, None, auth, where=where, what=what)
+            rows = json.loads(body)["data"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise TaskError(f"{what} from {where} ({e})") from e
         return sum((Decimal(r["cost"]) for r in rows if r["task"] == self.task.id), Decimal(0))
 
     def _think(self, state: State) -> dict[str, Any]:
