@@ -310,6 +310,7 @@ def test_two_tenants_never_share_server_instances(tmp_path: Path) -> None:
                     out["a2"] = await a2.call_tool("t__whoami", {})
                     out["pids"] = (servers.instance_pid("t", "a"), servers.instance_pid("t", "b"))
                     out["bad"] = await b.call_tool("t__add", {"a": "x", "b": 1})
+                    out["more"] = [await a.call_tool("t__add", {"a": i, "b": 1}) for i in range(3)]
         finally:
             await servers.close()
         return out
@@ -321,3 +322,7 @@ def test_two_tenants_never_share_server_instances(tmp_path: Path) -> None:
     assert None not in (pid_a, pid_b) and pid_a != pid_b
     assert out["bad"].meta["agentnode"]["class"] == "invalid_input"
     assert out["bad"].meta["agentnode"]["path"] == "/a"
+    # Each call's share of its server's CPU, and the server's memory peak.
+    for result in (out["a"], out["b"], *out["more"]):
+        assert result.meta["agentnode"]["cpu_s"] > 0, result.meta
+        assert result.meta["agentnode"]["memory_peak"] > 1 << 20, result.meta

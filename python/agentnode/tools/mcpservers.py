@@ -212,6 +212,10 @@ class _Instance:
         self.denials: list[Denial] = []
         self.last_used = time.monotonic()
         self.busy = 0
+        #: `(cpu_s, memory_peak)` read as the last call ended with no other in flight: the
+        #: next call's starting point (an idle stdio server uses no CPU between calls), one
+        #: cgroup read per call instead of two.
+        self.usage_mark: tuple[float, int] | None = None
         self._stop = asyncio.Event()
         #: The server's network namespace (an HTTP server the node runs), held open.
         self._netns = -1
@@ -493,9 +497,12 @@ class MCPServers:
             inst = await self._instance(spec, caller.tenant)
         except Exception as e:
             return Outcome.error("transient", f"MCP server {spec.name} did not start: {e}")
+        before = None
+        if inst.proc is not None:
+            before = inst.usage_mark if inst.busy == 0 and inst.usage_mark else inst.proc.usage()
+        inst.usage_mark = None
         inst.busy += 1
         seen = len(inst.denials)
-        before = inst.proc.usage() if inst.proc is not None else None
         try:
             assert inst.client is not None and inst.exited is not None
             request = types.CallToolRequest(
@@ -546,6 +553,8 @@ class MCPServers:
             denials=denials,
         )
         after = inst.proc.usage() if before is not None and inst.proc is not None else None
+        if inst.busy == 0:
+            inst.usage_mark = after
         if before is not None and after is not None:
             out.cpu_s = after[0] - before[0]
             out.memory_peak = after[1]
