@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs a
 REPO = Path(__file__).resolve().parents[1]
 SERVER = str(REPO / "tests" / "support" / "tools_mcp_server.py")
 CALLERS = {"ta": Caller(task="t1", tenant="a"), "tb": Caller(task="t2", tenant="b")}
+A3 = Caller(task="t3", tenant="a")
 REFUSED = "error: missing or unknown task token (send the task's token as the first line)"
 OBJECT = {"type": "object"}
 
@@ -77,7 +78,9 @@ class Node:
         self.service = ToolService(
             registry, on_record=self.records.append, sources=[servers] if servers else []
         )
-        self.socket = MCPSocket(self.service, CALLERS.get, path=path, **kw)
+        #: The tokens it takes (a test revokes one by removing it).
+        self.tokens = dict(CALLERS)
+        self.socket = MCPSocket(self.service, lambda t: self.tokens.get(t), path=path, **kw)
 
 
 @asynccontextmanager
@@ -155,6 +158,31 @@ def test_a_task_sees_only_its_tenants_tools_and_calls_as_itself(tmp_path: Path) 
         ("t1", "a", "echo", "ok"), ("t1", "a", "b_only", "invalid_input"),
         ("t2", "b", "b_only", "ok"),
     ]  # fmt: skip
+
+
+def test_a_revoked_token_ends_what_its_connection_may_do(tmp_path: Path) -> None:
+    """A token is revoked when its task's attempt ends: an open connection is checked again
+    at every request, as the HTTP endpoint checks each request."""
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with serving(tmp_path) as node:
+            node.tokens["t3"] = A3
+            async with Tools.mcp_client(socket=str(node.socket.path), token="t3") as c:
+                out["before"] = await c.call_tool("echo", {"say": "1"})
+                del node.tokens["t3"]
+                out["listed"] = (await c.list_tools()).tools
+                out["after"] = await c.call_tool("echo", {"say": "2"})
+            out["records"] = node.records
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["before"].content[0].text == "t3/a: 1"
+    assert out["listed"] == [] and out["after"].is_error
+    assert out["after"].content[0].text == (
+        "the connection's task token is no longer valid (its task has ended)"
+    )
+    assert [r["tool"] for r in out["records"]] == ["echo"]  # the refused call ran nothing
 
 
 @pytest.mark.parametrize("token", ["nope", "", " ", "ta tb", "\x00", "Bearer ta", "é" * 10])

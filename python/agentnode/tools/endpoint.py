@@ -40,7 +40,9 @@ _TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("mcp_tenant
 #: it for clients of earlier protocol versions.
 _COMPLETE = {"resultType": "complete"}
 #: Where a request's caller is found: in its ASGI scope (`_authenticating` puts it there), or
-#: for a connection of the MCP socket, in the connection's lifespan state.
+#: for a connection of the MCP socket, in the connection's lifespan state as a function that
+#: authenticates the connection's token again (a token is revoked when its task's attempt
+#: ends: a connection must not outlive it).
 CALLER_KEY = "agentnode.caller"
 
 
@@ -48,11 +50,14 @@ def _caller(ctx: Any) -> Caller:
     request = ctx.request
     if request is not None:
         caller = request.scope.get(CALLER_KEY)
+        why = "missing or unknown task token (send Authorization: Bearer TOKEN)"
     else:
         state = ctx.lifespan_context
-        caller = state.get(CALLER_KEY) if isinstance(state, dict) else None
+        current = state.get(CALLER_KEY) if isinstance(state, dict) else None
+        caller = current() if callable(current) else None
+        why = "the connection's task token is no longer valid (its task has ended)"
     if caller is None:
-        raise _Unauthorized("missing or unknown task token (send Authorization: Bearer TOKEN)")
+        raise _Unauthorized(why)
     assert isinstance(caller, Caller)
     return caller
 

@@ -7,7 +7,9 @@ session lookup and no SSE machinery per call.
 A connection opens with one line that is the task's token; the node answers `ok` (then MCP
 runs on the connection until either side closes) or one line `error: WHY` and closes. One
 connection is one MCP session for that task's tenant: it sees only that tenant's tools, and
-the servers it calls are that tenant's own instances."""
+the servers it calls are that tenant's own instances. The token is checked again at every
+request, as the HTTP endpoint does: once its task's attempt ends, the connection lists
+nothing and every call is refused."""
 
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ class MCPSocket:
                                 "as the first line)\n")  # fmt: skip
                 return
             await out.write(HANDSHAKE_OK + "\n")
-            state: dict[str, Any] = {CALLER_KEY: caller}
+            authenticate = self._authenticate
+            state: dict[str, Any] = {CALLER_KEY: lambda: authenticate(token)}
             with tenant_scope(caller.tenant):
                 async with serving_streams(lines, out) as (read, write):
                     await serve_dual_era_loop(
