@@ -185,6 +185,21 @@ def test_a_revoked_token_ends_what_its_connection_may_do(tmp_path: Path) -> None
     assert [r["tool"] for r in out["records"]] == ["echo"]  # the refused call ran nothing
 
 
+def test_a_long_message_goes_through_whole(tmp_path: Path) -> None:
+    """A message of many reads (8 MiB of arguments) arrives whole, and its answer too."""
+    say = "0123456789abcdef" * (1 << 19)
+
+    async def scenario() -> str:
+        async with (
+            serving(tmp_path) as node,
+            Tools.mcp_client(socket=str(node.socket.path), token="ta") as a,
+        ):
+            text: str = (await a.call_tool("echo", {"say": say})).content[0].text
+        return text
+
+    assert asyncio.run(scenario()) == f"t1/a: {say}"
+
+
 @pytest.mark.parametrize("token", ["nope", "", " ", "ta tb", "\x00", "Bearer ta", "é" * 10])
 def test_a_bad_token_is_refused_with_one_line(tmp_path: Path, token: str) -> None:
     async def scenario() -> tuple[str, bytes, str]:

@@ -38,7 +38,10 @@ class FdLines:
 
     def __init__(self, fd: int, *, limit: int | None = None) -> None:
         self._fd = fd
-        self._buffer = b""
+        # A bytearray, searched from where the last search stopped: a long line read in
+        # many chunks costs linear time, not a copy and a rescan of the whole per chunk.
+        self._buffer = bytearray()
+        self._scanned = 0
         self._limit = limit
         os.set_blocking(fd, False)
 
@@ -46,8 +49,9 @@ class FdLines:
         return self
 
     async def __anext__(self) -> str:
-        while b"\n" not in self._buffer:
-            if self._limit is not None and len(self._buffer) > self._limit:
+        while (end := self._buffer.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buffer)
+            if self._limit is not None and self._scanned > self._limit:
                 raise LineTooLong(f"a line longer than {self._limit} bytes")
             try:
                 chunk = os.read(self._fd, 1 << 16)
@@ -59,10 +63,12 @@ class FdLines:
             if not chunk:
                 raise StopAsyncIteration
             self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        if self._limit is not None and len(line) > self._limit:
+        line = self._buffer[:end].decode(errors="replace") + "\n"
+        del self._buffer[: end + 1]
+        self._scanned = 0
+        if self._limit is not None and end > self._limit:
             raise LineTooLong(f"a line longer than {self._limit} bytes")
-        return line.decode(errors="replace") + "\n"
+        return line
 
 
 class FdWriter:
