@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp_types import TextContent
 
 from agentnode.errors import ConfigError
 from agentnode.isolation import task as isolation
@@ -194,8 +195,9 @@ def test_a_long_message_goes_through_whole(tmp_path: Path) -> None:
             serving(tmp_path) as node,
             Tools.mcp_client(socket=str(node.socket.path), token="ta") as a,
         ):
-            text: str = (await a.call_tool("echo", {"say": say})).content[0].text
-        return text
+            block = (await a.call_tool("echo", {"say": say})).content[0]
+        assert isinstance(block, TextContent)
+        return block.text
 
     assert asyncio.run(scenario()) == f"t1/a: {say}"
 
