@@ -246,6 +246,8 @@ def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(
             out["bad method"] = await raw.message('{"jsonrpc": "2.0", "id": 7, "method": 5}')
             out["no version"] = await raw.message('{"id": 8, "method": "tools/list"}')
             out["binary"] = await raw.message("\udcff\x00\x01")
+            out["deep"] = await raw.message("[" * 1500 + "]" * 1500)
+            out["deep object"] = await raw.message('{"id": 3, "a": ' * 150 + "1" + "}" * 150)
             out["after"] = await raw.message(call_line(9, "echo", {"say": "still"}))
             # Another connection was never disturbed.
             async with Tools.mcp_client(socket=str(node.socket.path), token="tb") as b:
@@ -262,9 +264,10 @@ def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(
         return out
 
     out = asyncio.run(scenario())
-    for key in ("not json", "binary"):
+    for key in ("not json", "binary", "deep"):
         assert out[key]["id"] is None and out[key]["error"]["code"] == -32700, out[key]
-    for key, request_id in (("not an object", None), ("bad method", 7), ("no version", 8)):
+    for key, request_id in (("not an object", None), ("bad method", 7), ("no version", 8),
+                            ("deep object", 3)):  # fmt: skip
         assert out[key]["id"] == request_id and out[key]["error"]["code"] == -32600, out[key]
         assert out[key]["error"]["message"].startswith("not a JSON-RPC message: ")
     assert out["after"]["id"] == 9

@@ -119,7 +119,10 @@ def _malformed(line: str, error: ValidationError) -> types.JSONRPCError:
             error=types.ErrorData(code=types.PARSE_ERROR, message="the line is not JSON"),
         )
     request_id: types.RequestId | None = None
-    raw = json.loads(line)
+    try:
+        raw = json.loads(line)
+    except (ValueError, RecursionError):  # the SDK's parser took it: not expected, not fatal
+        raw = None
     if isinstance(raw, dict):
         found = raw.get("id")
         if isinstance(found, str | int) and not isinstance(found, bool):
