@@ -70,7 +70,7 @@ async def serve(root: Path, ready: int, stop: int) -> None:
     audit = AuditLog(root / "audit")
     service = ToolService(Registry(), on_record=audit.append, sources=[servers])
     endpoint = MCPEndpoint(lambda: mcp_app(service, authenticate), uds=root / "mcp.sock")
-    door = MCPSocket(service, authenticate, path=root / "mcp-stdio.sock")
+    door = MCPSocket(service, authenticate, path=root / "mcps.sock")
     await endpoint.start()
     await door.start()
     os.write(ready, b"r")
@@ -89,7 +89,7 @@ class Node:
 
     def __init__(self, root: Path) -> None:
         self.socket = root / "mcp.sock"
-        self.stdio_socket = root / "mcp-stdio.sock"
+        self.stdio_socket = root / "mcps.sock"
         ready_r, ready_w = os.pipe()
         self._stop_r, self._stop_w = os.pipe()
         self.pid = os.fork()

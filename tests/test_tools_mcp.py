@@ -98,7 +98,8 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
 
     out = asyncio.run(scenario())
     assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
-                                                 "t__crash", "t__session", "t__hog"}  # fmt: skip
+                                                 "t__crash", "t__session", "t__hog",
+                                                 "t__wait", "t__events"}  # fmt: skip
     add = next(t for t in out["tools"] if t["name"] == "t__add")
     assert add["outputSchema"]["properties"]["sum"]["type"] == "integer"
     assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
@@ -499,7 +500,7 @@ def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(
     logged = [json.loads(x) for x in (d.data / "audit" / "audit.log").read_text().splitlines()]
     records = [r for r in logged if r["kind"] == "tool_call"]
     assert seen["url"] == "http://agentnode/mcp"
-    assert seen["socket"] == "/run/agentnode/sockets/mcp-stdio.sock"
+    assert seen["socket"] == "/run/agentnode/sockets/mcps.sock"
     assert seen["door_names"] == seen["names"]
     assert "t__add" in seen["names"] and "run_code" in seen["names"]
     assert not any(n.startswith("only_b") for n in seen["names"])  # another tenant's server
@@ -612,7 +613,7 @@ asyncio.run(main())
         "tools": 0,
         "error": True,
         "text": "missing or unknown task token (send Authorization: Bearer TOKEN)",
-        "socket": "the node's MCP socket /run/agentnode/sockets/mcp-stdio.sock refused the "
+        "socket": "the node's MCP socket /run/agentnode/sockets/mcps.sock refused the "
         "connection: error: missing or unknown task token (send the task's token as the first "
         "line)",
     }

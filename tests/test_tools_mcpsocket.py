@@ -86,7 +86,7 @@ class Node:
 
 @asynccontextmanager
 async def serving(tmp_path: Path, **kw: Any) -> AsyncIterator[Node]:
-    node = Node(tmp_path / "mcp-stdio.sock", **kw)
+    node = Node(tmp_path / "mcps.sock", **kw)
     await node.socket.start()
     try:
         yield node
@@ -339,11 +339,14 @@ def test_stopping_ends_open_connections(tmp_path: Path) -> None:
     assert events == ["cancelled"]
 
 
-def test_two_tenants_never_share_server_instances(tmp_path: Path) -> None:
-    spec = MCPServerSpec(name="t", command=(sys.executable, SERVER), user="0",
+def sdk_server() -> MCPServerSpec:
+    return MCPServerSpec(name="t", command=(sys.executable, SERVER), user="0",
                          env={"PYTHONPATH": str(REPO / "python")},
                          mounts=(Mount(str(REPO), str(REPO)),))  # fmt: skip
-    servers = MCPServers([spec])
+
+
+def test_two_tenants_never_share_server_instances(tmp_path: Path) -> None:
+    servers = MCPServers([sdk_server()])
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -374,3 +377,49 @@ def test_two_tenants_never_share_server_instances(tmp_path: Path) -> None:
     for result in (out["a"], out["b"], *out["more"]):
         assert result.meta["agentnode"]["cpu_s"] > 0, result.meta
         assert result.meta["agentnode"]["memory_peak"] > 1 << 20, result.meta
+
+
+async def events(client: Any) -> str:
+    """What the test server's `wait` calls did so far."""
+    block = (await client.call_tool("t__events", {})).content[0]
+    assert isinstance(block, TextContent)
+    return block.text
+
+
+def test_a_client_leaving_mid_call_to_a_server_cancels_it_there(tmp_path: Path) -> None:
+    """The request to the tenant's server ends with the task's connection: the SDK cancels it
+    at the server, and the instance is left idle, not busy with a call nobody owns."""
+    servers = MCPServers([sdk_server()])
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            async with serving(tmp_path, servers=servers) as node:
+                path = str(node.socket.path)
+                async with Tools.mcp_client(socket=path, token="ta") as a:
+                    assert not (await a.call_tool("t__events", {})).is_error
+                    raw = Raw(node.socket.path)
+                    assert await raw.open("ta") == "ok\n"
+                    await raw.initialize()
+                    raw.writer.write(call_line(1, "t__wait", {"seconds": 60}).encode() + b"\n")
+                    seen = ""
+                    for _ in range(200):
+                        seen = await events(a)
+                        if "started" in seen:
+                            break
+                        await asyncio.sleep(0.05)
+                    raw.close()
+                    for _ in range(200):
+                        seen = await events(a)
+                        if seen != "started":
+                            break
+                        await asyncio.sleep(0.05)
+                    out["events"] = seen
+                    out["busy"] = servers._instances[("t", "a")].busy
+        finally:
+            await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["events"] == "started cancelled", out
+    assert out["busy"] == 0, "no call left in flight"

@@ -87,7 +87,7 @@ TASK_SOCKET = f"{SOCKET_DIR}/task.sock"
 MCP_SOCKET = f"{SOCKET_DIR}/mcp.sock"
 #: Where a task finds the node's MCP socket (MCP's stdio framing, the cheap door that
 #: `Tools.mcp_client()` takes; `agentnode.tools.mcpsocket`).
-MCP_STDIO_SOCKET = f"{SOCKET_DIR}/mcp-stdio.sock"
+MCP_STDIO_SOCKET = f"{SOCKET_DIR}/mcps.sock"
 #: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
 CHECKPOINT = "/run/agentnode/checkpoint"
 #: A task whose environment sets INBOX_ENV to INBOX (an Agent Protocol task's does) finds its
@@ -213,7 +213,7 @@ class Node:
             self.egress.services = (*self.egress.services, (gateway, config.tools.mcp_port))
             self.mcp_url = f"http://{gateway}:{config.tools.mcp_port}/mcp"
         self.mcp_socket = task_socket.with_name("mcp.sock")
-        self.mcp_stdio_socket = task_socket.with_name("mcp-stdio.sock")
+        self.mcp_stdio_socket = task_socket.with_name("mcps.sock")
         #: The hash-chained audit log: transitions, execs, egress denials, LLM calls, tool
         #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
         self.audit = AuditLog(config.data_dir / "audit")

@@ -510,11 +510,17 @@ class MCPServers:
             )
             call = asyncio.ensure_future(inst.client.session.send_request(request, _RawResult))
             # A server that dies mid-call never answers: its exit ends the wait.
-            await asyncio.wait(
-                {call, inst.exited},
-                timeout=spec.limits.timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            try:
+                await asyncio.wait(
+                    {call, inst.exited},
+                    timeout=spec.limits.timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            except asyncio.CancelledError:
+                # The caller went away (a task hung up mid-call): so does the request, which
+                # the SDK cancels at the server too, rather than running on unowned.
+                call.cancel()
+                raise
             if not call.done():
                 call.cancel()
                 with contextlib.suppress(BaseException):
