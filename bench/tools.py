@@ -1,8 +1,11 @@
 """Layer 5 tool calls against peers in the same run:
 
-- an MCP tool call through the node (client -> the node's MCP endpoint over its unix socket
-  -> the ToolService -> the server in its sandbox -> back) vs the same `mcp` client calling
-  the same server directly over stdio (goal: <= +1 ms p50 added);
+- an MCP tool call through the node (a task's `Tools.mcp_client()` -> the node's MCP socket,
+  MCP's stdio framing on a unix socket -> the ToolService -> the server in its sandbox ->
+  back; the node in a process of its own, as the daemon is) vs the same `mcp` client calling
+  the same server directly over stdio (goal: <= +1 ms p50 added), with the CPU per call of
+  the client and the node; and the same call through the node's streamable-HTTP endpoint
+  (the door unmodified MCP clients take), against the same peer;
 - `run_code` of print(1) in a fresh sandbox vs `bwrap --unshare-all` running the same
   `python3 -c` (goal: <= 0.5x), back to back and spaced 50 ms apart (as an agent's calls are,
   a model turn between two). Its sandboxes are made ahead as forks of a pre-started python3
@@ -24,9 +27,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Coroutine
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from agentnode.sdk.tools import Tools
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.endpoint import MCPEndpoint, mcp_app
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
+from agentnode.tools.mcpsocket import MCPSocket
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
 
@@ -93,35 +96,75 @@ class CpuMeter:
             group.rmdir()
 
 
+def authenticate(token: str) -> Caller | None:
+    return CALLER if token == "t" else None
+
+
+async def serve(root: Path, ready: int, stop: int) -> None:
+    """The node's side (MCP servers, tool service, both MCP doors) as in the daemon, until
+    `stop` is readable; `ready` gets a byte once it listens."""
+    # The checkout (and its .venv) bound in: it may sit under /tmp, the sandbox's own.
+    spec = MCPServerSpec(name="t", command=tuple(SERVER), env=ENV, user="0",
+                         mounts=(Mount(str(REPO), str(REPO)),))  # fmt: skip
+    servers = MCPServers([spec])
+    # The daemon's audit log: each call's record is chained and written as in production.
+    audit = AuditLog(root / "audit")
+    service = ToolService(Registry(), on_record=audit.append, sources=[servers])
+    endpoint = MCPEndpoint(lambda: mcp_app(service, authenticate), uds=root / "mcp.sock")
+    door = MCPSocket(service, authenticate, path=root / "mcps.sock")
+    await endpoint.start()
+    await door.start()
+    os.write(ready, b"r")
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_reader(stop, stopped.set)
+    await stopped.wait()
+    await door.stop()
+    await endpoint.stop()
+    await servers.close()
+    audit.close()
+
+
 class Node:
-    """The node's side (MCP servers, tool service, MCP endpoint) on its own loop and thread,
-    as in the daemon; the benchmark's client runs on the main thread."""
+    """The node's side in a process of its own, as the daemon is: a task's client and the node
+    share no interpreter (nor its lock)."""
 
     def __init__(self, root: Path) -> None:
         self.socket = root / "mcp.sock"
-        self.loop = uvloop.new_event_loop()  # the daemon's loop (`agentnode run`)
-        # The checkout (and its .venv) bound in: it may sit under /tmp, the sandbox's own.
-        spec = MCPServerSpec(name="t", command=tuple(SERVER), env=ENV, user="0",
-                             mounts=(Mount(str(REPO), str(REPO)),))  # fmt: skip
-        self.servers = MCPServers([spec])
-        # The daemon's audit log: each call's record is chained and written as in production.
-        self.audit = AuditLog(root / "audit")
-        self.service = ToolService(Registry(), on_record=self.audit.append, sources=[self.servers])
-        self.endpoint = MCPEndpoint(
-            lambda: mcp_app(self.service, lambda token: CALLER if token == "t" else None),
-            uds=self.socket,
-        )
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.run(self.endpoint.start())
+        self.stdio_socket = root / "mcps.sock"
+        ready_r, ready_w = os.pipe()
+        self._stop_r, self._stop_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the node: uvloop, as `agentnode run`
+            code = 0
+            try:
+                os.close(ready_r)
+                uvloop.run(serve(root, ready_w, self._stop_r))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        got = os.read(ready_r, 1)
+        os.close(ready_r)
+        if got != b"r":
+            raise RuntimeError("the benchmark's node did not start")
 
-    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def cpu_s(self) -> float:
+        """CPU seconds the node's process (all its threads) has used."""
+        total = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            with contextlib.suppress(FileNotFoundError):
+                total += int(Path(f"/proc/{self.pid}/task/{tid}/schedstat").read_text().split()[0])
+        return total / 1e9
 
     def close(self) -> None:
-        self.run(self.endpoint.stop())
-        self.run(self.servers.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.audit.close()
+        os.write(self._stop_w, b"s")
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self._stop_w)
+        os.close(self._stop_r)
+        if status != 0:
+            raise RuntimeError(f"the benchmark's node exited with status {status}")
 
 
 async def mcp_calls(client: Client, name: str, n: int) -> list[float]:
@@ -134,19 +177,37 @@ async def mcp_calls(client: Client, name: str, n: int) -> list[float]:
     return out
 
 
-async def mcp_pair(node: Node, n: int) -> tuple[list[float], list[float]]:
+class Path3:
+    """One way of calling: its latencies (ms) and CPU seconds (this process's and the node's)."""
+
+    def __init__(self) -> None:
+        self.ms: list[float] = []
+        self.cpu_s = 0.0
+
+
+async def timed(node: Node, path: Path3, client: Client, name: str, n: int) -> None:
+    cpu = time.process_time() + node.cpu_s()
+    path.ms += await mcp_calls(client, name, n)
+    path.cpu_s += time.process_time() + node.cpu_s() - cpu
+
+
+async def mcp_pair(node: Node, n: int) -> tuple[Path3, Path3, Path3]:
+    """The same call through the node's MCP socket (what a task's `Tools.mcp_client()` uses),
+    through its streamable-HTTP endpoint, and direct, in interleaved blocks."""
     os.environ["AGENTNODE_MCP_SOCKET"] = str(node.socket)
-    through = Tools.mcp_client(url="http://agentnode/mcp", token="t")
+    through = Tools.mcp_client(socket=str(node.stdio_socket), token="t")
+    http = Tools.mcp_client(url="http://agentnode/mcp", token="t")
     direct = Client(StdioServerParameters(command=SERVER[0], args=SERVER[1:], env=ENV))
-    async with through as c1, direct as c2:
-        await mcp_calls(c1, "t__add", 5)  # starts the sandboxed server; warms both paths
-        await mcp_calls(c2, "add", 5)
-        ours: list[float] = []
-        peer: list[float] = []
-        for _ in range(5):  # interleaved blocks: noise hits both alike
-            ours += await mcp_calls(c1, "t__add", n // 5)
-            peer += await mcp_calls(c2, "add", n // 5)
-    return ours, peer
+    ours, door, peer = Path3(), Path3(), Path3()
+    async with through as c1, http as c2, direct as c3:
+        await mcp_calls(c1, "t__add", 5)  # starts the sandboxed server; warms every path
+        await mcp_calls(c2, "t__add", 5)
+        await mcp_calls(c3, "add", 5)
+        for _ in range(10):  # interleaved blocks: noise hits all alike
+            await timed(node, ours, c1, "t__add", n // 10)
+            await timed(node, door, c2, "t__add", n // 10)
+            await timed(node, peer, c3, "add", n // 10)
+    return ours, door, peer
 
 
 async def code_calls(
@@ -183,14 +244,22 @@ def main() -> None:
     try:
         node = Node(root)
         try:
-            ours, peer = asyncio.run(mcp_pair(node, 100 if bench.quick else 1000))
+            ours, door, peer = asyncio.run(mcp_pair(node, 100 if bench.quick else 1000))
         finally:
             node.close()
+        direct = "the same mcp client on the same server over stdio"
         for q in (50, 99):
-            bench.record(f"mcp_call_p{q}", percentile(ours, q), percentile(peer, q), "ms",
-                         peer_name="the same mcp client on the same server over stdio")  # fmt: skip
-        bench.record("mcp_call_added_p50", percentile(ours, 50) - percentile(peer, 50), 1.0,
-                     "ms", peer_name="goal: 1 ms added")  # fmt: skip
+            bench.record(f"mcp_call_p{q}", percentile(ours.ms, q), percentile(peer.ms, q), "ms",
+                         peer_name=direct)  # fmt: skip
+        added = percentile(ours.ms, 50) - percentile(peer.ms, 50)
+        bench.record("mcp_call_added_p50", added, 1.0, "ms", peer_name="goal: 1 ms added")
+        # CPU per call of the client's process and the node's (the server's is alike in both).
+        bench.record("mcp_call_cpu", ours.cpu_s / len(ours.ms) * 1000,
+                     peer.cpu_s / len(peer.ms) * 1000, "ms",
+                     peer_name="the direct client's CPU")  # fmt: skip
+        # The door for unmodified MCP clients (AGENTNODE_MCP_URL), not what Tools uses.
+        bench.record("mcp_call_http_door_p50", percentile(door.ms, 50), percentile(peer.ms, 50),
+                     "ms", peer_name=direct)  # fmt: skip
 
         limits = ToolLimits(memory=256 << 20, timeout=30)
         runner = CodeRunner(limits=limits)

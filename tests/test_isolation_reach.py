@@ -26,7 +26,7 @@ import pytest
 
 from agentnode.errors import AgentnodeError
 from agentnode.isolation import Mount, spawn
-from agentnode.node.runner import MCP_SOCKET, SOCKET_DIR, TASK_SOCKET
+from agentnode.node.runner import MCP_SOCKET, MCP_STDIO_SOCKET, SOCKET_DIR, TASK_SOCKET
 from conftest import run_cli
 from support.node_daemon import daemon
 
@@ -224,7 +224,7 @@ def test_daemon_tasks_reach_their_task_socket_and_no_other(
     with daemon(tmp_path) as d, listening([places["run"], places["var"]]) as socks:
         for user in ("65534", "0"):
             argv = ["/usr/bin/python3", "-c", CONNECT, places["run"], places["var"],
-                    TASK_SOCKET, MCP_SOCKET]  # fmt: skip
+                    TASK_SOCKET, MCP_SOCKET, MCP_STDIO_SOCKET]  # fmt: skip
             t = d.submit(argv, user=user)
             assert d.wait(t["id"])["state"] == "succeeded", d.log(t["id"])
             got = json.loads(d.log(t["id"]))
@@ -233,6 +233,7 @@ def test_daemon_tasks_reach_their_task_socket_and_no_other(
                 places["var"]: "ECONNREFUSED",
                 TASK_SOCKET: "connected",
                 MCP_SOCKET: "connected",
+                MCP_STDIO_SOCKET: "connected",
             }, got
         assert_untouched(socks)
 
@@ -270,10 +271,10 @@ def test_the_socket_directory_shows_the_node_sockets_only_and_takes_no_writes(
         t = d.submit(["/usr/bin/python3", "-c", SOCKET_DIR_PROBE, SOCKET_DIR], **who)
         assert d.wait(t["id"])["state"] == "succeeded", d.log(t["id"])
         got = json.loads(d.log(t["id"]))
-        assert got.pop("list") == ["mcp.sock", "task.sock"], got
+        assert got.pop("list") == ["mcp.sock", "mcps.sock", "task.sock"], got
         assert all(v in ("EROFS", "EACCES", "EPERM") for v in got.values()), got
         host = d.data / "run" / "sockets"
-        assert sorted(p.name for p in host.iterdir()) == ["mcp.sock", "task.sock"]
+        assert sorted(p.name for p in host.iterdir()) == ["mcp.sock", "mcps.sock", "task.sock"]
         assert (host.stat().st_mode & 0o7777, host.stat().st_uid) == (0o755, 0)
         run = host.parent.stat()
         assert (run.st_mode & 0o7777, run.st_uid, run.st_gid) == (0o710, 0, 100000)

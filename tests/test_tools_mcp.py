@@ -98,7 +98,8 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
 
     out = asyncio.run(scenario())
     assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
-                                                 "t__crash", "t__session", "t__hog"}  # fmt: skip
+                                                 "t__crash", "t__session", "t__hog",
+                                                 "t__wait", "t__events"}  # fmt: skip
     add = next(t for t in out["tools"] if t["name"] == "t__add")
     assert add["outputSchema"]["properties"]["sum"]["type"] == "integer"
     assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
@@ -434,9 +435,13 @@ async def main():
         read = "fs__read_text_file" if "fs__read_text_file" in names else "fs__read_file"
         fs = await client.call_tool(read, {"path": "/data/note.txt"})
         http = await client.call_tool("h__add", {"a": 1, "b": 2})
+    # The streamable-HTTP door, which unmodified MCP clients take, lists the same tools.
+    async with Tools.mcp_client(url=os.environ["AGENTNODE_MCP_URL"]) as door:
+        door_names = sorted(t.name for t in (await door.list_tools()).tools)
     rest = Tools().call("read_file", {"path": "/workspace/w.txt"})
     print(json.dumps({
-        "url": os.environ["AGENTNODE_MCP_URL"], "names": names,
+        "url": os.environ["AGENTNODE_MCP_URL"], "names": names, "door_names": door_names,
+        "socket": os.environ["AGENTNODE_MCP_STDIO_SOCKET"],
         "added": added.structured_content, "code": code.structured_content["stdout"],
         "class": code.meta["agentnode"]["class"], "wrote": wrote.is_error,
         "rest": rest["content"][0]["text"], "listed": len(Tools().list()),
@@ -450,9 +455,10 @@ asyncio.run(main())
 def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(
     tmp_path: Path, filesystem_server: Path
 ) -> None:
-    """A task lists and calls, through `AGENTNODE_MCP_URL` with the `mcp` client SDK, the
-    built-ins and the tools of three servers the node runs in sandboxes: the test server over
-    stdio and over streamable HTTP, and the npm filesystem server; and the API door."""
+    """A task lists and calls, through its MCP socket with the `mcp` client SDK (what
+    `Tools.mcp_client()` takes), the built-ins and the tools of three servers the node runs in
+    sandboxes: the test server over stdio and over streamable HTTP, and the npm filesystem
+    server; `AGENTNODE_MCP_URL` lists the same; and the API door."""
     given = tmp_path / "given"
     given.mkdir()
     (given / "note.txt").write_text("from the filesystem server")
@@ -494,6 +500,8 @@ def test_a_task_uses_node_tools_through_its_mcp_endpoint_and_the_api(
     logged = [json.loads(x) for x in (d.data / "audit" / "audit.log").read_text().splitlines()]
     records = [r for r in logged if r["kind"] == "tool_call"]
     assert seen["url"] == "http://agentnode/mcp"
+    assert seen["socket"] == "/run/agentnode/sockets/mcps.sock"
+    assert seen["door_names"] == seen["names"]
     assert "t__add" in seen["names"] and "run_code" in seen["names"]
     assert not any(n.startswith("only_b") for n in seen["names"])  # another tenant's server
     assert seen["added"] == {"sum": 42} and seen["code"] == "10\n" and seen["class"] == "ok"
@@ -567,14 +575,21 @@ def test_run_code_with_the_task_network_through_the_node(tmp_path: Path) -> None
 
 def test_the_mcp_endpoint_refuses_a_missing_or_wrong_token(tmp_path: Path) -> None:
     script = """
-import asyncio, json
+import asyncio, json, os
+from agentnode.errors import ConfigError
 from agentnode.sdk import Tools
 async def main():
-    async with Tools.mcp_client(token="not-a-token") as client:
+    url = os.environ["AGENTNODE_MCP_URL"]
+    async with Tools.mcp_client(url=url, token="not-a-token") as client:
         tools = (await client.list_tools()).tools
         call = await client.call_tool("run_code", {"code": "print(1)"})
+    try:
+        async with Tools.mcp_client(token="not-a-token") as client:
+            socket = "connected"
+    except ConfigError as e:
+        socket = str(e)
     print(json.dumps({"tools": len(tools), "error": call.is_error,
-                      "text": call.content[0].text}))
+                      "text": call.content[0].text, "socket": socket}))
 asyncio.run(main())
 """
     with daemon(tmp_path) as d:
@@ -598,4 +613,7 @@ asyncio.run(main())
         "tools": 0,
         "error": True,
         "text": "missing or unknown task token (send Authorization: Bearer TOKEN)",
+        "socket": "the node's MCP socket /run/agentnode/sockets/mcps.sock refused the "
+        "connection: error: missing or unknown task token (send the task's token as the first "
+        "line)",
     }

@@ -4,7 +4,8 @@ over streamable HTTP on 127.0.0.1:PORT (`--http PORT`).
 Tools: `add` (with an output schema), `whoami` (its pid and hostname, to tell instances
 apart), `session` (the caller's MCP session and TCP port over HTTP), `connect` (opens a TCP connection,
 to test its egress policy), `flaky` (fails until it has been called N times; counts runs in a
-file, to test retries), `hog` (allocates memory), `crash` (exits)."""
+file, to test retries), `hog` (allocates memory), `crash` (exits), `wait` (sleeps, noting in
+`events` that it started and how it ended: to see a call cancelled from the other end)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import BaseModel
 
@@ -77,6 +79,29 @@ def hog(mib: int) -> str:
 def crash() -> str:
     """Exits at once."""
     os._exit(1)
+
+
+#: What `wait` calls did, in order.
+EVENTS: list[str] = []
+
+
+@server.tool()
+async def wait(seconds: float) -> str:
+    """Sleeps `seconds`; notes in `events` that it started and whether it was cancelled."""
+    EVENTS.append("started")
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        EVENTS.append("cancelled")
+        raise
+    EVENTS.append("finished")
+    return "slept"
+
+
+@server.tool()
+def events() -> str:
+    """What `wait` calls did so far, one word each."""
+    return " ".join(EVENTS)
 
 
 if __name__ == "__main__":

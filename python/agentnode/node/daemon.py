@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
     from agentnode.node.runner import Node
     from agentnode.tools.endpoint import MCPEndpoint
+    from agentnode.tools.mcpsocket import MCPSocket
     from agentnode.tools.registry import Caller
 
 __all__ = ["add_parser", "serve"]
@@ -140,7 +141,7 @@ async def serve(config: NodeConfig) -> None:
     if config.listen is not None:
         runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
     proxy = None
-    mcp = None
+    mcp: tuple[MCPEndpoint, MCPSocket] | tuple[()] = ()
     if config.inference is not None:
         # Cancelling handlers is how a client's disconnect reaches the upstream request.
         proxy = web.AppRunner(
@@ -184,7 +185,8 @@ async def serve(config: NodeConfig) -> None:
         if proxy is not None:
             where.append(await _serve_inference(proxy, node))
         mcp = await _serve_mcp(node)
-        where.append(f"mcp unix:{node.mcp_socket}" + (f", {node.mcp_url}" if node.mcp_url else ""))
+        where.append(f"mcp unix:{node.mcp_socket}, unix:{node.mcp_stdio_socket}"
+                     + (f", {node.mcp_url}" if node.mcp_url else ""))  # fmt: skip
         episodic.start_sweeper(60.0)
         vectors.start_checkpointer(_VECTOR_CHECKPOINT_SECONDS)
         node.start()
@@ -203,15 +205,15 @@ async def serve(config: NodeConfig) -> None:
         )
         await _wait_for_stop(node, config)
     finally:
-        if mcp is not None:
-            await mcp.stop()
+        for door in mcp:
+            await door.stop()
         await node.shutdown()
         for r in runners:
             await r.cleanup()
         episodic.close()
         objects.close()
         vectors.close()
-        for path in (config.socket, node.task_socket, node.mcp_socket):
+        for path in (config.socket, node.task_socket, node.mcp_socket, node.mcp_stdio_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         os.close(lock)
@@ -240,13 +242,16 @@ async def _serve_inference(runner: web.AppRunner, node: Node) -> str:
     return f"inference http://{hosts[0]}:{port} (tasks: http://{hosts[1]}:{port})"
 
 
-async def _serve_mcp(node: Node) -> MCPEndpoint:
-    """The MCP endpoint for tasks: on a socket bound into each task, and on the node bridge
-    when tools.mcp_port is set (tasks with egress reach it like the inference proxy)."""
+async def _serve_mcp(node: Node) -> tuple[MCPEndpoint, MCPSocket]:
+    """The MCP doors for tasks: the streamable-HTTP endpoint on a socket bound into each task,
+    and on the node bridge when tools.mcp_port is set (tasks with egress reach it like the
+    inference proxy); the MCP socket (stdio framing) beside it, which `Tools.mcp_client()`
+    takes."""
     import asyncio
 
     from agentnode.node.api import TaskTokens
     from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+    from agentnode.tools.mcpsocket import MCPSocket
     from agentnode.tools.toolbox import caller_for
 
     tokens = TaskTokens(node)
@@ -270,7 +275,13 @@ async def _serve_mcp(node: Node) -> MCPEndpoint:
                            host=None if port is None else str(node.egress.network.gateway),
                            port=port)  # fmt: skip
     await endpoint.start()
-    return endpoint
+    stdio = MCPSocket(node.tools.service, authenticate, path=node.mcp_stdio_socket)
+    try:
+        await stdio.start()
+    except BaseException:
+        await endpoint.stop()
+        raise
+    return endpoint, stdio
 
 
 def _runner(app: web.Application) -> web.AppRunner:

@@ -62,6 +62,7 @@ __all__ = [
     "INBOX",
     "INBOX_ENV",
     "MCP_SOCKET",
+    "MCP_STDIO_SOCKET",
     "SOCKET_DIR",
     "TASK_SOCKET",
     "Node",
@@ -84,6 +85,9 @@ SOCKET_DIR = "/run/agentnode/sockets"
 TASK_SOCKET = f"{SOCKET_DIR}/task.sock"
 #: Where a task finds the node's MCP endpoint (streamable HTTP at /mcp over this socket).
 MCP_SOCKET = f"{SOCKET_DIR}/mcp.sock"
+#: Where a task finds the node's MCP socket (MCP's stdio framing, the cheap door that
+#: `Tools.mcp_client()` takes; `agentnode.tools.mcpsocket`).
+MCP_STDIO_SOCKET = f"{SOCKET_DIR}/mcps.sock"
 #: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
 CHECKPOINT = "/run/agentnode/checkpoint"
 #: A task whose environment sets INBOX_ENV to INBOX (an Agent Protocol task's does) finds its
@@ -209,6 +213,7 @@ class Node:
             self.egress.services = (*self.egress.services, (gateway, config.tools.mcp_port))
             self.mcp_url = f"http://{gateway}:{config.tools.mcp_port}/mcp"
         self.mcp_socket = task_socket.with_name("mcp.sock")
+        self.mcp_stdio_socket = task_socket.with_name("mcps.sock")
         #: The hash-chained audit log: transitions, execs, egress denials, LLM calls, tool
         #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
         self.audit = AuditLog(config.data_dir / "audit")
@@ -587,6 +592,7 @@ class Node:
             AGENTNODE_TOKEN=self.manager.token_for(task),
             AGENTNODE_URL=f"unix://{TASK_SOCKET}",
             AGENTNODE_MCP_SOCKET=MCP_SOCKET,
+            AGENTNODE_MCP_STDIO_SOCKET=MCP_STDIO_SOCKET,
             AGENTNODE_MCP_URL=(
                 self.mcp_url
                 if self.mcp_url is not None and sandbox.network != "none"

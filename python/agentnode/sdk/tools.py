@@ -1,12 +1,16 @@
 """`Tools`: the node's tools from Python agent code, over the node's HTTP API (the task socket
 inside a task, with its token). For MCP-speaking frameworks, `mcp_client()` connects the `mcp`
-SDK to the node's MCP endpoint ($AGENTNODE_MCP_URL, over $AGENTNODE_MCP_SOCKET when set)."""
+SDK to the node: over its MCP socket ($AGENTNODE_MCP_STDIO_SOCKET: MCP's stdio framing on a
+unix socket, the cheap door) when a task has one, else to its streamable-HTTP endpoint
+($AGENTNODE_MCP_URL, over $AGENTNODE_MCP_SOCKET when set)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import socket as sockets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -66,29 +70,77 @@ class Tools:
         return result
 
     @staticmethod
-    def mcp_client(*, url: str | None = None, token: str | None = None) -> Client:
-        """An `mcp.Client` (use `async with`) on the node's MCP endpoint."""
-        import httpx2
+    def mcp_client(
+        *, url: str | None = None, token: str | None = None, socket: str | None = None
+    ) -> Client:
+        """An `mcp.Client` (use `async with`) on the node: over its MCP socket at `socket`
+        (default $AGENTNODE_MCP_STDIO_SOCKET, unless `url` is given), else its streamable-HTTP
+        endpoint at `url` (default $AGENTNODE_MCP_URL)."""
         from mcp import Client
-        from mcp.client.streamable_http import streamable_http_client
 
-        url = url or os.environ.get("AGENTNODE_MCP_URL")
         token = token or os.environ.get("AGENTNODE_TOKEN")
-        if not url or not token:
+        if socket is None and url is None:
+            socket = os.environ.get("AGENTNODE_MCP_STDIO_SOCKET")
+        url = url or os.environ.get("AGENTNODE_MCP_URL")
+        if not token or not (socket or url):
             raise ConfigError("AGENTNODE_MCP_URL and AGENTNODE_TOKEN are unset (run as a task)")
-        sock = os.environ.get("AGENTNODE_MCP_SOCKET")
-        use_socket = sock and url.startswith("http://agentnode/")
+        if socket:
+            return Client(_socket_transport(socket, token))
+        assert url is not None
+        return Client(_http_transport(url, token))
 
-        @contextlib.asynccontextmanager
-        async def transport() -> AsyncIterator[TransportStreams]:
-            async with (
-                httpx2.AsyncClient(
-                    transport=httpx2.AsyncHTTPTransport(uds=sock) if use_socket else None,
-                    headers={"Authorization": f"Bearer {token}"},
-                    timeout=httpx2.Timeout(300.0),
-                ) as http,
-                streamable_http_client(url, http_client=http) as streams,
-            ):
+
+@contextlib.asynccontextmanager
+async def _http_transport(url: str, token: str) -> AsyncIterator[TransportStreams]:
+    """The SDK's streamable-HTTP client transport to the node's endpoint at `url` (over
+    $AGENTNODE_MCP_SOCKET for the node's own `http://agentnode/` address)."""
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    sock = os.environ.get("AGENTNODE_MCP_SOCKET")
+    use_socket = sock and url.startswith("http://agentnode/")
+    async with (
+        httpx2.AsyncClient(
+            transport=httpx2.AsyncHTTPTransport(uds=sock) if use_socket else None,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx2.Timeout(300.0),
+        ) as http,
+        streamable_http_client(url, http_client=http) as streams,
+    ):
+        yield streams
+
+
+@contextlib.asynccontextmanager
+async def _socket_transport(path: str, token: str) -> AsyncIterator[TransportStreams]:
+    """The SDK's stdio transport (the same framing, both ends) on a connection to the node's
+    MCP socket at `path`, once the node took the task's token."""
+    from mcp.server.stdio import stdio_server
+
+    from agentnode.tools.lines import HANDSHAKE_OK, FdLines, FdWriter
+
+    conn = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM | sockets.SOCK_CLOEXEC)
+    try:
+        conn.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(conn, path)
+        except OSError as e:
+            raise ConfigError(f"cannot reach the node's MCP socket {path}: {e.strerror}") from None
+        lines = FdLines(conn.fileno())
+        out = FdWriter(conn.fileno())
+        await out.write(token + "\n")
+        answer = (await anext(lines, "")).strip()
+        if answer != HANDSHAKE_OK:
+            raise ConfigError(f"the node's MCP socket {path} refused the connection: "
+                              f"{answer or 'it closed'}")  # fmt: skip
+        # stdio_server: the SDK's line framing, the same in both directions (it is a client's
+        # transport as well as a server's when handed the streams to use).
+        async with stdio_server(lines, out) as streams:  # type: ignore[arg-type]
+            try:
                 yield streams
-
-        return Client(transport())
+            finally:
+                # Our reader sees EOF at once and the node sees the session end; without
+                # it the transport would wait on a read the node has no reason to answer.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(sockets.SHUT_RDWR)
+    finally:
+        conn.close()

@@ -1,6 +1,7 @@
 """The MCP door: a streamable-HTTP MCP server (the `mcp` SDK's) that the node serves to its
 tasks. Each request carries a task's token; `tools/list` shows only what that task's tenant
-may use and `tools/call` runs through the same `ToolService` as the HTTP API and the CLI."""
+may use and `tools/call` runs through the same `ToolService` as the HTTP API and the CLI.
+`mcp_server` is the SDK server both MCP doors serve (this one and `agentnode.tools.mcpsocket`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 
-__all__ = ["IDEMPOTENCY_META", "MCPEndpoint", "mcp_app"]
+__all__ = ["CALLER_KEY", "IDEMPOTENCY_META", "MCPEndpoint", "mcp_app", "mcp_server", "tenant_scope"]
 
 #: A call's idempotency key, in the request's `_meta` (MCP has no field of its own for it).
 IDEMPOTENCY_META = "agentnode/idempotency_key"
@@ -38,15 +39,25 @@ _TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("mcp_tenant
 #: What `CallToolResult` carries by default: 2026-07-28 requires `resultType`; the SDK drops
 #: it for clients of earlier protocol versions.
 _COMPLETE = {"resultType": "complete"}
-#: Where `_authenticating` leaves a request's caller in its ASGI scope.
-_CALLER_KEY = "agentnode.caller"
+#: Where a request's caller is found: in its ASGI scope (`_authenticating` puts it there), or
+#: for a connection of the MCP socket, in the connection's lifespan state as a function that
+#: authenticates the connection's token again (a token is revoked when its task's attempt
+#: ends: a connection must not outlive it).
+CALLER_KEY = "agentnode.caller"
 
 
 def _caller(ctx: Any) -> Caller:
     request = ctx.request
-    caller = None if request is None else request.scope.get(_CALLER_KEY)
+    if request is not None:
+        caller = request.scope.get(CALLER_KEY)
+        why = "missing or unknown task token (send Authorization: Bearer TOKEN)"
+    else:
+        state = ctx.lifespan_context
+        current = state.get(CALLER_KEY) if isinstance(state, dict) else None
+        caller = current() if callable(current) else None
+        why = "the connection's task token is no longer valid (its task has ended)"
     if caller is None:
-        raise _Unauthorized("missing or unknown task token (send Authorization: Bearer TOKEN)")
+        raise _Unauthorized(why)
     assert isinstance(caller, Caller)
     return caller
 
@@ -61,18 +72,26 @@ def _authenticating(app: ASGIApp, authenticate: Authenticate) -> ASGIApp:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, token = header.decode("latin-1").partition(" ")
         caller = authenticate(token) if scheme.lower() == "bearer" and token else None
-        scope[_CALLER_KEY] = caller
-        reset = _TENANT.set(None if caller is None else caller.tenant)
-        try:
+        scope[CALLER_KEY] = caller
+        with tenant_scope(None if caller is None else caller.tenant):
             await app(scope, receive, send)
-        finally:
-            _TENANT.reset(reset)
 
     return wrapped
 
 
-def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
-    """The endpoint as an ASGI app at /mcp; `authenticate(token)` names the calling task."""
+@contextlib.contextmanager
+def tenant_scope(tenant: str | None) -> Iterator[None]:
+    """Sets the tenant `mcp_server`'s input-schema hook answers for, within the block."""
+    reset = _TENANT.set(tenant)
+    try:
+        yield
+    finally:
+        _TENANT.reset(reset)
+
+
+def mcp_server(service: ToolService) -> Server[Any]:
+    """The SDK's lowlevel server over `service`. Its handlers find the caller as `_caller`
+    says (none: `tools/list` is empty and `tools/call` an error)."""
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         try:
@@ -113,6 +132,12 @@ def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
         on_call_tool=cast(Any, call_tool),
         get_tool_input_schema=input_schema,
     )
+    return server
+
+
+def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
+    """The endpoint as an ASGI app at /mcp; `authenticate(token)` names the calling task."""
+    server = mcp_server(service)
     # Requests come from tasks over the node's own socket or bridge and carry a task token:
     # DNS-rebinding checks (which guard browsers on localhost) do not apply.
     app = server.streamable_http_app(

@@ -49,6 +49,7 @@ from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import task as isolation
 from agentnode.isolation.spec import Mount
+from agentnode.tools.lines import FdLines, FdWriter
 from agentnode.tools.registry import Caller, RetryPolicy, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 from agentnode.tools.sandboxed import SPAWNER, owned_workspace, sandbox_limits
@@ -192,70 +193,6 @@ class _NetnsTransport(httpx2.AsyncHTTPTransport):
         self._pool = httpcore2.AsyncConnectionPool(network_backend=_NetnsBackend(netns))
 
 
-class _PipeLines:
-    """Lines of a pipe, read on the event loop when it is readable."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buffer = b""
-        os.set_blocking(fd, False)
-
-    def __aiter__(self) -> _PipeLines:
-        return self
-
-    async def __anext__(self) -> str:
-        while b"\n" not in self._buffer:
-            try:
-                chunk = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                await _ready(self._fd, write=False)
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                raise StopAsyncIteration
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode(errors="replace") + "\n"
-
-
-class _PipeWriter:
-    """Writes to a pipe from the event loop, waiting while it is full."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        os.set_blocking(fd, False)
-
-    async def write(self, text: str) -> None:
-        data = memoryview(text.encode())
-        while data:
-            try:
-                data = data[os.write(self._fd, data) :]
-            except BlockingIOError:
-                await _ready(self._fd, write=True)
-
-    async def flush(self) -> None:
-        return None
-
-
-async def _ready(fd: int, *, write: bool) -> None:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    add, remove = (
-        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    )
-    add(fd, wake)
-    try:
-        await done
-    finally:
-        remove(fd)
-
-
 def _leaf(e: BaseException) -> BaseException:
     """The first error inside task-group wrappers (the SDK's transports run in task groups)."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
@@ -275,6 +212,10 @@ class _Instance:
         self.denials: list[Denial] = []
         self.last_used = time.monotonic()
         self.busy = 0
+        #: `(cpu_s, memory_peak)` read as the last call ended with no other in flight: the
+        #: next call's starting point (an idle stdio server uses no CPU between calls), one
+        #: cgroup read per call instead of two.
+        self.usage_mark: tuple[float, int] | None = None
         self._stop = asyncio.Event()
         #: The server's network namespace (an HTTP server the node runs), held open.
         self._netns = -1
@@ -344,11 +285,9 @@ class _Instance:
             return
         assert self.proc is not None and self.proc.stdout is not None
         assert self.proc.stdin is not None
-        # The server's stdout is what we read; its stdin is what we write. The SDK's stdio
-        # transport takes any async line source and sink: these poll the pipes on the loop
-        # (a thread hand-off per line, as anyio.wrap_file does, cost ~5 ms p50 under load).
-        reader = _PipeLines(self.proc.stdout.fileno())
-        writer = _PipeWriter(self.proc.stdin.fileno())
+        # The server's stdout is what we read; its stdin is what we write.
+        reader = FdLines(self.proc.stdout.fileno())
+        writer = FdWriter(self.proc.stdin.fileno())
         async with stdio_server(reader, writer) as streams:  # type: ignore[arg-type]
             yield streams
 
@@ -558,9 +497,12 @@ class MCPServers:
             inst = await self._instance(spec, caller.tenant)
         except Exception as e:
             return Outcome.error("transient", f"MCP server {spec.name} did not start: {e}")
+        before = None
+        if inst.proc is not None:
+            before = inst.usage_mark if inst.busy == 0 and inst.usage_mark else inst.proc.usage()
+        inst.usage_mark = None
         inst.busy += 1
         seen = len(inst.denials)
-        before = inst.proc.usage() if inst.proc is not None else None
         try:
             assert inst.client is not None and inst.exited is not None
             request = types.CallToolRequest(
@@ -568,11 +510,17 @@ class MCPServers:
             )
             call = asyncio.ensure_future(inst.client.session.send_request(request, _RawResult))
             # A server that dies mid-call never answers: its exit ends the wait.
-            await asyncio.wait(
-                {call, inst.exited},
-                timeout=spec.limits.timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            try:
+                await asyncio.wait(
+                    {call, inst.exited},
+                    timeout=spec.limits.timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            except asyncio.CancelledError:
+                # The caller went away (a task hung up mid-call): so does the request, which
+                # the SDK cancels at the server too, rather than running on unowned.
+                call.cancel()
+                raise
             if not call.done():
                 call.cancel()
                 with contextlib.suppress(BaseException):
@@ -611,6 +559,8 @@ class MCPServers:
             denials=denials,
         )
         after = inst.proc.usage() if before is not None and inst.proc is not None else None
+        if inst.busy == 0:
+            inst.usage_mark = after
         if before is not None and after is not None:
             out.cpu_s = after[0] - before[0]
             out.memory_peak = after[1]

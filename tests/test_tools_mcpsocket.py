@@ -1,0 +1,425 @@
+"""The node's MCP socket (MCP's stdio framing on a unix socket, `agentnode.tools.mcpsocket`):
+what `Tools.mcp_client()` uses in a task. Tenants, tokens, malformed input, clients that leave
+mid-call, and per-tenant server instances, with the `mcp` client SDK and with raw lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp_types import TextContent
+
+from agentnode.errors import ConfigError
+from agentnode.isolation import task as isolation
+from agentnode.isolation import use_data_dir
+from agentnode.isolation.spec import Mount
+from agentnode.sdk.tools import Tools
+from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
+from agentnode.tools.mcpsocket import MCPSocket
+from agentnode.tools.registry import Caller, Registry, Tool
+from agentnode.tools.result import Outcome
+from agentnode.tools.service import ToolService
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER = str(REPO / "tests" / "support" / "tools_mcp_server.py")
+CALLERS = {"ta": Caller(task="t1", tenant="a"), "tb": Caller(task="t2", tenant="b")}
+A3 = Caller(task="t3", tenant="a")
+REFUSED = "error: missing or unknown task token (send the task's token as the first line)"
+OBJECT = {"type": "object"}
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    old = isolation.DATA_DIR
+    use_data_dir(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    yield tmp_path / "data"
+    use_data_dir(old)
+
+
+class Node:
+    """A tool service behind an MCP socket, in the test's loop; `slow` blocks until released
+    (or cancelled) and says which happened in `events`."""
+
+    def __init__(self, path: Path, *, servers: MCPServers | None = None, **kw: Any) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.events: list[str] = []
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+        async def echo(args: dict[str, Any], caller: Caller) -> Outcome:
+            return Outcome.text(f"{caller.task}/{caller.tenant}: {args.get('say', '')}")
+
+        async def slow(args: dict[str, Any], caller: Caller) -> Outcome:
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.events.append("cancelled")
+                raise
+            self.events.append("finished")
+            return Outcome.text("done")
+
+        registry = Registry([
+            Tool(name="echo", description="echo", input_schema=OBJECT, run=echo),
+            Tool(name="b_only", description="b's", input_schema=OBJECT, run=echo,
+                 tenants=frozenset({"b"})),
+            Tool(name="slow", description="waits", input_schema=OBJECT, run=slow),
+        ])  # fmt: skip
+        self.service = ToolService(
+            registry, on_record=self.records.append, sources=[servers] if servers else []
+        )
+        #: The tokens it takes (a test revokes one by removing it).
+        self.tokens = dict(CALLERS)
+        self.socket = MCPSocket(self.service, lambda t: self.tokens.get(t), path=path, **kw)
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, **kw: Any) -> AsyncIterator[Node]:
+    node = Node(tmp_path / "mcps.sock", **kw)
+    await node.socket.start()
+    try:
+        yield node
+    finally:
+        await node.socket.stop()
+
+
+class Raw:
+    """A connection speaking lines by hand, to send what the SDK never would."""
+
+    def __init__(self, path: Path) -> None:
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+        self.path = path
+
+    async def open(self, token: str) -> str:
+        self.reader, self.writer = await asyncio.open_unix_connection(str(self.path))
+        return await self.send(token)
+
+    async def send(self, line: str) -> str:
+        self.writer.write(line.encode(errors="surrogateescape") + b"\n")
+        await self.writer.drain()
+        return (await asyncio.wait_for(self.reader.readline(), 10)).decode()
+
+    async def message(self, line: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(await self.send(line))
+        return out
+
+    async def initialize(self) -> None:
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"}}}  # fmt: skip
+        assert "result" in await self.message(json.dumps(init))
+        self.writer.write(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def call_line(request_id: int, name: str, args: dict[str, Any] | None = None) -> str:
+    params = {"name": name, "arguments": args or {}}
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                       "params": params})  # fmt: skip
+
+
+def test_a_task_sees_only_its_tenants_tools_and_calls_as_itself(tmp_path: Path) -> None:
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with serving(tmp_path) as node:
+            path = str(node.socket.path)
+            async with Tools.mcp_client(socket=path, token="ta") as a, \
+                    Tools.mcp_client(socket=path, token="tb") as b:  # fmt: skip
+                out["a"] = sorted(t.name for t in (await a.list_tools()).tools)
+                out["b"] = sorted(t.name for t in (await b.list_tools()).tools)
+                out["echo"] = await a.call_tool("echo", {"say": "hi"})
+                out["theirs"] = await a.call_tool("b_only", {})
+                out["mine"] = await b.call_tool("b_only", {"say": "b"})
+            out["records"] = node.records
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["a"] == ["echo", "slow"] and out["b"] == ["b_only", "echo", "slow"]
+    assert out["echo"].content[0].text == "t1/a: hi" and not out["echo"].is_error
+    assert out["echo"].meta["agentnode"]["class"] == "ok"
+    # Another tenant's tool looks like no tool at all.
+    assert out["theirs"].is_error and out["theirs"].meta["agentnode"]["class"] == "invalid_input"
+    assert "no tool named 'b_only'" in out["theirs"].content[0].text
+    assert out["mine"].content[0].text == "t2/b: b"
+    assert [(r["task"], r["tenant"], r["tool"], r["class"]) for r in out["records"]] == [
+        ("t1", "a", "echo", "ok"), ("t1", "a", "b_only", "invalid_input"),
+        ("t2", "b", "b_only", "ok"),
+    ]  # fmt: skip
+
+
+def test_a_revoked_token_ends_what_its_connection_may_do(tmp_path: Path) -> None:
+    """A token is revoked when its task's attempt ends: an open connection is checked again
+    at every request, as the HTTP endpoint checks each request."""
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with serving(tmp_path) as node:
+            node.tokens["t3"] = A3
+            async with Tools.mcp_client(socket=str(node.socket.path), token="t3") as c:
+                out["before"] = await c.call_tool("echo", {"say": "1"})
+                del node.tokens["t3"]
+                out["listed"] = (await c.list_tools()).tools
+                out["after"] = await c.call_tool("echo", {"say": "2"})
+            out["records"] = node.records
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["before"].content[0].text == "t3/a: 1"
+    assert out["listed"] == [] and out["after"].is_error
+    assert out["after"].content[0].text == (
+        "the connection's task token is no longer valid (its task has ended)"
+    )
+    assert [r["tool"] for r in out["records"]] == ["echo"]  # the refused call ran nothing
+
+
+def test_a_long_message_goes_through_whole(tmp_path: Path) -> None:
+    """A message of many reads (8 MiB of arguments) arrives whole, and its answer too."""
+    say = "0123456789abcdef" * (1 << 19)
+
+    async def scenario() -> str:
+        async with (
+            serving(tmp_path) as node,
+            Tools.mcp_client(socket=str(node.socket.path), token="ta") as a,
+        ):
+            block = (await a.call_tool("echo", {"say": say})).content[0]
+        assert isinstance(block, TextContent)
+        return block.text
+
+    assert asyncio.run(scenario()) == f"t1/a: {say}"
+
+
+@pytest.mark.parametrize("token", ["nope", "", " ", "ta tb", "\x00", "Bearer ta", "é" * 10])
+def test_a_bad_token_is_refused_with_one_line(tmp_path: Path, token: str) -> None:
+    async def scenario() -> tuple[str, bytes, str]:
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            answer = await raw.open(token)
+            rest = await asyncio.wait_for(raw.reader.read(), 10)  # then it hangs up
+            raw.close()
+            with pytest.raises(ConfigError) as e:
+                async with Tools.mcp_client(socket=str(node.socket.path), token=token or "x"):
+                    pass
+            # A good token still works afterwards.
+            async with Tools.mcp_client(socket=str(node.socket.path), token="ta") as a:
+                assert len((await a.list_tools()).tools) == 2
+        return answer, rest, str(e.value)
+
+    answer, rest, error = asyncio.run(scenario())
+    assert answer == REFUSED + "\n" and rest == b""
+    assert error.endswith(f"refused the connection: {REFUSED}") and "\n" not in error
+
+
+def test_an_unreachable_socket_is_one_line(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Tools.mcp_client(socket=str(tmp_path / "none.sock"), token="ta"):
+            pass
+
+    with pytest.raises(ConfigError, match=r"cannot reach the node's MCP socket .*none\.sock: No"):
+        asyncio.run(scenario())
+
+
+def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with serving(tmp_path, max_line=4096) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("ta") == "ok\n"
+            await raw.initialize()
+            out["not json"] = await raw.message("{nope")
+            out["not an object"] = await raw.message("[1, 2]")
+            out["bad method"] = await raw.message('{"jsonrpc": "2.0", "id": 7, "method": 5}')
+            out["no version"] = await raw.message('{"id": 8, "method": "tools/list"}')
+            out["binary"] = await raw.message("\udcff\x00\x01")
+            out["deep"] = await raw.message("[" * 1500 + "]" * 1500)
+            out["deep object"] = await raw.message('{"id": 3, "a": ' * 150 + "1" + "}" * 150)
+            out["after"] = await raw.message(call_line(9, "echo", {"say": "still"}))
+            # Another connection was never disturbed.
+            async with Tools.mcp_client(socket=str(node.socket.path), token="tb") as b:
+                out["other"] = await b.call_tool("echo", {"say": "other"})
+            # A line over the limit is answered, and ends that connection only.
+            out["long"] = await raw.message(call_line(10, "echo", {"say": "x" * 5000}))
+            out["eof"] = await asyncio.wait_for(raw.reader.read(), 10)
+            raw.close()
+            for _ in range(100):
+                if node.socket.connections == 0:
+                    break
+                await asyncio.sleep(0.05)
+            out["left"] = node.socket.connections
+        return out
+
+    out = asyncio.run(scenario())
+    for key in ("not json", "binary", "deep"):
+        assert out[key]["id"] is None and out[key]["error"]["code"] == -32700, out[key]
+    for key, request_id in (("not an object", None), ("bad method", 7), ("no version", 8),
+                            ("deep object", 3)):  # fmt: skip
+        assert out[key]["id"] == request_id and out[key]["error"]["code"] == -32600, out[key]
+        assert out[key]["error"]["message"].startswith("not a JSON-RPC message: ")
+    assert out["after"]["id"] == 9
+    assert out["after"]["result"]["content"] == [{"type": "text", "text": "t1/a: still"}]
+    assert out["other"].content[0].text == "t2/b: other"
+    assert out["long"] == {"jsonrpc": "2.0", "id": None, "error": {
+        "code": -32600, "message": "a line longer than 4096 bytes"}}  # fmt: skip
+    assert out["eof"] == b"" and out["left"] == 0
+
+
+def fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path) -> None:
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with serving(tmp_path) as node:
+            before = (fds(), len(asyncio.all_tasks()))
+            for how in ("close", "reset"):
+                node.started.clear()
+                raw = Raw(node.socket.path)
+                assert await raw.open("ta") == "ok\n"
+                await raw.initialize()
+                raw.writer.write(call_line(1, "slow").encode() + b"\n")
+                await asyncio.wait_for(node.started.wait(), 10)
+                if how == "reset":  # RST-like: gone without reading what was sent
+                    sock = raw.writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                raw.close()
+                for _ in range(200):
+                    if node.socket.connections == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                out[f"{how} left"] = node.socket.connections
+            await asyncio.sleep(0.1)
+            out["fds"] = fds() - before[0]
+            out["tasks"] = len(asyncio.all_tasks()) - before[1]
+            out["events"] = list(node.events)
+            async with Tools.mcp_client(socket=str(node.socket.path), token="ta") as a:
+                out["after"] = await a.call_tool("echo", {"say": "after"})
+        out["stopped"] = not node.socket.path.exists()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["close left"] == 0 and out["reset left"] == 0
+    assert out["events"] == ["cancelled", "cancelled"], "the call ends with its connection"
+    assert out["fds"] == set() and out["tasks"] == 0
+    assert out["after"].content[0].text == "t1/a: after"
+    assert out["stopped"]
+
+
+def test_stopping_ends_open_connections(tmp_path: Path) -> None:
+    async def scenario() -> tuple[bytes, list[str]]:
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("ta") == "ok\n"
+            await raw.initialize()
+            raw.writer.write(call_line(1, "slow").encode() + b"\n")
+            await asyncio.wait_for(node.started.wait(), 10)
+        rest = await asyncio.wait_for(raw.reader.read(), 10)
+        raw.close()
+        return rest, node.events
+
+    rest, events = asyncio.run(scenario())
+    # The call in flight is answered (an error: the connection closed), then the node hangs up.
+    (answer,) = map(json.loads, rest.splitlines())
+    assert answer["id"] == 1 and answer["error"]["message"] == "Connection closed", answer
+    assert events == ["cancelled"]
+
+
+def sdk_server() -> MCPServerSpec:
+    return MCPServerSpec(name="t", command=(sys.executable, SERVER), user="0",
+                         env={"PYTHONPATH": str(REPO / "python")},
+                         mounts=(Mount(str(REPO), str(REPO)),))  # fmt: skip
+
+
+def test_two_tenants_never_share_server_instances(tmp_path: Path) -> None:
+    servers = MCPServers([sdk_server()])
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            async with serving(tmp_path, servers=servers) as node:
+                path = str(node.socket.path)
+                async with Tools.mcp_client(socket=path, token="ta") as a, \
+                        Tools.mcp_client(socket=path, token="tb") as b, \
+                        Tools.mcp_client(socket=path, token="ta") as a2:  # fmt: skip
+                    out["a"] = await a.call_tool("t__add", {"a": 1, "b": 2})
+                    out["b"] = await b.call_tool("t__add", {"a": 3, "b": 4})
+                    out["a2"] = await a2.call_tool("t__whoami", {})
+                    out["pids"] = (servers.instance_pid("t", "a"), servers.instance_pid("t", "b"))
+                    out["bad"] = await b.call_tool("t__add", {"a": "x", "b": 1})
+                    out["more"] = [await a.call_tool("t__add", {"a": i, "b": 1}) for i in range(3)]
+        finally:
+            await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["a"].structured_content == {"sum": 3} and out["b"].structured_content == {"sum": 7}
+    assert out["a2"].content[0].text.startswith("1 agentnode")
+    pid_a, pid_b = out["pids"]
+    assert None not in (pid_a, pid_b) and pid_a != pid_b
+    assert out["bad"].meta["agentnode"]["class"] == "invalid_input"
+    assert out["bad"].meta["agentnode"]["path"] == "/a"
+    # Each call's share of its server's CPU, and the server's memory peak.
+    for result in (out["a"], out["b"], *out["more"]):
+        assert result.meta["agentnode"]["cpu_s"] > 0, result.meta
+        assert result.meta["agentnode"]["memory_peak"] > 1 << 20, result.meta
+
+
+async def events(client: Any) -> str:
+    """What the test server's `wait` calls did so far."""
+    block = (await client.call_tool("t__events", {})).content[0]
+    assert isinstance(block, TextContent)
+    return block.text
+
+
+def test_a_client_leaving_mid_call_to_a_server_cancels_it_there(tmp_path: Path) -> None:
+    """The request to the tenant's server ends with the task's connection: the SDK cancels it
+    at the server, and the instance is left idle, not busy with a call nobody owns."""
+    servers = MCPServers([sdk_server()])
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            async with serving(tmp_path, servers=servers) as node:
+                path = str(node.socket.path)
+                async with Tools.mcp_client(socket=path, token="ta") as a:
+                    assert not (await a.call_tool("t__events", {})).is_error
+                    raw = Raw(node.socket.path)
+                    assert await raw.open("ta") == "ok\n"
+                    await raw.initialize()
+                    raw.writer.write(call_line(1, "t__wait", {"seconds": 60}).encode() + b"\n")
+                    seen = ""
+                    for _ in range(200):
+                        seen = await events(a)
+                        if "started" in seen:
+                            break
+                        await asyncio.sleep(0.05)
+                    raw.close()
+                    for _ in range(200):
+                        seen = await events(a)
+                        if seen != "started":
+                            break
+                        await asyncio.sleep(0.05)
+                    out["events"] = seen
+                    out["busy"] = servers._instances[("t", "a")].busy
+        finally:
+            await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["events"] == "started cancelled", out
+    assert out["busy"] == 0, "no call left in flight"
