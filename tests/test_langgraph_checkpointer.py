@@ -159,7 +159,9 @@ def test_writes_no_checkpoint_follows_wait_once_then_go_at_once(memory_server) -
             "task-1", "task-2", "task-3", "task-4"]  # fmt: skip
 
 
-def test_the_input_checkpoint_is_stored_without_a_next_write(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_input_checkpoint_is_stored_without_a_next_write(
+    memory_server, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     """An input checkpoint that no write follows (a run stopped before its first task) is
     stored by the flusher within `INPUT_WAIT_S`, and at once before this saver reads; the
     flusher thread ends once idle."""
@@ -176,7 +178,9 @@ def test_the_input_checkpoint_is_stored_without_a_next_write(memory_server, monk
             else:  # another process sees it once the flusher wrote it
                 deadline = time.monotonic() + 5
                 # A fresh saver each time: a saver remembers what it found absent.
-                while (found := AgentnodeCheckpointer(other, task="held").get_tuple(config)) is None:
+                while (
+                    found := AgentnodeCheckpointer(other, task="held").get_tuple(config)
+                ) is None:
                     assert time.monotonic() < deadline, "the input checkpoint was never written"
                     time.sleep(langgraph.INPUT_WAIT_S)
             assert found is not None and found.config == stored
@@ -186,7 +190,9 @@ def test_the_input_checkpoint_is_stored_without_a_next_write(memory_server, monk
         assert not flusher.is_alive() and saver._flusher is None
 
 
-def test_remembers_a_bounded_number_of_threads(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_remembers_a_bounded_number_of_threads(
+    memory_server, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     """A saver that runs many threads keeps a bounded memory of their pointers and writes; a
     thread it forgot is read again, not mistaken for a new one."""
     monkeypatch.setattr(langgraph, "_POINTERS_KEPT", 3)
