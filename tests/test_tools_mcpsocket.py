@@ -423,3 +423,44 @@ def test_a_client_leaving_mid_call_to_a_server_cancels_it_there(tmp_path: Path) 
     out = asyncio.run(scenario())
     assert out["events"] == "started cancelled", out
     assert out["busy"] == 0, "no call left in flight"
+
+
+@pytest.mark.parametrize(
+    ("url", "plain"),
+    [("http://agentnode/mcp", True), ("http://127.0.0.1:9/mcp", True),
+     ("https://example.invalid/mcp", False)],
+)  # fmt: skip
+def test_the_http_door_client_loads_no_ca_bundle_for_plain_http(
+    url: str, plain: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Tools.mcp_client(url=...)` over plain HTTP (the node's endpoint) gets a TLS context that
+    trusts nothing (no CA bundle read: 20-27 ms of CPU a client; a redirect to https fails its
+    certificate check); an https URL keeps httpx's default verification."""
+    import ssl
+
+    import httpx2
+
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def client(**kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(httpx2, "AsyncClient", client)
+    monkeypatch.setenv("AGENTNODE_MCP_SOCKET", "/nonexistent/mcp.sock")
+
+    async def enter() -> None:
+        async with Tools.mcp_client(url=url, token="t"):
+            pass
+
+    with pytest.raises(Stop):
+        asyncio.run(enter())
+    verify = seen["verify"]
+    if plain:
+        assert isinstance(verify, ssl.SSLContext)
+        assert verify.cert_store_stats()["x509_ca"] == 0 and verify.check_hostname
+    else:
+        assert verify is True
