@@ -464,3 +464,57 @@ def test_the_http_door_client_loads_no_ca_bundle_for_plain_http(
         assert verify.cert_store_stats()["x509_ca"] == 0 and verify.check_hostname
     else:
         assert verify is True
+
+
+def said(result: Any) -> str:
+    """The text of a call's one text block."""
+    block = result.content[0]
+    assert isinstance(block, TextContent), result
+    return block.text
+
+
+def test_what_one_task_holds_of_the_socket_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A silent connection is refused after the handshake time, an over-long token line at
+    once, and a task's connections beyond its cap are refused with one line while another task
+    of the same tenant and another tenant still connect; a closed one frees its place."""
+    from agentnode.tools import mcpsocket
+
+    monkeypatch.setattr(mcpsocket, "HANDSHAKE_S", 0.3)
+    monkeypatch.setattr(mcpsocket, "MAX_PER_TASK", 3)
+    capped = "error: task t1 has 3 MCP connections open already (close one first)\n"
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as node:
+            node.tokens["ta3"] = A3
+            path = node.socket.path
+            silent = await asyncio.open_unix_connection(str(path))
+            long = Raw(path)
+            assert await long.open("t" * 5000) == REFUSED + "\n"
+            assert await asyncio.wait_for(silent[0].read(), 10) == (REFUSED + "\n").encode()
+            silent[1].close()
+            long.close()
+            held = [Raw(path) for _ in range(3)]
+            for raw in held:
+                assert await raw.open("ta") == "ok\n"
+            over = Raw(path)
+            assert await over.open("ta") == capped
+            assert await asyncio.wait_for(over.reader.read(), 10) == b""
+            over.close()
+            # The same tenant's other task, and another tenant, are not held back.
+            async with Tools.mcp_client(socket=str(path), token="ta3") as a3:
+                assert said(await a3.call_tool("echo", {"say": "x"})) == "t3/a: x"
+            async with Tools.mcp_client(socket=str(path), token="tb") as b:
+                assert said(await b.call_tool("echo", {"say": "y"})) == "t2/b: y"
+            held.pop().close()
+            for _ in range(100):
+                if node.socket.connections == 2:
+                    break
+                await asyncio.sleep(0.05)
+            async with Tools.mcp_client(socket=str(path), token="ta") as a:
+                assert said(await a.call_tool("echo", {"say": "z"})) == "t1/a: z"
+            for raw in held:
+                raw.close()
+
+    asyncio.run(scenario())

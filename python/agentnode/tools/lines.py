@@ -34,7 +34,8 @@ class LineTooLong(ValueError):
 
 class FdLines:
     """Lines (each with its newline) read from fd `fd` when it is readable; ends at EOF or a
-    read error. With `limit`, a line longer than `limit` bytes raises `LineTooLong`."""
+    read error. With `limit` (which may be changed between lines), a line longer than `limit`
+    bytes raises `LineTooLong`."""
 
     def __init__(self, fd: int, *, limit: int | None = None) -> None:
         self._fd = fd
@@ -42,7 +43,7 @@ class FdLines:
         # many chunks costs linear time, not a copy and a rescan of the whole per chunk.
         self._buffer = bytearray()
         self._scanned = 0
-        self._limit = limit
+        self.limit = limit
         os.set_blocking(fd, False)
 
     def __aiter__(self) -> FdLines:
@@ -51,8 +52,8 @@ class FdLines:
     async def __anext__(self) -> str:
         while (end := self._buffer.find(b"\n", self._scanned)) < 0:
             self._scanned = len(self._buffer)
-            if self._limit is not None and self._scanned > self._limit:
-                raise LineTooLong(f"a line longer than {self._limit} bytes")
+            if self.limit is not None and self._scanned > self.limit:
+                raise LineTooLong(f"a line longer than {self.limit} bytes")
             try:
                 chunk = os.read(self._fd, 1 << 16)
             except BlockingIOError:
@@ -66,8 +67,8 @@ class FdLines:
         line = self._buffer[:end].decode(errors="replace") + "\n"
         del self._buffer[: end + 1]
         self._scanned = 0
-        if self._limit is not None and end > self._limit:
-            raise LineTooLong(f"a line longer than {self._limit} bytes")
+        if self.limit is not None and end > self.limit:
+            raise LineTooLong(f"a line longer than {self.limit} bytes")
         return line
 
 

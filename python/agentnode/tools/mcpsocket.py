@@ -9,7 +9,11 @@ runs on the connection until either side closes) or one line `error: WHY` and cl
 connection is one MCP session for that task's tenant: it sees only that tenant's tools, and
 the servers it calls are that tenant's own instances. The token is checked again at every
 request, as the HTTP endpoint does: once its task's attempt ends, the connection lists
-nothing and every call is refused."""
+nothing and every call is refused.
+
+What one task can hold of the daemon is bounded, so it cannot starve other tasks' doors: the
+token line must come within `HANDSHAKE_S` and be at most `MAX_TOKEN_LINE` bytes, and a task
+has at most `MAX_PER_TASK` connections open (a further one is refused with one line)."""
 
 from __future__ import annotations
 
@@ -26,12 +30,18 @@ from agentnode.tools.endpoint import CALLER_KEY, Authenticate, mcp_server, tenan
 from agentnode.tools.lines import HANDSHAKE_OK, FdLines, FdWriter, LineTooLong, serving_streams
 from agentnode.tools.service import ToolService
 
-__all__ = ["MAX_LINE", "MCPSocket"]
+__all__ = ["HANDSHAKE_S", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
 
 log = logging.getLogger("agentnode.tools.mcp")
 
 #: The longest line (one JSON-RPC message) a connection may send: its arguments are held whole.
 MAX_LINE = 64 << 20
+#: Seconds a new connection has to send its token line.
+HANDSHAKE_S = 10.0
+#: The longest token line (a task token is a few dozen bytes).
+MAX_TOKEN_LINE = 4096
+#: Connections one task may have open at once (an agent needs one or a few).
+MAX_PER_TASK = 64
 
 
 class MCPSocket:
@@ -54,6 +64,7 @@ class MCPSocket:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._per_task: dict[str, int] = {}
 
     @property
     def connections(self) -> int:
@@ -108,28 +119,42 @@ class MCPSocket:
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
-            lines = FdLines(conn.fileno(), limit=self._max_line)
+            lines = FdLines(conn.fileno(), limit=MAX_TOKEN_LINE)
             out = FdWriter(conn.fileno())
             try:
-                token = (await anext(lines, "")).strip()
-            except LineTooLong:
+                token = (await asyncio.wait_for(anext(lines, ""), HANDSHAKE_S)).strip()
+            except (LineTooLong, TimeoutError):
                 token = ""
             caller = self._authenticate(token) if token else None
             if caller is None:
                 await out.write("error: missing or unknown task token (send the task's token "
                                 "as the first line)\n")  # fmt: skip
                 return
-            await out.write(HANDSHAKE_OK + "\n")
-            authenticate = self._authenticate
-            state: dict[str, Any] = {CALLER_KEY: lambda: authenticate(token)}
-            with tenant_scope(caller.tenant):
-                async with serving_streams(lines, out) as (read, write):
-                    await serve_dual_era_loop(
-                        self._server, read, write, lifespan_state=state, init_options=self._init
-                    )
+            if self._per_task.get(caller.task, 0) >= MAX_PER_TASK:
+                await out.write(f"error: task {caller.task} has {MAX_PER_TASK} MCP connections "
+                                "open already (close one first)\n")  # fmt: skip
+                return
+            self._per_task[caller.task] = self._per_task.get(caller.task, 0) + 1
+            try:
+                lines.limit = self._max_line
+                await out.write(HANDSHAKE_OK + "\n")
+                await self._session(lines, out, token, caller.tenant)
+            finally:
+                if (left := self._per_task.pop(caller.task) - 1) > 0:
+                    self._per_task[caller.task] = left
         except OSError:
             pass  # the task went away mid-write: its connection is simply over
         except Exception:
             log.exception("MCP socket: a connection failed")
         finally:
             conn.close()
+
+    async def _session(self, lines: FdLines, out: FdWriter, token: str, tenant: str) -> None:
+        """One MCP session on an accepted connection, the token checked at every request."""
+        authenticate = self._authenticate
+        state: dict[str, Any] = {CALLER_KEY: lambda: authenticate(token)}
+        with tenant_scope(tenant):
+            async with serving_streams(lines, out) as (read, write):
+                await serve_dual_era_loop(
+                    self._server, read, write, lifespan_state=state, init_options=self._init
+                )
