@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,13 @@ def program_ids(cg: Path) -> set[int]:
 
 def map_ids(cg: Path) -> set[int]:
     """The ids of the maps the programs attached to cgroup `cg` use."""
+    return maps_of(program_ids(cg))
+
+
+def maps_of(progs: Iterable[int]) -> set[int]:
+    """The ids of the maps programs `progs` use."""
     ids: set[int] = set()
-    for prog in program_ids(cg):
+    for prog in progs:
         ids.update(_json("prog", "show", "id", str(prog)).get("map_ids", []))
     return ids
 
@@ -55,3 +62,23 @@ def task_entries(maps: set[int], task_id: int) -> int:
             key = bytes(int(b, 16) for b in e["key"])
             n += int.from_bytes(key[start : start + 8], "little") == task_id
     return n
+
+
+def pinned_program_ids(pin_dir: Path) -> dict[str, int]:
+    """The ids of the programs pinned in `pin_dir` (the node's egress programs), by name."""
+    return {
+        p.name: int(_json("prog", "show", "pinned", str(p))["id"])
+        for p in sorted(pin_dir.iterdir())
+        if p.name.startswith("egress_")
+    }
+
+
+def wait_gone(kind: str, ids: Iterable[int], timeout: float = 5) -> list[int]:
+    """Waits until the kernel has none of the programs or maps (`kind`) `ids` (it frees them
+    after an RCU grace period); returns those still there."""
+    deadline = time.monotonic() + timeout
+    left = list(ids)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [i for i in left if exists(kind, i)]
+    return left
