@@ -40,8 +40,7 @@ struct {
  * makes replacing a policy of 10k hosts fast. Values carry inherited ports as trie entries do. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 20);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1 << 18);
 	__type(key, struct an_host_key);
 	__type(value, struct an_ports);
 } allow_host SEC(".maps");

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from agentnode import _native
+from agentnode.egress.enforce import PROGRAMS_PIN
 from agentnode.isolation import task as task_mod
 from agentnode.node.beats import BeatLog
 from agentnode.node.restore import node_id, pin_dir, release_pins, start_ticks
@@ -694,7 +695,7 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
         assert netns_left({ns for ns, _ in gone}) == {ns for ns, _ in gone}
         assert {p for _, p in gone} <= {p.name for p in egress_pins(d).iterdir()}
         # The node's programs, loaded once for all its tasks, pinned for the next agent.
-        programs = pinned_program_ids(egress_pins(d) / "programs")
+        programs = pinned_program_ids(egress_pins(d) / PROGRAMS_PIN)
         assert len(programs) == 9
         maps = maps_of(programs.values())
         d.stop(signal.SIGKILL)
@@ -707,7 +708,7 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
         running_before = sum(1 for m in specs if pids_of(m))
         d.start()
         running_after = sum(1 for m in specs if pids_of(m))
-        assert pinned_program_ids(egress_pins(d) / "programs") == programs, (
+        assert pinned_program_ids(egress_pins(d) / PROGRAMS_PIN) == programs, (
             "taken over, not reloaded"
         )
         for ns, pin in gone:

@@ -24,6 +24,7 @@ __all__ = [
     "cgroup_id",
     "confine_self",
     "doctor",
+    "egress_programs_tag",
     "make_nothing_ahead",
     "noop",
     "sweep_cgroups",
@@ -275,6 +276,9 @@ class VectorCollection:
 
 _Ports = list[tuple[int, int, int]]
 _Rule = tuple[bytes, int, _Ports]
+
+def egress_programs_tag() -> str:
+    """A name for this build's egress programs (a hash of the object), which their pins carry."""
 
 @final
 class EgressPrograms:

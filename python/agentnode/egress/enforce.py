@@ -25,8 +25,9 @@ from agentnode.errors import PolicyError
 
 __all__ = ["PROGRAMS_PIN", "Denial", "Egress", "NodePrograms"]
 
-#: Where the node's programs are pinned, beside its tasks' pin directories.
-PROGRAMS_PIN = "programs"
+#: Where the node's programs are pinned, beside its tasks' pin directories: named for this
+#: build's object, so that a daemon of another build loads its own (its sweep removes the old).
+PROGRAMS_PIN = f"programs-{_native.egress_programs_tag()}"
 #: Denials of cgroups no `Egress` of this process owns (yet) held for their owner at most;
 #: past that they go straight to the audit log.
 HELD_MAX = 4096

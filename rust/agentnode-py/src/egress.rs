@@ -341,7 +341,14 @@ impl EgressHandle {
     }
 }
 
+/// A name for this build's egress programs (a hash of the object), which their pins carry.
+#[pyfunction]
+fn egress_programs_tag() -> String {
+    egress::programs_tag()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(egress_programs_tag, m)?)?;
     m.add_class::<EgressPrograms>()?;
     m.add_class::<EgressHandle>()
 }

@@ -244,6 +244,17 @@ pub fn remove_pins(dir: &Path) -> Result<bool> {
     }
 }
 
+/// A name for this build's programs (a hash of the object): pinned programs are named for it,
+/// so a daemon of another build never takes over programs whose maps it would misread.
+#[must_use]
+pub fn programs_tag() -> String {
+    // FNV-1a: stable across builds and Rust versions, unlike `DefaultHasher`.
+    let hash = EGRESS_OBJ.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
 /// The node maps, behind one lock: every task's updates go through it.
 struct Maps {
     allow: LpmTrie<MapData, NetKey, RawPorts>,
