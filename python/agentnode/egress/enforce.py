@@ -96,6 +96,9 @@ class NodePrograms:
         self.handle = handle
         self._lock = threading.RLock()
         self._owners: weakref.WeakValueDictionary[int, Egress] = weakref.WeakValueDictionary()
+        #: Tasks left running for a later process: what this one reads of theirs until it
+        #: exits still reaches their callbacks (read once, it is gone from the ring).
+        self._left: dict[int, Egress] = {}
         self._held: dict[int, list[Denial]] = {}
         self._n_held = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,14 +137,21 @@ class NodePrograms:
             return self.handle.purge(set(self._owners.keys()))
 
     def register(self, egress: Egress) -> None:
+        """Makes `egress` the owner of its task's denials (one taken over replaces the one
+        that left it)."""
         with self._lock:
+            self._left.pop(egress.cgroup_id, None)
             self._owners[egress.cgroup_id] = egress
 
-    def unregister(self, egress: Egress) -> None:
+    def unregister(self, egress: Egress, *, left: bool = False) -> None:
+        """Forgets `egress` (closed); `left`: it runs on for a later process, and its denials
+        this process still reads go to it."""
         with self._lock:
-            if self._owners.get(egress.cgroup_id) is egress:
-                del self._owners[egress.cgroup_id]
             self.unwatch(egress)
+            if left:
+                self._left[egress.cgroup_id] = egress
+            elif self._owners.get(egress.cgroup_id) is egress:
+                del self._owners[egress.cgroup_id]
 
     def poll(self) -> list[Denial]:
         """Reads the queued denials and hands each to its task's `Egress` (`Egress.deny`), or
@@ -276,7 +286,7 @@ class Egress:
 
     def leave(self) -> None:
         """Closes this object but leaves a pinned enforcement in force, for a later `adopt`."""
-        self.node.unregister(self)
+        self.node.unregister(self, left=True)
         self._handle.leave()
 
     def withdraw(self) -> None:
