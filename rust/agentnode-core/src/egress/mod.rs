@@ -1035,3 +1035,39 @@ fn nr_cpus() -> Result<usize> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(keys: &[(u8, u8)]) -> Vec<policy::Entry> {
+        let mut v: Vec<policy::Entry> = keys
+            .iter()
+            .map(|&(prefix, last)| {
+                let mut addr = [0u8; 16];
+                addr[15] = last;
+                ((prefix, addr), RawPorts::default())
+            })
+            .collect();
+        v.sort_unstable_by_key(|e| e.0);
+        v
+    }
+
+    #[test]
+    fn peak_counts_old_and_new_keys_of_one_map_at_once() {
+        let from = entries(&[(128, 1), (128, 2), (120, 0)]);
+        let to = entries(&[(128, 2), (128, 3), (128, 4), (112, 0)]);
+        assert_eq!(peak(&from, &to, true), 4); // 1, 2, 3, 4
+        assert_eq!(peak(&from, &to, false), 2); // /120 and /112
+        assert_eq!(peak(&from, &from, true), 2);
+        assert_eq!(peak(&[], &to, true), 3);
+    }
+
+    #[test]
+    fn net_keys_carry_the_task_id_before_the_address() {
+        let addr = [7u8; 16];
+        let key = maps::net_key(42, &addr);
+        assert_eq!(maps::split_net_key(&key), (42, addr));
+        assert_eq!(size_of::<Key<NetKey>>(), 28, "struct an_lpm_key (packed)");
+    }
+}
