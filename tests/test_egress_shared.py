@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +242,23 @@ def test_a_task_sub_cgroup_is_held_to_the_task_policy(
             assert ea.stats()["connections_denied"] == 1
         finally:
             child.rmdir()
+
+
+def test_a_forked_copy_closing_the_handle_leaves_the_task_enforced(
+    world: World, programs: NodePrograms, cgroups: tuple[Path, Path]
+) -> None:
+    """A forked child (a zygote, a spawn before its exec) holds copies of the parent's handles:
+    closing or dropping one there closes the child's descriptors and never withdraws the
+    entry of the task the parent still runs."""
+    a, _ = cgroups
+    with Egress.attach(a, POLICY_A, programs=programs) as ea:
+        pid = os.fork()
+        if pid == 0:
+            ea.close()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert oks(world, a, connect(HOST4, 8080), connect(HOST4, 9090)) == [True, False]
+        assert ea.stats()["connections_allowed"] == 1
 
 
 def test_programs_loaded_apart_go_with_their_last_holder(world: World) -> None:

@@ -734,7 +734,7 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
         done = {m: d.wait(tasks[m], timeout=90) for m in specs}
         for m, (_, lines, code, net) in specs.items():
             t = done[m]
-            assert (t["attempt"], t["exit_code"]) == (1, code), (m, net, t)
+            assert (t["attempt"], t["exit_code"]) == (1, code), (m, net, t.get("reason"), t)
             assert t["state"] == ("succeeded" if code == 0 else "failed"), (m, t)
             out = lines_of(d, tasks[m])
             assert out and out == [f"{m} line {i}" for i in range(lines or len(out))], (m, net)

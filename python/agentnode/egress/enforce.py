@@ -122,9 +122,17 @@ class NodePrograms:
                 return cls._default
             key = os.fspath(pin)
             node = cls._shared.get(key)
-            if node is None:
+            # Pins removed since (the node stopped with no task kept): load and pin again.
+            if node is None or not os.path.isdir(key):
                 node = cls._shared[key] = cls.load(pin=key)
             return node
+
+    @classmethod
+    def _forget(cls) -> None:
+        # A forked child reads no ring buffer of its parent's: it loads its own on first use.
+        cls._default = None
+        cls._shared = weakref.WeakValueDictionary()
+        cls._shared_lock = threading.Lock()
 
     def unpin(self) -> None:
         """Removes the node's pins (no task may outlive this process any more)."""
@@ -204,6 +212,9 @@ class NodePrograms:
                 if not self._loop.is_closed():
                     self._loop.remove_reader(self.handle.events_fd())
                 self._loop = None
+
+
+os.register_at_fork(after_in_child=NodePrograms._forget)
 
 
 def _audit_unowned(d: Denial) -> None:

@@ -499,6 +499,9 @@ pub struct Egress {
     /// over is not done, or another owner's).
     keep: bool,
     withdrawn: bool,
+    /// The process that made this value: a forked copy's drop must not withdraw the entry of
+    /// the task its parent still runs.
+    owner: u32,
     /// What `allow` and `allow_host` hold for the task, sorted by key.
     rules: Vec<policy::Entry>,
     /// How many addresses learned from DNS `exact` holds for the task (expired ones included).
@@ -553,6 +556,7 @@ impl Egress {
             links: Vec::with_capacity(PROGRAMS.len()),
             keep: false,
             withdrawn: false,
+            owner: std::process::id(),
             rules: Vec::new(),
             learned: 0,
             limits,
@@ -634,6 +638,7 @@ impl Egress {
             links,
             keep: true, // an error below leaves the task's entry as it is: still enforced
             withdrawn: false,
+            owner: std::process::id(),
             rules: Vec::new(),
             learned: 0,
             limits,
@@ -1000,7 +1005,7 @@ impl Egress {
 impl Drop for Egress {
     fn drop(&mut self) {
         // Pinned (not unpinned), the enforcement stays with its entry: left to the pins.
-        if !self.keep && self.pinned.is_none() {
+        if !self.keep && self.pinned.is_none() && self.owner == std::process::id() {
             let _ = self.withdraw();
         }
     }
