@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* Egress enforcement for one task's cgroup2 node. Every map belongs to one loaded instance of
- * this object, i.e. to one task: two tasks never share a policy, a clock or a counter.
+/* Egress enforcement for a node's tasks: loaded (and verified) once per node, attached to each
+ * task's cgroup2 node. A task's state lives where only its own programs' runs find it: its
+ * config, clocks and id in the cgroup storage of the cgroup the programs are attached to, its
+ * counters in the per-CPU one, its rules in node-wide maps under keys that start with its id.
+ * A cgroup whose storage holds no id (nothing written for it) is denied everything.
  *
  * Sockets are checked where they name a destination (connect4/6, sendmsg4/6): deny by default,
  * allow what the CIDR trie, the DNS-learned exact-IP hash or loopback allows. cgroup_skb/egress
@@ -22,9 +25,11 @@
 #define SOCK_STREAM_ 1
 #define SOCK_DGRAM_ 2
 
+/* The node's rules, every task's under its id. Sized for many tasks (each holds at most
+ * AN_TASK_ENTRIES of its own, which the loader enforces); allocated as entries are added. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 1 << 20);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct an_lpm_key);
 	__type(value, struct an_ports);
@@ -32,41 +37,33 @@ struct {
 
 /* Single-address rules (/128; /32 for IPv4) live here, not in the trie: a full-length prefix is
  * always the longest match, and a hash update costs a fraction of a trie update, which is what
- * makes replacing a policy of 10k hosts fast. Values carry inherited ports as trie entries do.
- * Preallocated (8 MiB, as `exact`): allocating on each update makes it cost half again as much. */
+ * makes replacing a policy of 10k hosts fast. Values carry inherited ports as trie entries do. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u8[16]);
+	__uint(max_entries, 1 << 18);
+	__type(key, struct an_host_key);
 	__type(value, struct an_ports);
 } allow_host SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u8[16]);
+	__uint(max_entries, 1 << 18);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct an_host_key);
 	__type(value, struct an_exact);
 } exact SEC(".maps");
 
+/* Keyed by the cgroup id alone: one value per cgroup, shared by every attach type there. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct an_config);
-} config SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_CGROUP_STORAGE);
+	__type(key, __u64);
+	__type(value, struct an_task);
+} tasks SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, __u64);
-} clocks SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, AN_C_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
+	__uint(type, BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE);
+	__type(key, __u64);
+	__type(value, struct an_counters);
 } counters SEC(".maps");
 
 struct orig_dst {
@@ -74,11 +71,12 @@ struct orig_dst {
 	__u32 port; /* network order, as in bpf_sock_addr.user_port */
 };
 
-/* Where a redirected DNS query was really sent, by socket cookie, for the recvmsg rewrite. */
+/* Where a redirected DNS query was really sent, for the recvmsg rewrite: kept with the socket
+ * (no node-wide table one task's queries could crowd another's out of). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct orig_dst);
 } dns_orig SEC(".maps");
 
@@ -92,24 +90,23 @@ struct {
 	__type(value, __u8);
 } active_open SEC(".maps");
 
+/* Every task's denials; each record names its task, and the loader hands it to its owner. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
+	__uint(max_entries, 1024 * 1024);
 } denials SEC(".maps");
+
+static __always_inline struct an_task *task(void)
+{
+	return bpf_get_local_storage(&tasks, 0);
+}
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
-	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+	struct an_counters *cs = bpf_get_local_storage(&counters, 0);
 
-	if (c)
-		*c += n;
-}
-
-static __always_inline struct an_config *cfg(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&config, &zero);
+	if (idx < AN_C_MAX)
+		cs->c[idx] += n;
 }
 
 static __always_inline int ports_match(const struct an_ports *p, __u16 port, __u8 proto)
@@ -147,27 +144,33 @@ static __always_inline int is_loopback(const __u8 *a)
 	       a[11] == 0xff && a[12] == 127;
 }
 
-/* port: host order; proto: AN_PROTO_* bit. */
-static __always_inline int allowed(const __u8 *addr, __u16 port, __u8 proto)
+/* port: host order; proto: AN_PROTO_* bit. The task has an entry (t->id != 0). */
+static __always_inline int allowed(const struct an_task *t, const __u8 *addr, __u16 port,
+				   __u8 proto)
 {
-	struct an_lpm_key key = {.prefixlen = 128};
+	struct an_lpm_key key = {.prefixlen = 64 + 128};
+	struct an_host_key hk = {.id = t->id};
 	struct an_ports *p;
 	struct an_exact *e;
 
 	if (is_loopback(addr))
 		return 1;
-	__builtin_memcpy(key.addr, addr, 16);
-	p = bpf_map_lookup_elem(&allow_host, key.addr);
-	if (!p)
+	__builtin_memcpy(hk.addr, addr, 16);
+	p = bpf_map_lookup_elem(&allow_host, &hk);
+	if (!p) {
+		key.id = t->id;
+		__builtin_memcpy(key.addr, addr, 16);
 		p = bpf_map_lookup_elem(&allow, &key);
+	}
 	if (p && ports_match(p, port, proto))
 		return 1;
-	e = bpf_map_lookup_elem(&exact, key.addr);
+	e = bpf_map_lookup_elem(&exact, &hk);
 	if (e && e->expires_ns > bpf_ktime_get_boot_ns() && ports_match(&e->ports, port, proto))
 		return 1;
 	return 0;
 }
 
+/* `cgroup_id`: the task's id, or for a cgroup with no entry the one the caller sees. */
 static __always_inline void deny_event(__u64 cgroup_id, const __u8 *addr, __u16 port, __u8 proto,
 				       __u8 reason)
 {
@@ -185,16 +188,16 @@ static __always_inline void deny_event(__u64 cgroup_id, const __u8 *addr, __u16 
 	bpf_ringbuf_submit(d, 0);
 }
 
-/* A virtual clock (`now` from the clock the caller uses): each event pushes the clock by `cost`; the event is over budget when the
- * clock would run more than `horizon` ahead of now. Lock-free: racing CPUs each add their cost
- * atomically, and a loser of the idle-reset race only loses the reset, never a charge. */
-static __always_inline __s64 clock_charge(__u32 idx, __u64 cost, __u64 horizon, __u64 now)
+/* A virtual clock (`now` from the clock the caller uses): each event pushes the clock by `cost`;
+ * the event is over budget when the clock would run more than `horizon` ahead of now.
+ * Lock-free: racing CPUs each add their cost atomically, and a loser of the idle-reset race
+ * only loses the reset, never a charge. */
+static __always_inline __s64 clock_charge(struct an_task *t, __u32 idx, __u64 cost, __u64 horizon,
+					  __u64 now)
 {
-	__u64 *clk = bpf_map_lookup_elem(&clocks, &idx);
+	__u64 *clk = &t->clocks[idx & 1];
 	__u64 old, next;
 
-	if (!clk)
-		return 0;
 	old = *clk;
 	if (old < now)
 		__sync_val_compare_and_swap(clk, old, now);
@@ -243,20 +246,24 @@ static __always_inline int zero16(const __u8 *a)
 }
 
 /* Sends port-53 traffic to the node's forwarder; returns 1 when it did. */
-static __always_inline int dns_redirect(struct bpf_sock_addr *ctx, const __u8 *addr, int v6)
+static __always_inline int dns_redirect(struct bpf_sock_addr *ctx, struct an_task *t,
+					const __u8 *addr, int v6)
 {
-	struct an_config *c = cfg();
-	struct orig_dst o = {};
-	__u64 cookie;
+	struct an_config *c = &t->cfg;
+	struct bpf_sock *sk = ctx->sk;
+	struct orig_dst *o;
 
-	if (!c || c->dns_port == 0 || bpf_ntohs((__u16)ctx->user_port) != 53)
+	if (c->dns_port == 0 || bpf_ntohs((__u16)ctx->user_port) != 53)
 		return 0;
 	if (v6 ? zero16(c->dns6) : (c->dns4[0] | c->dns4[1] | c->dns4[2] | c->dns4[3]) == 0)
 		return 0;
-	__builtin_memcpy(o.addr, addr, 16);
-	o.port = ctx->user_port;
-	cookie = bpf_get_socket_cookie(ctx);
-	bpf_map_update_elem(&dns_orig, &cookie, &o, BPF_ANY);
+	if (!sk)
+		return 0;
+	o = bpf_sk_storage_get(&dns_orig, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o)
+		return 0; /* not redirected: the policy decides, as for any destination */
+	__builtin_memcpy(o->addr, addr, 16);
+	o->port = ctx->user_port;
 	if (v6) {
 		__u32 w[4];
 
@@ -278,27 +285,32 @@ static __always_inline int dns_redirect(struct bpf_sock_addr *ctx, const __u8 *a
 
 static __always_inline int check(struct bpf_sock_addr *ctx, const __u8 *addr, int v6, int is_connect)
 {
+	struct an_task *t = task();
 	__u8 proto = sock_proto(ctx);
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
-	struct an_config *c;
+	struct an_config *c = &t->cfg;
 
+	if (!t->id) {
+		count(AN_C_CONN_DENIED, 1);
+		deny_event(bpf_get_current_cgroup_id(), addr, port, ctx->protocol, AN_R_NO_ENTRY);
+		return 0;
+	}
 	if (!proto)
 		return 1; /* not TCP/UDP: the cgroup_skb backstop decides */
-	if (dns_redirect(ctx, addr, v6)) {
+	if (dns_redirect(ctx, t, addr, v6)) {
 		count(AN_C_CONN_ALLOWED, 1);
 		return 1;
 	}
-	if (!allowed(addr, port, proto)) {
+	if (!allowed(t, addr, port, proto)) {
 		count(AN_C_CONN_DENIED, 1);
-		deny_event(bpf_get_current_cgroup_id(), addr, port, ctx->protocol, AN_R_POLICY);
+		deny_event(t->id, addr, port, ctx->protocol, AN_R_POLICY);
 		return 0;
 	}
-	c = cfg();
-	if (is_connect && c && c->conn_per_sec && !is_loopback(addr) &&
-	    clock_charge(AN_CLOCK_CONNS, NSEC_PER_SEC / c->conn_per_sec, c->conn_burst_ns,
+	if (is_connect && c->conn_per_sec && !is_loopback(addr) &&
+	    clock_charge(t, AN_CLOCK_CONNS, NSEC_PER_SEC / c->conn_per_sec, c->conn_burst_ns,
 			 bpf_ktime_get_boot_ns()) < 0) {
 		count(AN_C_CONN_DENIED, 1);
-		deny_event(bpf_get_current_cgroup_id(), addr, port, ctx->protocol, AN_R_CONN_RATE);
+		deny_event(t->id, addr, port, ctx->protocol, AN_R_CONN_RATE);
 		return 0;
 	}
 	count(AN_C_CONN_ALLOWED, 1);
@@ -345,18 +357,18 @@ int egress_sendmsg6(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg4")
 int egress_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	struct an_config *c = cfg();
+	struct an_task *t = task();
+	struct an_config *c = &t->cfg;
+	struct bpf_sock *sk = ctx->sk;
 	struct orig_dst *o;
-	__u64 cookie;
 	__u32 ip;
 
-	if (!c || c->dns_port == 0 || ctx->user_port != c->dns_port)
+	if (!t->id || c->dns_port == 0 || ctx->user_port != c->dns_port || !sk)
 		return 1;
 	__builtin_memcpy(&ip, c->dns4, 4);
 	if (ctx->user_ip4 != ip)
 		return 1;
-	cookie = bpf_get_socket_cookie(ctx);
-	o = bpf_map_lookup_elem(&dns_orig, &cookie);
+	o = bpf_sk_storage_get(&dns_orig, sk, 0, 0);
 	if (!o)
 		return 1;
 	__builtin_memcpy(&ip, o->addr + 12, 4);
@@ -368,19 +380,19 @@ int egress_recvmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg6")
 int egress_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	struct an_config *c = cfg();
+	struct an_task *t = task();
+	struct an_config *c = &t->cfg;
+	struct bpf_sock *sk = ctx->sk;
 	struct orig_dst *o;
 	__u8 a[16];
 	__u32 w[4];
-	__u64 cookie;
 
-	if (!c || c->dns_port == 0 || ctx->user_port != c->dns_port)
+	if (!t->id || c->dns_port == 0 || ctx->user_port != c->dns_port || !sk)
 		return 1;
 	addr6(a, ctx);
 	if (!eq16(a, c->dns6))
 		return 1;
-	cookie = bpf_get_socket_cookie(ctx);
-	o = bpf_map_lookup_elem(&dns_orig, &cookie);
+	o = bpf_sk_storage_get(&dns_orig, sk, 0, 0);
 	if (!o)
 		return 1;
 	__builtin_memcpy(w, o->addr, 16);
@@ -417,10 +429,10 @@ static __always_inline int packet_dst(struct __sk_buff *skb, __u8 *dst)
 /* Published ports (`--publish`) are allow_host entries for the unspecified address `::`, a
  * destination no rule can name (policy parsing refuses it): a passive socket on one of these
  * local ports may answer any peer. */
-static __always_inline int published(__u16 local_port)
+static __always_inline int published(const struct an_task *t, __u16 local_port)
 {
-	__u8 zero[16] = {};
-	struct an_ports *p = bpf_map_lookup_elem(&allow_host, zero);
+	struct an_host_key hk = {.id = t->id};
+	struct an_ports *p = bpf_map_lookup_elem(&allow_host, &hk);
 
 	return p && ports_match(p, local_port, AN_PROTO_TCP);
 }
@@ -428,7 +440,8 @@ static __always_inline int published(__u16 local_port)
 /* A TCP packet of a socket that did not open its connection itself (an accepted one, or the
  * SYN-ACK of one being accepted) leaves only to a peer the policy allows, or from a published
  * port. Ports come from the packet: a minisocket's fields are not all readable here. */
-static __always_inline int passive_tcp_ok(struct __sk_buff *skb, const __u8 *dst)
+static __always_inline int passive_tcp_ok(struct __sk_buff *skb, const struct an_task *t,
+					  const __u8 *dst)
 {
 	__u16 ports[2];
 	__u32 off;
@@ -449,20 +462,27 @@ static __always_inline int passive_tcp_ok(struct __sk_buff *skb, const __u8 *dst
 	}
 	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)))
 		return 0;
-	return allowed(dst, bpf_ntohs(ports[1]), AN_PROTO_TCP) || published(bpf_ntohs(ports[0]));
+	return allowed(t, dst, bpf_ntohs(ports[1]), AN_PROTO_TCP) ||
+	       published(t, bpf_ntohs(ports[0]));
 }
 
 SEC("cgroup_skb/egress")
 int egress_skb(struct __sk_buff *skb)
 {
+	struct an_task *t = task();
+	struct an_config *c = &t->cfg;
 	struct bpf_sock *sk = skb->sk;
-	struct an_config *c;
 	__u8 dst[16] = {};
 	__s64 ahead;
 	__u32 segs;
 
 	if (!packet_dst(skb, dst))
 		return AN_SKB_DROP;
+	if (!t->id) {
+		count(AN_C_PACKETS_DROPPED, 1);
+		deny_event(bpf_skb_cgroup_id(skb), dst, 0, 0, AN_R_NO_ENTRY);
+		return AN_SKB_DROP;
+	}
 	if (is_loopback(dst))
 		return AN_SKB_PASS;
 	/* UDP sockets name every destination to connect/sendmsg, which checked it, and so do TCP
@@ -478,19 +498,18 @@ int egress_skb(struct __sk_buff *skb)
 		if (full && !(full->type == SOCK_STREAM_ && full->protocol == IPPROTO_TCP))
 			proto = full->protocol;
 		else if ((full && bpf_sk_storage_get(&active_open, full, 0, 0)) ||
-			 passive_tcp_ok(skb, dst))
+			 passive_tcp_ok(skb, t, dst))
 			goto pass;
 		count(AN_C_PACKETS_DROPPED, 1);
-		deny_event(bpf_skb_cgroup_id(skb), dst, 0, proto, AN_R_BACKSTOP);
+		deny_event(t->id, dst, 0, proto, AN_R_BACKSTOP);
 		return AN_SKB_DROP;
 	}
 pass:
 	segs = skb->gso_segs ? skb->gso_segs : 1;
-	c = cfg();
-	if (c && c->rate_bps) {
+	if (c->rate_bps) {
 		__u64 now = bpf_ktime_get_ns(), cost = (__u64)skb->len * NSEC_PER_SEC / c->rate_bps;
 
-		ahead = clock_charge(AN_CLOCK_BYTES, cost, c->rate_burst_ns, now);
+		ahead = clock_charge(t, AN_CLOCK_BYTES, cost, c->rate_burst_ns, now);
 		if (ahead < 0) {
 			count(AN_C_RATE_DROPPED, segs);
 			return AN_SKB_DROP | AN_SKB_CN;
@@ -515,7 +534,8 @@ pass:
 SEC("sockops")
 int egress_sockops(struct bpf_sock_ops *skops)
 {
-	struct an_config *c;
+	struct an_task *t = task();
+	__u64 bps = t->cfg.rate_bps;
 	__u32 rate;
 
 	if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB && skops->sk)
@@ -524,17 +544,19 @@ int egress_sockops(struct bpf_sock_ops *skops)
 	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
-	c = cfg();
-	if (!c || !c->rate_bps)
+	if (!bps)
 		return 1;
-	rate = c->rate_bps > 0xfffffffeULL ? 0xfffffffe : (__u32)c->rate_bps;
+	rate = bps > 0xfffffffeULL ? 0xfffffffe : (__u32)bps;
 	bpf_setsockopt(skops, SOL_SOCKET, SO_MAX_PACING_RATE, &rate, sizeof(rate));
 	return 1;
 }
 
+/* Counts what arrives; a cgroup with no entry gets nothing. */
 SEC("cgroup_skb/ingress")
 int egress_skb_in(struct __sk_buff *skb)
 {
+	if (!task()->id)
+		return AN_SKB_DROP;
 	count(AN_C_BYTES_IN, skb->len);
 	count(AN_C_PACKETS_IN, skb->gso_segs ? skb->gso_segs : 1);
 	return AN_SKB_PASS;

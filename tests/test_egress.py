@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from agentnode.egress.dns import DnsForwarder
 from agentnode.egress.screen import AnswerScreen
 from agentnode.errors import EgressError
 from agentnode.node.restore import pin_dir, release_pins
+from support.egress_bpf import attached_programs, map_ids, task_entries
 from support.egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
 
 pytestmark = pytest.mark.root
@@ -80,39 +80,6 @@ def connect(host: str, port: int, **kw: Any) -> dict[str, Any]:
     return {"op": "connect", "host": host, "port": port, **kw}
 
 
-def attached_programs(cg: Path) -> list[str]:
-    out = subprocess.run(
-        ["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True, check=True
-    )
-    return [p["name"] for p in json.loads(out.stdout.strip() or "[]")]
-
-
-def map_ids(cg: Path) -> set[int]:
-    ids: set[int] = set()
-    for prog in json.loads(
-        subprocess.run(
-            ["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True, check=True
-        ).stdout
-    ):
-        info = subprocess.run(
-            ["bpftool", "-j", "prog", "show", "id", str(prog["id"])],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        ids.update(json.loads(info.stdout).get("map_ids", []))
-    return ids
-
-
-def map_exists(map_id: int) -> bool:
-    return (
-        subprocess.run(
-            ["bpftool", "map", "show", "id", str(map_id)], capture_output=True, check=False
-        ).returncode
-        == 0
-    )
-
-
 def test_deny_by_default_cidr_port_ipv6_and_counters(
     world: World, cgroup: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -123,6 +90,7 @@ def test_deny_by_default_cidr_port_ipv6_and_counters(
         assert len(attached_programs(cgroup)) == 9
         maps = map_ids(cgroup)
         assert len(maps) >= 5
+        assert task_entries(maps, eg.cgroup_id) == 2
         size = 2_000_000
         r = world.run(
             cgroup,
@@ -159,12 +127,9 @@ def test_deny_by_default_cidr_port_ipv6_and_counters(
     assert (HOST4, 0, "icmp", "backstop") in reasons
     assert (HOST6, 9090, "tcp", "policy") in reasons
     assert f"{HOST4} port 9090 (policy)" in caplog.text
-    # Closed: no program on the cgroup, and its maps are freed (the kernel frees them after RCU).
+    # Closed: no program on the cgroup, and no entry of the task in the node's maps.
     assert attached_programs(cgroup) == []
-    deadline = time.monotonic() + 5
-    while any(map_exists(m) for m in maps) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(map_exists(m) for m in maps)
+    assert task_entries(maps, eg.cgroup_id) == 0
 
 
 def test_live_update_applies_to_next_connection(world: World, cgroup: Path) -> None:

@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 
 from agentnode import _native
+from agentnode.egress.enforce import PROGRAMS_PIN
 from agentnode.isolation import task as task_mod
 from agentnode.node.beats import BeatLog
 from agentnode.node.restore import node_id, pin_dir, release_pins, start_ticks
 from agentnode.tasks.model import State
 from conftest import processes_with
+from support.egress_bpf import maps_of, pinned_program_ids, wait_gone
 from support.egress_world import HOST4, OTHER4, World
 from support.node_daemon import Daemon
 from test_egress_tasks import subnet
@@ -692,6 +694,10 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
         gone = {(task_netns(inits[m][0]), pin_of(inits[m][0])) for m in ending}
         assert netns_left({ns for ns, _ in gone}) == {ns for ns, _ in gone}
         assert {p for _, p in gone} <= {p.name for p in egress_pins(d).iterdir()}
+        # The node's programs, loaded once for all its tasks, pinned for the next agent.
+        programs = pinned_program_ids(egress_pins(d) / PROGRAMS_PIN)
+        assert len(programs) == 9
+        maps = maps_of(programs.values())
         d.stop(signal.SIGKILL)
         (gate / "end").touch()
         (gate / "gap").touch()
@@ -702,6 +708,9 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
         running_before = sum(1 for m in specs if pids_of(m))
         d.start()
         running_after = sum(1 for m in specs if pids_of(m))
+        assert pinned_program_ids(egress_pins(d) / PROGRAMS_PIN) == programs, (
+            "taken over, not reloaded"
+        )
         for ns, pin in gone:
             assert not netns_left({ns}), "an ended task's netns goes"
             assert not (egress_pins(d) / pin).exists(), "and its pinned enforcement"
@@ -725,7 +734,7 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
         done = {m: d.wait(tasks[m], timeout=90) for m in specs}
         for m, (_, lines, code, net) in specs.items():
             t = done[m]
-            assert (t["attempt"], t["exit_code"]) == (1, code), (m, net, t)
+            assert (t["attempt"], t["exit_code"]) == (1, code), (m, net, t.get("reason"), t)
             assert t["state"] == ("succeeded" if code == 0 else "failed"), (m, t)
             out = lines_of(d, tasks[m])
             assert out and out == [f"{m} line {i}" for i in range(lines or len(out))], (m, net)
@@ -741,6 +750,8 @@ def test_egress_tasks_outlive_a_kill_9_with_their_policy_enforced(
     assert leftover_cgroups(d.data) == []
     no_pins(d)
     assert kernel_objects(world) == base and not netns_left(mine), "no task network stays"
+    assert wait_gone("prog", programs.values()) == [], "nor the node's programs"
+    assert wait_gone("map", maps) == [], "nor their maps"
 
 
 def test_egress_tasks_outlive_a_stop_with_keep_tasks(tmp_path: Path, world: World) -> None:
@@ -773,7 +784,8 @@ def test_egress_tasks_outlive_a_stop_with_keep_tasks(tmp_path: Path, world: Worl
             "the tasks' networks stay, on the bridge"
         )
         assert "table ip agentnode0" in during["nft"], "and the masquerade"
-        assert len(list(egress_pins(d).iterdir())) == 3, "and their pinned enforcement"
+        pinned = [p.name for p in egress_pins(d).iterdir() if p.name.startswith("c")]
+        assert len(pinned) == 3, "and their pinned enforcement"
         _native.EgressHandle.remove_pins(egress_pins(d) / pin_of(broken_pid))
         (gate / "gap").touch()
         wait_lines(d, probe, 4)

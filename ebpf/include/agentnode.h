@@ -25,8 +25,16 @@ struct an_ports {
 	__u8 pad[7];
 };
 
+/* Rule keys start with the task's id (its cgroup id, `struct an_task.id`): one set of maps
+ * serves every task of the node, and a task's programs only ever look its own id up. */
 struct an_lpm_key {
-	__u32 prefixlen;
+	__u32 prefixlen; /* 64 (the id) + the rule's prefix */
+	__u64 id;
+	__u8 addr[16];
+} __attribute__((packed));
+
+struct an_host_key {
+	__u64 id;
 	__u8 addr[16];
 };
 
@@ -35,7 +43,7 @@ struct an_exact {
 	struct an_ports ports;
 };
 
-/* Index 0 of the config array: set by the loader, read by every program. */
+/* What the loader sets for a task, read by every program. */
 struct an_config {
 	__u8 dns4[4];      /* the DNS forwarder (IPv4, network order); all zero: no redirect */
 	__u8 dns6[16];     /* the DNS forwarder (IPv6); all zero: no redirect for IPv6 sockets */
@@ -51,6 +59,15 @@ struct an_config {
 #define AN_CLOCK_BYTES 0
 #define AN_CLOCK_CONNS 1
 
+/* A task's state: the cgroup storage of the cgroup its programs are attached to (shared by
+ * every attach type there), so the programs find it from any hook, sockops included, and
+ * for processes in the task's sub-cgroups too. Zero (no entry written) denies everything. */
+struct an_task {
+	__u64 id; /* the task's cgroup id: its key in the rule maps and its denials; 0: no entry */
+	struct an_config cfg;
+	__u64 clocks[2];
+};
+
 enum an_counter {
 	AN_C_BYTES_OUT,
 	AN_C_PACKETS_OUT,
@@ -64,10 +81,16 @@ enum an_counter {
 	AN_C_MAX,
 };
 
+/* A task's counters: the per-CPU cgroup storage of its cgroup. */
+struct an_counters {
+	__u64 c[AN_C_MAX];
+};
+
 enum an_reason {
 	AN_R_POLICY = 1,    /* no rule allows the destination */
 	AN_R_CONN_RATE = 2, /* over the new-connection rate */
 	AN_R_BACKSTOP = 3,  /* packet from a raw/ICMP socket or otherwise unchecked path */
+	AN_R_NO_ENTRY = 4,  /* the cgroup has no entry (no policy written, or withdrawn) */
 };
 
 struct an_denial {

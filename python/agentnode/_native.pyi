@@ -12,6 +12,7 @@ from agentnode.isolation.launch import Launch
 __all__ = [
     "AdoptedCgroup",
     "EgressHandle",
+    "EgressPrograms",
     "ExecTracerHandle",
     "ExitRecorder",
     "Launcher",
@@ -23,6 +24,7 @@ __all__ = [
     "cgroup_id",
     "confine_self",
     "doctor",
+    "egress_programs_tag",
     "make_nothing_ahead",
     "noop",
     "sweep_cgroups",
@@ -275,12 +277,34 @@ class VectorCollection:
 _Ports = list[tuple[int, int, int]]
 _Rule = tuple[bytes, int, _Ports]
 
+def egress_programs_tag() -> str:
+    """A name for this build's egress programs (a hash of the object), which their pins carry."""
+
+@final
+class EgressPrograms:
+    """The node's egress programs and maps, loaded once; every `EgressHandle` attaches these.
+    Their denials, of every task, are read here."""
+
+    def __new__(cls, *, pin: str | PathLike[str] | None = None) -> EgressPrograms:
+        """Loads the programs; with `pin` (a directory on a bpffs), takes over those pinned
+        there, or loads them and pins them there."""
+    def unpin(self) -> None:
+        """Removes the pins (the programs go once nothing holds them). Idempotent."""
+    def purge(self, keep: set[int]) -> int:
+        """Removes the entries of every task whose id is not in `keep`; returns how many went."""
+    def denials(self) -> list[tuple[int, int, bytes, int, int, str, int]]:
+        """Denials queued since the last call, of every task:
+        (time_ns, cgroup_id, addr16, port, proto, reason, pid)."""
+    def events_fd(self) -> int:
+        """A file descriptor that polls readable when denials are queued."""
+
 @final
 class EgressHandle:
     """Egress enforcement attached to one cgroup2 directory; `close()` detaches it."""
 
     def __new__(
         cls,
+        programs: EgressPrograms,
         cgroup_dir: str,
         rules_: list[_Rule],
         *,
@@ -292,13 +316,19 @@ class EgressHandle:
         pin: str | PathLike[str] | None = None,
         adopt: bool = False,
     ) -> EgressHandle:
-        """Attaches a fresh enforcement to `cgroup_dir`; with `pin` (a new directory on a bpffs),
-        pinned there so it outlives this handle and its process. With `adopt`, takes over the
-        one pinned at `pin` instead (its maps brought to the rules, limits and DNS given)."""
+        """Attaches `programs` to `cgroup_dir` for a task; with `pin` (a new directory on a
+        bpffs), its links are pinned there so it outlives this handle and its process. With
+        `adopt`, takes over the task pinned at `pin` instead (its entry brought to the rules,
+        limits and DNS given)."""
     @staticmethod
     def remove_pins(dir: str | PathLike[str]) -> bool:
         """Removes the pinned directory `dir` and its pins (of a task that is gone); returns
         whether there was one."""
+    def withdraw(self) -> None:
+        """Withdraws the task's entry: its programs stay attached and deny it everything until
+        `close()`. Idempotent."""
+    def id(self) -> int:
+        """The task's id (its cgroup's id), as its denials carry it."""
     def unpin(self) -> None:
         """Removes this enforcement's pins: `close()` then detaches it. Idempotent."""
     def leave(self) -> None:
@@ -321,12 +351,8 @@ class EgressHandle:
         """The number of CIDR entries in the kernel maps."""
     def counters(self) -> dict[str, int]:
         """Counters summed over CPUs, as a dict of ints."""
-    def denials(self) -> list[tuple[int, int, bytes, int, int, str, int]]:
-        """Denials queued since the last call: (time_ns, cgroup_id, addr16, port, proto, reason, pid)."""
-    def events_fd(self) -> int:
-        """A file descriptor that polls readable when denials are queued."""
     def close(self) -> None:
-        """Detaches every program and frees the maps; idempotent."""
+        """Detaches every program and withdraws the task's entry; idempotent."""
     @property
     def closed(self) -> bool:
         """Whether `close()` has run."""

@@ -8,12 +8,15 @@ It listens on the bridge address at a port the kernel picks: several processes o
 (a node and some `agentnode exec`) each run their own, and each task's BPF programs redirect
 its DNS to the forwarder of the process that started it.
 
-A node daemon's tasks outlive it (`pins`): each task's BPF links and maps are pinned under the
-node's bpffs directory, so the kernel enforces the policy while no daemon runs, and its network
-belongs to the node, not the process. Its DNS then fails closed: the programs still redirect
+The BPF programs are loaded once per service (`NodePrograms`): a task's start only attaches them
+to its cgroup and writes its entry in the node maps. A node daemon's tasks outlive it (`pins`):
+the programs and node maps are pinned once under the node's bpffs directory (`PROGRAMS_PIN`),
+each task's links in a directory of its own, so the kernel enforces the policy while no daemon
+runs, and its network belongs to the node, not the process. Its DNS then fails closed: the programs still redirect
 port 53 to the forwarder's port, where nothing answers. The next daemon `adopt`s the tasks it
 re-adopts (their enforcement brought to their recorded policy, their DNS redirected to its own
-forwarder, which learns their names again) and `sweep`s the rest.
+forwarder, which learns their names again) and `sweep`s the rest (their links, and their entries
+in the node maps).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from agentnode import _native
-from agentnode.egress.enforce import Denial, Egress
+from agentnode.egress.enforce import PROGRAMS_PIN, Denial, Egress, NodePrograms
 from agentnode.egress.network import NodeNetwork, TaskNet
 from agentnode.egress.policy import EgressPolicy
 from agentnode.errors import AgentnodeError, EgressError, UsageError
@@ -206,6 +209,8 @@ class EgressService:
         self._thread: threading.Thread | None = None
         self._forwarder: DnsForwarder | None = None
         self._dns: tuple[str, int] | None = None
+        #: The BPF programs every task attaches, loaded at `start`.
+        self.programs: NodePrograms | None = None
         #: Ended tasks' networks waiting for the teardown thread (`retire`), and that thread.
         self._retiring: deque[Callable[[], None]] = deque()
         self._retirer: threading.Thread | None = None
@@ -222,6 +227,12 @@ class EgressService:
         with self._lock:
             if self._loop is not None:
                 return
+            if self.programs is None:
+                if self.pins is None:
+                    self.programs = NodePrograms.load()
+                else:
+                    self.pins.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    self.programs = NodePrograms.shared(self.pins / PROGRAMS_PIN)
             self.network.sweep()
             self.network.ensure()
             loop = asyncio.new_event_loop()
@@ -364,6 +375,7 @@ class EgressService:
             on_denial=self._on_denial,
             pin=pin,
             adopt=adopt,
+            programs=self.programs,
         )
         task.pinned = pin is not None
         if task._on_denial is not None:
@@ -451,9 +463,18 @@ class EgressService:
         if self.pins is None or not self.pins.is_dir():
             return
         for pin in self.pins.iterdir():
-            if pin.name not in self._adopted_pins:
+            if pin.name not in self._adopted_pins and pin.name != PROGRAMS_PIN:
                 with contextlib.suppress(AgentnodeError):
                     _native.EgressHandle.remove_pins(pin)
+        if self.programs is not None:
+            # Tasks that ended while no process ran left their entries; their denials since
+            # go to the audit log.
+            self.programs.purge()
+            self.programs.flush()
+        else:
+            # No task was adopted: nothing uses the programs pinned by an earlier process.
+            with contextlib.suppress(AgentnodeError):
+                _native.EgressHandle.remove_pins(self.pins / PROGRAMS_PIN)
 
     def retire(self, teardown: Callable[[], None]) -> None:
         """Runs an ended task's network `teardown` on a background thread (a veth and netns removal is

@@ -1,11 +1,12 @@
 //! `EgressHandle`: egress enforcement on one cgroup2 node (`agentnode_core::egress`). Python
 //! (`agentnode.egress`) parses policies; this layer only moves fixed-shape values across.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentnode_core::egress::{self, CidrRule, DnsRedirect, Egress, Limits, PortRange};
+use agentnode_core::egress::{self, CidrRule, DnsRedirect, Egress, Limits, PortRange, Programs};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
@@ -56,6 +57,76 @@ fn dns(v4: Option<Vec<u8>>, v6: Option<Vec<u8>>, port: u16) -> Result<DnsRedirec
     Ok(DnsRedirect { v4, v6, port })
 }
 
+/// The node's egress programs and maps, loaded once; every `EgressHandle` attaches these.
+/// Their denials, of every task, are read here.
+#[pyclass(module = "agentnode._native")]
+pub struct EgressPrograms {
+    inner: Arc<Programs>,
+}
+
+// pyo3 extracts arguments as owned values; borrowing them would not save a copy.
+#[allow(clippy::needless_pass_by_value)]
+#[pymethods]
+impl EgressPrograms {
+    /// Loads the programs; with `pin` (a directory on a bpffs), takes over those pinned there,
+    /// or loads them and pins them there.
+    #[new]
+    #[pyo3(signature = (*, pin=None))]
+    fn new(py: Python<'_>, pin: Option<PathBuf>) -> PyResult<Self> {
+        let inner = py
+            .detach(|| Programs::load(pin.as_deref()))
+            .map_err(NativeError::from)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Removes the pins (the programs go once nothing holds them). Idempotent.
+    fn unpin(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py
+            .detach(|| self.inner.unpin())
+            .map_err(NativeError::from)?)
+    }
+
+    /// Removes the entries of every task whose id is not in `keep`; returns how many went.
+    fn purge(&self, py: Python<'_>, keep: HashSet<u64>) -> PyResult<usize> {
+        Ok(py
+            .detach(|| self.inner.purge(&keep))
+            .map_err(NativeError::from)?)
+    }
+
+    /// Denials queued since the last call, of every task:
+    /// `(time_ns, cgroup_id, addr16, port, proto, reason, pid)`.
+    #[allow(clippy::type_complexity)]
+    fn denials(&self, py: Python<'_>) -> Vec<(u64, u64, Vec<u8>, u16, u8, &'static str, u32)> {
+        py.detach(|| self.inner.denials())
+            .into_iter()
+            .map(|d| {
+                let reason = match d.reason {
+                    egress::DenialReason::Policy => "policy",
+                    egress::DenialReason::ConnRate => "conn_rate",
+                    egress::DenialReason::Backstop => "backstop",
+                    egress::DenialReason::NoEntry => "no_entry",
+                };
+                (
+                    d.time_ns,
+                    d.cgroup_id,
+                    d.addr.to_vec(),
+                    d.port,
+                    d.proto,
+                    reason,
+                    d.pid,
+                )
+            })
+            .collect()
+    }
+
+    /// A file descriptor that polls readable when denials are queued.
+    fn events_fd(&self) -> i32 {
+        self.inner.events_fd()
+    }
+}
+
 /// Egress enforcement attached to one cgroup2 directory; `close()` (or garbage collection, or
 /// process exit) detaches it.
 #[pyclass(module = "agentnode._native")]
@@ -80,14 +151,16 @@ impl EgressHandle {
 #[allow(clippy::needless_pass_by_value)]
 #[pymethods]
 impl EgressHandle {
-    /// Attaches a fresh enforcement to `cgroup_dir`; with `pin` (a new directory on a bpffs),
-    /// pinned there so it outlives this handle and its process. With `adopt`, takes over the
-    /// one pinned at `pin` instead (its maps brought to the rules, limits and DNS given).
+    /// Attaches `programs` to `cgroup_dir` for a task; with `pin` (a new directory on a bpffs),
+    /// its links are pinned there so it outlives this handle and its process. With `adopt`,
+    /// takes over the task pinned at `pin` instead (its entry brought to the rules, limits and
+    /// DNS given).
     #[new]
-    #[pyo3(signature = (cgroup_dir, rules_, *, rate_bps=0, conn_per_sec=0, dns_v4=None, dns_v6=None, dns_port=0, pin=None, adopt=false))]
+    #[pyo3(signature = (programs, cgroup_dir, rules_, *, rate_bps=0, conn_per_sec=0, dns_v4=None, dns_v6=None, dns_port=0, pin=None, adopt=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
+        programs: &EgressPrograms,
         cgroup_dir: PathBuf,
         rules_: Vec<RawRule>,
         rate_bps: u64,
@@ -104,13 +177,16 @@ impl EgressHandle {
             rate_bps,
             conn_per_sec,
         };
+        let programs = Arc::clone(&programs.inner);
         let e = py
             .detach(|| match (&pin, adopt) {
-                (Some(dir), true) => Egress::open(&cgroup_dir, dir, &rules, limits, dns),
+                (Some(dir), true) => Egress::open(programs, &cgroup_dir, dir, &rules, limits, dns),
                 (None, true) => Err(egress::Error::Policy(
                     "adopt needs the pin directory".into(),
                 )),
-                (_, false) => Egress::attach(&cgroup_dir, &rules, limits, dns, pin.as_deref()),
+                (_, false) => {
+                    Egress::attach(programs, &cgroup_dir, &rules, limits, dns, pin.as_deref())
+                }
             })
             .map_err(NativeError::from)?;
         Ok(Self {
@@ -123,8 +199,19 @@ impl EgressHandle {
     #[staticmethod]
     fn remove_pins(py: Python<'_>, dir: PathBuf) -> PyResult<bool> {
         Ok(py
-            .detach(|| Egress::remove_pins(&dir))
+            .detach(|| egress::remove_pins(&dir))
             .map_err(NativeError::from)?)
+    }
+
+    /// Withdraws the task's entry: its programs stay attached and deny it everything until
+    /// `close()`. Idempotent.
+    fn withdraw(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, Egress::withdraw)
+    }
+
+    /// The task's id (its cgroup's id), as its denials carry it.
+    fn id(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |e| Ok(e.id()))
     }
 
     /// Removes this enforcement's pins: `close()` then detaches it. Idempotent.
@@ -234,40 +321,7 @@ impl EgressHandle {
         Ok(d)
     }
 
-    /// Denials queued since the last call: `(time_ns, cgroup_id, addr16, port, proto, reason, pid)`.
-    #[allow(clippy::type_complexity)]
-    fn denials(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<Vec<(u64, u64, Vec<u8>, u16, u8, &'static str, u32)>> {
-        let ds = self.with(py, |e| Ok(e.denials()))?;
-        Ok(ds
-            .into_iter()
-            .map(|d| {
-                let reason = match d.reason {
-                    egress::DenialReason::Policy => "policy",
-                    egress::DenialReason::ConnRate => "conn_rate",
-                    egress::DenialReason::Backstop => "backstop",
-                };
-                (
-                    d.time_ns,
-                    d.cgroup_id,
-                    d.addr.to_vec(),
-                    d.port,
-                    d.proto,
-                    reason,
-                    d.pid,
-                )
-            })
-            .collect())
-    }
-
-    /// A file descriptor that polls readable when denials are queued.
-    fn events_fd(&self, py: Python<'_>) -> PyResult<i32> {
-        self.with(py, |e| Ok(e.events_fd()))
-    }
-
-    /// Detaches every program and frees the maps; idempotent.
+    /// Detaches every program and withdraws the task's entry; idempotent.
     fn close(&self, py: Python<'_>) {
         py.detach(|| {
             self.inner
@@ -287,6 +341,14 @@ impl EgressHandle {
     }
 }
 
+/// A name for this build's egress programs (a hash of the object), which their pins carry.
+#[pyfunction]
+fn egress_programs_tag() -> String {
+    egress::programs_tag()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(egress_programs_tag, m)?)?;
+    m.add_class::<EgressPrograms>()?;
     m.add_class::<EgressHandle>()
 }

@@ -1,8 +1,6 @@
 //! Map value layouts shared with `ebpf/include/agentnode.h` (kept in sync by the size checks at
 //! the bottom) and the decoding of counters and denial events.
 
-use aya::maps::{MapData, MapError, PerCpuArray};
-
 pub const MAX_RANGES: usize = 8;
 
 /// `struct an_ports`.
@@ -47,7 +45,62 @@ pub struct RawConfig {
 // SAFETY: as for RawPorts.
 unsafe impl aya::Pod for RawConfig {}
 
+/// `struct an_host_key`: a task's id and one address; also the `exact` map's key.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostKey {
+    pub id: u64,
+    pub addr: [u8; 16],
+}
+
+// SAFETY: as for RawPorts.
+unsafe impl aya::Pod for HostKey {}
+
+/// The data of `struct an_lpm_key` after its prefix length: the task's id, then the address.
+pub type NetKey = [u8; 24];
+
+pub fn net_key(id: u64, addr: &[u8; 16]) -> NetKey {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&id.to_ne_bytes());
+    k[8..].copy_from_slice(addr);
+    k
+}
+
+/// The task id and the address of a `NetKey`.
+pub fn split_net_key(k: &NetKey) -> (u64, [u8; 16]) {
+    (
+        u64::from_ne_bytes(k[..8].try_into().expect("8 bytes")),
+        k[8..].try_into().expect("16 bytes"),
+    )
+}
+
+/// `struct an_task`: a task's cgroup storage.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawTask {
+    pub id: u64,
+    pub cfg: RawConfig,
+    pub clocks: [u64; 2],
+}
+
+// SAFETY: as for RawPorts.
+unsafe impl aya::Pod for RawTask {}
+
+/// The bytes of a plain-old-data value, as a map syscall passes them.
+pub fn bytes<T: aya::Pod>(v: &T) -> &[u8] {
+    // SAFETY: T is Pod: every byte is initialised (padding is spelled out as fields).
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
+}
+
+pub fn bytes_mut<T: aya::Pod>(v: &mut T) -> &mut [u8] {
+    // SAFETY: as for `bytes`; any byte pattern is a valid T.
+    unsafe { std::slice::from_raw_parts_mut(std::ptr::from_mut(v).cast::<u8>(), size_of::<T>()) }
+}
+
 pub(super) const NSEC_PER_SEC: u64 = 1_000_000_000;
+
+/// `enum an_counter`'s count: the `u64`s of `struct an_counters`, per CPU.
+pub const COUNTERS: usize = 9;
 
 /// Per-task counters (`enum an_counter`), summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -64,20 +117,20 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub(super) fn read(map: &PerCpuArray<MapData, u64>) -> std::result::Result<Self, MapError> {
-        let sum =
-            |i: u32| -> std::result::Result<u64, MapError> { Ok(map.get(&i, 0)?.iter().sum()) };
-        Ok(Self {
-            bytes_out: sum(0)?,
-            packets_out: sum(1)?,
-            bytes_in: sum(2)?,
-            packets_in: sum(3)?,
-            connections_allowed: sum(4)?,
-            connections_denied: sum(5)?,
-            packets_dropped: sum(6)?,
-            rate_dropped: sum(7)?,
-            dns_redirected: sum(8)?,
-        })
+    /// Sums a per-CPU `struct an_counters` value (`COUNTERS` words per CPU) over the CPUs.
+    pub(super) fn from_per_cpu(words: &[u64]) -> Self {
+        let sum = |i: usize| -> u64 { words.chunks_exact(COUNTERS).map(|c| c[i]).sum() };
+        Self {
+            bytes_out: sum(0),
+            packets_out: sum(1),
+            bytes_in: sum(2),
+            packets_in: sum(3),
+            connections_allowed: sum(4),
+            connections_denied: sum(5),
+            packets_dropped: sum(6),
+            rate_dropped: sum(7),
+            dns_redirected: sum(8),
+        }
     }
 }
 
@@ -88,6 +141,8 @@ pub enum DenialReason {
     Policy,
     ConnRate,
     Backstop,
+    /// The task's cgroup had no entry: none written yet, or withdrawn.
+    NoEntry,
 }
 
 /// One denial (`struct an_denial`).
@@ -121,6 +176,7 @@ impl Denial {
                 1 => DenialReason::Policy,
                 2 => DenialReason::ConnRate,
                 3 => DenialReason::Backstop,
+                4 => DenialReason::NoEntry,
                 _ => return None,
             },
             pid: u32::from_ne_bytes(b[36..40].try_into().expect("4 bytes")),
@@ -142,6 +198,8 @@ pub fn boottime_ns() -> u64 {
 const _: () = assert!(std::mem::size_of::<RawPorts>() == 48);
 const _: () = assert!(std::mem::size_of::<RawExact>() == 56);
 const _: () = assert!(std::mem::size_of::<RawConfig>() == 56);
+const _: () = assert!(std::mem::size_of::<RawTask>() == 80);
+const _: () = assert!(std::mem::size_of::<HostKey>() == 24);
 
 /// `bpf_attr.batch` for `BPF_MAP_{UPDATE,DELETE}_BATCH`.
 #[repr(C)]
