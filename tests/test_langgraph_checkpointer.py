@@ -160,8 +160,8 @@ def test_writes_no_checkpoint_follows_wait_once_then_go_at_once(memory_server) -
 
 
 def test_the_input_checkpoint_is_stored_without_a_next_write(
-    memory_server, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    memory_server: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An input checkpoint that no write follows (a run stopped before its first task) is
     stored by the flusher within `INPUT_WAIT_S`, and at once before this saver reads; the
     flusher thread ends once idle."""
@@ -191,8 +191,8 @@ def test_the_input_checkpoint_is_stored_without_a_next_write(
 
 
 def test_remembers_a_bounded_number_of_threads(
-    memory_server, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    memory_server: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A saver that runs many threads keeps a bounded memory of their pointers and writes; a
     thread it forgot is read again, not mistaken for a new one."""
     monkeypatch.setattr(langgraph, "_POINTERS_KEPT", 3)
