@@ -297,12 +297,16 @@ def test_agent_protocol_refusals_are_one_line_errors(node: tuple[Daemon, str]) -
             status, err = create({"input": "go", "additional_input": {"model": "m", **extra}})
             assert status == 422 and f"additional_input.{field}" in err["message"], (extra, err)
         # Bodies the node's JSON reader refuses on every route: nested too deeply, a lone
-        # surrogate, a number of 5,000 digits; on the task and the step routes alike.
+        # surrogate, a number of 5,000 digits, not JSON, only whitespace; on the task and the
+        # step routes alike (no body at all is an empty object: AP bodies are optional).
         for path in (tasks, f"{tasks}/{tid}/steps"):
             for text in ("[" * 100_000, '{"a":' * 10_000, '{"input": "\\udc80"}',
-                         '{"input": "x", "n": ' + "9" * 5000 + "}", "{nope"):  # fmt: skip
+                         '{"input": "x", "n": ' + "9" * 5000 + "}", "{nope", "\n", " \t\r\n"):  # fmt: skip
                 status, _, err = raw(base, "POST", path, text.encode(), **js)
                 assert status == 400 and err["message"].startswith("the body "), (path, err)
+        for empty in (None, b""):
+            status, _, step = raw(base, "POST", f"{tasks}/{tid}/steps", empty, **js)
+            assert status == 200 and step["task_id"] == tid, (empty, step)
         # A step's additional_input is an object or null, as a task's is.
         for extra in ([None, None], "x", 3):
             status, _, err = raw(base, "POST", f"{tasks}/{tid}/steps",

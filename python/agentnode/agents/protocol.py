@@ -279,7 +279,9 @@ async def _get_task(request: web.Request, node: Node, tenant: str) -> web.Stream
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object; an empty body is `{}` (AP bodies are optional)."""
+    """The request's JSON object; no body (none, or an empty one) is `{}` (AP bodies are
+    optional). A body that is there is JSON: one of only whitespace is refused as any other
+    that is not."""
     if not request.body_exists:
         return {}
     try:
@@ -289,8 +291,6 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     except BodyTooLarge as e:
         raise _Refused(413, str(e)) from None
     except ValueError as e:
-        if not (await request.read()).strip():
-            return {}
         raise _Refused(400, f"the body {e}") from None
     if body is None:
         return {}
