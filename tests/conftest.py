@@ -40,6 +40,19 @@ def discard_daemons() -> Iterator[None]:
 
 
 @pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    """The node's data dir moved to a fresh `tmp_path/data` for the test, put back after."""
+    from agentnode.isolation import task as isolation
+    from agentnode.isolation import use_data_dir
+
+    old = isolation.DATA_DIR
+    use_data_dir(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    yield tmp_path / "data"
+    use_data_dir(old)
+
+
+@pytest.fixture
 def ws(tmp_path: Path) -> Path:
     """An empty workspace directory owned by the default task uid."""
     d = tmp_path / "ws"

@@ -18,6 +18,7 @@ import pytest
 
 from support.agent_env import CALL_COST, REPO, agent_node, audit, ledger
 from support.egress_world import HOST4, World
+from support.memscan import SCAN_VISIBLE
 from support.node_daemon import Daemon
 
 pytestmark = pytest.mark.root
@@ -163,28 +164,12 @@ def scan(blob, where):
         if who and where not in found[who]:
             found[who].append(where)
         i = blob.find(P, i + 1)
-for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
-    for name in ("environ", "cmdline"):
-        try:
-            scan(open(f"/proc/{{pid}}/{{name}}", "rb").read(), f"/proc/{{pid}}/{{name}}")
-        except OSError:
-            pass
 for path in ({their_file!r}, "/workspace/secret.txt"):
     try:
         scan(open(path, "rb").read(), path)
     except OSError:
         pass
-with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
-    for line in maps:
-        span, perms = line.split()[:2]
-        if not perms.startswith("r") or "[vsyscall]" in line:
-            continue
-        start, end = (int(x, 16) for x in span.split("-"))
-        try:
-            mem.seek(start); chunk = mem.read(end - start)
-        except (OSError, OverflowError, ValueError):
-            continue
-        scan(chunk, "memory")
+{SCAN_VISIBLE}
 print(json.dumps(found))
 """
     done, log = _forked(d, search, env={"SECRET": mine}, memory="512M", cpus=1)

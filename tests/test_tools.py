@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from agentnode.egress import service as egress_service
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation import task as isolation
-from agentnode.isolation import use_data_dir
 from agentnode.isolation.task import SAFE_PATH
 from agentnode.tools import code
 from agentnode.tools.code import CodeRunner
@@ -36,16 +34,10 @@ from support.egress_world import HOST4, World
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
 pytest_plugins = ["support.tools_world"]
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    old = isolation.DATA_DIR
-    use_data_dir(tmp_path / "data")
-    (tmp_path / "data").mkdir()
-    yield tmp_path / "data"
-    use_data_dir(old)
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)"),
+    pytest.mark.usefixtures("data_dir"),
+]
 
 
 def service(*tools: Tool, records: list[dict[str, Any]] | None = None) -> ToolService:

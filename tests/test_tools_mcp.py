@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ import pytest
 from agentnode.audit import AuditLog, verify
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
-from agentnode.isolation import task as isolation
-from agentnode.isolation import use_data_dir
 from agentnode.isolation.spec import Mount
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
@@ -35,21 +32,15 @@ from support.node_daemon import Daemon, daemon
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
 pytest_plugins = ["support.tools_world"]
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)"),
+    pytest.mark.usefixtures("data_dir"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = str(REPO / "tests" / "support" / "tools_mcp_server.py")
 NPM_CACHE = Path("/var/cache/agentnode-test/npm")
 FILESYSTEM = NPM_CACHE / "node_modules/@modelcontextprotocol/server-filesystem/dist/index.js"
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    old = isolation.DATA_DIR
-    use_data_dir(tmp_path / "data")
-    (tmp_path / "data").mkdir()
-    yield tmp_path / "data"
-    use_data_dir(old)
 
 
 def sdk_server(*, name: str = "t", **kw: Any) -> MCPServerSpec:

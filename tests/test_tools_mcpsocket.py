@@ -9,7 +9,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,6 @@ import pytest
 from mcp_types import TextContent
 
 from agentnode.errors import ConfigError
-from agentnode.isolation import task as isolation
-from agentnode.isolation import use_data_dir
 from agentnode.isolation.spec import Mount
 from agentnode.sdk.tools import Tools
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
@@ -28,7 +26,10 @@ from agentnode.tools.registry import Caller, Registry, Tool
 from agentnode.tools.result import Outcome
 from agentnode.tools.service import ToolService
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)"),
+    pytest.mark.usefixtures("data_dir"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = str(REPO / "tests" / "support" / "tools_mcp_server.py")
@@ -36,15 +37,6 @@ CALLERS = {"ta": Caller(task="t1", tenant="a"), "tb": Caller(task="t2", tenant="
 A3 = Caller(task="t3", tenant="a")
 REFUSED = "error: missing or unknown task token (send the task's token as the first line)"
 OBJECT = {"type": "object"}
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    old = isolation.DATA_DIR
-    use_data_dir(tmp_path / "data")
-    (tmp_path / "data").mkdir()
-    yield tmp_path / "data"
-    use_data_dir(old)
 
 
 class Node:

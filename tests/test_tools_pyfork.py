@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +20,25 @@ import pytest
 
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
-from agentnode.isolation import task as isolation
-from agentnode.isolation import use_data_dir
 from agentnode.isolation.task import SAFE_PATH
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
 from support.egress_world import HOST4, World
+from support.memscan import SCAN_VISIBLE, memory_holds
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
 pytest_plugins = ["support.tools_world"]
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)"),
+    pytest.mark.usefixtures("data_dir"),
+]
 
 A = Caller(task="t1", tenant="a")
 B = Caller(task="t2", tenant="b")
 #: What tells a fork from a fresh interpreter inside the sandbox: a fresh one is its task's
 #: init (pid 1), a fork is the stub's second process.
 _PID = "import os as _o; print('pid', _o.getpid()); del _o\n"
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    old = isolation.DATA_DIR
-    use_data_dir(tmp_path / "data")
-    (tmp_path / "data").mkdir()
-    yield tmp_path / "data"
-    use_data_dir(old)
 
 
 def _runner(
@@ -316,7 +308,8 @@ def test_a_forked_run_has_no_network() -> None:
 #: Finds, by its hash only (the secret itself in this code would be found), what follows the
 #: shared prefix anywhere this process can read: its own memory, and every process's
 #: environment and command line it can see.
-_SEARCH = """
+_SEARCH = (
+    """
 import hashlib, json, os
 P = PREFIX
 want = bytes.fromhex(DIGEST)
@@ -327,42 +320,13 @@ def scan(blob, where):
         if hashlib.sha256(blob[i:i + len(P) + 32]).digest() == want and where not in found:
             found.append(where)
         i = blob.find(P, i + 1)
-for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
-    for name in ("environ", "cmdline"):
-        try:
-            scan(open(f"/proc/{pid}/{name}", "rb").read(), f"/proc/{pid}/{name}")
-        except OSError:
-            pass
-with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
-    for line in maps:
-        span, perms = line.split()[:2]
-        if not perms.startswith("r") or "[vsyscall]" in line:
-            continue
-        start, end = (int(x, 16) for x in span.split("-"))
-        try:
-            mem.seek(start); chunk = mem.read(end - start)
-        except (OSError, OverflowError, ValueError):
-            continue
-        scan(chunk, "memory")
+"""
+    + SCAN_VISIBLE
+    + """
 print(json.dumps(found))
 """
+)
 _PREFIX = b"agentnode-run-code-secret-"
-
-
-def _memory_holds(pid: int, needle: bytes) -> bool:
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            span, perms = line.split()[:2]
-            if not perms.startswith("r") or "[vsyscall]" in line:
-                continue
-            start, end = (int(x, 16) for x in span.split("-"))
-            try:
-                mem.seek(start)
-                if needle in mem.read(end - start):
-                    return True
-            except (OSError, OverflowError, ValueError):
-                continue
-    return False
 
 
 def test_a_fork_holds_nothing_of_another_callers_call() -> None:
@@ -392,7 +356,7 @@ def test_a_fork_holds_nothing_of_another_callers_call() -> None:
         held, theirs, mine = asyncio.run(scenario())
         assert runner._forks is not None and runner._forks._proc is not None
         server = runner._forks._proc.pid
-        assert not _memory_holds(server, secret)
+        assert not memory_holds(server, secret)
         after = _calls(svc, [_PID + search(secret)], B)[0]
     finally:
         runner.close()
