@@ -401,3 +401,24 @@ def test_a_closed_runner_stops_its_fork_server() -> None:
     assert forks is not None and forks._proc is not None
     runner.close()
     assert forks._proc.poll() is not None
+
+
+def test_a_node_stopping_with_the_ready_mark_unread_ends_its_server_quietly(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The server's end of its socket is reset, not closed, when the node closes it with the
+    server's ready mark still unread (a node stopped early, Ctrl-C): the server ends at once
+    with status 0 and no traceback, as at a clean close."""
+    import select
+
+    for _ in range(3):
+        runner = CodeRunner(limits=ToolLimits(timeout=10.0, memory=64 << 20))
+        forks = runner._forks
+        assert forks is not None
+        assert not forks.serves(userns=False)  # starts the server
+        assert forks._sock is not None and forks._proc is not None
+        assert select.select([forks._sock], [], [], 30)[0], "the server never got ready"
+        proc = forks._proc
+        runner.close()  # the ready mark unread
+        assert proc.wait(10) == 0
+    assert "Traceback" not in capfd.readouterr().err

@@ -236,11 +236,16 @@ def serve_python(fd: int, *, main: dict[str, object], modules: set[str], path: l
         if sock.fileno() not in readable:
             continue
         fds = array.array("i")
-        data, ancdata, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(3 * fds.itemsize))
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(3 * fds.itemsize))
+        except OSError:  # reset by a node that stopped with a request unread: gone as well
+            data, ancdata = b"", []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if not data:
+            for x in fds:
+                os.close(x)
             return 0  # the node is gone; the stubs of running children learn it at their end
         if len(fds) != 3:
             for x in fds:
