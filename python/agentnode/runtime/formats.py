@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agentnode.errors import TaskError
+from agentnode.sdk.transport import tls_verify
 
 __all__ = ["FORMATS", "Call", "Format", "make"]
 
@@ -72,13 +72,10 @@ def make(api: str, *, model: str, system: str | None, stream: bool, max_tokens: 
 
 
 def _plain_http(sdk: Any, base_url_env: str) -> dict[str, Any]:
-    """The SDK client's options for a plain-HTTP base URL (the node's proxy is one): an HTTP
-    client whose TLS context trusts no certificate, so it costs nothing to make. The default
-    one loads the system's CA bundle, 20 ms of CPU per client, for TLS this client never
-    speaks; a redirect to an https URL fails its certificate check (fails closed)."""
-    if not os.environ.get(base_url_env, "").startswith("http://"):
-        return {}
-    return {"http_client": sdk.DefaultHttpxClient(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))}
+    """The SDK client's options for its base URL: for plain HTTP (the node's proxy), an HTTP
+    client that loads no CA bundle (`tls_verify`)."""
+    verify = tls_verify(os.environ.get(base_url_env, ""))
+    return {} if verify is True else {"http_client": sdk.DefaultHttpxClient(verify=verify)}
 
 
 def _failed(e: Exception) -> TaskError:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from agentnode.errors import ConfigError
-from agentnode.sdk.transport import connect, request
+from agentnode.sdk.transport import connect, request, tls_verify
 
 if TYPE_CHECKING:
     from mcp import Client
@@ -94,18 +94,12 @@ class Tools:
 async def _http_transport(url: str, token: str) -> AsyncIterator[TransportStreams]:
     """The SDK's streamable-HTTP client transport to the node's endpoint at `url` (over
     $AGENTNODE_MCP_SOCKET for the node's own `http://agentnode/` address)."""
-    import ssl
-
     import httpx2
     from mcp.client.streamable_http import streamable_http_client
 
     sock = os.environ.get("AGENTNODE_MCP_SOCKET")
     use_socket = sock and url.startswith("http://agentnode/")
-    # A plain-HTTP endpoint (the node's is one) needs no CA bundle: loading it costs 20-27 ms of
-    # CPU per client; a redirect to https then fails its certificate check (fails closed).
-    verify: ssl.SSLContext | bool = (
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if url.startswith("http://") else True
-    )
+    verify = tls_verify(url)
     async with (
         httpx2.AsyncClient(
             transport=httpx2.AsyncHTTPTransport(uds=sock, verify=verify) if use_socket else None,

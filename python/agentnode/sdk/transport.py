@@ -5,11 +5,15 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from agentnode.errors import ConfigError, TaskError
 
-__all__ = ["UnixHTTPConnection", "connect", "error_message", "request"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["UnixHTTPConnection", "connect", "error_message", "request", "tls_verify"]
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -77,3 +81,16 @@ def request(
     if resp.status >= 400:
         raise TaskError(f"{what}: {error_message(resp.status, data)}")
     return data
+
+
+def tls_verify(url: str) -> ssl.SSLContext | bool:
+    """What an httpx client for `url` should verify with: for plain HTTP (the node's proxy and
+    MCP endpoint are), a TLS context that trusts no certificate, which costs nothing to make;
+    httpx's default loads the system's CA bundle (20-27 ms of CPU a client) for TLS such a
+    client never speaks, and a redirect to https then fails its certificate check (fails
+    closed). Anything else: True, httpx's own verification."""
+    if not url.startswith("http://"):
+        return True
+    import ssl
+
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

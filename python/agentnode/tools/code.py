@@ -317,14 +317,7 @@ class CodeRunner:
             if forked is not None:
                 return forked
         started = start_sandboxed(
-            ["python3", "-I", "-c", STDIN_MAIN],
-            limits=self.limits,
-            network=reach[0],
-            egress=reach[1],
-            node_network=self._network,
-            workspace=caller.workspace,
-            user=caller.user,
-            userns=caller.userns,
+            ["python3", "-I", "-c", STDIN_MAIN], **self._placed(caller, reach), userns=caller.userns
         )
         try:
             started.stderr_head, _ready = _await_ready(started)
@@ -333,20 +326,20 @@ class CodeRunner:
             raise
         return started
 
+    def _placed(self, caller: Caller, reach: _Reach) -> dict[str, Any]:
+        """Where and with what a sandbox for `caller` runs, forked or started alike: the
+        runner's limits, the caller's reach, workspace and user."""
+        return {"limits": self.limits, "network": reach[0], "egress": reach[1],
+                "node_network": self._network, "workspace": caller.workspace,
+                "user": caller.user}  # fmt: skip
+
     def _fork_python(self, caller: Caller, reach: _Reach) -> Started | None:
         """A sandbox whose interpreter is a fork of the pre-started one, ready for the code;
         None when none could be made (the server is gone, or the fork ended before it was
         ready), with nothing left running."""
         assert self._forks is not None
         try:
-            started = self._forks.start(
-                limits=self.limits,
-                network=reach[0],
-                egress=reach[1],
-                node_network=self._network,
-                workspace=caller.workspace,
-                user=caller.user,
-            )
+            started = self._forks.start(**self._placed(caller, reach))
         except OSError as e:
             if not self._forks.closed:  # else the runner is closing: this spare goes with it
                 log.warning("run_code: no python fork (%s); starting an interpreter", e)
