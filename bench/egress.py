@@ -4,17 +4,25 @@ DNS answer latency through the forwarder vs straight to the resolver, and a 10k-
 update: every entry's ports changed, every address replaced, and one entry added (against the
 issue's 10 ms goal); a task's attach and detach (wall and CPU) with the node's programs loaded
 once against loading them for each task, what pinning a task's enforcement (so it outlives the
-node agent) adds, and what taking it over again costs. Needs root; builds its own
-netns world."""
+node agent) adds, and what taking it over again costs; a task's network set-up and tear-down
+(netns, veth, address, route; CPU with the children's and wall) over rtnetlink against the
+`ip` runs the previous design spawned. Needs root; builds its own netns world."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import hashlib
+import ipaddress
+import json
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from agentnode.egress import Egress, EgressPolicy
 from agentnode.egress.dns import DnsForwarder, DnsLimits
 from agentnode.egress.enforce import PROGRAMS_PIN, NodePrograms
+from agentnode.egress.network import TASK_NETNS_PREFIX, VETH_PREFIX, NodeNetwork, TaskNet
 from agentnode.egress.screen import AnswerScreen
 from agentnode.node.restore import pin_dir, release_pins
 from support.egress_world import HOST4, TASK4, World, scratch_cgroup
@@ -111,12 +120,107 @@ def measure_attach(cg: Path, rounds: int) -> dict[str, tuple[float, float]]:
     }
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children (the `ip` runs)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _ip(*argv: str, script: str | None = None) -> str:
+    return subprocess.run(["ip", *argv], input=script, capture_output=True, text=True,
+                          check=script is None).stdout  # fmt: skip
+
+
+def ip_add_task(node: NodeNetwork, task_id: str) -> TaskNet:
+    """The previous design's `add_task`, for comparison: the address picked from `ip -j link`'s
+    aliases, then an `ip -batch` for the netns and the veth and one inside the netns."""
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:8]
+    netns, veth = f"{TASK_NETNS_PREFIX}{digest}", f"{VETH_PREFIX}{digest}"
+    used = {node.gateway} | {
+        ipaddress.IPv4Address(str(link["ifalias"]).split()[1])
+        for link in json.loads(_ip("-j", "link", "show"))
+        if str(link.get("ifalias", "")).startswith("agentnode ")
+    }
+    address = next(a for a in node.subnet.hosts() if a not in used)
+    alias = f'"agentnode {address} {node.owner} {task_id}"'
+    _ip("-batch", "-", script=(
+        f"netns add {netns}\nlink add {veth} type veth peer name eth0 netns {netns}\n"
+        f"link set {veth} alias {alias}\nlink set {veth} master {node.bridge}\n"
+        f"link set {veth} type bridge_slave isolated on\nlink set {veth} up\n"
+    ))  # fmt: skip
+    _ip("-n", netns, "-batch", "-", script=(
+        f"link set lo up\naddr add {address}/{node.subnet.prefixlen} dev eth0\n"
+        f"link set eth0 up\nroute add default via {node.gateway}\n"
+    ))  # fmt: skip
+    return TaskNet(task_id, netns, address, node.gateway, veth)
+
+
+def ip_remove_task(net: TaskNet) -> None:
+    """The previous design's `remove_task`: one `ip -force -batch`."""
+    _ip("-force", "-batch", "-", script=f"link del {net.host_veth}\nnetns del {net.netns}\n")
+
+
+def measure_tasknet(world: World, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall ms, CPU ms of this process and its children) of a task's network made and
+    removed, rounds alternating: over rtnetlink (`NodeNetwork.add_task` + `remove_task`) and
+    with the `ip` runs of the previous design. Run on a thread moved into the World's task
+    netns, which plays the node's (as a daemon's own netns is: no `ip -n`)."""
+    times: dict[str, list[tuple[float, float]]] = {"netlink": [], "ip": []}
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/run/netns/{world.task}") as ns:
+            if libc.setns(ns.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "setns")
+        node = NodeNetwork(bridge="agentnodebench", subnet="192.0.2.0/26")
+        node.ensure()
+        # Tasks already on the bridge: allocation reads every link's alias.
+        others = [node.add_task(uuid.uuid4().hex) for _ in range(8)]
+        paths = {
+            "netlink": lambda: node.remove_task(node.add_task(uuid.uuid4().hex)),
+            "ip": lambda: ip_remove_task(ip_add_task(node, uuid.uuid4().hex)),
+        }
+        try:
+            for i in range(rounds):
+                for name in sorted(paths, reverse=i % 2 == 1):
+                    t, c = time.perf_counter(), _cpu()
+                    paths[name]()
+                    times[name].append(((time.perf_counter() - t) * 1000, (_cpu() - c) * 1000))
+        finally:
+            for net in others:
+                node.remove_task(net)
+            node.close()
+
+    def guarded() -> None:
+        try:
+            run()
+        except BaseException as e:
+            failed.append(e)
+
+    # The thread ends in the World's netns: no other code runs there.
+    thread = threading.Thread(target=guarded, name="bench-tasknet")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return {
+        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+        for k, v in times.items()
+    }
+
+
 def main() -> None:
     bench = Bench.from_args("egress")
     seconds = 1 if bench.quick else 5
     connects = 20_000 if bench.quick else 200_000
     queries = 200 if bench.quick else 2000
     with World() as world, scratch_cgroup() as cg:
+        net = measure_tasknet(world, 20 if bench.quick else 100)
+        bench.record("task_network_cpu_ms", net["netlink"][1], net["ip"][1], "ms CPU",
+                     peer_name="the `ip` runs of the previous design, theirs included")  # fmt: skip
+        bench.record("task_network_ms", net["netlink"][0], net["ip"][0], "ms",
+                     peer_name="the `ip` runs of the previous design")  # fmt: skip
         world.serve(
             dns={
                 "addrs": [HOST4],

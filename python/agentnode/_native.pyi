@@ -358,6 +358,31 @@ class EgressHandle:
         """Whether `close()` has run."""
 
 @final
+class TaskNetwork:
+    """Tasks' network namespaces and veths, made over rtnetlink from the netns of the node's
+    bridge (`node_netns`, a path such as /run/netns/NAME; default this process's)."""
+
+    def __new__(cls, *, node_netns: str | Path | None = None) -> TaskNetwork: ...
+    def links(self) -> list[tuple[str, str | None, str | None]]:
+        """Every link of the node's netns: `(name, alias, master)`."""
+    def add_task(
+        self,
+        *,
+        netns: str,
+        veth: str,
+        alias: str,
+        bridge: str,
+        address: int,
+        prefix: int,
+        gateway: int,
+    ) -> None:
+        """Makes netns `netns` (named under /run/netns) with lo up and `eth0` at
+        `address`/`prefix` (up, default route via `gateway`), its peer `veth` an isolated port
+        of `bridge`, up, with `alias`. Whole or not at all: on `EgressError` nothing is left."""
+    def remove_task(self, *, veth: str, netns: str) -> tuple[bool, bool]:
+        """Removes the netns name and the veth (idempotent); whether each was there."""
+
+@final
 class ExitRecorder:
     """Exit statuses of watched pids, recorded by the kernel (ebpf/exits.bpf.c): the map and
     the link are pinned under `pin_dir` (a bpffs directory), so they record while no node

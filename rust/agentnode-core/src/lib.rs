@@ -13,4 +13,5 @@ pub mod exits;
 pub mod sandbox;
 pub mod sched;
 pub mod sys;
+pub mod tasknet;
 pub mod vector;

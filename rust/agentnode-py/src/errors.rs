@@ -24,6 +24,8 @@ pub enum NativeError {
     ExecTracerClosed,
     #[error(transparent)]
     Exits(#[from] agentnode_core::exits::Error),
+    #[error(transparent)]
+    TaskNet(#[from] agentnode_core::tasknet::Error),
     #[error("cannot encode the result as JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// Raised by Python code the Rust side called (a hook), passed on as it is.
@@ -60,7 +62,9 @@ impl From<NativeError> for PyErr {
             NativeError::Egress(agentnode_core::egress::Error::Policy(_)) => {
                 PolicyError::new_err(message)
             }
-            NativeError::Egress(_) | NativeError::Closed => EgressError::new_err(message),
+            NativeError::Egress(_) | NativeError::Closed | NativeError::TaskNet(_) => {
+                EgressError::new_err(message)
+            }
             NativeError::ExecTrace(_) | NativeError::ExecTracerClosed => {
                 AuditError::new_err(message)
             }

@@ -8,6 +8,7 @@ mod exectrace;
 mod exits;
 mod isolation;
 mod sched;
+mod tasknet;
 mod vector;
 
 use pyo3::prelude::*;
@@ -46,5 +47,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     egress::register(m)?;
     exectrace::register(m)?;
     exits::register(m)?;
+    tasknet::register(m)?;
     Ok(())
 }

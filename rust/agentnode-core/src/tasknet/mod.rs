@@ -1,0 +1,255 @@
+//! A task's network for `--net egress`, made with rtnetlink instead of `ip` processes: its own
+//! network namespace, named under `/run/netns`, joined to the node's bridge by a veth pair
+//! (`eth0` inside, an isolated bridge port outside), with an address and a default route via
+//! the bridge. Policy (names, addresses, owners, the bridge and its nftables rules) stays in
+//! `agentnode.egress.network`; this module makes and removes the kernel objects. Needs
+//! Linux ≥ 4.18 (isolated bridge ports) and `CAP_NET_ADMIN` and `CAP_SYS_ADMIN`.
+//!
+//! Every step is made so that a crash at any point leaves only what the node's sweep finds:
+//! the namespace is held by a descriptor, never named, until its veth carries the alias that
+//! records its owner, so a process killed before that takes the namespace, and the veth pair
+//! in it, down with it; the name is made last. Removal unnames the namespace first: a crash
+//! then leaves at most the veth, which the sweep finds by its alias.
+
+mod named;
+mod rtnl;
+
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use rtnl::Rtnl;
+
+/// Errors from making or removing a task's network.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("task networking: cannot enter the node's network namespace {path}: {source}")]
+    NodeNetns { path: PathBuf, source: io::Error },
+    #[error("task networking: cannot make a network namespace: {0} (run as root)")]
+    Unshare(io::Error),
+    #[error("task networking: the network namespace {0} exists")]
+    NetnsExists(String),
+    #[error(
+        "task networking: the node's bridge {0} does not exist (the node network is not set \
+         up: start the egress service first)"
+    )]
+    NoBridge(String),
+    #[error(
+        "task networking: {step} failed: {source} (run as root; `agentnode doctor` checks \
+         the kernel)"
+    )]
+    Step { step: String, source: io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+trait Context<T> {
+    fn step(self, step: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for io::Result<T> {
+    fn step(self, step: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Step {
+            step: step(),
+            source,
+        })
+    }
+}
+
+/// A link of the node's namespace, as [`NodeSide::links`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub alias: Option<String>,
+    /// The name of the link this one is a port of (a bridge).
+    pub master: Option<String>,
+}
+
+/// One task's network, as [`NodeSide::add_task`] makes it.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// The namespace's name under `/run/netns`.
+    pub netns: String,
+    /// The node side of the veth pair (the task side is `eth0`).
+    pub veth: String,
+    /// The veth's alias: what the node's sweep and allocation read.
+    pub alias: String,
+    pub bridge: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+/// The name of the task side of every veth pair.
+pub const TASK_LINK: &str = "eth0";
+
+/// The node's side: an rtnetlink socket in the namespace the bridge is in.
+pub struct NodeSide {
+    rtnl: Mutex<Rtnl>,
+}
+
+/// Runs `f` on a thread of its own, which may move into other network namespaces (the caller's
+/// thread never does: a thread left in a task's namespace would make every later socket there)
+/// and ends with `f`.
+fn on_own_thread<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("agentnode-netns".into())
+            .spawn_scoped(s, f)
+            .map_err(Error::Unshare)?
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+impl NodeSide {
+    /// The node side in the namespace at `node_netns` (a path like `/run/netns/NAME`), or in
+    /// this process's when `None`.
+    pub fn open(node_netns: Option<&Path>) -> Result<Self> {
+        let rtnl = match node_netns {
+            None => Rtnl::open().step(|| "opening an rtnetlink socket".into())?,
+            Some(path) => {
+                let entered = |source| Error::NodeNetns {
+                    path: path.to_owned(),
+                    source,
+                };
+                let ns = File::open(path).map_err(entered)?;
+                on_own_thread(|| {
+                    // SAFETY: moves only this thread, which ends right after.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(entered(io::Error::last_os_error()));
+                    }
+                    Rtnl::open().step(|| "opening an rtnetlink socket".into())
+                })?
+            }
+        };
+        Ok(Self {
+            rtnl: Mutex::new(rtnl),
+        })
+    }
+
+    fn rtnl(&self) -> std::sync::MutexGuard<'_, Rtnl> {
+        self.rtnl.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every link of the node's namespace, with its alias and its master's name.
+    pub fn links(&self) -> Result<Vec<Link>> {
+        let links = self.rtnl().links().step(|| "listing links".into())?;
+        let name = |index| {
+            links
+                .iter()
+                .find(|l| l.index == index)
+                .map(|l| l.name.clone())
+        };
+        Ok(links
+            .iter()
+            .map(|l| Link {
+                name: l.name.clone(),
+                alias: l.alias.clone(),
+                master: l.master.and_then(name),
+            })
+            .collect())
+    }
+
+    /// Makes the task's network namespace, named `spec.netns`, with loopback up and `eth0`
+    /// (its address, up, the default route via the gateway), the other end of which is
+    /// `spec.veth` here: an isolated port of the bridge, up, with its alias. On any error,
+    /// nothing of it is left.
+    pub fn add_task(&self, spec: &TaskSpec) -> Result<()> {
+        if named::path(&spec.netns).symlink_metadata().is_ok() {
+            // Never a namespace another attempt may still hold (an undo would remove it).
+            return Err(Error::NetnsExists(spec.netns.clone()));
+        }
+        let mut node = self.rtnl();
+        let bridge = node
+            .index(&spec.bridge)
+            .step(|| format!("looking up the bridge {}", spec.bridge))?
+            .ok_or_else(|| Error::NoBridge(spec.bridge.clone()))?;
+        let (mut inside, netns) = on_own_thread(|| {
+            // SAFETY: moves only this thread, which ends right after.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(Error::Unshare(io::Error::last_os_error()));
+            }
+            let rtnl = Rtnl::open().step(|| "opening an rtnetlink socket".into())?;
+            let ns = File::open("/proc/thread-self/ns/net").map_err(Error::Unshare)?;
+            Ok((rtnl, OwnedFd::from(ns)))
+        })?;
+        // Until it is named, the namespace lives by `netns` alone: an error (or a crash) from
+        // here takes it, and the veth pair in it, down.
+        inside
+            .loopback_up()
+            .step(|| format!("bringing up lo in {}", spec.netns))?;
+        node.add_veth(&spec.veth, bridge, TASK_LINK, netns.as_raw_fd())
+            .step(|| {
+                format!(
+                    "creating the veth {} (peer {TASK_LINK} in {}) on {}",
+                    spec.veth, spec.netns, spec.bridge
+                )
+            })?;
+        let made = Self::configure(&mut node, &mut inside, spec).and_then(|()| {
+            named::bind(&spec.netns, netns.as_fd()).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Error::NetnsExists(spec.netns.clone())
+                } else {
+                    Error::Step {
+                        step: format!("naming the network namespace {}", spec.netns),
+                        source: e,
+                    }
+                }
+            })
+        });
+        if made.is_err() {
+            // The namespace goes with `netns`, but its veth pair only with the kernel's
+            // deferred namespace cleanup: delete it now, so its name and address are free.
+            let _ = node.delete(&spec.veth);
+        }
+        made
+    }
+
+    fn configure(node: &mut Rtnl, inside: &mut Rtnl, spec: &TaskSpec) -> Result<()> {
+        // An isolated port forwards only to non-isolated ones (the bridge itself): no frame
+        // goes from one task to another. The alias records the address and owner: allocation
+        // and sweeps need no state file.
+        node.isolate_up(&spec.veth, &spec.alias)
+            .step(|| format!("isolating and bringing up {}", spec.veth))?;
+        let eth0 = inside
+            .index(TASK_LINK)
+            .step(|| format!("looking up {TASK_LINK} in {}", spec.netns))?
+            .ok_or_else(|| Error::Step {
+                step: format!("looking up {TASK_LINK} in {}", spec.netns),
+                source: io::Error::from_raw_os_error(libc::ENODEV),
+            })?;
+        inside
+            .add_address(eth0, spec.address, spec.prefix)
+            .step(|| {
+                format!(
+                    "adding {}/{} to {TASK_LINK} in {}",
+                    spec.address, spec.prefix, spec.netns
+                )
+            })?;
+        inside
+            .up(eth0)
+            .step(|| format!("bringing up {TASK_LINK} in {}", spec.netns))?;
+        inside.add_default_route(spec.gateway).step(|| {
+            format!(
+                "adding the default route via {} in {}",
+                spec.gateway, spec.netns
+            )
+        })
+    }
+
+    /// Removes the task's namespace name and its veth (idempotent); says which of the two
+    /// were there. Both are tried whatever the other's outcome.
+    pub fn remove_task(&self, veth: &str, netns: &str) -> Result<(bool, bool)> {
+        let unnamed =
+            named::remove(netns).step(|| format!("removing the network namespace {netns}"));
+        let deleted = self
+            .rtnl()
+            .delete(veth)
+            .step(|| format!("deleting the veth {veth}"));
+        Ok((deleted?, unnamed?))
+    }
+}
