@@ -4,17 +4,26 @@ node side lives in a netns the test creates (the World's task netns), never the 
 from __future__ import annotations
 
 import errno
+import hashlib
+import ipaddress
 import json
+import os
+import random
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
+from agentnode import _native
 from agentnode.egress import Egress, EgressPolicy
-from agentnode.egress.network import NodeNetwork
-from agentnode.errors import PolicyError
+from agentnode.egress.network import TASK_NETNS_PREFIX, VETH_PREFIX, NodeNetwork
+from agentnode.errors import EgressError, PolicyError
 from support.egress_world import HOST4, World, scratch_cgroup
 
 pytestmark = pytest.mark.root
@@ -186,3 +195,213 @@ def test_a_task_netns_made_in_the_veth_batch_is_whole_and_goes_whole(world: Worl
                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     assert out["mine"] == world_ns
     assert bridge not in links(world.task)  # closed
+
+
+# --- A task's network over rtnetlink: what it is made of, and nothing left on any failure ---
+
+
+def task_names(task_id: str) -> tuple[str, str]:
+    """The netns and veth names `add_task` gives `task_id`."""
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:8]
+    return f"{TASK_NETNS_PREFIX}{digest}", f"{VETH_PREFIX}{digest}"
+
+
+def link_names(ns: str) -> set[str]:
+    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return {str(link["ifname"]) for link in json.loads(out)}
+
+
+def ip_j(ns: str, *argv: str) -> list[dict[str, Any]]:
+    out = subprocess.run(["ip", "-n", ns, "-j", *argv], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return list(json.loads(out))
+
+
+def assert_no_trace(world: World, task_id: str, links_before: set[str]) -> None:
+    """Neither netns name nor veth of `task_id`, and no link more in the node's netns."""
+    netns, veth = task_names(task_id)
+    assert not os.path.lexists(f"/run/netns/{netns}")
+    assert netns not in netns_names()
+    assert link_names(world.task) == links_before
+    assert veth not in link_names(world.task)
+
+
+@pytest.fixture
+def node(world: World) -> Iterator[NodeNetwork]:
+    n = NodeNetwork(bridge=f"agentnode{uuid.uuid4().hex[:6]}", subnet="192.0.2.0/26",
+                    node_netns=world.task)  # fmt: skip
+    n.ensure()
+    yield n
+    n.close()
+
+
+_CONNECT = """
+import errno, socket, sys
+s = socket.socket()
+s.settimeout(8)
+try:
+    s.connect((sys.argv[1], 9))
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e)))
+"""
+
+
+def connect_errno(netns: str, address: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _CONNECT, address],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.strip()  # fmt: skip
+
+
+def test_a_task_network_is_made_as_the_ip_runs_made_it(world: World, node: NodeNetwork) -> None:
+    """Netns with lo up and eth0 (the address, MTU 1500, up, IPv6 link-local as the kernel
+    makes it), the default route via the bridge; the veth on the bridge, up, isolated, with
+    the owner alias. An isolated port: one task does not reach another at layer 2."""
+    task_id = uuid.uuid4().hex
+    net = node.add_task(task_id)
+    other = node.add_task(uuid.uuid4().hex)
+    try:
+        assert (net.netns, net.host_veth) == task_names(task_id)
+        inside = {link["ifname"]: link for link in ip_j(net.netns, "-d", "addr", "show")}
+        assert set(inside) == {"lo", "eth0"}
+        assert "UP" in inside["lo"]["flags"] and "UP" in inside["eth0"]["flags"]
+        assert inside["eth0"]["mtu"] == 1500
+        eth0 = {(a["family"], a["local"], a["prefixlen"]) for a in inside["eth0"]["addr_info"]}
+        assert ("inet", str(net.address), 26) in eth0
+        assert any(family == "inet6" and a.startswith("fe80:") for family, a, _ in eth0)
+        (default,) = [r for r in ip_j(net.netns, "route", "show") if r["dst"] == "default"]
+        assert default["gateway"] == str(node.gateway) and default["dev"] == "eth0"
+        (veth,) = ip_j(world.task, "-d", "link", "show", net.host_veth)
+        assert veth["master"] == node.bridge and "UP" in veth["flags"]
+        assert veth["linkinfo"]["info_slave_data"]["isolated"] is True
+        assert veth["ifalias"] == f"agentnode {net.address} {node.owner} {task_id}"
+        assert connect_errno(net.netns, str(node.gateway)) == "ECONNREFUSED"
+        assert connect_errno(net.netns, str(other.address)) == "EHOSTUNREACH"
+    finally:
+        node.remove_task(net)
+        node.remove_task(other)
+
+
+@pytest.mark.parametrize("clash", ["netns", "veth"])
+def test_a_name_that_exists_is_refused_and_kept(
+    world: World, node: NodeNetwork, clash: str
+) -> None:
+    task_id = uuid.uuid4().hex
+    netns, veth = task_names(task_id)
+    if clash == "netns":
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+    else:
+        subprocess.run(["ip", "-n", world.task, "link", "add", veth, "type", "bridge"], check=True)
+    links = link_names(world.task)
+    try:
+        with pytest.raises(EgressError, match=f"{netns} exists" if clash == "netns" else veth):
+            node.add_task(task_id)
+        assert link_names(world.task) == links
+        if clash == "netns":
+            assert os.path.ismount(f"/run/netns/{netns}")  # the other one's, untouched
+            assert veth not in links
+        else:
+            assert not os.path.lexists(f"/run/netns/{netns}")
+            (dummy,) = ip_j(world.task, "-d", "link", "show", veth)
+            assert dummy["linkinfo"]["info_kind"] == "bridge" and "master" not in dummy
+    finally:
+        if clash == "netns":
+            subprocess.run(["ip", "netns", "del", netns], check=True)
+        else:
+            subprocess.run(["ip", "-n", world.task, "link", "del", veth], check=True)
+    assert_no_trace(world, task_id, links - {veth})
+
+
+def test_a_missing_bridge_is_named_and_leaves_nothing(world: World) -> None:
+    node = NodeNetwork(bridge=f"agentnode{uuid.uuid4().hex[:6]}", subnet="192.0.2.0/26",
+                       node_netns=world.task)  # fmt: skip
+    links = link_names(world.task)
+    task_id = uuid.uuid4().hex
+    with pytest.raises(EgressError, match=f"bridge {node.bridge} does not exist"):
+        node.add_task(task_id)
+    assert_no_trace(world, task_id, links)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "gateway", "step"),
+    [
+        (26, "203.0.113.1", "adding the default route via 203.0.113.1"),  # off-link gateway
+        (33, "192.0.2.1", "adding 192.0.2.9/33 to eth0"),
+    ],
+)
+def test_a_failure_mid_way_leaves_nothing(
+    world: World, node: NodeNetwork, prefix: int, gateway: str, step: str
+) -> None:
+    """A step after the veth exists fails (its alias, port options and part of the netns
+    made): the veth goes and the netns is never named."""
+    task_id = uuid.uuid4().hex
+    netns, veth = task_names(task_id)
+    links = link_names(world.task)
+    tasks = _native.TaskNetwork(node_netns=f"/run/netns/{world.task}")
+    with pytest.raises(EgressError, match=step):
+        tasks.add_task(netns=netns, veth=veth, alias=f"agentnode 192.0.2.9 {node.owner} {task_id}",
+                       bridge=node.bridge, address=int(ipaddress.IPv4Address("192.0.2.9")),
+                       prefix=prefix, gateway=int(ipaddress.IPv4Address(gateway)))  # fmt: skip
+    assert_no_trace(world, task_id, links)
+    assert tasks.remove_task(veth=veth, netns=netns) == (False, False)
+
+
+def test_a_netns_gone_mid_way(world: World, node: NodeNetwork) -> None:
+    """A task's netns removed by someone else before its end: the end removes the veth all
+    the same, twice is fine. A node netns that is gone is named, and nothing is made."""
+    links = link_names(world.task)
+    task_id = uuid.uuid4().hex
+    net = node.add_task(task_id)
+    subprocess.run(["ip", "netns", "del", net.netns], check=True)
+    node.remove_task(net)
+    node.remove_task(net)
+    assert_no_trace(world, task_id, links)
+    gone = NodeNetwork(bridge=node.bridge, subnet="192.0.2.64/26",
+                       node_netns=f"agentnode-gone-{uuid.uuid4().hex[:6]}")  # fmt: skip
+    with pytest.raises(EgressError, match="cannot enter the node's network namespace"):
+        gone.add_task(task_id)
+    assert_no_trace(world, task_id, links)
+
+
+#: Makes and removes task networks until killed (each lives a few ms, as if a task ran);
+#: prints each task id before its `add_task`.
+_CHURN = """
+import random, sys, time, uuid
+from agentnode.egress.network import NodeNetwork
+node = NodeNetwork(bridge=sys.argv[1], subnet="192.0.2.0/26", node_netns=sys.argv[2])
+print("owner", node.owner, flush=True)
+while True:
+    task_id = uuid.uuid4().hex
+    print(task_id, flush=True)
+    net = node.add_task(task_id)
+    time.sleep(random.uniform(0, 0.005))
+    node.remove_task(net)
+"""
+
+
+def test_a_kill_at_any_point_leaves_only_what_the_sweep_removes(
+    world: World, node: NodeNetwork
+) -> None:
+    """An owner killed with -9 anywhere in a task's set-up or tear-down: what it leaves is a
+    veth the sweep finds by its alias (and the netns name that goes with it), or a netns held
+    by no one, which the kernel takes down with its veth pair."""
+    from support.agent_env import REPO
+
+    links = link_names(world.task)
+    rng = random.Random()
+    for _ in range(6):
+        churn = subprocess.Popen(
+            [sys.executable, "-c", _CHURN, node.bridge, world.task],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "python")},
+        )  # fmt: skip
+        assert churn.stdout is not None
+        assert churn.stdout.readline().startswith("owner ")
+        first = churn.stdout.readline().strip()  # its first task is under way
+        time.sleep(rng.uniform(0, 0.2))
+        churn.send_signal(signal.SIGKILL)
+        ids = [first, *(line.strip() for line in churn.communicate()[0].splitlines())]
+        node.sweep()
+        deadline = time.monotonic() + 20
+        while link_names(world.task) != links and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for task_id in ids:
+            assert_no_trace(world, task_id, links)
