@@ -160,12 +160,13 @@ def ip_remove_task(net: TaskNet) -> None:
     _ip("-force", "-batch", "-", script=f"link del {net.host_veth}\nnetns del {net.netns}\n")
 
 
-def measure_tasknet(world: World, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median (wall ms, CPU ms of this process and its children) of a task's network made and
-    removed, rounds alternating: over rtnetlink (`NodeNetwork.add_task` + `remove_task`) and
-    with the `ip` runs of the previous design. Run on a thread moved into the World's task
-    netns, which plays the node's (as a daemon's own netns is: no `ip -n`)."""
-    times: dict[str, list[tuple[float, float]]] = {"netlink": [], "ip": []}
+def measure_tasknet(world: World, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """Medians of a task's network made and removed: (CPU ms of this process and its children
+    for both, wall ms of the set-up, wall ms of the tear-down), rounds alternating: over
+    rtnetlink (`NodeNetwork.add_task`, `remove_task`) and with the `ip` runs of the previous
+    design. Run on a thread moved into the World's task netns, which plays the node's (as a
+    daemon's own netns is: no `ip -n`)."""
+    times: dict[str, list[tuple[float, float, float]]] = {"netlink": [], "ip": []}
     failed: list[BaseException] = []
 
     def run() -> None:
@@ -177,16 +178,20 @@ def measure_tasknet(world: World, rounds: int) -> dict[str, tuple[float, float]]
         node.ensure()
         # Tasks already on the bridge: allocation reads every link's alias.
         others = [node.add_task(uuid.uuid4().hex) for _ in range(8)]
-        paths = {
-            "netlink": lambda: node.remove_task(node.add_task(uuid.uuid4().hex)),
-            "ip": lambda: ip_remove_task(ip_add_task(node, uuid.uuid4().hex)),
+        paths: dict[str, tuple[Callable[[str], TaskNet], Callable[[TaskNet], None]]] = {
+            "netlink": (node.add_task, node.remove_task),
+            "ip": (lambda task_id: ip_add_task(node, task_id), ip_remove_task),
         }
         try:
             for i in range(rounds):
                 for name in sorted(paths, reverse=i % 2 == 1):
+                    add, remove = paths[name]
                     t, c = time.perf_counter(), _cpu()
-                    paths[name]()
-                    times[name].append(((time.perf_counter() - t) * 1000, (_cpu() - c) * 1000))
+                    net = add(uuid.uuid4().hex)
+                    t1 = time.perf_counter()
+                    remove(net)
+                    t2 = time.perf_counter()
+                    times[name].append(((_cpu() - c) * 1000, (t1 - t) * 1000, (t2 - t1) * 1000))
         finally:
             for net in others:
                 node.remove_task(net)
@@ -205,7 +210,11 @@ def measure_tasknet(world: World, rounds: int) -> dict[str, tuple[float, float]]
     if failed:
         raise failed[0]
     return {
-        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+        k: (
+            statistics.median(x[0] for x in v),
+            statistics.median(x[1] for x in v),
+            statistics.median(x[2] for x in v),
+        )
         for k, v in times.items()
     }
 
@@ -217,10 +226,13 @@ def main() -> None:
     queries = 200 if bench.quick else 2000
     with World() as world, scratch_cgroup() as cg:
         net = measure_tasknet(world, 20 if bench.quick else 100)
-        bench.record("task_network_cpu_ms", net["netlink"][1], net["ip"][1], "ms CPU",
-                     peer_name="the `ip` runs of the previous design, theirs included")  # fmt: skip
-        bench.record("task_network_ms", net["netlink"][0], net["ip"][0], "ms",
-                     peer_name="the `ip` runs of the previous design")  # fmt: skip
+        ip_runs = "the `ip` runs of the previous design"
+        bench.record("task_network_cpu_ms", net["netlink"][0], net["ip"][0], "ms CPU",
+                     peer_name=f"{ip_runs}, theirs included; set-up and tear-down")  # fmt: skip
+        bench.record("task_network_setup_ms", net["netlink"][1], net["ip"][1], "ms",
+                     peer_name=ip_runs)  # fmt: skip
+        bench.record("task_network_teardown_ms", net["netlink"][2], net["ip"][2], "ms",
+                     peer_name=ip_runs)  # fmt: skip
         world.serve(
             dns={
                 "addrs": [HOST4],

@@ -86,9 +86,40 @@ pub struct TaskSpec {
 /// The name of the task side of every veth pair.
 pub const TASK_LINK: &str = "eth0";
 
-/// The node's side: an rtnetlink socket in the namespace the bridge is in.
+/// The node's side: rtnetlink sockets in the namespace the bridge is in, one per call at a
+/// time (a veth's removal waits tens of ms for the kernel; a task starting meanwhile must not
+/// wait for it), kept for the next calls.
 pub struct NodeSide {
-    rtnl: Mutex<Rtnl>,
+    /// The node's namespace, when it is not this process's.
+    netns: Option<File>,
+    spare: Mutex<Vec<Rtnl>>,
+}
+
+/// A socket of [`NodeSide`], given back when dropped.
+struct Lent<'a> {
+    rtnl: Option<Rtnl>,
+    to: &'a NodeSide,
+}
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = Rtnl;
+    fn deref(&self) -> &Rtnl {
+        self.rtnl.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut Rtnl {
+        self.rtnl.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(rtnl) = self.rtnl.take() {
+            self.to.spare().push(rtnl);
+        }
+    }
 }
 
 /// Runs `f` on a thread of its own, which may move into other network namespaces (the caller's
@@ -109,35 +140,61 @@ impl NodeSide {
     /// The node side in the namespace at `node_netns` (a path like `/run/netns/NAME`), or in
     /// this process's when `None`.
     pub fn open(node_netns: Option<&Path>) -> Result<Self> {
-        let rtnl = match node_netns {
-            None => Rtnl::open().step(|| "opening an rtnetlink socket".into())?,
-            Some(path) => {
-                let entered = |source| Error::NodeNetns {
+        let netns = node_netns
+            .map(|path| {
+                File::open(path).map_err(|source| Error::NodeNetns {
                     path: path.to_owned(),
                     source,
-                };
-                let ns = File::open(path).map_err(entered)?;
-                on_own_thread(|| {
-                    // SAFETY: moves only this thread, which ends right after.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(entered(io::Error::last_os_error()));
-                    }
-                    Rtnl::open().step(|| "opening an rtnetlink socket".into())
-                })?
-            }
+                })
+            })
+            .transpose()?;
+        let node = Self {
+            netns,
+            spare: Mutex::new(Vec::new()),
         };
-        Ok(Self {
-            rtnl: Mutex::new(rtnl),
+        let first = node.connect()?;
+        node.spare().push(first);
+        Ok(node)
+    }
+
+    fn spare(&self) -> std::sync::MutexGuard<'_, Vec<Rtnl>> {
+        self.spare.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new socket in the node's namespace.
+    fn connect(&self) -> Result<Rtnl> {
+        let opened = || Rtnl::open().step(|| "opening an rtnetlink socket".into());
+        let Some(ns) = &self.netns else {
+            return opened();
+        };
+        on_own_thread(|| {
+            // SAFETY: moves only this thread, which ends right after.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(Error::NodeNetns {
+                    path: PathBuf::from(format!("/proc/self/fd/{}", ns.as_raw_fd())),
+                    source: io::Error::last_os_error(),
+                });
+            }
+            opened()
         })
     }
 
-    fn rtnl(&self) -> std::sync::MutexGuard<'_, Rtnl> {
-        self.rtnl.lock().unwrap_or_else(PoisonError::into_inner)
+    /// A socket of the node's namespace for this call alone.
+    fn rtnl(&self) -> Result<Lent<'_>> {
+        let spare = self.spare().pop();
+        let rtnl = match spare {
+            Some(rtnl) => rtnl,
+            None => self.connect()?,
+        };
+        Ok(Lent {
+            rtnl: Some(rtnl),
+            to: self,
+        })
     }
 
     /// Every link of the node's namespace, with its alias and its master's name.
     pub fn links(&self) -> Result<Vec<Link>> {
-        let links = self.rtnl().links().step(|| "listing links".into())?;
+        let links = self.rtnl()?.links().step(|| "listing links".into())?;
         let name = |index| {
             links
                 .iter()
@@ -163,7 +220,7 @@ impl NodeSide {
             // Never a namespace another attempt may still hold (an undo would remove it).
             return Err(Error::NetnsExists(spec.netns.clone()));
         }
-        let mut node = self.rtnl();
+        let mut node = self.rtnl()?;
         let bridge = node
             .index(&spec.bridge)
             .step(|| format!("looking up the bridge {}", spec.bridge))?
@@ -247,7 +304,7 @@ impl NodeSide {
         let unnamed =
             named::remove(netns).step(|| format!("removing the network namespace {netns}"));
         let deleted = self
-            .rtnl()
+            .rtnl()?
             .delete(veth)
             .step(|| format!("deleting the veth {veth}"));
         Ok((deleted?, unnamed?))

@@ -7,13 +7,13 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator,
+    NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags,
-    LinkInfo, LinkMessage,
+    InfoBridgePort, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkExtentMask,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -23,6 +23,11 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// The loopback device's index: the same in every network namespace.
 const LOOPBACK_INDEX: u32 = 1;
+// From linux/if_link.h and linux/rtnetlink.h.
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_IFALIAS: u16 = 20;
+const RTM_NEWLINK: u16 = 16;
 
 /// A link as a dump lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +36,36 @@ pub struct Link {
     pub name: String,
     pub alias: Option<String>,
     pub master: Option<u32>,
+}
+
+impl Link {
+    /// The link an `RTM_NEWLINK` payload describes (`None` when it is cut short).
+    fn parse(payload: &[u8]) -> Option<Self> {
+        const IFINFOMSG: usize = 16;
+        let index = u32::from_ne_bytes(payload.get(4..8)?.try_into().ok()?);
+        let mut link = Link {
+            index,
+            name: String::new(),
+            alias: None,
+            master: None,
+        };
+        let text = |v: &[u8]| {
+            let v = v.split(|&b| b == 0).next().unwrap_or_default();
+            String::from_utf8_lossy(v).into_owned()
+        };
+        for nla in NlasIterator::new(payload.get(IFINFOMSG..)?) {
+            let nla = nla.ok()?;
+            match nla.kind() {
+                IFLA_IFNAME => link.name = text(nla.value()),
+                IFLA_IFALIAS => link.alias = Some(text(nla.value())),
+                IFLA_MASTER => {
+                    link.master = Some(u32::from_ne_bytes(nla.value().try_into().ok()?));
+                }
+                _ => {}
+            }
+        }
+        Some(link)
+    }
 }
 
 pub(super) struct Rtnl {
@@ -66,38 +101,36 @@ impl Rtnl {
         Ok(self.seq)
     }
 
-    /// Reads the answers to request `seq`, passing each message to `each`, until its ack,
-    /// error or (for a dump) its end.
-    fn receive(&mut self, seq: u32, mut each: impl FnMut(RouteNetlinkMessage)) -> io::Result<()> {
+    /// Reads the answers to request `seq`, passing each link message's bytes (`ifinfomsg` and
+    /// attributes) to `each`, until its ack, error or (for a dump) its end. Messages are not
+    /// parsed whole: a link's full description (statistics, per-family configuration) costs
+    /// more to parse than the kernel takes to write it, and only three attributes are read.
+    fn receive(&mut self, seq: u32, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+        let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
         loop {
             self.buf.clear();
             let n = self.socket.recv(&mut self.buf, 0)?;
             let mut at = 0;
             while at < n {
-                let packet =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[at..n])
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = packet.header.length as usize;
-                if len == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a netlink message of length 0",
-                    ));
-                }
+                let packet = NetlinkBuffer::new_checked(&self.buf[at..n])
+                    .map_err(|_| invalid("a truncated netlink message"))?;
+                let len = packet.length() as usize;
                 at += (len + 3) & !3;
-                if packet.header.sequence_number != seq {
+                if packet.sequence_number() != seq {
                     continue; // an answer to an earlier request that failed before reading it
                 }
-                match packet.payload {
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
+                match packet.message_type() {
+                    NLMSG_ERROR => {
+                        let error = ErrorBuffer::new_checked(packet.payload())
+                            .map_err(|_| invalid("a truncated netlink error"))?;
+                        return match error.code() {
                             None => Ok(()),
                             Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
                         };
                     }
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::InnerMessage(m) => each(m),
-                    _ => {} // no-ops and overruns: the ack or error follows
+                    NLMSG_DONE => return Ok(()),
+                    RTM_NEWLINK => each(packet.payload()),
+                    _ => {} // no-ops: the ack or error follows
                 }
             }
         }
@@ -109,46 +142,30 @@ impl Rtnl {
         self.receive(seq, |_| {})
     }
 
+    /// A link request that asks for no statistics in the answer.
+    fn get_link(name: Option<&str>) -> RouteNetlinkMessage {
+        let mut m = LinkMessage::default();
+        if let Some(name) = name {
+            m.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        }
+        m.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        RouteNetlinkMessage::GetLink(m)
+    }
+
     /// Every link of this namespace.
     pub(super) fn links(&mut self) -> io::Result<Vec<Link>> {
-        let seq = self.send(
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_DUMP,
-        )?;
+        let seq = self.send(Self::get_link(None), NLM_F_DUMP)?;
         let mut links = Vec::new();
-        self.receive(seq, |m| {
-            if let RouteNetlinkMessage::NewLink(m) = m {
-                let mut link = Link {
-                    index: m.header.index,
-                    name: String::new(),
-                    alias: None,
-                    master: None,
-                };
-                for a in m.attributes {
-                    match a {
-                        LinkAttribute::IfName(n) => link.name = n,
-                        LinkAttribute::IfAlias(a) => link.alias = Some(a),
-                        LinkAttribute::Controller(i) => link.master = Some(i),
-                        _ => {}
-                    }
-                }
-                links.push(link);
-            }
-        })?;
+        self.receive(seq, |m| links.extend(Link::parse(m)))?;
         Ok(links)
     }
 
     /// The index of link `name`, `None` when there is none.
     pub(super) fn index(&mut self, name: &str) -> io::Result<Option<u32>> {
-        let mut m = LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(name.to_owned()));
-        let seq = self.send(RouteNetlinkMessage::GetLink(m), NLM_F_ACK)?;
+        let seq = self.send(Self::get_link(Some(name)), NLM_F_ACK)?;
         let mut index = None;
-        match self.receive(seq, |m| {
-            if let RouteNetlinkMessage::NewLink(m) = m {
-                index = Some(m.header.index);
-            }
-        }) {
+        match self.receive(seq, |m| index = Link::parse(m).map(|l| l.index)) {
             Ok(()) => Ok(index),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
