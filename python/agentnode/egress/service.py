@@ -477,8 +477,8 @@ class EgressService:
                 _native.EgressHandle.remove_pins(self.pins / PROGRAMS_PIN)
 
     def retire(self, teardown: Callable[[], None]) -> None:
-        """Runs an ended task's network `teardown` on a background thread (a veth and netns removal is
-        two `ip` runs, tens of ms): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
+        """Runs an ended task's network `teardown` on a background thread (a veth's removal waits
+        tens of ms for the kernel): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
         past that the caller closes it itself, so a burst of ends cannot pile up kernel objects.
         `close()` finishes every one first; what a killed process left, the next `start`
         sweeps (each veth names its owner)."""
