@@ -18,6 +18,7 @@ __all__ = [
     "Launcher",
     "NativeTask",
     "Scheduler",
+    "TaskNetwork",
     "VectorCollection",
     "__version__",
     "cgroup_hierarchy",

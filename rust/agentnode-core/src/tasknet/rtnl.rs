@@ -279,3 +279,55 @@ impl Rtnl {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::Emitable;
+
+    use super::*;
+
+    /// The payload the kernel would send for `m` (an `ifinfomsg` and its attributes).
+    fn payload(m: &LinkMessage) -> Vec<u8> {
+        let mut bytes = vec![0; m.buffer_len()];
+        m.emit(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn a_link_is_read_from_its_name_alias_and_master_alone() {
+        let mut m = LinkMessage::default();
+        m.header.index = 7;
+        m.attributes = vec![
+            LinkAttribute::Mtu(1500),
+            LinkAttribute::IfName("anv0123abcd".into()),
+            LinkAttribute::Controller(3),
+            LinkAttribute::IfAlias("agentnode 10.88.0.2 k1 task".into()),
+            LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]),
+        ];
+        let link = Link::parse(&payload(&m)).expect("a whole message");
+        assert_eq!(
+            link,
+            Link {
+                index: 7,
+                name: "anv0123abcd".into(),
+                alias: Some("agentnode 10.88.0.2 k1 task".into()),
+                master: Some(3),
+            }
+        );
+        let mut bare = LinkMessage::default();
+        bare.header.index = 1;
+        bare.attributes = vec![LinkAttribute::IfName("lo".into())];
+        let lo = Link::parse(&payload(&bare)).expect("a whole message");
+        assert_eq!((lo.name.as_str(), lo.alias, lo.master), ("lo", None, None));
+    }
+
+    #[test]
+    fn a_cut_message_is_no_link() {
+        let mut m = LinkMessage::default();
+        m.attributes = vec![LinkAttribute::IfName("eth0".into())];
+        let bytes = payload(&m);
+        assert_eq!(Link::parse(&bytes[..6]), None);
+        // The name's attribute says 9 bytes ("eth0\0"); 4 of its 12 are cut.
+        assert_eq!(Link::parse(&bytes[..bytes.len() - 4]), None);
+    }
+}
