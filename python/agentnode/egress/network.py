@@ -26,6 +26,7 @@ import functools
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -38,6 +39,8 @@ from agentnode.egress.policy import Published
 from agentnode.errors import EgressError, PolicyError
 
 __all__ = ["NodeNetwork", "TaskNet"]
+
+log = logging.getLogger(__name__)
 
 TASK_NETNS_PREFIX = "agentnode-task-"
 VETH_PREFIX = "anv"
@@ -359,8 +362,9 @@ class NodeNetwork:
             netns = f"{TASK_NETNS_PREFIX}{veth.removeprefix(VETH_PREFIX)}"
             try:
                 _, unnamed = self._rtnl.remove_task(veth=veth, netns=netns)
-            except EgressError:
-                continue  # the next sweep tries again; the others still go
+            except EgressError as e:
+                log.warning("%s (the next sweep tries again)", e)
+                continue  # the others still go
             removed.append(veth)
             if unnamed:
                 netns_removed.append(netns)
