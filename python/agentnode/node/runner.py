@@ -522,6 +522,10 @@ class Node:
     async def _launch(self, task: Task) -> None:
         self._publish(task)
         proc = await asyncio.get_running_loop().run_in_executor(self._spawner, self._spawn, task)
+        # Its end's network teardown (BPF detach, veth and netns removal: `ip` runs, tens of
+        # ms) goes to the egress service's thread, not this loop, which records the end and
+        # frees its reservation at once.
+        proc.close_network_later()
         if self.execs is not None and proc.cgroup_dir is not None:
             self.execs.watch(proc.cgroup_dir, task=task.id, tenant=task.spec.tenant)
         now = time.monotonic()
