@@ -434,18 +434,18 @@ def test_concurrency_caps_and_capacity_admission(tmp_path: Path) -> None:
 def cpu_files(pid: int) -> tuple[int, str]:
     """The CPU weight (cgroup2 `cpu.weight`, or v1 `cpu.shares` as the launcher maps it) and
     the quota (`cpu.max`'s first field, or v1 `cpu.cfs_quota_us`) of process `pid`'s cgroup."""
-    groups = dict(
-        (ctl, path)
-        for _, ctl, path in (
-            ln.split(":", 2) for ln in Path(f"/proc/{pid}/cgroup").read_text().split()
-        )
-    )
-    v1 = next((d for d in task_mod._instance().dirs() if d.parent.parent.name == "cpu"), None)
+    groups = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().split():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            groups[c] = path.lstrip("/")
+    dirs = task_mod._instance().dirs()
+    v1 = next((d.parents[1] for d in dirs if "cpu" in d.parents[1].name.split(",")), None)
     if v1 is not None:
-        cpu = v1.parents[1] / groups["cpu"].lstrip("/")
+        cpu = v1 / groups["cpu"]
         shares = int((cpu / "cpu.shares").read_text())
         return round(shares * 100 / 1024), (cpu / "cpu.cfs_quota_us").read_text().strip()
-    unified = task_mod._instance().dirs()[0].parents[1] / groups[""].lstrip("/")
+    unified = dirs[0].parents[1] / groups[""]
     return int((unified / "cpu.weight").read_text()), (unified / "cpu.max").read_text().split()[0]
 
 
