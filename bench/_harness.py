@@ -53,17 +53,29 @@ class Figure:
 class Bench:
     """One benchmark script's figures. Create with `Bench.from_args("name")`."""
 
-    def __init__(self, name: str, *, quick: bool) -> None:
+    def __init__(self, name: str, *, quick: bool, only: tuple[str, ...] = ()) -> None:
         self.name = name
         self.quick = quick
+        #: The parts asked for with --only (empty: all).
+        self.only = only
         self.figures: list[Figure] = []
 
     @classmethod
-    def from_args(cls, name: str, argv: list[str] | None = None) -> Bench:
+    def from_args(
+        cls, name: str, argv: list[str] | None = None, *, parts: tuple[str, ...] = ()
+    ) -> Bench:
+        """The bench `name` as the command line asks; a bench made of `parts` takes --only."""
         parser = argparse.ArgumentParser(description=f"agentnode benchmark: {name}")
         parser.add_argument("--quick", action="store_true", help="fewer repeats (CI)")
+        if parts:
+            parser.add_argument("--only", action="append", choices=parts, default=[],
+                                help="run only this part (repeatable; default: all)")  # fmt: skip
         args = parser.parse_args(argv)
-        return cls(name, quick=args.quick)
+        return cls(name, quick=args.quick, only=tuple(getattr(args, "only", ())))
+
+    def runs(self, part: str) -> bool:
+        """Whether part `part` is to run (every part does without --only)."""
+        return not self.only or part in self.only
 
     def record(
         self,

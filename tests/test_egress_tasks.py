@@ -307,6 +307,11 @@ def test_daemon_tasks_get_their_egress_policy(world: World, tmp_path: Path) -> N
         assert {"task": task["id"], "address": OTHER4, "port": 8080} in [
             {k: a[k] for k in ("task", "address", "port")} for a in audit
         ]
+        # The end is recorded first; its network goes on the egress service's thread.
+        deadline = time.monotonic() + 10
+        while veths(world) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not veths(world), "the ended task's veth is removed while the node runs"
         assert (
             "agentnode0"
             in subprocess.run(

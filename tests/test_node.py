@@ -431,6 +431,67 @@ def test_concurrency_caps_and_capacity_admission(tmp_path: Path) -> None:
         assert most_at_once(finished[6:]) == 1, "each big task needs most of the node's CPUs"
 
 
+def cpu_files(pid: int) -> tuple[int, str]:
+    """The CPU weight (cgroup2 `cpu.weight`, or v1 `cpu.shares` as the launcher maps it) and
+    the quota (`cpu.max`'s first field, or v1 `cpu.cfs_quota_us`) of process `pid`'s cgroup."""
+    groups = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().split():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            groups[c] = path.lstrip("/")
+    dirs = task_mod._instance().dirs()
+    v1 = next((d.parents[1] for d in dirs if "cpu" in d.parents[1].name.split(",")), None)
+    if v1 is not None:
+        cpu = v1 / groups["cpu"]
+        shares = int((cpu / "cpu.shares").read_text())
+        return round(shares * 100 / 1024), (cpu / "cpu.cfs_quota_us").read_text().strip()
+    unified = dirs[0].parents[1] / groups[""]
+    return int((unified / "cpu.weight").read_text()), (unified / "cpu.max").read_text().split()[0]
+
+
+def test_cpu_request_is_what_admission_reserves_and_cpus_the_limit(tmp_path: Path) -> None:
+    marker = f"cpureq{os.getpid()}x{time.time_ns() % 10**6}"
+    with daemon(tmp_path) as d:
+        node = d.client.call("GET", "/v1/node")
+        allocatable = node["allocatable_cpu_millis"] / 1000
+        limit = min(allocatable, 1.0)
+        request = int(allocatable / 4 * 100) / 100  # four fit, a fifth does not
+        gate = [*GATE, marker]
+        tasks = [d.submit(gate, user="0", cpus=limit, cpu_request=request) for _ in range(5)]
+        running = [d.wait(t["id"], states=("running",)) for t in tasks[:4]]
+        assert all(t["cpu_request"] == request and t["cpus"] == limit for t in running)
+        time.sleep(0.5)  # a pass or two of the scheduling loop
+        assert d.task(tasks[4]["id"])["state"] == "queued", "the fifth's reservation does not fit"
+        assert node["free_cpu_millis"] > d.client.call("GET", "/v1/node")["free_cpu_millis"]
+        pids = processes_with(marker)
+        assert pids and {cpu_files(p) for p in pids} == {
+            (round(request * 100), str(round(limit * 100_000)))
+        }, "weight from the reservation (100 per CPU), quota from the limit"
+        open_gate(d, tasks[0])
+        assert d.wait(tasks[4]["id"], states=("running",))["state"] == "running"
+        for t in tasks[1:]:
+            open_gate(d, t)
+        assert all(d.wait(t["id"])["state"] == "succeeded" for t in tasks)
+        plain = d.wait(d.submit(["true"], cpus=0.5)["id"])
+        assert plain["cpu_request"] == 0.5, "a command reserves its limit"
+        for body, why in (
+            ({"cpus": 0.5, "cpu_request": 1}, "out of range"),
+            ({"cpu_request": "all"}, "must be a number"),
+            ({"cpus": 1000, "cpu_request": 900}, "this node has"),
+        ):
+            status, err = call(d, "POST", "/v1/tasks", {"command": ["true"], **body})
+            assert status == 400 and err["field"] == "cpu_request" and why in err["error"], err
+        r = run_cli(["submit", "--socket", str(d.socket), "--cpus", "0.4", "--cpu-request",
+                     "0.2", "--wait", "--", "true"])  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        cli_task = d.client.call("GET", "/v1/tasks?all=1")[-1]
+        assert (cli_task["cpus"], cli_task["cpu_request"]) == (0.4, 0.2)
+        r = run_cli(["submit", "--socket", str(d.socket), "--cpu-request", "lots", "--", "true"])
+        line = r.stderr.strip()
+        assert r.returncode == 2 and "\n" not in line, r.stderr
+        assert "--cpu-request 'lots': is not a number" in line
+
+
 # -- stopping tasks -----------------------------------------------------------------------------
 
 

@@ -32,7 +32,9 @@ from agentnode.tasks import (
     TaskStore,
     TokenKey,
 )
+from agentnode.tasks.model import AGENT_CPU_REQUEST, DEFAULT_CPUS, cpu_request, cpu_weight_for
 from agentnode.tasks.store import decode, encode, queued_of
+from agentnode.tasks.submission import BadField, spec_from_json
 
 BIG = 1 << 62
 
@@ -587,3 +589,86 @@ def test_inventory(tmp_path: Path) -> None:
     ):
         assert gpus(proc=fake) == (Gpu(0, "NVIDIA A100", 0),)
     assert gpus(proc=tmp_path / "none") == () or Path("/proc/driver/nvidia").exists()
+
+
+# -- CPU reservation and limit ------------------------------------------------------------------
+
+
+def test_cpu_request_is_reserved_and_cpus_is_a_limit() -> None:
+    plain = spec(sandbox=sb.Sandbox(limits=sb.Limits(cpus=2)))
+    assert plain.cpu_request is None and plain.cpu_millis == 2000, "a command reserves its limit"
+    assert spec().cpu_millis == round(DEFAULT_CPUS * 1000)
+    agent = spec(agent="python")
+    assert agent.sandbox.limits.cpus == DEFAULT_CPUS, "an agent's limit is the default"
+    assert agent.cpu_millis == round(AGENT_CPU_REQUEST * 1000), "it reserves less than its limit"
+    tiny = spec(agent="langgraph", sandbox=sb.Sandbox(limits=sb.Limits(cpus=0.05)))
+    assert tiny.cpu_millis == 50, "never more than its limit"
+    for kind in ("", "python", "openclaw"):
+        given = spec(agent=kind, cpu_request=0.25)
+        assert (given.cpu_request, given.cpu_millis) == (0.25, 250)
+    assert spec(cpu_request=1).cpu_request == 1.0 and spec(cpu_request=0.01).cpu_millis == 10
+    # A spec made from another keeps what was given, and an agent kind set later (as
+    # `agents.kinds.prepare` does) changes the default, not a given reservation.
+    assert replace(spec(), agent="python").cpu_millis == 100
+    assert replace(spec(cpu_request=0.5), agent="python").cpu_millis == 500
+
+
+@pytest.mark.parametrize(
+    "value", [0, 0.001, -1, 1.5, 2000, float("nan"), float("inf"), True, "0.5", [0.5]]
+)
+def test_a_bad_cpu_request_is_refused_naming_it(value: object) -> None:
+    with pytest.raises(TaskError, match=r"^cpu_request .*(out of range|must be a number)"):
+        spec(cpu_request=value)  # the limit is the default, 1 CPU
+
+
+def test_cpu_weight_follows_the_reservation() -> None:
+    assert [cpu_weight_for(c) for c in (0.1, 0.5, 1.0, 2.5)] == [10, 50, 100, 250]
+    assert cpu_weight_for(0.001) == 1 and cpu_weight_for(1000) == 10000, "the kernel's bounds"
+    assert cpu_request(cpus=4.0, given=None, agent="") == 4.0
+    assert cpu_request(cpus=4.0, given=None, agent="python") == AGENT_CPU_REQUEST
+    assert cpu_request(cpus=4.0, given=3.0, agent="python") == 3.0
+
+
+def test_cpu_request_survives_the_record_and_a_reopen(tmp_path: Path) -> None:
+    given = Task(id="t1", seq=1, spec=spec(agent="python", cpu_request=0.3))
+    assert decode(encode(given)) == given
+    default = Task(id="t2", seq=2, spec=spec(agent="python"))
+    assert decode(encode(default)).spec.cpu_request is None, "the default is not frozen in"
+    assert queued_of(given)[3] == 300 and queued_of(default)[3] == 100
+
+    async def main() -> None:
+        m = TaskManager(tmp_path, sync=False)
+        for _ in range(4):
+            await m.submit(spec(agent="python", cpu_request=0.3))
+        m.close()
+        m = TaskManager(tmp_path, sync=False)  # the queue re-read from the records' headers
+        got = await m.next_tasks(10, free_cpu_millis=1000, free_memory_bytes=BIG)
+        assert len(got) == 3, "three 0.3-CPU reservations fit in 1 CPU"
+        m.close()
+
+    asyncio.run(main())
+
+
+def test_admission_counts_reservations_not_limits(tmp_path: Path) -> None:
+    async def main() -> None:
+        m = TaskManager(tmp_path, sync=False)
+        agents = [(await m.submit(spec(agent="python")))[0] for _ in range(12)]
+        plain = [(await m.submit(spec(cls="low")))[0] for _ in range(2)]
+        got = await m.next_tasks(20, free_cpu_millis=1000, free_memory_bytes=BIG)
+        assert [t.id for t in got] == [t.id for t in agents[:10]], "ten 0.1-CPU reservations fit"
+        got = await m.next_tasks(20, free_cpu_millis=1000, free_memory_bytes=BIG)
+        assert [t.id for t in got] == [t.id for t in agents[10:]], "a 1-CPU one does not fit after"
+        got = await m.next_tasks(20, free_cpu_millis=1000, free_memory_bytes=BIG)
+        assert [t.id for t in got] == [plain[0].id]
+        m.close()
+
+    asyncio.run(main())
+
+
+def test_submission_reads_cpu_request() -> None:
+    body = {"command": ["true"], "cpus": 2, "cpu_request": 0.5}
+    assert spec_from_json(body).cpu_millis == 500
+    for bad in ("half", 3, 0, False):
+        with pytest.raises(BadField) as e:
+            spec_from_json({**body, "cpu_request": bad})
+        assert e.value.field == "cpu_request", bad

@@ -428,12 +428,16 @@ class Sandbox:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, *, node: bool = False) -> None:
-        """Adds the sandbox options to `parser` (`exec`; `submit` with `node`, where --cpus,
-        --memory and --timeout are also what the scheduler reserves, with the node's defaults)."""
+        """Adds the sandbox options to `parser` (`exec`; `submit` with `node`, where --memory
+        and --timeout are also what the scheduler reserves, with the node's defaults, and
+        --cpu-request, a task's option, says what it reserves of its --cpus)."""
         g = parser.add_argument_group("sandbox")
         a = g.add_argument
         if node:
-            a("--cpus", metavar="N", help="CPUs requested and allowed (default 1)")
+            a("--cpus", metavar="N", help="CPUs allowed, a limit (default 1)")
+            a("--cpu-request", metavar="N",
+              help="CPUs the node reserves for it, at most --cpus (default: --cpus; 0.1 for an "
+                   "--agent)")  # fmt: skip
             a("--memory", metavar="SIZE", help="memory requested and allowed (default 512M)")
             a("--timeout", metavar="DURATION", help="wall-clock limit (default 1h)")
         else:

@@ -48,7 +48,7 @@ from agentnode.node.runner import Node
 from agentnode.storage.api import principal
 from agentnode.storage.tenancy import Principal
 from agentnode.tasks.model import _TENANT as TENANT_NAME
-from agentnode.tasks.model import TERMINAL, State, Task
+from agentnode.tasks.model import TERMINAL, State, Task, cpu_request
 from agentnode.tasks.store import body_of
 from agentnode.tasks.submission import BadField, spec_from_json
 from agentnode.tools.api import add_tool_routes
@@ -160,6 +160,9 @@ def row_json(node: Node, body: dict[str, Any]) -> dict[str, Any]:
         "retries": spec.get("retries"),
         "retry_lost": spec.get("retry_lost", True),
         **spec["sandbox"],
+        "cpu_request": cpu_request(
+            cpus=spec["sandbox"]["cpus"], given=spec.get("cpu_request"), agent=spec.get("agent", "")
+        ),
         "agent": spec.get("agent") or None,
     }
     running = node.running.get(body["id"])
@@ -211,8 +214,8 @@ async def _submit(request: web.Request) -> web.Response:
     inv = node.inventory
     if spec.cpu_millis > inv.allocatable_cpu_millis:
         raise BadField(
-            "cpus",
-            f"requests {spec.cpu_millis / 1000:g} CPUs, this node has "
+            "cpus" if spec.cpu_request is None else "cpu_request",
+            f"reserves {spec.cpu_millis / 1000:g} CPUs, this node has "
             f"{inv.allocatable_cpu_millis / 1000:g} allocatable (it could never start)",
         )
     if spec.memory_bytes > inv.allocatable_memory_bytes:

@@ -172,6 +172,11 @@ def post_task(args: argparse.Namespace) -> tuple[NodeClient, dict[str, Any]]:
             raise e.for_option("--heartbeat") from None
     if args.retries is not None:
         body["retries"] = args.retries
+    if args.cpu_request is not None:
+        try:
+            body["cpu_request"] = float(args.cpu_request)
+        except ValueError:
+            raise UsageError(f"--cpu-request {args.cpu_request!r}: is not a number") from None
     if getattr(args, "no_retry_lost", False):  # `agent` builds its body here too
         body["retry_lost"] = False
     if args.agent is not None:

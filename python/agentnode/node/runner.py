@@ -50,7 +50,7 @@ from agentnode.node.retention import Retention
 from agentnode.node.spares import Spares
 from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager, lost_at_restart
-from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec
+from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec, cpu_weight_for
 from agentnode.tasks.retry import RetryPolicy
 from agentnode.tools.toolbox import Toolbox
 
@@ -522,6 +522,10 @@ class Node:
     async def _launch(self, task: Task) -> None:
         self._publish(task)
         proc = await asyncio.get_running_loop().run_in_executor(self._spawner, self._spawn, task)
+        # Its end's network teardown (BPF detach, veth and netns removal: `ip` runs, tens of
+        # ms) goes to the egress service's thread, not this loop, which records the end and
+        # frees its reservation at once.
+        proc.close_network_later()
         if self.execs is not None and proc.cgroup_dir is not None:
             self.execs.watch(proc.cgroup_dir, task=task.id, tenant=task.spec.tenant)
         now = time.monotonic()
@@ -615,7 +619,13 @@ class Node:
         # Read-only: connecting to a socket is not a write to its file system, and the task
         # can add nothing to the node's directory.
         mounts.append(Mount(os.path.abspath(self.task_socket.parent), SOCKET_DIR))
-        sandbox = replace(sandbox, env=tuple(env.items()), mounts=(*mounts, *sandbox.mounts))
+        limits = sandbox.limits
+        if limits.cpu_weight is None:
+            # What it reserved is what it gets when CPUs are short (a limit above it is a burst).
+            limits = replace(limits, cpu_weight=cpu_weight_for(task.spec.cpu_millis / 1000))
+        sandbox = replace(
+            sandbox, env=tuple(env.items()), mounts=(*mounts, *sandbox.mounts), limits=limits
+        )
         command = list(task.spec.command)
         fork = task.spec.agent == "python" and self.forkserver.serves(command, sandbox)
         # A forked agent's task starts as the fork server's stub, which waits on this pipe.

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "AGENT_CPU_REQUEST",
     "CLASSES",
     "DEFAULT_CPUS",
     "DEFAULT_MEMORY",
@@ -28,6 +29,8 @@ __all__ = [
     "Task",
     "TaskSpec",
     "check_transition",
+    "cpu_request",
+    "cpu_weight_for",
 ]
 
 CLASSES = ("critical", "high", "normal", "low", "batch")
@@ -74,13 +77,36 @@ def check_transition(task_id: str, old: State, new: State) -> None:
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY = 512 << 20
 DEFAULT_TIMEOUT_S = 3600.0
+#: CPUs an agent task reserves when its submitter does not say (`cpu_request`), at most its
+#: `cpus` limit: an agent mostly waits on its model (a step's ~10 ms of CPU against seconds of
+#: the model's time), so reserving its whole limit would leave the node's CPUs idle; its limit
+#: still lets a start or a tool burst run at full speed. Docs: docs/node.md (admission).
+AGENT_CPU_REQUEST = 0.1
+#: cgroup CPU weight per CPU reserved: a task reserving 1 CPU has the kernel's default, 100.
+_WEIGHT_PER_CPU = 100
+
+
+def cpu_request(*, cpus: float, given: float | None, agent: str) -> float:
+    """CPUs the scheduler reserves for a task whose limit is `cpus`: `given` when the submitter
+    gave one, else all of `cpus` for a plain command and `AGENT_CPU_REQUEST` (at most `cpus`)
+    for an agent kind."""
+    if given is not None:
+        return given
+    return min(cpus, AGENT_CPU_REQUEST) if agent else cpus
+
+
+def cpu_weight_for(request: float) -> int:
+    """The cgroup CPU weight of a task reserving `request` CPUs (100 per CPU, 1 to 10000): when
+    CPUs are short, running tasks share them in proportion to what they reserved, so each gets
+    at least its reservation (admission keeps the reservations within the node's CPUs)."""
+    return max(1, min(10000, round(request * _WEIGHT_PER_CPU)))
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a client submits: who, how urgent, the command, and its sandbox (whose CPUs,
-    memory and timeout are also what the scheduler reserves: set to the node's defaults when
-    the sandbox leaves them open)."""
+    """What a client submits: who, how urgent, the command, and its sandbox (whose memory and
+    timeout are also what the scheduler reserves, and whose CPUs are a limit: set to the node's
+    defaults when the sandbox leaves them open). CPUs reserved: `cpu_request`."""
 
     tenant: str
     command: tuple[str, ...]
@@ -94,6 +120,9 @@ class TaskSpec:
     #: Whether an attempt lost to the node (its agent gone with no exit recorded, a host
     #: reboot) runs once more; False for work that must not run twice.
     retry_lost: bool = True
+    #: CPUs the scheduler reserves for the task (and its cgroup's CPU weight when the sandbox
+    #: gives none), at most its `cpus` limit; None: see `cpu_request` (the function).
+    cpu_request: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tenant, str) or not _TENANT.fullmatch(self.tenant):
@@ -123,11 +152,22 @@ class TaskSpec:
                 timeout=DEFAULT_TIMEOUT_S if limits.timeout is None else limits.timeout,
             )
             object.__setattr__(self, "sandbox", replace(self.sandbox, limits=filled))
+        if self.cpu_request is not None:
+            request = self.cpu_request
+            if isinstance(request, bool) or not isinstance(request, int | float):
+                raise TaskError(f"cpu_request must be a number of CPUs, got {request!r}")
+            if not 0.01 <= request <= self._limit("cpus"):
+                raise TaskError(
+                    f"cpu_request {request:g} is out of range (0.01 to the task's cpus limit, "
+                    f"{self._limit('cpus'):g}: a task cannot use more than its limit)"
+                )
+            object.__setattr__(self, "cpu_request", float(request))
 
     @property
     def cpu_millis(self) -> int:
-        """CPU millicores reserved for the task."""
-        return round(self._limit("cpus") * 1000)
+        """CPU millicores reserved for the task (its `cpus` is a limit; see `cpu_request`)."""
+        reserved = cpu_request(cpus=self._limit("cpus"), given=self.cpu_request, agent=self.agent)
+        return round(reserved * 1000)
 
     @property
     def memory_bytes(self) -> int:

@@ -12,7 +12,9 @@ from agentnode.tasks.model import CLASSES, TaskSpec
 __all__ = ["BadField", "spec_from_json"]
 
 #: The fields of a POST /v1/tasks body besides the sandbox's (`agentnode.isolation.spec.FIELDS`).
-_TASK_FIELDS = ("tenant", "command", "priority", "heartbeat", "retries", "retry_lost")
+_TASK_FIELDS = (
+    "tenant", "command", "priority", "heartbeat", "retries", "retry_lost", "cpu_request"
+)  # fmt: skip
 
 
 class BadField(Exception):
@@ -62,6 +64,7 @@ def spec_from_json(body: Any) -> TaskSpec:
             heartbeat_s=None if heartbeat is None else check_duration("heartbeat", heartbeat),
             retries=retries,
             retry_lost=retry_lost,
+            cpu_request=body.get("cpu_request"),
         )
     except TaskError as e:
         head = str(e).split(" ", 2)[:2]

@@ -101,6 +101,9 @@ class Tool:
 
     #: Built once: checking a schema and compiling its validator cost more than a call.
     validator: Any = field(init=False, repr=False, compare=False)
+    #: `describe()`'s answer, built once (a deep copy per listing was ~0.1 ms a tool, and
+    #: every agent lists them at its start).
+    _described: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -110,6 +113,14 @@ class Tool:
                 f"tool {self.name}: its input schema is invalid: {e.message}"
             ) from None
         object.__setattr__(self, "validator", jsonschema.Draft202012Validator(self.input_schema))
+        out: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": copy.deepcopy(dict(self.input_schema)),
+        }
+        if self.output_schema is not None:
+            out["outputSchema"] = copy.deepcopy(dict(self.output_schema))
+        object.__setattr__(self, "_described", out)
 
     def input_error(self, args: Any) -> str | None:
         """None when `args` fits the input schema; else one line naming the path and problem."""
@@ -123,19 +134,10 @@ class Tool:
         return self.tenants is None or tenant in self.tenants
 
     def describe(self) -> dict[str, Any]:
-        """The tool as MCP's `tools/list` shows it."""
-        out: dict[str, Any] = {
-            "name": self.name,
-            "description": self.description,
-            "inputSchema": _public_schema(self.input_schema),
-        }
-        if self.output_schema is not None:
-            out["outputSchema"] = dict(self.output_schema)
-        return out
-
-
-def _public_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(dict(schema))
+        """The tool as MCP's `tools/list` shows it: one dict made at the tool's creation, with
+        copies of its schemas, shared by every listing (read it, serialise it; never change
+        it)."""
+        return self._described
 
 
 def redact(schema: Mapping[str, Any], args: Any) -> Any:
