@@ -53,17 +53,27 @@ class Figure:
 class Bench:
     """One benchmark script's figures. Create with `Bench.from_args("name")`."""
 
-    def __init__(self, name: str, *, quick: bool) -> None:
+    def __init__(self, name: str, *, quick: bool, only: str | None = None) -> None:
         self.name = name
         self.quick = quick
+        self.only = only
         self.figures: list[Figure] = []
 
     @classmethod
-    def from_args(cls, name: str, argv: list[str] | None = None) -> Bench:
+    def from_args(
+        cls, name: str, argv: list[str] | None = None, *, parts: tuple[str, ...] = ()
+    ) -> Bench:
+        """The bench as its command line asks; with `parts`, `--only PART` runs one of them."""
         parser = argparse.ArgumentParser(description=f"agentnode benchmark: {name}")
         parser.add_argument("--quick", action="store_true", help="fewer repeats (CI)")
+        if parts:
+            parser.add_argument("--only", choices=parts, help="run this part only")
         args = parser.parse_args(argv)
-        return cls(name, quick=args.quick)
+        return cls(name, quick=args.quick, only=getattr(args, "only", None))
+
+    def wants(self, part: str) -> bool:
+        """Whether part `part` runs (every part does without `--only`)."""
+        return self.only is None or self.only == part
 
     def record(
         self,

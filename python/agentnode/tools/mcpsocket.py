@@ -11,6 +11,18 @@ the servers it calls are that tenant's own instances. The token is checked again
 request, as the HTTP endpoint does: once its task's attempt ends, the connection lists
 nothing and every call is refused.
 
+A `tools/call` on a connection that opened in the 2026-07-28 era (every request carries its
+own envelope: what `Tools.mcp_client()` negotiates) is passed through rather than dispatched
+by the SDK session: its line, parsed by the SDK's types, is taken off the session's way and
+served by the SDK's own single-request kernel (`serve_one`: the envelope ladder, the
+per-version checks of the request and the result, the same handler) in a task of its own,
+and its answer written back as one `JSONRPCResponse` or `JSONRPCError`. A
+`notifications/cancelled` naming it cancels that task (and so the call at the server; no
+answer follows, as the SDK does); the connection ending cancels every call still running.
+The opening request, `initialize`-era connections and every other method go through the SDK
+session as before. Each passed-through call saves the session's memory-stream hops, task
+group, per-request dispatcher context and cancel scopes (bench/HISTORY.md, "mcppass").
+
 What one task can hold of the daemon is bounded, so it cannot starve other tasks' doors: the
 token line must come within `HANDSHAKE_S` and be at most `MAX_TOKEN_LINE` bytes, and a task
 has at most `MAX_PER_TASK` connections open (a further one is refused with one line)."""
@@ -19,15 +31,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mcp.server.runner import serve_dual_era_loop
+import anyio
+import mcp_types as types
+from mcp.server.connection import Connection
+from mcp.server.lowlevel import Server
+from mcp.server.runner import modern_error_data, serve_dual_era_loop, serve_one
+from mcp.shared.dispatcher import CallOptions, as_request_id
+from mcp.shared.exceptions import MCPError, NoBackChannelError
+from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
+from mcp.shared.jsonrpc_dispatcher import cancelled_request_id_from_params
+from mcp.shared.transport_context import TransportContext
 
 from agentnode.tools.endpoint import CALLER_KEY, Authenticate, mcp_server, tenant_scope
-from agentnode.tools.lines import HANDSHAKE_OK, FdLines, FdWriter, LineTooLong, serving_streams
+from agentnode.tools.lines import (
+    HANDSHAKE_OK,
+    FdLines,
+    FdWriter,
+    LineTooLong,
+    serving_streams,
+    write_message,
+)
 from agentnode.tools.service import ToolService
 
 __all__ = ["HANDSHAKE_S", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
@@ -153,8 +183,157 @@ class MCPSocket:
         """One MCP session on an accepted connection, the token checked at every request."""
         authenticate = self._authenticate
         state: dict[str, Any] = {CALLER_KEY: lambda: authenticate(token)}
+        calls = _PassThrough(self._server, out, state)
         with tenant_scope(tenant):
-            async with serving_streams(lines, out) as (read, write):
-                await serve_dual_era_loop(
-                    self._server, read, write, lifespan_state=state, init_options=self._init
-                )
+            try:
+                async with serving_streams(lines, out, route=calls.route) as (read, write):
+                    await serve_dual_era_loop(
+                        self._server, read, write, lifespan_state=state, init_options=self._init
+                    )
+            finally:
+                await calls.close()
+
+
+_TRANSPORT = TransportContext(kind="stdio", can_send_request=False)
+
+
+def _enveloped(params: Mapping[str, Any] | None) -> bool:
+    """The request carries the 2026-07-28 envelope (the key the SDK routes eras by)."""
+    meta = params.get("_meta") if params else None
+    return isinstance(meta, Mapping) and types.PROTOCOL_VERSION_META_KEY in meta
+
+
+class _PassThrough:
+    """A connection's passed-through `tools/call` requests (module docstring): `route` takes
+    them off the SDK session's way, in the order the lines came."""
+
+    def __init__(self, server: Server[Any], out: FdWriter, state: dict[str, Any]) -> None:
+        self._server = server
+        self._out = out
+        self._state = state
+        #: Decided by the connection's first request, as the SDK decides it.
+        self._modern: bool | None = None
+        self._running: dict[types.RequestId, asyncio.Task[None]] = {}
+
+    def route(self, message: types.JSONRPCMessage) -> bool:
+        if isinstance(message, types.JSONRPCRequest):
+            if self._modern is None:
+                # The opening request is the SDK's: it picks the same era from it.
+                self._modern = message.method != "initialize" and _enveloped(message.params)
+                return False
+            if (
+                not self._modern
+                or message.method != "tools/call"
+                or not _enveloped(message.params)
+                or message.id in self._running
+            ):
+                return False
+            task = asyncio.get_running_loop().create_task(self._answer(message))
+            self._running[message.id] = task
+            task.add_done_callback(functools.partial(self._done, message.id))
+            return True
+        if (
+            isinstance(message, types.JSONRPCNotification)
+            and message.method == "notifications/cancelled"
+            and (rid := cancelled_request_id_from_params(message.params)) is not None
+            and (held := self._running.get(rid)) is not None
+        ):
+            held.cancel()
+            return True
+        return False
+
+    def _done(self, rid: types.RequestId, task: asyncio.Task[None]) -> None:
+        if self._running.get(rid) is task:
+            del self._running[rid]
+
+    async def _answer(self, request: types.JSONRPCRequest) -> None:
+        reply: types.JSONRPCMessage
+        try:
+            # What the SDK's modern stream loop does with a request, without its dispatcher.
+            route = classify_inbound_request({"method": request.method, "params": request.params})
+            if isinstance(route, InboundLadderRejection):
+                raise MCPError(code=route.code, message=route.message, data=route.data)
+            connection = Connection.from_envelope(
+                route.protocol_version, route.client_info, route.client_capabilities
+            )
+            result = await serve_one(
+                self._server,
+                _Exchange(request, self._out),
+                request.method,
+                request.params,
+                connection=connection,
+                lifespan_state=self._state,
+            )
+            reply = types.JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
+        except Exception as e:
+            reply = types.JSONRPCError(jsonrpc="2.0", id=request.id, error=modern_error_data(e))
+        with contextlib.suppress(OSError):  # the task left: its call is over
+            await write_message(self._out, reply)
+
+    async def close(self) -> None:
+        """Cancels the calls still running (the connection ended) and waits for them."""
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+class _Exchange:
+    """The SDK's `DispatchContext` for one passed-through request: notifications and progress
+    go to the connection; a 2026-07-28 server sends no requests of its own."""
+
+    def __init__(self, request: types.JSONRPCRequest, out: FdWriter) -> None:
+        self._request = request
+        self._out = out
+        self._cancel: anyio.Event | None = None
+
+    @property
+    def transport(self) -> TransportContext:
+        return _TRANSPORT
+
+    @property
+    def can_send_request(self) -> bool:
+        return False
+
+    @property
+    def request_id(self) -> types.RequestId:
+        return self._request.id
+
+    @property
+    def message_metadata(self) -> None:
+        return None
+
+    @property
+    def cancel_requested(self) -> anyio.Event:
+        # Never set: a cancelled call's task is cancelled outright (the SDK's "interrupt").
+        if self._cancel is None:
+            self._cancel = anyio.Event()
+        return self._cancel
+
+    async def send_raw_request(
+        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
+    ) -> dict[str, Any]:
+        raise NoBackChannelError(method)
+
+    async def notify(
+        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
+    ) -> None:
+        message = types.JSONRPCNotification(
+            jsonrpc="2.0", method=method, params=None if params is None else dict(params)
+        )
+        with contextlib.suppress(OSError):
+            await write_message(self._out, message)
+
+    async def progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        meta = (self._request.params or {}).get("_meta")
+        token = as_request_id(meta.get("progressToken")) if isinstance(meta, Mapping) else None
+        if token is None:
+            return
+        params: dict[str, Any] = {"progressToken": token, "progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None:
+            params["message"] = message
+        await self.notify("notifications/progress", params)
