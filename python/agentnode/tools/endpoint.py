@@ -21,7 +21,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 
-__all__ = ["CALLER_KEY", "IDEMPOTENCY_META", "MCPEndpoint", "mcp_app", "mcp_server", "tenant_scope"]
+__all__ = [
+    "CALLER_KEY",
+    "IDEMPOTENCY_META",
+    "REVOKED",
+    "MCPEndpoint",
+    "call_result",
+    "mcp_app",
+    "mcp_server",
+    "tenant_scope",
+]
 
 #: A call's idempotency key, in the request's `_meta` (MCP has no field of its own for it).
 IDEMPOTENCY_META = "agentnode/idempotency_key"
@@ -44,6 +53,8 @@ _COMPLETE = {"resultType": "complete"}
 #: authenticates the connection's token again (a token is revoked when its task's attempt
 #: ends: a connection must not outlive it).
 CALLER_KEY = "agentnode.caller"
+#: Why a call on an MCP socket connection whose task has ended is refused.
+REVOKED = "the connection's task token is no longer valid (its task has ended)"
 
 
 def _caller(ctx: Any) -> Caller:
@@ -55,7 +66,7 @@ def _caller(ctx: Any) -> Caller:
         state = ctx.lifespan_context
         current = state.get(CALLER_KEY) if isinstance(state, dict) else None
         caller = current() if callable(current) else None
-        why = "the connection's task token is no longer valid (its task has ended)"
+        why = REVOKED
     if caller is None:
         raise _Unauthorized(why)
     assert isinstance(caller, Caller)
@@ -89,6 +100,24 @@ def tenant_scope(tenant: str | None) -> Iterator[None]:
         _TENANT.reset(reset)
 
 
+async def call_result(
+    service: ToolService, caller: Caller | str, params: types.CallToolRequestParams
+) -> dict[str, Any]:
+    """`tools/call`'s result for `caller` (a string: why the call is refused), in MCP's wire
+    shape: the SDK checks it once as it serialises the response (a `CallToolResult` built here
+    would be validated, then dumped, for nothing)."""
+    if isinstance(caller, str):
+        return {**_COMPLETE, "content": [{"type": "text", "text": caller}], "isError": True}
+    key = params.meta.get(IDEMPOTENCY_META) if params.meta is not None else None
+    result = await service.call(
+        params.name,
+        params.arguments or {},
+        caller,
+        idempotency_key=key if isinstance(key, str) else None,
+    )
+    return {**_COMPLETE, **result}
+
+
 def mcp_server(service: ToolService) -> Server[Any]:
     """The SDK's lowlevel server over `service`. Its handlers find the caller as `_caller`
     says (none: `tools/list` is empty and `tools/call` an error)."""
@@ -103,20 +132,10 @@ def mcp_server(service: ToolService) -> Server[Any]:
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
         try:
-            caller = _caller(ctx)
+            caller: Caller | str = _caller(ctx)
         except _Unauthorized as e:
-            return {**_COMPLETE, "content": [{"type": "text", "text": str(e)}], "isError": True}
-        meta: dict[str, Any] = dict(params.meta) if params.meta is not None else {}
-        key = meta.get(IDEMPOTENCY_META)
-        result = await service.call(
-            params.name,
-            params.arguments or {},
-            caller,
-            idempotency_key=key if isinstance(key, str) else None,
-        )
-        # Already in MCP's wire shape: the SDK checks it once as it serialises the response
-        # (a CallToolResult built here would be validated, then dumped, for nothing).
-        return {**_COMPLETE, **result}
+            caller = str(e)
+        return await call_result(service, caller, params)
 
     def input_schema(name: str) -> Mapping[str, Any] | None:
         # Without this hook the SDK runs a whole tools/list per tools/call to find the

@@ -14,14 +14,16 @@ nothing and every call is refused.
 A `tools/call` on a connection that opened in the 2026-07-28 era (every request carries its
 own envelope: what `Tools.mcp_client()` negotiates) is passed through rather than dispatched
 by the SDK session: its line, parsed by the SDK's types, is taken off the session's way and
-served by the SDK's own single-request kernel (`serve_one`: the envelope ladder, the
-per-version checks of the request and the result, the same handler) in a task of its own,
-and its answer written back as one `JSONRPCResponse` or `JSONRPCError`. A
+served in a task of its own with the SDK's own checks in the SDK's order (the envelope
+ladder, the per-version check of the request, `CallToolRequestParams`, the same handler as
+the session's, the per-version check and sieve of the result, the `serverInfo` stamp), and
+its answer written back as one `JSONRPCResponse` or `JSONRPCError` (the SDK's error mapping). A
 `notifications/cancelled` naming it cancels that task (and so the call at the server; no
 answer follows, as the SDK does); the connection ending cancels every call still running.
 The opening request, `initialize`-era connections and every other method go through the SDK
 session as before. Each passed-through call saves the session's memory-stream hops, task
-group, per-request dispatcher context and cancel scopes (bench/HISTORY.md, "mcppass").
+group, per-request dispatcher, connection and context objects, cancel scopes and middleware
+(bench/HISTORY.md, "mcppass").
 
 What one task can hold of the daemon is bounded, so it cannot starve other tasks' doors: the
 token line must come within `HANDSHAKE_S` and be at most `MAX_TOKEN_LINE` bytes, and a task
@@ -34,22 +36,27 @@ import contextlib
 import functools
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import anyio
 import mcp_types as types
-from mcp.server.connection import Connection
-from mcp.server.lowlevel import Server
-from mcp.server.runner import modern_error_data, serve_dual_era_loop, serve_one
-from mcp.shared.dispatcher import CallOptions, as_request_id
-from mcp.shared.exceptions import MCPError, NoBackChannelError
+from mcp.server.runner import modern_error_data, serve_dual_era_loop
+from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
 from mcp.shared.jsonrpc_dispatcher import cancelled_request_id_from_params
-from mcp.shared.transport_context import TransportContext
+from mcp_types import INTERNAL_ERROR, METHOD_NOT_FOUND, SERVER_INFO_META_KEY
+from mcp_types import methods as protocol
+from pydantic import ValidationError
 
-from agentnode.tools.endpoint import CALLER_KEY, Authenticate, mcp_server, tenant_scope
+from agentnode.tools.endpoint import (
+    CALLER_KEY,
+    REVOKED,
+    Authenticate,
+    call_result,
+    mcp_server,
+    tenant_scope,
+)
 from agentnode.tools.lines import (
     HANDSHAKE_OK,
     FdLines,
@@ -58,6 +65,7 @@ from agentnode.tools.lines import (
     serving_streams,
     write_message,
 )
+from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 
 __all__ = ["HANDSHAKE_S", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
@@ -87,7 +95,9 @@ class MCPSocket:
         max_line: int = MAX_LINE,
     ) -> None:
         self.path = path
+        self._service = service
         self._server = mcp_server(service)
+        self._stamp = self._server.server_info_stamp
         self._init = self._server.create_initialization_options()
         self._authenticate = authenticate
         self._max_line = max_line
@@ -183,7 +193,7 @@ class MCPSocket:
         """One MCP session on an accepted connection, the token checked at every request."""
         authenticate = self._authenticate
         state: dict[str, Any] = {CALLER_KEY: lambda: authenticate(token)}
-        calls = _PassThrough(self._server, out, state)
+        calls = _PassThrough(self._service, out, state[CALLER_KEY], stamp=self._stamp)
         with tenant_scope(tenant):
             try:
                 async with serving_streams(lines, out, route=calls.route) as (read, write):
@@ -192,9 +202,6 @@ class MCPSocket:
                     )
             finally:
                 await calls.close()
-
-
-_TRANSPORT = TransportContext(kind="stdio", can_send_request=False)
 
 
 def _enveloped(params: Mapping[str, Any] | None) -> bool:
@@ -207,10 +214,19 @@ class _PassThrough:
     """A connection's passed-through `tools/call` requests (module docstring): `route` takes
     them off the SDK session's way, in the order the lines came."""
 
-    def __init__(self, server: Server[Any], out: FdWriter, state: dict[str, Any]) -> None:
-        self._server = server
+    def __init__(
+        self,
+        service: ToolService,
+        out: FdWriter,
+        caller: Callable[[], Caller | None],
+        *,
+        stamp: dict[str, Any],
+    ) -> None:
+        self._service = service
         self._out = out
-        self._state = state
+        self._caller = caller
+        #: The SDK server's `serverInfo` stamp for 2026-era results (dumped, never changed).
+        self._stamp = stamp
         #: Decided by the connection's first request, as the SDK decides it.
         self._modern: bool | None = None
         self._running: dict[types.RequestId, asyncio.Task[None]] = {}
@@ -249,26 +265,46 @@ class _PassThrough:
     async def _answer(self, request: types.JSONRPCRequest) -> None:
         reply: types.JSONRPCMessage
         try:
-            # What the SDK's modern stream loop does with a request, without its dispatcher.
-            route = classify_inbound_request({"method": request.method, "params": request.params})
-            if isinstance(route, InboundLadderRejection):
-                raise MCPError(code=route.code, message=route.message, data=route.data)
-            connection = Connection.from_envelope(
-                route.protocol_version, route.client_info, route.client_capabilities
-            )
-            result = await serve_one(
-                self._server,
-                _Exchange(request, self._out),
-                request.method,
-                request.params,
-                connection=connection,
-                lifespan_state=self._state,
-            )
+            result = await self._serve(request.params)
             reply = types.JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
         except Exception as e:
+            # The SDK's own mapping: its errors and pydantic's to theirs, the rest logged.
             reply = types.JSONRPCError(jsonrpc="2.0", id=request.id, error=modern_error_data(e))
         with contextlib.suppress(OSError):  # the task left: its call is over
             await write_message(self._out, reply)
+
+    async def _serve(self, params: dict[str, Any] | None) -> dict[str, Any]:
+        """What the SDK's modern stream loop and its kernel (`ServerRunner`) do with a
+        `tools/call`, in their order and with their checks, but none of the per-request
+        connection, session, context and middleware objects (the node installs no global
+        tracer for the SDK's span)."""
+        route = classify_inbound_request({"method": "tools/call", "params": params})
+        if isinstance(route, InboundLadderRejection):
+            raise MCPError(code=route.code, message=route.message, data=route.data)
+        version = route.protocol_version
+        try:
+            protocol.validate_client_request("tools/call", version, params)
+        except KeyError:
+            raise MCPError(
+                code=METHOD_NOT_FOUND, message="Method not found", data="tools/call"
+            ) from None
+        typed = types.CallToolRequestParams.model_validate(params or {}, by_name=False)
+        caller = self._caller()
+        result = await call_result(self._service, REVOKED if caller is None else caller, typed)
+        try:
+            dumped = protocol.serialize_server_result("tools/call", version, result)
+        except ValidationError:
+            log.exception("tools/call produced an invalid result")
+            raise MCPError(
+                code=INTERNAL_ERROR, message="Handler returned an invalid result"
+            ) from None
+        dumped.setdefault("resultType", "complete")
+        meta = dumped.get("_meta")
+        if meta is None:
+            dumped["_meta"] = {SERVER_INFO_META_KEY: self._stamp}
+        elif isinstance(meta, dict) and meta.get(SERVER_INFO_META_KEY) is None:
+            dumped["_meta"] = {**meta, SERVER_INFO_META_KEY: self._stamp}
+        return dumped
 
     async def close(self) -> None:
         """Cancels the calls still running (the connection ended) and waits for them."""
@@ -276,64 +312,3 @@ class _PassThrough:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-
-
-class _Exchange:
-    """The SDK's `DispatchContext` for one passed-through request: notifications and progress
-    go to the connection; a 2026-07-28 server sends no requests of its own."""
-
-    def __init__(self, request: types.JSONRPCRequest, out: FdWriter) -> None:
-        self._request = request
-        self._out = out
-        self._cancel: anyio.Event | None = None
-
-    @property
-    def transport(self) -> TransportContext:
-        return _TRANSPORT
-
-    @property
-    def can_send_request(self) -> bool:
-        return False
-
-    @property
-    def request_id(self) -> types.RequestId:
-        return self._request.id
-
-    @property
-    def message_metadata(self) -> None:
-        return None
-
-    @property
-    def cancel_requested(self) -> anyio.Event:
-        # Never set: a cancelled call's task is cancelled outright (the SDK's "interrupt").
-        if self._cancel is None:
-            self._cancel = anyio.Event()
-        return self._cancel
-
-    async def send_raw_request(
-        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
-    ) -> dict[str, Any]:
-        raise NoBackChannelError(method)
-
-    async def notify(
-        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
-    ) -> None:
-        message = types.JSONRPCNotification(
-            jsonrpc="2.0", method=method, params=None if params is None else dict(params)
-        )
-        with contextlib.suppress(OSError):
-            await write_message(self._out, message)
-
-    async def progress(
-        self, progress: float, total: float | None = None, message: str | None = None
-    ) -> None:
-        meta = (self._request.params or {}).get("_meta")
-        token = as_request_id(meta.get("progressToken")) if isinstance(meta, Mapping) else None
-        if token is None:
-            return
-        params: dict[str, Any] = {"progressToken": token, "progress": progress}
-        if total is not None:
-            params["total"] = total
-        if message is not None:
-            params["message"] = message
-        await self.notify("notifications/progress", params)
