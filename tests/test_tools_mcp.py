@@ -90,7 +90,8 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
     out = asyncio.run(scenario())
     assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
                                                  "t__crash", "t__session", "t__hog",
-                                                 "t__wait", "t__events"}  # fmt: skip
+                                                 "t__wait", "t__events", "t__blob",
+                                                 "t__chatty"}  # fmt: skip
     add = next(t for t in out["tools"] if t["name"] == "t__add")
     assert add["outputSchema"]["properties"]["sum"]["type"] == "integer"
     assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}

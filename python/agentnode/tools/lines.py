@@ -103,10 +103,8 @@ class FdWriter:
     async def write(self, text: str) -> None:
         data = memoryview(text.encode())
         if not self._turn.locked():  # nobody mid-line: most lines go whole at once
-            try:
+            with contextlib.suppress(BlockingIOError):
                 data = data[os.write(self._fd, data) :]
-            except BlockingIOError:
-                pass
             if not data:
                 return
         async with self._turn:

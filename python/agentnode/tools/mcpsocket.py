@@ -45,7 +45,7 @@ from mcp.server.runner import modern_error_data, serve_dual_era_loop
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
 from mcp.shared.jsonrpc_dispatcher import cancelled_request_id_from_params
-from mcp_types import INTERNAL_ERROR, METHOD_NOT_FOUND, SERVER_INFO_META_KEY
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, METHOD_NOT_FOUND, SERVER_INFO_META_KEY
 from mcp_types import methods as protocol
 from pydantic import ValidationError
 
@@ -204,6 +204,10 @@ class MCPSocket:
                 await calls.close()
 
 
+#: Seconds the answer to a call cut off by the node's stop may take to write.
+_CLOSING_WRITE_S = 1.0
+
+
 def _enveloped(params: Mapping[str, Any] | None) -> bool:
     """The request carries the 2026-07-28 envelope (the key the SDK routes eras by)."""
     meta = params.get("_meta") if params else None
@@ -230,6 +234,8 @@ class _PassThrough:
         #: Decided by the connection's first request, as the SDK decides it.
         self._modern: bool | None = None
         self._running: dict[types.RequestId, asyncio.Task[None]] = {}
+        #: Calls the peer cancelled (never answered), until their task has ended.
+        self._cancelled: dict[types.RequestId, bool] = {}
 
     def route(self, message: types.JSONRPCMessage) -> bool:
         if isinstance(message, types.JSONRPCRequest):
@@ -254,6 +260,7 @@ class _PassThrough:
             and (rid := cancelled_request_id_from_params(message.params)) is not None
             and (held := self._running.get(rid)) is not None
         ):
+            self._cancelled[rid] = True
             held.cancel()
             return True
         return False
@@ -261,12 +268,22 @@ class _PassThrough:
     def _done(self, rid: types.RequestId, task: asyncio.Task[None]) -> None:
         if self._running.get(rid) is task:
             del self._running[rid]
+            self._cancelled.pop(rid, None)
 
     async def _answer(self, request: types.JSONRPCRequest) -> None:
         reply: types.JSONRPCMessage
         try:
             result = await self._serve(request.params)
             reply = types.JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
+        except asyncio.CancelledError:
+            if self._cancelled.pop(request.id, None) is None:
+                # The connection is being closed under it (the node stops): answered, as
+                # the SDK answers, so the task is not left waiting; a peer's cancel is not.
+                closed = types.ErrorData(code=CONNECTION_CLOSED, message="Connection closed")
+                with contextlib.suppress(OSError, TimeoutError):
+                    await asyncio.wait_for(write_message(self._out, types.JSONRPCError(
+                        jsonrpc="2.0", id=request.id, error=closed)), _CLOSING_WRITE_S)  # fmt: skip
+            raise
         except Exception as e:
             # The SDK's own mapping: its errors and pydantic's to theirs, the rest logged.
             reply = types.JSONRPCError(jsonrpc="2.0", id=request.id, error=modern_error_data(e))
