@@ -57,6 +57,7 @@ class Node:
             return Outcome.text(f"{caller.task}/{caller.tenant}: {args.get('say', '')}")
 
         async def slow(args: dict[str, Any], caller: Caller) -> Outcome:
+            self.entered += 1
             self.started.set()
             try:
                 await self.release.wait()
@@ -71,6 +72,8 @@ class Node:
             return Outcome.text(f"run {self.runs} of {args['n']}")
 
         self.runs = 0
+        #: How many `slow` calls have started.
+        self.entered = 0
         counted = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
         registry = Registry([
             Tool(name="echo", description="echo", input_schema=OBJECT, run=echo),
@@ -798,3 +801,56 @@ def test_calls_to_a_server_pass_through_several_ways(tmp_path: Path) -> None:
     assert ("t__crash", "transient") in out["records"] and ("t__wait", "transient") in out[
         "records"
     ]
+
+
+def test_what_one_task_holds_of_the_http_door_is_bounded(tmp_path: Path) -> None:
+    """The streamable-HTTP door's bound, as the socket's: a task's requests beyond its cap are
+    refused (429, one JSON-RPC error naming the bound) while another task of the same tenant
+    and another tenant still get through, and a finished request frees its place."""
+    import httpx2
+
+    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+
+    def post(token: str, request_id: int, name: str) -> dict[str, Any]:
+        body = json.loads(call_line(request_id, name, {"say": "h"}, era="modern"))
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
+                   "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+                   "Mcp-Name": name}  # fmt: skip
+        return {"url": "http://agentnode/mcp", "json": body, "headers": headers}
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        node = Node(tmp_path / "mcps.sock")
+        node.tokens["ta3"] = A3
+        uds = tmp_path / "mcp.sock"
+        endpoint = MCPEndpoint(lambda: mcp_app(node.service, node.tokens.get, max_per_task=3),
+                               uds=uds)  # fmt: skip
+        await endpoint.start()
+        transport = httpx2.AsyncHTTPTransport(uds=str(uds))
+        try:
+            async with httpx2.AsyncClient(transport=transport, timeout=30) as http:
+                held = [asyncio.ensure_future(http.post(**post("ta", i, "slow"))) for i in range(3)]
+                for _ in range(200):
+                    if node.entered == 3:
+                        break
+                    await asyncio.sleep(0.05)
+                over = await http.post(**post("ta", 9, "echo"))
+                out["over"] = (over.status_code, over.json())
+                out["same tenant"] = (await http.post(**post("ta3", 10, "echo"))).json()
+                out["other tenant"] = (await http.post(**post("tb", 11, "echo"))).json()
+                node.release.set()
+                out["held"] = [(await h).status_code for h in held]
+                out["after"] = (await http.post(**post("ta", 12, "echo"))).json()
+        finally:
+            await endpoint.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    status, body = out["over"]
+    assert status == 429 and body["error"]["message"] == (
+        "task t1 has 3 MCP requests open already (finish or close one first)"
+    )
+    assert out["same tenant"]["result"]["content"][0]["text"] == "t3/a: h"
+    assert out["other tenant"]["result"]["content"][0]["text"] == "t2/b: h"
+    assert out["held"] == [200, 200, 200]
+    assert out["after"]["result"]["content"][0]["text"] == "t1/a: h"

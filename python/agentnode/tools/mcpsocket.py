@@ -51,6 +51,7 @@ from pydantic import ValidationError
 
 from agentnode.tools.endpoint import (
     CALLER_KEY,
+    MAX_PER_TASK,
     REVOKED,
     Authenticate,
     call_result,
@@ -78,8 +79,6 @@ MAX_LINE = 64 << 20
 HANDSHAKE_S = 10.0
 #: The longest token line (a task token is a few dozen bytes).
 MAX_TOKEN_LINE = 4096
-#: Connections one task may have open at once (an agent needs one or a few).
-MAX_PER_TASK = 64
 
 
 class MCPSocket:
