@@ -273,6 +273,7 @@ class _Instance:
         if self.spec.command:
             self.proc = await loop.run_in_executor(SPAWNER, self._spawn, network)
             self.exited = loop.create_task(self.proc.wait_async())
+            self.exited.add_done_callback(self._gone)
             if self.spec.url is not None:
                 # Held, not reopened by pid: the namespace stays this server's even after it
                 # dies and its pid is reused. Opened before the reaper task first runs (a
@@ -323,12 +324,11 @@ class _Instance:
         the protocol; raises `MCPError` for an error response (and what the session raises
         for a broken connection). A stdio server's call is passed through (module docstring);
         cancelled, it is cancelled at the server too."""
-        assert self.client is not None
+        assert self.client is not None and self.exited is not None
         if self._stdin is None:
-            request = types.CallToolRequest(
-                params=types.CallToolRequestParams(name=name, arguments=arguments)
-            )
-            return (await self.client.session.send_request(request, _RawResult)).root
+            return await self._session_call(name, arguments)
+        if self.exited.done():
+            raise ConnectionError("the server exited")
         # A string no integer parses as: never one of the session's own ids.
         rid = f"agentnode-{next(self._ids)}"
         answer: asyncio.Future[types.JSONRPCMessage] = asyncio.get_running_loop().create_future()
@@ -360,6 +360,31 @@ class _Instance:
         version = self.client.protocol_version
         protocol.validate_server_result("tools/call", version, message.result)
         return message.result
+
+    def _gone(self, exited: asyncio.Future[Any]) -> None:
+        """The server exited: the calls passed through to it get no answer but this."""
+        pending, self._pending = self._pending, {}
+        for answer in pending.values():
+            if not answer.done():
+                answer.set_exception(ConnectionError("the server exited"))
+
+    async def _session_call(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """`call_tool` through the SDK session (an HTTP server), ended by the server's exit."""
+        assert self.client is not None and self.exited is not None
+        request = types.CallToolRequest(
+            params=types.CallToolRequestParams(name=name, arguments=arguments)
+        )
+        call = asyncio.ensure_future(self.client.session.send_request(request, _RawResult))
+        try:
+            await asyncio.wait({call, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # cancelled (the SDK then cancels it at the server), or the server is gone
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(BaseException):
+                    await call
+        if call.cancelled():
+            raise ConnectionError("the server exited")
+        return call.result().root
 
     @contextlib.asynccontextmanager
     async def _http(self) -> AsyncIterator[TransportStreams]:
@@ -579,28 +604,11 @@ class MCPServers:
         inst.busy += 1
         seen = len(inst.denials)
         try:
-            assert inst.client is not None and inst.exited is not None
-            call = asyncio.ensure_future(inst.call_tool(remote, args))
-            # A server that dies mid-call never answers: its exit ends the wait.
-            try:
-                await asyncio.wait(
-                    {call, inst.exited},
-                    timeout=spec.limits.timeout,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            except asyncio.CancelledError:
-                # The caller went away (a task hung up mid-call): so does the request, which
-                # the SDK cancels at the server too, rather than running on unowned.
-                call.cancel()
-                raise
-            if not call.done():
-                call.cancel()
-                with contextlib.suppress(BaseException):
-                    await call
-                if not inst.exited.done():
-                    raise TimeoutError
-                raise ConnectionError("the server exited")
-            result = call.result()
+            # A server that dies mid-call never answers: its exit ends the call. A caller
+            # that goes away (a task hung up mid-call) cancels it, at the server too, rather
+            # than leave it running unowned.
+            async with asyncio.timeout(spec.limits.timeout):
+                result = await inst.call_tool(remote, args)
         except TimeoutError:
             await inst.stop()
             return Outcome.error(
