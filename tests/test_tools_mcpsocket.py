@@ -854,3 +854,38 @@ def test_what_one_task_holds_of_the_http_door_is_bounded(tmp_path: Path) -> None
     assert out["other tenant"]["result"]["content"][0]["text"] == "t2/b: h"
     assert out["held"] == [200, 200, 200]
     assert out["after"]["result"]["content"][0]["text"] == "t1/a: h"
+
+
+def test_what_one_connection_runs_at_once_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Passed-through calls beyond a connection's bound are answered with an error naming it
+    (the calls running are not disturbed); once one ends, calls run again."""
+    from agentnode.tools import mcpsocket
+
+    monkeypatch.setattr(mcpsocket, "MAX_CALLS", 3)
+
+    async def scenario() -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("ta") == "ok\n"
+            await raw.discover()
+            for i in range(3):
+                raw.writer.write(call_line(i, "slow", era="modern").encode() + b"\n")
+            for _ in range(200):
+                if node.entered == 3:
+                    break
+                await asyncio.sleep(0.05)
+            over = await raw.message(call_line(9, "echo", era="modern"))
+            node.release.set()
+            done = sorted([(await raw.receive())["id"] for _ in range(3)])
+            after = await raw.message(call_line(10, "echo", {"say": "again"}, era="modern"))
+            raw.close()
+            return over, done, after
+
+    over, done, after = asyncio.run(scenario())
+    assert over["id"] == 9 and over["error"]["message"] == (
+        "the connection has 3 calls running already (wait for one)"
+    )
+    assert done == [0, 1, 2]
+    assert after["result"]["content"] == [{"type": "text", "text": "t1/a: again"}]

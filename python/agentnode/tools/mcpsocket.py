@@ -26,8 +26,10 @@ group, per-request dispatcher, connection and context objects, cancel scopes and
 (bench/HISTORY.md, "mcppass").
 
 What one task can hold of the daemon is bounded, so it cannot starve other tasks' doors: the
-token line must come within `HANDSHAKE_S` and be at most `MAX_TOKEN_LINE` bytes, and a task
-has at most `MAX_PER_TASK` connections open (a further one is refused with one line)."""
+token line must come within `HANDSHAKE_S` and be at most `MAX_TOKEN_LINE` bytes, a task
+has at most `MAX_PER_TASK` connections open (a further one is refused with one line), and a
+connection at most `MAX_CALLS` passed-through calls running (a further one is answered with
+a JSON-RPC error)."""
 
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ from agentnode.tools.lines import (
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 
-__all__ = ["HANDSHAKE_S", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
+__all__ = ["HANDSHAKE_S", "MAX_CALLS", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
 
 log = logging.getLogger("agentnode.tools.mcp")
 
@@ -77,6 +79,8 @@ log = logging.getLogger("agentnode.tools.mcp")
 MAX_LINE = 64 << 20
 #: Seconds a new connection has to send its token line.
 HANDSHAKE_S = 10.0
+#: Passed-through calls one connection may have running at once.
+MAX_CALLS = 256
 #: The longest token line (a task token is a few dozen bytes).
 MAX_TOKEN_LINE = 4096
 
@@ -233,6 +237,8 @@ class _PassThrough:
         #: Decided by the connection's first request, as the SDK decides it.
         self._modern: bool | None = None
         self._running: dict[types.RequestId, asyncio.Task[None]] = {}
+        #: Refusals of calls over `MAX_CALLS` being written.
+        self._refusals: set[asyncio.Task[None]] = set()
         #: Calls the peer cancelled (never answered), until their task has ended.
         self._cancelled: dict[types.RequestId, bool] = {}
 
@@ -249,7 +255,15 @@ class _PassThrough:
                 or message.id in self._running
             ):
                 return False
-            task = asyncio.get_running_loop().create_task(self._answer(message))
+            loop = asyncio.get_running_loop()
+            if len(self._running) >= MAX_CALLS:
+                busy = types.ErrorData(code=types.INTERNAL_ERROR, message=f"the connection has "
+                                       f"{MAX_CALLS} calls running already (wait for one)")  # fmt: skip
+                error = types.JSONRPCError(jsonrpc="2.0", id=message.id, error=busy)
+                self._refusals.add(refusal := loop.create_task(self._write(error)))
+                refusal.add_done_callback(self._refusals.discard)
+                return True
+            task = loop.create_task(self._answer(message))
             self._running[message.id] = task
             task.add_done_callback(functools.partial(self._done, message.id))
             return True
@@ -263,6 +277,10 @@ class _PassThrough:
             held.cancel()
             return True
         return False
+
+    async def _write(self, message: types.JSONRPCMessage) -> None:
+        with contextlib.suppress(OSError):  # the task left: nothing to answer
+            await write_message(self._out, message)
 
     def _done(self, rid: types.RequestId, task: asyncio.Task[None]) -> None:
         if self._running.get(rid) is task:
@@ -286,8 +304,7 @@ class _PassThrough:
         except Exception as e:
             # The SDK's own mapping: its errors and pydantic's to theirs, the rest logged.
             reply = types.JSONRPCError(jsonrpc="2.0", id=request.id, error=modern_error_data(e))
-        with contextlib.suppress(OSError):  # the task left: its call is over
-            await write_message(self._out, reply)
+        await self._write(reply)
 
     async def _serve(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """What the SDK's modern stream loop and its kernel (`ServerRunner`) do with a
@@ -324,7 +341,7 @@ class _PassThrough:
 
     async def close(self) -> None:
         """Cancels the calls still running (the connection ended) and waits for them."""
-        running = list(self._running.values())
+        running = [*self._running.values(), *self._refusals]
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
