@@ -723,7 +723,7 @@ def test_a_passed_through_call_the_client_cancels_is_not_answered(tmp_path: Path
             await raw.discover()
             raw.writer.write(call_line(5, "slow", era="modern").encode() + b"\n")
             await asyncio.wait_for(node.started.wait(), 10)
-            for rid in (99, 5):
+            for rid in (99, "5"):  # "5" names call 5, as in the SDK
                 cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
                           "params": {"requestId": rid, "reason": "test"}}  # fmt: skip
                 raw.writer.write(json.dumps(cancel).encode() + b"\n")

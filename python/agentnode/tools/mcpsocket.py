@@ -44,6 +44,7 @@ from typing import Any
 
 import mcp_types as types
 from mcp.server.runner import modern_error_data, serve_dual_era_loop
+from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
 from mcp.shared.jsonrpc_dispatcher import cancelled_request_id_from_params
@@ -248,11 +249,13 @@ class _PassThrough:
                 # The opening request is the SDK's: it picks the same era from it.
                 self._modern = message.method != "initialize" and _enveloped(message.params)
                 return False
+            # "7" and 7 are one id to the SDK's correlation: so they are here.
+            key = coerce_request_id(message.id)
             if (
                 not self._modern
                 or message.method != "tools/call"
                 or not _enveloped(message.params)
-                or message.id in self._running
+                or key in self._running
             ):
                 return False
             loop = asyncio.get_running_loop()
@@ -263,17 +266,17 @@ class _PassThrough:
                 self._refusals.add(refusal := loop.create_task(self._write(error)))
                 refusal.add_done_callback(self._refusals.discard)
                 return True
-            task = loop.create_task(self._answer(message))
-            self._running[message.id] = task
-            task.add_done_callback(functools.partial(self._done, message.id))
+            task = loop.create_task(self._answer(message, key))
+            self._running[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
             return True
         if (
             isinstance(message, types.JSONRPCNotification)
             and message.method == "notifications/cancelled"
             and (rid := cancelled_request_id_from_params(message.params)) is not None
-            and (held := self._running.get(rid)) is not None
+            and (held := self._running.get(key := coerce_request_id(rid))) is not None
         ):
-            self._cancelled[rid] = True
+            self._cancelled[key] = True
             held.cancel()
             return True
         return False
@@ -287,13 +290,13 @@ class _PassThrough:
             del self._running[rid]
             self._cancelled.pop(rid, None)
 
-    async def _answer(self, request: types.JSONRPCRequest) -> None:
+    async def _answer(self, request: types.JSONRPCRequest, key: types.RequestId) -> None:
         reply: types.JSONRPCMessage
         try:
             result = await self._serve(request.params)
             reply = types.JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
         except asyncio.CancelledError:
-            if self._cancelled.pop(request.id, None) is None:
+            if self._cancelled.pop(key, None) is None:
                 # The connection is being closed under it (the node stops): answered, as
                 # the SDK answers, so the task is not left waiting; a peer's cancel is not.
                 closed = types.ErrorData(code=CONNECTION_CLOSED, message="Connection closed")
