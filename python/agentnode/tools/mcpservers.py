@@ -71,6 +71,10 @@ SEPARATOR = "__"
 SERVER_LIMITS = ToolLimits(memory=512 << 20, pids=128, timeout=60.0)
 
 
+#: Passed-through calls' ids: strings no integer parses as, never one of the SDK session's.
+_ID_PREFIX = "agentnode-"
+
+
 class _RawResult(RootModel[dict[str, Any]]):
     """A server's `tools/call` result as the SDK checked it against the protocol, left a dict:
     the node passes it on (plus `_meta.agentnode`), so building `CallToolResult` to dump it
@@ -310,13 +314,15 @@ class _Instance:
             yield streams
 
     def _answered(self, message: types.JSONRPCMessage) -> bool:
-        """Takes the response to a passed-through call off the session's way."""
+        """Takes the response to a passed-through call off the session's way (a late one, to
+        a call given up, is dropped: the session never sent it)."""
         if isinstance(message, types.JSONRPCResponse | types.JSONRPCError):
             waiting = self._pending.pop(message.id, None) if message.id is not None else None
-            if waiting is not None:
-                if not waiting.done():
-                    waiting.set_result(message)
-                return True
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)
+            return waiting is not None or (
+                isinstance(message.id, str) and message.id.startswith(_ID_PREFIX)
+            )
         return False
 
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -329,8 +335,7 @@ class _Instance:
             return await self._session_call(name, arguments)
         if self.exited.done():
             raise ConnectionError("the server exited")
-        # A string no integer parses as: never one of the session's own ids.
-        rid = f"agentnode-{next(self._ids)}"
+        rid = f"{_ID_PREFIX}{next(self._ids)}"
         answer: asyncio.Future[types.JSONRPCMessage] = asyncio.get_running_loop().create_future()
         self._pending[rid] = answer
         params = {"name": name, "arguments": arguments}
