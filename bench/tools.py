@@ -178,17 +178,20 @@ async def mcp_calls(client: Client, name: str, n: int) -> list[float]:
 
 
 class Path3:
-    """One way of calling: its latencies (ms) and CPU seconds (this process's and the node's)."""
+    """One way of calling: its latencies (ms) and CPU seconds (this process's and the node's,
+    and the node's alone)."""
 
     def __init__(self) -> None:
         self.ms: list[float] = []
         self.cpu_s = 0.0
+        self.node_cpu_s = 0.0
 
 
 async def timed(node: Node, path: Path3, client: Client, name: str, n: int) -> None:
-    cpu = time.process_time() + node.cpu_s()
+    mine, theirs = time.process_time(), node.cpu_s()
     path.ms += await mcp_calls(client, name, n)
-    path.cpu_s += time.process_time() + node.cpu_s() - cpu
+    path.node_cpu_s += node.cpu_s() - theirs
+    path.cpu_s += time.process_time() - mine + node.cpu_s() - theirs
 
 
 async def mcp_pair(node: Node, n: int) -> tuple[Path3, Path3, Path3]:
@@ -236,84 +239,91 @@ def bwrap_calls(n: int, pause: float = 0.0) -> list[float]:
 
 
 def main() -> None:
-    bench = Bench.from_args("tools")
+    bench = Bench.from_args("tools", parts=("mcp", "run_code"))
     meter = CpuMeter.start()
     root = Path(tempfile.mkdtemp(prefix="agentnode-bench-tools-"))
     use_data_dir(root / "data")
     (root / "data").mkdir()
     try:
-        node = Node(root)
-        try:
-            ours, door, peer = asyncio.run(mcp_pair(node, 100 if bench.quick else 1000))
-        finally:
-            node.close()
-        direct = "the same mcp client on the same server over stdio"
-        for q in (50, 99):
-            bench.record(f"mcp_call_p{q}", percentile(ours.ms, q), percentile(peer.ms, q), "ms",
-                         peer_name=direct)  # fmt: skip
-        added = percentile(ours.ms, 50) - percentile(peer.ms, 50)
-        bench.record("mcp_call_added_p50", added, 1.0, "ms", peer_name="goal: 1 ms added")
-        # CPU per call of the client's process and the node's (the server's is alike in both).
-        bench.record("mcp_call_cpu", ours.cpu_s / len(ours.ms) * 1000,
-                     peer.cpu_s / len(peer.ms) * 1000, "ms",
-                     peer_name="the direct client's CPU")  # fmt: skip
-        # The door for unmodified MCP clients (AGENTNODE_MCP_URL), not what Tools uses.
-        bench.record("mcp_call_http_door_p50", percentile(door.ms, 50), percentile(peer.ms, 50),
-                     "ms", peer_name=direct)  # fmt: skip
-
-        limits = ToolLimits(memory=256 << 20, timeout=30)
-        runner = CodeRunner(limits=limits)
-        started = CodeRunner(limits=limits, forks=False)
-        n = 20 if bench.quick else 200
-        asyncio.run(code_calls(runner, 3, session=False))  # warm-up; starts the fork server
-        asyncio.run(code_calls(started, 3, session=False))
-        fresh: list[float] = []
-        interp: list[float] = []
-        jail: list[float] = []
-        cpu = {"fresh": 0.0, "interp": 0.0, "jail": 0.0}
-
-        def block(name: str, samples: list[float], run: Any) -> None:
-            before = meter.ms() if meter is not None else 0.0
-            samples += run()
-            if meter is not None:
-                time.sleep(0.1)  # the spares made after the last call, and ended tasks' reaping
-                cpu[name] += meter.ms() - before
-
-        for _ in range(5):  # interleaved blocks: noise hits all alike
-            block("fresh", fresh, lambda: asyncio.run(code_calls(runner, n // 5, session=False)))
-            block("interp", interp,
-                  lambda: asyncio.run(code_calls(started, n // 5, session=False)))  # fmt: skip
-            if shutil.which("bwrap"):
-                block("jail", jail, lambda: bwrap_calls(n // 5))
-        started.close()
-        if jail:
+        if bench.runs("mcp"):
+            node = Node(root)
+            try:
+                ours, door, peer = asyncio.run(mcp_pair(node, 100 if bench.quick else 1000))
+            finally:
+                node.close()
+            direct = "the same mcp client on the same server over stdio"
             for q in (50, 99):
-                bench.record(f"run_code_fresh_p{q}", percentile(fresh, q), percentile(jail, q),
-                             "ms", peer_name="bwrap --unshare-all python3 -c")  # fmt: skip
-            bench.record("run_code_fresh_interp_p50", percentile(interp, 50), percentile(jail, 50),
-                         "ms", peer_name="bwrap; the runner starting an interpreter per sandbox")  # fmt: skip
-            if meter is not None:
-                bench.record("run_code_fresh_cpu", cpu["fresh"] / len(fresh),
-                             cpu["jail"] / len(jail), "ms",
-                             peer_name="bwrap's CPU per run, back to back")  # fmt: skip
-                bench.record("run_code_fresh_interp_cpu", cpu["interp"] / len(interp),
-                             cpu["jail"] / len(jail), "ms",
-                             peer_name="bwrap's; the runner starting interpreters")  # fmt: skip
-            # Calls spaced as an agent's are (a model turn between two), not back to back: the
-            # sandbox made ahead has started its interpreter by the next call.
-            spaced: list[float] = []
-            jail = []
-            for _ in range(5):
-                spaced += asyncio.run(code_calls(runner, n // 5, session=False, pause=SPACED))
-                jail += bwrap_calls(n // 5, pause=SPACED)
-            bench.record("run_code_fresh_spaced_p50", percentile(spaced, 50), percentile(jail, 50),
-                         "ms", peer_name=f"bwrap, calls {SPACED * 1000:g} ms apart")  # fmt: skip
-        session = asyncio.run(code_calls(runner, 50 if bench.quick else 500, session=True))
-        runner.close()
-        bench.record("run_code_session_p50", percentile(session[1:], 50), percentile(fresh, 50),
-                     "ms", peer_name="run_code in a fresh sandbox")  # fmt: skip
-        bench.record("run_code_session_p99", percentile(session[1:], 99), 2.0, "ms",
-                     peer_name="goal: p50 <= 2 ms")  # fmt: skip
+                bench.record(f"mcp_call_p{q}", percentile(ours.ms, q), percentile(peer.ms, q), "ms",
+                             peer_name=direct)  # fmt: skip
+            added = percentile(ours.ms, 50) - percentile(peer.ms, 50)
+            bench.record("mcp_call_added_p50", added, 1.0, "ms", peer_name="goal: 1 ms added")
+            # CPU per call of the client's process and the node's (the server's is alike in both).
+            bench.record("mcp_call_cpu", ours.cpu_s / len(ours.ms) * 1000,
+                         peer.cpu_s / len(peer.ms) * 1000, "ms",
+                         peer_name="the direct client's CPU")  # fmt: skip
+            # The node's share (its process, all threads): what the pass-through cut.
+            bench.record("mcp_call_node_cpu", ours.node_cpu_s / len(ours.ms) * 1000,
+                         peer.cpu_s / len(peer.ms) * 1000, "ms",
+                         peer_name="the direct client's CPU, for scale")  # fmt: skip
+            # The door for unmodified MCP clients (AGENTNODE_MCP_URL), not what Tools uses.
+            bench.record("mcp_call_http_door_p50", percentile(door.ms, 50), percentile(peer.ms, 50),
+                         "ms", peer_name=direct)  # fmt: skip
+        if bench.runs("run_code"):
+            limits = ToolLimits(memory=256 << 20, timeout=30)
+            runner = CodeRunner(limits=limits)
+            started = CodeRunner(limits=limits, forks=False)
+            n = 20 if bench.quick else 200
+            asyncio.run(code_calls(runner, 3, session=False))  # warm-up; starts the fork server
+            asyncio.run(code_calls(started, 3, session=False))
+            fresh: list[float] = []
+            interp: list[float] = []
+            jail: list[float] = []
+            cpu = {"fresh": 0.0, "interp": 0.0, "jail": 0.0}
+
+            def block(name: str, samples: list[float], run: Any) -> None:
+                before = meter.ms() if meter is not None else 0.0
+                samples += run()
+                if meter is not None:
+                    time.sleep(0.1)  # the spares made after the last call, and ended tasks' reaping
+                    cpu[name] += meter.ms() - before
+
+            for _ in range(5):  # interleaved blocks: noise hits all alike
+                block(
+                    "fresh", fresh, lambda: asyncio.run(code_calls(runner, n // 5, session=False))
+                )
+                block("interp", interp,
+                      lambda: asyncio.run(code_calls(started, n // 5, session=False)))  # fmt: skip
+                if shutil.which("bwrap"):
+                    block("jail", jail, lambda: bwrap_calls(n // 5))
+            started.close()
+            if jail:
+                for q in (50, 99):
+                    bench.record(f"run_code_fresh_p{q}", percentile(fresh, q), percentile(jail, q),
+                                 "ms", peer_name="bwrap --unshare-all python3 -c")  # fmt: skip
+                bench.record("run_code_fresh_interp_p50", percentile(interp, 50), percentile(jail, 50),
+                             "ms", peer_name="bwrap; the runner starting an interpreter per sandbox")  # fmt: skip
+                if meter is not None:
+                    bench.record("run_code_fresh_cpu", cpu["fresh"] / len(fresh),
+                                 cpu["jail"] / len(jail), "ms",
+                                 peer_name="bwrap's CPU per run, back to back")  # fmt: skip
+                    bench.record("run_code_fresh_interp_cpu", cpu["interp"] / len(interp),
+                                 cpu["jail"] / len(jail), "ms",
+                                 peer_name="bwrap's; the runner starting interpreters")  # fmt: skip
+                # Calls spaced as an agent's are (a model turn between two), not back to back: the
+                # sandbox made ahead has started its interpreter by the next call.
+                spaced: list[float] = []
+                jail = []
+                for _ in range(5):
+                    spaced += asyncio.run(code_calls(runner, n // 5, session=False, pause=SPACED))
+                    jail += bwrap_calls(n // 5, pause=SPACED)
+                bench.record("run_code_fresh_spaced_p50", percentile(spaced, 50), percentile(jail, 50),
+                             "ms", peer_name=f"bwrap, calls {SPACED * 1000:g} ms apart")  # fmt: skip
+            session = asyncio.run(code_calls(runner, 50 if bench.quick else 500, session=True))
+            runner.close()
+            bench.record("run_code_session_p50", percentile(session[1:], 50), percentile(fresh, 50),
+                         "ms", peer_name="run_code in a fresh sandbox")  # fmt: skip
+            bench.record("run_code_session_p99", percentile(session[1:], 99), 2.0, "ms",
+                         peer_name="goal: p50 <= 2 ms")  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
     bench.save()

@@ -90,7 +90,8 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
     out = asyncio.run(scenario())
     assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
                                                  "t__crash", "t__session", "t__hog",
-                                                 "t__wait", "t__events"}  # fmt: skip
+                                                 "t__wait", "t__events", "t__blob",
+                                                 "t__chatty"}  # fmt: skip
     add = next(t for t in out["tools"] if t["name"] == "t__add")
     assert add["outputSchema"]["properties"]["sum"]["type"] == "integer"
     assert meta(out["add"])["class"] == "ok" and out["add"]["structuredContent"] == {"sum": 42}
@@ -134,6 +135,42 @@ def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path
     # Killed at its sandbox's memory limit: `resource`, not retried; the next call restarts it.
     assert meta(hog)["class"] == "resource" and "memory" in hog["content"][0]["text"], hog
     assert meta(hog)["attempts"] == 1 and meta(back)["class"] == "ok"
+
+
+def test_a_call_past_its_timeout_is_cancelled_and_its_server_started_again(
+    data_dir: Path,
+) -> None:
+    """A passed-through call with no answer in the server's timeout comes back `timeout`
+    (retryable, not retried without a key), the server is stopped (its state may be wedged)
+    and the next call starts a new one; calls still in flight on it end `transient`."""
+    servers = MCPServers([sdk_server(limits=ToolLimits(memory=256 << 20, pids=64, timeout=8))])
+    records: list[dict[str, Any]] = []
+    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            await svc.call("t__add", {"a": 1, "b": 1}, A)
+            out["pid"] = servers.instance_pid("t", "a")
+            out["late"], out["later"] = await asyncio.gather(
+                svc.call("t__wait", {"seconds": 30}, A),
+                svc.call("t__wait", {"seconds": 1.0}, A),
+            )
+            out["gone"] = host_pid_alive(out["pid"])
+            out["after"] = await svc.call("t__add", {"a": 2, "b": 3}, A)
+            out["new pid"] = servers.instance_pid("t", "a")
+        finally:
+            await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    late = meta(out["late"])
+    assert late["class"] == "timeout" and late["retryable"] and late["attempts"] == 1, late
+    assert meta(out["later"])["class"] == "ok", "the quick call on it was answered first"
+    assert not out["gone"]
+    assert out["after"]["structuredContent"] == {"sum": 5}
+    assert out["new pid"] not in (None, out["pid"])
+    assert [r["class"] for r in records] == ["ok", "ok", "timeout", "ok"]
 
 
 def test_a_server_whose_egress_allows_nothing_cannot_connect_out(

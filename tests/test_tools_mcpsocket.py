@@ -33,7 +33,11 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = str(REPO / "tests" / "support" / "tools_mcp_server.py")
-CALLERS = {"ta": Caller(task="t1", tenant="a"), "tb": Caller(task="t2", tenant="b")}
+CALLERS = {
+    "ta": Caller(task="t1", tenant="a"),
+    "tb": Caller(task="t2", tenant="b"),
+    "tc": Caller(task="t4", tenant="c"),
+}
 A3 = Caller(task="t3", tenant="a")
 REFUSED = "error: missing or unknown task token (send the task's token as the first line)"
 OBJECT = {"type": "object"}
@@ -53,6 +57,7 @@ class Node:
             return Outcome.text(f"{caller.task}/{caller.tenant}: {args.get('say', '')}")
 
         async def slow(args: dict[str, Any], caller: Caller) -> Outcome:
+            self.entered += 1
             self.started.set()
             try:
                 await self.release.wait()
@@ -62,11 +67,21 @@ class Node:
             self.events.append("finished")
             return Outcome.text("done")
 
+        async def count(args: dict[str, Any], caller: Caller) -> Outcome:
+            self.runs += 1
+            return Outcome.text(f"run {self.runs} of {args['n']}")
+
+        self.runs = 0
+        #: How many `slow` calls have started.
+        self.entered = 0
+        counted = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
         registry = Registry([
             Tool(name="echo", description="echo", input_schema=OBJECT, run=echo),
             Tool(name="b_only", description="b's", input_schema=OBJECT, run=echo,
                  tenants=frozenset({"b"})),
             Tool(name="slow", description="waits", input_schema=OBJECT, run=slow),
+            Tool(name="count", description="counts its runs", input_schema=counted, run=count,
+                 tenants=frozenset({"c"})),
         ])  # fmt: skip
         self.service = ToolService(
             registry, on_record=self.records.append, sources=[servers] if servers else []
@@ -114,12 +129,47 @@ class Raw:
         assert "result" in await self.message(json.dumps(init))
         self.writer.write(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
 
+    async def discover(self) -> None:
+        """Opens the connection in the 2026-07-28 era (what `Tools.mcp_client()` does)."""
+        line = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "server/discover",
+            "params": {"_meta": ENVELOPE},
+        }
+        assert "result" in await self.message(json.dumps(line))
+
+    async def opening(self, era: str) -> None:
+        await (self.discover() if era == "modern" else self.initialize())
+
+    async def receive(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(await asyncio.wait_for(self.reader.readline(), 30))
+        return out
+
     def close(self) -> None:
         self.writer.close()
 
 
-def call_line(request_id: int, name: str, args: dict[str, Any] | None = None) -> str:
-    params = {"name": name, "arguments": args or {}}
+#: The 2026-07-28 per-request envelope.
+ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+    "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+}
+
+
+def call_line(
+    request_id: int | str,
+    name: Any,
+    args: Any = None,
+    *,
+    era: str = "legacy",
+    meta: dict[str, Any] | None = None,
+) -> str:
+    """A `tools/call` line; in the modern era with the envelope (and `meta`) in `_meta`."""
+    params: dict[str, Any] = {"name": name, "arguments": {} if args is None else args}
+    if era == "modern" or meta is not None:
+        params["_meta"] = {**(ENVELOPE if era == "modern" else {}), **(meta or {})}
     return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
                        "params": params})  # fmt: skip
 
@@ -274,7 +324,10 @@ def fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path, era: str) -> None:
+    """In either era (modern: the passed-through call) the call ends with its connection."""
+
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
         async with serving(tmp_path) as node:
@@ -283,8 +336,8 @@ def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path) -> None
                 node.started.clear()
                 raw = Raw(node.socket.path)
                 assert await raw.open("ta") == "ok\n"
-                await raw.initialize()
-                raw.writer.write(call_line(1, "slow").encode() + b"\n")
+                await raw.opening(era)
+                raw.writer.write(call_line(1, "slow", era=era).encode() + b"\n")
                 await asyncio.wait_for(node.started.wait(), 10)
                 if how == "reset":  # RST-like: gone without reading what was sent
                     sock = raw.writer.get_extra_info("socket")
@@ -312,13 +365,14 @@ def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path) -> None
     assert out["stopped"]
 
 
-def test_stopping_ends_open_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+def test_stopping_ends_open_connections(tmp_path: Path, era: str) -> None:
     async def scenario() -> tuple[bytes, list[str]]:
         async with serving(tmp_path) as node:
             raw = Raw(node.socket.path)
             assert await raw.open("ta") == "ok\n"
-            await raw.initialize()
-            raw.writer.write(call_line(1, "slow").encode() + b"\n")
+            await raw.opening(era)
+            raw.writer.write(call_line(1, "slow", era=era).encode() + b"\n")
             await asyncio.wait_for(node.started.wait(), 10)
         rest = await asyncio.wait_for(raw.reader.read(), 10)
         raw.close()
@@ -378,9 +432,10 @@ async def events(client: Any) -> str:
     return block.text
 
 
-def test_a_client_leaving_mid_call_to_a_server_cancels_it_there(tmp_path: Path) -> None:
-    """The request to the tenant's server ends with the task's connection: the SDK cancels it
-    at the server, and the instance is left idle, not busy with a call nobody owns."""
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+def test_a_client_leaving_mid_call_to_a_server_cancels_it_there(tmp_path: Path, era: str) -> None:
+    """The request to the tenant's server ends with the task's connection: it is cancelled at
+    the server, and the instance is left idle, not busy with a call nobody owns."""
     servers = MCPServers([sdk_server()])
 
     async def scenario() -> dict[str, Any]:
@@ -392,8 +447,9 @@ def test_a_client_leaving_mid_call_to_a_server_cancels_it_there(tmp_path: Path) 
                     assert not (await a.call_tool("t__events", {})).is_error
                     raw = Raw(node.socket.path)
                     assert await raw.open("ta") == "ok\n"
-                    await raw.initialize()
-                    raw.writer.write(call_line(1, "t__wait", {"seconds": 60}).encode() + b"\n")
+                    await raw.opening(era)
+                    line = call_line(1, "t__wait", {"seconds": 60}, era=era)
+                    raw.writer.write(line.encode() + b"\n")
                     seen = ""
                     for _ in range(200):
                         seen = await events(a)
@@ -510,3 +566,326 @@ def test_what_one_task_holds_of_the_socket_is_bounded(
                 raw.close()
 
     asyncio.run(scenario())
+
+
+def without_timings(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` without what differs between two runs of one call (its duration)."""
+    out: dict[str, Any] = json.loads(json.dumps(message))
+    mine = out.get("result", {}).get("_meta", {}).get("agentnode", {})
+    mine.pop("duration_ms", None)
+    return out
+
+
+#: Modern-era `tools/call` lines the pass-through takes, one of each way a call can go wrong
+#: (and right), for tenant c's connection (its `count` tool has an integer `n`).
+CALL_LINES = {
+    "ok": call_line(1, "count", {"n": 1}, era="modern"),
+    "unknown tool": call_line(2, "nope", era="modern"),
+    "another tenant's tool": call_line(3, "b_only", era="modern"),
+    "bad input": call_line(4, "count", {"n": "x"}, era="modern"),
+    "missing input": call_line(5, "count", era="modern"),
+    "name not a string": call_line(6, 5, era="modern"),
+    "arguments not an object": call_line(7, "count", [1], era="modern"),
+    "string id": call_line("s-8", "echo", {"say": "x"}, era="modern"),
+    "keyed": call_line(9, "count", {"n": 2}, era="modern", meta={"agentnode/idempotency_key": "k"}),
+    "keyed again": call_line(
+        10, "count", {"n": 2}, era="modern", meta={"agentnode/idempotency_key": "k"}
+    ),
+    "key reused": call_line(
+        11, "count", {"n": 3}, era="modern", meta={"agentnode/idempotency_key": "k"}
+    ),
+    "progress token": call_line(12, "echo", {"say": "p"}, era="modern", meta={"progressToken": 7}),
+    "unsupported version": call_line(
+        13, "echo", era="modern", meta={"io.modelcontextprotocol/protocolVersion": "2099-01-01"}
+    ),
+    "version not a string": call_line(
+        14, "echo", era="modern", meta={"io.modelcontextprotocol/protocolVersion": 5}
+    ),
+    "no capabilities": json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 15,
+            "method": "tools/call",
+            "params": {
+                "name": "echo",
+                "arguments": {},
+                "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"},
+            },
+        }
+    ),
+    "no envelope": call_line(16, "echo"),
+    "no params": json.dumps({"jsonrpc": "2.0", "id": 17, "method": "tools/call"}),
+}
+
+
+def test_a_passed_through_call_is_answered_as_the_sdk_session_answers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way in CALL_LINES, the pass-through's answer and audit record are the SDK
+    session's (the same lines sent with the pass-through turned off), as are a call after the
+    connection's token was revoked and one whose line is not JSON."""
+    from agentnode.tools import mcpsocket
+
+    async def answers() -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+        out: dict[str, Any] = {}
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("tc") == "ok\n"
+            await raw.discover()
+            for how, line in CALL_LINES.items():
+                out[how] = without_timings(await raw.message(line))
+            out["not json"] = await raw.message('{"jsonrpc": "2.0", "id": 20, "method": "tools/')
+            del node.tokens["tc"]
+            out["revoked"] = await raw.message(call_line(21, "echo", era="modern"))
+            raw.close()
+            records = [{k: v for k, v in r.items() if k not in ("time", "duration_ms")}
+                       for r in node.records]  # fmt: skip
+            return out, records, node.runs
+
+    served: list[Any] = []
+    serve = mcpsocket._PassThrough._serve
+
+    async def counted(self: Any, params: Any) -> dict[str, Any]:
+        served.append(params)
+        return await serve(self, params)
+
+    monkeypatch.setattr(mcpsocket._PassThrough, "_serve", counted)
+    through = asyncio.run(answers())
+    # Every enveloped call (all but two of CALL_LINES, and the revoked one) was passed through.
+    assert len(served) == len(CALL_LINES) - 2 + 1
+    monkeypatch.setattr(mcpsocket._PassThrough, "route", lambda self, message: False)
+    by_sdk = asyncio.run(answers())
+    for how in through[0]:
+        assert through[0][how] == by_sdk[0][how], how
+    assert through[1:] == by_sdk[1:]
+    out, records, runs = through
+    assert out["ok"]["result"]["content"] == [{"type": "text", "text": "run 1 of 1"}]
+    assert out["ok"]["result"]["_meta"]["agentnode"]["class"] == "ok"
+    assert "io.modelcontextprotocol/serverInfo" in out["ok"]["result"]["_meta"]
+    assert out["ok"]["result"]["resultType"] == "complete"
+    assert out["string id"]["id"] == "s-8"
+    for how in ("unknown tool", "another tenant's tool", "bad input", "missing input"):
+        assert out[how]["result"]["_meta"]["agentnode"]["class"] == "invalid_input", how
+    assert out["bad input"]["result"]["_meta"]["agentnode"]["path"] == "/n"
+    for how in ("name not a string", "arguments not an object", "no capabilities"):
+        assert out[how]["error"]["code"] == -32602, (how, out[how])
+    assert out["unsupported version"]["error"]["code"] == -32022
+    # One key, one run: the repeat gets the first run's result, other arguments are refused.
+    assert out["keyed"]["result"]["content"] == out["keyed again"]["result"]["content"]
+    assert out["key reused"]["result"]["_meta"]["agentnode"]["class"] == "invalid_input"
+    assert runs == 2
+    assert out["not json"]["error"]["code"] == -32700
+    assert out["revoked"]["result"]["isError"] is True
+    assert [r["class"] for r in records if r["tool"] == "count"] == [
+        "ok", "invalid_input", "invalid_input", "ok", "invalid_input"]  # fmt: skip
+
+
+def test_passed_through_calls_run_at_once_and_are_answered_by_id(tmp_path: Path) -> None:
+    """Calls on one connection run side by side and each answer carries its own id (a later
+    call's first), with the SDK session's requests and the client's notifications between."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("ta") == "ok\n"
+            await raw.discover()
+            raw.writer.write(call_line("first", "slow", era="modern").encode() + b"\n")
+            await asyncio.wait_for(node.started.wait(), 10)
+            raw.writer.write(b'{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}\n')
+            listing = {"jsonrpc": "2.0", "id": "list", "method": "tools/list",
+                       "params": {"_meta": ENVELOPE}}  # fmt: skip
+            lines = [call_line(i, "echo", {"say": str(i)}, era="modern") for i in range(20)]
+            lines.insert(10, json.dumps(listing))
+            raw.writer.write("\n".join(lines).encode() + b"\n")
+            got = [await raw.receive() for _ in range(21)]
+            node.release.set()
+            got.append(await raw.receive())
+            raw.close()
+        return got
+
+    got = asyncio.run(scenario())
+    assert got[-1]["id"] == "first" and got[-1]["result"]["content"][0]["text"] == "done"
+    by_id = {m["id"]: m for m in got[:-1]}
+    assert sorted(by_id, key=str) == sorted([*range(20), "list"], key=str)
+    for i in range(20):
+        assert by_id[i]["result"]["content"] == [{"type": "text", "text": f"t1/a: {i}"}]
+    assert [t["name"] for t in by_id["list"]["result"]["tools"]] == ["echo", "slow"]
+
+
+def test_a_passed_through_call_the_client_cancels_is_not_answered(tmp_path: Path) -> None:
+    """`notifications/cancelled` naming a passed-through call cancels it; no answer follows (as
+    the SDK does), a cancel naming no call changes nothing, and the connection goes on."""
+
+    async def scenario() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("ta") == "ok\n"
+            await raw.discover()
+            raw.writer.write(call_line(5, "slow", era="modern").encode() + b"\n")
+            await asyncio.wait_for(node.started.wait(), 10)
+            for rid in (99, "5"):  # "5" names call 5, as in the SDK
+                cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                          "params": {"requestId": rid, "reason": "test"}}  # fmt: skip
+                raw.writer.write(json.dumps(cancel).encode() + b"\n")
+            for _ in range(100):
+                if node.events:
+                    break
+                await asyncio.sleep(0.02)
+            after = await raw.message(call_line(6, "echo", {"say": "on"}, era="modern"))
+            node.started.clear()
+            raw.writer.write(call_line(7, "slow", era="modern").encode() + b"\n")
+            await asyncio.wait_for(node.started.wait(), 10)
+            node.release.set()
+            released = await raw.receive()
+            raw.close()
+            return node.events, after, released
+
+    events, after, released = asyncio.run(scenario())
+    assert events == ["cancelled", "finished"]
+    assert after["id"] == 6, "nothing came for the cancelled call"
+    assert released["id"] == 7
+
+
+def test_calls_to_a_server_pass_through_several_ways(tmp_path: Path) -> None:
+    """Through the MCP socket to the tenant's sandboxed server: calls side by side answered by
+    id (a quick one before a slow one), 8 MiB results whole, a call during which the server
+    sends log messages and progress, and a crash with calls in flight (each `transient`, then
+    a new instance)."""
+    servers = MCPServers([sdk_server()])
+    size = 8 << 20
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            async with serving(tmp_path, servers=servers) as node:
+                path = str(node.socket.path)
+                async with Tools.mcp_client(socket=path, token="ta") as a:
+                    slow = asyncio.ensure_future(a.call_tool("t__wait", {"seconds": 0.5}))
+                    sums = await asyncio.gather(
+                        *(a.call_tool("t__add", {"a": i, "b": 100}) for i in range(10))
+                    )
+                    out["slow done first"] = slow.done()
+                    out["slow"] = await slow
+                    out["sums"] = [r.structured_content for r in sums]
+                    out["blobs"] = await asyncio.gather(
+                        a.call_tool("t__blob", {"size": size}), a.call_tool("t__blob", {"size": 3})
+                    )
+                    out["chatty"] = await asyncio.gather(
+                        a.call_tool("t__chatty", {"n": 20}), a.call_tool("t__add", {"a": 1, "b": 1})
+                    )
+                    pid = servers.instance_pid("t", "a")
+                    waiting = asyncio.ensure_future(a.call_tool("t__wait", {"seconds": 30}))
+                    await asyncio.sleep(0.3)
+                    out["crash"] = await a.call_tool("t__crash", {})
+                    out["waiting"] = await waiting
+                    out["after"] = await a.call_tool("t__add", {"a": 2, "b": 2})
+                    out["pids"] = (pid, servers.instance_pid("t", "a"))
+                out["records"] = [(r["tool"], r["class"]) for r in node.records]
+        finally:
+            await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert not out["slow done first"] and said(out["slow"]) == "slept"
+    assert out["sums"] == [{"sum": i + 100} for i in range(10)]
+    big, small = out["blobs"]
+    assert len(said(big)) == size and said(big).startswith("0123456789abcdef")
+    assert big.meta["agentnode"]["bytes_out"] == size and said(small) == "012"
+    assert said(out["chatty"][0]) == "said 20 things"
+    assert out["chatty"][1].structured_content == {"sum": 2}
+    for how in ("crash", "waiting"):
+        assert out[how].is_error and out[how].meta["agentnode"]["class"] == "transient", how
+    assert out["after"].structured_content == {"sum": 4}
+    old, new = out["pids"]
+    assert None not in (old, new) and old != new
+    assert ("t__crash", "transient") in out["records"] and ("t__wait", "transient") in out[
+        "records"
+    ]
+
+
+def test_what_one_task_holds_of_the_http_door_is_bounded(tmp_path: Path) -> None:
+    """The streamable-HTTP door's bound, as the socket's: a task's requests beyond its cap are
+    refused (429, one JSON-RPC error naming the bound) while another task of the same tenant
+    and another tenant still get through, and a finished request frees its place."""
+    import httpx2
+
+    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+
+    def post(token: str, request_id: int, name: str) -> dict[str, Any]:
+        body = json.loads(call_line(request_id, name, {"say": "h"}, era="modern"))
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
+                   "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+                   "Mcp-Name": name}  # fmt: skip
+        return {"url": "http://agentnode/mcp", "json": body, "headers": headers}
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        node = Node(tmp_path / "mcps.sock")
+        node.tokens["ta3"] = A3
+        uds = tmp_path / "mcp.sock"
+        endpoint = MCPEndpoint(lambda: mcp_app(node.service, node.tokens.get, max_per_task=3),
+                               uds=uds)  # fmt: skip
+        await endpoint.start()
+        transport = httpx2.AsyncHTTPTransport(uds=str(uds))
+        try:
+            async with httpx2.AsyncClient(transport=transport, timeout=30) as http:
+                held = [asyncio.ensure_future(http.post(**post("ta", i, "slow"))) for i in range(3)]
+                for _ in range(200):
+                    if node.entered == 3:
+                        break
+                    await asyncio.sleep(0.05)
+                over = await http.post(**post("ta", 9, "echo"))
+                out["over"] = (over.status_code, over.json())
+                out["same tenant"] = (await http.post(**post("ta3", 10, "echo"))).json()
+                out["other tenant"] = (await http.post(**post("tb", 11, "echo"))).json()
+                node.release.set()
+                out["held"] = [(await h).status_code for h in held]
+                out["after"] = (await http.post(**post("ta", 12, "echo"))).json()
+        finally:
+            await endpoint.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    status, body = out["over"]
+    assert status == 429 and body["error"]["message"] == (
+        "task t1 has 3 MCP requests open already (finish or close one first)"
+    )
+    assert out["same tenant"]["result"]["content"][0]["text"] == "t3/a: h"
+    assert out["other tenant"]["result"]["content"][0]["text"] == "t2/b: h"
+    assert out["held"] == [200, 200, 200]
+    assert out["after"]["result"]["content"][0]["text"] == "t1/a: h"
+
+
+def test_what_one_connection_runs_at_once_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Passed-through calls beyond a connection's bound are answered with an error naming it
+    (the calls running are not disturbed); once one ends, calls run again."""
+    from agentnode.tools import mcpsocket
+
+    monkeypatch.setattr(mcpsocket, "MAX_CALLS", 3)
+
+    async def scenario() -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("ta") == "ok\n"
+            await raw.discover()
+            for i in range(3):
+                raw.writer.write(call_line(i, "slow", era="modern").encode() + b"\n")
+            for _ in range(200):
+                if node.entered == 3:
+                    break
+                await asyncio.sleep(0.05)
+            over = await raw.message(call_line(9, "echo", era="modern"))
+            node.release.set()
+            done = sorted([(await raw.receive())["id"] for _ in range(3)])
+            after = await raw.message(call_line(10, "echo", {"say": "again"}, era="modern"))
+            raw.close()
+            return over, done, after
+
+    over, done, after = asyncio.run(scenario())
+    assert over["id"] == 9 and over["error"]["message"] == (
+        "the connection has 3 calls running already (wait for one)"
+    )
+    assert done == [0, 1, 2]
+    assert after["result"]["content"] == [{"type": "text", "text": "t1/a: again"}]

@@ -5,7 +5,8 @@ Tools: `add` (with an output schema), `whoami` (its pid and hostname, to tell in
 apart), `session` (the caller's MCP session and TCP port over HTTP), `connect` (opens a TCP connection,
 to test its egress policy), `flaky` (fails until it has been called N times; counts runs in a
 file, to test retries), `hog` (allocates memory), `crash` (exits), `wait` (sleeps, noting in
-`events` that it started and how it ended: to see a call cancelled from the other end)."""
+`events` that it started and how it ended: to see a call cancelled from the other end),
+`blob` (a large result), `chatty` (log messages and progress sent while it runs)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,22 @@ def hog(mib: int) -> str:
 def crash() -> str:
     """Exits at once."""
     os._exit(1)
+
+
+@server.tool()
+def blob(size: int) -> str:
+    """`size` bytes of text."""
+    return ("0123456789abcdef" * (size // 16 + 1))[:size]
+
+
+@server.tool()
+async def chatty(n: int, ctx: Context) -> str:
+    """Sends `n` log messages and progress notifications while it runs, then answers."""
+    for i in range(n):
+        await ctx.info(f"step {i}")
+        await ctx.report_progress(i + 1, n)
+        await anyio.sleep(0.001)
+    return f"said {n} things"
 
 
 #: What `wait` calls did, in order.

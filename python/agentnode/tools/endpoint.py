@@ -21,8 +21,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 
-__all__ = ["CALLER_KEY", "IDEMPOTENCY_META", "MCPEndpoint", "mcp_app", "mcp_server", "tenant_scope"]
+__all__ = [
+    "CALLER_KEY",
+    "IDEMPOTENCY_META",
+    "MAX_PER_TASK",
+    "REVOKED",
+    "MCPEndpoint",
+    "call_result",
+    "mcp_app",
+    "mcp_server",
+    "tenant_scope",
+]
 
+#: Requests (HTTP door) or connections (MCP socket) one task may have open at once: an agent
+#: needs one or a few, and a task must not hold what other tasks' doors need.
+MAX_PER_TASK = 64
 #: A call's idempotency key, in the request's `_meta` (MCP has no field of its own for it).
 IDEMPOTENCY_META = "agentnode/idempotency_key"
 
@@ -44,6 +57,8 @@ _COMPLETE = {"resultType": "complete"}
 #: authenticates the connection's token again (a token is revoked when its task's attempt
 #: ends: a connection must not outlive it).
 CALLER_KEY = "agentnode.caller"
+#: Why a call on an MCP socket connection whose task has ended is refused.
+REVOKED = "the connection's task token is no longer valid (its task has ended)"
 
 
 def _caller(ctx: Any) -> Caller:
@@ -55,16 +70,18 @@ def _caller(ctx: Any) -> Caller:
         state = ctx.lifespan_context
         current = state.get(CALLER_KEY) if isinstance(state, dict) else None
         caller = current() if callable(current) else None
-        why = "the connection's task token is no longer valid (its task has ended)"
+        why = REVOKED
     if caller is None:
         raise _Unauthorized(why)
     assert isinstance(caller, Caller)
     return caller
 
 
-def _authenticating(app: ASGIApp, authenticate: Authenticate) -> ASGIApp:
+def _authenticating(app: ASGIApp, authenticate: Authenticate, *, max_per_task: int) -> ASGIApp:
     """`app` with each HTTP request's token checked once: its caller in the request's scope
-    (the handlers' view) and its tenant in `_TENANT` while the request is handled."""
+    (the handlers' view) and its tenant in `_TENANT` while the request is handled. A task has
+    at most `max_per_task` requests open at once (a further one is refused with 429)."""
+    open_now: dict[str, int] = {}
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,11 +89,34 @@ def _authenticating(app: ASGIApp, authenticate: Authenticate) -> ASGIApp:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, token = header.decode("latin-1").partition(" ")
         caller = authenticate(token) if scheme.lower() == "bearer" and token else None
+        if caller is None:
+            held = 0
+        elif (held := open_now.get(caller.task, 0)) >= max_per_task:
+            return await _too_many(send, f"task {caller.task} has {max_per_task} MCP requests "
+                                   "open already (finish or close one first)")  # fmt: skip
         scope[CALLER_KEY] = caller
-        with tenant_scope(None if caller is None else caller.tenant):
-            await app(scope, receive, send)
+        if caller is not None:
+            open_now[caller.task] = held + 1
+        try:
+            with tenant_scope(None if caller is None else caller.tenant):
+                await app(scope, receive, send)
+        finally:
+            if caller is not None and (left := open_now.pop(caller.task) - 1) > 0:
+                open_now[caller.task] = left
 
     return wrapped
+
+
+async def _too_many(send: Send, why: str) -> None:
+    """A 429 whose body is one JSON-RPC error naming the bound (the SDK's own refusals take
+    the same shape)."""
+    error = types.JSONRPCError(
+        jsonrpc="2.0", id=None, error=types.ErrorData(code=types.INTERNAL_ERROR, message=why)
+    )
+    body = error.model_dump_json(by_alias=True, exclude_unset=True).encode()
+    await send({"type": "http.response.start", "status": 429, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 @contextlib.contextmanager
@@ -87,6 +127,24 @@ def tenant_scope(tenant: str | None) -> Iterator[None]:
         yield
     finally:
         _TENANT.reset(reset)
+
+
+async def call_result(
+    service: ToolService, caller: Caller | str, params: types.CallToolRequestParams
+) -> dict[str, Any]:
+    """`tools/call`'s result for `caller` (a string: why the call is refused), in MCP's wire
+    shape: the SDK checks it once as it serialises the response (a `CallToolResult` built here
+    would be validated, then dumped, for nothing)."""
+    if isinstance(caller, str):
+        return {**_COMPLETE, "content": [{"type": "text", "text": caller}], "isError": True}
+    key = params.meta.get(IDEMPOTENCY_META) if params.meta is not None else None
+    result = await service.call(
+        params.name,
+        params.arguments or {},
+        caller,
+        idempotency_key=key if isinstance(key, str) else None,
+    )
+    return {**_COMPLETE, **result}
 
 
 def mcp_server(service: ToolService) -> Server[Any]:
@@ -103,20 +161,10 @@ def mcp_server(service: ToolService) -> Server[Any]:
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
         try:
-            caller = _caller(ctx)
+            caller: Caller | str = _caller(ctx)
         except _Unauthorized as e:
-            return {**_COMPLETE, "content": [{"type": "text", "text": str(e)}], "isError": True}
-        meta: dict[str, Any] = dict(params.meta) if params.meta is not None else {}
-        key = meta.get(IDEMPOTENCY_META)
-        result = await service.call(
-            params.name,
-            params.arguments or {},
-            caller,
-            idempotency_key=key if isinstance(key, str) else None,
-        )
-        # Already in MCP's wire shape: the SDK checks it once as it serialises the response
-        # (a CallToolResult built here would be validated, then dumped, for nothing).
-        return {**_COMPLETE, **result}
+            caller = str(e)
+        return await call_result(service, caller, params)
 
     def input_schema(name: str) -> Mapping[str, Any] | None:
         # Without this hook the SDK runs a whole tools/list per tools/call to find the
@@ -135,8 +183,11 @@ def mcp_server(service: ToolService) -> Server[Any]:
     return server
 
 
-def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
-    """The endpoint as an ASGI app at /mcp; `authenticate(token)` names the calling task."""
+def mcp_app(
+    service: ToolService, authenticate: Authenticate, *, max_per_task: int = MAX_PER_TASK
+) -> ASGIApp:
+    """The endpoint as an ASGI app at /mcp; `authenticate(token)` names the calling task, which
+    may have `max_per_task` requests open at once (a long-lived stream counts)."""
     server = mcp_server(service)
     # Requests come from tasks over the node's own socket or bridge and carry a task token:
     # DNS-rebinding checks (which guard browsers on localhost) do not apply.
@@ -145,7 +196,7 @@ def mcp_app(service: ToolService, authenticate: Authenticate) -> ASGIApp:
         json_response=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
-    return _authenticating(app, authenticate)
+    return _authenticating(app, authenticate, max_per_task=max_per_task)
 
 
 class _QuietServer(uvicorn.Server):

@@ -5,7 +5,14 @@ MCP socket (`agentnode.tools.mcpsocket`) at both ends.
 The `mcp` SDK's `stdio_server` takes any async line source and sink; these are those, without
 the thread hand-off per line of `anyio.wrap_file` (it cost ~5 ms p50 under load).
 `serving_streams` is that transport for the serving end of a connection a task opened: a line
-that is not a JSON-RPC message gets a JSON-RPC error back instead of the SDK's silent drop."""
+that is not a JSON-RPC message gets a JSON-RPC error back instead of the SDK's silent drop.
+`client_streams` is the same for the node's end of a sandboxed server's pipes (the SDK's
+`stdio_server` framing, which is the same both ways).
+
+Both take a `route`: each parsed message is offered to it first, in the order the lines came,
+and one it takes never reaches the SDK session (the node's pass-through of tool calls,
+`agentnode.tools.mcpsocket` and `agentnode.tools.mcpservers`, answers those itself with
+`write_message`)."""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import mcp_types as types
@@ -22,10 +29,22 @@ from mcp.shared._context_streams import create_context_streams
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
-__all__ = ["HANDSHAKE_OK", "FdLines", "FdWriter", "LineTooLong", "serving_streams"]
+__all__ = [
+    "HANDSHAKE_OK",
+    "FdLines",
+    "FdWriter",
+    "LineTooLong",
+    "Route",
+    "client_streams",
+    "serving_streams",
+    "write_message",
+]
 
 #: The node's answer to a good token on its MCP socket (`agentnode.tools.mcpsocket`).
 HANDSHAKE_OK = "ok"
+
+#: Takes a parsed message off the SDK session's way (True) or leaves it to the session.
+Route = Callable[[types.JSONRPCMessage], bool]
 
 
 class LineTooLong(ValueError):
@@ -73,19 +92,27 @@ class FdLines:
 
 
 class FdWriter:
-    """Writes text to fd `fd` from the event loop, waiting while it is full."""
+    """Writes text to fd `fd` from the event loop, waiting while it is full. Writers take
+    turns: a line written in several pieces is never cut by another writer's."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._turn = asyncio.Lock()
         os.set_blocking(fd, False)
 
     async def write(self, text: str) -> None:
         data = memoryview(text.encode())
-        while data:
-            try:
+        if not self._turn.locked():  # nobody mid-line: most lines go whole at once
+            with contextlib.suppress(BlockingIOError):
                 data = data[os.write(self._fd, data) :]
-            except BlockingIOError:
-                await _ready(self._fd, write=True)
+            if not data:
+                return
+        async with self._turn:
+            while data:
+                try:
+                    data = data[os.write(self._fd, data) :]
+                except BlockingIOError:
+                    await _ready(self._fd, write=True)
 
     async def flush(self) -> None:
         return None
@@ -140,12 +167,44 @@ def _malformed(line: str, error: ValidationError) -> types.JSONRPCError:
     )
 
 
+async def write_message(out: FdWriter, message: types.JSONRPCMessage) -> None:
+    """Writes one message as a line, dumped by the SDK's types as its stdio transport does."""
+    await out.write(message.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
+
+
 @contextlib.asynccontextmanager
-async def serving_streams(lines: FdLines, out: FdWriter) -> AsyncIterator[TransportStreams]:
+async def serving_streams(
+    lines: FdLines, out: FdWriter, *, route: Route | None = None
+) -> AsyncIterator[TransportStreams]:
     """The SDK's stdio transport (the same read and write streams `stdio_server` makes, the
     messages parsed and dumped with its `JSONRPCMessage` types) for the serving end of a
     connection: a malformed line is answered with a JSON-RPC error and the connection goes
     on; a line over the reader's limit is answered and ends it."""
+    async with _line_streams(
+        lines, out, route, lambda line, e: SessionMessage(_malformed(line, e))
+    ) as streams:
+        yield streams
+
+
+@contextlib.asynccontextmanager
+async def client_streams(
+    lines: FdLines, out: FdWriter, *, route: Route | None = None
+) -> AsyncIterator[TransportStreams]:
+    """The SDK's stdio transport for the node's end of a server's pipes: what `stdio_server`
+    makes of them (a malformed line reaches the session as the error it is), with `route`."""
+    async with _line_streams(lines, out, route, lambda line, e: e) as streams:
+        yield streams
+
+
+@contextlib.asynccontextmanager
+async def _line_streams(
+    lines: FdLines,
+    out: FdWriter,
+    route: Route | None,
+    malformed: Callable[[str, ValidationError], SessionMessage | Exception],
+) -> AsyncIterator[TransportStreams]:
+    """`malformed(line, error)` says what becomes of a line that is no JSON-RPC message: an
+    answer to write back (a `SessionMessage`) or an error for the session to read."""
     read_writer, read_stream = create_context_streams[SessionMessage | Exception](0)
     write_stream, write_reader = create_context_streams[SessionMessage](0)
     answers = write_stream.clone()
@@ -157,7 +216,13 @@ async def serving_streams(lines: FdLines, out: FdWriter) -> AsyncIterator[Transp
                     try:
                         message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
                     except ValidationError as e:
-                        await answers.send(SessionMessage(_malformed(line, e)))
+                        got = malformed(line, e)
+                        if isinstance(got, SessionMessage):
+                            await answers.send(got)
+                        else:
+                            await read_writer.send(got)
+                        continue
+                    if route is not None and route(message):
                         continue
                     await read_writer.send(SessionMessage(message))
             except LineTooLong as e:
@@ -165,17 +230,16 @@ async def serving_streams(lines: FdLines, out: FdWriter) -> AsyncIterator[Transp
                 await answers.send(SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None,
                                                                      error=error)))  # fmt: skip
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass  # the server stopped reading: the connection is ending
+                pass  # the session stopped reading: the connection is ending
 
     async def writer() -> None:
         gone = False
         async with write_reader:
             async for message in write_reader:
                 if gone:
-                    continue  # drained, so the server never blocks on a peer that left
-                text = message.message.model_dump_json(by_alias=True, exclude_unset=True)
+                    continue  # drained, so the session never blocks on a peer that left
                 try:
-                    await out.write(text + "\n")
+                    await write_message(out, message.message)
                 except OSError:
                     gone = True
 

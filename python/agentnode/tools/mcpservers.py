@@ -3,8 +3,14 @@ own Layer 1 sandbox with its own egress policy and limits: started on first use,
 per tenant (never shared across tenants), stopped when idle, started again after a crash.
 
 The node speaks MCP to a server with the `mcp` SDK, never framing JSON-RPC itself:
-- a stdio server (`command`): the SDK's stdio transport (`stdio_server`, which frames
-  newline-delimited JSON-RPC the same way in both directions) is given the sandbox's pipes;
+- a stdio server (`command`): the SDK's stdio transport (`stdio_server`'s framing, the same in
+  both directions) on the sandbox's pipes, the handshake era (`initialize`) negotiated by the
+  SDK client. A `tools/call` is passed through rather than sent through the SDK session: the
+  request is one `JSONRPCRequest` (the SDK's type) under a node-side id written to the
+  server's stdin, and its response is taken off the server's stdout by that id before the
+  session would see it, then checked against the protocol by the SDK (`validate_server_result`)
+  as the session does. Everything else (the handshake, `tools/list`, the server's own
+  requests and notifications) goes through the session;
 - a streamable-HTTP server the node runs (`command` and `url`): it listens on the loopback of
   its sandbox's own network namespace, and the SDK's streamable HTTP client reaches it there
   with sockets the node opens inside that namespace (so the server needs no network at all);
@@ -18,6 +24,7 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
+import itertools
 import logging
 import os
 import signal
@@ -38,10 +45,10 @@ from httpcore2._backends.anyio import AnyIOStream  # httpcore's own wrapper, not
 from mcp import Client
 from mcp.client._transport import TransportStreams
 from mcp.client.streamable_http import streamable_http_client
-from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
-from pydantic import RootModel
+from mcp_types import methods as protocol
+from pydantic import RootModel, ValidationError
 
 from agentnode.egress.enforce import Denial
 from agentnode.egress.policy import EgressPolicy
@@ -49,7 +56,7 @@ from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import task as isolation
 from agentnode.isolation.spec import Mount
-from agentnode.tools.lines import FdLines, FdWriter
+from agentnode.tools.lines import FdLines, FdWriter, client_streams, write_message
 from agentnode.tools.registry import Caller, RetryPolicy, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 from agentnode.tools.sandboxed import SPAWNER, owned_workspace, sandbox_limits
@@ -62,6 +69,10 @@ log = logging.getLogger("agentnode.tools.mcp")
 SEPARATOR = "__"
 #: A server's default sandbox: the SDKs' interpreters need more memory than one code run.
 SERVER_LIMITS = ToolLimits(memory=512 << 20, pids=128, timeout=60.0)
+
+
+#: Passed-through calls' ids: strings no integer parses as, never one of the SDK session's.
+_ID_PREFIX = "agentnode-"
 
 
 class _RawResult(RootModel[dict[str, Any]]):
@@ -193,6 +204,11 @@ class _NetnsTransport(httpx2.AsyncHTTPTransport):
         self._pool = httpcore2.AsyncConnectionPool(network_backend=_NetnsBackend(netns))
 
 
+def _where(e: ValidationError) -> str:
+    loc = e.errors()[0]["loc"] if e.errors() else ()
+    return ".".join(str(p) for p in loc) or "the top"
+
+
 def _leaf(e: BaseException) -> BaseException:
     """The first error inside task-group wrappers (the SDK's transports run in task groups)."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
@@ -225,6 +241,11 @@ class _Instance:
         #: Done when the server is gone: its sandbox reaped (a crash, a kill at its limits, or
         #: `stop`), or, for a server a user runs, the connection to it broken or stopped.
         self.exited: asyncio.Future[Any] | None = None
+        #: A stdio server's stdin, where passed-through calls are written (None: HTTP).
+        self._stdin: FdWriter | None = None
+        #: Passed-through calls waiting for their response, by their node-side id.
+        self._pending: dict[types.RequestId, asyncio.Future[types.JSONRPCMessage]] = {}
+        self._ids = itertools.count(1)
 
     @property
     def alive(self) -> bool:
@@ -256,6 +277,7 @@ class _Instance:
         if self.spec.command:
             self.proc = await loop.run_in_executor(SPAWNER, self._spawn, network)
             self.exited = loop.create_task(self.proc.wait_async())
+            self.exited.add_done_callback(self._gone)
             if self.spec.url is not None:
                 # Held, not reopened by pid: the namespace stays this server's even after it
                 # dies and its pid is reused. Opened before the reaper task first runs (a
@@ -287,9 +309,90 @@ class _Instance:
         assert self.proc.stdin is not None
         # The server's stdout is what we read; its stdin is what we write.
         reader = FdLines(self.proc.stdout.fileno())
-        writer = FdWriter(self.proc.stdin.fileno())
-        async with stdio_server(reader, writer) as streams:  # type: ignore[arg-type]
+        self._stdin = FdWriter(self.proc.stdin.fileno())
+        async with client_streams(reader, self._stdin, route=self._answered) as streams:
             yield streams
+
+    def _answered(self, message: types.JSONRPCMessage) -> bool:
+        """Takes the response to a passed-through call off the session's way (a late one, to
+        a call given up, is dropped: the session never sent it)."""
+        if isinstance(message, types.JSONRPCResponse | types.JSONRPCError):
+            waiting = self._pending.pop(message.id, None) if message.id is not None else None
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message)
+            return waiting is not None or (
+                isinstance(message.id, str) and message.id.startswith(_ID_PREFIX)
+            )
+        return False
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The server's `tools/call` result for tool `name`, as a dict the SDK checked against
+        the protocol; raises `MCPError` for an error response (and what the session raises
+        for a broken connection). A stdio server's call is passed through (module docstring);
+        cancelled, it is cancelled at the server too."""
+        assert self.client is not None and self.exited is not None
+        if self._stdin is None:
+            return await self._session_call(name, arguments)
+        if self.exited.done():
+            raise ConnectionError("the server exited")
+        rid = f"{_ID_PREFIX}{next(self._ids)}"
+        answer: asyncio.Future[types.JSONRPCMessage] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = answer
+        params = {"name": name, "arguments": arguments}
+        try:
+            await write_message(
+                self._stdin,
+                types.JSONRPCRequest(jsonrpc="2.0", id=rid, method="tools/call", params=params),
+            )
+            message = await answer
+        except asyncio.CancelledError:
+            if self._pending.pop(rid, None) is not None:
+                cancel = types.CancelledNotificationParams(
+                    request_id=rid, reason="caller cancelled"
+                )
+                with contextlib.suppress(OSError):
+                    await write_message(self._stdin, types.JSONRPCNotification(
+                        jsonrpc="2.0", method="notifications/cancelled",
+                        params=cancel.model_dump(by_alias=True, exclude_none=True),
+                    ))  # fmt: skip
+            raise
+        except OSError as e:  # its stdin closed: it is exiting
+            self._pending.pop(rid, None)
+            raise ConnectionError(f"the server's stdin is closed ({e.strerror})") from None
+        if isinstance(message, types.JSONRPCError):
+            raise MCPError.from_error_data(message.error)
+        assert isinstance(message, types.JSONRPCResponse)
+        # As the session does: a version without a surface for the method is not checked.
+        with contextlib.suppress(KeyError):
+            protocol.validate_server_result(
+                "tools/call", self.client.protocol_version, message.result
+            )
+        return message.result
+
+    def _gone(self, exited: asyncio.Future[Any]) -> None:
+        """The server exited: the calls passed through to it get no answer but this."""
+        pending, self._pending = self._pending, {}
+        for answer in pending.values():
+            if not answer.done():
+                answer.set_exception(ConnectionError("the server exited"))
+
+    async def _session_call(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """`call_tool` through the SDK session (an HTTP server), ended by the server's exit."""
+        assert self.client is not None and self.exited is not None
+        request = types.CallToolRequest(
+            params=types.CallToolRequestParams(name=name, arguments=arguments)
+        )
+        call = asyncio.ensure_future(self.client.session.send_request(request, _RawResult))
+        try:
+            await asyncio.wait({call, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # cancelled (the SDK then cancels it at the server), or the server is gone
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(BaseException):
+                    await call
+        if call.cancelled():
+            raise ConnectionError("the server exited")
+        return call.result().root
 
     @contextlib.asynccontextmanager
     async def _http(self) -> AsyncIterator[TransportStreams]:
@@ -329,8 +432,13 @@ class _Instance:
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
+            # stdio: the handshake era, whose requests carry no per-request envelope (so a
+            # passed-through call is the same request the session would send).
             async with Client(
-                self._transport(), read_timeout_seconds=self.spec.limits.timeout, cache=None
+                self._transport(),
+                read_timeout_seconds=self.spec.limits.timeout,
+                cache=None,
+                mode="legacy" if self.spec.url is None else "auto",
             ) as client:
                 self.client = client
                 ready.set_result(None)
@@ -504,31 +612,11 @@ class MCPServers:
         inst.busy += 1
         seen = len(inst.denials)
         try:
-            assert inst.client is not None and inst.exited is not None
-            request = types.CallToolRequest(
-                params=types.CallToolRequestParams(name=remote, arguments=args)
-            )
-            call = asyncio.ensure_future(inst.client.session.send_request(request, _RawResult))
-            # A server that dies mid-call never answers: its exit ends the wait.
-            try:
-                await asyncio.wait(
-                    {call, inst.exited},
-                    timeout=spec.limits.timeout,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            except asyncio.CancelledError:
-                # The caller went away (a task hung up mid-call): so does the request, which
-                # the SDK cancels at the server too, rather than running on unowned.
-                call.cancel()
-                raise
-            if not call.done():
-                call.cancel()
-                with contextlib.suppress(BaseException):
-                    await call
-                if not inst.exited.done():
-                    raise TimeoutError
-                raise ConnectionError("the server exited")
-            result = call.result().root
+            # A server that dies mid-call never answers: its exit ends the call. A caller
+            # that goes away (a task hung up mid-call) cancels it, at the server too, rather
+            # than leave it running unowned.
+            async with asyncio.timeout(spec.limits.timeout):
+                result = await inst.call_tool(remote, args)
         except TimeoutError:
             await inst.stop()
             return Outcome.error(
@@ -538,6 +626,10 @@ class MCPServers:
             if e.error.code != CONNECTION_CLOSED:
                 return Outcome.error("permanent", f"{spec.name}: {e}")
             return await self._crashed(inst)
+        except ValidationError as e:
+            return Outcome.error("permanent", f"{spec.name}: the server's result is not a tool "
+                                 f"result ({e.error_count()} problems, first at "
+                                 f"{_where(e)})")  # fmt: skip
         except (ConnectionError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             return await self._crashed(inst)
         finally:
