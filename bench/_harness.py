@@ -53,17 +53,28 @@ class Figure:
 class Bench:
     """One benchmark script's figures. Create with `Bench.from_args("name")`."""
 
-    def __init__(self, name: str, *, quick: bool) -> None:
+    def __init__(self, name: str, *, quick: bool, only: str | None = None) -> None:
         self.name = name
         self.quick = quick
+        #: The one part to run (`--only`), None: all of them.
+        self.only = only
         self.figures: list[Figure] = []
 
     @classmethod
-    def from_args(cls, name: str, argv: list[str] | None = None) -> Bench:
+    def from_args(
+        cls, name: str, argv: list[str] | None = None, *, parts: tuple[str, ...] = ()
+    ) -> Bench:
+        """Parses `--quick` and, for a bench in `parts`, `--only PART`."""
         parser = argparse.ArgumentParser(description=f"agentnode benchmark: {name}")
         parser.add_argument("--quick", action="store_true", help="fewer repeats (CI)")
+        if parts:
+            parser.add_argument("--only", choices=parts, help="run this part alone")
         args = parser.parse_args(argv)
-        return cls(name, quick=args.quick)
+        return cls(name, quick=args.quick, only=getattr(args, "only", None))
+
+    def runs(self, part: str) -> bool:
+        """Whether `part` runs (no `--only`, or `--only part`)."""
+        return self.only in (None, part)
 
     def record(
         self,

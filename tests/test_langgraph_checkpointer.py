@@ -21,13 +21,16 @@ from agentnode.integrations.langgraph import WRITES_WAIT_S, AgentnodeCheckpointe
 from agentnode.sdk import Memory
 
 
-def test_passes_langgraph_checkpoint_conformance(memory_server) -> None:  # type: ignore[no-untyped-def]
-    url, tokens = memory_server
+@pytest.mark.parametrize("door", ["http", "socket"])
+def test_passes_langgraph_checkpoint_conformance(memory_doors, door: str) -> None:  # type: ignore[no-untyped-def]
+    """Over either door to the node's memory: the HTTP API and the memory socket."""
+    url, sock, tokens = memory_doors
 
     @checkpointer_test(name="AgentnodeCheckpointer")
     async def saver() -> AsyncGenerator[AgentnodeCheckpointer, None]:
         # A fresh task label per capability suite: each starts from an empty store.
-        with Memory(url, tokens["a"]) as mem:
+        with Memory(url, tokens["a"], socket=str(sock.path) if door == "socket" else None) as mem:
+            assert mem.over_socket == (door == "socket")
             yield AgentnodeCheckpointer(mem, task=f"conf-{uuid.uuid4().hex[:8]}")
 
     report = asyncio.run(validate(saver))
