@@ -8,7 +8,7 @@ import operator
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain_core.runnables import RunnableConfig
@@ -130,6 +130,46 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
         assert writes == len(history) - 1 == 4, requests
         # Every super-step's tasks' writes were stored (with the checkpoint after it).
         assert [bool(h.pending_writes) for h in history] == [False, True, True, True, True]
+
+
+def test_a_thread_is_read_in_three_round_trips_over_the_socket(memory_doors) -> None:  # type: ignore[no-untyped-def]
+    """A saver that has not seen a thread (another attempt of the task) reads its newest
+    checkpoint in three round trips over the memory socket, whatever its number of channels:
+    the pointer, the checkpoint with its writes, and every channel value at once."""
+    url, door, tokens = memory_doors
+    builder = StateGraph(Wide)
+    for name in ("a", "b"):
+        builder.add_node(name, lambda state, name=name: {c: [name] for c in Wide.__annotations__})
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", END)
+    config: RunnableConfig = {"configurable": {"thread_id": "t-wide"}}
+    with Memory(url, tokens["a"], socket=str(door.path)) as mem:
+        builder.compile(checkpointer=AgentnodeCheckpointer(mem, task="wide")).invoke(
+            Wide(s0=[], s1=[], s2=[], s3=[], s4=[]), config, durability="sync"
+        )
+        exchanges: list[int] = []
+        client = mem._socket
+        assert client is not None
+        real = client._exchange
+
+        def counted(calls: Any, **options: Any) -> Any:
+            exchanges.append(len(calls))
+            return real(calls, **options)
+
+        client._exchange = counted  # type: ignore[method-assign]
+        found = AgentnodeCheckpointer(mem, task="wide").get_tuple(config)
+    assert found is not None and found.checkpoint["channel_values"]["s4"] == ["a", "b"]
+    channels = len(found.checkpoint["channel_versions"])
+    assert channels > 5 and exchanges == [1, 2, channels], "pointer; checkpoint, writes; values"
+
+
+class Wide(TypedDict):
+    s0: Annotated[list[str], operator.add]
+    s1: Annotated[list[str], operator.add]
+    s2: Annotated[list[str], operator.add]
+    s3: Annotated[list[str], operator.add]
+    s4: Annotated[list[str], operator.add]
 
 
 def test_writes_no_checkpoint_follows_wait_once_then_go_at_once(memory_server) -> None:  # type: ignore[no-untyped-def]

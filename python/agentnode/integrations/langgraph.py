@@ -37,11 +37,12 @@ this saver reads anything: a run's first write per thread less, of one per super
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -224,6 +225,11 @@ def _digest(text: object) -> str:
     return hashlib.blake2b(str(text).encode(), digest_size=12).hexdigest()
 
 
+def _picked(records: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+    """The records of `ids` that `records` holds."""
+    return {rid: records[rid] for rid in ids if rid in records}
+
+
 def _thread_ns(thread_id: str) -> str:
     return "lgcp:" + _digest(thread_id)
 
@@ -372,14 +378,21 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self,
         value: dict[str, Any],
         writes: dict[str, Any] | None,
-        blob: Any,
+        fetch: Callable[[list[str]], dict[str, Any]],
     ) -> CheckpointTuple:
-        """A stored checkpoint as LangGraph reads it; `blob(channel, version)` finds values."""
+        """A stored checkpoint as LangGraph reads it; `fetch(record ids)` finds the records
+        of its channel values (those it has: by id)."""
         thread, ns, cid = value["thread"], value["ns"], value["id"]
         checkpoint: Checkpoint = self.serde.loads_typed(tuple(value["checkpoint"]))
+        dns = _digest(ns)
+        ids = {
+            channel: f"b.{dns}.{_digest(channel)}.{_digest(version)}"
+            for channel, version in checkpoint["channel_versions"].items()
+        }
+        found = fetch(list(ids.values()))
         values = {}
-        for channel, version in checkpoint["channel_versions"].items():
-            stored = blob(channel, version)
+        for channel, rid in ids.items():
+            stored = (found.get(rid) or {}).get("v")
             if stored is not None and stored[0] != "empty":
                 values[channel] = self.serde.loads_typed(tuple(stored))
         pending = sorted(
@@ -418,17 +431,22 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 if latest is None:
                     return None
                 cid = latest["id"]
-            value = self._get(space, f"c.{dns}.{_digest(cid)}")
+            # The checkpoint and its writes in one round trip, then all its values in one
+            # (over the memory socket; over HTTP one request each).
+            value, writes = (
+                None if rec is None else rec["value"]
+                for rec in self._memory.get_many(
+                    space, self._task, [f"c.{dns}.{_digest(cid)}", f"w.{dns}.{_digest(cid)}"]
+                )
+            )
             if value is None:
                 return None
-            writes = self._get(space, f"w.{dns}.{_digest(cid)}")
-            return self._tuple(
-                value,
-                writes,
-                lambda ch, ver: (
-                    self._get(space, f"b.{dns}.{_digest(ch)}.{_digest(ver)}") or {}
-                ).get("v"),
-            )
+
+            def fetch(ids: list[str]) -> dict[str, Any]:
+                records = self._memory.get_many(space, self._task, ids)
+                return {rid: rec["value"] for rid, rec in zip(ids, records, strict=True) if rec}
+
+            return self._tuple(value, writes, fetch)
 
     def list(
         self,
@@ -473,9 +491,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             yield self._tuple(
                 value,
                 recs.get(f"w.{dns}.{_digest(value['id'])}"),
-                lambda ch, ver, recs=recs, dns=dns: (
-                    recs.get(f"b.{dns}.{_digest(ch)}.{_digest(ver)}") or {}
-                ).get("v"),
+                functools.partial(_picked, recs),
             )
 
     def put(

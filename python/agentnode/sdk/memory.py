@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 import msgpack
 
-from agentnode.errors import ConfigError, StorageError
+from agentnode.errors import ConfigError, NotFoundError, StorageError
 from agentnode.sdk.memsocket import ENV, SocketClient, error_of
 from agentnode.sdk.transport import connect
 from agentnode.sdk.working import WorkingMemory
@@ -191,6 +191,28 @@ class Memory:
             f"/v1/memory/episodic/{namespace}/{task}/{id}", retry=True,
         )  # fmt: skip
         return rec
+
+    def get_many(
+        self, namespace: str, task: str, ids: Sequence[str]
+    ) -> list[dict[str, Any] | None]:
+        """The records of `ids`, in order (None for one that does not exist): over the memory
+        socket in one round trip, over HTTP one request each."""
+        if self._socket is None:
+            found: list[dict[str, Any] | None] = []
+            for rid in ids:
+                try:
+                    found.append(self.get(namespace, task, rid))
+                except NotFoundError:
+                    found.append(None)
+            return found
+        answers = self._socket.pipeline(
+            [("episodic.get", {"namespace": namespace, "task": task, "id": rid}) for rid in ids],
+            retry=True,
+        )
+        for answer in answers:
+            if isinstance(answer, Exception) and not isinstance(answer, NotFoundError):
+                raise answer
+        return [None if isinstance(a, NotFoundError) else a for a in answers]
 
     def scan(
         self,
