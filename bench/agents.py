@@ -3,23 +3,29 @@ in-memory saver in the same run.
 
 One run of a real LangGraph agent (langchain-openai's ChatOpenAI against the scripted mock
 upstream on loopback, a prebuilt ToolNode): LLM call with a tool call, the tool, LLM call with
-the answer — three super-steps, each checkpointed with `durability="sync"`. Ours:
-`AgentnodeCheckpointer` over the memory API on loopback (RocksDB's log, no fsync); peer:
-`InMemorySaver`. Goal (issue 26): ours <= 1.1x the peer per agent step. The proxy's own cost is
-bench/proxy.py's.
+the answer — three super-steps, each checkpointed with `durability="sync"`. Ours
+(`langgraph_step`): `AgentnodeCheckpointer` over the memory socket, the path a task's `Memory()`
+takes, served by `agentnode memory serve --socket` in its own process (as a task reaches its
+node's daemon: another process, over a unix socket; the same operations and RocksDB writes to
+the log without fsync, not the daemon's other work); `langgraph_step_http`: the same saver over
+that process's HTTP API on loopback, the door tasks used before. Peer: `InMemorySaver`. The
+mock upstream answers in the benchmark's process for all three. Goal (issue 26): ours <= 1.1x
+the peer per agent step. The proxy's own cost is bench/proxy.py's. `--only langgraph` runs this
+part alone (it needs no root).
 
 The reference runtime's step (as root: a real `agentnode run` on a scratch data dir): the
 runtime as a task, each step a model call through the node's proxy to the mock, `list_files`
 through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API)
-and the step's checkpoints, against the same loop with the `openai` SDK calling the mock directly
-and `os.listdir` in the benchmark's process. Goal: <= 3 ms added per step. The timed loop
+and the step's checkpoints (over the memory socket), against the same loop with the `openai`
+SDK calling the mock directly and `os.listdir` in the benchmark's process. Goal: <= 3 ms added per step. The timed loop
 includes the task's first model call, which in a fresh agent costs ~30 ms of the SDK's lazy
 set-up (imports, platform headers, response models) that the peer, warm, does not pay.
 
 The box these run on is shared, so each of those lines also has a CPU figure (`_cpu`): CPU
 seconds per step of every process doing the step's work while it runs (the LangGraph run's
-process, which serves the memory API and the mock too; for the runtime: the task, the daemon
-and this process, which serves the mock), against the peer's process.
+process, which serves the mock too, and the memory server's, from its threads' schedstat; for
+the runtime: the task, the daemon and this process, which serves the mock), against the peer's
+process.
 
 Agents per second (as root): N reference-runtime tasks submitted at once, each a one-step run
 (`python -m agentnode.runtime TEXT --model m`: the model answers at once), from the first

@@ -19,7 +19,9 @@ Limits, on purpose for now:
 id) under one task (default `$AGENTNODE_TASK_ID`), holding one record per checkpoint, per
 changed channel value (stored once per version, as LangGraph's own savers do), per checkpoint's
 pending writes, and a pointer to the newest checkpoint of each checkpoint namespace. `get_tuple`
-costs one read per channel; `list` scans the thread (at most 10,000 records).
+reads the checkpoint with its writes, then every channel value, each in one round trip over the
+memory socket (`Memory.get_many`; one request per record over HTTP); `list` scans the thread
+(at most 10,000 records).
 
 One write per super-step: a task's pending writes wait (up to `WRITES_WAIT_S`) for the
 checkpoint that ends its super-step and are stored in that checkpoint's batch; `put_writes`
