@@ -418,3 +418,62 @@ def _restart(door: Any) -> None:
     loop = door._server.get_loop()
     asyncio.run_coroutine_threadsafe(door.stop(), loop).result(10)
     asyncio.run_coroutine_threadsafe(door.start(), loop).result(10)
+
+
+#: Appends records over the memory socket, printing each id once its put returned, until the
+#: node goes away.
+WRITER = """
+import os
+from agentnode.sdk import Memory
+mem, me, i = Memory(), os.environ["AGENTNODE_TASK_ID"], 0
+print("socket", mem.over_socket, flush=True)
+while True:
+    try:
+        mem.append_many("dur", me, [{"id": f"r{i:05}", "value": {"i": i, "pad": "x" * 2000}}])
+    except Exception as e:
+        print("stopped:", type(e).__name__, str(e).split(" (")[0], flush=True)
+        break
+    print(f"r{i:05}", flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.root
+def test_a_returned_put_survives_kill_9_of_the_node(tmp_path: Path) -> None:
+    """A task writing over the memory socket while the daemon is SIGKILLed: after the restart
+    every record whose put had returned is there."""
+    import json
+    import signal
+    import sys
+
+    from agentnode.node.paths import ADMIN_MEMORY
+    from agentnode.sdk.transport import UnixHTTPConnection
+    from support.node_daemon import Daemon
+
+    repo = Path(__file__).resolve().parents[1]
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        task = d.submit([sys.executable, "-c", WRITER], user="0", memory="128M", cpus=0.5,
+                        ro=[str(repo)], env={"PYTHONPATH": str(repo / "python")})  # fmt: skip
+        log = d.data / "logs" / f"{task['id']}.1.log"
+        deadline = time.monotonic() + 60
+        while not log.exists() or log.read_text().count("\nr") < 200:
+            assert time.monotonic() < deadline, d.task(task["id"])
+            time.sleep(0.05)
+        d.stop(signal.SIGKILL)
+        d.start()
+        d.wait(task["id"], timeout=60)
+        lines = log.read_text().splitlines()
+        assert lines[0] == "socket True", lines[:3]
+        assert lines[-1].startswith("stopped: StorageError memory socket"), lines[-3:]
+        acknowledged = [line for line in lines if line.startswith("r")]
+        conn = UnixHTTPConnection(str(d.socket), timeout=30)
+        conn.request("GET", f"{ADMIN_MEMORY}/v1/memory/episodic/dur/{task['id']}?limit=10000"
+                     "&order=oldest", headers={"Authorization": "Bearer tenant:default"})  # fmt: skip
+        stored = [r["id"] for r in json.loads(conn.getresponse().read())["records"]]
+        conn.close()
+        assert len(acknowledged) >= 200 and stored[: len(acknowledged)] == acknowledged
+    finally:
+        if d.proc is not None:
+            d.stop()
