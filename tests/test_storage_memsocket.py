@@ -363,6 +363,13 @@ def test_pipelined_requests_are_answered_in_order(memory_doors) -> None:  # type
     answers = client.pipeline(calls)
     assert [a["value"] for a in answers[1:-1:2]] == list(range(200))
     assert isinstance(answers[-1], NotFoundError)
+    # Large requests with large answers, far more than the socket's buffers hold: the client
+    # reads answers while it sends, so neither side waits on the other for good.
+    big = [("episodic.append", {"namespace": "p", "task": "t", "value": "x" * 100_000,
+                                "id": f"big{i}"}) for i in range(150)]  # fmt: skip
+    reads = [("episodic.get", {"namespace": "p", "task": "t", "id": f"big{i}"}) for i in range(150)]
+    answers = client.pipeline([c for pair in zip(big, reads, strict=True) for c in pair])
+    assert [len(a["value"]) for a in answers[1::2]] == [100_000] * 150
     client.close()
 
 

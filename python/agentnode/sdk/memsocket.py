@@ -38,6 +38,9 @@ MAX_FRAME = 4 << 20
 HANDSHAKE_OK = b"ok\n"
 #: The longest token line the node reads (a task token is a few dozen bytes).
 MAX_TOKEN_LINE = 4096
+#: Requests of a pipeline sent ahead of their answers (the node reads up to 64 ahead), and
+#: their bytes beyond the first (well within a unix socket's buffer).
+_WINDOW, _WINDOW_BYTES = 32, 64 << 10
 
 
 def error_of(problem: Any, *, base: type[AgentnodeError] = StorageError) -> AgentnodeError:
@@ -95,17 +98,10 @@ class SocketClient:
                     f"{MAX_FRAME}-byte limit (send smaller batches, or large data as objects)"
                 )
             frames.append(HEADER.pack(len(payload)) + payload)
-        data = b"".join(frames)
         for attempt in (1, 2):
             self._check_idle()
             try:
-                if self._sock is None:
-                    self._open()
-                assert self._sock is not None
-                self._sock.sendall(data if self._greeted else self._token + data)
-                if not self._greeted:
-                    self._greet()
-                answers = [self._answer() for _ in calls]
+                answers = self._send_and_read(frames)
                 break
             except TimeoutError:
                 self.close()
@@ -135,6 +131,35 @@ class SocketClient:
             else:
                 results.append(error_of(answer))
         return results
+
+    def _send_and_read(self, frames: list[bytes]) -> list[tuple[bool, Any]]:
+        """Sends `frames` and reads their answers, at most `_WINDOW` requests and about
+        `_WINDOW_BYTES` unanswered at a time: the node stops reading from a client that does
+        not read its answers, so one that sent a long pipeline whole before reading could wait
+        on the node while the node waits on it."""
+        if self._sock is None:
+            self._open()
+        assert self._sock is not None
+        answers: list[tuple[bool, Any]] = []
+        sent = 0
+        while len(answers) < len(frames):
+            window: list[bytes] = []
+            size = 0
+            while (
+                sent < len(frames)
+                and sent - len(answers) < _WINDOW
+                and (not window or size + len(frames[sent]) <= _WINDOW_BYTES)
+            ):
+                window.append(frames[sent])
+                size += len(frames[sent])
+                sent += 1
+            if window:
+                data = b"".join(window)
+                self._sock.sendall(data if self._greeted else self._token + data)
+                if not self._greeted:
+                    self._greet()
+            answers.append(self._answer())
+        return answers
 
     def _check_idle(self) -> None:
         """Closes the connection if the node closed its end while it was idle (a restart):
