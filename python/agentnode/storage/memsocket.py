@@ -120,6 +120,7 @@ class _Connection(asyncio.Protocol):
         "_caller",
         "_closed",
         "_door",
+        "_paused",
         "_queue",
         "_timer",
         "_token",
@@ -137,6 +138,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False  # an operation of this connection is awaited
         self._writable = True
+        self._paused = False  # reading from the transport is paused
         self._closed = False
 
     # -- the transport's callbacks --------------------------------------------------------------
@@ -164,8 +166,9 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests until it does.
         self._writable = False
-        assert self._transport is not None
-        self._transport.pause_reading()
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._writable = True
@@ -188,7 +191,8 @@ class _Connection(asyncio.Protocol):
             end = HEADER.size + size
             if len(buffer) < end:
                 break
-            self._queue.append(bytes(buffer[HEADER.size : end]))
+            with memoryview(buffer) as view:  # one copy of the frame, not two
+                self._queue.append(bytes(view[HEADER.size : end]))
             del buffer[:end]
         self._run()
 
@@ -243,10 +247,13 @@ class _Connection(asyncio.Protocol):
                 answer.add_done_callback(self._finished)
         if self._closed:
             return
-        if len(self._queue) >= MAX_QUEUED or not self._writable:
-            self._transport.pause_reading()
-        else:
-            self._transport.resume_reading()
+        pause = len(self._queue) >= MAX_QUEUED or not self._writable
+        if pause != self._paused:
+            self._paused = pause
+            if pause:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
 
     def _start(self, frame: bytes) -> asyncio.Future[Any] | None:
         """Runs one request: answers it now, or returns the future of its answer; raises
