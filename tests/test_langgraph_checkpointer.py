@@ -172,6 +172,42 @@ class Wide(TypedDict):
     s4: Annotated[list[str], operator.add]
 
 
+def test_the_next_run_on_a_thread_it_wrote_reads_nothing(  # type: ignore[no-untyped-def]
+    memory_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saver keeps the newest checkpoint it wrote of a thread whole: a second run on the
+    thread starts without a read, and what it finds is what a saver reading the store finds."""
+    url, tokens = memory_server
+    builder = StateGraph(State)
+    for name in ("a", "b"):
+        builder.add_node(name, lambda state, name=name: {"steps": [name]})
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", END)
+    requests: list[str] = []
+    real = Memory._call
+
+    def counted(self: Memory, method: str, path: str, body: object = None) -> object:
+        requests.append(method)
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(Memory, "_call", counted)
+    config: RunnableConfig = {"configurable": {"thread_id": "t-again"}}
+    with Memory(url, tokens["a"]) as mem:
+        saver = AgentnodeCheckpointer(mem, task="again")
+        graph = builder.compile(checkpointer=saver)
+        graph.invoke({"steps": ["x"]}, config, durability="sync")
+        requests.clear()
+        assert graph.invoke({"steps": ["y"]}, config, durability="sync") == {
+            "steps": ["x", "a", "b", "y", "a", "b"]}  # fmt: skip
+        assert requests.count("GET") == 0, requests
+        kept = saver.get_tuple(config)
+        read = AgentnodeCheckpointer(mem, task="again").get_tuple(config)
+    assert kept is not None and read is not None
+    assert (kept.checkpoint, kept.metadata, kept.parent_config, kept.pending_writes) == (
+        read.checkpoint, read.metadata, read.parent_config, read.pending_writes)  # fmt: skip
+
+
 def test_writes_no_checkpoint_follows_wait_once_then_go_at_once(memory_server) -> None:  # type: ignore[no-untyped-def]
     """Pending writes that no checkpoint comes to carry (a slow sibling task, or a graph whose
     checkpoints wait for them) are stored by `put_writes` itself after `WRITES_WAIT_S`, once;

@@ -20,8 +20,9 @@ id) under one task (default `$AGENTNODE_TASK_ID`), holding one record per checkp
 changed channel value (stored once per version, as LangGraph's own savers do), per checkpoint's
 pending writes, and a pointer to the newest checkpoint of each checkpoint namespace. `get_tuple`
 reads the checkpoint with its writes, then every channel value, each in one round trip over the
-memory socket (`Memory.get_many`; one request per record over HTTP); `list` scans the thread
-(at most 10,000 records).
+memory socket (`Memory.get_many`; one request per record over HTTP), and nothing at all for the
+newest checkpoint of a thread this saver wrote (it keeps the last `_NEWEST_KEPT` threads' whole,
+as stored); `list` scans the thread (at most 10,000 records).
 
 One write per super-step: a task's pending writes wait (up to `WRITES_WAIT_S`) for the
 checkpoint that ends its super-step and are stored in that checkpoint's batch; `put_writes`
@@ -94,6 +95,9 @@ INPUT_WAIT_S = 0.05
 _WRITES_KEPT = 4
 #: How many threads' newest-checkpoint pointers it remembers (a forgotten one is read again).
 _POINTERS_KEPT = 1024
+#: How many threads' newest checkpoints it keeps whole (its record and its channel values, as
+#: stored), so that the next run on a thread it wrote reads nothing back.
+_NEWEST_KEPT = 16
 #: Seconds the flusher thread outlives the last input checkpoint it waited to write: a saver
 #: running graph after graph keeps one thread instead of starting one per run.
 _FLUSHER_IDLE_S = 1.0
@@ -264,6 +268,9 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         # delete_thread forgets its entries. Both are bounded, oldest first out.
         self._pointers: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._writes: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # The newest checkpoint this saver wrote of a few threads, by (thread namespace,
+        # checkpoint namespace digest): its record and the stored values of its channels.
+        self._newest: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
         # Thread namespaces whose queue holds an input checkpoint, with when it must be
         # written; the flusher thread (while one runs) writes it then, woken by `_holding`.
         self._held: dict[str, float] = {}
@@ -433,6 +440,13 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 if latest is None:
                     return None
                 cid = latest["id"]
+            newest = self._newest.get((space, dns))
+            if newest is not None and newest[0]["id"] == cid:
+                # This saver wrote it: nothing to read but what it does not remember.
+                writes = self._cached(space, f"w.{dns}.{_digest(cid)}")
+                return self._tuple(
+                    newest[0], writes, functools.partial(self._values, space, newest[1])
+                )
             # The checkpoint and its writes in one round trip, then all its values in one
             # (over the memory socket; over HTTP one request each).
             value, writes = (
@@ -443,12 +457,17 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             )
             if value is None:
                 return None
+            return self._tuple(value, writes, functools.partial(self._values, space, {}))
 
-            def fetch(ids: list[str]) -> dict[str, Any]:
-                records = self._memory.get_many(space, self._task, ids)
-                return {rid: rec["value"] for rid, rec in zip(ids, records, strict=True) if rec}
-
-            return self._tuple(value, writes, fetch)
+    def _values(self, space: str, known: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+        """The stored channel values of `ids`: those `known` holds, the others read in one
+        round trip over the memory socket (one request each over HTTP)."""
+        found = {rid: known[rid] for rid in ids if rid in known}
+        missing = [rid for rid in ids if rid not in found]
+        if missing:
+            records = self._memory.get_many(space, self._task, missing)
+            found |= {rid: rec["value"] for rid, rec in zip(missing, records, strict=True) if rec}
+        return found
 
     def list(
         self,
@@ -545,9 +564,27 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 self._write(space, records)
             if latest is None or latest["id"] <= cid:
                 self._remember((space, f"l.{dns}"), {"id": cid})
+                self._keep_newest(space, dns, checkpoint["channel_versions"], records)
             # A checkpoint just made has no pending writes: its first put_writes reads nothing.
             self._remember((space, f"w.{dns}.{_digest(cid)}"), None)
         return {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    def _keep_newest(
+        self, space: str, dns: str, versions: ChannelVersions, records: Sequence[dict[str, Any]]
+    ) -> None:
+        """Keeps a checkpoint just stored as its thread's newest, with the values of its
+        channels this saver knows (those it stored now, and those kept from the checkpoint
+        before that are still current); the caller holds the lock."""
+        key = (space, dns)
+        before = self._newest.pop(key, None)
+        values = {r["id"]: r["value"] for r in records if r["id"].startswith("b.")}
+        if before is not None:
+            current = {f"b.{dns}.{_digest(ch)}.{_digest(v)}" for ch, v in versions.items()}
+            values = {rid: v for rid, v in before[1].items() if rid in current} | values
+        checkpoint = next(r["value"] for r in records if r["id"].startswith("c."))
+        self._newest[key] = (checkpoint, values)
+        while len(self._newest) > _NEWEST_KEPT:
+            del self._newest[next(iter(self._newest))]
 
     def put_writes(
         self,
@@ -597,6 +634,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             self._flush()
             self._pointers = {k: v for k, v in self._pointers.items() if k[0] != space}
             self._writes = {k: v for k, v in self._writes.items() if k[0] != space}
+            self._newest = {k: v for k, v in self._newest.items() if k[0] != space}
             for rid in self._scan(space):
                 self._memory.delete(space, self._task, rid)
 
