@@ -99,6 +99,8 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
     nothing: what it wrote or found absent it remembers. The one read is the thread's
     newest-checkpoint pointer."""
     monkeypatch.setattr(langgraph, "INPUT_WAIT_S", 30.0)  # a loaded host's slow first step
+    # and its slow hand-off from a task's writes to the checkpoint after it (seen at load 10+)
+    monkeypatch.setattr(langgraph, "WRITES_WAIT_S", 2.0)
     url, tokens = memory_server
     builder = StateGraph(State)
     for name in ("a", "b", "c"):

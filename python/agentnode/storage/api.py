@@ -15,6 +15,9 @@ Routes (bodies and answers in JSON, or msgpack with `Content-Type`/`Accept: appl
     GET    /v1/objects                                   ?prefix=
     ...    /v1/memory/vectors/...                        see `storage.vector_api`
 
+The episodic routes call `storage.operations`, which the memory socket (`storage.memsocket`)
+serves too: one implementation of each operation behind both doors.
+
 Every request carries `Authorization: Bearer <token>`; the tenant comes from the token alone.
 Errors answer 400/401/403/404/409/413 with `{"error": "<what failed and what to do>"}`.
 

@@ -101,7 +101,8 @@ class MemorySocket:
             raise
 
     async def stop(self) -> None:
-        """Stops listening and ends every connection (operations under way finish first)."""
+        """Stops listening and ends every connection (an operation under way runs to its
+        end; its answer is lost with the connection)."""
         if self._server is not None:
             self._server.close()
             self._server = None
