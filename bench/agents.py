@@ -3,23 +3,29 @@ in-memory saver in the same run.
 
 One run of a real LangGraph agent (langchain-openai's ChatOpenAI against the scripted mock
 upstream on loopback, a prebuilt ToolNode): LLM call with a tool call, the tool, LLM call with
-the answer — three super-steps, each checkpointed with `durability="sync"`. Ours:
-`AgentnodeCheckpointer` over the memory API on loopback (RocksDB's log, no fsync); peer:
-`InMemorySaver`. Goal (issue 26): ours <= 1.1x the peer per agent step. The proxy's own cost is
-bench/proxy.py's.
+the answer — three super-steps, each checkpointed with `durability="sync"`. Ours
+(`langgraph_step`): `AgentnodeCheckpointer` over the memory socket, the path a task's `Memory()`
+takes, served by `agentnode memory serve --socket` in its own process (as a task reaches its
+node's daemon: another process, over a unix socket; the same operations and RocksDB writes to
+the log without fsync, not the daemon's other work); `langgraph_step_http`: the same saver over
+that process's HTTP API on loopback, the door tasks used before. Peer: `InMemorySaver`. The
+mock upstream answers in the benchmark's process for all three. Goal (issue 26): ours <= 1.1x
+the peer per agent step. The proxy's own cost is bench/proxy.py's. `--only langgraph` runs this
+part alone (it needs no root).
 
 The reference runtime's step (as root: a real `agentnode run` on a scratch data dir): the
 runtime as a task, each step a model call through the node's proxy to the mock, `list_files`
 through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API)
-and the step's checkpoints, against the same loop with the `openai` SDK calling the mock directly
-and `os.listdir` in the benchmark's process. Goal: <= 3 ms added per step. The timed loop
-includes the task's first model call, which in a fresh agent costs ~30 ms of the SDK's lazy
+and the step's checkpoints (over the memory socket), against the same loop with the `openai`
+SDK calling the mock directly and `os.listdir` in the benchmark's process. Goal: <= 3 ms
+added per step (`--only runtime_step` runs this part alone). The timed loop includes the task's first model call, which in a fresh agent costs ~30 ms of the SDK's lazy
 set-up (imports, platform headers, response models) that the peer, warm, does not pay.
 
 The box these run on is shared, so each of those lines also has a CPU figure (`_cpu`): CPU
 seconds per step of every process doing the step's work while it runs (the LangGraph run's
-process, which serves the memory API and the mock too; for the runtime: the task, the daemon
-and this process, which serves the mock), against the peer's process.
+process, which serves the mock too, and the memory server's, from its threads' schedstat; for
+the runtime: the task, the daemon and this process, which serves the mock), against the peer's
+process.
 
 Agents per second (as root): N reference-runtime tasks submitted at once, each a one-step run
 (`python -m agentnode.runtime TEXT --model m`: the model answers at once), from the first
@@ -34,7 +40,7 @@ so the node runs as many at once as 0.1-CPU reservations fit in its allocatable 
 2 cores); the peer runs that many at a time. (Until 2026-12-06 the bench asked for `cpus=0.5`,
 then both the limit and the reservation: 3 agents at a time, an admission bound of ~15/s
 while the CPUs were half idle.) `agents_cpu` is the CPU per agent beside the rate: for the
-node, its daemon (with the `ip` runs it reaped), its fork server and its tasks' cgroups; for
+node, its daemon (with the children it reaped), its fork server and its tasks' cgroups; for
 the peer, the bare agents; for both, this process (the mock and the client). Kernel workers
 (network namespace teardown) are in neither. `--only agents_per_s` runs that part alone.
 """
@@ -42,12 +48,14 @@ the peer, the bare agents; for both, this process (the mock and the client). Ker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,11 +63,10 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
@@ -79,13 +86,9 @@ from agentnode.node.client import NodeClient
 from agentnode.node.paths import DEFAULT_DATA_DIR
 from agentnode.node.restore import node_id
 from agentnode.sdk import Memory
-from agentnode.storage.api import make_app
-from agentnode.storage.episodic import EpisodicStore
-from agentnode.storage.objects import ObjectStore
-from agentnode.storage.tenancy import StaticTokens
 from support.node_daemon import FINAL, Daemon, daemon
 
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789"
 _THREADS = itertools.count()
 
 
@@ -398,59 +401,96 @@ def on_a_node(bench: Bench, mock: MockUpstream) -> None:
                      peer_name=bare)  # fmt: skip
 
 
+def _server_cpu_s(pid: int) -> float:
+    """CPU seconds process `pid` has used, all its threads, to the ns (schedstat; /proc/PID/stat
+    counts 10 ms ticks, coarser than a run)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError):
+            total += int(stat.read_text().split()[0])
+    return total / 1e9
+
+
+@contextlib.contextmanager
+def _memory_server(tmp: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    """`agentnode memory serve` in its own process on a scratch data dir, as a task finds the
+    node's memory in the daemon: yields it, its HTTP URL and its memory socket."""
+    tenants = tmp / "tenants.json"
+    tenants.write_text(json.dumps({"bench": {"token": TOKEN}}))
+    tenants.chmod(0o600)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentnode", "memory", "serve", "--data-dir", str(tmp / "memory"),
+         "--tenants", str(tenants), "--listen", "127.0.0.1:0", "--socket", str(tmp / "m.sock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[-1]
+        proc.stdout.readline()  # the socket's line: it listens
+        yield proc, url, tmp / "m.sock"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _langgraph(bench: Bench, mock: MockUpstream, tmp: Path) -> None:
+    """A LangGraph agent's step with AgentnodeCheckpointer over the memory socket and over
+    HTTP (a memory server in another process) against InMemorySaver."""
+    llm = ChatOpenAI(model="m", base_url=mock.base_url, api_key=SecretStr("k"), max_retries=0)
+    llm_tools = llm.bind_tools([add])
+    turns = [Turn(tool_calls=(ToolCall("add", {"a": 2, "b": 3}),)), Turn(text="5")]
+
+    def run(saver: BaseCheckpointSaver[Any], server: int | None) -> tuple[float, float]:
+        mock.script = deque(turns)
+        config: RunnableConfig = {"configurable": {"thread_id": f"t{next(_THREADS)}"}}
+        served = _server_cpu_s(server) if server is not None else 0.0
+        t0, c0 = time.perf_counter(), time.process_time()
+        graph(llm_tools, saver).invoke(
+            {"messages": [HumanMessage("add 2 and 3")]}, config, durability="sync"
+        )
+        # Per agent step (model, tool, model); LangGraph counts a fourth super-step, the
+        # input's, and makes five checkpoints.
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if server is not None:
+            cpu += _server_cpu_s(server) - served
+        return elapsed / 3, cpu / 3
+
+    with (
+        _memory_server(tmp) as (server, url, sock),
+        Memory(url, TOKEN, socket=str(sock)) as over_socket,
+        Memory(url, TOKEN) as over_http,
+    ):
+        savers: dict[str, tuple[BaseCheckpointSaver[Any], int | None]] = {
+            "socket": (AgentnodeCheckpointer(over_socket, task="bench"), server.pid),
+            "http": (AgentnodeCheckpointer(over_http, task="bench"), server.pid),
+            "peer": (InMemorySaver(), None),
+        }
+        for _ in range(3):  # warm all: connections, imports, JIT-less caches
+            for saver, pid in savers.values():
+                run(saver, pid)
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in savers}
+        for r in range(10 if bench.quick else 40):
+            order = list(savers.items())
+            for name, (saver, pid) in order if r % 2 == 0 else reversed(order):
+                times[name].append(run(saver, pid))
+    for i, suffix, unit in ((0, "", "ms/step"), (1, "_cpu", "ms CPU/step")):
+        peer = statistics.median(t[i] for t in times["peer"]) * 1000
+        for name, door in (("langgraph_step", "socket"), ("langgraph_step_http", "http")):
+            bench.record(name + suffix, statistics.median(t[i] for t in times[door]) * 1000,
+                         peer, unit, peer_name="LangGraph InMemorySaver")  # fmt: skip
+
+
 def main() -> None:
     bench = Bench.from_args("agents", parts=("langgraph", "runtime_step", "agents_per_s"))
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
+    mock = asyncio.run_coroutine_threadsafe(MockUpstream("openai").start(), loop).result(30)
     with tempfile.TemporaryDirectory() as tmp:
-        episodic = EpisodicStore(Path(tmp) / "episodic")
-        objects = ObjectStore(Path(tmp) / "objects")
-        app = make_app(episodic=episodic, objects=objects, auth=StaticTokens({TOKEN: "bench"}))
-        runner = web.AppRunner(app, access_log=None)
-
-        async def start() -> MockUpstream:
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            return await MockUpstream("openai").start()
-
-        mock = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        llm = ChatOpenAI(model="m", base_url=mock.base_url, api_key=SecretStr("k"), max_retries=0)
-        llm_tools = llm.bind_tools([add])
-        turns = [Turn(tool_calls=(ToolCall("add", {"a": 2, "b": 3}),)), Turn(text="5")]
-
-        def run(saver: BaseCheckpointSaver[Any]) -> tuple[float, float]:
-            mock.script = deque(turns)
-            config: RunnableConfig = {"configurable": {"thread_id": f"t{next(_THREADS)}"}}
-            t0, c0 = time.perf_counter(), time.process_time()
-            graph(llm_tools, saver).invoke(
-                {"messages": [HumanMessage("add 2 and 3")]}, config, durability="sync"
-            )
-            # Per agent step (model, tool, model); LangGraph counts a fourth super-step, the
-            # input's, and makes five checkpoints.
-            return (time.perf_counter() - t0) / 3, (time.process_time() - c0) / 3
-
-        ours: list[tuple[float, float]] = []
-        peer: list[tuple[float, float]] = []
-        with Memory(url, TOKEN) as memory:
-            ours_saver, peer_saver = AgentnodeCheckpointer(memory, task="bench"), InMemorySaver()
-            for _ in range(3) if bench.runs("langgraph") else ():  # warm both: connections,
-                run(ours_saver), run(peer_saver)  # imports, JIT-less caches
-            for r in range(10 if bench.quick else 40) if bench.runs("langgraph") else ():
-                pair = [(ours, ours_saver), (peer, peer_saver)]
-                for times, saver in pair if r % 2 == 0 else reversed(pair):
-                    times.append(run(saver))
+        if bench.runs("langgraph"):
+            _langgraph(bench, mock, Path(tmp))
         if os.geteuid() == 0 and (bench.runs("runtime_step") or bench.runs("agents_per_s")):
             on_a_node(bench, mock)
-        for i, name, unit in ((0, "langgraph_step", "ms/step"),
-                              (1, "langgraph_step_cpu", "ms CPU/step")) if ours else ():  # fmt: skip
-            bench.record(name, statistics.median(t[i] for t in ours) * 1000,
-                         statistics.median(t[i] for t in peer) * 1000, unit,
-                         peer_name="LangGraph InMemorySaver")  # fmt: skip
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        asyncio.run_coroutine_threadsafe(mock.close(), loop).result(30)
-        episodic.close()
-        objects.close()
+    asyncio.run_coroutine_threadsafe(mock.close(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     bench.save()
 

@@ -153,3 +153,50 @@ def memory_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     tokens = {"a": f"tok-a-{os.getpid()}", "b": f"tok-b-{os.getpid()}"}
     with memory_api(tmp_path, StaticTokens({t: tenant for tenant, t in tokens.items()})) as url:
         yield url, tokens
+
+
+@contextlib.contextmanager
+def serve_memory_socket(operations: Any, auth: Any, **options: Any) -> Iterator[Any]:
+    """A `MemorySocket` serving `operations` (authenticated by `auth`) at a fresh short path
+    (a socket's path has at most 107 bytes) from a background event loop: yields it."""
+    import asyncio
+    import shutil
+    import tempfile
+    import threading
+
+    from agentnode.storage.memsocket import MemorySocket
+
+    where = Path(tempfile.mkdtemp(prefix="ms-"))
+    loop = asyncio.new_event_loop()
+    door = MemorySocket(operations, auth.authenticate, path=where / "memory.sock", **options)
+    loop.run_until_complete(door.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield door
+    finally:
+        asyncio.run_coroutine_threadsafe(door.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+def memory_doors(tmp_path: Path) -> Iterator[tuple[str, Any, dict[str, str]]]:
+    """The memory API on loopback and the memory socket over the same stores, tenants a and
+    b: yields (url, the MemorySocket, tenant -> bearer token)."""
+    from agentnode.storage.operations import episodic_operations
+    from agentnode.storage.tenancy import StaticTokens
+
+    tokens = {"a": f"tok-a-{os.getpid()}", "b": f"tok-b-{os.getpid()}"}
+    auth = StaticTokens({t: tenant for tenant, t in tokens.items()})
+    with memory_stores(tmp_path) as (episodic, objects):
+        from agentnode.storage.api import make_app
+
+        app = make_app(episodic=episodic, objects=objects, auth=auth, max_body=256 << 10)
+        with (
+            serve_app(app) as url,
+            serve_memory_socket(episodic_operations(episodic), auth) as door,
+        ):
+            yield url, door, tokens

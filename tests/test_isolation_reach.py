@@ -271,10 +271,15 @@ def test_the_socket_directory_shows_the_node_sockets_only_and_takes_no_writes(
         t = d.submit(["/usr/bin/python3", "-c", SOCKET_DIR_PROBE, SOCKET_DIR], **who)
         assert d.wait(t["id"])["state"] == "succeeded", d.log(t["id"])
         got = json.loads(d.log(t["id"]))
-        assert got.pop("list") == ["mcp.sock", "mcps.sock", "task.sock"], got
+        assert got.pop("list") == ["mcp.sock", "mcps.sock", "memory.sock", "task.sock"], got
         assert all(v in ("EROFS", "EACCES", "EPERM") for v in got.values()), got
         host = d.data / "run" / "sockets"
-        assert sorted(p.name for p in host.iterdir()) == ["mcp.sock", "mcps.sock", "task.sock"]
+        assert sorted(p.name for p in host.iterdir()) == [
+            "mcp.sock",
+            "mcps.sock",
+            "memory.sock",
+            "task.sock",
+        ]
         assert (host.stat().st_mode & 0o7777, host.stat().st_uid) == (0o755, 0)
         run = host.parent.stat()
         assert (run.st_mode & 0o7777, run.st_uid, run.st_gid) == (0o710, 0, 100000)

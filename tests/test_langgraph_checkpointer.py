@@ -8,7 +8,7 @@ import operator
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import pytest
 from langchain_core.runnables import RunnableConfig
@@ -21,13 +21,16 @@ from agentnode.integrations.langgraph import WRITES_WAIT_S, AgentnodeCheckpointe
 from agentnode.sdk import Memory
 
 
-def test_passes_langgraph_checkpoint_conformance(memory_server) -> None:  # type: ignore[no-untyped-def]
-    url, tokens = memory_server
+@pytest.mark.parametrize("door", ["http", "socket"])
+def test_passes_langgraph_checkpoint_conformance(memory_doors, door: str) -> None:  # type: ignore[no-untyped-def]
+    """Over either door to the node's memory: the HTTP API and the memory socket."""
+    url, sock, tokens = memory_doors
 
     @checkpointer_test(name="AgentnodeCheckpointer")
     async def saver() -> AsyncGenerator[AgentnodeCheckpointer, None]:
         # A fresh task label per capability suite: each starts from an empty store.
-        with Memory(url, tokens["a"]) as mem:
+        with Memory(url, tokens["a"], socket=str(sock.path) if door == "socket" else None) as mem:
+            assert mem.over_socket == (door == "socket")
             yield AgentnodeCheckpointer(mem, task=f"conf-{uuid.uuid4().hex[:8]}")
 
     report = asyncio.run(validate(saver))
@@ -96,6 +99,8 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
     nothing: what it wrote or found absent it remembers. The one read is the thread's
     newest-checkpoint pointer."""
     monkeypatch.setattr(langgraph, "INPUT_WAIT_S", 30.0)  # a loaded host's slow first step
+    # and its slow hand-off from a task's writes to the checkpoint after it (seen at load 10+)
+    monkeypatch.setattr(langgraph, "WRITES_WAIT_S", 2.0)
     url, tokens = memory_server
     builder = StateGraph(State)
     for name in ("a", "b", "c"):
@@ -127,6 +132,82 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
         assert writes == len(history) - 1 == 4, requests
         # Every super-step's tasks' writes were stored (with the checkpoint after it).
         assert [bool(h.pending_writes) for h in history] == [False, True, True, True, True]
+
+
+def test_a_thread_is_read_in_three_round_trips_over_the_socket(memory_doors) -> None:  # type: ignore[no-untyped-def]
+    """A saver that has not seen a thread (another attempt of the task) reads its newest
+    checkpoint in three round trips over the memory socket, whatever its number of channels:
+    the pointer, the checkpoint with its writes, and every channel value at once."""
+    url, door, tokens = memory_doors
+    builder = StateGraph(Wide)
+    for name in ("a", "b"):
+        builder.add_node(name, lambda state, name=name: {c: [name] for c in Wide.__annotations__})
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", END)
+    config: RunnableConfig = {"configurable": {"thread_id": "t-wide"}}
+    with Memory(url, tokens["a"], socket=str(door.path)) as mem:
+        builder.compile(checkpointer=AgentnodeCheckpointer(mem, task="wide")).invoke(
+            Wide(s0=[], s1=[], s2=[], s3=[], s4=[]), config, durability="sync"
+        )
+        exchanges: list[int] = []
+        client = mem._socket
+        assert client is not None
+        real = client._exchange
+
+        def counted(calls: Any, **options: Any) -> Any:
+            exchanges.append(len(calls))
+            return real(calls, **options)
+
+        client._exchange = counted  # type: ignore[method-assign]
+        found = AgentnodeCheckpointer(mem, task="wide").get_tuple(config)
+    assert found is not None and found.checkpoint["channel_values"]["s4"] == ["a", "b"]
+    channels = len(found.checkpoint["channel_versions"])
+    assert channels > 5 and exchanges == [1, 2, channels], "pointer; checkpoint, writes; values"
+
+
+class Wide(TypedDict):
+    s0: Annotated[list[str], operator.add]
+    s1: Annotated[list[str], operator.add]
+    s2: Annotated[list[str], operator.add]
+    s3: Annotated[list[str], operator.add]
+    s4: Annotated[list[str], operator.add]
+
+
+def test_the_next_run_on_a_thread_it_wrote_reads_nothing(  # type: ignore[no-untyped-def]
+    memory_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saver keeps the newest checkpoint it wrote of a thread whole: a second run on the
+    thread starts without a read, and what it finds is what a saver reading the store finds."""
+    url, tokens = memory_server
+    builder = StateGraph(State)
+    for name in ("a", "b"):
+        builder.add_node(name, lambda state, name=name: {"steps": [name]})
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", END)
+    requests: list[str] = []
+    real = Memory._call
+
+    def counted(self: Memory, method: str, path: str, body: object = None) -> object:
+        requests.append(method)
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(Memory, "_call", counted)
+    config: RunnableConfig = {"configurable": {"thread_id": "t-again"}}
+    with Memory(url, tokens["a"]) as mem:
+        saver = AgentnodeCheckpointer(mem, task="again")
+        graph = builder.compile(checkpointer=saver)
+        graph.invoke({"steps": ["x"]}, config, durability="sync")
+        requests.clear()
+        assert graph.invoke({"steps": ["y"]}, config, durability="sync") == {
+            "steps": ["x", "a", "b", "y", "a", "b"]}  # fmt: skip
+        assert requests.count("GET") == 0, requests
+        kept = saver.get_tuple(config)
+        read = AgentnodeCheckpointer(mem, task="again").get_tuple(config)
+    assert kept is not None and read is not None
+    assert (kept.checkpoint, kept.metadata, kept.parent_config, kept.pending_writes) == (
+        read.checkpoint, read.metadata, read.parent_config, read.pending_writes)  # fmt: skip
 
 
 def test_writes_no_checkpoint_follows_wait_once_then_go_at_once(memory_server) -> None:  # type: ignore[no-untyped-def]

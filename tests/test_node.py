@@ -588,6 +588,20 @@ for name, token in (("own", os.environ["AGENTNODE_TOKEN"]), ("forged", me.id + "
                      {"Authorization": f"Bearer {token}"})
         r = conn.getresponse(); r.read()
         out[f"{name} {method} {path}"] = r.status
+from agentnode.sdk.memsocket import SocketClient
+out["memory over socket"] = mem.over_socket
+path = os.environ["AGENTNODE_MEMORY_SOCKET"]
+for name, token in (("own", os.environ["AGENTNODE_TOKEN"]), ("forged", me.id + ".1.00")):
+    client = SocketClient(path, token, timeout=10)
+    for op, args in (("task.checkpoint.put", {"task": other, "blob": b"x"}),
+                     ("task.checkpoint.get", {"task": other}),
+                     ("episodic.scan", {"namespace": "notes", "task": other})):
+        try:
+            client.call(op, args)
+            out[f"{name} socket {op}"] = "allowed"
+        except Exception as e:
+            out[f"{name} socket {op}"] = type(e).__name__
+        client.close()
 print(json.dumps(out))
 """
 
@@ -602,6 +616,9 @@ def test_task_token_reaches_only_its_own_task(tmp_path: Path) -> None:
         assert out.pop("info") is True
         assert out.pop("vectors") == [[1, probe["id"]]], "the daemon serves vectors, task-labelled"
         assert out.pop("missing") == "UnknownCollectionError", "memory errors keep their kind"
+        assert out.pop("memory over socket") is True, "a task's Memory() takes the socket"
+        sockets = {k: out.pop(k) for k in list(out) if " socket " in k}
+        assert set(sockets.values()) == {"AuthError"}, sockets
         own = {k: v for k, v in out.items() if k.startswith("own")}
         forged = {k: v for k, v in out.items() if k.startswith("forged")}
         assert set(own.values()) == {403}, own

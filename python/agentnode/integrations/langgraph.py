@@ -19,7 +19,10 @@ Limits, on purpose for now:
 id) under one task (default `$AGENTNODE_TASK_ID`), holding one record per checkpoint, per
 changed channel value (stored once per version, as LangGraph's own savers do), per checkpoint's
 pending writes, and a pointer to the newest checkpoint of each checkpoint namespace. `get_tuple`
-costs one read per channel; `list` scans the thread (at most 10,000 records).
+reads the checkpoint with its writes, then every channel value, each in one round trip over the
+memory socket (`Memory.get_many`; one request per record over HTTP), and nothing at all for the
+newest checkpoint of a thread this saver wrote (it keeps the last `_NEWEST_KEPT` threads' whole,
+as stored); `list` scans the thread (at most 10,000 records).
 
 One write per super-step: a task's pending writes wait (up to `WRITES_WAIT_S`) for the
 checkpoint that ends its super-step and are stored in that checkpoint's batch; `put_writes`
@@ -37,11 +40,12 @@ this saver reads anything: a run's first write per thread less, of one per super
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,6 +95,9 @@ INPUT_WAIT_S = 0.05
 _WRITES_KEPT = 4
 #: How many threads' newest-checkpoint pointers it remembers (a forgotten one is read again).
 _POINTERS_KEPT = 1024
+#: How many threads' newest checkpoints it keeps whole (its record and its channel values, as
+#: stored), so that the next run on a thread it wrote reads nothing back.
+_NEWEST_KEPT = 16
 #: Seconds the flusher thread outlives the last input checkpoint it waited to write: a saver
 #: running graph after graph keeps one thread instead of starting one per run.
 _FLUSHER_IDLE_S = 1.0
@@ -224,6 +231,11 @@ def _digest(text: object) -> str:
     return hashlib.blake2b(str(text).encode(), digest_size=12).hexdigest()
 
 
+def _picked(records: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+    """The records of `ids` that `records` holds."""
+    return {rid: records[rid] for rid in ids if rid in records}
+
+
 def _thread_ns(thread_id: str) -> str:
     return "lgcp:" + _digest(thread_id)
 
@@ -256,6 +268,9 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         # delete_thread forgets its entries. Both are bounded, oldest first out.
         self._pointers: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._writes: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # The newest checkpoint this saver wrote of a few threads, by (thread namespace,
+        # checkpoint namespace digest): its record and the stored values of its channels.
+        self._newest: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
         # Thread namespaces whose queue holds an input checkpoint, with when it must be
         # written; the flusher thread (while one runs) writes it then, woken by `_holding`.
         self._held: dict[str, float] = {}
@@ -372,14 +387,21 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self,
         value: dict[str, Any],
         writes: dict[str, Any] | None,
-        blob: Any,
+        fetch: Callable[[list[str]], dict[str, Any]],
     ) -> CheckpointTuple:
-        """A stored checkpoint as LangGraph reads it; `blob(channel, version)` finds values."""
+        """A stored checkpoint as LangGraph reads it; `fetch(record ids)` finds the records
+        of its channel values (those it has: by id)."""
         thread, ns, cid = value["thread"], value["ns"], value["id"]
         checkpoint: Checkpoint = self.serde.loads_typed(tuple(value["checkpoint"]))
+        dns = _digest(ns)
+        ids = {
+            channel: f"b.{dns}.{_digest(channel)}.{_digest(version)}"
+            for channel, version in checkpoint["channel_versions"].items()
+        }
+        found = fetch(list(ids.values()))
         values = {}
-        for channel, version in checkpoint["channel_versions"].items():
-            stored = blob(channel, version)
+        for channel, rid in ids.items():
+            stored = (found.get(rid) or {}).get("v")
             if stored is not None and stored[0] != "empty":
                 values[channel] = self.serde.loads_typed(tuple(stored))
         pending = sorted(
@@ -418,17 +440,34 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 if latest is None:
                     return None
                 cid = latest["id"]
-            value = self._get(space, f"c.{dns}.{_digest(cid)}")
+            newest = self._newest.get((space, dns))
+            if newest is not None and newest[0]["id"] == cid:
+                # This saver wrote it: nothing to read but what it does not remember.
+                writes = self._cached(space, f"w.{dns}.{_digest(cid)}")
+                return self._tuple(
+                    newest[0], writes, functools.partial(self._values, space, newest[1])
+                )
+            # The checkpoint and its writes in one round trip, then all its values in one
+            # (over the memory socket; over HTTP one request each).
+            value, writes = (
+                None if rec is None else rec["value"]
+                for rec in self._memory.get_many(
+                    space, self._task, [f"c.{dns}.{_digest(cid)}", f"w.{dns}.{_digest(cid)}"]
+                )
+            )
             if value is None:
                 return None
-            writes = self._get(space, f"w.{dns}.{_digest(cid)}")
-            return self._tuple(
-                value,
-                writes,
-                lambda ch, ver: (
-                    self._get(space, f"b.{dns}.{_digest(ch)}.{_digest(ver)}") or {}
-                ).get("v"),
-            )
+            return self._tuple(value, writes, functools.partial(self._values, space, {}))
+
+    def _values(self, space: str, known: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+        """The stored channel values of `ids`: those `known` holds, the others read in one
+        round trip over the memory socket (one request each over HTTP)."""
+        found = {rid: known[rid] for rid in ids if rid in known}
+        missing = [rid for rid in ids if rid not in found]
+        if missing:
+            records = self._memory.get_many(space, self._task, missing)
+            found |= {rid: rec["value"] for rid, rec in zip(missing, records, strict=True) if rec}
+        return found
 
     def list(
         self,
@@ -473,9 +512,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             yield self._tuple(
                 value,
                 recs.get(f"w.{dns}.{_digest(value['id'])}"),
-                lambda ch, ver, recs=recs, dns=dns: (
-                    recs.get(f"b.{dns}.{_digest(ch)}.{_digest(ver)}") or {}
-                ).get("v"),
+                functools.partial(_picked, recs),
             )
 
     def put(
@@ -527,9 +564,27 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 self._write(space, records)
             if latest is None or latest["id"] <= cid:
                 self._remember((space, f"l.{dns}"), {"id": cid})
+                self._keep_newest(space, dns, checkpoint["channel_versions"], records)
             # A checkpoint just made has no pending writes: its first put_writes reads nothing.
             self._remember((space, f"w.{dns}.{_digest(cid)}"), None)
         return {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    def _keep_newest(
+        self, space: str, dns: str, versions: ChannelVersions, records: Sequence[dict[str, Any]]
+    ) -> None:
+        """Keeps a checkpoint just stored as its thread's newest, with the values of its
+        channels this saver knows (those it stored now, and those kept from the checkpoint
+        before that are still current); the caller holds the lock."""
+        key = (space, dns)
+        before = self._newest.pop(key, None)
+        values = {r["id"]: r["value"] for r in records if r["id"].startswith("b.")}
+        if before is not None:
+            current = {f"b.{dns}.{_digest(ch)}.{_digest(v)}" for ch, v in versions.items()}
+            values = {rid: v for rid, v in before[1].items() if rid in current} | values
+        checkpoint = next(r["value"] for r in records if r["id"].startswith("c."))
+        self._newest[key] = (checkpoint, values)
+        while len(self._newest) > _NEWEST_KEPT:
+            del self._newest[next(iter(self._newest))]
 
     def put_writes(
         self,
@@ -579,6 +634,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             self._flush()
             self._pointers = {k: v for k, v in self._pointers.items() if k[0] != space}
             self._writes = {k: v for k, v in self._writes.items() if k[0] != space}
+            self._newest = {k: v for k, v in self._newest.items() if k[0] != space}
             for rid in self._scan(space):
                 self._memory.delete(space, self._task, rid)
 

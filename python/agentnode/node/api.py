@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,9 @@ from agentnode.agents.protocol import add_protocol_routes
 from agentnode.audit import timeline
 from agentnode.errors import (
     AgentnodeError,
+    AuthError,
     DiskFullError,
+    MemoryKeyError,
     QueueFullError,
     StorageError,
     TaskError,
@@ -46,6 +48,7 @@ from agentnode.isolation.spec import SpecError
 from agentnode.node.metrics import NodeMetrics
 from agentnode.node.runner import Node
 from agentnode.storage.api import principal
+from agentnode.storage.operations import Operation
 from agentnode.storage.tenancy import Principal
 from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import TERMINAL, State, Task, cpu_request
@@ -55,7 +58,14 @@ from agentnode.tools.api import add_tool_routes
 from agentnode.tools.registry import Caller
 from agentnode.tools.toolbox import caller_for
 
-__all__ = ["admin_app", "spec_from_json", "task_app", "task_attribution", "task_json"]
+__all__ = [
+    "admin_app",
+    "spec_from_json",
+    "task_app",
+    "task_attribution",
+    "task_json",
+    "task_operations",
+]
 
 NODE = web.AppKey("node", Node)
 PINNED = web.AppKey("pinned", bool)
@@ -433,14 +443,41 @@ async def _put_checkpoint(request: web.Request) -> web.Response:
         blob = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _error(413, f"checkpoint is over the {_MAX_CHECKPOINT}-byte limit")
-    node = request.app[NODE]
+    return web.json_response(_save_checkpoint(request.app[NODE], task, blob))
+
+
+def _save_checkpoint(node: Node, task: Task, blob: bytes) -> dict[str, Any]:
+    """Stores `blob` as `task`'s checkpoint, audited: what both doors to it do."""
     # A database put on the loop, as the task records are written: cheaper than a hand-off to
     # a thread and back, and an agent checkpoints every step.
     node.manager.store.write_checkpoint(task.id, blob)
     node.audit.append(
         {"kind": "checkpoint", "task": task.id, "tenant": task.spec.tenant, "bytes": len(blob)}
     )
-    return web.json_response({"bytes": len(blob)})
+    return {"bytes": len(blob)}
+
+
+def task_operations(node: Node) -> dict[str, Operation]:
+    """The task's own checkpoint as memory socket operations (`storage.memsocket`), for a
+    token pinned to its task: `task.checkpoint.put` `{"blob"}` -> `{"bytes"}`, and
+    `task.checkpoint.get` -> `{"blob"}` (None when it has none)."""
+
+    def own(who: Principal, args: Mapping[str, Any]) -> Task:
+        if who.task is None or args.get("task", who.task) != who.task:
+            raise AuthError(f"this token belongs to task {who.task}, not {args.get('task')}")
+        return node.manager.get(who.task)
+
+    def put(who: Principal, args: Mapping[str, Any]) -> dict[str, Any]:
+        blob = args.get("blob")
+        if not isinstance(blob, bytes):
+            raise MemoryKeyError("'blob' must be bytes (msgpack bin)")
+        return _save_checkpoint(node, own(who, args), blob)
+
+    async def get(who: Principal, args: Mapping[str, Any]) -> dict[str, Any]:
+        task = own(who, args)
+        return {"blob": await asyncio.to_thread(node.manager.store.read_checkpoint, task.id)}
+
+    return {"task.checkpoint.put": put, "task.checkpoint.get": get}
 
 
 async def _node(request: web.Request) -> web.Response:

@@ -101,12 +101,20 @@ async def serve(config: NodeConfig) -> None:
     from agentnode.http_common import SERVER_LOG
     from agentnode.inference.server import create_app
     from agentnode.isolation import USERNS_BASE, use_data_dir
-    from agentnode.node.api import TaskTokens, admin_app, task_app, task_attribution
+    from agentnode.node.api import (
+        TaskTokens,
+        admin_app,
+        task_app,
+        task_attribution,
+        task_operations,
+    )
     from agentnode.node.metrics import NodeMetrics
     from agentnode.node.runner import Node
     from agentnode.storage.api import make_app
     from agentnode.storage.episodic import EpisodicStore
+    from agentnode.storage.memsocket import MemorySocket
     from agentnode.storage.objects import ObjectStore
+    from agentnode.storage.operations import episodic_operations
     from agentnode.storage.tenancy import OperatorTenants
     from agentnode.storage.vector_api import vectors_app
     from agentnode.storage.vectors import VectorStore
@@ -142,6 +150,12 @@ async def serve(config: NodeConfig) -> None:
         runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
     proxy = None
     mcp: tuple[MCPEndpoint, MCPSocket] | tuple[()] = ()
+    # The cheap door to the same memory operations and the task's checkpoint, for tasks.
+    memory_socket = MemorySocket(
+        episodic_operations(episodic) | task_operations(node),
+        TaskTokens(node).authenticate,
+        path=node.memory_socket,
+    )
     if config.inference is not None:
         # Cancelling handlers is how a client's disconnect reaches the upstream request.
         proxy = web.AppRunner(
@@ -177,7 +191,8 @@ async def serve(config: NodeConfig) -> None:
         os.chown(socket_dir, 0, 0)
         socket_dir.chmod(0o755)
         await _unix_site(runners[1], node.task_socket, 0o666, None)
-        where = [f"unix:{config.socket}"]
+        await memory_socket.start()
+        where = [f"unix:{config.socket}", f"memory unix:{node.memory_socket}"]
         if config.listen is not None:
             host, _, port = config.listen.rpartition(":")
             await web.TCPSite(runners[2], host or "127.0.0.1", int(port)).start()
@@ -207,13 +222,16 @@ async def serve(config: NodeConfig) -> None:
     finally:
         for door in mcp:
             await door.stop()
+        # After the tasks' grace: a task stopping may still save its checkpoint.
         await node.shutdown()
+        await memory_socket.stop()
         for r in runners:
             await r.cleanup()
         episodic.close()
         objects.close()
         vectors.close()
-        for path in (config.socket, node.task_socket, node.mcp_socket, node.mcp_stdio_socket):
+        for path in (config.socket, node.task_socket, node.mcp_socket, node.mcp_stdio_socket,
+                     node.memory_socket):  # fmt: skip
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         os.close(lock)

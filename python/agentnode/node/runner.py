@@ -63,6 +63,7 @@ __all__ = [
     "INBOX_ENV",
     "MCP_SOCKET",
     "MCP_STDIO_SOCKET",
+    "MEMORY_SOCKET",
     "SOCKET_DIR",
     "TASK_SOCKET",
     "Node",
@@ -88,6 +89,10 @@ MCP_SOCKET = f"{SOCKET_DIR}/mcp.sock"
 #: Where a task finds the node's MCP socket (MCP's stdio framing, the cheap door that
 #: `Tools.mcp_client()` takes; `agentnode.tools.mcpsocket`).
 MCP_STDIO_SOCKET = f"{SOCKET_DIR}/mcps.sock"
+#: Where a task finds the node's memory socket (memory and checkpoint operations in
+#: length-prefixed msgpack, the cheap door `agentnode.sdk.Memory` and `ThisTask` take;
+#: `agentnode.storage.memsocket`), announced as $AGENTNODE_MEMORY_SOCKET.
+MEMORY_SOCKET = f"{SOCKET_DIR}/memory.sock"
 #: Where a retried task finds its last checkpoint (read-only; $AGENTNODE_CHECKPOINT).
 CHECKPOINT = "/run/agentnode/checkpoint"
 #: A task whose environment sets INBOX_ENV to INBOX (an Agent Protocol task's does) finds its
@@ -214,6 +219,7 @@ class Node:
             self.mcp_url = f"http://{gateway}:{config.tools.mcp_port}/mcp"
         self.mcp_socket = task_socket.with_name("mcp.sock")
         self.mcp_stdio_socket = task_socket.with_name("mcps.sock")
+        self.memory_socket = task_socket.with_name("memory.sock")
         #: The hash-chained audit log: transitions, execs, egress denials, LLM calls, tool
         #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
         self.audit = AuditLog(config.data_dir / "audit")
@@ -597,6 +603,7 @@ class Node:
             AGENTNODE_URL=f"unix://{TASK_SOCKET}",
             AGENTNODE_MCP_SOCKET=MCP_SOCKET,
             AGENTNODE_MCP_STDIO_SOCKET=MCP_STDIO_SOCKET,
+            AGENTNODE_MEMORY_SOCKET=MEMORY_SOCKET,
             AGENTNODE_MCP_URL=(
                 self.mcp_url
                 if self.mcp_url is not None and sandbox.network != "none"

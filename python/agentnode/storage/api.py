@@ -15,6 +15,9 @@ Routes (bodies and answers in JSON, or msgpack with `Content-Type`/`Accept: appl
     GET    /v1/objects                                   ?prefix=
     ...    /v1/memory/vectors/...                        see `storage.vector_api`
 
+The episodic routes call `storage.operations`, which the memory socket (`storage.memsocket`)
+serves too: one implementation of each operation behind both doors.
+
 Every request carries `Authorization: Bearer <token>`; the tenant comes from the token alone.
 Errors answer 400/401/403/404/409/413 with `{"error": "<what failed and what to do>"}`.
 
@@ -35,7 +38,8 @@ import msgpack
 from aiohttp import web
 
 from agentnode.errors import AuthError, MemoryKeyError, StorageError, ValueTooLargeError
-from agentnode.storage.episodic import EpisodicStore, NewRecord
+from agentnode.storage import operations as ops
+from agentnode.storage.episodic import EpisodicStore
 from agentnode.storage.objects import ObjectStore
 from agentnode.storage.tenancy import Authenticator, Principal
 
@@ -58,10 +62,7 @@ def principal(request: web.Request) -> Principal:
 
 def check_task(request: web.Request, task: str) -> str:
     """`task`, unless the request's credential is pinned to another task (then AuthError)."""
-    p = principal(request)
-    if p.task is not None and p.task != task:
-        raise AuthError(f"this credential is limited to task {p.task!r} (use that task's token)")
-    return task
+    return ops.check_task(principal(request), task)
 
 
 async def read_body(request: web.Request) -> Any:
@@ -111,100 +112,59 @@ async def _guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
         return web.json_response({"error": str(e), "kind": type(e).__name__}, status=status)
 
 
-def _int(request: web.Request, name: str, default: int | None) -> int | None:
+def _query_int(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None:
-        return default
+        return None
     try:
         return int(raw)
     except ValueError:
         raise MemoryKeyError(f"query parameter {name}={raw!r} is not an integer") from None
 
 
-def _new_records(body: Any) -> tuple[list[NewRecord], bool]:
-    if not isinstance(body, dict):
-        raise MemoryKeyError("body must be an object with 'value' or 'records'")
-    items = body.get("records", [body])
-    if not isinstance(items, list) or not items:
-        raise MemoryKeyError("'records' must be a non-empty list")
-    records = []
-    for item in items:
-        if not isinstance(item, dict) or "value" not in item:
-            raise MemoryKeyError("each record must be an object with a 'value'")
-        ttl = item.get("ttl")
-        if ttl is not None and not isinstance(ttl, int | float):
-            raise MemoryKeyError(f"invalid ttl {ttl!r} (use a number of seconds)")
-        records.append(NewRecord(item["value"], item.get("id"), ttl))
-    sync = body.get("sync", False)
-    if not isinstance(sync, bool):
-        raise MemoryKeyError(f"'sync' must be true or false, not {sync!r}")
-    return records, sync
+def _args(request: web.Request, **more: Any) -> dict[str, Any]:
+    """An operation's arguments: the route's parts and `more`."""
+    return {**request.match_info, **more}
 
 
 async def _append(request: web.Request) -> web.Response:
-    ns, task = request.match_info["namespace"], check_task(request, request.match_info["task"])
-    records, sync = _new_records(await read_body(request))
-    store = request.app[EPISODIC]
-    ids = await store.aappend_many(principal(request).tenant, ns, task, records, sync=sync)
-    return reply(request, {"ids": ids}, status=201)
+    body = await read_body(request)
+    if not isinstance(body, dict):
+        raise MemoryKeyError("body must be an object with 'value' or 'records'")
+    answer = ops.append(request.app[EPISODIC], principal(request), {**body, **request.match_info})
+    return reply(request, await ops.settle(answer), status=201)
 
 
 async def _scan(request: web.Request) -> web.Response:
-    ns, task = request.match_info["namespace"], check_task(request, request.match_info["task"])
-    order = request.query.get("order", "newest")
-    if order not in ("newest", "oldest"):
-        raise MemoryKeyError(f"order={order!r} is not 'newest' or 'oldest'")
-    limit = _int(request, "limit", 100)
-    if limit is None or not 0 < limit <= 10_000:
-        raise MemoryKeyError(f"limit={limit} is out of range (use 1..10000)")
-    records = await asyncio.to_thread(
-        request.app[EPISODIC].scan,
-        principal(request).tenant,
-        ns,
-        task,
-        since_ns=_int(request, "since_ns", None),
-        until_ns=_int(request, "until_ns", None),
-        limit=limit,
-        newest_first=order == "newest",
+    q = request.query
+    args = _args(
+        request,
+        **{k: _query_int(request, k) for k in ("since_ns", "until_ns", "limit") if k in q},
+        **({"order": q["order"]} if "order" in q else {}),
     )
-    return reply(request, {"records": [r.to_wire() for r in records]})
+    answer = ops.scan(request.app[EPISODIC], principal(request), args)
+    return reply(request, await ops.settle(answer))
 
 
 async def _get(request: web.Request) -> web.Response:
-    m = request.match_info
-    task = check_task(request, m["task"])
-    rec = request.app[EPISODIC].get(principal(request).tenant, m["namespace"], task, m["id"])
-    return reply(request, rec.to_wire())
+    return reply(request, ops.get(request.app[EPISODIC], principal(request), _args(request)))
 
 
 async def _delete(request: web.Request) -> web.Response:
-    m = request.match_info
-    task = check_task(request, m["task"])
-    await asyncio.to_thread(
-        request.app[EPISODIC].delete, principal(request).tenant, m["namespace"], task, m["id"]
-    )
+    await ops.delete(request.app[EPISODIC], principal(request), _args(request))
     return web.Response(status=204)
 
 
 async def _end(request: web.Request) -> web.Response:
-    ns, task = request.match_info["namespace"], check_task(request, request.match_info["task"])
     body = await read_body(request)
     ttl = body.get("ttl") if isinstance(body, dict) else None
-    if not isinstance(ttl, int | float):
-        raise MemoryKeyError("body must be {'ttl': seconds} (how long the task's records stay)")
-    expires = await asyncio.to_thread(
-        request.app[EPISODIC].end_task, principal(request).tenant, ns, task, ttl=ttl
-    )
-    return reply(request, {"expires_ms": expires})
+    answer = await ops.end(request.app[EPISODIC], principal(request), _args(request, ttl=ttl))
+    return reply(request, answer)
 
 
 async def _list_tasks(request: web.Request) -> web.Response:
-    pairs = request.app[EPISODIC].list_tasks(
-        principal(request).tenant, request.query.get("prefix", "")
-    )
-    if principal(request).task is not None:
-        pairs = [p for p in pairs if p[1] == principal(request).task]
-    return reply(request, {"tasks": [list(p) for p in pairs]})
+    args = {"prefix": request.query.get("prefix", "")}
+    return reply(request, ops.tasks(request.app[EPISODIC], principal(request), args))
 
 
 async def _put_object(request: web.Request) -> web.Response:

@@ -1,4 +1,5 @@
-"""`agentnode memory serve`: the memory API on its own (the daemon also mounts it), on uvloop.
+"""`agentnode memory serve`: the memory API on its own (the daemon also mounts it), on uvloop,
+and with `--socket PATH` the memory socket's episodic operations beside it (`storage.memsocket`).
 
 Tenants and their tokens come from a JSON file, never the command line (argv is world-readable):
 `{"<tenant>": {"token": "<secret>", "quota": <object bytes, optional>}, ...}`.
@@ -53,9 +54,16 @@ def load_tenants(path: Path) -> tuple[dict[str, str], dict[str, int]]:
 
 
 async def serve(
-    *, data_dir: Path, host: str, port: int, tenants: Path, sweep_interval: float
+    *,
+    data_dir: Path,
+    host: str,
+    port: int,
+    tenants: Path,
+    sweep_interval: float,
+    socket: Path | None = None,
 ) -> None:
-    """Runs the memory API until SIGTERM or SIGINT, then closes the stores."""
+    """Runs the memory API (and the memory socket at `socket`) until SIGTERM or SIGINT, then
+    closes the stores."""
     # Imported here: the CLI registers this command on every start, and these are heavy.
     import asyncio
 
@@ -63,7 +71,9 @@ async def serve(
 
     from agentnode.storage.api import make_app
     from agentnode.storage.episodic import EpisodicStore
+    from agentnode.storage.memsocket import MemorySocket
     from agentnode.storage.objects import ObjectStore
+    from agentnode.storage.operations import episodic_operations
     from agentnode.storage.tenancy import StaticTokens
     from agentnode.storage.vector_api import vectors_app
     from agentnode.storage.vectors import VectorStore
@@ -73,10 +83,14 @@ async def serve(
     episodic = EpisodicStore(data_dir / "episodic")
     objects = ObjectStore(data_dir / "objects", quotas=quotas)
     vectors = VectorStore(data_dir / "vectors")
-    app = make_app(
-        episodic=episodic, objects=objects, auth=StaticTokens(tokens), vectors=vectors_app(vectors)
-    )
+    auth = StaticTokens(tokens)
+    app = make_app(episodic=episodic, objects=objects, auth=auth, vectors=vectors_app(vectors))
     runner = web.AppRunner(app, handle_signals=False)
+    door = (
+        MemorySocket(episodic_operations(episodic), auth.authenticate, path=socket)
+        if socket is not None
+        else None
+    )
     try:
         episodic.start_sweeper(sweep_interval)
         await runner.setup()
@@ -88,8 +102,13 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         bound = runner.addresses[0]
         print(f"agentnode memory: listening on http://{bound[0]}:{bound[1]}", flush=True)
+        if door is not None:
+            await door.start()
+            print(f"agentnode memory: memory socket at {door.path}", flush=True)
         await stop.wait()
     finally:
+        if door is not None:
+            await door.stop()
         await runner.cleanup()
         episodic.close()
         objects.close()
@@ -109,6 +128,7 @@ def _run(args: argparse.Namespace) -> int:
             port=int(port),
             tenants=args.tenants,
             sweep_interval=args.sweep_interval,
+            socket=args.socket,
         )
     )
     return 0
@@ -124,6 +144,9 @@ def add_parser(cmds: argparse._SubParsersAction[ArgumentParser]) -> None:
     s.add_argument("--data-dir", type=Path, required=True, help="where the stores live")
     s.add_argument("--tenants", type=Path, required=True, help="JSON file of tenants and tokens")
     s.add_argument("--listen", default="127.0.0.1:8470", help="HOST:PORT (default %(default)s)")
+    s.add_argument(
+        "--socket", type=Path, metavar="PATH", help="also serve the memory socket at PATH"
+    )
     s.add_argument(
         "--sweep-interval", type=float, default=30.0, help="seconds between expiry sweeps"
     )
