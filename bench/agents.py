@@ -18,8 +18,9 @@ runtime as a task, each step a model call through the node's proxy to the mock, 
 through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API)
 and the step's checkpoints (over the memory socket), against the same loop with the `openai`
 SDK calling the mock directly and `os.listdir` in the benchmark's process. Goal: <= 3 ms
-added per step (`--only runtime_step` runs this part alone). The timed loop includes the task's first model call, which in a fresh agent costs ~30 ms of the SDK's lazy
-set-up (imports, platform headers, response models) that the peer, warm, does not pay.
+added per step (`--only runtime_step` runs this part alone). The timed loop includes the
+task's first model call, which in a fresh agent costs ~30 ms of the SDK's lazy set-up
+(imports, platform headers, response models) that the peer, warm, does not pay.
 
 The box these run on is shared, so each of those lines also has a CPU figure (`_cpu`): CPU
 seconds per step of every process doing the step's work while it runs (the LangGraph run's
