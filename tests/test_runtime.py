@@ -442,8 +442,9 @@ def test_a_plain_http_proxy_costs_its_client_no_ca_bundle(
 def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`Agent.spent` asks the proxy for this task's usage alone on one kept connection; when
-    the proxy has closed it while idle (a long step), the next check reconnects once."""
+    """`Agent.spent` takes the spend the proxy told with the last answer; without one it asks
+    the proxy for this task's usage alone on one kept connection, and when the proxy has closed
+    it while idle (a long step), the next check reconnects once."""
     import asyncio
     import threading
 
@@ -476,6 +477,7 @@ def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
     monkeypatch.setenv("OPENAI_API_KEY", "token")
     agent = object.__new__(Agent)  # only what `spent` reads: no node needed
     agent.task = type("Task", (), {"id": "t-1"})()
+    agent.format = type("Untold", (), {"spent": None})()  # no answer told a spend
     agent._usage = None
     try:
         assert agent.spent() == agent.spent() == Decimal("0.25")
@@ -483,6 +485,9 @@ def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
         time.sleep(0.6)  # the proxy closes it
         assert agent.spent() == Decimal("0.25")
         assert all(q == "group_by=task&task=t-1" for q, _ in asked) and len(asked) == 3
+        # Once the last answer told the spend, a check asks nothing.
+        agent.format = type("Told", (), {"spent": Decimal("0.125")})()
+        assert agent.spent() == Decimal("0.125") and len(asked) == 3
     finally:
         assert agent._usage is not None
         agent._usage[0].close()
