@@ -180,30 +180,33 @@ class AuditLog:
         """Adds every record of `records` in order (see `append`); returns the last seq."""
         now = time.time()
         # Serialised outside the lock; only the chain fields are added under it.
-        bodies = [(_body(r, now), r.get("task")) for r in records]
+        bodies: list[str] = []
+        tasks: list[str | None] = []
+        for r in records:
+            bodies.append(_body(r, now))
+            task = r.get("task")
+            tasks.append(task if _indexable(task) else None)
         with self._lock:
             if self._closing:
                 raise AuditError("the audit log is closed (the node is stopping)")
             if not bodies:
                 return self._seq
-            linked = [
-                (self._link(body), task if _indexable(task) else None) for body, task in bodies
-            ]
+            first = self._seq + 1
+            lines = [self._link(body) for body in bodies]
             if self._failed is not None:
                 return self._seq  # reported once, when the write failed; nothing more is written
-            data = "".join(line for line, _ in linked).encode()
+            data = "".join(lines).encode()
             try:
                 _write_all(self._fd, data)
             except OSError as e:
                 log.error("audit log write failed (records %d-%d): %s; no further records "
-                          "are written", self._seq - len(linked) + 1, self._seq, e)  # fmt: skip
+                          "are written", first, self._seq, e)  # fmt: skip
                 self._failed = e
                 self._wake.notify_all()
                 return self._seq
             self._size += len(data)
             wake = not self._unsynced
-            first = self._seq - len(linked) + 1
-            self._unsynced += [(first + i, line, task) for i, (line, task) in enumerate(linked)]
+            self._unsynced += zip(range(first, self._seq + 1), lines, tasks, strict=True)
             if wake:
                 self._wake.notify()
             return self._seq
@@ -227,8 +230,9 @@ class AuditLog:
             if self._durable >= seq:
                 return seq
             self._waiters.append((seq, loop, fut))
-            self._sync_now = True
-            self._wake.notify()
+            if not self._sync_now:  # one wakeup for the writer, not one per waiting commit
+                self._sync_now = True
+                self._wake.notify()
         await fut
         return seq
 
@@ -236,7 +240,7 @@ class AuditLog:
         """Returns once every record appended so far is on disk and indexed."""
         with self._lock:
             target = self._seq
-            if self._durable < target:
+            if self._durable < target and not self._sync_now:
                 self._sync_now = True
                 self._wake.notify()
             while self._durable < target and self._failed is None:
