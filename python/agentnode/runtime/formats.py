@@ -10,11 +10,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agentnode.errors import TaskError
-from agentnode.runtime.spend import SpendTap
 from agentnode.sdk.transport import tls_verify
+
+if TYPE_CHECKING:
+    from agentnode.runtime.spend import SpendTap
 
 __all__ = ["FORMATS", "Call", "Format", "make"]
 
@@ -81,6 +83,8 @@ def make(api: str, *, model: str, system: str | None, stream: bool, max_tokens: 
 def _http_client(sdk: Any, base_url_env: str) -> tuple[Any, SpendTap]:
     """The SDK's HTTP client for its base URL, and the transport that reads the spend the
     proxy tells: for plain HTTP (the node's proxy) it loads no CA bundle (`tls_verify`)."""
+    from agentnode.runtime.spend import SpendTap  # httpx2: the SDKs' own, imported with them
+
     tap = SpendTap(verify=tls_verify(os.environ.get(base_url_env, "")))
     return sdk.DefaultHttpxClient(transport=tap), tap
 
