@@ -15,12 +15,13 @@ part alone (it needs no root).
 
 The reference runtime's step (as root: a real `agentnode run` on a scratch data dir): the
 runtime as a task, each step a model call through the node's proxy to the mock, `list_files`
-through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API)
-and the step's checkpoints (over the memory socket), against the same loop with the `openai`
-SDK calling the mock directly and `os.listdir` in the benchmark's process. Goal: <= 3 ms
-added per step (`--only runtime_step` runs this part alone). The timed loop includes the
-task's first model call, which in a fresh agent costs ~30 ms of the SDK's lazy set-up
-(imports, platform headers, response models) that the peer, warm, does not pay.
+through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API),
+the step's checkpoints (over the memory socket) and its budget check (a budget it never
+reaches), against the same loop with the `openai` SDK calling the mock directly and
+`os.listdir` in the benchmark's process. Goal: <= 3 ms added per step (`--only runtime_step`
+runs this part alone). The timed loop includes the task's first model call, which in a fresh
+agent costs ~30 ms of the SDK's lazy set-up (imports, platform headers, response models) that
+the peer, warm, does not pay.
 
 The box these run on is shared, so each of those lines also has a CPU figure (`_cpu`): CPU
 seconds per step of every process doing the step's work while it runs (the LangGraph run's
@@ -111,12 +112,14 @@ def graph(llm: Any, saver: BaseCheckpointSaver[Any]) -> Any:
 
 REPO = Path(__file__).resolve().parents[1]
 #: Timed inside the task: the loop alone, not the interpreter's start and imports; its CPU
-#: and its span on the monotonic clock (which a task shares with the host).
+#: and its span on the monotonic clock (which a task shares with the host). With a budget (one
+#: it never reaches), as a metered agent runs: each step checks the task's spend first.
 _IN_TASK = (
     "import sys, time\n"
+    "from decimal import Decimal\n"
     "from agentnode.runtime import Agent, Limits\n"
-    "agent = Agent(model='m', tools=['list_files'], limits=Limits(max_steps=1000),\n"
-    "              tools_via=sys.argv[1])\n"
+    "agent = Agent(model='m', tools=['list_files'], tools_via=sys.argv[1],\n"
+    "              limits=Limits(max_steps=1000, budget=Decimal(1000)))\n"
     "m0, c0, t0 = time.monotonic(), time.process_time(), time.perf_counter()\n"
     "agent.run('look')\n"
     "print('SPAN', m0, time.monotonic(), time.process_time() - c0)\n"

@@ -6,6 +6,11 @@
 - fsync-grouped appends (records/s): 256 asyncio tasks each awaiting `AuditLog.commit` (every
   record durable before it returns, fsyncs shared) vs sqlite in WAL mode committing each group
   of 256 (goal: >= 20k records/s);
+- paced appends (CPU per record): one record every 2 ms, an agent's pace (a step makes an LLM
+  call's, a tool call's and a checkpoint's record), the caller's and the writer thread's CPU
+  over a loop that only sleeps; ours (fsyncs grouped per `SYNC_INTERVAL`) vs the same log
+  syncing every record as it comes (`SYNC_INTERVAL` 0: its own fsync, index write and writer
+  wakeup each, as the log did before 2026-12-06);
 - exec tracing: 1,000 fork+exec of /bin/true inside a sandboxed task with the tracer attached
   and writing to the audit log vs without it (goal: <= 1.05x). Needs root.
 """
@@ -24,6 +29,7 @@ from typing import Any
 
 import uvloop
 
+import agentnode.audit.log as audit_log
 from _harness import Bench
 from agentnode.audit import AuditLog
 from agentnode.audit.execs import ExecTrace
@@ -110,6 +116,27 @@ def grouped(root: Path, n: int, writers: int = 256) -> tuple[float, float]:
     return ours, lite
 
 
+def paced(root: Path, n: int, interval: float) -> float:
+    """CPU µs per record appended every 2 ms (process CPU: the caller and the writer thread),
+    less a loop that only sleeps, with fsyncs grouped per `interval` seconds."""
+    kept, audit_log.SYNC_INTERVAL = audit_log.SYNC_INTERVAL, interval
+    try:
+        log = AuditLog(root / f"paced-{interval}")
+        c = time.process_time()
+        for i in range(n):
+            log.append(_record(i))
+            time.sleep(0.002)
+        log.flush()
+        used = time.process_time() - c
+        log.close()
+    finally:
+        audit_log.SYNC_INTERVAL = kept
+    c = time.process_time()
+    for _ in range(n):
+        time.sleep(0.002)
+    return (used - (time.process_time() - c)) / n * 1e6
+
+
 _EXECS = "i=0; while [ $i -lt 1000 ]; do /bin/true; i=$((i+1)); done"
 
 
@@ -169,6 +196,13 @@ def main() -> None:
         ours, lite = grouped(root, n // 4)
         bench.record("fsync_grouped_append", ours, lite, "records/s",
                      peer_name="sqlite WAL, commit per group", higher_is_better=True)  # fmt: skip
+        steps = 500 if bench.quick else 2000
+        alone, grouped_cpu = [], []
+        for _ in range(3):
+            alone.append(paced(root, steps, 0.0))
+            grouped_cpu.append(paced(root, steps, audit_log.SYNC_INTERVAL))
+        bench.record("paced_append_cpu", statistics.median(grouped_cpu), statistics.median(alone),
+                     "us CPU/record", peer_name="same log, an fsync per record")  # fmt: skip
         if os.geteuid() == 0:
             on, off, execs = exec_cost(root, 3 if bench.quick else 9)
             bench.record("exec_trace_1000_execs_cpu", on[1] * 1000, off[1] * 1000, "ms",

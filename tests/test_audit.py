@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -237,6 +238,156 @@ def test_commits_return_across_rotations(tmp_path: Path) -> None:
     log.close()
     ok = verify(tmp_path / "audit")
     assert ok.files > 2 and ok.records == 640 + 2 * (ok.files - 1)
+
+
+def test_a_burst_shares_one_fsync_and_each_record_is_written_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: every record is in the file when `append` returns (before any fsync);
+    the records of a burst from several threads share a handful of fsyncs and index writes,
+    stay one gapless chain, and each task's come back from the index in order."""
+    import agentnode.audit.log as audit_log
+
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(audit_log, "SYNC_INTERVAL", 0.5)
+    monkeypatch.setattr(os, "fdatasync", counted)
+    log = AuditLog(tmp_path / "audit")
+    live = tmp_path / "audit" / "audit.log"
+    seq = log.append({"kind": "llm_call", "task": "w0", "n": -1})
+    assert json.loads(_lines(live)[-1])["seq"] == seq and not synced  # written, not synced
+
+    def calls(worker: int) -> None:
+        for i in range(250):
+            log.append({"kind": "llm_call", "task": f"w{worker}", "n": i})
+
+    threads = [threading.Thread(target=calls, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(_lines(live)) == 1001
+    log.flush()
+    assert 1 <= len(synced) <= 3, f"{len(synced)} fsyncs for one burst"
+    for w in range(4):
+        assert [r["n"] for r in log.task_records(f"w{w}")] == [-1] * (w == 0) + list(range(250))
+    log.close()
+    assert verify(tmp_path / "audit").records == 1001
+
+
+def test_commit_and_flush_do_not_wait_out_the_sync_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agentnode.audit.log as audit_log
+
+    monkeypatch.setattr(audit_log, "SYNC_INTERVAL", 30.0)
+    log = AuditLog(tmp_path / "audit")
+    t0 = time.monotonic()
+    log.append({"kind": "x", "task": "t"})
+    log.flush()
+    assert [r["kind"] for r in log.task_records("t")] == ["x"]
+    asyncio.run(log.commit({"kind": "y"}))
+    assert time.monotonic() - t0 < 5
+    log.close()
+
+
+APPENDER = """
+import sys, time
+import agentnode.audit.log as audit_log
+audit_log.SYNC_INTERVAL = float(sys.argv[2])
+log = audit_log.AuditLog(audit_log.Path(sys.argv[1]))
+i = 0
+while True:
+    i += 1
+    seq = log.append({"kind": "llm_call", "task": f"t{i % 3}", "n": i})
+    print(seq, flush=True)  # answered: the caller was told
+    if i % 7 == 0:
+        time.sleep(0.001)
+"""
+
+
+@pytest.mark.parametrize("interval", [0.05, 60.0])
+def test_kill_9_loses_no_record_append_returned(tmp_path: Path, interval: float) -> None:
+    """A node killed (SIGKILL) mid-burst keeps every record whose `append` had returned, even
+    with none of them fsynced yet (interval 60 s); reopened, the chain verifies, continues, and
+    the index holds them all."""
+    d = tmp_path / "audit"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+    told: list[int] = []
+    for _ in range(2):  # the second run appends to what the first left
+        p = subprocess.Popen([sys.executable, "-c", APPENDER, str(d), str(interval)],
+                             stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        assert p.stdout is not None
+        deadline = time.monotonic() + 30
+        run: list[int] = []
+        while len(run) < 3000 + random.randint(0, 500):
+            line = p.stdout.readline()
+            assert line and time.monotonic() < deadline, "the appender stopped"
+            run.append(int(line))
+        p.kill()
+        p.wait(10)
+        p.stdout.close()
+        # Each run goes on from the last record the one before wrote (told or not).
+        assert run == list(range(run[0], run[0] + len(run))) and run[0] > (told or [0])[-1]
+        told += run
+    ok = verify(d)  # gapless from 1: every record told is in it
+    assert ok.first_seq == 1 and ok.last_seq >= told[-1]
+    log = AuditLog(d)
+    try:
+        indexed = sorted(r["seq"] for t in ("t0", "t1", "t2") for r in log.task_records(t))
+        assert indexed == list(range(1, ok.last_seq + 1))
+        assert log.append({"kind": "x"}) == ok.last_seq + 1
+    finally:
+        log.close()
+    assert verify(d).last_seq == ok.last_seq + 1
+
+
+@pytest.mark.root
+def test_kill_9_of_the_node_keeps_every_answered_llm_calls_record(tmp_path: Path) -> None:
+    """An LLM call's record is written before its answer leaves: the node killed (SIGKILL) the
+    moment the last answer arrived still has every call's record, in a chain that verifies."""
+    import httpx
+
+    from agentnode.inference.mock import MockUpstream
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    mock = asyncio.run_coroutine_threadsafe(MockUpstream("openai").start(), loop).result(30)
+    port = random.randint(20000, 30000)
+    config = (
+        f'[network]\nbridge = "agentnodea{random.randint(0, 99999)}"\n'
+        f'subnet = "10.{random.randint(1, 254)}.{random.randint(0, 254)}.0/24"\n'
+        f'[inference]\nlisten = "127.0.0.1:{port}"\n'
+        f'[inference.deployments.mock]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
+        'models = ["m"]\nprice = { input = 2.5, output = 10 }\n'
+        '[inference.tenants.acme]\napi_keys = ["k-acme"]\n'
+    )
+    try:
+        with daemon(tmp_path / "node", config) as d:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            with httpx.Client(headers={"Authorization": "Bearer k-acme"}) as client:
+                for i in range(20):
+                    r = client.post(url, json=body | {"stream": i % 2 == 1})
+                    assert r.status_code == 200, r.text
+            d.stop(signal.SIGKILL)
+            log = d.data / "audit"
+            calls = [json.loads(line) for line in (log / "audit.log").read_text().splitlines()]
+            calls = [c for c in calls if c["kind"] == "llm_call"]
+            assert len(calls) == 20 and all(c["tenant"] == "acme" for c in calls)
+            assert [c["stream"] for c in calls] == [i % 2 == 1 for i in range(20)]
+            assert verify(log).records >= 20
+    finally:
+        asyncio.run_coroutine_threadsafe(mock.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 @pytest.mark.root

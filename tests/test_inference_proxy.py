@@ -17,6 +17,7 @@ from anthropic.types import MessageParam, TextBlockParam
 from openai.types.chat import ChatCompletionMessageParam
 
 from agentnode.inference.mock import Fault
+from agentnode.inference.spend import SPEND_HEADER
 from agentnode.inference.store import LedgerRow, Store
 from support.proxy_env import ProxyEnv
 
@@ -593,3 +594,92 @@ def test_route_header_usage_and_metrics(env: ProxyEnv) -> None:
     )
     assert 'agentnode_inference_latency_seconds_count{endpoint="chat"} 2.0' in metrics
     assert 'agentnode_inference_latency_seconds_bucket{endpoint="chat",le="+Inf"} 2.0' in metrics
+
+
+def _told(body: bytes) -> list[Decimal]:
+    """The spend comments of a stream's body, in order."""
+    marker = b": " + SPEND_HEADER.encode() + b" "
+    return [Decimal(line[len(marker) :].decode()) for line in body.split(b"\n")
+            if line.startswith(marker)]  # fmt: skip
+
+
+def test_each_answer_tells_its_task_its_spend_so_far(env: ProxyEnv) -> None:
+    """A call billed to a task tells that task's spend with this call in it: the header of a
+    whole answer, a comment just before a stream's last event (both formats). It is the
+    task's own figure (never its tenant's, nor a same-named task's of another tenant), and a
+    call billed to no task is told nothing."""
+    t1 = {"x-api-key": "sk-acme", "x-agentnode-task": "t1"}
+    chat = {"model": "gpt-x", "messages": MSG}
+    claude = {"model": "claude-x", "max_tokens": 8, "messages": CLAUDE_MSG}
+    spent = Decimal(0)
+    for _ in range(2):
+        r = httpx.post(env.url + "/v1/chat/completions", json=chat, headers=t1)
+        spent += GPT_COST
+        assert r.status_code == 200 and Decimal(r.headers[SPEND_HEADER]) == spent
+    r = httpx.post(env.url + "/v1/chat/completions", json=chat | {"stream": True}, headers=t1)
+    spent += GPT_COST
+    assert SPEND_HEADER not in r.headers and _told(r.content) == [spent]
+    events = r.content.split(b"\n\n")
+    assert events[-3].startswith(b": " + SPEND_HEADER.encode()) and events[-2] == b"data: [DONE]"
+    r = httpx.post(env.url + "/v1/messages", json=claude, headers=t1)
+    spent += CLAUDE_COST
+    assert Decimal(r.headers[SPEND_HEADER]) == spent
+    r = httpx.post(env.url + "/v1/messages", json=claude | {"stream": True}, headers=t1)
+    spent += CLAUDE_COST
+    assert _told(r.content) == [spent]
+    assert r.content.split(b"\n\n")[-2].startswith(b"event: message_stop")
+    # Exactly the ledger's figure for the task.
+    rows = env.rows()
+    assert sum(Decimal(row.cost) for row in rows if row.task == "t1") == spent
+    # Another tenant's task of the same name, a second task, and no task at all.
+    other = {"x-api-key": "sk-globex", "x-agentnode-task": "t1"}
+    r = httpx.post(env.url + "/v1/chat/completions", json=chat, headers=other)
+    assert Decimal(r.headers[SPEND_HEADER]) == GPT_COST
+    r = httpx.post(env.url + "/v1/chat/completions", json=chat | {"stream": True}, headers=other)
+    assert _told(r.content) == [2 * GPT_COST]
+    t2 = {"x-api-key": "sk-acme", "x-agentnode-task": "t2"}
+    r = httpx.post(env.url + "/v1/chat/completions", json=chat, headers=t2)
+    assert Decimal(r.headers[SPEND_HEADER]) == GPT_COST
+    for stream in (False, True):
+        r = httpx.post(env.url + "/v1/chat/completions", json=chat | {"stream": stream},
+                       headers={"x-api-key": "sk-acme"})  # fmt: skip
+        assert r.status_code == 200 and SPEND_HEADER not in r.headers
+        assert _told(r.content) == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_runtime_reads_the_spend_it_is_told_through_both_sdks(
+    env: ProxyEnv, stream: bool
+) -> None:
+    """The runtime's transport (`SpendTap`) gives the SDKs their answers unchanged and notes
+    the spend told with each, streamed or not; an answer that tells none leaves it None."""
+    from agentnode.runtime.spend import SpendTap
+
+    tap = SpendTap()
+    task = {"x-agentnode-task": "job-1"}
+    gpt = env.openai(http_client=openai.DefaultHttpxClient(transport=tap), default_headers=task)
+    claude = env.anthropic(
+        http_client=anthropic.DefaultHttpxClient(transport=tap), default_headers=task
+    )
+    spent = Decimal(0)
+    for _ in range(2):
+        if stream:
+            with gpt.chat.completions.stream(model="gpt-x", messages=MSG) as s:
+                assert s.get_final_completion().choices[0].message.content == "t1t2t3"
+        else:
+            r = gpt.chat.completions.create(model="gpt-x", messages=MSG)
+            assert r.choices[0].message.content == "Hello"
+        spent += GPT_COST
+        assert tap.spent == spent
+        if stream:
+            with claude.messages.stream(model="claude-x", max_tokens=8, messages=CLAUDE_MSG) as m:
+                assert m.get_final_message().content
+        else:
+            assert claude.messages.create(model="claude-x", max_tokens=8, messages=CLAUDE_MSG)
+        spent += CLAUDE_COST
+        assert tap.spent == spent
+    untold = env.openai(http_client=openai.DefaultHttpxClient(transport=tap))  # no task
+    answer = untold.chat.completions.create(model="gpt-x", messages=MSG, stream=stream)
+    if stream:
+        list(answer)
+    assert tap.spent is None

@@ -168,7 +168,7 @@ def test_runtime_stops_on_max_steps_budget_and_wall_time(world: World, tmp_path:
     call = {"tool_calls": [{"name": "list_files", "arguments": {}}]}
     slow = {"tool_calls": [{"name": "run_code", "arguments": {
         "code": "import time; time.sleep(1.5)"}}]}  # fmt: skip
-    with agent_node(world, tmp_path, [call, call, slow]) as (d, mock):
+    with agent_node(world, tmp_path, [call, call, call, slow]) as (d, mock):
         steps = _agent(d, "--retries", "0", "--max-steps", "1", "--stream", "--tools-via", "api",
                        "look around")  # fmt: skip
         out, err = steps.communicate(timeout=120)
@@ -179,22 +179,25 @@ def test_runtime_stops_on_max_steps_budget_and_wall_time(world: World, tmp_path:
         )
         assert " list_files -> ok in " in out, out
         assert "runtime: tools via api:" in d.log(_task_id(d), 1)
-        budget = _agent(d, "--retries", "0", "--budget", "0.004", "look around")
-        out, err = budget.communicate(timeout=120)
-        assert budget.returncode == 3, (out, err)
-        assert out.splitlines()[-1] == (
-            "agentnode.runtime: stopped: budget of $0.004 spent ($0.00495 so far) before a "
-            "final answer"
-        )
-        assert len(mock.requests) == 2, "neither made a call past its limit"
-        assert [r["stream"] for r in mock.requests] == [True, False]
+        # The spend the proxy told with the answer (its header; a stream's closing comment),
+        # exact and this task's own: each task stops after its first call.
+        for stream in ((), ("--stream",)):
+            budget = _agent(d, "--retries", "0", *stream, "--budget", "0.004", "look around")
+            out, err = budget.communicate(timeout=120)
+            assert budget.returncode == 3, (out, err)
+            assert out.splitlines()[-1] == (
+                "agentnode.runtime: stopped: budget of $0.004 spent ($0.00495 so far) before a "
+                "final answer"
+            )
+        assert len(mock.requests) == 3, "none made a call past its limit"
+        assert [r["stream"] for r in mock.requests] == [True, False, True]
         wall = _agent(d, "--retries", "0", "--max-time", "1s", "look around")
         out, err = wall.communicate(timeout=120)
         assert wall.returncode == 3, (out, err)
         assert out.splitlines()[-1].startswith(
             "agentnode.runtime: stopped: wall time of 1 s used ("
         ) and out.splitlines()[-1].endswith(" s) before a final answer"), out
-        assert len(mock.requests) == 3, "no call after the wall time was used"
+        assert len(mock.requests) == 4, "no call after the wall time was used"
         bad = _agent(d, "--budget", "lots", "x")
         out, err = bad.communicate(timeout=120)
         assert bad.returncode == 2 and "'lots' is not an amount of US dollars" in out, out
@@ -442,8 +445,9 @@ def test_a_plain_http_proxy_costs_its_client_no_ca_bundle(
 def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`Agent.spent` asks the proxy for this task's usage alone on one kept connection; when
-    the proxy has closed it while idle (a long step), the next check reconnects once."""
+    """`Agent.spent` takes the spend the proxy told with the last answer; without one it asks
+    the proxy for this task's usage alone on one kept connection, and when the proxy has closed
+    it while idle (a long step), the next check reconnects once."""
     import asyncio
     import threading
 
@@ -476,6 +480,7 @@ def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
     monkeypatch.setenv("OPENAI_API_KEY", "token")
     agent = object.__new__(Agent)  # only what `spent` reads: no node needed
     agent.task = type("Task", (), {"id": "t-1"})()
+    agent.format = type("Untold", (), {"spent": None})()  # no answer told a spend
     agent._usage = None
     try:
         assert agent.spent() == agent.spent() == Decimal("0.25")
@@ -483,6 +488,9 @@ def test_budget_reads_its_own_spend_on_one_connection_across_idle_closes(
         time.sleep(0.6)  # the proxy closes it
         assert agent.spent() == Decimal("0.25")
         assert all(q == "group_by=task&task=t-1" for q, _ in asked) and len(asked) == 3
+        # Once the last answer told the spend, a check asks nothing.
+        agent.format = type("Told", (), {"spent": Decimal("0.125")})()
+        assert agent.spent() == Decimal("0.125") and len(asked) == 3
     finally:
         assert agent._usage is not None
         agent._usage[0].close()

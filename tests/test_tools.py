@@ -224,6 +224,25 @@ def test_the_key_store_keeps_results_across_reopening_and_bounds_retention(
     store.close()
 
 
+def test_the_key_store_drops_aged_keys_while_it_runs(tmp_path: Path) -> None:
+    """Within its bounds a call opens no scan of the keys' ages; past one (here the age of the
+    oldest key) the next call drops what is out, and keeps the rest."""
+    from agentnode.tools.keys import KeyStore
+
+    store = KeyStore(tmp_path / "keys", max_age_s=0.3)
+    store.start(("a", "t", "old"), "d")
+    store.finish(("a", "t", "old"), "d", {"n": 0})
+    time.sleep(0.4)
+    for i in range(3):
+        store.start(("a", "t", f"k{i}"), "d")
+        store.finish(("a", "t", f"k{i}"), "d", {"n": i})
+    store.close()
+    store = KeyStore(tmp_path / "keys", max_age_s=3600)  # what is still stored, by any age
+    assert store.get(("a", "t", "old")) is None
+    assert [store.get(("a", "t", f"k{i}")) for i in range(3)] == [("d", {"n": i}) for i in range(3)]
+    store.close()
+
+
 def test_a_tool_that_raises_is_permanent_and_the_call_does_not() -> None:
     async def boom(args: dict[str, Any], caller: Caller) -> Outcome:
         raise RuntimeError("kaput")

@@ -110,6 +110,7 @@ def _preload() -> None:
     import openai
 
     import agentnode.runtime.loop
+    import agentnode.runtime.spend  # the SDK clients' transport (formats loads it lazily)
     import agentnode.sdk.tools
     import agentnode.tools.endpoint  # noqa: F401  (the MCP door's idempotency key)
 

@@ -34,6 +34,7 @@ from agentnode.inference.metrics import Metrics
 from agentnode.inference.pricing import Usage, anthropic_usage, cost, openai_usage, saving
 from agentnode.inference.prompt_cache import anthropic_marks, cache_key
 from agentnode.inference.routing import Router
+from agentnode.inference.spend import SPEND_HEADER, comment
 from agentnode.inference.sse import EventStream, UsageReader, sse_events
 from agentnode.inference.store import LedgerRow, Store
 from agentnode.inference.upstream import (
@@ -342,7 +343,10 @@ class Proxy:
                 raw = await upstream.read()
                 self._finish(call, d, model, upstream.status, Usage(), cache_hit=False)
                 return web.Response(
-                    body=raw, status=upstream.status, content_type="application/json"
+                    body=raw,
+                    status=upstream.status,
+                    content_type="application/json",
+                    headers=self._spend_header(call),
                 )
             if call.stream:
                 return await self._stream(
@@ -427,7 +431,9 @@ class Proxy:
         self._finish(call, d, model, 200, usage, cache_hit=False)
         if call.cache_key is not None:
             self.store.cache_put(call.cache_key, {"stream": False}, raw, self.config.cache_ttl)
-        return web.Response(body=raw, content_type="application/json")
+        return web.Response(
+            body=raw, content_type="application/json", headers=self._spend_header(call)
+        )
 
     async def _stream(
         self,
@@ -455,15 +461,23 @@ class Proxy:
         reader = UsageReader(d.kind, call.endpoint, wants_usage)
         sent: list[bytes] | None = [] if call.cache_key is not None else None
         status = 200
+        billed = False
         event: bytes | None = first
         try:
             while event is not None:
                 out = reader.feed(event)
                 call.upstream_complete = reader.done
-                if out is not None:
+                if reader.done:
+                    # Its usage is whole: bill it now, and tell the task its spend with this
+                    # call in it, in a comment before the last event (one write, as before).
+                    self._bill(call, state, model, 200, reader, tpm_entry)
+                    billed = True
+                if out is not None and sent is not None:
+                    sent.append(out)
+                if billed:
+                    out = self._spend_comment(call) + (out or b"")
+                if out:
                     await response.write(out)
-                    if sent is not None:
-                        sent.append(out)
                 # Past the last event, a connection the upstream drops or half-closes must not
                 # turn a complete answer into a 502 (nor keep it out of the cache).
                 event = None if reader.done else await anext(events, None)
@@ -472,7 +486,8 @@ class Proxy:
             # a ClientError, and must not be mistaken for an upstream failure below.
             # The client left; _attempt closes the upstream. Bill what is known (Anthropic
             # reports input tokens up front) with nginx's "client closed request" status.
-            self._finish(call, d, model, 499, reader.usage(), cache_hit=False)
+            if not billed:
+                self._bill(call, state, model, 499, reader, tpm_entry)
             raise
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             status = 502
@@ -480,16 +495,44 @@ class Proxy:
             await response.write(
                 error_event(call.fmt, f"upstream {d.name} {what} mid-stream (partial response)")
             )
-        usage = reader.usage()
-        if tpm_entry is not None and state.tpm:
-            state.tpm.adjust(tpm_entry, usage.total)
-        self._finish(call, d, model, status, usage, cache_hit=False)
+        if not billed:
+            self._bill(call, state, model, status, reader, tpm_entry)
         if sent is not None and status == 200 and call.cache_key is not None:
             self.store.cache_put(
                 call.cache_key, {"stream": True}, b"".join(sent), self.config.cache_ttl
             )
         await response.write_eof()
         return response
+
+    def _bill(
+        self,
+        call: Call,
+        state: DeploymentState,
+        model: str,
+        status: int,
+        reader: UsageReader,
+        tpm_entry: list[float] | None,
+    ) -> None:
+        """A stream's usage so far: its deployment's TPM window corrected, its ledger row."""
+        usage = reader.usage()
+        if tpm_entry is not None and state.tpm:
+            state.tpm.adjust(tpm_entry, usage.total)
+        self._finish(call, state.deployment, model, status, usage, cache_hit=False)
+
+    def _spend_header(self, call: Call) -> dict[str, str] | None:
+        """The header telling a task's call its task's spend so far (spend.py); None for a
+        call billed to no task."""
+        p = call.principal
+        if p.task is None:
+            return None
+        return {SPEND_HEADER: str(self.store.task_spend.get((p.tenant, p.task), Decimal(0)))}
+
+    def _spend_comment(self, call: Call) -> bytes:
+        """The same for a stream, as an SSE comment (b"" for a call billed to no task)."""
+        p = call.principal
+        if p.task is None:
+            return b""
+        return comment(self.store.task_spend.get((p.tenant, p.task), Decimal(0)))
 
     async def _replay(
         self, request: web.Request, call: Call, meta: dict[str, Any], body: bytes
@@ -498,10 +541,12 @@ class Proxy:
         self._finish(call, None, call.model, 200, Usage(), cache_hit=True)
         headers = {"x-agentnode-cache": "hit"}
         if not meta["stream"]:
+            headers |= self._spend_header(call) or {}
             return web.Response(body=body, content_type="application/json", headers=headers)
         response = web.StreamResponse(headers=headers | {"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(body)
+        # A hit costs nothing: the spend is whole before the first byte.
+        await response.write(self._spend_comment(call) + body)
         await response.write_eof()
         return response
 

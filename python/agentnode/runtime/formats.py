@@ -9,10 +9,14 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agentnode.errors import TaskError
 from agentnode.sdk.transport import tls_verify
+
+if TYPE_CHECKING:
+    from agentnode.runtime.spend import SpendTap
 
 __all__ = ["FORMATS", "Call", "Format", "make"]
 
@@ -35,6 +39,11 @@ class Format(Protocol):
     """What the loop needs of a wire format."""
 
     name: str
+
+    @property
+    def spent(self) -> Decimal | None:
+        """This task's spend as the proxy told it with the last answer, that call included;
+        None when it did not (`runtime.spend`)."""
 
     def tool(self, name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
         """A node tool as this format offers it to the model."""
@@ -71,11 +80,13 @@ def make(api: str, *, model: str, system: str | None, stream: bool, max_tokens: 
     raise TaskError(f"no model API {api!r} (the runtime speaks {', '.join(FORMATS)})")
 
 
-def _plain_http(sdk: Any, base_url_env: str) -> dict[str, Any]:
-    """The SDK client's options for its base URL: for plain HTTP (the node's proxy), an HTTP
-    client that loads no CA bundle (`tls_verify`)."""
-    verify = tls_verify(os.environ.get(base_url_env, ""))
-    return {} if verify is True else {"http_client": sdk.DefaultHttpxClient(verify=verify)}
+def _http_client(sdk: Any, base_url_env: str) -> tuple[Any, SpendTap]:
+    """The SDK's HTTP client for its base URL, and the transport that reads the spend the
+    proxy tells: for plain HTTP (the node's proxy) it loads no CA bundle (`tls_verify`)."""
+    from agentnode.runtime.spend import SpendTap  # httpx2: the SDKs' own, imported with them
+
+    tap = SpendTap(verify=tls_verify(os.environ.get(base_url_env, "")))
+    return sdk.DefaultHttpxClient(transport=tap), tap
 
 
 def _failed(e: Exception) -> TaskError:
@@ -88,8 +99,13 @@ class _OpenAI:
     def __init__(self, *, model: str, system: str | None, stream: bool) -> None:
         import openai
 
-        self._llm = openai.OpenAI(max_retries=0, **_plain_http(openai, "OPENAI_BASE_URL"))
+        http, self._tap = _http_client(openai, "OPENAI_BASE_URL")
+        self._llm = openai.OpenAI(max_retries=0, http_client=http)
         self._model, self._system, self._stream = model, system, stream
+
+    @property
+    def spent(self) -> Decimal | None:
+        return self._tap.spent
 
     def tool(self, name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
         return {"type": "function",
@@ -156,11 +172,14 @@ class _Anthropic:
     def __init__(self, *, model: str, system: str | None, stream: bool, max_tokens: int) -> None:
         import anthropic
 
-        self._llm = anthropic.Anthropic(
-            max_retries=0, **_plain_http(anthropic, "ANTHROPIC_BASE_URL")
-        )
+        http, self._tap = _http_client(anthropic, "ANTHROPIC_BASE_URL")
+        self._llm = anthropic.Anthropic(max_retries=0, http_client=http)
         self._model, self._system, self._stream = model, system, stream
         self._max_tokens = max_tokens
+
+    @property
+    def spent(self) -> Decimal | None:
+        return self._tap.spent
 
     def tool(self, name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "description": description, "input_schema": schema}

@@ -190,8 +190,13 @@ class Agent:
                               "final answer")  # fmt: skip
 
     def spent(self) -> Decimal:
-        """What this task's model calls cost so far: its row of the proxy's ledger, asked
-        for alone (`task=`) on a connection kept for the run (a budget asks every step)."""
+        """What this task's model calls cost so far: as the proxy told it with the last answer
+        (that call included: no request), else (before this run's first call, or from a proxy
+        that does not tell) its row of the proxy's ledger, asked for alone (`task=`) on a
+        connection kept for the run."""
+        told = self.format.spent
+        if told is not None:
+            return told
         base = os.environ.get("OPENAI_BASE_URL", "").rstrip("/")
         if self._usage is None:
             try:

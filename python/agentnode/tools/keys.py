@@ -55,7 +55,12 @@ class KeyStore:
         self.max_age_s = max_age_s
         self._count = 0
         self._bytes = 0
-        for _, size in self._ages():
+        #: When the oldest key was taken (ns), None with none: every call checks the bounds,
+        #: and an iterator over the ages is opened only when one of them is passed.
+        self._oldest: int | None = None
+        for age_key, size in self._ages():
+            if self._oldest is None:
+                self._oldest = int.from_bytes(age_key[1:9], "big")
             self._count += 1
             self._bytes += size
 
@@ -78,6 +83,8 @@ class KeyStore:
         batch.put(_age_key(now, slot), b"")
         self._db.write(batch)
         self._count += 1
+        if self._oldest is None:
+            self._oldest = int(now * 1e9)
         self._expire(now)
 
     def finish(self, slot: Slot, digest: str, result: dict[str, Any]) -> None:
@@ -103,10 +110,18 @@ class KeyStore:
         """Drops the oldest keys until at most `kept` remain, holding at most `max_bytes`, none
         older than `max_age_s`."""
         cutoff = int((now - self.max_age_s) * 1e9)
+        if (
+            self._count <= self.kept
+            and self._bytes <= self.max_bytes
+            and (self._oldest is None or self._oldest >= cutoff)
+        ):
+            return
+        self._oldest = None
         batch = WriteBatch(raw_mode=True)
         for age_key, size in self._ages():
             at_ns = int.from_bytes(age_key[1:9], "big")
             if self._count <= self.kept and self._bytes <= self.max_bytes and at_ns >= cutoff:
+                self._oldest = at_ns
                 break
             batch.delete(age_key)
             slot_key = _KEY + age_key[9:]
