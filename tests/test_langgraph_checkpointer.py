@@ -93,6 +93,29 @@ def test_a_graph_resumes_after_its_last_completed_step(memory_server) -> None:  
         assert AgentnodeCheckpointer(other, task="run-1").get_tuple(config) is None
 
 
+def chain(names: tuple[str, ...]) -> StateGraph[State]:
+    """A graph whose nodes `names` run one after the other, each adding its name to `steps`."""
+    builder = StateGraph(State)
+    for name in names:
+        builder.add_node(name, lambda state, name=name: {"steps": [name]})
+    for before, after in zip((START, *names), (*names, END), strict=True):
+        builder.add_edge(before, after)
+    return builder
+
+
+def counted_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods of the requests `Memory` makes from now on, in order."""
+    requests: list[str] = []
+    real = Memory._call
+
+    def counted(self: Memory, method: str, path: str, body: object = None) -> object:
+        requests.append(method)
+        return real(self, method, path, body)
+
+    monkeypatch.setattr(Memory, "_call", counted)
+    return requests
+
+
 def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Per super-step the saver writes once (the task's pending writes go with the checkpoint
     that ends the super-step; the input checkpoint with the first super-step's) and reads
@@ -102,21 +125,8 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
     # and its slow hand-off from a task's writes to the checkpoint after it (seen at load 10+)
     monkeypatch.setattr(langgraph, "WRITES_WAIT_S", 2.0)
     url, tokens = memory_server
-    builder = StateGraph(State)
-    for name in ("a", "b", "c"):
-        builder.add_node(name, lambda state, name=name: {"steps": [name]})
-    builder.add_edge(START, "a")
-    builder.add_edge("a", "b")
-    builder.add_edge("b", "c")
-    builder.add_edge("c", END)
-    requests: list[str] = []
-    real = Memory._call
-
-    def counted(self: Memory, method: str, path: str, body: object = None) -> object:
-        requests.append(method)
-        return real(self, method, path, body)
-
-    monkeypatch.setattr(Memory, "_call", counted)
+    builder = chain(("a", "b", "c"))
+    requests = counted_requests(monkeypatch)
     with Memory(url, tokens["a"]) as mem:
         saver = AgentnodeCheckpointer(mem, task="reads")
         graph = builder.compile(checkpointer=saver)
@@ -180,20 +190,8 @@ def test_the_next_run_on_a_thread_it_wrote_reads_nothing(  # type: ignore[no-unt
     """The saver keeps the newest checkpoint it wrote of a thread whole: a second run on the
     thread starts without a read, and what it finds is what a saver reading the store finds."""
     url, tokens = memory_server
-    builder = StateGraph(State)
-    for name in ("a", "b"):
-        builder.add_node(name, lambda state, name=name: {"steps": [name]})
-    builder.add_edge(START, "a")
-    builder.add_edge("a", "b")
-    builder.add_edge("b", END)
-    requests: list[str] = []
-    real = Memory._call
-
-    def counted(self: Memory, method: str, path: str, body: object = None) -> object:
-        requests.append(method)
-        return real(self, method, path, body)
-
-    monkeypatch.setattr(Memory, "_call", counted)
+    builder = chain(("a", "b"))
+    requests = counted_requests(monkeypatch)
     config: RunnableConfig = {"configurable": {"thread_id": "t-again"}}
     with Memory(url, tokens["a"]) as mem:
         saver = AgentnodeCheckpointer(mem, task="again")

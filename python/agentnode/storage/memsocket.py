@@ -24,7 +24,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -35,6 +34,7 @@ from agentnode.errors import AgentnodeError, AuthError, MemoryKeyError, StorageE
 from agentnode.sdk.memsocket import HANDSHAKE_OK, HEADER, MAX_FRAME, MAX_TOKEN_LINE
 from agentnode.storage.operations import Operation, settle
 from agentnode.storage.tenancy import Principal
+from agentnode.unixlisten import listen_unix
 
 __all__ = ["HANDSHAKE_S", "MAX_PER_CALLER", "MAX_QUEUED", "MemorySocket"]
 
@@ -84,15 +84,8 @@ class MemorySocket:
 
     async def start(self) -> None:
         """Listens at `path` (a stale socket file there is replaced)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener = listen_unix(self.path)
         try:
-            listener.bind(str(self.path))
-            self.path.chmod(0o666)  # tasks run as unprivileged users; tokens guard it
-            listener.listen(128)
-            listener.setblocking(False)
             self._server = await asyncio.get_running_loop().create_unix_server(
                 lambda: _Connection(self), sock=listener
             )

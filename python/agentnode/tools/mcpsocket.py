@@ -71,6 +71,7 @@ from agentnode.tools.lines import (
 )
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
+from agentnode.unixlisten import listen_unix
 
 __all__ = ["HANDSHAKE_S", "MAX_CALLS", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
 
@@ -117,18 +118,7 @@ class MCPSocket:
 
     async def start(self) -> None:
         """Listens at `path` (a stale socket file there is replaced)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(str(self.path))
-            self.path.chmod(0o666)  # tasks run as unprivileged users; tokens guard it
-            listener.listen(128)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
+        listener = listen_unix(self.path)
         self._listener = listener
         self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
 
