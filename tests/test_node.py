@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -625,6 +626,56 @@ def test_task_token_reaches_only_its_own_task(tmp_path: Path) -> None:
         assert set(forged.values()) == {401}, forged
         status, _ = call(d, "GET", f"/v1/tasks/{victim['id']}/checkpoint")
         assert status == 404, "the refused PUT wrote nothing"
+
+
+LONG_PATH_TASK = """
+import asyncio, os, time
+from agentnode.sdk import Memory, ThisTask, Tools
+Memory().append("notes", ThisTask().id, {"ok": 1})
+async def tools():
+    async with Tools.mcp_client() as c:
+        return sorted(t.name for t in (await c.list_tools()).tools)
+print("tools", "read_file" in asyncio.run(tools()), flush=True)
+print("token", os.environ["AGENTNODE_TOKEN"], flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_data_dir_past_the_socket_path_limit_serves_every_door(tmp_path: Path) -> None:
+    """Every socket of a node whose data dir makes their paths longer than a unix socket's
+    107 bytes is served and reachable, from a task and from the host."""
+    from agentnode.sdk import Tools
+    from agentnode.sdk.memsocket import SocketClient
+
+    root = tmp_path / ("long-" * 20)
+    with daemon(root) as d:
+        sockets = d.data / "run" / "sockets"
+        paths = [d.socket, *(sockets / n for n in ("task.sock", "mcp.sock", "mcps.sock",
+                                                   "memory.sock"))]  # fmt: skip
+        assert all(len(os.fsencode(p)) > 107 for p in paths), paths
+        task = d.submit([sys.executable, "-c", LONG_PATH_TASK], **PYTHON)
+        d.wait(task["id"], states=("running",))
+        deadline = time.monotonic() + 60
+        while "token " not in (log := d.log(task["id"])) and time.monotonic() < deadline:
+            assert d.task(task["id"])["state"] == "running", log
+            time.sleep(0.1)
+        assert "tools True" in log, log
+        token = log.split("token ")[1].split()[0]
+        client = SocketClient(str(sockets / "memory.sock"), token, timeout=10)
+        try:
+            scanned = client.call("episodic.scan", {"namespace": "notes", "task": task["id"]})
+        finally:
+            client.close()
+        assert [r["value"] for r in scanned["records"]] == [{"ok": 1}], scanned
+
+        async def listed() -> list[str]:
+            async with Tools.mcp_client(socket=str(sockets / "mcps.sock"), token=token) as c:
+                return [t.name for t in (await c.list_tools()).tools]
+
+        assert "read_file" in asyncio.run(listed())
+        d.client.call("POST", f"/v1/tasks/{task['id']}/cancel")
+        assert d.wait(task["id"])["state"] == "cancelled"
+    assert not any(p.exists() for p in paths), "the node removes its sockets at its stop"
 
 
 # -- the daemon's own lifecycle -----------------------------------------------------------------

@@ -852,6 +852,7 @@ def test_the_background_teardown_has_a_bounded_backlog(
     # pile up netns and veths.
     _, net = world
     net.start()
+    net.wait_retired()  # an earlier test's teardown still queued would fill the backlog
     monkeypatch.setattr(egress_service, "RETIRE_BACKLOG", 1)
     release = threading.Event()
     ran: list[str] = []

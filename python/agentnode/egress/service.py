@@ -509,6 +509,11 @@ class EgressService:
             with self._lock:
                 self._retiring.popleft()
 
+    def wait_retired(self) -> None:
+        """Returns once every retired task's teardown has run."""
+        with self._lock:
+            self._retired.wait_for(lambda: self._retirer is None)
+
     def close(self) -> None:
         """Finishes the retired tasks' teardown, stops the forwarder, and removes the bridge
         unless another owner still has tasks on it."""

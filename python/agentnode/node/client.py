@@ -15,6 +15,7 @@ from pathlib import Path
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.node.paths import DEFAULT_SOCKET
 from agentnode.node.unixhttp import Closed, exchange
+from agentnode.unixsock import connect_unix
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class NodeClient:
             if kept.sock is None:
                 kept.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 kept.sock.settimeout(self.timeout)
-                kept.sock.connect(str(self.path))
+                connect_unix(kept.sock, self.path)
             status, data, keep = exchange(kept.sock, method, url, payload, headers)
         if not keep:
             kept.close()

@@ -20,6 +20,7 @@ from agentnode import doctor
 from agentnode.errors import AgentnodeError, ConfigError
 from agentnode.node.config import NodeConfig, load_config
 from agentnode.node.paths import ADMIN_MEMORY
+from agentnode.unixsock import listen_unix
 
 # How much of the vector op log a crash can leave to replay: a checkpoint of a 100k x 384
 # collection writes ~170 MiB, so not much more often than this.
@@ -81,11 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 async def _unix_site(runner: web.AppRunner, path: Path, mode: int, group: str | None) -> None:
     from aiohttp import web
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a crashed daemon's socket; a live one would hold the state lock
-    await web.UnixSite(runner, str(path)).start()
-    os.chmod(path, mode)
+    await web.SockSite(runner, listen_unix(path, mode=mode)).start()
     if group is not None:
         with contextlib.suppress(KeyError):
             os.chown(path, -1, grp.getgrnam(group).gr_gid)

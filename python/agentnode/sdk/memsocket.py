@@ -25,6 +25,7 @@ import msgpack
 
 from agentnode import errors
 from agentnode.errors import AgentnodeError, StorageError
+from agentnode.unixsock import connect_unix
 
 __all__ = ["ENV", "HANDSHAKE_OK", "HEADER", "MAX_FRAME", "SocketClient", "error_of"]
 
@@ -172,7 +173,7 @@ class SocketClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self._timeout)
         try:
-            sock.connect(self.path)
+            connect_unix(sock, self.path)
         except OSError:
             sock.close()
             raise

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentnode.errors import ConfigError
 from agentnode.sdk.transport import connect, request, tls_verify
+from agentnode.unixsock import reachable
 
 if TYPE_CHECKING:
     from mcp import Client
@@ -124,7 +125,8 @@ async def _socket_transport(path: str, token: str) -> AsyncIterator[TransportStr
     try:
         conn.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(conn, path)
+            with reachable(path) as short:
+                await asyncio.get_running_loop().sock_connect(conn, short)
         except OSError as e:
             raise ConfigError(f"cannot reach the node's MCP socket {path}: {e.strerror}") from None
         lines = FdLines(conn.fileno())

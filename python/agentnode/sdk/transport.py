@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from agentnode.errors import ConfigError, TaskError
+from agentnode.unixsock import connect_unix
 
 if TYPE_CHECKING:
     import ssl
@@ -27,7 +28,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(self.path)
+            connect_unix(sock, self.path)
         except OSError:
             sock.close()
             raise

@@ -34,7 +34,7 @@ from agentnode.errors import AgentnodeError, AuthError, MemoryKeyError, StorageE
 from agentnode.sdk.memsocket import HANDSHAKE_OK, HEADER, MAX_FRAME, MAX_TOKEN_LINE
 from agentnode.storage.operations import Operation, settle
 from agentnode.storage.tenancy import Principal
-from agentnode.unixlisten import listen_unix
+from agentnode.unixsock import listen_unix
 
 __all__ = ["HANDSHAKE_S", "MAX_PER_CALLER", "MAX_QUEUED", "MemorySocket"]
 

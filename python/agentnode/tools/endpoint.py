@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
+from agentnode.unixsock import listen_unix
 
 __all__ = [
     "CALLER_KEY",
@@ -218,13 +219,15 @@ class MCPEndpoint:
         port: int | None = None,
     ) -> None:
         self._servers: list[_QuietServer] = []
+        #: The unix socket's server, which serves on a socket bound here (any path length).
+        self._on_uds: _QuietServer | None = None
         # httptools: uvicorn's C parser (its pure-Python h11 cost ~15% of a tool call).
         common: dict[str, Any] = {
             "log_level": "warning", "lifespan": "on", "access_log": False, "http": "httptools"
         }  # fmt: skip
         if uds is not None:
-            uds.parent.mkdir(parents=True, exist_ok=True)
-            self._servers.append(_QuietServer(uvicorn.Config(app(), uds=str(uds), **common)))
+            self._on_uds = _QuietServer(uvicorn.Config(app(), **common))
+            self._servers.append(self._on_uds)
         if host is not None and port is not None:
             self._servers.append(
                 _QuietServer(uvicorn.Config(app(), host=host, port=port, **common))
@@ -235,15 +238,18 @@ class MCPEndpoint:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for s in self._servers:
-            self._tasks.append(loop.create_task(s.serve()))
+            if s is self._on_uds and self.uds is not None:
+                # Tasks run as unprivileged users; tokens guard the socket.
+                sockets = [listen_unix(self.uds, mode=0o666)]
+                self._tasks.append(loop.create_task(s.serve(sockets=sockets)))
+            else:
+                self._tasks.append(loop.create_task(s.serve()))
         while not all(s.started for s in self._servers):
             for t in self._tasks:
                 if t.done():
                     t.result()  # raises what stopped it
                     raise OSError("the MCP endpoint stopped while starting")
             await asyncio.sleep(0.01)
-        if self.uds is not None:
-            self.uds.chmod(0o666)  # tasks run as unprivileged users; tokens guard it
 
     async def stop(self) -> None:
         for s in self._servers:

@@ -71,7 +71,7 @@ from agentnode.tools.lines import (
 )
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
-from agentnode.unixlisten import listen_unix
+from agentnode.unixsock import listen_unix
 
 __all__ = ["HANDSHAKE_S", "MAX_CALLS", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
 
