@@ -360,8 +360,9 @@ def test_kill_9_of_the_node_keeps_every_answered_llm_calls_record(tmp_path: Path
     thread.start()
     mock = asyncio.run_coroutine_threadsafe(MockUpstream("openai").start(), loop).result(30)
     port = random.randint(20000, 30000)
+    bridge = f"agentnodea{random.randint(0, 99999)}"
     config = (
-        f'[network]\nbridge = "agentnodea{random.randint(0, 99999)}"\n'
+        f'[network]\nbridge = "{bridge}"\n'
         f'subnet = "10.{random.randint(1, 254)}.{random.randint(0, 254)}.0/24"\n'
         f'[inference]\nlisten = "127.0.0.1:{port}"\n'
         f'[inference.deployments.mock]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
@@ -383,6 +384,8 @@ def test_kill_9_of_the_node_keeps_every_answered_llm_calls_record(tmp_path: Path
             assert len(calls) == 20 and all(c["tenant"] == "acme" for c in calls)
             assert [c["stream"] for c in calls] == [i % 2 == 1 for i in range(20)]
             assert verify(log).records >= 20
+            d.start()  # the next node takes over what the killed one left (its bridge)
+        assert not Path(f"/sys/class/net/{bridge}").exists(), "the node's bridge is removed"
     finally:
         asyncio.run_coroutine_threadsafe(mock.close(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
