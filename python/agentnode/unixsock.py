@@ -54,7 +54,15 @@ def listen_unix(path: Path, *, mode: int = 0o666, backlog: int = 128) -> socket.
     return listener
 
 
-def connect_unix(sock: socket.socket, path: str | Path) -> None:
-    """`sock.connect(path)` for a blocking socket, whatever the path's length."""
-    with reachable(path) as short:
-        sock.connect(short)
+def connect_unix(path: str | Path, *, timeout: float | None) -> socket.socket:
+    """A stream socket connected to `path`, whatever the path's length, with `timeout`
+    (None: blocking); closed again if the connect fails."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        with reachable(path) as short:
+            sock.connect(short)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

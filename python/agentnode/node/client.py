@@ -107,9 +107,7 @@ class NodeClient:
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         with self._reaching(kept.close):
             if kept.sock is None:
-                kept.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                kept.sock.settimeout(self.timeout)
-                connect_unix(kept.sock, self.path)
+                kept.sock = connect_unix(self.path, timeout=self.timeout)
             status, data, keep = exchange(kept.sock, method, url, payload, headers)
         if not keep:
             kept.close()

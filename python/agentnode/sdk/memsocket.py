@@ -170,13 +170,7 @@ class SocketClient:
             self.close()
 
     def _open(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self._timeout)
-        try:
-            connect_unix(sock, self.path)
-        except OSError:
-            sock.close()
-            raise
+        sock = connect_unix(self.path, timeout=self._timeout)
         self._sock, self._reader, self._greeted = sock, sock.makefile("rb"), False
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -25,14 +24,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.path = path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            connect_unix(sock, self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        self.sock = connect_unix(self.path, timeout=self.timeout)
 
 
 def connect(url: str, *, timeout: float | None) -> tuple[http.client.HTTPConnection, str]:
