@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from agentnode.errors import AgentnodeError
 from agentnode.node.client import NodeClient
+from agentnode.unixsock import connect_unix, listen_unix
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok": 1}\r\n'
 
@@ -105,3 +107,21 @@ def test_an_answer_that_is_not_whole_http_is_one_clear_error(
         client.call("GET", "/healthz")
     assert problem in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("length", [20, 200])
+def test_a_socket_path_of_any_length_is_reached_and_a_missing_one_is_named(
+    tmp_path: Path, length: int
+) -> None:
+    """Paths past the kernel's 107 bytes go through their directory's fd; a missing socket is
+    the OS's error naming nothing else, and leaves no descriptor open."""
+    path = tmp_path / ("d" * length) / "s.sock"
+    listener = listen_unix(path, mode=0o600)
+    with listener, connect_unix(path, timeout=5):
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConnectionRefusedError):
+        connect_unix(path, timeout=5)  # the file is there, nobody listens
+    with pytest.raises(FileNotFoundError):
+        connect_unix(path.with_name("missing.sock"), timeout=5)
+    assert set(os.listdir("/proc/self/fd")) == before
