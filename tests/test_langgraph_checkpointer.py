@@ -139,7 +139,11 @@ def test_a_new_thread_costs_one_read(memory_server, monkeypatch: pytest.MonkeyPa
         assert fresh is not None and fresh.checkpoint["channel_values"]["steps"] == ["a", "b", "c"]
         history = list(saver.list(config))
         # The input, its super-step, a, b, c: the input checkpoint went with the next write.
-        assert writes == len(history) - 1 == 4, requests
+        # LangGraph hands a task's writes and the checkpoint after it to its executor's
+        # threads, which may run them in either order; then the writes wait for the next
+        # checkpoint and the last super-step's are stored alone: one write more, never two.
+        assert len(history) == 5, history
+        assert writes in (4, 5), requests
         # Every super-step's tasks' writes were stored (with the checkpoint after it).
         assert [bool(h.pending_writes) for h in history] == [False, True, True, True, True]
 
