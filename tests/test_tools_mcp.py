@@ -26,7 +26,7 @@ from agentnode.isolation.spec import Mount
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
-from conftest import run_cli
+from conftest import processes_with, run_cli
 from support.egress_world import HOST4, OTHER4, World
 from support.node_daemon import Daemon, daemon
 
@@ -409,11 +409,7 @@ def test_idempotency_keys_outlive_a_node_restart(tmp_path: Path) -> None:
         return out
 
     def sleeping() -> bool:
-        return any(
-            p.joinpath("cmdline").read_bytes() == b"sleep\x0031.5\x00"
-            for p in Path("/proc").iterdir()
-            if p.name.isdigit() and p.joinpath("cmdline").exists()
-        )
+        return bool(processes_with("sleep\x0031.5", exact=True))
 
     d.start()
     try:
