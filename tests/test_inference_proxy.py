@@ -433,7 +433,7 @@ def wait_cached(env: ProxyEnv, entries: int) -> None:
     """Waits until the proxy's cache holds `entries` entries (written after a stream ends)."""
     store = env.proxy.store
     deadline = time.monotonic() + 10
-    while env.run(store._run(lambda: len(list(store._cache.keys())))) < entries:
+    while env.run(store._run(lambda: len(list(store._cache.items())))) < entries:
         assert time.monotonic() < deadline, f"the cache never reached {entries} entries"
         time.sleep(0.01)
 

@@ -20,6 +20,8 @@ __all__ = [
     "SandboxError",
     "SchedulerError",
     "StorageError",
+    "StoreFullError",
+    "StoreWriteError",
     "TaskEndedError",
     "TaskError",
     "UnknownCollectionError",
@@ -79,6 +81,18 @@ class StorageError(AgentnodeError):
 
     #: The HTTP status the memory API answers with when this error reaches a request.
     status = 400
+
+
+class StoreWriteError(StorageError):
+    """One of the node's databases could not be written (see the message for which and why)."""
+
+    status = 500
+
+
+class StoreFullError(StoreWriteError):
+    """A database's disk is full; its writes resume by themselves once space is freed."""
+
+    status = 507
 
 
 class MemoryKeyError(StorageError):

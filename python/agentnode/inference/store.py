@@ -28,9 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options
+
+from agentnode.storage.rocks import Batch, Rocks
 
 __all__ = ["FLUSH_INTERVAL", "LedgerRow", "Store"]
 
@@ -49,6 +51,8 @@ _DAY = 86400
 RETENTION_INTERVAL = 3600.0
 #: Seconds ledger rows wait to be written with those that follow: the most a crash can lose.
 FLUSH_INTERVAL = 0.05
+#: Seconds between tries of a ledger write that failed.
+RETRY_INTERVAL = 1.0
 log = logging.getLogger("agentnode.inference")
 
 
@@ -88,6 +92,7 @@ def _options() -> Options:
     """Small memtables: RocksDB's default 64 MiB write buffer would hold ~200k ledger rows in
     memory before its first flush, growing the proxy by tens of MiB under steady traffic."""
     opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
     opts.set_write_buffer_size(_WRITE_BUFFER)
     return opts
 
@@ -99,8 +104,8 @@ class Store:
         self.retention_days = retention_days
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentnode-ledger")
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._ledger = Rdict(str(state_dir / "ledger"), options=_options())
-        self._cache = Rdict(str(state_dir / "cache"), options=_options())
+        self._ledger = Rocks(state_dir / "ledger", _options())
+        self._cache = Rocks(state_dir / "cache", _options())
         self.tenant_spend: dict[str, Decimal] = defaultdict(Decimal)
         self.task_spend: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
         # Keys are time, then this store's random prefix and a counter: unique across restarts
@@ -110,6 +115,8 @@ class Store:
         #: (key, serialised row) pairs waiting for the next group commit.
         self._pending: list[tuple[bytes, bytes]] = []
         self._timer: asyncio.TimerHandle | None = None
+        #: A write failed and none succeeded since (logged once).
+        self._failing = False
         #: Called with each row as it is recorded (the node's audit log).
         self.on_record: Callable[[LedgerRow], object] | None = None
         #: (tenant, task, model, deployment, day) → sums, and the groups changed since the
@@ -210,17 +217,33 @@ class Store:
 
     def _flush_soon(self) -> None:
         self._timer = None
-        fut = self._submit()
-        fut.add_done_callback(_log_write_failure)
+        self._submit()
 
     def _submit(self) -> asyncio.Future[None]:
-        batch, self._pending = self._pending, []
+        rows, self._pending = self._pending, []
+        dirty, self._dirty = self._dirty, set()
         # The sums as they stand include every row in this batch and before: written in the
         # same batch, a crash cannot leave them out of step with the rows.
-        for k in self._dirty:
-            batch.append((_AGG + _dumps(list(k)), _dumps(_encode(self._sums[k]))))
-        self._dirty = set()
-        return asyncio.get_running_loop().run_in_executor(self._pool, self._write, batch)
+        batch = rows + [(_AGG + _dumps(list(k)), _dumps(_encode(self._sums[k]))) for k in dirty]
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._write, batch)
+        fut.add_done_callback(lambda f: self._written(f, rows, dirty))
+        return fut
+
+    def _written(
+        self, fut: asyncio.Future[None], rows: list[tuple[bytes, bytes]], dirty: set[Any]
+    ) -> None:
+        """After a failed write (a full disk, say), its rows and sums go with the next one,
+        tried again in `RETRY_INTERVAL`: the ledger loses nothing while the node runs."""
+        if fut.cancelled() or (e := fut.exception()) is None:
+            return
+        if not self._failing:
+            log.error("ledger write failed (%d rows wait in memory and are written once it "
+                      "can be): %s", len(rows), e)  # fmt: skip
+        self._failing = True
+        self._pending[:0] = rows
+        self._dirty |= dirty
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(RETRY_INTERVAL, self._flush_soon)
 
     async def flush(self) -> None:
         """Returns once every row recorded so far is written; a failed write raises here."""
@@ -233,15 +256,18 @@ class Store:
     def _write(self, batch: list[tuple[bytes, bytes]]) -> None:
         if not batch:
             return
-        wb = WriteBatch(raw_mode=True)
+        wb = Batch()
         for key, value in batch:
             wb.put(key, value)
         self._ledger.write(wb)
+        if self._failing:
+            self._failing = False
+            log.warning("ledger writes resumed")
 
     def _scan(self) -> list[LedgerRow]:
         rows = []
         for k, v in self._ledger.items():
-            if cast(bytes, k).startswith(b"~"):
+            if k.startswith(b"~"):
                 break  # The sums sort after every row.
             rows.append(LedgerRow(**json.loads(v)))
         return rows
@@ -250,8 +276,7 @@ class Store:
         if self._ledger.get(_AGG_DONE) is None:
             return None
         sums = {}
-        for k, v in self._ledger.items(from_key=_AGG):
-            key = cast(bytes, k)
+        for key, v in self._ledger.items(from_key=_AGG):
             if not key.startswith(_AGG):
                 break
             sums[tuple(json.loads(key[len(_AGG) :]))] = _decode(json.loads(v))
@@ -361,4 +386,4 @@ def _dumps(value: Any) -> bytes:
 
 def _log_write_failure(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled() and (e := fut.exception()) is not None:
-        log.error("proxy state write failed (ledger rows or a cache entry lost): %s", e)
+        log.error("proxy state write failed (a cache entry or a retention pass): %s", e)

@@ -36,18 +36,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
-from rocksdict import ReadOptions, WriteBatch, WriteOptions
+from rocksdict import ReadOptions, WriteOptions
 
 from agentnode.errors import MemoryKeyError, NotFoundError, TaskEndedError, ValueTooLargeError
 from agentnode.storage.keys import check_id, check_name, check_namespace
-from agentnode.storage.rocks import open_raw, raw_get, raw_items
+from agentnode.storage.rocks import Batch, Op, Rocks
 
 __all__ = ["EpisodicStore", "NewRecord", "Record"]
 
 _log = logging.getLogger(__name__)
 _SEP = b"\x00"
 _END = b"\x01"  # sorts right after _SEP: `prefix + _SEP` .. `prefix + _END` is one subtree
-_Op = tuple[str, bytes, bytes]  # ("put" | "delete" | "delete_range", key, value-or-end)
 
 
 class Record(NamedTuple):
@@ -114,7 +113,7 @@ class EpisodicStore:
         self.path = Path(path)
         self.max_value_bytes = max_value_bytes
         self.bucket_ms = bucket_ms
-        self._db = open_raw(self.path)
+        self._db = Rocks(self.path)
         self._nosync = WriteOptions()
         self._sync = WriteOptions()
         self._sync.sync = True
@@ -124,13 +123,11 @@ class EpisodicStore:
         self._task_keys: dict[tuple[str, str, str], bytes] = {}
         # Ended tasks, cached so that a read costs one RocksDB lookup; the `t` keys are the truth.
         self._ended: dict[bytes, int] = {}
-        for key, value in raw_items(self._db, from_key=b"t"):
+        for key, value in self._db.items(from_key=b"t"):
             if not key.startswith(b"t"):
                 break
             self._ended[key[1:]] = msgpack.unpackb(value)
-        self._commits: queue.SimpleQueue[tuple[list[_Op], Future[None]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._commits: queue.SimpleQueue[tuple[list[Op], Future[None]] | None] = queue.SimpleQueue()
         self._committer = threading.Thread(
             target=self._group_commit, name="agentnode-episodic-commit", daemon=True
         )
@@ -219,7 +216,7 @@ class EpisodicStore:
             )
         now_ns = self._stamp()
         now = now_ns // 1_000_000
-        ops: list[_Op] = []
+        ops: list[Op] = []
         ids = [self._id_at(now_ns) for _ in records]
         prefix = b"r" + task_key + _SEP
         for i, rec in enumerate(records):
@@ -262,9 +259,9 @@ class EpisodicStore:
         self._ended[task_key] = expires
         return expires
 
-    def _commit(self, ops: list[_Op], *, sync: bool) -> None:
+    def _commit(self, ops: list[Op], *, sync: bool) -> None:
         if not sync:
-            self._db.write(self._batch(ops), self._nosync)
+            self._db.write(Batch(ops), self._nosync)
             return
         done: Future[None] = Future()
         self._commits.put((ops, done))
@@ -286,7 +283,7 @@ class EpisodicStore:
                     break
                 pending.append(nxt)
             try:
-                self._db.write(self._batch([op for ops, _ in pending for op in ops]), self._sync)
+                self._db.write(Batch([op for ops, _ in pending for op in ops]), self._sync)
             except Exception as e:
                 for _, fut in pending:
                     fut.set_exception(e)
@@ -294,24 +291,12 @@ class EpisodicStore:
                 for _, fut in pending:
                     fut.set_result(None)
 
-    @staticmethod
-    def _batch(ops: list[_Op]) -> WriteBatch:
-        wb = WriteBatch(raw_mode=True)
-        for op, key, arg in ops:
-            if op == "put":
-                wb.put(key, arg)
-            elif op == "delete":
-                wb.delete(key)
-            else:
-                wb.delete_range(key, arg)
-        return wb
-
     # -- reads ----------------------------------------------------------------------------------
 
     def get(self, tenant: str, namespace: str, task: str, id: str) -> Record:
         """The record, or NotFoundError if it does not exist or has expired."""
         task_key = self._task_key(tenant, namespace, task)
-        blob = raw_get(self._db, b"r" + task_key + _SEP + check_id(id).encode())
+        blob = self._db.get(b"r" + task_key + _SEP + check_id(id).encode())
         now = _now_ms()
         if blob is None or not self._task_alive(task_key, now):
             raise NotFoundError(f"no record {id!r} in task {task!r} of namespace {namespace!r}")
@@ -373,7 +358,7 @@ class EpisodicStore:
         ro.set_iterate_upper_bound(upper)
         start = upper if newest_first else lower
         skip = len(lower) - (len(lower) - lower.rindex(_SEP) - 1)
-        for key, blob in raw_items(self._db, backwards=newest_first, from_key=start, read_opt=ro):
+        for key, blob in self._db.items(backwards=newest_first, from_key=start, read_opt=ro):
             if key < lower:
                 return
             if newest_first and key >= upper:
@@ -429,10 +414,10 @@ class EpisodicStore:
         past = (_now_ms() // self.bucket_ms + 1).to_bytes(8, "big")
         ro = ReadOptions()
         ro.set_iterate_upper_bound(b"x" + past)
-        ops: list[_Op] = []
+        ops: list[Op] = []
         ended: list[bytes] = []
         last = b""
-        for key, _ in raw_items(self._db, from_key=b"x", read_opt=ro):
+        for key, _ in self._db.items(from_key=b"x", read_opt=ro):
             target = key[9:]
             if target[:1] == b"t":
                 ops.append(("delete_range", b"r" + target[1:] + _SEP, b"r" + target[1:] + _END))

@@ -19,6 +19,7 @@ bytes arrive so an oversized upload stops early and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -27,12 +28,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import msgpack
-from rocksdict import WriteBatch, WriteOptions
+from rocksdict import WriteOptions
 
 from agentnode.durable import fsync_dir
 from agentnode.errors import NotFoundError, QuotaExceededError, StorageError
 from agentnode.storage.keys import check_name
-from agentnode.storage.rocks import open_raw, raw_get, raw_items
+from agentnode.storage.rocks import Batch, Rocks, write_error
 
 __all__ = ["ObjectInfo", "ObjectStore", "ObjectWriter"]
 
@@ -74,7 +75,7 @@ class ObjectStore:
         # No writer is running yet, so anything in tmp/ was left by a crash.
         for leftover in self._tmp.iterdir():
             leftover.unlink()
-        self._meta = open_raw(self.root / "meta")
+        self._meta = Rocks(self.root / "meta")
         self._sync = WriteOptions()
         self._sync.sync = True
         self._lock = threading.Lock()
@@ -86,7 +87,7 @@ class ObjectStore:
 
     def usage(self, tenant: str) -> int:
         """Bytes the tenant's references hold."""
-        raw = raw_get(self._meta, b"u" + check_name("tenant", tenant).encode())
+        raw = self._meta.get(b"u" + check_name("tenant", tenant).encode())
         return 0 if raw is None else int(msgpack.unpackb(raw))
 
     def _ref_key(self, tenant: str, name: str) -> bytes:
@@ -115,7 +116,7 @@ class ObjectStore:
 
     def stat(self, tenant: str, name: str) -> ObjectInfo:
         """The reference `name`, or NotFoundError."""
-        raw = raw_get(self._meta, self._ref_key(tenant, name))
+        raw = self._meta.get(self._ref_key(tenant, name))
         if raw is None:
             raise NotFoundError(f"no object named {name!r}")
         digest, size = msgpack.unpackb(raw)
@@ -137,7 +138,7 @@ class ObjectStore:
         """The tenant's references whose name starts with `prefix`, by name."""
         base = b"n" + check_name("tenant", tenant).encode() + b"\x00"
         found = []
-        for key, raw in raw_items(self._meta, from_key=base + prefix.encode()):
+        for key, raw in self._meta.items(from_key=base + prefix.encode()):
             if not key.startswith(base + prefix.encode()):
                 break
             digest, size = msgpack.unpackb(raw)
@@ -149,7 +150,7 @@ class ObjectStore:
         key = self._ref_key(tenant, name)
         with self._lock:
             info = self.stat(tenant, name)
-            wb = WriteBatch(raw_mode=True)
+            wb = Batch()
             wb.delete(key)
             self._unref(wb, tenant, info.digest, info.size)
             self._meta.write(wb, self._sync)
@@ -160,7 +161,7 @@ class ObjectStore:
         with self._lock:
             for shard in self._blobs.iterdir():
                 for blob in shard.iterdir():
-                    if raw_get(self._meta, b"c" + blob.name.encode()) is None:
+                    if self._meta.get(b"c" + blob.name.encode()) is None:
                         blob.unlink()
                         removed += 1
         return removed
@@ -173,10 +174,10 @@ class ObjectStore:
         return self._blobs / digest[:2] / digest
 
     def _count(self, digest: str) -> int:
-        raw = raw_get(self._meta, b"c" + digest.encode())
+        raw = self._meta.get(b"c" + digest.encode())
         return 0 if raw is None else int(msgpack.unpackb(raw))
 
-    def _unref(self, wb: WriteBatch, tenant: str, digest: str, size: int) -> None:
+    def _unref(self, wb: Batch, tenant: str, digest: str, size: int) -> None:
         count = self._count(digest) - 1
         if count:
             wb.put(b"c" + digest.encode(), msgpack.packb(count))
@@ -215,13 +216,13 @@ class ObjectStore:
             key = self._ref_key(tenant, name)
             usage = self.usage(tenant) + size
             counts = {digest: self._count(digest)}
-            old = raw_get(self._meta, key)
+            old = self._meta.get(key)
             if old is not None:
                 old_digest, old_size = msgpack.unpackb(old)
                 usage -= old_size
                 counts[old_digest] = counts.get(old_digest, self._count(old_digest)) - 1
             counts[digest] += 1
-            wb = WriteBatch(raw_mode=True)
+            wb = Batch()
             for d, n in counts.items():
                 if n:
                     wb.put(b"c" + d.encode(), msgpack.packb(n))
@@ -256,7 +257,11 @@ class ObjectWriter:
             raise
         self._size += len(chunk)
         self._hash.update(chunk)
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            self.abort()
+            raise write_error(self._store.root, e) from None
 
     def commit(self) -> ObjectInfo:
         """Makes the object durable and points `name` at it."""
@@ -270,9 +275,13 @@ class ObjectWriter:
             return self._store._install(
                 self._tenant, self._name, self._path, self._hash.hexdigest(), self._size
             )
-        except BaseException:
+        except BaseException as e:
+            with contextlib.suppress(OSError):  # a failed flush left it open
+                self._file.close()
             self._path.unlink(missing_ok=True)
             self._store._release(self._tenant, self._size)
+            if isinstance(e, OSError):
+                raise write_error(self._store.root, e) from None
             raise
 
     def abort(self) -> None:
@@ -280,6 +289,7 @@ class ObjectWriter:
         if self._done:
             return
         self._done = True
-        self._file.close()
+        with contextlib.suppress(OSError):  # its buffer's flush, on a full disk
+            self._file.close()
         self._path.unlink(missing_ok=True)
         self._store._release(self._tenant, self._size)

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import WriteOptions
 
 from agentnode._native import VectorCollection
 from agentnode.errors import CollectionExistsError, UnknownCollectionError, VectorError
+from agentnode.storage.rocks import Batch, Rocks
 
 __all__ = [
     "MAX_DIMS",
@@ -296,7 +297,7 @@ class Collection:
         row = self.config.dims * 4
         raw = flat.cast("B")
         with self._write:
-            batch = WriteBatch(raw_mode=True)
+            batch = Batch()
             seq = self._store._seq(self.name)
             for i, (key, head, payload) in enumerate(zip(keys, heads, payloads, strict=True)):
                 seq += 1
@@ -325,7 +326,7 @@ class Collection:
             if key not in self._index:
                 return False
             seq = self._store._seq(self.name) + 1
-            batch = WriteBatch(raw_mode=True)
+            batch = Batch()
             batch.delete(self._prefix + _U64.pack(key))
             batch.put(self._log_prefix + _U64.pack(seq), b"d" + _U64.pack(key))
             batch.put(self._seq_key, _U64.pack(seq))
@@ -442,10 +443,8 @@ class VectorStore:
         # A crash during a checkpoint leaves the temporary file the rename never took.
         for stray in (self.path / "index").glob("*.anvec.tmp*"):
             stray.unlink(missing_ok=True)
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
         try:
-            self._db = Rdict(str(self.path / "rocksdb"), opts)
+            self._db = Rocks(self.path / "rocksdb")
         except Exception as e:
             raise VectorError(
                 f"cannot open the vector record at {self.path / 'rocksdb'}: {e} "
@@ -579,7 +578,7 @@ class VectorStore:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _commit(self, batch: WriteBatch, *, sync: bool) -> None:
+    def _commit(self, batch: Batch, *, sync: bool) -> None:
         if sync:
             self._db.write(batch, self._sync)
         else:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from rocksdict import Options, Rdict, WriteBatch
+
+from agentnode.storage.rocks import Batch, Rocks
 
 __all__ = ["KeyStore", "Slot"]
 
@@ -49,7 +50,7 @@ class KeyStore:
         max_age_s: float = 86_400.0,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(path), options=Options(raw_mode=True))
+        self._db = Rocks(path)
         self.kept = kept
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
@@ -78,7 +79,7 @@ class KeyStore:
     def start(self, slot: Slot, digest: str) -> None:
         """Marks the key taken before its call runs."""
         now = time.time()
-        batch = WriteBatch(raw_mode=True)
+        batch = Batch()
         batch.put(_KEY + _slot_bytes(slot), msgpack.packb([digest, now, None]))
         batch.put(_age_key(now, slot), b"")
         self._db.write(batch)
@@ -95,7 +96,7 @@ class KeyStore:
             return  # expired while it ran
         at = msgpack.unpackb(raw)[1]
         packed = msgpack.packb([digest, at, result])
-        batch = WriteBatch(raw_mode=True)
+        batch = Batch()
         batch.put(key, packed)
         batch.put(_age_key(at, slot), len(packed).to_bytes(8, "big"))
         self._db.write(batch)
@@ -117,7 +118,7 @@ class KeyStore:
         ):
             return
         self._oldest = None
-        batch = WriteBatch(raw_mode=True)
+        batch = Batch()
         for age_key, size in self._ages():
             at_ns = int.from_bytes(age_key[1:9], "big")
             if self._count <= self.kept and self._bytes <= self.max_bytes and at_ns >= cutoff:
@@ -137,7 +138,6 @@ class KeyStore:
     def _ages(self) -> Iterator[tuple[bytes, int]]:
         """(age key, size of its result) of every key, oldest first."""
         for raw, size in self._db.items(from_key=_AGE):
-            assert isinstance(raw, bytes) and isinstance(size, bytes)  # raw mode
             if raw[:1] != _AGE:
                 return
             yield raw, int.from_bytes(size, "big") if size else 0

@@ -4,6 +4,7 @@ normalised result and one audit record per call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from agentnode.errors import StoreWriteError
 from agentnode.tools.keys import KeyStore
 from agentnode.tools.registry import Caller, Registry, Tool, redact
 from agentnode.tools.result import RETRYABLE, Outcome
@@ -135,25 +137,40 @@ class ToolService:
         stored = self._store.get(slot) if self._store is not None else None
         if stored is not None:
             return self._from_store(tool, name, args, caller, digest, idempotency_key, stored)
+        if self._store is not None:
+            try:
+                self._store.start(slot, digest)
+            except StoreWriteError as e:
+                # Unrecorded, a repeat after a restart could run it twice: not run at all.
+                outcome = Outcome.error("transient", f"the call was not run: {e}")
+                outcome.retry_after = 1.0
+                return self._finish(
+                    tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0
+                )
         future = asyncio.get_running_loop().create_future()
         self._keys[slot] = (digest, future)
         while len(self._keys) > self._keys_kept:
             self._keys.popitem(last=False)
-        if self._store is not None:
-            self._store.start(slot, digest)
         try:
             result = await self._call(tool, name, args, caller, digest, keyed=True)
         except BaseException as e:
             # Cancelled mid-run: a repeat may run it again, it has no result to give.
             self._keys.pop(slot, None)
             if self._store is not None:
-                self._store.forget(slot)
+                with contextlib.suppress(StoreWriteError):  # then it stays cut off: not rerun
+                    self._store.forget(slot)
             future.set_exception(e)
             future.exception()  # retrieved: nobody may be waiting on it
             raise
-        if self._store is not None:
-            self._store.finish(slot, digest, result)
         future.set_result(result)
+        if self._store is not None:
+            try:
+                self._store.finish(slot, digest, result)
+            except StoreWriteError as e:
+                # A repeat on this node gets it from memory; after a restart the key reads as
+                # cut off (never run twice).
+                log.error("result of %s under idempotency key %r not stored: %s", name,
+                          idempotency_key, e)  # fmt: skip
         return result
 
     def _from_store(
