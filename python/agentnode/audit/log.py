@@ -37,11 +37,10 @@ from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore
 from pathlib import Path
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch
-
 from agentnode.audit.layout import GENESIS, LIVE, segments
 from agentnode.durable import fsync_dir
-from agentnode.errors import AuditError
+from agentnode.errors import AuditError, StoreWriteError
+from agentnode.storage.rocks import Batch, Rocks, raw_options
 
 __all__ = ["AuditLog"]
 
@@ -57,6 +56,11 @@ MAX_SEQ = (1 << (8 * _SEQ_BYTES)) - 1
 #: Seconds a written record waits for the fsync it shares with those that follow: the most a
 #: power cut can lose (a crash of the node loses nothing written), as the proxy's ledger's.
 SYNC_INTERVAL = 0.05
+#: Bytes of records kept in memory while the file cannot be written (a full disk); past them
+#: records are counted, and an `audit_lost` record gives the count once writing resumes.
+BACKLOG_BYTES = 16 << 20
+#: Seconds between tries to write the file (or the index) again after a failure.
+RETRY_S = 0.5
 
 
 def _make_encoder() -> Callable[[object], str]:
@@ -86,7 +90,7 @@ def _index_key(task: str, seq: int) -> bytes:
     return task.encode() + b"\x00" + seq.to_bytes(_SEQ_BYTES, "big")
 
 
-def _index_batch(batch: list[tuple[int, str, str | None]], *, strip: int) -> WriteBatch:
+def _index_batch(batch: list[tuple[int, str, str | None]], *, strip: int) -> Batch:
     """One index entry per task per written batch, keyed by the task's last seq in it and
     holding its lines: a put per record cost more than the rest of an append together."""
     by_task: dict[str, list[str]] = {}
@@ -95,7 +99,7 @@ def _index_batch(batch: list[tuple[int, str, str | None]], *, strip: int) -> Wri
         if task is not None:
             by_task.setdefault(task, []).append(line[:-strip] if strip else line)
             last[task] = seq
-    wb = WriteBatch(raw_mode=True)
+    wb = Batch()
     for task, lines in by_task.items():
         wb.put(_index_key(task, last[task]), "\n".join(lines).encode())
     wb.put(_INDEXED, batch[-1][0].to_bytes(_SEQ_BYTES, "big"))
@@ -126,11 +130,21 @@ class AuditLog:
         self._closing = False
         self._seq, self._head = self._recover()
         self._durable = self._seq
-        self._failed: BaseException | None = None
+        #: Why the file cannot be written now (a full disk): records wait in `_held`.
+        self._stuck: OSError | None = None
+        self._held: list[tuple[int, str, str | None]] = []
+        self._held_bytes = 0
+        #: Records not kept past `BACKLOG_BYTES`, and when the first of them came.
+        self._lost = 0
+        self._lost_since = 0.0
+        #: Synced records the index could not take yet, and why.
+        self._unindexed: list[tuple[int, str, str | None]] = []
+        self._index_failure: StoreWriteError | None = None
+        self._writer_gone = False
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        opts = Options(raw_mode=True)
+        opts = raw_options()
         opts.set_write_buffer_size(1 << 20)
-        self._index = Rdict(str(directory / "index"), options=opts)
+        self._index = Rocks(directory / "index", opts)
         self._reindex()
         self._fd = _open_live(directory)
         self._size = os.fstat(self._fd).st_size
@@ -177,7 +191,8 @@ class AuditLog:
         return self.extend((record,))
 
     def extend(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Adds every record of `records` in order (see `append`); returns the last seq."""
+        """Adds every record of `records` in order (see `append`); returns the last seq (0
+        when the log could not take them: see `BACKLOG_BYTES`)."""
         now = time.time()
         # Serialised outside the lock; only the chain fields are added under it.
         bodies: list[str] = []
@@ -191,25 +206,51 @@ class AuditLog:
                 raise AuditError("the audit log is closed (the node is stopping)")
             if not bodies:
                 return self._seq
+            if self._stuck is not None:
+                return self._hold(bodies, tasks, now)
             first = self._seq + 1
             lines = [self._link(body) for body in bodies]
-            if self._failed is not None:
-                return self._seq  # reported once, when the write failed; nothing more is written
+            linked = list(zip(range(first, self._seq + 1), lines, tasks, strict=True))
             data = "".join(lines).encode()
             try:
                 _write_all(self._fd, data)
             except OSError as e:
-                log.error("audit log write failed (records %d-%d): %s; no further records "
-                          "are written", first, self._seq, e)  # fmt: skip
-                self._failed = e
-                self._wake.notify_all()
+                # Linked, so they keep their seqs: held, written first when the log can be.
+                self._stuck_on(e, f"records {first}-{self._seq}")
+                self._held += linked
+                self._held_bytes += len(data)
                 return self._seq
             self._size += len(data)
             wake = not self._unsynced
-            self._unsynced += zip(range(first, self._seq + 1), lines, tasks, strict=True)
+            self._unsynced += linked
             if wake:
                 self._wake.notify()
             return self._seq
+
+    def _hold(self, bodies: list[str], tasks: list[str | None], now: float) -> int:
+        """Keeps records in memory while the file cannot be written; the caller holds the
+        lock. Past `BACKLOG_BYTES` they are counted instead, unlinked: the chain stays whole
+        and an `audit_lost` record says how many went and when."""
+        size = sum(map(len, bodies))
+        if self._held_bytes + size > BACKLOG_BYTES:
+            if not self._lost:
+                log.error("audit log: %d bytes of records wait in memory; further records "
+                          "are counted, not kept, until it can be written", self._held_bytes)  # fmt: skip
+                self._lost_since = now
+            self._lost += len(bodies)
+            return 0
+        first = self._seq + 1
+        lines = [self._link(body) for body in bodies]
+        self._held += zip(range(first, self._seq + 1), lines, tasks, strict=True)
+        self._held_bytes += size
+        return self._seq
+
+    def _stuck_on(self, error: OSError, what: str) -> None:
+        """Enters the state where records wait in memory; the caller holds the lock."""
+        log.error("audit log write failed (%s): %s; records wait in memory and are written "
+                  "once it can be", what, error)  # fmt: skip
+        self._stuck = error
+        self._wake.notify_all()
 
     def _link(self, body: str) -> str:
         """`body` (a JSON object) made the next record of the chain; the caller holds the lock."""
@@ -225,8 +266,8 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            if self._failed is not None:
-                raise AuditError(f"the audit log cannot be written: {self._failed}")
+            if self._stuck is not None:
+                raise AuditError(f"the audit log cannot be written: {self._stuck}")
             if self._durable >= seq:
                 return seq
             self._waiters.append((seq, loop, fut))
@@ -237,22 +278,33 @@ class AuditLog:
         return seq
 
     def flush(self) -> None:
-        """Returns once every record appended so far is on disk and indexed."""
+        """Returns once every record appended so far is on disk and indexed; raises
+        AuditError while the log cannot be written."""
         with self._lock:
             target = self._seq
             if self._durable < target and not self._sync_now:
                 self._sync_now = True
                 self._wake.notify()
-            while self._durable < target and self._failed is None:
+            while self._durable < target and self._stuck is None and not self._writer_gone:
                 self._wake.wait()
-            if self._failed is not None:
-                raise AuditError(f"the audit log cannot be written: {self._failed}")
+            if self._stuck is not None or self._writer_gone:
+                raise AuditError(f"the audit log cannot be written: {self._stuck}")
 
     @property
     def head(self) -> tuple[int, str]:
         """The last record's seq and hash (appended, maybe not yet on disk)."""
         with self._lock:
             return self._seq, self._head
+
+    def health(self) -> str:
+        """`ok`, or `failing: <why>` (for /healthz)."""
+        with self._lock:
+            if self._stuck is not None:
+                return (f"failing: the audit log cannot be written ({self._stuck}); "
+                        f"{len(self._held)} records wait in memory, {self._lost} lost")  # fmt: skip
+            if self._index_failure is not None:
+                return f"failing: the audit index cannot be written ({self._index_failure})"
+            return "ok"
 
     def close(self) -> None:
         """Writes what is waiting, stops the writer and closes the files. Idempotent."""
@@ -262,47 +314,116 @@ class AuditLog:
             self._closing = True
             self._wake.notify()
         self._writer.join()
+        if self._held or self._lost:
+            log.error("audit log closed with %d records unwritten (the disk is still full?)",
+                      len(self._held) + self._lost)  # fmt: skip
         os.close(self._fd)
         self._index.close()
 
     # -- the writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug: say so once, and let no waiter wait for ever
+            log.critical("audit log writer stopped: %r", e)
+            with self._lock:
+                self._writer_gone = True
+                self._done(self._durable, AuditError(f"the audit log writer stopped: {e!r}"),
+                           locked=True)  # fmt: skip
+
+    def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._unsynced and not self._closing and self._failed is None:
+                while not (
+                    self._unsynced or self._unindexed or self._closing or self._stuck is not None
+                ):
                     self._wake.wait()
+                if self._stuck is not None:
+                    self._done(self._durable, self._stuck, locked=True)
+                    if not self._unstick() and not self._closing:
+                        self._wake.wait(RETRY_S)
+                        continue
                 # Records that come meanwhile share this fsync (appends do not wake us again).
-                deadline = time.monotonic() + SYNC_INTERVAL
-                while not (self._sync_now or self._closing or self._failed is not None):
+                deadline = time.monotonic() + (RETRY_S if not self._unsynced else SYNC_INTERVAL)
+                while not (self._sync_now or self._closing or self._stuck is not None):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._wake.wait(left)
-                if self._failed is not None:
-                    self._done(self._seq, self._failed, locked=True)
-                    return
+                if self._stuck is not None and not self._closing:
+                    continue
                 batch, self._unsynced = self._unsynced, []
                 self._sync_now = False
-                rotate = self._size >= self.max_bytes
+                rotate = self._size >= self.max_bytes and self._stuck is None
                 if not batch and self._closing:
                     return
-            try:
-                if batch:
+            if batch:
+                try:
                     # Outside the lock: appends go on writing while the disk syncs.
                     os.fdatasync(self._fd)
-                    self._index.write(_index_batch(batch, strip=1))
-                if rotate:
-                    batch = self._rotate() or batch
-            except OSError as e:
-                first = batch[0][0] if batch else self._durable + 1
-                log.error("audit log sync failed (records from %d): %s", first, e)
-                with self._lock:
-                    self._failed = e
-                self._done(self._seq, e)
-                return
-            if batch:
+                except OSError as e:
+                    with self._lock:
+                        self._unsynced[:0] = batch
+                        self._stuck_on(e, f"sync of records from {batch[0][0]}")
+                    if self._closing:
+                        return
+                    continue
+                self._index_records(batch)
                 self._done(batch[-1][0], None)
+            elif self._unindexed:
+                self._index_records([])
+            if rotate:
+                try:
+                    rotated = self._rotate()
+                except OSError as e:
+                    with self._lock:
+                        self._stuck_on(e, "rotation")
+                    continue
+                self._index_records(rotated)
+                self._done(rotated[-1][0], None)
+
+    def _unstick(self) -> bool:
+        """Writes the held records (and an `audit_lost` record for those not kept) after a
+        torn write's part is cut; whether it could. The caller holds the lock."""
+        seq, head = self._seq, self._head
+        held = list(self._held)
+        if self._lost:
+            body = _encode({"time": time.time(), "kind": "audit_lost", "records": self._lost,
+                            "since": self._lost_since})  # fmt: skip
+            held.append((self._seq + 1, self._link(body), None))
+        data = "".join(line for _, line, _ in held).encode()
+        try:
+            os.ftruncate(self._fd, self._size)
+            _write_all(self._fd, data)
+        except OSError as e:
+            self._seq, self._head = seq, head
+            self._stuck = e
+            return False
+        log.warning("audit log writes resumed (%d records were held in memory, %d lost)",
+                    len(self._held), self._lost)  # fmt: skip
+        self._size += len(data)
+        self._unsynced += held
+        self._held, self._held_bytes, self._lost = [], 0, 0
+        self._stuck = None
+        return True
+
+    def _index_records(self, batch: list[tuple[int, str, str | None]]) -> None:
+        """Indexes synced records, with any an earlier failure left unindexed (until the
+        index takes them, timelines lack them; the log has them all)."""
+        todo = self._unindexed + batch
+        if not todo:
+            return
+        try:
+            self._index.write(_index_batch(todo, strip=1))
+        except StoreWriteError as e:
+            if self._index_failure is None:
+                log.error("audit index write failed (records from %d wait): %s", todo[0][0], e)
+            self._unindexed, self._index_failure = todo, e
+            return
+        if self._index_failure is not None:
+            log.warning("audit index writes resumed")
+        self._unindexed, self._index_failure = [], None
 
     def _rotate(self) -> list[tuple[int, str, str | None]]:
         """Closes the live file with a `rotate` record, renames it and starts a new one with a
@@ -311,15 +432,22 @@ class AuditLog:
         between these: what was written goes before the `rotate` record, what comes later
         after the `rotated` one, in the new file (appends wait out one rotation a 64 MiB)."""
         with self._lock:
-            batch, self._unsynced = self._unsynced, []
+            seq, head = self._seq, self._head
             now = time.time()
             closing = self._link(_encode({"time": now, "kind": "rotate", "head": self._head}))
+            try:
+                _write_all(self._fd, closing.encode())
+                os.fdatasync(self._fd)
+            except OSError:
+                # Not rotated: the live file goes on, cut back to its last whole record.
+                self._seq, self._head = seq, head
+                os.ftruncate(self._fd, self._size)
+                raise
+            batch, self._unsynced = self._unsynced, []
             batch.append((self._seq, closing, None))
             name = f"audit-{_first_seq(self.directory / LIVE):020d}.log"
             opening = self._link(_encode({"time": now, "kind": "rotated", "from": name}))
             batch.append((self._seq, opening, None))
-            _write_all(self._fd, closing.encode())
-            os.fdatasync(self._fd)
             os.close(self._fd)
             os.rename(self.directory / LIVE, self.directory / name)
             self._fd = _open_live(self.directory)
@@ -327,18 +455,16 @@ class AuditLog:
             os.fdatasync(self._fd)
             self._size = len(opening)
         fsync_dir(self.directory)
-        self._index.write(_index_batch(batch, strip=1))
         return batch
 
     def _done(self, seq: int, error: BaseException | None, *, locked: bool = False) -> None:
+        """Resolves the commits waiting for records up to `seq` (every one with `error`)."""
         if not locked:
             with self._lock:
                 self._done(seq, error, locked=True)
             return
         if error is None:
             self._durable = max(self._durable, seq)
-        else:
-            self._failed = error
         ready: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         waiting: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         for w in self._waiters:

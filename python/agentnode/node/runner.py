@@ -472,7 +472,11 @@ class Node:
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: `ok`, or `failing: <why>`."""
         full = self.manager.store.disk_full
-        return {"scheduler": self.scheduler_health(), "store": f"failing: {full}" if full else "ok"}
+        return {
+            "scheduler": self.scheduler_health(),
+            "store": f"failing: {full}" if full else "ok",
+            "audit": self.audit.health(),
+        }
 
     def scheduler_health(self) -> str:
         """`ok`, or what keeps the scheduling loop from starting tasks (for /healthz)."""
