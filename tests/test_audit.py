@@ -150,6 +150,29 @@ def test_reopen_continues_the_chain_and_drops_a_torn_tail(tmp_path: Path) -> Non
     log.close()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda lines: [*lines, "garbage{\n"],  # a whole line that is not JSON
+        lambda lines: [*lines, "[1, 2]\n"],  # JSON, not a record
+        lambda lines: [*lines, '{"kind":"exec"}\n'],  # a record without its chain fields
+        lambda lines: [*lines[:2], "\x00" * 40 + "\n", *lines[2:]],  # zeroed mid-file
+    ],
+)
+def test_a_damaged_log_is_refused_at_open_in_one_line(tmp_path: Path, damage: Any) -> None:
+    """The node does not start on a log it cannot continue: one line names the file and
+    what to do, never a traceback."""
+    d = _filled(tmp_path / "audit", 5)
+    live = d / "audit.log"
+    live.write_text("".join(damage(_lines(live))))
+    shutil.rmtree(d / "index")  # so that opening reads every line again
+    with pytest.raises(AuditError) as caught:
+        AuditLog(d)
+    message = str(caught.value)
+    assert "\n" not in message and str(live) in message and "is damaged" in message, message
+    assert "agentnode audit verify" in message, message
+
+
 def test_bad_records_are_refused_with_one_line(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit")
     with pytest.raises(AuditError, match="needs a 'kind'"):

@@ -158,9 +158,22 @@ class AuditLog:
         for path in reversed(segments(self.directory)):
             last = _last_line(path)
             if last is not None:
-                record = json.loads(last)
+                record = self._parse(path, last)
                 return int(record["seq"]), str(record["hash"])
         return 0, GENESIS
+
+    def _parse(self, path: Path, line: str) -> dict[str, Any]:
+        """A record of the log, or AuditError saying it is damaged and what to do."""
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record["seq"], int) and record["hash"]:
+                return record
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise AuditError(
+            f"a record of the audit log {path} is damaged ({line[:60]!r}): check the log with "
+            f"`agentnode audit verify {self.directory}`, then move it away to start a new chain"
+        )
 
     def _reindex(self) -> None:
         """Indexes what the log holds past the index's progress (a crash between the log's
@@ -171,7 +184,7 @@ class AuditLog:
             return
         todo: list[tuple[int, str, str | None]] = []
         for path in reversed(segments(self.directory)):
-            records = [(json.loads(line), line) for line in _lines(path)]
+            records = [(self._parse(path, line), line) for line in _lines(path)]
             todo[:0] = [
                 (r["seq"], line, r.get("task") if _indexable(r.get("task")) else None)
                 for r, line in records
