@@ -29,7 +29,7 @@ from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
-from conftest import run_cli
+from conftest import processes_with, run_cli
 from support.egress_world import World
 from support.node_daemon import Daemon, daemon
 from test_egress_tasks import subnet
@@ -570,3 +570,41 @@ def test_a_chatty_task_log_is_capped_and_the_cut_is_marked(tmp_path: Path) -> No
         t = d.submit(["sh", "-c", "head -c 3145728 /dev/zero"])
         assert d.wait(t["id"])["state"] == "succeeded"
         assert (d.data / "logs" / f"{t['id']}.1.log").stat().st_size == 3 << 20, "0: no cap"
+
+
+# -- a start that fails ---------------------------------------------------------------------------
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content", "named"),
+    [
+        ("audit/audit.log", "garbage{\n", "audit/audit.log is damaged"),
+        ("tools/keys", "junk", "cannot open the database at {data}/tools/keys"),
+        ("memory/episodic", "junk", "cannot open the database at {data}/memory/episodic"),
+        ("memory/vectors/rocksdb", "junk", "cannot open the database at {data}/memory/vectors"),
+        ("memory/objects/meta", "junk", "cannot open the database at {data}/memory/objects"),
+    ],
+)
+def test_a_node_that_cannot_start_says_why_in_one_line_and_leaves_nothing(
+    tmp_path: Path, damaged: str, content: str, named: str
+) -> None:
+    """Whatever part of the data dir cannot be opened, early in the start or late: one line
+    naming it, exit 1, and no bpffs mount, pin or process of the node left behind."""
+    from agentnode.node.restore import node_id
+
+    data = tmp_path / "data"
+    (data / damaged).parent.mkdir(parents=True)
+    (data / damaged).write_text(content)
+    r = run_cli(["run", "--data-dir", str(data), "--socket", str(tmp_path / "api.sock")])
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("agentnode: error: "), r.stderr
+    assert named.format(data=data) in lines[0], lines[0]
+    assert not _mounts_under(data), _mounts_under(data)
+    assert not Path("/sys/fs/bpf/agentnode", node_id(data)).exists()
+    assert not processes_with(str(data)), "a process of the failed start is still running"

@@ -123,53 +123,60 @@ async def serve(config: NodeConfig) -> None:
     use_data_dir(config.data_dir)
     run_dir = config.data_dir / "run"
     node = Node(config, task_socket=run_dir / "sockets" / "task.sock")
-    metrics = NodeMetrics(node)
-    episodic = EpisodicStore(config.data_dir / "memory" / "episodic")
-    objects = ObjectStore(config.data_dir / "memory" / "objects")
-    vectors = VectorStore(config.data_dir / "memory" / "vectors")
-    memory = make_app(
-        episodic=episodic, objects=objects, auth=TaskTokens(node), vectors=vectors_app(vectors)
-    )
-    admin = admin_app(node, metrics)
-    # The operator's view of every tenant's memory, on the admin unix socket only (its mode is
-    # the credential; the TCP API below has none of it).
-    admin.add_subapp(
-        ADMIN_MEMORY,
-        make_app(
-            episodic=episodic,
-            objects=objects,
-            auth=OperatorTenants(),
-            vectors=vectors_app(vectors),
-        ),
-    )
-    runners = [_runner(admin), _runner(task_app(node, memory))]
-    if config.listen is not None:
-        runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
-    proxy = None
+    # From here on, whatever fails closes what was made: the node's pins, mounts and
+    # threads, the databases (a start that fails leaves nothing behind).
+    episodic: EpisodicStore | None = None
+    objects: ObjectStore | None = None
+    vectors: VectorStore | None = None
+    memory_socket: MemorySocket | None = None
+    runners: list[web.AppRunner] = []
     mcp: tuple[MCPEndpoint, MCPSocket] | tuple[()] = ()
-    # The cheap door to the same memory operations and the task's checkpoint, for tasks.
-    memory_socket = MemorySocket(
-        episodic_operations(episodic) | task_operations(node),
-        TaskTokens(node).authenticate,
-        path=node.memory_socket,
-    )
-    if config.inference is not None:
-        # Cancelling handlers is how a client's disconnect reaches the upstream request.
-        proxy = web.AppRunner(
-            create_app(
-                config.inference,
-                attribution=task_attribution(node),
-                require_credential=True,
-                on_row=node.audit_llm_call,
-            ),
-            handle_signals=False,
-            handler_cancellation=True,
-            shutdown_timeout=5.0,
-            access_log=None,
-            logger=SERVER_LOG,
-        )
-        runners.append(proxy)
     try:
+        metrics = NodeMetrics(node)
+        episodic = EpisodicStore(config.data_dir / "memory" / "episodic")
+        objects = ObjectStore(config.data_dir / "memory" / "objects")
+        vectors = VectorStore(config.data_dir / "memory" / "vectors")
+        memory = make_app(
+            episodic=episodic, objects=objects, auth=TaskTokens(node), vectors=vectors_app(vectors)
+        )
+        admin = admin_app(node, metrics)
+        # The operator's view of every tenant's memory, on the admin unix socket only (its mode
+        # is the credential; the TCP API below has none of it).
+        admin.add_subapp(
+            ADMIN_MEMORY,
+            make_app(
+                episodic=episodic,
+                objects=objects,
+                auth=OperatorTenants(),
+                vectors=vectors_app(vectors),
+            ),
+        )
+        runners = [_runner(admin), _runner(task_app(node, memory))]
+        if config.listen is not None:
+            runners.append(_runner(admin_app(node, metrics, token=config.api_token)))
+        proxy = None
+        # The cheap door to the same memory operations and the task's checkpoint, for tasks.
+        memory_socket = MemorySocket(
+            episodic_operations(episodic) | task_operations(node),
+            TaskTokens(node).authenticate,
+            path=node.memory_socket,
+        )
+        if config.inference is not None:
+            # Cancelling handlers is how a client's disconnect reaches the upstream request.
+            proxy = web.AppRunner(
+                create_app(
+                    config.inference,
+                    attribution=task_attribution(node),
+                    require_credential=True,
+                    on_row=node.audit_llm_call,
+                ),
+                handle_signals=False,
+                handler_cancellation=True,
+                shutdown_timeout=5.0,
+                access_log=None,
+                logger=SERVER_LOG,
+            )
+            runners.append(proxy)
         for r in runners:
             await r.setup()
         await _unix_site(runners[0], config.socket, 0o660, "agentnode")
@@ -221,12 +228,13 @@ async def serve(config: NodeConfig) -> None:
             await door.stop()
         # After the tasks' grace: a task stopping may still save its checkpoint.
         await node.shutdown()
-        await memory_socket.stop()
+        if memory_socket is not None:
+            await memory_socket.stop()
         for r in runners:
             await r.cleanup()
-        episodic.close()
-        objects.close()
-        vectors.close()
+        for store in (episodic, objects, vectors):
+            if store is not None:
+                store.close()
         for path in (config.socket, node.task_socket, node.mcp_socket, node.mcp_stdio_socket,
                      node.memory_socket):  # fmt: skip
             with contextlib.suppress(FileNotFoundError):

@@ -116,6 +116,13 @@ class Node:
     """The task lifecycle on this host: admission by capacity, start, watch, stop, retry."""
 
     def __init__(self, config: NodeConfig, *, task_socket: Path) -> None:
+        # A start that fails part way closes what it made (threads, the fork server, pins, a
+        # bpffs mount, databases) before it raises; once started, `shutdown` closes them.
+        with contextlib.ExitStack() as undo:
+            self._open(config, task_socket, undo)
+            undo.pop_all()
+
+    def _open(self, config: NodeConfig, task_socket: Path, undo: contextlib.ExitStack) -> None:
         self.config = config
         self.task_socket = task_socket
         self.inventory = compute.inventory(
@@ -123,8 +130,10 @@ class Node:
             reserve_memory_bytes=config.reserve_memory_bytes,
         )
         self.spares = Spares(config.data_dir / "logs", config.data_dir / "workspaces")
+        undo.callback(self.spares.close)
         #: Python agents are forks of an interpreter that imported the runtime and its SDKs.
         self.forkserver = ForkServer()
+        undo.callback(self.forkserver.close)
         #: Settles the tasks an earlier agent left running; None: the kernel cannot record
         #: their exits here, so tasks die with the node agent as they used to.
         self.restorer: Restorer | None = None
@@ -135,25 +144,21 @@ class Node:
             pins = egress_pins(where)
         except AgentnodeError as e:
             log.warning("tasks die with the node agent (no live restore): %s", e)
-        try:
-            self.manager = TaskManager(
-                config.data_dir / "tasks",
-                limits=QueueLimits(
-                    tenant_queue_cap=config.tenant_queue_cap,
-                    max_queued=config.max_queued,
-                    tenant_running=config.tenant_running,
-                    class_running=config.class_running,
-                    aging=config.aging,
-                ),
-                retry=_retry_policy(config),
-                resolve=lost_at_restart if self.restorer is None else self.restorer.resolve,
-            )
-        except BaseException:
-            # A node that cannot start leaves no pins, unless a task it watched may still run.
-            if self.restorer is not None and not self.restorer.recorder.watched():
-                with contextlib.suppress(AgentnodeError, OSError):
-                    release_pins(config.data_dir)
-            raise
+        if self.restorer is not None:
+            undo.callback(self._release_pins_unless_watched)
+        self.manager = TaskManager(
+            config.data_dir / "tasks",
+            limits=QueueLimits(
+                tenant_queue_cap=config.tenant_queue_cap,
+                max_queued=config.max_queued,
+                tenant_running=config.tenant_running,
+                class_running=config.class_running,
+                aging=config.aging,
+            ),
+            retry=_retry_policy(config),
+            resolve=lost_at_restart if self.restorer is None else self.restorer.resolve,
+        )
+        undo.callback(self.manager.close)
         # Before any start: this sweeps whatever an earlier agent left but the adopted tasks.
         self._adopted: dict[str, Adopted] = {}
         #: Tasks kept running at recovery that could not be taken over after all, with why.
@@ -189,6 +194,7 @@ class Node:
         # the GIL while the child sets up), two at a time. Long-lived because a task's
         # PDEATHSIG fires when the thread that cloned it (this one, or the zygote pool's) exits.
         self._spawner = ThreadPoolExecutor(2, thread_name_prefix="agentnode-spawn")
+        undo.callback(self._spawner.shutdown)
         # Tasks with network egress share one bridge and DNS forwarder, made on first use.
         self.egress = EgressService(
             bridge=config.bridge,
@@ -205,6 +211,7 @@ class Node:
             node=node_id(config.data_dir),
             pins=pins,
         )
+        undo.callback(self.egress.close)
         #: Where tasks with network egress reach the inference proxy (None: not started).
         self.inference_url: str | None = None
         if config.inference is not None:
@@ -223,6 +230,7 @@ class Node:
         #: The hash-chained audit log: transitions, execs, egress denials, LLM calls, tool
         #: calls. `audit.append(record)` takes any record with a `kind` from any thread.
         self.audit = AuditLog(config.data_dir / "audit")
+        undo.callback(self.audit.close)
         self._adopt_networks()
         #: What this start found of the last run: tasks re-adopted, and tasks lost (ended
         #: unrecorded, or not re-adopted after all).
@@ -244,10 +252,18 @@ class Node:
             from agentnode.audit.otel import TimelineExporter
 
             self.telemetry = TimelineExporter(config.otlp_endpoint, timeline=self._timeline)
+            undo.callback(self.telemetry.close)
         #: Called with each started task and the seconds it waited in the queue (metrics).
         self.on_start: Callable[[Task, float], None] = lambda task, waited: None
         for task_id in self.manager.recovered_lost:
             self._publish(self.manager.get(task_id))
+
+    def _release_pins_unless_watched(self) -> None:
+        """A node that cannot start leaves no pins, unless a task it watched may still run."""
+        assert self.restorer is not None
+        if not self.restorer.recorder.watched():
+            with contextlib.suppress(AgentnodeError, OSError):
+                release_pins(self.config.data_dir)
 
     def _adopt_networks(self) -> None:
         """Takes over the re-adopted tasks' networks and egress enforcement (their denials

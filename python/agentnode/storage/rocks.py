@@ -25,7 +25,7 @@ from typing import Any, cast
 
 from rocksdict import Options, Rdict, RdictIter, ReadOptions, WriteBatch, WriteOptions
 
-from agentnode.errors import StoreFullError, StoreWriteError
+from agentnode.errors import StorageError, StoreFullError, StoreWriteError
 
 __all__ = ["Batch", "Op", "Rocks", "is_disk_full", "raw_options", "write_error"]
 
@@ -101,7 +101,14 @@ class Rocks:
     def __init__(self, path: Path, options: Options | None = None) -> None:
         self.path = path
         self._options = options if options is not None else raw_options()
-        self._db: Rdict | None = Rdict(str(path), self._options)
+        try:
+            self._db: Rdict | None = Rdict(str(path), self._options)
+        except Exception as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StorageError(
+                f"cannot open the database at {path}: {why} (is another process using it, or "
+                "is it damaged? move it away to start it empty)"
+            ) from None
         #: Counts reopens: a writer whose handle was replaced meanwhile tries the new one.
         self._generation = 0
         self._lock = threading.Lock()

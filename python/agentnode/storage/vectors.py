@@ -443,13 +443,7 @@ class VectorStore:
         # A crash during a checkpoint leaves the temporary file the rename never took.
         for stray in (self.path / "index").glob("*.anvec.tmp*"):
             stray.unlink(missing_ok=True)
-        try:
-            self._db = Rocks(self.path / "rocksdb")
-        except Exception as e:
-            raise VectorError(
-                f"cannot open the vector record at {self.path / 'rocksdb'}: {e} "
-                "(is another process using this store?)"
-            ) from None
+        self._db = Rocks(self.path / "rocksdb")
         self._sync = WriteOptions()
         self._sync.sync = True
         self._lock = threading.Lock()
