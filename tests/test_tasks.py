@@ -494,7 +494,7 @@ def test_puts_in_one_turn_share_one_write(tmp_path: Path) -> None:
         tasks = [Task(id=f"t{i}", seq=store.next_seq(), spec=spec()) for i in range(20)]
         await asyncio.gather(*(store.put(t) for t in tasks[:10]), store.put(*tasks[10:]))
         assert batches == [20]
-        raw = store._db[b"t/t3"]
+        raw = store._db.get(b"t/t3")
         assert isinstance(raw, bytes) and decode(raw) == tasks[3], "written when put returns"
         await store.put(tasks[0])
         assert batches == [20, 1]

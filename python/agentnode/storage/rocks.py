@@ -113,6 +113,8 @@ class Rocks:
         self._generation = 0
         self._lock = threading.Lock()
         self._next_try = 0.0
+        #: The last write failed (closing then reports that failure again).
+        self._failing = False
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -164,8 +166,14 @@ class Rocks:
         with self._lock:
             db, self._db = self._db, None
             self._next_try = float("inf")  # closed on purpose: no reopen
-        if db is not None:
+            failing = self._failing
+        if db is None:
+            return
+        try:
             db.close()
+        except Exception:
+            if not failing:
+                raise  # one that failed a write reports it again; it is closed all the same
 
     # -- failures -------------------------------------------------------------------------------
 
@@ -179,13 +187,16 @@ class Rocks:
         db, generation = self._handle(), self._generation
         try:
             op(db)
+            self._failing = False
             return
         except Exception as e:  # RocksDB refuses writes from now on: reopen, try once more
+            self._failing = True
             db = self._reopen(generation, e)
         try:
             op(db)
         except Exception as e:
             raise self._error(e) from None
+        self._failing = False
 
     def _reopen(self, generation: int, cause: Exception | None) -> Rdict:
         """A handle that can write: the current one if another thread reopened the database

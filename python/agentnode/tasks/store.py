@@ -22,17 +22,18 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import msgpack
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import WriteOptions
 
-from agentnode.errors import AgentnodeError, DiskFullError, TaskError
+from agentnode.errors import AgentnodeError, DiskFullError, StoreWriteError, TaskError
 from agentnode.isolation.spec import Sandbox
+from agentnode.storage.rocks import Batch, Rocks, is_disk_full
 from agentnode.tasks.model import CLASSES, TERMINAL, State, Task, TaskSpec
 
 __all__ = [
@@ -66,9 +67,6 @@ _KEY = b"i/"
 # a database put 0.02 ms, and an agent checkpoints every step.
 _CHECKPOINT = b"c/"
 _MAX_CHECKPOINT = 64 << 20
-# After a failed write the database refuses every later one ("Writer has previous error") until
-# reopened; the scheduling loop writes every 0.25 s, so reopening is tried at most this often.
-_REOPEN_S = 1.0
 
 #: The record format this code writes; it also reads format 1 (the spec's sandbox fields
 #: flat in it). Any other first byte is refused with a clear error.
@@ -311,14 +309,9 @@ class TaskStore:
         # Half-written checkpoints of a process that died mid-write; the last complete one stays.
         for stale in self.checkpoints.glob("*.tmp"):
             stale.unlink()
-        self._opts = Options(raw_mode=True)
-        self._opts.create_if_missing(True)
-        self._db = Rdict(str(root / "db"), self._opts)
+        self._db = Rocks(root / "db")
         #: Why the store cannot write for want of space (None: it can).
         self.disk_full: str | None = None
-        # The error of the last failed write, and when a reopen was last tried.
-        self._failed: TaskError | None = None
-        self._reopened = 0.0
         self._wopts = WriteOptions()
         self._wopts.sync = sync
         raw = self._db.get(_SEQ)
@@ -352,9 +345,8 @@ class TaskStore:
     def load_keys(self, since: float) -> dict[str, SubmitKey]:
         """The idempotency keys stored since `since` (older ones are deleted)."""
         found: dict[str, SubmitKey] = {}
-        stale = WriteBatch(raw_mode=True)
-        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_KEY))
-        for k, v in items:
+        stale = Batch()
+        for k, v in self._db.items(from_key=_KEY):
             if not k.startswith(_KEY):
                 break
             try:
@@ -382,8 +374,8 @@ class TaskStore:
         unpack = _HEAD.unpack_from
         head_size = _HEAD.size
         # raw_mode: every key and value is bytes.
-        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_TASK))
-        upgraded = WriteBatch(raw_mode=True)
+        items = self._db.items(from_key=_TASK)
+        upgraded = Batch()
         ordered = self._db.get(_ORDERED) is not None
         for k, v in items:
             if not k.startswith(_TASK):
@@ -418,8 +410,7 @@ class TaskStore:
 
     def get(self, task_id: str) -> bytes | None:
         """The stored record of a task (None: no such task)."""
-        raw = self._db.get(_TASK + task_id.encode())
-        return cast(bytes | None, raw)
+        return self._db.get(_TASK + task_id.encode())
 
     def page(
         self,
@@ -434,7 +425,7 @@ class TaskStore:
         that matches rarely still answers in bounded time, with a shorter page)."""
         found: list[tuple[str, bytes]] = []
         last = None
-        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=_order_key(after + 1)))
+        items = self._db.items(from_key=_order_key(after + 1))
         for k, v in items:
             if not k.startswith(_ORDER) or (len(found) >= limit or scan <= 0):
                 return Page(found, last if k.startswith(_ORDER) else None)
@@ -448,7 +439,7 @@ class TaskStore:
 
     def remove(self, tasks: Iterable[tuple[str, int]]) -> None:
         """Deletes the records, order entries and checkpoints of (id, seq) tasks (retention)."""
-        batch = WriteBatch(raw_mode=True)
+        batch = Batch()
         for task_id, seq in tasks:
             batch.delete(_TASK + task_id.encode())
             batch.delete(_order_key(seq))
@@ -473,21 +464,18 @@ class TaskStore:
         )
 
     def _commit(self, records: Iterable[tuple[bytes, bytes]]) -> None:
-        if self._failed is not None:
-            self._reopen()
-        batch = WriteBatch(raw_mode=True)
+        batch = Batch()
         for key, value in records:
             batch.put(key, value)
         batch.put(_SEQ, str(self._seq).encode())
         try:
             self._db.write(batch, self._wopts)
-        except Exception as e:
-            self._failed = self._write_error(e)
-            raise self._failed from None
-        self._failed = self.disk_full = None
+        except StoreWriteError as e:
+            raise self._write_error(e) from None
+        self.disk_full = None
 
     def _write_error(self, e: Exception) -> TaskError:
-        if "No space left" in str(e):
+        if is_disk_full(e):
             self.disk_full = f"the disk holding {self.root} is full"
             return DiskFullError(
                 f"{self.disk_full} (No space left on device): the task store cannot record "
@@ -496,23 +484,6 @@ class TaskStore:
         return TaskError(
             f"cannot write the task store at {self.root}: {e} (check disk space and permissions)"
         )
-
-    def _reopen(self) -> None:
-        """Reopens the database after a failed write (RocksDB keeps that error until then) and
-        re-reads what it holds; raises the failure again while that cannot be done."""
-        assert self._failed is not None
-        if time.monotonic() - self._reopened < _REOPEN_S:
-            raise self._failed
-        self._reopened = time.monotonic()
-        with contextlib.suppress(Exception):  # it reports the error it holds, and closes
-            self._db.close()
-        try:
-            self._db = Rdict(str(self.root / "db"), self._opts)
-            raw = self._db.get(_SEQ)
-        except Exception as e:
-            self._failed = self._write_error(e)
-            raise self._failed from None
-        self._seq = max(self._seq, int(raw) if raw else 0)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -556,7 +527,7 @@ class TaskStore:
     def read_checkpoint(self, task_id: str) -> bytes | None:
         """The task's last checkpoint, or None."""
         path = self.checkpoint_path(task_id)
-        blob = cast(bytes | None, self._db.get(_CHECKPOINT + task_id.encode()))
+        blob = self._db.get(_CHECKPOINT + task_id.encode())
         if blob is None and path.exists():  # written as a file by an earlier version
             blob = path.read_bytes()
         return blob
@@ -612,8 +583,4 @@ class TaskStore:
             return
         self._closed = True
         self._flush()
-        try:
-            self._db.close()
-        except Exception:
-            if self._failed is None:
-                raise  # a database that failed a write reports it again; it is closed anyway
+        self._db.close()
