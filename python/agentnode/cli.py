@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The command line is this process's own (not a caller's in-process `main(argv)`): a
         # command may then act for the whole process (`exec` makes nothing ahead).
         args.own_process = argv is None
+        args.debug = debug
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
         if func is None:
             raise UsageError("a command is required (see 'agentnode --help')")

@@ -66,6 +66,10 @@ def add_parser(sub: argparse._SubParsersAction[ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.own_process:
+        from agentnode.logs import configure
+
+        configure(debug=args.debug)
     config = load_config(
         args.config,
         data_dir=args.data_dir,
