@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import psutil
 import pytest
 
 from support.agent_env import CALL_COST, REPO, agent_node, audit, ledger
@@ -260,6 +263,34 @@ def test_sigterm_to_its_task_reaches_a_forked_agent(node: tuple[World, Daemon]) 
     d.client.call("POST", f"/v1/tasks/{task['id']}/cancel", {})
     done = d.wait(task["id"], timeout=60)
     assert done["state"] == "cancelled" and "got TERM" in log.read_text(), (done, log.read_text())
+
+
+def test_a_killed_fork_server_is_replaced_and_agents_start_meanwhile(
+    node: tuple[World, Daemon],
+) -> None:
+    """SIGKILL of the fork server (from outside, or a bug in it): agents still start, the usual
+    way, and a new server takes over forking them."""
+    _world, d = node
+    _forked(d, "pass")
+    server = _fork_server(d)
+    os.kill(server, signal.SIGKILL)
+    # Dead (a start sent in the instant it dies fails, saying the fork server is gone).
+    deadline = time.monotonic() + 10
+    while psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "SIGKILL did not end the fork server"
+        time.sleep(0.01)
+    done, log = _run(d, "import os\nprint('pid', os.getpid())")
+    assert done["state"] == "succeeded", (done, log)
+    done, log = _forked(d, "print('forked again')")
+    assert done["state"] == "succeeded" and "forked again" in log, (done, log)
+    assert _fork_server(d) != server
+
+
+def _fork_server(d: Daemon) -> int:
+    """The pid of the node's fork server (its child; its forks are the tasks')."""
+    [server] = [p.pid for p in psutil.Process(d.pid).children()
+                if "agentnode.agents.forkserver" in p.cmdline()]  # fmt: skip
+    return server
 
 
 #: What a forked agent finds done before it starts, as JSON on stdout.

@@ -35,6 +35,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 
 TYPE_CHECKING = False  # not typing's: run_code's server imports as little as it can
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ __all__ = [
     "serve",
     "stub_argv",
 ]
+
+#: Seconds between two starts of a fork server that died (one that dies at once is not
+#: started again for every task).
+RESTART_S = 5.0
 
 #: The task's init while its program runs, a POSIX shell script (0.6 ms of CPU to start,
 #: against 16 ms for an interpreter). Its stdin says `P PID` when the program runs (then
@@ -153,6 +158,8 @@ class ForkServerProcess:
         self._sock: socket.socket | None = None
         self._ready = False
         self._closed = False
+        #: When the server was last started (a dead one is replaced RESTART_S after it).
+        self._started_at = 0.0
 
     @property
     def closed(self) -> bool:
@@ -166,7 +173,16 @@ class ForkServerProcess:
         with self._lock:
             if self._closed:
                 return False
+            if self._proc is not None and self._proc.poll() is not None:
+                # It died (killed from outside, a bug): starts go the usual way, and another
+                # is started, at most once every RESTART_S.
+                if time.monotonic() < self._started_at + RESTART_S:
+                    return False
+                if self._sock is not None:
+                    self._sock.close()
+                self._proc, self._sock, self._ready = None, None, False
             if self._proc is None:
+                self._started_at = time.monotonic()
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 with theirs:
                     # Its stdout is not a terminal: a program's `sys.stdout` is made at the
