@@ -817,3 +817,34 @@ def test_egress_tasks_outlive_a_stop_with_keep_tasks(tmp_path: Path, world: Worl
     assert leftover_cgroups(d.data) == []
     no_pins(d)
     assert kernel_objects(world) == base and not netns_left(mine), "no task network stays"
+
+
+def test_a_bridge_removed_from_outside_is_made_again(tmp_path: Path, world: World) -> None:
+    """`ip link del` of the node's bridge while it runs (an operator, a network manager): the
+    next egress task's start makes it again, with its address and rules, and that task's
+    policy holds as before: allowed address and name reachable, the rest denied, its DNS
+    answered by the node's forwarder."""
+    netns = ("nsenter", f"--net=/run/netns/{world.task}")
+    d = Daemon(tmp_path, egress_config(), netns)
+    d.start()
+    policy = {"allow": [f"{HOST4}:8080"], "allow_hosts": ["allowed.test:9090"]}
+    probe = (
+        connect(HOST4, 8080),
+        connect(OTHER4, 8080),
+        resolve("allowed.test"),
+        connect("allowed.test", 9090),
+    )
+    try:
+        for round_ in range(3):
+            task = d.submit(ops(*probe), network="egress", user="0", ro=[str(REPO)], **policy)
+            done = d.wait(task["id"], timeout=60)
+            assert done["state"] == "succeeded", (round_, done)
+            allowed, denied, resolved, by_name = results(d, task["id"])
+            assert allowed["ok"] and by_name["ok"], (round_, allowed, by_name)
+            assert not denied["ok"] and denied["errno"] == errno.EPERM, (round_, denied)
+            assert resolved["addrs"] == [HOST4], (round_, resolved)
+            # Removed after each round (after the last too: the stop copes with it gone).
+            subprocess.run(["ip", "-n", world.task, "link", "del", "agentnode0"], check=True)
+        assert "the node's bridge agentnode0 was removed; making it again" in "\n".join(d.lines)
+    finally:
+        d.stop()

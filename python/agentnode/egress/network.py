@@ -268,7 +268,8 @@ class NodeNetwork:
                 raise EgressError(f"node subnet {self.subnet} is full (configure a larger one)")
             # The alias records the address and owner: allocation and sweeps need no state
             # file. Made whole or not at all (a netns of that name that exists is refused).
-            self._rtnl.add_task(
+            add = functools.partial(
+                self._rtnl.add_task,
                 netns=netns,
                 veth=veth,
                 alias=f"agentnode {address} {self.owner} {task_id}",
@@ -277,6 +278,16 @@ class NodeNetwork:
                 prefix=self.subnet.prefixlen,
                 gateway=int(self.gateway),
             )
+            try:
+                add()
+            except EgressError:
+                if any(name == self.bridge for name, _, _ in self._links()):
+                    raise
+                # Removed from outside (`ip link del`, a network manager): made again, with
+                # its address and rules, rather than every later task failing to start.
+                log.warning("the node's bridge %s was removed; making it again", self.bridge)
+                self.ensure()
+                add()
         try:
             self._publish(address, publish)
         except BaseException:
