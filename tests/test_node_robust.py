@@ -608,3 +608,73 @@ def test_a_node_that_cannot_start_says_why_in_one_line_and_leaves_nothing(
     assert not _mounts_under(data), _mounts_under(data)
     assert not Path("/sys/fs/bpf/agentnode", node_id(data)).exists()
     assert not processes_with(str(data)), "a process of the failed start is still running"
+
+
+# -- a task that hoards connections --------------------------------------------------------------
+
+#: Opens `n` connections to each of the node's doors into tasks and holds them until
+#: /gate/done appears; prints how many each door left open (a door past its bound closes them).
+HOARD = """
+import os, socket, sys, time
+doors = [os.environ[k].removeprefix("unix://") for k in
+         ("AGENTNODE_URL", "AGENTNODE_MEMORY_SOCKET", "AGENTNODE_MCP_SOCKET",
+          "AGENTNODE_MCP_STDIO_SOCKET")]
+held = {d: [] for d in doors}
+for d in doors:
+    for _ in range(int(sys.argv[1])):
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(d)
+        except OSError:
+            s.close()
+            continue
+        held[d].append(s)
+time.sleep(1)
+for d, socks in held.items():
+    left = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            left += s.recv(1) != b""
+        except BlockingIOError:
+            left += 1  # open, nothing to read
+        except OSError:
+            pass
+    print(os.path.basename(d), left, flush=True)
+while not os.path.exists("/gate/done"):
+    time.sleep(0.1)
+"""
+
+
+def test_a_task_cannot_hoard_the_nodes_connections(tmp_path: Path) -> None:
+    """A task opening 600 connections to each door into tasks (each holding one of the
+    daemon's descriptors, most never sending a byte) is held to 256 a door; the daemon's
+    descriptors stay bounded and another task reaches every door meanwhile."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    with daemon(tmp_path) as d:
+        before = len(os.listdir(f"/proc/{d.pid}/fd"))
+        hoarder = d.submit(["/usr/bin/python3", "-c", HOARD, "600"], nofile=4096,
+                           ro=[f"{gate}:/gate"])  # fmt: skip
+        d.wait(hoarder["id"], states=("running",))
+        deadline = time.monotonic() + 60
+        while len(d.log(hoarder["id"]).splitlines()) < 4:
+            assert time.monotonic() < deadline, d.log(hoarder["id"])
+            time.sleep(0.2)
+        left = dict(line.split() for line in d.log(hoarder["id"]).splitlines())
+        assert sorted(left) == ["mcp.sock", "mcps.sock", "memory.sock", "task.sock"], left
+        assert all(int(n) == 256 for n in left.values()), left
+        held = len(os.listdir(f"/proc/{d.pid}/fd")) - before
+        assert held < 4 * 256 + 64, f"the daemon holds {held} descriptors more"
+        # Another task reaches every door while the hoarder holds its 4 x 256.
+        other = d.submit(["/usr/bin/python3", "-c", HOARD, "3"], ro=[f"{gate}:/gate"])
+        d.wait(other["id"], states=("running",))
+        while len(d.log(other["id"]).splitlines()) < 4:
+            assert time.monotonic() < deadline, d.log(other["id"])
+            time.sleep(0.2)
+        assert all(line.split()[1] == "3" for line in d.log(other["id"]).splitlines())
+        (gate / "done").touch()
+        for t in (hoarder, other):
+            assert d.wait(t["id"])["state"] == "succeeded"
+        refused = [line for line in d.lines if "refused connections past 256" in line]
+        assert len(refused) == 4, refused  # one line a door, not one a connection

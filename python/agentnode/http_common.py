@@ -5,6 +5,7 @@ how the servers log a request that is not HTTP at all."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -14,10 +15,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from agentnode.peercap import PeerCap, capped
+
 __all__ = [
     "FLAG_VALUES",
     "SERVER_LOG",
     "BodyTooLarge",
+    "CappedSockSite",
     "flag",
     "json_body",
     "until_client_leaves",
@@ -118,3 +122,21 @@ class _MalformedRequests(logging.Filter):
 #: The logger to give the node's aiohttp servers (`AppRunner(logger=...)`).
 SERVER_LOG = logging.getLogger("agentnode.http")
 SERVER_LOG.addFilter(_MalformedRequests())
+
+
+class CappedSockSite(web.SockSite):
+    """A site on a listening socket whose connections go through `cap` (a door into tasks:
+    at most `peercap.MAX_PER_TASK` from one task)."""
+
+    def __init__(self, runner: web.BaseRunner, sock: Any, cap: PeerCap) -> None:
+        super().__init__(runner, sock)
+        self._cap = cap
+
+    async def start(self) -> None:
+        """Starts serving (web.SockSite.start with each protocol behind the cap)."""
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            capped(server, self._cap), sock=self._sock, backlog=self._backlog
+        )

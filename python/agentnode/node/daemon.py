@@ -70,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         from agentnode.logs import configure
 
         configure(debug=args.debug)
+        _raise_nofile()
     config = load_config(
         args.config,
         data_dir=args.data_dir,
@@ -83,10 +84,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _unix_site(runner: web.AppRunner, path: Path, mode: int, group: str | None) -> None:
+def _raise_nofile() -> None:
+    """Takes the hard limit on open files as the soft one (systemd's default soft limit is
+    1024): every task holds some of the daemon's descriptors (its pidfd, log, sockets)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        with open("/proc/sys/fs/nr_open") as f:
+            hard = int(f.read())
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _unix_site(
+    runner: web.AppRunner, path: Path, mode: int, group: str | None, *, tasks: bool = False
+) -> None:
+    """Serves `runner` at `path`; `tasks`: a door into tasks, capped per task."""
     from aiohttp import web
 
-    await web.SockSite(runner, listen_unix(path, mode=mode)).start()
+    from agentnode.http_common import CappedSockSite
+    from agentnode.peercap import PeerCap
+
+    sock = listen_unix(path, mode=mode)
+    if tasks:
+        await CappedSockSite(runner, sock, PeerCap(f"task API {path}")).start()
+    else:
+        await web.SockSite(runner, sock).start()
     if group is not None:
         with contextlib.suppress(KeyError):
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
@@ -198,7 +222,7 @@ async def serve(config: NodeConfig) -> None:
         socket_dir.mkdir(mode=0o755, exist_ok=True)
         os.chown(socket_dir, 0, 0)
         socket_dir.chmod(0o755)
-        await _unix_site(runners[1], node.task_socket, 0o666, None)
+        await _unix_site(runners[1], node.task_socket, 0o666, None, tasks=True)
         await memory_socket.start()
         where = [f"unix:{config.socket}", f"memory unix:{node.memory_socket}"]
         if config.listen is not None:
@@ -251,8 +275,12 @@ async def _serve_inference(runner: web.AppRunner, node: Node) -> str:
     """Listens on the configured address and, for tasks, on the node bridge (made now, so the
     address exists; egress policies always allow it)."""
     import asyncio
+    import socket
 
     from aiohttp import web
+
+    from agentnode.http_common import CappedSockSite
+    from agentnode.peercap import PeerCap
 
     assert node.config.inference is not None
     port = node.config.inference.port
@@ -260,7 +288,12 @@ async def _serve_inference(runner: web.AppRunner, node: Node) -> str:
     hosts = (node.config.inference.host, str(node.egress.network.gateway))
     for host in hosts:
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            if host == hosts[1]:  # the tasks' door: capped per task (by its address)
+                sock = socket.create_server((host, port))
+                sock.setblocking(False)
+                await CappedSockSite(runner, sock, PeerCap(f"inference proxy {host}")).start()
+            else:
+                await web.TCPSite(runner, host, port, reuse_address=True).start()
         except OSError as e:
             raise ConfigError(
                 f"inference proxy cannot listen on {host}:{port}: {e.strerror} "

@@ -31,6 +31,7 @@ from typing import Any, cast
 import msgpack
 
 from agentnode.errors import AgentnodeError, AuthError, MemoryKeyError, StorageError
+from agentnode.peercap import PeerCap, capped
 from agentnode.sdk.memsocket import HANDSHAKE_OK, HEADER, MAX_FRAME, MAX_TOKEN_LINE
 from agentnode.storage.operations import Operation, settle
 from agentnode.storage.tenancy import Principal
@@ -87,7 +88,8 @@ class MemorySocket:
         listener = listen_unix(self.path)
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _Connection(self), sock=listener
+                capped(lambda: _Connection(self), PeerCap(f"memory socket {self.path}")),
+                sock=listener,
             )
         except BaseException:
             listener.close()

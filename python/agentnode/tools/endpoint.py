@@ -17,7 +17,9 @@ import uvicorn
 from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from agentnode.peercap import PeerCap
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 from agentnode.unixsock import listen_unix
@@ -200,6 +202,28 @@ def mcp_app(
     return _authenticating(app, authenticate, max_per_task=max_per_task)
 
 
+def _capped_http(door: str) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol behind a `PeerCap` of its own (a door into tasks)."""
+    cap = PeerCap(door)
+
+    class Capped(HttpToolsProtocol):
+        _peer: str | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._peer = cap.admit(transport.get_extra_info("socket"))
+            if self._peer is None:
+                transport.abort()
+                return
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._peer is not None:
+                cap.release(self._peer)
+                super().connection_lost(exc)
+
+    return Capped
+
+
 class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -222,15 +246,15 @@ class MCPEndpoint:
         #: The unix socket's server, which serves on a socket bound here (any path length).
         self._on_uds: _QuietServer | None = None
         # httptools: uvicorn's C parser (its pure-Python h11 cost ~15% of a tool call).
-        common: dict[str, Any] = {
-            "log_level": "warning", "lifespan": "on", "access_log": False, "http": "httptools"
-        }  # fmt: skip
+        common: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "access_log": False}
         if uds is not None:
-            self._on_uds = _QuietServer(uvicorn.Config(app(), **common))
+            http = _capped_http(f"MCP endpoint {uds}")
+            self._on_uds = _QuietServer(uvicorn.Config(app(), http=http, **common))
             self._servers.append(self._on_uds)
         if host is not None and port is not None:
+            http = _capped_http(f"MCP endpoint {host}:{port}")
             self._servers.append(
-                _QuietServer(uvicorn.Config(app(), host=host, port=port, **common))
+                _QuietServer(uvicorn.Config(app(), host=host, port=port, http=http, **common))
             )
         self._tasks: list[asyncio.Task[None]] = []
         self.uds = uds

@@ -52,6 +52,7 @@ from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, METHOD_NOT_FOUND, SERVE
 from mcp_types import methods as protocol
 from pydantic import ValidationError
 
+from agentnode.peercap import PeerCap
 from agentnode.tools.endpoint import (
     CALLER_KEY,
     MAX_PER_TASK,
@@ -109,6 +110,7 @@ class MCPSocket:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._peers = PeerCap(f"MCP socket {path}")
         self._per_task: dict[str, int] = {}
 
     @property
@@ -147,9 +149,17 @@ class MCPSocket:
                 log.warning("MCP socket: cannot accept a connection: %s", e)
                 await asyncio.sleep(0.1)
                 continue
+            peer = self._peers.admit(conn)
+            if peer is None:
+                conn.close()
+                continue
             task = loop.create_task(self._serve(conn))
+            task.add_done_callback(functools.partial(self._left, peer))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+
+    def _left(self, peer: str, _: asyncio.Task[None]) -> None:
+        self._peers.release(peer)
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
