@@ -228,7 +228,14 @@ class AgentnodeStore(BaseStore):
 def _digest(text: object) -> str:
     # Thread ids, checkpoint namespaces and versions are free text; record ids and namespace
     # labels have a small alphabet. The originals are kept in the records' values.
-    return hashlib.blake2b(str(text).encode(), digest_size=12).hexdigest()
+    return _digest_of(str(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of(text: str) -> str:
+    # A super-step digests the same few texts again and again (~90 digests a 3-step run: every
+    # channel's name and current version at each put); a remembered one costs a dict lookup.
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def _picked(records: dict[str, Any], ids: list[str]) -> dict[str, Any]:
