@@ -32,6 +32,7 @@ from agentnode.isolation.forkjoin import (
     STUB,
     ForkServerProcess,
     exit_status,
+    huge_pages,
     identity,
     serve,
     stub_argv,
@@ -89,7 +90,11 @@ class ForkServer(ForkServerProcess):
         with `sandbox`'s identity, environment and working directory; `go` is the write end
         of the stub's stdin. Returns once the request is sent: the stub reports the outcome."""
         request = {"pid": pid, "argv": list(argv), **identity(sandbox)}
-        self.send(request, [pidfd, stdout, stderr, go])
+        stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.send(request, pidfd=pidfd, go=go, stdio=[stdin, stdout, stderr])
+        finally:
+            os.close(stdin)
 
 
 # -- the fork server process -----------------------------------------------------------------
@@ -100,8 +105,11 @@ def _preload() -> None:
     a first call would do lazily: one chat completion with a tool call through the `openai`
     SDK, answered in-process (no socket), imports `openai.resources.chat`, builds the SDK's
     request and response models and reads the platform (`uname -p`, a subprocess); 55 ms of
-    CPU an agent spared (docs/agents.md). Then the heap is frozen (`gc.freeze`): an agent's
-    collections skip what it inherited, so they neither scan it nor copy its pages."""
+    CPU an agent spared (docs/agents.md). Then it builds what each fork's confinement takes
+    (`_native.confine_ahead`) and backs its heap with 2 MiB pages (`forkjoin.huge_pages`): a
+    fork copies and unmaps a few hundred page-table entries where it touches nothing, not
+    ~18,000. (`serve` freezes the heap: an agent's collections skip what it inherited, so
+    they neither scan it nor copy its pages.)"""
     # Not agentnode.runtime.__main__ itself: runpy runs it afresh (its imports are loaded).
     import argparse  # noqa: F401
     import gc
@@ -113,6 +121,7 @@ def _preload() -> None:
     import agentnode.runtime.spend  # the SDK clients' transport (formats loads it lazily)
     import agentnode.sdk.tools
     import agentnode.tools.endpoint  # noqa: F401  (the MCP door's idempotency key)
+    from agentnode import _native
 
     def answer(request: httpx2.Request) -> httpx2.Response:
         call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
@@ -142,7 +151,8 @@ def _preload() -> None:
     "agentnode.invalid".encode("idna")  # a URL's host: `encodings.idna`, `stringprep`
 
     gc.collect()
-    gc.freeze()
+    _native.confine_ahead()
+    huge_pages()
 
 
 def _agent(request: dict[str, object], go: int) -> NoReturn:
