@@ -119,8 +119,7 @@ def _preload() -> None:
 
     import agentnode.runtime.loop
     import agentnode.runtime.spend  # the SDK clients' transport (formats loads it lazily)
-    import agentnode.sdk.tools
-    import agentnode.tools.endpoint  # noqa: F401  (the MCP door's idempotency key)
+    import agentnode.sdk.tools  # noqa: F401
     from agentnode import _native
 
     def answer(request: httpx2.Request) -> httpx2.Response:
