@@ -7,10 +7,11 @@ the fork server (`python -m agentnode.agents.forkserver`, a child of the daemon,
 host, single-threaded, holding no task's data), and starts such agents as forks of it.
 
 The task itself is started exactly as any other, but its command is a small stub that waits;
-the fork server's fork joins it and confines itself as the task's command would be, then forks
-the agent and waits for it (`agentnode.isolation.forkjoin`, shared with run_code's python
-sandboxes). The agent closes every descriptor but its stdio, takes the task's environment and
-arguments, and runs the command in the interpreter it was forked from.
+the fork server forks the agent into the stub's pid namespace, where it joins the task and
+confines itself as the task's command would be (`agentnode.isolation.forkjoin`, shared with
+run_code's python sandboxes); the server waits for it and tells the stub its status. The
+agent closes every descriptor but its stdio, takes the task's environment and arguments, and
+runs the command in the interpreter it was forked from.
 
 Served (`serves`): tasks of kind `python` whose command is this node's interpreter
 (`sys.executable`, the same path) with `-m agentnode.runtime ARGS` or `-c CODE ARGS`, whose

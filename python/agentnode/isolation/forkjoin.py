@@ -5,27 +5,23 @@ fork server (`agentnode.agents.forkserver`) and of `run_code`'s python sandboxes
 The task itself is started as any other (`isolation.spawn`: its cgroup and limits, its
 namespaces, root, workspace, egress policy and environment), but its command is `STUB`, a
 small shell script that waits. A fork server (an interpreter started once, as root on the
-host, single-threaded, holding no task's data) then forks once per task; that fork, the
-joiner, joins the stub's cgroups (v1 and v2), enters all its namespaces through its pidfd
-(mount, network, uts, ipc, cgroup, pid), takes its root and working directory, and confines
-itself as a task's command is confined at exec (`_native.confine_self`: rlimits, no
-capabilities but the task's, its ids, no_new_privs, Landlock, the seccomp filter). Only then
-it forks the program (the first process it makes lands in the task's pid namespace) and stays
-its parent, to wait for it: a process whose parent leaves goes to the reaper of the parent's
-pid namespace (the host's), not to the task's init. The stub, the task's init, is told the
-program's pid (it forwards SIGTERM and SIGINT to it), then its exit status, and exits with it
-(128+N when a signal N killed it).
+host, single-threaded, holding no task's data; `serve`) then takes the stub's pid namespace
+as the one its children are made in (`setns`) and forks once: its child is the task's second
+process. The child receives its request over a socket of its own, joins the stub's cgroups
+(v1 and v2), enters all its namespaces through its pidfd (mount, network, uts, ipc, cgroup),
+takes its root and working directory, and confines itself as a task's command is confined at
+exec (`enter`; `_native.confine_self`: rlimits, no capabilities but the task's, its ids,
+no_new_privs, Landlock, the seccomp filter); then it runs the program. The server is its
+parent: it reaps it and tells the stub, the task's init, its exit status, which the stub exits
+with (128+N when a signal N killed it); the stub was told the program's pid first (it forwards
+SIGTERM and SIGINT to it).
 
-Each request is received by a fork made before it came, never by the server: what one task
-sends (its token among its environment) is in that fork's memory only, never in the memory
-the next fork is copied from.
-
-`serve` is that server (the agents'); run_code's (`agentnode.tools.pyfork`) uses `enter`, the
-joiner's steps up to its confinement, in a fork it makes in the stub's pid namespace, which
-needs no joiner: the server is its parent and tells the stub its status.
+The server sees descriptors only (the stub's pidfd, its stdin's write end, the child's
+socket), never a request: what one task sends (its token among its environment) is in that
+fork's memory only, never in the memory the next fork is copied from.
 
 Only the standard library is imported here at the top (and `agentnode._native` by the
-joiner): run_code's server runs this module in the sandbox's own `python3 -I`.
+server): run_code's server runs this module in the sandbox's own `python3 -I`.
 """
 
 from __future__ import annotations
