@@ -5,6 +5,7 @@ task's limits and egress policy, and runs the reference runtime to the same end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,11 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+from agentnode.isolation.forkjoin import cgroup_mounts
 from support.agent_env import CALL_COST, REPO, agent_node, audit, ledger
 from support.egress_world import HOST4, World
 from support.memscan import SCAN_VISIBLE
@@ -291,6 +294,61 @@ def _fork_server(d: Daemon) -> int:
     [server] = [p.pid for p in psutil.Process(d.pid).children()
                 if "agentnode.agents.forkserver" in p.cmdline()]  # fmt: skip
     return server
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(p.name))
+    return found
+
+
+def test_a_forked_agent_is_the_one_process_forked_into_its_task(
+    node: tuple[World, Daemon],
+) -> None:
+    """The fork server forks each agent straight into its task's pid namespace: the agent is
+    the server's child (it reaps it and tells the stub), the task's pid 2, and its task's
+    cgroups (cgroup2 and each v1 hierarchy) hold the stub and the agent, nothing else; the
+    server's heap is on 2 MiB pages where the kernel gives them, so a fork copies few entries."""
+    _world, d = node
+    _forked(d, "pass")
+    code = "import time\nprint('waiting', flush=True)\ntime.sleep(60)\n"
+    task = d.submit([sys.executable, "-c", code], user="0", agent={"kind": "python"},
+                    memory="256M", cpus=0.5, ro=[str(REPO)])  # fmt: skip
+    log = d.data / "logs" / f"{task['id']}.1.log"
+    deadline = time.monotonic() + 60
+    while not log.exists() or "waiting" not in log.read_text():
+        assert time.monotonic() < deadline, d.task(task["id"])
+        time.sleep(0.1)
+    try:
+        (server,) = [p for p in _children(d.pid)
+                     if b"agents.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+        (agent,) = _children(server)
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{agent}/status").read_text()
+                      .splitlines())  # fmt: skip
+        assert status["NSpid"].split()[1:] == ["2"]
+        mounts, nodes = cgroup_mounts(), Path(f"/proc/{d.pid}/cgroup").read_text().splitlines()
+        checked = []
+        for line in Path(f"/proc/{agent}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            first = controllers.split(",")[0]
+            if first in mounts and line not in nodes:  # the task's own, not the node's
+                name = "cgroup.procs" if first == "" else "tasks"
+                procs = (Path(mounts[first] + path) / name).read_text().split()
+                assert len(procs) == 2 and str(agent) in procs, (line, procs)
+                checked.append(first)
+        assert "" in checked  # cgroup2's, and each v1 hierarchy's on a hybrid host
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+        if thp.exists() and "[never]" not in thp.read_text():
+            rollup = Path(f"/proc/{server}/smaps_rollup").read_text()
+            huge = int(rollup.split("AnonHugePages:")[1].split()[0])
+            assert huge >= 16 << 10, rollup  # kB: most of its ~70 MB heap
+    finally:
+        d.client.call("POST", f"/v1/tasks/{task['id']}/cancel", {})
+        d.wait(task["id"], timeout=60)
 
 
 #: What a forked agent finds done before it starts, as JSON on stdout.

@@ -126,6 +126,10 @@ class NativeTask:
     def close(self) -> None:
         """Kills and reaps whatever still runs and removes the task's cgroups."""
 
+def confine_ahead() -> None:
+    """Builds ahead what `confine_self` takes (the seccomp program, the Landlock ruleset), for a
+    server whose forks each confine themselves."""
+
 def confine_self(
     *, uid: int, gid: int, keep_caps: list[int], nofile: int, seccomp: bool, err: int
 ) -> None:

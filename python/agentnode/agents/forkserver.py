@@ -7,10 +7,11 @@ the fork server (`python -m agentnode.agents.forkserver`, a child of the daemon,
 host, single-threaded, holding no task's data), and starts such agents as forks of it.
 
 The task itself is started exactly as any other, but its command is a small stub that waits;
-the fork server's fork joins it and confines itself as the task's command would be, then forks
-the agent and waits for it (`agentnode.isolation.forkjoin`, shared with run_code's python
-sandboxes). The agent closes every descriptor but its stdio, takes the task's environment and
-arguments, and runs the command in the interpreter it was forked from.
+the fork server forks the agent into the stub's pid namespace, where it joins the task and
+confines itself as the task's command would be (`agentnode.isolation.forkjoin`, shared with
+run_code's python sandboxes); the server waits for it and tells the stub its status. The
+agent closes every descriptor but its stdio, takes the task's environment and arguments, and
+runs the command in the interpreter it was forked from.
 
 Served (`serves`): tasks of kind `python` whose command is this node's interpreter
 (`sys.executable`, the same path) with `-m agentnode.runtime ARGS` or `-c CODE ARGS`, whose
@@ -32,6 +33,7 @@ from agentnode.isolation.forkjoin import (
     STUB,
     ForkServerProcess,
     exit_status,
+    huge_pages,
     identity,
     serve,
     stub_argv,
@@ -89,7 +91,11 @@ class ForkServer(ForkServerProcess):
         with `sandbox`'s identity, environment and working directory; `go` is the write end
         of the stub's stdin. Returns once the request is sent: the stub reports the outcome."""
         request = {"pid": pid, "argv": list(argv), **identity(sandbox)}
-        self.send(request, [pidfd, stdout, stderr, go])
+        stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.send(request, pidfd=pidfd, go=go, stdio=[stdin, stdout, stderr])
+        finally:
+            os.close(stdin)
 
 
 # -- the fork server process -----------------------------------------------------------------
@@ -100,8 +106,11 @@ def _preload() -> None:
     a first call would do lazily: one chat completion with a tool call through the `openai`
     SDK, answered in-process (no socket), imports `openai.resources.chat`, builds the SDK's
     request and response models and reads the platform (`uname -p`, a subprocess); 55 ms of
-    CPU an agent spared (docs/agents.md). Then the heap is frozen (`gc.freeze`): an agent's
-    collections skip what it inherited, so they neither scan it nor copy its pages."""
+    CPU an agent spared (docs/agents.md). Then it builds what each fork's confinement takes
+    (`_native.confine_ahead`) and backs its heap with 2 MiB pages (`forkjoin.huge_pages`): a
+    fork copies and unmaps a few hundred page-table entries where it touches nothing, not
+    ~18,000. (`serve` freezes the heap: an agent's collections skip what it inherited, so
+    they neither scan it nor copy its pages.)"""
     # Not agentnode.runtime.__main__ itself: runpy runs it afresh (its imports are loaded).
     import argparse  # noqa: F401
     import gc
@@ -111,8 +120,8 @@ def _preload() -> None:
 
     import agentnode.runtime.loop
     import agentnode.runtime.spend  # the SDK clients' transport (formats loads it lazily)
-    import agentnode.sdk.tools
-    import agentnode.tools.endpoint  # noqa: F401  (the MCP door's idempotency key)
+    import agentnode.sdk.tools  # noqa: F401
+    from agentnode import _native
 
     def answer(request: httpx2.Request) -> httpx2.Response:
         call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
@@ -142,7 +151,8 @@ def _preload() -> None:
     "agentnode.invalid".encode("idna")  # a URL's host: `encodings.idna`, `stringprep`
 
     gc.collect()
-    gc.freeze()
+    _native.confine_ahead()
+    huge_pages()
 
 
 def _agent(request: dict[str, object], go: int) -> NoReturn:

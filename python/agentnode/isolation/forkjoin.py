@@ -5,27 +5,23 @@ fork server (`agentnode.agents.forkserver`) and of `run_code`'s python sandboxes
 The task itself is started as any other (`isolation.spawn`: its cgroup and limits, its
 namespaces, root, workspace, egress policy and environment), but its command is `STUB`, a
 small shell script that waits. A fork server (an interpreter started once, as root on the
-host, single-threaded, holding no task's data) then forks once per task; that fork, the
-joiner, joins the stub's cgroups (v1 and v2), enters all its namespaces through its pidfd
-(mount, network, uts, ipc, cgroup, pid), takes its root and working directory, and confines
-itself as a task's command is confined at exec (`_native.confine_self`: rlimits, no
-capabilities but the task's, its ids, no_new_privs, Landlock, the seccomp filter). Only then
-it forks the program (the first process it makes lands in the task's pid namespace) and stays
-its parent, to wait for it: a process whose parent leaves goes to the reaper of the parent's
-pid namespace (the host's), not to the task's init. The stub, the task's init, is told the
-program's pid (it forwards SIGTERM and SIGINT to it), then its exit status, and exits with it
-(128+N when a signal N killed it).
+host, single-threaded, holding no task's data; `serve`) then takes the stub's pid namespace
+as the one its children are made in (`setns`) and forks once: its child is the task's second
+process. The child receives its request over a socket of its own, joins the stub's cgroups
+(v1 and v2), enters all its namespaces through its pidfd (mount, network, uts, ipc, cgroup),
+takes its root and working directory, and confines itself as a task's command is confined at
+exec (`enter`; `_native.confine_self`: rlimits, no capabilities but the task's, its ids,
+no_new_privs, Landlock, the seccomp filter); then it runs the program. The server is its
+parent: it reaps it and tells the stub, the task's init, its exit status, which the stub exits
+with (128+N when a signal N killed it); the stub was told the program's pid first (it forwards
+SIGTERM and SIGINT to it).
 
-Each request is received by a fork made before it came, never by the server: what one task
-sends (its token among its environment) is in that fork's memory only, never in the memory
-the next fork is copied from.
-
-`serve` is that server (the agents'); run_code's (`agentnode.tools.pyfork`) uses `enter`, the
-joiner's steps up to its confinement, in a fork it makes in the stub's pid namespace, which
-needs no joiner: the server is its parent and tells the stub its status.
+The server sees descriptors only (the stub's pidfd, its stdin's write end, the child's
+socket), never a request: what one task sends (its token among its environment) is in that
+fork's memory only, never in the memory the next fork is copied from.
 
 Only the standard library is imported here at the top (and `agentnode._native` by the
-joiner): run_code's server runs this module in the sandbox's own `python3 -I`.
+server): run_code's server runs this module in the sandbox's own `python3 -I`.
 """
 
 from __future__ import annotations
@@ -56,6 +52,7 @@ __all__ = [
     "enter",
     "exit_status",
     "fail",
+    "huge_pages",
     "identity",
     "serve",
     "stub_argv",
@@ -105,10 +102,7 @@ _CLONE_NEWNET = 0x40000000
 _TASK_NAMESPACES = (
     _CLONE_NEWNS | _CLONE_NEWCGROUP | _CLONE_NEWUTS | _CLONE_NEWIPC | _CLONE_NEWPID | _CLONE_NEWNET
 )
-#: Descriptors a request carries: the stub's pidfd, stdout, stderr and its stdin's write end,
-#: then optionally the program's stdin (without it, /dev/null).
-_FDS = 4
-_MAX_FDS = 5
+#: The most a request (its JSON: the program's environment among it) may be.
 _MAX_REQUEST = 1 << 20
 
 
@@ -202,18 +196,24 @@ class ForkServerProcess:
                     self._ready = self._sock.recv(1, socket.MSG_DONTWAIT) == b"R"
             return self._ready and self._proc.poll() is None
 
-    def send(self, request: Mapping[str, object], fds: Sequence[int]) -> None:
-        """Sends one request with its descriptors. To `serve`'s server: join the task whose
-        stub is `request["pid"]`; `fds` are its pidfd, the program's stdout and stderr, the
-        write end of the stub's stdin, and optionally the program's stdin. Returns once sent:
-        the stub reports the outcome."""
+    def send(
+        self, request: Mapping[str, object], *, pidfd: int, go: int, stdio: Sequence[int]
+    ) -> None:
+        """Hands the server a task to join: the stub's `pidfd` and the write end of its stdin
+        (`go`) go to the server, `request` (`"pid"`, the stub's, and `identity`'s) and `stdio`
+        (the program's stdin, stdout and stderr) to its fork only, over a socket of their own.
+        Returns once sent: the stub reports the outcome."""
         import json
 
         sock = self._sock
         if sock is None:
             raise OSError("the fork server is not running")
-        message = [json.dumps(dict(request)).encode()]
-        sock.sendmsg(message, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        ask, told = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ask, told:
+            rights = array.array("i", [pidfd, go, told.fileno()])
+            sock.sendmsg([b"{}"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            ask.sendmsg([json.dumps(dict(request)).encode()],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", stdio))])  # fmt: skip
 
     def close(self) -> None:
         """Stops the server (the programs it started are their tasks' and run on)."""
@@ -338,94 +338,173 @@ def enter(
                          err=go)  # fmt: skip
 
 
-def _join(
-    request: dict[str, object], fds: list[int], program: Program, mounts: dict[str, str]
-) -> NoReturn:
-    """Joins one task, forks its program and waits for it: never returns.
+def _tell(go: int, line: str) -> None:
+    with contextlib.suppress(OSError):  # the stub is gone already
+        os.write(go, line.encode()[:300] + b"\n")
 
-    It is confined as the program is, in the task's cgroups and namespaces but the pid
-    namespace, which the program cannot see out of."""
-    pidfd, stdout, stderr, go = fds[:_FDS]
-    stdin = fds[_FDS] if len(fds) > _FDS else None
-    null = os.open("/dev/null", os.O_WRONLY)
-    enter(request, pidfd=pidfd, stdio=(stdin, stdout, stderr), go=go, mounts=mounts)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    try:
-        child = os.fork()  # in the task's pid namespace
-    except OSError as e:
-        fail(go, f"cannot fork the agent: {e}")
-    if child == 0:
-        os.close(null)
+
+def _reap(stubs: dict[int, int]) -> None:
+    """Reaps the ended children and tells each one's stub its status."""
+    while True:
         try:
-            os.write(go, f"P {os.getpid()}\n".encode())
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter's
-            program(request, go)
-        finally:
-            os._exit(1)
-    # The program's output ends with it (and its children), not with this process.
-    for target in (1, 2):
-        os.dup2(null, target)
-    os.close(null)
-    _, status = os.waitpid(child, 0)
-    with contextlib.suppress(OSError):
-        os.write(go, f"X {os.waitstatus_to_exitcode(status)}\n".encode())
-    os._exit(0)
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        go = stubs.pop(pid, None)
+        if go is not None:
+            _tell(go, f"X {os.waitstatus_to_exitcode(status)}")
+            os.close(go)
 
 
-def _take(sock: socket.socket, taken: int, program: Program, mounts: dict[str, str]) -> NoReturn:
-    """In a fresh fork of the server: receives the next request, says so on `taken`, and
-    serves it. Never returns."""
+def _child(pidfd: int, go: int, told: int, mounts: dict[str, str], program: Program) -> NoReturn:
+    """The server's child, in the task's pid namespace: receives its request on `told`, joins
+    the task, runs the program. Never returns."""
     import json
 
-    fds = array.array("i")
     try:
-        data, ancdata, _flags, _addr = sock.recvmsg(
-            _MAX_REQUEST, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        channel = socket.socket(fileno=told)
+        fds = array.array("i")
+        data, ancdata, _flags, _addr = channel.recvmsg(
+            _MAX_REQUEST, socket.CMSG_SPACE(3 * fds.itemsize)
         )
-    except OSError:
-        os._exit(2)
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if not data:
-        os._exit(2)  # the daemon is gone
-    os.write(taken, b"T")
-    os.close(taken)
-    sock.close()
-    if len(fds) not in (_FDS, _MAX_FDS):
+        channel.close()
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if len(fds) != 3:
+            fail(go, "the request came without its stdio")
+        try:
+            request = json.loads(data)
+        except ValueError:
+            fail(go, "the request is not JSON")
+        enter(request, pidfd=pidfd, stdio=(fds[0], fds[1], fds[2]), go=go, mounts=mounts)
+        os.write(go, f"P {os.getpid()}\n".encode())
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter's
+        program(request, go)
+    finally:
         os._exit(1)
-    try:
-        request = json.loads(data)
-    except ValueError:
-        fail(fds[3], "the request is not JSON")
-    _join(request, list(fds), program, mounts)
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_COLLAPSE = 25
+
+
+def huge_pages() -> int:
+    """Backs this process's private anonymous memory (its heap and its allocators' mappings)
+    with 2 MiB pages where it can (`MADV_COLLAPSE`, Linux 6.1; each 2 MiB-aligned stretch of
+    those mappings), and returns how many it made (0: the kernel has none to give, or THP is
+    `never`). For a server whose forks inherit what it imported: a fork copies one entry per
+    2 MiB instead of 512, and its exit unmaps as many, where a fork touches nothing of a
+    stretch (a write to one splits it to 4 KiB pages in that fork alone)."""
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    made = 0
+    with open("/proc/self/maps") as f:
+        maps = f.read().splitlines()
+    for line in maps:
+        fields = line.split()
+        if fields[1] != "rw-p" or fields[5:] not in ([], ["[heap]"]):
+            continue
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        start, end = -(-low // _HUGE_PAGE) * _HUGE_PAGE, high // _HUGE_PAGE * _HUGE_PAGE
+        for addr in range(start, end, _HUGE_PAGE):
+            at, size = ctypes.c_void_p(addr), ctypes.c_size_t(_HUGE_PAGE)
+            # Each stretch on its own: one the kernel cannot make (no free 2 MiB page, a
+            # mapping it refuses) leaves the others to be made.
+            if madvise(at, size, _MADV_COLLAPSE) == 0:
+                made += 1
+    return made
 
 
 def serve(fd: int, program: Program, *, preload: Callable[[], None] | None = None) -> int:
-    """Serves the daemon's requests on the socket whose descriptor is `fd`, each in a fork
-    made before it came that joins the task and runs `program` in it; says it is ready once
-    `preload` (what the forks should find imported) has run. Returns at the socket's end."""
+    """Serves the node's requests on the socket whose descriptor is `fd` until its end; says it
+    is ready once `preload` (what the forks should find made) has run and its heap is frozen.
+
+    A request is a stub's pidfd, the write end of its stdin and a socket the rest comes on: the
+    server's next child is made in the stub's pid namespace (the task's second process),
+    receives the request there (who it runs as, where, its stdin, stdout and stderr), joins
+    the task (`enter`) and runs `program`. The server is its parent: it reaps it and tells the
+    stub its status. It never sees a request itself, nor anything a program reads or writes:
+    what one task sends (its token among its environment) is in its own fork's memory only,
+    never in the memory the next fork is copied from."""
+    import ctypes
+    import gc
+    import select
+
+    from agentnode import _native  # noqa: F401  (for the children)
+
     sock = socket.socket(fileno=fd)
-    # A signal meant for the daemon's process group is not this process's to act on: its
+    # A signal meant for the node's process group is not this process's to act on: its
     # socket's end is its only stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Its children, each a task's joiner, are reaped by the kernel: nothing waits on them.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the select below
     if preload is not None:
         preload()
     mounts = cgroup_mounts()  # read once: every join needs it
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    libc = ctypes.CDLL(None, use_errno=True)
+    #: The stub (its stdin's write end) of each child still running.
+    stubs: dict[int, int] = {}
+    # Out of the collector's sight: a collection in a fork would touch every object the
+    # server made (copying each page it is on), the interpreter's own start among them.
+    gc.freeze()
     sock.sendall(b"R")
     while True:
-        taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
-        child = os.fork()
+        readable = select.select([sock.fileno(), wake_r], [], [])[0]
+        if wake_r in readable:
+            while True:
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    break
+            _reap(stubs)
+        if sock.fileno() not in readable:
+            continue
+        fds = array.array("i")
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(3 * fds.itemsize))
+        except OSError:  # reset by a node that stopped with a request unread: gone as well
+            data, ancdata = b"", []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if not data:
+            for x in fds:
+                os.close(x)
+            return 0  # the node is gone; the stubs of running children learn it at their end
+        if len(fds) != 3:
+            for x in fds:
+                os.close(x)
+            continue
+        pidfd, go, told = fds
+        if libc.setns(pidfd, _CLONE_NEWPID) != 0:
+            _tell(go, f"E cannot enter the task's pid namespace: {os.strerror(ctypes.get_errno())}")
+            for x in fds:
+                os.close(x)
+            continue
+        try:
+            child = os.fork()  # in the task's pid namespace
+        except OSError as e:
+            child = -1
+            _tell(go, f"E cannot fork: {e}")
         if child == 0:
-            try:
-                os.close(taken_r)
-                _take(sock, taken_w, program, mounts)
-            finally:
-                os._exit(1)
-        os.close(taken_w)
-        took = os.read(taken_r, 1)
-        os.close(taken_r)
-        if took != b"T":
-            return 0  # it found the socket's end (or died): the daemon is gone
+            for x in (wake_r, wake_w, own_pid_ns, *stubs.values()):
+                os.close(x)
+            stubs.clear()
+            sock.close()
+            _child(pidfd, go, told, mounts, program)
+        if libc.setns(own_pid_ns, _CLONE_NEWPID) != 0:
+            return 1  # its next child would land in that task: better none
+        os.close(pidfd)
+        os.close(told)
+        if child > 0:
+            stubs[child] = go
+        else:
+            os.close(go)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from agentnode.errors import TaskError
-from agentnode.sdk.tools import Tools
+from agentnode.sdk.tools import IDEMPOTENCY_META, Tools
 
 if TYPE_CHECKING:
     from mcp import Client
@@ -65,8 +65,6 @@ class _Mcp:
     left by the task that entered them); each call is a task of its own on the same loop."""
 
     def __init__(self) -> None:
-        from agentnode.tools.endpoint import IDEMPOTENCY_META
-
         self._key_meta = IDEMPOTENCY_META
         self._loop = asyncio.new_event_loop()
         self._closing = asyncio.Event()

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
     from mcp import Client
     from mcp.client._transport import TransportStreams
 
-__all__ = ["Tools"]
+__all__ = ["IDEMPOTENCY_META", "Tools"]
+
+#: A call's idempotency key, in an MCP request's `_meta` (MCP has no field of its own for it):
+#: what the node's MCP doors read (`agentnode.tools.endpoint`), here for clients to import
+#: without the server's modules.
+IDEMPOTENCY_META = "agentnode/idempotency_key"
 
 
 class Tools:

@@ -20,13 +20,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agentnode.peercap import PeerCap
+from agentnode.sdk.tools import IDEMPOTENCY_META
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 from agentnode.unixsock import listen_unix
 
 __all__ = [
     "CALLER_KEY",
-    "IDEMPOTENCY_META",
     "MAX_PER_TASK",
     "REVOKED",
     "MCPEndpoint",
@@ -39,8 +39,6 @@ __all__ = [
 #: Requests (HTTP door) or connections (MCP socket) one task may have open at once: an agent
 #: needs one or a few, and a task must not hold what other tasks' doors need.
 MAX_PER_TASK = 64
-#: A call's idempotency key, in the request's `_meta` (MCP has no field of its own for it).
-IDEMPOTENCY_META = "agentnode/idempotency_key"
 
 Authenticate = Callable[[str], Caller | None]
 

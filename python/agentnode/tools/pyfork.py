@@ -31,21 +31,13 @@ replaced by an interpreter start.
 
 from __future__ import annotations
 
-import array
-import contextlib
-import gc
-import json
 import os
-import signal
-import socket
 
 from agentnode.isolation.forkjoin import (
     ForkServerProcess,
-    cgroup_mounts,
-    enter,
     exit_status,
-    fail,
     identity,
+    serve,
     stub_argv,
 )
 
@@ -93,7 +85,6 @@ def _agentnode_main():
 _agentnode_main()
 """
 READY = b"\0agentnode-ready\n"
-_CLONE_NEWPID = 0x20000000
 _PR_SET_DUMPABLE = 4
 
 #: The server's `-c` program: it notes what a fresh interpreter has (its `__main__`, modules
@@ -171,14 +162,8 @@ class PythonForks(ForkServerProcess):
                 uid, gid = parse_user(user)
                 sandbox = Sandbox(uid=uid, gid=gid, limits=sandbox_limits(limits, timeout=False))
                 request = {"pid": started.task.pid, **identity(sandbox)}
-                # The server gets descriptors only (an empty request); the request goes to
-                # its fork, over a socket of its own.
-                ask, told = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                with ask, told:
-                    self.send({}, [started.task.pidfd, go_w, told.fileno()])
-                    ask.sendmsg([json.dumps(request).encode()],
-                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                  array.array("i", [code_r, out_w, err_w]))])  # fmt: skip
+                self.send(request, pidfd=started.task.pidfd, go=go_w,
+                          stdio=[code_r, out_w, err_w])  # fmt: skip
             except BaseException:
                 started.close()
                 raise
@@ -197,138 +182,14 @@ class PythonForks(ForkServerProcess):
 
 
 def serve_python(fd: int, *, main: dict[str, object], modules: set[str], path: list[str]) -> int:
-    """Serves the node's requests on socket `fd` until its end. A request is a stub's pidfd,
-    the write end of its stdin and a socket the rest comes on: the server's next child is
-    made in the stub's pid namespace, receives the request there, joins the task
-    (`forkjoin.enter`), returns the interpreter to what `main`, `modules` and `path` say a
-    fresh one has, and runs `STDIN_MAIN`. The server is its parent: it reaps it and tells the
-    stub its status. It never sees a request itself, nor anything a program reads or writes."""
-    import ctypes
-    import select
+    """Serves the node's requests on socket `fd` until its end (`forkjoin.serve`): each fork
+    joins its task, returns the interpreter to what `main`, `modules` and `path` say a fresh
+    one has, and runs `STDIN_MAIN`."""
 
-    from agentnode import _native  # noqa: F401  (for the children)
-
-    sock = socket.socket(fileno=fd)
-    # A signal meant for the daemon's process group is not this process's to act on: its
-    # socket's end is its only stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the select below
-    mounts = cgroup_mounts()
-    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    libc = ctypes.CDLL(None, use_errno=True)
-    #: The stub (its stdin's write end) of each child still running.
-    stubs: dict[int, int] = {}
-    # Out of the collector's sight: a collection in a fork would touch every object the
-    # server made (copying each page it is on), the interpreter's own start among them.
-    gc.freeze()
-    sock.sendall(b"R")
-    while True:
-        readable = select.select([sock.fileno(), wake_r], [], [])[0]
-        if wake_r in readable:
-            while True:
-                try:
-                    os.read(wake_r, 512)
-                except BlockingIOError:
-                    break
-            _reap(stubs)
-        if sock.fileno() not in readable:
-            continue
-        fds = array.array("i")
-        try:
-            data, ancdata, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(3 * fds.itemsize))
-        except OSError:  # reset by a node that stopped with a request unread: gone as well
-            data, ancdata = b"", []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        if not data:
-            for x in fds:
-                os.close(x)
-            return 0  # the node is gone; the stubs of running children learn it at their end
-        if len(fds) != 3:
-            for x in fds:
-                os.close(x)
-            continue
-        pidfd, go, told = fds
-        if libc.setns(pidfd, _CLONE_NEWPID) != 0:
-            _tell(go, f"E cannot enter the task's pid namespace: {os.strerror(ctypes.get_errno())}")
-            for x in fds:
-                os.close(x)
-            continue
-        try:
-            child = os.fork()  # in the task's pid namespace
-        except OSError as e:
-            child = -1
-            _tell(go, f"E cannot fork: {e}")
-        if child == 0:
-            for x in (wake_r, wake_w, own_pid_ns, *stubs.values()):
-                os.close(x)
-            stubs.clear()
-            sock.close()
-            _child(pidfd, go, told, mounts, main=main, modules=modules, path=path)
-        if libc.setns(own_pid_ns, _CLONE_NEWPID) != 0:
-            return 1  # its next child would land in that task: better none
-        os.close(pidfd)
-        os.close(told)
-        if child > 0:
-            stubs[child] = go
-        else:
-            os.close(go)
-
-
-def _tell(go: int, line: str) -> None:
-    with contextlib.suppress(OSError):  # the stub is gone already
-        os.write(go, line.encode()[:300] + b"\n")
-
-
-def _reap(stubs: dict[int, int]) -> None:
-    """Reaps the ended children and tells each one's stub its status."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        go = stubs.pop(pid, None)
-        if go is not None:
-            _tell(go, f"X {os.waitstatus_to_exitcode(status)}")
-            os.close(go)
-
-
-def _child(
-    pidfd: int,
-    go: int,
-    told: int,
-    mounts: dict[str, str],
-    *,
-    main: dict[str, object],
-    modules: set[str],
-    path: list[str],
-) -> NoReturn:
-    """The server's child, in the task's pid namespace: receives its request, joins the task,
-    runs the program. Never returns."""
-    try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        channel = socket.socket(fileno=told)
-        fds = array.array("i")
-        data, ancdata, _flags, _addr = channel.recvmsg(1 << 16, socket.CMSG_SPACE(3 * fds.itemsize))
-        channel.close()
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        if len(fds) != 3:
-            fail(go, "the request came without its stdio")
-        request = json.loads(data)
-        enter(request, pidfd=pidfd, stdio=(fds[0], fds[1], fds[2]), go=go, mounts=mounts)
-        os.write(go, f"P {os.getpid()}\n".encode())
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter's
+    def program(request: dict[str, object], go: int) -> NoReturn:
         _run(request, main=main, modules=modules, path=path)
-    finally:
-        os._exit(1)
+
+    return serve(fd, program)
 
 
 def _run(

@@ -404,6 +404,13 @@ fn make_nothing_ahead() {
     agentnode_core::background::ahead::make_none();
 }
 
+/// Builds ahead what `confine_self` takes (the seccomp program, the Landlock ruleset), for a
+/// server whose forks each confine themselves (`agentnode_core::sandbox::confine_ahead`).
+#[pyfunction]
+fn confine_ahead() -> PyResult<()> {
+    sandbox::confine_ahead().map_err(|e| NativeError::from(e).into())
+}
+
 /// Gives this process what a task's command has at exec (`agentnode_core::sandbox::confine_self`):
 /// rlimits, capabilities (all dropped but `keep_caps`), ids, `no_new_privs`, Landlock and, with
 /// `seccomp`, the default filter. For a single-threaded process forked into a running task; a
@@ -430,6 +437,7 @@ fn confine_self(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(make_nothing_ahead, m)?)?;
+    m.add_function(wrap_pyfunction!(confine_ahead, m)?)?;
     m.add_function(wrap_pyfunction!(confine_self, m)?)?;
     m.add_class::<Launcher>()?;
     m.add_class::<NativeTask>()?;
