@@ -5,7 +5,6 @@ task's limits and egress policy, and runs the reference runtime to the same end.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -244,6 +243,19 @@ def test_the_reference_runtime_runs_forked_to_the_same_end(node: tuple[World, Da
     assert row["requests"] == 2 and Decimal(row["cost"]) == 2 * CALL_COST
 
 
+def _waiting(d: Daemon, code: str) -> tuple[dict[str, Any], Path]:
+    """Starts `code` as a forked-kind agent; returns once it has printed `waiting`: the task
+    and its log's path."""
+    task = d.submit([sys.executable, "-c", code], user="0", agent={"kind": "python"},
+                    memory="256M", cpus=0.5, ro=[str(REPO)])  # fmt: skip
+    log = d.data / "logs" / f"{task['id']}.1.log"
+    deadline = time.monotonic() + 60
+    while not log.exists() or "waiting" not in log.read_text():
+        assert time.monotonic() < deadline, d.task(task["id"])
+        time.sleep(0.1)
+    return task, log
+
+
 def test_sigterm_to_its_task_reaches_a_forked_agent(node: tuple[World, Daemon]) -> None:
     """A cancel's SIGTERM goes to the task's init, the stub, which forwards it to the agent:
     the agent's handler runs and the task ends cancelled without waiting for the kill."""
@@ -256,13 +268,7 @@ def test_sigterm_to_its_task_reaches_a_forked_agent(node: tuple[World, Daemon]) 
         "print('waiting', flush=True)\n"
         "time.sleep(60)\n"
     )
-    task = d.submit([sys.executable, "-c", code], user="0", agent={"kind": "python"},
-                    memory="256M", cpus=0.5, ro=[str(REPO)])  # fmt: skip
-    log = d.data / "logs" / f"{task['id']}.1.log"
-    deadline = time.monotonic() + 60
-    while not log.exists() or "waiting" not in log.read_text():
-        assert time.monotonic() < deadline, d.task(task["id"])
-        time.sleep(0.1)
+    task, log = _waiting(d, code)
     d.client.call("POST", f"/v1/tasks/{task['id']}/cancel", {})
     done = d.wait(task["id"], timeout=60)
     assert done["state"] == "cancelled" and "got TERM" in log.read_text(), (done, log.read_text())
@@ -296,16 +302,6 @@ def _fork_server(d: Daemon) -> int:
     return server
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(p.name))
-    return found
-
-
 def test_a_forked_agent_is_the_one_process_forked_into_its_task(
     node: tuple[World, Daemon],
 ) -> None:
@@ -316,17 +312,10 @@ def test_a_forked_agent_is_the_one_process_forked_into_its_task(
     _world, d = node
     _forked(d, "pass")
     code = "import time\nprint('waiting', flush=True)\ntime.sleep(60)\n"
-    task = d.submit([sys.executable, "-c", code], user="0", agent={"kind": "python"},
-                    memory="256M", cpus=0.5, ro=[str(REPO)])  # fmt: skip
-    log = d.data / "logs" / f"{task['id']}.1.log"
-    deadline = time.monotonic() + 60
-    while not log.exists() or "waiting" not in log.read_text():
-        assert time.monotonic() < deadline, d.task(task["id"])
-        time.sleep(0.1)
+    task, _ = _waiting(d, code)
     try:
-        (server,) = [p for p in _children(d.pid)
-                     if b"agents.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
-        (agent,) = _children(server)
+        server = _fork_server(d)
+        (agent,) = [p.pid for p in psutil.Process(server).children()]
         status = dict(line.split(":", 1) for line in Path(f"/proc/{agent}/status").read_text()
                       .splitlines())  # fmt: skip
         assert status["NSpid"].split()[1:] == ["2"]

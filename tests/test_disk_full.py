@@ -86,7 +86,16 @@ def assert_full(e: StoreWriteError, disk: Path) -> None:
 # -- each store ----------------------------------------------------------------------------------
 
 
-class Episodic:
+class Kind:
+    """One store under test: writes numbered records and reads them back."""
+
+    store: Any
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Episodic(Kind):
     def __init__(self, path: Path) -> None:
         self.store = EpisodicStore(path)
 
@@ -96,11 +105,8 @@ class Episodic:
     def read(self, i: int) -> bool:
         return bool(self.store.get("t", "ns", "task", f"r{i}").value["i"] == i)
 
-    def close(self) -> None:
-        self.store.close()
 
-
-class Vectors:
+class Vectors(Kind):
     def __init__(self, path: Path) -> None:
         self.store = VectorStore(path)
         with contextlib.suppress(Exception):
@@ -113,11 +119,8 @@ class Vectors:
     def read(self, i: int) -> bool:
         return self.coll.get(i) is not None
 
-    def close(self) -> None:
-        self.store.close()
 
-
-class Objects:
+class Objects(Kind):
     def __init__(self, path: Path) -> None:
         self.store = ObjectStore(path)
 
@@ -125,13 +128,10 @@ class Objects:
         self.store.put("t", f"o{i}", [i.to_bytes(4, "big") * 4096])
 
     def read(self, i: int) -> bool:
-        return self.store.stat("t", f"o{i}").size == 16384
-
-    def close(self) -> None:
-        self.store.close()
+        return bool(self.store.stat("t", f"o{i}").size == 16384)
 
 
-class Keys:
+class Keys(Kind):
     def __init__(self, path: Path) -> None:
         self.store = KeyStore(path / "keys")
 
@@ -142,11 +142,8 @@ class Keys:
     def read(self, i: int) -> bool:
         return self.store.get(("t", "tool", f"k{i}")) is not None
 
-    def close(self) -> None:
-        self.store.close()
 
-
-class Raw:
+class Raw(Kind):
     def __init__(self, path: Path) -> None:
         self.store = Rocks(path / "db")
 
@@ -157,9 +154,6 @@ class Raw:
 
     def read(self, i: int) -> bool:
         return self.store.get(i.to_bytes(4, "big")) is not None
-
-    def close(self) -> None:
-        self.store.close()
 
 
 @pytest.mark.parametrize("kind", [Episodic, Vectors, Objects, Keys, Raw])
@@ -279,11 +273,7 @@ def test_the_audit_log_holds_records_while_the_disk_is_full(
         log.flush()
         assert log.health() == "ok"
         with full(disk):
-            i = 3
-            while log.health() == "ok":
-                assert i < 50_000, "a full disk took every record"
-                log.append({"kind": "t", "task": "job", "i": i, "pad": "x" * 500})
-                i += 1
+            i = _until_stuck(log, 3)
             assert log.health().startswith("failing: the audit log cannot be written")
             with pytest.raises(AuditError, match="cannot be written"):
                 log.flush()
@@ -312,11 +302,7 @@ def test_the_audit_log_counts_what_it_cannot_hold_and_the_chain_stays_whole(
     log = AuditLog(disk / "audit")
     try:
         with full(disk):
-            i = 0
-            while log.health() == "ok":
-                assert i < 50_000, "a full disk took every record"
-                log.append({"kind": "t", "task": "job", "i": i, "pad": "x" * 500})
-                i += 1
+            i = _until_stuck(log, 0)
             seqs = [log.append({"kind": "t", "task": "job", "i": i + k, "pad": "y" * 1000})
                     for k in range(100)]  # fmt: skip
             assert 0 in seqs and seqs[0] != 0, "some held, the rest counted"
@@ -331,6 +317,15 @@ def test_the_audit_log_counts_what_it_cannot_hold_and_the_chain_stays_whole(
         log.close()
     assert ("audit_lost", lost) in kinds, kinds
     assert verify(disk / "audit").records == len(kinds)
+
+
+def _until_stuck(log: AuditLog, i: int) -> int:
+    """Appends records numbered from `i` until the log cannot write; the next number."""
+    while log.health() == "ok":
+        assert i < 50_000, "a full disk took every record"
+        log.append({"kind": "t", "task": "job", "i": i, "pad": "x" * 500})
+        i += 1
+    return i
 
 
 def _all(directory: Path) -> list[dict[str, Any]]:
