@@ -120,6 +120,8 @@ class NodeNetwork:
         #: Who the task veths made here belong to: the node `node` (`agentnode.node.restore.
         #: node_id`), whose tasks outlive this process, or else this process.
         self.owner = f"k{node}" if node else process_identity(os.getpid())
+        #: `ensure` made the bridge: one missing later was removed from outside, made again.
+        self._ensured = False
         #: This owner's task veths that `sweep(own=True)` spares: tasks re-adopted from an
         #: earlier process of the node, or left running for a later one.
         self.kept: set[str] = set()
@@ -159,6 +161,7 @@ class NodeNetwork:
     def ensure(self) -> None:
         """Creates the bridge, its address, forwarding, the masquerade rule, the inbound drop
         and the published-ports map (idempotent)."""
+        self._ensured = True
         if not any(name == self.bridge for name, _, _ in self._links()):
             self._ip("link", "add", self.bridge, "type", "bridge")
         # A bridge left to itself takes the lowest MAC of its ports, so it changes whenever that
@@ -281,7 +284,7 @@ class NodeNetwork:
             try:
                 add()
             except EgressError:
-                if any(name == self.bridge for name, _, _ in self._links()):
+                if not self._ensured or any(n == self.bridge for n, _, _ in self._links()):
                     raise
                 # Removed from outside (`ip link del`, a network manager): made again, with
                 # its address and rules, rather than every later task failing to start.
