@@ -23,6 +23,7 @@ __all__ = [
     "__version__",
     "cgroup_hierarchy",
     "cgroup_id",
+    "confine_ahead",
     "confine_self",
     "doctor",
     "egress_programs_tag",
