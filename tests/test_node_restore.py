@@ -848,3 +848,30 @@ def test_a_bridge_removed_from_outside_is_made_again(tmp_path: Path, world: Worl
         assert "the node's bridge agentnode0 was removed; making it again" in "\n".join(d.lines)
     finally:
         d.stop()
+
+
+def test_the_node_table_flushed_from_outside_is_made_again(tmp_path: Path, world: World) -> None:
+    """`nft flush ruleset` while the node runs (an operator, a firewall reload) takes the
+    bridge's inbound drop and masquerade with it: within one look (10 s) the node makes its
+    table again, with no task started meanwhile."""
+    netns = ("nsenter", f"--net=/run/netns/{world.task}")
+    d = Daemon(tmp_path, egress_config(), netns)
+    d.start()
+    try:
+        task = d.submit(["sleep", "60"], network="egress", allow=[f"{HOST4}:8080"])
+        d.wait(task["id"], states=("running",))
+        assert "table ip agentnode0" in kernel_objects(world)["nft"]
+        subprocess.run(["ip", "netns", "exec", world.task, "nft", "flush", "ruleset"], check=True)
+        assert "table ip agentnode0" not in kernel_objects(world)["nft"]
+        deadline = time.monotonic() + 30
+        while "table ip agentnode0" not in kernel_objects(world)["nft"]:
+            assert time.monotonic() < deadline, "the node's table was not made again"
+            time.sleep(0.5)
+        forward = subprocess.run(["ip", "netns", "exec", world.task, "nft", "list", "chain", "ip",
+                                  "agentnode0", "forward"], capture_output=True, text=True,
+                                 check=True).stdout  # fmt: skip
+        assert 'oifname "agentnode0" drop' in forward, forward
+        assert "was changed from outside; making it again" in "\n".join(d.lines)
+        d.client.call("POST", f"/v1/tasks/{task['id']}/cancel", {})
+    finally:
+        d.stop()

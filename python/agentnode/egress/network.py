@@ -158,6 +158,23 @@ class NodeNetwork:
         """The node netns's links: `(name, alias, master)`."""
         return self._rtnl.links()
 
+    def repair(self) -> bool:
+        """Makes the node network again when part of it was removed from outside since
+        `ensure` (the bridge: `ip link del`; the table with the inbound drop and masquerade:
+        `nft flush ruleset`); whether it had to."""
+        if not self._ensured:
+            return False
+        prefix = ["ip", "netns", "exec", self.node_netns] if self.node_netns else []
+        listed = subprocess.run([*prefix, "nft", "list", "table", "ip", self.table],
+                                capture_output=True, check=False)  # fmt: skip
+        if listed.returncode == 0 and any(n == self.bridge for n, _, _ in self._links()):
+            return False
+        log.warning("the node's network (bridge %s, table %s) was changed from outside; "
+                    "making it again", self.bridge, self.table)  # fmt: skip
+        with self._allocating:
+            self.ensure()
+        return True
+
     def ensure(self) -> None:
         """Creates the bridge, its address, forwarding, the masquerade rule, the inbound drop
         and the published-ports map (idempotent)."""

@@ -50,6 +50,9 @@ CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 #: Ended tasks' networks that may wait for the background teardown at once (`retire`).
 RETIRE_BACKLOG = 16
+#: Seconds between two looks at the node network (its bridge and table made again when they
+#: were removed from outside: an operator's `nft flush ruleset`, a network manager).
+REPAIR_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +294,24 @@ class EgressService:
             return
         started.append(None)
         ready.set()
+        loop.call_later(REPAIR_S, self._watch, loop)
         loop.run_forever()
         loop.run_until_complete(forwarder.close())
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every REPAIR_S, off the forwarder's loop: the node network made again if it was
+        removed from outside (tasks' inbound isolation and masquerade are in its table)."""
+        loop.run_in_executor(None, self._repair)
+        loop.call_later(REPAIR_S, self._watch, loop)
+
+    def _repair(self) -> None:
+        with self._lock:
+            if self._loop is None:  # closing: the network goes
+                return
+            try:
+                self.network.repair()
+            except Exception as e:  # tried again at the next look
+                log.warning("cannot make the node network again: %s", e)
 
     async def _listen(self, forwarder: DnsForwarder) -> tuple[str, int]:
         """Binds UDP and TCP on one port the kernel picks (the programs redirect both
