@@ -64,7 +64,7 @@ class PeerCap:
         if held >= self.limit:
             if peer not in self._refused:  # once per peer and burst: not a line per attempt
                 self._refused.add(peer)
-                who = peer.strip().splitlines()[-1] if "\n" in peer.strip() else peer
+                who = (peer.strip().splitlines() or ["?"])[-1]  # a cgroup file: its last line
                 log.warning("%s: refused connections past %d from one task (%s)", self.door,
                             self.limit, who)  # fmt: skip
             return None

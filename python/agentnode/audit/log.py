@@ -300,8 +300,10 @@ class AuditLog:
                 self._wake.notify()
             while self._durable < target and self._stuck is None and not self._writer_gone:
                 self._wake.wait()
-            if self._stuck is not None or self._writer_gone:
+            if self._stuck is not None:
                 raise AuditError(f"the audit log cannot be written: {self._stuck}")
+            if self._writer_gone:
+                raise AuditError("the audit log's writer stopped (the node's log says why)")
 
     @property
     def head(self) -> tuple[int, str]:

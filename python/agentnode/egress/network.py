@@ -162,18 +162,20 @@ class NodeNetwork:
         """Makes the node network again when part of it was removed from outside since
         `ensure` (the bridge: `ip link del`; the table with the inbound drop and masquerade:
         `nft flush ruleset`); whether it had to."""
-        if not self._ensured:
-            return False
-        prefix = ["ip", "netns", "exec", self.node_netns] if self.node_netns else []
-        listed = subprocess.run([*prefix, "nft", "list", "table", "ip", self.table],
-                                capture_output=True, check=False)  # fmt: skip
-        if listed.returncode == 0 and any(n == self.bridge for n, _, _ in self._links()):
+        if not self._removed():
             return False
         log.warning("the node's network (bridge %s, table %s) was changed from outside; "
                     "making it again", self.bridge, self.table)  # fmt: skip
         with self._allocating:
             self.ensure()
         return True
+
+    def _removed(self) -> bool:
+        """Whether part of what `ensure` made is gone (False before it ran)."""
+        if not self._ensured:
+            return False
+        listed = self._nft(f"list table ip {self.table}", check=False)
+        return listed.returncode != 0 or not any(n == self.bridge for n, _, _ in self._links())
 
     def ensure(self) -> None:
         """Creates the bridge, its address, forwarding, the masquerade rule, the inbound drop
@@ -301,7 +303,7 @@ class NodeNetwork:
             try:
                 add()
             except EgressError:
-                if not self._ensured or any(n == self.bridge for n, _, _ in self._links()):
+                if not self._removed():
                     raise
                 # Removed from outside (`ip link del`, a network manager): made again, with
                 # its address and rules, rather than every later task failing to start.

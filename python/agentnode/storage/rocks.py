@@ -113,7 +113,7 @@ class Rocks:
         self._generation = 0
         self._lock = threading.Lock()
         self._next_try = 0.0
-        #: The last write failed (closing then reports that failure again).
+        #: A write failed and none has succeeded since (closing then reports it again).
         self._failing = False
 
     # -- reads ----------------------------------------------------------------------------------
@@ -143,19 +143,15 @@ class Rocks:
 
     def write(self, batch: Batch, options: WriteOptions | None = None) -> None:
         """Writes `batch` atomically."""
-        self._do(
-            lambda db: (
-                db.write(batch._build()) if options is None else db.write(batch._build(), options)
-            )
-        )
+        self._do(lambda db: db.write(batch._build(), options))
 
     def put(self, key: bytes, value: bytes, options: WriteOptions | None = None) -> None:
         """Sets `key` to `value`."""
-        self._do(lambda db: db.put(key, value) if options is None else db.put(key, value, options))
+        self._do(lambda db: db.put(key, value, options))
 
     def delete(self, key: bytes, options: WriteOptions | None = None) -> None:
         """Deletes `key`."""
-        self._do(lambda db: db.delete(key) if options is None else db.delete(key, options))
+        self._do(lambda db: db.delete(key, options))
 
     def delete_range(self, begin: bytes, end: bytes) -> None:
         """Deletes the keys from `begin` up to (not including) `end`."""
@@ -187,7 +183,6 @@ class Rocks:
         db, generation = self._handle(), self._generation
         try:
             op(db)
-            self._failing = False
             return
         except Exception as e:  # RocksDB refuses writes from now on: reopen, try once more
             self._failing = True
