@@ -396,6 +396,33 @@ def test_usage_is_the_cpu_and_memory_peak_of_stats_while_it_runs(ws: Path) -> No
     assert t.usage() is None
 
 
+def test_usage_reads_fresh_figures_each_time_and_the_cgroups_still_go(ws: Path) -> None:
+    # The files usage() reads are opened once and read again from their start: each reading
+    # must be the kernel's figure of now, and the open files must not keep the cgroups.
+    code = "import time; time.sleep(0.4); b = bytearray(48 << 20); t = time.time()\n" \
+        "while time.time() < t + 60: pass"  # fmt: skip
+    t = spawn(["python3", "-c", code], workspace=ws)
+    try:
+        time.sleep(0.2)
+        first = t.usage()
+        assert first is not None and first[1] < 48 << 20
+        seen = [first]
+        for _ in range(4):
+            time.sleep(0.25)
+            now = t.usage()
+            assert now is not None
+            seen.append(now)
+        cpus = [u[0] for u in seen]
+        assert cpus == sorted(cpus) and cpus[-1] > cpus[1] > cpus[0]
+        assert seen[-1][1] >= 48 << 20
+        directory = t.cgroup_dir
+        assert directory is not None
+    finally:
+        t.close()
+    assert t.usage() is None and t.cgroup_dir is None
+    assert instance_tasks() == [] and not Path(directory).exists()
+
+
 def test_timeout_kills_a_tree_with_a_double_forked_daemon(ws: Path) -> None:
     marker = f"{1000 + uuid.uuid4().int % 1000}.{os.getpid()}"
     t = spawn(

@@ -135,21 +135,24 @@ async def _socket_transport(path: str, token: str) -> AsyncIterator[TransportStr
         except OSError as e:
             raise ConfigError(f"cannot reach the node's MCP socket {path}: {e.strerror}") from None
         lines = FdLines(conn.fileno())
-        out = FdWriter(conn.fileno())
-        await out.write(token + "\n")
-        answer = (await anext(lines, "")).strip()
-        if answer != HANDSHAKE_OK:
-            raise ConfigError(f"the node's MCP socket {path} refused the connection: "
-                              f"{answer or 'it closed'}")  # fmt: skip
-        # stdio_server: the SDK's line framing, the same in both directions (it is a client's
-        # transport as well as a server's when handed the streams to use).
-        async with stdio_server(lines, out) as streams:  # type: ignore[arg-type]
-            try:
-                yield streams
-            finally:
-                # Our reader sees EOF at once and the node sees the session end; without
-                # it the transport would wait on a read the node has no reason to answer.
-                with contextlib.suppress(OSError):
-                    conn.shutdown(sockets.SHUT_RDWR)
+        try:
+            out = FdWriter(conn.fileno())
+            await out.write(token + "\n")
+            answer = (await anext(lines, "")).strip()
+            if answer != HANDSHAKE_OK:
+                raise ConfigError(f"the node's MCP socket {path} refused the connection: "
+                                  f"{answer or 'it closed'}")  # fmt: skip
+            # stdio_server: the SDK's line framing, the same in both directions (a client's
+            # transport as well as a server's when handed the streams to use).
+            async with stdio_server(lines, out) as streams:  # type: ignore[arg-type]
+                try:
+                    yield streams
+                finally:
+                    # Our reader sees EOF at once and the node sees the session end; without
+                    # it the transport would wait on a read the node has no reason to answer.
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(sockets.SHUT_RDWR)
+        finally:
+            lines.close()
     finally:
         conn.close()

@@ -54,7 +54,12 @@ class LineTooLong(ValueError):
 class FdLines:
     """Lines (each with its newline) read from fd `fd` when it is readable; ends at EOF or a
     read error. With `limit` (which may be changed between lines), a line longer than `limit`
-    bytes raises `LineTooLong`."""
+    bytes raises `LineTooLong`. `close()` before the fd is closed.
+
+    The fd stays registered with the loop between lines while a reader keeps coming back: a
+    registration per wait (uvloop makes and frees a poll handle, six syscalls) was most of the
+    syscalls of a tool call through the node. Readable with nobody waiting, it is dropped, so
+    a consumer that stopped reading never makes the loop spin."""
 
     def __init__(self, fd: int, *, limit: int | None = None) -> None:
         self._fd = fd
@@ -63,12 +68,21 @@ class FdLines:
         self._buffer = bytearray()
         self._scanned = 0
         self.limit = limit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
         os.set_blocking(fd, False)
 
     def __aiter__(self) -> FdLines:
         return self
 
     async def __anext__(self) -> str:
+        try:
+            return await self._next()
+        except BaseException:
+            self.close()
+            raise
+
+    async def _next(self) -> str:
         while (end := self._buffer.find(b"\n", self._scanned)) < 0:
             self._scanned = len(self._buffer)
             if self.limit is not None and self._scanned > self.limit:
@@ -76,7 +90,7 @@ class FdLines:
             try:
                 chunk = os.read(self._fd, 1 << 16)
             except BlockingIOError:
-                await _ready(self._fd, write=False)
+                await self._readable()
                 continue
             except OSError:
                 chunk = b""
@@ -89,6 +103,28 @@ class FdLines:
         if self.limit is not None and end > self.limit:
             raise LineTooLong(f"a line longer than {self.limit} bytes")
         return line
+
+    async def _readable(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._fd, self._wake)
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is None:
+            self.close()  # nobody reads now: registered again at the next wait
+        elif not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        """Drops the fd's registration with the loop (the fd itself is the caller's)."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop = None
 
 
 class FdWriter:
@@ -112,13 +148,13 @@ class FdWriter:
                 try:
                     data = data[os.write(self._fd, data) :]
                 except BlockingIOError:
-                    await _ready(self._fd, write=True)
+                    await _writable(self._fd)
 
     async def flush(self) -> None:
         return None
 
 
-async def _ready(fd: int, *, write: bool) -> None:
+async def _writable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
@@ -126,14 +162,11 @@ async def _ready(fd: int, *, write: bool) -> None:
         if not done.done():
             done.set_result(None)
 
-    add, remove = (
-        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    )
-    add(fd, wake)
+    loop.add_writer(fd, wake)
     try:
         await done
     finally:
-        remove(fd)
+        loop.remove_writer(fd)
 
 
 def _malformed(line: str, error: ValidationError) -> types.JSONRPCError:

@@ -310,8 +310,11 @@ class _Instance:
         # The server's stdout is what we read; its stdin is what we write.
         reader = FdLines(self.proc.stdout.fileno())
         self._stdin = FdWriter(self.proc.stdin.fileno())
-        async with client_streams(reader, self._stdin, route=self._answered) as streams:
-            yield streams
+        try:
+            async with client_streams(reader, self._stdin, route=self._answered) as streams:
+                yield streams
+        finally:
+            reader.close()
 
     def _answered(self, message: types.JSONRPCMessage) -> bool:
         """Takes the response to a passed-through call off the session's way (a late one, to

@@ -162,8 +162,8 @@ class MCPSocket:
         self._peers.release(peer)
 
     async def _serve(self, conn: socket.socket) -> None:
+        lines = FdLines(conn.fileno(), limit=MAX_TOKEN_LINE)
         try:
-            lines = FdLines(conn.fileno(), limit=MAX_TOKEN_LINE)
             out = FdWriter(conn.fileno())
             try:
                 token = (await asyncio.wait_for(anext(lines, ""), HANDSHAKE_S)).strip()
@@ -191,6 +191,7 @@ class MCPSocket:
         except Exception:
             log.exception("MCP socket: a connection failed")
         finally:
+            lines.close()
             conn.close()
 
     async def _session(self, lines: FdLines, out: FdWriter, token: str, tenant: str) -> None:

@@ -110,6 +110,44 @@ fn read(dir: &Path, file: &str) -> Result<String> {
     text.map_err(|source| Error::Read { path, source })
 }
 
+/// The two files [`TaskCgroup::usage`] reads (the CPU file, and the memory peak's when the
+/// kernel has one), opened at its first call and kept: a read from offset 0 of an open cgroup
+/// file is one syscall, where opening it by path is three and a walk of the path (~30 us of
+/// each tool call's two readings).
+#[derive(Debug, Default)]
+struct UsageFiles(std::sync::OnceLock<(PathBuf, std::fs::File, Option<std::fs::File>)>);
+
+impl UsageFiles {
+    /// The texts of the CPU file and of the memory peak's (None when it cannot be opened), at
+    /// the paths `paths` gives, asked for at the first call only.
+    fn read(&self, paths: impl FnOnce() -> (PathBuf, PathBuf)) -> Result<(String, Option<String>)> {
+        let (path, cpu, peak) = if let Some(files) = self.0.get() {
+            files
+        } else {
+            let (path, peak) = paths();
+            let cpu = match std::fs::File::open(&path) {
+                Ok(cpu) => cpu,
+                Err(source) => return Err(Error::Read { path, source }),
+            };
+            self.0
+                .get_or_init(|| (path, cpu, std::fs::File::open(peak).ok()))
+        };
+        let text = read_from_start(cpu).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok((text, peak.as_ref().and_then(|f| read_from_start(f).ok())))
+    }
+}
+
+/// A cgroup file's whole text (a small file: one read), read again from its start.
+fn read_from_start(file: &std::fs::File) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = [0u8; 4096];
+    let n = file.read_at(&mut buf, 0)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 fn read_u64(dir: &Path, file: &str) -> Result<u64> {
     Ok(read(dir, file)?.trim().parse().unwrap_or(0))
 }
@@ -155,6 +193,8 @@ pub fn v2_files(limits: &Limits) -> Vec<(&'static str, String)> {
 /// A task on a cgroup2-only host.
 #[derive(Debug)]
 pub struct V2 {
+    /// Closed before the dir goes (fields drop in order).
+    usage: UsageFiles,
     dir: OwnedDir,
 }
 
@@ -163,6 +203,7 @@ impl V2 {
     pub fn create(parent: &Path, name: &str) -> Result<Self> {
         Ok(Self {
             dir: mkdir(parent, name)?,
+            usage: UsageFiles::default(),
         })
     }
 }
@@ -173,6 +214,7 @@ impl V2 {
     pub fn adopt(dir: PathBuf) -> Self {
         Self {
             dir: OwnedDir::adopt(dir),
+            usage: UsageFiles::default(),
         }
     }
 }
@@ -218,9 +260,12 @@ impl TaskCgroup for V2 {
 
     fn usage(&self) -> Result<Usage> {
         let d = self.dir.path();
+        let (cpu, peak) = self
+            .usage
+            .read(|| (d.join("cpu.stat"), d.join("memory.peak")))?;
         Ok(Usage {
-            cpu_us: keyed(&read(d, "cpu.stat")?, "usage_usec"),
-            memory_peak: read_u64(d, "memory.peak").unwrap_or(0),
+            cpu_us: keyed(&cpu, "usage_usec"),
+            memory_peak: peak.and_then(|p| p.trim().parse().ok()).unwrap_or(0),
         })
     }
 }
@@ -245,6 +290,7 @@ pub struct Hybrid {
     /// The `tasks` files, opened with the dirs (for a spare, ahead of its start) and handed
     /// to the first [`TaskCgroup::join_files`].
     joins: std::sync::Mutex<Vec<OwnedFd>>,
+    usage: UsageFiles,
 }
 
 impl Hybrid {
@@ -267,6 +313,7 @@ impl Hybrid {
             v1,
             owned_v1,
             joins: std::sync::Mutex::new(joins),
+            usage: UsageFiles::default(),
         })
     }
 
@@ -285,6 +332,7 @@ impl Hybrid {
             v1,
             owned_v1,
             joins: std::sync::Mutex::new(Vec::new()),
+            usage: UsageFiles::default(),
         }
     }
 
@@ -301,6 +349,7 @@ impl Drop for Hybrid {
     fn drop(&mut self) {
         // v1 dirs go before the cgroup2 node (a field dropped after this), so a cgroup2 node
         // that is gone means the whole task is released.
+        self.usage = UsageFiles::default();
         self.owned_v1.clear();
     }
 }
@@ -397,10 +446,16 @@ impl TaskCgroup for Hybrid {
     }
 
     fn usage(&self) -> Result<Usage> {
+        let (cpu, peak) = self.usage.read(|| {
+            (
+                self.v1("cpuacct").join("cpuacct.usage"),
+                self.v1("memory").join("memory.max_usage_in_bytes"),
+            )
+        })?;
         Ok(Usage {
             // cpuacct.usage is exact (ns): the total `stats` splits into user and system.
-            cpu_us: read_u64(self.v1("cpuacct"), "cpuacct.usage")? / 1000,
-            memory_peak: read_u64(self.v1("memory"), "memory.max_usage_in_bytes")?,
+            cpu_us: cpu.trim().parse::<u64>().unwrap_or(0) / 1000,
+            memory_peak: peak.and_then(|p| p.trim().parse().ok()).unwrap_or(0),
         })
     }
 }
