@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from agentnode.tools.registry import Caller, Registry, RetryPolicy, Tool, ToolLi
 from agentnode.tools.result import Outcome
 from agentnode.tools.service import ToolService
 from agentnode.tools.web import WebTools
+from support.counting_listener import counting_listener
 from support.egress_world import HOST4, World
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
@@ -98,6 +100,79 @@ def test_bad_input_is_invalid_input_with_its_schema_path(args: Any, path: str) -
     assert meta(result)["path"] == path
     assert result["content"][0]["text"].startswith(f"input {path}:")
     assert [r["class"] for r in records] == ["invalid_input"]
+
+
+#: Schemas and inputs on which the fast validator and the Python one must agree.
+AGREE: list[tuple[Mapping[str, Any], list[Any]]] = [
+    (ECHO.input_schema, [{"n": 0}, {"n": 1.0}, {"n": True}, {"n": 1, "items": []},
+                         {"n": 1, "auth": {"token": 3}}, {"n": 2**70}, {}]),
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "^[a-z]+$",
+                                             "minLength": 2, "maxLength": 4}}},
+     [{"s": "ab"}, {"s": "a"}, {"s": "abcde"}, {"s": "aB"}, {"s": "é"}, {"s": "ab\n"}]),
+    ({"type": "object", "properties": {"e": {"enum": ["x", 1, None]}, "c": {"const": [1]}}},
+     [{"e": "x"}, {"e": None}, {"e": "y"}, {"c": [1]}, {"c": [1.0]}, {"c": 1}]),
+    ({"type": "object", "$defs": {"pos": {"type": "number", "exclusiveMinimum": 0}},
+      "properties": {"p": {"$ref": "#/$defs/pos"}, "q": {"type": "array",
+                                                        "items": {"$ref": "#/$defs/pos"},
+                                                        "uniqueItems": True}}},
+     [{"p": 1}, {"p": 0}, {"q": [1, 2]}, {"q": [1, 1]}, {"q": [1, -1]}]),
+    ({"type": "object", "properties": {"o": {"oneOf": [{"type": "integer"},
+                                                      {"type": "number"}]},
+                                       "a": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                       "n": {"not": {"type": "boolean"}}}},
+     [{"o": 1}, {"o": 1.5}, {"o": "1"}, {"a": None}, {"a": 1}, {"n": False}, {"n": 0}]),
+    ({"type": "object", "required": ["k"], "properties": {"k": {"type": "object",
+                                                               "minProperties": 1,
+                                                               "additionalProperties":
+                                                                   {"type": "integer"}}}},
+     [{"k": {"x": 1}}, {"k": {}}, {"k": {"x": "1"}}, {"k": []}, {}]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("schema", "inputs"), AGREE)
+def test_the_fast_validator_and_the_python_one_agree(
+    schema: Mapping[str, Any], inputs: list[Any]
+) -> None:
+    # Inputs pass on the fast validator's word alone: it must never pass what the Python one
+    # (whose words an error gives) refuses. The other way they may differ ("ab\n" fits
+    # "^[a-z]+$" in Python's regex dialect, not in ECMA 262's): the Python one then decides,
+    # as it did alone before.
+    tool = Tool(name="t", description="", input_schema=schema, run=_echo)
+    assert tool._fast is not None
+    for args in inputs:
+        assert (tool.input_error(args) is None) == tool.validator.is_valid(args), args
+        assert tool.validator.is_valid(args) or not tool._fast.is_valid(args), args
+
+
+@pytest.mark.parametrize(
+    "refer",
+    [
+        lambda url: {"type": "object", "properties": {"a": {"$ref": url}}},
+        lambda url: {"$ref": url},
+        lambda url: {
+            "type": "object",
+            "$defs": {"d": {"$ref": url}},
+            "properties": {"a": {"$ref": "#/$defs/d"}},
+        },
+        lambda url: {
+            "$id": url.rsplit("/", 1)[0] + "/base.json",
+            "type": "object",
+            "properties": {"a": {"$ref": "other.json"}},
+        },
+        lambda url: {"type": "object", "properties": {"a": {"items": {"$ref": url + "#/x"}}}},
+    ],
+    ids=["property", "root", "defs", "relative-to-id", "fragment"],
+)
+def test_a_schema_ref_by_url_is_never_fetched(refer: Any) -> None:
+    # The node is outside every egress policy: a tool's schema (an MCP server's word) naming
+    # a URL must not make it connect, nor block its loop on the fetch.
+    with counting_listener() as (url, connections):
+        tool = Tool(name="r", description="", input_schema=refer(url), run=_echo)
+        result = call(service(tool), "r", {"a": [1]}, A)
+    assert connections == []
+    assert meta(result)["class"] == "invalid_input"
+    text = result["content"][0]["text"]
+    assert "does not fetch" in text and "\n" not in text
 
 
 def test_an_unknown_tool_or_one_of_another_tenant_looks_the_same() -> None:

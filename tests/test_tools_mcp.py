@@ -27,6 +27,7 @@ from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
 from conftest import processes_with, run_cli
+from support.counting_listener import counting_listener
 from support.egress_world import HOST4, OTHER4, World
 from support.node_daemon import Daemon, daemon
 
@@ -103,6 +104,36 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
     assert out["idle"] == (None, None)
     assert not host_pid_alive(pid_a) and not host_pid_alive(pid_b)
     assert [r["tool"] for r in records][:2] == ["t__add", "t__add"]
+
+
+def test_a_listed_tool_the_node_cannot_take_is_left_out_and_no_schema_is_fetched(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server's schemas are its word: an invalid one must not break the listing of its other
+    # tools, and a `$ref` by URL must not make the node (outside every egress policy) connect.
+    async def scenario(url: str) -> dict[str, Any]:
+        servers = MCPServers([sdk_server(command=(sys.executable, SERVER, "--schemas", url))])
+        svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
+        out: dict[str, Any] = {"names": {t["name"] for t in await svc.list("a")}}
+        out["remote"] = await svc.call("t__remote", {"a": 1}, A)
+        out["unreached"] = await svc.call("t__remote", {}, A)  # the $ref not on the way
+        out["broken"] = await svc.call("t__broken", {}, A)
+        out["add"] = await svc.call("t__add", {"a": 1, "b": 2}, A)
+        await servers.close()
+        return out
+
+    with counting_listener() as (url, connections):
+        out = asyncio.run(scenario(url))
+    assert {"t__add", "t__remote"} <= out["names"] and "t__broken" not in out["names"]
+    assert meta(out["remote"])["class"] == "invalid_input"
+    assert "does not fetch" in out["remote"]["content"][0]["text"]
+    assert url in out["remote"]["content"][0]["text"]
+    assert meta(out["unreached"])["class"] == "ok"
+    assert meta(out["broken"])["class"] == "invalid_input"
+    assert out["add"]["structuredContent"] == {"sum": 3}
+    assert connections == []
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 1 and "'broken'" in left_out[0]
 
 
 def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path) -> None:

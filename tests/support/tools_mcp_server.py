@@ -6,7 +6,8 @@ apart), `session` (the caller's MCP session and TCP port over HTTP), `connect` (
 to test its egress policy), `flaky` (fails until it has been called N times; counts runs in a
 file, to test retries), `hog` (allocates memory), `crash` (exits), `wait` (sleeps, noting in
 `events` that it started and how it ended: to see a call cancelled from the other end),
-`blob` (a large result), `chatty` (log messages and progress sent while it runs)."""
+`blob` (a large result), `chatty` (log messages and progress sent while it runs). With
+`--schemas URL`, two tools whose listed input schemas the node cannot take (`odd_schemas`)."""
 
 from __future__ import annotations
 
@@ -121,8 +122,28 @@ def events() -> str:
     return " ".join(EVENTS)
 
 
+def odd_schemas(url: str) -> None:
+    """Two more tools, listed with input schemas the node cannot take: `broken` (invalid) and
+    `remote` (its `a` is a `$ref` to `url`, which must never be fetched)."""
+
+    @server.tool()
+    def broken() -> str:
+        return "broken ran"
+
+    @server.tool()
+    def remote() -> str:
+        return "remote ran"
+
+    tools = server._tool_manager._tools
+    tools["broken"].parameters = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+    tools["remote"].parameters = {"type": "object", "properties": {"a": {"$ref": url}}}
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--http"]:
+    if sys.argv[1:2] == ["--schemas"]:
+        odd_schemas(sys.argv[2])
+        server.run()
+    elif sys.argv[1:2] == ["--http"]:
         server.run(transport="streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
     else:
         server.run()

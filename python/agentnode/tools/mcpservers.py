@@ -488,7 +488,7 @@ class MCPServers:
         self._instances: dict[tuple[str, str], _Instance] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tools: dict[str, list[dict[str, Any]]] = {}
-        self._made: dict[tuple[str, str], Tool] = {}
+        self._made: dict[tuple[str, str], Tool | None] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     def instance_pid(self, server: str, tenant: str) -> int | None:
@@ -545,7 +545,8 @@ class MCPServers:
         out = []
         for spec in self.specs.values():
             if self._allowed(spec, tenant):
-                out += [self._tool(spec, t) for t in await self._listed(spec, tenant)]
+                made = (self._tool(spec, t) for t in await self._listed(spec, tenant))
+                out += [tool for tool in made if tool is not None]
         return out
 
     def _server(self, name: str, tenant: str) -> tuple[MCPServerSpec, str] | None:
@@ -575,11 +576,18 @@ class MCPServers:
         spec, remote = named
         return self._find(spec, remote, self._tools.get(spec.name, []))
 
-    def _tool(self, spec: MCPServerSpec, listed: dict[str, Any]) -> Tool:
+    def _tool(self, spec: MCPServerSpec, listed: dict[str, Any]) -> Tool | None:
+        """The node's tool for one the server listed; None (and one log line) for one the node
+        cannot take, such as an invalid input schema: the server's other tools are served."""
         key = (spec.name, listed["name"])
-        tool = self._made.get(key)
-        if tool is None:
-            tool = self._made[key] = self._make_tool(spec, listed)
+        if key in self._made:
+            return self._made[key]
+        try:
+            tool = self._make_tool(spec, listed)
+        except UsageError as e:
+            log.warning("MCP server %s: tool %r left out: %s", spec.name, listed["name"], e)
+            tool = None
+        self._made[key] = tool
         return tool
 
     def _make_tool(self, spec: MCPServerSpec, listed: dict[str, Any]) -> Tool:

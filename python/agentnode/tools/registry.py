@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import jsonschema_rs
+import referencing
+import referencing.exceptions
 
 from agentnode.egress.policy import EgressPolicy
 from agentnode.errors import UsageError
@@ -24,6 +27,9 @@ __all__ = [
     "ToolLimits",
     "redact",
 ]
+
+#: What a schema's `$ref` may name beyond the schema itself: nothing (no retrieval).
+NO_FETCH: referencing.Registry[Any] = referencing.Registry()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +107,10 @@ class Tool:
 
     #: Built once: checking a schema and compiling its validator cost more than a call.
     validator: Any = field(init=False, repr=False, compare=False)
+    #: The same schema compiled by jsonschema-rs, which answers "valid?" in ~0.2 us where the
+    #: pure-Python validator takes ~12 us hot and ~50 us in a tool call's cold caches; None
+    #: when it cannot compile the schema (the Python validator then decides alone).
+    _fast: Any = field(init=False, repr=False, compare=False)
     #: `describe()`'s answer, built once (a deep copy per listing was ~0.1 ms a tool, and
     #: every agent lists them at its start).
     _described: dict[str, Any] = field(init=False, repr=False, compare=False)
@@ -112,7 +122,15 @@ class Tool:
             raise UsageError(
                 f"tool {self.name}: its input schema is invalid: {e.message}"
             ) from None
-        object.__setattr__(self, "validator", jsonschema.Draft202012Validator(self.input_schema))
+        # Neither validator fetches a `$ref` by URL: a schema is an MCP server's word, and the
+        # node reaches what a sandboxed server may not (the Python one fetched by default).
+        validator = jsonschema.Draft202012Validator(self.input_schema, registry=NO_FETCH)
+        object.__setattr__(self, "validator", validator)
+        try:
+            fast = jsonschema_rs.Draft202012Validator(dict(self.input_schema), offline=True)
+        except Exception:  # its checks differ from the Python validator's, which passed it
+            fast = None
+        object.__setattr__(self, "_fast", fast)
         out: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
@@ -123,8 +141,14 @@ class Tool:
         object.__setattr__(self, "_described", out)
 
     def input_error(self, args: Any) -> str | None:
-        """None when `args` fits the input schema; else one line naming the path and problem."""
-        error = jsonschema.exceptions.best_match(self.validator.iter_errors(args))
+        """None when `args` fits the input schema; else one line naming the path and problem
+        (the Python validator's words: it is asked whenever the fast one says no)."""
+        if self._fast is not None and self._fast.is_valid(args):
+            return None
+        try:
+            error = jsonschema.exceptions.best_match(self.validator.iter_errors(args))
+        except referencing.exceptions.Unresolvable as e:
+            return f"(root): the tool's input schema refers to {e}, which the node does not fetch"
         if error is None:
             return None
         path = "/".join(str(p) for p in error.absolute_path)
