@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from agentnode.audit import AuditLog, verify
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
 from agentnode.isolation.spec import Mount
+from agentnode.tools import mcpservers
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.registry import Caller, Registry, ToolLimits
 from agentnode.tools.service import ToolService
@@ -90,7 +92,7 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
 
     out = asyncio.run(scenario())
     assert {t["name"] for t in out["tools"]} == {"t__add", "t__whoami", "t__connect", "t__flaky",
-                                                 "t__crash", "t__session", "t__hog",
+                                                 "t__crash", "t__session", "t__hog", "t__flood",
                                                  "t__wait", "t__events", "t__blob",
                                                  "t__chatty"}  # fmt: skip
     add = next(t for t in out["tools"] if t["name"] == "t__add")
@@ -134,6 +136,39 @@ def test_a_listed_tool_the_node_cannot_take_is_left_out_and_no_schema_is_fetched
     assert connections == []
     left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(left_out) == 1 and "'broken'" in left_out[0]
+
+
+def test_a_server_flooding_its_stdout_is_cut_off_and_the_node_holds_little(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One endless line from a sandboxed server (its own memory limit does not bound what the
+    # node buffers for it) is cut off at the node's line limit: the server is stopped, the
+    # call is transient, and the next one gets a new instance.
+    monkeypatch.setattr(mcpservers, "MAX_MESSAGE", 4 << 20)
+    servers = MCPServers([sdk_server(limits=ToolLimits(memory=256 << 20, pids=64, timeout=60))])
+    svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
+    me = psutil.Process()
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {"first": await svc.call("t__whoami", {}, A)}
+        pid = servers.instance_pid("t", "a")
+        rss, t0 = me.memory_info().rss, time.monotonic()
+        out["flood"] = await svc.call("t__flood", {"mib": 96}, A)
+        out["took"], out["grew"] = time.monotonic() - t0, me.memory_info().rss - rss
+        out["gone"] = not host_pid_alive(pid)
+        out["next"] = await svc.call("t__add", {"a": 1, "b": 2}, A)
+        out["new"] = servers.instance_pid("t", "a") not in (None, pid)
+        await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert meta(out["first"])["class"] == "ok"
+    assert meta(out["flood"])["class"] == "transient", out["flood"]
+    assert out["took"] < 30 and out["gone"]
+    assert out["grew"] < 48 << 20, f"the node grew {out['grew'] >> 20} MiB"
+    assert out["next"]["structuredContent"] == {"sum": 3} and out["new"]
+    cut = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("MCP server t (a) stopped")
 
 
 def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path) -> None:

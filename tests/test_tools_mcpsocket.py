@@ -861,6 +861,62 @@ def test_what_one_task_holds_of_the_http_door_is_bounded(tmp_path: Path) -> None
     assert out["after"]["result"]["content"][0]["text"] == "t1/a: h"
 
 
+def test_a_request_body_over_the_bound_is_refused_not_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HTTP door holds at most one message's bound of a request: a body announced larger
+    is refused before it is read (with a token or without), a chunked one is cut off as it
+    grows past it, and calls under the bound go on being served."""
+    import httpx2
+
+    from agentnode.tools import endpoint as door
+    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+
+    monkeypatch.setattr(door, "MAX_MESSAGE", 1 << 20)
+    headers = {"Authorization": "Bearer ta", "Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+               "Mcp-Name": "echo", "Content-Type": "application/json"}  # fmt: skip
+    line = call_line(1, "echo", {"say": "h"}, era="modern").encode()
+    # Valid JSON-RPC up to the end, padded with spaces past the bound.
+    big = line[:-1] + b" " * (2 << 20) + line[-1:]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 256 << 10):
+            yield big[i : i + (256 << 10)]
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        node = Node(tmp_path / "mcps.sock")
+        uds = tmp_path / "mcp.sock"
+        endpoint = MCPEndpoint(lambda: mcp_app(node.service, node.tokens.get), uds=uds)
+        await endpoint.start()
+        transport = httpx2.AsyncHTTPTransport(uds=str(uds))
+        url = "http://agentnode/mcp"
+        try:
+            async with httpx2.AsyncClient(transport=transport, timeout=30) as http:
+                for who, auth in (("token", headers), ("none", {**headers, "Authorization": ""})):
+                    r = await http.post(url, content=big, headers=auth)
+                    out[who] = (r.status_code, r.json())
+                try:
+                    r = await http.post(url, content=chunks(), headers=headers)
+                    out["chunked"] = r.status_code
+                except httpx2.HTTPError as e:
+                    out["chunked"] = type(e).__name__
+                r = await http.post(url, content=line, headers=headers)
+                out["after"] = r.json()
+        finally:
+            await endpoint.stop()
+        return out
+
+    out = asyncio.run(scenario())
+    for who in ("token", "none"):
+        status, body = out[who]
+        assert status == 413, who
+        assert body["error"]["message"].startswith(f"a request body over {1 << 20} bytes"), who
+    assert out["chunked"] != 200
+    assert out["after"]["result"]["content"][0]["text"] == "t1/a: h"
+
+
 def test_what_one_connection_runs_at_once_is_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,7 +4,7 @@ over streamable HTTP on 127.0.0.1:PORT (`--http PORT`).
 Tools: `add` (with an output schema), `whoami` (its pid and hostname, to tell instances
 apart), `session` (the caller's MCP session and TCP port over HTTP), `connect` (opens a TCP connection,
 to test its egress policy), `flaky` (fails until it has been called N times; counts runs in a
-file, to test retries), `hog` (allocates memory), `crash` (exits), `wait` (sleeps, noting in
+file, to test retries), `hog` (allocates memory), `crash` (exits), `flood` (an endless line on stdout), `wait` (sleeps, noting in
 `events` that it started and how it ended: to see a call cancelled from the other end),
 `blob` (a large result), `chatty` (log messages and progress sent while it runs). With
 `--schemas URL`, two tools whose listed input schemas the node cannot take (`odd_schemas`)."""
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -21,6 +22,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from pydantic import BaseModel
 
 server = MCPServer("agentnode-test")
+#: The stdout the node reads, held before the SDK's stdio transport moves it off fd 1 (which
+#: it points at stderr, so that stray prints cannot break the framing): `flood` writes here.
+WIRE = os.dup(1)
 
 
 class Sum(BaseModel):
@@ -75,6 +79,17 @@ def hog(mib: int) -> str:
     """Allocates (and touches) `mib` MiB: past its sandbox's memory limit, it is killed."""
     held = bytearray(mib << 20)
     return f"held {len(held)} bytes"
+
+
+@server.tool()
+def flood(mib: int) -> str:
+    """Writes `mib` MiB to its stdout with no newline (one endless line, on stdio), then
+    waits: the node must not hold it all."""
+    chunk = b"x" * (1 << 20)
+    for _ in range(mib):
+        os.write(WIRE, chunk)
+    time.sleep(600)
+    return "flooded"
 
 
 @server.tool()

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 __all__ = [
     "HANDSHAKE_OK",
+    "MAX_MESSAGE",
     "FdLines",
     "FdWriter",
     "LineTooLong",
@@ -42,6 +43,10 @@ __all__ = [
 
 #: The node's answer to a good token on its MCP socket (`agentnode.tools.mcpsocket`).
 HANDSHAKE_OK = "ok"
+#: The largest JSON-RPC message the node takes from a peer (a line on a task's connection or
+#: a server's stdout, a request body on the HTTP door): a message is held whole, so this
+#: bounds what one peer makes the node hold.
+MAX_MESSAGE = 64 << 20
 
 #: Takes a parsed message off the SDK session's way (True) or leaves it to the session.
 Route = Callable[[types.JSONRPCMessage], bool]
@@ -221,11 +226,16 @@ async def serving_streams(
 
 @contextlib.asynccontextmanager
 async def client_streams(
-    lines: FdLines, out: FdWriter, *, route: Route | None = None
+    lines: FdLines,
+    out: FdWriter,
+    *,
+    route: Route | None = None,
+    on_too_long: Callable[[LineTooLong], None] | None = None,
 ) -> AsyncIterator[TransportStreams]:
     """The SDK's stdio transport for the node's end of a server's pipes: what `stdio_server`
-    makes of them (a malformed line reaches the session as the error it is), with `route`."""
-    async with _line_streams(lines, out, route, lambda line, e: e) as streams:
+    makes of them (a malformed line reaches the session as the error it is), with `route`.
+    A line over the reader's limit ends the reading and is told to `on_too_long`."""
+    async with _line_streams(lines, out, route, lambda line, e: e, on_too_long) as streams:
         yield streams
 
 
@@ -235,6 +245,7 @@ async def _line_streams(
     out: FdWriter,
     route: Route | None,
     malformed: Callable[[str, ValidationError], SessionMessage | Exception],
+    on_too_long: Callable[[LineTooLong], None] | None = None,
 ) -> AsyncIterator[TransportStreams]:
     """`malformed(line, error)` says what becomes of a line that is no JSON-RPC message: an
     answer to write back (a `SessionMessage`) or an error for the session to read."""
@@ -259,6 +270,8 @@ async def _line_streams(
                         continue
                     await read_writer.send(SessionMessage(message))
             except LineTooLong as e:
+                if on_too_long is not None:
+                    on_too_long(e)
                 error = types.ErrorData(code=types.INVALID_REQUEST, message=str(e))
                 await answers.send(SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None,
                                                                      error=error)))  # fmt: skip

@@ -56,7 +56,14 @@ from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.isolation import task as isolation
 from agentnode.isolation.spec import Mount
-from agentnode.tools.lines import FdLines, FdWriter, client_streams, write_message
+from agentnode.tools.lines import (
+    MAX_MESSAGE,
+    FdLines,
+    FdWriter,
+    LineTooLong,
+    client_streams,
+    write_message,
+)
 from agentnode.tools.registry import Caller, RetryPolicy, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 from agentnode.tools.sandboxed import SPAWNER, owned_workspace, sandbox_limits
@@ -308,13 +315,24 @@ class _Instance:
         assert self.proc is not None and self.proc.stdout is not None
         assert self.proc.stdin is not None
         # The server's stdout is what we read; its stdin is what we write.
-        reader = FdLines(self.proc.stdout.fileno())
+        reader = FdLines(self.proc.stdout.fileno(), limit=MAX_MESSAGE)
         self._stdin = FdWriter(self.proc.stdin.fileno())
         try:
-            async with client_streams(reader, self._stdin, route=self._answered) as streams:
+            async with client_streams(
+                reader, self._stdin, route=self._answered, on_too_long=self._too_long
+            ) as streams:
                 yield streams
         finally:
             reader.close()
+
+    def _too_long(self, error: LineTooLong) -> None:
+        """The server wrote a line past the node's limit: it is stopped (its memory limit does
+        not bound what the node would buffer for it), and its calls end as its exit ends them."""
+        log.warning("MCP server %s (%s) stopped: %s on its stdout", self.spec.name, self.tenant,
+                    error)  # fmt: skip
+        if self.proc is not None and self.proc.result is None:
+            with contextlib.suppress(AgentnodeError, ProcessLookupError):
+                self.proc.signal(signal.SIGKILL)
 
     def _answered(self, message: types.JSONRPCMessage) -> bool:
         """Takes the response to a passed-through call off the session's way (a late one, to

@@ -64,6 +64,7 @@ from agentnode.tools.endpoint import (
 )
 from agentnode.tools.lines import (
     HANDSHAKE_OK,
+    MAX_MESSAGE,
     FdLines,
     FdWriter,
     LineTooLong,
@@ -74,12 +75,10 @@ from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 from agentnode.unixsock import listen_unix
 
-__all__ = ["HANDSHAKE_S", "MAX_CALLS", "MAX_LINE", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
+__all__ = ["HANDSHAKE_S", "MAX_CALLS", "MAX_PER_TASK", "MAX_TOKEN_LINE", "MCPSocket"]
 
 log = logging.getLogger("agentnode.tools.mcp")
 
-#: The longest line (one JSON-RPC message) a connection may send: its arguments are held whole.
-MAX_LINE = 64 << 20
 #: Seconds a new connection has to send its token line.
 HANDSHAKE_S = 10.0
 #: Passed-through calls one connection may have running at once.
@@ -98,7 +97,7 @@ class MCPSocket:
         authenticate: Authenticate,
         *,
         path: Path,
-        max_line: int = MAX_LINE,
+        max_line: int = MAX_MESSAGE,
     ) -> None:
         self.path = path
         self._service = service
