@@ -138,14 +138,30 @@ def test_a_listed_tool_the_node_cannot_take_is_left_out_and_no_schema_is_fetched
     assert len(left_out) == 1 and "'broken'" in left_out[0]
 
 
-def test_a_server_flooding_its_stdout_is_cut_off_and_the_node_holds_little(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("transport", "tool", "args"),
+    [
+        ("stdio", "t__flood", {"mib": 96}),  # one endless line, no answer
+        ("stdio", "t__blob", {"size": 24 << 20}),  # an answer too large
+        ("http", "t__blob", {"size": 24 << 20}),
+    ],
+)
+def test_a_server_sending_past_the_message_bound_is_stopped_and_the_node_holds_little(
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    transport: str,
+    tool: str,
+    args: dict[str, Any],
 ) -> None:
-    # One endless line from a sandboxed server (its own memory limit does not bound what the
-    # node buffers for it) is cut off at the node's line limit: the server is stopped, the
-    # call is transient, and the next one gets a new instance.
+    # A sandboxed server's own memory limit does not bound what the node holds for it: a
+    # message past the node's bound stops it, the call is transient, and the next call gets
+    # a new instance.
     monkeypatch.setattr(mcpservers, "MAX_MESSAGE", 4 << 20)
-    servers = MCPServers([sdk_server(limits=ToolLimits(memory=256 << 20, pids=64, timeout=60))])
+    limits = ToolLimits(memory=512 << 20, pids=64, timeout=60)
+    http = {"command": (sys.executable, SERVER, "--http", "8000"),
+            "url": "http://127.0.0.1:8000/mcp"} if transport == "http" else {}  # fmt: skip
+    servers = MCPServers([sdk_server(limits=limits, **http)])
     svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
     me = psutil.Process()
 
@@ -153,7 +169,7 @@ def test_a_server_flooding_its_stdout_is_cut_off_and_the_node_holds_little(
         out: dict[str, Any] = {"first": await svc.call("t__whoami", {}, A)}
         pid = servers.instance_pid("t", "a")
         rss, t0 = me.memory_info().rss, time.monotonic()
-        out["flood"] = await svc.call("t__flood", {"mib": 96}, A)
+        out["over"] = await svc.call(tool, args, A)
         out["took"], out["grew"] = time.monotonic() - t0, me.memory_info().rss - rss
         out["gone"] = not host_pid_alive(pid)
         out["next"] = await svc.call("t__add", {"a": 1, "b": 2}, A)
@@ -163,9 +179,9 @@ def test_a_server_flooding_its_stdout_is_cut_off_and_the_node_holds_little(
 
     out = asyncio.run(scenario())
     assert meta(out["first"])["class"] == "ok"
-    assert meta(out["flood"])["class"] == "transient", out["flood"]
+    assert meta(out["over"])["class"] == "transient", out["over"]
     assert out["took"] < 30 and out["gone"]
-    assert out["grew"] < 48 << 20, f"the node grew {out['grew'] >> 20} MiB"
+    assert out["grew"] < 16 << 20, f"the node grew {out['grew'] >> 20} MiB"
     assert out["next"]["structuredContent"] == {"sum": 3} and out["new"]
     cut = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
     assert len(cut) == 1 and cut[0].startswith("MCP server t (a) stopped")

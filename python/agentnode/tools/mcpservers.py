@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +202,43 @@ class _NetnsBackend(httpcore2.AsyncNetworkBackend):
         await anyio.sleep(seconds)
 
 
+class _CappedTransport(httpx2.AsyncBaseTransport):
+    """`inner` whose response bodies end in an error past `MAX_MESSAGE` bytes, told first to
+    `over`: the SDK holds a JSON answer or an SSE event whole."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, over: Callable[[LineTooLong], None]):
+        self._inner = inner
+        self._over = over
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        response.stream = _CappedStream(response.stream, self._over)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _CappedStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream, over: Callable[[LineTooLong], None]):
+        self._inner = inner
+        self._over = over
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._inner:
+            seen += len(chunk)
+            if seen > MAX_MESSAGE:
+                error = LineTooLong(f"a response longer than {MAX_MESSAGE} bytes")
+                self._over(error)
+                raise httpx2.ReadError(str(error))
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class _NetnsTransport(httpx2.AsyncHTTPTransport):
     """httpx's own transport with its connection pool's backend swapped for `_NetnsBackend`
     (httpx takes no backend of its own; the pool does)."""
@@ -326,13 +363,15 @@ class _Instance:
             reader.close()
 
     def _too_long(self, error: LineTooLong) -> None:
-        """The server wrote a line past the node's limit: it is stopped (its memory limit does
-        not bound what the node would buffer for it), and its calls end as its exit ends them."""
-        log.warning("MCP server %s (%s) stopped: %s on its stdout", self.spec.name, self.tenant,
-                    error)  # fmt: skip
+        """The server sent a message past the node's bound (a line on its stdout, a response
+        over HTTP): it is stopped, or a user's server's connection ended (its memory limit does
+        not bound what the node would hold for it), and its calls end as that ends them."""
+        log.warning("MCP server %s (%s) stopped: %s", self.spec.name, self.tenant, error)
         if self.proc is not None and self.proc.result is None:
             with contextlib.suppress(AgentnodeError, ProcessLookupError):
                 self.proc.signal(signal.SIGKILL)
+        elif self.proc is None and self.exited is not None and not self.exited.done():
+            self.exited.set_result(None)
 
     def _answered(self, message: types.JSONRPCMessage) -> bool:
         """Takes the response to a passed-through call off the session's way (a late one, to
@@ -428,8 +467,9 @@ class _Instance:
         if self.proc is not None:
             await self._listening()
         timeout = httpx2.Timeout(self.spec.limits.timeout, connect=5.0)
+        capped = _CappedTransport(transport, self._too_long)
         async with (
-            httpx2.AsyncClient(transport=transport, timeout=timeout) as http,
+            httpx2.AsyncClient(transport=capped, timeout=timeout) as http,
             streamable_http_client(self.spec.url, http_client=http) as streams,
         ):
             yield streams
