@@ -114,3 +114,37 @@ def test_a_submit_the_node_refuses_is_a_usage_error(node: Daemon, option: list[s
     r = cli(node, "submit", *option, "--", "true")
     assert r.stdout == ""
     one_error(r, 2, option[0].lstrip("-").replace("-", "_").split("_")[0])
+
+
+#: Commands a tenant may submit that a terminal would take for its own: markup rich reads,
+#: escapes that redraw or retitle it, a newline that forges a line of the printer's own.
+HOSTILE = [
+    ["sh", "-c", "sleep 30", "[/nope]", "[link=http://x]x[/link]"],
+    ["sh", "-c", "sleep 30", "\x1b]0;owned\x07\x1b[2J"],
+    ["sh", "-c", "sleep 30", "x\n00:00:00.000  tool_call     fake -> ok in 1 ms"],
+]
+
+
+def test_what_a_task_names_never_drives_the_operators_terminal(node: Daemon) -> None:
+    # ps, top and the timeline print commands and argv a tenant chose: each is shown, with
+    # its control characters as escapes, and neither crashes the view nor adds a line.
+    tasks = [node.submit(command) for command in HOSTILE]
+    for t in tasks:
+        node.wait(t["id"], states=("running",))
+    try:
+        for view in (["ps"], ["top", "--once"]):
+            r = cli(node, *view)
+            assert r.returncode == 0 and r.stderr == "", (view, r.stderr)
+            assert "\x1b" not in r.stdout and "\x07" not in r.stdout, view
+            rows = [line for line in r.stdout.splitlines() if any(
+                t["id"][:12] in line for t in tasks)]  # fmt: skip
+            assert len(rows) == len(tasks), (view, r.stdout)
+        assert "[/nope]" in cli(node, "ps").stdout
+        for t in tasks:
+            r = cli(node, "timeline", t["id"])
+            assert r.returncode == 0 and "\x1b" not in r.stdout, r.stderr
+            assert not any(" fake -> " in line and "exec" not in line
+                           for line in r.stdout.splitlines()), r.stdout  # fmt: skip
+    finally:
+        for t in tasks:
+            cli(node, "kill", t["id"])

@@ -159,7 +159,7 @@ def test_a_server_sending_past_the_message_bound_is_stopped_and_the_node_holds_l
     # a new instance.
     monkeypatch.setattr(mcpservers, "MAX_MESSAGE", 4 << 20)
     limits = ToolLimits(memory=512 << 20, pids=64, timeout=60)
-    http = {"command": (sys.executable, SERVER, "--http", "8000"),
+    http: dict[str, Any] = {"command": (sys.executable, SERVER, "--http", "8000"),
             "url": "http://127.0.0.1:8000/mcp"} if transport == "http" else {}  # fmt: skip
     servers = MCPServers([sdk_server(limits=limits, **http)])
     svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
 
+from agentnode.terminal import visible
+
 __all__ = ["spend", "summary"]
 
 
@@ -22,7 +24,8 @@ def summary(entry: dict[str, Any]) -> str:
     stamp += f".{int(entry['time'] * 1000) % 1000:03d}"
     kind = entry["kind"]
     detail = _DETAIL.get(kind, _generic)(entry)
-    return f"{stamp}  {kind:<13} {detail}"
+    # A task's argv, a tool's name: one entry stays one line, whatever they hold.
+    return visible(f"{stamp}  {kind:<13} {detail}")
 
 
 def _generic(e: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from agentnode.isolation.spec import Sandbox, SpecError, check_duration
 from agentnode.isolation.units import format_size
 from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
+from agentnode.terminal import visible
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
@@ -295,7 +296,7 @@ def _rows(tasks: list[dict[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 t["id"][:12],
-                t["tenant"],
+                visible(t["tenant"]),
                 t["priority"],
                 t["state"],
                 str(t["attempt"]),
@@ -303,7 +304,7 @@ def _rows(tasks: list[dict[str, Any]]) -> list[list[str]]:
                 f"{stats['memory_current'] >> 20}M" if stats else "-",
                 f"{now - t['submitted_at']:.0f}s",
                 _net(t.get("network", "none"), stats.get("network") or {}),
-                " ".join(t["command"])[:40],
+                visible(" ".join(t["command"]))[:40],
             ]
         )
     return rows
@@ -375,6 +376,7 @@ def task_table(node: dict[str, Any], tasks: list[dict[str, Any]], *, width: int)
     80 columns up (below 100, without the priority and attempt columns; the command and the
     network counters wrap in what is left; no borders, two spaces between columns, as `ps`)."""
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(
         title=f"agentnode: {node['running']} running, {node['queued']} queued, "
@@ -395,7 +397,7 @@ def task_table(node: dict[str, Any], tasks: list[dict[str, Any]], *, width: int)
             overflow="fold" if wraps else "ellipsis",
         )
     for row in _rows(tasks):
-        t.add_row(*(row[i] for i in shown))
+        t.add_row(*(Text(row[i]) for i in shown))  # Text: a command's "[/x]" is no markup
     return t
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentnode.errors import UsageError
+from agentnode.terminal import visible
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
@@ -75,7 +76,7 @@ def _ls(args: argparse.Namespace) -> int:
     width = max((len(t["name"]) for t in tools), default=4)
     for t in tools:
         first = (t.get("description") or "").strip().splitlines()
-        print(f"{t['name']:<{width}}  {first[0] if first else ''}")
+        print(visible(f"{t['name']:<{width}}  {first[0] if first else ''}"))
     return 0
 
 
