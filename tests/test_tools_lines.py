@@ -5,6 +5,7 @@ node's loop, and on asyncio's own)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from agentnode.tools.lines import FdLines, LineTooLong
+from agentnode.tools.lines import FdLines, FdWriter, LineTooLong
 
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 RUNNERS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
@@ -151,3 +152,29 @@ def test_every_way_out_drops_the_registration(run: Runner, monkeypatch: pytest.M
         return left
 
     assert run(scenario()) == [0, 0, 0]
+
+
+@RUNNERS
+def test_a_writer_whose_peer_reads_nothing_gives_up_once_and_for_good(run: Runner) -> None:
+    # A pipe whose reader never reads (a server's stdin): the writer waits `stall_s` for room,
+    # then says so once and refuses every later write at once, its waiting writers' too.
+    r, w = os.pipe()
+    stalls: list[float] = []
+
+    async def scenario() -> list[str]:
+        out = FdWriter(w, stall_s=0.3, on_stall=lambda: stalls.append(time.monotonic()))
+        t0 = time.monotonic()
+        writes = [asyncio.ensure_future(out.write("y" * (1 << 20))) for _ in range(3)]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        stalls.append(t0)
+        later = await asyncio.gather(out.write("z\n"), return_exceptions=True)
+        return [type(e).__name__ for e in (*results, *later)]
+
+    try:
+        got = run(scenario())
+    finally:
+        os.close(r)
+        os.close(w)
+    assert got == ["PeerStalled"] * 4
+    stalled_at, started = stalls
+    assert 0.25 < stalled_at - started < 2

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -915,6 +916,49 @@ def test_a_request_body_over_the_bound_is_refused_not_held(
         assert body["error"]["message"].startswith(f"a request body over {1 << 20} bytes"), who
     assert out["chunked"] != 200
     assert out["after"]["result"]["content"][0]["text"] == "t1/a: h"
+
+
+@pytest.mark.parametrize("era", ["modern", "initialize"])
+def test_a_connection_that_reads_none_of_its_answers_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, era: str
+) -> None:
+    """Answers a task does not read wait in the node: past `STALL_S` with no room made, the
+    connection is closed and they go; another connection is served all along."""
+    from agentnode.tools import mcpsocket
+
+    monkeypatch.setattr(mcpsocket, "STALL_S", 1.0)
+    say = "x" * (512 << 10)
+
+    async def scenario() -> tuple[list[dict[str, Any]], int, float, int]:
+        async with serving(tmp_path) as node:
+            stuck, other = Raw(node.socket.path), Raw(node.socket.path)
+            assert await stuck.open("ta") == "ok\n" and await other.open("tb") == "ok\n"
+            await stuck.opening(era)
+            await other.opening(era)
+            for i in range(40):  # ~20 MiB of answers; the socket holds a few hundred KiB
+                stuck.writer.write(call_line(i + 1, "echo", {"say": say}, era=era).encode()
+                                   + b"\n")  # fmt: skip
+            await stuck.writer.drain()
+            t0 = time.monotonic()
+            served = [await other.message(call_line(i + 1, "echo", {"say": "hi"}, era=era))
+                      for i in range(3)]  # fmt: skip
+            await asyncio.sleep(2.5)  # reads nothing meanwhile
+            got = 0
+            while chunk := await asyncio.wait_for(stuck.reader.read(1 << 20), 10):
+                got += len(chunk)
+            took = time.monotonic() - t0
+            stuck.close()
+            other.close()
+            return served, got, took, len(node.records)
+
+    served, got, took, ran = asyncio.run(scenario())
+    assert all(m["result"]["content"][0]["text"] == "t2/b: hi" for m in served)
+    assert got < 10 << 20, f"{got >> 20} MiB reached the stuck connection"
+    assert took < 15 and ran >= 3
+    closed = [
+        r.getMessage() for r in caplog.records if "read none of its answers" in r.getMessage()
+    ]
+    assert len(closed) == 1
 
 
 def test_what_one_connection_runs_at_once_is_bounded(

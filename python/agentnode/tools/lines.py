@@ -32,9 +32,11 @@ from pydantic import ValidationError
 __all__ = [
     "HANDSHAKE_OK",
     "MAX_MESSAGE",
+    "STALL_S",
     "FdLines",
     "FdWriter",
     "LineTooLong",
+    "PeerStalled",
     "Route",
     "client_streams",
     "serving_streams",
@@ -47,6 +49,9 @@ HANDSHAKE_OK = "ok"
 #: a server's stdout, a request body on the HTTP door): a message is held whole, so this
 #: bounds what one peer makes the node hold.
 MAX_MESSAGE = 64 << 20
+#: Seconds a peer (a task's connection, a server's stdin) may make no room for what the node
+#: writes to it before it is taken for gone: what waits for it is held in the node meanwhile.
+STALL_S = 60.0
 
 #: Takes a parsed message off the SDK session's way (True) or leaves it to the session.
 Route = Callable[[types.JSONRPCMessage], bool]
@@ -132,16 +137,30 @@ class FdLines:
             self._loop = None
 
 
+class PeerStalled(ConnectionError):
+    """The peer made no room to write for the writer's `stall_s`: it is not reading."""
+
+
 class FdWriter:
     """Writes text to fd `fd` from the event loop, waiting while it is full. Writers take
-    turns: a line written in several pieces is never cut by another writer's."""
+    turns: a line written in several pieces is never cut by another writer's.
 
-    def __init__(self, fd: int) -> None:
+    With `stall_s`, a peer that makes no room for that long is taken for gone: `on_stall` is
+    called once, and that write and every later one raise `PeerStalled` (what waited to be
+    written is dropped, not held for a peer that may never read it)."""
+
+    def __init__(
+        self, fd: int, *, stall_s: float | None = None, on_stall: Callable[[], None] | None = None
+    ) -> None:
         self._fd = fd
         self._turn = asyncio.Lock()
+        self._stall_s = stall_s
+        self._on_stall = on_stall
+        self._stalled = False
         os.set_blocking(fd, False)
 
     async def write(self, text: str) -> None:
+        self._check()
         data = memoryview(text.encode())
         if not self._turn.locked():  # nobody mid-line: most lines go whole at once
             with contextlib.suppress(BlockingIOError):
@@ -150,10 +169,22 @@ class FdWriter:
                 return
         async with self._turn:
             while data:
+                self._check()
                 try:
                     data = data[os.write(self._fd, data) :]
                 except BlockingIOError:
-                    await _writable(self._fd)
+                    try:
+                        async with asyncio.timeout(self._stall_s):
+                            await _writable(self._fd)
+                    except TimeoutError:
+                        self._stalled = True
+                        if self._on_stall is not None:
+                            self._on_stall()
+                        self._check()
+
+    def _check(self) -> None:
+        if self._stalled:
+            raise PeerStalled(f"the peer read nothing for {self._stall_s:g} s")
 
     async def flush(self) -> None:
         return None

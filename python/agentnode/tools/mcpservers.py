@@ -58,6 +58,7 @@ from agentnode.isolation import task as isolation
 from agentnode.isolation.spec import Mount
 from agentnode.tools.lines import (
     MAX_MESSAGE,
+    STALL_S,
     FdLines,
     FdWriter,
     LineTooLong,
@@ -353,7 +354,11 @@ class _Instance:
         assert self.proc.stdin is not None
         # The server's stdout is what we read; its stdin is what we write.
         reader = FdLines(self.proc.stdout.fileno(), limit=MAX_MESSAGE)
-        self._stdin = FdWriter(self.proc.stdin.fileno())
+        self._stdin = FdWriter(
+            self.proc.stdin.fileno(),
+            stall_s=STALL_S,
+            on_stall=lambda: self._broke(f"it read none of its stdin for {STALL_S:g} s"),
+        )
         try:
             async with client_streams(
                 reader, self._stdin, route=self._answered, on_too_long=self._too_long
@@ -364,9 +369,13 @@ class _Instance:
 
     def _too_long(self, error: LineTooLong) -> None:
         """The server sent a message past the node's bound (a line on its stdout, a response
-        over HTTP): it is stopped, or a user's server's connection ended (its memory limit does
-        not bound what the node would hold for it), and its calls end as that ends them."""
-        log.warning("MCP server %s (%s) stopped: %s", self.spec.name, self.tenant, error)
+        over HTTP): its memory limit does not bound what the node would hold for it."""
+        self._broke(str(error))
+
+    def _broke(self, why: str) -> None:
+        """The server broke what the node needs of a peer: it is stopped, or a user's server's
+        connection ended, and its calls end as that ends them."""
+        log.warning("MCP server %s (%s) stopped: %s", self.spec.name, self.tenant, why)
         if self.proc is not None and self.proc.result is None:
             with contextlib.suppress(AgentnodeError, ProcessLookupError):
                 self.proc.signal(signal.SIGKILL)

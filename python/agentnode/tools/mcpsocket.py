@@ -65,6 +65,7 @@ from agentnode.tools.endpoint import (
 from agentnode.tools.lines import (
     HANDSHAKE_OK,
     MAX_MESSAGE,
+    STALL_S,
     FdLines,
     FdWriter,
     LineTooLong,
@@ -163,7 +164,9 @@ class MCPSocket:
     async def _serve(self, conn: socket.socket) -> None:
         lines = FdLines(conn.fileno(), limit=MAX_TOKEN_LINE)
         try:
-            out = FdWriter(conn.fileno())
+            out = FdWriter(
+                conn.fileno(), stall_s=STALL_S, on_stall=functools.partial(_hang_up, conn)
+            )
             try:
                 token = (await asyncio.wait_for(anext(lines, ""), HANDSHAKE_S)).strip()
             except (LineTooLong, TimeoutError):
@@ -206,6 +209,14 @@ class MCPSocket:
                     )
             finally:
                 await calls.close()
+
+
+def _hang_up(conn: socket.socket) -> None:
+    """Ends a connection whose task reads none of its answers: its reader sees the end, and
+    what was held for it goes."""
+    log.warning("MCP socket: a connection read none of its answers for %g s: closed", STALL_S)
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 #: Seconds the answer to a call cut off by the node's stop may take to write.
