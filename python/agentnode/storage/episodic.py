@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,8 +70,9 @@ class Record(NamedTuple):
         }
 
 
-@dataclass(frozen=True, slots=True)
-class NewRecord:
+# A NamedTuple, not a frozen dataclass: a request makes one per record, and a frozen
+# dataclass's __init__ (a setattr per field) costs several times a tuple's.
+class NewRecord(NamedTuple):
     """A record to append: `id=None` generates a time-ordered id; `ttl` is in seconds."""
 
     value: Any
