@@ -97,6 +97,9 @@ def test_the_socket_serves_the_http_apis_records(memory_doors) -> None:  # type:
             sock.scan("notes", "t1", limit=0)
         with pytest.raises(StorageError, match=r"cannot send episodic\.append"):
             sock.append("notes", "t2", {1 << 70: "too big a key"})
+        # The client's Packer, reused from request to request, kept nothing of the failed one.
+        sock.append("notes", "t2", {"after": "the refusal"}, id="r4")
+        assert http.get("notes", "t2", "r4")["value"] == {"after": "the refusal"}
 
 
 def test_objects_and_vectors_need_the_http_url(memory_doors) -> None:  # type: ignore[no-untyped-def]
