@@ -97,6 +97,9 @@ def test_the_socket_serves_the_http_apis_records(memory_doors) -> None:  # type:
             sock.scan("notes", "t1", limit=0)
         with pytest.raises(StorageError, match=r"cannot send episodic\.append"):
             sock.append("notes", "t2", {1 << 70: "too big a key"})
+        # The client's Packer, reused from request to request, kept nothing of the failed one.
+        sock.append("notes", "t2", {"after": "the refusal"}, id="r4")
+        assert http.get("notes", "t2", "r4")["value"] == {"after": "the refusal"}
 
 
 def test_objects_and_vectors_need_the_http_url(memory_doors) -> None:  # type: ignore[no-untyped-def]
@@ -201,6 +204,36 @@ def test_a_revoked_token_is_refused_at_its_next_request(tmp_path: Path) -> None:
         del tokens.tokens["tok-live-0123456789"]  # its attempt ended
         with pytest.raises(AuthError, match="no longer valid"):
             mem.get("n", "t1", "r")
+
+
+def test_fixed_tokens_are_checked_once_per_connection_for_their_own_caller(
+    tmp_path: Path,
+) -> None:
+    checked: list[str] = []
+
+    class Counted(_Tokens):
+        def authenticate(self, token: str) -> Principal | None:
+            checked.append(token)
+            return super().authenticate(token)
+
+    tokens = Counted({"tok-a-0123456789": Principal("a", "t1"), "tok-b-0123456789": Principal("b")})
+    with (
+        memory_stores(tmp_path) as (episodic, _),
+        serve_memory_socket(episodic_operations(episodic), tokens, tokens_fixed=True) as door,
+        Memory(token="tok-a-0123456789", socket=str(door.path)) as a,
+        Memory(token="tok-b-0123456789", socket=str(door.path)) as b,
+    ):
+        for i in range(3):
+            a.append("n", "t1", i, id=f"r{i}")
+            b.append("n", "t1", -i, id=f"r{i}")
+        assert sorted(checked) == ["tok-a-0123456789", "tok-b-0123456789"], "once each"
+        # Each connection still acts for its own token's caller, pinned as it was.
+        assert a.get("n", "t1", "r2")["value"] == 2 and b.get("n", "t1", "r2")["value"] == -2
+        with pytest.raises(AuthError, match="limited to task 't1'"):
+            a.get("n", "t2", "r2")
+        sock = _connect(door, "tok-unknown-0123")
+        assert _line(sock).startswith(b"error: missing or unknown task token"), "still checked"
+        sock.close()
 
 
 def test_bad_frames_get_an_error_and_the_connection_goes_on(memory_doors) -> None:  # type: ignore[no-untyped-def]

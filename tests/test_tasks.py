@@ -251,6 +251,19 @@ def test_tokens(tmp_path: Path) -> None:
     assert TokenKey(b"another key").verify(token) is None
 
 
+def test_token_checks_remembered_are_the_same_checks() -> None:
+    key = TokenKey(b"k" * 32)
+    tokens = [key.issue(f"t{i}", i % 3) for i in range(5000)]  # past what it remembers
+    for _ in range(2):  # the second time from memory (those it still holds)
+        for i, token in enumerate(tokens):
+            assert key.verify(token) == (f"t{i}", i % 3)
+            # One character off, forged attempts and another key's: never found.
+            assert key.verify(token[:-1] + ("0" if token[-1] != "0" else "1")) is None
+            assert key.verify(token.replace(f".{i % 3}.", f".{i % 3 + 1}.", 1)) is None
+    assert all(TokenKey(b"j" * 32).verify(token) is None for token in tokens[-10:])
+    assert 0 < len(key._genuine) <= 4096, "bounded"
+
+
 def test_lifecycle_retry_checkpoint_and_tokens(tmp_path: Path) -> None:
     async def main() -> None:
         m = TaskManager(

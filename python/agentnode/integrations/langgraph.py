@@ -276,8 +276,11 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._pointers: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._writes: dict[tuple[str, str], dict[str, Any] | None] = {}
         # The newest checkpoint this saver wrote of a few threads, by (thread namespace,
-        # checkpoint namespace digest): its record and the stored values of its channels.
-        self._newest: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] = {}
+        # checkpoint namespace digest): its record and, by channel, the version and stored
+        # value of its channels (by channel, not record id: a put keeps them without digests).
+        self._newest: dict[
+            tuple[str, str], tuple[dict[str, Any], dict[str, tuple[Any, dict[str, Any]]]]
+        ] = {}
         # Thread namespaces whose queue holds an input checkpoint, with when it must be
         # written; the flusher thread (while one runs) writes it then, woken by `_holding`.
         self._held: dict[str, float] = {}
@@ -451,9 +454,11 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             if newest is not None and newest[0]["id"] == cid:
                 # This saver wrote it: nothing to read but what it does not remember.
                 writes = self._cached(space, f"w.{dns}.{_digest(cid)}")
-                return self._tuple(
-                    newest[0], writes, functools.partial(self._values, space, newest[1])
-                )
+                known = {
+                    f"b.{dns}.{_digest(ch)}.{_digest(ver)}": value
+                    for ch, (ver, value) in newest[1].items()
+                }
+                return self._tuple(newest[0], writes, functools.partial(self._values, space, known))
             # The checkpoint and its writes in one round trip, then all its values in one
             # (over the memory socket; over HTTP one request each).
             value, writes = (
@@ -535,32 +540,26 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         space, dns, cid = _thread_ns(thread), _digest(ns), checkpoint["id"]
         stored = dict(checkpoint)
         values: dict[str, Any] = stored.pop("channel_values")  # type: ignore[assignment]
-        records: list[dict[str, Any]] = [
-            {
-                "id": f"b.{dns}.{_digest(ch)}.{_digest(ver)}",
-                "value": {
-                    "v": list(
-                        self.serde.dumps_typed(values[ch]) if ch in values else ("empty", b"")
-                    )
-                },
-            }
+        fresh = {
+            ch: (
+                ver,
+                {"v": list(self.serde.dumps_typed(values[ch]) if ch in values else ("empty", b""))},
+            )
             for ch, ver in new_versions.items()
+        }
+        records: list[dict[str, Any]] = [
+            {"id": f"b.{dns}.{_digest(ch)}.{_digest(ver)}", "value": value}
+            for ch, (ver, value) in fresh.items()
         ]
-        records.append(
-            {
-                "id": f"c.{dns}.{_digest(cid)}",
-                "value": {
-                    "thread": thread,
-                    "ns": ns,
-                    "id": cid,
-                    "parent": config["configurable"].get("checkpoint_id"),
-                    "checkpoint": list(self.serde.dumps_typed(stored)),
-                    "metadata": list(
-                        self.serde.dumps_typed(get_checkpoint_metadata(config, metadata))
-                    ),
-                },
-            }
-        )
+        head = {
+            "thread": thread,
+            "ns": ns,
+            "id": cid,
+            "parent": config["configurable"].get("checkpoint_id"),
+            "checkpoint": list(self.serde.dumps_typed(stored)),
+            "metadata": list(self.serde.dumps_typed(get_checkpoint_metadata(config, metadata))),
+        }
+        records.append({"id": f"c.{dns}.{_digest(cid)}", "value": head})
         with self._lock:
             latest = self._cached(space, f"l.{dns}")
             if latest is None or latest["id"] <= cid:
@@ -571,24 +570,28 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 self._write(space, records)
             if latest is None or latest["id"] <= cid:
                 self._remember((space, f"l.{dns}"), {"id": cid})
-                self._keep_newest(space, dns, checkpoint["channel_versions"], records)
+                self._keep_newest((space, dns), checkpoint["channel_versions"], head, fresh)
             # A checkpoint just made has no pending writes: its first put_writes reads nothing.
             self._remember((space, f"w.{dns}.{_digest(cid)}"), None)
         return {"configurable": {"thread_id": thread, "checkpoint_ns": ns, "checkpoint_id": cid}}
 
     def _keep_newest(
-        self, space: str, dns: str, versions: ChannelVersions, records: Sequence[dict[str, Any]]
+        self,
+        key: tuple[str, str],
+        versions: ChannelVersions,
+        checkpoint: dict[str, Any],
+        fresh: dict[str, tuple[Any, dict[str, Any]]],
     ) -> None:
-        """Keeps a checkpoint just stored as its thread's newest, with the values of its
-        channels this saver knows (those it stored now, and those kept from the checkpoint
-        before that are still current); the caller holds the lock."""
-        key = (space, dns)
+        """Keeps a checkpoint just stored (`checkpoint`, its record's value) as its thread's
+        newest, with the values of its channels this saver knows: those it stored now
+        (`fresh`) and those kept from the checkpoint before that are still current; the
+        caller holds the lock."""
         before = self._newest.pop(key, None)
-        values = {r["id"]: r["value"] for r in records if r["id"].startswith("b.")}
+        values = fresh
         if before is not None:
-            current = {f"b.{dns}.{_digest(ch)}.{_digest(v)}" for ch, v in versions.items()}
-            values = {rid: v for rid, v in before[1].items() if rid in current} | values
-        checkpoint = next(r["value"] for r in records if r["id"].startswith("c."))
+            values = {
+                ch: kept for ch, kept in before[1].items() if versions.get(ch) == kept[0]
+            } | fresh
         self._newest[key] = (checkpoint, values)
         while len(self._newest) > _NEWEST_KEPT:
             del self._newest[next(iter(self._newest))]

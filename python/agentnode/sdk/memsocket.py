@@ -67,6 +67,9 @@ class SocketClient:
         self._reader: Any = None  # the socket's buffered reader (`socket.makefile("rb")`)
         self._greeted = False
         self._poll: select.poll | None = None
+        # One Packer for the client's requests (msgpack.packb makes one per call), as the
+        # client sends one request at a time.
+        self._packer = msgpack.Packer()
 
     def call(self, op: str, args: Mapping[str, Any], *, retry: bool = False) -> Any:
         """The answer to one request; raises the error the node answered. `retry`: the
@@ -87,7 +90,7 @@ class SocketClient:
         frames = []
         for op, args in calls:
             try:
-                payload = msgpack.packb([op, args])
+                payload = self._packer.pack([op, args])
             except (OverflowError, TypeError, ValueError) as e:
                 raise StorageError(
                     f"cannot send {op}: {e} (numbers are within -2**63..2**64-1; values are "

@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,8 +70,9 @@ class Record(NamedTuple):
         }
 
 
-@dataclass(frozen=True, slots=True)
-class NewRecord:
+# A NamedTuple, not a frozen dataclass: a request makes one per record, and a frozen
+# dataclass's __init__ (a setattr per field) costs several times a tuple's.
+class NewRecord(NamedTuple):
     """A record to append: `id=None` generates a time-ordered id; `ttl` is in seconds."""
 
     value: Any
@@ -217,15 +217,15 @@ class EpisodicStore:
         now_ns = self._stamp()
         now = now_ns // 1_000_000
         ops: list[Op] = []
-        ids = [self._id_at(now_ns) for _ in records]
+        ids: list[str] = []
         prefix = b"r" + task_key + _SEP
-        for i, rec in enumerate(records):
-            if rec.id is not None:
-                ids[i] = check_id(rec.id)
+        for rec in records:
+            rid = self._id_at(now_ns) if rec.id is None else check_id(rec.id)
+            ids.append(rid)
             expires = 0
             if rec.ttl is not None:
                 expires = now + _ttl_ms(rec.ttl, zero=False)
-            key = prefix + ids[i].encode()
+            key = prefix + rid.encode()
             ops.append(("put", key, self._pack(now, expires, rec.value)))
             if expires:
                 ops.append(("put", self._bucket_key(expires) + key, b""))

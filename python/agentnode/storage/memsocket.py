@@ -6,8 +6,10 @@ few hundred bytes. The wire is `agentnode.sdk.memsocket`'s (length-prefixed msgp
 after a token line); `agentnode.sdk.Memory` and `ThisTask` take it when it is announced.
 
 Tenancy is the HTTP API's: the token line names the caller, and the token is checked again at
-every request (once its task's attempt ends, every request is refused); the tenant comes from
-the token alone. An answer goes out only once its operation is done (a write is in RocksDB's
+every request (once its task's attempt ends, every request is refused), unless the door is told
+its tokens never change while it serves (`tokens_fixed`: `agentnode memory serve`'s tenants
+file, read once), where the token line's answer stands for the connection; the tenant comes
+from the token alone. An answer goes out only once its operation is done (a write is in RocksDB's
 log), so a returned put survives the death of the task or of the node, as over HTTP.
 
 What one caller can hold of the daemon is bounded, so it cannot starve other tasks: the token
@@ -58,7 +60,8 @@ def _caller(who: Principal) -> str:
 
 class MemorySocket:
     """Serves `operations` (by name) at `path` in the running loop; `authenticate(token)`
-    names the caller (None: refused)."""
+    names the caller (None: refused). `tokens_fixed`: a token `authenticate` accepts stays
+    valid while this door serves, so it is checked once per connection, not per request."""
 
     def __init__(
         self,
@@ -68,8 +71,10 @@ class MemorySocket:
         path: Path,
         max_frame: int = MAX_FRAME,
         max_per_caller: int = MAX_PER_CALLER,
+        tokens_fixed: bool = False,
     ) -> None:
         self.path = path
+        self.tokens_fixed = tokens_fixed
         self.operations = dict(operations)
         self.authenticate = authenticate
         self.max_frame = max_frame
@@ -77,6 +82,8 @@ class MemorySocket:
         self.per_caller: dict[str, int] = {}
         self.open: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
+        # Answers are packed on the loop's thread only: one Packer, not one per answer.
+        self.packer = msgpack.Packer()
 
     @property
     def connections(self) -> int:
@@ -121,6 +128,7 @@ class _Connection(asyncio.Protocol):
         "_timer",
         "_token",
         "_transport",
+        "_who",
         "_writable",
     )  # fmt: skip
 
@@ -129,6 +137,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._queue: collections.deque[bytes] = collections.deque()
         self._token: str | None = None
+        self._who: Principal | None = None  # the token line's answer
         self._caller: str | None = None
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -213,7 +222,7 @@ class _Connection(asyncio.Protocol):
                          "connections open already (close one first)")  # fmt: skip
             return False
         door.per_caller[caller] = door.per_caller.get(caller, 0) + 1
-        self._caller, self._token = caller, token
+        self._caller, self._token, self._who = caller, token, who
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -270,7 +279,7 @@ class _Connection(asyncio.Protocol):
             known = ", ".join(sorted(self._door.operations))
             raise MemoryKeyError(f"unknown operation {name!r} (known: {known})")
         assert self._token is not None
-        who = self._door.authenticate(self._token)
+        who = self._who if self._door.tokens_fixed else self._door.authenticate(self._token)
         if who is None:
             raise AuthError("this task's token is no longer valid (its attempt ended): "
                             "open a new connection with a current one")  # fmt: skip
@@ -306,7 +315,7 @@ class _Connection(asyncio.Protocol):
             return
         assert self._transport is not None
         try:
-            payload = msgpack.packb([status, answer])
+            payload = self._door.packer.pack([status, answer])
         except (OverflowError, TypeError, ValueError) as e:
             log.error("memory socket: cannot encode an answer: %s", e)
             payload = msgpack.packb([1, {"error": f"internal error (answer not encodable: {e})",

@@ -87,7 +87,10 @@ async def serve(
     app = make_app(episodic=episodic, objects=objects, auth=auth, vectors=vectors_app(vectors))
     runner = web.AppRunner(app, handle_signals=False)
     door = (
-        MemorySocket(episodic_operations(episodic), auth.authenticate, path=socket)
+        # The tenants file is read once: a token valid at a connection's start stays valid.
+        MemorySocket(
+            episodic_operations(episodic), auth.authenticate, path=socket, tokens_fixed=True
+        )
         if socket is not None
         else None
     )

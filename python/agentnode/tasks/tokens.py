@@ -3,6 +3,14 @@
 A token is `<task id>.<attempt>.<HMAC-SHA256 of both under the node's key>`, so a retried
 attempt gets a new token, the previous attempt's token stops working, and nothing per task needs
 storing: the daemon re-derives any token after a restart. Comparison is constant-time.
+
+A running task shows its token at every request of every door (memory socket, task API, proxy),
+so the key remembers the last few thousand tokens it found genuine: what a token names never
+changes, and whether that attempt still runs is its caller's check, made every time
+(`TaskManager.task_of_token`). Only genuine tokens are remembered, and a lookup finds one only
+for that same string (a different one reaches a string comparison only if its 64-bit hash
+equals a remembered token's), so the memory tells nothing to someone who does not hold the
+token already.
 """
 
 from __future__ import annotations
@@ -15,12 +23,17 @@ from pathlib import Path
 
 __all__ = ["TokenKey"]
 
+#: How many genuine tokens a key remembers (then it forgets them all and starts again).
+_REMEMBERED = 4096
+
 
 class TokenKey:
     """The node's secret for issuing and checking task tokens."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        # Tokens verified genuine -> what they name: one HMAC per token, not per request.
+        self._genuine: dict[str, tuple[str, int]] = {}
 
     @classmethod
     def load(cls, path: Path) -> TokenKey:
@@ -47,6 +60,9 @@ class TokenKey:
 
     def verify(self, token: str) -> tuple[str, int] | None:
         """(task id, attempt) if `token` is genuine, else None."""
+        known = self._genuine.get(token)
+        if known is not None:
+            return known
         task_id, _, rest = token.partition(".")
         attempt, _, _ = rest.partition(".")
         # ASCII digits only (int() takes '²' and other scripts' digits too), and few of them.
@@ -56,4 +72,7 @@ class TokenKey:
         given = token.encode(errors="surrogateescape")
         if not hmac.compare_digest(self.issue(task_id, int(attempt)).encode(), given):
             return None
-        return task_id, int(attempt)
+        if len(self._genuine) >= _REMEMBERED:
+            self._genuine.clear()  # not one by one: callers on other threads share the dict
+        found = self._genuine[token] = (task_id, int(attempt))
+        return found
