@@ -16,7 +16,7 @@ import mcp_types as types
 import uvicorn
 from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agentnode.peercap import PeerCap
@@ -91,16 +91,11 @@ def _authenticating(app: ASGIApp, authenticate: Authenticate, *, max_per_task: i
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, token = header.decode("latin-1").partition(" ")
         caller = authenticate(token) if scheme.lower() == "bearer" and token else None
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
-        if not length.isdigit() or int(length) > MAX_MESSAGE:
-            return await _refuse(send, 413, f"a request body over {MAX_MESSAGE} bytes (send "
-                                 "one JSON-RPC message of at most that size)")  # fmt: skip
         if caller is None:
             held = 0
         elif (held := open_now.get(caller.task, 0)) >= max_per_task:
-            return await _refuse(send, 429, f"task {caller.task} has {max_per_task} MCP requests "
-                                 "open already (finish or close one first)")  # fmt: skip
-        receive = _capped(receive, MAX_MESSAGE)
+            return await _too_many(send, f"task {caller.task} has {max_per_task} MCP requests "
+                                   "open already (finish or close one first)")  # fmt: skip
         scope[CALLER_KEY] = caller
         if caller is not None:
             open_now[caller.task] = held + 1
@@ -114,31 +109,14 @@ def _authenticating(app: ASGIApp, authenticate: Authenticate, *, max_per_task: i
     return wrapped
 
 
-def _capped(receive: Receive, limit: int) -> Receive:
-    """`receive` that ends a request whose body (chunked: no length to check first) grows
-    past `limit` bytes, as if its client had left: the SDK stops reading it."""
-    seen = 0
-
-    async def capped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                return {"type": "http.disconnect"}
-        return message
-
-    return capped
-
-
-async def _refuse(send: Send, status: int, why: str) -> None:
-    """An HTTP error whose body is one JSON-RPC error naming the bound (the SDK's own
-    refusals take the same shape)."""
+async def _too_many(send: Send, why: str) -> None:
+    """A 429 whose body is one JSON-RPC error naming the bound (the SDK's own refusals take
+    the same shape)."""
     error = types.JSONRPCError(
         jsonrpc="2.0", id=None, error=types.ErrorData(code=types.INTERNAL_ERROR, message=why)
     )
     body = error.model_dump_json(by_alias=True, exclude_unset=True).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
+    await send({"type": "http.response.start", "status": 429, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
 
@@ -219,6 +197,9 @@ def mcp_app(
         stateless_http=False,
         json_response=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        # The socket's bound on one message, not the SDK's 4 MiB: a call takes the same
+        # arguments through either door.
+        max_request_body_size=MAX_MESSAGE,
     )
     return _authenticating(app, authenticate, max_per_task=max_per_task)
 
