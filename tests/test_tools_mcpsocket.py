@@ -862,6 +862,45 @@ def test_what_one_task_holds_of_the_http_door_is_bounded(tmp_path: Path) -> None
     assert out["after"]["result"]["content"][0]["text"] == "t1/a: h"
 
 
+def test_the_http_door_keeps_no_session_a_task_could_pile_up(tmp_path: Path) -> None:
+    """Sessions would sit in one node-wide table (the SDK's: 10,000, 30 minutes idle) that one
+    task initializing in a loop could fill for every tenant: the door keeps none, and answers
+    initializations and calls all the same."""
+    import httpx2
+
+    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}}  # fmt: skip
+    headers = {"Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json"}  # fmt: skip
+
+    async def scenario() -> tuple[list[int], set[str | None], dict[str, Any]]:
+        node = Node(tmp_path / "mcps.sock")
+        uds = tmp_path / "mcp.sock"
+        endpoint = MCPEndpoint(lambda: mcp_app(node.service, node.tokens.get), uds=uds)
+        await endpoint.start()
+        transport = httpx2.AsyncHTTPTransport(uds=str(uds))
+        url = "http://agentnode/mcp"
+        try:
+            async with httpx2.AsyncClient(transport=transport, timeout=30) as http:
+                answers = [await http.post(url, json=init, headers={
+                    **headers, "Authorization": "Bearer ta"}) for _ in range(200)]  # fmt: skip
+                call = json.loads(call_line(2, "echo", {"say": "h"}, era="modern"))
+                other = await http.post(url, json=call, headers={
+                    **headers, "Authorization": "Bearer tb", "MCP-Protocol-Version": "2026-07-28",
+                    "Mcp-Method": "tools/call", "Mcp-Name": "echo"})  # fmt: skip
+        finally:
+            await endpoint.stop()
+        return ([a.status_code for a in answers],
+                {a.headers.get("mcp-session-id") for a in answers}, other.json())  # fmt: skip
+
+    statuses, sessions, other = asyncio.run(scenario())
+    assert set(statuses) == {200} and sessions == {None}
+    assert other["result"]["content"][0]["text"] == "t2/b: h"
+
+
 def test_a_request_body_over_the_bound_is_refused_not_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

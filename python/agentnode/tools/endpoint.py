@@ -192,9 +192,11 @@ def mcp_app(
     may have `max_per_task` requests open at once (a long-lived stream counts)."""
     server = mcp_server(service)
     # Requests come from tasks over the node's own socket or bridge and carry a task token:
-    # DNS-rebinding checks (which guard browsers on localhost) do not apply.
+    # DNS-rebinding checks (which guard browsers on localhost) do not apply. Stateless: the
+    # node's tools need no session, and the SDK's sessions sit in one node-wide table (10,000,
+    # 30 minutes idle) that one task opening sessions in a loop would fill for every tenant.
     app = server.streamable_http_app(
-        stateless_http=False,
+        stateless_http=True,
         json_response=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         # The socket's bound on one message, not the SDK's 4 MiB: a call takes the same
