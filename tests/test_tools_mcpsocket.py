@@ -102,6 +102,29 @@ async def serving(tmp_path: Path, **kw: Any) -> AsyncIterator[Node]:
         await node.socket.stop()
 
 
+@asynccontextmanager
+async def http_door(tmp_path: Path) -> AsyncIterator[tuple[Node, Any]]:
+    """A `Node` behind the streamable-HTTP door (on a unix socket), and an httpx client to it
+    (its url: `DOOR`)."""
+    import httpx2
+
+    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
+
+    node = Node(tmp_path / "mcps.sock")
+    uds = tmp_path / "mcp.sock"
+    endpoint = MCPEndpoint(lambda: mcp_app(node.service, node.tokens.get), uds=uds)
+    await endpoint.start()
+    try:
+        transport = httpx2.AsyncHTTPTransport(uds=str(uds))
+        async with httpx2.AsyncClient(transport=transport, timeout=30) as http:
+            yield node, http
+    finally:
+        await endpoint.stop()
+
+
+DOOR = "http://agentnode/mcp"
+
+
 class Raw:
     """A connection speaking lines by hand, to send what the SDK never would."""
 
@@ -866,10 +889,6 @@ def test_the_http_door_keeps_no_session_a_task_could_pile_up(tmp_path: Path) -> 
     """Sessions would sit in one node-wide table (the SDK's: 10,000, 30 minutes idle) that one
     task initializing in a loop could fill for every tenant: the door keeps none, and answers
     initializations and calls all the same."""
-    import httpx2
-
-    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
-
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {},
         "clientInfo": {"name": "raw", "version": "0"}}}  # fmt: skip
@@ -877,22 +896,13 @@ def test_the_http_door_keeps_no_session_a_task_could_pile_up(tmp_path: Path) -> 
                "Content-Type": "application/json"}  # fmt: skip
 
     async def scenario() -> tuple[list[int], set[str | None], dict[str, Any]]:
-        node = Node(tmp_path / "mcps.sock")
-        uds = tmp_path / "mcp.sock"
-        endpoint = MCPEndpoint(lambda: mcp_app(node.service, node.tokens.get), uds=uds)
-        await endpoint.start()
-        transport = httpx2.AsyncHTTPTransport(uds=str(uds))
-        url = "http://agentnode/mcp"
-        try:
-            async with httpx2.AsyncClient(transport=transport, timeout=30) as http:
-                answers = [await http.post(url, json=init, headers={
-                    **headers, "Authorization": "Bearer ta"}) for _ in range(200)]  # fmt: skip
-                call = json.loads(call_line(2, "echo", {"say": "h"}, era="modern"))
-                other = await http.post(url, json=call, headers={
-                    **headers, "Authorization": "Bearer tb", "MCP-Protocol-Version": "2026-07-28",
-                    "Mcp-Method": "tools/call", "Mcp-Name": "echo"})  # fmt: skip
-        finally:
-            await endpoint.stop()
+        async with http_door(tmp_path) as (_, http):
+            answers = [await http.post(DOOR, json=init, headers={
+                **headers, "Authorization": "Bearer ta"}) for _ in range(200)]  # fmt: skip
+            call = json.loads(call_line(2, "echo", {"say": "h"}, era="modern"))
+            other = await http.post(DOOR, json=call, headers={
+                **headers, "Authorization": "Bearer tb", "MCP-Protocol-Version": "2026-07-28",
+                "Mcp-Method": "tools/call", "Mcp-Name": "echo"})  # fmt: skip
         return ([a.status_code for a in answers],
                 {a.headers.get("mcp-session-id") for a in answers}, other.json())  # fmt: skip
 
@@ -907,10 +917,7 @@ def test_a_request_body_over_the_bound_is_refused_not_held(
     """The HTTP door holds at most one message's bound of a request (the socket's, which the
     SDK's limit is set to): a body announced larger is refused before it is read (with a token
     or without), a chunked one as it grows past it, and calls under the bound are served."""
-    import httpx2
-
     from agentnode.tools import endpoint as door
-    from agentnode.tools.endpoint import MCPEndpoint, mcp_app
 
     monkeypatch.setattr(door, "MAX_MESSAGE", 1 << 20)
     headers = {"Authorization": "Bearer ta", "Accept": "application/json, text/event-stream",
@@ -926,22 +933,11 @@ def test_a_request_body_over_the_bound_is_refused_not_held(
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        node = Node(tmp_path / "mcps.sock")
-        uds = tmp_path / "mcp.sock"
-        endpoint = MCPEndpoint(lambda: mcp_app(node.service, node.tokens.get), uds=uds)
-        await endpoint.start()
-        transport = httpx2.AsyncHTTPTransport(uds=str(uds))
-        url = "http://agentnode/mcp"
-        try:
-            async with httpx2.AsyncClient(transport=transport, timeout=30) as http:
-                for who, auth in (("token", headers), ("none", {**headers, "Authorization": ""})):
-                    out[who] = (await http.post(url, content=big, headers=auth)).status_code
-                r = await http.post(url, content=chunks(), headers=headers)
-                out["chunked"] = r.status_code
-                r = await http.post(url, content=line, headers=headers)
-                out["after"] = r.json()
-        finally:
-            await endpoint.stop()
+        async with http_door(tmp_path) as (_, http):
+            for who, auth in (("token", headers), ("none", {**headers, "Authorization": ""})):
+                out[who] = (await http.post(DOOR, content=big, headers=auth)).status_code
+            out["chunked"] = (await http.post(DOOR, content=chunks(), headers=headers)).status_code
+            out["after"] = (await http.post(DOOR, content=line, headers=headers)).json()
         return out
 
     out = asyncio.run(scenario())
