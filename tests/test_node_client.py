@@ -124,4 +124,5 @@ def test_a_socket_path_of_any_length_is_reached_and_a_missing_one_is_named(
         connect_unix(path, timeout=5)  # the file is there, nobody listens
     with pytest.raises(FileNotFoundError):
         connect_unix(path.with_name("missing.sock"), timeout=5)
-    assert set(os.listdir("/proc/self/fd")) == before
+    # None added (one of `before` may be closed meanwhile: an earlier test's object collected).
+    assert set(os.listdir("/proc/self/fd")) <= before
