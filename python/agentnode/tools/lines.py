@@ -87,30 +87,28 @@ class FdLines:
 
     async def __anext__(self) -> str:
         try:
-            return await self._next()
+            while (end := self._buffer.find(b"\n", self._scanned)) < 0:
+                self._scanned = len(self._buffer)
+                if self.limit is not None and self._scanned > self.limit:
+                    raise LineTooLong(f"a line longer than {self.limit} bytes")
+                try:
+                    chunk = os.read(self._fd, 1 << 16)
+                except BlockingIOError:
+                    await self._readable()
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    raise StopAsyncIteration
+                self._buffer += chunk
         except BaseException:
-            self.close()
+            self.close()  # every way out (EOF, cancel, error): the fd may be closed next
             raise
-
-    async def _next(self) -> str:
-        while (end := self._buffer.find(b"\n", self._scanned)) < 0:
-            self._scanned = len(self._buffer)
-            if self.limit is not None and self._scanned > self.limit:
-                raise LineTooLong(f"a line longer than {self.limit} bytes")
-            try:
-                chunk = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                await self._readable()
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                raise StopAsyncIteration
-            self._buffer += chunk
         line = self._buffer[:end].decode(errors="replace") + "\n"
         del self._buffer[: end + 1]
         self._scanned = 0
         if self.limit is not None and end > self.limit:
+            self.close()
             raise LineTooLong(f"a line longer than {self.limit} bytes")
         return line
 

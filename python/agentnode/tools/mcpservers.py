@@ -361,20 +361,17 @@ class _Instance:
         )
         try:
             async with client_streams(
-                reader, self._stdin, route=self._answered, on_too_long=self._too_long
+                reader, self._stdin, route=self._answered, on_too_long=self._broke
             ) as streams:
                 yield streams
         finally:
             reader.close()
 
-    def _too_long(self, error: LineTooLong) -> None:
-        """The server sent a message past the node's bound (a line on its stdout, a response
-        over HTTP): its memory limit does not bound what the node would hold for it."""
-        self._broke(str(error))
-
-    def _broke(self, why: str) -> None:
-        """The server broke what the node needs of a peer: it is stopped, or a user's server's
-        connection ended, and its calls end as that ends them."""
+    def _broke(self, why: object) -> None:
+        """The server broke what the node needs of a peer (a message past the node's bound, on
+        its stdout or over HTTP: its memory limit does not bound what the node would hold for
+        it; or it reads none of its stdin): it is stopped, or a user's server's connection
+        ended, and its calls end as that ends them."""
         log.warning("MCP server %s (%s) stopped: %s", self.spec.name, self.tenant, why)
         if self.proc is not None and self.proc.result is None:
             with contextlib.suppress(AgentnodeError, ProcessLookupError):
@@ -476,7 +473,7 @@ class _Instance:
         if self.proc is not None:
             await self._listening()
         timeout = httpx2.Timeout(self.spec.limits.timeout, connect=5.0)
-        capped = _CappedTransport(transport, self._too_long)
+        capped = _CappedTransport(transport, self._broke)
         async with (
             httpx2.AsyncClient(transport=capped, timeout=timeout) as http,
             streamable_http_client(self.spec.url, http_client=http) as streams,

@@ -96,17 +96,8 @@ pub(crate) fn write(dir: &Path, file: &str, value: &str) -> Result<()> {
 /// one read that has room for it, so this skips `read_to_string`'s size query and its second
 /// read: a reap reads eight of them.
 fn read(dir: &Path, file: &str) -> Result<String> {
-    use std::io::Read as _;
     let path = dir.join(file);
-    let mut buf = [0u8; 4096];
-    let text = std::fs::File::open(&path).and_then(|mut f| {
-        let n = f.read(&mut buf)?;
-        let mut text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if n == buf.len() {
-            f.read_to_string(&mut text)?;
-        }
-        Ok(text)
-    });
+    let text = std::fs::File::open(&path).and_then(|f| read_from_start(&f));
     text.map_err(|source| Error::Read { path, source })
 }
 
@@ -140,12 +131,19 @@ impl UsageFiles {
     }
 }
 
-/// A cgroup file's whole text (a small file: one read), read again from its start.
+/// A control file's whole text, from its start whatever was read of it before: one read
+/// when it fits the buffer (all of them but the longest), more only when it filled it.
 fn read_from_start(file: &std::fs::File) -> std::io::Result<String> {
     use std::os::unix::fs::FileExt as _;
     let mut buf = [0u8; 4096];
-    let n = file.read_at(&mut buf, 0)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let mut bytes = Vec::new();
+    loop {
+        let n = file.read_at(&mut buf, bytes.len() as u64)?;
+        bytes.extend_from_slice(&buf[..n]);
+        if n < buf.len() {
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        }
+    }
 }
 
 fn read_u64(dir: &Path, file: &str) -> Result<u64> {
@@ -347,8 +345,8 @@ impl Hybrid {
 
 impl Drop for Hybrid {
     fn drop(&mut self) {
-        // v1 dirs go before the cgroup2 node (a field dropped after this), so a cgroup2 node
-        // that is gone means the whole task is released.
+        // The usage files close first; v1 dirs go before the cgroup2 node (a field dropped
+        // after this), so a cgroup2 node that is gone means the whole task is released.
         self.usage = UsageFiles::default();
         self.owned_v1.clear();
     }
