@@ -111,16 +111,18 @@ def _preload() -> None:
     fork copies and unmaps a few hundred page-table entries where it touches nothing, not
     ~18,000. (`serve` freezes the heap: an agent's collections skip what it inherited, so
     they neither scan it nor copy its pages.)"""
-    # Not agentnode.runtime.__main__ itself: runpy runs it afresh (its imports are loaded).
-    import argparse  # noqa: F401
     import gc
 
     import httpx2
     import openai
 
+    # An agent calls its main() (`_agent`): nothing of the runtime is compiled in a task, whose
+    # read-only view of the package may hold no bytecode cache (4 ms of CPU an agent).
+    import agentnode.runtime.__main__
     import agentnode.runtime.loop
     import agentnode.runtime.spend  # the SDK clients' transport (formats loads it lazily)
-    import agentnode.sdk.tools  # noqa: F401
+    import agentnode.sdk.tools
+    import agentnode.tools.lines  # noqa: F401  (the MCP socket's transport)
     from agentnode import _native
 
     def answer(request: httpx2.Request) -> httpx2.Response:
@@ -174,11 +176,12 @@ def _agent(request: dict[str, object], go: int) -> NoReturn:
             scope = {"__name__": "__main__", "__builtins__": __builtins__}
             exec(compile(argv[2], "<string>", "exec"), scope)
         else:
-            import runpy
+            # `python -m agentnode.runtime ARGS`, whose module the server imported: its main().
+            from agentnode.runtime import __main__ as runtime
 
-            sys.argv = [argv[2], *argv[3:]]
+            sys.argv = [str(runtime.__file__), *argv[3:]]
             sys.path[0:1] = [os.getcwd(), *extra]
-            runpy.run_module("agentnode.runtime", run_name="__main__", alter_sys=True)
+            sys.exit(runtime.main())
     except SystemExit as e:
         status = exit_status(e)
     except BaseException:
