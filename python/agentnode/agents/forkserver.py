@@ -153,6 +153,8 @@ def _preload() -> None:
     from mcp.client.streamable_http import streamable_http_client  # noqa: F401
 
     "agentnode.invalid".encode("idna")  # a URL's host: `encodings.idna`, `stringprep`
+    # The options' parser and checks: the regular expressions argparse and they compile.
+    agentnode.runtime.__main__.parse(["warm", "--model", "m", "--budget", "1"])
 
     gc.collect()
     _native.confine_ahead()

@@ -16,7 +16,7 @@ from agentnode.runtime.formats import FORMATS
 from agentnode.runtime.nodetools import DOORS
 from agentnode.storage.keys import check_name
 
-__all__ = ["main"]
+__all__ = ["main", "parse"]
 
 #: The exit status when a limit stopped the run.
 STOPPED = 3
@@ -37,8 +37,8 @@ def _budget(text: str) -> Decimal:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the loop; returns the exit status."""
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, float]:
+    """The run's options and its wall-time limit in seconds; `UsageError` says what is wrong."""
     p = _Parser(prog="python -m agentnode.runtime", description=__doc__)
     p.add_argument("text", metavar="TASK_TEXT", help="what the agent is asked to do")
     p.add_argument("--model", default=os.environ.get("AGENTNODE_MODEL"),
@@ -60,23 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=20, metavar="N", help="model calls (20)")
     p.add_argument("--max-time", default="30m", metavar="DURATION", help="wall time (30m)")
     p.add_argument("--budget", type=_budget, metavar="USD", help="stop once this is spent")
+    args = p.parse_args(argv)
+    if not args.model:
+        raise UsageError("no model: give --model M (or run with $AGENTNODE_MODEL set)")
+    if args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     try:
-        args = p.parse_args(argv)
-        if not args.model:
-            raise UsageError("no model: give --model M (or run with $AGENTNODE_MODEL set)")
-        if args.max_steps < 1:
-            raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
-        if args.max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        seconds = check_duration("max-time", args.max_time)
+    except SpecError as e:
+        raise e.for_option("--max-time") from None
+    if args.memory is not None:
         try:
-            seconds = check_duration("max-time", args.max_time)
-        except SpecError as e:
-            raise e.for_option("--max-time") from None
-        if args.memory is not None:
-            try:
-                check_name("memory space", args.memory)
-            except MemoryKeyError as e:
-                raise UsageError(f"--memory-space: {e}") from None
+            check_name("memory space", args.memory)
+        except MemoryKeyError as e:
+            raise UsageError(f"--memory-space: {e}") from None
+    return args, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the loop; returns the exit status."""
+    try:
+        args, seconds = parse(argv)
         from agentnode.runtime.loop import Agent, Limits, Stopped
 
         tools = None if args.tools is None else [t for t in args.tools.split(",") if t]
