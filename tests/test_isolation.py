@@ -46,16 +46,23 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
     return run(["sh", "-c", script], ws, **kw)
 
 
-def our_children() -> list[str]:
+def our_children(timeout: float = 5.0) -> list[str]:
     """Pids of this process's child processes (tasks not reaped, or their escapees), of every
-    thread (a zygote's task is a child of the pool's thread), but for the zygotes ready."""
-    ready = {str(pid) for pid in task_mod._instance().zygotes()}
-    return [
-        pid
-        for t in Path("/proc/self/task").iterdir()
-        for pid in (t / "children").read_text().split()
-        if pid not in ready
-    ]
+    thread (a zygote's task is a child of the pool's thread), but for the zygotes ready, once
+    up to `timeout` seconds passed without one: the pool makes zygotes ahead at any time (one
+    being made is a child not ready yet) and ends those made from a template gone stale."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = {str(pid) for pid in task_mod._instance().zygotes()}
+        left = [
+            pid
+            for t in Path("/proc/self/task").iterdir()
+            for pid in (t / "children").read_text().split()
+            if pid not in ready
+        ]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 def instance_tasks(timeout: float = 5.0) -> list[Path]:
