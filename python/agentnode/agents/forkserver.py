@@ -122,7 +122,7 @@ def _preload() -> None:
     import agentnode.runtime.loop
     import agentnode.runtime.spend  # the SDK clients' transport (formats loads it lazily)
     import agentnode.sdk.tools
-    import agentnode.tools.lines  # noqa: F401  (the MCP socket's transport)
+    import agentnode.tools.lines  # the MCP socket's transport
     from agentnode import _native
 
     def answer(request: httpx2.Request) -> httpx2.Response:
@@ -148,7 +148,7 @@ def _preload() -> None:
     # structured result with (24 ms of CPU at an agent's first call of such a tool).
     import anyio._backends._asyncio
     import anyio.streams.stapled  # noqa: F401
-    import jsonschema.validators  # noqa: F401
+    import jsonschema  # noqa: F401
     from mcp import Client  # noqa: F401
     from mcp.client.streamable_http import streamable_http_client  # noqa: F401
 
