@@ -204,7 +204,8 @@ def main() -> None:
         bench.record("paced_append_cpu", statistics.median(grouped_cpu), statistics.median(alone),
                      "us CPU/record", peer_name="same log, an fsync per record")  # fmt: skip
         if os.geteuid() == 0:
-            on, off, execs = exec_cost(root, 3 if bench.quick else 9)
+            # An even number of rounds: each side goes first as often (3 let one go first twice).
+            on, off, execs = exec_cost(root, 6 if bench.quick else 10)
             bench.record("exec_trace_1000_execs_cpu", on[1] * 1000, off[1] * 1000, "ms",
                          peer_name="same task, no tracer")  # fmt: skip
             bench.record("exec_trace_1000_execs_wall", on[0] * 1000, off[0] * 1000, "ms",
