@@ -18,7 +18,9 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -27,6 +29,8 @@ from agentnode.errors import CgroupError, SandboxError, UsageError
 from agentnode.isolation import ExitReason, Limits, Mount, Task, parse_duration, parse_size, spawn
 from agentnode.isolation import task as task_mod
 from conftest import processes_with, run_cli
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.root
 
@@ -46,43 +50,52 @@ def sh(script: str, ws: Path, **kw: object) -> tuple[int | None, str, Task]:
     return run(["sh", "-c", script], ws, **kw)
 
 
+def settled(find: Callable[[], list[T]], timeout: float) -> list[T]:
+    """What `find` returns once it is empty, or after `timeout` seconds: the background work of
+    the launcher (cgroup removal, zygotes made ahead) gets time to finish, a leak stays."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = find()
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
+
+
 def our_children(timeout: float = 5.0) -> list[str]:
     """Pids of this process's child processes (tasks not reaped, or their escapees), of every
     thread (a zygote's task is a child of the pool's thread), but for the zygotes ready, once
     up to `timeout` seconds passed without one: the pool makes zygotes ahead at any time (one
     being made is a child not ready yet) and ends those made from a template gone stale."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def children() -> list[str]:
         ready = {str(pid) for pid in task_mod._instance().zygotes()}
-        left = [
+        return [
             pid
             for t in Path("/proc/self/task").iterdir()
             for pid in (t / "children").read_text().split()
             if pid not in ready
         ]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
+
+    return settled(children, timeout)
 
 
 def instance_tasks(timeout: float = 5.0) -> list[Path]:
     """Task cgroups left under this process's instance, in every hierarchy, once the background
     thread that removes ended tasks' cgroups has had up to `timeout` seconds to do so. The
     spares and zygotes made ahead of time for the next starts are not leftovers."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def left() -> list[Path]:
         launcher = task_mod._instance()
         spares = {*launcher.spares(), *launcher.zygotes().values()}
-        found = [
+        return [
             t
             for d in launcher.dirs()
             if d.exists()
             for t in d.iterdir()
             if t.is_dir() and t.name not in spares
         ]
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
+
+    return settled(left, timeout)
 
 
 def test_task_is_pid_one_and_sees_no_host_pid(ws: Path) -> None:
