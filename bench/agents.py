@@ -17,8 +17,8 @@ The reference runtime's step (as root: a real `agentnode run` on a scratch data 
 runtime as a task, each step a model call through the node's proxy to the mock, `list_files`
 through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API),
 the step's checkpoints (over the memory socket) and its budget check (a budget it never
-reaches), against the same loop with the `openai` SDK calling the mock directly and
-`os.listdir` in the benchmark's process. Goal: <= 3 ms added per step (`--only runtime_step`
+reaches), against the same loop with the `openai` SDK calling the mock directly, the request
+made as the runtime makes it, and `os.listdir` in the benchmark's process. Goal: <= 3 ms added per step (`--only runtime_step`
 runs this part alone). The timed loop includes the task's first model call, which in a fresh
 agent costs ~30 ms of the SDK's lazy set-up (imports, platform headers, response models) that
 the peer, warm, does not pay.
@@ -190,7 +190,9 @@ def _direct(mock: MockUpstream, steps: int, workspace: Path) -> tuple[float, flo
     messages: Any = [{"role": "user", "content": "look"}]
     t0, c0 = time.perf_counter(), time.process_time()
     while True:
-        m = llm.chat.completions.create(model="m", messages=messages, tools=tools)
+        # As the runtime sends it (`formats._as_is`): the conversation past the SDK's transform.
+        m = llm.chat.completions.create(model="m", messages=(), tools=tools,
+                                        extra_body={"messages": messages})  # fmt: skip
         msg = m.choices[0].message
         messages.append({"role": "assistant", "content": msg.content, "tool_calls": [
             c.model_dump(include={"id", "type", "function"}) for c in msg.tool_calls or ()]})  # fmt: skip

@@ -415,6 +415,70 @@ def test_inputs_sent_to_the_agent_are_read_once_whole_lines_only(tmp_path: Path)
     assert messages[-1] == {"role": "user", "content": [{"type": "text", "text": "again"}]}
 
 
+#: A conversation in each format: a tool call, its result, then a user's text.
+CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
+    "openai": [
+        {"role": "user", "content": "look"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "list_files", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '["a.txt"]'},
+        {"role": "user", "content": "and now?"},
+    ],
+    "anthropic": [
+        {"role": "user", "content": "look"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "u1", "name": "list_files",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "u1",
+                                      "content": '["a.txt"]', "is_error": False},
+                                     {"type": "text", "text": "and now?"}]},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_the_conversation_reaches_the_model_as_the_runtime_holds_it(
+    api: str, stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime sends its conversation as the request's `messages` untouched (past the SDKs'
+    parameter transform, `formats._as_is`), streamed or not: equal to what it holds, after the
+    system prompt in OpenAI's format, with the tools and the model as the SDK sends them."""
+    import asyncio
+    import threading
+    from collections import deque
+
+    from agentnode.inference.mock import MockUpstream, Turn
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    mock = asyncio.run_coroutine_threadsafe(MockUpstream(api).start(), loop).result(30)
+    try:
+        monkeypatch.setenv("OPENAI_BASE_URL" if api == "openai" else "ANTHROPIC_BASE_URL",
+                           mock.base_url)  # fmt: skip
+        monkeypatch.setenv("OPENAI_API_KEY", "k")
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+        mock.script = deque([Turn(text="two files")])
+        fmt: Any = formats.make(api, model="m", system="be brief", stream=stream, max_tokens=64)
+        held = json.loads(json.dumps(CONVERSATIONS[api]))
+        tool = fmt.tool("list_files", "Lists files.", {"type": "object", "properties": {}})
+        with fmt._llm:
+            answer = fmt.ask(held, [tool])
+        assert fmt.text(answer) == "two files" and not fmt.calls(answer)
+        assert held == CONVERSATIONS[api]  # not changed by the call
+        (sent,) = [r["json"] for r in mock.requests]
+        system = [{"role": "system", "content": "be brief"}] if api == "openai" else []
+        assert sent["messages"] == [*system, *CONVERSATIONS[api]]
+        assert (sent["model"], sent["tools"], sent.get("stream", False)) == ("m", [tool], stream)
+        if api == "anthropic":
+            assert (sent["system"], sent["max_tokens"]) == ("be brief", 64)
+    finally:
+        asyncio.run_coroutine_threadsafe(mock.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
 def test_a_plain_http_proxy_costs_its_client_no_ca_bundle(
     api: str, monkeypatch: pytest.MonkeyPatch
