@@ -56,6 +56,41 @@ def links(ns: str) -> str:
     ).stdout
 
 
+def test_released_task_networks_go_with_their_namespaces_and_a_held_one_is_deleted(
+    world: World,
+) -> None:
+    """`release_task` unnames the netns and leaves the veth pair to the kernel's batched
+    namespace cleanup: `reap` sees every one of a burst go by itself (the addresses free for
+    the next tasks), and deletes the veth of a netns something still holds, which the task
+    side then loses too; a released network is released again without an error."""
+    bridge = f"agentnode{uuid.uuid4().hex[:6]}"
+    node = NodeNetwork(bridge=bridge, subnet="192.0.2.0/26", node_netns=world.task)
+    try:
+        node.ensure()
+        nets = [node.add_task(uuid.uuid4().hex) for _ in range(12)]
+        held = nets.pop()
+        fd = os.open(f"/run/netns/{held.netns}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for net in [*nets, held]:
+                node.release_task(net)
+                node.release_task(net)
+            assert not {n.netns for n in [*nets, held]} & netns_names()
+            assert node.reap([n.host_veth for n in nets], timeout=10) == []
+            assert node.reap([held.host_veth], timeout=0.3) == [held.host_veth]
+            assert not any(n.host_veth in links(world.task) for n in [*nets, held])
+            inside = subprocess.run(["nsenter", f"--net=/proc/self/fd/{fd}", "ip", "-o", "link"],
+                                    capture_output=True, text=True, check=True, pass_fds=(fd,))  # fmt: skip
+            assert "eth0" not in inside.stdout  # the pair went with its host end
+        finally:
+            os.close(fd)
+        again = [node.add_task(uuid.uuid4().hex) for _ in range(12)]
+        assert {a.address for a in again} == {n.address for n in [*nets, held]}
+        for net in again:
+            node.remove_task(net)
+    finally:
+        node.close()
+
+
 def test_task_reaches_uplink_through_bridge_and_masquerade(world: World) -> None:
     bridge = f"agentnode{uuid.uuid4().hex[:6]}"
     node = NodeNetwork(bridge=bridge, subnet="192.0.2.0/26", node_netns=world.task)

@@ -893,14 +893,14 @@ def test_run_code_answers_before_its_task_network_is_removed_and_it_is_removed(
     # and veth goes.
     w, net = world
     made = _made(net, monkeypatch)
-    remove = net.network.remove_task
+    remove = net.network.release_task  # what the background teardown does
     release = threading.Event()
 
     def held(tn: Any) -> None:
         release.wait(60)
         remove(tn)
 
-    monkeypatch.setattr(net.network, "remove_task", held)
+    monkeypatch.setattr(net.network, "release_task", held)
     runner = CodeRunner(limits=ToolLimits(timeout=10), network="task", node_network=net)
     svc = service(runner.tool())
     may = Caller(task="t1", tenant="a", network="egress",
@@ -969,7 +969,7 @@ def recording(task_id, **kw):
     made.append((tn.netns, tn.host_veth))
     return tn
 net.network.add_task = recording
-net.network.remove_task = lambda tn: time.sleep(3600)  # never done: the kill comes first
+net.network.release_task = lambda tn: time.sleep(3600)  # never done: the kill comes first
 runner = CodeRunner(limits=ToolLimits(timeout=10), network="task", node_network=net)
 svc = ToolService(Registry([runner.tool()]), on_record=lambda r: None)
 may = Caller(task="t1", tenant="a", network="egress", egress=EgressPolicy(allow=[{HOST4 + ":8080"!r}]))

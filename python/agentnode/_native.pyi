@@ -385,6 +385,9 @@ class TaskNetwork:
         """Makes netns `netns` (named under /run/netns) with lo up and `eth0` at
         `address`/`prefix` (up, default route via `gateway`), its peer `veth` an isolated port
         of `bridge`, up, with `alias`. Whole or not at all: on `EgressError` nothing is left."""
+    def release_task(self, *, netns: str) -> bool:
+        """Removes the netns name alone (idempotent); whether it was there. The netns, and the
+        veth pair with it, go in the kernel's batched namespace cleanup once nothing holds it."""
     def remove_task(self, *, veth: str, netns: str) -> tuple[bool, bool]:
         """Removes the netns name and the veth (idempotent); whether each was there."""
 

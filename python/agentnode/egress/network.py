@@ -30,7 +30,8 @@ import logging
 import os
 import subprocess
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 TASK_NETNS_PREFIX = "agentnode-task-"
 VETH_PREFIX = "anv"
+#: Seconds `reap` waits for released tasks' veths to go with their netns (the kernel's cleanup
+#: of a batch of them takes tens of ms), and between two looks.
+REAP_S = 5.0
+_REAP_POLL_S = 0.01
 
 
 def process_identity(pid: int) -> str:
@@ -54,6 +59,11 @@ def process_identity(pid: int) -> str:
         return ""
     # Field 22; the command name (field 2) may hold spaces and parentheses, so split after it.
     return f"{pid}.{stat.rpartition(')')[2].split()[19]}"
+
+
+def _netns_of(veth: str) -> str:
+    """The name of the netns whose task has the host end `veth`."""
+    return f"{TASK_NETNS_PREFIX}{veth.removeprefix(VETH_PREFIX)}"
 
 
 def _alive(owner: str) -> bool:
@@ -367,6 +377,30 @@ class NodeNetwork:
         self._unpublish(p.host_port for p in net.published)
         self._rtnl.remove_task(veth=net.host_veth, netns=net.netns)
 
+    def release_task(self, net: TaskNet) -> None:
+        """`remove_task`, but the veth goes with the netns, in the kernel's namespace cleanup
+        (batched: a veth's own deletion waits ~25 ms holding the rtnl lock, which every task
+        start waits for); `reap` makes sure it went."""
+        self.kept.discard(net.host_veth)
+        self._unpublish(p.host_port for p in net.published)
+        self._rtnl.release_task(netns=net.netns)
+
+    def reap(self, veths: Collection[str], *, timeout: float = REAP_S) -> list[str]:
+        """Waits up to `timeout` for released tasks' `veths` to go with their netns, and
+        deletes those still there then (something held their netns); returns their names."""
+        deadline = time.monotonic() + timeout
+        left = set(veths)
+        while left:
+            left &= {name for name, _, _ in self._links()}
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(_REAP_POLL_S)
+        for veth in sorted(left):
+            log.warning("the veth %s outlived its task's network namespace by %g s (something "
+                        "held the namespace): deleting it", veth, timeout)  # fmt: skip
+            self._rtnl.remove_task(veth=veth, netns=_netns_of(veth))
+        return sorted(left)
+
     def sweep(self, *, own: bool = False) -> list[str]:
         """Removes the task veths and netns whose owning process is gone (start-up, after a
         crash), and with `own` this owner's too (but the `kept` ones); returns their names."""
@@ -392,7 +426,7 @@ class NodeNetwork:
             self._unpublish(self._published_to(addresses))
         netns_removed = []
         for veth in dead:
-            netns = f"{TASK_NETNS_PREFIX}{veth.removeprefix(VETH_PREFIX)}"
+            netns = _netns_of(veth)
             try:
                 _, unnamed = self._rtnl.remove_task(veth=veth, netns=netns)
             except EgressError as e:

@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,6 +51,9 @@ CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 #: Ended tasks' networks that may wait for the background teardown at once (`retire`).
 RETIRE_BACKLOG = 16
+#: Seconds the background teardown lets released veths wait for `NodeNetwork.reap` while more
+#: ends keep coming (it reaps as soon as none waits).
+REAP_AFTER_S = 1.0
 #: Seconds between two looks at the node network (its bridge and table made again when they
 #: were removed from outside: an operator's `nft flush ruleset`, a network manager).
 REPAIR_S = 10.0
@@ -145,7 +149,7 @@ class TaskEgress:
         if self._egress is not None:
             self._service._call(self._egress.poll_denials)
         address, egress, net = self._release()
-        self._service.retire(lambda: self._service._teardown(address, egress, net))
+        self._service.retire(lambda: self._service._teardown(address, egress, net, later=True))
 
     def close(self) -> None:
         """Detaches the programs, forgets the task in the forwarder, removes veth and netns."""
@@ -218,6 +222,9 @@ class EgressService:
         self._retiring: deque[Callable[[], None]] = deque()
         self._retirer: threading.Thread | None = None
         self._retired = threading.Condition(self._lock)
+        #: The veths of the networks released since the last reap, and when the first was.
+        self._dying: list[str] = []
+        self._dying_since = 0.0
 
     @property
     def dns(self) -> tuple[str, int] | None:
@@ -418,13 +425,36 @@ class EgressService:
         # An adopted task's denials from while no daemon ran wait in its ring buffer.
         egress.poll_denials()
 
-    def _teardown(self, address: str | None, egress: Egress | None, net: TaskNet | None) -> None:
+    def _teardown(
+        self,
+        address: str | None,
+        egress: Egress | None,
+        net: TaskNet | None,
+        *,
+        later: bool = False,
+    ) -> None:
         """Detaches a task's programs, forgets its address in the forwarder, removes its veth
-        and netns."""
+        and netns; with `later` the veth is left to go with its netns (`NodeNetwork.release_task`)
+        and the next `_reap` makes sure it went."""
         if egress is not None:
             self._detach(address, egress)
-        if net is not None:
+        if net is None:
+            return
+        if not later:
             self.network.remove_task(net)
+            return
+        self.network.release_task(net)
+        with self._lock:
+            if not self._dying:
+                self._dying_since = time.monotonic()
+            self._dying.append(net.host_veth)
+
+    def _reap(self) -> None:
+        """Waits for the released veths to go (`NodeNetwork.reap`)."""
+        with self._lock:
+            dying, self._dying = self._dying, []
+        if dying:
+            self.network.reap(dying)
 
     def _detach(self, address: str | None, egress: Egress, *, leave: bool = False) -> None:
         def run() -> None:
@@ -496,8 +526,8 @@ class EgressService:
                 _native.EgressHandle.remove_pins(self.pins / PROGRAMS_PIN)
 
     def retire(self, teardown: Callable[[], None]) -> None:
-        """Runs an ended task's network `teardown` on a background thread (a veth's removal waits
-        tens of ms for the kernel): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
+        """Runs an ended task's network `teardown` on a background thread (a netns's removal
+        waits for the kernel to let it go): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
         past that the caller closes it itself, so a burst of ends cannot pile up kernel objects.
         `close()` finishes every one first; what a killed process left, the next `start`
         sweeps (each veth names its owner)."""
@@ -512,15 +542,25 @@ class EgressService:
                     self._retirer.start()
         if inline:
             teardown()
+            self._reap()
 
     def _retire_all(self) -> None:
         while True:
             with self._lock:
-                if not self._retiring:
-                    self._retirer = None
-                    self._retired.notify_all()
-                    return
-                teardown = self._retiring[0]
+                teardown = self._retiring[0] if self._retiring else None
+                overdue = self._dying and time.monotonic() - self._dying_since > REAP_AFTER_S
+            if teardown is None or overdue:
+                try:
+                    self._reap()
+                except Exception as e:  # the next reap, or the next start's sweep, tries again
+                    log.warning("task network teardown failed: %s", e)
+                if teardown is None:
+                    with self._lock:
+                        if not self._retiring:
+                            self._retirer = None
+                            self._retired.notify_all()
+                            return
+                continue
             try:
                 teardown()
             except Exception as e:  # one failed removal must not stop the rest

@@ -69,6 +69,14 @@ impl TaskNetwork {
         Ok(())
     }
 
+    /// Whether the netns name was there.
+    #[pyo3(signature = (*, netns))]
+    fn release_task(&self, py: Python<'_>, netns: String) -> PyResult<bool> {
+        Ok(py
+            .detach(|| self.inner.release_task(&netns))
+            .map_err(NativeError::from)?)
+    }
+
     /// `(veth was there, netns was there)`.
     #[pyo3(signature = (*, veth, netns))]
     fn remove_task(&self, py: Python<'_>, veth: String, netns: String) -> PyResult<(bool, bool)> {

@@ -298,6 +298,15 @@ impl NodeSide {
         })
     }
 
+    /// Removes the task's namespace name alone (idempotent; `false` when there was none). The
+    /// namespace, and the veth pair with it, go in the kernel's namespace cleanup once nothing
+    /// holds it, batched with the other namespaces ending then; deleting the veth here would
+    /// wait for the network's readers (an RCU grace period, ~25 ms) with the rtnl lock held,
+    /// which every task start's veth waits for.
+    pub fn release_task(&self, netns: &str) -> Result<bool> {
+        named::remove(netns).step(|| format!("removing the network namespace {netns}"))
+    }
+
     /// Removes the task's namespace name and its veth (idempotent); says which of the two
     /// were there. Both are tried whatever the other's outcome.
     pub fn remove_task(&self, veth: &str, netns: &str) -> Result<(bool, bool)> {
