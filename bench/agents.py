@@ -18,10 +18,10 @@ runtime as a task, each step a model call through the node's proxy to the mock, 
 through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API),
 the step's checkpoints (over the memory socket) and its budget check (a budget it never
 reaches), against the same loop with the `openai` SDK calling the mock directly, the request
-made as the runtime makes it, and `os.listdir` in the benchmark's process. Goal: <= 3 ms added per step (`--only runtime_step`
-runs this part alone). The timed loop includes the task's first model call, which in a fresh
-agent costs ~30 ms of the SDK's lazy set-up (imports, platform headers, response models) that
-the peer, warm, does not pay.
+made as the runtime makes it, and `os.listdir` in the benchmark's process. Goal: <= 3 ms added
+per step (`--only runtime_step` runs this part alone). Both are timed warm: the task makes one
+model call and one tool call before its loop (`_IN_TASK`), the peer's first round is not
+counted.
 
 The box these run on is shared, so each of those lines also has a CPU figure (`_cpu`): CPU
 seconds per step of every process doing the step's work while it runs (the LangGraph run's
@@ -113,13 +113,18 @@ def graph(llm: Any, saver: BaseCheckpointSaver[Any]) -> Any:
 REPO = Path(__file__).resolve().parents[1]
 #: Timed inside the task: the loop alone, not the interpreter's start and imports; its CPU
 #: and its span on the monotonic clock (which a task shares with the host). With a budget (one
-#: it never reaches), as a metered agent runs: each step checks the task's spend first.
+#: it never reaches), as a metered agent runs: each step checks the task's spend first. One
+#: model call and one tool call before it warm the task as the peer's first round warms it:
+#: in a fresh agent each costs ~5 ms more than the next (the first touch of the SDKs' pages
+#: the agent shares with the fork server copies them), a start cost, which agents/s counts.
 _IN_TASK = (
     "import sys, time\n"
     "from decimal import Decimal\n"
     "from agentnode.runtime import Agent, Limits\n"
     "agent = Agent(model='m', tools=['list_files'], tools_via=sys.argv[1],\n"
     "              limits=Limits(max_steps=1000, budget=Decimal(1000)))\n"
+    "agent.format.ask([{'role': 'user', 'content': 'warm'}], agent.schemas)\n"
+    "agent.tools.call('list_files', {}, key='warm')\n"
     "m0, c0, t0 = time.monotonic(), time.process_time(), time.perf_counter()\n"
     "agent.run('look')\n"
     "print('SPAN', m0, time.monotonic(), time.process_time() - c0)\n"
@@ -173,9 +178,12 @@ class _CpuClock:
         self._thread.join()
 
 
-def _script(steps: int) -> deque[Turn]:
+def _script(steps: int, *, warm: bool = False) -> deque[Turn]:
+    """`steps` model answers, each calling the tool but the last; after one answer to the
+    task's warming call when `warm`."""
     call = Turn(tool_calls=(ToolCall("list_files", {}),))
-    return deque([*([call] * (steps - 1)), Turn(text="done")])
+    return deque([*([Turn(text="warm")] if warm else []), *([call] * (steps - 1)),
+                  Turn(text="done")])  # fmt: skip
 
 
 def _direct(mock: MockUpstream, steps: int, workspace: Path) -> tuple[float, float]:
@@ -208,7 +216,7 @@ def _runtime_steps(
 ) -> tuple[float, float]:
     """Seconds per step of the runtime as a task of `d`, reaching tools through `door`, and
     CPU seconds per step of the task, the daemon and this process (the mock)."""
-    mock.script = _script(steps)
+    mock.script = _script(steps, warm=True)
     task = d.submit(
         [sys.executable, "-c", _IN_TASK, door], memory="512M", cpus=1, user="0",
         ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")}, agent={"kind": "python"},
