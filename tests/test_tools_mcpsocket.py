@@ -5,6 +5,7 @@ mid-call, and per-tenant server instances, with the `mcp` client SDK and with ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -344,8 +345,17 @@ def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(
     assert out["eof"] == b"" and out["left"] == 0
 
 
-def fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+def fds(path: Path) -> set[str]:
+    """This process's descriptors of unix sockets at `path` (an accepted connection shows its
+    listener's path): the suite's other threads open and close descriptors of their own."""
+    listed = (line.split() for line in Path("/proc/self/net/unix").read_text().splitlines()[1:])
+    inodes = {f"socket:[{cols[6]}]" for cols in listed if len(cols) == 8 and cols[7] == str(path)}
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(f"/proc/self/fd/{fd}") in inodes:
+                found.add(fd)
+    return found
 
 
 @pytest.mark.parametrize("era", ["legacy", "modern"])
@@ -355,7 +365,7 @@ def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path, era: st
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
         async with serving(tmp_path) as node:
-            before = (fds(), len(asyncio.all_tasks()))
+            before = (fds(node.socket.path), len(asyncio.all_tasks()))
             for how in ("close", "reset"):
                 node.started.clear()
                 raw = Raw(node.socket.path)
@@ -363,6 +373,7 @@ def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path, era: st
                 await raw.opening(era)
                 raw.writer.write(call_line(1, "slow", era=era).encode() + b"\n")
                 await asyncio.wait_for(node.started.wait(), 10)
+                out.setdefault("seen", []).append(len(fds(node.socket.path) - before[0]))
                 if how == "reset":  # RST-like: gone without reading what was sent
                     sock = raw.writer.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
@@ -375,7 +386,7 @@ def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path, era: st
             # The SDK session (legacy era) closes its streams a few loop turns after the
             # connection: on a loaded box that can take longer than any fixed pause.
             for _ in range(100):
-                out["fds"] = fds() - before[0]
+                out["fds"] = fds(node.socket.path) - before[0]
                 out["tasks"] = len(asyncio.all_tasks()) - before[1]
                 if not out["fds"] and not out["tasks"]:
                     break
@@ -389,6 +400,7 @@ def test_a_client_leaving_mid_call_leaves_nothing_behind(tmp_path: Path, era: st
     out = asyncio.run(scenario())
     assert out["close left"] == 0 and out["reset left"] == 0
     assert out["events"] == ["cancelled", "cancelled"], "the call ends with its connection"
+    assert out["seen"] == [1, 1]  # the node's end of each connection, while it was open
     assert out["fds"] == set() and out["tasks"] == 0
     assert out["after"].content[0].text == "t1/a: after"
     assert out["stopped"]
