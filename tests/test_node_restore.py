@@ -29,6 +29,7 @@ from conftest import processes_with
 from support.egress_bpf import maps_of, pinned_program_ids, wait_gone
 from support.egress_world import HOST4, OTHER4, World
 from support.node_daemon import Daemon
+from test_egress_inbound import wait_for
 from test_egress_tasks import subnet
 from test_node import PYTHON, REPO, ended_at, leftover_cgroups, open_gate, started_at
 from test_node_robust import seed, small
@@ -852,26 +853,44 @@ def test_a_bridge_removed_from_outside_is_made_again(tmp_path: Path, world: Worl
 
 def test_the_node_table_flushed_from_outside_is_made_again(tmp_path: Path, world: World) -> None:
     """`nft flush ruleset` while the node runs (an operator, a firewall reload) takes the
-    bridge's inbound drop and masquerade with it: within one look (10 s) the node makes its
-    table again, with no task started meanwhile."""
+    bridge's inbound drop and masquerade with it, and the running tasks' published ports:
+    within one look (10 s) the node makes its table again, with those ports mapped to the same
+    tasks, with no task started meanwhile; a task ended after it leaves none behind."""
     netns = ("nsenter", f"--net=/run/netns/{world.task}")
     d = Daemon(tmp_path, egress_config(), netns)
     d.start()
+
+    def nft(*args: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", world.task, "nft", *args],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    def mapped() -> set[str]:
+        listed = nft("-j", "list", "map", "ip", "agentnode0", "publish")
+        elems = json.loads(listed)["nftables"][1]["map"].get("elem", [])
+        return {f"{port}->{'.'.join(map(str, t['concat']))}" for port, t in elems}
+
     try:
-        task = d.submit(["sleep", "60"], network="egress", allow=[f"{HOST4}:8080"])
+        task = d.submit(["sleep", "60"], network="egress", allow=[f"{HOST4}:8080"],
+                        publish=["18083:5000"])  # fmt: skip
+        other = d.submit(["sleep", "60"], network="egress", publish=["18084:5001"])
         d.wait(task["id"], states=("running",))
+        d.wait(other["id"], states=("running",))
         assert "table ip agentnode0" in kernel_objects(world)["nft"]
+        before = mapped()
+        assert len(before) == 2 and all(m.startswith(("18083->", "18084->")) for m in before)
         subprocess.run(["ip", "netns", "exec", world.task, "nft", "flush", "ruleset"], check=True)
         assert "table ip agentnode0" not in kernel_objects(world)["nft"]
         deadline = time.monotonic() + 30
         while "table ip agentnode0" not in kernel_objects(world)["nft"]:
             assert time.monotonic() < deadline, "the node's table was not made again"
             time.sleep(0.5)
-        forward = subprocess.run(["ip", "netns", "exec", world.task, "nft", "list", "chain", "ip",
-                                  "agentnode0", "forward"], capture_output=True, text=True,
-                                 check=True).stdout  # fmt: skip
+        forward = nft("list", "chain", "ip", "agentnode0", "forward")
         assert 'oifname "agentnode0" drop' in forward, forward
+        wait_for(lambda: mapped() == before)
         assert "was changed from outside; making it again" in "\n".join(d.lines)
+        d.client.call("POST", f"/v1/tasks/{other['id']}/cancel", {})
+        d.wait(other["id"], timeout=60)
+        wait_for(lambda: {m[:5] for m in mapped()} == {"18083"})
         d.client.call("POST", f"/v1/tasks/{task['id']}/cancel", {})
     finally:
         d.stop()

@@ -135,6 +135,9 @@ class NodeNetwork:
         #: This owner's task veths that `sweep(own=True)` spares: tasks re-adopted from an
         #: earlier process of the node, or left running for a later one.
         self.kept: set[str] = set()
+        #: This owner's tasks' published ports, by veth: mapped again when the table is made
+        #: again (`repair`).
+        self._mapped: dict[str, tuple[ipaddress.IPv4Address, tuple[Published, ...]]] = {}
         # Held from picking a free address to recording it in the veth's alias: two spawns at
         # once (a tool's sandbox made ahead while another starts) would share an address.
         self._allocating = threading.Lock()
@@ -178,6 +181,14 @@ class NodeNetwork:
                     "making it again", self.bridge, self.table)  # fmt: skip
         with self._allocating:
             self.ensure()
+            # A flushed table took the ports' map with it: the running tasks' ports again.
+            mapped = ", ".join(f"{p.host_port} : {address} . {p.port}"
+                               for address, published in list(self._mapped.values())
+                               for p in published)  # fmt: skip
+            if mapped:
+                r = self._nft(f"add element ip {self.table} publish {{ {mapped} }}\n", check=False)
+                if r.returncode != 0:
+                    log.error("cannot map the tasks' published ports again: %s", r.stderr.strip())
         return True
 
     def _removed(self) -> bool:
@@ -325,6 +336,8 @@ class NodeNetwork:
         except BaseException:
             self._rtnl.remove_task(veth=veth, netns=netns)
             raise
+        if publish:
+            self._mapped[veth] = (address, publish)
         return TaskNet(task_id, netns, address, self.gateway, veth, publish)
 
     def adopt(self, pid: int, published: tuple[Published, ...] = ()) -> TaskNet:
@@ -365,15 +378,19 @@ class NodeNetwork:
                 "(network.subnet changed since it started)"
             )
         self.kept.add(veth)
+        if published:
+            self._mapped[veth] = (address, published)
         return TaskNet(alias[3], netns, address, self.gateway, veth, published)
 
     def leave(self, net: TaskNet) -> None:
         """Leaves the task's network in place for a later process of this owner to `adopt`."""
         self.kept.add(net.host_veth)
+        self._mapped.pop(net.host_veth, None)
 
     def remove_task(self, net: TaskNet) -> None:
         """Removes the task's published ports, veth and netns (idempotent)."""
         self.kept.discard(net.host_veth)
+        self._mapped.pop(net.host_veth, None)
         self._unpublish(p.host_port for p in net.published)
         self._rtnl.remove_task(veth=net.host_veth, netns=net.netns)
 
@@ -382,6 +399,7 @@ class NodeNetwork:
         (batched: a veth's own deletion waits ~25 ms holding the rtnl lock, which every task
         start waits for); `reap` makes sure it went."""
         self.kept.discard(net.host_veth)
+        self._mapped.pop(net.host_veth, None)
         self._unpublish(p.host_port for p in net.published)
         self._rtnl.release_task(netns=net.netns)
 
