@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import psutil
 import pytest
 
@@ -185,6 +186,73 @@ def test_a_server_sending_past_the_message_bound_is_stopped_and_the_node_holds_l
     assert out["next"]["structuredContent"] == {"sum": 3} and out["new"]
     cut = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
     assert len(cut) == 1 and cut[0].startswith("MCP server t (a) stopped")
+
+
+class _Chunks(httpx2.AsyncByteStream):
+    """A response body read as these chunks, unread until then (as a server's is)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> Any:
+        for c in self.chunks:
+            yield c
+
+
+def test_the_message_bound_counts_each_event_of_an_event_stream_not_the_stream() -> None:
+    # An HTTP server's SSE stream (a call's notifications and result, or its standing stream)
+    # may run on past the bound in small events; a JSON answer is one message.
+    event = b"data: " + b"x" * 1000 + b"\n\n"
+    many = event * 100
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        kind = "text/event-stream" if request.url.path == "/sse" else "application/json"
+        return httpx2.Response(200, headers={"content-type": kind}, stream=_Chunks([event] * 100))
+
+    async def get(path: str) -> tuple[int, list[str]]:
+        cut: list[str] = []
+        transport = mcpservers._CappedTransport(httpx2.MockTransport(answer),
+                                                lambda e: cut.append(str(e)))  # fmt: skip
+        async with httpx2.AsyncClient(transport=transport) as client:
+            try:
+                return len((await client.get(f"http://server{path}")).content), cut
+            except httpx2.ReadError:
+                return 0, cut
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mcpservers, "MAX_MESSAGE", 64 << 10)
+        assert asyncio.run(get("/sse")) == (len(many), [])
+        assert asyncio.run(get("/json")) == (0, [f"a response longer than {64 << 10} bytes"])
+
+
+def test_capped_streams_find_event_ends_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every way an SSE event may end (LF LF, CR CR, CRLF CRLF, mixed), split anywhere between
+    chunks, resets the count; bytes with no event end count as one message."""
+    monkeypatch.setattr(mcpservers, "MAX_MESSAGE", 100)
+
+    def read(chunks: list[bytes], *, events: bool) -> bytes | str:
+        cut: list[str] = []
+        stream = mcpservers._CappedStream(_Chunks(chunks), lambda e: cut.append(str(e)),
+                                          events=events)  # fmt: skip
+
+        async def go() -> bytes:
+            return b"".join([c async for c in stream])
+
+        try:
+            return asyncio.run(go())
+        except httpx2.ReadError:
+            return cut[0]
+
+    event = b"data: " + b"x" * 60
+    for end in (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n"):
+        body = (event + end) * 10  # 660+ bytes, each event under 100
+        for size in (1, 2, 3, 7, 64, len(body)):
+            chunks = [body[i : i + size] for i in range(0, len(body), size)]
+            assert read(chunks, events=True) == body, (end, size)
+    assert read([b"data: " + b"y" * 120 + b"\n\n"], events=True) == "an event longer than 100 bytes"
+    assert read([event + b"\n", b"data: " + b"z" * 60 + b"\n\n"], events=True) == (
+        "an event longer than 100 bytes")  # one event of two lines  # fmt: skip
+    assert read([event + b"\n\n"] * 2, events=False) == "a response longer than 100 bytes"
 
 
 def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path) -> None:

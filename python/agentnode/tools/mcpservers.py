@@ -27,6 +27,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -204,8 +205,9 @@ class _NetnsBackend(httpcore2.AsyncNetworkBackend):
 
 
 class _CappedTransport(httpx2.AsyncBaseTransport):
-    """`inner` whose response bodies end in an error past `MAX_MESSAGE` bytes, told first to
-    `over`: the SDK holds a JSON answer or an SSE event whole."""
+    """`inner` whose responses end in an error past `MAX_MESSAGE` bytes of one message, told
+    first to `over`: the SDK holds a JSON answer, or an event of an SSE stream, whole (a
+    stream itself may run on for good)."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport, over: Callable[[LineTooLong], None]):
         self._inner = inner
@@ -214,27 +216,56 @@ class _CappedTransport(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         response = await self._inner.handle_async_request(request)
         assert isinstance(response.stream, httpx2.AsyncByteStream)
-        response.stream = _CappedStream(response.stream, self._over)
+        events = response.headers.get("content-type", "").startswith("text/event-stream")
+        response.stream = _CappedStream(response.stream, self._over, events=events)
         return response
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
+#: Where an SSE event ends: a line's end (CRLF, LF or CR) right after another's.
+_EVENT_END = re.compile(rb"\n\n|\n\r|\r\r")
+
+
 class _CappedStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, over: Callable[[LineTooLong], None]):
+    """A response body cut past `MAX_MESSAGE` bytes: all of it, or with `events` (an SSE
+    stream) those since the last event's end."""
+
+    def __init__(
+        self,
+        inner: httpx2.AsyncByteStream,
+        over: Callable[[LineTooLong], None],
+        *,
+        events: bool = False,
+    ) -> None:
         self._inner = inner
         self._over = over
+        self._events = events
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        seen = 0
+        seen = 0  # of the message under way
+        last = b""  # the chunk before's last byte: an event's end may straddle two chunks
         async for chunk in self._inner:
-            seen += len(chunk)
-            if seen > MAX_MESSAGE:
-                error = LineTooLong(f"a response longer than {MAX_MESSAGE} bytes")
-                self._over(error)
-                raise httpx2.ReadError(str(error))
+            if not self._events:
+                seen += len(chunk)
+                self._check(seen)
+            elif chunk:
+                window, at = last + chunk, len(last)
+                for end in _EVENT_END.finditer(window):
+                    self._check(seen + end.end() - at)
+                    seen, at = 0, end.end()
+                seen += len(window) - at
+                self._check(seen)
+                last = chunk[-1:]
             yield chunk
+
+    def _check(self, size: int) -> None:
+        if size > MAX_MESSAGE:
+            what = "an event" if self._events else "a response"
+            error = LineTooLong(f"{what} longer than {MAX_MESSAGE} bytes")
+            self._over(error)
+            raise httpx2.ReadError(str(error))
 
     async def aclose(self) -> None:
         await self._inner.aclose()
