@@ -527,8 +527,9 @@ class EgressService:
 
     def retire(self, teardown: Callable[[], None]) -> None:
         """Runs an ended task's network `teardown` on a background thread (a netns's removal
-        waits for the kernel to let it go): the caller goes on at once. At most `RETIRE_BACKLOG` wait;
-        past that the caller closes it itself, so a burst of ends cannot pile up kernel objects.
+        waits for the kernel to let it go): the caller goes on at once. At most
+        `RETIRE_BACKLOG` wait; past that the caller closes it itself (and waits for it), so a
+        burst of ends cannot pile up kernel objects.
         `close()` finishes every one first; what a killed process left, the next `start`
         sweeps (each veth names its owner)."""
         with self._lock:
