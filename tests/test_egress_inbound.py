@@ -26,6 +26,7 @@ from agentnode.egress.service import EgressService
 from agentnode.errors import AgentnodeError, PolicyError
 from support.egress_world import HOST4, HOST6, OTHER4, OTHER6, TASK4, TASK6, World, scratch_cgroup
 from support.node_daemon import daemon
+from test_node import swept_cgroups
 
 pytestmark = pytest.mark.root
 
@@ -295,3 +296,4 @@ def test_a_crashed_owner_leaves_no_published_port(world: World) -> None:
         )
     finally:
         other.close()
+    assert swept_cgroups(owner.pid) == []  # its task's cgroups, as the next start sweeps them

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from rocksdict import Options, Rdict
 
+from agentnode import _native
 from agentnode.isolation import task as task_mod
 from agentnode.node.client import NodeNotRunning
 from agentnode.node.restore import node_id
@@ -83,6 +84,14 @@ def in_parallel(fn: Callable[[int], Any], n: int, threads: int = 8) -> list[Any]
     for t in ts:
         t.join()
     return out
+
+
+def swept_cgroups(owner: int) -> list[Path]:
+    """What is left of killed process `owner`'s cgroups once swept as the next instance's start
+    sweeps dead instances' (`sweep_cgroups`; it leaves live instances' alone)."""
+    dirs = task_mod._instance().dirs()
+    _native.sweep_cgroups(dirs[0].parent, [d.parent for d in dirs[1:]])
+    return leftover_cgroups(owner)
 
 
 def leftover_cgroups(owner: int | Path) -> list[Path]:

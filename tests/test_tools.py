@@ -33,6 +33,7 @@ from agentnode.tools.service import ToolService
 from agentnode.tools.web import WebTools
 from support.counting_listener import counting_listener
 from support.egress_world import HOST4, World
+from test_node import swept_cgroups
 
 #: The `world` fixture (a netns pair with a test HTTP server and a node bridge).
 pytest_plugins = ["support.tools_world"]
@@ -998,6 +999,7 @@ time.sleep(3600)
         owner.communicate()
     net.network.sweep()  # as the node's next start does
     assert _gone(w, made, within=5.0)
+    assert swept_cgroups(owner.pid) == []  # its sandboxes' cgroups, as that start sweeps them
 
 
 def test_web_search_speaks_searxng_json_through_its_own_policy(
