@@ -33,8 +33,8 @@ Agents per second (as root): N reference-runtime tasks submitted at once, each a
 (`python -m agentnode.runtime TEXT --model m`: the model answers at once), from the first
 submit to the last one's end; against the same number of one-call agents without the node
 (`python -c` importing the `openai` SDK and asking the mock once), as many at a time as the node
-runs (`agents_per_s_api`: the runtime with tools over the HTTP API, which spares it the `mcp`
-SDK's import). The node starts these as forks of its pre-imported interpreter (docs/agents.md),
+runs (`agents_per_s_api`: the runtime with tools over the HTTP API; a one-step agent calls no
+tool, and the runtime opens its MCP session at its first call, so both doors start alike). The node starts these as forks of its pre-imported interpreter (docs/agents.md),
 which the step rounds before have started. Goal (issue 26): >= 50 agents/s on 2 cores.
 The agent tasks ask for what a user running many agents would: the node's defaults for an
 agent, a 1-CPU limit and a 0.1-CPU reservation (docs/node.md, "CPU: what a task reserves"),

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from mcp_types import TextContent
 
-from agentnode.errors import ConfigError
+from agentnode.errors import ConfigError, TaskError
 from agentnode.isolation.spec import Mount
 from agentnode.sdk.tools import Tools
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
@@ -297,6 +298,53 @@ def test_an_unreachable_socket_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"cannot reach the node's MCP socket .*none\.sock: No"):
         asyncio.run(scenario())
+
+
+def test_the_runtime_opens_its_mcp_session_at_its_first_tool_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference runtime's MCP door connects at its first call, not at its start (an
+    agent that answers without a tool opens no session), then keeps that one session."""
+    from agentnode.runtime.nodetools import open_tools
+
+    sock = tmp_path / "mcps.sock"
+    monkeypatch.setenv("AGENTNODE_URL", f"unix://{tmp_path / 'api.sock'}")  # lists only
+    monkeypatch.setenv("AGENTNODE_TOKEN", "ta")
+    monkeypatch.setenv("AGENTNODE_MCP_STDIO_SOCKET", str(sock))
+    # Nothing serves the socket yet: a door that calls nothing never notices.
+    open_tools("mcp").close()
+    unserved = open_tools("mcp")
+    with pytest.raises(TaskError) as e:
+        unserved.call("echo", {}, key="k0")
+    assert str(e.value).startswith("the node's MCP endpoint: connect: ") and "\n" not in str(
+        e.value
+    )
+    unserved.close()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    served = serving(tmp_path)
+    node = asyncio.run_coroutine_threadsafe(served.__aenter__(), loop).result(10)
+    try:
+        door = open_tools("mcp")
+        assert node.socket.connections == 0
+        first = door.call("echo", {"say": "1"}, key="k1")
+        second = door.call("echo", {"say": "2"}, key="k2")
+        assert node.socket.connections == 1
+        door.close()
+        deadline = time.monotonic() + 10
+        while node.socket.connections:
+            assert time.monotonic() < deadline, "the session outlived its door"
+            time.sleep(0.01)
+    finally:
+        asyncio.run_coroutine_threadsafe(served.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert [c["text"] for c in first["content"] + second["content"]] == ["t1/a: 1", "t1/a: 2"]
+    assert [(r["task"], r["tool"], r["class"]) for r in node.records] == [
+        ("t1", "echo", "ok"), ("t1", "echo", "ok")]  # fmt: skip
 
 
 def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(

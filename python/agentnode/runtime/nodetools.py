@@ -59,13 +59,24 @@ class _Api:
         pass
 
 
-class _Mcp:
-    """An MCP session kept open for the run, driven from the synchronous loop on a private
-    event loop. One task holds the session open from start to close (anyio wants its scopes
-    left by the task that entered them); each call is a task of its own on the same loop."""
+class _Mcp(_Api):
+    """An MCP session, opened at the run's first tool call and kept open for the rest of the
+    run, driven from the synchronous loop on a private event loop. One task holds the session
+    open from start to close (anyio wants its scopes left by the task that entered them); each
+    call is a task of its own on the same loop.
+
+    Its list is the HTTP tool API's (`_Api.list`): the list `tools/list` answers, of the same
+    service for the same caller. An agent that answers without a tool then opens no session,
+    which cost a fresh agent ~8 ms of CPU and the daemon ~3 ms (docs/agents.md); the SDK lists
+    the tools over the session at its first call, to check results against output schemas."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._key_meta = IDEMPOTENCY_META
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Client | None = None
+
+    def _open(self) -> Client:
         self._loop = asyncio.new_event_loop()
         self._closing = asyncio.Event()
         self._ready: asyncio.Future[Client] = self._loop.create_future()
@@ -75,6 +86,7 @@ class _Mcp:
         except BaseException:
             self.close()
             raise
+        return self._client
 
     async def _hold(self) -> None:
         try:
@@ -90,6 +102,7 @@ class _Mcp:
         return await self._ready
 
     def _run(self, step: Awaitable[_T], what: str) -> _T:
+        assert self._loop is not None
         try:
             return self._loop.run_until_complete(step)
         except Exception as e:
@@ -98,21 +111,18 @@ class _Mcp:
             message = " ".join(str(e).split()) or type(e).__name__
             raise TaskError(f"the node's MCP endpoint: {what}: {message}") from e
 
-    def list(self) -> list[dict[str, Any]]:
-        listed = self._run(self._client.list_tools(), "tools/list")
-        return [t.model_dump(by_alias=True, exclude_none=True) for t in listed.tools]
-
     def call(self, name: str, arguments: dict[str, Any], *, key: str) -> dict[str, Any]:
+        client = self._client or self._open()
         meta: Any = {self._key_meta: key}  # a TypedDict open to extra keys; mypy sees it closed
-        result = self._run(
-            self._client.call_tool(name, arguments, meta=meta),
-            f"tools/call {name}",
-        )
+        result = self._run(client.call_tool(name, arguments, meta=meta), f"tools/call {name}")
         return result.model_dump(by_alias=True, exclude_none=True)
 
     def close(self) -> None:
+        if self._loop is None:
+            return
         self._closing.set()
         try:
             self._run(self._session, "close")
         finally:
             self._loop.close()
+            self._loop = self._client = None
