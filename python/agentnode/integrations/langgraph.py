@@ -43,6 +43,7 @@ import asyncio
 import functools
 import hashlib
 import os
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -693,6 +694,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """Versions as LangGraph's own savers make them: a counter, then a random tiebreak
-        (so two writers of one version never collide)."""
+        (so two writers of one version never collide). The tiebreak is `random`'s, reseeded
+        in every forked child, not `os.urandom`'s: a syscall per channel per step."""
         number = 0 if current is None else int(str(current).split(".")[0])
-        return f"{number + 1:032}.{int.from_bytes(os.urandom(8)):020}"
+        return f"{number + 1:032}.{random.getrandbits(64):020}"
