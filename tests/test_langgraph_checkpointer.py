@@ -294,3 +294,38 @@ def test_remembers_a_bounded_number_of_threads(
         assert graph.invoke({"steps": []}, again) == {"steps": ["a", "a"]}
         history = list(saver.list(again))
         assert history[0].checkpoint["channel_values"]["steps"] == ["a", "a"]
+
+
+@pytest.mark.parametrize("doors", [("socket", "socket"), ("http", "socket"), ("socket", "http")])
+def test_savers_of_one_task_in_one_process_see_each_others_writes(memory_doors, doors) -> None:  # type: ignore[no-untyped-def]
+    """What a saver remembers of a thread (its pointer found absent, the newest checkpoint it
+    wrote) does not hide another saver's later writes to that thread, in the same process,
+    whichever door each uses: each finds the newest checkpoint either stored and continues
+    from it."""
+    url, door, tokens = memory_doors
+
+    def memory(kind: str) -> Memory:
+        return Memory(url, tokens["a"], socket=str(door.path) if kind == "socket" else None)
+
+    builder = chain(("a", "b"))
+    config: RunnableConfig = {"configurable": {"thread_id": "t-shared"}}
+    with memory(doors[0]) as one, memory(doors[1]) as two:
+        first = AgentnodeCheckpointer(one, task="shared")
+        second = AgentnodeCheckpointer(two, task="shared")
+        assert second.get_tuple(config) is None  # remembered as absent
+        builder.compile(checkpointer=first).invoke({"steps": ["x"]}, config, durability="sync")
+        found = second.get_tuple(config)
+        assert found is not None and found.checkpoint["channel_values"]["steps"] == ["x", "a", "b"]
+        # The second continues the thread; the first (which kept its own newest) sees that,
+        # and a third run, the first's again, goes on from there.
+        assert builder.compile(checkpointer=second).invoke(
+            {"steps": ["y"]}, config, durability="sync") == {
+            "steps": ["x", "a", "b", "y", "a", "b"]}  # fmt: skip
+        newest, theirs = first.get_tuple(config), second.get_tuple(config)
+        assert newest is not None and theirs is not None
+        assert newest.checkpoint["id"] == theirs.checkpoint["id"]
+        assert builder.compile(checkpointer=first).invoke(None, config) == {
+            "steps": ["x", "a", "b", "y", "a", "b"]}  # fmt: skip
+        assert len(list(first.list(config))) == len(list(second.list(config))) == 8
+        # Another task's saver shares nothing with them.
+        assert AgentnodeCheckpointer(one, task="other").get_tuple(config) is None

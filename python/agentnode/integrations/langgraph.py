@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import os
 import random
 import threading
@@ -103,6 +104,34 @@ _NEWEST_KEPT = 16
 #: running graph after graph keeps one thread instead of starting one per run.
 _FLUSHER_IDLE_S = 1.0
 _SCAN_LIMIT = 10_000
+
+#: Each thread's last write by any saver of this process, by (task, thread namespace): a
+#: generation, new at every write. A saver trusts what it remembers of a thread only while the
+#: generation is the one it last saw, so savers of one task in one process (a checkpointer per
+#: graph, say) do not hide each other's writes. Bounded, oldest out: a forgotten thread's
+#: generation reads as `_GENERATIONS_FLOOR`, newer than anything a saver saw before it.
+_GENERATIONS: dict[tuple[str, str], int] = {}
+_GENERATIONS_KEPT = 4096
+_GENERATIONS_FLOOR = 0
+_NEXT_GENERATION = itertools.count(1)
+_GENERATIONS_LOCK = threading.Lock()
+
+
+def _generation(key: tuple[str, str]) -> int:
+    return _GENERATIONS.get(key, _GENERATIONS_FLOOR)
+
+
+def _new_generation(key: tuple[str, str]) -> int:
+    """Marks a write to a thread; returns its generation."""
+    global _GENERATIONS_FLOOR
+    with _GENERATIONS_LOCK:
+        generation = next(_NEXT_GENERATION)
+        _GENERATIONS.pop(key, None)  # re-inserted as the newest
+        _GENERATIONS[key] = generation
+        while len(_GENERATIONS) > _GENERATIONS_KEPT:
+            _GENERATIONS_FLOOR = generation
+            del _GENERATIONS[next(iter(_GENERATIONS))]
+        return generation
 
 
 def _ns(namespace: tuple[str, ...]) -> str:
@@ -272,8 +301,9 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._unwaited: dict[str, int] = {}
         # What this saver last read or wrote of the newest-checkpoint pointers ("l.") and of
         # the pending writes ("w."), by record (None: known to be absent): saves a read per put
-        # and per put_writes. A thread is written by the one task (process) that runs it;
-        # delete_thread forgets its entries. Both are bounded, oldest first out.
+        # and per put_writes. A thread is written by the one task (process) that runs it, and
+        # `_fresh` forgets what another saver of this process wrote since; delete_thread
+        # forgets its entries. Both are bounded, oldest first out.
         self._pointers: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._writes: dict[tuple[str, str], dict[str, Any] | None] = {}
         # The newest checkpoint this saver wrote of a few threads, by (thread namespace,
@@ -287,6 +317,9 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._held: dict[str, float] = {}
         self._holding = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
+        # By thread namespace: the generation (`_GENERATIONS`) what this saver remembers of it
+        # is as of; bounded as the pointers are (a forgotten one forgets that thread).
+        self._seen: dict[str, int] = {}
 
     # -- records --------------------------------------------------------------------------------
 
@@ -320,6 +353,26 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         while len(known) > kept:
             del known[next(iter(known))]
 
+    def _fresh(self, space: str) -> None:
+        """Forgets what this saver remembers of thread `space` if another saver of this
+        process wrote it since this one last looked (the caller holds the lock)."""
+        now = _generation((self._task, space))
+        if self._seen.get(space) != now:
+            self._forget(space)
+            self._saw(space, now)
+
+    def _saw(self, space: str, generation: int) -> None:
+        self._seen.pop(space, None)  # re-inserted as the newest
+        self._seen[space] = generation
+        while len(self._seen) > _POINTERS_KEPT:
+            del self._seen[next(iter(self._seen))]
+
+    def _forget(self, space: str) -> None:
+        """Drops what this saver remembers of thread `space` (not what it has yet to write)."""
+        self._pointers = {k: v for k, v in self._pointers.items() if k[0] != space}
+        self._writes = {k: v for k, v in self._writes.items() if k[0] != space}
+        self._newest = {k: v for k, v in self._newest.items() if k[0] != space}
+
     def _scan(self, namespace: str) -> dict[str, dict[str, Any]]:
         try:
             records = self._memory.scan(
@@ -340,6 +393,11 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         held = self._held.pop(space, None)
         # A held input checkpoint's pointer is replaced by a newer checkpoint's.
         batch = queued | {r["id"]: r for r in records}
+        key = (self._task, space)
+        current = self._seen.get(space) == _generation(key)
+        # Before the write, so no other saver trusts what it remembers while it lands; after
+        # it, so none trusts what it read meanwhile.
+        before = _new_generation(key)
         try:
             self._memory.append_many(space, self._task, list(batch.values()))
         except BaseException:
@@ -348,6 +406,11 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 self._held[space] = held
             raise
         finally:
+            # What this saver remembers stays trusted if it was current and no other saver
+            # wrote the thread meanwhile; else its next look forgets it.
+            alone = current and _generation(key) == before
+            after = _new_generation(key)
+            self._saw(space, after if alone else -1)
             self._stored.notify_all()
 
     def _hold(self, space: str, records: list[dict[str, Any]]) -> None:
@@ -445,6 +508,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         space, dns = _thread_ns(thread), _digest(ns)
         with self._lock:
             self._flush()
+            self._fresh(space)
             cid = get_checkpoint_id(config)
             if not cid:
                 latest = self._cached(space, f"l.{dns}")
@@ -562,6 +626,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         }
         records.append({"id": f"c.{dns}.{_digest(cid)}", "value": head})
         with self._lock:
+            self._fresh(space)
             latest = self._cached(space, f"l.{dns}")
             if latest is None or latest["id"] <= cid:
                 records.append({"id": f"l.{dns}", "value": {"id": cid}})
@@ -613,6 +678,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         cid = config["configurable"]["checkpoint_id"]
         space, rid = _thread_ns(thread), f"w.{_digest(ns)}.{_digest(cid)}"
         with self._lock:
+            self._fresh(space)
             stored = self._cached(space, rid) or {"writes": []}
             by_key = {(w[0], w[1]): w for w in stored["writes"]}
             for idx, (channel, value) in enumerate(writes):
@@ -643,9 +709,8 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         space = _thread_ns(str(thread_id))
         with self._lock:
             self._flush()
-            self._pointers = {k: v for k, v in self._pointers.items() if k[0] != space}
-            self._writes = {k: v for k, v in self._writes.items() if k[0] != space}
-            self._newest = {k: v for k, v in self._newest.items() if k[0] != space}
+            self._forget(space)
+            _new_generation((self._task, space))
             for rid in self._scan(space):
                 self._memory.delete(space, self._task, rid)
 
