@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
@@ -19,6 +22,8 @@ from langgraph.graph import END, START, StateGraph
 from agentnode.integrations import langgraph
 from agentnode.integrations.langgraph import WRITES_WAIT_S, AgentnodeCheckpointer
 from agentnode.sdk import Memory
+
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("door", ["http", "socket"])
@@ -188,11 +193,12 @@ class Wide(TypedDict):
     s4: Annotated[list[str], operator.add]
 
 
-def test_the_next_run_on_a_thread_it_wrote_reads_nothing(  # type: ignore[no-untyped-def]
+def test_the_next_run_on_a_thread_it_wrote_reads_only_what_changes(  # type: ignore[no-untyped-def]
     memory_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The saver keeps the newest checkpoint it wrote of a thread whole: a second run on the
-    thread starts without a read, and what it finds is what a saver reading the store finds."""
+    thread reads only the thread's pointer and that checkpoint's pending writes (what another
+    saver may have changed), and what it finds is what a saver reading the store finds."""
     url, tokens = memory_server
     builder = chain(("a", "b"))
     requests = counted_requests(monkeypatch)
@@ -204,7 +210,7 @@ def test_the_next_run_on_a_thread_it_wrote_reads_nothing(  # type: ignore[no-unt
         requests.clear()
         assert graph.invoke({"steps": ["y"]}, config, durability="sync") == {
             "steps": ["x", "a", "b", "y", "a", "b"]}  # fmt: skip
-        assert requests.count("GET") == 0, requests
+        assert requests.count("GET") == 2, requests  # one round trip over the socket
         kept = saver.get_tuple(config)
         read = AgentnodeCheckpointer(mem, task="again").get_tuple(config)
     assert kept is not None and read is not None
@@ -329,3 +335,71 @@ def test_savers_of_one_task_in_one_process_see_each_others_writes(memory_doors, 
         assert len(list(first.list(config))) == len(list(second.list(config))) == 8
         # Another task's saver shares nothing with them.
         assert AgentnodeCheckpointer(one, task="other").get_tuple(config) is None
+
+
+_OTHER_PROCESS = """
+import sys
+from langgraph.graph import END, START, StateGraph
+sys.path.insert(0, sys.argv[4])
+from test_langgraph_checkpointer import chain
+from agentnode.integrations.langgraph import AgentnodeCheckpointer
+from agentnode.sdk import Memory
+with Memory(sys.argv[1], sys.argv[2], socket=sys.argv[3] or None) as mem:
+    graph = chain(("a", "b")).compile(checkpointer=AgentnodeCheckpointer(mem, task="shared"))
+    print(graph.invoke({"steps": ["z"]}, {"configurable": {"thread_id": "t-procs"}})["steps"])
+"""
+
+
+@pytest.mark.parametrize("door", ["socket", "http"])
+def test_a_thread_another_process_of_the_task_ran_is_continued_from_its_newest(  # type: ignore[no-untyped-def]
+    memory_doors, door: str
+) -> None:
+    """A saver that ran a thread, then another process (another worker of the same task)
+    ran it: the saver's next run continues from that process's checkpoint, not its own."""
+    url, sock, tokens = memory_doors
+    path = str(sock.path) if door == "socket" else ""
+    builder = chain(("a", "b"))
+    config: RunnableConfig = {"configurable": {"thread_id": "t-procs"}}
+    with Memory(url, tokens["a"], socket=path or None) as mem:
+        saver = AgentnodeCheckpointer(mem, task="shared")
+        graph = builder.compile(checkpointer=saver)
+        assert graph.invoke({"steps": ["x"]}, config)["steps"] == ["x", "a", "b"]
+        other = subprocess.run(
+            [sys.executable, "-c", _OTHER_PROCESS, url, tokens["a"], path, str(HERE)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        assert other.stdout.split() == ["['x',", "'a',", "'b',", "'z',", "'a',", "'b']"]
+        assert graph.invoke({"steps": ["y"]}, config)["steps"] == [
+            "x", "a", "b", "z", "a", "b", "y", "a", "b"]  # fmt: skip
+        assert len(list(saver.list(config))) == 12
+
+
+def test_pending_writes_another_saver_stored_are_read_at_the_next_run(memory_server) -> None:  # type: ignore[no-untyped-def]
+    """The newest checkpoint is unchanged but its pending writes are not: a failed step's
+    error written by another saver is what this one finds (and what its resume sees)."""
+    url, tokens = memory_server
+    failures = iter(["first failure", "second failure"])
+
+    def flaky(state: State) -> State:
+        raise RuntimeError(next(failures))
+
+    builder = StateGraph(State)
+    builder.add_node("a", lambda state: {"steps": ["a"]})
+    builder.add_node("b", flaky)
+    builder.add_edge(START, "a")
+    builder.add_edge("a", "b")
+    builder.add_edge("b", END)
+    config: RunnableConfig = {"configurable": {"thread_id": "t-writes"}}
+    with Memory(url, tokens["a"]) as one, Memory(url, tokens["a"]) as two:
+        first = AgentnodeCheckpointer(one, task="writes")
+        second = AgentnodeCheckpointer(two, task="writes")
+        with pytest.raises(RuntimeError, match="first failure"):
+            builder.compile(checkpointer=first).invoke({"steps": []}, config)
+        with pytest.raises(RuntimeError, match="second failure"):
+            builder.compile(checkpointer=second).invoke(None, config)
+        mine, theirs = first.get_tuple(config), second.get_tuple(config)
+    assert mine is not None and theirs is not None
+    assert mine.checkpoint["id"] == theirs.checkpoint["id"]
+    assert mine.pending_writes == theirs.pending_writes
+    assert "second failure" in repr(mine.pending_writes)

@@ -19,10 +19,11 @@ Limits, on purpose for now:
 id) under one task (default `$AGENTNODE_TASK_ID`), holding one record per checkpoint, per
 changed channel value (stored once per version, as LangGraph's own savers do), per checkpoint's
 pending writes, and a pointer to the newest checkpoint of each checkpoint namespace. `get_tuple`
-reads the checkpoint with its writes, then every channel value, each in one round trip over the
-memory socket (`Memory.get_many`; one request per record over HTTP), and nothing at all for the
+reads the pointer, the checkpoint with its writes, then every channel value, each in one round
+trip over the memory socket (`Memory.get_many`; one request per record over HTTP); for the
 newest checkpoint of a thread this saver wrote (it keeps the last `_NEWEST_KEPT` threads' whole,
-as stored); `list` scans the thread (at most 10,000 records).
+as stored) only the pointer and the checkpoint's writes, the records that change, in one round
+trip; `list` scans the thread (at most 10,000 records).
 
 One write per super-step: a task's pending writes wait (up to `WRITES_WAIT_S`) for the
 checkpoint that ends its super-step and are stored in that checkpoint's batch; `put_writes`
@@ -42,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import itertools
 import os
 import random
 import threading
@@ -98,40 +98,12 @@ _WRITES_KEPT = 4
 #: How many threads' newest-checkpoint pointers it remembers (a forgotten one is read again).
 _POINTERS_KEPT = 1024
 #: How many threads' newest checkpoints it keeps whole (its record and its channel values, as
-#: stored), so that the next run on a thread it wrote reads nothing back.
+#: stored), so that the next run on a thread it wrote reads only what may have changed.
 _NEWEST_KEPT = 16
 #: Seconds the flusher thread outlives the last input checkpoint it waited to write: a saver
 #: running graph after graph keeps one thread instead of starting one per run.
 _FLUSHER_IDLE_S = 1.0
 _SCAN_LIMIT = 10_000
-
-#: Each thread's last write by any saver of this process, by (task, thread namespace): a
-#: generation, new at every write. A saver trusts what it remembers of a thread only while the
-#: generation is the one it last saw, so savers of one task in one process (a checkpointer per
-#: graph, say) do not hide each other's writes. Bounded, oldest out: a forgotten thread's
-#: generation reads as `_GENERATIONS_FLOOR`, newer than anything a saver saw before it.
-_GENERATIONS: dict[tuple[str, str], int] = {}
-_GENERATIONS_KEPT = 4096
-_GENERATIONS_FLOOR = 0
-_NEXT_GENERATION = itertools.count(1)
-_GENERATIONS_LOCK = threading.Lock()
-
-
-def _generation(key: tuple[str, str]) -> int:
-    return _GENERATIONS.get(key, _GENERATIONS_FLOOR)
-
-
-def _new_generation(key: tuple[str, str]) -> int:
-    """Marks a write to a thread; returns its generation."""
-    global _GENERATIONS_FLOOR
-    with _GENERATIONS_LOCK:
-        generation = next(_NEXT_GENERATION)
-        _GENERATIONS.pop(key, None)  # re-inserted as the newest
-        _GENERATIONS[key] = generation
-        while len(_GENERATIONS) > _GENERATIONS_KEPT:
-            _GENERATIONS_FLOOR = generation
-            del _GENERATIONS[next(iter(_GENERATIONS))]
-        return generation
 
 
 def _ns(namespace: tuple[str, ...]) -> str:
@@ -301,9 +273,8 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._unwaited: dict[str, int] = {}
         # What this saver last read or wrote of the newest-checkpoint pointers ("l.") and of
         # the pending writes ("w."), by record (None: known to be absent): saves a read per put
-        # and per put_writes. A thread is written by the one task (process) that runs it, and
-        # `_fresh` forgets what another saver of this process wrote since; delete_thread
-        # forgets its entries. Both are bounded, oldest first out.
+        # and per put_writes within a run (`get_tuple`, which starts each run, reads them
+        # again); delete_thread forgets its entries. Both are bounded, oldest first out.
         self._pointers: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._writes: dict[tuple[str, str], dict[str, Any] | None] = {}
         # The newest checkpoint this saver wrote of a few threads, by (thread namespace,
@@ -317,9 +288,6 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         self._held: dict[str, float] = {}
         self._holding = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
-        # By thread namespace: the generation (`_GENERATIONS`) what this saver remembers of it
-        # is as of; bounded as the pointers are (a forgotten one forgets that thread).
-        self._seen: dict[str, int] = {}
 
     # -- records --------------------------------------------------------------------------------
 
@@ -353,26 +321,6 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         while len(known) > kept:
             del known[next(iter(known))]
 
-    def _fresh(self, space: str) -> None:
-        """Forgets what this saver remembers of thread `space` if another saver of this
-        process wrote it since this one last looked (the caller holds the lock)."""
-        now = _generation((self._task, space))
-        if self._seen.get(space) != now:
-            self._forget(space)
-            self._saw(space, now)
-
-    def _saw(self, space: str, generation: int) -> None:
-        self._seen.pop(space, None)  # re-inserted as the newest
-        self._seen[space] = generation
-        while len(self._seen) > _POINTERS_KEPT:
-            del self._seen[next(iter(self._seen))]
-
-    def _forget(self, space: str) -> None:
-        """Drops what this saver remembers of thread `space` (not what it has yet to write)."""
-        self._pointers = {k: v for k, v in self._pointers.items() if k[0] != space}
-        self._writes = {k: v for k, v in self._writes.items() if k[0] != space}
-        self._newest = {k: v for k, v in self._newest.items() if k[0] != space}
-
     def _scan(self, namespace: str) -> dict[str, dict[str, Any]]:
         try:
             records = self._memory.scan(
@@ -393,11 +341,6 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         held = self._held.pop(space, None)
         # A held input checkpoint's pointer is replaced by a newer checkpoint's.
         batch = queued | {r["id"]: r for r in records}
-        key = (self._task, space)
-        current = self._seen.get(space) == _generation(key)
-        # Before the write, so no other saver trusts what it remembers while it lands; after
-        # it, so none trusts what it read meanwhile.
-        before = _new_generation(key)
         try:
             self._memory.append_many(space, self._task, list(batch.values()))
         except BaseException:
@@ -406,11 +349,6 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
                 self._held[space] = held
             raise
         finally:
-            # What this saver remembers stays trusted if it was current and no other saver
-            # wrote the thread meanwhile; else its next look forgets it.
-            alone = current and _generation(key) == before
-            after = _new_generation(key)
-            self._saw(space, after if alone else -1)
             self._stored.notify_all()
 
     def _hold(self, space: str, records: list[dict[str, Any]]) -> None:
@@ -508,17 +446,27 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         space, dns = _thread_ns(thread), _digest(ns)
         with self._lock:
             self._flush()
-            self._fresh(space)
             cid = get_checkpoint_id(config)
+            newest = self._newest.get((space, dns))
+            # What it remembers of the mutable records, the pointer and pending writes, may be
+            # stale: another saver (another process of the task, or one per graph in this
+            # one) may have run the thread since. Each run starts here, so they are read
+            # again, in one round trip (one request each over HTTP); checkpoints and values
+            # never change once written.
+            wanted = [] if cid else [f"l.{dns}"]
+            if newest is not None and (not cid or newest[0]["id"] == cid):
+                wanted.append(f"w.{dns}.{_digest(newest[0]['id'])}")
+            found = self._memory.get_many(space, self._task, wanted) if wanted else []
+            for rid, rec in zip(wanted, found, strict=True):
+                self._remember((space, rid), None if rec is None else rec["value"])
             if not cid:
-                latest = self._cached(space, f"l.{dns}")
+                latest = self._pointers[(space, f"l.{dns}")]
                 if latest is None:
                     return None
                 cid = latest["id"]
-            newest = self._newest.get((space, dns))
             if newest is not None and newest[0]["id"] == cid:
-                # This saver wrote it: nothing to read but what it does not remember.
-                writes = self._cached(space, f"w.{dns}.{_digest(cid)}")
+                # This saver wrote it: nothing more to read but values it does not remember.
+                writes = self._writes[(space, f"w.{dns}.{_digest(cid)}")]
                 known = {
                     f"b.{dns}.{_digest(ch)}.{_digest(ver)}": value
                     for ch, (ver, value) in newest[1].items()
@@ -534,6 +482,7 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
             )
             if value is None:
                 return None
+            self._remember((space, f"w.{dns}.{_digest(cid)}"), writes)
             return self._tuple(value, writes, functools.partial(self._values, space, {}))
 
     def _values(self, space: str, known: dict[str, Any], ids: list[str]) -> dict[str, Any]:
@@ -626,7 +575,6 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         }
         records.append({"id": f"c.{dns}.{_digest(cid)}", "value": head})
         with self._lock:
-            self._fresh(space)
             latest = self._cached(space, f"l.{dns}")
             if latest is None or latest["id"] <= cid:
                 records.append({"id": f"l.{dns}", "value": {"id": cid}})
@@ -678,7 +626,6 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         cid = config["configurable"]["checkpoint_id"]
         space, rid = _thread_ns(thread), f"w.{_digest(ns)}.{_digest(cid)}"
         with self._lock:
-            self._fresh(space)
             stored = self._cached(space, rid) or {"writes": []}
             by_key = {(w[0], w[1]): w for w in stored["writes"]}
             for idx, (channel, value) in enumerate(writes):
@@ -709,8 +656,9 @@ class AgentnodeCheckpointer(BaseCheckpointSaver[str]):
         space = _thread_ns(str(thread_id))
         with self._lock:
             self._flush()
-            self._forget(space)
-            _new_generation((self._task, space))
+            self._pointers = {k: v for k, v in self._pointers.items() if k[0] != space}
+            self._writes = {k: v for k, v in self._writes.items() if k[0] != space}
+            self._newest = {k: v for k, v in self._newest.items() if k[0] != space}
             for rid in self._scan(space):
                 self._memory.delete(space, self._task, rid)
 
