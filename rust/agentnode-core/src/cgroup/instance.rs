@@ -8,10 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use super::manager::{self, Hybrid, TaskCgroup, V1_CONTROLLERS, V2};
-use super::{Error, Hierarchy, Layout, Limits, Result};
+use super::{remove_when_empty, Error, Hierarchy, Layout, Limits, Result};
 use crate::background::ahead::Ahead;
 use crate::sys::start_ticks;
 
@@ -289,19 +288,6 @@ fn kill_listed(dir: &Path) {
             // SAFETY: plain syscall; these pids are in a dead instance's cgroup, ours to kill.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-    }
-}
-
-fn remove_when_empty(dir: &Path) -> bool {
-    let deadline = Instant::now() + Duration::from_millis(500);
-    loop {
-        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

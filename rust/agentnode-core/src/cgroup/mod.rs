@@ -18,6 +18,7 @@ pub use layout::{Hierarchy, Layout, V1Controller};
 pub use manager::{v2_files, CgroupStats, Hybrid, Limits, TaskCgroup, Usage, V1_CONTROLLERS, V2};
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Errors from reading or changing cgroups.
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +91,69 @@ impl OwnedDir {
 
 impl Drop for OwnedDir {
     fn drop(&mut self) {
-        // rmdir is the only way to remove a cgroup; it fails while processes remain, so a
-        // best-effort retry covers the moment between a child's exit and its release.
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        remove_when_empty(&self.path);
+    }
+}
+
+/// How long removing a cgroup waits for the processes left in it to exit.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// Removes cgroup directory `dir` once the processes in it have exited, waiting at most
+/// `RELEASE_WAIT`; whether it is gone. rmdir is the only way to remove a cgroup and fails
+/// while processes remain: those of an ended task were killed, but each must still run to
+/// its exit, which on a loaded host took longer than the 100 ms this once waited (a node's
+/// graceful stop left its cgroups). A stuck process costs the wait once; the next start's
+/// sweep removes what is left.
+pub(crate) fn remove_when_empty(dir: &std::path::Path) -> bool {
+    let deadline = Instant::now() + RELEASE_WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return true;
         }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// An `OwnedDir` dropped while a process is still in it (a killed task's, on its way out)
+    /// is removed once that process exits, even 400 ms later.
+    #[test]
+    fn a_cgroup_is_removed_once_its_last_process_exits() {
+        let Ok(hierarchy) = Hierarchy::detect() else {
+            return; // no cgroups here (a build container): nothing to test against
+        };
+        let Some(parent) = hierarchy
+            .unified
+            .clone()
+            .or_else(|| hierarchy.v1_dir("pids").map(PathBuf::from))
+        else {
+            return;
+        };
+        let name = format!("agentnode-test-release-{}", std::process::id());
+        let Ok(dir) = OwnedDir::create(&parent, &name) else {
+            return; // not root: cgroups are not ours to make
+        };
+        let mut late = Command::new("sleep")
+            .arg("0.4")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        dir.write("cgroup.procs", &late.id().to_string()).unwrap();
+        let path = dir.path().to_owned();
+        let reaper = std::thread::spawn(move || late.wait());
+        let start = Instant::now();
+        drop(dir);
+        assert!(!path.exists(), "the cgroup outlived its last process");
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert!(reaper.join().unwrap().unwrap().success());
     }
 }
