@@ -66,6 +66,11 @@ def _netns_of(veth: str) -> str:
     return f"{TASK_NETNS_PREFIX}{veth.removeprefix(VETH_PREFIX)}"
 
 
+def _element(address: ipaddress.IPv4Address, port: Published) -> str:
+    """The publish map's element for a task's published port: host port to address . port."""
+    return f"{port.host_port} : {address} . {port.port}"
+
+
 def _alive(owner: str) -> bool:
     if owner.startswith("k"):
         return True  # a node's: its tasks outlive its processes, its own start sweeps them
@@ -182,7 +187,7 @@ class NodeNetwork:
         with self._allocating:
             self.ensure()
             # A flushed table took the ports' map with it: the running tasks' ports again.
-            mapped = ", ".join(f"{p.host_port} : {address} . {p.port}"
+            mapped = ", ".join(_element(address, p)
                                for address, published in list(self._mapped.values())
                                for p in published)  # fmt: skip
             if mapped:
@@ -263,8 +268,7 @@ class NodeNetwork:
         """Maps each host port to the task (`create`: a port another task holds is an error)."""
         for i, p in enumerate(published):
             r = self._nft(
-                f"create element ip {self.table} publish "
-                f"{{ {p.host_port} : {address} . {p.port} }}\n",
+                f"create element ip {self.table} publish {{ {_element(address, p)} }}\n",
                 check=False,
             )
             if r.returncode != 0:
@@ -389,19 +393,21 @@ class NodeNetwork:
 
     def remove_task(self, net: TaskNet) -> None:
         """Removes the task's published ports, veth and netns (idempotent)."""
-        self.kept.discard(net.host_veth)
-        self._mapped.pop(net.host_veth, None)
-        self._unpublish(p.host_port for p in net.published)
+        self._unmap(net)
         self._rtnl.remove_task(veth=net.host_veth, netns=net.netns)
 
     def release_task(self, net: TaskNet) -> None:
         """`remove_task`, but the veth goes with the netns, in the kernel's namespace cleanup
         (batched: a veth's own deletion waits ~25 ms holding the rtnl lock, which every task
         start waits for); `reap` makes sure it went."""
+        self._unmap(net)
+        self._rtnl.release_task(netns=net.netns)
+
+    def _unmap(self, net: TaskNet) -> None:
+        """Forgets the task as this owner's and unmaps its published ports."""
         self.kept.discard(net.host_veth)
         self._mapped.pop(net.host_veth, None)
         self._unpublish(p.host_port for p in net.published)
-        self._rtnl.release_task(netns=net.netns)
 
     def reap(self, veths: Collection[str], *, timeout: float = REAP_S) -> list[str]:
         """Waits up to `timeout` for released tasks' `veths` to go with their netns, and
