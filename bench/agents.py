@@ -1,41 +1,46 @@
-"""Agents: what the node's checkpointer adds to a LangGraph agent step, against LangGraph's own
-in-memory saver in the same run.
+"""Agents: what the node adds to an agent's step, for a LangGraph agent and for the reference
+runtime, and how many agents it starts a second.
 
-One run of a real LangGraph agent (langchain-openai's ChatOpenAI against the scripted mock
-upstream on loopback, a prebuilt ToolNode): LLM call with a tool call, the tool, LLM call with
-the answer — three super-steps, each checkpointed with `durability="sync"`. Ours
-(`langgraph_step`): `AgentnodeCheckpointer` over the memory socket, the path a task's `Memory()`
-takes, served by `agentnode memory serve --socket` in its own process (as a task reaches its
-node's daemon: another process, over a unix socket; the same operations and RocksDB writes to
-the log without fsync, not the daemon's other work); `langgraph_step_http`: the same saver over
-that process's HTTP API on loopback, the door tasks used before. Peer: `InMemorySaver`. The
-mock upstream answers in the benchmark's process for all three. Goal (issue 26): ours <= 1.1x
-the peer per agent step. The proxy's own cost is bench/proxy.py's. `--only langgraph` runs this
-part alone (it needs no root).
+A LangGraph agent as a node task (`langgraph_task`, as root: a real `agentnode run` on a scratch
+data dir): a real LangGraph agent (langchain-openai's ChatOpenAI, a prebuilt ToolNode) run
+unmodified as a task of kind `langgraph`, its model calls through the node's proxy to the
+scripted mock upstream, its checkpoints by `AgentnodeCheckpointer()` over the task's memory
+socket. One run is an LLM call with a tool call, the tool, an LLM call with the answer: three
+agent steps (LangGraph counts a fourth super-step, the input's), each checkpointed with
+`durability="sync"`. Peer: the same program with `InMemorySaver`, the SDK calling the mock
+directly, as a process beside the node; the mock is in neither. Both timed inside after three
+warming runs. Goal (issue 26): ours <= 1.1x the peer per agent step (`--only langgraph_task`).
 
-The reference runtime's step (as root: a real `agentnode run` on a scratch data dir): the
-runtime as a task, each step a model call through the node's proxy to the mock, `list_files`
-through the node's MCP endpoint (its default; `runtime_step_api`: through the HTTP tool API),
-the step's checkpoints (over the memory socket) and its budget check (a budget it never
-reaches), against the same loop with the `openai` SDK calling the mock directly, the request
-made as the runtime makes it, and `os.listdir` in the benchmark's process. Goal: <= 3 ms added
-per step (`--only runtime_step` runs this part alone). Both are timed warm: the task makes one
-model call and one tool call before its loop (`_IN_TASK`), the peer's first round is not
-counted.
+The checkpointer's share of it (`langgraph_step`, no root needed, `--only langgraph`): the same
+graph in this process, against the mock here, with `AgentnodeCheckpointer` over the memory
+socket of `agentnode memory serve --socket` in its own process (as a task reaches its node's
+daemon: another process, over a unix socket; the same operations and RocksDB writes to the log
+without fsync, not the daemon's other work); `langgraph_step_http`: the same saver over that
+process's HTTP API on loopback, the door tasks used before. Peer: `InMemorySaver`. The proxy's
+own cost is bench/proxy.py's.
+
+The reference runtime's step (as root): the runtime as a task, each step a model call through
+the node's proxy to the mock, `list_files` through the node's MCP endpoint (its default;
+`runtime_step_api`: through the HTTP tool API), the step's checkpoints (over the memory socket)
+and its budget check (a budget it never reaches), against the same loop with the `openai` SDK
+calling the mock directly, the request made as the runtime makes it, and `os.listdir`, in a
+process of its own (`_DIRECT`). Goal: <= 3 ms added per step (`--only runtime_step` runs this
+part alone). Both are timed warm: each makes one model call and one tool call before its loop.
 
 The box these run on is shared, so each of those lines also has a CPU figure (`_cpu`): CPU
-seconds per step of every process doing the step's work while it runs (the LangGraph run's
-process, which serves the mock too, and the memory server's, from its threads' schedstat; for
-the runtime: the task, the daemon and this process, which serves the mock), against the peer's
-process.
+seconds per step of every process doing the step's work while it runs (for `langgraph_step`:
+the LangGraph run's process, which serves the mock too, and the memory server's, from its
+threads' schedstat; for the tasks: the task, the daemon and this process, which serves the
+mock; for their peers, the peer's process and this one).
 
 Agents per second (as root): N reference-runtime tasks submitted at once, each a one-step run
 (`python -m agentnode.runtime TEXT --model m`: the model answers at once), from the first
 submit to the last one's end; against the same number of one-call agents without the node
 (`python -c` importing the `openai` SDK and asking the mock once), as many at a time as the node
 runs (`agents_per_s_api`: the runtime with tools over the HTTP API; a one-step agent calls no
-tool, and the runtime opens its MCP session at its first call, so both doors start alike). The node starts these as forks of its pre-imported interpreter (docs/agents.md),
-which the step rounds before have started. Goal (issue 26): >= 50 agents/s on 2 cores.
+tool, and the runtime opens its MCP session at its first call, so both doors start alike).
+The node starts these as forks of its pre-imported interpreter (docs/agents.md), which the
+step rounds before have started. Goal (issue 26): >= 50 agents/s on 2 cores.
 The agent tasks ask for what a user running many agents would: the node's defaults for an
 agent, a 1-CPU limit and a 0.1-CPU reservation (docs/node.md, "CPU: what a task reserves"),
 so the node runs as many at once as 0.1-CPU reservations fit in its allocatable CPUs (17 on
@@ -110,6 +115,14 @@ def graph(llm: Any, saver: BaseCheckpointSaver[Any]) -> Any:
     return builder.compile(checkpointer=saver)
 
 
+def langgraph_input() -> dict[str, Any]:
+    """A LangGraph run's input: a question the model answers with one call of `add`."""
+    return {"messages": [HumanMessage("add 2 and 3")]}
+
+
+#: The mock's answers to one LangGraph run: a call of `add`, then the answer.
+LANGGRAPH_TURNS = (Turn(tool_calls=(ToolCall("add", {"a": 2, "b": 3}),)), Turn(text="5"))
+
 REPO = Path(__file__).resolve().parents[1]
 #: Timed inside the task: the loop alone, not the interpreter's start and imports; its CPU
 #: and its span on the monotonic clock (which a task shares with the host). With a budget (one
@@ -127,6 +140,59 @@ _IN_TASK = (
     "agent.tools.call('list_files', {}, key='warm')\n"
     "m0, c0, t0 = time.monotonic(), time.process_time(), time.perf_counter()\n"
     "agent.run('look')\n"
+    "print('SPAN', m0, time.monotonic(), time.process_time() - c0)\n"
+    "print('ELAPSED', time.perf_counter() - t0)\n"
+)
+#: The runtime's loop without the node: the `openai` SDK to the mock, the request made as the
+#: runtime makes it (`formats._as_is`: the conversation past the SDK's transform), and
+#: `os.listdir` for the tool; warmed by one call and one listing first, as `_IN_TASK` is.
+_DIRECT = (
+    "import json, os, sys, time\n"
+    "from openai import OpenAI\n"
+    "llm = OpenAI(base_url=sys.argv[1], api_key='k', max_retries=0)\n"
+    "tools = [{'type': 'function', 'function': {'name': 'list_files',\n"
+    "          'parameters': {'type': 'object', 'properties': {}}}}]\n"
+    "def ask(messages):\n"
+    "    return llm.chat.completions.create(model='m', messages=(), tools=tools,\n"
+    "                                       extra_body={'messages': messages}).choices[0].message\n"
+    "ask([{'role': 'user', 'content': 'warm'}]), os.listdir(sys.argv[2])\n"
+    "messages = [{'role': 'user', 'content': 'look'}]\n"
+    "m0, c0, t0 = time.monotonic(), time.process_time(), time.perf_counter()\n"
+    "while True:\n"
+    "    msg = ask(messages)\n"
+    "    messages.append({'role': 'assistant', 'content': msg.content, 'tool_calls': [\n"
+    "        c.model_dump(include={'id', 'type', 'function'}) for c in msg.tool_calls or ()]})\n"
+    "    if not msg.tool_calls:\n"
+    "        break\n"
+    "    for c in msg.tool_calls:\n"
+    "        entries = sorted(os.listdir(sys.argv[2]))\n"
+    "        messages.append({'role': 'tool', 'tool_call_id': c.id, 'content': json.dumps(entries)})\n"
+    "print('SPAN', m0, time.monotonic(), time.process_time() - c0)\n"
+    "print('ELAPSED', time.perf_counter() - t0)\n"
+)
+#: A LangGraph agent, unmodified, as a node task of kind `langgraph` (`ChatOpenAI` finds the
+#: node's proxy and the task's token in its environment, `AgentnodeCheckpointer()` the memory
+#: socket) or, its peer, as a process beside the node's (`ChatOpenAI` to the mock,
+#: `InMemorySaver`): both their own interpreter, the mock in neither. Timed inside after three
+#: warming runs, as `_IN_TASK` is; `graph` and `add` are this module's.
+_LANGGRAPH_AGENT = (
+    "import sys, time\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from agents import add, graph, langgraph_input\n"
+    "from langchain_openai import ChatOpenAI\n"
+    "from agentnode.integrations.langgraph import AgentnodeCheckpointer\n"
+    "from langgraph.checkpoint.memory import InMemorySaver\n"
+    "llm = ChatOpenAI(model='m', max_retries=0).bind_tools([add])\n"
+    "saver = AgentnodeCheckpointer() if sys.argv[3] == 'node' else InMemorySaver()\n"
+    "runs = int(sys.argv[2])\n"
+    "def run(i):\n"
+    "    graph(llm, saver).invoke(langgraph_input(), {'configurable': {'thread_id': f't{i}'}},\n"
+    "                             durability='sync')\n"
+    "for i in range(3):\n"
+    "    run(i)\n"
+    "m0, c0, t0 = time.monotonic(), time.process_time(), time.perf_counter()\n"
+    "for i in range(3, 3 + runs):\n"
+    "    run(i)\n"
     "print('SPAN', m0, time.monotonic(), time.process_time() - c0)\n"
     "print('ELAPSED', time.perf_counter() - t0)\n"
 )
@@ -173,9 +239,20 @@ class _CpuClock:
 
         return at(end) - at(start)
 
-    def close(self) -> None:
+    def __enter__(self) -> _CpuClock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Not running while a peer runs in this process: its samples would slow the peer.
         self._stop.set()
         self._thread.join()
+
+
+def _timed(out: str, steps: int, cpu: _CpuClock) -> tuple[float, float]:
+    """Seconds and CPU seconds per step of a loop timed inside an agent, from its output
+    (`SPAN` and `ELAPSED`): its own CPU and what `cpu`'s processes used meanwhile."""
+    start, end, own = (float(x) for x in out.split("SPAN")[-1].split()[:3])
+    return float(out.split("ELAPSED")[-1]) / steps, (own + cpu.used(start, end)) / steps
 
 
 def _script(steps: int, *, warm: bool = False) -> deque[Turn]:
@@ -187,46 +264,61 @@ def _script(steps: int, *, warm: bool = False) -> deque[Turn]:
 
 
 def _direct(mock: MockUpstream, steps: int, workspace: Path) -> tuple[float, float]:
-    """The same loop with nothing of the node: the SDK to the mock, the tool in-process.
-    Seconds and CPU seconds (of this process, the mock's too) per step."""
-    from openai import OpenAI
-
-    llm = OpenAI(base_url=mock.base_url, api_key="k", max_retries=0)
-    tools: Any = [{"type": "function", "function": {"name": "list_files", "parameters": {
-        "type": "object", "properties": {}}}}]  # fmt: skip
-    mock.script = _script(steps)
-    messages: Any = [{"role": "user", "content": "look"}]
-    t0, c0 = time.perf_counter(), time.process_time()
-    while True:
-        # As the runtime sends it (`formats._as_is`): the conversation past the SDK's transform.
-        m = llm.chat.completions.create(model="m", messages=(), tools=tools,
-                                        extra_body={"messages": messages})  # fmt: skip
-        msg = m.choices[0].message
-        messages.append({"role": "assistant", "content": msg.content, "tool_calls": [
-            c.model_dump(include={"id", "type", "function"}) for c in msg.tool_calls or ()]})  # fmt: skip
-        if not msg.tool_calls:
-            return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
-        for c in msg.tool_calls:
-            entries = sorted(os.listdir(workspace))
-            messages.append({"role": "tool", "tool_call_id": c.id, "content": json.dumps(entries)})
+    """The same loop with nothing of the node (`_DIRECT`, a process of its own, as the task
+    is: the mock is in neither): seconds and CPU seconds per step, its own and this
+    process's (the mock's)."""
+    mock.script = _script(steps, warm=True)
+    with _CpuClock(os.getpid()) as cpu:
+        out = subprocess.run(
+            [sys.executable, "-c", _DIRECT, mock.base_url, str(workspace)],
+            capture_output=True, text=True, check=True, timeout=120,
+        ).stdout  # fmt: skip
+    return _timed(out, steps, cpu)
 
 
-def _runtime_steps(
-    d: Daemon, mock: MockUpstream, steps: int, door: str, cpu: _CpuClock
-) -> tuple[float, float]:
+def _runtime_steps(d: Daemon, mock: MockUpstream, steps: int, door: str) -> tuple[float, float]:
     """Seconds per step of the runtime as a task of `d`, reaching tools through `door`, and
     CPU seconds per step of the task, the daemon and this process (the mock)."""
     mock.script = _script(steps, warm=True)
-    task = d.submit(
-        [sys.executable, "-c", _IN_TASK, door], memory="512M", cpus=1, user="0",
-        ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")}, agent={"kind": "python"},
-    )  # fmt: skip
-    done = d.wait(task["id"], timeout=120, poll=0.5)  # timed inside: polls only load the node
+    with _CpuClock(d.pid, os.getpid()) as cpu:
+        task = d.submit(
+            [sys.executable, "-c", _IN_TASK, door], memory="512M", cpus=1, user="0",
+            ro=[str(REPO)], env={"PYTHONPATH": str(REPO / "python")}, agent={"kind": "python"},
+        )  # fmt: skip
+        done = d.wait(task["id"], timeout=120, poll=0.5)  # timed inside: polls only load the node
     out = d.log(task["id"])
     if done["state"] != "succeeded":
         raise RuntimeError(f"runtime task {done['state']} ({done['reason']}): {out[-2000:]}")
-    start, end, task_cpu = (float(x) for x in out.split("SPAN")[-1].split()[:3])
-    return float(out.split("ELAPSED")[-1]) / steps, (task_cpu + cpu.used(start, end)) / steps
+    return _timed(out, steps, cpu)
+
+
+def _langgraph_agent(
+    d: Daemon, mock: MockUpstream, runs: int, *, node: bool
+) -> tuple[float, float]:
+    """Seconds per agent step of a LangGraph agent (`_LANGGRAPH_AGENT`) as a task of `d` when
+    `node` (kind `langgraph`: its model calls through the node's proxy, its checkpoints over
+    the memory socket), else as a process beside it; and CPU seconds per step of the agent,
+    this process (the mock) and with `node` the daemon."""
+    mock.script = deque(LANGGRAPH_TURNS * (runs + 3))
+    argv = [sys.executable, "-c", _LANGGRAPH_AGENT, str(REPO / "bench"), str(runs)]
+    env = {"PYTHONPATH": str(REPO / "python")}
+    with _CpuClock(*((d.pid,) if node else ()), os.getpid()) as cpu:
+        if node:
+            task = d.submit([*argv, "node"], memory="512M", cpus=1, user="0", ro=[str(REPO)],
+                            env=env, agent={"kind": "langgraph"})  # fmt: skip
+            done = d.wait(task["id"], timeout=300, poll=0.5)
+            out = d.log(task["id"])
+            if done["state"] != "succeeded":
+                raise RuntimeError(
+                    f"LangGraph task {done['state']} ({done['reason']}): {out[-2000:]}"
+                )
+        else:
+            out = subprocess.run(
+                [*argv, "memory"], capture_output=True, text=True, check=True, timeout=300,
+                env={**env, "PATH": os.environ.get("PATH", ""), "OPENAI_API_KEY": "k",
+                     "OPENAI_BASE_URL": mock.base_url},
+            ).stdout  # fmt: skip
+    return _timed(out, 3 * runs, cpu)  # a run's steps: model, tool, model
 
 
 def _node_cpu_s(d: Daemon, forkserver: int | None) -> float:
@@ -368,22 +460,30 @@ def on_a_node(bench: Bench, mock: MockUpstream) -> None:
         f'[inference.deployments.mock]\nkind = "openai"\nbase_url = "{mock.base_url}"\n'
         'models = ["m"]\nprice = { input = 2.5, output = 10 }\n'
     )
-    times: dict[str, list[tuple[float, float]]] = {"mcp": [], "api": [], "direct": []}
+    times: dict[str, list[tuple[float, float]]] = {
+        "mcp": [], "api": [], "direct": [], "langgraph": [], "langgraph_direct": []
+    }  # fmt: skip
     rates: dict[str, list[tuple[float, float]]] = {"mcp": [], "api": [], "bare": []}
     try:
         with daemon(root / "node", config) as d:
-            cpu = _CpuClock(d.pid, os.getpid())
             for r in range(4 if bench.quick else 8) if bench.runs("runtime_step") else ():
                 rounds: list[tuple[str, Callable[[], tuple[float, float]]]] = [
-                    ("mcp", lambda: _runtime_steps(d, mock, steps, "mcp", cpu)),
-                    ("api", lambda: _runtime_steps(d, mock, steps, "api", cpu)),
+                    ("mcp", lambda: _runtime_steps(d, mock, steps, "mcp")),
+                    ("api", lambda: _runtime_steps(d, mock, steps, "api")),
                     ("direct", lambda: _direct(mock, steps, root)),
                 ]
                 for name, measure in rounds if r % 2 else reversed(rounds):
                     elapsed = measure()
                     if r:  # the first round warms all three
                         times[name].append(elapsed)
-            cpu.close()
+            runs = 10 if bench.quick else 30
+            for r in range(4 if bench.quick else 6) if bench.runs("langgraph_task") else ():
+                pair: list[tuple[str, Callable[[], tuple[float, float]]]] = [
+                    ("langgraph", lambda: _langgraph_agent(d, mock, runs, node=True)),
+                    ("langgraph_direct", lambda: _langgraph_agent(d, mock, runs, node=False)),
+                ]
+                for name, measure in pair if r % 2 else reversed(pair):
+                    times[name].append(measure())  # each warmed by its own first runs
             if bench.runs("agents_per_s"):
                 n = 8 if bench.quick else 24
                 ends = _Ends(d)
@@ -396,12 +496,17 @@ def on_a_node(bench: Bench, mock: MockUpstream) -> None:
                     rates["bare"].append(_bare_agents_per_s(mock, n, at_once))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    peer = "openai SDK to the mock + the tool in-process"
+    peer = "openai SDK to the mock + os.listdir, no node"
     for i, unit in ((0, "ms/step"), (1, "ms CPU/step")) if times["direct"] else ():
         direct = statistics.median(t[i] for t in times["direct"]) * 1000
         for name, door in (("runtime_step", "mcp"), ("runtime_step_api", "api")):
             ours = statistics.median(t[i] for t in times[door]) * 1000
             bench.record(name + ("_cpu" if i else ""), ours, direct, unit, peer_name=peer)
+    for i, unit in ((0, "ms/step"), (1, "ms CPU/step")) if times["langgraph"] else ():
+        direct = statistics.median(t[i] for t in times["langgraph_direct"]) * 1000
+        ours = statistics.median(t[i] for t in times["langgraph"]) * 1000
+        bench.record("langgraph_task" + ("_cpu" if i else ""), ours, direct, unit,
+                     peer_name="LangGraph to the mock, InMemorySaver, no node")  # fmt: skip
     if not rates["bare"]:
         return
     bare = f"python -c: openai SDK, one call to the mock, {at_once} at a time"
@@ -452,16 +557,13 @@ def _langgraph(bench: Bench, mock: MockUpstream, tmp: Path) -> None:
     HTTP (a memory server in another process) against InMemorySaver."""
     llm = ChatOpenAI(model="m", base_url=mock.base_url, api_key=SecretStr("k"), max_retries=0)
     llm_tools = llm.bind_tools([add])
-    turns = [Turn(tool_calls=(ToolCall("add", {"a": 2, "b": 3}),)), Turn(text="5")]
 
     def run(saver: BaseCheckpointSaver[Any], server: int | None) -> tuple[float, float]:
-        mock.script = deque(turns)
+        mock.script = deque(LANGGRAPH_TURNS)
         config: RunnableConfig = {"configurable": {"thread_id": f"t{next(_THREADS)}"}}
         served = _server_cpu_s(server) if server is not None else 0.0
         t0, c0 = time.perf_counter(), time.process_time()
-        graph(llm_tools, saver).invoke(
-            {"messages": [HumanMessage("add 2 and 3")]}, config, durability="sync"
-        )
+        graph(llm_tools, saver).invoke(langgraph_input(), config, durability="sync")
         # Per agent step (model, tool, model); LangGraph counts a fourth super-step, the
         # input's, and makes five checkpoints.
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -495,14 +597,18 @@ def _langgraph(bench: Bench, mock: MockUpstream, tmp: Path) -> None:
 
 
 def main() -> None:
-    bench = Bench.from_args("agents", parts=("langgraph", "runtime_step", "agents_per_s"))
+    bench = Bench.from_args(
+        "agents", parts=("langgraph", "langgraph_task", "runtime_step", "agents_per_s")
+    )
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     mock = asyncio.run_coroutine_threadsafe(MockUpstream("openai").start(), loop).result(30)
     with tempfile.TemporaryDirectory() as tmp:
         if bench.runs("langgraph"):
             _langgraph(bench, mock, Path(tmp))
-        if os.geteuid() == 0 and (bench.runs("runtime_step") or bench.runs("agents_per_s")):
+        if os.geteuid() == 0 and any(
+            bench.runs(part) for part in ("langgraph_task", "runtime_step", "agents_per_s")
+        ):
             on_a_node(bench, mock)
     asyncio.run_coroutine_threadsafe(mock.close(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
