@@ -295,6 +295,46 @@ def test_a_killed_fork_server_is_replaced_and_agents_start_meanwhile(
     assert _fork_server(d) != server
 
 
+#: A forked agent that waits for a file in its workspace, then ends with status 7.
+_UNTIL_GO = (
+    "import os, sys, time\n"
+    "if os.getpid() != 2: raise SystemExit(99)\n"
+    "print('waiting', flush=True)\n"
+    "while not os.path.exists('/workspace/go'): time.sleep(0.02)\n"
+    "print('went on', flush=True)\n"
+    "sys.exit(7)\n"
+)
+
+
+@pytest.mark.parametrize("killed", ["fork server", "node", "node stopped keeping tasks"])
+def test_a_forked_agent_outlives_its_fork_server_and_its_node(tmp_path: Path, killed: str) -> None:
+    """The fork server gone (killed; or ended with the node: `kill -9`, a stop that keeps
+    tasks) while a forked agent runs: the agent runs on as its stub's child and tells the stub
+    its own status; a next node re-adopts its task. It ends as it would have (status 7, all
+    its output), not failed without its status."""
+    keep = "[node]\nkeep_tasks = true\n" if killed == "node stopped keeping tasks" else ""
+    with World() as world, agent_node(world, tmp_path, SCRIPT, extra=TENANT + keep) as (d, _):
+        _forked(d, "pass")
+        task, log = _waiting(d, _UNTIL_GO)
+        server = _fork_server(d)
+        (agent,) = psutil.Process(server).children()
+        if killed == "fork server":
+            os.kill(server, signal.SIGKILL)
+        else:
+            assert d.stop(signal.SIGKILL if killed == "node" else signal.SIGTERM) in (0, -9)
+            deadline = time.monotonic() + 10  # the fork server ends at its socket's end
+            while psutil.pid_exists(server) and psutil.Process(server).status() != "zombie":
+                assert time.monotonic() < deadline, "the fork server outlived its node"
+                time.sleep(0.01)
+            d.start()
+            assert "1 re-adopted" in d.wait_for_line("agentnode: capacity")
+        assert agent.is_running() and agent.status() != psutil.STATUS_ZOMBIE
+        (d.data / "workspaces" / task["id"] / "go").touch()
+        done = d.wait(task["id"], timeout=60)
+        assert (done["state"], done["exit_code"]) == ("failed", 7), (done, log.read_text())
+        assert log.read_text().splitlines()[-2:] == ["waiting", "went on"]
+
+
 def _fork_server(d: Daemon) -> int:
     """The pid of the node's fork server (its child; its forks are the tasks')."""
     [server] = [p.pid for p in psutil.Process(d.pid).children()

@@ -11,7 +11,9 @@ the fork server forks the agent into the stub's pid namespace, where it joins th
 confines itself as the task's command would be (`agentnode.isolation.forkjoin`, shared with
 run_code's python sandboxes); the server waits for it and tells the stub its status. The
 agent closes every descriptor but its stdio, takes the task's environment and arguments, and
-runs the command in the interpreter it was forked from.
+runs the command in the interpreter it was forked from. It tells the stub its status itself,
+so it outlives the fork server (killed, or ended with the node: `kill -9`, a stop that keeps
+tasks) as any task outlives the node, and the next node re-adopts its task.
 
 Served (`serves`): tasks of kind `python` whose command is this node's interpreter
 (`sys.executable`, the same path) with `-m agentnode.runtime ARGS` or `-c CODE ARGS`, whose
@@ -163,8 +165,13 @@ def _preload() -> None:
 
 def _agent(request: dict[str, object], go: int) -> NoReturn:
     """The agent (its pid told to the stub, SIGINT as a fresh interpreter has it): runs the
-    command."""
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    command, then tells the stub (`go`, its stdin) its status itself. So it ends with the
+    right one when the fork server, which would otherwise tell it, is gone: killed, or ended
+    with the node (a `kill -9`, a stop that keeps tasks). The agent then runs on as the child
+    of the stub, its pid namespace's init, and the next node re-adopts its task."""
+    os.closerange(3, go)
+    os.closerange(go + 1, os.sysconf("SC_OPEN_MAX"))
+    os.set_inheritable(go, False)  # not the commands it runs
     env, argv = request["env"], request["argv"]
     assert isinstance(env, dict) and isinstance(argv, list)
     os.environ.clear()
@@ -194,6 +201,10 @@ def _agent(request: dict[str, object], go: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+    with contextlib.suppress(OSError):  # the stub is gone: the task was killed
+        # As the kernel reports the status: the stub exits with it (the server's own `X`, at
+        # the reap, comes second and is not read).
+        os.write(go, f"X {status & 0xFF}\n".encode())
     os._exit(status)
 
 

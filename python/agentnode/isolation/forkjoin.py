@@ -479,7 +479,9 @@ def serve(fd: int, program: Program, *, preload: Callable[[], None] | None = Non
         if not data:
             for x in fds:
                 os.close(x)
-            return 0  # the node is gone; the stubs of running children learn it at their end
+            # The node is gone. Running children run on, their stub's now: an agent tells its
+            # stub its status itself (a run_code sandbox's stub learns the end of its input).
+            return 0
         if len(fds) != 3:
             for x in fds:
                 os.close(x)
