@@ -619,6 +619,100 @@ def test_a_session_past_its_timeout_is_killed_and_starts_fresh() -> None:
         runner.close()
 
 
+def test_a_session_output_is_cut_as_a_fresh_calls_and_its_state_kept() -> None:
+    """What session code prints is cut at the tool's output limit, in all, as a fresh call's
+    is (the reply says so and how much it printed); the session goes on. Cut in the sandbox:
+    the node never holds more than the limit of it."""
+    runner, svc = code_service(output=1000)
+    calls = [
+        "x = 7\nprint('a' * 3000)",
+        "import sys\nprint('é' * 400)\nprint('b' * 500, file=sys.stderr)",
+        "print(x)",
+    ]
+
+    async def scenario() -> list[dict[str, Any]]:
+        return [await svc.call("run_code", {"code": c, "session": True}, A) for c in calls]
+
+    try:
+        big, mixed, after = asyncio.run(scenario())
+        assert meta(big)["class"] == "ok" and meta(big)["truncated"] is True
+        assert big["structuredContent"]["stdout"] == "a" * 1000
+        assert meta(big)["bytes_out"] == 3001
+        out, err = mixed["structuredContent"]["stdout"], mixed["structuredContent"]["stderr"]
+        assert out == "é" * 400 + "\n" and len(err) == 1000 - 801  # a cut character goes whole
+        assert meta(mixed)["truncated"] is True and meta(mixed)["bytes_out"] == 801 + 501
+        assert after["structuredContent"]["stdout"] == "7\n" and not meta(after)["truncated"]
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "b'x' * (8 << 20)",  # no end of line: a reply that never ends
+        "b'{\"stdout\": 1}\\n'",  # a line that is no reply
+        "b'[1, 2]\\n'",
+        "b'not json\\n'",
+    ],
+)
+def test_session_code_that_writes_on_its_reply_stream_ends_its_session(written: str) -> None:
+    """Code that finds the session's reply stream and writes on it: the node reads at most
+    what the output limit allows, takes nothing it wrote as a reply, and ends the session
+    (one line says why); the next call gets a fresh one."""
+    runner, svc = code_service(output=1000)
+    forge = f"import os, time\nos.write(3, {written})  # the reply stream\ntime.sleep(30)"
+
+    async def scenario() -> list[dict[str, Any]]:
+        return [await svc.call("run_code", {"code": c, "session": True}, A)
+                for c in ("y = 1", forge, "print(globals().get('y'))")]  # fmt: skip
+
+    try:
+        _first, forged, after = asyncio.run(scenario())
+        assert meta(forged)["class"] in ("permanent", "resource"), forged
+        assert "session state lost" in forged["content"][0]["text"]
+        assert after["structuredContent"]["stdout"] == "None\n"
+    finally:
+        runner.close()
+
+
+def test_one_tasks_slow_calls_do_not_hold_another_tasks() -> None:
+    """A task with many slow sandboxed calls at once (run_code in python and bash, with a
+    session) runs at most `RUNNING_PER_CALLER` of them at a time; another task's calls run
+    meanwhile as if it were alone."""
+    from agentnode.tools.service import RUNNING_PER_CALLER
+
+    runner, svc = code_service()
+    flooder, other = Caller(task="flood", tenant="a"), Caller(task="quiet", tenant="b")
+    slow = [{"code": "import time; time.sleep(1.5)"},
+            {"code": "sleep 1.5", "language": "bash"}]  # fmt: skip
+
+    async def scenario() -> tuple[list[float], float]:
+        flood = [asyncio.ensure_future(svc.call("run_code", slow[i % 2], flooder))
+                 for i in range(3 * RUNNING_PER_CALLER)]  # fmt: skip
+        session = asyncio.ensure_future(
+            svc.call("run_code", {"code": "import time; time.sleep(1.5)", "session": True}, flooder)
+        )
+        await asyncio.sleep(0.3)
+        took = []
+        for args in ({"code": "print(1)"}, {"code": "echo 1", "language": "bash"},
+                     {"code": "print(2)", "session": True}):  # fmt: skip
+            t0 = time.monotonic()
+            r = await svc.call("run_code", args, other)
+            assert meta(r)["class"] == "ok", r
+            took.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        results = await asyncio.gather(*flood, session)
+        assert all(meta(r)["class"] == "ok" for r in results)
+        return took, time.monotonic() - t0
+
+    try:
+        took, rest = asyncio.run(scenario())
+        assert max(took) < 1.0, took  # not behind the flood's 1.5 s runs
+        assert rest > 1.5  # the flood's last turns came after its first ones
+    finally:
+        runner.close()
+
+
 # -- workspace files ------------------------------------------------------------------------------
 
 

@@ -29,9 +29,10 @@ from agentnode.tools.registry import Caller, Tool, ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
 from agentnode.tools.sandboxed import (
     SPAWNER,
+    WAITERS,
     Run,
     Started,
-    finish_sandboxed,
+    finish_off_loop,
     owned_workspace,
     run_sandboxed,
     sandbox_limits,
@@ -99,6 +100,8 @@ def _note(cls: ToolClass, run_reason: ExitReason | None, status: int) -> str:
 
 
 _Reach = tuple[str, EgressPolicy | None]
+#: What a session's reply may hold beyond its cut output: the keys, and the error's traceback.
+_REPLY_SLACK = 1 << 20
 
 
 class Session:
@@ -110,25 +113,32 @@ class Session:
         self.reach = reach
         self.denials = denials
         self.lock = asyncio.Lock()
-        self._buffer = b""
+        self._buffer = bytearray()
 
     @property
     def pid(self) -> int:
         return self.task.pid
 
-    def exchange(self, code: str, timeout: float) -> dict[str, Any] | str:
-        """Sends `code`, returns the reply; "timeout" when it ran past `timeout` (then it is
-        killed: its state is gone), "ended" when the interpreter died."""
+    def exchange(self, code: str, timeout: float, output: int) -> dict[str, Any] | str:
+        """Sends `code`, returns the reply (its output cut at `output` bytes); "timeout" when
+        it ran past `timeout` (then it is killed: its state is gone), "ended" when the
+        interpreter died, "too large" when its reply passed what `output` bytes can take
+        (code that wrote on the reply stream itself: it is killed too)."""
         assert self.task.stdin is not None and self.task.stdout is not None
-        data = memoryview((json.dumps({"code": code}) + "\n").encode())
+        data = memoryview((json.dumps({"code": code, "output": output}) + "\n").encode())
         try:
             while data:
                 data = data[os.write(self.task.stdin.fileno(), data) :]
         except OSError:
             return "ended"
         fd = self.task.stdout.fileno()
+        # JSON escapes a byte in 6 at most (`\u001b`); the error's traceback is not cut.
+        bound = 6 * output + _REPLY_SLACK
         deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
+        while (end := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > bound:
+                self.task.kill()
+                return "too large"
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 self.task.kill()
@@ -137,8 +147,15 @@ class Session:
             if not chunk:
                 return "ended"
             self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        reply: dict[str, Any] = json.loads(line)
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        try:
+            reply: dict[str, Any] = json.loads(line)
+            if not isinstance(reply, dict) or not {"stdout", "stderr", "error"} <= reply.keys():
+                raise ValueError("not a reply")
+        except ValueError:
+            self.task.kill()  # its reply stream was written on: nothing on it can be trusted
+            return "ended"
         return reply
 
 
@@ -285,12 +302,8 @@ class CodeRunner:
         reach = self.reach(caller)
         if language == "python":
             started = await self._take_spare(caller, reach)
-            loop = asyncio.get_running_loop()
-            stdin = args["code"].encode()
             try:
-                run = await loop.run_in_executor(
-                    SPAWNER, lambda: finish_sandboxed(started, stdin=stdin, limits=limits)
-                )
+                run = await finish_off_loop(started, stdin=args["code"].encode(), limits=limits)
             finally:
                 # Made after the call, not during it: on a busy host the two would share the
                 # CPU, and the next call has the time between calls to find it ready.
@@ -473,7 +486,10 @@ class CodeRunner:
         async with s.lock:
             before = s.task.stats()
             seen = len(s.denials)
-            reply = await loop.run_in_executor(None, s.exchange, code, timeout)
+            # A `WAITERS` thread: the loop's default threads are few and serve the node.
+            reply = await loop.run_in_executor(
+                WAITERS, s.exchange, code, timeout, self.limits.output
+            )
             if s.reach[1] is not None and s.task.result is None:
                 await loop.run_in_executor(None, s.task.poll_denials)
             denials = s.denials[seen:]
@@ -488,6 +504,8 @@ class CodeRunner:
                 else:
                     cls = "permanent"
                 note = _note(cls, result.reason, result.exit_status) or "session ended"
+                if reply == "too large":
+                    note = f"killed: its reply passed the output limit, {self.limits.output} bytes"
                 out = _result(cls, "", "", result.exit_status, note + "; session state lost")
                 out.memory_peak = result.stats.memory_peak
                 out.denials = s.denials[seen:]  # the last ones came as it was reaped
@@ -501,7 +519,8 @@ class CodeRunner:
             before.cpu_user_s + before.cpu_system_s
         )
         out.memory_peak = after.memory_peak
-        out.bytes_out = len(reply["stdout"]) + len(reply["stderr"])
+        out.bytes_out = int(reply.get("bytes", 0))
+        out.truncated = bool(reply.get("truncated"))
         return out
 
     def end_task(self, task: str) -> None:

@@ -1,6 +1,8 @@
 """The interpreter of a `run_code` session, run inside its sandbox (as `python3 -I -c` source,
-so it needs nothing of agentnode): one JSON line in, `{"code": ...}`; one JSON line out,
-`{"stdout", "stderr", "error"}`. Variables persist between requests, like a notebook kernel."""
+so it needs nothing of agentnode): one JSON line in, `{"code": ..., "output": BYTES}`; one
+JSON line out, `{"stdout", "stderr", "error", "bytes", "truncated"}`: what the code printed,
+cut to `output` bytes in all, as a fresh call's is, with how many it printed. Variables persist
+between requests, like a notebook kernel."""
 
 import contextlib
 import io
@@ -17,7 +19,8 @@ def main() -> None:
     os.dup2(2, 1)
     scope: dict[str, object] = {"__name__": "__main__"}
     for line in sys.stdin:
-        code = json.loads(line)["code"]
+        request = json.loads(line)
+        code, room = request["code"], request["output"]
         out, err = io.StringIO(), io.StringIO()
         error = None
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -27,7 +30,12 @@ def main() -> None:
                 error = f"SystemExit: {e.code}"
             except BaseException:
                 error = traceback.format_exc()
-        reply = {"stdout": out.getvalue(), "stderr": err.getvalue(), "error": error}
+        printed = [out.getvalue().encode(errors="replace"), err.getvalue().encode(errors="replace")]
+        reply = {"error": error, "bytes": sum(map(len, printed)), "truncated": False}
+        for name, data in zip(("stdout", "stderr"), printed, strict=True):
+            reply["truncated"] = reply["truncated"] or len(data) > room
+            reply[name] = data[:room].decode(errors="ignore")  # a cut character goes whole
+            room = max(room - len(data), 0)
         replies.write(json.dumps(reply) + "\n")
 
 

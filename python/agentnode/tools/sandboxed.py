@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SPAWNER",
+    "WAITERS",
     "Run",
     "Started",
+    "finish_off_loop",
     "finish_sandboxed",
     "run_sandboxed",
     "sandbox_limits",
@@ -39,8 +41,12 @@ __all__ = [
 ]
 
 #: Long-lived threads tools start sandboxes on: a sandbox is killed when the thread that
-#: cloned it exits.
+#: cloned it exits. For starts only, which take milliseconds.
 SPAWNER = ThreadPoolExecutor(4, thread_name_prefix="agentnode-tools")
+#: Threads that feed, read and wait for sandboxed runs, one per run under way (each blocks
+#: for the run's whole time; `ToolService` bounds the runs of each task): on the four
+#: `SPAWNER` threads, one task's four slow calls held every other task's tools.
+WAITERS = ThreadPoolExecutor(1024, thread_name_prefix="agentnode-tool-runs")
 
 
 def owned_workspace(path: Path, user: str, *, userns: bool = False) -> Path:
@@ -265,7 +271,7 @@ async def run_sandboxed(
     """Runs `argv` in a fresh sandbox with `limits` and waits for it off the event loop.
     Without `workspace` it gets an empty scratch directory, removed afterwards."""
 
-    def run() -> Run:
+    def start() -> Future[Run]:
         started = start_sandboxed(
             argv,
             limits=limits,
@@ -278,6 +284,16 @@ async def run_sandboxed(
             userns=userns,
             mounts=mounts,
         )
-        return finish_sandboxed(started, stdin=stdin, limits=limits)
+        return WAITERS.submit(finish_sandboxed, started, stdin=stdin, limits=limits)
 
-    return await asyncio.get_running_loop().run_in_executor(SPAWNER, run)
+    # Shielded: a sandbox started for a caller that went meanwhile still runs to its end and
+    # is removed, never left waiting for its run.
+    running = await asyncio.shield(asyncio.get_running_loop().run_in_executor(SPAWNER, start))
+    return await asyncio.shield(asyncio.wrap_future(running))
+
+
+async def finish_off_loop(started: Started, *, stdin: bytes, limits: ToolLimits) -> Run:
+    """`finish_sandboxed` on a `WAITERS` thread: it runs to its end, and removes the sandbox,
+    even when the caller is cancelled meanwhile."""
+    running = WAITERS.submit(finish_sandboxed, started, stdin=stdin, limits=limits)
+    return await asyncio.shield(asyncio.wrap_future(running))

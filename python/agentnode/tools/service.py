@@ -19,7 +19,11 @@ from agentnode.tools.keys import KeyStore
 from agentnode.tools.registry import Caller, Registry, Tool, redact
 from agentnode.tools.result import RETRYABLE, Outcome
 
-__all__ = ["ToolService", "ToolSource", "jsonl_recorder"]
+__all__ = ["RUNNING_PER_CALLER", "ToolService", "ToolSource", "jsonl_recorder"]
+
+#: Tool calls one task (a caller without a task: its tenant) runs at once; more wait their
+#: turn, so one task's flood of slow calls holds its own calls back, not other tasks'.
+RUNNING_PER_CALLER = 8
 
 log = logging.getLogger("agentnode.tools")
 
@@ -85,6 +89,9 @@ class ToolService:
         self._keys: OrderedDict[tuple[str, str, str], tuple[str, asyncio.Future[dict[str, Any]]]]
         self._keys = OrderedDict()
         self._keys_kept = keys_kept
+        #: The turns of each caller (tenant, task) with calls under way or waiting, and how
+        #: many those are (its entry goes with its last).
+        self._turns: dict[tuple[str, str | None], tuple[asyncio.Semaphore, int]] = {}
 
     async def tools(self, tenant: str) -> list[Tool]:
         """The tools `tenant` may use."""
@@ -224,12 +231,22 @@ class ToolService:
         return self._finish(tool, name, args, caller, digest, start, outcome, attempts=attempt)
 
     async def _run_once(self, tool: Tool, args: dict[str, Any], caller: Caller) -> Outcome:
+        who = (caller.tenant, caller.task)
+        turns, waiting = self._turns.get(who) or (asyncio.Semaphore(RUNNING_PER_CALLER), 0)
+        self._turns[who] = (turns, waiting + 1)
         try:
-            return await tool.run(args, caller)
+            async with turns:
+                return await tool.run(args, caller)
         except Exception as e:
             # A tool's own bug: the caller gets one line, the node log the traceback.
             log.exception("tool %s failed", tool.name)
             return Outcome.error("permanent", f"tool {tool.name} failed: {e}")
+        finally:
+            left = self._turns[who][1] - 1
+            if left:
+                self._turns[who] = (turns, left)
+            else:
+                del self._turns[who]
 
     def _finish(
         self,
