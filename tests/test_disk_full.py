@@ -330,3 +330,38 @@ def _until_stuck(log: AuditLog, i: int) -> int:
 
 def _all(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (directory / "audit.log").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("room", [0, 5000, 40_000])
+def test_an_input_the_full_disk_cuts_short_is_taken_back_whole(disk: Path, room: int) -> None:
+    """An input to a task's inbox that a full disk takes part of (or none): refused in one line
+    (DiskFullError, 507 over the Agent Protocol) and taken back, so the agent never reads half
+    of it or a later input glued to it; the same input goes whole once space is freed."""
+    from agentnode.errors import DiskFullError
+    from agentnode.runtime.inbox import Inbox
+    from agentnode.tasks.store import TaskStore
+
+    store = TaskStore(disk / "tasks")
+    try:
+        store.deliver("t1", json.dumps({"input": "first"}).encode())
+        inbox = store.inbox_path("t1")
+        before = inbox.read_bytes()
+        big = json.dumps({"input": "x" * 60_000}).encode()
+        filler = disk / "filler"  # leaves `room` bytes free: the disk takes part of the input
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (_free(disk) - room))
+        with pytest.raises(DiskFullError, match="full: the input to task t1 was not delivered"):
+            store.deliver("t1", big)
+        assert inbox.read_bytes() == before
+        filler.unlink()
+        store.deliver("t1", big)
+        store.deliver("t1", json.dumps({"input": "third"}).encode())
+        texts, _ = Inbox(str(inbox)).read(0)
+        assert texts == ["first", "x" * 60_000, "third"]
+    finally:
+        store.close()
+
+
+def _free(disk: Path) -> int:
+    st = os.statvfs(disk)
+    return st.f_bavail * st.f_frsize

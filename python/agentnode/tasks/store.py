@@ -567,15 +567,37 @@ class TaskStore:
 
     def deliver(self, task_id: str, message: bytes) -> None:
         """Appends one line to the task's inbox, making it if need be (its reader takes only
-        whole lines)."""
+        whole lines). Whole or not at all: a line cut short (a full disk takes part of a
+        write) is taken back, and `DiskFullError` or `TaskError` says why; a later line is
+        never glued to half of it."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        fd = os.open(self.inbox_path(task_id), flags, 0o644)
         try:
-            os.write(fd, message + b"\n")
+            fd = os.open(self.inbox_path(task_id), flags, 0o644)
+        except OSError as e:
+            raise self._inbox_error(task_id, e) from None
+        start = None
+        try:
+            start = os.fstat(fd).st_size
+            line = memoryview(message + b"\n")
+            while line:
+                line = line[os.write(fd, line) :]
             if self.sync:
                 os.fsync(fd)
+        except OSError as e:
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            raise self._inbox_error(task_id, e) from None
         finally:
             os.close(fd)
+
+    def _inbox_error(self, task_id: str, e: OSError) -> TaskError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFullError(
+                f"the disk holding {self.inboxes} is full: the input to task {task_id} was not "
+                "delivered (free space and send it again)"
+            )
+        return TaskError(f"the input to task {task_id} was not delivered: {e.strerror}")
 
     def close(self) -> None:
         """Finishes pending writes and closes the database."""
