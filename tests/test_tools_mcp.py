@@ -24,6 +24,7 @@ import pytest
 from agentnode.audit import AuditLog, verify
 from agentnode.egress.policy import EgressPolicy
 from agentnode.egress.service import EgressService
+from agentnode.errors import UsageError
 from agentnode.isolation.spec import Mount
 from agentnode.tools import mcpservers
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
@@ -67,6 +68,50 @@ B = Caller(task="t2", tenant="b")
 
 def host_pid_alive(pid: int | None) -> bool:
     return pid is not None and Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".", "..", "", "x" * 65, "tab\tname"])
+def test_a_server_name_is_refused_unless_it_is_a_plain_label(name: str) -> None:
+    """A server's name makes its tools' names and its workspaces' paths."""
+    with pytest.raises(UsageError, match="a server name is 1-64 letters"):
+        MCPServerSpec(name=name, command=("x",))
+
+
+@pytest.mark.parametrize("command", [("/bin/sleep", "1000"), ("/bin/false",)])
+def test_a_server_that_cannot_list_its_tools_costs_one_wait_not_one_per_listing(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    """A server that never answers (or exits at once) while a good one is beside it: listings
+    at once wait for one attempt together, the next ones get the good server's tools at once
+    (none of the broken one's) until `UNLISTED_S` passes, then it is tried again. Once the
+    servers are closed none is started again (a call then fails as the node stopping)."""
+    monkeypatch.setattr(mcpservers, "UNLISTED_S", 3.0)
+    limits = ToolLimits(memory=256 << 20, pids=64, timeout=2)
+    servers = MCPServers([sdk_server(name="mute", command=command, limits=limits),
+                          sdk_server(name="t", limits=ToolLimits(memory=256 << 20, pids=64,
+                                                                 timeout=60))])  # fmt: skip
+    svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
+
+    async def timed(n: int) -> tuple[float, list[set[str]]]:
+        t0 = time.monotonic()
+        lists = await asyncio.gather(*(svc.list("a") for _ in range(n)))
+        return time.monotonic() - t0, [{t["name"].split("__")[0] for t in x} for x in lists]
+
+    async def scenario() -> list[tuple[float, list[set[str]]]]:
+        out = [await timed(3), await timed(3)]
+        await asyncio.sleep(3.0)
+        out.append(await timed(1))
+        await servers.close()
+        out.append((0.0, [{str(meta(await svc.call("t__add", {"a": 1, "b": 2}, A))["class"])}]))
+        return out
+
+    (first, firsts), (again, agains), (later, _), (_, closed) = asyncio.run(scenario())
+    assert firsts == agains == [{"t"}] * 3
+    assert first < 2 * limits.timeout + 5  # one attempt for the three, not three in a row
+    assert again < 1.0  # no second attempt within UNLISTED_S
+    if command[0] == "/bin/sleep":
+        assert later >= limits.timeout - 0.5  # tried again after UNLISTED_S
+    assert closed == [{"transient"}] and servers.instance_pid("t", "a") is None
 
 
 def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None:
@@ -258,7 +303,7 @@ def test_capped_streams_find_event_ends_across_chunks(monkeypatch: pytest.Monkey
 def test_a_crashed_server_is_restarted_and_a_keyed_call_runs_once(data_dir: Path) -> None:
     servers = MCPServers([sdk_server(limits=ToolLimits(memory=256 << 20, pids=64, timeout=60))])
     svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
-    marker = data_dir / "mcp" / "t-a" / "runs"
+    marker = data_dir / "mcp" / "t" / "a" / "runs"
 
     async def scenario() -> list[dict[str, Any]]:
         try:
@@ -425,7 +470,7 @@ def test_a_streamable_http_server_the_node_runs_in_its_sandbox(data_dir: Path) -
     assert meta(out["crash"])["class"] == "transient" and meta(out["after"])["class"] == "ok"
     assert meta(out["first"])["class"] == "ok" and meta(out["first"])["attempts"] == 3
     assert out["again"] == out["first"]
-    assert (data_dir / "mcp" / "t-a" / "runs").read_text() == "3"
+    assert (data_dir / "mcp" / "t" / "a" / "runs").read_text() == "3"
     assert not any(host_pid_alive(p) for p in out["idle"])
     assert [r["tool"] for r in records][:3] == ["t__add", "t__add", "t__whoami"]
     assert [r["class"] for r in records][:2] == ["ok", "invalid_input"]

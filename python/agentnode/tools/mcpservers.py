@@ -76,10 +76,15 @@ log = logging.getLogger("agentnode.tools.mcp")
 
 #: A server's tool `t` of server `s` is offered as `s__t` (names clients accept everywhere).
 SEPARATOR = "__"
+#: What a server's name may be: part of its tools' names and of its workspaces' paths.
+_SERVER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A server's default sandbox: the SDKs' interpreters need more memory than one code run.
 SERVER_LIMITS = ToolLimits(memory=512 << 20, pids=128, timeout=60.0)
 
 
+#: Seconds a server that could not list its tools is taken to have none before it is tried
+#: again: each listing of a tenant's tools (every agent's start) would wait its whole timeout.
+UNLISTED_S = 30.0
 #: Passed-through calls' ids: strings no integer parses as, never one of the SDK session's.
 _ID_PREFIX = "agentnode-"
 
@@ -123,6 +128,9 @@ class MCPServerSpec:
             _check_loopback_url(f"tools.mcp.{self.name}.url", self.url)
         if SEPARATOR in self.name:
             raise UsageError(f"tools.mcp.{self.name}: a server name may not hold {SEPARATOR!r}")
+        if not _SERVER_NAME.fullmatch(self.name) or self.name in (".", ".."):
+            raise UsageError(f"tools.mcp.{self.name!r}: a server name is 1-64 letters, digits, "
+                             "'_', '.' and '-'")  # fmt: skip
 
 
 def _check_loopback_url(option: str, url: str) -> None:
@@ -329,7 +337,9 @@ class _Instance:
 
     def _spawn(self, network: EgressService | None) -> isolation.Task:
         spec = self.spec
-        ws = owned_workspace(isolation.DATA_DIR / "mcp" / f"{spec.name}-{self.tenant}", spec.user)
+        # A directory per server, one per tenant in it: `NAME-TENANT` made `fs` of tenant
+        # `a-b` and `fs-a` of tenant `b` one directory.
+        ws = owned_workspace(isolation.DATA_DIR / "mcp" / spec.name / self.tenant, spec.user)
         stdio = spec.url is None
         return isolation.spawn(
             list(spec.command),
@@ -371,8 +381,14 @@ class _Instance:
         self._runner = loop.create_task(self._run(ready))
         try:
             await asyncio.wait_for(asyncio.shield(ready), self.spec.limits.timeout)
-        except BaseException:
+        except BaseException as e:
             await self.stop()
+            if ready.done() and not ready.cancelled():
+                ready.exception()  # retrieved: its end is this error's, not a stray one
+            if isinstance(e, TimeoutError):
+                raise ConnectionError(
+                    f"it did not answer MCP's initialize within {self.spec.limits.timeout:g} s"
+                ) from None
             raise
 
     @contextlib.asynccontextmanager
@@ -583,8 +599,13 @@ class MCPServers:
         self._instances: dict[tuple[str, str], _Instance] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tools: dict[str, list[dict[str, Any]]] = {}
+        #: Servers whose listing failed, with when they may be tried again.
+        self._unlisted: dict[str, float] = {}
+        #: Listings under way, which other listers of the same server wait for.
+        self._listing: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._made: dict[tuple[str, str], Tool | None] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
 
     def instance_pid(self, server: str, tenant: str) -> int | None:
         """The host pid of a tenant's instance of `server` (None: not running)."""
@@ -594,6 +615,8 @@ class MCPServers:
     async def _instance(self, spec: MCPServerSpec, tenant: str) -> _Instance:
         key = (spec.name, tenant)
         async with self._locks.setdefault(key, asyncio.Lock()):
+            if self._closed:
+                raise ConnectionError("the node is stopping")
             inst = self._instances.get(key)
             if inst is not None and inst.alive:
                 return inst
@@ -617,32 +640,45 @@ class MCPServers:
 
     async def _listed(self, spec: MCPServerSpec, tenant: str) -> list[dict[str, Any]]:
         """The server's tools as it lists them (it is started the first time they are needed;
-        the list is then remembered)."""
+        the list is then remembered). One listing at a time per server, which the others
+        wait for; none for `UNLISTED_S` after one failed (no tools meanwhile)."""
         listed = self._tools.get(spec.name)
-        if listed is None:
-            try:
-                inst = await self._instance(spec, tenant)
-                assert inst.client is not None
-                result = await inst.client.list_tools()
-            except Exception as e:
-                log.warning("MCP server %s cannot list its tools: %s", spec.name, e)
-                return []
-            listed = self._tools[spec.name] = [
-                t.model_dump(by_alias=True, exclude_none=True) for t in result.tools
-            ]
+        if listed is not None:
+            return listed
+        if time.monotonic() < self._unlisted.get(spec.name, 0.0):
+            return []
+        listing = self._listing.get(spec.name)
+        if listing is None:
+            listing = self._listing[spec.name] = asyncio.ensure_future(self._list(spec, tenant))
+            listing.add_done_callback(lambda _: self._listing.pop(spec.name, None))
+        return await asyncio.shield(listing)  # a lister that goes does not end it for others
+
+    async def _list(self, spec: MCPServerSpec, tenant: str) -> list[dict[str, Any]]:
+        try:
+            inst = await self._instance(spec, tenant)
+            assert inst.client is not None
+            result = await inst.client.list_tools()
+        except Exception as e:
+            log.warning("MCP server %s cannot list its tools (tried again in %g s): %s",
+                        spec.name, UNLISTED_S, e)  # fmt: skip
+            self._unlisted[spec.name] = time.monotonic() + UNLISTED_S
+            return []
+        self._unlisted.pop(spec.name, None)
+        listed = self._tools[spec.name] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in result.tools
+        ]
         return listed
 
     def _allowed(self, spec: MCPServerSpec, tenant: str) -> bool:
         return spec.tenants is None or tenant in spec.tenants
 
     async def tools(self, tenant: str) -> list[Tool]:
-        """The tools of every server `tenant` may use."""
-        out = []
-        for spec in self.specs.values():
-            if self._allowed(spec, tenant):
-                made = (self._tool(spec, t) for t in await self._listed(spec, tenant))
-                out += [tool for tool in made if tool is not None]
-        return out
+        """The tools of every server `tenant` may use (the servers listed at once)."""
+        specs = [spec for spec in self.specs.values() if self._allowed(spec, tenant)]
+        lists = await asyncio.gather(*(self._listed(spec, tenant) for spec in specs))
+        made = (self._tool(spec, t) for spec, listed in zip(specs, lists, strict=True)
+                for t in listed)  # fmt: skip
+        return [tool for tool in made if tool is not None]
 
     def _server(self, name: str, tenant: str) -> tuple[MCPServerSpec, str] | None:
         server, sep, remote = name.partition(SEPARATOR)
@@ -785,6 +821,9 @@ class MCPServers:
         )
 
     async def close(self) -> None:
+        """Stops every instance; none is started from now on (a call in flight or retried
+        meanwhile fails as the node stopping)."""
+        self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
