@@ -22,7 +22,7 @@ import pytest
 
 from agentnode import _native
 from agentnode.egress import Egress, EgressPolicy
-from agentnode.egress.network import TASK_NETNS_PREFIX, VETH_PREFIX, NodeNetwork
+from agentnode.egress.network import RUN_NETNS, TASK_NETNS_PREFIX, VETH_PREFIX, NodeNetwork
 from agentnode.errors import EgressError, PolicyError
 from support.egress_world import HOST4, World, scratch_cgroup
 
@@ -192,6 +192,7 @@ try:
     task = uuid.uuid4().hex
     taken = TASK_NETNS_PREFIX + hashlib.sha256(task.encode()).hexdigest()[:8]
     subprocess.run(["ip", "netns", "add", taken], check=True)
+    subprocess.run(["ip", "-n", taken, "link", "add", "eth0", "type", "bridge"], check=True)
     try:
         node.add_task(task)
     except EgressError as e:
@@ -316,14 +317,58 @@ def test_a_task_network_is_made_as_the_ip_runs_made_it(world: World, node: NodeN
         node.remove_task(other)
 
 
+def test_task_netns_names_nothing_uses_are_swept_and_a_start_frees_its_own(
+    world: World, node: NodeNetwork
+) -> None:
+    """A task netns whose veth pair is gone (deleted by hand, or with a node netns that was
+    not the host's), and a name a crash left between making it and mounting the netns on it:
+    no veth leads to either, so the sweep finds them by name. A start of a task whose name is
+    such a leftover frees it. A name that leads to a live netns stays, and so does a fresh
+    unmounted one (another process may be naming it now)."""
+    links = link_names(world.task)
+    lost = node.add_task(uuid.uuid4().hex)
+    subprocess.run(["ip", "-n", world.task, "link", "del", lost.host_veth], check=True)
+    stale, fresh = (RUN_NETNS / f"{TASK_NETNS_PREFIX}{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for name in (stale, fresh):
+        name.touch(mode=0)
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    live = f"{TASK_NETNS_PREFIX}{uuid.uuid4().hex[:8]}"  # another node's task, say
+    subprocess.run(["ip", "netns", "add", live], check=True)
+    subprocess.run(["ip", "-n", live, "link", "add", "eth0", "type", "bridge"], check=True)
+    try:
+        assert {_native.TaskNetwork.netns_state(n) for n in (lost.netns, stale.name)} == {
+            "orphaned", "unmounted"}  # fmt: skip
+        assert _native.TaskNetwork.netns_state(live) == "live"
+        node.sweep()
+        assert not os.path.lexists(RUN_NETNS / lost.netns) and not stale.exists()
+        assert fresh.exists() and os.path.ismount(RUN_NETNS / live)
+        assert _native.TaskNetwork.netns_state(lost.netns) == "absent"
+        for leftover in ("orphaned", "unmounted"):
+            task_id = uuid.uuid4().hex
+            netns, _ = task_names(task_id)
+            if leftover == "orphaned":
+                subprocess.run(["ip", "netns", "add", netns], check=True)
+            else:
+                (RUN_NETNS / netns).touch(mode=0)  # just made: a start frees its own at once
+            net = node.add_task(task_id)
+            assert "eth0" in {link["ifname"] for link in ip_j(net.netns, "link", "show")}
+            node.remove_task(net)
+            assert_no_trace(world, task_id, links)
+    finally:
+        fresh.unlink(missing_ok=True)
+        subprocess.run(["ip", "netns", "del", live], check=True)
+    assert link_names(world.task) == links
+
+
 @pytest.mark.parametrize("clash", ["netns", "veth"])
 def test_a_name_that_exists_is_refused_and_kept(
     world: World, node: NodeNetwork, clash: str
 ) -> None:
     task_id = uuid.uuid4().hex
     netns, veth = task_names(task_id)
-    if clash == "netns":
+    if clash == "netns":  # a live one: an orphaned one would be freed (above)
         subprocess.run(["ip", "netns", "add", netns], check=True)
+        subprocess.run(["ip", "-n", netns, "link", "add", "eth0", "type", "bridge"], check=True)
     else:
         subprocess.run(["ip", "-n", world.task, "link", "add", veth, "type", "bridge"], check=True)
     links = link_names(world.task)

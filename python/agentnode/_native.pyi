@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable
 from os import PathLike
 from pathlib import Path
-from typing import Any, final
+from typing import Any, Literal, final
 
 from typing_extensions import Buffer
 
@@ -390,6 +390,11 @@ class TaskNetwork:
         veth pair with it, go in the kernel's batched namespace cleanup once nothing holds it."""
     def remove_task(self, *, veth: str, netns: str) -> tuple[bool, bool]:
         """Removes the netns name and the veth (idempotent); whether each was there."""
+    @staticmethod
+    def netns_state(netns: str) -> Literal["absent", "unmounted", "orphaned", "live"]:
+        """What the name `netns` under /run/netns holds: nothing, a file that is no netns (a
+        crash between naming and mounting left it), a netns without its task link `eth0` (its
+        veth pair is gone), or a netns with it."""
 
 @final
 class ExitRecorder:

@@ -49,6 +49,10 @@ VETH_PREFIX = "anv"
 #: of a batch of them takes tens of ms), and between two looks.
 REAP_S = 5.0
 _REAP_POLL_S = 0.01
+RUN_NETNS = Path("/run/netns")
+#: Seconds after which a task netns name that is a plain file is a crash's leftover: making a
+#: name and mounting the netns on it are microseconds apart.
+_UNMOUNTED_STALE_S = 10.0
 
 
 def process_identity(pid: int) -> str:
@@ -328,12 +332,17 @@ class NodeNetwork:
             try:
                 add()
             except EgressError:
-                if not self._removed():
+                if self._stale_name(netns, any_age=True):
+                    # This task's name, left by an earlier attempt's crash mid-start or
+                    # mid-removal: freed, not a start that fails at every retry.
+                    self._rtnl.release_task(netns=netns)
+                elif self._removed():
+                    # Removed from outside (`ip link del`, a network manager): made again,
+                    # with its address and rules, rather than every later task failing.
+                    log.warning("the node's bridge %s was removed; making it again", self.bridge)
+                    self.ensure()
+                else:
                     raise
-                # Removed from outside (`ip link del`, a network manager): made again, with
-                # its address and rules, rather than every later task failing to start.
-                log.warning("the node's bridge %s was removed; making it again", self.bridge)
-                self.ensure()
                 add()
         try:
             self._publish(address, publish)
@@ -431,7 +440,8 @@ class NodeNetwork:
         removed: list[str] = []
         dead: list[str] = []
         addresses: set[str] = set()
-        for name, alias_text, _ in self._links():
+        links = self._links()
+        for name, alias_text, _ in links:
             alias = (alias_text or "").split()
             if (
                 name.startswith(VETH_PREFIX)
@@ -459,7 +469,32 @@ class NodeNetwork:
             removed.append(veth)
             if unnamed:
                 netns_removed.append(netns)
+        # Task netns names no veth here leads to: those whose veth pair is gone, and names a
+        # crash left unmounted. (A live task's netns whose veth is in another node's netns,
+        # as in tests, still has its link: it stays.)
+        veths = {name for name, _, _ in links}
+        for path in sorted(RUN_NETNS.glob(TASK_NETNS_PREFIX + "*")):
+            if f"{VETH_PREFIX}{path.name.removeprefix(TASK_NETNS_PREFIX)}" in veths:
+                continue
+            try:
+                if self._stale_name(path.name) and self._rtnl.release_task(netns=path.name):
+                    netns_removed.append(path.name)
+            except EgressError as e:
+                log.warning("%s (the next sweep tries again)", e)
         return removed + sorted(netns_removed)
+
+    def _stale_name(self, netns: str, *, any_age: bool = False) -> bool:
+        """Whether the task netns name `netns` leads to nothing a task uses: a netns whose
+        veth pair is gone, or a file no netns was mounted on (older than
+        `_UNMOUNTED_STALE_S` unless `any_age`: another process may be naming it now)."""
+        state = self._rtnl.netns_state(netns)
+        if state != "unmounted":
+            return state == "orphaned"
+        try:
+            age = time.time() - (RUN_NETNS / netns).lstat().st_mtime
+        except OSError:
+            return False
+        return any_age or age > _UNMOUNTED_STALE_S
 
     def tasks(self) -> int:
         """How many task veths (of any owner) are on the bridge."""

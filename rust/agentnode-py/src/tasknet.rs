@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use agentnode_core::tasknet::{NodeSide, TaskSpec};
+use agentnode_core::tasknet::{netns_state, NetnsState, NodeSide, TaskSpec};
 use pyo3::prelude::*;
 
 use crate::errors::NativeError;
@@ -75,6 +75,22 @@ impl TaskNetwork {
         Ok(py
             .detach(|| self.inner.release_task(&netns))
             .map_err(NativeError::from)?)
+    }
+
+    /// What the name `netns` under /run/netns holds: "absent", "unmounted" (a file, no
+    /// namespace), "orphaned" (a namespace without its task link) or "live".
+    #[staticmethod]
+    #[pyo3(signature = (netns))]
+    fn netns_state(py: Python<'_>, netns: String) -> PyResult<&'static str> {
+        let state = py
+            .detach(|| netns_state(&netns))
+            .map_err(NativeError::from)?;
+        Ok(match state {
+            NetnsState::Absent => "absent",
+            NetnsState::Unmounted => "unmounted",
+            NetnsState::Orphaned => "orphaned",
+            NetnsState::Live => "live",
+        })
     }
 
     /// `(veth was there, netns was there)`.

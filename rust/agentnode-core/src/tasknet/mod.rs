@@ -86,6 +86,51 @@ pub struct TaskSpec {
 /// The name of the task side of every veth pair.
 pub const TASK_LINK: &str = "eth0";
 
+/// What a name under `/run/netns` holds, as [`netns_state`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetnsState {
+    /// No such name.
+    Absent,
+    /// A file that is no namespace: a crash between making the name and mounting the
+    /// namespace on it left it (or another process is naming one right now).
+    Unmounted,
+    /// A namespace without [`TASK_LINK`]: its veth pair is gone (deleted by hand, or with the
+    /// node's namespace when that was not the host's), so nothing of the node uses it.
+    Orphaned,
+    /// A namespace with its task link.
+    Live,
+}
+
+/// What the name `netns` under `/run/netns` holds. The name is made last, once the veth pair
+/// is up, and removed first: a named namespace without its task link is never one being made
+/// or removed.
+pub fn netns_state(netns: &str) -> Result<NetnsState> {
+    let file = match File::open(named::path(netns)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(NetnsState::Absent),
+        Err(e) => return Err(e).step(|| format!("opening the network namespace {netns}")),
+    };
+    on_own_thread(|| {
+        // SAFETY: moves only this thread, which ends right after.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(NetnsState::Unmounted);
+            }
+            return Err(e).step(|| format!("entering the network namespace {netns}"));
+        }
+        let mut rtnl = Rtnl::open().step(|| "opening an rtnetlink socket".into())?;
+        let link = rtnl
+            .index(TASK_LINK)
+            .step(|| format!("looking up {TASK_LINK} in {netns}"))?;
+        Ok(if link.is_some() {
+            NetnsState::Live
+        } else {
+            NetnsState::Orphaned
+        })
+    })
+}
+
 /// The node's side: rtnetlink sockets in the namespace the bridge is in, one per call at a
 /// time (a veth's removal waits tens of ms for the kernel; a task starting meanwhile must not
 /// wait for it), kept for the next calls.
