@@ -729,6 +729,38 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
+@pytest.mark.parametrize(
+    ("tool", "args", "cls"),
+    [
+        ("write_file", {"path": "d\u0000/f", "content": "x"}, "invalid_input"),
+        ("write_file", {"path": "new\u0000dir/sub/f", "content": "x"}, "invalid_input"),
+        ("write_file", {"path": "f\u0000", "content": "x"}, "invalid_input"),
+        ("read_file", {"path": "a\u0000b"}, "invalid_input"),
+        ("list_files", {"path": "sub\u0000"}, "invalid_input"),
+        ("read_file", {"path": "."}, "permanent"),
+        ("read_file", {"path": "sub"}, "permanent"),
+        ("write_file", {"path": "sub", "content": "x"}, "permanent"),
+        ("write_file", {"path": "sub/a.txt/x", "content": "x"}, "permanent"),
+        ("read_file", {"path": "fifo"}, "permanent"),
+        ("write_file", {"path": "fifo", "content": "x"}, "permanent"),
+    ],
+)
+def test_file_tools_refusals_hold_no_descriptor(
+    workspace: Path, tool: str, args: dict[str, Any], cls: str
+) -> None:
+    """Each refusal (a NUL in a path, a directory or a FIFO where a file is meant) is one line
+    of its class, and leaves the node no descriptor more: one leaked per call let a task use up
+    the daemon's, and no task could start."""
+    os.mkfifo(workspace / "fifo")
+    svc = service(*file_tools())
+    me = Caller(task="t1", tenant="a", workspace=workspace, user="1234:4321")
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        r = call(svc, tool, args, me)
+        assert meta(r)["class"] == cls and "\n" not in r["content"][0]["text"], r
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_file_tools_read_write_and_list_inside_the_workspace(workspace: Path) -> None:
     svc = service(*file_tools(output=4))
     me = Caller(task="t1", tenant="a", workspace=workspace, user="1234:4321")

@@ -72,13 +72,17 @@ _MAX_ENTRIES = 10_000
 
 
 def _relative(path: str) -> str:
-    """A task names files as it sees them: /workspace/x or x."""
+    """A task names files as it sees them: /workspace/x or x. `ValueError`: a NUL in it."""
+    if "\0" in path:
+        raise ValueError("a path with a NUL byte")
     if path == "/workspace" or path.startswith("/workspace/"):
         path = path[len("/workspace") :]
     return path.lstrip("/") or "."
 
 
-def _refusal(path: str, e: OSError) -> Outcome:
+def _refusal(path: str, e: OSError | ValueError) -> Outcome:
+    if isinstance(e, ValueError):
+        return Outcome.error("invalid_input", f"/path: {path!r}: {e}", path="/path")
     if e.errno in (errno.EXDEV, errno.ELOOP):
         return Outcome.error("policy", f"{path}: leads out of the workspace (or through a symlink)")
     if e.errno == errno.ENOENT:
@@ -103,14 +107,15 @@ class _Files:
         limit = min(args.get("max_bytes", self.output), self.output)
         try:
             fd = open_beneath(root, _relative(args["path"]), os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             return _refusal(args["path"], e)
         finally:
             os.close(root)
+        refused = _not_plain(fd, args["path"])  # before fdopen, which refuses a directory
+        if refused is not None:
+            os.close(fd)
+            return refused
         with os.fdopen(fd, "rb") as f:
-            refused = _not_plain(fd, args["path"])
-            if refused is not None:
-                return refused
             data = f.read(limit + 1)
         truncated = len(data) > limit
         data = data[:limit]
@@ -120,7 +125,11 @@ class _Files:
         root = self._root(caller)
         if isinstance(root, Outcome):
             return root
-        path = _relative(args["path"])
+        try:
+            path = _relative(args["path"])
+        except ValueError as e:
+            os.close(root)
+            return _refusal(args["path"], e)
         parent, _, name = path.rpartition("/")
         if name in ("", ".", ".."):
             os.close(root)
@@ -134,12 +143,13 @@ class _Files:
                 # No O_TRUNC: nothing is changed before the file is known to be plain.
                 flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.get("append") else 0)
                 fd = open_beneath(dirfd, name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 return _refusal(args["path"], e)
+            refused = _not_plain(fd, args["path"])
+            if refused is not None:
+                os.close(fd)
+                return refused
             with os.fdopen(fd, "wb") as f:
-                refused = _not_plain(fd, args["path"])
-                if refused is not None:
-                    return refused
                 if not args.get("append"):
                     os.ftruncate(fd, 0)
                 os.fchown(fd, uid, gid)
@@ -163,10 +173,10 @@ class _Files:
                     os.mkdir(part, 0o755, dir_fd=fd)
                     nxt = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY)
                     os.fchown(nxt, uid, gid)
-                except OSError:
+                except BaseException:
                     os.close(fd)
                     raise
-            except OSError:
+            except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
@@ -180,7 +190,7 @@ class _Files:
         path = args.get("path", ".")
         try:
             fd = open_beneath(root, _relative(path), os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             return _refusal(path, e)
         finally:
             os.close(root)
