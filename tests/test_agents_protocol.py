@@ -182,6 +182,24 @@ async def _scenario(socket: Path, data: Path, plain: str) -> dict[str, Any]:
         status, err = await acme.call("POST", f"/agent/tasks/{tid}/artifacts", data=form)
         assert status == 422, err
         assert list(outside.iterdir()) == []
+        # A FIFO the task made where an upload goes is refused at once (opening it would block
+        # a thread of the node's for good); a file with other hard links is neither written
+        # nor read.
+        os.mkfifo(workspace / "pipe")
+        (workspace / "hard").write_bytes(b"mine")
+        os.link(workspace / "hard", workspace / "hard2")
+        for name in ("pipe", "hard"):
+            form = aiohttp.FormData()
+            form.add_field("file", b"planted", filename=name)
+            status, err = await asyncio.wait_for(
+                acme.call("POST", f"/agent/tasks/{tid}/artifacts", data=form), 10
+            )
+            assert status == 422 and "not a regular file" in err["message"], (name, err)
+        assert (workspace / "hard").read_bytes() == b"mine"
+        status, arts = await acme.call("GET", f"/agent/tasks/{tid}/artifacts?page_size=100")
+        (hard,) = [a for a in arts["artifacts"] if a["file_name"] == "hard"]
+        status, err = await acme.call("GET", f"/agent/tasks/{tid}/artifacts/{hard['artifact_id']}")
+        assert status == 404, err
 
         # Unknown ids, and this task through another tenant: 404 alike, on every route.
         for client, task_id in ((acme, "t-nope"), (acme, plain), (default, tid), (other, tid)):

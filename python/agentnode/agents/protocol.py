@@ -34,6 +34,7 @@ another's id answers 404 as an unknown one does. Errors are the AP's `{"message"
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import math
@@ -493,7 +494,9 @@ async def _list_artifacts(request: web.Request, node: Node, tenant: str) -> web.
 def _open_under(root: Path, relative: str, flags: int) -> int:
     """An fd for `relative` under `root` opened one component at a time with O_NOFOLLOW, so
     neither a `..` nor a symlink the task swapped in can lead outside; O_CREAT makes missing
-    directories (owned like `root`) and the file."""
+    directories (owned like `root`) and the file. Only a regular file with one link is opened
+    (a FIFO the task made there would block the opening thread for good; a hard link could
+    lead to a file of the host), and O_TRUNC applies once it is known to be one."""
     parts = relative.split("/")
     if not relative or "\0" in relative or any(p in ("", ".", "..") for p in parts):
         raise _Refused(422, f"relative_path: {relative!r} is not a relative path in the workspace")
@@ -514,12 +517,25 @@ def _open_under(root: Path, relative: str, flags: int) -> int:
             next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = next_fd
-        out = os.open(parts[-1], flags | os.O_NOFOLLOW, 0o644, dir_fd=fd)
-        if create:
-            os.fchown(out, owner.st_uid, owner.st_gid)
+        opening = (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_NONBLOCK
+        out = os.open(parts[-1], opening, 0o644, dir_fd=fd)
+        try:
+            st = os.fstat(out)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise _Refused(404 if not create else 422, f"{relative}: not a regular file")
+            os.set_blocking(out, True)
+            if flags & os.O_TRUNC:
+                os.ftruncate(out, 0)
+            if create:
+                os.fchown(out, owner.st_uid, owner.st_gid)
+        except BaseException:
+            os.close(out)
+            raise
         return out
     except OSError as e:
-        raise _Refused(404 if not create else 422, f"{relative}: {e.strerror}") from None
+        # ENXIO: a FIFO with no reader, opened to write without blocking.
+        why = "not a regular file" if e.errno == errno.ENXIO else e.strerror
+        raise _Refused(404 if not create else 422, f"{relative}: {why}") from None
     finally:
         os.close(fd)
 
