@@ -14,6 +14,7 @@ import pytest
 
 from agentnode.errors import (
     AuthError,
+    CollectionExistsError,
     ConfigError,
     MemoryKeyError,
     NotFoundError,
@@ -507,6 +508,14 @@ def test_vector_writes_of_a_task_token(tmp_path) -> None:  # type: ignore[no-unt
         assert t1.get_vector("shared", 1)["vector"] == [1.0, 0.0]
         t2.upsert("shared", [{"key": 2, "vector": [0, 1]}])
         t2.delete_vector("shared", 2)
+        # A collection holds every task's records: no task's token deletes it, its maker's
+        # neither (nor makes it anew otherwise).
+        for t in (t1, t2):
+            with pytest.raises(AuthError, match=r"limited to task 't\d': it cannot delete"):
+                t.drop_collection("shared")
+        with pytest.raises(CollectionExistsError, match="exists with dims=2"):
+            t2.create_collection("shared", dims=3)
+        assert t2.get_vector("shared", 1)["task"] == "t1"
         t1.delete_vector("shared", 1)
 
 

@@ -19,7 +19,8 @@ Tenancy: the tenant comes from the credential. A tenant's `docs` is the store's
 `<digest of tenant>.docs`, so no name a client sends reaches another tenant's collection; every
 record is labelled with the caller's tenant and every search filtered on it. A task-pinned
 credential (the daemon's task tokens) reads and searches its whole tenant, but labels what it
-writes with its own task and may not overwrite or delete another task's record.
+writes with its own task and may not overwrite or delete another task's record, nor delete a
+collection (which holds every task's).
 """
 
 from __future__ import annotations
@@ -205,6 +206,14 @@ async def _create(request: web.Request) -> web.Response:
 
 
 async def _drop(request: web.Request) -> web.Response:
+    p = principal(request)
+    if p.task is not None:
+        name = request.match_info["collection"]
+        raise AuthError(
+            f"this credential is limited to task {p.task!r}: it cannot delete collection "
+            f"{name!r}, which holds its tenant's records of every task (delete the task's own "
+            "records, or use a tenant key)"
+        )
     _, coll = await _open(request)
     await asyncio.to_thread(request.app[STORE].drop_collection, coll.name)
     return web.Response(status=204)
