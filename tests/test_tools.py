@@ -245,9 +245,61 @@ def test_a_transient_failure_is_retried_under_a_key_and_the_key_never_runs_twice
     # The same key with other arguments is refused, and runs nothing.
     other = call(svc, "flaky", {"x": 1}, A, idempotency_key="k")
     assert meta(other)["class"] == "invalid_input" and flaky.runs == 3
-    # Keys are per tenant: another tenant's "k" is its own call.
-    call(svc, "flaky", {}, Caller(task="t9", tenant="b"), idempotency_key="k")
-    assert flaky.runs == 4
+    # Keys are per task: another tenant's "k", and another task's of this tenant, are their
+    # own calls (a result made in one task's workspace is not another's), and neither is told
+    # that this one used the key; a caller without a task keys per tenant.
+    for other_caller in (Caller(task="t9", tenant="b"), Caller(task="t2", tenant="a")):
+        runs = flaky.runs
+        call(svc, "flaky", {}, other_caller, idempotency_key="k")
+        assert flaky.runs == runs + 1
+        again = call(svc, "flaky", {"x": 1}, other_caller, idempotency_key="k")
+        assert "first used with other arguments" in again["content"][0]["text"]
+    runs = flaky.runs
+    for _ in range(2):
+        call(svc, "flaky", {}, Caller(task="", tenant="a"), idempotency_key="k")
+    assert flaky.runs == runs + 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 257, "a\0b", 7, ["k"], {"k": 1}, True])
+def test_a_bad_idempotency_key_is_refused_at_every_door(key: Any) -> None:
+    """An empty, overlong (each key is kept with its result) or non-string key is
+    `invalid_input` in one line, and nothing runs; over the HTTP tool API a 400."""
+    flaky = Flaky(0)
+    records: list[dict[str, Any]] = []
+    r = call(service(flaky.tool(), records=records), "flaky", {}, A, idempotency_key=key)
+    assert meta(r)["class"] == "invalid_input" and flaky.runs == 0
+    assert r["content"][0]["text"].startswith("idempotency key: must be a string of 1 to 256")
+    assert [rec["class"] for rec in records] == ["invalid_input"]
+
+
+@pytest.mark.parametrize("number", [float("inf"), float("-inf"), float("nan")])
+def test_arguments_no_audit_record_could_hold_are_refused_and_recorded(number: float) -> None:
+    """A number JSON has no form for (a JSON reader may give one for 1e309): refused as
+    `invalid_input` before anything runs (run_code's timeout took an infinity, and ran
+    unbounded), and recorded, without the arguments."""
+    flaky = Flaky(0)
+    records: list[dict[str, Any]] = []
+    svc = service(flaky.tool(), records=records)
+    r = call(svc, "flaky", {"timeout": number}, A)
+    assert meta(r)["class"] == "invalid_input" and flaky.runs == 0
+    assert "NaN or an infinity" in r["content"][0]["text"]
+    assert records[-1]["args"] == "[arguments not recordable as JSON]"
+    json.dumps(records[-1], allow_nan=False)
+
+
+def test_a_record_its_log_refuses_is_written_without_its_arguments() -> None:
+    """Arguments the audit log cannot encode (its encoder raises) cost the record its
+    arguments, never the record."""
+    written: list[dict[str, Any]] = []
+
+    def strict(record: dict[str, Any]) -> None:
+        if record["args"] != "[arguments not recordable as JSON]":
+            raise ValueError("not encodable")
+        written.append(record)
+
+    svc = ToolService(Registry([ECHO]), on_record=strict)
+    r = call(svc, "echo", {"n": 1}, A)
+    assert meta(r)["class"] == "ok" and [w["tool"] for w in written] == ["echo"]
 
 
 def test_without_a_key_only_an_idempotent_tool_is_retried() -> None:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from agentnode.http_common import BodyTooLarge, json_body
 from agentnode.tools.registry import Caller
-from agentnode.tools.service import ToolService
+from agentnode.tools.service import ToolService, key_problem
 
 __all__ = ["add_tool_routes"]
 
@@ -55,8 +55,8 @@ def add_tool_routes(app: web.Application, service: ToolService, caller_of: Calle
         if not isinstance(body.get("arguments", {}), dict):
             return _bad("must be a JSON object", "arguments")
         key = body.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 256):
-            return _bad("must be a string of 1 to 256 characters", "idempotency_key")
+        if key is not None and (problem := key_problem(key)):
+            return _bad(problem, "idempotency_key")
         caller = await resolve(request, body)
         result = await service.call(
             request.match_info["name"], body.get("arguments", {}), caller, idempotency_key=key

@@ -144,7 +144,7 @@ async def call_result(
         params.name,
         params.arguments or {},
         caller,
-        idempotency_key=key if isinstance(key, str) else None,
+        idempotency_key=key,  # checked by the service: a bad one is refused, not dropped
     )
     return {**_COMPLETE, **result}
 

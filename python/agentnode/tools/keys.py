@@ -22,7 +22,8 @@ from agentnode.storage.rocks import Batch, Rocks
 
 __all__ = ["KeyStore", "Slot"]
 
-#: (tenant, tool, key): a key is one caller's own, per tool.
+#: (owner, tool, key): a key is one caller's own, per tool; its owner is a task's
+#: `TENANT/TASK`, or a tenant's name for a caller without a task.
 Slot = tuple[str, str, str]
 
 _KEY = b"k"  # k + slot -> msgpack [digest, time, result or None]

@@ -14,12 +14,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from agentnode.errors import StoreWriteError
+from agentnode.errors import AuditError, StoreWriteError
 from agentnode.tools.keys import KeyStore
 from agentnode.tools.registry import Caller, Registry, Tool, redact
 from agentnode.tools.result import RETRYABLE, Outcome
 
-__all__ = ["RUNNING_PER_CALLER", "ToolService", "ToolSource", "jsonl_recorder"]
+__all__ = [
+    "MAX_KEY",
+    "RUNNING_PER_CALLER",
+    "ToolService",
+    "ToolSource",
+    "jsonl_recorder",
+    "key_problem",
+]
 
 #: Tool calls one task (a caller without a task: its tenant) runs at once; more wait their
 #: turn, so one task's flood of slow calls holds its own calls back, not other tasks'.
@@ -28,6 +35,9 @@ RUNNING_PER_CALLER = 8
 log = logging.getLogger("agentnode.tools")
 
 Record = Callable[[dict[str, Any]], object]
+
+#: What an audit record holds for arguments it cannot hold.
+_UNRECORDABLE = "[arguments not recordable as JSON]"
 
 
 class ToolSource(Protocol):
@@ -54,9 +64,22 @@ def jsonl_recorder(path: Path) -> Record:
 
 
 def _args_sha256(args: Any) -> str:
+    """The digest of a call's arguments. `ValueError`: they hold a number JSON has no form
+    for (NaN, an infinity), which no audit record could hold either."""
     return hashlib.sha256(
-        json.dumps(args, sort_keys=True, separators=(",", ":")).encode()
+        json.dumps(args, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     ).hexdigest()
+
+
+#: The longest idempotency key, in characters (a key is kept with its result).
+MAX_KEY = 256
+
+
+def key_problem(key: object) -> str | None:
+    """What is wrong with an idempotency key as a caller sent it (None: nothing)."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY or "\0" in key:
+        return f"must be a string of 1 to {MAX_KEY} characters without NUL"
+    return None
 
 
 def _other_arguments(key: str) -> Outcome:
@@ -91,7 +114,7 @@ class ToolService:
         self._keys_kept = keys_kept
         #: The turns of each caller (tenant, task) with calls under way or waiting, and how
         #: many those are (its entry goes with its last).
-        self._turns: dict[tuple[str, str | None], tuple[asyncio.Semaphore, int]] = {}
+        self._turns: dict[tuple[str, str], tuple[asyncio.Semaphore, int]] = {}
 
     async def tools(self, tenant: str) -> list[Tool]:
         """The tools `tenant` may use."""
@@ -123,15 +146,29 @@ class ToolService:
         return tool
 
     async def call(
-        self, name: str, args: Any, caller: Caller, *, idempotency_key: str | None = None
+        self, name: str, args: Any, caller: Caller, *, idempotency_key: object = None
     ) -> dict[str, Any]:
-        """Runs tool `name` for `caller`; never raises for a bad name or input (those come
-        back as `invalid_input`)."""
+        """Runs tool `name` for `caller`; never raises for a bad name, input or key (those
+        come back as `invalid_input`). A key is the caller's own: its task's (a caller without
+        a task: its tenant's), per tool."""
         tool = await self._lookup(name, caller.tenant) if isinstance(name, str) else None
-        digest = _args_sha256(args)
+        try:
+            digest = _args_sha256(args)
+        except ValueError:
+            outcome = Outcome.error("invalid_input", "arguments: a number JSON has no form for "
+                                    "(NaN or an infinity)")  # fmt: skip
+            return self._finish(tool, name, _UNRECORDABLE, caller, "", time.monotonic(),
+                                outcome, attempts=0)  # fmt: skip
+        if idempotency_key is not None and (problem := key_problem(idempotency_key)):
+            outcome = Outcome.error("invalid_input", f"idempotency key: {problem}")
+            return self._finish(
+                tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0
+            )
         if idempotency_key is None or tool is None:
             return await self._call(tool, name, args, caller, digest, keyed=False)
-        slot = (caller.tenant, name, idempotency_key)
+        assert isinstance(idempotency_key, str)
+        owner = f"{caller.tenant}/{caller.task}" if caller.task else caller.tenant
+        slot = (owner, name, idempotency_key)
         held = self._keys.get(slot)
         if held is not None:
             first_digest, future = held
@@ -281,7 +318,12 @@ class ToolService:
             **({"denials": denied} if denied else {}),
         }
         try:
-            self._on_record(record)
+            try:
+                self._on_record(record)
+            except (AuditError, ValueError):
+                # Arguments a record cannot hold (the log's encoder refused them): the call is
+                # recorded all the same, without them.
+                self._on_record({**record, "args": _UNRECORDABLE})
         except Exception:
             log.exception("tool audit record could not be written")
         return result
