@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import select
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -249,6 +250,10 @@ class CodeRunner:
         #: never reused, never shared between tasks. Stopped when idle, with their task, or
         #: with the runner.
         self._spares: _Spares = {}
+        #: The sandboxes of fresh calls under way, by calling task (added on a start thread):
+        #: a task's end kills them, never code running on for a task that ended.
+        self._running: dict[str, set[isolation.Task]] = {}
+        self._running_lock = threading.Lock()
         self._forks = PythonForks() if forks else None
         weakref.finalize(self, _discard_all, self._spares)
         if self._forks is not None:
@@ -302,24 +307,49 @@ class CodeRunner:
         reach = self.reach(caller)
         if language == "python":
             started = await self._take_spare(caller, reach)
+            self._track(caller.task, started.task)
             try:
                 run = await finish_off_loop(started, stdin=args["code"].encode(), limits=limits)
             finally:
+                self._untrack(caller.task, started.task)
                 # Made after the call, not during it: on a busy host the two would share the
                 # CPU, and the next call has the time between calls to find it ready.
                 self._make_spares(caller, reach)
             return self._fresh_outcome(run)
-        run = await run_sandboxed(
-            ["bash", "-c", args["code"]],
-            limits=limits,
-            network=reach[0],
-            egress=reach[1],
-            node_network=self._network,
-            workspace=caller.workspace,
-            user=caller.user,
-            userns=caller.userns,
-        )
+        held: list[isolation.Task] = []
+
+        def track(sandbox: isolation.Task) -> None:
+            held.append(sandbox)
+            self._track(caller.task, sandbox)
+
+        try:
+            run = await run_sandboxed(
+                ["bash", "-c", args["code"]],
+                limits=limits,
+                network=reach[0],
+                egress=reach[1],
+                node_network=self._network,
+                workspace=caller.workspace,
+                user=caller.user,
+                userns=caller.userns,
+                on_start=track,
+            )
+        finally:
+            for sandbox in held:
+                self._untrack(caller.task, sandbox)
         return self._fresh_outcome(run)
+
+    def _track(self, task: str, sandbox: isolation.Task) -> None:
+        with self._running_lock:
+            self._running.setdefault(task, set()).add(sandbox)
+
+    def _untrack(self, task: str, sandbox: isolation.Task) -> None:
+        with self._running_lock:
+            running = self._running.get(task)
+            if running is not None:
+                running.discard(sandbox)
+                if not running:
+                    del self._running[task]
 
     def _start_python(self, caller: Caller, reach: _Reach) -> Started:
         """A python sandbox for `caller`, returned once its interpreter waits for the code:
@@ -524,8 +554,12 @@ class CodeRunner:
         return out
 
     def end_task(self, task: str) -> None:
-        """Kills the sessions and spare sandboxes of `task` (the node calls it when the task
-        ends)."""
+        """Kills the sessions, spare sandboxes and calls under way of `task` (the node calls
+        it when the task ends; such a call answers as killed)."""
+        with self._running_lock:
+            running = self._running.pop(task, set())
+        for sandbox in running:
+            sandbox.send_kill()
         for key in [k for k in self._sessions if k.task == task]:
             self._sessions.pop(key).task.close()
             self._starting.pop(key, None)

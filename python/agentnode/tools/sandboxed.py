@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,9 +267,11 @@ async def run_sandboxed(
     user: str = "65534",
     userns: bool = False,
     mounts: Sequence[Mount] = (),
+    on_start: Callable[[isolation.Task], None] | None = None,
 ) -> Run:
     """Runs `argv` in a fresh sandbox with `limits` and waits for it off the event loop.
-    Without `workspace` it gets an empty scratch directory, removed afterwards."""
+    Without `workspace` it gets an empty scratch directory, removed afterwards. `on_start`
+    is given the sandbox once it runs (on a start thread)."""
 
     def start() -> Future[Run]:
         started = start_sandboxed(
@@ -284,6 +286,8 @@ async def run_sandboxed(
             userns=userns,
             mounts=mounts,
         )
+        if on_start is not None:
+            on_start(started.task)
         return WAITERS.submit(finish_sandboxed, started, stdin=stdin, limits=limits)
 
     # Shielded: a sandbox started for a caller that went meanwhile still runs to its end and
