@@ -214,7 +214,7 @@ MEMORY_SCRIPT = [
     {"tool_calls": [{"name": "remember", "arguments": {"text": OTHER}},
                     {"name": "recall", "arguments": {"query": "Secret"}},
                     {"name": "recall", "arguments": {"query": "launch code"}}]},
-    "Nothing about a launch.",
+    "Nothing about a launch.\x1b]0;owned\x07\x1b[2K",  # terminal control: shown, not obeyed
     {"tool_calls": [{"name": "recall", "arguments": {"query": "launch secret tenant"}},
                     {"name": "recall", "arguments": {"query": "LAUNCH", "limit": 0}},
                     {"name": "recall", "arguments": {}},
@@ -244,7 +244,8 @@ def test_runtime_remembers_across_tasks_of_a_tenant_only(world: World, tmp_path:
 
         other = _agent(d, "--tools", "remember,recall", "any launch code?", tenant="other")
         out, err = other.communicate(timeout=120)
-        assert other.returncode == 0 and out.splitlines()[-1] == "Nothing about a launch.", err
+        assert other.returncode == 0, err
+        assert out.splitlines()[-1] == "Nothing about a launch.\\x1b]0;owned\\x07\\x1b[2K", out
         assert mock.requests[3]["tool_results"] == [
             f"remembered: {OTHER}", f"- {OTHER}", "nothing remembered about launch code"]  # fmt: skip
 

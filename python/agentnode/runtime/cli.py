@@ -17,6 +17,7 @@ from agentnode.isolation.spec import Sandbox
 from agentnode.node import commands
 from agentnode.node.client import NodeClient
 from agentnode.tasks.model import CLASSES
+from agentnode.terminal import visible
 
 if TYPE_CHECKING:
     from agentnode.cli import ArgumentParser
@@ -96,7 +97,7 @@ def _agent(args: argparse.Namespace) -> int:
         print(json.dumps(outcome), flush=True)
     else:
         print(f"agentnode: {calls} model calls, ${cost}", flush=True)
-        print(last, flush=True)
+        print(visible(last), flush=True)  # the model's words: no terminal control in them
     return status
 
 
