@@ -363,6 +363,10 @@ def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(
             out["binary"] = await raw.message("\udcff\x00\x01")
             out["deep"] = await raw.message("[" * 1500 + "]" * 1500)
             out["deep object"] = await raw.message('{"id": 3, "a": ' * 150 + "1" + "}" * 150)
+            for odd in ("1.5", "null", "true", "[1]"):  # the SDK read these as notifications
+                out[f"id {odd}"] = await raw.message(
+                    f'{{"jsonrpc": "2.0", "id": {odd}, "method": "tools/list"}}'
+                )
             out["after"] = await raw.message(call_line(9, "echo", {"say": "still"}))
             # Another connection was never disturbed.
             async with Tools.mcp_client(socket=str(node.socket.path), token="tb") as b:
@@ -385,6 +389,9 @@ def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(
                             ("deep object", 3)):  # fmt: skip
         assert out[key]["id"] == request_id and out[key]["error"]["code"] == -32600, out[key]
         assert out[key]["error"]["message"].startswith("not a JSON-RPC message: ")
+    for odd in ("1.5", "null", "true", "[1]"):
+        assert out[f"id {odd}"] == {"jsonrpc": "2.0", "id": None, "error": {
+            "code": -32600, "message": "a request's id is a string or an integer"}}  # fmt: skip
     assert out["after"]["id"] == 9
     assert out["after"]["result"]["content"] == [{"type": "text", "text": "t1/a: still"}]
     assert out["other"].content[0].text == "t2/b: other"

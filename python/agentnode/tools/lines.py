@@ -234,6 +234,18 @@ def _malformed(line: str, error: ValidationError) -> types.JSONRPCError:
     )
 
 
+def _has_id(line: str) -> bool:
+    """Whether a line the SDK parsed as a notification names an id (notifications are few: the
+    line is read again only for them, and only when it holds `"id"`)."""
+    if '"id"' not in line:
+        return False
+    try:
+        raw = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(raw, dict) and "id" in raw
+
+
 async def write_message(out: FdWriter, message: types.JSONRPCMessage) -> None:
     """Writes one message as a line, dumped by the SDK's types as its stdio transport does."""
     await out.write(message.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
@@ -294,6 +306,14 @@ async def _line_streams(
                             await answers.send(got)
                         else:
                             await read_writer.send(got)
+                        continue
+                    if isinstance(message, types.JSONRPCNotification) and _has_id(line):
+                        # A request whose id is no string or integer (1.5, null, true): the
+                        # SDK's parser takes it for a notification, which is never answered.
+                        error = types.ErrorData(code=types.INVALID_REQUEST,
+                                                message="a request's id is a string or an integer")  # fmt: skip
+                        await answers.send(SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None,
+                                                                             error=error)))  # fmt: skip
                         continue
                     if route is not None and route(message):
                         continue
