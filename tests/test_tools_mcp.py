@@ -595,7 +595,7 @@ def test_idempotency_keys_outlive_a_node_restart(tmp_path: Path) -> None:
         'user = "0"\n'
     )
     d = Daemon(tmp_path, config)
-    runs = d.data / "mcp" / "t-a" / "runs"
+    runs = d.data / "mcp" / "t" / "a" / "runs"
     flaky = {"fails": 0, "marker": "runs"}
 
     def call(name: str, args: dict[str, Any], key: str) -> dict[str, Any]:
