@@ -250,8 +250,9 @@ class CodeRunner:
         #: never reused, never shared between tasks. Stopped when idle, with their task, or
         #: with the runner.
         self._spares: _Spares = {}
-        #: The sandboxes of fresh calls under way, by calling task (added on a start thread):
-        #: a task's end kills them, never code running on for a task that ended.
+        #: The sandboxes of fresh calls, by calling task (added on a start thread; the ended
+        #: ones go at the task's next call or its end): a task's end kills those under way,
+        #: never code running on for a task that ended.
         self._running: dict[str, set[isolation.Task]] = {}
         self._running_lock = threading.Lock()
         self._forks = PythonForks() if forks else None
@@ -311,45 +312,30 @@ class CodeRunner:
             try:
                 run = await finish_off_loop(started, stdin=args["code"].encode(), limits=limits)
             finally:
-                self._untrack(caller.task, started.task)
                 # Made after the call, not during it: on a busy host the two would share the
                 # CPU, and the next call has the time between calls to find it ready.
                 self._make_spares(caller, reach)
             return self._fresh_outcome(run)
-        held: list[isolation.Task] = []
-
-        def track(sandbox: isolation.Task) -> None:
-            held.append(sandbox)
-            self._track(caller.task, sandbox)
-
-        try:
-            run = await run_sandboxed(
-                ["bash", "-c", args["code"]],
-                limits=limits,
-                network=reach[0],
-                egress=reach[1],
-                node_network=self._network,
-                workspace=caller.workspace,
-                user=caller.user,
-                userns=caller.userns,
-                on_start=track,
-            )
-        finally:
-            for sandbox in held:
-                self._untrack(caller.task, sandbox)
+        run = await run_sandboxed(
+            ["bash", "-c", args["code"]],
+            limits=limits,
+            network=reach[0],
+            egress=reach[1],
+            node_network=self._network,
+            workspace=caller.workspace,
+            user=caller.user,
+            userns=caller.userns,
+            on_start=lambda sandbox: self._track(caller.task, sandbox),
+        )
         return self._fresh_outcome(run)
 
     def _track(self, task: str, sandbox: isolation.Task) -> None:
+        """Notes a fresh call's sandbox for `task`'s end; forgets the task's ended ones (a
+        call's run goes on after a caller that went, so its end is what counts)."""
         with self._running_lock:
-            self._running.setdefault(task, set()).add(sandbox)
-
-    def _untrack(self, task: str, sandbox: isolation.Task) -> None:
-        with self._running_lock:
-            running = self._running.get(task)
-            if running is not None:
-                running.discard(sandbox)
-                if not running:
-                    del self._running[task]
+            running = self._running.setdefault(task, set())
+            running.difference_update([t for t in running if t.result is not None])
+            running.add(sandbox)
 
     def _start_python(self, caller: Caller, reach: _Reach) -> Started:
         """A python sandbox for `caller`, returned once its interpreter waits for the code:
