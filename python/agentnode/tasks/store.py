@@ -592,7 +592,7 @@ class TaskStore:
             os.close(fd)
 
     def _inbox_error(self, task_id: str, e: OSError) -> TaskError:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(e):
             return DiskFullError(
                 f"the disk holding {self.inboxes} is full: the input to task {task_id} was not "
                 "delivered (free space and send it again)"

@@ -122,18 +122,16 @@ class _Files:
         return Outcome.text(data.decode(errors="replace"), bytes_out=len(data), truncated=truncated)
 
     async def write(self, args: dict[str, Any], caller: Caller) -> Outcome:
-        root = self._root(caller)
-        if isinstance(root, Outcome):
-            return root
         try:
             path = _relative(args["path"])
         except ValueError as e:
-            os.close(root)
             return _refusal(args["path"], e)
         parent, _, name = path.rpartition("/")
         if name in ("", ".", ".."):
-            os.close(root)
             return Outcome.error("invalid_input", f"/path: {args['path']!r} names no file")
+        root = self._root(caller)
+        if isinstance(root, Outcome):
+            return root
         uid, gid = _owner(caller)
         with ExitStack() as stack:
             stack.callback(os.close, root)
@@ -163,24 +161,23 @@ class _Files:
         if not make or not parent:
             return open_beneath(root, parent, os.O_RDONLY | os.O_DIRECTORY)
         fd = os.dup(root)
-        for part in parent.split("/"):
-            if part in ("", "."):
-                continue
-            try:
-                nxt = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY)
-            except FileNotFoundError:
+        try:
+            for part in parent.split("/"):
+                if part in ("", "."):
+                    continue
+                made = False
                 try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
                     nxt = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY)
-                    os.fchown(nxt, uid, gid)
-                except BaseException:
-                    os.close(fd)
-                    raise
-            except BaseException:
+                except FileNotFoundError:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nxt, made = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY), True
                 os.close(fd)
-                raise
+                fd = nxt
+                if made:
+                    os.fchown(fd, uid, gid)
+        except BaseException:  # a NUL in a name is a ValueError: no descriptor kept either way
             os.close(fd)
-            fd = nxt
+            raise
         return fd
 
     async def list(self, args: dict[str, Any], caller: Caller) -> Outcome:
