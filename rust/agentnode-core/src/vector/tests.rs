@@ -360,6 +360,10 @@ fn i8_f32_ranks_by_exact_distance() {
     // Rows of any length: the collection normalises them.
     let data: Vec<f32> = vectors(n, dims, 3).iter().map(|x| x * 7.0 - 3.0).collect();
     let c = filled(rescored(dims), &data);
+    // A walk this wide holds the exact nearest among its candidates whatever graph two
+    // threads built (at usearch's default some builds miss 1 in 12), so what is tested is the
+    // re-ranking, not the graph.
+    c.set_expansion_search(300).unwrap();
     assert!(
         c.memory_usage() > n * dims * 4,
         "the exact copies are counted"
@@ -377,7 +381,7 @@ fn i8_f32_ranks_by_exact_distance() {
         first +=
             usize::from(hits[0].key == brute(Metric::Cos, &data, dims, &query, 1, |_| true)[0]);
     }
-    assert!(first >= 48, "exact nearest first in {first} of 50");
+    assert!(first >= 49, "exact nearest first in {first} of 50");
 
     // An upsert replaces the exact copy too; a delete drops it.
     let far: Vec<f32> = (0..dims).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
