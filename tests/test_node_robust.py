@@ -255,7 +255,8 @@ def _proxy_probes(d: Daemon, world: Any, url: str) -> None:
     print_token = ["sh", "-c", "echo $AGENTNODE_TOKEN; exec sleep 60"]
     a = d.submit(print_token, tenant="acme", network="egress")
     b = d.submit(print_token, tenant="globex", network="egress")
-    ta, tb = _token(d, a["id"]), _token(d, b["id"])
+    c = d.submit(print_token, tenant="acme", network="egress")
+    ta, tb, tc = _token(d, a["id"]), _token(d, b["id"]), _token(d, c["id"])
     forged = f"{a['id']}.1.{'0' * 64}"
     chat = '{"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}'
     results = _probe(world, url, [
@@ -278,6 +279,10 @@ def _proxy_probes(d: Daemon, world: Any, url: str) -> None:
         raw("GET", "/v1/models", ta),
         raw("GET", "/v1/nothing-here", ta),
         raw("DELETE", "/v1/usage", ta),
+        raw("GET", "/v1/usage?group_by=tenant,task", tc),
+        raw("GET", f"/v1/usage?group_by=task&task={a['id']}", tc),
+        raw("GET", f"/v1/usage?task={a['id']}", None,
+            **{"x-api-key": tc, "anthropic-version": "2023-06-01"}),
     ])  # fmt: skip
     *refused, models, metrics, nowhere, sdk_o, sdk_a = results[:10]
     for status, body in [*refused, models, metrics, nowhere]:
@@ -293,11 +298,16 @@ def _proxy_probes(d: Daemon, world: Any, url: str) -> None:
         ("acme", a["id"], 2)
     ], "the token's own task was billed, not the one the header named"
     assert rows_b["data"] == [], "another tenant's task sees none of acme's spend"
-    (m_status, m_body), (l_status, l_body), (n_status, n_body), (x_status, x_body) = results[14:]
+    (m_status, m_body), (l_status, l_body), (n_status, n_body), (x_status, x_body) = results[14:18]
     assert m_status == 403 and "every tenant" in m_body["error"]["message"]
     assert l_status == 200 and l_body["data"]
     assert n_status == 404 and n_body["error"]["code"] == "not_found", n_body
     assert x_status == 405 and x_body["error"]["code"] == "method_not_allowed", x_body
+    # A sibling task of the same tenant sees neither a's spend nor, by naming it, a's rows.
+    (sib, sib_rows), (named, named_body), (named_a, named_a_body) = results[18:]
+    assert sib == 200 and sib_rows["data"] == [], sib_rows
+    assert named == 403 and "own task" in named_body["error"]["message"], named_body
+    assert named_a == 403 and named_a_body["type"] == "error", named_a_body
     # Revoked with its task: the same token is refused once the task has ended.
     d.client.call("POST", f"/v1/tasks/{a['id']}/cancel")
     d.wait(a["id"])

@@ -218,10 +218,21 @@ async def _usage(request: web.Request) -> web.Response:
     if principal is None:
         return error_response(_caller_format(request), 401, UNKNOWN_KEY, code="invalid_api_key")
     group_by = tuple(g for g in request.query.get("group_by", "tenant").split(",") if g)
+    task = request.query.get("task")
+    if principal.pinned:
+        # A task's token sees its own task's spending, as it sees only its own memory.
+        if task not in (None, principal.task):
+            return error_response(
+                _caller_format(request),
+                403,
+                "a task's token reads its own task's usage only (leave out task= or name it)",
+                code="forbidden",
+            )
+        task = principal.task
     try:
         # A tenant sees only its own spending; without tenants configured, everything.
         only = principal.tenant if principal.limits is not None or principal.pinned else None
-        rows = await proxy.store.usage(group_by, tenant=only, task=request.query.get("task"))
+        rows = await proxy.store.usage(group_by, tenant=only, task=task)
     except ValueError as e:
         return error_response("openai", 400, str(e), code="invalid_group_by")
     return web.json_response({"object": "list", "group_by": list(group_by), "data": rows})
