@@ -189,7 +189,8 @@ def test_other_endpoints_pass_through(env: ProxyEnv) -> None:
     client = env.openai()
     assert client.completions.create(model="gpt-x", prompt="hi").choices[0].text == "Hello"
     e = client.embeddings.create(model="gpt-x", input="hi")
-    assert e.data[0].embedding == [0.1, 0.2, 0.3]
+    # The SDK asks for base64 (float32), as it does of OpenAI's API.
+    assert e.data[0].embedding == pytest.approx([0.1, 0.2, 0.3])
     r = client.responses.create(model="gpt-x", input="hi")
     assert r.output_text == "Hello"
     rows = env.rows()
@@ -199,8 +200,11 @@ def test_other_endpoints_pass_through(env: ProxyEnv) -> None:
 
 
 def test_models_list_in_each_sdks_format(env: ProxyEnv) -> None:
+    # Each format lists what its endpoints serve: OpenAI's never reach Anthropic deployments.
     openai_ids = [m.id for m in env.openai().models.list()]
-    assert openai_ids == ["claude-x", "claude-y", "gpt-x", "gpt-y", "smart-claude", "smart-gpt"]
+    assert openai_ids == ["gpt-x", "gpt-y", "smart-gpt"]
+    with pytest.raises(openai.NotFoundError, match="model 'claude-x' is not served here"):
+        env.openai().models.retrieve("claude-x")
     client = env.anthropic()
     models = list(client.models.list())
     # Only what /v1/messages can serve: Anthropic deployments' models and routes over them.

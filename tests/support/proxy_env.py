@@ -40,6 +40,7 @@ def base_config(mocks: dict[str, MockUpstream], state_dir: Path) -> dict[str, An
             "price": price,
             "retries": 0,
             "first_byte_timeout": 2.0,
+            "timeout": 2.0,
         }
 
     return {

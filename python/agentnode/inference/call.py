@@ -12,7 +12,15 @@ from typing import Any
 from agentnode.inference.attribution import Principal
 from agentnode.inference.config import Route
 
-__all__ = ["ENDPOINTS", "Call", "estimate_tokens", "patched", "response_cache_key", "validate"]
+__all__ = [
+    "ENDPOINTS",
+    "FREE",
+    "Call",
+    "estimate_tokens",
+    "patched",
+    "response_cache_key",
+    "validate",
+]
 
 # Endpoint name → (wire format, path appended to the deployment's base_url).
 ENDPOINTS = {
@@ -21,7 +29,12 @@ ENDPOINTS = {
     "embeddings": ("openai", "/embeddings"),
     "responses": ("openai", "/responses"),
     "messages": ("anthropic", "/v1/messages"),
+    "count_tokens": ("anthropic", "/v1/messages/count_tokens"),
 }
+
+#: Endpoints the provider does not bill and that generate nothing: no budget, rate limit or
+#: cache applies (Claude Code counts tokens before most turns), though each call has its row.
+FREE = frozenset({"count_tokens"})
 
 # The field each endpoint cannot do without.
 _REQUIRED = {
@@ -30,6 +43,7 @@ _REQUIRED = {
     "completions": "prompt",
     "embeddings": "input",
     "responses": "input",
+    "count_tokens": "messages",
 }
 
 
@@ -81,7 +95,9 @@ def validate(endpoint: str, payload: Any) -> str | None:
     field = _REQUIRED[endpoint]
     if field not in payload:
         return f"'{field}' is required"
-    if endpoint in ("chat", "messages") and not isinstance(payload["messages"], list):
+    if endpoint in ("chat", "messages", "count_tokens") and not isinstance(
+        payload["messages"], list
+    ):
         return "'messages' must be a list"
     if endpoint == "messages" and not isinstance(payload.get("max_tokens"), int):
         return "'max_tokens' is required and must be an integer"

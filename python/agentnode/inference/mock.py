@@ -11,9 +11,11 @@ They record what they received and when a client went away.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +40,20 @@ ANTHROPIC_USAGE = {
     "output_tokens": 250,
 }
 
+
+# The error types each provider's API gives its 4xx answers.
+_OPENAI_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                  429: "rate_limit_exceeded"}  # fmt: skip
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
 
 #: A request's record in `MockUpstream.requests`, kept on the request for its answer's hook.
 _RECORD = web.RequestKey("record", dict)
@@ -243,6 +259,7 @@ class MockUpstream:
     #: so an observer in another process knows of a request before its client does.
     on_answer: Callable[[dict[str, Any]], None] | None = None
     _runner: web.AppRunner | None = None
+    _answered: int = 0
     port: int = 0
 
     @property
@@ -259,6 +276,7 @@ class MockUpstream:
                 app.router.add_post(f"/v1/{path}", self._openai)
         else:
             app.router.add_post("/v1/messages", self._anthropic)
+            app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=5
         )
@@ -269,7 +287,11 @@ class MockUpstream:
         await web.SockSite(self._runner, sock).start()
         return self
 
-    async def _answering(self, request: web.Request, _: web.StreamResponse) -> None:
+    async def _answering(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Every answer carries its request id where each provider's SDK reads it.
+        self._answered += 1
+        name = "x-request-id" if self.kind == "openai" else "request-id"
+        response.headers[name] = f"req_mock_{self.port}_{self._answered}"
         record = request.get(_RECORD)
         if self.on_answer is not None and record is not None:
             self.on_answer(record)
@@ -324,14 +346,30 @@ class MockUpstream:
             return f, web.Response(body=b"<html>502 bad gateway</html>", content_type=ctype)
         if f.status is not None:
             headers = {} if f.retry_after is None else {"Retry-After": f"{f.retry_after:g}"}
-            if self.kind == "openai":
-                err: dict[str, Any] = {
-                    "error": {"message": f"mock error {f.status}", "type": "server_error"}
-                }
-            else:
-                err = {"type": "error", "error": {"type": "overloaded_error", "message": "mock"}}
-            return f, web.json_response(err, status=f.status, headers=headers)
+            return f, web.json_response(self._error(f.status), status=f.status, headers=headers)
         return f, None
+
+    def _error(self, status: int) -> dict[str, Any]:
+        """The provider's error body for `status`, typed as the provider types it."""
+        message = f"mock error {status}"
+        if self.kind == "openai":
+            kind = (
+                "server_error"
+                if status >= 500
+                else _OPENAI_ERRORS.get(status, "invalid_request_error")
+            )
+            return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        kind = _ANTHROPIC_ERRORS.get(status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's free token count: what the mock's tokenizer makes of the prompt."""
+        _, early = await self._fault(request)
+        if early is not None:
+            return early
+        body = self.requests[-1]["json"]
+        prompt = [body.get("system"), body.get("tools"), body.get("messages")]
+        return web.json_response({"input_tokens": count_tokens([p for p in prompt if p])})
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         fault, early = await self._fault(request)
@@ -345,7 +383,10 @@ class MockUpstream:
             # A list of strings (or of token lists) is a batch; a list of ints is one input.
             batch = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
             count = len(inputs) if batch else 1
-            vector = [round(0.1 * (i % 10 + 1), 1) for i in range(self.embedding_size)]
+            vector: Any = [round(0.1 * (i % 10 + 1), 1) for i in range(self.embedding_size)]
+            if body.get("encoding_format") == "base64":
+                # OpenAI's base64 is the vector's little-endian float32 bytes.
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             return web.json_response(
                 {
                     "object": "list",
@@ -358,14 +399,7 @@ class MockUpstream:
                 }
             )
         if endpoint == "responses":
-            r_usage = {
-                "input_tokens": usage["prompt_tokens"],
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": usage["completion_tokens"],
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": usage["total_tokens"],
-            }
-            return web.json_response(_response_object(body["model"], r_usage))
+            return await self._responses(request, body, usage)
         if endpoint == "chat/completions" and self.script:
             turn = self.script.popleft()
             self.requests[-1]["turn"] = turn
@@ -397,14 +431,22 @@ class MockUpstream:
         await resp.prepare(request)
         try:
             for i in range(self.chunks):
-                delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f"t{i}"}
                 finish = "stop" if i == self.chunks - 1 else None
+                if endpoint == "completions":
+                    # A completion streams text_completion objects, with no delta.
+                    piece = {"index": 0, "text": f"t{i}", "logprobs": None}
+                    choices: list[dict[str, Any]] = [piece | {"finish_reason": finish}]
+                    kind = "text_completion"
+                else:
+                    delta = {"role": "assistant", "content": ""} if i == 0 else {"content": f"t{i}"}
+                    choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                    kind = "chat.completion.chunk"
                 chunk: dict[str, Any] = {
                     "id": "chatcmpl-mock",
-                    "object": "chat.completion.chunk",
+                    "object": kind,
                     "created": 0,
                     "model": body["model"],
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    "choices": choices,
                 }
                 if include:
                     chunk["usage"] = None
@@ -418,7 +460,7 @@ class MockUpstream:
             if include:
                 last = {
                     "id": "chatcmpl-mock",
-                    "object": "chat.completion.chunk",
+                    "object": chunk["object"],
                     "created": 0,
                     "model": body["model"],
                     "choices": [],
@@ -430,6 +472,63 @@ class MockUpstream:
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(time.monotonic())
             raise
+        return resp
+
+    async def _responses(
+        self, request: web.Request, body: dict[str, Any], usage: dict[str, Any]
+    ) -> web.StreamResponse:
+        """The Responses API, whole or streamed as its typed events. A scripted turn gives the
+        text; an answer longer than `max_output_tokens` ends `incomplete`, billed all the same."""
+        text = "Hello"
+        if self.script:
+            turn = self.script.popleft()
+            self.requests[-1]["turn"] = turn
+            text = turn.text
+        r_usage = {
+            "input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"],
+        }
+        whole = _response_object(body["model"], r_usage, text)
+        cap = body.get("max_output_tokens")
+        if isinstance(cap, int) and cap < usage["completion_tokens"]:
+            whole["status"] = "incomplete"
+            whole["incomplete_details"] = {"reason": "max_output_tokens"}
+            whole["output"][0]["status"] = "incomplete"
+        if not body.get("stream"):
+            return web.json_response(whole)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        seq = 0
+
+        async def event(kind: str, **data: Any) -> None:
+            nonlocal seq
+            obj = {"type": kind, "sequence_number": seq, **data}
+            seq += 1
+            await resp.write(f"event: {kind}\ndata: {json.dumps(obj)}\n\n".encode())
+
+        started = {**whole, "status": "in_progress", "output": [], "usage": None}
+        item = whole["output"][0]
+        part = item["content"][0]
+        at = {"item_id": item["id"], "output_index": 0}
+        await event("response.created", response=started)
+        await event("response.in_progress", response=started)
+        await event("response.output_item.added", output_index=0,
+                    item={**item, "status": "in_progress", "content": []})  # fmt: skip
+        await event("response.content_part.added", **at, content_index=0,
+                    part={**part, "text": ""})  # fmt: skip
+        step = max(1, -(-len(text) // self.chunks))
+        for i in range(0, len(text), step):
+            await event("response.output_text.delta", **at, content_index=0,
+                        delta=text[i : i + step], logprobs=[])  # fmt: skip
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        await event("response.output_text.done", **at, content_index=0, text=text, logprobs=[])
+        await event("response.content_part.done", **at, content_index=0, part=part)
+        await event("response.output_item.done", output_index=0, item=item)
+        await event(f"response.{whole['status']}", response=whole)
         return resp
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
@@ -645,7 +744,7 @@ class MockUpstream:
         return resp
 
 
-def _response_object(model: str, usage: dict[str, Any]) -> dict[str, Any]:
+def _response_object(model: str, usage: dict[str, Any], text: str) -> dict[str, Any]:
     return {
         "id": "resp_mock",
         "object": "response",
@@ -658,7 +757,7 @@ def _response_object(model: str, usage: dict[str, Any]) -> dict[str, Any]:
                 "id": "msg_mock",
                 "status": "completed",
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": "Hello", "annotations": []}],
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
             }
         ],
         "parallel_tool_calls": True,

@@ -21,6 +21,7 @@ from aiohttp import web
 from agentnode.inference.attribution import UNKNOWN_KEY, Attribution, key_attribution
 from agentnode.inference.call import (
     ENDPOINTS,
+    FREE,
     Call,
     estimate_tokens,
     patched,
@@ -41,6 +42,7 @@ from agentnode.inference.upstream import (
     RETRYABLE,
     DeploymentState,
     Retryable,
+    passed_headers,
     read_text,
     retry_after_header,
 )
@@ -111,12 +113,14 @@ class Proxy:
         if problem:
             return self._reject(endpoint, fmt, 400, problem, "invalid_request")
         call = Call(endpoint, body, payload, principal)
+        route_name = request.headers.get("x-agentnode-route") or call.model
+        route = call.route = self.config.routes.get(route_name)
+        if endpoint in FREE:
+            return await self._forward(request, call, route)
         call.tokens_estimate = estimate_tokens(len(body), payload)
         refusal = self._admit(call)
         if refusal is not None:
             return refusal
-        route_name = request.headers.get("x-agentnode-route") or call.model
-        route = call.route = self.config.routes.get(route_name)
         cache_header = request.headers.get("x-agentnode-cache", "").lower()
         if cache_header == "on" or (cache_header != "off" and route is not None and route.cache):
             call.cache_key = response_cache_key(principal.tenant, endpoint, payload)
@@ -225,15 +229,17 @@ class Proxy:
             if not model_breaker.allows():
                 errors.append(f"{d.name}: circuit for {model} open after repeated failures")
                 continue
-            wait = self._deployment_wait(state, call)
-            if wait > self.config.max_wait:
-                limited.append((f"deployment {d.name}", wait))
-                continue
-            if wait > 0:
-                await asyncio.sleep(wait)
-            tpm_entry = state.tpm.take(call.tokens_estimate) if state.tpm else None
-            if state.rpm:
-                state.rpm.take(1)
+            tpm_entry = None
+            if call.endpoint not in FREE:
+                wait = self._deployment_wait(state, call)
+                if wait > self.config.max_wait:
+                    limited.append((f"deployment {d.name}", wait))
+                    continue
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                tpm_entry = state.tpm.take(call.tokens_estimate) if state.tpm else None
+                if state.rpm:
+                    state.rpm.take(1)
             for attempt in range(d.retries + 1):
                 try:
                     response = await self._attempt(request, call, state, model, tpm_entry)
@@ -267,15 +273,16 @@ class Proxy:
                 "rate_limit_exceeded",
                 retry_after=wait,
             )
-        # The upstream's own 429/503/504 (and its Retry-After) tell the client more than a 502.
-        status = last_status if last_status in (429, 503, 504) else 502
+        # The upstream's own 429/503/504/529 (and its Retry-After) tell the client more than a
+        # 502: Anthropic's SDK raises OverloadedError for a 529, which agents back off from.
+        status = last_status if last_status in (429, 503, 504, 529) else 502
         return self._reject(
             call.endpoint,
             call.fmt,
             status,
             "every upstream failed: " + "; ".join(errors),
             "upstream_failed",
-            retry_after=last_retry_after if status in (429, 503) else None,
+            retry_after=last_retry_after if status in (429, 503, 529) else None,
         )
 
     def _deployment_wait(self, state: DeploymentState, call: Call) -> float:
@@ -323,7 +330,7 @@ class Proxy:
             # Only a connect that timed out is the deployment's; a slow answer is the model's.
             connecting = isinstance(e, aiohttp.ConnectionTimeoutError)
             raise Retryable(
-                f"timed out after {d.connect_timeout if connecting else d.first_byte_timeout} s "
+                f"timed out after {d.connect_timeout if connecting else _waited(d, call)} s "
                 + ("connecting" if connecting else "waiting for the response"),
                 status=504,
                 connection=connecting,
@@ -346,7 +353,7 @@ class Proxy:
                     body=raw,
                     status=upstream.status,
                     content_type="application/json",
-                    headers=self._spend_header(call),
+                    headers=self._spend_header(call) | passed_headers(upstream),
                 )
             if call.stream:
                 return await self._stream(
@@ -354,7 +361,7 @@ class Proxy:
                 )
             return await self._complete(call, state, model, upstream, tpm_entry)
         except TimeoutError:
-            raise Retryable(f"no response within {d.first_byte_timeout} s", status=504) from None
+            raise Retryable(f"no response within {_waited(d, call)} s", status=504) from None
         except aiohttp.ClientError as e:
             raise Retryable(f"connection failed: {e}") from None
         finally:
@@ -432,7 +439,9 @@ class Proxy:
         if call.cache_key is not None:
             self.store.cache_put(call.cache_key, {"stream": False}, raw, self.config.cache_ttl)
         return web.Response(
-            body=raw, content_type="application/json", headers=self._spend_header(call)
+            body=raw,
+            content_type="application/json",
+            headers=self._spend_header(call) | passed_headers(upstream),
         )
 
     async def _stream(
@@ -456,6 +465,7 @@ class Proxy:
             raise Retryable(f"deployment {d.name} sent a stream that is not SSE: {e}") from None
         response = EventStream(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            | passed_headers(upstream)
         )
         await response.prepare(request)
         reader = UsageReader(d.kind, call.endpoint, wants_usage)
@@ -519,12 +529,12 @@ class Proxy:
             state.tpm.adjust(tpm_entry, usage.total)
         self._finish(call, state.deployment, model, status, usage, cache_hit=False)
 
-    def _spend_header(self, call: Call) -> dict[str, str] | None:
-        """The header telling a task's call its task's spend so far (spend.py); None for a
+    def _spend_header(self, call: Call) -> dict[str, str]:
+        """The header telling a task's call its task's spend so far (spend.py); none for a
         call billed to no task."""
         p = call.principal
         if p.task is None:
-            return None
+            return {}
         return {SPEND_HEADER: str(self.store.task_spend.get((p.tenant, p.task), Decimal(0)))}
 
     def _spend_comment(self, call: Call) -> bytes:
@@ -541,7 +551,7 @@ class Proxy:
         self._finish(call, None, call.model, 200, Usage(), cache_hit=True)
         headers = {"x-agentnode-cache": "hit"}
         if not meta["stream"]:
-            headers |= self._spend_header(call) or {}
+            headers |= self._spend_header(call)
             return web.Response(body=body, content_type="application/json", headers=headers)
         response = web.StreamResponse(headers=headers | {"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -592,3 +602,8 @@ class Proxy:
             **buckets,
         )
         self.store.record(row)
+
+
+def _waited(d: Deployment, call: Call) -> float:
+    """The timeout a call to `d` ran out of: a stream's wait for bytes, or a whole answer's."""
+    return d.first_byte_timeout if call.stream else d.timeout

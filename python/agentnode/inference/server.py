@@ -110,6 +110,7 @@ def create_app(
     app.router.add_post("/v1/embeddings", endpoint("embeddings"))
     app.router.add_post("/v1/responses", endpoint("responses"))
     app.router.add_post("/v1/messages", endpoint("messages"))
+    app.router.add_post("/v1/messages/count_tokens", endpoint("count_tokens"))
     app.router.add_get("/v1/models", _models)
     # [\s\S], not '.': a path may hold a newline (%0A), which '.' leaves to aiohttp's
     # plain-text 404.
@@ -121,9 +122,10 @@ def create_app(
     return app
 
 
-def _served_models(config: ProxyConfig, kind: str | None) -> list[str]:
-    """Model and route names a client can call, sorted; of one deployment kind if given."""
-    names = {m for d in config.deployments.values() if kind in (None, d.kind) for m in d.models}
+def _served_models(config: ProxyConfig, kind: str) -> list[str]:
+    """Model and route names a client of `kind`'s format can call (its endpoints reach only
+    deployments of that kind), sorted."""
+    names = {m for d in config.deployments.values() if kind == d.kind for m in d.models}
     return sorted(names | {r.name for r in config.routes.values() if names & set(r.models)})
 
 
@@ -155,7 +157,7 @@ async def _model(request: web.Request) -> web.Response:
         return refused
     fmt = _caller_format(request)
     name = request.match_info["model_id"]
-    if name not in _served_models(request.app[PROXY].config, fmt if fmt == "anthropic" else None):
+    if name not in _served_models(request.app[PROXY].config, fmt):
         return error_response(
             fmt,
             404,
@@ -172,7 +174,7 @@ async def _models(request: web.Request) -> web.Response:
         return refused
     cfg = request.app[PROXY].config
     if _caller_format(request) == "openai":
-        data = [_model_object("openai", n) for n in _served_models(cfg, None)]
+        data = [_model_object("openai", n) for n in _served_models(cfg, "openai")]
         return web.json_response({"object": "list", "data": data})
     names = _served_models(cfg, "anthropic")
     # Anthropic pages with limit (default 20, at most 1000) and the after_id/before_id cursors.

@@ -40,19 +40,25 @@ class UsageReader:
 
     def feed(self, event: bytes) -> bytes | None:
         """Takes one whole event; returns what the client is sent of it (None: nothing)."""
-        self.done = _is_last(event)
         if self._kind == "anthropic":
-            if b"message_start" in event or b"message_delta" in event:
-                obj = _data(event)
-                if obj.get("type") == "message_start":
-                    self._anthropic.update(obj.get("message", {}).get("usage") or {})
-                elif obj.get("type") == "message_delta":
-                    self._anthropic.update(obj.get("usage") or {})
+            # Anthropic's SDK reads an event's kind from its `event:` line, and so does this:
+            # the same words inside a text or tool-input delta end nothing.
+            name = _name(event)
+            self.done = name == b"message_stop"
+            if name == b"message_start":
+                self._anthropic.update((_data(event).get("message") or {}).get("usage") or {})
+            elif name == b"message_delta":
+                self._anthropic.update(_data(event).get("usage") or {})
             return event
         if self._responses:
-            if b"response.completed" in event:
-                self._openai = _data(event).get("response", {}).get("usage")
+            # A Responses stream ends in one of three events, each with the response's usage
+            # (an incomplete or failed response is billed too). The text events before it
+            # repeat the whole text, so only the event's name can tell.
+            if _response_type(event) in _RESPONSE_ENDS:
+                self.done = True
+                self._openai = (_data(event).get("response") or {}).get("usage")
             return event
+        self.done = event.rstrip().endswith(b"data: [DONE]")
         # With include_usage every chunk carries `"usage":null`: no need to parse those. The
         # bytes `"usage":null` cannot occur inside a JSON string (its quotes would be escaped),
         # and a single `"usage"` means no other usage object hides elsewhere in the chunk.
@@ -76,14 +82,30 @@ class UsageReader:
         return openai_usage(self._openai)
 
 
-def _is_last(event: bytes) -> bool:
-    """Whether `event` ends its stream: OpenAI's [DONE], Anthropic's message_stop, or the
-    Responses API's response.completed."""
-    return (
-        event.rstrip().endswith(b"data: [DONE]")
-        or b"event: message_stop" in event
-        or b"event: response.completed" in event
-    )
+_RESPONSE_ENDS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
+
+
+def _name(event: bytes) -> bytes | None:
+    """The event's `event:` field, found at the start of a line (a data line's JSON holds no
+    raw newline, so never inside one); None when the event has none."""
+    if event.startswith(b"event:"):
+        start = 6
+    else:
+        start = event.find(b"\nevent:")
+        if start < 0:
+            return None
+        start += 7
+    return event[start : event.index(b"\n", start)].strip()
+
+
+def _response_type(event: bytes) -> bytes | None:
+    """A Responses stream event's kind: its `event:` line, or the `type` of its data for a
+    server that sends data lines only."""
+    name = _name(event)
+    if name is not None:
+        return name
+    kind = _data(event).get("type")
+    return kind.encode() if isinstance(kind, str) else None
 
 
 def _data(event: bytes) -> dict[str, Any]:

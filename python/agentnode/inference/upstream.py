@@ -12,7 +12,18 @@ from agentnode.inference.call import ENDPOINTS
 from agentnode.inference.config import Deployment, ProxyConfig
 from agentnode.inference.limits import Breaker, Window
 
-__all__ = ["RETRYABLE", "DeploymentState", "Retryable", "read_text", "retry_after_header"]
+__all__ = [
+    "RETRYABLE",
+    "DeploymentState",
+    "Retryable",
+    "passed_headers",
+    "read_text",
+    "retry_after_header",
+]
+
+# Headers of the provider's answer that the client's SDK reads: its request id (OpenAI's SDK
+# `x-request-id`, Anthropic's `request-id`), which the provider's support asks for.
+_PASSED = ("x-request-id", "request-id", "openai-processing-ms")
 
 # Statuses besides 5xx that another try (or another deployment) may well answer.
 RETRYABLE = frozenset({408, 409, 429})
@@ -72,14 +83,12 @@ class DeploymentState:
         elif d.api_key:
             headers["Authorization"] = f"Bearer {d.api_key}"
         self.headers = headers
-        # Indexed by "is a stream": a stream may last as long as it keeps sending.
-        self.timeouts = tuple(
-            aiohttp.ClientTimeout(
-                total=None if stream else d.timeout,
-                sock_connect=d.connect_timeout,
-                sock_read=d.first_byte_timeout,
-            )
-            for stream in (False, True)
+        # Indexed by "is a stream". A whole answer sends nothing until it is done, so only
+        # `timeout` bounds it (a reasoning model may think for minutes); a stream may last as
+        # long as it keeps sending, each wait for its next bytes bounded by first_byte_timeout.
+        self.timeouts = (
+            aiohttp.ClientTimeout(total=d.timeout, sock_connect=d.connect_timeout),
+            aiohttp.ClientTimeout(sock_connect=d.connect_timeout, sock_read=d.first_byte_timeout),
         )
 
 
@@ -99,3 +108,9 @@ def retry_after_header(headers: Any) -> float | None:
             except ValueError:
                 continue
     return None
+
+
+def passed_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    """The headers of `upstream`'s answer that go on to the client (see `_PASSED`)."""
+    h = upstream.headers
+    return {k: v for k in _PASSED if (v := h.get(k)) is not None}
