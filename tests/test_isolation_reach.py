@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -431,3 +432,49 @@ def test_daemon_tasks_get_exactly_their_ids(tmp_path: Path) -> None:
             ]
             ws = d.data / "workspaces" / t["id"]
             assert (str(ws.stat().st_uid), str(ws.stat().st_gid)) == (uid, gid)
+
+
+#: In the task: the data dir's listing, whether a store file there reads, and the own workspace.
+_PEEK = """
+import os, sys
+data = sys.argv[1]
+try:
+    seen = sorted(os.listdir(data))
+except OSError as e:
+    seen = [type(e).__name__]
+try:
+    leaked = open(os.path.join(data, "tasks", "db", "000001.log")).read()
+except OSError:
+    leaked = ""
+open("/workspace/mine", "w").write("ok")
+print(seen, repr(leaked), open("/workspace/mine").read())
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--user", "0"], ["--userns"], ["--ro", "/etc:/mnt/etc"], ["--user", "0", "--userns"]],
+    ids=["nobody", "uid0", "userns", "whole-plan", "uid0-userns"],
+)
+def test_no_task_sees_the_nodes_data_dir(args: list[str]) -> None:
+    """Every tenant's stores and workspaces live in the data dir, and a task sees the host's
+    root: the data dir is an empty, read-only directory in every task, whatever its identity
+    and however its root is made, while its own workspace still comes from there."""
+    # Outside /tmp, which every task gets fresh: the default data dir is /var/lib/agentnode.
+    data = Path(tempfile.mkdtemp(prefix="agentnode-hide-", dir="/var/tmp"))
+    try:
+        data.chmod(0o755)
+        store = data / "tasks" / "db"
+        store.mkdir(parents=True)
+        (store / "000001.log").write_text("SECRET-OF-ANOTHER-TENANT")
+        (store / "000001.log").chmod(0o644)
+        store.chmod(0o755)
+        (data / "tasks").chmod(0o755)
+        res = _exec_with_data(data, [*args, "--", "/usr/bin/python3", "-c", _PEEK, str(data)])
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["[]", "''", "ok"], res.stdout
+        # The workspace the task wrote is the host's, under the data dir.
+        [ws] = (data / "workspaces").iterdir()
+        assert (ws / "mine").read_text() == "ok"
+    finally:
+        shutil.rmtree(data, ignore_errors=True)

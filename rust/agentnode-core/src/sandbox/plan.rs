@@ -337,7 +337,31 @@ fn skeleton(rootfs: &Path, stage: &Path, workspace: bool) -> Result<Vec<Op>> {
     push_dev(&mut ops, stage)?;
     push_run(&mut ops, rootfs, stage)?;
     push_socket_masks(&mut ops, rootfs, stage)?;
+    push_data_dir_mask(&mut ops, rootfs, stage)?;
     Ok(ops)
+}
+
+/// The node's data dir, the stage's parent, under an empty read-only tmpfs: it holds every
+/// tenant's stores and workspaces, and a task sees the host's root. A task's own workspace and
+/// binds come from the host's paths, which the mask (on the stage) leaves as they are.
+fn push_data_dir_mask(ops: &mut Vec<Op>, rootfs: &Path, stage: &Path) -> Result<()> {
+    if rootfs != Path::new("/") {
+        return Ok(());
+    }
+    let Some(data) = stage.parent().and_then(|d| std::fs::canonicalize(d).ok()) else {
+        return Ok(());
+    };
+    let Ok(rel) = data.strip_prefix("/") else {
+        return Ok(());
+    };
+    if rel.as_os_str().is_empty() || under_fresh(&data) {
+        return Ok(());
+    }
+    ops.push(Op::Mask {
+        path: cstr(stage.join(rel))?,
+        dir: true,
+    });
+    Ok(())
 }
 
 /// An empty /run (read-only with the root) but for the node's own directory and what the host's

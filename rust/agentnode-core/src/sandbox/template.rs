@@ -35,6 +35,8 @@ struct State {
     mounts: Option<String>,
     /// The host's sockets it masks (see [`sockets`]): a new one makes it stale.
     sockets: Arc<Vec<PathBuf>>,
+    /// The stage it was built on, whose parent (the node's data dir) it hides.
+    stage: PathBuf,
 }
 
 /// The host's mount table as far as the template is concerned: every line of mountinfo but the
@@ -254,7 +256,7 @@ pub(super) fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
             .spawn(watch);
     });
     let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
-    if guard.as_ref().is_none_or(stale) {
+    if guard.as_ref().is_none_or(|s| stale(s) || s.stage != stage) {
         // Opened first, so a change while the template is built shows at the next start.
         let mountinfo = File::open("/proc/self/mountinfo").ok()?;
         let mounts = mounts();
@@ -264,6 +266,7 @@ pub(super) fn current(stage: &Path) -> Option<Arc<OwnedFd>> {
             mountinfo,
             mounts,
             sockets,
+            stage: stage.to_owned(),
         });
     }
     guard.as_ref()?.ns.clone()
