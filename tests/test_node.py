@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -168,6 +169,37 @@ def test_cli_submit_ps_logs_follow_wait(tmp_path: Path) -> None:
         # Everything a start needs on disk lives in the daemon's data dir (the staging mount
         # point too, which a bare `spawn` keeps under /var/lib/agentnode).
         assert (d.data / "stage").is_dir() and (d.data / "workspaces" / tid).is_dir()
+
+
+def test_host_users_list_nothing_of_the_data_dir_and_read_no_store() -> None:
+    """The node's state is root's: a host user may pass through the data dir (user-namespaced
+    tasks bind from it) but lists nothing there, and reads no store, even by a known name."""
+    # Not under pytest's private (0700) tmp_path, which no host user could pass anyway.
+    root = Path(tempfile.mkdtemp(prefix="agentnode-modes-", dir="/var/tmp"))
+    try:
+        root.chmod(0o755)
+        _host_users_see_nothing(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _host_users_see_nothing(root: Path) -> None:
+    with daemon(root) as d:
+        t = d.submit(["sh", "-c", "echo SECRET-OUTPUT > /workspace/f; echo SECRET-OUTPUT"],
+                     env={"K": "SECRET-ENV"})  # fmt: skip
+        d.wait(t["id"])
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"]
+        for probe in (f"ls {d.data}", f"ls {d.data}/workspaces", f"cat {d.data}/logs/*",
+                      f"grep -r SECRET {d.data}/tasks", f"ls {d.data}/tasks/db"):  # fmt: skip
+            r = subprocess.run([*as_nobody, probe], capture_output=True, text=True, check=False)
+            assert r.returncode != 0 and "SECRET" not in r.stdout, (probe, r.stdout)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in d.data.iterdir() if p.is_dir()}
+        assert d.data.stat().st_mode & 0o777 == 0o711
+        for name in ("tasks", "memory", "tools", "audit", "inference", "logs", "beats"):
+            assert modes[name] == 0o700, (name, modes)
+        assert modes["workspaces"] == 0o711 and modes["mcp"] == 0o711, modes
+        # Its own workspace, by its name, is the task's: what it wrote is still there.
+        assert (d.data / "workspaces" / t["id"] / "f").read_text() == "SECRET-OUTPUT\n"
 
 
 def test_cli_without_a_daemon_says_how_to_start_it(tmp_path: Path) -> None:

@@ -147,6 +147,7 @@ async def serve(config: NodeConfig) -> None:
     if config.listen is not None and not config.api_token:
         raise ConfigError("node.listen needs node.api_token (the TCP API requires a bearer token)")
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    _guard(config.data_dir)
     lock = _lock(config.data_dir)
     use_data_dir(config.data_dir)
     run_dir = config.data_dir / "run"
@@ -383,6 +384,26 @@ async def _wait_for_stop(node: Node, config: NodeConfig) -> None:
         print("agentnode: stopping (running tasks run on, for the next start)", flush=True)
     else:
         print("agentnode: stopping (running tasks get their grace)", flush=True)
+
+
+#: What only the node reads: the stores (task specs with their env, checkpoints, memory, keyed
+#: tool results, the audit log, the ledger) and the tasks' output.
+_PRIVATE = ("tasks", "memory", "tools", "audit", "inference", "logs", "beats")
+#: What host users may reach by a name they know but not list: the workspaces (a task running
+#: as uid 0 can leave a set-uid file in its own).
+_UNLISTED = ("workspaces", "mcp")
+
+
+def _guard(data_dir: Path) -> None:
+    """Host users may pass through the data dir, as a user-namespaced task binds its workspace
+    and socket from it under an unprivileged id, but list nothing and read no store. (No task
+    sees it at all: the sandbox hides it.)"""
+    data_dir.chmod(0o711)
+    for names, mode in ((_PRIVATE, 0o700), (_UNLISTED, 0o711)):
+        for name in names:
+            path = data_dir / name
+            path.mkdir(mode=mode, exist_ok=True)
+            path.chmod(mode)
 
 
 def _lock(data_dir: Path) -> int:
