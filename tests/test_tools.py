@@ -30,7 +30,7 @@ from agentnode.tools.files import file_tools
 from agentnode.tools.registry import Caller, Registry, RetryPolicy, Tool, ToolLimits
 from agentnode.tools.result import Outcome
 from agentnode.tools.sandboxed import owned_workspace
-from agentnode.tools.service import ToolService
+from agentnode.tools.service import RUNNING_PER_CALLER, ToolService
 from agentnode.tools.web import WebTools
 from support.counting_listener import counting_listener
 from support.egress_world import HOST4, World
@@ -708,6 +708,62 @@ def test_a_fresh_call_under_way_ends_with_its_task(tmp_path: Path, language: str
         runner.close()
 
 
+def test_calls_that_waited_their_turn_past_their_tasks_end_run_nothing(tmp_path: Path) -> None:
+    """A task's 8 slow calls hold its turns; a session call and two fresh ones wait behind
+    them; the task ends: those get their turns as the 8 are killed, and must run nothing,
+    least of all a session nothing would ever end."""
+    runner, svc = code_service(timeout=30.0)
+    ws = owned_workspace(tmp_path / "ws", "65534")
+    running = {"t1": True}
+    caller = Caller(task="t1", tenant="a", workspace=ws, alive=lambda: running["t1"])
+    late = [
+        {"code": "open('/workspace/session', 'w').write('ran')", "session": True},
+        {"code": "open('/workspace/fresh', 'w').write('ran')"},
+        {"code": "echo ran > /workspace/bash", "language": "bash"},
+    ]
+
+    async def scenario() -> list[dict[str, Any]]:
+        slow = [asyncio.ensure_future(svc.call("run_code", {"code": "import time; time.sleep(30)"},
+                                               caller)) for _ in range(RUNNING_PER_CALLER)]  # fmt: skip
+        while len(runner._running.get("t1", ())) < RUNNING_PER_CALLER:
+            await asyncio.sleep(0.02)
+        waiting = [asyncio.ensure_future(svc.call("run_code", a, caller)) for a in late]
+        await asyncio.sleep(0.2)
+        running["t1"] = False  # as the node does: off its running tasks, then end_task
+        runner.end_task("t1")
+        await asyncio.gather(*slow)
+        return list(await asyncio.gather(*waiting))
+
+    try:
+        answers = asyncio.run(scenario())
+        for a in answers:
+            assert a["isError"] and "task t1 has ended" in a["content"][0]["text"], a
+        time.sleep(0.3)
+        assert runner.session_pid("a", "t1") is None
+        assert sorted(p.name for p in ws.iterdir()) == []
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("session", [True, False], ids=["session", "fresh"])
+def test_a_sandbox_made_as_its_task_ends_goes_with_it(tmp_path: Path, session: bool) -> None:
+    """The task ends while its call's sandbox is being made (after the call's turn came): the
+    sandbox is ended as soon as it is there, never kept for a task that has none."""
+    runner, svc = code_service(timeout=30.0)
+    ws = owned_workspace(tmp_path / "ws", "65534")
+    asked = iter([True])  # alive when the call gets its turn, then never
+    caller = Caller(task="t1", tenant="a", workspace=ws, alive=lambda: next(asked, False))
+    code = "import time; open('/workspace/ran', 'w').write('x'); time.sleep(30)"
+    try:
+        t0 = time.monotonic()
+        r = call(svc, "run_code", {"code": code, "session": session}, caller)
+        assert r["isError"] and time.monotonic() - t0 < 10, r
+        time.sleep(0.3)
+        assert runner.session_pid("a", "t1") is None and runner.spare_pids("a", "t1") == []
+    finally:
+        runner.close()
+
+
 def test_a_session_output_is_cut_as_a_fresh_calls_and_its_state_kept() -> None:
     """What session code prints is cut at the tool's output limit, in all, as a fresh call's
     is (the reply says so and how much it printed); the session goes on. Cut in the sandbox:
@@ -1176,7 +1232,7 @@ from agentnode.egress.service import EgressService
 from agentnode.isolation import use_data_dir
 from agentnode.tools.code import CodeRunner
 from agentnode.tools.registry import Caller, Registry, ToolLimits
-from agentnode.tools.service import ToolService
+from agentnode.tools.service import RUNNING_PER_CALLER, ToolService
 use_data_dir({str(isolation.DATA_DIR)!r})
 net = EgressService(bridge="agentnode0", subnet={str(net.network.subnet)!r}, node_netns={w.task!r})
 made = []

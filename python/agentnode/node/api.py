@@ -638,4 +638,4 @@ def _task_caller(node: Node, request: web.Request, body: dict[str, Any] | None) 
     assert p is not None and p.task is not None
     if body is not None and any(k in body for k in ("task", "tenant")):
         raise BadField("task", "a task's token calls tools for that task only")
-    return caller_for(node.manager.get(p.task), _workspaces(node))
+    return node.task_caller(p.task)

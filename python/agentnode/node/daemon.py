@@ -313,16 +313,14 @@ async def _serve_mcp(node: Node) -> tuple[MCPEndpoint, MCPSocket]:
     from agentnode.node.api import TaskTokens
     from agentnode.tools.endpoint import MCPEndpoint, mcp_app
     from agentnode.tools.mcpsocket import MCPSocket
-    from agentnode.tools.toolbox import caller_for
 
     tokens = TaskTokens(node)
-    workspaces = node.config.data_dir / "workspaces"
 
     def authenticate(token: str) -> Caller | None:
         p = tokens.authenticate(token)
         if p is None or p.task is None:
             return None
-        return caller_for(node.manager.get(p.task), workspaces)
+        return node.task_caller(p.task)
 
     def app() -> ASGIApp:
         return mcp_app(node.tools.service, authenticate)

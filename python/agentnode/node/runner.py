@@ -52,7 +52,8 @@ from agentnode.tasks.manager import Limits as QueueLimits
 from agentnode.tasks.manager import TaskManager, lost_at_restart
 from agentnode.tasks.model import TERMINAL, State, Task, TaskSpec, cpu_weight_for
 from agentnode.tasks.retry import RetryPolicy
-from agentnode.tools.toolbox import Toolbox
+from agentnode.tools.registry import Caller
+from agentnode.tools.toolbox import Toolbox, caller_for
 
 if TYPE_CHECKING:
     from agentnode.audit.otel import TimelineExporter
@@ -689,6 +690,25 @@ class Node:
         return self.restorer is not None and (
             task.spec.sandbox.network == "none" or self.egress.pins is not None
         )
+
+    def task_caller(self, task_id: str) -> Caller:
+        """The tool caller a task's own token is (KeyError: no such task): its calls end with
+        the task, as its token does."""
+        return caller_for(
+            self.manager.get(task_id),
+            self.config.data_dir / "workspaces",
+            alive=functools.partial(self._alive, task_id),
+        )
+
+    def _alive(self, task_id: str) -> bool:
+        """Running, or still starting (its process may call before the start is recorded);
+        from its end on, not, though its token lives until the end is recorded."""
+        if task_id in self.running:
+            return True
+        try:
+            return self.manager.get(task_id).state is State.STARTING
+        except TaskError:
+            return False
 
     def log_path(self, task_id: str, attempt: int) -> Path:
         return self.config.data_dir / "logs" / f"{task_id}.{attempt}.log"

@@ -308,7 +308,7 @@ class CodeRunner:
         reach = self.reach(caller)
         if language == "python":
             started = await self._take_spare(caller, reach)
-            self._track(caller.task, started.task)
+            self._track(caller, started.task)
             try:
                 run = await finish_off_loop(started, stdin=args["code"].encode(), limits=limits)
             finally:
@@ -325,15 +325,19 @@ class CodeRunner:
             workspace=caller.workspace,
             user=caller.user,
             userns=caller.userns,
-            on_start=lambda sandbox: self._track(caller.task, sandbox),
+            on_start=lambda sandbox: self._track(caller, sandbox),
         )
         return self._fresh_outcome(run)
 
-    def _track(self, task: str, sandbox: isolation.Task) -> None:
-        """Notes a fresh call's sandbox for `task`'s end; forgets the task's ended ones (a
+    def _track(self, caller: Caller, sandbox: isolation.Task) -> None:
+        """Notes a fresh call's sandbox for its task's end; forgets the task's ended ones (a
         call's run goes on after a caller that went, so its end is what counts)."""
         with self._running_lock:
-            running = self._running.setdefault(task, set())
+            if not caller.alive():
+                # Started as its task ended: `end_task` has been, or never sees it.
+                sandbox.send_kill()
+                return
+            running = self._running.setdefault(caller.task, set())
             running.difference_update([t for t in running if t.result is not None])
             running.add(sandbox)
 
@@ -392,6 +396,8 @@ class CodeRunner:
         are there or under way (in parallel, on the `SPAWNER` threads), each stopped after
         `_SPARE_IDLE_S` unless a call takes it first: also those made for a task that ended
         while its last call ran (after `end_task`)."""
+        if not caller.alive():
+            return
         key = _spare_of(caller, reach)
         # Those made for the task's previous network (its policy changed) would never be taken.
         for old in [k for k in self._spares if k != key and (k.tenant, k.task) ==
@@ -447,7 +453,8 @@ class CodeRunner:
         outcome.structured = base.structured
         return outcome
 
-    async def _session(self, caller: Caller) -> Session:
+    async def _session(self, caller: Caller) -> Session | None:
+        """The task's session, made if it has none; None when the task ended meanwhile."""
         key = _Key(caller.tenant, caller.task)
         reach = self.reach(caller)
         lock = self._starting.setdefault(key, asyncio.Lock())
@@ -468,6 +475,9 @@ class CodeRunner:
             task = await loop.run_in_executor(
                 SPAWNER, self._start_session, caller, reach, denials.append
             )
+            if not caller.alive():
+                task.close()  # made while its task ended: `end_task` has been already
+                return None
             s = self._sessions[key] = Session(task, reach, denials)
             return s
 
@@ -498,6 +508,8 @@ class CodeRunner:
 
     async def _in_session(self, code: str, timeout: float, caller: Caller) -> Outcome:
         s = await self._session(caller)
+        if s is None:
+            return Outcome.error("permanent", f"task {caller.task} has ended")
         loop = asyncio.get_running_loop()
         async with s.lock:
             before = s.task.stats()

@@ -59,6 +59,10 @@ class RetryPolicy:
         return min(self.base_s * 2.0 ** (attempt - 1), self.max_s)
 
 
+def _forever() -> bool:
+    return True
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Caller:
     """Who calls a tool: the task (and its tenant), its workspace on the host, and its own
@@ -72,6 +76,9 @@ class Caller:
     #: The user the task runs as (tools that write for it run as the same user).
     user: str = "65534"
     userns: bool = False
+    #: Whether its task still runs, for a task's own calls, which end with it: a call that
+    #: waited its turn, or a sandbox made as the task ended, asks before it goes on.
+    alive: Callable[[], bool] = field(default=_forever, compare=False, repr=False)
 
     def reach(self) -> tuple[str, EgressPolicy | None]:
         """The network mode and policy a tool's sandbox gets when it acts with this caller's

@@ -273,6 +273,9 @@ class ToolService:
         self._turns[who] = (turns, waiting + 1)
         try:
             async with turns:
+                if not caller.alive():
+                    # It waited its turn past its task's end, whose sandboxes went with it.
+                    return Outcome.error("permanent", f"task {caller.task} has ended")
                 return await tool.run(args, caller)
         except Exception as e:
             # A tool's own bug: the caller gets one line, the node log the traceback.

@@ -3,6 +3,7 @@ service, and how a task (by token or id) becomes a `Caller`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from agentnode.egress.service import EgressService
@@ -20,8 +21,9 @@ from agentnode.tools.web import WebTools
 __all__ = ["Toolbox", "caller_for"]
 
 
-def caller_for(task: Task, workspaces: Path) -> Caller:
-    """The caller a task is: its tenant, workspace, user and its own network and policy."""
+def caller_for(task: Task, workspaces: Path, alive: Callable[[], bool] | None = None) -> Caller:
+    """The caller a task is: its tenant, workspace, user and its own network and policy;
+    `alive` for the task's own calls, which end with it."""
     spec = task.spec
     try:
         mode, policy = spec.sandbox.egress()
@@ -35,6 +37,7 @@ def caller_for(task: Task, workspaces: Path) -> Caller:
         egress=policy,
         user=spec.sandbox.user,
         userns=spec.sandbox.userns,
+        **({} if alive is None else {"alive": alive}),
     )
 
 
