@@ -59,6 +59,7 @@ from agentnode.runtime.cli import this_python
 from agentnode.tasks.model import _TENANT as TENANT_NAME
 from agentnode.tasks.model import TERMINAL, Task
 from agentnode.tasks.submission import BadField, spec_from_json
+from agentnode.trees import regular_files
 
 __all__ = ["STEP_WAIT_S", "add_protocol_routes"]
 
@@ -462,21 +463,11 @@ def _uploaded(node: Node, task: Task) -> set[str]:
     return {r["path"] for r in _timeline(node, task) if r["kind"] == "ap_upload"}
 
 
-def _walk(root: Path) -> Iterator[str]:
-    """Relative paths of the regular files under `root`: symlinks are neither listed nor
-    followed (a task could point one anywhere on the host)."""
-    for directory, dirs, files in os.walk(root, followlinks=False):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(directory, name)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                yield os.path.relpath(path, root)
-
-
 def _artifacts(node: Node, task: Task) -> list[dict[str, Any]]:
     uploaded = _uploaded(node, task)
     out: list[dict[str, Any]] = []
-    for relative in _walk(_workspace(node, task)):
+    # Symlinks are neither listed nor followed: a task could point one anywhere on the host.
+    for relative in regular_files(_workspace(node, task)):
         if len(out) == _MAX_ARTIFACTS:
             break
         folder, name = os.path.split(relative)
@@ -545,7 +536,7 @@ async def _download(request: web.Request, node: Node, tenant: str) -> web.Stream
     artifact_id = request.match_info["artifact_id"]
     root = _workspace(node, task)
     relative = await asyncio.to_thread(
-        lambda: next((p for p in _walk(root) if _artifact_id(p) == artifact_id), None)
+        lambda: next((p for p in regular_files(root) if _artifact_id(p) == artifact_id), None)
     )
     if relative is None:
         raise _Refused(404, f"task {task.id} has no artifact {artifact_id!r}")

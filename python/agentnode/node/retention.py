@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 
 from agentnode.tasks.manager import TaskManager
+from agentnode.trees import remove_tree
 
 __all__ = ["Retention"]
 
@@ -90,7 +90,7 @@ class Retention:
         """Each task's workspace and logs (every attempt's, rotated ones too)."""
         for task_id in task_ids:
             workspace = self.workspaces / task_id
-            shutil.rmtree(workspace, ignore_errors=True)
+            remove_tree(workspace)
             if workspace.exists():
                 log.warning("retention cannot remove all of %s", workspace)
             for path in self.logs.glob(f"{task_id}.*"):

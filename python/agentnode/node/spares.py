@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import uuid
 from pathlib import Path
+
+from agentnode.trees import remove_tree
 
 __all__ = ["SPARE_PREFIX", "Spares"]
 
@@ -102,7 +103,4 @@ class Spares:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    remove_tree(path)

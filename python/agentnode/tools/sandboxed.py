@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import selectors
-import shutil
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ from agentnode.isolation.spec import Limits, Mount, Sandbox, parse_user
 from agentnode.isolation.task import ExitReason, Result, prepare_workspace
 from agentnode.tools.registry import ToolLimits
 from agentnode.tools.result import Outcome, ToolClass
+from agentnode.trees import remove_tree
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class Started:
             self.task.close()
         finally:
             if self.scratch is not None:
-                shutil.rmtree(self.scratch, ignore_errors=True)
+                remove_tree(self.scratch)
 
 
 def start_sandboxed(
@@ -227,7 +227,7 @@ def start_sandboxed(
         )
     except BaseException:
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            remove_tree(scratch)
         raise
     task.close_network_later()  # the call's answer does not wait for its removal
     return Started(task, scratch, denials)
