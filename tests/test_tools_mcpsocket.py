@@ -23,6 +23,7 @@ from mcp_types import TextContent
 from agentnode.errors import ConfigError, TaskError
 from agentnode.isolation.spec import Mount
 from agentnode.sdk.tools import Tools
+from agentnode.tools.lines import MAX_CONTAINERS
 from agentnode.tools.mcpservers import MCPServers, MCPServerSpec
 from agentnode.tools.mcpsocket import MCPSocket
 from agentnode.tools.registry import Caller, Registry, Tool
@@ -398,6 +399,71 @@ def test_a_malformed_line_gets_a_jsonrpc_error_and_the_connection_goes_on(
     assert out["long"] == {"jsonrpc": "2.0", "id": None, "error": {
         "code": -32600, "message": "a line longer than 4096 bytes"}}  # fmt: skip
     assert out["eof"] == b"" and out["left"] == 0
+
+
+#: Arguments that open more arrays and objects than the node parses in one message, three ways.
+_MANY = {
+    "lists": {"say": "x", "pad": [[] for _ in range(MAX_CONTAINERS + 1)]},
+    "objects": {"say": "x", "pad": [{} for _ in range(MAX_CONTAINERS + 1)]},
+    "in a string": {"say": "[" * (MAX_CONTAINERS + 1)},
+}
+
+
+def test_a_message_opening_too_many_arrays_is_refused_before_it_is_parsed(
+    tmp_path: Path,
+) -> None:
+    """Each array or object costs the node ~170 bytes and its loop ~1.7 us to parse: a line
+    that opens more than MAX_CONTAINERS is answered unparsed, and the connection goes on."""
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with serving(tmp_path) as node:
+            raw = Raw(node.socket.path)
+            assert await raw.open("ta") == "ok\n"
+            await raw.initialize()
+            for n, (way, args) in enumerate(_MANY.items()):
+                out[way] = await raw.message(call_line(n, "echo", args))
+            fits = {"say": "fits", "pad": [[] for _ in range(MAX_CONTAINERS // 2)]}
+            out["fits"] = await raw.message(call_line(7, "echo", fits))
+            raw.close()
+        return out
+
+    out = asyncio.run(scenario())
+    for way in _MANY:
+        assert out[way]["id"] is None and out[way]["error"]["code"] == -32600, way
+        assert f"over the node's {MAX_CONTAINERS}" in out[way]["error"]["message"], way
+    assert out["fits"]["result"]["content"] == [{"type": "text", "text": "t1/a: fits"}]
+
+
+def test_the_http_door_refuses_a_body_opening_too_many_arrays(tmp_path: Path) -> None:
+    headers = {"Authorization": "Bearer ta", "Accept": "application/json, text/event-stream",
+               "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
+               "Mcp-Name": "echo", "Content-Type": "application/json"}  # fmt: skip
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with http_door(tmp_path) as (_, http):
+            for n, (way, args) in enumerate(_MANY.items()):
+                body = call_line(n, "echo", args, era="modern").encode()
+                r = await http.post(DOOR, content=body, headers=headers)
+                out[way] = (r.status_code, r.json())
+
+                async def chunks(body: bytes = body) -> AsyncIterator[bytes]:
+                    for i in range(0, len(body), 64 << 10):
+                        yield body[i : i + (64 << 10)]
+
+                r = await http.post(DOOR, content=chunks(), headers=headers)
+                out[way + " chunked"] = (r.status_code, r.json())
+            line = call_line(9, "echo", {"say": "after"}, era="modern").encode()
+            out["after"] = (await http.post(DOOR, content=line, headers=headers)).json()
+        return out
+
+    out = asyncio.run(scenario())
+    for way in [*_MANY, *(w + " chunked" for w in _MANY)]:
+        status, body = out[way]
+        assert status == 400 and body["error"]["code"] == -32600, (way, body)
+        assert f"over the node's {MAX_CONTAINERS}" in body["error"]["message"], way
+    assert out["after"]["result"]["content"][0]["text"] == "t1/a: after"
 
 
 def fds(path: Path) -> set[str]:

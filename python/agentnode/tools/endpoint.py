@@ -16,12 +16,12 @@ import mcp_types as types
 import uvicorn
 from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from agentnode.peercap import PeerCap
 from agentnode.sdk.tools import IDEMPOTENCY_META
-from agentnode.tools.lines import MAX_MESSAGE
+from agentnode.tools.lines import MAX_CONTAINERS, MAX_MESSAGE, containers, too_many_containers
 from agentnode.tools.registry import Caller
 from agentnode.tools.service import ToolService
 from agentnode.unixsock import listen_unix
@@ -100,6 +100,11 @@ def _authenticating(app: ASGIApp, authenticate: Authenticate, *, max_per_task: i
         if caller is not None:
             open_now[caller.task] = held + 1
         try:
+            if caller is not None and scope["method"] == "POST":
+                read = await _checked_body(receive, send)
+                if read is None:
+                    return
+                receive = read
             with tenant_scope(None if caller is None else caller.tenant):
                 await app(scope, receive, send)
         finally:
@@ -109,14 +114,45 @@ def _authenticating(app: ASGIApp, authenticate: Authenticate, *, max_per_task: i
     return wrapped
 
 
+async def _checked_body(receive: Receive, send: Send) -> Receive | None:
+    """The request body read ahead and counted as a task's line is (`MAX_CONTAINERS`): a
+    `receive` that hands it on, or None once a refusal is sent. (Past `MAX_MESSAGE` bytes the
+    SDK refuses it.)"""
+    read: list[Message] = []
+    count = size = 0
+    while True:
+        message = await receive()
+        read.append(message)
+        if message["type"] != "http.request":
+            break
+        body = message.get("body", b"")
+        count += containers(body)
+        size += len(body)
+        if count > MAX_CONTAINERS:
+            await _refuse(send, 400, types.INVALID_REQUEST, too_many_containers(count))
+            return None
+        if size > MAX_MESSAGE or not message.get("more_body"):
+            break
+    ahead = iter(read)
+
+    async def replay() -> Message:
+        return next(ahead, None) or await receive()
+
+    return replay
+
+
 async def _too_many(send: Send, why: str) -> None:
     """A 429 whose body is one JSON-RPC error naming the bound (the SDK's own refusals take
     the same shape)."""
+    await _refuse(send, 429, types.INTERNAL_ERROR, why)
+
+
+async def _refuse(send: Send, status: int, code: int, why: str) -> None:
     error = types.JSONRPCError(
-        jsonrpc="2.0", id=None, error=types.ErrorData(code=types.INTERNAL_ERROR, message=why)
+        jsonrpc="2.0", id=None, error=types.ErrorData(code=code, message=why)
     )
     body = error.model_dump_json(by_alias=True, exclude_unset=True).encode()
-    await send({"type": "http.response.start", "status": 429, "headers": [
+    await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
 
