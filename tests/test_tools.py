@@ -5,6 +5,7 @@ caller's own egress policy, and web_search against a mock SearXNG API on loopbac
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -204,6 +205,35 @@ def test_the_record_hashes_the_arguments_and_redacts_secret_fields() -> None:
     assert "s3cret" not in repr(rec)
     for key in ("time", "duration_ms", "cpu_s", "memory_peak", "bytes_out"):
         assert key in rec
+
+
+def test_the_record_keeps_large_arguments_shortened_and_hashed_whole() -> None:
+    """A task's large calls must not fill the node's disk through its audit log: the record
+    keeps each argument shortened, saying how much there was; the hash covers all of it."""
+    records: list[dict[str, Any]] = []
+    schema = {"type": "object", "properties": ECHO.input_schema["properties"]}
+    svc = service(Tool(name="take", description="takes anything", input_schema=schema,
+                       run=_echo), records=records)  # fmt: skip
+    big = {
+        "content": "x" * (3 << 20),
+        "many": list(range(100_000)),
+        "keys": {f"k{i}": i for i in range(1000)},
+        "deep": functools.reduce(lambda inner, _: [inner], range(40), ["bottom"]),
+        "auth": {"token": "s" * 5000},
+    }
+    other = {**big, "content": "x" * (3 << 20) + "y"}
+    for args in (big, other):
+        assert meta(call(svc, "take", args, A))["class"] == "ok"
+    first, second = records
+    assert len(json.dumps(first)) < 20_000, len(json.dumps(first))
+    args = first["args"]
+    assert args["content"] == "x" * 1024 + f"…[{3 << 20} characters]"
+    assert args["many"] == [*range(64), "…[100000 items]"]
+    assert len(args["keys"]) == 65 and args["keys"]["…"] == "[1000 keys]"
+    assert args["auth"] == {"token": "[redacted]"}
+    assert "nested deeper than 16" in json.dumps(args["deep"])
+    # Shortened alike, hashed apart.
+    assert first["args_sha256"] != second["args_sha256"]
 
 
 class Flaky:

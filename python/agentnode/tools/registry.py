@@ -171,6 +171,35 @@ class Tool:
         return self._described
 
 
+#: What an audit record keeps of arguments: strings cut to this many characters, lists and
+#: objects to this many items, and this deep (`args_sha256` fingerprints them whole).
+RECORDED_CHARS = 1024
+RECORDED_ITEMS = 64
+RECORDED_DEPTH = 16
+
+
+def shortened(value: Any, depth: int = 0) -> Any:
+    """`value` as an audit record keeps it (see `RECORDED_CHARS`): each cut says how much was
+    there, so a task's 3 MiB `write_file` costs the log a few kB, not 3 MiB a call."""
+    if isinstance(value, str):
+        if len(value) <= RECORDED_CHARS:
+            return value
+        return value[:RECORDED_CHARS] + f"…[{len(value)} characters]"
+    if not isinstance(value, (dict, list)):
+        return value
+    if depth >= RECORDED_DEPTH:
+        return f"[{len(value)} items nested deeper than {RECORDED_DEPTH}]"
+    if isinstance(value, list):
+        out = [shortened(v, depth + 1) for v in value[:RECORDED_ITEMS]]
+        if len(value) > RECORDED_ITEMS:
+            out.append(f"…[{len(value)} items]")
+        return out
+    kept = {k: shortened(v, depth + 1) for k, v in list(value.items())[:RECORDED_ITEMS]}
+    if len(value) > RECORDED_ITEMS:
+        kept["…"] = f"[{len(value)} keys]"
+    return kept
+
+
 def redact(schema: Mapping[str, Any], args: Any) -> Any:
     """`args` with every value whose schema says `"secret": true` replaced by "[redacted]"
     (nested objects and arrays too)."""

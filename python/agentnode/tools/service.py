@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from agentnode.errors import AuditError, StoreWriteError
 from agentnode.tools.keys import KeyStore
-from agentnode.tools.registry import Caller, Registry, Tool, redact
+from agentnode.tools.registry import Caller, Registry, Tool, redact, shortened
 from agentnode.tools.result import RETRYABLE, Outcome
 
 __all__ = [
@@ -311,7 +311,9 @@ class ToolService:
             "tenant": caller.tenant,
             "tool": name,
             "args_sha256": digest,
-            "args": redact(tool.input_schema, args) if tool is not None else "[unknown tool]",
+            "args": shortened(redact(tool.input_schema, args))
+            if tool is not None
+            else "[unknown tool]",
             "class": outcome.cls,
             "duration_ms": round(duration_ms, 3),
             "cpu_s": round(outcome.cpu_s, 6),
