@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -218,7 +218,7 @@ def test_the_record_keeps_large_arguments_shortened_and_hashed_whole() -> None:
         "content": "x" * (3 << 20),
         "many": list(range(100_000)),
         "keys": {f"k{i}": i for i in range(1000)},
-        "deep": functools.reduce(lambda inner, _: [inner], range(40), ["bottom"]),
+        "deep": functools.reduce(lambda inner, _: [inner], range(40), cast(Any, ["bottom"])),
         "auth": {"token": "s" * 5000},
     }
     other = {**big, "content": "x" * (3 << 20) + "y"}
