@@ -383,6 +383,63 @@ def test_the_key_store_keeps_results_across_reopening_and_bounds_retention(
     store.close()
 
 
+def test_one_tenants_keys_never_push_out_anothers(tmp_path: Path) -> None:
+    """Retention is per tenant: a tenant making keys without end drops its own oldest, never
+    another tenant's (whose call would then run twice), by count and by bytes; a task's slot
+    counts for its tenant."""
+    from agentnode.tools.keys import KeyStore
+
+    store = KeyStore(tmp_path / "keys", kept=5, max_bytes=300_000)
+    store.start(("a/t1", "write", "once"), "d")
+    store.finish(("a/t1", "write", "once"), "d", {"text": "x" * 100_000})
+    store.start(("a", "write", "tenant-wide"), "d")
+    store.finish(("a", "write", "tenant-wide"), "d", {"n": 1})
+    for i in range(50):
+        store.start((f"b/t{i % 3}", "write", f"k{i}"), "d")
+        store.finish((f"b/t{i % 3}", "write", f"k{i}"), "d", {"text": "y" * (i % 2) * 100_000})
+    assert store.get(("a/t1", "write", "once")) == ("d", {"text": "x" * 100_000})
+    assert store.get(("a", "write", "tenant-wide")) == ("d", {"n": 1})
+    kept_b = [i for i in range(50) if store.get((f"b/t{i % 3}", "write", f"k{i}"))]
+    assert kept_b == [46, 47, 48, 49], kept_b  # 2 of 100 kB and 2 empty: under 300 kB
+    store.close()
+    store = KeyStore(tmp_path / "keys", kept=5, max_bytes=300_000)
+    store.start(("b/t0", "write", "more"), "d")
+    assert store.get(("a/t1", "write", "once")) is not None, "counted again after reopening"
+    assert [i for i in range(50) if store.get((f"b/t{i % 3}", "write", f"k{i}"))] == [
+        46,
+        47,
+        48,
+        49,
+    ]
+    store.close()
+
+
+def test_a_key_store_of_before_per_tenant_retention_is_taken_over(tmp_path: Path) -> None:
+    import msgpack
+
+    from agentnode.storage.rocks import Batch, Rocks
+    from agentnode.tools.keys import KeyStore
+
+    db = Rocks(tmp_path / "keys")
+    batch = Batch()
+    now = time.time() - 10  # taken before the next key
+    for n, (owner, key) in enumerate([("a/t1", "x"), ("b/t2", "y"), ("b/t2", "z")]):
+        slot = f"{owner}\0tool\0{key}".encode()
+        packed = msgpack.packb(["d", now + n, {"key": key}])
+        batch.put(b"k" + slot, packed)
+        batch.put(b"a" + int((now + n) * 1e9).to_bytes(8, "big") + slot,
+                  len(packed).to_bytes(8, "big"))  # fmt: skip
+    db.write(batch)
+    db.close()
+    store = KeyStore(tmp_path / "keys", kept=1)
+    assert store.get(("a/t1", "tool", "x")) == ("d", {"key": "x"})
+    # b held two keys past its bound of one: its next key drops its oldest, a's stays.
+    store.start(("b/t2", "tool", "w"), "d")
+    assert store.get(("b/t2", "tool", "y")) is None and store.get(("b/t2", "tool", "z")) is None
+    assert store.get(("a/t1", "tool", "x")) is not None
+    store.close()
+
+
 def test_the_key_store_drops_aged_keys_while_it_runs(tmp_path: Path) -> None:
     """Within its bounds a call opens no scan of the keys' ages; past one (here the age of the
     oldest key) the next call drops what is out, and keeps the rest."""
