@@ -154,6 +154,46 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
     assert [r["tool"] for r in records][:2] == ["t__add", "t__add"]
 
 
+#: A server whose tools depend on its workspace, which is its tenant's own.
+_BY_WORKSPACE = """
+import os
+from mcp.server.mcpserver import MCPServer
+label = open("label").read().strip() if os.path.exists("label") else "none"
+server = MCPServer("by-workspace")
+server.add_tool(lambda: label, name="only_" + label, description="from " + label)
+server.run()
+"""
+
+
+def test_each_tenant_sees_the_tools_its_own_instance_lists(data_dir: Path) -> None:
+    """An instance's listing may depend on its tenant's workspace: no tenant's names,
+    descriptions or schemas stand for another's, in either order or at once."""
+    spec = sdk_server(name="w", command=(sys.executable, "-c", _BY_WORKSPACE))
+    for tenant, label in (("a", "alpha"), ("b", "beta"), ("c", "gamma")):
+        ws = data_dir / "mcp" / "w" / tenant
+        ws.mkdir(parents=True)
+        (ws / "label").write_text(label)
+    servers = MCPServers([spec])
+    svc = ToolService(Registry(), on_record=[].append, sources=[servers])
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {"a": await svc.list("a"), "b": await svc.list("b")}
+        out["a call b's"] = await svc.call("w__only_beta", {}, A)
+        out["b call"] = await svc.call("w__only_beta", {}, B)
+        out["c", "a"] = await asyncio.gather(svc.list("c"), svc.list("a"))
+        await servers.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert [(t["name"], t["description"]) for t in out["a"]] == [("w__only_alpha", "from alpha")]
+    assert [t["name"] for t in out["b"]] == ["w__only_beta"]
+    assert meta(out["a call b's"])["class"] == "invalid_input", out["a call b's"]
+    assert out["b call"]["content"][0]["text"] == "beta", out["b call"]
+    listed_c, listed_a = out["c", "a"]
+    assert [t["name"] for t in listed_c] == ["w__only_gamma"]
+    assert [t["name"] for t in listed_a] == ["w__only_alpha"]
+
+
 def test_a_listed_tool_the_node_cannot_take_is_left_out_and_no_schema_is_fetched(
     data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

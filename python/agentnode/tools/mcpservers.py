@@ -598,12 +598,14 @@ class MCPServers:
         self._network = node_network
         self._instances: dict[tuple[str, str], _Instance] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._tools: dict[str, list[dict[str, Any]]] = {}
-        #: Servers whose listing failed, with when they may be tried again.
-        self._unlisted: dict[str, float] = {}
-        #: Listings under way, which other listers of the same server wait for.
-        self._listing: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
-        self._made: dict[tuple[str, str], Tool | None] = {}
+        #: Each (server, tenant)'s tools as its instance listed them: an instance's listing
+        #: may depend on its tenant's workspace, and no tenant's may name another's tools.
+        self._tools: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        #: Listings that failed, with when they may be tried again.
+        self._unlisted: dict[tuple[str, str], float] = {}
+        #: Listings under way, which other listers of the same instance wait for.
+        self._listing: dict[tuple[str, str], asyncio.Future[list[dict[str, Any]]]] = {}
+        self._made: dict[tuple[str, str, str], Tool | None] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -639,18 +641,20 @@ class MCPServers:
                     await inst.stop()
 
     async def _listed(self, spec: MCPServerSpec, tenant: str) -> list[dict[str, Any]]:
-        """The server's tools as it lists them (it is started the first time they are needed;
-        the list is then remembered). One listing at a time per server, which the others
-        wait for; none for `UNLISTED_S` after one failed (no tools meanwhile)."""
-        listed = self._tools.get(spec.name)
+        """The tools `tenant`'s instance of the server lists (it is started the first time
+        they are needed; the list is then remembered). One listing at a time per instance,
+        which the others wait for; none for `UNLISTED_S` after one failed (no tools
+        meanwhile)."""
+        key = (spec.name, tenant)
+        listed = self._tools.get(key)
         if listed is not None:
             return listed
-        if time.monotonic() < self._unlisted.get(spec.name, 0.0):
+        if time.monotonic() < self._unlisted.get(key, 0.0):
             return []
-        listing = self._listing.get(spec.name)
+        listing = self._listing.get(key)
         if listing is None:
-            listing = self._listing[spec.name] = asyncio.ensure_future(self._list(spec, tenant))
-            listing.add_done_callback(lambda _: self._listing.pop(spec.name, None))
+            listing = self._listing[key] = asyncio.ensure_future(self._list(spec, tenant))
+            listing.add_done_callback(lambda _: self._listing.pop(key, None))
         return await asyncio.shield(listing)  # a lister that goes does not end it for others
 
     async def _list(self, spec: MCPServerSpec, tenant: str) -> list[dict[str, Any]]:
@@ -659,12 +663,12 @@ class MCPServers:
             assert inst.client is not None
             result = await inst.client.list_tools()
         except Exception as e:
-            log.warning("MCP server %s cannot list its tools (tried again in %g s): %s",
-                        spec.name, UNLISTED_S, e)  # fmt: skip
-            self._unlisted[spec.name] = time.monotonic() + UNLISTED_S
+            log.warning("MCP server %s cannot list its tools for tenant %s (tried again in %g "
+                        "s): %s", spec.name, tenant, UNLISTED_S, e)  # fmt: skip
+            self._unlisted[spec.name, tenant] = time.monotonic() + UNLISTED_S
             return []
-        self._unlisted.pop(spec.name, None)
-        listed = self._tools[spec.name] = [
+        self._unlisted.pop((spec.name, tenant), None)
+        listed = self._tools[spec.name, tenant] = [
             t.model_dump(by_alias=True, exclude_none=True) for t in result.tools
         ]
         return listed
@@ -676,7 +680,7 @@ class MCPServers:
         """The tools of every server `tenant` may use (the servers listed at once)."""
         specs = [spec for spec in self.specs.values() if self._allowed(spec, tenant)]
         lists = await asyncio.gather(*(self._listed(spec, tenant) for spec in specs))
-        made = (self._tool(spec, t) for spec, listed in zip(specs, lists, strict=True)
+        made = (self._tool(spec, tenant, t) for spec, listed in zip(specs, lists, strict=True)
                 for t in listed)  # fmt: skip
         return [tool for tool in made if tool is not None]
 
@@ -687,9 +691,11 @@ class MCPServers:
             return None
         return spec, remote
 
-    def _find(self, spec: MCPServerSpec, remote: str, listed: list[dict[str, Any]]) -> Tool | None:
+    def _find(
+        self, spec: MCPServerSpec, tenant: str, remote: str, listed: list[dict[str, Any]]
+    ) -> Tool | None:
         found = next((t for t in listed if t["name"] == remote), None)
-        return None if found is None else self._tool(spec, found)
+        return None if found is None else self._tool(spec, tenant, found)
 
     async def get(self, name: str, tenant: str) -> Tool | None:
         """Tool `server__tool`, when `tenant` may use that server (only it is started)."""
@@ -697,7 +703,7 @@ class MCPServers:
         if named is None:
             return None
         spec, remote = named
-        return self._find(spec, remote, await self._listed(spec, tenant))
+        return self._find(spec, tenant, remote, await self._listed(spec, tenant))
 
     def known(self, name: str, tenant: str) -> Tool | None:
         """Tool `server__tool` when its server's tools were listed already (none is started)."""
@@ -705,12 +711,13 @@ class MCPServers:
         if named is None:
             return None
         spec, remote = named
-        return self._find(spec, remote, self._tools.get(spec.name, []))
+        return self._find(spec, tenant, remote, self._tools.get((spec.name, tenant), []))
 
-    def _tool(self, spec: MCPServerSpec, listed: dict[str, Any]) -> Tool | None:
-        """The node's tool for one the server listed; None (and one log line) for one the node
-        cannot take, such as an invalid input schema: the server's other tools are served."""
-        key = (spec.name, listed["name"])
+    def _tool(self, spec: MCPServerSpec, tenant: str, listed: dict[str, Any]) -> Tool | None:
+        """The node's tool for one `tenant`'s instance of the server listed; None (and one log
+        line) for one the node cannot take, such as an invalid input schema: the server's
+        other tools are served."""
+        key = (spec.name, tenant, listed["name"])
         if key in self._made:
             return self._made[key]
         try:
