@@ -174,13 +174,14 @@ def test_each_tenant_sees_the_tools_its_own_instance_lists(data_dir: Path) -> No
         ws.mkdir(parents=True)
         (ws / "label").write_text(label)
     servers = MCPServers([spec])
-    svc = ToolService(Registry(), on_record=[].append, sources=[servers])
+    records: list[dict[str, Any]] = []
+    svc = ToolService(Registry(), on_record=records.append, sources=[servers])
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {"a": await svc.list("a"), "b": await svc.list("b")}
         out["a call b's"] = await svc.call("w__only_beta", {}, A)
         out["b call"] = await svc.call("w__only_beta", {}, B)
-        out["c", "a"] = await asyncio.gather(svc.list("c"), svc.list("a"))
+        out["c and a"] = await asyncio.gather(svc.list("c"), svc.list("a"))
         await servers.close()
         return out
 
@@ -189,7 +190,7 @@ def test_each_tenant_sees_the_tools_its_own_instance_lists(data_dir: Path) -> No
     assert [t["name"] for t in out["b"]] == ["w__only_beta"]
     assert meta(out["a call b's"])["class"] == "invalid_input", out["a call b's"]
     assert out["b call"]["content"][0]["text"] == "beta", out["b call"]
-    listed_c, listed_a = out["c", "a"]
+    listed_c, listed_a = out["c and a"]
     assert [t["name"] for t in listed_c] == ["w__only_gamma"]
     assert [t["name"] for t in listed_a] == ["w__only_alpha"]
 
