@@ -1370,15 +1370,21 @@ def test_web_search_speaks_searxng_json_through_its_own_policy(
     tools = WebTools(node_network=net, limits=ToolLimits(timeout=10),
                      search_url=f"http://{HOST4}:8080")  # fmt: skip
     svc = service(*tools.tools())
-    result = call(svc, "web_search", {"query": "agent nodes", "max_results": 2}, A)
+    # Any network of its own will do: the search goes through the tool's own policy.
+    online = Caller(task="t1", tenant="a", network="egress", egress=EgressPolicy(allow=[]))
+    result = call(svc, "web_search", {"query": "agent nodes", "max_results": 2}, online)
     assert meta(result)["class"] == "ok", result
     assert result["structuredContent"]["results"] == [
         {"title": "T0 agent nodes", "url": "https://example.org/0", "content": "c0"},
         {"title": "T1 agent nodes", "url": "https://example.org/1", "content": "c1"},
     ]
-    # Its policy allows its backend only; the caller's own (none here) does not matter.
+    # Its policy allows its backend only; the caller's own does not matter.
     (search,) = [t for t in tools.tools() if t.name == "web_search"]
     assert search.egress == EgressPolicy(allow=[f"{HOST4}:8080"])
+    # A task without network has no way out through it: its query would leave the node.
+    for caller in (A, Caller(task="t2", tenant="a", network="egress")):
+        refused = call(svc, "web_search", {"query": "secret", "max_results": 1}, caller)
+        assert meta(refused)["class"] == "policy" and "has no network" in str(refused), refused
 
 
 # -- configuration and the CLI --------------------------------------------------------------------

@@ -208,6 +208,11 @@ class WebTools:
 
     async def search(self, args: dict[str, Any], caller: Caller) -> Outcome:
         assert self.search_url is not None
+        if caller.reach()[0] == "none":
+            # Its query leaves the node: a task without network would have a way out.
+            return Outcome.error(
+                "policy", f"task {caller.task or caller.tenant} has no network: it cannot search"
+            )
         query = urllib.parse.urlencode({"q": args["query"], "format": "json"})
         url = f"{self.search_url.rstrip('/')}/search?{query}"
         reply = await self._get({"url": url}, self._search_network, self._search_policy, caller)
