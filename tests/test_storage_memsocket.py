@@ -247,6 +247,16 @@ def test_bad_frames_get_an_error_and_the_connection_goes_on(memory_doors) -> Non
         _frame(None, raw=b"\xa3\xff\xfe\xfd"): "not valid msgpack",  # a str that is not UTF-8
         _frame(None, raw=b"\x81\x01\x02"): "not valid msgpack",  # a map keyed by an int
         _frame(None, raw=b"\x91" * 2000 + b"\xc0"): "nested too deeply",
+        # Over 100,000 arrays or maps, three ways: each one byte, ~80 in the node.
+        _frame(
+            None, raw=b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20)
+        ): "over 100000 arrays and maps",
+        _frame(
+            None, raw=b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x80" * (1 << 20)
+        ): "over 100000 arrays and maps",
+        _frame(
+            ["episodic.append", {"namespace": "n", "task": "t", "value": [[[]] * 3] * 40_000}]
+        ): "over 100000 arrays",
         _frame("episodic.get"): "a request is [operation, {arguments}]",
         _frame(["episodic.get", ["n"]]): "a request is [operation, {arguments}]",
         _frame(["episodic.get", {}, 3]): "a request is [operation, {arguments}]",

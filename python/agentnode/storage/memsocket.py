@@ -264,7 +264,11 @@ class _Connection(asyncio.Protocol):
         """Runs one request: answers it now, or returns the future of its answer; raises
         what the request is answered with when it fails at once."""
         try:
-            request = msgpack.unpackb(frame)
+            request = _unpacked(frame)
+        except _TooMany:
+            raise MemoryKeyError(
+                f"request holds over {MAX_CONTAINERS} arrays and maps: send less in one"
+            ) from None
         except (msgpack.StackError, RecursionError):
             raise MemoryKeyError("request is nested too deeply") from None
         except (ValueError, msgpack.UnpackException) as e:
@@ -327,3 +331,27 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self._closed:
             self._closed = True
             self._transport.close()
+
+
+#: The most arrays and maps one request may hold: each costs the node ~80 bytes and its loop
+#: time to build, so a 4 MiB frame of empty arrays (one byte each) would hold 300 MiB.
+MAX_CONTAINERS = 100_000
+
+
+class _TooMany(Exception):
+    pass
+
+
+def _unpacked(frame: bytes) -> Any:
+    """The request in `frame`, given up past `MAX_CONTAINERS` arrays and maps (msgpack hands
+    each to a hook as it is built, so the count stops it early)."""
+    built = 0
+
+    def count(value: Any) -> Any:
+        nonlocal built
+        built += 1
+        if built > MAX_CONTAINERS:
+            raise _TooMany
+        return value
+
+    return msgpack.unpackb(frame, list_hook=count, object_hook=count)
