@@ -795,6 +795,36 @@ def test_a_fresh_call_under_way_ends_with_its_task(tmp_path: Path, language: str
         runner.close()
 
 
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"code": "x = bytearray(100 << 20); print(len(x))"},
+        {"code": "x = bytearray(100 << 20); print(len(x))", "session": True},
+        {
+            "code": "head -c 100000000 /dev/zero | tail -c 1 >/dev/null; x=$(head -c 100000000 "
+            "/dev/zero | tr '\\0' a); echo ${#x}",
+            "language": "bash",
+        },
+    ],
+    ids=["python", "session", "bash"],
+)
+def test_a_tool_runs_within_its_tasks_own_limits(how: dict[str, Any]) -> None:
+    """A task with 48 MiB cannot get 100 by asking run_code (whose own limit is 256 MiB) to
+    allocate them: a tool's sandbox gets the least of the tool's and the task's limits."""
+    from agentnode.isolation.spec import Limits
+
+    runner, svc = code_service(memory=256 << 20)
+    small = Caller(task="t1", tenant="a", task_limits=Limits(memory=48 << 20, pids=16))
+    roomy = Caller(task="t2", tenant="a", task_limits=Limits(memory=1 << 30))
+    try:
+        capped, free = (call(svc, "run_code", how, c) for c in (small, roomy))
+        assert meta(capped)["class"] == "resource", capped
+        assert meta(free)["class"] == "ok", free
+        assert small.within(runner.limits).pids == 16 and roomy.within(runner.limits).pids == 64
+    finally:
+        runner.close()
+
+
 def test_calls_that_waited_their_turn_past_their_tasks_end_run_nothing(tmp_path: Path) -> None:
     """A task's 8 slow calls hold its turns; a session call and two fresh ones wait behind
     them; the task ends: those get their turns as the 8 are killed, and must run nothing,

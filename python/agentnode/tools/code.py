@@ -6,6 +6,7 @@ is never shared, not even between two tasks of one tenant). Its network is none,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -298,13 +299,7 @@ class CodeRunner:
             if language != "python":
                 return Outcome.error("invalid_input", "/language: sessions run python only")
             return await self._in_session(args["code"], timeout, caller)
-        limits = ToolLimits(
-            cpus=self.limits.cpus,
-            memory=self.limits.memory,
-            pids=self.limits.pids,
-            timeout=timeout,
-            output=self.limits.output,
-        )
+        limits = dataclasses.replace(caller.within(self.limits), timeout=timeout)
         reach = self.reach(caller)
         if language == "python":
             started = await self._take_spare(caller, reach)
@@ -362,7 +357,7 @@ class CodeRunner:
     def _placed(self, caller: Caller, reach: _Reach) -> dict[str, Any]:
         """Where and with what a sandbox for `caller` runs, forked or started alike: the
         runner's limits, the caller's reach, workspace and user."""
-        return {"limits": self.limits, "network": reach[0], "egress": reach[1],
+        return {"limits": caller.within(self.limits), "network": reach[0], "egress": reach[1],
                 "node_network": self._network, "workspace": caller.workspace,
                 "user": caller.user}  # fmt: skip
 
@@ -493,7 +488,7 @@ class CodeRunner:
             )
         return isolation.spawn(
             ["python3", "-I", "-u", "-c", _KERNEL],
-            limits=sandbox_limits(self.limits, timeout=False),
+            limits=sandbox_limits(caller.within(self.limits), timeout=False),
             network=reach[0],
             egress=reach[1],
             node_network=self._network,

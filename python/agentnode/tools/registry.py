@@ -17,6 +17,7 @@ import referencing.exceptions
 
 from agentnode.egress.policy import EgressPolicy
 from agentnode.errors import UsageError
+from agentnode.isolation.spec import Limits
 from agentnode.tools.result import Outcome
 
 __all__ = [
@@ -79,6 +80,25 @@ class Caller:
     #: Whether its task still runs, for a task's own calls, which end with it: a call that
     #: waited its turn, or a sandbox made as the task ended, asks before it goes on.
     alive: Callable[[], bool] = field(default=_forever, compare=False, repr=False)
+    #: The task's own limits, which no sandbox acting for it may exceed (see `within`).
+    task_limits: Limits | None = None
+
+    def within(self, limits: ToolLimits) -> ToolLimits:
+        """A tool's per-call `limits`, its cpus, memory and pids at most the task's own: a
+        task cannot get more of them by asking a tool to run its code."""
+        own = self.task_limits
+        if own is None:
+            return limits
+
+        def least(tool: Any, task: Any) -> Any:
+            return task if tool is None else tool if task is None else min(tool, task)
+
+        return dataclasses.replace(
+            limits,
+            cpus=least(limits.cpus, own.cpus),
+            memory=least(limits.memory, own.memory),
+            pids=least(limits.pids, own.pids),
+        )
 
     def reach(self) -> tuple[str, EgressPolicy | None]:
         """The network mode and policy a tool's sandbox gets when it acts with this caller's

@@ -37,6 +37,7 @@ def caller_for(task: Task, workspaces: Path, alive: Callable[[], bool] | None = 
         egress=policy,
         user=spec.sandbox.user,
         userns=spec.sandbox.userns,
+        task_limits=spec.sandbox.limits,
         **({} if alive is None else {"alive": alive}),
     )
 

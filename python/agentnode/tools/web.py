@@ -6,6 +6,7 @@ SearXNG's JSON API (`GET /search?q=...&format=json`)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import json
 import urllib.parse
@@ -164,10 +165,8 @@ class WebTools:
         request.update(max_bytes=limit, timeout=self.limits.timeout)
         run = await run_sandboxed(
             ["python3", "-I", "-c", _FETCHER],
-            limits=ToolLimits(
-                cpus=self.limits.cpus,
-                memory=self.limits.memory,
-                pids=self.limits.pids,
+            limits=dataclasses.replace(
+                caller.within(self.limits),
                 timeout=self.limits.timeout + 2,
                 output=limit * 2 + 65536,
             ),
