@@ -205,3 +205,34 @@ def test_the_mock_speaks_each_endpoints_own_stream_and_encoding(env: ProxyEnv) -
     )
     packed = base64.b64decode(r.json()["data"][0]["embedding"])
     assert struct.unpack("<3f", packed) == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_the_sdks_do_not_retry_what_the_proxy_retried_already(
+    make_env: Callable[..., ProxyEnv],
+) -> None:
+    """After the proxy's own retries and fallbacks end in a 502 or 504 the SDKs do not try
+    again (each would multiply the upstream's calls by its own 3); a 429 or 503 with a
+    Retry-After is still theirs to retry."""
+
+    def cfg(c: dict[str, Any]) -> None:
+        c["deployments"]["gpt-a"]["retries"] = 1
+        c["breaker_failures"] = 100
+
+    env = make_env(cfg)
+    sdk = openai.OpenAI(base_url=env.url + "/v1", api_key="sk-acme", max_retries=2)
+    env.mocks["a"].faults.extend([Fault(status=500)] * 2)
+    with pytest.raises(openai.InternalServerError) as e:
+        sdk.chat.completions.create(model="gpt-x", messages=MSG)
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert len(env.mocks["a"].requests) == 2, "the proxy's 2 tries, none of the SDK's"
+    claude = anthropic.Anthropic(base_url=env.url, api_key="sk-acme", max_retries=2)
+    env.mocks["c"].faults.extend([Fault(status=502)] * 3)
+    with pytest.raises(anthropic.InternalServerError):
+        claude.messages.create(model="claude-x", max_tokens=8, messages=CLAUDE_MSG)
+    assert len(env.mocks["c"].requests) == 1
+    # A 503 asking for a second's wait: the SDK waits it and tries again, and gets through.
+    env.mocks["b"].faults.append(Fault(status=503, retry_after=1))
+    r = sdk.chat.completions.create(model="gpt-y", messages=MSG)
+    assert r.choices[0].message.content == "Hello" and len(env.mocks["b"].requests) == 2
+    sdk.close()
+    claude.close()

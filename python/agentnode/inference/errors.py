@@ -36,12 +36,22 @@ def _body(fmt: str, status: int, message: str, code: str) -> dict[str, object]:
 
 
 def error_response(
-    fmt: str, status: int, message: str, *, code: str, retry_after: float | None = None
+    fmt: str,
+    status: int,
+    message: str,
+    *,
+    code: str,
+    retry_after: float | None = None,
+    retried: bool = False,
 ) -> web.Response:
-    """A JSON error response; `retry_after` (seconds) becomes a Retry-After header."""
+    """A JSON error response; `retry_after` (seconds) becomes a Retry-After header. `retried`:
+    the proxy tried every upstream it could as often as it may, so the SDKs, which read
+    `x-should-retry`, do not multiply its tries by theirs."""
     headers = {}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    if retried:
+        headers["x-should-retry"] = "false"
     return web.json_response(_body(fmt, status, message, code), status=status, headers=headers)
 
 

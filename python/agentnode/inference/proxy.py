@@ -137,9 +137,12 @@ class Proxy:
         message: str,
         code: str,
         retry_after: float | None = None,
+        retried: bool = False,
     ) -> web.Response:
         self.metrics.requests[(endpoint, status)] += 1
-        return error_response(fmt, status, message, code=code, retry_after=retry_after)
+        return error_response(
+            fmt, status, message, code=code, retry_after=retry_after, retried=retried
+        )
 
     def _admit(self, call: Call) -> web.Response | None:
         """Budgets, then the tenant's and task's rate limits; a refusal names what was hit."""
@@ -283,6 +286,9 @@ class Proxy:
             "every upstream failed: " + "; ".join(errors),
             "upstream_failed",
             retry_after=last_retry_after if status in (429, 503, 529) else None,
+            # A wait the upstream asked for is the client's to take; after a 502 or a 504
+            # the proxy's own retries and fallbacks were the tries worth making.
+            retried=status in (502, 504),
         )
 
     def _deployment_wait(self, state: DeploymentState, call: Call) -> float:
