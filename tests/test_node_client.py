@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from agentnode.errors import AgentnodeError
 from agentnode.node.client import NodeClient
-from agentnode.unixsock import connect_unix, listen_unix
+from agentnode.unixsock import connect_unix, dropped, listen_unix
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok": 1}\r\n'
 
@@ -126,3 +127,53 @@ def test_a_socket_path_of_any_length_is_reached_and_a_missing_one_is_named(
         connect_unix(path.with_name("missing.sock"), timeout=5)
     # None added (one of `before` may be closed meanwhile: an earlier test's object collected).
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_the_sdk_sends_on_a_new_connection_once_the_node_let_the_kept_one_go(
+    tmp_path: Path,
+) -> None:
+    """A task's SDK keeps its connection to the node; the node restarting (or letting an idle
+    one go) closes it. The next request, a POST too, goes on a new one; a connection that goes
+    under a request is repeated only for a method that may be repeated."""
+    from agentnode.errors import NodeUnreachable
+    from agentnode.sdk.transport import UnixHTTPConnection, request
+
+    sock = tmp_path / "task.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen()
+    # What each connection does with its requests in turn: answer ("ok"), or close under
+    # the request ("drop"); past its list, it is closed idle.
+    connections = [["ok"], ["ok", "drop"], ["ok", "drop"]]
+
+    def run() -> None:
+        with listener:
+            for actions in connections:
+                conn, _ = listener.accept()
+                with conn:
+                    for action in actions:
+                        request = b""
+                        while not request.endswith(b"\r\n\r\n{}"):  # each sends "{}"
+                            if not (chunk := conn.recv(65536)):
+                                return
+                            request += chunk
+                        if action == "drop":
+                            break
+                        conn.sendall(OK)
+
+    threading.Thread(target=run, daemon=True).start()
+    conn = UnixHTTPConnection(str(sock), timeout=5)
+
+    def send(method: str) -> bytes:
+        return request(conn, method, "/v1/x", b"{}", {}, where="the node", what="x")
+
+    assert send("POST") == b'{"ok": 1}\r\n'
+    deadline = time.monotonic() + 5
+    while conn.sock is not None and not dropped(conn.sock):  # the node lets it go, idle
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert send("POST") == b'{"ok": 1}\r\n', "sent on a new connection, not lost"
+    assert send("GET") == b'{"ok": 1}\r\n', "went under the GET: repeated on a new one"
+    with pytest.raises(NodeUnreachable, match="the node unreachable"):
+        send("POST")  # went under the POST: it may have been applied, so not repeated
+    conn.close()

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from mcp_types import TextContent
 
-from agentnode.errors import ConfigError, TaskError
+from agentnode.errors import ConfigError, NodeUnreachable, TaskError
 from agentnode.isolation.spec import Mount
 from agentnode.sdk.tools import Tools
 from agentnode.tools.lines import MAX_CONTAINERS
@@ -297,7 +297,9 @@ def test_an_unreachable_socket_is_one_line(tmp_path: Path) -> None:
         async with Tools.mcp_client(socket=str(tmp_path / "none.sock"), token="ta"):
             pass
 
-    with pytest.raises(ConfigError, match=r"cannot reach the node's MCP socket .*none\.sock: No"):
+    with pytest.raises(
+        NodeUnreachable, match=r"cannot reach the node's MCP socket .*none\.sock: No"
+    ):
         asyncio.run(scenario())
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "DiskFullError",
     "EgressError",
     "MemoryKeyError",
+    "NodeUnreachable",
     "NotFoundError",
     "PolicyError",
     "QueueFullError",
@@ -65,6 +66,11 @@ class SchedulerError(AgentnodeError):
 
 class TaskError(AgentnodeError):
     """A task operation was invalid: illegal state transition, bad spec, unknown task, bad token."""
+
+
+class NodeUnreachable(TaskError):
+    """The node's API or MCP endpoint could not be reached: the node may be restarting (its
+    tasks run on), so a call with an idempotency key may be sent again."""
 
 
 class QueueFullError(TaskError):

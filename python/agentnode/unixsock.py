@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["connect_unix", "listen_unix", "reachable"]
+__all__ = ["connect_unix", "dropped", "listen_unix", "reachable"]
 
 #: The longest path the kernel takes for a unix socket (`sun_path` less its NUL).
 MAX_PATH = 107
@@ -66,3 +67,14 @@ def connect_unix(path: str | Path, *, timeout: float | None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def dropped(sock: socket.socket) -> bool:
+    """Whether the peer closed an idle connection (it reads as EOF, or has stray bytes): a
+    request sent on it would be lost, or taken for one the node may have applied."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import threading
 import weakref
@@ -14,8 +13,8 @@ from pathlib import Path
 
 from agentnode.errors import AgentnodeError, UsageError
 from agentnode.node.paths import DEFAULT_SOCKET
-from agentnode.node.unixhttp import Closed, exchange
-from agentnode.unixsock import connect_unix
+from agentnode.node.unixhttp import IDEMPOTENT, Closed, exchange
+from agentnode.unixsock import connect_unix, dropped
 
 TYPE_CHECKING = False  # not typing's, which costs a command ~3 ms to import
 if TYPE_CHECKING:
@@ -78,7 +77,7 @@ class NodeClient:
             with self._lock:
                 self._kept.add(kept)
             return kept, False
-        if kept.sock is not None and not _dropped(kept.sock):
+        if kept.sock is not None and not dropped(kept.sock):
             return kept, True
         kept.close()  # the next request opens it again
         return kept, False
@@ -122,7 +121,7 @@ class NodeClient:
             # The node closed a kept connection as this request went out. It had not read
             # the request, but a node that died mid-request looks the same: only a request
             # that may be repeated is sent again.
-            if not reused or method not in _IDEMPOTENT:
+            if not reused or method not in IDEMPOTENT:
                 raise AgentnodeError(
                     f"the node closed the connection during {method} {url}; it may or may not "
                     "have been applied (check with 'agentnode ps')"
@@ -183,17 +182,3 @@ class _Kept:
 
     def __del__(self) -> None:
         self.close()
-
-
-#: Methods whose repetition has the effect of one call.
-_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
-
-
-def _dropped(sock: socket.socket) -> bool:
-    """Whether the peer closed an idle connection (it reads as EOF, or has stray bytes)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    try:
-        return bool(poller.poll(0))
-    except OSError:
-        return True

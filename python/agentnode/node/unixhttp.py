@@ -12,7 +12,11 @@ from __future__ import annotations
 import io
 import socket
 
-__all__ = ["Closed", "exchange"]
+__all__ = ["IDEMPOTENT", "Closed", "exchange"]
+
+#: Methods whose repetition has the effect of one call: only these are sent again after a
+#: connection went under them.
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 
 # Answers that never have a body (RFC 9112, section 6.3).
 _NO_BODY = frozenset({204, 304})

@@ -6,10 +6,12 @@ the same normalised result; they differ in cost (docs/agents.md)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from agentnode.errors import TaskError
+from agentnode.errors import NodeUnreachable, TaskError
 from agentnode.sdk.tools import IDEMPOTENCY_META, Tools
 
 if TYPE_CHECKING:
@@ -19,6 +21,9 @@ __all__ = ["DOORS", "NodeTools", "open_tools"]
 
 #: How the runtime reaches the tools, as `--tools-via` takes it.
 DOORS = ("mcp", "api")
+#: Seconds a call goes on trying a node it cannot reach: a node restarting (its tasks run on)
+#: is back within a few. Each try sends the call's idempotency key, so none runs twice.
+RECONNECT_S = 60.0
 
 _T = TypeVar("_T")
 
@@ -53,10 +58,26 @@ class _Api:
         return self._tools.list()
 
     def call(self, name: str, arguments: dict[str, Any], *, key: str) -> dict[str, Any]:
-        return self._tools.call(name, arguments, idempotency_key=key)
+        return _until_reached(lambda: self._tools.call(name, arguments, idempotency_key=key))
 
     def close(self) -> None:
         pass
+
+
+def _until_reached(attempt: Callable[[], _T], *, lost: Callable[[], None] = lambda: None) -> _T:
+    """`attempt()`, tried again while the node cannot be reached (`lost()` after each such
+    failure), for up to `RECONNECT_S` seconds."""
+    deadline = time.monotonic() + RECONNECT_S
+    delay = 0.1
+    while True:
+        try:
+            return attempt()
+        except NodeUnreachable:
+            lost()
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class _Mcp(_Api):
@@ -109,13 +130,25 @@ class _Mcp(_Api):
             # The SDK's errors (a refused socket, an HTTP error, a JSON-RPC error, a closed
             # session) in one line: the attempt ends, and a retry resumes from the checkpoint.
             message = " ".join(str(e).split()) or type(e).__name__
-            raise TaskError(f"the node's MCP endpoint: {what}: {message}") from e
+            kind = NodeUnreachable if _connection_lost(e) else TaskError
+            raise kind(f"the node's MCP endpoint: {what}: {message}") from e
 
     def call(self, name: str, arguments: dict[str, Any], *, key: str) -> dict[str, Any]:
-        client = self._client or self._open()
         meta: Any = {self._key_meta: key}  # a TypedDict open to extra keys; mypy sees it closed
-        result = self._run(client.call_tool(name, arguments, meta=meta), f"tools/call {name}")
-        return result.model_dump(by_alias=True, exclude_none=True)
+
+        def attempt() -> dict[str, Any]:
+            client = self._client or self._open()
+            result = self._run(client.call_tool(name, arguments, meta=meta),
+                               f"tools/call {name}")  # fmt: skip
+            return result.model_dump(by_alias=True, exclude_none=True)
+
+        # A session the node dropped (it restarted) is opened again, and the call sent again.
+        return _until_reached(attempt, lost=self._drop)
+
+    def _drop(self) -> None:
+        """Lets go of a session whose connection is gone, whatever its ending raises."""
+        with contextlib.suppress(TaskError):
+            self.close()
 
     def close(self) -> None:
         if self._loop is None:
@@ -126,3 +159,19 @@ class _Mcp(_Api):
         finally:
             self._loop.close()
             self._loop = self._client = None
+
+
+def _connection_lost(e: BaseException) -> bool:
+    """Whether `e` is the node's connection going (not an answer from it)."""
+    import anyio
+    import httpx2
+    from mcp.shared.exceptions import MCPError
+    from mcp_types import CONNECTION_CLOSED
+
+    if isinstance(e, BaseExceptionGroup):
+        return any(_connection_lost(x) for x in e.exceptions)
+    if isinstance(e, MCPError):
+        return e.error.code == CONNECTION_CLOSED
+    lost = (NodeUnreachable, OSError, httpx2.TransportError, anyio.ClosedResourceError,
+            anyio.BrokenResourceError, anyio.EndOfStream)  # fmt: skip
+    return isinstance(e, lost)

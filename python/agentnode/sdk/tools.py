@@ -14,7 +14,7 @@ import socket as sockets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from agentnode.errors import ConfigError
+from agentnode.errors import ConfigError, NodeUnreachable
 from agentnode.sdk.transport import connect, request, tls_verify
 from agentnode.unixsock import reachable
 
@@ -133,7 +133,10 @@ async def _socket_transport(path: str, token: str) -> AsyncIterator[TransportStr
             with reachable(path) as short:
                 await asyncio.get_running_loop().sock_connect(conn, short)
         except OSError as e:
-            raise ConfigError(f"cannot reach the node's MCP socket {path}: {e.strerror}") from None
+            # Refused or absent: the node may be restarting, its tasks running on.
+            raise NodeUnreachable(
+                f"cannot reach the node's MCP socket {path}: {e.strerror}"
+            ) from None
         lines = FdLines(conn.fileno())
         try:
             out = FdWriter(conn.fileno())

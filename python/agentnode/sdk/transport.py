@@ -7,8 +7,9 @@ import json
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from agentnode.errors import ConfigError, TaskError
-from agentnode.unixsock import connect_unix
+from agentnode.errors import ConfigError, NodeUnreachable, TaskError
+from agentnode.node.unixhttp import IDEMPOTENT
+from agentnode.unixsock import connect_unix, dropped
 
 if TYPE_CHECKING:
     import ssl
@@ -61,16 +62,24 @@ def request(
     where: str,
     what: str,
 ) -> bytes:
-    """One request on `conn`; the body of a 2xx/3xx answer. `TaskError` names `where` (the
-    node's address) when it cannot be reached, and `what` with the node's message when it
-    answers an error."""
+    """One request on `conn`; the body of a 2xx/3xx answer. `NodeUnreachable` names `where`
+    (the node's address) when it cannot be reached, `TaskError` `what` with the node's message
+    when it answers an error. A kept-alive connection the node closed (it restarted, or let
+    an idle one go) is opened again before the request goes."""
+    if conn.sock is not None and dropped(conn.sock):
+        conn.close()  # the node let it go (idle, or restarting): sent on a new one
+    reused = conn.sock is not None
     try:
         conn.request(method, target, body, headers)
         resp = conn.getresponse()
         data = resp.read()
     except OSError as e:
         conn.close()
-        raise TaskError(f"{where} unreachable ({e})") from e
+        # It went as the request went out: the node had not read it, but one that died
+        # mid-request looks the same, so only a request that may be repeated is.
+        if reused and method in IDEMPOTENT and isinstance(e, ConnectionError):
+            return request(conn, method, target, body, headers, where=where, what=what)
+        raise NodeUnreachable(f"{where} unreachable ({e})") from e
     if resp.status >= 400:
         raise TaskError(f"{what}: {error_message(resp.status, data)}")
     return data
