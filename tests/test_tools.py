@@ -5,6 +5,7 @@ caller's own egress policy, and web_search against a mock SearXNG API on loopbac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -879,6 +880,86 @@ def test_a_sandbox_made_as_its_task_ends_goes_with_it(tmp_path: Path, session: b
         assert runner.session_pid("a", "t1") is None and runner.spare_pids("a", "t1") == []
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("after_s", [0.3, 1.0])
+def test_a_cancelled_session_call_never_answers_the_next(after_s: float) -> None:
+    """A session call cancelled by its caller (an MCP cancel, a client gone) runs on in its
+    interpreter: its reply must not become the next call's. The session ends with it."""
+    runner = CodeRunner(limits=ToolLimits(timeout=10.0, memory=64 << 20))
+    records: list[dict[str, Any]] = []
+    svc = ToolService(Registry([runner.tool()]), on_record=records.append)
+    slow = "import time; time.sleep(1.5); print('reply of A')"
+
+    async def scenario() -> dict[str, Any]:
+        await svc.call("run_code", {"code": "x = 1", "session": True}, A)
+        first = runner.session_pid("a", "t1")
+        a = asyncio.ensure_future(svc.call("run_code", {"code": slow, "session": True}, A))
+        await asyncio.sleep(after_s)
+        a.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await a
+        b = await svc.call("run_code", {"code": "print('reply of B', 'x' in globals())",
+                                        "session": True}, A)  # fmt: skip
+        await asyncio.sleep(1.5)  # A's code would have printed by now
+        c = await svc.call("run_code", {"code": "print('reply of C')", "session": True}, A)
+        return {"b": b, "c": c, "first": first, "now": runner.session_pid("a", "t1")}
+
+    try:
+        out = asyncio.run(scenario())
+        assert out["b"]["structuredContent"]["stdout"] == "reply of B False\n", out["b"]
+        assert out["c"]["structuredContent"]["stdout"] == "reply of C\n", out["c"]
+        assert out["first"] != out["now"], "the cancelled call's session ended with it"
+        cancelled = [r for r in records if r.get("cancelled")]
+        assert len(cancelled) == 1 and "reply of A" in cancelled[0]["args"]["code"]
+    finally:
+        runner.close()
+
+
+def test_a_cancelled_keyed_call_is_never_run_twice_under_its_key(tmp_path: Path) -> None:
+    """Cancelled mid-run, a keyed call may have had its effect (its run goes on): a repeat
+    under its key is told it was cut off, now and after a restart, and the code runs once."""
+    from agentnode.tools.keys import KeyStore
+
+    ws = owned_workspace(tmp_path / "ws", "65534")
+    caller = Caller(task="t1", tenant="a", workspace=ws)
+    runner = CodeRunner(limits=ToolLimits(timeout=10.0, memory=64 << 20))
+    store = KeyStore(tmp_path / "keys")
+    code = "import time; open('/workspace/runs', 'a').write('x'); time.sleep(1)"
+
+    def service_now() -> ToolService:
+        return ToolService(Registry([runner.tool()]), on_record=lambda _: None, keys=store)
+
+    svc = service_now()
+
+    async def scenario() -> list[dict[str, Any]]:
+        first = asyncio.ensure_future(
+            svc.call("run_code", {"code": code}, caller, idempotency_key="once")
+        )
+        while not (ws / "runs").exists():
+            await asyncio.sleep(0.02)
+        waiting = asyncio.ensure_future(
+            svc.call("run_code", {"code": code}, caller, idempotency_key="once")
+        )
+        await asyncio.sleep(0.1)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        later = await svc.call("run_code", {"code": code}, caller, idempotency_key="once")
+        await asyncio.sleep(1.5)
+        restarted = await service_now().call(
+            "run_code", {"code": code}, caller, idempotency_key="once"
+        )
+        return [await waiting, later, restarted]
+
+    try:
+        for answer in asyncio.run(scenario()):
+            assert meta(answer)["class"] == "permanent" and answer["isError"], answer
+            assert "outcome is unknown" in answer["content"][0]["text"], answer
+        assert (ws / "runs").read_text() == "x", "run once"
+    finally:
+        runner.close()
+        store.close()
 
 
 def test_a_session_output_is_cut_as_a_fresh_calls_and_its_state_kept() -> None:

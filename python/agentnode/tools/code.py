@@ -116,6 +116,18 @@ class Session:
         self.denials = denials
         self.lock = asyncio.Lock()
         self._buffer = bytearray()
+        #: The exchange under way on a `WAITERS` thread, which reads the session's pipes.
+        self.busy: asyncio.Future[Any] | None = None
+
+    def end(self) -> None:
+        """Kills the interpreter; its pipes are closed once no exchange reads them (their
+        numbers, reused meanwhile, would be read as this session's)."""
+        busy = self.busy
+        if busy is None or busy.done():
+            self.task.close()
+            return
+        self.task.send_kill()
+        busy.add_done_callback(lambda _: self.task.close())
 
     @property
     def pid(self) -> int:
@@ -510,9 +522,17 @@ class CodeRunner:
             before = s.task.stats()
             seen = len(s.denials)
             # A `WAITERS` thread: the loop's default threads are few and serve the node.
-            reply = await loop.run_in_executor(
-                WAITERS, s.exchange, code, timeout, self.limits.output
-            )
+            s.busy = loop.run_in_executor(WAITERS, s.exchange, code, timeout, self.limits.output)
+            try:
+                reply = await asyncio.shield(s.busy)
+            except asyncio.CancelledError:
+                # The code runs on, and its reply would reach the task's next call: the
+                # session ends here (its state is lost, as the next call is told).
+                key = _Key(caller.tenant, caller.task)
+                if self._sessions.get(key) is s:
+                    del self._sessions[key]
+                s.end()
+                raise
             if s.reach[1] is not None and s.task.result is None:
                 await loop.run_in_executor(None, s.task.poll_denials)
             denials = s.denials[seen:]
@@ -554,7 +574,7 @@ class CodeRunner:
         for sandbox in running:
             sandbox.send_kill()
         for key in [k for k in self._sessions if k.task == task]:
-            self._sessions.pop(key).task.close()
+            self._sessions.pop(key).end()
             self._starting.pop(key, None)
         for spare_key in [k for k in self._spares if k.task == task]:
             for spare, _made in self._spares.pop(spare_key):
@@ -562,7 +582,7 @@ class CodeRunner:
 
     def close(self) -> None:
         for s in self._sessions.values():
-            s.task.close()
+            s.end()
         self._sessions.clear()
         _discard_all(self._spares)
         if self._forks is not None:

@@ -4,7 +4,6 @@ normalised result and one audit record per call."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -197,14 +196,17 @@ class ToolService:
             self._keys.popitem(last=False)
         try:
             result = await self._call(tool, name, args, caller, digest, keyed=True)
-        except BaseException as e:
-            # Cancelled mid-run: a repeat may run it again, it has no result to give.
-            self._keys.pop(slot, None)
-            if self._store is not None:
-                with contextlib.suppress(StoreWriteError):  # then it stays cut off: not rerun
-                    self._store.forget(slot)
-            future.set_exception(e)
-            future.exception()  # retrieved: nobody may be waiting on it
+        except BaseException:
+            # Cancelled mid-run: it may have had its effect (a started run goes on past its
+            # caller), so the key stays taken, cut off as by a crash: a repeat is told so,
+            # here and after a restart, and it is never run twice.
+            cut = Outcome.error(
+                "permanent",
+                f"the call with idempotency key {idempotency_key!r} was cancelled while it ran "
+                "and its outcome is unknown; it is not run again under this key (use a new key)",
+                interrupted=True,
+            )
+            future.set_result(cut.to_json(duration_ms=0.0, retryable=False, attempts=0))
             raise
         future.set_result(result)
         if self._store is not None:
@@ -258,13 +260,19 @@ class ToolService:
             return self._finish(tool, name, args, caller, digest, start, outcome, attempts=0)
         retry = keyed or tool.idempotent
         attempt = 0
-        while True:
-            attempt += 1
-            outcome = await self._run_once(tool, args, caller)
-            again = outcome.cls in RETRYABLE or outcome.detail.get("retryable") is True
-            if not (again and retry and attempt < tool.retry.attempts):
-                break
-            await asyncio.sleep(tool.retry.delay(attempt, outcome.retry_after))
+        try:
+            while True:
+                attempt += 1
+                outcome = await self._run_once(tool, args, caller)
+                again = outcome.cls in RETRYABLE or outcome.detail.get("retryable") is True
+                if not (again and retry and attempt < tool.retry.attempts):
+                    break
+                await asyncio.sleep(tool.retry.delay(attempt, outcome.retry_after))
+        except asyncio.CancelledError:
+            # Its caller went: what ran of it (a started run goes on) is recorded all the same.
+            outcome = Outcome.error("permanent", "cancelled by its caller", cancelled=True)
+            self._finish(tool, name, args, caller, digest, start, outcome, attempts=attempt)
+            raise
         return self._finish(tool, name, args, caller, digest, start, outcome, attempts=attempt)
 
     async def _run_once(self, tool: Tool, args: dict[str, Any], caller: Caller) -> Outcome:
@@ -321,6 +329,7 @@ class ToolService:
             "bytes_out": outcome.bytes_out,
             "attempts": attempts,
             **({"denials": denied} if denied else {}),
+            **({"cancelled": True} if outcome.detail.get("cancelled") else {}),
         }
         try:
             try:
