@@ -184,7 +184,12 @@ def test_host_users_list_nothing_of_the_data_dir_and_read_no_store() -> None:
 
 
 def _host_users_see_nothing(root: Path) -> None:
+    # A tool's scratch workspace an earlier run left (a crash skips its removal) goes too.
+    left = root / "data" / "tool-scratch" / "tool-left"
+    left.mkdir(parents=True)
+    (left / "f").write_text("SECRET-SCRATCH")
     with daemon(root) as d:
+        assert not left.exists(), "swept at start"
         t = d.submit(["sh", "-c", "echo SECRET-OUTPUT > /workspace/f; echo SECRET-OUTPUT"],
                      env={"K": "SECRET-ENV"})  # fmt: skip
         d.wait(t["id"])

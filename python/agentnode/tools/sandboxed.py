@@ -38,6 +38,7 @@ __all__ = [
     "run_sandboxed",
     "sandbox_limits",
     "start_sandboxed",
+    "sweep_scratch",
 ]
 
 #: Long-lived threads tools start sandboxes on: a sandbox is killed when the thread that
@@ -252,6 +253,12 @@ def _scratch_root() -> Path:
     root = isolation.DATA_DIR / "tool-scratch"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def sweep_scratch(data_dir: Path) -> None:
+    """Removes the scratch workspaces an earlier run of the node left in `data_dir`: a crash
+    skips the close that removes each, and no sandbox of that run outlives it."""
+    remove_tree(data_dir / "tool-scratch")
 
 
 async def run_sandboxed(

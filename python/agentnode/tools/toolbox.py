@@ -15,6 +15,7 @@ from agentnode.tools.files import file_tools
 from agentnode.tools.keys import KeyStore
 from agentnode.tools.mcpservers import MCPServers
 from agentnode.tools.registry import Caller, Registry
+from agentnode.tools.sandboxed import sweep_scratch
 from agentnode.tools.service import Record, ToolService, jsonl_recorder
 from agentnode.tools.web import WebTools
 
@@ -55,6 +56,7 @@ class Toolbox:
         on_record: Record | None = None,
     ) -> None:
         self.config = config
+        sweep_scratch(data_dir)
         self.code = CodeRunner(
             limits=config.run_code, network=config.run_code_network, node_network=node_network
         )
