@@ -102,7 +102,10 @@ def _call(args: argparse.Namespace) -> int:
         ):
             if value is not None:
                 body[key] = value
-        result = NodeClient(args.socket).call("POST", f"/v1/tools/{args.name}/call", body)
+        # No wait of its own: the node ends every call by its tool's timeout, which may be
+        # longer than any fixed one here (Ctrl-C stops waiting).
+        client = NodeClient(args.socket, timeout=None)
+        result = client.call("POST", f"/v1/tools/{args.name}/call", body)
     if args.raw:
         print(json.dumps(result, indent=2))
     else:
