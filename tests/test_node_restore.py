@@ -820,6 +820,34 @@ def test_egress_tasks_outlive_a_stop_with_keep_tasks(tmp_path: Path, world: Worl
     assert kernel_objects(world) == base and not netns_left(mine), "no task network stays"
 
 
+def test_a_node_killed_with_9_has_its_bridge_removed_by_its_next_run(
+    tmp_path: Path, world: World
+) -> None:
+    """The bridge and nft table a node killed with -9 left go when its next run stops, though
+    that run started no network task (it made neither)."""
+    netns = ("nsenter", f"--net=/run/netns/{world.task}")
+
+    def left() -> tuple[bool, bool]:
+        links = subprocess.run(["ip", "-n", world.task, "-o", "link"], capture_output=True,
+                               text=True, check=True).stdout  # fmt: skip
+        tables = subprocess.run([*netns, "nft", "list", "tables"], capture_output=True,
+                                text=True, check=True).stdout  # fmt: skip
+        return " agentnode0:" in links, "agentnode0" in tables
+
+    d = Daemon(tmp_path, egress_config(), netns)
+    d.start()
+    try:
+        task = d.submit(["true"], network="egress", user="0")
+        assert d.wait(task["id"], timeout=60)["state"] == "succeeded"
+        d.stop(signal.SIGKILL)
+        assert left() == (True, True)
+        d.start()
+        d.wait(d.submit(["true"])["id"], timeout=60)
+    finally:
+        d.stop()
+    assert left() == (False, False)
+
+
 def test_a_bridge_removed_from_outside_is_made_again(tmp_path: Path, world: World) -> None:
     """`ip link del` of the node's bridge while it runs (an operator, a network manager): the
     next egress task's start makes it again, with its address and rules, and that task's

@@ -213,6 +213,8 @@ class EgressService:
         self._on_denial = on_denial
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: `sweep` ran: this is a node's service, whose close removes what its earlier runs left.
+        self._swept = False
         self._thread: threading.Thread | None = None
         self._forwarder: DnsForwarder | None = None
         self._dns: tuple[str, int] | None = None
@@ -508,6 +510,7 @@ class EgressService:
         """Removes what earlier processes of this node left and this one did not `adopt`: task
         veths and netns with their published ports, and pinned enforcement. At a node's start,
         after its adoptions and before any task starts."""
+        self._swept = True
         self.network.sweep(own=True)
         if self.pins is None or not self.pins.is_dir():
             return
@@ -582,6 +585,10 @@ class EgressService:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
             if loop is None or thread is None:
+                if self._swept:
+                    # A node that started no network task still removes the bridge and table
+                    # an earlier run of it left (killed with -9), when no task is on it.
+                    self.network.close()
                 return
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
