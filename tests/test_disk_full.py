@@ -365,3 +365,32 @@ def test_an_input_the_full_disk_cuts_short_is_taken_back_whole(disk: Path, room:
 def _free(disk: Path) -> int:
     st = os.statvfs(disk)
     return st.f_bavail * st.f_frsize
+
+
+def test_write_file_on_a_full_disk_is_a_resource_refusal(disk: Path) -> None:
+    """The task's workspace on a full disk: write_file answers `resource` naming why (a
+    limit it reached, not a bug of the tool), and writes again once space is freed."""
+    import asyncio
+
+    from agentnode.tools.files import file_tools
+    from agentnode.tools.registry import Caller, Registry
+    from agentnode.tools.sandboxed import owned_workspace
+    from agentnode.tools.service import ToolService
+
+    ws = owned_workspace(disk / "ws", "65534")
+    svc = ToolService(Registry(file_tools()), on_record=lambda _: None)
+    caller = Caller(task="t1", tenant="a", workspace=ws)
+
+    def write(content: str) -> dict[str, Any]:
+        args = {"path": "notes/big.txt", "content": content}
+        return asyncio.run(svc.call("write_file", args, caller))
+
+    with full(disk):
+        for size in (1, 100_000):
+            answer = write("x" * size)
+            meta = answer["_meta"]["agentnode"]
+            assert meta["class"] == "resource", answer
+            assert "No space left on device" in answer["content"][0]["text"], answer
+    ok = write("fits")
+    assert ok["_meta"]["agentnode"]["class"] == "ok", ok
+    assert (ws / "notes" / "big.txt").read_text() == "fits"

@@ -52,7 +52,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from agentnode.agents.kinds import AgentSpec, agents_cache
 from agentnode.agents.kinds import prepare as prepare_agent
 from agentnode.audit.timeline import entries
-from agentnode.errors import AgentnodeError, DiskFullError, QueueFullError, TaskError
+from agentnode.errors import (
+    AgentnodeError,
+    AuditError,
+    DiskFullError,
+    QueueFullError,
+    TaskError,
+)
 from agentnode.http_common import BodyTooLarge, json_body
 from agentnode.node.runner import INBOX, INBOX_ENV, Node
 from agentnode.runtime.cli import this_python
@@ -102,7 +108,9 @@ def _handler(func: Callable[[web.Request, Node, str], Awaitable[web.StreamRespon
             return await func(request, request.app[_NODE], tenant)
         except _Refused as e:
             return web.json_response({"message": str(e)}, status=e.status)
-        except (QueueFullError, DiskFullError) as e:
+        except (QueueFullError, DiskFullError, AuditError) as e:
+            # The node's own state, not the request: the queue full (429), or its disk, where
+            # the task store or the audit log cannot write (507, as the node's API answers).
             status = 429 if isinstance(e, QueueFullError) else 507
             return web.json_response({"message": str(e)}, status=status)
         except AgentnodeError as e:  # a field of the task it would submit

@@ -33,6 +33,7 @@ from agentnode.agents.protocol import add_protocol_routes
 from agentnode.audit import timeline
 from agentnode.errors import (
     AgentnodeError,
+    AuditError,
     AuthError,
     DiskFullError,
     MemoryKeyError,
@@ -93,7 +94,7 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
         return _error(400, str(e), e.field)
     except QueueFullError as e:
         return _error(429, str(e))
-    except DiskFullError as e:
+    except (DiskFullError, AuditError) as e:  # the node's disk: the request is not at fault
         return _error(507, str(e))
     except TaskError as e:
         status = 404 if str(e).startswith("no task") else 409

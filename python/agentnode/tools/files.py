@@ -87,6 +87,8 @@ def _refusal(path: str, e: OSError | ValueError) -> Outcome:
         return Outcome.error("policy", f"{path}: leads out of the workspace (or through a symlink)")
     if e.errno == errno.ENOENT:
         return Outcome.error("permanent", f"{path}: no such file or directory")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Outcome.error("resource", f"{path}: {e.strerror} (the node's disk or a quota)")
     return Outcome.error("permanent", f"{path}: {e.strerror}")
 
 
@@ -147,12 +149,15 @@ class _Files:
             if refused is not None:
                 os.close(fd)
                 return refused
-            with os.fdopen(fd, "wb") as f:
-                if not args.get("append"):
-                    os.ftruncate(fd, 0)
-                os.fchown(fd, uid, gid)
-                data = args["content"].encode()
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    if not args.get("append"):
+                        os.ftruncate(fd, 0)
+                    os.fchown(fd, uid, gid)
+                    data = args["content"].encode()
+                    f.write(data)
+            except OSError as e:  # a full disk, most likely: the file holds what fit
+                return _refusal(args["path"], e)
         return Outcome.text(f"wrote {len(data)} bytes to {path}")
 
     @staticmethod
