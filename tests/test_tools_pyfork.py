@@ -394,6 +394,31 @@ def test_without_the_fork_server_calls_start_an_interpreter() -> None:
         assert result["structuredContent"]["stdout"] == "pid 1\n42\n", result
 
 
+@pytest.mark.parametrize("code", ["import time; time.sleep(1); print('done')",
+                                  "import time, sys; time.sleep(1); sys.exit(5)"])  # fmt: skip
+def test_a_forked_call_ends_as_itself_when_its_fork_server_is_killed(code: str) -> None:
+    """The fork tells its stub its status itself: a call running when its fork server is
+    killed goes on and ends with its own output and status, not a failure it did not have."""
+    own = subprocess.run(["python3", "-I", "-"], input=code.encode(), capture_output=True)
+    runner, svc = _runner()
+    try:
+        assert runner._forks is not None and runner._forks._proc is not None
+        server = runner._forks._proc
+
+        async def scenario() -> dict[str, Any]:
+            call = asyncio.ensure_future(svc.call("run_code", {"code": _PID + code}, A))
+            await asyncio.sleep(0.4)
+            os.kill(server.pid, signal.SIGKILL)
+            return await call
+
+        result = asyncio.run(scenario())
+    finally:
+        runner.close()
+    out = result["structuredContent"]
+    assert out["stdout"] == "pid 2\n" + own.stdout.decode(), result
+    assert out["exit_status"] == own.returncode, result
+
+
 def test_a_closed_runner_stops_its_fork_server() -> None:
     runner, svc = _runner()
     _forked(_calls(svc, [_PID])[0])

@@ -187,16 +187,23 @@ def serve_python(fd: int, *, main: dict[str, object], modules: set[str], path: l
     one has, and runs `STDIN_MAIN`."""
 
     def program(request: dict[str, object], go: int) -> NoReturn:
-        _run(request, main=main, modules=modules, path=path)
+        _run(request, go, main=main, modules=modules, path=path)
 
     return serve(fd, program)
 
 
 def _run(
-    request: dict[str, object], *, main: dict[str, object], modules: set[str], path: list[str]
+    request: dict[str, object],
+    go: int,
+    *,
+    main: dict[str, object],
+    modules: set[str],
+    path: list[str],
 ) -> NoReturn:
     """The sandbox's interpreter, in its task: as a fresh `python3 -I -c STDIN_MAIN` it runs
-    the code that comes on stdin and exits as the interpreter would."""
+    the code that comes on stdin and exits as the interpreter would, telling the stub (`go`,
+    its stdin) its status itself: the call ends with it when the fork server, which would
+    otherwise tell it, is gone (killed, or ended with the node)."""
     import ctypes
     import sys
 
@@ -204,7 +211,9 @@ def _run(
     # root's, its memory unreadable there. An exec'd interpreter's are its own; and what it
     # could read is its own memory, which holds nothing of a call but this one.
     ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(3, go)
+    os.closerange(go + 1, os.sysconf("SC_OPEN_MAX"))
+    os.set_inheritable(go, False)  # not the commands the code runs
     env = request["env"]
     assert isinstance(env, dict)
     os.environ.clear()
@@ -235,4 +244,11 @@ def _run(
             stream.flush()
         except (OSError, ValueError):
             status = status or 120  # as an interpreter whose stdout is gone at its exit
+    # As the kernel reports the status: the stub exits with it (the server's own `X`, at the
+    # reap, comes second and is not read). Not contextlib: a fork imports nothing a fresh
+    # interpreter would not have.
+    try:  # noqa: SIM105
+        os.write(go, f"X {status & 0xFF}\n".encode())
+    except OSError:
+        pass  # the stub is gone: the task was killed
     os._exit(status)
