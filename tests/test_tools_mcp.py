@@ -154,6 +154,34 @@ def test_a_server_runs_sandboxed_one_instance_per_tenant(data_dir: Path) -> None
     assert [r["tool"] for r in records][:2] == ["t__add", "t__add"]
 
 
+def test_a_listing_waits_a_bounded_time_for_a_server_that_never_answers(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that never answers `initialize` (its start timeout 30 s) beside a good one: a
+    listing gives the good one's tools after `LISTING_WAIT_S`, not the 30 s, and the next
+    listing does not wait for it again (its one attempt goes on)."""
+    monkeypatch.setattr(mcpservers, "LISTING_WAIT_S", 2.0)
+    hung = sdk_server(name="hung", command=("/bin/sleep", "1000"),
+                      limits=ToolLimits(memory=256 << 20, pids=64, timeout=30))  # fmt: skip
+    servers = MCPServers([hung, sdk_server(name="t")])
+    svc = ToolService(Registry(), on_record=lambda r: None, sources=[servers])
+
+    async def scenario() -> list[tuple[float, set[str]]]:
+        # The good server started first: what is timed is the wait for the hung one.
+        assert meta(await svc.call("t__add", {"a": 1, "b": 2}, A))["class"] == "ok"
+        out = []
+        for _ in range(2):
+            t0 = time.monotonic()
+            listed = await svc.list("a")
+            out.append((time.monotonic() - t0, {t["name"].split("__")[0] for t in listed}))
+        await servers.close()
+        return out
+
+    (first, names), (second, again) = asyncio.run(scenario())
+    assert names == again == {"t"}
+    assert 1.5 < first < 10 and second < 3, (first, second)
+
+
 #: A server whose tools depend on its workspace, which is its tenant's own.
 _BY_WORKSPACE = """
 import os

@@ -85,6 +85,9 @@ SERVER_LIMITS = ToolLimits(memory=512 << 20, pids=128, timeout=60.0)
 #: Seconds a server that could not list its tools is taken to have none before it is tried
 #: again: each listing of a tenant's tools (every agent's start) would wait its whole timeout.
 UNLISTED_S = 30.0
+#: Seconds a listing of every server waits for one that is slow to start or to answer: past
+#: that it lists the others (the slow one's listing goes on, for the next to have).
+LISTING_WAIT_S = 15.0
 #: Passed-through calls' ids: strings no integer parses as, never one of the SDK session's.
 _ID_PREFIX = "agentnode-"
 
@@ -657,6 +660,13 @@ class MCPServers:
             listing.add_done_callback(lambda _: self._listing.pop(key, None))
         return await asyncio.shield(listing)  # a lister that goes does not end it for others
 
+    async def _listed_soon(self, spec: MCPServerSpec, tenant: str) -> list[dict[str, Any]]:
+        """`_listed`, or no tools when that takes over `LISTING_WAIT_S` (it goes on)."""
+        try:
+            return await asyncio.wait_for(self._listed(spec, tenant), LISTING_WAIT_S)
+        except TimeoutError:
+            return []
+
     async def _list(self, spec: MCPServerSpec, tenant: str) -> list[dict[str, Any]]:
         try:
             inst = await self._instance(spec, tenant)
@@ -679,7 +689,7 @@ class MCPServers:
     async def tools(self, tenant: str) -> list[Tool]:
         """The tools of every server `tenant` may use (the servers listed at once)."""
         specs = [spec for spec in self.specs.values() if self._allowed(spec, tenant)]
-        lists = await asyncio.gather(*(self._listed(spec, tenant) for spec in specs))
+        lists = await asyncio.gather(*(self._listed_soon(spec, tenant) for spec in specs))
         made = (self._tool(spec, tenant, t) for spec, listed in zip(specs, lists, strict=True)
                 for t in listed)  # fmt: skip
         return [tool for tool in made if tool is not None]
@@ -835,6 +845,12 @@ class MCPServers:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        # Listings no lister waits for any more (past LISTING_WAIT_S) may be starting an
+        # instance: cancelled, each stops what it started.
+        listings = list(self._listing.values())
+        for listing in listings:
+            listing.cancel()
+        await asyncio.gather(*listings, return_exceptions=True)
         for inst in list(self._instances.values()):
             await inst.stop()
         self._instances.clear()
