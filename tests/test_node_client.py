@@ -177,3 +177,27 @@ def test_the_sdk_sends_on_a_new_connection_once_the_node_let_the_kept_one_go(
     with pytest.raises(NodeUnreachable, match="the node unreachable"):
         send("POST")  # went under the POST: it may have been applied, so not repeated
     conn.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nline\n\r\n9\r\nhal",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nline\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nline\n",
+    ],
+    ids=["inside-a-chunk", "between-chunks", "short-body"],
+)
+def test_a_stream_the_node_cuts_short_is_one_line(tmp_path: Path, reply: bytes) -> None:
+    """The node stopping during `logs -f` or `agentnode agent` ends the stream mid-body: what
+    came is given, then one line saying what happened (it was an internal error)."""
+    sock = tmp_path / "api.sock"
+    answer_once(sock, reply)
+    got = []
+    with (
+        NodeClient(sock, timeout=5) as client,
+        pytest.raises(AgentnodeError, match=r"the node closed GET /v1/x before its end"),
+    ):
+        for chunk in client.stream("/v1/x?follow=1"):
+            got.append(chunk)
+    assert b"".join(got).startswith(b"line\n")

@@ -139,6 +139,8 @@ class NodeClient:
 
     def stream(self, url: str) -> Iterator[bytes]:
         """The response body as it arrives (logs -f, events), on a connection of its own."""
+        from http.client import HTTPException
+
         from agentnode.sdk.transport import UnixHTTPConnection
 
         conn = UnixHTTPConnection(str(self.path), timeout=self.timeout)
@@ -147,8 +149,18 @@ class NodeClient:
             resp = conn.getresponse()
             if resp.status >= 400:
                 raise _error(resp.status, resp.read(), "GET", url)
-            while chunk := resp.read1(1 << 16):
-                yield chunk
+            why = "its body cut short"
+            try:
+                while chunk := resp.read1(1 << 16):
+                    yield chunk
+                if not resp.length:  # a body of a length whose every byte came
+                    return
+            except (HTTPException, ConnectionError) as e:  # a chunked body cut short
+                why = type(e).__name__
+            raise AgentnodeError(
+                f"the node closed GET {url.partition('?')[0]} before its end (it stopped or "
+                f"restarted: {why}); its tasks run on, so ask again"
+            )
 
 
 def _error(status: int, body: bytes, method: str, url: str) -> AgentnodeError:
