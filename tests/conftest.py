@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,19 @@ def discard_daemons() -> Iterator[None]:
     del node_daemon.made[first:]
     for d in reversed(made):  # a later daemon on the same data dir may be the running one
         d.discard()
+
+
+@contextlib.contextmanager
+def public_dir(name: str) -> Iterator[Path]:
+    """A fresh 0755 directory under /var/tmp, removed after: outside pytest's private (0700)
+    tmp dirs, which keep out host users and the unprivileged host ids of user-namespaced
+    tasks, and outside /tmp, which every task gets fresh."""
+    root = Path(tempfile.mkdtemp(prefix=f"agentnode-{name}-", dir="/var/tmp"))
+    try:
+        root.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

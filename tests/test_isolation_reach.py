@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -28,7 +27,7 @@ import pytest
 from agentnode.errors import AgentnodeError
 from agentnode.isolation import Mount, spawn
 from agentnode.node.runner import MCP_SOCKET, MCP_STDIO_SOCKET, SOCKET_DIR, TASK_SOCKET
-from conftest import run_cli
+from conftest import public_dir, run_cli
 from support.node_daemon import daemon
 
 pytestmark = pytest.mark.root
@@ -461,9 +460,7 @@ def test_no_task_sees_the_nodes_data_dir(args: list[str]) -> None:
     root: the data dir is an empty, read-only directory in every task, whatever its identity
     and however its root is made, while its own workspace still comes from there."""
     # Outside /tmp, which every task gets fresh: the default data dir is /var/lib/agentnode.
-    data = Path(tempfile.mkdtemp(prefix="agentnode-hide-", dir="/var/tmp"))
-    try:
-        data.chmod(0o755)
+    with public_dir("hide") as data:
         store = data / "tasks" / "db"
         store.mkdir(parents=True)
         (store / "000001.log").write_text("SECRET-OF-ANOTHER-TENANT")
@@ -476,5 +473,3 @@ def test_no_task_sees_the_nodes_data_dir(args: list[str]) -> None:
         # The workspace the task wrote is the host's, under the data dir.
         [ws] = (data / "workspaces").iterdir()
         assert (ws / "mine").read_text() == "ok"
-    finally:
-        shutil.rmtree(data, ignore_errors=True)

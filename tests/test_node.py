@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from agentnode.node.client import NodeNotRunning
 from agentnode.node.restore import node_id
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
-from conftest import processes_with, run_cli
+from conftest import processes_with, public_dir, run_cli
 from support.node_daemon import Daemon, daemon
 
 pytestmark = pytest.mark.root
@@ -174,13 +172,8 @@ def test_cli_submit_ps_logs_follow_wait(tmp_path: Path) -> None:
 def test_host_users_list_nothing_of_the_data_dir_and_read_no_store() -> None:
     """The node's state is root's: a host user may pass through the data dir (user-namespaced
     tasks bind from it) but lists nothing there, and reads no store, even by a known name."""
-    # Not under pytest's private (0700) tmp_path, which no host user could pass anyway.
-    root = Path(tempfile.mkdtemp(prefix="agentnode-modes-", dir="/var/tmp"))
-    try:
-        root.chmod(0o755)
+    with public_dir("modes") as root:  # pytest's tmp_path no host user could pass anyway
         _host_users_see_nothing(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _host_users_see_nothing(root: Path) -> None:
@@ -371,19 +364,14 @@ def test_the_task_user_owns_its_workspace(tmp_path: Path) -> None:
 def test_submit_userns() -> None:
     # Task root maps to an unprivileged host id, which must be able to reach the workspace: the
     # state may not sit under pytest's private (0700) tmp_path.
-    root = Path(tempfile.mkdtemp(prefix="agentnode-userns-", dir="/var/tmp"))
-    try:
-        root.chmod(0o755)
-        with daemon(root) as d:
-            r = run_cli(["submit", "--socket", str(d.socket), "--userns", "--user", "0", "--wait",
-                         "--", "sh", "-c", "touch /workspace/x; id -u; cat /proc/self/uid_map"])  # fmt: skip
-            assert r.returncode == 0, r.stderr
-            task = d.task(r.stdout.strip())
-            uid, mapping = d.log(task["id"]).split("\n", 1)
-            assert task["userns"] is True and uid == "0"
-            assert mapping.split()[:2] == ["0", mapping.split()[1]] and mapping.split()[1] != "0"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with public_dir("userns") as root, daemon(root) as d:
+        r = run_cli(["submit", "--socket", str(d.socket), "--userns", "--user", "0", "--wait",
+                     "--", "sh", "-c", "touch /workspace/x; id -u; cat /proc/self/uid_map"])  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        task = d.task(r.stdout.strip())
+        uid, mapping = d.log(task["id"]).split("\n", 1)
+        assert task["userns"] is True and uid == "0"
+        assert mapping.split()[:2] == ["0", mapping.split()[1]] and mapping.split()[1] != "0"
 
 
 def test_openapi_metrics_node_and_events(tmp_path: Path) -> None:

@@ -10,11 +10,9 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -29,7 +27,7 @@ from agentnode.isolation.spec import Limits, Sandbox
 from agentnode.sdk.transport import UnixHTTPConnection
 from agentnode.tasks import TaskStore
 from agentnode.tasks.model import State, Task, TaskSpec
-from conftest import processes_with, run_cli
+from conftest import processes_with, public_dir, run_cli
 from support.egress_world import World
 from support.node_daemon import Daemon, daemon
 from test_egress_tasks import subnet
@@ -332,12 +330,8 @@ print(c.getresponse().status, os.getuid(), flush=True)
 def test_the_task_socket_is_for_tasks_and_root_and_tokens_die_with_their_task() -> None:
     # A user-namespaced task binds the socket in as an unprivileged host id: the state may not
     # sit under pytest's private (0700) tmp_path.
-    root = Path(tempfile.mkdtemp(prefix="agentnode-sock-", dir="/var/tmp"))
-    try:
-        root.chmod(0o755)
+    with public_dir("sock") as root:
         _task_socket(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _task_socket(tmp_path: Path) -> None:

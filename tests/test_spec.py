@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from agentnode.isolation.spec import (
 )
 from agentnode.tasks import State, Task, TaskManager, TaskSpec, TaskStore
 from agentnode.tasks.store import decode, encode
-from conftest import run_cli
+from conftest import public_dir, run_cli
 from support.node_daemon import Daemon
 
 OPENAPI = Path(__file__).parents[1] / "python/agentnode/node/openapi.json"
@@ -354,10 +353,8 @@ def _check_identity(output: str, field: str, value: Any, userns: bool) -> None:
 def reachable() -> Iterator[Path]:
     """A state dir that every task user can reach: with userns a task's ids are unprivileged
     host ids, which pytest's private (0700) tmp dirs keep out."""
-    root = Path(tempfile.mkdtemp(prefix="agentnode-spec-", dir="/var/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    with public_dir("spec") as root:
+        yield root
 
 
 @pytest.mark.root
