@@ -394,3 +394,52 @@ def test_write_file_on_a_full_disk_is_a_resource_refusal(disk: Path) -> None:
     ok = write("fits")
     assert ok["_meta"]["agentnode"]["class"] == "ok", ok
     assert (ws / "notes" / "big.txt").read_text() == "fits"
+
+
+def test_no_tool_call_runs_while_the_audit_log_cannot_be_written(
+    disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's record would wait in memory, and a crash then would lose it: while the log is
+    stuck a tool call (keyed or not, of any tool) is not run, `transient`; once the disk has
+    room again calls run, and every record of the refusals is in the log."""
+    import asyncio
+
+    from agentnode.tools.registry import Caller, Registry, Tool
+    from agentnode.tools.result import Outcome
+    from agentnode.tools.service import ToolService
+
+    monkeypatch.setattr(audit_log, "RETRY_S", 0.05)
+    ran: list[str] = []
+
+    async def act(args: dict[str, Any], caller: Caller) -> Outcome:
+        ran.append(args["x"])
+        return Outcome.text("done")
+
+    tool = Tool(name="act", description="", input_schema={"type": "object"}, run=act)
+    log = AuditLog(disk / "audit")
+    svc = ToolService(Registry([tool]), on_record=log.append, held_back=lambda: log.stuck)
+    caller = Caller(task="job", tenant="a")
+
+    def call(x: str, key: str | None = None) -> dict[str, Any]:
+        return asyncio.run(svc.call("act", {"x": x}, caller, idempotency_key=key))
+
+    try:
+        assert call("before")["_meta"]["agentnode"]["class"] == "ok"
+        with full(disk):
+            _until_stuck(log, 0)
+            for x, key in (("plain", None), ("keyed", "k1")):
+                refused = call(x, key)
+                meta = refused["_meta"]["agentnode"]
+                assert meta["class"] == "transient" and meta["retryable"], refused
+                assert "the audit log cannot be written" in refused["content"][0]["text"]
+        deadline = time.monotonic() + 10
+        while log.stuck is not None:
+            assert time.monotonic() < deadline, log.health()
+            time.sleep(0.05)
+        assert call("after", "k1")["_meta"]["agentnode"]["class"] == "ok"
+        log.flush()
+        calls = [r for r in _all(disk / "audit") if r["kind"] == "tool_call"]
+    finally:
+        log.close()
+    assert ran == ["before", "after"], "nothing ran while the log was stuck"
+    assert [r["class"] for r in calls] == ["ok", "transient", "transient", "ok"]

@@ -306,6 +306,12 @@ class AuditLog:
                 raise AuditError("the audit log's writer stopped (the node's log says why)")
 
     @property
+    def stuck(self) -> str | None:
+        """Why the log cannot be written now (its records wait in memory), or None."""
+        error = self._stuck  # one reference, read whole: no lock for the hot path
+        return None if error is None else f"the audit log cannot be written: {error}"
+
+    @property
     def head(self) -> tuple[int, str]:
         """The last record's seq and hash (appended, maybe not yet on disk)."""
         with self._lock:

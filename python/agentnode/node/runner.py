@@ -246,6 +246,7 @@ class Node:
             data_dir=config.data_dir,
             node_network=self.egress,
             on_record=self.audit.append,
+            held_back=lambda: self.audit.stuck,
         )
         self.execs: ExecTrace | None = None
         self.telemetry: TimelineExporter | None = None

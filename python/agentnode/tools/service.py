@@ -103,8 +103,12 @@ class ToolService:
         sources: Sequence[ToolSource] = (),
         keys_kept: int = 10_000,
         keys: KeyStore | None = None,
+        held_back: Callable[[], str | None] = lambda: None,
     ) -> None:
+        """`held_back()`: why no call may run now (the audit log cannot be written), or
+        None."""
         self.registry = registry
+        self._held_back = held_back
         self.sources = list(sources)
         self._on_record = on_record
         self._store = keys
@@ -160,6 +164,14 @@ class ToolService:
                                 outcome, attempts=0)  # fmt: skip
         if idempotency_key is not None and (problem := key_problem(idempotency_key)):
             outcome = Outcome.error("invalid_input", f"idempotency key: {problem}")
+            return self._finish(
+                tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0
+            )
+        if (why := self._held_back()) is not None:
+            # Its record would wait in memory, and a crash meanwhile would lose it: a call
+            # that cannot be audited is not run (as a keyed one whose key cannot be stored).
+            outcome = Outcome.error("transient", f"the call was not run: {why}")
+            outcome.retry_after = 5.0
             return self._finish(
                 tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0
             )

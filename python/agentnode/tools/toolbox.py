@@ -54,6 +54,7 @@ class Toolbox:
         data_dir: Path,
         node_network: EgressService | None = None,
         on_record: Record | None = None,
+        held_back: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.config = config
         sweep_scratch(data_dir)
@@ -75,6 +76,7 @@ class Toolbox:
             on_record=on_record or jsonl_recorder(data_dir / "tools.log"),
             sources=[self.mcp],
             keys=self.keys,
+            held_back=held_back,
         )
 
     def end_task(self, task_id: str) -> None:
