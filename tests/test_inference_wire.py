@@ -136,6 +136,14 @@ def test_anthropic_counts_tokens_through_the_proxy_free(make_env: Callable[..., 
         client.messages.count_tokens(model="gpt-x", messages=CLAUDE_MSG)
     with pytest.raises(anthropic.BadRequestError, match="'messages' is required"):
         client.post("/v1/messages/count_tokens", body={"model": "claude-x"}, cast_to=object)
+    for bad, problem in (
+        ({"messages": "hi"}, "'messages' must be a list"),
+        ({"messages": CLAUDE_MSG, "stream": True}, "'stream' is not a field of count_tokens"),
+        ({"messages": CLAUDE_MSG, "model": 5}, "'model' is required"),
+    ):
+        with pytest.raises(anthropic.BadRequestError, match=problem):
+            client.post("/v1/messages/count_tokens", body={"model": "claude-x", **bad},
+                        cast_to=object)  # fmt: skip
     with pytest.raises(anthropic.PaymentRequiredError):
         client.messages.create(model="claude-x", max_tokens=8, messages=CLAUDE_MSG)
     rows = env.rows()

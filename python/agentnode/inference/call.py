@@ -92,6 +92,8 @@ def validate(endpoint: str, payload: Any) -> str | None:
         return "'model' is required and must be a non-empty string"
     if "stream" in payload and not isinstance(payload["stream"], bool):
         return "'stream' must be true or false"
+    if endpoint in FREE and "stream" in payload:
+        return f"'stream' is not a field of {endpoint} (its answer is one small object)"
     field = _REQUIRED[endpoint]
     if field not in payload:
         return f"'{field}' is required"
