@@ -693,7 +693,7 @@ class Node:
         )
 
     def task_caller(self, task_id: str) -> Caller:
-        """The tool caller a task's own token is (KeyError: no such task): its calls end with
+        """The tool caller a task's own token is (TaskError: no such task): its calls end with
         the task, as its token does."""
         return caller_for(
             self.manager.get(task_id),

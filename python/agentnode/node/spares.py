@@ -39,7 +39,7 @@ class Spares:
         for d in self._dirs.values():
             d.mkdir(parents=True, exist_ok=True)
             for left in d.glob(SPARE_PREFIX + "*"):
-                _remove(left)
+                remove_tree(left)
         self._thread = threading.Thread(target=self._fill, name="agentnode-spares", daemon=True)
         self._thread.start()
 
@@ -70,7 +70,7 @@ class Spares:
             os.rename(spare, path)
         except OSError as e:  # the caller creates it the usual way
             log.warning("cannot use spare %s for %s: %s", spare, path, e)
-            _remove(spare)
+            remove_tree(spare)
 
     def _fill(self) -> None:
         while not self._closed:
@@ -98,9 +98,5 @@ class Spares:
         with self._lock:
             for spares in self._ready.values():
                 for spare in spares:
-                    _remove(spare)
+                    remove_tree(spare)
                 spares.clear()
-
-
-def _remove(path: Path) -> None:
-    remove_tree(path)

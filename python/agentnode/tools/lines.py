@@ -302,6 +302,12 @@ async def client_streams(
         yield streams
 
 
+def _invalid(why: str) -> SessionMessage:
+    """The answer to a line that cannot be taken as a request, and so has no id to answer."""
+    error = types.ErrorData(code=types.INVALID_REQUEST, message=why)
+    return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None, error=error))
+
+
 @contextlib.asynccontextmanager
 async def _line_streams(
     lines: FdLines,
@@ -321,10 +327,7 @@ async def _line_streams(
             try:
                 async for line in lines:
                     if (count := containers(line)) > MAX_CONTAINERS:
-                        error = types.ErrorData(code=types.INVALID_REQUEST,
-                                                message=too_many_containers(count))  # fmt: skip
-                        await answers.send(SessionMessage(types.JSONRPCError(jsonrpc="2.0",
-                                                                             id=None, error=error)))  # fmt: skip
+                        await answers.send(_invalid(too_many_containers(count)))
                         continue
                     try:
                         message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
@@ -338,10 +341,7 @@ async def _line_streams(
                     if isinstance(message, types.JSONRPCNotification) and _has_id(line):
                         # A request whose id is no string or integer (1.5, null, true): the
                         # SDK's parser takes it for a notification, which is never answered.
-                        error = types.ErrorData(code=types.INVALID_REQUEST,
-                                                message="a request's id is a string or an integer")  # fmt: skip
-                        await answers.send(SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None,
-                                                                             error=error)))  # fmt: skip
+                        await answers.send(_invalid("a request's id is a string or an integer"))
                         continue
                     if route is not None and route(message):
                         continue
@@ -349,9 +349,7 @@ async def _line_streams(
             except LineTooLong as e:
                 if on_too_long is not None:
                     on_too_long(e)
-                error = types.ErrorData(code=types.INVALID_REQUEST, message=str(e))
-                await answers.send(SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=None,
-                                                                     error=error)))  # fmt: skip
+                await answers.send(_invalid(str(e)))
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass  # the session stopped reading: the connection is ending
 

@@ -89,6 +89,24 @@ def _other_arguments(key: str) -> Outcome:
     )
 
 
+def _cut_off(key: str, how: str) -> Outcome:
+    """What repeats of a keyed call get when its run was cut off `how` (it may have had its
+    effect): it is never run again under that key."""
+    return Outcome.error(
+        "permanent",
+        f"the call with idempotency key {key!r} was {how} and its outcome is unknown; it is "
+        "not run again under this key (use a new key)",
+        interrupted=True,
+    )
+
+
+def _not_run(why: object, retry_after: float) -> Outcome:
+    """A call refused before anything ran, because it could not be kept track of (`why`)."""
+    outcome = Outcome.error("transient", f"the call was not run: {why}")
+    outcome.retry_after = retry_after
+    return outcome
+
+
 class ToolService:
     """Calls tools of `registry` for callers; `on_record(record)` gets one audit record per
     call. A call carrying an idempotency key runs at most once per (tenant, tool, key): a
@@ -170,8 +188,7 @@ class ToolService:
         if (why := self._held_back()) is not None:
             # Its record would wait in memory, and a crash meanwhile would lose it: a call
             # that cannot be audited is not run (as a keyed one whose key cannot be stored).
-            outcome = Outcome.error("transient", f"the call was not run: {why}")
-            outcome.retry_after = 5.0
+            outcome = _not_run(why, retry_after=5.0)
             return self._finish(
                 tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0
             )
@@ -197,8 +214,7 @@ class ToolService:
                 self._store.start(slot, digest)
             except StoreWriteError as e:
                 # Unrecorded, a repeat after a restart could run it twice: not run at all.
-                outcome = Outcome.error("transient", f"the call was not run: {e}")
-                outcome.retry_after = 1.0
+                outcome = _not_run(e, retry_after=1.0)
                 return self._finish(
                     tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0
                 )
@@ -212,12 +228,7 @@ class ToolService:
             # Cancelled mid-run: it may have had its effect (a started run goes on past its
             # caller), so the key stays taken, cut off as by a crash: a repeat is told so,
             # here and after a restart, and it is never run twice.
-            cut = Outcome.error(
-                "permanent",
-                f"the call with idempotency key {idempotency_key!r} was cancelled while it ran "
-                "and its outcome is unknown; it is not run again under this key (use a new key)",
-                interrupted=True,
-            )
+            cut = _cut_off(idempotency_key, "cancelled while it ran")
             future.set_result(cut.to_json(duration_ms=0.0, retryable=False, attempts=0))
             raise
         future.set_result(result)
@@ -248,13 +259,7 @@ class ToolService:
         if first_digest != digest:
             outcome = _other_arguments(key)
         else:
-            # Cut off by a crash or restart mid-run: it may have had its effect.
-            outcome = Outcome.error(
-                "permanent",
-                f"the call with idempotency key {key!r} was cut off by a node restart and its "
-                "outcome is unknown; it is not run again under this key (use a new key)",
-                interrupted=True,
-            )
+            outcome = _cut_off(key, "cut off by a node restart")
         return self._finish(tool, name, args, caller, digest, time.monotonic(), outcome, attempts=0)
 
     async def _call(
